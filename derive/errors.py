@@ -1,0 +1,21 @@
+"""Errors that name the layer, the operation, the source line and the fix."""
+from __future__ import annotations
+
+
+class DeriveError(Exception):
+    """Base class: every error the toolkit raises on purpose."""
+
+
+class SpecError(DeriveError):
+    def __init__(self, layer: str, problem: str, fix: str, line: int | None = None, source: str = ""):
+        where = f" (line {line}: {source.strip()})" if line else ""
+        super().__init__(f"layer {layer!r}{where}: {problem}. Fix: {fix}.")
+        self.layer, self.problem, self.fix, self.line = layer, problem, fix, line
+
+
+class TraceError(SpecError):
+    """The forward pass uses something the tracer cannot follow."""
+
+
+class DerivationError(SpecError):
+    """The engine cannot derive a fused backward for this layer."""

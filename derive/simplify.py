@@ -1,0 +1,168 @@
+"""From a gradient in normal form to the fused closed form, written in saved forward quantities.
+
+1. *Refold.* A normal-form gradient reads inputs and opaque nodes (``x``, ``bnmeani``, ``bnvar``).
+   Any elementwise forward node ``N = D(..., V, ...)`` that can be solved for one variable ``V``
+   (``bnraw = (x - bnmeani)*(bnvar + eps)**-1/2`` gives ``x = bnraw*sqrt(bnvar + eps) + bnmeani``)
+   may replace ``V`` everywhere, reductions included. We apply, greedily, the replacement that
+   makes the formula cheapest, until none helps. Cheap means few operations and few tensors read;
+   that is how ``bnraw``, ``bnvar_inv`` and ``probs`` are chosen, not by name.
+2. *Closed form.* Collect the terms by their tensor part, factor their size-only coefficients, and
+   pull out the common tensor factor and the common size factor: ``gamma*bnvar_inv/n*(n*dout - ...)``.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from .elements import Elements
+from .symbolic import bases, expand, reductions, substitute_family
+from .trace import Node
+
+
+def tidy(el: Elements, expr: sp.Expr) -> sp.Expr:
+    """Canonical sum of terms: combine exponentials, expand, recognize known reductions."""
+    expr = sp.powsimp(expand(expr), combine="exp")
+    return el.recognize(expand(expr))
+
+
+def scalars(el: Elements) -> set:
+    """Symbols that are plain numbers at run time: sizes and declared constants."""
+    return set(el.graph.sizes.values()) | set(el.graph.constants.values())
+
+
+def cost(el: Elements, expr: sp.Expr) -> int:
+    """What the generated code pays: operations, plus each tensor it has to read."""
+    return sp.count_ops(closed_form(expr, scalars(el))) + 2 * len(bases(expr))
+
+
+def _solve(el: Elements, node: Node, expr: sp.Expr):
+    """Ways to rewrite ``expr`` with ``node``: [(variable node, its element, solution)].
+
+    Both the inlined and the one-level definition are tried, so a formula already written in
+    ``bndiff`` can still move on to ``bnraw = bndiff*bnvar_inv``.
+    """
+    result = []
+    for definition in dict.fromkeys([el.nf[node], el.direct(node)]):
+        if not reductions(definition):
+            result += _solve_definition(el, node, definition, expr)
+    return result
+
+
+def _solve_definition(el: Elements, node: Node, definition: sp.Expr, expr: sp.Expr):
+    own = {i for i in el.free(node) if i != 0}
+    elements = sorted(definition.atoms(sp.Indexed), key=sp.default_sort_key)
+    plain = {e: sp.Dummy(str(e.base), **e.base.assumptions0) for e in elements}
+    scalars = [s for s in definition.free_symbols if isinstance(s, sp.Symbol) and not isinstance(s, sp.Idx)]
+    result = []
+    for variable in el.graph.nodes:
+        if variable is node or variable.op == "labels":
+            continue
+        base = el.base(variable)
+        mine = [e for e in elements if e.base == base]
+        if isinstance(base, sp.Symbol):
+            if base not in scalars or own:
+                continue
+            target, symbol = base, base
+        else:
+            if len(mine) != 1 or not own <= set(mine[0].indices):
+                continue
+            target, symbol = mine[0], plain[mine[0]]
+        if not any(e.base == base for e in expr.atoms(sp.Indexed)) and target not in expr.free_symbols:
+            continue
+        value = sp.Dummy(node.name, **el.base(node).assumptions0) if node.shape else el.ref(node)
+        try:
+            solutions = sp.solve(sp.Eq(value, definition.xreplace(plain)), symbol)
+        except NotImplementedError:
+            continue
+        if len(solutions) != 1:
+            continue
+        back = {d: e for e, d in plain.items()}
+        if node.shape:
+            back[value] = el.ref(node)
+        result.append((variable, target, solutions[0].xreplace(back)))
+    return result
+
+
+def _rewrite(el: Elements, expr: sp.Expr, variable: Node, target, solution: sp.Expr) -> sp.Expr:
+    if isinstance(target, sp.Symbol):
+        return tidy(el, expr.xreplace({target: solution}))
+    indices = tuple(i for i in target.indices)
+    return tidy(el, substitute_family(expr, target.base, indices, solution))
+
+
+def refold(el: Elements, expr: sp.Expr) -> sp.Expr:
+    """Greedily rewrite ``expr`` in the forward nodes that make it cheapest."""
+    expr = tidy(el, expr)
+    best = cost(el, expr)
+    candidates = [n for n in el.graph.nodes if n.op not in ("input", "labels") and n not in el.opaque]
+    while True:
+        options = []
+        for node in candidates:
+            for variable, target, solution in _solve(el, node, expr):
+                rewritten = _rewrite(el, expr, variable, target, solution)
+                options.append((cost(el, rewritten), not node.named, rewritten))
+        if not options:
+            return expr
+        score, _, rewritten = min(options, key=lambda o: (o[0], o[1]))
+        if score >= best:
+            return expr
+        expr, best = rewritten, score
+
+
+def _split(term: sp.Expr, scalars: set) -> tuple[sp.Expr, sp.Expr]:
+    """(size-only coefficient, tensor part) of one product; ``scalars`` are sizes and constants."""
+    coefficient, tensor = [], []
+    for f in sp.Mul.make_args(term):
+        only_scalars = f.free_symbols <= scalars and not f.atoms(sp.Indexed) and not reductions(f)
+        (coefficient if only_scalars else tensor).append(f)
+    return sp.Mul(*coefficient), sp.Mul(*tensor)
+
+
+def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
+    """``common_size * common_tensor * (sum of coefficient*tensor)``, each coefficient factored."""
+    expr = expand(expr)
+    if expr == 0:
+        return expr
+    collected: dict[sp.Expr, sp.Expr] = {}
+    for term in sp.Add.make_args(expr):
+        coefficient, tensor = _split(sp.cancel(term), scalars)
+        collected[tensor] = collected.get(tensor, 0) + coefficient
+    terms = [(sp.factor(c), t) for t, c in collected.items() if sp.cancel(c) != 0]
+    if not terms:
+        return sp.S.Zero
+    common = _common_factor([t for _, t in terms])
+    terms = [(c, sp.cancel(t / common)) for c, t in terms]
+
+    def spread(scale):
+        return sp.count_ops(sp.Add(*[sp.factor(c / scale) for c, _ in terms])), sp.default_sort_key(scale)
+
+    scale = min({sp.factor(abs(c)) for c, _ in terms}, key=spread)
+    inner = sp.Add(*[sp.factor(c / scale) * t for c, t in terms])
+    if inner.is_Add:
+        return sp.Mul(scale, common, inner, evaluate=False) if scale != 1 or common != 1 else inner
+    return scale * common * inner
+
+
+def _common_factor(tensors: list[sp.Expr]) -> sp.Expr:
+    """The factors (with the smallest power) that every tensor part shares."""
+    def powers(t):
+        out = {}
+        for f in sp.Mul.make_args(t):
+            b, e = f.as_base_exp()
+            out[b] = out.get(b, 0) + e
+        return out
+
+    maps = [powers(t) for t in tensors]
+    shared = set(maps[0]).intersection(*maps[1:])
+    result = sp.S.One
+    for b in sorted(shared, key=sp.default_sort_key):
+        exps = [m[b] for m in maps]
+        if all(e.is_number for e in exps):
+            positive = [e for e in exps if e > 0]
+            negative = [e for e in exps if e < 0]
+            if len(positive) == len(exps):
+                result *= b ** min(exps)
+            elif len(negative) == len(exps):
+                result *= b ** max(exps)
+    return result
+
+

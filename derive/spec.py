@@ -1,0 +1,133 @@
+"""Layer specs: a plain PyTorch forward function plus a declaration of its inputs.
+
+Contract for a spec::
+
+    @layer(x=Tensor("n", "d"), gamma=Tensor("d"), beta=Tensor("d"), eps=Constant(1e-5))
+    def batchnorm(x, gamma, beta, eps=1e-5):
+        ...ordinary torch code, one named intermediate per line...
+        return out
+
+* every parameter of the function is declared, and every declaration names a parameter;
+* ``Tensor(*dims)`` is a floating-point input; dims are names, the same name means the same size;
+  ``differentiable=False`` excludes it from the backward;
+* ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
+* ``Constant(default)`` is a Python number fixed for the call (``eps``);
+* the function returns one tensor. Run on real tensors it is the autograd reference.
+"""
+from __future__ import annotations
+
+import inspect
+import keyword
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import SpecError
+
+
+@dataclass(frozen=True)
+class Tensor:
+    dims: tuple[str, ...]
+    differentiable: bool = True
+
+    def __init__(self, *dims: str, differentiable: bool = True):
+        object.__setattr__(self, "dims", tuple(dims))
+        object.__setattr__(self, "differentiable", differentiable)
+
+
+@dataclass(frozen=True)
+class Labels:
+    dims: tuple[str, ...]
+    classes: str
+    differentiable = False
+
+    def __init__(self, *dims: str, classes: str):
+        object.__setattr__(self, "dims", tuple(dims))
+        object.__setattr__(self, "classes", classes)
+
+
+@dataclass(frozen=True)
+class Constant:
+    default: float
+    differentiable = False
+
+
+Declaration = Tensor | Labels | Constant
+
+# Names the generated code uses for itself; a spec input of that name would be shadowed.
+RESERVED = {"ctx", "torch", "F", "grad", "self", "math"}
+
+
+@dataclass
+class Layer:
+    """A declared layer. Calling it runs the forward pass on real tensors."""
+
+    name: str
+    fn: Callable
+    inputs: dict[str, Declaration]
+    module: str = ""
+    source_file: str = ""
+    doc: str = field(default="")
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    @property
+    def tensors(self) -> dict[str, Tensor | Labels]:
+        return {k: v for k, v in self.inputs.items() if not isinstance(v, Constant)}
+
+    @property
+    def constants(self) -> dict[str, Constant]:
+        return {k: v for k, v in self.inputs.items() if isinstance(v, Constant)}
+
+    @property
+    def differentiable(self) -> list[str]:
+        return [k for k, v in self.inputs.items() if isinstance(v, Tensor) and v.differentiable]
+
+    @property
+    def dims(self) -> list[str]:
+        """Every dimension name, in order of first appearance (labels' class counts included)."""
+        seen: list[str] = []
+        for decl in self.tensors.values():
+            for d in (*decl.dims, *([decl.classes] if isinstance(decl, Labels) else [])):
+                if d not in seen:
+                    seen.append(d)
+        return seen
+
+
+def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
+    params = list(inspect.signature(fn).parameters)
+    for p in params:
+        if p not in inputs:
+            raise SpecError(name, f"parameter {p!r} is not declared",
+                            f"add {p}=Tensor(...), Labels(...) or Constant(...) to @layer(...)")
+    for p, decl in inputs.items():
+        if p not in params:
+            close = [q for q in params if q.lower() == p.lower()]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(name, f"declared input {p!r} is not a parameter of the function{hint}",
+                            "declare exactly the function's parameters")
+        if keyword.iskeyword(p) or p in RESERVED or p.startswith("_"):
+            raise SpecError(name, f"input name {p!r} clashes with a name the generated code uses",
+                            "rename the parameter")
+        if not isinstance(decl, (Tensor, Labels, Constant)):
+            raise SpecError(name, f"input {p!r} is declared as {decl!r}",
+                            "use Tensor(...), Labels(...) or Constant(...)")
+        if isinstance(decl, (Tensor, Labels)):
+            if not decl.dims or not all(isinstance(d, str) and d.isidentifier() for d in decl.dims):
+                raise SpecError(name, f"input {p!r} has dims {decl.dims!r}",
+                                "give each dimension a name, e.g. Tensor('n', 'd')")
+            if len(set(decl.dims)) != len(decl.dims):
+                raise SpecError(name, f"input {p!r} uses a dimension name twice: {decl.dims!r}",
+                                "give every axis of one tensor its own dimension name")
+    if not any(isinstance(d, Tensor) and d.differentiable for d in inputs.values()):
+        raise SpecError(name, "no differentiable input", "declare at least one Tensor(...)")
+
+
+def layer(**inputs: Declaration) -> Callable[[Callable], Layer]:
+    """Declare a layer: ``@layer(x=Tensor("n", "d"), ...)`` above its forward function."""
+    def wrap(fn: Callable) -> Layer:
+        name = fn.__name__
+        _check(name, fn, inputs)
+        return Layer(name=name, fn=fn, inputs=dict(inputs), module=fn.__module__,
+                     source_file=inspect.getsourcefile(fn) or "", doc=inspect.getdoc(fn) or "")
+    return wrap

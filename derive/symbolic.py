@@ -1,0 +1,178 @@
+"""Index calculus on SymPy: tensor elements at generic indices, reductions as canonical atoms.
+
+A tensor element is ``Indexed(base, *indices)``; an index is a SymPy ``Idx`` whose upper bound
+carries the dimension (``Idx('i_n', n)`` runs over ``0..n-1``). A sum over one axis is the atom
+``Red(body, j)``. Every ``Red`` is kept canonical the moment it is built (in ``Red.eval``):
+
+* linearity: ``Red(a + b) = Red(a) + Red(b)`` and ``Red(c*a) = c*Red(a)`` for ``c`` free of ``j``;
+* ``Red(c) = extent(j) * c`` for a body free of ``j``;
+* Kronecker collapse: ``Red(delta(j, e) * f(j)) = f(e)``;
+* the bound index is renamed to a canonical one (``_r<depth>_<dim>``), so identical bodies give
+  identical atoms and ``S - n*(S/n)`` is zero to SymPy with no special rule.
+
+``Max(body, j)`` is the (non-linear) maximum over an axis; its derivative is the reduction of the
+body's derivative against ``IsArgmax(j, max)``, the one-hot of the position of the maximum.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+_EXPAND = dict(power_exp=False, power_base=False, log=False, mul=True, multinomial=True, deep=True)
+
+
+def expand(expr: sp.Expr) -> sp.Expr:
+    """Expand products and integer powers of sums, never ``exp``/``log``/power bases."""
+    return sp.expand(expr, **_EXPAND)
+
+
+def extent(index: sp.Idx) -> sp.Expr:
+    """The number of values ``index`` runs over."""
+    return index.upper + 1
+
+
+def index_for(name: str, size: sp.Expr) -> sp.Idx:
+    """An index called ``name`` running over ``0..size-1``."""
+    return sp.Idx(name, size)
+
+
+def _depth(expr: sp.Expr) -> int:
+    """Nesting depth of reductions inside ``expr`` (used to give bound indices canonical names)."""
+    depths = [a.depth for a in expr.atoms(Red, Max)]
+    return max(depths, default=0)
+
+
+def _canonical_index(body: sp.Expr, j: sp.Idx) -> sp.Idx:
+    return sp.Idx(f"_r{_depth(body) + 1}_{sp.sstr(extent(j))}", extent(j))
+
+
+def _rename(body: sp.Expr, old: sp.Idx, new: sp.Idx) -> sp.Expr:
+    return body.xreplace({old: new})
+
+
+class _Bound(sp.Function):
+    """Shared behaviour of an atom that binds index ``args[1]`` inside body ``args[0]``."""
+
+    @property
+    def body(self) -> sp.Expr:
+        return self.args[0]
+
+    @property
+    def index(self) -> sp.Idx:
+        return self.args[1]
+
+    @property
+    def depth(self) -> int:
+        return _depth(self.body) + 1
+
+    @property
+    def free_symbols(self):
+        return self.body.free_symbols - {self.index} | extent(self.index).free_symbols
+
+    def _eval_is_real(self):
+        return self.body.is_real
+
+
+class Red(_Bound):
+    """``Red(body, j)``: the sum of ``body`` over ``j = 0..extent(j)-1``, canonical on construction."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, body, j):
+        if body == 0:
+            return sp.S.Zero
+        expanded = expand(body)
+        if isinstance(expanded, sp.Add):
+            return sp.Add(*[cls(term, j) for term in expanded.args])
+        factors = sp.Mul.make_args(expanded)
+        inside = [f for f in factors if j in f.free_symbols]
+        outside = [f for f in factors if j not in f.free_symbols]
+        if not inside:
+            return extent(j) * expanded
+        for f in inside:
+            if isinstance(f, sp.KroneckerDelta):
+                other = f.args[1] if f.args[0] == j else f.args[0] if f.args[1] == j else None
+                if other is not None and j not in other.free_symbols:
+                    rest = sp.Mul(*[g for g in factors if g is not f])
+                    return rest.xreplace({j: other})
+        if outside:
+            return sp.Mul(*outside) * cls(sp.Mul(*inside), j)
+        if expanded != body:
+            return cls(expanded, j)
+        canonical = _canonical_index(body, j)
+        if canonical != j:
+            return cls(_rename(body, j, canonical), canonical)
+        return None
+
+    def _eval_derivative(self, s):
+        return Red(sp.diff(self.body, s), self.index)
+
+    def _eval_is_positive(self):
+        return self.body.is_positive
+
+    def _eval_is_nonnegative(self):
+        return self.body.is_nonnegative
+
+    def _latex(self, printer):
+        return r"\sum_{%s} %s" % (printer._print(self.index), printer.parenthesize(self.body, 40))
+
+
+class Max(_Bound):
+    """``Max(body, j)``: the maximum of ``body`` over ``j``."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, body, j):
+        if j not in body.free_symbols:
+            return body
+        canonical = _canonical_index(body, j)
+        if canonical != j:
+            return cls(_rename(body, j, canonical), canonical)
+        return None
+
+    def _eval_derivative(self, s):
+        j = self.index
+        return Red(IsArgmax(j, self) * sp.diff(self.body, s), j)
+
+    def _latex(self, printer):
+        return r"\max_{%s} %s" % (printer._print(self.index), printer.parenthesize(self.body, 40))
+
+
+class IsArgmax(sp.Function):
+    """``IsArgmax(j, m)``: 1 where ``j`` is the (first) position of the maximum ``m``, else 0."""
+
+    nargs = 2
+
+    def _eval_derivative(self, s):
+        return sp.S.Zero
+
+    def _eval_is_nonnegative(self):
+        return True
+
+    def _latex(self, printer):
+        return r"\mathbb{1}[%s = \operatorname{argmax}]" % printer._print(self.args[0])
+
+
+def reductions(expr: sp.Expr) -> set:
+    """All reduction atoms (``Red`` and ``Max``) in ``expr``, nested ones included."""
+    return expr.atoms(Red, Max)
+
+
+def bases(expr: sp.Expr) -> set[str]:
+    """Names of every tensor read by ``expr`` (inside reductions too)."""
+    return {str(e.base) for e in expr.atoms(sp.Indexed)}
+
+
+def substitute_family(expr: sp.Expr, base: sp.IndexedBase, indices: tuple, value: sp.Expr) -> sp.Expr:
+    """Replace every element ``base[e0, e1, ...]`` by ``value`` with ``indices`` set to ``e0, e1, ...``.
+
+    Reductions are rebuilt on the way, so they stay canonical.
+    """
+    def is_element(e):
+        return isinstance(e, sp.Indexed) and e.base == base
+
+    def element_value(e):
+        return value.xreplace(dict(zip(indices, e.indices)))
+
+    return expr.replace(is_element, element_value)

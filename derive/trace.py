@@ -1,0 +1,377 @@
+"""Tracing: run a layer's plain PyTorch forward on symbolic tensors and record a graph of primitives.
+
+Sizes are SymPy symbols named after the declared dimensions. ``x.shape[0]`` gives a ``Dim``: an
+``int`` subclass (so ``range(n)`` works) whose arithmetic returns SymPy expressions (so
+``1/(n-1)`` stays exact and generic). Each recorded node keeps its source line and, once the
+function returns, the name of the local variable it was assigned to (``bnmeani``, ``probs``).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import sympy as sp
+import torch
+
+from .errors import TraceError
+from .spec import Constant, Labels, Layer
+
+UNARY = ("exp", "log", "tanh")
+BINARY = ("add", "sub", "mul", "div", "pow")
+
+
+@dataclass(eq=False)
+class Node:
+    op: str
+    args: tuple  # Node or a SymPy scalar
+    shape: tuple  # SymPy sizes; 1 for a kept (keepdim) axis
+    attrs: dict = field(default_factory=dict)
+    line: int = 0
+    source: str = ""
+    name: str = ""
+    named: bool = False  # the spec assigned it to a variable (not an automatic t<k> temporary)
+
+    def __repr__(self):
+        return f"Node({self.name or '?'} = {self.op})"
+
+    @property
+    def inputs(self) -> list["Node"]:
+        return [a for a in self.args if isinstance(a, Node)]
+
+
+@dataclass
+class Graph:
+    layer: Layer
+    inputs: dict[str, Node]
+    nodes: list[Node]  # topological order, inputs first
+    output: Node
+    sizes: dict[str, sp.Symbol]
+    constants: dict[str, sp.Symbol]
+
+    def consumers(self, node: Node) -> list[Node]:
+        return [m for m in self.nodes if node in m.inputs]
+
+
+def size_symbol(name: str) -> sp.Symbol:
+    return sp.Symbol(name, integer=True, positive=True)
+
+
+_TOKEN_BASE = 1 << 20  # range(n) sees this int; the tracer maps it back to the symbol
+
+
+class Dim(int):
+    """A symbolic size that still passes where Python wants an int (``range(n)``)."""
+
+    def __new__(cls, symbol: sp.Symbol, token: int):
+        obj = int.__new__(cls, token)
+        obj.symbol = symbol
+        return obj
+
+    def __repr__(self):
+        return str(self.symbol)
+
+    def _s(self, other):
+        return other.symbol if isinstance(other, Dim) else other
+
+    def __add__(self, o): return self.symbol + self._s(o)
+    def __radd__(self, o): return self._s(o) + self.symbol
+    def __sub__(self, o): return self.symbol - self._s(o)
+    def __rsub__(self, o): return self._s(o) - self.symbol
+    def __mul__(self, o): return self.symbol * self._s(o)
+    def __rmul__(self, o): return self._s(o) * self.symbol
+    def __truediv__(self, o): return self.symbol / sp.sympify(self._s(o))
+    def __rtruediv__(self, o): return sp.sympify(self._s(o)) / self.symbol
+    def __pow__(self, o): return self.symbol ** self._s(o)
+    def __neg__(self): return -self.symbol
+    def __float__(self): raise TypeError("a symbolic size has no float value")
+
+
+class Tracer:
+    def __init__(self, layer: Layer):
+        self.layer = layer
+        self.nodes: list[Node] = []
+        self.sizes = {d: size_symbol(d) for d in layer.dims}
+        self.tokens = {_TOKEN_BASE + 7 * k: s for k, s in enumerate(self.sizes.values())}
+        self.dims = {s: Dim(s, t) for t, s in self.tokens.items()}
+        self.code = layer.fn.__code__
+
+    # -- errors and source positions -------------------------------------------------------
+    def where(self) -> tuple[int, str]:
+        frame = sys._getframe()
+        while frame is not None and frame.f_code is not self.code:
+            frame = frame.f_back
+        if frame is None:
+            return 0, ""
+        import linecache
+        return frame.f_lineno, linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+
+    def fail(self, problem: str, fix: str):
+        line, source = self.where()
+        raise TraceError(self.layer.name, problem, fix, line, source)
+
+    # -- recording ---------------------------------------------------------------------------
+    def record(self, op, args, shape, **attrs) -> "SymTensor":
+        line, source = self.where()
+        node = Node(op, tuple(args), tuple(shape), attrs, line, source)
+        self.nodes.append(node)
+        return SymTensor(self, node)
+
+    def scalar(self, value, op: str):
+        """A Python/SymPy number or constant as an exact SymPy scalar."""
+        if isinstance(value, Dim):
+            return value.symbol
+        if isinstance(value, bool) or not isinstance(value, (int, float, sp.Expr)):
+            self.fail(f"operand of type {type(value).__name__} in {op!r}",
+                      "use tensors, Python numbers, sizes from x.shape and declared constants")
+        if isinstance(value, float):
+            return sp.nsimplify(value, rational=True)
+        return sp.sympify(value)
+
+    def broadcast(self, a: tuple, b: tuple, op: str) -> tuple:
+        out = []
+        for k in range(1, max(len(a), len(b)) + 1):
+            x = a[-k] if k <= len(a) else 1
+            y = b[-k] if k <= len(b) else 1
+            if x != 1 and y != 1 and x != y:
+                self.fail(f"{op!r} cannot broadcast shapes {a} and {b}",
+                          "make the sizes agree or be 1 (check the input declarations)")
+            out.append(y if x == 1 else x)
+        return tuple(reversed(out))
+
+    def run(self) -> Graph:
+        inputs, args = {}, []
+        for name, decl in self.layer.inputs.items():
+            if isinstance(decl, Constant):
+                args.append(sp.Symbol(name, positive=True) if decl.default > 0 else sp.Symbol(name, real=True))
+                continue
+            shape = tuple(self.sizes[d] for d in decl.dims)
+            op = "labels" if isinstance(decl, Labels) else "input"
+            attrs = {"classes": self.sizes[decl.classes]} if isinstance(decl, Labels) else {}
+            t = self.record(op, (), shape, **attrs)
+            t.node.name, t.node.named = name, True
+            inputs[name] = t.node
+            args.append(t)
+        constants = {n: a for n, a in zip(self.layer.inputs, args) if isinstance(a, sp.Symbol)}
+        local_names = {}
+
+        def profile(frame, event, arg):
+            if event == "return" and frame.f_code is self.code:
+                local_names.update(frame.f_locals)
+
+        old = sys.getprofile()
+        sys.setprofile(profile)
+        try:
+            result = self.layer.fn(*args)
+        finally:
+            sys.setprofile(old)
+        if not isinstance(result, SymTensor):
+            raise TraceError(self.layer.name, f"the forward returns {type(result).__name__}",
+                             "return the layer's output tensor")
+        self.name_nodes(local_names, result.node)
+        used = self.reachable(result.node)
+        nodes = [n for n in self.nodes if n in used or n.op in ("input", "labels")]
+        return Graph(self.layer, inputs, nodes, result.node, self.sizes, constants)
+
+    def name_nodes(self, local_names: dict, output: Node) -> None:
+        for var, value in local_names.items():
+            if isinstance(value, SymTensor) and not value.node.name:
+                value.node.name, value.node.named = var, True
+        if not output.name:
+            output.name = "out"
+        taken = {n.name for n in self.nodes if n.name}
+        counter = 0
+        for node in self.nodes:
+            if not node.name:
+                counter += 1
+                while f"t{counter}" in taken:
+                    counter += 1
+                node.name = f"t{counter}"
+
+    @staticmethod
+    def reachable(output: Node) -> set:
+        seen, stack = set(), [output]
+        while stack:
+            n = stack.pop()
+            if n not in seen:
+                seen.add(n)
+                stack.extend(n.inputs)
+        return seen
+
+
+class SymTensor:
+    """A tensor stand-in that records every torch operation applied to it."""
+
+    _op_priority = 100.0  # SymPy scalars defer to our __rmul__ etc.
+
+    def __init__(self, tracer: Tracer, node: Node):
+        self._tracer = tracer
+        self.node = node
+
+    # -- shape -------------------------------------------------------------------------------
+    @property
+    def shape(self):
+        return tuple(self._tracer.dims.get(s, s) for s in self.node.shape)
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def ndim(self):
+        return len(self.node.shape)
+
+    def dim(self):
+        return self.ndim
+
+    # -- arithmetic --------------------------------------------------------------------------
+    def _binary(self, op, other, reverse=False):
+        t = self._tracer
+        if isinstance(other, SymTensor):
+            a, b = (other.node, self.node) if reverse else (self.node, other.node)
+            shape = t.broadcast(a.shape, b.shape, op)
+        else:
+            s = t.scalar(other, op)
+            a, b = (s, self.node) if reverse else (self.node, s)
+            shape = self.node.shape
+        if self.node.op == "labels" or (isinstance(other, SymTensor) and other.node.op == "labels"):
+            t.fail(f"arithmetic {op!r} on integer labels", "use labels only to pick: t[range(n), y]")
+        if op == "pow" and isinstance(b, Node):
+            t.fail("a tensor exponent in '**'", "use a constant exponent, or exp(b * log(a))")
+        return t.record(op, (a, b), shape)
+
+    def __add__(self, o): return self._binary("add", o)
+    def __radd__(self, o): return self._binary("add", o, True)
+    def __sub__(self, o): return self._binary("sub", o)
+    def __rsub__(self, o): return self._binary("sub", o, True)
+    def __mul__(self, o): return self._binary("mul", o)
+    def __rmul__(self, o): return self._binary("mul", o, True)
+    def __truediv__(self, o): return self._binary("div", o)
+    def __rtruediv__(self, o): return self._binary("div", o, True)
+    def __pow__(self, o): return self._binary("pow", o)
+
+    def __rpow__(self, o):
+        self._tracer.fail("a tensor exponent in '**'", "use torch.exp(t * math.log(base))")
+
+    def __neg__(self):
+        return self._tracer.record("mul", (self.node, sp.S.NegativeOne), self.node.shape)
+
+    def __pos__(self):
+        return self
+
+    # -- elementwise functions -------------------------------------------------------------
+    def _unary(self, op):
+        return self._tracer.record(op, (self.node,), self.node.shape)
+
+    def exp(self): return self._unary("exp")
+    def log(self): return self._unary("log")
+    def tanh(self): return self._unary("tanh")
+
+    # -- reductions --------------------------------------------------------------------------
+    def _reduce(self, op, dim, keepdim):
+        t = self._tracer
+        shape = self.node.shape
+        if dim is None:
+            axes = tuple(range(len(shape)))
+        else:
+            if not isinstance(dim, int) or isinstance(dim, (bool, Dim)) or not -len(shape) <= dim < len(shape):
+                t.fail(f"{op}(dim={dim!r}) on a tensor of rank {len(shape)}", "pass one axis number")
+            axes = (dim % len(shape),)
+        new = tuple(1 if k in axes else s for k, s in enumerate(shape) if keepdim or k not in axes)
+        return t.record(op, (self.node,), new, axes=axes, keepdim=bool(keepdim))
+
+    def sum(self, dim=None, keepdim=False, keepdims=None):
+        return self._reduce("sum", dim, keepdim if keepdims is None else keepdims)
+
+    def mean(self, dim=None, keepdim=False, keepdims=None):
+        return self._reduce("mean", dim, keepdim if keepdims is None else keepdims)
+
+    def max(self, dim=None, keepdim=False, keepdims=None):
+        if dim is None:
+            self._tracer.fail("max() over all elements", "use max(dim, keepdim=True).values")
+        return _MaxResult(self._reduce("max", dim, keepdim if keepdims is None else keepdims))
+
+    def __matmul__(self, other):
+        t = self._tracer
+        if not isinstance(other, SymTensor) or self.ndim != 2 or other.ndim != 2:
+            t.fail("'@' needs two rank-2 tensors", "reshape to matrices first")
+        a, b = self.node.shape, other.node.shape
+        if a[1] != b[0]:
+            t.fail(f"'@' of shapes {a} and {b}", "the inner sizes must agree")
+        return t.record("matmul", (self.node, other.node), (a[0], b[1]))
+
+    # -- indexing ----------------------------------------------------------------------------
+    def __getitem__(self, key):
+        t = self._tracer
+        if isinstance(key, tuple) and len(key) == 2 and self.ndim == 2:
+            rows, labels = key
+            size = self.node.shape[0]
+            if self._is_arange(rows, size) and isinstance(labels, SymTensor) and labels.node.op == "labels":
+                if labels.node.shape != (size,):
+                    t.fail(f"picking with labels of shape {labels.node.shape}", f"labels must have shape ({size},)")
+                if labels.node.attrs["classes"] != self.node.shape[1]:
+                    t.fail("picking with labels whose classes differ from the tensor's columns",
+                           "declare the labels' classes as the size of the picked axis")
+                return t.record("pick", (self.node, labels.node), (size,))
+        t.fail(f"indexing with {key!r}", "the supported indexing is picking t[range(n), y] with declared Labels")
+
+    def _is_arange(self, rows, size) -> bool:
+        stop = getattr(rows, "stop", None) if isinstance(rows, range) else None
+        if isinstance(rows, range) and rows.start == 0 and rows.step == 1:
+            return self._tracer.tokens.get(stop) == size
+        if isinstance(rows, torch.Tensor) and rows.ndim == 1:
+            return self._tracer.tokens.get(len(rows)) == size
+        return False
+
+    # -- everything else is refused clearly ---------------------------------------------------
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        self = next(a for a in args if isinstance(a, SymTensor))
+        if name in UNARY + ("sum", "mean", "max") and args and args[0] is self:
+            return getattr(self, name)(*args[1:], **kwargs)
+        self._tracer.fail(f"torch.{name} is not supported",
+                          f"write it from supported primitives: {SUPPORTED}")
+
+    def __getattr__(self, attr):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        self._tracer.fail(f"tensor method .{attr} is not supported",
+                          f"write it from supported primitives: {SUPPORTED}")
+
+    def __bool__(self):
+        self._tracer.fail("a tensor's value decides Python control flow (if/while/and/or on a tensor)",
+                          "the forward must be the same sequence of operations for every input; "
+                          "use arithmetic (for example a mask) instead of branching")
+
+    def __setitem__(self, key, value):
+        self._tracer.fail("in-place assignment into a tensor", "build a new tensor instead of mutating one")
+
+    def _inplace(self, *a, **k):
+        self._tracer.fail("in-place operation", "use the out-of-place form (a = a + b)")
+
+    __iadd__ = __isub__ = __imul__ = __itruediv__ = _inplace
+
+    def _compare(self, *a):
+        self._tracer.fail("a comparison of tensors", "the forward must not branch on tensor values")
+
+    __lt__ = __le__ = __gt__ = __ge__ = _compare
+    __hash__ = object.__hash__
+
+
+class _MaxResult:
+    """What ``t.max(dim)`` returns: ``.values`` is the traced maximum."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __getattr__(self, attr):
+        raise AttributeError(f"max(dim) result: only .values is supported, not .{attr}")
+
+
+SUPPORTED = ("+ - * / with broadcasting, ** with a constant exponent, exp, log, tanh, "
+             "sum/mean/max(dim, keepdim), @, t[range(n), y] with declared Labels")
+
+
+def trace(layer: Layer) -> Graph:
+    """Trace ``layer`` with generic sizes."""
+    return Tracer(layer).run()
