@@ -1,0 +1,60 @@
+"""Print a traced forward pass back as torch code, one line per node (the spec's own names)."""
+from __future__ import annotations
+
+import sympy as sp
+
+from .trace import Graph, Node
+
+
+def _operand(arg, printer) -> str:
+    if isinstance(arg, Node):
+        return arg.name
+    text = printer.doprint(arg)
+    return text if (arg.is_Atom and not arg.is_negative and not arg.is_Rational) or arg.is_Integer and arg >= 0 else f"({text})"
+
+
+def _reduce_args(node: Node, source: Node) -> str:
+    axes = node.attrs["axes"]
+    if len(axes) == len(source.shape) and not node.attrs["keepdim"]:
+        return ""
+    return f"{axes[0]}, keepdim={node.attrs['keepdim']}"
+
+
+def line(node: Node, printer) -> str:
+    """The right-hand side that computes ``node`` from its operands."""
+    a = [_operand(x, printer) for x in node.args]
+    op = node.op
+    if op == "mul" and not isinstance(node.args[1], Node) and node.args[1] == -1:
+        return f"-{a[0]}"
+    if op in ("add", "sub", "mul", "div"):
+        return f"{a[0]} {dict(add='+', sub='-', mul='*', div='/')[op]} {a[1]}"
+    if op == "pow":
+        return f"{a[0]}**{a[1]}"
+    if op in ("exp", "log", "tanh"):
+        return f"torch.{op}({a[0]})"
+    if op in ("sum", "mean"):
+        return f"{a[0]}.{op}({_reduce_args(node, node.args[0])})"
+    if op == "max":
+        return f"{a[0]}.max({_reduce_args(node, node.args[0])}).values"
+    if op == "matmul":
+        return f"{a[0]} @ {a[1]}"
+    if op == "pick":
+        return f"{a[0]}[torch.arange({a[0]}.shape[0], device={a[0]}.device), {a[1]}]"
+    raise ValueError(f"no forward printer for {op!r}")
+
+
+def forward_lines(graph: Graph, printer) -> list[tuple[str, str]]:
+    """``[(code, comment)]`` for every computed node, in order."""
+    out = []
+    for node in graph.nodes:
+        if node.op in ("input", "labels"):
+            continue
+        source = node.source.strip()
+        comment = f"spec line {node.line}: {source}" if source else ""
+        out.append((f"{node.name} = {line(node, printer)}", comment))
+    return out
+
+
+def size_scalars(graph: Graph) -> list[sp.Expr]:
+    """The size/constant scalars the forward multiplies by (for example ``1/(n - 1)``)."""
+    return [a for n in graph.nodes for a in n.args if not isinstance(a, Node)]

@@ -1,0 +1,233 @@
+"""Everything a generated fused kernel is made of, decided in Python (templates only place it).
+
+``build(layer)`` runs the pipeline: trace -> element-wise normal form -> reverse mode -> refold into
+saved quantities -> closed form -> shared subexpressions (``cse``) -> printed torch code, plus the
+saved tensors (read off the formulas' free symbols), the sizes, and the input checks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .differentiate import Gradients, differentiate
+from .elements import Elements
+from .errors import DerivationError
+from .forward import forward_lines, size_scalars
+from .printer import Frame, KernelPrinter
+from .simplify import closed_form, refold, scalars
+from .spec import Labels, Layer, Tensor
+from .symbolic import Red, reductions
+from .trace import Graph, trace
+
+
+@dataclass
+class Formula:
+    """The fused gradient of one input."""
+
+    input: str
+    position: int  # argument position in forward
+    element: sp.Expr  # closed form, element-wise, in saved quantities
+    code: str = ""  # vectorized right-hand side (after shared subexpressions)
+    needs: list[str] = field(default_factory=list)  # shared temporaries it reads
+
+
+@dataclass
+class Shared:
+    name: str
+    code: str
+    element: sp.Expr
+    users: list[int]  # argument positions whose gradient reads it
+
+
+@dataclass
+class Check:
+    condition: str
+    message: str
+
+
+@dataclass
+class Kernel:
+    layer: Layer
+    graph: Graph
+    elements: Elements
+    gradients: Gradients
+    formulas: list[Formula]
+    shared: list[Shared]
+    forward: list[tuple[str, str]]
+    saved: list[str]
+    sizes: list[str]
+    size_sources: list[tuple[str, str]]  # (code unpacking sizes, tensor)
+    checks: list[Check]
+    constants_used: list[str]
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    @property
+    def output(self) -> str:
+        return self.graph.output.name
+
+
+def _shapes(graph: Graph) -> dict[str, tuple]:
+    shapes = {n.name: n.shape for n in graph.nodes}
+    shapes[f"d{graph.output.name}"] = graph.output.shape
+    return shapes
+
+
+def _size_sources(layer: Layer) -> list[tuple[str, str]]:
+    """Lines that read every size from the first input declaring it: ``n, d = x.shape``."""
+    known, out = set(), []
+    for name, decl in layer.tensors.items():
+        targets = [d if d not in known else "_" for d in decl.dims]
+        if any(t != "_" for t in targets):
+            out.append((", ".join(targets) + ("," if len(targets) == 1 else ""), name))
+            known.update(decl.dims)
+    missing = [d for d in layer.dims if d not in known]
+    if missing:
+        raise DerivationError(layer.name, f"size {missing[0]!r} is not the size of any tensor input",
+                              "declare a tensor input with that dimension")
+    return out
+
+
+def _checks(layer: Layer, divisors: set) -> list[Check]:
+    name, checks = layer.name, []
+    floats = [k for k, v in layer.tensors.items() if isinstance(v, Tensor)]
+    first = floats[0]
+    for k, decl in layer.tensors.items():
+        dims = ", ".join(decl.dims)
+        checks.append(Check(f"{k}.dim() != {len(decl.dims)}",
+                            f"f\"{name}: {k} must have {len(decl.dims)} dimension(s) ({dims}), got shape {{tuple({k}.shape)}}\""))
+    for k, decl in layer.tensors.items():
+        shape = ", ".join(decl.dims) + ("," if len(decl.dims) == 1 else "")
+        checks.append(Check(f"{k}.shape != ({shape})",
+                            f"f\"{name}: {k} must have shape ({shape}) = {{({shape})}}, got {{tuple({k}.shape)}}\""))
+    for k in floats[1:]:
+        checks.append(Check(f"{k}.dtype != {first}.dtype or {k}.device != {first}.device",
+                            f"f\"{name}: {k} is {{{k}.dtype}} on {{{k}.device}} but {first} is {{{first}.dtype}} on "
+                            f"{{{first}.device}}; move them to one dtype and device\""))
+    for k in floats:
+        checks.append(Check(f"not {k}.is_floating_point()",
+                            f"f\"{name}: {k} must be a floating-point tensor, got {{{k}.dtype}}\""))
+    for k, decl in layer.tensors.items():
+        if isinstance(decl, Labels):
+            c = decl.classes
+            checks.append(Check(f"{k}.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)",
+                                f"f\"{name}: labels {k} must be an integer tensor, got {{{k}.dtype}}\""))
+            checks.append(Check(f"{k}.numel() > 0 and ({k}.min() < 0 or {k}.max() >= {c})",
+                                f"f\"{name}: labels {k} must lie in [0, {c}) = [0, {{{c}}}), got values in "
+                                f"[{{int({k}.min())}}, {{int({k}.max())}}]\""))
+    for divisor in sorted(divisors, key=sp.default_sort_key):
+        text = sp.sstr(divisor)
+        checks.append(Check(f"{text} == 0",
+                            f"f\"{name}: the formula divides by {text}, which is 0 for these sizes "
+                            f"({', '.join(f'{s}={{{s}}}' for s in sorted(map(str, divisor.free_symbols)))}); "
+                            f"use larger sizes (for example a batch of at least 2 rows)\""))
+    return checks
+
+
+def _divisors(exprs: list[sp.Expr], sizes: set) -> set:
+    """Factors of size-only denominators that can vanish for some positive integer sizes."""
+    out = set()
+    for expr in exprs:
+        for p in expr.atoms(sp.Pow):
+            base, e = p.as_base_exp()
+            if e.is_negative and base.free_symbols and base.free_symbols <= sizes:
+                for factor, _ in sp.factor_list(base)[1]:
+                    if not factor.is_Symbol:  # a bare size is never 0
+                        out.add(factor)
+    return out
+
+
+def build(layer: Layer) -> Kernel:
+    start = time.perf_counter()
+    graph = trace(layer)
+    el = Elements(graph)
+    grads = differentiate(el)
+    order = list(layer.inputs)
+    formulas = []
+    for node, expr in grads.grads.items():
+        element = closed_form(refold(el, expr), scalars(el))
+        formulas.append(Formula(node.name, order.index(node.name), element))
+
+    frame_dims = [graph.sizes[d] for d in layer.dims]
+    names = {s: str(s) for s in graph.sizes.values()}
+    shapes = _shapes(graph)
+    bound = set().union(*[{r.index for r in reductions(f.element)} for f in formulas]) if formulas else set()
+    replacements, reduced = sp.cse([f.element for f in formulas], symbols=sp.numbered_symbols("_cse"),
+                                   ignore=tuple(bound), order="none")
+    taken = {n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes} | set(names.values())
+    rename = dict(zip([s for s, _ in replacements], map(sp.Symbol, _shared_names([v for _, v in replacements], taken))))
+    replacements = [(rename[s], v.xreplace(rename)) for s, v in replacements]
+    reduced = [r.xreplace(rename) for r in reduced]
+    free_slots = {el.index[s]: k for k, s in enumerate(frame_dims)}
+    shared = []
+    for symbol, value in replacements:
+        shapes[str(symbol)] = tuple(s if el.index[s] in value.free_symbols else 1 for s in frame_dims)
+        printer = KernelPrinter(Frame(frame_dims, free_slots), shapes, names)
+        users = [f.position for f, r in zip(formulas, reduced) if symbol in r.free_symbols]
+        shared.append(Shared(str(symbol), printer.doprint(value), value, users))
+    # a temporary read by another temporary is needed wherever that one is
+    for later in reversed(shared):
+        for earlier in shared:
+            if sp.Symbol(earlier.name) in later.element.free_symbols:  # noqa: SIM102
+                earlier.users = sorted(set(earlier.users) | set(later.users))
+    for f, r in zip(formulas, reduced):
+        try:
+            code = KernelPrinter(Frame(frame_dims, free_slots), shapes, names).doprint(r)
+        except DerivationError as e:
+            raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix) from None
+        f.code = _fit(code, f.element, f.input, layer, el, frame_dims)
+        f.needs = [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols]
+
+    read = set()
+    for expr in [f.element for f in formulas]:
+        read |= {str(e.base) for e in expr.atoms(sp.Indexed)}
+    saved = [n.name for n in graph.nodes if n.name in read]
+    used_symbols = set().union(*[f.element.free_symbols for f in formulas]) if formulas else set()
+    constants = [c for c, s in graph.constants.items() if s in used_symbols]
+    sizes = set(graph.sizes.values())
+    divisors = _divisors(size_scalars(graph) + [f.element for f in formulas], sizes)
+    printer = KernelPrinter(Frame(frame_dims, free_slots), shapes, names)
+    return Kernel(layer, graph, el, grads, formulas, shared, forward_lines(graph, printer), saved,
+                  [str(s) for s in frame_dims], _size_sources(layer), _checks(layer, divisors), constants,
+                  time.perf_counter() - start)
+
+
+def _fit(code: str, expr: sp.Expr, name: str, layer: Layer, el: Elements, frame_dims) -> str:
+    """Make the frame-shaped gradient the input's shape (``(1, d)`` -> ``(d,)``, broadcast -> full)."""
+    dims = list(layer.tensors[name].dims)
+    frame = [str(s) for s in frame_dims]
+    if [d for d in frame if d in dims] != dims:
+        raise DerivationError(layer.name, f"{name}'s dimensions {dims} are not in the order {frame}",
+                              "declare every input's dimensions in one consistent order")
+    varying = {str(s) for s in frame_dims if el.index[s] in expr.free_symbols}
+    wrapped = code if sp.Symbol(code).name == code and code.isidentifier() else f"({code})"
+    if not set(dims) <= varying:
+        layout = [d if d in dims else "1" for d in frame]
+        wrapped = f"{wrapped}.expand({', '.join(layout)})"
+    if len(dims) != len(frame):
+        wrapped = f"{wrapped}.reshape({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+    return wrapped if wrapped != f"({code})" else code
+
+
+def _shared_names(values: list[sp.Expr], taken: set) -> list[str]:
+    """Readable names for shared temporaries: ``sum_bnraw_dout`` for a reduction, else ``shared<k>``."""
+    names = []
+    for k, value in enumerate(values):
+        base = f"shared{k}"
+        if isinstance(value, Red):
+            base = "sum_" + "_".join(sorted(str(e.base) for e in value.body.atoms(sp.Indexed)))
+        name, suffix = base, 1
+        while name in taken:
+            suffix += 1
+            name = f"{base}{suffix}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+__all__ = ["build", "Kernel", "Formula", "Shared", "Check", "Red"]

@@ -1,0 +1,153 @@
+"""Print element-wise formulas as vectorized torch code.
+
+Every tensor in a generated backward is laid out in the layer's *frame*: one axis per declared
+dimension, in declaration order, size 1 where a tensor does not vary (keepdim layout). Broadcasting
+is then always right, and most tensors already have that layout and print bare (``gamma``
+of shape ``(d,)`` broadcasts as ``(1, d)``). An element ``T[i_n, i_d]`` prints as ``T`` viewed
+into the frame; ``Red(body, j)`` prints the body with ``j`` on its dimension's axis and sums that
+axis with ``keepdim=True``; ``KroneckerDelta(i_k, y[i_n])`` prints as a one-hot of the labels.
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.pytorch import TorchPrinter
+
+from .errors import DerivationError
+from .symbolic import IsArgmax, Max, Red, extent
+
+
+class Frame:
+    """Which axis each index lives on, for one expression being printed."""
+
+    def __init__(self, dims: list[sp.Symbol], slots: dict | None = None):
+        self.dims = list(dims)
+        self.slots = dict(slots or {})  # Idx -> axis
+
+    def with_bound(self, j: sp.Idx, body: sp.Expr) -> tuple["Frame", int]:
+        """A frame where the bound index ``j`` sits on its dimension's axis."""
+        axis = self.dims.index(extent(j))
+        clash = [i for i, a in self.slots.items() if a == axis and i in body.free_symbols and i != j]
+        if clash:
+            raise DerivationError("", f"the reduction over {j} also reads {clash[0]} of the same size",
+                                  "this contraction needs einsum, which the fused printer does not emit yet")
+        slots = {i: a for i, a in self.slots.items() if a != axis}
+        slots[j] = axis
+        return Frame(self.dims, slots), axis
+
+
+class KernelPrinter(TorchPrinter):
+    """SymPy's torch printer, plus tensors laid out in a frame, reductions and one-hots."""
+
+    def __init__(self, frame: Frame, shapes: dict[str, tuple], names: dict[sp.Symbol, str]):
+        super().__init__({"strict": False})
+        self.frame = frame
+        self.shapes = shapes  # tensor name -> its shape in sizes (1 for kept axes)
+        self.names = names  # size symbol -> its variable in the generated code
+
+    # -- scalars ----------------------------------------------------------------------------
+    def _print_Symbol(self, expr):
+        return self.names.get(expr, expr.name)
+
+    def _print_Idx(self, expr):
+        raise DerivationError("", f"index {expr} is used outside an element", "report this as a bug")
+
+    def _print_Rational(self, expr):
+        return f"{expr.p}/{expr.q}"
+
+    def _print_Pow(self, expr, rational=False):
+        base, e = expr.as_base_exp()
+        b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Pow"])
+        if e == -1:
+            return f"1/{b}"
+        if e == sp.Rational(1, 2):
+            return f"torch.sqrt({self._print(base)})" if self._is_tensor(base) else f"math.sqrt({self._print(base)})"
+        if e == sp.Rational(-1, 2) and self._is_tensor(base):
+            return f"torch.rsqrt({self._print(base)})"
+        if e.is_negative:
+            return f"1/{self.parenthesize(base ** -e, sp.printing.precedence.PRECEDENCE['Mul'])}"
+        return f"{b}**{self.parenthesize(e, sp.printing.precedence.PRECEDENCE['Pow'])}"
+
+    def _is_tensor(self, expr) -> bool:
+        return bool(expr.atoms(sp.Indexed)) or any(
+            str(s) in self.shapes for s in expr.free_symbols)
+
+    # -- tensors ----------------------------------------------------------------------------
+    def _print_Indexed(self, expr):
+        name = str(expr.base)
+        shape = self.shapes[name]
+        axes = []
+        for size, index in zip(shape, expr.indices):
+            if size == 1 or index == 0:
+                continue
+            if not isinstance(index, sp.Idx) or index not in self.frame.slots:
+                raise DerivationError("", f"{expr} is read at a computed position",
+                                      "gather-style reads are not vectorized yet")
+            axes.append(self.frame.slots[index])
+        return self._layout(name, shape, axes)
+
+    def _layout(self, name: str, shape: tuple, axes: list[int]) -> str:
+        """``name`` viewed so that its varying axes sit on ``axes`` of the frame."""
+        if axes != sorted(axes):
+            raise DerivationError("", f"{name} would need its axes permuted", "transposed reads are not vectorized yet")
+        rank = len(self.frame.dims)
+        target = [1] * rank
+        varying = [s for s in shape if s != 1]
+        for axis, size in zip(axes, varying):
+            target[axis] = size
+        padded = [1] * (rank - len(shape)) + list(shape)
+        if len(shape) <= rank and _broadcasts_as(padded, target):
+            return name
+        sizes = ", ".join(self._print(s) for s in target)
+        return f"{name}.view({sizes})"
+
+    def _print_Red(self, expr):
+        frame, axis = self.frame.with_bound(expr.index, expr.body)
+        inner = KernelPrinter(frame, self.shapes, self.names)
+        body = inner._print(expr.body)
+        if not body.isidentifier():
+            body = f"({body})"
+        return f"{body}.sum({axis}, keepdim=True)"
+
+    def _print_Add(self, expr, order=None):
+        """Positive terms first, so a difference reads ``probs - F.one_hot(y, k)``."""
+        terms = sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())
+        text = self._print(terms[0])
+        for t in terms[1:]:
+            if t.could_extract_minus_sign():
+                text += " - " + self.parenthesize(-t, sp.printing.precedence.PRECEDENCE["Add"])
+            else:
+                text += " + " + self.parenthesize(t, sp.printing.precedence.PRECEDENCE["Add"])
+        return text
+
+    def _print_KroneckerDelta(self, expr):
+        a, b = expr.args
+        if isinstance(a, sp.Indexed):
+            a, b = b, a
+        if not (isinstance(a, sp.Idx) and isinstance(b, sp.Indexed)):
+            raise DerivationError("", f"{expr} compares two positions", "only label one-hots are vectorized")
+        labels_axes = [self.frame.slots[i] for i in b.indices if isinstance(i, sp.Idx)]
+        axis = self.frame.slots[a]
+        name = str(b.base)
+        if labels_axes + [axis] == sorted(labels_axes + [axis]) and axis == max(labels_axes + [axis]):
+            code = f"F.one_hot({name}, {self._print(extent(a))})"
+            rank = len(self.frame.dims)
+            used = labels_axes + [axis]
+            if used == list(range(rank - len(used), rank)):
+                return code
+            target = [self._print(self.frame.dims[k]) if k in used else "1" for k in range(rank)]
+            return f"{code}.view({', '.join(target)})"
+        raise DerivationError("", f"{expr} needs the class axis before the label axes", "reorder the dimensions")
+
+    def _print_Max(self, expr):
+        raise DerivationError("", "a maximum left in a backward formula", "report this as a bug")
+
+    def _print_IsArgmax(self, expr):
+        raise DerivationError("", "the gradient flows through max(); its one-hot is not generated yet",
+                              "subtract the max only where it cancels (as in softmax), or write the layer without max")
+
+
+def _broadcasts_as(shape: list, target: list) -> bool:
+    return all(s == t for s, t in zip(shape, target))
+
+
+__all__ = ["Frame", "KernelPrinter", "Red", "Max", "IsArgmax"]
