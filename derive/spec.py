@@ -96,10 +96,6 @@ class Layer:
 
 def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
     params = list(inspect.signature(fn).parameters)
-    for p in params:
-        if p not in inputs:
-            raise SpecError(name, f"parameter {p!r} is not declared",
-                            f"add {p}=Tensor(...), Labels(...) or Constant(...) to @layer(...)")
     for p, decl in inputs.items():
         if p not in params:
             close = [q for q in params if q.lower() == p.lower()]
@@ -119,6 +115,10 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
             if len(set(decl.dims)) != len(decl.dims):
                 raise SpecError(name, f"input {p!r} uses a dimension name twice: {decl.dims!r}",
                                 "give every axis of one tensor its own dimension name")
+    for p in params:
+        if p not in inputs:
+            raise SpecError(name, f"parameter {p!r} is not declared",
+                            f"add {p}=Tensor(...), Labels(...) or Constant(...) to @layer(...)")
     if not any(isinstance(d, Tensor) and d.differentiable for d in inputs.values()):
         raise SpecError(name, "no differentiable input", "declare at least one Tensor(...)")
 

@@ -1,0 +1,253 @@
+"""Derivation documents a student can read, generated from a Kernel (never written per layer).
+
+A document has three parts, every one read off the kernel:
+
+1. the forward pass, one equation per named line of the spec, in the spec's own names;
+2. the reverse-mode steps (``kernel.gradients.steps``): the adjoint each opaque node propagates and
+   the contribution it sends to every variable its definition reads;
+3. the fused closed form of every gradient, next to the torch code generated for it.
+
+All decisions (index letters, escaping, display tidying) are made here; ``derivation.tex.j2`` and
+``derivation.md.j2`` only place the strings. ``render_tex`` / ``render_markdown`` return the whole
+file, header included, like ``codegen.render_function``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import count, groupby
+from typing import Callable
+
+import sympy as sp
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.precedence import PRECEDENCE
+
+from .codegen import environment, header
+from .kernel import Kernel
+from .symbolic import Max, Red, expand, extent, reductions, substitute_family
+from .trace import Node
+
+# Index letters: free indices from one pool, bound (summation) indices from another, so a reader
+# can tell at a glance which indices an equation holds for and which it sums over.
+FREE_LETTERS = "ijklmabc"
+BOUND_LETTERS = "rstuvwpqgh"
+RESERVED_LETTERS = {"e"}  # e is Euler's number in exp(...) as SymPy prints it
+
+
+# -- LaTeX of element-wise expressions ---------------------------------------------------------
+def tex_name(name: str) -> str:
+    """A spec name in math: one letter stays italic (``x``, ``n``), longer names upright."""
+    return name if len(name) == 1 else r"\mathrm{%s}" % name.replace("_", r"\_")
+
+
+class _Printer(LatexPrinter):
+    """``sympy.latex`` with spec names, readable index letters and keepdim axes left out."""
+
+    # not "_latex": the document owns its notation for Red/Max/IsArgmax (see the _print_ methods)
+    printmethod = "_derivation_latex"
+
+    def __init__(self, letters: dict[str, str]):
+        super().__init__({"mul_symbol": r"\,"})
+        self.letters = letters
+
+    def _as_ordered_terms(self, expr, order=None):
+        # positive terms first, as by hand: x - m and n - 1 rather than -m + x and -1 + n
+        return sorted(super()._as_ordered_terms(expr, order), key=lambda t: t.could_extract_minus_sign())
+
+    def _needs_mul_brackets(self, expr, first=False, last=False) -> bool:
+        # as SymPy does for its own Sum: a factor after a sum must not read as part of its body
+        return (not last and isinstance(expr, (Red, Max))) or super()._needs_mul_brackets(expr, first, last)
+
+    def _print_Symbol(self, expr, style="plain"):
+        return tex_name(expr.name)
+
+    def _print_Idx(self, expr):
+        return self.letters[expr.name]
+
+    def _print_Indexed(self, expr):
+        return self.element(tex_name(str(expr.base)), expr.indices)
+
+    def element(self, base: str, indices) -> str:
+        # a 0 index is a kept (size-1) axis: it carries no information for the reader
+        shown = [self._print(i) for i in indices if i != 0]
+        if not shown:
+            return base
+        glue = "" if all(len(s) == 1 for s in shown) else ", "
+        return "%s_{%s}" % (base, glue.join(shown))
+
+    def _print_KroneckerDelta(self, expr, exp=None):
+        return r"\delta_{%s, %s}" % (self._print(expr.args[0]), self._print(expr.args[1]))
+
+    def _print_Red(self, expr):
+        return r"\sum_{%s} %s" % (self._print(expr.index), self.parenthesize(expr.body, PRECEDENCE["Add"]))
+
+    def _print_Max(self, expr):
+        return r"\max_{%s} %s" % (self._print(expr.index), self.parenthesize(expr.body, PRECEDENCE["Add"]))
+
+    def _print_IsArgmax(self, expr):
+        # 1 where the index is the position of the maximum: [j = argmax_s body]
+        j, m = expr.args
+        where = r"\operatorname*{arg\,max}_{%s} %s" % (self._print(m.index), self.parenthesize(m.body, PRECEDENCE["Add"]))
+        return r"\mathbf{1}\left[%s = %s\right]" % (self._print(j), where)
+
+
+def _letters(kernel: Kernel, exprs: list[sp.Expr]) -> dict[str, str]:
+    """Idx name -> letter: free indices in the order of the layer's dimensions, then bound ones."""
+    el, dims = kernel.elements, [kernel.graph.sizes[d] for d in kernel.layer.dims]
+    taken = RESERVED_LETTERS | set(kernel.layer.dims) | set(kernel.layer.inputs) | {n.name for n in kernel.graph.nodes}
+    free = [el.index[s].name for s in dims]
+    seen = {i.name: i for e in exprs for i in e.atoms(sp.Idx)}
+    rank = {s: k for k, s in enumerate(dims)}
+    bound = sorted((n for n in seen if n not in free), key=lambda n: (rank.get(extent(seen[n]), len(rank)), n))
+    return {**_assign(free, FREE_LETTERS, taken), **_assign(bound, BOUND_LETTERS, taken)}
+
+
+def _assign(names: list[str], pool: str, taken: set) -> dict[str, str]:
+    # primes only once a pool is used up, so small layers read i, j / r, s
+    letters = (letter + "'" * primes for primes in count() for letter in pool if letter not in taken)
+    return dict(zip(names, letters))
+
+
+# -- what the document shows --------------------------------------------------------------------
+def _forward_value(kernel: Kernel, node: Node) -> sp.Expr:
+    """The node's value in terms of the spec's named variables (unnamed temporaries inlined)."""
+    el = kernel.elements
+    expr = el.direct(node)
+    unnamed = [m for m in reversed(kernel.graph.nodes) if not m.named]
+    changed = True
+    while changed:
+        changed = False
+        for m in unnamed:
+            base = el.base(m)
+            if isinstance(base, sp.Symbol):
+                new = expr.xreplace({base: el.direct(m)})
+            else:
+                new = substitute_family(expr, base, el.free(m), el.direct(m))
+            if new != expr:
+                expr, changed = new, True
+    return expr
+
+
+def _tidy(expr: sp.Expr) -> sp.Expr:
+    """A display form of a reverse-mode term, closer to what one writes by hand.
+
+    Cancels ``exp(a)*exp(-a)``, gathers one fraction, groups the numerator by its sums (each with a
+    factored coefficient) and factors the denominator. Only the document sees this form.
+    """
+    num, den = sp.fraction(sp.together(sp.powsimp(expr)))
+    sums = sorted(reductions(num), key=sp.default_sort_key)
+    if sums:
+        terms = sp.collect(expand(num), sums, evaluate=False)
+        num = sp.Add(*[sp.factor(c) * s for s, c in sorted(terms.items(), key=lambda t: sp.default_sort_key(t[0]))])
+    return sp.factor_terms(num) / sp.factor(den)
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How one output format writes prose, inline code and its header comments."""
+
+    template: str
+    text: Callable[[str], str]  # prose (a docstring, a title)
+    code: Callable[[str], str]  # an inline code span (a name, a source line)
+    comment: tuple[str, str]  # header comment opener and closer
+
+
+def _equation(lhs: str, rhs: str, accumulate: bool = False) -> str:
+    op = r"\mathrel{+}=" if accumulate else "="
+    return f"{lhs} {op} {rhs}"
+
+
+def _context(kernel: Kernel, fmt: _Format) -> dict:
+    """Everything the document says, as ready-to-place strings in ``fmt``."""
+    el, code = kernel.elements, fmt.code
+    named = [n for n in kernel.graph.nodes if n.named and n.op not in ("input", "labels")]
+    values = {n: _forward_value(kernel, n) for n in named}
+    steps = [(s, _tidy(s.adjoint), _tidy(s.contribution)) for s in kernel.gradients.steps]
+    exprs = [*values.values(), *(e for _, a, c in steps for e in (a, c)), *(f.element for f in kernel.formulas)]
+    p = _Printer(_letters(kernel, exprs + [el.ref(n) for n in kernel.graph.nodes]))
+
+    def ref(name: str, node: Node, adjoint: bool = False) -> str:
+        return p.element(r"\overline{%s}" % tex_name(name) if adjoint else tex_name(name), el.free(node))
+
+    forward = [dict(name=code(n.name), line=n.line, source=code(n.source.strip()),
+                    equation=_equation(ref(n.name, n), p.doprint(values[n]))) for n in named]
+    groups = []
+    for node, group in groupby(steps, key=lambda t: t[0].node):  # a node's steps are consecutive
+        group = list(group)
+        sends = [dict(target=code(s.target.name), equation=_equation(ref(s.target.name, s.target, True), p.doprint(c), True))
+                 for s, _, c in group]
+        groups.append(dict(node=code(node.name), adjoint=_equation(ref(node.name, node, True), p.doprint(group[0][1])),
+                           sends=sends))
+    gradients = []
+    for f in kernel.formulas:
+        lines = [f"{s.name} = {s.code}" for s in kernel.shared if f.position in s.users] + [f"d{f.input} = {f.code}"]
+        lhs = ref(f"d{f.input}", kernel.graph.inputs[f.input])
+        gradients.append(dict(name=code(f"d{f.input}"), code="\n".join(lines), equation=_equation(lhs, p.doprint(f.element))))
+    out = kernel.graph.output
+    return dict(name=code(kernel.name), doc=fmt.text(kernel.layer.doc), module=code(kernel.layer.module),
+                output=code(out.name), grad_output=code(f"d{out.name}"), indices=_legend(kernel, exprs, p),
+                forward=forward, steps=groups, silent=_silent(kernel, code), gradients=gradients,
+                saved=", ".join(map(code, kernel.saved)), inputs=", ".join(map(code, kernel.layer.differentiable)))
+
+
+def _legend(kernel: Kernel, exprs: list[sp.Expr], p: _Printer) -> list[dict]:
+    """What each index letter the document uses runs over."""
+    seen = {i.name: i for e in exprs for i in e.atoms(sp.Idx)}
+    free = {i.name for i in kernel.elements.index.values()}
+    return [dict(letter=letter, last=p.doprint(extent(seen[name]) - 1), size=p.doprint(extent(seen[name])),
+                 kind="a free index" if name in free else "a summation index")
+            for name, letter in p.letters.items() if name in seen]
+
+
+def _silent(kernel: Kernel, code: Callable[[str], str]) -> list[str]:
+    """Why an intermediate has no step of its own (softmax's row max: its contributions cancel)."""
+    grads = kernel.gradients
+    propagating = {s.node for s in grads.steps}
+    return [f"The contributions to {code(n.name)} add up to zero, so nothing flows back through it."
+            if n in grads.adjoints else f"No gradient reaches {code(n.name)}."
+            for n in kernel.elements.opaque if n not in propagating]
+
+
+# -- formats --------------------------------------------------------------------------------------
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#", "%": r"\%",
+                "_": r"\_", "^": r"\^{}", "~": r"\~{}", "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
+
+
+def tex_text(text: str) -> str:
+    """Plain text safe in LaTeX (also inside ``\\texttt{}``)."""
+    return "".join(_TEX_SPECIAL.get(c, c) for c in text)
+
+
+def _tex_doc(text: str) -> str:
+    """A docstring in LaTeX: ``code`` spans become typewriter, the rest is escaped text."""
+    parts = re.split(r"``(.+?)``", text)
+    return "".join(r"\texttt{%s}" % tex_text(s) if k % 2 else tex_text(s) for k, s in enumerate(parts))
+
+
+def md_code(text: str) -> str:
+    """An inline Markdown code span that survives backticks inside ``text``."""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _render(kernel: Kernel, fmt: _Format) -> str:
+    body = environment().get_template(fmt.template).render(**_context(kernel, fmt)).lstrip("\n")
+    return header(kernel, fmt.comment[0], body, fmt.comment[1]) + body
+
+
+TEX = _Format("derivation.tex.j2", text=_tex_doc, code=lambda s: r"\texttt{%s}" % tex_text(s), comment=("%", ""))
+MARKDOWN = _Format("derivation.md.j2", text=lambda s: s, code=md_code, comment=("<!--", " -->"))
+
+
+def render_tex(kernel: Kernel) -> str:
+    """The derivation as a standalone LaTeX document (article class; amsmath, amssymb, geometry, graphicx)."""
+    return _render(kernel, TEX)
+
+
+def render_markdown(kernel: Kernel) -> str:
+    """The derivation as GitHub Markdown with ``$...$`` / ``$$...$$`` math."""
+    return _render(kernel, MARKDOWN)
+
+
+__all__ = ["render_tex", "render_markdown", "tex_name", "tex_text", "md_code"]

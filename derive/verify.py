@@ -1,0 +1,111 @@
+"""Numeric check of a generated kernel against autograd through the very same spec.
+
+The exercise's comparison table: for each gradient, ``exact`` (bitwise equal), ``approximate``
+(``torch.allclose``) and ``maxdiff`` (largest absolute difference).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .spec import Constant, Labels, Layer
+
+
+@dataclass
+class Row:
+    name: str
+    exact: bool
+    approximate: bool
+    maxdiff: float
+
+    def __str__(self):
+        return f"{self.name:15s} | exact: {str(self.exact):5s} | approximate: {str(self.approximate):5s} | maxdiff: {self.maxdiff:.3e}"
+
+
+def compare(name: str, ours: torch.Tensor, reference: torch.Tensor) -> Row:
+    """One row of the table (the exercise's ``cmp``)."""
+    ours, reference = ours.detach(), reference.detach()
+    exact = bool(torch.equal(ours, reference))
+    approximate = bool(torch.allclose(ours, reference))
+    maxdiff = float((ours - reference).abs().max()) if ours.numel() else 0.0
+    return Row(name, exact, approximate, maxdiff)
+
+
+def random_inputs(layer: Layer, sizes: dict[str, int], dtype=torch.float64, seed: int = 0) -> dict:
+    """Inputs for ``layer``: floats ~ N(0, 1) (gamma-like ones near 1), labels uniform."""
+    g = torch.Generator().manual_seed(seed)
+    values = {}
+    for name, decl in layer.inputs.items():
+        if isinstance(decl, Constant):
+            values[name] = decl.default
+        elif isinstance(decl, Labels):
+            shape = tuple(sizes[d] for d in decl.dims)
+            values[name] = torch.randint(0, sizes[decl.classes], shape, generator=g)
+        else:
+            shape = tuple(sizes[d] for d in decl.dims)
+            values[name] = torch.randn(shape, generator=g, dtype=dtype)
+    return values
+
+
+def upstream_for(out: torch.Tensor, seed: int) -> torch.Tensor:
+    """The upstream gradient, as the exercise has it: 1 for a scalar loss (``loss.backward()``),
+    else the gradient of a batch-mean loss, random entries of size ~1/n."""
+    if out.dim() == 0:
+        return torch.ones((), dtype=out.dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(out.shape, generator=g, dtype=torch.float64).div(out.shape[0]).to(out.dtype)
+
+
+def gradients(fn, inputs: dict, wanted: list[str], seed: int, dtype=None) -> tuple[torch.Tensor, dict]:
+    """Output and input gradients of ``fn`` on copies of ``inputs`` (cast to ``dtype`` if given)."""
+    leaves = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(dtype) if dtype is not None and v.is_floating_point() else v.clone()
+            leaves[k] = v.requires_grad_(k in wanted)
+        else:
+            leaves[k] = v
+    out = fn(**leaves)
+    out.backward(upstream_for(out, seed))
+    return out, {k: leaves[k].grad for k in wanted}
+
+
+def against_autograd(layer: Layer, fused, sizes: dict[str, int], dtype=torch.float64, seed: int = 0) -> list[Row]:
+    """Gradients of ``fused`` (a generated functional) vs autograd of the spec, same inputs and upstream."""
+    inputs = random_inputs(layer, sizes, dtype, seed)
+    wanted = layer.differentiable
+    out_ref, ref = gradients(layer.fn, inputs, wanted, seed)
+    out_ours, ours = gradients(fused, inputs, wanted, seed)
+    rows = [compare("output", out_ours, out_ref)]
+    rows += [compare(f"d{k}", ours[k], ref[k]) for k in wanted]
+    return rows
+
+
+def accuracy(layer: Layer, fused, sizes: dict[str, int], dtype=torch.float32, seed: int = 0) -> dict:
+    """Largest error of each gradient against a float64 reference: ``{name: (fused, autograd)}``."""
+    inputs = random_inputs(layer, sizes, dtype, seed)
+    wanted = layer.differentiable
+    _, exact = gradients(layer.fn, inputs, wanted, seed, dtype=torch.float64)
+    _, ref = gradients(layer.fn, inputs, wanted, seed)
+    _, ours = gradients(fused, inputs, wanted, seed)
+    return {f"d{k}": (float((ours[k].double() - exact[k]).abs().max()), float((ref[k].double() - exact[k]).abs().max()))
+            for k in wanted}
+
+
+def load_module(path: Path) -> ModuleType:
+    """Import a generated file by path (fresh each time, so a regenerated file is picked up)."""
+    name = f"_derive_generated_{Path(path).stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(rows: list[Row]) -> str:
+    return "\n".join(str(r) for r in rows)

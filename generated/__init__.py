@@ -1,0 +1,1 @@
+"""Generated fused kernels: one module per layer. Regenerate with `derive generate`."""

@@ -1,0 +1,71 @@
+"""The derivation documents of every built-in layer compile (LaTeX) and are well formed (Markdown)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from derive.derivation import render_markdown, render_tex
+from derive.kernel import build
+from derive.layers.batchnorm import batchnorm, batchnorm_biased
+from derive.layers.cross_entropy import cross_entropy
+
+LAYERS = [batchnorm, batchnorm_biased, cross_entropy]
+
+
+@pytest.fixture(scope="module", params=LAYERS, ids=lambda layer: layer.name)
+def kernel(request):
+    return build(request.param)
+
+
+def test_tex_compiles(kernel, tmp_path):
+    latexmk = shutil.which("latexmk")
+    # a missing TeX installation must fail the suite, not silently skip the check
+    assert latexmk, "latexmk is not installed; install TeX Live (latexmk, texlive-latex-recommended)"
+    (tmp_path / f"{kernel.name}.tex").write_text(render_tex(kernel))
+    run = subprocess.run([latexmk, "-pdf", "-interaction=nonstopmode", "-halt-on-error", f"{kernel.name}.tex"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout[-3000:]
+    pdf = tmp_path / f"{kernel.name}.pdf"
+    assert pdf.exists() and pdf.stat().st_size > 0
+
+
+def test_markdown_names_every_gradient(kernel):
+    text = render_markdown(kernel)
+    for name in kernel.layer.differentiable:
+        assert f"d{name}" in text
+        assert f"d{name} = " in text  # its generated code line, verbatim
+
+
+def test_markdown_math_blocks_balanced(kernel):
+    text = render_markdown(kernel)
+    assert text.count("$$") % 2 == 0
+    inside = False
+    for line in text.splitlines():
+        if line.strip() == "$$":
+            inside = not inside
+        else:
+            assert "$$" not in line, f"display math must open and close on its own line: {line!r}"
+            if inside:
+                assert line.strip(), "a blank line inside $$ ... $$ breaks the block in GitHub Markdown"
+    assert not inside, "a $$ block is never closed"
+
+
+def test_header_is_valid_comments(kernel):
+    head = render_markdown(kernel).splitlines()[:5]
+    assert all(line.startswith("<!-- ") and line.endswith(" -->") for line in head)
+    assert all(line.startswith("% ") for line in render_tex(kernel).splitlines()[:5])
+
+
+def test_no_raw_index_names(kernel):
+    """Readers see i, j, r, ... never SymPy's i_n or _r1_n."""
+    for text in (render_tex(kernel), render_markdown(kernel)):
+        for raw in ("i_{n}", "i_n", "_r1", "r_{1"):
+            assert raw not in text
+
+
+def test_rendering_is_deterministic(kernel):
+    assert render_tex(kernel) == render_tex(kernel)
+    assert render_markdown(kernel) == render_markdown(kernel)
+    assert render_tex(build(kernel.layer)) == render_tex(kernel)

@@ -1,0 +1,34 @@
+"""Proof on small symbolic matrices, and that the proof can fail."""
+import pytest
+import sympy as sp
+
+from derive.kernel import build
+from derive.layers import BUILTIN, batchnorm
+from derive.prove import ProofFailure, default_sizes, prove
+
+
+@pytest.mark.parametrize("spec", BUILTIN, ids=lambda s: s.name)
+def test_fused_formula_equals_elementwise_derivative(spec):
+    kernel = build(spec)
+    sizes = default_sizes(kernel)
+    assert [s[spec.dims[0]] for s in sizes] == [2, 3, 4, 5]
+    for s in sizes:
+        proof = prove(kernel, s)
+        assert proof.elements_checked == sum(
+            __import__("math").prod(s[d] for d in spec.tensors[f.input].dims) for f in kernel.formulas)
+
+
+def test_cross_entropy_proof_with_other_labels():
+    from derive.layers import cross_entropy
+    kernel = build(cross_entropy)
+    for variant in (1, 2):
+        prove(kernel, {"n": 3, "k": 3}, label_variant=variant)
+
+
+def test_a_wrong_formula_is_caught():
+    kernel = build(batchnorm)
+    n = kernel.graph.sizes["n"]
+    dx = next(f for f in kernel.formulas if f.input == "x")
+    dx.element = dx.element.xreplace({1 / (n - 1): 1 / n})  # drop Bessel's correction: must not pass
+    with pytest.raises(ProofFailure, match="dx"):
+        prove(kernel, {"n": 3, "d": 2})
