@@ -13,10 +13,11 @@ from .generate import generate, stale_files
 from .kernel import build
 from .layers import BUILTIN, by_name, from_file
 from .prove import default_sizes, prove
-from .verify import against_autograd, load_module, table
+from .verify import against_autograd, load_module, steps_table, table
 
-# The exercise's sizes for the comparison table (batch 32; 27 characters; 64 hidden units).
-EXERCISE_SIZES = {"n": 32, "k": 27, "d": 64}
+# The exercise's sizes for the comparison table: batch 32, 27 characters, 64 hidden units,
+# block size 3, embedding 10 (other dimensions: 16).
+EXERCISE_SIZES = {"n": 32, "k": 27, "d": 64, "v": 27, "t": 3, "e": 10, "hidden": 64}
 
 
 def _layers(args) -> list:
@@ -47,18 +48,22 @@ def cmd_check(args) -> int:
 
 def cmd_verify(args) -> int:
     for layer in _layers(args):
-        kernel = build(layer)
         print(f"== {layer.name}")
-        for sizes in default_sizes(kernel):
-            proof = prove(kernel, sizes)
-            shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
-            print(f"proven: {', '.join(proof.gradients)} equal the element-wise SymPy derivative at {shown} "
-                  f"({proof.elements_checked} elements, {proof.seconds:.1f} s)")
-        module = load_module(Path(args.out) / f"{layer.name}.py")
         sizes = {d: EXERCISE_SIZES.get(d, 16) for d in layer.dims}
-        rows = against_autograd(layer, getattr(module, layer.name), sizes, dtype=torch.float32)
-        print(f"generated code vs autograd of the spec, float32, sizes {sizes}:")
-        print(table(rows))
+        if layer.fused:
+            kernel = build(layer)
+            for small in default_sizes(kernel):
+                proof = prove(kernel, small)
+                shown = ", ".join(f"{k}={v}" for k, v in small.items())
+                print(f"proven: fused {', '.join(proof.gradients)} equal the element-wise SymPy derivative at {shown} "
+                      f"({proof.elements_checked} elements, {proof.seconds:.1f} s)")
+            module = load_module(Path(args.out) / f"{layer.name}.py")
+            rows = against_autograd(layer, getattr(module, layer.name), sizes, dtype=torch.float32)
+            print(f"fused kernel vs autograd of the spec, float32, sizes {sizes}:")
+            print(table(rows))
+        steps = load_module(Path(args.out) / f"{layer.name}_steps.py")
+        print(f"step-by-step backward vs autograd of the spec (retain_grad), float32, sizes {sizes}:")
+        print(table(steps_table(layer, steps, sizes, torch.float32)))
     return 0
 
 

@@ -10,7 +10,8 @@ def _operand(arg, printer) -> str:
     if isinstance(arg, Node):
         return arg.name
     text = printer.doprint(arg)
-    return text if (arg.is_Atom and not arg.is_negative and not arg.is_Rational) or arg.is_Integer and arg >= 0 else f"({text})"
+    simple = text.isidentifier() or text.replace(".", "").replace("e-", "").isdigit()
+    return text if simple and not text.startswith("-") else f"({text})"
 
 
 def _reduce_args(node: Node, source: Node) -> str:
@@ -38,6 +39,10 @@ def line(node: Node, printer) -> str:
         return f"{a[0]}.max({_reduce_args(node, node.args[0])}).values"
     if op == "matmul":
         return f"{a[0]} @ {a[1]}"
+    if op == "embed":
+        return f"{a[0]}[{a[1]}]"
+    if op == "view":
+        return f"{a[0]}.view({', '.join(printer.doprint(s) for s in node.shape)})"
     if op == "pick":
         return f"{a[0]}[torch.arange({a[0]}.shape[0], device={a[0]}.device), {a[1]}]"
     raise ValueError(f"no forward printer for {op!r}")
@@ -49,7 +54,7 @@ def forward_lines(graph: Graph, printer) -> list[tuple[str, str]]:
     for node in graph.nodes:
         if node.op in ("input", "labels"):
             continue
-        source = node.source.strip()
+        source = node.source.split("#")[0].strip()
         comment = f"spec line {node.line}: {source}" if source else ""
         out.append((f"{node.name} = {line(node, printer)}", comment))
     return out

@@ -6,28 +6,48 @@
 from __future__ import annotations
 
 import time
+
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .codegen import render_function
+from .codegen import render_function, render_steps
 from .derivation import render_markdown, render_tex
 from .errors import DeriveError
 from .files import is_hand_edited, write_atomic
 from .kernel import Kernel, build
 from .prove import Proof, default_sizes, prove
 from .spec import Layer
-from .verify import against_autograd, load_module
+from .trace import trace
+from .verify import against_autograd, load_module, steps_table
 
-PACKAGE_INIT = '"""Generated fused kernels: one module per layer. Regenerate with `derive generate`."""\n'
+PACKAGE_INIT = '"""Generated backward passes: `<layer>.py` (fused kernel), `<layer>_steps.py` (step by step). Regenerate with `derive generate`."""\n'
 
 
-def render(kernel: Kernel) -> dict[str, str]:
-    """Relative path -> text of every file generated for ``kernel``."""
-    return {
-        f"{kernel.name}.py": render_function(kernel),
-        f"derivations/{kernel.name}.tex": render_tex(kernel),
-        f"derivations/{kernel.name}.md": render_markdown(kernel),
-    }
+def render(layer: Layer, kernel: Kernel | None = None) -> dict[str, str]:
+    """Relative path -> text of every file generated for ``layer``: its step-by-step backward, and
+    (for a fused layer) its fused kernel and derivation."""
+    files = {f"{layer.name}_steps.py": render_steps(trace(layer))}
+    if layer.fused:
+        kernel = kernel or build(layer)
+        files |= {
+            f"{layer.name}.py": render_function(kernel),
+            f"derivations/{layer.name}.tex": render_tex(kernel),
+            f"derivations/{layer.name}.md": render_markdown(kernel),
+        }
+    return files
+
+
+def small_sizes(layer: Layer) -> list[dict[str, int]]:
+    """Sizes for the step-by-step proof: the first dimension 2 and 3, the others 2 (3 classes)."""
+    out = []
+    for n in (2, 3):
+        sizes = {d: (n if k == 0 else 2) for k, d in enumerate(layer.dims)}
+        for decl in layer.tensors.values():
+            if getattr(decl, "classes", None):
+                sizes[decl.classes] = 3
+        out.append(sizes)
+    return out
 
 
 @dataclass
@@ -40,8 +60,10 @@ class Report:
     written: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        proven = ", ".join("x".join(str(v) for v in p.sizes.values()) for p in self.proofs) or "-"
-        return (f"{self.layer:18s} {' '.join(self.gradients):24s} proven at {proven:22s} "
+        proven = ", ".join("x".join(str(v) for v in p.sizes.values()) for p in self.proofs) or "(rules proven)"
+        grads = " ".join(self.gradients)
+        grads = grads if len(grads) <= 24 else f"{len(self.gradients)} gradients"
+        return (f"{self.layer:18s} {grads:24s} proven at {proven:22s} "
                 f"float64 maxdiff {self.maxdiff:.1e}   {self.seconds:5.1f} s")
 
 
@@ -56,21 +78,24 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     write_atomic(out / "__init__.py", PACKAGE_INIT)
     for layer in layers:
         start = time.perf_counter()
-        kernel = build(layer)
-        files = render(kernel)
+        kernel = build(layer) if layer.fused else None
+        files = render(layer, kernel)
         edited = [out / rel for rel in files if is_hand_edited(out / rel)]
         if edited and not force:
             raise HandEditedError(f"{edited[0]} was edited by hand (its content hash no longer matches); "
                                   f"move your changes into the spec, or pass --force to overwrite it")
-        report = Report(layer.name, [f"d{f.input}" for f in kernel.formulas])
+        report = Report(layer.name, [f"d{name}" for name in layer.differentiable])
         for rel, text in files.items():
             if write_atomic(out / rel, text):
                 report.written.append(rel)
-        if prove_sizes:
-            report.proofs = [prove(kernel, s) for s in default_sizes(kernel)]
-        module = load_module(out / f"{layer.name}.py")
         sizes = {d: 5 + 2 * k for k, d in enumerate(layer.dims)}
-        rows = against_autograd(layer, getattr(module, layer.name), sizes)
+        rows = steps_table(layer, load_module(out / f"{layer.name}_steps.py"), sizes, torch.float64)
+        if kernel is not None:
+            if prove_sizes:
+                report.proofs = [prove(kernel, s) for s in default_sizes(kernel)]
+            rows += against_autograd(layer, getattr(load_module(out / f"{layer.name}.py"), layer.name), sizes)
+        # A step-by-step-only layer is the composition of rules that are each proven on small
+        # symbolic matrices (tests/test_rules.py); proving a whole network symbolically is slow.
         report.maxdiff = max(r.maxdiff for r in rows)
         report.seconds = time.perf_counter() - start
         echo(report.line())
@@ -84,7 +109,7 @@ def stale_files(layers: list[Layer], out: Path) -> list[str]:
     problems = []
     expected = {"__init__.py": PACKAGE_INIT}
     for layer in layers:
-        expected.update(render(build(layer)))
+        expected.update(render(layer))
     for rel, text in sorted(expected.items()):
         path = out / rel
         if not path.exists():

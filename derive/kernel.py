@@ -82,10 +82,10 @@ def _size_sources(layer: Layer) -> list[tuple[str, str]]:
     """Lines that read every size from the first input declaring it: ``n, d = x.shape``."""
     known, out = set(), []
     for name, decl in layer.tensors.items():
-        targets = [d if d not in known else "_" for d in decl.dims]
+        targets = [d if d not in known and "*" not in d else "_" for d in decl.dims]
         if any(t != "_" for t in targets):
             out.append((", ".join(targets) + ("," if len(targets) == 1 else ""), name))
-            known.update(decl.dims)
+            known.update(t for t in targets if t != "_")
     missing = [d for d in layer.dims if d not in known]
     if missing:
         raise DerivationError(layer.name, f"size {missing[0]!r} is not the size of any tensor input",

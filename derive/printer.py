@@ -12,6 +12,7 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.pytorch import TorchPrinter
 
+from .backends import number_text
 from .errors import DerivationError
 from .symbolic import IsArgmax, Max, Red, extent
 
@@ -52,7 +53,7 @@ class KernelPrinter(TorchPrinter):
         raise DerivationError("", f"index {expr} is used outside an element", "report this as a bug")
 
     def _print_Rational(self, expr):
-        return f"{expr.p}/{expr.q}"
+        return number_text(expr)
 
     def _print_Pow(self, expr, rational=False):
         base, e = expr.as_base_exp()

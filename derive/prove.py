@@ -12,6 +12,7 @@ A maximum over a row is an *undefined* function of that row, so the proof holds 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import numpy as np
 import sympy as sp
 
 from .kernel import Kernel
-from .spec import Labels
+from .spec import Labels, dim_names
 from .symbolic import IsArgmax, Max, Red, extent
 from .trace import Graph, Node
 
@@ -80,12 +81,17 @@ def evaluate(graph: Graph, sizes: dict[sp.Symbol, int], inputs: dict[str, np.nda
             v = _reduce(a[0], node.attrs["axes"], node.attrs["keepdim"], lambda xs: sp.Add(*xs))
         elif op == "mean":
             count = int(np.prod([a[0].shape[k] for k in node.attrs["axes"]]))
-            v = _reduce(a[0], node.attrs["axes"], node.attrs["keepdim"], lambda xs: sp.Add(*xs) / count)
+            total = _reduce(a[0], node.attrs["axes"], node.attrs["keepdim"], lambda xs: sp.Add(*xs))
+            v = np.vectorize(lambda e: e / count, otypes=[object])(total)
         elif op == "max":
             f = sp.Function(f"shift_{node.name}", real=True)
             v = _reduce(a[0], node.attrs["axes"], node.attrs["keepdim"], lambda xs: f(*xs))
         elif op == "matmul":
             v = a[0].dot(a[1])
+        elif op == "embed":
+            v = a[0][np.vectorize(int)(a[1]).astype(np.int64)]
+        elif op == "view":
+            v = a[0].reshape(tuple(int(sp.sympify(s).xreplace(subs)) for s in node.shape))
         elif op == "pick":
             v = np.array([a[0][r, int(a[1][r])] for r in range(a[0].shape[0])], dtype=object)
         else:
@@ -124,20 +130,46 @@ def _expand_generic(expr: sp.Expr, kernel: Kernel, values: dict, sizes: dict, po
     return visit(expr)
 
 
-def prove(kernel: Kernel, sizes: dict[str, int], label_variant: int = 0) -> Proof:
-    """Check every fused gradient of ``kernel`` at ``sizes`` against the element-wise derivative."""
-    start = time.perf_counter()
-    graph = kernel.graph
+def concrete(graph: Graph, sizes: dict[str, int], label_variant: int = 0):
+    """Symbolic inputs at ``sizes``, every node's value, the upstream gradient and ``sum(dout*out)``."""
     size_subs = {graph.sizes[d]: v for d, v in sizes.items()}
     inputs = {}
-    for name, decl in kernel.layer.tensors.items():
-        shape = tuple(sizes[d] for d in decl.dims)
+    for name, decl in graph.layer.tensors.items():
+        shape = tuple(math.prod(sizes[name] for name in dim_names(d)) for d in decl.dims)
         inputs[name] = (_labels(shape, sizes[decl.classes], label_variant) if isinstance(decl, Labels)
                         else _symbols(name, shape))
     values = evaluate(graph, size_subs, inputs)
     out = values[graph.output]
     upstream = _symbols(f"d{graph.output.name}", out.shape)
     objective = sp.Add(*[u * o for u, o in zip(upstream.flat, out.flat)])
+    return size_subs, inputs, values, upstream, objective
+
+
+def prove_steps(graph: Graph, sizes: dict[str, int], label_variant: int = 0) -> Proof:
+    """Check the step-by-step backward (the rule table, walked) against the element-wise derivative."""
+    from .stepwise import evaluate_steps
+
+    start = time.perf_counter()
+    size_subs, inputs, values, upstream, objective = concrete(graph, sizes, label_variant)
+    grads = evaluate_steps(graph, values, upstream, size_subs)
+    checked = 0
+    for name in graph.layer.differentiable:
+        x, g = inputs[name], grads.get(graph.inputs[name])
+        for idx in itertools.product(*[range(s) for s in x.shape]):
+            ours = sp.S.Zero if g is None else g[idx]
+            if not _equal(sp.diff(objective, x[idx]), ours):
+                raise ProofFailure(f"{graph.layer.name}: step-by-step d{name}{list(idx)} at sizes {sizes} differs "
+                                   f"from the element-wise derivative")
+            checked += 1
+    return Proof(graph.layer.name, dict(sizes), [f"d{n}" for n in graph.layer.differentiable], checked,
+                 time.perf_counter() - start)
+
+
+def prove(kernel: Kernel, sizes: dict[str, int], label_variant: int = 0) -> Proof:
+    """Check every fused gradient of ``kernel`` at ``sizes`` against the element-wise derivative."""
+    start = time.perf_counter()
+    graph = kernel.graph
+    size_subs, inputs, values, upstream, objective = concrete(graph, sizes, label_variant)
     values_with_grad = dict(values)
     labels = {n: inputs[n] for n, d in kernel.layer.tensors.items() if isinstance(d, Labels)}
     grad_node = Node("input", (), graph.output.shape, name=f"d{graph.output.name}")

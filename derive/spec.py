@@ -8,8 +8,9 @@ Contract for a spec::
         return out
 
 * every parameter of the function is declared, and every declaration names a parameter;
-* ``Tensor(*dims)`` is a floating-point input; dims are names, the same name means the same size;
-  ``differentiable=False`` excludes it from the backward;
+* ``Tensor(*dims)`` is a floating-point input; dims are names, the same name means the same size,
+  a product of names (``"t*e"``) is the size of a flattened axis, ``"1"`` an axis of size 1; ``differentiable=False
+  excludes it from the backward;
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
 * ``Constant(default)`` is a Python number fixed for the call (``eps``);
 * the function returns one tensor. Run on real tensors it is the autograd reference.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import keyword
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -67,6 +69,8 @@ class Layer:
     module: str = ""
     source_file: str = ""
     doc: str = field(default="")
+    example: Callable | None = None  # example_inputs(sizes, dtype) -> inputs; random normal when None
+    fused: bool = True  # also derive a fused kernel (False: step-by-step backward only)
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -89,9 +93,18 @@ class Layer:
         seen: list[str] = []
         for decl in self.tensors.values():
             for d in (*decl.dims, *([decl.classes] if isinstance(decl, Labels) else [])):
-                if d not in seen:
-                    seen.append(d)
+                for name in dim_names(d):
+                    if name not in seen:
+                        seen.append(name)
         return seen
+
+
+DIM = re.compile(r"^([A-Za-z_]\w*(\*[A-Za-z_]\w*)*|1)$")
+
+
+def dim_names(dim: str) -> list[str]:
+    """The names a dimension is made of: ``"t*e"`` -> ``["t", "e"]``; ``"1"`` (a broadcast axis) -> ``[]``."""
+    return [] if dim == "1" else dim.split("*")
 
 
 def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
@@ -109,9 +122,9 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
             raise SpecError(name, f"input {p!r} is declared as {decl!r}",
                             "use Tensor(...), Labels(...) or Constant(...)")
         if isinstance(decl, (Tensor, Labels)):
-            if not decl.dims or not all(isinstance(d, str) and d.isidentifier() for d in decl.dims):
+            if not decl.dims or not all(isinstance(d, str) and DIM.match(d) for d in decl.dims):
                 raise SpecError(name, f"input {p!r} has dims {decl.dims!r}",
-                                "give each dimension a name, e.g. Tensor('n', 'd')")
+                                "give each dimension a name, e.g. Tensor('n', 'd') (or a product, 't*e')")
             if len(set(decl.dims)) != len(decl.dims):
                 raise SpecError(name, f"input {p!r} uses a dimension name twice: {decl.dims!r}",
                                 "give every axis of one tensor its own dimension name")

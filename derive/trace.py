@@ -14,7 +14,7 @@ import sympy as sp
 import torch
 
 from .errors import TraceError
-from .spec import Constant, Labels, Layer
+from .spec import Constant, Labels, Layer, dim_names
 
 UNARY = ("exp", "log", "tanh")
 BINARY = ("add", "sub", "mul", "div", "pow")
@@ -95,6 +95,10 @@ class Tracer:
         self.dims = {s: Dim(s, t) for t, s in self.tokens.items()}
         self.code = layer.fn.__code__
 
+    def size(self, dim: str) -> sp.Expr:
+        """The symbolic size of a declared dimension (``"t*e"`` is a product)."""
+        return sp.Mul(*[self.sizes[name] for name in dim_names(dim)])
+
     # -- errors and source positions -------------------------------------------------------
     def where(self) -> tuple[int, str]:
         frame = sys._getframe()
@@ -144,7 +148,7 @@ class Tracer:
             if isinstance(decl, Constant):
                 args.append(sp.Symbol(name, positive=True) if decl.default > 0 else sp.Symbol(name, real=True))
                 continue
-            shape = tuple(self.sizes[d] for d in decl.dims)
+            shape = tuple(self.size(d) for d in decl.dims)
             op = "labels" if isinstance(decl, Labels) else "input"
             attrs = {"classes": self.sizes[decl.classes]} if isinstance(decl, Labels) else {}
             t = self.record(op, (), shape, **attrs)
@@ -168,6 +172,11 @@ class Tracer:
             raise TraceError(self.layer.name, f"the forward returns {type(result).__name__}",
                              "return the layer's output tensor")
         self.name_nodes(local_names, result.node)
+        for node in self.nodes:
+            if node.name in self.sizes and node.op not in ("input", "labels"):
+                raise TraceError(self.layer.name, f"the variable {node.name!r} has the name of a dimension",
+                                 f"rename the dimension {node.name!r} in the declaration (generated code keeps "
+                                 f"sizes in variables of their dimension's name)", node.line, node.source)
         used = self.reachable(result.node)
         nodes = [n for n in self.nodes if n in used or n.op in ("input", "labels")]
         return Graph(self.layer, inputs, nodes, result.node, self.sizes, constants)
@@ -301,6 +310,11 @@ class SymTensor:
     # -- indexing ----------------------------------------------------------------------------
     def __getitem__(self, key):
         t = self._tracer
+        if isinstance(key, SymTensor) and key.node.op == "labels":
+            if key.node.attrs["classes"] != self.node.shape[0]:
+                t.fail("an embedding lookup whose index classes differ from the table's rows",
+                       "declare the index tensor's classes as the table's first dimension")
+            return t.record("embed", (self.node, key.node), key.node.shape + self.node.shape[1:])
         if isinstance(key, tuple) and len(key) == 2 and self.ndim == 2:
             rows, labels = key
             size = self.node.shape[0]
@@ -320,6 +334,24 @@ class SymTensor:
         if isinstance(rows, torch.Tensor) and rows.ndim == 1:
             return self._tracer.tokens.get(len(rows)) == size
         return False
+
+    # -- reshaping ----------------------------------------------------------------------------
+    def view(self, *shape):
+        t = self._tracer
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        sizes = [s.symbol if isinstance(s, Dim) else sp.sympify(s) if isinstance(s, (int, sp.Expr)) else None
+                 for s in shape]
+        if None in sizes or sum(1 for s in sizes if s == -1) > 1:
+            t.fail(f"view{tuple(shape)!r}", "pass sizes from x.shape, integers, and at most one -1")
+        total = sp.Mul(*self.node.shape)
+        known = sp.Mul(*[s for s in sizes if s != -1])
+        sizes = [sp.simplify(total / known) if s == -1 else s for s in sizes]
+        if sp.simplify(sp.Mul(*sizes) - total) != 0:
+            t.fail(f"view to {tuple(sizes)} of a tensor of shape {self.node.shape}", "keep the number of elements")
+        return t.record("view", (self.node,), tuple(sizes))
+
+    reshape = view
 
     # -- everything else is refused clearly ---------------------------------------------------
     @classmethod
@@ -369,7 +401,7 @@ class _MaxResult:
 
 
 SUPPORTED = ("+ - * / with broadcasting, ** with a constant exponent, exp, log, tanh, "
-             "sum/mean/max(dim, keepdim), @, t[range(n), y] with declared Labels")
+             "sum/mean/max(dim, keepdim), @, view/reshape, t[range(n), y] and table[index] with declared Labels")
 
 
 def trace(layer: Layer) -> Graph:

@@ -6,6 +6,7 @@ The exercise's comparison table: for each gradient, ``exact`` (bitwise equal), `
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from .spec import Constant, Labels, Layer
+from .spec import Constant, Labels, Layer, dim_names
 
 
 @dataclass
@@ -37,7 +38,10 @@ def compare(name: str, ours: torch.Tensor, reference: torch.Tensor) -> Row:
 
 
 def random_inputs(layer: Layer, sizes: dict[str, int], dtype=torch.float64, seed: int = 0) -> dict:
-    """Inputs for ``layer``: floats ~ N(0, 1) (gamma-like ones near 1), labels uniform."""
+    """Inputs for ``layer``: its own example inputs if it has them, else floats ~ N(0, 1) and
+    uniform labels."""
+    if layer.example is not None:
+        return layer.example(sizes, dtype=dtype, seed=seed)
     g = torch.Generator().manual_seed(seed)
     values = {}
     for name, decl in layer.inputs.items():
@@ -47,9 +51,43 @@ def random_inputs(layer: Layer, sizes: dict[str, int], dtype=torch.float64, seed
             shape = tuple(sizes[d] for d in decl.dims)
             values[name] = torch.randint(0, sizes[decl.classes], shape, generator=g)
         else:
-            shape = tuple(sizes[d] for d in decl.dims)
+            shape = tuple(math.prod(sizes[p] for p in dim_names(d)) for d in decl.dims)
             values[name] = torch.randn(shape, generator=g, dtype=dtype)
     return values
+
+
+def autograd_everything(layer: Layer, inputs: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Autograd's gradient of every input and every named intermediate of the spec (``retain_grad``)."""
+    wanted = layer.differentiable
+    leaves = {k: (v.clone().requires_grad_(k in wanted) if isinstance(v, torch.Tensor) else v)
+              for k, v in inputs.items()}
+    local = {}
+
+    def profile(frame, event, arg):
+        if event == "return" and frame.f_code is layer.fn.__code__:
+            local.update(frame.f_locals)
+
+    old = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        out = layer.fn(**leaves)
+    finally:
+        sys.setprofile(old)
+    tensors = {k: v for k, v in local.items() if isinstance(v, torch.Tensor) and v.requires_grad and k not in leaves}
+    for t in tensors.values():
+        t.retain_grad()
+    out.backward(upstream_for(out, seed))
+    return {**{k: leaves[k].grad for k in wanted}, **{k: t.grad for k, t in tensors.items() if t.grad is not None}}
+
+
+def steps_table(layer: Layer, module, sizes: dict[str, int], dtype=torch.float32, seed: int = 0) -> list[Row]:
+    """The exercise's table for a generated step-by-step backward: every intermediate and input."""
+    inputs = random_inputs(layer, sizes, dtype, seed)
+    reference = autograd_everything(layer, inputs, seed)
+    out, cache = module.forward(**inputs)
+    ours = module.backward(cache, upstream_for(out, seed))
+    order = [name for name in reversed(list(cache)) if f"d{name}" in ours and name in reference]
+    return [compare(name, ours[f"d{name}"], reference[name]) for name in order]
 
 
 def upstream_for(out: torch.Tensor, seed: int) -> torch.Tensor:

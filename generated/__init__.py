@@ -1,1 +1,1 @@
-"""Generated fused kernels: one module per layer. Regenerate with `derive generate`."""
+"""Generated backward passes: `<layer>.py` (fused kernel), `<layer>_steps.py` (step by step). Regenerate with `derive generate`."""

@@ -3,7 +3,7 @@ import sympy as sp
 import pytest
 
 from derive.kernel import build
-from derive.layers import BUILTIN, batchnorm, batchnorm_biased, cross_entropy
+from derive.layers import FUSED, batchnorm, batchnorm_biased, cross_entropy
 from derive.symbolic import Red
 
 
@@ -47,7 +47,7 @@ def test_dgamma_and_dbeta_are_column_sums():
     assert shared == {"sum_bnraw_dout": "(bnraw*dout).sum(0, keepdim=True)", "sum_dout": "dout.sum(0, keepdim=True)"}
 
 
-@pytest.mark.parametrize("spec", BUILTIN, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", FUSED, ids=lambda s: s.name)
 def test_generic_sizes_never_fixed(spec):
     k = build(spec)
     for f in k.formulas:

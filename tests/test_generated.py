@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from derive.layers import BUILTIN
+from derive.layers import FUSED
 from derive.verify import accuracy, against_autograd, random_inputs, table
 
 EXERCISE = {"n": 32, "k": 27, "d": 64}
@@ -16,7 +16,7 @@ def generated(layer):
     return getattr(importlib.import_module(f"generated.{layer.name}"), layer.name)
 
 
-@pytest.mark.parametrize("layer", BUILTIN, ids=lambda s: s.name)
+@pytest.mark.parametrize("layer", FUSED, ids=lambda s: s.name)
 def test_gradcheck_float64(layer):
     sizes = {d: 4 + k for k, d in enumerate(layer.dims)}
     inputs = random_inputs(layer, sizes, torch.float64, seed=3)
@@ -27,7 +27,7 @@ def test_gradcheck_float64(layer):
     assert torch.autograd.gradcheck(lambda *a: fn(*a), tuple(tensors))
 
 
-@pytest.mark.parametrize("layer", BUILTIN, ids=lambda s: s.name)
+@pytest.mark.parametrize("layer", FUSED, ids=lambda s: s.name)
 def test_exercise_table_float32(layer, capsys):
     sizes = {d: EXERCISE[d] for d in layer.dims}
     rows = against_autograd(layer, generated(layer), sizes, dtype=torch.float32)
@@ -36,7 +36,7 @@ def test_exercise_table_float32(layer, capsys):
     assert all(r.approximate for r in rows), table(rows)
 
 
-@pytest.mark.parametrize("layer", BUILTIN, ids=lambda s: s.name)
+@pytest.mark.parametrize("layer", FUSED, ids=lambda s: s.name)
 def test_float32_fused_is_as_accurate_as_autograd(layer):
     """Against a float64 reference, the fused float32 gradient errs no more than autograd's chain (2x slack)."""
     sizes = {d: EXERCISE[d] for d in layer.dims}
@@ -45,7 +45,7 @@ def test_float32_fused_is_as_accurate_as_autograd(layer):
             assert fused_error <= 2 * autograd_error + 1e-12, (name, fused_error, autograd_error)
 
 
-@pytest.mark.parametrize("layer", BUILTIN, ids=lambda s: s.name)
+@pytest.mark.parametrize("layer", FUSED, ids=lambda s: s.name)
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(2, 17), other=st.integers(1, 13), seed=st.integers(0, 2**16))
 def test_random_shapes_float64(layer, n, other, seed):
@@ -93,7 +93,7 @@ def test_dtype_mismatch_is_refused():
         generated(batchnorm)(torch.randn(4, 3), torch.ones(3, dtype=torch.float64), torch.zeros(3))
 
 
-@pytest.mark.parametrize("layer", BUILTIN, ids=lambda s: s.name)
+@pytest.mark.parametrize("layer", FUSED, ids=lambda s: s.name)
 def test_bfloat16_runs_and_is_close(layer):
     sizes = {d: 8 + k for k, d in enumerate(layer.dims)}
     rows = against_autograd(layer, generated(layer), sizes, dtype=torch.bfloat16)

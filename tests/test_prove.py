@@ -3,11 +3,11 @@ import pytest
 import sympy as sp
 
 from derive.kernel import build
-from derive.layers import BUILTIN, batchnorm
+from derive.layers import FUSED, batchnorm
 from derive.prove import ProofFailure, default_sizes, prove
 
 
-@pytest.mark.parametrize("spec", BUILTIN, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", FUSED, ids=lambda s: s.name)
 def test_fused_formula_equals_elementwise_derivative(spec):
     kernel = build(spec)
     sizes = default_sizes(kernel)

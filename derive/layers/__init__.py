@@ -12,8 +12,10 @@ from ..errors import SpecError
 from ..spec import Layer
 from .batchnorm import batchnorm, batchnorm_biased
 from .cross_entropy import cross_entropy
+from .makemore_mlp import makemore_mlp
 
-BUILTIN: list[Layer] = [cross_entropy, batchnorm, batchnorm_biased]
+BUILTIN: list[Layer] = [cross_entropy, batchnorm, batchnorm_biased, makemore_mlp]
+FUSED: list[Layer] = [layer for layer in BUILTIN if layer.fused]
 
 
 def by_name(name: str) -> Layer:

@@ -1,0 +1,72 @@
+"""The generated step-by-step backward: the exercise's table, and equal to the fused form."""
+import importlib
+
+import pytest
+import torch
+
+from derive.layers import FUSED, makemore_mlp
+from derive.layers.makemore_mlp import EXERCISE_SIZES
+from derive.prove import prove_steps
+from derive.trace import trace
+from derive.verify import against_autograd, random_inputs, steps_table, table, upstream_for
+
+GENERATED = "generated"
+
+
+def steps(layer):
+    return importlib.import_module(f"{GENERATED}.{layer.name}_steps")
+
+
+def test_makemore_table_float32():
+    rows = steps_table(makemore_mlp, steps(makemore_mlp), EXERCISE_SIZES, torch.float32)
+    print("\n" + table(rows))
+    names = [r.name for r in rows]
+    # every intermediate of the exercise, dlogprobs down to dC, and every parameter
+    for name in ["logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes",
+                 "logits", "h", "W2", "b2", "hpreact", "bngain", "bnbias", "bnraw", "bnvar_inv", "bnvar",
+                 "bndiff2", "bndiff", "bnmeani", "hprebn", "embcat", "W1", "b1", "emb", "C"]:
+        assert name in names
+    assert all(r.approximate for r in rows), table(rows)
+
+
+def test_makemore_float64_maxdiff():
+    inputs64 = {k: v.double() if v.is_floating_point() else v
+                for k, v in random_inputs(makemore_mlp, EXERCISE_SIZES, torch.float32).items()}
+    rows = steps_table(makemore_mlp, steps(makemore_mlp), EXERCISE_SIZES, torch.float64)
+    assert len(rows) >= 26 and max(r.maxdiff for r in rows) < 1e-12, table(rows)
+    assert inputs64["C"].dtype == torch.float64
+
+
+def test_embedding_gradient_is_vectorized_and_every_line_commented():
+    source = importlib.import_module(f"{GENERATED}.makemore_mlp_steps").__file__
+    text = open(source).read()
+    backward = text[text.index("def backward"):]
+    assert "index_add_" in backward and "for " not in backward.split('"""')[2]
+    body = [line for line in backward.splitlines() if line.startswith("    d") and " = " in line]
+    assert body and all("# grad of: " in line for line in body)
+
+
+@pytest.mark.parametrize("layer", FUSED, ids=lambda s: s.name)
+def test_step_by_step_equals_elementwise_derivative_symbolically(layer):
+    # The fused formula is proven against the same element-wise derivative (test_prove.py),
+    # so the two forms are equal at these sizes.
+    for n in (2, 3):
+        sizes = {d: (n if k == 0 else 2) for k, d in enumerate(layer.dims)}
+        prove_steps(trace(layer), sizes)
+
+
+@pytest.mark.parametrize("layer", FUSED, ids=lambda s: s.name)
+def test_step_by_step_equals_fused_numerically(layer):
+    sizes = {"n": 32, "k": 27, "d": 64}
+    sizes = {d: sizes[d] for d in layer.dims}
+    inputs = random_inputs(layer, sizes, torch.float64, seed=5)
+    out, cache = steps(layer).forward(**inputs)
+    ours = steps(layer).backward(cache, upstream_for(out, 5))
+    fused = getattr(importlib.import_module(f"{GENERATED}.{layer.name}"), layer.name)
+    leaves = {k: (v.clone().requires_grad_(k in layer.differentiable) if isinstance(v, torch.Tensor) else v)
+              for k, v in inputs.items()}
+    fused_out = fused(**leaves)
+    fused_out.backward(upstream_for(fused_out, 5))
+    for name in layer.differentiable:
+        assert torch.allclose(ours[f"d{name}"], leaves[name].grad, rtol=1e-12, atol=1e-14)
+    assert against_autograd(layer, fused, sizes)[0].maxdiff < 1e-12
