@@ -55,7 +55,7 @@ def forward_lines(graph: Graph, printer) -> list[tuple[str, str]]:
         if node.op in ("input", "labels"):
             continue
         source = node.source.split("#")[0].strip()
-        comment = f"spec line {node.line}: {source}" if source else ""
+        comment = f"{node.within or 'spec'} line {node.line}: {source}" if source else ""
         out.append((f"{node.name} = {line(node, printer)}", comment))
     return out
 

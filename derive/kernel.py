@@ -142,6 +142,16 @@ def _divisors(exprs: list[sp.Expr], sizes: set) -> set:
     return out
 
 
+_BUILT: dict[int, Kernel] = {}
+
+
+def build_cached(layer: Layer) -> Kernel:
+    """``build(layer)``, once per layer object in this process."""
+    if id(layer) not in _BUILT:
+        _BUILT[id(layer)] = build(layer)
+    return _BUILT[id(layer)]
+
+
 def build(layer: Layer) -> Kernel:
     start = time.perf_counter()
     graph = trace(layer)
@@ -154,34 +164,13 @@ def build(layer: Layer) -> Kernel:
         formulas.append(Formula(node.name, order.index(node.name), element))
 
     frame_dims = [graph.sizes[d] for d in layer.dims]
-    names = {s: str(s) for s in graph.sizes.values()}
     shapes = _shapes(graph)
-    bound = set().union(*[{r.index for r in reductions(f.element)} for f in formulas]) if formulas else set()
-    replacements, reduced = sp.cse([f.element for f in formulas], symbols=sp.numbered_symbols("_cse"),
-                                   ignore=tuple(bound), order="none")
-    taken = {n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes} | set(names.values())
-    rename = dict(zip([s for s, _ in replacements], map(sp.Symbol, _shared_names([v for _, v in replacements], taken))))
-    replacements = [(rename[s], v.xreplace(rename)) for s, v in replacements]
-    reduced = [r.xreplace(rename) for r in reduced]
     free_slots = {el.index[s]: k for k, s in enumerate(frame_dims)}
-    shared = []
-    for symbol, value in replacements:
-        shapes[str(symbol)] = tuple(s if el.index[s] in value.free_symbols else 1 for s in frame_dims)
-        printer = KernelPrinter(Frame(frame_dims, free_slots), shapes, names)
-        users = [f.position for f, r in zip(formulas, reduced) if symbol in r.free_symbols]
-        shared.append(Shared(str(symbol), printer.doprint(value), value, users))
-    # a temporary read by another temporary is needed wherever that one is
-    for later in reversed(shared):
-        for earlier in shared:
-            if sp.Symbol(earlier.name) in later.element.free_symbols:  # noqa: SIM102
-                earlier.users = sorted(set(earlier.users) | set(later.users))
-    for f, r in zip(formulas, reduced):
-        try:
-            code = KernelPrinter(Frame(frame_dims, free_slots), shapes, names).doprint(r)
-        except DerivationError as e:
-            raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix) from None
-        f.code = _fit(code, f.element, f.input, layer, el, frame_dims)
-        f.needs = [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols]
+    shared, codes = print_formulas(layer, el, formulas, frame_dims, shapes,
+                                   taken={n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes})
+    for f, (code, needs) in zip(formulas, codes):
+        f.code, f.needs = code, needs
+    names = {s: str(s) for s in graph.sizes.values()}
 
     read = set()
     for expr in [f.element for f in formulas]:
@@ -197,14 +186,62 @@ def build(layer: Layer) -> Kernel:
                   time.perf_counter() - start)
 
 
-def _fit(code: str, expr: sp.Expr, name: str, layer: Layer, el: Elements, frame_dims) -> str:
+def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_dims: list, shapes: dict,
+                   taken: set, rename: dict[str, str] | None = None, sizes: dict | None = None):
+    """Print ``formulas`` as torch code, with shared subexpressions (``cse``) as named temporaries.
+
+    ``rename`` maps tensor names and ``sizes`` maps size symbols, so the same derived formulas can
+    be printed in a caller's names (a batchnorm inside a model reads ``bngain``, ``dhpreact``,
+    ``hidden``). Returns ``(shared temporaries, [(code, temporaries read)] per formula)``.
+    """
+    rename, sizes = rename or {}, sizes or {}
+    bases = {b: sp.IndexedBase(rename.get(str(b), str(b)), **b.assumptions0)
+             for f in formulas for b in f.element.atoms(sp.IndexedBase)}
+    symbols = {sp.Symbol(k, **v.assumptions0): sp.Symbol(rename[k], **v.assumptions0)
+               for f in formulas for v in f.element.free_symbols if isinstance(v, sp.Symbol) and (k := v.name) in rename}
+    mapping = {**bases, **symbols, **sizes}
+    elements = [f.element.xreplace(mapping) for f in formulas]
+    frame = [sp.sympify(s).xreplace(sizes) for s in frame_dims]
+    index = {s.xreplace(sizes): el.index[s].xreplace(sizes) for s in frame_dims}
+    shapes = dict(shapes)
+    names = {s: sp.pycode(s) for s in frame}
+    bound = set().union(*[{r.index for r in reductions(e)} for e in elements]) if elements else set()
+    replacements, reduced = sp.cse(elements, symbols=sp.numbered_symbols("_cse"), ignore=tuple(bound), order="none")
+    taken = set(taken) | set(names.values())
+    fresh = dict(zip([s for s, _ in replacements], map(sp.Symbol, _shared_names([v for _, v in replacements], taken))))
+    replacements = [(fresh[s], v.xreplace(fresh)) for s, v in replacements]
+    reduced = [r.xreplace(fresh) for r in reduced]
+    slots = {index[s]: k for k, s in enumerate(frame)}
+    shared = []
+    for symbol, value in replacements:
+        shapes[str(symbol)] = tuple(s if index[s] in value.free_symbols else 1 for s in frame)
+        users = [f.position for f, r in zip(formulas, reduced) if symbol in r.free_symbols]
+        shared.append(Shared(str(symbol), KernelPrinter(Frame(frame, slots), shapes, names).doprint(value), value, users))
+    # a temporary read by another temporary is needed wherever that one is
+    for later in reversed(shared):
+        for earlier in shared:
+            if sp.Symbol(earlier.name) in later.element.free_symbols:
+                earlier.users = sorted(set(earlier.users) | set(later.users))
+    codes = []
+    for f, element, r in zip(formulas, elements, reduced):
+        try:
+            code = KernelPrinter(Frame(frame, slots), shapes, names).doprint(r)
+        except DerivationError as e:
+            raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix) from None
+        dims = [sp.pycode(sp.Mul(*[sp.Symbol(p, integer=True, positive=True) for p in d.split("*")]).xreplace(sizes))
+                for d in layer.tensors[f.input].dims]
+        code = _fit(code, element, f.input, layer, index, frame, dims)
+        codes.append((code, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols]))
+    return shared, codes
+
+
+def _fit(code: str, expr: sp.Expr, name: str, layer: Layer, index: dict, frame_dims: list, dims: list[str]) -> str:
     """Make the frame-shaped gradient the input's shape (``(1, d)`` -> ``(d,)``, broadcast -> full)."""
-    dims = list(layer.tensors[name].dims)
-    frame = [str(s) for s in frame_dims]
+    frame = [sp.pycode(s) for s in frame_dims]
     if [d for d in frame if d in dims] != dims:
         raise DerivationError(layer.name, f"{name}'s dimensions {dims} are not in the order {frame}",
                               "declare every input's dimensions in one consistent order")
-    varying = {str(s) for s in frame_dims if el.index[s] in expr.free_symbols}
+    varying = {sp.pycode(s) for s in frame_dims if index[s] in expr.free_symbols}
     wrapped = code if sp.Symbol(code).name == code and code.isidentifier() else f"({code})"
     if not set(dims) <= varying:
         layout = [d if d in dims else "1" for d in frame]

@@ -73,6 +73,11 @@ class Layer:
     fused: bool = True  # also derive a fused kernel (False: step-by-step backward only)
 
     def __call__(self, *args, **kwargs):
+        """Run the forward on real tensors; inside another spec being traced, record a call."""
+        for value in (*args, *kwargs.values()):
+            tracer = getattr(value, "_tracer", None)
+            if tracer is not None:
+                return tracer.call(self, args, kwargs)
         return self.fn(*args, **kwargs)
 
     @property

@@ -39,12 +39,21 @@ def needs_gradient(graph: Graph) -> set:
     return needed
 
 
-def walk(graph: Graph, ops, value, shape_of, seed, accumulate) -> dict:
-    """Reverse mode over ``graph``; returns ``{node: gradient}`` as the interpreter represents it."""
+def walk(graph: Graph, ops, value, shape_of, seed, accumulate, fused=None) -> dict:
+    """Reverse mode over ``graph``; returns ``{node: gradient}`` as the interpreter represents it.
+
+    ``fused(region, grad)`` (optional) gives, for a called layer with a fused kernel, the
+    contribution to each of its arguments at once; the region's interior is then not walked.
+    """
     needed = needs_gradient(graph)
     grads = {graph.output: seed}
+    regions = {r.output: r for r in graph.regions if r.layer.fused} if fused else {}
     for node in reversed(graph.nodes):
         if node not in grads or node.op in ("input", "labels"):
+            continue
+        if node in regions:
+            for arg, part in fused(regions[node], grads[node], needed).items():
+                grads[arg] = accumulate(arg, grads.get(arg), part, node)
             continue
         rule = RULES.get(node.op)
         if rule is None:
@@ -71,17 +80,28 @@ class Line:
 
 
 def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
-    """The step-by-step backward as code lines, and the gradient variable of each node."""
+    """The step-by-step backward as code lines, and the gradient variable of each node.
+
+    A call of a layer that has a fused kernel (``hpreact = batchnorm(hprebn, ...)``) becomes that
+    kernel's formulas, in the caller's names; everything else follows the rule table.
+    """
     lines: list[Line] = []
     ops = CodeOps()
 
+    def fused(region, grad, needed):
+        return _fused_region(graph, region, grad, needed, lines)
+
     def value(node):
         return Code(node.name, shape=node.shape)
+
+    called = {r.output: r for r in graph.regions if r.layer.fused}
 
     def accumulate(node, current, part, origin):
         name = f"d{node.name}"
         source = origin.source.split("#")[0].strip()
         comment = f"grad of: {source}" if source else f"grad of {origin.name}"
+        if origin in called:
+            comment = f"fused {called[origin].layer.name} kernel, grad of: {called[origin].source}"
         if current is None:
             lines.append(Line(f"{name} = {part}", comment))
         else:
@@ -89,8 +109,37 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
         return Code(name, shape=node.shape)
 
     seed = Code(f"d{graph.output.name}", shape=graph.output.shape)
-    grads = walk(graph, ops, value, lambda n: n.shape, seed, accumulate)
+    grads = walk(graph, ops, value, lambda n: n.shape, seed, accumulate, fused)
     return lines, {node: str(g) for node, g in grads.items()}
+
+
+def _fused_region(graph: Graph, region, grad, needed: set, lines: list[Line]) -> dict:
+    """The fused kernel of ``region.layer``, printed in the caller's names, as contributions."""
+    from .kernel import build_cached, print_formulas
+
+    kernel = build_cached(region.layer)
+    inner = [n for n in kernel.graph.nodes if n.op not in ("input", "labels")]
+    if len(inner) != len(region.nodes):
+        raise DerivationError(graph.layer.name, f"the call of {region.layer.name!r} traced differently inside "
+                              f"the spec", "call the layer with tensors of its declared shapes")
+    rename = {a.name: b.name for a, b in zip(inner, region.nodes)}
+    rename[f"d{kernel.graph.output.name}"] = str(grad)
+    sizes = {kernel.graph.sizes[d]: size for d, size in region.sizes.items() if d in kernel.graph.sizes}
+    for name, arg in region.arguments.items():
+        if isinstance(arg, Node):
+            rename[name] = arg.name
+        elif name in kernel.graph.constants:
+            sizes[kernel.graph.constants[name]] = arg
+    shapes = {n.name: n.shape for n in graph.nodes}
+    shapes[str(grad)] = region.output.shape
+    wanted = [f for f in kernel.formulas if region.arguments[f.input] in needed]
+    taken = {n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes} | {line.code.split(" =")[0] for line in lines}
+    frame = [kernel.graph.sizes[d] for d in kernel.layer.dims]
+    shared, codes = print_formulas(kernel.layer, kernel.elements, wanted, frame, shapes, taken, rename, sizes)
+    comment = f"fused {region.layer.name} kernel, grad of: {region.source}"
+    for s in shared:
+        lines.append(Line(f"{s.name} = {s.code}", comment))
+    return {region.arguments[f.input]: Code(code, prec=0) for f, (code, _) in zip(wanted, codes)}
 
 
 def evaluate_steps(graph: Graph, values: dict, seed: np.ndarray, sizes: dict) -> dict:

@@ -7,6 +7,7 @@ function returns, the name of the local variable it was assigned to (``bnmeani``
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ class Node:
     source: str = ""
     name: str = ""
     named: bool = False  # the spec assigned it to a variable (not an automatic t<k> temporary)
+    within: str = ""  # the called layer whose line this is ("" for the spec itself)
 
     def __repr__(self):
         return f"Node({self.name or '?'} = {self.op})"
@@ -37,6 +39,19 @@ class Node:
     @property
     def inputs(self) -> list["Node"]:
         return [a for a in self.args if isinstance(a, Node)]
+
+
+@dataclass(eq=False)
+class Region:
+    """The nodes recorded while a spec called another layer (``hpreact = batchnorm(hprebn, ...)``)."""
+
+    layer: Layer
+    arguments: dict  # the called layer's parameter -> the caller's Node or scalar
+    nodes: list[Node]
+    output: Node
+    sizes: dict[str, sp.Expr]  # the called layer's dimension -> the caller's size
+    local_names: dict = field(default_factory=dict)
+    source: str = ""  # the caller's line that calls the layer
 
 
 @dataclass
@@ -47,6 +62,7 @@ class Graph:
     output: Node
     sizes: dict[str, sp.Symbol]
     constants: dict[str, sp.Symbol]
+    regions: list[Region] = field(default_factory=list)
 
     def consumers(self, node: Node) -> list[Node]:
         return [m for m in self.nodes if node in m.inputs]
@@ -94,6 +110,8 @@ class Tracer:
         self.tokens = {_TOKEN_BASE + 7 * k: s for k, s in enumerate(self.sizes.values())}
         self.dims = {s: Dim(s, t) for t, s in self.tokens.items()}
         self.code = layer.fn.__code__
+        self.calls: list[Region] = []  # layers being called, innermost last
+        self.regions: list[Region] = []
 
     def size(self, dim: str) -> sp.Expr:
         """The symbolic size of a declared dimension (``"t*e"`` is a product)."""
@@ -101,8 +119,10 @@ class Tracer:
 
     # -- errors and source positions -------------------------------------------------------
     def where(self) -> tuple[int, str]:
+        """Line and source of the innermost spec frame (a called layer's own line, when inside one)."""
+        codes = {self.code} | {r.layer.fn.__code__ for r in self.calls}
         frame = sys._getframe()
-        while frame is not None and frame.f_code is not self.code:
+        while frame is not None and frame.f_code not in codes:
             frame = frame.f_back
         if frame is None:
             return 0, ""
@@ -116,7 +136,8 @@ class Tracer:
     # -- recording ---------------------------------------------------------------------------
     def record(self, op, args, shape, **attrs) -> "SymTensor":
         line, source = self.where()
-        node = Node(op, tuple(args), tuple(shape), attrs, line, source)
+        node = Node(op, tuple(args), tuple(shape), attrs, line, source,
+                    within=self.calls[-1].layer.name if self.calls else "")
         self.nodes.append(node)
         return SymTensor(self, node)
 
@@ -159,8 +180,12 @@ class Tracer:
         local_names = {}
 
         def profile(frame, event, arg):
-            if event == "return" and frame.f_code is self.code:
+            if event != "return":
+                return
+            if frame.f_code is self.code:
                 local_names.update(frame.f_locals)
+            elif self.calls and frame.f_code is self.calls[-1].layer.fn.__code__:
+                self.calls[-1].local_names.update(frame.f_locals)
 
         old = sys.getprofile()
         sys.setprofile(profile)
@@ -171,7 +196,7 @@ class Tracer:
         if not isinstance(result, SymTensor):
             raise TraceError(self.layer.name, f"the forward returns {type(result).__name__}",
                              "return the layer's output tensor")
-        self.name_nodes(local_names, result.node)
+        self.name_nodes(local_names, result.node, self.regions)
         for node in self.nodes:
             if node.name in self.sizes and node.op not in ("input", "labels"):
                 raise TraceError(self.layer.name, f"the variable {node.name!r} has the name of a dimension",
@@ -179,12 +204,62 @@ class Tracer:
                                  f"sizes in variables of their dimension's name)", node.line, node.source)
         used = self.reachable(result.node)
         nodes = [n for n in self.nodes if n in used or n.op in ("input", "labels")]
-        return Graph(self.layer, inputs, nodes, result.node, self.sizes, constants)
+        for region in self.regions:
+            region.nodes = [n for n in region.nodes if n in used]
+        return Graph(self.layer, inputs, nodes, result.node, self.sizes, constants, self.regions)
 
-    def name_nodes(self, local_names: dict, output: Node) -> None:
+    def call(self, layer: Layer, args: tuple, kwargs: dict) -> "SymTensor":
+        """A spec calls another layer: record its operations inline, as a region."""
+        try:
+            bound = inspect.signature(layer.fn).bind(*args, **kwargs)
+        except TypeError as e:
+            self.fail(f"calling layer {layer.name!r}: {e}", f"pass {', '.join(layer.inputs)}")
+        bound.apply_defaults()
+        sizes: dict[str, sp.Expr] = {}
+        for name, decl in layer.tensors.items():
+            value = bound.arguments[name]
+            if not isinstance(value, SymTensor):
+                self.fail(f"layer {layer.name!r} gets {type(value).__name__} for tensor input {name!r}",
+                          "pass a tensor of the spec")
+            shape = value.node.shape
+            if len(shape) != len(decl.dims):
+                self.fail(f"layer {layer.name!r} expects {name} with {len(decl.dims)} dimension(s) {decl.dims}, "
+                          f"got shape {shape}", "pass a tensor of the declared rank")
+            pairs = list(zip(decl.dims, shape))
+            if isinstance(decl, Labels):
+                pairs.append((decl.classes, value.node.attrs.get("classes")))
+            for dim, size in pairs:
+                if dim_names(dim) == [dim] and sizes.setdefault(dim, size) != size:
+                    self.fail(f"layer {layer.name!r}: dimension {dim!r} is {sizes[dim]} and {size}",
+                              "pass tensors whose sizes agree with the layer's declaration")
+        arguments = {k: v.node if isinstance(v, SymTensor) else self.scalar(v, f"call of {layer.name}")
+                     for k, v in bound.arguments.items()}
+        region = Region(layer, arguments, [], None, sizes, source=self.where()[1].split("#")[0].strip())
+        start = len(self.nodes)
+        self.calls.append(region)
+        try:
+            result = layer.fn(*bound.args, **bound.kwargs)
+        finally:
+            self.calls.pop()
+        region.nodes, region.output = self.nodes[start:], result.node
+        self.regions.append(region)
+        return result
+
+    def name_nodes(self, local_names: dict, output: Node, regions: list[Region] = ()) -> None:
+        """Variable names: the spec's own first, then those inside called layers (never clashing)."""
         for var, value in local_names.items():
             if isinstance(value, SymTensor) and not value.node.name:
                 value.node.name, value.node.named = var, True
+        taken = {n.name for n in self.nodes if n.name} | set(self.sizes)
+        for region in regions:
+            for var, value in region.local_names.items():
+                if isinstance(value, SymTensor) and not value.node.name and value.node in region.nodes:
+                    name, k = var, 1
+                    while name in taken:
+                        k += 1
+                        name = f"{var}_{k}"
+                    value.node.name, value.node.named = name, True
+                    taken.add(name)
         if not output.name:
             output.name = "out"
         taken = {n.name for n in self.nodes if n.name}
