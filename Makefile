@@ -11,7 +11,7 @@ TEX_PACKAGES := texlive-latex-base texlive-latex-recommended latexmk
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,demo]'
 	touch $@
 
 install: $(STAMP)

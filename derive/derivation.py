@@ -233,7 +233,7 @@ def md_code(text: str) -> str:
 
 def _render(kernel: Kernel, fmt: _Format) -> str:
     body = environment().get_template(fmt.template).render(**_context(kernel, fmt)).lstrip("\n")
-    return header(kernel, fmt.comment[0], body, fmt.comment[1]) + body
+    return header(kernel, fmt.comment[0], body, fmt.comment[1], templates=[fmt.template]) + body
 
 
 TEX = _Format("derivation.tex.j2", text=_tex_doc, code=lambda s: r"\texttt{%s}" % tex_text(s), comment=("%", ""))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .codegen import render_function, render_steps
 from .derivation import render_markdown, render_tex
+from .derivation_steps import render_steps_markdown, render_steps_tex
 from .errors import DeriveError
 from .files import is_hand_edited, write_atomic
 from .kernel import Kernel, build
@@ -25,9 +26,14 @@ PACKAGE_INIT = '"""Generated backward passes: `<layer>.py` (fused kernel), `<lay
 
 
 def render(layer: Layer, kernel: Kernel | None = None) -> dict[str, str]:
-    """Relative path -> text of every file generated for ``layer``: its step-by-step backward, and
-    (for a fused layer) its fused kernel and derivation."""
-    files = {f"{layer.name}_steps.py": render_steps(trace(layer))}
+    """Relative path -> text of every file generated for ``layer``: its step-by-step backward and that
+    backward's derivation, and (for a fused layer) its fused kernel and derivation."""
+    graph = trace(layer)
+    files = {
+        f"{layer.name}_steps.py": render_steps(graph),
+        f"derivations/{layer.name}_steps.tex": render_steps_tex(graph),
+        f"derivations/{layer.name}_steps.md": render_steps_markdown(graph),
+    }
     if layer.fused:
         kernel = kernel or build(layer)
         files |= {

@@ -1,6 +1,5 @@
 """Proof on small symbolic matrices, and that the proof can fail."""
 import pytest
-import sympy as sp
 
 from derive.kernel import build
 from derive.layers import FUSED, batchnorm

@@ -14,8 +14,10 @@ from .batchnorm import batchnorm, batchnorm_biased
 from .cross_entropy import cross_entropy
 from .makemore_mlp import makemore_mlp
 from .makemore_model import makemore_model
+from .mlp_parts import embedding, linear, tanh
 
-BUILTIN: list[Layer] = [cross_entropy, batchnorm, batchnorm_biased, makemore_mlp, makemore_model]
+BUILTIN: list[Layer] = [cross_entropy, batchnorm, batchnorm_biased, embedding, linear, tanh,
+                        makemore_mlp, makemore_model]
 FUSED: list[Layer] = [layer for layer in BUILTIN if layer.fused]
 
 

@@ -1,0 +1,595 @@
+"""Benchmark the generated fused kernels against native PyTorch, autograd through the chunked
+spec, and a memory-bound floor: forward + backward time and peak memory, float32, on CPU.
+
+    PYTHONPATH=. .venv/bin/python scripts/bench.py [--quick] [--repeat N] [--json PATH]
+                                                    [--markdown PATH] [--plot PATH]
+
+Columns, for each layer and size:
+
+  generated      the generated ``torch.autograd.Function`` (``generated/<layer>.py``)
+  native         the native torch op with autograd: ``F.cross_entropy(logits, y)``,
+                 ``F.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-5)`` for the
+                 biased batchnorm. Bessel-corrected batchnorm has no native op: its column is
+                 ``n/a`` and its peer is the spec-autograd column.
+  spec_autograd  autograd through the chunked spec (``derive.layers.<layer>.fn``)
+  floor          a memory-bound floor: ``torch.empty_like(src).copy_(src)``, with ``src`` sized so
+                 the copy moves (reads + writes) the bytes a forward + backward must move at least
+                 (see ``floor_traffic_bytes``).
+
+Method (see ``measure``): inputs are made once per configuration; each column is run once and its
+output and gradients checked against the peer (so that we time the same computation), warmed up,
+then the columns are sampled interleaved (a, b, c, d, a, b, c, d, ...) ``--repeat`` times so that
+drift (thermal, other processes, allocator state) hits every column equally. Each sample times
+one or more forward + backward calls with ``time.perf_counter`` (more than one when a call is
+shorter than ``--min-sample-ms``, to stay far above the timer's resolution and overhead), with
+Python's garbage collector off; the gradients of the previous call are dropped outside the timed
+region. Reported times are medians over the samples; ratios are medians of the per-repetition
+ratios (paired, because the columns of one repetition ran back to back).
+
+Peak memory: ``tracemalloc`` does not see torch's allocations, and CPU torch has no
+``max_memory_allocated``. We use ``torch.profiler`` with ``profile_memory=True``, which records every
+allocation and free of torch's CPU allocator with its time stamp, over one extra (untimed)
+forward + backward per column, and take the running sum of those events: ``peak`` is its maximum
+(bytes allocated above what existed before the call: the inputs are not counted; the gradients
+the call leaves in ``.grad`` are), ``held`` its value at the start of the backward (outputs plus
+tensors saved for backward: the activation memory a training step keeps between the passes).
+Unlike a sum of the sizes of saved tensors, this also sees the transient temporaries inside the
+forward and the backward, which is what the peak is made of.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+from derive.layers import batchnorm as spec_batchnorm  # noqa: E402
+from derive.layers import batchnorm_biased as spec_batchnorm_biased  # noqa: E402
+from derive.layers import cross_entropy as spec_cross_entropy  # noqa: E402
+from generated.batchnorm import batchnorm as gen_batchnorm  # noqa: E402
+from generated.batchnorm_biased import batchnorm_biased as gen_batchnorm_biased  # noqa: E402
+from generated.cross_entropy import cross_entropy as gen_cross_entropy  # noqa: E402
+
+DTYPE = torch.float32
+EPS = 1e-5
+COLUMNS = ("generated", "native", "spec_autograd", "floor")
+CE_SIZES = [(32, 27), (4096, 1024), (8192, 32000)]
+BN_SIZES = [(32, 64), (4096, 1024), (65536, 512)]
+GiB = 1024**3
+MiB = 1024**2
+BACKWARD_MARK = "bench::backward"
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers: inputs, the four columns, the floor's traffic.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Bench:
+    layer: str
+    dims: tuple[str, str]
+    sizes: list[tuple[int, int]]
+    make_inputs: Callable          # (n, m, seed) -> dict of tensors (leaves, upstream gradient)
+    generated: Callable            # (inputs) -> output
+    native: Callable | None        # (inputs) -> output, None when torch has no such op
+    native_op: str | None
+    spec: Callable                 # (inputs) -> output
+    grads: tuple[str, ...]         # the leaves whose gradients the backward computes
+    floor_traffic: Callable        # (n, m) -> (bytes, explanation)
+    peak_estimate: float           # a guess of the peak, in multiples of one n x m tensor, used
+    #                                only to skip a size before any of it has been measured
+    notes: list[str] = field(default_factory=list)
+
+
+def ce_inputs(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=g, dtype=DTYPE).requires_grad_()
+    y = torch.randint(0, k, (n,), generator=g)
+    return {"logits": logits, "y": y, "dout": None}
+
+
+def bn_inputs(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=DTYPE).mul_(2.0).add_(0.5).requires_grad_()
+    gamma = (1 + 0.1 * torch.randn(d, generator=g, dtype=DTYPE)).requires_grad_()
+    beta = (0.1 * torch.randn(d, generator=g, dtype=DTYPE)).requires_grad_()
+    dout = torch.randn(n, d, generator=g, dtype=DTYPE)  # the upstream gradient, made once
+    return {"x": x, "gamma": gamma, "beta": beta, "dout": dout}
+
+
+def ce_floor(n, k):
+    # Compulsory traffic of forward + backward (the timed quantity), one pass over each full-size
+    # tensor a fused implementation cannot avoid: the forward reads logits (1), the backward reads
+    # logits or one saved n x k tensor (1) and writes dlogits (1): 3 n x k float32 tensors, plus
+    # the labels read in each pass (2 x n int64). The brief's example, "read logits + write
+    # dlogits", is the backward's share (2 of the 3); since the columns are timed forward +
+    # backward, the floor counts the forward's read too, so the ratio to it is not inflated.
+    full = n * k * 4
+    return 3 * full + 2 * n * 8, "3 x (n*k*4): fwd reads logits; bwd reads logits (or saved probs), writes dlogits; + labels"
+
+
+def bn_floor(n, d):
+    # Compulsory traffic of forward + backward: the forward reads x (1) and writes out (1); the
+    # backward reads dout (1), reads x or one saved n x d tensor (1) and writes dx (1): 5 n x d
+    # float32 tensors, plus the d-sized ones (gamma, beta read in the forward, gamma read and
+    # dgamma, dbeta written in the backward). A single pass per tensor is a lower bound: batchnorm
+    # needs its column statistics before it can normalize, so real kernels read x (and dout)
+    # twice unless a column block stays in cache.
+    full = n * d * 4
+    return 5 * full + 5 * d * 4, "5 x (n*d*4): fwd reads x, writes out; bwd reads dout and x (or saved bnraw), writes dx; + d-sized"
+
+
+def _bn_native(i):
+    return F.batch_norm(i["x"], None, None, i["gamma"], i["beta"], training=True, eps=EPS)
+
+
+BENCHES = [
+    Bench(
+        layer="cross_entropy", dims=("n", "k"), sizes=CE_SIZES, make_inputs=ce_inputs,
+        generated=lambda i: gen_cross_entropy(i["logits"], i["y"]),
+        native=lambda i: F.cross_entropy(i["logits"], i["y"]),
+        native_op="F.cross_entropy(logits, y)",
+        spec=lambda i: spec_cross_entropy.fn(i["logits"], i["y"]),
+        grads=("logits",), floor_traffic=ce_floor, peak_estimate=12.0,
+    ),
+    Bench(
+        layer="batchnorm", dims=("n", "d"), sizes=BN_SIZES, make_inputs=bn_inputs,
+        generated=lambda i: gen_batchnorm(i["x"], i["gamma"], i["beta"], EPS),
+        native=None, native_op=None,
+        spec=lambda i: spec_batchnorm.fn(i["x"], i["gamma"], i["beta"], EPS),
+        grads=("x", "gamma", "beta"), floor_traffic=bn_floor, peak_estimate=12.0,
+        notes=["Bessel-corrected variance: torch has no native op; the peer is the spec-autograd column"],
+    ),
+    Bench(
+        layer="batchnorm_biased", dims=("n", "d"), sizes=BN_SIZES, make_inputs=bn_inputs,
+        generated=lambda i: gen_batchnorm_biased(i["x"], i["gamma"], i["beta"], EPS),
+        native=_bn_native,
+        native_op="F.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-5)",
+        spec=lambda i: spec_batchnorm_biased.fn(i["x"], i["gamma"], i["beta"], EPS),
+        grads=("x", "gamma", "beta"), floor_traffic=bn_floor, peak_estimate=12.0,
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps: one forward + backward of a column, as a zero-argument callable.
+# ---------------------------------------------------------------------------------------------
+
+def clear_grads(inputs):
+    for v in inputs.values():
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            v.grad = None
+
+
+def training_step(forward, inputs):
+    dout = inputs["dout"]
+
+    def step():
+        out = forward(inputs)
+        out.backward(dout)  # dout is None for a scalar loss
+
+    return step
+
+
+def floor_step(src):
+    def step():
+        torch.empty_like(src).copy_(src)
+
+    return step
+
+
+def run_and_collect(forward, inputs, grads):
+    """One forward + backward; the output and the gradients, detached copies for the check."""
+    clear_grads(inputs)
+    out = forward(inputs)
+    out.backward(inputs["dout"])
+    result = {"output": out.detach()}
+    result.update({f"d{k}": inputs[k].grad.detach().clone() for k in grads})
+    clear_grads(inputs)
+    return result
+
+
+def max_rel_err(ours, ref):
+    """max |ours - ref| / max |ref|: one number per tensor, scale-free."""
+    scale = ref.abs().max().item()
+    return (ours - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time and memory.
+# ---------------------------------------------------------------------------------------------
+
+def time_calls(step, inputs, number):
+    """Seconds per call, over ``number`` calls; the gradients are dropped outside the timer."""
+    total = 0.0
+    for _ in range(number):
+        if inputs is not None:
+            clear_grads(inputs)
+        t0 = time.perf_counter()
+        step()
+        total += time.perf_counter() - t0
+    return total / number
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """The profiler's C++ side prints start/stop lines to fd 2; keep the report readable."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def memory_of(forward, inputs):
+    """(peak, held) bytes of one forward + backward, from the profiler's allocator events."""
+    clear_grads(inputs)
+    gc.collect()
+    with quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = forward(inputs)
+            with record_function(BACKWARD_MARK):
+                out.backward(inputs["dout"])
+            del out
+    events = prof.profiler.kineto_results.events()
+    mark = min((e.start_ns() for e in events if e.name() == BACKWARD_MARK), default=None)
+    mem = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"), key=lambda t: t[0])
+    running = peak = 0
+    held = None
+    for t, nbytes in mem:
+        if held is None and mark is not None and t >= mark:
+            held = running
+        running += nbytes
+        peak = max(peak, running)
+    clear_grads(inputs)
+    return peak, (held if held is not None else running)
+
+
+def floor_memory(step):
+    gc.collect()
+    with quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    mem = sorted(((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]"), key=lambda t: t[0])
+    running = peak = 0
+    for _, nbytes in mem:
+        running += nbytes
+        peak = max(peak, running)
+    return peak, 0
+
+
+def summary(samples):
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]
+    return {"median_ms": statistics.median(s) * 1e3, "min_ms": s[0] * 1e3,
+            "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3, "samples_ms": [x * 1e3 for x in samples]}
+
+
+def paired_ratio(num, den):
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def mem_available():
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def measure(bench: Bench, n: int, m: int, args, estimate_bytes: float):
+    """Everything about one layer at one size; a dict for the JSON."""
+    shape = f"{n}x{m}"
+    result = {"layer": bench.layer, "size": {bench.dims[0]: n, bench.dims[1]: m}, "shape": shape,
+              "native_op": bench.native_op, "notes": list(bench.notes)}
+    limit = args.max_mem_gib * GiB
+    available = mem_available()
+    if available is not None:
+        limit = min(limit, 0.85 * available)
+    if estimate_bytes > limit:
+        reason = (f"estimated peak {estimate_bytes / GiB:.1f} GiB exceeds the limit {limit / GiB:.1f} GiB "
+                  f"(--max-mem-gib {args.max_mem_gib}, 85% of MemAvailable)")
+        print(f"  SKIP {bench.layer} {shape}: {reason}", flush=True)
+        result.update(status="skipped", reason=reason)
+        return result
+    result["estimated_peak_bytes"] = int(estimate_bytes)
+
+    inputs = bench.make_inputs(n, m, seed=0)
+    traffic, traffic_doc = bench.floor_traffic(n, m)
+    src = torch.randn(max(1, traffic // 8), dtype=DTYPE)  # one float32 copy reads 4 and writes 4 bytes
+    forwards = {"generated": bench.generated, "native": bench.native, "spec_autograd": bench.spec}
+    steps = {name: training_step(f, inputs) for name, f in forwards.items() if f is not None}
+    steps["floor"] = floor_step(src)
+    active = [c for c in COLUMNS if c in steps]
+
+    # 1. Same computation? The generated kernel against the native op (or the spec where there is
+    #    none) and against the spec; this is also each column's first (cold) call.
+    check = {}
+    ours = run_and_collect(bench.generated, inputs, bench.grads)
+    for name in ("native", "spec_autograd"):
+        if forwards[name] is None:
+            continue
+        ref = run_and_collect(forwards[name], inputs, bench.grads)
+        check[name] = {k: max_rel_err(ours[k], ref[k]) for k in ours}
+        del ref
+    del ours
+    steps["floor"]()
+    worst = max(v for c in check.values() for v in c.values())
+    result["check"] = {"max_rel_err": check, "ok": worst <= args.tolerance, "tolerance": args.tolerance}
+    if worst > args.tolerance:
+        print(f"  WARNING {bench.layer} {shape}: generated differs from its peers, max rel err {worst:.2e}",
+              flush=True)
+
+    # 2. Warm-up, and how many calls make one sample (>= --min-sample-ms).
+    number = {}
+    for c in active:
+        t = time_calls(steps[c], None if c == "floor" else inputs, 1)
+        reps = 1
+        while t * reps < 0.05 and reps < 1000:  # warm up for >= 50 ms, a few calls at least
+            t = min(t, time_calls(steps[c], None if c == "floor" else inputs, 1))
+            reps += 1
+        number[c] = max(1, math.ceil(args.min_sample_ms * 1e-3 / max(t, 1e-9)))
+
+    # 3. Interleaved samples.
+    samples = {c: [] for c in active}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(args.repeat):
+            for c in active:
+                samples[c].append(time_calls(steps[c], None if c == "floor" else inputs, number[c]))
+    finally:
+        gc.enable()
+
+    # 4. Memory, one untimed call per column.
+    columns = {}
+    for c in COLUMNS:
+        if c not in steps:
+            columns[c] = None
+            continue
+        if c == "floor":
+            peak, held = floor_memory(steps[c])
+        else:
+            peak, held = memory_of(forwards[c], inputs)
+        columns[c] = {**summary(samples[c]), "calls_per_sample": number[c],
+                      "peak_bytes": int(peak), "held_bytes": int(held)}
+    columns["floor"]["traffic_bytes"] = int(traffic)
+    columns["floor"]["traffic"] = traffic_doc
+    columns["floor"]["effective_GBps"] = traffic / (columns["floor"]["median_ms"] * 1e-3) / 1e9
+
+    gen = samples["generated"]
+    ratios = {
+        "generated_over_native": paired_ratio(gen, samples["native"]) if "native" in samples else None,
+        "generated_over_spec_autograd": paired_ratio(gen, samples["spec_autograd"]),
+        "generated_over_floor": paired_ratio(gen, samples["floor"]),
+    }
+    result.update(status="ok", columns=columns, ratios=ratios,
+                  peer="native" if bench.native is not None else "spec_autograd")
+    del inputs, src, steps
+    gc.collect()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports.
+# ---------------------------------------------------------------------------------------------
+
+def fmt_ms(col):
+    if col is None:
+        return "n/a"
+    v = col["median_ms"]
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
+def fmt_ratio(r):
+    if r is None:
+        return "n/a"
+    return f"{r:.0f}" if r >= 100 else f"{r:.1f}" if r >= 10 else f"{r:.2f}" if r >= 0.1 else f"{r:.3g}"
+
+
+def fmt_bytes(b):
+    if b < MiB:
+        return f"{b / 1024:.1f} KiB"
+    if b < 10 * GiB:
+        return f"{b / MiB:.1f} MiB"
+    return f"{b / GiB:.2f} GiB"
+
+
+def fmt_mem(col):
+    if col is None:
+        return "n/a"
+    return f"{fmt_bytes(col['peak_bytes'])} ({fmt_bytes(col['held_bytes'])})"
+
+
+def markdown(report):
+    env = report["environment"]
+    lines = [
+        f"float32, CPU ({env['cpu']}), torch {env['torch']}, {env['threads']} threads, "
+        f"median of {report['settings']['repeat']} interleaved repetitions, forward + backward.",
+        "",
+        "| layer | size | generated ms | native ms | spec-autograd ms | floor ms | gen/native | gen/spec | gen/floor "
+        "| peak (held) generated | peak (held) native | peak (held) spec-autograd |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['layer']} | {r['shape']} | skipped: {r['reason']} | | | | | | | | | |")
+            continue
+        c, q = r["columns"], r["ratios"]
+        lines.append(
+            f"| {r['layer']} | {r['shape']} | {fmt_ms(c['generated'])} | {fmt_ms(c['native'])} | "
+            f"{fmt_ms(c['spec_autograd'])} | {fmt_ms(c['floor'])} | {fmt_ratio(q['generated_over_native'])} | "
+            f"{fmt_ratio(q['generated_over_spec_autograd'])} | {fmt_ratio(q['generated_over_floor'])} | "
+            f"{fmt_mem(c['generated'])} | {fmt_mem(c['native'])} | {fmt_mem(c['spec_autograd'])} |")
+    lines += [
+        "",
+        "- native: `F.cross_entropy(logits, y)`; `F.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-5)` "
+        "for batchnorm_biased. batchnorm (Bessel's correction) has no native op: n/a, its peer is spec-autograd.",
+        "- floor: `torch.empty_like(src).copy_(src)` moving the bytes forward + backward must move at least "
+        "(cross-entropy 3 n*k float32 tensors, batchnorm 5 n*d; see `floor_traffic_bytes` in the JSON).",
+        "- ratios: median over repetitions of the per-repetition ratio (columns of one repetition ran back to back); "
+        "> 1 means the generated kernel is slower.",
+        "- peak (held): bytes allocated above the inputs during one forward + backward (gradients included), "
+        "and held between forward and backward (outputs + saved tensors), from `torch.profiler` allocator events.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    keys = [("generated_over_native", "generated / native"),
+            ("generated_over_spec_autograd", "generated / spec autograd"),
+            ("generated_over_floor", "generated / memory floor")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ok) + 2), 4.5))
+    width = 0.8 / len(keys)
+    for j, (key, label) in enumerate(keys):
+        xs = [i + (j - 1) * width for i, r in enumerate(ok) if r["ratios"][key] is not None]
+        ys = [r["ratios"][key] for r in ok if r["ratios"][key] is not None]
+        bars = ax.bar(xs, ys, width, label=label)
+        ax.bar_label(bars, labels=[f"{y:.2g}" for y in ys], fontsize=7, padding=1)
+        for i, r in enumerate(ok):
+            if r["ratios"][key] is None:
+                ax.annotate("no native op", (i + (j - 1) * width, 1.0), rotation=90, fontsize=7,
+                            ha="center", va="bottom", xytext=(0, 3), textcoords="offset points")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(ok)), [f"{r['layer']}\n{r['shape']}" for r in ok], fontsize=8)
+    ax.set_ylabel("time ratio, forward + backward (log; < 1: generated faster)")
+    env = report["environment"]
+    ax.set_title(f"Generated fused kernels, float32 CPU, {env['threads']} threads, torch {env['torch']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only the two smaller sizes of each layer")
+    p.add_argument("--repeat", type=int, default=10, help="interleaved repetitions (default 10)")
+    p.add_argument("--json", type=Path, help="write machine-readable results here")
+    p.add_argument("--markdown", type=Path, help="write the Markdown table here")
+    p.add_argument("--plot", type=Path, help="write a PNG bar chart of the ratios here (matplotlib)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores this process may use)")
+    p.add_argument("--min-sample-ms", type=float, default=50.0,
+                   help="a sample repeats short calls until it lasts this long (default 50)")
+    p.add_argument("--max-mem-gib", type=float, default=16.0,
+                   help="skip a configuration whose estimated peak exceeds this (default 16)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="max relative error of the generated kernel against its peers before a warning")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = args.threads or cores
+    torch.set_num_threads(threads)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+           "cpu": cpu_name(), "cores": cores, "threads": torch.get_num_threads(),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    print(f"torch {env['torch']} on {env['cpu']}: torch.set_num_threads({threads}) "
+          f"({cores} cores available), float32, repeat {args.repeat}"
+          + (", quick" if args.quick else ""), flush=True)
+    load = os.getloadavg()[0]
+    env["loadavg_1min_at_start"] = load
+    if load > 0.5:
+        print(f"WARNING: 1-minute load average {load:.2f} before starting: other processes compete for the "
+              f"{cores} cores and the timings will be noisy (each result records the load it ran under)",
+              flush=True)
+
+    started = time.perf_counter()
+    results = []
+    for bench in BENCHES:
+        sizes = bench.sizes[:2] if args.quick else bench.sizes
+        measured = None  # (numel, peak bytes) of the last size measured, to estimate the next
+        for n, m in sizes:
+            numel = n * m
+            inputs_bytes = 2 * numel * 4 + 2 * m * 4  # the leaf and the upstream gradient / labels
+            if measured is None:
+                estimate = inputs_bytes + bench.peak_estimate * numel * 4
+            else:
+                # scale the largest peak measured at the previous size, with a margin; the
+                # check holds one column's output and gradients while another runs: + 2 tensors
+                estimate = inputs_bytes + (1.25 * measured[1] / measured[0] + 2 * 4) * numel
+            t0 = time.perf_counter()
+            load_before = os.getloadavg()[0]
+            print(f"{bench.layer} {n}x{m} ...", end=" ", flush=True)
+            r = measure(bench, n, m, args, estimate)
+            r["wall_s"] = time.perf_counter() - t0
+            r["loadavg_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+            results.append(r)
+            if r["status"] == "ok":
+                peak = max(c["peak_bytes"] for k, c in r["columns"].items() if c is not None and k != "floor")
+                measured = (numel, peak)
+                print(f"{r['wall_s']:.1f} s", flush=True)
+    wall = time.perf_counter() - started
+
+    report = {
+        "settings": {"argv": sys.argv if argv is None else argv, "quick": args.quick, "repeat": args.repeat,
+                     "min_sample_ms": args.min_sample_ms, "max_mem_gib": args.max_mem_gib, "dtype": "float32",
+                     "device": "cpu", "timer": "time.perf_counter",
+                     "memory": "torch.profiler profile_memory=True allocator events: peak and held bytes above the inputs"},
+        "environment": env,
+        "results": results,
+        "wall_s": wall,
+    }
+    table = markdown(report)
+    print()
+    print(table)
+    print(f"wall time {wall:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.plot:
+        try:
+            plot(report, args.plot)
+        except ImportError as e:
+            print(f"--plot: matplotlib is not available ({e}); no plot written", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""scripts/bench.py --quick runs end to end and writes complete, well-formed results.
+
+No assertion on speed: only that every layer and size of the quick set was measured, with
+positive timings and finite ratios, and that the kernels matched their peers numerically.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+QUICK = {
+    "cross_entropy": [{"n": 32, "k": 27}, {"n": 4096, "k": 1024}],
+    "batchnorm": [{"n": 32, "d": 64}, {"n": 4096, "d": 1024}],
+    "batchnorm_biased": [{"n": 32, "d": 64}, {"n": 4096, "d": 1024}],
+}
+NO_NATIVE_OP = {"batchnorm"}  # Bessel's correction: torch has no native op, the peer is the spec
+
+
+def test_quick_benchmark_writes_complete_json(tmp_path):
+    out = tmp_path / "bench.json"
+    table = tmp_path / "bench.md"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--repeat", "3",
+         "--min-sample-ms", "5", "--json", str(out), "--markdown", str(table)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torch.set_num_threads(" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["settings"]["quick"] is True and report["settings"]["repeat"] == 3
+    got = {(r["layer"], tuple(sorted(r["size"].items()))) for r in report["results"]}
+    wanted = {(layer, tuple(sorted(size.items()))) for layer, sizes in QUICK.items() for size in sizes}
+    assert got == wanted
+
+    for r in report["results"]:
+        where = f"{r['layer']} {r['shape']}"
+        assert r["status"] == "ok", where
+        assert r["check"]["ok"], (where, r["check"])
+        for name, col in r["columns"].items():
+            if name == "native" and r["layer"] in NO_NATIVE_OP:
+                assert col is None, where
+                continue
+            assert col is not None, (where, name)
+            assert len(col["samples_ms"]) == 3, (where, name)
+            assert all(t > 0 and math.isfinite(t) for t in col["samples_ms"]), (where, name)
+            assert col["median_ms"] > 0, (where, name)
+            assert col["peak_bytes"] >= 0 and col["held_bytes"] >= 0, (where, name)
+        for name, ratio in r["ratios"].items():
+            if name == "generated_over_native" and r["layer"] in NO_NATIVE_OP:
+                assert ratio is None, where
+                continue
+            assert ratio is not None and math.isfinite(ratio) and ratio > 0, (where, name, ratio)
+
+    text = table.read_text()
+    for layer, sizes in QUICK.items():
+        for size in sizes:
+            assert f"| {layer} | {'x'.join(str(v) for v in size.values())} |" in text
