@@ -68,14 +68,14 @@ class CodeOps:
 
     def argmax_mask(self, a, axis, result):
         if axis == len(a.shape) - 1:
-            return Code(f"F.one_hot({a}.max({axis}).indices, {a}.shape[{axis}])")
+            return Code(f"F.one_hot({a}.max({axis}).indices, {a}.shape[{axis}]).to({a}.dtype)")
         return Code(f"torch.zeros_like({a}).scatter_({axis}, {a}.argmax({axis}, keepdim=True), 1.0)")
 
     def transpose(self, b):
         return Code(f"{b.wrap(ATOM)}.T")
 
     def one_hot(self, labels, table):
-        return Code(f"F.one_hot({labels}, {table}.shape[1])")
+        return Code(f"F.one_hot({labels}, {table}.shape[1]).to({table}.dtype)")
 
     def unsqueeze(self, grad, axis):
         return Code(f"{grad.wrap(ATOM)}.unsqueeze({axis})")

@@ -135,7 +135,7 @@ def render_steps(graph) -> str:
     forward = forward_lines(graph, printer)
     text = " ".join(line.code for line in lines)
     sources = _size_sources(layer)
-    names = [n.name for n in graph.nodes]
+    names = [n.name for n in graph.nodes] + list(layer.constants)
     reads = [n for n in names if re.search(rf"\b{re.escape(n)}\b", text) or n == graph.output.name
              or any(n == tensor for _, tensor in sources)]
     have = {node.name for node in grads}

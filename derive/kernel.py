@@ -17,7 +17,7 @@ from .errors import DerivationError
 from .forward import forward_lines, size_scalars
 from .printer import Frame, KernelPrinter
 from .simplify import closed_form, refold, scalars
-from .spec import Labels, Layer, Tensor
+from .spec import Labels, Layer, Tensor, dim_names
 from .symbolic import Red, reductions
 from .trace import Graph, trace
 
@@ -82,7 +82,7 @@ def _size_sources(layer: Layer) -> list[tuple[str, str]]:
     """Lines that read every size from the first input declaring it: ``n, d = x.shape``."""
     known, out = set(), []
     for name, decl in layer.tensors.items():
-        targets = [d if d not in known and "*" not in d else "_" for d in decl.dims]
+        targets = [d if d not in known and dim_names(d) == [d] else "_" for d in decl.dims]
         if any(t != "_" for t in targets):
             out.append((", ".join(targets) + ("," if len(targets) == 1 else ""), name))
             known.update(t for t in targets if t != "_")
@@ -201,6 +201,7 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
                for f in formulas for v in f.element.free_symbols if isinstance(v, sp.Symbol) and (k := v.name) in rename}
     mapping = {**bases, **symbols, **sizes}
     elements = [f.element.xreplace(mapping) for f in formulas]
+    dtype_of = rename.get(f"d{el.graph.output.name}", f"d{el.graph.output.name}")
     frame = [sp.sympify(s).xreplace(sizes) for s in frame_dims]
     index = {s.xreplace(sizes): el.index[s].xreplace(sizes) for s in frame_dims}
     shapes = dict(shapes)
@@ -216,7 +217,8 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
     for symbol, value in replacements:
         shapes[str(symbol)] = tuple(s if index[s] in value.free_symbols else 1 for s in frame)
         users = [f.position for f, r in zip(formulas, reduced) if symbol in r.free_symbols]
-        shared.append(Shared(str(symbol), KernelPrinter(Frame(frame, slots), shapes, names).doprint(value), value, users))
+        printer = KernelPrinter(Frame(frame, slots), shapes, names, dtype_of)
+        shared.append(Shared(str(symbol), printer.doprint(value), value, users))
     # a temporary read by another temporary is needed wherever that one is
     for later in reversed(shared):
         for earlier in shared:
@@ -225,10 +227,10 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
     codes = []
     for f, element, r in zip(formulas, elements, reduced):
         try:
-            code = KernelPrinter(Frame(frame, slots), shapes, names).doprint(r)
+            code = KernelPrinter(Frame(frame, slots), shapes, names, dtype_of).doprint(r)
         except DerivationError as e:
             raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix) from None
-        dims = [sp.pycode(sp.Mul(*[sp.Symbol(p, integer=True, positive=True) for p in d.split("*")]).xreplace(sizes))
+        dims = [sp.pycode(sp.Mul(*[sp.Symbol(p, integer=True, positive=True) for p in dim_names(d)]).xreplace(sizes))
                 for d in layer.tensors[f.input].dims]
         code = _fit(code, element, f.input, layer, index, frame, dims)
         codes.append((code, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols]))
@@ -238,12 +240,13 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
 def _fit(code: str, expr: sp.Expr, name: str, layer: Layer, index: dict, frame_dims: list, dims: list[str]) -> str:
     """Make the frame-shaped gradient the input's shape (``(1, d)`` -> ``(d,)``, broadcast -> full)."""
     frame = [sp.pycode(s) for s in frame_dims]
-    if [d for d in frame if d in dims] != dims:
+    varying_dims = [d for d in dims if d != "1"]
+    if [d for d in frame if d in varying_dims] != varying_dims:
         raise DerivationError(layer.name, f"{name}'s dimensions {dims} are not in the order {frame}",
                               "declare every input's dimensions in one consistent order")
     varying = {sp.pycode(s) for s in frame_dims if index[s] in expr.free_symbols}
     wrapped = code if sp.Symbol(code).name == code and code.isidentifier() else f"({code})"
-    if not set(dims) <= varying:
+    if not set(varying_dims) <= varying:
         layout = [d if d in dims else "1" for d in frame]
         wrapped = f"{wrapped}.expand({', '.join(layout)})"
     if len(dims) != len(frame):

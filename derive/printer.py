@@ -39,9 +39,12 @@ class Frame:
 class KernelPrinter(TorchPrinter):
     """SymPy's torch printer, plus tensors laid out in a frame, reductions and one-hots."""
 
-    def __init__(self, frame: Frame, shapes: dict[str, tuple], names: dict[sp.Symbol, str]):
+    def __init__(self, frame: Frame, shapes: dict[str, tuple], names: dict[sp.Symbol, str], dtype_of: str = ""):
         super().__init__({"strict": False})
         self.frame = frame
+        # A one-hot is an integer tensor; times a Python number it would become torch's default
+        # dtype, so it is cast to the dtype of this tensor (the upstream gradient).
+        self.dtype_of = dtype_of
         self.shapes = shapes  # tensor name -> its shape in sizes (1 for kept axes)
         self.names = names  # size symbol -> its variable in the generated code
 
@@ -103,7 +106,7 @@ class KernelPrinter(TorchPrinter):
 
     def _print_Red(self, expr):
         frame, axis = self.frame.with_bound(expr.index, expr.body)
-        inner = KernelPrinter(frame, self.shapes, self.names)
+        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
         body = inner._print(expr.body)
         if not body.isidentifier():
             body = f"({body})"
@@ -131,6 +134,8 @@ class KernelPrinter(TorchPrinter):
         name = str(b.base)
         if labels_axes + [axis] == sorted(labels_axes + [axis]) and axis == max(labels_axes + [axis]):
             code = f"F.one_hot({name}, {self._print(extent(a))})"
+            if self.dtype_of:
+                code += f".to({self.dtype_of}.dtype)"
             rank = len(self.frame.dims)
             used = labels_axes + [axis]
             if used == list(range(rank - len(used), rank)):

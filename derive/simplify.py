@@ -68,6 +68,10 @@ def _solve_definition(el: Elements, node: Node, definition: sp.Expr, expr: sp.Ex
             target, symbol = mine[0], plain[mine[0]]
         if not any(e.base == base for e in expr.atoms(sp.Indexed)) and target not in expr.free_symbols:
             continue
+        # Invert only definitions that read the variable once: a unique chain of inverses, fast to
+        # solve (``x`` in ``bnraw = (x - bnmeani)*bnvar_inv``); not ``x + x**3`` or ``tanh(x) * x``.
+        if definition.xreplace(plain).count(symbol) != 1:
+            continue
         value = sp.Dummy(node.name, **el.base(node).assumptions0) if node.shape else el.ref(node)
         try:
             solutions = sp.solve(sp.Eq(value, definition.xreplace(plain)), symbol)

@@ -2,12 +2,12 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate
 # inputs-hash: 638efdd9a0fd5b05f0855ec132e6ea6b9b66ec947868ad9c32094af3ea101fce
-# content-hash: bbf502b7f617e5ef92089c1b130f4813b895fc2265bd217a7a943c9c303d3205
+# content-hash: 9f71d8f886aa53046f8ca364eb8eead0a301cb38af84fbe4c19003dd7a6c4166
 """Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
 
-    dlogits = dloss*(probs - F.one_hot(y, k))/n
+    dlogits = dloss*(probs - F.one_hot(y, k).to(dloss.dtype))/n
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -56,7 +56,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dlogits = None
         if needs[0]:
-            dlogits = dloss*(probs - F.one_hot(y, k))/n
+            dlogits = dloss*(probs - F.one_hot(y, k).to(dloss.dtype))/n
         return dlogits, None
 
 

@@ -204,7 +204,7 @@ def check(params0: dict, X, Y, steps: int, batch_size: int, decay_at: int):
     return difference, ms, losses
 
 
-def plot(losses: list[float], path: Path) -> None:
+def plot(losses: list[float], path: Path, backward: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +216,7 @@ def plot(losses: list[float], path: Path) -> None:
     ax.plot(torch.arange(len(t)) * window, t)
     ax.set_xlabel("step")
     ax.set_ylabel(f"log10 loss (mean of {window} steps)")
-    ax.set_title("makemore MLP, generated backward")
+    ax.set_title(f"makemore MLP, {backward} backward")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     print(f"train loss {split_loss(params, stats, Xtr, Ytr):.4f}")
     print(f"val loss {split_loss(params, stats, Xdev, Ydev):.4f}")
     if args.plot:
-        plot(losses, Path(args.plot))
+        plot(losses, Path(args.plot), args.backward)
         print(f"loss curve: {args.plot}")
     for name in sample(params, stats, itos, block_size, args.samples):
         print(name)
