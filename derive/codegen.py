@@ -82,14 +82,8 @@ def formula_lines(kernel: Kernel) -> list[str]:
 
 
 def render_function(kernel: Kernel) -> str:
-    checks = kernel.checks
-    rank = [c for c in checks if ".dim() !=" in c.condition]
-    rest = [c for c in checks if c not in rank]
-    defined = set()
-    for unpack, tensor in kernel.size_sources:
-        defined.add(tensor)
-    rest = [c for c in rest if not (c.condition.split(".")[0] in defined and ".shape !=" in c.condition
-                                    and _first_declarer(kernel, c.condition.split(".")[0]))]
+    rank = [c for c in kernel.checks if c.kind == "rank"]
+    rest = [c for c in kernel.checks if c.kind != "rank"]
     positions = {name: k for k, name in enumerate(kernel.layer.inputs)}
     shared = [dict(name=s.name, code=s.code, guard=" or ".join(f"needs[{u}]" for u in s.users)) for s in kernel.shared]
     formulas = [dict(position=f.position, grad=f"d{f.input}", code=f.code) for f in kernel.formulas]
@@ -160,8 +154,3 @@ def render_steps(graph) -> str:
     )
     body = environment().get_template("steps.py.j2").render(**context)
     return header(layer, "#", body, templates=["steps.py.j2"]) + body
-
-
-def _first_declarer(kernel: Kernel, tensor: str) -> bool:
-    """True when every dimension of ``tensor`` is first read from ``tensor`` itself."""
-    return any(t == tensor and "_" not in unpack.replace(" ", "").split(",") for unpack, t in kernel.size_sources)

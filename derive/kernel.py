@@ -45,6 +45,7 @@ class Shared:
 class Check:
     condition: str
     message: str
+    kind: str = "value"  # "rank" checks run before the sizes are read from the shapes
 
 
 @dataclass
@@ -93,15 +94,20 @@ def _size_sources(layer: Layer) -> list[tuple[str, str]]:
     return out
 
 
-def _checks(layer: Layer, divisors: set) -> list[Check]:
+def _checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) -> list[Check]:
     name, checks = layer.name, []
+    # a tensor all of whose sizes are read from its own shape needs no shape check
+    self_defined = {tensor for unpack, tensor in sources if "_" not in unpack.replace(" ", "").split(",")}
     floats = [k for k, v in layer.tensors.items() if isinstance(v, Tensor)]
     first = floats[0]
     for k, decl in layer.tensors.items():
         dims = ", ".join(decl.dims)
         checks.append(Check(f"{k}.dim() != {len(decl.dims)}",
-                            f"f\"{name}: {k} must have {len(decl.dims)} dimension(s) ({dims}), got shape {{tuple({k}.shape)}}\""))
+                            f"f\"{name}: {k} must have {len(decl.dims)} dimension(s) ({dims}), got shape {{tuple({k}.shape)}}\"",
+                            kind="rank"))
     for k, decl in layer.tensors.items():
+        if k in self_defined:
+            continue
         shape = ", ".join(decl.dims) + ("," if len(decl.dims) == 1 else "")
         checks.append(Check(f"{k}.shape != ({shape})",
                             f"f\"{name}: {k} must have shape ({shape}) = {{({shape})}}, got {{tuple({k}.shape)}}\""))
@@ -180,9 +186,10 @@ def build(layer: Layer) -> Kernel:
     constants = [c for c, s in graph.constants.items() if s in used_symbols]
     sizes = set(graph.sizes.values())
     divisors = _divisors(size_scalars(graph) + [f.element for f in formulas], sizes)
+    sources = _size_sources(layer)
     printer = KernelPrinter(Frame(frame_dims, free_slots), shapes, names)
     return Kernel(layer, graph, el, grads, formulas, shared, forward_lines(graph, printer), saved,
-                  [str(s) for s in frame_dims], _size_sources(layer), _checks(layer, divisors), constants,
+                  [str(s) for s in frame_dims], sources, _checks(layer, divisors, sources), constants,
                   time.perf_counter() - start)
 
 

@@ -14,7 +14,7 @@ Columns, for each layer and size:
   spec_autograd  autograd through the chunked spec (``derive.layers.<layer>.fn``)
   floor          a memory-bound floor: ``torch.empty_like(src).copy_(src)``, with ``src`` sized so
                  the copy moves (reads + writes) the bytes a forward + backward must move at least
-                 (see ``floor_traffic_bytes``).
+                 (see ``ce_floor`` and ``bn_floor``; ``columns.floor.traffic_bytes`` in the JSON).
 
 Method (see ``measure``): inputs are made once per configuration; each column is run once and its
 output and gradients checked against the peer (so that we time the same computation), warmed up,
@@ -24,7 +24,14 @@ one or more forward + backward calls with ``time.perf_counter`` (more than one w
 shorter than ``--min-sample-ms``, to stay far above the timer's resolution and overhead), with
 Python's garbage collector off; the gradients of the previous call are dropped outside the timed
 region. Reported times are medians over the samples; ratios are medians of the per-repetition
-ratios (paired, because the columns of one repetition ran back to back).
+ratios (paired, because the columns of one repetition ran back to back). The CPU used by other
+processes while a configuration ran is measured (``CpuMeter``); above 0.25 core the row is marked
+as contended, since its timings then say more about the scheduler than about the kernels.
+
+Memory safety: before a configuration runs, its peak is estimated (from the peak measured at the
+previous size of the same layer, scaled by the element count, with a margin; a fixed multiple of
+one tensor for the first size) and the configuration is skipped, with a message, above
+``--max-mem-gib`` (16 GiB) or 85% of MemAvailable.
 
 Peak memory: ``tracemalloc`` does not see torch's allocations, and CPU torch has no
 ``max_memory_allocated``. We use ``torch.profiler`` with ``profile_memory=True``, which records every
@@ -293,6 +300,45 @@ def paired_ratio(num, den):
     return statistics.median(a / b for a, b in zip(num, den))
 
 
+BUSY_CORES = 0.25  # other processes using more CPU than this (in cores) make a result "contended"
+
+
+class CpuMeter:
+    """CPU time the *rest of the machine* used since creation, in cores (from /proc/stat, minus
+    this process's own user + system time), and the hypervisor's steal time. Timings taken while
+    other processes compete for the cores are not comparable (with 2 threads on 2 cores, an
+    OpenMP parallel region waits for a descheduled thread: one op can take a scheduler slice)."""
+
+    def __init__(self):
+        self.t0, self.stat0, self.self0 = time.perf_counter(), self._stat(), self._self()
+
+    @staticmethod
+    def _stat():
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            v = [int(x) for x in fields] + [0] * 10
+        except (OSError, ValueError, IndexError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
+        return user + nice + system + irq + softirq, steal
+
+    @staticmethod
+    def _self():
+        t = os.times()
+        return t.user + t.system
+
+    def read(self):
+        wall = time.perf_counter() - self.t0
+        stat = self._stat()
+        if stat is None or self.stat0 is None or wall <= 0:
+            return {"other_cores": 0.0, "steal_cores": 0.0, "measured": False}
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (stat[0] - self.stat0[0]) / tick
+        steal = (stat[1] - self.stat0[1]) / tick
+        own = self._self() - self.self0
+        return {"other_cores": max(0.0, busy - own) / wall, "steal_cores": steal / wall, "measured": True}
+
+
 def mem_available():
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -442,8 +488,9 @@ def markdown(report):
             lines.append(f"| {r['layer']} | {r['shape']} | skipped: {r['reason']} | | | | | | | | | |")
             continue
         c, q = r["columns"], r["ratios"]
+        mark = " ⚠" if r.get("contended") else ""
         lines.append(
-            f"| {r['layer']} | {r['shape']} | {fmt_ms(c['generated'])} | {fmt_ms(c['native'])} | "
+            f"| {r['layer']} | {r['shape']}{mark} | {fmt_ms(c['generated'])} | {fmt_ms(c['native'])} | "
             f"{fmt_ms(c['spec_autograd'])} | {fmt_ms(c['floor'])} | {fmt_ratio(q['generated_over_native'])} | "
             f"{fmt_ratio(q['generated_over_spec_autograd'])} | {fmt_ratio(q['generated_over_floor'])} | "
             f"{fmt_mem(c['generated'])} | {fmt_mem(c['native'])} | {fmt_mem(c['spec_autograd'])} |")
@@ -452,12 +499,17 @@ def markdown(report):
         "- native: `F.cross_entropy(logits, y)`; `F.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-5)` "
         "for batchnorm_biased. batchnorm (Bessel's correction) has no native op: n/a, its peer is spec-autograd.",
         "- floor: `torch.empty_like(src).copy_(src)` moving the bytes forward + backward must move at least "
-        "(cross-entropy 3 n*k float32 tensors, batchnorm 5 n*d; see `floor_traffic_bytes` in the JSON).",
+        "(cross-entropy 3 n*k float32 tensors, batchnorm 5 n*d; `columns.floor.traffic_bytes` in the JSON).",
         "- ratios: median over repetitions of the per-repetition ratio (columns of one repetition ran back to back); "
         "> 1 means the generated kernel is slower.",
         "- peak (held): bytes allocated above the inputs during one forward + backward (gradients included), "
         "and held between forward and backward (outputs + saved tensors), from `torch.profiler` allocator events.",
     ]
+    contended = [r for r in report["results"] if r.get("contended")]
+    if contended:
+        lines.append(f"- ⚠ contended: other processes used more than {BUSY_CORES} of the {env['cores']} cores while "
+                     "this row ran (" + ", ".join(f"{r['layer']} {r['shape']}: {r['other_cpu']['other_cores']:.2f}"
+                                                  for r in contended) + "); its timings are not reliable.")
     return "\n".join(lines) + "\n"
 
 
@@ -491,6 +543,16 @@ def plot(report, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def generated_hashes():
+    """The content hash in each benchmarked generated module's header: which code was timed."""
+    out = {}
+    for module in ("generated.cross_entropy", "generated.batchnorm", "generated.batchnorm_biased"):
+        text = Path(sys.modules[module].__file__).read_text()
+        line = next((ln for ln in text.splitlines() if ln.startswith("# content-hash:")), "")
+        out[module] = line.partition(":")[2].strip() or None
+    return out
 
 
 def cpu_name():
@@ -527,16 +589,19 @@ def main(argv=None):
     torch.set_num_threads(threads)
     env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
            "cpu": cpu_name(), "cores": cores, "threads": torch.get_num_threads(),
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "generated_content_hash": generated_hashes()}
     print(f"torch {env['torch']} on {env['cpu']}: torch.set_num_threads({threads}) "
           f"({cores} cores available), float32, repeat {args.repeat}"
           + (", quick" if args.quick else ""), flush=True)
-    load = os.getloadavg()[0]
-    env["loadavg_1min_at_start"] = load
-    if load > 0.5:
-        print(f"WARNING: 1-minute load average {load:.2f} before starting: other processes compete for the "
-              f"{cores} cores and the timings will be noisy (each result records the load it ran under)",
-              flush=True)
+    idle = CpuMeter()
+    time.sleep(1.0)
+    other = idle.read()
+    env["other_cpu_at_start"] = other
+    if other["other_cores"] > BUSY_CORES:
+        print(f"WARNING: other processes use {other['other_cores']:.2f} of the {cores} cores before starting "
+              f"(steal {other['steal_cores']:.2f}): the timings will be noisy; each result records the "
+              f"CPU the rest of the machine used while it ran", flush=True)
 
     started = time.perf_counter()
     results = []
@@ -553,16 +618,19 @@ def main(argv=None):
                 # check holds one column's output and gradients while another runs: + 2 tensors
                 estimate = inputs_bytes + (1.25 * measured[1] / measured[0] + 2 * 4) * numel
             t0 = time.perf_counter()
-            load_before = os.getloadavg()[0]
+            meter = CpuMeter()
             print(f"{bench.layer} {n}x{m} ...", end=" ", flush=True)
             r = measure(bench, n, m, args, estimate)
             r["wall_s"] = time.perf_counter() - t0
-            r["loadavg_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+            r["other_cpu"] = meter.read()
+            r["contended"] = r["other_cpu"]["other_cores"] > BUSY_CORES
             results.append(r)
             if r["status"] == "ok":
                 peak = max(c["peak_bytes"] for k, c in r["columns"].items() if c is not None and k != "floor")
                 measured = (numel, peak)
-                print(f"{r['wall_s']:.1f} s", flush=True)
+                busy = (f", CONTENDED: other processes used {r['other_cpu']['other_cores']:.2f} cores"
+                        if r["contended"] else "")
+                print(f"{r['wall_s']:.1f} s{busy}", flush=True)
     wall = time.perf_counter() - started
 
     report = {
