@@ -36,7 +36,7 @@ from .derivation import (BOUND_LETTERS, FREE_LETTERS, MARKDOWN, RESERVED_LETTERS
 from .forward import size_scalars
 from .prove import _labels
 from .rules import BROADCASTING
-from .stepwise import emit, walk
+from .stepwise import emit, region_renaming, walk
 from .symbolic import Max, Red, extent
 from .index_ops import Elt, IndexOps, _forward, _is_merge, _view_index
 from .trace import Graph, Node
@@ -249,15 +249,7 @@ def _fused_parts(region, needed: set) -> dict:
     from .kernel import build_cached
 
     kernel = build_cached(region.layer)
-    inner = [n for n in kernel.graph.nodes if n.op not in LEAVES]
-    names = {a.name: b.name for a, b in zip(inner, region.nodes)}
-    names[f"d{kernel.graph.output.name}"] = ADJOINT + region.output.name
-    subs = {kernel.graph.sizes[d]: size for d, size in region.sizes.items() if d in kernel.graph.sizes}
-    for name, arg in region.arguments.items():
-        if isinstance(arg, Node):
-            names[name] = arg.name
-        elif name in kernel.graph.constants:
-            subs[kernel.graph.constants[name]] = arg
+    names, subs = region_renaming(kernel, region, ADJOINT + region.output.name)
 
     def rename(expr):
         expr = expr.xreplace(subs)  # sizes and constants; sums re-canonicalize their indices

@@ -113,6 +113,24 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
     return lines, {node: str(g) for node, g in grads.items()}
 
 
+def region_renaming(kernel, region, upstream: str) -> tuple[dict[str, str], dict]:
+    """How a called layer's kernel reads in the caller: ``(tensor names, sizes and constants)``.
+
+    Its nodes take the caller's names for the same nodes, its inputs the caller's arguments, its
+    upstream gradient ``upstream``; its sizes and constants become the caller's values.
+    """
+    inner = [n for n in kernel.graph.nodes if n.op not in ("input", "labels")]
+    rename = {a.name: b.name for a, b in zip(inner, region.nodes)}
+    rename[f"d{kernel.graph.output.name}"] = upstream
+    sizes = {kernel.graph.sizes[d]: size for d, size in region.sizes.items() if d in kernel.graph.sizes}
+    for name, arg in region.arguments.items():
+        if isinstance(arg, Node):
+            rename[name] = arg.name
+        elif name in kernel.graph.constants:
+            sizes[kernel.graph.constants[name]] = arg
+    return rename, sizes
+
+
 def _fused_region(graph: Graph, region, grad, needed: set, lines: list[Line]) -> dict:
     """The fused kernel of ``region.layer``, printed in the caller's names, as contributions."""
     from .kernel import build_cached, print_formulas
@@ -122,14 +140,7 @@ def _fused_region(graph: Graph, region, grad, needed: set, lines: list[Line]) ->
     if len(inner) != len(region.nodes):
         raise DerivationError(graph.layer.name, f"the call of {region.layer.name!r} traced differently inside "
                               f"the spec", "call the layer with tensors of its declared shapes")
-    rename = {a.name: b.name for a, b in zip(inner, region.nodes)}
-    rename[f"d{kernel.graph.output.name}"] = str(grad)
-    sizes = {kernel.graph.sizes[d]: size for d, size in region.sizes.items() if d in kernel.graph.sizes}
-    for name, arg in region.arguments.items():
-        if isinstance(arg, Node):
-            rename[name] = arg.name
-        elif name in kernel.graph.constants:
-            sizes[kernel.graph.constants[name]] = arg
+    rename, sizes = region_renaming(kernel, region, str(grad))
     shapes = {n.name: n.shape for n in graph.nodes}
     shapes[str(grad)] = region.output.shape
     wanted = [f for f in kernel.formulas if region.arguments[f.input] in needed]

@@ -11,6 +11,8 @@ from derive.kernel import build
 from derive.layers.batchnorm import batchnorm, batchnorm_biased
 from derive.layers.cross_entropy import cross_entropy
 
+from conftest import assert_math_blocks_balanced
+
 LAYERS = [batchnorm, batchnorm_biased, cross_entropy]
 
 
@@ -40,16 +42,7 @@ def test_markdown_names_every_gradient(kernel):
 
 def test_markdown_math_blocks_balanced(kernel):
     text = render_markdown(kernel)
-    assert text.count("$$") % 2 == 0
-    inside = False
-    for line in text.splitlines():
-        if line.strip() == "$$":
-            inside = not inside
-        else:
-            assert "$$" not in line, f"display math must open and close on its own line: {line!r}"
-            if inside:
-                assert line.strip(), "a blank line inside $$ ... $$ breaks the block in GitHub Markdown"
-    assert not inside, "a $$ block is never closed"
+    assert_math_blocks_balanced(text)
 
 
 def test_header_is_valid_comments(kernel):

@@ -19,6 +19,8 @@ from derive.stepwise import emit
 from derive.symbolic import Red, extent
 from derive.trace import trace
 
+from conftest import assert_math_blocks_balanced
+
 
 @pytest.fixture(scope="module", params=BUILTIN, ids=lambda layer: layer.name)
 def doc(request):
@@ -114,16 +116,7 @@ def test_illustrations_are_at_most_3x3(doc):
 
 def test_markdown_math_blocks_balanced(doc):
     _, _, md = doc
-    assert md.count("$$") % 2 == 0
-    inside = False
-    for line in md.splitlines():
-        if line.strip() == "$$":
-            inside = not inside
-        else:
-            assert "$$" not in line, f"display math must open and close on its own line: {line!r}"
-            if inside:
-                assert line.strip(), "a blank line inside $$ ... $$ breaks the block in GitHub Markdown"
-    assert not inside, "a $$ block is never closed"
+    assert_math_blocks_balanced(md)
     assert md.count("```") % 2 == 0
 
 
