@@ -55,8 +55,8 @@ class Constant:
 
 Declaration = Tensor | Labels | Constant
 
-# Names the generated code uses for itself; a spec input of that name would be shadowed.
-RESERVED = {"ctx", "torch", "F", "grad", "self", "math"}
+# Names the generated code uses for itself; a spec variable of that name would be shadowed.
+RESERVED = {"ctx", "torch", "F", "grad", "self", "math", "needs", "cache", "grads"}
 
 
 @dataclass

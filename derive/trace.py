@@ -15,7 +15,7 @@ import sympy as sp
 import torch
 
 from .errors import TraceError
-from .spec import Constant, Labels, Layer, dim_names
+from .spec import RESERVED, Constant, Labels, Layer, dim_names
 
 UNARY = ("exp", "log", "tanh")
 BINARY = ("add", "sub", "mul", "div", "pow")
@@ -198,6 +198,10 @@ class Tracer:
                              "return the layer's output tensor")
         self.name_nodes(local_names, result.node, self.regions)
         for node in self.nodes:
+            if node.named and node.name in RESERVED:
+                raise TraceError(self.layer.name, f"the variable {node.name!r} has a name the generated code uses "
+                                 f"for itself", f"rename it (reserved: {', '.join(sorted(RESERVED))})",
+                                 node.line, node.source)
             if node.name in self.sizes and node.op not in ("input", "labels"):
                 raise TraceError(self.layer.name, f"the variable {node.name!r} has the name of a dimension",
                                  f"rename the dimension {node.name!r} in the declaration (generated code keeps "

@@ -85,3 +85,23 @@ def test_a_spec_still_runs_on_real_tensors():
         return (x + eps).exp()
 
     assert torch.allclose(shifted(torch.zeros(2, 2)), torch.full((2, 2), 0.5).exp())
+
+
+def test_intermediate_named_like_generated_code():
+    @layer(x=Tensor("n", "d"))
+    def shadows(x):
+        needs = x.exp()
+        return needs * x
+
+    with pytest.raises(TraceError, match=r"shadows.*line \d+: needs = x.exp\(\).*'needs' has a name the generated code"):
+        build(shadows)
+
+
+def test_intermediate_named_like_a_dimension():
+    @layer(x=Tensor("n", "d"))
+    def dim_clash(x):
+        d = x.exp()
+        return d * x
+
+    with pytest.raises(TraceError, match=r"dim_clash.*'d' has the name of a dimension"):
+        build(dim_clash)
