@@ -121,3 +121,18 @@ def test_matches_native_batch_norm_training():
     assert torch.allclose(ours, native)
     assert all(torch.allclose(a, c) for a, c in zip(torch.autograd.grad(ours, (x, g, b), up),
                                                     torch.autograd.grad(native, (x, g, b), up)))
+
+
+@pytest.mark.parametrize("layer", FUSED, ids=lambda s: s.name)
+def test_second_derivative_is_refused_clearly(layer):
+    """The backward reads tensors saved without a graph, so a second derivative would be wrong:
+    the Function is marked once-differentiable and torch says so."""
+    sizes = {d: 4 + k for k, d in enumerate(layer.dims)}
+    inputs = random_inputs(layer, sizes, torch.float64, seed=1)
+    leaves = {k: (v.requires_grad_() if k in layer.differentiable else v) for k, v in inputs.items()}
+    out = generated(layer)(**leaves)
+    upstream = torch.ones_like(out, requires_grad=True)  # as in a gradient penalty
+    wanted = [leaves[k] for k in layer.differentiable]
+    first = torch.autograd.grad(out, wanted, upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        sum(g.sum() for g in first).backward()
