@@ -1,15 +1,16 @@
 """The main job: derive every layer, write its files, prove it, check it against autograd, report.
 
-``generate`` writes ``<out>/<name>.py`` and ``<out>/derivations/<name>.tex|.md`` for each layer;
-``check`` renders the same files in memory and names every file in ``<out>`` that differs.
+``generate`` writes, for each layer, ``<out>/<name>_steps.py`` and its derivation and, for a fused
+layer, ``<out>/<name>.py`` and its derivation (``derivations/*.tex|.md``); ``stale_files`` renders
+the same files in memory and names every file in ``<out>`` that is missing, stale or edited.
 """
 from __future__ import annotations
 
 import time
-
-import torch
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from .codegen import render_function, render_steps
 from .derivation import render_markdown, render_tex
@@ -44,18 +45,6 @@ def render(layer: Layer, kernel: Kernel | None = None) -> dict[str, str]:
     return files
 
 
-def small_sizes(layer: Layer) -> list[dict[str, int]]:
-    """Sizes for the step-by-step proof: the first dimension 2 and 3, the others 2 (3 classes)."""
-    out = []
-    for n in (2, 3):
-        sizes = {d: (n if k == 0 else 2) for k, d in enumerate(layer.dims)}
-        for decl in layer.tensors.values():
-            if getattr(decl, "classes", None):
-                sizes[decl.classes] = 3
-        out.append(sizes)
-    return out
-
-
 @dataclass
 class Report:
     layer: str
@@ -63,7 +52,6 @@ class Report:
     proofs: list[Proof] = field(default_factory=list)
     maxdiff: float = float("nan")
     seconds: float = 0.0
-    written: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         proven = ", ".join("x".join(str(v) for v in p.sizes.values()) for p in self.proofs) or "(rules proven)"
@@ -92,8 +80,7 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
                                   f"move your changes into the spec, or pass --force to overwrite it")
         report = Report(layer.name, [f"d{name}" for name in layer.differentiable])
         for rel, text in files.items():
-            if write_atomic(out / rel, text):
-                report.written.append(rel)
+            write_atomic(out / rel, text)
         sizes = {d: 5 + 2 * k for k, d in enumerate(layer.dims)}
         rows = steps_table(layer, load_module(out / f"{layer.name}_steps.py"), sizes, torch.float64)
         if kernel is not None:

@@ -12,7 +12,6 @@ A maximum over a row is an *undefined* function of that row, so the proof holds 
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ import numpy as np
 import sympy as sp
 
 from .kernel import Kernel
-from .spec import Labels, dim_names
+from .spec import Labels, concrete_shape
 from .symbolic import IsArgmax, Max, Red, extent
 from .trace import Graph, Node
 
@@ -135,7 +134,7 @@ def concrete(graph: Graph, sizes: dict[str, int], label_variant: int = 0):
     size_subs = {graph.sizes[d]: v for d, v in sizes.items()}
     inputs = {}
     for name, decl in graph.layer.tensors.items():
-        shape = tuple(math.prod(sizes[name] for name in dim_names(d)) for d in decl.dims)
+        shape = concrete_shape(decl.dims, sizes)
         inputs[name] = (_labels(shape, sizes[decl.classes], label_variant) if isinstance(decl, Labels)
                         else _symbols(name, shape))
     values = evaluate(graph, size_subs, inputs)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import keyword
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -110,6 +111,11 @@ DIM = re.compile(r"^([A-Za-z_]\w*(\*[A-Za-z_]\w*)*|1)$")
 def dim_names(dim: str) -> list[str]:
     """The names a dimension is made of: ``"t*e"`` -> ``["t", "e"]``; ``"1"`` (a broadcast axis) -> ``[]``."""
     return [] if dim == "1" else dim.split("*")
+
+
+def concrete_shape(dims: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    """The shape of declared ``dims`` at concrete ``sizes`` (``("n", "t*e")`` -> ``(32, 30)``)."""
+    return tuple(math.prod(sizes[name] for name in dim_names(d)) for d in dims)
 
 
 def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:

@@ -6,7 +6,6 @@ The exercise's comparison table: for each gradient, ``exact`` (bitwise equal), `
 from __future__ import annotations
 
 import importlib.util
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from types import ModuleType
 
 import torch
 
-from .spec import Constant, Labels, Layer, dim_names
+from .spec import Constant, Labels, Layer, concrete_shape
 
 
 @dataclass
@@ -48,10 +47,10 @@ def random_inputs(layer: Layer, sizes: dict[str, int], dtype=torch.float64, seed
         if isinstance(decl, Constant):
             values[name] = decl.default
         elif isinstance(decl, Labels):
-            shape = tuple(sizes[d] for d in decl.dims)
+            shape = concrete_shape(decl.dims, sizes)
             values[name] = torch.randint(0, sizes[decl.classes], shape, generator=g)
         else:
-            shape = tuple(math.prod(sizes[p] for p in dim_names(d)) for d in decl.dims)
+            shape = concrete_shape(decl.dims, sizes)
             values[name] = torch.randn(shape, generator=g, dtype=dtype)
     return values
 
