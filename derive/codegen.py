@@ -12,7 +12,7 @@ import jinja2
 from .files import content_hash
 from .forward import forward_lines
 from .kernel import Kernel, _size_sources
-from .spec import Constant, Layer
+from .spec import Constant, Labels, Layer
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 REGENERATE = "derive generate"
@@ -86,7 +86,7 @@ def render_function(kernel: Kernel) -> str:
     rest = [c for c in kernel.checks if c.kind != "rank"]
     positions = {name: k for k, name in enumerate(kernel.layer.inputs)}
     shared = [dict(name=s.name, code=s.code, guard=" or ".join(f"needs[{u}]" for u in s.users)) for s in kernel.shared]
-    formulas = [dict(position=f.position, grad=f"d{f.input}", code=f.code) for f in kernel.formulas]
+    formulas = [dict(position=f.position, lines=f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
     returns = [f"d{name}" if name in kernel.layer.differentiable else "None" for name in kernel.layer.inputs]
     context = dict(
         title=(kernel.layer.doc.splitlines() or [kernel.name])[0],
@@ -99,11 +99,14 @@ def render_function(kernel: Kernel) -> str:
         size_sources=kernel.size_sources,
         checks=rest,
         forward=kernel.forward,
+        labels=[k for k, v in kernel.layer.tensors.items() if isinstance(v, Labels)],
         saved_tuple=_tuple(kernel.saved),
         saved_unpack=_tuple(kernel.saved) if kernel.saved else "_",
         sizes_tuple=_tuple(kernel.sizes),
         sizes_unpack=_tuple(kernel.sizes),
         constants=kernel.constants_used,
+        forward_args=", ".join(list(kernel.layer.inputs) + kernel.sizes),
+        backward_args=", ".join([f"d{kernel.output}"] + kernel.saved + kernel.sizes + kernel.constants_used),
         output=kernel.output,
         grad_output=f"d{kernel.output}",
         grad_names=[f"d{n}" for n in kernel.layer.differentiable],

@@ -18,7 +18,7 @@ from itertools import permutations
 import sympy as sp
 
 from .errors import DerivationError
-from .symbolic import IsArgmax, Max, Red, expand, extent, index_for, reductions
+from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, expand, extent, index_for, pick, reductions
 from .trace import Graph, Node
 
 REDUCING_OPS = ("sum", "mean", "max", "matmul")
@@ -118,7 +118,17 @@ class Elements:
         """The node's value one level deep: its operation applied to its operands' references."""
         return self._value(node, self.ref)
 
-    def _value(self, node: Node, operand=None) -> sp.Expr:
+    def literal(self, node: Node, operand) -> sp.Expr:
+        """The node's value as the spec writes it, for printing a forward pass.
+
+        Unlike the normal form nothing is expanded: a sum stays ``AxisSum(body, i)`` over the
+        dimension's own index (the axis it sums), so ``((x - mean)**2).sum(0)`` is not turned into
+        the cancelling ``sum(x**2) - n*mean**2``, and a body shared with a full-size value (the
+        ``exp`` in a softmax) is the same SymPy expression in both places.
+        """
+        return self._value(node, operand, literal=True)
+
+    def _value(self, node: Node, operand=None, literal: bool = False) -> sp.Expr:
         operand = operand or self.nf.__getitem__
         a = [operand(x) if isinstance(x, Node) else x for x in node.args]
         op = node.op
@@ -136,16 +146,19 @@ class Elements:
                 if size == 1:
                     continue
                 j = self.index[size]
-                value = Max(value, j) if op == "max" else Red(value, j)
+                if literal:
+                    value = AxisMax(value, j) if op == "max" else AxisSum(value, j)
+                else:
+                    value = Max(value, j) if op == "max" else Red(value, j)
                 if op == "mean":
                     value = value / size
             return value
         if op == "matmul":
             inner = node.args[0].shape[1]
-            return Red(a[0] * a[1], self.index[inner])
+            return (AxisSum if literal else Red)(a[0] * a[1], self.index[inner])
         if op == "pick":
             table, labels = node.args
-            return a[0].xreplace({self.index[table.shape[1]]: operand(labels)})
+            return pick(a[0], self.index[table.shape[1]], operand(labels))
         raise DerivationError(self.layer, f"operation {op!r} has no element-wise form",
                               "use the supported primitives", node.line, node.source)
 

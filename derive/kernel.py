@@ -14,7 +14,9 @@ import sympy as sp
 from .differentiate import Gradients, differentiate
 from .elements import Elements
 from .errors import DerivationError
-from .forward import forward_lines, size_scalars
+from .forward import size_scalars
+from .backward_plan import linear_form
+from .forward_plan import forward_code
 from .printer import Frame, KernelPrinter
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, dim_names
@@ -31,6 +33,7 @@ class Formula:
     element: sp.Expr  # closed form, element-wise, in saved quantities
     code: str = ""  # vectorized right-hand side (after shared subexpressions)
     needs: list[str] = field(default_factory=list)  # shared temporaries it reads
+    fast: list[str] = field(default_factory=list)  # statements computing it in fewer passes, if any
 
 
 @dataclass
@@ -171,11 +174,10 @@ def build(layer: Layer) -> Kernel:
 
     frame_dims = [graph.sizes[d] for d in layer.dims]
     shapes = _shapes(graph)
-    free_slots = {el.index[s]: k for k, s in enumerate(frame_dims)}
     shared, codes = print_formulas(layer, el, formulas, frame_dims, shapes,
                                    taken={n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes})
-    for f, (code, needs) in zip(formulas, codes):
-        f.code, f.needs = code, needs
+    for f, (code, needs, fast) in zip(formulas, codes):
+        f.code, f.needs, f.fast = code, needs, fast or []
     names = {s: str(s) for s in graph.sizes.values()}
 
     read = set()
@@ -187,8 +189,8 @@ def build(layer: Layer) -> Kernel:
     sizes = set(graph.sizes.values())
     divisors = _divisors(size_scalars(graph) + [f.element for f in formulas], sizes)
     sources = _size_sources(layer)
-    printer = KernelPrinter(Frame(frame_dims, free_slots), shapes, names)
-    return Kernel(layer, graph, el, grads, formulas, shared, forward_lines(graph, printer), saved,
+    forward = forward_code(el, saved, frame_dims, names)
+    return Kernel(layer, graph, el, grads, formulas, shared, forward, saved,
                   [str(s) for s in frame_dims], sources, _checks(layer, divisors, sources), constants,
                   time.perf_counter() - start)
 
@@ -239,8 +241,11 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
             raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix) from None
         dims = [sp.pycode(sp.Mul(*[sp.Symbol(p, integer=True, positive=True) for p in dim_names(d)]).xreplace(sizes))
                 for d in layer.tensors[f.input].dims]
-        code = _fit(code, element, f.input, layer, index, frame, dims)
-        codes.append((code, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols]))
+        fitted = _fit(code, element, f.input, layer, index, frame, dims)
+        # a gradient already in its input's layout may be built in place, term by term
+        fast = linear_form(f"d{f.input}", r, KernelPrinter(Frame(frame, slots), shapes, names, dtype_of), shapes) \
+            if fitted == code else None
+        codes.append((fitted, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols], fast))
     return shared, codes
 
 

@@ -14,7 +14,7 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .backends import number_text
 from .errors import DerivationError
-from .symbolic import IsArgmax, Max, Red, extent
+from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, extent
 
 
 class Frame:
@@ -152,8 +152,99 @@ class KernelPrinter(TorchPrinter):
                               "subtract the max only where it cancels (as in softmax), or write the layer without max")
 
 
+class ForwardPrinter(KernelPrinter):
+    """Prints forward values: sums and maxima as written, label-indexed reads as ``gather``, and
+    (with ``inplace``) results written into temporaries that die at this line."""
+
+    _UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh"}
+
+    def __init__(self, frame: Frame, shapes: dict, names: dict, reusable: set = frozenset(), inplace: bool = True):
+        super().__init__(frame, shapes, names)
+        self.reusable = set(reusable)  # temporaries that may be overwritten by this statement
+        self.inplace = inplace
+
+    def _inner(self, frame: Frame) -> "ForwardPrinter":
+        return ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace)
+
+    def statement(self, expr: sp.Expr) -> str:
+        """The right-hand side of one statement, updating a dying temporary in place if one fits."""
+        for target in sorted(self.reusable):
+            symbol = sp.Symbol(target)
+            if isinstance(expr, sp.Mul) and symbol in expr.args:
+                rest = expr / symbol
+                base, e = rest.as_base_exp()
+                if e == -1:
+                    return f"{target}.div_({self._print(base)})"
+                return f"{target}.mul_({self._print(rest)})"
+            if isinstance(expr, sp.Add) and symbol in expr.args:
+                rest = expr - symbol
+                if rest.could_extract_minus_sign():
+                    return f"{target}.sub_({self._print(-rest)})"
+                return f"{target}.add_({self._print(rest)})"
+            if type(expr) in self._UNARY and expr.args[0] == symbol:
+                return f"{target}.{self._UNARY[type(expr)]}_()"
+        return self._print(expr)
+
+    def _print_Function(self, expr):
+        # f(a - b) computes a - b into a fresh buffer; apply f there instead of allocating again
+        op = self._UNARY.get(type(expr))
+        arg = expr.args[0] if expr.args else None
+        if self.inplace and op and isinstance(arg, (sp.Add, sp.Mul)) and self._is_tensor(arg):
+            return f"({self._print(arg)}).{op}_()"
+        return super()._print_Function(expr)
+
+    def _print_Add(self, expr, order=None):
+        # c + a*b in one pass over memory instead of two
+        for term in expr.as_ordered_terms():
+            coeff, factors = term.as_coeff_mul()
+            tensors = [f for f in factors if self._is_tensor(f)]
+            if len(tensors) == 2 and len(factors) == 2 and term != expr:
+                rest = self._print(expr - term)
+                a, b = (self._print(f) for f in tensors)
+                value = "" if coeff == 1 else f", value={self._print(coeff)}"
+                return f"torch.addcmul({rest}, {a}, {b}{value})"
+        return super()._print_Add(expr, order)
+
+    def _print_AxisSum(self, expr):
+        return self._reduce(expr, "sum")
+
+    def _print_AxisMax(self, expr):
+        return self._reduce(expr, "amax")
+
+    def _reduce(self, expr, method: str) -> str:
+        frame, axis = self.frame.with_bound(expr.index, expr.body)
+        body = self._inner(frame)._print(expr.body)
+        if not body.isidentifier():
+            body = f"({body})"
+        return f"{body}.{method}({axis}, keepdim=True)"
+
+    def _print_Indexed(self, expr):
+        picked = [(k, ix) for k, ix in enumerate(expr.indices) if isinstance(ix, sp.Indexed)]
+        if not picked:
+            return super()._print_Indexed(expr)
+        if len(picked) > 1:
+            raise DerivationError("", f"{expr} is read at two label positions", "pick with one label tensor at a time")
+        position, labels = picked[0]
+        size = self.shapes[str(expr.base)][position]
+        axis = self.frame.dims.index(size)
+        own = sp.Idx("_gathered", size)
+        table = ForwardPrinter(Frame(self.frame.dims, {**self.frame.slots, own: axis}), self.shapes, self.names)
+        table_code = table._print(expr.base[tuple(own if k == position else ix for k, ix in enumerate(expr.indices))])
+        rank = len(self.frame.dims)
+        label_axes = [self.frame.slots[i] for i in labels.indices if isinstance(i, sp.Idx)]
+        table_axes = [self.frame.slots[i] for i in expr.indices if isinstance(i, sp.Idx) and i in self.frame.slots]
+        target = [self._print(self.frame.dims[k]) if k in label_axes else "1" for k in range(rank)]
+        index_code = f"{labels.base}.view({', '.join(target)})"
+        if set(table_axes) - set(label_axes):
+            full = [self._print(self.frame.dims[k]) if k in table_axes else "1" for k in range(rank)]
+            index_code += f".expand({', '.join(full)})"
+        if not table_code.isidentifier():
+            table_code = f"({table_code})"
+        return f"{table_code}.gather({axis}, {index_code})"
+
+
 def _broadcasts_as(shape: list, target: list) -> bool:
     return all(s == t for s, t in zip(shape, target))
 
 
-__all__ = ["Frame", "KernelPrinter", "Red", "Max", "IsArgmax"]
+__all__ = ["Frame", "KernelPrinter", "ForwardPrinter", "Red", "Max", "IsArgmax"]

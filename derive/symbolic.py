@@ -154,6 +154,34 @@ class IsArgmax(sp.Function):
         return r"\mathbb{1}[%s = \operatorname{argmax}]" % printer._print(self.args[0])
 
 
+class AxisSum(_Bound):
+    """The sum over the axis of ``j``, kept as written (no linearity, no renaming).
+
+    Forward passes are printed from these: the bound index is the dimension's own index, so the
+    summed body is the same expression as the full-size value it is computed from.
+    """
+
+    nargs = 2
+
+
+class AxisMax(_Bound):
+    """The maximum over the axis of ``j``, kept as written."""
+
+    nargs = 2
+
+
+def pick(expr: sp.Expr, index: sp.Idx, value: sp.Expr) -> sp.Expr:
+    """``expr`` with ``index`` set to ``value`` (a label), except inside a sum or max over ``index``."""
+    def binds(e):
+        return isinstance(e, (AxisSum, AxisMax)) and e.index == index
+
+    if binds(expr):
+        return expr
+    if not any(binds(a) for a in expr.atoms(AxisSum, AxisMax)):
+        return expr.xreplace({index: value})
+    return expr.func(*[pick(a, index, value) for a in expr.args])
+
+
 def reductions(expr: sp.Expr) -> set:
     """All reduction atoms (``Red`` and ``Max``) in ``expr``, nested ones included."""
     return expr.atoms(Red, Max)

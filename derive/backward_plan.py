@@ -1,0 +1,104 @@
+"""Print a full-size gradient in as few passes over memory as its algebra allows.
+
+A fused formula such as batchnorm's
+``dx = (n*dout - n*sum_bnraw_dout*bnraw/(n - 1) - sum_dout)*bnvar_inv*gamma/n``, evaluated as
+written, makes one full-size temporary per operator. Expanded, it is a *linear combination* of
+full-size tensors with small (per-column) coefficients,
+``dx = a*dout + b*bnraw + c``, which torch computes in two passes:
+``torch.addcmul(c, b, bnraw).addcmul_(a, dout)``. A one-hot term ``B*onehot(y)`` is not a
+full-size tensor at all: it is ``n`` updates, ``dx.scatter_add_(1, y.view(n, 1), B)``
+(the cross-entropy ``probs - onehot(y)`` never builds the ``(n, k)`` one-hot).
+
+``linear_form`` returns those lines, or ``None`` when the formula is not of that shape (a product
+of two full-size tensors, as in GELU's derivative): it is then printed as written.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from .printer import KernelPrinter
+from .symbolic import expand
+
+
+def _axes(expr: sp.Expr, slots: dict, shapes: dict, frame: list) -> set:
+    """The frame axes ``expr`` varies on."""
+    axes = {slots[s] for s in expr.free_symbols if s in slots}
+    labels = {b.label for b in expr.atoms(sp.IndexedBase)}  # their elements carry their indices
+    for s in expr.free_symbols - labels:
+        shape = shapes.get(getattr(s, "name", None))
+        if isinstance(s, sp.Symbol) and shape is not None:
+            axes |= {k for k, size in enumerate(shape) if size != 1}
+    return axes
+
+
+def _label_delta(factor: sp.Expr, slots: dict):
+    """``(class index, labels element)`` for ``KroneckerDelta(i_k, y[i_n])``, else None."""
+    if not isinstance(factor, sp.KroneckerDelta):
+        return None
+    a, b = factor.args
+    if isinstance(a, sp.Indexed):
+        a, b = b, a
+    if isinstance(a, sp.Idx) and a in slots and isinstance(b, sp.Indexed):
+        return a, b
+    return None
+
+
+def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict) -> list[str] | None:
+    """Statements computing ``grad = expr`` as a linear combination plus label scatters, or None."""
+    frame, slots = printer.frame.dims, printer.frame.slots
+    full = set(range(len(frame)))
+    if _axes(expr, slots, shapes, frame) != full:
+        return None
+    groups: dict = {}  # full-size tensor (or None for the constant term) -> coefficient
+    scatters: dict = {}  # (class index, labels) -> coefficient
+    for term in sp.Add.make_args(expand(expr)):
+        factors = sp.Mul.make_args(term)
+        deltas = [d for d in (_label_delta(f, slots) for f in factors) if d]
+        big = [f for f in factors if not _label_delta(f, slots) and _axes(f, slots, shapes, frame) == full]
+        rest = sp.Mul(*[f for f in factors if f not in big and not _label_delta(f, slots)])
+        if deltas:
+            if len(deltas) > 1 or big:
+                return None
+            (index, labels), = deltas
+            if slots[index] in _axes(rest, slots, shapes, frame):
+                return None
+            scatters[(index, labels)] = scatters.get((index, labels), 0) + rest
+            continue
+        if len(big) > 1 or big and not isinstance(big[0], (sp.Indexed, sp.Symbol)):
+            return None
+        key = big[0] if big else None
+        groups[key] = groups.get(key, 0) + rest
+    tensors = [t for t in groups if t is not None]
+    if not tensors or len(groups) + len(scatters) < 2:
+        return None
+
+    def text(e):
+        return printer.doprint(sp.factor_terms(e))
+
+    tensors.sort(key=sp.default_sort_key)
+    first, others = tensors[0], tensors[1:]
+    if None in groups:
+        lines = [f"{grad} = torch.addcmul({text(groups[None])}, {text(groups[first])}, {printer.doprint(first)})"]
+    elif groups[first] == 1:
+        lines = [f"{grad} = {printer.doprint(first)}.clone()"]
+    else:
+        lines = [f"{grad} = {printer.doprint(first)} * ({text(groups[first])})"]
+    lines += [f"{grad}.addcmul_({text(groups[t])}, {printer.doprint(t)})" for t in others]
+    rank = len(frame)
+    for (index, labels), coefficient in sorted(scatters.items(), key=lambda kv: sp.default_sort_key(kv[0][1])):
+        axis = slots[index]
+        label_axes = [slots[i] for i in labels.indices if isinstance(i, sp.Idx)]
+        target = [printer.doprint(frame[k]) if k in label_axes else "1" for k in range(rank)]
+        full_sizes = [printer.doprint(frame[k]) if k != axis else "1" for k in range(rank)]
+        index_code = f"{labels.base}.view({', '.join(target)})"
+        if set(range(rank)) - set(label_axes) - {axis}:
+            index_code += f".expand({', '.join(full_sizes)})"
+        if printer._is_tensor(coefficient):
+            source = f"({text(coefficient)}).expand({', '.join(full_sizes)})"
+        else:
+            source = f"{grad}.new_full(({', '.join(full_sizes)},), {text(coefficient)})"
+        lines.append(f"{grad}.scatter_add_({axis}, {index_code}, {source})")
+    return lines
+
+
+__all__ = ["linear_form"]

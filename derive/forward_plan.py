@@ -1,0 +1,248 @@
+"""The fused forward pass: compute the output and exactly the tensors the backward reads.
+
+Replaying the spec line by line keeps every intermediate alive and passes over memory once per
+line. Instead, every value the kernel must produce (the output, the saved tensors, and the named
+reductions they read: ``logit_maxes``, ``counts_sum``, ``bnvar``) is written as one expression
+over the inputs and those reductions (``Elements.literal``: as the spec writes it, nothing
+expanded), and then:
+
+* **stabilised**: a logarithm of a product is split where that removes an ``exp`` (``log(probs)``
+  becomes ``norm_logits - log(counts_sum)``, finite where ``probs`` underflows to 0);
+* **shared**: a value already computed (a saved tensor) is reused by later ones, and repeated
+  subexpressions become temporaries (``cse``);
+* **scheduled** on demand, and printed with in-place updates of temporaries that die at that line
+  (``t.exp_()``, ``t.div_(counts_sum)``), so a full-size buffer is reused instead of allocated.
+
+The result is a list of ``(code, comment)`` lines; the comment names the spec lines each covers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .elements import REDUCING_OPS, Elements
+from .printer import ForwardPrinter, Frame
+from .trace import Node
+
+
+@dataclass
+class Statement:
+    name: str
+    value: sp.Expr
+    node: Node | None = None  # None for a shared temporary
+    lines: set = field(default_factory=set)  # spec lines it computes
+
+
+def _transcendentals(expr: sp.Expr) -> int:
+    return len(expr.atoms(sp.exp)) + len(expr.atoms(sp.log))
+
+
+def stabilise(expr: sp.Expr) -> sp.Expr:
+    """Split logarithms of products (of positive factors) where that cancels an ``exp``."""
+    split = sp.expand_log(expr)
+    return split if _transcendentals(split) < _transcendentals(expr) else expr
+
+
+def _kept(el: Elements) -> set:
+    """Nodes computed as their own tensors: named reductions (every other value is inlined)."""
+    return {n for n in el.graph.nodes if n.named and n.op in REDUCING_OPS and n is not el.graph.output}
+
+
+def plan(el: Elements, saved: list[str], frame_dims: list) -> list[Statement]:
+    """The statements that compute the output and ``saved``, temporaries included, in order."""
+    graph = el.graph
+    kept = _kept(el)
+    values, lines = {}, {}
+    for node in graph.nodes:
+        if node.op in ("input", "labels"):
+            continue
+
+        def operand(m: Node) -> sp.Expr:
+            return el.ref(m) if m.op in ("input", "labels") or m in kept else values[m]
+
+        values[node] = el.literal(node, operand)
+        lines[node] = {node.line} | set().union(*[lines[m] for m in node.inputs if m in lines and m not in kept])
+
+    wanted = [n for n in graph.nodes if n.name in saved and n in values] + [graph.output]
+    needed, stack = set(wanted), list(wanted)
+    while stack:
+        for m in _reads(values[stack.pop()], kept):
+            if m not in needed:
+                needed.add(m)
+                stack.append(m)
+    emitted = [n for n in graph.nodes if n in needed]
+
+    exprs, reuse = [], []
+    for node in emitted:
+        expr = stabilise(values[node])
+        for earlier, value in reuse:
+            expr = expr.subs(value, el.ref(earlier))
+        exprs.append(expr)
+        if node not in kept:
+            reuse.append((node, values[node]))
+
+    replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"), order="none")
+    replacements, reduced = _spec_names(replacements, reduced, values, {n.name for n in emitted})
+    replacements, reduced = _inline_scalars(replacements, reduced, set(el.index.values()), {n.name for n in graph.nodes})
+    by_name = {n.name: lines[n] for n in values}
+    statements = _schedule(emitted, reduced, replacements, lines, by_name)
+    layouts = {st.name: layout(st.value, temps_of(statements), frame_dims, el.index)
+               for st in statements if st.node is None}
+    return _name_results(statements, el, layouts)
+
+
+def temps_of(statements: list["Statement"]) -> dict:
+    """Temporary symbol -> its value with every temporary it reads substituted."""
+    full = {}
+    for st in statements:
+        if st.node is None:
+            full[sp.Symbol(st.name)] = st.value.xreplace(full)
+    return full
+
+
+def layout(expr: sp.Expr, temps: dict, frame_dims: list, index: dict) -> tuple:
+    """The shape ``expr`` has when printed in the frame (size 1 on the axes it does not vary on)."""
+    free = expr.xreplace(temps).free_symbols
+    return tuple(s if index[s] in free else 1 for s in frame_dims)
+
+
+def _spec_names(replacements: list, reduced: list, values: dict, taken: set):
+    """A temporary equal to a named spec value (``counts``, ``bndiff``) takes that name."""
+    by_value = {}
+    for node, value in values.items():
+        if node.named and node.name not in taken:
+            by_value.setdefault(value, node.name)
+    rename, expanded = {}, {}
+    for symbol, value in replacements:
+        expanded[symbol] = value.xreplace(expanded)
+        name = by_value.get(expanded[symbol])
+        if name is not None and name not in taken:
+            rename[symbol] = sp.Symbol(name)
+            taken.add(name)
+    return ([(rename.get(s, s), v.xreplace(rename)) for s, v in replacements], [r.xreplace(rename) for r in reduced])
+
+
+def _is_tensor(expr: sp.Expr, indices: set, tensors: set) -> bool:
+    return bool(expr.free_symbols & indices) or any(s.name in tensors for s in expr.free_symbols)
+
+
+def _inline_scalars(replacements: list, reduced: list, indices: set, tensors: set):
+    """Put temporaries that are plain numbers (``1/n``) back into the expressions that use them."""
+    scalar, kept = {}, []
+    for symbol, value in replacements:
+        value = value.xreplace(scalar)
+        if _is_tensor(value, indices, tensors | {s.name for s, _ in kept}):
+            kept.append((symbol, value))
+        else:
+            scalar[symbol] = value
+    return kept, [r.xreplace(scalar) for r in reduced]
+
+
+def _name_results(statements: list["Statement"], el: Elements, layouts: dict) -> list["Statement"]:
+    """``bnraw = _t2`` with ``_t2`` a temporary of bnraw's shape: call the temporary ``bnraw``."""
+    aliases = {st.value.name: st for st in statements
+               if st.node is not None and isinstance(st.value, sp.Symbol) and st.value.name in layouts
+               and layouts[st.value.name] == tuple(st.node.shape)}
+    rename = {sp.Symbol(t): el.ref(st.node) for t, st in aliases.items()}
+    out = []
+    for st in statements:
+        if st.node is not None and st.value.name in aliases if isinstance(st.value, sp.Symbol) else False:
+            continue
+        target = aliases.get(st.name) if st.node is None else None
+        if target is not None:
+            out.append(Statement(target.name, st.value.xreplace(rename), target.node, target.lines))
+        else:
+            out.append(Statement(st.name, st.value.xreplace(rename), st.node, st.lines))
+    return out
+
+
+def _reads(expr: sp.Expr, kept: set) -> list[Node]:
+    names = {str(b) for b in expr.atoms(sp.IndexedBase)} | {s.name for s in expr.free_symbols if isinstance(s, sp.Symbol)}
+    return [n for n in kept if n.name in names]
+
+
+def _schedule(emitted: list[Node], reduced: list, replacements: list, lines: dict, by_name: dict) -> list[Statement]:
+    """Each node after the temporaries it needs, each temporary just before its first use."""
+    temps = dict(replacements)
+    order = {symbol: k for k, (symbol, _) in enumerate(replacements)}
+    out, done = [], set()
+
+    def need(expr: sp.Expr) -> None:
+        for symbol in sorted(expr.free_symbols & set(temps) - done, key=order.__getitem__):
+            done.add(symbol)
+            need(temps[symbol])
+            out.append(Statement(symbol.name, temps[symbol], lines=by_name.get(symbol.name, set())))
+
+    for node, expr in zip(emitted, reduced):
+        need(expr)
+        out.append(Statement(node.name, expr, node, lines[node]))
+    return out
+
+
+def _line_ranges(lines: set) -> str:
+    ordered, parts = sorted(lines), []
+    for k in ordered:
+        if parts and parts[-1][1] == k - 1:
+            parts[-1][1] = k
+        else:
+            parts.append([k, k])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
+    return ("lines " if len(ordered) > 1 else "line ") + text
+
+
+def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
+                 inplace: bool = True) -> list[tuple[str, str]]:
+    """``[(code, comment)]`` for the fused forward; ``inplace=False`` allocates every result."""
+    statements = plan(el, saved, frame_dims)
+    index = el.index
+    shapes = {n.name: n.shape for n in el.graph.nodes}
+    slots = {index[s]: k for k, s in enumerate(frame_dims)}
+    temps = temps_of(statements)
+    by_name = {n.name: n for n in el.graph.nodes}
+    last_use = {}
+    for position, st in enumerate(statements):
+        for symbol in st.value.free_symbols:
+            last_use[symbol.name] = position
+    out = []
+    for position, st in enumerate(statements):
+        shape = layout(st.value, temps, frame_dims, index)
+        if st.node is None:
+            shapes[st.name] = shape
+        # a temporary that dies here and already has the result's shape can hold the result
+        reusable = {t.name for t in statements[:position]
+                    if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape} if inplace else set()
+        printer = ForwardPrinter(Frame(frame_dims, slots), shapes, names, reusable=reusable, inplace=inplace)
+        code = printer.statement(st.value)
+        if st.node is not None:
+            code = _fit(code, shape, tuple(st.node.shape), frame_dims, names)
+        comment = ""
+        if st.lines:
+            node = st.node or by_name[st.name]
+            source = node.source.split("#")[0].strip()
+            comment = f"{node.within or 'spec'} {_line_ranges(st.lines)}"
+            if len(st.lines) == 1 and source:
+                comment += f": {source}"
+        out.append((f"{st.name} = {code}", comment))
+    return out
+
+
+def _fit(code: str, layout: tuple, shape: tuple, frame_dims: list, names: dict) -> str:
+    """Give a value printed in the frame layout its node's own shape (``(1, 1)`` -> ``()``)."""
+    if layout == shape:
+        return code
+    symbols = {k: sp.Symbol(v) for k, v in names.items()}
+
+    def sizes(dims) -> str:
+        return ", ".join(sp.pycode(sp.sympify(s).xreplace(symbols)) for s in dims) + ("," if len(dims) == 1 else "")
+
+    wrapped = code if code.isidentifier() else f"({code})"
+    wanted = tuple(s if s in shape else 1 for s in frame_dims)  # the node's axes, laid out in the frame
+    if wanted != layout:
+        wrapped += f".expand({sizes(wanted)})"
+    if wanted != shape:
+        wrapped += f".reshape({sizes(shape) or '()'})"
+    return wrapped
+
+
+__all__ = ["plan", "forward_code", "stabilise", "Statement"]
