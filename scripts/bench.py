@@ -7,6 +7,9 @@ spec, and a memory-bound floor: forward + backward time and peak memory, float32
 Columns, for each layer and size:
 
   generated      the generated ``torch.autograd.Function`` (``generated/<layer>.py``)
+  compiled       the same module after ``compile_kernels(dynamic=False)``: its forward and backward
+                 math through ``torch.compile`` (compile time reported apart, ``compile_s``;
+                 ``--no-compile`` leaves the column out)
   native         the native torch op with autograd: ``F.cross_entropy(logits, y)``,
                  ``F.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-5)`` for the
                  biased batchnorm. Bessel-corrected batchnorm has no native op: its column is
@@ -48,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -77,7 +81,7 @@ from generated.cross_entropy import cross_entropy as gen_cross_entropy  # noqa: 
 
 DTYPE = torch.float32
 EPS = 1e-5
-COLUMNS = ("generated", "native", "spec_autograd", "floor")
+COLUMNS = ("generated", "compiled", "native", "spec_autograd", "floor")
 CE_SIZES = [(32, 27), (4096, 1024), (8192, 32000)]
 BN_SIZES = [(32, 64), (4096, 1024), (65536, 512)]
 GiB = 1024**3
@@ -95,6 +99,7 @@ class Bench:
     dims: tuple[str, str]
     sizes: list[tuple[int, int]]
     make_inputs: Callable          # (n, m, seed) -> dict of tensors (leaves, upstream gradient)
+    arguments: tuple[str, ...]     # the inputs, in the generated function's argument order
     generated: Callable            # (inputs) -> output
     native: Callable | None        # (inputs) -> output, None when torch has no such op
     native_op: str | None
@@ -104,6 +109,16 @@ class Bench:
     peak_estimate: float           # a guess of the peak, in multiples of one n x m tensor, used
     #                                only to skip a size before any of it has been measured
     notes: list[str] = field(default_factory=list)
+
+    def compiled(self) -> Callable:
+        """The generated layer from a second copy of its module, with compiled math."""
+        path = ROOT / "generated" / f"{self.layer}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_compiled_{self.layer}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.compile_kernels(dynamic=False)
+        function = getattr(module, self.layer)
+        return lambda i: function(*[i[k] for k in self.arguments])
 
 
 def ce_inputs(n, k, seed):
@@ -150,7 +165,7 @@ def _bn_native(i):
 
 BENCHES = [
     Bench(
-        layer="cross_entropy", dims=("n", "k"), sizes=CE_SIZES, make_inputs=ce_inputs,
+        layer="cross_entropy", dims=("n", "k"), sizes=CE_SIZES, make_inputs=ce_inputs, arguments=("logits", "y"),
         generated=lambda i: gen_cross_entropy(i["logits"], i["y"]),
         native=lambda i: F.cross_entropy(i["logits"], i["y"]),
         native_op="F.cross_entropy(logits, y)",
@@ -158,7 +173,7 @@ BENCHES = [
         grads=("logits",), floor_traffic=ce_floor, peak_estimate=12.0,
     ),
     Bench(
-        layer="batchnorm", dims=("n", "d"), sizes=BN_SIZES, make_inputs=bn_inputs,
+        layer="batchnorm", dims=("n", "d"), sizes=BN_SIZES, make_inputs=bn_inputs, arguments=("x", "gamma", "beta"),
         generated=lambda i: gen_batchnorm(i["x"], i["gamma"], i["beta"], EPS),
         native=None, native_op=None,
         spec=lambda i: spec_batchnorm.fn(i["x"], i["gamma"], i["beta"], EPS),
@@ -167,6 +182,7 @@ BENCHES = [
     ),
     Bench(
         layer="batchnorm_biased", dims=("n", "d"), sizes=BN_SIZES, make_inputs=bn_inputs,
+        arguments=("x", "gamma", "beta"),
         generated=lambda i: gen_batchnorm_biased(i["x"], i["gamma"], i["beta"], EPS),
         native=_bn_native,
         native_op="F.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-5)",
@@ -369,7 +385,8 @@ def measure(bench: Bench, n: int, m: int, args, estimate_bytes: float):
     inputs = bench.make_inputs(n, m, seed=0)
     traffic, traffic_doc = bench.floor_traffic(n, m)
     src = torch.randn(max(1, traffic // 8), dtype=DTYPE)  # one float32 copy reads 4 and writes 4 bytes
-    forwards = {"generated": bench.generated, "native": bench.native, "spec_autograd": bench.spec}
+    forwards = {"generated": bench.generated, "native": bench.native, "spec_autograd": bench.spec,
+                "compiled": None if args.no_compile else bench.compiled()}
     steps = {name: training_step(f, inputs) for name, f in forwards.items() if f is not None}
     steps["floor"] = floor_step(src)
     active = [c for c in COLUMNS if c in steps]
@@ -384,6 +401,13 @@ def measure(bench: Bench, n: int, m: int, args, estimate_bytes: float):
         ref = run_and_collect(forwards[name], inputs, bench.grads)
         check[name] = {k: max_rel_err(ours[k], ref[k]) for k in ours}
         del ref
+    if forwards["compiled"] is not None:
+        # the first call at a size compiles: timed on its own, then checked like the others
+        t0 = time.perf_counter()
+        compiled = run_and_collect(forwards["compiled"], inputs, bench.grads)
+        result["compile_s"] = time.perf_counter() - t0
+        check["compiled"] = {k: max_rel_err(compiled[k], ours[k]) for k in ours}
+        del compiled
     del ours
     steps["floor"]()
     worst = max(v for c in check.values() for v in c.values())
@@ -434,6 +458,9 @@ def measure(bench: Bench, n: int, m: int, args, estimate_bytes: float):
         "generated_over_native": paired_ratio(gen, samples["native"]) if "native" in samples else None,
         "generated_over_spec_autograd": paired_ratio(gen, samples["spec_autograd"]),
         "generated_over_floor": paired_ratio(gen, samples["floor"]),
+        "compiled_over_native": (paired_ratio(samples["compiled"], samples["native"])
+                                 if "compiled" in samples and "native" in samples else None),
+        "compiled_over_floor": paired_ratio(samples["compiled"], samples["floor"]) if "compiled" in samples else None,
     }
     result.update(status="ok", columns=columns, ratios=ratios,
                   peer="native" if bench.native is not None else "spec_autograd")
@@ -479,20 +506,23 @@ def markdown(report):
         f"float32, CPU ({env['cpu']}), torch {env['torch']}, {env['threads']} threads, "
         f"median of {report['settings']['repeat']} interleaved repetitions, forward + backward.",
         "",
-        "| layer | size | generated ms | native ms | spec-autograd ms | floor ms | gen/native | gen/spec | gen/floor "
+        "| layer | size | generated ms | compiled ms (compile s) | native ms | spec-autograd ms | floor ms "
+        "| gen/native | gen/spec | gen/floor | compiled/native | compiled/floor "
         "| peak (held) generated | peak (held) native | peak (held) spec-autograd |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['layer']} | {r['shape']} | skipped: {r['reason']} | | | | | | | | | |")
+            lines.append(f"| {r['layer']} | {r['shape']} | skipped: {r['reason']} |" + " |" * 13)
             continue
         c, q = r["columns"], r["ratios"]
+        compiled = f"{fmt_ms(c['compiled'])} ({r['compile_s']:.0f})" if c.get("compiled") else "n/a"
         mark = " ⚠" if r.get("contended") else ""
         lines.append(
-            f"| {r['layer']} | {r['shape']}{mark} | {fmt_ms(c['generated'])} | {fmt_ms(c['native'])} | "
+            f"| {r['layer']} | {r['shape']}{mark} | {fmt_ms(c['generated'])} | {compiled} | {fmt_ms(c['native'])} | "
             f"{fmt_ms(c['spec_autograd'])} | {fmt_ms(c['floor'])} | {fmt_ratio(q['generated_over_native'])} | "
             f"{fmt_ratio(q['generated_over_spec_autograd'])} | {fmt_ratio(q['generated_over_floor'])} | "
+            f"{fmt_ratio(q['compiled_over_native'])} | {fmt_ratio(q['compiled_over_floor'])} | "
             f"{fmt_mem(c['generated'])} | {fmt_mem(c['native'])} | {fmt_mem(c['spec_autograd'])} |")
     lines += [
         "",
@@ -500,6 +530,8 @@ def markdown(report):
         "for batchnorm_biased. batchnorm (Bessel's correction) has no native op: n/a, its peer is spec-autograd.",
         "- floor: `torch.empty_like(src).copy_(src)` moving the bytes forward + backward must move at least "
         "(cross-entropy 3 n*k float32 tensors, batchnorm 5 n*d; `columns.floor.traffic_bytes` in the JSON).",
+        "- compiled: the generated module after `compile_kernels(dynamic=False)` (`torch.compile` of its "
+        "forward and backward math); in brackets the seconds its first call took (compilation).",
         "- ratios: median over repetitions of the per-repetition ratio (columns of one repetition ran back to back); "
         "> 1 means the generated kernel is slower.",
         "- peak (held): bytes allocated above the inputs during one forward + backward (gradients included), "
@@ -521,17 +553,20 @@ def plot(report, path):
     ok = [r for r in report["results"] if r["status"] == "ok"]
     keys = [("generated_over_native", "generated / native"),
             ("generated_over_spec_autograd", "generated / spec autograd"),
-            ("generated_over_floor", "generated / memory floor")]
+            ("generated_over_floor", "generated / memory floor"),
+            ("compiled_over_native", "compiled / native"),
+            ("compiled_over_floor", "compiled / memory floor")]
+    keys = [(k, label) for k, label in keys if any(r["ratios"][k] is not None for r in ok)]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ok) + 2), 4.5))
     width = 0.8 / len(keys)
     for j, (key, label) in enumerate(keys):
-        xs = [i + (j - 1) * width for i, r in enumerate(ok) if r["ratios"][key] is not None]
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i, r in enumerate(ok) if r["ratios"][key] is not None]
         ys = [r["ratios"][key] for r in ok if r["ratios"][key] is not None]
         bars = ax.bar(xs, ys, width, label=label)
         ax.bar_label(bars, labels=[f"{y:.2g}" for y in ys], fontsize=7, padding=1)
         for i, r in enumerate(ok):
             if r["ratios"][key] is None:
-                ax.annotate("no native op", (i + (j - 1) * width, 1.0), rotation=90, fontsize=7,
+                ax.annotate("no native op", (i + (j - (len(keys) - 1) / 2) * width, 1.0), rotation=90, fontsize=7,
                             ha="center", va="bottom", xytext=(0, 3), textcoords="offset points")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
@@ -578,6 +613,7 @@ def main(argv=None):
                    help="a sample repeats short calls until it lasts this long (default 50)")
     p.add_argument("--max-mem-gib", type=float, default=16.0,
                    help="skip a configuration whose estimated peak exceeds this (default 16)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="max relative error of the generated kernel against its peers before a warning")
     args = p.parse_args(argv)
@@ -635,7 +671,7 @@ def main(argv=None):
 
     report = {
         "settings": {"argv": sys.argv if argv is None else argv, "quick": args.quick, "repeat": args.repeat,
-                     "min_sample_ms": args.min_sample_ms, "max_mem_gib": args.max_mem_gib, "dtype": "float32",
+                     "min_sample_ms": args.min_sample_ms, "compile": not args.no_compile, "max_mem_gib": args.max_mem_gib, "dtype": "float32",
                      "device": "cpu", "timer": "time.perf_counter",
                      "memory": "torch.profiler profile_memory=True allocator events: peak and held bytes above the inputs"},
         "environment": env,

@@ -27,7 +27,7 @@ def test_quick_benchmark_writes_complete_json(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--repeat", "3",
-         "--min-sample-ms", "5", "--json", str(out), "--markdown", str(table)],
+         "--min-sample-ms", "5", "--no-compile", "--json", str(out), "--markdown", str(table)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torch.set_num_threads(" in proc.stdout
@@ -43,8 +43,8 @@ def test_quick_benchmark_writes_complete_json(tmp_path):
         assert r["status"] == "ok", where
         assert r["check"]["ok"], (where, r["check"])
         for name, col in r["columns"].items():
-            if name == "native" and r["layer"] in NO_NATIVE_OP:
-                assert col is None, where
+            if name == "native" and r["layer"] in NO_NATIVE_OP or name == "compiled":
+                assert col is None, where  # no native op; --no-compile
                 continue
             assert col is not None, (where, name)
             assert len(col["samples_ms"]) == 3, (where, name)
@@ -52,7 +52,7 @@ def test_quick_benchmark_writes_complete_json(tmp_path):
             assert col["median_ms"] > 0, (where, name)
             assert col["peak_bytes"] >= 0 and col["held_bytes"] >= 0, (where, name)
         for name, ratio in r["ratios"].items():
-            if name == "generated_over_native" and r["layer"] in NO_NATIVE_OP:
+            if name == "generated_over_native" and r["layer"] in NO_NATIVE_OP or name.startswith("compiled"):
                 assert ratio is None, where
                 continue
             assert ratio is not None and math.isfinite(ratio) and ratio > 0, (where, name, ratio)
