@@ -6,14 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from . import cache
 from .errors import DeriveError
-from .generate import generate, stale_files
-from .kernel import build
-from .layers import BUILTIN, by_name, from_file
-from .prove import default_sizes, prove
-from .verify import against_autograd, load_module, steps_table, table
+
+# torch and sympy are imported inside the commands that need them: an unchanged
+# `derive generate` (everything in the cache) answers without loading either.
 
 # The exercise's sizes for the comparison table: batch 32, 27 characters, 64 hidden units,
 # block size 3, embedding 10 (other dimensions: 16).
@@ -21,6 +18,8 @@ EXERCISE_SIZES = {"n": 32, "k": 27, "d": 64, "v": 27, "t": 3, "e": 10, "hidden":
 
 
 def _layers(args) -> list:
+    from .layers import BUILTIN, by_name, from_file
+
     if getattr(args, "layer", None):
         return [layer for a in args.layer for layer in from_file(a)]
     names = getattr(args, "names", None)
@@ -29,13 +28,24 @@ def _layers(args) -> list:
 
 def cmd_generate(args) -> int:
     start = time.perf_counter()
+    key = cache.run_key(args.layer or [], args.names, proven=not args.no_prove)
+    if not args.force and cache.unchanged(key, Path(args.out)):
+        print(f"{args.out}/ is unchanged since this generation last ran (nothing it depends on changed; "
+              f"{time.perf_counter() - start:.2f} s); --force re-derives")
+        return 0
+    from .generate import generate
+
+    layers = _layers(args)
     print(f"{'layer':18s} {'gradients':24s} {'sizes proven (n x other)':33s} {'generated vs autograd':23s} time")
-    generate(_layers(args), Path(args.out), prove_sizes=not args.no_prove, force=args.force)
+    reports = generate(layers, Path(args.out), prove_sizes=not args.no_prove, force=args.force)
+    cache.remember(key, Path(args.out), ["__init__.py"] + [f for r in reports for f in r.files])
     print(f"done in {time.perf_counter() - start:.1f} s; files in {args.out}/")
     return 0
 
 
 def cmd_check(args) -> int:
+    from .generate import stale_files
+
     problems = stale_files(_layers(args), Path(args.out))
     for p in problems:
         print(p, file=sys.stderr)
@@ -47,6 +57,12 @@ def cmd_check(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    import torch
+
+    from .kernel import build
+    from .prove import default_sizes, prove
+    from .verify import against_autograd, load_module, steps_table, table
+
     for layer in _layers(args):
         print(f"== {layer.name}")
         sizes = {d: EXERCISE_SIZES.get(d, 16) for d in layer.dims}
@@ -80,7 +96,8 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="derive every layer and (re)write its files")
     common(g)
     g.add_argument("--no-prove", action="store_true", help="skip the proofs on small symbolic matrices")
-    g.add_argument("--force", action="store_true", help="overwrite generated files edited by hand")
+    g.add_argument("--force", action="store_true",
+                   help="re-derive unchanged layers too, and overwrite generated files edited by hand")
     g.set_defaults(run=cmd_generate)
     c = sub.add_parser("check", help="fail when generated files are stale or edited by hand")
     common(c)
@@ -88,11 +105,31 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="prove each formula and print the comparison table against autograd")
     common(v)
     v.set_defaults(run=cmd_verify)
+    b = sub.add_parser("bench", add_help=False,
+                       help="time the generated kernels against native torch, autograd and a memory floor "
+                            "(scripts/bench.py; `derive bench --help` for its options)")
+    b.set_defaults(run=cmd_bench)
     return p
 
 
+def cmd_bench(args) -> int:
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    if not script.is_file():
+        raise DeriveError(f"bench: {script} not found; run `derive bench` from a checkout of the project")
+    spec = importlib.util.spec_from_file_location("derive_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module.main(args.rest, prog="derive bench")
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args, rest = parser().parse_known_args(argv)
+    if args.command != "bench" and rest:
+        parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
         return args.run(args)
     except DeriveError as e:

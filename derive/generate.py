@@ -49,6 +49,7 @@ def render(layer: Layer, kernel: Kernel | None = None) -> dict[str, str]:
 class Report:
     layer: str
     gradients: list[str]
+    files: list[str] = field(default_factory=list)  # written, relative to the output folder
     proofs: list[Proof] = field(default_factory=list)
     maxdiff: float = float("nan")
     seconds: float = 0.0
@@ -78,7 +79,7 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
         if edited and not force:
             raise HandEditedError(f"{edited[0]} was edited by hand (its content hash no longer matches); "
                                   f"move your changes into the spec, or pass --force to overwrite it")
-        report = Report(layer.name, [f"d{name}" for name in layer.differentiable])
+        report = Report(layer.name, [f"d{name}" for name in layer.differentiable], list(files))
         for rel, text in files.items():
             write_atomic(out / rel, text)
         sizes = {d: 5 + 2 * k for k, d in enumerate(layer.dims)}

@@ -600,8 +600,8 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def main(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only the two smaller sizes of each layer")
     p.add_argument("--repeat", type=int, default=10, help="interleaved repetitions (default 10)")
