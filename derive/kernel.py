@@ -60,6 +60,7 @@ class Kernel:
     formulas: list[Formula]
     shared: list[Shared]
     forward: list[tuple[str, str]]
+    forward_with_graph: list[tuple[str, str]]  # the same without in-place updates (differentiable)
     saved: list[str]
     sizes: list[str]
     size_sources: list[tuple[str, str]]  # (code unpacking sizes, tensor)
@@ -190,7 +191,8 @@ def build(layer: Layer) -> Kernel:
     divisors = _divisors(size_scalars(graph) + [f.element for f in formulas], sizes)
     sources = _size_sources(layer)
     forward = forward_code(el, saved, frame_dims, names)
-    return Kernel(layer, graph, el, grads, formulas, shared, forward, saved,
+    with_graph = forward_code(el, saved, frame_dims, names, inplace=False)
+    return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
                   [str(s) for s in frame_dims], sources, _checks(layer, divisors, sources), constants,
                   time.perf_counter() - start)
 
