@@ -18,7 +18,7 @@ from .derivation_steps import render_steps_markdown, render_steps_tex
 from .errors import DeriveError
 from .files import is_hand_edited, write_atomic
 from .kernel import Kernel, build
-from .prove import Proof, default_sizes, prove
+from .prove import Proof, default_sizes, prove_many
 from .spec import Layer
 from .trace import trace
 from .verify import against_autograd, load_module, steps_table
@@ -68,9 +68,13 @@ class HandEditedError(DeriveError):
 
 def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force: bool = False,
              echo=print) -> list[Report]:
+    """Derive ``layers``, prove their fused kernels, then write their files and compare with autograd.
+
+    Every proof runs before any file is written: a formula that fails its proof raises
+    ``ProofFailure`` and leaves ``out`` as it was.
+    """
     out = Path(out)
-    reports = []
-    write_atomic(out / "__init__.py", PACKAGE_INIT)
+    derived = []
     for layer in layers:
         start = time.perf_counter()
         kernel = build(layer) if layer.fused else None
@@ -79,19 +83,28 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
         if edited and not force:
             raise HandEditedError(f"{edited[0]} was edited by hand (its content hash no longer matches); "
                                   f"move your changes into the spec, or pass --force to overwrite it")
+        derived.append((layer, kernel, files, time.perf_counter() - start))
+
+    # A step-by-step-only layer is the composition of rules that are each proven on small
+    # symbolic matrices (tests/test_rules.py); proving a whole network symbolically is slow.
+    jobs = [(kernel, s) for _, kernel, _, _ in derived if kernel is not None and prove_sizes
+            for s in default_sizes(kernel)]
+    proofs = prove_many(jobs)
+
+    reports = []
+    write_atomic(out / "__init__.py", PACKAGE_INIT)
+    for layer, kernel, files, seconds in derived:
+        start = time.perf_counter()
         report = Report(layer.name, [f"d{name}" for name in layer.differentiable], list(files))
+        report.proofs = [p for (k, _), p in zip(jobs, proofs) if k is kernel]
         for rel, text in files.items():
             write_atomic(out / rel, text)
         sizes = {d: 5 + 2 * k for k, d in enumerate(layer.dims)}
         rows = steps_table(layer, load_module(out / f"{layer.name}_steps.py"), sizes, torch.float64)
         if kernel is not None:
-            if prove_sizes:
-                report.proofs = [prove(kernel, s) for s in default_sizes(kernel)]
             rows += against_autograd(layer, getattr(load_module(out / f"{layer.name}.py"), layer.name), sizes)
-        # A step-by-step-only layer is the composition of rules that are each proven on small
-        # symbolic matrices (tests/test_rules.py); proving a whole network symbolically is slow.
         report.maxdiff = max(r.maxdiff for r in rows)
-        report.seconds = time.perf_counter() - start
+        report.seconds = seconds + sum(p.seconds for p in report.proofs) + time.perf_counter() - start
         echo(report.line())
         reports.append(report)
     return reports

@@ -12,6 +12,8 @@ A maximum over a row is an *undefined* function of that row, so the proof holds 
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 
@@ -206,6 +208,35 @@ def _equal(a: sp.Expr, b: sp.Expr) -> bool:
     if quick == 0:
         return True
     return sp.simplify(difference) == 0
+
+
+_JOBS: list = []  # (kernel, sizes) for the worker processes, inherited through fork
+
+
+def _prove_job(k: int) -> Proof:
+    kernel, sizes = _JOBS[k]
+    return prove(kernel, sizes)
+
+
+def prove_many(jobs: list[tuple[Kernel, dict]]) -> list[Proof]:
+    """``prove`` for every ``(kernel, sizes)``, on all cores where the platform can fork.
+
+    The proofs are pure SymPy and independent; forked workers inherit the kernels (nothing is
+    pickled but the results). A failed proof raises its ``ProofFailure`` here.
+    """
+    workers = min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [prove(kernel, sizes) for kernel, sizes in jobs]
+    global _JOBS
+    _JOBS = list(jobs)
+    # the largest first, so that no worker is left with a long proof at the end
+    order = sorted(range(len(jobs)), key=lambda k: -sum(jobs[k][1].values()))
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            done = dict(zip(order, pool.map(_prove_job, order, chunksize=1)))
+    finally:
+        _JOBS = []
+    return [done[k] for k in range(len(jobs))]
 
 
 def default_sizes(kernel: Kernel) -> list[dict[str, int]]:

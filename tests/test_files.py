@@ -96,3 +96,17 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
 @pytest.mark.parametrize("args", [["generate", "--help"], ["verify", "--help"], ["check", "--help"]])
 def test_cli_help(args):
     assert derive(*args).returncode == 0
+
+
+def test_a_failed_proof_writes_nothing(tmp_path, monkeypatch):
+    """Proofs run before any file is written: a formula that fails one leaves the folder as it was."""
+    import derive.generate as gen
+    from derive.prove import ProofFailure
+
+    def failing(jobs):
+        raise ProofFailure("cross_entropy: dlogits[0, 0] at sizes {'n': 2, 'k': 3} differs")
+
+    monkeypatch.setattr(gen, "prove_many", failing)
+    with pytest.raises(ProofFailure):
+        gen.generate([cross_entropy], tmp_path / "out", echo=lambda line: None)
+    assert not (tmp_path / "out").exists()
