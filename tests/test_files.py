@@ -93,9 +93,10 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
     assert target.read_text() == "two" and sorted(p.name for p in target.parent.iterdir()) == ["f.txt"]
 
 
-@pytest.mark.parametrize("args", [["generate", "--help"], ["verify", "--help"], ["check", "--help"]])
+@pytest.mark.parametrize("args", [["generate", "--help"], ["verify", "--help"], ["check", "--help"], ["bench", "--help"]])
 def test_cli_help(args):
-    assert derive(*args).returncode == 0
+    result = derive(*args)
+    assert result.returncode == 0 and f"usage: derive {args[0]}" in result.stdout
 
 
 def test_a_failed_proof_writes_nothing(tmp_path, monkeypatch):
