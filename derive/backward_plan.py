@@ -43,8 +43,12 @@ def _label_delta(factor: sp.Expr, slots: dict):
     return None
 
 
-def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict) -> list[str] | None:
-    """Statements computing ``grad = expr`` as a linear combination plus label scatters, or None."""
+def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
+                scratch: str = "") -> list[str] | None:
+    """Statements computing ``grad = expr`` as a linear combination plus label scatters, or None.
+
+    ``scratch`` names a full-size buffer no longer needed, which the first statement writes into.
+    """
     frame, slots = printer.frame.dims, printer.frame.slots
     full = set(range(len(frame)))
     if _axes(expr, slots, shapes, frame) != full:
@@ -77,8 +81,15 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict) 
 
     tensors.sort(key=sp.default_sort_key)
     first, others = tensors[0], tensors[1:]
+    # The scratch buffer is written in place (not ``out=``, which autograd refuses when the
+    # backward itself is differentiated): its old value is not needed by anyone, the graph included.
     if None in groups:
-        lines = [f"{grad} = torch.addcmul({text(groups[None])}, {text(groups[first])}, {printer.doprint(first)})"]
+        lines = [f"{grad} = {scratch}.copy_({text(groups[None])}).addcmul_({text(groups[first])}, {printer.doprint(first)})"
+                 if scratch else
+                 f"{grad} = torch.addcmul({text(groups[None])}, {text(groups[first])}, {printer.doprint(first)})"]
+    elif scratch:
+        lines = [f"{grad} = {scratch}.copy_({printer.doprint(first)})"
+                 + ("" if groups[first] == 1 else f".mul_({text(groups[first])})")]
     elif groups[first] == 1:
         lines = [f"{grad} = {printer.doprint(first)}.clone()"]
     else:

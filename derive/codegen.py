@@ -85,7 +85,8 @@ def render_function(kernel: Kernel) -> str:
     rank = [c for c in kernel.checks if c.kind == "rank"]
     rest = [c for c in kernel.checks if c.kind != "rank"]
     positions = {name: k for k, name in enumerate(kernel.layer.inputs)}
-    shared = [dict(name=s.name, code=s.code, guard=" or ".join(f"needs[{u}]" for u in s.users)) for s in kernel.shared]
+    shared = [dict(name=s.name, code=s.sum_code or s.code, scratch=s.scratch, scratch_code=s.scratch_code,
+                   guard=" or ".join(f"needs[{u}]" for u in s.users)) for s in kernel.shared]
     formulas = [dict(position=f.position, lines=f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
     returns = [f"d{name}" if name in kernel.layer.differentiable else "None" for name in kernel.layer.inputs]
     context = dict(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .elements import REDUCING_OPS, Elements
+from .symbolic import AxisMax, AxisSum
 from .printer import ForwardPrinter, Frame
 from .trace import Node
 
@@ -53,17 +54,7 @@ def plan(el: Elements, saved: list[str], frame_dims: list) -> list[Statement]:
     """The statements that compute the output and ``saved``, temporaries included, in order."""
     graph = el.graph
     kept = _kept(el)
-    values, lines = {}, {}
-    for node in graph.nodes:
-        if node.op in ("input", "labels"):
-            continue
-
-        def operand(m: Node) -> sp.Expr:
-            return el.ref(m) if m.op in ("input", "labels") or m in kept else values[m]
-
-        values[node] = el.literal(node, operand)
-        lines[node] = {node.line} | set().union(*[lines[m] for m in node.inputs if m in lines and m not in kept])
-
+    values, lines = _literal_values(el, kept)
     wanted = [n for n in graph.nodes if n.name in saved and n in values] + [graph.output]
     needed, stack = set(wanted), list(wanted)
     while stack:
@@ -157,6 +148,23 @@ def _name_results(statements: list["Statement"], el: Elements, layouts: dict) ->
     return out
 
 
+def _literal_values(el: Elements, kept: set | None = None) -> tuple[dict, dict]:
+    """Each computed node as one literal expression over the inputs and the ``kept`` nodes, and
+    the spec lines that expression covers."""
+    kept = _kept(el) if kept is None else kept
+    values, lines = {}, {}
+    for node in el.graph.nodes:
+        if node.op in ("input", "labels"):
+            continue
+
+        def operand(m: Node) -> sp.Expr:
+            return el.ref(m) if m.op in ("input", "labels") or m in kept else values[m]
+
+        values[node] = el.literal(node, operand)
+        lines[node] = {node.line} | set().union(*[lines[m] for m in node.inputs if m in lines and m not in kept])
+    return values, lines
+
+
 def _reads(expr: sp.Expr, kept: set) -> list[Node]:
     names = {str(b) for b in expr.atoms(sp.IndexedBase)} | {s.name for s in expr.free_symbols if isinstance(s, sp.Symbol)}
     return [n for n in kept if n.name in names]
@@ -191,11 +199,45 @@ def _line_ranges(lines: set) -> str:
     return ("lines " if len(ordered) > 1 else "line ") + text
 
 
+def _hoist_sums(statements: list[Statement], frame_dims: list, index: dict, values: dict,
+                lines: dict) -> list[Statement]:
+    """Give the full-size body of a sum its own statement (``bndiff2 = bndiff**2`` before
+    ``bnvar_inv = ...bndiff2.sum(0)...``), so its buffer can be reused once the sum is taken."""
+    full = tuple(frame_dims)
+    taken = {st.name for st in statements}
+    out = []
+    for st in statements:
+        temps = temps_of(out)
+        for atom in sorted(st.value.atoms(AxisSum, AxisMax), key=sp.default_sort_key):
+            body = atom.body
+            if isinstance(body, (sp.Symbol, sp.Indexed)) or layout(body, temps, frame_dims, index) != full:
+                continue
+            name = values.get(body.xreplace(temps))
+            if name is None or name in taken:
+                name = next(f"_t{k}" for k in range(len(taken) + 1) if f"_t{k}" not in taken)
+            taken.add(name)
+            out.append(Statement(name, body, lines=lines.get(name, set())))
+            st = Statement(st.name, st.value.xreplace({body: sp.Symbol(name)}), st.node, st.lines)
+            temps = temps_of(out)
+        out.append(st)
+    return out
+
+
 def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
                  inplace: bool = True) -> list[tuple[str, str]]:
-    """``[(code, comment)]`` for the fused forward; ``inplace=False`` allocates every result."""
+    """``[(code, comment)]`` for the fused forward.
+
+    With ``inplace`` (the default) memory is reused: a temporary that dies at a line and has the
+    result's shape is updated in place, and a full-size result that cannot be is written into
+    the buffer of a temporary that died before (``out=``). ``inplace=False`` allocates every
+    result, so that autograd can differentiate the code.
+    """
     statements = plan(el, saved, frame_dims)
     index = el.index
+    if inplace:
+        values, lines = _literal_values(el)
+        literal = {stabilise(v): n.name for n, v in values.items() if n.named}
+        statements = _hoist_sums(statements, frame_dims, index, literal, {n.name: lines[n] for n in values})
     shapes = {n.name: n.shape for n in el.graph.nodes}
     slots = {index[s]: k for k, s in enumerate(frame_dims)}
     temps = temps_of(statements)
@@ -204,6 +246,9 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
     for position, st in enumerate(statements):
         for symbol in st.value.free_symbols:
             last_use[symbol.name] = position
+    full = tuple(frame_dims)
+    buffer_of: dict[str, str] = {}  # name -> the temporary whose memory it lives in
+    free: list[str] = []  # buffers of full-size temporaries no longer read
     out = []
     for position, st in enumerate(statements):
         shape = layout(st.value, temps, frame_dims, index)
@@ -214,6 +259,14 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
                     if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape} if inplace else set()
         printer = ForwardPrinter(Frame(frame_dims, slots), shapes, names, reusable=reusable, inplace=inplace)
         code = printer.statement(st.value)
+        if printer.updated:
+            buffer_of[st.name] = buffer_of.get(printer.updated, printer.updated)
+        elif inplace and shape == full and not isinstance(st.value, (sp.Symbol, sp.Indexed)):
+            into = printer.into(st.value, free[0]) if free else None
+            if into is not None:
+                code, buffer_of[st.name] = into, free.pop(0)
+            else:
+                buffer_of[st.name] = st.name
         if st.node is not None:
             code = _fit(code, shape, tuple(st.node.shape), frame_dims, names)
         comment = ""
@@ -224,6 +277,10 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
             if len(st.lines) == 1 and source:
                 comment += f": {source}"
         out.append((f"{st.name} = {code}", comment))
+        # a buffer none of whose names is read again (or saved, or returned) can be written again
+        live = {buffer_of[n] for n in buffer_of
+                if n in saved or n == el.graph.output.name or last_use.get(n, -1) > position}
+        free += [b for b in dict.fromkeys(buffer_of.values()) if b not in live and b not in free]
     return out
 
 

@@ -20,7 +20,7 @@ from .forward_plan import forward_code
 from .printer import Frame, KernelPrinter
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, dim_names
-from .symbolic import Red, reductions
+from .symbolic import Red, extent, reductions
 from .trace import Graph, trace
 
 
@@ -42,6 +42,11 @@ class Shared:
     code: str
     element: sp.Expr
     users: list[int]  # argument positions whose gradient reads it
+    # a sum of a full-size product is computed from a named buffer (``scratch = body``), which
+    # one full-size gradient later reuses for its result instead of allocating its own
+    scratch: str = ""
+    scratch_code: str = ""
+    sum_code: str = ""  # the sum of the scratch buffer (``code`` stays the readable one-liner)
 
 
 @dataclass
@@ -235,6 +240,8 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
         for earlier in shared:
             if sp.Symbol(earlier.name) in later.element.free_symbols:
                 earlier.users = sorted(set(earlier.users) | set(later.users))
+    _name_scratch_buffers(shared, frame, index, shapes, names, dtype_of, slots, taken)
+    claimed = set()
     codes = []
     for f, element, r in zip(formulas, elements, reduced):
         try:
@@ -245,10 +252,38 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
                 for d in layer.tensors[f.input].dims]
         fitted = _fit(code, element, f.input, layer, index, frame, dims)
         # a gradient already in its input's layout may be built in place, term by term
-        fast = linear_form(f"d{f.input}", r, KernelPrinter(Frame(frame, slots), shapes, names, dtype_of), shapes) \
-            if fitted == code else None
+        # a scratch buffer from a sum this gradient's guard always computes
+        scratch = next((s.scratch for s in shared if s.scratch and s.scratch not in claimed and f.position in s.users), "")
+        fast = linear_form(f"d{f.input}", r, KernelPrinter(Frame(frame, slots), shapes, names, dtype_of), shapes,
+                           scratch) if fitted == code else None
+        if fast and scratch and f"{scratch}.copy_(" in fast[0]:
+            claimed.add(scratch)
         codes.append((fitted, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols], fast))
     return shared, codes
+
+
+def _name_scratch_buffers(shared: list[Shared], frame: list, index: dict, shapes: dict, names: dict,
+                          dtype_of: str, slots: dict, taken: set) -> None:
+    """``sum_bnraw_dout = (bnraw*dout).sum(0)`` becomes ``bnraw_dout = bnraw*dout`` then
+    ``bnraw_dout.sum(0)``: the product's buffer, dead after the sum, can hold a gradient."""
+    for s in shared:
+        value = s.element
+        if not isinstance(value, Red) or isinstance(value.body, (sp.Symbol, sp.Indexed)):
+            continue
+        body = value.body
+        axes = {slots.get(i) for i in body.free_symbols if i in slots} | {frame.index(extent(value.index))}
+        if len(axes - {None}) != len(frame):
+            continue
+        base = s.name[4:] if s.name.startswith("sum_") else f"{s.name}_terms"
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}{k}"
+        taken.add(name)
+        frame_with_bound, axis = Frame(frame, slots).with_bound(value.index, body)
+        printer = KernelPrinter(frame_with_bound, shapes, names, dtype_of)
+        s.scratch, s.scratch_code = name, printer.doprint(body)
+        s.sum_code = f"{name}.sum({axis}, keepdim=True)"
 
 
 def _fit(code: str, expr: sp.Expr, name: str, layer: Layer, index: dict, frame_dims: list, dims: list[str]) -> str:

@@ -167,8 +167,11 @@ class ForwardPrinter(KernelPrinter):
         return ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace)
 
     def statement(self, expr: sp.Expr) -> str:
-        """The right-hand side of one statement, updating a dying temporary in place if one fits."""
+        """The right-hand side of one statement, updating a dying temporary in place if one fits
+        (``self.updated`` then names it)."""
+        self.updated = None
         for target in sorted(self.reusable):
+            self.updated = target
             symbol = sp.Symbol(target)
             if isinstance(expr, sp.Mul) and symbol in expr.args:
                 rest = expr / symbol
@@ -183,7 +186,34 @@ class ForwardPrinter(KernelPrinter):
                 return f"{target}.add_({self._print(rest)})"
             if type(expr) in self._UNARY and expr.args[0] == symbol:
                 return f"{target}.{self._UNARY[type(expr)]}_()"
+        self.updated = None
         return self._print(expr)
+
+    def into(self, expr: sp.Expr, buffer: str) -> str | None:
+        """``expr`` computed into the existing tensor ``buffer`` (``torch.mul(a, b, out=buffer)``),
+        or None when its outermost operation has no such form."""
+        out = f"out={buffer}"
+        if isinstance(expr, sp.Add):
+            text = self._print_Add(expr)
+            if text.startswith("torch.addcmul("):
+                return f"{text[:-1]}, {out})"
+            first, rest = expr.as_two_terms()
+            if not self._is_tensor(first):
+                first, rest = rest, first
+            if rest.could_extract_minus_sign():
+                return f"torch.sub({self._print(first)}, {self._print(-rest)}, {out})"
+            return f"torch.add({self._print(first)}, {self._print(rest)}, {out})"
+        if isinstance(expr, sp.Mul):
+            first, rest = expr.as_two_terms()
+            if not self._is_tensor(first):
+                first, rest = rest, first
+            return f"torch.mul({self._print(first)}, {self._print(rest)}, {out})"
+        if isinstance(expr, sp.Pow) and expr.exp == 2:
+            base = self._print(expr.base)
+            return f"torch.mul({base}, {base}, {out})"
+        if type(expr) in self._UNARY:
+            return f"torch.{self._UNARY[type(expr)]}({self._print(expr.args[0])}, {out})"
+        return None
 
     def _print_Function(self, expr):
         # f(a - b) computes a - b into a fresh buffer; apply f there instead of allocating again
