@@ -1,4 +1,4 @@
-"""The ``derive`` command: generate, check, verify."""
+"""The ``derive`` command: generate, check, verify, new."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ from .generate import generate, stale_files
 from .kernel import build
 from .layers import BUILTIN, by_name, from_file
 from .prove import default_sizes, prove
+from .scaffold import new_layer
 from .verify import against_autograd, load_module, steps_table, table
 
 # The exercise's sizes for the comparison table: batch 32, 27 characters, 64 hidden units,
@@ -67,6 +68,15 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_new(args) -> int:
+    folder = Path(args.out)
+    kernels = str(folder / "generated")
+    path = new_layer(args.name, folder, kernels, force=args.force)
+    print(f"wrote {path}: edit its forward pass, then run")
+    print(f"  derive generate --layer {path} --out {kernels}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="derive", description="Derive, prove and generate fused backward passes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,6 +98,11 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="prove each formula and print the comparison table against autograd")
     common(v)
     v.set_defaults(run=cmd_verify)
+    n = sub.add_parser("new", help="write a spec file NAME.py to start a new layer from")
+    n.add_argument("name", help="the layer's name (a Python identifier)")
+    n.add_argument("--out", default=".", help="folder for NAME.py (default: the current folder)")
+    n.add_argument("--force", action="store_true", help="overwrite an existing NAME.py")
+    n.set_defaults(run=cmd_new)
     return p
 
 
