@@ -18,6 +18,7 @@ from itertools import permutations
 import sympy as sp
 
 from .errors import DerivationError
+from .functions import ELEMENTWISE
 from .symbolic import IsArgmax, Max, Red, expand, extent, index_for, reductions
 from .trace import Graph, Node
 
@@ -41,8 +42,10 @@ def sign(node: Node, signs: dict) -> str:
     pos = lambda v: v == "positive"
     nonneg = lambda v: v in ("positive", "nonnegative")
     op = node.op
-    if op == "exp":
+    if op in ("exp", "sigmoid", "softplus"):
         return "positive"
+    if op in ("relu", "abs"):
+        return "nonnegative"
     if op == "pow":
         exponent = node.args[1]
         if pos(s[0]):
@@ -126,8 +129,8 @@ class Elements:
             return {"add": a[0] + a[1], "sub": a[0] - a[1], "mul": a[0] * a[1], "div": a[0] / a[1]}[op]
         if op == "pow":
             return a[0] ** a[1]
-        if op in ("exp", "log", "tanh"):
-            return getattr(sp, op)(a[0])
+        if op in ELEMENTWISE:
+            return ELEMENTWISE[op](a[0])
         if op in ("sum", "mean", "max"):
             source = node.args[0]
             value = a[0]

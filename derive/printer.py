@@ -105,12 +105,19 @@ class KernelPrinter(TorchPrinter):
         return f"{name}.view({sizes})"
 
     def _print_Red(self, expr):
-        frame, axis = self.frame.with_bound(expr.index, expr.body)
+        # nested sums over several axes are one torch reduction (pairwise summation over all of
+        # them: more accurate in float32 than summing axis after axis, and one pass)
+        frame, axes = self.frame, []
+        while isinstance(expr, Red):
+            frame, axis = frame.with_bound(expr.index, expr.body)
+            axes.append(axis)
+            expr = expr.body
         inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
-        body = inner._print(expr.body)
+        body = inner._print(expr)
         if not body.isidentifier():
             body = f"({body})"
-        return f"{body}.sum({axis}, keepdim=True)"
+        where = str(axes[0]) if len(axes) == 1 else str(tuple(sorted(axes)))
+        return f"{body}.sum({where}, keepdim=True)"
 
     def _print_Add(self, expr, order=None):
         """Positive terms first, so a difference reads ``probs - F.one_hot(y, k)``."""
@@ -143,6 +150,20 @@ class KernelPrinter(TorchPrinter):
             target = [self._print(self.frame.dims[k]) if k in used else "1" for k in range(rank)]
             return f"{code}.view({', '.join(target)})"
         raise DerivationError("", f"{expr} needs the class axis before the label axes", "reorder the dimensions")
+
+    def _print_Sigmoid(self, expr):
+        return f"torch.sigmoid({self._print(expr.args[0])})"
+
+    def _print_Softplus(self, expr):
+        return f"F.softplus({self._print(expr.args[0])})"
+
+    def _print_Relu(self, expr):
+        return f"torch.relu({self._print(expr.args[0])})"
+
+    def _print_Step(self, expr):
+        # a bool mask cast to the gradient's dtype: 1 where the argument is positive, 0 at 0 (as torch)
+        mask = f"({self._print(expr.args[0])} > 0)"
+        return f"{mask}.to({self.dtype_of}.dtype)" if self.dtype_of else mask
 
     def _print_Max(self, expr):
         raise DerivationError("", "a maximum left in a backward formula", "report this as a bug")

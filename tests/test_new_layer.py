@@ -84,7 +84,7 @@ def test_new_refuses_an_existing_file_and_a_bad_name(scaffolded):
 
 
 def test_file_colon_name_generates_one_layer(tmp_path):
-    result = derive("generate", "--no-prove", "--layer", f"{UNSEEN}:softplus", "--out", tmp_path)
+    result = derive("generate", "--no-prove", "--layer", f"{UNSEEN}:l2_normalize", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     written = sorted(p.name for p in tmp_path.glob("*.py") if p.name != "__init__.py")
-    assert written == ["softplus.py", "softplus_steps.py"]
+    assert written == ["l2_normalize.py", "l2_normalize_steps.py"]

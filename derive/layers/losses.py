@@ -1,0 +1,49 @@
+"""Losses beyond the exercise's cross-entropy: label smoothing, a softmax temperature, squared error,
+binary cross-entropy with logits."""
+import torch.nn.functional as F
+
+from derive.spec import Constant, Labels, Tensor, layer
+
+
+@layer(logits=Tensor("n", "k"), y=Labels("n", classes="k"), smoothing=Constant(0.1))
+def cross_entropy_smooth(logits, y, smoothing=0.1):
+    """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``."""
+    n, k = logits.shape
+    m = logits.max(1, keepdim=True).values
+    z = logits - m  # subtract the row max for numerical stability
+    lse = z.exp().sum(1, keepdim=True).log()
+    logprobs = z - lse
+    nll = -logprobs[range(n), y].mean()
+    uniform = -logprobs.mean()
+    loss = (1 - smoothing) * nll + smoothing * uniform
+    return loss
+
+
+@layer(logits=Tensor("n", "k"), y=Labels("n", classes="k"), T=Constant(2.0))
+def cross_entropy_temperature(logits, y, T=2.0):
+    """Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``."""
+    n = logits.shape[0]
+    s = logits / T
+    m = s.max(1, keepdim=True).values
+    z = s - m  # subtract the row max for numerical stability
+    logprobs = z - z.exp().sum(1, keepdim=True).log()
+    loss = -logprobs[range(n), y].mean()
+    return loss
+
+
+@layer(pred=Tensor("n", "d"), target=Tensor("n", "d", differentiable=False))
+def mse(pred, target):
+    """Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient."""
+    diff = pred - target
+    loss = (diff**2).mean()
+    return loss
+
+
+@layer(logits=Tensor("n", "d"), target=Tensor("n", "d", differentiable=False))
+def bce_with_logits(logits, target):
+    """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
+    ``F.binary_cross_entropy_with_logits``: ``-t*log(sigmoid(x)) - (1 - t)*log(1 - sigmoid(x))``
+    is ``(1 - t)*x + softplus(-x)``, which torch computes without overflow."""
+    per_element = (1 - target) * logits + F.softplus(-logits)
+    loss = per_element.mean()
+    return loss
