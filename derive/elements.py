@@ -149,6 +149,11 @@ class Elements:
         if op == "pick":
             table, labels = node.args
             return a[0].xreplace({self.index[table.shape[1]]: operand(labels)})
+        if op == "embed":
+            # table[labels]: the table's first index is the label at the labels' own indices
+            # (a class weight w[y] of a row is w[y[i_n]]; an embedding row C[X[i_n, i_t], i_e])
+            table, labels = node.args
+            return a[0].xreplace({self.index[table.shape[0]]: operand(labels)})
         raise DerivationError(self.layer, f"operation {op!r} has no element-wise form",
                               "use the supported primitives", node.line, node.source)
 

@@ -77,6 +77,8 @@ class KernelPrinter(TorchPrinter):
 
     # -- tensors ----------------------------------------------------------------------------
     def _print_Indexed(self, expr):
+        if expr.indices and isinstance(expr.indices[0], sp.Indexed):
+            return self._print_lookup(expr)
         name = str(expr.base)
         shape = self.shapes[name]
         axes = []
@@ -88,6 +90,18 @@ class KernelPrinter(TorchPrinter):
                                       "gather-style reads are not vectorized yet")
             axes.append(self.frame.slots[index])
         return self._layout(name, shape, axes)
+
+    def _print_lookup(self, expr):
+        """``w[y[i_n]]`` (a table read at labels) prints as ``w[y]``: the labels' axes, then the
+        table's remaining axes, laid out in the frame like any tensor."""
+        labels, rest = expr.indices[0], expr.indices[1:]
+        table_shape = self.shapes[str(expr.base)]
+        if any(not isinstance(i, (sp.Idx, sp.Integer)) for i in (*labels.indices, *rest)):
+            raise DerivationError("", f"{expr} is read at a computed position", "only table[labels] reads are vectorized")
+        shape = tuple(self.shapes[str(labels.base)]) + tuple(table_shape[1:])
+        indices = tuple(labels.indices) + tuple(rest)
+        axes = [self.frame.slots[i] for s, i in zip(shape, indices) if s != 1 and i != 0]
+        return self._layout(f"{expr.base}[{labels.base}]", shape, axes)
 
     def _layout(self, name: str, shape: tuple, axes: list[int]) -> str:
         """``name`` viewed so that its varying axes sit on ``axes`` of the frame."""

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 3cba2dc9754658ac198ef8db686b4df9b9ed69fca29eaa0fcaecb49f3d3a2eb6
-# content-hash: b863271a9289ecfe3b5ca08f1fad0fb39ee40ec8b6bab558e374480ccaec9f50
+# content-hash: d0cdfc7557bbb41f8cdb35ed0b7b1c3241bd0ad480a741e43b915478d5d5e308
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -36,12 +36,12 @@ class BceWithLogitsFunction(torch.autograd.Function):
             raise ValueError(f"bce_with_logits: logits must be a floating-point tensor, got {logits.dtype}")
         if not target.is_floating_point():
             raise ValueError(f"bce_with_logits: target must be a floating-point tensor, got {target.dtype}")
-        t1 = 1 - target  # spec line 47: per_element = (1 - target) * logits + F.softplus(-logits)
-        t2 = t1 * logits  # spec line 47: per_element = (1 - target) * logits + F.softplus(-logits)
-        t3 = -logits  # spec line 47: per_element = (1 - target) * logits + F.softplus(-logits)
-        t4 = F.softplus(t3)  # spec line 47: per_element = (1 - target) * logits + F.softplus(-logits)
-        per_element = t2 + t4  # spec line 47: per_element = (1 - target) * logits + F.softplus(-logits)
-        loss = per_element.mean()  # spec line 48: loss = per_element.mean()
+        t1 = 1 - target  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+        t2 = t1 * logits  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+        t3 = -logits  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+        t4 = F.softplus(t3)  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+        per_element = t2 + t4  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+        loss = per_element.mean()  # spec line 49: loss = per_element.mean()
         ctx.save_for_backward(t1, t3)
         ctx.sizes = (n, d)
         return loss

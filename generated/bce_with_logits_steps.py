@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 11b94155265b23b2fef4f8868853f714863fb0cbbb5c182a6ffb0815749be1c5
-# content-hash: 609f85a5b2046a5d5f37357daf30c0da446711ce9c2eef043b406c470126f64f
+# content-hash: a747e73f3282c0037670332e3f8d60b2329dbb9d61fb237c440a30fe2eeabae6
 """Step-by-step backward of ``bce_with_logits``: Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -19,12 +19,12 @@ __all__ = ["forward", "backward", "BceWithLogitsStepsFunction", "bce_with_logits
 def forward(logits, target):
     """The spec's forward pass; returns ``(output, cache)`` with every intermediate."""
     n, d = logits.shape
-    t1 = 1 - target  # spec line 47: per_element = (1 - target) * logits + F.softplus(-logits)
-    t2 = t1 * logits  # spec line 47: per_element = (1 - target) * logits + F.softplus(-logits)
-    t3 = -logits  # spec line 47: per_element = (1 - target) * logits + F.softplus(-logits)
-    t4 = F.softplus(t3)  # spec line 47: per_element = (1 - target) * logits + F.softplus(-logits)
-    per_element = t2 + t4  # spec line 47: per_element = (1 - target) * logits + F.softplus(-logits)
-    loss = per_element.mean()  # spec line 48: loss = per_element.mean()
+    t1 = 1 - target  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+    t2 = t1 * logits  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+    t3 = -logits  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+    t4 = F.softplus(t3)  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+    per_element = t2 + t4  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+    loss = per_element.mean()  # spec line 49: loss = per_element.mean()
     cache = dict(logits=logits, target=target, t1=t1, t2=t2, t3=t3, t4=t4, per_element=per_element, loss=loss)
     return loss, cache
 

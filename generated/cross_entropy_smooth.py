@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: 4597bac00a20a80912160af6c9b05ef5a066a3762cb521d1f61212faabc2ad8a
-# content-hash: 0a838e08abbfe05af4e416b79ea2c0e54d0ab62124c0f02fff81ec92937c5fc4
+# content-hash: 2be201f7e673ad281f5eba9bf88bd496f336f84bbb6bdddd3251e2014b400c93
 """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -36,20 +36,20 @@ class CrossEntropySmoothFunction(torch.autograd.Function):
             raise ValueError(f"cross_entropy_smooth: labels y must be an integer tensor, got {y.dtype}")
         if y.numel() > 0 and (y.min() < 0 or y.max() >= k):
             raise ValueError(f"cross_entropy_smooth: labels y must lie in [0, k) = [0, {k}), got values in [{int(y.min())}, {int(y.max())}]")
-        m = logits.max(1, keepdim=True).values  # spec line 12: m = logits.max(1, keepdim=True).values
-        z = logits - m  # spec line 13: z = logits - m
-        t1 = torch.exp(z)  # spec line 14: lse = z.exp().sum(1, keepdim=True).log()
-        t2 = t1.sum(1, keepdim=True)  # spec line 14: lse = z.exp().sum(1, keepdim=True).log()
-        lse = torch.log(t2)  # spec line 14: lse = z.exp().sum(1, keepdim=True).log()
-        logprobs = z - lse  # spec line 15: logprobs = z - lse
-        t3 = logprobs[torch.arange(logprobs.shape[0], device=logprobs.device), y]  # spec line 16: nll = -logprobs[range(n), y].mean()
-        t4 = t3.mean()  # spec line 16: nll = -logprobs[range(n), y].mean()
-        nll = -t4  # spec line 16: nll = -logprobs[range(n), y].mean()
-        t5 = logprobs.mean()  # spec line 17: uniform = -logprobs.mean()
-        uniform = -t5  # spec line 17: uniform = -logprobs.mean()
-        t6 = (1 - smoothing) * nll  # spec line 18: loss = (1 - smoothing) * nll + smoothing * uniform
-        t7 = smoothing * uniform  # spec line 18: loss = (1 - smoothing) * nll + smoothing * uniform
-        loss = t6 + t7  # spec line 18: loss = (1 - smoothing) * nll + smoothing * uniform
+        m = logits.max(1, keepdim=True).values  # spec line 13: m = logits.max(1, keepdim=True).values
+        z = logits - m  # spec line 14: z = logits - m
+        t1 = torch.exp(z)  # spec line 15: lse = z.exp().sum(1, keepdim=True).log()
+        t2 = t1.sum(1, keepdim=True)  # spec line 15: lse = z.exp().sum(1, keepdim=True).log()
+        lse = torch.log(t2)  # spec line 15: lse = z.exp().sum(1, keepdim=True).log()
+        logprobs = z - lse  # spec line 16: logprobs = z - lse
+        t3 = logprobs[torch.arange(logprobs.shape[0], device=logprobs.device), y]  # spec line 17: nll = -logprobs[range(n), y].mean()
+        t4 = t3.mean()  # spec line 17: nll = -logprobs[range(n), y].mean()
+        nll = -t4  # spec line 17: nll = -logprobs[range(n), y].mean()
+        t5 = logprobs.mean()  # spec line 18: uniform = -logprobs.mean()
+        uniform = -t5  # spec line 18: uniform = -logprobs.mean()
+        t6 = (1 - smoothing) * nll  # spec line 19: loss = (1 - smoothing) * nll + smoothing * uniform
+        t7 = smoothing * uniform  # spec line 19: loss = (1 - smoothing) * nll + smoothing * uniform
+        loss = t6 + t7  # spec line 19: loss = (1 - smoothing) * nll + smoothing * uniform
         ctx.save_for_backward(y, t1)
         ctx.sizes = (n, k)
         ctx.smoothing = smoothing

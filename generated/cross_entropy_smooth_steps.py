@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: 8f0ebb50db9b27b43800b5e1e95bf98344c3c0a463c6ee56bfdeec40bfce46ad
-# content-hash: 9d0084966752189666002485781f69263eb5188eba961f67f299462309b32af9
+# content-hash: 0c67a919b2ad6b3c007008a4539bacf4acf6d4df8f60289805b55daf5f883118
 """Step-by-step backward of ``cross_entropy_smooth``: Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -19,20 +19,20 @@ __all__ = ["forward", "backward", "CrossEntropySmoothStepsFunction", "cross_entr
 def forward(logits, y, smoothing=0.1):
     """The spec's forward pass; returns ``(output, cache)`` with every intermediate."""
     n, k = logits.shape
-    m = logits.max(1, keepdim=True).values  # spec line 12: m = logits.max(1, keepdim=True).values
-    z = logits - m  # spec line 13: z = logits - m
-    t1 = torch.exp(z)  # spec line 14: lse = z.exp().sum(1, keepdim=True).log()
-    t2 = t1.sum(1, keepdim=True)  # spec line 14: lse = z.exp().sum(1, keepdim=True).log()
-    lse = torch.log(t2)  # spec line 14: lse = z.exp().sum(1, keepdim=True).log()
-    logprobs = z - lse  # spec line 15: logprobs = z - lse
-    t3 = logprobs[torch.arange(logprobs.shape[0], device=logprobs.device), y]  # spec line 16: nll = -logprobs[range(n), y].mean()
-    t4 = t3.mean()  # spec line 16: nll = -logprobs[range(n), y].mean()
-    nll = -t4  # spec line 16: nll = -logprobs[range(n), y].mean()
-    t5 = logprobs.mean()  # spec line 17: uniform = -logprobs.mean()
-    uniform = -t5  # spec line 17: uniform = -logprobs.mean()
-    t6 = (1 - smoothing) * nll  # spec line 18: loss = (1 - smoothing) * nll + smoothing * uniform
-    t7 = smoothing * uniform  # spec line 18: loss = (1 - smoothing) * nll + smoothing * uniform
-    loss = t6 + t7  # spec line 18: loss = (1 - smoothing) * nll + smoothing * uniform
+    m = logits.max(1, keepdim=True).values  # spec line 13: m = logits.max(1, keepdim=True).values
+    z = logits - m  # spec line 14: z = logits - m
+    t1 = torch.exp(z)  # spec line 15: lse = z.exp().sum(1, keepdim=True).log()
+    t2 = t1.sum(1, keepdim=True)  # spec line 15: lse = z.exp().sum(1, keepdim=True).log()
+    lse = torch.log(t2)  # spec line 15: lse = z.exp().sum(1, keepdim=True).log()
+    logprobs = z - lse  # spec line 16: logprobs = z - lse
+    t3 = logprobs[torch.arange(logprobs.shape[0], device=logprobs.device), y]  # spec line 17: nll = -logprobs[range(n), y].mean()
+    t4 = t3.mean()  # spec line 17: nll = -logprobs[range(n), y].mean()
+    nll = -t4  # spec line 17: nll = -logprobs[range(n), y].mean()
+    t5 = logprobs.mean()  # spec line 18: uniform = -logprobs.mean()
+    uniform = -t5  # spec line 18: uniform = -logprobs.mean()
+    t6 = (1 - smoothing) * nll  # spec line 19: loss = (1 - smoothing) * nll + smoothing * uniform
+    t7 = smoothing * uniform  # spec line 19: loss = (1 - smoothing) * nll + smoothing * uniform
+    loss = t6 + t7  # spec line 19: loss = (1 - smoothing) * nll + smoothing * uniform
     cache = dict(logits=logits, y=y, m=m, z=z, t1=t1, t2=t2, lse=lse, logprobs=logprobs, t3=t3, t4=t4, nll=nll, t5=t5, uniform=uniform, t6=t6, t7=t7, loss=loss, smoothing=smoothing)
     return loss, cache
 

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: 098be718684bb770d41801606eacea9219027b0f517b3abe749514f2848234ae
-# content-hash: d5172d8e9c264e806be408f29518bb24b297498c6ce8f75ff1b2d5f8cdbb24f3
+# content-hash: dc27c64fb714297486c68152c8c3fb3f8f41ff59628d9b3b910649ce9555b9f3
 """Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -36,16 +36,16 @@ class CrossEntropyTemperatureFunction(torch.autograd.Function):
             raise ValueError(f"cross_entropy_temperature: labels y must be an integer tensor, got {y.dtype}")
         if y.numel() > 0 and (y.min() < 0 or y.max() >= k):
             raise ValueError(f"cross_entropy_temperature: labels y must lie in [0, k) = [0, {k}), got values in [{int(y.min())}, {int(y.max())}]")
-        s = logits / T  # spec line 26: s = logits / T
-        m = s.max(1, keepdim=True).values  # spec line 27: m = s.max(1, keepdim=True).values
-        z = s - m  # spec line 28: z = s - m
-        t1 = torch.exp(z)  # spec line 29: logprobs = z - z.exp().sum(1, keepdim=True).log()
-        t2 = t1.sum(1, keepdim=True)  # spec line 29: logprobs = z - z.exp().sum(1, keepdim=True).log()
-        t3 = torch.log(t2)  # spec line 29: logprobs = z - z.exp().sum(1, keepdim=True).log()
-        logprobs = z - t3  # spec line 29: logprobs = z - z.exp().sum(1, keepdim=True).log()
-        t4 = logprobs[torch.arange(logprobs.shape[0], device=logprobs.device), y]  # spec line 30: loss = -logprobs[range(n), y].mean()
-        t5 = t4.mean()  # spec line 30: loss = -logprobs[range(n), y].mean()
-        loss = -t5  # spec line 30: loss = -logprobs[range(n), y].mean()
+        s = logits / T  # spec line 27: s = logits / T
+        m = s.max(1, keepdim=True).values  # spec line 28: m = s.max(1, keepdim=True).values
+        z = s - m  # spec line 29: z = s - m
+        t1 = torch.exp(z)  # spec line 30: logprobs = z - z.exp().sum(1, keepdim=True).log()
+        t2 = t1.sum(1, keepdim=True)  # spec line 30: logprobs = z - z.exp().sum(1, keepdim=True).log()
+        t3 = torch.log(t2)  # spec line 30: logprobs = z - z.exp().sum(1, keepdim=True).log()
+        logprobs = z - t3  # spec line 30: logprobs = z - z.exp().sum(1, keepdim=True).log()
+        t4 = logprobs[torch.arange(logprobs.shape[0], device=logprobs.device), y]  # spec line 31: loss = -logprobs[range(n), y].mean()
+        t5 = t4.mean()  # spec line 31: loss = -logprobs[range(n), y].mean()
+        loss = -t5  # spec line 31: loss = -logprobs[range(n), y].mean()
         ctx.save_for_backward(y, t1)
         ctx.sizes = (n, k)
         ctx.T = T

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: 725b47c46fab874d741646de5f2ec132b1facdbe1ac682262430fe4567b63897
-# content-hash: 839d6d6347297e167b093640ee17f5ea6d60330d5bd1d352890834ecbfbdd6e0
+# content-hash: f9c4390086ec772bd948ad677255d8d2c5e2fc115e24fab64fe5e8c243078454
 """Step-by-step backward of ``cross_entropy_temperature``: Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -19,16 +19,16 @@ __all__ = ["forward", "backward", "CrossEntropyTemperatureStepsFunction", "cross
 def forward(logits, y, T=2.0):
     """The spec's forward pass; returns ``(output, cache)`` with every intermediate."""
     n, k = logits.shape
-    s = logits / T  # spec line 26: s = logits / T
-    m = s.max(1, keepdim=True).values  # spec line 27: m = s.max(1, keepdim=True).values
-    z = s - m  # spec line 28: z = s - m
-    t1 = torch.exp(z)  # spec line 29: logprobs = z - z.exp().sum(1, keepdim=True).log()
-    t2 = t1.sum(1, keepdim=True)  # spec line 29: logprobs = z - z.exp().sum(1, keepdim=True).log()
-    t3 = torch.log(t2)  # spec line 29: logprobs = z - z.exp().sum(1, keepdim=True).log()
-    logprobs = z - t3  # spec line 29: logprobs = z - z.exp().sum(1, keepdim=True).log()
-    t4 = logprobs[torch.arange(logprobs.shape[0], device=logprobs.device), y]  # spec line 30: loss = -logprobs[range(n), y].mean()
-    t5 = t4.mean()  # spec line 30: loss = -logprobs[range(n), y].mean()
-    loss = -t5  # spec line 30: loss = -logprobs[range(n), y].mean()
+    s = logits / T  # spec line 27: s = logits / T
+    m = s.max(1, keepdim=True).values  # spec line 28: m = s.max(1, keepdim=True).values
+    z = s - m  # spec line 29: z = s - m
+    t1 = torch.exp(z)  # spec line 30: logprobs = z - z.exp().sum(1, keepdim=True).log()
+    t2 = t1.sum(1, keepdim=True)  # spec line 30: logprobs = z - z.exp().sum(1, keepdim=True).log()
+    t3 = torch.log(t2)  # spec line 30: logprobs = z - z.exp().sum(1, keepdim=True).log()
+    logprobs = z - t3  # spec line 30: logprobs = z - z.exp().sum(1, keepdim=True).log()
+    t4 = logprobs[torch.arange(logprobs.shape[0], device=logprobs.device), y]  # spec line 31: loss = -logprobs[range(n), y].mean()
+    t5 = t4.mean()  # spec line 31: loss = -logprobs[range(n), y].mean()
+    loss = -t5  # spec line 31: loss = -logprobs[range(n), y].mean()
     cache = dict(logits=logits, y=y, s=s, m=m, z=z, t1=t1, t2=t2, t3=t3, logprobs=logprobs, t4=t4, t5=t5, loss=loss, T=T)
     return loss, cache
 

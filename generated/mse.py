@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: d3fc0757b44fe08c4a74fd244b6e82d12090bf36628be227f171b84614e5ea35
-# content-hash: 42ef5fe0819720da3512854aaf8632d0777c470c4d2332049f778157f76b43d7
+# content-hash: 1b34ccea85bea8e57bca246ecd013eedf91335f101dbe94b06bf3c284b287968
 """Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -36,9 +36,9 @@ class MseFunction(torch.autograd.Function):
             raise ValueError(f"mse: pred must be a floating-point tensor, got {pred.dtype}")
         if not target.is_floating_point():
             raise ValueError(f"mse: target must be a floating-point tensor, got {target.dtype}")
-        diff = pred - target  # spec line 37: diff = pred - target
-        t1 = diff**2  # spec line 38: loss = (diff**2).mean()
-        loss = t1.mean()  # spec line 38: loss = (diff**2).mean()
+        diff = pred - target  # spec line 38: diff = pred - target
+        t1 = diff**2  # spec line 39: loss = (diff**2).mean()
+        loss = t1.mean()  # spec line 39: loss = (diff**2).mean()
         ctx.save_for_backward(diff,)
         ctx.sizes = (n, d)
         return loss

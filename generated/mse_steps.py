@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: 869fe194c6e0926b2cd0ab083852247fa3e9e56f17bf7d71b2adb6ad87087ea7
-# content-hash: 27e8dc69f6df4e8ece03dd449d367b05306b2f80c8d1827e6d61a61798e1a18a
+# content-hash: adfb06a1179485f7091692847e631d450e5e68b04b53796df6f344906b3c737d
 """Step-by-step backward of ``mse``: Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -19,9 +19,9 @@ __all__ = ["forward", "backward", "MseStepsFunction", "mse"]
 def forward(pred, target):
     """The spec's forward pass; returns ``(output, cache)`` with every intermediate."""
     n, d = pred.shape
-    diff = pred - target  # spec line 37: diff = pred - target
-    t1 = diff**2  # spec line 38: loss = (diff**2).mean()
-    loss = t1.mean()  # spec line 38: loss = (diff**2).mean()
+    diff = pred - target  # spec line 38: diff = pred - target
+    t1 = diff**2  # spec line 39: loss = (diff**2).mean()
+    loss = t1.mean()  # spec line 39: loss = (diff**2).mean()
     cache = dict(pred=pred, target=target, diff=diff, t1=t1, loss=loss)
     return loss, cache
 

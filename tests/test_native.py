@@ -22,6 +22,7 @@ NATIVE = {
     "rmsnorm": lambda x, g, eps: F.rms_norm(x, (x.shape[1],), g, eps),
     "cross_entropy_smooth": lambda logits, y, smoothing: F.cross_entropy(logits, y, label_smoothing=smoothing),
     "cross_entropy_temperature": lambda logits, y, T: F.cross_entropy(logits / T, y),
+    "cross_entropy_weighted": lambda logits, y, w: F.cross_entropy(logits, y, weight=w),
     "mse": lambda pred, target: F.mse_loss(pred, target),
     "bce_with_logits": lambda logits, target: F.binary_cross_entropy_with_logits(logits, target),
     "sigmoid": lambda x: torch.sigmoid(x),

@@ -1,5 +1,6 @@
 """Losses beyond the exercise's cross-entropy: label smoothing, a softmax temperature, squared error,
 binary cross-entropy with logits."""
+import torch
 import torch.nn.functional as F
 
 from derive.spec import Constant, Labels, Tensor, layer
@@ -47,3 +48,28 @@ def bce_with_logits(logits, target):
     per_element = (1 - target) * logits + F.softplus(-logits)
     loss = per_element.mean()
     return loss
+
+
+@layer(logits=Tensor("n", "k"), y=Labels("n", classes="k"), w=Tensor("k", differentiable=False))
+def cross_entropy_weighted(logits, y, w):
+    """Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
+    ``F.cross_entropy(logits, y, weight=w)``."""
+    n = logits.shape[0]
+    m = logits.max(1, keepdim=True).values
+    z = logits - m  # subtract the row max for numerical stability
+    logprobs = z - z.exp().sum(1, keepdim=True).log()
+    picked_w = w[y]  # each row's weight: the weight of its label
+    loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
+    return loss
+
+
+def positive_weights(sizes, dtype=torch.float64, seed=0):
+    """Logits ~ N(0, 1), uniform labels, class weights in [0.5, 1.5) (torch's weights are >= 0;
+    the normalization divides by their sum)."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = sizes["n"], sizes["k"]
+    return dict(logits=torch.randn((n, k), generator=g, dtype=dtype), y=torch.randint(0, k, (n,), generator=g),
+                w=torch.rand(k, generator=g, dtype=dtype) + 0.5)
+
+
+cross_entropy_weighted.example = positive_weights
