@@ -44,7 +44,7 @@ def sign(node: Node, signs: dict) -> str:
     op = node.op
     if op in ("exp", "sigmoid", "softplus"):
         return "positive"
-    if op in ("relu", "abs"):
+    if op in ("relu", "abs", "eq", "ne"):
         return "nonnegative"
     if op == "pow":
         exponent = node.args[1]
@@ -149,6 +149,10 @@ class Elements:
         if op == "pick":
             table, labels = node.args
             return a[0].xreplace({self.index[table.shape[1]]: operand(labels)})
+        if op in ("eq", "ne"):
+            # a label compared with a number: the mask is a Kronecker delta (0/1), exact for any value
+            same = sp.KroneckerDelta(a[0], a[1])
+            return same if op == "eq" else 1 - same
         if op == "embed":
             # table[labels]: the table's first index is the label at the labels' own indices
             # (a class weight w[y] of a row is w[y[i_n]]; an embedding row C[X[i_n, i_t], i_e])

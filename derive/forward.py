@@ -40,6 +40,8 @@ def line(node: Node, printer) -> str:
         return f"{a[0]}.max({_reduce_args(node, node.args[0])}).values"
     if op == "matmul":
         return f"{a[0]} @ {a[1]}"
+    if op in ("eq", "ne"):
+        return f"{a[0]} {'==' if op == 'eq' else '!='} {a[1]}"
     if op == "embed":
         return f"{a[0]}[{a[1]}]"
     if op == "view":

@@ -235,6 +235,9 @@ def _forward(node: Node, a: list[Elt]) -> Elt:
         return value / sp.Mul(*[a[0].shape[k] for k in axes]) if op == "mean" else value
     if op == "matmul":
         return a[0] @ a[1]
+    if op in ("eq", "ne"):
+        same = Elt(node.shape, lambda idx: sp.KroneckerDelta(a[0].fn(idx), a[1].fn(())))
+        return same if op == "eq" else 1 - same
     if op == "embed":
         table, index = a
         r = len(index.shape)

@@ -146,6 +146,11 @@ class KernelPrinter(TorchPrinter):
 
     def _print_KroneckerDelta(self, expr):
         a, b = expr.args
+        if not isinstance(a, sp.Idx) and not isinstance(b, sp.Idx):
+            # a label against a number (``keep = y != ignore_index``): a mask in the gradient's dtype
+            labels, value = (a, b) if isinstance(a, sp.Indexed) else (b, a)
+            mask = f"({self._print(labels)} == {self._print(value)})"
+            return f"{mask}.to({self.dtype_of}.dtype)" if self.dtype_of else mask
         if isinstance(a, sp.Indexed):
             a, b = b, a
         if not (isinstance(a, sp.Idx) and isinstance(b, sp.Indexed)):

@@ -93,6 +93,9 @@ def evaluate(graph: Graph, sizes: dict[sp.Symbol, int], inputs: dict[str, np.nda
             v = a[0][np.vectorize(int)(a[1]).astype(np.int64)]
         elif op == "view":
             v = a[0].reshape(tuple(int(sp.sympify(s).xreplace(subs)) for s in node.shape))
+        elif op in ("eq", "ne"):
+            same = np.vectorize(lambda label: sp.KroneckerDelta(label, a[1]), otypes=[object])(a[0])
+            v = same if op == "eq" else 1 - same
         elif op == "pick":
             v = np.array([a[0][r, int(a[1][r])] for r in range(a[0].shape[0])], dtype=object)
         else:
@@ -123,7 +126,7 @@ def _expand_generic(expr: sp.Expr, kernel: Kernel, values: dict, sizes: dict, po
             return position[e]
         if isinstance(e, sp.KroneckerDelta):
             a, b = (visit(x) for x in e.args)
-            return sp.Integer(int(a == b))
+            return sp.KroneckerDelta(a, b)  # 0/1 for two positions; symbolic for a label vs a constant
         if e.is_Atom:
             return e.xreplace(sizes)
         return e.func(*[visit(a) for a in e.args])

@@ -483,6 +483,17 @@ class SymTensor:
     def _compare(self, *a):
         self._tracer.fail("a comparison of tensors", "the forward must not branch on tensor values")
 
+    def _label_compare(self, op, other):
+        """``y == c`` / ``y != c`` on labels: a 0/1 mask (``keep = y != ignore_index``)."""
+        t = self._tracer
+        if self.node.op != "labels" or isinstance(other, SymTensor):
+            t.fail(f"{'==' if op == 'eq' else '!='} on {'two tensors' if isinstance(other, SymTensor) else 'a float tensor'}",
+                   "compare labels with a number only, as a mask: keep = y != ignore_index")
+        return t.record(op, (self.node, t.scalar(other, op)), self.node.shape)
+
+    def __eq__(self, other): return self._label_compare("eq", other)
+    def __ne__(self, other): return self._label_compare("ne", other)
+
     __lt__ = __le__ = __gt__ = __ge__ = _compare
     __hash__ = object.__hash__
 
@@ -499,6 +510,7 @@ class _MaxResult:
 
 SUPPORTED = ("+ - * / with broadcasting, ** with a constant exponent, exp, log, tanh, sigmoid, relu, "
              "clamp(min=c), abs, F.softplus, "
+             "labels == c and labels != c (0/1 masks), "
              "sum/mean/max(dim, keepdim), @, view/reshape, t[range(n), y] and table[index] with declared Labels")
 
 

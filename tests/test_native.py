@@ -23,6 +23,7 @@ NATIVE = {
     "cross_entropy_smooth": lambda logits, y, smoothing: F.cross_entropy(logits, y, label_smoothing=smoothing),
     "cross_entropy_temperature": lambda logits, y, T: F.cross_entropy(logits / T, y),
     "cross_entropy_weighted": lambda logits, y, w: F.cross_entropy(logits, y, weight=w),
+    "cross_entropy_ignore": lambda logits, y, ignore_index: F.cross_entropy(logits, y, ignore_index=ignore_index),
     "mse": lambda pred, target: F.mse_loss(pred, target),
     "bce_with_logits": lambda logits, target: F.binary_cross_entropy_with_logits(logits, target),
     "sigmoid": lambda x: torch.sigmoid(x),
@@ -87,3 +88,14 @@ def test_bce_with_logits_is_stable_for_large_logits():
     (a, ga), (b, gb) = results
     assert torch.isfinite(a) and torch.isfinite(ga).all()
     assert torch.allclose(a, b) and torch.allclose(ga, gb, atol=1e-15)
+
+
+def test_ignored_rows_get_no_gradient_and_do_not_count():
+    fn = getattr(importlib.import_module("generated.cross_entropy_ignore"), "cross_entropy_ignore")
+    logits = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    y = torch.tensor([2, 0, 1, 0, 3, 0])
+    loss = fn(logits, y, ignore_index=0)
+    (grad,) = torch.autograd.grad(loss, logits)
+    kept = y != 0
+    assert torch.all(grad[~kept] == 0)
+    assert torch.allclose(loss, F.cross_entropy(logits[kept], y[kept]))

@@ -73,3 +73,32 @@ def positive_weights(sizes, dtype=torch.float64, seed=0):
 
 
 cross_entropy_weighted.example = positive_weights
+
+
+@layer(logits=Tensor("n", "k"), y=Labels("n", classes="k"), ignore_index=Constant(0))
+def cross_entropy_ignore(logits, y, ignore_index=0):
+    """Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
+    as ``F.cross_entropy(logits, y, ignore_index=ignore_index)``. The ignored class is a class of
+    ``range(k)`` here: torch's default -100 lies outside the declared labels."""
+    n = logits.shape[0]
+    m = logits.max(1, keepdim=True).values
+    z = logits - m  # subtract the row max for numerical stability
+    logprobs = z - z.exp().sum(1, keepdim=True).log()
+    keep = y != ignore_index  # 1 for a row that counts, 0 for an ignored one
+    loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
+    return loss
+
+
+def some_rows_kept(sizes, dtype=torch.float64, seed=0):
+    """Logits ~ N(0, 1) and uniform labels, the first row never ignored (a batch with every row
+    ignored is 0/0, NaN in torch too); with one class, nothing is ignored."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = sizes["n"], sizes["k"]
+    y = torch.randint(0, k, (n,), generator=g)
+    ignore = 0 if k > 1 else 1
+    if k > 1:
+        y[0] = 1
+    return dict(logits=torch.randn((n, k), generator=g, dtype=dtype), y=y, ignore_index=ignore)
+
+
+cross_entropy_ignore.example = some_rows_kept
