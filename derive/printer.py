@@ -91,6 +91,39 @@ class KernelPrinter(TorchPrinter):
             axes.append(self.frame.slots[index])
         return self._layout(name, shape, axes)
 
+    def _contraction(self, body, bound: list[int]):
+        """A sum of a product of tensors that do not share all their axes (``sum_o dout[n, o]*W[i, o]``)
+        is a contraction: ``torch.einsum('no,io->ni', dout, W)``, never the broadcast product
+        (n x i x o elements). Returns None for anything else (a sum of one tensor, of an elementwise
+        product of same-shaped tensors, or with a factor that is not a plain tensor or a scalar)."""
+        tensors, scalars = [], []
+        for f in sp.Mul.make_args(body):
+            if isinstance(f, sp.Indexed) and not isinstance(f.indices[0], sp.Indexed):
+                tensors.append(f)
+            elif f.atoms(sp.Indexed) or any(isinstance(s, sp.Idx) for s in f.free_symbols) or f.atoms(Red):
+                return None
+            else:
+                scalars.append(f)
+        if len(tensors) < 2:
+            return None
+        letters, operands, axes_of = "abcdefghijklmnopqrstuvwxyz", [], []
+        for t in tensors:
+            shape = self.shapes[str(t.base)]
+            if any(s == 1 for s in shape) or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in t.indices):
+                return None
+            axes_of.append([self.frame.slots[i] for i in t.indices])
+            operands.append(str(t.base))
+        every = set().union(*map(set, axes_of))
+        if any(set(a) == every for a in axes_of):
+            return None  # an elementwise product of same-shaped tensors: print the plain sum
+        out_axes = sorted(every - set(bound))
+        spec = ",".join("".join(letters[k] for k in a) for a in axes_of) + "->" + "".join(letters[k] for k in out_axes)
+        code = self._layout(f"torch.einsum('{spec}', {', '.join(operands)})", tuple(self.frame.dims[k] for k in out_axes),
+                            out_axes)
+        if scalars:
+            code = f"{self._print(sp.Mul(*scalars))}*{code}"
+        return code
+
     def _print_lookup(self, expr):
         """``w[y[i_n]]`` (a table read at labels) prints as ``w[y]``: the labels' axes, then the
         table's remaining axes, laid out in the frame like any tensor."""
@@ -127,6 +160,9 @@ class KernelPrinter(TorchPrinter):
             axes.append(axis)
             expr = expr.body
         inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
+        contraction = inner._contraction(expr, axes)
+        if contraction is not None:
+            return contraction
         body = inner._print(expr)
         if not body.isidentifier():
             body = f"({body})"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from derive.layers import FUSED
 from derive.verify import accuracy, against_autograd, random_inputs, table
 
-EXERCISE = {"n": 32, "k": 27, "d": 64, "c": 8, "l": 4}
+EXERCISE = {"n": 32, "k": 27, "d": 64, "c": 8, "l": 4, "i": 30, "o": 64}
 
 
 def generated(layer):

@@ -25,6 +25,7 @@ NATIVE = {
     "cross_entropy_weighted": lambda logits, y, w: F.cross_entropy(logits, y, weight=w),
     "cross_entropy_ignore": lambda logits, y, ignore_index: F.cross_entropy(logits, y, ignore_index=ignore_index),
     "mse": lambda pred, target: F.mse_loss(pred, target),
+    "linear": lambda x, W, b: F.linear(x, W.T, b),
     "bce_with_logits": lambda logits, target: F.binary_cross_entropy_with_logits(logits, target),
     "sigmoid": lambda x: torch.sigmoid(x),
     "relu": lambda x: torch.relu(x),
@@ -33,7 +34,7 @@ NATIVE = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 NO_NATIVE = {"batchnorm": "torch has no batch norm with Bessel's correction in training"}
-SIZES = {"n": 7, "d": 5, "k": 6, "c": 3, "l": 4}
+SIZES = {"n": 7, "d": 5, "k": 6, "c": 3, "l": 4, "i": 5, "o": 3}
 
 
 def test_every_fused_builtin_is_compared_or_says_why_not():
