@@ -106,7 +106,10 @@ class KernelPrinter(TorchPrinter):
                 scalars.append(f)
         if len(tensors) < 2:
             return None
-        letters, operands, axes_of = "abcdefghijklmnopqrstuvwxyz", [], []
+        # subscripts named after the dimensions (``'no,ni->io'``) when their initials differ
+        initials = [str(d)[0].lower() for d in self.frame.dims]
+        distinct = len(set(initials)) == len(initials) and all(c.isalpha() for c in initials)
+        letters, operands, axes_of = initials if distinct else "abcdefghijklmnopqrstuvwxyz", [], []
         for t in tensors:
             shape = self.shapes[str(t.base)]
             if any(s == 1 for s in shape) or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in t.indices):

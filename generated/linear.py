@@ -2,13 +2,13 @@
 # source: derive.layers.mlp_parts (layer linear)
 # regenerate: derive generate
 # inputs-hash: dab15d71b3c188addc311190ec26f0f13bec0ccec902639ce4df3ba5adf27fe3
-# content-hash: 71e097624eb281a71e6700e15bcfc98edba126a7419fb9f2ba8ddf05b211bd2d
+# content-hash: 26991f15b6c3e2ce85b81da12d3c03a105d82dc926ee3b1d3ddab090702a3ea6
 """Affine map ``x @ W + b``.
 
 Fused backward, derived from the spec (element-wise, sizes n, i, o):
 
-    dx = (torch.einsum('bc,ac->ab', W, dout).view(n, i, 1)).reshape(n, i)
-    dW = (torch.einsum('ac,ab->bc', dout, x)).reshape(i, o)
+    dx = (torch.einsum('io,no->ni', W, dout).view(n, i, 1)).reshape(n, i)
+    dW = (torch.einsum('no,ni->io', dout, x)).reshape(i, o)
     db = ((dout.view(n, 1, o)).sum(0, keepdim=True)).reshape(o,)
 """
 import math  # noqa: F401  (used by some formulas)
@@ -63,9 +63,9 @@ class LinearFunction(torch.autograd.Function):
         dW = None
         db = None
         if needs[0]:
-            dx = (torch.einsum('bc,ac->ab', W, dout).view(n, i, 1)).reshape(n, i)
+            dx = (torch.einsum('io,no->ni', W, dout).view(n, i, 1)).reshape(n, i)
         if needs[1]:
-            dW = (torch.einsum('ac,ab->bc', dout, x)).reshape(i, o)
+            dW = (torch.einsum('no,ni->io', dout, x)).reshape(i, o)
         if needs[2]:
             db = ((dout.view(n, 1, o)).sum(0, keepdim=True)).reshape(o,)
         return dx, dW, db
