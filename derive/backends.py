@@ -6,6 +6,8 @@ import itertools
 import numpy as np
 import sympy as sp
 
+from .functions import Sigmoid, Step
+
 ATOM, POW, UNARY, MUL, ADD = 100, 80, 70, 60, 50
 
 
@@ -79,6 +81,15 @@ class CodeOps:
 
     def unsqueeze(self, grad, axis):
         return Code(f"{grad.wrap(ATOM)}.unsqueeze({axis})")
+
+    def positive(self, a):
+        return Code(f"({a} > 0)")  # a bool mask; times a gradient it takes the gradient's dtype
+
+    def sign(self, a):
+        return Code(f"torch.sign({a})")
+
+    def sigmoid(self, a):
+        return Code(f"torch.sigmoid({a})")
 
     def index_add(self, table, index, grad):
         return Code(f"torch.zeros_like({table}).index_add_(0, {index}.view(-1), "
@@ -192,6 +203,15 @@ class ArrayOps:
 
     def unsqueeze(self, grad, axis):
         return np.expand_dims(grad, axis)
+
+    def positive(self, a):
+        return np.vectorize(Step, otypes=[object])(a)
+
+    def sign(self, a):
+        return np.vectorize(sp.sign, otypes=[object])(a)
+
+    def sigmoid(self, a):
+        return np.vectorize(Sigmoid, otypes=[object])(a)
 
     def index_add(self, table, index, grad):
         out = np.full(table.shape, sp.S.Zero, dtype=object)

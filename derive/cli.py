@@ -1,4 +1,4 @@
-"""The ``derive`` command: generate, check, verify."""
+"""The ``derive`` command: generate, check, verify, new."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,17 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_new(args) -> int:
+    from .scaffold import new_layer
+
+    folder = Path(args.out)
+    kernels = str(folder / "generated")
+    path = new_layer(args.name, folder, kernels, force=args.force)
+    print(f"wrote {path}: edit its forward pass, then run")
+    print(f"  derive generate --layer {path} --out {kernels}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="derive", description="Derive, prove and generate fused backward passes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +120,11 @@ def parser() -> argparse.ArgumentParser:
                        help="time the generated kernels against native torch, autograd and a memory floor "
                             "(scripts/bench.py; `derive bench --help` for its options)")
     b.set_defaults(run=cmd_bench)
+    n = sub.add_parser("new", help="write a spec file NAME.py to start a new layer from")
+    n.add_argument("name", help="the layer's name (a Python identifier)")
+    n.add_argument("--out", default=".", help="folder for NAME.py (default: the current folder)")
+    n.add_argument("--force", action="store_true", help="overwrite an existing NAME.py")
+    n.set_defaults(run=cmd_new)
     return p
 
 

@@ -78,8 +78,10 @@ class _Printer(LatexPrinter):
     def _print_KroneckerDelta(self, expr, exp=None):
         return r"\delta_{%s, %s}" % (self._print(expr.args[0]), self._print(expr.args[1]))
 
-    def _print_Red(self, expr):
-        return r"\sum_{%s} %s" % (self._print(expr.index), self.parenthesize(expr.body, PRECEDENCE["Add"]))
+    def _print_Red(self, expr, exp=None):
+        text = r"\sum_{%s} %s" % (self._print(expr.index), self.parenthesize(expr.body, PRECEDENCE["Add"]))
+        # a power of a sum (SymPy's latex passes the exponent in): (\sum_j ...)^{2}
+        return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
 
     def _print_Max(self, expr):
         return r"\max_{%s} %s" % (self._print(expr.index), self.parenthesize(expr.body, PRECEDENCE["Add"]))

@@ -18,6 +18,7 @@ from itertools import permutations
 import sympy as sp
 
 from .errors import DerivationError
+from .functions import ELEMENTWISE
 from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, expand, extent, index_for, pick, reductions
 from .trace import Graph, Node
 
@@ -41,8 +42,10 @@ def sign(node: Node, signs: dict) -> str:
     pos = lambda v: v == "positive"
     nonneg = lambda v: v in ("positive", "nonnegative")
     op = node.op
-    if op == "exp":
+    if op in ("exp", "sigmoid", "softplus"):
         return "positive"
+    if op in ("relu", "abs", "eq", "ne"):
+        return "nonnegative"
     if op == "pow":
         exponent = node.args[1]
         if pos(s[0]):
@@ -136,8 +139,8 @@ class Elements:
             return {"add": a[0] + a[1], "sub": a[0] - a[1], "mul": a[0] * a[1], "div": a[0] / a[1]}[op]
         if op == "pow":
             return a[0] ** a[1]
-        if op in ("exp", "log", "tanh"):
-            return getattr(sp, op)(a[0])
+        if op in ELEMENTWISE:
+            return ELEMENTWISE[op](a[0])
         if op in ("sum", "mean", "max"):
             source = node.args[0]
             value = a[0]
@@ -159,6 +162,15 @@ class Elements:
         if op == "pick":
             table, labels = node.args
             return pick(a[0], self.index[table.shape[1]], operand(labels))
+        if op in ("eq", "ne"):
+            # a label compared with a number: the mask is a Kronecker delta (0/1), exact for any value
+            same = sp.KroneckerDelta(a[0], a[1])
+            return same if op == "eq" else 1 - same
+        if op == "embed":
+            # table[labels]: the table's first index is the label at the labels' own indices
+            # (a class weight w[y] of a row is w[y[i_n]]; an embedding row C[X[i_n, i_t], i_e])
+            table, labels = node.args
+            return pick(a[0], self.index[table.shape[0]], operand(labels))
         raise DerivationError(self.layer, f"operation {op!r} has no element-wise form",
                               "use the supported primitives", node.line, node.source)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from .functions import ELEMENTWISE, TORCH_NAME
 from .trace import Graph, Node
 
 
@@ -31,14 +32,16 @@ def line(node: Node, printer) -> str:
         return f"{a[0]} {dict(add='+', sub='-', mul='*', div='/')[op]} {a[1]}"
     if op == "pow":
         return f"{a[0]}**{a[1]}"
-    if op in ("exp", "log", "tanh"):
-        return f"torch.{op}({a[0]})"
+    if op in ELEMENTWISE:
+        return f"{TORCH_NAME.get(op, 'torch.' + op)}({a[0]})"
     if op in ("sum", "mean"):
         return f"{a[0]}.{op}({_reduce_args(node, node.args[0])})"
     if op == "max":
         return f"{a[0]}.max({_reduce_args(node, node.args[0])}).values"
     if op == "matmul":
         return f"{a[0]} @ {a[1]}"
+    if op in ("eq", "ne"):
+        return f"{a[0]} {'==' if op == 'eq' else '!='} {a[1]}"
     if op == "embed":
         return f"{a[0]}[{a[1]}]"
     if op == "view":

@@ -24,6 +24,7 @@ import sympy as sp
 from .elements import REDUCING_OPS, Elements
 from .symbolic import AxisMax, AxisSum
 from .printer import ForwardPrinter, Frame
+from .spec import Tensor
 from .trace import Node
 
 
@@ -212,6 +213,9 @@ def _hoist_sums(statements: list[Statement], frame_dims: list, index: dict, valu
             body = atom.body
             if isinstance(body, (sp.Symbol, sp.Indexed)) or layout(body, temps, frame_dims, index) != full:
                 continue
+            factors = [layout(f, temps, frame_dims, index) for f in sp.Mul.make_args(body) if not f.is_number]
+            if len(set(factors)) > 1 and isinstance(body, sp.Mul):
+                continue  # a contraction (x @ W): printed as einsum, there is no full-size body
             name = values.get(body.xreplace(temps))
             if name is None or name in taken:
                 name = next(f"_t{k}" for k in range(len(taken) + 1) if f"_t{k}" not in taken)
@@ -247,6 +251,8 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
         for symbol in st.value.free_symbols:
             last_use[symbol.name] = position
     full = tuple(frame_dims)
+    # masks (``y != ignore_index``) are cast to the dtype of the first floating-point input
+    dtype_of = next((k for k, v in el.graph.layer.tensors.items() if isinstance(v, Tensor)), "")
     buffer_of: dict[str, str] = {}  # name -> the temporary whose memory it lives in
     free: list[str] = []  # buffers of full-size temporaries no longer read
     out = []
@@ -257,7 +263,8 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
         # a temporary that dies here and already has the result's shape can hold the result
         reusable = {t.name for t in statements[:position]
                     if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape} if inplace else set()
-        printer = ForwardPrinter(Frame(frame_dims, slots), shapes, names, reusable=reusable, inplace=inplace)
+        printer = ForwardPrinter(Frame(frame_dims, slots), shapes, names, reusable=reusable, inplace=inplace,
+                                 dtype_of=dtype_of)
         code = printer.statement(st.value)
         if printer.updated:
             buffer_of[st.name] = buffer_of.get(printer.updated, printer.updated)

@@ -11,6 +11,7 @@ from typing import Callable
 
 import sympy as sp
 
+from .functions import ELEMENTWISE, Sigmoid, Step
 from .symbolic import IsArgmax, Max, Red
 from .trace import Node
 
@@ -184,6 +185,15 @@ class IndexOps:
     def one_hot(self, labels, table):
         return Elt(table.shape, lambda idx: sp.KroneckerDelta(idx[1], labels.fn(idx[:1])))
 
+    def positive(self, a):
+        return a.apply(Step)
+
+    def sign(self, a):
+        return a.apply(sp.sign)
+
+    def sigmoid(self, a):
+        return a.apply(Sigmoid)
+
     def unsqueeze(self, grad, axis):
         shape = grad.shape[:axis] + (1,) + grad.shape[axis:]
         return Elt(shape, lambda idx: grad.fn(idx[:axis] + idx[axis + 1:]))
@@ -217,14 +227,17 @@ def _forward(node: Node, a: list[Elt]) -> Elt:
     if op in ("add", "sub", "mul", "div", "pow"):
         return {"add": lambda: a[0] + a[1], "sub": lambda: a[0] - a[1], "mul": lambda: a[0] * a[1],
                 "div": lambda: a[0] / a[1], "pow": lambda: a[0] ** a[1]}[op]()
-    if op in ("exp", "log", "tanh"):
-        return a[0].apply(getattr(sp, op))
+    if op in ELEMENTWISE:
+        return a[0].apply(ELEMENTWISE[op])
     if op in ("sum", "mean", "max"):
         axes, keepdim = node.attrs["axes"], node.attrs["keepdim"]
         value = _reduce(a[0], node.shape, axes, keepdim, Max if op == "max" else Red)
         return value / sp.Mul(*[a[0].shape[k] for k in axes]) if op == "mean" else value
     if op == "matmul":
         return a[0] @ a[1]
+    if op in ("eq", "ne"):
+        same = Elt(node.shape, lambda idx: sp.KroneckerDelta(a[0].fn(idx), a[1].fn(())))
+        return same if op == "eq" else 1 - same
     if op == "embed":
         table, index = a
         r = len(index.shape)

@@ -77,6 +77,8 @@ class KernelPrinter(TorchPrinter):
 
     # -- tensors ----------------------------------------------------------------------------
     def _print_Indexed(self, expr):
+        if expr.indices and isinstance(expr.indices[0], sp.Indexed):
+            return self._print_lookup(expr)
         name = str(expr.base)
         shape = self.shapes[name]
         axes = []
@@ -88,6 +90,54 @@ class KernelPrinter(TorchPrinter):
                                       "gather-style reads are not vectorized yet")
             axes.append(self.frame.slots[index])
         return self._layout(name, shape, axes)
+
+    def _contraction(self, body, bound: list[int]):
+        """A sum of a product of tensors that do not share all their axes (``sum_o dout[n, o]*W[i, o]``)
+        is a contraction: ``torch.einsum('no,io->ni', dout, W)``, never the broadcast product
+        (n x i x o elements). Returns None for anything else (a sum of one tensor, of an elementwise
+        product of same-shaped tensors, or with a factor that is not a plain tensor or a scalar)."""
+        tensors, scalars = [], []
+        for f in sp.Mul.make_args(body):
+            if isinstance(f, sp.Indexed) and not isinstance(f.indices[0], sp.Indexed):
+                tensors.append(f)
+            elif f.atoms(sp.Indexed) or any(isinstance(s, sp.Idx) for s in f.free_symbols) or f.atoms(Red):
+                return None
+            else:
+                scalars.append(f)
+        if len(tensors) < 2:
+            return None
+        # subscripts named after the dimensions (``'no,ni->io'``) when their initials differ
+        initials = [str(d)[0].lower() for d in self.frame.dims]
+        distinct = len(set(initials)) == len(initials) and all(c.isalpha() for c in initials)
+        letters, operands, axes_of = initials if distinct else "abcdefghijklmnopqrstuvwxyz", [], []
+        for t in tensors:
+            shape = self.shapes[str(t.base)]
+            if any(s == 1 for s in shape) or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in t.indices):
+                return None
+            axes_of.append([self.frame.slots[i] for i in t.indices])
+            operands.append(str(t.base))
+        every = set().union(*map(set, axes_of))
+        if any(set(a) == every for a in axes_of):
+            return None  # an elementwise product of same-shaped tensors: print the plain sum
+        out_axes = sorted(every - set(bound))
+        spec = ",".join("".join(letters[k] for k in a) for a in axes_of) + "->" + "".join(letters[k] for k in out_axes)
+        code = self._layout(f"torch.einsum('{spec}', {', '.join(operands)})", tuple(self.frame.dims[k] for k in out_axes),
+                            out_axes)
+        if scalars:
+            code = f"{self._print(sp.Mul(*scalars))}*{code}"
+        return code
+
+    def _print_lookup(self, expr):
+        """``w[y[i_n]]`` (a table read at labels) prints as ``w[y]``: the labels' axes, then the
+        table's remaining axes, laid out in the frame like any tensor."""
+        labels, rest = expr.indices[0], expr.indices[1:]
+        table_shape = self.shapes[str(expr.base)]
+        if any(not isinstance(i, (sp.Idx, sp.Integer)) for i in (*labels.indices, *rest)):
+            raise DerivationError("", f"{expr} is read at a computed position", "only table[labels] reads are vectorized")
+        shape = tuple(self.shapes[str(labels.base)]) + tuple(table_shape[1:])
+        indices = tuple(labels.indices) + tuple(rest)
+        axes = [self.frame.slots[i] for s, i in zip(shape, indices) if s != 1 and i != 0]
+        return self._layout(f"{expr.base}[{labels.base}]", shape, axes)
 
     def _layout(self, name: str, shape: tuple, axes: list[int]) -> str:
         """``name`` viewed so that its varying axes sit on ``axes`` of the frame."""
@@ -105,12 +155,22 @@ class KernelPrinter(TorchPrinter):
         return f"{name}.view({sizes})"
 
     def _print_Red(self, expr):
-        frame, axis = self.frame.with_bound(expr.index, expr.body)
+        # nested sums over several axes are one torch reduction (pairwise summation over all of
+        # them: more accurate in float32 than summing axis after axis, and one pass)
+        frame, axes = self.frame, []
+        while isinstance(expr, Red):
+            frame, axis = frame.with_bound(expr.index, expr.body)
+            axes.append(axis)
+            expr = expr.body
         inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
-        body = inner._print(expr.body)
+        contraction = inner._contraction(expr, axes)
+        if contraction is not None:
+            return contraction
+        body = inner._print(expr)
         if not body.isidentifier():
             body = f"({body})"
-        return f"{body}.sum({axis}, keepdim=True)"
+        where = str(axes[0]) if len(axes) == 1 else str(tuple(sorted(axes)))
+        return f"{body}.sum({where}, keepdim=True)"
 
     def _print_Add(self, expr, order=None):
         """Positive terms first, so a difference reads ``probs - F.one_hot(y, k)``."""
@@ -125,6 +185,11 @@ class KernelPrinter(TorchPrinter):
 
     def _print_KroneckerDelta(self, expr):
         a, b = expr.args
+        if not isinstance(a, sp.Idx) and not isinstance(b, sp.Idx):
+            # a label against a number (``keep = y != ignore_index``): a mask in the gradient's dtype
+            labels, value = (a, b) if isinstance(a, sp.Indexed) else (b, a)
+            mask = f"({self._print(labels)} == {self._print(value)})"
+            return f"{mask}.to({self.dtype_of}.dtype)" if self.dtype_of else mask
         if isinstance(a, sp.Indexed):
             a, b = b, a
         if not (isinstance(a, sp.Idx) and isinstance(b, sp.Indexed)):
@@ -144,6 +209,20 @@ class KernelPrinter(TorchPrinter):
             return f"{code}.view({', '.join(target)})"
         raise DerivationError("", f"{expr} needs the class axis before the label axes", "reorder the dimensions")
 
+    def _print_Sigmoid(self, expr):
+        return f"torch.sigmoid({self._print(expr.args[0])})"
+
+    def _print_Softplus(self, expr):
+        return f"F.softplus({self._print(expr.args[0])})"
+
+    def _print_Relu(self, expr):
+        return f"torch.relu({self._print(expr.args[0])})"
+
+    def _print_Step(self, expr):
+        # a bool mask cast to the gradient's dtype: 1 where the argument is positive, 0 at 0 (as torch)
+        mask = f"({self._print(expr.args[0])} > 0)"
+        return f"{mask}.to({self.dtype_of}.dtype)" if self.dtype_of else mask
+
     def _print_Max(self, expr):
         raise DerivationError("", "a maximum left in a backward formula", "report this as a bug")
 
@@ -158,13 +237,14 @@ class ForwardPrinter(KernelPrinter):
 
     _UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh"}
 
-    def __init__(self, frame: Frame, shapes: dict, names: dict, reusable: set = frozenset(), inplace: bool = True):
-        super().__init__(frame, shapes, names)
+    def __init__(self, frame: Frame, shapes: dict, names: dict, reusable: set = frozenset(), inplace: bool = True,
+                 dtype_of: str = ""):
+        super().__init__(frame, shapes, names, dtype_of)
         self.reusable = set(reusable)  # temporaries that may be overwritten by this statement
         self.inplace = inplace
 
     def _inner(self, frame: Frame) -> "ForwardPrinter":
-        return ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace)
+        return ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of)
 
     def statement(self, expr: sp.Expr) -> str:
         """The right-hand side of one statement, updating a dying temporary in place if one fits
@@ -236,7 +316,17 @@ class ForwardPrinter(KernelPrinter):
         return super()._print_Add(expr, order)
 
     def _print_AxisSum(self, expr):
-        return self._reduce(expr, "sum")
+        # one axis at a time, in the spec's order (the forward's rounding is the spec's); a sum of
+        # a product of differently-shaped tensors is a contraction (einsum), never the broadcast product
+        frame, axis = self.frame.with_bound(expr.index, expr.body)
+        inner = self._inner(frame)
+        contraction = inner._contraction(expr.body, [axis])
+        if contraction is not None:
+            return contraction
+        body = inner._print(expr.body)
+        if not body.isidentifier():
+            body = f"({body})"
+        return f"{body}.sum({axis}, keepdim=True)"
 
     def _print_AxisMax(self, expr):
         return self._reduce(expr, "amax")
@@ -250,7 +340,7 @@ class ForwardPrinter(KernelPrinter):
 
     def _print_Indexed(self, expr):
         picked = [(k, ix) for k, ix in enumerate(expr.indices) if isinstance(ix, sp.Indexed)]
-        if not picked:
+        if not picked or [k for k, _ in picked] == [0]:  # a table read at labels prints as ``w[y]``
             return super()._print_Indexed(expr)
         if len(picked) > 1:
             raise DerivationError("", f"{expr} is read at two label positions", "pick with one label tensor at a time")
@@ -258,7 +348,8 @@ class ForwardPrinter(KernelPrinter):
         size = self.shapes[str(expr.base)][position]
         axis = self.frame.dims.index(size)
         own = sp.Idx("_gathered", size)
-        table = ForwardPrinter(Frame(self.frame.dims, {**self.frame.slots, own: axis}), self.shapes, self.names)
+        table = ForwardPrinter(Frame(self.frame.dims, {**self.frame.slots, own: axis}), self.shapes, self.names,
+                               dtype_of=self.dtype_of)
         table_code = table._print(expr.base[tuple(own if k == position else ix for k, ix in enumerate(expr.indices))])
         rank = len(self.frame.dims)
         label_axes = [self.frame.slots[i] for i in labels.indices if isinstance(i, sp.Idx)]

@@ -75,6 +75,26 @@ def _tanh(ops, grad, result, a):
     return (1 - result**2) * grad,
 
 
+@rule("sigmoid")
+def _sigmoid(ops, grad, result, a):
+    return result * (1 - result) * grad,
+
+
+@rule("softplus")
+def _softplus(ops, grad, result, a):
+    return ops.sigmoid(a) * grad,
+
+
+@rule("relu")
+def _relu(ops, grad, result, a):
+    return grad * ops.positive(a),  # 0 at a = 0, as torch
+
+
+@rule("abs")
+def _abs(ops, grad, result, a):
+    return grad * ops.sign(a),  # 0 at a = 0, as torch
+
+
 @rule("sum")
 def _sum(ops, grad, result, a, axes, keepdim):
     return ops.ones_like(a) * ops.unreduce(grad, axes, keepdim, a),

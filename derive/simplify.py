@@ -11,9 +11,13 @@
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import sympy as sp
+from sympy.solvers.solvers import _invert
 
 from .elements import Elements
+from .functions import NOT_INVERTIBLE
 from .symbolic import bases, expand, reductions, substitute_family
 from .trace import Node
 
@@ -72,9 +76,14 @@ def _solve_definition(el: Elements, node: Node, definition: sp.Expr, expr: sp.Ex
         # solve (``x`` in ``bnraw = (x - bnmeani)*bnvar_inv``); not ``x + x**3`` or ``tanh(x) * x``.
         if definition.xreplace(plain).count(symbol) != 1:
             continue
+        if any(f.has(target) for f in definition.atoms(*NOT_INVERTIBLE)):
+            continue
         value = sp.Dummy(node.name, **el.base(node).assumptions0) if node.shape else el.ref(node)
+        # The variable occurs once, so undoing the outer operations one by one is the solution
+        # (``tanh``'s inverse is ``atanh``; sp.solve would return two logarithms instead).
+        inverted, lhs = _invert(definition.xreplace(plain) - value, symbol)
         try:
-            solutions = sp.solve(sp.Eq(value, definition.xreplace(plain)), symbol)
+            solutions = [inverted] if lhs == symbol else sp.solve(sp.Eq(value, definition.xreplace(plain)), symbol)
         except NotImplementedError:
             continue
         if len(solutions) != 1:
@@ -97,7 +106,11 @@ def refold(el: Elements, expr: sp.Expr) -> sp.Expr:
     """Greedily rewrite ``expr`` in the forward nodes that make it cheapest."""
     expr = tidy(el, expr)
     best = cost(el, expr)
-    candidates = [n for n in el.graph.nodes if n.op not in ("input", "labels") and n not in el.opaque]
+    # an elementwise output is a saved quantity too (``tanh``: ``dout*(1 - out**2)``)
+    output = el.graph.output
+    elementwise_output = output in el.opaque and not reductions(el.definition[output])
+    candidates = [n for n in el.graph.nodes if n.op not in ("input", "labels")
+                  and (n not in el.opaque or (n is output and elementwise_output))]
     while True:
         options = []
         for node in candidates:
@@ -140,10 +153,22 @@ def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
         return sp.count_ops(sp.Add(*[sp.factor(c / scale) for c, _ in terms])), sp.default_sort_key(scale)
 
     scale = min({sp.factor(abs(c)) for c, _ in terms}, key=spread)
-    inner = sp.Add(*[sp.factor(c / scale) * t for c, t in terms])
+    inner = _grouped(sp.Add(*[sp.factor(c / scale) * t for c, t in terms]))
     if inner.is_Add:
         return sp.Mul(scale, common, inner, evaluate=False) if scale != 1 or common != 1 else inner
     return scale * common * inner
+
+
+def _grouped(inner: sp.Expr) -> sp.Expr:
+    """Terms that share a tensor factor are grouped and their cofactor factored: GELU's
+    ``a - a*t**2 + b - b*t**2`` becomes ``-a*(t - 1)*(t + 1) - b*(t - 1)*(t + 1)``, which float32
+    rounds like autograd's chain (``1 - t**2`` next to 1 loses nothing as ``(1 - t)*(1 + t)``)."""
+    if not inner.is_Add:
+        return inner
+    count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
+                    if isinstance(f.as_base_exp()[0], sp.Indexed))
+    shared = [f for f, c in sorted(count.items(), key=lambda fc: (-fc[1], sp.default_sort_key(fc[0]))) if c >= 2]
+    return sp.collect(inner, shared, func=sp.factor) if shared else inner
 
 
 def _common_factor(tensors: list[sp.Expr]) -> sp.Expr:

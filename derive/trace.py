@@ -15,9 +15,10 @@ import sympy as sp
 import torch
 
 from .errors import TraceError
+from .functions import ELEMENTWISE
 from .spec import RESERVED, Constant, Labels, Layer, dim_names
 
-UNARY = ("exp", "log", "tanh")
+UNARY = tuple(ELEMENTWISE)  # exp, log, tanh, sigmoid, relu, abs, softplus
 BINARY = ("add", "sub", "mul", "div", "pow")
 
 
@@ -352,6 +353,23 @@ class SymTensor:
     def exp(self): return self._unary("exp")
     def log(self): return self._unary("log")
     def tanh(self): return self._unary("tanh")
+    def sigmoid(self): return self._unary("sigmoid")
+    def relu(self): return self._unary("relu")
+    def abs(self): return self._unary("abs")
+
+    def softplus(self, beta=1, threshold=20):
+        """``F.softplus``; above ``threshold`` torch returns x itself (within 2e-9 of the formula)."""
+        if beta != 1:
+            self._tracer.fail(f"softplus(beta={beta!r})", "use F.softplus(beta * x) / beta")
+        return self._unary("softplus")
+
+    def clamp(self, min=None, max=None):
+        """``clamp(min=c)`` is ``relu(x - c) + c``; an upper bound is not supported."""
+        if max is not None or min is None or isinstance(min, SymTensor):
+            self._tracer.fail(f"clamp(min={min!r}, max={max!r})", "use clamp(min=number) (or torch.relu)")
+        return self.relu() if min == 0 else (self - min).relu() + min
+
+    clamp_min = clamp
 
     # -- reductions --------------------------------------------------------------------------
     def _reduce(self, op, dim, keepdim):
@@ -438,7 +456,7 @@ class SymTensor:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))
         self = next(a for a in args if isinstance(a, SymTensor))
-        if name in UNARY + ("sum", "mean", "max") and args and args[0] is self:
+        if name in UNARY + ("sum", "mean", "max", "clamp", "clamp_min") and args and args[0] is self:
             return getattr(self, name)(*args[1:], **kwargs)
         self._tracer.fail(f"torch.{name} is not supported",
                           f"write it from supported primitives: {SUPPORTED}")
@@ -465,6 +483,17 @@ class SymTensor:
     def _compare(self, *a):
         self._tracer.fail("a comparison of tensors", "the forward must not branch on tensor values")
 
+    def _label_compare(self, op, other):
+        """``y == c`` / ``y != c`` on labels: a 0/1 mask (``keep = y != ignore_index``)."""
+        t = self._tracer
+        if self.node.op != "labels" or isinstance(other, SymTensor):
+            t.fail(f"{'==' if op == 'eq' else '!='} on {'two tensors' if isinstance(other, SymTensor) else 'a float tensor'}",
+                   "compare labels with a number only, as a mask: keep = y != ignore_index")
+        return t.record(op, (self.node, t.scalar(other, op)), self.node.shape)
+
+    def __eq__(self, other): return self._label_compare("eq", other)
+    def __ne__(self, other): return self._label_compare("ne", other)
+
     __lt__ = __le__ = __gt__ = __ge__ = _compare
     __hash__ = object.__hash__
 
@@ -479,7 +508,9 @@ class _MaxResult:
         raise AttributeError(f"max(dim) result: only .values is supported, not .{attr}")
 
 
-SUPPORTED = ("+ - * / with broadcasting, ** with a constant exponent, exp, log, tanh, "
+SUPPORTED = ("+ - * / with broadcasting, ** with a constant exponent, exp, log, tanh, sigmoid, relu, "
+             "clamp(min=c), abs, F.softplus, "
+             "labels == c and labels != c (0/1 masks), "
              "sum/mean/max(dim, keepdim), @, view/reshape, t[range(n), y] and table[index] with declared Labels")
 
 

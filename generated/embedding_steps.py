@@ -2,7 +2,7 @@
 # source: derive.layers.mlp_parts (layer embedding)
 # regenerate: derive generate
 # inputs-hash: 4014d5247a3b0169080593fcfac65849702c276c7733cb8c0a897e166cb3f5cd
-# content-hash: 056ca5049fc1bee7d0317197af437922119f3694ae22c58044d2b0f7b388f797
+# content-hash: 4918ddc995050b477d87367aef697a760f65a5e8e69b3ba511e78d4cd40fe394
 """Step-by-step backward of ``embedding``: Look up each index's row of the table and concatenate the rows of one example.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -20,8 +20,8 @@ def forward(C, X):
     """The spec's forward pass; returns ``(output, cache)`` with every intermediate."""
     v, e = C.shape
     n, t = X.shape
-    emb = C[X]  # spec line 10: emb = C[X]
-    embcat = emb.view(n, e*t)  # spec line 11: embcat = emb.view(emb.shape[0], -1)
+    emb = C[X]  # spec line 8: emb = C[X]
+    embcat = emb.view(n, e*t)  # spec line 9: embcat = emb.view(emb.shape[0], -1)
     cache = dict(C=C, X=X, emb=emb, embcat=embcat)
     return embcat, cache
 

@@ -2,7 +2,7 @@
 # source: derive.layers.mlp_parts (layer linear)
 # regenerate: derive generate
 # inputs-hash: f83fe5d69d1d24066c52dc1b98a08b5771b823c8584b720e6947c966e09c7d53
-# content-hash: d956185b0e615ccd5fda2f9dc93f404b575d267859414a0f78456409df66173d
+# content-hash: 03e970624bbc6e803a558521fd0f920d85ea9c7c1d9268a557fb2b0d48ada9e5
 """Step-by-step backward of ``linear``: Affine map ``x @ W + b``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -20,8 +20,8 @@ def forward(x, W, b):
     """The spec's forward pass; returns ``(output, cache)`` with every intermediate."""
     n, i = x.shape
     _, o = W.shape
-    t1 = x @ W  # spec line 18: out = x @ W + b
-    out = t1 + b  # spec line 18: out = x @ W + b
+    t1 = x @ W  # spec line 16: out = x @ W + b
+    out = t1 + b  # spec line 16: out = x @ W + b
     cache = dict(x=x, W=W, b=b, t1=t1, out=out)
     return out, cache
 

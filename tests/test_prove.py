@@ -1,20 +1,24 @@
 """Proof on small symbolic matrices, and that the proof can fail."""
+import math
+
 import pytest
 
 from derive.kernel import build
 from derive.layers import FUSED, batchnorm
 from derive.prove import ProofFailure, default_sizes, prove
+from derive.spec import concrete_shape
 
 
 @pytest.mark.parametrize("spec", FUSED, ids=lambda s: s.name)
 def test_fused_formula_equals_elementwise_derivative(spec):
     kernel = build(spec)
     sizes = default_sizes(kernel)
-    assert [s[spec.dims[0]] for s in sizes] == [2, 3, 4, 5]
+    firsts = [s[spec.dims[0]] for s in sizes]
+    assert firsts[:2] == [2, 3] and firsts == sorted(set(firsts))  # two sizes at least, each once
     for s in sizes:
         proof = prove(kernel, s)
         assert proof.elements_checked == sum(
-            __import__("math").prod(s[d] for d in spec.tensors[f.input].dims) for f in kernel.formulas)
+            math.prod(concrete_shape(spec.tensors[f.input].dims, s)) for f in kernel.formulas)
 
 
 def test_cross_entropy_proof_with_other_labels():

@@ -2,6 +2,7 @@
 and breaking any rule makes its proof fail."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from derive import rules
 from derive.prove import ProofFailure, prove_steps
@@ -41,6 +42,11 @@ def exp_log_tanh(a):
     return torch.log(torch.exp(a) + 1) * torch.tanh(a)
 
 
+@layer(a=Tensor("n", "d"))
+def sigmoid_relu_abs_softplus(a):
+    return torch.sigmoid(a) * torch.relu(a) + torch.abs(a) * a.clamp(min=0.5) - F.softplus(a)
+
+
 @layer(a=Tensor("n", "d"), b=Tensor("d"))
 def sums(a, b):
     return a.sum(0, keepdim=True) * b + a.sum(1).sum() + a.sum()
@@ -75,7 +81,7 @@ def embed_and_view(C, X):
 
 CASES = [
     (add_column, N3_D2), (sub_row, N3_D2), (mul_3x2_by_3x1, N3_D2), (div_3x1_by_3x2, N3_D2),
-    (cube_and_inverse, N3_D2), (exp_log_tanh, N3_D2), (sums, N3_D2), (means, N3_D2), (maxima, N3_D2),
+    (cube_and_inverse, N3_D2), (exp_log_tanh, N3_D2), (sigmoid_relu_abs_softplus, N3_D2), (sums, N3_D2), (means, N3_D2), (maxima, N3_D2),
     (matmul, {"n": 3, "d": 2, "k": 2}), (pick, {"n": 3, "k": 3}),
     (embed_and_view, {"n": 2, "t": 2, "v": 3, "e": 2}),
 ]

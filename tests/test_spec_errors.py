@@ -105,3 +105,24 @@ def test_intermediate_named_like_a_dimension():
 
     with pytest.raises(TraceError, match=r"dim_clash.*'d' has the name of a dimension"):
         build(dim_clash)
+
+
+def test_comparing_a_float_tensor_is_refused_with_the_label_mask_as_the_fix():
+    @layer(x=Tensor("n", "d"))
+    def compares(x):
+        keep = x != 0
+        return x * keep
+
+    with pytest.raises(TraceError, match=r"layer 'compares' \(line \d+: keep = x != 0\): != on a float tensor.*"
+                                         r"keep = y != ignore_index"):
+        build(compares)
+
+
+def test_clamp_with_an_upper_bound_is_refused():
+    @layer(x=Tensor("n", "d"))
+    def clamps(x):
+        c = x.clamp(min=0.0, max=1.0)
+        return c
+
+    with pytest.raises(TraceError, match=r"layer 'clamps' \(line \d+: c = x.clamp\(min=0.0, max=1.0\)\): clamp"):
+        build(clamps)

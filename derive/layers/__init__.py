@@ -10,14 +10,21 @@ from pathlib import Path
 
 from ..errors import SpecError
 from ..spec import Layer
+from .activations import gelu_tanh, relu, sigmoid, softplus, tanh
 from .batchnorm import batchnorm, batchnorm_biased
 from .cross_entropy import cross_entropy
+from .losses import (bce_with_logits, cross_entropy_ignore, cross_entropy_smooth, cross_entropy_temperature,
+                     cross_entropy_weighted, mse)
 from .makemore_mlp import makemore_mlp
 from .makemore_model import makemore_model
-from .mlp_parts import embedding, linear, tanh
+from .mlp_parts import embedding, linear
+from .normalization import batchnorm3d, layernorm, rmsnorm
 
 BUILTIN: list[Layer] = [cross_entropy, batchnorm, batchnorm_biased, embedding, linear, tanh,
-                        makemore_mlp, makemore_model]
+                        makemore_mlp, makemore_model,
+                        layernorm, rmsnorm, batchnorm3d, cross_entropy_smooth, cross_entropy_temperature,
+                        cross_entropy_weighted, cross_entropy_ignore, mse,
+                        bce_with_logits, sigmoid, relu, softplus, gelu_tanh]
 FUSED: list[Layer] = [layer for layer in BUILTIN if layer.fused]
 
 

@@ -1,0 +1,32 @@
+"""Exact printed forms of what the engine learned for the new built-ins: a contraction prints as
+einsum, a table read at labels as ``w[y]``, a label mask as ``y == c``, nested sums as one sum."""
+from derive.kernel import build
+from derive.layers import batchnorm3d, cross_entropy_ignore, cross_entropy_weighted, linear, tanh
+
+
+def code(layer, name):
+    return next(f.code for f in build(layer).formulas if f.input == name)
+
+
+def test_linear_gradients_are_contractions_not_broadcast_products():
+    assert code(linear, "W") == "(torch.einsum('no,ni->io', dout, x)).reshape(i, o)"
+    assert "torch.einsum('io,no->ni', W, dout)" in code(linear, "x")
+
+
+def test_a_weight_read_at_the_labels_prints_as_w_of_y():
+    assert "w[y].view(n, 1)" in code(cross_entropy_weighted, "logits")
+
+
+def test_an_ignore_mask_prints_as_a_label_comparison():
+    kernel = build(cross_entropy_ignore)
+    printed = " ".join([f.code for f in kernel.formulas] + [s.code for s in kernel.shared])
+    assert "(y.view(n, 1) == ignore_index).to(dloss.dtype)" in printed
+
+
+def test_sums_over_two_axes_are_one_reduction():
+    shared = {s.name: s.code for s in build(batchnorm3d).shared}
+    assert shared["sum_dout"] == "dout.sum((0, 2), keepdim=True)"
+
+
+def test_tanh_gradient_reads_the_saved_output():
+    assert code(tanh, "x") == "(1 - out**2)*dout"
