@@ -227,7 +227,7 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
     taken = set(taken) | set(names.values())
     fresh = dict(zip([s for s, _ in replacements], map(sp.Symbol, _shared_names([v for _, v in replacements], taken))))
     replacements = [(fresh[s], v.xreplace(fresh)) for s, v in replacements]
-    reduced = [r.xreplace(fresh) for r in reduced]
+    reduced = [spread_means(r.xreplace(fresh)) for r in reduced]
     slots = {index[s]: k for k, s in enumerate(frame)}
     shared = []
     for symbol, value in replacements:
@@ -284,6 +284,22 @@ def _name_scratch_buffers(shared: list[Shared], frame: list, index: dict, shapes
         printer = KernelPrinter(frame_with_bound, shapes, names, dtype_of)
         s.scratch, s.scratch_code = name, printer.doprint(body)
         s.sum_code = f"{name}.sum({axis}, keepdim=True)"
+
+
+def spread_means(expr: sp.Expr) -> sp.Expr:
+    """``(d*a - Red_j(b) - Red_j(c)*e)/d`` -> ``a - Red_j(b)/d - Red_j(c)*e/d`` when every term
+    either cancels the size or sums over it: the sums then print as row means, as one writes them."""
+    if isinstance(expr, sp.Mul):
+        for inverse in [f for f in expr.args if isinstance(f, sp.Pow) and f.exp == -1 and f.base.is_Symbol]:
+            size = inverse.base
+            for add in [f for f in expr.args if isinstance(f, sp.Add)]:
+                def fits(term):
+                    factors = sp.Mul.make_args(term)
+                    return size in factors or any(isinstance(g, Red) and extent(g.index) == size for g in factors)
+                if all(fits(t) for t in add.args) and any(isinstance(g, Red) for t in add.args for g in sp.Mul.make_args(t)):
+                    others = [f for f in expr.args if f is not inverse and f is not add]
+                    return sp.Mul(*others) * sp.Add(*[t / size for t in add.args])
+    return expr
 
 
 def _fit(code: str, expr: sp.Expr, name: str, layer: Layer, index: dict, frame_dims: list, dims: list[str]) -> str:

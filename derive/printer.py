@@ -172,6 +172,32 @@ class KernelPrinter(TorchPrinter):
         where = str(axes[0]) if len(axes) == 1 else str(tuple(sorted(axes)))
         return f"{body}.sum({where}, keepdim=True)"
 
+    def _print_Mul(self, expr):
+        # a sum divided by the number of its terms reads as the mean it is
+        factors = list(expr.args)
+        for r in factors:
+            if not isinstance(r, Red) or isinstance(r.body, Red):
+                continue
+            inverse = 1 / extent(r.index)
+            if inverse not in factors:
+                continue
+            total = self._print_Red(r)
+            head, dot, tail = total.rpartition(".sum(")
+            if not dot or not tail.endswith(", keepdim=True)"):
+                continue  # a contraction (einsum): left as a sum
+            mean = f"{head}.mean({tail}"
+            rest = list(factors)
+            rest.remove(r)
+            rest.remove(inverse)
+            rest = sp.Mul(*rest)
+            sign = ""
+            if rest.could_extract_minus_sign():
+                sign, rest = "-", -rest
+            if rest == 1:
+                return f"{sign}{mean}"
+            return f"{sign}{self.parenthesize(rest, sp.printing.precedence.PRECEDENCE['Mul'], strict=True)}*{mean}"
+        return super()._print_Mul(expr)
+
     def _print_Add(self, expr, order=None):
         """Positive terms first, so a difference reads ``probs - F.one_hot(y, k)``."""
         terms = sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())

@@ -2,12 +2,12 @@
 # source: derive.layers.normalization (layer layernorm)
 # regenerate: derive generate
 # inputs-hash: e700568f22ee25d76be8e2567f0926fde2ca6d50dfc2d699f1aa48df19af8243
-# content-hash: fdab24cf86500af774f637e2e320ae73bd1770b3a387dfe40ed7a36d8fcd4ade
+# content-hash: 3790f167af267dd493bb4c6417083aa83bdfea72c9f06e99a551fcb7cbc476b3
 """Layer normalization over the last dimension (biased variance), as ``F.layer_norm``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dx = (d*dout*gamma - (dout*gamma).sum(1, keepdim=True) - (dout*gamma*xhat).sum(1, keepdim=True)*xhat)*inv/d
+    dx = (dout*gamma - (dout*gamma).mean(1, keepdim=True) - xhat*(dout*gamma*xhat).mean(1, keepdim=True))*inv
     dgamma = ((dout*xhat).sum(0, keepdim=True)).reshape(d,)
     dbeta = (dout.sum(0, keepdim=True)).reshape(d,)
 """
@@ -45,8 +45,8 @@ def _backward(needs, dout, gamma, inv, xhat, n, d):
     dgamma = None
     dbeta = None
     if needs[0]:
-        dx = torch.addcmul(-(dout*gamma).sum(1, keepdim=True)*inv/d, gamma*inv, dout)
-        dx.addcmul_(-(dout*gamma*xhat).sum(1, keepdim=True)*inv/d, xhat)
+        dx = torch.addcmul(-inv*(dout*gamma).mean(1, keepdim=True), gamma*inv, dout)
+        dx.addcmul_(-inv*(dout*gamma*xhat).mean(1, keepdim=True), xhat)
     if needs[1]:
         dgamma = ((dout*xhat).sum(0, keepdim=True)).reshape(d,)
     if needs[2]:

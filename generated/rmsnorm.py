@@ -2,12 +2,12 @@
 # source: derive.layers.normalization (layer rmsnorm)
 # regenerate: derive generate
 # inputs-hash: 7a96ef79634e2f88b8b5ccc6c8407fd81e1c18eff20488f154be7a72a5eea4da
-# content-hash: 2a5da96783a8cb451bc6e48054f4057cfd6d11026b2b7e3652ee31c7ca85c38c
+# content-hash: 53a5acc81c4005a7df2b7c334bfdabb4d6aac9fb4f467853942033956b78dcb6
 """RMS normalization over the last dimension: ``g * x / sqrt(mean(x**2) + eps)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dx = (d*dout*g - (dout*g*x).sum(1, keepdim=True)*inv**2*x)*inv/d
+    dx = (dout*g - inv**2*x*(dout*g*x).mean(1, keepdim=True))*inv
     dg = ((dout*inv*x).sum(0, keepdim=True)).reshape(d,)
 """
 import math  # noqa: F401  (used by some formulas)
@@ -42,7 +42,7 @@ def _backward(needs, dout, x, g, inv, n, d):
     dg = None
     if needs[0]:
         dx = dout * (g*inv)
-        dx.addcmul_(-(dout*g*x).sum(1, keepdim=True)*inv**3/d, x)
+        dx.addcmul_(-inv**3*(dout*g*x).mean(1, keepdim=True), x)
     if needs[1]:
         dg = ((dout*inv*x).sum(0, keepdim=True)).reshape(d,)
     return dx, dg, None

@@ -91,3 +91,11 @@ def test_compiled_kernels_match_eager(tmp_path):
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(torch.autograd.grad(compiled, logits)[0], torch.autograd.grad(eager, logits)[0])
     assert module._kernels["forward"] is not module._forward  # the compiled one ran
+
+
+def test_layernorm_formula_reads_row_means():
+    """Layer norm's dx is written as one does by hand: row means of dout*gamma and of dout*gamma*xhat."""
+    from derive.codegen import formula_lines
+
+    (dx,) = [line for line in formula_lines(build(by_name("layernorm"))) if line.startswith("dx = ")]
+    assert dx.count(".mean(1, keepdim=True)") == 2 and ".sum(1" not in dx and "/d" not in dx
