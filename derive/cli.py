@@ -10,7 +10,7 @@ import torch
 
 from .errors import DeriveError
 from .generate import generate, stale_files
-from .kernel import build
+from .generate import build_named as build
 from .layers import BUILTIN, by_name, from_file
 from .prove import default_sizes, prove
 from .verify import against_autograd, load_module, steps_table, table

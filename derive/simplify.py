@@ -14,6 +14,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .elements import Elements
+from .errors import DerivationError
 from .symbolic import bases, expand, reductions, substitute_family
 from .trace import Node
 
@@ -96,6 +97,9 @@ def _rewrite(el: Elements, expr: sp.Expr, variable: Node, target, solution: sp.E
 def refold(el: Elements, expr: sp.Expr) -> sp.Expr:
     """Greedily rewrite ``expr`` in the forward nodes that make it cheapest."""
     expr = tidy(el, expr)
+    if expr == 0:  # differentiate refuses these first; a cancellation found only here is refused too
+        raise DerivationError(el.layer, "a gradient is identically zero (its terms cancel)",
+                              "declare that input with differentiable=False, or mark the layer fused = False")
     best = cost(el, expr)
     candidates = [n for n in el.graph.nodes if n.op not in ("input", "labels") and n not in el.opaque]
     while True:
