@@ -12,9 +12,11 @@ are kept as ``@example`` regressions below.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
+import torch
 from hypothesis import HealthCheck, example, given, settings
 
 from fuzz.harness import run
@@ -42,6 +44,25 @@ UNREAD_INPUT = _regression("fuzz_found_unread_input", "    v1 = torch.tanh(c)\n 
 # A gradient that does not depend on the element (c.mean()): the steps derivation had no letter for i_k.
 CONSTANT_GRADIENT = _regression("fuzz_found_constant_gradient", "    v1 = x.exp()\n    v2 = c.mean()\n    out = v2",
                                 'x=Tensor("n", "k"), c=Tensor("1", "k")', "x, c", False, {"n": 3, "k": 2})
+
+
+# A scalar intermediate the fused gradient reads (v1 = b.mean()): the kernel did not save it and the
+# backward raised NameError; now refused with the line.
+SCALAR_READ = _regression("fuzz_found_scalar_read", "    v1 = b.mean()\n    v2 = x * v1\n    out = v2.sum()",
+                          'x=Tensor("n", "k"), b=Tensor("n", "1")', "x, b", True, {"n": 4, "k": 2})
+# Recognition learned sum(x) = out/v1 from out = v1*sum(x): db read out/v1, 0/0 where b is zero.
+DIVIDES_BY_INPUT = _regression("fuzz_found_divides_by_input",
+                               "    v1 = b.mean(0, keepdim=True)\n    v2 = x * v1\n    out = v2.sum(1, keepdim=True)",
+                               'x=Tensor("n", "k"), b=Tensor("n", "1")', "x, b", True, {"n": 3, "k": 4})
+# softmax(x).mean() is the constant 1/k: its gradient is zero, which printed as (0).expand(n, k).
+ZERO_GRADIENT = _regression("fuzz_found_zero_gradient", "    v1 = x.max(1, keepdim=True).values\n    v2 = x - v1\n"
+                            "    v3 = v2.exp()\n    v4 = v3.sum(1, keepdim=True)\n    v5 = v3 / v4\n    out = v5.mean()",
+                            'x=Tensor("n", "k")', "x", True, {"n": 3, "k": 2})
+# The gradient flows through a max: the printer refused it as layer '' with no line.
+THROUGH_MAX = _regression("fuzz_found_through_max", "    v1 = x.max(1, keepdim=True).values\n    v2 = torch.tanh(v1)\n"
+                          "    out = v2 + torch.tanh(w).mean()", 'x=Tensor("n", "k"), w=Tensor("k")', "x, w", True,
+                          {"n": 2, "k": 2})
+FOUND = [UNREAD_INPUT, CONSTANT_GRADIENT, SCALAR_READ, DIVIDES_BY_INPUT, ZERO_GRADIENT, THROUGH_MAX]
 
 
 class Tally:
@@ -75,18 +96,38 @@ def _fuzz(family: str, fused: bool, tmp_path, extra=()):
 
 
 def test_random_fused_layers(tmp_path):
-    tally = _fuzz("fused", True, tmp_path)
+    tally = _fuzz("fused", True, tmp_path, extra=FOUND[2:])
     refused = sum(o.status == "refused" for o in tally.outcomes)
     assert len(tally.outcomes) >= EXAMPLES
     assert refused <= MOST_REFUSED * len(tally.outcomes), tally.report()
 
 
 def test_random_step_by_step_layers(tmp_path):
-    tally = _fuzz("step-by-step", False, tmp_path, extra=[UNREAD_INPUT, CONSTANT_GRADIENT])
+    tally = _fuzz("step-by-step", False, tmp_path, extra=FOUND[:2])
     assert len(tally.outcomes) >= EXAMPLES
     assert all(o.status == "passed" for o in tally.outcomes), tally.report()
 
 
-@pytest.mark.parametrize("spec", [UNREAD_INPUT, CONSTANT_GRADIENT], ids=lambda s: s.name)
-def test_fuzz_regressions(spec, tmp_path):
-    assert run(spec, tmp_path).status == "passed"
+@pytest.mark.parametrize("spec, status", [(UNREAD_INPUT, "passed"), (CONSTANT_GRADIENT, "passed"),
+                                          (DIVIDES_BY_INPUT, "passed"), (SCALAR_READ, "refused"),
+                                          (ZERO_GRADIENT, "refused"), (THROUGH_MAX, "refused")],
+                         ids=lambda v: getattr(v, "name", v))
+def test_fuzz_regressions(spec, status, tmp_path):
+    outcome = run(spec, tmp_path)
+    assert outcome.status == status, outcome.message
+    if status == "refused":  # the refusal says where: the line of the value the kernel cannot handle
+        assert re.search(rf"^layer '{spec.name}' \(line \d+: v\d = ", outcome.message) or "identically zero" in outcome.message
+
+
+def test_a_zero_input_gives_finite_gradients(tmp_path):
+    """The divides-by-input regression at the point where it went wrong: b = 0 (a zero-initialized bias)."""
+    from derive.layers import from_file
+    from derive.verify import load_module
+    run(DIVIDES_BY_INPUT, tmp_path)
+    (layer,) = from_file(str(tmp_path / f"{DIVIDES_BY_INPUT.name}.py"))
+    fused = getattr(load_module(tmp_path / layer.name / f"{layer.name}.py"), layer.name)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    b = torch.zeros(3, 1, dtype=torch.float64)
+    ours = torch.autograd.grad(fused(x, b.requires_grad_()).sum(), b)[0]
+    reference = torch.autograd.grad(layer.fn(x, b).sum(), b)[0]
+    assert torch.isfinite(ours).all() and torch.allclose(ours, reference)
