@@ -290,9 +290,12 @@ def layer_specs(draw, fused: bool, max_lines: int = 4) -> FuzzSpec:
     if fused:
         # Fused specs declare only the inputs the output reads (x always, for the sizes): the fused
         # kernel refuses a gradient that is identically zero (see derive/differentiate.py).
-        chosen = [k for k in chosen if k in out.reads]
-        if "x" not in out.reads:
-            decls["x"] = ('Tensor("n", "k", differentiable=False)', ("n", "k"))
+        # Inputs only dead lines read stay declared, as non-differentiable.
+        body = "\n".join(builder.lines)
+        for k in ["x", *chosen]:
+            if k not in out.reads and k != "u" and (k == "x" or re.search(rf"\b{k}\b", body)):
+                decls[k] = (decls[k][0][:-1] + ', differentiable=False)', decls[k][1])
+        chosen = [k for k in chosen if re.search(rf"\b{k}\b", body)]
         decls = {k: v for k, v in decls.items() if k == "x" or k in chosen}
 
     params = list(decls) + (["y"] if labels else []) + ["eps", "scale"]
