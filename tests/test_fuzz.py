@@ -26,6 +26,7 @@ EXAMPLES = int(os.environ.get("DERIVE_FUZZ_EXAMPLES", "110"))
 LINES = int(os.environ.get("DERIVE_FUZZ_LINES", "3"))
 # At most this share of fused specs may be refused: the fuzzer must keep testing code, not refusals.
 MOST_REFUSED = 0.25
+MOST_SLOW = 0.05  # derivations stopped after DERIVE_FUZZ_SECONDS (engine speed, not correctness)
 
 
 def _regression(name: str, body: str, declared: str, signature: str, fused: bool, sizes: dict) -> FuzzSpec:
@@ -72,8 +73,11 @@ class Tally:
     def report(self) -> str:
         passed = sum(o.status == "passed" for o in self.outcomes)
         refused = [o for o in self.outcomes if o.status == "refused"]
+        slow = [o for o in self.outcomes if o.status == "slow"]
         lines = [f"fuzz {self.family}: {len(self.outcomes)} random layers tried, {passed} passed, "
-                 f"{len(refused)} refused with a clear error, {time.perf_counter() - self.start:.0f} s"]
+                 f"{len(refused)} refused with a clear error, {len(slow)} stopped as slow, "
+                 f"{time.perf_counter() - self.start:.0f} s"]
+        lines += [f"  slow: {o.message}" for o in slow]
         reasons = sorted({o.message.split(": ", 1)[1] for o in refused})
         lines += [f"  refused: {r}" for r in reasons]
         return "\n".join(lines)
@@ -98,14 +102,16 @@ def _fuzz(family: str, fused: bool, tmp_path, extra=()):
 def test_random_fused_layers(tmp_path):
     tally = _fuzz("fused", True, tmp_path, extra=FOUND[2:])
     refused = sum(o.status == "refused" for o in tally.outcomes)
+    slow = sum(o.status == "slow" for o in tally.outcomes)
     assert len(tally.outcomes) >= EXAMPLES
     assert refused <= MOST_REFUSED * len(tally.outcomes), tally.report()
+    assert slow <= MOST_SLOW * len(tally.outcomes), tally.report()
 
 
 def test_random_step_by_step_layers(tmp_path):
     tally = _fuzz("step-by-step", False, tmp_path, extra=FOUND[:2])
     assert len(tally.outcomes) >= EXAMPLES
-    assert all(o.status == "passed" for o in tally.outcomes), tally.report()
+    assert all(o.status == "passed" for o in tally.outcomes), tally.report()  # no derivation: never slow
 
 
 @pytest.mark.parametrize("spec, status", [(UNREAD_INPUT, "passed"), (CONSTANT_GRADIENT, "passed"),

@@ -12,7 +12,10 @@ the layer; a step-by-step spec uses only primitives with rules and must never be
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +29,38 @@ from derive.verify import load_module, random_inputs, steps_table, upstream_for
 
 from .specs import FuzzSpec
 
+# A derivation still running after this long is stopped and counted as "slow", not as passed: some
+# nested elementwise chains (log(tanh(log(x*x + 1))**2 + 1)) make the engine's refold search take
+# minutes, and the CI run must stay bounded. The tally reports how many.
+DERIVATION_SECONDS = int(os.environ.get("DERIVE_FUZZ_SECONDS", "20"))
+
+
+class TooSlow(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Raise TooSlow in this (main) thread after ``seconds``; SymPy's pure-Python work is interruptible."""
+    def stop(signum, frame):
+        raise TooSlow()
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 RTOL = 1e-6
 ATOL = 1e-8  # times (1 + the reference's largest magnitude)
 
 
 @dataclass
 class Outcome:
-    status: str  # "passed" or "refused"
+    status: str  # "passed", "refused" (a clear DerivationError) or "slow" (stopped, see DERIVATION_SECONDS)
     seconds: float
     message: str = ""
 
@@ -87,7 +115,11 @@ def run(spec: FuzzSpec, folder: Path, seed: int = 0, gradcheck: bool = True) -> 
     (layer,) = from_file(str(source))
     assert layer.fused == spec.fused
     try:
-        files = render(layer)
+        with time_limit(DERIVATION_SECONDS):
+            files = render(layer)
+    except TooSlow:
+        return Outcome("slow", time.perf_counter() - start, f"layer {layer.name!r}: no result in "
+                       f"{DERIVATION_SECONDS} s\n{spec.source}")
     except DerivationError as e:
         message = str(e)
         assert spec.fused, f"a step-by-step spec was refused: {message}"
