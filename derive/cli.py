@@ -59,7 +59,7 @@ def cmd_check(args) -> int:
 def cmd_verify(args) -> int:
     import torch
 
-    from .kernel import build
+    from .generate import build_named as build
     from .prove import default_sizes, prove
     from .verify import against_autograd, load_module, steps_table, table
 

@@ -339,7 +339,7 @@ def _pair(graph: Graph, records: list, lines: list) -> list[tuple[Node, list, li
 def _context(graph: Graph, fmt: _Format) -> dict:
     code = fmt.code
     note = _Notation(graph)
-    lines, _ = emit(graph)
+    lines = [line for line in emit(graph)[0] if not line.unreached]  # the walk's lines, each from a rule
     sizes = _illustration_sizes(graph)
     records, values, adjoints = _walks(graph, note, sizes)
     groups = _pair(graph, records, lines)
@@ -366,6 +366,8 @@ def _context(graph: Graph, fmt: _Format) -> dict:
             derived[id(record)] = (rhs, _local_derivative(rhs, origin, note))
     exprs = [e for pair in forward_eqs.values() for e in pair]
     exprs += [e for rhs, local in derived.values() for e in (rhs, *(local or ()))]
+    # the element each gradient is taken at, whose indices a constant gradient does not mention
+    exprs += [note.ref(r[1].name, r[1].shape) for _, pairs, _ in groups for r, _ in pairs]
     p = _Printer2(note.letters(exprs))
 
     inside = {}  # node -> the innermost call of another layer that recorded it

@@ -186,6 +186,11 @@ class Elements:
         a, b = linear.coeff(x, 1), linear.coeff(x, 0)
         if a == 0 or x in a.free_symbols or x in b.free_symbols or linear != expand(a * x + b):
             return
+        scalars = set(self.graph.sizes.values()) | set(self.graph.constants.values())
+        if not a.free_symbols <= scalars and a.is_zero is not False:
+            # Red(x) = (out - b)/v1 from out = v1*Red(x) is 0/0 wherever v1 is 0 (a zero-initialized
+            # parameter): learn only divisions by sizes, constants and values known to be non-zero
+            return
         solved = (self.ref(node) - b) / a
         self.rules.append((atom, tuple(sorted(atom.free_symbols & set(self.index.values()), key=str)), solved))
 

@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 HASH_LINE = re.compile(r"^(?:#|%|<!--) content-hash: ([0-9a-f]{64})", re.M)
@@ -35,11 +36,39 @@ def is_hand_edited(path: Path) -> bool:
     return recorded is not None and recorded != content_hash(body_of(text))
 
 
+TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # what write_atomic names its temporary files
+_writes = 0
+
+
+def _test_pause(where: str) -> None:
+    """Test hook: ``DERIVE_TEST_PAUSE=where:k`` stops the k-th write at ``where`` ("inside": the
+    temporary file is written, not yet renamed; "after": the file is in place) until the process is
+    killed, so a test can kill a generation at a known point."""
+    wanted, _, count = os.environ.get("DERIVE_TEST_PAUSE", "").partition(":")
+    if wanted == where and count and int(count) == _writes:
+        print(f"derive: paused {where} write {_writes}", flush=True)
+        time.sleep(600)
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed ``write_atomic`` left in ``folder`` (and below)."""
+    folder = Path(folder)
+    stale = [p for p in folder.rglob(".*.tmp") if p.is_file() and TEMPORARY.match(p.name)] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def write_atomic(path: Path, text: str) -> bool:
-    """Write ``text`` to ``path`` via a temporary file and rename; False when unchanged."""
+    """Write ``text`` to ``path`` via a temporary file and rename; False when unchanged.
+
+    A reader (or a process killed mid-way) sees the old file or the new one, never a mix: the new
+    text is complete and on disk before ``os.replace`` swaps it in."""
+    global _writes
     path = Path(path)
     if path.exists() and path.read_text() == text:
         return False
+    _writes += 1
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -47,7 +76,9 @@ def write_atomic(path: Path, text: str) -> bool:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _test_pause("inside")
         os.replace(tmp, path)
+        _test_pause("after")
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

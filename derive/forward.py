@@ -37,7 +37,9 @@ def line(node: Node, printer) -> str:
     if op in ("sum", "mean"):
         return f"{a[0]}.{op}({_reduce_args(node, node.args[0])})"
     if op == "max":
-        return f"{a[0]}.max({_reduce_args(node, node.args[0])}).values"
+        # a full reduction is a plain tensor (``x.max()``); along an axis it is (values, indices)
+        args = _reduce_args(node, node.args[0])
+        return f"{a[0]}.max({args}).values" if args else f"{a[0]}.max()"
     if op == "matmul":
         return f"{a[0]} @ {a[1]}"
     if op in ("eq", "ne"):

@@ -15,8 +15,8 @@ import torch
 from .codegen import render_function, render_steps
 from .derivation import render_markdown, render_tex
 from .derivation_steps import render_steps_markdown, render_steps_tex
-from .errors import DeriveError
-from .files import is_hand_edited, write_atomic
+from .errors import DerivationError, DeriveError
+from .files import is_hand_edited, remove_temporaries, write_atomic
 from .kernel import Kernel, build
 from .prove import Proof, default_sizes, prove_many
 from .spec import Layer
@@ -24,6 +24,16 @@ from .trace import trace
 from .verify import against_autograd, load_module, steps_table
 
 PACKAGE_INIT = '"""Generated backward passes: `<layer>.py` (fused kernel), `<layer>_steps.py` (step by step). Regenerate with `derive generate`."""\n'
+
+
+def build_named(layer: Layer) -> Kernel:
+    """``build(layer)``; a refusal raised where the layer is not known (the printer) gets its name."""
+    try:
+        return build(layer)
+    except DerivationError as e:
+        if e.layer:
+            raise
+        raise DerivationError(layer.name, e.problem, e.fix) from None
 
 
 def render(layer: Layer, kernel: Kernel | None = None) -> dict[str, str]:
@@ -36,7 +46,7 @@ def render(layer: Layer, kernel: Kernel | None = None) -> dict[str, str]:
         f"derivations/{layer.name}_steps.md": render_steps_markdown(graph),
     }
     if layer.fused:
-        kernel = kernel or build(layer)
+        kernel = kernel or build_named(layer)
         files |= {
             f"{layer.name}.py": render_function(kernel),
             f"derivations/{layer.name}.tex": render_tex(kernel),
@@ -77,7 +87,7 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     derived = []
     for layer in layers:
         start = time.perf_counter()
-        kernel = build(layer) if layer.fused else None
+        kernel = build_named(layer) if layer.fused else None
         files = render(layer, kernel)
         edited = [out / rel for rel in files if is_hand_edited(out / rel)]
         if edited and not force:
@@ -92,6 +102,7 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     proofs = prove_many(jobs)
 
     reports = []
+    remove_temporaries(out)  # left by a run that was killed while writing
     write_atomic(out / "__init__.py", PACKAGE_INIT)
     for layer, kernel, files, seconds in derived:
         start = time.perf_counter()

@@ -39,6 +39,8 @@ class Frame:
 class KernelPrinter(TorchPrinter):
     """SymPy's torch printer, plus tensors laid out in a frame, reductions and one-hots."""
 
+    full_rank = False  # print every tensor with the frame's rank (set inside reductions)
+
     def __init__(self, frame: Frame, shapes: dict[str, tuple], names: dict[sp.Symbol, str], dtype_of: str = ""):
         super().__init__({"strict": False})
         self.frame = frame
@@ -149,10 +151,21 @@ class KernelPrinter(TorchPrinter):
         for axis, size in zip(axes, varying):
             target[axis] = size
         padded = [1] * (rank - len(shape)) + list(shape)
-        if len(shape) <= rank and _broadcasts_as(padded, target):
+        # inside a reduction every tensor keeps the frame's rank: ``w.sum(1)`` of a (k,) vector
+        # would name an axis it does not have
+        if len(shape) <= rank and _broadcasts_as(padded, target) and not (self.full_rank and len(shape) < rank):
             return name
         sizes = ", ".join(self._print(s) for s in target)
         return f"{name}.view({sizes})"
+
+    def _lower_rank(self, body: sp.Expr) -> bool:
+        """True when every tensor ``body`` reads has fewer axes than the frame: its sum must then
+        view them into the frame (``w.view(1, k).sum(1)``), or it would name an axis they lack."""
+        rank = len(self.frame.dims)
+        labels = {b.label for b in body.atoms(sp.IndexedBase)}
+        temps = [s for s in body.free_symbols - labels if isinstance(s, sp.Symbol) and s.name in self.shapes]
+        elements = body.atoms(sp.Indexed)
+        return bool(elements) and not temps and all(len(self.shapes[str(e.base)]) < rank for e in elements)
 
     def _print_Red(self, expr):
         # nested sums over several axes are one torch reduction (pairwise summation over all of
@@ -166,6 +179,7 @@ class KernelPrinter(TorchPrinter):
         contraction = inner._contraction(expr, axes)
         if contraction is not None:
             return contraction
+        inner.full_rank = self._lower_rank(expr)
         body = inner._print(expr)
         if not body.isidentifier():
             body = f"({body})"
@@ -269,8 +283,10 @@ class ForwardPrinter(KernelPrinter):
         self.reusable = set(reusable)  # temporaries that may be overwritten by this statement
         self.inplace = inplace
 
-    def _inner(self, frame: Frame) -> "ForwardPrinter":
-        return ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of)
+    def _inner(self, frame: Frame, body: sp.Expr) -> "ForwardPrinter":
+        inner = ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of)
+        inner.full_rank = self._lower_rank(body)
+        return inner
 
     def statement(self, expr: sp.Expr) -> str:
         """The right-hand side of one statement, updating a dying temporary in place if one fits
@@ -345,10 +361,12 @@ class ForwardPrinter(KernelPrinter):
         # one axis at a time, in the spec's order (the forward's rounding is the spec's); a sum of
         # a product of differently-shaped tensors is a contraction (einsum), never the broadcast product
         frame, axis = self.frame.with_bound(expr.index, expr.body)
-        inner = self._inner(frame)
+        inner = self._inner(frame, expr.body)
+        inner.full_rank = False
         contraction = inner._contraction(expr.body, [axis])
         if contraction is not None:
             return contraction
+        inner.full_rank = self._lower_rank(expr.body)
         body = inner._print(expr.body)
         if not body.isidentifier():
             body = f"({body})"
@@ -359,7 +377,7 @@ class ForwardPrinter(KernelPrinter):
 
     def _reduce(self, expr, method: str) -> str:
         frame, axis = self.frame.with_bound(expr.index, expr.body)
-        body = self._inner(frame)._print(expr.body)
+        body = self._inner(frame, expr.body)._print(expr.body)
         if not body.isidentifier():
             body = f"({body})"
         return f"{body}.{method}({axis}, keepdim=True)"

@@ -17,6 +17,7 @@ import sympy as sp
 from sympy.solvers.solvers import _invert
 
 from .elements import Elements
+from .errors import DerivationError
 from .functions import NOT_INVERTIBLE
 from .symbolic import bases, expand, reductions, substitute_family
 from .trace import Node
@@ -91,8 +92,33 @@ def _solve_definition(el: Elements, node: Node, definition: sp.Expr, expr: sp.Ex
         back = {d: e for e, d in plain.items()}
         if node.shape:
             back[value] = el.ref(node)
-        result.append((variable, target, solutions[0].xreplace(back)))
+        solution = solutions[0].xreplace(back)
+        if _divides_by_maybe_zero(el, solution):
+            continue  # x = v2/v1 from v2 = x*v1 is wrong (0/0) wherever v1 is 0, e.g. a zero-initialized bias
+        result.append((variable, target, solution))
     return result
+
+
+def _divides_by_maybe_zero(el: Elements, expr: sp.Expr) -> bool:
+    """True when ``expr`` divides by a tensor quantity not known to be non-zero."""
+    for p in expr.atoms(sp.Pow):
+        base, e = p.as_base_exp()
+        if e.is_negative and not base.free_symbols <= scalars(el) and base.is_zero is not False:
+            return True
+    return False
+
+
+def _refuse_unsaved_scalars(el: Elements, expr: sp.Expr) -> sp.Expr:
+    """The fused kernel saves the tensors a formula reads element-wise; a scalar (0-d) forward value
+    it reads would not be saved, and the backward would fail. Refuse those, naming the value."""
+    names = {s.name for s in expr.free_symbols}
+    for node in el.graph.nodes:
+        if not node.shape and node.op not in ("input", "labels") and node.name in names:
+            raise DerivationError(el.layer, f"the fused gradient reads the scalar {node.name!r}, and the fused "
+                                  f"kernel does not save scalar forward values yet",
+                                  "keep it a tensor (sum with keepdim=True over each axis), or mark the layer "
+                                  "fused = False for the step-by-step backward", node.line, node.source)
+    return expr
 
 
 def _rewrite(el: Elements, expr: sp.Expr, variable: Node, target, solution: sp.Expr) -> sp.Expr:
@@ -105,6 +131,9 @@ def _rewrite(el: Elements, expr: sp.Expr, variable: Node, target, solution: sp.E
 def refold(el: Elements, expr: sp.Expr) -> sp.Expr:
     """Greedily rewrite ``expr`` in the forward nodes that make it cheapest."""
     expr = tidy(el, expr)
+    if expr == 0:  # differentiate refuses these first; a cancellation found only here is refused too
+        raise DerivationError(el.layer, "a gradient is identically zero (its terms cancel)",
+                              "declare that input with differentiable=False, or mark the layer fused = False")
     best = cost(el, expr)
     # an elementwise output is a saved quantity too (``tanh``: ``dout*(1 - out**2)``)
     output = el.graph.output
@@ -118,10 +147,10 @@ def refold(el: Elements, expr: sp.Expr) -> sp.Expr:
                 rewritten = _rewrite(el, expr, variable, target, solution)
                 options.append((cost(el, rewritten), not node.named, rewritten))
         if not options:
-            return expr
+            return _refuse_unsaved_scalars(el, expr)
         score, _, rewritten = min(options, key=lambda o: (o[0], o[1]))
         if score >= best:
-            return expr
+            return _refuse_unsaved_scalars(el, expr)
         expr, best = rewritten, score
 
 

@@ -58,6 +58,8 @@ Declaration = Tensor | Labels | Constant
 
 # Names the generated code uses for itself; a spec variable of that name would be shadowed.
 RESERVED = {"ctx", "torch", "F", "grad", "self", "math", "needs", "cache", "grads"}
+# Names a generated module defines at its top level; a layer of that name would replace one.
+MODULE_NAMES = RESERVED | {"forward", "backward", "once_differentiable"}
 
 
 @dataclass
@@ -119,6 +121,9 @@ def concrete_shape(dims: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, .
 
 
 def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
+    if name in MODULE_NAMES or name.startswith("_"):
+        raise SpecError(name, f"the layer's name {name!r} clashes with a name its generated module uses",
+                        f"rename the function (not one of: {', '.join(sorted(MODULE_NAMES))}, nor starting with _)")
     params = list(inspect.signature(fn).parameters)
     for p, decl in inputs.items():
         if p not in params:

@@ -77,6 +77,7 @@ def walk(graph: Graph, ops, value, shape_of, seed, accumulate, fused=None) -> di
 class Line:
     code: str
     comment: str
+    unreached: bool = False  # the zero gradient of an input the output does not read (no rule made it)
 
 
 def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
@@ -110,6 +111,13 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
 
     seed = Code(f"d{graph.output.name}", shape=graph.output.shape)
     grads = walk(graph, ops, value, lambda n: n.shape, seed, accumulate, fused)
+    # A declared differentiable input the output does not read still has a gradient: zero. The
+    # backward promises one per differentiable input, and the Function returns them all.
+    for name in graph.layer.differentiable:
+        node = graph.inputs[name]
+        if node not in grads:
+            lines.append(Line(f"d{name} = torch.zeros_like({name})", f"{name} does not reach the output", True))
+            grads[node] = Code(f"d{name}", shape=node.shape)
     return lines, {node: str(g) for node, g in grads.items()}
 
 

@@ -7,6 +7,7 @@ function returns, the name of the local variable it was assigned to (``bnmeani``
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -192,13 +193,25 @@ class Tracer:
         sys.setprofile(profile)
         try:
             result = self.layer.fn(*args)
+        except TraceError:
+            raise
+        except Exception as e:  # the spec itself failed on symbolic tensors: say where, not how deep
+            raise self.spec_failed(e) from None
         finally:
             sys.setprofile(old)
         if not isinstance(result, SymTensor):
             raise TraceError(self.layer.name, f"the forward returns {type(result).__name__}",
                              "return the layer's output tensor")
+        if result.node.op in ("input", "labels"):
+            raise TraceError(self.layer.name, f"the forward returns its input {result.node.name!r} unchanged",
+                             "return a tensor the layer computes (an identity layer needs no backward)")
         self.name_nodes(local_names, result.node, self.regions)
+        names = {n.name for n in self.nodes}
         for node in self.nodes:
+            if node.named and node.name.startswith("d") and node.name[1:] in names:
+                raise TraceError(self.layer.name, f"the variable {node.name!r} has the name of the gradient of "
+                                 f"{node.name[1:]!r} in the generated backward", f"rename {node.name!r} "
+                                 f"(generated code calls the gradient of every tensor d<name>)", node.line, node.source)
             if node.named and node.name in RESERVED:
                 raise TraceError(self.layer.name, f"the variable {node.name!r} has a name the generated code uses "
                                  f"for itself", f"rename it (reserved: {', '.join(sorted(RESERVED))})",
@@ -212,6 +225,26 @@ class Tracer:
         for region in self.regions:
             region.nodes = [n for n in region.nodes if n in used]
         return Graph(self.layer, inputs, nodes, result.node, self.sizes, constants, self.regions)
+
+    def spec_failed(self, error: Exception) -> TraceError:
+        """A Python error raised while the spec ran on symbolic tensors, at the spec's own line."""
+        codes = {self.code} | {r.layer.fn.__code__ for r in self.calls} | {r.layer.fn.__code__ for r in self.regions}
+        line, source, tb = 0, "", error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code in codes:
+                import linecache
+                line = tb.tb_lineno
+                source = linecache.getline(tb.tb_frame.f_code.co_filename, line)
+            tb = tb.tb_next
+        declared = ", ".join(f"{k}: ({', '.join(v.dims)})" for k, v in self.layer.tensors.items())
+        fix = f"the forward must run on tensors of the declared shapes ({declared}) using supported operations"
+        if isinstance(error, NameError) and getattr(error, "name", None):
+            close = difflib.get_close_matches(error.name, list(self.layer.inputs), n=1)
+            fix = f"use a declared input ({', '.join(self.layer.inputs)})" + (f"; did you mean {close[0]!r}?" if close else "")
+        elif "sympy" in type(error).__module__ or "Symbol" in str(error) or "expression" in str(error):
+            fix = ("a declared Constant is a symbol while the layer is traced: use it only in arithmetic "
+                   "with tensors and numbers (x * eps, x + eps), not in math functions or methods")
+        return TraceError(self.layer.name, f"the spec raised {type(error).__name__}: {error}", fix, line, source)
 
     def call(self, layer: Layer, args: tuple, kwargs: dict) -> "SymTensor":
         """A spec calls another layer: record its operations inline, as a region."""
@@ -323,6 +356,8 @@ class SymTensor:
             shape = self.node.shape
         if self.node.op == "labels" or (isinstance(other, SymTensor) and other.node.op == "labels"):
             t.fail(f"arithmetic {op!r} on integer labels", "use labels only to pick: t[range(n), y]")
+        if op == "div" and not reverse and not isinstance(other, SymTensor) and b == 0:
+            t.fail("division by the number 0", "divide by a non-zero number or a tensor")
         if op == "pow" and isinstance(b, Node):
             t.fail("a tensor exponent in '**'", "use a constant exponent, or exp(b * log(a))")
         return t.record(op, (a, b), shape)
@@ -422,7 +457,13 @@ class SymTensor:
                     t.fail("picking with labels whose classes differ from the tensor's columns",
                            "declare the labels' classes as the size of the picked axis")
                 return t.record("pick", (self.node, labels.node), (size,))
-        t.fail(f"indexing with {key!r}", "the supported indexing is picking t[range(n), y] with declared Labels")
+        parts = key if isinstance(key, tuple) else (key,)
+        floats = [p.node.name for p in parts if isinstance(p, SymTensor) and p.node.op != "labels"]
+        if floats:
+            t.fail(f"indexing with {floats[0]!r}, which is declared as a floating-point Tensor",
+                   f"declare the indices as Labels, e.g. {floats[0]}=Labels('n', classes='k')")
+        t.fail(f"indexing with {_describe(key)}", "the supported indexing is picking t[range(n), y] with declared "
+               "Labels y, and table[index] with declared Labels index")
 
     def _is_arange(self, rows, size) -> bool:
         stop = getattr(rows, "stop", None) if isinstance(rows, range) else None
@@ -453,9 +494,11 @@ class SymTensor:
     # -- everything else is refused clearly ---------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        kwargs = dict(kwargs or {})
         name = getattr(func, "__name__", str(func))
-        self = next(a for a in args if isinstance(a, SymTensor))
+        if not args and "input" in kwargs:  # torch.exp(input=x)
+            args = (kwargs.pop("input"),)
+        self = next(a for a in (*args, *kwargs.values()) if isinstance(a, SymTensor))
         if name in UNARY + ("sum", "mean", "max", "clamp", "clamp_min") and args and args[0] is self:
             return getattr(self, name)(*args[1:], **kwargs)
         self._tracer.fail(f"torch.{name} is not supported",
@@ -464,6 +507,11 @@ class SymTensor:
     def __getattr__(self, attr):
         if attr.startswith("_"):
             raise AttributeError(attr)
+        if attr in ("item", "tolist", "numpy"):
+            self._value()
+        if attr.endswith("_"):
+            self._tracer.fail(f"in-place operation .{attr}(...)", f"use the out-of-place form (a = a.{attr[:-1]}(...) "
+                              f"or arithmetic), built from supported primitives: {SUPPORTED}")
         self._tracer.fail(f"tensor method .{attr} is not supported",
                           f"write it from supported primitives: {SUPPORTED}")
 
@@ -471,6 +519,16 @@ class SymTensor:
         self._tracer.fail("a tensor's value decides Python control flow (if/while/and/or on a tensor)",
                           "the forward must be the same sequence of operations for every input; "
                           "use arithmetic (for example a mask) instead of branching")
+
+    def _value(self, *a):
+        self._tracer.fail("a tensor's value is read as a Python number (float(), int(), len(), .item())",
+                          "the forward must not depend on tensor values; sizes come from x.shape")
+
+    __float__ = __int__ = __len__ = __index__ = _value
+
+    def __iter__(self):
+        self._tracer.fail("a Python loop over a tensor's rows", "write it with whole-tensor operations "
+                          "(a sum over rows is x.sum(0))")
 
     def __setitem__(self, key, value):
         self._tracer.fail("in-place assignment into a tensor", "build a new tensor instead of mutating one")
@@ -496,6 +554,17 @@ class SymTensor:
 
     __lt__ = __le__ = __gt__ = __ge__ = _compare
     __hash__ = object.__hash__
+
+
+def _describe(key) -> str:
+    """An index as the spec wrote it, near enough: symbolic tensors by name, ranges by their bounds."""
+    if isinstance(key, tuple):
+        return "[" + ", ".join(_describe(k) for k in key) + "]"
+    if isinstance(key, SymTensor):
+        return key.node.name or "a tensor"
+    if isinstance(key, range):
+        return "a range" if key.stop >= _TOKEN_BASE else repr(key)
+    return repr(key)
 
 
 class _MaxResult:

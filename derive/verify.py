@@ -75,8 +75,11 @@ def autograd_everything(layer: Layer, inputs: dict, seed: int = 0) -> dict[str, 
     tensors = {k: v for k, v in local.items() if isinstance(v, torch.Tensor) and v.requires_grad and k not in leaves}
     for t in tensors.values():
         t.retain_grad()
-    out.backward(upstream_for(out, seed))
-    return {**{k: leaves[k].grad for k in wanted}, **{k: t.grad for k, t in tensors.items() if t.grad is not None}}
+    if out.requires_grad:
+        out.backward(upstream_for(out, seed))
+    # an input the output does not read has gradient zero (autograd leaves it None)
+    inputs = {k: leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in wanted}
+    return {**inputs, **{k: t.grad for k, t in tensors.items() if t.grad is not None}}
 
 
 def steps_table(layer: Layer, module, sizes: dict[str, int], dtype=torch.float32, seed: int = 0) -> list[Row]:

@@ -1,6 +1,7 @@
 """Generated files: deterministic, fresh on main, stale or hand-edited files are named."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,91 @@ def test_a_failed_proof_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(ProofFailure):
         gen.generate([cross_entropy], tmp_path / "out", echo=lambda line: None)
     assert not (tmp_path / "out").exists()
+
+
+# -- a generation killed mid-way ------------------------------------------------------------------
+SMALL_SPEC = '''import torch
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "d"), w=Tensor("d"))
+def scaled(x, w):
+    """A small layer for the kill tests."""
+    h = torch.tanh(x) * w
+    out = h * FACTOR
+    return out
+'''
+
+
+def _kill_during_generate(tmp_path, where: str, write: int):
+    """Generate version 1 of a spec completely, then version 2, killed (SIGKILL) when its ``write``-th
+    file write reaches ``where``. Returns (out folder, version 1 files, version 2 files, spec path)."""
+    from derive.layers import from_file
+    spec, out = tmp_path / "scaled.py", tmp_path / "gen"
+    versions = []
+    for factor in ("2.0", "3.0"):  # one folder each: Python caches a file's source lines by path
+        copy = tmp_path / f"v{factor}" / "scaled.py"
+        copy.parent.mkdir()
+        copy.write_text(SMALL_SPEC.replace("FACTOR", factor))
+        versions.append(render(*from_file(f"{copy}:scaled")))
+    spec.write_text(SMALL_SPEC.replace("FACTOR", "2.0"))
+    assert derive("generate", "--no-prove", "--layer", str(spec), "--out", str(out)).returncode == 0
+    spec.write_text(SMALL_SPEC.replace("FACTOR", "3.0"))
+    env = {**os.environ, "DERIVE_TEST_PAUSE": f"{where}:{write}"}
+    proc = subprocess.Popen([sys.executable, "-m", "derive", "generate", "--no-prove", "--layer", str(spec),
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith(f"derive: paused {where} write {write}"):
+                break
+        else:
+            pytest.fail(f"the generation never paused: {proc.stderr.read()}")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return out, versions[0], versions[1], spec
+
+
+def _assert_each_file_whole(out, old: dict, new: dict):
+    """Every generated file is the complete old or the complete new version, its hash intact."""
+    kinds = {}
+    for rel in old:
+        text = (out / rel).read_text()
+        assert recorded_hash(text) == content_hash(body_of(text)), f"{rel}: header hash does not match its body"
+        assert text in (old[rel], new[rel]), f"{rel} is neither the old nor the new version"
+        kinds[rel] = "new" if text == new[rel] else "old"
+    return kinds
+
+
+@pytest.mark.parametrize("where", ["after", "inside"])
+def test_a_generation_killed_mid_way_leaves_whole_files(tmp_path, where):
+    out, old, new, spec = _kill_during_generate(tmp_path, where, 2)
+    kinds = _assert_each_file_whole(out, old, new)
+    assert "new" in kinds.values() and "old" in kinds.values(), kinds  # the kill did land mid-way
+    temporaries = [p.name for p in out.rglob("*.tmp")]
+    # killed between files: nothing half-written; killed inside a write: its temporary file only
+    assert len(temporaries) == (1 if where == "inside" else 0), temporaries
+    result = derive("generate", "--no-prove", "--layer", str(spec), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert _assert_each_file_whole(out, old, new) == {rel: "new" for rel in new}
+    assert list(out.rglob("*.tmp")) == [], "the next run cleans the temporary files a killed run left"
+
+
+def test_a_hand_edit_is_not_overwritten_and_the_message_names_the_file(tmp_path):
+    spec, out = tmp_path / "scaled.py", tmp_path / "gen"
+    spec.write_text(SMALL_SPEC.replace("FACTOR", "2.0"))
+    assert derive("generate", "--no-prove", "--layer", str(spec), "--out", str(out)).returncode == 0
+    target = out / "derivations" / "scaled_steps.md"
+    before = {p: p.read_text() for p in out.rglob("*") if p.is_file() and p != target}
+    edited = target.read_text().replace("A small layer", "A tiny layer")
+    target.write_text(edited)
+    spec.write_text(SMALL_SPEC.replace("FACTOR", "3.0"))
+    result = derive("generate", "--no-prove", "--layer", str(spec), "--out", str(out))
+    assert result.returncode == 2
+    assert f"{target} was edited by hand" in result.stderr and "--force" in result.stderr
+    assert target.read_text() == edited
+    # nothing of the layer was written: its other files still hold the old version
+    assert {p: p.read_text() for p in out.rglob("*") if p.is_file() and p != target} == before

@@ -1,8 +1,12 @@
 """Bad specs get errors that name the layer, the operation, the line and the fix."""
+import re
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
-from derive.errors import SpecError, TraceError
+from derive.errors import DerivationError, SpecError, TraceError
 from derive.kernel import build
 from derive.spec import Constant, Labels, Tensor, layer
 
@@ -126,3 +130,191 @@ def test_clamp_with_an_upper_bound_is_refused():
 
     with pytest.raises(TraceError, match=r"layer 'clamps' \(line \d+: c = x.clamp\(min=0.0, max=1.0\)\): clamp"):
         build(clamps)
+
+
+# -- errors at the spec's own line instead of a traceback from inside the tracer or SymPy --------------
+def _trace_error(spec) -> str:
+    with pytest.raises(TraceError) as caught:
+        build(spec)
+    return str(caught.value)
+
+
+def test_a_misspelled_input_in_the_body_names_the_line_and_the_declared_inputs():
+    @layer(x=Tensor("n", "d"), gamma=Tensor("d"))
+    def misspelled(x, gamma):
+        out = x * gama  # noqa: F821
+        return out
+
+    message = _trace_error(misspelled)
+    assert re.search(r"layer 'misspelled' \(line \d+: out = x \* gama.*NameError.*did you mean 'gamma'", message)
+
+
+def test_an_axis_the_declaration_does_not_have():
+    @layer(x=Tensor("n", "d"))
+    def rank_three(x):
+        c = x.shape[2]
+        out = x * c
+        return out
+
+    message = _trace_error(rank_three)
+    assert re.search(r"rank_three.*line \d+: c = x.shape\[2\].*IndexError.*declared shapes \(x: \(n, d\)\)", message)
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("x.add_(1.0)", r"in-place operation \.add_\(\.\.\.\).*out-of-place form"),
+    ("x.mul_(x)", r"in-place operation \.mul_\(\.\.\.\)"),
+])
+def test_in_place_methods(body, problem):
+    spec = _one_line_spec(f"    {body}\n    out = x * 2.0\n")
+    assert re.search(rf"layer 'one_line' \(line \d+: {re.escape(body)}\): {problem}", _trace_error(spec))
+
+
+def test_in_place_operator_on_an_input():
+    @layer(x=Tensor("n", "d"))
+    def augmented(x):
+        x += 1.0
+        return x
+
+    assert re.search(r"augmented.*line \d+: x \+= 1.0.*in-place operation.*a = a \+ b", _trace_error(augmented))
+
+
+@pytest.mark.parametrize("line", ["s = float(x.sum())", "s = x.sum().item()", "s = len(x)"])
+def test_reading_a_tensor_value_as_a_number(line):
+    spec = _one_line_spec(f"    {line}\n    out = x * s\n")
+    assert re.search(rf"line \d+: {re.escape(line)}\): a tensor's value is read as a Python number.*x.shape",
+                     _trace_error(spec))
+
+
+def test_a_python_loop_over_rows():
+    spec = _one_line_spec("    out = sum(row for row in x)\n")
+    assert re.search(r"line \d+: out = sum\(row for row in x\)\): a Python loop.*x.sum\(0\)", _trace_error(spec))
+
+
+def test_a_constant_used_like_a_tensor():
+    @layer(x=Tensor("n", "d"), eps=Constant(0.1))
+    def constant_method(x, eps=0.1):
+        out = eps.exp() * x
+        return out
+
+    assert re.search(r"constant_method.*line \d+: out = eps.exp\(\) \* x.*Constant is a symbol.*x \* eps",
+                     _trace_error(constant_method))
+
+
+def test_division_by_the_number_zero():
+    spec = _one_line_spec("    out = x / 0\n")
+    assert re.search(r"line \d+: out = x / 0\): division by the number 0", _trace_error(spec))
+
+
+def test_picking_with_a_float_tensor_says_to_declare_labels():
+    @layer(x=Tensor("n", "k"), y=Tensor("n"))
+    def float_labels(x, y):
+        n = x.shape[0]
+        out = x[range(n), y]
+        return out
+
+    assert re.search(r"float_labels.*line \d+: out = x\[range\(n\), y\]\): indexing with 'y', which is declared as "
+                     r"a floating-point Tensor. Fix: declare the indices as Labels", _trace_error(float_labels))
+
+
+def test_unsupported_indexing_is_described_as_written():
+    spec = _one_line_spec("    out = x[0]\n")
+    message = _trace_error(spec)
+    assert re.search(r"line \d+: out = x\[0\]\): indexing with 0\. Fix: the supported indexing is picking", message)
+
+
+def test_returning_an_input_unchanged():
+    @layer(x=Tensor("n", "d"))
+    def identity(x):
+        return x
+
+    assert "layer 'identity': the forward returns its input 'x' unchanged" in _trace_error(identity)
+
+
+@pytest.mark.parametrize("name", ["dx", "dout"])
+def test_a_variable_named_like_a_gradient_of_the_generated_backward(name):
+    # generated code names the gradient of every tensor d<name>: a spec variable dx would be overwritten
+    spec = _one_line_spec(f"    {name} = x.exp()\n    out = {name} * x\n")
+    assert re.search(rf"line \d+: {name} = x.exp\(\)\): the variable '{name}' has the name of the gradient of "
+                     rf"'{name[1:]}'.*Fix: rename '{name}'", _trace_error(spec))
+
+
+@pytest.mark.parametrize("name", ["torch", "forward", "backward", "F", "_private"])
+def test_a_layer_named_like_its_generated_module_uses(name):
+    namespace = {}
+    with pytest.raises(SpecError, match=rf"layer '{name}': the layer's name '{name}' clashes with a name its generated "
+                                        r"module uses. Fix: rename the function"):
+        exec(f"@layer(x=Tensor('n', 'd'))\ndef {name}(x):\n    return x * 2.0\n", {"layer": layer, "Tensor": Tensor}, namespace)
+
+
+@pytest.mark.parametrize("name", ["t1", "t2", "shared0", "sum_dout_x", "sum_x", "out"])
+def test_variables_named_like_the_printers_temporaries_still_derive_correctly(name, tmp_path):
+    # the printer names its own temporaries t<k>, shared<k>, sum_<tensors>: it must step around the spec's
+    from derive.generate import render
+    from derive.verify import against_autograd, load_module
+    spec = _one_line_spec(f"    {name} = x.exp()\n    m = (x * {name}).sum(0, keepdim=True)\n    res = {name} * m * 2.0\n"
+                          f"    return res\n", ret=False)
+    for rel, text in render(spec).items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    for module in ("one_line", "one_line_steps"):
+        fn = getattr(load_module(tmp_path / f"{module}.py"), "one_line")
+        rows = against_autograd(spec, fn, {"n": 4, "d": 3})
+        assert max(r.maxdiff for r in rows) < 1e-10, (module, rows)
+
+
+def test_a_gradient_that_flows_through_max_is_refused_at_the_max():
+    @layer(x=Tensor("n", "d"))
+    def through_max(x):
+        m = x.max(1, keepdim=True).values
+        out = torch.tanh(m) * x
+        return out
+
+    with pytest.raises(DerivationError, match=r"layer 'through_max' \(line \d+: m = x.max\(1, keepdim=True\).values\): "
+                                              r"dx flows through m = max.*Fix: subtract the max only where it cancels"):
+        build(through_max)
+
+
+def test_an_identically_zero_gradient_is_refused():
+    @layer(x=Tensor("n", "d"), w=Tensor("d"))
+    def ignores_w(x, w):
+        out = x.exp()
+        return out
+
+    with pytest.raises(DerivationError, match=r"layer 'ignores_w': dw is identically zero.*differentiable=False"):
+        build(ignores_w)
+
+
+def test_a_refusal_from_the_printer_names_the_layer():
+    # picking from a row-broadcast tensor needs a gather the fused printer does not emit
+    from derive.generate import build_named
+
+    @layer(x=Tensor("n", "k"), c=Tensor("1", "k"), y=Labels("n", classes="k"))
+    def gathers(x, c, y):
+        n = x.shape[0]
+        t = x * c
+        out = t[range(n), y].sum()
+        return out
+
+    with pytest.raises(DerivationError, match=r"^layer 'gathers': .*Fix: "):
+        build_named(gathers)
+
+
+def test_torch_functions_called_with_keywords_trace():
+    spec = _one_line_spec("    out = torch.exp(input=x)\n")
+    assert build(spec).formulas[0].input == "x"
+
+
+_SPEC_FILES = []
+
+
+def _one_line_spec(body: str, ret: bool = True):
+    """``one_line(x: (n, d))`` with ``body`` (its lines indented), returning ``out``, loaded from a file
+    of its own (so errors can quote its lines and generated headers can hash its source)."""
+    from derive.layers import from_file
+    folder = Path(tempfile.mkdtemp(prefix="derive_spec_"))
+    _SPEC_FILES.append(folder)
+    path = folder / f"one_line_{len(_SPEC_FILES)}.py"
+    path.write_text("import torch\nfrom derive import Constant, Labels, Tensor, layer\n\n\n"
+                    "@layer(x=Tensor('n', 'd'))\ndef one_line(x):\n" + body + ("    return out\n" if ret else ""))
+    (spec,) = from_file(str(path))
+    return spec

@@ -70,3 +70,29 @@ def test_step_by_step_equals_fused_numerically(layer):
     for name in layer.differentiable:
         assert torch.allclose(ours[f"d{name}"], leaves[name].grad, rtol=1e-12, atol=1e-14)
     assert against_autograd(layer, fused, sizes)[0].maxdiff < 1e-12
+
+
+def test_a_full_maximum_of_a_vector_prints_as_a_tensor(tmp_path):
+    """``v.max(0).values`` of a 1-d value reduces everything: the forward prints ``v.max()``
+    (``v.max().values`` would be a method, not the maximum) and the steps pass gradcheck."""
+    import torch
+
+    from derive.generate import render
+    from derive.layers import from_file
+    from derive.verify import load_module
+
+    spec = tmp_path / "vmax.py"
+    spec.write_text("from derive import Tensor, layer\n\n\n"
+                    "@layer(x=Tensor('n', 'd'))\n"
+                    "def vmax(x):\n"
+                    "    v = x.sum(1)\n"
+                    "    m = v.max(0).values\n"
+                    "    out = x * m\n"
+                    "    return out\n\n\n"
+                    "vmax.fused = False\n")
+    (layer,) = from_file(str(spec))
+    steps = tmp_path / "vmax_steps.py"
+    steps.write_text(render(layer)["vmax_steps.py"])
+    module = load_module(steps)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(module.vmax, (x,))

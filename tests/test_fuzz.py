@@ -1,0 +1,139 @@
+"""Random layers: every spec the fuzzer writes either generates code that matches autograd of the
+spec (forward, gradients, gradcheck, needs_input_grad) or is refused with an error naming the layer.
+
+CI runs a bounded number (``DERIVE_FUZZ_EXAMPLES`` per family, default 110 fused + 110 step-by-step,
+short specs); a soak is opt-in::
+
+    DERIVE_FUZZ_EXAMPLES=1000 DERIVE_FUZZ_LINES=6 pytest -s tests/test_fuzz.py
+
+Each test prints how many layers it tried, passed and saw refused. Failures found by the fuzzer
+are kept as ``@example`` regressions below.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+
+from fuzz.harness import run
+from fuzz.specs import FuzzSpec, layer_specs
+
+EXAMPLES = int(os.environ.get("DERIVE_FUZZ_EXAMPLES", "110"))
+LINES = int(os.environ.get("DERIVE_FUZZ_LINES", "3"))
+# At most this share of fused specs may be refused: the fuzzer must keep testing code, not refusals.
+MOST_REFUSED = 0.25
+MOST_SLOW = 0.05  # derivations stopped after DERIVE_FUZZ_SECONDS (engine speed, not correctness)
+
+
+def _regression(name: str, body: str, declared: str, signature: str, fused: bool, sizes: dict) -> FuzzSpec:
+    """A failure the fuzzer found, written back as the spec it shrank to."""
+    source = "\n".join([
+        "import torch", "from derive import Constant, Labels, Tensor, layer", "", "",
+        f"@layer({declared})", f"def {name}({signature}):", "    n, k = x.shape", body, "    return out", "",
+        *([] if fused else ["", f"{name}.fused = False", ""]),
+    ])
+    return FuzzSpec(name, source, fused, sizes)
+
+
+# An input the output does not read: the step-by-step Function asked for grads["dx"], never emitted.
+UNREAD_INPUT = _regression("fuzz_found_unread_input", "    v1 = torch.tanh(c)\n    out = v1",
+                           'x=Tensor("n", "k"), c=Tensor("1", "k")', "x, c", False, {"n": 4, "k": 3})
+# A gradient that does not depend on the element (c.mean()): the steps derivation had no letter for i_k.
+CONSTANT_GRADIENT = _regression("fuzz_found_constant_gradient", "    v1 = x.exp()\n    v2 = c.mean()\n    out = v2",
+                                'x=Tensor("n", "k"), c=Tensor("1", "k")', "x, c", False, {"n": 3, "k": 2})
+
+
+# A scalar intermediate the fused gradient reads (v1 = b.mean()): the kernel did not save it and the
+# backward raised NameError; now refused with the line.
+SCALAR_READ = _regression("fuzz_found_scalar_read", "    v1 = b.mean()\n    v2 = x * v1\n    out = v2.sum()",
+                          'x=Tensor("n", "k"), b=Tensor("n", "1")', "x, b", True, {"n": 4, "k": 2})
+# Recognition learned sum(x) = out/v1 from out = v1*sum(x): db read out/v1, 0/0 where b is zero.
+DIVIDES_BY_INPUT = _regression("fuzz_found_divides_by_input",
+                               "    v1 = b.mean(0, keepdim=True)\n    v2 = x * v1\n    out = v2.sum(1, keepdim=True)",
+                               'x=Tensor("n", "k"), b=Tensor("n", "1")', "x, b", True, {"n": 3, "k": 4})
+# softmax(x).mean() is the constant 1/k: its gradient is zero, which printed as (0).expand(n, k).
+ZERO_GRADIENT = _regression("fuzz_found_zero_gradient", "    v1 = x.max(1, keepdim=True).values\n    v2 = x - v1\n"
+                            "    v3 = v2.exp()\n    v4 = v3.sum(1, keepdim=True)\n    v5 = v3 / v4\n    out = v5.mean()",
+                            'x=Tensor("n", "k")', "x", True, {"n": 3, "k": 2})
+# The gradient flows through a max: the printer refused it as layer '' with no line.
+THROUGH_MAX = _regression("fuzz_found_through_max", "    v1 = x.max(1, keepdim=True).values\n    v2 = torch.tanh(v1)\n"
+                          "    out = v2 + torch.tanh(w).mean()", 'x=Tensor("n", "k"), w=Tensor("k")', "x, w", True,
+                          {"n": 2, "k": 2})
+FOUND = [UNREAD_INPUT, CONSTANT_GRADIENT, SCALAR_READ, DIVIDES_BY_INPUT, ZERO_GRADIENT, THROUGH_MAX]
+
+
+class Tally:
+    def __init__(self, family: str):
+        self.family, self.outcomes, self.start = family, [], time.perf_counter()
+
+    def report(self) -> str:
+        passed = sum(o.status == "passed" for o in self.outcomes)
+        refused = [o for o in self.outcomes if o.status == "refused"]
+        slow = [o for o in self.outcomes if o.status == "slow"]
+        lines = [f"fuzz {self.family}: {len(self.outcomes)} random layers tried, {passed} passed, "
+                 f"{len(refused)} refused with a clear error, {len(slow)} stopped as slow, "
+                 f"{time.perf_counter() - self.start:.0f} s"]
+        lines += [f"  slow: {o.message}" for o in slow]
+        reasons = sorted({o.message.split(": ", 1)[1] for o in refused})
+        lines += [f"  refused: {r}" for r in reasons]
+        return "\n".join(lines)
+
+
+def _fuzz(family: str, fused: bool, tmp_path, extra=()):
+    tally = Tally(family)
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not os.environ.get("DERIVE_FUZZ_RANDOM"),
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    @given(spec=layer_specs(fused, LINES))
+    def check(spec):
+        tally.outcomes.append(run(spec, tmp_path))
+
+    for spec in extra:
+        check = example(spec=spec)(check)
+    check()
+    print("\n" + tally.report())
+    return tally
+
+
+def test_random_fused_layers(tmp_path):
+    tally = _fuzz("fused", True, tmp_path, extra=FOUND[2:])
+    refused = sum(o.status == "refused" for o in tally.outcomes)
+    slow = sum(o.status == "slow" for o in tally.outcomes)
+    assert len(tally.outcomes) >= EXAMPLES
+    assert refused <= MOST_REFUSED * len(tally.outcomes), tally.report()
+    assert slow <= MOST_SLOW * len(tally.outcomes), tally.report()
+
+
+def test_random_step_by_step_layers(tmp_path):
+    tally = _fuzz("step-by-step", False, tmp_path, extra=FOUND[:2])
+    assert len(tally.outcomes) >= EXAMPLES
+    assert all(o.status == "passed" for o in tally.outcomes), tally.report()  # no derivation: never slow
+
+
+@pytest.mark.parametrize("spec, status", [(UNREAD_INPUT, "passed"), (CONSTANT_GRADIENT, "passed"),
+                                          (DIVIDES_BY_INPUT, "passed"), (SCALAR_READ, "refused"),
+                                          (ZERO_GRADIENT, "refused"), (THROUGH_MAX, "refused")],
+                         ids=lambda v: getattr(v, "name", v))
+def test_fuzz_regressions(spec, status, tmp_path):
+    outcome = run(spec, tmp_path)
+    assert outcome.status == status, outcome.message
+    if status == "refused":  # the refusal says where: the line of the value the kernel cannot handle
+        assert re.search(rf"^layer '{spec.name}' \(line \d+: v\d = ", outcome.message) or "identically zero" in outcome.message
+
+
+def test_a_zero_input_gives_finite_gradients(tmp_path):
+    """The divides-by-input regression at the point where it went wrong: b = 0 (a zero-initialized bias)."""
+    from derive.layers import from_file
+    from derive.verify import load_module
+    run(DIVIDES_BY_INPUT, tmp_path)
+    (layer,) = from_file(str(tmp_path / f"{DIVIDES_BY_INPUT.name}.py"))
+    fused = getattr(load_module(tmp_path / layer.name / f"{layer.name}.py"), layer.name)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    b = torch.zeros(3, 1, dtype=torch.float64)
+    ours = torch.autograd.grad(fused(x, b.requires_grad_()).sum(), b)[0]
+    reference = torch.autograd.grad(layer.fn(x, b).sum(), b)[0]
+    assert torch.isfinite(ours).all() and torch.allclose(ours, reference)
