@@ -463,7 +463,7 @@ def _illustration(origin: Node, node: Node, first: bool, array, before, values: 
 
 def _render(graph: Graph, fmt: _Format) -> str:
     body = environment().get_template(fmt.template).render(**_context(graph, fmt)).lstrip("\n")
-    return header(graph.layer, fmt.comment[0], body, fmt.comment[1], templates=[fmt.template]) + body
+    return header(graph.layer, fmt.comment[0], body, fmt.comment[1], templates=[fmt.template, *fmt.includes]) + body
 
 
 STEPS_TEX = dataclasses.replace(TEX, template="derivation_steps.tex.j2")
