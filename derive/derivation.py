@@ -27,7 +27,7 @@ from .codegen import environment, header
 from .explain import Sigma
 from .kernel import Kernel
 from .symbolic import Max, Red, expand, extent, reductions, substitute_family
-from .trace import Node
+from .trace import Graph, Node
 
 # Index letters: free indices from one pool, bound (summation) indices from another, so a reader
 # can tell at a glance which indices an equation holds for and which it sums over.
@@ -207,7 +207,7 @@ def _context(kernel: Kernel, fmt: _Format) -> dict:
     return dict(name=code(kernel.name), doc=fmt.text(kernel.layer.doc), module=code(kernel.layer.module),
                 output=code(out.name), grad_output=code(f"d{out.name}"), indices=_legend(kernel, exprs, p),
                 forward=forward, steps=groups, silent=_silent(kernel, code), gradients=gradients,
-                graph=_graph(kernel, fmt), definitions=[_definition(d, kernel, p, fmt, ref) for d in definitions],
+                graph=graph_context(kernel.graph, fmt), definitions=[_definition(d, kernel, p, fmt, ref) for d in definitions],
                 simplify=[_simplification(r, kernel, p, fmt, ref) for r in refolds],
                 saved=", ".join(map(code, kernel.saved)), inputs=", ".join(map(code, kernel.layer.differentiable)))
 
@@ -274,15 +274,23 @@ def _simplification(r: explain.Refolded, kernel: Kernel, p: _Printer, fmt: _Form
             recognized=_recognitions(w.recognized, kernel, p, fmt),
             after=_equation(lhs, p.doprint(_tidy(w.after))), cost=f"{w.cost[0]} to {w.cost[1]}"))
     parts = list(dict.fromkeys(n.name for n in r.parts))
+    sent = [_tidy(s.contribution) for s in kernel.gradients.steps if s.target is r.input]
+    terms = [r"\left(%s\right)" % p.doprint(c) if c.is_Add or c.could_extract_minus_sign() else p.doprint(c) for c in sent]
     return dict(name=code(f"d{r.input.name}"), input=code(r.input.name), uses=", ".join(map(code, parts)),
-                several=len(parts) > 1, total=_equation(lhs, p.doprint(_tidy(r.total))), rewrites=rewrites,
+                several=len(sent) > 1, sum=_equation(lhs, " + ".join(terms)),
+                total=_equation(lhs, p.doprint(_tidy(r.total))), rewrites=rewrites,
                 refolded=_equation(lhs, p.doprint(_tidy(r.refolded))), closed=_equation(lhs, p.doprint(r.closed)))
 
 
-def _graph(kernel: Kernel, fmt: _Format) -> dict:
-    graph = kernel.graph
-    fans = [f"{fmt.code(n.name)} is read {len(c)} times (by {', '.join(fmt.code(m.name) for m in c)})"
-            for n, c in figure.fan_out(graph)]
+def graph_context(graph: Graph, fmt: _Format) -> dict:
+    """The compute graph drawn both ways, and a sentence per fan-out (a node read twice, a broadcast)."""
+    def name(n: Node) -> str:  # an unnamed temporary is named by what it does and where
+        return fmt.code(n.name) if n.named or n.op in ("input", "labels") else f"the {n.op} on line {n.line}"
+
+    fans = [f"{name(n)} is read {len(c)} times (by {', '.join(name(m) for m in c)})" for n, c in figure.fan_out(graph)]
+    fans += [f"{name(a)} is repeated over {' and '.join(fmt.math(tex_name(str(s))) for s in sizes)} by "
+             f"{name(m)}: every element is used that many times, so its gradient sums over "
+             f"{'that axis' if len(sizes) == 1 else 'those axes'}" for a, m, sizes in figure.broadcasts(graph)]
     return dict(tikz=figure.tikz(graph), mermaid=figure.mermaid(graph), fans=fans)
 
 
@@ -334,8 +342,9 @@ def _render(kernel: Kernel, fmt: _Format) -> str:
 
 
 TEX = _Format("derivation.tex.j2", text=_tex_doc, code=lambda s: r"\texttt{%s}" % tex_text(s), comment=("%", ""),
-              includes=(PREAMBLE,))
-MARKDOWN = _Format("derivation.md.j2", text=lambda s: s, code=md_code, comment=("<!--", " -->"))
+              includes=(PREAMBLE, "derivation_graph.tex.j2"))
+MARKDOWN = _Format("derivation.md.j2", text=lambda s: s, code=md_code, comment=("<!--", " -->"),
+                   includes=("derivation_graph.md.j2",))
 
 
 def render_tex(kernel: Kernel) -> str:

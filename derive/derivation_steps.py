@@ -32,7 +32,7 @@ import sympy as sp
 from .backends import ArrayOps
 from .codegen import environment, header
 from .derivation import (BOUND_LETTERS, FREE_LETTERS, MARKDOWN, RESERVED_LETTERS, TEX, _assign, _equation,
-                         _Format, _Printer, tex_name)
+                         _Format, _Printer, graph_context, tex_name)
 from .forward import size_scalars
 from .prove import _labels
 from .rules import BROADCASTING
@@ -417,7 +417,7 @@ def _context(graph: Graph, fmt: _Format) -> dict:
     out, layer = graph.output, graph.layer
     return dict(name=code(layer.name), doc=fmt.text(layer.doc), module=code(layer.module),
                 file=code(f"{layer.name}_steps.py"), output=code(out.name), grad_output=code(f"d{out.name}"),
-                indices=indices, forward=forward, steps=steps, count=len(lines),
+                indices=indices, forward=forward, steps=steps, count=len(lines), graph=graph_context(graph, fmt),
                 inputs=", ".join(code(f"d{n}") for n in layer.differentiable))
 
 
