@@ -1,4 +1,4 @@
-"""The ``derive`` command: generate, check, verify."""
+"""The ``derive`` command: generate, check, verify, latex."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .book import build_book
 from .errors import DeriveError
 from .generate import generate, stale_files
 from .kernel import build
@@ -30,13 +31,13 @@ def _layers(args) -> list:
 def cmd_generate(args) -> int:
     start = time.perf_counter()
     print(f"{'layer':18s} {'gradients':24s} {'sizes proven (n x other)':33s} {'generated vs autograd':23s} time")
-    generate(_layers(args), Path(args.out), prove_sizes=not args.no_prove, force=args.force)
+    generate(_layers(args), Path(args.out), prove_sizes=not args.no_prove, force=args.force, index=not args.names)
     print(f"done in {time.perf_counter() - start:.1f} s; files in {args.out}/")
     return 0
 
 
 def cmd_check(args) -> int:
-    problems = stale_files(_layers(args), Path(args.out))
+    problems = stale_files(_layers(args), Path(args.out), index=not args.names)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
@@ -67,6 +68,12 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_latex(args) -> int:
+    pdf = build_book(_layers(args), Path(args.out) / "derivations", Path(args.build))
+    print(f"wrote {pdf}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="derive", description="Derive, prove and generate fused backward passes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,6 +95,10 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="prove each formula and print the comparison table against autograd")
     common(v)
     v.set_defaults(run=cmd_verify)
+    t = sub.add_parser("latex", help="build one PDF of every layer's derivations, with a table of contents")
+    common(t)
+    t.add_argument("--build", default="build/derivations", help="build folder (default: build/derivations)")
+    t.set_defaults(run=cmd_latex)
     return p
 
 

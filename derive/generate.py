@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .book import index_markdown
 from .codegen import render_function, render_steps
 from .derivation import render_markdown, render_tex
 from .derivation_steps import render_steps_markdown, render_steps_tex
@@ -23,6 +24,7 @@ from .spec import Layer
 from .trace import trace
 from .verify import against_autograd, load_module, steps_table
 
+INDEX = "derivations/README.md"  # links every layer's derivations; written when all layers are generated
 PACKAGE_INIT = '"""Generated backward passes: `<layer>.py` (fused kernel), `<layer>_steps.py` (step by step). Regenerate with `derive generate`."""\n'
 
 
@@ -66,10 +68,17 @@ class HandEditedError(DeriveError):
 
 
 def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force: bool = False,
-             echo=print) -> list[Report]:
+             echo=print, index: bool = True) -> list[Report]:
+    """Derive and write every layer's files; with ``index`` (the whole set of layers, not a few
+    picked by name) also the index page of the derivations."""
     out = Path(out)
     reports = []
     write_atomic(out / "__init__.py", PACKAGE_INIT)
+    if index:
+        if is_hand_edited(out / INDEX) and not force:
+            raise HandEditedError(f"{out / INDEX} was edited by hand (its content hash no longer matches); "
+                                  f"pass --force to overwrite it")
+        write_atomic(out / INDEX, index_markdown(layers))
     for layer in layers:
         start = time.perf_counter()
         kernel = build(layer) if layer.fused else None
@@ -96,11 +105,14 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     return reports
 
 
-def stale_files(layers: list[Layer], out: Path) -> list[str]:
-    """Every generated file under ``out`` that is missing, stale or hand-edited, with the reason."""
+def stale_files(layers: list[Layer], out: Path, index: bool = True) -> list[str]:
+    """Every generated file under ``out`` that is missing, stale or hand-edited, with the reason
+    (the derivations' index page too, with ``index``)."""
     out = Path(out)
     problems = []
     expected = {"__init__.py": PACKAGE_INIT}
+    if index:
+        expected[INDEX] = index_markdown(layers)
     for layer in layers:
         expected.update(render(layer))
     for rel, text in sorted(expected.items()):
