@@ -42,6 +42,13 @@ def tex_name(name: str) -> str:
     return name if len(name) == 1 else r"\mathrm{%s}" % name.replace("_", r"\_")
 
 
+def _bar(name: str) -> str:
+    """A spec name in math; the placeholder of an adjoint (``explain.ADJOINT``) gets its bar."""
+    if name.startswith(explain.ADJOINT):
+        return r"\overline{%s}" % tex_name(name[len(explain.ADJOINT):])
+    return tex_name(name)
+
+
 class _Printer(LatexPrinter):
     """``sympy.latex`` with spec names, readable index letters and keepdim axes left out."""
 
@@ -61,13 +68,13 @@ class _Printer(LatexPrinter):
         return (not last and isinstance(expr, (Red, Max, Sigma))) or super()._needs_mul_brackets(expr, first, last)
 
     def _print_Symbol(self, expr, style="plain"):
-        return tex_name(expr.name)
+        return _bar(expr.name)
 
     def _print_Idx(self, expr):
         return self.letters[expr.name]
 
     def _print_Indexed(self, expr):
-        return self.element(tex_name(str(expr.base)), expr.indices)
+        return self.element(_bar(str(expr.base)), expr.indices)
 
     def element(self, base: str, indices) -> str:
         # a 0 index is a kept (size-1) axis: it carries no information for the reader
@@ -157,6 +164,7 @@ class _Format:
     comment: tuple[str, str]  # header comment opener and closer
     math: Callable[[str], str] = lambda s: f"${s}$"  # inline math
     includes: tuple[str, ...] = ()  # templates the main one includes (part of the inputs hash)
+    link: Callable[[str], str] | None = None  # a link to a sibling file (plain code where there are no links)
 
 
 def _equation(lhs: str, rhs: str, accumulate: bool = False) -> str:
@@ -174,7 +182,7 @@ def _context(kernel: Kernel, fmt: _Format) -> dict:
     definitions = [d for d in explain.definitions(kernel) if d.recognized]
     refolds = explain.refolded(kernel)
     exprs = [*values.values(), *(e for _, a, c in steps for e in (a, c)), *(f.element for f in kernel.formulas)]
-    exprs += [e for w in why.values() for e in (w.chain, w.collapsed, *(x for r in w.recognized for x in r))]
+    exprs += [e for w in why.values() for e in (w.chain, w.local, w.named, *(x for r in w.recognized for x in r))]
     exprs += [e for d in definitions for e in (d.inlined, d.value, *(x for r in d.recognized for x in r))]
     exprs += [e for r in refolds for e in _refold_exprs(r)]
     p = _Printer(_letters(kernel, exprs + [el.ref(n) for n in kernel.graph.nodes]))
@@ -209,6 +217,7 @@ def _context(kernel: Kernel, fmt: _Format) -> dict:
                 forward=forward, steps=groups, silent=_silent(kernel, code), gradients=gradients,
                 graph=graph_context(kernel.graph, fmt), definitions=[_definition(d, kernel, p, fmt, ref) for d in definitions],
                 simplify=[_simplification(r, kernel, p, fmt, ref) for r in refolds],
+                steps_doc=(fmt.link or code)(f"{kernel.name}_steps.{'md' if fmt.link else 'tex'}"),
                 saved=", ".join(map(code, kernel.saved)), inputs=", ".join(map(code, kernel.layer.differentiable)))
 
 # -- the simplification, every rule named (explain.py) ---------------------------------------------
@@ -240,11 +249,12 @@ def _collapse_text(c: explain.Collapse, p: _Printer, fmt: _Format) -> str:
 
 def _why(w: explain.Contribution, kernel: Kernel, p: _Printer, fmt: _Format, lhs: str) -> dict:
     """The chain rule written out, the sums it collapses, the reductions it recognises."""
-    collapsed = sp.powsimp(w.collapsed)
-    return dict(chain=_equation(lhs, p.doprint(sp.powsimp(w.chain)), True),
+    return dict(chain=_equation(lhs, p.doprint(w.chain), True),
                 collapses=[_collapse_text(c, p, fmt) for c in w.collapses],
-                collapsed=_equation(lhs, p.doprint(_tidy(collapsed)), True) if w.recognized else "",
-                recognized=_recognitions(w.recognized, kernel, p, fmt))
+                local=_equation(lhs, p.doprint(_tidy(w.local)), True),
+                recognized=_recognitions(w.recognized, kernel, p, fmt),
+                named=_equation(lhs, p.doprint(_tidy(w.named)), True) if w.recognized else "",
+                adjoint=fmt.code(w.step.node.name))
 
 
 def _definition(d: explain.Definition, kernel: Kernel, p: _Printer, fmt: _Format, ref) -> dict:
@@ -344,7 +354,7 @@ def _render(kernel: Kernel, fmt: _Format) -> str:
 TEX = _Format("derivation.tex.j2", text=_tex_doc, code=lambda s: r"\texttt{%s}" % tex_text(s), comment=("%", ""),
               includes=(PREAMBLE, "derivation_graph.tex.j2"))
 MARKDOWN = _Format("derivation.md.j2", text=lambda s: s, code=md_code, comment=("<!--", " -->"),
-                   includes=("derivation_graph.md.j2",))
+                   includes=("derivation_graph.md.j2",), link=lambda s: f"[{md_code(s)}]({s})")
 
 
 def render_tex(kernel: Kernel) -> str:

@@ -55,15 +55,21 @@ class Collapse:
     value: sp.Expr  # what the index becomes (delta) or the summed term (constant)
 
 
+ADJOINT = "adjoint:"  # name prefix of the placeholder for a node's adjoint (printed with a bar)
+
+
 @dataclass
 class Contribution:
-    """One reverse-mode step, explained."""
+    """One reverse-mode step, explained. The adjoint of the node stays a placeholder
+    (``adjoint:bnvar``) until the last line, so the local derivative is what the reader sees."""
 
     step: Step
     chain: sp.Expr  # sum_i adj N[i] * dN[i]/dV[p], in display indices (V's free indices, N's summed)
     collapses: list[Collapse]
-    collapsed: sp.Expr  # the sums evaluated, at V's free indices, before recognition
-    recognized: list[tuple[sp.Expr, sp.Expr]]
+    local: sp.Expr  # the sums evaluated: adj N times the local derivative, at V's free indices
+    recognized: list[tuple[sp.Expr, sp.Expr]]  # reductions recognised in ``local``
+    named: sp.Expr  # ``local`` after recognition
+    collapsed: sp.Expr  # the same with the adjoint itself in place of the placeholder (what the engine sums)
 
 
 @dataclass
@@ -113,12 +119,20 @@ def _collapses(expr: sp.Expr) -> list[Collapse]:
     return list(unique.values())
 
 
+def adjoint_placeholder(el, node: Node, indices: tuple | None = None) -> sp.Expr:
+    name = ADJOINT + node.name
+    if not node.shape:
+        return sp.Symbol(name, real=True)
+    return sp.IndexedBase(name, real=True)[el.free(node) if indices is None else indices]
+
+
 def contribution(kernel: Kernel, step: Step) -> Contribution:
     el = kernel.elements
     node, target = step.node, step.target
     p = _target_indices(el, target)
     local = sp.diff(unevaluated(el.definition[node]), el.ref(target, p))
-    chain = step.adjoint * local
+    bar = adjoint_placeholder(el, node)
+    chain = bar * local
     own = [i for i in el.free(node) if i != 0]
     for i in reversed(own):
         chain = Sigma(chain, i)
@@ -126,10 +140,11 @@ def contribution(kernel: Kernel, step: Step) -> Contribution:
     back = {pi: el.index[s] for pi, s in zip(p, target.shape) if pi != 0}
     summed = {i: index_for(f"_o_{i.name}", i.upper + 1) for i in own}
     shown = chain.xreplace({**summed, **back})
-    collapsed = evaluated(chain).xreplace(back)
+    short = evaluated(chain).xreplace(back)
     log: list = []
-    el.recognize(collapsed, log)
-    return Contribution(step, shown, _collapses(shown), collapsed, log)
+    named = el.recognize(short, log)
+    collapsed = expand(evaluated(chain.xreplace({bar: step.adjoint})).xreplace(back))
+    return Contribution(step, shown, _collapses(shown), short, log, named, collapsed)
 
 
 def refolded(kernel: Kernel) -> list[Refolded]:
@@ -161,5 +176,5 @@ def linearity(rewrite: Rewrite) -> list[tuple[sp.Expr, sp.Expr]]:
     return out
 
 
-__all__ = ["Sigma", "Collapse", "Contribution", "Definition", "Refolded", "definitions", "contribution",
+__all__ = ["ADJOINT", "adjoint_placeholder", "Sigma", "Collapse", "Contribution", "Definition", "Refolded", "definitions", "contribution",
            "refolded", "linearity", "unevaluated", "evaluated"]

@@ -71,6 +71,7 @@ def test_batchnorm_document_names_every_rule_it_uses():
     assert "`x` receives contributions through `out`, `bnvar`, `bnmeani`" in md  # the fan-out, summed
     assert "`bnmeani` is repeated over $n$" in md  # the broadcast, a fan-out too
     assert "```mermaid" in md
+    assert "[`batchnorm_steps.md`](batchnorm_steps.md)" in md  # the small-matrix illustrations
 
 
 def test_cross_entropy_document_shows_softmax_rows_summing_to_one():
