@@ -1,11 +1,16 @@
 """Derivation documents a student can read, generated from a Kernel (never written per layer).
 
-A document has three parts, every one read off the kernel:
+A document has these parts, every one read off the kernel and its replayed derivation (``explain.py``):
 
 1. the forward pass, one equation per named line of the spec, in the spec's own names;
-2. the reverse-mode steps (``kernel.gradients.steps``): the adjoint each opaque node propagates and
-   the contribution it sends to every variable its definition reads;
-3. the fused closed form of every gradient, next to the torch code generated for it.
+2. the compute graph (``figure.py``), fan-outs and broadcasts marked;
+3. each reduction's definition in normal form, the sums recognised as named nodes;
+4. the reverse-mode steps (``kernel.gradients.steps``): the chain rule written out with its Kronecker
+   deltas, each collapse named, the local derivative, then the adjoint substituted;
+5. the simplification of each gradient: the sum of its contributions, every refold rewrite the
+   engine logged (definition solved, sums split by linearity, sums recognised), the closed form;
+6. the fused closed form of every gradient, next to the torch code generated for it and the spec
+   lines of the tensors it reads.
 
 All decisions (index letters, escaping, display tidying) are made here; ``derivation.tex.j2`` and
 ``derivation.md.j2`` only place the strings. ``render_tex`` / ``render_markdown`` return the whole
