@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import count, groupby
 from typing import Callable
 
@@ -145,6 +146,7 @@ def _forward_value(kernel: Kernel, node: Node) -> sp.Expr:
     return expr
 
 
+@lru_cache(maxsize=4096)
 def _tidy(expr: sp.Expr) -> sp.Expr:
     """A display form of a reverse-mode term, closer to what one writes by hand.
 
@@ -177,15 +179,25 @@ def _equation(lhs: str, rhs: str, accumulate: bool = False) -> str:
     return f"{lhs} {op} {rhs}"
 
 
+_EXPLAINED: dict[int, tuple] = {}
+
+
+def _explained(kernel: Kernel) -> tuple[dict, list, list]:
+    """The replayed derivation (the costly part), once per kernel for both formats."""
+    if id(kernel) not in _EXPLAINED or _EXPLAINED[id(kernel)][0] is not kernel:
+        why = {id(s): explain.contribution(kernel, s) for s in kernel.gradients.steps}
+        definitions = [d for d in explain.definitions(kernel) if d.recognized]
+        _EXPLAINED[id(kernel)] = (kernel, (why, definitions, explain.refolded(kernel)))
+    return _EXPLAINED[id(kernel)][1]
+
+
 def _context(kernel: Kernel, fmt: _Format) -> dict:
     """Everything the document says, as ready-to-place strings in ``fmt``."""
     el, code = kernel.elements, fmt.code
     named = [n for n in kernel.graph.nodes if n.named and n.op not in ("input", "labels")]
     values = {n: _forward_value(kernel, n) for n in named}
     steps = [(s, _tidy(s.adjoint), _tidy(s.contribution)) for s in kernel.gradients.steps]
-    why = {id(s): explain.contribution(kernel, s) for s in kernel.gradients.steps}
-    definitions = [d for d in explain.definitions(kernel) if d.recognized]
-    refolds = explain.refolded(kernel)
+    why, definitions, refolds = _explained(kernel)
     exprs = [*values.values(), *(e for _, a, c in steps for e in (a, c)), *(f.element for f in kernel.formulas)]
     exprs += [e for w in why.values() for e in (w.chain, w.local, w.named, *(x for r in w.recognized for x in r))]
     exprs += [e for d in definitions for e in (d.inlined, d.value, *(x for r in d.recognized for x in r))]
