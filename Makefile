@@ -1,12 +1,14 @@
 # `make generate`: install, regenerate every kernel and derivation, print the verification table.
 # `make test`:     install (TeX included), check generated/ is fresh, run the test suite.
+# `make latex`:    build/derivations/all.pdf, every derivation in one book.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TEX_PACKAGES := texlive-latex-base texlive-latex-recommended latexmk
+# TikZ (texlive-pictures) draws the compute graphs; pdftoppm (poppler-utils) lets the tests look at the pages
+TEX_PACKAGES := texlive-latex-base texlive-latex-recommended texlive-pictures latexmk poppler-utils
 
-.PHONY: install generate verify check test tex clean
+.PHONY: install generate verify check test tex latex clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +27,14 @@ check: install
 
 # Derivations are compiled for real in the tests, so TeX is part of the test set-up.
 tex:
-	@command -v latexmk >/dev/null 2>&1 || { \
+	@{ command -v latexmk && kpsewhich tikz.sty && command -v pdftoppm; } >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEX_PACKAGES) >/dev/null; \
-	  else echo "latexmk not found: sudo apt-get install $(TEX_PACKAGES)"; exit 1; fi; }
+	  else echo "latexmk, tikz.sty or pdftoppm not found: sudo apt-get install $(TEX_PACKAGES)"; exit 1; fi; }
+
+# one PDF of every layer's derivations, with a table of contents: build/derivations/all.pdf
+latex: install tex
+	$(BIN)/derive latex
 
 test: install tex
 	$(BIN)/derive check

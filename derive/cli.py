@@ -1,4 +1,4 @@
-"""The ``derive`` command: generate, check, verify, new."""
+"""The ``derive`` command: generate, check, verify, new, latex, bench."""
 from __future__ import annotations
 
 import argparse
@@ -33,12 +33,14 @@ def cmd_generate(args) -> int:
         print(f"{args.out}/ is unchanged since this generation last ran (nothing it depends on changed; "
               f"{time.perf_counter() - start:.2f} s); --force re-derives")
         return 0
-    from .generate import generate
+    from .generate import INDEX, generate
 
     layers = _layers(args)
     print(f"{'layer':18s} {'gradients':24s} {'sizes proven (n x other)':33s} {'generated vs autograd':23s} time")
-    reports = generate(layers, Path(args.out), prove_sizes=not args.no_prove, force=args.force)
-    cache.remember(key, Path(args.out), ["__init__.py"] + [f for r in reports for f in r.files])
+    reports = generate(layers, Path(args.out), prove_sizes=not args.no_prove, force=args.force,
+                       index=not args.names)
+    cache.remember(key, Path(args.out), ["__init__.py"] + ([INDEX] if not args.names else [])
+                   + [f for r in reports for f in r.files])
     print(f"done in {time.perf_counter() - start:.1f} s; files in {args.out}/")
     return 0
 
@@ -46,7 +48,7 @@ def cmd_generate(args) -> int:
 def cmd_check(args) -> int:
     from .generate import stale_files
 
-    problems = stale_files(_layers(args), Path(args.out))
+    problems = stale_files(_layers(args), Path(args.out), index=not args.names)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
@@ -94,6 +96,14 @@ def cmd_new(args) -> int:
     return 0
 
 
+def cmd_latex(args) -> int:
+    from .book import build_book
+
+    pdf = build_book(_layers(args), Path(args.out) / "derivations", Path(args.build))
+    print(f"wrote {pdf}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="derive", description="Derive, prove and generate fused backward passes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +126,10 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="prove each formula and print the comparison table against autograd")
     common(v)
     v.set_defaults(run=cmd_verify)
+    t = sub.add_parser("latex", help="build one PDF of every layer's derivations, with a table of contents")
+    common(t)
+    t.add_argument("--build", default="build/derivations", help="build folder (default: build/derivations)")
+    t.set_defaults(run=cmd_latex)
     b = sub.add_parser("bench", add_help=False,
                        help="time the generated kernels against native torch, autograd and a memory floor "
                             "(scripts/bench.py; `derive bench --help` for its options)")

@@ -1,11 +1,16 @@
 """Derivation documents a student can read, generated from a Kernel (never written per layer).
 
-A document has three parts, every one read off the kernel:
+A document has these parts, every one read off the kernel and its replayed derivation (``explain.py``):
 
 1. the forward pass, one equation per named line of the spec, in the spec's own names;
-2. the reverse-mode steps (``kernel.gradients.steps``): the adjoint each opaque node propagates and
-   the contribution it sends to every variable its definition reads;
-3. the fused closed form of every gradient, next to the torch code generated for it.
+2. the compute graph (``figure.py``), fan-outs and broadcasts marked;
+3. each reduction's definition in normal form, the sums recognised as named nodes;
+4. the reverse-mode steps (``kernel.gradients.steps``): the chain rule written out with its Kronecker
+   deltas, each collapse named, the local derivative, then the adjoint substituted;
+5. the simplification of each gradient: the sum of its contributions, every refold rewrite the
+   engine logged (definition solved, sums split by linearity, sums recognised), the closed form;
+6. the fused closed form of every gradient, next to the torch code generated for it and the spec
+   lines of the tensors it reads.
 
 All decisions (index letters, escaping, display tidying) are made here; ``derivation.tex.j2`` and
 ``derivation.md.j2`` only place the strings. ``render_tex`` / ``render_markdown`` return the whole
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import count, groupby
 from typing import Callable
 
@@ -22,10 +28,12 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE
 
+from . import explain, figure
 from .codegen import environment, header
+from .explain import Sigma
 from .kernel import Kernel
 from .symbolic import Max, Red, expand, extent, reductions, substitute_family
-from .trace import Node
+from .trace import Graph, Node
 
 # Index letters: free indices from one pool, bound (summation) indices from another, so a reader
 # can tell at a glance which indices an equation holds for and which it sums over.
@@ -38,6 +46,13 @@ RESERVED_LETTERS = {"e"}  # e is Euler's number in exp(...) as SymPy prints it
 def tex_name(name: str) -> str:
     """A spec name in math: one letter stays italic (``x``, ``n``), longer names upright."""
     return name if len(name) == 1 else r"\mathrm{%s}" % name.replace("_", r"\_")
+
+
+def _bar(name: str) -> str:
+    """A spec name in math; the placeholder of an adjoint (``explain.ADJOINT``) gets its bar."""
+    if name.startswith(explain.ADJOINT):
+        return r"\overline{%s}" % tex_name(name[len(explain.ADJOINT):])
+    return tex_name(name)
 
 
 class _Printer(LatexPrinter):
@@ -56,16 +71,16 @@ class _Printer(LatexPrinter):
 
     def _needs_mul_brackets(self, expr, first=False, last=False) -> bool:
         # as SymPy does for its own Sum: a factor after a sum must not read as part of its body
-        return (not last and isinstance(expr, (Red, Max))) or super()._needs_mul_brackets(expr, first, last)
+        return (not last and isinstance(expr, (Red, Max, Sigma))) or super()._needs_mul_brackets(expr, first, last)
 
     def _print_Symbol(self, expr, style="plain"):
-        return tex_name(expr.name)
+        return _bar(expr.name)
 
     def _print_Idx(self, expr):
         return self.letters[expr.name]
 
     def _print_Indexed(self, expr):
-        return self.element(tex_name(str(expr.base)), expr.indices)
+        return self.element(_bar(str(expr.base)), expr.indices)
 
     def element(self, base: str, indices) -> str:
         # a 0 index is a kept (size-1) axis: it carries no information for the reader
@@ -83,8 +98,13 @@ class _Printer(LatexPrinter):
         # a power of a sum (SymPy's latex passes the exponent in): (\sum_j ...)^{2}
         return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
 
-    def _print_Max(self, expr):
-        return r"\max_{%s} %s" % (self._print(expr.index), self.parenthesize(expr.body, PRECEDENCE["Add"]))
+    def _print_Sigma(self, expr, exp=None):
+        text = r"\sum_{%s} %s" % (self._print(expr.args[1]), self.parenthesize(expr.args[0], PRECEDENCE["Add"]))
+        return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
+
+    def _print_Max(self, expr, exp=None):
+        text = r"\max_{%s} %s" % (self._print(expr.index), self.parenthesize(expr.body, PRECEDENCE["Add"]))
+        return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
 
     def _print_IsArgmax(self, expr):
         # 1 where the index is the position of the maximum: [j = argmax_s body]
@@ -130,6 +150,7 @@ def _forward_value(kernel: Kernel, node: Node) -> sp.Expr:
     return expr
 
 
+@lru_cache(maxsize=4096)
 def _tidy(expr: sp.Expr) -> sp.Expr:
     """A display form of a reverse-mode term, closer to what one writes by hand.
 
@@ -152,11 +173,26 @@ class _Format:
     text: Callable[[str], str]  # prose (a docstring, a title)
     code: Callable[[str], str]  # an inline code span (a name, a source line)
     comment: tuple[str, str]  # header comment opener and closer
+    math: Callable[[str], str] = lambda s: f"${s}$"  # inline math
+    includes: tuple[str, ...] = ()  # templates the main one includes (part of the inputs hash)
+    link: Callable[[str], str] | None = None  # a link to a sibling file (plain code where there are no links)
 
 
 def _equation(lhs: str, rhs: str, accumulate: bool = False) -> str:
     op = r"\mathrel{+}=" if accumulate else "="
     return f"{lhs} {op} {rhs}"
+
+
+_EXPLAINED: dict[int, tuple] = {}
+
+
+def _explained(kernel: Kernel) -> tuple[dict, list, list]:
+    """The replayed derivation (the costly part), once per kernel for both formats."""
+    if id(kernel) not in _EXPLAINED or _EXPLAINED[id(kernel)][0] is not kernel:
+        why = {id(s): explain.contribution(kernel, s) for s in kernel.gradients.steps}
+        definitions = [d for d in explain.definitions(kernel) if d.recognized]
+        _EXPLAINED[id(kernel)] = (kernel, (why, definitions, explain.refolded(kernel)))
+    return _EXPLAINED[id(kernel)][1]
 
 
 def _context(kernel: Kernel, fmt: _Format) -> dict:
@@ -165,7 +201,11 @@ def _context(kernel: Kernel, fmt: _Format) -> dict:
     named = [n for n in kernel.graph.nodes if n.named and n.op not in ("input", "labels")]
     values = {n: _forward_value(kernel, n) for n in named}
     steps = [(s, _tidy(s.adjoint), _tidy(s.contribution)) for s in kernel.gradients.steps]
+    why, definitions, refolds = _explained(kernel)
     exprs = [*values.values(), *(e for _, a, c in steps for e in (a, c)), *(f.element for f in kernel.formulas)]
+    exprs += [e for w in why.values() for e in (w.chain, w.local, w.named, *(x for r in w.recognized for x in r))]
+    exprs += [e for d in definitions for e in (d.inlined, d.value, *(x for r in d.recognized for x in r))]
+    exprs += [e for r in refolds for e in _refold_exprs(r)]
     p = _Printer(_letters(kernel, exprs + [el.ref(n) for n in kernel.graph.nodes]))
 
     def ref(name: str, node: Node, adjoint: bool = False) -> str:
@@ -176,7 +216,8 @@ def _context(kernel: Kernel, fmt: _Format) -> dict:
     groups = []
     for node, group in groupby(steps, key=lambda t: t[0].node):  # a node's steps are consecutive
         group = list(group)
-        sends = [dict(target=code(s.target.name), equation=_equation(ref(s.target.name, s.target, True), p.doprint(c), True))
+        sends = [dict(target=code(s.target.name), equation=_equation(ref(s.target.name, s.target, True), p.doprint(c), True),
+                      **_why(why[id(s)], kernel, p, fmt, ref(s.target.name, s.target, True)))
                  for s, _, c in group]
         groups.append(dict(node=code(node.name), adjoint=_equation(ref(node.name, node, True), p.doprint(group[0][1])),
                            sends=sends))
@@ -184,12 +225,104 @@ def _context(kernel: Kernel, fmt: _Format) -> dict:
     for f in kernel.formulas:
         lines = [f"{s.name} = {s.code}" for s in kernel.shared if f.position in s.users] + [f"d{f.input} = {f.code}"]
         lhs = ref(f"d{f.input}", kernel.graph.inputs[f.input])
-        gradients.append(dict(name=code(f"d{f.input}"), code="\n".join(lines), equation=_equation(lhs, p.doprint(f.element))))
+        read = sorted({str(e.base) for e in f.element.atoms(sp.Indexed)} | {str(e) for e in f.element.free_symbols})
+        nodes = {n.name: n for n in kernel.graph.nodes}
+        reads = [f"{code(nodes[r].name)} (" + (f"line {nodes[r].line}: {code(nodes[r].source.strip())}" if nodes[r].line
+                                              and nodes[r].op not in ("input", "labels") else "an input") + ")"
+                 for r in read if r in nodes]
+        gradients.append(dict(name=code(f"d{f.input}"), code="\n".join(lines), equation=_equation(lhs, p.doprint(f.element)),
+                              reads=reads))
     out = kernel.graph.output
     return dict(name=code(kernel.name), doc=fmt.text(kernel.layer.doc), module=code(kernel.layer.module),
                 output=code(out.name), grad_output=code(f"d{out.name}"), indices=_legend(kernel, exprs, p),
                 forward=forward, steps=groups, silent=_silent(kernel, code), gradients=gradients,
+                graph=graph_context(kernel.graph, fmt), definitions=[_definition(d, kernel, p, fmt, ref) for d in definitions],
+                simplify=[_simplification(r, kernel, p, fmt, ref) for r in refolds],
+                steps_doc=(fmt.link or code)(f"{kernel.name}_steps.{'md' if fmt.link else 'tex'}"),
                 saved=", ".join(map(code, kernel.saved)), inputs=", ".join(map(code, kernel.layer.differentiable)))
+
+# -- the simplification, every rule named (explain.py) ---------------------------------------------
+def _named_node(kernel: Kernel, value: sp.Expr) -> Node:
+    """The opaque node a recognised reduction stands for: the latest one its value reads."""
+    names = {str(b) for b in value.atoms(sp.IndexedBase)} | {s.name for s in value.free_symbols}
+    return [n for n in kernel.elements.opaque if n.name in names][-1]
+
+
+def _recognitions(pairs: list, kernel: Kernel, p: _Printer, fmt: _Format) -> list[str]:
+    out = []
+    for atom, value in pairs:
+        node = _named_node(kernel, value)
+        out.append(fmt.math(_equation(p.doprint(atom), p.doprint(_tidy(value))))
+                   + f": the sum is recognised as the named node {fmt.code(node.name)} (its definition, line {node.line})")
+    return list(dict.fromkeys(out))
+
+
+def _collapse_text(c: explain.Collapse, p: _Printer, fmt: _Format) -> str:
+    j, m = p.doprint(c.index), fmt.math
+    if c.kind == "delta":
+        e = p.doprint(c.value)
+        delta = r"\delta_{%s, %s}" % (j, e)
+        return f"the Kronecker delta {m(delta)} collapses the sum over {m(j)}: only the term {m(_equation(j, e))} is left"
+    term = p.parenthesize(c.value, PRECEDENCE["Add"])
+    rule = _equation(r"\sum_{%s} %s" % (j, term), r"%s\,%s" % (p.doprint(c.index.upper + 1), term))
+    return f"a term that does not depend on {m(j)}, summed over {m(j)}, is multiplied by the size: {m(rule)}"
+
+
+def _why(w: explain.Contribution, kernel: Kernel, p: _Printer, fmt: _Format, lhs: str) -> dict:
+    """The chain rule written out, the sums it collapses, the reductions it recognises."""
+    return dict(chain=_equation(lhs, p.doprint(w.chain), True),
+                collapses=[_collapse_text(c, p, fmt) for c in w.collapses],
+                local=_equation(lhs, p.doprint(_tidy(w.local)), True),
+                recognized=_recognitions(w.recognized, kernel, p, fmt),
+                named=_equation(lhs, p.doprint(_tidy(w.named)), True) if w.recognized else "",
+                adjoint=fmt.code(w.step.node.name))
+
+
+def _definition(d: explain.Definition, kernel: Kernel, p: _Printer, fmt: _Format, ref) -> dict:
+    lhs = ref(d.node.name, d.node)
+    return dict(name=fmt.code(d.node.name), inlined=_equation(lhs, p.doprint(d.inlined)),
+                recognized=_recognitions(d.recognized, kernel, p, fmt), value=_equation(lhs, p.doprint(_tidy(d.value))))
+
+
+def _refold_exprs(r: explain.Refolded) -> list[sp.Expr]:
+    out = [r.total, r.refolded, r.closed]
+    for w in r.rewrites:
+        out += [w.target, w.solution, w.after, *(x for pair in w.recognized for x in pair),
+                *(x for pair in explain.linearity(w) for x in pair)]
+    return out
+
+
+def _simplification(r: explain.Refolded, kernel: Kernel, p: _Printer, fmt: _Format, ref) -> dict:
+    code, lhs = fmt.code, ref(r.input.name, r.input, True)
+    rewrites = []
+    for w in r.rewrites:
+        node, line = w.node, w.node.line
+        rewrites.append(dict(
+            title=f"the definition of {code(node.name)} (line {line}: {code(node.source.strip())}) solved for "
+                  f"{code(w.variable.name)}",
+            solved=_equation(p.doprint(w.target), p.doprint(w.solution)),
+            linearity=[_equation(p.doprint(a), p.doprint(b)) for a, b in explain.linearity(w)],
+            recognized=_recognitions(w.recognized, kernel, p, fmt),
+            after=_equation(lhs, p.doprint(_tidy(w.after))), cost=f"{w.cost[0]} to {w.cost[1]}"))
+    parts = list(dict.fromkeys(n.name for n in r.parts))
+    sent = [_tidy(s.contribution) for s in kernel.gradients.steps if s.target is r.input]
+    terms = [r"\left(%s\right)" % p.doprint(c) if c.is_Add or c.could_extract_minus_sign() else p.doprint(c) for c in sent]
+    return dict(name=code(f"d{r.input.name}"), input=code(r.input.name), uses=", ".join(map(code, parts)),
+                several=len(sent) > 1, sum=_equation(lhs, " + ".join(terms)),
+                total=_equation(lhs, p.doprint(_tidy(r.total))), rewrites=rewrites,
+                refolded=_equation(lhs, p.doprint(_tidy(r.refolded))), closed=_equation(lhs, p.doprint(r.closed)))
+
+
+def graph_context(graph: Graph, fmt: _Format) -> dict:
+    """The compute graph drawn both ways, and a sentence per fan-out (a node read twice, a broadcast)."""
+    def name(n: Node) -> str:  # an unnamed temporary is named by what it does and where
+        return fmt.code(n.name) if n.named or n.op in ("input", "labels") else f"the {n.op} on line {n.line}"
+
+    fans = [f"{name(n)} is read {len(c)} times (by {', '.join(name(m) for m in c)})" for n, c in figure.fan_out(graph)]
+    fans += [f"{name(a)} is repeated over {' and '.join(fmt.math(tex_name(str(s))) for s in sizes)} by "
+             f"{name(m)}: every element is used that many times, so its gradient sums over "
+             f"{'that axis' if len(sizes) == 1 else 'those axes'}" for a, m, sizes in figure.broadcasts(graph)]
+    return dict(tikz=figure.tikz(graph), mermaid=figure.mermaid(graph), fans=fans)
 
 
 def _legend(kernel: Kernel, exprs: list[sp.Expr], p: _Printer) -> list[dict]:
@@ -211,6 +344,7 @@ def _silent(kernel: Kernel, code: Callable[[str], str]) -> list[str]:
 
 
 # -- formats --------------------------------------------------------------------------------------
+PREAMBLE = "derivation_preamble.tex.j2"  # shared by every LaTeX document and the combined book
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#", "%": r"\%",
                 "_": r"\_", "^": r"\^{}", "~": r"\~{}", "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
 
@@ -235,11 +369,13 @@ def md_code(text: str) -> str:
 
 def _render(kernel: Kernel, fmt: _Format) -> str:
     body = environment().get_template(fmt.template).render(**_context(kernel, fmt)).lstrip("\n")
-    return header(kernel, fmt.comment[0], body, fmt.comment[1], templates=[fmt.template]) + body
+    return header(kernel, fmt.comment[0], body, fmt.comment[1], templates=[fmt.template, *fmt.includes]) + body
 
 
-TEX = _Format("derivation.tex.j2", text=_tex_doc, code=lambda s: r"\texttt{%s}" % tex_text(s), comment=("%", ""))
-MARKDOWN = _Format("derivation.md.j2", text=lambda s: s, code=md_code, comment=("<!--", " -->"))
+TEX = _Format("derivation.tex.j2", text=_tex_doc, code=lambda s: r"\texttt{%s}" % tex_text(s), comment=("%", ""),
+              includes=(PREAMBLE, "derivation_graph.tex.j2"))
+MARKDOWN = _Format("derivation.md.j2", text=lambda s: s, code=md_code, comment=("<!--", " -->"),
+                   includes=("derivation_graph.md.j2",), link=lambda s: f"[{md_code(s)}]({s})")
 
 
 def render_tex(kernel: Kernel) -> str:

@@ -32,7 +32,7 @@ import sympy as sp
 from .backends import ArrayOps
 from .codegen import environment, header
 from .derivation import (BOUND_LETTERS, FREE_LETTERS, MARKDOWN, RESERVED_LETTERS, TEX, _assign, _equation,
-                         _Format, _Printer, tex_name)
+                         _Format, _Printer, graph_context, tex_name)
 from .forward import size_scalars
 from .prove import _labels
 from .rules import BROADCASTING
@@ -419,7 +419,7 @@ def _context(graph: Graph, fmt: _Format) -> dict:
     out, layer = graph.output, graph.layer
     return dict(name=code(layer.name), doc=fmt.text(layer.doc), module=code(layer.module),
                 file=code(f"{layer.name}_steps.py"), output=code(out.name), grad_output=code(f"d{out.name}"),
-                indices=indices, forward=forward, steps=steps, count=len(lines),
+                indices=indices, forward=forward, steps=steps, count=len(lines), graph=graph_context(graph, fmt),
                 inputs=", ".join(code(f"d{n}") for n in layer.differentiable))
 
 
@@ -465,7 +465,7 @@ def _illustration(origin: Node, node: Node, first: bool, array, before, values: 
 
 def _render(graph: Graph, fmt: _Format) -> str:
     body = environment().get_template(fmt.template).render(**_context(graph, fmt)).lstrip("\n")
-    return header(graph.layer, fmt.comment[0], body, fmt.comment[1], templates=[fmt.template]) + body
+    return header(graph.layer, fmt.comment[0], body, fmt.comment[1], templates=[fmt.template, *fmt.includes]) + body
 
 
 STEPS_TEX = dataclasses.replace(TEX, template="derivation_steps.tex.j2")

@@ -73,6 +73,7 @@ class Elements:
         self.definition: dict[Node, sp.Expr] = {}  # opaque node -> its value in normal form
         self.opaque: list[Node] = []  # topological order
         self.rules: list[tuple[sp.Expr, tuple, sp.Expr]] = []  # (reduction atom, its free indices, value)
+        self.known: dict[Node, int] = {}  # opaque node -> how many rules its definition was recognised with
         for node in graph.nodes:
             self._add(node)
 
@@ -109,6 +110,7 @@ class Elements:
             return
         value = self._value(node)
         if node is self.graph.output or (reductions(value) and node.named):
+            self.known[node] = len(self.rules)
             value = self.recognize(value)
             self.definition[node] = value
             self.opaque.append(node)
@@ -116,6 +118,10 @@ class Elements:
             self.nf[node] = self.ref(node)
         else:
             self.nf[node] = value
+
+    def normal_form(self, node: Node, log: list | None = None) -> sp.Expr:
+        """The node's value with elementwise nodes inlined and known reductions recognised (into ``log``)."""
+        return self.recognize(self._value(node), log, self.rules[:self.known.get(node, len(self.rules))])
 
     def direct(self, node: Node) -> sp.Expr:
         """The node's value one level deep: its operation applied to its operands' references."""
@@ -194,15 +200,22 @@ class Elements:
         solved = (self.ref(node) - b) / a
         self.rules.append((atom, tuple(sorted(atom.free_symbols & set(self.index.values()), key=str)), solved))
 
-    def recognize(self, expr: sp.Expr) -> sp.Expr:
-        """Replace reductions that are known nodes by those nodes, until nothing changes."""
+    def recognize(self, expr: sp.Expr, log: list | None = None, rules: list | None = None) -> sp.Expr:
+        """Replace reductions that are known nodes by those nodes, until nothing changes.
+
+        With ``log``, every replacement is appended as ``(reduction, its value)`` so a derivation
+        document can name it ("the sum of x over r is n*bnmeani"). ``rules`` defaults to all learned.
+        """
+        rules = self.rules if rules is None else rules
         for _ in range(20):
             before = expr
             for atom in sorted(reductions(expr), key=lambda r: r.depth):
-                for pattern, free, value in self.rules:
+                for pattern, free, value in rules:
                     match = _match(pattern, free, atom)
                     if match is not None:
                         expr = expr.xreplace({atom: value.xreplace(match)})
+                        if log is not None:
+                            log.append((atom, value.xreplace(match)))
                         break
             expr = expand(expr)
             if expr == before:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .book import index_markdown
 from .codegen import render_function, render_steps
 from .derivation import render_markdown, render_tex
 from .derivation_steps import render_steps_markdown, render_steps_tex
@@ -23,6 +24,7 @@ from .spec import Layer
 from .trace import trace
 from .verify import against_autograd, load_module, steps_table
 
+INDEX = "derivations/README.md"  # links every layer's derivations; written when all layers are generated
 PACKAGE_INIT = '"""Generated backward passes: `<layer>.py` (fused kernel), `<layer>_steps.py` (step by step). Regenerate with `derive generate`."""\n'
 
 
@@ -77,11 +79,12 @@ class HandEditedError(DeriveError):
 
 
 def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force: bool = False,
-             echo=print) -> list[Report]:
+             echo=print, index: bool = True) -> list[Report]:
     """Derive ``layers``, prove their fused kernels, then write their files and compare with autograd.
 
     Every proof runs before any file is written: a formula that fails its proof raises
-    ``ProofFailure`` and leaves ``out`` as it was.
+    ``ProofFailure`` and leaves ``out`` as it was. With ``index`` (the whole set of layers, not a
+    few picked by name) the index page of the derivations is written too.
     """
     out = Path(out)
     derived = []
@@ -101,9 +104,14 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
             for s in default_sizes(kernel)]
     proofs = prove_many(jobs)
 
+    if index and is_hand_edited(out / INDEX) and not force:
+        raise HandEditedError(f"{out / INDEX} was edited by hand (its content hash no longer matches); "
+                              f"pass --force to overwrite it")
     reports = []
     remove_temporaries(out)  # left by a run that was killed while writing
     write_atomic(out / "__init__.py", PACKAGE_INIT)
+    if index:
+        write_atomic(out / INDEX, index_markdown(layers))
     for layer, kernel, files, seconds in derived:
         start = time.perf_counter()
         report = Report(layer.name, [f"d{name}" for name in layer.differentiable], list(files))
@@ -121,11 +129,14 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     return reports
 
 
-def stale_files(layers: list[Layer], out: Path) -> list[str]:
-    """Every generated file under ``out`` that is missing, stale or hand-edited, with the reason."""
+def stale_files(layers: list[Layer], out: Path, index: bool = True) -> list[str]:
+    """Every generated file under ``out`` that is missing, stale or hand-edited, with the reason
+    (the derivations' index page too, with ``index``)."""
     out = Path(out)
     problems = []
     expected = {"__init__.py": PACKAGE_INIT}
+    if index:
+        expected[INDEX] = index_markdown(layers)
     for layer in layers:
         expected.update(render(layer))
     for rel, text in sorted(expected.items()):

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import sympy as sp
 from sympy.solvers.solvers import _invert
@@ -23,10 +24,10 @@ from .symbolic import bases, expand, reductions, substitute_family
 from .trace import Node
 
 
-def tidy(el: Elements, expr: sp.Expr) -> sp.Expr:
-    """Canonical sum of terms: combine exponentials, expand, recognize known reductions."""
+def tidy(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
+    """Canonical sum of terms: combine exponentials, expand, recognize known reductions (into ``log``)."""
     expr = sp.powsimp(expand(expr), combine="exp")
-    return el.recognize(expand(expr))
+    return el.recognize(expand(expr), log)
 
 
 def scalars(el: Elements) -> set:
@@ -121,15 +122,31 @@ def _refuse_unsaved_scalars(el: Elements, expr: sp.Expr) -> sp.Expr:
     return expr
 
 
-def _rewrite(el: Elements, expr: sp.Expr, variable: Node, target, solution: sp.Expr) -> sp.Expr:
+def _rewrite(el: Elements, expr: sp.Expr, variable: Node, target, solution: sp.Expr,
+             log: list | None = None) -> sp.Expr:
     if isinstance(target, sp.Symbol):
-        return tidy(el, expr.xreplace({target: solution}))
+        return tidy(el, expr.xreplace({target: solution}), log)
     indices = tuple(i for i in target.indices)
-    return tidy(el, substitute_family(expr, target.base, indices, solution))
+    return tidy(el, substitute_family(expr, target.base, indices, solution), log)
 
 
-def refold(el: Elements, expr: sp.Expr) -> sp.Expr:
-    """Greedily rewrite ``expr`` in the forward nodes that make it cheapest."""
+@dataclass
+class Rewrite:
+    """One refold step, kept for the derivation document: ``node``'s definition solved for
+    ``variable`` (``target = solution``) and substituted everywhere."""
+
+    node: Node
+    variable: Node
+    target: sp.Expr  # the variable's element (or symbol) that was replaced
+    solution: sp.Expr
+    before: sp.Expr  # the formula before the substitution
+    after: sp.Expr  # and after it, tidied
+    recognized: list  # [(reduction, value)] recognised while tidying
+    cost: tuple[int, int]  # (before, after)
+
+
+def refold(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
+    """Greedily rewrite ``expr`` in the forward nodes that make it cheapest (each step into ``log``)."""
     expr = tidy(el, expr)
     if expr == 0:  # differentiate refuses these first; a cancellation found only here is refused too
         raise DerivationError(el.layer, "a gradient is identically zero (its terms cancel)",
@@ -145,12 +162,16 @@ def refold(el: Elements, expr: sp.Expr) -> sp.Expr:
         for node in candidates:
             for variable, target, solution in _solve(el, node, expr):
                 rewritten = _rewrite(el, expr, variable, target, solution)
-                options.append((cost(el, rewritten), not node.named, rewritten))
+                options.append((cost(el, rewritten), not node.named, rewritten, node, variable, target, solution))
         if not options:
             return _refuse_unsaved_scalars(el, expr)
-        score, _, rewritten = min(options, key=lambda o: (o[0], o[1]))
+        score, _, rewritten, node, variable, target, solution = min(options, key=lambda o: (o[0], o[1]))
         if score >= best:
             return _refuse_unsaved_scalars(el, expr)
+        if log is not None:  # replayed to learn which reductions the substitution recognised
+            recognized = []
+            _rewrite(el, expr, variable, target, solution, recognized)
+            log.append(Rewrite(node, variable, target, solution, expr, rewritten, recognized, (best, score)))
         expr, best = rewritten, score
 
 

@@ -14,3 +14,52 @@ def assert_math_blocks_balanced(text: str) -> None:
             if inside:
                 assert line.strip(), "a blank line inside $$ ... $$ breaks the block in GitHub Markdown"
     assert not inside, "a $$ block is never closed"
+
+
+# -- compiling the derivation documents, once per test session -------------------------------------
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+DERIVATIONS = Path(__file__).resolve().parent.parent / "generated" / "derivations"
+
+
+def latexmk(folder: Path, name: str) -> subprocess.CompletedProcess:
+    """Compile ``folder/name.tex`` to PDF; a missing TeX installation fails, it never skips."""
+    exe = shutil.which("latexmk")
+    assert exe, "latexmk is not installed; run `make tex` (texlive-latex-recommended, texlive-pictures, latexmk)"
+    return subprocess.run([exe, "-pdf", "-interaction=nonstopmode", "-halt-on-error", f"{name}.tex"],
+                          cwd=folder, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="session")
+def compiled_derivations(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every committed ``generated/derivations/*.tex`` compiled (two at a time): stem -> (run, pdf).
+
+    The committed files equal what the generator renders (``test_generated_folder_is_fresh``), so
+    compiling them once checks every document without compiling each one twice."""
+    folder = tmp_path_factory.mktemp("derivations")
+    stems = sorted(p.stem for p in DERIVATIONS.glob("*.tex"))
+    for stem in stems:
+        shutil.copy(DERIVATIONS / f"{stem}.tex", folder / f"{stem}.tex")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = dict(zip(stems, pool.map(lambda s: latexmk(folder, s), stems)))
+    return {s: (runs[s], folder / f"{s}.pdf") for s in stems}
+
+
+def ink(pdf: Path, page: int = 1, dpi: int = 30) -> float:
+    """The fraction of a PDF page's pixels that are not white (``pdftoppm`` to a greyscale PGM)."""
+    exe = shutil.which("pdftoppm")
+    assert exe, "pdftoppm is not installed; run `make tex` (poppler-utils)"
+    run = subprocess.run([exe, "-gray", "-r", str(dpi), "-f", str(page), "-l", str(page), str(pdf)],
+                         capture_output=True, check=True)
+    match = re.match(rb"P5\s+(\d+)\s+(\d+)\s+(\d+)\s", run.stdout)
+    assert match, "pdftoppm did not write a greyscale image"
+    width, height = int(match.group(1)), int(match.group(2))
+    pixels = run.stdout[match.end():match.end() + width * height]
+    assert len(pixels) == width * height
+    return sum(1 for v in pixels if v < 200) / len(pixels)

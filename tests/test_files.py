@@ -82,7 +82,7 @@ def test_regenerating_twice_gives_identical_bytes(tmp_path):
     first = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != RECORD}
     assert derive("generate", "--no-prove", "--force", "--out", str(out)).returncode == 0  # --force: past the cache
     second = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != RECORD}
-    expected = 1 + sum(len(render(layer)) for layer in BUILTIN)
+    expected = 2 + sum(len(render(layer)) for layer in BUILTIN)  # __init__.py and derivations/README.md
     assert first == second and len(first) == expected
 
 
@@ -94,7 +94,8 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
     assert target.read_text() == "two" and sorted(p.name for p in target.parent.iterdir()) == ["f.txt"]
 
 
-@pytest.mark.parametrize("args", [["generate", "--help"], ["verify", "--help"], ["check", "--help"], ["bench", "--help"]])
+@pytest.mark.parametrize("args", [["generate", "--help"], ["verify", "--help"], ["check", "--help"], ["bench", "--help"],
+                                  ["latex", "--help"]])
 def test_cli_help(args):
     result = derive(*args)
     assert result.returncode == 0 and f"usage: derive {args[0]}" in result.stdout
@@ -173,7 +174,8 @@ def _assert_each_file_whole(out, old: dict, new: dict):
 
 @pytest.mark.parametrize("where", ["after", "inside"])
 def test_a_generation_killed_mid_way_leaves_whole_files(tmp_path, where):
-    out, old, new, spec = _kill_during_generate(tmp_path, where, 2)
+    # write 1 is the index page (it names the layer's files), then the layer's own files
+    out, old, new, spec = _kill_during_generate(tmp_path, where, 3)
     kinds = _assert_each_file_whole(out, old, new)
     assert "new" in kinds.values() and "old" in kinds.values(), kinds  # the kill did land mid-way
     temporaries = [p.name for p in out.rglob("*.tmp")]

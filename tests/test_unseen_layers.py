@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from derive.book import build_book
 from derive.layers import from_file
 from derive.verify import against_autograd, load_module, table
+
+from conftest import ink
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = Path(__file__).resolve().parent / "specs" / "unseen_layers.py"
@@ -69,3 +72,9 @@ def test_matches_the_native_op(out, name):
     theirs, their_grads = grads(native, *tensors)
     assert torch.allclose(ours, theirs, atol=1e-12)
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(ours_grads, their_grads))
+
+
+def test_derivations_compile_into_one_book(out, tmp_path):
+    """Every document of every unseen layer (compute graph, chain rule, refold) compiles: one latexmk run."""
+    pdf = build_book(list(LAYERS.values()), out / "derivations", tmp_path)
+    assert ink(pdf) > 0.01
