@@ -93,18 +93,19 @@ class _Printer(LatexPrinter):
     def _print_KroneckerDelta(self, expr, exp=None):
         return r"\delta_{%s, %s}" % (self._print(expr.args[0]), self._print(expr.args[1]))
 
-    def _print_Red(self, expr, exp=None):
-        text = r"\sum_{%s} %s" % (self._print(expr.index), self.parenthesize(expr.body, PRECEDENCE["Add"]))
+    def _bound(self, operator: str, index, body, exp=None) -> str:
+        text = r"%s_{%s} %s" % (operator, self._print(index), self.parenthesize(body, PRECEDENCE["Add"]))
         # a power of a sum (SymPy's latex passes the exponent in): (\sum_j ...)^{2}
         return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
 
+    def _print_Red(self, expr, exp=None):
+        return self._bound(r"\sum", expr.index, expr.body, exp)
+
     def _print_Sigma(self, expr, exp=None):
-        text = r"\sum_{%s} %s" % (self._print(expr.args[1]), self.parenthesize(expr.args[0], PRECEDENCE["Add"]))
-        return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
+        return self._bound(r"\sum", expr.args[1], expr.args[0], exp)
 
     def _print_Max(self, expr, exp=None):
-        text = r"\max_{%s} %s" % (self._print(expr.index), self.parenthesize(expr.body, PRECEDENCE["Add"]))
-        return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
+        return self._bound(r"\max", expr.index, expr.body, exp)
 
     def _print_IsArgmax(self, expr):
         # 1 where the index is the position of the maximum: [j = argmax_s body]

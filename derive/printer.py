@@ -175,16 +175,20 @@ class KernelPrinter(TorchPrinter):
             frame, axis = frame.with_bound(expr.index, expr.body)
             axes.append(axis)
             expr = expr.body
-        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
-        contraction = inner._contraction(expr, axes)
-        if contraction is not None:
-            return contraction
-        inner.full_rank = self._lower_rank(expr)
-        body = inner._print(expr)
-        if not body.isidentifier():
-            body = f"({body})"
+        return self._reduce_body(KernelPrinter(frame, self.shapes, self.names, self.dtype_of), expr, axes)
+
+    def _reduce_body(self, inner: "KernelPrinter", body: sp.Expr, axes: list[int], method: str = "sum") -> str:
+        """``body``, printed by ``inner`` (whose frame holds the bound axes), reduced over ``axes``."""
+        if method == "sum":
+            contraction = inner._contraction(body, axes)
+            if contraction is not None:
+                return contraction
+        inner.full_rank = self._lower_rank(body)
+        text = inner._print(body)
+        if not text.isidentifier():
+            text = f"({text})"
         where = str(axes[0]) if len(axes) == 1 else str(tuple(sorted(axes)))
-        return f"{body}.sum({where}, keepdim=True)"
+        return f"{text}.{method}({where}, keepdim=True)"
 
     def _print_Mul(self, expr):
         # a sum divided by the number of its terms reads as the mean it is
@@ -283,10 +287,8 @@ class ForwardPrinter(KernelPrinter):
         self.reusable = set(reusable)  # temporaries that may be overwritten by this statement
         self.inplace = inplace
 
-    def _inner(self, frame: Frame, body: sp.Expr) -> "ForwardPrinter":
-        inner = ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of)
-        inner.full_rank = self._lower_rank(body)
-        return inner
+    def _inner(self, frame: Frame) -> "ForwardPrinter":
+        return ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of)
 
     def statement(self, expr: sp.Expr) -> str:
         """The right-hand side of one statement, updating a dying temporary in place if one fits
@@ -358,29 +360,15 @@ class ForwardPrinter(KernelPrinter):
         return super()._print_Add(expr, order)
 
     def _print_AxisSum(self, expr):
-        # one axis at a time, in the spec's order (the forward's rounding is the spec's); a sum of
-        # a product of differently-shaped tensors is a contraction (einsum), never the broadcast product
-        frame, axis = self.frame.with_bound(expr.index, expr.body)
-        inner = self._inner(frame, expr.body)
-        inner.full_rank = False
-        contraction = inner._contraction(expr.body, [axis])
-        if contraction is not None:
-            return contraction
-        inner.full_rank = self._lower_rank(expr.body)
-        body = inner._print(expr.body)
-        if not body.isidentifier():
-            body = f"({body})"
-        return f"{body}.sum({axis}, keepdim=True)"
+        # one axis at a time, in the spec's order (the forward's rounding is the spec's)
+        return self._reduce(expr, "sum")
 
     def _print_AxisMax(self, expr):
         return self._reduce(expr, "amax")
 
     def _reduce(self, expr, method: str) -> str:
         frame, axis = self.frame.with_bound(expr.index, expr.body)
-        body = self._inner(frame, expr.body)._print(expr.body)
-        if not body.isidentifier():
-            body = f"({body})"
-        return f"{body}.{method}({axis}, keepdim=True)"
+        return self._reduce_body(self._inner(frame), expr.body, [axis], method)
 
     def _print_Indexed(self, expr):
         picked = [(k, ix) for k, ix in enumerate(expr.indices) if isinstance(ix, sp.Indexed)]
