@@ -81,23 +81,35 @@ def _solve_definition(el: Elements, node: Node, definition: sp.Expr, expr: sp.Ex
         if any(f.has(target) for f in definition.atoms(*NOT_INVERTIBLE)):
             continue
         value = sp.Dummy(node.name, **el.base(node).assumptions0) if node.shape else el.ref(node)
-        # The variable occurs once, so undoing the outer operations one by one is the solution
-        # (``tanh``'s inverse is ``atanh``; sp.solve would return two logarithms instead).
-        inverted, lhs = _invert(definition.xreplace(plain) - value, symbol)
-        try:
-            solutions = [inverted] if lhs == symbol else sp.solve(sp.Eq(value, definition.xreplace(plain)), symbol)
-        except NotImplementedError:
-            continue
-        if len(solutions) != 1:
+        solution = _unique_inverse(definition.xreplace(plain), symbol, value)
+        if solution is None:
             continue
         back = {d: e for e, d in plain.items()}
         if node.shape:
             back[value] = el.ref(node)
-        solution = solutions[0].xreplace(back)
+        solution = solution.xreplace(back)
         if _divides_by_maybe_zero(el, solution):
             continue  # x = v2/v1 from v2 = x*v1 is wrong (0/0) wherever v1 is 0, e.g. a zero-initialized bias
         result.append((variable, target, solution))
     return result
+
+
+def _unique_inverse(definition: sp.Expr, symbol: sp.Symbol, value: sp.Expr) -> sp.Expr | None:
+    """``symbol`` from ``value = definition``, when exactly one real solution exists; else None.
+
+    The symbol occurs once, so undoing the outer operations one by one is the solution (``tanh``'s
+    inverse is ``atanh``). SymPy's ``_invert`` stops at a power; a power ``b**(±1/q)`` has the one
+    inverse ``b = value**(±q)`` (``bnvar_inv = (bnvar + eps)**-1/2`` gives ``bnvar = bnvar_inv**-2 - eps``),
+    while ``b**2`` has two (±) and ``b**3`` a real cube root torch cannot take of a negative value.
+    Not ``sp.solve``: it finds the same, but checks candidate roots by simplification, which takes
+    minutes on nested definitions such as ``log(tanh(v)**2 + 1)``.
+    """
+    rhs, lhs = _invert(definition - value, symbol)
+    while lhs != symbol:
+        if not (lhs.is_Pow and lhs.exp.is_Rational and abs(lhs.exp.p) == 1 and lhs.exp != 0):
+            return None
+        rhs, lhs = _invert(lhs.base - rhs ** (1 / lhs.exp), symbol)
+    return rhs
 
 
 def _divides_by_maybe_zero(el: Elements, expr: sp.Expr) -> bool:
