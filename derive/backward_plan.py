@@ -81,12 +81,22 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
 
     tensors.sort(key=sp.default_sort_key)
     first, others = tensors[0], tensors[1:]
+    constant = groups.get(None)
+    tensor_constant = constant is not None and printer._is_tensor(constant)
+
+    def plus(t, method: str, to: str = "") -> str:
+        """``method(to, coefficient, t)`` (``addcmul``), or ``add`` with ``alpha=`` for a plain number."""
+        c, to = groups[t], f"{to}, " if to else ""
+        if printer._is_tensor(c):
+            return f"{method}({to}{text(c)}, {printer.doprint(t)})"
+        alpha = "" if c == 1 else f", alpha={text(c)}"
+        return f"{method.replace('addcmul', 'add')}({to}{printer.doprint(t)}{alpha})"
+
     # The scratch buffer is written in place (not ``out=``, which autograd refuses when the
     # backward itself is differentiated): its old value is not needed by anyone, the graph included.
-    if None in groups:
-        lines = [f"{grad} = {scratch}.copy_({text(groups[None])}).addcmul_({text(groups[first])}, {printer.doprint(first)})"
-                 if scratch else
-                 f"{grad} = torch.addcmul({text(groups[None])}, {text(groups[first])}, {printer.doprint(first)})"]
+    if tensor_constant:
+        lines = [f"{grad} = {scratch}.copy_({text(constant)}){plus(first, '.addcmul_')}" if scratch
+                 else f"{grad} = {plus(first, 'torch.addcmul', text(constant))}"]
     elif scratch:
         lines = [f"{grad} = {scratch}.copy_({printer.doprint(first)})"
                  + ("" if groups[first] == 1 else f".mul_({text(groups[first])})")]
@@ -94,7 +104,9 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
         lines = [f"{grad} = {printer.doprint(first)}.clone()"]
     else:
         lines = [f"{grad} = {printer.doprint(first)} * ({text(groups[first])})"]
-    lines += [f"{grad}.addcmul_({text(groups[t])}, {printer.doprint(t)})" for t in others]
+    lines += [f"{grad}{plus(t, '.addcmul_')}" for t in others]
+    if constant is not None and not tensor_constant:
+        lines.append(f"{grad}.add_({text(constant)})")
     rank = len(frame)
     for (index, labels), coefficient in sorted(scatters.items(), key=lambda kv: sp.default_sort_key(kv[0][1])):
         axis = slots[index]

@@ -10,8 +10,8 @@ from pathlib import Path
 import jinja2
 
 from .files import content_hash
-from .forward import forward_lines
-from .kernel import Kernel, _size_sources
+from .forward import forward_lines, size_scalars
+from .kernel import Kernel, input_checks, size_divisors, size_sources
 from .spec import Constant, Labels, Layer
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -91,9 +91,18 @@ def render_function(kernel: Kernel) -> str:
     rank = [c for c in kernel.checks if c.kind == "rank"]
     rest = [c for c in kernel.checks if c.kind != "rank"]
     positions = {name: k for k, name in enumerate(kernel.layer.inputs)}
-    shared = [dict(name=s.name, code=s.sum_code or s.code, scratch=s.scratch, scratch_code=s.scratch_code,
-                   guard=" or ".join(f"needs[{u}]" for u in s.users)) for s in kernel.shared]
-    formulas = [dict(position=f.position, lines=f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
+    # shared temporaries, then the gradients, each under the ``if`` of the gradients that need it;
+    # consecutive statements with the same condition share one ``if``
+    steps = [(" or ".join(f"needs[{u}]" for u in s.users),
+              ([f"{s.scratch} = {s.scratch_code}"] if s.scratch else []) + [f"{s.name} = {s.sum_code or s.code}"])
+             for s in kernel.shared]
+    steps += [(f"needs[{f.position}]", f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
+    blocks = []
+    for guard, lines in steps:
+        if blocks and blocks[-1]["guard"] == guard:
+            blocks[-1]["lines"] += lines
+        else:
+            blocks.append(dict(guard=guard, lines=list(lines)))
     returns = [f"d{name}" if name in kernel.layer.differentiable else "None" for name in kernel.layer.inputs]
     context = dict(
         title=(kernel.layer.doc.splitlines() or [kernel.name])[0],
@@ -121,15 +130,14 @@ def render_function(kernel: Kernel) -> str:
         output=kernel.output,
         grad_output=f"d{kernel.output}",
         grad_names=[f"d{n}" for n in kernel.layer.differentiable],
-        shared=shared,
-        formulas=formulas,
+        blocks=blocks,
         returns=", ".join(returns),
         doc=kernel.layer.doc or kernel.name,
         call_args=", ".join(positions),
     )
     body = environment().get_template("function.py.j2").render(header="", **context)
     body = body.lstrip("\n")
-    return header(kernel, "#", body, templates=["function.py.j2"]) + body
+    return header(kernel, "#", body, templates=["function.py.j2", "input_checks.py.j2"]) + body
 
 
 def render_steps(graph) -> str:
@@ -142,7 +150,8 @@ def render_steps(graph) -> str:
     printer = type("ScalarPrinter", (), {"doprint": staticmethod(lambda v: Code.lift(v).text)})()
     forward = forward_lines(graph, printer)
     text = " ".join(line.code for line in lines)
-    sources = _size_sources(layer)
+    sources = size_sources(layer)
+    checks = input_checks(layer, size_divisors(size_scalars(graph), set(graph.sizes.values())), sources)
     names = [n.name for n in graph.nodes] + list(layer.constants)
     reads = [n for n in names if re.search(rf"\b{re.escape(n)}\b", text) or n == graph.output.name
              or any(n == tensor for _, tensor in sources)]
@@ -152,6 +161,8 @@ def render_steps(graph) -> str:
         title=f"Step-by-step backward of ``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}",
         signature=_signature(layer),
         size_sources=sources,
+        rank_checks=[c for c in checks if c.kind == "rank"],
+        checks=[c for c in checks if c.kind != "rank"],
         forward=forward,
         cache=", ".join(f"{n}={n}" for n in names),
         output=graph.output.name,
@@ -167,4 +178,4 @@ def render_steps(graph) -> str:
         doc=layer.doc or layer.name,
     )
     body = environment().get_template("steps.py.j2").render(**context)
-    return header(layer, "#", body, templates=["steps.py.j2"]) + body
+    return header(layer, "#", body, templates=["steps.py.j2", "input_checks.py.j2"]) + body

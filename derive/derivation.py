@@ -110,7 +110,10 @@ class _Printer(LatexPrinter):
     def _print_IsArgmax(self, expr):
         # 1 where the index is the position of the maximum: [j = argmax_s body]
         j, m = expr.args
-        where = r"\operatorname*{arg\,max}_{%s} %s" % (self._print(m.index), self.parenthesize(m.body, PRECEDENCE["Add"]))
+        if isinstance(m, Max):
+            where = r"\operatorname*{arg\,max}_{%s} %s" % (self._print(m.index), self.parenthesize(m.body, PRECEDENCE["Add"]))
+        else:  # the maximum's value, a saved forward tensor: the position where it is reached
+            where = r"\operatorname{argmax}(%s)" % self._print(m)
         return r"\mathbf{1}\left[%s = %s\right]" % (self._print(j), where)
 
 

@@ -77,33 +77,7 @@ def differentiate(el: Elements) -> Gradients:
             steps.append(Step(node, adjoint, target, part))
             adjoints[target] = el.recognize(expand(adjoints.get(target, sp.S.Zero) + part))
     grads = {x: adjoints.get(x, sp.S.Zero) for x in wanted}
-    for x, expr in grads.items():
-        _refuse_argmax(el, x, expr)
-        if expr == 0:
-            refuse_zero(el, x.name)
     return Gradients(el, grads, adjoints, steps)
-
-
-def refuse_zero(el: Elements, name: str) -> None:
-    """A gradient that is identically zero: the output does not depend on the input (or its
-    dependence cancels, as in ``softmax(x).sum()``). Refused rather than printed: the fused printer
-    has no zero tensor of an input's shape, and such an input is most likely declared by mistake."""
-    raise DerivationError(el.layer, f"d{name} is identically zero: the output does not depend on {name}",
-                          f"declare {name} with differentiable=False (or drop it), or mark the layer fused = False")
-
-
-def _refuse_argmax(el: Elements, x: Node, expr: sp.Expr) -> None:
-    """A gradient that still reads the position of a maximum (it did not cancel, as it does in a
-    softmax) has no fused form yet: refuse here, naming the max's line, not later in the printer."""
-    marks = sorted(expr.atoms(IsArgmax), key=sp.default_sort_key)
-    if not marks:
-        return
-    maxima = [n for n in el.graph.nodes if n.op == "max"]
-    node = next((n for n in maxima if marks[0].args[1] in (el.definition.get(n), el.nf.get(n))), maxima[0])
-    raise DerivationError(el.layer, f"d{x.name} flows through {node.name} = max(...), and the fused kernel "
-                          f"has no one-hot of the maximum's position yet",
-                          "subtract the max only where it cancels (a softmax shift), or mark the layer "
-                          "fused = False for the step-by-step backward", node.line, node.source)
 
 
 def _reads(el: Elements, expr: sp.Expr, node: Node) -> bool:

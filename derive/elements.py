@@ -19,7 +19,7 @@ import sympy as sp
 
 from .errors import DerivationError
 from .functions import ELEMENTWISE
-from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, expand, extent, index_for, pick, reductions
+from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, expand, extent, hide_argmax, index_for, pick, reductions
 from .trace import Graph, Node
 
 REDUCING_OPS = ("sum", "mean", "max", "matmul")
@@ -207,6 +207,7 @@ class Elements:
         document can name it ("the sum of x over r is n*bnmeani"). ``rules`` defaults to all learned.
         """
         rules = self.rules if rules is None else rules
+        expr, argmax = hide_argmax(expr)
         for _ in range(20):
             before = expr
             for atom in sorted(reductions(expr), key=lambda r: r.depth):
@@ -219,8 +220,8 @@ class Elements:
                         break
             expr = expand(expr)
             if expr == before:
-                return expr
-        return expr
+                break
+        return expr.xreplace(argmax)
 
 
 def _match(pattern: sp.Expr, free: tuple, atom: sp.Expr) -> dict | None:

@@ -18,4 +18,12 @@ class TraceError(SpecError):
 
 
 class DerivationError(SpecError):
-    """The engine cannot derive a fused backward for this layer."""
+    """The engine cannot derive a fused backward for this layer.
+
+    Raised where the layer is not known (the printer), it names the ``tensor`` it could not print,
+    so that the caller can add the layer and the spec line that computes or reads that tensor."""
+
+    def __init__(self, layer: str, problem: str, fix: str, line: int | None = None, source: str = "",
+                 tensor: str = ""):
+        super().__init__(layer, problem, fix, line, source)
+        self.tensor = tensor

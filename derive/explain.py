@@ -22,7 +22,7 @@ import sympy as sp
 
 from .differentiate import Step, _target_indices
 from .kernel import Kernel
-from .simplify import Rewrite, refold
+from .simplify import Rewrite
 from .symbolic import Red, expand, index_for, reductions, substitute_family
 from .trace import Node
 
@@ -148,14 +148,13 @@ def contribution(kernel: Kernel, step: Step) -> Contribution:
 
 
 def refolded(kernel: Kernel) -> list[Refolded]:
-    el, grads = kernel.elements, kernel.gradients
+    """Each gradient's simplification, as the kernel's build logged it."""
+    grads = kernel.gradients
     out = []
     for f in kernel.formulas:
         node = kernel.graph.inputs[f.input]
         parts = [s.node for s in grads.steps if s.target is node]
-        log: list[Rewrite] = []
-        result = refold(el, grads.grads[node], log)
-        out.append(Refolded(node, parts, grads.grads[node], log, result, f.element))
+        out.append(Refolded(node, parts, grads.grads[node], f.rewrites, f.refolded, f.element))
     return out
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .elements import REDUCING_OPS, Elements
-from .symbolic import AxisMax, AxisSum
+from .symbolic import AxisMax, AxisSum, extent
 from .printer import ForwardPrinter, Frame
 from .spec import Tensor
 from .trace import Node
@@ -253,20 +253,46 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
     full = tuple(frame_dims)
     # masks (``y != ignore_index``) are cast to the dtype of the first floating-point input
     dtype_of = next((k for k, v in el.graph.layer.tensors.items() if isinstance(v, Tensor)), "")
+    plain_numbers = set(el.graph.sizes.values()) | set(el.graph.constants.values())
+
+    def reduces_a_number(e) -> bool:
+        """A sum or max of a size or declared constant (``scale*s/s``): there is no tensor to reduce."""
+        return isinstance(e, (AxisSum, AxisMax)) and e.body.free_symbols <= plain_numbers
+
+    def aliases_live(name: str, position: int) -> bool:
+        """Another name shares ``name``'s memory and is read after ``position`` (or kept)."""
+        buffer = buffer_of.get(name, name)
+        return any(b == buffer and n != name and (n in saved or n == el.graph.output.name
+                                                  or last_use.get(n, -1) > position)
+                   for n, b in buffer_of.items())
+
     buffer_of: dict[str, str] = {}  # name -> the temporary whose memory it lives in
     free: list[str] = []  # buffers of full-size temporaries no longer read
     out = []
     for position, st in enumerate(statements):
+        st.value = st.value.replace(reduces_a_number, lambda e: extent(e.index) * e.body if isinstance(e, AxisSum) else e.body)
+        if st.node is not None and not st.value.atoms(sp.Indexed) and st.value.free_symbols <= plain_numbers:
+            # a value that cancels to a constant (c - c, scale*s/s) is a tensor of the node's shape
+            printer = ForwardPrinter(Frame(frame_dims, slots), shapes, names, dtype_of=dtype_of)
+            out.append((f"{st.name} = {dtype_of}.new_full(({_sizes(st.node.shape, names)}), "
+                        f"{printer.doprint(st.value)})", ""))
+            continue
         shape = layout(st.value, temps, frame_dims, index)
         if st.node is None:
             shapes[st.name] = shape
         # a temporary that dies here and already has the result's shape can hold the result
+        # (and no other live name is a view of it: ``v1 = _t0.reshape(())``)
         reusable = {t.name for t in statements[:position]
-                    if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape} if inplace else set()
+                    if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape
+                    and not aliases_live(t.name, position)} if inplace else set()
         printer = ForwardPrinter(Frame(frame_dims, slots), shapes, names, reusable=reusable, inplace=inplace,
                                  dtype_of=dtype_of)
+        # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output)
+        printer.full_rank = st.node is not None and len(st.node.shape) == len(frame_dims) and printer._lower_rank(st.value)
         code = printer.statement(st.value)
-        if printer.updated:
+        if isinstance(st.value, sp.Symbol) and st.value.name in shapes:  # a view of another value
+            buffer_of[st.name] = buffer_of.get(st.value.name, st.value.name)
+        elif printer.updated:
             buffer_of[st.name] = buffer_of.get(printer.updated, printer.updated)
         elif inplace and shape == full and not isinstance(st.value, (sp.Symbol, sp.Indexed)):
             into = printer.into(st.value, free[0]) if free else None
@@ -295,18 +321,19 @@ def _fit(code: str, layout: tuple, shape: tuple, frame_dims: list, names: dict) 
     """Give a value printed in the frame layout its node's own shape (``(1, 1)`` -> ``()``)."""
     if layout == shape:
         return code
-    symbols = {k: sp.Symbol(v) for k, v in names.items()}
-
-    def sizes(dims) -> str:
-        return ", ".join(sp.pycode(sp.sympify(s).xreplace(symbols)) for s in dims) + ("," if len(dims) == 1 else "")
-
     wrapped = code if code.isidentifier() else f"({code})"
     wanted = tuple(s if s in shape else 1 for s in frame_dims)  # the node's axes, laid out in the frame
     if wanted != layout:
-        wrapped += f".expand({sizes(wanted)})"
+        wrapped += f".expand({_sizes(wanted, names)})"
     if wanted != shape:
-        wrapped += f".reshape({sizes(shape) or '()'})"
+        wrapped += f".reshape({_sizes(shape, names) or '()'})"
     return wrapped
+
+
+def _sizes(dims: tuple, names: dict) -> str:
+    """A shape as the arguments of ``expand``/``reshape``: ``n, 1`` (``k,`` for one axis)."""
+    symbols = {k: sp.Symbol(v) for k, v in names.items()}
+    return ", ".join(sp.pycode(sp.sympify(s).xreplace(symbols)) for s in dims) + ("," if len(dims) == 1 else "")
 
 
 __all__ = ["plan", "forward_code", "stabilise", "Statement"]

@@ -31,6 +31,8 @@ class Formula:
     input: str
     position: int  # argument position in forward
     element: sp.Expr  # closed form, element-wise, in saved quantities
+    refolded: sp.Expr = sp.S.Zero  # the refold's result, before the closed form
+    rewrites: list = field(default_factory=list)  # the refold's steps (simplify.Rewrite), for the document
     code: str = ""  # vectorized right-hand side (after shared subexpressions)
     needs: list[str] = field(default_factory=list)  # shared temporaries it reads
     fast: list[str] = field(default_factory=list)  # statements computing it in fewer passes, if any
@@ -88,7 +90,7 @@ def _shapes(graph: Graph) -> dict[str, tuple]:
     return shapes
 
 
-def _size_sources(layer: Layer) -> list[tuple[str, str]]:
+def size_sources(layer: Layer) -> list[tuple[str, str]]:
     """Lines that read every size from the first input declaring it: ``n, d = x.shape``."""
     known, out = set(), []
     for name, decl in layer.tensors.items():
@@ -103,7 +105,7 @@ def _size_sources(layer: Layer) -> list[tuple[str, str]]:
     return out
 
 
-def _checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) -> list[Check]:
+def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) -> list[Check]:
     name, checks = layer.name, []
     # a tensor all of whose sizes are read from its own shape needs no shape check
     self_defined = {tensor for unpack, tensor in sources if "_" not in unpack.replace(" ", "").split(",")}
@@ -144,7 +146,7 @@ def _checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) -> list
     return checks
 
 
-def _divisors(exprs: list[sp.Expr], sizes: set) -> set:
+def size_divisors(exprs: list[sp.Expr], sizes: set) -> set:
     """Factors of size-only denominators that can vanish for some positive integer sizes."""
     out = set()
     for expr in exprs:
@@ -175,13 +177,18 @@ def build(layer: Layer) -> Kernel:
     order = list(layer.inputs)
     formulas = []
     for node, expr in grads.grads.items():
-        element = closed_form(refold(el, expr), scalars(el))
-        formulas.append(Formula(node.name, order.index(node.name), element))
+        rewrites: list = []
+        refolded = refold(el, expr, rewrites)
+        formulas.append(Formula(node.name, order.index(node.name), closed_form(refolded, scalars(el)), refolded,
+                                rewrites))
 
     frame_dims = [graph.sizes[d] for d in layer.dims]
     shapes = _shapes(graph)
-    shared, codes = print_formulas(layer, el, formulas, frame_dims, shapes,
-                                   taken={n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes})
+    try:
+        shared, codes = print_formulas(layer, el, formulas, frame_dims, shapes,
+                                       taken={n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes})
+    except DerivationError as e:
+        raise located(e, graph) from None
     for f, (code, needs, fast) in zip(formulas, codes):
         f.code, f.needs, f.fast = code, needs, fast or []
     names = {s: str(s) for s in graph.sizes.values()}
@@ -189,17 +196,34 @@ def build(layer: Layer) -> Kernel:
     read = set()
     for expr in [f.element for f in formulas]:
         read |= {str(e.base) for e in expr.atoms(sp.Indexed)}
-    saved = [n.name for n in graph.nodes if n.name in read]
+    # scalar (0-d) forward values the formulas read are Symbols, not Indexed: saved as 0-d tensors
+    read |= {s.name for f in formulas for s in f.element.free_symbols}
+    saved = [n.name for n in graph.nodes if n.name in read and (n.shape or n.op not in ("input", "labels"))]
     used_symbols = set().union(*[f.element.free_symbols for f in formulas]) if formulas else set()
     constants = [c for c, s in graph.constants.items() if s in used_symbols]
     sizes = set(graph.sizes.values())
-    divisors = _divisors(size_scalars(graph) + [f.element for f in formulas], sizes)
-    sources = _size_sources(layer)
-    forward = forward_code(el, saved, frame_dims, names)
-    with_graph = forward_code(el, saved, frame_dims, names, inplace=False)
+    divisors = size_divisors(size_scalars(graph) + [f.element for f in formulas], sizes)
+    sources = size_sources(layer)
+    try:
+        forward = forward_code(el, saved, frame_dims, names)
+        with_graph = forward_code(el, saved, frame_dims, names, inplace=False)
+    except DerivationError as e:
+        raise located(e, graph) from None
     return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
-                  [str(s) for s in frame_dims], sources, _checks(layer, divisors, sources), constants,
+                  [str(s) for s in frame_dims], sources, input_checks(layer, divisors, sources), constants,
                   time.perf_counter() - start)
+
+
+def located(error: DerivationError, graph) -> DerivationError:
+    """``error`` from the printer with the layer's name and the spec line of the tensor it could not
+    print: the line computing it, or for an input the first line reading it."""
+    if error.line:
+        return error
+    node = next((n for n in graph.nodes if n.name == error.tensor), None)
+    if node is not None and node.op in ("input", "labels"):
+        node = next((n for n in graph.nodes if node in n.args), None)
+    line, source = (node.line, node.source) if node is not None else (None, "")
+    return DerivationError(graph.layer.name, error.problem, error.fix, line, source, error.tensor)
 
 
 def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_dims: list, shapes: dict,
@@ -244,12 +268,15 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
     claimed = set()
     codes = []
     for f, element, r in zip(formulas, elements, reduced):
+        dims = [sp.pycode(sp.Mul(*[sp.Symbol(p, integer=True, positive=True) for p in dim_names(d)]).xreplace(sizes))
+                for d in layer.tensors[f.input].dims]
+        if element == 0:  # the output does not read this input, or its terms cancel (softmax(x).sum())
+            codes.append((f"{dtype_of}.new_zeros(({', '.join(dims)}{',' if len(dims) == 1 else ''}))", [], None))
+            continue
         try:
             code = KernelPrinter(Frame(frame, slots), shapes, names, dtype_of).doprint(r)
         except DerivationError as e:
-            raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix) from None
-        dims = [sp.pycode(sp.Mul(*[sp.Symbol(p, integer=True, positive=True) for p in dim_names(d)]).xreplace(sizes))
-                for d in layer.tensors[f.input].dims]
+            raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix, tensor=e.tensor) from None
         fitted = _fit(code, element, f.input, layer, index, frame, dims)
         # a gradient already in its input's layout may be built in place, term by term
         # a scratch buffer from a sum this gradient's guard always computes

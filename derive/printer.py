@@ -29,8 +29,10 @@ class Frame:
         axis = self.dims.index(extent(j))
         clash = [i for i, a in self.slots.items() if a == axis and i in body.free_symbols and i != j]
         if clash:
+            reader = next((str(e.base) for e in body.atoms(sp.Indexed) if clash[0] in e.indices), "")
             raise DerivationError("", f"the reduction over {j} also reads {clash[0]} of the same size",
-                                  "this contraction needs einsum, which the fused printer does not emit yet")
+                                  "this contraction needs einsum, which the fused printer does not emit yet",
+                                  tensor=reader)
         slots = {i: a for i, a in self.slots.items() if a != axis}
         slots[j] = axis
         return Frame(self.dims, slots), axis
@@ -78,7 +80,40 @@ class KernelPrinter(TorchPrinter):
             str(s) in self.shapes for s in expr.free_symbols)
 
     # -- tensors ----------------------------------------------------------------------------
+    def _inner(self, frame: Frame) -> "KernelPrinter":
+        return KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
+
     def _print_Indexed(self, expr):
+        """``x[i_n, y[i_n]]``, a tensor read at labels along a later axis, is a ``gather``."""
+        picked = [(k, ix) for k, ix in enumerate(expr.indices) if isinstance(ix, sp.Indexed)]
+        if not picked or [k for k, _ in picked] == [0]:  # a table read at labels prints as ``w[y]``
+            return self._print_element(expr)
+        if len(picked) > 1:
+            raise DerivationError("", f"{expr} is read at two label positions", "pick with one label tensor at a time",
+                                  tensor=str(expr.base))
+        position, labels = picked[0]
+        size = self.shapes[str(expr.base)][position]
+        axis = self.frame.dims.index(size)
+        own = sp.Idx("_gathered", size)
+        table = self._inner(Frame(self.frame.dims, {**self.frame.slots, own: axis}))
+        table_code = table._print(expr.base[tuple(own if k == position else ix for k, ix in enumerate(expr.indices))])
+        rank = len(self.frame.dims)
+        label_axes = [self.frame.slots[i] for i in labels.indices if isinstance(i, sp.Idx)]
+        table_axes = [self.frame.slots[i] for i in expr.indices if isinstance(i, sp.Idx) and i in self.frame.slots]
+        target = [self._print(self.frame.dims[k]) if k in label_axes else "1" for k in range(rank)]
+        index_code = f"{labels.base}.view({', '.join(target)})"
+        if set(table_axes) - set(label_axes):
+            full = [self._print(self.frame.dims[k]) if k in table_axes else "1" for k in range(rank)]
+            index_code += f".expand({', '.join(full)})"
+        if not table_code.isidentifier():
+            table_code = f"({table_code})"
+        if set(label_axes) - set(table_axes):  # a table broadcast along the labels' axes (a (1, k) row)
+            sizes = [self._print(self.frame.dims[k]) if k in label_axes else "-1" for k in range(rank)]
+            table_code += f".expand({', '.join(sizes)})"
+        return f"{table_code}.gather({axis}, {index_code})"
+
+    def _print_element(self, expr):
+        """A tensor read at frame indices (or a table at labels), laid out in the frame."""
         if expr.indices and isinstance(expr.indices[0], sp.Indexed):
             return self._print_lookup(expr)
         name = str(expr.base)
@@ -89,7 +124,7 @@ class KernelPrinter(TorchPrinter):
                 continue
             if not isinstance(index, sp.Idx) or index not in self.frame.slots:
                 raise DerivationError("", f"{expr} is read at a computed position",
-                                      "gather-style reads are not vectorized yet")
+                                      "gather-style reads are not vectorized yet", tensor=name)
             axes.append(self.frame.slots[index])
         return self._layout(name, shape, axes)
 
@@ -135,7 +170,8 @@ class KernelPrinter(TorchPrinter):
         labels, rest = expr.indices[0], expr.indices[1:]
         table_shape = self.shapes[str(expr.base)]
         if any(not isinstance(i, (sp.Idx, sp.Integer)) for i in (*labels.indices, *rest)):
-            raise DerivationError("", f"{expr} is read at a computed position", "only table[labels] reads are vectorized")
+            raise DerivationError("", f"{expr} is read at a computed position", "only table[labels] reads are vectorized",
+                                  tensor=str(expr.base))
         shape = tuple(self.shapes[str(labels.base)]) + tuple(table_shape[1:])
         indices = tuple(labels.indices) + tuple(rest)
         axes = [self.frame.slots[i] for s, i in zip(shape, indices) if s != 1 and i != 0]
@@ -144,7 +180,8 @@ class KernelPrinter(TorchPrinter):
     def _layout(self, name: str, shape: tuple, axes: list[int]) -> str:
         """``name`` viewed so that its varying axes sit on ``axes`` of the frame."""
         if axes != sorted(axes):
-            raise DerivationError("", f"{name} would need its axes permuted", "transposed reads are not vectorized yet")
+            raise DerivationError("", f"{name} would need its axes permuted", "transposed reads are not vectorized yet",
+                                  tensor=name)
         rank = len(self.frame.dims)
         target = [1] * rank
         varying = [s for s in shape if s != 1]
@@ -165,7 +202,8 @@ class KernelPrinter(TorchPrinter):
         labels = {b.label for b in body.atoms(sp.IndexedBase)}
         temps = [s for s in body.free_symbols - labels if isinstance(s, sp.Symbol) and s.name in self.shapes]
         elements = body.atoms(sp.Indexed)
-        return bool(elements) and not temps and all(len(self.shapes[str(e.base)]) < rank for e in elements)
+        shapes = [self.shapes[s.name] for s in temps] + [self.shapes[str(e.base)] for e in elements]
+        return bool(elements) and all(len(shape) < rank for shape in shapes)  # a 0-d temporary is lower too
 
     def _print_Red(self, expr):
         # nested sums over several axes are one torch reduction (pairwise summation over all of
@@ -271,13 +309,24 @@ class KernelPrinter(TorchPrinter):
         raise DerivationError("", "a maximum left in a backward formula", "report this as a bug")
 
     def _print_IsArgmax(self, expr):
-        raise DerivationError("", "the gradient flows through max(); its one-hot is not generated yet",
-                              "subtract the max only where it cancels (as in softmax), or write the layer without max")
+        """The one-hot of the maximum's position along the axis of ``j``: torch's ``max(dim)``
+        routes the gradient to the one index it returns, and so does this (the first maximum)."""
+        j, m = expr.args
+        if not isinstance(m, Max) or j not in self.frame.slots:
+            raise DerivationError("", "the gradient flows through max() at a position the fused printer "
+                                  "cannot lay out", "mark the layer fused = False for the step-by-step backward")
+        frame, axis = self.frame.with_bound(m.index, m.body)
+        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
+        inner.full_rank = self._lower_rank(m.body)
+        body = inner._print(m.body)
+        if not body.isidentifier():
+            body = f"({body})"
+        return f"torch.zeros_like({body}).scatter_({axis}, {body}.argmax({axis}, keepdim=True), 1.0)"
 
 
 class ForwardPrinter(KernelPrinter):
-    """Prints forward values: sums and maxima as written, label-indexed reads as ``gather``, and
-    (with ``inplace``) results written into temporaries that die at this line."""
+    """Prints forward values: sums and maxima as written, one statement at a time, and (with
+    ``inplace``) results written into temporaries that die at this line."""
 
     _UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh"}
 
@@ -352,7 +401,7 @@ class ForwardPrinter(KernelPrinter):
         for term in expr.as_ordered_terms():
             coeff, factors = term.as_coeff_mul()
             tensors = [f for f in factors if self._is_tensor(f)]
-            if len(tensors) == 2 and len(factors) == 2 and term != expr:
+            if len(tensors) == 2 and len(factors) == 2 and term != expr and self._is_tensor(expr - term):
                 rest = self._print(expr - term)
                 a, b = (self._print(f) for f in tensors)
                 value = "" if coeff == 1 else f", value={self._print(coeff)}"
@@ -369,32 +418,6 @@ class ForwardPrinter(KernelPrinter):
     def _reduce(self, expr, method: str) -> str:
         frame, axis = self.frame.with_bound(expr.index, expr.body)
         return self._reduce_body(self._inner(frame), expr.body, [axis], method)
-
-    def _print_Indexed(self, expr):
-        picked = [(k, ix) for k, ix in enumerate(expr.indices) if isinstance(ix, sp.Indexed)]
-        if not picked or [k for k, _ in picked] == [0]:  # a table read at labels prints as ``w[y]``
-            return super()._print_Indexed(expr)
-        if len(picked) > 1:
-            raise DerivationError("", f"{expr} is read at two label positions", "pick with one label tensor at a time")
-        position, labels = picked[0]
-        size = self.shapes[str(expr.base)][position]
-        axis = self.frame.dims.index(size)
-        own = sp.Idx("_gathered", size)
-        table = ForwardPrinter(Frame(self.frame.dims, {**self.frame.slots, own: axis}), self.shapes, self.names,
-                               dtype_of=self.dtype_of)
-        table_code = table._print(expr.base[tuple(own if k == position else ix for k, ix in enumerate(expr.indices))])
-        rank = len(self.frame.dims)
-        label_axes = [self.frame.slots[i] for i in labels.indices if isinstance(i, sp.Idx)]
-        table_axes = [self.frame.slots[i] for i in expr.indices if isinstance(i, sp.Idx) and i in self.frame.slots]
-        target = [self._print(self.frame.dims[k]) if k in label_axes else "1" for k in range(rank)]
-        index_code = f"{labels.base}.view({', '.join(target)})"
-        if set(table_axes) - set(label_axes):
-            full = [self._print(self.frame.dims[k]) if k in table_axes else "1" for k in range(rank)]
-            index_code += f".expand({', '.join(full)})"
-        if not table_code.isidentifier():
-            table_code = f"({table_code})"
-        return f"{table_code}.gather({axis}, {index_code})"
-
 
 def _broadcasts_as(shape: list, target: list) -> bool:
     return all(s == t for s, t in zip(shape, target))

@@ -41,6 +41,12 @@ class ProofFailure(AssertionError):
     pass
 
 
+# The maximum of a row, kept opaque: its derivative in an entry is a symbol of its own (the one-hot
+# of the argmax), the same object whether it comes from SymPy's chain rule or from a formula's
+# IsArgmax. One function for every max(): two maxima of the same entries are the same value.
+ROW_MAX = sp.Function("row_max", real=True)
+
+
 def _symbols(name: str, shape: tuple) -> np.ndarray:
     out = np.empty(shape, dtype=object)
     for idx in itertools.product(*[range(s) for s in shape]):
@@ -87,8 +93,7 @@ def evaluate(graph: Graph, sizes: dict[sp.Symbol, int], inputs: dict[str, np.nda
             total = _reduce(a[0], node.attrs["axes"], node.attrs["keepdim"], lambda xs: sp.Add(*xs))
             v = np.vectorize(lambda e: e / count, otypes=[object])(total)
         elif op == "max":
-            f = sp.Function(f"shift_{node.name}", real=True)
-            v = _reduce(a[0], node.attrs["axes"], node.attrs["keepdim"], lambda xs: f(*xs))
+            v = _reduce(a[0], node.attrs["axes"], node.attrs["keepdim"], lambda xs: ROW_MAX(*xs))
         elif op == "matmul":
             v = a[0].dot(a[1])
         elif op == "embed":
@@ -119,8 +124,11 @@ def _expand_generic(expr: sp.Expr, kernel: Kernel, values: dict, sizes: dict, po
         if isinstance(e, Red):
             n = int(extent(e.index).xreplace(sizes))
             return sp.Add(*[visit(e.body.xreplace({e.index: k})) for k in range(n)])
-        if isinstance(e, (Max, IsArgmax)):
-            raise ProofFailure(f"{kernel.name}: a max() survives in the fused formula; no concrete proof for it")
+        if isinstance(e, Max):
+            n = int(extent(e.index).xreplace(sizes))
+            return ROW_MAX(*[visit(e.body.xreplace({e.index: k})) for k in range(n)])
+        if isinstance(e, IsArgmax):  # the maximum's derivative in the entry at this position
+            return visit(e.args[1]).fdiff(int(visit(e.args[0])) + 1)
         if isinstance(e, sp.Indexed):
             resolved = e.func(e.base, *[visit(i) for i in e.indices])
             return element(resolved)
@@ -129,6 +137,8 @@ def _expand_generic(expr: sp.Expr, kernel: Kernel, values: dict, sizes: dict, po
         if isinstance(e, sp.KroneckerDelta):
             a, b = (visit(x) for x in e.args)
             return sp.KroneckerDelta(a, b)  # 0/1 for two positions; symbolic for a label vs a constant
+        if isinstance(e, sp.Symbol) and e.name in by_name and not np.shape(by_name[e.name]):
+            return by_name[e.name][()]  # a scalar (0-d) forward value or input
         if e.is_Atom:
             return e.xreplace(sizes)
         return e.func(*[visit(a) for a in e.args])

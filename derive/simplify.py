@@ -20,7 +20,7 @@ from sympy.solvers.solvers import _invert
 from .elements import Elements
 from .errors import DerivationError
 from .functions import NOT_INVERTIBLE
-from .symbolic import bases, expand, reductions, substitute_family
+from .symbolic import bases, expand, hide_argmax, reductions, substitute_family
 from .trace import Node
 
 
@@ -71,6 +71,8 @@ def _solve_definition(el: Elements, node: Node, definition: sp.Expr, expr: sp.Ex
         else:
             if len(mine) != 1 or not own <= set(mine[0].indices):
                 continue
+            if any(isinstance(i, sp.Indexed) for i in mine[0].indices):
+                continue  # x[i_n, y[i_n]] is one entry per row: solving for it says nothing of x[i_n, i_k]
             target, symbol = mine[0], plain[mine[0]]
         if not any(e.base == base for e in expr.atoms(sp.Indexed)) and target not in expr.free_symbols:
             continue
@@ -121,19 +123,6 @@ def _divides_by_maybe_zero(el: Elements, expr: sp.Expr) -> bool:
     return False
 
 
-def _refuse_unsaved_scalars(el: Elements, expr: sp.Expr) -> sp.Expr:
-    """The fused kernel saves the tensors a formula reads element-wise; a scalar (0-d) forward value
-    it reads would not be saved, and the backward would fail. Refuse those, naming the value."""
-    names = {s.name for s in expr.free_symbols}
-    for node in el.graph.nodes:
-        if not node.shape and node.op not in ("input", "labels") and node.name in names:
-            raise DerivationError(el.layer, f"the fused gradient reads the scalar {node.name!r}, and the fused "
-                                  f"kernel does not save scalar forward values yet",
-                                  "keep it a tensor (sum with keepdim=True over each axis), or mark the layer "
-                                  "fused = False for the step-by-step backward", node.line, node.source)
-    return expr
-
-
 def _rewrite(el: Elements, expr: sp.Expr, variable: Node, target, solution: sp.Expr,
              log: list | None = None) -> sp.Expr:
     if isinstance(target, sp.Symbol):
@@ -159,10 +148,9 @@ class Rewrite:
 
 def refold(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
     """Greedily rewrite ``expr`` in the forward nodes that make it cheapest (each step into ``log``)."""
-    expr = tidy(el, expr)
-    if expr == 0:  # differentiate refuses these first; a cancellation found only here is refused too
-        raise DerivationError(el.layer, "a gradient is identically zero (its terms cancel)",
-                              "declare that input with differentiable=False, or mark the layer fused = False")
+    expr, marks = hide_argmax(tidy(el, expr))  # the one-hots keep their maximum's definition
+    if expr == 0:  # the output does not depend on this input, or its terms cancel (softmax(x).sum())
+        return expr
     best = cost(el, expr)
     # an elementwise output is a saved quantity too (``tanh``: ``dout*(1 - out**2)``)
     output = el.graph.output
@@ -176,14 +164,15 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
                 rewritten = _rewrite(el, expr, variable, target, solution)
                 options.append((cost(el, rewritten), not node.named, rewritten, node, variable, target, solution))
         if not options:
-            return _refuse_unsaved_scalars(el, expr)
+            return expr.xreplace(marks)
         score, _, rewritten, node, variable, target, solution = min(options, key=lambda o: (o[0], o[1]))
         if score >= best:
-            return _refuse_unsaved_scalars(el, expr)
+            return expr.xreplace(marks)
         if log is not None:  # replayed to learn which reductions the substitution recognised
             recognized = []
             _rewrite(el, expr, variable, target, solution, recognized)
-            log.append(Rewrite(node, variable, target, solution, expr, rewritten, recognized, (best, score)))
+            log.append(Rewrite(node, variable, target, solution, expr.xreplace(marks), rewritten.xreplace(marks),
+                               recognized, (best, score)))
         expr, best = rewritten, score
 
 

@@ -154,6 +154,22 @@ class IsArgmax(sp.Function):
         return r"\mathbb{1}[%s = \operatorname{argmax}]" % printer._print(self.args[0])
 
 
+def hide_argmax(expr: sp.Expr) -> tuple[sp.Expr, dict]:
+    """``expr`` with each ``IsArgmax(j, Max(body, r))`` replaced by an opaque function of its free
+    indices, and the map that puts them back.
+
+    The one-hot is printed from the maximum's definition (the argmax of what was maximised), so
+    rewrites must leave it alone: recognising ``Max(x, r)`` as the saved ``v1``, or refold writing
+    ``v1`` as ``atanh(t1)``, would leave nothing to take the argmax of.
+    """
+    hidden, back = {}, {}
+    for k, mark in enumerate(sorted(expr.atoms(IsArgmax), key=sp.default_sort_key)):
+        indices = sorted((i for i in mark.free_symbols if isinstance(i, sp.Idx)), key=sp.default_sort_key)
+        hidden[mark] = sp.Function(f"_argmax{k}")(*indices)
+        back[hidden[mark]] = mark
+    return expr.xreplace(hidden), back
+
+
 class AxisSum(_Bound):
     """The sum over the axis of ``j``, kept as written (no linearity, no renaming).
 
@@ -163,11 +179,21 @@ class AxisSum(_Bound):
 
     nargs = 2
 
+    @classmethod
+    def eval(cls, body, j):
+        if body.is_number:  # a value that cancelled (``(x - x).sum(0)``): no tensor to sum
+            return extent(j) * body
+
 
 class AxisMax(_Bound):
     """The maximum over the axis of ``j``, kept as written."""
 
     nargs = 2
+
+    @classmethod
+    def eval(cls, body, j):
+        if body.is_number:
+            return body
 
 
 def pick(expr: sp.Expr, index: sp.Idx, value: sp.Expr) -> sp.Expr:

@@ -112,7 +112,8 @@ def gradients(fn, inputs: dict, wanted: list[str], seed: int, dtype=None) -> tup
             leaves[k] = v
     out = fn(**leaves)
     out.backward(upstream_for(out, seed))
-    return out, {k: leaves[k].grad for k in wanted}
+    # autograd leaves .grad unset for an input the output does not read: its gradient is zero
+    return out, {k: torch.zeros_like(leaves[k]) if leaves[k].grad is None else leaves[k].grad for k in wanted}
 
 
 def against_autograd(layer: Layer, fused, sizes: dict[str, int], dtype=torch.float64, seed: int = 0) -> list[Row]:

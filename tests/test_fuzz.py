@@ -1,18 +1,18 @@
-"""Random layers: every spec the fuzzer writes either generates code that matches autograd of the
-spec (forward, gradients, gradcheck, needs_input_grad) or is refused with an error naming the layer.
+"""Random layers: every spec the fuzzer writes generates code that matches autograd of the spec
+(forward, gradients, gradcheck, needs_input_grad). The harness tells a refusal (a clear error naming
+the layer) from a wrong result and a derivation stopped as slow; the tests require every layer to pass.
 
 CI runs a bounded number (``DERIVE_FUZZ_EXAMPLES`` per family, default 110 fused + 110 step-by-step,
 short specs); a soak is opt-in::
 
     DERIVE_FUZZ_EXAMPLES=1000 DERIVE_FUZZ_LINES=6 pytest -s tests/test_fuzz.py
 
-Each test prints how many layers it tried, passed and saw refused. Failures found by the fuzzer
+Each test prints how many layers it tried, passed, saw refused and stopped as slow. Failures found by the fuzzer
 are kept as ``@example`` regressions below.
 """
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import pytest
@@ -24,9 +24,6 @@ from fuzz.specs import FuzzSpec, layer_specs
 
 EXAMPLES = int(os.environ.get("DERIVE_FUZZ_EXAMPLES", "110"))
 LINES = int(os.environ.get("DERIVE_FUZZ_LINES", "3"))
-# At most this share of fused specs may be refused: the fuzzer must keep testing code, not refusals.
-MOST_REFUSED = 0.25
-MOST_SLOW = 0.05  # derivations stopped after DERIVE_FUZZ_SECONDS (engine speed, not correctness)
 
 
 def _regression(name: str, body: str, declared: str, signature: str, fused: bool, sizes: dict) -> FuzzSpec:
@@ -48,18 +45,20 @@ CONSTANT_GRADIENT = _regression("fuzz_found_constant_gradient", "    v1 = x.exp(
 
 
 # A scalar intermediate the fused gradient reads (v1 = b.mean()): the kernel did not save it and the
-# backward raised NameError; now refused with the line.
+# backward raised NameError; now saved as a 0-d tensor.
 SCALAR_READ = _regression("fuzz_found_scalar_read", "    v1 = b.mean()\n    v2 = x * v1\n    out = v2.sum()",
                           'x=Tensor("n", "k"), b=Tensor("n", "1")', "x, b", True, {"n": 4, "k": 2})
 # Recognition learned sum(x) = out/v1 from out = v1*sum(x): db read out/v1, 0/0 where b is zero.
 DIVIDES_BY_INPUT = _regression("fuzz_found_divides_by_input",
                                "    v1 = b.mean(0, keepdim=True)\n    v2 = x * v1\n    out = v2.sum(1, keepdim=True)",
                                'x=Tensor("n", "k"), b=Tensor("n", "1")', "x, b", True, {"n": 3, "k": 4})
-# softmax(x).mean() is the constant 1/k: its gradient is zero, which printed as (0).expand(n, k).
+# softmax(x).mean() is the constant 1/k: its gradient is zero, which printed as (0).expand(n, k);
+# now dout.new_zeros((n, k)).
 ZERO_GRADIENT = _regression("fuzz_found_zero_gradient", "    v1 = x.max(1, keepdim=True).values\n    v2 = x - v1\n"
                             "    v3 = v2.exp()\n    v4 = v3.sum(1, keepdim=True)\n    v5 = v3 / v4\n    out = v5.mean()",
                             'x=Tensor("n", "k")', "x", True, {"n": 3, "k": 2})
-# The gradient flows through a max: the printer refused it as layer '' with no line.
+# The gradient flows through a max: the printer refused it as layer '' with no line; now the
+# one-hot of the maximum's position.
 THROUGH_MAX = _regression("fuzz_found_through_max", "    v1 = x.max(1, keepdim=True).values\n    v2 = torch.tanh(v1)\n"
                           "    out = v2 + torch.tanh(w).mean()", 'x=Tensor("n", "k"), w=Tensor("k")', "x, w", True,
                           {"n": 2, "k": 2})
@@ -101,11 +100,8 @@ def _fuzz(family: str, fused: bool, tmp_path, extra=()):
 
 def test_random_fused_layers(tmp_path):
     tally = _fuzz("fused", True, tmp_path, extra=FOUND[2:])
-    refused = sum(o.status == "refused" for o in tally.outcomes)
-    slow = sum(o.status == "slow" for o in tally.outcomes)
     assert len(tally.outcomes) >= EXAMPLES
-    assert refused <= MOST_REFUSED * len(tally.outcomes), tally.report()
-    assert slow <= MOST_SLOW * len(tally.outcomes), tally.report()
+    assert all(o.status == "passed" for o in tally.outcomes), tally.report()
 
 
 def test_random_step_by_step_layers(tmp_path):
@@ -114,15 +110,10 @@ def test_random_step_by_step_layers(tmp_path):
     assert all(o.status == "passed" for o in tally.outcomes), tally.report()  # no derivation: never slow
 
 
-@pytest.mark.parametrize("spec, status", [(UNREAD_INPUT, "passed"), (CONSTANT_GRADIENT, "passed"),
-                                          (DIVIDES_BY_INPUT, "passed"), (SCALAR_READ, "refused"),
-                                          (ZERO_GRADIENT, "refused"), (THROUGH_MAX, "refused")],
-                         ids=lambda v: getattr(v, "name", v))
-def test_fuzz_regressions(spec, status, tmp_path):
+@pytest.mark.parametrize("spec", FOUND, ids=lambda v: v.name)
+def test_fuzz_regressions(spec, tmp_path):
     outcome = run(spec, tmp_path)
-    assert outcome.status == status, outcome.message
-    if status == "refused":  # the refusal says where: the line of the value the kernel cannot handle
-        assert re.search(rf"^layer '{spec.name}' \(line \d+: v\d = ", outcome.message) or "identically zero" in outcome.message
+    assert outcome.status == "passed", outcome.message
 
 
 def test_a_zero_input_gives_finite_gradients(tmp_path):

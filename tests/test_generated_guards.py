@@ -113,31 +113,56 @@ def test_a_constant_column_and_a_tiny_eps_match_autograd(layer, eps):
         assert torch.allclose(ours[k], ref[k], rtol=1e-7, atol=1e-9 * scale), (k, float((ours[k] - ref[k]).abs().max()))
 
 
-# -- refused inputs ----------------------------------------------------------------------------------
-def test_a_wrong_rank_is_refused_before_its_sizes_are_read():
+# -- refused inputs: the fused and the step-by-step Function check alike -------------------------
+BOTH = pytest.mark.parametrize("fn", [fused, steps], ids=["fused", "steps"])
+
+
+@BOTH
+def test_a_wrong_rank_is_refused_before_its_sizes_are_read(fn):
     with pytest.raises(ValueError, match=r"batchnorm: x must have 2 dimension\(s\) \(n, d\), got shape \(2, 3, 4\)"):
-        fused(batchnorm)(torch.randn(2, 3, 4), torch.ones(4), torch.zeros(4))
+        fn(batchnorm)(torch.randn(2, 3, 4), torch.ones(4), torch.zeros(4))
     with pytest.raises(ValueError, match=r"cross_entropy: y must have 1 dimension\(s\) \(n\), got shape \(3, 1\)"):
-        fused(cross_entropy)(torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.long))
+        fn(cross_entropy)(torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.long))
 
 
-def test_mismatched_devices_are_refused():
+@BOTH
+def test_mismatched_devices_are_refused(fn):
     # the meta device stands in for a second device on a CPU-only machine
     with pytest.raises(ValueError, match=r"batchnorm: gamma is torch.float32 on meta but x is torch.float32 on cpu; "
                                          r"move them to one dtype and device"):
-        fused(batchnorm)(torch.randn(4, 3), torch.ones(3, device="meta"), torch.zeros(3))
+        fn(batchnorm)(torch.randn(4, 3), torch.ones(3, device="meta"), torch.zeros(3))
 
 
-def test_an_integer_tensor_where_a_float_is_declared_is_refused():
+@BOTH
+def test_mismatched_dtypes_are_refused(fn):
+    with pytest.raises(ValueError, match=r"batchnorm: gamma is torch.float64 on cpu but x is torch.float32 on cpu"):
+        fn(batchnorm)(torch.randn(4, 3), torch.ones(3, dtype=torch.float64), torch.zeros(3))
+
+
+@BOTH
+def test_an_integer_tensor_where_a_float_is_declared_is_refused(fn):
     with pytest.raises(ValueError, match=r"cross_entropy: logits must be a floating-point tensor, got torch.int64"):
-        fused(cross_entropy)(torch.ones(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+        fn(cross_entropy)(torch.ones(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
 
 
-def test_float_labels_are_refused_even_when_they_ask_for_a_gradient():
+@BOTH
+def test_float_labels_are_refused_even_when_they_ask_for_a_gradient(fn):
     # integer tensors cannot require grad in torch; float labels can, and must be refused
     labels = torch.tensor([0.0, 1.0, 2.0], requires_grad=True)
     with pytest.raises(ValueError, match=r"cross_entropy: labels y must be an integer tensor, got torch.float32"):
-        fused(cross_entropy)(torch.randn(3, 4, requires_grad=True), labels)
+        fn(cross_entropy)(torch.randn(3, 4, requires_grad=True), labels)
+
+
+@BOTH
+def test_labels_out_of_range_are_refused(fn):
+    with pytest.raises(ValueError, match=r"cross_entropy: labels y must lie in \[0, k\) = \[0, 4\), got values in \[0, 4\]"):
+        fn(cross_entropy)(torch.randn(3, 4), torch.tensor([0, 4, 1]))
+
+
+@BOTH
+def test_one_row_under_bessels_correction_is_refused(fn):
+    with pytest.raises(ValueError, match=r"batchnorm: the formula divides by n - 1, which is 0 for these sizes \(n=1\)"):
+        fn(batchnorm)(torch.randn(1, 3), torch.ones(3), torch.zeros(3))
 
 
 def test_eps_is_a_constant_of_the_call():

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from derive.errors import DerivationError, SpecError, TraceError
+from derive.codegen import render_function
 from derive.kernel import build
 from derive.spec import Constant, Labels, Tensor, layer
+from derive.verify import load_module
 
 
 def test_undeclared_parameter():
@@ -262,31 +264,56 @@ def test_variables_named_like_the_printers_temporaries_still_derive_correctly(na
         assert max(r.maxdiff for r in rows) < 1e-10, (module, rows)
 
 
-def test_a_gradient_that_flows_through_max_is_refused_at_the_max():
-    @layer(x=Tensor("n", "d"))
-    def through_max(x):
+def test_a_gradient_through_max_is_the_one_hot_of_its_position(tmp_path):
+    # the max does not cancel here (no softmax): the gradient reaches only the maximum's entry
+    @layer(x=Tensor("n", "d"), w=Tensor("d"))
+    def through_max(x, w):
         m = x.max(1, keepdim=True).values
-        out = torch.tanh(m) * x
+        out = torch.tanh(m) * x + w.max(0, keepdim=True).values
         return out
 
-    with pytest.raises(DerivationError, match=r"layer 'through_max' \(line \d+: m = x.max\(1, keepdim=True\).values\): "
-                                              r"dx flows through m = max.*Fix: subtract the max only where it cancels"):
-        build(through_max)
+    code = render_function(build(through_max))
+    assert "x.argmax(1, keepdim=True)" in code and "(w.view(1, d)).argmax(1, keepdim=True)" in code
+    path = tmp_path / "through_max.py"
+    path.write_text(code)
+    fn = getattr(load_module(path), "through_max")
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 4, dtype=torch.float64)
+    ours = torch.autograd.grad(fn(x, w), (x, w), upstream)
+    reference = torch.autograd.grad(through_max.fn(x, w), (x, w), upstream)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b)
+    assert int((ours[1] != 0).sum()) == 1  # w's maximum alone receives the gradient
 
 
-def test_an_identically_zero_gradient_is_refused():
+def test_an_input_the_output_does_not_read_gets_a_zero_gradient(tmp_path):
+    # the output ignores w, and the softmax's shift cancels from probs.sum(): both gradients are zero
     @layer(x=Tensor("n", "d"), w=Tensor("d"))
     def ignores_w(x, w):
-        out = x.exp()
+        m = x.max(1, keepdim=True).values
+        e = (x - m).exp()
+        probs = e / e.sum(1, keepdim=True)
+        out = probs.sum()
         return out
 
-    with pytest.raises(DerivationError, match=r"layer 'ignores_w': dw is identically zero.*differentiable=False"):
-        build(ignores_w)
+    kernel = build(ignores_w)
+    assert [f.code for f in kernel.formulas] == ["dout.new_zeros((n, d))", "dout.new_zeros((d,))"]
+    path = tmp_path / "ignores_w.py"
+    path.write_text(render_function(kernel))
+    fn = getattr(load_module(path), "ignores_w")
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    fn(x, w).backward()
+    assert torch.equal(x.grad, torch.zeros(3, 4, dtype=torch.float64))
+    assert torch.equal(w.grad, torch.zeros(4, dtype=torch.float64))
 
 
-def test_a_refusal_from_the_printer_names_the_layer():
-    # picking from a row-broadcast tensor needs a gather the fused printer does not emit
-    from derive.generate import build_named
+def test_a_refusal_from_the_printer_names_the_layer_and_the_line():
+    # the printer knows only the tensor it could not print; the kernel adds the layer and the line
+    # computing that tensor, or for an input the first line reading it
+    from derive.kernel import located
+    from derive.trace import trace
 
     @layer(x=Tensor("n", "k"), c=Tensor("1", "k"), y=Labels("n", classes="k"))
     def gathers(x, c, y):
@@ -295,8 +322,32 @@ def test_a_refusal_from_the_printer_names_the_layer():
         out = t[range(n), y].sum()
         return out
 
-    with pytest.raises(DerivationError, match=r"^layer 'gathers': .*Fix: "):
-        build_named(gathers)
+    graph = trace(gathers)
+    for tensor in ("t", "x"):
+        error = located(DerivationError("", "a problem", "a fix", tensor=tensor), graph)
+        assert re.fullmatch(r"layer 'gathers' \(line \d+: t = x \* c\): a problem\. Fix: a fix\.", str(error)), str(error)
+
+
+def test_a_pick_from_a_broadcast_row_is_a_gather_in_both_passes(tmp_path):
+    @layer(x=Tensor("n", "k"), c=Tensor("1", "k"), y=Labels("n", classes="k"))
+    def gathers(x, c, y):
+        n = x.shape[0]
+        t = x * c
+        out = t[range(n), y].sum()
+        return out
+
+    kernel = build(gathers)
+    assert "gather" in kernel.formulas[0].code and "gather" in "".join(code for code, _ in kernel.forward)
+    path = tmp_path / "gathers.py"
+    path.write_text(render_function(kernel))
+    fn = getattr(load_module(path), "gathers")
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 1, 3, 2])
+    ours = torch.autograd.grad(fn(x, c, y), (x, c))
+    reference = torch.autograd.grad(gathers.fn(x, c, y), (x, c))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b)
 
 
 def test_torch_functions_called_with_keywords_trace():
@@ -318,3 +369,16 @@ def _one_line_spec(body: str, ret: bool = True):
                     "@layer(x=Tensor('n', 'd'))\ndef one_line(x):\n" + body + ("    return out\n" if ret else ""))
     (spec,) = from_file(str(path))
     return spec
+
+
+def test_a_value_with_one_dimension_twice_is_refused_at_its_line():
+    @layer(x=Tensor("n", "k"), b=Tensor("n", "1"))
+    def square(x, b):
+        v = x.sum(1)
+        out = (v - b).sum()  # (n,) - (n, 1) broadcasts to (n, n)
+        return out
+
+    with pytest.raises(DerivationError, match=r"layer 'square' \(line \d+: out = \(v - b\)\.sum\(\).*\): "
+                                              r"t\d has two axes of the same size \(n, n\)\. "
+                                              r"Fix: give every axis of a tensor its own dimension"):
+        build(square)
