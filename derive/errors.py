@@ -10,7 +10,10 @@ class SpecError(DeriveError):
     def __init__(self, layer: str, problem: str, fix: str, line: int | None = None, source: str = ""):
         where = f" (line {line}: {source.strip()})" if line else ""
         super().__init__(f"layer {layer!r}{where}: {problem}. Fix: {fix}.")
-        self.layer, self.problem, self.fix, self.line = layer, problem, fix, line
+        self.layer, self.problem, self.fix, self.line, self.source = layer, problem, fix, line, source
+
+    def __reduce__(self):  # raised in a worker process, pickled back to the parent
+        return type(self), (self.layer, self.problem, self.fix, self.line, self.source)
 
 
 class TraceError(SpecError):
@@ -27,3 +30,6 @@ class DerivationError(SpecError):
                  tensor: str = ""):
         super().__init__(layer, problem, fix, line, source)
         self.tensor = tensor
+
+    def __reduce__(self):
+        return type(self), (self.layer, self.problem, self.fix, self.line, self.source, self.tensor)

@@ -6,6 +6,7 @@ the same files in memory and names every file in ``<out>`` that is missing, stal
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from .derivation_steps import render_steps_markdown, render_steps_tex
 from .errors import DerivationError, DeriveError
 from .files import is_hand_edited, remove_temporaries, write_atomic
 from .kernel import Kernel, build
-from .prove import Proof, default_sizes, prove_many
+from .parallel import fork_map
+from .prove import Proof, default_sizes, prove
 from .spec import Layer
 from .trace import trace
 from .verify import against_autograd, load_module, steps_table
@@ -78,31 +80,45 @@ class HandEditedError(DeriveError):
     pass
 
 
+def derive_layer(layer: Layer, prove_sizes: bool = True) -> tuple[dict[str, str], list[Proof], float]:
+    """Everything about one layer that needs no file: its rendered files, the proofs of its fused
+    kernel at small sizes, and the seconds this took. Pure SymPy, so layers run in parallel.
+
+    A step-by-step-only layer is the composition of rules that are each proven on small symbolic
+    matrices (tests/test_rules.py); proving a whole network symbolically is slow.
+    """
+    start = time.perf_counter()
+    kernel = build_named(layer) if layer.fused else None
+    files = render(layer, kernel)
+    proofs = [prove(kernel, sizes) for sizes in default_sizes(kernel)] if kernel is not None and prove_sizes else []
+    return files, proofs, time.perf_counter() - start
+
+
+def _expected_cost(layer: Layer) -> tuple:
+    """Derive the costliest layers first: fused ones with the most dimensions and the longest spec."""
+    try:
+        size = len(inspect.getsource(layer.fn))
+    except (OSError, TypeError):  # defined where its source cannot be read
+        size = 0
+    return layer.fused, len(layer.dims), size
+
+
 def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force: bool = False,
              echo=print, index: bool = True) -> list[Report]:
     """Derive ``layers``, prove their fused kernels, then write their files and compare with autograd.
 
-    Every proof runs before any file is written: a formula that fails its proof raises
-    ``ProofFailure`` and leaves ``out`` as it was. With ``index`` (the whole set of layers, not a
+    Layers are derived and proven on every core (``derive_layer``), and every proof runs before
+    any file is written: a formula that fails its proof raises ``ProofFailure`` and leaves ``out``
+    as it was. With ``index`` (the whole set of layers, not a
     few picked by name) the index page of the derivations is written too.
     """
     out = Path(out)
-    derived = []
-    for layer in layers:
-        start = time.perf_counter()
-        kernel = build_named(layer) if layer.fused else None
-        files = render(layer, kernel)
+    derived = fork_map(lambda layer: derive_layer(layer, prove_sizes), layers, cost=_expected_cost)
+    for layer, (files, _, _) in zip(layers, derived):
         edited = [out / rel for rel in files if is_hand_edited(out / rel)]
         if edited and not force:
             raise HandEditedError(f"{edited[0]} was edited by hand (its content hash no longer matches); "
                                   f"move your changes into the spec, or pass --force to overwrite it")
-        derived.append((layer, kernel, files, time.perf_counter() - start))
-
-    # A step-by-step-only layer is the composition of rules that are each proven on small
-    # symbolic matrices (tests/test_rules.py); proving a whole network symbolically is slow.
-    jobs = [(kernel, s) for _, kernel, _, _ in derived if kernel is not None and prove_sizes
-            for s in default_sizes(kernel)]
-    proofs = prove_many(jobs)
 
     if index and is_hand_edited(out / INDEX) and not force:
         raise HandEditedError(f"{out / INDEX} was edited by hand (its content hash no longer matches); "
@@ -112,18 +128,17 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     write_atomic(out / "__init__.py", PACKAGE_INIT)
     if index:
         write_atomic(out / INDEX, index_markdown(layers))
-    for layer, kernel, files, seconds in derived:
+    for layer, (files, proofs, seconds) in zip(layers, derived):
         start = time.perf_counter()
-        report = Report(layer.name, [f"d{name}" for name in layer.differentiable], list(files))
-        report.proofs = [p for (k, _), p in zip(jobs, proofs) if k is kernel]
+        report = Report(layer.name, [f"d{name}" for name in layer.differentiable], list(files), proofs)
         for rel, text in files.items():
             write_atomic(out / rel, text)
         sizes = {d: 5 + 2 * k for k, d in enumerate(layer.dims)}
         rows = steps_table(layer, load_module(out / f"{layer.name}_steps.py"), sizes, torch.float64)
-        if kernel is not None:
+        if layer.fused:
             rows += against_autograd(layer, getattr(load_module(out / f"{layer.name}.py"), layer.name), sizes)
         report.maxdiff = max(r.maxdiff for r in rows)
-        report.seconds = seconds + sum(p.seconds for p in report.proofs) + time.perf_counter() - start
+        report.seconds = seconds + time.perf_counter() - start
         echo(report.line())
         reports.append(report)
     return reports

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import multiprocessing
-import os
 import time
 from dataclasses import dataclass
 
@@ -216,9 +214,32 @@ class _KernelWithGrad:
         self.graph = type("G", (), {"nodes": list(kernel.graph.nodes) + [grad_node]})
 
 
+def _generators(expr: sp.Expr) -> dict:
+    """Each root and transcendental atom of ``expr`` -> a power of a fresh symbol:
+    ``(v + eps)**(-3/2)`` -> ``t**-3`` with ``t`` standing for ``(v + eps)**(1/2)``, ``exp(z)`` -> ``u``."""
+    roots: dict = {}
+    out = {}
+    for p in expr.atoms(sp.Pow):
+        base, e = p.as_base_exp()
+        if e.is_Rational and not e.is_Integer and base.free_symbols:
+            key = (base, e.q)
+            roots.setdefault(key, sp.Dummy("t"))
+            out[p] = roots[key] ** e.p
+    # a maximum's derivative (Derivative, Subs of the opaque row_max) is one whole atom too: replaced
+    # first (xreplace replaces the outermost match), so that no row_max inside it becomes a constant
+    for f in expr.atoms(sp.Function, sp.Derivative, sp.Subs):
+        if f.free_symbols:
+            out.setdefault(f, sp.Dummy("u"))
+    return out
+
+
 def _equal(a: sp.Expr, b: sp.Expr) -> bool:
     difference = a - b
     if difference == 0:
+        return True
+    # Sufficient and cheap: zero as a rational function of the inputs and of independent symbols
+    # standing for the roots and transcendental functions (a zero there is zero for any value of them)
+    if sp.cancel(sp.together(difference.xreplace(_generators(difference)))) == 0:
         return True
     quick = sp.cancel(sp.together(difference))
     if quick == 0:
@@ -227,35 +248,6 @@ def _equal(a: sp.Expr, b: sp.Expr) -> bool:
 
 
 PROOF_ELEMENTS = 12  # largest product of all sizes proven; a 3-d layer at 5x2x2 takes a minute
-
-
-_JOBS: list = []  # (kernel, sizes) for the worker processes, inherited through fork
-
-
-def _prove_job(k: int) -> Proof:
-    kernel, sizes = _JOBS[k]
-    return prove(kernel, sizes)
-
-
-def prove_many(jobs: list[tuple[Kernel, dict]]) -> list[Proof]:
-    """``prove`` for every ``(kernel, sizes)``, on all cores where the platform can fork.
-
-    The proofs are pure SymPy and independent; forked workers inherit the kernels (nothing is
-    pickled but the results). A failed proof raises its ``ProofFailure`` here.
-    """
-    workers = min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return [prove(kernel, sizes) for kernel, sizes in jobs]
-    global _JOBS
-    _JOBS = list(jobs)
-    # the largest first, so that no worker is left with a long proof at the end
-    order = sorted(range(len(jobs)), key=lambda k: -sum(jobs[k][1].values()))
-    try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            done = dict(zip(order, pool.map(_prove_job, order, chunksize=1)))
-    finally:
-        _JOBS = []
-    return [done[k] for k in range(len(jobs))]
 
 
 def default_sizes(kernel: Kernel) -> list[dict[str, int]]:

@@ -106,10 +106,10 @@ def test_a_failed_proof_writes_nothing(tmp_path, monkeypatch):
     import derive.generate as gen
     from derive.prove import ProofFailure
 
-    def failing(jobs):
+    def failing(kernel, sizes):
         raise ProofFailure("cross_entropy: dlogits[0, 0] at sizes {'n': 2, 'k': 3} differs")
 
-    monkeypatch.setattr(gen, "prove_many", failing)
+    monkeypatch.setattr(gen, "prove", failing)
     with pytest.raises(ProofFailure):
         gen.generate([cross_entropy], tmp_path / "out", echo=lambda line: None)
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,41 @@
+"""Run independent pure-Python jobs (derivations, proofs) on every core, where the platform can fork.
+
+Forked workers inherit the job list (layers, kernels: nothing is pickled but the results), take
+the costliest jobs first, and one at a time, so that no core is left with a long job at the end.
+An exception raised in a worker is raised again here.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Callable
+
+_WORK: list = []  # (function, item) for the worker processes, inherited through fork
+
+
+def _run(k: int):
+    fn, item = _WORK[k]
+    return fn(item)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fork_map(fn: Callable, items: list, cost: Callable | None = None) -> list:
+    """``[fn(item) for item in items]``, computed in forked workers, costliest ``cost(item)`` first."""
+    workers = min(len(items), cores())
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [fn(item) for item in items]
+    global _WORK
+    _WORK = [(fn, item) for item in items]
+    order = sorted(range(len(items)), key=lambda k: cost(items[k]), reverse=True) if cost else list(range(len(items)))
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            done = dict(zip(order, pool.map(_run, order, chunksize=1)))
+    finally:
+        _WORK = []
+    return [done[k] for k in range(len(items))]
+
+
+__all__ = ["fork_map", "cores"]
