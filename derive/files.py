@@ -36,7 +36,8 @@ def is_hand_edited(path: Path) -> bool:
     return recorded is not None and recorded != content_hash(body_of(text))
 
 
-TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # what write_atomic names its temporary files
+# what write_atomic names its temporary files: .<name>.<writer's pid>.<random>.tmp
+TEMPORARY = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 _writes = 0
 
 
@@ -50,10 +51,22 @@ def _test_pause(where: str) -> None:
         time.sleep(600)
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def remove_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files a killed ``write_atomic`` left in ``folder`` (and below)."""
+    """Delete the temporary files a killed ``write_atomic`` left in ``folder`` (and below): those
+    whose writer is no longer running. A generation running beside this one keeps its own."""
     folder = Path(folder)
-    stale = [p for p in folder.rglob(".*.tmp") if p.is_file() and TEMPORARY.match(p.name)] if folder.is_dir() else []
+    candidates = [(p, TEMPORARY.match(p.name)) for p in folder.rglob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    stale = [p for p, m in candidates if m and (int(m.group(1)) == os.getpid() or not _running(int(m.group(1))))]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -70,7 +83,7 @@ def write_atomic(path: Path, text: str) -> bool:
         return False
     _writes += 1
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

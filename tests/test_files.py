@@ -94,6 +94,26 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
     assert target.read_text() == "two" and sorted(p.name for p in target.parent.iterdir()) == ["f.txt"]
 
 
+def test_only_temporaries_of_writers_no_longer_running_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from derive.files import remove_temporaries
+
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        live = tmp_path / f".f.py.{running.pid}.abc123.tmp"  # another generation, writing right now
+        dead = tmp_path / f".f.py.{finished.stdout.strip()}.def456.tmp"  # left by a killed one
+        live.write_text("half")
+        dead.write_text("half")
+        assert remove_temporaries(tmp_path) == [dead]
+        assert live.exists() and not dead.exists()
+    finally:
+        running.kill()
+        running.wait()
+
+
 @pytest.mark.parametrize("args", [["generate", "--help"], ["verify", "--help"], ["check", "--help"], ["bench", "--help"],
                                   ["latex", "--help"]])
 def test_cli_help(args):
