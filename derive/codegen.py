@@ -104,6 +104,9 @@ def render_function(kernel: Kernel) -> str:
         else:
             blocks.append(dict(guard=guard, lines=list(lines)))
     returns = [f"d{name}" if name in kernel.layer.differentiable else "None" for name in kernel.layer.inputs]
+    # the inputs are saved anyway (a second derivative recomputes from them): the forward returns
+    # only what it computed for the backward
+    computed = [s for s in kernel.saved if s not in kernel.layer.tensors]
     context = dict(
         title=(kernel.layer.doc.splitlines() or [kernel.name])[0],
         index_note="sizes " + ", ".join(kernel.sizes),
@@ -116,14 +119,13 @@ def render_function(kernel: Kernel) -> str:
         checks=rest,
         forward=kernel.forward,
         labels=[k for k, v in kernel.layer.tensors.items() if isinstance(v, Labels)],
-        saved_tuple=_tuple(kernel.saved),
-        saved_unpack=_tuple(kernel.saved) if kernel.saved else "_",
+        saved_tuple=_tuple(computed),
         sizes_tuple=_tuple(kernel.sizes),
         sizes_unpack=_tuple(kernel.sizes),
         constants=kernel.constants_used,
         constants_all=list(kernel.layer.constants),
         tensor_inputs="".join(f"{k}, " for k in kernel.layer.tensors),
-        all_unpack=_tuple(list(kernel.layer.tensors) + kernel.saved),
+        all_unpack=_tuple(list(kernel.layer.tensors) + computed),
         forward_with_graph=kernel.forward_with_graph,
         forward_args=", ".join(list(kernel.layer.inputs) + kernel.sizes),
         backward_args=", ".join([f"d{kernel.output}"] + kernel.saved + kernel.sizes + kernel.constants_used),

@@ -207,7 +207,7 @@ class Elements:
         document can name it ("the sum of x over r is n*bnmeani"). ``rules`` defaults to all learned.
         """
         rules = self.rules if rules is None else rules
-        expr, argmax = hide_argmax(expr)
+        expr, restore = hide_argmax(expr)
         for _ in range(20):
             before = expr
             for atom in sorted(reductions(expr), key=lambda r: r.depth):
@@ -221,7 +221,7 @@ class Elements:
             expr = expand(expr)
             if expr == before:
                 break
-        return expr.xreplace(argmax)
+        return restore(expr)
 
 
 def _match(pattern: sp.Expr, free: tuple, atom: sp.Expr) -> dict | None:

@@ -20,7 +20,7 @@ from .forward_plan import forward_code
 from .printer import Frame, KernelPrinter
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, dim_names
-from .symbolic import Red, extent, reductions
+from .symbolic import Red, extent, hide_argmax, reductions
 from .trace import Graph, trace
 
 
@@ -247,7 +247,11 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
     shapes = dict(shapes)
     names = {s: sp.pycode(s) for s in frame}
     bound = set().union(*[{r.index for r in reductions(e)} for e in elements]) if elements else set()
-    replacements, reduced = sp.cse(elements, symbols=sp.numbered_symbols("_cse"), ignore=tuple(bound), order="none")
+    # a maximum inside a one-hot is not a value to share: cse sees each one-hot as one opaque call
+    hidden, restore = hide_argmax(sp.Tuple(*elements))
+    replacements, reduced = sp.cse(list(hidden), symbols=sp.numbered_symbols("_cse"), ignore=tuple(bound), order="none")
+    replacements = [(symbol, restore(value)) for symbol, value in replacements]
+    reduced = [restore(r) for r in reduced]
     taken = set(taken) | set(names.values())
     fresh = dict(zip([s for s, _ in replacements], map(sp.Symbol, _shared_names([v for _, v in replacements], taken))))
     replacements = [(fresh[s], v.xreplace(fresh)) for s, v in replacements]
@@ -258,6 +262,7 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
         shapes[str(symbol)] = tuple(s if index[s] in value.free_symbols else 1 for s in frame)
         users = [f.position for f, r in zip(formulas, reduced) if symbol in r.free_symbols]
         printer = KernelPrinter(Frame(frame, slots), shapes, names, dtype_of)
+        printer.full_rank = printer._lower_rank(value)  # its recorded shape has the frame's rank
         shared.append(Shared(str(symbol), printer.doprint(value), value, users))
     # a temporary read by another temporary is needed wherever that one is
     for later in reversed(shared):
@@ -273,8 +278,12 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
         if element == 0:  # the output does not read this input, or its terms cancel (softmax(x).sum())
             codes.append((f"{dtype_of}.new_zeros(({', '.join(dims)}{',' if len(dims) == 1 else ''}))", [], None))
             continue
+        printer = KernelPrinter(Frame(frame, slots), shapes, names, dtype_of)
+        # a gradient of the frame's rank read from lower-rank tensors alone (``dc = dout*w`` for a
+        # (1, k) c and a (k,) w): view them into the frame, or the result lacks an axis
+        printer.full_rank = len(dims) == len(frame) and printer._lower_rank(r)
         try:
-            code = KernelPrinter(Frame(frame, slots), shapes, names, dtype_of).doprint(r)
+            code = printer.doprint(r)
         except DerivationError as e:
             raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix, tensor=e.tensor) from None
         fitted = _fit(code, element, f.input, layer, index, frame, dims)

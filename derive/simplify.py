@@ -148,7 +148,7 @@ class Rewrite:
 
 def refold(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
     """Greedily rewrite ``expr`` in the forward nodes that make it cheapest (each step into ``log``)."""
-    expr, marks = hide_argmax(tidy(el, expr))  # the one-hots keep their maximum's definition
+    expr, restore = hide_argmax(tidy(el, expr))  # the one-hots keep their maximum's definition
     if expr == 0:  # the output does not depend on this input, or its terms cancel (softmax(x).sum())
         return expr
     best = cost(el, expr)
@@ -164,14 +164,14 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
                 rewritten = _rewrite(el, expr, variable, target, solution)
                 options.append((cost(el, rewritten), not node.named, rewritten, node, variable, target, solution))
         if not options:
-            return expr.xreplace(marks)
+            return restore(expr)
         score, _, rewritten, node, variable, target, solution = min(options, key=lambda o: (o[0], o[1]))
         if score >= best:
-            return expr.xreplace(marks)
+            return restore(expr)
         if log is not None:  # replayed to learn which reductions the substitution recognised
             recognized = []
             _rewrite(el, expr, variable, target, solution, recognized)
-            log.append(Rewrite(node, variable, target, solution, expr.xreplace(marks), rewritten.xreplace(marks),
+            log.append(Rewrite(node, variable, target, solution, restore(expr), restore(rewritten),
                                recognized, (best, score)))
         expr, best = rewritten, score
 

@@ -15,7 +15,10 @@ body's derivative against ``IsArgmax(j, max)``, the one-hot of the position of t
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import sympy as sp
+from sympy.core.function import AppliedUndef
 
 _EXPAND = dict(power_exp=False, power_base=False, log=False, mul=True, multinomial=True, deep=True)
 
@@ -154,20 +157,33 @@ class IsArgmax(sp.Function):
         return r"\mathbb{1}[%s = \operatorname{argmax}]" % printer._print(self.args[0])
 
 
-def hide_argmax(expr: sp.Expr) -> tuple[sp.Expr, dict]:
+def hide_argmax(expr: sp.Expr) -> tuple[sp.Expr, Callable[[sp.Expr], sp.Expr]]:
     """``expr`` with each ``IsArgmax(j, Max(body, r))`` replaced by an opaque function of its free
-    indices, and the map that puts them back.
+    indices, and the function that puts them back.
 
     The one-hot is printed from the maximum's definition (the argmax of what was maximised), so
     rewrites must leave it alone: recognising ``Max(x, r)`` as the saved ``v1``, or refold writing
-    ``v1`` as ``atanh(t1)``, would leave nothing to take the argmax of.
+    ``v1`` as ``atanh(t1)``, would leave nothing to take the argmax of. A rewrite may rename the
+    indices (a sum binds ``i_k`` as ``_r1_k``): they are put back renamed the same way.
     """
-    hidden, back = {}, {}
+    hidden, marks = {}, {}
     for k, mark in enumerate(sorted(expr.atoms(IsArgmax), key=sp.default_sort_key)):
         indices = sorted((i for i in mark.free_symbols if isinstance(i, sp.Idx)), key=sp.default_sort_key)
-        hidden[mark] = sp.Function(f"_argmax{k}")(*indices)
-        back[hidden[mark]] = mark
-    return expr.xreplace(hidden), back
+        function = sp.Function(f"_argmax{k}")
+        hidden[mark] = function(*indices)
+        marks[function.__name__] = (mark, indices)
+
+    def restore(e: sp.Expr) -> sp.Expr:
+        def hides(f):
+            return isinstance(f, AppliedUndef) and f.func.__name__ in marks
+
+        def back(f):
+            mark, indices = marks[f.func.__name__]
+            return mark.xreplace(dict(zip(indices, f.args)))
+
+        return e.replace(hides, back) if marks else e
+
+    return expr.xreplace(hidden), restore
 
 
 class AxisSum(_Bound):

@@ -62,7 +62,11 @@ ZERO_GRADIENT = _regression("fuzz_found_zero_gradient", "    v1 = x.max(1, keepd
 THROUGH_MAX = _regression("fuzz_found_through_max", "    v1 = x.max(1, keepdim=True).values\n    v2 = torch.tanh(v1)\n"
                           "    out = v2 + torch.tanh(w).mean()", 'x=Tensor("n", "k"), w=Tensor("k")', "x, w", True,
                           {"n": 2, "k": 2})
-FOUND = [UNREAD_INPUT, CONSTANT_GRADIENT, SCALAR_READ, DIVIDES_BY_INPUT, ZERO_GRADIENT, THROUGH_MAX]
+# dc = dv2*w for a (1, k) c and a (k,) w had shape (k,): autograd refused it; now w.view(1, k).
+LOWER_RANK_GRADIENT = _regression("fuzz_found_lower_rank_gradient", "    v1 = c * w\n    v2 = v1.sum()\n    out = v2",
+                                  'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k")', "x, c, w", True,
+                                  {"n": 3, "k": 5})
+FOUND = [UNREAD_INPUT, CONSTANT_GRADIENT, SCALAR_READ, DIVIDES_BY_INPUT, ZERO_GRADIENT, THROUGH_MAX, LOWER_RANK_GRADIENT]
 
 
 class Tally:
