@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from . import cache
-from .errors import DeriveError
+from .errors import DeriveError, ProofFailure
 
 # torch and sympy are imported inside the commands that need them: an unchanged
 # `derive generate` (everything in the cache) answers without loading either.
@@ -165,6 +165,9 @@ def main(argv=None) -> int:
     except DeriveError as e:
         print(f"derive: {e}", file=sys.stderr)
         return 2
+    except ProofFailure as e:
+        print(f"derive: proof failed: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

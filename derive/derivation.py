@@ -154,13 +154,20 @@ def _forward_value(kernel: Kernel, node: Node) -> sp.Expr:
     return expr
 
 
+TIDY_MAX_OPS = 400  # the largest built-in term has about 200 (Bessel-corrected batchnorm's dx)
+
+
 @lru_cache(maxsize=4096)
 def _tidy(expr: sp.Expr) -> sp.Expr:
     """A display form of a reverse-mode term, closer to what one writes by hand.
 
     Cancels ``exp(a)*exp(-a)``, gathers one fraction, groups the numerator by its sums (each with a
-    factored coefficient) and factors the denominator. Only the document sees this form.
+    factored coefficient) and factors the denominator. Only the document sees this form. A term
+    too large to read either way (thousands of operations, from a spec that nests softmaxes) is
+    shown as it is: factoring it would take minutes.
     """
+    if sp.count_ops(expr) > TIDY_MAX_OPS:
+        return expr
     num, den = sp.fraction(sp.together(sp.powsimp(expr)))
     sums = sorted(reductions(num), key=sp.default_sort_key)
     if sums:

@@ -33,3 +33,8 @@ class DerivationError(SpecError):
 
     def __reduce__(self):
         return type(self), (self.layer, self.problem, self.fix, self.line, self.source, self.tensor)
+
+
+class ProofFailure(AssertionError):
+    """A derived formula or the code printed from it disagrees with the derivative it must equal:
+    a bug of the engine, never of the spec (nothing is written when one is raised)."""

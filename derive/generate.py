@@ -1,4 +1,4 @@
-"""The main job: derive every layer, write its files, prove it, check it against autograd, report.
+"""The main job: derive every layer, prove it, check it against autograd, write its files, report.
 
 ``generate`` writes, for each layer, ``<out>/<name>_steps.py`` and its derivation and, for a fused
 layer, ``<out>/<name>.py`` and its derivation (``derivations/*.tex|.md``); ``stale_files`` renders
@@ -7,6 +7,7 @@ the same files in memory and names every file in ``<out>`` that is missing, stal
 from __future__ import annotations
 
 import inspect
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from .book import index_markdown
 from .codegen import render_function, render_steps
 from .derivation import render_markdown, render_tex
 from .derivation_steps import render_steps_markdown, render_steps_tex
-from .errors import DerivationError, DeriveError
+from .errors import DerivationError, DeriveError, ProofFailure
 from .files import is_hand_edited, remove_temporaries, write_atomic
 from .kernel import Kernel, build
 from .parallel import fork_map
@@ -105,12 +106,14 @@ def _expected_cost(layer: Layer) -> tuple:
 
 def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force: bool = False,
              echo=print, index: bool = True) -> list[Report]:
-    """Derive ``layers``, prove their fused kernels, then write their files and compare with autograd.
+    """Derive ``layers``, prove their fused kernels, compare the generated code with autograd, then
+    write their files.
 
-    Layers are derived and proven on every core (``derive_layer``), and every proof runs before
-    any file is written: a formula that fails its proof raises ``ProofFailure`` and leaves ``out``
-    as it was. With ``index`` (the whole set of layers, not a
-    few picked by name) the index page of the derivations is written too.
+    Layers are derived and proven on every core (``derive_layer``), and every proof and every
+    comparison runs before any file is written: a formula that fails its proof, or generated code
+    that disagrees with autograd of the spec, raises ``ProofFailure`` and leaves ``out`` as it was.
+    With ``index`` (the whole set of layers, not a few picked by name) the index page of the
+    derivations is written too.
     """
     out = Path(out)
     derived = fork_map(lambda layer: derive_layer(layer, prove_sizes), layers, cost=_expected_cost)
@@ -123,25 +126,46 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     if index and is_hand_edited(out / INDEX) and not force:
         raise HandEditedError(f"{out / INDEX} was edited by hand (its content hash no longer matches); "
                               f"pass --force to overwrite it")
+    # every generated module is imported and held against autograd before any file is written
     reports = []
+    with tempfile.TemporaryDirectory(prefix="derive-check-") as staging:
+        for layer, (files, proofs, seconds) in zip(layers, derived):
+            start = time.perf_counter()
+            report = Report(layer.name, [f"d{name}" for name in layer.differentiable], list(files), proofs)
+            report.maxdiff = _against_autograd(layer, files, Path(staging))
+            report.seconds = seconds + time.perf_counter() - start
+            reports.append(report)
     remove_temporaries(out)  # left by a run that was killed while writing
     write_atomic(out / "__init__.py", PACKAGE_INIT)
     if index:
         write_atomic(out / INDEX, index_markdown(layers))
-    for layer, (files, proofs, seconds) in zip(layers, derived):
-        start = time.perf_counter()
-        report = Report(layer.name, [f"d{name}" for name in layer.differentiable], list(files), proofs)
+    for report, (files, _, _) in zip(reports, derived):
         for rel, text in files.items():
             write_atomic(out / rel, text)
-        sizes = {d: 5 + 2 * k for k, d in enumerate(layer.dims)}
-        rows = steps_table(layer, load_module(out / f"{layer.name}_steps.py"), sizes, torch.float64)
-        if layer.fused:
-            rows += against_autograd(layer, getattr(load_module(out / f"{layer.name}.py"), layer.name), sizes)
-        report.maxdiff = max(r.maxdiff for r in rows)
-        report.seconds = seconds + time.perf_counter() - start
         echo(report.line())
-        reports.append(report)
     return reports
+
+
+def _against_autograd(layer: Layer, files: dict[str, str], staging: Path) -> float:
+    """Largest difference of the generated modules (step-by-step and fused) from autograd of the
+    spec, float64; raises ``ProofFailure`` naming the value when one is not close."""
+    folder = staging / layer.name
+    for rel, text in files.items():
+        if rel.endswith(".py"):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(text)
+    sizes = {d: 5 + 2 * k for k, d in enumerate(layer.dims)}
+    rows = [(row, "step-by-step") for row in steps_table(layer, load_module(folder / f"{layer.name}_steps.py"), sizes,
+                                                         torch.float64)]
+    if layer.fused:
+        fused = getattr(load_module(folder / f"{layer.name}.py"), layer.name)
+        rows += [(row, "fused") for row in against_autograd(layer, fused, sizes)]
+    for row, kind in rows:
+        if not row.approximate:
+            raise ProofFailure(f"{layer.name}: the {kind} module's {row.name} differs from autograd of the spec by "
+                               f"{row.maxdiff:.3e} (float64, sizes {sizes}); no file was written. The derivation "
+                               f"passed its proof, so the printed code is wrong: report this as a bug")
+    return max(row.maxdiff for row, _ in rows)
 
 
 def stale_files(layers: list[Layer], out: Path, index: bool = True) -> list[str]:

@@ -53,6 +53,13 @@ class KernelPrinter(TorchPrinter):
         self.names = names  # size symbol -> its variable in the generated code
 
     # -- scalars ----------------------------------------------------------------------------
+    def _print(self, expr, **kwargs):
+        # a function of numbers (``log(2)`` left where a constant factor cancelled) is a Python
+        # float: ``torch.log(2)`` would refuse the int
+        if isinstance(expr, sp.Function) and expr.is_number:
+            return sp.pycode(expr)
+        return super()._print(expr, **kwargs)
+
     def _print_Symbol(self, expr):
         return self.names.get(expr, expr.name)
 
@@ -417,7 +424,22 @@ class ForwardPrinter(KernelPrinter):
 
     def _reduce(self, expr, method: str) -> str:
         frame, axis = self.frame.with_bound(expr.index, expr.body)
+        if not self._varies_along(expr.body, expr.index, axis):
+            # a body that simplified to a value constant along the axis (``(v - v).exp().sum(1)``
+            # reads a (n, 1) temporary): summing its one entry would miss the other k - 1
+            return self._print(expr.body * extent(expr.index) if method == "sum" else expr.body)
         return self._reduce_body(self._inner(frame), expr.body, [axis], method)
+
+    def _varies_along(self, body: sp.Expr, j: sp.Idx, axis: int) -> bool:
+        """Whether ``body`` reads an element at ``j`` or a temporary that is not size 1 on ``axis``."""
+        if j in body.free_symbols:
+            return True
+        rank = len(self.frame.dims)
+        for s in body.free_symbols:
+            shape = self.shapes.get(str(s)) if isinstance(s, sp.Symbol) else None
+            if shape is not None and (len(shape) > rank or ((1,) * (rank - len(shape)) + tuple(shape))[axis] != 1):
+                return True
+        return False
 
 def _broadcasts_as(shape: list, target: list) -> bool:
     return all(s == t for s, t in zip(shape, target))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
+from .errors import ProofFailure
 from .functions import ELEMENTWISE
 from .kernel import Kernel
 from .spec import Labels, concrete_shape
@@ -33,10 +34,6 @@ class Proof:
     gradients: list[str]
     elements_checked: int
     seconds: float
-
-
-class ProofFailure(AssertionError):
-    pass
 
 
 # The maximum of a row, kept opaque: its derivative in an entry is a symbol of its own (the one-hot

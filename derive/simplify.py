@@ -210,11 +210,16 @@ def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
     return scale * common * inner
 
 
+GROUP_MAX_OPS = 1000  # the largest built-in sum has about 360 (GELU's dx)
+
+
 def _grouped(inner: sp.Expr) -> sp.Expr:
     """Terms that share a tensor factor are grouped and their cofactor factored: GELU's
     ``a - a*t**2 + b - b*t**2`` becomes ``-a*(t - 1)*(t + 1) - b*(t - 1)*(t + 1)``, which float32
-    rounds like autograd's chain (``1 - t**2`` next to 1 loses nothing as ``(1 - t)*(1 + t)``)."""
-    if not inner.is_Add:
+    rounds like autograd's chain (``1 - t**2`` next to 1 loses nothing as ``(1 - t)*(1 + t)``).
+    A sum too large for that to pay (thousands of operations, from nested softmaxes) is left as it
+    is: factoring its cofactors takes tens of seconds per candidate refold weighs."""
+    if not inner.is_Add or sp.count_ops(inner) > GROUP_MAX_OPS:
         return inner
     count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
                     if isinstance(f.as_base_exp()[0], sp.Indexed))

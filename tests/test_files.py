@@ -135,6 +135,27 @@ def test_a_failed_proof_writes_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_printed_code_that_disagrees_with_autograd_writes_nothing(tmp_path, monkeypatch):
+    """The generated modules are imported and compared with autograd before any file is written:
+    code printed wrong (here the fused module's gradient halved) fails the run, naming the value."""
+    import derive.generate as gen
+    from derive.prove import ProofFailure
+
+    original = gen.derive_layer
+
+    def misprinted(layer, prove_sizes=True):
+        files, proofs, seconds = original(layer, prove_sizes)
+        fused = f"{layer.name}.py"
+        assert "\n    return dlogits, None\n" in files[fused]
+        files[fused] = files[fused].replace("\n    return dlogits, None\n", "\n    return dlogits / 2, None\n")
+        return files, proofs, seconds
+
+    monkeypatch.setattr(gen, "derive_layer", misprinted)
+    with pytest.raises(ProofFailure, match=r"cross_entropy: the fused module's dlogits differs from autograd"):
+        gen.generate([cross_entropy], tmp_path / "out", prove_sizes=False, echo=lambda line: None)
+    assert not (tmp_path / "out").exists()
+
+
 # -- a generation killed mid-way ------------------------------------------------------------------
 SMALL_SPEC = '''import torch
 from derive import Tensor, layer

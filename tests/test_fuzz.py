@@ -66,7 +66,20 @@ THROUGH_MAX = _regression("fuzz_found_through_max", "    v1 = x.max(1, keepdim=T
 LOWER_RANK_GRADIENT = _regression("fuzz_found_lower_rank_gradient", "    v1 = c * w\n    v2 = v1.sum()\n    out = v2",
                                   'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k")', "x, c, w", True,
                                   {"n": 3, "k": 5})
-FOUND = [UNREAD_INPUT, CONSTANT_GRADIENT, SCALAR_READ, DIVIDES_BY_INPUT, ZERO_GRADIENT, THROUGH_MAX, LOWER_RANK_GRADIENT]
+# A row maximum of zeros is a (n, 1) constant; exp(0 - it) summed over k printed as a sum over
+# that one column: the forward's output was wrong (by 9.7 here). Now k*exp(-v2).
+CONSTANT_ALONG_AXIS = _regression("fuzz_found_constant_along_axis",
+                                  "    v1 = x - x\n    v2 = v1.max(1, keepdim=True).values\n    v3 = (v1 - v2).exp()\n"
+                                  "    v4 = v3.sum(1, keepdim=True)\n    out = v4.log().sum() + torch.tanh(x).mean()",
+                                  'x=Tensor("n", "k")', "x", True, {"n": 3, "k": 4})
+# Refold wrote tanh(x) as log(v3) - log(2) (v3 = 2*exp(tanh(x))); cse shared log(2), printed as
+# torch.log(2), which refuses an int. Now math.log(2).
+FUNCTION_OF_A_NUMBER = _regression("fuzz_found_function_of_a_number",
+                                   "    v1 = torch.tanh(x)\n    v2 = v1.exp()\n    v3 = v2 + v2\n    v4 = torch.tanh(v3)\n"
+                                   "    v5 = torch.tanh(v4)\n    out = v5.sum()", 'x=Tensor("n", "k")', "x", True,
+                                   {"n": 3, "k": 4})
+FOUND = [UNREAD_INPUT, CONSTANT_GRADIENT, SCALAR_READ, DIVIDES_BY_INPUT, ZERO_GRADIENT, THROUGH_MAX, LOWER_RANK_GRADIENT,
+         CONSTANT_ALONG_AXIS, FUNCTION_OF_A_NUMBER]
 
 
 class Tally:
