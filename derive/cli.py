@@ -41,6 +41,8 @@ def cmd_generate(args) -> int:
                        index=not args.names)
     cache.remember(key, Path(args.out), ["__init__.py"] + ([INDEX] if not args.names else [])
                    + [f for r in reports for f in r.files])
+    for note in filter(None, (r.note() for r in reports)):
+        print(f"note: {note}")
     print(f"done in {time.perf_counter() - start:.1f} s; files in {args.out}/")
     return 0
 
@@ -73,6 +75,9 @@ def cmd_verify(args) -> int:
             for small in default_sizes(kernel):
                 proof = prove(kernel, small)
                 shown = ", ".join(f"{k}={v}" for k, v in small.items())
+                if proof.skipped:
+                    print(f"not proven at {shown}: the element-wise derivative {proof.skipped}")
+                    break
                 print(f"proven: fused {', '.join(proof.gradients)} equal the element-wise SymPy derivative at {shown} "
                       f"({proof.elements_checked} elements, {proof.seconds:.1f} s)")
             module = load_module(Path(args.out) / f"{layer.name}.py")

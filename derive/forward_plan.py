@@ -133,13 +133,17 @@ def _inline_scalars(replacements: list, reduced: list, indices: set, tensors: se
 
 def _name_results(statements: list["Statement"], el: Elements, layouts: dict) -> list["Statement"]:
     """``bnraw = _t2`` with ``_t2`` a temporary of bnraw's shape: call the temporary ``bnraw``."""
-    aliases = {st.value.name: st for st in statements
-               if st.node is not None and isinstance(st.value, sp.Symbol) and st.value.name in layouts
-               and layouts[st.value.name] == tuple(st.node.shape)}
+    aliases = {}
+    for st in statements:
+        if st.node is not None and isinstance(st.value, sp.Symbol) and st.value.name in layouts \
+                and layouts[st.value.name] == tuple(st.node.shape):
+            # two spec values equal to one temporary (``c.max(1)`` written twice): the first takes
+            # its name, the other reads the first
+            aliases.setdefault(st.value.name, st)
     rename = {sp.Symbol(t): el.ref(st.node) for t, st in aliases.items()}
     out = []
     for st in statements:
-        if st.node is not None and st.value.name in aliases if isinstance(st.value, sp.Symbol) else False:
+        if st.node is not None and isinstance(st.value, sp.Symbol) and aliases.get(st.value.name) is st:
             continue
         target = aliases.get(st.name) if st.node is None else None
         if target is not None:

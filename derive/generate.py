@@ -70,11 +70,25 @@ class Report:
     seconds: float = 0.0
 
     def line(self) -> str:
-        proven = ", ".join("x".join(str(v) for v in p.sizes.values()) for p in self.proofs) or "(rules proven)"
+        sizes = ", ".join(_size_text(p) for p in self.proofs if not p.skipped)
+        proven = f"proven at {sizes or '(rules proven)'}"
+        if any(p.skipped for p in self.proofs):  # see note()
+            proven = f"proven at {sizes}, no larger" if sizes else "not proven (too large)"
         grads = " ".join(self.gradients)
         grads = grads if len(grads) <= 24 else f"{len(self.gradients)} gradients"
-        return (f"{self.layer:18s} {grads:24s} proven at {proven:22s} "
-                f"float64 maxdiff {self.maxdiff:.1e}   {self.seconds:5.1f} s")
+        return f"{self.layer:18s} {grads:24s} {proven:32s} float64 maxdiff {self.maxdiff:.1e}   {self.seconds:5.1f} s"
+
+    def note(self) -> str:
+        """Why a proof stopped early, or nothing."""
+        skipped = next((p for p in self.proofs if p.skipped), None)
+        if skipped is None:
+            return ""
+        return (f"{self.layer}: not proven at {_size_text(skipped)}: the element-wise derivative "
+                f"{skipped.skipped}; the generated code matches autograd (float64 maxdiff {self.maxdiff:.1e})")
+
+
+def _size_text(proof: Proof) -> str:
+    return "x".join(str(v) for v in proof.sizes.values())
 
 
 class HandEditedError(DeriveError):
@@ -91,7 +105,11 @@ def derive_layer(layer: Layer, prove_sizes: bool = True) -> tuple[dict[str, str]
     start = time.perf_counter()
     kernel = build_named(layer) if layer.fused else None
     files = render(layer, kernel)
-    proofs = [prove(kernel, sizes) for sizes in default_sizes(kernel)] if kernel is not None and prove_sizes else []
+    proofs = []
+    for sizes in default_sizes(kernel) if kernel is not None and prove_sizes else []:
+        proofs.append(prove(kernel, sizes))
+        if proofs[-1].skipped:  # larger sizes are larger still
+            break
     return files, proofs, time.perf_counter() - start
 
 

@@ -78,8 +78,14 @@ FUNCTION_OF_A_NUMBER = _regression("fuzz_found_function_of_a_number",
                                    "    v1 = torch.tanh(x)\n    v2 = v1.exp()\n    v3 = v2 + v2\n    v4 = torch.tanh(v3)\n"
                                    "    v5 = torch.tanh(v4)\n    out = v5.sum()", 'x=Tensor("n", "k")', "x", True,
                                    {"n": 3, "k": 4})
+# c.max(1) written twice: both values were one temporary named after the second, and the first
+# (read by v2) was never assigned (NameError). Now the second reads the first.
+REPEATED_MAX = _regression("fuzz_found_repeated_max",
+                           "    v1 = c.max(1, keepdim=True).values\n    v2 = c - v1\n    v3 = c.max(1, keepdim=True).values\n"
+                           "    v4 = (c - v3).exp()\n    v5 = v4 / v4.sum(1, keepdim=True)\n    out = (v5 ** 3) * v2",
+                           'x=Tensor("n", "k"), c=Tensor("1", "k")', "x, c", True, {"n": 3, "k": 4})
 FOUND = [UNREAD_INPUT, CONSTANT_GRADIENT, SCALAR_READ, DIVIDES_BY_INPUT, ZERO_GRADIENT, THROUGH_MAX, LOWER_RANK_GRADIENT,
-         CONSTANT_ALONG_AXIS, FUNCTION_OF_A_NUMBER]
+         CONSTANT_ALONG_AXIS, FUNCTION_OF_A_NUMBER, REPEATED_MAX]
 
 
 class Tally:

@@ -35,3 +35,24 @@ def test_a_wrong_formula_is_caught():
     dx.element = dx.element.xreplace({1 / (n - 1): 1 / n})  # drop Bessel's correction: must not pass
     with pytest.raises(ProofFailure, match="dx"):
         prove(kernel, {"n": 3, "d": 2})
+
+
+def test_a_derivative_too_large_to_cancel_is_reported_not_proven(monkeypatch, tmp_path):
+    """Past ``PROOF_MAX_OPS`` the proof stops, says which element and how large, and the report
+    says "not proven" (the generated code is still held against autograd before it is written)."""
+    import derive.generate as gen
+    import derive.prove as proving
+
+    kernel = build(batchnorm)
+    full = prove(kernel, {"n": 2, "d": 3})
+    assert full.skipped == "" and full.elements_checked == 2 * 3 + 3 + 3
+    monkeypatch.setattr(proving, "PROOF_MAX_OPS", 10)
+    stopped = prove(kernel, {"n": 2, "d": 3})
+    assert stopped.elements_checked < full.elements_checked
+    assert stopped.skipped.startswith("dx[0, 0] has ") and stopped.skipped.endswith("operations (more than 10)")
+
+    (report,) = gen.generate([batchnorm], tmp_path, echo=lambda line: None, index=False)
+    assert len(report.proofs) == 1  # the larger sizes are not tried
+    assert "not proven (too large)" in report.line()
+    assert report.note().startswith("batchnorm: not proven at 2x3: the element-wise derivative dx[0, 0] has ")
+    assert "the generated code matches autograd" in report.note()
