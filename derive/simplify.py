@@ -35,9 +35,17 @@ def scalars(el: Elements) -> set:
     return set(el.graph.sizes.values()) | set(el.graph.constants.values())
 
 
+COST_EXACT_MAX_OPS = 2000  # the built-in layers' largest candidate has about 420 (GELU's dx)
+
+
 def cost(el: Elements, expr: sp.Expr) -> int:
-    """What the generated code pays: operations, plus each tensor it has to read."""
-    return sp.count_ops(closed_form(expr, scalars(el))) + 2 * len(bases(expr))
+    """What the generated code pays: operations, plus each tensor it has to read.
+
+    Counted on the closed form the printer would write; a candidate too large for that to be cheap
+    (thousands of operations, from nested softmaxes: seconds each) is counted as it stands."""
+    size = sp.count_ops(expr)
+    printed = size if size > COST_EXACT_MAX_OPS else sp.count_ops(closed_form(expr, scalars(el)))
+    return printed + 2 * len(bases(expr))
 
 
 def _solve(el: Elements, node: Node, expr: sp.Expr):
