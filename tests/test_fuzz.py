@@ -3,9 +3,12 @@
 the layer) from a wrong result and a derivation stopped as slow; the tests require every layer to pass.
 
 CI runs a bounded number (``DERIVE_FUZZ_EXAMPLES`` per family, default 110 fused + 110 step-by-step,
-short specs); a soak is opt-in::
+short specs); a soak is opt-in, either these tests at a larger count (they stop at the first
+failure and shrink it)::
 
-    DERIVE_FUZZ_EXAMPLES=1000 DERIVE_FUZZ_LINES=6 pytest -s tests/test_fuzz.py
+    DERIVE_FUZZ_RANDOM=1 DERIVE_FUZZ_EXAMPLES=1000 DERIVE_FUZZ_LINES=6 pytest -s tests/test_fuzz.py
+
+or ``scripts/soak.py``, which goes on past failures, saves each failing spec and tallies them all.
 
 Each test prints how many layers it tried, passed, saw refused and stopped as slow. Failures found by the fuzzer
 are kept as ``@example`` regressions below.
@@ -151,3 +154,33 @@ def test_a_zero_input_gives_finite_gradients(tmp_path):
     ours = torch.autograd.grad(fused(x, b.requires_grad_()).sum(), b)[0]
     reference = torch.autograd.grad(layer.fn(x, b).sum(), b)[0]
     assert torch.isfinite(ours).all() and torch.allclose(ours, reference)
+
+
+def test_the_soak_script_goes_on_past_a_failure_and_keeps_its_spec(tmp_path, monkeypatch, capsys):
+    """``scripts/soak.py`` tallies every layer, saves each failing spec, and exits 1 when one failed."""
+    import importlib.util
+    from pathlib import Path
+
+    import fuzz.harness
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
+    spec = importlib.util.spec_from_file_location("derive_soak", script)
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    real_run, calls = fuzz.harness.run, []
+
+    def every_third_fails(layer_spec, folder, *args, **kwargs):
+        calls.append(layer_spec.name)
+        if len(calls) % 3 == 0:
+            raise AssertionError("a planted failure")
+        return real_run(layer_spec, folder, *args, **kwargs)
+
+    monkeypatch.setattr(fuzz.harness, "run", every_third_fails)
+    monkeypatch.setenv("DERIVE_FUZZ_SECONDS", "20")  # main() sets it; restored afterwards
+    status = soak.main(["--family", "steps", "--examples", "9", "--lines", "2", "--save", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "9 random layers tried" in out and "6 passed, 0 refused, 0 slow, 3 failed" in out
+    saved = sorted(p.stem for p in tmp_path.glob("*.py"))
+    assert saved == sorted({calls[2], calls[5], calls[8]})
+    assert out.count("a planted failure") == 3
