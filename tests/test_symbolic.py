@@ -48,3 +48,20 @@ def test_nested_reductions_get_distinct_canonical_indices():
     inner = Red(x[j, c] * dy[j, c], j)
     outer = Red(x[i, c] * inner * x[i, c], i)
     assert outer == inner * Red(x[i, c] ** 2, i)
+
+
+def test_hidden_one_hots_come_back_with_their_indices_renamed():
+    """A rewrite may rename a hidden one-hot's indices (a sum binds ``i_n`` under another name):
+    it must come back as the one-hot at the new indices, not stay an opaque function."""
+    from sympy.core.function import AppliedUndef
+
+    from derive.symbolic import IsArgmax, Max, hide_argmax
+
+    k = index_for("k_d", d)
+    mark = IsArgmax(c, Max(x[i, k], k))
+    expr = mark * dy[i, c]
+    hidden, restore = hide_argmax(expr)
+    assert not hidden.atoms(IsArgmax) and hidden.atoms(AppliedUndef)
+    assert restore(hidden) == expr
+    renamed = restore(hidden.xreplace({i: j}))
+    assert renamed == expr.xreplace({i: j}) and not renamed.atoms(AppliedUndef)
