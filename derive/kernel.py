@@ -259,7 +259,10 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
     slots = {index[s]: k for k, s in enumerate(frame)}
     shared = []
     for symbol, value in replacements:
-        shapes[str(symbol)] = tuple(s if index[s] in value.free_symbols else 1 for s in frame)
+        reads = [shapes[t.name] for t in value.free_symbols if isinstance(t, sp.Symbol) and t.name in shapes]
+        # a value of 0-d tensors only (``dout*(1 - v4**2)`` for a scalar output) prints as 0-d
+        scalar = not value.atoms(sp.Indexed) and all(len(r) == 0 for r in reads)
+        shapes[str(symbol)] = () if scalar else tuple(s if index[s] in value.free_symbols else 1 for s in frame)
         users = [f.position for f, r in zip(formulas, reduced) if symbol in r.free_symbols]
         printer = KernelPrinter(Frame(frame, slots), shapes, names, dtype_of)
         printer.full_rank = printer._lower_rank(value)  # its recorded shape has the frame's rank

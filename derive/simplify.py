@@ -66,6 +66,7 @@ def _solve_definition(el: Elements, node: Node, definition: sp.Expr, expr: sp.Ex
     elements = sorted(definition.atoms(sp.Indexed), key=sp.default_sort_key)
     plain = {e: sp.Dummy(str(e.base), **e.base.assumptions0) for e in elements}
     scalars = [s for s in definition.free_symbols if isinstance(s, sp.Symbol) and not isinstance(s, sp.Idx)]
+    read_bases, read_symbols = {e.base for e in expr.atoms(sp.Indexed)}, expr.free_symbols  # once: expr may be large
     result = []
     for variable in el.graph.nodes:
         if variable is node or variable.op == "labels":
@@ -82,7 +83,7 @@ def _solve_definition(el: Elements, node: Node, definition: sp.Expr, expr: sp.Ex
             if any(isinstance(i, sp.Indexed) for i in mine[0].indices):
                 continue  # x[i_n, y[i_n]] is one entry per row: solving for it says nothing of x[i_n, i_k]
             target, symbol = mine[0], plain[mine[0]]
-        if not any(e.base == base for e in expr.atoms(sp.Indexed)) and target not in expr.free_symbols:
+        if base not in read_bases and target not in read_symbols:
             continue
         # Invert only definitions that read the variable once: a unique chain of inverses, fast to
         # solve (``x`` in ``bnraw = (x - bnmeani)*bnvar_inv``); not ``x + x**3`` or ``tanh(x) * x``.

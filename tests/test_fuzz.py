@@ -87,8 +87,14 @@ REPEATED_MAX = _regression("fuzz_found_repeated_max",
                            "    v1 = c.max(1, keepdim=True).values\n    v2 = c - v1\n    v3 = c.max(1, keepdim=True).values\n"
                            "    v4 = (c - v3).exp()\n    v5 = v4 / v4.sum(1, keepdim=True)\n    out = (v5 ** 3) * v2",
                            'x=Tensor("n", "k"), c=Tensor("1", "k")', "x, c", True, {"n": 3, "k": 4})
+# The same through a shared 0-d temporary (shared0 = dv4*(1 - v4**2)): it was taken for a (1, 1)
+# tensor, so dc = shared0*w stayed (k,).
+SCALAR_SHARED_GRADIENT = _regression("fuzz_found_scalar_shared_gradient",
+                                     "    v1 = c * w\n    v2 = v1.sum()\n    out = torch.tanh(v2)",
+                                     'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k")', "x, c, w", True,
+                                     {"n": 3, "k": 2})
 FOUND = [UNREAD_INPUT, CONSTANT_GRADIENT, SCALAR_READ, DIVIDES_BY_INPUT, ZERO_GRADIENT, THROUGH_MAX, LOWER_RANK_GRADIENT,
-         CONSTANT_ALONG_AXIS, FUNCTION_OF_A_NUMBER, REPEATED_MAX]
+         CONSTANT_ALONG_AXIS, FUNCTION_OF_A_NUMBER, REPEATED_MAX, SCALAR_SHARED_GRADIENT]
 
 
 class Tally:
