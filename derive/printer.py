@@ -194,7 +194,7 @@ class KernelPrinter(TorchPrinter):
         varying = [s for s in shape if s != 1]
         for axis, size in zip(axes, varying):
             target[axis] = size
-        padded = [1] * (rank - len(shape)) + list(shape)
+        padded = list(_padded(shape, rank))
         # inside a reduction every tensor keeps the frame's rank: ``w.sum(1)`` of a (k,) vector
         # would name an axis it does not have
         if len(shape) <= rank and _broadcasts_as(padded, target) and not (self.full_rank and len(shape) < rank):
@@ -437,9 +437,15 @@ class ForwardPrinter(KernelPrinter):
         rank = len(self.frame.dims)
         for s in body.free_symbols:
             shape = self.shapes.get(str(s)) if isinstance(s, sp.Symbol) else None
-            if shape is not None and (len(shape) > rank or ((1,) * (rank - len(shape)) + tuple(shape))[axis] != 1):
+            if shape is not None and (len(shape) > rank or _padded(shape, rank)[axis] != 1):
                 return True
         return False
+
+
+def _padded(shape, rank: int) -> tuple:
+    """``shape`` with leading 1s up to ``rank`` axes, as broadcasting lines it up with the frame."""
+    return (1,) * (rank - len(shape)) + tuple(shape)
+
 
 def _broadcasts_as(shape: list, target: list) -> bool:
     return all(s == t for s, t in zip(shape, target))

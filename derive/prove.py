@@ -39,8 +39,9 @@ class Proof:
 
 # The largest element-wise derivative a proof compares (SymPy's, or the fused formula written out
 # element by element): the built-in layers' largest has about 2,100 operations (a 3-d batchnorm at
-# 5x2x2); a spec nesting softmaxes three deep reaches 178,000, which SymPy takes hours to cancel. Such a layer is reported as not proven (its generated code is
-# still held against autograd in float64 before it is written).
+# 5x2x2); a spec nesting softmaxes three deep reaches 178,000, which SymPy takes hours to cancel.
+# Such a layer is reported as not proven (its generated code is still held against autograd in
+# float64 before it is written).
 PROOF_MAX_OPS = 20_000
 
 

@@ -48,25 +48,32 @@ def cost(el: Elements, expr: sp.Expr) -> int:
     return printed + 2 * len(bases(expr))
 
 
-def _solve(el: Elements, node: Node, expr: sp.Expr):
-    """Ways to rewrite ``expr`` with ``node``: [(variable node, its element, solution)].
+def _solve(el: Elements, node: Node, reads: tuple[set, set]):
+    """Ways to rewrite an expression with ``node``: [(variable node, its element, solution)].
 
+    ``reads`` is what the expression reads (``_reads``): the tensors' bases and the free symbols.
     Both the inlined and the one-level definition are tried, so a formula already written in
     ``bndiff`` can still move on to ``bnraw = bndiff*bnvar_inv``.
     """
     result = []
     for definition in dict.fromkeys([el.nf[node], el.direct(node)]):
         if not reductions(definition):
-            result += _solve_definition(el, node, definition, expr)
+            result += _solve_definition(el, node, definition, reads)
     return result
 
 
-def _solve_definition(el: Elements, node: Node, definition: sp.Expr, expr: sp.Expr):
+def _reads(expr: sp.Expr) -> tuple[set, set]:
+    """The bases of the tensors ``expr`` reads, and its free symbols: taken once per refold step,
+    since every candidate node's solutions are filtered by them (``expr`` may be large)."""
+    return {e.base for e in expr.atoms(sp.Indexed)}, expr.free_symbols
+
+
+def _solve_definition(el: Elements, node: Node, definition: sp.Expr, reads: tuple[set, set]):
     own = {i for i in el.free(node) if i != 0}
     elements = sorted(definition.atoms(sp.Indexed), key=sp.default_sort_key)
     plain = {e: sp.Dummy(str(e.base), **e.base.assumptions0) for e in elements}
     scalars = [s for s in definition.free_symbols if isinstance(s, sp.Symbol) and not isinstance(s, sp.Idx)]
-    read_bases, read_symbols = {e.base for e in expr.atoms(sp.Indexed)}, expr.free_symbols  # once: expr may be large
+    read_bases, read_symbols = reads
     result = []
     for variable in el.graph.nodes:
         if variable is node or variable.op == "labels":
@@ -167,9 +174,9 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
     candidates = [n for n in el.graph.nodes if n.op not in ("input", "labels")
                   and (n not in el.opaque or (n is output and elementwise_output))]
     while True:
-        options = []
+        options, reads = [], _reads(expr)
         for node in candidates:
-            for variable, target, solution in _solve(el, node, expr):
+            for variable, target, solution in _solve(el, node, reads):
                 rewritten = _rewrite(el, expr, variable, target, solution)
                 options.append((cost(el, rewritten), not node.named, rewritten, node, variable, target, solution))
         if not options:
