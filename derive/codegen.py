@@ -1,6 +1,7 @@
 """Render kernels into files through Jinja2 templates; every decision is made here, not there."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import re
@@ -25,7 +26,9 @@ def version() -> str:
         return "0"
 
 
+@functools.cache
 def environment() -> jinja2.Environment:
+    """One environment per process: it keeps each template compiled (and reloads one edited on disk)."""
     return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                               keep_trailing_newline=True, trim_blocks=False, autoescape=False)
 

@@ -161,8 +161,23 @@ def concrete(graph: Graph, sizes: dict[str, int], label_variant: int = 0):
     values = evaluate(graph, size_subs, inputs)
     out = values[graph.output]
     upstream = _symbols(f"d{graph.output.name}", out.shape)
-    objective = sp.Add(*[u * o for u, o in zip(upstream.flat, out.flat)])
+    objective = Objective(list(upstream.flat), list(out.flat))
     return size_subs, inputs, values, upstream, objective
+
+
+class Objective:
+    """``sum(dout * out)`` over every output entry, differentiated the plain way.
+
+    ``diff(x)`` is SymPy's derivative of that sum in one input entry. It differentiates only the
+    output entries that read ``x`` (the others contribute zero): the same expression
+    ``sp.diff(sum, x)`` gives, in about two thirds of the time.
+    """
+
+    def __init__(self, upstream: list, outputs: list):
+        self.terms = list(zip(upstream, outputs))
+
+    def diff(self, x: sp.Symbol) -> sp.Expr:
+        return sp.Add(*[u * sp.diff(o, x) for u, o in self.terms if x in o.free_symbols])
 
 
 def prove_steps(graph: Graph, sizes: dict[str, int], label_variant: int = 0) -> Proof:
@@ -177,7 +192,7 @@ def prove_steps(graph: Graph, sizes: dict[str, int], label_variant: int = 0) -> 
         x, g = inputs[name], grads.get(graph.inputs[name])
         for idx in itertools.product(*[range(s) for s in x.shape]):
             ours = sp.S.Zero if g is None else g[idx]
-            if not _equal(sp.diff(objective, x[idx]), ours):
+            if not _equal(objective.diff(x[idx]), ours):
                 raise ProofFailure(f"{graph.layer.name}: step-by-step d{name}{list(idx)} at sizes {sizes} differs "
                                    f"from the element-wise derivative")
             checked += 1
@@ -202,7 +217,7 @@ def prove(kernel: Kernel, sizes: dict[str, int], label_variant: int = 0) -> Proo
         for idx in itertools.product(*[range(s) for s in x.shape]):
             # a broadcast axis ("1") has no index: the formula reads it at 0
             position = {kernel.elements.index[graph.sizes[d]]: k for d, k in zip(dims, idx) if d != "1"}
-            expected = sp.diff(objective, x[idx])
+            expected = objective.diff(x[idx])
             generic = _expand_generic(formula.element, kernel_view, values_with_grad, size_subs, position, labels)
             size = max(sp.count_ops(expected), sp.count_ops(generic))
             if size > PROOF_MAX_OPS:
@@ -227,7 +242,13 @@ class _KernelWithGrad:
 
 def _generators(expr: sp.Expr) -> dict:
     """Each root and transcendental atom of ``expr`` -> a power of a fresh symbol:
-    ``(v + eps)**(-3/2)`` -> ``t**-3`` with ``t`` standing for ``(v + eps)**(1/2)``, ``exp(z)`` -> ``u``."""
+    ``(v + eps)**(-3/2)`` -> ``t**-3`` with ``t`` standing for ``(v + eps)**(1/2)``, ``exp(z)`` -> ``u``.
+
+    Substituting the atoms back gives ``expr`` again, so a rational function of these symbols that
+    is zero proves ``expr`` zero. Two relations are kept, because the fused formula and SymPy's
+    derivative write the same value both ways: the root's base itself becomes ``t**2``
+    (``1/(v + eps)`` is ``t**-2``), and ``exp(-z)`` becomes ``1/u``.
+    """
     roots: dict = {}
     out = {}
     for p in expr.atoms(sp.Pow):
@@ -236,6 +257,14 @@ def _generators(expr: sp.Expr) -> dict:
             key = (base, e.q)
             roots.setdefault(key, sp.Dummy("t"))
             out[p] = roots[key] ** e.p
+    for (base, q), t in roots.items():
+        out.setdefault(base, t ** q)
+    exps: dict = {}
+    for f in expr.atoms(sp.exp):
+        z = f.args[0]
+        negated = z.could_extract_minus_sign()
+        u = exps.setdefault(-z if negated else z, sp.Dummy("u"))
+        out[f] = 1 / u if negated else u
     # a maximum's derivative (Derivative, Subs of the opaque row_max) is one whole atom too: replaced
     # first (xreplace replaces the outermost match), so that no row_max inside it becomes a constant
     for f in expr.atoms(sp.Function, sp.Derivative, sp.Subs):
@@ -249,8 +278,12 @@ def _equal(a: sp.Expr, b: sp.Expr) -> bool:
     if difference == 0:
         return True
     # Sufficient and cheap: zero as a rational function of the inputs and of independent symbols
-    # standing for the roots and transcendental functions (a zero there is zero for any value of them)
-    if sp.cancel(sp.together(difference.xreplace(_generators(difference)))) == 0:
+    # standing for the roots and transcendental functions (a zero there is zero for any value of them).
+    # Expanded, most differences are already 0 (their denominators are monomials: powers of a root,
+    # sizes), at half the cost of putting them over one denominator, which the rest need.
+    rational = difference.xreplace(_generators(difference))
+    monomial_denominators = not any(p.exp.is_negative and p.base.is_Add for p in rational.atoms(sp.Pow))
+    if monomial_denominators and sp.expand(rational) == 0 or sp.cancel(sp.together(rational)) == 0:
         return True
     quick = sp.cancel(sp.together(difference))
     if quick == 0:

@@ -56,3 +56,35 @@ def test_a_derivative_too_large_to_cancel_is_reported_not_proven(monkeypatch, tm
     assert "not proven (too large)" in report.line()
     assert report.note().startswith("batchnorm: not proven at 2x3: the element-wise derivative dx[0, 0] has ")
     assert "the generated code matches autograd" in report.note()
+
+
+def test_the_equality_check_keeps_relations_that_hold_and_no_other():
+    """The exact check stands roots and exponentials in by fresh symbols. It keeps two relations
+    (a root's base is the root to the power ``q``; ``exp(-z)`` is ``1/exp(z)``) so that the fast
+    rational check succeeds where the two sides write one value both ways; substituting back gives
+    the original, so a zero found there is a zero."""
+    import sympy as sp
+
+    from derive.prove import _equal, _generators
+
+    x, y, e = sp.symbols("x y e", positive=True)
+    base = x**2 / 3 + y**2 / 3 + e
+    expr = 3 * x * base ** sp.Rational(-3, 2) + sp.exp(y - x) * sp.exp(sp.Max(x, y) - y) + 1 / sp.sqrt(base)
+    generators = _generators(expr)
+    replaced = expr.xreplace(generators)
+    assert not replaced.atoms(sp.exp) and all(p.exp.is_Integer for p in replaced.atoms(sp.Pow))
+    back = {}  # each stand-in symbol s, from an atom written s**k
+    for atom, stand_in in generators.items():
+        symbol, power = stand_in.as_base_exp()
+        back[symbol] = atom ** (1 / power)
+    assert sp.simplify(replaced.xreplace(back) - expr) == 0
+
+    def rational_zero(difference):  # the fast check: zero as a rational function of the stand-ins
+        return sp.cancel(sp.together(difference.xreplace(_generators(difference)))) == 0
+
+    root = sp.sqrt(base)
+    written_two_ways = [(1 / base + 1 / root, (1 + root) / base),
+                        (1 / (1 + sp.exp(-x)), sp.exp(x) / (sp.exp(x) + 1))]
+    for a, b in written_two_ways:
+        assert rational_zero(a - b) and _equal(a, b)
+        assert not rational_zero(a - b - x / 7) and not _equal(a, b + x / 7)
