@@ -29,7 +29,8 @@ Python's garbage collector off; the gradients of the previous call are dropped o
 region. Reported times are medians over the samples; ratios are medians of the per-repetition
 ratios (paired, because the columns of one repetition ran back to back). The CPU used by other
 processes while a configuration ran is measured (``CpuMeter``); above 0.25 core the row is marked
-as contended, since its timings then say more about the scheduler than about the kernels.
+as contended, since its timings then say more about the scheduler than about the kernels (metered
+over the timed samples only: compiling runs the C++ compiler in other processes).
 
 Memory safety: before a configuration runs, its peak is estimated (from the peak measured at the
 previous size of the same layer, scaled by the element count, with a margin; a fixed multiple of
@@ -426,16 +427,20 @@ def measure(bench: Bench, n: int, m: int, args, estimate_bytes: float):
             reps += 1
         number[c] = max(1, math.ceil(args.min_sample_ms * 1e-3 / max(t, 1e-9)))
 
-    # 3. Interleaved samples.
+    # 3. Interleaved samples. The rest of the machine's CPU is metered over these alone: the
+    #    compilation above runs the C++ compiler in other processes, which is not contention.
     samples = {c: [] for c in active}
     gc.collect()
     gc.disable()
+    meter = CpuMeter()
     try:
         for _ in range(args.repeat):
             for c in active:
                 samples[c].append(time_calls(steps[c], None if c == "floor" else inputs, number[c]))
     finally:
         gc.enable()
+    result["other_cpu"] = meter.read()
+    result["contended"] = result["other_cpu"]["other_cores"] > BUSY_CORES
 
     # 4. Memory, one untimed call per column.
     columns = {}
@@ -539,9 +544,9 @@ def markdown(report):
     ]
     contended = [r for r in report["results"] if r.get("contended")]
     if contended:
+        used = ", ".join(f"{r['layer']} {r['shape']}: {r['other_cpu']['other_cores']:.2f}" for r in contended)
         lines.append(f"- ⚠ contended: other processes used more than {BUSY_CORES} of the {env['cores']} cores while "
-                     "this row ran (" + ", ".join(f"{r['layer']} {r['shape']}: {r['other_cpu']['other_cores']:.2f}"
-                                                  for r in contended) + "); its timings are not reliable.")
+                     f"this row's samples were timed ({used}); its timings are not reliable.")
     return "\n".join(lines) + "\n"
 
 
@@ -654,12 +659,9 @@ def main(argv=None, prog=None):
                 # check holds one column's output and gradients while another runs: + 2 tensors
                 estimate = inputs_bytes + (1.25 * measured[1] / measured[0] + 2 * 4) * numel
             t0 = time.perf_counter()
-            meter = CpuMeter()
             print(f"{bench.layer} {n}x{m} ...", end=" ", flush=True)
             r = measure(bench, n, m, args, estimate)
             r["wall_s"] = time.perf_counter() - t0
-            r["other_cpu"] = meter.read()
-            r["contended"] = r["other_cpu"]["other_cores"] > BUSY_CORES
             results.append(r)
             if r["status"] == "ok":
                 peak = max(c["peak_bytes"] for k, c in r["columns"].items() if c is not None and k != "floor")

@@ -37,6 +37,8 @@ def test_quick_benchmark_writes_complete_json(tmp_path):
     got = {(r["layer"], tuple(sorted(r["size"].items()))) for r in report["results"]}
     wanted = {(layer, tuple(sorted(size.items()))) for layer, sizes in QUICK.items() for size in sizes}
     assert got == wanted
+    for r in report["results"]:  # the rest of the machine's CPU, metered over the timed samples
+        assert r["other_cpu"]["other_cores"] >= 0 and r["contended"] == (r["other_cpu"]["other_cores"] > 0.25)
 
     for r in report["results"]:
         where = f"{r['layer']} {r['shape']}"
