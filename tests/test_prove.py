@@ -2,6 +2,8 @@
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derive.kernel import build
 from derive.layers import FUSED, batchnorm
@@ -88,3 +90,41 @@ def test_the_equality_check_keeps_relations_that_hold_and_no_other():
     for a, b in written_two_ways:
         assert rational_zero(a - b) and _equal(a, b)
         assert not rational_zero(a - b - x / 7) and not _equal(a, b + x / 7)
+
+
+def _norm_terms():
+    """Terms of the kind normalizations and softmaxes leave in a derivative, each with a second way
+    of writing it: a root's odd power through its base, a logistic through ``exp(z)`` or ``exp(-z)``."""
+    import sympy as sp
+
+    x, y, e = sp.symbols("x y e", positive=True)
+    base = x**2 / 3 + y**2 / 3 + e
+    root = sp.sqrt(base)
+    z = x - y
+    return [
+        (x / root**3, x / (root * base)),
+        (y * x / root, y * x * root / base),
+        (1 / (1 + sp.exp(-z)), sp.exp(z) / (sp.exp(z) + 1)),
+        (sp.exp(-z) / (1 + sp.exp(-z)), 1 / (sp.exp(z) + 1)),
+        (x * y, sp.expand((x + 1) * y) - y),
+        (e / base, 1 - (x**2 + y**2) / (3 * base)),
+        (sp.exp(z) - sp.exp(-z), (sp.exp(2 * z) - 1) * sp.exp(-z)),  # zero if exp(-z) were taken for exp(z)
+    ]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3).filter(bool), st.integers(0, 6)), min_size=1, max_size=4),
+       st.integers(1, 3))
+def test_equal_holds_for_any_sum_written_two_ways_and_fails_when_one_term_moves(pairs, by):
+    """``_equal`` on random sums of such terms: true when each term is written its other way, false
+    once any one term's coefficient changes (the fast rational checks must not say zero wrongly)."""
+    import sympy as sp
+
+    from derive.prove import _equal
+
+    terms = _norm_terms()
+    one_way = sp.Add(*[c * terms[k][0] for c, k in pairs])
+    other_way = sp.Add(*[c * terms[k][1] for c, k in pairs])
+    assert _equal(one_way, other_way)
+    for moved, _ in terms:
+        assert not _equal(one_way, other_way + by * moved)
