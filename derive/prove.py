@@ -151,7 +151,8 @@ def _expand_generic(expr: sp.Expr, kernel: Kernel, values: dict, sizes: dict, po
 
 
 def concrete(graph: Graph, sizes: dict[str, int], label_variant: int = 0):
-    """Symbolic inputs at ``sizes``, every node's value, the upstream gradient and ``sum(dout*out)``."""
+    """Symbolic inputs at ``sizes``, every node's value, the upstream gradient and the objective
+    ``sum(dout*out)`` (an ``Objective``, which differentiates it)."""
     size_subs = {graph.sizes[d]: v for d, v in sizes.items()}
     inputs = {}
     for name, decl in graph.layer.tensors.items():
