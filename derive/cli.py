@@ -61,6 +61,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    if args.kernel:
+        return verify_kernel(args)
     import torch
 
     from .generate import build_named as build
@@ -88,6 +90,30 @@ def cmd_verify(args) -> int:
         print(f"step-by-step backward vs autograd of the spec (retain_grad), float32, sizes {sizes}:")
         print(table(steps_table(layer, steps, sizes, torch.float32)))
     return 0
+
+
+def verify_kernel(args) -> int:
+    """``derive verify LAYER --kernel FILE.py:NAME``: a hand-written kernel against autograd of the
+    spec, in float64 (a float32 kernel differs from autograd by rounding that depends on its order
+    of operations: no fixed tolerance tells that from a bug); exit 1 when it differs (for CI)."""
+    from .verify import check_kernel, kernel_sizes, load_function, table
+
+    layers = _layers(args)
+    if len(layers) != 1:
+        raise DeriveError(f"--kernel {args.kernel}: name the one layer it implements (a built-in name, or "
+                          f"--layer FILE.py:name); {len(layers)} layers were selected")
+    layer, fn = layers[0], load_function(args.kernel)
+    check = check_kernel(layer, fn, args.kernel, kernel_sizes(layer, EXERCISE_SIZES))
+    print(f"== {check.kernel} against autograd of the spec")
+    for sizes, rows in check.tables:
+        print(f"float64, sizes {', '.join(f'{k}={v}' for k, v in sizes.items())}:")
+        print(table(rows))
+    print(f"gradcheck: {check.gradcheck}")
+    failures = check.failures()
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    print(f"{args.kernel}: " + ("matches the spec" if not failures else f"{len(failures)} failure(s)"))
+    return 1 if failures else 0
 
 
 def cmd_new(args) -> int:
@@ -128,8 +154,12 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="fail when generated files are stale or edited by hand")
     common(c)
     c.set_defaults(run=cmd_check)
-    v = sub.add_parser("verify", help="prove each formula and print the comparison table against autograd")
+    v = sub.add_parser("verify", help="prove each formula and print the comparison table against autograd; "
+                                      "with --kernel, hold a hand-written kernel against the spec")
     common(v)
+    v.add_argument("--kernel", metavar="FILE.py:NAME",
+                   help="a hand-written function with the spec's arguments (by name): compare its output and "
+                        "gradients with autograd of the spec in float64, run gradcheck, exit 1 on a difference")
     v.set_defaults(run=cmd_verify)
     t = sub.add_parser("latex", help="build one PDF of every layer's derivations, with a table of contents")
     common(t)

@@ -13,6 +13,7 @@ from types import ModuleType
 
 import torch
 
+from .errors import DeriveError
 from .spec import Constant, Labels, Layer, concrete_shape
 
 
@@ -136,6 +137,75 @@ def accuracy(layer: Layer, fused, sizes: dict[str, int], dtype=torch.float32, se
     _, ours = gradients(fused, inputs, wanted, seed)
     return {f"d{k}": (float((ours[k].double() - exact[k]).abs().max()), float((ref[k].double() - exact[k]).abs().max()))
             for k in wanted}
+
+
+@dataclass
+class KernelCheck:
+    """A hand-written kernel held against autograd of its spec in float64: the exercise's table at
+    each size, and ``torch.autograd.gradcheck`` (its backward against its own forward)."""
+
+    layer: str
+    kernel: str
+    tables: list[tuple[dict, list[Row]]]
+    gradcheck: str  # "passed (sizes)" or "failed: why (sizes)"
+
+    def failures(self) -> list[str]:
+        """One line per failed comparison (empty when the kernel matches the spec)."""
+        out = [f"{r.name} differs from autograd of the spec at {_sizes_text(sizes)} (maxdiff {r.maxdiff:.3e})"
+               for sizes, rows in self.tables for r in rows if not r.approximate]
+        if self.gradcheck.startswith("failed"):
+            out.append(f"gradcheck {self.gradcheck}")
+        return out
+
+
+def _sizes_text(sizes: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def kernel_sizes(layer: Layer, exercise: dict[str, int]) -> list[dict[str, int]]:
+    """The exercise's sizes, and a small one with odd sizes (a batch of 5: Bessel's n - 1 is not n)."""
+    return [{d: exercise.get(d, 16) for d in layer.dims}, {d: 5 if k == 0 else 3 for k, d in enumerate(layer.dims)}]
+
+
+def check_kernel(layer: Layer, fn, kernel: str, sizes: list[dict[str, int]], seed: int = 0) -> KernelCheck:
+    """``fn``, called with the spec's arguments by name, against autograd through ``layer.fn`` in
+    float64: the output and every gradient at each of ``sizes``, then ``gradcheck`` at a small size.
+
+    A kernel that raises is reported as a failure with the exception, not raised."""
+    tables = []
+    for size in sizes:
+        try:
+            rows = against_autograd(layer, fn, size, dtype=torch.float64, seed=seed)
+        except Exception as e:  # the kernel's own error: the verdict names it
+            rows = [Row(f"the kernel raised {type(e).__name__}: {e}", False, False, float("nan"))]
+        tables.append((size, rows))
+    small = {d: 3 if k == 0 else 2 for k, d in enumerate(layer.dims)}
+    inputs = random_inputs(layer, small, torch.float64, seed + 1)
+    names, wanted = list(inputs), set(layer.differentiable)
+    args = tuple(v.clone().requires_grad_(k in wanted) if torch.is_tensor(v) else v for k, v in inputs.items())
+    try:
+        passed = torch.autograd.gradcheck(lambda *a: fn(**dict(zip(names, a))), args, raise_exception=False)
+        verdict = "passed" if passed else "failed: the backward disagrees with finite differences"
+    except Exception as e:
+        verdict = f"failed: {type(e).__name__}: {e}"
+    return KernelCheck(layer.name, f"{kernel} (layer {layer.name})", tables, f"{verdict} ({_sizes_text(small)})")
+
+
+def load_function(argument: str):
+    """The function ``NAME`` of ``FILE.py``, from ``FILE.py:NAME``."""
+    path, _, name = argument.rpartition(":")
+    if not path or not name.isidentifier():
+        raise DeriveError(f"--kernel {argument}: expected FILE.py:NAME, the file and the function in it")
+    if not Path(path).is_file():
+        raise DeriveError(f"--kernel {argument}: no such file {path!r}")
+    module = load_module(Path(path))
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise DeriveError(f"--kernel {argument}: {path} has no function {name!r}"
+                          + (f" (it defines {', '.join(found)})" if found else ""))
+    return fn
 
 
 def load_module(path: Path) -> ModuleType:

@@ -1,0 +1,105 @@
+"""`derive verify LAYER --kernel FILE.py:NAME`: a hand-written kernel held against autograd of its
+spec, for CI. The verdict is the exit status: 0 when the output and every gradient match at each
+size (and gradcheck passes), 1 when one differs or the kernel raises, 2 for a bad argument."""
+from pathlib import Path
+
+import pytest
+
+from derive.cli import main
+
+SPECS = Path(__file__).parent / "specs" / "unseen_layers.py"
+
+KERNELS = '''
+import torch
+
+
+def batchnorm(x, gamma, beta, eps=1e-5):
+    """Bessel-corrected batchnorm in torch ops (autograd differentiates it)."""
+    return gamma * (x - x.mean(0, keepdim=True)) / torch.sqrt(x.var(0, keepdim=True) + eps) + beta
+
+
+class _BiasedBackward(torch.autograd.Function):
+    """The right forward, and a hand-written backward that forgets Bessel's n/(n - 1)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        n = x.shape[0]
+        xhat = (x - x.mean(0)) / torch.sqrt(x.var(0) + eps)
+        ctx.save_for_backward(xhat, gamma, torch.sqrt(x.var(0) + eps))
+        return gamma * xhat + beta
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, gamma, std = ctx.saved_tensors
+        n = dy.shape[0]
+        dx = gamma / std / n * (n * dy - dy.sum(0) - xhat * (dy * xhat).sum(0))
+        return dx, (dy * xhat).sum(0), dy.sum(0), None
+
+
+def batchnorm_wrong_backward(x, gamma, beta, eps=1e-5):
+    return _BiasedBackward.apply(x, gamma, beta, eps)
+
+
+def batchnorm_positional_only(x, g, b):
+    return x
+
+
+def logcosh(pred, target):
+    d = pred - target
+    return (d + torch.nn.functional.softplus(-2 * d) - torch.log(torch.tensor(2.0, dtype=d.dtype))).mean()
+'''
+
+
+@pytest.fixture
+def kernels(tmp_path) -> Path:
+    path = tmp_path / "kernels.py"
+    path.write_text(KERNELS)
+    return path
+
+
+def test_a_correct_kernel_matches_at_every_size_and_passes_gradcheck(kernels, capsys):
+    assert main(["verify", "batchnorm", "--kernel", f"{kernels}:batchnorm"]) == 0
+    out = capsys.readouterr().out
+    assert "float64, sizes n=32, d=64:" in out and "float64, sizes n=5, d=3:" in out
+    for name in ("output", "dx", "dgamma", "dbeta"):
+        assert out.count(f"{name} ") == 2  # one row per size
+    assert "approximate: False" not in out
+    assert "gradcheck: passed (n=3, d=2)" in out
+    assert out.rstrip().endswith("matches the spec")
+
+
+def test_a_wrong_backward_fails_naming_the_gradient(kernels, capsys):
+    """The forward is right (its row passes); dx differs from the spec and from finite differences."""
+    assert main(["verify", "batchnorm", "--kernel", f"{kernels}:batchnorm_wrong_backward"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL: dx differs from autograd of the spec at n=32, d=64" in captured.err
+    assert "FAIL: dx differs from autograd of the spec at n=5, d=3" in captured.err
+    assert "FAIL: output" not in captured.err and "FAIL: dgamma" not in captured.err
+    assert "FAIL: gradcheck failed: the backward disagrees with finite differences" in captured.err
+    assert "failure(s)" in captured.out
+
+
+def test_a_kernel_that_raises_is_a_failure_that_names_the_error(kernels, capsys):
+    assert main(["verify", "batchnorm", "--kernel", f"{kernels}:batchnorm_positional_only"]) == 1
+    captured = capsys.readouterr()
+    assert "the kernel raised TypeError:" in captured.out and "unexpected keyword argument" in captured.out
+    assert "gradcheck failed: TypeError" in captured.err
+
+
+def test_a_kernel_for_a_layer_from_a_spec_file(kernels, capsys):
+    assert main(["verify", "--layer", f"{SPECS}:logcosh", "--kernel", f"{kernels}:logcosh"]) == 0
+    out = capsys.readouterr().out
+    assert "layer logcosh" in out and "dpred" in out and "dtarget" not in out  # target is not differentiable
+
+
+@pytest.mark.parametrize("argument, names, message", [
+    ("{k}:missing", ["batchnorm"], "has no function 'missing' (it defines batchnorm, batchnorm_positional_only, "
+                                   "batchnorm_wrong_backward, logcosh)"),
+    ("{k}", ["batchnorm"], "expected FILE.py:NAME"),
+    ("nowhere.py:batchnorm", ["batchnorm"], "no such file 'nowhere.py'"),
+    ("{k}:batchnorm", [], "name the one layer it implements"),
+    ("{k}:batchnorm", ["batchnorm", "tanh"], "2 layers were selected"),
+])
+def test_bad_arguments_say_what_to_pass(kernels, capsys, argument, names, message):
+    assert main(["verify", *names, "--kernel", argument.format(k=kernels)]) == 2
+    assert message in capsys.readouterr().err
