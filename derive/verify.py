@@ -27,6 +27,10 @@ class Row:
     def __str__(self):
         return f"{self.name:15s} | exact: {str(self.exact):5s} | approximate: {str(self.approximate):5s} | maxdiff: {self.maxdiff:.3e}"
 
+    @property
+    def detail(self) -> str:
+        return f"maxdiff {self.maxdiff:.3e}"
+
 
 def compare(name: str, ours: torch.Tensor, reference: torch.Tensor) -> Row:
     """One row of the table (the exercise's ``cmp``)."""
@@ -139,19 +143,66 @@ def accuracy(layer: Layer, fused, sizes: dict[str, int], dtype=torch.float32, se
             for k in wanted}
 
 
+# In float32 a value passes when its error against the float64 reference is at most this many times
+# autograd's own float32 error (another order of operations rounds differently), plus this many
+# float32 units in the last place of the value's largest entry (for values autograd gets exactly).
+FLOAT32_SLACK, FLOAT32_ULPS = 4.0, 4.0
+
+
+@dataclass
+class ErrorRow:
+    """One value of a float32 kernel: its error against float64 and autograd's float32 error."""
+
+    name: str
+    error: float
+    autograd_error: float
+    scale: float  # the largest entry of the float64 reference
+
+    @property
+    def approximate(self) -> bool:
+        bound = FLOAT32_SLACK * self.autograd_error + FLOAT32_ULPS * torch.finfo(torch.float32).eps * self.scale
+        return self.error <= bound
+
+    @property
+    def detail(self) -> str:
+        return f"error {self.error:.3e} against float64, autograd's float32 error {self.autograd_error:.3e}"
+
+    def __str__(self):
+        return (f"{self.name:15s} | error: {self.error:.3e} | autograd of the spec, float32: {self.autograd_error:.3e} "
+                f"| within: {self.approximate}")
+
+
+def float32_errors(layer: Layer, fn, sizes: dict[str, int], seed: int = 0) -> list[ErrorRow]:
+    """The output and every gradient of ``fn`` in float32, against autograd of the spec in float64
+    on the same (float32) inputs, next to the error of autograd of the spec in float32."""
+    inputs = random_inputs(layer, sizes, torch.float32, seed)
+    wanted = layer.differentiable
+    out_exact, exact = gradients(layer.fn, inputs, wanted, seed, dtype=torch.float64)
+    out_ref, ref = gradients(layer.fn, inputs, wanted, seed)
+    out_ours, ours = gradients(fn, inputs, wanted, seed)
+
+    def row(name, mine, theirs, truth):
+        error = float((mine.detach().double() - truth.detach()).abs().max()) if truth.numel() else 0.0
+        autograd_error = float((theirs.detach().double() - truth.detach()).abs().max()) if truth.numel() else 0.0
+        return ErrorRow(name, error, autograd_error, float(truth.detach().abs().max()) if truth.numel() else 0.0)
+
+    return [row("output", out_ours, out_ref, out_exact)] + [row(f"d{k}", ours[k], ref[k], exact[k]) for k in wanted]
+
+
 @dataclass
 class KernelCheck:
-    """A hand-written kernel held against autograd of its spec in float64: the exercise's table at
-    each size, and ``torch.autograd.gradcheck`` (its backward against its own forward)."""
+    """A hand-written kernel held against autograd of its spec: the table at each size (the
+    exercise's in float64; errors against a float64 reference in float32), and, in float64,
+    ``torch.autograd.gradcheck`` (its backward against its own forward)."""
 
     layer: str
     kernel: str
-    tables: list[tuple[dict, list[Row]]]
-    gradcheck: str  # "passed (sizes)" or "failed: why (sizes)"
+    tables: list[tuple[dict, list]]  # (sizes, [Row or ErrorRow])
+    gradcheck: str  # "passed (sizes)", "failed: why (sizes)", or why it did not run
 
     def failures(self) -> list[str]:
         """One line per failed comparison (empty when the kernel matches the spec)."""
-        out = [f"{r.name} differs from autograd of the spec at {_sizes_text(sizes)} (maxdiff {r.maxdiff:.3e})"
+        out = [f"{r.name} differs from autograd of the spec at {_sizes_text(sizes)} ({r.detail})"
                for sizes, rows in self.tables for r in rows if not r.approximate]
         if self.gradcheck.startswith("failed"):
             out.append(f"gradcheck {self.gradcheck}")
@@ -167,18 +218,26 @@ def kernel_sizes(layer: Layer, exercise: dict[str, int]) -> list[dict[str, int]]
     return [{d: exercise.get(d, 16) for d in layer.dims}, {d: 5 if k == 0 else 3 for k, d in enumerate(layer.dims)}]
 
 
-def check_kernel(layer: Layer, fn, kernel: str, sizes: list[dict[str, int]], seed: int = 0) -> KernelCheck:
-    """``fn``, called with the spec's arguments by name, against autograd through ``layer.fn`` in
-    float64: the output and every gradient at each of ``sizes``, then ``gradcheck`` at a small size.
+def check_kernel(layer: Layer, fn, kernel: str, sizes: list[dict[str, int]], dtype=torch.float64,
+                 seed: int = 0) -> KernelCheck:
+    """``fn``, called with the spec's arguments by name, against autograd through ``layer.fn``: the
+    output and every gradient at each of ``sizes``, then (float64) ``gradcheck`` at a small size.
 
-    A kernel that raises is reported as a failure with the exception, not raised."""
+    In float64 the values must agree as the exercise's ``approximate`` (``allclose``). In float32 a
+    kernel rounds differently from autograd, so each value's error against a float64 reference is
+    held against autograd's own float32 error (``FLOAT32_SLACK``, ``FLOAT32_ULPS``). A kernel that
+    raises is reported as a failure with the exception, not raised."""
     tables = []
     for size in sizes:
         try:
-            rows = against_autograd(layer, fn, size, dtype=torch.float64, seed=seed)
+            rows = (against_autograd(layer, fn, size, dtype=torch.float64, seed=seed) if dtype == torch.float64
+                    else float32_errors(layer, fn, size, seed=seed))
         except Exception as e:  # the kernel's own error: the verdict names it
             rows = [Row(f"the kernel raised {type(e).__name__}: {e}", False, False, float("nan"))]
         tables.append((size, rows))
+    name = f"{kernel} (layer {layer.name})"
+    if dtype != torch.float64:
+        return KernelCheck(layer.name, name, tables, "not run (it needs float64)")
     small = {d: 3 if k == 0 else 2 for k, d in enumerate(layer.dims)}
     inputs = random_inputs(layer, small, torch.float64, seed + 1)
     names, wanted = list(inputs), set(layer.differentiable)
@@ -188,7 +247,7 @@ def check_kernel(layer: Layer, fn, kernel: str, sizes: list[dict[str, int]], see
         verdict = "passed" if passed else "failed: the backward disagrees with finite differences"
     except Exception as e:
         verdict = f"failed: {type(e).__name__}: {e}"
-    return KernelCheck(layer.name, f"{kernel} (layer {layer.name})", tables, f"{verdict} ({_sizes_text(small)})")
+    return KernelCheck(layer.name, name, tables, f"{verdict} ({_sizes_text(small)})")
 
 
 def load_function(argument: str):

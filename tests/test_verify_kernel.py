@@ -1,6 +1,7 @@
-"""`derive verify LAYER --kernel FILE.py:NAME`: a hand-written kernel held against autograd of its
-spec, for CI. The verdict is the exit status: 0 when the output and every gradient match at each
-size (and gradcheck passes), 1 when one differs or the kernel raises, 2 for a bad argument."""
+"""`derive verify LAYER --kernel FILE.py:NAME [--dtype float32]`: a hand-written kernel held against
+autograd of its spec, for CI. The verdict is the exit status: 0 when the output and every gradient
+match at each size (and, in float64, gradcheck passes), 1 when one differs or the kernel raises, 2
+for a bad argument."""
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,22 @@ def batchnorm_wrong_backward(x, gamma, beta, eps=1e-5):
     return _BiasedBackward.apply(x, gamma, beta, eps)
 
 
+class _Nudged(torch.autograd.Function):
+    """The identity, whose backward is off by one part in 10,000."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (1 + 1e-4)
+
+
+def batchnorm_nudged(x, gamma, beta, eps=1e-5):
+    return batchnorm(_Nudged.apply(x), gamma, beta, eps)
+
+
 def batchnorm_positional_only(x, g, b):
     return x
 
@@ -64,7 +81,7 @@ def test_a_correct_kernel_matches_at_every_size_and_passes_gradcheck(kernels, ca
     for name in ("output", "dx", "dgamma", "dbeta"):
         assert out.count(f"{name} ") == 2  # one row per size
     assert "approximate: False" not in out
-    assert "gradcheck: passed (n=3, d=2)" in out
+    assert "gradcheck (float64): passed (n=3, d=2)" in out
     assert out.rstrip().endswith("matches the spec")
 
 
@@ -92,9 +109,28 @@ def test_a_kernel_for_a_layer_from_a_spec_file(kernels, capsys):
     assert "layer logcosh" in out and "dpred" in out and "dtarget" not in out  # target is not differentiable
 
 
+def test_float32_holds_each_error_against_autograds_own(kernels, capsys):
+    """A correct float32 kernel rounds differently from autograd and passes; a backward off by one
+    part in 10,000 fails (in float64 too), and gradcheck, which needs float64, is said not to run."""
+    assert main(["verify", "batchnorm", "--kernel", f"{kernels}:batchnorm", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "float32, sizes n=32, d=64:" in out and "within: False" not in out
+    assert "gradcheck (float64): not run" in out
+    for dtype in ("float32", "float64"):
+        assert main(["verify", "batchnorm", "--kernel", f"{kernels}:batchnorm_nudged", "--dtype", dtype]) == 1
+        err = capsys.readouterr().err
+        assert "FAIL: dx differs" in err and "FAIL: output" not in err and "FAIL: dgamma" not in err
+
+
+def test_float32_names_the_wrong_gradient(kernels, capsys):
+    assert main(["verify", "batchnorm", "--kernel", f"{kernels}:batchnorm_wrong_backward", "--dtype", "float32"]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL: dx differs from autograd of the spec at n=32, d=64 (error " in err and "FAIL: output" not in err
+
+
 @pytest.mark.parametrize("argument, names, message", [
-    ("{k}:missing", ["batchnorm"], "has no function 'missing' (it defines batchnorm, batchnorm_positional_only, "
-                                   "batchnorm_wrong_backward, logcosh)"),
+    ("{k}:missing", ["batchnorm"], "has no function 'missing' (it defines batchnorm, batchnorm_nudged, "
+                                   "batchnorm_positional_only, batchnorm_wrong_backward, logcosh)"),
     ("{k}", ["batchnorm"], "expected FILE.py:NAME"),
     ("nowhere.py:batchnorm", ["batchnorm"], "no such file 'nowhere.py'"),
     ("{k}:batchnorm", [], "name the one layer it implements"),
