@@ -268,8 +268,9 @@ def load_function(argument: str):
 
 
 def load_module(path: Path) -> ModuleType:
-    """Import a generated file by path (fresh each time, so a regenerated file is picked up)."""
-    name = f"_derive_generated_{Path(path).stem}"
+    """Import a Python file by path, a generated module or a hand-written kernel (fresh each time,
+    so a regenerated file is picked up)."""
+    name = f"_derive_loaded_{Path(path).stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
