@@ -61,6 +61,14 @@ def batchnorm_positional_only(x, g, b):
     return x
 
 
+def layernorm(x, gamma, beta, eps=1e-5):
+    return torch.nn.functional.layer_norm(x, x.shape[1:], gamma, beta, eps)
+
+
+def cross_entropy_ignore(logits, y, ignore_index=0):
+    return torch.nn.functional.cross_entropy(logits, y, ignore_index=ignore_index)
+
+
 def logcosh(pred, target):
     d = pred - target
     return (d + torch.nn.functional.softplus(-2 * d) - torch.log(torch.tensor(2.0, dtype=d.dtype))).mean()
@@ -122,6 +130,14 @@ def test_float32_holds_each_error_against_autograds_own(kernels, capsys):
         assert "FAIL: dx differs" in err and "FAIL: output" not in err and "FAIL: dgamma" not in err
 
 
+@pytest.mark.parametrize("layer", ["layernorm", "cross_entropy_ignore"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torchs_own_ops_match_the_specs(kernels, capsys, layer, dtype):
+    """``F.layer_norm`` and ``F.cross_entropy(..., ignore_index=...)`` are other algorithms than the
+    specs (constants such as ``eps`` and ``ignore_index`` are passed by name): they must pass."""
+    assert main(["verify", layer, "--kernel", f"{kernels}:{layer}", "--dtype", dtype]) == 0, capsys.readouterr()
+
+
 def test_float32_names_the_wrong_gradient(kernels, capsys):
     assert main(["verify", "batchnorm", "--kernel", f"{kernels}:batchnorm_wrong_backward", "--dtype", "float32"]) == 1
     err = capsys.readouterr().err
@@ -130,7 +146,8 @@ def test_float32_names_the_wrong_gradient(kernels, capsys):
 
 @pytest.mark.parametrize("argument, names, message", [
     ("{k}:missing", ["batchnorm"], "has no function 'missing' (it defines batchnorm, batchnorm_nudged, "
-                                   "batchnorm_positional_only, batchnorm_wrong_backward, logcosh)"),
+                                   "batchnorm_positional_only, batchnorm_wrong_backward, cross_entropy_ignore, "
+                                   "layernorm, logcosh)"),
     ("{k}", ["batchnorm"], "expected FILE.py:NAME"),
     ("nowhere.py:batchnorm", ["batchnorm"], "no such file 'nowhere.py'"),
     ("{k}:batchnorm", [], "name the one layer it implements"),
