@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import importlib.util
 import json
@@ -509,7 +510,9 @@ def markdown(report):
     env = report["environment"]
     lines = [
         f"float32, CPU ({env['cpu']}), torch {env['torch']}, {env['threads']} threads, "
-        f"median of {report['settings']['repeat']} interleaved repetitions, forward + backward.",
+        f"median of {report['settings']['repeat']} interleaved repetitions, forward + backward"
+        + (", freed memory kept mapped (`--keep-pages`: no call pays for fresh pages)."
+           if report["settings"].get("keep_pages") else "."),
         "",
         "| layer | size | generated ms | compiled ms (compile s) | native ms | spec-autograd ms | floor ms "
         "| gen/native | gen/spec | gen/floor | compiled/native | compiled/floor "
@@ -605,6 +608,24 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_pages() -> None:
+    """Make glibc's malloc keep freed memory mapped: no allocation gets fresh pages from ``mmap``
+    and freed memory is not given back, so after the warm-up no call pays for the kernel zeroing
+    new pages. Above 32 MiB that costs about a pass over memory per allocation, more or less
+    depending on whether huge pages are free: the noise of the default run. What remains is the
+    kernels' own passes."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        raise SystemExit("bench: --keep-pages needs glibc's malloc (mallopt), which this platform lacks")
+
+
 def main(argv=None, prog=None):
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -621,9 +642,14 @@ def main(argv=None, prog=None):
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="max relative error of the generated kernel against its peers before a warning")
+    p.add_argument("--keep-pages", action="store_true",
+                   help="keep freed memory mapped (glibc mallopt), so that no call pays for fresh pages: "
+                        "times the kernels' own passes, without the page-fault noise")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
+    if args.keep_pages:
+        keep_pages()
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = args.threads or cores
@@ -634,7 +660,7 @@ def main(argv=None, prog=None):
            "generated_content_hash": generated_hashes()}
     print(f"torch {env['torch']} on {env['cpu']}: torch.set_num_threads({threads}) "
           f"({cores} cores available), float32, repeat {args.repeat}"
-          + (", quick" if args.quick else ""), flush=True)
+          + (", quick" if args.quick else "") + (", freed memory kept mapped" if args.keep_pages else ""), flush=True)
     idle = CpuMeter()
     time.sleep(1.0)
     other = idle.read()
@@ -673,7 +699,7 @@ def main(argv=None, prog=None):
 
     report = {
         "settings": {"argv": sys.argv if argv is None else argv, "quick": args.quick, "repeat": args.repeat,
-                     "min_sample_ms": args.min_sample_ms, "compile": not args.no_compile, "max_mem_gib": args.max_mem_gib, "dtype": "float32",
+                     "min_sample_ms": args.min_sample_ms, "keep_pages": args.keep_pages, "compile": not args.no_compile, "max_mem_gib": args.max_mem_gib, "dtype": "float32",
                      "device": "cpu", "timer": "time.perf_counter",
                      "memory": "torch.profiler profile_memory=True allocator events: peak and held bytes above the inputs"},
         "environment": env,

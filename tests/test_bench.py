@@ -34,6 +34,7 @@ def test_quick_benchmark_writes_complete_json(tmp_path):
 
     report = json.loads(out.read_text())
     assert report["settings"]["quick"] is True and report["settings"]["repeat"] == 3
+    assert report["settings"]["keep_pages"] is False
     got = {(r["layer"], tuple(sorted(r["size"].items()))) for r in report["results"]}
     wanted = {(layer, tuple(sorted(size.items()))) for layer, sizes in QUICK.items() for size in sizes}
     assert got == wanted
@@ -65,3 +66,19 @@ def test_quick_benchmark_writes_complete_json(tmp_path):
             # one row per layer and size; a row run while the machine was busy is marked with a warning
             cell = re.escape("x".join(str(v) for v in size.values()))
             assert re.search(rf"^\| {layer} \| {cell}( ⚠)? \|", text, re.M), (layer, size)
+
+
+def test_keep_pages_is_recorded_and_said_in_the_table(tmp_path):
+    """``--keep-pages`` (freed memory stays mapped, no call pays for fresh pages) runs, and says so."""
+    out, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--repeat", "1", "--min-sample-ms", "1",
+         "--no-compile", "--keep-pages", "--json", str(out), "--markdown", str(table)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "freed memory kept mapped" in proc.stdout.splitlines()[0]
+    report = json.loads(out.read_text())
+    assert report["settings"]["keep_pages"] is True
+    assert all(r["status"] == "ok" and r["check"]["ok"] for r in report["results"])
+    assert "freed memory kept mapped (`--keep-pages`" in table.read_text().splitlines()[0]
