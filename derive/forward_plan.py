@@ -23,7 +23,7 @@ import sympy as sp
 
 from .elements import REDUCING_OPS, Elements
 from .symbolic import AxisMax, AxisSum, extent
-from .printer import ForwardPrinter, Frame
+from .printer import ForwardPrinter, Frame, fit_shape
 from .spec import Tensor
 from .trace import Node
 
@@ -304,8 +304,9 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
                 code, buffer_of[st.name] = into, free.pop(0)
             else:
                 buffer_of[st.name] = st.name
-        if st.node is not None:
-            code = _fit(code, shape, tuple(st.node.shape), frame_dims, names)
+        if st.node is not None and shape != tuple(st.node.shape):  # give the value its node's own shape
+            axes = tuple(s if s in st.node.shape else 1 for s in frame_dims)
+            code = fit_shape(code, shape, axes, tuple(st.node.shape), lambda dims: _sizes(dims, names))
         comment = ""
         if st.lines:
             node = st.node or by_name[st.name]
@@ -319,19 +320,6 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
                 if n in saved or n == el.graph.output.name or last_use.get(n, -1) > position}
         free += [b for b in dict.fromkeys(buffer_of.values()) if b not in live and b not in free]
     return out
-
-
-def _fit(code: str, layout: tuple, shape: tuple, frame_dims: list, names: dict) -> str:
-    """Give a value printed in the frame layout its node's own shape (``(1, 1)`` -> ``()``)."""
-    if layout == shape:
-        return code
-    wrapped = code if code.isidentifier() else f"({code})"
-    wanted = tuple(s if s in shape else 1 for s in frame_dims)  # the node's axes, laid out in the frame
-    if wanted != layout:
-        wrapped += f".expand({_sizes(wanted, names)})"
-    if wanted != shape:
-        wrapped += f".reshape({_sizes(shape, names) or '()'})"
-    return wrapped
 
 
 def _sizes(dims: tuple, names: dict) -> str:

@@ -17,7 +17,7 @@ from .errors import DerivationError
 from .forward import size_scalars
 from .backward_plan import linear_form
 from .forward_plan import forward_code
-from .printer import Frame, KernelPrinter
+from .printer import Frame, KernelPrinter, fit_shape
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, dim_names
 from .symbolic import Red, extent, hide_argmax, reductions
@@ -349,13 +349,9 @@ def _fit(code: str, expr: sp.Expr, name: str, layer: Layer, index: dict, frame_d
         raise DerivationError(layer.name, f"{name}'s dimensions {dims} are not in the order {frame}",
                               "declare every input's dimensions in one consistent order")
     varying = {sp.pycode(s) for s in frame_dims if index[s] in expr.free_symbols}
-    wrapped = code if sp.Symbol(code).name == code and code.isidentifier() else f"({code})"
-    if not set(varying_dims) <= varying:
-        layout = [d if d in dims else "1" for d in frame]
-        wrapped = f"{wrapped}.expand({', '.join(layout)})"
-    if len(dims) != len(frame):
-        wrapped = f"{wrapped}.reshape({', '.join(dims)}{',' if len(dims) == 1 else ''})"
-    return wrapped if wrapped != f"({code})" else code
+    layout = tuple(d if d in varying and d in dims else "1" for d in frame)
+    axes = tuple(d if d in dims else "1" for d in frame)
+    return fit_shape(code, layout, axes, tuple(dims), lambda shape: ", ".join(shape) + ("," if len(shape) == 1 else ""))
 
 
 def _shared_names(values: list[sp.Expr], taken: set) -> list[str]:

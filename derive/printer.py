@@ -451,4 +451,17 @@ def _broadcasts_as(shape: list, target: list) -> bool:
     return all(s == t for s, t in zip(shape, target))
 
 
-__all__ = ["Frame", "KernelPrinter", "ForwardPrinter", "Red", "Max", "IsArgmax"]
+def fit_shape(code: str, layout: tuple, axes: tuple, shape: tuple, sizes) -> str:
+    """``code``, a value printed in the frame ``layout`` (size 1 on the axes it does not vary on),
+    given the shape ``shape``: expanded to ``axes`` (the shape's axes laid out in the frame) where
+    it lacks some of them, then reshaped where the frame's rank is not the shape's
+    (``(1, d)`` -> ``(d,)``). ``sizes`` prints a shape as the arguments of ``expand``/``reshape``."""
+    wrapped = code if code.isidentifier() else f"({code})"
+    if layout != axes:
+        wrapped += f".expand({sizes(axes)})"
+    if axes != shape:
+        wrapped += f".reshape({sizes(shape) or '()'})"
+    return code if wrapped == f"({code})" else wrapped
+
+
+__all__ = ["Frame", "KernelPrinter", "ForwardPrinter", "Red", "Max", "IsArgmax", "fit_shape"]
