@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .printer import KernelPrinter
+from .printer import KernelPrinter, temporaries
 from .symbolic import expand
 
 
 def _axes(expr: sp.Expr, slots: dict, shapes: dict, frame: list) -> set:
     """The frame axes ``expr`` varies on."""
     axes = {slots[s] for s in expr.free_symbols if s in slots}
-    labels = {b.label for b in expr.atoms(sp.IndexedBase)}  # their elements carry their indices
-    for s in expr.free_symbols - labels:
-        shape = shapes.get(getattr(s, "name", None))
-        if isinstance(s, sp.Symbol) and shape is not None:
-            axes |= {k for k, size in enumerate(shape) if size != 1}
+    for s in temporaries(expr, shapes):
+        axes |= {k for k, size in enumerate(shapes[s.name]) if size != 1}
     return axes
 
 

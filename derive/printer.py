@@ -206,10 +206,9 @@ class KernelPrinter(TorchPrinter):
         """True when every tensor ``body`` reads has fewer axes than the frame: its sum must then
         view them into the frame (``w.view(1, k).sum(1)``), or it would name an axis they lack."""
         rank = len(self.frame.dims)
-        labels = {b.label for b in body.atoms(sp.IndexedBase)}
-        temps = [s for s in body.free_symbols - labels if isinstance(s, sp.Symbol) and s.name in self.shapes]
         elements = body.atoms(sp.Indexed)
-        shapes = [self.shapes[s.name] for s in temps] + [self.shapes[str(e.base)] for e in elements]
+        shapes = ([self.shapes[s.name] for s in temporaries(body, self.shapes)]
+                  + [self.shapes[str(e.base)] for e in elements])
         return bool(elements) and all(len(shape) < rank for shape in shapes)  # a 0-d temporary is lower too
 
     def _print_Red(self, expr):
@@ -442,6 +441,13 @@ class ForwardPrinter(KernelPrinter):
         return False
 
 
+def temporaries(expr: sp.Expr, shapes: dict) -> list[sp.Symbol]:
+    """The named tensors (saved values, shared temporaries) ``expr`` reads as whole symbols, by
+    their names in ``shapes``; the labels of indexed elements (``x`` of ``x[i, j]``) are not among them."""
+    labels = {b.label for b in expr.atoms(sp.IndexedBase)}  # their elements carry their indices
+    return [s for s in expr.free_symbols - labels if isinstance(s, sp.Symbol) and s.name in shapes]
+
+
 def _padded(shape, rank: int) -> tuple:
     """``shape`` with leading 1s up to ``rank`` axes, as broadcasting lines it up with the frame."""
     return (1,) * (rank - len(shape)) + tuple(shape)
@@ -464,4 +470,4 @@ def fit_shape(code: str, layout: tuple, axes: tuple, shape: tuple, sizes) -> str
     return code if wrapped == f"({code})" else wrapped
 
 
-__all__ = ["Frame", "KernelPrinter", "ForwardPrinter", "Red", "Max", "IsArgmax", "fit_shape"]
+__all__ = ["Frame", "KernelPrinter", "ForwardPrinter", "Red", "Max", "IsArgmax", "fit_shape", "temporaries"]
