@@ -97,13 +97,14 @@ def verify_kernel(args) -> int:
     spec; exit 1 when it differs (for CI)."""
     import torch
 
-    from .verify import check_kernel, kernel_sizes, load_function, table
+    from .verify import as_function, check_kernel, kernel_sizes, load_function, table
 
     layers = _layers(args)
     if len(layers) != 1:
         raise DeriveError(f"--kernel {args.kernel}: name the one layer it implements (a built-in name, or "
                           f"--layer FILE.py:name); {len(layers)} layers were selected")
-    layer, fn = layers[0], load_function(args.kernel)
+    layer = layers[0]
+    fn = as_function(load_function(args.kernel), layer)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     check = check_kernel(layer, fn, args.kernel, kernel_sizes(layer, EXERCISE_SIZES), dtype)
     print(f"== {check.kernel} against autograd of the spec")
@@ -160,7 +161,8 @@ def parser() -> argparse.ArgumentParser:
                                       "with --kernel, hold a hand-written kernel against the spec")
     common(v)
     v.add_argument("--kernel", metavar="FILE.py:NAME",
-                   help="a hand-written function with the spec's arguments (by name): compare its output and "
+                   help="a hand-written function with the spec's arguments (by name), or an autograd.Function class "
+                        "(its apply, with them in the spec's order): compare its output and "
                         "gradients with autograd of the spec, run gradcheck, exit 1 on a difference")
     v.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                    help="with --kernel: float64 (default: the exercise's table, and gradcheck) or float32 (each "

@@ -250,8 +250,17 @@ def check_kernel(layer: Layer, fn, kernel: str, sizes: list[dict[str, int]], dty
     return KernelCheck(layer.name, name, tables, f"{verdict} ({_sizes_text(small)})")
 
 
+def as_function(kernel, layer: Layer):
+    """``kernel`` as a function of the spec's arguments by name: a function as it is, an
+    ``autograd.Function`` subclass through its ``apply``, with the arguments in the spec's order."""
+    if isinstance(kernel, type) and issubclass(kernel, torch.autograd.Function):
+        order = list(layer.inputs)
+        return lambda **arguments: kernel.apply(*[arguments[k] for k in order])
+    return kernel
+
+
 def load_function(argument: str):
-    """The function ``NAME`` of ``FILE.py``, from ``FILE.py:NAME``."""
+    """The function (or ``autograd.Function`` class) ``NAME`` of ``FILE.py``, from ``FILE.py:NAME``."""
     path, _, name = argument.rpartition(":")
     if not path or not name.isidentifier():
         raise DeriveError(f"--kernel {argument}: expected FILE.py:NAME, the file and the function in it")

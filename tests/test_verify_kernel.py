@@ -41,6 +41,25 @@ def batchnorm_wrong_backward(x, gamma, beta, eps=1e-5):
     return _BiasedBackward.apply(x, gamma, beta, eps)
 
 
+class BatchnormFunction(torch.autograd.Function):
+    """Bessel-corrected batchnorm with a hand-written backward, used as ``BatchnormFunction.apply``."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        n = x.shape[0]
+        std = torch.sqrt(x.var(0) + eps)
+        xhat = (x - x.mean(0)) / std
+        ctx.save_for_backward(xhat, gamma, std)
+        return gamma * xhat + beta
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, gamma, std = ctx.saved_tensors
+        n = dy.shape[0]
+        dx = gamma / std / n * (n * dy - dy.sum(0) - n / (n - 1) * xhat * (dy * xhat).sum(0))
+        return dx, (dy * xhat).sum(0), dy.sum(0), None
+
+
 class _Nudged(torch.autograd.Function):
     """The identity, whose backward is off by one part in 10,000."""
 
@@ -104,6 +123,11 @@ def test_a_wrong_backward_fails_naming_the_gradient(kernels, capsys):
     assert "failure(s)" in captured.out
 
 
+def test_an_autograd_function_class_is_called_through_apply_in_the_specs_order(kernels, capsys):
+    assert main(["verify", "batchnorm", "--kernel", f"{kernels}:BatchnormFunction"]) == 0, capsys.readouterr()
+    assert "gradcheck (float64): passed" in capsys.readouterr().out
+
+
 def test_a_kernel_that_raises_is_a_failure_that_names_the_error(kernels, capsys):
     assert main(["verify", "batchnorm", "--kernel", f"{kernels}:batchnorm_positional_only"]) == 1
     captured = capsys.readouterr()
@@ -145,7 +169,7 @@ def test_float32_names_the_wrong_gradient(kernels, capsys):
 
 
 @pytest.mark.parametrize("argument, names, message", [
-    ("{k}:missing", ["batchnorm"], "has no function 'missing' (it defines batchnorm, batchnorm_nudged, "
+    ("{k}:missing", ["batchnorm"], "has no function 'missing' (it defines BatchnormFunction, batchnorm, batchnorm_nudged, "
                                    "batchnorm_positional_only, batchnorm_wrong_backward, cross_entropy_ignore, "
                                    "layernorm, logcosh)"),
     ("{k}", ["batchnorm"], "expected FILE.py:NAME"),
