@@ -434,9 +434,9 @@ class ForwardPrinter(KernelPrinter):
         if j in body.free_symbols:
             return True
         rank = len(self.frame.dims)
-        for s in body.free_symbols:
-            shape = self.shapes.get(str(s)) if isinstance(s, sp.Symbol) else None
-            if shape is not None and (len(shape) > rank or _padded(shape, rank)[axis] != 1):
+        for s in temporaries(body, self.shapes):
+            shape = self.shapes[s.name]
+            if len(shape) > rank or _padded(shape, rank)[axis] != 1:
                 return True
         return False
 
