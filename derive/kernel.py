@@ -17,7 +17,7 @@ from .errors import DerivationError
 from .forward import size_scalars
 from .backward_plan import linear_form
 from .forward_plan import forward_code
-from .printer import Frame, KernelPrinter, fit_shape
+from .printer import Frame, KernelPrinter, fit_shape, temporaries
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, dim_names
 from .symbolic import Red, extent, hide_argmax, reductions
@@ -259,7 +259,7 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
     slots = {index[s]: k for k, s in enumerate(frame)}
     shared = []
     for symbol, value in replacements:
-        reads = [shapes[t.name] for t in value.free_symbols if isinstance(t, sp.Symbol) and t.name in shapes]
+        reads = [shapes[t.name] for t in temporaries(value, shapes)]
         # a value of 0-d tensors only (``dout*(1 - v4**2)`` for a scalar output) prints as 0-d
         scalar = not value.atoms(sp.Indexed) and all(len(r) == 0 for r in reads)
         shapes[str(symbol)] = () if scalar else tuple(s if index[s] in value.free_symbols else 1 for s in frame)
@@ -351,7 +351,8 @@ def _fit(code: str, expr: sp.Expr, name: str, layer: Layer, index: dict, frame_d
     varying = {sp.pycode(s) for s in frame_dims if index[s] in expr.free_symbols}
     layout = tuple(d if d in varying and d in dims else "1" for d in frame)
     axes = tuple(d if d in dims else "1" for d in frame)
-    return fit_shape(code, layout, axes, tuple(dims), lambda shape: ", ".join(shape) + ("," if len(shape) == 1 else ""))
+    return fit_shape(code, layout, axes, tuple(dims),
+                     lambda shape: ", ".join(shape) + ("," if len(shape) == 1 else ""))
 
 
 def _shared_names(values: list[sp.Expr], taken: set) -> list[str]:
