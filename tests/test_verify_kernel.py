@@ -24,7 +24,6 @@ class _BiasedBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps):
-        n = x.shape[0]
         xhat = (x - x.mean(0)) / torch.sqrt(x.var(0) + eps)
         ctx.save_for_backward(xhat, gamma, torch.sqrt(x.var(0) + eps))
         return gamma * xhat + beta
@@ -46,7 +45,6 @@ class BatchnormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps):
-        n = x.shape[0]
         std = torch.sqrt(x.var(0) + eps)
         xhat = (x - x.mean(0)) / std
         ctx.save_for_backward(xhat, gamma, std)
