@@ -6,6 +6,7 @@ An exception raised in a worker is raised again here.
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from typing import Callable
@@ -30,11 +31,13 @@ def fork_map(fn: Callable, items: list, cost: Callable | None = None) -> list:
     global _WORK
     _WORK = [(fn, item) for item in items]
     order = sorted(range(len(items)), key=lambda k: cost(items[k]), reverse=True) if cost else list(range(len(items)))
+    gc.freeze()  # the parent's objects (torch, SymPy) are never garbage: no worker's collection walks them
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             done = dict(zip(order, pool.map(_run, order, chunksize=1)))
     finally:
         _WORK = []
+        gc.unfreeze()
     return [done[k] for k in range(len(items))]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 import sympy as sp
 from sympy.solvers.solvers import _invert
@@ -192,6 +193,12 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
         expr, best = rewritten, score
 
 
+# The refold weighs every candidate by its closed form, and the candidates share most of their terms
+# and size coefficients: each is cancelled or factored once per process (SymPy caches neither).
+_cancel = lru_cache(maxsize=8192)(sp.cancel)
+_factor = lru_cache(maxsize=8192)(sp.factor)
+
+
 def _split(term: sp.Expr, scalars: set) -> tuple[sp.Expr, sp.Expr]:
     """(size-only coefficient, tensor part) of one product; ``scalars`` are sizes and constants."""
     coefficient, tensor = [], []
@@ -208,19 +215,19 @@ def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
         return expr
     collected: dict[sp.Expr, sp.Expr] = {}
     for term in sp.Add.make_args(expr):
-        coefficient, tensor = _split(sp.cancel(term), scalars)
+        coefficient, tensor = _split(_cancel(term), scalars)
         collected[tensor] = collected.get(tensor, 0) + coefficient
-    terms = [(sp.factor(c), t) for t, c in collected.items() if sp.cancel(c) != 0]
+    terms = [(_factor(c), t) for t, c in collected.items() if _cancel(c) != 0]
     if not terms:
         return sp.S.Zero
     common = _common_factor([t for _, t in terms])
-    terms = [(c, sp.cancel(t / common)) for c, t in terms]
+    terms = [(c, _cancel(t / common)) for c, t in terms]
 
     def spread(scale):
-        return sp.count_ops(sp.Add(*[sp.factor(c / scale) for c, _ in terms])), sp.default_sort_key(scale)
+        return sp.count_ops(sp.Add(*[_factor(c / scale) for c, _ in terms])), sp.default_sort_key(scale)
 
-    scale = min({sp.factor(abs(c)) for c, _ in terms}, key=spread)
-    inner = _grouped(sp.Add(*[sp.factor(c / scale) * t for c, t in terms]))
+    scale = min({_factor(abs(c)) for c, _ in terms}, key=spread)
+    inner = _grouped(sp.Add(*[_factor(c / scale) * t for c, t in terms]))
     if inner.is_Add:
         return sp.Mul(scale, common, inner, evaluate=False) if scale != 1 or common != 1 else inner
     return scale * common * inner
@@ -240,7 +247,7 @@ def _grouped(inner: sp.Expr) -> sp.Expr:
     count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
                     if isinstance(f.as_base_exp()[0], sp.Indexed))
     shared = [f for f, c in sorted(count.items(), key=lambda fc: (-fc[1], sp.default_sort_key(fc[0]))) if c >= 2]
-    return sp.collect(inner, shared, func=sp.factor) if shared else inner
+    return sp.collect(inner, shared, func=_factor) if shared else inner
 
 
 def _common_factor(tensors: list[sp.Expr]) -> sp.Expr:

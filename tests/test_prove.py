@@ -128,3 +128,48 @@ def test_equal_holds_for_any_sum_written_two_ways_and_fails_when_one_term_moves(
     assert _equal(one_way, other_way)
     for moved, _ in terms:
         assert not _equal(one_way, other_way + by * moved)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3).filter(bool), st.integers(0, 6)), min_size=1, max_size=4),
+       st.integers(0, 7))
+def test_the_field_check_says_zero_exactly_where_cancel_does(pairs, moved):
+    """The rational check built in SymPy's field of fractions agrees with ``cancel(together(...))``
+    on the stand-in form of random differences, zero (each term written its other way; not all are
+    zero in that form, ``exp(2z)`` being a stand-in of its own) or not (one term's coefficient moved)."""
+    import sympy as sp
+
+    from derive.prove import _generators, _rational_zero
+
+    terms = _norm_terms()
+    difference = sp.Add(*[c * (terms[k][0] - terms[k][1]) for c, k in pairs])
+    if moved < len(terms):
+        difference += terms[moved][0]
+    rational = difference.xreplace(_generators(difference))
+    assert _rational_zero(rational) == (sp.cancel(sp.together(rational)) == 0)
+    if moved < len(terms):
+        assert not _rational_zero(rational)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3).filter(bool), st.integers(0, 6), st.integers(0, 6)), min_size=1,
+                max_size=6))
+def test_the_size_limit_counts_operations_only_past_the_limit(products):
+    """A proof stops at ``PROOF_MAX_OPS`` operations (``sp.count_ops``). The node count it takes first
+    is always above the operation count, so it never lets a larger expression through."""
+    import sympy as sp
+
+    import derive.prove as proving
+
+    terms = [t for pair in _norm_terms() for t in pair]
+    expr = sp.Add(*[c * terms[a] * terms[b] for c, a, b in products])
+    operations = sp.count_ops(expr)
+    assert operations < sum(1 for _ in sp.preorder_traversal(expr))
+    limit = proving.PROOF_MAX_OPS
+    try:
+        proving.PROOF_MAX_OPS = operations - 1
+        assert proving._operations_past_limit(expr) == operations
+        proving.PROOF_MAX_OPS = operations
+        assert proving._operations_past_limit(expr) == 0
+    finally:
+        proving.PROOF_MAX_OPS = limit
