@@ -20,7 +20,7 @@ from .derivation import render_markdown, render_tex
 from .derivation_steps import render_steps_markdown, render_steps_tex
 from .errors import DerivationError, DeriveError, ProofFailure
 from .files import is_hand_edited, remove_temporaries, write_atomic
-from .kernel import Kernel, build
+from .kernel import Kernel, build_cached
 from .parallel import fork_map
 from .prove import Proof, default_sizes, prove
 from .spec import Layer
@@ -32,9 +32,9 @@ PACKAGE_INIT = '"""Generated backward passes: `<layer>.py` (fused kernel), `<lay
 
 
 def build_named(layer: Layer) -> Kernel:
-    """``build(layer)``; a refusal raised where the layer is not known (the printer) gets its name."""
+    """``build_cached(layer)``; a refusal raised where the layer is not known (the printer) gets its name."""
     try:
-        return build(layer)
+        return build_cached(layer)
     except DerivationError as e:
         if e.layer:
             raise
@@ -122,6 +122,23 @@ def _expected_cost(layer: Layer) -> tuple:
     return layer.fused, len(layer.dims), size
 
 
+def _jobs(layers: list[Layer]) -> list[list[Layer]]:
+    """The layers in groups, each derived in turn by one worker: a layer whose spec calls fused layers
+    of the list goes with them, since its step-by-step backward prints their kernels, and one worker
+    builds each kernel once (``build_cached``) where two would build it twice."""
+    group = {id(layer): [layer] for layer in layers}
+    for layer in layers:
+        for region in trace(layer).regions:
+            called = group.get(id(region.layer))
+            if region.layer.fused and called is not None and called is not group[id(layer)]:
+                group[id(layer)].extend(called)
+                for member in called:
+                    group[id(member)] = group[id(layer)]
+    position = {id(layer): k for k, layer in enumerate(layers)}
+    unique = {id(g): g for g in group.values()}
+    return [sorted(g, key=lambda layer: position[id(layer)]) for g in unique.values()]
+
+
 def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force: bool = False,
              echo=print, index: bool = True) -> list[Report]:
     """Derive ``layers``, prove their fused kernels, compare the generated code with autograd, then
@@ -134,7 +151,11 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     derivations is written too.
     """
     out = Path(out)
-    derived = fork_map(lambda layer: derive_layer(layer, prove_sizes), layers, cost=_expected_cost)
+    jobs = _jobs(layers)
+    done = fork_map(lambda job: [derive_layer(layer, prove_sizes) for layer in job], jobs,
+                    cost=lambda job: max(map(_expected_cost, job)))
+    by_layer = {id(layer): result for job, results in zip(jobs, done) for layer, result in zip(job, results)}
+    derived = [by_layer[id(layer)] for layer in layers]
     for layer, (files, _, _) in zip(layers, derived):
         edited = [out / rel for rel in files if is_hand_edited(out / rel)]
         if edited and not force:

@@ -120,7 +120,7 @@ def _view_groups(src: tuple, dst: tuple) -> list[tuple[list, list]]:
         gs, gd = [s_axes[i]], [d_axes[j]]
         ps, pd = src[s_axes[i]], dst[d_axes[j]]
         i, j = i + 1, j + 1
-        while sp.simplify(ps - pd) != 0:
+        while sp.cancel(ps - pd) != 0:  # products of sizes: cancel decides equality
             if sp.fraction(sp.cancel(pd / ps))[1] == 1 and i < len(s_axes):
                 gs.append(s_axes[i])
                 ps, i = ps * src[s_axes[i]], i + 1

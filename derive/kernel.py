@@ -7,6 +7,7 @@ saved tensors (read off the formulas' free symbols), the sizes, and the input ch
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -159,14 +160,22 @@ def size_divisors(exprs: list[sp.Expr], sizes: set) -> set:
     return out
 
 
-_BUILT: dict[int, Kernel] = {}
+# id(layer) -> (layer, its kernel), most recently used last. The layer is held with its kernel, so
+# its id cannot be taken by a new layer while the entry lives; the oldest entries go past the bound
+# (a process that generates many layers, such as the test suite, would otherwise keep every kernel).
+_BUILT: OrderedDict[int, tuple[Layer, Kernel]] = OrderedDict()
+BUILT_MAX = 32
 
 
 def build_cached(layer: Layer) -> Kernel:
-    """``build(layer)``, once per layer object in this process."""
-    if id(layer) not in _BUILT:
-        _BUILT[id(layer)] = build(layer)
-    return _BUILT[id(layer)]
+    """``build(layer)``, once per layer object in this process (of the latest ``BUILT_MAX``)."""
+    entry = _BUILT.get(id(layer))
+    if entry is None:
+        entry = _BUILT[id(layer)] = (layer, build(layer))
+        while len(_BUILT) > BUILT_MAX:
+            _BUILT.popitem(last=False)
+    _BUILT.move_to_end(id(layer))
+    return entry[1]
 
 
 def build(layer: Layer) -> Kernel:

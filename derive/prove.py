@@ -192,10 +192,11 @@ class Objective:
     """
 
     def __init__(self, upstream: list, outputs: list):
-        self.terms = list(zip(upstream, outputs))
+        # each output's free symbols are taken once: SymPy walks the whole tree for them every time
+        self.terms = [(u, o, o.free_symbols) for u, o in zip(upstream, outputs)]
 
     def diff(self, x: sp.Symbol) -> sp.Expr:
-        return sp.Add(*[u * sp.diff(o, x) for u, o in self.terms if x in o.free_symbols])
+        return sp.Add(*[u * sp.diff(o, x) for u, o, reads in self.terms if x in reads])
 
 
 def prove_steps(graph: Graph, sizes: dict[str, int], label_variant: int = 0) -> Proof:

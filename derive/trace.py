@@ -484,8 +484,9 @@ class SymTensor:
             t.fail(f"view{tuple(shape)!r}", "pass sizes from x.shape, integers, and at most one -1")
         total = sp.Mul(*self.node.shape)
         known = sp.Mul(*[s for s in sizes if s != -1])
-        sizes = [sp.simplify(total / known) if s == -1 else s for s in sizes]
-        if sp.simplify(sp.Mul(*sizes) - total) != 0:
+        # sizes are products of size symbols and integers: cancel decides their quotients and equality
+        sizes = [sp.cancel(total / known) if s == -1 else s for s in sizes]
+        if sp.cancel(sp.Mul(*sizes) - total) != 0:
             t.fail(f"view to {tuple(sizes)} of a tensor of shape {self.node.shape}", "keep the number of elements")
         return t.record("view", (self.node,), tuple(sizes))
 

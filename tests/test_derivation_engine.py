@@ -53,3 +53,21 @@ def test_generic_sizes_never_fixed(spec):
     for f in k.formulas:
         sizes = {s for s in f.element.free_symbols if isinstance(s, sp.Symbol) and s.is_integer and s.is_positive}
         assert all(str(s) in spec.dims for s in sizes)
+
+
+def test_a_layer_is_built_once_and_the_cache_of_kernels_is_bounded(monkeypatch):
+    import derive.kernel as kernel
+    from derive.layers import relu, sigmoid, tanh
+
+    built = []
+    monkeypatch.setattr(kernel, "_BUILT", type(kernel._BUILT)())
+    monkeypatch.setattr(kernel, "BUILT_MAX", 2)
+    monkeypatch.setattr(kernel, "build", lambda layer: built.append(layer.name) or build(layer))
+    first = kernel.build_cached(tanh)
+    assert kernel.build_cached(tanh) is first and built == ["tanh"]
+    kernel.build_cached(relu)
+    kernel.build_cached(tanh)  # the most recently used stays
+    kernel.build_cached(sigmoid)
+    assert len(kernel._BUILT) == 2 and built == ["tanh", "relu", "sigmoid"]
+    kernel.build_cached(relu)  # the least recently used went
+    assert built == ["tanh", "relu", "sigmoid", "relu"]

@@ -156,6 +156,24 @@ def test_printed_code_that_disagrees_with_autograd_writes_nothing(tmp_path, monk
     assert not (tmp_path / "out").exists()
 
 
+def test_a_layer_that_calls_fused_layers_is_derived_with_them(monkeypatch):
+    """makemore_model's step-by-step backward prints the batchnorm and cross-entropy kernels, so it is
+    derived in one job with those layers, and that job builds each kernel once."""
+    import derive.generate as gen
+    import derive.kernel as kernel
+    from derive.layers import batchnorm, makemore_model, tanh
+
+    jobs = gen._jobs([tanh, cross_entropy, makemore_model, batchnorm])
+    assert [[layer.name for layer in job] for job in jobs] == [["tanh"], ["cross_entropy", "makemore_model", "batchnorm"]]
+    built = []
+    original = kernel.build
+    monkeypatch.setattr(kernel, "_BUILT", type(kernel._BUILT)())
+    monkeypatch.setattr(kernel, "build", lambda layer: built.append(layer.name) or original(layer))
+    for layer in jobs[1]:
+        gen.derive_layer(layer, prove_sizes=False)
+    assert sorted(built) == ["batchnorm", "cross_entropy"]
+
+
 # -- a generation killed mid-way ------------------------------------------------------------------
 SMALL_SPEC = '''import torch
 from derive import Tensor, layer
