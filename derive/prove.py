@@ -4,7 +4,8 @@ At concrete sizes (n = 2..5, a few columns) the spec's graph is evaluated on arr
 symbols (``x_0_1``). Its output is differentiated element by element, the plain way, with no
 index calculus: ``d x_p_q = diff(sum(dout * out), x_p_q)``. The generic formula is expanded at the
 same sizes (sums written out, saved quantities replaced by their concrete values) and the two
-must agree exactly: ``simplify(difference) == 0``.
+must agree exactly: their difference is zero (``_equal``: as a rational function of stand-in
+symbols first, then by ``cancel``, last by ``simplify``).
 
 A maximum over a row is an *undefined* function of that row, so the proof holds for any shift
 (it is what makes softmax's max-subtraction cancel), not only for the maximum.
