@@ -7,13 +7,18 @@ jinja2). ``<out>/.derive-cache.json`` maps each key to the content hash of every
 wrote. When the key is known and every one of those files is still there with that hash, the
 files are exactly what the run would write again, and ``derive generate`` returns at once.
 
-Deliberately light: no torch or sympy import, and the specs are not even loaded.
+A layer has a key of its own (``layer_key``): when a run's key is new (a spec file changed), the
+layers whose own key is recorded, with their files intact, are not derived again.
+
+The run's check is deliberately light: no torch or sympy import, and the specs are not even loaded.
 ``derive check`` never uses the record: it re-derives everything.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from .files import content_hash, write_atomic
 RECORD = ".derive-cache.json"
 PACKAGE = Path(__file__).resolve().parent
 TEMPLATES = PACKAGE.parent / "templates"
+SPECS = PACKAGE / "layers"
 LIBRARIES = ("sympy", "torch", "jinja2")
 
 
@@ -35,12 +41,44 @@ def _library_versions() -> str:
     return ";".join(versions)
 
 
-def _toolkit_digest() -> bytes:
+@functools.cache  # once per process: the code running is the code as it was imported
+def _toolkit_digest(with_specs: bool = True) -> bytes:
+    """The toolkit's source and templates and the library versions; ``with_specs=False`` leaves out
+    the built-in specs (``derive/layers``), which a layer's own key covers where it uses them."""
     h = hashlib.sha256()
     for path in sorted(PACKAGE.rglob("*.py")) + sorted(TEMPLATES.glob("*.j2")):
-        h.update(str(path.relative_to(PACKAGE.parent)).encode() + b"\0" + path.read_bytes())
+        if with_specs or SPECS not in path.parents:
+            h.update(str(path.relative_to(PACKAGE.parent)).encode() + b"\0" + path.read_bytes())
     h.update(_library_versions().encode())
     return h.digest()
+
+
+def _is_library(path: Path) -> bool:
+    """A file of the standard library or of an installed package: the versions in the key cover it."""
+    prefixes = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    return any(prefix in path.parents for prefix in prefixes) or {"site-packages", "dist-packages"} & set(path.parts)
+
+
+def layer_key(name: str, spec_file: str, sources, proven: bool) -> str | None:
+    """Hash of what one layer's files depend on: the toolkit (the built-in specs left out), the library
+    versions, ``proven``, the layer's name, and the files of ``sources`` (``Graph.sources``: every file
+    whose code ran while the spec was traced) that are neither the toolkit's nor a library's: the
+    spec's own module, the modules of layers it calls, helpers it calls.
+
+    None where the spec has no file (a layer built in memory): such a layer is always derived.
+    A constant imported from a module none of whose code runs is not covered: ``--force`` re-derives.
+    """
+    spec = Path(spec_file)
+    if not spec.is_file():
+        return None
+    h = hashlib.sha256(_toolkit_digest(with_specs=False))
+    h.update(f"layer:{name};proven:{proven}".encode())
+    files = {spec.resolve()} | {Path(f).resolve() for f in sources if Path(f).is_file()}
+    for path in sorted(files):
+        if _is_library(path) or (PACKAGE in path.parents and SPECS not in path.parents):
+            continue
+        h.update(str(path).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def run_key(spec_files: list[str], names: list[str], proven: bool) -> str:
@@ -73,11 +111,27 @@ def unchanged(key: str, out: Path) -> bool:
     return bool(files) and all(_file_hash(Path(out) / rel) == digest for rel, digest in files.items())
 
 
-def remember(key: str, out: Path, files: list[str]) -> None:
-    """Record the files (paths relative to ``out``) that the run ``key`` just wrote."""
-    record = _load(out)
-    record[key] = {rel: _file_hash(Path(out) / rel) for rel in sorted(files)}
+def remember(out: Path, written: dict[str, list[str]]) -> None:
+    """Record, for each key (a run's or a layer's), the files (paths relative to ``out``) it just
+    wrote. Earlier entries stay while their files are still as they were recorded; the others (a
+    layer since changed and derived again, a file since edited) are dropped, so the record does not grow."""
+    record, hashes = _load(out), {}
+
+    def current(rel: str) -> str | None:
+        if rel not in hashes:
+            hashes[rel] = _file_hash(Path(out) / rel)
+        return hashes[rel]
+
+    record = {key: files for key, files in record.items()
+              if isinstance(files, dict) and files and all(current(rel) == digest for rel, digest in files.items())}
+    for key, files in written.items():
+        record[key] = {rel: current(rel) for rel in sorted(files)}
     write_atomic(Path(out) / RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
-__all__ = ["run_key", "unchanged", "remember", "RECORD"]
+def recorded_files(key: str, out: Path) -> list[str]:
+    """The files the run or layer ``key`` wrote into ``out`` (empty when unknown)."""
+    return sorted(_load(out).get(key) or [])
+
+
+__all__ = ["run_key", "layer_key", "unchanged", "remember", "recorded_files", "RECORD"]

@@ -40,8 +40,8 @@ def cmd_generate(args) -> int:
     print(f"{'layer':18s} {'gradients':24s} {'sizes proven (n x other)':33s} {'generated vs autograd':23s} time")
     reports = generate(layers, Path(args.out), prove_sizes=not args.no_prove, force=args.force,
                        index=not args.names)
-    cache.remember(key, Path(args.out), ["__init__.py"] + ([INDEX] if not args.names else [])
-                   + [f for r in reports for f in r.files])
+    cache.remember(Path(args.out), {key: ["__init__.py"] + ([INDEX] if not args.names else [])
+                                    + [f for r in reports for f in r.files]})
     for note in filter(None, (r.note() for r in reports)):
         print(f"note: {note}")
     print(f"done in {time.perf_counter() - start:.1f} s; files in {args.out}/")

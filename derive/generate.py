@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import cache
 from .book import index_markdown
 from .codegen import render_function, render_steps
 from .derivation import render_markdown, render_tex
@@ -24,7 +25,7 @@ from .kernel import Kernel, build_cached
 from .parallel import fork_map
 from .prove import Proof, default_sizes, prove
 from .spec import Layer
-from .trace import trace
+from .trace import Graph, trace
 from .verify import against_autograd, load_module, steps_table
 
 INDEX = "derivations/README.md"  # links every layer's derivations; written when all layers are generated
@@ -68,12 +69,18 @@ class Report:
     proofs: list[Proof] = field(default_factory=list)
     maxdiff: float = float("nan")
     seconds: float = 0.0
+    unchanged: bool = False  # its files were left as an earlier run wrote them (``cache.layer_key``)
+    unproven: bool = False  # a fused kernel generated without its proofs (--no-prove)
 
     def line(self) -> str:
+        if self.unchanged:
+            return f"{self.layer:18s} unchanged since it was derived, proven and written (--force derives it again)"
         sizes = ", ".join(_size_text(p) for p in self.proofs if not p.skipped)
         proven = f"proven at {sizes or '(rules proven)'}"
         if any(p.skipped for p in self.proofs):  # see note()
             proven = f"proven at {sizes}, no larger" if sizes else "not proven (too large)"
+        if self.unproven:
+            proven = "not proven (--no-prove)"
         grads = " ".join(self.gradients)
         grads = grads if len(grads) <= 24 else f"{len(self.gradients)} gradients"
         return f"{self.layer:18s} {grads:24s} {proven:32s} float64 maxdiff {self.maxdiff:.1e}   {self.seconds:5.1f} s"
@@ -122,13 +129,13 @@ def _expected_cost(layer: Layer) -> tuple:
     return layer.fused, len(layer.dims), size
 
 
-def _jobs(layers: list[Layer]) -> list[list[Layer]]:
+def _jobs(layers: list[Layer], graphs: list[Graph]) -> list[list[Layer]]:
     """The layers in groups, each derived in turn by one worker: a layer whose spec calls fused layers
     of the list goes with them, since its step-by-step backward prints their kernels, and one worker
     builds each kernel once (``build_cached``) where two would build it twice."""
     group = {id(layer): [layer] for layer in layers}
-    for layer in layers:
-        for region in trace(layer).regions:
+    for layer, graph in zip(layers, graphs):
+        for region in graph.regions:
             called = group.get(id(region.layer))
             if region.layer.fused and called is not None and called is not group[id(layer)]:
                 group[id(layer)].extend(called)
@@ -137,6 +144,14 @@ def _jobs(layers: list[Layer]) -> list[list[Layer]]:
     position = {id(layer): k for k, layer in enumerate(layers)}
     unique = {id(g): g for g in group.values()}
     return [sorted(g, key=lambda layer: position[id(layer)]) for g in unique.values()]
+
+
+def _layer_key(layer: Layer, graph: Graph, prove_sizes: bool) -> str | None:
+    try:
+        spec_file = inspect.getsourcefile(layer.fn) or ""
+    except TypeError:  # a function with no source file
+        spec_file = ""
+    return cache.layer_key(layer.name, spec_file, graph.sources, prove_sizes)
 
 
 def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force: bool = False,
@@ -151,12 +166,16 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     derivations is written too.
     """
     out = Path(out)
-    jobs = _jobs(layers)
+    graphs = [trace(layer) for layer in layers]  # what each spec calls and which files it ran
+    keys = [_layer_key(layer, graph, prove_sizes) for layer, graph in zip(layers, graphs)]
+    unchanged = {id(layer) for layer, key in zip(layers, keys) if key and not force and cache.unchanged(key, out)}
+    todo = [(layer, graph) for layer, graph in zip(layers, graphs) if id(layer) not in unchanged]
+    jobs = _jobs([layer for layer, _ in todo], [graph for _, graph in todo])
     done = fork_map(lambda job: [derive_layer(layer, prove_sizes) for layer in job], jobs,
                     cost=lambda job: max(map(_expected_cost, job)))
     by_layer = {id(layer): result for job, results in zip(jobs, done) for layer, result in zip(job, results)}
-    derived = [by_layer[id(layer)] for layer in layers]
-    for layer, (files, _, _) in zip(layers, derived):
+    derived = [by_layer.get(id(layer)) for layer in layers]  # None: unchanged, nothing to write
+    for layer, (files, _, _) in ((layer, d) for layer, d in zip(layers, derived) if d is not None):
         edited = [out / rel for rel in files if is_hand_edited(out / rel)]
         if edited and not force:
             raise HandEditedError(f"{edited[0]} was edited by hand (its content hash no longer matches); "
@@ -168,9 +187,14 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     # every generated module is imported and held against autograd before any file is written
     reports = []
     with tempfile.TemporaryDirectory(prefix="derive-check-") as staging:
-        for layer, (files, proofs, seconds) in zip(layers, derived):
+        for layer, key, result in zip(layers, keys, derived):
+            gradients = [f"d{name}" for name in layer.differentiable]
+            if result is None:
+                reports.append(Report(layer.name, gradients, cache.recorded_files(key, out), unchanged=True))
+                continue
+            files, proofs, seconds = result
             start = time.perf_counter()
-            report = Report(layer.name, [f"d{name}" for name in layer.differentiable], list(files), proofs)
+            report = Report(layer.name, gradients, list(files), proofs, unproven=layer.fused and not prove_sizes)
             report.maxdiff = _against_autograd(layer, files, Path(staging))
             report.seconds = seconds + time.perf_counter() - start
             reports.append(report)
@@ -178,10 +202,11 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     write_atomic(out / "__init__.py", PACKAGE_INIT)
     if index:
         write_atomic(out / INDEX, index_markdown(layers))
-    for report, (files, _, _) in zip(reports, derived):
-        for rel, text in files.items():
+    for report, result in zip(reports, derived):
+        for rel, text in (result[0] if result else {}).items():
             write_atomic(out / rel, text)
         echo(report.line())
+    cache.remember(out, {key: report.files for key, report in zip(keys, reports) if key and not report.unchanged})
     return reports
 
 

@@ -65,6 +65,9 @@ class Graph:
     sizes: dict[str, sp.Symbol]
     constants: dict[str, sp.Symbol]
     regions: list[Region] = field(default_factory=list)
+    # the source files of every Python function that ran while the spec was traced, the spec's own
+    # among them (with torch's and the toolkit's): what the generated files depend on besides it
+    sources: frozenset = frozenset()
 
     def consumers(self, node: Node) -> list[Node]:
         return [m for m in self.nodes if node in m.inputs]
@@ -180,10 +183,12 @@ class Tracer:
             args.append(t)
         constants = {n: a for n, a in zip(self.layer.inputs, args) if isinstance(a, sp.Symbol)}
         local_names = {}
+        sources = {self.code.co_filename}
 
         def profile(frame, event, arg):
             if event != "return":
                 return
+            sources.add(frame.f_code.co_filename)
             if frame.f_code is self.code:
                 local_names.update(frame.f_locals)
             elif self.calls and frame.f_code is self.calls[-1].layer.fn.__code__:
@@ -224,7 +229,7 @@ class Tracer:
         nodes = [n for n in self.nodes if n in used or n.op in ("input", "labels")]
         for region in self.regions:
             region.nodes = [n for n in region.nodes if n in used]
-        return Graph(self.layer, inputs, nodes, result.node, self.sizes, constants, self.regions)
+        return Graph(self.layer, inputs, nodes, result.node, self.sizes, constants, self.regions, frozenset(sources))
 
     def spec_failed(self, error: Exception) -> TraceError:
         """A Python error raised while the spec ran on symbolic tensors, at the spec's own line."""
