@@ -74,7 +74,8 @@ class Report:
 
     def line(self) -> str:
         if self.unchanged:
-            return f"{self.layer:18s} unchanged since it was derived, proven and written (--force derives it again)"
+            done = "derived and written" if self.unproven else "derived, proven and written"
+            return f"{self.layer:18s} unchanged since it was {done} (--force derives it again)"
         sizes = ", ".join(_size_text(p) for p in self.proofs if not p.skipped)
         proven = f"proven at {sizes or '(rules proven)'}"
         if any(p.skipped for p in self.proofs):  # see note()
@@ -163,7 +164,8 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     comparison runs before any file is written: a formula that fails its proof, or generated code
     that disagrees with autograd of the spec, raises ``ProofFailure`` and leaves ``out`` as it was.
     With ``index`` (the whole set of layers, not a few picked by name) the index page of the
-    derivations is written too.
+    derivations is written too. A layer whose own key (``cache.layer_key``) is recorded in ``out``
+    with its files intact is left as it is, unless ``force``.
     """
     out = Path(out)
     graphs = [trace(layer) for layer in layers]  # what each spec calls and which files it ran
@@ -188,13 +190,14 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     reports = []
     with tempfile.TemporaryDirectory(prefix="derive-check-") as staging:
         for layer, key, result in zip(layers, keys, derived):
-            gradients = [f"d{name}" for name in layer.differentiable]
+            gradients, unproven = [f"d{name}" for name in layer.differentiable], layer.fused and not prove_sizes
             if result is None:
-                reports.append(Report(layer.name, gradients, cache.recorded_files(key, out), unchanged=True))
+                reports.append(Report(layer.name, gradients, cache.recorded_files(key, out), unchanged=True,
+                                      unproven=unproven))
                 continue
             files, proofs, seconds = result
             start = time.perf_counter()
-            report = Report(layer.name, gradients, list(files), proofs, unproven=layer.fused and not prove_sizes)
+            report = Report(layer.name, gradients, list(files), proofs, unproven=unproven)
             report.maxdiff = _against_autograd(layer, files, Path(staging))
             report.seconds = seconds + time.perf_counter() - start
             reports.append(report)
