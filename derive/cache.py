@@ -2,8 +2,8 @@
 
 A run's *key* hashes everything its files depend on: the toolkit's own source (``derive/``, the
 built-in specs included) and templates, the spec files named with ``--layer``, the layers chosen,
-whether proofs run, and the versions of the libraries that shape the output (sympy, torch,
-jinja2). ``<out>/.derive-cache.json`` maps each key to the content hash of every file that run
+whether proofs run, and the versions of Python and of the libraries that shape the output (sympy,
+torch, jinja2, numpy). ``<out>/.derive-cache.json`` maps each key to the content hash of every file that run
 wrote. When the key is known and every one of those files is still there with that hash, the
 files are exactly what the run would write again, and ``derive generate`` returns at once.
 
@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
-import sys
+import platform
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -28,11 +30,11 @@ RECORD = ".derive-cache.json"
 PACKAGE = Path(__file__).resolve().parent
 TEMPLATES = PACKAGE.parent / "templates"
 SPECS = PACKAGE / "layers"
-LIBRARIES = ("sympy", "torch", "jinja2")
+LIBRARIES = ("sympy", "torch", "jinja2", "numpy")
 
 
 def _library_versions() -> str:
-    versions = []
+    versions = [f"python={platform.python_version()}"]
     for name in LIBRARIES:
         try:
             versions.append(f"{name}={metadata.version(name)}")
@@ -53,17 +55,28 @@ def _toolkit_digest(with_specs: bool = True) -> bytes:
     return h.digest()
 
 
+@functools.cache
+def _covered_roots() -> frozenset:
+    """Folders whose files a key covers by a version instead of their content: the standard library
+    and the libraries of ``LIBRARIES``."""
+    roots = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib")}
+    for name in LIBRARIES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            roots.add(Path(spec.origin).resolve().parent)
+    return frozenset(roots)
+
+
 def _is_library(path: Path) -> bool:
-    """A file of the standard library or of an installed package: the versions in the key cover it."""
-    prefixes = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    return any(prefix in path.parents for prefix in prefixes) or {"site-packages", "dist-packages"} & set(path.parts)
+    return any(root in path.parents for root in _covered_roots())
 
 
 def layer_key(name: str, spec_file: str, sources, proven: bool) -> str | None:
     """Hash of what one layer's files depend on: the toolkit (the built-in specs left out), the library
     versions, ``proven``, the layer's name, and the files of ``sources`` (``Graph.sources``: every file
-    whose code ran while the spec was traced) that are neither the toolkit's nor a library's: the
-    spec's own module, the modules of layers it calls, helpers it calls.
+    whose code ran while the spec was traced) that are neither the toolkit's, nor the standard
+    library's, nor of ``LIBRARIES``: the spec's own module, the modules of layers it calls, helpers
+    it calls, wherever they are installed.
 
     None where the spec has no file (a layer built in memory): such a layer is always derived.
     A constant imported from a module none of whose code runs is not covered: ``--force`` re-derives.
@@ -73,10 +86,10 @@ def layer_key(name: str, spec_file: str, sources, proven: bool) -> str | None:
         return None
     h = hashlib.sha256(_toolkit_digest(with_specs=False))
     h.update(f"layer:{name};proven:{proven}".encode())
-    files = {spec.resolve()} | {Path(f).resolve() for f in sources if Path(f).is_file()}
-    for path in sorted(files):
-        if _is_library(path) or (PACKAGE in path.parents and SPECS not in path.parents):
-            continue
+    spec = spec.resolve()
+    ran = {Path(f).resolve() for f in sources if Path(f).is_file()}
+    toolkit = {f for f in ran if PACKAGE in f.parents and SPECS not in f.parents}
+    for path in sorted({spec} | {f for f in ran - toolkit if not _is_library(f)}):
         h.update(str(path).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
