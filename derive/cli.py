@@ -75,7 +75,7 @@ def cmd_verify(args) -> int:
         sizes = {d: EXERCISE_SIZES.get(d, 16) for d in layer.dims}
         if layer.fused:
             kernel = build(layer)
-            for small in default_sizes(kernel):
+            for small in default_sizes(layer):
                 proof = prove(kernel, small)
                 shown = ", ".join(f"{k}={v}" for k, v in small.items())
                 if proof.skipped:

@@ -7,6 +7,7 @@ the same files in memory and names every file in ``<out>`` that is missing, stal
 from __future__ import annotations
 
 import inspect
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .derivation_steps import render_steps_markdown, render_steps_tex
 from .errors import DerivationError, DeriveError, ProofFailure
 from .files import is_hand_edited, remove_temporaries, write_atomic
 from .kernel import Kernel, build_cached
-from .parallel import fork_map
+from .parallel import cores, fork_map
 from .prove import Proof, default_sizes, prove
 from .spec import Layer
 from .trace import Graph, trace
@@ -114,11 +115,48 @@ def derive_layer(layer: Layer, prove_sizes: bool = True) -> tuple[dict[str, str]
     kernel = build_named(layer) if layer.fused else None
     files = render(layer, kernel)
     proofs = []
-    for sizes in default_sizes(kernel) if kernel is not None and prove_sizes else []:
+    for sizes in default_sizes(layer) if kernel is not None and prove_sizes else []:
         proofs.append(prove(kernel, sizes))
         if proofs[-1].skipped:  # larger sizes are larger still
             break
     return files, proofs, time.perf_counter() - start
+
+
+def prove_at(layer: Layer, sizes: dict[str, int]) -> tuple[Proof, float]:
+    """One proof of ``layer``'s fused kernel, as a job of its own, and the seconds it took (the
+    kernel's build included, where this worker had not built it yet)."""
+    start = time.perf_counter()
+    proof = prove(build_named(layer), sizes)
+    return proof, time.perf_counter() - start
+
+
+def _derive_all(jobs: list[list[Layer]], prove_sizes: bool) -> dict[int, tuple]:
+    """``derive_layer`` of every layer of ``jobs`` on every core: id(layer) -> its result.
+
+    With fewer jobs than cores (a run that derives one changed layer), each proof of a fused kernel
+    is a job of its own, so that the idle cores prove while one renders; a worker builds a kernel
+    it has not built yet. The proofs then all run, and those after the first stopped one (its
+    element-wise derivative too large) are left out, as ``derive_layer`` would not have run them.
+    """
+    split = prove_sizes and len(jobs) < cores()
+    proofs = [(layer, sizes) for job in jobs for layer in job if layer.fused and split for sizes in default_sizes(layer)]
+
+    def run(item):  # a job's layers to derive, or (a layer, sizes) to prove it at
+        work, sizes = item
+        return prove_at(work, sizes) if sizes else [derive_layer(layer, prove_sizes and not split) for layer in work]
+
+    def cost(item):  # the derivations first (costliest first), then the proofs, largest first
+        work, sizes = item
+        return (0, math.prod(sizes.values()), *sizes.values()) if sizes else (1, *max(map(_expected_cost, work)))
+
+    done = fork_map(run, [(job, None) for job in jobs] + proofs, cost=cost)
+    derived = {id(layer): result for job, results in zip(jobs, done) for layer, result in zip(job, results)}
+    for (layer, _), (proof, seconds) in zip(proofs, done[len(jobs):]):
+        files, kept, spent = derived[id(layer)]
+        if not any(p.skipped for p in kept):
+            kept.append(proof)
+        derived[id(layer)] = files, kept, spent + seconds
+    return derived
 
 
 def _expected_cost(layer: Layer) -> tuple:
@@ -172,10 +210,7 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     keys = [_layer_key(layer, graph, prove_sizes) for layer, graph in zip(layers, graphs)]
     unchanged = {id(layer) for layer, key in zip(layers, keys) if key and not force and cache.unchanged(key, out)}
     todo = [(layer, graph) for layer, graph in zip(layers, graphs) if id(layer) not in unchanged]
-    jobs = _jobs([layer for layer, _ in todo], [graph for _, graph in todo])
-    done = fork_map(lambda job: [derive_layer(layer, prove_sizes) for layer in job], jobs,
-                    cost=lambda job: max(map(_expected_cost, job)))
-    by_layer = {id(layer): result for job, results in zip(jobs, done) for layer, result in zip(job, results)}
+    by_layer = _derive_all(_jobs([layer for layer, _ in todo], [graph for _, graph in todo]), prove_sizes)
     derived = [by_layer.get(id(layer)) for layer in layers]  # None: unchanged, nothing to write
     for layer, (files, _, _) in ((layer, d) for layer, d in zip(layers, derived) if d is not None):
         edited = [out / rel for rel in files if is_hand_edited(out / rel)]

@@ -23,7 +23,7 @@ import sympy as sp
 from .errors import ProofFailure
 from .functions import ELEMENTWISE
 from .kernel import Kernel
-from .spec import Labels, concrete_shape
+from .spec import Labels, Layer, concrete_shape
 from .symbolic import IsArgmax, Max, Red, extent
 from .trace import Graph, Node
 
@@ -328,12 +328,12 @@ def _equal(a: sp.Expr, b: sp.Expr) -> bool:
 PROOF_ELEMENTS = 12  # largest product of all sizes proven; a 3-d layer at 5x2x2 takes a minute
 
 
-def default_sizes(kernel: Kernel) -> list[dict[str, int]]:
+def default_sizes(layer: Layer) -> list[dict[str, int]]:
     """n = 2, 3, 4, 5 for the first dimension; the second is 3 when n is even, every other 2 (so
     each size takes two values across the proofs). Sizes whose product exceeds ``PROOF_ELEMENTS``
     are left out (a proof's cost grows with the square of a reduction's length), but never the
     first two: every layer is proven at two sizes at least."""
-    dims = kernel.layer.dims
+    dims = layer.dims
     out = []
     for n in (2, 3, 4, 5):
         sizes = {d: (n if k == 0 else (3 if n % 2 == 0 and k == 1 else 2)) for k, d in enumerate(dims)}

@@ -262,3 +262,21 @@ def test_a_hand_edit_is_not_overwritten_and_the_message_names_the_file(tmp_path)
     assert target.read_text() == edited
     # nothing of the layer was written: its other files still hold the old version
     assert {p: p.read_text() for p in out.rglob("*") if p.is_file() and p != target} == before
+
+
+def test_with_cores_to_spare_each_proof_is_a_job_and_the_report_is_the_same(tmp_path, monkeypatch):
+    """With fewer jobs than cores, every proof runs as a job of its own; the reports list the same
+    proofs in the same order as one job per layer does, and the files are the same."""
+    import derive.generate as gen
+    from derive.layers import tanh
+    from derive.prove import default_sizes
+
+    reports = {}
+    for cores in (1, 8):
+        monkeypatch.setattr(gen, "cores", lambda: cores)
+        reports[cores] = gen.generate([cross_entropy, tanh], tmp_path / str(cores), echo=lambda line: None, index=False)
+    for layer, one, split in zip([cross_entropy, tanh], reports[1], reports[8]):
+        assert [p.sizes for p in split.proofs] == [p.sizes for p in one.proofs] == default_sizes(layer)
+        assert [p.elements_checked for p in split.proofs] == [p.elements_checked for p in one.proofs]
+    for path in (tmp_path / "1").rglob("*.py"):
+        assert (tmp_path / "8" / path.relative_to(tmp_path / "1")).read_text() == path.read_text()
