@@ -299,7 +299,8 @@ def _rational_zero(expr: sp.Expr) -> bool:
 
     Built in SymPy's sparse field of fractions over the rationals: exact, like ``cancel(together(expr))``,
     at a half to a quarter of the time, since no expression tree is rebuilt between the operations.
-    An atom that is no symbol (a power with a symbolic exponent) makes it fall back to ``cancel``.
+    An atom the field cannot hold (``pi``, ``sqrt(2)``, a symbolic exponent) makes it fall back to
+    ``cancel``.
     """
     symbols = sorted(expr.free_symbols, key=sp.default_sort_key)
     if not symbols:
