@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from itertools import groupby
 
 import numpy as np
@@ -336,14 +336,22 @@ def _pair(graph: Graph, records: list, lines: list) -> list[tuple[Node, list, li
     return out
 
 
-def _context(graph: Graph, fmt: _Format) -> dict:
-    code = fmt.code
+# id(graph) -> (graph, its analysis): the TeX and the Markdown document of one graph are rendered
+# one after the other, and all but the wording is the same for both (the graph is held, so that its
+# id is not reused while the entry lives)
+_ANALYSED: OrderedDict[int, tuple] = OrderedDict()
+
+
+def _analysis(graph: Graph) -> tuple:
+    """What a step-by-step document shows, before it is worded in a format: the walk's lines paired
+    with their rules, every equation, and the printer with the index letters for all of them."""
+    if id(graph) in _ANALYSED:
+        return _ANALYSED[id(graph)][1]
     note = _Notation(graph)
     lines = [line for line in emit(graph)[0] if not line.unreached]  # the walk's lines, each from a rule
     sizes = _illustration_sizes(graph)
     records, values, adjoints = _walks(graph, note, sizes)
     groups = _pair(graph, records, lines)
-    called = _called(graph)
 
     # every equation first, then the index letters for all of them at once
     computed = [n for n in graph.nodes if n.op not in LEAVES]
@@ -369,6 +377,17 @@ def _context(graph: Graph, fmt: _Format) -> dict:
     # the element each gradient is taken at, whose indices a constant gradient does not mention
     exprs += [note.ref(r[1].name, r[1].shape) for _, pairs, _ in groups for r, _ in pairs]
     p = _Printer2(note.letters(exprs))
+    analysis = note, lines, sizes, values, adjoints, groups, computed, forward_eqs, derived, exprs, p
+    _ANALYSED[id(graph)] = graph, analysis
+    while len(_ANALYSED) > 4:
+        _ANALYSED.popitem(last=False)
+    return analysis
+
+
+def _context(graph: Graph, fmt: _Format) -> dict:
+    code = fmt.code
+    note, lines, sizes, values, adjoints, groups, computed, forward_eqs, derived, exprs, p = _analysis(graph)
+    called = _called(graph)
 
     inside = {}  # node -> the innermost call of another layer that recorded it
     for region in sorted(graph.regions, key=lambda r: len(r.nodes), reverse=True):
