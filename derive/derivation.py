@@ -64,6 +64,15 @@ class _Printer(LatexPrinter):
     def __init__(self, letters: dict[str, str]):
         super().__init__({"mul_symbol": r"\,"})
         self.letters = letters
+        self._printed: dict = {}  # one printer serves both formats of a document: each expression once
+
+    def doprint(self, expr) -> str:
+        try:
+            if expr not in self._printed:
+                self._printed[expr] = super().doprint(expr)
+            return self._printed[expr]
+        except TypeError:  # unhashable: printed every time
+            return super().doprint(expr)
 
     def _as_ordered_terms(self, expr, order=None):
         # positive terms first, as by hand: x - m and n - 1 rather than -m + x and -1 + n
@@ -197,27 +206,29 @@ def _equation(lhs: str, rhs: str, accumulate: bool = False) -> str:
 _EXPLAINED: dict[int, tuple] = {}
 
 
-def _explained(kernel: Kernel) -> tuple[dict, list, list]:
-    """The replayed derivation (the costly part), once per kernel for both formats."""
+def _explained(kernel: Kernel) -> tuple:
+    """The replayed derivation, every expression the document shows and the printer with the index
+    letters for all of them: the costly part, once per kernel for both formats."""
     if id(kernel) not in _EXPLAINED or _EXPLAINED[id(kernel)][0] is not kernel:
         why = {id(s): explain.contribution(kernel, s) for s in kernel.gradients.steps}
         definitions = [d for d in explain.definitions(kernel) if d.recognized]
-        _EXPLAINED[id(kernel)] = (kernel, (why, definitions, explain.refolded(kernel)))
+        refolds = explain.refolded(kernel)
+        named = [n for n in kernel.graph.nodes if n.named and n.op not in ("input", "labels")]
+        values = {n: _forward_value(kernel, n) for n in named}
+        steps = [(s, _tidy(s.adjoint), _tidy(s.contribution)) for s in kernel.gradients.steps]
+        exprs = [*values.values(), *(e for _, a, c in steps for e in (a, c)), *(f.element for f in kernel.formulas)]
+        exprs += [e for w in why.values() for e in (w.chain, w.local, w.named, *(x for r in w.recognized for x in r))]
+        exprs += [e for d in definitions for e in (d.inlined, d.value, *(x for r in d.recognized for x in r))]
+        exprs += [e for r in refolds for e in _refold_exprs(r)]
+        p = _Printer(_letters(kernel, exprs + [kernel.elements.ref(n) for n in kernel.graph.nodes]))
+        _EXPLAINED[id(kernel)] = (kernel, (why, definitions, refolds, named, values, steps, exprs, p))
     return _EXPLAINED[id(kernel)][1]
 
 
 def _context(kernel: Kernel, fmt: _Format) -> dict:
     """Everything the document says, as ready-to-place strings in ``fmt``."""
     el, code = kernel.elements, fmt.code
-    named = [n for n in kernel.graph.nodes if n.named and n.op not in ("input", "labels")]
-    values = {n: _forward_value(kernel, n) for n in named}
-    steps = [(s, _tidy(s.adjoint), _tidy(s.contribution)) for s in kernel.gradients.steps]
-    why, definitions, refolds = _explained(kernel)
-    exprs = [*values.values(), *(e for _, a, c in steps for e in (a, c)), *(f.element for f in kernel.formulas)]
-    exprs += [e for w in why.values() for e in (w.chain, w.local, w.named, *(x for r in w.recognized for x in r))]
-    exprs += [e for d in definitions for e in (d.inlined, d.value, *(x for r in d.recognized for x in r))]
-    exprs += [e for r in refolds for e in _refold_exprs(r)]
-    p = _Printer(_letters(kernel, exprs + [el.ref(n) for n in kernel.graph.nodes]))
+    why, definitions, refolds, named, values, steps, exprs, p = _explained(kernel)
 
     def ref(name: str, node: Node, adjoint: bool = False) -> str:
         return p.element(r"\overline{%s}" % tex_name(name) if adjoint else tex_name(name), el.free(node))
