@@ -32,6 +32,7 @@ from . import explain, figure
 from .codegen import environment, header
 from .explain import Sigma
 from .kernel import Kernel
+from .memo import ByObject
 from .symbolic import Max, Red, expand, extent, reductions, substitute_family
 from .trace import Graph, Node
 
@@ -203,26 +204,29 @@ def _equation(lhs: str, rhs: str, accumulate: bool = False) -> str:
     return f"{lhs} {op} {rhs}"
 
 
-_EXPLAINED: dict[int, tuple] = {}
+_EXPLAINED = ByObject(maxsize=32)  # kernel -> what _explain works out
 
 
 def _explained(kernel: Kernel) -> tuple:
+    """``_explain(kernel)``, once per kernel for both formats."""
+    return _EXPLAINED.get(kernel, _explain)
+
+
+def _explain(kernel: Kernel) -> tuple:
     """The replayed derivation, every expression the document shows and the printer with the index
-    letters for all of them: the costly part, once per kernel for both formats."""
-    if id(kernel) not in _EXPLAINED or _EXPLAINED[id(kernel)][0] is not kernel:
-        why = {id(s): explain.contribution(kernel, s) for s in kernel.gradients.steps}
-        definitions = [d for d in explain.definitions(kernel) if d.recognized]
-        refolds = explain.refolded(kernel)
-        named = [n for n in kernel.graph.nodes if n.named and n.op not in ("input", "labels")]
-        values = {n: _forward_value(kernel, n) for n in named}
-        steps = [(s, _tidy(s.adjoint), _tidy(s.contribution)) for s in kernel.gradients.steps]
-        exprs = [*values.values(), *(e for _, a, c in steps for e in (a, c)), *(f.element for f in kernel.formulas)]
-        exprs += [e for w in why.values() for e in (w.chain, w.local, w.named, *(x for r in w.recognized for x in r))]
-        exprs += [e for d in definitions for e in (d.inlined, d.value, *(x for r in d.recognized for x in r))]
-        exprs += [e for r in refolds for e in _refold_exprs(r)]
-        p = _Printer(_letters(kernel, exprs + [kernel.elements.ref(n) for n in kernel.graph.nodes]))
-        _EXPLAINED[id(kernel)] = (kernel, (why, definitions, refolds, named, values, steps, exprs, p))
-    return _EXPLAINED[id(kernel)][1]
+    letters for all of them: the costly part of a document."""
+    why = {id(s): explain.contribution(kernel, s) for s in kernel.gradients.steps}
+    definitions = [d for d in explain.definitions(kernel) if d.recognized]
+    refolds = explain.refolded(kernel)
+    named = [n for n in kernel.graph.nodes if n.named and n.op not in ("input", "labels")]
+    values = {n: _forward_value(kernel, n) for n in named}
+    steps = [(s, _tidy(s.adjoint), _tidy(s.contribution)) for s in kernel.gradients.steps]
+    exprs = [*values.values(), *(e for _, a, c in steps for e in (a, c)), *(f.element for f in kernel.formulas)]
+    exprs += [e for w in why.values() for e in (w.chain, w.local, w.named, *(x for r in w.recognized for x in r))]
+    exprs += [e for d in definitions for e in (d.inlined, d.value, *(x for r in d.recognized for x in r))]
+    exprs += [e for r in refolds for e in _refold_exprs(r)]
+    p = _Printer(_letters(kernel, exprs + [kernel.elements.ref(n) for n in kernel.graph.nodes]))
+    return why, definitions, refolds, named, values, steps, exprs, p
 
 
 def _context(kernel: Kernel, fmt: _Format) -> dict:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections import Counter, OrderedDict
+from collections import Counter
 from itertools import groupby
 
 import numpy as np
@@ -39,6 +39,7 @@ from .rules import BROADCASTING
 from .stepwise import emit, region_renaming, walk
 from .symbolic import Max, Red, extent
 from .index_ops import Elt, IndexOps, _forward, _is_merge, _view_index
+from .memo import ByObject
 from .trace import Graph, Node
 
 ADJOINT = "bar:"  # prefix of the SymPy name of an adjoint (printed \overline{...})
@@ -336,17 +337,19 @@ def _pair(graph: Graph, records: list, lines: list) -> list[tuple[Node, list, li
     return out
 
 
-# id(graph) -> (graph, its analysis): the TeX and the Markdown document of one graph are rendered
-# one after the other, and all but the wording is the same for both (the graph is held, so that its
-# id is not reused while the entry lives)
-_ANALYSED: OrderedDict[int, tuple] = OrderedDict()
+# the TeX and the Markdown document of one graph are rendered one after the other, and all but
+# the wording is the same for both
+_ANALYSED = ByObject(maxsize=4)  # graph -> what _analyse works out
 
 
 def _analysis(graph: Graph) -> tuple:
+    """``_analyse(graph)``, once per graph for both formats."""
+    return _ANALYSED.get(graph, _analyse)
+
+
+def _analyse(graph: Graph) -> tuple:
     """What a step-by-step document shows, before it is worded in a format: the walk's lines paired
     with their rules, every equation, and the printer with the index letters for all of them."""
-    if id(graph) in _ANALYSED:
-        return _ANALYSED[id(graph)][1]
     note = _Notation(graph)
     lines = [line for line in emit(graph)[0] if not line.unreached]  # the walk's lines, each from a rule
     sizes = _illustration_sizes(graph)
@@ -377,11 +380,7 @@ def _analysis(graph: Graph) -> tuple:
     # the element each gradient is taken at, whose indices a constant gradient does not mention
     exprs += [note.ref(r[1].name, r[1].shape) for _, pairs, _ in groups for r, _ in pairs]
     p = _Printer2(note.letters(exprs))
-    analysis = note, lines, sizes, values, adjoints, groups, computed, forward_eqs, derived, exprs, p
-    _ANALYSED[id(graph)] = graph, analysis
-    while len(_ANALYSED) > 4:
-        _ANALYSED.popitem(last=False)
-    return analysis
+    return note, lines, sizes, values, adjoints, groups, computed, forward_eqs, derived, exprs, p
 
 
 def _context(graph: Graph, fmt: _Format) -> dict:

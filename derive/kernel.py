@@ -7,7 +7,6 @@ saved tensors (read off the formulas' free symbols), the sizes, and the input ch
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -18,6 +17,7 @@ from .errors import DerivationError
 from .forward import size_scalars
 from .backward_plan import linear_form
 from .forward_plan import forward_code
+from .memo import ByObject
 from .printer import Frame, KernelPrinter, fit_shape, temporaries
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, dim_names
@@ -160,22 +160,12 @@ def size_divisors(exprs: list[sp.Expr], sizes: set) -> set:
     return out
 
 
-# id(layer) -> (layer, its kernel), most recently used last. The layer is held with its kernel, so
-# its id cannot be taken by a new layer while the entry lives; the oldest entries go past the bound
-# (a process that generates many layers, such as the test suite, would otherwise keep every kernel).
-_BUILT: OrderedDict[int, tuple[Layer, Kernel]] = OrderedDict()
-BUILT_MAX = 32
+_BUILT = ByObject(maxsize=32)  # layer -> its kernel
 
 
 def build_cached(layer: Layer) -> Kernel:
-    """``build(layer)``, once per layer object in this process (of the latest ``BUILT_MAX``)."""
-    entry = _BUILT.get(id(layer))
-    if entry is None:
-        entry = _BUILT[id(layer)] = (layer, build(layer))
-        while len(_BUILT) > BUILT_MAX:
-            _BUILT.popitem(last=False)
-    _BUILT.move_to_end(id(layer))
-    return entry[1]
+    """``build(layer)``, once per layer object in this process (of the latest 32)."""
+    return _BUILT.get(layer, lambda layer: build(layer))
 
 
 def build(layer: Layer) -> Kernel:

@@ -58,10 +58,10 @@ def test_generic_sizes_never_fixed(spec):
 def test_a_layer_is_built_once_and_the_cache_of_kernels_is_bounded(monkeypatch):
     import derive.kernel as kernel
     from derive.layers import relu, sigmoid, tanh
+    from derive.memo import ByObject
 
     built = []
-    monkeypatch.setattr(kernel, "_BUILT", type(kernel._BUILT)())
-    monkeypatch.setattr(kernel, "BUILT_MAX", 2)
+    monkeypatch.setattr(kernel, "_BUILT", ByObject(maxsize=2))
     monkeypatch.setattr(kernel, "build", lambda layer: built.append(layer.name) or build(layer))
     first = kernel.build_cached(tanh)
     assert kernel.build_cached(tanh) is first and built == ["tanh"]

@@ -1,0 +1,33 @@
+"""Results kept per object, by identity, for objects that cannot be dictionary keys (layers, graphs
+and kernels are dataclasses compared by value, and hashing them would walk their expressions)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+
+class ByObject:
+    """``compute(obj)`` once per object, for the latest ``maxsize`` objects.
+
+    Each entry holds its object, so that the object's ``id`` cannot be taken by a new one while the
+    entry lives; the least recently used entries go past the bound (a process that derives many
+    layers, such as the test suite, would otherwise keep every result)."""
+
+    def __init__(self, maxsize: int = 32):
+        self.maxsize = maxsize
+        self._entries: OrderedDict[int, tuple] = OrderedDict()
+
+    def get(self, obj, compute: Callable):
+        entry = self._entries.get(id(obj))
+        if entry is None:
+            entry = self._entries[id(obj)] = (obj, compute(obj))
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(id(obj))
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+__all__ = ["ByObject"]
