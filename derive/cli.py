@@ -68,7 +68,7 @@ def cmd_verify(args) -> int:
 
     from .generate import build_named as build
     from .prove import default_sizes, prove
-    from .verify import against_autograd, load_module, steps_table, table
+    from .verify import against_autograd, load_module, sizes_text, steps_table, table
 
     for layer in _layers(args):
         print(f"== {layer.name}")
@@ -77,7 +77,7 @@ def cmd_verify(args) -> int:
             kernel = build(layer)
             for small in default_sizes(layer):
                 proof = prove(kernel, small)
-                shown = ", ".join(f"{k}={v}" for k, v in small.items())
+                shown = sizes_text(small)
                 if proof.skipped:
                     print(f"not proven at {shown}: the element-wise derivative {proof.skipped}")
                     break
@@ -98,7 +98,7 @@ def verify_kernel(args) -> int:
     spec; exit 1 when it differs (for CI)."""
     import torch
 
-    from .verify import as_function, check_kernel, kernel_sizes, load_function, table
+    from .verify import as_function, check_kernel, kernel_sizes, load_function, sizes_text, table
 
     layers = _layers(args)
     if len(layers) != 1:
@@ -110,7 +110,7 @@ def verify_kernel(args) -> int:
     check = check_kernel(layer, fn, args.kernel, kernel_sizes(layer, EXERCISE_SIZES), dtype)
     print(f"== {check.kernel} against autograd of the spec")
     for sizes, rows in check.tables:
-        print(f"{args.dtype}, sizes {', '.join(f'{k}={v}' for k, v in sizes.items())}:")
+        print(f"{args.dtype}, sizes {sizes_text(sizes)}:")
         print(table(rows))
     print(f"gradcheck (float64): {check.gradcheck}")
     failures = check.failures()

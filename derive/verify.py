@@ -196,14 +196,15 @@ class KernelCheck:
 
     def failures(self) -> list[str]:
         """One line per failed comparison (empty when the kernel matches the spec)."""
-        out = [f"{r.name} differs from autograd of the spec at {_sizes_text(sizes)} ({r.detail})"
+        out = [f"{r.name} differs from autograd of the spec at {sizes_text(sizes)} ({r.detail})"
                for sizes, rows in self.tables for r in rows if not r.approximate]
         if self.gradcheck.startswith("failed"):
             out.append(f"gradcheck {self.gradcheck}")
         return out
 
 
-def _sizes_text(sizes: dict) -> str:
+def sizes_text(sizes: dict) -> str:
+    """``n=32, d=64``: sizes as the reports write them."""
     return ", ".join(f"{k}={v}" for k, v in sizes.items())
 
 
@@ -241,7 +242,7 @@ def check_kernel(layer: Layer, fn, kernel: str, sizes: list[dict[str, int]], dty
         verdict = "passed" if passed else "failed: the backward disagrees with finite differences"
     except Exception as e:
         verdict = f"failed: {type(e).__name__}: {e}"
-    return KernelCheck(layer.name, name, tables, f"{verdict} ({_sizes_text(small)})")
+    return KernelCheck(layer.name, name, tables, f"{verdict} ({sizes_text(small)})")
 
 
 def as_function(kernel, layer: Layer):
