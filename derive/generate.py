@@ -139,7 +139,8 @@ def _derive_all(jobs: list[list[Layer]], prove_sizes: bool) -> dict[int, tuple]:
     element-wise derivative too large) are left out, as ``derive_layer`` would not have run them.
     """
     split = prove_sizes and len(jobs) < cores()
-    proofs = [(layer, sizes) for job in jobs for layer in job if layer.fused and split for sizes in default_sizes(layer)]
+    fused = [layer for job in jobs for layer in job if layer.fused] if split else []
+    proofs = [(layer, sizes) for layer in fused for sizes in default_sizes(layer)]
 
     def run(item):  # a job's layers to derive, or (a layer, sizes) to prove it at
         work, sizes = item
