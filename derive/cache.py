@@ -25,10 +25,9 @@ from importlib import metadata
 from pathlib import Path
 
 from .files import content_hash, write_atomic
+from .templating import PACKAGE, TEMPLATES
 
 RECORD = ".derive-cache.json"
-PACKAGE = Path(__file__).resolve().parent
-TEMPLATES = PACKAGE.parent / "templates"
 SPECS = PACKAGE / "layers"
 LIBRARIES = ("sympy", "torch", "jinja2", "numpy")
 

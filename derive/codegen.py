@@ -1,21 +1,18 @@
 """Render kernels into files through Jinja2 templates; every decision is made here, not there."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import re
 from importlib import metadata
 from pathlib import Path
 
-import jinja2
-
 from .files import content_hash
 from .forward import forward_lines, size_scalars
 from .kernel import Kernel, input_checks, size_divisors, size_sources
 from .spec import Constant, Labels, Layer
+from .templating import TEMPLATES, environment
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 REGENERATE = "derive generate"
 
 
@@ -24,13 +21,6 @@ def version() -> str:
         return metadata.version("derive")
     except metadata.PackageNotFoundError:
         return "0"
-
-
-@functools.cache
-def environment() -> jinja2.Environment:
-    """One environment per process: it keeps each template compiled (and reloads one edited on disk)."""
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                              keep_trailing_newline=True, trim_blocks=False, autoescape=False)
 
 
 def inputs_hash(layer: Layer, templates: list[str] | None = None) -> str:
