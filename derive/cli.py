@@ -31,6 +31,7 @@ def _layers(args) -> list:
     else:
         names = getattr(args, "names", None)
         layers = [by_name(n) for n in names] if names else list(BUILTIN)
+    _SPEC_FILES.clear()
     for layer in layers:
         _SPEC_FILES.setdefault(layer.name, layer.spec_path or layer.source_file)
     return layers

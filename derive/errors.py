@@ -18,7 +18,7 @@ class SpecError(DeriveError):
         self.layer, self.problem, self.fix, self.line, self.source, self.file = layer, problem, fix, line, source, file
 
     def __str__(self):
-        where = f"(line {self.line}: {self.source.strip()})" if self.line else ""
+        where = (f"(line {self.line}: {self.source.strip()})" if self.source.strip() else f"(line {self.line})") if self.line else ""
         what = " ".join(filter(None, [f"layer {self.layer!r}" if self.layer else "", where]))
         place = f"{self.file}: {what}" if self.file and what.startswith("layer") else " ".join(filter(None, [self.file, what]))
         return f"{place}: {self.problem}. Fix: {self.fix}."

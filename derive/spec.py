@@ -76,11 +76,12 @@ class _GeneratedNames(AbstractSet):
     def __contains__(self, name):
         return name in self._names
 
+    # listed in messages: the names a user could have chosen (those starting with _ are refused anyway)
     def __iter__(self):
-        return iter(self._names)
+        return iter(sorted(n for n in self._names if not n.startswith("_")))
 
     def __len__(self):
-        return len(self._names)
+        return sum(1 for _ in self)
 
 
 RESERVED = _GeneratedNames()
@@ -147,6 +148,10 @@ def concrete_shape(dims: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, .
     return tuple(math.prod(sizes[name] for name in dim_names(d)) for d in dims)
 
 
+def _shown(names) -> str:
+    return ", ".join(sorted(n for n in names if not n.startswith("_")))
+
+
 def _clash(name: str) -> str:
     """Why ``name`` cannot name something of a spec, or ""."""
     if keyword.iskeyword(name):
@@ -168,8 +173,8 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
         raise SpecError(name, problem, fix, line, source, file=file)
 
     if _clash(name):
-        refuse(f"the layer's name {name!r} {_clash(name)} (its generated module defines and calls such names)",
-               f"rename the function (not one of: {', '.join(sorted(MODULE_NAMES))}, nor starting with _)")
+        refuse(f"the layer's name {name!r} clashes with a name its generated module uses",
+               f"rename the function (not a keyword, nor one of: {_shown(MODULE_NAMES)}, nor starting with _)")
     signature = inspect.signature(fn)
     params = list(signature.parameters)
     for p, decl in inputs.items():
@@ -180,7 +185,7 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
                    "declare exactly the function's parameters")
         if _clash(p):
             refuse(f"input name {p!r} clashes with a name the generated code uses: it {_clash(p)}",
-                   f"rename the parameter (not one of: {', '.join(sorted(RESERVED))})")
+                   f"rename the parameter (not a keyword, nor one of: {_shown(RESERVED)}, nor starting with _)")
         if not isinstance(decl, (Tensor, Labels, Constant)):
             refuse(f"input {p!r} is declared as {decl!r}", "use Tensor(...), Labels(...) or Constant(...)")
         if isinstance(decl, (Tensor, Labels)):
