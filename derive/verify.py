@@ -283,4 +283,6 @@ def load_module(path: Path) -> ModuleType:
 
 
 def table(rows: list[Row]) -> str:
-    return "\n".join(str(r) for r in rows)
+    """The rows one per line, their names padded to the longest (each row prints its name in 15 columns)."""
+    width = max([15] + [len(r.name) for r in rows])
+    return "\n".join(r.name.ljust(width) + str(r)[max(15, len(r.name)):] for r in rows)
