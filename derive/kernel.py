@@ -138,6 +138,9 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) ->
             checks.append(Check(f"{k}.numel() > 0 and ({k}.min() < 0 or {k}.max() >= {c})",
                                 f"f\"{name}: labels {k} must lie in [0, {c}) = [0, {{{c}}}), got values in "
                                 f"[{{int({k}.min())}}, {{int({k}.max())}}]\""))
+    for k, decl in layer.constants.items():
+        if decl.positive:  # the derivation relied on it: a call outside the declaration is refused
+            checks.append(Check(f"not {k} > 0", f"f\"{name}: {k} is declared positive, got {{{k}!r}}\""))
     for divisor in sorted(divisors, key=sp.default_sort_key):
         text = sp.sstr(divisor)
         checks.append(Check(f"{text} == 0",

@@ -135,7 +135,7 @@ def _divides_by_maybe_zero(el: Elements, expr: sp.Expr) -> bool:
     """True when ``expr`` divides by a tensor quantity not known to be non-zero."""
     for p in expr.atoms(sp.Pow):
         base, e = p.as_base_exp()
-        if e.is_negative and not base.free_symbols <= scalars(el) and base.is_zero is not False:
+        if e.is_negative and not base.free_symbols <= el.nonzero_scalars() and base.is_zero is not False:
             return True
     return False
 
@@ -226,7 +226,9 @@ def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
     def spread(scale):
         return sp.count_ops(sp.Add(*[_factor(c / scale) for c, _ in terms])), sp.default_sort_key(scale)
 
-    scale = min({_factor(abs(c)) for c, _ in terms}, key=spread)
+    # each coefficient without its sign (not ``abs``: a constant of either sign has no absolute value
+    # worth printing, ``1/(n*T)`` is the scale of ``-1/(n*T)``)
+    scale = min({_factor(-c if c.could_extract_minus_sign() else c) for c, _ in terms}, key=spread)
     inner = _grouped(sp.Add(*[_factor(c / scale) * t for c, t in terms]))
     if inner.is_Add:
         return sp.Mul(scale, common, inner, evaluate=False) if scale != 1 or common != 1 else inner

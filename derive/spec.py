@@ -12,7 +12,8 @@ Contract for a spec::
   a product of names (``"t*e"``) is the size of a flattened axis, ``"1"`` an axis of size 1; ``differentiable=False
   excludes it from the backward;
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
-* ``Constant(default)`` is a Python number fixed for the call (``eps``);
+* ``Constant(default)`` is a Python number fixed for the call, real and of either sign;
+  ``Constant(1e-5, positive=True)`` declares it positive (``eps``), which the derivation may then use;
 * the function returns one tensor. Run on real tensors it is the autograd reference.
 """
 from __future__ import annotations
@@ -54,8 +55,17 @@ class Labels:
 
 @dataclass(frozen=True)
 class Constant:
+    """A number fixed for the call. It is a real number and nothing more, unless declared
+    ``positive=True`` (``eps``): only then may the derivation rely on its sign (``|eps*x|`` is
+    ``eps*|x|``, a division by it is safe), and the generated code checks each value it is given."""
+
     default: float
+    positive: bool = False
     differentiable = False
+
+    def assumptions(self) -> dict:
+        """The SymPy assumptions of its symbol: exactly what the declaration says."""
+        return {"positive": True} if self.positive else {"real": True}
 
 
 Declaration = Tensor | Labels | Constant
@@ -224,6 +234,9 @@ def _check_constant(p: str, decl: Constant, default, refuse) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         refuse(f"Constant {p!r} has the default {value!r}, not a finite real number",
                f"give it a number, e.g. {p}=Constant(1e-5)")
+    if decl.positive and not value > 0:
+        refuse(f"constant {p!r} is declared positive but its default is {value!r}",
+               "give it a positive default, or drop positive=True")
     from .templating import generated_names
     if p in generated_names()[1]:
         refuse(f"Constant {p!r} has the name of an attribute the generated code keeps on ctx (ctx.{p})",
