@@ -27,7 +27,7 @@ from .files import comparable, content_hash, ownership, plan, remove_temporaries
 from .kernel import Kernel, build_cached
 from .parallel import cores, fork_map
 from .prove import Proof, default_sizes, prove
-from .spec import Layer
+from .spec import Layer, sizes_text
 from .trace import Graph, trace
 from .verify import against_autograd, load_module, steps_table
 
@@ -375,7 +375,7 @@ def _against_autograd(layer: Layer, files: dict[str, str], staging: Path) -> flo
     for row, kind in rows:
         if not row.approximate:
             raise ProofFailure(f"{layer.name}: the {kind} module's {row.name} differs from autograd of the spec by "
-                               f"{row.maxdiff:.3e} (float64, sizes {sizes}); no file was written. The derivation "
+                               f"{row.maxdiff:.3e} (float64, sizes {sizes_text(sizes)}); no file was written. The derivation "
                                f"passed its proof, so the printed code is wrong: report this as a bug")
     return max(row.maxdiff for row, _ in rows)
 

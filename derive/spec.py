@@ -153,6 +153,11 @@ def dim_names(dim: str) -> list[str]:
     return [] if dim == "1" else dim.split("*")
 
 
+def sizes_text(sizes: dict) -> str:
+    """``n=32, d=64``: sizes as every report and message writes them."""
+    return ", ".join(f"{k}={v}" for k, v in sizes.items())
+
+
 def concrete_shape(dims: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
     """The shape of declared ``dims`` at concrete ``sizes`` (``("n", "t*e")`` -> ``(32, 30)``)."""
     return tuple(math.prod(sizes[name] for name in dim_names(d)) for d in dims)

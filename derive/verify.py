@@ -14,7 +14,7 @@ from types import ModuleType
 import torch
 
 from .errors import DeriveError
-from .spec import Constant, Labels, Layer, concrete_shape
+from .spec import Constant, Labels, Layer, concrete_shape, sizes_text
 
 
 @dataclass
@@ -201,11 +201,6 @@ class KernelCheck:
         if self.gradcheck.startswith("failed"):
             out.append(f"gradcheck {self.gradcheck}")
         return out
-
-
-def sizes_text(sizes: dict) -> str:
-    """``n=32, d=64``: sizes as the reports write them."""
-    return ", ".join(f"{k}={v}" for k, v in sizes.items())
 
 
 def kernel_sizes(layer: Layer, exercise: dict[str, int]) -> list[dict[str, int]]:
