@@ -81,7 +81,19 @@ def from_file(argument: str) -> list[Layer]:
     return found
 
 
-_LOADED: dict[tuple, ModuleType] = {}  # (path, content hash) -> module: a file loads once, again when it changed
+# spec file -> (digest of it and of the user's modules it imported, the module, those modules' names):
+# a file is loaded once per process, and again when it or one of those modules changed
+_LOADED: dict[Path, tuple[str, ModuleType, list[str]]] = {}
+
+
+def _digest(files) -> str:
+    h = hashlib.sha256()
+    for f in sorted(map(str, files)):
+        try:
+            h.update(f.encode() + b"\0" + Path(f).read_bytes())
+        except OSError:
+            h.update(f.encode() + b"\0missing")
+    return h.hexdigest()
 
 
 def _load(file: Path) -> ModuleType:
@@ -90,10 +102,14 @@ def _load(file: Path) -> ModuleType:
     loads is one line naming the file, the line and the fix; the user's modules it imports are
     recorded on its layers (``Layer.depends``: what its generated files depend on)."""
     resolved = file.resolve()
-    key = (resolved, hashlib.sha256(resolved.read_bytes()).hexdigest())
-    if key in _LOADED:
-        return _LOADED[key]
-    linecache.checkcache(str(resolved))  # an error quotes the file as it is now
+    if resolved in _LOADED:
+        digest, module, imported = _LOADED[resolved]
+        files = [resolved] + [getattr(sys.modules.get(name), "__file__", None) or name for name in imported]
+        if _digest(files) == digest:
+            return module
+        for name in imported:  # changed since: import them afresh with the spec
+            sys.modules.pop(name, None)
+    linecache.checkcache()  # an error quotes the files as they are now
     module_name = f"_derive_user_{file.stem}_{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(module_name, resolved)
     module = importlib.util.module_from_spec(spec)
@@ -125,12 +141,15 @@ def _load(file: Path) -> ModuleType:
         line, source = _spec_line(e, resolved)
         raise SpecError("", f"the file raised {type(e).__name__} while it loads: {e}",
                         f"make `python {file}` run without an error", line, source, file=str(file)) from None
-    depends = frozenset(f for name in set(sys.modules) - before
-                        if (f := getattr(sys.modules[name], "__file__", None)) and Path(f).is_file())
+    from ..cache import user_files  # the user's modules: not the toolkit's, the standard library's or torch's
+
+    imported = sorted(name for name in set(sys.modules) - before - {module_name}
+                      if user_files({getattr(sys.modules[name], "__file__", None) or ""}))
+    depends = frozenset({str(resolved)} | {sys.modules[name].__file__ for name in imported})
     for value in vars(module).values():
         if isinstance(value, Layer):
             value.depends = value.depends | depends
-    _LOADED[key] = module
+    _LOADED[resolved] = (_digest(depends), module, imported)
     return module
 
 
