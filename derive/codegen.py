@@ -9,7 +9,6 @@ import re
 import shlex
 from typing import Iterator
 from importlib import metadata
-from pathlib import Path
 
 from .files import content_hash
 from .forward import forward_lines, size_scalars

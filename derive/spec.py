@@ -251,7 +251,7 @@ def _check_constant(p: str, decl: Constant, default, refuse) -> None:
                f"write the same default in the function: {p}={value!r}")
     if isinstance(default, bool) or not isinstance(default, numbers.Real) or default != value:
         refuse(f"Constant {p!r} defaults to {value!r} in @layer but to {default!r} in the function",
-               f"make the two defaults the same number")
+               "make the two defaults the same number")
 
 
 def layer(*bare, **inputs: Declaration) -> Callable[[Callable], Layer]:

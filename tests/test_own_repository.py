@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -179,22 +180,25 @@ def test_odd_output_paths_get_one_line(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["mse.py"]
 
 
-def test_a_read_only_output_folder_gets_one_line(tmp_path):
+def test_a_read_only_output_folder_gets_one_line():
     """As a user without write permission (root may write anywhere, so the test drops to nobody)."""
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv to run the command as another user")
-    out = tmp_path / "ro"
-    out.mkdir()
-    for folder in (tmp_path, *tmp_path.parents):
-        if folder != Path("/"):
-            os.chmod(folder, os.stat(folder).st_mode | 0o005)  # let nobody reach it, not write it
-    result = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                             "derive", "generate", "mse", "--no-prove", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
-    assert result.returncode == 2, result.stderr
-    assert result.stderr == f"derive: {out} is not writable; make it writable (chmod u+w), or choose another --out\n"
-    assert list(out.iterdir()) == []
+    home = Path(tempfile.mkdtemp(prefix="derive-read-only-"))  # /tmp is open to all; this folder is made so
+    try:
+        out = home / "ro"
+        out.mkdir()
+        os.chmod(home, 0o755)
+        os.chmod(out, 0o755)
+        result = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                                 "derive", "generate", "mse", "--no-prove", "--out", str(out)], cwd=ROOT,
+                                capture_output=True, text=True, env={**os.environ, "HOME": str(home)})
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == f"derive: {out} is not writable; make it writable (chmod u+w), or choose another --out\n"
+        assert list(out.iterdir()) == []
+    finally:
+        shutil.rmtree(home)
 
 
 def _started_workers(proc: subprocess.Popen, timeout: float = 120) -> None:
