@@ -8,7 +8,6 @@ returns one line per refusal, naming the file and the fix.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import re
@@ -195,9 +194,8 @@ def remove_temporaries(folders) -> list[Path]:
     return sorted(stale)
 
 
-@functools.cache
 def file_mode() -> int:
-    """The mode a new file gets under this process's umask (``open`` would give it the same)."""
+    """The mode a new file gets under this process's umask now (``open`` would give it the same)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask

@@ -159,14 +159,18 @@ def test_colliding_output_names_are_refused_before_anything_is_written(tmp_path,
         assert status == 1 and "would both write" in err
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
-def test_file_modes_follow_the_umask(tmp_path, umask):
-    out = tmp_path / "gen"
-    result = derive("generate", "mse", "--no-prove", "--out", out, preexec_fn=lambda: os.umask(umask))
+def test_file_modes_follow_the_umask(tmp_path):
+    umasks = [0o022, 0o002, 0o077]
+    script = ("import os, sys; from derive.cli import main\n"
+              "for umask in (0o022, 0o002, 0o077):\n"
+              "    os.umask(umask)\n"
+              "    assert main(['generate', 'mse', '--no-prove', '--out', f'{sys.argv[1]}/{umask:o}']) == 0\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) >= 7
-    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~umask}
+    for umask in umasks:
+        files = [p for p in (tmp_path / f"{umask:o}").rglob("*") if p.is_file()]
+        assert len(files) >= 7
+        assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~umask}, oct(umask)
 
 
 def test_odd_output_paths_get_one_line(tmp_path, capsys):
@@ -332,19 +336,27 @@ def test_concurrent_runs_do_not_lose_record_entries(tmp_path):
 
 # -- generated modules import from wherever their folder is ---------------------------------------
 def test_the_generated_folder_is_a_package_that_imports_from_anywhere(tmp_path, capsys):
-    out = tmp_path / "project" / "mylayers" / "kernels"
+    """The same module as a package's (``mylayers.kernels.mse``, ``kernels.mse``) and as a plain module
+    with its folder on the path (``mse``): each imports and runs alike, from a folder unrelated to it."""
+    project = tmp_path / "project"
+    out = project / "mylayers" / "kernels"
     assert run("generate", "mse", "--no-prove", "--out", out, capsys=capsys)[0] == 0
-    code = ("import torch; from {module} import mse; p = torch.randn(4, 3, requires_grad=True); "
-            "mse(p, torch.zeros(4, 3)).backward(); print(round(float(p.grad.abs().sum()), 6))")
-    expected = None
-    for cwd, module, path in [(tmp_path / "project", "mylayers.kernels.mse", ""),
-                              (tmp_path, "kernels.mse", str(tmp_path / "project" / "mylayers")),
-                              (tmp_path, "mse", str(out))]:
-        result = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(0); " + code.format(module=module)],
-                                cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
-        assert result.returncode == 0, result.stderr
-        expected = expected or result.stdout
-        assert result.stdout == expected and float(result.stdout) > 0
+    script = ("import importlib, sys, torch\n"
+              "sys.path[:0] = sys.argv[1:]\n"
+              "for name in ('mylayers.kernels.mse', 'kernels.mse', 'mse'):\n"
+              "    torch.manual_seed(0)\n"
+              "    p = torch.randn(4, 3, requires_grad=True)\n"
+              "    importlib.import_module(name).mse(p, torch.zeros(4, 3)).backward()\n"
+              "    print(name, importlib.import_module(name).__file__, round(float(p.grad.abs().sum()), 6))\n")
+    unrelated = tmp_path / "elsewhere"
+    unrelated.mkdir()
+    result = subprocess.run([sys.executable, "-c", script, str(project), str(project / "mylayers"), str(out)],
+                            cwd=unrelated, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert [name for name, _, _ in lines] == ["mylayers.kernels.mse", "kernels.mse", "mse"]
+    assert {Path(file) for _, file, _ in lines} == {out / "mse.py"}
+    assert len({value for _, _, value in lines}) == 1 and float(lines[0][2]) > 0
 
 
 # -- verdicts in exit codes ---------------------------------------------------------------------
@@ -386,13 +398,21 @@ def test_verify_exits_1_on_a_hand_edit_and_keeps_its_table_aligned(tmp_path, cap
 
 def test_the_record_and_header_lines_do_not_decide_freshness(tmp_path, capsys):
     """The command lines in a header depend on how derive was invoked (--out as written); check
-    compares everything else, so the same folder checked under another spelling is up to date."""
+    compares everything else, so the same folder checked under another spelling, from another
+    folder, is up to date (a generated file's text names a spec by its path in its repository)."""
     out = tmp_path / "gen"
     assert run("generate", "mse", "--no-prove", "--out", out, capsys=capsys)[0] == 0
     text = (out / "mse.py").read_text()
     assert comparable(text) != text  # the header names the folder as it was written
+    mine = spec(tmp_path / "repo" / "specs" / "mine.py")
+    (tmp_path / "repo" / ".git").mkdir()  # a repository: files name the spec by its path in it
+    assert run("generate", "--no-prove", "--layer", mine, "--out", tmp_path / "repo" / "kernels", capsys=capsys)[0] == 0
+    assert "specs/mine.py" in (tmp_path / "repo" / "kernels" / "derivations" / "scaled.md").read_text()
     os.chdir(tmp_path)
     try:
         assert run("check", "mse", "--out", "gen/", capsys=capsys)[0] == 0
+        os.chdir(tmp_path / "repo" / "specs")
+        status, _, err = run("check", "--layer", "mine.py", "--out", "../kernels", capsys=capsys)
+        assert status == 0, err
     finally:
         os.chdir(ROOT)

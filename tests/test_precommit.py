@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from derive.cli import main
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,8 +35,8 @@ def test_the_hook_runs_derive_check_in_a_users_repository(tmp_path):
     def run(*args):
         return subprocess.run([*map(str, args)], cwd=user, capture_output=True, text=True, env=env)
 
-    assert run("derive", "new", "my_norm", "--out", "mylayers").returncode == 0
-    assert run("derive", "generate", "--no-prove", "--layer", "mylayers", "--out", "mylayers/generated").returncode == 0
+    assert main(["new", "my_norm", "--out", str(user / "mylayers")]) == 0
+    assert main(["generate", "--no-prove", "--layer", str(user / "mylayers"), "--out", str(user / "mylayers" / "generated")]) == 0
     (user / ".pre-commit-config.yaml").write_text(
         f"repos:\n  - repo: {hooks}\n    rev: {rev}\n    hooks:\n      - id: derive-check\n"
         f"        args: [--layer, mylayers, --out, mylayers/generated]\n")

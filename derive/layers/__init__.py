@@ -75,10 +75,20 @@ def from_file(argument: str) -> list[Layer]:
             raise SpecError(wanted, "no @layer spec found" + (f" named {wanted!r}" if wanted else ""),
                             "decorate the forward function with @layer(...)", file=str(file))
         for layer in layers:
-            layer.module = str(file) if not file.is_absolute() else file.name
+            layer.module = source_name(file)
             layer.spec_path = os.path.normpath(str(file))
         found += layers
     return found
+
+
+def source_name(file: Path) -> str:
+    """How generated files name a spec file (in their text, so the same whatever the command line):
+    its path in its repository (from the folder holding ``.git``), or its name outside one."""
+    resolved = Path(file).resolve()
+    for folder in resolved.parents:
+        if (folder / ".git").exists():
+            return resolved.relative_to(folder).as_posix()
+    return resolved.name
 
 
 # spec file -> (digest of it and of the user's modules it imported, the module, those modules' names):
