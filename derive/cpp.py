@@ -1,0 +1,405 @@
+"""The C++ backend: a kernel plan (``plan.py``) printed as loops over memory with ATen's vectors.
+
+Element expressions are printed by two SymPy C printers: ``ScalarPrinter`` (per-row, per-column and
+scalar values, in double precision) and ``VectorPrinter`` (the element maps, on
+``at::vec::Vectorized<scalar_t>``: its ``exp``, ``log``, ``tanh`` are torch's own, so NaN and
+infinity behave as in autograd; no ``-ffast-math``). Sizes print as floating values
+(``static_cast<double>(n)``: ``n/(n - 1)`` is never an integer division), literals in the kernel's
+dtype (``scalar_t(0.5)``), a Kronecker delta as a comparison. The loop skeleton (sweeps over
+chunks of rows with ``at::parallel_for``, loops over the columns of a row, finalize steps) is in
+``templates/native_kernel.cpp.j2``; this module decides every line placed in it.
+
+Rows are split into a fixed number of chunks (``CHUNKS`` at most) whatever the number of threads,
+and partial sums are combined in chunk order: the result does not depend on the thread count.
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.c import C99CodePrinter
+
+from .functions import Relu, Sigmoid, Softplus, Step
+from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value
+from .templating import environment
+
+CHUNKS = 64  # the most chunks of rows a sweep is split into (partial sums: chunks x columns doubles)
+
+
+def _literal(value) -> str:
+    text = repr(float(value))
+    return text if any(c in text for c in ".en") else text + ".0"
+
+
+class ScalarPrinter(C99CodePrinter):
+    """One value in double precision: per-row code (``row``), per-column loops (``col``), scalars."""
+
+    def __init__(self, names: "Names", col: str = "col"):
+        super().__init__({"strict": False})
+        self.names, self.col = names, col
+
+    def _print_Symbol(self, s):
+        return self.names.scalar(s.name, self.col)
+
+    def _print_Idx(self, i):
+        return self.names.index(i, self.col)
+
+    def _print_Indexed(self, e):
+        return f"static_cast<double>({self.names.load(e, self, self.col)})"
+
+    def _print_Integer(self, e):
+        return _literal(e)
+
+    def _print_Rational(self, e):
+        return _literal(e)
+
+    def _print_Float(self, e):
+        return _literal(e)
+
+    def _print_Pow(self, e):
+        base, exp = e.as_base_exp()
+        b = self._print(base)
+        if exp == 2:
+            return f"(({b})*({b}))"
+        if exp == -1:
+            return f"(1.0/({b}))"
+        if exp == sp.S.Half:
+            return f"std::sqrt({b})"
+        if exp == -sp.S.Half:
+            return f"(1.0/std::sqrt({b}))"
+        return f"std::pow({b}, {self._print(exp)})"
+
+    def _print_exp(self, e):
+        return f"std::exp({self._print(e.args[0])})"
+
+    def _print_log(self, e):
+        return f"std::log({self._print(e.args[0])})"
+
+    def _print_tanh(self, e):
+        return f"std::tanh({self._print(e.args[0])})"
+
+    def _print_Abs(self, e):
+        return f"std::abs({self._print(e.args[0])})"
+
+    def _print_sign(self, e):
+        a = self._print(e.args[0])
+        return f"derive_sign({a})"
+
+    def _print_Step(self, e):
+        return f"(({self._print(e.args[0])}) > 0.0 ? 1.0 : 0.0)"
+
+    def _print_Relu(self, e):
+        return f"derive_relu({self._print(e.args[0])})"
+
+    def _print_Sigmoid(self, e):
+        return f"(1.0/(1.0 + std::exp(-({self._print(e.args[0])}))))"
+
+    def _print_Softplus(self, e):
+        return f"derive_softplus({self._print(e.args[0])})"
+
+    def _print_KroneckerDelta(self, e):
+        a, b = (self._print(x) for x in e.args)
+        return f"(({a}) == ({b}) ? 1.0 : 0.0)"
+
+
+class VectorPrinter(ScalarPrinter):
+    """An element map on ``Vec`` (``at::vec::Vectorized<scalar_t>``), at columns ``col .. col + cnt``."""
+
+    def _vec(self, text: str) -> str:
+        return f"Vec(static_cast<scalar_t>({text}))"
+
+    def _print_Symbol(self, s):
+        return self.names.vector(s.name)
+
+    def _print_Indexed(self, e):
+        return self.names.vector_load(e, ScalarPrinter(self.names))
+
+    def _print_Integer(self, e):
+        return f"Vec(scalar_t({_literal(e)}))"
+
+    _print_Rational = _print_Float = _print_Integer
+
+    def _print_Pow(self, e):
+        base, exp = e.as_base_exp()
+        b = self._print(base)
+        if exp.is_Integer and 1 < exp <= 4:
+            return "(" + "*".join([f"({b})"] * int(exp)) + ")"
+        if exp == -1:
+            return f"({b}).reciprocal()"
+        if exp.is_Integer and -4 <= exp < -1:
+            return "(" + "*".join([f"({b})"] * int(-exp)) + ").reciprocal()"
+        if exp == sp.S.Half:
+            return f"({b}).sqrt()"
+        if exp == -sp.S.Half:
+            return f"({b}).rsqrt()"
+        return f"({b}).pow({self._print(exp)})"
+
+    def _print_exp(self, e):
+        return f"({self._print(e.args[0])}).exp()"
+
+    def _print_log(self, e):
+        return f"({self._print(e.args[0])}).log()"
+
+    def _print_tanh(self, e):
+        return f"({self._print(e.args[0])}).tanh()"
+
+    def _print_Abs(self, e):
+        return f"({self._print(e.args[0])}).abs()"
+
+    def _print_sign(self, e):
+        a = self._print(e.args[0])
+        return f"(({a}).gt(Vec(scalar_t(0))) - ({a}).lt(Vec(scalar_t(0))))"
+
+    def _print_Step(self, e):
+        return f"({self._print(e.args[0])}).gt(Vec(scalar_t(0)))"
+
+    def _print_Relu(self, e):
+        return f"at::vec::clamp_min({self._print(e.args[0])}, Vec(scalar_t(0)))"
+
+    def _print_Sigmoid(self, e):
+        return f"(Vec(scalar_t(1)) / (Vec(scalar_t(1)) + ({self._print(e.args[0])}).neg().exp()))"
+
+    def _print_Softplus(self, e):
+        return f"derive_softplus_vec({self._print(e.args[0])})"
+
+    def _print_KroneckerDelta(self, e):
+        raise ValueError("a Kronecker delta in an element map")  # the plan hoists or fixes them up
+
+
+class Names:
+    """How each quantity of one program is spelled in C++, where it is read from."""
+
+    def __init__(self, program: Program, plan: Plan, kernel, sweep: int = 0):
+        self.program, self.plan, self.kernel = program, plan, kernel
+        self.values = dict(program.values)
+        self.sweep = sweep
+        self.tensors = {t.name: t for t in program.inputs}
+        self.sizes = {str(s): f"sz_{s}" for s in kernel.graph.sizes.values()}
+        self.constants = {c: f"k_{c}" for c in kernel.layer.constants}
+        self.frame = [kernel.elements.index[kernel.graph.sizes[d]] for d in kernel.layer.dims]
+
+    def index(self, i, col: str) -> str:
+        if i == self.frame[0]:
+            return "row"
+        if i == self.frame[1]:
+            return col
+        raise ValueError(f"index {i}")
+
+    def scalar(self, name: str, col: str) -> str:
+        if name in self.sizes:
+            return f"static_cast<double>({self.sizes[name]})"
+        if name in self.constants:
+            return self.constants[name]
+        v = self.values[name]
+        if v.layout == ROW:
+            return f"kr_{name}[row]" if name in self.program.kept_rows and v.time[0] < self.sweep else f"r_{name}"
+        if v.layout == COL:
+            return f"c_{name}[{col}]"
+        if v.layout == SCALAR:
+            return f"s_{name}"
+        raise ValueError(f"{name} is a full-size value read outside a loop")
+
+    def vector(self, name: str) -> str:
+        if name in self.sizes or name in self.constants:
+            return f"Vec(static_cast<scalar_t>({self.scalar(name, 'col')}))"
+        v = self.values[name]
+        if v.layout == FULL:
+            return f"v_{name}"
+        if v.layout == COL:
+            return f"Vec::loadu(cv_{name}.data() + col, cnt)"
+        return f"Vec(static_cast<scalar_t>({self.scalar(name, 'col')}))"
+
+    def offset(self, e: sp.Indexed, printer, col: str) -> tuple[str, bool]:
+        """The flat offset of ``e`` in its tensor, and whether it moves with the column."""
+        tensor = self.tensors[str(e.base)]
+        dims = [d for d in tensor.shape] if tensor.shape else []
+        indices = list(e.indices)
+        if not dims:
+            return "0", False
+        parts, moves = [], False
+        for k, (dim, idx) in enumerate(zip(dims, indices)):
+            if dim == "1" or idx == 0:
+                continue
+            stride = "*".join(self.sizes[d] for d in dims[k + 1:] if d != "1")
+            if idx == self.frame[1]:
+                moves = True
+                text = col
+            elif idx == self.frame[0]:
+                text = "row"
+            else:
+                text = f"static_cast<int64_t>({printer._print(idx).replace('static_cast<double>', '')})"
+            parts.append(f"{text}*{stride}" if stride else text)
+        return " + ".join(parts) or "0", moves
+
+    def load(self, e: sp.Indexed, printer, col: str) -> str:
+        offset, _ = self.offset(e, printer, col)
+        return f"p_{e.base}[{offset}]"
+
+    def vector_load(self, e: sp.Indexed, scalar_printer) -> str:
+        offset, moves = self.offset(e, scalar_printer, "col")
+        if moves:
+            return f"Vec::loadu(p_{e.base} + {offset}, cnt)"
+        return f"Vec(p_{e.base}[{offset}])"
+
+
+def _cse_lines(exprs: list, printer, prefix: str) -> tuple[list[str], list[str]]:
+    """Repeated subexpressions of one loop's element maps as vector temporaries ``v_<prefix>_t<k>``."""
+    replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(f"{prefix}_t"), order="none")
+    lines = []
+    for symbol, value in replacements:
+        printer.names.values[symbol.name] = Value(symbol.name, FULL, value)
+        lines.append(f"const Vec v_{symbol.name} = {printer._print(value)};")
+    return lines, [printer._print(r) for r in reduced]
+
+
+def program_context(program: Program, plan: Plan, kernel) -> dict:
+    """Everything ``native_kernel.cpp.j2`` places for one program (the forward or the backward)."""
+    vals = program.values
+    rows_size, cols_size = (f"sz_{s}" for s in plan.frame)
+    sweeps, kept = [], program.kept_rows
+    first_float = next(t for t in program.inputs if not t.labels)
+    vector_cols = {n for sweep in program.sweeps for lp in sweep.loops
+                   for v in lp.locals + lp.row_reductions + lp.col_reductions + [vals[x] for _, x in lp.stores]
+                   for n in _symbols(v.expr) if n in vals and vals[n].layout == COL}
+    outputs = {t.name: (t, v) for t, v in program.outputs}
+
+    def finalize(steps: list, sweep: int) -> list[str]:
+        names = Names(program, plan, kernel, sweep)
+        sp_ = ScalarPrinter(names)
+        lines = []
+        for step in steps:
+            kind, v = step[0], step[-1]
+            if kind == "combine":
+                init = "0.0" if v.reduce == "sum" else "-INFINITY"
+                add = "a += q;" if v.reduce == "sum" else "a = derive_max(a, q);"
+                if v.layout == COL:
+                    lines += [f"std::vector<double> c_{v.name}({cols_size});",
+                              f"for (int64_t col = 0; col < {cols_size}; ++col) {{ double a = {init}; "
+                              f"for (int64_t chunk = 0; chunk < chunks; ++chunk) {{ const double q = "
+                              f"part_{v.name}[chunk*{cols_size} + col]; {add} }} c_{v.name}[col] = a; }}"]
+                else:
+                    lines += [f"double s_{v.name} = {init};",
+                              f"for (int64_t chunk = 0; chunk < chunks; ++chunk) {{ const double q = part_{v.name}[chunk]; "
+                              f"{add.replace('a ', f's_{v.name} ').replace('(a,', f'(s_{v.name},')} }}"]
+            elif kind == "value" and v.reduce:  # a per-column value summed over the columns
+                init = "0.0" if v.reduce == "sum" else "-INFINITY"
+                body = sp_._print(v.expr)
+                op = f"s_{v.name} += {body};" if v.reduce == "sum" else f"s_{v.name} = derive_max(s_{v.name}, {body});"
+                lines += [f"double s_{v.name} = {init};", f"for (int64_t col = 0; col < {cols_size}; ++col) {{ {op} }}"]
+            elif kind == "value" and v.layout == COL:
+                lines += [f"std::vector<double> c_{v.name}({cols_size});",
+                          f"for (int64_t col = 0; col < {cols_size}; ++col) c_{v.name}[col] = {sp_._print(v.expr)};"]
+            elif kind == "value":
+                lines.append(f"const double s_{v.name} = {sp_._print(v.expr)};")
+            elif kind == "store":
+                tensor = step[1]
+                if v.layout == COL:
+                    lines.append(f"for (int64_t col = 0; col < {cols_size}; ++col) "
+                                 f"o_{tensor}[col] = static_cast<scalar_t>({names.scalar(v.name, 'col')});")
+                else:
+                    lines.append(f"o_{tensor}[0] = static_cast<scalar_t>({names.scalar(v.name, 'col')});")
+            if kind in ("value", "combine") and v.name in vector_cols:
+                lines.append(f"std::vector<scalar_t> cv_{v.name}(c_{v.name}.begin(), c_{v.name}.end());")
+        return lines
+
+    def row_step(step, names: Names, sp_: ScalarPrinter) -> list[str]:
+        v = step.value
+        if step.kind == "reduced":
+            if v.reduce == "sum":
+                line = (f"double r_{v.name} = 0.0; for (int64_t l = 0; l < Vec::size(); ++l) "
+                        f"r_{v.name} += acc_{v.name}[l];")
+            else:
+                line = (f"acc_{v.name}.store(buf); double r_{v.name} = -INFINITY; "
+                        f"for (int64_t l = 0; l < Vec::size(); ++l) r_{v.name} = derive_max(r_{v.name}, "
+                        f"static_cast<double>(buf[l]));")
+            return [line] + ([f"kr_{v.name}[row] = r_{v.name};"] if v.name in kept else [])
+        if step.kind == "value":
+            return [f"const double r_{v.name} = {sp_._print(v.expr)};"] + (
+                [f"kr_{v.name}[row] = r_{v.name};"] if v.name in kept else [])
+        if step.kind == "store":
+            return [f"o_{step.tensor}[row] = static_cast<scalar_t>({names.scalar(v.name, 'col')});"]
+        if step.kind == "accumulate":
+            body = sp_._print(v.expr)
+            if v.reduce == "sum":
+                return [f"part_{v.name}[chunk] += {body};"]
+            return [f"part_{v.name}[chunk] = derive_max(part_{v.name}[chunk], {body});"]
+        if step.kind == "fixup":
+            label_sp = ScalarPrinter(names, col="label_col")
+            return [f"{{ const int64_t label_col = {names.load(step.label, sp_, 'col')}; "
+                    f"o_{step.tensor}[row*{cols_size} + label_col] = static_cast<scalar_t>({label_sp._print(step.expr)}); }}"]
+        raise ValueError(step.kind)
+
+    for k, sweep in enumerate(program.sweeps):
+        names = Names(program, plan, kernel, k)
+        sp_, vp = ScalarPrinter(names), VectorPrinter(names)
+        partials = []
+        loops = []
+        for p, lp in enumerate(sweep.loops):
+            setup, body = [], []
+            for v in lp.row_reductions:
+                setup.append(f"double acc_{v.name}[Vec::size()] = {{}};" if v.reduce == "sum"
+                             else f"Vec acc_{v.name}(-std::numeric_limits<scalar_t>::infinity());")
+            exprs = [v.expr for v in lp.locals] + [v.expr for v in lp.row_reductions + lp.col_reductions] + \
+                    [vals[x].expr for _, x in lp.stores]
+            temps, printed = _cse_lines(exprs, vp, f"e{p}")
+            body += temps
+            it = iter(printed)
+            for v in lp.locals:
+                body.append(f"const Vec v_{v.name} = {next(it)};")
+            for v in lp.row_reductions:
+                text = next(it)
+                if v.reduce == "sum":
+                    body.append(f"({text}).store(buf); for (int64_t l = 0; l < cnt; ++l) acc_{v.name}[l] += "
+                                f"static_cast<double>(buf[l]);")
+                else:
+                    body.append(f"acc_{v.name} = at::vec::maximum(acc_{v.name}, Vec::set("
+                                f"Vec(-std::numeric_limits<scalar_t>::infinity()), {text}, cnt));")
+            for v in lp.col_reductions:
+                text = next(it)
+                q = f"part_{v.name}.data() + chunk*{cols_size} + col"
+                op = "q[l] += static_cast<double>(buf[l]);" if v.reduce == "sum" else \
+                    "q[l] = derive_max(q[l], static_cast<double>(buf[l]));"
+                body.append(f"{{ ({text}).store(buf); double* q = {q}; for (int64_t l = 0; l < cnt; ++l) {op} }}")
+            for tensor, x in lp.stores:
+                body.append(f"({next(it)}).store(o_{tensor} + row*{cols_size} + col, cnt);")
+            after = [line for step in lp.after for line in row_step(step, names, sp_)]
+            loops.append(dict(setup=setup, body=body, after=after, index=p))
+        for v in [x for lp in sweep.loops for x in lp.col_reductions]:
+            partials.append(f"std::vector<double> part_{v.name}(chunks*{cols_size}, "
+                            f"{'0.0' if v.reduce == 'sum' else '-INFINITY'});")
+        steps = sweep.start + [s for lp in sweep.loops for s in lp.after]
+        for step in steps:
+            if step.kind == "accumulate":
+                partials.append(f"std::vector<double> part_{step.value.name}(chunks, "
+                                f"{'0.0' if step.value.reduce == 'sum' else '-INFINITY'});")
+        start = [line for step in sweep.start for line in row_step(step, names, sp_)]
+        sweeps.append(dict(before=finalize(sweep.before, k), partials=partials, start=start, loops=loops, index=k))
+    tail = finalize(program.tail, len(program.sweeps))
+    allocations = []
+    for t, v in program.outputs:
+        numel = _numel(t.layout, rows_size, cols_size)
+        fill = "at::zeros" if vals[v].expr == 0 and not vals[v].reduce else "at::empty"
+        allocations.append((t.name, f"{fill}({{{numel}}}, t_{first_float.name}.options())"))
+    args = [(t.name, t.labels) for t in program.inputs]
+    return dict(name=program.name, args=args, constants=[f"k_{c}" for c in program.scalars],
+                sizes=[f"sz_{s}" for s in plan.frame], rows=rows_size, cols=cols_size,
+                kept=[f"std::vector<double> kr_{n}({rows_size});" for n in kept],
+                allocations=allocations, sweeps=sweeps, tail=tail, dispatch=first_float.name,
+                outputs=[t.name for t, _ in program.outputs])
+
+
+def _numel(layout: frozenset, rows: str, cols: str) -> str:
+    return {FULL: f"{rows}*{cols}", ROW: rows, COL: cols, SCALAR: "1"}[layout]
+
+
+def _symbols(expr: sp.Expr) -> set:
+    return {s.name for s in expr.free_symbols if isinstance(s, sp.Symbol)}
+
+
+def render_source(plan: Plan, kernel) -> str:
+    """The C++ of one layer's forward and backward (a namespace of its own, no includes: the
+    module's loader compiles every layer of its folder as one translation unit)."""
+    context = dict(layer=kernel.name, programs=[program_context(p, plan, kernel) for p in (plan.forward, plan.backward)],
+                   chunks=CHUNKS)
+    return environment().get_template("native_kernel.cpp.j2").render(**context)
+
+
+__all__ = ["render_source", "ScalarPrinter", "VectorPrinter", "CHUNKS"]

@@ -1,0 +1,122 @@
+"""Native backends: a fused kernel's plan rendered as C++ (``--backend cpp``) or Triton (``--backend triton``).
+
+For each layer whose fused kernel the plan lowers (``plan.lower``), ``--backend cpp`` writes two
+files beside the eager ones: ``native/<name>.cpp`` (the loops, ``cpp.render_source``) and
+``<name>_cpp.py``, a module with the same function as ``<name>.py`` whose forward and backward
+call the extension built from every ``native/*.cpp`` of the folder (one build, cached). A layer the
+plan cannot lower keeps its eager kernel only, and the report says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import codegen
+from .kernel import Kernel
+from .plan import NotLowered, Plan, lower
+from .spec import Labels, Tensor
+from .templating import environment
+
+BACKENDS = ("cpp", "triton")
+CPP_TEMPLATES = ["native_module.py.j2", "native_loader.py.j2", "input_checks.py.j2", "native_kernel.cpp.j2"]
+
+
+@dataclass
+class Lowered:
+    """A kernel's plan, or the reason it has none."""
+
+    plan: Plan | None
+    reason: str = ""
+
+
+def lowered(kernel: Kernel) -> Lowered:
+    try:
+        return Lowered(lower(kernel))
+    except NotLowered as e:
+        return Lowered(None, str(e))
+
+
+def output_names(name: str, backend: str) -> list[str]:
+    if backend == "cpp":
+        return [f"native/{name}.cpp", f"{name}_cpp.py"]
+    return [f"{name}_triton.py"]
+
+
+def _tuple(names: list[str]) -> str:
+    return ", ".join(names) + ("," if len(names) == 1 else "")
+
+
+def _shape_text(shape: tuple) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """The plan in words, for the module's docstring and the derivation documents."""
+    lines = ["forward:"] + [f"  {line}" for line in plan.forward.summary()]
+    lines += ["backward:"] + [f"  {line}" for line in plan.backward.summary()]
+    lines.append("saved for the backward: " + (", ".join(n for n, _ in plan.saved) or "nothing")
+                 + (f"; recomputed there: {', '.join(plan.recomputed)}" if plan.recomputed else ""))
+    return lines
+
+
+def module_context(kernel: Kernel, plan: Plan, backend: str) -> dict:
+    layer = kernel.layer
+    tensors = list(layer.tensors)
+    floats = [k for k, v in layer.tensors.items() if isinstance(v, Tensor)]
+    saved = [n for n, _ in plan.saved]
+    computed = [s for s in kernel.saved if s not in layer.tensors]
+    sizes = kernel.sizes
+    constants = list(layer.constants)
+    grads = [t.name for t, _ in plan.backward.outputs]
+    returns = []
+    for k, name in enumerate(layer.inputs):
+        if name in layer.differentiable:
+            returns.append(f"d{name}.view({name}.shape) if ctx.needs_input_grad[{k}] else None")
+        else:
+            returns.append("None")
+    first = floats[0]
+    return dict(
+        title=f"``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}",
+        backend_note={"cpp": "C++ with ATen's vectors and at::parallel_for",
+                      "triton": "Triton"}[backend],
+        plan_lines=plan_lines(plan),
+        class_name=codegen.class_name(layer.name).replace("Function", f"{backend.capitalize()}Function"),
+        name=layer.name,
+        signature=codegen._signature(layer),
+        rank_checks=[c for c in kernel.checks if c.kind == "rank"],
+        size_sources=kernel.size_sources,
+        checks=[c for c in kernel.checks if c.kind != "rank"],
+        labels=[k for k, v in layer.tensors.items() if isinstance(v, Labels)],
+        tensor_inputs=tensors,
+        native_forward_args=", ".join(tensors + constants + sizes),
+        tensor_args="".join(f"{t}, " for t in tensors),
+        sizes_tuple=_tuple(sizes),
+        sizes_unpack=_tuple(sizes),
+        constants_all=constants,
+        output_shape=_shape_text(kernel.graph.output.shape),
+        grad_output=f"d{kernel.output}",
+        all_unpack=_tuple(tensors + saved),
+        eager_saved_tuple=_tuple(computed),
+        eager_forward_args=", ".join(list(layer.inputs) + sizes),
+        eager_backward_args=", ".join([f"d{kernel.output}"] + kernel.saved + sizes + kernel.constants_used),
+        native_backward_args=", ".join([f"d{kernel.output}.contiguous()"] + tensors + saved + constants + sizes),
+        grad_unpack=_tuple(grads),
+        returns=", ".join(returns),
+        native_condition=f"{first}.device.type == \"cpu\" and {first}.dtype in (torch.float32, torch.float64)",
+        doc=layer.doc or layer.name,
+        call_args=", ".join(layer.inputs),
+    )
+
+
+def render_cpp(kernel: Kernel, plan: Plan) -> dict[str, str]:
+    """``native/<name>.cpp`` and ``<name>_cpp.py`` of a lowered kernel."""
+    from .cpp import render_source
+
+    source = render_source(plan, kernel)
+    cpp = codegen.header(kernel, "//", source, templates=["native_kernel.cpp.j2"]) + source
+    body = environment().get_template("native_module.py.j2").render(header="", **module_context(kernel, plan, "cpp"))
+    body = body.lstrip("\n")
+    module = codegen.header(kernel, "#", body, templates=CPP_TEMPLATES) + body
+    return {f"native/{kernel.name}.cpp": cpp, f"{kernel.name}_cpp.py": module}
+
+
+__all__ = ["BACKENDS", "Lowered", "lowered", "render_cpp", "output_names", "plan_lines"]

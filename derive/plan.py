@@ -1,0 +1,630 @@
+"""The kernel plan: a fused kernel as loops over memory, read off its closed form.
+
+The eager kernel is a list of torch calls, each a pass over memory. A native kernel instead makes
+as few passes as its reductions allow, and the plan says which. Every value of the forward and of
+the backward becomes a ``Value`` with a *layout*: the frame axes it varies on (a full-size
+element ``(row, col)``, a per-row value ``(row,)``, a per-column value ``(col,)``, a scalar). A
+reduction is a value too, with the axis it sums (or maximises) and its body. Then:
+
+* **levels**: a value's *time* is ``(sweep, loop)``. A reduction over the columns of a row of a
+  body computed in loop ``p`` is known after that loop (``p + 1``): the rows are independent, so
+  one sweep over the rows runs several loops over each row while it is in cache (cross-entropy:
+  the maximum, then the sum of exponentials, then the output). A reduction over the rows needs
+  every row: it is accumulated per chunk of rows during one sweep and known in the next
+  (batchnorm: the sum, then the sum of squared deviations, then the output). Identical reductions
+  are one value (``cse``), and reductions of the same time share their loop.
+* **finalize** steps run between sweeps over the kept axis (``mean = sum/n``, ``1/sqrt(var + eps)``,
+  per-column coefficients, ``dgamma``), in double precision.
+* **element maps**: each full-size expression is split by layout (``hoist``): factors and terms
+  that vary per column only become per-column values computed once, per-row ones once per row,
+  so the loop body is the part that really varies per element.
+* **labels**: a Kronecker delta of a column and a label (``probs - onehot(y)``) is 0 in the loop
+  and a per-row fix-up writes the label's column afterwards: a scatter of ``n`` values.
+* **saved values, by cost**: the forward saves every per-row and per-column value the backward
+  reads (a few bytes); a full-size value is recomputed in the backward from the inputs and those
+  when that costs less than writing and reading it again (``recompute``).
+* **statistics in double**: every sum is accumulated in double precision, whatever the dtype; the
+  variance is the spec's own two passes (the mean, then the squared deviations), never
+  ``E[x^2] - E[x]^2``: the plan computes exactly the closed form, so the proof covers it.
+
+``lower(kernel)`` returns a ``Plan`` or raises ``NotLowered`` with the reason (a layer the plan
+cannot lower keeps its eager kernel, and the generate report says why).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .functions import Relu, Sigmoid, Softplus, Step
+from .forward_plan import plan as forward_statements
+from .spec import Labels, dim_names
+from .symbolic import AxisMax, AxisSum, GroupedRed, IsArgmax, Max, Red, extent
+
+FULL, ROW, COL, SCALAR = frozenset({0, 1}), frozenset({0}), frozenset({1}), frozenset()
+# element functions every printer of the plan knows
+FUNCTIONS = (sp.exp, sp.log, sp.tanh, Sigmoid, Softplus, Relu, Step, sp.Abs, sp.sign, sp.KroneckerDelta)
+# a full-size value is recomputed in the backward rather than saved when its cost, in passes over
+# memory, is below saving it (a write in the forward and a read in the backward); a transcendental
+# function per element costs about a third of a pass on a machine with vectorized math
+SAVE_COST, TRANSCENDENTAL_COST = 2.0, 0.35
+
+
+class NotLowered(Exception):
+    """The plan cannot lower this kernel; the message says why (the eager kernel is used)."""
+
+
+@dataclass
+class Value:
+    name: str
+    layout: frozenset
+    expr: sp.Expr  # element expression, or for a reduction its body
+    reduce: str = ""  # "sum" or "max" for a reduction over ``axis``
+    axis: int = -1
+    time: tuple = (0, 0)  # (sweep, loop) from which it is known
+
+    @property
+    def symbol(self) -> sp.Symbol:
+        return sp.Symbol(self.name)
+
+
+@dataclass
+class TensorArg:
+    """A tensor the native function reads or writes, flat and contiguous."""
+
+    name: str
+    layout: frozenset  # for an input: the frame axes of its declared dims
+    shape: tuple = ()  # declared dims (size names, "1"), for inputs and outputs
+    labels: bool = False
+
+
+@dataclass
+class Loop:
+    """One pass over the columns of a row."""
+
+    locals: list  # full-size Values computed per element (dependencies first)
+    row_reductions: list
+    col_reductions: list
+    stores: list  # (tensor name, value name) of full-size outputs
+    after: list = field(default_factory=list)  # per-row steps once the loop is done (``RowStep``)
+
+
+@dataclass
+class RowStep:
+    kind: str  # "value", "reduced" (a row reduction finished), "store", "fixup", "accumulate"
+    value: Value
+    tensor: str = ""
+    expr: sp.Expr | None = None  # the fix-up's expression at the label's column
+    label: sp.Expr | None = None  # the label element (``y[i_n]``) naming that column
+
+
+@dataclass
+class Sweep:
+    """A parallel pass over chunks of rows; ``before`` runs once, before it (the finalize)."""
+
+    before: list  # ("combine", Value) | ("value", Value) | ("store", tensor, Value)
+    start: list  # RowSteps before the first loop of each row
+    loops: list
+
+
+@dataclass
+class Program:
+    """One native function: the forward or the backward."""
+
+    name: str
+    inputs: list  # TensorArg
+    scalars: list  # constants passed as numbers
+    outputs: list  # (TensorArg, value name)
+    values: dict  # name -> Value
+    sweeps: list
+    tail: list  # finalize after the last sweep
+    kept_rows: list  # row values read in a later sweep than their own (kept in an array)
+
+    def summary(self) -> list[str]:
+        """Which sums run in which pass, in words (for the derivation documents)."""
+        lines = []
+        for k, sweep in enumerate(self.sweeps):
+            for step in sweep.before:
+                if step[0] == "combine":
+                    lines.append(f"after sweep {k}: combine the per-chunk partial sums of {step[1].name}")
+            for p, loop in enumerate(sweep.loops):
+                parts = []
+                if loop.row_reductions:
+                    parts.append("accumulates " + ", ".join(_describe(v) for v in loop.row_reductions))
+                if loop.col_reductions:
+                    parts.append("accumulates per chunk " + ", ".join(_describe(v) for v in loop.col_reductions))
+                if loop.stores:
+                    parts.append("writes " + ", ".join(t for t, _ in loop.stores))
+                fix = [s.tensor for s in loop.after if s.kind == "fixup"]
+                if fix:
+                    parts.append("then writes the label's column of " + ", ".join(fix))
+                lines.append(f"sweep {k + 1}, pass {p + 1} over each row: " + "; ".join(parts or ["reads"]))
+        finals = [s[2] if s[0] == "store" else s[1].name for s in self.tail if s[0] in ("store", "value")]
+        if finals:
+            lines.append("finally: " + ", ".join(dict.fromkeys(str(x if isinstance(x, str) else x.name) for x in finals)))
+        return lines
+
+
+def _describe(v: Value) -> str:
+    return f"{v.name} = {'max' if v.reduce == 'max' else 'sum'} over {'columns' if v.axis == 1 else 'rows'} of {sp.sstr(v.expr)}"
+
+
+@dataclass
+class Plan:
+    forward: Program
+    backward: Program
+    saved: list  # (name, layout) the forward returns for the backward
+    recomputed: list  # full-size forward values the backward recomputes instead of reading
+    frame: list  # size names of the two axes
+
+    def summary(self) -> dict:
+        return {"forward": self.forward.summary(), "backward": self.backward.summary(),
+                "saved": [n for n, _ in self.saved], "recomputed": list(self.recomputed)}
+
+
+# -- building values from the closed form ------------------------------------------------------
+class _Builder:
+    """Turns element expressions into Values: reductions named, loads normalized, layouts known."""
+
+    def __init__(self, kernel, frame_index: list, tensors: dict, prefix: str):
+        self.kernel = kernel
+        self.frame_index = frame_index  # [i_rows, i_cols]
+        self.axis_of = {idx: k for k, idx in enumerate(frame_index)}
+        self.tensors = tensors  # name -> TensorArg (inputs of the program)
+        self.values: dict[str, Value] = {}
+        self.by_key: dict = {}  # (reduce, axis, body) -> name: identical reductions are one value
+        self.prefix = prefix
+        self.count = 0
+
+    def fresh(self, stem: str) -> str:
+        while True:
+            self.count += 1
+            name = f"{self.prefix}{stem}{self.count}"
+            if name not in self.values and name not in self.tensors:
+                return name
+
+    def layout(self, expr: sp.Expr) -> frozenset:
+        axes = set()
+        for s in expr.free_symbols:
+            if s in self.axis_of:
+                axes.add(self.axis_of[s])
+            elif isinstance(s, sp.Symbol) and s.name in self.values:
+                axes |= self.values[s.name].layout
+        return frozenset(axes)
+
+    def add(self, name: str, expr: sp.Expr, reduce: str = "", axis: int = -1) -> Value:
+        layout = self.layout(expr)
+        if reduce:
+            layout = layout - {axis}
+        value = Value(name, layout, expr, reduce, axis)
+        self.values[name] = value
+        return value
+
+    def reduction(self, kind: str, body: sp.Expr, index: sp.Idx, name: str = "") -> sp.Symbol:
+        axis = self._axis(index)
+        frame_idx = self.frame_index[axis]
+        if index != frame_idx:
+            if frame_idx in body.free_symbols:
+                raise NotLowered(f"a reduction over {index} also reads {frame_idx} (a contraction)")
+            body = body.xreplace({index: frame_idx})
+        body = self.convert(body)
+        key = (kind, axis, body)
+        if key in self.by_key and not name:
+            return sp.Symbol(self.by_key[key])
+        name = name or self.fresh("sum" if kind == "sum" else "max")
+        self.by_key.setdefault(key, name)
+        self.add(name, body, kind, axis)
+        return sp.Symbol(name)
+
+    def _axis(self, index: sp.Idx) -> int:
+        size = extent(index)
+        sizes = [extent(i) for i in self.frame_index]
+        if size not in sizes:
+            raise NotLowered(f"a reduction over {index} is not over an axis of the frame")
+        if sizes.count(size) > 1:
+            raise NotLowered("two axes of the same size")
+        return sizes.index(size)
+
+    def convert(self, expr: sp.Expr) -> sp.Expr:
+        """Reductions become Values (innermost first); reads of earlier values become Symbols."""
+        if isinstance(expr, (Red, GroupedRed, AxisSum)):
+            return self.reduction("sum", expr.body, expr.index)
+        if isinstance(expr, (Max, AxisMax)):
+            return self.reduction("max", expr.body, expr.index)
+        if isinstance(expr, IsArgmax):
+            raise NotLowered("the gradient of a maximum that does not cancel (a one-hot of its position)")
+        if isinstance(expr, sp.Indexed):
+            name = str(expr.base)
+            if name in self.values:
+                value = self.values[name]
+                natural = [self.frame_index[a] if a in value.layout else None for a in range(2)]
+                reads = [i for i in expr.indices if i != 0]
+                if reads != [i for i in natural if i is not None] and len(expr.indices) >= 1:
+                    picked = [i for i in expr.indices if not isinstance(i, sp.Idx) and i != 0]
+                    if picked:
+                        raise NotLowered(f"{name} is read at a label's position; only inputs are picked")
+                return sp.Symbol(name)
+            if name not in self.tensors:
+                raise NotLowered(f"{name} is read but neither an input nor a value of the kernel")
+            return expr
+        if isinstance(expr, sp.Symbol) and expr.name in self.values:
+            return expr
+        if isinstance(expr, sp.Function) and not isinstance(expr, FUNCTIONS):
+            raise NotLowered(f"the function {type(expr).__name__} has no native form")
+        if isinstance(expr, (sp.Piecewise, sp.Integral, sp.Derivative)):
+            raise NotLowered(f"{type(expr).__name__} has no native form")
+        if not expr.args:
+            return expr
+        return expr.func(*[self.convert(a) for a in expr.args])
+
+
+def _tensors_of(kernel) -> dict[str, TensorArg]:
+    layer = kernel.layer
+    frame = list(layer.dims)
+    out = {}
+    for name, decl in layer.tensors.items():
+        dims = tuple(decl.dims)
+        axes = frozenset(frame.index(d) for d in dims if d in frame)
+        if any(d != "1" and d not in frame for d in dims):
+            raise NotLowered(f"{name} has a dimension made of several sizes ({', '.join(dims)})")
+        out[name] = TensorArg(name, axes, dims, isinstance(decl, Labels))
+    return out
+
+
+def _check_frame(kernel) -> list:
+    layer = kernel.layer
+    if len(layer.dims) != 2:
+        raise NotLowered(f"the plan lowers layers over two axes; this one has {len(layer.dims)} "
+                         f"({', '.join(layer.dims)})")
+    if any(len(dim_names(d)) != 1 for d in layer.dims):
+        raise NotLowered("a dimension made of several sizes")
+    for name, decl in layer.tensors.items():
+        dims = [d for d in decl.dims if d != "1"]
+        if dims != [d for d in layer.dims if d in dims]:
+            raise NotLowered(f"{name} is stored across the frame's order of axes")
+    return [kernel.graph.sizes[d] for d in layer.dims]
+
+
+def lower(kernel) -> Plan:
+    """The plan of ``kernel`` (a ``kernel.Kernel``), or ``NotLowered`` with the reason."""
+    sizes = _check_frame(kernel)
+    el = kernel.elements
+    frame_index = [el.index[s] for s in sizes]
+    tensors = _tensors_of(kernel)
+    output = kernel.graph.output
+
+    # forward: the spec's values as the eager forward computes them (``forward_plan``)
+    fwd = _Builder(kernel, frame_index, tensors, "f")
+    statements = forward_statements(el, kernel.saved, sizes)
+    for st in statements:
+        fwd.add(st.name, sp.S.Zero)  # placeholders: later statements read them as Symbols
+    for st in statements:
+        value = st.value
+        if isinstance(value, (AxisSum, AxisMax)):
+            kind = "sum" if isinstance(value, AxisSum) else "max"
+            del fwd.values[st.name]
+            fwd.reduction(kind, value.body, value.index, name=st.name)
+        else:
+            fwd.values[st.name] = Value(st.name, frozenset(), sp.S.Zero)
+            fwd.add(st.name, fwd.convert(value))
+
+    # backward: the closed forms; forward values they read are recomputed or saved
+    grad_out = f"d{output.name}"
+    b_tensors = dict(tensors)
+    b_tensors[grad_out] = TensorArg(grad_out, _layout_of_shape(output.shape, sizes), tuple(map(str, output.shape)))
+    bwd = _Builder(kernel, frame_index, b_tensors, "b")
+    forward_names = set(fwd.values)
+    for name in forward_names:  # read as Symbols; resolved below
+        bwd.values[name] = Value(name, fwd.values[name].layout, sp.S.Zero)
+    grads = []
+    for f in kernel.formulas:
+        name = f"d{f.input}"
+        bwd.values[name] = Value(name, frozenset(), sp.S.Zero)
+        bwd.add(name, bwd.convert(f.element))
+        grads.append(name)
+    for v in bwd.values.values() if not output.shape else []:  # a 0-d upstream gradient is a Symbol: a load
+        upstream = {s: sp.Indexed(sp.IndexedBase(grad_out), 0) for s in v.expr.free_symbols
+                    if isinstance(s, sp.Symbol) and s.name == grad_out}
+        v.expr = v.expr.xreplace(upstream)
+
+    saved, recomputed = _saved(fwd, bwd, grads, forward_names)
+    for name in forward_names:
+        if name not in recomputed and name not in {n for n, _ in saved}:
+            bwd.values.pop(name, None)
+    for name in recomputed:
+        bwd.values[name] = Value(name, fwd.values[name].layout, fwd.values[name].expr,
+                                 fwd.values[name].reduce, fwd.values[name].axis)
+    saved_names = [n for n, _ in saved]
+    frame_names = list(kernel.layer.dims)
+    for name in saved_names:  # a saved value is an input of the backward, flat in its layout
+        bwd.values.pop(name, None)
+        layout = fwd.values[name].layout
+        b_tensors[name] = TensorArg(name, layout, tuple(frame_names[a] for a in sorted(layout)))
+    loads = {sp.Symbol(n): _natural(n, fwd.values[n].layout, frame_index) for n in saved_names}
+    bwd.values = {k: Value(v.name, v.layout, v.expr.xreplace(loads), v.reduce, v.axis)
+                  for k, v in bwd.values.items()}
+
+    f_outputs = [(TensorArg(output.name, _layout_of_shape(output.shape, sizes), tuple(map(str, output.shape))),
+                  output.name)]
+    f_outputs += [(b_tensors[n], n) for n, _ in saved if n != output.name]
+    b_outputs = [(TensorArg(f"d{f.input}", tensors[f.input].layout, tensors[f.input].shape), f"d{f.input}")
+                 for f in kernel.formulas]
+    constants = list(kernel.layer.constants)
+    forward = _program(f"{kernel.name}_forward", fwd, [tensors[k] for k in kernel.layer.tensors], constants,
+                       f_outputs)
+    b_inputs = [b_tensors[grad_out]] + [tensors[k] for k in kernel.layer.tensors] + [b_tensors[n] for n in saved_names]
+    backward = _program(f"{kernel.name}_backward", bwd, b_inputs, constants, b_outputs)
+    return Plan(forward, backward, saved, recomputed, [str(s) for s in sizes])
+
+
+def _layout_of_shape(shape: tuple, sizes: list) -> frozenset:
+    return frozenset(k for k, s in enumerate(sizes) if s in tuple(shape))
+
+
+def _natural(name: str, layout: frozenset, frame_index: list) -> sp.Expr:
+    """A flat tensor of ``layout`` read at the frame's own indices (a 0-d one at 0)."""
+    indices = [frame_index[a] for a in sorted(layout)] or [0]
+    return sp.Indexed(sp.IndexedBase(name), *indices)
+
+
+def _reads(expr: sp.Expr, names: set) -> set:
+    return {s.name for s in expr.free_symbols if isinstance(s, sp.Symbol) and s.name in names}
+
+
+def _cost(expr: sp.Expr) -> float:
+    calls = sum(1 for e in sp.preorder_traversal(expr) if isinstance(e, (sp.exp, sp.log, sp.tanh, Sigmoid, Softplus))
+                or (isinstance(e, sp.Pow) and not e.exp.is_Integer))
+    return calls * TRANSCENDENTAL_COST
+
+
+def _saved(fwd: _Builder, bwd: _Builder, grads: list, forward_names: set):
+    """Which forward values the backward reads as saved tensors, and which it recomputes."""
+    saved, recomputed = {}, []
+    needed = set()
+    for g in grads:
+        needed |= _reads(bwd.values[g].expr, forward_names)
+    for v in list(bwd.values.values()):
+        if v.name not in forward_names:
+            needed |= _reads(v.expr, forward_names)
+    full_inputs_read = {str(e.base) for v in bwd.values.values() if v.name not in forward_names
+                        for e in v.expr.atoms(sp.Indexed)}
+    stack = sorted(needed)
+    while stack:
+        name = stack.pop()
+        value = fwd.values[name]
+        if value.layout != FULL or value.reduce:
+            saved[name] = value.layout
+            continue
+        deps = _reads(value.expr, forward_names)
+        new_reads = {str(e.base) for e in value.expr.atoms(sp.Indexed)} - full_inputs_read
+        cost = len([r for r in new_reads if fwd.tensors[r].layout == FULL]) + _cost(value.expr)
+        if cost < SAVE_COST:
+            if name not in recomputed:
+                recomputed.append(name)
+                full_inputs_read |= new_reads
+                stack.extend(d for d in deps if d not in recomputed and d not in saved)
+        else:
+            saved[name] = value.layout
+    order = list(fwd.values)
+    return sorted(saved.items(), key=lambda kv: order.index(kv[0])), sorted(recomputed, key=order.index)
+
+
+# -- scheduling -----------------------------------------------------------------------------------
+def _label_deltas(expr: sp.Expr, col_index) -> list:
+    return [d for d in expr.atoms(sp.KroneckerDelta) if col_index in d.free_symbols
+            and any(isinstance(a, sp.Indexed) for a in d.args)]
+
+
+def _program(name: str, b: _Builder, inputs: list, scalars: list, outputs: list) -> Program:
+    col_i = b.frame_index[1]
+    needed, stack = set(), [v for _, v in outputs]
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(_reads(b.values[n].expr, set(b.values)))
+    vals = {k: b.values[k] for k in _topological({k: v for k, v in b.values.items() if k in needed})}
+    # split full-size expressions by layout: per-column and per-row parts computed once
+    hoister = _Hoister(b, vals)
+    for k, v in list(vals.items()):
+        if v.layout == FULL or (v.reduce and b.layout(v.expr) == FULL):
+            vals[k] = Value(v.name, v.layout, hoister.hoist(v.expr), v.reduce, v.axis)
+    merged = {**vals, **hoister.new}
+    vals = {k: merged[k] for k in _topological(merged)}
+    # label fix-ups: a full-size output with a delta of its column and a label
+    fixups = {}
+    for tensor, vname in outputs:
+        v = vals[vname]
+        deltas = _label_deltas(v.expr, col_i)
+        if deltas and v.layout == FULL and not v.reduce:
+            label = next(a for a in deltas[0].args if isinstance(a, sp.Indexed))
+            at_label = _inline_full(v.expr, vals).xreplace({d: 1 for d in deltas})
+            fixups[vname] = (at_label.xreplace({col_i: label}), label)
+            vals[vname] = Value(v.name, v.layout, v.expr.xreplace({d: 0 for d in deltas}), v.reduce, v.axis)
+    for v in vals.values():
+        if _label_deltas(v.expr, col_i) and v.name not in fixups:
+            raise NotLowered("a one-hot of the labels inside a value that is not written out")
+    _times(vals, b)
+    return _schedule(name, b, inputs, scalars, outputs, vals, fixups)
+
+
+def _topological(values: dict) -> list:
+    done, out = set(), []
+
+    def visit(n):
+        if n in done:
+            return
+        done.add(n)
+        for d in sorted(_reads(values[n].expr, set(values)) - {n}):
+            visit(d)
+        out.append(n)
+
+    for n in values:
+        visit(n)
+    return out
+
+
+def _inline_full(expr: sp.Expr, vals: dict) -> sp.Expr:
+    """``expr`` with every full-size element value substituted (for a value at one element)."""
+    for _ in range(100):
+        reads = [n for n in _reads(expr, set(vals)) if vals[n].layout == FULL and not vals[n].reduce]
+        if not reads:
+            return expr
+        expr = expr.xreplace({sp.Symbol(n): vals[n].expr for n in reads})
+    raise NotLowered("values read each other in a cycle")
+
+
+class _Hoister:
+    """Parts of a full-size expression that vary along one axis only become values of their own."""
+
+    def __init__(self, b: _Builder, vals: dict):
+        self.b, self.vals, self.new = b, vals, {}
+
+    def layout(self, e):
+        names = {**self.vals, **self.new}
+        axes = set()
+        for s in e.free_symbols:
+            if s in self.b.axis_of:
+                axes.add(self.b.axis_of[s])
+            elif isinstance(s, sp.Symbol) and s.name in names:
+                axes |= names[s.name].layout
+        return frozenset(axes)
+
+    def name_of(self, e):
+        if _atomic(e) or self.layout(e) == FULL:
+            return e
+        for k, v in self.new.items():
+            if v.expr == e:
+                return sp.Symbol(k)
+        layout = self.layout(e)
+        name = self.b.fresh("c" if layout == COL else "r" if layout == ROW else "s")
+        self.new[name] = Value(name, layout, e)
+        self.b.values[name] = self.new[name]
+        return sp.Symbol(name)
+
+    def hoist(self, e):
+        if _atomic(e) or not e.args:
+            return e
+        if self.layout(e) != FULL:
+            return self.name_of(e)
+        if isinstance(e, (sp.Add, sp.Mul)):
+            groups: dict = {}
+            for a in e.args:
+                groups.setdefault(self.layout(a), []).append(a)
+            parts = []
+            for layout, args in groups.items():
+                if layout == FULL:
+                    parts += [self.hoist(a) for a in args]
+                else:
+                    parts.append(self.name_of(e.func(*args)))
+            return e.func(*parts)
+        if isinstance(e, (sp.KroneckerDelta, sp.Indexed)):
+            return e
+        return e.func(*[self.hoist(a) for a in e.args])
+
+
+def _atomic(e) -> bool:
+    return (e.is_Number or isinstance(e, (sp.Symbol, sp.Indexed, sp.Idx))
+            or (isinstance(e, sp.Mul) and len(e.args) == 2 and e.args[0].is_Number and _atomic(e.args[1])))
+
+
+def _body_time(v: Value, vals: dict) -> tuple:
+    return max([vals[d].time for d in _reads(v.expr, set(vals)) - {v.name}], default=(0, 0))
+
+
+def _times(vals: dict, b: _Builder) -> None:
+    """Each value's time ``(sweep, loop)``: see the module docstring."""
+    for v in vals.values():
+        t = _body_time(v, vals)
+        if v.reduce:
+            body = b.layout(v.expr)
+            if v.axis == 1 and body == FULL:  # over the columns of each row: known after the loop
+                t = (t[0], t[1] + 1)
+            elif v.axis == 0 and body in (FULL, ROW):  # over the rows: known in the next sweep
+                t = (t[0] + 1, 0)
+            elif not (v.axis == 1 and body == COL):  # a per-column value summed: a finalize step
+                raise NotLowered(f"a sum over an axis its body does not vary on ({sp.sstr(v.expr)})")
+        v.time = t
+
+
+def _schedule(name, b, inputs, scalars, outputs, vals, fixups) -> Program:
+    store_of: dict = {}
+    for tensor, vname in outputs:
+        store_of.setdefault(vname, []).append(tensor.name)
+    points = [v.time[0] for v in vals.values() if v.layout in (FULL, ROW) and not v.reduce]
+    points += [_body_time(v, vals)[0] for v in vals.values() if v.reduce and b.layout(v.expr) in (FULL, ROW)]
+    sweeps = [Sweep([], [], []) for _ in range(1 + max(points, default=0))]
+    tail: list = []
+
+    def loop(s: int, p: int) -> Loop:
+        while len(sweeps[s].loops) <= p:
+            sweeps[s].loops.append(Loop([], [], [], []))
+        return sweeps[s].loops[p]
+
+    def row_steps(s: int, p: int) -> list:
+        """Per-row steps known at (s, p): before the first loop, or after loop p - 1."""
+        return sweeps[s].start if p == 0 else loop(s, p - 1).after
+
+    def before(s: int) -> list:
+        return sweeps[s].before if s < len(sweeps) else tail
+
+    for v in vals.values():
+        s, p = v.time
+        body = b.layout(v.expr) if v.reduce else v.layout
+        if v.reduce and body == FULL:
+            bs, bp = _body_time(v, vals)
+            target = loop(bs, bp)
+            if v.axis == 1:
+                target.row_reductions.append(v)
+                target.after.append(RowStep("reduced", v))
+            else:
+                target.col_reductions.append(v)
+                before(bs + 1).append(("combine", v))
+        elif v.reduce and body == ROW:  # a per-row value summed over the rows, per chunk of rows
+            bs, bp = _body_time(v, vals)
+            row_steps(bs, bp).append(RowStep("accumulate", v))
+            before(bs + 1).append(("combine", v))
+        elif v.reduce or v.layout in (COL, SCALAR):
+            before(s).append(("value", v))
+        elif v.layout == ROW:
+            row_steps(s, p).append(RowStep("value", v))
+        for tensor in store_of.get(v.name, []):
+            if v.layout == FULL:
+                loop(s, p).stores.append((tensor, v.name))
+                if v.name in fixups:
+                    loop(s, p).after.append(RowStep("fixup", v, tensor, *fixups[v.name]))
+            elif v.layout == ROW:
+                row_steps(s, p).append(RowStep("store", v, tensor))
+            else:
+                before(s).append(("store", tensor, v))
+    for sweep in sweeps:  # each loop computes the full-size values its reductions and stores read
+        for lp in sweep.loops:
+            roots = [v.expr for v in lp.row_reductions + lp.col_reductions] + [vals[v].expr for _, v in lp.stores]
+            lp.locals = _full_closure(roots, vals)
+    kept = []  # per-row values read in a later sweep than their own are kept in an array
+    for k, sweep in enumerate(sweeps):
+        exprs = [v.expr for lp in sweep.loops for v in lp.locals + lp.row_reductions + lp.col_reductions]
+        exprs += [s.value.expr for lp in sweep.loops for s in lp.after] + [s.value.expr for s in sweep.start]
+        exprs += [s.expr for lp in sweep.loops for s in lp.after if s.expr is not None]
+        for e in exprs:
+            for n in _reads(e, set(vals)):
+                if vals[n].layout == ROW and vals[n].time[0] < k and n not in kept:
+                    kept.append(n)
+    for v in vals.values():  # written out from a later sweep's finalize (a per-row output is stored in its row)
+        pass
+    return Program(name, inputs, scalars, outputs, vals, sweeps, tail, kept)
+
+
+def _full_closure(roots: list, vals: dict) -> list:
+    names, stack = set(), list(roots)
+    while stack:
+        e = stack.pop()
+        for n in _reads(e, set(vals)):
+            v = vals[n]
+            if v.layout == FULL and not v.reduce and n not in names:
+                names.add(n)
+                stack.append(v.expr)
+    return [v for k, v in vals.items() if k in names]
+
+
+__all__ = ["lower", "Plan", "Program", "Value", "NotLowered", "FULL", "ROW", "COL", "SCALAR"]
