@@ -47,7 +47,8 @@ def _command(args, verb: str = "generate") -> str:
 def cmd_generate(args) -> int:
     start = time.perf_counter()
     key = cache.run_key(args.layer or [], args.names, proven=not args.no_prove,
-                        options=f"allow-other-sources:{args.allow_other_sources};fused-only:{args.fused_only}")
+                        options=f"allow-other-sources:{args.allow_other_sources};fused-only:{args.fused_only}"
+                                + "".join(f";backend:{b}" for b in args.backend or []))
     if not args.force and cache.unchanged(key, Path(args.out)):
         print(f"{args.out}/ is unchanged since this generation last ran (nothing it depends on changed; "
               f"{time.perf_counter() - start:.2f} s); --force re-derives")
@@ -66,13 +67,15 @@ def cmd_generate(args) -> int:
 
     out = Path(args.out)
     reports = generate(layers, out, prove_sizes=not args.no_prove, force=args.force, index=not args.names,
-                       allow_other_sources=args.allow_other_sources, echo=echo, fused_only=args.fused_only)
+                       allow_other_sources=args.allow_other_sources, echo=echo, fused_only=args.fused_only,
+                       backends=tuple(dict.fromkeys(args.backend or [])))
     index = [INDEX] if not args.names else []
     listed = index_specs((out / INDEX).read_text()) if index and (out / INDEX).is_file() else []
     read = frozenset().union(*(r.inputs for r in reports), cache.user_files({str(out / s.partition(":")[0]) for s in listed}))
     cache.remember(out, {key: ["__init__.py"] + index + [f for r in reports for f in r.files]}, {key: read})
     for note in filter(None, (r.note() for r in reports)):
-        print(f"note: {note}")
+        for line in note.splitlines():
+            print(f"note: {line}")
     print(f"done in {time.perf_counter() - start:.1f} s; files in {args.out}/")
     return 0
 
@@ -80,7 +83,8 @@ def cmd_generate(args) -> int:
 def cmd_check(args) -> int:
     from .generate import stale_files
 
-    problems = stale_files(_layers(args), Path(args.out), index=not args.names)
+    problems = stale_files(_layers(args), Path(args.out), index=not args.names,
+                           backends=tuple(dict.fromkeys(args.backend or [])))
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
@@ -205,8 +209,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--fused-only", action="store_true",
                    help="fail for a layer that gets no fused kernel (the fused engine cannot derive it, or every fused "
                         "form fails the numerical battery) instead of using its step-by-step backward as the kernel")
+    for q in (g, c := sub.add_parser("check", help="fail when generated files are stale or edited by hand")):
+        q.add_argument("--backend", action="append", choices=["cpp"], metavar="cpp",
+                       help="also write (check) native kernels printed from each fused kernel's plan: cpp = C++ "
+                            "loops with ATen's vectors, built on first use (<name>_cpp.py, native/<name>.cpp)")
     g.set_defaults(run=cmd_generate)
-    c = sub.add_parser("check", help="fail when generated files are stale or edited by hand")
     common(c)
     c.set_defaults(run=cmd_check)
     v = sub.add_parser("verify", help="prove each formula and print the comparison table against autograd; "

@@ -46,18 +46,20 @@ def source_of(layer: Layer) -> str:
 
 # The output folder of the run being rendered, as the user wrote it: the regenerate command in
 # every header names it (set by ``generate`` and ``stale_files`` through ``rendering_into``).
-_OUTPUT = {"out": DEFAULT_OUT}
+_OUTPUT = {"out": DEFAULT_OUT, "backends": ()}
 
 
 @contextlib.contextmanager
-def rendering_into(out) -> Iterator[None]:
-    """Render headers whose regenerate command writes into ``out``."""
-    before = _OUTPUT["out"]
+def rendering_into(out, backends: tuple = ()) -> Iterator[None]:
+    """Render headers whose regenerate command writes into ``out`` (with ``--backend`` for each of
+    ``backends``)."""
+    before = dict(_OUTPUT)
     _OUTPUT["out"] = os.path.normpath(str(out))
+    _OUTPUT["backends"] = tuple(backends)
     try:
         yield
     finally:
-        _OUTPUT["out"] = before
+        _OUTPUT.update(before)
 
 
 def command(layers_args: list[str] = (), names: list[str] = (), out: str | None = None, verb: str = "generate") -> str:
@@ -69,6 +71,8 @@ def command(layers_args: list[str] = (), names: list[str] = (), out: str | None 
         parts += ["--layer", shlex.quote(argument)]
     if out != DEFAULT_OUT:
         parts += ["--out", shlex.quote(out)]
+    for backend in _OUTPUT["backends"] if verb == "generate" else ():
+        parts += ["--backend", backend]
     return " ".join(parts)
 
 

@@ -18,7 +18,9 @@ import sympy as sp
 from sympy.printing.c import C99CodePrinter
 
 from .functions import Relu, Sigmoid, Softplus, Step
-from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value
+from sympy.printing.precedence import PRECEDENCE
+
+from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
 from .templating import environment
 
 CHUNKS = 64  # the most chunks of rows a sweep is split into (partial sums: chunks x columns doubles)
@@ -53,6 +55,18 @@ class ScalarPrinter(C99CodePrinter):
 
     def _print_Float(self, e):
         return _literal(e)
+
+    def _print_Add(self, e, order=None):
+        """Terms that read values first, functions of values last (``plan.computed``)."""
+        terms = sorted(e.args, key=lambda t: (computed(t, self.names.values), sp.default_sort_key(t)))
+        text = ""
+        for k, term in enumerate(terms):
+            coefficient, rest = term.as_coeff_Mul()
+            if k and coefficient.is_negative:
+                text += " - " + self.parenthesize(-term, PRECEDENCE["Add"])
+            else:
+                text += (" + " if k else "") + self.parenthesize(term, PRECEDENCE["Add"])
+        return text
 
     def _print_Pow(self, e):
         base, exp = e.as_base_exp()
@@ -337,13 +351,12 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             for v in lp.row_reductions:
                 setup.append(f"double acc_{v.name}[Vec::size()] = {{}};" if v.reduce == "sum"
                              else f"Vec acc_{v.name}(-std::numeric_limits<scalar_t>::infinity());")
-            exprs = [v.expr for v in lp.locals] + [v.expr for v in lp.row_reductions + lp.col_reductions] + \
-                    [vals[x].expr for _, x in lp.stores]
+            # full-size values are inlined, and cse shares what they have in common
+            exprs = [_inline_full(v.expr, vals) for v in lp.row_reductions + lp.col_reductions] + \
+                    [_inline_full(vals[x].expr, vals) for _, x in lp.stores]
             temps, printed = _cse_lines(exprs, vp, f"e{p}")
             body += temps
             it = iter(printed)
-            for v in lp.locals:
-                body.append(f"const Vec v_{v.name} = {next(it)};")
             for v in lp.row_reductions:
                 text = next(it)
                 if v.reduce == "sum":

@@ -19,6 +19,7 @@ import torch
 
 from . import cache
 from . import codegen
+from . import native
 from .book import index_markdown, index_specs
 from .codegen import render_function, render_steps
 from .derivation import render_markdown, render_tex
@@ -46,25 +47,27 @@ def build_named(layer: Layer) -> Kernel:
         raise DerivationError(layer.name, e.problem, e.fix) from None
 
 
-def output_names(layer: Layer) -> list[str]:
+def output_names(layer: Layer, backends: tuple = ()) -> list[str]:
     """The files ``render`` may write for ``layer``, relative to the output folder (known before
     deriving): its kernel and step-by-step backward, and the fused derivation of a layer declared
-    fused (written only where its kernel is fused, ``select``)."""
+    fused (written only where its kernel is fused, ``select``), and its native kernels (written only
+    where the plan lowers it and they pass their checks, ``native``)."""
     names = [f"{layer.name}.py", f"{layer.name}_steps.py", f"derivations/{layer.name}_steps.tex",
              f"derivations/{layer.name}_steps.md"]
     if layer.fused:
         names += [f"derivations/{layer.name}.tex", f"derivations/{layer.name}.md"]
+        names += [rel for backend in backends for rel in native.output_names(layer.name, backend)]
     return names
 
 
-def collisions(layers: list[Layer], index: bool = True) -> list[str]:
+def collisions(layers: list[Layer], index: bool = True, backends: tuple = ()) -> list[str]:
     """One line per output file that two layers (or a layer and the folder's own files) would both write."""
     owners: dict[str, list[str]] = {"__init__.py": ["the package file"]}
     if index:
         owners[INDEX] = ["the derivations' index"]
     for layer in layers:
         where = f"layer {layer.name!r}" + (f" of {layer.spec_path}" if layer.spec_path else "")
-        for rel in output_names(layer):
+        for rel in output_names(layer, backends):
             owners.setdefault(rel, []).append(where)
     shared: dict[tuple, list[str]] = {}
     for rel, who in owners.items():
@@ -74,10 +77,12 @@ def collisions(layers: list[Layer], index: bool = True) -> list[str]:
             f"them into separate folders with --out)" for who, rels in sorted(shared.items())]
 
 
-def render(layer: Layer, choice: Choice | None = None) -> dict[str, str]:
+def render(layer: Layer, choice: Choice | None = None, backends: tuple = (), reasons: dict | None = None) -> dict[str, str]:
     """Relative path -> text of every file generated for ``layer``: its step-by-step backward and that
     backward's derivation, and its kernel ``<name>.py``: the fused one with its derivation, or,
-    where no fused form is used (``select.choose``), the step-by-step backward again, saying why."""
+    where no fused form is used (``select.choose``), the step-by-step backward again, saying why.
+    With ``backends``, the native kernels of a fused one that the plan lowers (``reasons`` gets,
+    per backend, why there is none)."""
     graph = trace(layer)
     choice = choice or chosen(layer)
     files = {
@@ -93,6 +98,18 @@ def render(layer: Layer, choice: Choice | None = None) -> dict[str, str]:
         }
     else:
         files[f"{layer.name}.py"] = render_steps(graph, choice.reason)
+    reasons = {} if reasons is None else reasons
+    for backend in backends:
+        if not choice.fused:
+            reasons[backend] = "its kernel is the step-by-step backward"
+            continue
+        lowered = native.lowered(choice.kernel)
+        if lowered.plan is None:
+            reasons[backend] = f"the kernel plan cannot lower it: {lowered.reason}"
+        elif backend == "cpp":
+            files |= native.render_cpp(choice.kernel, lowered.plan)
+        else:
+            reasons[backend] = "the Triton printer is not written yet"
     return files
 
 
@@ -115,6 +132,7 @@ class Report:
     unchanged: bool = False  # its files were left as an earlier run wrote them (``cache.layer_key``)
     unproven: bool = False  # a fused kernel generated without its proofs (--no-prove)
     inputs: frozenset = frozenset()  # the user's files its spec ran or imported (``cache.user_files``)
+    native: dict = field(default_factory=dict)  # backend -> its native kernel's verdict, or why there is none
 
     def line(self) -> str:
         if self.unchanged:
@@ -145,6 +163,8 @@ class Report:
                          f"{skipped.skipped}; the generated code matches autograd (float64 maxdiff {self.maxdiff:.1e})")
         if not self.unchanged and (not self.fused or "undoing" in self.form) and self.form:
             notes.append(f"{self.layer}: {self.form}")
+        for backend, verdict in self.native.items():
+            notes.append(f"{self.layer}: {backend} kernel: {verdict}")
         return "\n".join(notes)
 
 
@@ -214,7 +234,7 @@ def _read(path: Path) -> str:
         return ""
 
 
-def derive_layer(layer: Layer, prove_sizes: bool = True, fused_only: bool = False) -> tuple:
+def derive_layer(layer: Layer, prove_sizes: bool = True, fused_only: bool = False, backends: tuple = ()) -> tuple:
     """Everything about one layer that needs no file: its rendered files, the proofs of its fused
     kernel at small sizes, the seconds this took, and the kernel's form (``select.Choice.summary``,
     and whether it is fused). SymPy and small torch runs, so layers run in parallel.
@@ -224,13 +244,14 @@ def derive_layer(layer: Layer, prove_sizes: bool = True, fused_only: bool = Fals
     """
     start = time.perf_counter()
     choice = chosen(layer, fused_only)
-    files = render(layer, choice)
+    reasons: dict = {}
+    files = render(layer, choice, backends, reasons)
     proofs = []
     for sizes in default_sizes(layer) if choice.fused and prove_sizes else []:
         proofs.append(prove(choice.kernel, sizes))
         if proofs[-1].skipped:  # larger sizes are larger still
             break
-    return files, proofs, time.perf_counter() - start, choice.summary(), choice.fused
+    return files, proofs, time.perf_counter() - start, choice.summary(), choice.fused, reasons
 
 
 def prove_at(layer: Layer, sizes: dict[str, int], fused_only: bool = False) -> tuple[Proof | None, float]:
@@ -243,7 +264,8 @@ def prove_at(layer: Layer, sizes: dict[str, int], fused_only: bool = False) -> t
     return proof, time.perf_counter() - start
 
 
-def _derive_all(jobs: list[list[Layer]], prove_sizes: bool, fused_only: bool = False) -> dict[int, tuple]:
+def _derive_all(jobs: list[list[Layer]], prove_sizes: bool, fused_only: bool = False,
+                backends: tuple = ()) -> dict[int, tuple]:
     """``derive_layer`` of every layer of ``jobs`` on every core: id(layer) -> its result.
 
     With fewer jobs than cores (a run that derives one changed layer), each proof of a fused kernel
@@ -258,7 +280,7 @@ def _derive_all(jobs: list[list[Layer]], prove_sizes: bool, fused_only: bool = F
     def run(item):  # a job's layers to derive, or (a layer, sizes) to prove it at
         work, sizes = item
         return (prove_at(work, sizes, fused_only) if sizes
-                else [derive_layer(layer, prove_sizes and not split, fused_only) for layer in work])
+                else [derive_layer(layer, prove_sizes and not split, fused_only, backends) for layer in work])
 
     def cost(item):  # the derivations first (costliest first), then the proofs, largest first
         work, sizes = item
@@ -267,10 +289,10 @@ def _derive_all(jobs: list[list[Layer]], prove_sizes: bool, fused_only: bool = F
     done = fork_map(run, [(job, None) for job in jobs] + proofs, cost=cost)
     derived = {id(layer): result for job, results in zip(jobs, done) for layer, result in zip(job, results)}
     for (layer, _), (proof, seconds) in zip(proofs, done[len(jobs):]):
-        files, kept, spent, form, fused = derived[id(layer)]
+        files, kept, spent, form, fused, reasons = derived[id(layer)]
         if proof is not None and not any(p.skipped for p in kept):
             kept.append(proof)
-        derived[id(layer)] = files, kept, spent + seconds, form, fused
+        derived[id(layer)] = files, kept, spent + seconds, form, fused, reasons
     return derived
 
 
@@ -300,17 +322,18 @@ def _jobs(layers: list[Layer], graphs: list[Graph]) -> list[list[Layer]]:
     return [sorted(g, key=lambda layer: position[id(layer)]) for g in unique.values()]
 
 
-def _layer_key(layer: Layer, graph: Graph, prove_sizes: bool) -> str | None:
+def _layer_key(layer: Layer, graph: Graph, prove_sizes: bool, backends: tuple = ()) -> str | None:
     try:
         spec_file = inspect.getsourcefile(layer.fn) or ""
     except TypeError:  # a function with no source file
         spec_file = ""
-    return cache.layer_key(layer.name, spec_file, graph.sources | layer.depends, prove_sizes)
+    name = layer.name + "".join(f";backend:{b}" for b in backends)
+    return cache.layer_key(name, spec_file, graph.sources | layer.depends, prove_sizes)
 
 
 def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force: bool = False,
              echo=print, index: bool = True, allow_other_sources: bool = False,
-             fused_only: bool = False) -> list[Report]:
+             fused_only: bool = False, backends: tuple = ()) -> list[Report]:
     """Derive ``layers``, prove their fused kernels, compare the generated code with autograd, then
     write their files.
 
@@ -326,8 +349,9 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     with its files intact is left as it is, unless ``force``.
     """
     out = Path(out)
-    with codegen.rendering_into(out):
-        return _generate(layers, out, prove_sizes, force, echo, index, allow_other_sources, fused_only)
+    with codegen.rendering_into(out, backends):
+        return _generate(layers, out, prove_sizes, force, echo, index, allow_other_sources, fused_only,
+                         tuple(backends))
 
 
 def texts_of(derived: list) -> dict[str, str]:
@@ -343,25 +367,27 @@ def _fused_names(layers: list[Layer], files: dict, out: Path) -> set[str]:
                                   and ownership(out / f"derivations/{layer.name}.md") in ("ours", "edited")}
 
 
-def _generate(layers, out, prove_sizes, force, echo, index, allow_other_sources, fused_only) -> list[Report]:
-    clash = collisions(layers, index)
+def _generate(layers, out, prove_sizes, force, echo, index, allow_other_sources, fused_only,
+              backends=()) -> list[Report]:
+    clash = collisions(layers, index, backends)
     if clash:
         raise RefusedError(clash)
     graphs = [trace(layer) for layer in layers]  # what each spec calls and which files it ran
     inputs = [cache.user_files(graph.sources | layer.depends | {layer.source_file})
               for layer, graph in zip(layers, graphs)]
     everything = index_layers(layers, out) if index else (layers, [])
-    planned = {rel: None for layer in layers for rel in output_names(layer)} | {"__init__.py": None}
+    planned = {rel: None for layer in layers for rel in output_names(layer, backends)} | {"__init__.py": None}
     if index:
         planned[INDEX] = None
     read = set().union(*inputs, *(cache.user_files({layer.source_file}) for layer in everything[0]))
     refused = plan(out, planned, force=force, protected=read, allow_other_sources=allow_other_sources)
     if refused:
         raise RefusedError([str(r) for r in refused])
-    keys = [_layer_key(layer, graph, prove_sizes) for layer, graph in zip(layers, graphs)]
+    keys = [_layer_key(layer, graph, prove_sizes, backends) for layer, graph in zip(layers, graphs)]
     unchanged = {id(layer) for layer, key in zip(layers, keys) if key and not force and cache.unchanged(key, out)}
     todo = [(layer, graph) for layer, graph in zip(layers, graphs) if id(layer) not in unchanged]
-    by_layer = _derive_all(_jobs([layer for layer, _ in todo], [graph for _, graph in todo]), prove_sizes, fused_only)
+    by_layer = _derive_all(_jobs([layer for layer, _ in todo], [graph for _, graph in todo]), prove_sizes, fused_only,
+                           backends)
     derived = [by_layer.get(id(layer)) for layer in layers]  # None: unchanged, nothing to write
 
     # every generated module is imported and held against autograd before any file is written
@@ -374,13 +400,16 @@ def _generate(layers, out, prove_sizes, force, echo, index, allow_other_sources,
                 reports.append(Report(layer.name, gradients, fused=layer.name in fused_layers(recorded),
                                       files=recorded, unchanged=True, unproven=unproven, inputs=used))
                 continue
-            files, proofs, seconds, form, fused = result
+            files, proofs, seconds, form, fused, reasons = result
             start = time.perf_counter()
             report = Report(layer.name, gradients, form, fused, list(files), proofs,
-                            unproven=unproven and fused, inputs=used)
-            report.maxdiff = _against_autograd(layer, files, Path(staging))
+                            unproven=unproven and fused, inputs=used, native=dict(reasons))
+            report.maxdiff = _against_autograd(layer, {rel: t for rel, t in files.items() if _eager_file(rel)},
+                                               Path(staging))
             report.seconds = seconds + time.perf_counter() - start
             reports.append(report)
+        if backends:  # every native kernel of the run in one folder: one build, then each one checked
+            _check_native([(layer, result) for layer, result in zip(layers, derived) if result], Path(staging), reports)
     texts = {}
     if ownership(out / "__init__.py") != "theirs":  # a user's own __init__.py is left as it is
         texts["__init__.py"] = package_init(everything[0])
@@ -402,9 +431,48 @@ def _generate(layers, out, prove_sizes, force, echo, index, allow_other_sources,
             for rel in (f"derivations/{report.layer}.tex", f"derivations/{report.layer}.md"):
                 if ownership(out / rel) == "ours":
                     (out / rel).unlink()
+        for backend in report.native if result else ():  # a native kernel of derive's own that no longer passes
+            for rel in native.output_names(report.layer, backend):
+                if rel not in result[0] and ownership(out / rel) == "ours":
+                    (out / rel).unlink()
         echo(report.line())
     cache.remember(out, {key: report.files for key, report in zip(keys, reports) if key and not report.unchanged})
     return reports
+
+
+def _eager_file(rel: str) -> bool:
+    """A Python module of the eager kernels (not a native one)."""
+    return rel.endswith(".py") and not rel.endswith(("_cpp.py", "_triton.py")) and "/" not in rel
+
+
+def _check_native(derived: list, staging: Path, reports: list) -> None:
+    """Hold every native kernel of the run against its spec before it is written, as the eager kernels
+    are: the comparison with autograd (float64) and the numerical battery. A kernel that fails, or
+    cannot be built here, is not written (its files are dropped from the layer's) and the report says
+    why; the layer keeps its eager kernel."""
+    from .verify import load_module
+
+    folder = staging / "native-kernels"
+    (folder / "native").mkdir(parents=True, exist_ok=True)
+    for layer, (files, *_rest) in derived:
+        for rel, text in files.items():
+            if rel.startswith("native/") or rel.endswith(("_cpp.py", "_triton.py")) or rel == f"{layer.name}.py":
+                (folder / rel).write_text(text)
+    by_name = {r.layer: r for r in reports}
+    for layer, (files, *_rest) in derived:
+        report = by_name[layer.name]
+        for backend in native.BACKENDS:
+            module_name = f"{layer.name}_{backend}.py"
+            if module_name not in files:
+                continue
+            verdict = native.check_module(layer, load_module(folder / module_name), backend)
+            if verdict.startswith("battery passed"):
+                report.native[backend] = verdict
+                continue
+            report.native[backend] = f"not written, the eager kernel is used: {verdict}"
+            for rel in native.output_names(layer.name, backend):
+                files.pop(rel, None)
+            report.files = [rel for rel in report.files if rel in files]
 
 
 def _against_autograd(layer: Layer, files: dict[str, str], staging: Path) -> float:
@@ -429,17 +497,17 @@ def _against_autograd(layer: Layer, files: dict[str, str], staging: Path) -> flo
     return max(row.maxdiff for row, _ in rows)
 
 
-def stale_files(layers: list[Layer], out: Path, index: bool = True) -> list[str]:
+def stale_files(layers: list[Layer], out: Path, index: bool = True, backends: tuple = ()) -> list[str]:
     """Every generated file under ``out`` that is missing, stale, hand-edited or not derive's, with the
     reason (the derivations' index page too, with ``index``); two layers writing one file are named too."""
     out = Path(out)
-    with codegen.rendering_into(out):
-        problems = [f"{out}: {line}" for line in collisions(layers, index)]
+    with codegen.rendering_into(out, backends):
+        problems = [f"{out}: {line}" for line in collisions(layers, index, backends)]
         expected = {}
         everything = index_layers(layers, out) if index else (layers, [])
         if ownership(out / "__init__.py") != "theirs":
             expected["__init__.py"] = package_init(everything[0])
-        rendered = {rel: text for layer in layers for rel, text in render(layer).items()}
+        rendered = {rel: text for layer in layers for rel, text in render(layer, backends=tuple(backends)).items()}
         expected.update(rendered)
         if index:
             expected[INDEX] = index_markdown(*everything, fused=_fused_names(everything[0], rendered, out))

@@ -119,4 +119,38 @@ def render_cpp(kernel: Kernel, plan: Plan) -> dict[str, str]:
     return {f"native/{kernel.name}.cpp": cpp, f"{kernel.name}_cpp.py": module}
 
 
-__all__ = ["BACKENDS", "Lowered", "lowered", "render_cpp", "output_names", "plan_lines"]
+
+
+def check_module(layer, module, backend: str) -> str:
+    """A native module against its spec: the comparison with autograd (float64, the sizes the eager
+    modules are compared at) and the numerical battery, single-threaded. Its verdict in words:
+    ``battery passed ...`` or what failed."""
+    import warnings
+
+    import torch
+
+    from . import battery
+    from .verify import against_autograd
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        built = module.native_module()
+    if built is None:
+        why = next((str(w.message) for w in caught), "the extension could not be built")
+        return f"it cannot be built here ({why})"
+    fn = getattr(module, layer.name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sizes = {d: 5 + 2 * k for k, d in enumerate(layer.dims)}
+        for row in against_autograd(layer, fn, sizes):
+            if not row.approximate:
+                return f"its {row.name} differs from autograd of the spec by {row.maxdiff:.3e} (float64)"
+        sizes = battery.battery_sizes(layer)
+        verdict = battery.run(layer, fn, sizes, draws=battery.settings(layer, sizes))
+    finally:
+        torch.set_num_threads(threads)
+    return verdict.summary()
+
+
+__all__ = ["BACKENDS", "Lowered", "lowered", "render_cpp", "output_names", "plan_lines", "check_module"]

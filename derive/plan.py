@@ -474,6 +474,19 @@ def _inline_full(expr: sp.Expr, vals: dict) -> sp.Expr:
     raise NotLowered("values read each other in a cycle")
 
 
+def computed(expr: sp.Expr, vals: dict) -> bool:
+    """Whether ``expr`` evaluates a function (``log(s)``), itself or through a value it reads, rather
+    than reading values as they are. Sums add such terms last (``logits - m - log(s)``: the values
+    cancel first, as the eager forward does; at logits of 1e6 the other order loses ``log(s)``)."""
+    for e in sp.preorder_traversal(expr):
+        if isinstance(e, sp.Function) and not isinstance(e, sp.KroneckerDelta):
+            return True
+        if isinstance(e, sp.Symbol) and e.name in vals and not vals[e.name].reduce and vals[e.name].expr is not expr \
+                and computed(vals[e.name].expr, vals):
+            return True
+    return False
+
+
 class _Hoister:
     """Parts of a full-size expression that vary along one axis only become values of their own."""
 
@@ -509,10 +522,12 @@ class _Hoister:
             return self.name_of(e)
         if isinstance(e, (sp.Add, sp.Mul)):
             groups: dict = {}
-            for a in e.args:
-                groups.setdefault(self.layout(a), []).append(a)
+            names = {**self.vals, **self.new}
+            for a in e.args:  # functions of values are not summed with the values they would round away
+                key = (self.layout(a), isinstance(e, sp.Add) and computed(a, names))
+                groups.setdefault(key, []).append(a)
             parts = []
-            for layout, args in groups.items():
+            for (layout, _), args in groups.items():
                 if layout == FULL:
                     parts += [self.hoist(a) for a in args]
                 else:
