@@ -1,4 +1,4 @@
-# `make generate`: install, regenerate every kernel and derivation, print the verification table.
+# `make generate`: install, regenerate every kernel (eager and C++) and derivation, print the verification table.
 # `make test`:     install (TeX included), check generated/ is fresh, run the test suite.
 # `make latex`:    build/derivations/all.pdf, every derivation in one book.
 # `make dist`:     dist/derive-*.tar.gz and dist/derive-*.whl, to install derive in another repository.
@@ -8,8 +8,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # TikZ (texlive-pictures) draws the compute graphs; pdftoppm (poppler-utils) lets the tests look at the pages
 TEX_PACKAGES := texlive-latex-base texlive-latex-recommended texlive-pictures latexmk poppler-utils
+# the C++ kernels are compiled on first use (torch.utils.cpp_extension; ninja comes from pip)
+NATIVE_PACKAGES := g++
+# the backends of the built-in kernels in generated/ (derive generate --backend ...)
+BACKENDS := --backend cpp
 
-.PHONY: install generate verify check test tex latex dist clean
+.PHONY: install generate verify check test tex native latex dist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-generate: install
-	$(BIN)/derive generate
+generate: install native
+	$(BIN)/derive generate $(BACKENDS)
 	$(BIN)/derive verify
 
 check: install
-	$(BIN)/derive check
+	$(BIN)/derive check $(BACKENDS)
 
 # Derivations are compiled for real in the tests, so TeX is part of the test set-up.
 tex:
@@ -37,8 +41,15 @@ tex:
 latex: install tex
 	$(BIN)/derive latex
 
-test: install tex
-	$(BIN)/derive check
+# a C++ compiler for the native kernels (without one they fall back to the eager kernels, with a warning)
+native:
+	@command -v g++ >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(NATIVE_PACKAGES) >/dev/null; \
+	  else echo "g++ not found: sudo apt-get install $(NATIVE_PACKAGES)"; exit 1; fi; }
+
+test: install tex native
+	$(BIN)/derive check $(BACKENDS)
 	$(BIN)/python -m pytest -q
 
 # the sdist and a wheel (setup.py copies templates/ into the package); `pip install dist/derive-*.whl`

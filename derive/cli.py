@@ -41,7 +41,7 @@ def _command(args, verb: str = "generate") -> str:
     """The command line that does ``verb`` for what ``args`` selected, as the user would type it."""
     from .codegen import command
 
-    return command(args.layer or [], args.names or [], args.out, verb)
+    return command(args.layer or [], args.names or [], args.out, verb, tuple(getattr(args, "backend", None) or ()))
 
 
 def cmd_generate(args) -> int:

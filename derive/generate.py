@@ -349,7 +349,7 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     with its files intact is left as it is, unless ``force``.
     """
     out = Path(out)
-    with codegen.rendering_into(out, backends):
+    with codegen.rendering_into(out):
         return _generate(layers, out, prove_sizes, force, echo, index, allow_other_sources, fused_only,
                          tuple(backends))
 
@@ -501,7 +501,7 @@ def stale_files(layers: list[Layer], out: Path, index: bool = True, backends: tu
     """Every generated file under ``out`` that is missing, stale, hand-edited or not derive's, with the
     reason (the derivations' index page too, with ``index``); two layers writing one file are named too."""
     out = Path(out)
-    with codegen.rendering_into(out, backends):
+    with codegen.rendering_into(out):
         problems = [f"{out}: {line}" for line in collisions(layers, index, backends)]
         expected = {}
         everything = index_layers(layers, out) if index else (layers, [])

@@ -112,10 +112,10 @@ def render_cpp(kernel: Kernel, plan: Plan) -> dict[str, str]:
     from .cpp import render_source
 
     source = render_source(plan, kernel)
-    cpp = codegen.header(kernel, "//", source, templates=["native_kernel.cpp.j2"]) + source
+    cpp = codegen.header(kernel, "//", source, templates=["native_kernel.cpp.j2"], backends=("cpp",)) + source
     body = environment().get_template("native_module.py.j2").render(header="", **module_context(kernel, plan, "cpp"))
     body = body.lstrip("\n")
-    module = codegen.header(kernel, "#", body, templates=CPP_TEMPLATES) + body
+    module = codegen.header(kernel, "#", body, templates=CPP_TEMPLATES, backends=("cpp",)) + body
     return {f"native/{kernel.name}.cpp": cpp, f"{kernel.name}_cpp.py": module}
 
 
