@@ -46,20 +46,18 @@ def source_of(layer: Layer) -> str:
 
 # The output folder of the run being rendered, as the user wrote it: the regenerate command in
 # every header names it (set by ``generate`` and ``stale_files`` through ``rendering_into``).
-_OUTPUT = {"out": DEFAULT_OUT, "backends": ()}
+_OUTPUT = {"out": DEFAULT_OUT}
 
 
 @contextlib.contextmanager
-def rendering_into(out, backends: tuple = ()) -> Iterator[None]:
-    """Render headers whose regenerate command writes into ``out`` (with ``--backend`` for each of
-    ``backends``)."""
-    before = dict(_OUTPUT)
+def rendering_into(out) -> Iterator[None]:
+    """Render headers whose regenerate command writes into ``out``."""
+    before = _OUTPUT["out"]
     _OUTPUT["out"] = os.path.normpath(str(out))
-    _OUTPUT["backends"] = tuple(backends)
     try:
         yield
     finally:
-        _OUTPUT.update(before)
+        _OUTPUT["out"] = before
 
 
 def command(layers_args: list[str] = (), names: list[str] = (), out: str | None = None, verb: str = "generate",
@@ -72,7 +70,7 @@ def command(layers_args: list[str] = (), names: list[str] = (), out: str | None 
         parts += ["--layer", shlex.quote(argument)]
     if out != DEFAULT_OUT:
         parts += ["--out", shlex.quote(out)]
-    for backend in _OUTPUT["backends"] if verb == "generate" else ():
+    for backend in backends:
         parts += ["--backend", backend]
     return " ".join(parts)
 
