@@ -273,7 +273,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
     vector_cols = {n for sweep in program.sweeps for lp in sweep.loops
                    for v in lp.locals + lp.row_reductions + lp.col_reductions + [vals[x] for _, x in lp.stores]
                    for n in _symbols(v.expr) if n in vals and vals[n].layout == COL}
-    outputs = {t.name: (t, v) for t, v in program.outputs}
+    doubles = {t.name: t.double for t, _ in program.outputs}
 
     def finalize(steps: list, sweep: int) -> list[str]:
         names = Names(program, plan, kernel, sweep)
@@ -305,11 +305,12 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                 lines.append(f"const double s_{v.name} = {sp_._print(v.expr)};")
             elif kind == "store":
                 tensor = step[1]
+                cast = "double" if doubles.get(tensor) else "scalar_t"
                 if v.layout == COL:
                     lines.append(f"for (int64_t col = 0; col < {cols_size}; ++col) "
-                                 f"o_{tensor}[col] = static_cast<scalar_t>({names.scalar(v.name, 'col')});")
+                                 f"o_{tensor}[col] = static_cast<{cast}>({names.scalar(v.name, 'col')});")
                 else:
-                    lines.append(f"o_{tensor}[0] = static_cast<scalar_t>({names.scalar(v.name, 'col')});")
+                    lines.append(f"o_{tensor}[0] = static_cast<{cast}>({names.scalar(v.name, 'col')});")
             if kind in ("value", "combine") and v.name in vector_cols:
                 lines.append(f"std::vector<scalar_t> cv_{v.name}(c_{v.name}.begin(), c_{v.name}.end());")
         return lines
@@ -329,7 +330,8 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             return [f"const double r_{v.name} = {sp_._print(v.expr)};"] + (
                 [f"kr_{v.name}[row] = r_{v.name};"] if v.name in kept else [])
         if step.kind == "store":
-            return [f"o_{step.tensor}[row] = static_cast<scalar_t>({names.scalar(v.name, 'col')});"]
+            cast = "double" if doubles.get(step.tensor) else "scalar_t"
+            return [f"o_{step.tensor}[row] = static_cast<{cast}>({names.scalar(v.name, 'col')});"]
         if step.kind == "accumulate":
             body = sp_._print(v.expr)
             if v.reduce == "sum":
@@ -390,8 +392,11 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
     for t, v in program.outputs:
         numel = _numel(t.layout, rows_size, cols_size)
         fill = "at::zeros" if vals[v].expr == 0 and not vals[v].reduce else "at::empty"
-        allocations.append((t.name, f"{fill}({{{numel}}}, t_{first_float.name}.options())"))
-    args = [(t.name, t.labels) for t in program.inputs]
+        dtype = ".dtype(at::kDouble)" if t.double else ""
+        allocations.append((t.name, f"{fill}({{{numel}}}, t_{first_float.name}.options(){dtype})",
+                            "double" if t.double else "scalar_t"))
+    args = [(t.name, "const int64_t" if t.labels else "const double" if t.double else "const scalar_t")
+            for t in program.inputs]
     return dict(name=program.name, args=args, constants=[f"k_{c}" for c in program.scalars],
                 sizes=[f"sz_{s}" for s in plan.frame], rows=rows_size, cols=cols_size,
                 kept=[f"std::vector<double> kr_{n}({rows_size});" for n in kept],

@@ -398,14 +398,17 @@ def md_code(text: str) -> str:
 
 
 def _render(kernel: Kernel, fmt: _Format) -> str:
-    body = environment().get_template(fmt.template).render(**_context(kernel, fmt)).lstrip("\n")
+    from .native import plan_context
+
+    context = {**_context(kernel, fmt), "kernel_plan": plan_context(kernel)}
+    body = environment().get_template(fmt.template).render(**context).lstrip("\n")
     return header(kernel, fmt.comment[0], body, fmt.comment[1], templates=[fmt.template, *fmt.includes]) + body
 
 
 TEX = _Format("derivation.tex.j2", text=_tex_doc, code=lambda s: r"\texttt{%s}" % tex_text(s), comment=("%", ""),
-              includes=(PREAMBLE, "derivation_graph.tex.j2"))
+              includes=(PREAMBLE, "derivation_graph.tex.j2", "derivation_plan.tex.j2"))
 MARKDOWN = _Format("derivation.md.j2", text=lambda s: s, code=md_code, comment=("<!--", " -->"),
-                   includes=("derivation_graph.md.j2",), link=lambda s: f"[{md_code(s)}]({s})")
+                   includes=("derivation_graph.md.j2", "derivation_plan.md.j2"), link=lambda s: f"[{md_code(s)}]({s})")
 
 
 def render_tex(kernel: Kernel) -> str:

@@ -58,6 +58,15 @@ def plan_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def plan_context(kernel: Kernel) -> dict:
+    """The derivation documents' kernel plan section: the plan in words, or why there is none."""
+    from .derivation import tex_text
+
+    result = lowered(kernel)
+    reason = result.reason.rstrip(".")
+    return {"lines": plan_lines(result.plan) if result.plan else [], "reason": reason, "reason_tex": tex_text(reason)}
+
+
 def module_context(kernel: Kernel, plan: Plan, backend: str) -> dict:
     layer = kernel.layer
     tensors = list(layer.tensors)

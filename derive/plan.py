@@ -76,6 +76,7 @@ class TensorArg:
     layout: frozenset  # for an input: the frame axes of its declared dims
     shape: tuple = ()  # declared dims (size names, "1"), for inputs and outputs
     labels: bool = False
+    double: bool = False  # a saved per-row or per-column value, kept in double precision
 
 
 @dataclass
@@ -124,9 +125,9 @@ class Program:
         """Which sums run in which pass, in words (for the derivation documents)."""
         lines = []
         for k, sweep in enumerate(self.sweeps):
-            for step in sweep.before:
-                if step[0] == "combine":
-                    lines.append(f"after sweep {k}: combine the per-chunk partial sums of {step[1].name}")
+            combined = [step[1].name for step in sweep.before if step[0] == "combine"]
+            if combined:
+                lines.append(f"after sweep {k}: the partial sums of each chunk of rows added up: {', '.join(combined)}")
             for p, loop in enumerate(sweep.loops):
                 parts = []
                 if loop.row_reductions:
@@ -146,7 +147,17 @@ class Program:
 
 
 def _describe(v: Value) -> str:
-    return f"{v.name} = {'max' if v.reduce == 'max' else 'sum'} over {'columns' if v.axis == 1 else 'rows'} of {sp.sstr(v.expr)}"
+    return f"{v.name} = {'max' if v.reduce == 'max' else 'sum'} over {'columns' if v.axis == 1 else 'rows'} of {_text(v.expr)}"
+
+
+def _text(expr: sp.Expr) -> str:
+    """An element expression as one reads it: ``x*dout`` for ``x[i_n, i_d]*dout[i_n, i_d]``, ``logits[y]``
+    for a label's pick."""
+    def plain(e):
+        picks = [i for i in e.indices if isinstance(i, sp.Indexed)]
+        return sp.Symbol(f"{e.base}[{picks[0].base}]" if picks else str(e.base))
+
+    return sp.sstr(expr.replace(lambda e: isinstance(e, sp.Indexed), plain))
 
 
 @dataclass
@@ -183,6 +194,14 @@ class _Builder:
             if name not in self.values and name not in self.tensors:
                 return name
 
+    def named(self, stem: str) -> str:
+        """``sum_bnraw_dout``: a reduction named after what it reads (a number added if taken)."""
+        name, k = stem, 1
+        while name in self.values or name in self.tensors:
+            k += 1
+            name = f"{stem}{k}"
+        return name
+
     def layout(self, expr: sp.Expr) -> frozenset:
         axes = set()
         for s in expr.free_symbols:
@@ -211,7 +230,9 @@ class _Builder:
         key = (kind, axis, body)
         if key in self.by_key and not name:
             return sp.Symbol(self.by_key[key])
-        name = name or self.fresh("sum" if kind == "sum" else "max")
+        reads = sorted({str(e.base) for e in body.atoms(sp.Indexed)} | {s.name for s in body.free_symbols
+                                                                       if isinstance(s, sp.Symbol) and s.name in self.values})
+        name = name or self.named(f"{kind}_{'_'.join(reads) or 'value'}")
         self.by_key.setdefault(key, name)
         self.add(name, body, kind, axis)
         return sp.Symbol(name)
@@ -327,6 +348,15 @@ def lower(kernel) -> Plan:
                     if isinstance(s, sp.Symbol) and s.name == grad_out}
         v.expr = v.expr.xreplace(upstream)
 
+    # a sum the forward already took (the backward's ``sum(t1)`` over the recomputed ``t1``) is read
+    # from the forward, saved (a per-row or per-column value), not taken again
+    same = {k: sp.Symbol(fwd.by_key[(v.reduce, v.axis, v.expr)]) for k, v in bwd.values.items()
+            if k not in forward_names and v.reduce and (v.reduce, v.axis, v.expr) in fwd.by_key}
+    for k in same:
+        del bwd.values[k]
+    for v in bwd.values.values():
+        v.expr = v.expr.xreplace({sp.Symbol(k): s for k, s in same.items()})
+    grads = [same.get(g, sp.Symbol(g)).name for g in grads]
     saved, recomputed = _saved(fwd, bwd, grads, forward_names)
     for name in forward_names:
         if name not in recomputed and name not in {n for n, _ in saved}:
@@ -339,7 +369,9 @@ def lower(kernel) -> Plan:
     for name in saved_names:  # a saved value is an input of the backward, flat in its layout
         bwd.values.pop(name, None)
         layout = fwd.values[name].layout
-        b_tensors[name] = TensorArg(name, layout, tuple(frame_names[a] for a in sorted(layout)))
+        # kept in double: the backward recomputes exactly the values the forward computed from them
+        b_tensors[name] = TensorArg(name, layout, tuple(frame_names[a] for a in sorted(layout)),
+                                    double=layout != FULL)
     loads = {sp.Symbol(n): _natural(n, fwd.values[n].layout, frame_index) for n in saved_names}
     bwd.values = {k: Value(v.name, v.layout, v.expr.xreplace(loads), v.reduce, v.axis)
                   for k, v in bwd.values.items()}
@@ -425,7 +457,7 @@ def _program(name: str, b: _Builder, inputs: list, scalars: list, outputs: list)
             stack.extend(_reads(b.values[n].expr, set(b.values)))
     vals = {k: b.values[k] for k in _topological({k: v for k, v in b.values.items() if k in needed})}
     # split full-size expressions by layout: per-column and per-row parts computed once
-    hoister = _Hoister(b, vals)
+    hoister = _Hoister(b, vals, {t.name for t in inputs if t.double})
     for k, v in list(vals.items()):
         if v.layout == FULL or (v.reduce and b.layout(v.expr) == FULL):
             vals[k] = Value(v.name, v.layout, hoister.hoist(v.expr), v.reduce, v.axis)
@@ -490,8 +522,12 @@ def computed(expr: sp.Expr, vals: dict) -> bool:
 class _Hoister:
     """Parts of a full-size expression that vary along one axis only become values of their own."""
 
-    def __init__(self, b: _Builder, vals: dict):
+    def __init__(self, b: _Builder, vals: dict, doubles: set = frozenset()):
         self.b, self.vals, self.new = b, vals, {}
+        self.doubles = doubles  # tensors of doubles: read into values of their own, never into a vector
+
+    def atomic(self, e) -> bool:
+        return _atomic(e) and not any(str(i.base) in self.doubles for i in e.atoms(sp.Indexed))
 
     def layout(self, e):
         names = {**self.vals, **self.new}
@@ -504,7 +540,7 @@ class _Hoister:
         return frozenset(axes)
 
     def name_of(self, e):
-        if _atomic(e) or self.layout(e) == FULL:
+        if self.atomic(e) or self.layout(e) == FULL:
             return e
         for k, v in self.new.items():
             if v.expr == e:
@@ -516,7 +552,7 @@ class _Hoister:
         return sp.Symbol(name)
 
     def hoist(self, e):
-        if _atomic(e) or not e.args:
+        if self.atomic(e) or not e.args:
             return e
         if self.layout(e) != FULL:
             return self.name_of(e)

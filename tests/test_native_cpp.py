@@ -1,0 +1,171 @@
+"""The C++ kernels printed from the kernel plan (``derive generate --backend cpp``).
+
+The built-ins' extension (generated/native/*.cpp) is built once for the session (cached under the
+hash of its sources, in ``DERIVE_NATIVE_CACHE`` when set), and every test below uses it.
+"""
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from derive import native
+from derive.layers import FUSED
+from derive.plan import COL, FULL, ROW, lower
+from derive.kernel import build_cached
+from derive.select import fused_kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+LOWERED = [layer for layer in FUSED if (ROOT / "generated" / f"{layer.name}_cpp.py").exists()]
+
+
+def cpp_module(name):
+    return importlib.import_module(f"generated.{name}_cpp")
+
+
+def test_every_fused_builtin_has_a_cpp_kernel_or_the_reason_it_has_none():
+    """A layer without generated/<name>_cpp.py is one the plan refuses, and says why."""
+    for layer in FUSED:
+        reason = native.lowered(fused_kernel(layer)).reason
+        assert (layer in LOWERED) == (reason == ""), (layer.name, reason)
+        if layer not in LOWERED:
+            assert "axes" in reason or "contraction" in reason, (layer.name, reason)
+    assert {"batchnorm_biased", "cross_entropy", "layernorm", "rmsnorm", "tanh"} <= {x.name for x in LOWERED}
+
+
+@pytest.mark.parametrize("layer", LOWERED, ids=lambda layer: layer.name)
+def test_cpp_kernel_passes_the_battery(layer):
+    verdict = native.check_module(layer, cpp_module(layer.name), "cpp")
+    assert verdict.startswith("battery passed"), verdict
+
+
+def test_the_plan_of_batchnorm_and_cross_entropy():
+    """Batchnorm: the column statistics take a sweep each (the mean, then the squared deviations,
+    never E[x^2] - E[x]^2), per-column values are saved and the normalized values recomputed.
+    Cross-entropy: one sweep, two passes over each row, nothing full-size saved, and the label's
+    column written by a per-row fix-up."""
+    by_name = {layer.name: layer for layer in FUSED}
+    bn = lower(build_cached(by_name["batchnorm_biased"]))
+    assert len(bn.forward.sweeps) == 3 and len(bn.backward.sweeps) == 2
+    assert all(layout == COL for _, layout in bn.saved) and "bnraw" in bn.recomputed
+    ce = lower(build_cached(by_name["cross_entropy"]))
+    assert len(ce.forward.sweeps) == 1 and len(ce.forward.sweeps[0].loops) == 2
+    assert all(layout == ROW for _, layout in ce.saved) and "probs" in ce.recomputed
+    [loop] = ce.backward.sweeps[0].loops
+    assert [step.kind for step in loop.after] == ["fixup"] and FULL not in {layout for _, layout in ce.saved}
+
+
+@pytest.mark.parametrize("name", ["batchnorm_biased", "cross_entropy"])
+def test_the_result_does_not_depend_on_the_thread_count(name):
+    layer = next(x for x in FUSED if x.name == name)
+    from derive.verify import random_inputs
+
+    inputs = random_inputs(layer, {d: 301 if k == 0 else 37 for k, d in enumerate(layer.dims)}, torch.float32, seed=3)
+    fn = getattr(cpp_module(name), name)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            leaves = {k: v.clone().requires_grad_(k in layer.differentiable) if v.is_floating_point() else v
+                      for k, v in inputs.items() if torch.is_tensor(v)}
+            out = fn(**leaves)
+            grads = torch.autograd.grad(out, [leaves[k] for k in layer.differentiable], torch.ones_like(out))
+            results.append([out, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_strided_inputs_are_copied_and_other_dtypes_use_the_eager_kernel():
+    from generated.batchnorm_biased import batchnorm_biased as eager
+
+    fn = cpp_module("batchnorm_biased").batchnorm_biased
+    x = torch.randn(12, 40, dtype=torch.float64).t()  # (40, 12), not contiguous
+    gamma, beta = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    assert torch.allclose(fn(x, gamma, beta), eager(x.contiguous(), gamma, beta), atol=1e-12)
+    half = [t.to(torch.bfloat16) for t in (x, gamma, beta)]
+    assert torch.equal(fn(*half), eager(*half))
+
+
+def test_second_derivative_runs_through_the_eager_backward():
+    from generated.layernorm import layernorm as eager
+
+    fn = cpp_module("layernorm").layernorm
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    gamma, beta = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    penalties = []
+    for f in (fn, eager):
+        (g,) = torch.autograd.grad((f(x, gamma, beta) ** 3).sum(), x, create_graph=True)
+        penalties.append(torch.autograd.grad(g.square().sum(), x)[0])
+    assert torch.allclose(*penalties, atol=1e-10)
+
+
+def test_without_a_compiler_the_eager_kernel_is_used_with_a_warning(tmp_path):
+    """A machine without a working C++ compiler: one warning, and the eager kernel's values."""
+    code = ("import torch, warnings\n"
+            "from generated.cross_entropy_cpp import cross_entropy\n"
+            "from generated.cross_entropy import cross_entropy as eager\n"
+            "x = torch.randn(5, 7); y = torch.randint(0, 7, (5,))\n"
+            "assert torch.equal(cross_entropy(x, y), eager(x, y))\n"
+            "assert torch.equal(cross_entropy(x, y), eager(x, y))\n")
+    env = {**os.environ, "DERIVE_NATIVE_CACHE": str(tmp_path), "CXX": "/bin/false"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("cannot be built here") == 1, run.stderr
+
+
+USER_LAYERS = '''
+import torch
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "d"), b=Tensor("d"))
+def swish_scaled(x, b):
+    out = x * torch.sigmoid(b * x)
+    return out
+
+
+@layer(x=Tensor("n", "d"), g=Tensor("d"))
+def col_center(x, g):
+    mu = x.mean(0, keepdim=True)
+    out = (x - mu) * g
+    return out
+
+
+@layer(x=Tensor("n", "c", "l"), g=Tensor("c", "1"))
+def channel_scale(x, g):
+    out = x * g
+    return out
+'''
+
+
+def test_generate_backend_cpp_for_a_users_layers(tmp_path):
+    """``derive generate --backend cpp`` on a user's spec file: a native kernel for each layer the plan
+    lowers (checked and built once), the reason for the one it does not, ``derive check`` passing,
+    and the kernels matching the spec."""
+    spec = tmp_path / "mylayers.py"
+    spec.write_text(USER_LAYERS)
+    out = tmp_path / "gen"
+    derive = [sys.executable, "-m", "derive"]
+    run = subprocess.run(derive + ["generate", "--layer", str(spec), "--out", str(out), "--backend", "cpp", "--no-prove"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for name in ("swish_scaled", "col_center"):
+        assert f"note: {name}: cpp kernel: battery passed" in run.stdout, run.stdout
+        assert (out / f"{name}_cpp.py").exists() and (out / "native" / f"{name}.cpp").exists()
+    assert "channel_scale: cpp kernel: the kernel plan cannot lower it" in run.stdout, run.stdout
+    assert not (out / "channel_scale_cpp.py").exists()
+    check = subprocess.run(derive + ["check", "--layer", str(spec), "--out", str(out), "--backend", "cpp"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0, check.stderr
+    code = ("import torch, mylayers\nfrom gen.col_center_cpp import col_center\n"
+            "x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True); g = torch.randn(4, dtype=torch.float64)\n"
+            "a = col_center(x, g); (da,) = torch.autograd.grad(a.sum(), x)\n"
+            "b = mylayers.col_center.fn(x, g); (db,) = torch.autograd.grad(b.sum(), x)\n"
+            "assert torch.allclose(a, b, atol=1e-12) and torch.allclose(da, db, atol=1e-12)\n")
+    used = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    assert used.returncode == 0 and "cannot be built" not in used.stderr, used.stderr
