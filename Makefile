@@ -11,7 +11,7 @@ TEX_PACKAGES := texlive-latex-base texlive-latex-recommended texlive-pictures la
 # the C++ kernels are compiled on first use (torch.utils.cpp_extension; ninja comes from pip)
 NATIVE_PACKAGES := g++
 # the backends of the built-in kernels in generated/ (derive generate --backend ...)
-BACKENDS := --backend cpp
+BACKENDS := --backend cpp --backend triton
 
 .PHONY: install generate verify check test tex native latex dist clean
 

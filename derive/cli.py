@@ -210,9 +210,10 @@ def parser() -> argparse.ArgumentParser:
                    help="fail for a layer that gets no fused kernel (the fused engine cannot derive it, or every fused "
                         "form fails the numerical battery) instead of using its step-by-step backward as the kernel")
     for q in (g, c := sub.add_parser("check", help="fail when generated files are stale or edited by hand")):
-        q.add_argument("--backend", action="append", choices=["cpp"], metavar="cpp",
+        q.add_argument("--backend", action="append", choices=["cpp", "triton"],
                        help="also write (check) native kernels printed from each fused kernel's plan: cpp = C++ "
-                            "loops with ATen's vectors, built on first use (<name>_cpp.py, native/<name>.cpp)")
+                            "loops with ATen's vectors, built on first use (<name>_cpp.py, native/<name>.cpp); "
+                            "triton = Triton kernels (<name>_triton.py), checked under Triton's interpreter")
     g.set_defaults(run=cmd_generate)
     common(c)
     c.set_defaults(run=cmd_check)

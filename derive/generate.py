@@ -109,7 +109,7 @@ def render(layer: Layer, choice: Choice | None = None, backends: tuple = (), rea
         elif backend == "cpp":
             files |= native.render_cpp(choice.kernel, lowered.plan)
         else:
-            reasons[backend] = "the Triton printer is not written yet"
+            files |= native.render_triton(choice.kernel, lowered.plan)
     return files
 
 
@@ -447,32 +447,47 @@ def _eager_file(rel: str) -> bool:
 
 def _check_native(derived: list, staging: Path, reports: list) -> None:
     """Hold every native kernel of the run against its spec before it is written, as the eager kernels
-    are: the comparison with autograd (float64) and the numerical battery. A kernel that fails, or
-    cannot be built here, is not written (its files are dropped from the layer's) and the report says
-    why; the layer keeps its eager kernel."""
+    are: the comparison with autograd (float64) and the numerical battery (``native.check_module``;
+    the Triton kernels under Triton's interpreter). A kernel that fails, or cannot be built or run
+    here, is not written (its files are dropped from the layer's) and the report says why; the layer
+    keeps its eager kernel. The C++ extension of the run is built once, before the checks run on
+    every core."""
     from .verify import load_module
 
     folder = staging / "native-kernels"
     (folder / "native").mkdir(parents=True, exist_ok=True)
+    jobs = []
     for layer, (files, *_rest) in derived:
         for rel, text in files.items():
             if rel.startswith("native/") or rel.endswith(("_cpp.py", "_triton.py")) or rel == f"{layer.name}.py":
                 (folder / rel).write_text(text)
+        jobs += [(layer, backend) for backend in native.BACKENDS if f"{layer.name}_{backend}.py" in files]
+    if any(backend == "cpp" for _, backend in jobs):  # one build, in this process, before the workers fork
+        cpp = next(layer for layer, backend in jobs if backend == "cpp")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_module(folder / f"{cpp.name}_cpp.py").native_module()
+
+    def check(job):
+        layer, backend = job
+        if backend == "triton":  # on this machine's CPU: the interpreter (read when the kernels are defined)
+            os.environ["TRITON_INTERPRET"] = "1"
+        return native.check_module(layer, load_module(folder / f"{layer.name}_{backend}.py"), backend)
+
+    verdicts = fork_map(check, jobs, cost=lambda job: job[1] == "triton")
     by_name = {r.layer: r for r in reports}
-    for layer, (files, *_rest) in derived:
+    files_of = {layer.name: files for layer, (files, *_rest) in derived}
+    for (layer, backend), verdict in zip(jobs, verdicts):
         report = by_name[layer.name]
-        for backend in native.BACKENDS:
-            module_name = f"{layer.name}_{backend}.py"
-            if module_name not in files:
-                continue
-            verdict = native.check_module(layer, load_module(folder / module_name), backend)
-            if verdict.startswith("battery passed"):
-                report.native[backend] = verdict
-                continue
-            report.native[backend] = f"not written, the eager kernel is used: {verdict}"
-            for rel in native.output_names(layer.name, backend):
-                files.pop(rel, None)
-            report.files = [rel for rel in report.files if rel in files]
+        if verdict.startswith("battery passed"):
+            report.native[backend] = verdict
+            continue
+        report.native[backend] = f"not written, the eager kernel is used: {verdict}"
+        for rel in native.output_names(layer.name, backend):
+            files_of[layer.name].pop(rel, None)
+        report.files = [rel for rel in report.files if rel in files_of[layer.name]]
 
 
 def _against_autograd(layer: Layer, files: dict[str, str], staging: Path) -> float:

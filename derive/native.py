@@ -18,6 +18,7 @@ from .templating import environment
 
 BACKENDS = ("cpp", "triton")
 CPP_TEMPLATES = ["native_module.py.j2", "native_loader.py.j2", "input_checks.py.j2", "native_kernel.cpp.j2"]
+TRITON_TEMPLATES = ["triton_module.py.j2", "input_checks.py.j2"]
 
 
 @dataclass
@@ -56,6 +57,15 @@ def plan_lines(plan: Plan) -> list[str]:
     lines.append("saved for the backward: " + (", ".join(n for n, _ in plan.saved) or "nothing")
                  + (f"; recomputed there: {', '.join(plan.recomputed)}" if plan.recomputed else ""))
     return lines
+
+
+def render_triton(kernel: Kernel, plan: Plan) -> dict[str, str]:
+    """``<name>_triton.py`` of a lowered kernel."""
+    from .triton_backend import render_module
+
+    body = render_module(kernel, plan, module_context(kernel, plan, "triton")).lstrip("\n")
+    return {f"{kernel.name}_triton.py": codegen.header(kernel, "#", body, templates=TRITON_TEMPLATES,
+                                                       backends=("triton",)) + body}
 
 
 def plan_context(kernel: Kernel) -> dict:
@@ -111,6 +121,8 @@ def module_context(kernel: Kernel, plan: Plan, backend: str) -> dict:
         grad_unpack=_tuple(grads),
         returns=", ".join(returns),
         native_condition=f"{first}.device.type == \"cpu\" and {first}.dtype in (torch.float32, torch.float64)",
+        native_condition_triton=(f"({first}.device.type == \"cuda\" or _os.environ.get(\"TRITON_INTERPRET\") == \"1\") "
+                                 f"and {first}.dtype in (torch.float32, torch.float64)"),
         doc=layer.doc or layer.name,
         call_args=", ".join(layer.inputs),
     )
@@ -141,9 +153,11 @@ def check_module(layer, module, backend: str) -> str:
     from . import battery
     from .verify import against_autograd
 
+    if backend == "triton" and getattr(module, "triton", None) is None:
+        return "triton is not installed here"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        built = module.native_module()
+        built = module.native_module() if backend == "cpp" else True
     if built is None:
         why = next((str(w.message) for w in caught), "the extension could not be built")
         return f"it cannot be built here ({why})"

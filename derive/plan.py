@@ -232,7 +232,7 @@ class _Builder:
             return sp.Symbol(self.by_key[key])
         reads = sorted({str(e.base) for e in body.atoms(sp.Indexed)} | {s.name for s in body.free_symbols
                                                                        if isinstance(s, sp.Symbol) and s.name in self.values})
-        name = name or self.named(f"{kind}_{'_'.join(reads) or 'value'}")
+        name = name or self.named(f"{kind}_{'_'.join(reads[:2]) or 'value'}")
         self.by_key.setdefault(key, name)
         self.add(name, body, kind, axis)
         return sp.Symbol(name)

@@ -1,0 +1,479 @@
+"""The Triton backend: the same kernel plan (``plan.py``) printed as Triton kernels and a Python driver.
+
+Each sweep of a program is one kernel launched over chunks of rows (one row per program where the
+sweep has no sums over the rows); each program walks its rows, and for each row makes the plan's
+passes over the columns in blocks of ``BLOCK``: sums over the columns accumulate in float64
+registers, sums over the rows into a per-chunk float64 buffer. The finalize steps between sweeps
+(per-column and scalar values) are float64 torch code in the driver. Element maps are printed by
+``VectorPrinter`` (``tl`` on blocks), per-row values by ``RowPrinter`` (float64 scalars), finalize
+steps by ``TorchPrinter``: three SymPy Python printers.
+
+Transcendental functions go through small helpers: on a GPU, CUDA's libdevice (``exp``, ``log``,
+``tanh``, ``log1p``: accurate to an ulp or two, as torch's own CUDA kernels); under the interpreter
+(``TRITON_INTERPRET=1``, how the tests run them on CPU), ``tl``'s NumPy-backed functions, ``tanh``
+and ``log1p`` through float64.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
+
+from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
+from .templating import environment
+
+CHUNKS = 256  # the most chunks of rows a sweep with sums over the rows is split into
+
+
+def _literal(value) -> str:
+    return repr(float(value))
+
+
+class _Base(PythonCodePrinter):
+    def __init__(self, names: "Names"):
+        super().__init__({"strict": False, "fully_qualified_modules": False})
+        self.names = names
+
+    def _print_Integer(self, e):
+        return _literal(e)
+
+    _print_Rational = _print_Float = _print_Integer
+
+    def _print_Add(self, e, order=None):
+        """Terms that read values first, functions of values last (``plan.computed``)."""
+        terms = sorted(e.args, key=lambda t: (computed(t, self.names.values), sp.default_sort_key(t)))
+        text = ""
+        for k, term in enumerate(terms):
+            coefficient, _ = term.as_coeff_Mul()
+            if k and coefficient.is_negative:
+                text += " - " + self.parenthesize(-term, 40)
+            else:
+                text += (" + " if k else "") + self.parenthesize(term, 40)
+        return text
+
+    def _print_Pow(self, e, rational=False):
+        base, exp = e.as_base_exp()
+        b = self._print(base)
+        if exp.is_Integer and 1 < exp <= 4:
+            return "(" + "*".join([f"({b})"] * int(exp)) + ")"
+        if exp == -1:
+            return f"(1.0/({b}))"
+        if exp == sp.S.Half:
+            return self._sqrt(b)
+        if exp == -sp.S.Half:
+            return f"(1.0/{self._sqrt(b)})"
+        return self._pow(b, self._print(exp))
+
+    def _print_KroneckerDelta(self, e):
+        a, b = (self._print(x) for x in e.args)
+        return self._where(f"({a}) == ({b})", "1.0", "0.0")
+
+    def _print_Step(self, e):
+        return self._where(f"({self._print(e.args[0])}) > 0.0", "1.0", "0.0")
+
+    def _print_sign(self, e):
+        a = self._print(e.args[0])
+        return f"({self._where(f'({a}) > 0.0', '1.0', '0.0')} - {self._where(f'({a}) < 0.0', '1.0', '0.0')})"
+
+
+class VectorPrinter(_Base):
+    """Element maps on a block of columns ``cols`` of row ``row`` (masked by ``mask``), in dtype ``DT``."""
+
+    def _print_Symbol(self, s):
+        return self.names.vector(s.name)
+
+    def _print_Indexed(self, e):
+        return self.names.vector_load(e)
+
+    def _sqrt(self, b):
+        return f"_sqrt({b}, DEVICE_MATH)"
+
+    def _pow(self, b, e):
+        return f"_pow({b}, {e}, DEVICE_MATH)"
+
+    def _where(self, c, a, b):
+        return f"tl.where({c}, {a}, {b})"
+
+    def _print_exp(self, e):
+        return f"_exp({self._print(e.args[0])}, DEVICE_MATH)"
+
+    def _print_log(self, e):
+        return f"_log({self._print(e.args[0])}, DEVICE_MATH)"
+
+    def _print_tanh(self, e):
+        return f"_tanh({self._print(e.args[0])}, DEVICE_MATH)"
+
+    def _print_Abs(self, e):
+        return f"tl.abs({self._print(e.args[0])})"
+
+    def _print_Relu(self, e):
+        a = self._print(e.args[0])
+        return f"tl.where(({a}) > 0.0, {a}, 0.0 * ({a}))"
+
+    def _print_Sigmoid(self, e):
+        return f"(1.0 / (1.0 + _exp(-({self._print(e.args[0])}), DEVICE_MATH)))"
+
+    def _print_Softplus(self, e):
+        a = self._print(e.args[0])
+        return f"tl.where(({a}) > 20.0, {a}, _log1p(_exp({a}, DEVICE_MATH), DEVICE_MATH))"
+
+
+class RowPrinter(VectorPrinter):
+    """Per-row values: float64 scalars in the kernel."""
+
+    def __init__(self, names: "Names", col: str = "cols"):
+        super().__init__(names)
+        self.col = col
+
+    def _print_Symbol(self, s):
+        return self.names.scalar(s.name, self.col)
+
+    def _print_Idx(self, i):
+        return self.names.index(i, self.col)
+
+    def _print_Indexed(self, e):
+        return f"tl.load({self.names.pointer(e, self)}).to(tl.float64)"
+
+
+class TorchPrinter(_Base):
+    """Finalize steps: per-column values as (columns,) float64 tensors, scalars as 0-d ones."""
+
+    def _print_Symbol(self, s):
+        return self.names.finalize(s.name)
+
+    def _print_Indexed(self, e):
+        return f"{self.names.whole(e)}.double()"
+
+    def _sqrt(self, b):
+        return f"torch.sqrt(torch.as_tensor({b}, dtype=torch.float64))"
+
+    def _pow(self, b, e):
+        return f"torch.pow({b}, {e})"
+
+    def _where(self, c, a, b):
+        return f"torch.where({c}, {a}, {b})"
+
+    def _print_exp(self, e):
+        return f"torch.exp({self._print(e.args[0])})"
+
+    def _print_log(self, e):
+        return f"torch.log({self._print(e.args[0])})"
+
+    def _print_tanh(self, e):
+        return f"torch.tanh({self._print(e.args[0])})"
+
+    def _print_Abs(self, e):
+        return f"torch.abs({self._print(e.args[0])})"
+
+    def _print_Relu(self, e):
+        return f"torch.relu({self._print(e.args[0])})"
+
+    def _print_Sigmoid(self, e):
+        return f"torch.sigmoid({self._print(e.args[0])})"
+
+    def _print_Softplus(self, e):
+        return f"torch.nn.functional.softplus({self._print(e.args[0])})"
+
+
+class Names:
+    """How each quantity of one program is spelled in the kernels and in the driver."""
+
+    def __init__(self, program: Program, plan: Plan, kernel, sweep: int = 0):
+        self.program, self.plan, self.kernel = program, plan, kernel
+        self.values = dict(program.values)
+        self.sweep = sweep
+        self.tensors = {t.name: t for t in program.inputs}
+        self.sizes = {str(s): f"sz_{s}" for s in kernel.graph.sizes.values()}
+        self.constants = {c: f"k_{c}" for c in kernel.layer.constants}
+        self.frame = [kernel.elements.index[kernel.graph.sizes[d]] for d in kernel.layer.dims]
+
+    def index(self, i, col: str) -> str:
+        if i == self.frame[0]:
+            return "row"
+        if i == self.frame[1]:
+            return col
+        raise ValueError(f"index {i}")
+
+    def scalar(self, name: str, col: str) -> str:
+        if name in self.sizes:
+            return f"tl.cast({self.sizes[name]}, tl.float64)"
+        if name in self.constants:
+            return self.constants[name]
+        v = self.values[name]
+        if v.layout == ROW:
+            return f"tl.load(kr_{name} + row)" if name in self.program.kept_rows and v.time[0] < self.sweep else f"r_{name}"
+        if v.layout == COL:
+            return f"tl.load(cv_{name} + {col})"
+        if v.layout == SCALAR:
+            return f"tl.load(ps_{name})"
+        raise ValueError(f"{name} is a full-size value read outside a loop")
+
+    def vector(self, name: str) -> str:
+        if name in self.sizes:
+            return f"tl.cast({self.sizes[name]}, DT)"
+        if name in self.constants:
+            return self.constants[name]
+        v = self.values[name]
+        if v.layout == FULL:
+            return f"v_{name}"
+        if v.layout == COL:
+            return f"tl.load(cv_{name} + cols, mask=mask, other=0.0).to(DT)"
+        return f"({self.scalar(name, 'cols')}).to(DT)"
+
+    def offset(self, e: sp.Indexed, printer, col: str) -> tuple[str, bool]:
+        tensor = self.tensors[str(e.base)]
+        dims = list(tensor.shape) if tensor.shape else []
+        if not dims:
+            return "0", False
+        parts, moves = [], False
+        for k, (dim, idx) in enumerate(zip(dims, e.indices)):
+            if dim == "1" or idx == 0:
+                continue
+            stride = "*".join(self.sizes[d] for d in dims[k + 1:] if d != "1")
+            if idx == self.frame[1]:
+                moves, text = True, col
+            elif idx == self.frame[0]:
+                text = "row"
+            else:
+                text = f"tl.load({self.pointer(idx, printer)})"
+            parts.append(f"{text}*{stride}" if stride else text)
+        return " + ".join(parts) or "0", moves
+
+    def pointer(self, e: sp.Indexed, printer, col: str = "cols") -> str:
+        offset, _ = self.offset(e, printer, getattr(printer, "col", col))
+        return f"p_{e.base} + {offset}"
+
+    def vector_load(self, e: sp.Indexed) -> str:
+        offset, moves = self.offset(e, RowPrinter(self), "cols")
+        if moves:
+            return f"tl.load(p_{e.base} + {offset}, mask=mask, other=0.0)"
+        return f"tl.load(p_{e.base} + {offset}).to(DT)"
+
+    def finalize(self, name: str) -> str:
+        if name in self.sizes:
+            return f"float({self.sizes[name]})"
+        if name in self.constants:
+            return self.constants[name]
+        v = self.values[name]
+        return f"cv_{name}" if v.layout == COL else f"ps_{name}"
+
+    def whole(self, e: sp.Indexed) -> str:
+        """A per-column or scalar input read whole in the driver: ``p_gamma.reshape(-1)``."""
+        if any(isinstance(i, sp.Indexed) for i in e.indices) or self.frame[0] in e.free_symbols:
+            raise ValueError(f"{e} read in a finalize step")
+        return f"p_{e.base}.reshape(-1)" if self.frame[1] in e.free_symbols else f"p_{e.base}.reshape(())"
+
+
+def _cse(exprs: list, printer: VectorPrinter, prefix: str) -> tuple[list[str], list[str]]:
+    replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(f"{prefix}_t"), order="none")
+    lines = []
+    for symbol, value in replacements:
+        printer.names.values[symbol.name] = Value(symbol.name, FULL, value)
+        lines.append(f"v_{symbol.name} = {printer._print(value)}")
+    return lines, [printer._print(r) for r in reduced]
+
+
+def program_context(program: Program, plan: Plan, kernel) -> dict:
+    vals = program.values
+    kept = program.kept_rows
+    doubles = {t.name: t.double for t, _ in program.outputs}
+
+    def finalize(steps: list, sweep: int) -> list[str]:
+        names = Names(program, plan, kernel, sweep)
+        tp = TorchPrinter(names)
+        lines = []
+        for step in steps:
+            kind, v = step[0], step[-1]
+            if kind == "combine":
+                how = "sum" if v.reduce == "sum" else "amax"
+                target = f"cv_{v.name}" if v.layout == COL else f"ps_{v.name}"
+                lines.append(f"{target} = part_{v.name}.{how}(0)")
+            elif kind == "value" and v.reduce:
+                how = "sum" if v.reduce == "sum" else "amax"
+                lines.append(f"ps_{v.name} = torch.as_tensor({tp._print(v.expr)}, dtype=torch.float64, "
+                             f"device=device).expand(sz_{plan.frame[1]}).{how}()")
+            elif kind == "value":
+                shape = f".expand(sz_{plan.frame[1]}).contiguous()" if v.layout == COL else ".reshape(())"
+                lines.append(f"{'cv' if v.layout == COL else 'ps'}_{v.name} = torch.as_tensor({tp._print(v.expr)}, "
+                             f"dtype=torch.float64, device=device){shape}")
+            elif kind == "store":
+                lines.append(f"o_{step[1]}.copy_({names.finalize(v.name)}.reshape(-1).expand_as(o_{step[1]}))")
+        return lines
+
+    def row_step(step, names: Names, rp: RowPrinter) -> list[str]:
+        v = step.value
+        if step.kind == "reduced":
+            line = f"r_{v.name} = tl.sum(acc_{v.name}, axis=0)" if v.reduce == "sum" else \
+                f"r_{v.name} = tl.max(acc_{v.name}, axis=0).to(tl.float64)"
+            return [line] + ([f"tl.store(kr_{v.name} + row, r_{v.name})"] if v.name in kept else [])
+        if step.kind == "value":
+            return [f"r_{v.name} = {rp._print(v.expr)}"] + (
+                [f"tl.store(kr_{v.name} + row, r_{v.name})"] if v.name in kept else [])
+        if step.kind == "store":
+            cast = "tl.float64" if doubles.get(step.tensor) else "DT"
+            return [f"tl.store(o_{step.tensor} + row, ({names.scalar(v.name, 'cols')}).to({cast}))"]
+        if step.kind == "accumulate":
+            body = rp._print(v.expr)
+            if v.reduce == "sum":
+                return [f"pacc_{v.name} += {body}"]
+            return [f"pacc_{v.name} = tl.maximum(pacc_{v.name}, {body}, propagate_nan=tl.PropagateNan.ALL)"]
+        if step.kind == "fixup":
+            label_rp = RowPrinter(names, col="label_col")
+            return [f"label_col = tl.load({names.pointer(step.label, rp)})",
+                    f"tl.store(o_{step.tensor} + row*sz_{plan.frame[1]} + label_col, "
+                    f"({label_rp._print(step.expr)}).to(DT))"]
+        raise ValueError(step.kind)
+
+    sweeps = []
+    for k, sweep in enumerate(program.sweeps):
+        names = Names(program, plan, kernel, k)
+        rp, vp = RowPrinter(names), VectorPrinter(names)
+        loops = []
+        for p, lp in enumerate(sweep.loops):
+            setup, body = [], []
+            for v in lp.row_reductions:
+                setup.append(f"acc_{v.name} = tl.zeros([BLOCK], dtype=tl.float64)" if v.reduce == "sum"
+                             else f"acc_{v.name} = tl.full([BLOCK], float('-inf'), dtype=DT)")
+            exprs = [_inline_full(v.expr, vals) for v in lp.row_reductions + lp.col_reductions] + \
+                    [_inline_full(vals[x].expr, vals) for _, x in lp.stores]
+            temps, printed = _cse(exprs, vp, f"e{p}")
+            body += temps
+            it = iter(printed)
+            for v in lp.row_reductions:
+                text = next(it)
+                if v.reduce == "sum":
+                    body.append(f"acc_{v.name} += tl.where(mask, ({text}).to(tl.float64), 0.0)")
+                else:
+                    body.append(f"acc_{v.name} = tl.maximum(acc_{v.name}, tl.where(mask, {text}, float('-inf')), "
+                                f"propagate_nan=tl.PropagateNan.ALL)")
+            for v in lp.col_reductions:
+                text = next(it)
+                q = f"part_{v.name} + chunk*sz_{plan.frame[1]} + cols"
+                if v.reduce == "sum":
+                    body.append(f"tl.store({q}, tl.load({q}, mask=mask, other=0.0) + ({text}).to(tl.float64), mask=mask)")
+                else:
+                    body.append(f"tl.store({q}, tl.maximum(tl.load({q}, mask=mask, other=0.0), ({text}).to(tl.float64), "
+                                f"propagate_nan=tl.PropagateNan.ALL), mask=mask)")
+            for tensor, _ in lp.stores:
+                body.append(f"tl.store(o_{tensor} + row*sz_{plan.frame[1]} + cols, ({next(it)}).to(DT), mask=mask)")
+            after = [line for step in lp.after for line in row_step(step, names, rp)]
+            loops.append(dict(setup=setup, body=body, after=after, index=p))
+        accumulated = [s.value for s in sweep.start + [x for lp in sweep.loops for x in lp.after] if s.kind == "accumulate"]
+        start = [line for step in sweep.start for line in row_step(step, names, rp)]
+        col_parts = [v for lp in sweep.loops for v in lp.col_reductions]
+        partials = [f"part_{v.name} = torch.full((chunks, sz_{plan.frame[1]}), {_start(v)}, dtype=torch.float64, "
+                    f"device=device)" for v in col_parts]
+        partials += [f"part_{v.name} = torch.empty(chunks, dtype=torch.float64, device=device)" for v in accumulated]
+        chunk_start = [f"pacc_{v.name} = tl.full([1], {_start(v)}, tl.float64)" for v in accumulated]
+        chunk_end = [f"tl.store(part_{v.name} + chunk + tl.arange(0, 1), pacc_{v.name})" for v in accumulated]
+        sweep_context = dict(before=finalize(sweep.before, k), partials=partials, start=start, loops=loops, index=k,
+                             chunk_start=chunk_start, chunk_end=chunk_end,
+                             chunks=f"min(sz_{plan.frame[0]}, {CHUNKS})" if col_parts or accumulated
+                             else f"max(1, sz_{plan.frame[0]})")
+        text = "\n".join([f"sz_{plan.frame[0]}"] + sweep_context["start"] + sweep_context["chunk_start"] + sweep_context["chunk_end"]
+                         + [line for lp in loops for line in lp["setup"] + lp["body"] + lp["after"]])
+        sweep_context["params"] = _params(text)
+        sweeps.append(sweep_context)
+    tail = finalize(program.tail, len(program.sweeps))
+    first = next(t for t in program.inputs if not t.labels)
+    allocations = []
+    for t, v in program.outputs:
+        numel = {FULL: f"sz_{plan.frame[0]}*sz_{plan.frame[1]}", ROW: f"sz_{plan.frame[0]}",
+                 COL: f"sz_{plan.frame[1]}", SCALAR: "1"}[t.layout]
+        dtype = "torch.float64" if t.double else f"p_{first.name}.dtype"
+        fill = "torch.zeros" if vals[v].expr == 0 and not vals[v].reduce else "torch.empty"
+        allocations.append(f"o_{t.name} = {fill}({numel}, dtype={dtype}, device=device)")
+    kept_lines = [f"kr_{n} = torch.empty(sz_{plan.frame[0]}, dtype=torch.float64, device=device)" for n in kept]
+    signatures = {}
+    for s in sweeps:
+        signatures[f"_{program.name}_sweep{s['index']}"] = {p: _type(p, program, doubles) for p in s["params"]}
+    return dict(name=program.name, args=[t.name for t in program.inputs], constants=[f"k_{c}" for c in program.scalars],
+                sizes=[f"sz_{s}" for s in plan.frame], allocations=allocations, kept=kept_lines, sweeps=sweeps,
+                tail=tail, first=first.name, outputs=[t.name for t, _ in program.outputs], signatures=signatures,
+                rows=f"sz_{plan.frame[0]}", cols=f"sz_{plan.frame[1]}")
+
+
+def _start(v: Value) -> str:
+    """Where a sum (0) or a maximum (minus infinity) starts."""
+    return "0.0" if v.reduce == "sum" else "float('-inf')"
+
+
+_PARAM = re.compile(r"\b((?:p|o|cv|ps|part|kr|k|sz)_\w+)")
+
+
+def _params(text: str) -> list[str]:
+    return sorted(set(_PARAM.findall(text)))
+
+
+def _type(param: str, program: Program, doubles: dict) -> str:
+    """The parameter's Triton type for a float32 launch (ahead-of-time compilation)."""
+    kind, _, name = param.partition("_")
+    tensors = {t.name: t for t in program.inputs}
+    if kind == "p":
+        t = tensors[name]
+        return "*i64" if t.labels else "*fp64" if t.double else "*fp32"
+    if kind == "o":
+        return "*fp64" if doubles.get(name) else "*fp32"
+    if kind in ("cv", "ps", "part", "kr"):
+        return "*fp64"
+    if kind == "k":
+        return "fp32"
+    return "i32"
+
+
+def render_module(kernel, plan: Plan, module_context: dict) -> str:
+    programs = [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)]
+    return environment().get_template("triton_module.py.j2").render(header="", programs=programs, **module_context)
+
+
+__all__ = ["render_module", "program_context"]
+
+
+def compile_ahead(path, arch: int = 90) -> dict[str, dict]:
+    """Compile every kernel of the generated Triton module at ``path`` for a CUDA GPU of compute capability
+    ``arch`` without one (Triton's compiler and its bundled ``ptxas``), float32, ``BLOCK=1024`` with
+    8 warps (as the driver launches a block of 1024 columns):
+    kernel name -> ``{"registers": int, "spill_stores": int, "spill_loads": int}`` as ``ptxas -v``
+    reports them. Compile errors raise."""
+    import os
+    import subprocess
+    import tempfile
+
+    from .verify import load_module
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # the kernels as the compiler sees them, not the interpreter's
+    try:
+        module = load_module(Path(path))
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    out = {}
+    ptxas = get_ptxas(arch).path if "arch" in get_ptxas.__code__.co_varnames else get_ptxas().path
+    for name, params in module._SIGNATURES.items():
+        signature = {**params, "rows_per_chunk": "i32", "BLOCK": "constexpr", "DT": "constexpr",
+                     "DEVICE_MATH": "constexpr"}
+        source = ASTSource(getattr(module, name), signature,
+                           constexprs={"BLOCK": 1024, "DT": tl.float32, "DEVICE_MATH": True})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+        with tempfile.TemporaryDirectory() as folder:
+            ptx = Path(folder) / "kernel.ptx"
+            ptx.write_text(compiled.asm["ptx"])
+            report = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                                     str(ptx), "-o", str(Path(folder) / "kernel.cubin")],
+                                    capture_output=True, text=True, check=True).stderr
+        numbers = {key: int(m.group(1)) if (m := re.search(pattern, report)) else 0 for key, pattern in
+                   {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
+                    "spill_loads": r"(\d+) bytes spill loads"}.items()}
+        out[name] = numbers
+    return out

@@ -1,0 +1,61 @@
+"""The Triton kernels printed from the kernel plan (``derive generate --backend triton``).
+
+No GPU here: every kernel runs under Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, set
+before the kernels are defined), and is compiled ahead of time for a current GPU (sm_90) by
+Triton's compiler and its bundled ptxas, which must report no register spills.
+"""
+import importlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when a module's kernels are defined
+triton = pytest.importorskip("triton")
+
+from derive import battery  # noqa: E402
+from derive.layers import FUSED  # noqa: E402
+from derive.triton_backend import compile_ahead  # noqa: E402
+from derive.verify import against_autograd  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LOWERED = [layer for layer in FUSED if (ROOT / "generated" / f"{layer.name}_triton.py").exists()]
+CPP = {layer.name for layer in FUSED if (ROOT / "generated" / f"{layer.name}_cpp.py").exists()}
+
+
+def module(name):
+    return importlib.import_module(f"generated.{name}_triton")
+
+
+def test_every_layer_with_a_cpp_kernel_has_a_triton_kernel():
+    assert {layer.name for layer in LOWERED} == CPP and CPP
+
+
+@pytest.mark.parametrize("layer", LOWERED, ids=lambda layer: layer.name)
+def test_triton_kernel_under_the_interpreter(layer):
+    """float64: the output and every gradient match autograd through the spec; float32 at scale 1 and
+    100 and at an offset of 1e6: within the battery's bar (4x autograd's own error plus 4 ulps)."""
+    fn = getattr(module(layer.name), layer.name)
+    sizes = {d: 6 if k == 0 else 7 for k, d in enumerate(layer.dims)}
+    for row in against_autograd(layer, fn, sizes):
+        assert row.approximate, (row.name, row.maxdiff)
+    draws = [battery.Setting(f"N(0, 1) x {s:g}", s, False, torch.float32) for s in (1.0, 100.0)]
+    draws.append(battery.Setting("N(0, 1) + 1e+06", 1.0, False, torch.float32, offset=1e6))
+    verdict = battery.run(layer, fn, sizes, draws=draws)
+    assert verdict.passed, verdict.summary()
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "batchnorm_biased", "layernorm"])
+def test_rows_longer_than_a_block_and_a_masked_tail(name):
+    """1030 columns: a full block of 1024 and a tail of 6 masked lanes, every pass of every row."""
+    layer = next(x for x in LOWERED if x.name == name)
+    rows = against_autograd(layer, getattr(module(name), name), {layer.dims[0]: 3, layer.dims[1]: 1030})
+    assert all(row.approximate for row in rows), [(r.name, r.maxdiff) for r in rows]
+
+
+def test_every_kernel_compiles_ahead_of_time_without_spills():
+    for layer in LOWERED:
+        for kernel, usage in compile_ahead(ROOT / "generated" / f"{layer.name}_triton.py").items():
+            assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (kernel, usage)
+            assert 0 < usage["registers"] <= 255, (kernel, usage)
