@@ -26,6 +26,15 @@ from .templating import environment
 CHUNKS = 64  # the most chunks of rows a sweep is split into (partial sums: chunks x columns doubles)
 
 
+def _exponent(exp: sp.Expr) -> sp.Expr:
+    """A float exponent that is a simple fraction as that fraction (``x**-0.5`` is a reciprocal root)."""
+    if exp.is_Float:
+        fraction = sp.Rational(float(exp))
+        if fraction.q <= 4:
+            return fraction
+    return exp
+
+
 def _literal(value) -> str:
     text = repr(float(value))
     return text if any(c in text for c in ".en") else text + ".0"
@@ -70,6 +79,7 @@ class ScalarPrinter(C99CodePrinter):
 
     def _print_Pow(self, e):
         base, exp = e.as_base_exp()
+        exp = _exponent(exp)
         b = self._print(base)
         if exp == 2:
             return f"(({b})*({b}))"
@@ -133,6 +143,7 @@ class VectorPrinter(ScalarPrinter):
 
     def _print_Pow(self, e):
         base, exp = e.as_base_exp()
+        exp = _exponent(exp)
         b = self._print(base)
         if exp.is_Integer and 1 < exp <= 4:
             return "(" + "*".join([f"({b})"] * int(exp)) + ")"

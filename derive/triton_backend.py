@@ -27,6 +27,15 @@ from .templating import environment
 CHUNKS = 256  # the most chunks of rows a sweep with sums over the rows is split into
 
 
+def _exponent(exp: sp.Expr) -> sp.Expr:
+    """A float exponent that is a simple fraction as that fraction (``x**-0.5`` is a reciprocal root)."""
+    if exp.is_Float:
+        fraction = sp.Rational(float(exp))
+        if fraction.q <= 4:
+            return fraction
+    return exp
+
+
 def _literal(value) -> str:
     return repr(float(value))
 
@@ -55,6 +64,7 @@ class _Base(PythonCodePrinter):
 
     def _print_Pow(self, e, rational=False):
         base, exp = e.as_base_exp()
+        exp = _exponent(exp)
         b = self._print(base)
         if exp.is_Integer and 1 < exp <= 4:
             return "(" + "*".join([f"({b})"] * int(exp)) + ")"

@@ -111,7 +111,7 @@ def error(layer, fn, inputs: dict, grad) -> float:
                       else v) for k, v in inputs.items()}
         out = f(**leaves)
         grads = torch.autograd.grad(out, [leaves[k] for k in wanted], None if grad is None else grad.to(dtype))
-        return [out, *grads]
+        return [out.detach(), *grads]
 
     ours, exact = run(fn, DTYPE), run(layer.fn, torch.float64)
     return max(float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-300)) for a, b in zip(ours, exact))

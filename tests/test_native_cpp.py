@@ -169,3 +169,42 @@ def test_generate_backend_cpp_for_a_users_layers(tmp_path):
     used = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
     assert used.returncode == 0 and "cannot be built" not in used.stderr, used.stderr
+
+
+def test_the_c_printers():
+    """Sizes print as doubles (``n/(n - 1)`` is no integer division), literals in the kernel's dtype,
+    transcendental functions as ATen's vector methods, a Kronecker delta as a comparison."""
+    import sympy as sp
+
+    from derive.cpp import Names, ScalarPrinter, VectorPrinter
+
+    layer = next(x for x in FUSED if x.name == "batchnorm")
+    kernel = build_cached(layer)
+    names = Names(lower(kernel).backward, lower(kernel), kernel)
+    n = next(s for s in kernel.graph.sizes.values() if str(s) == "n")
+    i_n, i_d = names.frame
+    x = sp.IndexedBase("x")[i_n, i_d]
+    assert ScalarPrinter(names).doprint(n / (n - 1)) == \
+        "static_cast<double>(sz_n)/((-1.0) + static_cast<double>(sz_n))"
+    assert VectorPrinter(names).doprint(sp.exp(x) / 2) == \
+        "(Vec(scalar_t(0.5)))*(Vec::loadu(p_x + row*sz_d + col, cnt)).exp()"
+    assert VectorPrinter(names).doprint(x ** -0.5) == "(Vec::loadu(p_x + row*sz_d + col, cnt)).rsqrt()"
+    assert ScalarPrinter(names).doprint(sp.KroneckerDelta(i_d, 3)) == "((3.0) == (col) ? 1.0 : 0.0)"
+
+
+def test_the_native_benchmark_runs(tmp_path):
+    """scripts/bench_native.py at a small size: every column timed, the C++ kernel's float32 error
+    no worse than a few times native's."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_native
+
+    out = tmp_path / "bench.json"
+    assert bench_native.main(["--sizes", "64x48", "--layers", "cross_entropy,batchnorm_biased", "--repeat", "2",
+                              "--no-compile", "--no-build", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["layer"] for row in rows} == {"cross_entropy", "batchnorm_biased"}
+    for row in rows:
+        assert all(ms > 0 for ms in row["ms"].values()) and set(row["ms"]) >= {"native", "spec", "generated", "cpp", "floor"}
+        assert row["errors"]["cpp"] <= 4 * row["errors"]["native"] + 1e-6, row["errors"]
