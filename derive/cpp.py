@@ -67,7 +67,7 @@ class ScalarPrinter(C99CodePrinter):
 
     def _print_Add(self, e, order=None):
         """Terms that read values first, functions of values last (``plan.computed``)."""
-        terms = sorted(e.args, key=lambda t: (computed(t, self.names.values), sp.default_sort_key(t)))
+        terms = sorted(e.args, key=lambda t: (computed(t, self.names.values), t.is_number, sp.default_sort_key(t)))
         text = ""
         for k, term in enumerate(terms):
             coefficient, rest = term.as_coeff_Mul()
@@ -330,8 +330,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
         v = step.value
         if step.kind == "reduced":
             if v.reduce == "sum":
-                line = (f"double r_{v.name} = 0.0; for (int64_t l = 0; l < Vec::size(); ++l) "
-                        f"r_{v.name} += acc_{v.name}[l];")
+                line = f"const double r_{v.name} = acc_{v.name}.total();"
             else:
                 line = (f"acc_{v.name}.store(buf); double r_{v.name} = -INFINITY; "
                         f"for (int64_t l = 0; l < Vec::size(); ++l) r_{v.name} = derive_max(r_{v.name}, "
@@ -362,7 +361,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
         for p, lp in enumerate(sweep.loops):
             setup, body = [], []
             for v in lp.row_reductions:
-                setup.append(f"double acc_{v.name}[Vec::size()] = {{}};" if v.reduce == "sum"
+                setup.append(f"DoubleLanes<scalar_t> acc_{v.name};" if v.reduce == "sum"
                              else f"Vec acc_{v.name}(-std::numeric_limits<scalar_t>::infinity());")
             # full-size values are inlined, and cse shares what they have in common
             exprs = [_inline_full(v.expr, vals) for v in lp.row_reductions + lp.col_reductions] + \
@@ -372,18 +371,19 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             it = iter(printed)
             for v in lp.row_reductions:
                 text = next(it)
-                if v.reduce == "sum":
-                    body.append(f"({text}).store(buf); for (int64_t l = 0; l < cnt; ++l) acc_{v.name}[l] += "
-                                f"static_cast<double>(buf[l]);")
+                if v.reduce == "sum":  # the lanes past the row's end add nothing
+                    body.append(f"acc_{v.name}.add(Vec::set(Vec(scalar_t(0)), {text}, cnt));")
                 else:
                     body.append(f"acc_{v.name} = at::vec::maximum(acc_{v.name}, Vec::set("
                                 f"Vec(-std::numeric_limits<scalar_t>::infinity()), {text}, cnt));")
             for v in lp.col_reductions:
                 text = next(it)
                 q = f"part_{v.name}.data() + chunk*{cols_size} + col"
-                op = "q[l] += static_cast<double>(buf[l]);" if v.reduce == "sum" else \
-                    "q[l] = derive_max(q[l], static_cast<double>(buf[l]));"
-                body.append(f"{{ ({text}).store(buf); double* q = {q}; for (int64_t l = 0; l < cnt; ++l) {op} }}")
+                if v.reduce == "sum":
+                    body.append(f"derive_add_to({q}, {text}, cnt);")
+                else:
+                    body.append(f"{{ ({text}).store(buf); double* q = {q}; for (int64_t l = 0; l < cnt; ++l) "
+                                f"q[l] = derive_max(q[l], static_cast<double>(buf[l])); }}")
             for tensor, x in lp.stores:
                 body.append(f"({next(it)}).store(o_{tensor} + row*{cols_size} + col, cnt);")
             after = [line for step in lp.after for line in row_step(step, names, sp_)]

@@ -52,7 +52,7 @@ class _Base(PythonCodePrinter):
 
     def _print_Add(self, e, order=None):
         """Terms that read values first, functions of values last (``plan.computed``)."""
-        terms = sorted(e.args, key=lambda t: (computed(t, self.names.values), sp.default_sort_key(t)))
+        terms = sorted(e.args, key=lambda t: (computed(t, self.names.values), t.is_number, sp.default_sort_key(t)))
         text = ""
         for k, term in enumerate(terms):
             coefficient, _ = term.as_coeff_Mul()

@@ -185,7 +185,7 @@ def test_the_c_printers():
     i_n, i_d = names.frame
     x = sp.IndexedBase("x")[i_n, i_d]
     assert ScalarPrinter(names).doprint(n / (n - 1)) == \
-        "static_cast<double>(sz_n)/((-1.0) + static_cast<double>(sz_n))"
+        "static_cast<double>(sz_n)/(static_cast<double>(sz_n) - 1.0)"
     assert VectorPrinter(names).doprint(sp.exp(x) / 2) == \
         "(Vec(scalar_t(0.5)))*(Vec::loadu(p_x + row*sz_d + col, cnt)).exp()"
     assert VectorPrinter(names).doprint(x ** -0.5) == "(Vec::loadu(p_x + row*sz_d + col, cnt)).rsqrt()"
