@@ -20,7 +20,7 @@ from .forward_plan import forward_code
 from .memo import ByObject
 from .printer import Frame, KernelPrinter, fit_shape, temporaries
 from .simplify import closed_form, refold, scalars
-from .spec import Labels, Layer, Tensor, dim_names
+from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
 from .symbolic import Red, extent, hide_argmax, reductions
 from .trace import Graph, trace
 
@@ -60,6 +60,17 @@ class Check:
 
 
 @dataclass
+class LabelCheck:
+    """Labels must lie in ``[0, classes)``: a check of data, rendered as a call of the generated
+    module's ``_labels_in_range`` (one reduction on the CPU; no device sync, no graph break elsewhere)."""
+
+    tensor: str
+    classes: str
+    message: str
+    kind: str = "labels"
+
+
+@dataclass
 class Kernel:
     layer: Layer
     graph: Graph
@@ -72,7 +83,7 @@ class Kernel:
     saved: list[str]
     sizes: list[str]
     size_sources: list[tuple[str, str]]  # (code unpacking sizes, tensor)
-    checks: list[Check]
+    checks: list[Check | LabelCheck]
     constants_used: list[str]
     seconds: float = 0.0
 
@@ -106,7 +117,10 @@ def size_sources(layer: Layer) -> list[tuple[str, str]]:
     return out
 
 
-def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) -> list[Check]:
+def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) -> list[Check | LabelCheck]:
+    """What the generated Function checks before it computes, cheapest first: ranks (the size
+    unpacking needs them), shapes, dtypes and devices, the declared range of each Constant, the size
+    conditions the formulas divide by, then the labels' range (the only check that reads data)."""
     name, checks = layer.name, []
     # a tensor all of whose sizes are read from its own shape needs no shape check
     self_defined = {tensor for unpack, tensor in sources if "_" not in unpack.replace(" ", "").split(",")}
@@ -132,18 +146,23 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) ->
                             f"f\"{name}: {k} must be a floating-point tensor, got {{{k}.dtype}}\""))
     for k, decl in layer.tensors.items():
         if isinstance(decl, Labels):
-            c = decl.classes
             checks.append(Check(f"{k}.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)",
                                 f"f\"{name}: labels {k} must be an integer tensor, got {{{k}.dtype}}\""))
-            checks.append(Check(f"{k}.numel() > 0 and ({k}.min() < 0 or {k}.max() >= {c})",
-                                f"f\"{name}: labels {k} must lie in [0, {c}) = [0, {{{c}}}), got values in "
-                                f"[{{int({k}.min())}}, {{int({k}.max())}}]\""))
+    for k, decl in layer.constants.items():
+        if constant_bounds(decl):
+            condition = " and ".join(f"{k} {op} {bound!r}" for op, bound in constant_bounds(decl))
+            checks.append(Check(f"not ({condition})",
+                                f"f\"{name}: {k} must be {constant_range(decl)} (its declaration), got {{{k}!r}}\""))
     for divisor in sorted(divisors, key=sp.default_sort_key):
         text = sp.sstr(divisor)
         checks.append(Check(f"{text} == 0",
                             f"f\"{name}: the formula divides by {text}, which is 0 for these sizes "
                             f"({', '.join(f'{s}={{{s}}}' for s in sorted(map(str, divisor.free_symbols)))}); "
                             f"use larger sizes (for example a batch of at least 2 rows)\""))
+    for k, decl in layer.tensors.items():
+        if isinstance(decl, Labels):
+            c = decl.classes
+            checks.append(LabelCheck(k, c, f"f\"{name}: labels {k} must lie in [0, {c}) = [0, {{{c}}})\""))
     return checks
 
 
@@ -370,4 +389,4 @@ def _shared_names(values: list[sp.Expr], taken: set) -> list[str]:
     return names
 
 
-__all__ = ["build", "Kernel", "Formula", "Shared", "Check", "Red"]
+__all__ = ["build", "Kernel", "Formula", "Shared", "Check", "LabelCheck", "Red"]

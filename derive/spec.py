@@ -12,7 +12,9 @@ Contract for a spec::
   a product of names (``"t*e"``) is the size of a flattened axis, ``"1"`` an axis of size 1; ``differentiable=False
   excludes it from the backward;
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
-* ``Constant(default)`` is a Python number fixed for the call (``eps``);
+* ``Constant(default)`` is a Python number fixed for the call (``eps``); ``positive=True``, ``low=``
+  and ``high=`` (inclusive) declare the values it may take, and the generated Function refuses others
+  (``Constant(0.1, low=0, high=1)`` for a label smoothing, as ``F.cross_entropy`` refuses 1.5);
 * the function returns one tensor. Run on real tensors it is the autograd reference.
 """
 from __future__ import annotations
@@ -51,6 +53,9 @@ class Labels:
 @dataclass(frozen=True)
 class Constant:
     default: float
+    positive: bool = False  # the value must be > 0 (an ``eps`` under a square root)
+    low: float | None = None  # the value must be >= low
+    high: float | None = None  # the value must be <= high
     differentiable = False
 
 
@@ -59,7 +64,7 @@ Declaration = Tensor | Labels | Constant
 # Names the generated code uses for itself; a spec variable of that name would be shadowed.
 RESERVED = {"ctx", "torch", "F", "grad", "self", "math", "needs", "cache", "grads"}
 # Names a generated module defines at its top level; a layer of that name would replace one.
-MODULE_NAMES = RESERVED | {"forward", "backward", "once_differentiable"}
+MODULE_NAMES = RESERVED | {"forward", "backward", "compile_kernels", "check_inputs", "InputError"}
 
 
 @dataclass
@@ -120,6 +125,25 @@ def concrete_shape(dims: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, .
     return tuple(math.prod(sizes[name] for name in dim_names(d)) for d in dims)
 
 
+def constant_bounds(decl: Constant) -> list[tuple[str, float]]:
+    """What a Constant's declaration requires, as ``(operator, bound)`` pairs: ``[(">", 0)]`` for
+    ``positive=True``, ``[(">=", 0), ("<=", 1)]`` for ``low=0, high=1``."""
+    bounds = [(">", 0)] if decl.positive else []
+    bounds += [(">=", decl.low)] if decl.low is not None else []
+    bounds += [("<=", decl.high)] if decl.high is not None else []
+    return bounds
+
+
+def constant_allows(decl: Constant, value: float) -> bool:
+    compare = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
+    return all(compare[op](value, bound) for op, bound in constant_bounds(decl))
+
+
+def constant_range(decl: Constant) -> str:
+    """``"> 0"``, ``">= 0 and <= 1"``: the declared values, in words for messages."""
+    return " and ".join(f"{op} {bound!r}" for op, bound in constant_bounds(decl))
+
+
 def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
     if name in MODULE_NAMES or name.startswith("_"):
         raise SpecError(name, f"the layer's name {name!r} clashes with a name its generated module uses",
@@ -144,6 +168,9 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
             if len(set(decl.dims)) != len(decl.dims):
                 raise SpecError(name, f"input {p!r} uses a dimension name twice: {decl.dims!r}",
                                 "give every axis of one tensor its own dimension name")
+        if isinstance(decl, Constant) and not constant_allows(decl, decl.default):
+            raise SpecError(name, f"constant {p!r} has the default {decl.default!r}, outside the values it declares "
+                                  f"({constant_range(decl)})", "make the default one of the values it allows")
     for p in params:
         if p not in inputs:
             raise SpecError(name, f"parameter {p!r} is not declared",
