@@ -261,7 +261,7 @@ class KernelPrinter(TorchPrinter):
         return super()._print_Mul(expr)
 
     def _print_Add(self, expr, order=None):
-        """Positive terms first, so a difference reads ``probs - F.one_hot(y, k)``."""
+        """Positive terms first, so a difference reads ``probs - onehot``."""
         terms = sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())
         text = self._print(terms[0])
         for t in terms[1:]:
@@ -286,7 +286,8 @@ class KernelPrinter(TorchPrinter):
         axis = self.frame.slots[a]
         name = str(b.base)
         if labels_axes + [axis] == sorted(labels_axes + [axis]) and axis == max(labels_axes + [axis]):
-            code = f"F.one_hot({name}, {self._print(extent(a))})"
+            # a comparison, not F.one_hot: torch.func.vmap cannot batch F.one_hot's check of the values
+            code = f"({name}.unsqueeze(-1) == torch.arange({self._print(extent(a))}, device={name}.device))"
             if self.dtype_of:
                 code += f".to({self.dtype_of}.dtype)"
             rank = len(self.frame.dims)

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: 39dea5713845aaed05458bd7aee3e9f40b2f9d3a2c6786926b0fe2a872b14fb8
-# content-hash: cbeedfa6101642b7ee26ce768c0f1105f164fb88592533640b003c65cf78d6dd
+# content-hash: 71d618f4628676df849c9006be3353f763a0bda8f52e18dba896c301045f352c
 """Step-by-step backward of ``cross_entropy_ignore``: Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -56,7 +56,7 @@ def backward(cache, dloss=None):
     dt6 = -dt7  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
     dt5 = torch.ones_like(t5) * dt6  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
     dt4 = dt5 * keep  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
-    dlogprobs = F.one_hot(y, logprobs.shape[1]).to(logprobs.dtype) * dt4.unsqueeze(1)  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
+    dlogprobs = (y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device)).to(logprobs.dtype) * dt4.unsqueeze(1)  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
     dz = dlogprobs  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt3 = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt2 = dt3 / t2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
@@ -64,7 +64,7 @@ def backward(cache, dloss=None):
     dz = dz + t1 * dt1  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dlogits = dz  # grad of: z = logits - m
     dm = (-dz).sum(1, keepdim=True)  # grad of: z = logits - m
-    dlogits = dlogits + F.one_hot(logits.max(1).indices, logits.shape[1]).to(logits.dtype) * dm  # grad of: m = logits.max(1, keepdim=True).values
+    dlogits = dlogits + (logits.max(1, keepdim=True).indices == torch.arange(logits.shape[1], device=logits.device)).to(logits.dtype) * dm  # grad of: m = logits.max(1, keepdim=True).values
     return dict(dt7=dt7, dt6=dt6, dt5=dt5, dt4=dt4, dlogprobs=dlogprobs, dt3=dt3, dt2=dt2, dt1=dt1, dz=dz, dm=dm, dlogits=dlogits)
 
 

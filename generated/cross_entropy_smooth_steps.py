@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: 75daf2e72076f5f4c9f57de381bae9ca813a5db5b814b1eb37b08ed2812ffc57
-# content-hash: 4a754be98451e61d791f507d0d7c3aa1d9a200f547afaf6f50b2c9dc99e151ae
+# content-hash: faa6e6fbe153a49c93acb62aa8ad824889428a997ccf6b95ef883dec7ec39b71
 """Step-by-step backward of ``cross_entropy_smooth``: Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -60,7 +60,7 @@ def backward(cache, dloss=None):
     dlogprobs = torch.ones_like(logprobs) * dt5 / (k*n)  # grad of: uniform = -logprobs.mean()
     dt4 = -dnll  # grad of: nll = -logprobs[range(n), y].mean()
     dt3 = torch.ones_like(t3) * dt4 / n  # grad of: nll = -logprobs[range(n), y].mean()
-    dlogprobs = dlogprobs + F.one_hot(y, logprobs.shape[1]).to(logprobs.dtype) * dt3.unsqueeze(1)  # grad of: nll = -logprobs[range(n), y].mean()
+    dlogprobs = dlogprobs + (y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device)).to(logprobs.dtype) * dt3.unsqueeze(1)  # grad of: nll = -logprobs[range(n), y].mean()
     dz = dlogprobs  # grad of: logprobs = z - lse
     dlse = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - lse
     dt2 = dlse / t2  # grad of: lse = z.exp().sum(1, keepdim=True).log()
@@ -68,7 +68,7 @@ def backward(cache, dloss=None):
     dz = dz + t1 * dt1  # grad of: lse = z.exp().sum(1, keepdim=True).log()
     dlogits = dz  # grad of: z = logits - m
     dm = (-dz).sum(1, keepdim=True)  # grad of: z = logits - m
-    dlogits = dlogits + F.one_hot(logits.max(1).indices, logits.shape[1]).to(logits.dtype) * dm  # grad of: m = logits.max(1, keepdim=True).values
+    dlogits = dlogits + (logits.max(1, keepdim=True).indices == torch.arange(logits.shape[1], device=logits.device)).to(logits.dtype) * dm  # grad of: m = logits.max(1, keepdim=True).values
     return dict(dt7=dt7, dt6=dt6, duniform=duniform, dt5=dt5, dnll=dnll, dt4=dt4, dt3=dt3, dlogprobs=dlogprobs, dlse=dlse, dt2=dt2, dt1=dt1, dz=dz, dm=dm, dlogits=dlogits)
 
 

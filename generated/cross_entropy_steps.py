@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate
 # inputs-hash: 76f12771610da643cf8e91a7135fa3958c9cebf9f55681adf3be2a6957bc46ac
-# content-hash: c4cb8b25ead73fe0851669e45817253d77b6122aa24658c626a4986848d319a7
+# content-hash: f1022c16ca337cc69ad099363c23e633f5e3a2b2b11baaa4c67fa5cdb2e69508
 """Step-by-step backward of ``cross_entropy``: Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -51,7 +51,7 @@ def backward(cache, dloss=None):
         dloss = torch.ones_like(loss)
     dt2 = -dloss  # grad of: loss = -logprobs[range(n), y].mean()
     dt1 = torch.ones_like(t1) * dt2 / n  # grad of: loss = -logprobs[range(n), y].mean()
-    dlogprobs = F.one_hot(y, logprobs.shape[1]).to(logprobs.dtype) * dt1.unsqueeze(1)  # grad of: loss = -logprobs[range(n), y].mean()
+    dlogprobs = (y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device)).to(logprobs.dtype) * dt1.unsqueeze(1)  # grad of: loss = -logprobs[range(n), y].mean()
     dprobs = dlogprobs / probs  # grad of: logprobs = probs.log()
     dcounts = dprobs * counts_sum_inv  # grad of: probs = counts * counts_sum_inv
     dcounts_sum_inv = (dprobs * counts).sum(1, keepdim=True)  # grad of: probs = counts * counts_sum_inv
@@ -60,7 +60,7 @@ def backward(cache, dloss=None):
     dnorm_logits = counts * dcounts  # grad of: counts = norm_logits.exp()
     dlogits = dnorm_logits  # grad of: norm_logits = logits - logit_maxes
     dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)  # grad of: norm_logits = logits - logit_maxes
-    dlogits = dlogits + F.one_hot(logits.max(1).indices, logits.shape[1]).to(logits.dtype) * dlogit_maxes  # grad of: logit_maxes = logits.max(1, keepdim=True).values
+    dlogits = dlogits + (logits.max(1, keepdim=True).indices == torch.arange(logits.shape[1], device=logits.device)).to(logits.dtype) * dlogit_maxes  # grad of: logit_maxes = logits.max(1, keepdim=True).values
     return dict(dt2=dt2, dt1=dt1, dlogprobs=dlogprobs, dprobs=dprobs, dcounts_sum_inv=dcounts_sum_inv, dcounts_sum=dcounts_sum, dcounts=dcounts, dnorm_logits=dnorm_logits, dlogit_maxes=dlogit_maxes, dlogits=dlogits)
 
 

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: 732b5a9dc347a54e688834ebdb3c68b9278dfd64d99b8a87bad3dd2b92b47ac0
-# content-hash: 53067ccc881ee3ee885b9722771ad5be64a02b1b0f61c13fd3d957e0939d22b6
+# content-hash: 74fdfa539ed4290090cb0f3bc0a66958c9ce78a4d99d56585b5a5281c3cf41c1
 """Step-by-step backward of ``cross_entropy_temperature``: Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -51,7 +51,7 @@ def backward(cache, dloss=None):
         dloss = torch.ones_like(loss)
     dt5 = -dloss  # grad of: loss = -logprobs[range(n), y].mean()
     dt4 = torch.ones_like(t4) * dt5 / n  # grad of: loss = -logprobs[range(n), y].mean()
-    dlogprobs = F.one_hot(y, logprobs.shape[1]).to(logprobs.dtype) * dt4.unsqueeze(1)  # grad of: loss = -logprobs[range(n), y].mean()
+    dlogprobs = (y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device)).to(logprobs.dtype) * dt4.unsqueeze(1)  # grad of: loss = -logprobs[range(n), y].mean()
     dz = dlogprobs  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt3 = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt2 = dt3 / t2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
@@ -59,7 +59,7 @@ def backward(cache, dloss=None):
     dz = dz + t1 * dt1  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     ds = dz  # grad of: z = s - m
     dm = (-dz).sum(1, keepdim=True)  # grad of: z = s - m
-    ds = ds + F.one_hot(s.max(1).indices, s.shape[1]).to(s.dtype) * dm  # grad of: m = s.max(1, keepdim=True).values
+    ds = ds + (s.max(1, keepdim=True).indices == torch.arange(s.shape[1], device=s.device)).to(s.dtype) * dm  # grad of: m = s.max(1, keepdim=True).values
     dlogits = ds / T  # grad of: s = logits / T
     return dict(dt5=dt5, dt4=dt4, dlogprobs=dlogprobs, dt3=dt3, dt2=dt2, dt1=dt1, dz=dz, dm=dm, ds=ds, dlogits=dlogits)
 

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate
 # inputs-hash: b96bb0b535820a8773294d1f3f9e974cbc3e71309ead98713cbc3c17edf5241f
-# content-hash: 5f3e6b756e9dcb29a89f55646d5fa3290514efc8a3fd9477cfba81ec15b43ca2
+# content-hash: 13cecb0512a15a1e932202b94e9eb7311fa3ed0d7b9f9f3b861b3859f16c0156
 """Step-by-step backward of ``cross_entropy_weighted``: Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -56,7 +56,7 @@ def backward(cache, dloss=None):
     dt6 = -dt7  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
     dt5 = torch.ones_like(t5) * dt6  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
     dt4 = dt5 * picked_w  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
-    dlogprobs = F.one_hot(y, logprobs.shape[1]).to(logprobs.dtype) * dt4.unsqueeze(1)  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
+    dlogprobs = (y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device)).to(logprobs.dtype) * dt4.unsqueeze(1)  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
     dz = dlogprobs  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt3 = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt2 = dt3 / t2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
@@ -64,7 +64,7 @@ def backward(cache, dloss=None):
     dz = dz + t1 * dt1  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dlogits = dz  # grad of: z = logits - m
     dm = (-dz).sum(1, keepdim=True)  # grad of: z = logits - m
-    dlogits = dlogits + F.one_hot(logits.max(1).indices, logits.shape[1]).to(logits.dtype) * dm  # grad of: m = logits.max(1, keepdim=True).values
+    dlogits = dlogits + (logits.max(1, keepdim=True).indices == torch.arange(logits.shape[1], device=logits.device)).to(logits.dtype) * dm  # grad of: m = logits.max(1, keepdim=True).values
     return dict(dt7=dt7, dt6=dt6, dt5=dt5, dt4=dt4, dlogprobs=dlogprobs, dt3=dt3, dt2=dt2, dt1=dt1, dz=dz, dm=dm, dlogits=dlogits)
 
 

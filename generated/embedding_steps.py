@@ -2,7 +2,7 @@
 # source: derive.layers.mlp_parts (layer embedding)
 # regenerate: derive generate
 # inputs-hash: 3fed989c9c42b9d8cf9b7e1d10dc488c53fb709a68168c38ca2ad0c274dd52e5
-# content-hash: 58e02e7610bf92d6c1777a7a56b2087bc534cfa630911b46377d6dce27929757
+# content-hash: 73e4e6559a3abf75a66d46c1b25876927f6c9465fc0792eb4c3d1f465817c2a5
 """Step-by-step backward of ``embedding``: Look up each index's row of the table and concatenate the rows of one example.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -39,7 +39,7 @@ def backward(cache, dembcat=None):
     if dembcat is None:
         dembcat = torch.ones_like(embcat)
     demb = dembcat.view(emb.shape)  # grad of: embcat = emb.view(emb.shape[0], -1)
-    dC = torch.zeros_like(C).index_add_(0, X.view(-1), demb.view(-1, *C.shape[1:]))  # grad of: emb = C[X]
+    dC = torch.zeros_like(C).index_add(0, X.view(-1), demb.view(-1, *C.shape[1:]))  # grad of: emb = C[X]
     return dict(demb=demb, dC=dC)
 
 

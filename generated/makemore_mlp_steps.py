@@ -2,7 +2,7 @@
 # source: derive.layers.makemore_mlp (layer makemore_mlp)
 # regenerate: derive generate
 # inputs-hash: f6c324617dd6cde3d7ddb7f9cbcb437d188f92495de005a395986c62196fa304
-# content-hash: cac20e52edd80a146bde4df6ed6463cd0bf32c166bdce803b269f84086f1d1f0
+# content-hash: 8f9fcc5cdb3c3889a51c27ef108044fbc934cf9e85fc764b40fc8e8068ce5c1b
 """Step-by-step backward of ``makemore_mlp``: Character-level MLP language model, forward pass chunked as in the exercise.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -87,7 +87,7 @@ def backward(cache, dloss=None):
         dloss = torch.ones_like(loss)
     dt8 = -dloss  # grad of: loss = -logprobs[range(n), Yb].mean()
     dt7 = torch.ones_like(t7) * dt8 / n  # grad of: loss = -logprobs[range(n), Yb].mean()
-    dlogprobs = F.one_hot(Yb, logprobs.shape[1]).to(logprobs.dtype) * dt7.unsqueeze(1)  # grad of: loss = -logprobs[range(n), Yb].mean()
+    dlogprobs = (Yb.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=Yb.device)).to(logprobs.dtype) * dt7.unsqueeze(1)  # grad of: loss = -logprobs[range(n), Yb].mean()
     dprobs = dlogprobs / probs  # grad of: logprobs = probs.log()
     dcounts = dprobs * counts_sum_inv  # grad of: probs = counts * counts_sum_inv
     dcounts_sum_inv = (dprobs * counts).sum(1, keepdim=True)  # grad of: probs = counts * counts_sum_inv
@@ -96,7 +96,7 @@ def backward(cache, dloss=None):
     dnorm_logits = counts * dcounts  # grad of: counts = norm_logits.exp()
     dlogits = dnorm_logits  # grad of: norm_logits = logits - logit_maxes
     dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)  # grad of: norm_logits = logits - logit_maxes
-    dlogits = dlogits + F.one_hot(logits.max(1).indices, logits.shape[1]).to(logits.dtype) * dlogit_maxes  # grad of: logit_maxes = logits.max(1, keepdim=True).values
+    dlogits = dlogits + (logits.max(1, keepdim=True).indices == torch.arange(logits.shape[1], device=logits.device)).to(logits.dtype) * dlogit_maxes  # grad of: logit_maxes = logits.max(1, keepdim=True).values
     dt6 = dlogits  # grad of: logits = h @ W2 + b2
     db2 = dlogits.sum(0)  # grad of: logits = h @ W2 + b2
     dh = dt6 @ W2.T  # grad of: logits = h @ W2 + b2
@@ -122,7 +122,7 @@ def backward(cache, dloss=None):
     dembcat = dt1 @ W1.T  # grad of: hprebn = embcat @ W1 + b1
     dW1 = embcat.T @ dt1  # grad of: hprebn = embcat @ W1 + b1
     demb = dembcat.view(emb.shape)  # grad of: embcat = emb.view(emb.shape[0], -1)
-    dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), demb.view(-1, *C.shape[1:]))  # grad of: emb = C[Xb]
+    dC = torch.zeros_like(C).index_add(0, Xb.view(-1), demb.view(-1, *C.shape[1:]))  # grad of: emb = C[Xb]
     return dict(dt8=dt8, dt7=dt7, dlogprobs=dlogprobs, dprobs=dprobs, dcounts_sum_inv=dcounts_sum_inv, dcounts_sum=dcounts_sum, dcounts=dcounts, dnorm_logits=dnorm_logits, dlogit_maxes=dlogit_maxes, dlogits=dlogits, dt6=dt6, dh=dh, dhpreact=dhpreact, dt5=dt5, dbnraw=dbnraw, dbnvar_inv=dbnvar_inv, dt4=dt4, dbnvar=dbnvar, dt3=dt3, dbndiff2=dbndiff2, dbndiff=dbndiff, dbnmeani=dbnmeani, dt2=dt2, dhprebn=dhprebn, dt1=dt1, dembcat=dembcat, demb=demb, db2=db2, dW2=dW2, dbnbias=dbnbias, dbngain=dbngain, db1=db1, dW1=dW1, dC=dC)
 
 

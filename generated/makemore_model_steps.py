@@ -2,7 +2,7 @@
 # source: derive.layers.makemore_model (layer makemore_model)
 # regenerate: derive generate
 # inputs-hash: 8c3f8679079a344dfbb173606cf7d7b34679ee9f3a86825a74a791ebb77792f9
-# content-hash: 9e51be0a33729624efaa8e38dea27a7f3d9e88334fba3525a2b65bfb588f3839
+# content-hash: 611438e1909df6293c744bf598be2a33a9f26f61cba446f5ab0cf00a2091d4a1
 """Step-by-step backward of ``makemore_model``: Character-level MLP language model: embedding, linear, batchnorm, tanh, linear, cross-entropy.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -75,7 +75,7 @@ def backward(cache, dloss=None):
     _, hidden = W1.shape
     if dloss is None:
         dloss = torch.ones_like(loss)
-    dlogits = dloss*(probs - F.one_hot(Yb, v).to(dloss.dtype))/n  # fused cross_entropy kernel, grad of: loss = cross_entropy(logits, Yb)
+    dlogits = dloss*(probs - (Yb.unsqueeze(-1) == torch.arange(v, device=Yb.device)).to(dloss.dtype))/n  # fused cross_entropy kernel, grad of: loss = cross_entropy(logits, Yb)
     dt6 = dlogits  # grad of: logits = h @ W2 + b2
     db2 = dlogits.sum(0)  # grad of: logits = h @ W2 + b2
     dh = dt6 @ W2.T  # grad of: logits = h @ W2 + b2
@@ -91,7 +91,7 @@ def backward(cache, dloss=None):
     dembcat = dt1 @ W1.T  # grad of: hprebn = embcat @ W1 + b1
     dW1 = embcat.T @ dt1  # grad of: hprebn = embcat @ W1 + b1
     demb = dembcat.view(emb.shape)  # grad of: embcat = emb.view(emb.shape[0], -1)
-    dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), demb.view(-1, *C.shape[1:]))  # grad of: emb = C[Xb]
+    dC = torch.zeros_like(C).index_add(0, Xb.view(-1), demb.view(-1, *C.shape[1:]))  # grad of: emb = C[Xb]
     return dict(dlogits=dlogits, dt6=dt6, dh=dh, dhpreact=dhpreact, dhprebn=dhprebn, dt1=dt1, dembcat=dembcat, demb=demb, db2=db2, dW2=dW2, dbnbias=dbnbias, dbngain=dbngain, db1=db1, dW1=dW1, dC=dC)
 
 
