@@ -17,6 +17,28 @@ from .errors import DerivationError
 from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, extent
 
 
+def _is_indicator(expr: sp.Expr) -> bool:
+    """A function of label-against-value comparisons only (``1 - KroneckerDelta(c, y[i])``): a mask."""
+    deltas = [d for d in expr.atoms(sp.KroneckerDelta) if not any(isinstance(a, sp.Idx) for a in d.args)]
+    if not deltas:
+        return False
+    inside = set().union(*[d.free_symbols for d in deltas])
+    return expr.free_symbols <= inside and not expr.atoms(Red)
+
+
+def _masked_count_factor(expr: sp.Mul):
+    """The mask factor of a product ``mask_i * .../count`` whose divisor counts masked rows (a sum of
+    the same kind of comparison), else None."""
+    mask = next((f for f in expr.args if _is_indicator(f)), None)
+    if mask is None:
+        return None
+    for f in expr.args:
+        if isinstance(f, sp.Pow) and f.exp.is_negative and any(
+                any(_is_indicator(d) for d in r.body.atoms(sp.KroneckerDelta)) for r in f.base.atoms(Red)):
+            return mask
+    return None
+
+
 class Frame:
     """Which axis each index lives on, for one expression being printed."""
 
@@ -235,6 +257,14 @@ class KernelPrinter(TorchPrinter):
         return f"{text}.{method}({where}, keepdim=True)"
 
     def _print_Mul(self, expr):
+        indicator = _masked_count_factor(expr)
+        if indicator is not None:
+            # a row a mask leaves out gets exactly 0, also when the mask leaves out every row and its
+            # count is 0 (0/0): the mean over no rows contributes nothing, as in torch's own losses
+            return f"torch.where({self._print(indicator)} != 0, {self._print_product(expr)}, 0)"
+        return self._print_product(expr)
+
+    def _print_product(self, expr):
         # a sum divided by the number of its terms reads as the mean it is
         factors = list(expr.args)
         for r in factors:

@@ -2,12 +2,12 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: a6948e0f5c01f5d450bda552096e3ebfe7b1eba12057c678d018fa253029bfc9
-# content-hash: 8c3db06de3aacd8926d16d862a83d1fe63847ae27ffd9baf413ad54a3745e5c1
+# content-hash: 7954f1d458e77911a7c91820505c7cf134a06893b63fb790079975222dbd58a4
 """Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
 
-    shared0 = ((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(n - ((y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True))
+    shared0 = torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, ((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(n - ((y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True)), 0)
     dlogits = dloss*(shared0*(y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype) - shared0*t1/t1.sum(1, keepdim=True))
 """
 import math  # noqa: F401  (used by some formulas)
@@ -43,7 +43,7 @@ def _backward(needs, dloss, y, t1, n, k, ignore_index):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dlogits = None
     if needs[0]:
-        shared0 = ((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(n - ((y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True))
+        shared0 = torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, ((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(n - ((y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True)), 0)
         dlogits = t1 * (-dloss*shared0/t1.sum(1, keepdim=True))
         dlogits.scatter_add_(1, y.view(n, 1), (dloss*shared0).expand(n, 1))
     return dlogits, None, None

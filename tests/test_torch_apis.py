@@ -16,6 +16,8 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 from derive.layers import BUILTIN, FUSED
 from derive.verify import random_inputs
 
+# in-place updates inside the fused backward (addcmul_) run through vmap's slower generic rule
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented")
 # tiny sizes keep the Jacobians small (hessian of batchnorm over 3x2: 36 entries); two labels' classes
 SIZES = {"n": 3, "d": 2, "k": 3, "c": 2, "l": 2, "i": 2, "o": 2, "v": 4, "t": 2, "e": 2, "hidden": 3}
 CASES = ([pytest.param(layer, "", id=layer.name) for layer in FUSED]
@@ -106,3 +108,113 @@ def test_step_by_step_second_derivative_matches_the_spec(layer):
 def test_step_by_step_passes_gradgradcheck(layer):
     ours, _, leaves, _ = functions(layer, "_steps", seed=5)
     assert torch.autograd.gradgradcheck(ours, tuple(x.clone().requires_grad_() for x in leaves))
+
+
+def _gradients(fn, layer, inputs):
+    leaves = {k: (v.clone().requires_grad_(k in layer.differentiable) if isinstance(v, torch.Tensor) else v)
+              for k, v in inputs.items()}
+    out = fn(**leaves)
+    return (out, *torch.autograd.grad(out, [leaves[k] for k in layer.differentiable], torch.ones_like(out)))
+
+
+@pytest.mark.parametrize("layer, kind", CASES)
+def test_compiles_with_fullgraph_and_exports(layer, kind):
+    """torch.compile(fullgraph=True) traces the call, checks included, without a graph break (the
+    aot_eager backend: the same forward and backward graphs, no C++ build), forward and backward
+    equal to eager; torch.export gives the same output."""
+    inputs = random_inputs(layer, {d: SIZES[d] for d in layer.dims}, torch.float64, seed=6)
+    fn = generated(layer, kind)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for ours, eager in zip(_gradients(compiled, layer, inputs), _gradients(fn, layer, inputs)):
+        assert_same(ours, eager)
+
+    class Module(torch.nn.Module):
+        def forward(self, *args):
+            return fn(*args)
+
+    args = tuple(inputs.values())
+    exported = torch.export.export(Module(), args)
+    assert_same(exported.module()(*args), fn(*args))
+
+
+def test_inductor_compiles_cross_entropy_with_its_label_check_and_no_graph_break():
+    """With the default backend (inductor), fullgraph: the label range is an asynchronous assert in
+    the graph (no device sync, no Python branch on data), and a label out of range still fails."""
+    from derive.layers import cross_entropy
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+    fn = generated(cross_entropy, "")
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=record)
+    logits, y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.tensor([0, 2, 1, 2])
+    (ours,) = torch.autograd.grad(compiled(logits, y), logits)
+    (eager,) = torch.autograd.grad(fn(logits, y), logits)
+    assert_same(ours, eager)
+    asserts = [node for gm in graphs for sub in gm.modules() if isinstance(sub, torch.fx.GraphModule)
+               for node in sub.graph.nodes if node.target is torch._assert_async]
+    assert asserts  # in the forward's subgraph (autograd_function_apply)
+    with pytest.raises(RuntimeError):  # the assertion, or the bound check of the compiled gather before it
+        compiled(logits.detach(), torch.tensor([0, 3, 1, 2]))
+
+
+def test_labels_are_checked_under_vmap():
+    from derive.layers import cross_entropy
+    fn = generated(cross_entropy, "")
+    logits, y = torch.randn(2, 4, 3, dtype=torch.float64), torch.tensor([[0, 1, 2, 0], [0, 5, 1, 1]])
+    with pytest.raises(ValueError, match=r"labels y must lie in \[0, k\) = \[0, 3\), got values in \[0, 5\]"):
+        vmap(fn)(logits, y)
+
+
+def test_a_second_derivative_after_an_input_changed_in_place_is_refused():
+    """The first derivative never reads the logits (F.cross_entropy's does not either); a second one
+    recomputes from them, and refuses to once they changed, rather than differentiate other values."""
+    from derive.layers import cross_entropy
+    fn = generated(cross_entropy, "")
+    leaf = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    logits = leaf * 1
+    loss = fn(logits, torch.tensor([0, 2, 1, 2]))
+    logits.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
+
+
+def test_a_derivative_of_an_input_declared_without_one_is_refused():
+    """``target`` of ``mse`` is declared differentiable=False: asking its derivative is an error
+    (as torch raises for an argument it has no derivative for), in reverse and in forward mode."""
+    from derive.layers import mse
+    fn = generated(mse, "")
+    pred, target = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="target is declared differentiable=False"):
+        torch.autograd.grad(fn(pred, target.requires_grad_()), target)
+    with pytest.raises(RuntimeError, match="target is declared differentiable=False"):
+        jvp(fn, (pred, target.detach()), (torch.zeros_like(pred), torch.ones_like(target)))
+
+
+def test_forward_mode_inside_forward_mode_is_refused_not_wrong():
+    from derive.layers import tanh
+    with pytest.raises(NotImplementedError, match="197867"):
+        jacfwd(jacfwd(generated(tanh, "")))(torch.randn(3, 2, dtype=torch.float64))
+
+
+def test_input_checks_can_be_switched_off_and_refuse_with_one_error_class():
+    """A refused input raises InputError, both a ValueError and a RuntimeError (torch's own ops
+    raise either); ``check_inputs(False)`` skips every check until switched on again."""
+    module = importlib.import_module("generated.cross_entropy_smooth")
+    logits, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    with pytest.raises(module.InputError, match=r"smoothing must be >= 0.0 and <= 1.0 .* got 1.5") as refused:
+        module.cross_entropy_smooth(logits, y, 1.5)
+    assert isinstance(refused.value, ValueError) and isinstance(refused.value, RuntimeError)
+    module.check_inputs(False)
+    try:
+        assert torch.isfinite(module.cross_entropy_smooth(logits, y, 1.5))  # computed, unchecked
+    finally:
+        module.check_inputs(True)
+    with pytest.raises(module.InputError):
+        module.cross_entropy_smooth(logits, y, 1.5)
