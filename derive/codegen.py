@@ -118,7 +118,7 @@ def _function_context(layer: Layer, name: str, output: str, reads: list[str], ex
         tensor_inputs_tuple=_tuple(list(layer.tensors)) if layer.tensors else "()",
         reads_tuple=_tuple(reads) if reads else "()",
         nones=_tuple(["None"] * len(inputs)),
-        tangents_out=_tuple(["_tangent_out"] + ["None"] * len(extras)),
+        tangents_out=_tuple(["_function_jvp(ctx, _tangents)"] + ["None"] * len(extras)),
         needs_all="(" + _tuple([str(k in layer.differentiable) for k in inputs]) + ")",
         refuse_backward=[f"_refuse_derivatives(\"{name}\", ({_tuple([repr(k) for k, _ in nondiff])}), "
                          f"({_tuple([f'ctx.needs_input_grad[{position[k]}]' for k, _ in nondiff])}))"] if nondiff else [],
@@ -128,9 +128,11 @@ def _function_context(layer: Layer, name: str, output: str, reads: list[str], ex
 
 
 def _check_context(checks: list) -> dict:
-    return dict(rank_checks=[c for c in checks if c.kind == "rank"],
-                checks=[c for c in checks if c.kind not in ("rank", "labels")],
-                label_checks=[c for c in checks if c.kind == "labels"])
+    ranks = [c for c in checks if c.kind == "rank"]
+    rest = [c for c in checks if c.kind not in ("rank", "labels")]
+    return dict(rank_checks=ranks, checks=rest, label_checks=[c for c in checks if c.kind == "labels"],
+                ranks_hold=" and ".join(c.holds for c in ranks) or "True",
+                checks_hold=" and ".join(f"({c.holds})" if " or " in c.holds else c.holds for c in rest) or "True")
 
 
 def render_function(kernel: Kernel) -> str:
@@ -158,6 +160,7 @@ def render_function(kernel: Kernel) -> str:
         formula_lines=formula_lines(kernel),
         class_name=class_name(kernel.name),
         base_class="_" + class_name(kernel.name) + "NoJvp",
+        eager_class="_" + class_name(kernel.name) + "Eager",
         size_sources=kernel.size_sources,
         forward=kernel.forward,
         saved_tuple=_tuple(computed),
@@ -211,11 +214,14 @@ def render_steps(graph) -> str:
         reads=reads,
         read_names=repr(tuple(tensor_reads)),
         extras_from_cache=", ".join([graph.output.name] + [f'cache["{n}"]' for n in extras]),
+        reads_from_cache=_tuple([n if n in layer.tensors or n == graph.output.name else f'cache["{n}"]'
+                                 for n in tensor_reads]) if tensor_reads else "()",
         constant_reads="".join(f", {c}=ctx.{c}" for c in layer.constants),
         lines=lines,
         returns=", ".join(f"d{n}=d{n}" for n in returned),
         class_name=class_name(layer.name).replace("Function", "StepsFunction"),
         base_class="_" + class_name(layer.name).replace("Function", "StepsFunction") + "NoJvp",
+        eager_class="_" + class_name(layer.name).replace("Function", "StepsFunction") + "Eager",
         input_grads=", ".join(f'grads["d{n}"]' if n in layer.differentiable else "None" for n in layer.inputs)
         + ("," if len(layer.inputs) == 1 else ""),
         doc=layer.doc or layer.name,

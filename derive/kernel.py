@@ -54,9 +54,10 @@ class Shared:
 
 @dataclass
 class Check:
-    condition: str
+    condition: str  # true when the input is refused
     message: str
     kind: str = "value"  # "rank" checks run before the sizes are read from the shapes
+    holds: str = ""  # true when the input passes: the checks combine into one condition on the fast path
 
 
 @dataclass
@@ -117,6 +118,9 @@ def size_sources(layer: Layer) -> list[tuple[str, str]]:
     return out
 
 
+LABEL_DTYPES = "(torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)"
+
+
 def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) -> list[Check | LabelCheck]:
     """What the generated Function checks before it computes, cheapest first: ranks (the size
     unpacking needs them), shapes, dtypes and devices, the declared range of each Constant, the size
@@ -130,35 +134,40 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) ->
         dims = ", ".join(decl.dims)
         checks.append(Check(f"{k}.dim() != {len(decl.dims)}",
                             f"f\"{name}: {k} must have {len(decl.dims)} dimension(s) ({dims}), got shape {{tuple({k}.shape)}}\"",
-                            kind="rank"))
+                            kind="rank", holds=f"{k}.dim() == {len(decl.dims)}"))
     for k, decl in layer.tensors.items():
         if k in self_defined:
             continue
         shape = ", ".join(decl.dims) + ("," if len(decl.dims) == 1 else "")
         checks.append(Check(f"{k}.shape != ({shape})",
-                            f"f\"{name}: {k} must have shape ({shape}) = {{({shape})}}, got {{tuple({k}.shape)}}\""))
+                            f"f\"{name}: {k} must have shape ({shape}) = {{({shape})}}, got {{tuple({k}.shape)}}\"",
+                            holds=f"{k}.shape == ({shape})"))
     for k in floats[1:]:
         checks.append(Check(f"{k}.dtype != {first}.dtype or {k}.device != {first}.device",
                             f"f\"{name}: {k} is {{{k}.dtype}} on {{{k}.device}} but {first} is {{{first}.dtype}} on "
-                            f"{{{first}.device}}; move them to one dtype and device\""))
+                            f"{{{first}.device}}; move them to one dtype and device\"",
+                            holds=f"{k}.dtype == {first}.dtype and {k}.device == {first}.device"))
     for k in floats:
         checks.append(Check(f"not {k}.is_floating_point()",
-                            f"f\"{name}: {k} must be a floating-point tensor, got {{{k}.dtype}}\""))
+                            f"f\"{name}: {k} must be a floating-point tensor, got {{{k}.dtype}}\"",
+                            holds=f"{k}.is_floating_point()"))
     for k, decl in layer.tensors.items():
         if isinstance(decl, Labels):
-            checks.append(Check(f"{k}.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)",
-                                f"f\"{name}: labels {k} must be an integer tensor, got {{{k}.dtype}}\""))
+            checks.append(Check(f"{k}.dtype not in {LABEL_DTYPES}",
+                                f"f\"{name}: labels {k} must be an integer tensor, got {{{k}.dtype}}\"",
+                                holds=f"{k}.dtype in {LABEL_DTYPES}"))
     for k, decl in layer.constants.items():
         if constant_bounds(decl):
             condition = " and ".join(f"{k} {op} {bound!r}" for op, bound in constant_bounds(decl))
             checks.append(Check(f"not ({condition})",
-                                f"f\"{name}: {k} must be {constant_range(decl)} (its declaration), got {{{k}!r}}\""))
+                                f"f\"{name}: {k} must be {constant_range(decl)} (its declaration), got {{{k}!r}}\"",
+                                holds=condition))
     for divisor in sorted(divisors, key=sp.default_sort_key):
         text = sp.sstr(divisor)
         checks.append(Check(f"{text} == 0",
                             f"f\"{name}: the formula divides by {text}, which is 0 for these sizes "
                             f"({', '.join(f'{s}={{{s}}}' for s in sorted(map(str, divisor.free_symbols)))}); "
-                            f"use larger sizes (for example a batch of at least 2 rows)\""))
+                            f"use larger sizes (for example a batch of at least 2 rows)\"", holds=f"{text} != 0"))
     for k, decl in layer.tensors.items():
         if isinstance(decl, Labels):
             c = decl.classes
