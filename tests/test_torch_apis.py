@@ -87,6 +87,15 @@ def test_vmap_over_a_batch_matches_the_spec_on_each_element(layer, kind):
         assert_same(per_sample[k], expected)
 
 
+@pytest.mark.parametrize("layer, kind", CASES)
+def test_gradcheck_in_forward_and_reverse_mode(layer, kind):
+    """torch.autograd's own check, in both modes (``torch.autograd.forward_ad`` reaches the eager
+    Function's jvp), and an undefined upstream gradient. (Batched gradients are torch.func's
+    jacrev and jacfwd above.)"""
+    ours, _, leaves, _ = functions(layer, kind, seed=7)
+    assert torch.autograd.gradcheck(ours, tuple(x.clone().requires_grad_() for x in leaves), check_forward_ad=True)
+
+
 @pytest.mark.parametrize("layer", BUILTIN, ids=lambda s: f"{s.name}_steps")
 def test_step_by_step_second_derivative_matches_the_spec(layer):
     """A gradient penalty through the step-by-step Function equals the one through the spec's
