@@ -227,3 +227,14 @@ def test_input_checks_can_be_switched_off_and_refuse_with_one_error_class():
         module.check_inputs(True)
     with pytest.raises(module.InputError):
         module.cross_entropy_smooth(logits, y, 1.5)
+
+
+@pytest.mark.parametrize("layer, kind", CASES)
+def test_runs_under_no_grad_and_inference_mode(layer, kind):
+    """No graph is wanted: the output alone, equal to the spec's (an inference tensor has no version
+    number to keep)."""
+    inputs = random_inputs(layer, {d: SIZES[d] for d in layer.dims}, torch.float64, seed=8)
+    expected = layer.fn(**inputs)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert_same(generated(layer, kind)(**inputs), expected)
