@@ -238,3 +238,14 @@ def test_runs_under_no_grad_and_inference_mode(layer, kind):
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
             assert_same(generated(layer, kind)(**inputs), expected)
+
+
+def test_a_constant_whose_default_it_does_not_allow_is_refused_at_the_declaration():
+    from derive.errors import SpecError
+    from derive.spec import Constant, Tensor, layer
+
+    with pytest.raises(SpecError, match=r"constant 'eps' has the default -1e-05, outside the values it declares \(> 0\)"):
+        @layer(x=Tensor("n", "d"), eps=Constant(-1e-5, positive=True))
+        def scaled(x, eps=-1e-5):
+            out = x * eps
+            return out
