@@ -5,6 +5,7 @@ import functools
 import hashlib
 import inspect
 import re
+import textwrap
 from importlib import metadata
 from pathlib import Path
 
@@ -182,8 +183,10 @@ def render_function(kernel: Kernel) -> str:
     return header(kernel, "#", body, templates=TEMPLATES_OF["function"]) + body
 
 
-def render_steps(graph) -> str:
-    """The step-by-step backward module of a traced layer (``<name>_steps.py``)."""
+def render_steps(graph, kernel_reason: str = "") -> str:
+    """The step-by-step backward module of a traced layer (``<name>_steps.py``). With
+    ``kernel_reason`` it is the layer's kernel (``<name>.py``, the Function named as a fused one
+    would be) where no fused form is used, and its docstring says why."""
     from .backends import Code
     from .stepwise import emit
 
@@ -202,10 +205,16 @@ def render_steps(graph) -> str:
     # the Function saves the tensors the backward reads; the constants it reads stay on the context
     tensor_reads = [n for n in reads if n not in layer.constants]
     extras = [n for n in tensor_reads if n not in layer.tensors and n != graph.output.name]
+    title = f"Step-by-step backward of ``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}"
+    if kernel_reason:
+        reason = kernel_reason.replace("\\", "/").replace('"' * 3, "'" * 3).rstrip(".")
+        title = (f"``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}\n\n"
+                 + textwrap.fill(f"Its kernel is the step-by-step backward: {reason}.", 100))
+    function = class_name(layer.name) if kernel_reason else class_name(layer.name).replace("Function", "StepsFunction")
     context = dict(
         _function_context(layer, layer.name, graph.output.name, tensor_reads, extras),
         **_check_context(checks),
-        title=f"Step-by-step backward of ``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}",
+        title=title,
         size_sources=sources,
         forward=forward,
         cache=", ".join(f"{n}={n}" for n in names),
@@ -219,9 +228,9 @@ def render_steps(graph) -> str:
         constant_reads="".join(f", {c}=ctx.{c}" for c in layer.constants),
         lines=lines,
         returns=", ".join(f"d{n}=d{n}" for n in returned),
-        class_name=class_name(layer.name).replace("Function", "StepsFunction"),
-        base_class="_" + class_name(layer.name).replace("Function", "StepsFunction") + "NoJvp",
-        eager_class="_" + class_name(layer.name).replace("Function", "StepsFunction") + "Eager",
+        class_name=function,
+        base_class=f"_{function}NoJvp",
+        eager_class=f"_{function}Eager",
         input_grads=", ".join(f'grads["d{n}"]' if n in layer.differentiable else "None" for n in layer.inputs)
         + ("," if len(layer.inputs) == 1 else ""),
         doc=layer.doc or layer.name,

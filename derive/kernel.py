@@ -87,6 +87,7 @@ class Kernel:
     checks: list[Check | LabelCheck]
     constants_used: list[str]
     seconds: float = 0.0
+    forbidden: dict = field(default_factory=dict)  # input -> refold rewrites its gradient may not take
 
     @property
     def name(self) -> str:
@@ -157,10 +158,12 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) ->
                                 f"f\"{name}: labels {k} must be an integer tensor, got {{{k}.dtype}}\"",
                                 holds=f"{k}.dtype in {LABEL_DTYPES}"))
     for k, decl in layer.constants.items():
+        # a positive declaration the derivation relied on; bounds it did not: either way a call
+        # outside the declaration is refused
         if constant_bounds(decl):
             condition = " and ".join(f"{k} {op} {bound!r}" for op, bound in constant_bounds(decl))
             checks.append(Check(f"not ({condition})",
-                                f"f\"{name}: {k} must be {constant_range(decl)} (its declaration), got {{{k}!r}}\"",
+                                f"f\"{name}: {k} is declared {constant_range(decl)}, got {{{k}!r}}\"",
                                 holds=condition))
     for divisor in sorted(divisors, key=sp.default_sort_key):
         text = sp.sstr(divisor)
@@ -188,7 +191,8 @@ def size_divisors(exprs: list[sp.Expr], sizes: set) -> set:
     return out
 
 
-_BUILT = ByObject(maxsize=32)  # layer -> its kernel
+_BUILT = ByObject(maxsize=32)  # layer -> its kernel (every rewrite allowed)
+_DERIVED = ByObject(maxsize=32)  # layer -> (graph, elements, gradients): what every variant shares
 
 
 def build_cached(layer: Layer) -> Kernel:
@@ -196,16 +200,25 @@ def build_cached(layer: Layer) -> Kernel:
     return _BUILT.get(layer, lambda layer: build(layer))
 
 
-def build(layer: Layer) -> Kernel:
+def derived(layer: Layer) -> tuple[Graph, Elements, Gradients]:
+    """The traced graph, its normal form and the normal-form gradients, once per layer object."""
+    def derive(layer):
+        graph = trace(layer)
+        el = Elements(graph)
+        return graph, el, differentiate(el)
+    return _DERIVED.get(layer, derive)
+
+
+def build(layer: Layer, forbidden: dict[str, frozenset] | None = None) -> Kernel:
+    """The fused kernel of ``layer``. ``forbidden`` maps an input to the refold rewrites its
+    gradient may not take (``(node, variable)`` names, see ``select``): a less folded form."""
     start = time.perf_counter()
-    graph = trace(layer)
-    el = Elements(graph)
-    grads = differentiate(el)
+    graph, el, grads = derived(layer)
     order = list(layer.inputs)
     formulas = []
     for node, expr in grads.grads.items():
         rewrites: list = []
-        refolded = refold(el, expr, rewrites)
+        refolded = refold(el, expr, rewrites, (forbidden or {}).get(node.name, frozenset()))
         formulas.append(Formula(node.name, order.index(node.name), closed_form(refolded, scalars(el)), refolded,
                                 rewrites))
 
@@ -238,7 +251,7 @@ def build(layer: Layer) -> Kernel:
         raise located(e, graph) from None
     return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
                   [str(s) for s in frame_dims], sources, input_checks(layer, divisors, sources), constants,
-                  time.perf_counter() - start)
+                  time.perf_counter() - start, dict(forbidden or {}))
 
 
 def located(error: DerivationError, graph) -> DerivationError:

@@ -12,9 +12,10 @@ Contract for a spec::
   a product of names (``"t*e"``) is the size of a flattened axis, ``"1"`` an axis of size 1; ``differentiable=False
   excludes it from the backward;
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
-* ``Constant(default)`` is a Python number fixed for the call (``eps``); ``positive=True``, ``low=``
-  and ``high=`` (inclusive) declare the values it may take, and the generated Function refuses others
-  (``Constant(0.1, low=0, high=1)`` for a label smoothing, as ``F.cross_entropy`` refuses 1.5);
+* ``Constant(default)`` is a Python number fixed for the call, real and of either sign;
+  ``Constant(1e-5, positive=True)`` declares it positive (``eps``), which the derivation may then use;
+  ``low=`` and ``high=`` (inclusive) bound the values it may take (``Constant(0.1, low=0, high=1)``
+  for a label smoothing, as ``F.cross_entropy`` refuses 1.5); the generated Function refuses others;
 * the function returns one tensor. Run on real tensors it is the autograd reference.
 """
 from __future__ import annotations
@@ -52,11 +53,19 @@ class Labels:
 
 @dataclass(frozen=True)
 class Constant:
+    """A number fixed for the call. It is a real number and nothing more, unless declared
+    ``positive=True`` (``eps``): only then may the derivation rely on its sign (``|eps*x|`` is
+    ``eps*|x|``, a division by it is safe), and the generated code checks each value it is given."""
+
     default: float
-    positive: bool = False  # the value must be > 0 (an ``eps`` under a square root)
-    low: float | None = None  # the value must be >= low
+    positive: bool = False
+    low: float | None = None  # the value must be >= low (checked at each call, not assumed)
     high: float | None = None  # the value must be <= high
     differentiable = False
+
+    def assumptions(self) -> dict:
+        """The SymPy assumptions of its symbol: exactly what the declaration says."""
+        return {"positive": True} if self.positive else {"real": True}
 
 
 Declaration = Tensor | Labels | Constant
@@ -140,8 +149,9 @@ def constant_allows(decl: Constant, value: float) -> bool:
 
 
 def constant_range(decl: Constant) -> str:
-    """``"> 0"``, ``">= 0 and <= 1"``: the declared values, in words for messages."""
-    return " and ".join(f"{op} {bound!r}" for op, bound in constant_bounds(decl))
+    """``"positive"``, ``">= 0 and <= 1"``: the declared values, in words for messages."""
+    return " and ".join("positive" if (op, bound) == (">", 0) else f"{op} {bound!r}"
+                        for op, bound in constant_bounds(decl))
 
 
 def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
@@ -161,6 +171,10 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
         if not isinstance(decl, (Tensor, Labels, Constant)):
             raise SpecError(name, f"input {p!r} is declared as {decl!r}",
                             "use Tensor(...), Labels(...) or Constant(...)")
+        if isinstance(decl, Constant) and decl.positive and not (isinstance(decl.default, (int, float))
+                                                                  and decl.default > 0):
+            raise SpecError(name, f"constant {p!r} is declared positive but its default is {decl.default!r}",
+                            f"give it a positive default, or drop positive=True")
         if isinstance(decl, (Tensor, Labels)):
             if not decl.dims or not all(isinstance(d, str) and DIM.match(d) for d in decl.dims):
                 raise SpecError(name, f"input {p!r} has dims {decl.dims!r}",

@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: bf145bf9f7f78f2087d2870a9a4ab14bcf504307f34f9f8a28902cfafe9a10ab
-# content-hash: b46845a3e3d58f3474136899e7be62bc6d71a4b3cf062f533a05610e38f26f93
+# content-hash: 277561cad1d45cb2f0be87d8a6c7b50ef14613d8d9d9b1c43d2d547a87ebd88b
 """Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -257,7 +257,7 @@ def _check_inputs(x, gamma, beta, eps):
     if not beta.is_floating_point():
         raise InputError(f"batchnorm: beta must be a floating-point tensor, got {beta.dtype}")
     if not (eps > 0):
-        raise InputError(f"batchnorm: eps must be > 0 (its declaration), got {eps!r}")
+        raise InputError(f"batchnorm: eps is declared positive, got {eps!r}")
     if n - 1 == 0:
         raise InputError(f"batchnorm: the formula divides by n - 1, which is 0 for these sizes (n={n}); use larger sizes (for example a batch of at least 2 rows)")
 

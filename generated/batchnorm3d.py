@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: 95b3f5858b8f732787a821c441b9f41cfcf2d4b80b18604e44eead08d422123f
-# content-hash: 0948554af0b63e4bdfa8d65edead60b882534309aea01021d86b45ccb760ff04
+# content-hash: 9183f0b2f6a259bdb897acfa0577d39f1c6d4c4d5b2986e9c52a7ee7d107cd25
 """Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Fused backward, derived from the spec (element-wise, sizes n, c, l):
@@ -256,7 +256,7 @@ def _check_inputs(x, gamma, beta, eps):
     if not beta.is_floating_point():
         raise InputError(f"batchnorm3d: beta must be a floating-point tensor, got {beta.dtype}")
     if not (eps > 0):
-        raise InputError(f"batchnorm3d: eps must be > 0 (its declaration), got {eps!r}")
+        raise InputError(f"batchnorm3d: eps is declared positive, got {eps!r}")
 
 
 def _function_backward(ctx, dout):

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: 95517b7061da4ee5537d0ee7c8183b3e3114839572303b872b03bfb8e4c561f0
-# content-hash: 66bc0732edc2ac0da7118b58495ae91082b4f4d8b5ac36cefe885629e84612bc
+# content-hash: 006861600da13e569bbf7b6bafac07a75d519b3da24e702304edb2e6af607ce8
 """Step-by-step backward of ``batchnorm3d``: Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -261,7 +261,7 @@ def _check_inputs(x, gamma, beta, eps):
     if not beta.is_floating_point():
         raise InputError(f"batchnorm3d: beta must be a floating-point tensor, got {beta.dtype}")
     if not (eps > 0):
-        raise InputError(f"batchnorm3d: eps must be > 0 (its declaration), got {eps!r}")
+        raise InputError(f"batchnorm3d: eps is declared positive, got {eps!r}")
 
 
 def _function_backward(ctx, dout):

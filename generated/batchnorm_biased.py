@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm_biased)
 # regenerate: derive generate
 # inputs-hash: 2bad10da9a76352922b9e6d8a15074979c2c0c6534b0c0fcca8cd10e225ddada
-# content-hash: fca01e18551762528abe2520e7d58617a1dede365808f927098448fcf24b6000
+# content-hash: beeb4e92e9961df2da4554170094df262bb9530956c5cb02eef0f16cf7daa6b7
 """Batch normalization with the biased variance (divides by n), as BatchNorm1d in training.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -257,7 +257,7 @@ def _check_inputs(x, gamma, beta, eps):
     if not beta.is_floating_point():
         raise InputError(f"batchnorm_biased: beta must be a floating-point tensor, got {beta.dtype}")
     if not (eps > 0):
-        raise InputError(f"batchnorm_biased: eps must be > 0 (its declaration), got {eps!r}")
+        raise InputError(f"batchnorm_biased: eps is declared positive, got {eps!r}")
 
 
 def _function_backward(ctx, dout):

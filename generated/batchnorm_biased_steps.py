@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm_biased)
 # regenerate: derive generate
 # inputs-hash: 8bd7712004d1bd6e3f2545485df66b1ebfd6276e811f320ee5990760e1eb913a
-# content-hash: 4c2eced01057b7803473602f618a13cf1a76bdca18ad8023ac097afbe6412731
+# content-hash: 20c01a3f1ce03cf546fe0ac52c13dcb46126f17e8c0a855bf653b71de3999880
 """Step-by-step backward of ``batchnorm_biased``: Batch normalization with the biased variance (divides by n), as BatchNorm1d in training.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -255,7 +255,7 @@ def _check_inputs(x, gamma, beta, eps):
     if not beta.is_floating_point():
         raise InputError(f"batchnorm_biased: beta must be a floating-point tensor, got {beta.dtype}")
     if not (eps > 0):
-        raise InputError(f"batchnorm_biased: eps must be > 0 (its declaration), got {eps!r}")
+        raise InputError(f"batchnorm_biased: eps is declared positive, got {eps!r}")
 
 
 def _function_backward(ctx, dout):

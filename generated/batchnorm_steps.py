@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: 3409e418bb97c6b3c2b50b8fbf295b46c26b03f8e8c2ab054c4487940a2a118d
-# content-hash: cef03016d785f21b21b1ee498361380d32be0fdb4583f471c0ef79d1b033c9a6
+# content-hash: d77d4326486466f95aa2b929947642ed34b590891cb74b284bbbfc39e911417b
 """Step-by-step backward of ``batchnorm``: Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -255,7 +255,7 @@ def _check_inputs(x, gamma, beta, eps):
     if not beta.is_floating_point():
         raise InputError(f"batchnorm: beta must be a floating-point tensor, got {beta.dtype}")
     if not (eps > 0):
-        raise InputError(f"batchnorm: eps must be > 0 (its declaration), got {eps!r}")
+        raise InputError(f"batchnorm: eps is declared positive, got {eps!r}")
     if n - 1 == 0:
         raise InputError(f"batchnorm: the formula divides by n - 1, which is 0 for these sizes (n={n}); use larger sizes (for example a batch of at least 2 rows)")
 

@@ -2,12 +2,12 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: eac5d4ea7e4722bf70fbcf83c0de3a08cf43624c0e4842fdc1287641089737d2
-# content-hash: 940c86ae5560eef4aca5bbe2d4660b4cc811db5ac1f31441e6e5aa9a11f31201
+# content-hash: 61b4af5bc6c22f6fc28a87d5ffb48d4a12fcb24dceb5110ca63cd3cfaea3b27b
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dlogits = dloss*(t1 - torch.sigmoid(t3))/(d*n)
+    dlogits = dloss*(1 - torch.sigmoid(-logits) - target)/(d*n)
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -19,11 +19,9 @@ __all__ = ["BceWithLogitsFunction", "bce_with_logits", "compile_kernels", "check
 
 def _forward(logits, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    t1 = 1 - target  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
-    t3 = -logits  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
-    _t0 = torch.addcmul(F.softplus(t3), logits, t1)
-    loss = ((_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())  # spec lines 48-49
-    return loss, (t1, t3)
+    per_element = torch.addcmul(F.softplus(-logits), 1 - target, logits)  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+    loss = ((per_element.sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())  # spec lines 48-49
+    return loss, ()
 
 
 def _forward_with_graph(logits, target, n, d):
@@ -31,17 +29,15 @@ def _forward_with_graph(logits, target, n, d):
     backward recomputes what it reads this way when a second derivative is wanted. Under torch.func
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
-    t1 = 1 - target
-    t3 = -logits
-    loss = (((torch.addcmul(F.softplus(t3), logits, t1)).sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())
-    return loss, (t1, t3)
+    loss = (((torch.addcmul(F.softplus(-logits), 1 - target, logits)).sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())
+    return loss, ()
 
 
-def _backward(needs, dloss, t1, t3, n, d):
+def _backward(needs, dloss, logits, target, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dlogits = None
     if needs[0]:
-        dlogits = dloss*(t1 - torch.sigmoid(t3))/(d*n)
+        dlogits = dloss*(1 - torch.sigmoid(-logits) - target)/(d*n)
     return dlogits, None
 
 
@@ -242,10 +238,10 @@ def _function_backward(ctx, dloss):
     n, d = ctx.sizes
     if torch.is_grad_enabled():
         logits, target = _kept_inputs(ctx, "bce_with_logits")
-        _, (t1, t3) = _forward_with_graph(logits, target, n, d)
-        return _backward(ctx.needs_input_grad, dloss, t1, t3, n, d)
-    t1, t3 = ctx.saved_tensors[:ctx.read_count]
-    return _kernels["backward"](ctx.needs_input_grad, dloss, t1, t3, n, d)
+        _, () = _forward_with_graph(logits, target, n, d)
+        return _backward(ctx.needs_input_grad, dloss, logits, target, n, d)
+    logits, target = ctx.saved_tensors[:ctx.read_count]
+    return _kernels["backward"](ctx.needs_input_grad, dloss, logits, target, n, d)
 
 
 def _function_jvp(ctx, _tangents):
@@ -255,8 +251,8 @@ def _function_jvp(ctx, _tangents):
     _refuse_derivatives("bce_with_logits", ('target',), (_tangents[1] is not None,))
     logits, target = _kept_inputs(ctx, "bce_with_logits")
     n, d = ctx.sizes
-    loss, (t1, t3) = _forward_with_graph(logits, target, n, d)
-    return _tangent(lambda dloss: _backward((True, False), dloss, t1, t3, n, d), loss, _tangents)
+    loss, () = _forward_with_graph(logits, target, n, d)
+    return _tangent(lambda dloss: _backward((True, False), dloss, logits, target, n, d), loss, _tangents)
 
 
 class _BceWithLogitsFunctionEager(torch.autograd.Function):
@@ -269,10 +265,10 @@ class _BceWithLogitsFunctionEager(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(logits, target)
         n, d = logits.shape
-        loss, (t1, t3) = _kernels["forward"](logits, target, n, d)
+        loss, () = _kernels["forward"](logits, target, n, d)
         ctx.set_materialize_grads(False)
         ctx.sizes = (n, d)
-        _keep_in_eager_mode(ctx, (t1, t3), (logits, target))
+        _keep_in_eager_mode(ctx, (logits, target), (logits, target))
         return loss
 
     @staticmethod
@@ -299,18 +295,17 @@ class _BceWithLogitsFunctionNoJvp(torch.autograd.Function):
             _check_inputs(logits, target)
         n, d = logits.shape
         forward = _forward_with_graph if _transformed() else _kernels["forward"]
-        loss, (t1, t3) = forward(logits, target, n, d)
-        return (loss, t1, t3)
+        loss, () = forward(logits, target, n, d)
+        return (loss,)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         logits, target = _inputs
-        loss, t1, t3 = _output
-        ctx.mark_non_differentiable(t1, t3)
+        loss, = _output
         ctx.set_materialize_grads(False)
         n, d = logits.shape
         ctx.sizes = (n, d)
-        _keep(ctx, (t1, t3), (logits, target))
+        _keep(ctx, (logits, target), (logits, target))
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -326,13 +321,13 @@ class BceWithLogitsFunction(_BceWithLogitsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _BceWithLogitsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         logits, target = _inputs
-        loss, t1, t3 = _output
+        loss, = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(t1, t3), *(logits, target))
+        ctx.save_for_forward(*(logits, target), *(logits, target))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None
+        return _function_jvp(ctx, _tangents),
 
 
 def bce_with_logits(logits, target):

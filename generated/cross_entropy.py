@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate
 # inputs-hash: a633d029cf583a7fa4389f6ad2b651a1601d790f45b16193aebba59fddb9aff8
-# content-hash: 52e8f1f5665946f5c32f1b3a84544ebe32b7c095f97066c2b5807a5537277f9b
+# content-hash: 58e89a01a4581f69342f7f9e27802d530dc391bd6c621cc5a9e38b61104be7d7
 """Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -23,7 +23,7 @@ def _forward(logits, y, n, k):
     counts = (logits - logit_maxes).exp_()  # spec lines 10-11
     counts_sum = counts.sum(1, keepdim=True)  # spec lines 10-12
     probs = counts.div_(counts_sum)  # spec lines 10-11, 13-14
-    loss = (-(logits.gather(1, y.view(n, 1)) - torch.log(counts_sum) - logit_maxes).sum(0, keepdim=True)/n).reshape(())  # spec lines 10-11, 13-16
+    loss = (-(logits.gather(1, y.view(n, 1)) - logit_maxes - torch.log(counts_sum)).sum(0, keepdim=True)/n).reshape(())  # spec lines 10-11, 13-16
     return loss, (probs,)
 
 
@@ -36,7 +36,7 @@ def _forward_with_graph(logits, y, n, k):
     counts = torch.exp(logits - logit_maxes)
     counts_sum = counts.sum(1, keepdim=True)
     probs = counts/counts_sum
-    loss = (-(logits.gather(1, y.view(n, 1)) - torch.log(counts_sum) - logit_maxes).sum(0, keepdim=True)/n).reshape(())
+    loss = (-(logits.gather(1, y.view(n, 1)) - logit_maxes - torch.log(counts_sum)).sum(0, keepdim=True)/n).reshape(())
     return loss, (probs,)
 
 

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: 4a53344178cb55ae189e095c2f1d568f86d6a5ffc18fba83b6e5e23611fde19b
-# content-hash: 339388b11ba59f481716ba69ed632c5974e171dd9e9f5fe0cf824fba075955b6
+# content-hash: 89ddcc907a4b3172cb5e3d21407579c52ee95f20947494ab77d43e3efc2d8525
 """Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -22,8 +22,8 @@ def _forward(logits, y, ignore_index, n, k):
     """The fused forward: the output and what it computes that the backward reads."""
     m = logits.amax(1, keepdim=True)  # spec line 84: m = logits.max(1, keepdim=True).values
     t1 = (logits - m).exp_()  # spec lines 85-86
-    keep = 1 - (y.view(n, 1) == ignore_index).to(logits.dtype)  # spec line 87: keep = y != ignore_index
-    loss = (-(keep*(logits.gather(1, y.view(n, 1)) - torch.log(t1.sum(1, keepdim=True)) - m)).sum(0, keepdim=True)/keep.sum(0, keepdim=True)).reshape(())  # spec lines 85-88
+    _t0f = -(y.view(n, 1) == ignore_index).to(logits.dtype)
+    loss = (-((1 + _t0f)*(logits.gather(1, y.view(n, 1)) - m - torch.log(t1.sum(1, keepdim=True)))).sum(0, keepdim=True)/(1 + _t0f).sum(0, keepdim=True)).reshape(())  # spec lines 85-88
     return loss, (t1,)
 
 
@@ -34,8 +34,8 @@ def _forward_with_graph(logits, y, ignore_index, n, k):
     into a given buffer; the compiler plans its own)."""
     m = logits.amax(1, keepdim=True)
     t1 = torch.exp(logits - m)
-    keep = 1 - (y.view(n, 1) == ignore_index).to(logits.dtype)
-    loss = (-(keep*(logits.gather(1, y.view(n, 1)) - torch.log(t1.sum(1, keepdim=True)) - m)).sum(0, keepdim=True)/keep.sum(0, keepdim=True)).reshape(())
+    _t0f = -(y.view(n, 1) == ignore_index).to(logits.dtype)
+    loss = (-((1 + _t0f)*(logits.gather(1, y.view(n, 1)) - m - torch.log(t1.sum(1, keepdim=True)))).sum(0, keepdim=True)/(1 + _t0f).sum(0, keepdim=True)).reshape(())
     return loss, (t1,)
 
 

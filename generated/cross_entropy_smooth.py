@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: 418ec2d9b04af36287f58e24d94feba7653a2b84dc5f02af30eafb48d3416399
-# content-hash: ec0200d89599fa82dd81a5f55dce104f3c933de17ae7ba1914ed242c3c17b91e
+# content-hash: 33321399c4c35eaacb3af1cedd9cf7fbce4346038e5566631715b642bde03c87
 """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -21,9 +21,9 @@ def _forward(logits, y, smoothing, n, k):
     """The fused forward: the output and what it computes that the backward reads."""
     m = logits.amax(1, keepdim=True)  # spec line 13: m = logits.max(1, keepdim=True).values
     t1 = (logits - m).exp_()  # spec lines 14-15
-    _t1 = torch.log(t1.sum(1, keepdim=True)) + m
-    _t0 = logits - _t1
-    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - _t1).sum(0, keepdim=True)/n - smoothing*(_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/k).reshape(())  # spec lines 14-19
+    _t1f = torch.log(t1.sum(1, keepdim=True))
+    _t0 = logits - m - _t1f
+    loss = (-smoothing*(_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/k - (1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n).reshape(())  # spec lines 14-19
     return loss, (t1,)
 
 
@@ -34,8 +34,8 @@ def _forward_with_graph(logits, y, smoothing, n, k):
     into a given buffer; the compiler plans its own)."""
     m = logits.amax(1, keepdim=True)
     t1 = torch.exp(logits - m)
-    _t1 = torch.log(t1.sum(1, keepdim=True)) + m
-    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - _t1).sum(0, keepdim=True)/n - smoothing*((logits - _t1).sum(0, keepdim=True)/n).sum(1, keepdim=True)/k).reshape(())
+    _t1f = torch.log(t1.sum(1, keepdim=True))
+    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n - smoothing*((logits - m - _t1f).sum(0, keepdim=True)/n).sum(1, keepdim=True)/k).reshape(())
     return loss, (t1,)
 
 
@@ -233,7 +233,7 @@ def _check_inputs(logits, y, smoothing):
     if y.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
         raise InputError(f"cross_entropy_smooth: labels y must be an integer tensor, got {y.dtype}")
     if not (smoothing >= 0.0 and smoothing <= 1.0):
-        raise InputError(f"cross_entropy_smooth: smoothing must be >= 0.0 and <= 1.0 (its declaration), got {smoothing!r}")
+        raise InputError(f"cross_entropy_smooth: smoothing is declared >= 0.0 and <= 1.0, got {smoothing!r}")
 
 
 def _function_backward(ctx, dloss):

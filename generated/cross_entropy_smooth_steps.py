@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: aa2e707a58f4bc58b8467b70bbb2e0f3ae7e29153978aa09bb678af9fff5906b
-# content-hash: de65c1d781cf75f4df870adfc03c0dc4a092b6283e6b794fd7fcaca70b093fd2
+# content-hash: d4243208daf23fbd4b2fe96de268acf8225c301bc63d303b73f2e2c34b52ef49
 """Step-by-step backward of ``cross_entropy_smooth``: Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -251,7 +251,7 @@ def _check_inputs(logits, y, smoothing):
     if y.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
         raise InputError(f"cross_entropy_smooth: labels y must be an integer tensor, got {y.dtype}")
     if not (smoothing >= 0.0 and smoothing <= 1.0):
-        raise InputError(f"cross_entropy_smooth: smoothing must be >= 0.0 and <= 1.0 (its declaration), got {smoothing!r}")
+        raise InputError(f"cross_entropy_smooth: smoothing is declared >= 0.0 and <= 1.0, got {smoothing!r}")
 
 
 def _function_backward(ctx, dloss):

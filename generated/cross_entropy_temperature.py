@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: 7e8cb9e8fcf2b4a2563b515eda735a58b3125298f4e06c4c52a71d19d1592f97
-# content-hash: 678b80dc247f0beaaf0797cea734ee8396fe8467a26bd8c7816a596c0887d1fe
+# content-hash: c208b9228d0e4b7b64f68988170b58300fa3f9a00752768b951cb80894a1f90c
 """Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -21,7 +21,7 @@ def _forward(logits, y, T, n, k):
     """The fused forward: the output and what it computes that the backward reads."""
     m = (logits/T).amax(1, keepdim=True)  # spec lines 27-28
     t1 = (logits/T - m).exp_()  # spec lines 27, 29-30
-    loss = (-(logits.gather(1, y.view(n, 1))/T - torch.log(t1.sum(1, keepdim=True)) - m).sum(0, keepdim=True)/n).reshape(())  # spec lines 27, 29-31
+    loss = (-(logits.gather(1, y.view(n, 1))/T - m - torch.log(t1.sum(1, keepdim=True))).sum(0, keepdim=True)/n).reshape(())  # spec lines 27, 29-31
     return loss, (t1,)
 
 
@@ -32,7 +32,7 @@ def _forward_with_graph(logits, y, T, n, k):
     into a given buffer; the compiler plans its own)."""
     m = (logits/T).amax(1, keepdim=True)
     t1 = torch.exp(logits/T - m)
-    loss = (-(logits.gather(1, y.view(n, 1))/T - torch.log(t1.sum(1, keepdim=True)) - m).sum(0, keepdim=True)/n).reshape(())
+    loss = (-(logits.gather(1, y.view(n, 1))/T - m - torch.log(t1.sum(1, keepdim=True))).sum(0, keepdim=True)/n).reshape(())
     return loss, (t1,)
 
 

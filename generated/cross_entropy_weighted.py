@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate
 # inputs-hash: cb86e52a2923e241107b06bcd33c3647c59deba0983917149a82ed17b1d48efb
-# content-hash: 5c71bfcd93a96a49091f8c8626db2de37ea89a52286dac5c5d6e160134d78c4c
+# content-hash: fd45ac9436f7298fcf82cfce0953a317e032744b7d7bb193a9f214820888d262
 """Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -21,7 +21,7 @@ def _forward(logits, y, w, n, k):
     """The fused forward: the output and what it computes that the backward reads."""
     m = logits.amax(1, keepdim=True)  # spec line 58: m = logits.max(1, keepdim=True).values
     t1 = (logits - m).exp_()  # spec lines 59-60
-    loss = (-((logits.gather(1, y.view(n, 1)) - torch.log(t1.sum(1, keepdim=True)) - m)*w[y].view(n, 1)).sum(0, keepdim=True)/(w[y].view(n, 1)).sum(0, keepdim=True)).reshape(())  # spec lines 59-62
+    loss = (-((logits.gather(1, y.view(n, 1)) - m - torch.log(t1.sum(1, keepdim=True)))*w[y].view(n, 1)).sum(0, keepdim=True)/(w[y].view(n, 1)).sum(0, keepdim=True)).reshape(())  # spec lines 59-62
     return loss, (t1,)
 
 
@@ -32,7 +32,7 @@ def _forward_with_graph(logits, y, w, n, k):
     into a given buffer; the compiler plans its own)."""
     m = logits.amax(1, keepdim=True)
     t1 = torch.exp(logits - m)
-    loss = (-((logits.gather(1, y.view(n, 1)) - torch.log(t1.sum(1, keepdim=True)) - m)*w[y].view(n, 1)).sum(0, keepdim=True)/(w[y].view(n, 1)).sum(0, keepdim=True)).reshape(())
+    loss = (-((logits.gather(1, y.view(n, 1)) - m - torch.log(t1.sum(1, keepdim=True)))*w[y].view(n, 1)).sum(0, keepdim=True)/(w[y].view(n, 1)).sum(0, keepdim=True)).reshape(())
     return loss, (t1,)
 
 

@@ -2,16 +2,13 @@
 # source: derive.layers.activations (layer gelu_tanh)
 # regenerate: derive generate
 # inputs-hash: 1cf94083f6efab2a3e497c2da7c522349b5b867e0050bc21b4185859501ed8b9
-# content-hash: c9998b15039f76362d37f9eb2b2b26490c8468ca6151e43afd930fad3a94bfc4
+# content-hash: 24582e1dca851abd32769995183c58f1a06902029068b7dfd1f12b3b50fcd78f
 """GELU with the tanh approximation, as ``F.gelu(x, approximate="tanh")``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    shared0 = (0.797884560802865)*x
-    shared1 = x**3
-    shared2 = torch.tanh(shared0 + (1427096325452004339/40000000000000000000)*shared1)
-    shared3 = (shared2 - 1)*(shared2 + 1)
-    dx = (0.5)*(shared2 + 1 - shared0*shared3 - (4281288976356013017/40000000000000000000)*shared1*shared3)*dout
+    shared0 = t5 - 1
+    dx = -0.5*(t5 + 1)*((4281288976356013017/5000000000000000000)*shared0*t4**3 + (1.59576912160573)*shared0*t4 - 1)*dout
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -23,8 +20,10 @@ __all__ = ["GeluTanhFunction", "gelu_tanh", "compile_kernels", "check_inputs", "
 
 def _forward(x, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    out = (0.5)*(((1427096325452004339/40000000000000000000)*x**3 + (0.797884560802865)*x).tanh_() + 1)*x  # spec lines 40-41
-    return out, ()
+    t4 = (0.5)*x  # spec line 41: out = 0.5 * x * (1 + torch.tanh(inner))
+    t5 = ((1427096325452004339/5000000000000000000)*t4**3 + (1.59576912160573)*t4).tanh_()  # spec lines 40-41
+    out = (t5 + 1)*t4  # spec lines 40-41
+    return out, (t4, t5)
 
 
 def _forward_with_graph(x, n, d):
@@ -32,19 +31,18 @@ def _forward_with_graph(x, n, d):
     backward recomputes what it reads this way when a second derivative is wanted. Under torch.func
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
-    out = (0.5)*(torch.tanh((1427096325452004339/40000000000000000000)*x**3 + (0.797884560802865)*x) + 1)*x
-    return out, ()
+    t4 = (0.5)*x
+    t5 = torch.tanh((1427096325452004339/5000000000000000000)*t4**3 + (1.59576912160573)*t4)
+    out = (t5 + 1)*t4
+    return out, (t4, t5)
 
 
-def _backward(needs, dout, x, n, d):
+def _backward(needs, dout, t4, t5, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
-        shared0 = (0.797884560802865)*x
-        shared1 = x**3
-        shared2 = torch.tanh(shared0 + (1427096325452004339/40000000000000000000)*shared1)
-        shared3 = (shared2 - 1)*(shared2 + 1)
-        dx = (0.5)*(shared2 + 1 - shared0*shared3 - (4281288976356013017/40000000000000000000)*shared1*shared3)*dout
+        shared0 = t5 - 1
+        dx = -0.5*(t5 + 1)*((4281288976356013017/5000000000000000000)*shared0*t4**3 + (1.59576912160573)*shared0*t4 - 1)*dout
     return dx
 
 
@@ -236,10 +234,10 @@ def _function_backward(ctx, dout):
     n, d = ctx.sizes
     if torch.is_grad_enabled():
         x, = _kept_inputs(ctx, "gelu_tanh")
-        _, () = _forward_with_graph(x, n, d)
-        return _backward(ctx.needs_input_grad, dout, x, n, d)
-    x, = ctx.saved_tensors[:ctx.read_count]
-    return _kernels["backward"](ctx.needs_input_grad, dout, x, n, d)
+        _, (t4, t5) = _forward_with_graph(x, n, d)
+        return _backward(ctx.needs_input_grad, dout, t4, t5, n, d)
+    t4, t5 = ctx.saved_tensors[:ctx.read_count]
+    return _kernels["backward"](ctx.needs_input_grad, dout, t4, t5, n, d)
 
 
 def _function_jvp(ctx, _tangents):
@@ -248,8 +246,8 @@ def _function_jvp(ctx, _tangents):
     _refuse_nested_forward_mode("gelu_tanh")
     x, = _kept_inputs(ctx, "gelu_tanh")
     n, d = ctx.sizes
-    out, () = _forward_with_graph(x, n, d)
-    return _tangent(lambda dout: _backward((True,), dout, x, n, d), out, _tangents)
+    out, (t4, t5) = _forward_with_graph(x, n, d)
+    return _tangent(lambda dout: _backward((True,), dout, t4, t5, n, d), out, _tangents)
 
 
 class _GeluTanhFunctionEager(torch.autograd.Function):
@@ -262,10 +260,10 @@ class _GeluTanhFunctionEager(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(x)
         n, d = x.shape
-        out, () = _kernels["forward"](x, n, d)
+        out, (t4, t5) = _kernels["forward"](x, n, d)
         ctx.set_materialize_grads(False)
         ctx.sizes = (n, d)
-        _keep_in_eager_mode(ctx, (x,), (x,))
+        _keep_in_eager_mode(ctx, (t4, t5), (x,))
         return out
 
     @staticmethod
@@ -292,17 +290,18 @@ class _GeluTanhFunctionNoJvp(torch.autograd.Function):
             _check_inputs(x)
         n, d = x.shape
         forward = _forward_with_graph if _transformed() else _kernels["forward"]
-        out, () = forward(x, n, d)
-        return (out,)
+        out, (t4, t5) = forward(x, n, d)
+        return (out, t4, t5)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         x, = _inputs
-        out, = _output
+        out, t4, t5 = _output
+        ctx.mark_non_differentiable(t4, t5)
         ctx.set_materialize_grads(False)
         n, d = x.shape
         ctx.sizes = (n, d)
-        _keep(ctx, (x,), (x,))
+        _keep(ctx, (t4, t5), (x,))
 
     @staticmethod
     def backward(ctx, dout, *_):
@@ -318,13 +317,13 @@ class GeluTanhFunction(_GeluTanhFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _GeluTanhFunctionNoJvp.setup_context(ctx, _inputs, _output)
         x, = _inputs
-        out, = _output
+        out, t4, t5 = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(x,), *(x,))
+        ctx.save_for_forward(*(t4, t5), *(x,))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents),
+        return _function_jvp(ctx, _tangents), None, None
 
 
 def gelu_tanh(x):

@@ -2,12 +2,12 @@
 # source: derive.layers.activations (layer softplus)
 # regenerate: derive generate
 # inputs-hash: d1de2361e276865f85e5d3ccdbebdfbf55443960673948d50917524557b435c0
-# content-hash: 51ed87d119c4668795d8fe1234357c441a184b30fda5ee41c58f82285aa18ea7
+# content-hash: ec9459332cd2765737d530b59670b535f127d32a10234588fa746fd138c72d1c
 """``log(1 + exp(x))``, as ``F.softplus`` (whose threshold only changes the result above x = 20).
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dx = (1 - 1/t2)*dout
+    dx = dout*t1/(t1 + 1)
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -19,9 +19,9 @@ __all__ = ["SoftplusFunction", "softplus", "compile_kernels", "check_inputs", "I
 
 def _forward(x, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    t2 = torch.exp(x) + 1  # spec line 33: out = (1 + x.exp()).log()
-    out = torch.log(t2)  # spec line 33: out = (1 + x.exp()).log()
-    return out, (t2,)
+    t1 = torch.exp(x)  # spec line 33: out = (1 + x.exp()).log()
+    out = (t1 + 1).log_()  # spec line 33: out = (1 + x.exp()).log()
+    return out, (t1,)
 
 
 def _forward_with_graph(x, n, d):
@@ -29,16 +29,16 @@ def _forward_with_graph(x, n, d):
     backward recomputes what it reads this way when a second derivative is wanted. Under torch.func
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
-    t2 = torch.exp(x) + 1
-    out = torch.log(t2)
-    return out, (t2,)
+    t1 = torch.exp(x)
+    out = torch.log(t1 + 1)
+    return out, (t1,)
 
 
-def _backward(needs, dout, t2, n, d):
+def _backward(needs, dout, t1, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
-        dx = (1 - 1/t2)*dout
+        dx = dout*t1/(t1 + 1)
     return dx
 
 
@@ -230,10 +230,10 @@ def _function_backward(ctx, dout):
     n, d = ctx.sizes
     if torch.is_grad_enabled():
         x, = _kept_inputs(ctx, "softplus")
-        _, (t2,) = _forward_with_graph(x, n, d)
-        return _backward(ctx.needs_input_grad, dout, t2, n, d)
-    t2, = ctx.saved_tensors[:ctx.read_count]
-    return _kernels["backward"](ctx.needs_input_grad, dout, t2, n, d)
+        _, (t1,) = _forward_with_graph(x, n, d)
+        return _backward(ctx.needs_input_grad, dout, t1, n, d)
+    t1, = ctx.saved_tensors[:ctx.read_count]
+    return _kernels["backward"](ctx.needs_input_grad, dout, t1, n, d)
 
 
 def _function_jvp(ctx, _tangents):
@@ -242,8 +242,8 @@ def _function_jvp(ctx, _tangents):
     _refuse_nested_forward_mode("softplus")
     x, = _kept_inputs(ctx, "softplus")
     n, d = ctx.sizes
-    out, (t2,) = _forward_with_graph(x, n, d)
-    return _tangent(lambda dout: _backward((True,), dout, t2, n, d), out, _tangents)
+    out, (t1,) = _forward_with_graph(x, n, d)
+    return _tangent(lambda dout: _backward((True,), dout, t1, n, d), out, _tangents)
 
 
 class _SoftplusFunctionEager(torch.autograd.Function):
@@ -256,10 +256,10 @@ class _SoftplusFunctionEager(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(x)
         n, d = x.shape
-        out, (t2,) = _kernels["forward"](x, n, d)
+        out, (t1,) = _kernels["forward"](x, n, d)
         ctx.set_materialize_grads(False)
         ctx.sizes = (n, d)
-        _keep_in_eager_mode(ctx, (t2,), (x,))
+        _keep_in_eager_mode(ctx, (t1,), (x,))
         return out
 
     @staticmethod
@@ -286,18 +286,18 @@ class _SoftplusFunctionNoJvp(torch.autograd.Function):
             _check_inputs(x)
         n, d = x.shape
         forward = _forward_with_graph if _transformed() else _kernels["forward"]
-        out, (t2,) = forward(x, n, d)
-        return (out, t2)
+        out, (t1,) = forward(x, n, d)
+        return (out, t1)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         x, = _inputs
-        out, t2 = _output
-        ctx.mark_non_differentiable(t2)
+        out, t1 = _output
+        ctx.mark_non_differentiable(t1)
         ctx.set_materialize_grads(False)
         n, d = x.shape
         ctx.sizes = (n, d)
-        _keep(ctx, (t2,), (x,))
+        _keep(ctx, (t1,), (x,))
 
     @staticmethod
     def backward(ctx, dout, *_):
@@ -313,9 +313,9 @@ class SoftplusFunction(_SoftplusFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _SoftplusFunctionNoJvp.setup_context(ctx, _inputs, _output)
         x, = _inputs
-        out, t2 = _output
+        out, t1 = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(t2,), *(x,))
+        ctx.save_for_forward(*(t1,), *(x,))
 
     @staticmethod
     def jvp(ctx, *_tangents):

@@ -137,7 +137,10 @@ def test_the_edge_table_covers_every_layer_with_a_native_op():
     ("cross_entropy_smooth", lambda layer: inputs(layer, smoothing=-0.1), "error", "value"),
     # one row: the biased formula is defined there (the output is beta); F.batch_norm refuses it
     ("batchnorm_biased", lambda layer: inputs(layer, n=1), "value", "error"),
-], ids=["negative-smoothing", "batchnorm-one-row"])
+    # eps is declared positive (the derivation relies on it); F.layer_norm computes NaN
+    ("layernorm", lambda layer: inputs(layer, eps=-1.0), "error", "value"),
+    ("rmsnorm", lambda layer: inputs(layer, eps=-1.0), "error", "value"),
+], ids=["negative-smoothing", "batchnorm-one-row", "layernorm-negative-eps", "rmsnorm-negative-eps"])
 def test_the_known_differences_are_as_documented(name, make, ours_kind, theirs_kind):
     layer = LAYERS[name]
     values = make(layer)
