@@ -2,13 +2,16 @@
 # source: derive.layers.activations (layer gelu_tanh)
 # regenerate: derive generate
 # inputs-hash: a0e69fb3f3cab5392f06769954a4cb0448067dad2ee7ae1cb209f19a6828955d
-# content-hash: b6bb3fd354e5f868e99e46ba2a3d21cd367bdb8ec711a1816fb76abbf0066c36
+# content-hash: edc379fd9c8a632d1073f04eceea484d0c717106488bcb13075f79c2a63bd4e6
 """GELU with the tanh approximation, as ``F.gelu(x, approximate="tanh")``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    shared0 = t5 - 1
-    dx = -0.5*(t5 + 1)*((4281288976356013017/5000000000000000000)*shared0*t4**3 + (1.59576912160573)*shared0*t4 - 1)*dout
+    shared0 = (0.797884560802865)*x
+    shared1 = x**3
+    shared2 = torch.tanh(shared0 + (1427096325452004339/40000000000000000000)*shared1)
+    shared3 = (shared2 - 1)*(shared2 + 1)
+    dx = (0.5)*(shared2 + 1 - shared0*shared3 - (4281288976356013017/40000000000000000000)*shared1*shared3)*dout
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -20,10 +23,8 @@ __all__ = ["GeluTanhFunction", "gelu_tanh", "compile_kernels", "check_inputs", "
 
 def _forward(x, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    t4 = (0.5)*x  # spec line 41: out = 0.5 * x * (1 + torch.tanh(inner))
-    t5 = ((1427096325452004339/5000000000000000000)*t4**3 + (1.59576912160573)*t4).tanh_()  # spec lines 40-41
-    out = (t5 + 1)*t4  # spec lines 40-41
-    return out, (t4, t5)
+    out = (0.5)*(1 + ((1427096325452004339/40000000000000000000)*x**3 + (0.797884560802865)*x).tanh_())*x  # spec lines 40-41
+    return out, ()
 
 
 def _forward_with_graph(x, n, d):
@@ -31,18 +32,19 @@ def _forward_with_graph(x, n, d):
     backward recomputes what it reads this way when a second derivative is wanted. Under torch.func
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
-    t4 = (0.5)*x
-    t5 = torch.tanh((1427096325452004339/5000000000000000000)*t4**3 + (1.59576912160573)*t4)
-    out = (t5 + 1)*t4
-    return out, (t4, t5)
+    out = (0.5)*(1 + torch.tanh((1427096325452004339/40000000000000000000)*x**3 + (0.797884560802865)*x))*x
+    return out, ()
 
 
-def _backward(needs, dout, t4, t5, n, d):
+def _backward(needs, dout, x, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
-        shared0 = t5 - 1
-        dx = -0.5*(t5 + 1)*((4281288976356013017/5000000000000000000)*shared0*t4**3 + (1.59576912160573)*shared0*t4 - 1)*dout
+        shared0 = (0.797884560802865)*x
+        shared1 = x**3
+        shared2 = torch.tanh(shared0 + (1427096325452004339/40000000000000000000)*shared1)
+        shared3 = (shared2 - 1)*(shared2 + 1)
+        dx = (0.5)*(shared2 + 1 - shared0*shared3 - (4281288976356013017/40000000000000000000)*shared1*shared3)*dout
     return dx
 
 
@@ -234,10 +236,10 @@ def _function_backward(ctx, dout):
     n, d = ctx.sizes
     if torch.is_grad_enabled():
         x, = _kept_inputs(ctx, "gelu_tanh")
-        _, (t4, t5) = _forward_with_graph(x, n, d)
-        return _backward(ctx.needs_input_grad, dout, t4, t5, n, d)
-    t4, t5 = ctx.saved_tensors[:ctx.read_count]
-    return _kernels["backward"](ctx.needs_input_grad, dout, t4, t5, n, d)
+        _, () = _forward_with_graph(x, n, d)
+        return _backward(ctx.needs_input_grad, dout, x, n, d)
+    x, = ctx.saved_tensors[:ctx.read_count]
+    return _kernels["backward"](ctx.needs_input_grad, dout, x, n, d)
 
 
 def _function_jvp(ctx, _tangents):
@@ -246,8 +248,8 @@ def _function_jvp(ctx, _tangents):
     _refuse_nested_forward_mode("gelu_tanh")
     x, = _kept_inputs(ctx, "gelu_tanh")
     n, d = ctx.sizes
-    out, (t4, t5) = _forward_with_graph(x, n, d)
-    return _tangent(lambda dout: _backward((True,), dout, t4, t5, n, d), out, _tangents)
+    out, () = _forward_with_graph(x, n, d)
+    return _tangent(lambda dout: _backward((True,), dout, x, n, d), out, _tangents)
 
 
 class _GeluTanhFunctionEager(torch.autograd.Function):
@@ -260,10 +262,10 @@ class _GeluTanhFunctionEager(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(x)
         n, d = x.shape
-        out, (t4, t5) = _kernels["forward"](x, n, d)
+        out, () = _kernels["forward"](x, n, d)
         ctx.set_materialize_grads(False)
         ctx.sizes = (n, d)
-        _keep_in_eager_mode(ctx, (t4, t5), (x,))
+        _keep_in_eager_mode(ctx, (x,), (x,))
         return out
 
     @staticmethod
@@ -290,18 +292,17 @@ class _GeluTanhFunctionNoJvp(torch.autograd.Function):
             _check_inputs(x)
         n, d = x.shape
         forward = _forward_with_graph if _transformed() else _kernels["forward"]
-        out, (t4, t5) = forward(x, n, d)
-        return (out, t4, t5)
+        out, () = forward(x, n, d)
+        return (out,)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         x, = _inputs
-        out, t4, t5 = _output
-        ctx.mark_non_differentiable(t4, t5)
+        out, = _output
         ctx.set_materialize_grads(False)
         n, d = x.shape
         ctx.sizes = (n, d)
-        _keep(ctx, (t4, t5), (x,))
+        _keep(ctx, (x,), (x,))
 
     @staticmethod
     def backward(ctx, dout, *_):
@@ -317,13 +318,13 @@ class GeluTanhFunction(_GeluTanhFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _GeluTanhFunctionNoJvp.setup_context(ctx, _inputs, _output)
         x, = _inputs
-        out, t4, t5 = _output
+        out, = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(t4, t5), *(x,))
+        ctx.save_for_forward(*(x,), *(x,))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None
+        return _function_jvp(ctx, _tangents),
 
 
 def gelu_tanh(x):
