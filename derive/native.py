@@ -17,8 +17,8 @@ from .spec import Labels, Tensor
 from .templating import environment
 
 BACKENDS = ("cpp", "triton")
-CPP_TEMPLATES = ["native_module.py.j2", "native_loader.py.j2", "input_checks.py.j2", "native_kernel.cpp.j2"]
-TRITON_TEMPLATES = ["triton_module.py.j2", "input_checks.py.j2"]
+CPP_TEMPLATES = ["native_module.py.j2", "native_loader.py.j2", "native_kernel.cpp.j2"]
+TRITON_TEMPLATES = ["triton_module.py.j2"]
 
 
 @dataclass
@@ -101,9 +101,7 @@ def module_context(kernel: Kernel, plan: Plan, backend: str) -> dict:
         class_name=codegen.class_name(layer.name).replace("Function", f"{backend.capitalize()}Function"),
         name=layer.name,
         signature=codegen._signature(layer),
-        rank_checks=[c for c in kernel.checks if c.kind == "rank"],
         size_sources=kernel.size_sources,
-        checks=[c for c in kernel.checks if c.kind != "rank"],
         labels=[k for k, v in layer.tensors.items() if isinstance(v, Labels)],
         tensor_inputs=tensors,
         native_forward_args=", ".join(tensors + constants + sizes),

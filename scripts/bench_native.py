@@ -200,8 +200,8 @@ def markdown(report: dict) -> str:
     mine = report["native_column"]
     lines = [report["title"], "",
              f"| layer | size | native ms | spec ms | spec compiled ms | generated ms | {mine} ms | floor ms | "
-             f"{mine}/native | {mine}/spec compiled | {mine}/generated | {mine}/floor | native err | {mine} err | "
-             f"{mine}/native err |", "|---|---|" + "---:|" * 13]
+             f"{mine}/native | {mine}/spec | {mine}/spec compiled | {mine}/generated | {mine}/floor | native err | "
+             f"{mine} err | {mine}/native err |", "|---|---|" + "---:|" * 14]
 
     def f(x, digits=2):
         return "n/a" if x is None else f"{x:.{digits}f}"
@@ -213,7 +213,7 @@ def markdown(report: dict) -> str:
         ms, r, e = row["ms"], row["ratios"], row["errors"]
         lines.append(f"| {row['layer']} | {row['size']} | {f(ms.get('native'))} | {f(ms.get('spec'))} | "
                      f"{f(ms.get('spec_compiled'))} | {f(ms.get('generated'))} | {f(ms.get(mine))} | "
-                     f"{f(ms.get('floor'))} | {f(r[f'{mine}/native'])} | {f(r[f'{mine}/spec_compiled'])} | "
+                     f"{f(ms.get('floor'))} | {f(r[f'{mine}/native'])} | {f(r[f'{mine}/spec'])} | {f(r[f'{mine}/spec_compiled'])} | "
                      f"{f(r[f'{mine}/generated'])} | {f(r[f'{mine}/floor'])} | "
                      f"{err(e.get('native'))} | {err(e.get(mine))} | "
                      f"{f(row['error_ratio'])} |")
