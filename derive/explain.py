@@ -21,20 +21,11 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .differentiate import Step, _target_indices
+from .document.notation import ADJOINT, Sigma
 from .kernel import Kernel
 from .simplify import Rewrite
 from .symbolic import Red, expand, index_for, reductions, substitute_family
 from .trace import Node
-
-
-class Sigma(sp.Function):
-    """An unevaluated sum over one index (``Red`` evaluates on construction): what a reader sees
-    before the Kronecker deltas collapse."""
-
-    nargs = 2
-
-    def _eval_derivative(self, s):
-        return Sigma(sp.diff(self.args[0], s), self.args[1])
 
 
 def unevaluated(expr: sp.Expr) -> sp.Expr:
@@ -55,7 +46,6 @@ class Collapse:
     value: sp.Expr  # what the index becomes (delta) or the summed term (constant)
 
 
-ADJOINT = "adjoint:"  # name prefix of the placeholder for a node's adjoint (printed with a bar)
 
 
 @dataclass
