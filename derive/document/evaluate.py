@@ -34,10 +34,12 @@ def evaluate(expr: sp.Expr, arrays: dict[str, np.ndarray], scalars: dict[sp.Symb
     ``arrays`` maps a tensor's name (an ``IndexedBase``, or a 0-d tensor's ``Symbol``) to its
     values; ``scalars`` maps sizes and constants to numbers. A 0 index reads a kept axis.
     """
-    sizes = {k: v for k, v in scalars.items()}
-    value = _Evaluator(arrays, sizes).run(expr, list(free))
-    shape = tuple(int(sp.sympify(extent(i)).xreplace(sizes)) for i in free)
-    return np.broadcast_to(value, shape).copy() if shape else np.asarray(value, dtype=float).reshape(())
+    sizes = dict(scalars)
+    axes = [i for i in free if i != 0]  # a 0 is a kept axis of size 1
+    value = _Evaluator(arrays, sizes).run(sp.sympify(expr), axes)
+    shape = tuple(int(sp.sympify(extent(i)).xreplace(sizes)) for i in axes)
+    full = tuple(1 if i == 0 else int(sp.sympify(extent(i)).xreplace(sizes)) for i in free)
+    return np.broadcast_to(value, shape).reshape(full).copy()
 
 
 class _Evaluator:

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from ..elements import Elements
-from ..explain import Collapse, _collapses, unevaluated
 from ..kernel import Kernel
 from ..simplify import closed_form, scalars
 from ..symbolic import IsArgmax, Red, expand, hide_argmax, index_for, reductions, substitute_family
@@ -37,6 +36,64 @@ from .notation import ADJOINT, Sigma
 
 LEAVES = ("input", "labels")
 ROUTE_MAX_STEPS = 40  # substitutions and rewrites of one route (the built-in layers need at most 12)
+
+
+@dataclass
+class Collapse:
+    """A rule applied while a sum is evaluated: ``delta`` (``sum_j delta(j, e) f(j) = f(e)``) or
+    ``constant`` (``sum_j c = extent(j)*c``)."""
+
+    kind: str
+    index: sp.Idx
+    value: sp.Expr  # what the index becomes (delta) or the summed term (constant)
+
+
+def unevaluated(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with its sums unevaluated, so differentiating it shows the Kronecker deltas."""
+    return expr.replace(lambda e: isinstance(e, Red), lambda e: Sigma(e.body, e.index))
+
+
+def collapses(expr: sp.Expr) -> list[Collapse]:
+    """The rules that evaluate the unevaluated sums of ``expr``, in a fixed order."""
+    out = []
+    for s in sorted(expr.atoms(Sigma), key=sp.default_sort_key):
+        body, j = s.args
+        for f in sorted(body.atoms(sp.KroneckerDelta), key=sp.default_sort_key):
+            other = f.args[1] if f.args[0] == j else f.args[0] if f.args[1] == j else None
+            if other is not None and j not in other.free_symbols:
+                out.append(Collapse("delta", j, other))
+        if not any(c.index == j for c in out):
+            out += [Collapse("constant", j, t) for t in sp.Add.make_args(expand(body)) if j not in t.free_symbols]
+    unique = {}
+    for c in out:
+        unique.setdefault((c.kind, c.index, c.value), c)
+    return list(unique.values())
+
+
+def collapsed(expr: sp.Expr) -> sp.Expr:
+    """The unevaluated sums of ``expr`` evaluated as ``Red`` does (deltas collapse, constants are
+    counted), but with products only multiplied out: a power such as ``(var + eps)^{-3/2}`` stays
+    whole, as a reader writes it, where ``Red`` would expand it."""
+    def evaluate(s):
+        body, j = s.args
+        out = []
+        for term in sp.Add.make_args(sp.expand_mul(body)):
+            factors = sp.Mul.make_args(term)
+            delta = next((f for f in factors if isinstance(f, sp.KroneckerDelta) and j in f.args
+                          and j not in (f.args[1] if f.args[0] == j else f.args[0]).free_symbols), None)
+            if delta is not None:
+                other = delta.args[1] if delta.args[0] == j else delta.args[0]
+                out.append(sp.Mul(*[f for f in factors if f is not delta]).xreplace({j: other}))
+            elif j not in term.free_symbols:
+                out.append((j.upper + 1) * term)
+            else:
+                out.append(Red(term, j))
+        return sp.Add(*out)
+
+    while expr.atoms(Sigma):
+        innermost = [s for s in expr.atoms(Sigma) if not s.args[0].atoms(Sigma)]
+        expr = expr.xreplace({s: evaluate(s) for s in innermost})
+    return expr
 
 
 @dataclass
@@ -61,6 +118,17 @@ class VanishingSum:
     total: sp.Expr
     inlined: sp.Expr
     recognized: list[tuple[sp.Expr, sp.Expr]]
+
+
+@dataclass
+class Dropped:
+    """A sum dropped on an input's route: zero once its adjoints are substituted. ``pulled`` is the
+    sum with the adjoints that are the same along it taken out; ``sums`` the sums in it that the
+    definitions make zero (none when the adjoint it holds is itself zero)."""
+
+    total: sp.Expr
+    pulled: sp.Expr
+    sums: list[VanishingSum]
 
 
 @dataclass
@@ -91,11 +159,12 @@ class Adjoint:
 class RouteStep:
     """One line of an input's route to the fused formula."""
 
-    kind: str  # "adjoint" (an adjoint substituted), "saved" (a definition solved), "inline", "closed"
+    kind: str  # "adjoint" (an adjoint substituted), "recognize" (a named sum), "saved" (a definition
+    # solved), "inline" (a line written out), "closed" (common factors out)
     node: Node | None  # whose adjoint or definition is used
     identity: tuple[sp.Expr, sp.Expr] | None  # the identity used (left, right)
     result: sp.Expr
-    vanished: list[VanishingSum] = field(default_factory=list)
+    vanished: list[Dropped] = field(default_factory=list)
 
 
 @dataclass
@@ -142,8 +211,8 @@ class Written:
             self._adjoint(node)
         for node in self.inputs:
             self._adjoint(node)
-        for adjoint in self.adjoints.values():
-            adjoint.vanished = self._vanished(adjoint)
+        for adjoint in self.adjoints.values():  # an adjoint that cancels as a whole is explained as such
+            adjoint.vanished = [] if adjoint.cancels else self._vanished(adjoint)
 
     # -- the spec's lines --------------------------------------------------------------------------
     def _definition(self, node: Node) -> sp.Expr:
@@ -188,15 +257,13 @@ class Written:
         shown = chain.xreplace({**summed, **back})
         # the sums evaluated before anything is expanded: a power such as (var + eps)^{-3/2} must stay
         # whole for the line's own value to be recognised in it
-        def evaluate(e):
-            return e.replace(lambda f: isinstance(f, Sigma), lambda f: Red(*f.args)).xreplace(back)
-        short = expand(evaluate(chain))
-        in_values = expand(evaluate(self._in_values(chain, consumer)))
+        short = collapsed(chain).xreplace(back)
+        in_values = collapsed(self._in_values(chain, consumer)).xreplace(back)
         labels = {el.base(n) for n in self.graph.nodes if n.op == "labels"}
         onehots = sorted({d for d in short.atoms(sp.KroneckerDelta)
                           if any(isinstance(a, sp.Indexed) and a.base in labels for x in d.args for a in x.atoms(sp.Indexed))
                           or any(a.base in labels for a in d.atoms(sp.Indexed))}, key=sp.default_sort_key)
-        return Use(consumer, target, definition, shown, _collapses(shown), short, in_values,
+        return Use(consumer, target, definition, shown, collapses(shown), short, in_values,
                    onehots)
 
     def _in_values(self, expr: sp.Expr, node: Node) -> sp.Expr:
@@ -302,9 +369,10 @@ class Written:
         return out
 
     # -- an input's route to the fused formula -----------------------------------------------------
-    def route(self, node: Node) -> Route:
-        """``\\bar{node}`` from its uses to the kernel's formula, one identity per step."""
-        formula = next(f for f in self.kernel.formulas if f.input == node.name)
+    def route(self, node: Node, drop: bool = True) -> Route:
+        """``\\bar{node}`` from its uses to the kernel's formula (to zero for an adjoint that
+        cancels), one identity per step."""
+        formula = next((f.element for f in self.kernel.formulas if f.input == node.name), sp.S.Zero)
         expr = self.adjoints[node].lecture
         start, steps = expr, []
         order = {n: k for k, n in enumerate(self.graph.nodes)}
@@ -317,22 +385,45 @@ class Written:
             lecture = self.adjoints[used].lecture
             new = expr.xreplace({bar: lecture}) if isinstance(bar, sp.Symbol) \
                 else substitute_family(expr, bar.base, self.el.free(used), lecture)
-            new, gone = self._drop_vanishing(expand(new))
+            new, gone = self._drop_vanishing(expand(new)) if drop else (expand(new), [])
             steps.append(RouteStep("adjoint", used, (bar, lecture), new, gone))
             expr = new
+        for line, total, value in self._named_sums(expr):
+            expr = expand(expr.xreplace({total: value}))
+            steps.append(RouteStep("recognize", line, (total, value), expr))
         expr, saved_steps = self._saved(expr)
         steps += saved_steps
         closed = closed_form(expr, scalars(self.el))
         if closed != expr:
             steps.append(RouteStep("closed", None, None, closed))
-        matches = expand(closed - formula.element) == 0
+        matches = expand(closed - formula) == 0
         return Route(node, start, steps, matches)
 
-    def _drop_vanishing(self, expr: sp.Expr) -> tuple[sp.Expr, list[VanishingSum]]:
+    def _drop_vanishing(self, expr: sp.Expr) -> tuple[sp.Expr, list[Dropped]]:
         gone = self.vanishing_sums(expr)
         if gone:
             expr = expand(expr.xreplace({v.total: 0 for v in gone}))
-        return expr, gone
+        dropped = []
+        for v in gone:
+            pulled = self._pulled(v.total)
+            dropped.append(Dropped(v.total, pulled, [] if pulled.atoms(sp.Indexed) and _placeholder_nodes(
+                sp.Add(*pulled.atoms(Red)), self.nodes) else self.vanishing_sums(pulled)))
+        return expr, dropped
+
+    def _named_sums(self, expr: sp.Expr) -> list[tuple[Node, sp.Expr, sp.Expr]]:
+        """Sums in ``expr`` that a named line computes (``sum_t counts_it`` is ``counts_sum_i``):
+        (line, sum, its value in the line's name)."""
+        out = []
+        for line in self.lines:
+            definition = self.definition[line]
+            for total in sorted(definition.atoms(Red) & expr.atoms(Red), key=sp.default_sort_key):
+                x = sp.Dummy("x")
+                linear = expand(definition.xreplace({total: x}))
+                a = sp.diff(linear, x)
+                b = expand(linear - a * x)
+                if a != 0 and x not in a.free_symbols and x not in b.free_symbols and not b.atoms(Red):
+                    out.append((line, total, (self.el.ref(line) - b) / a))
+        return out
 
     def _saved(self, expr: sp.Expr) -> tuple[sp.Expr, list[RouteStep]]:
         """Bring in the values the forward pass saves: a line that is not saved is replaced by
