@@ -32,7 +32,7 @@ import sympy as sp
 from .backends import ArrayOps
 from .codegen import environment, header
 from .derivation import graph_context
-from .document.display import Display, equation
+from .document.display import LINE_WIDTH, Display, equation, width
 from .document.formats import MARKDOWN, TEX, Format as _Format
 from .document.notation import BOUND_LETTERS, FREE_LETTERS, RESERVED_LETTERS, Printer as _Printer, tex_name
 from .document.notation import assign as _assign
@@ -197,8 +197,11 @@ def _matrix(values, p: _Printer2) -> str:
     a = np.asarray(values, dtype=object)
     if a.ndim == 0:
         return p.doprint(sp.sympify(a.item()))
-    if a.ndim == 1:
-        return "\\begin{bmatrix}\n%s\n\\end{bmatrix}" % " & ".join(p.doprint(sp.sympify(x)) for x in a)
+    if a.ndim == 1 or (a.ndim == 2 and a.shape[0] == 1):
+        cells = [p.doprint(sp.sympify(x)) for x in a.reshape(-1)]
+        if width(" & ".join(cells)) > LINE_WIDTH:  # a long row is set as a column, transposed
+            return "\\begin{bmatrix}\n%s\n\\end{bmatrix}^{\\top}" % " \\\\\n".join(cells)
+        return "\\begin{bmatrix}\n%s\n\\end{bmatrix}" % " & ".join(cells)
     if a.ndim > 3:
         a = a.reshape((-1,) + a.shape[-2:])
     rows = [" & ".join(_matrix(x, p) if a.ndim == 3 else p.doprint(sp.sympify(x)) for x in row) for row in a]

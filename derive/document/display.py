@@ -167,8 +167,8 @@ def pieces_of(p: Printer, expr: sp.Expr, budget: float = LINE_WIDTH) -> list[str
 def equation(p: Printer, lhs: str, rhs, accumulate: bool = False, relation: str | None = None) -> Display:
     """``lhs = rhs`` (``+=`` when ``accumulate``): ``rhs`` is an expression, or ready LaTeX (a matrix)."""
     op = relation or (r"\mathrel{+}=" if accumulate else "=")
-    if isinstance(rhs, str):
-        return Display(f"{lhs} {op} {rhs}")
+    if isinstance(rhs, str):  # ready LaTeX (a matrix): on the next line when the two do not fit on one
+        return Display(f"{lhs} {op} {rhs}", (f"{lhs} &{op}", r"&\quad " + rhs) if lhs else ())
     pieces = pieces_of(p, rhs, LINE_WIDTH - min(width(lhs), LINE_WIDTH / 3))
     one = f"{lhs} {op} {p.doprint(rhs)}"
     if len(pieces) < 2:

@@ -39,20 +39,27 @@ def bar_name(name: str) -> str:
 
 def exact(expr):
     """``expr`` with every Float replaced by the exact decimal it was written as (``0.5`` -> 1/2):
-    SymPy then drops a coefficient 1.0 and cancels what a reader would."""
+    SymPy then drops a coefficient 1.0 and cancels what a reader would. A fraction whose
+    denominator is large (``4281288976356013017/40000000000000000000``, a product of constants)
+    becomes a short decimal (``0.1070``); one that is a short decimal already stays exact."""
     if not isinstance(expr, sp.Basic):
         return expr
     floats = expr.atoms(sp.Float)
-    return expr.xreplace({f: sp.Rational(repr(float(f))) for f in floats}) if floats else expr
+    if floats:
+        expr = expr.xreplace({f: sp.Rational(repr(float(f))) for f in floats})
+    long = [q for q in expr.atoms(sp.Rational) if q.q > SHORT_DENOMINATOR]
+    return expr.xreplace({q: _short(q) for q in long}) if long else expr
 
 
-def short_number(q: sp.Rational) -> str:
-    """A fraction with a large denominator as a short decimal (``0.04472``)."""
-    text = f"{float(q):.{DECIMAL_DIGITS}g}"
-    if "e" in text:
-        mantissa, power = text.split("e")
-        return r"%s \cdot 10^{%d}" % (mantissa, int(power))
-    return text
+def _short(q: sp.Rational) -> sp.Float:
+    denominator = q.q
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    digits = len(str(abs(q.p)))
+    if denominator == 1 and digits <= 6:  # a terminating decimal of a few digits: exact
+        return sp.Float(q, digits)
+    return sp.Float(q, DECIMAL_DIGITS)
 
 
 class Printer(LatexPrinter):
@@ -83,16 +90,10 @@ class Printer(LatexPrinter):
         # as SymPy does for its own Sum: a factor after a sum must not read as part of its body
         return (not last and isinstance(expr, (Red, Max, Sigma))) or super()._needs_mul_brackets(expr, first, last)
 
-    def _print_Rational(self, expr):
-        if expr.q > SHORT_DENOMINATOR:
-            q = expr.q
-            while q % 2 == 0:
-                q //= 2
-            while q % 5 == 0:
-                q //= 5
-            exact_decimal = q == 1 and len(str(abs(expr.p))) <= 6
-            return str(sp.Float(expr, 15)).rstrip("0") if exact_decimal else short_number(expr)
-        return super()._print_Rational(expr)
+    def _print_Float(self, expr):
+        # a short decimal (``exact``): its own digits, never an exponent for a constant of a formula
+        text = str(expr)
+        return text.rstrip("0").rstrip(".") if "." in text and "e" not in text else super()._print_Float(expr)
 
     def _print_Symbol(self, expr, style="plain"):
         return bar_name(expr.name)
