@@ -28,7 +28,7 @@ from . import figure
 from .codegen import environment, header, render_function, render_steps
 from .document import sentences
 from .document.display import Display, equation
-from .document.evaluate import evaluate
+from .document.evaluate import complete, evaluate
 from .document.executed import executed
 from .document.formats import MARKDOWN, PREAMBLE, TEX, Format
 from .document.notation import ADJOINT, Printer, RESERVED_LETTERS, index_letters, md_code, tex_name, tex_text
@@ -72,7 +72,7 @@ class _Analysis:
         """Every adjoint the document prints, evaluated on the worked example with the document's
         own formulas, from the output back."""
         w, ex, graph = self.written, self.example, self.graph
-        arrays = dict(ex.values)
+        arrays = complete(self.el, ex.values, scalars(graph, ex))
         arrays[f"d{graph.output.name}"] = ex.upstream
         out = {}
         for node in w.adjoints:  # the output first, then every line and input from the output back

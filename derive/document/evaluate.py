@@ -119,4 +119,16 @@ def _lambdified(func):
     return sp.lambdify(s, func(s), "numpy")
 
 
-__all__ = ["evaluate", "Unsupported"]
+
+
+def complete(el, values: dict[str, np.ndarray], scalars: dict) -> dict[str, np.ndarray]:
+    """``values`` with every node of the graph that has none (an unnamed temporary such as ``t7``,
+    which a fused formula may read) computed from its definition, in the graph's order."""
+    out = dict(values)
+    for node in el.graph.nodes:
+        if node.name not in out and node.op not in ("input", "labels"):
+            out[node.name] = evaluate(el.direct(node), out, scalars, el.free(node))
+    return out
+
+
+__all__ = ["evaluate", "complete", "Unsupported"]
