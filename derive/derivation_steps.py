@@ -32,7 +32,7 @@ import sympy as sp
 from .backends import ArrayOps
 from .codegen import environment, header
 from .derivation import graph_context
-from .document.display import LINE_WIDTH, Display, equation, width
+from .document.display import LINE_WIDTH, Display, equation, pieces_of, width
 from .document.formats import MARKDOWN, TEX, Format as _Format
 from .document.notation import BOUND_LETTERS, FREE_LETTERS, RESERVED_LETTERS, Printer as _Printer, tex_name
 from .document.notation import assign as _assign
@@ -193,18 +193,27 @@ def _concrete_symbols(name: str, shape: tuple, symbolic: tuple) -> np.ndarray:
     return out
 
 
+def _cell(value, p: _Printer2) -> str:
+    """One entry of a small matrix; a long sum is broken over lines inside its cell."""
+    value = sp.sympify(value)
+    text = p.doprint(value)
+    if isinstance(value, sp.Add) and width(text) > LINE_WIDTH / 2:
+        return "\\begin{aligned}&" + r" \\ &".join(pieces_of(p, value, LINE_WIDTH / 2)) + "\\end{aligned}"
+    return text
+
+
 def _matrix(values, p: _Printer2) -> str:
     a = np.asarray(values, dtype=object)
     if a.ndim == 0:
-        return p.doprint(sp.sympify(a.item()))
+        return _cell(a.item(), p)
     if a.ndim == 1 or (a.ndim == 2 and a.shape[0] == 1):
-        cells = [p.doprint(sp.sympify(x)) for x in a.reshape(-1)]
+        cells = [_cell(x, p) for x in a.reshape(-1)]
         if width(" & ".join(cells)) > LINE_WIDTH:  # a long row is set as a column, transposed
             return "\\begin{bmatrix}\n%s\n\\end{bmatrix}^{\\top}" % " \\\\\n".join(cells)
         return "\\begin{bmatrix}\n%s\n\\end{bmatrix}" % " & ".join(cells)
     if a.ndim > 3:
         a = a.reshape((-1,) + a.shape[-2:])
-    rows = [" & ".join(_matrix(x, p) if a.ndim == 3 else p.doprint(sp.sympify(x)) for x in row) for row in a]
+    rows = [" & ".join(_matrix(x, p) if a.ndim == 3 else _cell(x, p) for x in row) for row in a]
     return "\\begin{bmatrix}\n%s\n\\end{bmatrix}" % " \\\\\n".join(rows)
 
 
