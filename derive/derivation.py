@@ -32,7 +32,7 @@ from .document.evaluate import complete, evaluate
 from .document.executed import executed
 from .document.formats import MARKDOWN, PREAMBLE, TEX, Format
 from .document.notation import ADJOINT, Printer, RESERVED_LETTERS, index_letters, md_code, tex_name, tex_text
-from .document.numbers import Example, example, matrix, number
+from .document.numbers import Example, example, matrix, number, one_thread
 from .document.written import LEAVES, Route, Written, placeholder
 from .kernel import Kernel
 from .memo import ByObject
@@ -67,6 +67,7 @@ class _Analysis:
         self.printer = Printer(index_letters(free, seen, taken, {s: k for k, s in enumerate(dims)}))
         self.seen = seen
         self.adjoint_values = self._adjoint_values()
+        self.comparison = None  # the exercise's cmp, run once for both formats (_compare)
 
     def _adjoint_values(self) -> dict[Node, np.ndarray]:
         """Every adjoint the document prints, evaluated on the worked example with the document's
@@ -199,6 +200,8 @@ def _route(a: _Analysis, route: Route, fmt: Format) -> list[dict]:
                 reasons.append(f"{m(p.doprint(v.total))} is zero once its adjoints are substituted: the sum drops out.")
         if s.kind == "closed":
             reasons += sentences.leftover(s.result, set(a.graph.sizes.values()), p, m)
+        if s is route.steps[-1]:
+            reasons += [sentences.sums_to_zero(route.input, i, lhs, p, m, code) for i in route.zero_sums]
         steps.append(dict(text=text, result=fmt.display(equation(p, lhs, s.result)), reasons=reasons))
     return steps
 
@@ -249,6 +252,16 @@ CMP_CLOSE = 1e-12  # in float64 on numbers of size ~1: equal up to rounding
 
 def _compare(a: _Analysis, fmt: Format) -> list[dict]:
     """The exercise's ``cmp``: the generated step-by-step backward against the generated fused one."""
+    if a.comparison is None:
+        with one_thread():
+            a.comparison = _compared(a)
+    return [dict(name=fmt.code(f"d{name}"), approximate=str(close),
+                 maxdiff=fmt.math(r"< 10^{-12}") if diff < CMP_CLOSE else fmt.math(number(diff)))
+            for name, close, diff in a.comparison]
+
+
+def _compared(a: _Analysis) -> list[tuple[str, bool, float]]:
+    """(input, allclose, largest difference) of each gradient, both modules run on the example."""
     import torch
 
     layer, graph, ex = a.kernel.layer, a.graph, a.example
@@ -264,11 +277,7 @@ def _compare(a: _Analysis, fmt: Format) -> list[dict]:
     rows = []
     for name in layer.differentiable:
         ours, theirs = leaves[name].grad, stepwise[f"d{name}"]
-        diff = float((ours - theirs).abs().max())
-        close = bool(torch.allclose(ours, theirs))
-        rows.append(dict(name=fmt.code(f"d{name}"), approximate=str(close),
-                         maxdiff=fmt.math(r"< 10^{-12}") if diff < CMP_CLOSE else fmt.math(number(diff)),
-                         value=fmt.display(Display(r"%s = %s" % (tex_name("d" + name), matrix(ours.numpy()))))))
+        rows.append((name, bool(torch.allclose(ours, theirs)), float((ours - theirs).abs().max())))
     return rows
 
 

@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+collect_ignore = ["mathjax"]  # MathJax's npm packages (tests/mathjax/node_modules), not tests
+
 
 def assert_math_blocks_balanced(text: str) -> None:
     """Every display opens with ```math on a line of its own and is closed by ``` on a line of its

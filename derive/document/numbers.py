@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +58,25 @@ def _rounded(inputs: dict) -> dict:
     return out
 
 
+@contextmanager
+def one_thread():
+    """Torch on one thread while the tiny example runs: documents are rendered in forked workers,
+    and a worker must not start (nor inherit) a thread pool for a 3 x 4 tensor."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run(layer: Layer, inputs: dict, output: str, upstream: torch.Tensor | None = None, seed: int = 0):
     """The spec's output, every local tensor of its frame (named lines) and their gradients."""
+    with one_thread():
+        return _run(layer, inputs, output, upstream, seed)
+
+
+def _run(layer: Layer, inputs: dict, output: str, upstream: torch.Tensor | None, seed: int):
     wanted = layer.differentiable
     leaves = {k: (v.clone().requires_grad_(k in wanted) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     frame: dict = {}
@@ -140,4 +158,4 @@ def sizes_text(sizes: dict[str, int], math) -> str:
     return ", ".join(math(f"{name} = {value}") for name, value in sizes.items())
 
 
-__all__ = ["Example", "example", "example_sizes", "run", "number", "matrix", "sizes_text"]
+__all__ = ["Example", "example", "example_sizes", "run", "one_thread", "number", "matrix", "sizes_text"]

@@ -84,4 +84,11 @@ def leftover(closed: sp.Expr, sizes: set, p: Printer, math) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-__all__ = ["onehot", "vanishing", "cancels", "leftover"]
+def sums_to_zero(node: Node, index: sp.Idx, lhs: str, p: Printer, math, code) -> str:
+    j = p.doprint(index)
+    total = math(r"\sum_{%s} %s = 0" % (j, lhs))
+    return (f"The gradient sums to zero over {math(j)}: {total}. A step along it moves the entries of "
+            f"{code(node.name)} along {math(j)} against each other and leaves their sum unchanged.")
+
+
+__all__ = ["onehot", "vanishing", "cancels", "leftover", "sums_to_zero"]

@@ -173,6 +173,7 @@ class Route:
     start: sp.Expr
     steps: list[RouteStep]
     matches: bool  # the route ends on the kernel's own formula
+    zero_sums: list[sp.Idx] = field(default_factory=list)  # free indices the gradient sums to zero over
 
 
 def is_zero(expr: sp.Expr) -> bool:
@@ -397,7 +398,9 @@ class Written:
         if closed != expr:
             steps.append(RouteStep("closed", None, None, closed))
         matches = expand(closed - formula) == 0
-        return Route(node, start, steps, matches)
+        zero_sums = [i for i in self.el.free(node) if i != 0 and closed != 0
+                     and is_zero(self.normal(Red(expand(closed), i)))]
+        return Route(node, start, steps, matches, zero_sums)
 
     def _drop_vanishing(self, expr: sp.Expr) -> tuple[sp.Expr, list[Dropped]]:
         gone = self.vanishing_sums(expr)
