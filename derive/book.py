@@ -25,9 +25,11 @@ INDEX = "derivations_index.md.j2"
 BOOK = "derivations_book.tex.j2"
 
 
-def documents(layer: Layer) -> list[tuple[str, str]]:
-    """(file stem, what it explains) of every derivation document of ``layer``, in reading order."""
-    docs = [(layer.name, "fused backward")] if layer.fused else []
+def documents(layer: Layer, fused: bool | None = None) -> list[tuple[str, str]]:
+    """(file stem, what it explains) of every derivation document of ``layer``, in reading order;
+    ``fused``: whether its kernel is a fused one (a layer may be declared fused and still get the
+    step-by-step backward as its kernel, ``select``), by default its declaration."""
+    docs = [(layer.name, "fused backward")] if (layer.fused if fused is None else fused) else []
     return docs + [(f"{layer.name}_steps", "step-by-step backward")]
 
 
@@ -41,10 +43,12 @@ def _header(layers: list[Layer], body: str) -> str:
     return "".join(f"<!-- {line} -->\n" for line in lines)
 
 
-def index_markdown(layers: list[Layer]) -> str:
-    """The index page of ``derivations/``: one row per layer, a link to each of its documents."""
+def index_markdown(layers: list[Layer], fused: set[str] | None = None) -> str:
+    """The index page of ``derivations/``: one row per layer, a link to each of its documents
+    (``fused``: the names of the layers whose kernel is fused, by default those declared so)."""
     rows = [dict(name=md_code(layer.name), doc=(layer.doc.strip().splitlines() or [""])[0].replace("|", "\\|"),
-                 links=[dict(what=what, md=f"{stem}.md", tex=f"{stem}.tex") for stem, what in documents(layer)])
+                 links=[dict(what=what, md=f"{stem}.md", tex=f"{stem}.tex")
+                        for stem, what in documents(layer, None if fused is None else layer.name in fused)])
             for layer in layers]
     body = environment().get_template(INDEX).render(rows=rows).lstrip("\n")
     return _header(layers, body) + body
@@ -67,8 +71,10 @@ def book_tex(layers: list[Layer], folder: Path) -> str:
     """One LaTeX document with every layer's derivations from ``folder`` and a table of contents."""
     parts = []
     for layer in layers:
-        for stem, _ in documents(layer):
+        for stem, what in documents(layer):
             path = Path(folder) / f"{stem}.tex"
+            if not path.exists() and stem == layer.name:
+                continue  # its kernel is the step-by-step backward: there is no fused derivation
             if not path.exists():
                 raise DeriveError(f"{path} is missing; run `derive generate` first")
             parts.append(_part(path.read_text(), path))

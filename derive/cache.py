@@ -94,13 +94,14 @@ def layer_key(name: str, spec_file: str, sources, proven: bool) -> str | None:
     return h.hexdigest()
 
 
-def run_key(spec_files: list[str], names: list[str], proven: bool) -> str:
-    """Hash of the toolkit, the spec files (``FILE.py`` or ``FILE.py:name``), the names and ``proven``."""
+def run_key(spec_files: list[str], names: list[str], proven: bool, fused_only: bool = False) -> str:
+    """Hash of the toolkit, the spec files (``FILE.py`` or ``FILE.py:name``), the names, ``proven``
+    and ``fused_only``."""
     h = hashlib.sha256(_toolkit_digest())
     for argument in sorted(spec_files):
         path = Path(argument.partition(":")[0])
         h.update(argument.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"missing"))
-    h.update(("names:" + ",".join(sorted(names)) + f";proven:{proven}").encode())
+    h.update(("names:" + ",".join(sorted(names)) + f";proven:{proven}" + (";fused-only" if fused_only else "")).encode())
     return h.hexdigest()
 
 

@@ -29,7 +29,7 @@ def _layers(args) -> list:
 
 def cmd_generate(args) -> int:
     start = time.perf_counter()
-    key = cache.run_key(args.layer or [], args.names, proven=not args.no_prove)
+    key = cache.run_key(args.layer or [], args.names, proven=not args.no_prove, fused_only=args.fused_only)
     if not args.force and cache.unchanged(key, Path(args.out)):
         print(f"{args.out}/ is unchanged since this generation last ran (nothing it depends on changed; "
               f"{time.perf_counter() - start:.2f} s); --force re-derives")
@@ -37,9 +37,10 @@ def cmd_generate(args) -> int:
     from .generate import INDEX, generate
 
     layers = _layers(args)
-    print(f"{'layer':18s} {'gradients':24s} {'sizes proven (n x other)':33s} {'generated vs autograd':23s} time")
+    print(f"{'layer':18s} {'gradients':24s} {'sizes proven (n x other)':32s} {'kernel':12s} {'battery':10s} "
+          f"{'generated vs autograd':23s} time")
     reports = generate(layers, Path(args.out), prove_sizes=not args.no_prove, force=args.force,
-                       index=not args.names)
+                       index=not args.names, fused_only=args.fused_only)
     cache.remember(Path(args.out), {key: ["__init__.py"] + ([INDEX] if not args.names else [])
                                     + [f for r in reports for f in r.files]})
     for note in filter(None, (r.note() for r in reports)):
@@ -66,15 +67,15 @@ def cmd_verify(args) -> int:
         return verify_kernel(args)
     import torch
 
-    from .generate import build_named as build
     from .prove import default_sizes, prove
+    from .select import fused_kernel
     from .verify import against_autograd, load_module, sizes_text, steps_table, table
 
     for layer in _layers(args):
         print(f"== {layer.name}")
         sizes = {d: EXERCISE_SIZES.get(d, 16) for d in layer.dims}
-        if layer.fused:
-            kernel = build(layer)
+        kernel = fused_kernel(layer)
+        if kernel is not None:
             for small in default_sizes(layer):
                 proof = prove(kernel, small)
                 shown = sizes_text(small)
@@ -83,10 +84,11 @@ def cmd_verify(args) -> int:
                     break
                 print(f"proven: fused {', '.join(proof.gradients)} equal the element-wise SymPy derivative at {shown} "
                       f"({proof.elements_checked} elements, {proof.seconds:.1f} s)")
-            module = load_module(Path(args.out) / f"{layer.name}.py")
-            rows = against_autograd(layer, getattr(module, layer.name), sizes, dtype=torch.float32)
-            print(f"fused kernel vs autograd of the spec, float32, sizes {sizes}:")
-            print(table(rows))
+        module = load_module(Path(args.out) / f"{layer.name}.py")
+        rows = against_autograd(layer, getattr(module, layer.name), sizes, dtype=torch.float32)
+        print(f"{'fused' if kernel is not None else 'step-by-step'} kernel vs autograd of the spec, float32, "
+              f"sizes {sizes}:")
+        print(table(rows))
         steps = load_module(Path(args.out) / f"{layer.name}_steps.py")
         print(f"step-by-step backward vs autograd of the spec (retain_grad), float32, sizes {sizes}:")
         print(table(steps_table(layer, steps, sizes, torch.float32)))
@@ -154,6 +156,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--no-prove", action="store_true", help="skip the proofs on small symbolic matrices")
     g.add_argument("--force", action="store_true",
                    help="re-derive unchanged layers too, and overwrite generated files edited by hand")
+    g.add_argument("--fused-only", action="store_true",
+                   help="fail for a layer that gets no fused kernel (the fused engine cannot derive it, or every fused "
+                        "form fails the numerical battery) instead of using its step-by-step backward as the kernel")
     g.set_defaults(run=cmd_generate)
     c = sub.add_parser("check", help="fail when generated files are stale or edited by hand")
     common(c)

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import inspect
 import re
+import textwrap
 from importlib import metadata
 from pathlib import Path
 
@@ -145,8 +146,10 @@ def render_function(kernel: Kernel) -> str:
     return header(kernel, "#", body, templates=["function.py.j2", "input_checks.py.j2"]) + body
 
 
-def render_steps(graph) -> str:
-    """The step-by-step backward module of a traced layer (``<name>_steps.py``)."""
+def render_steps(graph, kernel_reason: str = "") -> str:
+    """The step-by-step backward module of a traced layer (``<name>_steps.py``). With
+    ``kernel_reason`` it is the layer's kernel (``<name>.py``, the Function named as a fused one
+    would be) where no fused form is used, and its docstring says why."""
     from .backends import Code
     from .stepwise import emit
 
@@ -162,8 +165,13 @@ def render_steps(graph) -> str:
              or any(n == tensor for _, tensor in sources)]
     have = {node.name for node in grads}
     returned = [n for n in reversed(names) if n in have and n != graph.output.name]
+    title = f"Step-by-step backward of ``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}"
+    if kernel_reason:
+        reason = kernel_reason.replace("\\", "/").replace('"' * 3, "'" * 3).rstrip(".")
+        title = (f"``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}\n\n"
+                 + textwrap.fill(f"Its kernel is the step-by-step backward: {reason}.", 100))
     context = dict(
-        title=f"Step-by-step backward of ``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}",
+        title=title,
         signature=_signature(layer),
         size_sources=sources,
         rank_checks=[c for c in checks if c.kind == "rank"],
@@ -175,7 +183,7 @@ def render_steps(graph) -> str:
         reads=reads,
         lines=lines,
         returns=", ".join(f"d{n}=d{n}" for n in returned),
-        class_name=class_name(layer.name).replace("Function", "StepsFunction"),
+        class_name=class_name(layer.name) if kernel_reason else class_name(layer.name).replace("Function", "StepsFunction"),
         name=layer.name,
         call_args=", ".join(layer.inputs),
         input_grads=", ".join(f'grads["d{n}"]' if n in layer.differentiable else "None" for n in layer.inputs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .files import is_hand_edited, remove_temporaries, write_atomic
 from .kernel import Kernel, build_cached
 from .parallel import cores, fork_map
 from .prove import Proof, default_sizes, prove
+from .select import Choice, chosen
 from .spec import Layer
 from .trace import Graph, trace
 from .verify import against_autograd, load_module, steps_table
@@ -43,29 +45,40 @@ def build_named(layer: Layer) -> Kernel:
         raise DerivationError(layer.name, e.problem, e.fix) from None
 
 
-def render(layer: Layer, kernel: Kernel | None = None) -> dict[str, str]:
+def render(layer: Layer, choice: Choice | None = None) -> dict[str, str]:
     """Relative path -> text of every file generated for ``layer``: its step-by-step backward and that
-    backward's derivation, and (for a fused layer) its fused kernel and derivation."""
+    backward's derivation, and its kernel ``<name>.py``: the fused one with its derivation, or,
+    where no fused form is used (``select.choose``), the step-by-step backward again, saying why."""
     graph = trace(layer)
+    choice = choice or chosen(layer)
     files = {
         f"{layer.name}_steps.py": render_steps(graph),
         f"derivations/{layer.name}_steps.tex": render_steps_tex(graph),
         f"derivations/{layer.name}_steps.md": render_steps_markdown(graph),
     }
-    if layer.fused:
-        kernel = kernel or build_named(layer)
+    if choice.fused:
         files |= {
-            f"{layer.name}.py": render_function(kernel),
-            f"derivations/{layer.name}.tex": render_tex(kernel),
-            f"derivations/{layer.name}.md": render_markdown(kernel),
+            f"{layer.name}.py": render_function(choice.kernel),
+            f"derivations/{layer.name}.tex": render_tex(choice.kernel),
+            f"derivations/{layer.name}.md": render_markdown(choice.kernel),
         }
+    else:
+        files[f"{layer.name}.py"] = render_steps(graph, choice.reason)
     return files
+
+
+def fused_layers(files) -> set[str]:
+    """The names of the layers whose kernel is fused, read off their files: a fused derivation."""
+    return {Path(rel).stem for rel in files if rel.startswith("derivations/") and rel.endswith(".md")
+            and not rel.endswith("_steps.md") and rel != INDEX}
 
 
 @dataclass
 class Report:
     layer: str
     gradients: list[str]
+    form: str = ""  # the kernel's form and the battery's verdict (``select.Choice.summary``)
+    fused: bool = False
     files: list[str] = field(default_factory=list)  # written, relative to the output folder
     proofs: list[Proof] = field(default_factory=list)
     maxdiff: float = float("nan")
@@ -83,17 +96,26 @@ class Report:
             proven = f"proven at {sizes}, no larger" if sizes else "not proven (too large)"
         if self.unproven:
             proven = "not proven (--no-prove)"
+        if not self.fused:
+            proven = "(rules proven)"
         grads = " ".join(self.gradients)
         grads = grads if len(grads) <= 24 else f"{len(self.gradients)} gradients"
-        return f"{self.layer:18s} {grads:24s} {proven:32s} float64 maxdiff {self.maxdiff:.1e}   {self.seconds:5.1f} s"
+        kind = "fused" if self.fused else "step-by-step"
+        passed = re.search(r"battery passed \((\d+) draws\)", self.form)
+        battery = f"passed {passed.group(1)}" if passed else "failed" if "numerical battery" in self.form else "-"
+        return (f"{self.layer:18s} {grads:24s} {proven:32s} {kind:12s} {battery:10s} float64 maxdiff "
+                f"{self.maxdiff:.1e}   {self.seconds:5.1f} s")
 
     def note(self) -> str:
-        """Why a proof stopped early, or nothing."""
+        """Why a proof stopped early, why the kernel is not the most folded fused form, or nothing."""
+        notes = []
         skipped = next((p for p in self.proofs if p.skipped), None)
-        if skipped is None:
-            return ""
-        return (f"{self.layer}: not proven at {_size_text(skipped)}: the element-wise derivative "
-                f"{skipped.skipped}; the generated code matches autograd (float64 maxdiff {self.maxdiff:.1e})")
+        if skipped is not None:
+            notes.append(f"{self.layer}: not proven at {_size_text(skipped)}: the element-wise derivative "
+                         f"{skipped.skipped}; the generated code matches autograd (float64 maxdiff {self.maxdiff:.1e})")
+        if not self.unchanged and (not self.fused or "undoing" in self.form) and self.form:
+            notes.append(f"{self.layer}: {self.form}")
+        return "\n".join(notes)
 
 
 def _size_text(proof: Proof) -> str:
@@ -104,33 +126,36 @@ class HandEditedError(DeriveError):
     pass
 
 
-def derive_layer(layer: Layer, prove_sizes: bool = True) -> tuple[dict[str, str], list[Proof], float]:
+def derive_layer(layer: Layer, prove_sizes: bool = True, fused_only: bool = False) -> tuple:
     """Everything about one layer that needs no file: its rendered files, the proofs of its fused
-    kernel at small sizes, and the seconds this took. Pure SymPy, so layers run in parallel.
+    kernel at small sizes, the seconds this took, and the kernel's form (``select.Choice.summary``,
+    and whether it is fused). SymPy and small torch runs, so layers run in parallel.
 
-    A step-by-step-only layer is the composition of rules that are each proven on small symbolic
+    A step-by-step backward is the composition of rules that are each proven on small symbolic
     matrices (tests/test_rules.py); proving a whole network symbolically is slow.
     """
     start = time.perf_counter()
-    kernel = build_named(layer) if layer.fused else None
-    files = render(layer, kernel)
+    choice = chosen(layer, fused_only)
+    files = render(layer, choice)
     proofs = []
-    for sizes in default_sizes(layer) if kernel is not None and prove_sizes else []:
-        proofs.append(prove(kernel, sizes))
+    for sizes in default_sizes(layer) if choice.fused and prove_sizes else []:
+        proofs.append(prove(choice.kernel, sizes))
         if proofs[-1].skipped:  # larger sizes are larger still
             break
-    return files, proofs, time.perf_counter() - start
+    return files, proofs, time.perf_counter() - start, choice.summary(), choice.fused
 
 
-def prove_at(layer: Layer, sizes: dict[str, int]) -> tuple[Proof, float]:
+def prove_at(layer: Layer, sizes: dict[str, int], fused_only: bool = False) -> tuple[Proof | None, float]:
     """One proof of ``layer``'s fused kernel, as a job of its own, and the seconds it took (the
-    kernel's build included, where this worker had not built it yet)."""
+    kernel's choice included, where this worker had not made it yet); None where the kernel is
+    the step-by-step backward."""
     start = time.perf_counter()
-    proof = prove(build_named(layer), sizes)
+    choice = chosen(layer, fused_only)
+    proof = prove(choice.kernel, sizes) if choice.fused else None
     return proof, time.perf_counter() - start
 
 
-def _derive_all(jobs: list[list[Layer]], prove_sizes: bool) -> dict[int, tuple]:
+def _derive_all(jobs: list[list[Layer]], prove_sizes: bool, fused_only: bool = False) -> dict[int, tuple]:
     """``derive_layer`` of every layer of ``jobs`` on every core: id(layer) -> its result.
 
     With fewer jobs than cores (a run that derives one changed layer), each proof of a fused kernel
@@ -144,7 +169,8 @@ def _derive_all(jobs: list[list[Layer]], prove_sizes: bool) -> dict[int, tuple]:
 
     def run(item):  # a job's layers to derive, or (a layer, sizes) to prove it at
         work, sizes = item
-        return prove_at(work, sizes) if sizes else [derive_layer(layer, prove_sizes and not split) for layer in work]
+        return (prove_at(work, sizes, fused_only) if sizes
+                else [derive_layer(layer, prove_sizes and not split, fused_only) for layer in work])
 
     def cost(item):  # the derivations first (costliest first), then the proofs, largest first
         work, sizes = item
@@ -153,10 +179,10 @@ def _derive_all(jobs: list[list[Layer]], prove_sizes: bool) -> dict[int, tuple]:
     done = fork_map(run, [(job, None) for job in jobs] + proofs, cost=cost)
     derived = {id(layer): result for job, results in zip(jobs, done) for layer, result in zip(job, results)}
     for (layer, _), (proof, seconds) in zip(proofs, done[len(jobs):]):
-        files, kept, spent = derived[id(layer)]
-        if not any(p.skipped for p in kept):
+        files, kept, spent, form, fused = derived[id(layer)]
+        if proof is not None and not any(p.skipped for p in kept):
             kept.append(proof)
-        derived[id(layer)] = files, kept, spent + seconds
+        derived[id(layer)] = files, kept, spent + seconds, form, fused
     return derived
 
 
@@ -195,7 +221,7 @@ def _layer_key(layer: Layer, graph: Graph, prove_sizes: bool) -> str | None:
 
 
 def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force: bool = False,
-             echo=print, index: bool = True) -> list[Report]:
+             echo=print, index: bool = True, fused_only: bool = False) -> list[Report]:
     """Derive ``layers``, prove their fused kernels, compare the generated code with autograd, then
     write their files.
 
@@ -211,9 +237,9 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
     keys = [_layer_key(layer, graph, prove_sizes) for layer, graph in zip(layers, graphs)]
     unchanged = {id(layer) for layer, key in zip(layers, keys) if key and not force and cache.unchanged(key, out)}
     todo = [(layer, graph) for layer, graph in zip(layers, graphs) if id(layer) not in unchanged]
-    by_layer = _derive_all(_jobs([layer for layer, _ in todo], [graph for _, graph in todo]), prove_sizes)
+    by_layer = _derive_all(_jobs([layer for layer, _ in todo], [graph for _, graph in todo]), prove_sizes, fused_only)
     derived = [by_layer.get(id(layer)) for layer in layers]  # None: unchanged, nothing to write
-    for layer, (files, _, _) in ((layer, d) for layer, d in zip(layers, derived) if d is not None):
+    for layer, (files, *_) in ((layer, d) for layer, d in zip(layers, derived) if d is not None):
         edited = [out / rel for rel in files if is_hand_edited(out / rel)]
         if edited and not force:
             raise HandEditedError(f"{edited[0]} was edited by hand (its content hash no longer matches); "
@@ -228,19 +254,21 @@ def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force:
         for layer, key, result in zip(layers, keys, derived):
             gradients, unproven = [f"d{name}" for name in layer.differentiable], layer.fused and not prove_sizes
             if result is None:
-                reports.append(Report(layer.name, gradients, cache.recorded_files(key, out), unchanged=True,
-                                      unproven=unproven))
+                recorded = cache.recorded_files(key, out)
+                reports.append(Report(layer.name, gradients, fused=layer.name in fused_layers(recorded),
+                                      files=recorded, unchanged=True, unproven=unproven))
                 continue
-            files, proofs, seconds = result
+            files, proofs, seconds, form, fused = result
             start = time.perf_counter()
-            report = Report(layer.name, gradients, list(files), proofs, unproven=unproven)
+            report = Report(layer.name, gradients, form, fused, list(files), proofs,
+                            unproven=unproven and fused)
             report.maxdiff = _against_autograd(layer, files, Path(staging))
             report.seconds = seconds + time.perf_counter() - start
             reports.append(report)
     remove_temporaries(out)  # left by a run that was killed while writing
     write_atomic(out / "__init__.py", PACKAGE_INIT)
     if index:
-        write_atomic(out / INDEX, index_markdown(layers))
+        write_atomic(out / INDEX, index_markdown(layers, fused_layers([f for r in reports for f in r.files])))
     for report, result in zip(reports, derived):
         for rel, text in (result[0] if result else {}).items():
             write_atomic(out / rel, text)
@@ -260,9 +288,9 @@ def _against_autograd(layer: Layer, files: dict[str, str], staging: Path) -> flo
     sizes = {d: 5 + 2 * k for k, d in enumerate(layer.dims)}
     rows = [(row, "step-by-step") for row in steps_table(layer, load_module(folder / f"{layer.name}_steps.py"), sizes,
                                                          torch.float64)]
-    if layer.fused:
-        fused = getattr(load_module(folder / f"{layer.name}.py"), layer.name)
-        rows += [(row, "fused") for row in against_autograd(layer, fused, sizes)]
+    kernel = getattr(load_module(folder / f"{layer.name}.py"), layer.name)
+    kind = "fused" if layer.name in fused_layers(files) else "kernel"
+    rows += [(row, kind) for row in against_autograd(layer, kernel, sizes)]
     for row, kind in rows:
         if not row.approximate:
             raise ProofFailure(f"{layer.name}: the {kind} module's {row.name} differs from autograd of the spec by "
@@ -277,10 +305,10 @@ def stale_files(layers: list[Layer], out: Path, index: bool = True) -> list[str]
     out = Path(out)
     problems = []
     expected = {"__init__.py": PACKAGE_INIT}
-    if index:
-        expected[INDEX] = index_markdown(layers)
     for layer in layers:
         expected.update(render(layer))
+    if index:
+        expected[INDEX] = index_markdown(layers, fused_layers(expected))
     for rel, text in sorted(expected.items()):
         path = out / rel
         if not path.exists():

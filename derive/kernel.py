@@ -75,6 +75,7 @@ class Kernel:
     checks: list[Check]
     constants_used: list[str]
     seconds: float = 0.0
+    forbidden: dict = field(default_factory=dict)  # input -> refold rewrites its gradient may not take
 
     @property
     def name(self) -> str:
@@ -138,6 +139,9 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) ->
             checks.append(Check(f"{k}.numel() > 0 and ({k}.min() < 0 or {k}.max() >= {c})",
                                 f"f\"{name}: labels {k} must lie in [0, {c}) = [0, {{{c}}}), got values in "
                                 f"[{{int({k}.min())}}, {{int({k}.max())}}]\""))
+    for k, decl in layer.constants.items():
+        if decl.positive:  # the derivation relied on it: a call outside the declaration is refused
+            checks.append(Check(f"not {k} > 0", f"f\"{name}: {k} is declared positive, got {{{k}!r}}\""))
     for divisor in sorted(divisors, key=sp.default_sort_key):
         text = sp.sstr(divisor)
         checks.append(Check(f"{text} == 0",
@@ -160,7 +164,8 @@ def size_divisors(exprs: list[sp.Expr], sizes: set) -> set:
     return out
 
 
-_BUILT = ByObject(maxsize=32)  # layer -> its kernel
+_BUILT = ByObject(maxsize=32)  # layer -> its kernel (every rewrite allowed)
+_DERIVED = ByObject(maxsize=32)  # layer -> (graph, elements, gradients): what every variant shares
 
 
 def build_cached(layer: Layer) -> Kernel:
@@ -168,16 +173,25 @@ def build_cached(layer: Layer) -> Kernel:
     return _BUILT.get(layer, lambda layer: build(layer))
 
 
-def build(layer: Layer) -> Kernel:
+def derived(layer: Layer) -> tuple[Graph, Elements, Gradients]:
+    """The traced graph, its normal form and the normal-form gradients, once per layer object."""
+    def derive(layer):
+        graph = trace(layer)
+        el = Elements(graph)
+        return graph, el, differentiate(el)
+    return _DERIVED.get(layer, derive)
+
+
+def build(layer: Layer, forbidden: dict[str, frozenset] | None = None) -> Kernel:
+    """The fused kernel of ``layer``. ``forbidden`` maps an input to the refold rewrites its
+    gradient may not take (``(node, variable)`` names, see ``select``): a less folded form."""
     start = time.perf_counter()
-    graph = trace(layer)
-    el = Elements(graph)
-    grads = differentiate(el)
+    graph, el, grads = derived(layer)
     order = list(layer.inputs)
     formulas = []
     for node, expr in grads.grads.items():
         rewrites: list = []
-        refolded = refold(el, expr, rewrites)
+        refolded = refold(el, expr, rewrites, (forbidden or {}).get(node.name, frozenset()))
         formulas.append(Formula(node.name, order.index(node.name), closed_form(refolded, scalars(el)), refolded,
                                 rewrites))
 
@@ -210,7 +224,7 @@ def build(layer: Layer) -> Kernel:
         raise located(e, graph) from None
     return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
                   [str(s) for s in frame_dims], sources, input_checks(layer, divisors, sources), constants,
-                  time.perf_counter() - start)
+                  time.perf_counter() - start, dict(forbidden or {}))
 
 
 def located(error: DerivationError, graph) -> DerivationError:

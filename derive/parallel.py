@@ -9,12 +9,18 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import sys
 from typing import Callable
 
 _WORK: list = []  # (function, item) for the worker processes, inherited through fork
 
 
 def _run(k: int):
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        # a forked child must not use the parent's OpenMP pool (it hangs once the parent has used
+        # it); its torch work (the numerical battery) is small, and one thread is deterministic too
+        torch.set_num_threads(1)
     fn, item = _WORK[k]
     return fn(item)
 

@@ -221,6 +221,8 @@ class KernelPrinter(TorchPrinter):
             expr = expr.body
         return self._reduce_body(KernelPrinter(frame, self.shapes, self.names, self.dtype_of), expr, axes)
 
+    _print_GroupedRed = _print_Red  # SymPy's dispatch does not pass a renamed subclass to its parent's method
+
     def _reduce_body(self, inner: "KernelPrinter", body: sp.Expr, axes: list[int], method: str = "sum") -> str:
         """``body``, printed by ``inner`` (whose frame holds the bound axes), reduced over ``axes``."""
         if method == "sum":
@@ -262,7 +264,10 @@ class KernelPrinter(TorchPrinter):
 
     def _print_Add(self, expr, order=None):
         """Positive terms first, so a difference reads ``probs - F.one_hot(y, k)``."""
-        terms = sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())
+        return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign()))
+
+    def _add_terms(self, terms: list) -> str:
+        """``terms`` added left to right, in this order (Python's, and so torch's, order)."""
         text = self._print(terms[0])
         for t in terms[1:]:
             if t.could_extract_minus_sign():
@@ -337,13 +342,15 @@ class ForwardPrinter(KernelPrinter):
     _UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh"}
 
     def __init__(self, frame: Frame, shapes: dict, names: dict, reusable: set = frozenset(), inplace: bool = True,
-                 dtype_of: str = ""):
+                 dtype_of: str = "", computed: set = frozenset()):
         super().__init__(frame, shapes, names, dtype_of)
         self.reusable = set(reusable)  # temporaries that may be overwritten by this statement
         self.inplace = inplace
+        self.computed = set(computed)  # temporaries holding a function of values (added last in a sum)
 
     def _inner(self, frame: Frame) -> "ForwardPrinter":
-        return ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of)
+        return ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of,
+                              computed=self.computed)
 
     def statement(self, expr: sp.Expr) -> str:
         """The right-hand side of one statement, updating a dying temporary in place if one fits
@@ -412,7 +419,7 @@ class ForwardPrinter(KernelPrinter):
                 a, b = (self._print(f) for f in tensors)
                 value = "" if coeff == 1 else f", value={self._print(coeff)}"
                 return f"torch.addcmul({rest}, {a}, {b}{value})"
-        return super()._print_Add(expr, order)
+        return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: _last_in_a_sum(t, self.computed)))
 
     def _print_AxisSum(self, expr):
         # one axis at a time, in the spec's order (the forward's rounding is the spec's)
@@ -439,6 +446,17 @@ class ForwardPrinter(KernelPrinter):
             if len(shape) > rank or _padded(shape, rank)[axis] != 1:
                 return True
         return False
+
+
+def _last_in_a_sum(term: sp.Expr, computed: set = frozenset()) -> tuple:
+    """Where a forward value's term goes in its sum: the values read as they are first, then the
+    functions computed from them. Terms of one scale cancel before a small one is added:
+    ``logits[y] - logit_maxes - log(counts_sum)`` is exact to float32 at logits of 1e6, where
+    ``logits[y] - log(counts_sum) - logit_maxes`` rounds ``log(counts_sum)`` away. Positive terms
+    first within each group. ``computed`` names the temporaries that hold such functions."""
+    function = any((isinstance(f, sp.Function) and not isinstance(f, (AxisSum, AxisMax)))
+                   or (isinstance(f, sp.Symbol) and f.name in computed) for f in sp.preorder_traversal(term))
+    return function, term.could_extract_minus_sign()
 
 
 def temporaries(expr: sp.Expr, shapes: dict) -> list[sp.Symbol]:

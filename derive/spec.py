@@ -12,7 +12,8 @@ Contract for a spec::
   a product of names (``"t*e"``) is the size of a flattened axis, ``"1"`` an axis of size 1; ``differentiable=False
   excludes it from the backward;
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
-* ``Constant(default)`` is a Python number fixed for the call (``eps``);
+* ``Constant(default)`` is a Python number fixed for the call, real and of either sign;
+  ``Constant(1e-5, positive=True)`` declares it positive (``eps``), which the derivation may then use;
 * the function returns one tensor. Run on real tensors it is the autograd reference.
 """
 from __future__ import annotations
@@ -50,8 +51,17 @@ class Labels:
 
 @dataclass(frozen=True)
 class Constant:
+    """A number fixed for the call. It is a real number and nothing more, unless declared
+    ``positive=True`` (``eps``): only then may the derivation rely on its sign (``|eps*x|`` is
+    ``eps*|x|``, a division by it is safe), and the generated code checks each value it is given."""
+
     default: float
+    positive: bool = False
     differentiable = False
+
+    def assumptions(self) -> dict:
+        """The SymPy assumptions of its symbol: exactly what the declaration says."""
+        return {"positive": True} if self.positive else {"real": True}
 
 
 Declaration = Tensor | Labels | Constant
@@ -137,6 +147,10 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
         if not isinstance(decl, (Tensor, Labels, Constant)):
             raise SpecError(name, f"input {p!r} is declared as {decl!r}",
                             "use Tensor(...), Labels(...) or Constant(...)")
+        if isinstance(decl, Constant) and decl.positive and not (isinstance(decl.default, (int, float))
+                                                                  and decl.default > 0):
+            raise SpecError(name, f"constant {p!r} is declared positive but its default is {decl.default!r}",
+                            f"give it a positive default, or drop positive=True")
         if isinstance(decl, (Tensor, Labels)):
             if not decl.dims or not all(isinstance(d, str) and DIM.match(d) for d in decl.dims):
                 raise SpecError(name, f"input {p!r} has dims {decl.dims!r}",

@@ -172,7 +172,7 @@ class Tracer:
         inputs, args = {}, []
         for name, decl in self.layer.inputs.items():
             if isinstance(decl, Constant):
-                args.append(sp.Symbol(name, positive=True) if decl.default > 0 else sp.Symbol(name, real=True))
+                args.append(sp.Symbol(name, **decl.assumptions()))
                 continue
             shape = tuple(self.size(d) for d in decl.dims)
             op = "labels" if isinstance(decl, Labels) else "input"

@@ -2,16 +2,13 @@
 # source: derive.layers.activations (layer gelu_tanh)
 # regenerate: derive generate
 # inputs-hash: 2abb98565c98f972e53bbdc47f6299513862109e33e188603bdd56f5307fd115
-# content-hash: 9bb26d90dda21eb2da3f66165cbc41a4e11f7163563827ac5c3f654d0bd2bc36
+# content-hash: 35efcdd39f23b1ff01774b69f5cd65eeda7afce57514deb0574ef9a1a780ecc8
 """GELU with the tanh approximation, as ``F.gelu(x, approximate="tanh")``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    shared0 = (0.797884560802865)*x
-    shared1 = x**3
-    shared2 = torch.tanh(shared0 + (1427096325452004339/40000000000000000000)*shared1)
-    shared3 = (shared2 - 1)*(shared2 + 1)
-    dx = (0.5)*(shared2 + 1 - shared0*shared3 - (4281288976356013017/40000000000000000000)*shared1*shared3)*dout
+    shared0 = t5 - 1
+    dx = -0.5*(t5 + 1)*((4281288976356013017/5000000000000000000)*shared0*t4**3 + (1.59576912160573)*shared0*t4 - 1)*dout
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -23,26 +20,27 @@ __all__ = ["GeluTanhFunction", "gelu_tanh", "compile_kernels"]
 
 def _forward(x, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    out = (0.5)*(((1427096325452004339/40000000000000000000)*x**3 + (0.797884560802865)*x).tanh_() + 1)*x  # spec lines 40-41
-    return out, ()
+    t4 = (0.5)*x  # spec line 41: out = 0.5 * x * (1 + torch.tanh(inner))
+    t5 = ((1427096325452004339/5000000000000000000)*t4**3 + (1.59576912160573)*t4).tanh_()  # spec lines 40-41
+    out = (t5 + 1)*t4  # spec lines 40-41
+    return out, (t4, t5)
 
 
 def _forward_with_graph(x, n, d):
     """The same forward without in-place updates, so autograd can differentiate through it: the
     backward recomputes what it reads this way when a second derivative is wanted."""
-    out = (0.5)*(torch.tanh((1427096325452004339/40000000000000000000)*x**3 + (0.797884560802865)*x) + 1)*x
-    return out, ()
+    t4 = (0.5)*x
+    t5 = torch.tanh((1427096325452004339/5000000000000000000)*t4**3 + (1.59576912160573)*t4)
+    out = (t5 + 1)*t4
+    return out, (t4, t5)
 
 
-def _backward(needs, dout, x, n, d):
+def _backward(needs, dout, t4, t5, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
-        shared0 = (0.797884560802865)*x
-        shared1 = x**3
-        shared2 = torch.tanh(shared0 + (1427096325452004339/40000000000000000000)*shared1)
-        shared3 = (shared2 - 1)*(shared2 + 1)
-        dx = (0.5)*(shared2 + 1 - shared0*shared3 - (4281288976356013017/40000000000000000000)*shared1*shared3)*dout
+        shared0 = t5 - 1
+        dx = -0.5*(t5 + 1)*((4281288976356013017/5000000000000000000)*shared0*t4**3 + (1.59576912160573)*shared0*t4 - 1)*dout
     return dx
 
 
@@ -74,14 +72,14 @@ class GeluTanhFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x, = ctx.saved_tensors
+        x, t4, t5 = ctx.saved_tensors
         n, d = ctx.sizes
         if torch.is_grad_enabled():
             # create_graph=True: the saved tensors carry no graph, so recompute them with one;
             # the backward below is then itself differentiable (double backward, gradient penalties)
-            _, () = _forward_with_graph(x, n, d)
-            return _backward(ctx.needs_input_grad, dout, x, n, d)
-        return _kernels["backward"](ctx.needs_input_grad, dout, x, n, d)
+            _, (t4, t5) = _forward_with_graph(x, n, d)
+            return _backward(ctx.needs_input_grad, dout, t4, t5, n, d)
+        return _kernels["backward"](ctx.needs_input_grad, dout, t4, t5, n, d)
 
 
 def gelu_tanh(x):

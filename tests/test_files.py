@@ -143,12 +143,12 @@ def test_printed_code_that_disagrees_with_autograd_writes_nothing(tmp_path, monk
 
     original = gen.derive_layer
 
-    def misprinted(layer, prove_sizes=True):
-        files, proofs, seconds = original(layer, prove_sizes)
+    def misprinted(layer, prove_sizes=True, fused_only=False):
+        files, proofs, seconds, form, is_fused = original(layer, prove_sizes, fused_only)
         fused = f"{layer.name}.py"
         assert "\n    return dlogits, None\n" in files[fused]
         files[fused] = files[fused].replace("\n    return dlogits, None\n", "\n    return dlogits / 2, None\n")
-        return files, proofs, seconds
+        return files, proofs, seconds, form, is_fused
 
     monkeypatch.setattr(gen, "derive_layer", misprinted)
     with pytest.raises(ProofFailure, match=r"cross_entropy: the fused module's dlogits differs from autograd"):
@@ -168,7 +168,9 @@ def test_a_layer_that_calls_fused_layers_is_derived_with_them(monkeypatch):
     assert [[layer.name for layer in job] for job in jobs] == [["tanh"], ["cross_entropy", "makemore_model", "batchnorm"]]
     built = []
     original = kernel.build
+    import derive.select as select
     monkeypatch.setattr(kernel, "_BUILT", type(kernel._BUILT)())
+    monkeypatch.setattr(select, "_CHOSEN", {k: type(kernel._BUILT)() for k in select._CHOSEN})
     monkeypatch.setattr(kernel, "build", lambda layer: built.append(layer.name) or original(layer))
     for layer in jobs[1]:
         gen.derive_layer(layer, prove_sizes=False)

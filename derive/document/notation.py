@@ -123,6 +123,8 @@ class Printer(LatexPrinter):
     def _print_Red(self, expr, exp=None):
         return self._bound(r"\sum", expr.index, expr.body, exp)
 
+    _print_GroupedRed = _print_Red  # SymPy's dispatch does not pass a renamed subclass to its parent's method
+
     def _print_Sigma(self, expr, exp=None):
         return self._bound(r"\sum", expr.args[1], expr.args[0], exp)
 

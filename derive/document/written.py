@@ -182,6 +182,11 @@ def is_zero(expr: sp.Expr) -> bool:
     return expr == 0 or sp.cancel(sp.together(expr)) == 0
 
 
+def _split_sums(expr: sp.Expr) -> sp.Expr:
+    """Sums kept whole for floating point (``GroupedRed``) split as ``Red`` splits them: for comparing forms."""
+    return expand(expr.replace(lambda e: isinstance(e, Red) and type(e) is not Red, lambda e: Red(*e.args)))
+
+
 def placeholder(el: Elements, node: Node, indices: tuple | None = None) -> sp.Expr:
     """``\\bar{node}`` as a symbol of its own, at ``indices`` (its free indices by default)."""
     name = ADJOINT + node.name
@@ -397,7 +402,7 @@ class Written:
         closed = closed_form(expr, scalars(self.el))
         if closed != expr:
             steps.append(RouteStep("closed", None, None, closed))
-        matches = expand(closed - formula) == 0
+        matches = expand(_split_sums(closed) - _split_sums(formula)) == 0
         zero_sums = [i for i in self.el.free(node) if i != 0 and closed != 0
                      and is_zero(self.normal(Red(expand(closed), i)))]
         return Route(node, start, steps, matches, zero_sums)
