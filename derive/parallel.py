@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -25,6 +26,13 @@ def _run(k: int):
     return fn(item)
 
 
+def _quiet_worker() -> None:
+    """A worker leaves Ctrl-C to the parent (which then ends the pool) and dies at once, silently, on
+    SIGTERM: no worker prints a traceback when a run is interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -39,7 +47,7 @@ def fork_map(fn: Callable, items: list, cost: Callable | None = None) -> list:
     order = sorted(range(len(items)), key=lambda k: cost(items[k]), reverse=True) if cost else list(range(len(items)))
     gc.freeze()  # the parent's objects (torch, SymPy) are never garbage: no worker's collection walks them
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
             done = dict(zip(order, pool.map(_run, order, chunksize=1)))
     finally:
         _WORK = []

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import battery
-from .errors import DerivationError
+from .errors import DerivationError, DeriveError
 from .kernel import Kernel, build, build_cached
 from .memo import ByObject
 from .spec import Layer
@@ -87,6 +87,8 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
         if fused_only:
             raise
         return Choice(layer, None, reason=f"the fused engine cannot derive it: {_one_line(e)}")
+    except DeriveError:  # the spec's own mistake (it cannot be traced): one line for the user, no fallback
+        raise
     except Exception as e:  # a fault of the fused engine: the layer still gets a kernel, and the report says why
         if fused_only:
             raise

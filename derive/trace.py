@@ -106,6 +106,34 @@ class Dim(int):
     def __neg__(self): return -self.symbol
     def __float__(self): raise TypeError("a symbolic size has no float value")
 
+    # Python control flow on a size (``if n >= 2000000:``) would take the tracing size's branch for
+    # every size: a comparison answers only when it holds for every size (``n >= 1``), else it is refused.
+    def _decide(self, relation, text: str) -> bool:
+        decided = relation(self.symbol)
+        if decided in (sp.true, sp.false):
+            return bool(decided)
+        self.tracer.fail(f"Python control flow on a size ({text}): it holds for some sizes and not for others, "
+                         f"so the generated code would take one branch for every size",
+                         "the forward must be the same operations at every size: use sizes only in arithmetic "
+                         "(1 / (n - 1)), and write a separate layer for each case")
+
+    def _compare(op: str, relation):
+        def compare(self, other):
+            o = self._s(other)
+            if not isinstance(o, (int, sp.Expr)) or isinstance(o, bool):
+                return NotImplemented
+            return self._decide(lambda s: relation(s, sp.sympify(o)), f"{self.symbol} {op} {o}")
+        return compare
+
+    __lt__ = _compare("<", sp.Lt)
+    __le__ = _compare("<=", sp.Le)
+    __gt__ = _compare(">", sp.Gt)
+    __ge__ = _compare(">=", sp.Ge)
+    __eq__ = _compare("==", lambda a, b: sp.Eq(a, b))
+    __ne__ = _compare("!=", lambda a, b: sp.Ne(a, b))
+    __hash__ = int.__hash__
+    del _compare
+
 
 class Tracer:
     def __init__(self, layer: Layer):
@@ -114,6 +142,8 @@ class Tracer:
         self.sizes = {d: size_symbol(d) for d in layer.dims}
         self.tokens = {_TOKEN_BASE + 7 * k: s for k, s in enumerate(self.sizes.values())}
         self.dims = {s: Dim(s, t) for t, s in self.tokens.items()}
+        for dim in self.dims.values():
+            dim.tracer = self  # a comparison of sizes is refused at the spec's line
         self.code = layer.fn.__code__
         self.calls: list[Region] = []  # layers being called, innermost last
         self.regions: list[Region] = []
@@ -200,7 +230,7 @@ class Tracer:
             result = self.layer.fn(*args)
         except TraceError:
             raise
-        except Exception as e:  # the spec itself failed on symbolic tensors: say where, not how deep
+        except (Exception, SystemExit) as e:  # the spec itself failed on symbolic tensors: say where, not how deep
             raise self.spec_failed(e) from None
         finally:
             sys.setprofile(old)
@@ -246,6 +276,9 @@ class Tracer:
         if isinstance(error, NameError) and getattr(error, "name", None):
             close = difflib.get_close_matches(error.name, list(self.layer.inputs), n=1)
             fix = f"use a declared input ({', '.join(self.layer.inputs)})" + (f"; did you mean {close[0]!r}?" if close else "")
+        elif "truth value of Relational" in str(error):
+            fix = ("the forward must be the same operations at every size: Python control flow on a size "
+                   "(if n - 1 > 0:) takes one branch for every size; use sizes only in arithmetic")
         elif "sympy" in type(error).__module__ or "Symbol" in str(error) or "expression" in str(error):
             fix = ("a declared Constant is a symbol while the layer is traced: use it only in arithmetic "
                    "with tensors and numbers (x * eps, x + eps), not in math functions or methods")
@@ -525,6 +558,13 @@ class SymTensor:
         self._tracer.fail("a tensor's value decides Python control flow (if/while/and/or on a tensor)",
                           "the forward must be the same sequence of operations for every input; "
                           "use arithmetic (for example a mask) instead of branching")
+
+    def __array_ufunc__(self, ufunc, method, *args, **kwargs):
+        self._tracer.fail(f"numpy's {ufunc.__name__} on a tensor", f"use torch's (torch.{ufunc.__name__}), or "
+                          f"supported primitives: {SUPPORTED}")
+
+    def __array_function__(self, func, types, args, kwargs):
+        self._tracer.fail(f"numpy's {func.__name__} on a tensor", f"use torch's, or supported primitives: {SUPPORTED}")
 
     def _value(self, *a):
         self._tracer.fail("a tensor's value is read as a Python number (float(), int(), len(), .item())",

@@ -35,8 +35,8 @@ from .specs import FuzzSpec
 DERIVATION_SECONDS = int(os.environ.get("DERIVE_FUZZ_SECONDS", "20"))
 
 
-class TooSlow(Exception):
-    pass
+class TooSlow(BaseException):
+    """An interruption, like Ctrl-C: no ``except Exception`` of the engine's may take it for a failure."""
 
 
 @contextmanager
