@@ -454,7 +454,7 @@ def _context(graph: Graph, fmt: _Format) -> dict:
                 file=code(f"{layer.name}_steps.py"), output=code(out.name), grad_output=code(f"d{out.name}"),
                 indices=indices, forward=forward, steps=steps, count=len(lines), graph=graph_context(graph, fmt),
                 inputs=", ".join(code(f"d{n}") for n in layer.differentiable), label=f"{layer.name}_steps",
-                fused=fmt.link(layer.name, code(layer.name)) if layer.fused else "")
+                fused=fmt.link(layer.name, code(layer.name)) if has_fused_kernel(layer) else "")
 
 
 def _illustration(origin: Node, node: Node, first: bool, array, before, values: dict, adjoints: dict,

@@ -3,7 +3,8 @@
 1. The most folded fused formula (``kernel.build``): every refold rewrite the cost model takes.
 2. Its generated module runs through the numerical battery (``battery.run``). For each gradient
    that fails, the last rewrite its refold took is forbidden and the kernel is built again: the
-   refold then takes the next best rewrite, or stops a step earlier (a less folded form).
+   refold then takes the next best rewrite, or stops a step earlier (a less folded form). After
+   ``MAX_ATTEMPTS - 1`` such steps a gradient that still fails is tried unfolded (no rewrite).
 3. When the output fails (the fused forward rounds worse than the spec's), when a failing gradient
    has no rewrite left to undo, or when the fused engine cannot derive the layer at all, the
    kernel is the step-by-step backward, which replays autograd's own operations.
@@ -22,10 +23,11 @@ import torch
 from . import battery
 from .errors import DerivationError, DeriveError
 from .kernel import Kernel, build, build_cached
+from .simplify import EVERY_REWRITE
 from .memo import ByObject
 from .spec import Layer
 
-MAX_ATTEMPTS = 8  # fused forms tried before the step-by-step backward
+MAX_ATTEMPTS = 4  # fused forms tried by undoing rewrites, before the unfolded form and the step-by-step backward
 
 
 @dataclass
@@ -68,7 +70,7 @@ def check(kernel: Kernel, draws: list | None = None) -> battery.Verdict:
         with tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
             fn = _module_function(kernel, Path(folder))
             sizes = battery.battery_sizes(layer)
-            return battery.run(layer, fn, sizes, draws=draws)
+            return battery.run(layer, fn, sizes, draws=draws, slack=battery.CHOOSE_SLACK)
     finally:
         torch.set_num_threads(threads)
 
@@ -102,16 +104,20 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
         torch.set_num_threads(threads)
     forbidden: dict[str, frozenset] = {}
     undone: list[str] = []
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS + 1):
         verdict = check(kernel, draws)
         if verdict.passed:
             return Choice(layer, kernel, verdict, undone=undone)
         formulas = {f"d{f.input}": f for f in kernel.formulas}
         failing = list(dict.fromkeys(f.value for f in verdict.findings))
-        if any(v not in formulas or not formulas[v].rewrites for v in failing):
+        if attempt == MAX_ATTEMPTS or any(v not in formulas or not formulas[v].rewrites for v in failing):
             break
         for value in failing:
             formula = formulas[value]
+            if attempt == MAX_ATTEMPTS - 1:  # the last try: the gradient as differentiated, no rewrite at all
+                forbidden[formula.input] = frozenset({EVERY_REWRITE})
+                undone.append(f"{value}: every rewrite")
+                continue
             last = formula.rewrites[-1]
             forbidden[formula.input] = forbidden.get(formula.input, frozenset()) | {(last.node.name,
                                                                                       last.variable.name)}
