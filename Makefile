@@ -12,8 +12,12 @@ TEX_PACKAGES := texlive-latex-base texlive-latex-recommended texlive-pictures la
 NATIVE_PACKAGES := g++
 # the backends of the built-in kernels in generated/ (derive generate --backend ...)
 BACKENDS := --backend cpp --backend triton
+# the Markdown documents are checked as GitHub renders them: its parser (cmark-gfm) and MathJax (npm,
+# pinned by tests/mathjax/package-lock.json)
+DOC_PACKAGES := cmark-gfm nodejs npm
+MATHJAX := tests/mathjax/node_modules/.installed
 
-.PHONY: install generate verify check test tex native latex dist clean
+.PHONY: install generate verify check test tex native doc-tools latex dist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +41,16 @@ tex:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEX_PACKAGES) >/dev/null; \
 	  else echo "latexmk, tikz.sty or pdftoppm not found: sudo apt-get install $(TEX_PACKAGES)"; exit 1; fi; }
 
+$(MATHJAX): tests/mathjax/package-lock.json
+	@{ command -v cmark-gfm && command -v npm; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DOC_PACKAGES) >/dev/null; \
+	  else echo "cmark-gfm or npm not found: sudo apt-get install $(DOC_PACKAGES)"; exit 1; fi; }
+	cd tests/mathjax && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+doc-tools: $(MATHJAX)
+
 # one PDF of every layer's derivations, with a table of contents: build/derivations/all.pdf
 latex: install tex
 	$(BIN)/derive latex
@@ -48,7 +62,7 @@ native:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(NATIVE_PACKAGES) >/dev/null; \
 	  else echo "g++ not found: sudo apt-get install $(NATIVE_PACKAGES)"; exit 1; fi; }
 
-test: install tex native
+test: install tex native doc-tools
 	$(BIN)/derive check $(BACKENDS)
 	$(BIN)/python -m pytest -q
 
@@ -59,4 +73,4 @@ dist: install
 	@ls dist
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis dist
+	rm -rf $(VENV) .pytest_cache .hypothesis dist tests/mathjax/node_modules
