@@ -151,12 +151,12 @@ def test_printed_code_that_disagrees_with_autograd_writes_nothing(tmp_path, monk
 
     original = gen.derive_layer
 
-    def misprinted(layer, prove_sizes=True, fused_only=False):
-        files, proofs, seconds, form, is_fused = original(layer, prove_sizes, fused_only)
+    def misprinted(layer, prove_sizes=True, fused_only=False, backends=()):
+        files, proofs, seconds, form, is_fused, reasons = original(layer, prove_sizes, fused_only, backends)
         fused = f"{layer.name}.py"
         assert "\n    return dlogits, None\n" in files[fused]
         files[fused] = files[fused].replace("\n    return dlogits, None\n", "\n    return dlogits / 2, None\n")
-        return files, proofs, seconds, form, is_fused
+        return files, proofs, seconds, form, is_fused, reasons
 
     monkeypatch.setattr(gen, "derive_layer", misprinted)
     with pytest.raises(ProofFailure, match=r"cross_entropy: the fused module's dlogits differs from autograd"):
