@@ -47,10 +47,20 @@ class Code:
 
 
 class CodeOps:
-    """Rule operations that print torch code."""
+    """Rule operations that print torch code.
+
+    ``contiguous`` is False for a graph that permutes axes: a gradient may then be a transposed
+    view, which ``view`` refuses, so shapes are changed with ``reshape``.
+    """
+
+    def __init__(self, contiguous: bool = True, names: dict | None = None):
+        self.contiguous = contiguous
+        self.names = names or {}  # size symbol -> the symbol it prints as (``forward.size_names``)
 
     def lift(self, x) -> Code:
-        return Code.lift(x)
+        if isinstance(x, Code):
+            return x
+        return Code.lift(sp.sympify(x).xreplace(self.names))
 
     def scalar(self, value) -> Code:
         return self.lift(value)
@@ -74,7 +84,40 @@ class CodeOps:
         return Code(f"torch.zeros_like({a}).scatter_({axis}, {a}.argmax({axis}, keepdim=True), 1.0)")
 
     def transpose(self, b):
-        return Code(f"{b.wrap(ATOM)}.T")
+        """The last two axes swapped (``.T`` of a matrix, ``.mT`` of a batch of them)."""
+        return Code(f"{b.wrap(ATOM)}.{'T' if b.shape is not None and len(b.shape) == 2 else 'mT'}")
+
+    def permute(self, g, perm):
+        if len(perm) == 2:
+            return Code(f"{g.wrap(ATOM)}.T")
+        return Code(f"{g.wrap(ATOM)}.permute({', '.join(map(str, perm))})")
+
+    def sum(self, x, axes):
+        return Code(f"{x.wrap(ATOM)}.sum({_axes(axes)}, keepdim=True)")
+
+    def exp(self, x):
+        return Code(f"torch.exp({x})")
+
+    def sin(self, x):
+        return Code(f"torch.sin({x})")
+
+    def cos(self, x):
+        return Code(f"torch.cos({x})")
+
+    def compare(self, op, a, b):
+        symbol = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}[op]
+        return Code(f"({a.wrap(ADD)} {symbol} {b.wrap(ADD)})")
+
+    def between(self, a, lo, hi):
+        """The mask of ``lo <= a <= hi`` (an infinite bound drops out)."""
+        parts = [f"({a.wrap(ADD)} >= {lo})" if lo.value is None or lo.value.is_finite else "",
+                 f"({a.wrap(ADD)} <= {hi})" if hi.value is None or hi.value.is_finite else ""]
+        return Code(" & ".join(p for p in parts if p), prec=0)
+
+    def select(self, mask, x, y):
+        """``torch.where(mask, x, y)``; a mask is a bool tensor, so this never computes ``1 - mask``."""
+        x, y = Code.lift(x), Code.lift(y)
+        return Code(f"torch.where({mask}, {x}, {y})")
 
     def one_hot(self, labels, table):
         return Code(f"F.one_hot({labels}, {table}.shape[1]).to({table}.dtype)")
@@ -96,7 +139,7 @@ class CodeOps:
                     f"{grad.wrap(ATOM)}.view(-1, *{table}.shape[1:]))")
 
     def view_as(self, grad, a):
-        return Code(f"{grad.wrap(ATOM)}.view({a}.shape)")
+        return Code(f"{grad.wrap(ATOM)}.{'view' if self.contiguous else 'reshape'}({a}.shape)")
 
     def unbroadcast(self, g, shape, result_shape):
         """Sum ``g`` (shaped like the result) down to ``shape``: the de-broadcasting step."""
@@ -193,7 +236,34 @@ class ArrayOps:
         return mask
 
     def transpose(self, b):
-        return b.T
+        return np.swapaxes(b, -1, -2)
+
+    def permute(self, g, perm):
+        return np.transpose(g, perm)
+
+    def sum(self, x, axes):
+        return np.asarray(x, dtype=object).sum(axis=tuple(axes), keepdims=True)
+
+    def exp(self, x):
+        return np.vectorize(sp.exp, otypes=[object])(x)
+
+    def sin(self, x):
+        return np.vectorize(sp.sin, otypes=[object])(x)
+
+    def cos(self, x):
+        return np.vectorize(sp.cos, otypes=[object])(x)
+
+    def compare(self, op, a, b):
+        from .functions import COMPARISONS
+        return np.vectorize(COMPARISONS[op][0], otypes=[object])(a, b)
+
+    def between(self, a, lo, hi):
+        from .functions import NonNeg
+        lo, hi = sp.sympify(np.asarray(lo).item()), sp.sympify(np.asarray(hi).item())
+        return np.vectorize(lambda e: NonNeg(e - lo) * NonNeg(hi - e), otypes=[object])(a)
+
+    def select(self, mask, x, y):
+        return mask * x + (1 - mask) * y  # finite values only: the arithmetic is exact
 
     def one_hot(self, labels, table):
         out = np.full(table.shape, sp.S.Zero, dtype=object)

@@ -21,7 +21,7 @@ import numpy as np
 import sympy as sp
 
 from .errors import ProofFailure
-from .functions import ELEMENTWISE
+from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
 from .kernel import Kernel
 from .spec import Labels, Layer, concrete_shape
 from .symbolic import IsArgmax, Max, Red, extent
@@ -117,20 +117,51 @@ def evaluate(graph: Graph, sizes: dict[sp.Symbol, int], inputs: dict[str, np.nda
         elif op == "max":
             v = _reduce(a[0], node.attrs["axes"], node.attrs["keepdim"], lambda xs: ROW_MAX(*xs))
         elif op == "matmul":
-            v = a[0].dot(a[1])
+            v = np.matmul(a[0], a[1])
         elif op == "embed":
             v = a[0][np.vectorize(int)(a[1]).astype(np.int64)]
         elif op == "view":
             v = a[0].reshape(tuple(int(sp.sympify(s).xreplace(subs)) for s in node.shape))
-        elif op in ("eq", "ne"):
-            same = np.vectorize(lambda label: sp.KroneckerDelta(label, a[1]), otypes=[object])(a[0])
-            v = same if op == "eq" else 1 - same
         elif op == "pick":
             v = np.array([a[0][r, int(a[1][r])] for r in range(a[0].shape[0])], dtype=object)
+        elif op in COMPARISONS:
+            labels = node.args[0].op == "labels"
+            v = np.vectorize(lambda x, y: mask(op, x, y, labels), otypes=[object])(a[0], a[1])
+        elif op == "not":
+            v = 1 - a[0]
+        elif op == "and":
+            v = a[0] * a[1]
+        elif op in EXTREMA:
+            v = np.vectorize(EXTREMA[op], otypes=[object])(a[0], a[1])
+        elif op == "clamp":
+            v = np.vectorize(lambda e: Clamp(e, a[1], a[2]), otypes=[object])(a[0])
+        elif op == "where":
+            v = np.vectorize(Where, otypes=[object])(a[0], a[1], a[2])
+        elif op == "permute":
+            v = np.transpose(a[0], node.attrs["perm"])
+        elif op == "expand":
+            v = np.broadcast_to(a[0], tuple(int(sp.sympify(s).xreplace(subs)) for s in node.shape)).copy()
+        elif op in ("softmax", "log_softmax", "logsumexp"):
+            v = _normalized(op, a[0], node.attrs["axes"], node.attrs.get("keepdim", True))
         else:
             raise ValueError(f"no concrete evaluation for {op!r}")
         values[node] = np.asarray(v, dtype=object).reshape(tuple(int(sp.sympify(s).xreplace(subs)) for s in node.shape))
     return values
+
+
+def _normalized(op: str, x: np.ndarray, axes: tuple, keepdim: bool) -> np.ndarray:
+    """softmax, log_softmax or logsumexp over ``axes``, each shifted by the (opaque) maximum."""
+    top = _reduce(x, axes, True, lambda xs: ROW_MAX(*xs))
+    shifted = x - top
+    exps = np.vectorize(sp.exp, otypes=[object])(shifted)
+    total = _reduce(exps, axes, True, lambda xs: sp.Add(*xs))
+    if op == "softmax":
+        return exps / total
+    logs = np.vectorize(sp.log, otypes=[object])(total)
+    if op == "log_softmax":
+        return shifted - logs
+    value = top + logs
+    return value if keepdim else value.reshape([s for k, s in enumerate(value.shape) if k not in axes])
 
 
 def _expand_generic(expr: sp.Expr, kernel: Kernel, values: dict, sizes: dict, position: dict, labels: dict) -> sp.Expr:

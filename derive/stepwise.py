@@ -17,13 +17,19 @@ import numpy as np
 
 from .backends import ArrayOps, Code, CodeOps, scalar_array
 from .errors import DerivationError
+from .forward import contiguous, size_names
+from .functions import MASK_OPS
 from .rules import BROADCASTING, RULES
 from .trace import Graph, Node
 
 
 def _attrs(node: Node) -> dict:
-    if node.op in ("sum", "mean", "max"):
+    if node.op in ("sum", "mean", "max", "logsumexp"):
         return {"axes": node.attrs["axes"], "keepdim": node.attrs["keepdim"]}
+    if node.op in ("softmax", "log_softmax"):
+        return {"axes": node.attrs["axes"]}
+    if node.op == "permute":
+        return {"perm": node.attrs["perm"]}
     if node.op == "view":
         return {"shape": node.shape}
     return {}
@@ -34,7 +40,7 @@ def needs_gradient(graph: Graph) -> set:
     wanted = {graph.inputs[name] for name in graph.layer.differentiable}
     needed = set(wanted)
     for node in graph.nodes:
-        if any(a in needed for a in node.inputs):
+        if node.op not in MASK_OPS and any(a in needed for a in node.inputs):
             needed.add(node)
     return needed
 
@@ -87,7 +93,7 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
     kernel's formulas, in the caller's names; everything else follows the rule table.
     """
     lines: list[Line] = []
-    ops = CodeOps()
+    ops = CodeOps(contiguous(graph), size_names(graph))
 
     def fused(region, grad, needed):
         return _fused_region(graph, region, grad, needed, lines)
