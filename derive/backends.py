@@ -5,6 +5,8 @@ import itertools
 
 import numpy as np
 import sympy as sp
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.pycode import PythonCodePrinter
 
 from .functions import Sigmoid, Step
 
@@ -15,6 +17,40 @@ def number_text(value: sp.Rational) -> str:
     """A rational as the float literal it came from (``1e-05``, ``-0.5``) when that is exact, else p/q."""
     as_float = repr(float(value))
     return as_float if sp.nsimplify(float(value), rational=True) == value else f"{value.p}/{value.q}"
+
+
+class _ScalarPrinter(PythonCodePrinter):
+    """Python code of a size/constant scalar that needs no ``math`` import: roots as powers
+    (``d**0.5``), numbers such as ``2/sqrt(pi)`` as float literals."""
+
+    def _print_Pow(self, expr, rational=False):
+        base, e = expr.as_base_exp()
+        if e.is_Rational and not e.is_Integer:
+            return f"{self.parenthesize(base, PRECEDENCE['Pow'])}**({float(e)!r})"
+        return super()._print_Pow(expr, rational)
+
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, sp.Expr) and expr.is_number and not expr.is_Rational:
+            return repr(float(expr))
+        return super()._print(expr, **kwargs)
+
+    def _print_Function(self, expr):
+        return (f"torch.tensor({self._print(expr.args[0])}, dtype=torch.float64)."
+                f"{type(expr).__name__}().item()")
+
+    _print_log = _print_exp = _print_Function
+
+    def _print_NumberSymbol(self, expr):
+        return repr(float(expr))
+
+    _print_Pi = _print_Exp1 = _print_NumberSymbol
+
+
+def scalar_code(value: sp.Expr) -> str:
+    """``value`` (sizes, constants and numbers) as Python code."""
+    if value.is_number and not value.is_Rational:
+        return repr(float(value))
+    return _ScalarPrinter().doprint(value)
 
 
 # -- code -------------------------------------------------------------------------------------
@@ -41,7 +77,7 @@ class Code:
         if isinstance(x, Code):
             return x
         value = sp.sympify(x)
-        text = number_text(value) if value.is_Rational and not value.is_Integer else sp.pycode(value)
+        text = number_text(value) if value.is_Rational and not value.is_Integer else scalar_code(value)
         simple = text.isidentifier() or (value.is_Integer and value >= 0)
         return Code(text, ATOM if simple else ADD - 1, value=value)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import jinja2
 
 from .files import content_hash
-from .forward import forward_lines, size_scalars
-from .kernel import Kernel, input_checks, size_divisors, size_sources
+from .forward import forward_lines
+from .kernel import Kernel, size_checks
 from .spec import Constant, Labels, Layer
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -97,7 +97,7 @@ def render_function(kernel: Kernel) -> str:
     # shared temporaries, then the gradients, each under the ``if`` of the gradients that need it;
     # consecutive statements with the same condition share one ``if``
     steps = [(" or ".join(f"needs[{u}]" for u in s.users),
-              ([f"{s.scratch} = {s.scratch_code}"] if s.scratch else []) + [f"{s.name} = {s.sum_code or s.code}"])
+              s.fast or ([f"{s.scratch} = {s.scratch_code}"] if s.scratch else []) + [f"{s.name} = {s.sum_code or s.code}"])
              for s in kernel.shared]
     steps += [(f"needs[{f.position}]", f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
     blocks = []
@@ -155,8 +155,7 @@ def render_steps(graph) -> str:
     printer = type("ScalarPrinter", (), {"doprint": staticmethod(lambda v: Code.lift(v).text)})()
     forward = forward_lines(graph, printer)
     text = " ".join(line.code for line in lines)
-    sources = size_sources(layer)
-    checks = input_checks(layer, size_divisors(size_scalars(graph), set(graph.sizes.values())), sources)
+    sources, checks, _ = size_checks(graph)
     names = [n.name for n in graph.nodes] + list(layer.constants)
     reads = [n for n in names if re.search(rf"\b{re.escape(n)}\b", text) or n == graph.output.name
              or any(n == tensor for _, tensor in sources)]

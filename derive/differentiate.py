@@ -12,13 +12,13 @@ topological order is the chain rule.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .elements import Elements
+from .elements import CONTRACTIONS, Elements
 from .errors import DerivationError
-from .symbolic import IsArgmax, Red, expand, index_for
+from .symbolic import IsArgmax, Red, expand, index_for, is_contraction
 from .trace import Node
 
 
@@ -34,17 +34,23 @@ class Step:
 
 @dataclass
 class Gradients:
-    """``d<input>`` for each differentiable input, in normal form, plus the steps that built them."""
+    """``d<input>`` for each differentiable input, in normal form, plus the steps that built them.
+
+    ``materialized`` lists the nodes whose adjoint the gradients read as a tensor of its own
+    (``d<name>``, computed once in the backward), each with that adjoint, in the order computed.
+    """
 
     elements: Elements
     grads: dict[Node, sp.Expr]
     adjoints: dict[Node, sp.Expr]
     steps: list[Step]
+    materialized: list[tuple[Node, sp.Expr]] = field(default_factory=list)
 
 
 def _target_indices(el: Elements, node: Node) -> tuple:
-    """Fresh indices ``p_<dim>`` for the element whose gradient is taken (never clash with ``i``)."""
-    return tuple(0 if s == 1 else index_for(f"p_{s}", s) for s in node.shape)
+    """Fresh indices ``p_<dim>`` (``p_<dim>_2`` for a second axis of a size) for the element whose
+    gradient is taken (never clash with ``i``)."""
+    return tuple(0 if i == 0 else index_for(f"p{i.name[1:]}", i.upper + 1) for i in el.free(node))
 
 
 def _contribution(el: Elements, node: Node, adjoint: sp.Expr, target: Node) -> sp.Expr:
@@ -55,7 +61,7 @@ def _contribution(el: Elements, node: Node, adjoint: sp.Expr, target: Node) -> s
     for i in el.free(node):
         if i != 0:
             total = Red(total, i)
-    back = {pi: el.index[s] for pi, s in zip(p, target.shape) if pi != 0}
+    back = {pi: i for pi, i in zip(p, el.free(target)) if pi != 0}
     return el.recognize(expand(total.xreplace(back)))
 
 
@@ -65,10 +71,14 @@ def differentiate(el: Elements) -> Gradients:
     variables = list(el.opaque) + wanted
     adjoints: dict[Node, sp.Expr] = {graph.output: el.grad_ref(graph.output)}
     steps: list[Step] = []
+    materialized: list[tuple[Node, sp.Expr]] = []
     for node in reversed(el.opaque):
         adjoint = adjoints.get(node)
         if adjoint is None or adjoint == 0:
             continue
+        if node is not graph.output and _materialize(el, node, adjoint):
+            materialized.append((node, adjoint))
+            adjoint = el.grad_ref(node)
         read = el.definition[node]
         for target in variables:
             if target is node or not _reads(el, read, target):
@@ -77,7 +87,24 @@ def differentiate(el: Elements) -> Gradients:
             steps.append(Step(node, adjoint, target, part))
             adjoints[target] = el.recognize(expand(adjoints.get(target, sp.S.Zero) + part))
     grads = {x: adjoints.get(x, sp.S.Zero) for x in wanted}
-    return Gradients(el, grads, adjoints, steps)
+    return Gradients(el, grads, adjoints, steps, materialized)
+
+
+def _materialize(el: Elements, node: Node, adjoint: sp.Expr) -> bool:
+    """Whether the backward computes ``node``'s adjoint once, as a tensor, and reads it from there.
+
+    So it does, as autograd does, where the chain rule goes through a matrix product: for the
+    product's own output (``dscores`` of ``scores = q @ k.T``: then ``dq = dscores @ k``,
+    ``dk = dscores.T @ q``), and for an adjoint that is one (``dprobs = dout @ v.T``). Written out
+    in the inputs instead, each gradient would repeat those products inside sums over other axes.
+    An adjoint that is already one tensor (``dout``, ``2*dout``) is read as it is.
+    """
+    contraction = node.op in CONTRACTIONS or any(is_contraction(r) for r in adjoint.atoms(Red))
+    if not contraction:
+        return False
+    scalars = set(el.graph.sizes.values()) | set(el.graph.constants.values())
+    tensors = [f for f in sp.Mul.make_args(adjoint) if not (f.free_symbols <= scalars)]
+    return not (len(tensors) == 1 and isinstance(tensors[0], (sp.Indexed, sp.Symbol)))
 
 
 def _reads(el: Elements, expr: sp.Expr, node: Node) -> bool:

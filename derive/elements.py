@@ -1,15 +1,18 @@
 """The element-wise view of a traced graph: every node as a SymPy expression at a generic index.
 
-Each dimension ``n`` has one free index ``i_n``; a node of shape ``(n, 1)`` is read at
-``(i_n, 0)``. Because broadcast axes share the dimension's index, an operand's expression can be
-used by its consumer unchanged.
+Each axis of a node has a free index named after its dimension: ``i_n`` for the first axis of
+size ``n``, ``i_n_2`` for a second one (a square matrix ``A[i_d, i_d_2]``, attention scores
+``s[i_n, i_n_2]``); an axis of size 1 is read at ``0``. An operation reads its operands at the
+indices its own axes give them: broadcasting lines axes up from the right, a transpose swaps
+them, a reduction binds the axes it sums, ``@`` binds the inner one. Where those are the
+operand's own indices (distinct dimensions, nothing transposed), its expression is used unchanged.
 
 *Normal form.* Elementwise nodes are inlined into their consumers. A *named* node whose value
 involves a reduction (``bnmeani``, ``bnvar``, ``counts_sum``, ``logit_maxes``) stays opaque: it is
-read as ``bnvar[0, i_d]`` and keeps its definition aside. Every opaque definition also teaches a
-*recognition* rule: the reduction it introduces is that node (``Red(x) -> n*bnmeani``), so the
-identities a human would use (the centred values sum to zero, probabilities sum to one) come out
-of plain linearity.
+read as ``bnvar[0, i_d]`` and keeps its definition aside. So does every matrix product (a
+contraction), named or not. Every opaque definition also teaches a *recognition* rule: the
+reduction it introduces is that node (``Red(x) -> n*bnmeani``), so the identities a human would
+use (the centred values sum to zero, probabilities sum to one) come out of plain linearity.
 """
 from __future__ import annotations
 
@@ -18,11 +21,14 @@ from itertools import permutations
 import sympy as sp
 
 from .errors import DerivationError
-from .functions import ELEMENTWISE
-from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, expand, extent, hide_argmax, index_for, pick, reductions
+from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
+from .symbolic import (AxisMax, AxisSum, IsArgmax, Max, Red, expand, extent, hide_argmax, index_for, reductions,
+                       reindex)
 from .trace import Graph, Node
 
-REDUCING_OPS = ("sum", "mean", "max", "matmul")
+REDUCING_OPS = ("sum", "mean", "max", "matmul", "softmax", "log_softmax", "logsumexp")
+CONTRACTIONS = ("matmul",)
+_SAME_SIGN = ("permute", "expand", "view")
 
 
 def _scalar_sign(a: sp.Expr) -> str:
@@ -42,10 +48,20 @@ def sign(node: Node, signs: dict) -> str:
     pos = lambda v: v == "positive"
     nonneg = lambda v: v in ("positive", "nonnegative")
     op = node.op
-    if op in ("exp", "sigmoid", "softplus"):
+    if op in ("exp", "sigmoid", "softplus", "rsqrt", "softmax"):
         return "positive"
-    if op in ("relu", "abs", "eq", "ne"):
+    if op in ("relu", "abs", "not", "and") or op in COMPARISONS:
         return "nonnegative"
+    if op in _SAME_SIGN:
+        return s[0]
+    if op == "sqrt":
+        return "positive" if pos(s[0]) else "nonnegative"
+    if op == "clamp":
+        low = node.args[1]
+        return "positive" if low.is_positive else "nonnegative" if low.is_nonnegative else "real"
+    if op in ("where", "maximum", "minimum"):
+        values = s[1:] if op == "where" else s
+        return "positive" if all(map(pos, values)) else "nonnegative" if all(map(nonneg, values)) else "real"
     if op == "pow":
         exponent = node.args[1]
         if pos(s[0]):
@@ -66,7 +82,7 @@ class Elements:
     def __init__(self, graph: Graph):
         self.graph = graph
         self.layer = graph.layer.name
-        self.index = {s: index_for(f"i_{s}", s) for s in graph.sizes.values()}
+        self.index = {s: index_for(f"i_{s}", s) for s in graph.sizes.values()}  # each dimension's first index
         self.signs: dict[Node, str] = {}
         self.refs: dict[Node, sp.Expr] = {}
         self.nf: dict[Node, sp.Expr] = {}
@@ -77,10 +93,58 @@ class Elements:
         for node in graph.nodes:
             self._add(node)
 
-    # -- references --------------------------------------------------------------------------
-    def free(self, node: Node) -> tuple:
-        return tuple(0 if s == 1 else self.index[s] for s in node.shape)
+    # -- indices -----------------------------------------------------------------------------
+    def nth(self, size: sp.Expr, k: int) -> sp.Idx:
+        """The ``k``-th free index of a dimension: ``i_n``, then ``i_n_2``, ``i_n_3``, ..."""
+        if k == 0:
+            if size not in self.index:
+                self.index[size] = index_for(f"i_{sp.sstr(size)}", size)
+            return self.index[size]
+        return index_for(f"i_{sp.sstr(size)}_{k + 1}", size)
 
+    def free_of(self, shape: tuple) -> tuple:
+        """The free indices of a value of ``shape``: one per axis, the k-th axis of a size its k-th index."""
+        seen: dict = {}
+        out = []
+        for s in shape:
+            if s == 1:
+                out.append(0)
+                continue
+            out.append(self.nth(s, seen.get(s, 0)))
+            seen[s] = seen.get(s, 0) + 1
+        return tuple(out)
+
+    def free(self, node: Node) -> tuple:
+        return self.free_of(node.shape)
+
+    def bound(self, size: sp.Expr, taken: set) -> sp.Idx:
+        """An index of ``size`` for a sum, other than every index in ``taken``."""
+        k = 0
+        while self.nth(size, k) in taken:
+            k += 1
+        return self.nth(size, k)
+
+    def frame(self, exprs: list = ()) -> list[sp.Idx]:
+        """The indices of the axes every tensor of a fused kernel is printed on: each dimension's
+        (declaration order first) as many times as a value of the graph, or a sum in ``exprs``
+        or in a node's value, has axes of that size at once."""
+        counts: dict = {s: 1 for s in self.graph.sizes.values()}
+        for node in self.graph.nodes:
+            for s in node.shape:
+                if s != 1:
+                    counts.setdefault(s, 0)
+            for s in set(node.shape) - {1}:
+                counts[s] = max(counts[s], list(node.shape).count(s))
+        values = list(exprs) + list(self.definition.values())
+        for expr in values:
+            for binder in expr.atoms(Red, Max, AxisSum, AxisMax):
+                indices = [i for i in binder.body.free_symbols if isinstance(i, sp.Idx)]
+                for size in {extent(i) for i in indices}:
+                    counts[size] = max(counts.get(size, 0), sum(1 for i in indices if extent(i) == size))
+        order = list(self.graph.sizes.values()) + [s for s in counts if s not in self.graph.sizes.values()]
+        return [self.nth(s, k) for s in order if s in counts for k in range(counts[s])]
+
+    # -- references --------------------------------------------------------------------------
     def base(self, node: Node) -> sp.IndexedBase | sp.Symbol:
         assumptions = {"integer": True} if node.op == "labels" else {self.signs[node]: True}
         if not node.shape:
@@ -101,15 +165,12 @@ class Elements:
 
     # -- building the normal form ------------------------------------------------------------
     def _add(self, node: Node) -> None:
-        if len(set(s for s in node.shape if s != 1)) != len([s for s in node.shape if s != 1]):
-            raise DerivationError(self.layer, f"{node.name} has two axes of the same size {node.shape}",
-                                  "give every axis of a tensor its own dimension", node.line, node.source)
         self.signs[node] = "real" if node.op in ("input", "labels") else sign(node, self.signs)
         if node.op in ("input", "labels"):
             self.nf[node] = self.ref(node)
             return
         value = self._value(node)
-        if node is self.graph.output or (reductions(value) and node.named):
+        if node is self.graph.output or (reductions(value) and (node.named or node.op in CONTRACTIONS)):
             self.known[node] = len(self.rules)
             value = self.recognize(value)
             self.definition[node] = value
@@ -131,54 +192,125 @@ class Elements:
         """The node's value as the spec writes it, for printing a forward pass.
 
         Unlike the normal form nothing is expanded: a sum stays ``AxisSum(body, i)`` over the
-        dimension's own index (the axis it sums), so ``((x - mean)**2).sum(0)`` is not turned into
-        the cancelling ``sum(x**2) - n*mean**2``, and a body shared with a full-size value (the
+        axis's own index where it can, so ``((x - mean)**2).sum(0)`` is not turned into the
+        cancelling ``sum(x**2) - n*mean**2``, and a body shared with a full-size value (the
         ``exp`` in a softmax) is the same SymPy expression in both places.
         """
         return self._value(node, operand, literal=True)
 
     def _value(self, node: Node, operand=None, literal: bool = False) -> sp.Expr:
         operand = operand or self.nf.__getitem__
-        a = [operand(x) if isinstance(x, Node) else x for x in node.args]
+        result = self.free(node)
         op = node.op
+
+        def read(x, target: tuple) -> sp.Expr:
+            """Operand ``x`` with its axes at ``target`` (indices, label values, or 0)."""
+            expr = operand(x)
+            return reindex(expr, {o: t for o, t in zip(self.free(x), target) if o != 0})
+
+        def aligned(x):
+            """An operand of an elementwise operation: its axes are the result's last ones (broadcasting)."""
+            if not isinstance(x, Node):
+                return x
+            offset = len(result) - len(x.shape)
+            return read(x, tuple(0 if s == 1 else result[k + offset] for k, s in enumerate(x.shape)))
+
+        total = (AxisSum if literal else Red)
+        largest = (AxisMax if literal else Max)
+        a = [aligned(x) for x in node.args] if op not in ("sum", "mean", "max", "matmul", "pick", "embed", "permute",
+                                                         "view", "logsumexp") else []
         if op in ("add", "sub", "mul", "div"):
             return {"add": a[0] + a[1], "sub": a[0] - a[1], "mul": a[0] * a[1], "div": a[0] / a[1]}[op]
         if op == "pow":
             return a[0] ** a[1]
         if op in ELEMENTWISE:
             return ELEMENTWISE[op](a[0])
-        if op in ("sum", "mean", "max"):
-            source = node.args[0]
-            value = a[0]
-            for axis in node.attrs["axes"]:
-                size = source.shape[axis]
-                if size == 1:
-                    continue
-                j = self.index[size]
-                if literal:
-                    value = AxisMax(value, j) if op == "max" else AxisSum(value, j)
-                else:
-                    value = Max(value, j) if op == "max" else Red(value, j)
-                if op == "mean":
-                    value = value / size
-            return value
+        if op in COMPARISONS:
+            # a label compared with a number is a Kronecker delta (0/1), exact for any value
+            return mask(op, a[0], a[1], labels=node.args[0].op == "labels")
+        if op == "not":
+            return 1 - a[0]
+        if op == "and":
+            return a[0] * a[1]
+        if op in EXTREMA:
+            return EXTREMA[op](a[0], a[1])
+        if op == "clamp":
+            return Clamp(*a)
+        if op == "where":
+            return Where(*a)
+        if op == "expand":
+            return a[0]
+        if op in ("softmax", "log_softmax"):
+            (axis,) = node.attrs["axes"]
+            j = result[axis] if literal else self.bound(node.shape[axis], set(result))
+            shifted = a[0] - largest(reindex(a[0], {result[axis]: j}), j)
+            exps = sp.exp(shifted)
+            normalizer = total(reindex(exps, {result[axis]: j}), j)
+            return exps / normalizer if op == "softmax" else shifted - sp.log(normalizer)
+        if op in ("sum", "mean", "max", "logsumexp"):
+            return self._reduction(node, read, result, total, largest)
         if op == "matmul":
-            inner = node.args[0].shape[1]
-            return (AxisSum if literal else Red)(a[0] * a[1], self.index[inner])
+            x, y = node.args
+            inner = x.shape[-1]
+            j = 0 if inner == 1 else self.bound(inner, set(result))
+            product = read(x, (*result[:-1], j)) * read(y, (*result[:-2], j, result[-1]))
+            return product if j == 0 else total(product, j)
+        if op == "permute":
+            target = [0] * len(result)
+            for k, p in enumerate(node.attrs["perm"]):
+                target[p] = result[k]
+            return read(node.args[0], tuple(target))
+        if op == "view":
+            source = node.args[0]
+            varying = [s for s in source.shape if s != 1]
+            if varying != [s for s in node.shape if s != 1]:
+                raise DerivationError(self.layer, f"a view that splits or merges axes ({source.shape} to {node.shape})",
+                                      "the fused engine derives views that only add or remove axes of size 1",
+                                      node.line, node.source)
+            kept = iter(i for i, s in zip(result, node.shape) if s != 1)
+            return read(source, tuple(0 if s == 1 else next(kept) for s in source.shape))
         if op == "pick":
             table, labels = node.args
-            return pick(a[0], self.index[table.shape[1]], operand(labels))
-        if op in ("eq", "ne"):
-            # a label compared with a number: the mask is a Kronecker delta (0/1), exact for any value
-            same = sp.KroneckerDelta(a[0], a[1])
-            return same if op == "eq" else 1 - same
+            return read(table, (result[0], read(labels, (result[0],))))
         if op == "embed":
             # table[labels]: the table's first index is the label at the labels' own indices
             # (a class weight w[y] of a row is w[y[i_n]]; an embedding row C[X[i_n, i_t], i_e])
             table, labels = node.args
-            return pick(a[0], self.index[table.shape[0]], operand(labels))
+            rank = len(labels.shape)
+            return read(table, (read(labels, result[:rank]), *result[rank:]))
         raise DerivationError(self.layer, f"operation {op!r} has no element-wise form",
                               "use the supported primitives", node.line, node.source)
+
+    def _reduction(self, node: Node, read, result: tuple, total, largest) -> sp.Expr:
+        """A sum, mean, max or logsumexp over ``axes``: the kept axes at the result's indices, each
+        reduced axis at an index of its own (the axis's own one where no kept axis takes it)."""
+        source = node.args[0]
+        axes, keepdim = node.attrs["axes"], node.attrs["keepdim"]
+        kept = iter(result if not keepdim else [r for k, r in enumerate(result) if k not in axes])
+        target = [None if k in axes else next(kept) for k in range(len(source.shape))]
+        own = self.free(source)
+        taken = set(t for t in target if t is not None)
+        for k in axes:
+            if source.shape[k] == 1:
+                target[k] = 0
+                continue
+            target[k] = own[k] if own[k] not in taken else self.bound(source.shape[k], taken)
+            taken.add(target[k])
+        value = read(source, tuple(target))
+        bound = [target[k] for k in axes if target[k] != 0]
+        if node.op == "logsumexp":
+            top = value
+            for j in bound:
+                top = largest(top, j)
+            value = sp.exp(value - top)
+            for j in bound:
+                value = total(value, j)
+            return top + sp.log(value)
+        for j in bound:
+            value = largest(value, j) if node.op == "max" else total(value, j)
+            if node.op == "mean":
+                value = value / extent(j)
+        return value
 
     # -- recognition of reductions -----------------------------------------------------------
     def _learn(self, node: Node, value: sp.Expr) -> None:

@@ -137,7 +137,7 @@ def contribution(kernel: Kernel, step: Step) -> Contribution:
     for i in reversed(own):
         chain = Sigma(chain, i)
     # the display reads the target at its own free indices; the node's indices become summed ones
-    back = {pi: el.index[s] for pi, s in zip(p, target.shape) if pi != 0}
+    back = {pi: i for pi, i in zip(p, el.free(target)) if pi != 0}
     summed = {i: index_for(f"_o_{i.name}", i.upper + 1) for i in own}
     shown = chain.xreplace({**summed, **back})
     short = evaluated(chain).xreplace(back)

@@ -18,24 +18,39 @@ from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, extent
 
 
 class Frame:
-    """Which axis each index lives on, for one expression being printed."""
+    """The axes a printed expression is laid out on, and which index lives on which axis.
 
-    def __init__(self, dims: list[sp.Symbol], slots: dict | None = None):
-        self.dims = list(dims)
-        self.slots = dict(slots or {})  # Idx -> axis
+    ``indices`` are the frame's own (one free index per axis: ``i_n, i_d`` or, with a square
+    dimension, ``i_n, i_n_2, i_d``); ``dims`` their sizes. A sum's bound index is placed on an
+    axis of its size that no other index of its body occupies (``with_bound``).
+    """
+
+    def __init__(self, indices: list[sp.Idx], slots: dict | None = None):
+        self.indices = list(indices)
+        self.dims = [extent(i) for i in self.indices]
+        self.slots = dict(slots) if slots is not None else {i: k for k, i in enumerate(self.indices)}
+
+    def free_axis(self, size: sp.Expr, busy: set, prefer: sp.Idx | None = None) -> int | None:
+        """An axis of ``size`` that no index in ``busy`` occupies (``prefer``'s own axis first)."""
+        occupied = {a for i, a in self.slots.items() if i in busy and i != prefer}
+        candidates = [k for k, d in enumerate(self.dims) if d == size and k not in occupied]
+        if prefer in self.slots and self.slots[prefer] in candidates:
+            return self.slots[prefer]
+        return candidates[0] if candidates else None
 
     def with_bound(self, j: sp.Idx, body: sp.Expr) -> tuple["Frame", int]:
-        """A frame where the bound index ``j`` sits on its dimension's axis."""
-        axis = self.dims.index(extent(j))
-        clash = [i for i, a in self.slots.items() if a == axis and i in body.free_symbols and i != j]
-        if clash:
-            reader = next((str(e.base) for e in body.atoms(sp.Indexed) if clash[0] in e.indices), "")
-            raise DerivationError("", f"the reduction over {j} also reads {clash[0]} of the same size",
+        """A frame where the bound index ``j`` sits on an axis of its size no other index of ``body`` uses."""
+        busy = {i for i in body.free_symbols if isinstance(i, sp.Idx)} - {j}
+        axis = self.free_axis(extent(j), busy, prefer=j)
+        if axis is None:
+            clash = next(i for i in busy if extent(i) == extent(j))
+            reader = next((str(e.base) for e in body.atoms(sp.Indexed) if clash in e.indices), "")
+            raise DerivationError("", f"the reduction over {j} also reads {clash} of the same size",
                                   "this contraction needs einsum, which the fused printer does not emit yet",
                                   tensor=reader)
         slots = {i: a for i, a in self.slots.items() if a != axis}
         slots[j] = axis
-        return Frame(self.dims, slots), axis
+        return Frame(self.indices, slots), axis
 
 
 class KernelPrinter(TorchPrinter):
@@ -100,17 +115,19 @@ class KernelPrinter(TorchPrinter):
                                   tensor=str(expr.base))
         position, labels = picked[0]
         size = self.shapes[str(expr.base)][position]
-        axis = self.frame.dims.index(size)
         own = sp.Idx("_gathered", size)
-        table = self._inner(Frame(self.frame.dims, {**self.frame.slots, own: axis}))
+        axis = self.frame.free_axis(size, {i for i in expr.free_symbols if isinstance(i, sp.Idx)})
+        if axis is None:
+            raise DerivationError("", f"{expr} is read at labels along an axis the frame has no room for",
+                                  "pick from a tensor computed on its own line", tensor=str(expr.base))
+        table = self._inner(Frame(self.frame.indices, {**self.frame.slots, own: axis}))
         table_code = table._print(expr.base[tuple(own if k == position else ix for k, ix in enumerate(expr.indices))])
         rank = len(self.frame.dims)
         label_axes = [self.frame.slots[i] for i in labels.indices if isinstance(i, sp.Idx)]
         table_axes = [self.frame.slots[i] for i in expr.indices if isinstance(i, sp.Idx) and i in self.frame.slots]
-        target = [self._print(self.frame.dims[k]) if k in label_axes else "1" for k in range(rank)]
-        index_code = f"{labels.base}.view({', '.join(target)})"
+        index_code = self._layout(str(labels.base), self.shapes[str(labels.base)], label_axes, full_rank=True)
         if set(table_axes) - set(label_axes):
-            full = [self._print(self.frame.dims[k]) if k in table_axes else "1" for k in range(rank)]
+            full = [self._print(self.frame.dims[k]) if k in table_axes or k in label_axes else "1" for k in range(rank)]
             index_code += f".expand({', '.join(full)})"
         if not table_code.isidentifier():
             table_code = f"({table_code})"
@@ -135,10 +152,11 @@ class KernelPrinter(TorchPrinter):
             axes.append(self.frame.slots[index])
         return self._layout(name, shape, axes)
 
-    def _contraction(self, body, bound: list[int]):
+    def _contraction(self, body, bound: list[int], order: list | None = None):
         """A sum of a product of tensors that do not share all their axes (``sum_o dout[n, o]*W[i, o]``)
-        is a contraction: ``torch.einsum('no,io->ni', dout, W)``, never the broadcast product
-        (n x i x o elements). Returns None for anything else (a sum of one tensor, of an elementwise
+        is a contraction: ``dout @ W.T`` (``torch.einsum`` where it is not a matrix product), never
+        the broadcast product (n x i x o elements). Laid out in the frame, or with ``order`` (indices)
+        as exactly those axes. Returns None for anything else (a sum of one tensor, of an elementwise
         product of same-shaped tensors, or with a factor that is not a plain tensor or a scalar)."""
         tensors, scalars = [], []
         for f in sp.Mul.make_args(body):
@@ -150,26 +168,58 @@ class KernelPrinter(TorchPrinter):
                 scalars.append(f)
         if len(tensors) < 2:
             return None
-        # subscripts named after the dimensions (``'no,ni->io'``) when their initials differ
-        initials = [str(d)[0].lower() for d in self.frame.dims]
-        distinct = len(set(initials)) == len(initials) and all(c.isalpha() for c in initials)
-        letters, operands, axes_of = initials if distinct else "abcdefghijklmnopqrstuvwxyz", [], []
         for t in tensors:
             shape = self.shapes[str(t.base)]
             if any(s == 1 for s in shape) or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in t.indices):
                 return None
-            axes_of.append([self.frame.slots[i] for i in t.indices])
-            operands.append(str(t.base))
-        every = set().union(*map(set, axes_of))
-        if any(set(a) == every for a in axes_of):
+        every = set().union(*[set(t.indices) for t in tensors])
+        if any(set(t.indices) == every for t in tensors):
             return None  # an elementwise product of same-shaped tensors: print the plain sum
-        out_axes = sorted(every - set(bound))
-        spec = ",".join("".join(letters[k] for k in a) for a in axes_of) + "->" + "".join(letters[k] for k in out_axes)
-        code = self._layout(f"torch.einsum('{spec}', {', '.join(operands)})", tuple(self.frame.dims[k] for k in out_axes),
-                            out_axes)
-        if scalars:
-            code = f"{self._print(sp.Mul(*scalars))}*{code}"
-        return code
+        summed = {i for i, a in self.frame.slots.items() if a in bound and i in every}
+        out = [i for i in every if i not in summed]
+        if order is None:
+            out.sort(key=self.frame.slots.__getitem__)
+        elif set(order) == set(out):
+            out = list(order)
+        else:
+            return None
+        code = _product(tensors, out, self._index_letters(every))
+        if order is None:
+            code = self._layout(code, tuple(extent(i) for i in out), [self.frame.slots[i] for i in out])
+        return self._scaled(code, scalars)
+
+    def _scaled(self, code: str, scalars: list) -> str:
+        """``code`` times the product of ``scalars``: ``(a @ b)/math.sqrt(d)``, ``2*(a @ b)``."""
+        if not scalars:
+            return code
+        top, bottom = sp.fraction(sp.Mul(*scalars))
+        mul = sp.printing.precedence.PRECEDENCE["Mul"]
+        text = _wrap(code) if top == 1 else f"{self.parenthesize(top, mul)}*{_wrap(code)}"
+        return text if bottom == 1 else f"{text}/{self.parenthesize(bottom, mul, strict=True)}"
+
+    def _index_letters(self, indices: set) -> dict:
+        """einsum subscripts: each index by its dimension's initial where those differ, else a, b, c, ..."""
+        ordered = sorted(indices, key=lambda i: (self.frame.slots.get(i, len(self.frame.dims)), i.name))
+        initials = [str(extent(i))[0].lower() for i in ordered]
+        if len(set(initials)) == len(initials) and all(c.isalpha() for c in initials):
+            return dict(zip(ordered, initials))
+        return dict(zip(ordered, "abcdefghijklmnopqrstuvwxyz"))
+
+    def print_in_order(self, expr: sp.Expr, order: list) -> str | None:
+        """``expr``, a sum that is a contraction (times numbers), with its axes exactly ``order``
+        (``x.T @ dout`` for ``dW[i, o]``), or None where it is not one."""
+        factors = sp.Mul.make_args(expr)
+        sums = [f for f in factors if isinstance(f, (Red, AxisSum))]
+        rest = [f for f in factors if not isinstance(f, (Red, AxisSum))]
+        if len(sums) != 1 or not all(_is_scalar_factor(f, self.shapes) for f in rest):
+            return None
+        frame, axes, red = self.frame, [], sums[0]
+        while isinstance(red, (Red, AxisSum)):
+            frame, axis = frame.with_bound(red.index, red.body)
+            axes.append(axis)
+            red = red.body
+        code = self._inner(frame)._contraction(red, axes, order)
+        return None if code is None else self._scaled(code, rest)
 
     def _print_lookup(self, expr):
         """``w[y[i_n]]`` (a table read at labels) prints as ``w[y]``: the labels' axes, then the
@@ -184,23 +234,30 @@ class KernelPrinter(TorchPrinter):
         axes = [self.frame.slots[i] for s, i in zip(shape, indices) if s != 1 and i != 0]
         return self._layout(f"{expr.base}[{labels.base}]", shape, axes)
 
-    def _layout(self, name: str, shape: tuple, axes: list[int]) -> str:
-        """``name`` viewed so that its varying axes sit on ``axes`` of the frame."""
-        if axes != sorted(axes):
-            raise DerivationError("", f"{name} would need its axes permuted", "transposed reads are not vectorized yet",
-                                  tensor=name)
+    def _layout(self, name: str, shape: tuple, axes: list[int], full_rank: bool = False) -> str:
+        """``name`` viewed so that its varying axes sit on ``axes`` of the frame (permuted first
+        where they are stored in another order: ``W.T``, ``x.permute(1, 0, 2)``)."""
         rank = len(self.frame.dims)
         target = [1] * rank
         varying = [s for s in shape if s != 1]
         for axis, size in zip(axes, varying):
             target[axis] = size
+        if axes != sorted(axes):
+            order = sorted(range(len(axes)), key=axes.__getitem__)
+            if len(varying) != len(shape):  # drop the kept axes first: a view of any layout
+                name = f"{_wrap(name)}.view({', '.join(self._print(s) for s in varying)})"
+            if order == [1, 0]:
+                name = f"{_wrap(name)}.T"
+            else:
+                name = f"{_wrap(name)}.permute({', '.join(map(str, order))})"
+            shape = tuple(varying[k] for k in order)
         padded = list(_padded(shape, rank))
         # inside a reduction every tensor keeps the frame's rank: ``w.sum(1)`` of a (k,) vector
         # would name an axis it does not have
-        if len(shape) <= rank and _broadcasts_as(padded, target) and not (self.full_rank and len(shape) < rank):
+        if len(shape) <= rank and _broadcasts_as(padded, target) and not ((self.full_rank or full_rank) and len(shape) < rank):
             return name
         sizes = ", ".join(self._print(s) for s in target)
-        return f"{name}.view({sizes})"
+        return f"{_wrap(name)}.view({sizes})"
 
     def _lower_rank(self, body: sp.Expr) -> bool:
         """True when every tensor ``body`` reads has fewer axes than the frame: its sum must then
@@ -284,18 +341,11 @@ class KernelPrinter(TorchPrinter):
             raise DerivationError("", f"{expr} compares two positions", "only label one-hots are vectorized")
         labels_axes = [self.frame.slots[i] for i in b.indices if isinstance(i, sp.Idx)]
         axis = self.frame.slots[a]
-        name = str(b.base)
-        if labels_axes + [axis] == sorted(labels_axes + [axis]) and axis == max(labels_axes + [axis]):
-            code = f"F.one_hot({name}, {self._print(extent(a))})"
-            if self.dtype_of:
-                code += f".to({self.dtype_of}.dtype)"
-            rank = len(self.frame.dims)
-            used = labels_axes + [axis]
-            if used == list(range(rank - len(used), rank)):
-                return code
-            target = [self._print(self.frame.dims[k]) if k in used else "1" for k in range(rank)]
-            return f"{code}.view({', '.join(target)})"
-        raise DerivationError("", f"{expr} needs the class axis before the label axes", "reorder the dimensions")
+        code = f"F.one_hot({b.base}, {self._print(extent(a))})"
+        if self.dtype_of:
+            code += f".to({self.dtype_of}.dtype)"
+        shape = tuple(s for s, i in zip(self.shapes[str(b.base)], b.indices)) + (extent(a),)
+        return self._layout(code, shape, labels_axes + [axis])
 
     def _print_Sigmoid(self, expr):
         return f"torch.sigmoid({self._print(expr.args[0])})"
@@ -441,6 +491,69 @@ class ForwardPrinter(KernelPrinter):
         return False
 
 
+def _is_scalar_factor(f: sp.Expr, shapes: dict) -> bool:
+    """Whether ``f`` is a number, size or constant (no tensor element, index or named tensor)."""
+    return not f.atoms(sp.Indexed) and not any(isinstance(s, sp.Idx) or s.name in shapes for s in f.free_symbols)
+
+
+def _product(tensors: list, out: list, letters: dict) -> str:
+    """The contraction of ``tensors`` (elements) onto the indices ``out``, in that order: a matrix
+    product with transposes where it is one (``dout @ W.T``, a batch with ``.mT``), else einsum."""
+    if len(tensors) == 2 and len(out) >= 2:
+        summed = (set(tensors[0].indices) & set(tensors[1].indices)) - set(out)
+        batch, (a, b) = out[:-2], out[-2:]
+        for left, right in (tensors, tensors[::-1]):
+            li, ri = list(left.indices), list(right.indices)
+            if len(summed) != 1 or len(li) != len(batch) + 2 or len(ri) != len(batch) + 2:
+                break
+            (r,) = summed
+            if li[:len(batch)] != batch or ri[:len(batch)] != batch or set(li[-2:]) != {a, r} or set(ri[-2:]) != {r, b}:
+                continue
+            turn = "T" if not batch else "mT"
+            lhs = str(left.base) + (f".{turn}" if li[-2:] == [r, a] else "")
+            rhs = str(right.base) + (f".{turn}" if ri[-2:] == [b, r] else "")
+            return f"{lhs} @ {rhs}"
+    spec = ",".join("".join(letters[i] for i in t.indices) for t in tensors) + "->" + "".join(letters[i] for i in out)
+    return f"torch.einsum('{spec}', {', '.join(str(t.base) for t in tensors)})"
+
+
+def _wrap(code: str) -> str:
+    """``code`` ready for a method call: a name, possibly with calls, subscripts and attributes
+    (``w[y]``, ``x.sum(0)``), as it is; anything else in parentheses."""
+    return code if _is_primary(code) else f"({code})"
+
+
+def _is_primary(code: str) -> bool:
+    """Whether ``code`` is a name followed only by trailers: ``(...)``, ``[...]``, ``.name``."""
+    k = 0
+    while k < len(code) and (code[k].isalnum() or code[k] == "_"):
+        k += 1
+    if k == 0 or not code[0].isidentifier():
+        return False
+    while k < len(code):
+        if code[k] == ".":
+            k += 1
+            start = k
+            while k < len(code) and (code[k].isalnum() or code[k] == "_"):
+                k += 1
+            if k == start:
+                return False
+        elif code[k] in "([":
+            close = {"(": ")", "[": "]"}[code[k]]
+            depth, opener = 0, code[k]
+            while k < len(code):
+                depth += code[k] == opener
+                depth -= code[k] == close
+                k += 1
+                if depth == 0:
+                    break
+            if depth:
+                return False
+        else:
+            return False
+    return True
+
+
 def temporaries(expr: sp.Expr, shapes: dict) -> list[sp.Symbol]:
     """The named tensors (saved values, shared temporaries) ``expr`` reads as whole symbols, by
     their names in ``shapes``; the labels of indexed elements (``x`` of ``x[i, j]``) are not among them."""
@@ -457,16 +570,32 @@ def _broadcasts_as(shape: list, target: list) -> bool:
     return all(s == t for s, t in zip(shape, target))
 
 
-def fit_shape(code: str, layout: tuple, axes: tuple, shape: tuple, sizes) -> str:
-    """``code``, a value printed in the frame ``layout`` (size 1 on the axes it does not vary on),
-    given the shape ``shape``: expanded to ``axes`` (the shape's axes laid out in the frame) where
-    it lacks some of them, then reshaped where the frame's rank is not the shape's
-    (``(1, d)`` -> ``(d,)``). ``sizes`` prints a shape as the arguments of ``expand``/``reshape``."""
+def fit_shape(code: str, varying: list[int], frame: list, target: list, shape: list[str]) -> str:
+    """``code``, a value printed in ``frame`` (size 1 except on the axes ``varying``), as a tensor
+    whose axes are ``target`` (a frame index per axis, 0 for an axis of size 1) with sizes ``shape``
+    (code): expanded where it lacks one of those axes (a broadcast input), permuted where their
+    order differs from the frame's, then reshaped where the ranks differ (``(1, d)`` -> ``(d,)``)."""
+    rank = len(frame)
+    position = {i: k for k, i in enumerate(frame)}
+    wanted = [(position[i], text) for i, text in zip(target, shape) if i != 0]
+    layout = tuple("1" if k not in varying else next((t for a, t in wanted if a == k), "?") for k in range(rank))
+    axes = tuple(next((t for a, t in wanted if a == k), "1") for k in range(rank))
+
+    def sizes(dims):
+        return ", ".join(dims) + ("," if len(dims) == 1 else "")
+
     wrapped = code if code.isidentifier() else f"({code})"
     if layout != axes:
         wrapped += f".expand({sizes(axes)})"
-    if axes != shape:
-        wrapped += f".reshape({sizes(shape) or '()'})"
+    order = [a for a, _ in wanted]
+    current = axes
+    if order != sorted(order):
+        rest = [k for k in range(rank) if k not in order]
+        perm = order + rest
+        wrapped += ".T" if perm == [1, 0] else f".permute({', '.join(map(str, perm))})"
+        current = tuple(axes[k] for k in perm)
+    if current != tuple(shape):
+        wrapped += f".reshape({sizes(tuple(shape)) or '()'})"
     return code if wrapped == f"({code})" else wrapped
 
 

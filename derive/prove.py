@@ -24,7 +24,7 @@ from .errors import ProofFailure
 from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
 from .kernel import Kernel
 from .spec import Labels, Layer, concrete_shape
-from .symbolic import IsArgmax, Max, Red, extent
+from .symbolic import IsArgmax, Max, Red, extent, substitute_family
 from .trace import Graph, Node
 
 
@@ -264,12 +264,13 @@ def prove(kernel: Kernel, sizes: dict[str, int], label_variant: int = 0) -> Proo
     checked = 0
     for formula in kernel.formulas:
         x = inputs[formula.input]
-        dims = kernel.layer.tensors[formula.input].dims
+        free = kernel.elements.free(graph.inputs[formula.input])
         for idx in itertools.product(*[range(s) for s in x.shape]):
             # a broadcast axis ("1") has no index: the formula reads it at 0
-            position = {kernel.elements.index[graph.sizes[d]]: k for d, k in zip(dims, idx) if d != "1"}
+            position = {i: k for i, k in zip(free, idx) if i != 0}
             expected = objective.diff(x[idx])
-            generic = _expand_generic(formula.element, kernel_view, values_with_grad, size_subs, position, labels)
+            generic = _expand_generic(with_adjoints(kernel, formula.element), kernel_view, values_with_grad, size_subs,
+                                      position, labels)
             size = max(_operations_past_limit(expected), _operations_past_limit(generic))
             if size:
                 return Proof(kernel.name, dict(sizes), [f"d{f.input}" for f in kernel.formulas], checked,
@@ -281,6 +282,20 @@ def prove(kernel: Kernel, sizes: dict[str, int], label_variant: int = 0) -> Proo
             checked += 1
     return Proof(kernel.name, dict(sizes), [f"d{f.input}" for f in kernel.formulas], checked,
                  time.perf_counter() - start)
+
+
+def with_adjoints(kernel: Kernel, element: sp.Expr) -> sp.Expr:
+    """``element`` with every materialized adjoint it reads (``dscores[i, j]``) written out as its
+    own formula: what is proven is the whole gradient."""
+    nodes = {n.name: n for n in kernel.graph.nodes}
+    for adjoint in reversed(kernel.adjoints):
+        node = nodes[adjoint.input]
+        base = kernel.elements.grad_ref(node).base if node.shape else None
+        if base is None:
+            element = element.xreplace({kernel.elements.grad_ref(node): adjoint.element})
+        elif any(e.base == base for e in element.atoms(sp.Indexed)):
+            element = substitute_family(element, base, kernel.elements.free(node), adjoint.element)
+    return element
 
 
 class _KernelWithGrad:

@@ -159,8 +159,7 @@ def _fused_region(graph: Graph, region, grad, needed: set, lines: list[Line]) ->
     shapes[str(grad)] = region.output.shape
     wanted = [f for f in kernel.formulas if region.arguments[f.input] in needed]
     taken = {n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes} | {line.code.split(" =")[0] for line in lines}
-    frame = [kernel.graph.sizes[d] for d in kernel.layer.dims]
-    shared, codes = print_formulas(kernel.layer, kernel.elements, wanted, frame, shapes, taken, rename, sizes)
+    shared, codes = print_formulas(kernel.layer, kernel.elements, wanted, kernel.frame, shapes, taken, rename, sizes)
     comment = f"fused {region.layer.name} kernel, grad of: {region.source}"
     for s in shared:
         lines.append(Line(f"{s.name} = {s.code}", comment))

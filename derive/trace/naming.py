@@ -37,7 +37,8 @@ def name_nodes(nodes: list[Node], local_names: dict, output: Node, regions: list
 
 
 def check_names(layer: Layer, nodes: list[Node], sizes: dict) -> None:
-    """Refuse spec variables the generated code would shadow: a gradient's name, a reserved name, a size."""
+    """Refuse spec variables the generated code would shadow: a gradient's name, a reserved name.
+    (A variable named like a dimension is fine: the generated code then names that size ``<dim>_size``.)"""
     names = {n.name for n in nodes}
     for node in nodes:
         if node.named and node.name.startswith("d") and node.name[1:] in names:
@@ -48,7 +49,3 @@ def check_names(layer: Layer, nodes: list[Node], sizes: dict) -> None:
             raise TraceError(layer.name, f"the variable {node.name!r} has a name the generated code uses "
                              f"for itself", f"rename it (reserved: {', '.join(sorted(RESERVED))})",
                              node.line, node.source)
-        if node.name in sizes and node.op not in ("input", "labels"):
-            raise TraceError(layer.name, f"the variable {node.name!r} has the name of a dimension",
-                             f"rename the dimension {node.name!r} in the declaration (generated code keeps "
-                             f"sizes in variables of their dimension's name)", node.line, node.source)

@@ -157,8 +157,8 @@ class Tracer:
             close = difflib.get_close_matches(error.name, list(self.layer.inputs), n=1)
             fix = f"use a declared input ({', '.join(self.layer.inputs)})" + (f"; did you mean {close[0]!r}?" if close else "")
         elif "sympy" in type(error).__module__ or "Symbol" in str(error) or "expression" in str(error):
-            fix = ("a declared Constant or a size computed from several sizes is a symbol while the layer is "
-                   "traced: use it in arithmetic with tensors and numbers (x * eps, x / math.sqrt(d), "
+            fix = ("a declared Constant is a symbol while the layer is traced (so is a size computed from several "
+                   "sizes): use it in arithmetic with tensors and numbers (x * eps, x / math.sqrt(d), "
                    "x / d ** 0.5), not in Python's math functions or methods")
         return TraceError(self.layer.name, f"the spec raised {type(error).__name__}: {error}", fix, line, source)
 
