@@ -78,6 +78,13 @@ def sign(node: Node, signs: dict) -> str:
     return "real"
 
 
+def input_sign(graph: Graph, node: Node) -> str:
+    """An input's sign, as its declared domain says (``Tensor(..., domain="positive")``)."""
+    domain = getattr(graph.layer.inputs.get(node.name), "domain", "real")
+    return {"positive": "positive", "unit": "positive", "probability": "positive", "nonnegative": "nonnegative",
+            "binary": "nonnegative"}.get(domain, "real")
+
+
 class Elements:
     def __init__(self, graph: Graph):
         self.graph = graph
@@ -124,23 +131,36 @@ class Elements:
             k += 1
         return self.nth(size, k)
 
-    def frame(self, exprs: list = ()) -> list[sp.Idx]:
+    def frame(self, exprs: list = (), within: list | None = None) -> list[sp.Idx]:
         """The indices of the axes every tensor of a fused kernel is printed on: each dimension's
         (declaration order first) as many times as a value of the graph, or a sum in ``exprs``
-        or in a node's value, has axes of that size at once."""
-        counts: dict = {s: 1 for s in self.graph.sizes.values()}
-        for node in self.graph.nodes:
-            for s in node.shape:
-                if s != 1:
-                    counts.setdefault(s, 0)
-            for s in set(node.shape) - {1}:
-                counts[s] = max(counts[s], list(node.shape).count(s))
-        values = list(exprs) + list(self.definition.values())
+        or in a node's value, has axes of that size at once.
+
+        ``within`` (a frame): only the axes ``exprs`` need, in that frame's order, so that a value
+        on two axes prints as a matrix (``dlogits``, ``dscores``) in a kernel of four dimensions.
+        """
+        counts: dict = {}
+        if within is None:
+            counts = {s: 1 for s in self.graph.sizes.values()}
+            for node in self.graph.nodes:
+                for s in set(node.shape) - {1}:
+                    counts[s] = max(counts.get(s, 0), list(node.shape).count(s))
+        values = list(exprs) + (list(self.definition.values()) if within is None else [])
         for expr in values:
-            for binder in expr.atoms(Red, Max, AxisSum, AxisMax):
-                indices = [i for i in binder.body.free_symbols if isinstance(i, sp.Idx)]
+            scopes = [expr] + [b.body for b in expr.atoms(Red, Max, AxisSum, AxisMax)]
+            for scope in scopes:
+                indices = [i for i in scope.free_symbols if isinstance(i, sp.Idx)]
                 for size in {extent(i) for i in indices}:
                     counts[size] = max(counts.get(size, 0), sum(1 for i in indices if extent(i) == size))
+        if within is not None:
+            taken: dict = {}
+            out = []
+            for i in within:
+                size = extent(i)
+                if taken.get(size, 0) < counts.get(size, 0):
+                    out.append(i)
+                    taken[size] = taken.get(size, 0) + 1
+            return out + [self.nth(s, k) for s, c in counts.items() for k in range(taken.get(s, 0), c)]
         order = list(self.graph.sizes.values()) + [s for s in counts if s not in self.graph.sizes.values()]
         return [self.nth(s, k) for s in order if s in counts for k in range(counts[s])]
 
@@ -165,7 +185,7 @@ class Elements:
 
     # -- building the normal form ------------------------------------------------------------
     def _add(self, node: Node) -> None:
-        self.signs[node] = "real" if node.op in ("input", "labels") else sign(node, self.signs)
+        self.signs[node] = input_sign(self.graph, node) if node.op in ("input", "labels") else sign(node, self.signs)
         if node.op in ("input", "labels"):
             self.nf[node] = self.ref(node)
             return

@@ -338,6 +338,9 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     mapping = {**bases, **symbols, **sizes}
     elements = [f.element.xreplace(mapping) for f in formulas]
     dtype_of = rename.get(f"d{el.graph.output.name}", f"d{el.graph.output.name}")
+    nodes = {n.name: n for n in el.graph.nodes}
+    # only the axes these formulas need: a gradient of two axes prints as a matrix
+    frame = el.frame([f.element for f in formulas] + [el.ref(nodes[f.input]) for f in formulas], within=frame)
     frame = [i.xreplace(sizes) for i in frame]
     dims = [extent(i) for i in frame]
     shapes = dict(shapes)
@@ -374,7 +377,6 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     _name_scratch_buffers(shared, frame, shapes, names, dtype_of, taken)
     claimed = set()
     codes = []
-    nodes = {n.name: n for n in el.graph.nodes}
     for f, element, r in zip(formulas, elements, reduced):
         node = nodes[f.input]
         target = [i.xreplace(sizes) if i != 0 else 0 for i in el.free(node)]

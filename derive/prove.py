@@ -69,10 +69,15 @@ def _operations_past_limit(expr: sp.Expr) -> int:
 ROW_MAX = sp.Function("row_max", real=True)
 
 
-def _symbols(name: str, shape: tuple) -> np.ndarray:
+# what the proof may assume of an input's entries, by its declared domain
+DOMAIN_ASSUMPTIONS = {"real": {"real": True}, "positive": {"positive": True}, "nonnegative": {"nonnegative": True},
+                      "unit": {"positive": True}, "probability": {"positive": True}, "binary": {"nonnegative": True}}
+
+
+def _symbols(name: str, shape: tuple, domain: str = "real") -> np.ndarray:
     out = np.empty(shape, dtype=object)
     for idx in itertools.product(*[range(s) for s in shape]):
-        out[idx] = sp.Symbol(f"{name}_{'_'.join(map(str, idx))}" if idx else name, real=True)
+        out[idx] = sp.Symbol(f"{name}_{'_'.join(map(str, idx))}" if idx else name, **DOMAIN_ASSUMPTIONS[domain])
     return out
 
 
@@ -207,7 +212,7 @@ def concrete(graph: Graph, sizes: dict[str, int], label_variant: int = 0):
     for name, decl in graph.layer.tensors.items():
         shape = concrete_shape(decl.dims, sizes)
         inputs[name] = (_labels(shape, sizes[decl.classes], label_variant) if isinstance(decl, Labels)
-                        else _symbols(name, shape))
+                        else _symbols(name, shape, decl.domain))
     values = evaluate(graph, size_subs, inputs)
     out = values[graph.output]
     upstream = _symbols(f"d{graph.output.name}", out.shape)
@@ -357,10 +362,26 @@ def _rational_zero(expr: sp.Expr) -> bool:
         return sp.cancel(sp.together(expr)) == 0
 
 
+def _inverses(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with each function applied to its inverse replaced by the argument: ``atanh(tanh(u)) = u``,
+    ``log(exp(u)) = u``, true for the real ``u`` every value of a layer is (SymPy cannot tell that
+    ``x/T - max`` is real: ``T`` could be 0, where the formula is undefined anyway). The refold
+    writes a saved ``tanh`` or ``exp`` output back as its argument this way."""
+    pairs = ((sp.atanh, sp.tanh), (sp.log, sp.exp), (sp.asinh, sp.sinh))
+    for outer, inner in pairs:
+        expr = expr.replace(lambda e: isinstance(e, outer) and isinstance(e.args[0], inner),
+                            lambda e: e.args[0].args[0])
+    return expr
+
+
 def _equal(a: sp.Expr, b: sp.Expr) -> bool:
     difference = a - b
     if difference == 0:
         return True
+    if difference.has(sp.atanh, sp.asinh, sp.log):
+        difference = _inverses(difference)
+        if difference == 0:
+            return True
     # Sufficient and cheap: zero as a rational function of the inputs and of independent symbols
     # standing for the roots and transcendental functions (a zero there is zero for any value of them).
     rational = difference.xreplace(_generators(difference))

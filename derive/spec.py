@@ -8,9 +8,13 @@ Contract for a spec::
         return out
 
 * every parameter of the function is declared, and every declaration names a parameter;
-* ``Tensor(*dims)`` is a floating-point input; dims are names, the same name means the same size,
+* ``Tensor(*dims)`` is a floating-point input; dims are names, the same name means the same size
+  (also within one input: ``Tensor("d", "d")`` is a square matrix), inputs in any order of dimensions,
   a product of names (``"t*e"``) is the size of a flattened axis, ``"1"`` an axis of size 1; ``differentiable=False
-  excludes it from the backward;
+  excludes it from the backward; ``domain=`` one of ``DOMAINS`` (``"positive"``, ``"probability"``, ...) says
+  which values it takes: the proof assumes it and the checks draw their inputs from it;
+* a layer's ``.example(sizes, dtype=..., seed=...)``, when set, returns the test inputs instead (for
+  what a domain cannot say: rows whose labels are not all ignored, weights in a range);
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
 * ``Constant(default)`` is a Python number fixed for the call (``eps``);
 * the function returns one tensor. Run on real tensors it is the autograd reference.
@@ -27,14 +31,28 @@ from typing import Callable
 from .errors import SpecError
 
 
+# The values an input may take, declared as ``Tensor(..., domain=...)``: the proof assumes them (a
+# positive entry is a positive symbol) and the checks draw test inputs from them (verify.sample).
+DOMAINS = {
+    "real": "any real number (the default; test inputs ~ N(0, 1))",
+    "positive": "a number > 0 (a scale, a variance, a rate)",
+    "nonnegative": "a number >= 0 (a count, a squared distance)",
+    "unit": "a number in (0, 1) (a probability of its own, a gate)",
+    "probability": "entries > 0 that sum to 1 along the last axis (a distribution per row: soft targets)",
+    "binary": "0 or 1 (a mask)",
+}
+
+
 @dataclass(frozen=True)
 class Tensor:
     dims: tuple[str, ...]
     differentiable: bool = True
+    domain: str = "real"
 
-    def __init__(self, *dims: str, differentiable: bool = True):
+    def __init__(self, *dims: str, differentiable: bool = True, domain: str = "real"):
         object.__setattr__(self, "dims", tuple(dims))
         object.__setattr__(self, "differentiable", differentiable)
+        object.__setattr__(self, "domain", domain)
 
 
 @dataclass(frozen=True)
@@ -137,13 +155,13 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
         if not isinstance(decl, (Tensor, Labels, Constant)):
             raise SpecError(name, f"input {p!r} is declared as {decl!r}",
                             "use Tensor(...), Labels(...) or Constant(...)")
+        if isinstance(decl, Tensor) and decl.domain not in DOMAINS:
+            raise SpecError(name, f"input {p!r} has domain {decl.domain!r}",
+                            f"use one of: {', '.join(repr(d) for d in DOMAINS)}")
         if isinstance(decl, (Tensor, Labels)):
             if not decl.dims or not all(isinstance(d, str) and DIM.match(d) for d in decl.dims):
                 raise SpecError(name, f"input {p!r} has dims {decl.dims!r}",
                                 "give each dimension a name, e.g. Tensor('n', 'd') (or a product, 't*e')")
-            if len(set(decl.dims)) != len(decl.dims):
-                raise SpecError(name, f"input {p!r} uses a dimension name twice: {decl.dims!r}",
-                                "give every axis of one tensor its own dimension name")
     for p in params:
         if p not in inputs:
             raise SpecError(name, f"parameter {p!r} is not declared",
