@@ -248,7 +248,7 @@ def prove_steps(graph: Graph, sizes: dict[str, int], label_variant: int = 0) -> 
         x, g = inputs[name], grads.get(graph.inputs[name])
         for idx in itertools.product(*[range(s) for s in x.shape]):
             ours = sp.S.Zero if g is None else g[idx]
-            if not _equal(objective.diff(x[idx]), ours):
+            if not _equal(objective.diff(x[idx]), ours, tuple(np.asarray(upstream).flat)):
                 raise ProofFailure(f"{graph.layer.name}: step-by-step d{name}{list(idx)} at sizes {sizes} differs "
                                    f"from the element-wise derivative")
             checked += 1
@@ -266,6 +266,7 @@ def prove(kernel: Kernel, sizes: dict[str, int], label_variant: int = 0) -> Proo
     grad_node = Node("input", (), graph.output.shape, name=f"d{graph.output.name}")
     values_with_grad[grad_node] = upstream
     kernel_view = _KernelWithGrad(kernel, grad_node)
+    upstream_symbols = tuple(np.asarray(upstream).flat)
     checked = 0
     for formula in kernel.formulas:
         x = inputs[formula.input]
@@ -281,7 +282,7 @@ def prove(kernel: Kernel, sizes: dict[str, int], label_variant: int = 0) -> Proo
                 return Proof(kernel.name, dict(sizes), [f"d{f.input}" for f in kernel.formulas], checked,
                              time.perf_counter() - start, skipped=f"d{formula.input}{list(idx)} has {size} operations "
                                                                   f"(more than {PROOF_MAX_OPS})")
-            if not _equal(expected, generic):
+            if not _equal(expected, generic, upstream_symbols):
                 raise ProofFailure(f"{kernel.name}: d{formula.input}{list(idx)} at sizes {sizes} differs from the "
                                    f"element-wise derivative")
             checked += 1
@@ -337,6 +338,9 @@ def _generators(expr: sp.Expr) -> dict:
         negated = z.could_extract_minus_sign()
         u = exps.setdefault(-z if negated else z, sp.Dummy("u"))
         out[f] = 1 / u if negated else u
+    # an irrational number (pi, sqrt(2), from erf's 2/sqrt(pi) or a scale 1/sqrt(2)) as a symbol of its own
+    for number in expr.atoms(sp.NumberSymbol) | {p for p in atoms if p.is_Pow and p.is_number and not p.is_Rational}:
+        out.setdefault(number, sp.Dummy("c"))
     # a maximum's derivative (Derivative, Subs of the opaque row_max) is one whole atom too: replaced
     # first (xreplace replaces the outermost match), so that no row_max inside it becomes a constant
     for f in atoms:
@@ -374,7 +378,15 @@ def _inverses(expr: sp.Expr) -> sp.Expr:
     return expr
 
 
-def _equal(a: sp.Expr, b: sp.Expr) -> bool:
+def _equal(a: sp.Expr, b: sp.Expr, upstream: tuple = ()) -> bool:
+    """Whether ``a`` and ``b`` are the same function of the inputs (and the ``upstream`` gradient).
+
+    Both are linear in the upstream gradient, a sum over the output's entries. Where the difference
+    reads several of them and divides by several sums (a softmax's per row), it is zero when its
+    value at an upstream of 0 and its derivative in each entry are: each of those reads one output
+    entry, with its own row's sum in the denominator, where together they would bring every row's
+    sum into one common denominator (minutes, for a softmax with a learned temperature).
+    """
     difference = a - b
     if difference == 0:
         return True
@@ -382,6 +394,18 @@ def _equal(a: sp.Expr, b: sp.Expr) -> bool:
         difference = _inverses(difference)
         if difference == 0:
             return True
+    read = [u for u in upstream if u in difference.free_symbols]
+    sums = {p.base for p in difference.atoms(sp.Pow) if p.exp.is_negative and p.base.is_Add}
+    if len(read) > 1 and len(sums) > 1:
+        return _same(difference.xreplace({u: 0 for u in read})) and all(_same(sp.diff(difference, u)) for u in read)
+    return _same(difference)
+
+
+def _same(difference: sp.Expr) -> bool:
+    """Whether ``difference`` is zero: as a rational function of its atoms first, then by ``cancel``,
+    last by ``simplify``."""
+    if difference == 0:
+        return True
     # Sufficient and cheap: zero as a rational function of the inputs and of independent symbols
     # standing for the roots and transcendental functions (a zero there is zero for any value of them).
     rational = difference.xreplace(_generators(difference))
