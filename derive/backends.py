@@ -123,6 +123,11 @@ class CodeOps:
         """The last two axes swapped (``.T`` of a matrix, ``.mT`` of a batch of them)."""
         return Code(f"{b.wrap(ATOM)}.{'T' if b.shape is not None and len(b.shape) == 2 else 'mT'}")
 
+    def sum_batch(self, g, like, source):
+        """``g``, with ``source``'s rank, summed over the leading axes ``like`` does not have."""
+        extra = len(source.shape) - len(like.shape)
+        return g if extra <= 0 else Code(f"{g.wrap(ATOM)}.sum({_axes(range(extra))})")
+
     def permute(self, g, perm):
         if len(perm) == 2:
             return Code(f"{g.wrap(ATOM)}.T")
@@ -276,6 +281,10 @@ class ArrayOps:
 
     def permute(self, g, perm):
         return np.transpose(g, perm)
+
+    def sum_batch(self, g, like, source):
+        extra = g.ndim - np.ndim(like)
+        return g if extra <= 0 else g.sum(axis=tuple(range(extra)))
 
     def sum(self, x, axes):
         return np.asarray(x, dtype=object).sum(axis=tuple(axes), keepdims=True)

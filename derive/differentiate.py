@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .elements import CONTRACTIONS, Elements
+from .elements import CONTRACTIONS, NORMALIZERS, Elements
 from .errors import DerivationError
-from .symbolic import IsArgmax, Red, expand, index_for, is_contraction
+from .symbolic import IsArgmax, Red, expand, index_for, is_contraction, reindex
 from .trace import Node
 
 
@@ -54,15 +54,43 @@ def _target_indices(el: Elements, node: Node) -> tuple:
 
 
 def _contribution(el: Elements, node: Node, adjoint: sp.Expr, target: Node) -> sp.Expr:
-    definition = el.definition[node]
+    if node.op in NORMALIZERS:
+        indices, definition, adjoint = _through_normalizer(el, node, adjoint)
+    else:
+        indices, definition = el.free(node), el.definition[node]
     p = _target_indices(el, target)
     local = sp.diff(definition, el.ref(target, p))
     total = expand(adjoint * local)
-    for i in el.free(node):
+    for i in indices:
         if i != 0:
             total = Red(total, i)
     back = {pi: i for pi, i in zip(p, el.free(target)) if pi != 0}
     return el.recognize(expand(total.xreplace(back)))
+
+
+def _through_normalizer(el: Elements, node: Node, adjoint: sp.Expr) -> tuple[tuple, sp.Expr, sp.Expr]:
+    """A softmax, log-softmax or logsumexp's adjoint passed on to its argument, in the node's own
+    value (``s*(a - sum(a*s))``, as autograd's), with the argument's indices and normal form: the
+    gradients then read the saved softmax, not its exponentials written out again."""
+    source = node.args[0]
+    axes = node.attrs["axes"]
+    z = el.nf[source]  # the argument at its own indices
+    own = el.free(source)
+    s = el.ref(node) if node.op != "logsumexp" else None
+    if node.op in ("softmax", "log_softmax"):
+        adjoint = reindex(adjoint, dict(zip(el.free(node), own)))
+        s = el.ref(node, own)
+        (axis,) = axes
+        j = el.bound(source.shape[axis], set(own))
+        if node.op == "softmax":
+            return own, z, s * (adjoint - Red(reindex(adjoint * s, {own[axis]: j}), j))
+        return own, z, adjoint - sp.exp(s) * Red(reindex(adjoint, {own[axis]: j}), j)
+    keepdim = node.attrs["keepdim"]
+    kept = [i for k, i in enumerate(own) if k not in axes]
+    at = [0 if k in axes else i for k, i in enumerate(own)] if keepdim else kept
+    at_node = dict(zip(el.free(node), at))
+    value = el.ref(node, tuple(at))
+    return own, z, reindex(adjoint, at_node) * sp.exp(z - value)
 
 
 def differentiate(el: Elements) -> Gradients:
@@ -77,8 +105,12 @@ def differentiate(el: Elements) -> Gradients:
         if adjoint is None or adjoint == 0:
             continue
         if node is not graph.output and _materialize(el, node, adjoint):
-            materialized.append((node, adjoint))
-            adjoint = el.grad_ref(node)
+            # two products summed (``x @ wi + h @ ui``) have one adjoint: computed once, read by both
+            same = next((m for m, a in materialized if m.shape == node.shape
+                         and a == reindex(adjoint, dict(zip(el.free(node), el.free(m))))), None)
+            if same is None:
+                materialized.append((node, adjoint))
+            adjoint = el.grad_ref(same or node)
         read = el.definition[node]
         for target in variables:
             if target is node or not _reads(el, read, target):

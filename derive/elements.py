@@ -10,7 +10,8 @@ operand's own indices (distinct dimensions, nothing transposed), its expression 
 *Normal form.* Elementwise nodes are inlined into their consumers. A *named* node whose value
 involves a reduction (``bnmeani``, ``bnvar``, ``counts_sum``, ``logit_maxes``) stays opaque: it is
 read as ``bnvar[0, i_d]`` and keeps its definition aside. So does every matrix product (a
-contraction), named or not. Every opaque definition also teaches a *recognition* rule: the
+contraction), named or not, and every value with a reduction that a matrix product reads
+(``softmax(scores) @ v``): the chain rule then goes through it as autograd's does. Every opaque definition also teaches a *recognition* rule: the
 reduction it introduces is that node (``Red(x) -> n*bnmeani``), so the identities a human would
 use (the centred values sum to zero, probabilities sum to one) come out of plain linearity.
 """
@@ -28,6 +29,9 @@ from .trace import Graph, Node
 
 REDUCING_OPS = ("sum", "mean", "max", "matmul", "softmax", "log_softmax", "logsumexp")
 CONTRACTIONS = ("matmul",)
+# normalizations over an axis, opaque wherever they occur: the chain rule goes through their own
+# value (``differentiate._through_normalizer``), as autograd's does
+NORMALIZERS = ("softmax", "log_softmax", "logsumexp")
 _SAME_SIGN = ("permute", "expand", "view")
 
 
@@ -190,7 +194,9 @@ class Elements:
             self.nf[node] = self.ref(node)
             return
         value = self._value(node)
-        if node is self.graph.output or (reductions(value) and (node.named or node.op in CONTRACTIONS)):
+        contracted = any(m.op in CONTRACTIONS for m in self.graph.consumers(node))
+        if node is self.graph.output or node.op in NORMALIZERS or (
+                reductions(value) and (node.named or node.op in CONTRACTIONS or contracted)):
             self.known[node] = len(self.rules)
             value = self.recognize(value)
             self.definition[node] = value
@@ -273,7 +279,8 @@ class Elements:
             x, y = node.args
             inner = x.shape[-1]
             j = 0 if inner == 1 else self.bound(inner, set(result))
-            product = read(x, (*result[:-1], j)) * read(y, (*result[:-2], j, result[-1]))
+            batch = result[:-2][len(result) - len(y.shape):] if len(y.shape) > 2 else ()  # a matrix y has none
+            product = read(x, (*result[:-1], j)) * read(y, (*batch, j, result[-1]))
             return product if j == 0 else total(product, j)
         if op == "permute":
             target = [0] * len(result)

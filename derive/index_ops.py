@@ -57,8 +57,10 @@ class Elt:
 
     def __matmul__(self, other: "Elt") -> "Elt":
         a, b = self, other
+        batch = len(b.shape) - 2  # a matrix (no batch axes) multiplies every matrix of a's batch
         return Elt((*a.shape[:-1], b.shape[-1]),
-                   lambda idx: _sum(lambda r: a.fn((*idx[:-1], r)) * b.fn((*idx[:-2], r, idx[-1])), [a.shape[-1]]))
+                   lambda idx: _sum(lambda r: a.fn((*idx[:-1], r)) * b.fn((*idx[len(idx) - 2 - batch:-2], r, idx[-1])),
+                                    [a.shape[-1]]))
 
 
 def _broadcast(a: tuple, b: tuple) -> tuple:
@@ -182,6 +184,12 @@ class IndexOps:
     def transpose(self, b):
         perm = tuple(range(len(b.shape) - 2)) + (len(b.shape) - 1, len(b.shape) - 2)
         return self.permute(b, perm)
+
+    def sum_batch(self, g, like, source):
+        extra = len(g.shape) - len(like.shape)
+        if extra <= 0:
+            return g
+        return _reduce(g, g.shape[extra:], tuple(range(extra)), False)
 
     def permute(self, g, perm):
         inverse = sorted(range(len(perm)), key=perm.__getitem__)

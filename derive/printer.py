@@ -356,10 +356,47 @@ class KernelPrinter(TorchPrinter):
     def _print_Relu(self, expr):
         return f"torch.relu({self._print(expr.args[0])})"
 
+    def _mask(self, code: str) -> str:
+        """A comparison's bool tensor, cast to the gradient's dtype when it is multiplied."""
+        mask = f"({code})"
+        return f"{mask}.to({self.dtype_of}.dtype)" if self.dtype_of else mask
+
+    def condition(self, m: sp.Expr) -> str:
+        """A 0/1 mask as the bool condition of ``torch.where`` (``x > 0``, ``y != c``)."""
+        from .functions import Equal, NonNeg, Step
+        rel = sp.printing.precedence.PRECEDENCE["Relational"]
+        if isinstance(m, (Step, NonNeg, Equal)):
+            a, b = _sides(m.args[0])
+            symbol = {Step: ">", NonNeg: ">=", Equal: "=="}[type(m)]
+            return f"{self.parenthesize(a, rel)} {symbol} {self.parenthesize(b, rel)}"
+        if isinstance(m, sp.KroneckerDelta):
+            return f"{self._print(m.args[0])} == {self._print(m.args[1])}"
+        if isinstance(m, sp.Add) and len(m.args) == 2 and 1 in m.args:  # 1 - mask
+            (inner,) = [a for a in m.args if a != 1]
+            if inner.could_extract_minus_sign():
+                return f"~({self.condition(-inner)})"
+        if isinstance(m, sp.Mul) and not m.atoms(sp.Number) - {sp.S.One}:
+            return " & ".join(f"({self.condition(f)})" for f in m.args)
+        return f"{self._print(m)} != 0"
+
     def _print_Step(self, expr):
         # a bool mask cast to the gradient's dtype: 1 where the argument is positive, 0 at 0 (as torch)
-        mask = f"({self._print(expr.args[0])} > 0)"
-        return f"{mask}.to({self.dtype_of}.dtype)" if self.dtype_of else mask
+        return self._mask(self.condition(expr))
+
+    def _print_NonNeg(self, expr):
+        return self._mask(self.condition(expr))
+
+    def _print_Equal(self, expr):
+        return self._mask(self.condition(expr))
+
+    def _print_Where(self, expr):
+        m, a, b = expr.args
+        return f"torch.where({self.condition(m)}, {self._print(a)}, {self._print(b)})"
+
+    def _print_Clamp(self, expr):
+        x, lo, hi = expr.args
+        bounds = [f"{k}={self._print(v)}" for k, v in (("min", lo), ("max", hi)) if v.is_finite]
+        return f"torch.clamp({self._print(x)}, {', '.join(bounds)})"
 
     def _print_Max(self, expr):
         raise DerivationError("", "a maximum left in a backward formula", "report this as a bug")
@@ -491,6 +528,16 @@ class ForwardPrinter(KernelPrinter):
         return False
 
 
+def _sides(e: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+    """``a - b`` as ``(a, b)`` for printing ``a > b``: the negative terms go to the right (else 0)."""
+    terms = sp.Add.make_args(e)
+    right = [-t for t in terms if t.could_extract_minus_sign()]
+    left = [t for t in terms if not t.could_extract_minus_sign()]
+    if not left or not right:
+        return e, sp.S.Zero
+    return sp.Add(*left), sp.Add(*right)
+
+
 def _is_scalar_factor(f: sp.Expr, shapes: dict) -> bool:
     """Whether ``f`` is a number, size or constant (no tensor element, index or named tensor)."""
     return not f.atoms(sp.Indexed) and not any(isinstance(s, sp.Idx) or s.name in shapes for s in f.free_symbols)
@@ -504,14 +551,14 @@ def _product(tensors: list, out: list, letters: dict) -> str:
         batch, (a, b) = out[:-2], out[-2:]
         for left, right in (tensors, tensors[::-1]):
             li, ri = list(left.indices), list(right.indices)
-            if len(summed) != 1 or len(li) != len(batch) + 2 or len(ri) != len(batch) + 2:
-                break
-            (r,) = summed
-            if li[:len(batch)] != batch or ri[:len(batch)] != batch or set(li[-2:]) != {a, r} or set(ri[-2:]) != {r, b}:
+            if len(summed) != 1 or len(li) != len(batch) + 2 or len(ri) not in (2, len(batch) + 2):
                 continue
-            turn = "T" if not batch else "mT"
-            lhs = str(left.base) + (f".{turn}" if li[-2:] == [r, a] else "")
-            rhs = str(right.base) + (f".{turn}" if ri[-2:] == [b, r] else "")
+            (r,) = summed
+            # the right operand may be one matrix for every matrix of the left's batch
+            if li[:-2] != batch or ri[:-2] not in (batch, []) or set(li[-2:]) != {a, r} or set(ri[-2:]) != {r, b}:
+                continue
+            lhs = str(left.base) + (f".{'mT' if batch else 'T'}" if li[-2:] == [r, a] else "")
+            rhs = str(right.base) + (f".{'mT' if ri[:-2] else 'T'}" if ri[-2:] == [b, r] else "")
             return f"{lhs} @ {rhs}"
     spec = ",".join("".join(letters[i] for i in t.indices) for t in tensors) + "->" + "".join(letters[i] for i in out)
     return f"torch.einsum('{spec}', {', '.join(str(t.base) for t in tensors)})"

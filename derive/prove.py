@@ -207,7 +207,7 @@ def _expand_generic(expr: sp.Expr, kernel: Kernel, values: dict, sizes: dict, po
 def concrete(graph: Graph, sizes: dict[str, int], label_variant: int = 0):
     """Symbolic inputs at ``sizes``, every node's value, the upstream gradient and the objective
     ``sum(dout*out)`` (an ``Objective``, which differentiates it)."""
-    size_subs = {graph.sizes[d]: v for d, v in sizes.items()}
+    size_subs = graph.size_values(sizes)
     inputs = {}
     for name, decl in graph.layer.tensors.items():
         shape = concrete_shape(decl.dims, sizes)
@@ -425,10 +425,13 @@ def default_sizes(layer: Layer) -> list[dict[str, int]]:
     each size takes two values across the proofs). Sizes whose product exceeds ``PROOF_ELEMENTS``
     are left out (a proof's cost grows with the square of a reduction's length), but never the
     first two: every layer is proven at two sizes at least."""
+    from .trace import trace
+
+    graph = trace(layer)
     dims = layer.dims
     out = []
     for n in (2, 3, 4, 5):
-        sizes = {d: (n if k == 0 else (3 if n % 2 == 0 and k == 1 else 2)) for k, d in enumerate(dims)}
-        if len(out) < 2 or math.prod(sizes.values()) <= PROOF_ELEMENTS:
+        sizes = graph.fitted({d: (n if k == 0 else (3 if n % 2 == 0 and k == 1 else 2)) for k, d in enumerate(dims)})
+        if (len(out) < 2 or math.prod(sizes.values()) <= PROOF_ELEMENTS) and sizes not in out:
             out.append(sizes)
     return out

@@ -199,8 +199,8 @@ def _max(ops, grad, result, a, axes, keepdim):
 
 
 @rule("matmul")
-def _matmul(ops, grad, result, a, b):  # batched too: (..., n, d) @ (..., d, m)
-    return grad @ ops.transpose(b), ops.transpose(a) @ grad
+def _matmul(ops, grad, result, a, b):  # batched too: (..., n, d) @ (..., d, m), or (..., n, d) @ (d, m)
+    return grad @ ops.transpose(b), ops.sum_batch(ops.transpose(a) @ grad, b, a)
 
 
 @rule("pick")

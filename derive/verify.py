@@ -14,6 +14,7 @@ from types import ModuleType
 import torch
 
 from .errors import DeriveError
+from .memo import ByObject
 from .spec import Constant, Labels, Layer, concrete_shape
 
 
@@ -66,11 +67,28 @@ def sample(domain: str, shape: tuple, dtype=torch.float64, generator: torch.Gene
     return z.to(dtype)
 
 
+_TRACED = ByObject(maxsize=64)  # layer -> its traced graph (for the sizes it divides)
+
+
+def fitted_sizes(layer: Layer, sizes: dict[str, int]) -> dict[str, int]:
+    """``sizes`` made to divide where the spec splits a size (``x.view(n, G, d // G)``)."""
+    from .trace import trace
+
+    def traced(layer):
+        try:
+            return trace(layer)
+        except DeriveError:  # a spec that does not trace has no divided sizes to honour
+            return None
+    graph = _TRACED.get(layer, traced)
+    return graph.fitted(sizes) if graph is not None and graph.derived else dict(sizes)
+
+
 def random_inputs(layer: Layer, sizes: dict[str, int], dtype=torch.float64, seed: int = 0, scale: float = 1.0) -> dict:
     """Inputs for ``layer``: its own example inputs if it has them, else floats drawn from each
     input's declared domain (``sample``; N(0, 1) for a plain ``Tensor``) and uniform labels."""
     if layer.example is not None:
         return layer.example(sizes, dtype=dtype, seed=seed)
+    sizes = fitted_sizes(layer, sizes)
     g = torch.Generator().manual_seed(seed)
     values = {}
     for name, decl in layer.inputs.items():

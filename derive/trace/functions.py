@@ -120,6 +120,12 @@ def dispatch(func, args: tuple, kwargs: dict):
     if not args and "input" in kwargs:  # torch.exp(input=x)
         args = (kwargs.pop("input"),)
     tensor = next(a for a in (*args, *kwargs.values()) if hasattr(a, "_tracer"))
+    if kwargs.get("inplace"):
+        tensor._tracer.fail(f"{name}(..., inplace=True)", "use the out-of-place form (inplace=False)")
+    # torch passes every keyword of a functional (``size_average=None``, ``out=None``, ``inplace=False``):
+    # those left at their defaults change nothing
+    kwargs = {k: v for k, v in kwargs.items()
+              if not (v is None or (k == "inplace" and v is False) or (k == "_stacklevel"))}
     if name in FUNCTIONS:
         return FUNCTIONS[name](*args, **kwargs)
     if name in METHODS and args and args[0] is tensor:

@@ -58,3 +58,37 @@ class Graph:
 
     def consumers(self, node: Node) -> list[Node]:
         return [m for m in self.nodes if node in m.inputs]
+
+    def fitted(self, sizes: dict[str, int]) -> dict[str, int]:
+        """``sizes`` with a dimension made larger where a size the spec divides (``d // G``) would
+        not divide exactly: the first dimension of the divided size grows until it does."""
+        sizes = dict(sizes)
+        for numerator, divisor in self.derived.values():
+            names = [str(f) for f in sp.Mul.make_args(sp.sympify(numerator)) if f.is_Symbol and str(f) in sizes]
+            for _ in range(1000):
+                values = self._numbers(sizes)
+                top, bottom = int(sp.sympify(numerator).xreplace(values)), int(sp.sympify(divisor).xreplace(values))
+                if not names or bottom <= 0 or top % bottom == 0:
+                    break
+                sizes[names[0]] += 1
+        return sizes
+
+    def _numbers(self, sizes: dict[str, int]) -> dict:
+        """Declared sizes and constants (at their defaults) by symbol; a constant used as a size is
+        matched by name."""
+        values = {self.sizes[d]: sp.Integer(v) for d, v in sizes.items() if d in self.sizes}
+        for name, symbol in self.constants.items():
+            default = sp.sympify(self.layer.inputs[name].default)
+            values[symbol] = default
+            values[sp.Symbol(name, integer=True, positive=True)] = default
+        return values
+
+    def size_values(self, sizes: dict[str, int]) -> dict[sp.Symbol, int]:
+        """Each size symbol's value at the concrete ``sizes`` (dimension name -> int), the sizes the
+        spec computed (``d // G``, with a Constant at its default) included."""
+        numbers = self._numbers(sizes)
+        values = {**{k: int(v) for k, v in numbers.items() if k.is_integer and sp.sympify(v).is_Integer},
+                  **{self.sizes[d]: v for d, v in sizes.items() if d in self.sizes}}
+        for symbol, (numerator, divisor) in self.derived.items():
+            values[symbol] = int(sp.sympify(numerator).xreplace(numbers)) // int(sp.sympify(divisor).xreplace(numbers))
+        return values

@@ -120,11 +120,9 @@ class Reductions:
             return (self @ other.unsqueeze(-1)).squeeze(-1)
         if a[-1] != b[-2]:
             t.fail(f"'@' of shapes {a} and {b}", "the inner sizes must agree")
-        if len(a) > 2 and len(b) == 2:  # a stack of rows times one matrix: one matrix product
-            return (self.reshape(-1, a[-1]) @ other).reshape(*self.shape[:-1], other.shape[-1])
-        if a[:-2] != b[:-2]:
+        if a[:-2] != b[:-2] and len(b) != 2:
             t.fail(f"'@' of shapes {a} and {b}: batch axes that broadcast",
-                   "give both operands the same batch axes (expand the smaller one first)")
+                   "give both operands the same batch axes, or the second none (a matrix)")
         return t.record("matmul", (self.node, other.node), (*a[:-1], b[-1]))
 
     def __rmatmul__(self, other):

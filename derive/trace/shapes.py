@@ -22,6 +22,8 @@ class Shapes:
         for s in shape:
             if hasattr(s, "symbol"):
                 sizes.append(s.symbol)
+            elif isinstance(s, sp.Symbol) and not s.is_integer:  # a declared Constant used as a size
+                sizes.append(sp.Symbol(s.name, integer=True, positive=True))
             elif isinstance(s, (int, sp.Expr)) and not isinstance(s, bool):
                 sizes.append(t.size_table.as_size_expression(s) if isinstance(s, int) and
                               t.size_table.as_size_expression(s) is not None else sp.sympify(s))

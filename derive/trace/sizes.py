@@ -91,6 +91,8 @@ class Sizes:
     def quotient(self, numerator: sp.Expr, divisor) -> Dim:
         """``numerator // divisor``: a size of its own, and the condition that it divides exactly."""
         divisor = sp.sympify(divisor)
+        if isinstance(divisor, sp.Symbol) and not divisor.is_integer:  # a declared Constant: a count here
+            divisor = sp.Symbol(divisor.name, integer=True, positive=True)
         for symbol, (a, b) in self.derived.items():
             if a == numerator and b == divisor:
                 return self.dims[symbol]
