@@ -304,6 +304,20 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame: l
     return ordered + second, codes
 
 
+def _whole_indices(replacements: list, reduced: list) -> tuple[list, list]:
+    """cse's result with every index's range written out again: a range ``d - 1`` that cse shared
+    with a coefficient ``1/(d - 1)`` must not leave a temporary inside the index."""
+    values: dict = {}
+    for symbol, value in replacements:
+        values[symbol] = value.xreplace(values)
+
+    def fix(expr):
+        broken = {i for i in expr.atoms(sp.Idx) if (i.lower.free_symbols | i.upper.free_symbols) & set(values)}
+        return expr.xreplace({i: sp.Idx(i.label, (i.lower.xreplace(values), i.upper.xreplace(values))) for i in broken})
+
+    return [(s, fix(v)) for s, v in replacements], [fix(r) for r in reduced]
+
+
 def _bases(expr: sp.Expr) -> set[str]:
     return {str(e.base) for e in expr.atoms(sp.Indexed)}
 
@@ -349,6 +363,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     # a maximum inside a one-hot is not a value to share: cse sees each one-hot as one opaque call
     hidden, restore = hide_argmax(sp.Tuple(*elements))
     replacements, reduced = sp.cse(list(hidden), symbols=sp.numbered_symbols("_cse"), ignore=tuple(bound), order="none")
+    replacements, reduced = _whole_indices(replacements, reduced)
     replacements = [(symbol, restore(value)) for symbol, value in replacements]
     reduced = [restore(r) for r in reduced]
     taken = set(taken) | set(names.values())

@@ -103,7 +103,11 @@ class KernelPrinter(TorchPrinter):
 
     # -- tensors ----------------------------------------------------------------------------
     def _inner(self, frame: Frame) -> "KernelPrinter":
-        return KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
+        """A printer for a sub-expression laid out in ``frame`` (inside a reduction: its tensors
+        keep the frame's rank where this one's do)."""
+        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
+        inner.full_rank = self.full_rank
+        return inner
 
     def _print_Indexed(self, expr):
         """``x[i_n, y[i_n]]``, a tensor read at labels along a later axis, is a ``gather``."""
@@ -276,7 +280,7 @@ class KernelPrinter(TorchPrinter):
             frame, axis = frame.with_bound(expr.index, expr.body)
             axes.append(axis)
             expr = expr.body
-        return self._reduce_body(KernelPrinter(frame, self.shapes, self.names, self.dtype_of), expr, axes)
+        return self._reduce_body(self._inner(frame), expr, axes)
 
     def _reduce_body(self, inner: "KernelPrinter", body: sp.Expr, axes: list[int], method: str = "sum") -> str:
         """``body``, printed by ``inner`` (whose frame holds the bound axes), reduced over ``axes``."""
@@ -430,7 +434,9 @@ class ForwardPrinter(KernelPrinter):
         self.inplace = inplace
 
     def _inner(self, frame: Frame) -> "ForwardPrinter":
-        return ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of)
+        inner = ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of)
+        inner.full_rank = self.full_rank
+        return inner
 
     def statement(self, expr: sp.Expr) -> str:
         """The right-hand side of one statement, updating a dying temporary in place if one fits

@@ -421,15 +421,27 @@ PROOF_ELEMENTS = 12  # largest product of all sizes proven; a 3-d layer at 5x2x2
 
 
 def default_sizes(layer: Layer) -> list[dict[str, int]]:
-    """n = 2, 3, 4, 5 for the first dimension; the second is 3 when n is even, every other 2 (so
-    each size takes two values across the proofs). Sizes whose product exceeds ``PROOF_ELEMENTS``
-    are left out (a proof's cost grows with the square of a reduction's length), but never the
-    first two: every layer is proven at two sizes at least."""
+    """The sizes a layer is proven at, each dimension at two values at least.
+
+    Up to two dimensions: n = 2, 3, 4, 5 for the first; the second is 3 when n is even, every other
+    2. Sizes whose product exceeds ``PROOF_ELEMENTS`` are left out (a proof's cost grows with the
+    square of a reduction's length), but never the first two. Three dimensions or more: every
+    dimension 2, then each dimension in turn 3 (four combinations for three dimensions; for more,
+    the all-2 one is left out: each dimension still takes two values). A size the spec divides
+    (``d // G``) is made to divide."""
     from .trace import trace
 
     graph = trace(layer)
     dims = layer.dims
     out = []
+    if len(dims) >= 3:
+        combos = ([{d: 2 for d in dims}] if len(dims) == 3 else []) + \
+                 [{d: 3 if d == raised else 2 for d in dims} for raised in dims]
+        for sizes in combos:
+            sizes = graph.fitted(sizes)
+            if sizes not in out:
+                out.append(sizes)
+        return out
     for n in (2, 3, 4, 5):
         sizes = graph.fitted({d: (n if k == 0 else (3 if n % 2 == 0 and k == 1 else 2)) for k, d in enumerate(dims)})
         if (len(out) < 2 or math.prod(sizes.values()) <= PROOF_ELEMENTS) and sizes not in out:

@@ -2,13 +2,13 @@
 # source: derive.layers.mlp_parts (layer linear)
 # regenerate: derive generate
 # inputs-hash: 0251fa6b77e23594ca03b7e3288864571eb4b4c6aa469901708b1551fb275951
-# content-hash: f0a81724d4cefd976d5d51816c04b180235525d4a460c639cdee86e3fd72a8e8
+# content-hash: f66061ec09ee6db6ba2dee04d127f422f17831f1830bef166dedbc5f37703a34
 """Affine map ``x @ W + b``.
 
 Fused backward, derived from the spec (element-wise, sizes n, i, o):
 
-    dx = (torch.einsum('io,no->ni', W, dout).view(n, i, 1)).reshape(n, i)
-    dW = (torch.einsum('no,ni->io', dout, x)).reshape(i, o)
+    dx = dout @ W.T
+    dW = x.T @ dout
     db = ((dout.view(n, 1, o)).sum(0, keepdim=True)).reshape(o,)
 """
 import math  # noqa: F401  (used by some formulas)
@@ -21,14 +21,14 @@ __all__ = ["LinearFunction", "linear", "compile_kernels"]
 
 def _forward(x, W, b, n, i, o):
     """The fused forward: the output and what it computes that the backward reads."""
-    out = (torch.einsum('io,ni->no', W, x).view(n, 1, o) + b).reshape(n, o)  # spec line 16: out = x @ W + b
+    out = ((x @ W).view(n, 1, o) + b).reshape(n, o)  # spec line 16: out = x @ W + b
     return out, ()
 
 
 def _forward_with_graph(x, W, b, n, i, o):
     """The same forward without in-place updates, so autograd can differentiate through it: the
     backward recomputes what it reads this way when a second derivative is wanted."""
-    out = (torch.einsum('io,ni->no', W, x).view(n, 1, o) + b).reshape(n, o)
+    out = ((x @ W).view(n, 1, o) + b).reshape(n, o)
     return out, ()
 
 
@@ -38,9 +38,9 @@ def _backward(needs, dout, x, W, n, i, o):
     dW = None
     db = None
     if needs[0]:
-        dx = (torch.einsum('io,no->ni', W, dout).view(n, i, 1)).reshape(n, i)
+        dx = dout @ W.T
     if needs[1]:
-        dW = (torch.einsum('no,ni->io', dout, x)).reshape(i, o)
+        dW = x.T @ dout
     if needs[2]:
         db = ((dout.view(n, 1, o)).sum(0, keepdim=True)).reshape(o,)
     return dx, dW, db
