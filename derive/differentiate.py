@@ -18,7 +18,7 @@ import sympy as sp
 
 from .elements import CONTRACTIONS, NORMALIZERS, Elements
 from .errors import DerivationError
-from .symbolic import IsArgmax, Red, expand, index_for, is_contraction, reindex
+from .symbolic import IsArgmax, Red, expand, extent, index_for, is_contraction, reindex
 from .trace import Node
 
 
@@ -75,22 +75,34 @@ def _through_normalizer(el: Elements, node: Node, adjoint: sp.Expr) -> tuple[tup
     source = node.args[0]
     axes = node.attrs["axes"]
     z = el.nf[source]  # the argument at its own indices
+    own_axes = el.free_axes(source)
     own = el.free(source)
-    s = el.ref(node) if node.op != "logsumexp" else None
     if node.op in ("softmax", "log_softmax"):
         adjoint = reindex(adjoint, dict(zip(el.free(node), own)))
         s = el.ref(node, own)
         (axis,) = axes
-        j = el.bound(source.shape[axis], set(own))
+        summed = own_axes[axis]
+        taken = set(own)
+        bound = []
+        for i in summed:
+            bound.append(el.bound(extent(i), taken))
+            taken.add(bound[-1])
+
+        def total(e):
+            e = reindex(e, dict(zip(summed, bound)))
+            for j in bound:
+                e = Red(e, j)
+            return e
+
         if node.op == "softmax":
-            return own, z, s * (adjoint - Red(reindex(adjoint * s, {own[axis]: j}), j))
-        return own, z, adjoint - sp.exp(s) * Red(reindex(adjoint, {own[axis]: j}), j)
+            return own, z, s * (adjoint - total(adjoint * s))
+        return own, z, adjoint - sp.exp(s) * total(adjoint)
     keepdim = node.attrs["keepdim"]
-    kept = [i for k, i in enumerate(own) if k not in axes]
-    at = [0 if k in axes else i for k, i in enumerate(own)] if keepdim else kept
-    at_node = dict(zip(el.free(node), at))
-    value = el.ref(node, tuple(at))
-    return own, z, reindex(adjoint, at_node) * sp.exp(z - value)
+    kept = [g for k, g in enumerate(own_axes) if k not in axes]
+    at = [(0,) if k in axes else g for k, g in enumerate(own_axes)] if keepdim else kept
+    flat = tuple(i for g in at for i in g)
+    value = el.ref(node, flat)
+    return own, z, reindex(adjoint, dict(zip(el.free(node), flat))) * sp.exp(z - value)
 
 
 def differentiate(el: Elements) -> Gradients:

@@ -22,6 +22,7 @@ from itertools import permutations
 import sympy as sp
 
 from .errors import DerivationError
+from .atoms import atomic_shape, axis_atoms
 from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
 from .symbolic import (AxisMax, AxisSum, IsArgmax, Max, Red, expand, extent, hide_argmax, index_for, reductions,
                        reindex)
@@ -101,6 +102,10 @@ class Elements:
         self.opaque: list[Node] = []  # topological order
         self.rules: list[tuple[sp.Expr, tuple, sp.Expr]] = []  # (reduction atom, its free indices, value)
         self.known: dict[Node, int] = {}  # opaque node -> how many rules its definition was recognised with
+        try:
+            self.axes = axis_atoms(graph)  # each node's axes as atomic sizes (a view regroups them)
+        except DerivationError as e:
+            raise DerivationError(self.layer, e.problem, e.fix, e.line, e.source) from None
         for node in graph.nodes:
             self._add(node)
 
@@ -113,20 +118,25 @@ class Elements:
             return self.index[size]
         return index_for(f"i_{sp.sstr(size)}_{k + 1}", size)
 
-    def free_of(self, shape: tuple) -> tuple:
-        """The free indices of a value of ``shape``: one per axis, the k-th axis of a size its k-th index."""
+    def free_axes(self, node: Node) -> list[tuple]:
+        """The free indices of ``node``, per axis: one per atom of the axis (``atoms.py``; one for an
+        axis that no view splits), the k-th atom of a size its k-th index, ``(0,)`` for size 1."""
         seen: dict = {}
         out = []
-        for s in shape:
-            if s == 1:
-                out.append(0)
-                continue
-            out.append(self.nth(s, seen.get(s, 0)))
-            seen[s] = seen.get(s, 0) + 1
-        return tuple(out)
+        for atoms in self.axes[node]:
+            group = []
+            for a in atoms:
+                group.append(self.nth(a, seen.get(a, 0)))
+                seen[a] = seen.get(a, 0) + 1
+            out.append(tuple(group) or (0,))
+        return out
 
     def free(self, node: Node) -> tuple:
-        return self.free_of(node.shape)
+        return tuple(i for axis in self.free_axes(node) for i in axis)
+
+    def shape(self, node: Node) -> tuple:
+        """``node``'s shape read at its atoms (``x`` of shape ``(n, d)`` split by a view: ``(n, 2, d_2)``)."""
+        return atomic_shape(self.axes[node])
 
     def bound(self, size: sp.Expr, taken: set) -> sp.Idx:
         """An index of ``size`` for a sum, other than every index in ``taken``."""
@@ -145,10 +155,12 @@ class Elements:
         """
         counts: dict = {}
         if within is None:
-            counts = {s: 1 for s in self.graph.sizes.values()}
+            atoms = {a for axes in self.axes.values() for axis in axes for a in axis}
+            counts = {s: 1 for s in self.graph.sizes.values() if s in atoms}  # a dimension a view splits is not
             for node in self.graph.nodes:
-                for s in set(node.shape) - {1}:
-                    counts[s] = max(counts.get(s, 0), list(node.shape).count(s))
+                shape = self.shape(node)
+                for s in set(shape) - {1}:
+                    counts[s] = max(counts.get(s, 0), list(shape).count(s))
         values = list(exprs) + (list(self.definition.values()) if within is None else [])
         for expr in values:
             scopes = [expr] + [b.body for b in expr.atoms(Red, Max, AxisSum, AxisMax)]
@@ -165,7 +177,13 @@ class Elements:
                     out.append(i)
                     taken[size] = taken.get(size, 0) + 1
             return out + [self.nth(s, k) for s, c in counts.items() for k in range(taken.get(s, 0), c)]
-        order = list(self.graph.sizes.values()) + [s for s in counts if s not in self.graph.sizes.values()]
+        # the dimensions in the order the inputs declare them, a dimension a view splits as its atoms
+        order = []
+        for name in self.graph.layer.tensors:
+            for axis in self.axes[self.graph.inputs[name]]:
+                order += [a for a in axis if a not in order]
+        order += [s for s in self.graph.sizes.values() if s not in order]
+        order += [s for s in counts if s not in order]
         return [self.nth(s, k) for s in order if s in counts for k in range(counts[s])]
 
     # -- references --------------------------------------------------------------------------
@@ -226,23 +244,40 @@ class Elements:
 
     def _value(self, node: Node, operand=None, literal: bool = False) -> sp.Expr:
         operand = operand or self.nf.__getitem__
+        axes = self.free_axes(node)  # the result's indices, per axis
         result = self.free(node)
         op = node.op
 
-        def read(x, target: tuple) -> sp.Expr:
-            """Operand ``x`` with its axes at ``target`` (indices, label values, or 0)."""
-            expr = operand(x)
-            return reindex(expr, {o: t for o, t in zip(self.free(x), target) if o != 0})
+        def read(x, target: list) -> sp.Expr:
+            """Operand ``x`` with its axes at ``target`` (per axis: indices, label values, or 0)."""
+            flat = [t for group in target for t in group]
+            return reindex(operand(x), {o: t for o, t in zip(self.free(x), flat) if o != 0})
 
         def aligned(x):
             """An operand of an elementwise operation: its axes are the result's last ones (broadcasting)."""
             if not isinstance(x, Node):
                 return x
-            offset = len(result) - len(x.shape)
-            return read(x, tuple(0 if s == 1 else result[k + offset] for k, s in enumerate(x.shape)))
+            offset = len(axes) - len(x.shape)
+            return read(x, [(0,) if s == 1 else axes[k + offset] for k, s in enumerate(x.shape)])
+
+        def bind(group: tuple, taken: set, own: tuple | None = None) -> tuple:
+            """Indices for summing the atoms of an axis: its own ones where no other takes them."""
+            out = []
+            for k, i in enumerate(group):
+                j = own[k] if own is not None and own[k] not in taken else self.bound(extent(i), taken)
+                taken.add(j)
+                out.append(j)
+            return tuple(out)
 
         total = (AxisSum if literal else Red)
         largest = (AxisMax if literal else Max)
+
+        def over(value, indices, combine):
+            for j in indices:
+                if j != 0:
+                    value = combine(value, j)
+            return value
+
         a = [aligned(x) for x in node.args] if op not in ("sum", "mean", "max", "matmul", "pick", "embed", "permute",
                                                          "view", "logsumexp") else []
         if op in ("add", "sub", "mul", "div"):
@@ -268,73 +303,70 @@ class Elements:
             return a[0]
         if op in ("softmax", "log_softmax"):
             (axis,) = node.attrs["axes"]
-            j = result[axis] if literal else self.bound(node.shape[axis], set(result))
-            shifted = a[0] - largest(reindex(a[0], {result[axis]: j}), j)
+            own = axes[axis]
+            j = own if literal else bind(own, set(result))
+            rename = dict(zip(own, j))
+            shifted = a[0] - over(reindex(a[0], rename), j, largest)
             exps = sp.exp(shifted)
-            normalizer = total(reindex(exps, {result[axis]: j}), j)
+            normalizer = over(reindex(exps, rename), j, total)
             return exps / normalizer if op == "softmax" else shifted - sp.log(normalizer)
         if op in ("sum", "mean", "max", "logsumexp"):
-            return self._reduction(node, read, result, total, largest)
+            return self._reduction(node, read, axes, bind, over, total, largest)
         if op == "matmul":
             x, y = node.args
-            inner = x.shape[-1]
-            j = 0 if inner == 1 else self.bound(inner, set(result))
-            batch = result[:-2][len(result) - len(y.shape):] if len(y.shape) > 2 else ()  # a matrix y has none
-            product = read(x, (*result[:-1], j)) * read(y, (*batch, j, result[-1]))
-            return product if j == 0 else total(product, j)
+            inner = self.free_axes(x)[-1]
+            j = (0,) if inner == (0,) else bind(inner, set(result))
+            batch = axes[:-2][len(axes) - len(y.shape):] if len(y.shape) > 2 else []  # a matrix y has none
+            product = read(x, [*axes[:-1], j]) * read(y, [*batch, j, axes[-1]])
+            return over(product, j, total)
         if op == "permute":
-            target = [0] * len(result)
+            target = [None] * len(axes)
             for k, p in enumerate(node.attrs["perm"]):
-                target[p] = result[k]
-            return read(node.args[0], tuple(target))
+                target[p] = axes[k]
+            return read(node.args[0], target)
         if op == "view":
+            # a view regroups the same atoms (atoms.py): the source read at the result's indices, in order
             source = node.args[0]
-            varying = [s for s in source.shape if s != 1]
-            if varying != [s for s in node.shape if s != 1]:
-                raise DerivationError(self.layer, f"a view that splits or merges axes ({source.shape} to {node.shape})",
-                                      "the fused engine derives views that only add or remove axes of size 1",
-                                      node.line, node.source)
-            kept = iter(i for i, s in zip(result, node.shape) if s != 1)
-            return read(source, tuple(0 if s == 1 else next(kept) for s in source.shape))
+            indices = iter(i for i in result if i != 0)
+            return read(source, [tuple(0 if i == 0 else next(indices) for i in group) for group in self.free_axes(source)])
         if op == "pick":
             table, labels = node.args
-            return read(table, (result[0], read(labels, (result[0],))))
+            if len(self.free_axes(table)[1]) != 1:
+                raise DerivationError(self.layer, "a pick along an axis a view splits", "pick before the view",
+                                      node.line, node.source)
+            return read(table, [axes[0], (read(labels, [axes[0]]),)])
         if op == "embed":
             # table[labels]: the table's first index is the label at the labels' own indices
             # (a class weight w[y] of a row is w[y[i_n]]; an embedding row C[X[i_n, i_t], i_e])
             table, labels = node.args
             rank = len(labels.shape)
-            return read(table, (read(labels, result[:rank]), *result[rank:]))
+            if len(self.free_axes(table)[0]) != 1:
+                raise DerivationError(self.layer, "a lookup in a table whose rows a view splits",
+                                      "look up before the view", node.line, node.source)
+            return read(table, [(read(labels, axes[:rank]),), *axes[rank:]])
         raise DerivationError(self.layer, f"operation {op!r} has no element-wise form",
                               "use the supported primitives", node.line, node.source)
 
-    def _reduction(self, node: Node, read, result: tuple, total, largest) -> sp.Expr:
+    def _reduction(self, node: Node, read, axes: list, bind, over, total, largest) -> sp.Expr:
         """A sum, mean, max or logsumexp over ``axes``: the kept axes at the result's indices, each
-        reduced axis at an index of its own (the axis's own one where no kept axis takes it)."""
+        reduced axis at indices of its own (the axis's own ones where no kept axis takes them)."""
         source = node.args[0]
-        axes, keepdim = node.attrs["axes"], node.attrs["keepdim"]
-        kept = iter(result if not keepdim else [r for k, r in enumerate(result) if k not in axes])
-        target = [None if k in axes else next(kept) for k in range(len(source.shape))]
-        own = self.free(source)
-        taken = set(t for t in target if t is not None)
-        for k in axes:
-            if source.shape[k] == 1:
-                target[k] = 0
-                continue
-            target[k] = own[k] if own[k] not in taken else self.bound(source.shape[k], taken)
-            taken.add(target[k])
-        value = read(source, tuple(target))
-        bound = [target[k] for k in axes if target[k] != 0]
+        reduced, keepdim = node.attrs["axes"], node.attrs["keepdim"]
+        kept = iter(axes if not keepdim else [a for k, a in enumerate(axes) if k not in reduced])
+        own = self.free_axes(source)
+        target = [None if k in reduced else next(kept) for k in range(len(source.shape))]
+        taken = {i for group in target if group is not None for i in group}
+        for k in reduced:
+            target[k] = (0,) if own[k] == (0,) else bind(own[k], taken, own[k])
+        value = read(source, target)
+        bound = [j for k in reduced for j in target[k] if j != 0]
         if node.op == "logsumexp":
-            top = value
-            for j in bound:
-                top = largest(top, j)
-            value = sp.exp(value - top)
-            for j in bound:
-                value = total(value, j)
-            return top + sp.log(value)
+            top = over(value, bound, largest)
+            return top + sp.log(over(sp.exp(value - top), bound, total))
+        if node.op == "max":
+            return over(value, bound, largest)
         for j in bound:
-            value = largest(value, j) if node.op == "max" else total(value, j)
+            value = total(value, j)
             if node.op == "mean":
                 value = value / extent(j)
         return value

@@ -23,7 +23,7 @@ import sympy as sp
 
 from .elements import REDUCING_OPS, Elements
 from .symbolic import AxisMax, AxisSum, extent
-from .printer import ForwardPrinter, Frame, fit_shape
+from .printer import ForwardPrinter, Frame, _wrap, fit_shape
 from .spec import Tensor
 from .trace import Node
 
@@ -57,7 +57,7 @@ def _kept(el: Elements) -> set:
         values, _ = _literal_values(el, kept)
         for table, axis in picks:
             if table in values:
-                picked = el.free(table)[axis]
+                picked = el.free_axes(table)[axis][0]
                 if any(b.index != picked for b in values[table].atoms(AxisSum, AxisMax)):
                     kept.add(table)
     return kept
@@ -148,7 +148,7 @@ def _name_results(statements: list["Statement"], el: Elements, layouts: dict) ->
     aliases = {}
     for st in statements:
         if st.node is not None and isinstance(st.value, sp.Symbol) and st.value.name in layouts \
-                and layouts[st.value.name] == tuple(st.node.shape):
+                and layouts[st.value.name] == el.shape(st.node) == tuple(st.node.shape):
             # two spec values equal to one temporary (``c.max(1)`` written twice): the first takes
             # its name, the other reads the first
             aliases.setdefault(st.value.name, st)
@@ -260,7 +260,8 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
         values, lines = _literal_values(el)
         literal = {stabilise(v): n.name for n, v in values.items() if n.named}
         statements = _hoist_sums(statements, frame, literal, {n.name: lines[n] for n in values})
-    shapes = {n.name: n.shape for n in el.graph.nodes}
+    shapes = {n.name: el.shape(n) for n in el.graph.nodes}  # read at their atoms (atoms.py)
+    views = {n.name: el.shape(n) for n in el.graph.nodes if el.shape(n) != tuple(n.shape)}
     temps = temps_of(statements)
     by_name = {n.name: n for n in el.graph.nodes}
     last_use = {}
@@ -290,7 +291,7 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
         st.value = st.value.replace(reduces_a_number, lambda e: extent(e.index) * e.body if isinstance(e, AxisSum) else e.body)
         if st.node is not None and not st.value.atoms(sp.Indexed) and st.value.free_symbols <= plain_numbers:
             # a value that cancels to a constant (c - c, scale*s/s) is a tensor of the node's shape
-            printer = ForwardPrinter(Frame(frame), shapes, names, dtype_of=dtype_of)
+            printer = ForwardPrinter(Frame(frame), shapes, names, dtype_of=dtype_of, views=views)
             out.append((f"{st.name} = {dtype_of}.new_full(({_sizes(st.node.shape, names)}), "
                         f"{printer.doprint(st.value)})", ""))
             continue
@@ -303,9 +304,9 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
                     if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape
                     and not aliases_live(t.name, position)} if inplace else set()
         printer = ForwardPrinter(Frame(frame), shapes, names, reusable=reusable, inplace=inplace,
-                                 dtype_of=dtype_of)
+                                 dtype_of=dtype_of, views=views)
         # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output)
-        printer.full_rank = st.node is not None and len(st.node.shape) == len(frame) and printer._lower_rank(st.value)
+        printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(frame) and printer._lower_rank(st.value)
         direct = printer.print_in_order(st.value, [i for i in el.free(st.node) if i != 0]) \
             if st.node is not None and st.node.shape else None
         printer.updated = None
@@ -323,11 +324,14 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
             else:
                 buffer_of[st.name] = st.name
         if st.node is not None and direct:
-            if [s for s in st.node.shape if s != 1] != list(st.node.shape):
+            if [s for s in st.node.shape if s != 1] != list(st.node.shape) or st.node.name in views:
                 code = f"({code}).reshape({_sizes(st.node.shape, names)})"
-        elif st.node is not None:  # give the value its node's own shape
+        elif st.node is not None:  # give the value its node's own shape: its atoms, then as stored
             varying = [k for k, i in enumerate(frame) if shape[k] != 1]
-            code = fit_shape(code, varying, frame, list(el.free(st.node)), _size_texts(st.node.shape, names))
+            code = fit_shape(code, varying, frame, list(el.free(st.node)), _size_texts(el.shape(st.node), names))
+            if st.node.name in views:
+                atoms = f".reshape({_sizes(el.shape(st.node), names)})"
+                code = f"{_wrap(code[:-len(atoms)] if code.endswith(atoms) else code)}.reshape({_sizes(st.node.shape, names)})"
         comment = ""
         if st.lines:
             node = st.node or by_name[st.name]

@@ -18,7 +18,7 @@ from .forward import size_names, size_scalars
 from .backward_plan import linear_form
 from .forward_plan import forward_code
 from .memo import ByObject
-from .printer import Frame, KernelPrinter, fit_shape, temporaries
+from .printer import Frame, KernelPrinter, _wrap, fit_shape, temporaries
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, dim_names
 from .symbolic import Red, extent, hide_argmax, reductions
@@ -238,7 +238,10 @@ def build(layer: Layer) -> Kernel:
     read |= {s.name for f in adjoints + formulas for s in f.element.free_symbols}
     saved = [n.name for n in graph.nodes if n.name in read and (n.shape or n.op not in ("input", "labels"))]
     used_symbols = set().union(*[f.element.free_symbols for f in adjoints + formulas]) if formulas else set()
-    constants = [c for c, s in graph.constants.items() if s in used_symbols]
+    # a constant is read by the backward where a formula has it, or where it is a size (x.view(n, G, -1))
+    as_sizes = set().union(*[sp.sympify(s).free_symbols for n in graph.nodes for s in n.shape])
+    constants = [c for c, s in graph.constants.items()
+                 if s in used_symbols or sp.Symbol(c, integer=True, positive=True) in as_sizes]
     sources, checks, dim_text = size_checks(graph, [f.element for f in adjoints + formulas])
     try:
         forward = forward_code(el, saved, frame, size_text)
@@ -282,7 +285,7 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame: l
         temps, ((code, _, fast),) = _print_group(layer, el, [Formula(a.input, -(k + 1), a.element)], frame, shapes,
                                                  taken, rename, sizes, size_text)
         name = rename[f"d{a.input}"]
-        shapes[name] = nodes[a.input].shape
+        shapes[name] = nodes[a.input].shape  # its atoms, where a view splits them: _atomic_layouts
         groups.append(temps)
         entries.append(Shared(name, code, a.element, [], fast=fast or []))
         taken = set(taken) | {t.name for t in temps} | {name}
@@ -316,6 +319,23 @@ def _whole_indices(replacements: list, reduced: list) -> tuple[list, list]:
         return expr.xreplace({i: sp.Idx(i.label, (i.lower.xreplace(values), i.upper.xreplace(values))) for i in broken})
 
     return [(s, fix(v)) for s, v in replacements], [fix(r) for r in reduced]
+
+
+def _atomic_layouts(el: Elements, shapes: dict, rename: dict, sizes: dict) -> dict:
+    """Record in ``shapes`` each value of the graph, its upstream gradient and adjoint, at its atoms
+    (atoms.py), and return those stored with fewer axes: ``{name: atoms}`` (printed viewed)."""
+    views = {}
+    output = el.graph.output
+    for n in el.graph.nodes:
+        atomic = tuple(sp.sympify(s).xreplace(sizes) for s in el.shape(n))
+        if atomic == tuple(sp.sympify(s).xreplace(sizes) for s in n.shape):
+            continue
+        for name in (n.name, f"d{n.name}"):
+            key = rename.get(name, name)
+            if key in shapes or name == f"d{output.name}" or name.startswith("d"):
+                shapes[key] = atomic
+                views[key] = atomic
+    return views
 
 
 def _bases(expr: sp.Expr) -> set[str]:
@@ -358,6 +378,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     frame = [i.xreplace(sizes) for i in frame]
     dims = [extent(i) for i in frame]
     shapes = dict(shapes)
+    views = _atomic_layouts(el, shapes, rename, sizes)
     names = {s: sp.pycode(s) for s in dims} | dict(size_text or {})
     bound = set().union(*[{r.index for r in reductions(e)} for e in elements]) if elements else set()
     # a maximum inside a one-hot is not a value to share: cse sees each one-hot as one opaque call
@@ -372,7 +393,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     reduced = [spread_means(r.xreplace(fresh)) for r in reduced]
 
     def printer():
-        return KernelPrinter(Frame(frame), shapes, names, dtype_of)
+        return KernelPrinter(Frame(frame), shapes, names, dtype_of, views)
 
     shared = []
     for symbol, value in replacements:
@@ -389,17 +410,21 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         for earlier in shared:
             if sp.Symbol(earlier.name) in later.element.free_symbols:
                 earlier.users = sorted(set(earlier.users) | set(later.users))
-    _name_scratch_buffers(shared, frame, shapes, names, dtype_of, taken)
+    _name_scratch_buffers(shared, frame, shapes, names, dtype_of, taken, views)
     claimed = set()
     codes = []
     for f, element, r in zip(formulas, elements, reduced):
         node = nodes[f.input]
         target = [i.xreplace(sizes) if i != 0 else 0 for i in el.free(node)]
-        shape = [sp.sympify(s).xreplace(sizes) for s in node.shape]
-        shape_text = [sp.pycode(sp.sympify(s).xreplace({k: sp.Symbol(v) for k, v in names.items()
-                                                        if isinstance(k, sp.Symbol)})) for s in shape]
+        symbols = {k: sp.Symbol(v) for k, v in names.items() if isinstance(k, sp.Symbol)}
+
+        def text_of(dims):
+            return [sp.pycode(sp.sympify(s).xreplace(sizes).xreplace(symbols)) for s in dims]
+
+        shape = [sp.sympify(s).xreplace(sizes) for s in el.shape(node)]  # its atoms (atoms.py)
+        shape_text, stored = text_of(el.shape(node)), text_of(node.shape)
         if element == 0:  # the output does not read this input, or its terms cancel (softmax(x).sum())
-            codes.append((f"{dtype_of}.new_zeros(({', '.join(shape_text)}{',' if len(shape) == 1 else ''}))", [], None))
+            codes.append((f"{dtype_of}.new_zeros(({', '.join(stored)}{',' if len(stored) == 1 else ''}))", [], None))
             continue
         p = printer()
         # a gradient of the frame's rank read from lower-rank tensors alone (``dc = dout*w`` for a
@@ -416,6 +441,11 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         else:
             fitted = fit_shape(code, [k for k, i in enumerate(frame) if varies(r, i, shapes, frame)], frame, target,
                                shape_text)
+        if stored != shape_text:  # back from its atoms to the shape it is stored in
+            atoms = f".reshape({', '.join(shape_text)}{',' if len(shape_text) == 1 else ''})"
+            if fitted.endswith(atoms):
+                fitted = fitted[:-len(atoms)]
+            fitted = f"{_wrap(fitted)}.reshape({', '.join(stored)}{',' if len(stored) == 1 else ''})"
         # a gradient already in its input's layout may be built in place, term by term
         # a scratch buffer from a sum this gradient's guard always computes
         scratch = next((s.scratch for s in shared if s.scratch and s.scratch not in claimed and f.position in s.users), "")
@@ -436,7 +466,7 @@ def varies(expr: sp.Expr, index: sp.Idx, shapes: dict, frame: list) -> bool:
 
 
 def _name_scratch_buffers(shared: list[Shared], frame: list, shapes: dict, names: dict,
-                          dtype_of: str, taken: set) -> None:
+                          dtype_of: str, taken: set, views: dict) -> None:
     """``sum_bnraw_dout = (bnraw*dout).sum(0)`` becomes ``bnraw_dout = bnraw*dout`` then
     ``bnraw_dout.sum(0)``: the product's buffer, dead after the sum, can hold a gradient."""
     for s in shared:
@@ -458,7 +488,7 @@ def _name_scratch_buffers(shared: list[Shared], frame: list, shapes: dict, names
             k += 1
             name = f"{base}{k}"
         taken.add(name)
-        printer = KernelPrinter(frame_with_bound, shapes, names, dtype_of)
+        printer = KernelPrinter(frame_with_bound, shapes, names, dtype_of, views)
         s.scratch, s.scratch_code = name, printer.doprint(body)
         s.sum_code = f"{name}.sum({axis}, keepdim=True)"
 

@@ -58,8 +58,12 @@ class KernelPrinter(TorchPrinter):
 
     full_rank = False  # print every tensor with the frame's rank (set inside reductions)
 
-    def __init__(self, frame: Frame, shapes: dict[str, tuple], names: dict[sp.Symbol, str], dtype_of: str = ""):
+    def __init__(self, frame: Frame, shapes: dict[str, tuple], names: dict[sp.Symbol, str], dtype_of: str = "",
+                 views: dict | None = None):
         super().__init__({"strict": False})
+        # tensors stored with fewer axes than their atoms (``x`` of shape (n, d) read as (n, 2, d_2),
+        # atoms.py): printed viewed into them
+        self.views = views or {}
         self.frame = frame
         # A one-hot is an integer tensor; times a Python number it would become torch's default
         # dtype, so it is cast to the dtype of this tensor (the upstream gradient).
@@ -105,7 +109,7 @@ class KernelPrinter(TorchPrinter):
     def _inner(self, frame: Frame) -> "KernelPrinter":
         """A printer for a sub-expression laid out in ``frame`` (inside a reduction: its tensors
         keep the frame's rank where this one's do)."""
-        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
+        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of, self.views)
         inner.full_rank = self.full_rank
         return inner
 
@@ -154,7 +158,16 @@ class KernelPrinter(TorchPrinter):
                 raise DerivationError("", f"{expr} is read at a computed position",
                                       "gather-style reads are not vectorized yet", tensor=name)
             axes.append(self.frame.slots[index])
-        return self._layout(name, shape, axes)
+        if name in self.views and axes == sorted(axes):  # its atoms in order: one view into the frame
+            viewed = self._layout(name, shape, axes, full_rank=True)
+            return viewed if viewed != name else self.stored(name)
+        return self._layout(self.stored(name), shape, axes)
+
+    def stored(self, name: str) -> str:
+        """The tensor ``name`` as its atoms: ``x.view(n, 2, d // 2)`` where a view splits its axis."""
+        if name not in self.views:
+            return name
+        return f"{_wrap(name)}.view({', '.join(self._print(s) for s in self.views[name])})"
 
     def _contraction(self, body, bound: list[int], order: list | None = None):
         """A sum of a product of tensors that do not share all their axes (``sum_o dout[n, o]*W[i, o]``)
@@ -187,7 +200,7 @@ class KernelPrinter(TorchPrinter):
             out = list(order)
         else:
             return None
-        code = _product(tensors, out, self._index_letters(every))
+        code = _product(tensors, out, self._index_letters(every), self.stored)
         if order is None:
             code = self._layout(code, tuple(extent(i) for i in out), [self.frame.slots[i] for i in out])
         return self._scaled(code, scalars)
@@ -236,7 +249,7 @@ class KernelPrinter(TorchPrinter):
         shape = tuple(self.shapes[str(labels.base)]) + tuple(table_shape[1:])
         indices = tuple(labels.indices) + tuple(rest)
         axes = [self.frame.slots[i] for s, i in zip(shape, indices) if s != 1 and i != 0]
-        return self._layout(f"{expr.base}[{labels.base}]", shape, axes)
+        return self._layout(f"{_wrap(self.stored(str(expr.base)))}[{labels.base}]", shape, axes)
 
     def _layout(self, name: str, shape: tuple, axes: list[int], full_rank: bool = False) -> str:
         """``name`` viewed so that its varying axes sit on ``axes`` of the frame (permuted first
@@ -413,7 +426,7 @@ class KernelPrinter(TorchPrinter):
             raise DerivationError("", "the gradient flows through max() at a position the fused printer "
                                   "cannot lay out", "mark the layer fused = False for the step-by-step backward")
         frame, axis = self.frame.with_bound(m.index, m.body)
-        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
+        inner = self._inner(frame)
         inner.full_rank = self._lower_rank(m.body)
         body = inner._print(m.body)
         if not body.isidentifier():
@@ -428,13 +441,14 @@ class ForwardPrinter(KernelPrinter):
     _UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh"}
 
     def __init__(self, frame: Frame, shapes: dict, names: dict, reusable: set = frozenset(), inplace: bool = True,
-                 dtype_of: str = ""):
-        super().__init__(frame, shapes, names, dtype_of)
+                 dtype_of: str = "", views: dict | None = None):
+        super().__init__(frame, shapes, names, dtype_of, views)
         self.reusable = set(reusable)  # temporaries that may be overwritten by this statement
         self.inplace = inplace
 
     def _inner(self, frame: Frame) -> "ForwardPrinter":
-        inner = ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of)
+        inner = ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of,
+                               views=self.views)
         inner.full_rank = self.full_rank
         return inner
 
@@ -549,7 +563,7 @@ def _is_scalar_factor(f: sp.Expr, shapes: dict) -> bool:
     return not f.atoms(sp.Indexed) and not any(isinstance(s, sp.Idx) or s.name in shapes for s in f.free_symbols)
 
 
-def _product(tensors: list, out: list, letters: dict) -> str:
+def _product(tensors: list, out: list, letters: dict, stored=lambda name: name) -> str:
     """The contraction of ``tensors`` (elements) onto the indices ``out``, in that order: a matrix
     product with transposes where it is one (``dout @ W.T``, a batch with ``.mT``), else einsum."""
     if len(tensors) == 2 and len(out) >= 2:
@@ -563,11 +577,11 @@ def _product(tensors: list, out: list, letters: dict) -> str:
             # the right operand may be one matrix for every matrix of the left's batch
             if li[:-2] != batch or ri[:-2] not in (batch, []) or set(li[-2:]) != {a, r} or set(ri[-2:]) != {r, b}:
                 continue
-            lhs = str(left.base) + (f".{'mT' if batch else 'T'}" if li[-2:] == [r, a] else "")
-            rhs = str(right.base) + (f".{'mT' if ri[:-2] else 'T'}" if ri[-2:] == [b, r] else "")
+            lhs = _wrap(stored(str(left.base))) + (f".{'mT' if batch else 'T'}" if li[-2:] == [r, a] else "")
+            rhs = _wrap(stored(str(right.base))) + (f".{'mT' if ri[:-2] else 'T'}" if ri[-2:] == [b, r] else "")
             return f"{lhs} @ {rhs}"
     spec = ",".join("".join(letters[i] for i in t.indices) for t in tensors) + "->" + "".join(letters[i] for i in out)
-    return f"torch.einsum('{spec}', {', '.join(str(t.base) for t in tensors)})"
+    return f"torch.einsum('{spec}', {', '.join(stored(str(t.base)) for t in tensors)})"
 
 
 def _wrap(code: str) -> str:

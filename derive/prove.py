@@ -261,19 +261,27 @@ def prove(kernel: Kernel, sizes: dict[str, int], label_variant: int = 0) -> Proo
     start = time.perf_counter()
     graph = kernel.graph
     size_subs, inputs, values, upstream, objective = concrete(graph, sizes, label_variant)
-    values_with_grad = dict(values)
+    el = kernel.elements
+
+    def atomic(node: Node) -> tuple:  # a node's concrete shape at its atoms (atoms.py)
+        return tuple(int(sp.sympify(s).xreplace(size_subs)) for s in el.shape(node))
+
+    # the formulas read every tensor at its atoms: x of shape (n, d) split by a view as x[i_n, i_2, i_d_2]
+    values_with_grad = {n: np.asarray(v, dtype=object).reshape(atomic(n)) for n, v in values.items()}
     labels = {n: inputs[n] for n, d in kernel.layer.tensors.items() if isinstance(d, Labels)}
     grad_node = Node("input", (), graph.output.shape, name=f"d{graph.output.name}")
-    values_with_grad[grad_node] = upstream
+    values_with_grad[grad_node] = np.asarray(upstream, dtype=object).reshape(atomic(graph.output))
     kernel_view = _KernelWithGrad(kernel, grad_node)
     upstream_symbols = tuple(np.asarray(upstream).flat)
     checked = 0
     for formula in kernel.formulas:
         x = inputs[formula.input]
-        free = kernel.elements.free(graph.inputs[formula.input])
+        node = graph.inputs[formula.input]
+        free = el.free(node)
         for idx in itertools.product(*[range(s) for s in x.shape]):
             # a broadcast axis ("1") has no index: the formula reads it at 0
-            position = {i: k for i, k in zip(free, idx) if i != 0}
+            at = np.unravel_index(np.ravel_multi_index(idx, x.shape), atomic(node)) if x.shape else ()
+            position = {i: int(k) for i, k in zip(free, at) if i != 0}
             expected = objective.diff(x[idx])
             generic = _expand_generic(with_adjoints(kernel, formula.element), kernel_view, values_with_grad, size_subs,
                                       position, labels)

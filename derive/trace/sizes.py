@@ -108,9 +108,15 @@ class Sizes:
         return sp.sympify(expr).xreplace({s: a / b for s, (a, b) in self.derived.items()})
 
     def size_of(self, numerator, denominator):
-        """The size ``numerator/denominator``: itself when exact, else a derived size."""
+        """The size ``numerator/denominator``: itself when exact, else a derived size. A product
+        is divided in its first factor (``(c*l)/G`` is ``(c // G)*l``): the groups of a group norm
+        over ``(n, c, l)`` split the channels."""
         if denominator == 1:
             return numerator
+        factors = sp.Mul.make_args(numerator)
+        if len(factors) > 1 and all(f.is_Symbol for f in factors):
+            first = next(f for f in factors if f.is_Symbol)
+            return self.quotient(first, denominator).symbol * sp.Mul(*[f for f in factors if f is not first])
         return self.quotient(numerator, denominator).symbol
 
     def as_size_expression(self, value):
