@@ -17,7 +17,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .printer import KernelPrinter, temporaries
-from .symbolic import expand, reindex
+from .symbolic import Red, expand, reindex
 
 
 def _axes(expr: sp.Expr, slots: dict, shapes: dict, frame: list) -> set:
@@ -70,11 +70,13 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
                 return None
             scatters[(index, labels)] = scatters.get((index, labels), 0) + rest
             continue
-        if len(big) > 1 or big and not isinstance(big[0], (sp.Indexed, sp.Symbol)):
+        if len(big) > 1 or big and big[0].atoms(Red, sp.KroneckerDelta):
             return None
         key = big[0] if big else None
         groups[key] = groups.get(key, 0) + rest
     tensors = [t for t in groups if t is not None]
+    if not scatters and any(not isinstance(t, (sp.Indexed, sp.Symbol)) for t in tensors):
+        return None  # a function of a tensor (sigmoid(t)) goes through as written, unless a one-hot is to be scattered
 
     def text(e):
         return printer.doprint(sp.factor_terms(e))

@@ -139,11 +139,12 @@ def _materialize(el: Elements, node: Node, adjoint: sp.Expr) -> bool:
 
     So it does, as autograd does, where the chain rule goes through a matrix product: for the
     product's own output (``dscores`` of ``scores = q @ k.T``: then ``dq = dscores @ k``,
-    ``dk = dscores.T @ q``), and for an adjoint that is one (``dprobs = dout @ v.T``). Written out
+    ``dk = dscores.T @ q``) or the product plus a bias (``dpre``: ``db = dpre.sum(0)``), and for an
+    adjoint that is one (``dprobs = dout @ v.T``). Written out
     in the inputs instead, each gradient would repeat those products inside sums over other axes.
     An adjoint that is already one tensor (``dout``, ``2*dout``) is read as it is.
     """
-    contraction = node.op in CONTRACTIONS or any(is_contraction(r) for r in adjoint.atoms(Red))
+    contraction = node.op in CONTRACTIONS or node in el.affine or any(is_contraction(r) for r in adjoint.atoms(Red))
     if not contraction:
         return False
     scalars = set(el.graph.sizes.values()) | set(el.graph.constants.values())

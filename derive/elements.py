@@ -90,6 +90,22 @@ def input_sign(graph: Graph, node: Node) -> str:
             "binary": "nonnegative"}.get(domain, "real")
 
 
+def _contracted(binder) -> bool:
+    """Whether ``binder`` is (part of) a sum of a product of tensors that prints as a contraction:
+    its body, past nested sums, is a product of tensor elements and numbers, none reading every index."""
+    body = binder.body
+    while isinstance(body, (Red, AxisSum)):
+        body = body.body
+    if not isinstance(binder, (Red, AxisSum)) or not isinstance(body, sp.Mul):
+        return False
+    tensors = [set(f.indices) - {0} for f in body.args if isinstance(f, sp.Indexed)]
+    rest = [f for f in body.args if not isinstance(f, sp.Indexed)]
+    if any(f.atoms(sp.Indexed) or any(isinstance(i, sp.Idx) for i in f.free_symbols) for f in rest):
+        return False
+    every = set().union(*tensors) if tensors else set()
+    return len(tensors) >= 2 and not any(t == every for t in tensors)
+
+
 class Elements:
     def __init__(self, graph: Graph):
         self.graph = graph
@@ -102,6 +118,7 @@ class Elements:
         self.opaque: list[Node] = []  # topological order
         self.rules: list[tuple[sp.Expr, tuple, sp.Expr]] = []  # (reduction atom, its free indices, value)
         self.known: dict[Node, int] = {}  # opaque node -> how many rules its definition was recognised with
+        self.affine: set[Node] = set()  # a matrix product plus a bias: opaque, its adjoint computed once
         try:
             self.axes = axis_atoms(graph)  # each node's axes as atomic sizes (a view regroups them)
         except DerivationError as e:
@@ -163,7 +180,8 @@ class Elements:
                     counts[s] = max(counts.get(s, 0), list(shape).count(s))
         values = list(exprs) + (list(self.definition.values()) if within is None else [])
         for expr in values:
-            scopes = [expr] + [b.body for b in expr.atoms(Red, Max, AxisSum, AxisMax)]
+            # a sum that is a matrix product is printed as one (@, einsum): it needs no axis for its index
+            scopes = [expr] + [b.body for b in expr.atoms(Red, Max, AxisSum, AxisMax) if not _contracted(b)]
             for scope in scopes:
                 indices = [i for i in scope.free_symbols if isinstance(i, sp.Idx)]
                 for size in {extent(i) for i in indices}:
@@ -177,11 +195,17 @@ class Elements:
                     out.append(i)
                     taken[size] = taken.get(size, 0) + 1
             return out + [self.nth(s, k) for s, c in counts.items() for k in range(taken.get(s, 0), c)]
-        # the dimensions in the order the inputs declare them, a dimension a view splits as its atoms
+        # the dimensions in the order the inputs declare them, a dimension a view splits as its atoms;
+        # first the batch: the one most values have as their first axis (n of emb, h, logits), so
+        # that they print as they are stored
         order = []
         for name in self.graph.layer.tensors:
             for axis in self.axes[self.graph.inputs[name]]:
                 order += [a for a in axis if a not in order]
+        leading = [self.axes[n][0][0] for n in self.graph.nodes if self.axes[n] and self.axes[n][0]]
+        if leading:
+            batch = max(order, key=lambda a: (leading.count(a), -order.index(a)))
+            order = [batch] + [a for a in order if a != batch]
         order += [s for s in self.graph.sizes.values() if s not in order]
         order += [s for s in counts if s not in order]
         return [self.nth(s, k) for s in order if s in counts for k in range(counts[s])]
@@ -213,7 +237,12 @@ class Elements:
             return
         value = self._value(node)
         contracted = any(m.op in CONTRACTIONS for m in self.graph.consumers(node))
-        if node is self.graph.output or node.op in NORMALIZERS or (
+        # a matrix product plus a bias (x @ W + b): the chain rule goes through the sum, so the bias's
+        # gradient sums the adjoint the product's gradients read, db = dpre.sum(0)
+        affine = node.op in ("add", "sub") and any(a.op in CONTRACTIONS for a in node.inputs)
+        if affine:
+            self.affine.add(node)
+        if node is self.graph.output or node.op in NORMALIZERS or affine or (
                 reductions(value) and (node.named or node.op in CONTRACTIONS or contracted)):
             self.known[node] = len(self.rules)
             value = self.recognize(value)

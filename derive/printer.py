@@ -43,7 +43,7 @@ class Frame:
         busy = {i for i in body.free_symbols if isinstance(i, sp.Idx)} - {j}
         axis = self.free_axis(extent(j), busy, prefer=j)
         if axis is None:
-            clash = next(i for i in busy if extent(i) == extent(j))
+            clash = next((i for i in busy if extent(i) == extent(j)), j)
             reader = next((str(e.base) for e in body.atoms(sp.Indexed) if clash in e.indices), "")
             raise DerivationError("", f"the reduction over {j} also reads {clash} of the same size",
                                   "this contraction needs einsum, which the fused printer does not emit yet",
@@ -124,7 +124,8 @@ class KernelPrinter(TorchPrinter):
         position, labels = picked[0]
         size = self.shapes[str(expr.base)][position]
         own = sp.Idx("_gathered", size)
-        axis = self.frame.free_axis(size, {i for i in expr.free_symbols if isinstance(i, sp.Idx)})
+        # the picked axis is 1 after the gather: any axis of its size the table's other indices leave free
+        axis = self.frame.free_axis(size, {i for i in expr.indices if isinstance(i, sp.Idx)})
         if axis is None:
             raise DerivationError("", f"{expr} is read at labels along an axis the frame has no room for",
                                   "pick from a tensor computed on its own line", tensor=str(expr.base))
@@ -169,7 +170,7 @@ class KernelPrinter(TorchPrinter):
             return name
         return f"{_wrap(name)}.view({', '.join(self._print(s) for s in self.views[name])})"
 
-    def _contraction(self, body, bound: list[int], order: list | None = None):
+    def _contraction(self, body, summed: set, order: list | None = None):
         """A sum of a product of tensors that do not share all their axes (``sum_o dout[n, o]*W[i, o]``)
         is a contraction: ``dout @ W.T`` (``torch.einsum`` where it is not a matrix product), never
         the broadcast product (n x i x o elements). Laid out in the frame, or with ``order`` (indices)
@@ -177,33 +178,55 @@ class KernelPrinter(TorchPrinter):
         product of same-shaped tensors, or with a factor that is not a plain tensor or a scalar)."""
         tensors, scalars = [], []
         for f in sp.Mul.make_args(body):
-            if isinstance(f, sp.Indexed) and not isinstance(f.indices[0], sp.Indexed):
-                tensors.append(f)
+            if isinstance(f, sp.Indexed):
+                tensor = self._operand(f)
+                if tensor is None:
+                    return None
+                tensors.append(tensor)
             elif f.atoms(sp.Indexed) or any(isinstance(s, sp.Idx) for s in f.free_symbols) or f.atoms(Red):
                 return None
             else:
                 scalars.append(f)
         if len(tensors) < 2:
             return None
-        for t in tensors:
-            shape = self.shapes[str(t.base)]
-            if any(s == 1 for s in shape) or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in t.indices):
-                return None
         every = set().union(*[set(t.indices) for t in tensors])
-        if any(set(t.indices) == every for t in tensors):
+        if any(set(t.indices) == every for t in tensors) or not set(summed) <= every:
             return None  # an elementwise product of same-shaped tensors: print the plain sum
-        summed = {i for i, a in self.frame.slots.items() if a in bound and i in every}
         out = [i for i in every if i not in summed]
+        if any(i not in self.frame.slots for i in out):
+            return None
         if order is None:
             out.sort(key=self.frame.slots.__getitem__)
         elif set(order) == set(out):
             out = list(order)
         else:
             return None
-        code = _product(tensors, out, self._index_letters(every), self.stored)
+        code = _product(tensors, out, self._index_letters(every))
         if order is None:
             code = self._layout(code, tuple(extent(i) for i in out), [self.frame.slots[i] for i in out])
+            code = _wrap(code)  # ``a*(dout @ W.T)``: @ binds no tighter than *
         return self._scaled(code, scalars)
+
+    def _operand(self, f: sp.Indexed):
+        """A factor of a contraction as ``_Operand`` (its code and one index per axis), or None: a
+        tensor read at its own indices (``W.view(t, e, h)`` where a view splits it), or a table read
+        at labels (``C[X]``, indexed by the labels' indices then the table's other ones)."""
+        if isinstance(f.indices[0], sp.Indexed):
+            labels, rest = f.indices[0], f.indices[1:]
+            shape = tuple(self.shapes[str(labels.base)]) + tuple(self.shapes[str(f.base)][1:])
+            indices = tuple(labels.indices) + tuple(rest)
+            code = f"{_wrap(self.stored(str(f.base)))}[{labels.base}]"
+        else:
+            shape, indices, code = self.shapes[str(f.base)], tuple(f.indices), self.stored(str(f.base))
+        if any(s == 1 and i != 0 for s, i in zip(shape, indices)):
+            return None
+        if 1 in shape:  # a kept axis of size 1 takes no part: the tensor without it
+            varying = [(s, i) for s, i in zip(shape, indices) if s != 1]
+            code = f"{_wrap(code)}.view({', '.join(self._print(s) for s, _ in varying) or ''}{',' if len(varying) == 1 else ''})"
+            indices = tuple(i for _, i in varying)
+        if not indices or not all(isinstance(i, sp.Idx) for i in indices) or len(set(indices)) < len(indices):
+            return None
+        return _Operand(code, indices)
 
     def _scaled(self, code: str, scalars: list) -> str:
         """``code`` times the product of ``scalars``: ``(a @ b)/math.sqrt(d)``, ``2*(a @ b)``."""
@@ -230,12 +253,11 @@ class KernelPrinter(TorchPrinter):
         rest = [f for f in factors if not isinstance(f, (Red, AxisSum))]
         if len(sums) != 1 or not all(_is_scalar_factor(f, self.shapes) for f in rest):
             return None
-        frame, axes, red = self.frame, [], sums[0]
+        bound, red = [], sums[0]
         while isinstance(red, (Red, AxisSum)):
-            frame, axis = frame.with_bound(red.index, red.body)
-            axes.append(axis)
+            bound.append(red.index)
             red = red.body
-        code = self._inner(frame)._contraction(red, axes, order)
+        code = self._contraction(red, set(bound), order)
         return None if code is None else self._scaled(code, rest)
 
     def _print_lookup(self, expr):
@@ -288,6 +310,16 @@ class KernelPrinter(TorchPrinter):
     def _print_Red(self, expr):
         # nested sums over several axes are one torch reduction (pairwise summation over all of
         # them: more accurate in float32 than summing axis after axis, and one pass)
+        scatter = self._index_add(expr)
+        if scatter is not None:
+            return scatter
+        bound, body = [], expr
+        while isinstance(body, Red):
+            bound.append(body.index)
+            body = body.body
+        contraction = self._contraction(body, set(bound))  # no axis of the frame for what it sums
+        if contraction is not None:
+            return contraction
         frame, axes = self.frame, []
         while isinstance(expr, Red):
             frame, axis = frame.with_bound(expr.index, expr.body)
@@ -295,10 +327,56 @@ class KernelPrinter(TorchPrinter):
             expr = expr.body
         return self._reduce_body(self._inner(frame), expr, axes)
 
+    def _index_add(self, expr) -> str | None:
+        """``sum_{n,t} [X[n, t] == v] * g[n, t, e]``, the gradient of a table read at labels
+        (``C[X]``), is ``g`` added into the rows ``X`` names: ``index_add_``, never an (v, n, t)
+        one-hot. None for any other sum."""
+        bound, body, outside = [], expr, []
+        while True:  # sum_n f[n]*sum_t h[n, t] is sum_n sum_t f[n]*h[n, t]
+            if isinstance(body, Red):
+                bound.append(body.index)
+                body = body.body
+                continue
+            sums = [f for f in sp.Mul.make_args(body) if isinstance(f, Red)]
+            if isinstance(body, sp.Mul) and len(sums) == 1:
+                outside += [f for f in body.args if f is not sums[0]]
+                body = sums[0]
+                continue
+            break
+        body = sp.Mul(*outside, body)
+        deltas = [f for f in sp.Mul.make_args(body) if isinstance(f, sp.KroneckerDelta)]
+        for delta in deltas:
+            row, labels = delta.args if isinstance(delta.args[1], sp.Indexed) else delta.args[::-1]
+            if not (isinstance(row, sp.Idx) and row in self.frame.slots and isinstance(labels, sp.Indexed)
+                    and all(i in bound for i in labels.indices) and len(set(labels.indices)) == len(labels.indices)):
+                continue
+            rest = body / delta
+            if row in rest.free_symbols or rest.atoms(sp.KroneckerDelta) or any(
+                    isinstance(i, sp.Indexed) for e in rest.atoms(sp.Indexed) for i in e.indices):
+                continue  # a value read at the labels too (a pick) is printed with its one-hot
+            for j in reversed([j for j in bound if j not in labels.indices]):  # summed before the scatter
+                rest = Red(rest, j)
+            others = sorted((i for i in rest.free_symbols if isinstance(i, sp.Idx) and i in self.frame.slots
+                             and i not in bound), key=self.frame.slots.__getitem__)
+            spare = [sp.Idx(f"_spare{k}", extent(j)) for k, j in enumerate(bound) if j not in labels.indices]
+            inner = KernelPrinter(Frame(list(labels.indices) + others + spare), self.shapes, self.names, self.dtype_of,
+                                  self.views)
+            inner.full_rank = True
+            sizes = [self._print(extent(i)) for i in list(labels.indices) + others] + ["1"] * len(spare)
+            kept = sizes[len(labels.indices):len(labels.indices) + len(others)]
+            values = inner._print(rest) if self._is_tensor(rest) else \
+                f"{self.dtype_of}.new_full((1,), {inner._print(rest)})"  # counting: a number per label
+            source = f"{_wrap(values)}.expand({', '.join(sizes)}).reshape(-1{''.join(', ' + x for x in kept)})"
+            shape = (extent(row), *[extent(i) for i in others])
+            zeros = f"{self.dtype_of}.new_zeros(({', '.join(self._print(x) for x in shape)}{',' if len(shape) == 1 else ''}))"
+            code = f"{zeros}.index_add_(0, {labels.base}.reshape(-1), {source})"
+            return self._layout(code, shape, [self.frame.slots[row]] + [self.frame.slots[i] for i in others])
+        return None
+
     def _reduce_body(self, inner: "KernelPrinter", body: sp.Expr, axes: list[int], method: str = "sum") -> str:
         """``body``, printed by ``inner`` (whose frame holds the bound axes), reduced over ``axes``."""
         if method == "sum":
-            contraction = inner._contraction(body, axes)
+            contraction = inner._contraction(body, {i for i, a in inner.frame.slots.items() if a in axes})
             if contraction is not None:
                 return contraction
         inner.full_rank = self._lower_rank(body)
@@ -522,7 +600,16 @@ class ForwardPrinter(KernelPrinter):
         return super()._print_Add(expr, order)
 
     def _print_AxisSum(self, expr):
-        # one axis at a time, in the spec's order (the forward's rounding is the spec's)
+        # a product summed over several axes is one contraction (C[X] reshaped @ W1: einsum over t, e);
+        # anything else one axis at a time, in the spec's order (the forward's rounding is the spec's)
+        bound, body = [], expr
+        while isinstance(body, AxisSum):
+            bound.append(body.index)
+            body = body.body
+        if len(bound) > 1:
+            contraction = self._contraction(body, set(bound))
+            if contraction is not None:
+                return contraction
         return self._reduce(expr, "sum")
 
     def _print_AxisMax(self, expr):
@@ -563,7 +650,14 @@ def _is_scalar_factor(f: sp.Expr, shapes: dict) -> bool:
     return not f.atoms(sp.Indexed) and not any(isinstance(s, sp.Idx) or s.name in shapes for s in f.free_symbols)
 
 
-def _product(tensors: list, out: list, letters: dict, stored=lambda name: name) -> str:
+class _Operand:
+    """A tensor in a contraction: its code and its indices, one per axis."""
+
+    def __init__(self, code: str, indices: tuple):
+        self.base, self.indices = code, indices
+
+
+def _product(tensors: list, out: list, letters: dict) -> str:
     """The contraction of ``tensors`` (elements) onto the indices ``out``, in that order: a matrix
     product with transposes where it is one (``dout @ W.T``, a batch with ``.mT``), else einsum."""
     if len(tensors) == 2 and len(out) >= 2:
@@ -577,11 +671,11 @@ def _product(tensors: list, out: list, letters: dict, stored=lambda name: name) 
             # the right operand may be one matrix for every matrix of the left's batch
             if li[:-2] != batch or ri[:-2] not in (batch, []) or set(li[-2:]) != {a, r} or set(ri[-2:]) != {r, b}:
                 continue
-            lhs = _wrap(stored(str(left.base))) + (f".{'mT' if batch else 'T'}" if li[-2:] == [r, a] else "")
-            rhs = _wrap(stored(str(right.base))) + (f".{'mT' if ri[:-2] else 'T'}" if ri[-2:] == [b, r] else "")
+            lhs = _wrap(left.base) + (f".{'mT' if batch else 'T'}" if li[-2:] == [r, a] else "")
+            rhs = _wrap(right.base) + (f".{'mT' if ri[:-2] else 'T'}" if ri[-2:] == [b, r] else "")
             return f"{lhs} @ {rhs}"
     spec = ",".join("".join(letters[i] for i in t.indices) for t in tensors) + "->" + "".join(letters[i] for i in out)
-    return f"torch.einsum('{spec}', {', '.join(stored(str(t.base)) for t in tensors)})"
+    return f"torch.einsum('{spec}', {', '.join(t.base for t in tensors)})"
 
 
 def _wrap(code: str) -> str:
@@ -591,12 +685,22 @@ def _wrap(code: str) -> str:
 
 
 def _is_primary(code: str) -> bool:
-    """Whether ``code`` is a name followed only by trailers: ``(...)``, ``[...]``, ``.name``."""
+    """Whether ``code`` is a name or a parenthesized group, followed only by trailers: ``(...)``,
+    ``[...]``, ``.name``."""
     k = 0
-    while k < len(code) and (code[k].isalnum() or code[k] == "_"):
+    if code.startswith("("):
+        depth = 0
+        for k, c in enumerate(code):
+            depth += c == "("
+            depth -= c == ")"
+            if depth == 0:
+                break
         k += 1
-    if k == 0 or not code[0].isidentifier():
-        return False
+    else:
+        while k < len(code) and (code[k].isalnum() or code[k] == "_"):
+            k += 1
+        if k == 0 or not code[0].isidentifier():
+            return False
     while k < len(code):
         if code[k] == ".":
             k += 1

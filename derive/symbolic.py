@@ -255,7 +255,7 @@ def pick(expr: sp.Expr, index: sp.Idx, value: sp.Expr) -> sp.Expr:
 def is_contraction(red: "Red") -> bool:
     """Whether ``red`` sums a product of tensors read at different indices (a matrix product,
     ``sum_r dout[i, r]*W[j, r]``) rather than an elementwise product or a single tensor."""
-    tensors = [set(f.indices) for f in sp.Mul.make_args(red.body) if isinstance(f, sp.Indexed)]
+    tensors = [set(f.indices) - {0} for f in sp.Mul.make_args(red.body) if isinstance(f, sp.Indexed)]
     every = set().union(*tensors) if tensors else set()
     return len(tensors) >= 2 and not any(t == every for t in tensors)
 
