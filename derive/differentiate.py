@@ -117,12 +117,15 @@ def differentiate(el: Elements) -> Gradients:
         if adjoint is None or adjoint == 0:
             continue
         if node is not graph.output and _materialize(el, node, adjoint):
+            # a factor of sizes and constants (the 1/sqrt(d) of attention's scores) stays out: it
+            # scales the smaller results of the products that read the adjoint
+            scale, adjoint = _scale(el, adjoint)
             # two products summed (``x @ wi + h @ ui``) have one adjoint: computed once, read by both
             same = next((m for m, a in materialized if m.shape == node.shape
                          and a == reindex(adjoint, dict(zip(el.free(node), el.free(m))))), None)
             if same is None:
                 materialized.append((node, adjoint))
-            adjoint = el.grad_ref(same or node)
+            adjoint = scale * el.grad_ref(same or node)
         read = el.definition[node]
         for target in variables:
             if target is node or not _reads(el, read, target):
@@ -132,6 +135,15 @@ def differentiate(el: Elements) -> Gradients:
             adjoints[target] = el.recognize(expand(adjoints.get(target, sp.S.Zero) + part))
     grads = {x: adjoints.get(x, sp.S.Zero) for x in wanted}
     return Gradients(el, grads, adjoints, steps, materialized)
+
+
+def _scale(el: Elements, adjoint: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+    """``(scale, rest)`` with ``adjoint = scale*rest`` and ``scale`` a product of sizes and constants."""
+    scalars = set(el.graph.sizes.values()) | set(el.graph.constants.values())
+    factored = sp.factor_terms(adjoint)
+    scale = sp.Mul(*[f for f in sp.Mul.make_args(factored)
+                     if f.free_symbols <= scalars and not f.atoms(sp.Indexed) and not f.is_number])
+    return (scale, expand(factored / scale)) if scale != 1 else (sp.S.One, adjoint)
 
 
 def _materialize(el: Elements, node: Node, adjoint: sp.Expr) -> bool:

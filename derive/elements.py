@@ -24,8 +24,8 @@ import sympy as sp
 from .errors import DerivationError
 from .atoms import atomic_shape, axis_atoms
 from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
-from .symbolic import (AxisMax, AxisSum, IsArgmax, Max, Red, expand, extent, hide_argmax, index_for, reductions,
-                       reindex)
+from .symbolic import (AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, expand,
+                       extent, hide_argmax, index_for, reductions, reindex)
 from .trace import Graph, Node
 
 REDUCING_OPS = ("sum", "mean", "max", "matmul", "softmax", "log_softmax", "logsumexp")
@@ -330,6 +330,8 @@ class Elements:
             return Where(*a)
         if op == "expand":
             return a[0]
+        if op in ("softmax", "log_softmax") and literal and len(axes[axis := node.attrs["axes"][0]]) == 1:
+            return (AxisSoftmax if op == "softmax" else AxisLogSoftmax)(a[0], axes[axis][0])  # one torch op
         if op in ("softmax", "log_softmax"):
             (axis,) = node.attrs["axes"]
             own = axes[axis]
@@ -389,6 +391,8 @@ class Elements:
             target[k] = (0,) if own[k] == (0,) else bind(own[k], taken, own[k])
         value = read(source, target)
         bound = [j for k in reduced for j in target[k] if j != 0]
+        if node.op == "logsumexp" and total is AxisSum and len(bound) == 1:
+            return AxisLogSumExp(value, bound[0])  # as written: one torch.logsumexp
         if node.op == "logsumexp":
             top = over(value, bound, largest)
             return top + sp.log(over(sp.exp(value - top), bound, total))

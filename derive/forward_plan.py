@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .elements import REDUCING_OPS, Elements
-from .symbolic import AxisMax, AxisSum, extent
-from .printer import ForwardPrinter, Frame, _wrap, fit_shape
+from .errors import DerivationError
+from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, extent
+from .printer import ForwardPrinter, Frame, _wrap, fit_shape, temporaries
 from .spec import Tensor
 from .trace import Node
 
@@ -53,14 +54,27 @@ def _kept(el: Elements) -> set:
     graph = el.graph
     kept = {n for n in graph.nodes if n.named and n.op in REDUCING_OPS and n is not graph.output}
     picks = [(n.args[0], 1 if n.op == "pick" else 0) for n in graph.nodes if n.op in ("pick", "embed")]
-    if picks:
-        values, _ = _literal_values(el, kept)
+    while picks:
+        try:
+            values, _ = _literal_values(el, kept)
+        except _ReadAtLabels as e:  # a softmax picked at the labels: computed whole, then gathered
+            kept.add(e.table)
+            continue
         for table, axis in picks:
             if table in values:
                 picked = el.free_axes(table)[axis][0]
-                if any(b.index != picked for b in values[table].atoms(AxisSum, AxisMax)):
+                if any(b.index != picked for b in values[table].atoms(AxisSum, AxisMax, AxisLogSumExp)) \
+                        or values[table].atoms(AxisSoftmax):
                     kept.add(table)
+        break
     return kept
+
+
+class _ReadAtLabels(Exception):
+    """A value written as one operation along an axis (``AxisSoftmax``) read at labels along it."""
+
+    def __init__(self, table: Node):
+        self.table = table
 
 
 def plan(el: Elements, saved: list[str], frame: list) -> list[Statement]:
@@ -181,7 +195,10 @@ def _literal_values(el: Elements, kept: set | None = None) -> tuple[dict, dict]:
         def operand(m: Node) -> sp.Expr:
             return el.ref(m) if m.op in ("input", "labels") or m in kept else values[m]
 
-        values[node] = el.literal(node, operand)
+        try:
+            values[node] = el.literal(node, operand)
+        except ValueError:
+            raise _ReadAtLabels(node.args[0]) from None
         lines[node] = {node.line} | set().union(*[lines[m] for m in node.inputs if m in lines and m not in kept])
     return values, lines
 
@@ -309,6 +326,14 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
         printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(frame) and printer._lower_rank(st.value)
         direct = printer.print_in_order(st.value, [i for i in el.free(st.node) if i != 0]) \
             if st.node is not None and st.node.shape else None
+        if direct is None and st.node is not None and isinstance(st.value, AxisSoftmax) \
+                and not temporaries(st.value, shapes) and 0 not in el.free(st.node):
+            # a softmax of tensors read as stored: printed on the node's own axes (q @ k.T).softmax(1)
+            own = ForwardPrinter(Frame(list(el.free(st.node))), shapes, names, dtype_of=dtype_of, views=views)
+            try:
+                direct = own.doprint(st.value)
+            except DerivationError:  # a sum inside needs an axis of its own: printed in the whole frame
+                direct = None
         printer.updated = None
         code = direct or printer.statement(st.value)
         if direct:  # a matrix product, already in the node's layout: a buffer of its own

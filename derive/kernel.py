@@ -307,6 +307,22 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame: l
     return ordered + second, codes
 
 
+def _numbers_inline(replacements: list, reduced: list, scalars: set) -> tuple[list, list]:
+    """cse's temporaries that are numbers of sizes and constants (``1/math.sqrt(d)``) put back where
+    they are used: a Python number costs nothing to recompute, and a formula reading it stays a
+    matrix product times a number (``(dt2 @ k)/math.sqrt(d)``)."""
+    numbers: dict = {}
+    kept = []
+    for symbol, value in replacements:
+        value = value.xreplace(numbers)
+        if not value.atoms(sp.Indexed) and {s for s in value.free_symbols if not isinstance(s, sp.Idx)} <= scalars \
+                and not value.atoms(sp.Idx):
+            numbers[symbol] = value
+        else:
+            kept.append((symbol, value))
+    return kept, [r.xreplace(numbers) for r in reduced]
+
+
 def _whole_indices(replacements: list, reduced: list) -> tuple[list, list]:
     """cse's result with every index's range written out again: a range ``d - 1`` that cse shared
     with a coefficient ``1/(d - 1)`` must not leave a temporary inside the index."""
@@ -385,6 +401,8 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     hidden, restore = hide_argmax(sp.Tuple(*elements))
     replacements, reduced = sp.cse(list(hidden), symbols=sp.numbered_symbols("_cse"), ignore=tuple(bound), order="none")
     replacements, reduced = _whole_indices(replacements, reduced)
+    numbers = set(el.graph.sizes.values()) | set(el.graph.constants.values()) | set(sizes.values())
+    replacements, reduced = _numbers_inline(replacements, reduced, numbers)
     replacements = [(symbol, restore(value)) for symbol, value in replacements]
     reduced = [restore(r) for r in reduced]
     taken = set(taken) | set(names.values())

@@ -384,6 +384,8 @@ class KernelPrinter(TorchPrinter):
         if not text.isidentifier():
             text = f"({text})"
         where = str(axes[0]) if len(axes) == 1 else str(tuple(sorted(axes)))
+        if method == "logsumexp":
+            return f"torch.logsumexp({text}, {where}, keepdim=True)"
         return f"{text}.{method}({where}, keepdim=True)"
 
     def _print_Mul(self, expr):
@@ -606,14 +608,39 @@ class ForwardPrinter(KernelPrinter):
         while isinstance(body, AxisSum):
             bound.append(body.index)
             body = body.body
-        if len(bound) > 1:
-            contraction = self._contraction(body, set(bound))
-            if contraction is not None:
-                return contraction
+        contraction = self._contraction(body, set(bound))
+        if contraction is not None:
+            return contraction
         return self._reduce(expr, "sum")
 
     def _print_AxisMax(self, expr):
         return self._reduce(expr, "amax")
+
+    def _print_AxisLogSumExp(self, expr):
+        return self._reduce(expr, "logsumexp")
+
+    def _print_AxisSoftmax(self, expr):
+        """``torch.softmax`` (``log_softmax``) along the axis of the element's own index."""
+        method = "log_softmax" if type(expr).__name__ == "AxisLogSoftmax" else "softmax"
+        axis = self.frame.slots[expr.index]
+        if not self._varies_along(expr.body, expr.index, axis):  # a constant row: every entry 1/k
+            uniform = 1 / extent(expr.index)
+            return self._print(sp.log(uniform) if method == "log_softmax" else uniform)
+        inner = self._inner(self.frame)
+        inner.full_rank = True
+        body = _wrap(inner._print(expr.body))
+        # along the axes it varies on only: torch's softmax over a middle axis of a (n, 1, m, 1)
+        # view is ten times slower than over the last of an (n, m) one
+        varying = sorted({self.frame.slots[i] for i in expr.body.free_symbols if i in self.frame.slots}
+                         | {k for t in temporaries(expr.body, self.shapes) for k, size in
+                            enumerate(_padded(self.shapes[t.name], len(self.frame.dims))) if size != 1} | {axis})
+        if len(varying) == len(self.frame.dims):
+            return f"{body}.{method}({axis})"
+        compact = ", ".join(self._print(self.frame.dims[k]) for k in varying)
+        full = ", ".join(self._print(self.frame.dims[k]) if k in varying else "1" for k in range(len(self.frame.dims)))
+        return f"{body}.view({compact}).{method}({varying.index(axis)}).view({full})"
+
+    _print_AxisLogSoftmax = _print_AxisSoftmax  # SymPy looks a subclass of a function up by its own name
 
     def _reduce(self, expr, method: str) -> str:
         frame, axis = self.frame.with_bound(expr.index, expr.body)

@@ -212,6 +212,27 @@ class AxisMax(_Bound):
             return body
 
 
+class AxisSoftmax(_Bound):
+    """``softmax(body)`` along the axis of ``j``, read at ``j`` (a forward value as written: one
+    ``torch.softmax``). ``j`` is the element's own index and the one the softmax runs over."""
+
+    nargs = 2
+
+    @property
+    def free_symbols(self):
+        return self.body.free_symbols | extent(self.index).free_symbols
+
+
+class AxisLogSoftmax(AxisSoftmax):
+    """``log_softmax(body)`` along the axis of ``j``, read at ``j``."""
+
+
+class AxisLogSumExp(_Bound):
+    """``logsumexp(body)`` over the axis of ``j`` (a reduction, as written: one ``torch.logsumexp``)."""
+
+    nargs = 2
+
+
 def reindex(expr: sp.Expr, mapping: dict) -> sp.Expr:
     """``expr`` with its free indices replaced at once by ``mapping`` (``{i_n: j_n, j_n: i_n}`` swaps them).
 
@@ -223,13 +244,18 @@ def reindex(expr: sp.Expr, mapping: dict) -> sp.Expr:
     mapping = {k: v for k, v in mapping.items() if k != v}
     if not mapping:
         return expr
-    if not expr.has(AxisSum, AxisMax):
+    if not expr.has(AxisSum, AxisMax, AxisLogSumExp, AxisSoftmax):
         return expr.xreplace(mapping)
     return _reindex(expr, mapping)
 
 
 def _reindex(expr: sp.Expr, mapping: dict) -> sp.Expr:
-    if isinstance(expr, (AxisSum, AxisMax)):
+    if isinstance(expr, AxisSoftmax):  # its index is the element's own: renamed with it
+        j = mapping.get(expr.index, expr.index)
+        if not isinstance(j, sp.Idx):
+            raise ValueError(f"{expr} read at {j}")  # a pick of a softmax: kept as a tensor first (forward_plan)
+        return expr.func(_reindex(expr.body, {**mapping, expr.index: j}), j)
+    if isinstance(expr, (AxisSum, AxisMax, AxisLogSumExp)):
         j, body = expr.index, expr.body
         inner = {k: v for k, v in mapping.items() if k != j}
         if not inner:

@@ -2,15 +2,15 @@
 # source: derive.layers.attention (layer attention)
 # regenerate: derive generate
 # inputs-hash: 4bc4bc2bbd44319b48410cd19162cbd4f0f97b59a60ed6420108078e5fe872b7
-# content-hash: 18386f66164a08b796b95e151f6f09293ec86a44d1ea1777e918ef5eb509e061
+# content-hash: 60fb2ad807f00994dc1b3a080f3beb2ee0e2f4e54220ba08b3e1ed455ae6aa97
 """Scaled dot-product attention of one head, ``softmax(q @ k.T / sqrt(d)) @ v``, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d, m, e):
 
     dprobs = dout @ v.T
-    dt2 = (dprobs - (dprobs*probs).sum(1, keepdim=True))*probs/math.sqrt(d)
-    dq = dt2 @ k
-    dk = dt2.T @ q
+    dt2 = (dprobs - (dprobs*probs).sum(1, keepdim=True))*probs
+    dq = (dt2 @ k)/math.sqrt(d)
+    dk = (dt2.T @ q)/math.sqrt(d)
     dv = probs.T @ dout
 """
 import math  # noqa: F401  (used by some formulas)
@@ -23,9 +23,7 @@ __all__ = ["AttentionFunction", "attention", "compile_kernels"]
 
 def _forward(q, k, v, n, d, m, e):
     """The fused forward: the output and what it computes that the backward reads."""
-    _t1 = (q @ k.T).view(n, 1, m, 1)
-    _t2 = (_t1/math.sqrt(d) - (_t1/math.sqrt(d)).amax(2, keepdim=True)).exp_()
-    probs = (_t2.div_(_t2.sum(2, keepdim=True))).reshape(n, m)  # spec lines 13-14
+    probs = ((q @ k.T)/math.sqrt(d)).softmax(1)  # spec lines 13-14
     out = probs @ v  # spec line 15: out = probs @ v
     return out, (probs,)
 
@@ -33,9 +31,7 @@ def _forward(q, k, v, n, d, m, e):
 def _forward_with_graph(q, k, v, n, d, m, e):
     """The same forward without in-place updates, so autograd can differentiate through it: the
     backward recomputes what it reads this way when a second derivative is wanted."""
-    _t1 = (q @ k.T).view(n, 1, m, 1)
-    _t2 = torch.exp(_t1/math.sqrt(d) - (_t1/math.sqrt(d)).amax(2, keepdim=True))
-    probs = (_t2/_t2.sum(2, keepdim=True)).reshape(n, m)
+    probs = ((q @ k.T)/math.sqrt(d)).softmax(1)
     out = probs @ v
     return out, (probs,)
 
@@ -47,11 +43,11 @@ def _backward(needs, dout, q, k, v, probs, n, d, m, e):
     dv = None
     if needs[0] or needs[1]:
         dprobs = dout @ v.T
-        dt2 = (dprobs - (dprobs*probs).sum(1, keepdim=True))*probs/math.sqrt(d)
+        dt2 = (dprobs - (dprobs*probs).sum(1, keepdim=True))*probs
     if needs[0]:
-        dq = dt2 @ k
+        dq = (dt2 @ k)/math.sqrt(d)
     if needs[1]:
-        dk = dt2.T @ q
+        dk = (dt2.T @ q)/math.sqrt(d)
     if needs[2]:
         dv = probs.T @ dout
     return dq, dk, dv
