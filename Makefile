@@ -1,6 +1,7 @@
 # `make generate`: install, regenerate every kernel and derivation, print the verification table.
 # `make test`:     install (TeX included), check generated/ is fresh, run the test suite.
 # `make latex`:    build/derivations/all.pdf, every derivation in one book.
+# `make dist`:     dist/derive-*.tar.gz and dist/derive-*.whl, to install derive in another repository.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 # TikZ (texlive-pictures) draws the compute graphs; pdftoppm (poppler-utils) lets the tests look at the pages
 TEX_PACKAGES := texlive-latex-base texlive-latex-recommended texlive-pictures latexmk poppler-utils
 
-.PHONY: install generate verify check test tex latex clean
+.PHONY: install generate verify check test tex latex dist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +41,11 @@ test: install tex
 	$(BIN)/derive check
 	$(BIN)/python -m pytest -q
 
+# the sdist and a wheel (setup.py copies templates/ into the package); `pip install dist/derive-*.whl`
+dist: install
+	rm -rf dist
+	$(BIN)/python -c "from setuptools import build_meta as b; b.build_sdist('dist'); b.build_wheel('dist')" >/dev/null
+	@ls dist
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis dist

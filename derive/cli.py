@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from . import cache
-from .errors import DeriveError, ProofFailure
+from .errors import DeriveError, ProofFailure, SpecError
 
 # torch and sympy are imported inside the commands that need them: an unchanged
 # `derive generate` (everything in the cache) answers without loading either.
@@ -18,30 +20,57 @@ from .errors import DeriveError, ProofFailure
 EXERCISE_SIZES = {"n": 32, "k": 27, "d": 64, "v": 27, "t": 3, "e": 10, "hidden": 64}
 
 
+_SPEC_FILES: dict[str, str] = {}  # layer name -> its spec file, to name the file in an error raised without it
+
+
 def _layers(args) -> list:
     from .layers import BUILTIN, by_name, from_file
 
     if getattr(args, "layer", None):
-        return [layer for a in args.layer for layer in from_file(a)]
-    names = getattr(args, "names", None)
-    return [by_name(n) for n in names] if names else list(BUILTIN)
+        layers = [layer for a in args.layer for layer in from_file(a)]
+    else:
+        names = getattr(args, "names", None)
+        layers = [by_name(n) for n in names] if names else list(BUILTIN)
+    _SPEC_FILES.clear()
+    for layer in layers:
+        _SPEC_FILES.setdefault(layer.name, layer.spec_path or layer.source_file)
+    return layers
+
+
+def _command(args, verb: str = "generate") -> str:
+    """The command line that does ``verb`` for what ``args`` selected, as the user would type it."""
+    from .codegen import command
+
+    return command(args.layer or [], args.names or [], args.out, verb)
 
 
 def cmd_generate(args) -> int:
     start = time.perf_counter()
-    key = cache.run_key(args.layer or [], args.names, proven=not args.no_prove)
+    key = cache.run_key(args.layer or [], args.names, proven=not args.no_prove,
+                        options=f"allow-other-sources:{args.allow_other_sources};fused-only:{args.fused_only}")
     if not args.force and cache.unchanged(key, Path(args.out)):
         print(f"{args.out}/ is unchanged since this generation last ran (nothing it depends on changed; "
               f"{time.perf_counter() - start:.2f} s); --force re-derives")
         return 0
+    from .book import index_specs
     from .generate import INDEX, generate
 
     layers = _layers(args)
-    print(f"{'layer':18s} {'gradients':24s} {'sizes proven (n x other)':33s} {'generated vs autograd':23s} time")
-    reports = generate(layers, Path(args.out), prove_sizes=not args.no_prove, force=args.force,
-                       index=not args.names)
-    cache.remember(Path(args.out), {key: ["__init__.py"] + ([INDEX] if not args.names else [])
-                                    + [f for r in reports for f in r.files]})
+    heading = [f"{'layer':18s} {'gradients':24s} {'sizes proven (n x other)':32s} {'kernel':12s} {'battery':10s} "
+               f"{'generated vs autograd':23s} time"]
+
+    def echo(line: str) -> None:  # the table's heading comes with its first row (not before a refusal)
+        while heading:
+            print(heading.pop())
+        print(line)
+
+    out = Path(args.out)
+    reports = generate(layers, out, prove_sizes=not args.no_prove, force=args.force, index=not args.names,
+                       allow_other_sources=args.allow_other_sources, echo=echo, fused_only=args.fused_only)
+    index = [INDEX] if not args.names else []
+    listed = index_specs((out / INDEX).read_text()) if index and (out / INDEX).is_file() else []
+    read = frozenset().union(*(r.inputs for r in reports), cache.user_files({str(out / s.partition(":")[0]) for s in listed}))
+    cache.remember(out, {key: ["__init__.py"] + index + [f for r in reports for f in r.files]}, {key: read})
     for note in filter(None, (r.note() for r in reports)):
         print(f"note: {note}")
     print(f"done in {time.perf_counter() - start:.1f} s; files in {args.out}/")
@@ -55,7 +84,7 @@ def cmd_check(args) -> int:
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
-        print(f"{len(problems)} generated file(s) out of date: run `derive generate`", file=sys.stderr)
+        print(f"{len(problems)} generated file(s) out of date: run `{_command(args)}`", file=sys.stderr)
         return 1
     print(f"{args.out}/ is up to date")
     return 0
@@ -66,15 +95,23 @@ def cmd_verify(args) -> int:
         return verify_kernel(args)
     import torch
 
-    from .generate import build_named as build
     from .prove import default_sizes, prove
+    from .select import fused_kernel
     from .verify import against_autograd, load_module, sizes_text, steps_table, table
+
+    failures = []
+
+    def module(path: Path):
+        if not path.is_file():
+            raise DeriveError(f"{path} is missing: run `{_command(args)}` first")
+        return load_module(path)
 
     for layer in _layers(args):
         print(f"== {layer.name}")
         sizes = {d: EXERCISE_SIZES.get(d, 16) for d in layer.dims}
-        if layer.fused:
-            kernel = build(layer)
+        tables = []
+        kernel = fused_kernel(layer)
+        if kernel is not None:
             for small in default_sizes(layer):
                 proof = prove(kernel, small)
                 shown = sizes_text(small)
@@ -83,14 +120,20 @@ def cmd_verify(args) -> int:
                     break
                 print(f"proven: fused {', '.join(proof.gradients)} equal the element-wise SymPy derivative at {shown} "
                       f"({proof.elements_checked} elements, {proof.seconds:.1f} s)")
-            module = load_module(Path(args.out) / f"{layer.name}.py")
-            rows = against_autograd(layer, getattr(module, layer.name), sizes, dtype=torch.float32)
-            print(f"fused kernel vs autograd of the spec, float32, sizes {sizes}:")
+        written = getattr(module(Path(args.out) / f"{layer.name}.py"), layer.name)
+        what = "fused kernel" if kernel is not None else "kernel (the step-by-step backward)"
+        tables.append((what, against_autograd(layer, written, sizes, dtype=torch.float32)))
+        steps = module(Path(args.out) / f"{layer.name}_steps.py")
+        tables.append(("step-by-step backward", steps_table(layer, steps, sizes, torch.float32)))
+        for what, rows in tables:
+            print(f"{what} vs autograd of the spec{' (retain_grad)' if what.startswith('step') else ''}, float32, "
+                  f"sizes {sizes_text(sizes)}:")
             print(table(rows))
-        steps = load_module(Path(args.out) / f"{layer.name}_steps.py")
-        print(f"step-by-step backward vs autograd of the spec (retain_grad), float32, sizes {sizes}:")
-        print(table(steps_table(layer, steps, sizes, torch.float32)))
-    return 0
+            failures += [f"{layer.name}: the {what}'s {r.name} is not close to autograd of the spec "
+                         f"(maxdiff {r.maxdiff:.3e}, float32, sizes {sizes_text(sizes)})" for r in rows if not r.approximate]
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def verify_kernel(args) -> int:
@@ -144,7 +187,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q, names=True):
-        q.add_argument("--layer", action="append", metavar="FILE.py[:name]", help="layers from a spec file")
+        q.add_argument("--layer", action="append", metavar="FILE.py[:name]|DIR",
+                       help="layers from a spec file (one of them with :name), or every spec file in a folder")
         q.add_argument("--out", default="generated", help="output folder (default: generated)")
         if names:
             q.add_argument("names", nargs="*", help="built-in layer names (default: all)")
@@ -153,7 +197,14 @@ def parser() -> argparse.ArgumentParser:
     common(g)
     g.add_argument("--no-prove", action="store_true", help="skip the proofs on small symbolic matrices")
     g.add_argument("--force", action="store_true",
-                   help="re-derive unchanged layers too, and overwrite generated files edited by hand")
+                   help="re-derive unchanged layers too, and overwrite generated files edited by hand "
+                        "(never a file derive did not write)")
+    g.add_argument("--allow-other-sources", action="store_true",
+                   help="write into an output folder that also holds Python files derive did not write "
+                        "(they are never touched)")
+    g.add_argument("--fused-only", action="store_true",
+                   help="fail for a layer that gets no fused kernel (the fused engine cannot derive it, or every fused "
+                        "form fails the numerical battery) instead of using its step-by-step backward as the kernel")
     g.set_defaults(run=cmd_generate)
     c = sub.add_parser("check", help="fail when generated files are stale or edited by hand")
     common(c)
@@ -198,19 +249,47 @@ def cmd_bench(args) -> int:
     return module.main(args.rest, prog="derive bench")
 
 
+class Stopped(BaseException):
+    """SIGTERM, raised where the process is, so it ends as after Ctrl-C: files whole, one line."""
+
+
+def _terminated(signum, frame):
+    raise Stopped(signum)
+
+
 def main(argv=None) -> int:
     args, rest = parser().parse_known_args(argv)
     if args.command != "bench" and rest:
         parser().error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         return args.run(args)
+    except SpecError as e:
+        if not e.file and e.layer in _SPEC_FILES:
+            e.file = _SPEC_FILES[e.layer]
+        return _fail(str(e), 2)
     except DeriveError as e:
-        print(f"derive: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), 2)
     except ProofFailure as e:
-        print(f"derive: proof failed: {e}", file=sys.stderr)
-        return 1
+        return _fail(f"proof failed: {e}", 1)
+    except OSError as e:  # a path that cannot be read or written
+        where = e.filename or getattr(args, "out", "")
+        return _fail(f"{where}: {e.strerror or e}; check the path and its permissions (or choose another --out)", 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted (Ctrl-C); every file written is whole, the others are as they were", 130)
+    except Stopped:
+        return _fail("terminated (SIGTERM); every file written is whole, the others are as they were", 143)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, status: int) -> int:
+    lines = message.splitlines() or [""]
+    for line in lines:
+        print(f"derive: {line}", file=sys.stderr)
+    return status
 
 
 def console() -> int:

@@ -1,22 +1,24 @@
 """Render kernels into files through Jinja2 templates; every decision is made here, not there."""
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import inspect
+import os
 import re
+import shlex
+import textwrap
+from typing import Iterator
 from importlib import metadata
-from pathlib import Path
-
-import jinja2
 
 from .files import content_hash
 from .forward import forward_lines
 from .kernel import Kernel, size_checks
 from .spec import Constant, Labels, Layer
+from .templating import TEMPLATES, environment
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 REGENERATE = "derive generate"
+DEFAULT_OUT = "generated"
 
 
 def version() -> str:
@@ -24,13 +26,6 @@ def version() -> str:
         return metadata.version("derive")
     except metadata.PackageNotFoundError:
         return "0"
-
-
-@functools.cache
-def environment() -> jinja2.Environment:
-    """One environment per process: it keeps each template compiled (and reloads one edited on disk)."""
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                              keep_trailing_newline=True, trim_blocks=False, autoescape=False)
 
 
 def inputs_hash(layer: Layer, templates: list[str] | None = None) -> str:
@@ -49,10 +44,44 @@ def source_of(layer: Layer) -> str:
     return f"{layer.module} (layer {layer.name})"
 
 
+# The output folder of the run being rendered, as the user wrote it: the regenerate command in
+# every header names it (set by ``generate`` and ``stale_files`` through ``rendering_into``).
+_OUTPUT = {"out": DEFAULT_OUT}
+
+
+@contextlib.contextmanager
+def rendering_into(out) -> Iterator[None]:
+    """Render headers whose regenerate command writes into ``out``."""
+    before = _OUTPUT["out"]
+    _OUTPUT["out"] = os.path.normpath(str(out))
+    try:
+        yield
+    finally:
+        _OUTPUT["out"] = before
+
+
+def command(layers_args: list[str] = (), names: list[str] = (), out: str | None = None, verb: str = "generate") -> str:
+    """``derive <verb> [names] [--layer FILE ...] [--out DIR]``, quoted for a POSIX shell; ``--out``
+    is left out when it is the default."""
+    out = _OUTPUT["out"] if out is None else os.path.normpath(str(out))
+    parts = ["derive", verb, *map(shlex.quote, names)]
+    for argument in layers_args:
+        parts += ["--layer", shlex.quote(argument)]
+    if out != DEFAULT_OUT:
+        parts += ["--out", shlex.quote(out)]
+    return " ".join(parts)
+
+
+def spec_argument(layer: Layer) -> str | None:
+    """The ``--layer`` argument that regenerates ``layer``: its spec file as the user named it (None for a built-in)."""
+    return None if layer.module.startswith("derive.layers") else (layer.spec_path or layer.module)
+
+
 def regenerate_command(layer: Layer) -> str:
-    """``derive generate`` for a built-in; a layer loaded from a user's file names that file."""
-    builtin = layer.module.startswith("derive.layers")
-    return REGENERATE if builtin else f"{REGENERATE} --layer {layer.module}:{layer.name} --out DIR"
+    """The command that regenerates ``layer``'s files: ``derive generate`` for a built-in, with
+    ``--layer FILE`` for a spec from a file, and ``--out DIR`` unless the output is ``generated``."""
+    argument = spec_argument(layer)
+    return command([argument] if argument else [])
 
 
 def header(layer: Layer | Kernel, comment: str, body: str, close: str = "", templates: list[str] | None = None) -> str:
@@ -145,8 +174,10 @@ def render_function(kernel: Kernel) -> str:
     return header(kernel, "#", body, templates=["function.py.j2", "input_checks.py.j2"]) + body
 
 
-def render_steps(graph) -> str:
-    """The step-by-step backward module of a traced layer (``<name>_steps.py``)."""
+def render_steps(graph, kernel_reason: str = "") -> str:
+    """The step-by-step backward module of a traced layer (``<name>_steps.py``). With
+    ``kernel_reason`` it is the layer's kernel (``<name>.py``, the Function named as a fused one
+    would be) where no fused form is used, and its docstring says why."""
     from .backends import Code
     from .stepwise import emit
 
@@ -161,8 +192,13 @@ def render_steps(graph) -> str:
              or any(n == tensor for _, tensor in sources)]
     have = {node.name for node in grads}
     returned = [n for n in reversed(names) if n in have and n != graph.output.name]
+    title = f"Step-by-step backward of ``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}"
+    if kernel_reason:
+        reason = kernel_reason.replace("\\", "/").replace('"' * 3, "'" * 3).rstrip(".")
+        title = (f"``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}\n\n"
+                 + textwrap.fill(f"Its kernel is the step-by-step backward: {reason}.", 100))
     context = dict(
-        title=f"Step-by-step backward of ``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}",
+        title=title,
         signature=_signature(layer),
         size_sources=sources,
         rank_checks=[c for c in checks if c.kind == "rank"],
@@ -174,7 +210,7 @@ def render_steps(graph) -> str:
         reads=reads,
         lines=lines,
         returns=", ".join(f"d{n}=d{n}" for n in returned),
-        class_name=class_name(layer.name).replace("Function", "StepsFunction"),
+        class_name=class_name(layer.name) if kernel_reason else class_name(layer.name).replace("Function", "StepsFunction"),
         name=layer.name,
         call_args=", ".join(layer.inputs),
         input_grads=", ".join(f'grads["d{n}"]' if n in layer.differentiable else "None" for n in layer.inputs)

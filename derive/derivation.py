@@ -111,6 +111,8 @@ class _Printer(LatexPrinter):
     def _print_Red(self, expr, exp=None):
         return self._bound(r"\sum", expr.index, expr.body, exp)
 
+    _print_GroupedRed = _print_Red  # SymPy's dispatch does not pass a renamed subclass to its parent's method
+
     def _print_Sigma(self, expr, exp=None):
         return self._bound(r"\sum", expr.args[1], expr.args[0], exp)
 
@@ -324,8 +326,10 @@ def _simplification(r: explain.Refolded, kernel: Kernel, p: _Printer, fmt: _Form
     for w in r.rewrites:
         node, line = w.node, w.node.line
         rewrites.append(dict(
-            title=f"the definition of {code(node.name)} (line {line}: {code(node.source.strip())}) solved for "
-                  f"{code(w.variable.name)}",
+            title=(f"the value of {code(node.name)} (line {line}: {code(node.source.strip())}), computed by the "
+                   f"forward, read where the formula evaluates it again" if w.kind == "read" else
+                   f"the definition of {code(node.name)} (line {line}: {code(node.source.strip())}) solved for "
+                   f"{code(w.variable.name)}"),
             solved=_equation(p.doprint(w.target), p.doprint(w.solution)),
             linearity=[_equation(p.doprint(a), p.doprint(b)) for a, b in explain.linearity(w)],
             recognized=_recognitions(w.recognized, kernel, p, fmt),

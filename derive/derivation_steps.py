@@ -36,7 +36,7 @@ from .derivation import (BOUND_LETTERS, FREE_LETTERS, MARKDOWN, RESERVED_LETTERS
 from .forward import size_scalars
 from .prove import _labels
 from .rules import BROADCASTING
-from .stepwise import emit, region_renaming, walk
+from .stepwise import emit, has_fused_kernel, region_renaming, walk
 from .symbolic import Max, Red, extent
 from .index_ops import Elt, IndexOps, _forward, _is_merge, _view_index
 from .memo import ByObject
@@ -242,14 +242,14 @@ def _local_derivative(rhs: sp.Expr, origin: Node, note: _Notation) -> tuple[sp.E
 
 def _called(graph: Graph) -> dict:
     """Output node -> region, for every call of a layer whose backward is its fused kernel."""
-    return {r.output: r for r in graph.regions if r.layer.fused}
+    return {r.output: r for r in graph.regions if has_fused_kernel(r.layer)}
 
 
 def _fused_parts(region, needed: set) -> dict:
     """The fused kernel of a called layer, in the caller's names: argument node -> its gradient."""
-    from .kernel import build_cached
+    from .select import fused_kernel
 
-    kernel = build_cached(region.layer)
+    kernel = fused_kernel(region.layer)
     names, subs = region_renaming(kernel, region, ADJOINT + region.output.name)
 
     def rename(expr):

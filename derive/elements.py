@@ -126,6 +126,10 @@ class Elements:
         for node in graph.nodes:
             self._add(node)
 
+    def nonzero_scalars(self) -> set:
+        """Sizes and the constants declared positive: the scalars a formula may divide by."""
+        return set(self.graph.sizes.values()) | {c for c in self.graph.constants.values() if c.is_zero is False}
+
     # -- indices -----------------------------------------------------------------------------
     def nth(self, size: sp.Expr, k: int) -> sp.Idx:
         """The ``k``-th free index of a dimension: ``i_n``, then ``i_n_2``, ``i_n_3``, ..."""
@@ -416,10 +420,10 @@ class Elements:
         a, b = linear.coeff(x, 1), linear.coeff(x, 0)
         if a == 0 or x in a.free_symbols or x in b.free_symbols or linear != expand(a * x + b):
             return
-        scalars = set(self.graph.sizes.values()) | set(self.graph.constants.values())
-        if not a.free_symbols <= scalars and a.is_zero is not False:
+        if not a.free_symbols <= self.nonzero_scalars() and a.is_zero is not False:
             # Red(x) = (out - b)/v1 from out = v1*Red(x) is 0/0 wherever v1 is 0 (a zero-initialized
-            # parameter): learn only divisions by sizes, constants and values known to be non-zero
+            # parameter, a constant called with 0): learn only divisions by sizes, constants declared
+            # positive and values known to be non-zero
             return
         solved = (self.ref(node) - b) / a
         self.rules.append((atom, tuple(sorted(atom.free_symbols & set(self.index.values()), key=str)), solved))

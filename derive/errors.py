@@ -7,13 +7,24 @@ class DeriveError(Exception):
 
 
 class SpecError(DeriveError):
-    def __init__(self, layer: str, problem: str, fix: str, line: int | None = None, source: str = ""):
-        where = f" (line {line}: {source.strip()})" if line else ""
-        super().__init__(f"layer {layer!r}{where}: {problem}. Fix: {fix}.")
-        self.layer, self.problem, self.fix, self.line, self.source = layer, problem, fix, line, source
+    """A mistake in a spec: ``FILE: layer 'name' (line N: the line): what is wrong. Fix: the fix.``
+
+    ``file`` is the spec's file where it is known; the command line fills it in from the layer when
+    the place that raised did not know it."""
+
+    def __init__(self, layer: str, problem: str, fix: str, line: int | None = None, source: str = "",
+                 file: str = ""):
+        super().__init__(layer, problem, fix, line, source)
+        self.layer, self.problem, self.fix, self.line, self.source, self.file = layer, problem, fix, line, source, file
+
+    def __str__(self):
+        where = (f"(line {self.line}: {self.source.strip()})" if self.source.strip() else f"(line {self.line})") if self.line else ""
+        what = " ".join(filter(None, [f"layer {self.layer!r}" if self.layer else "", where]))
+        place = f"{self.file}: {what}" if self.file and what.startswith("layer") else " ".join(filter(None, [self.file, what]))
+        return f"{place}: {self.problem}. Fix: {self.fix}."
 
     def __reduce__(self):  # raised in a worker process, pickled back to the parent
-        return type(self), (self.layer, self.problem, self.fix, self.line, self.source)
+        return _restore, (type(self), dict(vars(self)))
 
 
 class TraceError(SpecError):
@@ -31,8 +42,13 @@ class DerivationError(SpecError):
         super().__init__(layer, problem, fix, line, source)
         self.tensor = tensor
 
-    def __reduce__(self):
-        return type(self), (self.layer, self.problem, self.fix, self.line, self.source, self.tensor)
+
+
+def _restore(cls, state: dict) -> SpecError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, state.get("layer"), state.get("problem"), state.get("fix"))
+    vars(error).update(state)
+    return error
 
 
 class ProofFailure(AssertionError):

@@ -162,6 +162,8 @@ def linearity(rewrite: Rewrite) -> list[tuple[sp.Expr, sp.Expr]]:
     """Each sum the substitution changed, with what it became: ``(sum before, sum after)``."""
     target, solution = rewrite.target, rewrite.solution
     out = []
+    if rewrite.kind == "read":  # a saved value read in place of its function: no sum is split
+        return out
     sums = reductions(rewrite.before)
     for r in sorted(sums, key=sp.default_sort_key):
         if not isinstance(r, Red) or any(q != r and r in q.atoms(Red) for q in sums):

@@ -18,7 +18,7 @@ def size_names(graph: Graph) -> dict[sp.Symbol, sp.Symbol]:
     ``<name>_size``. A size the spec computed (``d // G``) prints as that expression.
     """
     taken = ({n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes} | set(graph.layer.inputs)
-             | RESERVED | {"math", "torch", "F", "needs"} | set(dir(builtins)))
+             | set(RESERVED) | {"math", "torch", "F", "needs"} | set(dir(builtins)))
     names = {}
     for symbol in graph.sizes.values():
         name = symbol.name

@@ -101,6 +101,7 @@ def plan(el: Elements, saved: list[str], frame: list) -> list[Statement]:
             reuse.append((node, values[node]))
 
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"), order="none")
+    replacements, reduced = _inline_mixed_sums(replacements, reduced)
     replacements, reduced = _spec_names(replacements, reduced, values, {n.name for n in emitted})
     replacements, reduced = _inline_scalars(replacements, reduced, {n.name for n in graph.nodes})
     by_name = {n.name: lines[n] for n in values}
@@ -155,6 +156,31 @@ def _inline_scalars(replacements: list, reduced: list, tensors: set):
         else:
             scalar[symbol] = value
     return kept, [r.xreplace(scalar) for r in reduced]
+
+
+def _computed(term: sp.Expr) -> bool:
+    """Whether ``term`` evaluates a function (``log(s)``), rather than reading values as they are."""
+    return any(isinstance(f, sp.Function) and not isinstance(f, (AxisSum, AxisMax)) for f in sp.preorder_traversal(term))
+
+
+def _inline_mixed_sums(replacements: list, reduced: list):
+    """A temporary that adds a value read as it is to a function of values (``_t1 = m + log(s)``,
+    shared by ``cse``) is split: the function keeps a temporary of its own, and the sum goes back
+    where it is used. Each sum is then added in the printer's order, values first, functions last:
+    ``logits[y] - (m + log(s))`` would round ``log(s)`` away at logits of 1e6, where
+    ``logits[y] - m - log(s)`` cancels ``m`` first."""
+    mixed, kept = {}, []
+    for symbol, value in replacements:
+        value = value.xreplace(mixed)
+        parts = sp.Add.make_args(value)
+        computed = [t for t in parts if _computed(t)]
+        if value.is_Add and computed and len(computed) < len(parts):
+            function = sp.Symbol(f"{symbol.name}f")
+            kept.append((function, sp.Add(*computed)))
+            mixed[symbol] = sp.Add(*[t for t in parts if not _computed(t)]) + function
+        else:
+            kept.append((symbol, value))
+    return kept, [r.xreplace(mixed) for r in reduced]
 
 
 def _name_results(statements: list["Statement"], el: Elements, layouts: dict) -> list["Statement"]:
@@ -301,6 +327,7 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
                                                   or last_use.get(n, -1) > position)
                    for n, b in buffer_of.items())
 
+    computed = {st.name for st in statements if st.node is None and _computed(st.value)}
     buffer_of: dict[str, str] = {}  # name -> the temporary whose memory it lives in
     free: list[str] = []  # buffers of full-size temporaries no longer read
     out = []
@@ -321,7 +348,7 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
                     if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape
                     and not aliases_live(t.name, position)} if inplace else set()
         printer = ForwardPrinter(Frame(frame), shapes, names, reusable=reusable, inplace=inplace,
-                                 dtype_of=dtype_of, views=views)
+                                 dtype_of=dtype_of, views=views, computed=computed)
         # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output)
         printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(frame) and printer._lower_rank(st.value)
         direct = printer.print_in_order(st.value, [i for i in el.free(st.node) if i != 0]) \
@@ -329,7 +356,8 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
         if direct is None and st.node is not None and isinstance(st.value, AxisSoftmax) \
                 and not temporaries(st.value, shapes) and 0 not in el.free(st.node):
             # a softmax of tensors read as stored: printed on the node's own axes (q @ k.T).softmax(1)
-            own = ForwardPrinter(Frame(list(el.free(st.node))), shapes, names, dtype_of=dtype_of, views=views)
+            own = ForwardPrinter(Frame(list(el.free(st.node))), shapes, names, dtype_of=dtype_of, views=views,
+                                 computed=computed)
             try:
                 direct = own.doprint(st.value)
             except DerivationError:  # a sum inside needs an axis of its own: printed in the whole frame

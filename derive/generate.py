@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,21 +18,22 @@ from pathlib import Path
 import torch
 
 from . import cache
-from .book import index_markdown
+from . import codegen
+from .book import index_markdown, index_specs
 from .codegen import render_function, render_steps
 from .derivation import render_markdown, render_tex
 from .derivation_steps import render_steps_markdown, render_steps_tex
 from .errors import DerivationError, DeriveError, ProofFailure
-from .files import is_hand_edited, remove_temporaries, write_atomic
+from .files import comparable, content_hash, ownership, plan, remove_temporaries, write_atomic
 from .kernel import Kernel, build_cached
 from .parallel import cores, fork_map
 from .prove import Proof, default_sizes, prove
-from .spec import Layer
+from .select import Choice, chosen
+from .spec import Layer, sizes_text
 from .trace import Graph, trace
 from .verify import against_autograd, load_module, steps_table
 
 INDEX = "derivations/README.md"  # links every layer's derivations; written when all layers are generated
-PACKAGE_INIT = '"""Generated backward passes: `<layer>.py` (fused kernel), `<layer>_steps.py` (step by step). Regenerate with `derive generate`."""\n'
 
 
 def build_named(layer: Layer) -> Kernel:
@@ -43,35 +46,75 @@ def build_named(layer: Layer) -> Kernel:
         raise DerivationError(layer.name, e.problem, e.fix) from None
 
 
-def render(layer: Layer, kernel: Kernel | None = None) -> dict[str, str]:
+def output_names(layer: Layer) -> list[str]:
+    """The files ``render`` may write for ``layer``, relative to the output folder (known before
+    deriving): its kernel and step-by-step backward, and the fused derivation of a layer declared
+    fused (written only where its kernel is fused, ``select``)."""
+    names = [f"{layer.name}.py", f"{layer.name}_steps.py", f"derivations/{layer.name}_steps.tex",
+             f"derivations/{layer.name}_steps.md"]
+    if layer.fused:
+        names += [f"derivations/{layer.name}.tex", f"derivations/{layer.name}.md"]
+    return names
+
+
+def collisions(layers: list[Layer], index: bool = True) -> list[str]:
+    """One line per output file that two layers (or a layer and the folder's own files) would both write."""
+    owners: dict[str, list[str]] = {"__init__.py": ["the package file"]}
+    if index:
+        owners[INDEX] = ["the derivations' index"]
+    for layer in layers:
+        where = f"layer {layer.name!r}" + (f" of {layer.spec_path}" if layer.spec_path else "")
+        for rel in output_names(layer):
+            owners.setdefault(rel, []).append(where)
+    shared: dict[tuple, list[str]] = {}
+    for rel, who in owners.items():
+        if len(who) > 1:
+            shared.setdefault(tuple(who), []).append(rel)
+    return [f"{' and '.join(who)} would both write {', '.join(sorted(rels))}: rename one of them (or generate "
+            f"them into separate folders with --out)" for who, rels in sorted(shared.items())]
+
+
+def render(layer: Layer, choice: Choice | None = None) -> dict[str, str]:
     """Relative path -> text of every file generated for ``layer``: its step-by-step backward and that
-    backward's derivation, and (for a fused layer) its fused kernel and derivation."""
+    backward's derivation, and its kernel ``<name>.py``: the fused one with its derivation, or,
+    where no fused form is used (``select.choose``), the step-by-step backward again, saying why."""
     graph = trace(layer)
+    choice = choice or chosen(layer)
     files = {
         f"{layer.name}_steps.py": render_steps(graph),
         f"derivations/{layer.name}_steps.tex": render_steps_tex(graph),
         f"derivations/{layer.name}_steps.md": render_steps_markdown(graph),
     }
-    if layer.fused:
-        kernel = kernel or build_named(layer)
+    if choice.fused:
         files |= {
-            f"{layer.name}.py": render_function(kernel),
-            f"derivations/{layer.name}.tex": render_tex(kernel),
-            f"derivations/{layer.name}.md": render_markdown(kernel),
+            f"{layer.name}.py": render_function(choice.kernel),
+            f"derivations/{layer.name}.tex": render_tex(choice.kernel),
+            f"derivations/{layer.name}.md": render_markdown(choice.kernel),
         }
+    else:
+        files[f"{layer.name}.py"] = render_steps(graph, choice.reason)
     return files
+
+
+def fused_layers(files) -> set[str]:
+    """The names of the layers whose kernel is fused, read off their files: a fused derivation."""
+    return {Path(rel).stem for rel in files if rel.startswith("derivations/") and rel.endswith(".md")
+            and not rel.endswith("_steps.md") and rel != INDEX}
 
 
 @dataclass
 class Report:
     layer: str
     gradients: list[str]
+    form: str = ""  # the kernel's form and the battery's verdict (``select.Choice.summary``)
+    fused: bool = False
     files: list[str] = field(default_factory=list)  # written, relative to the output folder
     proofs: list[Proof] = field(default_factory=list)
     maxdiff: float = float("nan")
     seconds: float = 0.0
     unchanged: bool = False  # its files were left as an earlier run wrote them (``cache.layer_key``)
     unproven: bool = False  # a fused kernel generated without its proofs (--no-prove)
+    inputs: frozenset = frozenset()  # the user's files its spec ran or imported (``cache.user_files``)
 
     def line(self) -> str:
         if self.unchanged:
@@ -83,54 +126,124 @@ class Report:
             proven = f"proven at {sizes}, no larger" if sizes else "not proven (too large)"
         if self.unproven:
             proven = "not proven (--no-prove)"
+        if not self.fused:
+            proven = "(rules proven)"
         grads = " ".join(self.gradients)
         grads = grads if len(grads) <= 24 else f"{len(self.gradients)} gradients"
-        return f"{self.layer:18s} {grads:24s} {proven:32s} float64 maxdiff {self.maxdiff:.1e}   {self.seconds:5.1f} s"
+        kind = "fused" if self.fused else "step-by-step"
+        passed = re.search(r"battery passed \((\d+) draws\)", self.form)
+        battery = f"passed {passed.group(1)}" if passed else "failed" if "numerical battery" in self.form else "-"
+        return (f"{self.layer:18s} {grads:24s} {proven:32s} {kind:12s} {battery:10s} float64 maxdiff "
+                f"{self.maxdiff:.1e}   {self.seconds:5.1f} s")
 
     def note(self) -> str:
-        """Why a proof stopped early, or nothing."""
+        """Why a proof stopped early, why the kernel is not the most folded fused form, or nothing."""
+        notes = []
         skipped = next((p for p in self.proofs if p.skipped), None)
-        if skipped is None:
-            return ""
-        return (f"{self.layer}: not proven at {_size_text(skipped)}: the element-wise derivative "
-                f"{skipped.skipped}; the generated code matches autograd (float64 maxdiff {self.maxdiff:.1e})")
+        if skipped is not None:
+            notes.append(f"{self.layer}: not proven at {_size_text(skipped)}: the element-wise derivative "
+                         f"{skipped.skipped}; the generated code matches autograd (float64 maxdiff {self.maxdiff:.1e})")
+        if not self.unchanged and (not self.fused or "undoing" in self.form) and self.form:
+            notes.append(f"{self.layer}: {self.form}")
+        return "\n".join(notes)
 
 
 def _size_text(proof: Proof) -> str:
     return "x".join(str(v) for v in proof.sizes.values())
 
 
-class HandEditedError(DeriveError):
-    pass
+class RefusedError(DeriveError):
+    """Files a run will not write (each named with its fix); nothing was written."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
 
 
-def derive_layer(layer: Layer, prove_sizes: bool = True) -> tuple[dict[str, str], list[Proof], float]:
+def package_init(layers: list[Layer]) -> str:
+    """The output folder's ``__init__.py``: it makes the folder a package of its own, importable
+    wherever it is, and carries the generated header like every file derive owns."""
+    body = ('"""Generated backward passes: `<layer>.py` (fused kernel), `<layer>_steps.py` (step by step).\n\n'
+            'Import them as modules of this package (`from <this folder>.<layer> import <layer>`), or with this\n'
+            'folder on the import path (`from <layer> import <layer>`): they import nothing but torch.\n"""\n')
+    arguments = list(dict.fromkeys(a for a in map(codegen.spec_argument, layers) if a))
+    lines = ["@generated by derive: do not edit by hand", f"regenerate: {codegen.command(arguments)}",
+             f"content-hash: {content_hash(body)}"]
+    return "".join(f"# {line}\n" for line in lines) + body
+
+
+def index_layers(layers: list[Layer], out: Path) -> tuple[list[Layer], list[str]]:
+    """The layers the derivations' index of ``out`` lists, and their spec files relative to ``out``:
+    ``layers``, and the layers of the other spec files an earlier run generated into ``out`` (named in
+    the index's header) that still exist. Built-in layers are indexed alone."""
+    if not any(layer.spec_path for layer in layers):
+        return layers, []
+    from .layers import from_file
+
+    here = [os.path.relpath(Path(layer.spec_path).resolve(), Path(out).resolve()) for layer in layers]
+    listed = index_specs(_read(out / INDEX)) if ownership(out / INDEX) in ("ours", "edited") else []
+    everything, seen = list(layers), {(Path(layer.source_file).resolve(), layer.name) for layer in layers}
+    kept = []
+    for entry in listed:
+        path, _, wanted = entry.partition(":")
+        spec = Path(out) / path
+        if not spec.is_file() or entry in here:
+            continue
+        kept.append(entry)
+        for layer in from_file(f"{spec}:{wanted}" if wanted else str(spec)):
+            if (Path(layer.source_file).resolve(), layer.name) not in seen:
+                seen.add((Path(layer.source_file).resolve(), layer.name))
+                everything.append(layer)
+    specs = sorted(set(kept) | {rel + (f":{layer.name}" if _picked(layer, layers) else "")
+                                for rel, layer in zip(here, layers)})
+    place = {id(layer): os.path.relpath(Path(layer.source_file).resolve(), Path(out).resolve()) for layer in everything}
+    return sorted(everything, key=lambda layer: place[id(layer)]), specs  # the same order from every spec file
+
+
+def _picked(layer: Layer, layers: list[Layer]) -> bool:
+    """True when the run has only some of the layers of ``layer``'s spec file (``FILE.py:name``)."""
+    from .layers import from_file
+
+    return len([x for x in layers if x.spec_path == layer.spec_path]) < len(from_file(layer.spec_path))
+
+
+def _read(path: Path) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def derive_layer(layer: Layer, prove_sizes: bool = True, fused_only: bool = False) -> tuple:
     """Everything about one layer that needs no file: its rendered files, the proofs of its fused
-    kernel at small sizes, and the seconds this took. Pure SymPy, so layers run in parallel.
+    kernel at small sizes, the seconds this took, and the kernel's form (``select.Choice.summary``,
+    and whether it is fused). SymPy and small torch runs, so layers run in parallel.
 
-    A step-by-step-only layer is the composition of rules that are each proven on small symbolic
+    A step-by-step backward is the composition of rules that are each proven on small symbolic
     matrices (tests/test_rules.py); proving a whole network symbolically is slow.
     """
     start = time.perf_counter()
-    kernel = build_named(layer) if layer.fused else None
-    files = render(layer, kernel)
+    choice = chosen(layer, fused_only)
+    files = render(layer, choice)
     proofs = []
-    for sizes in default_sizes(layer) if kernel is not None and prove_sizes else []:
-        proofs.append(prove(kernel, sizes))
+    for sizes in default_sizes(layer) if choice.fused and prove_sizes else []:
+        proofs.append(prove(choice.kernel, sizes))
         if proofs[-1].skipped:  # larger sizes are larger still
             break
-    return files, proofs, time.perf_counter() - start
+    return files, proofs, time.perf_counter() - start, choice.summary(), choice.fused
 
 
-def prove_at(layer: Layer, sizes: dict[str, int]) -> tuple[Proof, float]:
+def prove_at(layer: Layer, sizes: dict[str, int], fused_only: bool = False) -> tuple[Proof | None, float]:
     """One proof of ``layer``'s fused kernel, as a job of its own, and the seconds it took (the
-    kernel's build included, where this worker had not built it yet)."""
+    kernel's choice included, where this worker had not made it yet); None where the kernel is
+    the step-by-step backward."""
     start = time.perf_counter()
-    proof = prove(build_named(layer), sizes)
+    choice = chosen(layer, fused_only)
+    proof = prove(choice.kernel, sizes) if choice.fused else None
     return proof, time.perf_counter() - start
 
 
-def _derive_all(jobs: list[list[Layer]], prove_sizes: bool) -> dict[int, tuple]:
+def _derive_all(jobs: list[list[Layer]], prove_sizes: bool, fused_only: bool = False) -> dict[int, tuple]:
     """``derive_layer`` of every layer of ``jobs`` on every core: id(layer) -> its result.
 
     With fewer jobs than cores (a run that derives one changed layer), each proof of a fused kernel
@@ -144,7 +257,8 @@ def _derive_all(jobs: list[list[Layer]], prove_sizes: bool) -> dict[int, tuple]:
 
     def run(item):  # a job's layers to derive, or (a layer, sizes) to prove it at
         work, sizes = item
-        return prove_at(work, sizes) if sizes else [derive_layer(layer, prove_sizes and not split) for layer in work]
+        return (prove_at(work, sizes, fused_only) if sizes
+                else [derive_layer(layer, prove_sizes and not split, fused_only) for layer in work])
 
     def cost(item):  # the derivations first (costliest first), then the proofs, largest first
         work, sizes = item
@@ -153,10 +267,10 @@ def _derive_all(jobs: list[list[Layer]], prove_sizes: bool) -> dict[int, tuple]:
     done = fork_map(run, [(job, None) for job in jobs] + proofs, cost=cost)
     derived = {id(layer): result for job, results in zip(jobs, done) for layer, result in zip(job, results)}
     for (layer, _), (proof, seconds) in zip(proofs, done[len(jobs):]):
-        files, kept, spent = derived[id(layer)]
-        if not any(p.skipped for p in kept):
+        files, kept, spent, form, fused = derived[id(layer)]
+        if proof is not None and not any(p.skipped for p in kept):
             kept.append(proof)
-        derived[id(layer)] = files, kept, spent + seconds
+        derived[id(layer)] = files, kept, spent + seconds, form, fused
     return derived
 
 
@@ -191,59 +305,103 @@ def _layer_key(layer: Layer, graph: Graph, prove_sizes: bool) -> str | None:
         spec_file = inspect.getsourcefile(layer.fn) or ""
     except TypeError:  # a function with no source file
         spec_file = ""
-    return cache.layer_key(layer.name, spec_file, graph.sources, prove_sizes)
+    return cache.layer_key(layer.name, spec_file, graph.sources | layer.depends, prove_sizes)
 
 
 def generate(layers: list[Layer], out: Path, *, prove_sizes: bool = True, force: bool = False,
-             echo=print, index: bool = True) -> list[Report]:
+             echo=print, index: bool = True, allow_other_sources: bool = False,
+             fused_only: bool = False) -> list[Report]:
     """Derive ``layers``, prove their fused kernels, compare the generated code with autograd, then
     write their files.
 
-    Layers are derived and proven on every core (``derive_layer``), and every proof and every
-    comparison runs before any file is written: a formula that fails its proof, or generated code
-    that disagrees with autograd of the spec, raises ``ProofFailure`` and leaves ``out`` as it was.
-    With ``index`` (the whole set of layers, not a few picked by name) the index page of the
-    derivations is written too. A layer whose own key (``cache.layer_key``) is recorded in ``out``
+    Nothing is written, and nothing derived, when a file of the run is not derive's to write
+    (``files.plan``: a user's file, a spec being read, a generated file edited by hand without
+    ``force``, a folder in the way or not writable) or when two layers would write the same file:
+    ``RefusedError`` names each. Layers are derived and proven on every core (``derive_layer``), and
+    every proof and every comparison runs before any file is written: a formula that fails its
+    proof, or generated code that disagrees with autograd of the spec, raises ``ProofFailure`` and
+    leaves ``out`` as it was. With ``index`` (the whole set of layers, not a few picked by name) the
+    index page of the derivations is written too; it also lists the layers of other spec files
+    generated into ``out`` before. A layer whose own key (``cache.layer_key``) is recorded in ``out``
     with its files intact is left as it is, unless ``force``.
     """
     out = Path(out)
+    with codegen.rendering_into(out):
+        return _generate(layers, out, prove_sizes, force, echo, index, allow_other_sources, fused_only)
+
+
+def texts_of(derived: list) -> dict[str, str]:
+    """Every file the derived layers render (``derive_layer``'s results; None for an unchanged layer)."""
+    return {rel: text for result in derived if result for rel, text in result[0].items()}
+
+
+def _fused_names(layers: list[Layer], files: dict, out: Path) -> set[str]:
+    """The layers (of ``layers``) whose kernel is fused: read off the files this run renders, or for a
+    layer it does not render (unchanged, or of another spec file), off the folder."""
+    rendered = {Path(rel).name.split(".")[0].removesuffix("_steps") for rel in files}
+    return fused_layers(files) | {layer.name for layer in layers if layer.name not in rendered
+                                  and ownership(out / f"derivations/{layer.name}.md") in ("ours", "edited")}
+
+
+def _generate(layers, out, prove_sizes, force, echo, index, allow_other_sources, fused_only) -> list[Report]:
+    clash = collisions(layers, index)
+    if clash:
+        raise RefusedError(clash)
     graphs = [trace(layer) for layer in layers]  # what each spec calls and which files it ran
+    inputs = [cache.user_files(graph.sources | layer.depends | {layer.source_file})
+              for layer, graph in zip(layers, graphs)]
+    everything = index_layers(layers, out) if index else (layers, [])
+    planned = {rel: None for layer in layers for rel in output_names(layer)} | {"__init__.py": None}
+    if index:
+        planned[INDEX] = None
+    read = set().union(*inputs, *(cache.user_files({layer.source_file}) for layer in everything[0]))
+    refused = plan(out, planned, force=force, protected=read, allow_other_sources=allow_other_sources)
+    if refused:
+        raise RefusedError([str(r) for r in refused])
     keys = [_layer_key(layer, graph, prove_sizes) for layer, graph in zip(layers, graphs)]
     unchanged = {id(layer) for layer, key in zip(layers, keys) if key and not force and cache.unchanged(key, out)}
     todo = [(layer, graph) for layer, graph in zip(layers, graphs) if id(layer) not in unchanged]
-    by_layer = _derive_all(_jobs([layer for layer, _ in todo], [graph for _, graph in todo]), prove_sizes)
+    by_layer = _derive_all(_jobs([layer for layer, _ in todo], [graph for _, graph in todo]), prove_sizes, fused_only)
     derived = [by_layer.get(id(layer)) for layer in layers]  # None: unchanged, nothing to write
-    for layer, (files, _, _) in ((layer, d) for layer, d in zip(layers, derived) if d is not None):
-        edited = [out / rel for rel in files if is_hand_edited(out / rel)]
-        if edited and not force:
-            raise HandEditedError(f"{edited[0]} was edited by hand (its content hash no longer matches); "
-                                  f"move your changes into the spec, or pass --force to overwrite it")
 
-    if index and is_hand_edited(out / INDEX) and not force:
-        raise HandEditedError(f"{out / INDEX} was edited by hand (its content hash no longer matches); "
-                              f"pass --force to overwrite it")
     # every generated module is imported and held against autograd before any file is written
     reports = []
     with tempfile.TemporaryDirectory(prefix="derive-check-") as staging:
-        for layer, key, result in zip(layers, keys, derived):
+        for layer, key, result, used in zip(layers, keys, derived, inputs):
             gradients, unproven = [f"d{name}" for name in layer.differentiable], layer.fused and not prove_sizes
             if result is None:
-                reports.append(Report(layer.name, gradients, cache.recorded_files(key, out), unchanged=True,
-                                      unproven=unproven))
+                recorded = cache.recorded_files(key, out)
+                reports.append(Report(layer.name, gradients, fused=layer.name in fused_layers(recorded),
+                                      files=recorded, unchanged=True, unproven=unproven, inputs=used))
                 continue
-            files, proofs, seconds = result
+            files, proofs, seconds, form, fused = result
             start = time.perf_counter()
-            report = Report(layer.name, gradients, list(files), proofs, unproven=unproven)
+            report = Report(layer.name, gradients, form, fused, list(files), proofs,
+                            unproven=unproven and fused, inputs=used)
             report.maxdiff = _against_autograd(layer, files, Path(staging))
             report.seconds = seconds + time.perf_counter() - start
             reports.append(report)
-    remove_temporaries(out)  # left by a run that was killed while writing
-    write_atomic(out / "__init__.py", PACKAGE_INIT)
+    texts = {}
+    if ownership(out / "__init__.py") != "theirs":  # a user's own __init__.py is left as it is
+        texts["__init__.py"] = package_init(everything[0])
     if index:
-        write_atomic(out / INDEX, index_markdown(layers))
+        texts[INDEX] = index_markdown(*everything, fused=_fused_names(everything[0], texts_of(derived), out))
+    for result in derived:
+        texts.update(result[0] if result else {})
+    refused = plan(out, texts, force=force, protected=read, allow_other_sources=allow_other_sources)
+    if refused:  # changed while deriving
+        raise RefusedError([str(r) for r in refused])
+    remove_temporaries({(out / rel).parent for rel in texts})  # left by a run that was killed while writing
+    for rel in ["__init__.py", INDEX]:
+        if rel in texts:
+            write_atomic(out / rel, texts.pop(rel))
     for report, result in zip(reports, derived):
-        for rel, text in (result[0] if result else {}).items():
-            write_atomic(out / rel, text)
+        for rel in (result[0] if result else {}):
+            write_atomic(out / rel, texts[rel])
+        if result and not report.fused:  # a fused derivation written when its kernel was fused: derive's own
+            for rel in (f"derivations/{report.layer}.tex", f"derivations/{report.layer}.md"):
+                if ownership(out / rel) == "ours":
+                    (out / rel).unlink()
         echo(report.line())
     cache.remember(out, {key: report.files for key, report in zip(keys, reports) if key and not report.unchanged})
     return reports
@@ -260,33 +418,41 @@ def _against_autograd(layer: Layer, files: dict[str, str], staging: Path) -> flo
     sizes = {d: 5 + 2 * k for k, d in enumerate(layer.dims)}
     rows = [(row, "step-by-step") for row in steps_table(layer, load_module(folder / f"{layer.name}_steps.py"), sizes,
                                                          torch.float64)]
-    if layer.fused:
-        fused = getattr(load_module(folder / f"{layer.name}.py"), layer.name)
-        rows += [(row, "fused") for row in against_autograd(layer, fused, sizes)]
+    kernel = getattr(load_module(folder / f"{layer.name}.py"), layer.name)
+    kind = "fused" if layer.name in fused_layers(files) else "kernel"
+    rows += [(row, kind) for row in against_autograd(layer, kernel, sizes)]
     for row, kind in rows:
         if not row.approximate:
             raise ProofFailure(f"{layer.name}: the {kind} module's {row.name} differs from autograd of the spec by "
-                               f"{row.maxdiff:.3e} (float64, sizes {sizes}); no file was written. The derivation "
+                               f"{row.maxdiff:.3e} (float64, sizes {sizes_text(sizes)}); no file was written. The derivation "
                                f"passed its proof, so the printed code is wrong: report this as a bug")
     return max(row.maxdiff for row, _ in rows)
 
 
 def stale_files(layers: list[Layer], out: Path, index: bool = True) -> list[str]:
-    """Every generated file under ``out`` that is missing, stale or hand-edited, with the reason
-    (the derivations' index page too, with ``index``)."""
+    """Every generated file under ``out`` that is missing, stale, hand-edited or not derive's, with the
+    reason (the derivations' index page too, with ``index``); two layers writing one file are named too."""
     out = Path(out)
-    problems = []
-    expected = {"__init__.py": PACKAGE_INIT}
-    if index:
-        expected[INDEX] = index_markdown(layers)
-    for layer in layers:
-        expected.update(render(layer))
+    with codegen.rendering_into(out):
+        problems = [f"{out}: {line}" for line in collisions(layers, index)]
+        expected = {}
+        everything = index_layers(layers, out) if index else (layers, [])
+        if ownership(out / "__init__.py") != "theirs":
+            expected["__init__.py"] = package_init(everything[0])
+        rendered = {rel: text for layer in layers for rel, text in render(layer).items()}
+        expected.update(rendered)
+        if index:
+            expected[INDEX] = index_markdown(*everything, fused=_fused_names(everything[0], rendered, out))
     for rel, text in sorted(expected.items()):
         path = out / rel
-        if not path.exists():
+        state = ownership(path)
+        if state == "absent":
             problems.append(f"{path}: missing")
-        elif is_hand_edited(path):
+        elif state == "edited":
             problems.append(f"{path}: edited by hand (content hash does not match)")
-        elif path.read_text() != text:
+        elif state != "ours":
+            problems.append(f"{path}: not written by derive ({'not a file' if state == 'not a file' else 'no generated header'}); "
+                            f"move it away, or generate into another --out")
+        elif comparable(_read(path)) != comparable(text):
             problems.append(f"{path}: stale (differs from what the specs and templates generate)")
     return problems

@@ -79,6 +79,7 @@ class Kernel:
     seconds: float = 0.0
     frame: list = field(default_factory=list)  # the printing frame's indices (printer.Frame)
     adjoints: list = field(default_factory=list)  # Formula per materialized adjoint, in the order computed
+    forbidden: dict = field(default_factory=dict)  # input -> refold rewrites its gradient may not take
 
     @property
     def name(self) -> str:
@@ -160,6 +161,9 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]], na
         checks.append(Check(f"{top} % {bottom} != 0",
                             f"f\"{name}: {bottom} must divide {top} (a view splits it), got {top} = {{{top}}} and "
                             f"{bottom} = {{{bottom}}}\""))
+    for k, decl in layer.constants.items():
+        if decl.positive:  # the derivation relied on it: a call outside the declaration is refused
+            checks.append(Check(f"not {k} > 0", f"f\"{name}: {k} is declared positive, got {{{k}!r}}\""))
     for divisor in sorted(divisors, key=sp.default_sort_key):
         text = sp.sstr(divisor)
         code = sp.pycode(divisor.xreplace({s: sp.Symbol(names.get(s.name, s.name)) for s in divisor.free_symbols}))
@@ -194,7 +198,8 @@ def size_checks(graph: Graph, formulas: list = ()) -> tuple[list[tuple[str, str]
     return sources, input_checks(layer, divisors, sources, dim_text, graph.derived), dim_text
 
 
-_BUILT = ByObject(maxsize=32)  # layer -> its kernel
+_BUILT = ByObject(maxsize=32)  # layer -> its kernel (every rewrite allowed)
+_DERIVED = ByObject(maxsize=32)  # layer -> (graph, elements, gradients): what every variant shares
 
 
 def build_cached(layer: Layer) -> Kernel:
@@ -202,11 +207,20 @@ def build_cached(layer: Layer) -> Kernel:
     return _BUILT.get(layer, lambda layer: build(layer))
 
 
-def build(layer: Layer) -> Kernel:
+def derived(layer: Layer) -> tuple[Graph, Elements, Gradients]:
+    """The traced graph, its normal form and the normal-form gradients, once per layer object."""
+    def derive(layer):
+        graph = trace(layer)
+        el = Elements(graph)
+        return graph, el, differentiate(el)
+    return _DERIVED.get(layer, derive)
+
+
+def build(layer: Layer, forbidden: dict[str, frozenset] | None = None) -> Kernel:
+    """The fused kernel of ``layer``. ``forbidden`` maps an input to the refold rewrites its
+    gradient may not take (``(node, variable)`` names, see ``select``): a less folded form."""
     start = time.perf_counter()
-    graph = trace(layer)
-    el = Elements(graph)
-    grads = differentiate(el)
+    graph, el, grads = derived(layer)
     order = list(layer.inputs)
     formulas, adjoints = [], []
     for node, expr in grads.materialized:
@@ -214,7 +228,7 @@ def build(layer: Layer) -> Kernel:
         adjoints.append(Formula(node.name, None, closed_form(refolded, scalars(el)), refolded))
     for node, expr in grads.grads.items():
         rewrites: list = []
-        refolded = refold(el, expr, rewrites)
+        refolded = refold(el, expr, rewrites, (forbidden or {}).get(node.name, frozenset()))
         formulas.append(Formula(node.name, order.index(node.name), closed_form(refolded, scalars(el)), refolded,
                                 rewrites))
 
@@ -250,7 +264,7 @@ def build(layer: Layer) -> Kernel:
         raise located(e, graph) from None
     return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
                   [dim_text[d] for d in layer.dims], sources, checks, constants,
-                  time.perf_counter() - start, frame, adjoints)
+                  time.perf_counter() - start, frame, adjoints, dict(forbidden or {}))
 
 
 def located(error: DerivationError, graph) -> DerivationError:

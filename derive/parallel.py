@@ -9,14 +9,28 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
+import sys
 from typing import Callable
 
 _WORK: list = []  # (function, item) for the worker processes, inherited through fork
 
 
 def _run(k: int):
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        # a forked child must not use the parent's OpenMP pool (it hangs once the parent has used
+        # it); its torch work (the numerical battery) is small, and one thread is deterministic too
+        torch.set_num_threads(1)
     fn, item = _WORK[k]
     return fn(item)
+
+
+def _quiet_worker() -> None:
+    """A worker leaves Ctrl-C to the parent (which then ends the pool) and dies at once, silently, on
+    SIGTERM: no worker prints a traceback when a run is interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def cores() -> int:
@@ -33,7 +47,7 @@ def fork_map(fn: Callable, items: list, cost: Callable | None = None) -> list:
     order = sorted(range(len(items)), key=lambda k: cost(items[k]), reverse=True) if cost else list(range(len(items)))
     gc.freeze()  # the parent's objects (torch, SymPy) are never garbage: no worker's collection walks them
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
             done = dict(zip(order, pool.map(_run, order, chunksize=1)))
     finally:
         _WORK = []

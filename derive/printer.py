@@ -373,6 +373,8 @@ class KernelPrinter(TorchPrinter):
             return self._layout(code, shape, [self.frame.slots[row]] + [self.frame.slots[i] for i in others])
         return None
 
+    _print_GroupedRed = _print_Red  # SymPy's dispatch does not pass a renamed subclass to its parent's method
+
     def _reduce_body(self, inner: "KernelPrinter", body: sp.Expr, axes: list[int], method: str = "sum") -> str:
         """``body``, printed by ``inner`` (whose frame holds the bound axes), reduced over ``axes``."""
         if method == "sum":
@@ -416,7 +418,10 @@ class KernelPrinter(TorchPrinter):
 
     def _print_Add(self, expr, order=None):
         """Positive terms first, so a difference reads ``probs - F.one_hot(y, k)``."""
-        terms = sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())
+        return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign()))
+
+    def _add_terms(self, terms: list) -> str:
+        """``terms`` added left to right, in this order (Python's, and so torch's, order)."""
         text = self._print(terms[0])
         for t in terms[1:]:
             if t.could_extract_minus_sign():
@@ -521,14 +526,15 @@ class ForwardPrinter(KernelPrinter):
     _UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh"}
 
     def __init__(self, frame: Frame, shapes: dict, names: dict, reusable: set = frozenset(), inplace: bool = True,
-                 dtype_of: str = "", views: dict | None = None):
+                 dtype_of: str = "", views: dict | None = None, computed: set = frozenset()):
         super().__init__(frame, shapes, names, dtype_of, views)
         self.reusable = set(reusable)  # temporaries that may be overwritten by this statement
         self.inplace = inplace
+        self.computed = set(computed)  # temporaries holding a function of values (added last in a sum)
 
     def _inner(self, frame: Frame) -> "ForwardPrinter":
         inner = ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of,
-                               views=self.views)
+                               views=self.views, computed=self.computed)
         inner.full_rank = self.full_rank
         return inner
 
@@ -599,7 +605,7 @@ class ForwardPrinter(KernelPrinter):
                 a, b = (self._print(f) for f in tensors)
                 value = "" if coeff == 1 else f", value={self._print(coeff)}"
                 return f"torch.addcmul({rest}, {a}, {b}{value})"
-        return super()._print_Add(expr, order)
+        return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: _last_in_a_sum(t, self.computed)))
 
     def _print_AxisSum(self, expr):
         # a product summed over several axes is one contraction (C[X] reshaped @ W1: einsum over t, e);
@@ -750,6 +756,15 @@ def _is_primary(code: str) -> bool:
         else:
             return False
     return True
+def _last_in_a_sum(term: sp.Expr, computed: set = frozenset()) -> tuple:
+    """Where a forward value's term goes in its sum: the values read as they are first, then the
+    functions computed from them. Terms of one scale cancel before a small one is added:
+    ``logits[y] - logit_maxes - log(counts_sum)`` is exact to float32 at logits of 1e6, where
+    ``logits[y] - log(counts_sum) - logit_maxes`` rounds ``log(counts_sum)`` away. Positive terms
+    first within each group. ``computed`` names the temporaries that hold such functions."""
+    function = any((isinstance(f, sp.Function) and not isinstance(f, (AxisSum, AxisMax)))
+                   or (isinstance(f, sp.Symbol) and f.name in computed) for f in sp.preorder_traversal(term))
+    return function, term.could_extract_minus_sign()
 
 
 def temporaries(expr: sp.Expr, shapes: dict) -> list[sp.Symbol]:

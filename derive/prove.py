@@ -23,7 +23,7 @@ import sympy as sp
 from .errors import ProofFailure
 from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
 from .kernel import Kernel
-from .spec import Labels, Layer, concrete_shape
+from .spec import Labels, Layer, concrete_shape, sizes_text
 from .symbolic import IsArgmax, Max, Red, extent, substitute_family
 from .trace import Graph, Node
 
@@ -249,7 +249,7 @@ def prove_steps(graph: Graph, sizes: dict[str, int], label_variant: int = 0) -> 
         for idx in itertools.product(*[range(s) for s in x.shape]):
             ours = sp.S.Zero if g is None else g[idx]
             if not _equal(objective.diff(x[idx]), ours, tuple(np.asarray(upstream).flat)):
-                raise ProofFailure(f"{graph.layer.name}: step-by-step d{name}{list(idx)} at sizes {sizes} differs "
+                raise ProofFailure(f"{graph.layer.name}: step-by-step d{name}{list(idx)} at sizes {sizes_text(sizes)} differs "
                                    f"from the element-wise derivative")
             checked += 1
     return Proof(graph.layer.name, dict(sizes), [f"d{n}" for n in graph.layer.differentiable], checked,
@@ -291,7 +291,7 @@ def prove(kernel: Kernel, sizes: dict[str, int], label_variant: int = 0) -> Proo
                              time.perf_counter() - start, skipped=f"d{formula.input}{list(idx)} has {size} operations "
                                                                   f"(more than {PROOF_MAX_OPS})")
             if not _equal(expected, generic, upstream_symbols):
-                raise ProofFailure(f"{kernel.name}: d{formula.input}{list(idx)} at sizes {sizes} differs from the "
+                raise ProofFailure(f"{kernel.name}: d{formula.input}{list(idx)} at sizes {sizes_text(sizes)} differs from the "
                                    f"element-wise derivative")
             checked += 1
     return Proof(kernel.name, dict(sizes), [f"d{f.input}" for f in kernel.formulas], checked,

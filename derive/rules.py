@@ -54,7 +54,8 @@ def _mul(ops, grad, result, a, b):
 
 @rule("div", broadcasts=True)
 def _div(ops, grad, result, a, b):
-    return grad / b, -grad * a / b**2
+    # as autograd computes it: ``a/b/b``, not ``a/b**2`` (which overflows where ``b`` passes 1e19)
+    return grad / b, -grad * (result / b)
 
 
 @rule("pow", broadcasts=True)

@@ -21,7 +21,8 @@ from sympy.solvers.solvers import _invert
 from .elements import Elements
 from .errors import DerivationError
 from .functions import NOT_INVERTIBLE
-from .symbolic import bases, expand, hide_argmax, reductions, substitute_family
+from .risk import Path, risky_atoms
+from .symbolic import GroupedRed, Red, bases, expand, extent, hide_argmax, reductions, substitute_family
 from .trace import Node
 
 
@@ -38,15 +39,35 @@ def scalars(el: Elements) -> set:
 
 COST_EXACT_MAX_OPS = 2000  # the built-in layers' largest candidate has about 420 (GELU's dx)
 
+# What an operation costs the machine, in passes over a full-size tensor: a transcendental function
+# is many multiplies (and each is a pass in eager torch), a reduction is a pass of its own, a
+# division costs a little more than a product. Operations sp.count_ops names otherwise cost 1.
+WEIGHTS = {"EXP": 6, "LOG": 6, "TANH": 6, "SIGMOID": 6, "SOFTPLUS": 6, "ATANH": 8, "LOGIT": 8, "SQRT": 6,
+           "DIV": 2, "RED": 2}
+
+
+def weighted_ops(expr: sp.Expr) -> int:
+    """``sp.count_ops`` with each operation weighted by what it costs (``WEIGHTS``)."""
+    visual = sp.count_ops(expr, visual=True)
+    if visual == 0:
+        return 0
+    counts = {str(s): visual.coeff(s) if visual != s else 1 for s in visual.free_symbols}
+    return int(sum(WEIGHTS.get(name, 1) * int(c) for name, c in counts.items()))
+
 
 def cost(el: Elements, expr: sp.Expr) -> int:
-    """What the generated code pays: operations, plus each tensor it has to read.
+    """What the generated code pays: weighted operations, plus each tensor it has to read (an input
+    less than a value the forward must save).
 
     Counted on the closed form the printer would write; a candidate too large for that to be cheap
     (thousands of operations, from nested softmaxes: seconds each) is counted as it stands."""
     size = sp.count_ops(expr)
-    printed = size if size > COST_EXACT_MAX_OPS else sp.count_ops(closed_form(expr, scalars(el)))
-    return printed + 2 * len(bases(expr))
+    # (weighed without factoring the whole sum: that changes few counts and is most of the time)
+    printed = expr if size > COST_EXACT_MAX_OPS else closed_form(expr, scalars(el), factor_whole=False)
+    # an input is saved for the backward anyway (a second derivative recomputes from it); any other
+    # tensor read must be computed by the forward and kept alive until the backward
+    inputs = set(el.graph.inputs)
+    return weighted_ops(printed) + sum(1 if b in inputs else 3 for b in bases(expr))
 
 
 def _solve(el: Elements, node: Node, reads: tuple[set, set]):
@@ -135,7 +156,7 @@ def _divides_by_maybe_zero(el: Elements, expr: sp.Expr) -> bool:
     """True when ``expr`` divides by a tensor quantity not known to be non-zero."""
     for p in expr.atoms(sp.Pow):
         base, e = p.as_base_exp()
-        if e.is_negative and not base.free_symbols <= scalars(el) and base.is_zero is not False:
+        if e.is_negative and not base.free_symbols <= el.nonzero_scalars() and base.is_zero is not False:
             return True
     return False
 
@@ -151,7 +172,9 @@ def _rewrite(el: Elements, expr: sp.Expr, variable: Node, target, solution: sp.E
 @dataclass
 class Rewrite:
     """One refold step, kept for the derivation document: ``node``'s definition solved for
-    ``variable`` (``target = solution``) and substituted everywhere."""
+    ``variable`` (``target = solution``) and substituted everywhere; or (``kind == "read"``) the
+    value of ``node`` read wherever the formula computes it again (``target``, the function the
+    forward evaluated, becomes ``solution``, the node's element)."""
 
     node: Node
     variable: Node
@@ -161,13 +184,52 @@ class Rewrite:
     after: sp.Expr  # and after it, tidied
     recognized: list  # [(reduction, value)] recognised while tidying
     cost: tuple[int, int]  # (before, after)
+    kind: str = "solve"
 
 
-def refold(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
-    """Greedily rewrite ``expr`` in the forward nodes that make it cheapest (each step into ``log``)."""
+def _saved_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
+    """``expr`` reading ``node`` wherever it evaluates ``node``'s function again (``tanh(s*x)``
+    at any indices becomes ``t[...]``), or None. Only for a transcendental function or a root: the
+    forward computes it anyway, and saving it is cheaper than computing it again (autograd saves
+    it too); the refold weighs the read against the recomputation. The function is looked for as
+    the spec writes it (``tanh(t1)``) and inlined (``tanh(tanh(x))``)."""
+    if not node.shape:
+        return None
+    own = [i for i in el.free(node) if i != 0]
+    wild = {i: sp.Wild(f"w_{i}") for i in own}
+    target = el.ref(node).xreplace(wild)
+    found = {}
+    for value in dict.fromkeys([el.definition.get(node, el.nf[node]), el.direct(node)]):
+        if not risky_atoms(value) or risky_atoms(value)[0] != value:
+            continue
+        pattern = value.xreplace(wild)
+        for atom in risky_atoms(expr):
+            if atom.func is not value.func or atom in found:
+                continue
+            match = atom.match(pattern)
+            if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
+                found[atom] = target.xreplace(match)
+    return expr.xreplace(found) if found else None
+
+
+# A rewrite must make the formula this much cheaper to be taken: a marginal gain (reading ``t4``
+# for ``x`` where ``t4 = x/2``, ``t6 - 1`` for ``t5`` where ``t6 = t5 + 1``) trades an input the
+# backward has anyway for a saved value, or a product for a subtraction that rounds.
+MIN_GAIN = 0.1
+EVERY_REWRITE = ("*", "*")  # in ``forbidden``: no rewrite at all (the gradient as differentiated, tidied)
+
+
+def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: frozenset = frozenset()) -> sp.Expr:
+    """Greedily rewrite ``expr`` in the forward nodes that make it cheapest (each step into ``log``).
+
+    A rewrite that makes the gradient evaluate a function the spec's path does not (``risk.Path``:
+    ``log(p)`` of a probability, ``atanh`` of an output, a new power in a denominator) is never
+    taken, nor one in ``forbidden`` (``(node, variable)`` names: a rewrite whose result failed the
+    numerical battery, see ``select``)."""
     expr, restore = hide_argmax(tidy(el, expr))  # the one-hots keep their maximum's definition
-    if expr == 0:  # the output does not depend on this input, or its terms cancel (softmax(x).sum())
-        return expr
+    if expr == 0 or EVERY_REWRITE in forbidden:  # no input dependence, or terms that cancel (softmax(x).sum())
+        return restore(expr)
+    path = Path(el, expr)
     best = cost(el, expr)
     # an elementwise output is a saved quantity too (``tanh``: ``dout*(1 - out**2)``)
     output = el.graph.output
@@ -178,18 +240,30 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
         options, reads = [], _reads(expr)
         for node in candidates:
             for variable, target, solution in _solve(el, node, reads):
+                if (node.name, variable.name) in forbidden:
+                    continue
                 rewritten = _rewrite(el, expr, variable, target, solution)
+                if path.new(rewritten):
+                    continue
                 options.append((cost(el, rewritten), not node.named, rewritten, node, variable, target, solution))
+            read = _saved_reads(el, node, expr) if (node.name, node.name) not in forbidden else None
+            if read is not None:
+                rewritten = tidy(el, read)
+                options.append((cost(el, rewritten), not node.named, rewritten, node, node,
+                                el.definition.get(node, el.nf[node]), el.ref(node)))
         if not options:
             return restore(expr)
         score, _, rewritten, node, variable, target, solution = min(options, key=lambda o: (o[0], o[1]))
-        if score >= best:
+        if score > best * (1 - MIN_GAIN):
             return restore(expr)
         if log is not None:  # replayed to learn which reductions the substitution recognised
             recognized = []
-            _rewrite(el, expr, variable, target, solution, recognized)
+            if variable is node:
+                tidy(el, _saved_reads(el, node, expr), recognized)
+            else:
+                _rewrite(el, expr, variable, target, solution, recognized)
             log.append(Rewrite(node, variable, target, solution, restore(expr), restore(rewritten),
-                               recognized, (best, score)))
+                               recognized, (best, score), "read" if variable is node else "solve"))
         expr, best = rewritten, score
 
 
@@ -197,6 +271,16 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
 # and size coefficients: each is cancelled or factored once per process (SymPy caches neither).
 _cancel = lru_cache(maxsize=8192)(sp.cancel)
 _factor = lru_cache(maxsize=8192)(sp.factor)
+
+
+@lru_cache(maxsize=8192)
+def _cancelled(term: sp.Expr) -> sp.Expr:
+    """``cancel(term)``, unless that evaluates a function the term does not: cancelling
+    ``(exp(a) - exp(-a))/(exp(a) + exp(-a))`` multiplies through by ``exp(a)`` and reads
+    ``exp(2*a)``, which overflows where the term did not."""
+    cancelled = _cancel(term)
+    functions = set(risky_atoms(term))
+    return term if any(a not in functions for a in risky_atoms(cancelled) if not isinstance(a, sp.Pow)) else cancelled
 
 
 def _split(term: sp.Expr, scalars: set) -> tuple[sp.Expr, sp.Expr]:
@@ -208,14 +292,14 @@ def _split(term: sp.Expr, scalars: set) -> tuple[sp.Expr, sp.Expr]:
     return sp.Mul(*coefficient), sp.Mul(*tensor)
 
 
-def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
+def closed_form(expr: sp.Expr, scalars: set, factor_whole: bool = True) -> sp.Expr:
     """``common_size * common_tensor * (sum of coefficient*tensor)``, each coefficient factored."""
     expr = expand(expr)
     if expr == 0:
         return expr
     collected: dict[sp.Expr, sp.Expr] = {}
     for term in sp.Add.make_args(expr):
-        coefficient, tensor = _split(_cancel(term), scalars)
+        coefficient, tensor = _split(_cancelled(term), scalars)
         collected[tensor] = collected.get(tensor, 0) + coefficient
     terms = [(_factor(c), t) for t, c in collected.items() if _cancel(c) != 0]
     if not terms:
@@ -226,8 +310,10 @@ def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
     def spread(scale):
         return sp.count_ops(sp.Add(*[_factor(c / scale) for c, _ in terms])), sp.default_sort_key(scale)
 
-    scale = min({_factor(abs(c)) for c, _ in terms}, key=spread)
-    inner = _grouped(sp.Add(*[_factor(c / scale) * t for c, t in terms]))
+    # each coefficient without its sign (not ``abs``: a constant of either sign has no absolute value
+    # worth printing, ``1/(n*T)`` is the scale of ``-1/(n*T)``)
+    scale = min({_factor(-c if c.could_extract_minus_sign() else c) for c, _ in terms}, key=spread)
+    inner = _grouped(group_sums(sp.Add(*[_factor(c / scale) * t for c, t in terms])), factor_whole)
     if inner.is_Add:
         return sp.Mul(scale, common, inner, evaluate=False) if scale != 1 or common != 1 else inner
     return scale * common * inner
@@ -236,7 +322,7 @@ def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
 GROUP_MAX_OPS = 1000  # the largest built-in sum has about 360 (GELU's dx)
 
 
-def _grouped(inner: sp.Expr) -> sp.Expr:
+def _grouped(inner: sp.Expr, factor_whole: bool = True) -> sp.Expr:
     """Terms that share a tensor factor are grouped and their cofactor factored: GELU's
     ``a - a*t**2 + b - b*t**2`` becomes ``-a*(t - 1)*(t + 1) - b*(t - 1)*(t + 1)``, which float32
     rounds like autograd's chain (``1 - t**2`` next to 1 loses nothing as ``(1 - t)*(1 + t)``).
@@ -244,10 +330,55 @@ def _grouped(inner: sp.Expr) -> sp.Expr:
     is: factoring its cofactors takes tens of seconds per candidate refold weighs."""
     if not inner.is_Add or sp.count_ops(inner) > GROUP_MAX_OPS:
         return inner
+    if factor_whole and not inner.atoms(Red):
+        # a product the chain rule made and the normal form expanded (``(1 - a**2)*(1 - b**2)`` of two
+        # nested tanh): factored whole, it is that product again, each factor accurate on its own.
+        # Constants are factored as symbols: the spec's 0.044715 stays itself, not an integer
+        # spread over every coefficient.
+        constants = sorted({abs(r) for r in inner.atoms(sp.Rational, sp.Float) if not r.is_integer},
+                           key=sp.default_sort_key)
+        names = {r: sp.Dummy(f"c{k}") for k, r in enumerate(constants)}
+        signed = {**names, **{-r: -d for r, d in names.items()}}  # a term's coefficient carries its sign
+        whole = _factor(inner.xreplace(signed)).xreplace({v: k for k, v in names.items()})
+        tensor_factors = [f for f in sp.Mul.make_args(whole) if f.atoms(sp.Indexed) and f.is_Add]
+        if len({frozenset(f.atoms(sp.Indexed)) for f in tensor_factors}) >= 2:
+            return sp.Mul(*[_grouped(f, factor_whole) if f.is_Add else f for f in sp.Mul.make_args(whole)])
     count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
                     if isinstance(f.as_base_exp()[0], sp.Indexed))
     shared = [f for f, c in sorted(count.items(), key=lambda fc: (-fc[1], sp.default_sort_key(fc[0]))) if c >= 2]
     return sp.collect(inner, shared, func=_factor) if shared else inner
+
+
+def group_sums(inner: sp.Expr) -> sp.Expr:
+    """Terms that differ only in which sum over one index they read become one sum of their
+    bodies: ``a*(Red(dout*x) - Red(t**2*dout*x))`` is ``a*GroupedRed(dout*x*(1 - t**2))``.
+
+    The normal form splits every sum by linearity (that is how cancellations are found); summed
+    that way in floating point, a difference of two large sums loses the digits that the sum of
+    the differences keeps (the spec's own path sums the difference), and costs a second pass."""
+    if not inner.is_Add:
+        return inner
+    groups: dict = {}
+    for term in inner.args:
+        sums = [f for f in sp.Mul.make_args(term) if isinstance(f, Red)]
+        if len(sums) != 1:
+            groups.setdefault(("alone", term), []).append(term)
+            continue
+        red = sums[0]
+        rest = [f for f in sp.Mul.make_args(term) if f is not red]
+        coefficient = sp.Mul(*[f for f in rest if f.is_number])
+        cofactor = sp.Mul(*[f for f in rest if not f.is_number])
+        groups.setdefault((cofactor, extent(red.index)), []).append((coefficient, red))
+    out = []
+    for key, members in groups.items():
+        if key[0] == "alone" or len(members) < 2:
+            out += members if key[0] == "alone" else [c * r * key[0] for c, r in members]
+            continue
+        cofactor, _ = key
+        j = members[0][1].index
+        body = sp.Add(*[c * r.body.xreplace({r.index: j}) for c, r in members])
+        out.append(cofactor * GroupedRed(_grouped(sp.factor_terms(body)), j))
+    return sp.Add(*out)
 
 
 def _common_factor(tensors: list[sp.Expr]) -> sp.Expr:

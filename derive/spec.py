@@ -16,15 +16,20 @@ Contract for a spec::
 * a layer's ``.example(sizes, dtype=..., seed=...)``, when set, returns the test inputs instead (for
   what a domain cannot say: rows whose labels are not all ignored, weights in a range);
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
-* ``Constant(default)`` is a Python number fixed for the call (``eps``);
+* ``Constant(default)`` is a Python number fixed for the call, real and of either sign;
+  ``Constant(1e-5, positive=True)`` declares it positive (``eps``), which the derivation may then use;
 * the function returns one tensor. Run on real tensors it is the autograd reference.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import keyword
+import linecache
 import math
+import numbers
 import re
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,16 +73,47 @@ class Labels:
 
 @dataclass(frozen=True)
 class Constant:
+    """A number fixed for the call. It is a real number and nothing more, unless declared
+    ``positive=True`` (``eps``): only then may the derivation rely on its sign (``|eps*x|`` is
+    ``eps*|x|``, a division by it is safe), and the generated code checks each value it is given."""
+
     default: float
+    positive: bool = False
     differentiable = False
+
+    def assumptions(self) -> dict:
+        """The SymPy assumptions of its symbol: exactly what the declaration says."""
+        return {"positive": True} if self.positive else {"real": True}
 
 
 Declaration = Tensor | Labels | Constant
 
-# Names the generated code uses for itself; a spec variable of that name would be shadowed.
-RESERVED = {"ctx", "torch", "F", "grad", "self", "math", "needs", "cache", "grads"}
-# Names a generated module defines at its top level; a layer of that name would replace one.
-MODULE_NAMES = RESERVED | {"forward", "backward", "once_differentiable"}
+class _GeneratedNames(AbstractSet):
+    """Names the generated code uses for itself: what the templates write (``templating.generated_names``:
+    imports, functions, locals, the builtins they call) and what the printers write besides. A spec
+    name among them would shadow generated code or be shadowed by it. Read off the templates the
+    first time it is asked (a run answered from the cache never renders one)."""
+
+    PRINTED = frozenset({"ctx", "torch", "F", "grad", "self", "math", "needs", "cache", "grads", "int"})
+
+    @functools.cached_property
+    def _names(self) -> frozenset:
+        from .templating import generated_names
+        return self.PRINTED | generated_names()[0]
+
+    def __contains__(self, name):
+        return name in self._names
+
+    # listed in messages: the names a user could have chosen (those starting with _ are refused anyway)
+    def __iter__(self):
+        return iter(sorted(n for n in self._names if not n.startswith("_")))
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+RESERVED = _GeneratedNames()
+MODULE_NAMES = RESERVED  # a layer's name is a function of its generated module: the same names clash
 
 
 @dataclass
@@ -89,6 +125,8 @@ class Layer:
     inputs: dict[str, Declaration]
     module: str = ""
     source_file: str = ""
+    spec_path: str = ""  # the spec file as the user named it (``--layer``); "" for a built-in
+    depends: frozenset = frozenset()  # files of the user's modules that loading the spec file imported
     doc: str = field(default="")
     example: Callable | None = None  # example_inputs(sizes, dtype) -> inputs; random normal when None
     fused: bool = True  # also derive a fused kernel (False: step-by-step backward only)
@@ -133,45 +171,116 @@ def dim_names(dim: str) -> list[str]:
     return [] if dim == "1" else dim.split("*")
 
 
+def sizes_text(sizes: dict) -> str:
+    """``n=32, d=64``: sizes as every report and message writes them."""
+    return ", ".join(f"{k}={v}" for k, v in sizes.items())
+
+
 def concrete_shape(dims: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
     """The shape of declared ``dims`` at concrete ``sizes`` (``("n", "t*e")`` -> ``(32, 30)``)."""
     return tuple(math.prod(sizes[name] for name in dim_names(d)) for d in dims)
 
 
+def _shown(names) -> str:
+    return ", ".join(sorted(n for n in names if not n.startswith("_")))
+
+
+def _clash(name: str) -> str:
+    """Why ``name`` cannot name something of a spec, or ""."""
+    if keyword.iskeyword(name):
+        return "is a Python keyword"
+    if name.startswith("_"):
+        return "starts with _ (generated code keeps such names for itself)"
+    if name in RESERVED:
+        return "is a name the generated code uses for itself"
+    return ""
+
+
 def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
-    if name in MODULE_NAMES or name.startswith("_"):
-        raise SpecError(name, f"the layer's name {name!r} clashes with a name its generated module uses",
-                        f"rename the function (not one of: {', '.join(sorted(MODULE_NAMES))}, nor starting with _)")
-    params = list(inspect.signature(fn).parameters)
+    code = getattr(fn, "__code__", None)
+    line = code.co_firstlineno if code else None  # the first decorator's line: @layer(...)
+    file = code.co_filename if code else ""
+    source = linecache.getline(file, line) if line else ""
+
+    def refuse(problem: str, fix: str):
+        raise SpecError(name, problem, fix, line, source, file=file)
+
+    if _clash(name):
+        refuse(f"the layer's name {name!r} clashes with a name its generated module uses",
+               f"rename the function (not a keyword, nor one of: {_shown(MODULE_NAMES)}, nor starting with _)")
+    signature = inspect.signature(fn)
+    params = list(signature.parameters)
     for p, decl in inputs.items():
         if p not in params:
             close = [q for q in params if q.lower() == p.lower()]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SpecError(name, f"declared input {p!r} is not a parameter of the function{hint}",
-                            "declare exactly the function's parameters")
-        if keyword.iskeyword(p) or p in RESERVED or p.startswith("_"):
-            raise SpecError(name, f"input name {p!r} clashes with a name the generated code uses",
-                            "rename the parameter")
+            refuse(f"declared input {p!r} is not a parameter of the function{hint}",
+                   "declare exactly the function's parameters")
+        if _clash(p):
+            refuse(f"input name {p!r} clashes with a name the generated code uses: it {_clash(p)}",
+                   f"rename the parameter (not a keyword, nor one of: {_shown(RESERVED)}, nor starting with _)")
         if not isinstance(decl, (Tensor, Labels, Constant)):
-            raise SpecError(name, f"input {p!r} is declared as {decl!r}",
-                            "use Tensor(...), Labels(...) or Constant(...)")
+            refuse(f"input {p!r} is declared as {decl!r}", "use Tensor(...), Labels(...) or Constant(...)")
         if isinstance(decl, Tensor) and decl.domain not in DOMAINS:
-            raise SpecError(name, f"input {p!r} has domain {decl.domain!r}",
-                            f"use one of: {', '.join(repr(d) for d in DOMAINS)}")
+            refuse(f"input {p!r} has domain {decl.domain!r}", f"use one of: {', '.join(repr(d) for d in DOMAINS)}")
         if isinstance(decl, (Tensor, Labels)):
             if not decl.dims or not all(isinstance(d, str) and DIM.match(d) for d in decl.dims):
-                raise SpecError(name, f"input {p!r} has dims {decl.dims!r}",
-                                "give each dimension a name, e.g. Tensor('n', 'd') (or a product, 't*e')")
+                refuse(f"input {p!r} has dims {decl.dims!r}",
+                       "give each dimension a name, e.g. Tensor('n', 'd') (or a product, 't*e')")
+            if isinstance(decl, Labels) and not (isinstance(decl.classes, str) and DIM.match(decl.classes)
+                                                 and decl.classes != "1"):
+                refuse(f"input {p!r} has classes={decl.classes!r}", "name the number of classes, e.g. classes='k'")
+        else:
+            _check_constant(p, decl, signature.parameters[p].default, refuse)
     for p in params:
         if p not in inputs:
-            raise SpecError(name, f"parameter {p!r} is not declared",
-                            f"add {p}=Tensor(...), Labels(...) or Constant(...) to @layer(...)")
+            refuse(f"parameter {p!r} is not declared", f"add {p}=Tensor(...), Labels(...) or Constant(...) to @layer(...)")
+    dims = {n for decl in inputs.values() if not isinstance(decl, Constant)
+            for d in (*decl.dims, *([decl.classes] if isinstance(decl, Labels) else [])) for n in dim_names(d)}
+    for dim in sorted(dims):
+        if _clash(dim):
+            refuse(f"the dimension name {dim!r} {_clash(dim)} (generated code keeps each size in a variable "
+                   f"of its dimension's name)", f"rename the dimension {dim!r} in the declaration")
+        if dim in inputs:
+            what = "a Constant" if isinstance(inputs[dim], Constant) else "an input"
+            refuse(f"the dimension name {dim!r} is also the name of {what} (generated code keeps each size in "
+                   f"a variable of its dimension's name)", f"rename the dimension {dim!r} in the declaration")
     if not any(isinstance(d, Tensor) and d.differentiable for d in inputs.values()):
-        raise SpecError(name, "no differentiable input", "declare at least one Tensor(...)")
+        refuse("no differentiable input", "declare at least one Tensor(...)")
 
 
-def layer(**inputs: Declaration) -> Callable[[Callable], Layer]:
+def _check_constant(p: str, decl: Constant, default, refuse) -> None:
+    """A Constant's default is a finite real number, and the function's default is the same number
+    (the generated function takes the declared one; the spec, the reference, its own)."""
+    value = decl.default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        refuse(f"Constant {p!r} has the default {value!r}, not a finite real number",
+               f"give it a number, e.g. {p}=Constant(1e-5)")
+    if decl.positive and not value > 0:
+        refuse(f"constant {p!r} is declared positive but its default is {value!r}",
+               "give it a positive default, or drop positive=True")
+    from .templating import generated_names
+    if p in generated_names()[1]:
+        refuse(f"Constant {p!r} has the name of an attribute the generated code keeps on ctx (ctx.{p})",
+               f"rename the parameter (not one of: {', '.join(sorted(generated_names()[1]))})")
+    if default is inspect.Parameter.empty:
+        refuse(f"Constant {p!r} has no default in the function, while @layer declares {value!r}",
+               f"write the same default in the function: {p}={value!r}")
+    if isinstance(default, bool) or not isinstance(default, numbers.Real) or default != value:
+        refuse(f"Constant {p!r} defaults to {value!r} in @layer but to {default!r} in the function",
+               "make the two defaults the same number")
+
+
+def layer(*bare, **inputs: Declaration) -> Callable[[Callable], Layer]:
     """Declare a layer: ``@layer(x=Tensor("n", "d"), ...)`` above its forward function."""
+    if bare:
+        fn = bare[0]
+        code = getattr(fn, "__code__", None)
+        file, line = (code.co_filename, code.co_firstlineno) if code else ("", None)
+        raise SpecError(getattr(fn, "__name__", "?"), "@layer is used without its declarations",
+                        "declare every parameter in parentheses: @layer(x=Tensor('n', 'd'), ...)", line,
+                        linecache.getline(file, line) if line else "", file=file)
+
     def wrap(fn: Callable) -> Layer:
         name = fn.__name__
         _check(name, fn, inputs)

@@ -20,6 +20,7 @@ from .errors import DerivationError
 from .forward import contiguous, size_names
 from .functions import MASK_OPS
 from .rules import BROADCASTING, RULES
+from .select import has_fused_kernel
 from .trace import Graph, Node
 
 
@@ -53,7 +54,7 @@ def walk(graph: Graph, ops, value, shape_of, seed, accumulate, fused=None) -> di
     """
     needed = needs_gradient(graph)
     grads = {graph.output: seed}
-    regions = {r.output: r for r in graph.regions if r.layer.fused} if fused else {}
+    regions = {r.output: r for r in graph.regions if has_fused_kernel(r.layer)} if fused else {}
     for node in reversed(graph.nodes):
         if node not in grads or node.op in ("input", "labels"):
             continue
@@ -101,7 +102,7 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
     def value(node):
         return Code(node.name, shape=node.shape)
 
-    called = {r.output: r for r in graph.regions if r.layer.fused}
+    called = {r.output: r for r in graph.regions if has_fused_kernel(r.layer)}
 
     def accumulate(node, current, part, origin):
         name = f"d{node.name}"
@@ -147,9 +148,10 @@ def region_renaming(kernel, region, upstream: str) -> tuple[dict[str, str], dict
 
 def _fused_region(graph: Graph, region, grad, needed: set, lines: list[Line]) -> dict:
     """The fused kernel of ``region.layer``, printed in the caller's names, as contributions."""
-    from .kernel import build_cached, print_formulas
+    from .kernel import print_formulas
+    from .select import fused_kernel
 
-    kernel = build_cached(region.layer)
+    kernel = fused_kernel(region.layer)
     inner = [n for n in kernel.graph.nodes if n.op not in ("input", "labels")]
     if len(inner) != len(region.nodes):
         raise DerivationError(graph.layer.name, f"the call of {region.layer.name!r} traced differently inside "

@@ -15,7 +15,7 @@ import torch
 
 from .errors import DeriveError
 from .memo import ByObject
-from .spec import Constant, Labels, Layer, concrete_shape
+from .spec import Constant, Labels, Layer, concrete_shape, sizes_text
 
 
 @dataclass
@@ -246,11 +246,6 @@ class KernelCheck:
         return out
 
 
-def sizes_text(sizes: dict) -> str:
-    """``n=32, d=64``: sizes as the reports write them."""
-    return ", ".join(f"{k}={v}" for k, v in sizes.items())
-
-
 def kernel_sizes(layer: Layer, exercise: dict[str, int]) -> list[dict[str, int]]:
     """The exercise's sizes, and a small one with odd sizes (a batch of 5: Bessel's n - 1 is not n)."""
     return [{d: exercise.get(d, 16) for d in layer.dims}, {d: 5 if k == 0 else 3 for k, d in enumerate(layer.dims)}]
@@ -326,4 +321,6 @@ def load_module(path: Path) -> ModuleType:
 
 
 def table(rows: list[Row]) -> str:
-    return "\n".join(str(r) for r in rows)
+    """The rows one per line, their names padded to the longest (each row prints its name in 15 columns)."""
+    width = max([15] + [len(r.name) for r in rows])
+    return "\n".join(r.name.ljust(width) + str(r)[max(15, len(r.name)):] for r in rows)

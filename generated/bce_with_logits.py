@@ -2,12 +2,12 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 39daec1ca9b7aca2a452eda4d41fef6b537dfd6cc9de5000cef1a101460e45e6
-# content-hash: b3ddbb2591e88a6944119a61c92a1c03da20dd33c0ab0cdc4ed791f9480cae90
+# content-hash: 06caa5afc6047afdec5cb2c1e866845ade4494f3133a6e08b7566d912f090ffe
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dlogits = dloss*(t1 - torch.sigmoid(t3))/(d*n)
+    dlogits = dloss*(1 - torch.sigmoid(-logits) - target)/(d*n)
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -19,27 +19,23 @@ __all__ = ["BceWithLogitsFunction", "bce_with_logits", "compile_kernels"]
 
 def _forward(logits, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    t1 = 1 - target  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
-    t3 = -logits  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
-    _t0 = torch.addcmul(F.softplus(t3), logits, t1)
-    loss = ((_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())  # spec lines 48-49
-    return loss, (t1, t3)
+    per_element = torch.addcmul(F.softplus(-logits), 1 - target, logits)  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+    loss = ((per_element.sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())  # spec lines 48-49
+    return loss, ()
 
 
 def _forward_with_graph(logits, target, n, d):
     """The same forward without in-place updates, so autograd can differentiate through it: the
     backward recomputes what it reads this way when a second derivative is wanted."""
-    t1 = 1 - target
-    t3 = -logits
-    loss = (((torch.addcmul(F.softplus(t3), logits, t1)).sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())
-    return loss, (t1, t3)
+    loss = (((torch.addcmul(F.softplus(-logits), 1 - target, logits)).sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())
+    return loss, ()
 
 
-def _backward(needs, dloss, t1, t3, n, d):
+def _backward(needs, dloss, logits, target, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dlogits = None
     if needs[0]:
-        dlogits = dloss*(t1 - torch.sigmoid(t3))/(d*n)
+        dlogits = dloss*(1 - torch.sigmoid(-logits) - target)/(d*n)
     return dlogits, None
 
 
@@ -79,14 +75,14 @@ class BceWithLogitsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
-        logits, target, t1, t3 = ctx.saved_tensors
+        logits, target = ctx.saved_tensors
         n, d = ctx.sizes
         if torch.is_grad_enabled():
             # create_graph=True: the saved tensors carry no graph, so recompute them with one;
             # the backward below is then itself differentiable (double backward, gradient penalties)
-            _, (t1, t3) = _forward_with_graph(logits, target, n, d)
-            return _backward(ctx.needs_input_grad, dloss, t1, t3, n, d)
-        return _kernels["backward"](ctx.needs_input_grad, dloss, t1, t3, n, d)
+            _, () = _forward_with_graph(logits, target, n, d)
+            return _backward(ctx.needs_input_grad, dloss, logits, target, n, d)
+        return _kernels["backward"](ctx.needs_input_grad, dloss, logits, target, n, d)
 
 
 def bce_with_logits(logits, target):

@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate
 # inputs-hash: 1964954a69bcc24d194035666191e2fd220bdc6f25e7a2bb13d4feb7bf5dd0e9
-# content-hash: 19e8b6a22c09f88b798463a4e8f28a57ee5e3c1fe7857f2425ca4b96b69e6ea8
+# content-hash: 7efad8d371dff1807a6cb3c289b08e0ac2577b32c794ed42e5a9ebab83c3290b
 """Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -23,7 +23,7 @@ def _forward(logits, y, n, k):
     counts = (logits - logit_maxes).exp_()  # spec lines 10-11
     counts_sum = counts.sum(1, keepdim=True)  # spec lines 10-12
     probs = counts.div_(counts_sum)  # spec lines 10-11, 13-14
-    loss = (-(logits.gather(1, y.view(n, 1)) - torch.log(counts_sum) - logit_maxes).sum(0, keepdim=True)/n).reshape(())  # spec lines 10-11, 13-16
+    loss = (-(logits.gather(1, y.view(n, 1)) - logit_maxes - torch.log(counts_sum)).sum(0, keepdim=True)/n).reshape(())  # spec lines 10-11, 13-16
     return loss, (probs,)
 
 
@@ -34,7 +34,7 @@ def _forward_with_graph(logits, y, n, k):
     counts = torch.exp(logits - logit_maxes)
     counts_sum = counts.sum(1, keepdim=True)
     probs = counts/counts_sum
-    loss = (-(logits.gather(1, y.view(n, 1)) - torch.log(counts_sum) - logit_maxes).sum(0, keepdim=True)/n).reshape(())
+    loss = (-(logits.gather(1, y.view(n, 1)) - logit_maxes - torch.log(counts_sum)).sum(0, keepdim=True)/n).reshape(())
     return loss, (probs,)
 
 

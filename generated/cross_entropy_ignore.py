@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: b6eae29a40de89c7377d7f3d3710518c1039ae07985ae41438a314d9b3310d08
-# content-hash: e349dbefb1f9f660f648b0ad9049dce69d71077b5f33ed24f562afe3271a764b
+# content-hash: e8c041475d5cfacbdc47836b21586a47b7b0ea004ac2e736d8f4c1c4311186a7
 """Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -22,8 +22,8 @@ def _forward(logits, y, ignore_index, n, k):
     """The fused forward: the output and what it computes that the backward reads."""
     m = logits.amax(1, keepdim=True)  # spec line 84: m = logits.max(1, keepdim=True).values
     t1 = (logits - m).exp_()  # spec lines 85-86
-    keep = 1 - (y.view(n, 1) == ignore_index).to(logits.dtype)  # spec line 87: keep = y != ignore_index
-    loss = (-(keep*(logits.gather(1, y.view(n, 1)) - torch.log(t1.sum(1, keepdim=True)) - m)).sum(0, keepdim=True)/keep.sum(0, keepdim=True)).reshape(())  # spec lines 85-88
+    _t0f = -(y.view(n, 1) == ignore_index).to(logits.dtype)
+    loss = (-((1 + _t0f)*(logits.gather(1, y.view(n, 1)) - m - torch.log(t1.sum(1, keepdim=True)))).sum(0, keepdim=True)/(1 + _t0f).sum(0, keepdim=True)).reshape(())  # spec lines 85-88
     return loss, (t1,)
 
 
@@ -32,8 +32,8 @@ def _forward_with_graph(logits, y, ignore_index, n, k):
     backward recomputes what it reads this way when a second derivative is wanted."""
     m = logits.amax(1, keepdim=True)
     t1 = torch.exp(logits - m)
-    keep = 1 - (y.view(n, 1) == ignore_index).to(logits.dtype)
-    loss = (-(keep*(logits.gather(1, y.view(n, 1)) - torch.log(t1.sum(1, keepdim=True)) - m)).sum(0, keepdim=True)/keep.sum(0, keepdim=True)).reshape(())
+    _t0f = -(y.view(n, 1) == ignore_index).to(logits.dtype)
+    loss = (-((1 + _t0f)*(logits.gather(1, y.view(n, 1)) - m - torch.log(t1.sum(1, keepdim=True)))).sum(0, keepdim=True)/(1 + _t0f).sum(0, keepdim=True)).reshape(())
     return loss, (t1,)
 
 

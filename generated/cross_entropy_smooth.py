@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: e651a7cdba56da9e51cf20d9b0b49ccad6f0419924d3ac60d274dbb7145e4604
-# content-hash: 29fc919d58ca8691f54e89382656d51585b021a2f20b9fbba7f7232b09c33466
+# content-hash: e300f3b402fa37ac945cfcf1a2ebab89d846683321852e4856ed53781892be4f
 """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -21,9 +21,9 @@ def _forward(logits, y, smoothing, n, k):
     """The fused forward: the output and what it computes that the backward reads."""
     m = logits.amax(1, keepdim=True)  # spec line 13: m = logits.max(1, keepdim=True).values
     t1 = (logits - m).exp_()  # spec lines 14-15
-    _t1 = torch.log(t1.sum(1, keepdim=True)) + m
-    _t0 = logits - _t1
-    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - _t1).sum(0, keepdim=True)/n - smoothing*(_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/k).reshape(())  # spec lines 14-19
+    _t1f = torch.log(t1.sum(1, keepdim=True))
+    _t0 = logits - m - _t1f
+    loss = (-smoothing*(_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/k - (1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n).reshape(())  # spec lines 14-19
     return loss, (t1,)
 
 
@@ -32,8 +32,8 @@ def _forward_with_graph(logits, y, smoothing, n, k):
     backward recomputes what it reads this way when a second derivative is wanted."""
     m = logits.amax(1, keepdim=True)
     t1 = torch.exp(logits - m)
-    _t1 = torch.log(t1.sum(1, keepdim=True)) + m
-    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - _t1).sum(0, keepdim=True)/n - smoothing*((logits - _t1).sum(0, keepdim=True)/n).sum(1, keepdim=True)/k).reshape(())
+    _t1f = torch.log(t1.sum(1, keepdim=True))
+    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n - smoothing*((logits - m - _t1f).sum(0, keepdim=True)/n).sum(1, keepdim=True)/k).reshape(())
     return loss, (t1,)
 
 

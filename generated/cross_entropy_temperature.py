@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: f2b012e05b193fec0bbbcee71a76b333b7c71ece6cfb6424bcb38bc7b9e5f677
-# content-hash: ffdd2ebe68ed9acca29d3ff2a3ce7996cd111074ffee2298ac3c0ad4684c9265
+# content-hash: b97f79e689cff0b1f64af8eb8d9a55d3f78ed6f087d3cd32f0075abc3ad73fa8
 """Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -21,7 +21,7 @@ def _forward(logits, y, T, n, k):
     """The fused forward: the output and what it computes that the backward reads."""
     m = (logits/T).amax(1, keepdim=True)  # spec lines 27-28
     t1 = (logits/T - m).exp_()  # spec lines 27, 29-30
-    loss = (-(logits.gather(1, y.view(n, 1))/T - torch.log(t1.sum(1, keepdim=True)) - m).sum(0, keepdim=True)/n).reshape(())  # spec lines 27, 29-31
+    loss = (-(logits.gather(1, y.view(n, 1))/T - m - torch.log(t1.sum(1, keepdim=True))).sum(0, keepdim=True)/n).reshape(())  # spec lines 27, 29-31
     return loss, (t1,)
 
 
@@ -30,7 +30,7 @@ def _forward_with_graph(logits, y, T, n, k):
     backward recomputes what it reads this way when a second derivative is wanted."""
     m = (logits/T).amax(1, keepdim=True)
     t1 = torch.exp(logits/T - m)
-    loss = (-(logits.gather(1, y.view(n, 1))/T - torch.log(t1.sum(1, keepdim=True)) - m).sum(0, keepdim=True)/n).reshape(())
+    loss = (-(logits.gather(1, y.view(n, 1))/T - m - torch.log(t1.sum(1, keepdim=True))).sum(0, keepdim=True)/n).reshape(())
     return loss, (t1,)
 
 

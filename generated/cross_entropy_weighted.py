@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate
 # inputs-hash: 07d56874c2d771e18f956180514d08642ae8ba390f8ce3d45c52eb3b35ec47bc
-# content-hash: 6977d4d09ede536861e3308e758530a6231ec8bfc1c8b0ea47568a01a6ba3ae9
+# content-hash: 2f6f6aab84dd94fb924c755c6f0cc04d2c5d13bdc5dd26ab0c87916545186e0a
 """Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -21,7 +21,7 @@ def _forward(logits, y, w, n, k):
     """The fused forward: the output and what it computes that the backward reads."""
     m = logits.amax(1, keepdim=True)  # spec line 58: m = logits.max(1, keepdim=True).values
     t1 = (logits - m).exp_()  # spec lines 59-60
-    loss = (-((logits.gather(1, y.view(n, 1)) - torch.log(t1.sum(1, keepdim=True)) - m)*w[y].view(n, 1)).sum(0, keepdim=True)/(w[y].view(n, 1)).sum(0, keepdim=True)).reshape(())  # spec lines 59-62
+    loss = (-((logits.gather(1, y.view(n, 1)) - m - torch.log(t1.sum(1, keepdim=True)))*w[y].view(n, 1)).sum(0, keepdim=True)/(w[y].view(n, 1)).sum(0, keepdim=True)).reshape(())  # spec lines 59-62
     return loss, (t1,)
 
 
@@ -30,7 +30,7 @@ def _forward_with_graph(logits, y, w, n, k):
     backward recomputes what it reads this way when a second derivative is wanted."""
     m = logits.amax(1, keepdim=True)
     t1 = torch.exp(logits - m)
-    loss = (-((logits.gather(1, y.view(n, 1)) - torch.log(t1.sum(1, keepdim=True)) - m)*w[y].view(n, 1)).sum(0, keepdim=True)/(w[y].view(n, 1)).sum(0, keepdim=True)).reshape(())
+    loss = (-((logits.gather(1, y.view(n, 1)) - m - torch.log(t1.sum(1, keepdim=True)))*w[y].view(n, 1)).sum(0, keepdim=True)/(w[y].view(n, 1)).sum(0, keepdim=True)).reshape(())
     return loss, (t1,)
 
 

@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer gelu_tanh)
 # regenerate: derive generate
 # inputs-hash: 2abb98565c98f972e53bbdc47f6299513862109e33e188603bdd56f5307fd115
-# content-hash: 9bb26d90dda21eb2da3f66165cbc41a4e11f7163563827ac5c3f654d0bd2bc36
+# content-hash: 6403793ccf3eaa2adb89f7316a48096b0b9edca4ef0c62f4d3450e6af5893df5
 """GELU with the tanh approximation, as ``F.gelu(x, approximate="tanh")``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -23,14 +23,14 @@ __all__ = ["GeluTanhFunction", "gelu_tanh", "compile_kernels"]
 
 def _forward(x, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    out = (0.5)*(((1427096325452004339/40000000000000000000)*x**3 + (0.797884560802865)*x).tanh_() + 1)*x  # spec lines 40-41
+    out = (0.5)*(1 + ((1427096325452004339/40000000000000000000)*x**3 + (0.797884560802865)*x).tanh_())*x  # spec lines 40-41
     return out, ()
 
 
 def _forward_with_graph(x, n, d):
     """The same forward without in-place updates, so autograd can differentiate through it: the
     backward recomputes what it reads this way when a second derivative is wanted."""
-    out = (0.5)*(torch.tanh((1427096325452004339/40000000000000000000)*x**3 + (0.797884560802865)*x) + 1)*x
+    out = (0.5)*(1 + torch.tanh((1427096325452004339/40000000000000000000)*x**3 + (0.797884560802865)*x))*x
     return out, ()
 
 

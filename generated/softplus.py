@@ -2,12 +2,12 @@
 # source: derive.layers.activations (layer softplus)
 # regenerate: derive generate
 # inputs-hash: d3d3c1d793ba692db4d3ce402bc2212c8665afea94bdc9a611f9e6147cab0b1d
-# content-hash: 267c4b7eb57f74c1e352939cd29d9fb94f4175a13ad70582ed4ee48ea3617f57
+# content-hash: c8265e26268936fbd784bde77ed4c4f79e994e224791173899e0d52f0bbc3264
 """``log(1 + exp(x))``, as ``F.softplus`` (whose threshold only changes the result above x = 20).
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dx = (1 - 1/t2)*dout
+    dx = dout*t1/(t1 + 1)
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -19,24 +19,24 @@ __all__ = ["SoftplusFunction", "softplus", "compile_kernels"]
 
 def _forward(x, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    t2 = torch.exp(x) + 1  # spec line 33: out = (1 + x.exp()).log()
-    out = torch.log(t2)  # spec line 33: out = (1 + x.exp()).log()
-    return out, (t2,)
+    t1 = torch.exp(x)  # spec line 33: out = (1 + x.exp()).log()
+    out = (t1 + 1).log_()  # spec line 33: out = (1 + x.exp()).log()
+    return out, (t1,)
 
 
 def _forward_with_graph(x, n, d):
     """The same forward without in-place updates, so autograd can differentiate through it: the
     backward recomputes what it reads this way when a second derivative is wanted."""
-    t2 = torch.exp(x) + 1
-    out = torch.log(t2)
-    return out, (t2,)
+    t1 = torch.exp(x)
+    out = torch.log(t1 + 1)
+    return out, (t1,)
 
 
-def _backward(needs, dout, t2, n, d):
+def _backward(needs, dout, t1, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
-        dx = (1 - 1/t2)*dout
+        dx = dout*t1/(t1 + 1)
     return dx
 
 
@@ -68,14 +68,14 @@ class SoftplusFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x, t2 = ctx.saved_tensors
+        x, t1 = ctx.saved_tensors
         n, d = ctx.sizes
         if torch.is_grad_enabled():
             # create_graph=True: the saved tensors carry no graph, so recompute them with one;
             # the backward below is then itself differentiable (double backward, gradient penalties)
-            _, (t2,) = _forward_with_graph(x, n, d)
-            return _backward(ctx.needs_input_grad, dout, t2, n, d)
-        return _kernels["backward"](ctx.needs_input_grad, dout, t2, n, d)
+            _, (t1,) = _forward_with_graph(x, n, d)
+            return _backward(ctx.needs_input_grad, dout, t1, n, d)
+        return _kernels["backward"](ctx.needs_input_grad, dout, t1, n, d)
 
 
 def softplus(x):

@@ -127,11 +127,11 @@ def test_no_raw_index_names(doc):
         assert not re.search(r"_b\d", text)
 
 
-def test_rendering_is_deterministic(doc):
+def test_a_layer_traced_again_renders_the_same_documents(doc):
     graph, tex, md = doc
-    assert render_steps_tex(graph) == tex
     again = trace(graph.layer)
-    assert render_steps_markdown(again) == md
+    assert again is not graph
+    assert render_steps_tex(again) == tex and render_steps_markdown(again) == md
 
 
 def test_shown_equations_are_the_rules_result_on_small_matrices(doc):
@@ -172,4 +172,4 @@ def test_shown_equations_are_the_rules_result_on_small_matrices(doc):
             generic = part.fn(tuple(sp.Integer(i) if s != 1 else 0 for i, s in zip(idx, node.shape)))
             assert sp.simplify(concrete(generic) - array[idx]) == 0, (origin, node, idx)
             checked += 1
-    assert checked or not records
+    assert checked > 0, "no rule line of the spec was checked"

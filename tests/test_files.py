@@ -10,7 +10,7 @@ import pytest
 
 from derive.cache import RECORD
 
-from derive.files import content_hash, body_of, is_hand_edited, recorded_hash, write_atomic
+from derive.files import body_of, comparable, content_hash, is_hand_edited, recorded_hash, write_atomic
 from derive.generate import render, stale_files
 from derive.layers import BUILTIN, cross_entropy
 
@@ -26,8 +26,14 @@ def test_generated_folder_is_fresh():
     assert stale_files(BUILTIN, ROOT / "generated") == []
 
 
-def test_rendering_is_deterministic():
-    assert render(cross_entropy) == render(cross_entropy)
+def test_rendering_is_the_same_in_another_process():
+    """Another process, with another hash seed (set and dict orders differ), renders the same bytes."""
+    script = ("import sys; from derive.generate import render; from derive.layers import cross_entropy; "
+              "sys.stdout.write(repr(sorted(render(cross_entropy).items())))")
+    other = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert other.returncode == 0, other.stderr
+    assert other.stdout == repr(sorted(render(cross_entropy).items()))
 
 
 def test_every_file_has_a_header_with_a_matching_hash():
@@ -94,21 +100,23 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
     assert target.read_text() == "two" and sorted(p.name for p in target.parent.iterdir()) == ["f.txt"]
 
 
-def test_only_temporaries_of_writers_no_longer_running_are_removed(tmp_path):
-    import subprocess
-    import sys
-
-    from derive.files import remove_temporaries
+def test_only_derives_temporaries_of_writers_no_longer_running_are_removed(tmp_path):
+    from derive.files import TAG, remove_temporaries
 
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = finished.stdout.strip()
     try:
-        live = tmp_path / f".f.py.{running.pid}.abc123.tmp"  # another generation, writing right now
-        dead = tmp_path / f".f.py.{finished.stdout.strip()}.def456.tmp"  # left by a killed one
-        live.write_text("half")
-        dead.write_text("half")
+        live = tmp_path / f".f.py.{TAG}-{running.pid}-abc123.tmp"  # another generation, writing right now
+        dead = tmp_path / f".f.py.{TAG}-{dead_pid}-def456.tmp"  # left by a killed one
+        # the user's own files, named like temporaries but without derive's tag, here and below
+        users = [tmp_path / f".results.{dead_pid}.final.tmp", tmp_path / "data" / f".x.{dead_pid}.y.tmp",
+                 tmp_path / "data" / f".f.py.{TAG}-{dead_pid}-def456.tmp"]
+        for path in [live, dead, *users]:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("half")
         assert remove_temporaries(tmp_path) == [dead]
-        assert live.exists() and not dead.exists()
+        assert live.exists() and not dead.exists() and all(p.exists() for p in users)
     finally:
         running.kill()
         running.wait()
@@ -143,12 +151,12 @@ def test_printed_code_that_disagrees_with_autograd_writes_nothing(tmp_path, monk
 
     original = gen.derive_layer
 
-    def misprinted(layer, prove_sizes=True):
-        files, proofs, seconds = original(layer, prove_sizes)
+    def misprinted(layer, prove_sizes=True, fused_only=False):
+        files, proofs, seconds, form, is_fused = original(layer, prove_sizes, fused_only)
         fused = f"{layer.name}.py"
         assert "\n    return dlogits, None\n" in files[fused]
         files[fused] = files[fused].replace("\n    return dlogits, None\n", "\n    return dlogits / 2, None\n")
-        return files, proofs, seconds
+        return files, proofs, seconds, form, is_fused
 
     monkeypatch.setattr(gen, "derive_layer", misprinted)
     with pytest.raises(ProofFailure, match=r"cross_entropy: the fused module's dlogits differs from autograd"):
@@ -168,7 +176,9 @@ def test_a_layer_that_calls_fused_layers_is_derived_with_them(monkeypatch):
     assert [[layer.name for layer in job] for job in jobs] == [["tanh"], ["cross_entropy", "makemore_model", "batchnorm"]]
     built = []
     original = kernel.build
+    import derive.select as select
     monkeypatch.setattr(kernel, "_BUILT", type(kernel._BUILT)())
+    monkeypatch.setattr(select, "_CHOSEN", {k: type(kernel._BUILT)() for k in select._CHOSEN})
     monkeypatch.setattr(kernel, "build", lambda layer: built.append(layer.name) or original(layer))
     for layer in jobs[1]:
         gen.derive_layer(layer, prove_sizes=False)
@@ -222,13 +232,14 @@ def _kill_during_generate(tmp_path, where: str, write: int):
 
 
 def _assert_each_file_whole(out, old: dict, new: dict):
-    """Every generated file is the complete old or the complete new version, its hash intact."""
+    """Every generated file is the complete old or the complete new version, its hash intact (the
+    header's command lines name the folder each version was rendered from, so they are left out)."""
     kinds = {}
     for rel in old:
         text = (out / rel).read_text()
         assert recorded_hash(text) == content_hash(body_of(text)), f"{rel}: header hash does not match its body"
-        assert text in (old[rel], new[rel]), f"{rel} is neither the old nor the new version"
-        kinds[rel] = "new" if text == new[rel] else "old"
+        assert comparable(text) in (comparable(old[rel]), comparable(new[rel])), f"{rel} is neither the old nor the new version"
+        kinds[rel] = "new" if comparable(text) == comparable(new[rel]) else "old"
     return kinds
 
 
@@ -278,5 +289,5 @@ def test_with_cores_to_spare_each_proof_is_a_job_and_the_report_is_the_same(tmp_
     for layer, one, split in zip([cross_entropy, tanh], reports[1], reports[8]):
         assert [p.sizes for p in split.proofs] == [p.sizes for p in one.proofs] == default_sizes(layer)
         assert [p.elements_checked for p in split.proofs] == [p.elements_checked for p in one.proofs]
-    for path in (tmp_path / "1").rglob("*.py"):
-        assert (tmp_path / "8" / path.relative_to(tmp_path / "1")).read_text() == path.read_text()
+    for path in (tmp_path / "1").rglob("*.py"):  # the headers name their own folders (--out)
+        assert comparable((tmp_path / "8" / path.relative_to(tmp_path / "1")).read_text()) == comparable(path.read_text())

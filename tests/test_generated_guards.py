@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from derive.layers import BUILTIN, FUSED, batchnorm, batchnorm_biased, cross_entropy
-from derive.spec import Constant
 from derive.verify import random_inputs, upstream_for
 
 # The step-by-step Functions of the small layers (the models are covered by their own tests).
@@ -165,5 +164,12 @@ def test_one_row_under_bessels_correction_is_refused(fn):
         fn(batchnorm)(torch.randn(1, 3), torch.ones(3), torch.zeros(3))
 
 
-def test_eps_is_a_constant_of_the_call():
-    assert isinstance(batchnorm.inputs["eps"], Constant)
+@BOTH
+def test_eps_is_a_constant_of_the_call(fn):
+    """eps given at the call is the eps computed with: the spec's value at that eps, not at the default."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64) * 0.05  # a variance near eps: eps shows
+    gamma, beta = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    ours = fn(batchnorm)(x, gamma, beta, 1e-2)
+    torch.testing.assert_close(ours, batchnorm.fn(x, gamma, beta, 1e-2))
+    assert not torch.allclose(ours, fn(batchnorm)(x, gamma, beta))

@@ -14,7 +14,8 @@ from derive.verify import load_module
 
 
 def test_undeclared_parameter():
-    with pytest.raises(SpecError, match=r"layer 'f': parameter 'w' is not declared.*Fix: add w="):
+    with pytest.raises(SpecError, match=r"test_spec_errors.py: layer 'f' \(line \d+: @layer\(x=Tensor\(\"n\", \"d\"\)\)\): "
+                                        r"parameter 'w' is not declared.*Fix: add w="):
         @layer(x=Tensor("n", "d"))
         def f(x, w):
             return x * w
@@ -219,7 +220,7 @@ def test_a_variable_named_like_a_gradient_of_the_generated_backward(name):
 @pytest.mark.parametrize("name", ["torch", "forward", "backward", "F", "_private"])
 def test_a_layer_named_like_its_generated_module_uses(name):
     namespace = {}
-    with pytest.raises(SpecError, match=rf"layer '{name}': the layer's name '{name}' clashes with a name its generated "
+    with pytest.raises(SpecError, match=rf"layer '{name}' \(line 1\): the layer's name '{name}' clashes with a name its generated "
                                         r"module uses. Fix: rename the function"):
         exec(f"@layer(x=Tensor('n', 'd'))\ndef {name}(x):\n    return x * 2.0\n", {"layer": layer, "Tensor": Tensor}, namespace)
 

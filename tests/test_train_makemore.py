@@ -40,7 +40,6 @@ def test_generated_and_autograd_train_alike_and_the_loss_falls(train, data, dtyp
     generated, autograd = torch.tensor(losses["generated"]), torch.tensor(losses["autograd"])
     assert (generated - autograd).abs().max() < 10 * tolerance
     assert generated[-50:].mean() < generated[:50].mean() - 0.3  # it learns
-    assert ms["generated"] > 0 and ms["autograd"] > 0
 
 
 def test_module_of_generated_functions_trains_like_the_generated_backward(train, data):
@@ -61,7 +60,8 @@ def test_module_of_generated_functions_trains_like_the_generated_backward(train,
 
 def test_end_to_end_on_any_word_list(train, tmp_path, capsys):
     words = tmp_path / "words.txt"
-    words.write_text("\n".join(["anna", "bob", "carla", "dave", "eve", "frank", "gina", "hugo"] * 20))
+    vocabulary = ["anna", "bob", "carla", "dave", "eve", "frank", "gina", "hugo"]
+    words.write_text("\n".join(vocabulary * 20))
     plot = tmp_path / "curve.png"
     code = train.main(["--data", str(words), "--steps", "200", "--hidden", "16", "--samples", "3",
                        "--plot", str(plot), "--quiet"])
@@ -69,7 +69,12 @@ def test_end_to_end_on_any_word_list(train, tmp_path, capsys):
     assert code == 0
     assert "train loss" in out and "val loss" in out and "ms per step" in out
     assert plot.is_file() and plot.stat().st_size > 1000
-    assert len(out.strip().splitlines()[-3:]) == 3
+    lines = out.splitlines()
+    names = lines[lines.index(next(line for line in lines if line.startswith("val loss"))) + 1:]
+    if names and names[0].startswith("loss curve"):
+        names = names[1:]
+    # the three sampled names close the output, each made of the word list's letters
+    assert len(names) == 3 and all(set(name) <= set("".join(vocabulary)) for name in names), names
 
 
 def test_missing_data_says_where_to_get_it(train, tmp_path, capsys):

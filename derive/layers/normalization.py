@@ -3,7 +3,7 @@
 from derive.spec import Constant, Tensor, layer
 
 
-@layer(x=Tensor("n", "d"), gamma=Tensor("d"), beta=Tensor("d"), eps=Constant(1e-5))
+@layer(x=Tensor("n", "d"), gamma=Tensor("d"), beta=Tensor("d"), eps=Constant(1e-5, positive=True))
 def layernorm(x, gamma, beta, eps=1e-5):
     """Layer normalization over the last dimension (biased variance), as ``F.layer_norm``."""
     d = x.shape[1]
@@ -16,7 +16,7 @@ def layernorm(x, gamma, beta, eps=1e-5):
     return out
 
 
-@layer(x=Tensor("n", "d"), g=Tensor("d"), eps=Constant(1e-6))
+@layer(x=Tensor("n", "d"), g=Tensor("d"), eps=Constant(1e-6, positive=True))
 def rmsnorm(x, g, eps=1e-6):
     """RMS normalization over the last dimension: ``g * x / sqrt(mean(x**2) + eps)``."""
     ms = (x**2).mean(1, keepdim=True)
@@ -25,7 +25,7 @@ def rmsnorm(x, g, eps=1e-6):
     return out
 
 
-@layer(x=Tensor("n", "c", "l"), gamma=Tensor("c", "1"), beta=Tensor("c", "1"), eps=Constant(1e-5))
+@layer(x=Tensor("n", "c", "l"), gamma=Tensor("c", "1"), beta=Tensor("c", "1"), eps=Constant(1e-5, positive=True))
 def batchnorm3d(x, gamma, beta, eps=1e-5):
     """Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
     training on a sequence; ``gamma`` and ``beta`` are (c, 1) so they broadcast over l."""

@@ -66,6 +66,38 @@ class Dim(int):
     def __float__(self):
         return float(int(self))  # the token, as a float: math.sqrt and friends map back (see above)
 
+    # Python control flow on a size (``if n >= 2000000:``) would take the tracing size's branch for
+    # every size: a comparison answers only when it holds for every size (``n >= 1``), else it is refused.
+    def _decide(self, relation, text: str) -> bool:
+        decided = relation(self.symbol)
+        if decided in (sp.true, sp.false):
+            return bool(decided)
+        fail = getattr(self.sizes, "fail", None)
+        problem = (f"Python control flow on a size ({text}): it holds for some sizes and not for others, "
+                   f"so the generated code would take one branch for every size")
+        fix = ("the forward must be the same operations at every size: use sizes only in arithmetic "
+               "(1 / (n - 1)), and write a separate layer for each case")
+        if fail is None:
+            raise TypeError(f"{problem}; {fix}")
+        fail(problem, fix)
+
+    def _compare(op: str, relation):
+        def compare(self, other):
+            o = self._s(other)
+            if not isinstance(o, (int, sp.Expr)) or isinstance(o, bool):
+                return NotImplemented
+            return self._decide(lambda s: relation(s, sp.sympify(o)), f"{self.symbol} {op} {o}")
+        return compare
+
+    __lt__ = _compare("<", sp.Lt)
+    __le__ = _compare("<=", sp.Le)
+    __gt__ = _compare(">", sp.Gt)
+    __ge__ = _compare(">=", sp.Ge)
+    __eq__ = _compare("==", lambda a, b: sp.Eq(a, b))
+    __ne__ = _compare("!=", lambda a, b: sp.Ne(a, b))
+    __hash__ = int.__hash__
+    del _compare
+
 
 class Sizes:
     """The symbolic sizes of one trace: declared dimensions, their tokens, and sizes derived by ``//``."""
@@ -75,6 +107,7 @@ class Sizes:
         self.tokens: dict[int, sp.Expr] = {}
         self.dims: dict[sp.Expr, Dim] = {}
         self.derived: dict[sp.Symbol, tuple] = {}  # quotient symbol -> (numerator, divisor)
+        self.fail = None  # the tracer's: a comparison of sizes is refused at the spec's line
         for s in self.symbols.values():
             self._register(s)
 
@@ -124,6 +157,8 @@ class Sizes:
         stands for (None for any other number)."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
+        if isinstance(value, Dim):
+            return value.symbol
         for token, symbol in self.tokens.items():
             for f, expr in ((float, symbol), (math.sqrt, sp.sqrt(symbol)), (lambda t: 1 / math.sqrt(t), 1 / sp.sqrt(symbol)),
                             (lambda t: 1 / t, 1 / symbol), (math.log, sp.log(symbol))):

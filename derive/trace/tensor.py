@@ -87,6 +87,15 @@ class SymTensor(Elementwise, Reductions, Shapes, Indexing):
                           "the forward must be the same sequence of operations for every input; "
                           "use arithmetic or torch.where with a mask instead of branching")
 
+    def __array_ufunc__(self, ufunc, method, *args, **kwargs):
+        from .functions import SUPPORTED
+        self._tracer.fail(f"numpy's {ufunc.__name__} on a tensor", f"use torch's (torch.{ufunc.__name__}), or "
+                          f"supported primitives: {SUPPORTED}")
+
+    def __array_function__(self, func, types, args, kwargs):
+        from .functions import SUPPORTED
+        self._tracer.fail(f"numpy's {func.__name__} on a tensor", f"use torch's, or supported primitives: {SUPPORTED}")
+
     def _value(self, *a):
         self._tracer.fail("a tensor's value is read as a Python number (float(), int(), len(), .item())",
                           "the forward must not depend on tensor values; sizes come from x.shape")

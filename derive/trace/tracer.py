@@ -25,6 +25,7 @@ class Tracer:
         self.layer = layer
         self.nodes: list[Node] = []
         self.size_table = Sizes(layer.dims)
+        self.size_table.fail = self.fail
         self.sizes = self.size_table.symbols
         self.code = layer.fn.__code__
         self.calls: list[Region] = []  # layers being called, innermost last
@@ -95,7 +96,7 @@ class Tracer:
         inputs, args = {}, []
         for name, decl in self.layer.inputs.items():
             if isinstance(decl, Constant):
-                args.append(sp.Symbol(name, positive=True) if decl.default > 0 else sp.Symbol(name, real=True))
+                args.append(sp.Symbol(name, **decl.assumptions()))
                 continue
             shape = tuple(self.size(d) for d in decl.dims)
             op = "labels" if isinstance(decl, Labels) else "input"
@@ -123,7 +124,7 @@ class Tracer:
             result = self.layer.fn(*args)
         except TraceError:
             raise
-        except Exception as e:  # the spec itself failed on symbolic tensors: say where, not how deep
+        except (Exception, SystemExit) as e:  # the spec itself failed on symbolic tensors: say where, not how deep
             raise self.spec_failed(e) from None
         finally:
             sys.setprofile(old)
@@ -156,6 +157,9 @@ class Tracer:
         if isinstance(error, NameError) and getattr(error, "name", None):
             close = difflib.get_close_matches(error.name, list(self.layer.inputs), n=1)
             fix = f"use a declared input ({', '.join(self.layer.inputs)})" + (f"; did you mean {close[0]!r}?" if close else "")
+        elif "truth value of Relational" in str(error):
+            fix = ("the forward must be the same operations at every size: Python control flow on a size "
+                   "(if n - 1 > 0:) takes one branch for every size; use sizes only in arithmetic")
         elif "sympy" in type(error).__module__ or "Symbol" in str(error) or "expression" in str(error):
             fix = ("a declared Constant is a symbol while the layer is traced (so is a size computed from several "
                    "sizes): use it in arithmetic with tensors and numbers (x * eps, x / math.sqrt(d), "

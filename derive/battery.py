@@ -1,0 +1,342 @@
+"""The numerical battery: a kernel against autograd through its own spec, where floats run out.
+
+The proof says a fused formula equals the spec's derivative in exact arithmetic; it cannot say how
+the formula rounds. ``x`` rebuilt as ``log(exp(x))``, a sum squared that the spec only divided by,
+``1 - p`` in a denominator, a difference of two large sums where the spec summed a difference: each
+is exact and each fails in float32. So every value of a kernel (the output and every gradient) is
+run here beside autograd through the spec, on inputs that reach those regimes:
+
+* **scaled**: N(0, 1) inputs times 1, 10 and 100, and shifted by 1e3 and 1e6 (values that
+  cancel, such as a logit and its row's maximum, must cancel before a small one is added);
+* **saturating**, read off the spec as it runs: every call of a function that saturates or
+  overflows (``exp``, ``tanh``, ``sigmoid``, ``softplus``, ``log``, ...) is recorded, and for each
+  one the inputs (magnitudes in a narrow band, random signs) are scaled until that call's
+  arguments reach a target size: ``tanh`` around 6, 20, 60 and 100 (where ``1 - tanh**2`` loses its
+  digits, then rounds to 0), the spread before an ``exp`` as large (probabilities near one), the
+  logarithm of a ``log``'s argument around 6, 20, 40 and 60 (a value near 0, or near 1e17, whose
+  square overflows float32 where the value does not). float64 also goes where only it overflows
+  (arguments near 800).
+
+The reference is autograd through the spec in float64 on the same inputs; the bar is autograd
+through the spec in float32. A value passes when it is finite wherever float32 autograd and the
+reference are, and its largest error is at most ``SLACK`` times autograd's plus ``ULPS`` units in
+the last place of the value's largest entry. In float64 the bar is autograd's float32 error scaled
+to float64's precision, and finiteness wherever float64 autograd is finite.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .spec import Constant, Labels, Layer, Tensor, concrete_shape
+from .verify import random_inputs, sample, upstream_for
+
+SLACK, ULPS = 4.0, 4.0
+# A form is chosen with half the slack it is held to: the largest error over a draw varies from draw
+# to draw, and a form chosen at the edge of the bar fails it at other inputs.
+CHOOSE_SLACK = 2.0
+F64_RELATIVE = 1e-7
+F64_SLACK = 64.0
+NORMAL_SCALES = (1.0, 10.0, 100.0)
+# inputs far from 0 (logits of 1e6): a sum whose terms cancel must cancel them before adding a small one
+OFFSETS = (1e3, 1e6)
+# target sizes of a saturating call's arguments (a log's: of the logarithm of its argument)
+# (float32 overflows past e^88: a logarithm's argument of log-size 100 is already infinite, so
+# logarithms and roots stop at 60, where their argument, and its square, are still finite)
+TARGETS = {torch.float32: (6.0, 20.0, 60.0, 100.0), torch.float64: (20.0, 100.0, 800.0)}
+LOG_TARGETS = {torch.float32: (6.0, 20.0, 40.0, 60.0), torch.float64: (20.0, 100.0, 600.0)}
+# functions whose float behaviour changes with the size of their argument; a log or a root
+# saturates towards 0 (its argument's logarithm is what grows)
+SATURATING = {"exp", "exp_", "tanh", "tanh_", "sigmoid", "sigmoid_", "softplus", "logsigmoid", "expm1",
+              "softmax", "log_softmax", "logsumexp", "erf", "erfc", "silu", "gelu", "elu", "cosh", "sinh"}
+LOGARITHMIC = {"log", "log_", "log1p", "log2", "log10", "sqrt", "rsqrt", "reciprocal", "pow", "__pow__"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to draw the inputs: N(0, 1) (or, ``banded``, magnitudes in [1, 2) with random signs)
+    times ``scale``, in ``dtype``."""
+
+    label: str
+    scale: float
+    banded: bool
+    dtype: torch.dtype
+    sign: int = 0  # a banded draw's signs: random (0), all positive (1) or all negative (-1)
+    offset: float = 0.0  # added to every differentiable input after scaling
+
+    def inputs(self, layer: Layer, sizes: dict[str, int], seed: int) -> dict:
+        return draw(layer, sizes, self.dtype, seed, self.scale, self.banded, self.sign, self.offset)
+
+
+def draw(layer: Layer, sizes: dict[str, int], dtype: torch.dtype, seed: int, scale: float = 1.0,
+         banded: bool = False, sign: int = 0, offset: float = 0.0) -> dict:
+    """The spec's inputs (its ``.example`` where it has one) with every differentiable tensor scaled,
+    an input with a declared domain only as far as it stays in it (``_in_domain``).
+
+    A banded draw keeps every entry at one size (``sign * U[1, 2) * scale``), so that a whole tensor
+    sits in the regime being tested rather than a few of its entries; with one sign for every entry,
+    a function saturating on one side only (``softplus``, ``exp``) is seen there, where its
+    derivative is tiny, and not hidden behind the large values of the other side."""
+    values = random_inputs(layer, sizes, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    out = {}
+    for name, value in values.items():
+        decl = layer.inputs[name]
+        if isinstance(decl, Tensor) and decl.differentiable and torch.is_tensor(value) and decl.domain != "real":
+            value = _in_domain(decl.domain, value, g, scale, banded, offset)
+        elif isinstance(decl, Tensor) and decl.differentiable and torch.is_tensor(value):
+            if banded:
+                magnitude = torch.rand(value.shape, generator=g, dtype=torch.float64) + 1
+                signs = (torch.randint(0, 2, value.shape, generator=g).to(torch.float64) * 2 - 1 if sign == 0
+                         else torch.full(value.shape, float(sign), dtype=torch.float64))
+                value = (magnitude * signs).to(value.dtype)
+            value = value * scale + offset
+        out[name] = value
+    return out
+
+
+# the largest spread of a bounded domain's draw: sigmoid(2 * 4.5) is still below 1 in float32
+BOUNDED_SCALE = 2.0
+
+
+def _in_domain(domain: str, value: torch.Tensor, g: torch.Generator, scale: float, banded: bool,
+               offset: float) -> torch.Tensor:
+    """A draw of an input with a declared domain that stays in it. A positive (non-negative) input
+    is scaled and shifted as a real one, its sign kept (magnitudes only, when banded); a bounded one
+    (``unit``, ``probability``, ``binary``) is drawn again from the domain (``verify.sample``),
+    sharper for a larger scale (probabilities nearer 0 and 1) but never out of it: a probability
+    row still sums to 1, a mask is still 0 or 1."""
+    if domain in ("positive", "nonnegative"):
+        if banded:
+            value = (torch.rand(value.shape, generator=g, dtype=torch.float64) + 1).to(value.dtype)
+        return value * scale + abs(offset)
+    return sample(domain, tuple(value.shape), value.dtype, g, min(scale, BOUNDED_SCALE))
+
+
+class _Recorder(TorchFunctionMode):
+    """Records, call by call, how large the argument of each saturating function is."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[str, float]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        arg = args[0] if args else kwargs.get("input")
+        if name in ("pow", "__pow__"):  # a root or a reciprocal is a logarithmic call; x**3 is arithmetic
+            exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
+            if not isinstance(exponent, (int, float)) or (exponent >= 0 and float(exponent).is_integer()):
+                name = ""
+        if torch.is_tensor(arg) and arg.is_floating_point() and arg.numel() and name in SATURATING | LOGARITHMIC:
+            with torch.no_grad():
+                a = arg.detach().double().abs()
+                if name in LOGARITHMIC:
+                    a = a.clamp_min(1e-300).log().abs()
+                self.sizes.append((name, float(a.median())))
+        return func(*args, **kwargs)
+
+
+def _call_sizes(layer: Layer, inputs: dict) -> list[tuple[str, float]]:
+    recorder = _Recorder()
+    with torch.no_grad(), recorder:
+        try:
+            layer.fn(**inputs)
+        except Exception:  # a scale the spec cannot run at (it raised on its own): nothing to learn
+            return []
+    return recorder.sizes
+
+
+def _scale_for(layer: Layer, sizes: dict, call: int, target: float, seed: int, dtype: torch.dtype) -> float | None:
+    """The input scale at which the ``call``-th saturating call's arguments are about ``target``,
+    by the secant method on log(size) against log(scale) (sizes grow like a power of the scale)."""
+    points = []
+    for log_scale in (0.0, math.log(4.0)):
+        recorded = _call_sizes(layer, draw(layer, sizes, dtype, seed, math.exp(log_scale), banded=True))
+        if len(recorded) <= call or not recorded[call][1] > 0 or not math.isfinite(recorded[call][1]):
+            return None
+        points.append((log_scale, math.log(recorded[call][1])))
+    for _ in range(6):
+        (s0, m0), (s1, m1) = points[-2], points[-1]
+        if abs(m1 - math.log(target)) < math.log(1.25):
+            return math.exp(s1)
+        if abs(m1 - m0) < 1e-9:  # the call does not grow with the inputs
+            return None
+        s2 = s1 + (math.log(target) - m1) * (s1 - s0) / (m1 - m0)
+        s2 = max(min(s2, math.log(1e30)), math.log(1e-30))
+        recorded = _call_sizes(layer, draw(layer, sizes, dtype, seed, math.exp(s2), banded=True))
+        if len(recorded) <= call or not recorded[call][1] > 0 or not math.isfinite(recorded[call][1]):
+            return math.exp(s2) if points else None
+        points.append((s2, math.log(recorded[call][1])))
+    return math.exp(points[-1][0])
+
+
+def settings(layer: Layer, sizes: dict[str, int], seed: int = 0) -> list[Setting]:
+    """Every input draw of the battery for ``layer``: scaled, then saturating, read off its spec."""
+    out = [Setting(f"N(0, 1) x {s:g}", s, False, dtype) for dtype in (torch.float32, torch.float64)
+           for s in NORMAL_SCALES]
+    out += [Setting(f"N(0, 1) + {c:g}", 1.0, False, torch.float32, offset=c) for c in OFFSETS]
+    calls = _call_sizes(layer, draw(layer, sizes, torch.float64, seed, 1.0, banded=True))
+    seen: list[tuple[torch.dtype, float]] = []
+    for dtype in TARGETS:
+        for k, (name, _) in enumerate(calls):
+            for target in (LOG_TARGETS if name in LOGARITHMIC else TARGETS)[dtype]:
+                scale = _scale_for(layer, sizes, k, target, seed, dtype)
+                if scale is None or any(d == dtype and abs(math.log(scale / s)) < math.log(1.3) for d, s in seen):
+                    continue
+                seen.append((dtype, scale))
+                what = f"log-size {target:g}" if name in LOGARITHMIC else f"size {target:g}"
+                for sign, signs in ((0, "random signs"), (1, "positive inputs"), (-1, "negative inputs")):
+                    out.append(Setting(f"{name} call {k + 1} at argument {what} ({signs} x {scale:.3g})", scale,
+                                       True, dtype, sign))
+    return out
+
+
+@dataclass
+class Finding:
+    """A value that failed at one setting, and how."""
+
+    setting: Setting
+    value: str
+    problem: str
+
+    def __str__(self):
+        return f"{self.value} at {self.setting.label}, {_dtype_name(self.setting.dtype)}: {self.problem}"
+
+
+@dataclass
+class Verdict:
+    settings: list[Setting]
+    findings: list[Finding] = field(default_factory=list)
+    worst_ratio: float = 0.0  # the largest error against its bound over every value (float32)
+
+    @property
+    def passed(self) -> bool:
+        return not self.findings
+
+    def summary(self) -> str:
+        if self.passed:
+            return f"battery passed ({len(self.settings)} input draws, float32 error <= {self.worst_ratio:.2f} of the bar)"
+        return f"battery failed: {self.findings[0]}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _gradients(fn, inputs: dict, wanted: list[str], seed: int, dtype=None):
+    leaves = {}
+    for k, v in inputs.items():
+        if torch.is_tensor(v):
+            v = v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype, copy=True)
+            leaves[k] = v.requires_grad_(k in wanted)
+        else:
+            leaves[k] = v
+    out = fn(**leaves)
+    out.backward(upstream_for(out.detach().double(), seed).to(out.dtype))
+    grads = {k: torch.zeros_like(leaves[k]) if leaves[k].grad is None else leaves[k].grad for k in wanted}
+    return [("output", out.detach())] + [(f"d{k}", grads[k]) for k in wanted]
+
+
+def _values(fn, inputs, wanted, seed, dtype=None):
+    """The output and gradients of ``fn``, or the exception it raised."""
+    try:
+        return _gradients(fn, inputs, wanted, seed, dtype)
+    except Exception as e:  # a kernel that raises where autograd does not fails the battery
+        return e
+
+
+def _judge(setting: Setting, ours, theirs, exact, bar32: dict | None, verdict: Verdict, upstream: float = 0.0,
+           slack: float = SLACK) -> dict:
+    """Compare ``ours`` with ``theirs`` (autograd in the setting's dtype) against ``exact``.
+
+    Where the spec's own output is not finite (a loss of ``inf``: a probability that underflowed
+    at its label), its gradients are not a reference and only the output is judged."""
+    eps = torch.finfo(setting.dtype).eps
+    errors = {}
+    broken = not bool(torch.isfinite(theirs[0][1]).all())
+    for (name, mine), (_, aut), (_, ref) in (zip(ours[:1], theirs, exact) if broken else zip(ours, theirs, exact)):
+        mine, aut, ref = mine.detach().double(), aut.detach().double(), ref.detach().double()
+        if mine.shape != ref.shape:
+            verdict.findings.append(Finding(setting, name, f"shape {tuple(mine.shape)}, expected {tuple(ref.shape)}"))
+            continue
+        mask = torch.isfinite(aut) & torch.isfinite(ref)
+        broken = int((mask & ~torch.isfinite(mine)).sum())
+        if broken:
+            verdict.findings.append(Finding(setting, name, f"not finite at {broken} of {mask.numel()} entries where "
+                                                           f"autograd through the spec is finite"))
+            continue
+        if not bool(mask.any()):
+            continue
+        error = float((mine - ref)[mask].abs().max())
+        autograd_error = float((aut - ref)[mask].abs().max())
+        scale = float(ref[mask].abs().max())
+        if setting.dtype == torch.float32:
+            errors[name] = autograd_error
+            bound = slack * autograd_error + ULPS * eps * scale
+        elif bar32 is not None and name in bar32:  # float64: the float32 bar at float64's precision
+            # (an estimate of autograd's float64 error, so with a wide margin: this bar is for gross errors)
+            bound = F64_SLACK * bar32[name] * eps / torch.finfo(torch.float32).eps + 16 * ULPS * eps * scale
+        else:
+            bound = math.inf
+        if setting.dtype == torch.float64:  # a gross error only: precision is judged in float32, where
+            # autograd's own rounding is the bar (float64 autograd is the reference itself, and differs
+            # from the exact value where torch takes a shortcut, softplus is x itself above 20, or
+            # where the value cancels to 0 and the reference keeps its rounding: a gradient error
+            # below a few hundred ulps of the upstream gradient is that rounding)
+            bound = max(bound, F64_RELATIVE * scale, 16 * F64_SLACK * eps * upstream)
+        if error > bound:
+            verdict.findings.append(Finding(setting, name, f"error {error:.3g} against the float64 reference, "
+                                                           f"bar {bound:.3g} (autograd's own: {autograd_error:.3g})"))
+        elif setting.dtype == torch.float32 and bound > 0:
+            verdict.worst_ratio = max(verdict.worst_ratio, error / bound)
+    return errors
+
+
+def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Setting] | None = None,
+        slack: float = SLACK) -> Verdict:
+    """``fn`` (called with the spec's arguments by name) through every setting of the battery.
+
+    Each setting is drawn three times: at ``sizes``, then with the next seeds at 24 and 48 rows.
+    The largest error over many entries is a lenient statistic (autograd's own grows with the
+    count too): a form whose errors have a heavier tail than autograd's passes a large draw and
+    fails a small one; and a form that breaks on rare entries (a probability that underflows at
+    the label) needs more than one draw to be seen."""
+    draws = settings(layer, sizes, seed) if draws is None else draws
+    verdict = Verdict(draws)
+    wanted = layer.differentiable
+    first = next(iter(sizes), None)
+    variants = [(sizes, seed)] + [({**sizes, first: min(rows, sizes[first])}, seed + k)
+                                  for k, rows in enumerate((24, 48), start=1) if first]
+    bars: dict[tuple, dict] = {}
+    for setting in sorted(draws, key=lambda s: s.dtype != torch.float32):
+        for at, draw_seed in variants:
+            key = (setting.scale, setting.banded, setting.sign, setting.offset, draw_seed)
+            inputs = setting.inputs(layer, at, draw_seed)
+            exact = _values(layer.fn, inputs, wanted, draw_seed, torch.float64)
+            if isinstance(exact, Exception):
+                continue  # the spec itself cannot run here: nothing to compare with
+            theirs = _values(layer.fn, inputs, wanted, draw_seed)
+            ours = _values(fn, inputs, wanted, draw_seed)
+            if isinstance(theirs, Exception):
+                continue
+            if isinstance(ours, Exception):
+                verdict.findings.append(Finding(setting, "the kernel", f"raised {type(ours).__name__}: {ours}"))
+                continue
+            bar32 = bars.get(key) if setting.dtype == torch.float64 else None
+            upstream = float(upstream_for(exact[0][1].double(), draw_seed).abs().max())
+            errors = _judge(setting, ours, theirs, exact, bar32, verdict, upstream, slack)
+            if setting.dtype == torch.float32:
+                bars[key] = errors
+    return verdict
+
+
+def battery_sizes(layer: Layer) -> dict[str, int]:
+    """Large enough for sums to lose digits (128 rows), small enough to run in a fraction of a second."""
+    return {d: 128 if k == 0 else 10 + 3 * k for k, d in enumerate(layer.dims)}
+
+
+__all__ = ["Setting", "Verdict", "Finding", "run", "settings", "battery_sizes", "draw"]

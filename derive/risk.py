@@ -1,0 +1,98 @@
+"""Which functions a gradient may evaluate: those the spec's own path evaluates, on the same values.
+
+The refold rewrites a gradient in forward quantities by solving definitions for a variable. In
+exact arithmetic every solution is as good as another; in floating point a solution can make the
+backward evaluate something the spec never did, on values where it breaks:
+
+* ``softplus = log(1 + exp(x))`` solved for ``x`` gives ``log(softplus_arg - 1)``;
+* a probability ``p = exp(logp)`` solved for ``logp`` gives ``log(p)``, ``-inf`` once ``p``
+  underflows (the spec computed ``logp`` without that ``log``);
+* ``tanh``'s ``atanh``, a square root, a new power in a denominator.
+
+So every *risky* atom of a rewritten gradient (a transcendental function, a root, a negative
+power, applied to a tensor quantity) must be one the spec's path already has: the same function
+applied to the same value. The value is compared with the forward nodes inlined (``t2`` of
+``t2 = 1 + exp(x)`` reads as ``1 + exp(x)``), but the function itself is not evaluated
+(``log(p)`` is not ``logp``: the spec never took that logarithm). The spec's path is the forward
+pass and the unsimplified gradient (the derivative of ``log(u)`` divides by ``u``, as autograd does).
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.core.function import AppliedUndef
+
+from .elements import Elements
+from .functions import Relu, Step
+from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, substitute_family
+
+# functions that are exact on every float (a sign, a mask, a maximum): never a risk
+SAFE = (Relu, Step, sp.Abs, sp.sign, sp.KroneckerDelta, IsArgmax, Red, Max, AxisSum, AxisMax, sp.Piecewise)
+
+
+def risky_atoms(expr: sp.Expr, full: frozenset | None = None) -> list[sp.Expr]:
+    """Function applications and negative or fractional powers of tensor values in ``expr``; with
+    ``full`` (the indices of a full-size element), only those of full-size values: a per-row or
+    per-column statistic is left to the cost and the battery (``(bnvar + eps)**-1/2`` is cheap)."""
+    def counts(arg):
+        return bool(arg.atoms(sp.Indexed)) and (full is None or full <= arg.free_symbols)
+
+    out = []
+    for a in sp.preorder_traversal(expr):
+        if isinstance(a, sp.Pow):
+            e = a.exp
+            if counts(a.base) and (not e.is_integer or e.is_negative):
+                out.append(a)
+        elif isinstance(a, sp.Function) and not isinstance(a, SAFE + (AppliedUndef,)):
+            if any(counts(arg) for arg in a.args):
+                out.append(a)
+    return out
+
+
+class Path:
+    """The risky atoms of the spec's own path, as (function, value of its argument) pairs."""
+
+    def __init__(self, el: Elements, gradient: sp.Expr):
+        self.el = el
+        self._inlined: dict = {}
+        # inputs and opaque nodes stay as they are; every other node reads as its definition
+        self.inline = [n for n in reversed(el.graph.nodes) if n.op not in ("input", "labels") and n not in el.opaque]
+        # a full-size element: one of the largest inputs' (every index a value can vary along)
+        tensors = [el.graph.inputs[name] for name in el.graph.layer.tensors]
+        largest = max(tensors, key=lambda node: sum(1 for s in node.shape if s != 1))
+        self.full = frozenset(i for i in el.free(largest) if i != 0)
+        sources = [gradient] + [el.nf[n] for n in el.graph.nodes] + [el.definition[n] for n in el.opaque]
+        self.allowed = {self.signature(a) for s in sources for a in risky_atoms(s)}
+
+    def value(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with every non-opaque forward node replaced by its definition."""
+        if expr not in self._inlined:
+            out = expr
+            for node in self.inline:
+                base = self.el.base(node)
+                if isinstance(base, sp.IndexedBase):
+                    if any(e.base == base for e in out.atoms(sp.Indexed)):
+                        out = substitute_family(out, base, self.el.free(node), self.el.nf[node])
+                elif base in out.free_symbols:
+                    out = out.xreplace({base: self.el.nf[node]})
+            self._inlined[expr] = out
+        return self._inlined[expr]
+
+    def signature(self, atom: sp.Expr):
+        """What ``atom`` computes: the function and the value of its argument, after inlining the
+        forward nodes (``1/t2`` with ``t2 = exp(-x)`` is ``exp(x)``). An atom that inlines to no
+        function at all undoes one (``log(p)`` with ``p = exp(logp)`` is ``logp``): it rebuilds a
+        forward value through an inverse, which is never what the spec's path computed."""
+        value = self.value(atom)
+        inlined = risky_atoms(value)
+        if not inlined or inlined[0] != value:
+            return ("rebuilt", atom)
+        if isinstance(value, sp.Pow):
+            return ("pow", value.exp, value.base)
+        return (value.func, value.args)
+
+    def new(self, expr: sp.Expr) -> list[sp.Expr]:
+        """The risky atoms of ``expr`` that the spec's path does not have."""
+        return [a for a in risky_atoms(expr, self.full) if self.signature(a) not in self.allowed]
+
+
+__all__ = ["Path", "risky_atoms"]

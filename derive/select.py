@@ -1,0 +1,157 @@
+"""Choose the form of a layer's kernel: the proof says a formula is equal, the battery says it is usable.
+
+1. The most folded fused formula (``kernel.build``): every refold rewrite the cost model takes.
+2. Its generated module runs through the numerical battery (``battery.run``). For each gradient
+   that fails, the last rewrite its refold took is forbidden and the kernel is built again: the
+   refold then takes the next best rewrite, or stops a step earlier (a less folded form). After
+   ``MAX_ATTEMPTS - 1`` such steps a gradient that still fails is tried unfolded (no rewrite).
+3. When the output fails (the fused forward rounds worse than the spec's), when a failing gradient
+   has no rewrite left to undo, or when the fused engine cannot derive the layer at all, the
+   kernel is the step-by-step backward, which replays autograd's own operations.
+
+So a kernel worse than autograd through its spec is never written; the choice and the reason for
+it are reported per layer.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import battery
+from .errors import DerivationError, DeriveError
+from .kernel import Kernel, build, build_cached
+from .simplify import EVERY_REWRITE
+from .memo import ByObject
+from .spec import Layer
+
+MAX_ATTEMPTS = 4  # fused forms tried by undoing rewrites, before the unfolded form and the step-by-step backward
+
+
+@dataclass
+class Choice:
+    layer: Layer
+    kernel: Kernel | None  # the fused kernel chosen; None: the step-by-step backward is the kernel
+    verdict: battery.Verdict | None = None
+    reason: str = ""  # why the step-by-step backward, or which rewrites were undone
+    undone: list[str] = field(default_factory=list)  # "dx: bnraw for x", one per rewrite undone
+
+    @property
+    def fused(self) -> bool:
+        return self.kernel is not None
+
+    def summary(self) -> str:
+        """The report's words for the form chosen."""
+        if not self.fused:
+            return f"step-by-step kernel: {self.reason}"
+        checked = f"battery passed ({len(self.verdict.settings)} draws)" if self.verdict else "battery not run"
+        if self.undone:
+            return f"fused, {checked} after undoing {len(self.undone)} rewrite(s) ({'; '.join(self.undone)})"
+        return f"fused, {checked}"
+
+
+def _module_function(kernel: Kernel, folder: Path):
+    from .codegen import render_function
+    from .verify import load_module
+
+    path = folder / f"{kernel.name}.py"
+    path.write_text(render_function(kernel))
+    return getattr(load_module(path), kernel.name)
+
+
+def check(kernel: Kernel, draws: list | None = None) -> battery.Verdict:
+    """The numerical battery of ``kernel``'s generated module, single-threaded (deterministic)."""
+    layer = kernel.layer
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
+            fn = _module_function(kernel, Path(folder))
+            sizes = battery.battery_sizes(layer)
+            return battery.run(layer, fn, sizes, draws=draws, slack=battery.CHOOSE_SLACK)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def choose(layer: Layer, fused_only: bool = False) -> Choice:
+    """The kernel ``layer`` gets (see the module docstring); ``fused_only`` raises instead of
+    falling back to the step-by-step backward."""
+    if not layer.fused:
+        if fused_only:
+            raise DerivationError(layer.name, "the layer is declared step-by-step only (fused = False)",
+                                  "remove `fused = False` from the spec, or drop --fused-only")
+        return Choice(layer, None, reason="declared step-by-step only (fused = False)")
+    try:
+        kernel = build_cached(layer)
+    except DerivationError as e:
+        if fused_only:
+            raise
+        return Choice(layer, None, reason=f"the fused engine cannot derive it: {_one_line(e)}")
+    except DeriveError:  # the spec's own mistake (it cannot be traced): one line for the user, no fallback
+        raise
+    except Exception as e:  # a fault of the fused engine: the layer still gets a kernel, and the report says why
+        if fused_only:
+            raise
+        return Choice(layer, None, reason=f"the fused engine failed ({type(e).__name__}: {_one_line(e)}); "
+                                          f"report this as a bug")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        draws = battery.settings(layer, battery.battery_sizes(layer))
+    finally:
+        torch.set_num_threads(threads)
+    forbidden: dict[str, frozenset] = {}
+    undone: list[str] = []
+    for attempt in range(MAX_ATTEMPTS + 1):
+        verdict = check(kernel, draws)
+        if verdict.passed:
+            return Choice(layer, kernel, verdict, undone=undone)
+        formulas = {f"d{f.input}": f for f in kernel.formulas}
+        failing = list(dict.fromkeys(f.value for f in verdict.findings))
+        if attempt == MAX_ATTEMPTS or any(v not in formulas or not formulas[v].rewrites for v in failing):
+            break
+        for value in failing:
+            formula = formulas[value]
+            if attempt == MAX_ATTEMPTS - 1:  # the last try: the gradient as differentiated, no rewrite at all
+                forbidden[formula.input] = frozenset({EVERY_REWRITE})
+                undone.append(f"{value}: every rewrite")
+                continue
+            last = formula.rewrites[-1]
+            forbidden[formula.input] = forbidden.get(formula.input, frozenset()) | {(last.node.name,
+                                                                                      last.variable.name)}
+            undone.append(f"{value}: {last.node.name} for {last.variable.name}")
+        kernel = build(layer, forbidden)
+    finding = verdict.findings[0]
+    if fused_only:
+        raise DerivationError(layer.name, f"every fused form fails the numerical battery ({finding})",
+                              "drop --fused-only to get the step-by-step backward as the kernel")
+    return Choice(layer, None, verdict, reason=f"the fused form fails the numerical battery: {finding}")
+
+
+_CHOSEN = {False: ByObject(maxsize=32), True: ByObject(maxsize=32)}
+
+
+def chosen(layer: Layer, fused_only: bool = False) -> Choice:
+    """``choose(layer)``, once per layer object in this process (of the latest 32)."""
+    return _CHOSEN[fused_only].get(layer, lambda layer: choose(layer, fused_only))
+
+
+def fused_kernel(layer: Layer) -> Kernel | None:
+    """The fused kernel ``layer`` gets, or None where its kernel is the step-by-step backward."""
+    return chosen(layer).kernel
+
+
+def has_fused_kernel(layer: Layer) -> bool:
+    """Whether ``layer``'s backward is a fused kernel, so that a spec calling it uses that kernel
+    (declared fused, and a fused form passed its checks); otherwise its operations are walked
+    step by step like the caller's own."""
+    return layer.fused and fused_kernel(layer) is not None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+__all__ = ["Choice", "choose", "chosen", "check", "fused_kernel", "has_fused_kernel"]

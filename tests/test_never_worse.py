@@ -1,0 +1,203 @@
+"""A generated kernel is never worse than autograd through its own spec: the numerical battery
+(float32 and float64, scaled, shifted and saturating inputs) chooses the form, and a form that fails
+it is never written."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from derive import battery
+from derive.cli import main
+from derive.generate import render
+from derive.kernel import build_cached
+from derive.layers import by_name, from_file
+from derive.select import check, chosen
+from derive.verify import against_autograd, load_module, table
+
+SPECS = Path(__file__).resolve().parent / "specs" / "textbook_layers.py"
+LAYERS = {layer.name: layer for layer in from_file(str(SPECS))}
+
+
+def kernel_module(layer, folder: Path):
+    """The kernel ``derive generate`` writes for ``layer`` (fused or step-by-step), imported."""
+    path = folder / f"{layer.name}.py"
+    path.write_text(render(layer)[f"{layer.name}.py"])
+    return getattr(load_module(path), layer.name)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_the_written_kernel_passes_the_battery_at_other_inputs(name, tmp_path):
+    """The form chosen with one draw of inputs holds for another (seed, sizes), and it matches
+    autograd through the spec in float64 at odd sizes."""
+    layer = LAYERS[name]
+    fn = kernel_module(layer, tmp_path)
+    sizes = {d: 48 if k == 0 else 9 + 2 * k for k, d in enumerate(layer.dims)}
+    torch.set_num_threads(1)
+    verdict = battery.run(layer, fn, sizes, seed=5)
+    assert verdict.passed, "\n".join(map(str, verdict.findings[:3]))
+    rows = against_autograd(layer, fn, {d: 5 + 2 * k for k, d in enumerate(layer.dims)}, torch.float64, seed=2)
+    assert all(r.approximate for r in rows), table(rows)
+
+
+@pytest.mark.parametrize("name, value", [("softplus_formula", "dx"), ("sigmoid_formula", "dx"), ("tanh_formula", "dx")])
+def test_a_most_folded_form_that_fails_is_not_written(name, value):
+    """Each of these refolds to a formula the battery rejects (``1 - 1/t`` where ``t`` rounds to 1,
+    a square in a denominator, a rebuilt input): the written kernel is another form."""
+    layer = LAYERS[name]
+    folded = check(build_cached(layer))
+    assert not folded.passed and value in {f.value for f in folded.findings}
+    choice = chosen(layer)
+    assert choice.kernel is not build_cached(layer)
+    assert choice.fused is False or choice.verdict.passed
+
+
+def test_a_sum_of_differences_stays_one_sum(tmp_path):
+    """``a * tanh(x * s)``: ds is one sum of ``(1 - t**2)*dout*x`` (not the difference of two large
+    sums the normal form splits it into), and tanh is saved by the forward, not computed again."""
+    layer = LAYERS["scaled_tanh"]
+    choice = chosen(layer)
+    assert choice.fused and not choice.undone
+    ds = next(f for f in choice.kernel.formulas if f.input == "s")
+    assert ds.code.count(".sum(") == 1, ds.code
+    source = render(layer)["scaled_tanh.py"]
+    backward = source[source.index("def _backward"):source.index("_kernels = ")]
+    assert "torch.tanh" not in backward
+    torch.set_num_threads(1)
+    setting = battery.Setting("N(0, 1) x 100", 100.0, False, torch.float32)
+    verdict = battery.run(layer, kernel_module(layer, tmp_path), {"n": 256, "d": 16}, draws=[setting])
+    assert verdict.passed, verdict.findings
+
+
+def test_nested_tanh_is_a_product_of_factors():
+    """``tanh(tanh(x))``: the derivative is printed as the product of the two chain-rule factors,
+    each read from a saved value, not their expanded product."""
+    choice = chosen(LAYERS["tanh_of_tanh"])
+    assert choice.fused
+    (dx,) = choice.kernel.formulas
+    assert "torch.tanh" not in dx.code and dx.code.count("*") >= 4 and "+ 1" in dx.code
+
+
+def test_cross_entropy_loss_at_large_offsets_is_as_accurate_as_native():
+    """The fused loss cancels each picked logit against its row maximum before adding the log of
+    the sum: at logit offsets up to 1e6 its float32 error is within 4x that of F.cross_entropy."""
+    from generated.cross_entropy import cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 27, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 27, (64,), generator=g)
+    for offset in (0.0, 1e3, 1e5, 1e6):
+        x = (logits + offset).float()
+        exact = F.cross_entropy(x.double(), y)
+        ours = abs(float(cross_entropy(x, y).double() - exact))
+        native = abs(float(F.cross_entropy(x, y).double() - exact))
+        assert ours <= 4 * native + 4 * torch.finfo(torch.float32).eps * abs(float(exact)), (offset, ours, native)
+
+
+class _Softplus(torch.autograd.Function):
+    """A softplus whose backward is ``1 - 1/(1 + exp(x))``: exact, and 0 where ``exp(x)`` is below
+    float32's resolution next to 1 (autograd's ``exp(x)/(1 + exp(x))`` is not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        t = 1 + torch.exp(x)
+        ctx.save_for_backward(t)
+        return torch.log(t)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (t,) = ctx.saved_tensors
+        return (1 - 1 / t) * dout
+
+
+class _SoftplusBySigmoid(_Softplus):
+    """The same forward, with the derivative ``sigmoid(x)``: accurate on both sides."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.log(1 + torch.exp(x))
+
+    @staticmethod
+    def backward(ctx, dout):
+        (x,) = ctx.saved_tensors
+        return torch.sigmoid(x) * dout
+
+
+def test_the_battery_fails_a_kernel_that_loses_digits_and_passes_a_correct_one():
+    layer = LAYERS["softplus_formula"]
+    torch.set_num_threads(1)
+    sizes = battery.battery_sizes(layer)
+    bad = battery.run(layer, lambda x: _Softplus.apply(x), sizes)
+    assert not bad.passed and any("negative inputs" in f.setting.label for f in bad.findings)
+    good = battery.run(layer, lambda x: _SoftplusBySigmoid.apply(x), sizes)
+    assert good.passed, good.findings[:2]
+
+
+def test_the_battery_fails_a_kernel_that_is_not_finite_where_autograd_is():
+    layer = LAYERS["softmax_no_shift"]
+
+    def overflowing(x):  # the softmax written with the square of the sum: overflows at x ~ 45
+        class F_(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                e = torch.exp(x)
+                s = e.sum(1, keepdim=True)
+                ctx.save_for_backward(e, s)
+                return e / s
+
+            @staticmethod
+            def backward(ctx, dout):
+                e, s = ctx.saved_tensors
+                return dout * e / s - e * (dout * e).sum(1, keepdim=True) / s**2
+        return F_.apply(x)
+
+    torch.set_num_threads(1)
+    verdict = battery.run(layer, overflowing, battery.battery_sizes(layer))
+    assert any("not finite" in f.problem for f in verdict.findings), verdict.findings[:3]
+
+
+def test_the_saturating_draws_are_read_off_the_spec():
+    """One draw per saturating call and target size: tanh's arguments reach 6, 20 and 100."""
+    layer = LAYERS["tanh_of_tanh"]
+    draws = battery.settings(layer, battery.battery_sizes(layer))
+    labels = [d.label for d in draws if d.dtype == torch.float32 and d.banded]
+    assert any("tanh call 1 at argument size 6 " in label for label in labels)
+    assert any("tanh call 1 at argument size 100 " in label for label in labels)
+    with_tanh = next(d for d in draws if "tanh call 1 at argument size 20 (random" in d.label)
+    x = with_tanh.inputs(layer, battery.battery_sizes(layer), 0)["x"]
+    assert 20 / 2 < float(x.abs().median()) < 20 * 2
+
+
+def spec_with(folder: Path, *names: str) -> Path:
+    """A spec file holding the named layers of the textbook specs (their imports included)."""
+    head, *blocks = SPECS.read_text().split("\n\n\n@layer")
+    picked = [b for b in blocks if any(f"def {name}(" in b for name in names)]
+    path = folder / "picked.py"
+    path.write_text(head + "".join("\n\n\n@layer" + b for b in picked) + "\n")
+    return path
+
+
+def test_generate_reports_the_form_and_the_battery(tmp_path, capsys):
+    spec = spec_with(tmp_path, "softplus_formula", "scaled_tanh")
+    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "kernel" in out.splitlines()[0] and "battery" in out.splitlines()[0]
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line and not line.startswith(("note", "done"))}
+    assert set(rows) == {"softplus_formula", "scaled_tanh"}
+    assert " fused " in rows["scaled_tanh"] and "passed" in rows["scaled_tanh"]
+    assert "note: softplus_formula: fused, battery passed" in out and "after undoing" in out
+
+
+def test_a_layer_with_no_passing_fused_form_gets_the_step_by_step_kernel(tmp_path, capsys):
+    spec = spec_with(tmp_path, "tanh_formula")
+    out = tmp_path / "out"
+    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "step-by-step" in text and "fails the numerical battery" in text
+    module = (out / "tanh_formula.py").read_text()
+    assert "Its kernel is the step-by-step backward" in module and "class TanhFormulaFunction" in module
+    assert not (out / "derivations" / "tanh_formula.md").exists()
+    assert main(["generate", "--no-prove", "--fused-only", "--force", "--layer", str(spec), "--out", str(out)]) == 2
+    assert "every fused form fails the numerical battery" in capsys.readouterr().err
