@@ -424,8 +424,14 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     replacements = [(fresh[s], v.xreplace(fresh)) for s, v in replacements]
     reduced = [spread_means(r.xreplace(fresh)) for r in reduced]
 
+    # saved softmax values (in the names printed) and the stored axis each normalizes
+    softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
+                 if n.op == "softmax" and len(n.attrs["axes"]) == 1}
+
     def printer():
-        return KernelPrinter(Frame(frame), shapes, names, dtype_of, views)
+        p = KernelPrinter(Frame(frame), shapes, names, dtype_of, views)
+        p.softmaxes = softmaxes
+        return p
 
     shared = []
     for symbol, value in replacements:

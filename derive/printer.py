@@ -70,6 +70,9 @@ class KernelPrinter(TorchPrinter):
         self.dtype_of = dtype_of
         self.shapes = shapes  # tensor name -> its shape in sizes (1 for kept axes)
         self.names = names  # size symbol -> its variable in the generated code
+        # saved softmax values -> the stored axis they normalize: the chain rule through one
+        # prints as torch's own softmax backward (``_softmax_backward``)
+        self.softmaxes: dict[str, int] = {}
 
     # -- scalars ----------------------------------------------------------------------------
     def _print(self, expr, **kwargs):
@@ -111,6 +114,7 @@ class KernelPrinter(TorchPrinter):
         keep the frame's rank where this one's do)."""
         inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of, self.views)
         inner.full_rank = self.full_rank
+        inner.softmaxes = self.softmaxes
         return inner
 
     def _print_Indexed(self, expr):
@@ -390,7 +394,40 @@ class KernelPrinter(TorchPrinter):
             return f"torch.logsumexp({text}, {where}, keepdim=True)"
         return f"{text}.{method}({where}, keepdim=True)"
 
+    def _softmax_backward(self, expr) -> str | None:
+        """``s*(a - sum_j a*s)`` with ``s`` a saved softmax along ``j``'s axis and ``a`` a tensor of
+        its layout: the chain rule through the softmax, printed as torch's own kernel for it
+        (``torch._softmax_backward_data``), which rounds as autograd through the spec does
+        (its row sum accumulates as the softmax's own backward does, not as ``.sum``). None for
+        anything else."""
+        factors = sp.Mul.make_args(expr)
+        coeff = sp.Mul(*[f for f in factors if f.is_number])
+        rest = [f for f in factors if not f.is_number]
+        if len(rest) != 2 or not self.softmaxes:
+            return None
+        s = next((f for f in rest if isinstance(f, sp.Indexed) and str(f.base) in self.softmaxes), None)
+        add = next((f for f in rest if isinstance(f, sp.Add)), None)
+        if s is None or add is None or len(add.args) != 2 or len(set(s.indices)) != len(s.indices) \
+                or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in s.indices):
+            return None
+        axis = self.softmaxes[str(s.base)]
+        a = next((t for t in add.args if isinstance(t, sp.Indexed)), None)
+        total = next((-t for t in add.args if (-t).func is Red), None)
+        if a is None or total is None or a.indices != s.indices or str(a.base) not in self.shapes \
+                or str(a.base) in self.views or str(s.base) in self.views \
+                or tuple(self.shapes[str(a.base)]) != tuple(self.shapes[str(s.base)]):
+            return None
+        j, own = total.index, s.indices[axis]
+        if extent(j) != extent(own) or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
+            return None
+        code = f"torch._softmax_backward_data({a.base}, {s.base}, {axis}, {a.base}.dtype)"
+        code = self._layout(code, tuple(extent(i) for i in s.indices), [self.frame.slots[i] for i in s.indices])
+        return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
+
     def _print_Mul(self, expr):
+        softmax = self._softmax_backward(expr)
+        if softmax is not None:
+            return softmax
         # a sum divided by the number of its terms reads as the mean it is
         factors = list(expr.args)
         for r in factors:

@@ -241,9 +241,11 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
         if _clash(dim):
             refuse(f"the dimension name {dim!r} {_clash(dim)} (generated code keeps each size in a variable "
                    f"of its dimension's name)", f"rename the dimension {dim!r} in the declaration")
-        if dim in inputs:
-            what = "a Constant" if isinstance(inputs[dim], Constant) else "an input"
-            refuse(f"the dimension name {dim!r} is also the name of {what} (generated code keeps each size in "
+        # a dimension named like an input tensor (``h`` of an RNN's hidden state ``h``) is fine: its
+        # size's variable is renamed in the generated code (forward.size_names); a Constant is a
+        # number of the derivation itself, and one symbol cannot be both
+        if dim in inputs and isinstance(inputs[dim], Constant):
+            refuse(f"the dimension name {dim!r} is also the name of a Constant (generated code keeps each size in "
                    f"a variable of its dimension's name)", f"rename the dimension {dim!r} in the declaration")
     if not any(isinstance(d, Tensor) and d.differentiable for d in inputs.values()):
         refuse("no differentiable input", "declare at least one Tensor(...)")
