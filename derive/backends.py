@@ -160,6 +160,17 @@ class CodeOps:
         x, y = Code.lift(x), Code.lift(y)
         return Code(f"torch.where({mask}, {x}, {y})")
 
+    def split_at_ties(self, grad, a, b, op: str):
+        """The gradients of ``a`` and ``b`` through ``maximum`` (``op`` ``"gt"``) or ``minimum``
+        (``"lt"``): ``grad`` to the one that wins, half of it to each at a tie, as autograd splits
+        it: ``(where(a > b, g, 0) + where(a >= b, g, 0)) / 2``."""
+        other = {"gt": "lt", "lt": "gt"}[op]
+
+        def half(strict):
+            loose = strict[0] + "e"
+            return (self.select(self.compare(strict, a, b), grad, 0) + self.select(self.compare(loose, a, b), grad, 0)) / 2
+        return half(op), half(other)
+
     def one_hot(self, labels, table):
         return Code(f"F.one_hot({labels}, {table}.shape[1]).to({table}.dtype)")
 
@@ -311,6 +322,11 @@ class ArrayOps:
 
     def select(self, mask, x, y):
         return mask * x + (1 - mask) * y  # finite values only: the arithmetic is exact
+
+    def split_at_ties(self, grad, a, b, op: str):
+        """A tie has measure zero in the exact check: ``grad`` to the one that wins."""
+        wins = self.compare(op, a, b)
+        return self.select(wins, grad, 0), self.select(wins, 0, grad)
 
     def one_hot(self, labels, table):
         out = np.full(table.shape, sp.S.Zero, dtype=object)

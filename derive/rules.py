@@ -138,16 +138,15 @@ def _where(ops, grad, result, mask, a, b):
     return None, ops.select(mask, grad, 0), ops.select(mask, 0, grad)
 
 
+# the operand that wins gets the gradient, each half of it at a tie (as autograd splits it)
 @rule("maximum", broadcasts=True)
 def _maximum(ops, grad, result, a, b):
-    larger = ops.compare("gt", a, b)
-    return ops.select(larger, grad, 0), ops.select(larger, 0, grad)
+    return ops.split_at_ties(grad, a, b, "gt")
 
 
 @rule("minimum", broadcasts=True)
 def _minimum(ops, grad, result, a, b):
-    smaller = ops.compare("lt", a, b)
-    return ops.select(smaller, grad, 0), ops.select(smaller, 0, grad)
+    return ops.split_at_ties(grad, a, b, "lt")
 
 
 def _no_gradient(ops, grad, result, *operands, **attrs):
