@@ -404,8 +404,8 @@ class Elements:
             return over(value, bound, largest)
         for j in bound:
             value = total(value, j)
-            if node.op == "mean":
-                value = value / extent(j)
+        if node.op == "mean":  # the sum over every axis divided once, as torch's mean divides
+            value = value / sp.Mul(*[extent(j) for j in bound])
         return value
 
     # -- recognition of reductions -----------------------------------------------------------

@@ -17,6 +17,28 @@ from .errors import DerivationError
 from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, extent
 
 
+def _is_indicator(expr: sp.Expr) -> bool:
+    """A function of label-against-value comparisons only (``1 - KroneckerDelta(c, y[i])``): a mask."""
+    deltas = [d for d in expr.atoms(sp.KroneckerDelta) if not any(isinstance(a, sp.Idx) for a in d.args)]
+    if not deltas:
+        return False
+    inside = set().union(*[d.free_symbols for d in deltas])
+    return expr.free_symbols <= inside and not expr.atoms(Red)
+
+
+def _masked_count_factor(expr: sp.Mul):
+    """The mask factor of a product ``mask_i * .../count`` whose divisor counts masked rows (a sum of
+    the same kind of comparison), else None."""
+    mask = next((f for f in expr.args if _is_indicator(f)), None)
+    if mask is None:
+        return None
+    for f in expr.args:
+        if isinstance(f, sp.Pow) and f.exp.is_negative and any(
+                any(_is_indicator(d) for d in r.body.atoms(sp.KroneckerDelta)) for r in f.base.atoms(Red)):
+            return mask
+    return None
+
+
 class Frame:
     """The axes a printed expression is laid out on, and which index lives on which axis.
 
@@ -373,7 +395,7 @@ class KernelPrinter(TorchPrinter):
             source = f"{_wrap(values)}.expand({', '.join(sizes)}).reshape(-1{''.join(', ' + x for x in kept)})"
             shape = (extent(row), *[extent(i) for i in others])
             zeros = f"{self.dtype_of}.new_zeros(({', '.join(self._print(x) for x in shape)}{',' if len(shape) == 1 else ''}))"
-            code = f"{zeros}.index_add_(0, {labels.base}.reshape(-1), {source})"
+            code = f"{zeros}.index_add(0, {labels.base}.reshape(-1), {source})"  # out of place: vmap batches it
             return self._layout(code, shape, [self.frame.slots[row]] + [self.frame.slots[i] for i in others])
         return None
 
@@ -428,6 +450,14 @@ class KernelPrinter(TorchPrinter):
         softmax = self._softmax_backward(expr)
         if softmax is not None:
             return softmax
+        indicator = _masked_count_factor(expr)
+        if indicator is not None:
+            # a row a mask leaves out gets exactly 0, also when the mask leaves out every row and its
+            # count is 0 (0/0): the mean over no rows contributes nothing, as in torch's own losses
+            return f"torch.where({self._print(indicator)} != 0, {self._print_product(expr)}, 0)"
+        return self._print_product(expr)
+
+    def _print_product(self, expr):
         # a sum divided by the number of its terms reads as the mean it is
         factors = list(expr.args)
         for r in factors:
@@ -454,7 +484,7 @@ class KernelPrinter(TorchPrinter):
         return super()._print_Mul(expr)
 
     def _print_Add(self, expr, order=None):
-        """Positive terms first, so a difference reads ``probs - F.one_hot(y, k)``."""
+        """Positive terms first, so a difference reads ``probs - onehot``."""
         return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign()))
 
     def _add_terms(self, terms: list) -> str:
@@ -480,10 +510,12 @@ class KernelPrinter(TorchPrinter):
             raise DerivationError("", f"{expr} compares two positions", "only label one-hots are vectorized")
         labels_axes = [self.frame.slots[i] for i in b.indices if isinstance(i, sp.Idx)]
         axis = self.frame.slots[a]
-        code = f"F.one_hot({b.base}, {self._print(extent(a))})"
+        name = str(b.base)
+        # a comparison, not F.one_hot: torch.func.vmap cannot batch F.one_hot's check of the values
+        code = f"({name}.unsqueeze(-1) == torch.arange({self._print(extent(a))}, device={name}.device))"
         if self.dtype_of:
             code += f".to({self.dtype_of}.dtype)"
-        shape = tuple(s for s, i in zip(self.shapes[str(b.base)], b.indices)) + (extent(a),)
+        shape = tuple(s for s, i in zip(self.shapes[name], b.indices)) + (extent(a),)
         return self._layout(code, shape, labels_axes + [axis])
 
     def _print_Sigmoid(self, expr):
@@ -654,41 +686,7 @@ class ForwardPrinter(KernelPrinter):
         contraction = self._contraction(body, set(bound))
         if contraction is not None:
             return contraction
-        whole = self._sum_at_once(expr)
-        return whole if whole is not None else self._reduce(expr, "sum")
-
-    def _sum_at_once(self, expr) -> str | None:
-        """A sum over several axes (a mean over every entry, ``v.mean()``, is one in its normal form:
-        ``sum_k (sum_n v/n)/k``) as one reduction over all of them, its sizes divided once
-        (``v.sum((0, 1), keepdim=True)/(k*n)``), as torch sums and autograd's spec rounds; summed
-        one axis at a time, each partial sum divided, it rounds up to twice as far. None for a sum
-        over one axis or one this frame cannot lay out."""
-        bound, body, scale = [], expr, []
-        while True:
-            if isinstance(body, AxisSum):
-                bound.append(body.index)
-                body = body.body
-                continue
-            inner = [f for f in sp.Mul.make_args(body) if isinstance(f, AxisSum)]
-            rest = [f for f in sp.Mul.make_args(body) if not isinstance(f, AxisSum)]
-            if bound and isinstance(body, sp.Mul) and len(inner) == 1 and \
-                    all(_is_scalar_factor(f, self.shapes) for f in rest):
-                scale += rest
-                body = inner[0]
-                continue
-            break
-        if len(bound) < 2:
-            return None
-        frame, axes = self.frame, []
-        try:
-            for j in bound:
-                frame, axis = frame.with_bound(j, body)
-                axes.append(axis)
-        except DerivationError:
-            return None
-        if len(set(axes)) < len(axes) or not all(self._varies_along(body, j, a) for j, a in zip(bound, axes)):
-            return None
-        return self._scaled(self._reduce_body(self._inner(frame), body, axes, "sum"), scale)
+        return self._reduce(expr, "sum")
 
     def _print_AxisMax(self, expr):
         return self._reduce(expr, "amax")
