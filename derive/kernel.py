@@ -144,7 +144,7 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) ->
             checks.append(Check(f"not {k} > 0", f"f\"{name}: {k} is declared positive, got {{{k}!r}}\""))
     for divisor in sorted(divisors, key=sp.default_sort_key):
         text = sp.sstr(divisor)
-        checks.append(Check(f"{text} == 0",
+        checks.append(Check(f"{text} == 0", kind="size", message=
                             f"f\"{name}: the formula divides by {text}, which is 0 for these sizes "
                             f"({', '.join(f'{s}={{{s}}}' for s in sorted(map(str, divisor.free_symbols)))}); "
                             f"use larger sizes (for example a batch of at least 2 rows)\""))

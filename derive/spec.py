@@ -10,7 +10,9 @@ Contract for a spec::
 * every parameter of the function is declared, and every declaration names a parameter;
 * ``Tensor(*dims)`` is a floating-point input; dims are names, the same name means the same size,
   a product of names (``"t*e"``) is the size of a flattened axis, ``"1"`` an axis of size 1; ``differentiable=False
-  excludes it from the backward;
+  excludes it from the backward; ``batch="n"`` declares ``n`` the batch axis, split across the ranks of a
+  process group in data-parallel training (the generator then also writes ``<name>_synced.py``, whose
+  sums over that axis run over every rank: ``derive/synced.py``);
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
 * ``Constant(default)`` is a Python number fixed for the call, real and of either sign;
   ``Constant(1e-5, positive=True)`` declares it positive (``eps``), which the derivation may then use;
@@ -36,10 +38,12 @@ from .errors import SpecError
 class Tensor:
     dims: tuple[str, ...]
     differentiable: bool = True
+    batch: str | None = None  # the dimension split across ranks in data-parallel training
 
-    def __init__(self, *dims: str, differentiable: bool = True):
+    def __init__(self, *dims: str, differentiable: bool = True, batch: str | None = None):
         object.__setattr__(self, "dims", tuple(dims))
         object.__setattr__(self, "differentiable", differentiable)
+        object.__setattr__(self, "batch", batch)
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,11 @@ class Layer:
         return [k for k, v in self.inputs.items() if isinstance(v, Tensor) and v.differentiable]
 
     @property
+    def batch(self) -> str | None:
+        """The dimension declared the batch axis (``Tensor(..., batch="n")``), or None."""
+        return next((d.batch for d in self.inputs.values() if isinstance(d, Tensor) and d.batch), None)
+
+    @property
     def dims(self) -> list[str]:
         """Every dimension name, in order of first appearance (labels' class counts included)."""
         seen: list[str] = []
@@ -210,6 +219,10 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
             if len(set(decl.dims)) != len(decl.dims):
                 refuse(f"input {p!r} uses a dimension name twice: {decl.dims!r}",
                        "give every axis of one tensor its own dimension name")
+            batch = getattr(decl, "batch", None)
+            if batch is not None and (batch not in decl.dims or dim_names(batch) != [batch]):
+                refuse(f"input {p!r} declares batch={batch!r}, which is not one of its dimensions {decl.dims!r}",
+                       f"name one of its own axes, e.g. batch={decl.dims[0]!r}")
             if isinstance(decl, Labels) and not (isinstance(decl.classes, str) and DIM.match(decl.classes)
                                                  and decl.classes != "1"):
                 refuse(f"input {p!r} has classes={decl.classes!r}", "name the number of classes, e.g. classes='k'")
@@ -228,6 +241,10 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
             what = "a Constant" if isinstance(inputs[dim], Constant) else "an input"
             refuse(f"the dimension name {dim!r} is also the name of {what} (generated code keeps each size in "
                    f"a variable of its dimension's name)", f"rename the dimension {dim!r} in the declaration")
+    batches = sorted({d.batch for d in inputs.values() if isinstance(d, Tensor) and d.batch})
+    if len(batches) > 1:
+        refuse(f"inputs declare different batch axes: {', '.join(map(repr, batches))}",
+               "declare one dimension the batch axis (the same batch= on every input that says it)")
     if not any(isinstance(d, Tensor) and d.differentiable for d in inputs.values()):
         refuse("no differentiable input", "declare at least one Tensor(...)")
 
