@@ -157,3 +157,14 @@ def test_synced_layer_outside_a_process_group_is_one_line():
         batchnorm_synced(x, torch.ones(3), torch.zeros(3))
     message = str(error.value)
     assert "\n" not in message and "init_process_group" in message and message.startswith("batchnorm_synced:")
+
+
+def test_train_makemore_on_two_ranks_matches_one_process():
+    """``train_makemore.py --ranks 2``, shortened: DDP with the synced batchnorm on 2 ranks, each
+    with half of every batch, against one process on the same batches (float64)."""
+    train = _train_module()
+    words = (ROOT.parent / "shared" / "data" / "names.txt").read_text().splitlines()[:2000]
+    stoi, ((Xtr, Ytr), _, _) = train.splits(words, 3)
+    params = train.init_parameters(len(stoi), 10, 16, 3, torch.Generator().manual_seed(2147483647), torch.float64)
+    difference, _, _ = train.ranks_check(params, Xtr, Ytr, 20, 32, 100_000, 2)
+    assert difference < 1e-12
