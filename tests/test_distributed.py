@@ -32,6 +32,13 @@ def _train_module():
     return module
 
 
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_synced", ROOT / "scripts" / "bench_synced.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _inputs(shape, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1
@@ -90,6 +97,11 @@ def _checks(rank, world):
         finally:
             dist.all_reduce = all_reduce
         out[name] = y.detach(), x.grad, gamma.grad, beta.grad, list(calls)
+        if name == "batchnorm_biased":  # nn.SyncBatchNorm's own Function on the same rows
+            x2, gamma2, beta2 = (t.detach().clone().requires_grad_(True) for t in (x, gamma, beta))
+            y2 = _bench_module().sync_batchnorm(x2, gamma2, beta2)
+            y2.backward(dout[start:start + ROWS[rank]])
+            out["SyncBatchNorm"] = y2.detach(), x2.grad, gamma2.grad, beta2.grad
     return out
 
 
@@ -136,6 +148,14 @@ def test_synced_layer_on_two_ranks_is_one_process_on_the_whole_batch(ranks, name
     torch.testing.assert_close(dbetas[0] + dbetas[1], beta.grad, **close)
     # and a share alone is not the whole (the test could tell a rank that summed everything)
     assert (dgammas[0] - gamma.grad).abs().max() > 1e-6
+
+
+def test_synced_biased_batchnorm_is_sync_batchnorm(ranks):
+    """Against ``nn.SyncBatchNorm``'s autograd Function (its collectives; its five GPU-only per-rank
+    ops given CPU implementations, ``scripts/bench_synced.py``), rank by rank, on unequal rows."""
+    for rank in (0, 1):
+        for ours, theirs in zip(ranks[rank]["batchnorm_biased"][:4], ranks[rank]["SyncBatchNorm"]):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(SYNCED))
