@@ -188,3 +188,46 @@ def test_train_makemore_on_two_ranks_matches_one_process():
     params = train.init_parameters(len(stoi), 10, 16, 3, torch.Generator().manual_seed(2147483647), torch.float64)
     difference, _, _ = train.ranks_check(params, Xtr, Ytr, 20, 32, 100_000, 2)
     assert difference < 1e-12
+
+
+def test_batch_axis_declaration_mistakes_are_one_line():
+    from derive.errors import SpecError
+    from derive.spec import Tensor, layer
+
+    with pytest.raises(SpecError, match=r"input 'x' declares batch='m', which is not one of its dimensions"):
+        @layer(x=Tensor("n", "d", batch="m"))
+        def f(x):
+            return x.sum(0, keepdim=True)
+    with pytest.raises(SpecError, match=r"inputs declare different batch axes: 'd', 'n'"):
+        @layer(x=Tensor("n", "d", batch="n"), w=Tensor("n", "d", batch="d"))
+        def g(x, w):
+            return x * w
+
+
+def test_only_layers_that_sum_over_the_batch_axis_get_a_synced_variant(tmp_path):
+    """An activation or a row-wise norm declared with a batch axis is unchanged (its rows never
+    meet); a mean over the batch becomes the mean over every rank."""
+    from derive.kernel import build
+    from derive.spec import Tensor, layer
+    from derive.synced import build_synced, has_batch_sums
+
+    @layer(x=Tensor("n", "d", batch="n"))
+    def squash(x):
+        out = torch.tanh(x) * x
+        return out
+
+    @layer(x=Tensor("n", "d", batch="n"), w=Tensor("d"))
+    def scaled(x, w):
+        out = x * w  # dw sums over the batch: a parameter's share, reduced by data-parallel training
+        return out
+
+    @layer(pred=Tensor("n", "d", batch="n"), target=Tensor("n", "d", differentiable=False))
+    def squared_error(pred, target):
+        diff = pred - target
+        loss = (diff**2).sum() / (pred.shape[0] * pred.shape[1])
+        return loss
+
+    assert not has_batch_sums(build(squash)) and not has_batch_sums(build(scaled))
+    synced = build_synced(build(squared_error))
+    assert any("_across_ranks(" in code and "_count=n" in code for code, _ in synced.forward)
+    assert any(line.startswith("sum_") for line in synced.crossing)
