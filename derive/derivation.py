@@ -267,7 +267,21 @@ def _context(kernel: Kernel, fmt: _Format) -> dict:
                 graph=graph_context(kernel.graph, fmt), definitions=[_definition(d, kernel, p, fmt, ref) for d in definitions],
                 simplify=[_simplification(r, kernel, p, fmt, ref) for r in refolds],
                 steps_doc=(fmt.link or code)(f"{kernel.name}_steps.{'md' if fmt.link else 'tex'}"),
-                saved=", ".join(map(code, kernel.saved)), inputs=", ".join(map(code, kernel.layer.differentiable)))
+                saved=", ".join(map(code, kernel.saved)), inputs=", ".join(map(code, kernel.layer.differentiable)),
+                ranks=_ranks(kernel, fmt))
+
+
+def _ranks(kernel: Kernel, fmt: _Format) -> dict | None:
+    """The sums that cross ranks in ``<name>_synced.py`` (a declared batch axis), or None."""
+    from .synced import has_batch_sums, synced_cached
+
+    if not has_batch_sums(kernel):
+        return None
+    synced = synced_cached(kernel)
+    params = [n for n in kernel.layer.differentiable if synced.batch not in kernel.layer.tensors[n].dims]
+    return dict(batch=fmt.code(synced.batch), module=(fmt.link or fmt.code)(f"../{kernel.name}_synced.py"),
+                messages=synced.messages, code="\n".join(synced.crossing),
+                shares=", ".join(fmt.code(f"d{n}") for n in params))
 
 # -- the simplification, every rule named (explain.py) ---------------------------------------------
 def _named_node(kernel: Kernel, value: sp.Expr) -> Node:

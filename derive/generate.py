@@ -21,7 +21,7 @@ from . import cache
 from . import codegen
 from .book import index_markdown, index_specs
 from .codegen import render_function, render_steps, render_synced
-from .synced import build_synced, has_batch_sums
+from .synced import has_batch_sums, synced_cached
 from .derivation import render_markdown, render_tex
 from .derivation_steps import render_steps_markdown, render_steps_tex
 from .errors import DerivationError, DeriveError, ProofFailure
@@ -95,7 +95,7 @@ def render(layer: Layer, choice: Choice | None = None) -> dict[str, str]:
             f"derivations/{layer.name}.md": render_markdown(choice.kernel),
         }
         if has_batch_sums(choice.kernel):  # a declared batch axis the layer sums over: a variant across ranks
-            files[f"{layer.name}_synced.py"] = render_synced(build_synced(choice.kernel))
+            files[f"{layer.name}_synced.py"] = render_synced(synced_cached(choice.kernel))
     else:
         files[f"{layer.name}.py"] = render_steps(graph, choice.reason)
     return files

@@ -28,6 +28,7 @@ import sympy as sp
 from .errors import DerivationError
 from .forward_plan import Statement, _literal_values, forward_code
 from .kernel import Formula, Kernel, _shapes, _shared_names, print_formulas
+from .memo import ByObject
 from .printer import Frame, KernelPrinter
 from .symbolic import AxisMax, AxisSum, Max, Red, extent
 
@@ -75,6 +76,7 @@ class Schedule:
     def __init__(self, kernel: Kernel, index: sp.Idx, size: sp.Symbol):
         self.kernel, self.index, self.size = kernel, index, size
         self.crossing: list[tuple[str, sp.Expr]] = []  # (name, sum) in order
+        self.message_of: dict[str, int] = {}  # sum name -> the message (1, 2, ...) that carries it
         self.messages = 0
 
     def _reads_count(self, expr: sp.Expr) -> bool:
@@ -151,11 +153,20 @@ class Schedule:
             code = f"{', '.join(targets)}{',' if len(targets) == 1 else ''} = _across_ranks({', '.join(arguments)})"
             out.append(Statement(f"_message{level}", sp.Tuple(*map(sp.Symbol, targets)), code=code))
             self.messages += 1
+            self.message_of.update({name: self.messages for name in group})
         return out
 
 
 def _reads_upstream(expr: sp.Expr, upstream: str) -> bool:
     return any(str(e.base) == upstream for e in expr.atoms(sp.Indexed))
+
+
+_SYNCED = ByObject(maxsize=32)
+
+
+def synced_cached(kernel: Kernel) -> SyncedKernel:
+    """``build_synced(kernel)`` once per kernel object (its module and both documents read it)."""
+    return _SYNCED.get(kernel, build_synced)
 
 
 def build_synced(kernel: Kernel) -> SyncedKernel:
@@ -224,6 +235,8 @@ def build_synced(kernel: Kernel) -> SyncedKernel:
 
     blocks = []
     crossing = [f"{name} = {ForwardText.of(value, frame_dims, slots, shapes, names, upstream)}"
+                f"  # forward, message {schedule.message_of[name]}"
+                + (f" (with the row count {batch})" if schedule.message_of[name] == 1 else "")
                 for name, value in schedule.crossing]
     messages = schedule.messages
     for chain, g, loc in zip(chains, global_names, local_names):
@@ -231,7 +244,7 @@ def build_synced(kernel: Kernel) -> SyncedKernel:
         if users:
             blocks.append(dict(guard=guard(users), lines=[f"{loc} = {printer.doprint(chain)}"]))
             if g in reads_global:
-                crossing.append(f"{g} = {printer.doprint(chain)}")
+                crossing.append(f"{g} = {printer.doprint(chain)}  # backward, message {messages + 1}")
     sent = [g for g in global_names if g in reads_global]
     if sent:
         users = [p for g in sent for p in reads_global[g]]
@@ -260,4 +273,4 @@ class ForwardText:
         return ForwardPrinter(Frame(frame_dims, slots), shapes, names, dtype_of=dtype_of).doprint(value)
 
 
-__all__ = ["SyncedKernel", "build_synced", "has_batch_sums", "Schedule"]
+__all__ = ["SyncedKernel", "build_synced", "synced_cached", "has_batch_sums", "Schedule"]

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: a9ee51699287698be4fe6ac9fc38572b2e0d902455f9bc046a130dad3fb58d1a
-# content-hash: dc7217e980453e12f48d910730fc68f01322ce41a2519bf7949db6721406ff03
+# content-hash: c36df7990344ee7da30d82c51e720170035533dd403a934c5035fe08efb926a6
 """Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Across the ranks of a torch.distributed process group (data-parallel training): each rank passes
@@ -13,10 +13,10 @@ batch size, and a gradient of an input without ``n`` is this rank's share (data-
 training adds the shares, as for any parameter). 3 all-reduce message(s) per forward +
 backward. The sums that cross ranks, read off the derivation:
 
-    sum_x = (x.sum(0, keepdim=True)).sum(2, keepdim=True)
-    sum_xc = ((xc**2).sum(0, keepdim=True)).sum(2, keepdim=True)
-    sum_dout = dout.sum((0, 2), keepdim=True)
-    sum_dout_xhat = (dout*xhat).sum((0, 2), keepdim=True)
+    sum_x = (x.sum(0, keepdim=True)).sum(2, keepdim=True)  # forward, message 1 (with the row count n)
+    sum_xc = ((xc**2).sum(0, keepdim=True)).sum(2, keepdim=True)  # forward, message 2
+    sum_dout = dout.sum((0, 2), keepdim=True)  # backward, message 3
+    sum_dout_xhat = (dout*xhat).sum((0, 2), keepdim=True)  # backward, message 3
 """
 import torch
 import torch.distributed

@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm_biased)
 # regenerate: derive generate
 # inputs-hash: c5240cb926c14ed645df8c2856b7cae8931587cb32bd09bf95341cf41d45f113
-# content-hash: 98c973f53b09d809b7699c173e26098db63b000272f14829ae1605b7474f91b1
+# content-hash: 03f656c07cbab1e3df7509ea459322ea15753bf5934c0c28fabac14a8e7dab8d
 """Batch normalization with the biased variance (divides by n), as BatchNorm1d in training.
 
 Across the ranks of a torch.distributed process group (data-parallel training): each rank passes
@@ -13,10 +13,10 @@ batch size, and a gradient of an input without ``n`` is this rank's share (data-
 training adds the shares, as for any parameter). 3 all-reduce message(s) per forward +
 backward. The sums that cross ranks, read off the derivation:
 
-    sum_x = x.sum(0, keepdim=True)
-    sum_bndiff = (bndiff**2).sum(0, keepdim=True)
-    sum_dout = dout.sum(0, keepdim=True)
-    sum_bnraw_dout = (bnraw*dout).sum(0, keepdim=True)
+    sum_x = x.sum(0, keepdim=True)  # forward, message 1 (with the row count n)
+    sum_bndiff = (bndiff**2).sum(0, keepdim=True)  # forward, message 2
+    sum_dout = dout.sum(0, keepdim=True)  # backward, message 3
+    sum_bnraw_dout = (bnraw*dout).sum(0, keepdim=True)  # backward, message 3
 """
 import torch
 import torch.distributed

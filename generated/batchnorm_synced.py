@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: 5dd71ef5a69f70a000ad6f4898b3a41714d9bb85891483815fdc47ad04cf3185
-# content-hash: 69464da73b811d97ffe0d6dbcda808b3d16ac0b671c5c168ff922f00c4febca0
+# content-hash: b62f31a1794e105e2feb6ad5fe6131b0a7a3ff193a86fefaaad1dae115d63046
 """Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Across the ranks of a torch.distributed process group (data-parallel training): each rank passes
@@ -13,10 +13,10 @@ batch size, and a gradient of an input without ``n`` is this rank's share (data-
 training adds the shares, as for any parameter). 3 all-reduce message(s) per forward +
 backward. The sums that cross ranks, read off the derivation:
 
-    sum_x = x.sum(0, keepdim=True)
-    sum_bndiff = (bndiff**2).sum(0, keepdim=True)
-    sum_dout = dout.sum(0, keepdim=True)
-    sum_bnraw_dout = (bnraw*dout).sum(0, keepdim=True)
+    sum_x = x.sum(0, keepdim=True)  # forward, message 1 (with the row count n)
+    sum_bndiff = (bndiff**2).sum(0, keepdim=True)  # forward, message 2
+    sum_dout = dout.sum(0, keepdim=True)  # backward, message 3
+    sum_bnraw_dout = (bnraw*dout).sum(0, keepdim=True)  # backward, message 3
 """
 import torch
 import torch.distributed
