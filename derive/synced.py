@@ -211,17 +211,21 @@ def build_synced(kernel: Kernel) -> SyncedKernel:
         shapes[g] = shapes[loc] = tuple(s if el.index[s] in chain.free_symbols else 1 for s in frame_dims)
     batch_inputs = {k for k, decl in layer.tensors.items() if batch in decl.dims}
     formulas, reads_local, reads_global = [], {}, {}
+    def element_of(name, chain):  # the sum as a tensor of its own, read like a saved (1, d) value
+        return sp.IndexedBase(name)[tuple(el.index[s] if el.index[s] in chain.free_symbols else 0 for s in frame_dims)]
+
     for f in kernel.formulas:
         mapping = {}
         for chain, g, loc in zip(chains, global_names, local_names):
             own_share = f.input not in batch_inputs and _reads_upstream(chain, upstream)
-            mapping[chain] = sp.Symbol(loc if own_share else g)
+            mapping[chain] = element_of(loc if own_share else g, chain)
         element = f.element.xreplace(mapping)
         formulas.append(Formula(f.input, f.position, element))
-        for chain, g, loc in zip(chains, global_names, local_names):
-            if sp.Symbol(loc) in element.free_symbols:
+        read = {str(e.base) for e in element.atoms(sp.Indexed)}
+        for g, loc in zip(global_names, local_names):
+            if loc in read:
                 reads_local.setdefault(loc, []).append(f.position)
-            if sp.Symbol(g) in element.free_symbols:
+            if g in read:
                 reads_global.setdefault(g, []).append(f.position)
     try:
         shared, codes = print_formulas(layer, el, formulas, frame_dims, shapes, taken=taken)

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: a9ee51699287698be4fe6ac9fc38572b2e0d902455f9bc046a130dad3fb58d1a
-# content-hash: c36df7990344ee7da30d82c51e720170035533dd403a934c5035fe08efb926a6
+# content-hash: f65e40c4b24084adc3ce8f05563dd3ee0ff4f291d370489ca2abbe6311685cf4
 """Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Across the ranks of a torch.distributed process group (data-parallel training): each rank passes
@@ -65,12 +65,12 @@ def _backward(needs, dout, gamma, t7, xhat, n, c, l):
         local_sum_dout_xhat = (dout*xhat).sum((0, 2), keepdim=True)
     if needs[0]:
         sum_dout, sum_dout_xhat = _across_ranks(local_sum_dout, local_sum_dout_xhat)
-        dx = torch.addcmul(-sum_dout*gamma*t7/(l*n), gamma*t7, dout)
-        dx.addcmul_(-sum_dout_xhat*gamma*t7/(l*n), xhat)
+        dx = torch.addcmul(-gamma*sum_dout*t7/(l*n), gamma*t7, dout)
+        dx.addcmul_(-gamma*sum_dout_xhat*t7/(l*n), xhat)
     if needs[1]:
-        dgamma = local_sum_dout_xhat.expand(1, c, 1).reshape(c, 1)
+        dgamma = local_sum_dout_xhat.reshape(c, 1)
     if needs[2]:
-        dbeta = local_sum_dout.expand(1, c, 1).reshape(c, 1)
+        dbeta = local_sum_dout.reshape(c, 1)
     return dx, dgamma, dbeta, None
 
 

@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm_biased)
 # regenerate: derive generate
 # inputs-hash: c5240cb926c14ed645df8c2856b7cae8931587cb32bd09bf95341cf41d45f113
-# content-hash: 03f656c07cbab1e3df7509ea459322ea15753bf5934c0c28fabac14a8e7dab8d
+# content-hash: 72a07d69e73dec46975c12ae80af39e2395be53f3a78085c4443ce0a1ed41f17
 """Batch normalization with the biased variance (divides by n), as BatchNorm1d in training.
 
 Across the ranks of a torch.distributed process group (data-parallel training): each rank passes
@@ -65,12 +65,12 @@ def _backward(needs, dout, gamma, bnvar_inv, bnraw, n, d):
         local_sum_bnraw_dout = (bnraw*dout).sum(0, keepdim=True)
     if needs[0]:
         sum_dout, sum_bnraw_dout = _across_ranks(local_sum_dout, local_sum_bnraw_dout)
-        dx = torch.addcmul(-sum_dout*bnvar_inv*gamma/n, -sum_bnraw_dout*bnvar_inv*gamma/n, bnraw)
+        dx = torch.addcmul(-bnvar_inv*gamma*sum_dout/n, -bnvar_inv*gamma*sum_bnraw_dout/n, bnraw)
         dx.addcmul_(bnvar_inv*gamma, dout)
     if needs[1]:
-        dgamma = local_sum_bnraw_dout.expand(1, d).reshape(d,)
+        dgamma = local_sum_bnraw_dout.reshape(d,)
     if needs[2]:
-        dbeta = local_sum_dout.expand(1, d).reshape(d,)
+        dbeta = local_sum_dout.reshape(d,)
     return dx, dgamma, dbeta, None
 
 

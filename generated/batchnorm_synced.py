@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: 5dd71ef5a69f70a000ad6f4898b3a41714d9bb85891483815fdc47ad04cf3185
-# content-hash: b62f31a1794e105e2feb6ad5fe6131b0a7a3ff193a86fefaaad1dae115d63046
+# content-hash: 9fcd70d67cfedbdd07d975132e86b0a493230371d6826aebaad6622e850f67c0
 """Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Across the ranks of a torch.distributed process group (data-parallel training): each rank passes
@@ -65,12 +65,12 @@ def _backward(needs, dout, gamma, bnvar_inv, bnraw, n, d):
         local_sum_bnraw_dout = (bnraw*dout).sum(0, keepdim=True)
     if needs[0]:
         sum_dout, sum_bnraw_dout = _across_ranks(local_sum_dout, local_sum_bnraw_dout)
-        dx = torch.addcmul(-sum_dout*bnvar_inv*gamma/n, -sum_bnraw_dout*bnvar_inv*gamma/(n - 1), bnraw)
+        dx = torch.addcmul(-bnvar_inv*gamma*sum_dout/n, -bnvar_inv*gamma*sum_bnraw_dout/(n - 1), bnraw)
         dx.addcmul_(bnvar_inv*gamma, dout)
     if needs[1]:
-        dgamma = local_sum_bnraw_dout.expand(1, d).reshape(d,)
+        dgamma = local_sum_bnraw_dout.reshape(d,)
     if needs[2]:
-        dbeta = local_sum_dout.expand(1, d).reshape(d,)
+        dbeta = local_sum_dout.reshape(d,)
     return dx, dgamma, dbeta, None
 
 
