@@ -29,7 +29,7 @@ from .errors import DerivationError
 from .forward_plan import Statement, _literal_values, forward_code
 from .kernel import Formula, Kernel, _shapes, _shared_names, print_formulas
 from .memo import ByObject
-from .printer import Frame, KernelPrinter
+from .printer import ForwardPrinter, Frame, KernelPrinter
 from .symbolic import AxisMax, AxisSum, Max, Red, extent
 
 
@@ -238,7 +238,8 @@ def build_synced(kernel: Kernel) -> SyncedKernel:
         return " or ".join(f"needs[{p}]" for p in sorted(set(positions)))
 
     blocks = []
-    crossing = [f"{name} = {ForwardText.of(value, frame_dims, slots, shapes, names, upstream)}"
+    shown = ForwardPrinter(Frame(frame_dims, slots), shapes, names, dtype_of=upstream)
+    crossing = [f"{name} = {shown.doprint(value)}"
                 f"  # forward, message {schedule.message_of[name]}"
                 + (f" (with the row count {batch})" if schedule.message_of[name] == 1 else "")
                 for name, value in schedule.crossing]
@@ -266,15 +267,6 @@ def build_synced(kernel: Kernel) -> SyncedKernel:
         else:
             merged.append(dict(guard=b["guard"], lines=list(b["lines"])))
     return SyncedKernel(kernel, batch, forward, merged, crossing, messages)
-
-
-class ForwardText:
-    """A forward sum as the document shows it (``x.sum(0, keepdim=True)``)."""
-
-    @staticmethod
-    def of(value, frame_dims, slots, shapes, names, dtype_of) -> str:
-        from .printer import ForwardPrinter
-        return ForwardPrinter(Frame(frame_dims, slots), shapes, names, dtype_of=dtype_of).doprint(value)
 
 
 __all__ = ["SyncedKernel", "build_synced", "synced_cached", "has_batch_sums", "Schedule"]
