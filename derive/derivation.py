@@ -341,8 +341,12 @@ def _ranks(kernel: Kernel, fmt: Format) -> dict | None:
         return None
     synced = synced_cached(kernel)
     params = [n for n in kernel.layer.differentiable if synced.batch not in kernel.layer.tensors[n].dims]
+    lines = []  # each sum under its comment: a line of code and its comment overrun a page together
+    for line in synced.crossing:
+        statement, _, comment = line.partition("  # ")
+        lines += [f"# {comment}", statement] if comment else [statement]
     return dict(batch=fmt.code(synced.batch), module=fmt.code(f"{kernel.name}_synced.py"),
-                messages=synced.messages, code="\n".join(synced.crossing),
+                messages=synced.messages, code="\n".join(lines),
                 shares=", ".join(fmt.code(f"d{n}") for n in params))
 
 
