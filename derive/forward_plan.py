@@ -35,6 +35,7 @@ class Statement:
     value: sp.Expr
     node: Node | None = None  # None for a shared temporary
     lines: set = field(default_factory=set)  # spec lines it computes
+    code: str = ""  # a statement printed as it is (a message across ranks, ``synced``); value: what it reads
 
 
 def _transcendentals(expr: sp.Expr) -> int:
@@ -115,7 +116,7 @@ def temps_of(statements: list["Statement"]) -> dict:
     """Temporary symbol -> its value with every temporary it reads substituted."""
     full = {}
     for st in statements:
-        if st.node is None:
+        if st.node is None and not st.code:
             full[sp.Symbol(st.name)] = st.value.xreplace(full)
     return full
 
@@ -290,15 +291,18 @@ def _hoist_sums(statements: list[Statement], frame: list, values: dict, lines: d
 
 
 def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
-                 inplace: bool = True) -> list[tuple[str, str]]:
+                 inplace: bool = True, schedule=None) -> list[tuple[str, str]]:
     """``[(code, comment)]`` for the fused forward.
 
     With ``inplace`` (the default) memory is reused: a temporary that dies at a line and has the
     result's shape is updated in place, and a full-size result that cannot be is written into
     the buffer of a temporary that died before (``out=``). ``inplace=False`` allocates every
-    result, so that autograd can differentiate the code.
+    result, so that autograd can differentiate the code. ``schedule`` rewrites the planned
+    statements first (``synced.Schedule``: sums across ranks, and the messages that carry them).
     """
     statements = plan(el, saved, frame)
+    if schedule is not None:
+        statements = schedule(statements)
     if inplace:
         values, lines = _literal_values(el)
         literal = {stabilise(v): n.name for n, v in values.items() if n.named}
@@ -332,6 +336,11 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
     free: list[str] = []  # buffers of full-size temporaries no longer read
     out = []
     for position, st in enumerate(statements):
+        if st.code:
+            out.append((st.code, ""))
+            for symbol in st.value.free_symbols:  # the names it rebinds hold new tensors from here on
+                buffer_of.pop(symbol.name, None)
+            continue
         st.value = st.value.replace(reduces_a_number, lambda e: extent(e.index) * e.body if isinstance(e, AxisSum) else e.body)
         if st.node is not None and not st.value.atoms(sp.Indexed) and st.value.free_symbols <= plain_numbers:
             # a value that cancels to a constant (c - c, scale*s/s) is a tensor of the node's shape

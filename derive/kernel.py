@@ -191,7 +191,7 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]], na
     for divisor in sorted(divisors, key=sp.default_sort_key):
         text = sp.sstr(divisor)
         code = sp.pycode(divisor.xreplace({s: sp.Symbol(names.get(s.name, s.name)) for s in divisor.free_symbols}))
-        checks.append(Check(f"{code} == 0",
+        checks.append(Check(f"{code} == 0", kind="size", message=
                             f"f\"{name}: the formula divides by {text}, which is 0 for these sizes "
                             f"({', '.join(f'{s}={{{names.get(s, s)}}}' for s in sorted(map(str, divisor.free_symbols)))}); "
                             f"use larger sizes (for example a batch of at least 2 rows)\"", holds=f"{code} != 0"))

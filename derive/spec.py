@@ -12,7 +12,10 @@ Contract for a spec::
   (also within one input: ``Tensor("d", "d")`` is a square matrix), inputs in any order of dimensions,
   a product of names (``"t*e"``) is the size of a flattened axis, ``"1"`` an axis of size 1; ``differentiable=False
   excludes it from the backward; ``domain=`` one of ``DOMAINS`` (``"positive"``, ``"probability"``, ...) says
-  which values it takes: the proof assumes it and the checks draw their inputs from it;
+  which values it takes: the proof assumes it and the checks draw their inputs from it; ``batch="n"``
+  declares ``n`` the batch axis, split across the ranks of a process group in data-parallel training
+  (the generator then also writes ``<name>_synced.py``, whose sums over that axis run over every
+  rank: ``derive/synced.py``);
 * a layer's ``.example(sizes, dtype=..., seed=...)``, when set, returns the test inputs instead (for
   what a domain cannot say: rows whose labels are not all ignored, weights in a range);
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
@@ -55,11 +58,13 @@ class Tensor:
     dims: tuple[str, ...]
     differentiable: bool = True
     domain: str = "real"
+    batch: str | None = None  # the dimension split across ranks in data-parallel training
 
-    def __init__(self, *dims: str, differentiable: bool = True, domain: str = "real"):
+    def __init__(self, *dims: str, differentiable: bool = True, domain: str = "real", batch: str | None = None):
         object.__setattr__(self, "dims", tuple(dims))
         object.__setattr__(self, "differentiable", differentiable)
         object.__setattr__(self, "domain", domain)
+        object.__setattr__(self, "batch", batch)
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,11 @@ class Layer:
     @property
     def differentiable(self) -> list[str]:
         return [k for k, v in self.inputs.items() if isinstance(v, Tensor) and v.differentiable]
+
+    @property
+    def batch(self) -> str | None:
+        """The dimension declared the batch axis (``Tensor(..., batch="n")``), or None."""
+        return next((d.batch for d in self.inputs.values() if isinstance(d, Tensor) and d.batch), None)
 
     @property
     def dims(self) -> list[str]:
@@ -251,6 +261,10 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
             if not decl.dims or not all(isinstance(d, str) and DIM.match(d) for d in decl.dims):
                 refuse(f"input {p!r} has dims {decl.dims!r}",
                        "give each dimension a name, e.g. Tensor('n', 'd') (or a product, 't*e')")
+            batch = getattr(decl, "batch", None)
+            if batch is not None and (batch not in decl.dims or dim_names(batch) != [batch]):
+                refuse(f"input {p!r} declares batch={batch!r}, which is not one of its dimensions {decl.dims!r}",
+                       f"name one of its own axes, e.g. batch={decl.dims[0]!r}")
             if isinstance(decl, Labels) and not (isinstance(decl.classes, str) and DIM.match(decl.classes)
                                                  and decl.classes != "1"):
                 refuse(f"input {p!r} has classes={decl.classes!r}", "name the number of classes, e.g. classes='k'")
@@ -271,6 +285,10 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
         if dim in inputs and isinstance(inputs[dim], Constant):
             refuse(f"the dimension name {dim!r} is also the name of a Constant (generated code keeps each size in "
                    f"a variable of its dimension's name)", f"rename the dimension {dim!r} in the declaration")
+    batches = sorted({d.batch for d in inputs.values() if isinstance(d, Tensor) and d.batch})
+    if len(batches) > 1:
+        refuse(f"inputs declare different batch axes: {', '.join(map(repr, batches))}",
+               "declare one dimension the batch axis (the same batch= on every input that says it)")
     if not any(isinstance(d, Tensor) and d.differentiable for d in inputs.values()):
         refuse("no differentiable input", "declare at least one Tensor(...)")
 
