@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: d7ccce7e3f7efd72dfe37cd5e27f85f67d306fada76c428b41418ae366779b91
-# content-hash: f866632c78905cc3983ae8f411de42313812340940aad338b53d46ec3aabd397
+# content-hash: d580b4a6430925cee4ea228d24a22aa817445b61f39c7d7040ecc2cbf1f92a5f
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -20,7 +20,7 @@ __all__ = ["BceWithLogitsFunction", "bce_with_logits", "compile_kernels", "check
 def _forward(logits, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     per_element = torch.addcmul(F.softplus(-logits), 1 - target, logits)  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
-    loss = ((per_element.sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())  # spec lines 48-49
+    loss = ((per_element.sum(0, keepdim=True)).sum(1, keepdim=True)/(d*n)).reshape(())  # spec lines 48-49
     return loss, ()
 
 
@@ -29,7 +29,7 @@ def _forward_with_graph(logits, target, n, d):
     backward recomputes what it reads this way when a second derivative is wanted. Under torch.func
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
-    loss = (((torch.addcmul(F.softplus(-logits), 1 - target, logits)).sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())
+    loss = (((torch.addcmul(F.softplus(-logits), 1 - target, logits)).sum(0, keepdim=True)).sum(1, keepdim=True)/(d*n)).reshape(())
     return loss, ()
 
 

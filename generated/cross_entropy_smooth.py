@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: 23bc7ae2182ae9065d4bec827ad8c91f81889fe5dad61bf9d81acbc826d367ee
-# content-hash: 89655cb4a049d79b95bdd4249a7f2a89f5f7bdf5d663754a7ae6224ffb4a7d83
+# content-hash: dc0462f993b92defcf4aad69bd82c9a5172048ad93878814d5cde52308783c13
 """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -23,7 +23,7 @@ def _forward(logits, y, smoothing, n, k):
     t1 = (logits - m).exp_()  # spec lines 14-15
     _t1f = torch.log(t1.sum(1, keepdim=True))
     _t0 = logits - m - _t1f
-    loss = (-smoothing*(_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/k - (1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n).reshape(())  # spec lines 14-19
+    loss = (-smoothing*(_t0.sum(0, keepdim=True)).sum(1, keepdim=True)/(k*n) - (1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n).reshape(())  # spec lines 14-19
     return loss, (t1,)
 
 
@@ -35,7 +35,7 @@ def _forward_with_graph(logits, y, smoothing, n, k):
     m = logits.amax(1, keepdim=True)
     t1 = torch.exp(logits - m)
     _t1f = torch.log(t1.sum(1, keepdim=True))
-    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n - smoothing*((logits - m - _t1f).sum(0, keepdim=True)/n).sum(1, keepdim=True)/k).reshape(())
+    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n - smoothing*((logits - m - _t1f).sum(0, keepdim=True)).sum(1, keepdim=True)/(k*n)).reshape(())
     return loss, (t1,)
 
 

@@ -2,13 +2,13 @@
 # source: derive.layers.mlp_parts (layer linear)
 # regenerate: derive generate
 # inputs-hash: 23021706e739bf51ae419858de3a59d3cf8b249e8a2df5aa3e4aa0244be31f0f
-# content-hash: 9876db8ea17b87a405f33e16545dcd04184fbbbf1cf3fb582a66f38ccbff660e
+# content-hash: 3b1474dfe749aef4d0ffb07dfbd73a5328d22f016346676d1491126a2a527bbc
 """Affine map ``x @ W + b``.
 
 Fused backward, derived from the spec (element-wise, sizes n, i, o):
 
-    dx = (torch.einsum('io,no->ni', W, dout).view(n, i, 1)).reshape(n, i)
-    dW = (torch.einsum('no,ni->io', dout, x)).reshape(i, o)
+    dx = dout @ W.T
+    dW = x.T @ dout
     db = ((dout.view(n, 1, o)).sum(0, keepdim=True)).reshape(o,)
 """
 import math  # noqa: F401  (used by some formulas)
@@ -21,7 +21,7 @@ __all__ = ["LinearFunction", "linear", "compile_kernels", "check_inputs", "Input
 
 def _forward(x, W, b, n, i, o):
     """The fused forward: the output and what it computes that the backward reads."""
-    out = (torch.einsum('io,ni->no', W, x).view(n, 1, o) + b).reshape(n, o)  # spec line 16: out = x @ W + b
+    out = ((x @ W).view(n, 1, o) + b).reshape(n, o)  # spec line 16: out = x @ W + b
     return out, ()
 
 
@@ -30,7 +30,7 @@ def _forward_with_graph(x, W, b, n, i, o):
     backward recomputes what it reads this way when a second derivative is wanted. Under torch.func
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
-    out = (torch.einsum('io,ni->no', W, x).view(n, 1, o) + b).reshape(n, o)
+    out = ((x @ W).view(n, 1, o) + b).reshape(n, o)
     return out, ()
 
 
@@ -40,9 +40,9 @@ def _backward(needs, dout, x, W, n, i, o):
     dW = None
     db = None
     if needs[0]:
-        dx = (torch.einsum('io,no->ni', W, dout).view(n, i, 1)).reshape(n, i)
+        dx = dout @ W.T
     if needs[1]:
-        dW = (torch.einsum('no,ni->io', dout, x)).reshape(i, o)
+        dW = x.T @ dout
     if needs[2]:
         db = ((dout.view(n, 1, o)).sum(0, keepdim=True)).reshape(o,)
     return dx, dW, db

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: 68ffc629091ffc5b16e6131677a2e797fe10ab0f726eed11824e31c6b665c62f
-# content-hash: 27adbe250ed33b1db554198046f37b209ac4d7fd7340043611b5ea01b74700e7
+# content-hash: ba6eda0441774ac510d4acdce866482c9d9dd139c1459cc9b92b06999f4a5520
 """Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -21,7 +21,7 @@ def _forward(pred, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     diff = pred - target  # spec line 38: diff = pred - target
     _t0 = diff**2
-    loss = ((_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())  # spec lines 38-39
+    loss = ((_t0.sum(0, keepdim=True)).sum(1, keepdim=True)/(d*n)).reshape(())  # spec lines 38-39
     return loss, (diff,)
 
 
@@ -31,7 +31,7 @@ def _forward_with_graph(pred, target, n, d):
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
     diff = pred - target
-    loss = (((diff**2).sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())
+    loss = (((diff**2).sum(0, keepdim=True)).sum(1, keepdim=True)/(d*n)).reshape(())
     return loss, (diff,)
 
 

@@ -203,3 +203,29 @@ def test_a_layer_with_no_passing_fused_form_gets_the_step_by_step_kernel(tmp_pat
     assert "## " in steps_doc and "(tanh_formula.md)" not in steps_doc  # no link to a document not written
     assert main(["generate", "--no-prove", "--fused-only", "--force", "--layer", str(spec), "--out", str(out)]) == 2
     assert "every fused form fails the numerical battery" in capsys.readouterr().err
+
+
+def test_the_battery_keeps_every_input_in_its_declared_domain():
+    """Scaled, shifted and banded draws scale only what stays in the domain: a positive input stays
+    positive, a probability row on the simplex, a mask 0 or 1, a gate in (0, 1)."""
+    from derive import Tensor, layer
+
+    @layer(x=Tensor("n", "k"), s=Tensor("n", "k", domain="positive"), p=Tensor("n", "k", domain="probability"),
+           u=Tensor("n", "k", domain="unit"), b=Tensor("n", "k", domain="binary"),
+           z=Tensor("n", "k", domain="nonnegative"))
+    def domains(x, s, p, u, b, z):
+        return (x.exp() * s.log() + p.log() * u.log() + (1 - u).log() * b + z.sqrt()).sum()
+
+    sizes = {"n": 16, "k": 5}
+    draws = battery.settings(domains, sizes)
+    assert any(d.offset for d in draws) and any(d.banded and d.sign == -1 for d in draws)
+    for setting in draws:
+        values = setting.inputs(domains, sizes, seed=3)
+        where = setting.label
+        assert bool((values["s"] > 0).all()), where
+        assert bool((values["z"] >= 0).all()), where
+        assert bool((values["p"] > 0).all()) and torch.allclose(values["p"].double().sum(-1), torch.ones(16, dtype=torch.float64), atol=1e-5), where
+        assert bool(((values["u"] > 0) & (values["u"] < 1)).all()), where
+        assert set(values["b"].unique().tolist()) <= {0.0, 1.0}, where
+    # the real input is still scaled and shifted as before
+    assert any(float(d.inputs(domains, sizes, seed=3)["x"].abs().max()) > 100 for d in draws)
