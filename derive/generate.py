@@ -410,7 +410,7 @@ def _generate(layers, out, prove_sizes, force, echo, index, allow_other_sources,
             report = Report(layer.name, gradients, form, fused, list(files), proofs,
                             unproven=unproven and fused, inputs=used, native=dict(reasons))
             report.maxdiff = _against_autograd(layer, {rel: t for rel, t in files.items() if _eager_file(rel)},
-                                               Path(staging))
+                                               Path(staging), fused)
             report.seconds = seconds + time.perf_counter() - start
             reports.append(report)
         if backends:  # every native kernel of the run in one folder: one build, then each one checked
@@ -495,9 +495,9 @@ def _check_native(derived: list, staging: Path, reports: list) -> None:
         report.files = [rel for rel in report.files if rel in files_of[layer.name]]
 
 
-def _against_autograd(layer: Layer, files: dict[str, str], staging: Path) -> float:
-    """Largest difference of the generated modules (step-by-step and fused) from autograd of the
-    spec, float64; raises ``ProofFailure`` naming the value when one is not close."""
+def _against_autograd(layer: Layer, files: dict[str, str], staging: Path, fused: bool) -> float:
+    """Largest difference of the generated modules (step-by-step, and the kernel: ``fused`` or not)
+    from autograd of the spec, float64; raises ``ProofFailure`` naming the value when one is not close."""
     folder = staging / layer.name
     for rel, text in files.items():
         if rel.endswith(".py"):
@@ -507,7 +507,7 @@ def _against_autograd(layer: Layer, files: dict[str, str], staging: Path) -> flo
     rows = [(row, "step-by-step") for row in steps_table(layer, load_module(folder / f"{layer.name}_steps.py"), sizes,
                                                          torch.float64)]
     kernel = getattr(load_module(folder / f"{layer.name}.py"), layer.name)
-    kind = "fused" if layer.name in fused_layers(files) else "kernel"
+    kind = "fused" if fused else "kernel"
     rows += [(row, kind) for row in against_autograd(layer, kernel, sizes)]
     for row, kind in rows:
         if not row.approximate:

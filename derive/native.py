@@ -8,6 +8,7 @@ plan cannot lower keeps its eager kernel only, and the report says why.
 """
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 from . import codegen
@@ -50,13 +51,22 @@ def _shape_text(shape: tuple) -> str:
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
+PLAN_WIDTH = 86  # characters of a plan line: a TeX page's small verbatim holds about 90
+
+
 def plan_lines(plan: Plan) -> list[str]:
-    """The plan in words, for the module's docstring and the derivation documents."""
+    """The plan in words, for the module's docstring and the derivation documents (a long line
+    continues below it, indented)."""
     lines = ["forward:"] + [f"  {line}" for line in plan.forward.summary()]
     lines += ["backward:"] + [f"  {line}" for line in plan.backward.summary()]
     lines.append("saved for the backward: " + (", ".join(n for n, _ in plan.saved) or "nothing")
                  + (f"; recomputed there: {', '.join(plan.recomputed)}" if plan.recomputed else ""))
-    return lines
+    wrapped = []
+    for line in lines:
+        indent = " " * (len(line) - len(line.lstrip()))
+        wrapped += textwrap.wrap(line, PLAN_WIDTH, initial_indent=indent, subsequent_indent=indent + "    ",
+                                 break_long_words=False, break_on_hyphens=False)
+    return wrapped
 
 
 def render_triton(kernel: Kernel, plan: Plan) -> dict[str, str]:
@@ -112,6 +122,7 @@ def module_context(kernel: Kernel, plan: Plan, backend: str) -> dict:
         output_shape=_shape_text(kernel.graph.output.shape),
         grad_output=f"d{kernel.output}",
         all_unpack=_tuple(tensors + saved),
+        saved_results=", ".join(_saved_results(saved, kernel.graph.output.name)),
         eager_saved_tuple=_tuple(computed),
         eager_forward_args=", ".join(list(layer.inputs) + sizes),
         eager_backward_args=", ".join([f"d{kernel.output}"] + kernel.saved + sizes + kernel.constants_used),
@@ -124,6 +135,13 @@ def module_context(kernel: Kernel, plan: Plan, backend: str) -> dict:
         doc=layer.doc or layer.name,
         call_args=", ".join(layer.inputs),
     )
+
+
+def _saved_results(saved: list[str], output: str) -> list[str]:
+    """Where each saved value is among the native forward's results: the output first, then the
+    saved values other than it, in order."""
+    others = [n for n in saved if n != output]
+    return ["_results[0]" if n == output else f"_results[{1 + others.index(n)}]" for n in saved]
 
 
 def render_cpp(kernel: Kernel, plan: Plan) -> dict[str, str]:

@@ -47,7 +47,7 @@ FUNCTIONS = (sp.exp, sp.log, sp.tanh, Sigmoid, Softplus, Relu, Step, sp.Abs, sp.
 # a full-size value is recomputed in the backward rather than saved when its cost, in passes over
 # memory, is below saving it (a write in the forward and a read in the backward); a transcendental
 # function per element costs about a third of a pass on a machine with vectorized math
-SAVE_COST, TRANSCENDENTAL_COST = 2.0, 0.35
+SAVE_COST, READ_COST, TRANSCENDENTAL_COST = 2.0, 1.0, 0.35
 
 
 class NotLowered(Exception):
@@ -303,7 +303,10 @@ def _check_frame(kernel) -> list:
         dims = [d for d in decl.dims if d != "1"]
         if dims != [d for d in layer.dims if d in dims]:
             raise NotLowered(f"{name} is stored across the frame's order of axes")
-    return [kernel.graph.sizes[d] for d in layer.dims]
+    sizes = [kernel.graph.sizes[d] for d in layer.dims]
+    if kernel.frame and [extent(i) for i in kernel.frame] != sizes:
+        raise NotLowered("the kernel is printed on other axes than the layer's declared ones")
+    return sizes
 
 
 def lower(kernel) -> Plan:
@@ -316,7 +319,7 @@ def lower(kernel) -> Plan:
 
     # forward: the spec's values as the eager forward computes them (``forward_plan``)
     fwd = _Builder(kernel, frame_index, tensors, "f")
-    statements = forward_statements(el, kernel.saved, sizes)
+    statements = forward_statements(el, kernel.saved, frame_index)
     for st in statements:
         fwd.add(st.name, sp.S.Zero)  # placeholders: later statements read them as Symbols
     for st in statements:
@@ -357,7 +360,7 @@ def lower(kernel) -> Plan:
     for v in bwd.values.values():
         v.expr = v.expr.xreplace({sp.Symbol(k): s for k, s in same.items()})
     grads = [same.get(g, sp.Symbol(g)).name for g in grads]
-    saved, recomputed = _saved(fwd, bwd, grads, forward_names)
+    saved, recomputed = _saved(fwd, bwd, grads, forward_names, output.name)
     for name in forward_names:
         if name not in recomputed and name not in {n for n, _ in saved}:
             bwd.values.pop(name, None)
@@ -409,8 +412,10 @@ def _cost(expr: sp.Expr) -> float:
     return calls * TRANSCENDENTAL_COST
 
 
-def _saved(fwd: _Builder, bwd: _Builder, grads: list, forward_names: set):
-    """Which forward values the backward reads as saved tensors, and which it recomputes."""
+def _saved(fwd: _Builder, bwd: _Builder, grads: list, forward_names: set, output: str):
+    """Which forward values the backward reads as saved tensors, and which it recomputes. The
+    forward writes its ``output`` anyway: saving it costs the backward's read alone (``tanh``'s
+    backward reads ``out`` rather than computing ``tanh(x)`` again, as autograd's does)."""
     saved, recomputed = {}, []
     needed = set()
     for g in grads:
@@ -430,7 +435,7 @@ def _saved(fwd: _Builder, bwd: _Builder, grads: list, forward_names: set):
         deps = _reads(value.expr, forward_names)
         new_reads = {str(e.base) for e in value.expr.atoms(sp.Indexed)} - full_inputs_read
         cost = len([r for r in new_reads if fwd.tensors[r].layout == FULL]) + _cost(value.expr)
-        if cost < SAVE_COST:
+        if cost < (READ_COST if name == output else SAVE_COST):
             if name not in recomputed:
                 recomputed.append(name)
                 full_inputs_read |= new_reads

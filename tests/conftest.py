@@ -1,6 +1,13 @@
 """Helpers shared by the tests."""
 
+import os
+from pathlib import Path
+
 collect_ignore = ["mathjax"]  # MathJax's npm packages (tests/mathjax/node_modules), not tests
+
+# the native kernels' extension (generated/native) is built once per clone, in its build folder: a
+# cold build on a clean clone is part of the suite, never hidden by a cache another checkout filled
+os.environ.setdefault("DERIVE_NATIVE_CACHE", str(Path(__file__).resolve().parent.parent / "build" / "native"))
 
 
 def assert_math_blocks_balanced(text: str) -> None:
@@ -21,7 +28,6 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 

@@ -58,6 +58,16 @@ def test_the_plan_of_batchnorm_and_cross_entropy():
     assert [step.kind for step in loop.after] == ["fixup"] and FULL not in {layout for _, layout in ce.saved}
 
 
+def test_an_output_the_backward_reads_is_saved_not_recomputed():
+    """The forward writes its output anyway: tanh's and sigmoid's backward read it (as autograd's do)
+    rather than evaluating the function again; softplus's reads x, so nothing is saved."""
+    by_name = {layer.name: layer for layer in FUSED}
+    for name in ("tanh", "sigmoid"):
+        plan = lower(build_cached(by_name[name]))
+        assert plan.saved == [("out", FULL)] and plan.recomputed == [], (name, plan.saved, plan.recomputed)
+    assert lower(build_cached(by_name["softplus"])).saved == []
+
+
 @pytest.mark.parametrize("name", ["batchnorm_biased", "cross_entropy"])
 def test_the_result_does_not_depend_on_the_thread_count(name):
     layer = next(x for x in FUSED if x.name == name)
