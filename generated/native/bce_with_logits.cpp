@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer bce_with_logits)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 3e94a658feaaa6c158929eec1c1bd5f50d93507ef02989571ab0fc301d05e3fc
-// content-hash: 074447b3ca379660596158e7ab2c1fd3799a70fe98d592e28b80f75e6bcc2b58
+// content-hash: d0049c2e17735dcd6a6a4b0ad7b7e9bc394ad76dfc48e894f60135d4f5b4b271
 // bce_with_logits: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_bce_with_logits {
 
@@ -106,8 +106,8 @@ std::vector<at::Tensor> bce_with_logits_forward(const at::Tensor& t_logits, cons
     std::vector<double> c_sum_logits_target(sz_d);
     for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_logits_target[chunk*sz_d + col]; a += q; } c_sum_logits_target[col] = a; }
     double s_sum_sum_logits_target = 0.0;
-    for (int64_t col = 0; col < sz_d; ++col) { s_sum_sum_logits_target += c_sum_logits_target[col]/static_cast<double>(sz_n); }
-    const double s_loss = s_sum_sum_logits_target/static_cast<double>(sz_d);
+    for (int64_t col = 0; col < sz_d; ++col) { s_sum_sum_logits_target += c_sum_logits_target[col]; }
+    const double s_loss = s_sum_sum_logits_target/(static_cast<double>(sz_d)*static_cast<double>(sz_n));
     o_loss[0] = static_cast<scalar_t>(s_loss);
   });
   return { r_loss };

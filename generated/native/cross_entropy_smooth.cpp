@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer cross_entropy_smooth)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 46267653c8efd748f89b411acad471c7f743da24f42b38cdb348ac2da31bca91
-// content-hash: aafa22567929bba0b1a3b15dfec7ac4b25b48702df67f9a843bd9180be8a5d6e
+// content-hash: 302d39c89e87863c60330d29c608527a14015857ea90bfa81f59cb7d17c5cf2b
 // cross_entropy_smooth: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_cross_entropy_smooth {
 
@@ -89,8 +89,8 @@ std::vector<at::Tensor> cross_entropy_smooth_forward(const at::Tensor& t_logits,
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
 
     // sweep 1
-    std::vector<double> part_sum__t1f_logits(chunks*sz_k, 0.0);
-    std::vector<double> part_sum__t1f_logits2(chunks, 0.0);
+    std::vector<double> part_sum__t1f_logits2(chunks*sz_k, 0.0);
+    std::vector<double> part_sum__t1f_logits(chunks, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       alignas(64) scalar_t buf[Vec::size()];
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -121,10 +121,10 @@ std::vector<at::Tensor> cross_entropy_smooth_forward(const at::Tensor& t_logits,
           const double r_sum_t1 = acc_sum_t1.total();
           o_sum_t1[row] = static_cast<double>(r_sum_t1);
           const double r__t1f = std::log(r_sum_t1);
-          part_sum__t1f_logits2[chunk] += (-r_m) + static_cast<double>(p_logits[row*sz_k + static_cast<int64_t>((p_y[row]))]) - r__t1f;
+          part_sum__t1f_logits[chunk] += (-r_m) + static_cast<double>(p_logits[row*sz_k + static_cast<int64_t>((p_y[row]))]) - r__t1f;
           // pass 3 over the row
           auto pass2 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            derive_add_to(part_sum__t1f_logits.data() + chunk*sz_k + col, (-Vec(static_cast<scalar_t>(r_m))) + Vec::loadu(p_logits + row*sz_k + col, cnt) - Vec(static_cast<scalar_t>(r__t1f)), cnt);
+            derive_add_to(part_sum__t1f_logits2.data() + chunk*sz_k + col, (-Vec(static_cast<scalar_t>(r_m))) + Vec::loadu(p_logits + row*sz_k + col, cnt) - Vec(static_cast<scalar_t>(r__t1f)), cnt);
           };
           {
             int64_t col = 0;
@@ -134,13 +134,13 @@ std::vector<at::Tensor> cross_entropy_smooth_forward(const at::Tensor& t_logits,
         }
       }
     });
-    double s_sum__t1f_logits2 = 0.0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum__t1f_logits2[chunk]; s_sum__t1f_logits2 += q; }
-    std::vector<double> c_sum__t1f_logits(sz_k);
-    for (int64_t col = 0; col < sz_k; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum__t1f_logits[chunk*sz_k + col]; a += q; } c_sum__t1f_logits[col] = a; }
-    double s_sum_sum__t1f_logits = 0.0;
-    for (int64_t col = 0; col < sz_k; ++col) { s_sum_sum__t1f_logits += c_sum__t1f_logits[col]/static_cast<double>(sz_n); }
-    const double s_loss = (-k_smoothing*s_sum_sum__t1f_logits/static_cast<double>(sz_k)) - s_sum__t1f_logits2*((-k_smoothing) + 1.0)/static_cast<double>(sz_n);
+    double s_sum__t1f_logits = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum__t1f_logits[chunk]; s_sum__t1f_logits += q; }
+    std::vector<double> c_sum__t1f_logits2(sz_k);
+    for (int64_t col = 0; col < sz_k; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum__t1f_logits2[chunk*sz_k + col]; a += q; } c_sum__t1f_logits2[col] = a; }
+    double s_sum_sum__t1f_logits2 = 0.0;
+    for (int64_t col = 0; col < sz_k; ++col) { s_sum_sum__t1f_logits2 += c_sum__t1f_logits2[col]; }
+    const double s_loss = (-s_sum__t1f_logits*((-k_smoothing) + 1.0)/static_cast<double>(sz_n)) - k_smoothing*s_sum_sum__t1f_logits2/(static_cast<double>(sz_k)*static_cast<double>(sz_n));
     o_loss[0] = static_cast<scalar_t>(s_loss);
   });
   return { r_loss, r_m, r_sum_t1 };

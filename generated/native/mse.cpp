@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer mse)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 671fb83f2cc8700d8d678da6de3dcf6088bb0dea6925cbc0e0ed0c2321991fb2
-// content-hash: c219ed90820e9cde0f008d5f1152ffb9094212a59fcf179e657310498c2ecdb0
+// content-hash: 7bdf770011c21b081698553a1d52160bffe625a5c0da45ca932a547627c2cb59
 // mse: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_mse {
 
@@ -110,8 +110,8 @@ std::vector<at::Tensor> mse_forward(const at::Tensor& t_pred, const at::Tensor& 
     std::vector<double> c_sum_diff(sz_d);
     for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_diff[chunk*sz_d + col]; a += q; } c_sum_diff[col] = a; }
     double s_sum_sum_diff = 0.0;
-    for (int64_t col = 0; col < sz_d; ++col) { s_sum_sum_diff += c_sum_diff[col]/static_cast<double>(sz_n); }
-    const double s_loss = s_sum_sum_diff/static_cast<double>(sz_d);
+    for (int64_t col = 0; col < sz_d; ++col) { s_sum_sum_diff += c_sum_diff[col]; }
+    const double s_loss = s_sum_sum_diff/(static_cast<double>(sz_d)*static_cast<double>(sz_n));
     o_loss[0] = static_cast<scalar_t>(s_loss);
   });
   return { r_loss, r_diff };

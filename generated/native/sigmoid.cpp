@@ -2,7 +2,7 @@
 // source: derive.layers.activations (layer sigmoid)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 259cd3887546037a9025807758c7170c1692eb74b9ae8b64e7e1f3a72bee9b7c
-// content-hash: 518c481aeca89633748ecd70b1d6a914d8306bce5be1151c7112ee5cd9f1fc74
+// content-hash: a768ed6cc0764310d8afecc159fe0c7d6011858e27b11e4672fd0951d9fd11ef
 // sigmoid: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_sigmoid {
 
@@ -106,13 +106,14 @@ std::vector<at::Tensor> sigmoid_forward(const at::Tensor& t_x, int64_t sz_n, int
 }
 
 
-std::vector<at::Tensor> sigmoid_backward(const at::Tensor& t_dout, const at::Tensor& t_x, int64_t sz_n, int64_t sz_d) {
+std::vector<at::Tensor> sigmoid_backward(const at::Tensor& t_dout, const at::Tensor& t_x, const at::Tensor& t_out, int64_t sz_n, int64_t sz_d) {
   std::vector<at::Tensor> results;
   at::Tensor r_dx = at::empty({sz_n*sz_d}, t_dout.options());
   AT_DISPATCH_FLOATING_TYPES(t_dout.scalar_type(), "sigmoid_backward", [&] {
     using Vec = Vectorized<scalar_t>;
     const scalar_t* p_dout = t_dout.data_ptr<scalar_t>();
     const scalar_t* p_x = t_x.data_ptr<scalar_t>();
+    const scalar_t* p_out = t_out.data_ptr<scalar_t>();
     scalar_t* o_dx = r_dx.data_ptr<scalar_t>();
     const int64_t chunks = derive_chunks(sz_n);
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
@@ -125,8 +126,7 @@ std::vector<at::Tensor> sigmoid_backward(const at::Tensor& t_dout, const at::Ten
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            const Vec v_e0_t0 = (Vec(scalar_t(1)) / (Vec(scalar_t(1)) + (Vec::loadu(p_x + row*sz_d + col, cnt)).neg().exp()));
-            (v_e0_t0*(Vec(scalar_t(1.0)) - v_e0_t0)*Vec::loadu(p_dout + row*sz_d + col, cnt)).store(o_dx + row*sz_d + col, cnt);
+            (((-Vec::loadu(p_out + row*sz_d + col, cnt)) + Vec(scalar_t(1.0)))*Vec::loadu(p_dout + row*sz_d + col, cnt)*Vec::loadu(p_out + row*sz_d + col, cnt)).store(o_dx + row*sz_d + col, cnt);
           };
           {
             int64_t col = 0;

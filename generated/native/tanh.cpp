@@ -2,7 +2,7 @@
 // source: derive.layers.activations (layer tanh)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 9b4af669f4e4ea51f002fff411d2e888a3167cd1c44b519ebce7b536ababb62e
-// content-hash: 02fbafb49e522db9e67b93ff8297eaff9054e52f1709648bcb9ede06d217b9e2
+// content-hash: 35890cb65ea580c1716d8d730f80d7021219bd93bc38067d0bc72c1cb004878a
 // tanh: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_tanh {
 
@@ -106,13 +106,14 @@ std::vector<at::Tensor> tanh_forward(const at::Tensor& t_x, int64_t sz_n, int64_
 }
 
 
-std::vector<at::Tensor> tanh_backward(const at::Tensor& t_dout, const at::Tensor& t_x, int64_t sz_n, int64_t sz_d) {
+std::vector<at::Tensor> tanh_backward(const at::Tensor& t_dout, const at::Tensor& t_x, const at::Tensor& t_out, int64_t sz_n, int64_t sz_d) {
   std::vector<at::Tensor> results;
   at::Tensor r_dx = at::empty({sz_n*sz_d}, t_dout.options());
   AT_DISPATCH_FLOATING_TYPES(t_dout.scalar_type(), "tanh_backward", [&] {
     using Vec = Vectorized<scalar_t>;
     const scalar_t* p_dout = t_dout.data_ptr<scalar_t>();
     const scalar_t* p_x = t_x.data_ptr<scalar_t>();
+    const scalar_t* p_out = t_out.data_ptr<scalar_t>();
     scalar_t* o_dx = r_dx.data_ptr<scalar_t>();
     const int64_t chunks = derive_chunks(sz_n);
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
@@ -125,7 +126,7 @@ std::vector<at::Tensor> tanh_backward(const at::Tensor& t_dout, const at::Tensor
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            ((Vec(scalar_t(1.0)) - (((Vec::loadu(p_x + row*sz_d + col, cnt)).tanh())*((Vec::loadu(p_x + row*sz_d + col, cnt)).tanh())))*Vec::loadu(p_dout + row*sz_d + col, cnt)).store(o_dx + row*sz_d + col, cnt);
+            (((-((Vec::loadu(p_out + row*sz_d + col, cnt))*(Vec::loadu(p_out + row*sz_d + col, cnt)))) + Vec(scalar_t(1.0)))*Vec::loadu(p_dout + row*sz_d + col, cnt)).store(o_dx + row*sz_d + col, cnt);
           };
           {
             int64_t col = 0;
