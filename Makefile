@@ -62,9 +62,11 @@ native:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(NATIVE_PACKAGES) >/dev/null; \
 	  else echo "g++ not found: sudo apt-get install $(NATIVE_PACKAGES)"; exit 1; fi; }
 
+# the tests run on every core (pytest-xdist), each file on one worker: a file's module fixtures
+# (two ranks, compiled documents, the native kernels' extension) are built once
 test: install tex native doc-tools
 	$(BIN)/derive check $(BACKENDS)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # the sdist and a wheel (setup.py copies templates/ into the package); `pip install dist/derive-*.whl`
 dist: install
