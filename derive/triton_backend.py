@@ -441,13 +441,31 @@ def render_module(kernel, plan: Plan, module_context: dict) -> str:
 __all__ = ["render_module", "program_context"]
 
 
-def compile_ahead(path, arch: int = 90) -> dict[str, dict]:
-    """Compile every kernel of the generated Triton module at ``path`` for a CUDA GPU of compute capability
-    ``arch`` without one (Triton's compiler and its bundled ``ptxas``), float32, ``BLOCK=1024`` with
-    8 warps (as the driver launches a block of 1024 columns):
+def compile_ahead(paths, arch: int = 90) -> dict[str, dict]:
+    """Compile every kernel of the generated Triton modules at ``paths`` for a CUDA GPU of compute
+    capability ``arch`` without one (Triton's compiler and its bundled ``ptxas``), float32,
+    ``BLOCK=1024`` with 8 warps (as the driver launches a block of 1024 columns):
     kernel name -> ``{"registers": int, "spill_stores": int, "spill_loads": int}`` as ``ptxas -v``
-    reports them. Compile errors raise."""
+    reports them. Compile errors raise. It runs in a fresh process: Triton's interpreter
+    (``TRITON_INTERPRET=1``) patches ``triton.language`` in a process where it ran, and the compiler
+    then fails on the patched operators."""
+    import json
     import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", f"import json, sys; from derive.triton_backend import _compile_here; "
+                          f"print(json.dumps(_compile_here(sys.argv[2:], int(sys.argv[1]))))", str(arch),
+                          *map(str, paths)], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent)
+    if run.returncode != 0:
+        raise RuntimeError(f"compiling the Triton kernels ahead of time failed: {run.stderr.strip()[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _compile_here(paths, arch: int) -> dict[str, dict]:
+    """``compile_ahead`` in this process (one where Triton's interpreter never ran)."""
     import subprocess
     import tempfile
 
@@ -459,31 +477,24 @@ def compile_ahead(path, arch: int = 90) -> dict[str, dict]:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"  # the kernels as the compiler sees them, not the interpreter's
-    try:
-        module = load_module(Path(path))
-    finally:
-        if before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = before
     out = {}
     ptxas = get_ptxas(arch).path if "arch" in get_ptxas.__code__.co_varnames else get_ptxas().path
-    for name, params in module._SIGNATURES.items():
-        signature = {**params, "rows_per_chunk": "i32", "BLOCK": "constexpr", "DT": "constexpr",
-                     "DEVICE_MATH": "constexpr"}
-        source = ASTSource(getattr(module, name), signature,
-                           constexprs={"BLOCK": 1024, "DT": tl.float32, "DEVICE_MATH": True})
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
-        with tempfile.TemporaryDirectory() as folder:
-            ptx = Path(folder) / "kernel.ptx"
-            ptx.write_text(compiled.asm["ptx"])
-            report = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
-                                     str(ptx), "-o", str(Path(folder) / "kernel.cubin")],
-                                    capture_output=True, text=True, check=True).stderr
-        numbers = {key: int(m.group(1)) if (m := re.search(pattern, report)) else 0 for key, pattern in
-                   {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
-                    "spill_loads": r"(\d+) bytes spill loads"}.items()}
-        out[name] = numbers
+    for path in paths:
+        module = load_module(Path(path))
+        for name, params in module._SIGNATURES.items():
+            signature = {**params, "rows_per_chunk": "i32", "BLOCK": "constexpr", "DT": "constexpr",
+                         "DEVICE_MATH": "constexpr"}
+            source = ASTSource(getattr(module, name), signature,
+                               constexprs={"BLOCK": 1024, "DT": tl.float32, "DEVICE_MATH": True})
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+            with tempfile.TemporaryDirectory() as folder:
+                ptx = Path(folder) / "kernel.ptx"
+                ptx.write_text(compiled.asm["ptx"])
+                report = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                                         str(ptx), "-o", str(Path(folder) / "kernel.cubin")],
+                                        capture_output=True, text=True, check=True).stderr
+            numbers = {key: int(m.group(1)) if (m := re.search(pattern, report)) else 0 for key, pattern in
+                       {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
+                        "spill_loads": r"(\d+) bytes spill loads"}.items()}
+            out[name] = numbers
     return out
