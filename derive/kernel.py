@@ -15,7 +15,7 @@ from .differentiate import Gradients, differentiate
 from .elements import Elements
 from .errors import DerivationError
 from .forward import size_scalars
-from .backward_plan import linear_form
+from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
 from .memo import ByObject
 from .printer import Frame, KernelPrinter, fit_shape, temporaries
@@ -310,6 +310,9 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
                            scratch) if fitted == code else None
         if fast and scratch and f"{scratch}.copy_(" in fast[0]:
             claimed.add(scratch)
+        if fast is None and fitted == code:
+            fast = chain_form(f"d{f.input}", r, KernelPrinter(Frame(frame, slots), shapes, names, dtype_of), shapes,
+                              taken)
         codes.append((fitted, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols], fast))
     return shared, codes
 

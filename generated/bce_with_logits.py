@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 39daec1ca9b7aca2a452eda4d41fef6b537dfd6cc9de5000cef1a101460e45e6
-# content-hash: 06caa5afc6047afdec5cb2c1e866845ade4494f3133a6e08b7566d912f090ffe
+# content-hash: 2abcd043a23413355b15ba25b48d41d9c60665b89edeb41df11fe2ff2674f77f
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -35,7 +35,9 @@ def _backward(needs, dloss, logits, target, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dlogits = None
     if needs[0]:
-        dlogits = dloss*(1 - torch.sigmoid(-logits) - target)/(d*n)
+        dlogits_t1 = torch.neg(logits)
+        dlogits_t2 = torch.sigmoid(dlogits_t1)
+        dlogits = torch.addcmul(dloss/(d*n), -dloss/(d*n), target).addcmul_(-dloss/(d*n), dlogits_t2)
     return dlogits, None
 
 

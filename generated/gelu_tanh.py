@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer gelu_tanh)
 # regenerate: derive generate
 # inputs-hash: 2abb98565c98f972e53bbdc47f6299513862109e33e188603bdd56f5307fd115
-# content-hash: 35efcdd39f23b1ff01774b69f5cd65eeda7afce57514deb0574ef9a1a780ecc8
+# content-hash: c259591be440fc4855c222ab0baa5afd40522b6b816cddf7397932708d55becb
 """GELU with the tanh approximation, as ``F.gelu(x, approximate="tanh")``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -40,7 +40,8 @@ def _backward(needs, dout, t4, t5, n, d):
     dx = None
     if needs[0]:
         shared0 = t5 - 1
-        dx = -0.5*(t5 + 1)*((4281288976356013017/5000000000000000000)*shared0*t4**3 + (1.59576912160573)*shared0*t4 - 1)*dout
+        dx_t1 = torch.pow(t4, 3).mul_(shared0).addcmul_(shared0, t4, value=50000/26829).add_(-5000000000000000000/4281288976356013017)
+        dx = torch.add(t5, 1).mul_(dx_t1).mul_(dout).mul_(-4281288976356013017/10000000000000000000)
     return dx
 
 

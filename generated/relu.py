@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer relu)
 # regenerate: derive generate
 # inputs-hash: f728ddc616f10906e4676416a4dd5b1ffa354cc9a09f0843fbd7221e54000908
-# content-hash: 490b1cae6a7f969af34441a05b3fb17ab16345e31ae687fd1ac750afaed08226
+# content-hash: 0e38e76dc35553b20928716ec157924b985964715f7ad70850f064f975ec0231
 """``max(x, 0)``, as ``torch.relu``; its gradient at 0 is 0, as torch's.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -34,7 +34,7 @@ def _backward(needs, dout, x, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
-        dx = (x > 0).to(dout.dtype)*dout
+        dx = torch.ops.aten.threshold_backward(dout, x, 0)
     return dx
 
 

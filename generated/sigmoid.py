@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer sigmoid)
 # regenerate: derive generate
 # inputs-hash: 2bb38475f3c91519c7fef5773416cea96c6c29b26cb2bfba14e88d556f59fcd1
-# content-hash: d0dbc34df3be377dfd05c2e6184b70a023db23a546c42d2a8f4a2c3def2fdd44
+# content-hash: ed76fba24fd67228ea09db58b3d0a59eac5087c2891a644f401cc5accea2b1e8
 """The logistic function, as ``torch.sigmoid``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -34,7 +34,7 @@ def _backward(needs, dout, out, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
-        dx = (1 - out)*dout*out
+        dx = torch.ops.aten.sigmoid_backward(dout, out)
     return dx
 
 

@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer softplus)
 # regenerate: derive generate
 # inputs-hash: d3d3c1d793ba692db4d3ce402bc2212c8665afea94bdc9a611f9e6147cab0b1d
-# content-hash: c8265e26268936fbd784bde77ed4c4f79e994e224791173899e0d52f0bbc3264
+# content-hash: 264018731b34a93918fee682bf222988f7a80427bb7a79e68f3f8c742711e2dc
 """``log(1 + exp(x))``, as ``F.softplus`` (whose threshold only changes the result above x = 20).
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -36,7 +36,8 @@ def _backward(needs, dout, t1, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
-        dx = dout*t1/(t1 + 1)
+        dx_t1 = torch.add(t1, 1)
+        dx = torch.mul(dout, t1).div_(dx_t1)
     return dx
 
 
