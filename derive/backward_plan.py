@@ -128,45 +128,49 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
 # Any other full-size formula, printed as written, allocates one full-size temporary per operator:
 # ``(1 - out**2)*dout`` is three passes over memory and three fresh buffers. ``chain_form``
 # computes it over as few buffers as its expression tree needs: a buffer is allocated by its first
-# operation and then updated in place, one line per buffer
-# (``dx = torch.mul(a, b).mul_(c).add_(d)``), and what torch does in one pass is one call:
-# ``a + c*b`` (``add_(b, alpha=c)``), ``a + b*c`` (``addcmul_``), ``a + b/c`` (``addcdiv_``), and the
+# operation and then updated in place, one line per buffer (``dx = torch.add(t5, 1).mul_(t4)``),
+# and what torch does in one pass is one call: ``a + c*b`` (``add_(b, alpha=c)``), ``a + b*c``
+# (``addcmul_``), ``a + b/c`` (``addcdiv_``), and the one-pass kernels of autograd's own backward,
+# each a polynomial of whatever tensors it is given: ``g*(1 - y**2)`` is ``tanh_backward(g, y)``,
+# ``g*y*(1 - y)`` is ``sigmoid_backward(g, y)``, ``g*Step(u)`` is ``threshold_backward(g, u, 0)``.
+#
+# The operations are those of the formula as printed, in its order (a product left to right, its
+# divisions last; a sum term by term), so the chain rounds as the printed formula does: only the
+# numbers (literals, sizes, constants) of a product are multiplied together first. Reordering more
+# is not safe: ``(x*counts)*s`` loses ``x*counts`` to denormals where ``(s*x)*counts`` does not.
+#
+# The same lines run when a second derivative is taken (``create_graph=True`` differentiates this
+# backward), so every in-place update is one autograd can differentiate: a buffer is never an
+# argument of its own update, a buffer read by another operation is not updated afterwards (every
+# buffer is fresh; only the one being built is updated), and the output of a function (``tanh``,
+# ``exp``, ``sigmoid``: autograd may save it for their derivative) is not updated in place: the
+# next operation on it allocates (``torch.sigmoid(b).mul(c)``).
+
 # one-pass kernels of autograd's own backward
 _TANH_BACKWARD = "torch.ops.aten.tanh_backward"  # (g, y) -> g*(1 - y**2)
 _SIGMOID_BACKWARD = "torch.ops.aten.sigmoid_backward"  # (g, y) -> g*(1 - y)*y
 _THRESHOLD_BACKWARD = "torch.ops.aten.threshold_backward"  # (g, u, 0) -> g where u > 0, else 0
-
-# The planner weighs the ways it can print a formula (which term starts a sum's buffer, whether a
-# small factor goes into a sum or is applied after it) by the passes over memory they make; each
-# way is printed in full to be counted, so a large formula gets this many tries, then the first way.
-PLAN_TRIES = 400
+_KERNEL_VALUES = {_TANH_BACKWARD: "{g}*(1 - {y}**2)", _SIGMOID_BACKWARD: "{g}*(1 - {y})*{y}",
+                  _THRESHOLD_BACKWARD: "{g} where {y} > 0, else 0"}
 
 
 class _Chain:
-    """``scale`` times a full-size value built in one buffer: its allocating expression, then
-    in-place updates. ``scale`` (small) is still to be applied, or absorbed by whoever reads it."""
+    """A full-size value built in one buffer: its allocating expression, then in-place updates."""
 
     def __init__(self, head: str, function: bool = False, plain: bool = False):
         self.head = head
         self.updates: list[str] = []
         self.frozen = function  # the head is a function's output: the next update allocates
-        self.allocations = 1
-        self.scale = sp.S.One
         self.plain = plain  # ``torch.mul(a, b)`` of two tensors: no better than ``a*b``
 
     def then(self, method: str, arguments: str = "") -> "_Chain":
         self.updates.append(f".{method}({arguments})" if self.frozen else f".{method}_({arguments})")
-        self.allocations += self.frozen
         self.frozen = self.plain = False
         return self
 
     def text(self) -> str:
         head = self.head if not self.updates or _atomic(self.head) else f"({self.head})"
         return head + "".join(self.updates)
-
-    @property
-    def passes(self) -> int:
-        return 1 + len(self.updates)
 
 
 def _atomic(text: str) -> bool:
@@ -187,16 +191,15 @@ def _atomic(text: str) -> bool:
 class _Planner:
     """Writes the statements of one gradient: ``lines`` (its operand buffers), then its own chain."""
 
-    def __init__(self, grad: str, printer: KernelPrinter, shapes: dict, taken: set):
+    def __init__(self, grad: str, printer: KernelPrinter, shapes: dict, taken: set, numbers: set):
         self.grad = grad
+        self.numbers = numbers  # temporaries that hold a Python number (a size expression), not a tensor
         self.frame, self.slots = printer.frame.dims, printer.frame.slots
         self.shapes = dict(shapes)  # the buffers too, so the printer knows them as full-size tensors
         self.printer = KernelPrinter(printer.frame, self.shapes, printer.names, printer.dtype_of)
         self.taken = set(taken)
         self.lines: list[str] = []
-        self.passes = 0  # full-size passes over memory of the buffers written so far
-        self.allocations = 0
-        self.tries = 0
+        self.notes: list[str] = []  # what each one-pass kernel used computes, for a comment
 
     # -- what a value is --------------------------------------------------------------------
     def full(self, e) -> bool:
@@ -208,60 +211,29 @@ class _Planner:
         return isinstance(e, (sp.Indexed, sp.Symbol, sp.KroneckerDelta)) or not isinstance(
             e, (sp.Add, sp.Mul, sp.Pow, sp.Function))
 
-    def plain(self, product) -> bool:
-        """A tensor, or a product or quotient of two, each read as it is (one ``add_``,
-        ``addcmul_`` or ``addcdiv_`` adds it)."""
-        factors = sp.Mul.make_args(product)
-        if len(factors) == 1:
-            return self.leaf(factors[0])
-        inverse = [f for f in factors if f.is_Pow and f.exp == -1 and self.leaf(f.base)]
-        return len(factors) == 2 and len(inverse) <= 1 and all(self.leaf(f) or f in inverse for f in factors)
+    def number(self, e) -> bool:
+        """A run-time number (a literal, a size, a constant): not a tensor."""
+        return not e.atoms(sp.Indexed) and not any(
+            s.name in self.shapes and s.name not in self.numbers for s in e.free_symbols if isinstance(s, sp.Symbol))
 
     def text(self, e) -> str:
+        if e.is_number and e.is_Rational and not e.is_Integer:
+            return repr(float(e))  # a coefficient made here: the float Python would make of it
         return self.printer.doprint(e)
 
     def wrapped(self, e) -> str:
         t = self.text(e)
         return t if t.isidentifier() else f"({t})"
 
-    def number(self, e) -> bool:
-        """A run-time number (sizes and constants too): not a tensor."""
-        return not self.printer._is_tensor(e)
+    def operand(self, e) -> str:
+        """``e`` as an argument: a small value or a leaf as printed, anything else in a buffer."""
+        if not self.full(e) or self.leaf(e):
+            return self.text(e)
+        return self.buffer(e)
 
-    # -- choosing among ways to print ------------------------------------------------------
-    def best(self, ways: list) -> _Chain:
-        """The chain of the way (a function building one) with the fewest passes over memory."""
-        if len(ways) == 1 or self.tries >= PLAN_TRIES:
-            return ways[0]()
-        state = (list(self.lines), set(self.taken), dict(self.shapes), self.passes, self.allocations)
-        scores = []
-        for k, way in enumerate(ways):
-            self.tries += 1
-            chain = way()
-            scores.append((self.passes + chain.passes + 0.5 * (chain.scale != 1),
-                           self.allocations + chain.allocations, k))
-            self.lines, self.taken, self.shapes, self.passes, self.allocations = (
-                list(state[0]), set(state[1]), dict(state[2]), state[3], state[4])
-        return ways[min(scores)[2]]()
-
-    # -- buffers -----------------------------------------------------------------------------
-    def finish(self, chain: _Chain) -> _Chain:
-        """Apply the chain's pending scale."""
-        scale, chain.scale = chain.scale, sp.S.One
-        if scale == -1:
-            chain.then("neg")
-        elif scale != 1:
-            chain.then("mul", self.text(scale))
-        return chain
-
-    def buffer(self, e, keep_number_scale: bool = False) -> tuple[str, sp.Expr]:
-        """``e`` computed into a fresh buffer of its own (a line before the gradient's): its name,
-        and the numeric scale left to apply (1 unless ``keep_number_scale``)."""
+    def buffer(self, e) -> str:
+        """``e`` computed into a fresh buffer of its own (a line before the gradient's); its name."""
         chain = self.chain(e)
-        scale = sp.S.One
-        if keep_number_scale and chain.scale.is_number:
-            scale, chain.scale = chain.scale, sp.S.One
-        self.finish(chain)
         k = 1
         while f"{self.grad}_t{k}" in self.taken:
             k += 1
@@ -269,27 +241,16 @@ class _Planner:
         self.taken.add(name)
         self.shapes[name] = tuple(self.frame)
         self.lines.append(f"{name} = {chain.text()}")
-        self.passes += chain.passes
-        self.allocations += chain.allocations
-        return name, scale
-
-    def operand(self, e) -> str:
-        """``e`` as an argument: a small value or a leaf as printed, anything else in a buffer."""
-        if not self.full(e) or self.leaf(e):
-            return self.wrapped(e)
-        return self.buffer(e)[0]
+        return name
 
     # -- chains ------------------------------------------------------------------------------
-    def chain(self, e, coefficient=sp.S.One) -> _Chain:
-        """A chain whose value times its scale is ``coefficient*e`` (``e`` full-size, not a leaf;
-        ``coefficient`` small)."""
+    def chain(self, e) -> _Chain:
+        """A chain computing ``e`` (full-size, not a leaf)."""
         if isinstance(e, sp.Mul):
-            return self.product(list(sp.Mul.make_args(e)) + list(sp.Mul.make_args(coefficient)))
+            return self.product(e)
         if isinstance(e, sp.Add):
-            return self.total([coefficient * t for t in e.args])
-        chain = self.single(e)
-        chain.scale = coefficient
-        return chain
+            return self.total(e)
+        return self.single(e)
 
     def single(self, e) -> _Chain:
         """A power or a function of full-size values."""
@@ -298,75 +259,89 @@ class _Planner:
             if exponent.is_Integer and exponent > 1:
                 method, argument = ("square", "") if exponent == 2 else ("pow", self.text(exponent))
                 if self.leaf(base):
-                    return _Chain(f"torch.{method}({self.wrapped(base)}{', ' * bool(argument)}{argument})")
-                return self.finish(self.chain(base)).then(method, argument)
+                    return _Chain(f"torch.{method}({self.text(base)}{', ' * bool(argument)}{argument})")
+                return self.chain(base).then(method, argument)
         # anything else as the printer writes it, its full-size arguments computed first
-        arguments = {a: sp.Symbol(self.buffer(a)[0]) for a in e.args if self.full(a) and not self.leaf(a)}
+        arguments = {a: sp.Symbol(self.buffer(a)) for a in e.args if self.full(a) and not self.leaf(a)}
         return _Chain(self.text(e.xreplace(arguments)), function=isinstance(e, sp.Function))
 
-    def product(self, factors: list) -> _Chain:
-        small = sp.Mul(*[f for f in factors if not self.full(f)])
-        big = [f for f in factors if self.full(f)]
-        denominators = [1 / f for f in big if f.is_Pow and f.exp.is_negative]
-        numerators = [f for f in big if not (f.is_Pow and f.exp.is_negative)]
-        compound = [f for f in numerators if not self.leaf(f)]
-        if any(self.kernel_of(f, numerators) for f in numerators):
-            return self.kernel(numerators, denominators, small)
-        if not compound:
-            return self.leaves(numerators, denominators, small)
-        ways = []
-        for head in compound:
-            ways.append(lambda head=head: self.product_from(head, numerators, denominators, small, push=False))
-            if head.is_Add and small != 1:
-                ways.append(lambda head=head: self.product_from(head, numerators, denominators, small, push=True))
-        return self.best(ways)
-
-    def product_from(self, head, numerators, denominators, small, push: bool) -> _Chain:
-        """The product with the buffer of ``head``; ``push``: the small factor goes into its terms."""
-        chain = self.chain(head, small if push else sp.S.One)
-        if not push:
-            chain.scale *= small
-        rest = list(numerators)
-        rest.remove(head)
-        return self.times(chain, rest, denominators)
-
-    def times(self, chain: _Chain, numerators, denominators) -> _Chain:
-        for f in numerators:
-            if self.leaf(f):
-                chain.then("mul", self.wrapped(f))
-            else:
-                name, scale = self.buffer(f, keep_number_scale=True)
-                chain.then("mul", name)
-                chain.scale *= scale
-        for f in denominators:
-            if self.leaf(f):
-                chain.then("div", self.wrapped(f))
-            else:
-                name, scale = self.buffer(f, keep_number_scale=True)
-                chain.then("div", name)
-                chain.scale /= scale
+    def product(self, e) -> _Chain:
+        """A product as the printer writes it: its factors left to right, then divided by its
+        denominators; its numbers multiplied together first."""
+        factors = e.as_ordered_factors()
+        numbers = sp.Mul(*[f for f in factors if self.number(f)])
+        tensors = [f for f in factors if not self.number(f)]
+        denominators = [1 / f for f in tensors if f.is_Pow and f.exp.is_negative]
+        numerators = [f for f in tensors if not (f.is_Pow and f.exp.is_negative)]
+        small_den = [d for d in denominators if not self.full(d)]
+        if small_den:  # small tensors it divides by go last, as printed, with the numbers it divides by
+            numbers = sp.Mul(*[f for f in factors if self.number(f) and not (f.is_Pow and f.exp.is_negative)])
+            small_den = [sp.Mul(*small_den, *[1 / f for f in factors if self.number(f) and f.is_Pow
+                                              and f.exp.is_negative])]
+        full_den = [d for d in denominators if self.full(d)]
+        chain = self.kernel(numerators, numbers)
+        if chain is None:
+            chain, prefix, rest = None, numbers, list(numerators)
+            while rest:
+                f = rest.pop(0)
+                if chain is None and not self.full(f):
+                    prefix *= f
+                elif chain is None:
+                    chain = self.first_factor(f, prefix, rest, full_den)
+                else:
+                    chain.then("mul", self.operand(f))
+            if chain is None:  # small factors that broadcast to full size: as printed
+                chain = _Chain(self.text(prefix * sp.Mul(*[1 / d for d in full_den])))
+                full_den = []
+        for d in full_den:
+            chain.then("div", self.operand(d))
+        for d in small_den:
+            chain.then("div", self.text(d))
         return chain
 
-    def leaves(self, numerators, denominators, small) -> _Chain:
-        """A product of tensors read as they are."""
-        if len(numerators) >= 2:
-            chain = _Chain(f"torch.mul({self.wrapped(numerators[0])}, {self.wrapped(numerators[1])})", plain=True)
-            chain.scale = small
-            return self.times(chain, numerators[2:], denominators)
-        if numerators and denominators and self.leaf(denominators[0]):
-            chain = _Chain(f"torch.div({self.wrapped(numerators[0])}, {self.wrapped(denominators[0])})")
-            chain.scale = small
-            return self.times(chain, [], denominators[1:])
-        if numerators and small == -1:
-            chain = _Chain(f"torch.neg({self.wrapped(numerators[0])})")
-        elif numerators and small != 1:
-            chain = _Chain(f"torch.mul({self.wrapped(numerators[0])}, {self.text(small)})")
-        elif numerators:
-            chain = _Chain(f"{self.wrapped(numerators[0])}.clone()")
-        else:  # a small value over full-size ones: as the printer writes it
-            chain = _Chain(self.text(small / sp.Mul(*denominators)))
-            denominators = []
-        return self.times(chain, [], denominators)
+    def first_factor(self, f, prefix, rest: list, denominators: list) -> _Chain:
+        """The buffer of a product's first full-size factor times what came before it, or (a tensor
+        alone) times the factor after it (taken from ``rest`` or ``denominators``)."""
+        if not self.leaf(f):
+            chain = self.chain(f)
+            return chain if prefix == 1 else self.scaled(chain, prefix)
+        if prefix == -1:
+            return _Chain(f"torch.neg({self.text(f)})")
+        if prefix != 1:
+            return _Chain(f"torch.mul({self.text(f)}, {self.text(prefix)})", plain=not self.number(prefix))
+        if rest:
+            g = rest.pop(0)
+            if self.leaf(g) or not self.full(g):
+                return _Chain(f"torch.mul({self.text(f)}, {self.text(g)})", plain=self.full(g))
+            return self.chain(g).then("mul", self.text(f))  # f*g is g*f, exactly
+        if denominators:
+            return _Chain(f"torch.div({self.text(f)}, {self.operand(denominators.pop(0))})")
+        return _Chain(f"{self.wrapped(f)}.clone()")
+
+    def scaled(self, chain: _Chain, factor) -> _Chain:
+        return chain.then("neg") if factor == -1 else chain.then("mul", self.text(factor))
+
+    def kernel(self, numerators, numbers) -> _Chain | None:
+        """The product through one of autograd's one-pass kernels, if one fits it: the kernel
+        applied to the rest of the product (a tensor, or the rest in a buffer), then the numbers."""
+        for f in numerators:
+            found = self.kernel_of(f, numerators)
+            if found is None:
+                continue
+            name, argument, used, sign, extra = found
+            rest = list(numerators)
+            for u in used:
+                rest.remove(u)
+            if not rest:
+                continue
+            grad = self.text(rest[0]) if len(rest) == 1 and self.leaf(rest[0]) else self.buffer(sp.Mul(*rest))
+            y = self.operand(argument)
+            self.notes.append(f"{name.rsplit('.', 1)[1]}({grad}, {y}{extra}) = "
+                              + _KERNEL_VALUES[name].format(g=grad, y=y))
+            chain = _Chain(f"{name}({grad}, {y}{extra})")
+            factor = numbers * sign
+            return chain if factor == 1 else self.scaled(chain, factor)
+        return None
 
     def kernel_of(self, f, factors):
         """``(kernel, argument, factors it replaces, sign, extra arguments)`` when ``f`` is the
@@ -379,102 +354,104 @@ class _Planner:
         y = _one_minus(f)
         if y is not None and y[0] in factors and self.full(y[0]):
             return _SIGMOID_BACKWARD, y[0], [f, y[0]], y[1], ""
+        if y is not None and y[0] + 1 in factors and self.full(y[0]):  # (y - 1)*(y + 1), factored
+            return _TANH_BACKWARD, y[0], [f, y[0] + 1], y[1], ""
         return None
 
-    def kernel(self, numerators, denominators, small) -> _Chain:
-        """The product through the one-pass kernel found in it, applied to the rest of it."""
-        f = next(f for f in numerators if self.kernel_of(f, numerators))
-        name, argument, used, sign, extra = self.kernel_of(f, numerators)
-        rest = list(numerators)
-        for u in used:
-            rest.remove(u)
-        compound = [g for g in rest if not self.leaf(g)]
-        leaves = [g for g in rest if self.leaf(g)]
-        scale = sp.S.One
-        if compound:  # the gradient it scales: what needs a buffer anyway, or a tensor as it is
-            grad, scale = self.buffer(sp.Mul(*compound), keep_number_scale=True)
-        elif leaves:
-            grad = self.wrapped(leaves.pop(0))
-        elif not self.number(small):
-            grad, small = self.wrapped(small), sp.S.One
-        else:
-            grad, small = f"torch.ones_like({self.operand(argument)})", small
-        chain = _Chain(f"{name}({grad}, {self.operand(argument)}{extra})")
-        chain.scale = small * sign * scale
-        return self.times(chain, leaves, denominators)
-
-    def total(self, terms: list) -> _Chain:
-        small = sp.Add(*[t for t in terms if not self.full(t)])
-        parts = []  # (small coefficient, product of full-size factors) of each full-size term
-        for t in terms:
-            if self.full(t):
-                factors = sp.Mul.make_args(t)
-                parts.append((sp.Mul(*[f for f in factors if not self.full(f)]),
-                              sp.Mul(*[f for f in factors if self.full(f)])))
-        if not parts:  # small terms that broadcast to full size: as the printer writes them
-            return _Chain(self.text(sp.Add(*terms)))
-        # the buffer starts from a term that needs one anyway, or from a plain one (with the small
-        # constant, where one call does both); a number that term is multiplied by may be taken out
-        # of the sum (the other terms divided by it), for a factor outside to absorb
-        heads = [p for p in parts if not self.plain(p[1])]
-        heads.append(min([p for p in parts if self.plain(p[1])] or parts,
-                         key=lambda p: (p[0] not in (1, -1), sp.default_sort_key(p[1]))))
-        ways = []
-        for head in dict.fromkeys(heads):
-            ways.append(lambda head=head: self.total_from(head, parts, small, sp.S.One))
-            if head[0].is_number and head[0] not in (1, -1, 0):
-                ways.append(lambda head=head: self.total_from(head, parts, small, head[0]))
-        return self.best(ways)
-
-    def total_from(self, head, parts, small, out) -> _Chain:
-        """The sum with the buffer of ``head``, ``out`` (a number) taken out of every term."""
-        rest = [(c / out, p) for c, p in parts if (c, p) != head]
-        coefficient, product = head[0] / out, head[1]
-        small = small / out
-        if self.plain(product):
-            chain, small = self.start(coefficient, product, small)
-        else:
-            chain = self.chain(product, coefficient)
-        if not chain.scale.is_number or chain.scale == 0:
-            self.finish(chain)
-        inner, chain.scale = chain.scale, chain.scale * out
-        for c, p in rest:
-            self.accumulate(chain, c / inner, p)
-        if small != 0:
-            chain.then("add", self.text(small / inner))
+    def total(self, e) -> _Chain:
+        """A sum as the printer writes it: term by term, left to right."""
+        terms = [t for t in sorted(e.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())]
+        small, chain = sp.S.Zero, None
+        while terms:
+            t = terms.pop(0)
+            if chain is None and not self.full(t):
+                small += t
+            elif chain is None:
+                chain = self.first_term(t, small, terms)
+            elif not self.full(t):
+                chain.then("add", self.text(t))
+            else:
+                self.accumulate(chain, *self.split(t))
+        if chain is None:  # small terms that broadcast to full size: as printed
+            return _Chain(self.text(e))
         return chain
 
-    def start(self, coefficient, product, small) -> tuple[_Chain, sp.Expr]:
-        """The buffer of one plain term plus the small constant, where one call does both; the
-        constant left to add."""
+    def first_term(self, t, small, rest: list) -> _Chain:
+        """The buffer of a sum's first full-size term plus what came before it, or (a tensor alone)
+        plus the term after it (taken from ``rest``): one call where torch has one."""
+        coefficient, product = self.split(t)
+        if small != 0:
+            chain = self.start(coefficient, product, small)
+            if chain is not None:
+                return chain
+            if coefficient == -1 and self.number(small) and not self.leaf(product):
+                return _Chain(f"torch.rsub({self.chain(product).text()}, {self.text(small)})")
+            chain = self.chain(t) if not self.leaf(t) else _Chain(f"{self.wrapped(t)}.clone()")
+            return chain.then("add", self.text(small))
+        if not self.leaf(t):
+            return self.chain(t)
+        if not rest:
+            return _Chain(f"{self.wrapped(t)}.clone()")
+        u = rest.pop(0)
+        if not self.full(u):
+            return _Chain(f"torch.add({self.text(t)}, {self.text(u)})")
+        c, p = self.split(u)
+        if self.plain(p) and self.number(c):
+            chain = _Chain("")
+            self.accumulate(chain, c, p)
+            method, _, arguments = chain.updates[0][1:].partition("_(")
+            return _Chain(f"torch.{method}({self.text(t)}, {arguments}")
+        if self.number(c) and c.could_extract_minus_sign():
+            return _Chain(f"torch.sub({self.text(t)}, {self.buffer(-u)})")
+        return self.chain(u).then("add", self.text(t))  # t + u is u + t, exactly
+
+    def split(self, term) -> tuple:
+        """(small coefficient, product of full-size factors) of one term."""
+        factors = sp.Mul.make_args(term)
+        return (sp.Mul(*[f for f in factors if not self.full(f)]), sp.Mul(*[f for f in factors if self.full(f)]))
+
+    def plain(self, product) -> bool:
+        """A tensor, or a product or quotient of two, each read as it is (one ``add_``,
+        ``addcmul_`` or ``addcdiv_`` adds it)."""
         factors = sp.Mul.make_args(product)
-        if small != 0 and not self.number(small) and self.number(coefficient):
-            value = "" if coefficient == 1 else f", value={self.text(coefficient)}"
-            alpha = "" if coefficient == 1 else f", alpha={self.text(coefficient)}"
-            if len(factors) == 1:
-                return _Chain(f"torch.add({self.text(small)}, {self.wrapped(factors[0])}{alpha})"), sp.S.Zero
+        if len(factors) == 1:
+            return self.leaf(factors[0])
+        inverse = [f for f in factors if f.is_Pow and f.exp == -1 and self.leaf(f.base)]
+        return len(factors) == 2 and len(inverse) <= 1 and all(self.leaf(f) or f in inverse for f in factors)
+
+    def start(self, coefficient, product, small) -> _Chain | None:
+        """``small + coefficient*product`` in one call, where torch has one; else None."""
+        if not self.plain(product):
+            return None
+        factors = sp.Mul.make_args(product)
+        number = self.number(coefficient)
+        if len(factors) == 1:
+            tensor = self.text(factors[0])
+            if not self.number(small):
+                if number:
+                    alpha = "" if coefficient == 1 else f", alpha={self.text(coefficient)}"
+                    return _Chain(f"torch.add({self.text(small)}, {tensor}{alpha})")
+                return _Chain(f"torch.addcmul({self.text(small)}, {self.text(coefficient)}, {tensor})")
+            if coefficient == 1:
+                return _Chain(f"torch.add({tensor}, {self.text(small)})")
+            if coefficient == -1:
+                return _Chain(f"torch.rsub({tensor}, {self.text(small)})")
+            return None
+        if number and not self.number(small):
             a, b = factors
+            value = "" if coefficient == 1 else f", value={self.text(coefficient)}"
             if a.is_Pow or b.is_Pow:
                 a, b = (b, a.base) if a.is_Pow else (a, b.base)
-                return _Chain(f"torch.addcdiv({self.text(small)}, {self.wrapped(a)}, {self.wrapped(b)}{value})"), \
-                    sp.S.Zero
-            return _Chain(f"torch.addcmul({self.text(small)}, {self.wrapped(a)}, {self.wrapped(b)}{value})"), sp.S.Zero
-        if small != 0 and len(factors) == 1:
-            tensor = self.wrapped(factors[0])
-            if not self.number(small):
-                return _Chain(f"torch.addcmul({self.text(small)}, {self.text(coefficient)}, {tensor})"), sp.S.Zero
-            if coefficient == 1:
-                return _Chain(f"torch.add({tensor}, {self.text(small)})"), sp.S.Zero
-            if coefficient == -1:
-                return _Chain(f"torch.rsub({tensor}, {self.text(small)})"), sp.S.Zero
-        return self.product(list(factors) + list(sp.Mul.make_args(coefficient))), small
+                return _Chain(f"torch.addcdiv({self.text(small)}, {self.text(a)}, {self.text(b)}{value})")
+            return _Chain(f"torch.addcmul({self.text(small)}, {self.text(a)}, {self.text(b)}{value})")
+        return None
 
     def accumulate(self, chain: _Chain, coefficient, product) -> None:
         """``chain += coefficient*product``, in one update where torch has one."""
         factors = sp.Mul.make_args(product)
         number = self.number(coefficient)
         if self.plain(product) and len(factors) == 1:
-            tensor = self.wrapped(factors[0])
+            tensor = self.text(factors[0])
             if not number:
                 chain.then("addcmul", f"{self.text(coefficient)}, {tensor}")
             elif coefficient == -1:
@@ -482,26 +459,21 @@ class _Planner:
             else:
                 chain.then("add", tensor + ("" if coefficient == 1 else f", alpha={self.text(coefficient)}"))
             return
-        if self.plain(product):
+        if self.plain(product) and number:
             a, b = factors
-            if not number:  # the coefficient times one of them first, at one pass
-                if a.is_Pow:
-                    a, b = b, a
-                a = sp.Symbol(self.buffer(coefficient * a)[0])
-                coefficient = sp.S.One
             value = "" if coefficient == 1 else f", value={self.text(coefficient)}"
             if a.is_Pow or b.is_Pow:
                 a, b = (b, a.base) if a.is_Pow else (a, b.base)
-                chain.then("addcdiv", f"{self.wrapped(a)}, {self.wrapped(b)}{value}")
+                chain.then("addcdiv", f"{self.text(a)}, {self.text(b)}{value}")
             else:
-                chain.then("addcmul", f"{self.wrapped(a)}, {self.wrapped(b)}{value}")
+                chain.then("addcmul", f"{self.text(a)}, {self.text(b)}{value}")
             return
-        name, scale = self.buffer(product, keep_number_scale=True)
-        coefficient = coefficient * scale
         if number:
-            chain.then("add", name + ("" if coefficient == 1 else f", alpha={self.text(coefficient)}"))
+            negative = coefficient.could_extract_minus_sign()
+            term = self.buffer(-coefficient * product if negative else coefficient * product)
+            chain.then("sub" if negative else "add", term)
         else:
-            chain.then("addcmul", f"{self.text(coefficient)}, {name}")
+            chain.then("add", self.buffer(coefficient * product))
 
 
 def _one_minus(f):
@@ -525,19 +497,24 @@ def _one_minus_square(f):
     return None
 
 
-def chain_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict, taken: set) -> list[str] | None:
+def chain_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict, taken: set,
+               numbers: set = frozenset()) -> list[str] | None:
     """Statements computing the full-size ``grad = expr`` over few buffers, updated in place (see
-    above), or None when ``expr`` is not full-size or is one product of two tensors anyway."""
-    planner = _Planner(grad, printer, shapes, taken)
+    above), or None when ``expr`` is not full-size or is one product of two tensors anyway.
+    ``numbers``: the temporaries in ``shapes`` that hold a Python number, not a tensor."""
+    planner = _Planner(grad, printer, shapes, taken, set(numbers))
     if not planner.full(expr) or planner.leaf(expr):
         return None
     try:
-        chain = planner.finish(planner.chain(expr))
+        chain = planner.chain(expr)
     except DerivationError:
         return None
-    if not planner.lines and chain.plain:
-        return None  # ``a*b``: as written
-    return planner.lines + [f"{grad} = {chain.text()}"]
+    if not planner.lines and (chain.plain or not chain.updates and not chain.head.startswith(_KERNELS)):
+        return None  # one operation: as written
+    notes = [f"# {note}, in one pass (autograd's own kernel)" for note in dict.fromkeys(planner.notes)]
+    return notes + planner.lines + [f"{grad} = {chain.text()}"]
 
+
+_KERNELS = (_TANH_BACKWARD, _SIGMOID_BACKWARD, _THRESHOLD_BACKWARD)
 
 __all__ = ["linear_form", "chain_form"]

@@ -76,6 +76,7 @@ class Kernel:
     constants_used: list[str]
     seconds: float = 0.0
     forbidden: dict = field(default_factory=dict)  # input -> refold rewrites its gradient may not take
+    as_written: frozenset = frozenset()  # inputs whose gradient is printed as its formula reads
 
     @property
     def name(self) -> str:
@@ -182,9 +183,11 @@ def derived(layer: Layer) -> tuple[Graph, Elements, Gradients]:
     return _DERIVED.get(layer, derive)
 
 
-def build(layer: Layer, forbidden: dict[str, frozenset] | None = None) -> Kernel:
+def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_written: frozenset = frozenset()) -> Kernel:
     """The fused kernel of ``layer``. ``forbidden`` maps an input to the refold rewrites its
-    gradient may not take (``(node, variable)`` names, see ``select``): a less folded form."""
+    gradient may not take (``(node, variable)`` names, see ``select``): a less folded form.
+    The gradients of the inputs in ``as_written`` are printed as their formulas read, without
+    the in-place forms of ``backward_plan`` (which order some operations differently)."""
     start = time.perf_counter()
     graph, el, grads = derived(layer)
     order = list(layer.inputs)
@@ -199,7 +202,8 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None) -> Kernel
     shapes = _shapes(graph)
     try:
         shared, codes = print_formulas(layer, el, formulas, frame_dims, shapes,
-                                       taken={n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes})
+                                       taken={n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes},
+                                       as_written=as_written)
     except DerivationError as e:
         raise located(e, graph) from None
     for f, (code, needs, fast) in zip(formulas, codes):
@@ -224,7 +228,7 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None) -> Kernel
         raise located(e, graph) from None
     return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
                   [str(s) for s in frame_dims], sources, input_checks(layer, divisors, sources), constants,
-                  time.perf_counter() - start, dict(forbidden or {}))
+                  time.perf_counter() - start, dict(forbidden or {}), frozenset(as_written))
 
 
 def located(error: DerivationError, graph) -> DerivationError:
@@ -240,7 +244,8 @@ def located(error: DerivationError, graph) -> DerivationError:
 
 
 def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_dims: list, shapes: dict,
-                   taken: set, rename: dict[str, str] | None = None, sizes: dict | None = None):
+                   taken: set, rename: dict[str, str] | None = None, sizes: dict | None = None,
+                   as_written: frozenset = frozenset()):
     """Print ``formulas`` as torch code, with shared subexpressions (``cse``) as named temporaries.
 
     ``rename`` maps tensor names and ``sizes`` maps size symbols, so the same derived formulas can
@@ -286,6 +291,11 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
             if sp.Symbol(earlier.name) in later.element.free_symbols:
                 earlier.users = sorted(set(earlier.users) | set(later.users))
     _name_scratch_buffers(shared, frame, index, shapes, names, dtype_of, slots, taken)
+    # temporaries of sizes and constants only are Python numbers at run time, not tensors
+    numbers: set = set()
+    for s in shared:
+        if all(v in scalars(el) or v.name in numbers for v in s.element.free_symbols) and not s.element.atoms(sp.Indexed):
+            numbers.add(s.name)
     claimed = set()
     codes = []
     for f, element, r in zip(formulas, elements, reduced):
@@ -307,12 +317,12 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
         # a scratch buffer from a sum this gradient's guard always computes
         scratch = next((s.scratch for s in shared if s.scratch and s.scratch not in claimed and f.position in s.users), "")
         fast = linear_form(f"d{f.input}", r, KernelPrinter(Frame(frame, slots), shapes, names, dtype_of), shapes,
-                           scratch) if fitted == code else None
+                           scratch) if fitted == code and f.input not in as_written else None
         if fast and scratch and f"{scratch}.copy_(" in fast[0]:
             claimed.add(scratch)
-        if fast is None and fitted == code:
+        if fast is None and fitted == code and f.input not in as_written:
             fast = chain_form(f"d{f.input}", r, KernelPrinter(Frame(frame, slots), shapes, names, dtype_of), shapes,
-                              taken)
+                              taken, numbers)
         codes.append((fitted, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols], fast))
     return shared, codes
 

@@ -25,7 +25,7 @@ from .kernel import Kernel, build, build_cached
 from .memo import ByObject
 from .spec import Layer
 
-MAX_ATTEMPTS = 8  # fused forms tried before the step-by-step backward
+MAX_ATTEMPTS = 8  # fused formulas tried before the step-by-step backward
 
 
 @dataclass
@@ -101,14 +101,22 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
     finally:
         torch.set_num_threads(threads)
     forbidden: dict[str, frozenset] = {}
+    as_written: frozenset = frozenset()
     undone: list[str] = []
-    for _ in range(MAX_ATTEMPTS):
+    for _ in range(2 * MAX_ATTEMPTS):  # each form may also be tried as its formulas read
         verdict = check(kernel, draws)
         if verdict.passed:
             return Choice(layer, kernel, verdict, undone=undone)
         formulas = {f"d{f.input}": f for f in kernel.formulas}
         failing = list(dict.fromkeys(f.value for f in verdict.findings))
-        if any(v not in formulas or not formulas[v].rewrites for v in failing):
+        # a gradient printed in place (``backward_plan``) is first printed as its formula reads
+        fast = [v for v in failing if v in formulas and formulas[v].fast and formulas[v].input not in as_written]
+        if fast:
+            as_written |= {formulas[v].input for v in fast}
+            undone += [f"{v}: in-place form" for v in fast]
+            kernel = build(layer, forbidden, as_written)
+            continue
+        if any(v not in formulas or not formulas[v].rewrites for v in failing) or len(forbidden_steps(undone)) >= MAX_ATTEMPTS:
             break
         for value in failing:
             formula = formulas[value]
@@ -116,7 +124,8 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
             forbidden[formula.input] = forbidden.get(formula.input, frozenset()) | {(last.node.name,
                                                                                       last.variable.name)}
             undone.append(f"{value}: {last.node.name} for {last.variable.name}")
-        kernel = build(layer, forbidden)
+            as_written -= {formula.input}  # the less folded formula is tried in place first again
+        kernel = build(layer, forbidden, as_written)
     finding = verdict.findings[0]
     if fused_only:
         raise DerivationError(layer.name, f"every fused form fails the numerical battery ({finding})",
@@ -142,6 +151,11 @@ def has_fused_kernel(layer: Layer) -> bool:
     (declared fused, and a fused form passed its checks); otherwise its operations are walked
     step by step like the caller's own."""
     return layer.fused and fused_kernel(layer) is not None
+
+
+def forbidden_steps(undone: list[str]) -> list[str]:
+    """The refold rewrites among the steps undone (not the in-place forms)."""
+    return [u for u in undone if not u.endswith(": in-place form")]
 
 
 def _one_line(error: Exception) -> str:

@@ -2,12 +2,12 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 39daec1ca9b7aca2a452eda4d41fef6b537dfd6cc9de5000cef1a101460e45e6
-# content-hash: 2abcd043a23413355b15ba25b48d41d9c60665b89edeb41df11fe2ff2674f77f
+# content-hash: e2fad2a2330e8615d4b0702696c35e88a0d12b4611932e11e3e00688eb7ec76c
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dlogits = dloss*(1 - torch.sigmoid(-logits) - target)/(d*n)
+    dlogits = dloss*(1 - torch.sigmoid(t3) - target)/(d*n)
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -19,25 +19,25 @@ __all__ = ["BceWithLogitsFunction", "bce_with_logits", "compile_kernels"]
 
 def _forward(logits, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    per_element = torch.addcmul(F.softplus(-logits), 1 - target, logits)  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
-    loss = ((per_element.sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())  # spec lines 48-49
-    return loss, ()
+    t3 = -logits  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
+    _t0 = torch.addcmul(F.softplus(t3), 1 - target, logits)
+    loss = ((_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())  # spec lines 48-49
+    return loss, (t3,)
 
 
 def _forward_with_graph(logits, target, n, d):
     """The same forward without in-place updates, so autograd can differentiate through it: the
     backward recomputes what it reads this way when a second derivative is wanted."""
-    loss = (((torch.addcmul(F.softplus(-logits), 1 - target, logits)).sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())
-    return loss, ()
+    t3 = -logits
+    loss = (((torch.addcmul(F.softplus(t3), 1 - target, logits)).sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())
+    return loss, (t3,)
 
 
-def _backward(needs, dloss, logits, target, n, d):
+def _backward(needs, dloss, target, t3, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dlogits = None
     if needs[0]:
-        dlogits_t1 = torch.neg(logits)
-        dlogits_t2 = torch.sigmoid(dlogits_t1)
-        dlogits = torch.addcmul(dloss/(d*n), -dloss/(d*n), target).addcmul_(-dloss/(d*n), dlogits_t2)
+        dlogits = torch.rsub(torch.sigmoid(t3), 1).sub_(target).mul_(dloss/(d*n))
     return dlogits, None
 
 
@@ -77,14 +77,14 @@ class BceWithLogitsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
-        logits, target = ctx.saved_tensors
+        logits, target, t3 = ctx.saved_tensors
         n, d = ctx.sizes
         if torch.is_grad_enabled():
             # create_graph=True: the saved tensors carry no graph, so recompute them with one;
             # the backward below is then itself differentiable (double backward, gradient penalties)
-            _, () = _forward_with_graph(logits, target, n, d)
-            return _backward(ctx.needs_input_grad, dloss, logits, target, n, d)
-        return _kernels["backward"](ctx.needs_input_grad, dloss, logits, target, n, d)
+            _, (t3,) = _forward_with_graph(logits, target, n, d)
+            return _backward(ctx.needs_input_grad, dloss, target, t3, n, d)
+        return _kernels["backward"](ctx.needs_input_grad, dloss, target, t3, n, d)
 
 
 def bce_with_logits(logits, target):

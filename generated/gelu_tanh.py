@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer gelu_tanh)
 # regenerate: derive generate
 # inputs-hash: 2abb98565c98f972e53bbdc47f6299513862109e33e188603bdd56f5307fd115
-# content-hash: c259591be440fc4855c222ab0baa5afd40522b6b816cddf7397932708d55becb
+# content-hash: bc3fcfbe613efd2648831ca26dd5e2c4b09a74a87026286de7e76699b96fec0d
 """GELU with the tanh approximation, as ``F.gelu(x, approximate="tanh")``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -40,8 +40,9 @@ def _backward(needs, dout, t4, t5, n, d):
     dx = None
     if needs[0]:
         shared0 = t5 - 1
-        dx_t1 = torch.pow(t4, 3).mul_(shared0).addcmul_(shared0, t4, value=50000/26829).add_(-5000000000000000000/4281288976356013017)
-        dx = torch.add(t5, 1).mul_(dx_t1).mul_(dout).mul_(-4281288976356013017/10000000000000000000)
+        dx_t1 = torch.pow(t4, 3)
+        dx_t2 = torch.mul(shared0, 0.8562577952712026).mul_(dx_t1).addcmul_(shared0, t4, value=1.59576912160573).add_(-1)
+        dx = torch.add(t5, 1).mul_(-0.5).mul_(dx_t2).mul_(dout)
     return dx
 
 

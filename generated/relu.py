@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer relu)
 # regenerate: derive generate
 # inputs-hash: f728ddc616f10906e4676416a4dd5b1ffa354cc9a09f0843fbd7221e54000908
-# content-hash: 0e38e76dc35553b20928716ec157924b985964715f7ad70850f064f975ec0231
+# content-hash: 28607a0e4ca69089ee9c9a5108f536ae66e94fef9f1fd7373c683ba093199496
 """``max(x, 0)``, as ``torch.relu``; its gradient at 0 is 0, as torch's.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -34,6 +34,7 @@ def _backward(needs, dout, x, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
+        # threshold_backward(dout, x, 0) = dout where x > 0, else 0, in one pass (autograd's own kernel)
         dx = torch.ops.aten.threshold_backward(dout, x, 0)
     return dx
 

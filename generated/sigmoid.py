@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer sigmoid)
 # regenerate: derive generate
 # inputs-hash: 2bb38475f3c91519c7fef5773416cea96c6c29b26cb2bfba14e88d556f59fcd1
-# content-hash: ed76fba24fd67228ea09db58b3d0a59eac5087c2891a644f401cc5accea2b1e8
+# content-hash: 4bb2bba8d4084144e45ce3e7edd70553f4af26bbd0b7c113e71baeaf5f4ebc65
 """The logistic function, as ``torch.sigmoid``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -34,6 +34,7 @@ def _backward(needs, dout, out, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
+        # sigmoid_backward(dout, out) = dout*(1 - out)*out, in one pass (autograd's own kernel)
         dx = torch.ops.aten.sigmoid_backward(dout, out)
     return dx
 

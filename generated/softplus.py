@@ -2,12 +2,12 @@
 # source: derive.layers.activations (layer softplus)
 # regenerate: derive generate
 # inputs-hash: d3d3c1d793ba692db4d3ce402bc2212c8665afea94bdc9a611f9e6147cab0b1d
-# content-hash: 264018731b34a93918fee682bf222988f7a80427bb7a79e68f3f8c742711e2dc
+# content-hash: 51527650c022e8e6933f40bdaf273f99f2e003db57a6b5e2ea0058069551af7f
 """``log(1 + exp(x))``, as ``F.softplus`` (whose threshold only changes the result above x = 20).
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dx = dout*t1/(t1 + 1)
+    dx = dout*t1/t2
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -20,24 +20,25 @@ __all__ = ["SoftplusFunction", "softplus", "compile_kernels"]
 def _forward(x, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     t1 = torch.exp(x)  # spec line 33: out = (1 + x.exp()).log()
-    out = (t1 + 1).log_()  # spec line 33: out = (1 + x.exp()).log()
-    return out, (t1,)
+    t2 = t1 + 1  # spec line 33: out = (1 + x.exp()).log()
+    out = torch.log(t2)  # spec line 33: out = (1 + x.exp()).log()
+    return out, (t1, t2)
 
 
 def _forward_with_graph(x, n, d):
     """The same forward without in-place updates, so autograd can differentiate through it: the
     backward recomputes what it reads this way when a second derivative is wanted."""
     t1 = torch.exp(x)
-    out = torch.log(t1 + 1)
-    return out, (t1,)
+    t2 = t1 + 1
+    out = torch.log(t2)
+    return out, (t1, t2)
 
 
-def _backward(needs, dout, t1, n, d):
+def _backward(needs, dout, t1, t2, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
-        dx_t1 = torch.add(t1, 1)
-        dx = torch.mul(dout, t1).div_(dx_t1)
+        dx = torch.mul(dout, t1).div_(t2)
     return dx
 
 
@@ -69,14 +70,14 @@ class SoftplusFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x, t1 = ctx.saved_tensors
+        x, t1, t2 = ctx.saved_tensors
         n, d = ctx.sizes
         if torch.is_grad_enabled():
             # create_graph=True: the saved tensors carry no graph, so recompute them with one;
             # the backward below is then itself differentiable (double backward, gradient penalties)
-            _, (t1,) = _forward_with_graph(x, n, d)
-            return _backward(ctx.needs_input_grad, dout, t1, n, d)
-        return _kernels["backward"](ctx.needs_input_grad, dout, t1, n, d)
+            _, (t1, t2) = _forward_with_graph(x, n, d)
+            return _backward(ctx.needs_input_grad, dout, t1, t2, n, d)
+        return _kernels["backward"](ctx.needs_input_grad, dout, t1, t2, n, d)
 
 
 def softplus(x):
