@@ -157,15 +157,14 @@ _KERNEL_VALUES = {_TANH_BACKWARD: "{g}*(1 - {y}**2)", _SIGMOID_BACKWARD: "{g}*(1
 class _Chain:
     """A full-size value built in one buffer: its allocating expression, then in-place updates."""
 
-    def __init__(self, head: str, function: bool = False, plain: bool = False):
+    def __init__(self, head: str, function: bool = False):
         self.head = head
         self.updates: list[str] = []
         self.frozen = function  # the head is a function's output: the next update allocates
-        self.plain = plain  # ``torch.mul(a, b)`` of two tensors: no better than ``a*b``
 
     def then(self, method: str, arguments: str = "") -> "_Chain":
         self.updates.append(f".{method}({arguments})" if self.frozen else f".{method}_({arguments})")
-        self.frozen = self.plain = False
+        self.frozen = False
         return self
 
     def text(self) -> str:
@@ -243,6 +242,15 @@ class _Planner:
         self.lines.append(f"{name} = {chain.text()}")
         return name
 
+    def passes(self, e) -> int:
+        """The full-size operations ``e`` makes printed as written (Python evaluating it left to right)."""
+        if not self.full(e) or self.leaf(e):
+            return 0
+        if isinstance(e, (sp.Mul, sp.Add)):
+            parts = e.as_ordered_factors() if isinstance(e, sp.Mul) else e.as_ordered_terms()
+            return sum(self.passes(p) for p in parts) + len(parts) - 1
+        return sum(self.passes(a) for a in e.args) + 1
+
     # -- chains ------------------------------------------------------------------------------
     def chain(self, e) -> _Chain:
         """A chain computing ``e`` (full-size, not a leaf)."""
@@ -308,11 +316,11 @@ class _Planner:
         if prefix == -1:
             return _Chain(f"torch.neg({self.text(f)})")
         if prefix != 1:
-            return _Chain(f"torch.mul({self.text(f)}, {self.text(prefix)})", plain=not self.number(prefix))
+            return _Chain(f"torch.mul({self.text(f)}, {self.text(prefix)})")
         if rest:
             g = rest.pop(0)
             if self.leaf(g) or not self.full(g):
-                return _Chain(f"torch.mul({self.text(f)}, {self.text(g)})", plain=self.full(g))
+                return _Chain(f"torch.mul({self.text(f)}, {self.text(g)})")
             return self.chain(g).then("mul", self.text(f))  # f*g is g*f, exactly
         if denominators:
             return _Chain(f"torch.div({self.text(f)}, {self.operand(denominators.pop(0))})")
@@ -384,8 +392,11 @@ class _Planner:
             chain = self.start(coefficient, product, small)
             if chain is not None:
                 return chain
-            if coefficient == -1 and self.number(small) and not self.leaf(product):
-                return _Chain(f"torch.rsub({self.chain(product).text()}, {self.text(small)})")
+            if t.could_extract_minus_sign():  # ``small - u``: one subtraction
+                positive = self.chain(-t).text()
+                if self.number(small):
+                    return _Chain(f"torch.rsub({positive}, {self.text(small)})")
+                return _Chain(f"torch.sub({self.text(small)}, {positive})")
             chain = self.chain(t) if not self.leaf(t) else _Chain(f"{self.wrapped(t)}.clone()")
             return chain.then("add", self.text(small))
         if not self.leaf(t):
@@ -401,7 +412,7 @@ class _Planner:
             self.accumulate(chain, c, p)
             method, _, arguments = chain.updates[0][1:].partition("_(")
             return _Chain(f"torch.{method}({self.text(t)}, {arguments}")
-        if self.number(c) and c.could_extract_minus_sign():
+        if u.could_extract_minus_sign():
             return _Chain(f"torch.sub({self.text(t)}, {self.buffer(-u)})")
         return self.chain(u).then("add", self.text(t))  # t + u is u + t, exactly
 
@@ -468,12 +479,9 @@ class _Planner:
             else:
                 chain.then("addcmul", f"{self.text(a)}, {self.text(b)}{value}")
             return
-        if number:
-            negative = coefficient.could_extract_minus_sign()
-            term = self.buffer(-coefficient * product if negative else coefficient * product)
-            chain.then("sub" if negative else "add", term)
-        else:
-            chain.then("add", self.buffer(coefficient * product))
+        term = coefficient * product
+        negative = term.could_extract_minus_sign()
+        chain.then("sub" if negative else "add", self.buffer(-term if negative else term))
 
 
 def _one_minus(f):
@@ -509,8 +517,8 @@ def chain_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict, t
         chain = planner.chain(expr)
     except DerivationError:
         return None
-    if not planner.lines and (chain.plain or not chain.updates and not chain.head.startswith(_KERNELS)):
-        return None  # one operation: as written
+    if not planner.lines and not chain.updates and not chain.head.startswith(_KERNELS) and planner.passes(expr) <= 1:
+        return None  # one operation either way: as written
     notes = [f"# {note}, in one pass (autograd's own kernel)" for note in dict.fromkeys(planner.notes)]
     return notes + planner.lines + [f"{grad} = {chain.text()}"]
 

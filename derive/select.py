@@ -123,6 +123,8 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
             last = formula.rewrites[-1]
             forbidden[formula.input] = forbidden.get(formula.input, frozenset()) | {(last.node.name,
                                                                                       last.variable.name)}
+            if formula.input in as_written:  # it failed as written too: its in-place form was not the cause
+                undone.remove(f"{value}: in-place form")
             undone.append(f"{value}: {last.node.name} for {last.variable.name}")
             as_written -= {formula.input}  # the less folded formula is tried in place first again
         kernel = build(layer, forbidden, as_written)

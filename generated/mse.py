@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: 29ac90ef98e2c0ccb6dcea4f2e8e539d77319e6d49cc7af9144edd2307bc31c0
-# content-hash: 5b79aa0e3e74384b6b3725ebef7dc8f84d45ff90e3ebd0fa0c2b27beeedda158
+# content-hash: 0cefb1a2491b6964f19a125ecb8eba2d30e8806e3972dc68313a4529d8946593
 """Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -37,7 +37,7 @@ def _backward(needs, dloss, diff, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dpred = None
     if needs[0]:
-        dpred = 2*dloss*diff/(d*n)
+        dpred = torch.mul(diff, 2*dloss/(d*n))
     return dpred, None
 
 
