@@ -123,7 +123,9 @@ def _binary(symbol: str, prec: int, fold):
         simplified = _identity(symbol, a, b)
         if simplified is not None:
             return simplified
-        right = b.wrap(prec + 1) if symbol in ("-", "/", "**", "@") else b.wrap(prec)
+        # a right operand of its own precedence keeps its parentheses: ``g * (r / b)`` is not
+        # ``g * r / b`` in floating point (the rule is printed as it rounds, as autograd's does)
+        right = b.wrap(prec + 1) if symbol in ("-", "/", "**", "@", "*") else b.wrap(prec)
         left = a.wrap(prec + 1) if symbol == "**" else a.wrap(prec)
         return Code(f"{left}{symbol}{right}" if symbol == "**" else f"{left} {symbol} {right}", prec)
     return op

@@ -3,7 +3,10 @@
 1. The most folded fused formula (``kernel.build``): every refold rewrite the cost model takes.
 2. Its generated module runs through the numerical battery (``battery.run``). For each gradient
    that fails, the last rewrite its refold took is forbidden and the kernel is built again: the
-   refold then takes the next best rewrite, or stops a step earlier (a less folded form).
+   refold then takes the next best rewrite, or stops a step earlier (a less folded form). After
+   ``MAX_ATTEMPTS - 1`` such steps a gradient that still fails is tried unfolded (no rewrite).
+   A gradient printed as an in-place chain (``backward_plan.chain_form``) that fails is first
+   printed as its formula reads; that is not counted as a step.
 3. When the output fails (the fused forward rounds worse than the spec's), when a failing gradient
    has no rewrite left to undo, or when the fused engine cannot derive the layer at all, the
    kernel is the step-by-step backward, which replays autograd's own operations.
@@ -22,10 +25,11 @@ import torch
 from . import battery
 from .errors import DerivationError, DeriveError
 from .kernel import Kernel, build, build_cached
+from .simplify import EVERY_REWRITE
 from .memo import ByObject
 from .spec import Layer
 
-MAX_ATTEMPTS = 8  # fused formulas tried before the step-by-step backward
+MAX_ATTEMPTS = 4  # fused forms tried by undoing rewrites, before the unfolded form and the step-by-step backward
 
 
 @dataclass
@@ -68,7 +72,7 @@ def check(kernel: Kernel, draws: list | None = None) -> battery.Verdict:
         with tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
             fn = _module_function(kernel, Path(folder))
             sizes = battery.battery_sizes(layer)
-            return battery.run(layer, fn, sizes, draws=draws)
+            return battery.run(layer, fn, sizes, draws=draws, slack=battery.CHOOSE_SLACK)
     finally:
         torch.set_num_threads(threads)
 
@@ -103,7 +107,8 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
     forbidden: dict[str, frozenset] = {}
     as_written: frozenset = frozenset()
     undone: list[str] = []
-    for _ in range(2 * MAX_ATTEMPTS):  # each form may also be tried as its formulas read
+    attempt = 0  # rewrites undone so far (trying a gradient as its formula reads is not counted)
+    while True:
         verdict = check(kernel, draws)
         if verdict.passed:
             return Choice(layer, kernel, verdict, undone=undone)
@@ -116,17 +121,22 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
             undone += [f"{v}: in-place form" for v in fast]
             kernel = build(layer, forbidden, as_written)
             continue
-        if any(v not in formulas or not formulas[v].rewrites for v in failing) or len(forbidden_steps(undone)) >= MAX_ATTEMPTS:
+        if attempt == MAX_ATTEMPTS or any(v not in formulas or not formulas[v].rewrites for v in failing):
             break
         for value in failing:
             formula = formulas[value]
+            if formula.input in as_written:  # it failed as written too: its in-place form was not the cause
+                undone.remove(f"{value}: in-place form")
+            as_written -= {formula.input}  # the less folded formula is tried in place first again
+            if attempt == MAX_ATTEMPTS - 1:  # the last try: the gradient as differentiated, no rewrite at all
+                forbidden[formula.input] = frozenset({EVERY_REWRITE})
+                undone.append(f"{value}: every rewrite")
+                continue
             last = formula.rewrites[-1]
             forbidden[formula.input] = forbidden.get(formula.input, frozenset()) | {(last.node.name,
                                                                                       last.variable.name)}
-            if formula.input in as_written:  # it failed as written too: its in-place form was not the cause
-                undone.remove(f"{value}: in-place form")
             undone.append(f"{value}: {last.node.name} for {last.variable.name}")
-            as_written -= {formula.input}  # the less folded formula is tried in place first again
+        attempt += 1
         kernel = build(layer, forbidden, as_written)
     finding = verdict.findings[0]
     if fused_only:
@@ -153,11 +163,6 @@ def has_fused_kernel(layer: Layer) -> bool:
     (declared fused, and a fused form passed its checks); otherwise its operations are walked
     step by step like the caller's own."""
     return layer.fused and fused_kernel(layer) is not None
-
-
-def forbidden_steps(undone: list[str]) -> list[str]:
-    """The refold rewrites among the steps undone (not the in-place forms)."""
-    return [u for u in undone if not u.endswith(": in-place form")]
 
 
 def _one_line(error: Exception) -> str:

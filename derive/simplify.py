@@ -63,7 +63,8 @@ def cost(el: Elements, expr: sp.Expr) -> int:
     Counted on the closed form the printer would write; a candidate too large for that to be cheap
     (thousands of operations, from nested softmaxes: seconds each) is counted as it stands."""
     size = sp.count_ops(expr)
-    printed = expr if size > COST_EXACT_MAX_OPS else closed_form(expr, scalars(el))
+    # (weighed without factoring the whole sum: that changes few counts and is most of the time)
+    printed = expr if size > COST_EXACT_MAX_OPS else closed_form(expr, scalars(el), factor_whole=False)
     # an input is saved for the backward anyway (a second derivative recomputes from it), and a
     # value autograd keeps costs no memory autograd does not spend; any other tensor read must be
     # computed by the forward and kept alive until the backward
@@ -260,6 +261,7 @@ def _kept_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
 # for ``x`` where ``t4 = x/2``, ``t6 - 1`` for ``t5`` where ``t6 = t5 + 1``) trades an input the
 # backward has anyway for a saved value, or a product for a subtraction that rounds.
 MIN_GAIN = 0.1
+EVERY_REWRITE = ("*", "*")  # in ``forbidden``: no rewrite at all (the gradient as differentiated, tidied)
 
 
 def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: frozenset = frozenset()) -> sp.Expr:
@@ -270,8 +272,8 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: froz
     taken, nor one in ``forbidden`` (``(node, variable)`` names: a rewrite whose result failed the
     numerical battery, see ``select``)."""
     expr, restore = hide_argmax(tidy(el, expr))  # the one-hots keep their maximum's definition
-    if expr == 0:  # the output does not depend on this input, or its terms cancel (softmax(x).sum())
-        return expr
+    if expr == 0 or EVERY_REWRITE in forbidden:  # no input dependence, or terms that cancel (softmax(x).sum())
+        return restore(expr)
     path = Path(el, expr)
     best = cost(el, expr)
     # an elementwise output is a saved quantity too (``tanh``: ``dout*(1 - out**2)``)
@@ -356,7 +358,7 @@ def _split(term: sp.Expr, scalars: set) -> tuple[sp.Expr, sp.Expr]:
     return sp.Mul(*coefficient), sp.Mul(*tensor)
 
 
-def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
+def closed_form(expr: sp.Expr, scalars: set, factor_whole: bool = True) -> sp.Expr:
     """``common_size * common_tensor * (sum of coefficient*tensor)``, each coefficient factored."""
     expr = expand(expr)
     if expr == 0:
@@ -377,7 +379,7 @@ def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
     # each coefficient without its sign (not ``abs``: a constant of either sign has no absolute value
     # worth printing, ``1/(n*T)`` is the scale of ``-1/(n*T)``)
     scale = min({_factor(-c if c.could_extract_minus_sign() else c) for c, _ in terms}, key=spread)
-    inner = _grouped(group_sums(sp.Add(*[_factor(c / scale) * t for c, t in terms])))
+    inner = _grouped(group_sums(sp.Add(*[_factor(c / scale) * t for c, t in terms])), factor_whole)
     if inner.is_Add:
         return sp.Mul(scale, common, inner, evaluate=False) if scale != 1 or common != 1 else inner
     return scale * common * inner
@@ -386,7 +388,7 @@ def closed_form(expr: sp.Expr, scalars: set) -> sp.Expr:
 GROUP_MAX_OPS = 1000  # the largest built-in sum has about 360 (GELU's dx)
 
 
-def _grouped(inner: sp.Expr) -> sp.Expr:
+def _grouped(inner: sp.Expr, factor_whole: bool = True) -> sp.Expr:
     """Terms that share a tensor factor are grouped and their cofactor factored: GELU's
     ``a - a*t**2 + b - b*t**2`` becomes ``-a*(t - 1)*(t + 1) - b*(t - 1)*(t + 1)``, which float32
     rounds like autograd's chain (``1 - t**2`` next to 1 loses nothing as ``(1 - t)*(1 + t)``).
@@ -394,7 +396,7 @@ def _grouped(inner: sp.Expr) -> sp.Expr:
     is: factoring its cofactors takes tens of seconds per candidate refold weighs."""
     if not inner.is_Add or sp.count_ops(inner) > GROUP_MAX_OPS:
         return inner
-    if not inner.atoms(Red):
+    if factor_whole and not inner.atoms(Red):
         # a product the chain rule made and the normal form expanded (``(1 - a**2)*(1 - b**2)`` of two
         # nested tanh): factored whole, it is that product again, each factor accurate on its own.
         # Constants are factored as symbols: the spec's 0.044715 stays itself, not an integer
@@ -406,7 +408,7 @@ def _grouped(inner: sp.Expr) -> sp.Expr:
         whole = _factor(inner.xreplace(signed)).xreplace({v: k for k, v in names.items()})
         tensor_factors = [f for f in sp.Mul.make_args(whole) if f.atoms(sp.Indexed) and f.is_Add]
         if len({frozenset(f.atoms(sp.Indexed)) for f in tensor_factors}) >= 2:
-            return sp.Mul(*[_grouped(f) if f.is_Add else f for f in sp.Mul.make_args(whole)])
+            return sp.Mul(*[_grouped(f, factor_whole) if f.is_Add else f for f in sp.Mul.make_args(whole)])
     count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
                     if isinstance(f.as_base_exp()[0], sp.Indexed))
     shared = [f for f, c in sorted(count.items(), key=lambda fc: (-fc[1], sp.default_sort_key(fc[0]))) if c >= 2]

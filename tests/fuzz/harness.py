@@ -5,7 +5,8 @@ and rendered (``derive.generate.render``: the fused Function for a fused spec, t
 Function always, and their derivations), the generated modules are written and imported, and their
 Functions are run. Each one's forward and input gradients must match autograd through the spec
 itself in float64, the step-by-step backward's every intermediate gradient too, gradients must
-follow ``needs_input_grad``, and ``gradcheck`` must pass.
+follow ``needs_input_grad``, and ``gradcheck`` must pass. The layer's kernel must then pass the
+numerical battery in float32 and float64 at scaled and saturating inputs (``never_worse``).
 
 The engine may refuse a fused spec it cannot derive, but only with a ``DeriveError`` that names
 the layer; a step-by-step spec uses only primitives with rules and must never be refused.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from derive import battery
 from derive.errors import DeriveError, DerivationError
 from derive.files import write_atomic
 from derive.generate import render
@@ -140,4 +142,19 @@ def run(spec: FuzzSpec, folder: Path, seed: int = 0, gradcheck: bool = True) -> 
         check_function(label, fn, layer, inputs, seed, gradcheck)
     for row in steps_table(layer, steps, spec.sizes, torch.float64, seed):
         assert row.approximate, f"step-by-step backward: d{row.name} differs from autograd by {row.maxdiff:.3e}"
+    never_worse(layer, functions["fused Function" if spec.fused else "step-by-step Function"], seed)
     return Outcome("passed", time.perf_counter() - start)
+
+
+def never_worse(layer, fn, seed: int) -> None:
+    """The kernel ``derive generate`` writes passes the numerical battery (float32 and float64,
+    scaled, shifted and saturating inputs against autograd through the spec) with other inputs than
+    the ones its form was chosen with (seed, 32 rows)."""
+    sizes = {d: 32 if k == 0 else 5 + 2 * k for k, d in enumerate(layer.dims)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        verdict = battery.run(layer, fn, sizes, seed=seed + 7)
+    finally:
+        torch.set_num_threads(threads)
+    assert verdict.passed, f"{layer.name}: worse than autograd through the spec: " + "; ".join(map(str, verdict.findings[:3]))
