@@ -3,9 +3,11 @@
     python scripts/soak.py                          # 1,000 fused and 1,000 step-by-step layers
     python scripts/soak.py --family fused --examples 2000 --lines 6
     python scripts/soak.py --family fused --examples 300 --time --threads 1 --clock cpu
+    python scripts/soak.py --examples 1000 --minutes 30 --time   # as many as fit in 30 minutes a family
 
 The layers are the ones ``tests/test_fuzz.py`` writes (``tests/fuzz``), checked the same way
-(``fuzz.harness.run``: derive, generate, import, compare with autograd in float64, gradcheck).
+(``fuzz.harness.run``: derive, generate, import, compare with autograd in float64, gradcheck, and
+the numerical battery on the kernel written, with other inputs than its form was chosen with).
 Unlike the test, a failure does not stop the run: its spec is saved to ``--save`` (a file to hand
 to ``derive generate --layer``) and the run goes on, so one soak reports every kind of failure.
 The last line is the tally; the exit status is 1 when any layer failed.
@@ -90,7 +92,8 @@ def timing_report(times: dict, sources: dict, save: Path, size: str, worst: int 
         print(f"  {ratio:.2f}  {kind:12s}  {folder / name}.py")
 
 
-def soak(fused: bool, examples: int, lines: int, save: Path, every: int = 100, timing: dict | None = None) -> Counter:
+def soak(fused: bool, examples: int, lines: int, save: Path, every: int = 100, timing: dict | None = None,
+         minutes: float | None = None) -> Counter:
     from fuzz.harness import run
     from fuzz.specs import layer_specs
 
@@ -104,6 +107,8 @@ def soak(fused: bool, examples: int, lines: int, save: Path, every: int = 100, t
               suppress_health_check=list(HealthCheck))
     @given(spec=layer_specs(fused, lines))
     def check(spec):
+        if minutes is not None and time.perf_counter() - start > 60 * minutes:
+            return  # out of time: the rest of the examples are drawn but not run
         names.add(spec.name)
         try:
             outcome = run(spec, folder)
@@ -112,6 +117,8 @@ def soak(fused: bool, examples: int, lines: int, save: Path, every: int = 100, t
                 timing["times"][spec.name] = time_layer(spec, folder, timing["sizes"], timing["repeat"],
                                                         timing["min_ms"], timing["clock"])
                 timing["sources"][spec.name] = spec.source
+                ratio, kind = timing["times"][spec.name]
+                print(f"  time {ratio:.3f} {kind} {spec.name}", flush=True)
             if outcome.status == "refused":
                 reasons[outcome.message.split(": ", 1)[1]] += 1
             elif outcome.status == "slow":
@@ -141,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--lines", type=int, default=6, help="most operations per layer (default 6)")
     p.add_argument("--seconds", type=int, default=60,
                    help="a derivation running longer is stopped and counted as slow (default 60)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="stop running new layers of a family after this many minutes (the tally says how many ran)")
     p.add_argument("--save", type=Path, default=Path("build/soak"), help="where failing specs go (default build/soak)")
     p.add_argument("--time", action="store_true", help="also time each passing layer against autograd through its spec")
     p.add_argument("--time-size", default="1024x512", help="n x k of the timed inputs (default 1024x512)")
@@ -169,7 +178,7 @@ def main(argv=None) -> int:
                   "min_ms": args.time_min_ms, "clock": bench_sweep.CLOCKS[args.clock]}
     failed = 0
     for fused in families:
-        failed += soak(fused, args.examples, args.lines, args.save, timing=timing)["failed"]
+        failed += soak(fused, args.examples, args.lines, args.save, timing=timing, minutes=args.minutes)["failed"]
     if timing is not None:
         timing_report(timing["times"], timing["sources"], args.save, args.time_size)
     return 1 if failed else 0
