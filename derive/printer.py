@@ -422,11 +422,38 @@ class ForwardPrinter(KernelPrinter):
         return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: _last_in_a_sum(t, self.computed)))
 
     def _print_AxisSum(self, expr):
-        # one axis at a time, in the spec's order (the forward's rounding is the spec's)
+        # a sum over every axis (``x.sum()``, ``x.mean()``) is one torch reduction, as the spec's
+        # is: summing axis after axis rounds like a plain running sum down the first axis, several
+        # times the error of torch's pairwise summation over all of them
+        # (a mean's division by each extent is taken out and done after the sum)
+        frame, axes, body, scale = self.frame, [], expr, sp.Integer(1)
+        while isinstance(body, AxisSum):
+            frame, axis = frame.with_bound(body.index, body.body)
+            axes.append((body.index, axis))
+            body = body.body
+            if isinstance(body, sp.Mul):
+                sums = [f for f in body.args if isinstance(f, AxisSum)]
+                if len(sums) == 1 and self._is_size(body / sums[0]):
+                    scale, body = scale * body / sums[0], sums[0]
+        # only a sum over every axis: a spec reduces several axes at once only with ``.sum()`` (a
+        # partial one is written axis by axis, and then rounds as written)
+        if len(axes) == len(self.frame.dims) > 1 and all(self._varies_along(body, j, axis) for j, axis in axes):
+            total = self._reduce_body(self._inner(frame), body, [axis for _, axis in axes], "sum")
+            numerator, denominator = sp.fraction(scale)
+            if numerator != 1:
+                total = f"{self.parenthesize(numerator, sp.printing.precedence.PRECEDENCE['Mul'], strict=True)}*{total}"
+            for d in sp.Mul.make_args(denominator) if denominator != 1 else ():
+                total = f"{total}/{self.parenthesize(d, sp.printing.precedence.PRECEDENCE['Mul'], strict=True)}"
+            return total
+        # otherwise axis by axis, in the spec's order (the forward's rounding is the spec's)
         return self._reduce(expr, "sum")
 
     def _print_AxisMax(self, expr):
         return self._reduce(expr, "amax")
+
+    def _is_size(self, factor: sp.Expr) -> bool:
+        """Whether ``factor`` is a number or a function of the sizes alone (no element, no temporary)."""
+        return not factor.atoms(sp.Indexed, sp.Idx) and not temporaries(factor, self.shapes) and not factor.has(AxisSum, AxisMax)
 
     def _reduce(self, expr, method: str) -> str:
         frame, axis = self.frame.with_bound(expr.index, expr.body)

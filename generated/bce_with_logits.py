@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 39daec1ca9b7aca2a452eda4d41fef6b537dfd6cc9de5000cef1a101460e45e6
-# content-hash: e2fad2a2330e8615d4b0702696c35e88a0d12b4611932e11e3e00688eb7ec76c
+# content-hash: b6aa1224e213c2c4f05fe61d079bc929bc26b3de6aadca2f1b366f864b35a79e
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -21,7 +21,7 @@ def _forward(logits, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     t3 = -logits  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
     _t0 = torch.addcmul(F.softplus(t3), 1 - target, logits)
-    loss = ((_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())  # spec lines 48-49
+    loss = (_t0.sum((0, 1), keepdim=True)/n/d).reshape(())  # spec lines 48-49
     return loss, (t3,)
 
 
@@ -29,7 +29,7 @@ def _forward_with_graph(logits, target, n, d):
     """The same forward without in-place updates, so autograd can differentiate through it: the
     backward recomputes what it reads this way when a second derivative is wanted."""
     t3 = -logits
-    loss = (((torch.addcmul(F.softplus(t3), 1 - target, logits)).sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())
+    loss = ((torch.addcmul(F.softplus(t3), 1 - target, logits)).sum((0, 1), keepdim=True)/n/d).reshape(())
     return loss, (t3,)
 
 

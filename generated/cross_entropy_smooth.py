@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: e651a7cdba56da9e51cf20d9b0b49ccad6f0419924d3ac60d274dbb7145e4604
-# content-hash: e300f3b402fa37ac945cfcf1a2ebab89d846683321852e4856ed53781892be4f
+# content-hash: d6c42dfd9b544d403a35c5f3f99f360b70ed3a3064c7130f339aef95ad0c19da
 """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -23,7 +23,7 @@ def _forward(logits, y, smoothing, n, k):
     t1 = (logits - m).exp_()  # spec lines 14-15
     _t1f = torch.log(t1.sum(1, keepdim=True))
     _t0 = logits - m - _t1f
-    loss = (-smoothing*(_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/k - (1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n).reshape(())  # spec lines 14-19
+    loss = (-smoothing*_t0.sum((0, 1), keepdim=True)/n/k - (1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n).reshape(())  # spec lines 14-19
     return loss, (t1,)
 
 
@@ -33,7 +33,7 @@ def _forward_with_graph(logits, y, smoothing, n, k):
     m = logits.amax(1, keepdim=True)
     t1 = torch.exp(logits - m)
     _t1f = torch.log(t1.sum(1, keepdim=True))
-    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n - smoothing*((logits - m - _t1f).sum(0, keepdim=True)/n).sum(1, keepdim=True)/k).reshape(())
+    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n - smoothing*(logits - m - _t1f).sum((0, 1), keepdim=True)/n/k).reshape(())
     return loss, (t1,)
 
 

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: 29ac90ef98e2c0ccb6dcea4f2e8e539d77319e6d49cc7af9144edd2307bc31c0
-# content-hash: 0cefb1a2491b6964f19a125ecb8eba2d30e8806e3972dc68313a4529d8946593
+# content-hash: 2904b4bc0236f780d61ada30d0cc4102414c26087413b86bb25e8bb72d4c7afe
 """Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -21,7 +21,7 @@ def _forward(pred, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     diff = pred - target  # spec line 38: diff = pred - target
     _t0 = diff**2
-    loss = ((_t0.sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())  # spec lines 38-39
+    loss = (_t0.sum((0, 1), keepdim=True)/n/d).reshape(())  # spec lines 38-39
     return loss, (diff,)
 
 
@@ -29,7 +29,7 @@ def _forward_with_graph(pred, target, n, d):
     """The same forward without in-place updates, so autograd can differentiate through it: the
     backward recomputes what it reads this way when a second derivative is wanted."""
     diff = pred - target
-    loss = (((diff**2).sum(0, keepdim=True)/n).sum(1, keepdim=True)/d).reshape(())
+    loss = ((diff**2).sum((0, 1), keepdim=True)/n/d).reshape(())
     return loss, (diff,)
 
 
