@@ -70,14 +70,17 @@ class CodeOps:
 
     def argmax_mask(self, a, axis, result):
         if axis == len(a.shape) - 1:
-            return Code(f"F.one_hot({a}.max({axis}).indices, {a}.shape[{axis}]).to({a}.dtype)")
+            return Code(f"({a}.max({axis}, keepdim=True).indices == torch.arange({a}.shape[{axis}], "
+                        f"device={a}.device)).to({a}.dtype)")
         return Code(f"torch.zeros_like({a}).scatter_({axis}, {a}.argmax({axis}, keepdim=True), 1.0)")
 
     def transpose(self, b):
         return Code(f"{b.wrap(ATOM)}.T")
 
     def one_hot(self, labels, table):
-        return Code(f"F.one_hot({labels}, {table}.shape[1]).to({table}.dtype)")
+        # a comparison, not F.one_hot: torch.func.vmap cannot batch F.one_hot's check of the values
+        return Code(f"({labels}.unsqueeze(-1) == torch.arange({table}.shape[1], device={labels}.device))"
+                    f".to({table}.dtype)")
 
     def unsqueeze(self, grad, axis):
         return Code(f"{grad.wrap(ATOM)}.unsqueeze({axis})")
@@ -92,7 +95,8 @@ class CodeOps:
         return Code(f"torch.sigmoid({a})")
 
     def index_add(self, table, index, grad):
-        return Code(f"torch.zeros_like({table}).index_add_(0, {index}.view(-1), "
+        # out of place: under torch.func.vmap the zeros are not batched while the gradient is
+        return Code(f"torch.zeros_like({table}).index_add(0, {index}.view(-1), "
                     f"{grad.wrap(ATOM)}.view(-1, *{table}.shape[1:]))")
 
     def view_as(self, grad, a):

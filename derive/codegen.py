@@ -14,11 +14,14 @@ from importlib import metadata
 from .files import content_hash
 from .forward import forward_lines, size_scalars
 from .kernel import Kernel, input_checks, size_divisors, size_sources
-from .spec import Constant, Labels, Layer
+from .spec import Constant, Labels, Layer, Tensor
 from .templating import TEMPLATES, environment
 
 REGENERATE = "derive generate"
 DEFAULT_OUT = "generated"
+# the templates each kind of module is rendered from (its header hashes them)
+TEMPLATES_OF = {"function": ["function.py.j2", "function_support.py.j2", "input_checks.py.j2"],
+                "steps": ["steps.py.j2", "function_support.py.j2", "input_checks.py.j2"]}
 
 
 def version() -> str:
@@ -119,10 +122,49 @@ def formula_lines(kernel: Kernel) -> list[str]:
     return lines
 
 
+def _function_context(layer: Layer, name: str, output: str, reads: list[str], extras: list[str]) -> dict:
+    """What the fused and the step-by-step Function share: how they unpack, save and check.
+
+    ``reads`` are the tensors the backward reads, in its argument order (inputs, the output, or
+    values the forward computed); ``extras`` those the forward computed besides the output, which
+    the Function returns after it (``setup_context`` sees only inputs and outputs) and marks as not
+    differentiable."""
+    inputs = list(layer.inputs)
+    nondiff = [(k, v) for k, v in layer.tensors.items() if isinstance(v, Tensor) and not v.differentiable]
+    position = {k: i for i, k in enumerate(inputs)}
+    outputs = [output] + extras
+    return dict(
+        name=name,
+        signature=_signature(layer),
+        call_args=", ".join(inputs),
+        check_args=", ".join(inputs),
+        inputs_unpack=_tuple(inputs),
+        outputs_tuple=f"({_tuple(outputs)})",
+        outputs_unpack=_tuple(outputs),
+        mark_lines=[f"ctx.mark_non_differentiable({', '.join(extras)})"] if extras else [],
+        labels=[k for k, v in layer.tensors.items() if isinstance(v, Labels)],
+        constants_all=list(layer.constants),
+        tensor_inputs_tuple=_tuple(list(layer.tensors)) if layer.tensors else "()",
+        reads_tuple=_tuple(reads) if reads else "()",
+        nones=_tuple(["None"] * len(inputs)),
+        tangents_out=_tuple(["_function_jvp(ctx, _tangents)"] + ["None"] * len(extras)),
+        needs_all="(" + _tuple([str(k in layer.differentiable) for k in inputs]) + ")",
+        refuse_backward=[f"_refuse_derivatives(\"{name}\", ({_tuple([repr(k) for k, _ in nondiff])}), "
+                         f"({_tuple([f'ctx.needs_input_grad[{position[k]}]' for k, _ in nondiff])}))"] if nondiff else [],
+        refuse_jvp=[f"_refuse_derivatives(\"{name}\", ({_tuple([repr(k) for k, _ in nondiff])}), "
+                    f"({_tuple([f'_tangents[{position[k]}] is not None' for k, _ in nondiff])}))"] if nondiff else [],
+    )
+
+
+def _check_context(checks: list) -> dict:
+    ranks = [c for c in checks if c.kind == "rank"]
+    rest = [c for c in checks if c.kind not in ("rank", "labels")]
+    return dict(rank_checks=ranks, checks=rest, label_checks=[c for c in checks if c.kind == "labels"],
+                ranks_hold=" and ".join(c.holds for c in ranks) or "True",
+                checks_hold=" and ".join(f"({c.holds})" if " or " in c.holds else c.holds for c in rest) or "True")
+
+
 def render_function(kernel: Kernel) -> str:
-    rank = [c for c in kernel.checks if c.kind == "rank"]
-    rest = [c for c in kernel.checks if c.kind != "rank"]
-    positions = {name: k for k, name in enumerate(kernel.layer.inputs)}
     # shared temporaries, then the gradients, each under the ``if`` of the gradients that need it;
     # consecutive statements with the same condition share one ``if``
     steps = [(" or ".join(f"needs[{u}]" for u in s.users),
@@ -136,28 +178,24 @@ def render_function(kernel: Kernel) -> str:
         else:
             blocks.append(dict(guard=guard, lines=list(lines)))
     returns = [f"d{name}" if name in kernel.layer.differentiable else "None" for name in kernel.layer.inputs]
-    # the inputs are saved anyway (a second derivative recomputes from them): the forward returns
-    # only what it computed for the backward
+    # the forward returns what it computed for the backward; the inputs are saved apart
     computed = [s for s in kernel.saved if s not in kernel.layer.tensors]
+    extras = [s for s in computed if s != kernel.output]
     context = dict(
+        _function_context(kernel.layer, kernel.name, kernel.output, kernel.saved, extras),
+        **_check_context(kernel.checks),
         title=(kernel.layer.doc.splitlines() or [kernel.name])[0],
         index_note="sizes " + ", ".join(kernel.sizes),
         formula_lines=formula_lines(kernel),
         class_name=class_name(kernel.name),
-        name=kernel.name,
-        signature=_signature(kernel.layer),
-        rank_checks=rank,
+        base_class="_" + class_name(kernel.name) + "NoJvp",
+        eager_class="_" + class_name(kernel.name) + "Eager",
         size_sources=kernel.size_sources,
-        checks=rest,
         forward=kernel.forward,
-        labels=[k for k, v in kernel.layer.tensors.items() if isinstance(v, Labels)],
         saved_tuple=_tuple(computed),
         sizes_tuple=_tuple(kernel.sizes),
         sizes_unpack=_tuple(kernel.sizes),
         constants=kernel.constants_used,
-        constants_all=list(kernel.layer.constants),
-        tensor_inputs="".join(f"{k}, " for k in kernel.layer.tensors),
-        all_unpack=_tuple(list(kernel.layer.tensors) + computed),
         forward_with_graph=kernel.forward_with_graph,
         forward_args=", ".join(list(kernel.layer.inputs) + kernel.sizes),
         backward_args=", ".join([f"d{kernel.output}"] + kernel.saved + kernel.sizes + kernel.constants_used),
@@ -167,11 +205,10 @@ def render_function(kernel: Kernel) -> str:
         blocks=blocks,
         returns=", ".join(returns),
         doc=kernel.layer.doc or kernel.name,
-        call_args=", ".join(positions),
     )
     body = environment().get_template("function.py.j2").render(header="", **context)
     body = body.lstrip("\n")
-    return header(kernel, "#", body, templates=["function.py.j2", "input_checks.py.j2"]) + body
+    return header(kernel, "#", body, templates=TEMPLATES_OF["function"]) + body
 
 
 def render_steps(graph, kernel_reason: str = "") -> str:
@@ -193,30 +230,37 @@ def render_steps(graph, kernel_reason: str = "") -> str:
              or any(n == tensor for _, tensor in sources)]
     have = {node.name for node in grads}
     returned = [n for n in reversed(names) if n in have and n != graph.output.name]
+    # the Function saves the tensors the backward reads; the constants it reads stay on the context
+    tensor_reads = [n for n in reads if n not in layer.constants]
+    extras = [n for n in tensor_reads if n not in layer.tensors and n != graph.output.name]
     title = f"Step-by-step backward of ``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}"
     if kernel_reason:
         reason = kernel_reason.replace("\\", "/").replace('"' * 3, "'" * 3).rstrip(".")
         title = (f"``{layer.name}``: {(layer.doc.splitlines() or [layer.name])[0]}\n\n"
                  + textwrap.fill(f"Its kernel is the step-by-step backward: {reason}.", 100))
+    function = class_name(layer.name) if kernel_reason else class_name(layer.name).replace("Function", "StepsFunction")
     context = dict(
+        _function_context(layer, layer.name, graph.output.name, tensor_reads, extras),
+        **_check_context(checks),
         title=title,
-        signature=_signature(layer),
         size_sources=sources,
-        rank_checks=[c for c in checks if c.kind == "rank"],
-        checks=[c for c in checks if c.kind != "rank"],
         forward=forward,
         cache=", ".join(f"{n}={n}" for n in names),
         output=graph.output.name,
         grad_output=f"d{graph.output.name}",
         reads=reads,
+        read_names=repr(tuple(tensor_reads)),
+        extras_from_cache=", ".join([graph.output.name] + [f'cache["{n}"]' for n in extras]),
+        reads_from_cache=_tuple([n if n in layer.tensors or n == graph.output.name else f'cache["{n}"]'
+                                 for n in tensor_reads]) if tensor_reads else "()",
         lines=lines,
         returns=", ".join(f"d{n}=d{n}" for n in returned),
-        class_name=class_name(layer.name) if kernel_reason else class_name(layer.name).replace("Function", "StepsFunction"),
-        name=layer.name,
-        call_args=", ".join(layer.inputs),
+        class_name=function,
+        base_class=f"_{function}NoJvp",
+        eager_class=f"_{function}Eager",
         input_grads=", ".join(f'grads["d{n}"]' if n in layer.differentiable else "None" for n in layer.inputs)
         + ("," if len(layer.inputs) == 1 else ""),
         doc=layer.doc or layer.name,
     )
     body = environment().get_template("steps.py.j2").render(**context)
-    return header(layer, "#", body, templates=["steps.py.j2", "input_checks.py.j2"]) + body
+    return header(layer, "#", body, templates=TEMPLATES_OF["steps"]) + body

@@ -20,7 +20,7 @@ from .forward_plan import forward_code
 from .memo import ByObject
 from .printer import Frame, KernelPrinter, fit_shape, temporaries
 from .simplify import closed_form, refold, scalars
-from .spec import Labels, Layer, Tensor, dim_names
+from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
 from .symbolic import Red, extent, hide_argmax, reductions
 from .trace import Graph, trace
 
@@ -54,9 +54,21 @@ class Shared:
 
 @dataclass
 class Check:
-    condition: str
+    condition: str  # true when the input is refused
     message: str
     kind: str = "value"  # "rank" checks run before the sizes are read from the shapes
+    holds: str = ""  # true when the input passes: the checks combine into one condition on the fast path
+
+
+@dataclass
+class LabelCheck:
+    """Labels must lie in ``[0, classes)``: a check of data, rendered as a call of the generated
+    module's ``_labels_in_range`` (one reduction on the CPU; no device sync, no graph break elsewhere)."""
+
+    tensor: str
+    classes: str
+    message: str
+    kind: str = "labels"
 
 
 @dataclass
@@ -72,7 +84,7 @@ class Kernel:
     saved: list[str]
     sizes: list[str]
     size_sources: list[tuple[str, str]]  # (code unpacking sizes, tensor)
-    checks: list[Check]
+    checks: list[Check | LabelCheck]
     constants_used: list[str]
     seconds: float = 0.0
     forbidden: dict = field(default_factory=dict)  # input -> refold rewrites its gradient may not take
@@ -108,7 +120,13 @@ def size_sources(layer: Layer) -> list[tuple[str, str]]:
     return out
 
 
-def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) -> list[Check]:
+LABEL_DTYPES = "(torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)"
+
+
+def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) -> list[Check | LabelCheck]:
+    """What the generated Function checks before it computes, cheapest first: ranks (the size
+    unpacking needs them), shapes, dtypes and devices, the declared range of each Constant, the size
+    conditions the formulas divide by, then the labels' range (the only check that reads data)."""
     name, checks = layer.name, []
     # a tensor all of whose sizes are read from its own shape needs no shape check
     self_defined = {tensor for unpack, tensor in sources if "_" not in unpack.replace(" ", "").split(",")}
@@ -118,37 +136,46 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) ->
         dims = ", ".join(decl.dims)
         checks.append(Check(f"{k}.dim() != {len(decl.dims)}",
                             f"f\"{name}: {k} must have {len(decl.dims)} dimension(s) ({dims}), got shape {{tuple({k}.shape)}}\"",
-                            kind="rank"))
+                            kind="rank", holds=f"{k}.dim() == {len(decl.dims)}"))
     for k, decl in layer.tensors.items():
         if k in self_defined:
             continue
         shape = ", ".join(decl.dims) + ("," if len(decl.dims) == 1 else "")
         checks.append(Check(f"{k}.shape != ({shape})",
-                            f"f\"{name}: {k} must have shape ({shape}) = {{({shape})}}, got {{tuple({k}.shape)}}\""))
+                            f"f\"{name}: {k} must have shape ({shape}) = {{({shape})}}, got {{tuple({k}.shape)}}\"",
+                            holds=f"{k}.shape == ({shape})"))
     for k in floats[1:]:
         checks.append(Check(f"{k}.dtype != {first}.dtype or {k}.device != {first}.device",
                             f"f\"{name}: {k} is {{{k}.dtype}} on {{{k}.device}} but {first} is {{{first}.dtype}} on "
-                            f"{{{first}.device}}; move them to one dtype and device\""))
+                            f"{{{first}.device}}; move them to one dtype and device\"",
+                            holds=f"{k}.dtype == {first}.dtype and {k}.device == {first}.device"))
     for k in floats:
         checks.append(Check(f"not {k}.is_floating_point()",
-                            f"f\"{name}: {k} must be a floating-point tensor, got {{{k}.dtype}}\""))
+                            f"f\"{name}: {k} must be a floating-point tensor, got {{{k}.dtype}}\"",
+                            holds=f"{k}.is_floating_point()"))
     for k, decl in layer.tensors.items():
         if isinstance(decl, Labels):
-            c = decl.classes
-            checks.append(Check(f"{k}.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)",
-                                f"f\"{name}: labels {k} must be an integer tensor, got {{{k}.dtype}}\""))
-            checks.append(Check(f"{k}.numel() > 0 and ({k}.min() < 0 or {k}.max() >= {c})",
-                                f"f\"{name}: labels {k} must lie in [0, {c}) = [0, {{{c}}}), got values in "
-                                f"[{{int({k}.min())}}, {{int({k}.max())}}]\""))
+            checks.append(Check(f"{k}.dtype not in {LABEL_DTYPES}",
+                                f"f\"{name}: labels {k} must be an integer tensor, got {{{k}.dtype}}\"",
+                                holds=f"{k}.dtype in {LABEL_DTYPES}"))
     for k, decl in layer.constants.items():
-        if decl.positive:  # the derivation relied on it: a call outside the declaration is refused
-            checks.append(Check(f"not {k} > 0", f"f\"{name}: {k} is declared positive, got {{{k}!r}}\""))
+        # a positive declaration the derivation relied on; bounds it did not: either way a call
+        # outside the declaration is refused
+        if constant_bounds(decl):
+            condition = " and ".join(f"{k} {op} {bound!r}" for op, bound in constant_bounds(decl))
+            checks.append(Check(f"not ({condition})",
+                                f"f\"{name}: {k} is declared {constant_range(decl)}, got {{{k}!r}}\"",
+                                holds=condition))
     for divisor in sorted(divisors, key=sp.default_sort_key):
         text = sp.sstr(divisor)
         checks.append(Check(f"{text} == 0",
                             f"f\"{name}: the formula divides by {text}, which is 0 for these sizes "
                             f"({', '.join(f'{s}={{{s}}}' for s in sorted(map(str, divisor.free_symbols)))}); "
-                            f"use larger sizes (for example a batch of at least 2 rows)\""))
+                            f"use larger sizes (for example a batch of at least 2 rows)\"", holds=f"{text} != 0"))
+    for k, decl in layer.tensors.items():
+        if isinstance(decl, Labels):
+            c = decl.classes
+            checks.append(LabelCheck(k, c, f"f\"{name}: labels {k} must lie in [0, {c}) = [0, {{{c}}})\""))
     return checks
 
 
@@ -397,4 +424,4 @@ def _shared_names(values: list[sp.Expr], taken: set) -> list[str]:
     return names
 
 
-__all__ = ["build", "Kernel", "Formula", "Shared", "Check", "Red"]
+__all__ = ["build", "Kernel", "Formula", "Shared", "Check", "LabelCheck", "Red"]

@@ -17,6 +17,28 @@ from .errors import DerivationError
 from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, extent
 
 
+def _is_indicator(expr: sp.Expr) -> bool:
+    """A function of label-against-value comparisons only (``1 - KroneckerDelta(c, y[i])``): a mask."""
+    deltas = [d for d in expr.atoms(sp.KroneckerDelta) if not any(isinstance(a, sp.Idx) for a in d.args)]
+    if not deltas:
+        return False
+    inside = set().union(*[d.free_symbols for d in deltas])
+    return expr.free_symbols <= inside and not expr.atoms(Red)
+
+
+def _masked_count_factor(expr: sp.Mul):
+    """The mask factor of a product ``mask_i * .../count`` whose divisor counts masked rows (a sum of
+    the same kind of comparison), else None."""
+    mask = next((f for f in expr.args if _is_indicator(f)), None)
+    if mask is None:
+        return None
+    for f in expr.args:
+        if isinstance(f, sp.Pow) and f.exp.is_negative and any(
+                any(_is_indicator(d) for d in r.body.atoms(sp.KroneckerDelta)) for r in f.base.atoms(Red)):
+            return mask
+    return None
+
+
 class Frame:
     """Which axis each index lives on, for one expression being printed."""
 
@@ -237,6 +259,14 @@ class KernelPrinter(TorchPrinter):
         return f"{text}.{method}({where}, keepdim=True)"
 
     def _print_Mul(self, expr):
+        indicator = _masked_count_factor(expr)
+        if indicator is not None:
+            # a row a mask leaves out gets exactly 0, also when the mask leaves out every row and its
+            # count is 0 (0/0): the mean over no rows contributes nothing, as in torch's own losses
+            return f"torch.where({self._print(indicator)} != 0, {self._print_product(expr)}, 0)"
+        return self._print_product(expr)
+
+    def _print_product(self, expr):
         # a sum divided by the number of its terms reads as the mean it is
         factors = list(expr.args)
         for r in factors:
@@ -263,7 +293,7 @@ class KernelPrinter(TorchPrinter):
         return super()._print_Mul(expr)
 
     def _print_Add(self, expr, order=None):
-        """Positive terms first, so a difference reads ``probs - F.one_hot(y, k)``."""
+        """Positive terms first, so a difference reads ``probs - onehot``."""
         return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign()))
 
     def _add_terms(self, terms: list) -> str:
@@ -291,7 +321,8 @@ class KernelPrinter(TorchPrinter):
         axis = self.frame.slots[a]
         name = str(b.base)
         if labels_axes + [axis] == sorted(labels_axes + [axis]) and axis == max(labels_axes + [axis]):
-            code = f"F.one_hot({name}, {self._print(extent(a))})"
+            # a comparison, not F.one_hot: torch.func.vmap cannot batch F.one_hot's check of the values
+            code = f"({name}.unsqueeze(-1) == torch.arange({self._print(extent(a))}, device={name}.device))"
             if self.dtype_of:
                 code += f".to({self.dtype_of}.dtype)"
             rank = len(self.frame.dims)

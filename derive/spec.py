@@ -14,6 +14,8 @@ Contract for a spec::
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
 * ``Constant(default)`` is a Python number fixed for the call, real and of either sign;
   ``Constant(1e-5, positive=True)`` declares it positive (``eps``), which the derivation may then use;
+  ``low=`` and ``high=`` (inclusive) bound the values it may take (``Constant(0.1, low=0, high=1)``
+  for a label smoothing, as ``F.cross_entropy`` refuses 1.5); the generated Function refuses others;
 * the function returns one tensor. Run on real tensors it is the autograd reference.
 """
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Constant:
 
     default: float
     positive: bool = False
+    low: float | None = None  # the value must be >= low (checked at each call, not assumed)
+    high: float | None = None  # the value must be <= high
     differentiable = False
 
     def assumptions(self) -> dict:
@@ -178,6 +182,26 @@ def _clash(name: str) -> str:
     return ""
 
 
+def constant_bounds(decl: Constant) -> list[tuple[str, float]]:
+    """What a Constant's declaration requires, as ``(operator, bound)`` pairs: ``[(">", 0)]`` for
+    ``positive=True``, ``[(">=", 0), ("<=", 1)]`` for ``low=0, high=1``."""
+    bounds = [(">", 0)] if decl.positive else []
+    bounds += [(">=", decl.low)] if decl.low is not None else []
+    bounds += [("<=", decl.high)] if decl.high is not None else []
+    return bounds
+
+
+def constant_allows(decl: Constant, value: float) -> bool:
+    compare = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
+    return all(compare[op](value, bound) for op, bound in constant_bounds(decl))
+
+
+def constant_range(decl: Constant) -> str:
+    """``"positive"``, ``">= 0 and <= 1"``: the declared values, in words for messages."""
+    return " and ".join("positive" if (op, bound) == (">", 0) else f"{op} {bound!r}"
+                        for op, bound in constant_bounds(decl))
+
+
 def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
     code = getattr(fn, "__code__", None)
     line = code.co_firstlineno if code else None  # the first decorator's line: @layer(...)
@@ -239,9 +263,9 @@ def _check_constant(p: str, decl: Constant, default, refuse) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         refuse(f"Constant {p!r} has the default {value!r}, not a finite real number",
                f"give it a number, e.g. {p}=Constant(1e-5)")
-    if decl.positive and not value > 0:
-        refuse(f"constant {p!r} is declared positive but its default is {value!r}",
-               "give it a positive default, or drop positive=True")
+    if not constant_allows(decl, value):
+        refuse(f"constant {p!r} has the default {value!r}, outside the values it declares ({constant_range(decl)})",
+               "make the default one of the values it allows")
     from .templating import generated_names
     if p in generated_names()[1]:
         refuse(f"Constant {p!r} has the name of an attribute the generated code keeps on ctx (ctx.{p})",

@@ -70,32 +70,64 @@ def _probes(template: str) -> dict:
     return {name: _Probe() for name in wanted}
 
 
+def _own_names(scope: ast.AST) -> set:
+    """The names ``scope`` (a module or a function) binds or reads itself, not those of the functions
+    and classes nested in it (their own scopes), and not a comprehension's loop variables."""
+    names, todo = set(), list(ast.iter_child_nodes(scope))
+    if isinstance(scope, (ast.FunctionDef, ast.Lambda)):
+        names |= {a.arg for a in ast.walk(scope.args) if isinstance(a, ast.arg)}
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            todo += node.decorator_list  # evaluated in this scope
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, ast.comprehension):
+            todo += [node.iter, *node.ifs]  # its target is the comprehension's own
+            continue
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        todo += list(ast.iter_child_nodes(node))
+    return names
+
+
+def _scopes(tree: ast.AST):
+    """Every function (and lambda) of ``tree``, with the module itself first."""
+    yield tree
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.Lambda)):
+            yield node
+
+
 @functools.cache
 def generated_names() -> tuple[frozenset, frozenset]:
-    """``(names, ctx_attributes)``: every identifier the generated modules' templates write themselves
-    (imports, functions, locals, parameters, and the builtins they call: ``torch``, ``F``, ``saved``,
-    ``tuple``, ``ValueError``, ``compile_kernels``...), and the attributes they set or read on ``ctx``
-    (``sizes``, ``saved_tensors``...). A spec name among the first would shadow or be shadowed by
-    generated code; a Constant, stored as ``ctx.<name>``, must not be one of the second.
+    """``(names, ctx_attributes)``: the identifiers a spec name could clash with in the generated
+    modules, and the attributes they set or read on ``ctx`` (``sizes``, ``saved_tensors``...). A
+    Constant, stored as ``ctx.<name>``, must not be one of the second.
 
     Each template is rendered with a probe in place of everything the spec provides, so what is left
-    is the template's own code; a comprehension's loop variables are local to it and left out."""
+    is the template's own code. A spec's names (its inputs, values, sizes, the layer's name) live at
+    the module's level and in the functions the probe reaches: there a name of the spec's and one
+    of the template's share a scope (``labels`` as an input, where a function reads ``labels``).
+    The names of helper functions the spec never reaches (``_function_jvp``'s ``tangent``) are
+    their own; every module-level name, and every builtin any function reads, is shared."""
+    import builtins
+
     names, attributes = set(), set()
     for template in MODULE_TEMPLATES:
         source = environment().get_template(template).render(_probes(template))
         tree = ast.parse(source)
-        local = {t.id for c in ast.walk(tree) if isinstance(c, ast.comprehension)
-                 for t in ast.walk(c.target) if isinstance(t, ast.Name)}
+        for scope in _scopes(tree):
+            own = _own_names(scope)
+            if scope is tree or any(n.startswith(_PROBE) for n in own):
+                names |= own
+            names |= {n for n in own if hasattr(builtins, n)}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Name) and node.id not in local:
-                names.add(node.id)
-            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                names.add(node.name)
-            elif isinstance(node, ast.arg):
-                names.add(node.arg)
-            elif isinstance(node, ast.alias):
-                names.add((node.asname or node.name).split(".")[0])
-            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ctx":
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ctx":
                 attributes.add(node.attr)
     names = {n for n in names if not n.startswith(_PROBE)}
     return frozenset(names), frozenset(a for a in attributes if not a.startswith(_PROBE))

@@ -7,6 +7,8 @@ spec, and a memory-bound floor: forward + backward time and peak memory, float32
 Columns, for each layer and size:
 
   generated      the generated ``torch.autograd.Function`` (``generated/<layer>.py``)
+  unchecked      the same module with its input checks switched off (``check_inputs(False)``, for a
+                 trusted training loop): what the checks cost shows at small sizes
   compiled       the same module after ``compile_kernels(dynamic=False)``: its forward and backward
                  math through ``torch.compile`` (compile time reported apart, ``compile_s``;
                  ``--no-compile`` leaves the column out)
@@ -83,7 +85,7 @@ from generated.cross_entropy import cross_entropy as gen_cross_entropy  # noqa: 
 
 DTYPE = torch.float32
 EPS = 1e-5
-COLUMNS = ("generated", "compiled", "native", "spec_autograd", "floor")
+COLUMNS = ("generated", "unchecked", "compiled", "native", "spec_autograd", "floor")
 CE_SIZES = [(32, 27), (4096, 1024), (8192, 32000)]
 BN_SIZES = [(32, 64), (4096, 1024), (65536, 512)]
 GiB = 1024**3
@@ -112,13 +114,25 @@ class Bench:
     #                                only to skip a size before any of it has been measured
     notes: list[str] = field(default_factory=list)
 
-    def compiled(self) -> Callable:
-        """The generated layer from a second copy of its module, with compiled math."""
+    def copy(self, tag: str):
+        """A second copy of the generated module, to change its settings apart from ``generated``."""
         path = ROOT / "generated" / f"{self.layer}.py"
-        spec = importlib.util.spec_from_file_location(f"bench_compiled_{self.layer}", path)
+        spec = importlib.util.spec_from_file_location(f"bench_{tag}_{self.layer}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        return module
+
+    def compiled(self) -> Callable:
+        """The generated layer from a second copy of its module, with compiled math."""
+        module = self.copy("compiled")
         module.compile_kernels(dynamic=False)
+        function = getattr(module, self.layer)
+        return lambda i: function(*[i[k] for k in self.arguments])
+
+    def unchecked(self) -> Callable:
+        """The generated layer from a copy of its module whose input checks are off."""
+        module = self.copy("unchecked")
+        module.check_inputs(False)
         function = getattr(module, self.layer)
         return lambda i: function(*[i[k] for k in self.arguments])
 
@@ -387,8 +401,8 @@ def measure(bench: Bench, n: int, m: int, args, estimate_bytes: float):
     inputs = bench.make_inputs(n, m, seed=0)
     traffic, traffic_doc = bench.floor_traffic(n, m)
     src = torch.randn(max(1, traffic // 8), dtype=DTYPE)  # one float32 copy reads 4 and writes 4 bytes
-    forwards = {"generated": bench.generated, "native": bench.native, "spec_autograd": bench.spec,
-                "compiled": None if args.no_compile else bench.compiled()}
+    forwards = {"generated": bench.generated, "unchecked": bench.unchecked(), "native": bench.native,
+                "spec_autograd": bench.spec, "compiled": None if args.no_compile else bench.compiled()}
     steps = {name: training_step(f, inputs) for name, f in forwards.items() if f is not None}
     steps["floor"] = floor_step(src)
     active = [c for c in COLUMNS if c in steps]
@@ -397,7 +411,7 @@ def measure(bench: Bench, n: int, m: int, args, estimate_bytes: float):
     #    none) and against the spec; this is also each column's first (cold) call.
     check = {}
     ours = run_and_collect(bench.generated, inputs, bench.grads)
-    for name in ("native", "spec_autograd"):
+    for name in ("unchecked", "native", "spec_autograd"):
         if forwards[name] is None:
             continue
         ref = run_and_collect(forwards[name], inputs, bench.grads)
@@ -462,6 +476,8 @@ def measure(bench: Bench, n: int, m: int, args, estimate_bytes: float):
     gen = samples["generated"]
     ratios = {
         "generated_over_native": paired_ratio(gen, samples["native"]) if "native" in samples else None,
+        "unchecked_over_native": (paired_ratio(samples["unchecked"], samples["native"])
+                                  if "native" in samples else None),
         "generated_over_spec_autograd": paired_ratio(gen, samples["spec_autograd"]),
         "generated_over_floor": paired_ratio(gen, samples["floor"]),
         "compiled_over_native": (paired_ratio(samples["compiled"], samples["native"])
@@ -514,21 +530,22 @@ def markdown(report):
         + (", freed memory kept mapped (`--keep-pages`: no call pays for fresh pages)."
            if report["settings"].get("keep_pages") else "."),
         "",
-        "| layer | size | generated ms | compiled ms (compile s) | native ms | spec-autograd ms | floor ms "
-        "| gen/native | gen/spec | gen/floor | compiled/native | compiled/floor "
+        "| layer | size | generated ms | unchecked ms | compiled ms (compile s) | native ms | spec-autograd ms "
+        "| floor ms | gen/native | unchecked/native | gen/spec | gen/floor | compiled/native | compiled/floor "
         "| peak (held) generated | peak (held) native | peak (held) spec-autograd |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['layer']} | {r['shape']} | skipped: {r['reason']} |" + " |" * 13)
+            lines.append(f"| {r['layer']} | {r['shape']} | skipped: {r['reason']} |" + " |" * 15)
             continue
         c, q = r["columns"], r["ratios"]
         compiled = f"{fmt_ms(c['compiled'])} ({r['compile_s']:.0f})" if c.get("compiled") else "n/a"
         mark = " ⚠" if r.get("contended") else ""
         lines.append(
-            f"| {r['layer']} | {r['shape']}{mark} | {fmt_ms(c['generated'])} | {compiled} | {fmt_ms(c['native'])} | "
-            f"{fmt_ms(c['spec_autograd'])} | {fmt_ms(c['floor'])} | {fmt_ratio(q['generated_over_native'])} | "
+            f"| {r['layer']} | {r['shape']}{mark} | {fmt_ms(c['generated'])} | {fmt_ms(c['unchecked'])} | {compiled} | "
+            f"{fmt_ms(c['native'])} | {fmt_ms(c['spec_autograd'])} | {fmt_ms(c['floor'])} | "
+            f"{fmt_ratio(q['generated_over_native'])} | {fmt_ratio(q['unchecked_over_native'])} | "
             f"{fmt_ratio(q['generated_over_spec_autograd'])} | {fmt_ratio(q['generated_over_floor'])} | "
             f"{fmt_ratio(q['compiled_over_native'])} | {fmt_ratio(q['compiled_over_floor'])} | "
             f"{fmt_mem(c['generated'])} | {fmt_mem(c['native'])} | {fmt_mem(c['spec_autograd'])} |")
@@ -538,6 +555,7 @@ def markdown(report):
         "for batchnorm_biased. batchnorm (Bessel's correction) has no native op: n/a, its peer is spec-autograd.",
         "- floor: `torch.empty_like(src).copy_(src)` moving the bytes forward + backward must move at least "
         "(cross-entropy 3 n*k float32 tensors, batchnorm 5 n*d; `columns.floor.traffic_bytes` in the JSON).",
+        "- unchecked: the generated module with `check_inputs(False)` (no input checks, for a trusted training loop).",
         "- compiled: the generated module after `compile_kernels(dynamic=False)` (`torch.compile` of its "
         "forward and backward math); in brackets the seconds its first call took (compilation).",
         "- ratios: median over repetitions of the per-repetition ratio (columns of one repetition ran back to back); "

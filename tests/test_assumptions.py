@@ -70,7 +70,7 @@ def test_a_positive_declaration_is_used_and_checked(tmp_path):
 
 
 def test_a_positive_declaration_needs_a_positive_default():
-    with pytest.raises(SpecError, match="declared positive but its default is -1"):
+    with pytest.raises(SpecError, match=r"has the default -1.0, outside the values it declares \(positive\)"):
         @layer(x=Tensor("n", "d"), eps=Constant(-1.0, positive=True))
         def bad(x, eps=-1.0):
             return x * eps

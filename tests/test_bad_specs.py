@@ -40,14 +40,14 @@ CASES = [
     ("dimension named like an input", _spec('x=Tensor("x", "d")', "x"), "@layer", r"dimension name 'x' is also the name of an input"),
     ("dimension named like a Constant", _spec('x=Tensor("n", "eps"), eps=Constant(0.1)', "x, eps=0.1"), "@layer",
      r"dimension name 'eps' is also the name of a Constant"),
-    ("input saved", _spec('saved=Tensor("n", "d")', "saved", "out = saved * 2.0"), "@layer", r"input name 'saved' clashes"),
+    ("input grads", _spec('grads=Tensor("n", "d")', "grads", "out = grads * 2.0"), "@layer", r"input name 'grads' clashes"),
     ("input dict", _spec('dict=Tensor("n", "d")', "dict", "out = dict * 2.0"), "@layer", r"input name 'dict' clashes"),
     ("input tuple", _spec('tuple=Tensor("n", "d")', "tuple", "out = tuple * 2.0"), "@layer", r"input name 'tuple' clashes"),
     ("input forward", _spec('forward=Tensor("n", "d")', "forward", "out = forward * 2.0"), "@layer", r"input name 'forward'"),
-    ("variable saved", _spec(X, "x", "saved = x * 2.0\nout = saved + 1.0"), "saved = x * 2.0", r"'saved' has a name the generated code uses"),
+    ("variable cache", _spec(X, "x", "cache = x * 2.0\nout = cache + 1.0"), "cache = x * 2.0", r"'cache' has a name the generated code uses"),
     ("variable dict", _spec(X, "x", "dict = x * 2.0\nout = dict + 1.0"), "dict = x * 2.0", r"'dict' has a name the generated code uses"),
     ("layer tuple", _spec(X, "x", name="tuple"), "@layer", r"the layer's name 'tuple' clashes"),
-    ("layer ValueError", _spec(X, "x", name="ValueError"), "@layer", r"the layer's name 'ValueError' clashes"),
+    ("layer InputError", _spec(X, "x", name="InputError"), "@layer", r"the layer's name 'InputError' clashes"),
     ("layer compile_kernels", _spec(X, "x", name="compile_kernels"), "@layer", r"the layer's name 'compile_kernels' clashes"),
     ("layer without parentheses", "@layer\ndef f(x):\n    out = x * 2.0\n    return out\n", "@layer",
      r"@layer is used without its declarations"),
@@ -96,6 +96,10 @@ GOOD = [
     ("an integer constant", _spec(f"{X}, c=Constant(2)", "x, c=2", "out = x * c")),
     ("a constant whose function default is the same number", _spec(f"{X}, c=Constant(2.0)", "x, c=2", "out = x * c")),
     ("variables named like builtins generated code does not use", _spec(X, "x", "input = x * 2.0\nmax_ = input + 1.0\nout = max_")),
+    # names the generated module's helper functions use inside their own scopes, never beside a spec's
+    ("inputs and values named like locals of helper functions",
+     _spec('labels=Tensor("n", "d"), values=Tensor("n", "d")', "labels, values",
+           "output = labels * values\ntangent = output + 1.0\nout = tangent * 2.0")),
 ]
 
 

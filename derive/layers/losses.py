@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from derive.spec import Constant, Labels, Tensor, layer
 
 
-@layer(logits=Tensor("n", "k"), y=Labels("n", classes="k"), smoothing=Constant(0.1))
+@layer(logits=Tensor("n", "k"), y=Labels("n", classes="k"), smoothing=Constant(0.1, low=0.0, high=1.0))
 def cross_entropy_smooth(logits, y, smoothing=0.1):
     """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``."""
     n, k = logits.shape
