@@ -41,11 +41,14 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 
 STATUSES = ("passed", "refused", "slow", "failed")
 TOO_SLOW = 1.1  # a kernel this much slower than autograd through its spec is listed
+SMALL_MS = 0.5  # autograd through the spec faster than this: the layer computes little at the size timed
 
 
-def time_layer(spec, folder: Path, sizes: dict, repeat: int, min_ms: float, clock) -> tuple[float, str]:
+def time_layer(spec, folder: Path, sizes: dict, repeat: int, min_ms: float, clock) -> tuple[float, str, float]:
     """The median over ``repeat`` interleaved repetitions of (this layer's kernel) / (autograd
-    through its spec), forward + backward, float32, at ``sizes``; and which kernel it is."""
+    through its spec), forward + backward, float32, at ``sizes``; which kernel it is; and the
+    milliseconds autograd through the spec takes (the work a kernel's fixed cost per call is
+    weighed against)."""
     import bench_sweep
     from derive.layers import from_file
     from derive.verify import load_module
@@ -60,11 +63,12 @@ def time_layer(spec, folder: Path, sizes: dict, repeat: int, min_ms: float, cloc
     for step in steps:  # warm up, and calls per sample
         t = min(bench_sweep.time_calls(step, inputs, 1, clock) for _ in range(3))
         number.append(max(1, round(min_ms * 1e-3 / max(t, 1e-9))))
-    ratios = []
+    ratios, spec_s = [], []
     for _ in range(repeat):
         ours, theirs = (bench_sweep.time_calls(step, inputs, k, clock) for step, k in zip(steps, number))
         ratios.append(ours / theirs)
-    return statistics.median(ratios), kind
+        spec_s.append(theirs)
+    return statistics.median(ratios), kind, 1e3 * statistics.median(spec_s)
 
 
 def distribution(ratios: list[float]) -> str:
@@ -76,20 +80,25 @@ def distribution(ratios: list[float]) -> str:
 
 
 def timing_report(times: dict, sources: dict, save: Path, size: str, worst: int = 10) -> None:
-    """The distribution of the ratios (all layers, then by kernel), and the slowest layers (their
-    specs saved)."""
+    """The distribution of the ratios (all layers, by kernel, and by how much work autograd does:
+    below ``SMALL_MS`` a generated Function's fixed cost per call is most of the ratio), and the
+    slowest layers (their specs saved)."""
     if not times:
         print("timing: no layer timed")
         return
     print(f"timing at {size}, kernel / autograd through the spec (forward + backward, float32), "
-          + distribution([r for r, _ in times.values()]))
-    for kind in sorted({k for _, k in times.values()}):
-        print(f"  {kind} kernels: " + distribution([r for r, k in times.values() if k == kind]))
+          + distribution([r for r, _, _ in times.values()]))
+    for kind in sorted({k for _, k, _ in times.values()}):
+        print(f"  {kind} kernels: " + distribution([r for r, k, _ in times.values() if k == kind]))
+    for label, small in ((f"autograd under {SMALL_MS} ms", True), (f"autograd {SMALL_MS} ms or more", False)):
+        ratios = [r for r, _, ms in times.values() if (ms < SMALL_MS) == small]
+        if ratios:
+            print(f"  {label}: " + distribution(ratios))
     folder = save / "timing"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, (ratio, kind) in sorted(times.items(), key=lambda kv: -kv[1][0])[:worst]:
+    for name, (ratio, kind, ms) in sorted(times.items(), key=lambda kv: -kv[1][0])[:worst]:
         (folder / f"{name}.py").write_text(sources[name])
-        print(f"  {ratio:.2f}  {kind:12s}  {folder / name}.py")
+        print(f"  {ratio:.2f}  {kind:12s}  autograd {ms:.3f} ms  {folder / name}.py")
 
 
 def soak(fused: bool, examples: int, lines: int, save: Path, every: int = 100, timing: dict | None = None,
@@ -117,8 +126,8 @@ def soak(fused: bool, examples: int, lines: int, save: Path, every: int = 100, t
                 timing["times"][spec.name] = time_layer(spec, folder, timing["sizes"], timing["repeat"],
                                                         timing["min_ms"], timing["clock"])
                 timing["sources"][spec.name] = spec.source
-                ratio, kind = timing["times"][spec.name]
-                print(f"  time {ratio:.3f} {kind} {spec.name}", flush=True)
+                ratio, kind, ms = timing["times"][spec.name]
+                print(f"  time {ratio:.3f} {kind} autograd {ms:.3f} ms {spec.name}", flush=True)
             if outcome.status == "refused":
                 reasons[outcome.message.split(": ", 1)[1]] += 1
             elif outcome.status == "slow":
