@@ -39,7 +39,7 @@ from derive.layers import FUSED  # noqa: E402
 def bare_function(module, layer):
     """An ``autograd.Function`` calling ``module._forward`` and ``module._backward`` and nothing else."""
     (name,) = layer.inputs
-    saved_names = [p for p in inspect.signature(module._backward).parameters][2:-2]  # (needs, dout, ..., n, d)
+    saved_names = [p for p in inspect.signature(module._kernels["backward"]).parameters][2:-2]  # (needs, dout, ..., n, d)
 
     class Bare(torch.autograd.Function):
         @staticmethod
@@ -54,7 +54,7 @@ def bare_function(module, layer):
         def backward(ctx, dout):
             x, *saved = ctx.saved_tensors
             rest = iter(saved)  # what the forward saved, in the order the backward reads it
-            return module._backward(ctx.needs_input_grad, dout, *(x if v == name else next(rest) for v in saved_names),
+            return module._kernels["backward"](ctx.needs_input_grad, dout, *(x if v == name else next(rest) for v in saved_names),
                                     *ctx.sizes)
 
     return Bare.apply
