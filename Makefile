@@ -8,8 +8,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # TikZ (texlive-pictures) draws the compute graphs; pdftoppm (poppler-utils) lets the tests look at the pages
 TEX_PACKAGES := texlive-latex-base texlive-latex-recommended texlive-pictures latexmk poppler-utils
+# the Markdown documents are checked as GitHub renders them: its parser (cmark-gfm) and MathJax (npm,
+# pinned by tests/mathjax/package-lock.json)
+DOC_PACKAGES := cmark-gfm nodejs npm
+MATHJAX := tests/mathjax/node_modules/.installed
 
-.PHONY: install generate verify check test tex latex dist clean
+.PHONY: install generate verify check test tex doc-tools latex dist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +37,21 @@ tex:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEX_PACKAGES) >/dev/null; \
 	  else echo "latexmk, tikz.sty or pdftoppm not found: sudo apt-get install $(TEX_PACKAGES)"; exit 1; fi; }
 
+$(MATHJAX): tests/mathjax/package-lock.json
+	@{ command -v cmark-gfm && command -v npm; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DOC_PACKAGES) >/dev/null; \
+	  else echo "cmark-gfm or npm not found: sudo apt-get install $(DOC_PACKAGES)"; exit 1; fi; }
+	cd tests/mathjax && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+doc-tools: $(MATHJAX)
+
 # one PDF of every layer's derivations, with a table of contents: build/derivations/all.pdf
 latex: install tex
 	$(BIN)/derive latex
 
-test: install tex
+test: install tex doc-tools
 	$(BIN)/derive check
 	$(BIN)/python -m pytest -q
 
@@ -48,4 +62,4 @@ dist: install
 	@ls dist
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis dist
+	rm -rf $(VENV) .pytest_cache .hypothesis dist tests/mathjax/node_modules

@@ -15,7 +15,8 @@ import subprocess
 from pathlib import Path
 
 from .codegen import command, environment, inputs_hash, spec_argument
-from .derivation import PREAMBLE, md_code, tex_text
+from .document.formats import PREAMBLE
+from .document.notation import md_code, tex_text
 from .errors import DeriveError
 from .files import content_hash
 from .spec import Layer
@@ -95,7 +96,7 @@ def book_tex(layers: list[Layer], folder: Path) -> str:
                 raise DeriveError(f"{path} is missing; run `derive generate` first")
             parts.append(_part(path.read_text(), path))
     return environment().get_template(BOOK).render(preamble=PREAMBLE, parts=parts,
-                                                   layers=", ".join(tex_text(layer.name) for layer in layers))
+                                                   layers="The layers: " + ", ".join(tex_text(layer.name) for layer in layers) + ".")
 
 
 def build_book(layers: list[Layer], folder: Path, build: Path) -> Path:

@@ -31,8 +31,11 @@ import sympy as sp
 
 from .backends import ArrayOps
 from .codegen import environment, header
-from .derivation import (BOUND_LETTERS, FREE_LETTERS, MARKDOWN, RESERVED_LETTERS, TEX, _assign, _equation,
-                         _Format, _Printer, graph_context, tex_name)
+from .derivation import graph_context
+from .document.display import LINE_WIDTH, Display, equation, pieces_of, width
+from .document.formats import MARKDOWN, TEX, Format as _Format
+from .document.notation import BOUND_LETTERS, FREE_LETTERS, RESERVED_LETTERS, Printer as _Printer, tex_name
+from .document.notation import assign as _assign
 from .forward import size_scalars
 from .prove import _labels
 from .rules import BROADCASTING
@@ -190,16 +193,28 @@ def _concrete_symbols(name: str, shape: tuple, symbolic: tuple) -> np.ndarray:
     return out
 
 
+def _cell(value, p: _Printer2) -> str:
+    """One entry of a small matrix; a long sum is broken over lines inside its cell."""
+    value = sp.sympify(value)
+    text = p.doprint(value)
+    if isinstance(value, sp.Add) and width(text) > LINE_WIDTH / 2:
+        return "\\begin{aligned}&" + r" \\ &".join(pieces_of(p, value, LINE_WIDTH / 2)) + "\\end{aligned}"
+    return text
+
+
 def _matrix(values, p: _Printer2) -> str:
     a = np.asarray(values, dtype=object)
     if a.ndim == 0:
-        return p.doprint(sp.sympify(a.item()))
-    if a.ndim == 1:
-        return r"\begin{bmatrix} %s \end{bmatrix}" % " & ".join(p.doprint(sp.sympify(x)) for x in a)
+        return _cell(a.item(), p)
+    if a.ndim == 1 or (a.ndim == 2 and a.shape[0] == 1):
+        cells = [_cell(x, p) for x in a.reshape(-1)]
+        if width(" & ".join(cells)) > LINE_WIDTH:  # a long row is set as a column, transposed
+            return "\\begin{bmatrix}\n%s\n\\end{bmatrix}^{\\top}" % " \\\\\n".join(cells)
+        return "\\begin{bmatrix}\n%s\n\\end{bmatrix}" % " & ".join(cells)
     if a.ndim > 3:
         a = a.reshape((-1,) + a.shape[-2:])
-    rows = [" & ".join(_matrix(x, p) if a.ndim == 3 else p.doprint(sp.sympify(x)) for x in row) for row in a]
-    return r"\begin{bmatrix} %s \end{bmatrix}" % r" \\ ".join(rows)
+    rows = [" & ".join(_matrix(x, p) if a.ndim == 3 else _cell(x, p) for x in row) for row in a]
+    return "\\begin{bmatrix}\n%s\n\\end{bmatrix}" % " \\\\\n".join(rows)
 
 
 def _shape_text(shape: tuple) -> str:
@@ -402,7 +417,7 @@ def _context(graph: Graph, fmt: _Format) -> dict:
         region = inside.get(nodes[0])
         forward.append(dict(line=where(nodes[0]), source=code(source),
                             call=code(region.source) if region else "", equations=[
-            dict(name=code(n.name), equation=_equation(p.doprint(forward_eqs[n][0]), p.doprint(forward_eqs[n][1])))
+            dict(name=code(n.name), equation=fmt.display(equation(p, p.doprint(forward_eqs[n][0]), forward_eqs[n][1])))
             for n in nodes]))
 
     steps = []
@@ -414,20 +429,20 @@ def _context(graph: Graph, fmt: _Format) -> dict:
             rhs, local = derived[id(record)]
             local_tex = ""
             if local is not None:
-                local_tex = r"\frac{\partial %s}{\partial %s} = %s" % (
-                    p.doprint(local[0]), p.doprint(note.ref(node.name, node.shape)), p.doprint(local[1]))
+                local_tex = fmt.display(equation(p, r"\frac{\partial %s}{\partial %s}" % (
+                    p.doprint(local[0]), p.doprint(note.ref(node.name, node.shape))), local[1]))
             shown = None if region else _illustration(origin, node, first, array, before, values, adjoints, sizes, p, fmt)
             items.append(dict(target=code(node.name), grad=code(f"d{node.name}"), accumulates=not first,
-                              equation=_equation(p.doprint(note.ref(ADJOINT + node.name, node.shape)),
-                                                 p.doprint(rhs), not first),
+                              equation=fmt.display(equation(p, p.doprint(note.ref(ADJOINT + node.name, node.shape)),
+                                                            rhs, not first)),
                               local=local_tex, code=line.code, illustration=shown))
         eq = forward_eqs[origin]
         source = region.source if region else origin.source.strip()
         steps.append(dict(node=code(origin.name), line=f"the call of {code(region.layer.name)}" if region
                           else where(origin), source=code(source),
                           rule=code(origin.op), call=code(region.layer.name) if region else "",
-                          derivation=code(f"derivations/{region.layer.name}.md") if region else "",
-                          forward="" if region else _equation(p.doprint(eq[0]), p.doprint(eq[1])),
+                          derivation=fmt.link(region.layer.name, code(region.layer.name)) if region else "",
+                          forward="" if region else fmt.display(equation(p, p.doprint(eq[0]), eq[1])),
                           preamble="\n".join(line.code for line in preamble), lines=items))
 
     seen = {i.name: i for e in exprs for i in e.atoms(sp.Idx)}
@@ -438,7 +453,8 @@ def _context(graph: Graph, fmt: _Format) -> dict:
     return dict(name=code(layer.name), doc=fmt.text(layer.doc), module=code(layer.module),
                 file=code(f"{layer.name}_steps.py"), output=code(out.name), grad_output=code(f"d{out.name}"),
                 indices=indices, forward=forward, steps=steps, count=len(lines), graph=graph_context(graph, fmt),
-                inputs=", ".join(code(f"d{n}") for n in layer.differentiable))
+                inputs=", ".join(code(f"d{n}") for n in layer.differentiable), label=f"{layer.name}_steps",
+                fused=fmt.link(layer.name, code(layer.name)) if has_fused_kernel(layer) else "")
 
 
 def _illustration(origin: Node, node: Node, first: bool, array, before, values: dict, adjoints: dict,
@@ -449,15 +465,15 @@ def _illustration(origin: Node, node: Node, first: bool, array, before, values: 
         return None
     code = fmt.code
     used = {str(s) for n in [origin, *origin.inputs] for d in n.shape for s in sp.sympify(d).free_symbols}
-    at = ", ".join(f"${tex_name(d)} = {sizes[d]}$" for d in sizes if d in used)
+    at = ", ".join(fmt.math(f"{tex_name(d)} = {sizes[d]}") for d in sizes if d in used)
     rows = []
     if adjoints[origin].ndim:
         rows.append(dict(caption=f"the upstream gradient {code('d' + origin.name)} "
-                                 f"(${_shape_text(values[origin].shape)}$):",
-                         math=_equation(p.name(ADJOINT + origin.name), _matrix(adjoints[origin], p))))
+                                 f"({fmt.math(_shape_text(values[origin].shape))}):",
+                         math=fmt.display(equation(p, p.name(ADJOINT + origin.name), _matrix(adjoints[origin], p)))))
     for a in origin.inputs:
         if a.op == "labels":
-            rows.append(dict(caption=f"the labels {code(a.name)}:", math=_equation(p.name(a.name), _matrix(values[a], p))))
+            rows.append(dict(caption=f"the labels {code(a.name)}:", math=fmt.display(equation(p, p.name(a.name), _matrix(values[a], p)))))
     lhs = p.name(ADJOINT + node.name)
     if broadcast:
         res, arg = tuple(origin.shape), tuple(node.shape)
@@ -470,14 +486,14 @@ def _illustration(origin: Node, node: Node, first: bool, array, before, values: 
         if kept:
             how.append(f"summed over {_axes_text([extra + k for k in kept])}, kept with size 1")
         rows.append(dict(caption=f"the rule's contribution, in the shape of the result "
-                                 f"(${_shape_text(before.shape)}$):", math=_matrix(before, p)))
+                                 f"({fmt.math(_shape_text(before.shape))}):", math=fmt.display(Display(_matrix(before, p)))))
         rows.append(dict(caption=f"{' and '.join(how)}, back to the shape of {code(node.name)} "
-                                 f"(${_shape_text(np.asarray(array).shape)}$): the de-broadcasting sum",
-                         math=_equation(lhs, _matrix(array, p), not first)))
+                                 f"({fmt.math(_shape_text(np.asarray(array).shape))}): the de-broadcasting sum",
+                         math=fmt.display(equation(p, lhs, _matrix(array, p), not first))))
     else:
         rows.append(dict(caption=f"the contribution to {code('d' + node.name)} "
-                                 f"(${_shape_text(np.asarray(array).shape)}$):",
-                         math=_equation(lhs, _matrix(array, p), not first)))
+                                 f"({fmt.math(_shape_text(np.asarray(array).shape))}):",
+                         math=fmt.display(equation(p, lhs, _matrix(array, p), not first))))
     return dict(sizes=at, rows=rows)
 
 
@@ -496,7 +512,7 @@ def render_steps_tex(graph: Graph) -> str:
 
 
 def render_steps_markdown(graph: Graph) -> str:
-    """The step-by-step derivation as GitHub Markdown with ``$...$`` / ``$$...$$`` math."""
+    """The step-by-step derivation as GitHub Markdown: display math in ```math blocks, inline math as $`...`$."""
     return _render(graph, STEPS_MARKDOWN)
 
 

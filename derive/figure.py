@@ -17,9 +17,12 @@ from dataclasses import dataclass
 
 from .trace import BINARY, Graph, Node
 
-# room on the page for the TikZ drawing (cm); the spacing shrinks to fit, the \fitbox macro scales
-WIDTH_CM, HEIGHT_CM = 16.0, 20.0
-X_STEP_CM, Y_STEP_CM = 2.6, 1.2
+# room on the page for the TikZ drawing (cm): a level is 1.1 cm, enough for a box and its arrow's
+# label at print size; a taller graph is set in columns of at most MAX_LEVELS levels
+WIDTH_CM = 16.0
+X_STEP_CM, Y_STEP_CM = 2.6, 1.1
+MAX_LEVELS = 18
+COLUMN_GAP = 1.0  # between two columns of a tall graph, in slots
 
 
 @dataclass(frozen=True)
@@ -111,36 +114,58 @@ def layout(graph: Graph) -> tuple[list[Box], dict[Node, float]]:
 
 
 def tikz(graph: Graph) -> str:
-    """A ``tikzpicture`` of the graph (needs ``\\usepackage{tikz}``)."""
+    """A ``tikzpicture`` of the graph (needs ``\\usepackage{tikz}``).
+
+    The spacing never shrinks below what is readable at print size. A graph taller than
+    ``MAX_LEVELS`` levels is set in columns side by side, each holding a run of levels; an arrow
+    from an earlier column starts at a dashed copy of its argument at the top of the column."""
     boxes, slot = layout(graph)
     low = min(b.level for b in boxes)
     levels = 1 + max(b.level for b in boxes) - low
-    widest = 1 + max(slot.values()) - min(slot.values())
-    dx = min(X_STEP_CM, WIDTH_CM / max(widest, 1))
-    dy = min(Y_STEP_CM, HEIGHT_CM / max(levels, 1))
-    lines = [r"\begin{tikzpicture}[x=%.2fcm, y=%.2fcm, font=\scriptsize, >=stealth," % (dx, dy),
+    columns = -(-levels // MAX_LEVELS)
+    per = -(-levels // columns)
+    left = min(slot.values())
+    widest = 1 + max(slot.values()) - left
+    column_width = widest + COLUMN_GAP if columns > 1 else widest
+    dx = min(X_STEP_CM, WIDTH_CM / max(column_width * columns, 1))
+    lines = [r"\begin{tikzpicture}[x=%.2fcm, y=%.2fcm, font=\scriptsize, >=stealth," % (dx, Y_STEP_CM),
              r"  op/.style={draw, rounded corners, inner sep=2pt, fill=white},",
              r"  leaf/.style={op, fill=black!8},",
-             r"  fan/.style={op, draw=red!75!black, very thick, fill=red!6}]"]
+             r"  fan/.style={op, draw=red!75!black, very thick, fill=red!6},",
+             r"  ghost/.style={op, dashed, draw=black!50, text=black!60}]"]
+    column = {b.node: (b.level - low) // per for b in boxes}
+    x = {b.node: slot[b.node] - left + column[b.node] * column_width for b in boxes}
+    y = {b.node: -((b.level - low) % per) for b in boxes}
     key = {b.node: b.key for b in boxes}
     for b in boxes:
         style = "fan" if b.uses > 1 else "leaf" if _is_leaf(b.node) else "op"
         text = r"\texttt{%s}" % _tex(b.label)
         if b.uses > 1:
             text += r" \textcolor{red!75!black}{$\times%d$}" % b.uses
-        lines.append(r"  \node[%s] (%s) at (%.2f, %.2f) {%s};" % (style, b.key, slot[b.node], -b.level, text))
+        lines.append(r"  \node[%s] (%s) at (%.2f, %.2f) {%s};" % (style, b.key, x[b.node], y[b.node], text))
+    ghosts: dict = {}  # (argument, column) -> the key of its copy at the top of that column
+    for b in boxes:
+        for a in dict.fromkeys(b.node.inputs):
+            if column[a] < column[b.node] and (a, column[b.node]) not in ghosts:
+                k = sum(1 for (_, c) in ghosts if c == column[b.node])
+                ghosts[(a, column[b.node])] = f"{key[a]}c{column[b.node]}"
+                lines.append(r"  \node[ghost] (%s) at (%.2f, %.2f) {\texttt{%s}};"
+                             % (ghosts[(a, column[b.node])], column[b.node] * column_width + k, 1, _tex(Box(
+                                 key[a], a, 0, 0).label)))
     level = {b.node: b.level for b in boxes}
     for b in boxes:
         for a in dict.fromkeys(b.node.inputs):
+            start = ghosts.get((a, column[b.node]), key[a])
             # an arrow that skips levels bends, so it does not run over the boxes in between
-            path = "to[bend right=35]" if level[b.node] - level[a] > 1 and slot[a] == slot[b.node] else "--"
+            skips = level[b.node] - level[a] > 1 and x[a] == x[b.node] and start == key[a]
+            path = "to[bend right=35]" if skips else "--"
             sizes = broadcast(b.node, a)
             if sizes:  # a broadcast is a fan-out too: one element feeds a whole row or column
                 label = r"\textcolor{blue!60!black}{$\times %s$}" % r"\,".join(map(_tex_size, sizes))
                 lines.append(r"  \draw[->, blue!60!black, very thick] (%s) %s node[fill=white, inner sep=1pt] {%s} (%s);"
-                             % (key[a], path, label, b.key))
+                             % (start, path, label, b.key))
             else:
-                lines.append(r"  \draw[->] (%s) %s (%s);" % (key[a], path, b.key))
+                lines.append(r"  \draw[->] (%s) %s (%s);" % (start, path, b.key))
     lines.append(r"\end{tikzpicture}")
     return "\n".join(lines)
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from derive.book import build_book, documents
-from derive.derivation import PREAMBLE
+from derive.document.formats import PREAMBLE
 from derive.codegen import environment
 from derive.figure import broadcasts, fan_out, mermaid, tikz
 from derive.layers import BUILTIN
 from derive.trace import trace
 
-from conftest import DERIVATIONS, assert_math_blocks_balanced, ink, latexmk
+from conftest import DERIVATIONS, ink, latexmk
 
 STEMS = [stem for layer in BUILTIN for stem, _ in documents(layer)]
 MIN_INK = 0.01  # a page of text and formulas at 30 dpi is a few percent non-white; a blank page is 0
@@ -31,6 +31,17 @@ def test_pdf_compiles_and_its_first_page_is_not_blank(compiled_derivations, stem
     run, pdf = compiled_derivations[stem]
     assert run.returncode == 0, run.stdout[-3000:]
     assert ink(pdf) > MIN_INK
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_no_line_runs_over_the_margin(compiled_derivations, stem):
+    """With resizing switched off, TeX reports every line wider than the margin allows: a code
+    line, a word, or a display that would need shrinking below 85% (``\\fitpick``, ``\\fit``)."""
+    run, pdf = compiled_derivations[stem]
+    assert run.returncode == 0, run.stdout[-3000:]
+    log = pdf.with_suffix(".log").read_text(errors="replace")
+    overfull = re.findall(r"^Overfull \\hbox \(([\d.]+)pt too wide\)[^\n]*\n(.*)$", log, re.M)
+    assert not overfull, f"{len(overfull)} lines over the margin, e.g. {overfull[:3]}"
 
 
 def test_every_compute_graph_is_drawn(tmp_path):
@@ -51,7 +62,7 @@ def test_graph_drawings_have_every_node_edge_and_fan_out(layer):
     graph = trace(layer)
     picture, chart = tikz(graph), mermaid(graph)
     edges = {(a, m) for m in graph.nodes for a in m.inputs}
-    assert picture.count(r"\node[") == len(graph.nodes)
+    assert picture.count(r"\node[") - picture.count(r"\node[ghost]") == len(graph.nodes)
     assert picture.count(r"\draw[") == len(edges)
     assert chart.count(" --> ") + chart.count(" ==>") == len(edges)
     fans = {n for n, _ in fan_out(graph)}
@@ -61,24 +72,15 @@ def test_graph_drawings_have_every_node_edge_and_fan_out(layer):
     assert chart.count("==>") == len(broadcasts(graph))
 
 
-def _math(text: str) -> list[str]:
-    """Display and inline math of a Markdown file, with code blocks and code spans left out."""
-    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
-    text = re.sub(r"(`+).*?\1", "", text, flags=re.S)
-    displays = re.findall(r"^\$\$\n(.*?)\n\$\$$", text, flags=re.S | re.M)
-    rest = re.sub(r"^\$\$\n.*?\n\$\$$", "", text, flags=re.S | re.M)
-    return [r"\[ %s \]" % d for d in displays] + ["$%s$" % m for m in re.findall(r"\$([^$\n]+)\$", rest)]
-
-
 def test_every_markdown_equation_compiles(tmp_path):
     """All math of all Markdown documents, each in its own paragraph of one small LaTeX file."""
+    from test_markdown_rendering import math_spans
+
     blocks, count = [], 0
     for md in sorted(DERIVATIONS.glob("*.md")):
-        text = md.read_text()
-        assert_math_blocks_balanced(text)
-        math = _math(text)
+        math = math_spans(md.read_text())
         count += len(math)
-        blocks += [r"\typeout{MATH %s %d}" % (md.name, k) + "\n" + m + "\n\\par" for k, m in enumerate(math)]
+        blocks += [r"\typeout{MATH %s %d}" % (md.name, k) + "\n\\[ " + m + " \\]\n\\par" for k, m in enumerate(math)]
     assert count > 100
     (tmp_path / "math.tex").write_text("\\documentclass{article}\n\\usepackage{amsmath}\n\\usepackage{amssymb}\n"
                                        "\\begin{document}\n%s\n\\end{document}\n" % "\n".join(blocks))

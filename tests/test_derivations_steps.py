@@ -48,7 +48,7 @@ def test_every_forward_node_has_its_equation(doc):
     graph, _, md = doc
     for node in graph.nodes:
         if node.op not in ("input", "labels"):
-            assert f"`{node.name}`:\n\n$$\n" in md
+            assert f"`{node.name}`:\n\n```math\n" in md
             assert f"ine {node.line}" in md
 
 
@@ -61,7 +61,7 @@ def test_broadcasts_and_reductions_are_illustrated(doc):
     assert md.count("On a small example") == len(broadcast) + len(reducing)
     assert md.count("the de-broadcasting sum") == len(broadcast)
     if graph.layer.name == "cross_entropy":  # the exercise's 3x2 with a 3x1 operand
-        assert "summed over axis 1, kept with size 1, back to the shape of `counts_sum_inv` ($3 \\times 1$)" in md
+        assert "summed over axis 1, kept with size 1, back to the shape of `counts_sum_inv` ($`3 \\times 1`$)" in md
 
 
 def _records(graph):
@@ -101,7 +101,7 @@ def _top_level_split(body: str, sep: str) -> list[str]:
 def test_illustrations_are_at_most_3x3(doc):
     _, _, md = doc
     for body in _bmatrices(md):
-        rows = _top_level_split(body, r" \\ ")
+        rows = _top_level_split(body, " \\\\\n")
         assert len(rows) <= 3, body
         assert all(len(_top_level_split(row, " & ")) <= 3 for row in rows), body
 

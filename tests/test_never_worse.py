@@ -199,6 +199,8 @@ def test_a_layer_with_no_passing_fused_form_gets_the_step_by_step_kernel(tmp_pat
     module = (out / "tanh_formula.py").read_text()
     assert "Its kernel is the step-by-step backward" in module and "class TanhFormulaFunction" in module
     assert not (out / "derivations" / "tanh_formula.md").exists()
+    steps_doc = (out / "derivations" / "tanh_formula_steps.md").read_text()
+    assert "## " in steps_doc and "(tanh_formula.md)" not in steps_doc  # no link to a document not written
     assert main(["generate", "--no-prove", "--fused-only", "--force", "--layer", str(spec), "--out", str(out)]) == 2
     assert "every fused form fails the numerical battery" in capsys.readouterr().err
 
