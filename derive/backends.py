@@ -5,6 +5,8 @@ import itertools
 
 import numpy as np
 import sympy as sp
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.pycode import PythonCodePrinter
 
 from .functions import Sigmoid, Step
 
@@ -15,6 +17,40 @@ def number_text(value: sp.Rational) -> str:
     """A rational as the float literal it came from (``1e-05``, ``-0.5``) when that is exact, else p/q."""
     as_float = repr(float(value))
     return as_float if sp.nsimplify(float(value), rational=True) == value else f"{value.p}/{value.q}"
+
+
+class _ScalarPrinter(PythonCodePrinter):
+    """Python code of a size/constant scalar that needs no ``math`` import: roots as powers
+    (``d**0.5``), numbers such as ``2/sqrt(pi)`` as float literals."""
+
+    def _print_Pow(self, expr, rational=False):
+        base, e = expr.as_base_exp()
+        if e.is_Rational and not e.is_Integer:
+            return f"{self.parenthesize(base, PRECEDENCE['Pow'])}**({float(e)!r})"
+        return super()._print_Pow(expr, rational)
+
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, sp.Expr) and expr.is_number and not expr.is_Rational:
+            return repr(float(expr))
+        return super()._print(expr, **kwargs)
+
+    def _print_Function(self, expr):
+        return (f"torch.tensor({self._print(expr.args[0])}, dtype=torch.float64)."
+                f"{type(expr).__name__}().item()")
+
+    _print_log = _print_exp = _print_Function
+
+    def _print_NumberSymbol(self, expr):
+        return repr(float(expr))
+
+    _print_Pi = _print_Exp1 = _print_NumberSymbol
+
+
+def scalar_code(value: sp.Expr) -> str:
+    """``value`` (sizes, constants and numbers) as Python code."""
+    if value.is_number and not value.is_Rational:
+        return repr(float(value))
+    return _ScalarPrinter().doprint(value)
 
 
 # -- code -------------------------------------------------------------------------------------
@@ -41,16 +77,26 @@ class Code:
         if isinstance(x, Code):
             return x
         value = sp.sympify(x)
-        text = number_text(value) if value.is_Rational and not value.is_Integer else sp.pycode(value)
+        text = number_text(value) if value.is_Rational and not value.is_Integer else scalar_code(value)
         simple = text.isidentifier() or (value.is_Integer and value >= 0)
         return Code(text, ATOM if simple else ADD - 1, value=value)
 
 
 class CodeOps:
-    """Rule operations that print torch code."""
+    """Rule operations that print torch code.
+
+    ``contiguous`` is False for a graph that permutes axes: a gradient may then be a transposed
+    view, which ``view`` refuses, so shapes are changed with ``reshape``.
+    """
+
+    def __init__(self, contiguous: bool = True, names: dict | None = None):
+        self.contiguous = contiguous
+        self.names = names or {}  # size symbol -> the symbol it prints as (``forward.size_names``)
 
     def lift(self, x) -> Code:
-        return Code.lift(x)
+        if isinstance(x, Code):
+            return x
+        return Code.lift(sp.sympify(x).xreplace(self.names))
 
     def scalar(self, value) -> Code:
         return self.lift(value)
@@ -75,7 +121,56 @@ class CodeOps:
         return Code(f"torch.zeros_like({a}).scatter_({axis}, {a}.argmax({axis}, keepdim=True), 1.0)")
 
     def transpose(self, b):
-        return Code(f"{b.wrap(ATOM)}.T")
+        """The last two axes swapped (``.T`` of a matrix, ``.mT`` of a batch of them)."""
+        return Code(f"{b.wrap(ATOM)}.{'T' if b.shape is not None and len(b.shape) == 2 else 'mT'}")
+
+    def sum_batch(self, g, like, source):
+        """``g``, with ``source``'s rank, summed over the leading axes ``like`` does not have."""
+        extra = len(source.shape) - len(like.shape)
+        return g if extra <= 0 else Code(f"{g.wrap(ATOM)}.sum({_axes(range(extra))})")
+
+    def permute(self, g, perm):
+        if len(perm) == 2:
+            return Code(f"{g.wrap(ATOM)}.T")
+        return Code(f"{g.wrap(ATOM)}.permute({', '.join(map(str, perm))})")
+
+    def sum(self, x, axes):
+        return Code(f"{x.wrap(ATOM)}.sum({_axes(axes)}, keepdim=True)")
+
+    def exp(self, x):
+        return Code(f"torch.exp({x})")
+
+    def sin(self, x):
+        return Code(f"torch.sin({x})")
+
+    def cos(self, x):
+        return Code(f"torch.cos({x})")
+
+    def compare(self, op, a, b):
+        symbol = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}[op]
+        return Code(f"({a.wrap(ADD)} {symbol} {b.wrap(ADD)})")
+
+    def between(self, a, lo, hi):
+        """The mask of ``lo <= a <= hi`` (an infinite bound drops out)."""
+        parts = [f"({a.wrap(ADD)} >= {lo})" if lo.value is None or lo.value.is_finite else "",
+                 f"({a.wrap(ADD)} <= {hi})" if hi.value is None or hi.value.is_finite else ""]
+        return Code(" & ".join(p for p in parts if p), prec=0)
+
+    def select(self, mask, x, y):
+        """``torch.where(mask, x, y)``; a mask is a bool tensor, so this never computes ``1 - mask``."""
+        x, y = Code.lift(x), Code.lift(y)
+        return Code(f"torch.where({mask}, {x}, {y})")
+
+    def split_at_ties(self, grad, a, b, op: str):
+        """The gradients of ``a`` and ``b`` through ``maximum`` (``op`` ``"gt"``) or ``minimum``
+        (``"lt"``): ``grad`` to the one that wins, half of it to each at a tie, as autograd splits
+        it: ``(where(a > b, g, 0) + where(a >= b, g, 0)) / 2``."""
+        other = {"gt": "lt", "lt": "gt"}[op]
+
+        def half(strict):
+            loose = strict[0] + "e"
+            return (self.select(self.compare(strict, a, b), grad, 0) + self.select(self.compare(loose, a, b), grad, 0)) / 2
+        return half(op), half(other)
 
     def one_hot(self, labels, table):
         # a comparison, not F.one_hot: torch.func.vmap cannot batch F.one_hot's check of the values
@@ -100,7 +195,7 @@ class CodeOps:
                     f"{grad.wrap(ATOM)}.view(-1, *{table}.shape[1:]))")
 
     def view_as(self, grad, a):
-        return Code(f"{grad.wrap(ATOM)}.view({a}.shape)")
+        return Code(f"{grad.wrap(ATOM)}.{'view' if self.contiguous else 'reshape'}({a}.shape)")
 
     def unbroadcast(self, g, shape, result_shape):
         """Sum ``g`` (shaped like the result) down to ``shape``: the de-broadcasting step."""
@@ -199,7 +294,43 @@ class ArrayOps:
         return mask
 
     def transpose(self, b):
-        return b.T
+        return np.swapaxes(b, -1, -2)
+
+    def permute(self, g, perm):
+        return np.transpose(g, perm)
+
+    def sum_batch(self, g, like, source):
+        extra = g.ndim - np.ndim(like)
+        return g if extra <= 0 else g.sum(axis=tuple(range(extra)))
+
+    def sum(self, x, axes):
+        return np.asarray(x, dtype=object).sum(axis=tuple(axes), keepdims=True)
+
+    def exp(self, x):
+        return np.vectorize(sp.exp, otypes=[object])(x)
+
+    def sin(self, x):
+        return np.vectorize(sp.sin, otypes=[object])(x)
+
+    def cos(self, x):
+        return np.vectorize(sp.cos, otypes=[object])(x)
+
+    def compare(self, op, a, b):
+        from .functions import COMPARISONS
+        return np.vectorize(COMPARISONS[op][0], otypes=[object])(a, b)
+
+    def between(self, a, lo, hi):
+        from .functions import NonNeg
+        lo, hi = sp.sympify(np.asarray(lo).item()), sp.sympify(np.asarray(hi).item())
+        return np.vectorize(lambda e: NonNeg(e - lo) * NonNeg(hi - e), otypes=[object])(a)
+
+    def select(self, mask, x, y):
+        return mask * x + (1 - mask) * y  # finite values only: the arithmetic is exact
+
+    def split_at_ties(self, grad, a, b, op: str):
+        """A tie has measure zero in the exact check: ``grad`` to the one that wins."""
+        wins = self.compare(op, a, b)
+        return self.select(wins, grad, 0), self.select(wins, 0, grad)
 
     def one_hot(self, labels, table):
         out = np.full(table.shape, sp.S.Zero, dtype=object)

@@ -19,7 +19,7 @@ import sympy as sp
 from .errors import DerivationError
 from .functions import Step
 from .printer import KernelPrinter, temporaries
-from .symbolic import expand
+from .symbolic import Red, expand, reindex
 
 
 def _axes(expr: sp.Expr, slots: dict, shapes: dict, frame: list) -> set:
@@ -57,6 +57,11 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
     for term in sp.Add.make_args(expand(expr)):
         factors = sp.Mul.make_args(term)
         deltas = [d for d in (_label_delta(f, slots) for f in factors) if d]
+        if len(deltas) == 1:
+            # the one-hot is 0 off the label: the other factors are needed at the label only
+            # (``counts*onehot(y)`` is ``counts[y]*onehot(y)``, a gather, not a full-size tensor)
+            (index, labels), = deltas
+            factors = [f if _label_delta(f, slots) else reindex(f, {index: labels}) for f in factors]
         big = [f for f in factors if not _label_delta(f, slots) and _axes(f, slots, shapes, frame) == full]
         rest = sp.Mul(*[f for f in factors if f not in big and not _label_delta(f, slots)])
         if deltas:
@@ -67,16 +72,22 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
                 return None
             scatters[(index, labels)] = scatters.get((index, labels), 0) + rest
             continue
-        if len(big) > 1 or big and not isinstance(big[0], (sp.Indexed, sp.Symbol)):
+        if len(big) > 1 or big and big[0].atoms(Red, sp.KroneckerDelta):
             return None
         key = big[0] if big else None
         groups[key] = groups.get(key, 0) + rest
     tensors = [t for t in groups if t is not None]
-    if not tensors or len(groups) + len(scatters) < 2:
-        return None
+    if not scatters and any(not isinstance(t, (sp.Indexed, sp.Symbol)) for t in tensors):
+        return None  # a function of a tensor (sigmoid(t)) goes through as written, unless a one-hot is to be scattered
 
     def text(e):
         return printer.doprint(sp.factor_terms(e))
+
+    if not tensors and scatters and not groups:  # a one-hot only (a pick's gradient): zeros, then scatters
+        return [f"{grad} = {printer.dtype_of}.new_zeros(({', '.join(printer.doprint(s) for s in frame)},))"] + \
+            _scatters(grad, scatters, printer, slots, frame, text)
+    if not tensors or len(groups) + len(scatters) < 2:
+        return None
 
     tensors.sort(key=sp.default_sort_key)
     first, others = tensors[0], tensors[1:]
@@ -106,6 +117,12 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
     lines += [f"{grad}{plus(t, '.addcmul_')}" for t in others]
     if constant is not None and not tensor_constant:
         lines.append(f"{grad}.add_({text(constant)})")
+    return lines + _scatters(grad, scatters, printer, slots, frame, text)
+
+
+def _scatters(grad: str, scatters: dict, printer, slots: dict, frame: list, text) -> list[str]:
+    """``grad.scatter_add_`` of each one-hot term: n values, never a dense (n, k) one-hot."""
+    lines = []
     rank = len(frame)
     for (index, labels), coefficient in sorted(scatters.items(), key=lambda kv: sp.default_sort_key(kv[0][1])):
         axis = slots[index]

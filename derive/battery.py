@@ -32,7 +32,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .spec import Constant, Labels, Layer, Tensor, concrete_shape
-from .verify import random_inputs, upstream_for
+from .verify import random_inputs, sample, upstream_for
 
 SLACK, ULPS = 4.0, 4.0
 # A form is chosen with half the slack it is held to: the largest error over a draw varies from draw
@@ -73,7 +73,8 @@ class Setting:
 
 def draw(layer: Layer, sizes: dict[str, int], dtype: torch.dtype, seed: int, scale: float = 1.0,
          banded: bool = False, sign: int = 0, offset: float = 0.0) -> dict:
-    """The spec's inputs (its ``.example`` where it has one) with every differentiable tensor scaled.
+    """The spec's inputs (its ``.example`` where it has one) with every differentiable tensor scaled,
+    an input with a declared domain only as far as it stays in it (``_in_domain``).
 
     A banded draw keeps every entry at one size (``sign * U[1, 2) * scale``), so that a whole tensor
     sits in the regime being tested rather than a few of its entries; with one sign for every entry,
@@ -84,7 +85,9 @@ def draw(layer: Layer, sizes: dict[str, int], dtype: torch.dtype, seed: int, sca
     out = {}
     for name, value in values.items():
         decl = layer.inputs[name]
-        if isinstance(decl, Tensor) and decl.differentiable and torch.is_tensor(value):
+        if isinstance(decl, Tensor) and decl.differentiable and torch.is_tensor(value) and decl.domain != "real":
+            value = _in_domain(decl.domain, value, g, scale, banded, offset)
+        elif isinstance(decl, Tensor) and decl.differentiable and torch.is_tensor(value):
             if banded:
                 magnitude = torch.rand(value.shape, generator=g, dtype=torch.float64) + 1
                 signs = (torch.randint(0, 2, value.shape, generator=g).to(torch.float64) * 2 - 1 if sign == 0
@@ -93,6 +96,24 @@ def draw(layer: Layer, sizes: dict[str, int], dtype: torch.dtype, seed: int, sca
             value = value * scale + offset
         out[name] = value
     return out
+
+
+# the largest spread of a bounded domain's draw: sigmoid(2 * 4.5) is still below 1 in float32
+BOUNDED_SCALE = 2.0
+
+
+def _in_domain(domain: str, value: torch.Tensor, g: torch.Generator, scale: float, banded: bool,
+               offset: float) -> torch.Tensor:
+    """A draw of an input with a declared domain that stays in it. A positive (non-negative) input
+    is scaled and shifted as a real one, its sign kept (magnitudes only, when banded); a bounded one
+    (``unit``, ``probability``, ``binary``) is drawn again from the domain (``verify.sample``),
+    sharper for a larger scale (probabilities nearer 0 and 1) but never out of it: a probability
+    row still sums to 1, a mask is still 0 or 1."""
+    if domain in ("positive", "nonnegative"):
+        if banded:
+            value = (torch.rand(value.shape, generator=g, dtype=torch.float64) + 1).to(value.dtype)
+        return value * scale + abs(offset)
+    return sample(domain, tuple(value.shape), value.dtype, g, min(scale, BOUNDED_SCALE))
 
 
 class _Recorder(TorchFunctionMode):

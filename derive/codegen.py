@@ -12,8 +12,8 @@ from typing import Iterator
 from importlib import metadata
 
 from .files import content_hash
-from .forward import forward_lines, size_scalars
-from .kernel import Kernel, input_checks, size_divisors, size_sources
+from .forward import forward_lines
+from .kernel import Kernel, size_checks
 from .spec import Constant, Labels, Layer, Tensor
 from .templating import TEMPLATES, environment
 
@@ -21,7 +21,8 @@ REGENERATE = "derive generate"
 DEFAULT_OUT = "generated"
 # the templates each kind of module is rendered from (its header hashes them)
 TEMPLATES_OF = {"function": ["function.py.j2", "function_support.py.j2", "input_checks.py.j2"],
-                "steps": ["steps.py.j2", "function_support.py.j2", "input_checks.py.j2"]}
+                "steps": ["steps.py.j2", "function_support.py.j2", "input_checks.py.j2"],
+                "synced": ["function_synced.py.j2", "function_support.py.j2", "input_checks.py.j2"]}
 
 
 def version() -> str:
@@ -179,11 +180,10 @@ def render_function(kernel: Kernel) -> str:
     # shared temporaries, then the gradients, each under the ``if`` of the gradients that need it;
     # consecutive statements with the same condition share one ``if``
     steps = [(" or ".join(f"needs[{u}]" for u in s.users),
-              ([f"{s.scratch} = {s.scratch_code}"] if s.scratch else []) + [f"{s.name} = {s.sum_code or s.code}"])
+              s.fast or ([f"{s.scratch} = {s.scratch_code}"] if s.scratch else []) + [f"{s.name} = {s.sum_code or s.code}"])
              for s in kernel.shared]
-    plain = [(" or ".join(f"needs[{u}]" for u in s.users), [f"{s.name} = {s.code}"]) for s in kernel.shared]
-    steps += [(f"needs[{f.position}]", f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
-    plain += [(f"needs[{f.position}]", [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
+    plain = steps + [(f"needs[{f.position}]", f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
+    steps += [(f"needs[{f.position}]", f.fast or f.chain or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
     blocks, plain_blocks = _blocks(steps), _blocks(plain)
     returns = [f"d{name}" if name in kernel.layer.differentiable else "None" for name in kernel.layer.inputs]
     # the forward returns what it computed for the backward; the inputs are saved apart
@@ -210,9 +210,9 @@ def render_function(kernel: Kernel) -> str:
         output=kernel.output,
         grad_output=f"d{kernel.output}",
         grad_names=[f"d{n}" for n in kernel.layer.differentiable],
-        # the eager backward writes into fresh buffers (in place); a graph of the backward, torch.func
-        # transforms (vmap cannot write a batched value into an unbatched buffer) and torch.compile
-        # take the formulas as written
+        # eager autograd's backward computes the in-place chains (backward_plan.chain_form); a graph
+        # of the backward, torch.func transforms (vmap cannot write a batched value into an
+        # unbatched buffer) and torch.compile take those formulas as written
         blocks=plain_blocks,
         in_place_blocks=blocks if blocks != plain_blocks else None,
         returns=", ".join(returns),
@@ -235,8 +235,7 @@ def render_steps(graph, kernel_reason: str = "") -> str:
     printer = type("ScalarPrinter", (), {"doprint": staticmethod(lambda v: Code.lift(v).text)})()
     forward = forward_lines(graph, printer)
     text = " ".join(line.code for line in lines)
-    sources = size_sources(layer)
-    checks = input_checks(layer, size_divisors(size_scalars(graph), set(graph.sizes.values())), sources)
+    sources, checks, _ = size_checks(graph)
     names = [n.name for n in graph.nodes] + list(layer.constants)
     reads = [n for n in names if re.search(rf"\b{re.escape(n)}\b", text) or n == graph.output.name
              or any(n == tensor for _, tensor in sources)]
@@ -276,3 +275,45 @@ def render_steps(graph, kernel_reason: str = "") -> str:
     )
     body = environment().get_template("steps.py.j2").render(**context)
     return header(layer, "#", body, templates=TEMPLATES_OF["steps"]) + body
+
+
+
+def render_synced(synced) -> str:
+    """``<name>_synced.py``: the fused kernel with its sums over the batch axis taken across ranks
+    (``synced.build_synced``)."""
+    kernel = synced.kernel
+    computed = [s for s in kernel.saved if s not in kernel.layer.tensors]
+    name = f"{kernel.name}_synced"
+    context = dict(
+        title=f"{(kernel.layer.doc.splitlines() or [kernel.name])[0]}",
+        batch=synced.batch,
+        messages=synced.messages,
+        crossing=synced.crossing,
+        class_name=class_name(name),
+        name=name,
+        plain=f"{kernel.name} ({kernel.name}.py)",
+        signature=_signature(kernel.layer),
+        **_check_context([c for c in kernel.checks if c.kind != "size"]),
+        check_args=", ".join(kernel.layer.inputs),
+        size_sources=kernel.size_sources,
+        size_checks=[c for c in kernel.checks if c.kind == "size"],
+        forward=synced.forward,
+        labels=[k for k, v in kernel.layer.tensors.items() if isinstance(v, Labels)],
+        saved_tuple=_tuple(computed),
+        sizes_tuple=_tuple(kernel.sizes),
+        sizes_unpack=_tuple(kernel.sizes),
+        constants_all=list(kernel.layer.constants),
+        tensor_inputs="".join(f"{k}, " for k in kernel.layer.tensors),
+        all_unpack=_tuple(list(kernel.layer.tensors) + computed),
+        forward_args=", ".join(list(kernel.layer.inputs) + kernel.sizes),
+        backward_args=", ".join([f"d{kernel.output}"] + kernel.saved + kernel.sizes + kernel.constants_used),
+        output=kernel.output,
+        grad_output=f"d{kernel.output}",
+        grad_names=[f"d{n}" for n in kernel.layer.differentiable],
+        blocks=synced.blocks,
+        returns=", ".join(f"d{n}" if n in kernel.layer.differentiable else "None" for n in kernel.layer.inputs),
+        doc=f"{(kernel.layer.doc.splitlines() or [kernel.name])[0]} Across the ranks of the default process group.",
+        call_args=", ".join(kernel.layer.inputs),
+    )
+    body = environment().get_template("function_synced.py.j2").render(header="", **context).lstrip("\n")
+    return header(kernel, "#", body, templates=TEMPLATES_OF["synced"]) + body

@@ -330,7 +330,24 @@ def _context(kernel: Kernel, fmt: Format) -> dict:
                 gradients=_gradients(a, fmt), example=_example(a, fmt),
                 steps_doc=fmt.link(f"{kernel.name}_steps", code(f"{kernel.name}_steps")), steps_what=LINK_STEPS,
                 label=f"{kernel.name}", saved=", ".join(map(code, kernel.saved)),
-                inputs=", ".join(map(code, kernel.layer.differentiable)))
+                inputs=", ".join(map(code, kernel.layer.differentiable)), ranks=_ranks(kernel, fmt))
+
+
+def _ranks(kernel: Kernel, fmt: Format) -> dict | None:
+    """The sums that cross ranks in ``<name>_synced.py`` (a declared batch axis), or None."""
+    from .synced import has_batch_sums, synced_cached
+
+    if not has_batch_sums(kernel):
+        return None
+    synced = synced_cached(kernel)
+    params = [n for n in kernel.layer.differentiable if synced.batch not in kernel.layer.tensors[n].dims]
+    lines = []  # each sum under its comment: a line of code and its comment overrun a page together
+    for line in synced.crossing:
+        statement, _, comment = line.partition("  # ")
+        lines += [f"# {comment}", statement] if comment else [statement]
+    return dict(batch=fmt.code(synced.batch), module=fmt.code(f"{kernel.name}_synced.py"),
+                messages=synced.messages, code="\n".join(lines),
+                shares=", ".join(fmt.code(f"d{n}") for n in params))
 
 
 def graph_context(graph: Graph, fmt: Format) -> dict:

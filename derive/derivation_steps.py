@@ -174,13 +174,13 @@ def _illustration_sizes(graph: Graph) -> dict[str, int]:
     fixed = {str(s) for a in size_scalars(graph) for s in sp.sympify(a).free_symbols}  # 1/(n - 1) needs n > 1
     for _ in range(4 * len(sizes)):
         too_long = [s for n in graph.nodes for s in n.shape
-                    if int(sp.sympify(s).xreplace({graph.sizes[d]: v for d, v in sizes.items()})) > 3]
+                    if int(sp.sympify(s).xreplace(graph.size_values(sizes))) > 3]
         if not too_long:
             break
         factors = [str(f) for f in sp.Mul.make_args(too_long[0]) if sizes.get(str(f), 1) > 1]
         shrink = next((f for f in factors if f not in fixed and f != lead), factors[0])
         sizes[shrink] -= 1
-    return sizes
+    return graph.fitted(sizes)
 
 
 def _concrete_symbols(name: str, shape: tuple, symbolic: tuple) -> np.ndarray:
@@ -302,7 +302,7 @@ def _walks(graph: Graph, note: _Notation, sizes: dict):
     walk(graph, IndexOps(), note.value, lambda n: n.shape, note.adjoint(graph.output), record,
          lambda region, grad, needed: _fused_parts(region, needed))
 
-    subs = {graph.sizes[d]: v for d, v in sizes.items()}
+    subs = graph.size_values(sizes)
     values, adjoints = {}, {}
     for node in graph.nodes:
         shape = tuple(int(sp.sympify(s).xreplace(subs)) for s in node.shape)

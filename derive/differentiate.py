@@ -12,13 +12,13 @@ topological order is the chain rule.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .elements import Elements
+from .elements import CONTRACTIONS, NORMALIZERS, Elements
 from .errors import DerivationError
-from .symbolic import IsArgmax, Red, expand, index_for
+from .symbolic import IsArgmax, Red, expand, extent, index_for, is_contraction, reindex
 from .trace import Node
 
 
@@ -34,29 +34,75 @@ class Step:
 
 @dataclass
 class Gradients:
-    """``d<input>`` for each differentiable input, in normal form, plus the steps that built them."""
+    """``d<input>`` for each differentiable input, in normal form, plus the steps that built them.
+
+    ``materialized`` lists the nodes whose adjoint the gradients read as a tensor of its own
+    (``d<name>``, computed once in the backward), each with that adjoint, in the order computed.
+    """
 
     elements: Elements
     grads: dict[Node, sp.Expr]
     adjoints: dict[Node, sp.Expr]
     steps: list[Step]
+    materialized: list[tuple[Node, sp.Expr]] = field(default_factory=list)
 
 
 def _target_indices(el: Elements, node: Node) -> tuple:
-    """Fresh indices ``p_<dim>`` for the element whose gradient is taken (never clash with ``i``)."""
-    return tuple(0 if s == 1 else index_for(f"p_{s}", s) for s in node.shape)
+    """Fresh indices ``p_<dim>`` (``p_<dim>_2`` for a second axis of a size) for the element whose
+    gradient is taken (never clash with ``i``)."""
+    return tuple(0 if i == 0 else index_for(f"p{i.name[1:]}", i.upper + 1) for i in el.free(node))
 
 
 def _contribution(el: Elements, node: Node, adjoint: sp.Expr, target: Node) -> sp.Expr:
-    definition = el.definition[node]
+    if node.op in NORMALIZERS:
+        indices, definition, adjoint = _through_normalizer(el, node, adjoint)
+    else:
+        indices, definition = el.free(node), el.definition[node]
     p = _target_indices(el, target)
     local = sp.diff(definition, el.ref(target, p))
     total = expand(adjoint * local)
-    for i in el.free(node):
+    for i in indices:
         if i != 0:
             total = Red(total, i)
-    back = {pi: el.index[s] for pi, s in zip(p, target.shape) if pi != 0}
+    back = {pi: i for pi, i in zip(p, el.free(target)) if pi != 0}
     return el.recognize(expand(total.xreplace(back)))
+
+
+def _through_normalizer(el: Elements, node: Node, adjoint: sp.Expr) -> tuple[tuple, sp.Expr, sp.Expr]:
+    """A softmax, log-softmax or logsumexp's adjoint passed on to its argument, in the node's own
+    value (``s*(a - sum(a*s))``, as autograd's), with the argument's indices and normal form: the
+    gradients then read the saved softmax, not its exponentials written out again."""
+    source = node.args[0]
+    axes = node.attrs["axes"]
+    z = el.nf[source]  # the argument at its own indices
+    own_axes = el.free_axes(source)
+    own = el.free(source)
+    if node.op in ("softmax", "log_softmax"):
+        adjoint = reindex(adjoint, dict(zip(el.free(node), own)))
+        s = el.ref(node, own)
+        (axis,) = axes
+        summed = own_axes[axis]
+        taken = set(own)
+        bound = []
+        for i in summed:
+            bound.append(el.bound(extent(i), taken))
+            taken.add(bound[-1])
+
+        def total(e):
+            e = reindex(e, dict(zip(summed, bound)))
+            for j in bound:
+                e = Red(e, j)
+            return e
+
+        if node.op == "softmax":
+            return own, z, s * (adjoint - total(adjoint * s))
+        return own, z, adjoint - sp.exp(s) * total(adjoint)
+    keepdim = node.attrs["keepdim"]
+    kept = [g for k, g in enumerate(own_axes) if k not in axes]
+    at = [(0,) if k in axes else g for k, g in enumerate(own_axes)] if keepdim else kept
+    flat = tuple(i for g in at for i in g)
+    value = el.ref(node, flat)
+    return own, z, reindex(adjoint, dict(zip(el.free(node), flat))) * sp.exp(z - value)
 
 
 def differentiate(el: Elements) -> Gradients:
@@ -65,10 +111,21 @@ def differentiate(el: Elements) -> Gradients:
     variables = list(el.opaque) + wanted
     adjoints: dict[Node, sp.Expr] = {graph.output: el.grad_ref(graph.output)}
     steps: list[Step] = []
+    materialized: list[tuple[Node, sp.Expr]] = []
     for node in reversed(el.opaque):
         adjoint = adjoints.get(node)
         if adjoint is None or adjoint == 0:
             continue
+        if node is not graph.output and _materialize(el, node, adjoint):
+            # a factor of sizes and constants (the 1/sqrt(d) of attention's scores) stays out: it
+            # scales the smaller results of the products that read the adjoint
+            scale, adjoint = _scale(el, adjoint)
+            # two products summed (``x @ wi + h @ ui``) have one adjoint: computed once, read by both
+            same = next((m for m, a in materialized if m.shape == node.shape
+                         and a == reindex(adjoint, dict(zip(el.free(node), el.free(m))))), None)
+            if same is None:
+                materialized.append((node, adjoint))
+            adjoint = scale * el.grad_ref(same or node)
         read = el.definition[node]
         for target in variables:
             if target is node or not _reads(el, read, target):
@@ -77,7 +134,34 @@ def differentiate(el: Elements) -> Gradients:
             steps.append(Step(node, adjoint, target, part))
             adjoints[target] = el.recognize(expand(adjoints.get(target, sp.S.Zero) + part))
     grads = {x: adjoints.get(x, sp.S.Zero) for x in wanted}
-    return Gradients(el, grads, adjoints, steps)
+    return Gradients(el, grads, adjoints, steps, materialized)
+
+
+def _scale(el: Elements, adjoint: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+    """``(scale, rest)`` with ``adjoint = scale*rest`` and ``scale`` a product of sizes and constants."""
+    scalars = set(el.graph.sizes.values()) | set(el.graph.constants.values())
+    factored = sp.factor_terms(adjoint)
+    scale = sp.Mul(*[f for f in sp.Mul.make_args(factored)
+                     if f.free_symbols <= scalars and not f.atoms(sp.Indexed) and not f.is_number])
+    return (scale, expand(factored / scale)) if scale != 1 else (sp.S.One, adjoint)
+
+
+def _materialize(el: Elements, node: Node, adjoint: sp.Expr) -> bool:
+    """Whether the backward computes ``node``'s adjoint once, as a tensor, and reads it from there.
+
+    So it does, as autograd does, where the chain rule goes through a matrix product: for the
+    product's own output (``dscores`` of ``scores = q @ k.T``: then ``dq = dscores @ k``,
+    ``dk = dscores.T @ q``) or the product plus a bias (``dpre``: ``db = dpre.sum(0)``), and for an
+    adjoint that is one (``dprobs = dout @ v.T``). Written out
+    in the inputs instead, each gradient would repeat those products inside sums over other axes.
+    An adjoint that is already one tensor (``dout``, ``2*dout``) is read as it is.
+    """
+    contraction = node.op in CONTRACTIONS or node in el.affine or any(is_contraction(r) for r in adjoint.atoms(Red))
+    if not contraction:
+        return False
+    scalars = set(el.graph.sizes.values()) | set(el.graph.constants.values())
+    tensors = [f for f in sp.Mul.make_args(adjoint) if not (f.free_symbols <= scalars)]
+    return not (len(tensors) == 1 and isinstance(tensors[0], (sp.Indexed, sp.Symbol)))
 
 
 def _reads(el: Elements, expr: sp.Expr, node: Node) -> bool:

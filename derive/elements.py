@@ -1,15 +1,19 @@
 """The element-wise view of a traced graph: every node as a SymPy expression at a generic index.
 
-Each dimension ``n`` has one free index ``i_n``; a node of shape ``(n, 1)`` is read at
-``(i_n, 0)``. Because broadcast axes share the dimension's index, an operand's expression can be
-used by its consumer unchanged.
+Each axis of a node has a free index named after its dimension: ``i_n`` for the first axis of
+size ``n``, ``i_n_2`` for a second one (a square matrix ``A[i_d, i_d_2]``, attention scores
+``s[i_n, i_n_2]``); an axis of size 1 is read at ``0``. An operation reads its operands at the
+indices its own axes give them: broadcasting lines axes up from the right, a transpose swaps
+them, a reduction binds the axes it sums, ``@`` binds the inner one. Where those are the
+operand's own indices (distinct dimensions, nothing transposed), its expression is used unchanged.
 
 *Normal form.* Elementwise nodes are inlined into their consumers. A *named* node whose value
 involves a reduction (``bnmeani``, ``bnvar``, ``counts_sum``, ``logit_maxes``) stays opaque: it is
-read as ``bnvar[0, i_d]`` and keeps its definition aside. Every opaque definition also teaches a
-*recognition* rule: the reduction it introduces is that node (``Red(x) -> n*bnmeani``), so the
-identities a human would use (the centred values sum to zero, probabilities sum to one) come out
-of plain linearity.
+read as ``bnvar[0, i_d]`` and keeps its definition aside. So does every matrix product (a
+contraction), named or not, and every value with a reduction that a matrix product reads
+(``softmax(scores) @ v``): the chain rule then goes through it as autograd's does. Every opaque definition also teaches a *recognition* rule: the
+reduction it introduces is that node (``Red(x) -> n*bnmeani``), so the identities a human would
+use (the centred values sum to zero, probabilities sum to one) come out of plain linearity.
 """
 from __future__ import annotations
 
@@ -18,11 +22,18 @@ from itertools import permutations
 import sympy as sp
 
 from .errors import DerivationError
-from .functions import ELEMENTWISE
-from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, expand, extent, hide_argmax, index_for, pick, reductions
+from .atoms import atomic_shape, axis_atoms
+from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
+from .symbolic import (AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, expand,
+                       extent, hide_argmax, index_for, reductions, reindex)
 from .trace import Graph, Node
 
-REDUCING_OPS = ("sum", "mean", "max", "matmul")
+REDUCING_OPS = ("sum", "mean", "max", "matmul", "softmax", "log_softmax", "logsumexp")
+CONTRACTIONS = ("matmul",)
+# normalizations over an axis, opaque wherever they occur: the chain rule goes through their own
+# value (``differentiate._through_normalizer``), as autograd's does
+NORMALIZERS = ("softmax", "log_softmax", "logsumexp")
+_SAME_SIGN = ("permute", "expand", "view")
 
 
 def _scalar_sign(a: sp.Expr) -> str:
@@ -42,10 +53,20 @@ def sign(node: Node, signs: dict) -> str:
     pos = lambda v: v == "positive"
     nonneg = lambda v: v in ("positive", "nonnegative")
     op = node.op
-    if op in ("exp", "sigmoid", "softplus"):
+    if op in ("exp", "sigmoid", "softplus", "rsqrt", "softmax"):
         return "positive"
-    if op in ("relu", "abs", "eq", "ne"):
+    if op in ("relu", "abs", "not", "and") or op in COMPARISONS:
         return "nonnegative"
+    if op in _SAME_SIGN:
+        return s[0]
+    if op == "sqrt":
+        return "positive" if pos(s[0]) else "nonnegative"
+    if op == "clamp":
+        low = node.args[1]
+        return "positive" if low.is_positive else "nonnegative" if low.is_nonnegative else "real"
+    if op in ("where", "maximum", "minimum"):
+        values = s[1:] if op == "where" else s
+        return "positive" if all(map(pos, values)) else "nonnegative" if all(map(nonneg, values)) else "real"
     if op == "pow":
         exponent = node.args[1]
         if pos(s[0]):
@@ -62,11 +83,34 @@ def sign(node: Node, signs: dict) -> str:
     return "real"
 
 
+def input_sign(graph: Graph, node: Node) -> str:
+    """An input's sign, as its declared domain says (``Tensor(..., domain="positive")``)."""
+    domain = getattr(graph.layer.inputs.get(node.name), "domain", "real")
+    return {"positive": "positive", "unit": "positive", "probability": "positive", "nonnegative": "nonnegative",
+            "binary": "nonnegative"}.get(domain, "real")
+
+
+def _contracted(binder) -> bool:
+    """Whether ``binder`` is (part of) a sum of a product of tensors that prints as a contraction:
+    its body, past nested sums, is a product of tensor elements and numbers, none reading every index."""
+    body = binder.body
+    while isinstance(body, (Red, AxisSum)):
+        body = body.body
+    if not isinstance(binder, (Red, AxisSum)) or not isinstance(body, sp.Mul):
+        return False
+    tensors = [set(f.indices) - {0} for f in body.args if isinstance(f, sp.Indexed)]
+    rest = [f for f in body.args if not isinstance(f, sp.Indexed)]
+    if any(f.atoms(sp.Indexed) or any(isinstance(i, sp.Idx) for i in f.free_symbols) for f in rest):
+        return False
+    every = set().union(*tensors) if tensors else set()
+    return len(tensors) >= 2 and not any(t == every for t in tensors)
+
+
 class Elements:
     def __init__(self, graph: Graph):
         self.graph = graph
         self.layer = graph.layer.name
-        self.index = {s: index_for(f"i_{s}", s) for s in graph.sizes.values()}
+        self.index = {s: index_for(f"i_{s}", s) for s in graph.sizes.values()}  # each dimension's first index
         self.signs: dict[Node, str] = {}
         self.refs: dict[Node, sp.Expr] = {}
         self.nf: dict[Node, sp.Expr] = {}
@@ -74,6 +118,11 @@ class Elements:
         self.opaque: list[Node] = []  # topological order
         self.rules: list[tuple[sp.Expr, tuple, sp.Expr]] = []  # (reduction atom, its free indices, value)
         self.known: dict[Node, int] = {}  # opaque node -> how many rules its definition was recognised with
+        self.affine: set[Node] = set()  # a matrix product plus a bias: opaque, its adjoint computed once
+        try:
+            self.axes = axis_atoms(graph)  # each node's axes as atomic sizes (a view regroups them)
+        except DerivationError as e:
+            raise DerivationError(self.layer, e.problem, e.fix, e.line, e.source) from None
         for node in graph.nodes:
             self._add(node)
 
@@ -81,10 +130,91 @@ class Elements:
         """Sizes and the constants declared positive: the scalars a formula may divide by."""
         return set(self.graph.sizes.values()) | {c for c in self.graph.constants.values() if c.is_zero is False}
 
-    # -- references --------------------------------------------------------------------------
-    def free(self, node: Node) -> tuple:
-        return tuple(0 if s == 1 else self.index[s] for s in node.shape)
+    # -- indices -----------------------------------------------------------------------------
+    def nth(self, size: sp.Expr, k: int) -> sp.Idx:
+        """The ``k``-th free index of a dimension: ``i_n``, then ``i_n_2``, ``i_n_3``, ..."""
+        if k == 0:
+            if size not in self.index:
+                self.index[size] = index_for(f"i_{sp.sstr(size)}", size)
+            return self.index[size]
+        return index_for(f"i_{sp.sstr(size)}_{k + 1}", size)
 
+    def free_axes(self, node: Node) -> list[tuple]:
+        """The free indices of ``node``, per axis: one per atom of the axis (``atoms.py``; one for an
+        axis that no view splits), the k-th atom of a size its k-th index, ``(0,)`` for size 1."""
+        seen: dict = {}
+        out = []
+        for atoms in self.axes[node]:
+            group = []
+            for a in atoms:
+                group.append(self.nth(a, seen.get(a, 0)))
+                seen[a] = seen.get(a, 0) + 1
+            out.append(tuple(group) or (0,))
+        return out
+
+    def free(self, node: Node) -> tuple:
+        return tuple(i for axis in self.free_axes(node) for i in axis)
+
+    def shape(self, node: Node) -> tuple:
+        """``node``'s shape read at its atoms (``x`` of shape ``(n, d)`` split by a view: ``(n, 2, d_2)``)."""
+        return atomic_shape(self.axes[node])
+
+    def bound(self, size: sp.Expr, taken: set) -> sp.Idx:
+        """An index of ``size`` for a sum, other than every index in ``taken``."""
+        k = 0
+        while self.nth(size, k) in taken:
+            k += 1
+        return self.nth(size, k)
+
+    def frame(self, exprs: list = (), within: list | None = None) -> list[sp.Idx]:
+        """The indices of the axes every tensor of a fused kernel is printed on: each dimension's
+        (declaration order first) as many times as a value of the graph, or a sum in ``exprs``
+        or in a node's value, has axes of that size at once.
+
+        ``within`` (a frame): only the axes ``exprs`` need, in that frame's order, so that a value
+        on two axes prints as a matrix (``dlogits``, ``dscores``) in a kernel of four dimensions.
+        """
+        counts: dict = {}
+        if within is None:
+            atoms = {a for axes in self.axes.values() for axis in axes for a in axis}
+            counts = {s: 1 for s in self.graph.sizes.values() if s in atoms}  # a dimension a view splits is not
+            for node in self.graph.nodes:
+                shape = self.shape(node)
+                for s in set(shape) - {1}:
+                    counts[s] = max(counts.get(s, 0), list(shape).count(s))
+        values = list(exprs) + (list(self.definition.values()) if within is None else [])
+        for expr in values:
+            # a sum that is a matrix product is printed as one (@, einsum): it needs no axis for its index
+            scopes = [expr] + [b.body for b in expr.atoms(Red, Max, AxisSum, AxisMax) if not _contracted(b)]
+            for scope in scopes:
+                indices = [i for i in scope.free_symbols if isinstance(i, sp.Idx)]
+                for size in {extent(i) for i in indices}:
+                    counts[size] = max(counts.get(size, 0), sum(1 for i in indices if extent(i) == size))
+        if within is not None:
+            taken: dict = {}
+            out = []
+            for i in within:
+                size = extent(i)
+                if taken.get(size, 0) < counts.get(size, 0):
+                    out.append(i)
+                    taken[size] = taken.get(size, 0) + 1
+            return out + [self.nth(s, k) for s, c in counts.items() for k in range(taken.get(s, 0), c)]
+        # the dimensions in the order the inputs declare them, a dimension a view splits as its atoms;
+        # first the batch: the one most values have as their first axis (n of emb, h, logits), so
+        # that they print as they are stored
+        order = []
+        for name in self.graph.layer.tensors:
+            for axis in self.axes[self.graph.inputs[name]]:
+                order += [a for a in axis if a not in order]
+        leading = [self.axes[n][0][0] for n in self.graph.nodes if self.axes[n] and self.axes[n][0]]
+        if leading:
+            batch = max(order, key=lambda a: (leading.count(a), -order.index(a)))
+            order = [batch] + [a for a in order if a != batch]
+        order += [s for s in self.graph.sizes.values() if s not in order]
+        order += [s for s in counts if s not in order]
+        return [self.nth(s, k) for s in order if s in counts for k in range(counts[s])]
+
+    # -- references --------------------------------------------------------------------------
     def base(self, node: Node) -> sp.IndexedBase | sp.Symbol:
         assumptions = {"integer": True} if node.op == "labels" else {self.signs[node]: True}
         if not node.shape:
@@ -105,15 +235,19 @@ class Elements:
 
     # -- building the normal form ------------------------------------------------------------
     def _add(self, node: Node) -> None:
-        if len(set(s for s in node.shape if s != 1)) != len([s for s in node.shape if s != 1]):
-            raise DerivationError(self.layer, f"{node.name} has two axes of the same size {node.shape}",
-                                  "give every axis of a tensor its own dimension", node.line, node.source)
-        self.signs[node] = "real" if node.op in ("input", "labels") else sign(node, self.signs)
+        self.signs[node] = input_sign(self.graph, node) if node.op in ("input", "labels") else sign(node, self.signs)
         if node.op in ("input", "labels"):
             self.nf[node] = self.ref(node)
             return
         value = self._value(node)
-        if node is self.graph.output or (reductions(value) and node.named):
+        contracted = any(m.op in CONTRACTIONS for m in self.graph.consumers(node))
+        # a matrix product plus a bias (x @ W + b): the chain rule goes through the sum, so the bias's
+        # gradient sums the adjoint the product's gradients read, db = dpre.sum(0)
+        affine = node.op in ("add", "sub") and any(a.op in CONTRACTIONS for a in node.inputs)
+        if affine:
+            self.affine.add(node)
+        if node is self.graph.output or node.op in NORMALIZERS or affine or (
+                reductions(value) and (node.named or node.op in CONTRACTIONS or contracted)):
             self.known[node] = len(self.rules)
             value = self.recognize(value)
             self.definition[node] = value
@@ -135,54 +269,144 @@ class Elements:
         """The node's value as the spec writes it, for printing a forward pass.
 
         Unlike the normal form nothing is expanded: a sum stays ``AxisSum(body, i)`` over the
-        dimension's own index (the axis it sums), so ``((x - mean)**2).sum(0)`` is not turned into
-        the cancelling ``sum(x**2) - n*mean**2``, and a body shared with a full-size value (the
+        axis's own index where it can, so ``((x - mean)**2).sum(0)`` is not turned into the
+        cancelling ``sum(x**2) - n*mean**2``, and a body shared with a full-size value (the
         ``exp`` in a softmax) is the same SymPy expression in both places.
         """
         return self._value(node, operand, literal=True)
 
     def _value(self, node: Node, operand=None, literal: bool = False) -> sp.Expr:
         operand = operand or self.nf.__getitem__
-        a = [operand(x) if isinstance(x, Node) else x for x in node.args]
+        axes = self.free_axes(node)  # the result's indices, per axis
+        result = self.free(node)
         op = node.op
+
+        def read(x, target: list) -> sp.Expr:
+            """Operand ``x`` with its axes at ``target`` (per axis: indices, label values, or 0)."""
+            flat = [t for group in target for t in group]
+            return reindex(operand(x), {o: t for o, t in zip(self.free(x), flat) if o != 0})
+
+        def aligned(x):
+            """An operand of an elementwise operation: its axes are the result's last ones (broadcasting)."""
+            if not isinstance(x, Node):
+                return x
+            offset = len(axes) - len(x.shape)
+            return read(x, [(0,) if s == 1 else axes[k + offset] for k, s in enumerate(x.shape)])
+
+        def bind(group: tuple, taken: set, own: tuple | None = None) -> tuple:
+            """Indices for summing the atoms of an axis: its own ones where no other takes them."""
+            out = []
+            for k, i in enumerate(group):
+                j = own[k] if own is not None and own[k] not in taken else self.bound(extent(i), taken)
+                taken.add(j)
+                out.append(j)
+            return tuple(out)
+
+        total = (AxisSum if literal else Red)
+        largest = (AxisMax if literal else Max)
+
+        def over(value, indices, combine):
+            for j in indices:
+                if j != 0:
+                    value = combine(value, j)
+            return value
+
+        a = [aligned(x) for x in node.args] if op not in ("sum", "mean", "max", "matmul", "pick", "embed", "permute",
+                                                         "view", "logsumexp") else []
         if op in ("add", "sub", "mul", "div"):
             return {"add": a[0] + a[1], "sub": a[0] - a[1], "mul": a[0] * a[1], "div": a[0] / a[1]}[op]
         if op == "pow":
             return a[0] ** a[1]
         if op in ELEMENTWISE:
             return ELEMENTWISE[op](a[0])
-        if op in ("sum", "mean", "max"):
-            source = node.args[0]
-            value = a[0]
-            for axis in node.attrs["axes"]:
-                size = source.shape[axis]
-                if size == 1:
-                    continue
-                j = self.index[size]
-                if literal:
-                    value = AxisMax(value, j) if op == "max" else AxisSum(value, j)
-                else:
-                    value = Max(value, j) if op == "max" else Red(value, j)
-                if op == "mean":
-                    value = value / size
-            return value
+        if op in COMPARISONS:
+            # a label compared with a number is a Kronecker delta (0/1), exact for any value
+            return mask(op, a[0], a[1], labels=node.args[0].op == "labels")
+        if op == "not":
+            return 1 - a[0]
+        if op == "and":
+            return a[0] * a[1]
+        if op in EXTREMA:
+            return EXTREMA[op](a[0], a[1])
+        if op == "clamp":
+            return Clamp(*a)
+        if op == "where":
+            return Where(*a)
+        if op == "expand":
+            return a[0]
+        if op in ("softmax", "log_softmax") and literal and len(axes[axis := node.attrs["axes"][0]]) == 1:
+            return (AxisSoftmax if op == "softmax" else AxisLogSoftmax)(a[0], axes[axis][0])  # one torch op
+        if op in ("softmax", "log_softmax"):
+            (axis,) = node.attrs["axes"]
+            own = axes[axis]
+            j = own if literal else bind(own, set(result))
+            rename = dict(zip(own, j))
+            shifted = a[0] - over(reindex(a[0], rename), j, largest)
+            exps = sp.exp(shifted)
+            normalizer = over(reindex(exps, rename), j, total)
+            return exps / normalizer if op == "softmax" else shifted - sp.log(normalizer)
+        if op in ("sum", "mean", "max", "logsumexp"):
+            return self._reduction(node, read, axes, bind, over, total, largest)
         if op == "matmul":
-            inner = node.args[0].shape[1]
-            return (AxisSum if literal else Red)(a[0] * a[1], self.index[inner])
+            x, y = node.args
+            inner = self.free_axes(x)[-1]
+            j = (0,) if inner == (0,) else bind(inner, set(result))
+            batch = axes[:-2][len(axes) - len(y.shape):] if len(y.shape) > 2 else []  # a matrix y has none
+            product = read(x, [*axes[:-1], j]) * read(y, [*batch, j, axes[-1]])
+            return over(product, j, total)
+        if op == "permute":
+            target = [None] * len(axes)
+            for k, p in enumerate(node.attrs["perm"]):
+                target[p] = axes[k]
+            return read(node.args[0], target)
+        if op == "view":
+            # a view regroups the same atoms (atoms.py): the source read at the result's indices, in order
+            source = node.args[0]
+            indices = iter(i for i in result if i != 0)
+            return read(source, [tuple(0 if i == 0 else next(indices) for i in group) for group in self.free_axes(source)])
         if op == "pick":
             table, labels = node.args
-            return pick(a[0], self.index[table.shape[1]], operand(labels))
-        if op in ("eq", "ne"):
-            # a label compared with a number: the mask is a Kronecker delta (0/1), exact for any value
-            same = sp.KroneckerDelta(a[0], a[1])
-            return same if op == "eq" else 1 - same
+            if len(self.free_axes(table)[1]) != 1:
+                raise DerivationError(self.layer, "a pick along an axis a view splits", "pick before the view",
+                                      node.line, node.source)
+            return read(table, [axes[0], (read(labels, [axes[0]]),)])
         if op == "embed":
             # table[labels]: the table's first index is the label at the labels' own indices
             # (a class weight w[y] of a row is w[y[i_n]]; an embedding row C[X[i_n, i_t], i_e])
             table, labels = node.args
-            return pick(a[0], self.index[table.shape[0]], operand(labels))
+            rank = len(labels.shape)
+            if len(self.free_axes(table)[0]) != 1:
+                raise DerivationError(self.layer, "a lookup in a table whose rows a view splits",
+                                      "look up before the view", node.line, node.source)
+            return read(table, [(read(labels, axes[:rank]),), *axes[rank:]])
         raise DerivationError(self.layer, f"operation {op!r} has no element-wise form",
                               "use the supported primitives", node.line, node.source)
+
+    def _reduction(self, node: Node, read, axes: list, bind, over, total, largest) -> sp.Expr:
+        """A sum, mean, max or logsumexp over ``axes``: the kept axes at the result's indices, each
+        reduced axis at indices of its own (the axis's own ones where no kept axis takes them)."""
+        source = node.args[0]
+        reduced, keepdim = node.attrs["axes"], node.attrs["keepdim"]
+        kept = iter(axes if not keepdim else [a for k, a in enumerate(axes) if k not in reduced])
+        own = self.free_axes(source)
+        target = [None if k in reduced else next(kept) for k in range(len(source.shape))]
+        taken = {i for group in target if group is not None for i in group}
+        for k in reduced:
+            target[k] = (0,) if own[k] == (0,) else bind(own[k], taken, own[k])
+        value = read(source, target)
+        bound = [j for k in reduced for j in target[k] if j != 0]
+        if node.op == "logsumexp" and total is AxisSum and len(bound) == 1:
+            return AxisLogSumExp(value, bound[0])  # as written: one torch.logsumexp
+        if node.op == "logsumexp":
+            top = over(value, bound, largest)
+            return top + sp.log(over(sp.exp(value - top), bound, total))
+        if node.op == "max":
+            return over(value, bound, largest)
+        for j in bound:
+            value = total(value, j)
+        if node.op == "mean":  # the sum over every axis divided once, as torch's mean divides
+            value = value / sp.Mul(*[extent(j) for j in bound])
+        return value
 
     # -- recognition of reductions -----------------------------------------------------------
     def _learn(self, node: Node, value: sp.Expr) -> None:

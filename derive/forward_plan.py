@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .elements import REDUCING_OPS, Elements
-from .symbolic import AxisMax, AxisSum, extent
-from .printer import ForwardPrinter, Frame, fit_shape
+from .errors import DerivationError
+from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, extent
+from .printer import ForwardPrinter, Frame, _wrap, fit_shape, temporaries
 from .spec import Tensor
 from .trace import Node
 
@@ -34,6 +35,7 @@ class Statement:
     value: sp.Expr
     node: Node | None = None  # None for a shared temporary
     lines: set = field(default_factory=set)  # spec lines it computes
+    code: str = ""  # a statement printed as it is (a message across ranks, ``synced``); value: what it reads
 
 
 def _transcendentals(expr: sp.Expr) -> int:
@@ -47,11 +49,36 @@ def stabilise(expr: sp.Expr) -> sp.Expr:
 
 
 def _kept(el: Elements) -> set:
-    """Nodes computed as their own tensors: named reductions (every other value is inlined)."""
-    return {n for n in el.graph.nodes if n.named and n.op in REDUCING_OPS and n is not el.graph.output}
+    """Nodes computed as their own tensors: named reductions, and a tensor picked from (``z[range(n), y]``)
+    whose value sums or maximises over another axis than the one picked (``z = x - x.sum(0)``): the
+    pick is then a ``gather`` of it. Every other value is inlined."""
+    graph = el.graph
+    kept = {n for n in graph.nodes if n.named and n.op in REDUCING_OPS and n is not graph.output}
+    picks = [(n.args[0], 1 if n.op == "pick" else 0) for n in graph.nodes if n.op in ("pick", "embed")]
+    while picks:
+        try:
+            values, _ = _literal_values(el, kept)
+        except _ReadAtLabels as e:  # a softmax picked at the labels: computed whole, then gathered
+            kept.add(e.table)
+            continue
+        for table, axis in picks:
+            if table in values:
+                picked = el.free_axes(table)[axis][0]
+                if any(b.index != picked for b in values[table].atoms(AxisSum, AxisMax, AxisLogSumExp)) \
+                        or values[table].atoms(AxisSoftmax):
+                    kept.add(table)
+        break
+    return kept
 
 
-def plan(el: Elements, saved: list[str], frame_dims: list) -> list[Statement]:
+class _ReadAtLabels(Exception):
+    """A value written as one operation along an axis (``AxisSoftmax``) read at labels along it."""
+
+    def __init__(self, table: Node):
+        self.table = table
+
+
+def plan(el: Elements, saved: list[str], frame: list) -> list[Statement]:
     """The statements that compute the output and ``saved``, temporaries included, in order."""
     graph = el.graph
     kept = _kept(el)
@@ -77,10 +104,10 @@ def plan(el: Elements, saved: list[str], frame_dims: list) -> list[Statement]:
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"), order="none")
     replacements, reduced = _inline_mixed_sums(replacements, reduced)
     replacements, reduced = _spec_names(replacements, reduced, values, {n.name for n in emitted})
-    replacements, reduced = _inline_scalars(replacements, reduced, set(el.index.values()), {n.name for n in graph.nodes})
+    replacements, reduced = _inline_scalars(replacements, reduced, {n.name for n in graph.nodes})
     by_name = {n.name: lines[n] for n in values}
     statements = _schedule(emitted, reduced, replacements, lines, by_name)
-    layouts = {st.name: layout(st.value, temps_of(statements), frame_dims, el.index)
+    layouts = {st.name: layout(st.value, temps_of(statements), frame)
                for st in statements if st.node is None}
     return _name_results(statements, el, layouts)
 
@@ -89,15 +116,15 @@ def temps_of(statements: list["Statement"]) -> dict:
     """Temporary symbol -> its value with every temporary it reads substituted."""
     full = {}
     for st in statements:
-        if st.node is None:
+        if st.node is None and not st.code:
             full[sp.Symbol(st.name)] = st.value.xreplace(full)
     return full
 
 
-def layout(expr: sp.Expr, temps: dict, frame_dims: list, index: dict) -> tuple:
+def layout(expr: sp.Expr, temps: dict, frame: list) -> tuple:
     """The shape ``expr`` has when printed in the frame (size 1 on the axes it does not vary on)."""
     free = expr.xreplace(temps).free_symbols
-    return tuple(s if index[s] in free else 1 for s in frame_dims)
+    return tuple(extent(i) if i in free else 1 for i in frame)
 
 
 def _spec_names(replacements: list, reduced: list, values: dict, taken: set):
@@ -116,16 +143,16 @@ def _spec_names(replacements: list, reduced: list, values: dict, taken: set):
     return ([(rename.get(s, s), v.xreplace(rename)) for s, v in replacements], [r.xreplace(rename) for r in reduced])
 
 
-def _is_tensor(expr: sp.Expr, indices: set, tensors: set) -> bool:
-    return bool(expr.free_symbols & indices) or any(s.name in tensors for s in expr.free_symbols)
+def _is_tensor(expr: sp.Expr, tensors: set) -> bool:
+    return any(isinstance(s, sp.Idx) or s.name in tensors for s in expr.free_symbols)
 
 
-def _inline_scalars(replacements: list, reduced: list, indices: set, tensors: set):
+def _inline_scalars(replacements: list, reduced: list, tensors: set):
     """Put temporaries that are plain numbers (``1/n``) back into the expressions that use them."""
     scalar, kept = {}, []
     for symbol, value in replacements:
         value = value.xreplace(scalar)
-        if _is_tensor(value, indices, tensors | {s.name for s, _ in kept}):
+        if _is_tensor(value, tensors | {s.name for s, _ in kept}):
             kept.append((symbol, value))
         else:
             scalar[symbol] = value
@@ -162,7 +189,7 @@ def _name_results(statements: list["Statement"], el: Elements, layouts: dict) ->
     aliases = {}
     for st in statements:
         if st.node is not None and isinstance(st.value, sp.Symbol) and st.value.name in layouts \
-                and layouts[st.value.name] == tuple(st.node.shape):
+                and layouts[st.value.name] == el.shape(st.node) == tuple(st.node.shape):
             # two spec values equal to one temporary (``c.max(1)`` written twice): the first takes
             # its name, the other reads the first
             aliases.setdefault(st.value.name, st)
@@ -176,6 +203,10 @@ def _name_results(statements: list["Statement"], el: Elements, layouts: dict) ->
             out.append(Statement(target.name, st.value.xreplace(rename), target.node, target.lines))
         else:
             out.append(Statement(st.name, st.value.xreplace(rename), st.node, st.lines))
+        if st.node is not None and isinstance(st.value, sp.Symbol) and st.value.name in layouts \
+                and st.value.name not in aliases:
+            # ``probs = _t2.reshape(n, m)``: later lines read ``probs`` (a tensor a matrix product can take)
+            rename[st.value] = el.ref(st.node)
     return out
 
 
@@ -191,7 +222,10 @@ def _literal_values(el: Elements, kept: set | None = None) -> tuple[dict, dict]:
         def operand(m: Node) -> sp.Expr:
             return el.ref(m) if m.op in ("input", "labels") or m in kept else values[m]
 
-        values[node] = el.literal(node, operand)
+        try:
+            values[node] = el.literal(node, operand)
+        except ValueError:
+            raise _ReadAtLabels(node.args[0]) from None
         lines[node] = {node.line} | set().union(*[lines[m] for m in node.inputs if m in lines and m not in kept])
     return values, lines
 
@@ -230,20 +264,19 @@ def _line_ranges(lines: set) -> str:
     return ("lines " if len(ordered) > 1 else "line ") + text
 
 
-def _hoist_sums(statements: list[Statement], frame_dims: list, index: dict, values: dict,
-                lines: dict) -> list[Statement]:
+def _hoist_sums(statements: list[Statement], frame: list, values: dict, lines: dict) -> list[Statement]:
     """Give the full-size body of a sum its own statement (``bndiff2 = bndiff**2`` before
     ``bnvar_inv = ...bndiff2.sum(0)...``), so its buffer can be reused once the sum is taken."""
-    full = tuple(frame_dims)
+    full = tuple(extent(i) for i in frame)
     taken = {st.name for st in statements}
     out = []
     for st in statements:
         temps = temps_of(out)
         for atom in sorted(st.value.atoms(AxisSum, AxisMax), key=sp.default_sort_key):
             body = atom.body
-            if isinstance(body, (sp.Symbol, sp.Indexed)) or layout(body, temps, frame_dims, index) != full:
+            if isinstance(body, (sp.Symbol, sp.Indexed)) or layout(body, temps, frame) != full:
                 continue
-            factors = [layout(f, temps, frame_dims, index) for f in sp.Mul.make_args(body) if not f.is_number]
+            factors = [layout(f, temps, frame) for f in sp.Mul.make_args(body) if not f.is_number]
             if len(set(factors)) > 1 and isinstance(body, sp.Mul):
                 continue  # a contraction (x @ W): printed as einsum, there is no full-size body
             name = values.get(body.xreplace(temps))
@@ -257,30 +290,32 @@ def _hoist_sums(statements: list[Statement], frame_dims: list, index: dict, valu
     return out
 
 
-def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
-                 inplace: bool = True) -> list[tuple[str, str]]:
+def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
+                 inplace: bool = True, schedule=None) -> list[tuple[str, str]]:
     """``[(code, comment)]`` for the fused forward.
 
     With ``inplace`` (the default) memory is reused: a temporary that dies at a line and has the
     result's shape is updated in place, and a full-size result that cannot be is written into
     the buffer of a temporary that died before (``out=``). ``inplace=False`` allocates every
-    result, so that autograd can differentiate the code.
+    result, so that autograd can differentiate the code. ``schedule`` rewrites the planned
+    statements first (``synced.Schedule``: sums across ranks, and the messages that carry them).
     """
-    statements = plan(el, saved, frame_dims)
-    index = el.index
+    statements = plan(el, saved, frame)
+    if schedule is not None:
+        statements = schedule(statements)
     if inplace:
         values, lines = _literal_values(el)
         literal = {stabilise(v): n.name for n, v in values.items() if n.named}
-        statements = _hoist_sums(statements, frame_dims, index, literal, {n.name: lines[n] for n in values})
-    shapes = {n.name: n.shape for n in el.graph.nodes}
-    slots = {index[s]: k for k, s in enumerate(frame_dims)}
+        statements = _hoist_sums(statements, frame, literal, {n.name: lines[n] for n in values})
+    shapes = {n.name: el.shape(n) for n in el.graph.nodes}  # read at their atoms (atoms.py)
+    views = {n.name: el.shape(n) for n in el.graph.nodes if el.shape(n) != tuple(n.shape)}
     temps = temps_of(statements)
     by_name = {n.name: n for n in el.graph.nodes}
     last_use = {}
     for position, st in enumerate(statements):
         for symbol in st.value.free_symbols:
             last_use[symbol.name] = position
-    full = tuple(frame_dims)
+    full = tuple(extent(i) for i in frame)
     # masks (``y != ignore_index``) are cast to the dtype of the first floating-point input
     dtype_of = next((k for k, v in el.graph.layer.tensors.items() if isinstance(v, Tensor)), "")
     plain_numbers = set(el.graph.sizes.values()) | set(el.graph.constants.values())
@@ -301,14 +336,19 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
     free: list[str] = []  # buffers of full-size temporaries no longer read
     out = []
     for position, st in enumerate(statements):
+        if st.code:
+            out.append((st.code, ""))
+            for symbol in st.value.free_symbols:  # the names it rebinds hold new tensors from here on
+                buffer_of.pop(symbol.name, None)
+            continue
         st.value = st.value.replace(reduces_a_number, lambda e: extent(e.index) * e.body if isinstance(e, AxisSum) else e.body)
         if st.node is not None and not st.value.atoms(sp.Indexed) and st.value.free_symbols <= plain_numbers:
             # a value that cancels to a constant (c - c, scale*s/s) is a tensor of the node's shape
-            printer = ForwardPrinter(Frame(frame_dims, slots), shapes, names, dtype_of=dtype_of)
+            printer = ForwardPrinter(Frame(frame), shapes, names, dtype_of=dtype_of, views=views)
             out.append((f"{st.name} = {dtype_of}.new_full(({_sizes(st.node.shape, names)}), "
                         f"{printer.doprint(st.value)})", ""))
             continue
-        shape = layout(st.value, temps, frame_dims, index)
+        shape = layout(st.value, temps, frame)
         if st.node is None:
             shapes[st.name] = shape
         # a temporary that dies here and already has the result's shape can hold the result
@@ -316,12 +356,26 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
         reusable = {t.name for t in statements[:position]
                     if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape
                     and not aliases_live(t.name, position)} if inplace else set()
-        printer = ForwardPrinter(Frame(frame_dims, slots), shapes, names, reusable=reusable, inplace=inplace,
-                                 dtype_of=dtype_of, computed=computed)
+        printer = ForwardPrinter(Frame(frame), shapes, names, reusable=reusable, inplace=inplace,
+                                 dtype_of=dtype_of, views=views, computed=computed)
         # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output)
-        printer.full_rank = st.node is not None and len(st.node.shape) == len(frame_dims) and printer._lower_rank(st.value)
-        code = printer.statement(st.value)
-        if isinstance(st.value, sp.Symbol) and st.value.name in shapes:  # a view of another value
+        printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(frame) and printer._lower_rank(st.value)
+        direct = printer.print_in_order(st.value, [i for i in el.free(st.node) if i != 0]) \
+            if st.node is not None and st.node.shape else None
+        if direct is None and st.node is not None and isinstance(st.value, AxisSoftmax) \
+                and not temporaries(st.value, shapes) and 0 not in el.free(st.node):
+            # a softmax of tensors read as stored: printed on the node's own axes (q @ k.T).softmax(1)
+            own = ForwardPrinter(Frame(list(el.free(st.node))), shapes, names, dtype_of=dtype_of, views=views,
+                                 computed=computed)
+            try:
+                direct = own.doprint(st.value)
+            except DerivationError:  # a sum inside needs an axis of its own: printed in the whole frame
+                direct = None
+        printer.updated = None
+        code = direct or printer.statement(st.value)
+        if direct:  # a matrix product, already in the node's layout: a buffer of its own
+            buffer_of[st.name] = st.name
+        elif isinstance(st.value, sp.Symbol) and st.value.name in shapes:  # a view of another value
             buffer_of[st.name] = buffer_of.get(st.value.name, st.value.name)
         elif printer.updated:
             buffer_of[st.name] = buffer_of.get(printer.updated, printer.updated)
@@ -331,9 +385,15 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
                 code, buffer_of[st.name] = into, free.pop(0)
             else:
                 buffer_of[st.name] = st.name
-        if st.node is not None and shape != tuple(st.node.shape):  # give the value its node's own shape
-            axes = tuple(s if s in st.node.shape else 1 for s in frame_dims)
-            code = fit_shape(code, shape, axes, tuple(st.node.shape), lambda dims: _sizes(dims, names))
+        if st.node is not None and direct:
+            if [s for s in st.node.shape if s != 1] != list(st.node.shape) or st.node.name in views:
+                code = f"({code}).reshape({_sizes(st.node.shape, names)})"
+        elif st.node is not None:  # give the value its node's own shape: its atoms, then as stored
+            varying = [k for k, i in enumerate(frame) if shape[k] != 1]
+            code = fit_shape(code, varying, frame, list(el.free(st.node)), _size_texts(el.shape(st.node), names))
+            if st.node.name in views:
+                atoms = f".reshape({_sizes(el.shape(st.node), names)})"
+                code = f"{_wrap(code[:-len(atoms)] if code.endswith(atoms) else code)}.reshape({_sizes(st.node.shape, names)})"
         comment = ""
         if st.lines:
             node = st.node or by_name[st.name]
@@ -349,10 +409,15 @@ def forward_code(el: Elements, saved: list[str], frame_dims: list, names: dict,
     return out
 
 
+def _size_texts(dims: tuple, names: dict) -> list[str]:
+    """Each size of a shape as code (a renamed size by its variable)."""
+    symbols = {k: sp.Symbol(v) for k, v in names.items()}
+    return [sp.pycode(sp.sympify(s).xreplace(symbols)) for s in dims]
+
+
 def _sizes(dims: tuple, names: dict) -> str:
     """A shape as the arguments of ``expand``/``reshape``: ``n, 1`` (``k,`` for one axis)."""
-    symbols = {k: sp.Symbol(v) for k, v in names.items()}
-    return ", ".join(sp.pycode(sp.sympify(s).xreplace(symbols)) for s in dims) + ("," if len(dims) == 1 else "")
+    return ", ".join(_size_texts(dims, names)) + ("," if len(dims) == 1 else "")
 
 
 __all__ = ["plan", "forward_code", "stabilise", "Statement"]

@@ -20,7 +20,8 @@ import torch
 from . import cache
 from . import codegen
 from .book import index_markdown, index_specs
-from .codegen import render_function, render_steps
+from .codegen import render_function, render_steps, render_synced
+from .synced import has_batch_sums, synced_cached
 from .derivation import render_markdown, render_tex
 from .derivation_steps import render_steps_markdown, render_steps_tex
 from .errors import DerivationError, DeriveError, ProofFailure
@@ -54,6 +55,8 @@ def output_names(layer: Layer) -> list[str]:
              f"derivations/{layer.name}_steps.md"]
     if layer.fused:
         names += [f"derivations/{layer.name}.tex", f"derivations/{layer.name}.md"]
+    if layer.fused and layer.batch:
+        names.append(f"{layer.name}_synced.py")
     return names
 
 
@@ -91,6 +94,8 @@ def render(layer: Layer, choice: Choice | None = None) -> dict[str, str]:
             f"derivations/{layer.name}.tex": render_tex(choice.kernel),
             f"derivations/{layer.name}.md": render_markdown(choice.kernel),
         }
+        if has_batch_sums(choice.kernel):  # a declared batch axis the layer sums over: a variant across ranks
+            files[f"{layer.name}_synced.py"] = render_synced(synced_cached(choice.kernel))
     else:
         files[f"{layer.name}.py"] = render_steps(graph, choice.reason)
     return files

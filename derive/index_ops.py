@@ -11,7 +11,7 @@ from typing import Callable
 
 import sympy as sp
 
-from .functions import ELEMENTWISE, Sigmoid, Step
+from .functions import COMPARISONS, ELEMENTWISE, mask, EXTREMA, Clamp, NonNeg, Sigmoid, Step, Where
 from .symbolic import IsArgmax, Max, Red
 from .trace import Node
 
@@ -57,8 +57,10 @@ class Elt:
 
     def __matmul__(self, other: "Elt") -> "Elt":
         a, b = self, other
-        return Elt((a.shape[0], b.shape[1]),
-                   lambda idx: _sum(lambda r: a.fn((idx[0], r)) * b.fn((r, idx[1])), [a.shape[1]]))
+        batch = len(b.shape) - 2  # a matrix (no batch axes) multiplies every matrix of a's batch
+        return Elt((*a.shape[:-1], b.shape[-1]),
+                   lambda idx: _sum(lambda r: a.fn((*idx[:-1], r)) * b.fn((*idx[len(idx) - 2 - batch:-2], r, idx[-1])),
+                                    [a.shape[-1]]))
 
 
 def _broadcast(a: tuple, b: tuple) -> tuple:
@@ -180,7 +182,46 @@ class IndexOps:
         return Elt(a.shape, fn)
 
     def transpose(self, b):
-        return Elt(tuple(reversed(b.shape)), lambda idx: b.fn(tuple(reversed(idx))))
+        perm = tuple(range(len(b.shape) - 2)) + (len(b.shape) - 1, len(b.shape) - 2)
+        return self.permute(b, perm)
+
+    def sum_batch(self, g, like, source):
+        extra = len(g.shape) - len(like.shape)
+        if extra <= 0:
+            return g
+        return _reduce(g, g.shape[extra:], tuple(range(extra)), False)
+
+    def permute(self, g, perm):
+        inverse = sorted(range(len(perm)), key=perm.__getitem__)
+        return Elt(tuple(g.shape[p] for p in perm), lambda idx: g.fn(tuple(idx[k] for k in inverse)))
+
+    def sum(self, x, axes):
+        shape = tuple(1 if k in axes else s for k, s in enumerate(x.shape))
+        return _reduce(x, shape, tuple(axes), True)
+
+    def exp(self, x):
+        return x.apply(sp.exp)
+
+    def sin(self, x):
+        return x.apply(sp.sin)
+
+    def cos(self, x):
+        return x.apply(sp.cos)
+
+    def compare(self, op, a, b):
+        return a._binary(b, COMPARISONS[op][0])
+
+    def between(self, a, lo, hi):
+        lo, hi = lo.fn(()), hi.fn(())
+        return a.apply(lambda e: NonNeg(e - lo) * NonNeg(hi - e))
+
+    def select(self, mask, x, y):
+        return mask * x + (1 - mask) * y
+
+    def split_at_ties(self, grad, a, b, op: str):
+        """A tie has measure zero in the exact check: ``grad`` to the one that wins."""
+        wins = self.compare(op, a, b)
+        return self.select(wins, grad, 0), self.select(wins, 0, grad)
 
     def one_hot(self, labels, table):
         return Elt(table.shape, lambda idx: sp.KroneckerDelta(idx[1], labels.fn(idx[:1])))
@@ -221,6 +262,31 @@ class IndexOps:
         return Elt(shape, fn)
 
 
+def _normalized(node: Node, x: Elt) -> Elt:
+    """softmax, log_softmax and logsumexp over ``axes``, in their stable forms (the maximum subtracted)."""
+    axes = node.attrs["axes"]
+    kept = tuple(1 if k in axes else s for k, s in enumerate(x.shape))
+    top = _reduce(x, kept, axes, True, Max)
+    shifted = x - top
+    total = _reduce(shifted.apply(sp.exp), kept, axes, True)
+    if node.op == "softmax":
+        return shifted.apply(sp.exp) / total
+    if node.op == "log_softmax":
+        return shifted - total.apply(sp.log)
+    value = top + total.apply(sp.log)
+    if node.attrs["keepdim"]:
+        return value
+    return Elt(node.shape, lambda idx: value.fn(_unsqueezed(idx, axes)))
+
+
+def _unsqueezed(idx: tuple, axes: tuple) -> tuple:
+    """``idx`` with a 0 inserted at each of ``axes`` (a reduced result read with keepdim)."""
+    out, it = [], iter(idx)
+    for k in range(len(idx) + len(axes)):
+        out.append(0 if k in axes else next(it))
+    return tuple(out)
+
+
 def _forward(node: Node, a: list[Elt]) -> Elt:
     """The node's value from its operands, element-wise (the forward twin of the rules)."""
     op = node.op
@@ -229,6 +295,29 @@ def _forward(node: Node, a: list[Elt]) -> Elt:
                 "div": lambda: a[0] / a[1], "pow": lambda: a[0] ** a[1]}[op]()
     if op in ELEMENTWISE:
         return a[0].apply(ELEMENTWISE[op])
+    if op in COMPARISONS:
+        labels = node.args[0].op == "labels"
+        return a[0]._binary(a[1], lambda x, y: mask(op, x, y, labels))
+    if op == "not":
+        return 1 - a[0]
+    if op == "and":
+        return a[0] * a[1]
+    if op in EXTREMA:
+        return a[0]._binary(a[1], EXTREMA[op])
+    if op == "clamp":
+        lo, hi = a[1].fn(()), a[2].fn(())
+        return a[0].apply(lambda e: Clamp(e, lo, hi))
+    if op == "where":
+        m, x, y = a
+        shape = node.shape
+        return Elt(shape, lambda idx: Where(m.fn(_adapt(idx, m.shape)), x.fn(_adapt(idx, x.shape)),
+                                            y.fn(_adapt(idx, y.shape))))
+    if op == "permute":
+        return IndexOps().permute(a[0], node.attrs["perm"])
+    if op == "expand":
+        return Elt(node.shape, lambda idx: a[0].fn(_adapt(idx, a[0].shape)))
+    if op in ("softmax", "log_softmax", "logsumexp"):
+        return _normalized(node, a[0])
     if op in ("sum", "mean", "max"):
         axes, keepdim = node.attrs["axes"], node.attrs["keepdim"]
         value = _reduce(a[0], node.shape, axes, keepdim, Max if op == "max" else Red)

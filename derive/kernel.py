@@ -14,11 +14,11 @@ import sympy as sp
 from .differentiate import Gradients, differentiate
 from .elements import Elements
 from .errors import DerivationError
-from .forward import size_scalars
+from .forward import size_names, size_scalars
 from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
 from .memo import ByObject
-from .printer import Frame, KernelPrinter, fit_shape, temporaries
+from .printer import Frame, KernelPrinter, _wrap, fit_shape, temporaries
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
 from .symbolic import Red, extent, hide_argmax, reductions
@@ -27,16 +27,20 @@ from .trace import Graph, trace
 
 @dataclass
 class Formula:
-    """The fused gradient of one input."""
+    """The fused gradient of one input (or, with ``position`` None, the adjoint ``d<input>`` of an
+    intermediate node the gradients read as a tensor: ``differentiate.Gradients.materialized``)."""
 
     input: str
-    position: int  # argument position in forward
+    position: int | None  # argument position in forward
     element: sp.Expr  # closed form, element-wise, in saved quantities
     refolded: sp.Expr = sp.S.Zero  # the refold's result, before the closed form
     rewrites: list = field(default_factory=list)  # the refold's steps (simplify.Rewrite), for the document
     code: str = ""  # vectorized right-hand side (after shared subexpressions)
     needs: list[str] = field(default_factory=list)  # shared temporaries it reads
     fast: list[str] = field(default_factory=list)  # statements computing it in fewer passes, if any
+    # statements computing it in place over few buffers (``backward_plan.chain_form``): eager
+    # autograd's backward only, not a graph of the backward nor torch.func transforms
+    chain: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Shared:
     scratch: str = ""
     scratch_code: str = ""
     sum_code: str = ""  # the sum of the scratch buffer (``code`` stays the readable one-liner)
+    fast: list[str] = field(default_factory=list)  # statements computing it in fewer passes, if any
 
 
 @dataclass
@@ -87,6 +92,8 @@ class Kernel:
     checks: list[Check | LabelCheck]
     constants_used: list[str]
     seconds: float = 0.0
+    frame: list = field(default_factory=list)  # the printing frame's indices (printer.Frame)
+    adjoints: list = field(default_factory=list)  # Formula per materialized adjoint, in the order computed
     forbidden: dict = field(default_factory=dict)  # input -> refold rewrites its gradient may not take
     as_written: frozenset = frozenset()  # inputs whose gradient is printed as its formula reads
 
@@ -105,14 +112,19 @@ def _shapes(graph: Graph) -> dict[str, tuple]:
     return shapes
 
 
-def size_sources(layer: Layer) -> list[tuple[str, str]]:
-    """Lines that read every size from the first input declaring it: ``n, d = x.shape``."""
+def size_sources(layer: Layer, names: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """Lines that read every size from the first input declaring it: ``n, d = x.shape``
+    (``names``: a dimension's variable where it is not the dimension's name, ``forward.size_names``)."""
+    names = names or {}
     known, out = set(), []
     for name, decl in layer.tensors.items():
-        targets = [d if d not in known and dim_names(d) == [d] else "_" for d in decl.dims]
+        targets = []
+        for d in decl.dims:
+            new = d not in known and dim_names(d) == [d]
+            targets.append(names.get(d, d) if new else "_")
+            known.update([d] if new else [])
         if any(t != "_" for t in targets):
             out.append((", ".join(targets) + ("," if len(targets) == 1 else ""), name))
-            known.update(t for t in targets if t != "_")
     missing = [d for d in layer.dims if d not in known]
     if missing:
         raise DerivationError(layer.name, f"size {missing[0]!r} is not the size of any tensor input",
@@ -123,10 +135,14 @@ def size_sources(layer: Layer) -> list[tuple[str, str]]:
 LABEL_DTYPES = "(torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)"
 
 
-def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) -> list[Check | LabelCheck]:
+def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]], names: dict[str, str] | None = None,
+                 derived: dict | None = None) -> list[Check | LabelCheck]:
     """What the generated Function checks before it computes, cheapest first: ranks (the size
     unpacking needs them), shapes, dtypes and devices, the declared range of each Constant, the size
-    conditions the formulas divide by, then the labels' range (the only check that reads data)."""
+    conditions the formulas divide by (and the exact divisions of sizes the spec computed as
+    ``numerator // divisor``: ``derived``), then the labels' range (the only check that reads data).
+    ``names``: the variables of renamed sizes."""
+    names = names or {}
     name, checks = layer.name, []
     # a tensor all of whose sizes are read from its own shape needs no shape check
     self_defined = {tensor for unpack, tensor in sources if "_" not in unpack.replace(" ", "").split(",")}
@@ -137,13 +153,18 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) ->
         checks.append(Check(f"{k}.dim() != {len(decl.dims)}",
                             f"f\"{name}: {k} must have {len(decl.dims)} dimension(s) ({dims}), got shape {{tuple({k}.shape)}}\"",
                             kind="rank", holds=f"{k}.dim() == {len(decl.dims)}"))
+
+    def size(d):  # a dimension's size in code: its variable, a product of them, or 1
+        return "*".join(names.get(part, part) for part in dim_names(d)) or "1"
+
     for k, decl in layer.tensors.items():
         if k in self_defined:
             continue
         shape = ", ".join(decl.dims) + ("," if len(decl.dims) == 1 else "")
-        checks.append(Check(f"{k}.shape != ({shape})",
-                            f"f\"{name}: {k} must have shape ({shape}) = {{({shape})}}, got {{tuple({k}.shape)}}\"",
-                            holds=f"{k}.shape == ({shape})"))
+        values = ", ".join(size(d) for d in decl.dims) + ("," if len(decl.dims) == 1 else "")
+        checks.append(Check(f"{k}.shape != ({values})",
+                            f"f\"{name}: {k} must have shape ({shape}) = {{({values})}}, got {{tuple({k}.shape)}}\"",
+                            holds=f"{k}.shape == ({values})"))
     for k in floats[1:]:
         checks.append(Check(f"{k}.dtype != {first}.dtype or {k}.device != {first}.device",
                             f"f\"{name}: {k} is {{{k}.dtype}} on {{{k}.device}} but {first} is {{{first}.dtype}} on "
@@ -158,6 +179,11 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) ->
             checks.append(Check(f"{k}.dtype not in {LABEL_DTYPES}",
                                 f"f\"{name}: labels {k} must be an integer tensor, got {{{k}.dtype}}\"",
                                 holds=f"{k}.dtype in {LABEL_DTYPES}"))
+    for numerator, divisor in (derived or {}).values():
+        top, bottom = sp.pycode(numerator), sp.pycode(divisor)
+        checks.append(Check(f"{top} % {bottom} != 0",
+                            f"f\"{name}: {bottom} must divide {top} (a view splits it), got {top} = {{{top}}} and "
+                            f"{bottom} = {{{bottom}}}\"", holds=f"{top} % {bottom} == 0"))
     for k, decl in layer.constants.items():
         # a positive declaration the derivation relied on; bounds it did not: either way a call
         # outside the declaration is refused
@@ -168,14 +194,15 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]]) ->
                                 holds=condition))
     for divisor in sorted(divisors, key=sp.default_sort_key):
         text = sp.sstr(divisor)
-        checks.append(Check(f"{text} == 0",
+        code = sp.pycode(divisor.xreplace({s: sp.Symbol(names.get(s.name, s.name)) for s in divisor.free_symbols}))
+        checks.append(Check(f"{code} == 0", kind="size", message=
                             f"f\"{name}: the formula divides by {text}, which is 0 for these sizes "
-                            f"({', '.join(f'{s}={{{s}}}' for s in sorted(map(str, divisor.free_symbols)))}); "
-                            f"use larger sizes (for example a batch of at least 2 rows)\"", holds=f"{text} != 0"))
+                            f"({', '.join(f'{s}={{{names.get(s, s)}}}' for s in sorted(map(str, divisor.free_symbols)))}); "
+                            f"use larger sizes (for example a batch of at least 2 rows)\"", holds=f"{code} != 0"))
     for k, decl in layer.tensors.items():
         if isinstance(decl, Labels):
-            c = decl.classes
-            checks.append(LabelCheck(k, c, f"f\"{name}: labels {k} must lie in [0, {c}) = [0, {{{c}}})\""))
+            c = names.get(decl.classes, decl.classes)
+            checks.append(LabelCheck(k, c, f"f\"{name}: labels {k} must lie in [0, {decl.classes}) = [0, {{{c}}})\""))
     return checks
 
 
@@ -190,6 +217,17 @@ def size_divisors(exprs: list[sp.Expr], sizes: set) -> set:
                     if not factor.is_Symbol:  # a bare size is never 0
                         out.add(factor)
     return out
+
+
+def size_checks(graph: Graph, formulas: list = ()) -> tuple[list[tuple[str, str]], list[Check], dict[str, str]]:
+    """Where each size is read from, the input checks, and each dimension's variable, for ``graph``'s
+    layer (``formulas``: expressions whose size-only divisors must not be 0 as well)."""
+    layer = graph.layer
+    renamed = size_names(graph)
+    dim_text = {d: renamed[graph.sizes[d]].name for d in layer.dims}
+    divisors = size_divisors(size_scalars(graph) + list(formulas), set(graph.sizes.values()))
+    sources = size_sources(layer, dim_text)
+    return sources, input_checks(layer, divisors, sources, dim_text, graph.derived), dim_text
 
 
 _BUILT = ByObject(maxsize=32)  # layer -> its kernel (every rewrite allowed)
@@ -218,44 +256,49 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_writte
     start = time.perf_counter()
     graph, el, grads = derived(layer)
     order = list(layer.inputs)
-    formulas = []
+    formulas, adjoints = [], []
+    for node, expr in grads.materialized:
+        refolded = refold(el, expr)
+        adjoints.append(Formula(node.name, None, closed_form(refolded, scalars(el)), refolded))
     for node, expr in grads.grads.items():
         rewrites: list = []
         refolded = refold(el, expr, rewrites, (forbidden or {}).get(node.name, frozenset()))
         formulas.append(Formula(node.name, order.index(node.name), closed_form(refolded, scalars(el)), refolded,
                                 rewrites))
 
-    frame_dims = [graph.sizes[d] for d in layer.dims]
+    renamed = size_names(graph)
+    size_text = {s: t.name for s, t in renamed.items() if t != s}
+    frame = el.frame([f.element for f in adjoints + formulas])
     shapes = _shapes(graph)
     try:
-        shared, codes = print_formulas(layer, el, formulas, frame_dims, shapes,
+        shared, codes = print_formulas(layer, el, formulas, frame, shapes,
                                        taken={n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes},
-                                       as_written=as_written)
+                                       size_text=size_text, adjoints=adjoints, as_written=as_written)
     except DerivationError as e:
         raise located(e, graph) from None
-    for f, (code, needs, fast) in zip(formulas, codes):
-        f.code, f.needs, f.fast = code, needs, fast or []
-    names = {s: str(s) for s in graph.sizes.values()}
+    for f, (code, needs, fast, chain) in zip(formulas, codes):
+        f.code, f.needs, f.fast, f.chain = code, needs, fast or [], chain or []
 
     read = set()
-    for expr in [f.element for f in formulas]:
+    for expr in [f.element for f in adjoints + formulas]:
         read |= {str(e.base) for e in expr.atoms(sp.Indexed)}
     # scalar (0-d) forward values the formulas read are Symbols, not Indexed: saved as 0-d tensors
-    read |= {s.name for f in formulas for s in f.element.free_symbols}
+    read |= {s.name for f in adjoints + formulas for s in f.element.free_symbols}
     saved = [n.name for n in graph.nodes if n.name in read and (n.shape or n.op not in ("input", "labels"))]
-    used_symbols = set().union(*[f.element.free_symbols for f in formulas]) if formulas else set()
-    constants = [c for c, s in graph.constants.items() if s in used_symbols]
-    sizes = set(graph.sizes.values())
-    divisors = size_divisors(size_scalars(graph) + [f.element for f in formulas], sizes)
-    sources = size_sources(layer)
+    used_symbols = set().union(*[f.element.free_symbols for f in adjoints + formulas]) if formulas else set()
+    # a constant is read by the backward where a formula has it, or where it is a size (x.view(n, G, -1))
+    as_sizes = set().union(*[sp.sympify(s).free_symbols for n in graph.nodes for s in n.shape])
+    constants = [c for c, s in graph.constants.items()
+                 if s in used_symbols or sp.Symbol(c, integer=True, positive=True) in as_sizes]
+    sources, checks, dim_text = size_checks(graph, [f.element for f in adjoints + formulas])
     try:
-        forward = forward_code(el, saved, frame_dims, names)
-        with_graph = forward_code(el, saved, frame_dims, names, inplace=False)
+        forward = forward_code(el, saved, frame, size_text)
+        with_graph = forward_code(el, saved, frame, size_text, inplace=False)
     except DerivationError as e:
         raise located(e, graph) from None
     return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
-                  [str(s) for s in frame_dims], sources, input_checks(layer, divisors, sources), constants,
-                  time.perf_counter() - start, dict(forbidden or {}), frozenset(as_written))
+                  [dim_text[d] for d in layer.dims], sources, checks, constants,
+                  time.perf_counter() - start, frame, adjoints, dict(forbidden or {}), frozenset(as_written))
 
 
 def located(error: DerivationError, graph) -> DerivationError:
@@ -270,14 +313,122 @@ def located(error: DerivationError, graph) -> DerivationError:
     return DerivationError(graph.layer.name, error.problem, error.fix, line, source, error.tensor)
 
 
-def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_dims: list, shapes: dict,
+def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame: list, shapes: dict,
                    taken: set, rename: dict[str, str] | None = None, sizes: dict | None = None,
-                   as_written: frozenset = frozenset()):
+                   size_text: dict | None = None, adjoints: list[Formula] = (), as_written: frozenset = frozenset()):
+    """``_print_group`` of the materialized ``adjoints`` the ``formulas`` read (each a temporary,
+    ``dscores = ...``, in the layout of its node), then of the formulas, which read them as tensors.
+    The gradients of the inputs in ``as_written`` are printed as their formulas read, without the
+    in-place forms of ``backward_plan``; an adjoint is never an in-place chain (a linear form at most)."""
+    rename = dict(rename or {})
+    wanted = _needed_adjoints(formulas, adjoints)
+    if not wanted:
+        return _print_group(layer, el, formulas, frame, shapes, taken, rename, sizes, size_text, as_written)
+    for a in wanted:
+        rename.setdefault(f"d{a.input}", f"d{rename.get(a.input, a.input)}")
+    # each adjoint in turn (a later one reads the earlier), told apart from the gradients by a
+    # negative position: -1 the first, -2 the next
+    shapes = dict(shapes)
+    nodes = {n.name: n for n in el.graph.nodes}
+    groups, entries = [], []
+    for k, a in enumerate(wanted):
+        temps, ((code, _, fast, _),) = _print_group(layer, el, [Formula(a.input, -(k + 1), a.element)], frame, shapes,
+                                                 taken, rename, sizes, size_text, chains=False)
+        name = rename[f"d{a.input}"]
+        shapes[name] = nodes[a.input].shape  # its atoms, where a view splits them: _atomic_layouts
+        groups.append(temps)
+        entries.append(Shared(name, code, a.element, [], fast=fast or []))
+        taken = set(taken) | {t.name for t in temps} | {name}
+    second, codes = _print_group(layer, el, formulas, frame, shapes, taken, rename, sizes, size_text, as_written)
+    # an adjoint is needed wherever a gradient reads it, directly or through a later adjoint
+    readers: dict[int, set] = {}
+    for k in reversed(range(len(wanted))):
+        name = f"d{wanted[k].input}"
+        users = {f.position for f in formulas if name in _bases(f.element)}
+        for j in range(k + 1, len(wanted)):
+            if name in _bases(wanted[j].element):
+                users |= readers[-(j + 1)]
+        readers[-(k + 1)] = users
+    ordered = []
+    for k, (temps, entry) in enumerate(zip(groups, entries)):  # each adjoint after the temporaries it reads
+        for t in temps + [entry]:
+            t.users = sorted(readers[-(k + 1)])
+        ordered += temps + [entry]
+    return ordered + second, codes
+
+
+def _numbers_inline(replacements: list, reduced: list, scalars: set) -> tuple[list, list]:
+    """cse's temporaries that are numbers of sizes and constants (``1/math.sqrt(d)``) put back where
+    they are used: a Python number costs nothing to recompute, and a formula reading it stays a
+    matrix product times a number (``(dt2 @ k)/math.sqrt(d)``)."""
+    numbers: dict = {}
+    kept = []
+    for symbol, value in replacements:
+        value = value.xreplace(numbers)
+        if not value.atoms(sp.Indexed) and {s for s in value.free_symbols if not isinstance(s, sp.Idx)} <= scalars \
+                and not value.atoms(sp.Idx):
+            numbers[symbol] = value
+        else:
+            kept.append((symbol, value))
+    return kept, [r.xreplace(numbers) for r in reduced]
+
+
+def _whole_indices(replacements: list, reduced: list) -> tuple[list, list]:
+    """cse's result with every index's range written out again: a range ``d - 1`` that cse shared
+    with a coefficient ``1/(d - 1)`` must not leave a temporary inside the index."""
+    values: dict = {}
+    for symbol, value in replacements:
+        values[symbol] = value.xreplace(values)
+
+    def fix(expr):
+        broken = {i for i in expr.atoms(sp.Idx) if (i.lower.free_symbols | i.upper.free_symbols) & set(values)}
+        return expr.xreplace({i: sp.Idx(i.label, (i.lower.xreplace(values), i.upper.xreplace(values))) for i in broken})
+
+    return [(s, fix(v)) for s, v in replacements], [fix(r) for r in reduced]
+
+
+def _atomic_layouts(el: Elements, shapes: dict, rename: dict, sizes: dict) -> dict:
+    """Record in ``shapes`` each value of the graph, its upstream gradient and adjoint, at its atoms
+    (atoms.py), and return those stored with fewer axes: ``{name: atoms}`` (printed viewed)."""
+    views = {}
+    output = el.graph.output
+    for n in el.graph.nodes:
+        atomic = tuple(sp.sympify(s).xreplace(sizes) for s in el.shape(n))
+        if atomic == tuple(sp.sympify(s).xreplace(sizes) for s in n.shape):
+            continue
+        for name in (n.name, f"d{n.name}"):
+            key = rename.get(name, name)
+            if key in shapes or name == f"d{output.name}" or name.startswith("d"):
+                shapes[key] = atomic
+                views[key] = atomic
+    return views
+
+
+def _bases(expr: sp.Expr) -> set[str]:
+    return {str(e.base) for e in expr.atoms(sp.Indexed)}
+
+
+def _needed_adjoints(formulas: list[Formula], adjoints: list[Formula]) -> list[Formula]:
+    """The materialized adjoints the formulas read, directly or through one another, in order."""
+    needed = set().union(*[{str(e.base) for e in f.element.atoms(sp.Indexed)} for f in formulas]) if formulas else set()
+    out = []
+    for a in reversed(list(adjoints)):
+        if f"d{a.input}" in needed:
+            out.append(a)
+            needed |= {str(e.base) for e in a.element.atoms(sp.Indexed)}
+    return list(reversed(out))
+
+
+def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: list, shapes: dict,
+                 taken: set, rename: dict[str, str] | None = None, sizes: dict | None = None,
+                 size_text: dict | None = None, as_written: frozenset = frozenset(), chains: bool = True):
     """Print ``formulas`` as torch code, with shared subexpressions (``cse``) as named temporaries.
 
-    ``rename`` maps tensor names and ``sizes`` maps size symbols, so the same derived formulas can
-    be printed in a caller's names (a batchnorm inside a model reads ``bngain``, ``dhpreact``,
-    ``hidden``). Returns ``(shared temporaries, [(code, temporaries read)] per formula)``.
+    ``frame`` is the list of indices every tensor is laid out on (``Elements.frame``). ``rename``
+    maps tensor names and ``sizes`` maps size symbols, so the same derived formulas can be printed
+    in a caller's names (a batchnorm inside a model reads ``bngain``, ``dhpreact``, ``hidden``);
+    ``size_text`` gives the code of a size whose variable is not its dimension's name. Returns
+    ``(shared temporaries, [(code, temporaries read)] per formula)``.
     """
     rename, sizes = rename or {}, sizes or {}
     bases = {b: sp.IndexedBase(rename.get(str(b), str(b)), **b.assumptions0)
@@ -287,75 +438,117 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame_di
     mapping = {**bases, **symbols, **sizes}
     elements = [f.element.xreplace(mapping) for f in formulas]
     dtype_of = rename.get(f"d{el.graph.output.name}", f"d{el.graph.output.name}")
-    frame = [sp.sympify(s).xreplace(sizes) for s in frame_dims]
-    index = {s.xreplace(sizes): el.index[s].xreplace(sizes) for s in frame_dims}
+    nodes = {n.name: n for n in el.graph.nodes}
+    # only the axes these formulas need: a gradient of two axes prints as a matrix
+    frame = el.frame([f.element for f in formulas] + [el.ref(nodes[f.input]) for f in formulas], within=frame)
+    frame = [i.xreplace(sizes) for i in frame]
+    dims = [extent(i) for i in frame]
     shapes = dict(shapes)
-    names = {s: sp.pycode(s) for s in frame}
+    views = _atomic_layouts(el, shapes, rename, sizes)
+    names = {s: sp.pycode(s) for s in dims} | dict(size_text or {})
     bound = set().union(*[{r.index for r in reductions(e)} for e in elements]) if elements else set()
     # a maximum inside a one-hot is not a value to share: cse sees each one-hot as one opaque call
     hidden, restore = hide_argmax(sp.Tuple(*elements))
     replacements, reduced = sp.cse(list(hidden), symbols=sp.numbered_symbols("_cse"), ignore=tuple(bound), order="none")
+    replacements, reduced = _whole_indices(replacements, reduced)
+    numbers = set(el.graph.sizes.values()) | set(el.graph.constants.values()) | set(sizes.values())
+    replacements, reduced = _numbers_inline(replacements, reduced, numbers)
     replacements = [(symbol, restore(value)) for symbol, value in replacements]
     reduced = [restore(r) for r in reduced]
     taken = set(taken) | set(names.values())
     fresh = dict(zip([s for s, _ in replacements], map(sp.Symbol, _shared_names([v for _, v in replacements], taken))))
     replacements = [(fresh[s], v.xreplace(fresh)) for s, v in replacements]
     reduced = [spread_means(r.xreplace(fresh)) for r in reduced]
-    slots = {index[s]: k for k, s in enumerate(frame)}
+
+    # saved softmax values (in the names printed) and the stored axis each normalizes
+    softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
+                 if n.op == "softmax" and len(n.attrs["axes"]) == 1}
+
+    def printer():
+        p = KernelPrinter(Frame(frame), shapes, names, dtype_of, views)
+        p.softmaxes = softmaxes
+        return p
+
     shared = []
     for symbol, value in replacements:
         reads = [shapes[t.name] for t in temporaries(value, shapes)]
         # a value of 0-d tensors only (``dout*(1 - v4**2)`` for a scalar output) prints as 0-d
         scalar = not value.atoms(sp.Indexed) and all(len(r) == 0 for r in reads)
-        shapes[str(symbol)] = () if scalar else tuple(s if index[s] in value.free_symbols else 1 for s in frame)
+        shapes[str(symbol)] = () if scalar else tuple(extent(i) if varies(value, i, shapes, frame) else 1 for i in frame)
         users = [f.position for f, r in zip(formulas, reduced) if symbol in r.free_symbols]
-        printer = KernelPrinter(Frame(frame, slots), shapes, names, dtype_of)
-        printer.full_rank = printer._lower_rank(value)  # its recorded shape has the frame's rank
-        shared.append(Shared(str(symbol), printer.doprint(value), value, users))
+        p = printer()
+        p.full_rank = p._lower_rank(value)  # its recorded shape has the frame's rank
+        shared.append(Shared(str(symbol), p.doprint(value), value, users))
     # a temporary read by another temporary is needed wherever that one is
     for later in reversed(shared):
         for earlier in shared:
             if sp.Symbol(earlier.name) in later.element.free_symbols:
                 earlier.users = sorted(set(earlier.users) | set(later.users))
-    _name_scratch_buffers(shared, frame, index, shapes, names, dtype_of, slots, taken)
+    _name_scratch_buffers(shared, frame, shapes, names, dtype_of, taken, views)
     # temporaries of sizes and constants only are Python numbers at run time, not tensors
-    numbers: set = set()
+    number_temps: set = set()
     for s in shared:
-        if all(v in scalars(el) or v.name in numbers for v in s.element.free_symbols) and not s.element.atoms(sp.Indexed):
-            numbers.add(s.name)
+        if all(v in scalars(el) or v.name in number_temps for v in s.element.free_symbols) and not s.element.atoms(sp.Indexed):
+            number_temps.add(s.name)
     claimed = set()
     codes = []
     for f, element, r in zip(formulas, elements, reduced):
-        dims = [sp.pycode(sp.Mul(*[sp.Symbol(p, integer=True, positive=True) for p in dim_names(d)]).xreplace(sizes))
-                for d in layer.tensors[f.input].dims]
+        node = nodes[f.input]
+        target = [i.xreplace(sizes) if i != 0 else 0 for i in el.free(node)]
+        symbols = {k: sp.Symbol(v) for k, v in names.items() if isinstance(k, sp.Symbol)}
+
+        def text_of(dims):
+            return [sp.pycode(sp.sympify(s).xreplace(sizes).xreplace(symbols)) for s in dims]
+
+        shape = [sp.sympify(s).xreplace(sizes) for s in el.shape(node)]  # its atoms (atoms.py)
+        shape_text, stored = text_of(el.shape(node)), text_of(node.shape)
         if element == 0:  # the output does not read this input, or its terms cancel (softmax(x).sum())
-            codes.append((f"{dtype_of}.new_zeros(({', '.join(dims)}{',' if len(dims) == 1 else ''}))", [], None))
+            codes.append((f"{dtype_of}.new_zeros(({', '.join(stored)}{',' if len(stored) == 1 else ''}))", [], None, None))
             continue
-        printer = KernelPrinter(Frame(frame, slots), shapes, names, dtype_of)
+        p = printer()
         # a gradient of the frame's rank read from lower-rank tensors alone (``dc = dout*w`` for a
         # (1, k) c and a (k,) w): view them into the frame, or the result lacks an axis
-        printer.full_rank = len(dims) == len(frame) and printer._lower_rank(r)
+        p.full_rank = len(shape) == len(frame) and p._lower_rank(r)
         try:
-            code = printer.doprint(r)
+            direct = p.print_in_order(r, [i for i in target if i != 0])
+            code = direct or p.doprint(r)
         except DerivationError as e:
-            raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix, tensor=e.tensor) from None
-        fitted = _fit(code, element, f.input, layer, index, frame, dims)
+            raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix, tensor=e.tensor or f.input) from None
+        if direct:  # already the target's axes, in its order
+            varying = [t for s, t in zip(shape, shape_text) if s != 1]
+            fitted = code if varying == shape_text else f"({code}).reshape({', '.join(shape_text)}{',' if len(shape) == 1 else ''})"
+        else:
+            fitted = fit_shape(code, [k for k, i in enumerate(frame) if varies(r, i, shapes, frame)], frame, target,
+                               shape_text)
+        if stored != shape_text:  # back from its atoms to the shape it is stored in
+            atoms = f".reshape({', '.join(shape_text)}{',' if len(shape_text) == 1 else ''})"
+            if fitted.endswith(atoms):
+                fitted = fitted[:-len(atoms)]
+            fitted = f"{_wrap(fitted)}.reshape({', '.join(stored)}{',' if len(stored) == 1 else ''})"
         # a gradient already in its input's layout may be built in place, term by term
         # a scratch buffer from a sum this gradient's guard always computes
         scratch = next((s.scratch for s in shared if s.scratch and s.scratch not in claimed and f.position in s.users), "")
-        fast = linear_form(f"d{f.input}", r, KernelPrinter(Frame(frame, slots), shapes, names, dtype_of), shapes,
-                           scratch) if fitted == code and f.input not in as_written else None
+        fast = linear_form(f"d{f.input}", r, printer(), shapes, scratch) if fitted == code and f.input not in as_written else None
         if fast and scratch and f"{scratch}.copy_(" in fast[0]:
             claimed.add(scratch)
-        if fast is None and fitted == code and f.input not in as_written:
-            fast = chain_form(f"d{f.input}", r, KernelPrinter(Frame(frame, slots), shapes, names, dtype_of), shapes,
-                              taken, numbers)
-        codes.append((fitted, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols], fast))
+        chain = None
+        if fast is None and chains and fitted == code and f.input not in as_written:
+            chain = chain_form(f"d{f.input}", r, printer(), shapes, taken, number_temps)
+        codes.append((fitted, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols], fast, chain))
     return shared, codes
 
 
-def _name_scratch_buffers(shared: list[Shared], frame: list, index: dict, shapes: dict, names: dict,
-                          dtype_of: str, slots: dict, taken: set) -> None:
+def varies(expr: sp.Expr, index: sp.Idx, shapes: dict, frame: list) -> bool:
+    """Whether ``expr``, printed in ``frame``, varies along the axis of ``index`` (directly, or
+    through a temporary whose frame layout does)."""
+    if index in expr.free_symbols:
+        return True
+    axis = frame.index(index)
+    return any(len(shapes[t.name]) == len(frame) and shapes[t.name][axis] != 1 for t in temporaries(expr, shapes))
+
+
+def _name_scratch_buffers(shared: list[Shared], frame: list, shapes: dict, names: dict,
+                          dtype_of: str, taken: set, views: dict) -> None:
     """``sum_bnraw_dout = (bnraw*dout).sum(0)`` becomes ``bnraw_dout = bnraw*dout`` then
     ``bnraw_dout.sum(0)``: the product's buffer, dead after the sum, can hold a gradient."""
     for s in shared:
@@ -363,7 +556,12 @@ def _name_scratch_buffers(shared: list[Shared], frame: list, index: dict, shapes
         if not isinstance(value, Red) or isinstance(value.body, (sp.Symbol, sp.Indexed)):
             continue
         body = value.body
-        axes = {slots.get(i) for i in body.free_symbols if i in slots} | {frame.index(extent(value.index))}
+        try:
+            frame_with_bound, axis = Frame(frame).with_bound(value.index, body)
+        except DerivationError:
+            continue
+        slots = frame_with_bound.slots
+        axes = {slots.get(i) for i in body.free_symbols if i in slots}
         if len(axes - {None}) != len(frame):
             continue
         base = s.name[4:] if s.name.startswith("sum_") else f"{s.name}_terms"
@@ -372,8 +570,7 @@ def _name_scratch_buffers(shared: list[Shared], frame: list, index: dict, shapes
             k += 1
             name = f"{base}{k}"
         taken.add(name)
-        frame_with_bound, axis = Frame(frame, slots).with_bound(value.index, body)
-        printer = KernelPrinter(frame_with_bound, shapes, names, dtype_of)
+        printer = KernelPrinter(frame_with_bound, shapes, names, dtype_of, views)
         s.scratch, s.scratch_code = name, printer.doprint(body)
         s.sum_code = f"{name}.sum({axis}, keepdim=True)"
 
@@ -392,20 +589,6 @@ def spread_means(expr: sp.Expr) -> sp.Expr:
                     others = [f for f in expr.args if f is not inverse and f is not add]
                     return sp.Mul(*others) * sp.Add(*[t / size for t in add.args])
     return expr
-
-
-def _fit(code: str, expr: sp.Expr, name: str, layer: Layer, index: dict, frame_dims: list, dims: list[str]) -> str:
-    """Make the frame-shaped gradient the input's shape (``(1, d)`` -> ``(d,)``, broadcast -> full)."""
-    frame = [sp.pycode(s) for s in frame_dims]
-    varying_dims = [d for d in dims if d != "1"]
-    if [d for d in frame if d in varying_dims] != varying_dims:
-        raise DerivationError(layer.name, f"{name}'s dimensions {dims} are not in the order {frame}",
-                              "declare every input's dimensions in one consistent order")
-    varying = {sp.pycode(s) for s in frame_dims if index[s] in expr.free_symbols}
-    layout = tuple(d if d in varying and d in dims else "1" for d in frame)
-    axes = tuple(d if d in dims else "1" for d in frame)
-    return fit_shape(code, layout, axes, tuple(dims),
-                     lambda shape: ", ".join(shape) + ("," if len(shape) == 1 else ""))
 
 
 def _shared_names(values: list[sp.Expr], taken: set) -> list[str]:

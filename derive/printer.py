@@ -40,24 +40,39 @@ def _masked_count_factor(expr: sp.Mul):
 
 
 class Frame:
-    """Which axis each index lives on, for one expression being printed."""
+    """The axes a printed expression is laid out on, and which index lives on which axis.
 
-    def __init__(self, dims: list[sp.Symbol], slots: dict | None = None):
-        self.dims = list(dims)
-        self.slots = dict(slots or {})  # Idx -> axis
+    ``indices`` are the frame's own (one free index per axis: ``i_n, i_d`` or, with a square
+    dimension, ``i_n, i_n_2, i_d``); ``dims`` their sizes. A sum's bound index is placed on an
+    axis of its size that no other index of its body occupies (``with_bound``).
+    """
+
+    def __init__(self, indices: list[sp.Idx], slots: dict | None = None):
+        self.indices = list(indices)
+        self.dims = [extent(i) for i in self.indices]
+        self.slots = dict(slots) if slots is not None else {i: k for k, i in enumerate(self.indices)}
+
+    def free_axis(self, size: sp.Expr, busy: set, prefer: sp.Idx | None = None) -> int | None:
+        """An axis of ``size`` that no index in ``busy`` occupies (``prefer``'s own axis first)."""
+        occupied = {a for i, a in self.slots.items() if i in busy and i != prefer}
+        candidates = [k for k, d in enumerate(self.dims) if d == size and k not in occupied]
+        if prefer in self.slots and self.slots[prefer] in candidates:
+            return self.slots[prefer]
+        return candidates[0] if candidates else None
 
     def with_bound(self, j: sp.Idx, body: sp.Expr) -> tuple["Frame", int]:
-        """A frame where the bound index ``j`` sits on its dimension's axis."""
-        axis = self.dims.index(extent(j))
-        clash = [i for i, a in self.slots.items() if a == axis and i in body.free_symbols and i != j]
-        if clash:
-            reader = next((str(e.base) for e in body.atoms(sp.Indexed) if clash[0] in e.indices), "")
-            raise DerivationError("", f"the reduction over {j} also reads {clash[0]} of the same size",
+        """A frame where the bound index ``j`` sits on an axis of its size no other index of ``body`` uses."""
+        busy = {i for i in body.free_symbols if isinstance(i, sp.Idx)} - {j}
+        axis = self.free_axis(extent(j), busy, prefer=j)
+        if axis is None:
+            clash = next((i for i in busy if extent(i) == extent(j)), j)
+            reader = next((str(e.base) for e in body.atoms(sp.Indexed) if clash in e.indices), "")
+            raise DerivationError("", f"the reduction over {j} also reads {clash} of the same size",
                                   "this contraction needs einsum, which the fused printer does not emit yet",
                                   tensor=reader)
         slots = {i: a for i, a in self.slots.items() if a != axis}
         slots[j] = axis
-        return Frame(self.dims, slots), axis
+        return Frame(self.indices, slots), axis
 
 
 class KernelPrinter(TorchPrinter):
@@ -65,14 +80,21 @@ class KernelPrinter(TorchPrinter):
 
     full_rank = False  # print every tensor with the frame's rank (set inside reductions)
 
-    def __init__(self, frame: Frame, shapes: dict[str, tuple], names: dict[sp.Symbol, str], dtype_of: str = ""):
+    def __init__(self, frame: Frame, shapes: dict[str, tuple], names: dict[sp.Symbol, str], dtype_of: str = "",
+                 views: dict | None = None):
         super().__init__({"strict": False})
+        # tensors stored with fewer axes than their atoms (``x`` of shape (n, d) read as (n, 2, d_2),
+        # atoms.py): printed viewed into them
+        self.views = views or {}
         self.frame = frame
         # A one-hot is an integer tensor; times a Python number it would become torch's default
         # dtype, so it is cast to the dtype of this tensor (the upstream gradient).
         self.dtype_of = dtype_of
         self.shapes = shapes  # tensor name -> its shape in sizes (1 for kept axes)
         self.names = names  # size symbol -> its variable in the generated code
+        # saved softmax values -> the stored axis they normalize: the chain rule through one
+        # prints as torch's own softmax backward (``_softmax_backward``)
+        self.softmaxes: dict[str, int] = {}
 
     # -- scalars ----------------------------------------------------------------------------
     def _print(self, expr, **kwargs):
@@ -110,7 +132,12 @@ class KernelPrinter(TorchPrinter):
 
     # -- tensors ----------------------------------------------------------------------------
     def _inner(self, frame: Frame) -> "KernelPrinter":
-        return KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
+        """A printer for a sub-expression laid out in ``frame`` (inside a reduction: its tensors
+        keep the frame's rank where this one's do)."""
+        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of, self.views)
+        inner.full_rank = self.full_rank
+        inner.softmaxes = self.softmaxes
+        return inner
 
     def _print_Indexed(self, expr):
         """``x[i_n, y[i_n]]``, a tensor read at labels along a later axis, is a ``gather``."""
@@ -122,17 +149,20 @@ class KernelPrinter(TorchPrinter):
                                   tensor=str(expr.base))
         position, labels = picked[0]
         size = self.shapes[str(expr.base)][position]
-        axis = self.frame.dims.index(size)
         own = sp.Idx("_gathered", size)
-        table = self._inner(Frame(self.frame.dims, {**self.frame.slots, own: axis}))
+        # the picked axis is 1 after the gather: any axis of its size the table's other indices leave free
+        axis = self.frame.free_axis(size, {i for i in expr.indices if isinstance(i, sp.Idx)})
+        if axis is None:
+            raise DerivationError("", f"{expr} is read at labels along an axis the frame has no room for",
+                                  "pick from a tensor computed on its own line", tensor=str(expr.base))
+        table = self._inner(Frame(self.frame.indices, {**self.frame.slots, own: axis}))
         table_code = table._print(expr.base[tuple(own if k == position else ix for k, ix in enumerate(expr.indices))])
         rank = len(self.frame.dims)
         label_axes = [self.frame.slots[i] for i in labels.indices if isinstance(i, sp.Idx)]
         table_axes = [self.frame.slots[i] for i in expr.indices if isinstance(i, sp.Idx) and i in self.frame.slots]
-        target = [self._print(self.frame.dims[k]) if k in label_axes else "1" for k in range(rank)]
-        index_code = f"{labels.base}.view({', '.join(target)})"
+        index_code = self._layout(str(labels.base), self.shapes[str(labels.base)], label_axes, full_rank=True)
         if set(table_axes) - set(label_axes):
-            full = [self._print(self.frame.dims[k]) if k in table_axes else "1" for k in range(rank)]
+            full = [self._print(self.frame.dims[k]) if k in table_axes or k in label_axes else "1" for k in range(rank)]
             index_code += f".expand({', '.join(full)})"
         if not table_code.isidentifier():
             table_code = f"({table_code})"
@@ -155,43 +185,106 @@ class KernelPrinter(TorchPrinter):
                 raise DerivationError("", f"{expr} is read at a computed position",
                                       "gather-style reads are not vectorized yet", tensor=name)
             axes.append(self.frame.slots[index])
-        return self._layout(name, shape, axes)
+        if name in self.views and axes == sorted(axes):  # its atoms in order: one view into the frame
+            viewed = self._layout(name, shape, axes, full_rank=True)
+            return viewed if viewed != name else self.stored(name)
+        return self._layout(self.stored(name), shape, axes)
 
-    def _contraction(self, body, bound: list[int]):
+    def stored(self, name: str) -> str:
+        """The tensor ``name`` as its atoms: ``x.view(n, 2, d // 2)`` where a view splits its axis."""
+        if name not in self.views:
+            return name
+        return f"{_wrap(name)}.view({', '.join(self._print(s) for s in self.views[name])})"
+
+    def _contraction(self, body, summed: set, order: list | None = None):
         """A sum of a product of tensors that do not share all their axes (``sum_o dout[n, o]*W[i, o]``)
-        is a contraction: ``torch.einsum('no,io->ni', dout, W)``, never the broadcast product
-        (n x i x o elements). Returns None for anything else (a sum of one tensor, of an elementwise
+        is a contraction: ``dout @ W.T`` (``torch.einsum`` where it is not a matrix product), never
+        the broadcast product (n x i x o elements). Laid out in the frame, or with ``order`` (indices)
+        as exactly those axes. Returns None for anything else (a sum of one tensor, of an elementwise
         product of same-shaped tensors, or with a factor that is not a plain tensor or a scalar)."""
         tensors, scalars = [], []
         for f in sp.Mul.make_args(body):
-            if isinstance(f, sp.Indexed) and not isinstance(f.indices[0], sp.Indexed):
-                tensors.append(f)
+            if isinstance(f, sp.Indexed):
+                tensor = self._operand(f)
+                if tensor is None:
+                    return None
+                tensors.append(tensor)
             elif f.atoms(sp.Indexed) or any(isinstance(s, sp.Idx) for s in f.free_symbols) or f.atoms(Red):
                 return None
             else:
                 scalars.append(f)
         if len(tensors) < 2:
             return None
-        # subscripts named after the dimensions (``'no,ni->io'``) when their initials differ
-        initials = [str(d)[0].lower() for d in self.frame.dims]
-        distinct = len(set(initials)) == len(initials) and all(c.isalpha() for c in initials)
-        letters, operands, axes_of = initials if distinct else "abcdefghijklmnopqrstuvwxyz", [], []
-        for t in tensors:
-            shape = self.shapes[str(t.base)]
-            if any(s == 1 for s in shape) or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in t.indices):
-                return None
-            axes_of.append([self.frame.slots[i] for i in t.indices])
-            operands.append(str(t.base))
-        every = set().union(*map(set, axes_of))
-        if any(set(a) == every for a in axes_of):
+        every = set().union(*[set(t.indices) for t in tensors])
+        if any(set(t.indices) == every for t in tensors) or not set(summed) <= every:
             return None  # an elementwise product of same-shaped tensors: print the plain sum
-        out_axes = sorted(every - set(bound))
-        spec = ",".join("".join(letters[k] for k in a) for a in axes_of) + "->" + "".join(letters[k] for k in out_axes)
-        code = self._layout(f"torch.einsum('{spec}', {', '.join(operands)})", tuple(self.frame.dims[k] for k in out_axes),
-                            out_axes)
-        if scalars:
-            code = f"{self._print(sp.Mul(*scalars))}*{code}"
-        return code
+        out = [i for i in every if i not in summed]
+        if any(i not in self.frame.slots for i in out):
+            return None
+        if order is None:
+            out.sort(key=self.frame.slots.__getitem__)
+        elif set(order) == set(out):
+            out = list(order)
+        else:
+            return None
+        code = _product(tensors, out, self._index_letters(every))
+        if order is None:
+            code = self._layout(code, tuple(extent(i) for i in out), [self.frame.slots[i] for i in out])
+            code = _wrap(code)  # ``a*(dout @ W.T)``: @ binds no tighter than *
+        return self._scaled(code, scalars)
+
+    def _operand(self, f: sp.Indexed):
+        """A factor of a contraction as ``_Operand`` (its code and one index per axis), or None: a
+        tensor read at its own indices (``W.view(t, e, h)`` where a view splits it), or a table read
+        at labels (``C[X]``, indexed by the labels' indices then the table's other ones)."""
+        if isinstance(f.indices[0], sp.Indexed):
+            labels, rest = f.indices[0], f.indices[1:]
+            shape = tuple(self.shapes[str(labels.base)]) + tuple(self.shapes[str(f.base)][1:])
+            indices = tuple(labels.indices) + tuple(rest)
+            code = f"{_wrap(self.stored(str(f.base)))}[{labels.base}]"
+        else:
+            shape, indices, code = self.shapes[str(f.base)], tuple(f.indices), self.stored(str(f.base))
+        if any(s == 1 and i != 0 for s, i in zip(shape, indices)):
+            return None
+        if 1 in shape:  # a kept axis of size 1 takes no part: the tensor without it
+            varying = [(s, i) for s, i in zip(shape, indices) if s != 1]
+            code = f"{_wrap(code)}.view({', '.join(self._print(s) for s, _ in varying) or ''}{',' if len(varying) == 1 else ''})"
+            indices = tuple(i for _, i in varying)
+        if not indices or not all(isinstance(i, sp.Idx) for i in indices) or len(set(indices)) < len(indices):
+            return None
+        return _Operand(code, indices)
+
+    def _scaled(self, code: str, scalars: list) -> str:
+        """``code`` times the product of ``scalars``: ``(a @ b)/math.sqrt(d)``, ``2*(a @ b)``."""
+        if not scalars:
+            return code
+        top, bottom = sp.fraction(sp.Mul(*scalars))
+        mul = sp.printing.precedence.PRECEDENCE["Mul"]
+        text = _wrap(code) if top == 1 else f"{self.parenthesize(top, mul)}*{_wrap(code)}"
+        return text if bottom == 1 else f"{text}/{self.parenthesize(bottom, mul, strict=True)}"
+
+    def _index_letters(self, indices: set) -> dict:
+        """einsum subscripts: each index by its dimension's initial where those differ, else a, b, c, ..."""
+        ordered = sorted(indices, key=lambda i: (self.frame.slots.get(i, len(self.frame.dims)), i.name))
+        initials = [str(extent(i))[0].lower() for i in ordered]
+        if len(set(initials)) == len(initials) and all(c.isalpha() for c in initials):
+            return dict(zip(ordered, initials))
+        return dict(zip(ordered, "abcdefghijklmnopqrstuvwxyz"))
+
+    def print_in_order(self, expr: sp.Expr, order: list) -> str | None:
+        """``expr``, a sum that is a contraction (times numbers), with its axes exactly ``order``
+        (``x.T @ dout`` for ``dW[i, o]``), or None where it is not one."""
+        factors = sp.Mul.make_args(expr)
+        sums = [f for f in factors if isinstance(f, (Red, AxisSum))]
+        rest = [f for f in factors if not isinstance(f, (Red, AxisSum))]
+        if len(sums) != 1 or not all(_is_scalar_factor(f, self.shapes) for f in rest):
+            return None
+        bound, red = [], sums[0]
+        while isinstance(red, (Red, AxisSum)):
+            bound.append(red.index)
+            red = red.body
+        code = self._contraction(red, set(bound), order)
+        return None if code is None else self._scaled(code, rest)
 
     def _print_lookup(self, expr):
         """``w[y[i_n]]`` (a table read at labels) prints as ``w[y]``: the labels' axes, then the
@@ -204,25 +297,32 @@ class KernelPrinter(TorchPrinter):
         shape = tuple(self.shapes[str(labels.base)]) + tuple(table_shape[1:])
         indices = tuple(labels.indices) + tuple(rest)
         axes = [self.frame.slots[i] for s, i in zip(shape, indices) if s != 1 and i != 0]
-        return self._layout(f"{expr.base}[{labels.base}]", shape, axes)
+        return self._layout(f"{_wrap(self.stored(str(expr.base)))}[{labels.base}]", shape, axes)
 
-    def _layout(self, name: str, shape: tuple, axes: list[int]) -> str:
-        """``name`` viewed so that its varying axes sit on ``axes`` of the frame."""
-        if axes != sorted(axes):
-            raise DerivationError("", f"{name} would need its axes permuted", "transposed reads are not vectorized yet",
-                                  tensor=name)
+    def _layout(self, name: str, shape: tuple, axes: list[int], full_rank: bool = False) -> str:
+        """``name`` viewed so that its varying axes sit on ``axes`` of the frame (permuted first
+        where they are stored in another order: ``W.T``, ``x.permute(1, 0, 2)``)."""
         rank = len(self.frame.dims)
         target = [1] * rank
         varying = [s for s in shape if s != 1]
         for axis, size in zip(axes, varying):
             target[axis] = size
+        if axes != sorted(axes):
+            order = sorted(range(len(axes)), key=axes.__getitem__)
+            if len(varying) != len(shape):  # drop the kept axes first: a view of any layout
+                name = f"{_wrap(name)}.view({', '.join(self._print(s) for s in varying)})"
+            if order == [1, 0]:
+                name = f"{_wrap(name)}.T"
+            else:
+                name = f"{_wrap(name)}.permute({', '.join(map(str, order))})"
+            shape = tuple(varying[k] for k in order)
         padded = list(_padded(shape, rank))
         # inside a reduction every tensor keeps the frame's rank: ``w.sum(1)`` of a (k,) vector
         # would name an axis it does not have
-        if len(shape) <= rank and _broadcasts_as(padded, target) and not (self.full_rank and len(shape) < rank):
+        if len(shape) <= rank and _broadcasts_as(padded, target) and not ((self.full_rank or full_rank) and len(shape) < rank):
             return name
         sizes = ", ".join(self._print(s) for s in target)
-        return f"{name}.view({sizes})"
+        return f"{_wrap(name)}.view({sizes})"
 
     def _lower_rank(self, body: sp.Expr) -> bool:
         """True when every tensor ``body`` reads has fewer axes than the frame: its sum must then
@@ -236,19 +336,75 @@ class KernelPrinter(TorchPrinter):
     def _print_Red(self, expr):
         # nested sums over several axes are one torch reduction (pairwise summation over all of
         # them: more accurate in float32 than summing axis after axis, and one pass)
+        scatter = self._index_add(expr)
+        if scatter is not None:
+            return scatter
+        bound, body = [], expr
+        while isinstance(body, Red):
+            bound.append(body.index)
+            body = body.body
+        contraction = self._contraction(body, set(bound))  # no axis of the frame for what it sums
+        if contraction is not None:
+            return contraction
         frame, axes = self.frame, []
         while isinstance(expr, Red):
             frame, axis = frame.with_bound(expr.index, expr.body)
             axes.append(axis)
             expr = expr.body
-        return self._reduce_body(KernelPrinter(frame, self.shapes, self.names, self.dtype_of), expr, axes)
+        return self._reduce_body(self._inner(frame), expr, axes)
+
+    def _index_add(self, expr) -> str | None:
+        """``sum_{n,t} [X[n, t] == v] * g[n, t, e]``, the gradient of a table read at labels
+        (``C[X]``), is ``g`` added into the rows ``X`` names: ``index_add_``, never an (v, n, t)
+        one-hot. None for any other sum."""
+        bound, body, outside = [], expr, []
+        while True:  # sum_n f[n]*sum_t h[n, t] is sum_n sum_t f[n]*h[n, t]
+            if isinstance(body, Red):
+                bound.append(body.index)
+                body = body.body
+                continue
+            sums = [f for f in sp.Mul.make_args(body) if isinstance(f, Red)]
+            if isinstance(body, sp.Mul) and len(sums) == 1:
+                outside += [f for f in body.args if f is not sums[0]]
+                body = sums[0]
+                continue
+            break
+        body = sp.Mul(*outside, body)
+        deltas = [f for f in sp.Mul.make_args(body) if isinstance(f, sp.KroneckerDelta)]
+        for delta in deltas:
+            row, labels = delta.args if isinstance(delta.args[1], sp.Indexed) else delta.args[::-1]
+            if not (isinstance(row, sp.Idx) and row in self.frame.slots and isinstance(labels, sp.Indexed)
+                    and all(i in bound for i in labels.indices) and len(set(labels.indices)) == len(labels.indices)):
+                continue
+            rest = body / delta
+            if row in rest.free_symbols or rest.atoms(sp.KroneckerDelta) or any(
+                    isinstance(i, sp.Indexed) for e in rest.atoms(sp.Indexed) for i in e.indices):
+                continue  # a value read at the labels too (a pick) is printed with its one-hot
+            for j in reversed([j for j in bound if j not in labels.indices]):  # summed before the scatter
+                rest = Red(rest, j)
+            others = sorted((i for i in rest.free_symbols if isinstance(i, sp.Idx) and i in self.frame.slots
+                             and i not in bound), key=self.frame.slots.__getitem__)
+            spare = [sp.Idx(f"_spare{k}", extent(j)) for k, j in enumerate(bound) if j not in labels.indices]
+            inner = KernelPrinter(Frame(list(labels.indices) + others + spare), self.shapes, self.names, self.dtype_of,
+                                  self.views)
+            inner.full_rank = True
+            sizes = [self._print(extent(i)) for i in list(labels.indices) + others] + ["1"] * len(spare)
+            kept = sizes[len(labels.indices):len(labels.indices) + len(others)]
+            values = inner._print(rest) if self._is_tensor(rest) else \
+                f"{self.dtype_of}.new_full((1,), {inner._print(rest)})"  # counting: a number per label
+            source = f"{_wrap(values)}.expand({', '.join(sizes)}).reshape(-1{''.join(', ' + x for x in kept)})"
+            shape = (extent(row), *[extent(i) for i in others])
+            zeros = f"{self.dtype_of}.new_zeros(({', '.join(self._print(x) for x in shape)}{',' if len(shape) == 1 else ''}))"
+            code = f"{zeros}.index_add(0, {labels.base}.reshape(-1), {source})"  # out of place: vmap batches it
+            return self._layout(code, shape, [self.frame.slots[row]] + [self.frame.slots[i] for i in others])
+        return None
 
     _print_GroupedRed = _print_Red  # SymPy's dispatch does not pass a renamed subclass to its parent's method
 
     def _reduce_body(self, inner: "KernelPrinter", body: sp.Expr, axes: list[int], method: str = "sum") -> str:
         """``body``, printed by ``inner`` (whose frame holds the bound axes), reduced over ``axes``."""
         if method == "sum":
-            contraction = inner._contraction(body, axes)
+            contraction = inner._contraction(body, {i for i, a in inner.frame.slots.items() if a in axes})
             if contraction is not None:
                 return contraction
         inner.full_rank = self._lower_rank(body)
@@ -256,9 +412,44 @@ class KernelPrinter(TorchPrinter):
         if not text.isidentifier():
             text = f"({text})"
         where = str(axes[0]) if len(axes) == 1 else str(tuple(sorted(axes)))
+        if method == "logsumexp":
+            return f"torch.logsumexp({text}, {where}, keepdim=True)"
         return f"{text}.{method}({where}, keepdim=True)"
 
+    def _softmax_backward(self, expr) -> str | None:
+        """``s*(a - sum_j a*s)`` with ``s`` a saved softmax along ``j``'s axis and ``a`` a tensor of
+        its layout: the chain rule through the softmax, printed as torch's own kernel for it
+        (``torch._softmax_backward_data``), which rounds as autograd through the spec does
+        (its row sum accumulates as the softmax's own backward does, not as ``.sum``). None for
+        anything else."""
+        factors = sp.Mul.make_args(expr)
+        coeff = sp.Mul(*[f for f in factors if f.is_number])
+        rest = [f for f in factors if not f.is_number]
+        if len(rest) != 2 or not self.softmaxes:
+            return None
+        s = next((f for f in rest if isinstance(f, sp.Indexed) and str(f.base) in self.softmaxes), None)
+        add = next((f for f in rest if isinstance(f, sp.Add)), None)
+        if s is None or add is None or len(add.args) != 2 or len(set(s.indices)) != len(s.indices) \
+                or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in s.indices):
+            return None
+        axis = self.softmaxes[str(s.base)]
+        a = next((t for t in add.args if isinstance(t, sp.Indexed)), None)
+        total = next((-t for t in add.args if (-t).func is Red), None)
+        if a is None or total is None or a.indices != s.indices or str(a.base) not in self.shapes \
+                or str(a.base) in self.views or str(s.base) in self.views \
+                or tuple(self.shapes[str(a.base)]) != tuple(self.shapes[str(s.base)]):
+            return None
+        j, own = total.index, s.indices[axis]
+        if extent(j) != extent(own) or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
+            return None
+        code = f"torch._softmax_backward_data({a.base}, {s.base}, {axis}, {a.base}.dtype)"
+        code = self._layout(code, tuple(extent(i) for i in s.indices), [self.frame.slots[i] for i in s.indices])
+        return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
+
     def _print_Mul(self, expr):
+        softmax = self._softmax_backward(expr)
+        if softmax is not None:
+            return softmax
         indicator = _masked_count_factor(expr)
         if indicator is not None:
             # a row a mask leaves out gets exactly 0, also when the mask leaves out every row and its
@@ -320,18 +511,12 @@ class KernelPrinter(TorchPrinter):
         labels_axes = [self.frame.slots[i] for i in b.indices if isinstance(i, sp.Idx)]
         axis = self.frame.slots[a]
         name = str(b.base)
-        if labels_axes + [axis] == sorted(labels_axes + [axis]) and axis == max(labels_axes + [axis]):
-            # a comparison, not F.one_hot: torch.func.vmap cannot batch F.one_hot's check of the values
-            code = f"({name}.unsqueeze(-1) == torch.arange({self._print(extent(a))}, device={name}.device))"
-            if self.dtype_of:
-                code += f".to({self.dtype_of}.dtype)"
-            rank = len(self.frame.dims)
-            used = labels_axes + [axis]
-            if used == list(range(rank - len(used), rank)):
-                return code
-            target = [self._print(self.frame.dims[k]) if k in used else "1" for k in range(rank)]
-            return f"{code}.view({', '.join(target)})"
-        raise DerivationError("", f"{expr} needs the class axis before the label axes", "reorder the dimensions")
+        # a comparison, not F.one_hot: torch.func.vmap cannot batch F.one_hot's check of the values
+        code = f"({name}.unsqueeze(-1) == torch.arange({self._print(extent(a))}, device={name}.device))"
+        if self.dtype_of:
+            code += f".to({self.dtype_of}.dtype)"
+        shape = tuple(s for s, i in zip(self.shapes[name], b.indices)) + (extent(a),)
+        return self._layout(code, shape, labels_axes + [axis])
 
     def _print_Sigmoid(self, expr):
         return f"torch.sigmoid({self._print(expr.args[0])})"
@@ -342,10 +527,47 @@ class KernelPrinter(TorchPrinter):
     def _print_Relu(self, expr):
         return f"torch.relu({self._print(expr.args[0])})"
 
+    def _mask(self, code: str) -> str:
+        """A comparison's bool tensor, cast to the gradient's dtype when it is multiplied."""
+        mask = f"({code})"
+        return f"{mask}.to({self.dtype_of}.dtype)" if self.dtype_of else mask
+
+    def condition(self, m: sp.Expr) -> str:
+        """A 0/1 mask as the bool condition of ``torch.where`` (``x > 0``, ``y != c``)."""
+        from .functions import Equal, NonNeg, Step
+        rel = sp.printing.precedence.PRECEDENCE["Relational"]
+        if isinstance(m, (Step, NonNeg, Equal)):
+            a, b = _sides(m.args[0])
+            symbol = {Step: ">", NonNeg: ">=", Equal: "=="}[type(m)]
+            return f"{self.parenthesize(a, rel)} {symbol} {self.parenthesize(b, rel)}"
+        if isinstance(m, sp.KroneckerDelta):
+            return f"{self._print(m.args[0])} == {self._print(m.args[1])}"
+        if isinstance(m, sp.Add) and len(m.args) == 2 and 1 in m.args:  # 1 - mask
+            (inner,) = [a for a in m.args if a != 1]
+            if inner.could_extract_minus_sign():
+                return f"~({self.condition(-inner)})"
+        if isinstance(m, sp.Mul) and not m.atoms(sp.Number) - {sp.S.One}:
+            return " & ".join(f"({self.condition(f)})" for f in m.args)
+        return f"{self._print(m)} != 0"
+
     def _print_Step(self, expr):
         # a bool mask cast to the gradient's dtype: 1 where the argument is positive, 0 at 0 (as torch)
-        mask = f"({self._print(expr.args[0])} > 0)"
-        return f"{mask}.to({self.dtype_of}.dtype)" if self.dtype_of else mask
+        return self._mask(self.condition(expr))
+
+    def _print_NonNeg(self, expr):
+        return self._mask(self.condition(expr))
+
+    def _print_Equal(self, expr):
+        return self._mask(self.condition(expr))
+
+    def _print_Where(self, expr):
+        m, a, b = expr.args
+        return f"torch.where({self.condition(m)}, {self._print(a)}, {self._print(b)})"
+
+    def _print_Clamp(self, expr):
+        x, lo, hi = expr.args
+        bounds = [f"{k}={self._print(v)}" for k, v in (("min", lo), ("max", hi)) if v.is_finite]
+        return f"torch.clamp({self._print(x)}, {', '.join(bounds)})"
 
     def _print_Max(self, expr):
         raise DerivationError("", "a maximum left in a backward formula", "report this as a bug")
@@ -358,7 +580,7 @@ class KernelPrinter(TorchPrinter):
             raise DerivationError("", "the gradient flows through max() at a position the fused printer "
                                   "cannot lay out", "mark the layer fused = False for the step-by-step backward")
         frame, axis = self.frame.with_bound(m.index, m.body)
-        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of)
+        inner = self._inner(frame)
         inner.full_rank = self._lower_rank(m.body)
         body = inner._print(m.body)
         if not body.isidentifier():
@@ -373,15 +595,17 @@ class ForwardPrinter(KernelPrinter):
     _UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh"}
 
     def __init__(self, frame: Frame, shapes: dict, names: dict, reusable: set = frozenset(), inplace: bool = True,
-                 dtype_of: str = "", computed: set = frozenset()):
-        super().__init__(frame, shapes, names, dtype_of)
+                 dtype_of: str = "", views: dict | None = None, computed: set = frozenset()):
+        super().__init__(frame, shapes, names, dtype_of, views)
         self.reusable = set(reusable)  # temporaries that may be overwritten by this statement
         self.inplace = inplace
         self.computed = set(computed)  # temporaries holding a function of values (added last in a sum)
 
     def _inner(self, frame: Frame) -> "ForwardPrinter":
-        return ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of,
-                              computed=self.computed)
+        inner = ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of,
+                               views=self.views, computed=self.computed)
+        inner.full_rank = self.full_rank
+        return inner
 
     def statement(self, expr: sp.Expr) -> str:
         """The right-hand side of one statement, updating a dying temporary in place if one fits
@@ -453,38 +677,45 @@ class ForwardPrinter(KernelPrinter):
         return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: _last_in_a_sum(t, self.computed)))
 
     def _print_AxisSum(self, expr):
-        # a sum over every axis (``x.sum()``, ``x.mean()``) is one torch reduction, as the spec's
-        # is: summing axis after axis rounds like a plain running sum down the first axis, several
-        # times the error of torch's pairwise summation over all of them
-        # (a mean's division by each extent is taken out and done after the sum)
-        frame, axes, body, scale = self.frame, [], expr, sp.Integer(1)
+        # a product summed over several axes is one contraction (C[X] reshaped @ W1: einsum over t, e);
+        # anything else one axis at a time, in the spec's order (the forward's rounding is the spec's)
+        bound, body = [], expr
         while isinstance(body, AxisSum):
-            frame, axis = frame.with_bound(body.index, body.body)
-            axes.append((body.index, axis))
+            bound.append(body.index)
             body = body.body
-            if isinstance(body, sp.Mul):
-                sums = [f for f in body.args if isinstance(f, AxisSum)]
-                if len(sums) == 1 and self._is_size(body / sums[0]):
-                    scale, body = scale * body / sums[0], sums[0]
-        # only a sum over every axis: a spec reduces several axes at once only with ``.sum()`` (a
-        # partial one is written axis by axis, and then rounds as written)
-        if len(axes) == len(self.frame.dims) > 1 and all(self._varies_along(body, j, axis) for j, axis in axes):
-            total = self._reduce_body(self._inner(frame), body, [axis for _, axis in axes], "sum")
-            numerator, denominator = sp.fraction(scale)
-            if numerator != 1:
-                total = f"{self.parenthesize(numerator, sp.printing.precedence.PRECEDENCE['Mul'], strict=True)}*{total}"
-            for d in sp.Mul.make_args(denominator) if denominator != 1 else ():
-                total = f"{total}/{self.parenthesize(d, sp.printing.precedence.PRECEDENCE['Mul'], strict=True)}"
-            return total
-        # otherwise axis by axis, in the spec's order (the forward's rounding is the spec's)
+        contraction = self._contraction(body, set(bound))
+        if contraction is not None:
+            return contraction
         return self._reduce(expr, "sum")
 
     def _print_AxisMax(self, expr):
         return self._reduce(expr, "amax")
 
-    def _is_size(self, factor: sp.Expr) -> bool:
-        """Whether ``factor`` is a number or a function of the sizes alone (no element, no temporary)."""
-        return not factor.atoms(sp.Indexed, sp.Idx) and not temporaries(factor, self.shapes) and not factor.has(AxisSum, AxisMax)
+    def _print_AxisLogSumExp(self, expr):
+        return self._reduce(expr, "logsumexp")
+
+    def _print_AxisSoftmax(self, expr):
+        """``torch.softmax`` (``log_softmax``) along the axis of the element's own index."""
+        method = "log_softmax" if type(expr).__name__ == "AxisLogSoftmax" else "softmax"
+        axis = self.frame.slots[expr.index]
+        if not self._varies_along(expr.body, expr.index, axis):  # a constant row: every entry 1/k
+            uniform = 1 / extent(expr.index)
+            return self._print(sp.log(uniform) if method == "log_softmax" else uniform)
+        inner = self._inner(self.frame)
+        inner.full_rank = True
+        body = _wrap(inner._print(expr.body))
+        # along the axes it varies on only: torch's softmax over a middle axis of a (n, 1, m, 1)
+        # view is ten times slower than over the last of an (n, m) one
+        varying = sorted({self.frame.slots[i] for i in expr.body.free_symbols if i in self.frame.slots}
+                         | {k for t in temporaries(expr.body, self.shapes) for k, size in
+                            enumerate(_padded(self.shapes[t.name], len(self.frame.dims))) if size != 1} | {axis})
+        if len(varying) == len(self.frame.dims):
+            return f"{body}.{method}({axis})"
+        compact = ", ".join(self._print(self.frame.dims[k]) for k in varying)
+        full = ", ".join(self._print(self.frame.dims[k]) if k in varying else "1" for k in range(len(self.frame.dims)))
+        return f"{body}.view({compact}).{method}({varying.index(axis)}).view({full})"
+
+    _print_AxisLogSoftmax = _print_AxisSoftmax  # SymPy looks a subclass of a function up by its own name
 
     def _reduce(self, expr, method: str) -> str:
         frame, axis = self.frame.with_bound(expr.index, expr.body)
@@ -506,6 +737,94 @@ class ForwardPrinter(KernelPrinter):
         return False
 
 
+def _sides(e: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+    """``a - b`` as ``(a, b)`` for printing ``a > b``: the negative terms go to the right (else 0)."""
+    terms = sp.Add.make_args(e)
+    right = [-t for t in terms if t.could_extract_minus_sign()]
+    left = [t for t in terms if not t.could_extract_minus_sign()]
+    if not left or not right:
+        return e, sp.S.Zero
+    return sp.Add(*left), sp.Add(*right)
+
+
+def _is_scalar_factor(f: sp.Expr, shapes: dict) -> bool:
+    """Whether ``f`` is a number, size or constant (no tensor element, index or named tensor)."""
+    return not f.atoms(sp.Indexed) and not any(isinstance(s, sp.Idx) or s.name in shapes for s in f.free_symbols)
+
+
+class _Operand:
+    """A tensor in a contraction: its code and its indices, one per axis."""
+
+    def __init__(self, code: str, indices: tuple):
+        self.base, self.indices = code, indices
+
+
+def _product(tensors: list, out: list, letters: dict) -> str:
+    """The contraction of ``tensors`` (elements) onto the indices ``out``, in that order: a matrix
+    product with transposes where it is one (``dout @ W.T``, a batch with ``.mT``), else einsum."""
+    if len(tensors) == 2 and len(out) >= 2:
+        summed = (set(tensors[0].indices) & set(tensors[1].indices)) - set(out)
+        batch, (a, b) = out[:-2], out[-2:]
+        for left, right in (tensors, tensors[::-1]):
+            li, ri = list(left.indices), list(right.indices)
+            if len(summed) != 1 or len(li) != len(batch) + 2 or len(ri) not in (2, len(batch) + 2):
+                continue
+            (r,) = summed
+            # the right operand may be one matrix for every matrix of the left's batch
+            if li[:-2] != batch or ri[:-2] not in (batch, []) or set(li[-2:]) != {a, r} or set(ri[-2:]) != {r, b}:
+                continue
+            lhs = _wrap(left.base) + (f".{'mT' if batch else 'T'}" if li[-2:] == [r, a] else "")
+            rhs = _wrap(right.base) + (f".{'mT' if ri[:-2] else 'T'}" if ri[-2:] == [b, r] else "")
+            return f"{lhs} @ {rhs}"
+    spec = ",".join("".join(letters[i] for i in t.indices) for t in tensors) + "->" + "".join(letters[i] for i in out)
+    return f"torch.einsum('{spec}', {', '.join(t.base for t in tensors)})"
+
+
+def _wrap(code: str) -> str:
+    """``code`` ready for a method call: a name, possibly with calls, subscripts and attributes
+    (``w[y]``, ``x.sum(0)``), as it is; anything else in parentheses."""
+    return code if _is_primary(code) else f"({code})"
+
+
+def _is_primary(code: str) -> bool:
+    """Whether ``code`` is a name or a parenthesized group, followed only by trailers: ``(...)``,
+    ``[...]``, ``.name``."""
+    k = 0
+    if code.startswith("("):
+        depth = 0
+        for k, c in enumerate(code):
+            depth += c == "("
+            depth -= c == ")"
+            if depth == 0:
+                break
+        k += 1
+    else:
+        while k < len(code) and (code[k].isalnum() or code[k] == "_"):
+            k += 1
+        if k == 0 or not code[0].isidentifier():
+            return False
+    while k < len(code):
+        if code[k] == ".":
+            k += 1
+            start = k
+            while k < len(code) and (code[k].isalnum() or code[k] == "_"):
+                k += 1
+            if k == start:
+                return False
+        elif code[k] in "([":
+            close = {"(": ")", "[": "]"}[code[k]]
+            depth, opener = 0, code[k]
+            while k < len(code):
+                depth += code[k] == opener
+                depth -= code[k] == close
+                k += 1
+                if depth == 0:
+                    break
+            if depth:
+                return False
+        else:
+            return False
+    return True
 def _last_in_a_sum(term: sp.Expr, computed: set = frozenset()) -> tuple:
     """Where a forward value's term goes in its sum: the values read as they are first, then the
     functions computed from them. Terms of one scale cancel before a small one is added:
@@ -533,16 +852,32 @@ def _broadcasts_as(shape: list, target: list) -> bool:
     return all(s == t for s, t in zip(shape, target))
 
 
-def fit_shape(code: str, layout: tuple, axes: tuple, shape: tuple, sizes) -> str:
-    """``code``, a value printed in the frame ``layout`` (size 1 on the axes it does not vary on),
-    given the shape ``shape``: expanded to ``axes`` (the shape's axes laid out in the frame) where
-    it lacks some of them, then reshaped where the frame's rank is not the shape's
-    (``(1, d)`` -> ``(d,)``). ``sizes`` prints a shape as the arguments of ``expand``/``reshape``."""
+def fit_shape(code: str, varying: list[int], frame: list, target: list, shape: list[str]) -> str:
+    """``code``, a value printed in ``frame`` (size 1 except on the axes ``varying``), as a tensor
+    whose axes are ``target`` (a frame index per axis, 0 for an axis of size 1) with sizes ``shape``
+    (code): expanded where it lacks one of those axes (a broadcast input), permuted where their
+    order differs from the frame's, then reshaped where the ranks differ (``(1, d)`` -> ``(d,)``)."""
+    rank = len(frame)
+    position = {i: k for k, i in enumerate(frame)}
+    wanted = [(position[i], text) for i, text in zip(target, shape) if i != 0]
+    layout = tuple("1" if k not in varying else next((t for a, t in wanted if a == k), "?") for k in range(rank))
+    axes = tuple(next((t for a, t in wanted if a == k), "1") for k in range(rank))
+
+    def sizes(dims):
+        return ", ".join(dims) + ("," if len(dims) == 1 else "")
+
     wrapped = code if code.isidentifier() else f"({code})"
     if layout != axes:
         wrapped += f".expand({sizes(axes)})"
-    if axes != shape:
-        wrapped += f".reshape({sizes(shape) or '()'})"
+    order = [a for a, _ in wanted]
+    current = axes
+    if order != sorted(order):
+        rest = [k for k in range(rank) if k not in order]
+        perm = order + rest
+        wrapped += ".T" if perm == [1, 0] else f".permute({', '.join(map(str, perm))})"
+        current = tuple(axes[k] for k in perm)
+    if current != tuple(shape):
+        wrapped += f".reshape({sizes(tuple(shape)) or '()'})"
     return code if wrapped == f"({code})" else wrapped
 
 

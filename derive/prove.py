@@ -21,10 +21,10 @@ import numpy as np
 import sympy as sp
 
 from .errors import ProofFailure
-from .functions import ELEMENTWISE
+from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
 from .kernel import Kernel
 from .spec import Labels, Layer, concrete_shape, sizes_text
-from .symbolic import IsArgmax, Max, Red, extent
+from .symbolic import IsArgmax, Max, Red, extent, substitute_family
 from .trace import Graph, Node
 
 
@@ -69,10 +69,15 @@ def _operations_past_limit(expr: sp.Expr) -> int:
 ROW_MAX = sp.Function("row_max", real=True)
 
 
-def _symbols(name: str, shape: tuple) -> np.ndarray:
+# what the proof may assume of an input's entries, by its declared domain
+DOMAIN_ASSUMPTIONS = {"real": {"real": True}, "positive": {"positive": True}, "nonnegative": {"nonnegative": True},
+                      "unit": {"positive": True}, "probability": {"positive": True}, "binary": {"nonnegative": True}}
+
+
+def _symbols(name: str, shape: tuple, domain: str = "real") -> np.ndarray:
     out = np.empty(shape, dtype=object)
     for idx in itertools.product(*[range(s) for s in shape]):
-        out[idx] = sp.Symbol(f"{name}_{'_'.join(map(str, idx))}" if idx else name, real=True)
+        out[idx] = sp.Symbol(f"{name}_{'_'.join(map(str, idx))}" if idx else name, **DOMAIN_ASSUMPTIONS[domain])
     return out
 
 
@@ -117,20 +122,51 @@ def evaluate(graph: Graph, sizes: dict[sp.Symbol, int], inputs: dict[str, np.nda
         elif op == "max":
             v = _reduce(a[0], node.attrs["axes"], node.attrs["keepdim"], lambda xs: ROW_MAX(*xs))
         elif op == "matmul":
-            v = a[0].dot(a[1])
+            v = np.matmul(a[0], a[1])
         elif op == "embed":
             v = a[0][np.vectorize(int)(a[1]).astype(np.int64)]
         elif op == "view":
             v = a[0].reshape(tuple(int(sp.sympify(s).xreplace(subs)) for s in node.shape))
-        elif op in ("eq", "ne"):
-            same = np.vectorize(lambda label: sp.KroneckerDelta(label, a[1]), otypes=[object])(a[0])
-            v = same if op == "eq" else 1 - same
         elif op == "pick":
             v = np.array([a[0][r, int(a[1][r])] for r in range(a[0].shape[0])], dtype=object)
+        elif op in COMPARISONS:
+            labels = node.args[0].op == "labels"
+            v = np.vectorize(lambda x, y: mask(op, x, y, labels), otypes=[object])(a[0], a[1])
+        elif op == "not":
+            v = 1 - a[0]
+        elif op == "and":
+            v = a[0] * a[1]
+        elif op in EXTREMA:
+            v = np.vectorize(EXTREMA[op], otypes=[object])(a[0], a[1])
+        elif op == "clamp":
+            v = np.vectorize(lambda e: Clamp(e, a[1], a[2]), otypes=[object])(a[0])
+        elif op == "where":
+            v = np.vectorize(Where, otypes=[object])(a[0], a[1], a[2])
+        elif op == "permute":
+            v = np.transpose(a[0], node.attrs["perm"])
+        elif op == "expand":
+            v = np.broadcast_to(a[0], tuple(int(sp.sympify(s).xreplace(subs)) for s in node.shape)).copy()
+        elif op in ("softmax", "log_softmax", "logsumexp"):
+            v = _normalized(op, a[0], node.attrs["axes"], node.attrs.get("keepdim", True))
         else:
             raise ValueError(f"no concrete evaluation for {op!r}")
         values[node] = np.asarray(v, dtype=object).reshape(tuple(int(sp.sympify(s).xreplace(subs)) for s in node.shape))
     return values
+
+
+def _normalized(op: str, x: np.ndarray, axes: tuple, keepdim: bool) -> np.ndarray:
+    """softmax, log_softmax or logsumexp over ``axes``, each shifted by the (opaque) maximum."""
+    top = _reduce(x, axes, True, lambda xs: ROW_MAX(*xs))
+    shifted = x - top
+    exps = np.vectorize(sp.exp, otypes=[object])(shifted)
+    total = _reduce(exps, axes, True, lambda xs: sp.Add(*xs))
+    if op == "softmax":
+        return exps / total
+    logs = np.vectorize(sp.log, otypes=[object])(total)
+    if op == "log_softmax":
+        return shifted - logs
+    value = top + logs
+    return value if keepdim else value.reshape([s for k, s in enumerate(value.shape) if k not in axes])
 
 
 def _expand_generic(expr: sp.Expr, kernel: Kernel, values: dict, sizes: dict, position: dict, labels: dict) -> sp.Expr:
@@ -171,12 +207,12 @@ def _expand_generic(expr: sp.Expr, kernel: Kernel, values: dict, sizes: dict, po
 def concrete(graph: Graph, sizes: dict[str, int], label_variant: int = 0):
     """Symbolic inputs at ``sizes``, every node's value, the upstream gradient and the objective
     ``sum(dout*out)`` (an ``Objective``, which differentiates it)."""
-    size_subs = {graph.sizes[d]: v for d, v in sizes.items()}
+    size_subs = graph.size_values(sizes)
     inputs = {}
     for name, decl in graph.layer.tensors.items():
         shape = concrete_shape(decl.dims, sizes)
         inputs[name] = (_labels(shape, sizes[decl.classes], label_variant) if isinstance(decl, Labels)
-                        else _symbols(name, shape))
+                        else _symbols(name, shape, decl.domain))
     values = evaluate(graph, size_subs, inputs)
     out = values[graph.output]
     upstream = _symbols(f"d{graph.output.name}", out.shape)
@@ -212,7 +248,7 @@ def prove_steps(graph: Graph, sizes: dict[str, int], label_variant: int = 0) -> 
         x, g = inputs[name], grads.get(graph.inputs[name])
         for idx in itertools.product(*[range(s) for s in x.shape]):
             ours = sp.S.Zero if g is None else g[idx]
-            if not _equal(objective.diff(x[idx]), ours):
+            if not _equal(objective.diff(x[idx]), ours, tuple(np.asarray(upstream).flat)):
                 raise ProofFailure(f"{graph.layer.name}: step-by-step d{name}{list(idx)} at sizes {sizes_text(sizes)} differs "
                                    f"from the element-wise derivative")
             checked += 1
@@ -225,31 +261,55 @@ def prove(kernel: Kernel, sizes: dict[str, int], label_variant: int = 0) -> Proo
     start = time.perf_counter()
     graph = kernel.graph
     size_subs, inputs, values, upstream, objective = concrete(graph, sizes, label_variant)
-    values_with_grad = dict(values)
+    el = kernel.elements
+
+    def atomic(node: Node) -> tuple:  # a node's concrete shape at its atoms (atoms.py)
+        return tuple(int(sp.sympify(s).xreplace(size_subs)) for s in el.shape(node))
+
+    # the formulas read every tensor at its atoms: x of shape (n, d) split by a view as x[i_n, i_2, i_d_2]
+    values_with_grad = {n: np.asarray(v, dtype=object).reshape(atomic(n)) for n, v in values.items()}
     labels = {n: inputs[n] for n, d in kernel.layer.tensors.items() if isinstance(d, Labels)}
     grad_node = Node("input", (), graph.output.shape, name=f"d{graph.output.name}")
-    values_with_grad[grad_node] = upstream
+    values_with_grad[grad_node] = np.asarray(upstream, dtype=object).reshape(atomic(graph.output))
     kernel_view = _KernelWithGrad(kernel, grad_node)
+    upstream_symbols = tuple(np.asarray(upstream).flat)
     checked = 0
     for formula in kernel.formulas:
         x = inputs[formula.input]
-        dims = kernel.layer.tensors[formula.input].dims
+        node = graph.inputs[formula.input]
+        free = el.free(node)
         for idx in itertools.product(*[range(s) for s in x.shape]):
             # a broadcast axis ("1") has no index: the formula reads it at 0
-            position = {kernel.elements.index[graph.sizes[d]]: k for d, k in zip(dims, idx) if d != "1"}
+            at = np.unravel_index(np.ravel_multi_index(idx, x.shape), atomic(node)) if x.shape else ()
+            position = {i: int(k) for i, k in zip(free, at) if i != 0}
             expected = objective.diff(x[idx])
-            generic = _expand_generic(formula.element, kernel_view, values_with_grad, size_subs, position, labels)
+            generic = _expand_generic(with_adjoints(kernel, formula.element), kernel_view, values_with_grad, size_subs,
+                                      position, labels)
             size = max(_operations_past_limit(expected), _operations_past_limit(generic))
             if size:
                 return Proof(kernel.name, dict(sizes), [f"d{f.input}" for f in kernel.formulas], checked,
                              time.perf_counter() - start, skipped=f"d{formula.input}{list(idx)} has {size} operations "
                                                                   f"(more than {PROOF_MAX_OPS})")
-            if not _equal(expected, generic):
+            if not _equal(expected, generic, upstream_symbols):
                 raise ProofFailure(f"{kernel.name}: d{formula.input}{list(idx)} at sizes {sizes_text(sizes)} differs from the "
                                    f"element-wise derivative")
             checked += 1
     return Proof(kernel.name, dict(sizes), [f"d{f.input}" for f in kernel.formulas], checked,
                  time.perf_counter() - start)
+
+
+def with_adjoints(kernel: Kernel, element: sp.Expr) -> sp.Expr:
+    """``element`` with every materialized adjoint it reads (``dscores[i, j]``) written out as its
+    own formula: what is proven is the whole gradient."""
+    nodes = {n.name: n for n in kernel.graph.nodes}
+    for adjoint in reversed(kernel.adjoints):
+        node = nodes[adjoint.input]
+        base = kernel.elements.grad_ref(node).base if node.shape else None
+        if base is None:
+            element = element.xreplace({kernel.elements.grad_ref(node): adjoint.element})
+        elif any(e.base == base for e in element.atoms(sp.Indexed)):
+            element = substitute_family(element, base, kernel.elements.free(node), adjoint.element)
+    return element
 
 
 class _KernelWithGrad:
@@ -286,6 +346,9 @@ def _generators(expr: sp.Expr) -> dict:
         negated = z.could_extract_minus_sign()
         u = exps.setdefault(-z if negated else z, sp.Dummy("u"))
         out[f] = 1 / u if negated else u
+    # an irrational number (pi, sqrt(2), from erf's 2/sqrt(pi) or a scale 1/sqrt(2)) as a symbol of its own
+    for number in expr.atoms(sp.NumberSymbol) | {p for p in atoms if p.is_Pow and p.is_number and not p.is_Rational}:
+        out.setdefault(number, sp.Dummy("c"))
     # a maximum's derivative (Derivative, Subs of the opaque row_max) is one whole atom too: replaced
     # first (xreplace replaces the outermost match), so that no row_max inside it becomes a constant
     for f in atoms:
@@ -311,8 +374,44 @@ def _rational_zero(expr: sp.Expr) -> bool:
         return sp.cancel(sp.together(expr)) == 0
 
 
-def _equal(a: sp.Expr, b: sp.Expr) -> bool:
+def _inverses(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with each function applied to its inverse replaced by the argument: ``atanh(tanh(u)) = u``,
+    ``log(exp(u)) = u``, true for the real ``u`` every value of a layer is (SymPy cannot tell that
+    ``x/T - max`` is real: ``T`` could be 0, where the formula is undefined anyway). The refold
+    writes a saved ``tanh`` or ``exp`` output back as its argument this way."""
+    pairs = ((sp.atanh, sp.tanh), (sp.log, sp.exp), (sp.asinh, sp.sinh))
+    for outer, inner in pairs:
+        expr = expr.replace(lambda e: isinstance(e, outer) and isinstance(e.args[0], inner),
+                            lambda e: e.args[0].args[0])
+    return expr
+
+
+def _equal(a: sp.Expr, b: sp.Expr, upstream: tuple = ()) -> bool:
+    """Whether ``a`` and ``b`` are the same function of the inputs (and the ``upstream`` gradient).
+
+    Both are linear in the upstream gradient, a sum over the output's entries. Where the difference
+    reads several of them and divides by several sums (a softmax's per row), it is zero when its
+    value at an upstream of 0 and its derivative in each entry are: each of those reads one output
+    entry, with its own row's sum in the denominator, where together they would bring every row's
+    sum into one common denominator (minutes, for a softmax with a learned temperature).
+    """
     difference = a - b
+    if difference == 0:
+        return True
+    if difference.has(sp.atanh, sp.asinh, sp.log):
+        difference = _inverses(difference)
+        if difference == 0:
+            return True
+    read = [u for u in upstream if u in difference.free_symbols]
+    sums = {p.base for p in difference.atoms(sp.Pow) if p.exp.is_negative and p.base.is_Add}
+    if len(read) > 1 and len(sums) > 1:
+        return _same(difference.xreplace({u: 0 for u in read})) and all(_same(sp.diff(difference, u)) for u in read)
+    return _same(difference)
+
+
+def _same(difference: sp.Expr) -> bool:
+    """Whether ``difference`` is zero: as a rational function of its atoms first, then by ``cancel``,
+    last by ``simplify``."""
     if difference == 0:
         return True
     # Sufficient and cheap: zero as a rational function of the inputs and of independent symbols
@@ -330,14 +429,29 @@ PROOF_ELEMENTS = 12  # largest product of all sizes proven; a 3-d layer at 5x2x2
 
 
 def default_sizes(layer: Layer) -> list[dict[str, int]]:
-    """n = 2, 3, 4, 5 for the first dimension; the second is 3 when n is even, every other 2 (so
-    each size takes two values across the proofs). Sizes whose product exceeds ``PROOF_ELEMENTS``
-    are left out (a proof's cost grows with the square of a reduction's length), but never the
-    first two: every layer is proven at two sizes at least."""
+    """The sizes a layer is proven at, each dimension at two values at least.
+
+    Up to two dimensions: n = 2, 3, 4, 5 for the first; the second is 3 when n is even, every other
+    2. Sizes whose product exceeds ``PROOF_ELEMENTS`` are left out (a proof's cost grows with the
+    square of a reduction's length), but never the first two. Three dimensions or more: every
+    dimension 2, then each dimension in turn 3 (four combinations for three dimensions; for more,
+    the all-2 one is left out: each dimension still takes two values). A size the spec divides
+    (``d // G``) is made to divide."""
+    from .trace import trace
+
+    graph = trace(layer)
     dims = layer.dims
     out = []
+    if len(dims) >= 3:
+        combos = ([{d: 2 for d in dims}] if len(dims) == 3 else []) + \
+                 [{d: 3 if d == raised else 2 for d in dims} for raised in dims]
+        for sizes in combos:
+            sizes = graph.fitted(sizes)
+            if sizes not in out:
+                out.append(sizes)
+        return out
     for n in (2, 3, 4, 5):
-        sizes = {d: (n if k == 0 else (3 if n % 2 == 0 and k == 1 else 2)) for k, d in enumerate(dims)}
-        if len(out) < 2 or math.prod(sizes.values()) <= PROOF_ELEMENTS:
+        sizes = graph.fitted({d: (n if k == 0 else (3 if n % 2 == 0 and k == 1 else 2)) for k, d in enumerate(dims)})
+        if (len(out) < 2 or math.prod(sizes.values()) <= PROOF_ELEMENTS) and sizes not in out:
             out.append(sizes)
     return out

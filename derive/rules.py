@@ -13,7 +13,7 @@ Contract (every rule has the same signature)::
 * A rule registered with ``broadcasts=True`` (the elementwise binary operations) returns gradients
   in the *result's* shape; the walker de-broadcasts them (sums over broadcast axes) to each
   input's shape, so no rule repeats that. Every other rule returns each input's own shape.
-* Use only arithmetic and ``ops``. ``ops`` is either ``CodeOps`` (values are torch code strings, for
+* Use only arithmetic, exact SymPy numbers and ``ops``. ``ops`` is either ``CodeOps`` (values are torch code strings, for
   generating the step-by-step backward) or ``ArrayOps`` (values are NumPy arrays of SymPy
   expressions, for proving each rule on small symbolic matrices). A rule is thus proven exactly as
   it is printed.
@@ -21,6 +21,8 @@ Contract (every rule has the same signature)::
 from __future__ import annotations
 
 from typing import Callable
+
+import sympy as sp  # exact constants only (erf's 2/sqrt(pi))
 
 RULES: dict[str, Callable] = {}
 BROADCASTING: set[str] = set()
@@ -96,6 +98,91 @@ def _abs(ops, grad, result, a):
     return grad * ops.sign(a),  # 0 at a = 0, as torch
 
 
+@rule("sqrt")
+def _sqrt(ops, grad, result, a):
+    return grad / (2 * result),
+
+
+@rule("rsqrt")
+def _rsqrt(ops, grad, result, a):
+    return -grad * result**3 / 2,
+
+
+@rule("erf")
+def _erf(ops, grad, result, a):
+    return grad * ops.exp(-a**2) * (2 / sp.sqrt(sp.pi)),
+
+
+@rule("sin")
+def _sin(ops, grad, result, a):
+    return grad * ops.cos(a),
+
+
+@rule("cos")
+def _cos(ops, grad, result, a):
+    return -grad * ops.sin(a),
+
+
+@rule("log1p")
+def _log1p(ops, grad, result, a):
+    return grad / (a + 1),
+
+
+@rule("clamp")
+def _clamp(ops, grad, result, a, lo, hi):
+    return ops.select(ops.between(a, lo, hi), grad, 0), None, None  # 1 at the bounds, as torch
+
+
+@rule("where", broadcasts=True)
+def _where(ops, grad, result, mask, a, b):
+    return None, ops.select(mask, grad, 0), ops.select(mask, 0, grad)
+
+
+# the operand that wins gets the gradient, each half of it at a tie (as autograd splits it)
+@rule("maximum", broadcasts=True)
+def _maximum(ops, grad, result, a, b):
+    return ops.split_at_ties(grad, a, b, "gt")
+
+
+@rule("minimum", broadcasts=True)
+def _minimum(ops, grad, result, a, b):
+    return ops.split_at_ties(grad, a, b, "lt")
+
+
+def _no_gradient(ops, grad, result, *operands, **attrs):
+    """A 0/1 mask (a comparison) is piecewise constant: nothing flows back through it."""
+    return (None,) * len(operands)
+
+
+for _op in ("gt", "ge", "lt", "le", "eq", "ne", "not", "and"):
+    rule(_op)(_no_gradient)
+
+
+@rule("softmax")
+def _softmax(ops, grad, result, a, axes):
+    return result * (grad - ops.sum(grad * result, axes)),
+
+
+@rule("log_softmax")
+def _log_softmax(ops, grad, result, a, axes):
+    return grad - ops.exp(result) * ops.sum(grad, axes),
+
+
+@rule("logsumexp")
+def _logsumexp(ops, grad, result, a, axes, keepdim):
+    return ops.exp(a - ops.unreduce(result, axes, keepdim, a)) * ops.unreduce(grad, axes, keepdim, a),
+
+
+@rule("permute")
+def _permute(ops, grad, result, a, perm):
+    return ops.permute(grad, tuple(sorted(range(len(perm)), key=perm.__getitem__))),
+
+
+@rule("expand", broadcasts=True)
+def _expand(ops, grad, result, a):
+    return grad,
+
+
 @rule("sum")
 def _sum(ops, grad, result, a, axes, keepdim):
     return ops.ones_like(a) * ops.unreduce(grad, axes, keepdim, a),
@@ -112,8 +199,8 @@ def _max(ops, grad, result, a, axes, keepdim):
 
 
 @rule("matmul")
-def _matmul(ops, grad, result, a, b):
-    return grad @ ops.transpose(b), ops.transpose(a) @ grad
+def _matmul(ops, grad, result, a, b):  # batched too: (..., n, d) @ (..., d, m), or (..., n, d) @ (d, m)
+    return grad @ ops.transpose(b), ops.sum_batch(ops.transpose(a) @ grad, b, a)
 
 
 @rule("pick")

@@ -115,7 +115,8 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
         formulas = {f"d{f.input}": f for f in kernel.formulas}
         failing = list(dict.fromkeys(f.value for f in verdict.findings))
         # a gradient printed in place (``backward_plan``) is first printed as its formula reads
-        fast = [v for v in failing if v in formulas and formulas[v].fast and formulas[v].input not in as_written]
+        fast = [v for v in failing if v in formulas and (formulas[v].fast or formulas[v].chain)
+                and formulas[v].input not in as_written]
         if fast:
             as_written |= {formulas[v].input for v in fast}
             undone += [f"{v}: in-place form" for v in fast]

@@ -8,9 +8,16 @@ Contract for a spec::
         return out
 
 * every parameter of the function is declared, and every declaration names a parameter;
-* ``Tensor(*dims)`` is a floating-point input; dims are names, the same name means the same size,
+* ``Tensor(*dims)`` is a floating-point input; dims are names, the same name means the same size
+  (also within one input: ``Tensor("d", "d")`` is a square matrix), inputs in any order of dimensions,
   a product of names (``"t*e"``) is the size of a flattened axis, ``"1"`` an axis of size 1; ``differentiable=False
-  excludes it from the backward;
+  excludes it from the backward; ``domain=`` one of ``DOMAINS`` (``"positive"``, ``"probability"``, ...) says
+  which values it takes: the proof assumes it and the checks draw their inputs from it; ``batch="n"``
+  declares ``n`` the batch axis, split across the ranks of a process group in data-parallel training
+  (the generator then also writes ``<name>_synced.py``, whose sums over that axis run over every
+  rank: ``derive/synced.py``);
+* a layer's ``.example(sizes, dtype=..., seed=...)``, when set, returns the test inputs instead (for
+  what a domain cannot say: rows whose labels are not all ignored, weights in a range);
 * ``Labels(*dims, classes="k")`` is an integer tensor with values in ``range(k)``; never differentiable;
 * ``Constant(default)`` is a Python number fixed for the call, real and of either sign;
   ``Constant(1e-5, positive=True)`` declares it positive (``eps``), which the derivation may then use;
@@ -34,14 +41,30 @@ from typing import Callable
 from .errors import SpecError
 
 
+# The values an input may take, declared as ``Tensor(..., domain=...)``: the proof assumes them (a
+# positive entry is a positive symbol) and the checks draw test inputs from them (verify.sample).
+DOMAINS = {
+    "real": "any real number (the default; test inputs ~ N(0, 1))",
+    "positive": "a number > 0 (a scale, a variance, a rate)",
+    "nonnegative": "a number >= 0 (a count, a squared distance)",
+    "unit": "a number in (0, 1) (a probability of its own, a gate)",
+    "probability": "entries > 0 that sum to 1 along the last axis (a distribution per row: soft targets)",
+    "binary": "0 or 1 (a mask)",
+}
+
+
 @dataclass(frozen=True)
 class Tensor:
     dims: tuple[str, ...]
     differentiable: bool = True
+    domain: str = "real"
+    batch: str | None = None  # the dimension split across ranks in data-parallel training
 
-    def __init__(self, *dims: str, differentiable: bool = True):
+    def __init__(self, *dims: str, differentiable: bool = True, domain: str = "real", batch: str | None = None):
         object.__setattr__(self, "dims", tuple(dims))
         object.__setattr__(self, "differentiable", differentiable)
+        object.__setattr__(self, "domain", domain)
+        object.__setattr__(self, "batch", batch)
 
 
 @dataclass(frozen=True)
@@ -138,6 +161,11 @@ class Layer:
         return [k for k, v in self.inputs.items() if isinstance(v, Tensor) and v.differentiable]
 
     @property
+    def batch(self) -> str | None:
+        """The dimension declared the batch axis (``Tensor(..., batch="n")``), or None."""
+        return next((d.batch for d in self.inputs.values() if isinstance(d, Tensor) and d.batch), None)
+
+    @property
     def dims(self) -> list[str]:
         """Every dimension name, in order of first appearance (labels' class counts included)."""
         seen: list[str] = []
@@ -227,13 +255,16 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
                    f"rename the parameter (not a keyword, nor one of: {_shown(RESERVED)}, nor starting with _)")
         if not isinstance(decl, (Tensor, Labels, Constant)):
             refuse(f"input {p!r} is declared as {decl!r}", "use Tensor(...), Labels(...) or Constant(...)")
+        if isinstance(decl, Tensor) and decl.domain not in DOMAINS:
+            refuse(f"input {p!r} has domain {decl.domain!r}", f"use one of: {', '.join(repr(d) for d in DOMAINS)}")
         if isinstance(decl, (Tensor, Labels)):
             if not decl.dims or not all(isinstance(d, str) and DIM.match(d) for d in decl.dims):
                 refuse(f"input {p!r} has dims {decl.dims!r}",
                        "give each dimension a name, e.g. Tensor('n', 'd') (or a product, 't*e')")
-            if len(set(decl.dims)) != len(decl.dims):
-                refuse(f"input {p!r} uses a dimension name twice: {decl.dims!r}",
-                       "give every axis of one tensor its own dimension name")
+            batch = getattr(decl, "batch", None)
+            if batch is not None and (batch not in decl.dims or dim_names(batch) != [batch]):
+                refuse(f"input {p!r} declares batch={batch!r}, which is not one of its dimensions {decl.dims!r}",
+                       f"name one of its own axes, e.g. batch={decl.dims[0]!r}")
             if isinstance(decl, Labels) and not (isinstance(decl.classes, str) and DIM.match(decl.classes)
                                                  and decl.classes != "1"):
                 refuse(f"input {p!r} has classes={decl.classes!r}", "name the number of classes, e.g. classes='k'")
@@ -248,10 +279,16 @@ def _check(name: str, fn: Callable, inputs: dict[str, Declaration]) -> None:
         if _clash(dim):
             refuse(f"the dimension name {dim!r} {_clash(dim)} (generated code keeps each size in a variable "
                    f"of its dimension's name)", f"rename the dimension {dim!r} in the declaration")
-        if dim in inputs:
-            what = "a Constant" if isinstance(inputs[dim], Constant) else "an input"
-            refuse(f"the dimension name {dim!r} is also the name of {what} (generated code keeps each size in "
+        # a dimension named like an input tensor (``h`` of an RNN's hidden state ``h``) is fine: its
+        # size's variable is renamed in the generated code (forward.size_names); a Constant is a
+        # number of the derivation itself, and one symbol cannot be both
+        if dim in inputs and isinstance(inputs[dim], Constant):
+            refuse(f"the dimension name {dim!r} is also the name of a Constant (generated code keeps each size in "
                    f"a variable of its dimension's name)", f"rename the dimension {dim!r} in the declaration")
+    batches = sorted({d.batch for d in inputs.values() if isinstance(d, Tensor) and d.batch})
+    if len(batches) > 1:
+        refuse(f"inputs declare different batch axes: {', '.join(map(repr, batches))}",
+               "declare one dimension the batch axis (the same batch= on every input that says it)")
     if not any(isinstance(d, Tensor) and d.differentiable for d in inputs.values()):
         refuse("no differentiable input", "declare at least one Tensor(...)")
 

@@ -17,14 +17,20 @@ import numpy as np
 
 from .backends import ArrayOps, Code, CodeOps, scalar_array
 from .errors import DerivationError
+from .forward import contiguous, size_names
+from .functions import MASK_OPS
 from .rules import BROADCASTING, RULES
 from .select import has_fused_kernel
 from .trace import Graph, Node
 
 
 def _attrs(node: Node) -> dict:
-    if node.op in ("sum", "mean", "max"):
+    if node.op in ("sum", "mean", "max", "logsumexp"):
         return {"axes": node.attrs["axes"], "keepdim": node.attrs["keepdim"]}
+    if node.op in ("softmax", "log_softmax"):
+        return {"axes": node.attrs["axes"]}
+    if node.op == "permute":
+        return {"perm": node.attrs["perm"]}
     if node.op == "view":
         return {"shape": node.shape}
     return {}
@@ -35,7 +41,7 @@ def needs_gradient(graph: Graph) -> set:
     wanted = {graph.inputs[name] for name in graph.layer.differentiable}
     needed = set(wanted)
     for node in graph.nodes:
-        if any(a in needed for a in node.inputs):
+        if node.op not in MASK_OPS and any(a in needed for a in node.inputs):
             needed.add(node)
     return needed
 
@@ -88,7 +94,7 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
     kernel's formulas, in the caller's names; everything else follows the rule table.
     """
     lines: list[Line] = []
-    ops = CodeOps()
+    ops = CodeOps(contiguous(graph), size_names(graph))
 
     def fused(region, grad, needed):
         return _fused_region(graph, region, grad, needed, lines)
@@ -155,12 +161,11 @@ def _fused_region(graph: Graph, region, grad, needed: set, lines: list[Line]) ->
     shapes[str(grad)] = region.output.shape
     wanted = [f for f in kernel.formulas if region.arguments[f.input] in needed]
     taken = {n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes} | {line.code.split(" =")[0] for line in lines}
-    frame = [kernel.graph.sizes[d] for d in kernel.layer.dims]
-    shared, codes = print_formulas(kernel.layer, kernel.elements, wanted, frame, shapes, taken, rename, sizes)
+    shared, codes = print_formulas(kernel.layer, kernel.elements, wanted, kernel.frame, shapes, taken, rename, sizes)
     comment = f"fused {region.layer.name} kernel, grad of: {region.source}"
     for s in shared:
         lines.append(Line(f"{s.name} = {s.code}", comment))
-    return {region.arguments[f.input]: Code(code, prec=0) for f, (code, _, _) in zip(wanted, codes)}
+    return {region.arguments[f.input]: Code(code, prec=0) for f, (code, *_) in zip(wanted, codes)}
 
 
 def evaluate_steps(graph: Graph, values: dict, seed: np.ndarray, sizes: dict) -> dict:

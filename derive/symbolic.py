@@ -236,16 +236,78 @@ class AxisMax(_Bound):
             return body
 
 
+class AxisSoftmax(_Bound):
+    """``softmax(body)`` along the axis of ``j``, read at ``j`` (a forward value as written: one
+    ``torch.softmax``). ``j`` is the element's own index and the one the softmax runs over."""
+
+    nargs = 2
+
+    @property
+    def free_symbols(self):
+        return self.body.free_symbols | extent(self.index).free_symbols
+
+
+class AxisLogSoftmax(AxisSoftmax):
+    """``log_softmax(body)`` along the axis of ``j``, read at ``j``."""
+
+
+class AxisLogSumExp(_Bound):
+    """``logsumexp(body)`` over the axis of ``j`` (a reduction, as written: one ``torch.logsumexp``)."""
+
+    nargs = 2
+
+
+def reindex(expr: sp.Expr, mapping: dict) -> sp.Expr:
+    """``expr`` with its free indices replaced at once by ``mapping`` (``{i_n: j_n, j_n: i_n}`` swaps them).
+
+    An index bound by a sum or maximum as written (``AxisSum``, ``AxisMax``, whose bound index may
+    be a dimension's own) is left alone inside it, and renamed first where a replacement would
+    otherwise be captured by it (``x[i_n, i_k] - AxisSum(x[i_n, i_k], i_n)`` read at
+    ``i_k = y[i_n]``). ``Red`` and ``Max`` bind canonical indices no mapping names.
+    """
+    mapping = {k: v for k, v in mapping.items() if k != v}
+    if not mapping:
+        return expr
+    if not expr.has(AxisSum, AxisMax, AxisLogSumExp, AxisSoftmax):
+        return expr.xreplace(mapping)
+    return _reindex(expr, mapping)
+
+
+def _reindex(expr: sp.Expr, mapping: dict) -> sp.Expr:
+    if isinstance(expr, AxisSoftmax):  # its index is the element's own: renamed with it
+        j = mapping.get(expr.index, expr.index)
+        if not isinstance(j, sp.Idx):
+            raise ValueError(f"{expr} read at {j}")  # a pick of a softmax: kept as a tensor first (forward_plan)
+        return expr.func(_reindex(expr.body, {**mapping, expr.index: j}), j)
+    if isinstance(expr, (AxisSum, AxisMax, AxisLogSumExp)):
+        j, body = expr.index, expr.body
+        inner = {k: v for k, v in mapping.items() if k != j}
+        if not inner:
+            return expr
+        reached = set().union(*[getattr(v, "free_symbols", set()) for v in inner.values()])
+        if j in reached:  # a replacement would be captured: rename the bound index first
+            taken = body.free_symbols | reached
+            fresh = next(i for i in (sp.Idx(f"{j.name}{'_b' * k}", j.upper + 1) for k in range(1, 99)) if i not in taken)
+            body, j = _reindex(body, {j: fresh}), fresh
+        return expr.func(_reindex(body, inner), j)
+    if expr in mapping:
+        return mapping[expr]
+    if not expr.args or isinstance(expr, (sp.IndexedBase, sp.Idx)):
+        return expr
+    return expr.func(*[_reindex(a, mapping) for a in expr.args])
+
+
 def pick(expr: sp.Expr, index: sp.Idx, value: sp.Expr) -> sp.Expr:
     """``expr`` with ``index`` set to ``value`` (a label), except inside a sum or max over ``index``."""
-    def binds(e):
-        return isinstance(e, (AxisSum, AxisMax)) and e.index == index
+    return reindex(expr, {index: value})
 
-    if binds(expr):
-        return expr
-    if not any(binds(a) for a in expr.atoms(AxisSum, AxisMax)):
-        return expr.xreplace({index: value})
-    return expr.func(*[pick(a, index, value) for a in expr.args])
+
+def is_contraction(red: "Red") -> bool:
+    """Whether ``red`` sums a product of tensors read at different indices (a matrix product,
+    ``sum_r dout[i, r]*W[j, r]``) rather than an elementwise product or a single tensor."""
+    tensors = [set(f.indices) - {0} for f in sp.Mul.make_args(red.body) if isinstance(f, sp.Indexed)]
+    every = set().union(*tensors) if tensors else set()
+    return len(tensors) >= 2 and not any(t == every for t in tensors)
 
 
 def reductions(expr: sp.Expr) -> set:

@@ -22,7 +22,7 @@ def shipped(folder: str) -> Path:
 
 TEMPLATES = shipped("templates")
 # the templates of the Python modules ``derive generate`` writes
-MODULE_TEMPLATES = ("function.py.j2", "steps.py.j2")
+MODULE_TEMPLATES = ("function.py.j2", "steps.py.j2", "function_synced.py.j2")
 
 
 @functools.cache

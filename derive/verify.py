@@ -14,6 +14,7 @@ from types import ModuleType
 import torch
 
 from .errors import DeriveError
+from .memo import ByObject
 from .spec import Constant, Labels, Layer, concrete_shape, sizes_text
 
 
@@ -41,11 +42,53 @@ def compare(name: str, ours: torch.Tensor, reference: torch.Tensor) -> Row:
     return Row(name, exact, approximate, maxdiff)
 
 
-def random_inputs(layer: Layer, sizes: dict[str, int], dtype=torch.float64, seed: int = 0) -> dict:
-    """Inputs for ``layer``: its own example inputs if it has them, else floats ~ N(0, 1) and
-    uniform labels."""
+def sample(domain: str, shape: tuple, dtype=torch.float64, generator: torch.Generator | None = None,
+           scale: float = 1.0) -> torch.Tensor:
+    """Random values of a declared ``domain`` (``spec.DOMAINS``). ``scale`` spreads them as far as
+    the domain allows: N(0, scale^2) for a real input; for the others the same normal numbers go
+    through the map onto the domain (``exp``, ``abs``, ``sigmoid``, a softmax along the last axis),
+    so a large scale gives values near the domain's edges (probabilities near 0 and 1)."""
+    if domain == "real":
+        z = torch.randn(shape, generator=generator, dtype=dtype)
+        return z if scale == 1 else z * scale
+    z = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    if domain == "positive":
+        z = z.mul(0.5).exp()
+    elif domain == "nonnegative":
+        z = z.abs()
+    elif domain == "unit":
+        z = torch.sigmoid(z)
+    elif domain == "probability":
+        z = torch.softmax(z, dim=-1) if z.dim() else torch.ones_like(z)
+    elif domain == "binary":
+        z = (z > 0).to(z.dtype)
+    else:
+        raise DeriveError(f"no such domain {domain!r}")
+    return z.to(dtype)
+
+
+_TRACED = ByObject(maxsize=64)  # layer -> its traced graph (for the sizes it divides)
+
+
+def fitted_sizes(layer: Layer, sizes: dict[str, int]) -> dict[str, int]:
+    """``sizes`` made to divide where the spec splits a size (``x.view(n, G, d // G)``)."""
+    from .trace import trace
+
+    def traced(layer):
+        try:
+            return trace(layer)
+        except DeriveError:  # a spec that does not trace has no divided sizes to honour
+            return None
+    graph = _TRACED.get(layer, traced)
+    return graph.fitted(sizes) if graph is not None and graph.derived else dict(sizes)
+
+
+def random_inputs(layer: Layer, sizes: dict[str, int], dtype=torch.float64, seed: int = 0, scale: float = 1.0) -> dict:
+    """Inputs for ``layer``: its own example inputs if it has them, else floats drawn from each
+    input's declared domain (``sample``; N(0, 1) for a plain ``Tensor``) and uniform labels."""
     if layer.example is not None:
         return layer.example(sizes, dtype=dtype, seed=seed)
+    sizes = fitted_sizes(layer, sizes)
     g = torch.Generator().manual_seed(seed)
     values = {}
     for name, decl in layer.inputs.items():
@@ -56,7 +99,7 @@ def random_inputs(layer: Layer, sizes: dict[str, int], dtype=torch.float64, seed
             values[name] = torch.randint(0, sizes[decl.classes], shape, generator=g)
         else:
             shape = concrete_shape(decl.dims, sizes)
-            values[name] = torch.randn(shape, generator=g, dtype=dtype)
+            values[name] = sample(decl.domain, shape, dtype, g, scale)
     return values
 
 

@@ -76,9 +76,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
+from derive.layers import attention as spec_attention  # noqa: E402
 from derive.layers import batchnorm as spec_batchnorm  # noqa: E402
 from derive.layers import batchnorm_biased as spec_batchnorm_biased  # noqa: E402
 from derive.layers import cross_entropy as spec_cross_entropy  # noqa: E402
+from generated.attention import attention as gen_attention  # noqa: E402
 from generated.batchnorm import batchnorm as gen_batchnorm  # noqa: E402
 from generated.batchnorm_biased import batchnorm_biased as gen_batchnorm_biased  # noqa: E402
 from generated.cross_entropy import cross_entropy as gen_cross_entropy  # noqa: E402
@@ -88,6 +90,7 @@ EPS = 1e-5
 COLUMNS = ("generated", "unchecked", "compiled", "native", "spec_autograd", "floor")
 CE_SIZES = [(32, 27), (4096, 1024), (8192, 32000)]
 BN_SIZES = [(32, 64), (4096, 1024), (65536, 512)]
+ATTENTION_SIZES = [(128, 64), (512, 64), (2048, 64)]  # (n = m queries and keys, d = e head size)
 GiB = 1024**3
 MiB = 1024**2
 BACKWARD_MARK = "bench::backward"
@@ -175,6 +178,21 @@ def bn_floor(n, d):
     return 5 * full + 5 * d * 4, "5 x (n*d*4): fwd reads x, writes out; bwd reads dout and x (or saved bnraw), writes dx; + d-sized"
 
 
+def attention_inputs(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(n, d, generator=g, dtype=DTYPE).requires_grad_() for _ in range(3))
+    dout = torch.randn(n, d, generator=g, dtype=DTYPE)
+    return {"q": q, "k": k, "v": v, "dout": dout}
+
+
+def attention_floor(n, d):
+    # What any implementation moves at least: the forward reads q, k, v and writes out (4 n x d),
+    # the backward reads dout, q, k, v and writes dq, dk, dv (7 n x d). The n x n scores need not
+    # reach memory (a fused kernel keeps them in cache), so they are not counted: attention is
+    # bound by its matrix products (4 n^2 d multiply-adds forward, 8 backward), not by memory.
+    return 11 * n * d * 4, "11 x (n*d*4): fwd reads q, k, v, writes out; bwd reads dout, q, k, v, writes dq, dk, dv"
+
+
 def _bn_native(i):
     return F.batch_norm(i["x"], None, None, i["gamma"], i["beta"], training=True, eps=EPS)
 
@@ -204,6 +222,16 @@ BENCHES = [
         native_op="F.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-5)",
         spec=lambda i: spec_batchnorm_biased.fn(i["x"], i["gamma"], i["beta"], EPS),
         grads=("x", "gamma", "beta"), floor_traffic=bn_floor, peak_estimate=12.0,
+    ),
+    Bench(
+        layer="attention", dims=("n", "d"), sizes=ATTENTION_SIZES, make_inputs=attention_inputs,
+        arguments=("q", "k", "v"),
+        generated=lambda i: gen_attention(i["q"], i["k"], i["v"]),
+        native=lambda i: F.scaled_dot_product_attention(i["q"], i["k"], i["v"]),
+        native_op="F.scaled_dot_product_attention(q, k, v)",
+        spec=lambda i: spec_attention.fn(i["q"], i["k"], i["v"]),
+        grads=("q", "k", "v"), floor_traffic=attention_floor, peak_estimate=100.0,
+        notes=["n = m queries and keys of size d = e: the n x n scores are the largest tensor"],
     ),
 ]
 
@@ -648,6 +676,8 @@ def main(argv=None, prog=None):
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only the two smaller sizes of each layer")
+    p.add_argument("--layers", nargs="+", choices=[b.layer for b in BENCHES], metavar="LAYER",
+                   help=f"only these layers (of: {', '.join(b.layer for b in BENCHES)})")
     p.add_argument("--repeat", type=int, default=10, help="interleaved repetitions (default 10)")
     p.add_argument("--json", type=Path, help="write machine-readable results here")
     p.add_argument("--markdown", type=Path, help="write the Markdown table here")
@@ -690,7 +720,7 @@ def main(argv=None, prog=None):
 
     started = time.perf_counter()
     results = []
-    for bench in BENCHES:
+    for bench in [b for b in BENCHES if not args.layers or b.layer in args.layers]:
         sizes = bench.sizes[:2] if args.quick else bench.sizes
         measured = None  # (numel, peak bytes) of the last size measured, to estimate the next
         for n, m in sizes:

@@ -4,6 +4,8 @@ autograd, or check both side by side.
     python scripts/train_makemore.py                      # 200,000 steps, generated backward
     python scripts/train_makemore.py --backward autograd  # the same with loss.backward()
     python scripts/train_makemore.py --check 100          # both ways from one initialization
+    python scripts/train_makemore.py --ranks 2 --steps 1000  # DDP on 2 gloo processes, synced batchnorm,
+                                                             # against one process on the same batches
 
 The set-up is the lecture's: names shuffled with random.seed(42), 80/10/10 split, block size 3,
 embedding 10, hidden 200, batch 32, generator seed 2147483647, Bessel-corrected batchnorm, SGD at
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from derive.layers.makemore_model import makemore_model  # noqa: E402  (the spec: autograd's reference)
 from generated import batchnorm as fused_batchnorm  # noqa: E402
+from generated import batchnorm_synced  # noqa: E402
 from generated import cross_entropy as fused_cross_entropy  # noqa: E402
 from generated import embedding_steps, linear_steps, makemore_model_steps, tanh_steps  # noqa: E402
 
@@ -100,14 +103,15 @@ def step_autograd(params: dict, Xb, Yb):
 class MakemoreMLP(torch.nn.Module):
     """An ordinary nn.Module built from generated autograd Functions, trained with loss.backward()."""
 
-    def __init__(self, params: dict):
+    def __init__(self, params: dict, batchnorm=fused_batchnorm.batchnorm):
         super().__init__()
         self.p = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone()) for k, v in params.items()})
+        self.batchnorm = batchnorm  # batchnorm_synced.batchnorm_synced: batch statistics over every rank
 
     def forward(self, Xb, Yb):
         p = self.p
         embcat = embedding_steps.embedding(p["C"], Xb)
-        hpreact = fused_batchnorm.batchnorm(linear_steps.linear(embcat, p["W1"], p["b1"]), p["bngain"], p["bnbias"])
+        hpreact = self.batchnorm(linear_steps.linear(embcat, p["W1"], p["b1"]), p["bngain"], p["bnbias"])
         logits = linear_steps.linear(tanh_steps.tanh(hpreact), p["W2"], p["b2"])
         return fused_cross_entropy.cross_entropy(logits, Yb)
 
@@ -204,6 +208,43 @@ def check(params0: dict, X, Y, steps: int, batch_size: int, decay_at: int):
     return difference, ms, losses
 
 
+def _rank_training(rank: int, world: int, params: dict, X, Y, steps: int, batch_size: int, decay_at: int):
+    """One rank of ``--ranks``: DDP over the network with the synced batchnorm, on its rows of each batch."""
+    model = MakemoreMLP(params, batchnorm=batchnorm_synced.batchnorm_synced)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(2147483647)
+    start = time.perf_counter()
+    for i in range(steps):
+        ix = torch.randint(0, X.shape[0], (batch_size,), generator=g)
+        rows = ix.tensor_split(world)[rank]
+        model.zero_grad(set_to_none=True)
+        # DDP averages the ranks' gradients: a rank's mean loss, weighted by its share of the batch,
+        # makes that the gradient of the mean over the whole batch (equal shares: weight 1)
+        loss = ddp(X[rows], Y[rows]) * (world * rows.numel() / batch_size)
+        loss.backward()
+        with torch.no_grad():
+            for p in model.p.values():
+                p -= (0.1 if i < decay_at else 0.01) * p.grad
+    seconds = time.perf_counter() - start
+    return {k: p.detach().clone() for k, p in model.p.items()}, 1000 * seconds / max(steps, 1)
+
+
+def ranks_check(params0: dict, X, Y, steps: int, batch_size: int, decay_at: int, world: int):
+    """``steps`` of DDP on ``world`` gloo processes (each with its rows of every batch, the
+    batchnorm's statistics over all of them) and of one process on the whole batches: the largest
+    parameter difference, and ms per step each way."""
+    from derive.ranks import run_ranks
+
+    results = run_ranks(_rank_training, world, (params0, X, Y, steps, batch_size, decay_at),
+                        timeout=60 + steps * 0.5)
+    model = MakemoreMLP(params0)
+    params = {k: model.p[k] for k in PARAMETERS}
+    g = torch.Generator().manual_seed(2147483647)
+    _, ms_one = train(params, X, Y, steps, step_module(model), g, batch_size, decay_at, progress=False)
+    difference = max(float((ranks[k] - params[k].detach()).abs().max()) for ranks, _ in results for k in PARAMETERS)
+    return difference, max(ms for _, ms in results), ms_one
+
+
 def plot(losses: list[float], path: Path, backward: str) -> None:
     import matplotlib
 
@@ -231,6 +272,9 @@ def parse(argv=None):
                    help="generated code (default), loss.backward() through the spec, or an nn.Module of "
                         "generated Functions with loss.backward()")
     p.add_argument("--check", type=int, metavar="N", help="run N steps both ways and compare")
+    p.add_argument("--ranks", type=int, metavar="N",
+                   help="train on N local gloo processes (DDP, batchnorm statistics over every rank) and "
+                        "compare with one process on the same batches (use with --steps)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--hidden", type=int, default=200)
@@ -265,6 +309,15 @@ def main(argv=None) -> int:
         print(f"check over {args.check} steps ({args.dtype}): largest parameter difference {difference:.3e}")
         print(f"ms per step: generated {ms['generated']:.3f}, autograd {ms['autograd']:.3f} "
               f"(generated/autograd = {ms['generated'] / ms['autograd']:.2f})")
+        return 0
+
+    if args.ranks:
+        difference, ms_ranks, ms_one = ranks_check(params, Xtr, Ytr, args.steps, args.batch_size, args.decay_at,
+                                                   args.ranks)
+        print(f"{args.steps} steps on {args.ranks} ranks ({args.dtype}, {args.batch_size // args.ranks} rows each "
+              f"of every batch of {args.batch_size}) against one process on the same batches: largest "
+              f"parameter difference {difference:.3e}")
+        print(f"ms per step: {args.ranks} ranks {ms_ranks:.3f}, one process {ms_one:.3f}")
         return 0
 
     start = time.perf_counter()

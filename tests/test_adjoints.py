@@ -63,6 +63,13 @@ def test_every_printed_adjoint_is_autograds_gradient(layer, seed):
         reference = grads.get(node.name, np.zeros_like(values[node.name]))
         for step in [route.start, *(s.result for s in route.steps)]:
             _close(evaluate(step, with_autograd, numbers, a.el.free(node)), reference, f"a line of d{node.name}'s route")
+    # the adjoints the kernel computes once and its formulas read (dprobs = dout @ v.T), in order
+    nodes = {n.name: n for n in graph.nodes}
+    for f in kernel.adjoints:
+        node = nodes[f.input]
+        name = str(a.el.grad_ref(node).base)
+        with_autograd[name] = evaluate(f.element, with_autograd, numbers, a.el.free(node)).reshape(
+            np.shape(values[node.name]))
     for f in kernel.formulas:
         node = graph.inputs[f.input]
         _close(evaluate(f.element, with_autograd, numbers, a.el.free(node)), grads[f.input], f"d{f.input}'s formula")

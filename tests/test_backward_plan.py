@@ -128,7 +128,7 @@ def test_float32_rounds_as_the_formula_does(name):
 def test_an_activation_backward_is_one_pass(layer, kernel):
     """The derivative of tanh, sigmoid and relu is one call of the kernel autograd runs for it."""
     (formula,) = build(by_name(layer)).formulas
-    executed = [line for line in formula.fast if not line.startswith("#")]
+    executed = [line for line in formula.chain if not line.startswith("#")]
     assert len(executed) == 1 and f"torch.ops.aten.{kernel}(" in executed[0]
 
 
@@ -136,8 +136,8 @@ def test_a_gradient_can_be_printed_as_written():
     """``as_written`` (what ``select`` asks for when an in-place form fails the battery) prints the
     formula as it reads."""
     layer = by_name("gelu_tanh")
-    assert build(layer).formulas[0].fast
-    assert build(layer, as_written=frozenset({"x"})).formulas[0].fast == []
+    assert build(layer).formulas[0].chain
+    assert build(layer, as_written=frozenset({"x"})).formulas[0].chain == []
 
 
 def test_softplus_reads_the_sum_the_forward_computed():

@@ -17,6 +17,7 @@ QUICK = {
     "cross_entropy": [{"n": 32, "k": 27}, {"n": 4096, "k": 1024}],
     "batchnorm": [{"n": 32, "d": 64}, {"n": 4096, "d": 1024}],
     "batchnorm_biased": [{"n": 32, "d": 64}, {"n": 4096, "d": 1024}],
+    "attention": [{"n": 128, "d": 64}, {"n": 512, "d": 64}],
 }
 NO_NATIVE_OP = {"batchnorm"}  # Bessel's correction: torch has no native op, the peer is the spec
 

@@ -32,9 +32,10 @@ NATIVE = {
     "tanh": lambda x: torch.tanh(x),
     "softplus": lambda x: F.softplus(x),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
 }
 NO_NATIVE = {"batchnorm": "torch has no batch norm with Bessel's correction in training"}
-SIZES = {"n": 7, "d": 5, "k": 6, "c": 3, "l": 4, "i": 5, "o": 3}
+SIZES = {"n": 7, "d": 5, "k": 6, "c": 3, "l": 4, "i": 5, "o": 3, "m": 6, "e": 4}
 
 
 def test_every_fused_builtin_is_compared_or_says_why_not():

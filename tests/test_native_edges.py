@@ -19,7 +19,7 @@ from derive.spec import Labels
 from test_native import NATIVE
 
 LAYERS = {layer.name: layer for layer in FUSED if layer.name in NATIVE}
-SIZES = {"n": 4, "d": 3, "k": 3, "c": 2, "l": 2, "i": 3, "o": 2}
+SIZES = {"n": 4, "d": 3, "k": 3, "c": 2, "l": 2, "i": 3, "o": 2, "m": 5, "e": 2}
 
 
 def inputs(layer, n=4, seed=0, **changes):
@@ -108,7 +108,9 @@ INPLACE = [pytest.param(name, k, id=f"{name}-{k}") for name, layer in LAYERS.ite
 # Where the derived backward reads an input that the native op does not save, the generated kernel
 # saves that input, and autograd refuses the backward after an in-place update (a RuntimeError
 # naming the modified tensor) where the native op, which saved its output, goes on.
-READS_ITS_INPUT = {("relu", "x"): "dx = (x > 0)*dout reads x; torch.relu's backward reads its output"}
+READS_ITS_INPUT = {("relu", "x"): "dx = (x > 0)*dout reads x; torch.relu's backward reads its output",
+                   ("attention", "q"): "dk = (dt2.T @ q)/math.sqrt(d) reads q; the native op keeps its own copy",
+                   ("attention", "k"): "dq = (dt2 @ k)/math.sqrt(d) reads k; the native op keeps its own copy"}
 
 
 @pytest.mark.parametrize("name, mutated", INPLACE)

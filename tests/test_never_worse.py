@@ -235,3 +235,29 @@ def test_a_sum_over_every_axis_is_one_reduction(name, tmp_path):
     for seed, sizes in ((7, {"n": 32, "k": 7}), (5, {"n": 48, "k": 9})):
         verdict = battery.run(layer, fn, sizes, seed=seed)
         assert verdict.passed, "\n".join(map(str, verdict.findings[:3]))
+
+
+def test_the_battery_keeps_every_input_in_its_declared_domain():
+    """Scaled, shifted and banded draws scale only what stays in the domain: a positive input stays
+    positive, a probability row on the simplex, a mask 0 or 1, a gate in (0, 1)."""
+    from derive import Tensor, layer
+
+    @layer(x=Tensor("n", "k"), s=Tensor("n", "k", domain="positive"), p=Tensor("n", "k", domain="probability"),
+           u=Tensor("n", "k", domain="unit"), b=Tensor("n", "k", domain="binary"),
+           z=Tensor("n", "k", domain="nonnegative"))
+    def domains(x, s, p, u, b, z):
+        return (x.exp() * s.log() + p.log() * u.log() + (1 - u).log() * b + z.sqrt()).sum()
+
+    sizes = {"n": 16, "k": 5}
+    draws = battery.settings(domains, sizes)
+    assert any(d.offset for d in draws) and any(d.banded and d.sign == -1 for d in draws)
+    for setting in draws:
+        values = setting.inputs(domains, sizes, seed=3)
+        where = setting.label
+        assert bool((values["s"] > 0).all()), where
+        assert bool((values["z"] >= 0).all()), where
+        assert bool((values["p"] > 0).all()) and torch.allclose(values["p"].double().sum(-1), torch.ones(16, dtype=torch.float64), atol=1e-5), where
+        assert bool(((values["u"] > 0) & (values["u"] < 1)).all()), where
+        assert set(values["b"].unique().tolist()) <= {0.0, 1.0}, where
+    # the real input is still scaled and shifted as before
+    assert any(float(d.inputs(domains, sizes, seed=3)["x"].abs().max()) > 100 for d in draws)

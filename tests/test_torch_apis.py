@@ -19,7 +19,7 @@ from derive.verify import random_inputs
 # in-place updates inside the fused backward (addcmul_) run through vmap's slower generic rule
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented")
 # tiny sizes keep the Jacobians small (hessian of batchnorm over 3x2: 36 entries); two labels' classes
-SIZES = {"n": 3, "d": 2, "k": 3, "c": 2, "l": 2, "i": 2, "o": 2, "v": 4, "t": 2, "e": 2, "hidden": 3}
+SIZES = {"n": 3, "d": 2, "k": 3, "c": 2, "l": 2, "i": 2, "o": 2, "v": 4, "t": 2, "e": 2, "hidden": 3, "m": 4}
 # every layer's kernel (``<name>.py``: fused, or the step-by-step backward where no fused form is
 # used) and every step-by-step Function (``<name>_steps.py``)
 CASES = ([pytest.param(layer, "", id=layer.name) for layer in BUILTIN]

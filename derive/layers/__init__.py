@@ -15,6 +15,7 @@ from types import ModuleType
 from ..errors import SpecError
 from ..spec import Layer
 from .activations import gelu_tanh, relu, sigmoid, softplus, tanh
+from .attention import attention
 from .batchnorm import batchnorm, batchnorm_biased
 from .cross_entropy import cross_entropy
 from .losses import (bce_with_logits, cross_entropy_ignore, cross_entropy_smooth, cross_entropy_temperature,
@@ -28,7 +29,7 @@ BUILTIN: list[Layer] = [cross_entropy, batchnorm, batchnorm_biased, embedding, l
                         makemore_mlp, makemore_model,
                         layernorm, rmsnorm, batchnorm3d, cross_entropy_smooth, cross_entropy_temperature,
                         cross_entropy_weighted, cross_entropy_ignore, mse,
-                        bce_with_logits, sigmoid, relu, softplus, gelu_tanh]
+                        bce_with_logits, sigmoid, relu, softplus, gelu_tanh, attention]
 FUSED: list[Layer] = [layer for layer in BUILTIN if layer.fused]
 
 

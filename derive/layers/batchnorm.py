@@ -2,7 +2,7 @@
 from derive.spec import Constant, Tensor, layer
 
 
-@layer(x=Tensor("n", "d"), gamma=Tensor("d"), beta=Tensor("d"), eps=Constant(1e-5, positive=True))
+@layer(x=Tensor("n", "d", batch="n"), gamma=Tensor("d"), beta=Tensor("d"), eps=Constant(1e-5, positive=True))
 def batchnorm(x, gamma, beta, eps=1e-5):
     """Batch normalization with Bessel's correction (the variance divides by n - 1)."""
     n = x.shape[0]
@@ -16,7 +16,7 @@ def batchnorm(x, gamma, beta, eps=1e-5):
     return out
 
 
-@layer(x=Tensor("n", "d"), gamma=Tensor("d"), beta=Tensor("d"), eps=Constant(1e-5, positive=True))
+@layer(x=Tensor("n", "d", batch="n"), gamma=Tensor("d"), beta=Tensor("d"), eps=Constant(1e-5, positive=True))
 def batchnorm_biased(x, gamma, beta, eps=1e-5):
     """Batch normalization with the biased variance (divides by n), as BatchNorm1d in training."""
     n = x.shape[0]

@@ -25,7 +25,7 @@ def rmsnorm(x, g, eps=1e-6):
     return out
 
 
-@layer(x=Tensor("n", "c", "l"), gamma=Tensor("c", "1"), beta=Tensor("c", "1"), eps=Constant(1e-5, positive=True))
+@layer(x=Tensor("n", "c", "l", batch="n"), gamma=Tensor("c", "1"), beta=Tensor("c", "1"), eps=Constant(1e-5, positive=True))
 def batchnorm3d(x, gamma, beta, eps=1e-5):
     """Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
     training on a sequence; ``gamma`` and ``beta`` are (c, 1) so they broadcast over l."""

@@ -8,9 +8,11 @@ The bounds decide which operations are safe: ``log`` and ``/`` only of values bo
 So every drawn spec is a well-defined, smooth function on its test inputs, and any disagreement
 with autograd is the toolkit's fault.
 
-Two families: ``fused`` specs use what the fused engine derives (elementwise functions,
-broadcasting arithmetic, sums and means, picking by label, ``max`` as the shift of a softmax);
-``steps`` specs (``fused = False``, step-by-step backward only) also use ``@`` and a free ``max``.
+Two families: ``fused`` specs use what the fused engine derives (elementwise functions, roots,
+clamps and masks with ``torch.where``, broadcasting arithmetic, sums and means over one or two
+axes, ``F.softmax``/``log_softmax``/``logsumexp``, picking by label, ``max`` as the shift of a
+softmax, ``@`` with a square matrix and transposes); ``steps`` specs (``fused = False``,
+step-by-step backward only) also use a free ``max`` and matrices of another size.
 
 Shrinking: the number of lines, each operand and each operation are drawn as small integers
 whose smallest values are the simplest choice, so a failure shrinks to a short spec.
@@ -64,7 +66,10 @@ OPTIONAL_INPUTS = {
     "c": ('Tensor("1", "k")', ("1", "k")),
     "w": ('Tensor("k")', ("k",)),
     "u": ('Tensor("n", "k", differentiable=False)', ("n", "k")),
+    "A": ('Tensor("k", "k")', ("k", "k")),  # a square matrix: one dimension twice
 }
+# inputs of a declared domain, with their bounds (hi, lo): a probability row is positive and below 1
+DOMAIN_INPUTS = {"p": ('Tensor("n", "k", differentiable=False, domain="probability")', ("n", "k"), 1.0, SMALLEST_DIVISOR)}
 # Matrices for '@' (step specs): x @ W is (n, m), and (n, m) @ V is back in the (n, k) family.
 STEP_INPUTS = {"W": ('Tensor("k", "m")', ("k", "m")), "V": ('Tensor("m", "k")', ("m", "k"))}
 
@@ -157,6 +162,18 @@ class Builder:
             return self.emit(code, shape, hi * largest, lo * smallest if lo and smallest else None)
         if kind == 11 and _bounded(hi + 1):
             return self.emit(f"1 - {name}", shape, hi + 1)
+        if kind == 12 and _bounded(hi * hi + 1):
+            return self.emit(f"torch.sqrt({name} * {name} + 1)", shape, math.sqrt(hi * hi + 1), 1.0)
+        if kind == 13 and _bounded(hi * hi + 1):
+            return self.emit(f"torch.rsqrt({name} * {name} + 1)", shape, 1.0, 1 / math.sqrt(hi * hi + 1))
+        if kind == 14:
+            return self.emit(f"{name}.clamp(min=-1.0, max=0.5)", shape, min(hi, 1.0))
+        if kind == 15:
+            return self.emit(f"torch.where({name} > 0, {name}, 0.1 * {name})", shape, hi)
+        if kind == 16 and hi <= 8:
+            return self.emit(f"F.softplus({name})", shape, hi + 1, math.log1p(math.exp(-hi)))
+        if kind == 17 and _bounded(hi**2):
+            return self.emit(f"{name}.square()", shape, hi**2)
         return None
 
     def reduce(self, a: Value, kind: int) -> Value | None:
@@ -167,6 +184,13 @@ class Builder:
         hi = a.hi * (SIZE_BOUND if op == "sum" else 1)
         if not _bounded(hi):
             return None
+        if kind == 4:  # over both axes of a matrix at once
+            if len(a.shape) != 2 or "1" in a.shape or not _bounded(a.hi * SIZE_BOUND**2):
+                return None
+            keepdim = self.draw(st.booleans())
+            shape = ("1", "1") if keepdim else ()
+            return self.emit(f"{a.name}.sum(dim=(0, 1){', keepdim=True' if keepdim else ''})", shape,
+                             a.hi * SIZE_BOUND**2, a.lo)
         if kind >= 2:  # over everything: a scalar
             return self.emit(f"{a.name}.{op}()", (), hi, a.lo)
         axis = self.draw(st.sampled_from(axes))
@@ -177,6 +201,12 @@ class Builder:
         return self.emit(f"{a.name}.{op}({axis}{keep})", shape, hi, a.lo)
 
     def binary(self, a: Value, kind: int) -> Value | None:
+        if kind >= 4:  # the larger or smaller of two values
+            b = self.pick_value(lambda v: broadcast(a.shape, v.shape) is not None)
+            if b is None:
+                return None
+            function = "torch.maximum" if kind == 4 else "torch.minimum"
+            return self.emit(f"{function}({a.name}, {b.name})", broadcast(a.shape, b.shape), max(a.hi, b.hi))
         op = ["+", "*", "-", "/"][kind]
         b = self.pick_value(lambda v: broadcast(a.shape, v.shape) is not None and (op != "/" or v.positive))
         if b is None:
@@ -198,6 +228,13 @@ class Builder:
         """The numerically stable (log-)softmax over the last axis: max, shift, exp, normalize."""
         if len(a.shape) != 2 or a.shape[1] == "1" or a.hi > 6:
             return None
+        if kind == 2:
+            return self.emit(f"F.softmax({a.name}, dim=1)", a.shape, 1.0, math.exp(-2 * a.hi) / SIZE_BOUND)
+        if kind == 3:
+            return self.emit(f"F.log_softmax({a.name}, dim=-1)", a.shape, 2 * a.hi + math.log(SIZE_BOUND))
+        if kind == 4:
+            return self.emit(f"torch.logsumexp({a.name}, dim=1, keepdim=True)", (a.shape[0], "1"),
+                             a.hi + math.log(SIZE_BOUND))
         m = self.emit(f"{a.name}.max(1, keepdim=True).values", (a.shape[0], "1"), a.hi)
         z = self.emit(f"{a.name} - {m.name}", a.shape, 2 * a.hi)
         e = self.emit(f"{z.name}.exp()", a.shape, 1.0, math.exp(-2 * a.hi))
@@ -224,9 +261,14 @@ class Builder:
         return self.emit(f"{a.name}.max({axis}{keep}).values", shape, a.hi, a.lo)
 
     def matmul(self, a: Value, kind: int) -> Value | None:
-        """``a @ b`` with rank-2 operands whose inner dimensions agree: step specs only."""
-        if self.fused or len(a.shape) != 2:
+        """``a @ b`` with rank-2 operands whose inner dimensions agree (fused specs: square matrices,
+        or a transposed operand), or a transposed value."""
+        if len(a.shape) != 2:
             return None
+        if kind == 1:  # a transposed value
+            return self.emit(f"{a.name}.T", (a.shape[1], a.shape[0]), a.hi, a.lo)
+        if kind == 2 and "1" not in a.shape and _bounded(a.hi**2 * SIZE_BOUND):  # the Gram matrix of a's columns
+            return self.emit(f"{a.name}.T @ {a.name}", (a.shape[1], a.shape[1]), a.hi**2 * SIZE_BOUND)
         b = self.pick_value(lambda v: len(v.shape) == 2 and v.shape[0] == a.shape[1]
                             and (a.shape[1] != "1" or v.shape[1] != "1"))
         if b is None:
@@ -248,7 +290,7 @@ class Builder:
             self.emit(f"{last.name} + {term}", last.shape, last.hi + (INPUT_BOUND if term == v.name else 1), None)
 
     OPERATIONS = ["unary", "binary", "reduce", "softmax", "pick", "maximum", "matmul"]
-    KINDS = {"unary": 12, "binary": 4, "reduce": 4, "softmax": 2, "pick": 1, "maximum": 1, "matmul": 1}
+    KINDS = {"unary": 18, "binary": 6, "reduce": 5, "softmax": 5, "pick": 1, "maximum": 1, "matmul": 3}
 
     def line(self) -> None:
         """One more line (or a few, for a softmax): an operation on a value already computed."""
@@ -265,13 +307,14 @@ class Builder:
 def layer_specs(draw, fused: bool, max_lines: int = 4) -> FuzzSpec:
     """A random layer spec: inputs, ``max_lines`` or fewer operations, a scalar or tensor output."""
     labels = draw(st.booleans())
-    optional = OPTIONAL_INPUTS | ({} if fused else STEP_INPUTS)
+    optional = OPTIONAL_INPUTS | ({} if fused else STEP_INPUTS) | {k: v[:2] for k, v in DOMAIN_INPUTS.items()}
     chosen = [k for k in optional if draw(st.booleans())]
     builder = Builder(draw, fused, labels)
     decls = {"x": ('Tensor("n", "k")', ("n", "k"))} | {k: optional[k] for k in chosen}
     # x last: operands are drawn most recent first, so the simplest choice is x, then each new line
     for name in [*chosen, "x"]:
-        builder.values.append(Value(name, decls[name][1], INPUT_BOUND, reads=frozenset([name])))
+        hi, lo = DOMAIN_INPUTS[name][2:] if name in DOMAIN_INPUTS else (INPUT_BOUND, None)
+        builder.values.append(Value(name, decls[name][1], hi, lo, reads=frozenset([name])))
     for _ in range(draw(st.integers(1, max_lines))):
         builder.line()
     if not fused and draw(st.booleans()):
@@ -280,7 +323,7 @@ def layer_specs(draw, fused: bool, max_lines: int = 4) -> FuzzSpec:
     if draw(st.booleans()) and last.shape != ():
         builder.reduce(last, draw(st.sampled_from([2, 3])))
     out = builder.values[-1]
-    if not out.reads & {"x", "b", "c", "w", "W", "V"}:  # something to differentiate
+    if not out.reads & {"x", "b", "c", "w", "W", "V", "A"}:  # something to differentiate
         out = builder.emit(f"{out.name} + torch.tanh(x).mean()", out.shape, out.hi + 1)
     builder.lines.append(f"    out = {out.name}")
     params = list(decls) + (["y"] if labels else []) + ["eps", "scale"]
@@ -293,6 +336,7 @@ def layer_specs(draw, fused: bool, max_lines: int = 4) -> FuzzSpec:
     signature = ", ".join(p if p not in ("eps", "scale") else f"{p}={1e-3 if p == 'eps' else 0.75}" for p in params)
     source = "\n".join([
         "import torch",
+        "import torch.nn.functional as F",
         "from derive import Constant, Labels, Tensor, layer",
         "",
         "",

@@ -1,0 +1,51 @@
+"""Names of traced nodes: the spec's own variables, then those inside called layers, then ``t<k>``;
+and the names the generated code cannot let a spec variable take."""
+from __future__ import annotations
+
+from ..errors import TraceError
+from ..spec import RESERVED, Layer
+from .graph import Node
+
+
+def name_nodes(nodes: list[Node], local_names: dict, output: Node, regions: list, sizes: set) -> None:
+    """Variable names: the spec's own first, then those inside called layers (never clashing)."""
+    from .tensor import SymTensor
+
+    for var, value in local_names.items():
+        if isinstance(value, SymTensor) and not value.node.name:
+            value.node.name, value.node.named = var, True
+    taken = {n.name for n in nodes if n.name} | set(sizes)
+    for region in regions:
+        for var, value in region.local_names.items():
+            if isinstance(value, SymTensor) and not value.node.name and value.node in region.nodes:
+                name, k = var, 1
+                while name in taken:
+                    k += 1
+                    name = f"{var}_{k}"
+                value.node.name, value.node.named = name, True
+                taken.add(name)
+    if not output.name:
+        output.name = "out"
+    taken = {n.name for n in nodes if n.name}
+    counter = 0
+    for node in nodes:
+        if not node.name:
+            counter += 1
+            while f"t{counter}" in taken:
+                counter += 1
+            node.name = f"t{counter}"
+
+
+def check_names(layer: Layer, nodes: list[Node], sizes: dict) -> None:
+    """Refuse spec variables the generated code would shadow: a gradient's name, a reserved name.
+    (A variable named like a dimension is fine: the generated code then names that size ``<dim>_size``.)"""
+    names = {n.name for n in nodes}
+    for node in nodes:
+        if node.named and node.name.startswith("d") and node.name[1:] in names:
+            raise TraceError(layer.name, f"the variable {node.name!r} has the name of the gradient of "
+                             f"{node.name[1:]!r} in the generated backward", f"rename {node.name!r} "
+                             f"(generated code calls the gradient of every tensor d<name>)", node.line, node.source)
+        if node.named and node.name in RESERVED:
+            raise TraceError(layer.name, f"the variable {node.name!r} has a name the generated code uses "
+                             f"for itself", f"rename it (reserved: {', '.join(sorted(RESERVED))})",
+                             node.line, node.source)
