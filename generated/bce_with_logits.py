@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 64ecf4a731a264b7e14830d3b1ebb581fee46777f4068c32940400587d2c106d
-# content-hash: 4d42637499a176384ada43b1e3c6f933250d1960e37e7f4a39ee81da7ae36487
+# content-hash: f62b9795e0e58434d2e618b0185aae5c5855fec5e2b49dcf1a2ee67a5fa1c300
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -21,7 +21,7 @@ def _forward(logits, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     t3 = -logits  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
     _t0 = torch.addcmul(F.softplus(t3), 1 - target, logits)
-    loss = ((_t0.sum(0, keepdim=True)).sum(1, keepdim=True)/(d*n)).reshape(())  # spec lines 48-49
+    loss = (_t0.sum((0, 1), keepdim=True)/(d*n)).reshape(())  # spec lines 48-49
     return loss, (t3,)
 
 
@@ -31,7 +31,7 @@ def _forward_with_graph(logits, target, n, d):
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
     t3 = -logits
-    loss = (((torch.addcmul(F.softplus(t3), 1 - target, logits)).sum(0, keepdim=True)).sum(1, keepdim=True)/(d*n)).reshape(())
+    loss = ((torch.addcmul(F.softplus(t3), 1 - target, logits)).sum((0, 1), keepdim=True)/(d*n)).reshape(())
     return loss, (t3,)
 
 

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: 846d77ce3ef34028baed7f50943818c52d5874e9e5e66b87e979248785085135
-# content-hash: edb2f72107c48ed4aaba27662b611f93b1b6e798b2d1fccaa0b0647f288cc859
+# content-hash: 7af6298872eac48de7ebedcca595beb6e1bc141b552734bd5c168411b31269fb
 """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -23,7 +23,7 @@ def _forward(logits, y, smoothing, n, k):
     t1 = (logits - m).exp_()  # spec lines 14-15
     _t1f = torch.log(t1.sum(1, keepdim=True))
     _t0 = logits - m - _t1f
-    loss = (-smoothing*(_t0.sum(0, keepdim=True)).sum(1, keepdim=True)/(k*n) - (1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n).reshape(())  # spec lines 14-19
+    loss = (-smoothing*_t0.sum((0, 1), keepdim=True)/(k*n) - (1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n).reshape(())  # spec lines 14-19
     return loss, (t1,)
 
 
@@ -35,7 +35,7 @@ def _forward_with_graph(logits, y, smoothing, n, k):
     m = logits.amax(1, keepdim=True)
     t1 = torch.exp(logits - m)
     _t1f = torch.log(t1.sum(1, keepdim=True))
-    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n - smoothing*((logits - m - _t1f).sum(0, keepdim=True)).sum(1, keepdim=True)/(k*n)).reshape(())
+    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n - smoothing*(logits - m - _t1f).sum((0, 1), keepdim=True)/(k*n)).reshape(())
     return loss, (t1,)
 
 

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: 667735d0ec5579e8eee5e83c9efc47db83bf0309147c8279350bbf9f8b15676d
-# content-hash: eae884aef02079fb55704b91371b5b530f0470808292942aabaa61225682c38d
+# content-hash: 94f8a1fba3cd164ddd4482e41774858d6f184cfdb56443d5427edb44fb92a765
 """Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -21,7 +21,7 @@ def _forward(pred, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     diff = pred - target  # spec line 38: diff = pred - target
     _t0 = diff**2
-    loss = ((_t0.sum(0, keepdim=True)).sum(1, keepdim=True)/(d*n)).reshape(())  # spec lines 38-39
+    loss = (_t0.sum((0, 1), keepdim=True)/(d*n)).reshape(())  # spec lines 38-39
     return loss, (diff,)
 
 
@@ -31,7 +31,7 @@ def _forward_with_graph(pred, target, n, d):
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
     diff = pred - target
-    loss = (((diff**2).sum(0, keepdim=True)).sum(1, keepdim=True)/(d*n)).reshape(())
+    loss = ((diff**2).sum((0, 1), keepdim=True)/(d*n)).reshape(())
     return loss, (diff,)
 
 

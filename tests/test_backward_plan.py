@@ -40,7 +40,7 @@ FORMULAS = {
 
 
 def printer():
-    return KernelPrinter(Frame([N, D], {I: 0, J: 1}), dict(SHAPES), {N: "n", D: "d"}, "b")
+    return KernelPrinter(Frame([I, J]), dict(SHAPES), {N: "n", D: "d"}, "b")
 
 
 def tensors(seed=0, dtype=torch.float64):
