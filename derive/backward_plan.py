@@ -436,6 +436,9 @@ class _Planner:
     def split(self, term) -> tuple:
         """(small coefficient, product of full-size factors) of one term."""
         factors = sp.Mul.make_args(term)
+        if not any(self.full(f) for f in factors):  # full-size only together (``r[i, 0]*g[j]``): its
+            # numbers are the coefficient, its tensors the product (broadcast by the update itself)
+            return (sp.Mul(*[f for f in factors if self.number(f)]), sp.Mul(*[f for f in factors if not self.number(f)]))
         return (sp.Mul(*[f for f in factors if not self.full(f)]), sp.Mul(*[f for f in factors if self.full(f)]))
 
     def plain(self, product) -> bool:

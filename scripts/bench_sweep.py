@@ -15,7 +15,9 @@ Columns, for each built-in fused layer at each size:
 
 Sizes: a size ``AxB`` is the element count of the layer's largest input. A 2-d layer takes it as
 ``(n, d)`` (``(n, k)`` for a loss); ``linear`` as ``x (n, i) = (A, B)`` and ``W (i, o) = (B, B)``;
-``batchnorm3d`` as ``(n, c, l) = (A/32, 32, B)``, the same element count in three axes.
+``batchnorm3d`` as ``(n, c, l) = (A/32, 32, B)``, the same element count in three axes;
+``attention`` as ``A`` queries and keys of one head of ``HEAD`` (64) features, ``q, k, v (A, 64)``
+(``scripts/bench.py``'s attention rows; a head of ``B`` features is not one anybody runs).
 
 Method: scripts/bench.py's (its timing, gradient clearing and CPU metering are imported from it):
 inputs are made once per layer and size; each column's output and gradients are checked against
@@ -58,6 +60,7 @@ DTYPE = torch.float32
 COLUMNS = ("native", "spec", "spec_compiled", "generated", "gen_compiled")
 DEFAULT_SIZES = "1024x512,4096x1024"
 CHANNELS = 32  # batchnorm3d's c
+HEAD = 64  # attention's d and e
 
 
 def dims_for(layer, a: int, b: int) -> dict:
@@ -70,6 +73,8 @@ def dims_for(layer, a: int, b: int) -> dict:
         return {"n": a, "i": b, "o": b}
     if layer.name == "batchnorm3d":
         return {"n": max(1, a // CHANNELS), "c": CHANNELS, "l": b}
+    if layer.name == "attention":
+        return {"n": a, "m": a, "d": HEAD, "e": HEAD}
     raise SystemExit(f"bench_sweep: no size rule for {layer.name} with dimensions {dims} (classes {classes})")
 
 

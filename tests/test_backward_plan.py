@@ -36,6 +36,7 @@ FORMULAS = {
     "exp and a column": sp.exp(a) * b + c * r,
     "difference then product": (b - (b * a) * g) * a,
     "nested sums": (1 - (a - 1) * g * c) * b * a,
+    "outer product term": a * r + 2 * r * g,
 }
 
 
