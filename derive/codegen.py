@@ -288,6 +288,7 @@ def render_synced(synced) -> str:
         title=f"{(kernel.layer.doc.splitlines() or [kernel.name])[0]}",
         batch=synced.batch,
         messages=synced.messages,
+        gathers=synced.gathers,
         crossing=synced.crossing,
         class_name=class_name(name),
         name=name,

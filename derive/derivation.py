@@ -346,7 +346,7 @@ def _ranks(kernel: Kernel, fmt: Format) -> dict | None:
         statement, _, comment = line.partition("  # ")
         lines += [f"# {comment}", statement] if comment else [statement]
     return dict(batch=fmt.code(synced.batch), module=fmt.code(f"{kernel.name}_synced.py"),
-                messages=synced.messages, code="\n".join(lines),
+                messages=synced.messages, gathers=synced.gathers, code="\n".join(lines),
                 shares=", ".join(fmt.code(f"d{n}") for n in params))
 
 

@@ -36,6 +36,7 @@ class Statement:
     node: Node | None = None  # None for a shared temporary
     lines: set = field(default_factory=set)  # spec lines it computes
     code: str = ""  # a statement printed as it is (a message across ranks, ``synced``); value: what it reads
+    layouts: dict = field(default_factory=dict)  # of a printed statement: name -> a value of the shape it binds
 
 
 def _transcendentals(expr: sp.Expr) -> int:
@@ -118,6 +119,8 @@ def temps_of(statements: list["Statement"]) -> dict:
     for st in statements:
         if st.node is None and not st.code:
             full[sp.Symbol(st.name)] = st.value.xreplace(full)
+        for name, value in st.layouts.items():
+            full[sp.Symbol(name)] = value.xreplace(full)
     return full
 
 
@@ -338,6 +341,8 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
     for position, st in enumerate(statements):
         if st.code:
             out.append((st.code, ""))
+            for name, value in st.layouts.items():
+                shapes[name] = layout(value, temps, frame)
             for symbol in st.value.free_symbols:  # the names it rebinds hold new tensors from here on
                 buffer_of.pop(symbol.name, None)
             continue
@@ -405,7 +410,9 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
         # a buffer none of whose names is read again (or saved, or returned) can be written again
         live = {buffer_of[n] for n in buffer_of
                 if n in saved or n == el.graph.output.name or last_use.get(n, -1) > position}
-        free += [b for b in dict.fromkeys(buffer_of.values()) if b not in live and b not in free]
+        # (a full-size one: ``m = sum_x.div_(n)`` lives in a (1, d) buffer no full-size result fits in)
+        free += [b for b in dict.fromkeys(buffer_of.values())
+                 if b not in live and b not in free and shapes.get(b, full) == full]
     return out
 
 
