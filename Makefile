@@ -51,9 +51,11 @@ doc-tools: $(MATHJAX)
 latex: install tex
 	$(BIN)/derive latex
 
+# the tests run on every core (pytest-xdist), each file on one worker: a file's module fixtures
+# (two ranks, compiled documents) are built once
 test: install tex doc-tools
 	$(BIN)/derive check
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # the sdist and a wheel (setup.py copies templates/ into the package); `pip install dist/derive-*.whl`
 dist: install

@@ -67,3 +67,14 @@ def ink(pdf: Path, page: int = 1, dpi: int = 30) -> float:
     pixels = run.stdout[match.end():match.end() + width * height]
     assert len(pixels) == width * height
     return sum(1 for v in pixels if v < 200) / len(pixels)
+
+
+# -- one torch thread per test worker ---------------------------------------------------------------
+# Under pytest-xdist (``make test``: a worker per core) each worker is one process on one core:
+# torch's own thread pool per worker would put several threads on each core and slow all of them.
+import os  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
