@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sympy as sp
 
+from .errors import DerivationError
+from .functions import Step
 from .printer import KernelPrinter, temporaries
 from .symbolic import Red, expand, reindex
 
@@ -138,4 +140,409 @@ def _scatters(grad: str, scatters: dict, printer, slots: dict, frame: list, text
     return lines
 
 
-__all__ = ["linear_form"]
+# -- in-place chains ---------------------------------------------------------------------------
+#
+# Any other full-size formula, printed as written, allocates one full-size temporary per operator:
+# ``(1 - out**2)*dout`` is three passes over memory and three fresh buffers. ``chain_form``
+# computes it over as few buffers as its expression tree needs: a buffer is allocated by its first
+# operation and then updated in place, one line per buffer (``dx = torch.add(t5, 1).mul_(t4)``),
+# and what torch does in one pass is one call: ``a + c*b`` (``add_(b, alpha=c)``), ``a + b*c``
+# (``addcmul_``), ``a + b/c`` (``addcdiv_``), and the one-pass kernels of autograd's own backward,
+# each a polynomial of whatever tensors it is given: ``g*(1 - y**2)`` is ``tanh_backward(g, y)``,
+# ``g*y*(1 - y)`` is ``sigmoid_backward(g, y)``, ``g*Step(u)`` is ``threshold_backward(g, u, 0)``.
+#
+# The operations are those of the formula as printed, in its order (a product left to right, its
+# divisions last; a sum term by term), so the chain rounds as the printed formula does: only the
+# numbers (literals, sizes, constants) of a product are multiplied together first. Reordering more
+# is not safe: ``(x*counts)*s`` loses ``x*counts`` to denormals where ``(s*x)*counts`` does not.
+#
+# The same lines run when a second derivative is taken (``create_graph=True`` differentiates this
+# backward), so every in-place update is one autograd can differentiate: a buffer is never an
+# argument of its own update, a buffer read by another operation is not updated afterwards (every
+# buffer is fresh; only the one being built is updated), and the output of a function (``tanh``,
+# ``exp``, ``sigmoid``: autograd may save it for their derivative) is not updated in place: the
+# next operation on it allocates (``torch.sigmoid(b).mul(c)``).
+
+# one-pass kernels of autograd's own backward
+_TANH_BACKWARD = "torch.ops.aten.tanh_backward"  # (g, y) -> g*(1 - y**2)
+_SIGMOID_BACKWARD = "torch.ops.aten.sigmoid_backward"  # (g, y) -> g*(1 - y)*y
+_THRESHOLD_BACKWARD = "torch.ops.aten.threshold_backward"  # (g, u, 0) -> g where u > 0, else 0
+_KERNEL_VALUES = {_TANH_BACKWARD: "{g}*(1 - {y}**2)", _SIGMOID_BACKWARD: "{g}*(1 - {y})*{y}",
+                  _THRESHOLD_BACKWARD: "{g} where {y} > 0, else 0"}
+
+
+class _Chain:
+    """A full-size value built in one buffer: its allocating expression, then in-place updates."""
+
+    def __init__(self, head: str, function: bool = False):
+        self.head = head
+        self.updates: list[str] = []
+        self.frozen = function  # the head is a function's output: the next update allocates
+
+    def then(self, method: str, arguments: str = "") -> "_Chain":
+        self.updates.append(f".{method}({arguments})" if self.frozen else f".{method}_({arguments})")
+        self.frozen = False
+        return self
+
+    def text(self) -> str:
+        head = self.head if not self.updates or _atomic(self.head) else f"({self.head})"
+        return head + "".join(self.updates)
+
+
+def _atomic(text: str) -> bool:
+    """Whether ``text`` is a name or one call (``torch.mul(a, b)``): a method call then applies to all of it."""
+    if text.isidentifier():
+        return True
+    head, paren, _ = text.partition("(")
+    if not paren or not all(part.isidentifier() for part in head.split(".")):
+        return False
+    depth = 0
+    for k, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0 and ch == ")":
+            return k == len(text) - 1
+    return False
+
+
+class _Planner:
+    """Writes the statements of one gradient: ``lines`` (its operand buffers), then its own chain."""
+
+    def __init__(self, grad: str, printer: KernelPrinter, shapes: dict, taken: set, numbers: set):
+        self.grad = grad
+        self.numbers = numbers  # temporaries that hold a Python number (a size expression), not a tensor
+        self.frame, self.slots = printer.frame.dims, printer.frame.slots
+        self.shapes = dict(shapes)  # the buffers too, so the printer knows them as full-size tensors
+        self.printer = KernelPrinter(printer.frame, self.shapes, printer.names, printer.dtype_of)
+        self.taken = set(taken)
+        self.lines: list[str] = []
+        self.notes: list[str] = []  # what each one-pass kernel used computes, for a comment
+
+    # -- what a value is --------------------------------------------------------------------
+    def full(self, e) -> bool:
+        return _axes(e, self.slots, self.shapes, self.frame) == set(range(len(self.frame)))
+
+    @staticmethod
+    def leaf(e) -> bool:
+        """A value read as it is printed: a tensor, a temporary, a one-hot."""
+        return isinstance(e, (sp.Indexed, sp.Symbol, sp.KroneckerDelta)) or not isinstance(
+            e, (sp.Add, sp.Mul, sp.Pow, sp.Function))
+
+    def number(self, e) -> bool:
+        """A run-time number (a literal, a size, a constant): not a tensor."""
+        return not e.atoms(sp.Indexed) and not any(
+            s.name in self.shapes and s.name not in self.numbers for s in e.free_symbols if isinstance(s, sp.Symbol))
+
+    def text(self, e) -> str:
+        if e.is_number and e.is_Rational and not e.is_Integer:
+            return repr(float(e))  # a coefficient made here: the float Python would make of it
+        return self.printer.doprint(e)
+
+    def wrapped(self, e) -> str:
+        t = self.text(e)
+        return t if t.isidentifier() else f"({t})"
+
+    def operand(self, e) -> str:
+        """``e`` as an argument: a small value or a leaf as printed, anything else in a buffer."""
+        if not self.full(e) or self.leaf(e):
+            return self.text(e)
+        return self.buffer(e)
+
+    def buffer(self, e) -> str:
+        """``e`` computed into a fresh buffer of its own (a line before the gradient's); its name."""
+        chain = self.chain(e)
+        k = 1
+        while f"{self.grad}_t{k}" in self.taken:
+            k += 1
+        name = f"{self.grad}_t{k}"
+        self.taken.add(name)
+        self.shapes[name] = tuple(self.frame)
+        self.lines.append(f"{name} = {chain.text()}")
+        return name
+
+    def passes(self, e) -> int:
+        """The full-size operations ``e`` makes printed as written (Python evaluating it left to right)."""
+        if not self.full(e) or self.leaf(e):
+            return 0
+        if isinstance(e, (sp.Mul, sp.Add)):
+            parts = e.as_ordered_factors() if isinstance(e, sp.Mul) else e.as_ordered_terms()
+            return sum(self.passes(p) for p in parts) + len(parts) - 1
+        return sum(self.passes(a) for a in e.args) + 1
+
+    # -- chains ------------------------------------------------------------------------------
+    def chain(self, e) -> _Chain:
+        """A chain computing ``e`` (full-size, not a leaf)."""
+        if isinstance(e, sp.Mul):
+            return self.product(e)
+        if isinstance(e, sp.Add):
+            return self.total(e)
+        return self.single(e)
+
+    def single(self, e) -> _Chain:
+        """A power or a function of full-size values."""
+        if isinstance(e, sp.Pow):
+            base, exponent = e.as_base_exp()
+            if exponent.is_Integer and exponent > 1:
+                method, argument = ("square", "") if exponent == 2 else ("pow", self.text(exponent))
+                if self.leaf(base):
+                    return _Chain(f"torch.{method}({self.text(base)}{', ' * bool(argument)}{argument})")
+                return self.chain(base).then(method, argument)
+        # anything else as the printer writes it, its full-size arguments computed first
+        arguments = {a: sp.Symbol(self.buffer(a)) for a in e.args if self.full(a) and not self.leaf(a)}
+        return _Chain(self.text(e.xreplace(arguments)), function=isinstance(e, sp.Function))
+
+    def product(self, e) -> _Chain:
+        """A product as the printer writes it: its factors left to right, then divided by its
+        denominators; its numbers multiplied together first."""
+        factors = e.as_ordered_factors()
+        numbers = sp.Mul(*[f for f in factors if self.number(f)])
+        tensors = [f for f in factors if not self.number(f)]
+        denominators = [1 / f for f in tensors if f.is_Pow and f.exp.is_negative]
+        numerators = [f for f in tensors if not (f.is_Pow and f.exp.is_negative)]
+        small_den = [d for d in denominators if not self.full(d)]
+        if small_den:  # small tensors it divides by go last, as printed, with the numbers it divides by
+            numbers = sp.Mul(*[f for f in factors if self.number(f) and not (f.is_Pow and f.exp.is_negative)])
+            small_den = [sp.Mul(*small_den, *[1 / f for f in factors if self.number(f) and f.is_Pow
+                                              and f.exp.is_negative])]
+        full_den = [d for d in denominators if self.full(d)]
+        chain = self.kernel(numerators, numbers)
+        if chain is None:
+            chain, prefix, rest = None, numbers, list(numerators)
+            while rest:
+                f = rest.pop(0)
+                if chain is None and not self.full(f):
+                    prefix *= f
+                elif chain is None:
+                    chain = self.first_factor(f, prefix, rest, full_den)
+                else:
+                    chain.then("mul", self.operand(f))
+            if chain is None:  # small factors that broadcast to full size: as printed
+                chain = _Chain(self.text(prefix * sp.Mul(*[1 / d for d in full_den])))
+                full_den = []
+        for d in full_den:
+            chain.then("div", self.operand(d))
+        for d in small_den:
+            chain.then("div", self.text(d))
+        return chain
+
+    def first_factor(self, f, prefix, rest: list, denominators: list) -> _Chain:
+        """The buffer of a product's first full-size factor times what came before it, or (a tensor
+        alone) times the factor after it (taken from ``rest`` or ``denominators``)."""
+        if not self.leaf(f):
+            chain = self.chain(f)
+            return chain if prefix == 1 else self.scaled(chain, prefix)
+        if prefix == -1:
+            return _Chain(f"torch.neg({self.text(f)})")
+        if prefix != 1:
+            return _Chain(f"torch.mul({self.text(f)}, {self.text(prefix)})")
+        if rest:
+            g = rest.pop(0)
+            if self.leaf(g) or not self.full(g):
+                return _Chain(f"torch.mul({self.text(f)}, {self.text(g)})")
+            return self.chain(g).then("mul", self.text(f))  # f*g is g*f, exactly
+        if denominators:
+            return _Chain(f"torch.div({self.text(f)}, {self.operand(denominators.pop(0))})")
+        return _Chain(f"{self.wrapped(f)}.clone()")
+
+    def scaled(self, chain: _Chain, factor) -> _Chain:
+        return chain.then("neg") if factor == -1 else chain.then("mul", self.text(factor))
+
+    def kernel(self, numerators, numbers) -> _Chain | None:
+        """The product through one of autograd's one-pass kernels, if one fits it: the kernel
+        applied to the rest of the product (a tensor, or the rest in a buffer), then the numbers."""
+        for f in numerators:
+            found = self.kernel_of(f, numerators)
+            if found is None:
+                continue
+            name, argument, used, sign, extra = found
+            rest = list(numerators)
+            for u in used:
+                rest.remove(u)
+            if not rest:
+                continue
+            grad = self.text(rest[0]) if len(rest) == 1 and self.leaf(rest[0]) else self.buffer(sp.Mul(*rest))
+            y = self.operand(argument)
+            self.notes.append(f"{name.rsplit('.', 1)[1]}({grad}, {y}{extra}) = "
+                              + _KERNEL_VALUES[name].format(g=grad, y=y))
+            chain = _Chain(f"{name}({grad}, {y}{extra})")
+            factor = numbers * sign
+            return chain if factor == 1 else self.scaled(chain, factor)
+        return None
+
+    def kernel_of(self, f, factors):
+        """``(kernel, argument, factors it replaces, sign, extra arguments)`` when ``f`` is the
+        polynomial factor of one of autograd's one-pass kernels, else None."""
+        if isinstance(f, Step) and self.full(f.args[0]):
+            return _THRESHOLD_BACKWARD, f.args[0], [f], 1, ", 0"
+        y = _one_minus_square(f)
+        if y is not None and self.full(y[0]):
+            return _TANH_BACKWARD, y[0], [f], y[1], ""
+        y = _one_minus(f)
+        if y is not None and y[0] in factors and self.full(y[0]):
+            return _SIGMOID_BACKWARD, y[0], [f, y[0]], y[1], ""
+        if y is not None and y[0] + 1 in factors and self.full(y[0]):  # (y - 1)*(y + 1), factored
+            return _TANH_BACKWARD, y[0], [f, y[0] + 1], y[1], ""
+        return None
+
+    def total(self, e) -> _Chain:
+        """A sum as the printer writes it: term by term, left to right."""
+        terms = [t for t in sorted(e.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())]
+        small, chain = sp.S.Zero, None
+        while terms:
+            t = terms.pop(0)
+            if chain is None and not self.full(t):
+                small += t
+            elif chain is None:
+                chain = self.first_term(t, small, terms)
+            elif not self.full(t):
+                chain.then("add", self.text(t))
+            else:
+                self.accumulate(chain, *self.split(t))
+        if chain is None:  # small terms that broadcast to full size: as printed
+            return _Chain(self.text(e))
+        return chain
+
+    def first_term(self, t, small, rest: list) -> _Chain:
+        """The buffer of a sum's first full-size term plus what came before it, or (a tensor alone)
+        plus the term after it (taken from ``rest``): one call where torch has one."""
+        coefficient, product = self.split(t)
+        if small != 0:
+            chain = self.start(coefficient, product, small)
+            if chain is not None:
+                return chain
+            if t.could_extract_minus_sign():  # ``small - u``: one subtraction
+                positive = self.chain(-t).text()
+                if self.number(small):
+                    return _Chain(f"torch.rsub({positive}, {self.text(small)})")
+                return _Chain(f"torch.sub({self.text(small)}, {positive})")
+            chain = self.chain(t) if not self.leaf(t) else _Chain(f"{self.wrapped(t)}.clone()")
+            return chain.then("add", self.text(small))
+        if not self.leaf(t):
+            return self.chain(t)
+        if not rest:
+            return _Chain(f"{self.wrapped(t)}.clone()")
+        u = rest.pop(0)
+        if not self.full(u):
+            return _Chain(f"torch.add({self.text(t)}, {self.text(u)})")
+        c, p = self.split(u)
+        if self.plain(p) and self.number(c):
+            chain = _Chain("")
+            self.accumulate(chain, c, p)
+            method, _, arguments = chain.updates[0][1:].partition("_(")
+            return _Chain(f"torch.{method}({self.text(t)}, {arguments}")
+        if u.could_extract_minus_sign():
+            return _Chain(f"torch.sub({self.text(t)}, {self.buffer(-u)})")
+        return self.chain(u).then("add", self.text(t))  # t + u is u + t, exactly
+
+    def split(self, term) -> tuple:
+        """(small coefficient, product of full-size factors) of one term."""
+        factors = sp.Mul.make_args(term)
+        if not any(self.full(f) for f in factors):  # full-size only together (``r[i, 0]*g[j]``): its
+            # numbers are the coefficient, its tensors the product (broadcast by the update itself)
+            return (sp.Mul(*[f for f in factors if self.number(f)]), sp.Mul(*[f for f in factors if not self.number(f)]))
+        return (sp.Mul(*[f for f in factors if not self.full(f)]), sp.Mul(*[f for f in factors if self.full(f)]))
+
+    def plain(self, product) -> bool:
+        """A tensor, or a product or quotient of two, each read as it is (one ``add_``,
+        ``addcmul_`` or ``addcdiv_`` adds it)."""
+        factors = sp.Mul.make_args(product)
+        if len(factors) == 1:
+            return self.leaf(factors[0])
+        inverse = [f for f in factors if f.is_Pow and f.exp == -1 and self.leaf(f.base)]
+        return len(factors) == 2 and len(inverse) <= 1 and all(self.leaf(f) or f in inverse for f in factors)
+
+    def start(self, coefficient, product, small) -> _Chain | None:
+        """``small + coefficient*product`` in one call, where torch has one; else None."""
+        if not self.plain(product):
+            return None
+        factors = sp.Mul.make_args(product)
+        number = self.number(coefficient)
+        if len(factors) == 1:
+            tensor = self.text(factors[0])
+            if not self.number(small):
+                if number:
+                    alpha = "" if coefficient == 1 else f", alpha={self.text(coefficient)}"
+                    return _Chain(f"torch.add({self.text(small)}, {tensor}{alpha})")
+                return _Chain(f"torch.addcmul({self.text(small)}, {self.text(coefficient)}, {tensor})")
+            if coefficient == 1:
+                return _Chain(f"torch.add({tensor}, {self.text(small)})")
+            if coefficient == -1:
+                return _Chain(f"torch.rsub({tensor}, {self.text(small)})")
+            return None
+        if number and not self.number(small):
+            a, b = factors
+            value = "" if coefficient == 1 else f", value={self.text(coefficient)}"
+            if a.is_Pow or b.is_Pow:
+                a, b = (b, a.base) if a.is_Pow else (a, b.base)
+                return _Chain(f"torch.addcdiv({self.text(small)}, {self.text(a)}, {self.text(b)}{value})")
+            return _Chain(f"torch.addcmul({self.text(small)}, {self.text(a)}, {self.text(b)}{value})")
+        return None
+
+    def accumulate(self, chain: _Chain, coefficient, product) -> None:
+        """``chain += coefficient*product``, in one update where torch has one."""
+        factors = sp.Mul.make_args(product)
+        number = self.number(coefficient)
+        if self.plain(product) and len(factors) == 1:
+            tensor = self.text(factors[0])
+            if not number:
+                chain.then("addcmul", f"{self.text(coefficient)}, {tensor}")
+            elif coefficient == -1:
+                chain.then("sub", tensor)
+            else:
+                chain.then("add", tensor + ("" if coefficient == 1 else f", alpha={self.text(coefficient)}"))
+            return
+        if self.plain(product) and number:
+            a, b = factors
+            value = "" if coefficient == 1 else f", value={self.text(coefficient)}"
+            if a.is_Pow or b.is_Pow:
+                a, b = (b, a.base) if a.is_Pow else (a, b.base)
+                chain.then("addcdiv", f"{self.text(a)}, {self.text(b)}{value}")
+            else:
+                chain.then("addcmul", f"{self.text(a)}, {self.text(b)}{value}")
+            return
+        term = coefficient * product
+        negative = term.could_extract_minus_sign()
+        chain.then("sub" if negative else "add", self.buffer(-term if negative else term))
+
+
+def _one_minus(f):
+    """``(y, sign)`` for ``sign*(1 - y)``, else None."""
+    if isinstance(f, sp.Add) and len(f.args) == 2:
+        numbers = [a for a in f.args if a.is_number]
+        if len(numbers) == 1 and numbers[0] in (1, -1):
+            one = numbers[0]
+            other = f.args[0] if f.args[1] is one else f.args[1]
+            y = -other if one == 1 else other
+            if not y.could_extract_minus_sign():
+                return y, one
+    return None
+
+
+def _one_minus_square(f):
+    """``(y, sign)`` for ``sign*(1 - y**2)``, else None."""
+    found = _one_minus(f)
+    if found is not None and found[0].is_Pow and found[0].exp == 2:
+        return found[0].base, found[1]
+    return None
+
+
+def chain_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict, taken: set,
+               numbers: set = frozenset()) -> list[str] | None:
+    """Statements computing the full-size ``grad = expr`` over few buffers, updated in place (see
+    above), or None when ``expr`` is not full-size or is one product of two tensors anyway.
+    ``numbers``: the temporaries in ``shapes`` that hold a Python number, not a tensor."""
+    planner = _Planner(grad, printer, shapes, taken, set(numbers))
+    if not planner.full(expr) or planner.leaf(expr):
+        return None
+    try:
+        chain = planner.chain(expr)
+    except DerivationError:
+        return None
+    if not planner.lines and not chain.updates and not chain.head.startswith(_KERNELS) and planner.passes(expr) <= 1:
+        return None  # one operation either way: as written
+    notes = [f"# {note}, in one pass (autograd's own kernel)" for note in dict.fromkeys(planner.notes)]
+    return notes + planner.lines + [f"{grad} = {chain.text()}"]
+
+
+_KERNELS = (_TANH_BACKWARD, _SIGMOID_BACKWARD, _THRESHOLD_BACKWARD)
+
+__all__ = ["linear_form", "chain_form"]

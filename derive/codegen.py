@@ -170,19 +170,26 @@ def _check_context(checks: list) -> dict:
                 checks_hold=" and ".join(f"({c.holds})" if " or " in c.holds else c.holds for c in rest) or "True")
 
 
-def render_function(kernel: Kernel) -> str:
-    # shared temporaries, then the gradients, each under the ``if`` of the gradients that need it;
-    # consecutive statements with the same condition share one ``if``
-    steps = [(" or ".join(f"needs[{u}]" for u in s.users),
-              s.fast or ([f"{s.scratch} = {s.scratch_code}"] if s.scratch else []) + [f"{s.name} = {s.sum_code or s.code}"])
-             for s in kernel.shared]
-    steps += [(f"needs[{f.position}]", f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
+def _blocks(steps: list) -> list[dict]:
+    """``(guard, lines)`` steps as ``if`` blocks; consecutive steps with one guard share a block."""
     blocks = []
     for guard, lines in steps:
         if blocks and blocks[-1]["guard"] == guard:
             blocks[-1]["lines"] += lines
         else:
             blocks.append(dict(guard=guard, lines=list(lines)))
+    return blocks
+
+
+def render_function(kernel: Kernel) -> str:
+    # shared temporaries, then the gradients, each under the ``if`` of the gradients that need it;
+    # consecutive statements with the same condition share one ``if``
+    steps = [(" or ".join(f"needs[{u}]" for u in s.users),
+              s.fast or ([f"{s.scratch} = {s.scratch_code}"] if s.scratch else []) + [f"{s.name} = {s.sum_code or s.code}"])
+             for s in kernel.shared]
+    plain = steps + [(f"needs[{f.position}]", f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
+    steps += [(f"needs[{f.position}]", f.fast or f.chain or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
+    blocks, plain_blocks = _blocks(steps), _blocks(plain)
     returns = [f"d{name}" if name in kernel.layer.differentiable else "None" for name in kernel.layer.inputs]
     # the forward returns what it computed for the backward; the inputs are saved apart
     computed = [s for s in kernel.saved if s not in kernel.layer.tensors]
@@ -208,7 +215,11 @@ def render_function(kernel: Kernel) -> str:
         output=kernel.output,
         grad_output=f"d{kernel.output}",
         grad_names=[f"d{n}" for n in kernel.layer.differentiable],
-        blocks=blocks,
+        # eager autograd's backward computes the in-place chains (backward_plan.chain_form); a graph
+        # of the backward, torch.func transforms (vmap cannot write a batched value into an
+        # unbatched buffer) and torch.compile take those formulas as written
+        blocks=plain_blocks,
+        in_place_blocks=blocks if blocks != plain_blocks else None,
         returns=", ".join(returns),
         doc=kernel.layer.doc or kernel.name,
     )

@@ -15,7 +15,7 @@ from .differentiate import Gradients, differentiate
 from .elements import Elements
 from .errors import DerivationError
 from .forward import size_names, size_scalars
-from .backward_plan import linear_form
+from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
 from .memo import ByObject
 from .printer import Frame, KernelPrinter, _wrap, fit_shape, temporaries
@@ -38,6 +38,9 @@ class Formula:
     code: str = ""  # vectorized right-hand side (after shared subexpressions)
     needs: list[str] = field(default_factory=list)  # shared temporaries it reads
     fast: list[str] = field(default_factory=list)  # statements computing it in fewer passes, if any
+    # statements computing it in place over few buffers (``backward_plan.chain_form``): eager
+    # autograd's backward only, not a graph of the backward nor torch.func transforms
+    chain: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Kernel:
     frame: list = field(default_factory=list)  # the printing frame's indices (printer.Frame)
     adjoints: list = field(default_factory=list)  # Formula per materialized adjoint, in the order computed
     forbidden: dict = field(default_factory=dict)  # input -> refold rewrites its gradient may not take
+    as_written: frozenset = frozenset()  # inputs whose gradient is printed as its formula reads
 
     @property
     def name(self) -> str:
@@ -244,9 +248,11 @@ def derived(layer: Layer) -> tuple[Graph, Elements, Gradients]:
     return _DERIVED.get(layer, derive)
 
 
-def build(layer: Layer, forbidden: dict[str, frozenset] | None = None) -> Kernel:
+def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_written: frozenset = frozenset()) -> Kernel:
     """The fused kernel of ``layer``. ``forbidden`` maps an input to the refold rewrites its
-    gradient may not take (``(node, variable)`` names, see ``select``): a less folded form."""
+    gradient may not take (``(node, variable)`` names, see ``select``): a less folded form.
+    The gradients of the inputs in ``as_written`` are printed as their formulas read, without
+    the in-place forms of ``backward_plan`` (which order some operations differently)."""
     start = time.perf_counter()
     graph, el, grads = derived(layer)
     order = list(layer.inputs)
@@ -267,11 +273,11 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None) -> Kernel
     try:
         shared, codes = print_formulas(layer, el, formulas, frame, shapes,
                                        taken={n.name for n in graph.nodes} | {f"d{n.name}" for n in graph.nodes},
-                                       size_text=size_text, adjoints=adjoints)
+                                       size_text=size_text, adjoints=adjoints, as_written=as_written)
     except DerivationError as e:
         raise located(e, graph) from None
-    for f, (code, needs, fast) in zip(formulas, codes):
-        f.code, f.needs, f.fast = code, needs, fast or []
+    for f, (code, needs, fast, chain) in zip(formulas, codes):
+        f.code, f.needs, f.fast, f.chain = code, needs, fast or [], chain or []
 
     read = set()
     for expr in [f.element for f in adjoints + formulas]:
@@ -292,7 +298,7 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None) -> Kernel
         raise located(e, graph) from None
     return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
                   [dim_text[d] for d in layer.dims], sources, checks, constants,
-                  time.perf_counter() - start, frame, adjoints, dict(forbidden or {}))
+                  time.perf_counter() - start, frame, adjoints, dict(forbidden or {}), frozenset(as_written))
 
 
 def located(error: DerivationError, graph) -> DerivationError:
@@ -309,13 +315,15 @@ def located(error: DerivationError, graph) -> DerivationError:
 
 def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame: list, shapes: dict,
                    taken: set, rename: dict[str, str] | None = None, sizes: dict | None = None,
-                   size_text: dict | None = None, adjoints: list[Formula] = ()):
+                   size_text: dict | None = None, adjoints: list[Formula] = (), as_written: frozenset = frozenset()):
     """``_print_group`` of the materialized ``adjoints`` the ``formulas`` read (each a temporary,
-    ``dscores = ...``, in the layout of its node), then of the formulas, which read them as tensors."""
+    ``dscores = ...``, in the layout of its node), then of the formulas, which read them as tensors.
+    The gradients of the inputs in ``as_written`` are printed as their formulas read, without the
+    in-place forms of ``backward_plan``; an adjoint is never an in-place chain (a linear form at most)."""
     rename = dict(rename or {})
     wanted = _needed_adjoints(formulas, adjoints)
     if not wanted:
-        return _print_group(layer, el, formulas, frame, shapes, taken, rename, sizes, size_text)
+        return _print_group(layer, el, formulas, frame, shapes, taken, rename, sizes, size_text, as_written)
     for a in wanted:
         rename.setdefault(f"d{a.input}", f"d{rename.get(a.input, a.input)}")
     # each adjoint in turn (a later one reads the earlier), told apart from the gradients by a
@@ -324,14 +332,14 @@ def print_formulas(layer: Layer, el: Elements, formulas: list[Formula], frame: l
     nodes = {n.name: n for n in el.graph.nodes}
     groups, entries = [], []
     for k, a in enumerate(wanted):
-        temps, ((code, _, fast),) = _print_group(layer, el, [Formula(a.input, -(k + 1), a.element)], frame, shapes,
-                                                 taken, rename, sizes, size_text)
+        temps, ((code, _, fast, _),) = _print_group(layer, el, [Formula(a.input, -(k + 1), a.element)], frame, shapes,
+                                                 taken, rename, sizes, size_text, chains=False)
         name = rename[f"d{a.input}"]
         shapes[name] = nodes[a.input].shape  # its atoms, where a view splits them: _atomic_layouts
         groups.append(temps)
         entries.append(Shared(name, code, a.element, [], fast=fast or []))
         taken = set(taken) | {t.name for t in temps} | {name}
-    second, codes = _print_group(layer, el, formulas, frame, shapes, taken, rename, sizes, size_text)
+    second, codes = _print_group(layer, el, formulas, frame, shapes, taken, rename, sizes, size_text, as_written)
     # an adjoint is needed wherever a gradient reads it, directly or through a later adjoint
     readers: dict[int, set] = {}
     for k in reversed(range(len(wanted))):
@@ -413,7 +421,7 @@ def _needed_adjoints(formulas: list[Formula], adjoints: list[Formula]) -> list[F
 
 def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: list, shapes: dict,
                  taken: set, rename: dict[str, str] | None = None, sizes: dict | None = None,
-                 size_text: dict | None = None):
+                 size_text: dict | None = None, as_written: frozenset = frozenset(), chains: bool = True):
     """Print ``formulas`` as torch code, with shared subexpressions (``cse``) as named temporaries.
 
     ``frame`` is the list of indices every tensor is laid out on (``Elements.frame``). ``rename``
@@ -477,6 +485,11 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
             if sp.Symbol(earlier.name) in later.element.free_symbols:
                 earlier.users = sorted(set(earlier.users) | set(later.users))
     _name_scratch_buffers(shared, frame, shapes, names, dtype_of, taken, views)
+    # temporaries of sizes and constants only are Python numbers at run time, not tensors
+    number_temps: set = set()
+    for s in shared:
+        if all(v in scalars(el) or v.name in number_temps for v in s.element.free_symbols) and not s.element.atoms(sp.Indexed):
+            number_temps.add(s.name)
     claimed = set()
     codes = []
     for f, element, r in zip(formulas, elements, reduced):
@@ -490,7 +503,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         shape = [sp.sympify(s).xreplace(sizes) for s in el.shape(node)]  # its atoms (atoms.py)
         shape_text, stored = text_of(el.shape(node)), text_of(node.shape)
         if element == 0:  # the output does not read this input, or its terms cancel (softmax(x).sum())
-            codes.append((f"{dtype_of}.new_zeros(({', '.join(stored)}{',' if len(stored) == 1 else ''}))", [], None))
+            codes.append((f"{dtype_of}.new_zeros(({', '.join(stored)}{',' if len(stored) == 1 else ''}))", [], None, None))
             continue
         p = printer()
         # a gradient of the frame's rank read from lower-rank tensors alone (``dc = dout*w`` for a
@@ -515,10 +528,13 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         # a gradient already in its input's layout may be built in place, term by term
         # a scratch buffer from a sum this gradient's guard always computes
         scratch = next((s.scratch for s in shared if s.scratch and s.scratch not in claimed and f.position in s.users), "")
-        fast = linear_form(f"d{f.input}", r, printer(), shapes, scratch) if fitted == code else None
+        fast = linear_form(f"d{f.input}", r, printer(), shapes, scratch) if fitted == code and f.input not in as_written else None
         if fast and scratch and f"{scratch}.copy_(" in fast[0]:
             claimed.add(scratch)
-        codes.append((fitted, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols], fast))
+        chain = None
+        if fast is None and chains and fitted == code and f.input not in as_written:
+            chain = chain_form(f"d{f.input}", r, printer(), shapes, taken, number_temps)
+        codes.append((fitted, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols], fast, chain))
     return shared, codes
 
 

@@ -5,6 +5,8 @@
    that fails, the last rewrite its refold took is forbidden and the kernel is built again: the
    refold then takes the next best rewrite, or stops a step earlier (a less folded form). After
    ``MAX_ATTEMPTS - 1`` such steps a gradient that still fails is tried unfolded (no rewrite).
+   A gradient printed as an in-place chain (``backward_plan.chain_form``) that fails is first
+   printed as its formula reads; that is not counted as a step.
 3. When the output fails (the fused forward rounds worse than the spec's), when a failing gradient
    has no rewrite left to undo, or when the fused engine cannot derive the layer at all, the
    kernel is the step-by-step backward, which replays autograd's own operations.
@@ -103,17 +105,30 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
     finally:
         torch.set_num_threads(threads)
     forbidden: dict[str, frozenset] = {}
+    as_written: frozenset = frozenset()
     undone: list[str] = []
-    for attempt in range(MAX_ATTEMPTS + 1):
+    attempt = 0  # rewrites undone so far (trying a gradient as its formula reads is not counted)
+    while True:
         verdict = check(kernel, draws)
         if verdict.passed:
             return Choice(layer, kernel, verdict, undone=undone)
         formulas = {f"d{f.input}": f for f in kernel.formulas}
         failing = list(dict.fromkeys(f.value for f in verdict.findings))
+        # a gradient printed in place (``backward_plan``) is first printed as its formula reads
+        fast = [v for v in failing if v in formulas and (formulas[v].fast or formulas[v].chain)
+                and formulas[v].input not in as_written]
+        if fast:
+            as_written |= {formulas[v].input for v in fast}
+            undone += [f"{v}: in-place form" for v in fast]
+            kernel = build(layer, forbidden, as_written)
+            continue
         if attempt == MAX_ATTEMPTS or any(v not in formulas or not formulas[v].rewrites for v in failing):
             break
         for value in failing:
             formula = formulas[value]
+            if formula.input in as_written:  # it failed as written too: its in-place form was not the cause
+                undone.remove(f"{value}: in-place form")
+            as_written -= {formula.input}  # the less folded formula is tried in place first again
             if attempt == MAX_ATTEMPTS - 1:  # the last try: the gradient as differentiated, no rewrite at all
                 forbidden[formula.input] = frozenset({EVERY_REWRITE})
                 undone.append(f"{value}: every rewrite")
@@ -122,7 +137,8 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
             forbidden[formula.input] = forbidden.get(formula.input, frozenset()) | {(last.node.name,
                                                                                       last.variable.name)}
             undone.append(f"{value}: {last.node.name} for {last.variable.name}")
-        kernel = build(layer, forbidden)
+        attempt += 1
+        kernel = build(layer, forbidden, as_written)
     finding = verdict.findings[0]
     if fused_only:
         raise DerivationError(layer.name, f"every fused form fails the numerical battery ({finding})",

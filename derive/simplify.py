@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -64,10 +65,11 @@ def cost(el: Elements, expr: sp.Expr) -> int:
     size = sp.count_ops(expr)
     # (weighed without factoring the whole sum: that changes few counts and is most of the time)
     printed = expr if size > COST_EXACT_MAX_OPS else closed_form(expr, scalars(el), factor_whole=False)
-    # an input is saved for the backward anyway (a second derivative recomputes from it); any other
-    # tensor read must be computed by the forward and kept alive until the backward
-    inputs = set(el.graph.inputs)
-    return weighted_ops(printed) + sum(1 if b in inputs else 3 for b in bases(expr))
+    # an input is saved for the backward anyway (a second derivative recomputes from it), and a
+    # value autograd keeps costs no memory autograd does not spend; any other tensor read must be
+    # computed by the forward and kept alive until the backward
+    cheap = set(el.graph.inputs) | kept_by_autograd(el)
+    return weighted_ops(printed) + sum(1 if b in cheap else 3 for b in bases(expr))
 
 
 def _solve(el: Elements, node: Node, reads: tuple[set, set]):
@@ -212,6 +214,49 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
     return expr.xreplace(found) if found else None
 
 
+def kept_by_autograd(el: Elements) -> frozenset:
+    """Names of the forward values autograd through the spec keeps for its backward: those the
+    step-by-step backward (which replays autograd's own operations) reads. Reading one of them
+    costs the fused backward no memory that autograd does not spend too."""
+    kept = getattr(el, "_kept_by_autograd", None)
+    if kept is None:
+        from .stepwise import emit
+
+        try:
+            text = " ".join(line.code for line in emit(el.graph)[0])
+        except DerivationError:
+            text = ""
+        kept = frozenset(n.name for n in el.graph.nodes if re.search(rf"\b{re.escape(n.name)}\b", text))
+        el._kept_by_autograd = kept
+    return kept
+
+
+def _kept_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
+    """``expr`` reading ``node`` wherever it computes ``node``'s value again as one sum or product
+    of tensors (``t1 + 1`` becomes ``t2`` when the forward computed ``t2 = 1 + t1``), or None.
+
+    Only for a value autograd keeps too (``kept_by_autograd``): the forward pass computes it
+    anyway, and reading it saves the backward a full-size pass over memory at no cost in memory
+    beyond autograd's. (A transcendental value is read by ``_saved_reads``, weighed by the cost.)"""
+    if not node.shape or node.name not in kept_by_autograd(el) or node.op in ("input", "labels"):
+        return None
+    own = [i for i in el.free(node) if i != 0]
+    wild = {i: sp.Wild(f"w_{i}") for i in own}
+    target = el.ref(node).xreplace(wild)
+    found = {}
+    for value in dict.fromkeys([el.direct(node), el.nf[node]]):
+        if not isinstance(value, (sp.Add, sp.Mul)) or not value.atoms(sp.Indexed) or reductions(value):
+            continue
+        pattern = value.xreplace(wild)
+        for a in sp.preorder_traversal(expr):
+            if a.func is not value.func or len(a.args) != len(value.args) or a in found:
+                continue
+            match = a.match(pattern)
+            if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
+                found[a] = target.xreplace(match)
+    return expr.xreplace(found) if found else None
+
+
 # A rewrite must make the formula this much cheaper to be taken: a marginal gain (reading ``t4``
 # for ``x`` where ``t4 = x/2``, ``t6 - 1`` for ``t5`` where ``t6 = t5 + 1``) trades an input the
 # backward has anyway for a saved value, or a product for a subtraction that rounds.
@@ -252,10 +297,10 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: froz
                 options.append((cost(el, rewritten), not node.named, rewritten, node, node,
                                 el.definition.get(node, el.nf[node]), el.ref(node)))
         if not options:
-            return restore(expr)
+            break
         score, _, rewritten, node, variable, target, solution = min(options, key=lambda o: (o[0], o[1]))
         if score > best * (1 - MIN_GAIN):
-            return restore(expr)
+            break
         if log is not None:  # replayed to learn which reductions the substitution recognised
             recognized = []
             if variable is node:
@@ -265,6 +310,27 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: froz
             log.append(Rewrite(node, variable, target, solution, restore(expr), restore(rewritten),
                                recognized, (best, score), "read" if variable is node else "solve"))
         expr, best = rewritten, score
+    return restore(_read_kept(el, expr, candidates, log, forbidden, restore))
+
+
+def _read_kept(el: Elements, expr: sp.Expr, candidates: list, log: list | None, forbidden: frozenset,
+               restore) -> sp.Expr:
+    """The refolded ``expr`` reading the values autograd keeps wherever it computes them again
+    (``_kept_reads``): each such read removes a full-size operation from the backward."""
+    for node in candidates:
+        if (node.name, node.name) in forbidden:
+            continue
+        read = _kept_reads(el, node, expr)
+        if read is None:
+            continue
+        rewritten = tidy(el, read)
+        if cost(el, rewritten) > cost(el, expr):
+            continue
+        if log is not None:
+            log.append(Rewrite(node, node, el.direct(node), el.ref(node), restore(expr), restore(rewritten), [],
+                               (cost(el, expr), cost(el, rewritten)), "read"))
+        expr = rewritten
+    return expr
 
 
 # The refold weighs every candidate by its closed form, and the candidates share most of their terms

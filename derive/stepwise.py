@@ -165,7 +165,7 @@ def _fused_region(graph: Graph, region, grad, needed: set, lines: list[Line]) ->
     comment = f"fused {region.layer.name} kernel, grad of: {region.source}"
     for s in shared:
         lines.append(Line(f"{s.name} = {s.code}", comment))
-    return {region.arguments[f.input]: Code(code, prec=0) for f, (code, _, _) in zip(wanted, codes)}
+    return {region.arguments[f.input]: Code(code, prec=0) for f, (code, *_) in zip(wanted, codes)}
 
 
 def evaluate_steps(graph: Graph, values: dict, seed: np.ndarray, sizes: dict) -> dict:

@@ -399,7 +399,7 @@ def build_synced(kernel: Kernel) -> SyncedKernel:
         messages += 1
     for s in shared:
         blocks.append(dict(guard=guard(s.users), lines=[f"{s.name} = {s.code}"]))
-    for f, (code, _, fast) in zip(formulas, codes):
+    for f, (code, _, fast, _) in zip(formulas, codes):
         blocks.append(dict(guard=f"needs[{f.position}]", lines=fast or [f"d{f.input} = {code}"]))
     merged = []
     for b in blocks:

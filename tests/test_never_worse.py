@@ -205,6 +205,38 @@ def test_a_layer_with_no_passing_fused_form_gets_the_step_by_step_kernel(tmp_pat
     assert "every fused form fails the numerical battery" in capsys.readouterr().err
 
 
+WHOLE_REDUCTIONS = '''
+import torch
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), w=Tensor("k"))
+def centred_total(x, w):
+    return (x - w).sum()
+
+
+@layer(x=Tensor("n", "k"), w=Tensor("k"))
+def centred_mean(x, w):
+    return (x - w).mean()
+'''
+
+
+@pytest.mark.parametrize("name", ["centred_total", "centred_mean"])
+def test_a_sum_over_every_axis_is_one_reduction(name, tmp_path):
+    """``.sum()`` and ``.mean()`` of a full-size value are one torch reduction in the fused forward,
+    as in the spec: summed axis after axis, the output rounded up to 10x autograd's float32 error."""
+    path = tmp_path / "whole.py"
+    path.write_text(WHOLE_REDUCTIONS)
+    layer = {lay.name: lay for lay in from_file(str(path))}[name]
+    source = render(layer)[f"{name}.py"]
+    assert ".sum((0, 1), keepdim=True)" in source and ".sum(0, keepdim=True)" not in source
+    fn = kernel_module(layer, tmp_path)
+    torch.set_num_threads(1)
+    for seed, sizes in ((7, {"n": 32, "k": 7}), (5, {"n": 48, "k": 9})):
+        verdict = battery.run(layer, fn, sizes, seed=seed)
+        assert verdict.passed, "\n".join(map(str, verdict.findings[:3]))
+
+
 def test_the_battery_keeps_every_input_in_its_declared_domain():
     """Scaled, shifted and banded draws scale only what stays in the domain: a positive input stays
     positive, a probability row on the simplex, a mask 0 or 1, a gate in (0, 1)."""

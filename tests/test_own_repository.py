@@ -387,8 +387,9 @@ def test_verify_exits_1_on_a_hand_edit_and_keeps_its_table_aligned(tmp_path, cap
     kernel = out / "a_layer_with_a_rather_long_name.py"
     text = kernel.read_text()
     line = "        da_rather_long_input_name = (1 - squashed_intermediate_value**2)*dout*w\n"
-    assert line in text
-    kernel.write_text(text.replace(line, line.replace("*w\n", "*w*1.01\n")))  # a 1% edit
+    in_place = "        da_rather_long_input_name_t1 = torch.mul(dout, w)\n"  # the eager backward's first step
+    assert line in text and in_place in text
+    kernel.write_text(text.replace(in_place, in_place.replace("w)\n", "w*1.01)\n")))  # a 1% edit
     status, stdout, err = run("verify", "--layer", mine, "--out", out, capsys=capsys)
     assert status == 1
     assert err.startswith("FAIL: a_layer_with_a_rather_long_name: the fused kernel's da_rather_long_input_name is not "
