@@ -2,19 +2,19 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate --backend cpp
 # inputs-hash: ff1c47c8cd885498590dff8577bc156daa55edbd4f59b6984a508652527468e5
-# content-hash: edef3debe819b9ec237674b079c242cf4d068be7b07505161bfcc3b4954eaf9a
+# content-hash: 315ad414ca827d0f5ba2c26117d1088e3b461cdc7fc90a3b3b47ecb4ef594a13
 """``bce_with_logits``: Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 The fused kernel of ``bce_with_logits.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
 kernel plan: the forward and the backward are each a few passes over memory:
 
     forward:
-        sweep 1, pass 1 over each row: accumulates per chunk sum_logits_target = sum over
-          rows of logits*(1 - target) + Softplus(-logits)
-        finally: sum_sum_logits_target, loss
+        sweep 1, pass 1 over each row: accumulates per chunk sum_logits_t3 = sum over rows
+          of logits*(1 - target) + Softplus(t3)
+        finally: sum_sum_logits_t3, loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits
-    saved for the backward: nothing
+    saved for the backward: nothing; recomputed there: t3
 
 The extension (``native/*.cpp`` beside this file: every layer of this folder, one build) is
 compiled with ``torch.utils.cpp_extension`` on first use and cached (``$DERIVE_NATIVE_CACHE``, else
@@ -132,8 +132,8 @@ class BceWithLogitsCppFunction(torch.autograd.Function):
         n, d = ctx.sizes
         if torch.is_grad_enabled():  # create_graph=True: the eager kernel's differentiable backward
             _eager_kernel = _eager()
-            _, () = _eager_kernel._forward_with_graph(logits, target, n, d)
-            return _eager_kernel._backward(ctx.needs_input_grad, dloss, logits, target, n, d)
+            _, (t3,) = _eager_kernel._forward_with_graph(logits, target, n, d)
+            return _eager_kernel._backward(ctx.needs_input_grad, dloss, target, t3, n, d)
         _grads = native_module().bce_with_logits_backward(dloss.contiguous(), logits, target, n, d)
         dlogits, = _grads
         return dlogits.view(logits.shape) if ctx.needs_input_grad[0] else None, None

@@ -2,19 +2,19 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate --backend triton
 # inputs-hash: 20104d5622a7b8dab7ac0b2f77b6f877a5ac329e63226b0f283a0f917f3a3329
-# content-hash: d4c0f0b501c640570ad48863a6aab8595dc77a34854070bca52c2f4c7e26a987
+# content-hash: 96bd5e970185b6ace4ed822c5b38b0c947b6db6ae3b0209150a9d01f91a17d9d
 """``bce_with_logits``: Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 The fused kernel of ``bce_with_logits.py`` as Triton kernels, printed from its kernel plan (the same
 plan as the C++ kernel): the forward and the backward are each a few passes over memory:
 
     forward:
-        sweep 1, pass 1 over each row: accumulates per chunk sum_logits_target = sum over
-          rows of logits*(1 - target) + Softplus(-logits)
-        finally: sum_sum_logits_target, loss
+        sweep 1, pass 1 over each row: accumulates per chunk sum_logits_t3 = sum over rows
+          of logits*(1 - target) + Softplus(t3)
+        finally: sum_sum_logits_t3, loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits
-    saved for the backward: nothing
+    saved for the backward: nothing; recomputed there: t3
 
 Each sweep is one kernel over chunks of rows; the steps between sweeps (per-column and scalar
 values) run in float64 torch code. Inputs on the CPU run under Triton's interpreter
@@ -104,7 +104,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _bce_with_logits_forward_sweep0(p_logits, p_target, part_sum_logits_target, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _bce_with_logits_forward_sweep0(p_logits, p_target, part_sum_logits_t3, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
@@ -113,7 +113,7 @@ if triton is not None:
             for col0 in range(0, sz_d, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_d
-                tl.store(part_sum_logits_target + chunk*sz_d + cols, tl.load(part_sum_logits_target + chunk*sz_d + cols, mask=mask, other=0.0) + (((-tl.load(p_target + row*sz_d + cols, mask=mask, other=0.0)) + 1.0)*tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0) + tl.where((-tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0)) > 20.0, -tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0), _log1p(_exp(-tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0), DEVICE_MATH), DEVICE_MATH))).to(tl.float64), mask=mask)
+                tl.store(part_sum_logits_t3 + chunk*sz_d + cols, tl.load(part_sum_logits_t3 + chunk*sz_d + cols, mask=mask, other=0.0) + (((-tl.load(p_target + row*sz_d + cols, mask=mask, other=0.0)) + 1.0)*tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0) + tl.where((-tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0)) > 20.0, -tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0), _log1p(_exp(-tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0), DEVICE_MATH), DEVICE_MATH))).to(tl.float64), mask=mask)
 
 
     @triton.jit
@@ -130,7 +130,7 @@ if triton is not None:
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
-    "_bce_with_logits_forward_sweep0": {'p_logits': '*fp32', 'p_target': '*fp32', 'part_sum_logits_target': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
+    "_bce_with_logits_forward_sweep0": {'p_logits': '*fp32', 'p_target': '*fp32', 'part_sum_logits_t3': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
     "_bce_with_logits_backward_sweep0": {'o_dlogits': '*fp32', 'p_logits': '*fp32', 'p_target': '*fp32', 'ps_bs1': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
@@ -145,12 +145,12 @@ def _bce_with_logits_forward(p_logits, p_target, sz_n, sz_d):
     # sweep 1
     chunks = min(sz_n, 256)
     rows_per_chunk = -(-sz_n // chunks)
-    part_sum_logits_target = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
-    _bce_with_logits_forward_sweep0[(chunks,)](p_logits, p_target, part_sum_logits_target, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    part_sum_logits_t3 = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
+    _bce_with_logits_forward_sweep0[(chunks,)](p_logits, p_target, part_sum_logits_t3, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
-    cv_sum_logits_target = part_sum_logits_target.sum(0)
-    ps_sum_sum_logits_target = torch.as_tensor(cv_sum_logits_target, dtype=torch.float64, device=device).expand(sz_d).sum()
-    ps_loss = torch.as_tensor(ps_sum_sum_logits_target/(float(sz_d)*float(sz_n)), dtype=torch.float64, device=device).reshape(())
+    cv_sum_logits_t3 = part_sum_logits_t3.sum(0)
+    ps_sum_sum_logits_t3 = torch.as_tensor(cv_sum_logits_t3, dtype=torch.float64, device=device).expand(sz_d).sum()
+    ps_loss = torch.as_tensor(ps_sum_sum_logits_t3/(float(sz_d)*float(sz_n)), dtype=torch.float64, device=device).reshape(())
     o_loss.copy_(ps_loss.reshape(-1).expand_as(o_loss))
     return [o_loss]
 
@@ -193,8 +193,8 @@ class BceWithLogitsTritonFunction(torch.autograd.Function):
         n, d = ctx.sizes
         if torch.is_grad_enabled():  # create_graph=True: the eager kernel's differentiable backward
             _eager_kernel = _eager()
-            _, () = _eager_kernel._forward_with_graph(logits, target, n, d)
-            return _eager_kernel._backward(ctx.needs_input_grad, dloss, logits, target, n, d)
+            _, (t3,) = _eager_kernel._forward_with_graph(logits, target, n, d)
+            return _eager_kernel._backward(ctx.needs_input_grad, dloss, target, t3, n, d)
         _grads = _bce_with_logits_backward(dloss.contiguous(), logits, target, n, d)
         dlogits, = _grads
         return dlogits.view(logits.shape) if ctx.needs_input_grad[0] else None, None

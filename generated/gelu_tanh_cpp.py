@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer gelu_tanh)
 # regenerate: derive generate --backend cpp
 # inputs-hash: 953cf366f756e1e96818a554f7d511ac954ae222f059f7b20fba95a51e84566e
-# content-hash: a0634405021f0354cc3c50a3b266728049a2508ba509581d555e911ce95388a5
+# content-hash: a9e88fcedf21017f761867a2dc98822f7583d96dcf6e58817bfcbca0c5594fd5
 """``gelu_tanh``: GELU with the tanh approximation, as ``F.gelu(x, approximate="tanh")``.
 
 The fused kernel of ``gelu_tanh.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -12,7 +12,7 @@ kernel plan: the forward and the backward are each a few passes over memory:
         sweep 1, pass 1 over each row: writes out
     backward:
         sweep 1, pass 1 over each row: writes dx
-    saved for the backward: nothing
+    saved for the backward: nothing; recomputed there: t4, t5
 
 The extension (``native/*.cpp`` beside this file: every layer of this folder, one build) is
 compiled with ``torch.utils.cpp_extension`` on first use and cached (``$DERIVE_NATIVE_CACHE``, else
@@ -129,8 +129,8 @@ class GeluTanhCppFunction(torch.autograd.Function):
         n, d = ctx.sizes
         if torch.is_grad_enabled():  # create_graph=True: the eager kernel's differentiable backward
             _eager_kernel = _eager()
-            _, () = _eager_kernel._forward_with_graph(x, n, d)
-            return _eager_kernel._backward(ctx.needs_input_grad, dout, x, n, d)
+            _, (t4, t5) = _eager_kernel._forward_with_graph(x, n, d)
+            return _eager_kernel._backward(ctx.needs_input_grad, dout, t4, t5, n, d)
         _grads = native_module().gelu_tanh_backward(dout.contiguous(), x, n, d)
         dx, = _grads
         return dx.view(x.shape) if ctx.needs_input_grad[0] else None

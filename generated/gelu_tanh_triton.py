@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer gelu_tanh)
 # regenerate: derive generate --backend triton
 # inputs-hash: fcab56b5cfb718d89165301f464e56a3a100f63714d051d8121f22b1cb28bbee
-# content-hash: 879f54cdf167e18cb673e993393ebea8071985453fba8ffe02125825a8e1d70c
+# content-hash: 32847fdb1ec5f217417acc2fb09e9a515724243a8c5875c6bd3ddf7b3ca9c4b9
 """``gelu_tanh``: GELU with the tanh approximation, as ``F.gelu(x, approximate="tanh")``.
 
 The fused kernel of ``gelu_tanh.py`` as Triton kernels, printed from its kernel plan (the same
@@ -12,7 +12,7 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
         sweep 1, pass 1 over each row: writes out
     backward:
         sweep 1, pass 1 over each row: writes dx
-    saved for the backward: nothing
+    saved for the backward: nothing; recomputed there: t4, t5
 
 Each sweep is one kernel over chunks of rows; the steps between sweeps (per-column and scalar
 values) run in float64 torch code. Inputs on the CPU run under Triton's interpreter
@@ -127,8 +127,8 @@ if triton is not None:
                 v_e0_t0 = (0.797884560802865)*tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)
                 v_e0_t1 = ((tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0))*(tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0))*(tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)))
                 v_e0_t2 = _tanh(v_e0_t0 + (0.03567740813630011)*v_e0_t1, DEVICE_MATH)
-                v_e0_t3 = ((-1.0) + v_e0_t2)*(1.0 + v_e0_t2)
-                tl.store(o_dx + row*sz_d + cols, ((0.5)*(1.0 + v_e0_t2 - v_e0_t0*v_e0_t3 - (0.10703222440890033)*v_e0_t1*v_e0_t3)*tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0)).to(DT), mask=mask)
+                v_e0_t3 = (-1.0) + v_e0_t2
+                tl.store(o_dx + row*sz_d + cols, (-0.5*(1.0 + v_e0_t2)*((-1.0) + v_e0_t0*v_e0_t3 + (0.10703222440890033)*v_e0_t1*v_e0_t3)*tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0)).to(DT), mask=mask)
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
@@ -188,8 +188,8 @@ class GeluTanhTritonFunction(torch.autograd.Function):
         n, d = ctx.sizes
         if torch.is_grad_enabled():  # create_graph=True: the eager kernel's differentiable backward
             _eager_kernel = _eager()
-            _, () = _eager_kernel._forward_with_graph(x, n, d)
-            return _eager_kernel._backward(ctx.needs_input_grad, dout, x, n, d)
+            _, (t4, t5) = _eager_kernel._forward_with_graph(x, n, d)
+            return _eager_kernel._backward(ctx.needs_input_grad, dout, t4, t5, n, d)
         _grads = _gelu_tanh_backward(dout.contiguous(), x, n, d)
         dx, = _grads
         return dx.view(x.shape) if ctx.needs_input_grad[0] else None

@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer softplus)
 # regenerate: derive generate --backend cpp
 # inputs-hash: c625fab2ae5c58ec872dac4b556e444861d231172daa0c406bd0425a1ef3b8ab
-# content-hash: fc667f204b549840640ffa8dddeaa38d1dc50cd9932c4a0d4dd33a8d88bd286f
+# content-hash: 714520db409e77f0550b8ebd00d880ce1bb5803ac3e84c1a871815b5a274616f
 """``softplus``: ``log(1 + exp(x))``, as ``F.softplus`` (whose threshold only changes the result above x = 20).
 
 The fused kernel of ``softplus.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -12,7 +12,7 @@ kernel plan: the forward and the backward are each a few passes over memory:
         sweep 1, pass 1 over each row: writes out
     backward:
         sweep 1, pass 1 over each row: writes dx
-    saved for the backward: nothing; recomputed there: t1
+    saved for the backward: nothing; recomputed there: t1, t2
 
 The extension (``native/*.cpp`` beside this file: every layer of this folder, one build) is
 compiled with ``torch.utils.cpp_extension`` on first use and cached (``$DERIVE_NATIVE_CACHE``, else
@@ -129,8 +129,8 @@ class SoftplusCppFunction(torch.autograd.Function):
         n, d = ctx.sizes
         if torch.is_grad_enabled():  # create_graph=True: the eager kernel's differentiable backward
             _eager_kernel = _eager()
-            _, (t1,) = _eager_kernel._forward_with_graph(x, n, d)
-            return _eager_kernel._backward(ctx.needs_input_grad, dout, t1, n, d)
+            _, (t1, t2) = _eager_kernel._forward_with_graph(x, n, d)
+            return _eager_kernel._backward(ctx.needs_input_grad, dout, t1, t2, n, d)
         _grads = native_module().softplus_backward(dout.contiguous(), x, n, d)
         dx, = _grads
         return dx.view(x.shape) if ctx.needs_input_grad[0] else None

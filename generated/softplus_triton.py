@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer softplus)
 # regenerate: derive generate --backend triton
 # inputs-hash: dcedc943a4920a66e118e596bacfd5f38dc29e05a666c21d8204426a4e1e32df
-# content-hash: d8911d073464be365ad2b58f75dd67cf2ba861a28c1ad13fc20a6544f0b7907f
+# content-hash: 94173153121ec8ac23879cba97a4a77b18a26e0c198981dacf936d8492bf77ea
 """``softplus``: ``log(1 + exp(x))``, as ``F.softplus`` (whose threshold only changes the result above x = 20).
 
 The fused kernel of ``softplus.py`` as Triton kernels, printed from its kernel plan (the same
@@ -12,7 +12,7 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
         sweep 1, pass 1 over each row: writes out
     backward:
         sweep 1, pass 1 over each row: writes dx
-    saved for the backward: nothing; recomputed there: t1
+    saved for the backward: nothing; recomputed there: t1, t2
 
 Each sweep is one kernel over chunks of rows; the steps between sweeps (per-column and scalar
 values) run in float64 torch code. Inputs on the CPU run under Triton's interpreter
@@ -185,8 +185,8 @@ class SoftplusTritonFunction(torch.autograd.Function):
         n, d = ctx.sizes
         if torch.is_grad_enabled():  # create_graph=True: the eager kernel's differentiable backward
             _eager_kernel = _eager()
-            _, (t1,) = _eager_kernel._forward_with_graph(x, n, d)
-            return _eager_kernel._backward(ctx.needs_input_grad, dout, t1, n, d)
+            _, (t1, t2) = _eager_kernel._forward_with_graph(x, n, d)
+            return _eager_kernel._backward(ctx.needs_input_grad, dout, t1, t2, n, d)
         _grads = _softplus_backward(dout.contiguous(), x, n, d)
         dx, = _grads
         return dx.view(x.shape) if ctx.needs_input_grad[0] else None

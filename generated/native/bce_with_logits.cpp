@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer bce_with_logits)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 3e94a658feaaa6c158929eec1c1bd5f50d93507ef02989571ab0fc301d05e3fc
-// content-hash: d0049c2e17735dcd6a6a4b0ad7b7e9bc394ad76dfc48e894f60135d4f5b4b271
+// content-hash: 5a6a235b117032f40514e0c59172ef4f9ad04237deccb1561cd04352d24aaafa
 // bce_with_logits: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_bce_with_logits {
 
@@ -85,7 +85,7 @@ std::vector<at::Tensor> bce_with_logits_forward(const at::Tensor& t_logits, cons
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
 
     // sweep 1
-    std::vector<double> part_sum_logits_target(chunks*sz_d, 0.0);
+    std::vector<double> part_sum_logits_t3(chunks*sz_d, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       alignas(64) scalar_t buf[Vec::size()];
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -93,7 +93,7 @@ std::vector<at::Tensor> bce_with_logits_forward(const at::Tensor& t_logits, cons
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            derive_add_to(part_sum_logits_target.data() + chunk*sz_d + col, ((-Vec::loadu(p_target + row*sz_d + col, cnt)) + Vec(scalar_t(1.0)))*Vec::loadu(p_logits + row*sz_d + col, cnt) + derive_softplus_vec(-Vec::loadu(p_logits + row*sz_d + col, cnt)), cnt);
+            derive_add_to(part_sum_logits_t3.data() + chunk*sz_d + col, ((-Vec::loadu(p_target + row*sz_d + col, cnt)) + Vec(scalar_t(1.0)))*Vec::loadu(p_logits + row*sz_d + col, cnt) + derive_softplus_vec(-Vec::loadu(p_logits + row*sz_d + col, cnt)), cnt);
           };
           {
             int64_t col = 0;
@@ -103,11 +103,11 @@ std::vector<at::Tensor> bce_with_logits_forward(const at::Tensor& t_logits, cons
         }
       }
     });
-    std::vector<double> c_sum_logits_target(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_logits_target[chunk*sz_d + col]; a += q; } c_sum_logits_target[col] = a; }
-    double s_sum_sum_logits_target = 0.0;
-    for (int64_t col = 0; col < sz_d; ++col) { s_sum_sum_logits_target += c_sum_logits_target[col]; }
-    const double s_loss = s_sum_sum_logits_target/(static_cast<double>(sz_d)*static_cast<double>(sz_n));
+    std::vector<double> c_sum_logits_t3(sz_d);
+    for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_logits_t3[chunk*sz_d + col]; a += q; } c_sum_logits_t3[col] = a; }
+    double s_sum_sum_logits_t3 = 0.0;
+    for (int64_t col = 0; col < sz_d; ++col) { s_sum_sum_logits_t3 += c_sum_logits_t3[col]; }
+    const double s_loss = s_sum_sum_logits_t3/(static_cast<double>(sz_d)*static_cast<double>(sz_n));
     o_loss[0] = static_cast<scalar_t>(s_loss);
   });
   return { r_loss };

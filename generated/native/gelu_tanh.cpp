@@ -2,7 +2,7 @@
 // source: derive.layers.activations (layer gelu_tanh)
 // regenerate: derive generate --backend cpp
 // inputs-hash: a1963f4bd5de10678c848d9820bbdc6adbceff3301f31fb2a09156973c63cb79
-// content-hash: 15aef185f3c4274a3987c31601ba1cf6a82a8b68a826e612564a044f1f4084c9
+// content-hash: 0e0f5796dfd4bafa39573e586d0c8de117e936c5674d3aaf40d4b52378ab3d5d
 // gelu_tanh: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_gelu_tanh {
 
@@ -128,8 +128,8 @@ std::vector<at::Tensor> gelu_tanh_backward(const at::Tensor& t_dout, const at::T
             const Vec v_e0_t0 = (Vec(scalar_t(0.797884560802865)))*Vec::loadu(p_x + row*sz_d + col, cnt);
             const Vec v_e0_t1 = ((Vec::loadu(p_x + row*sz_d + col, cnt))*(Vec::loadu(p_x + row*sz_d + col, cnt))*(Vec::loadu(p_x + row*sz_d + col, cnt)));
             const Vec v_e0_t2 = (v_e0_t0 + (Vec(scalar_t(0.03567740813630011)))*v_e0_t1).tanh();
-            const Vec v_e0_t3 = ((Vec(scalar_t(-1.0))) + v_e0_t2)*(Vec(scalar_t(1.0)) + v_e0_t2);
-            ((Vec(scalar_t(0.5)))*(Vec(scalar_t(1.0)) + v_e0_t2 - v_e0_t0*v_e0_t3 - (Vec(scalar_t(0.10703222440890033)))*v_e0_t1*v_e0_t3)*Vec::loadu(p_dout + row*sz_d + col, cnt)).store(o_dx + row*sz_d + col, cnt);
+            const Vec v_e0_t3 = (Vec(scalar_t(-1.0))) + v_e0_t2;
+            (-Vec(scalar_t(0.5))*(Vec(scalar_t(1.0)) + v_e0_t2)*((Vec(scalar_t(-1.0))) + v_e0_t0*v_e0_t3 + (Vec(scalar_t(0.10703222440890033)))*v_e0_t1*v_e0_t3)*Vec::loadu(p_dout + row*sz_d + col, cnt)).store(o_dx + row*sz_d + col, cnt);
           };
           {
             int64_t col = 0;
