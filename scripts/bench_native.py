@@ -20,7 +20,8 @@ Method: inputs are made once per layer and size; each column's output and gradie
 autograd through the spec in float64 on the same float32 inputs (the ``err`` columns: largest error over
 the output and every gradient, relative to the largest reference entry; ``cpp/native err`` is the C++
 kernel's error over native's); every column is warmed up, then the columns are sampled interleaved
-(a, b, c, ..., a, b, c, ...) ``--repeat`` times, one forward + backward per sample, gradients dropped
+in a new random order each repetition (every column follows every other as often: what ran before a
+sample, and the memory it freed, changes its time), ``--repeat`` times, one forward + backward per sample, gradients dropped
 outside the timed region, the garbage collector off. Times are medians; ratios are medians of the
 per-repetition ratios (the columns of one repetition ran back to back).
 
@@ -35,6 +36,7 @@ import importlib
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -151,10 +153,16 @@ def measure(layer, a: int, b: int, args) -> dict:
         run()
         clear(inputs)
     samples = {k: [] for k in steps}
+    shuffle = random.Random(0)
     gc.disable()
     try:
+        order = list(steps)
         for _ in range(args.repeat):
-            for name, run in steps.items():
+            # a new order each repetition: every column follows every other as often (what ran
+            # before a sample, its freed memory among it, changes the sample's time)
+            shuffle.shuffle(order)
+            for name in order:
+                run = steps[name]
                 clear(inputs)
                 sync(args.device)
                 start = time.perf_counter()
