@@ -193,8 +193,8 @@ class CodeOps:
 
     def one_hot(self, labels, table):
         # a comparison, not F.one_hot: torch.func.vmap cannot batch F.one_hot's check of the values
-        return Code(f"({labels}.unsqueeze(-1) == torch.arange({table}.shape[1], device={labels}.device))"
-                    f".to({table}.dtype)")
+        # (a bool mask, for ``select``)
+        return Code(f"{labels}.unsqueeze(-1) == torch.arange({table}.shape[1], device={labels}.device)", prec=0)
 
     def unsqueeze(self, grad, axis):
         return Code(f"{grad.wrap(ATOM)}.unsqueeze({axis})")

@@ -97,7 +97,7 @@ def _softplus(ops, grad, result, a):
 
 @rule("relu")
 def _relu(ops, grad, result, a):
-    return grad * ops.positive(a),  # 0 at a = 0, as torch
+    return ops.select(ops.positive(a), grad, 0),  # 0 at a = 0, and where grad is not finite, as torch
 
 
 @rule("abs")
@@ -213,7 +213,8 @@ def _matmul(ops, grad, result, a, b):  # batched too: (..., n, d) @ (..., d, m),
 
 @rule("pick")
 def _pick(ops, grad, result, table, labels):
-    return ops.one_hot(labels, table) * ops.unsqueeze(grad, 1), None
+    # selected, not multiplied: an infinite gradient reaches the label's entry only (0*inf is nan)
+    return ops.select(ops.one_hot(labels, table), ops.unsqueeze(grad, 1), 0), None
 
 
 @rule("embed")
