@@ -29,4 +29,5 @@ def test_sums_over_two_axes_are_one_reduction():
 
 
 def test_tanh_gradient_reads_the_saved_output():
-    assert code(tanh, "x") == "(1 - out**2)*dout"
+    # (1 - out**2)*dout, as autograd computes it: 1 - out*out in one rounding
+    assert code(tanh, "x") == "torch.ops.aten.tanh_backward(dout, out)"
