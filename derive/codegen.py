@@ -188,8 +188,9 @@ def render_function(kernel: Kernel) -> str:
     steps = [(" or ".join(f"needs[{u}]" for u in s.users),
               s.fast or ([f"{s.scratch} = {s.scratch_code}"] if s.scratch else []) + [f"{s.name} = {s.sum_code or s.code}"])
              for s in kernel.shared]
-    plain = steps + [(f"needs[{f.position}]", f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
-    steps += [(f"needs[{f.position}]", f.fast or f.chain or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
+    given = [f for f in kernel.formulas if f.code != "None"]  # the others stay None: the output does not read them
+    plain = steps + [(f"needs[{f.position}]", f.fast or [f"d{f.input} = {f.code}"]) for f in given]
+    steps += [(f"needs[{f.position}]", f.fast or f.chain or [f"d{f.input} = {f.code}"]) for f in given]
     blocks, plain_blocks = _blocks(steps), _blocks(plain)
     returns = [f"d{name}" if name in kernel.layer.differentiable else "None" for name in kernel.layer.inputs]
     # the forward returns what it computed for the backward; the inputs are saved apart
