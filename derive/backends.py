@@ -62,8 +62,10 @@ class Code:
 
     _op_priority = 100.0  # SymPy numbers defer to our reflected operators
 
-    def __init__(self, text: str, prec: int = ATOM, shape: tuple | None = None, value: sp.Expr | None = None):
+    def __init__(self, text: str, prec: int = ATOM, shape: tuple | None = None, value: sp.Expr | None = None,
+                 formula: "Code | None" = None):
         self.text, self.prec, self.shape, self.value = text, prec, shape, value
+        self.formula = formula  # what a call of one of autograd's kernels computes, for the reader
 
     def __str__(self):
         return self.text
@@ -115,10 +117,27 @@ class CodeOps:
         return self.lift(sp.Mul(*[a.shape[k] for k in axes]))
 
     def argmax_mask(self, a, axis, result):
+        """A bool mask of each maximum's position along ``axis`` (the first one at a tie, as autograd)."""
         if axis == len(a.shape) - 1:
-            return Code(f"({a}.max({axis}, keepdim=True).indices == torch.arange({a}.shape[{axis}], "
-                        f"device={a}.device)).to({a}.dtype)")
-        return Code(f"torch.zeros_like({a}).scatter_({axis}, {a}.argmax({axis}, keepdim=True), 1.0)")
+            return Code(f"{a}.max({axis}, keepdim=True).indices == torch.arange({a}.shape[{axis}], "
+                        f"device={a}.device)", prec=0)
+        return Code(f"torch.zeros_like({a}, dtype=torch.bool).scatter_({axis}, {a}.argmax({axis}, keepdim=True), True)")
+
+    # autograd's own one-pass kernels for a rule's formula (``rules.py``), by operation
+    # (``saved``: what autograd saves for it, the result or, for softplus, the input)
+    KERNELS = {
+        "tanh": "torch.ops.aten.tanh_backward({grad}, {saved})",
+        "sigmoid": "torch.ops.aten.sigmoid_backward({grad}, {saved})",
+        "softplus": "torch.ops.aten.softplus_backward({grad}, {saved}, 1, 20)",  # F.softplus's beta, threshold
+        "softmax": "torch._softmax_backward_data({grad}, {saved}, {axis}, {saved}.dtype)",
+        "log_softmax": "torch._log_softmax_backward_data({grad}, {saved}, {axis}, {saved}.dtype)",
+    }
+
+    def one_pass(self, op, formula, grad, saved, axes=(0,)):
+        """``formula`` as autograd computes it: one call of its kernel, which rounds as autograd
+        through the spec does; the formula rides along for the comment beside it."""
+        (axis,) = axes
+        return Code(self.KERNELS[op].format(grad=grad, saved=saved, axis=axis), formula=formula)
 
     def transpose(self, b):
         """The last two axes swapped (``.T`` of a matrix, ``.mT`` of a batch of them)."""
@@ -174,8 +193,8 @@ class CodeOps:
 
     def one_hot(self, labels, table):
         # a comparison, not F.one_hot: torch.func.vmap cannot batch F.one_hot's check of the values
-        return Code(f"({labels}.unsqueeze(-1) == torch.arange({table}.shape[1], device={labels}.device))"
-                    f".to({table}.dtype)")
+        # (a bool mask, for ``select``)
+        return Code(f"{labels}.unsqueeze(-1) == torch.arange({table}.shape[1], device={labels}.device)", prec=0)
 
     def unsqueeze(self, grad, axis):
         return Code(f"{grad.wrap(ATOM)}.unsqueeze({axis})")
@@ -281,6 +300,10 @@ class ArrayOps:
 
     def count(self, a, axes):
         return scalar_array(sp.Mul(*[a.shape[k] for k in axes]))
+
+    def one_pass(self, op, formula, grad, saved, axes=None):
+        """The formula itself: a kernel of autograd's computes it (``CodeOps.one_pass``)."""
+        return formula
 
     def argmax_mask(self, a, axis, result):
         """The derivative of the maximum with respect to each entry (its subgradient one-hot)."""

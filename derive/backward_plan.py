@@ -18,7 +18,7 @@ import sympy as sp
 
 from .errors import DerivationError
 from .functions import Step
-from .printer import KernelPrinter, temporaries
+from .printer import KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, temporaries
 from .symbolic import Red, expand, reindex
 
 
@@ -502,27 +502,6 @@ class _Planner:
         term = coefficient * product
         negative = term.could_extract_minus_sign()
         chain.then("sub" if negative else "add", self.buffer(-term if negative else term))
-
-
-def _one_minus(f):
-    """``(y, sign)`` for ``sign*(1 - y)``, else None."""
-    if isinstance(f, sp.Add) and len(f.args) == 2:
-        numbers = [a for a in f.args if a.is_number]
-        if len(numbers) == 1 and numbers[0] in (1, -1):
-            one = numbers[0]
-            other = f.args[0] if f.args[1] is one else f.args[1]
-            y = -other if one == 1 else other
-            if not y.could_extract_minus_sign():
-                return y, one
-    return None
-
-
-def _one_minus_square(f):
-    """``(y, sign)`` for ``sign*(1 - y**2)``, else None."""
-    found = _one_minus(f)
-    if found is not None and found[0].is_Pow and found[0].exp == 2:
-        return found[0].base, found[1]
-    return None
 
 
 def chain_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict, taken: set,

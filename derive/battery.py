@@ -20,7 +20,8 @@ run here beside autograd through the spec, on inputs that reach those regimes:
 The reference is autograd through the spec in float64 on the same inputs; the bar is autograd
 through the spec in float32. A value passes when it is finite wherever float32 autograd and the
 reference are, and its largest error is at most ``SLACK`` times autograd's plus ``ULPS`` units in
-the last place of the value's largest entry. In float64 the bar is autograd's float32 error scaled
+the last place of the value's largest entry (a unit never less than the spacing of the subnormals:
+a value below it cannot be held to more digits than it has). In float64 the bar is autograd's float32 error scaled
 to float64's precision, and finiteness wherever float64 autograd is finite.
 """
 from __future__ import annotations
@@ -256,6 +257,13 @@ def _judge(setting: Setting, ours, theirs, exact, bar32: dict | None, verdict: V
     Where the spec's own output is not finite (a loss of ``inf``: a probability that underflowed
     at its label), its gradients are not a reference and only the output is judged."""
     eps = torch.finfo(setting.dtype).eps
+    # a unit in the last place of a value of size ``scale``: never less than the spacing of the
+    # subnormals (2**-149 in float32), where a value too small to hold its digits is rounded
+    spacing = torch.finfo(setting.dtype).smallest_normal * eps
+
+    def ulps(scale: float) -> float:
+        return ULPS * max(eps * scale, spacing)
+
     errors = {}
     broken = not bool(torch.isfinite(theirs[0][1]).all())
     for (name, mine), (_, aut), (_, ref) in (zip(ours[:1], theirs, exact) if broken else zip(ours, theirs, exact)):
@@ -276,10 +284,10 @@ def _judge(setting: Setting, ours, theirs, exact, bar32: dict | None, verdict: V
         scale = float(ref[mask].abs().max())
         if setting.dtype == torch.float32:
             errors[name] = autograd_error
-            bound = slack * autograd_error + ULPS * eps * scale
+            bound = slack * autograd_error + ulps(scale)
         elif bar32 is not None and name in bar32:  # float64: the float32 bar at float64's precision
             # (an estimate of autograd's float64 error, so with a wide margin: this bar is for gross errors)
-            bound = F64_SLACK * bar32[name] * eps / torch.finfo(torch.float32).eps + 16 * ULPS * eps * scale
+            bound = F64_SLACK * bar32[name] * eps / torch.finfo(torch.float32).eps + 16 * ulps(scale)
         else:
             bound = math.inf
         if setting.dtype == torch.float64:  # a gross error only: precision is judged in float32, where

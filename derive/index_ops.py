@@ -175,6 +175,10 @@ class IndexOps:
     def count(self, a, axes):
         return Elt.const(sp.Mul(*[a.shape[k] for k in axes]))
 
+    def one_pass(self, op, formula, grad, saved, axes=None):
+        """The formula itself: a kernel of autograd's computes it (``CodeOps.one_pass``)."""
+        return formula
+
     def argmax_mask(self, a, axis, result):
         def fn(idx):
             m = _sum(lambda j: a.fn(idx[:axis] + (j,) + idx[axis + 1:]), [a.shape[axis]], Max)

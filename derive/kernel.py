@@ -482,9 +482,12 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
                  if n.op == "softmax" and len(n.attrs["axes"]) == 1}
 
+    tanhs = {rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "tanh"}
+
     def printer():
         p = KernelPrinter(Frame(frame), shapes, names, dtype_of, views)
         p.softmaxes = softmaxes
+        p.tanhs = tanhs
         return p
 
     shared = []

@@ -95,6 +95,8 @@ class KernelPrinter(TorchPrinter):
         # saved softmax values -> the stored axis they normalize: the chain rule through one
         # prints as torch's own softmax backward (``_softmax_backward``)
         self.softmaxes: dict[str, int] = {}
+        # saved tanh values: ``g*(1 - y**2)`` prints as torch's own kernel for it (``_tanh_backward``)
+        self.tanhs: set[str] = set()
 
     # -- scalars ----------------------------------------------------------------------------
     def _print(self, expr, **kwargs):
@@ -137,6 +139,7 @@ class KernelPrinter(TorchPrinter):
         inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of, self.views)
         inner.full_rank = self.full_rank
         inner.softmaxes = self.softmaxes
+        inner.tanhs = self.tanhs
         return inner
 
     def _print_Indexed(self, expr):
@@ -474,10 +477,42 @@ class KernelPrinter(TorchPrinter):
         code = self._layout(code, tuple(extent(i) for i in s.indices), [self.frame.slots[i] for i in s.indices])
         return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
 
+    def _tanh_backward(self, expr) -> str | None:
+        """``g*(1 - y**2)`` with ``y`` a saved tanh and ``g`` a tensor: the chain rule through the
+        tanh, printed as torch's own kernel for it (``torch.ops.aten.tanh_backward(g, y)``), which
+        rounds as autograd through the spec does: ``1 - y*y`` in one rounding, where ``1 - y**2``
+        rounds ``y**2`` first and loses the digits of a saturated ``y``. None for anything else."""
+        if not self.tanhs:
+            return None
+        factors = list(sp.Mul.make_args(expr))
+        for f in factors:
+            found = one_minus_square(f)
+            if found is None:
+                continue
+            y, sign = found
+            if not ((isinstance(y, sp.Indexed) and str(y.base) in self.tanhs)
+                    or (isinstance(y, sp.Symbol) and y.name in self.tanhs)):
+                continue
+            rest = list(factors)
+            rest.remove(f)
+            numbers = [r for r in rest if r.is_number]
+            g = sp.Mul(*[r for r in rest if not r.is_number])
+            if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
+                continue  # no tensor to pass it: a number times 1 - y**2
+            code = f"torch.ops.aten.tanh_backward({self._print(g)}, {self._print(y)})"
+            coefficient = sign * sp.Mul(*numbers)
+            if coefficient == -1:
+                return f"-{code}"
+            return code if coefficient == 1 else self._scaled(code, [coefficient])
+        return None
+
     def _print_Mul(self, expr):
         softmax = self._softmax_backward(expr)
         if softmax is not None:
             return softmax
+        tanh = self._tanh_backward(expr)
+        if tanh is not None:
+            return tanh
         indicator = _masked_count_factor(expr)
         if indicator is not None:
             # a row a mask leaves out gets exactly 0, also when the mask leaves out every row and its
@@ -737,10 +772,12 @@ class ForwardPrinter(KernelPrinter):
                 body = inner[0]
                 continue
             break
-        # only a sum over every axis: a spec reduces several axes at once only with ``.sum()``; a
-        # partial one is written axis by axis (batchnorm3d's ``x.sum(0).sum(2)``), and torch's sum
-        # over two of three axes rounds worse than that (2.8x autograd's float32 error at offset 1000)
-        if len(bound) < 2 or len(bound) != len(self.frame.dims):
+        # only a sum over every axis the value has: a spec reduces several axes at once only with
+        # ``.sum()``; a partial one is written axis by axis (batchnorm3d's ``x.sum(0).sum(2)``), and
+        # torch's sum over two of three axes rounds worse than that (2.8x autograd's float32 error at
+        # offset 1000). The frame may have more axes than the value (``A.sum()`` of a (k, k) ``A``
+        # beside an (n, k) ``x``): those the value does not vary along do not count.
+        if len(bound) < 2:
             return None
         frame, axes = self.frame, []
         try:
@@ -748,6 +785,11 @@ class ForwardPrinter(KernelPrinter):
                 frame, axis = frame.with_bound(j, body)
                 axes.append(axis)
         except DerivationError:
+            return None
+        rank = len(self.frame.dims)
+        if {i for i in body.free_symbols if isinstance(i, sp.Idx)} - set(bound) or any(
+                size != 1 and k not in axes for t in temporaries(body, self.shapes)
+                for k, size in enumerate(_padded(self.shapes[t.name], rank))):
             return None
         if len(set(axes)) < len(axes) or not all(self._varies_along(body, j, a) for j, a in zip(bound, axes)):
             return None
@@ -911,6 +953,27 @@ def temporaries(expr: sp.Expr, shapes: dict) -> list[sp.Symbol]:
     their names in ``shapes``; the labels of indexed elements (``x`` of ``x[i, j]``) are not among them."""
     labels = {b.label for b in expr.atoms(sp.IndexedBase)}  # their elements carry their indices
     return [s for s in expr.free_symbols - labels if isinstance(s, sp.Symbol) and s.name in shapes]
+
+
+def one_minus(f):
+    """``(y, sign)`` for ``sign*(1 - y)``, else None."""
+    if isinstance(f, sp.Add) and len(f.args) == 2:
+        numbers = [a for a in f.args if a.is_number]
+        if len(numbers) == 1 and numbers[0] in (1, -1):
+            one = numbers[0]
+            other = f.args[0] if f.args[1] is one else f.args[1]
+            y = -other if one == 1 else other
+            if not y.could_extract_minus_sign():
+                return y, one
+    return None
+
+
+def one_minus_square(f):
+    """``(y, sign)`` for ``sign*(1 - y**2)``, else None."""
+    found = one_minus(f)
+    if found is not None and found[0].is_Pow and found[0].exp == 2:
+        return found[0].base, found[1]
+    return None
 
 
 def _padded(shape, rank: int) -> tuple:

@@ -13,6 +13,12 @@ Contract (every rule has the same signature)::
 * A rule registered with ``broadcasts=True`` (the elementwise binary operations) returns gradients
   in the *result's* shape; the walker de-broadcasts them (sums over broadcast axes) to each
   input's shape, so no rule repeats that. Every other rule returns each input's own shape.
+* Where autograd computes a rule in one pass with a kernel of its own (``tanh_backward``,
+  ``_softmax_backward_data``), the rule returns ``ops.one_pass(op, formula, grad, saved, ...)``:
+  the formula itself where the values are symbolic, the same kernel where code is printed (it
+  rounds as autograd does; several ops, each rounding, can be several times worse where the
+  formula cancels: ``1 - y**2`` at a saturated ``tanh``, a softmax's gradient summing to 0), with
+  the formula beside it for the reader.
 * Use only arithmetic, exact SymPy numbers and ``ops``. ``ops`` is either ``CodeOps`` (values are torch code strings, for
   generating the step-by-step backward) or ``ArrayOps`` (values are NumPy arrays of SymPy
   expressions, for proving each rule on small symbolic matrices). A rule is thus proven exactly as
@@ -75,22 +81,23 @@ def _log(ops, grad, result, a):
 
 @rule("tanh")
 def _tanh(ops, grad, result, a):
-    return (1 - result**2) * grad,
+    return ops.one_pass("tanh", (1 - result**2) * grad, grad, result),
 
 
 @rule("sigmoid")
 def _sigmoid(ops, grad, result, a):
-    return result * (1 - result) * grad,
+    return ops.one_pass("sigmoid", result * (1 - result) * grad, grad, result),
 
 
 @rule("softplus")
 def _softplus(ops, grad, result, a):
-    return ops.sigmoid(a) * grad,
+    # (torch's kernel: exp(a)*grad/(exp(a) + 1), which keeps the digits sigmoid(a) rounds to 0 below -88)
+    return ops.one_pass("softplus", ops.sigmoid(a) * grad, grad, a),
 
 
 @rule("relu")
 def _relu(ops, grad, result, a):
-    return grad * ops.positive(a),  # 0 at a = 0, as torch
+    return ops.select(ops.positive(a), grad, 0),  # 0 at a = 0, and where grad is not finite, as torch
 
 
 @rule("abs")
@@ -160,12 +167,12 @@ for _op in ("gt", "ge", "lt", "le", "eq", "ne", "not", "and"):
 
 @rule("softmax")
 def _softmax(ops, grad, result, a, axes):
-    return result * (grad - ops.sum(grad * result, axes)),
+    return ops.one_pass("softmax", result * (grad - ops.sum(grad * result, axes)), grad, result, axes),
 
 
 @rule("log_softmax")
 def _log_softmax(ops, grad, result, a, axes):
-    return grad - ops.exp(result) * ops.sum(grad, axes),
+    return ops.one_pass("log_softmax", grad - ops.exp(result) * ops.sum(grad, axes), grad, result, axes),
 
 
 @rule("logsumexp")
@@ -195,7 +202,8 @@ def _mean(ops, grad, result, a, axes, keepdim):
 
 @rule("max")
 def _max(ops, grad, result, a, axes, keepdim):
-    return ops.argmax_mask(a, axes[0], result) * ops.unreduce(grad, axes, keepdim, a),
+    # selected, not multiplied: an infinite gradient of the maximum reaches its position only (0*inf is nan)
+    return ops.select(ops.argmax_mask(a, axes[0], result), ops.unreduce(grad, axes, keepdim, a), 0),
 
 
 @rule("matmul")
@@ -205,7 +213,8 @@ def _matmul(ops, grad, result, a, b):  # batched too: (..., n, d) @ (..., d, m),
 
 @rule("pick")
 def _pick(ops, grad, result, table, labels):
-    return ops.one_hot(labels, table) * ops.unsqueeze(grad, 1), None
+    # selected, not multiplied: an infinite gradient reaches the label's entry only (0*inf is nan)
+    return ops.select(ops.one_hot(labels, table), ops.unsqueeze(grad, 1), 0), None
 
 
 @rule("embed")

@@ -85,6 +85,7 @@ class Line:
     code: str
     comment: str
     unreached: bool = False  # the zero gradient of an input the output does not read (no rule made it)
+    note: str = ""  # a comment line above it: the formula a call of autograd's own kernel computes
 
 
 def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
@@ -110,10 +111,15 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
         comment = f"grad of: {source}" if source else f"grad of {origin.name}"
         if origin in called:
             comment = f"fused {called[origin].layer.name} kernel, grad of: {called[origin].source}"
+        formula = getattr(part, "formula", None)
         if current is None:
+            note = f"{name} = {formula}" if formula is not None else ""
             lines.append(Line(f"{name} = {part}", comment))
         else:
+            note = f"{name} = {name} + {formula.wrap(51)}" if formula is not None else ""
             lines.append(Line(f"{name} = {name} + {part.wrap(51)}", comment))
+        if note:
+            lines[-1].note = f"{note}, in one pass, as autograd computes it:"
         return Code(name, shape=node.shape)
 
     seed = Code(f"d{graph.output.name}", shape=graph.output.shape)

@@ -29,7 +29,8 @@ def test_sums_over_two_axes_are_one_reduction():
 
 
 def test_tanh_gradient_reads_the_saved_output():
-    assert code(tanh, "x") == "(1 - out**2)*dout"
+    # (1 - out**2)*dout, as autograd computes it: 1 - out*out in one rounding
+    assert code(tanh, "x") == "torch.ops.aten.tanh_backward(dout, out)"
 
 
 def test_a_contraction_of_computed_factors_is_a_matrix_product(tmp_path):

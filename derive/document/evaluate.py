@@ -13,13 +13,13 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
-from ..functions import Relu, Sigmoid, Softplus, Step
+from ..functions import NonNeg, Relu, Sigmoid, Softplus, Step
 from ..symbolic import IsArgmax, Max, Red, extent
 from .notation import Sigma
 
 _FUNCTIONS = {sp.exp: np.exp, sp.log: np.log, sp.tanh: np.tanh, sp.Abs: np.abs, sp.sign: np.sign,
               Sigmoid: lambda v: 1 / (1 + np.exp(-v)), Relu: lambda v: np.maximum(v, 0.0),
-              Step: lambda v: (v > 0).astype(float), Softplus: lambda v: np.logaddexp(0.0, v),
+              Step: lambda v: (v > 0).astype(float), NonNeg: lambda v: (v >= 0).astype(float), Softplus: lambda v: np.logaddexp(0.0, v),
               sp.atanh: np.arctanh, sp.sqrt: np.sqrt, sp.cosh: np.cosh, sp.sinh: np.sinh}
 
 
