@@ -280,7 +280,7 @@ def _cse(exprs: list, printer: VectorPrinter, prefix: str) -> tuple[list[str], l
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(f"{prefix}_t"), order="none")
     lines = []
     for symbol, value in replacements:
-        printer.names.values[symbol.name] = Value(symbol.name, FULL, value)
+        printer.names.values[symbol.name] = Value(symbol.name, printer.names.program.full, value)
         lines.append(f"v_{symbol.name} = {printer._print(value)}")
     return lines, [printer._print(r) for r in reduced]
 
@@ -346,8 +346,8 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             for v in lp.row_reductions:
                 setup.append(f"acc_{v.name} = tl.zeros([BLOCK], dtype=tl.float64)" if v.reduce == "sum"
                              else f"acc_{v.name} = tl.full([BLOCK], float('-inf'), dtype=DT)")
-            exprs = [_inline_full(v.expr, vals) for v in lp.row_reductions + lp.col_reductions] + \
-                    [_inline_full(vals[x].expr, vals) for _, x in lp.stores]
+            exprs = [_inline_full(v.expr, vals, program.full) for v in lp.row_reductions + lp.col_reductions] + \
+                    [_inline_full(vals[x].expr, vals, program.full) for _, x in lp.stores]
             temps, printed = _cse(exprs, vp, f"e{p}")
             body += temps
             it = iter(printed)
