@@ -170,6 +170,9 @@ class Program:
                     parts.append("accumulates per chunk " + ", ".join(_describe(v, self) for v in loop.col_reductions))
                 if loop.stores:
                     parts.append("writes " + ", ".join(t for t, _ in loop.stores))
+                added = [_describe(s.value, self) for s in loop.after if s.kind == "accumulate"]
+                if added:
+                    parts.append("then adds up per chunk " + ", ".join(added))
                 fix = [s.tensor for s in loop.after if s.kind == "fixup"]
                 if fix:
                     parts.append("then writes the label's column of " + ", ".join(fix))
@@ -281,6 +284,7 @@ class _Builder:
                 raise NotLowered(f"a reduction over {index} also reads {frame_idx} (a contraction)")
             body = body.xreplace({index: frame_idx})
         body = self.convert(body)
+        self._refuse_contraction(body, axis)
         key = (kind, axis, body)
         if key in self.by_key and not name:
             return sp.Symbol(self.by_key[key])
@@ -290,6 +294,20 @@ class _Builder:
         self.by_key.setdefault(key, name)
         self.add(name, body, kind, axis)
         return sp.Symbol(name)
+
+    def _refuse_contraction(self, body: sp.Expr, axis: int) -> None:
+        """A sum over an axis of a product of two factors that vary on different axes besides it
+        (``sum_i x[n, i]*W[i, o]``) is a matrix product: loops over memory would keep a partial sum
+        per chunk of rows of every output element; it keeps its eager kernel (torch's matmul)."""
+        for term in sp.Add.make_args(body):
+            layouts = [self.layout(f) for f in sp.Mul.make_args(term) if axis in self.layout(f)]
+            for k, a in enumerate(layouts):
+                for c in layouts[k + 1:]:
+                    if not (a <= c or c <= a):
+                        names = ", ".join(str(self.frame_index[x]).replace("i_", "") for x in sorted(a | c))
+                        raise NotLowered(f"a contraction (a sum over {str(self.frame_index[axis]).replace('i_', '')} "
+                                         f"of a product of factors on different axes, over {names}): a matrix "
+                                         f"product the plan has no step for; torch's matmul in the eager kernel")
 
     def _axis(self, index: sp.Idx) -> int:
         size = extent(index)
