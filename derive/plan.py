@@ -18,6 +18,13 @@ reduction is a value too, with the axis it sums (or maximises) and its body. The
 * **element maps**: each full-size expression is split by layout (``hoist``): factors and terms
   that vary per column only become per-column values computed once, per-row ones once per row,
   so the loop body is the part that really varies per element.
+* **frames of more axes**: the innermost axis is the columns and the outer axes, flattened, the rows
+  (``x (n, c, l)``: rows ``(n, c)``, columns ``l``); a value varies on any subset of the axes
+  (``full_of``, ``row_of``, ``col_of``), and one that varies on fewer than the rows (a mean per
+  channel ``c``) is an array computed between sweeps. A sum over several axes takes the innermost
+  first (``sum_n sum_l``: a sum over each row, then the rows' sums added per chunk into a partial per
+  ``c``). A sum over an axis of a product of factors on different axes (a contraction, ``x @ W``)
+  is refused: a matrix product, not a loop over rows.
 * **labels**: a Kronecker delta of a column and a label (``probs - onehot(y)``) is 0 in the loop
   and a per-row fix-up writes the label's column afterwards: a scatter of ``n`` values.
 * **saved values, by cost**: the forward saves every per-row and per-column value the backward
@@ -207,7 +214,7 @@ class Plan:
     backward: Program
     saved: list  # (name, layout) the forward returns for the backward
     recomputed: list  # full-size forward values the backward recomputes instead of reading
-    frame: list  # size names of the two axes
+    frame: list  # size names of the frame's axes (the innermost last)
 
     def summary(self) -> dict:
         return {"forward": self.forward.summary(), "backward": self.backward.summary(),
