@@ -293,7 +293,7 @@ class Names:
             raise ValueError(f"{e} read in a finalize step")
         if layout == self.program.col:
             return f"p_{e.base}.reshape(-1)"
-        return f"p_{e.base}.reshape{self.shape(layout)}"
+        return f"p_{e.base}.reshape({self.shape(layout)})"
 
 
 def _cse(exprs: list, printer: VectorPrinter, prefix: str) -> tuple[list[str], list[str]]:
