@@ -13,8 +13,9 @@ NATIVE_PACKAGES := g++
 # the backends of the built-in kernels in generated/ (derive generate --backend ...)
 BACKENDS := --backend cpp --backend triton
 # the Markdown documents are checked as GitHub renders them: its parser (cmark-gfm) and MathJax (npm,
-# pinned by tests/mathjax/package-lock.json)
-DOC_PACKAGES := cmark-gfm nodejs npm
+# pinned by tests/mathjax/package-lock.json); only the missing ones are installed (a Node.js from
+# another source ships its own npm, which Debian's npm package conflicts with)
+DOC_PACKAGES = $(if $(shell command -v cmark-gfm),,cmark-gfm) $(if $(shell command -v npm),,nodejs npm)
 MATHJAX := tests/mathjax/node_modules/.installed
 
 .PHONY: install generate verify check test tex native doc-tools latex dist clean

@@ -545,4 +545,20 @@ def chain_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict, t
 
 _KERNELS = (_TANH_BACKWARD, _SIGMOID_BACKWARD, _THRESHOLD_BACKWARD)
 
-__all__ = ["linear_form", "chain_form"]
+
+def one_kernel_of(chain: list[str], upstream: str) -> str | None:
+    """The tensor that ``chain`` (``chain_form``'s statements) passes, with the upstream gradient
+    alone, to one of autograd's one-pass kernels, when that one call is the whole gradient
+    (``dx = tanh_backward(dout, out)``); else None."""
+    code = [line for line in chain if not line.lstrip().startswith("#")]
+    if len(code) != 1:
+        return None
+    _, _, call = code[0].partition(" = ")
+    for name in _KERNELS:
+        head = f"{name}({upstream}, "
+        if call.startswith(head) and call.endswith(")"):
+            argument = call[len(head):-1].removesuffix(", 0" if name == _THRESHOLD_BACKWARD else "")
+            return argument if argument.isidentifier() else None
+    return None
+
+__all__ = ["linear_form", "chain_form", "one_kernel_of"]

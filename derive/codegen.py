@@ -12,6 +12,7 @@ from typing import Iterator
 from importlib import metadata
 
 from .files import content_hash
+from .backward_plan import one_kernel_of
 from .forward import forward_lines
 from .kernel import Kernel, size_checks
 from .spec import Constant, Labels, Layer, Tensor
@@ -187,8 +188,9 @@ def render_function(kernel: Kernel) -> str:
     steps = [(" or ".join(f"needs[{u}]" for u in s.users),
               s.fast or ([f"{s.scratch} = {s.scratch_code}"] if s.scratch else []) + [f"{s.name} = {s.sum_code or s.code}"])
              for s in kernel.shared]
-    plain = steps + [(f"needs[{f.position}]", f.fast or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
-    steps += [(f"needs[{f.position}]", f.fast or f.chain or [f"d{f.input} = {f.code}"]) for f in kernel.formulas]
+    given = [f for f in kernel.formulas if f.code != "None"]  # the others stay None: the output does not read them
+    plain = steps + [(f"needs[{f.position}]", f.fast or [f"d{f.input} = {f.code}"]) for f in given]
+    steps += [(f"needs[{f.position}]", f.fast or f.chain or [f"d{f.input} = {f.code}"]) for f in given]
     blocks, plain_blocks = _blocks(steps), _blocks(plain)
     returns = [f"d{name}" if name in kernel.layer.differentiable else "None" for name in kernel.layer.inputs]
     # the forward returns what it computed for the backward; the inputs are saved apart
@@ -223,9 +225,42 @@ def render_function(kernel: Kernel) -> str:
         returns=", ".join(returns),
         doc=kernel.layer.doc or kernel.name,
     )
-    body = environment().get_template("function.py.j2").render(header="", **context)
+    context["autograd_kernel"] = _autograd_runs_it(kernel)
+    body = environment().get_template("function.py.j2").render(header="", autograd_digest="", **context)
+    if context["autograd_kernel"]:  # the digest of the two functions as written, to tell a hand edit
+        body = body.replace('"digest": ""', f'"digest": "{_functions_digest(body, AUTOGRAD_KERNEL_FUNCTIONS)}"', 1)
     body = body.lstrip("\n")
     return header(kernel, "#", body, templates=TEMPLATES_OF["function"]) + body
+
+
+# the functions whose text, as generated, makes a kernel autograd's own (a hand edit of either one
+# sends the calls through the Function again, which runs the edit)
+AUTOGRAD_KERNEL_FUNCTIONS = ("_forward_with_graph", "_backward_in_place")
+
+
+def _autograd_runs_it(kernel: Kernel) -> bool:
+    """Whether the eager kernel is, kernel for kernel, what autograd runs through the spec: one
+    operation, and each gradient one call of autograd's own one-pass kernel on the upstream gradient
+    and that operation's output or input. Then ``<name>(...)`` runs the operation under autograd in
+    eager mode: a Python ``autograd.Function`` would only add its fixed cost per call."""
+    graph = kernel.graph
+    operations = [node for node in graph.nodes if node not in graph.inputs.values()]
+    if len(operations) != 1 or kernel.shared or not kernel.formulas:
+        return False
+    allowed = {kernel.output, *kernel.layer.tensors}
+    upstream = f"d{kernel.output}"
+    return all(one_kernel_of(f.chain, upstream) in allowed for f in kernel.formulas)
+
+
+def _functions_digest(module_text: str, names: tuple) -> str:
+    """sha256 of the source of the top-level functions ``names`` of ``module_text``, each as
+    ``inspect.getsource`` reads it back from the module's file."""
+    import ast
+
+    lines = module_text.splitlines(keepends=True)
+    found = {node.name: "".join(lines[node.lineno - 1:node.end_lineno]) for node in ast.parse(module_text).body
+             if isinstance(node, ast.FunctionDef)}
+    return hashlib.sha256("".join(found[name] for name in names).encode()).hexdigest()
 
 
 def render_steps(graph, kernel_reason: str = "") -> str:

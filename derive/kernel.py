@@ -278,6 +278,10 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_writte
         raise located(e, graph) from None
     for f, (code, needs, fast, chain) in zip(formulas, codes):
         f.code, f.needs, f.fast, f.chain = code, needs, fast or [], chain or []
+        if f.element == 0 and not _reaches(graph, graph.inputs[f.input], graph.output):
+            # the output does not read this input: no gradient, as autograd gives none (None, and no
+            # n x k zeros written for it)
+            f.code, f.needs, f.fast, f.chain = "None", [], [], []
 
     read = set()
     for expr in [f.element for f in adjoints + formulas]:
@@ -299,6 +303,20 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_writte
     return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
                   [dim_text[d] for d in layer.dims], sources, checks, constants,
                   time.perf_counter() - start, frame, adjoints, dict(forbidden or {}), frozenset(as_written))
+
+
+def _reaches(graph: Graph, node, target) -> bool:
+    """Whether ``target`` is computed from ``node``."""
+    seen, stack = {id(node)}, [node]
+    while stack:
+        m = stack.pop()
+        if m is target:
+            return True
+        for c in graph.consumers(m):
+            if id(c) not in seen:
+                seen.add(id(c))
+                stack.append(c)
+    return False
 
 
 def located(error: DerivationError, graph) -> DerivationError:

@@ -202,17 +202,31 @@ class KernelPrinter(TorchPrinter):
         the broadcast product (n x i x o elements). Laid out in the frame, or with ``order`` (indices)
         as exactly those axes. Returns None for anything else (a sum of one tensor, of an elementwise
         product of same-shaped tensors, or with a factor that is not a plain tensor or a scalar)."""
-        tensors, scalars = [], []
+        tensors, scalars, composite = [], [], {}
         for f in sp.Mul.make_args(body):
             if isinstance(f, sp.Indexed):
                 tensor = self._operand(f)
                 if tensor is None:
                     return None
                 tensors.append(tensor)
-            elif f.atoms(sp.Indexed) or any(isinstance(s, sp.Idx) for s in f.free_symbols) or f.atoms(Red):
+            elif f.atoms(Red, AxisSum, AxisMax, Max, IsArgmax) or any(  # a sum, or a temporary tensor
+                    isinstance(s, sp.Symbol) and s.name in self.shapes for s in _outside_elements(f)):
                 return None
+            elif f.atoms(sp.Indexed) or any(isinstance(s, sp.Idx) for s in f.free_symbols):
+                # a factor computed from tensors (``1 - A[i, j]``): an operand of its own, with the
+                # other factors on exactly its indices ((1 - A) @ (1 - A), never a k x k x k product)
+                if any(not isinstance(i, sp.Idx) for e in f.atoms(sp.Indexed) for i in e.indices):
+                    return None  # read at labels
+                composite.setdefault(frozenset(i for i in f.free_symbols if isinstance(i, sp.Idx)), []).append(f)
             else:
                 scalars.append(f)
+        for indices, factors in composite.items():
+            # the axes in the order the factor reads them (``1 - A[j, l]`` is ``1 - A``, not ``(1 - A.T).T``)
+            reads = [i for e in sorted(sp.Mul(*factors).atoms(sp.Indexed), key=sp.default_sort_key) for i in e.indices]
+            axes = sorted(indices, key=lambda i: (reads.index(i) if i in reads else len(reads), i.name))
+            inner = KernelPrinter(Frame(axes), self.shapes, self.names, self.dtype_of, self.views)
+            inner.full_rank = True
+            tensors.append(_Operand(inner._print(sp.Mul(*factors)), tuple(axes)))
         if len(tensors) < 2:
             return None
         every = set().union(*[set(t.indices) for t in tensors])
@@ -232,6 +246,17 @@ class KernelPrinter(TorchPrinter):
             code = self._layout(code, tuple(extent(i) for i in out), [self.frame.slots[i] for i in out])
             code = _wrap(code)  # ``a*(dout @ W.T)``: @ binds no tighter than *
         return self._scaled(code, scalars)
+
+    def _contractions(self, body, summed: set):
+        """A sum of a sum of contractions (``sum_r (A[r, i] - 1)*g[r, j] + A[j, r]*g[i, r]``, the
+        gradient of ``(1 - A) @ (1 - A)``) as the sum of their matrix products, never the broadcast
+        products; None where a term is not a contraction over all of ``summed``."""
+        if not isinstance(body, sp.Add):
+            return None
+        terms = [self._contraction(t, summed) for t in body.args]
+        if any(t is None for t in terms):
+            return None
+        return " + ".join(terms)
 
     def _operand(self, f: sp.Indexed):
         """A factor of a contraction as ``_Operand`` (its code and one index per axis), or None: a
@@ -346,6 +371,9 @@ class KernelPrinter(TorchPrinter):
         contraction = self._contraction(body, set(bound))  # no axis of the frame for what it sums
         if contraction is not None:
             return contraction
+        contractions = self._contractions(body, set(bound))
+        if contractions is not None:
+            return contractions
         frame, axes = self.frame, []
         while isinstance(expr, Red):
             frame, axis = frame.with_bound(expr.index, expr.body)
@@ -782,6 +810,11 @@ def _sides(e: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
     if not left or not right:
         return e, sp.S.Zero
     return sp.Add(*left), sp.Add(*right)
+
+
+def _outside_elements(expr: sp.Expr) -> set:
+    """The free symbols of ``expr`` but those of its tensor elements (their bases and indices)."""
+    return expr.xreplace({e: sp.Dummy() for e in expr.atoms(sp.Indexed)}).free_symbols
 
 
 def _is_scalar_factor(f: sp.Expr, shapes: dict) -> bool:

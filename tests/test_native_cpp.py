@@ -105,6 +105,15 @@ def test_the_result_does_not_depend_on_the_thread_count(name):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_the_loops_run_on_torchs_threads():
+    """``at::parallel_for`` is an OpenMP loop in torch's headers when torch's threads are OpenMP's:
+    the extension must be compiled with OpenMP (it calls libgomp's parallel region), else every
+    chunk of rows runs on one thread."""
+    module = cpp_module("cross_entropy").native_module()
+    binary = Path(module.__file__).read_bytes()
+    assert ("OpenMP" in torch.__config__.parallel_info()) == (b"GOMP_parallel" in binary)
+
+
 def test_strided_inputs_are_copied_and_other_dtypes_use_the_eager_kernel():
     from generated.batchnorm_biased import batchnorm_biased as eager
 

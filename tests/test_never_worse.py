@@ -261,3 +261,37 @@ def test_the_battery_keeps_every_input_in_its_declared_domain():
         assert set(values["b"].unique().tolist()) <= {0.0, 1.0}, where
     # the real input is still scaled and shifted as before
     assert any(float(d.inputs(domains, sizes, seed=3)["x"].abs().max()) > 100 for d in draws)
+
+
+UNREAD = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), w=Tensor("k"))
+def bias_only(x, w):
+    """The output reads w alone: x gets no gradient."""
+    return torch.tanh(w).sum()
+'''
+
+
+def test_an_input_the_output_does_not_read_gets_no_gradient_as_with_autograd(tmp_path):
+    """Autograd through the spec gives such an input no gradient (None; ``.grad`` stays unset); the
+    kernel does the same rather than writing n x k zeros, and forward mode still works."""
+    spec = tmp_path / "unread.py"
+    spec.write_text(UNREAD)
+    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "gen")]) == 0
+    fn = load_module(tmp_path / "gen" / "bias_only.py").bias_only
+    (layer,) = from_file(str(spec))
+    x, w = torch.randn(64, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    results = []
+    for f in (fn, layer.fn):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        dx, dw = torch.autograd.grad(f(xl, wl), [xl, wl], allow_unused=True)
+        f(xl, wl).backward()
+        tangent = torch.func.jvp(f, (x, w), (torch.ones_like(x), torch.ones_like(w)))[1]
+        results.append((dx, dw, xl.grad, tangent))
+    ours, theirs = results
+    assert ours[0] is None and theirs[0] is None and ours[2] is None and theirs[2] is None
+    torch.testing.assert_close(ours[1], theirs[1])
+    torch.testing.assert_close(ours[3], theirs[3])

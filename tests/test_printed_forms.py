@@ -30,3 +30,32 @@ def test_sums_over_two_axes_are_one_reduction():
 
 def test_tanh_gradient_reads_the_saved_output():
     assert code(tanh, "x") == "(1 - out**2)*dout"
+
+
+def test_a_contraction_of_computed_factors_is_a_matrix_product(tmp_path):
+    """``(1 - A) @ (1 - A)`` and ``(x.T @ x).sum(1)`` as users write them: the factors computed from
+    tensors are operands of the product, and a gradient that is a sum of two contractions is the
+    sum of two products, never a k x k x k broadcast product (200x slower than autograd at k = 512)."""
+    from derive.layers import from_file
+
+    spec = tmp_path / "products.py"
+    spec.write_text('''import torch
+from derive import Tensor, layer
+
+
+@layer(A=Tensor("k", "k"))
+def square_of_complement(A):
+    v = 1 - A
+    return v @ v
+
+
+@layer(x=Tensor("n", "k"), b=Tensor("n", "1"))
+def gram_row_sums(x, b):
+    return torch.maximum(b, (x.T @ x).sum(1)).T
+''')
+    first, second = from_file(str(spec))
+    forward = build(first).forward
+    assert forward[-1][0].endswith(" = (1 - A) @ (1 - A)"), forward
+    gradient = code(first, "A")
+    assert gradient.count(" @ ") == 2 and "view(1, k, 1, k)" not in gradient, gradient
+    assert code(second, "x").startswith("x @ "), code(second, "x")

@@ -1,0 +1,128 @@
+"""A layer whose derived backward is autograd's own kernel for its one operation (``tanh``,
+``sigmoid``, ``relu``, written by a user or built in) runs that operation under autograd in eager
+mode: the same kernels, without a Python ``autograd.Function``'s fixed cost per call. Anything else,
+and a hand edit of the kernel, goes through the Function."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from derive.cli import main
+from derive.verify import load_module
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SPEC = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "d"))
+def squash(x):
+    """tanh, as a user writes it."""
+    out = torch.tanh(x)
+    return out
+
+
+@layer(x=Tensor("n", "d"))
+def gate(x):
+    """A logistic gate."""
+    return torch.sigmoid(x)
+
+
+@layer(x=Tensor("n", "d"))
+def clipped(x):
+    """A rectifier."""
+    return x.relu()
+
+
+@layer(x=Tensor("n", "d"))
+def squash_twice(x):
+    """Two operations: autograd runs two backward kernels, the derived backward one pass."""
+    return torch.tanh(x) * 2.0
+'''
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("autograd_kernel")
+    (root / "specs.py").write_text(SPEC)
+    assert main(["generate", "--no-prove", "--layer", str(root / "specs.py"), "--out", str(root / "gen")]) == 0
+    return root / "gen"
+
+
+def module(folder: Path, name: str):
+    return load_module(folder / f"{name}.py")
+
+
+@pytest.mark.parametrize("name, op", [("squash", torch.tanh), ("gate", torch.sigmoid), ("clipped", torch.relu)])
+def test_one_operation_with_its_own_kernel_runs_under_autograd(folder, name, op):
+    m = module(folder, name)
+    assert m._autograd_is_the_kernel()
+    x = (torch.randn(64, 33, dtype=torch.float32) * 30).requires_grad_()
+    out = getattr(m, name)(x)
+    assert type(out.grad_fn).__name__ == f"{op.__name__.capitalize()}Backward0"  # autograd's own node
+    dout = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, dout)
+    # the Function computes the same values: the derived backward is that kernel
+    x2 = x.detach().requires_grad_()
+    out2 = getattr(m, f"{name[0].upper()}{name[1:]}Function").apply(x2)[0]
+    (dx2,) = torch.autograd.grad(out2, x2, dout)
+    ref = x.detach().clone().requires_grad_()
+    (dref,) = torch.autograd.grad(op(ref), ref, dout)
+    assert torch.equal(out, out2) and torch.equal(dx, dx2) and torch.equal(dx, dref)
+
+
+def test_the_input_checks_still_run(folder):
+    m = module(folder, "squash")
+    with pytest.raises(m.InputError, match="x must have 2 dimension"):
+        m.squash(torch.randn(3))
+    with pytest.raises(m.InputError, match="x must be a floating-point tensor"):
+        m.squash(torch.ones(2, 3, dtype=torch.long))
+
+
+def test_two_operations_keep_the_function(folder):
+    m = module(folder, "squash_twice")
+    assert not hasattr(m, "_autograd_is_the_kernel")
+    out = m.squash_twice(torch.randn(4, 3, requires_grad=True))
+    assert type(out.grad_fn).__name__.endswith("FunctionEagerBackward")
+
+
+def test_a_hand_edit_of_the_kernel_runs_the_edit(folder, tmp_path):
+    """The edited backward is what runs (and what ``derive verify`` then holds against autograd)."""
+    text = (folder / "squash.py").read_text()
+    line = "        dx = torch.ops.aten.tanh_backward(dout, out)\n"
+    assert line in text
+    edited = tmp_path / "squash.py"
+    edited.write_text(text.replace(line, line.replace("out)\n", "out) * 1.01\n")))
+    m = load_module(edited)
+    assert not m._autograd_is_the_kernel()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    out = m.squash(x)
+    assert type(out.grad_fn).__name__.endswith("FunctionEagerBackward")
+    (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    torch.testing.assert_close(dx, (1 - torch.tanh(x.detach()) ** 2) * 1.01)
+
+
+def test_compiled_kernels_and_transforms_go_through_the_function(folder, tmp_path):
+    text = (folder / "squash.py").read_text()
+    path = tmp_path / "squash.py"
+    path.write_text(text)
+    m = load_module(path)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    assert m._autograd_is_the_kernel()
+    calls = []
+    original = m._apply
+    m._apply = lambda *args: (calls.append(args[0]), original(*args))[1]
+    m.squash(x)
+    assert calls == []  # eager: the operation under autograd
+    torch.func.vmap(m.squash)(x.unsqueeze(0).expand(2, 3, 2))
+    assert calls == [m.SquashFunction]  # under vmap the Function, with its vmap rule
+    m._kernels["backward"] = m._backward  # what compile_kernels() does, without compiling
+    assert not m._autograd_is_the_kernel()
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "relu"])
+def test_the_built_in_one_operation_layers_take_it(name):
+    m = load_module(ROOT / "generated" / f"{name}.py")
+    assert m._autograd_is_the_kernel()
