@@ -200,13 +200,18 @@ class Names:
         self.sizes = {str(s): f"sz_{s}" for s in kernel.graph.sizes.values()}
         self.constants = {c: f"k_{c}" for c in kernel.layer.constants}
         self.frame = [kernel.elements.index[kernel.graph.sizes[d]] for d in kernel.layer.dims]
+        self.axes = axis_names(plan.frame)
 
     def index(self, i, col: str) -> str:
-        if i == self.frame[0]:
-            return "row"
-        if i == self.frame[1]:
+        if i == self.frame[-1]:
             return col
+        if i in self.frame:
+            return self.axes[self.frame.index(i)]
         raise ValueError(f"index {i}")
+
+    def flat(self, layout, col: str) -> str:
+        """The offset of the current element in an array of ``layout`` (its axes, outermost first)."""
+        return flat_index(layout, self.axes[:-1] + [col], self.plan.frame)
 
     def scalar(self, name: str, col: str) -> str:
         if name in self.sizes:
@@ -214,22 +219,22 @@ class Names:
         if name in self.constants:
             return self.constants[name]
         v = self.values[name]
-        if v.layout == ROW:
+        if v.layout == self.program.row:
             return f"kr_{name}[row]" if name in self.program.kept_rows and v.time[0] < self.sweep else f"r_{name}"
-        if v.layout == COL:
-            return f"c_{name}[{col}]"
         if v.layout == SCALAR:
             return f"s_{name}"
+        if v.layout != self.program.full:  # an array of the values of the finalize steps
+            return f"c_{name}[{self.flat(v.layout, col)}]"
         raise ValueError(f"{name} is a full-size value read outside a loop")
 
     def vector(self, name: str) -> str:
         if name in self.sizes or name in self.constants:
             return f"Vec(static_cast<scalar_t>({self.scalar(name, 'col')}))"
         v = self.values[name]
-        if v.layout == FULL:
+        if v.layout == self.program.full:
             return f"v_{name}"
-        if v.layout == COL:
-            return f"Vec::loadu(cv_{name}.data() + col, cnt)"
+        if self.program.col <= v.layout:  # consecutive along the columns
+            return f"Vec::loadu(cv_{name}.data() + {self.flat(v.layout, 'col')}, cnt)"
         return f"Vec(static_cast<scalar_t>({self.scalar(name, 'col')}))"
 
     def offset(self, e: sp.Indexed, printer, col: str) -> tuple[str, bool]:
@@ -244,11 +249,11 @@ class Names:
             if dim == "1" or idx == 0:
                 continue
             stride = "*".join(self.sizes[d] for d in dims[k + 1:] if d != "1")
-            if idx == self.frame[1]:
+            if idx == self.frame[-1]:
                 moves = True
                 text = col
-            elif idx == self.frame[0]:
-                text = "row"
+            elif idx in self.frame:
+                text = self.axes[self.frame.index(idx)]
             else:
                 text = f"static_cast<int64_t>({printer._print(idx).replace('static_cast<double>', '')})"
             parts.append(f"{text}*{stride}" if stride else text)
@@ -265,12 +270,59 @@ class Names:
         return f"Vec(p_{e.base}[{offset}])"
 
 
+def axis_names(frame: list) -> list[str]:
+    """The loop variable of each axis of the frame: ``row`` and ``col`` for two axes; with more, the
+    outer axes are ``a_<size>`` (taken apart from the flat ``row``) and the innermost ``col``."""
+    if len(frame) == 2:
+        return ["row", "col"]
+    return [f"a_{s}" for s in frame[:-1]] + ["col"]
+
+
+def flat_index(layout, variables: list[str], frame: list, size=lambda s: f"sz_{s}") -> str:
+    """``a_c*sz_l + col``: the offset in a contiguous array over ``layout``'s axes (frame order)."""
+    axes = sorted(layout)
+    parts = []
+    for k, a in enumerate(axes):
+        stride = "*".join(size(frame[b]) for b in axes[k + 1:])
+        parts.append(f"{variables[a]}*{stride}" if stride else variables[a])
+    return " + ".join(parts) or "0"
+
+
+def numel(layout, frame: list, size=lambda s: f"sz_{s}") -> str:
+    return "*".join(size(frame[a]) for a in sorted(layout)) or "1"
+
+
+def split_row(frame: list, row: str = "row", size=lambda s: f"sz_{s}", style: str = "cpp") -> list[str]:
+    """The outer axes' indices of a flat ``row`` (frames of three axes or more)."""
+    if len(frame) <= 2:
+        return []
+    names = axis_names(frame)[:-1]
+    lines, rest = [], row
+    for k in range(len(names) - 1, 0, -1):
+        if style == "cpp":
+            lines.append(f"const int64_t {names[k]} = ({rest}) % {size(frame[k])}; (void){names[k]};")
+        else:
+            lines.append(f"{names[k]} = ({rest}) % {size(frame[k])}")
+        rest = f"({rest}) // {size(frame[k])}" if style != "cpp" else f"({rest}) / {size(frame[k])}"
+    lines.append(f"const int64_t {names[0]} = {rest}; (void){names[0]};" if style == "cpp" else f"{names[0]} = {rest}")
+    return lines
+
+
+def loop_nest(layout, frame: list, body: str) -> str:
+    """``body`` inside a loop over each axis of ``layout`` (the variables of ``axis_names``)."""
+    names = axis_names(frame)
+    text = body
+    for a in sorted(layout, reverse=True):
+        text = f"for (int64_t {names[a]} = 0; {names[a]} < sz_{frame[a]}; ++{names[a]}) {{ {text} }}"
+    return text
+
+
 def _cse_lines(exprs: list, printer, prefix: str) -> tuple[list[str], list[str]]:
     """Repeated subexpressions of one loop's element maps as vector temporaries ``v_<prefix>_t<k>``."""
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(f"{prefix}_t"), order="none")
     lines = []
     for symbol, value in replacements:
-        printer.names.values[symbol.name] = Value(symbol.name, FULL, value)
+        printer.names.values[symbol.name] = Value(symbol.name, printer.names.program.full, value)
         lines.append(f"const Vec v_{symbol.name} = {printer._print(value)};")
     return lines, [printer._print(r) for r in reduced]
 
@@ -278,12 +330,15 @@ def _cse_lines(exprs: list, printer, prefix: str) -> tuple[list[str], list[str]]
 def program_context(program: Program, plan: Plan, kernel) -> dict:
     """Everything ``native_kernel.cpp.j2`` places for one program (the forward or the backward)."""
     vals = program.values
-    rows_size, cols_size = (f"sz_{s}" for s in plan.frame)
+    frame = plan.frame
+    rows_size = "*".join(f"sz_{s}" for s in frame[:-1])
+    rows_size = rows_size if len(frame) == 2 else f"({rows_size})"
+    cols_size = f"sz_{frame[-1]}"
     sweeps, kept = [], program.kept_rows
     first_float = next(t for t in program.inputs if not t.labels)
     vector_cols = {n for sweep in program.sweeps for lp in sweep.loops
                    for v in lp.locals + lp.row_reductions + lp.col_reductions + [vals[x] for _, x in lp.stores]
-                   for n in _symbols(v.expr) if n in vals and vals[n].layout == COL}
+                   for n in _symbols(v.expr) if n in vals and program.col <= vals[n].layout != program.full}
     doubles = {t.name: t.double for t, _ in program.outputs}
 
     def finalize(steps: list, sweep: int) -> list[str]:
@@ -295,31 +350,40 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             if kind == "combine":
                 init = "0.0" if v.reduce == "sum" else "-INFINITY"
                 add = "a += q;" if v.reduce == "sum" else "a = derive_max(a, q);"
-                if v.layout == COL:
-                    lines += [f"std::vector<double> c_{v.name}({cols_size});",
-                              f"for (int64_t col = 0; col < {cols_size}; ++col) {{ double a = {init}; "
+                if v.layout:
+                    size = numel(v.layout, frame)
+                    at = "col" if v.layout == program.col else "at"
+                    lines += [f"std::vector<double> c_{v.name}({size});",
+                              f"for (int64_t {at} = 0; {at} < {size}; ++{at}) {{ double a = {init}; "
                               f"for (int64_t chunk = 0; chunk < chunks; ++chunk) {{ const double q = "
-                              f"part_{v.name}[chunk*{cols_size} + col]; {add} }} c_{v.name}[col] = a; }}"]
+                              f"part_{v.name}[chunk*{size} + {at}]; {add} }} c_{v.name}[{at}] = a; }}"]
                 else:
                     lines += [f"double s_{v.name} = {init};",
                               f"for (int64_t chunk = 0; chunk < chunks; ++chunk) {{ const double q = part_{v.name}[chunk]; "
                               f"{add.replace('a ', f's_{v.name} ').replace('(a,', f'(s_{v.name},')} }}"]
-            elif kind == "value" and v.reduce:  # a per-column value summed over the columns
+            elif kind == "value" and v.reduce:  # an array summed over one of its axes
                 init = "0.0" if v.reduce == "sum" else "-INFINITY"
                 body = sp_._print(v.expr)
-                op = f"s_{v.name} += {body};" if v.reduce == "sum" else f"s_{v.name} = derive_max(s_{v.name}, {body});"
-                lines += [f"double s_{v.name} = {init};", f"for (int64_t col = 0; col < {cols_size}; ++col) {{ {op} }}"]
-            elif kind == "value" and v.layout == COL:
-                lines += [f"std::vector<double> c_{v.name}({cols_size});",
-                          f"for (int64_t col = 0; col < {cols_size}; ++col) c_{v.name}[col] = {sp_._print(v.expr)};"]
+                target = f"s_{v.name}" if not v.layout else f"c_{v.name}[{names.flat(v.layout, 'col')}]"
+                op = f"a += {body};" if v.reduce == "sum" else f"a = derive_max(a, {body});"
+                inner = loop_nest({v.axis}, frame, op)
+                if not v.layout:
+                    lines += [f"double s_{v.name} = {init};",
+                              inner.replace("a += ", f"s_{v.name} += ").replace("a = derive_max(a,", f"s_{v.name} = derive_max(s_{v.name},")]
+                else:
+                    lines += [f"std::vector<double> c_{v.name}({numel(v.layout, frame)});",
+                              loop_nest(v.layout, frame, f"double a = {init}; {inner} {target} = a;")]
+            elif kind == "value" and v.layout:
+                lines += [f"std::vector<double> c_{v.name}({numel(v.layout, frame)});",
+                          loop_nest(v.layout, frame, f"c_{v.name}[{names.flat(v.layout, 'col')}] = {sp_._print(v.expr)};")]
             elif kind == "value":
                 lines.append(f"const double s_{v.name} = {sp_._print(v.expr)};")
             elif kind == "store":
                 tensor = step[1]
                 cast = "double" if doubles.get(tensor) else "scalar_t"
-                if v.layout == COL:
-                    lines.append(f"for (int64_t col = 0; col < {cols_size}; ++col) "
-                                 f"o_{tensor}[col] = static_cast<{cast}>({names.scalar(v.name, 'col')});")
+                if v.layout:
+                    lines.append(loop_nest(v.layout, frame, f"o_{tensor}[{names.flat(v.layout, 'col')}] = "
+                                                            f"static_cast<{cast}>({names.scalar(v.name, 'col')});"))
                 else:
                     lines.append(f"o_{tensor}[0] = static_cast<{cast}>({names.scalar(v.name, 'col')});")
             if kind in ("value", "combine") and v.name in vector_cols:
@@ -344,9 +408,10 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             return [f"o_{step.tensor}[row] = static_cast<{cast}>({names.scalar(v.name, 'col')});"]
         if step.kind == "accumulate":
             body = sp_._print(v.expr)
+            at = f"chunk*{numel(v.layout, frame)} + {names.flat(v.layout, 'col')}" if v.layout else "chunk"
             if v.reduce == "sum":
-                return [f"part_{v.name}[chunk] += {body};"]
-            return [f"part_{v.name}[chunk] = derive_max(part_{v.name}[chunk], {body});"]
+                return [f"part_{v.name}[{at}] += {body};"]
+            return [f"part_{v.name}[{at}] = derive_max(part_{v.name}[{at}], {body});"]
         if step.kind == "fixup":
             label_sp = ScalarPrinter(names, col="label_col")
             return [f"{{ const int64_t label_col = {names.load(step.label, sp_, 'col')}; "
@@ -364,8 +429,8 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                 setup.append(f"DoubleLanes<scalar_t> acc_{v.name};" if v.reduce == "sum"
                              else f"Vec acc_{v.name}(-std::numeric_limits<scalar_t>::infinity());")
             # full-size values are inlined, and cse shares what they have in common
-            exprs = [_inline_full(v.expr, vals) for v in lp.row_reductions + lp.col_reductions] + \
-                    [_inline_full(vals[x].expr, vals) for _, x in lp.stores]
+            exprs = [_inline_full(v.expr, vals, program.full) for v in lp.row_reductions + lp.col_reductions] + \
+                    [_inline_full(vals[x].expr, vals, program.full) for _, x in lp.stores]
             temps, printed = _cse_lines(exprs, vp, f"e{p}")
             body += temps
             it = iter(printed)
@@ -378,7 +443,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                                 f"Vec(-std::numeric_limits<scalar_t>::infinity()), {text}, cnt));")
             for v in lp.col_reductions:
                 text = next(it)
-                q = f"part_{v.name}.data() + chunk*{cols_size} + col"
+                q = f"part_{v.name}.data() + chunk*{numel(v.layout, frame)} + {names.flat(v.layout, 'col')}"
                 if v.reduce == "sum":
                     body.append(f"derive_add_to({q}, {text}, cnt);")
                 else:
@@ -389,22 +454,23 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             after = [line for step in lp.after for line in row_step(step, names, sp_)]
             loops.append(dict(setup=setup, body=body, after=after, index=p))
         for v in [x for lp in sweep.loops for x in lp.col_reductions]:
-            partials.append(f"std::vector<double> part_{v.name}(chunks*{cols_size}, "
+            partials.append(f"std::vector<double> part_{v.name}(chunks*{numel(v.layout, frame)}, "
                             f"{'0.0' if v.reduce == 'sum' else '-INFINITY'});")
         steps = sweep.start + [s for lp in sweep.loops for s in lp.after]
         for step in steps:
             if step.kind == "accumulate":
-                partials.append(f"std::vector<double> part_{step.value.name}(chunks, "
+                size = numel(step.value.layout, frame)
+                partials.append(f"std::vector<double> part_{step.value.name}({'chunks' if size == '1' else f'chunks*{size}'}, "
                                 f"{'0.0' if step.value.reduce == 'sum' else '-INFINITY'});")
-        start = [line for step in sweep.start for line in row_step(step, names, sp_)]
+        start = split_row(frame) + [line for step in sweep.start for line in row_step(step, names, sp_)]
         sweeps.append(dict(before=finalize(sweep.before, k), partials=partials, start=start, loops=loops, index=k))
     tail = finalize(program.tail, len(program.sweeps))
     allocations = []
     for t, v in program.outputs:
-        numel = _numel(t.layout, rows_size, cols_size)
+        size = numel(t.layout, frame)
         fill = "at::zeros" if vals[v].expr == 0 and not vals[v].reduce else "at::empty"
         dtype = ".dtype(at::kDouble)" if t.double else ""
-        allocations.append((t.name, f"{fill}({{{numel}}}, t_{first_float.name}.options(){dtype})",
+        allocations.append((t.name, f"{fill}({{{size}}}, t_{first_float.name}.options(){dtype})",
                             "double" if t.double else "scalar_t"))
     args = [(t.name, "const int64_t" if t.labels else "const double" if t.double else "const scalar_t")
             for t in program.inputs]
@@ -413,10 +479,6 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                 kept=[f"std::vector<double> kr_{n}({rows_size});" for n in kept],
                 allocations=allocations, sweeps=sweeps, tail=tail, dispatch=first_float.name,
                 outputs=[t.name for t, _ in program.outputs])
-
-
-def _numel(layout: frozenset, rows: str, cols: str) -> str:
-    return {FULL: f"{rows}*{cols}", ROW: rows, COL: cols, SCALAR: "1"}[layout]
 
 
 def _symbols(expr: sp.Expr) -> set:

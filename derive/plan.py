@@ -18,6 +18,13 @@ reduction is a value too, with the axis it sums (or maximises) and its body. The
 * **element maps**: each full-size expression is split by layout (``hoist``): factors and terms
   that vary per column only become per-column values computed once, per-row ones once per row,
   so the loop body is the part that really varies per element.
+* **frames of more axes**: the innermost axis is the columns and the outer axes, flattened, the rows
+  (``x (n, c, l)``: rows ``(n, c)``, columns ``l``); a value varies on any subset of the axes
+  (``full_of``, ``row_of``, ``col_of``), and one that varies on fewer than the rows (a mean per
+  channel ``c``) is an array computed between sweeps. A sum over several axes takes the innermost
+  first (``sum_n sum_l``: a sum over each row, then the rows' sums added per chunk into a partial per
+  ``c``). A sum over an axis of a product of factors on different axes (a contraction, ``x @ W``)
+  is refused: a matrix product, not a loop over rows.
 * **labels**: a Kronecker delta of a column and a label (``probs - onehot(y)``) is 0 in the loop
   and a per-row fix-up writes the label's column afterwards: a scatter of ``n`` values.
 * **saved values, by cost**: the forward saves every per-row and per-column value the backward
@@ -42,6 +49,22 @@ from .spec import Labels, dim_names
 from .symbolic import AxisMax, AxisSum, GroupedRed, IsArgmax, Max, Red, extent
 
 FULL, ROW, COL, SCALAR = frozenset({0, 1}), frozenset({0}), frozenset({1}), frozenset()
+
+
+def full_of(ndim: int) -> frozenset:
+    """Every axis of a frame of ``ndim`` axes: a full-size element (``FULL`` for two)."""
+    return frozenset(range(ndim))
+
+
+def row_of(ndim: int) -> frozenset:
+    """Every axis but the innermost: one value per row (``ROW`` for two). The rows of a frame of
+    more axes are its outer axes flattened (``n, c`` of ``x (n, c, l)``), the columns its innermost."""
+    return frozenset(range(ndim - 1))
+
+
+def col_of(ndim: int) -> frozenset:
+    """The innermost axis alone (``COL`` for two)."""
+    return frozenset({ndim - 1})
 # element functions every printer of the plan knows
 FUNCTIONS = (sp.exp, sp.log, sp.tanh, Sigmoid, Softplus, Relu, Step, sp.Abs, sp.sign, sp.KroneckerDelta)
 # a full-size value is recomputed in the backward rather than saved when its cost, in passes over
@@ -120,6 +143,24 @@ class Program:
     sweeps: list
     tail: list  # finalize after the last sweep
     kept_rows: list  # row values read in a later sweep than their own (kept in an array)
+    frame: list = field(default_factory=list)  # size names of the frame's axes
+    ndim: int = 2  # axes of the frame; the innermost is the columns, the others flattened are the rows
+
+    @property
+    def full(self) -> frozenset:
+        return full_of(self.ndim)
+
+    @property
+    def row(self) -> frozenset:
+        return row_of(self.ndim)
+
+    @property
+    def col(self) -> frozenset:
+        return col_of(self.ndim)
+
+    def dims(self, layout) -> list:
+        """The frame's size names of ``layout``, outermost first."""
+        return [self.frame[a] for a in sorted(layout)]
 
     def summary(self) -> list[str]:
         """Which sums run in which pass, in words (for the derivation documents)."""
@@ -131,11 +172,14 @@ class Program:
             for p, loop in enumerate(sweep.loops):
                 parts = []
                 if loop.row_reductions:
-                    parts.append("accumulates " + ", ".join(_describe(v) for v in loop.row_reductions))
+                    parts.append("accumulates " + ", ".join(_describe(v, self) for v in loop.row_reductions))
                 if loop.col_reductions:
-                    parts.append("accumulates per chunk " + ", ".join(_describe(v) for v in loop.col_reductions))
+                    parts.append("accumulates per chunk " + ", ".join(_describe(v, self) for v in loop.col_reductions))
                 if loop.stores:
                     parts.append("writes " + ", ".join(t for t, _ in loop.stores))
+                added = [_describe(s.value, self) for s in loop.after if s.kind == "accumulate"]
+                if added:
+                    parts.append("then adds up per chunk " + ", ".join(added))
                 fix = [s.tensor for s in loop.after if s.kind == "fixup"]
                 if fix:
                     parts.append("then writes the label's column of " + ", ".join(fix))
@@ -146,8 +190,12 @@ class Program:
         return lines
 
 
-def _describe(v: Value) -> str:
-    return f"{v.name} = {'max' if v.reduce == 'max' else 'sum'} over {'columns' if v.axis == 1 else 'rows'} of {_text(v.expr)}"
+def _describe(v: Value, program: "Program") -> str:
+    if program.ndim == 2:
+        over = "columns" if v.axis == 1 else "rows"
+    else:
+        over = f"{program.frame[v.axis]}" + (" (the columns)" if v.axis == program.ndim - 1 else "")
+    return f"{v.name} = {'max' if v.reduce == 'max' else 'sum'} over {over} of {_text(v.expr)}"
 
 
 def _text(expr: sp.Expr) -> str:
@@ -166,7 +214,7 @@ class Plan:
     backward: Program
     saved: list  # (name, layout) the forward returns for the backward
     recomputed: list  # full-size forward values the backward recomputes instead of reading
-    frame: list  # size names of the two axes
+    frame: list  # size names of the frame's axes (the innermost last)
 
     def summary(self) -> dict:
         return {"forward": self.forward.summary(), "backward": self.backward.summary(),
@@ -186,6 +234,8 @@ class _Builder:
         self.by_key: dict = {}  # (reduce, axis, body) -> name: identical reductions are one value
         self.prefix = prefix
         self.count = 0
+        ndim = len(frame_index)
+        self.full, self.row, self.col = full_of(ndim), row_of(ndim), col_of(ndim)
 
     def fresh(self, stem: str) -> str:
         while True:
@@ -220,6 +270,20 @@ class _Builder:
         return value
 
     def reduction(self, kind: str, body: sp.Expr, index: sp.Idx, name: str = "") -> sp.Symbol:
+        nested = _nested_sums(body, index) if kind == "sum" else []
+        if len(nested) > 1:  # a sum over several axes: the innermost axis first (a sum per row, then over rows)
+            body = nested[-1][0]
+            for _, idx in nested:
+                frame_idx = self.frame_index[self._axis(idx)]
+                if idx != frame_idx:
+                    if frame_idx in body.free_symbols:
+                        raise NotLowered(f"a reduction over {idx} also reads {frame_idx} (a contraction)")
+                    body = body.xreplace({idx: frame_idx})
+            order = sorted(nested, key=lambda pair: -self._axis(pair[1]))
+            for k, (_, idx) in enumerate(order):
+                frame_idx = self.frame_index[self._axis(idx)]
+                body = self.reduction(kind, body, frame_idx, name=name if k == len(order) - 1 else "")
+            return body
         axis = self._axis(index)
         frame_idx = self.frame_index[axis]
         if index != frame_idx:
@@ -227,6 +291,7 @@ class _Builder:
                 raise NotLowered(f"a reduction over {index} also reads {frame_idx} (a contraction)")
             body = body.xreplace({index: frame_idx})
         body = self.convert(body)
+        self._refuse_contraction(body, axis)
         key = (kind, axis, body)
         if key in self.by_key and not name:
             return sp.Symbol(self.by_key[key])
@@ -236,6 +301,20 @@ class _Builder:
         self.by_key.setdefault(key, name)
         self.add(name, body, kind, axis)
         return sp.Symbol(name)
+
+    def _refuse_contraction(self, body: sp.Expr, axis: int) -> None:
+        """A sum over an axis of a product of two factors that vary on different axes besides it
+        (``sum_i x[n, i]*W[i, o]``) is a matrix product: loops over memory would keep a partial sum
+        per chunk of rows of every output element; it keeps its eager kernel (torch's matmul)."""
+        for term in sp.Add.make_args(body):
+            layouts = [self.layout(f) for f in sp.Mul.make_args(term) if axis in self.layout(f)]
+            for k, a in enumerate(layouts):
+                for c in layouts[k + 1:]:
+                    if not (a <= c or c <= a):
+                        names = ", ".join(str(self.frame_index[x]).replace("i_", "") for x in sorted(a | c))
+                        raise NotLowered(f"a contraction (a sum over {str(self.frame_index[axis]).replace('i_', '')} "
+                                         f"of a product of factors on different axes, over {names}): a matrix "
+                                         f"product the plan has no step for; torch's matmul in the eager kernel")
 
     def _axis(self, index: sp.Idx) -> int:
         size = extent(index)
@@ -258,7 +337,7 @@ class _Builder:
             name = str(expr.base)
             if name in self.values:
                 value = self.values[name]
-                natural = [self.frame_index[a] if a in value.layout else None for a in range(2)]
+                natural = [self.frame_index[a] if a in value.layout else None for a in range(len(self.frame_index))]
                 reads = [i for i in expr.indices if i != 0]
                 if reads != [i for i in natural if i is not None] and len(expr.indices) >= 1:
                     picked = [i for i in expr.indices if not isinstance(i, sp.Idx) and i != 0]
@@ -279,6 +358,15 @@ class _Builder:
         return expr.func(*[self.convert(a) for a in expr.args])
 
 
+def _nested_sums(body: sp.Expr, index) -> list:
+    """``sum_n sum_l f`` as ``[(sum_l f, n), (f, l)]``: the bodies and indices of directly nested sums."""
+    chain = [(body, index)]
+    while isinstance(chain[-1][0], (Red, GroupedRed, AxisSum)):
+        inner = chain[-1][0]
+        chain.append((inner.body, inner.index))
+    return chain
+
+
 def _tensors_of(kernel) -> dict[str, TensorArg]:
     layer = kernel.layer
     frame = list(layer.dims)
@@ -294,8 +382,8 @@ def _tensors_of(kernel) -> dict[str, TensorArg]:
 
 def _check_frame(kernel) -> list:
     layer = kernel.layer
-    if len(layer.dims) != 2:
-        raise NotLowered(f"the plan lowers layers over two axes; this one has {len(layer.dims)} "
+    if len(layer.dims) < 2:
+        raise NotLowered(f"the plan lowers layers over two axes or more; this one has {len(layer.dims)} "
                          f"({', '.join(layer.dims)})")
     if any(len(dim_names(d)) != 1 for d in layer.dims):
         raise NotLowered("a dimension made of several sizes")
@@ -374,7 +462,7 @@ def lower(kernel) -> Plan:
         layout = fwd.values[name].layout
         # kept in double: the backward recomputes exactly the values the forward computed from them
         b_tensors[name] = TensorArg(name, layout, tuple(frame_names[a] for a in sorted(layout)),
-                                    double=layout != FULL)
+                                    double=layout != fwd.full)
     loads = {sp.Symbol(n): _natural(n, fwd.values[n].layout, frame_index) for n in saved_names}
     bwd.values = {k: Value(v.name, v.layout, v.expr.xreplace(loads), v.reduce, v.axis)
                   for k, v in bwd.values.items()}
@@ -429,12 +517,12 @@ def _saved(fwd: _Builder, bwd: _Builder, grads: list, forward_names: set, output
     while stack:
         name = stack.pop()
         value = fwd.values[name]
-        if value.layout != FULL or value.reduce:
+        if value.layout != fwd.full or value.reduce:
             saved[name] = value.layout
             continue
         deps = _reads(value.expr, forward_names)
         new_reads = {str(e.base) for e in value.expr.atoms(sp.Indexed)} - full_inputs_read
-        cost = len([r for r in new_reads if fwd.tensors[r].layout == FULL]) + _cost(value.expr)
+        cost = len([r for r in new_reads if fwd.tensors[r].layout == fwd.full]) + _cost(value.expr)
         if cost < (READ_COST if name == output else SAVE_COST):
             if name not in recomputed:
                 recomputed.append(name)
@@ -453,7 +541,8 @@ def _label_deltas(expr: sp.Expr, col_index) -> list:
 
 
 def _program(name: str, b: _Builder, inputs: list, scalars: list, outputs: list) -> Program:
-    col_i = b.frame_index[1]
+    col_i = b.frame_index[-1]
+    FULL = b.full
     needed, stack = set(), [v for _, v in outputs]
     while stack:
         n = stack.pop()
@@ -475,7 +564,7 @@ def _program(name: str, b: _Builder, inputs: list, scalars: list, outputs: list)
         deltas = _label_deltas(v.expr, col_i)
         if deltas and v.layout == FULL and not v.reduce:
             label = next(a for a in deltas[0].args if isinstance(a, sp.Indexed))
-            at_label = _inline_full(v.expr, vals).xreplace({d: 1 for d in deltas})
+            at_label = _inline_full(v.expr, vals, FULL).xreplace({d: 1 for d in deltas})
             fixups[vname] = (at_label.xreplace({col_i: label}), label)
             vals[vname] = Value(v.name, v.layout, v.expr.xreplace({d: 0 for d in deltas}), v.reduce, v.axis)
     for v in vals.values():
@@ -501,7 +590,7 @@ def _topological(values: dict) -> list:
     return out
 
 
-def _inline_full(expr: sp.Expr, vals: dict) -> sp.Expr:
+def _inline_full(expr: sp.Expr, vals: dict, FULL: frozenset = FULL) -> sp.Expr:
     """``expr`` with every full-size element value substituted (for a value at one element)."""
     for _ in range(100):
         reads = [n for n in _reads(expr, set(vals)) if vals[n].layout == FULL and not vals[n].reduce]
@@ -545,13 +634,14 @@ class _Hoister:
         return frozenset(axes)
 
     def name_of(self, e):
+        FULL = self.b.full
         if self.atomic(e) or self.layout(e) == FULL:
             return e
         for k, v in self.new.items():
             if v.expr == e:
                 return sp.Symbol(k)
         layout = self.layout(e)
-        name = self.b.fresh("c" if layout == COL else "r" if layout == ROW else "s")
+        name = self.b.fresh("c" if layout == self.b.col else "r" if layout == self.b.row else "s")
         self.new[name] = Value(name, layout, e)
         self.b.values[name] = self.new[name]
         return sp.Symbol(name)
@@ -559,7 +649,7 @@ class _Hoister:
     def hoist(self, e):
         if self.atomic(e) or not e.args:
             return e
-        if self.layout(e) != FULL:
+        if self.layout(e) != self.b.full:
             return self.name_of(e)
         if isinstance(e, (sp.Add, sp.Mul)):
             groups: dict = {}
@@ -569,7 +659,7 @@ class _Hoister:
                 groups.setdefault(key, []).append(a)
             parts = []
             for (layout, _), args in groups.items():
-                if layout == FULL:
+                if layout == self.b.full:
                     parts += [self.hoist(a) for a in args]
                 else:
                     parts.append(self.name_of(e.func(*args)))
@@ -590,16 +680,18 @@ def _body_time(v: Value, vals: dict) -> tuple:
 
 def _times(vals: dict, b: _Builder) -> None:
     """Each value's time ``(sweep, loop)``: see the module docstring."""
+    inner = len(b.frame_index) - 1
     for v in vals.values():
         t = _body_time(v, vals)
         if v.reduce:
             body = b.layout(v.expr)
-            if v.axis == 1 and body == FULL:  # over the columns of each row: known after the loop
-                t = (t[0], t[1] + 1)
-            elif v.axis == 0 and body in (FULL, ROW):  # over the rows: known in the next sweep
-                t = (t[0] + 1, 0)
-            elif not (v.axis == 1 and body == COL):  # a per-column value summed: a finalize step
+            if v.axis not in body:
                 raise NotLowered(f"a sum over an axis its body does not vary on ({sp.sstr(v.expr)})")
+            if v.axis == inner and body == b.full:  # over the columns of each row: known after the loop
+                t = (t[0], t[1] + 1)
+            elif v.axis != inner and b.row <= body:  # over the rows: known in the next sweep
+                t = (t[0] + 1, 0)
+            # else a value that varies on fewer axes than the rows summed: a finalize step
         v.time = t
 
 
@@ -607,8 +699,9 @@ def _schedule(name, b, inputs, scalars, outputs, vals, fixups) -> Program:
     store_of: dict = {}
     for tensor, vname in outputs:
         store_of.setdefault(vname, []).append(tensor.name)
-    points = [v.time[0] for v in vals.values() if v.layout in (FULL, ROW) and not v.reduce]
-    points += [_body_time(v, vals)[0] for v in vals.values() if v.reduce and b.layout(v.expr) in (FULL, ROW)]
+    FULL, ROW = b.full, b.row
+    points = [v.time[0] for v in vals.values() if ROW <= v.layout and not v.reduce]
+    points += [_body_time(v, vals)[0] for v in vals.values() if v.reduce and ROW <= b.layout(v.expr)]
     sweeps = [Sweep([], [], []) for _ in range(1 + max(points, default=0))]
     tail: list = []
 
@@ -630,7 +723,7 @@ def _schedule(name, b, inputs, scalars, outputs, vals, fixups) -> Program:
         if v.reduce and body == FULL:
             bs, bp = _body_time(v, vals)
             target = loop(bs, bp)
-            if v.axis == 1:
+            if v.axis == len(b.frame_index) - 1:
                 target.row_reductions.append(v)
                 target.after.append(RowStep("reduced", v))
             else:
@@ -640,7 +733,7 @@ def _schedule(name, b, inputs, scalars, outputs, vals, fixups) -> Program:
             bs, bp = _body_time(v, vals)
             row_steps(bs, bp).append(RowStep("accumulate", v))
             before(bs + 1).append(("combine", v))
-        elif v.reduce or v.layout in (COL, SCALAR):
+        elif v.reduce or not ROW <= v.layout:
             before(s).append(("value", v))
         elif v.layout == ROW:
             row_steps(s, p).append(RowStep("value", v))
@@ -656,7 +749,7 @@ def _schedule(name, b, inputs, scalars, outputs, vals, fixups) -> Program:
     for sweep in sweeps:  # each loop computes the full-size values its reductions and stores read
         for lp in sweep.loops:
             roots = [v.expr for v in lp.row_reductions + lp.col_reductions] + [vals[v].expr for _, v in lp.stores]
-            lp.locals = _full_closure(roots, vals)
+            lp.locals = _full_closure(roots, vals, FULL)
     kept = []  # per-row values read in a later sweep than their own are kept in an array
     for k, sweep in enumerate(sweeps):
         exprs = [v.expr for lp in sweep.loops for v in lp.locals + lp.row_reductions + lp.col_reductions]
@@ -666,12 +759,11 @@ def _schedule(name, b, inputs, scalars, outputs, vals, fixups) -> Program:
             for n in _reads(e, set(vals)):
                 if vals[n].layout == ROW and vals[n].time[0] < k and n not in kept:
                     kept.append(n)
-    for v in vals.values():  # written out from a later sweep's finalize (a per-row output is stored in its row)
-        pass
-    return Program(name, inputs, scalars, outputs, vals, sweeps, tail, kept)
+    frame = [str(extent(i)) for i in b.frame_index]
+    return Program(name, inputs, scalars, outputs, vals, sweeps, tail, kept, frame, len(frame))
 
 
-def _full_closure(roots: list, vals: dict) -> list:
+def _full_closure(roots: list, vals: dict, FULL: frozenset) -> list:
     names, stack = set(), list(roots)
     while stack:
         e = stack.pop()

@@ -21,6 +21,7 @@ from pathlib import Path
 import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
+from .cpp import axis_names, flat_index, numel, split_row
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
 from .templating import environment
 
@@ -198,13 +199,26 @@ class Names:
         self.sizes = {str(s): f"sz_{s}" for s in kernel.graph.sizes.values()}
         self.constants = {c: f"k_{c}" for c in kernel.layer.constants}
         self.frame = [kernel.elements.index[kernel.graph.sizes[d]] for d in kernel.layer.dims]
+        self.axes = axis_names(plan.frame)
 
     def index(self, i, col: str) -> str:
-        if i == self.frame[0]:
-            return "row"
-        if i == self.frame[1]:
+        if i == self.frame[-1]:
             return col
+        if i in self.frame:
+            return self.axes[self.frame.index(i)]
         raise ValueError(f"index {i}")
+
+    def flat(self, layout, col: str) -> str:
+        return flat_index(layout, self.axes[:-1] + [col], self.plan.frame)
+
+    def shape(self, layout) -> str:
+        """The shape a finalize step's tensor of ``layout`` has in the driver: the frame's trailing
+        axes from its outermost one, 1 where it does not vary (so tensors broadcast)."""
+        if not layout:
+            return "()"
+        frame = self.plan.frame
+        dims = [f"sz_{frame[a]}" if a in layout else "1" for a in range(min(layout), len(frame))]
+        return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
     def scalar(self, name: str, col: str) -> str:
         if name in self.sizes:
@@ -212,12 +226,12 @@ class Names:
         if name in self.constants:
             return self.constants[name]
         v = self.values[name]
-        if v.layout == ROW:
+        if v.layout == self.program.row:
             return f"tl.load(kr_{name} + row)" if name in self.program.kept_rows and v.time[0] < self.sweep else f"r_{name}"
-        if v.layout == COL:
-            return f"tl.load(cv_{name} + {col})"
         if v.layout == SCALAR:
             return f"tl.load(ps_{name})"
+        if v.layout != self.program.full:
+            return f"tl.load(cv_{name} + {self.flat(v.layout, col)})"
         raise ValueError(f"{name} is a full-size value read outside a loop")
 
     def vector(self, name: str) -> str:
@@ -226,10 +240,10 @@ class Names:
         if name in self.constants:
             return self.constants[name]
         v = self.values[name]
-        if v.layout == FULL:
+        if v.layout == self.program.full:
             return f"v_{name}"
-        if v.layout == COL:
-            return f"tl.load(cv_{name} + cols, mask=mask, other=0.0).to(DT)"
+        if self.program.col <= v.layout:
+            return f"tl.load(cv_{name} + {self.flat(v.layout, 'cols')}, mask=mask, other=0.0).to(DT)"
         return f"({self.scalar(name, 'cols')}).to(DT)"
 
     def offset(self, e: sp.Indexed, printer, col: str) -> tuple[str, bool]:
@@ -242,10 +256,10 @@ class Names:
             if dim == "1" or idx == 0:
                 continue
             stride = "*".join(self.sizes[d] for d in dims[k + 1:] if d != "1")
-            if idx == self.frame[1]:
+            if idx == self.frame[-1]:
                 moves, text = True, col
-            elif idx == self.frame[0]:
-                text = "row"
+            elif idx in self.frame:
+                text = self.axes[self.frame.index(idx)]
             else:
                 text = f"tl.load({self.pointer(idx, printer)})"
             parts.append(f"{text}*{stride}" if stride else text)
@@ -267,20 +281,26 @@ class Names:
         if name in self.constants:
             return self.constants[name]
         v = self.values[name]
-        return f"cv_{name}" if v.layout == COL else f"ps_{name}"
+        if not v.layout:
+            return f"ps_{name}"
+        return f"cv_{name}" if v.layout == self.program.col else f"cv_{name}.view{self.shape(v.layout)}"
 
     def whole(self, e: sp.Indexed) -> str:
-        """A per-column or scalar input read whole in the driver: ``p_gamma.reshape(-1)``."""
-        if any(isinstance(i, sp.Indexed) for i in e.indices) or self.frame[0] in e.free_symbols:
+        """An input that varies on fewer axes than the rows, read whole in the driver:
+        ``p_gamma.reshape(-1)``."""
+        layout = frozenset(k for k, i in enumerate(self.frame) if i in e.free_symbols)
+        if any(isinstance(i, sp.Indexed) for i in e.indices) or self.program.row <= layout:
             raise ValueError(f"{e} read in a finalize step")
-        return f"p_{e.base}.reshape(-1)" if self.frame[1] in e.free_symbols else f"p_{e.base}.reshape(())"
+        if layout == self.program.col:
+            return f"p_{e.base}.reshape(-1)"
+        return f"p_{e.base}.reshape({self.shape(layout)})"
 
 
 def _cse(exprs: list, printer: VectorPrinter, prefix: str) -> tuple[list[str], list[str]]:
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(f"{prefix}_t"), order="none")
     lines = []
     for symbol, value in replacements:
-        printer.names.values[symbol.name] = Value(symbol.name, FULL, value)
+        printer.names.values[symbol.name] = Value(symbol.name, printer.names.program.full, value)
         lines.append(f"v_{symbol.name} = {printer._print(value)}")
     return lines, [printer._print(r) for r in reduced]
 
@@ -288,6 +308,8 @@ def _cse(exprs: list, printer: VectorPrinter, prefix: str) -> tuple[list[str], l
 def program_context(program: Program, plan: Plan, kernel) -> dict:
     vals = program.values
     kept = program.kept_rows
+    rows = "*".join(f"sz_{s}" for s in plan.frame[:-1])
+    rows = rows if len(plan.frame) == 2 else f"({rows})"
     doubles = {t.name: t.double for t, _ in program.outputs}
 
     def finalize(steps: list, sweep: int) -> list[str]:
@@ -296,17 +318,20 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
         lines = []
         for step in steps:
             kind, v = step[0], step[-1]
+            target = f"cv_{v.name}" if v.layout else f"ps_{v.name}"
             if kind == "combine":
                 how = "sum" if v.reduce == "sum" else "amax"
-                target = f"cv_{v.name}" if v.layout == COL else f"ps_{v.name}"
-                lines.append(f"{target} = part_{v.name}.{how}(0)")
-            elif kind == "value" and v.reduce:
+                lines.append(f"{target} = part_{v.name}.{how}(0)" + ("" if v.layout else ".reshape(())"))
+            elif kind == "value" and v.reduce:  # an array summed over one of its axes
                 how = "sum" if v.reduce == "sum" else "amax"
-                lines.append(f"ps_{v.name} = torch.as_tensor({tp._print(v.expr)}, dtype=torch.float64, "
-                             f"device=device).expand(sz_{plan.frame[1]}).{how}()")
+                body = v.layout | {v.axis}
+                dim = v.axis - len(plan.frame)  # counted from the end: every shape ends at the innermost axis
+                flat = ".reshape(-1)" if v.layout else ".reshape(())"
+                lines.append(f"{target} = torch.as_tensor({tp._print(v.expr)}, dtype=torch.float64, "
+                             f"device=device).expand{names.shape(body)}.{how}({dim}, keepdim=True){flat}")
             elif kind == "value":
-                shape = f".expand(sz_{plan.frame[1]}).contiguous()" if v.layout == COL else ".reshape(())"
-                lines.append(f"{'cv' if v.layout == COL else 'ps'}_{v.name} = torch.as_tensor({tp._print(v.expr)}, "
+                shape = f".expand{names.shape(v.layout)}.contiguous().reshape(-1)" if v.layout else ".reshape(())"
+                lines.append(f"{target} = torch.as_tensor({tp._print(v.expr)}, "
                              f"dtype=torch.float64, device=device){shape}")
             elif kind == "store":
                 lines.append(f"o_{step[1]}.copy_({names.finalize(v.name)}.reshape(-1).expand_as(o_{step[1]}))")
@@ -324,6 +349,12 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
         if step.kind == "store":
             cast = "tl.float64" if doubles.get(step.tensor) else "DT"
             return [f"tl.store(o_{step.tensor} + row, ({names.scalar(v.name, 'cols')}).to({cast}))"]
+        if step.kind == "accumulate" and v.layout:  # into the chunk's partial of this row's entry
+            body = rp._print(v.expr)
+            q = f"part_{v.name} + chunk*{numel(v.layout, plan.frame)} + {names.flat(v.layout, 'cols')}"
+            if v.reduce == "sum":
+                return [f"tl.store({q}, tl.load({q}) + {body})"]
+            return [f"tl.store({q}, tl.maximum(tl.load({q}), {body}, propagate_nan=tl.PropagateNan.ALL))"]
         if step.kind == "accumulate":
             body = rp._print(v.expr)
             if v.reduce == "sum":
@@ -332,7 +363,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
         if step.kind == "fixup":
             label_rp = RowPrinter(names, col="label_col")
             return [f"label_col = tl.load({names.pointer(step.label, rp)})",
-                    f"tl.store(o_{step.tensor} + row*sz_{plan.frame[1]} + label_col, "
+                    f"tl.store(o_{step.tensor} + row*sz_{plan.frame[-1]} + label_col, "
                     f"({label_rp._print(step.expr)}).to(DT))"]
         raise ValueError(step.kind)
 
@@ -346,8 +377,8 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             for v in lp.row_reductions:
                 setup.append(f"acc_{v.name} = tl.zeros([BLOCK], dtype=tl.float64)" if v.reduce == "sum"
                              else f"acc_{v.name} = tl.full([BLOCK], float('-inf'), dtype=DT)")
-            exprs = [_inline_full(v.expr, vals) for v in lp.row_reductions + lp.col_reductions] + \
-                    [_inline_full(vals[x].expr, vals) for _, x in lp.stores]
+            exprs = [_inline_full(v.expr, vals, program.full) for v in lp.row_reductions + lp.col_reductions] + \
+                    [_inline_full(vals[x].expr, vals, program.full) for _, x in lp.stores]
             temps, printed = _cse(exprs, vp, f"e{p}")
             body += temps
             it = iter(printed)
@@ -360,29 +391,29 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                                 f"propagate_nan=tl.PropagateNan.ALL)")
             for v in lp.col_reductions:
                 text = next(it)
-                q = f"part_{v.name} + chunk*sz_{plan.frame[1]} + cols"
+                q = f"part_{v.name} + chunk*{numel(v.layout, plan.frame)} + {names.flat(v.layout, 'cols')}"
                 if v.reduce == "sum":
                     body.append(f"tl.store({q}, tl.load({q}, mask=mask, other=0.0) + ({text}).to(tl.float64), mask=mask)")
                 else:
                     body.append(f"tl.store({q}, tl.maximum(tl.load({q}, mask=mask, other=0.0), ({text}).to(tl.float64), "
                                 f"propagate_nan=tl.PropagateNan.ALL), mask=mask)")
             for tensor, _ in lp.stores:
-                body.append(f"tl.store(o_{tensor} + row*sz_{plan.frame[1]} + cols, ({next(it)}).to(DT), mask=mask)")
+                body.append(f"tl.store(o_{tensor} + row*sz_{plan.frame[-1]} + cols, ({next(it)}).to(DT), mask=mask)")
             after = [line for step in lp.after for line in row_step(step, names, rp)]
             loops.append(dict(setup=setup, body=body, after=after, index=p))
         accumulated = [s.value for s in sweep.start + [x for lp in sweep.loops for x in lp.after] if s.kind == "accumulate"]
-        start = [line for step in sweep.start for line in row_step(step, names, rp)]
-        col_parts = [v for lp in sweep.loops for v in lp.col_reductions]
-        partials = [f"part_{v.name} = torch.full((chunks, sz_{plan.frame[1]}), {_start(v)}, dtype=torch.float64, "
-                    f"device=device)" for v in col_parts]
+        start = split_row(plan.frame, style="triton") + [line for step in sweep.start for line in row_step(step, names, rp)]
+        col_parts = [v for lp in sweep.loops for v in lp.col_reductions] + [v for v in accumulated if v.layout]
+        accumulated = [v for v in accumulated if not v.layout]  # one sum per chunk, kept in a register
+        partials = [f"part_{v.name} = torch.full((chunks, {numel(v.layout, plan.frame)}), {_start(v)}, "
+                    f"dtype=torch.float64, device=device)" for v in col_parts]
         partials += [f"part_{v.name} = torch.empty(chunks, dtype=torch.float64, device=device)" for v in accumulated]
         chunk_start = [f"pacc_{v.name} = tl.full([1], {_start(v)}, tl.float64)" for v in accumulated]
         chunk_end = [f"tl.store(part_{v.name} + chunk + tl.arange(0, 1), pacc_{v.name})" for v in accumulated]
         sweep_context = dict(before=finalize(sweep.before, k), partials=partials, start=start, loops=loops, index=k,
                              chunk_start=chunk_start, chunk_end=chunk_end,
-                             chunks=f"min(sz_{plan.frame[0]}, {CHUNKS})" if col_parts or accumulated
-                             else f"max(1, sz_{plan.frame[0]})")
-        text = "\n".join([f"sz_{plan.frame[0]}"] + sweep_context["start"] + sweep_context["chunk_start"] + sweep_context["chunk_end"]
+                             chunks=f"min({rows}, {CHUNKS})" if col_parts or accumulated else f"max(1, {rows})")
+        text = "\n".join([rows] + sweep_context["start"] + sweep_context["chunk_start"] + sweep_context["chunk_end"]
                          + [line for lp in loops for line in lp["setup"] + lp["body"] + lp["after"]])
         sweep_context["params"] = _params(text)
         sweeps.append(sweep_context)
@@ -390,19 +421,18 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
     first = next(t for t in program.inputs if not t.labels)
     allocations = []
     for t, v in program.outputs:
-        numel = {FULL: f"sz_{plan.frame[0]}*sz_{plan.frame[1]}", ROW: f"sz_{plan.frame[0]}",
-                 COL: f"sz_{plan.frame[1]}", SCALAR: "1"}[t.layout]
+        size = numel(t.layout, plan.frame)
         dtype = "torch.float64" if t.double else f"p_{first.name}.dtype"
         fill = "torch.zeros" if vals[v].expr == 0 and not vals[v].reduce else "torch.empty"
-        allocations.append(f"o_{t.name} = {fill}({numel}, dtype={dtype}, device=device)")
-    kept_lines = [f"kr_{n} = torch.empty(sz_{plan.frame[0]}, dtype=torch.float64, device=device)" for n in kept]
+        allocations.append(f"o_{t.name} = {fill}({size}, dtype={dtype}, device=device)")
+    kept_lines = [f"kr_{n} = torch.empty({rows}, dtype=torch.float64, device=device)" for n in kept]
     signatures = {}
     for s in sweeps:
         signatures[f"_{program.name}_sweep{s['index']}"] = {p: _type(p, program, doubles) for p in s["params"]}
     return dict(name=program.name, args=[t.name for t in program.inputs], constants=[f"k_{c}" for c in program.scalars],
                 sizes=[f"sz_{s}" for s in plan.frame], allocations=allocations, kept=kept_lines, sweeps=sweeps,
                 tail=tail, first=first.name, outputs=[t.name for t, _ in program.outputs], signatures=signatures,
-                rows=f"sz_{plan.frame[0]}", cols=f"sz_{plan.frame[1]}")
+                rows=rows, cols=f"sz_{plan.frame[-1]}")
 
 
 def _start(v: Value) -> str:

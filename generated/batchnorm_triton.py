@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate --backend triton
 # inputs-hash: 5320df06bb09ad62585f3a31cd459bab1bd3d300ba41b9ff58cbcb46e150bd53
-# content-hash: e5171e6e18165434197ed58dd81c341d138f14779666c1ff0f84c247719a545b
+# content-hash: 6d9a27f78e4935a9de1373424d744fcebdb8fe1fddafef9eb4d563e866fe4799
 """``batchnorm``: Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 The fused kernel of ``batchnorm.py`` as Triton kernels, printed from its kernel plan (the same
@@ -204,7 +204,7 @@ def _batchnorm_forward(p_x, p_gamma, p_beta, k_eps, sz_n, sz_d):
     # sweep 2
     cv_sum_x = part_sum_x.sum(0)
     o_sum_x.copy_(cv_sum_x.reshape(-1).expand_as(o_sum_x))
-    cv_fc1 = torch.as_tensor(-cv_sum_x/float(sz_n), dtype=torch.float64, device=device).expand(sz_d).contiguous()
+    cv_fc1 = torch.as_tensor(-cv_sum_x/float(sz_n), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     chunks = min(sz_n, 256)
     rows_per_chunk = -(-sz_n // chunks)
     part_sum_bndiff = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
@@ -212,7 +212,7 @@ def _batchnorm_forward(p_x, p_gamma, p_beta, k_eps, sz_n, sz_d):
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     # sweep 3
     cv_sum_bndiff = part_sum_bndiff.sum(0)
-    cv_bnvar_inv = torch.as_tensor((1.0/torch.sqrt(torch.as_tensor(k_eps + cv_sum_bndiff/(float(sz_n) - 1.0), dtype=torch.float64))), dtype=torch.float64, device=device).expand(sz_d).contiguous()
+    cv_bnvar_inv = torch.as_tensor((1.0/torch.sqrt(torch.as_tensor(k_eps + cv_sum_bndiff/(float(sz_n) - 1.0), dtype=torch.float64))), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     o_bnvar_inv.copy_(cv_bnvar_inv.reshape(-1).expand_as(o_bnvar_inv))
     chunks = max(1, sz_n)
     rows_per_chunk = -(-sz_n // chunks)
@@ -231,9 +231,9 @@ def _batchnorm_backward(p_dout, p_x, p_gamma, p_beta, p_bnvar_inv, p_sum_x, k_ep
     o_dgamma = torch.empty(sz_d, dtype=p_dout.dtype, device=device)
     o_dbeta = torch.empty(sz_d, dtype=p_dout.dtype, device=device)
     # sweep 1
-    cv_bc1 = torch.as_tensor(-p_sum_x.reshape(-1).double()/float(sz_n), dtype=torch.float64, device=device).expand(sz_d).contiguous()
-    cv_bc2 = torch.as_tensor(p_bnvar_inv.reshape(-1).double(), dtype=torch.float64, device=device).expand(sz_d).contiguous()
-    cv_bc5 = torch.as_tensor(p_bnvar_inv.reshape(-1).double()*p_gamma.reshape(-1).double(), dtype=torch.float64, device=device).expand(sz_d).contiguous()
+    cv_bc1 = torch.as_tensor(-p_sum_x.reshape(-1).double()/float(sz_n), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
+    cv_bc2 = torch.as_tensor(p_bnvar_inv.reshape(-1).double(), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
+    cv_bc5 = torch.as_tensor(p_bnvar_inv.reshape(-1).double()*p_gamma.reshape(-1).double(), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     ps_bs3 = torch.as_tensor((1.0/(float(sz_n))), dtype=torch.float64, device=device).reshape(())
     ps_bs4 = torch.as_tensor(-float(sz_n)/(float(sz_n) - 1.0), dtype=torch.float64, device=device).reshape(())
     chunks = min(sz_n, 256)
@@ -245,9 +245,9 @@ def _batchnorm_backward(p_dout, p_x, p_gamma, p_beta, p_bnvar_inv, p_sum_x, k_ep
     # sweep 2
     cv_sum_bnraw_dout = part_sum_bnraw_dout.sum(0)
     cv_sum_dout = part_sum_dout.sum(0)
-    cv_dgamma = torch.as_tensor(cv_sum_bnraw_dout, dtype=torch.float64, device=device).expand(sz_d).contiguous()
+    cv_dgamma = torch.as_tensor(cv_sum_bnraw_dout, dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     o_dgamma.copy_(cv_dgamma.reshape(-1).expand_as(o_dgamma))
-    cv_dbeta = torch.as_tensor(cv_sum_dout, dtype=torch.float64, device=device).expand(sz_d).contiguous()
+    cv_dbeta = torch.as_tensor(cv_sum_dout, dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     o_dbeta.copy_(cv_dbeta.reshape(-1).expand_as(o_dbeta))
     chunks = max(1, sz_n)
     rows_per_chunk = -(-sz_n // chunks)

@@ -2,16 +2,17 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate --backend cpp
 # inputs-hash: e2b33220d87f8f22cf54afb1b75189db0a57b1de9962e4b8445d866af9fe7de2
-# content-hash: 39359311211a3281bd7c1f9f9a37a7a6161b013be1a0478c7c36086623a6a0bd
+# content-hash: 45bcf332f3b0f34b02fe4d14b69579b0bda3cc037ca2924897f5e22f4d42d109
 """``bce_with_logits``: Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 The fused kernel of ``bce_with_logits.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
 kernel plan: the forward and the backward are each a few passes over memory:
 
     forward:
-        sweep 1, pass 1 over each row: accumulates per chunk sum_logits_t3 = sum over rows
-          of logits*(1 - target) + Softplus(t3)
-        finally: sum_sum_logits_t3, loss
+        sweep 1, pass 1 over each row: accumulates sum_logits_t3 = sum over columns of
+          logits*(1 - target) + Softplus(t3); then adds up per chunk sum_sum_logits_t3 =
+          sum over rows of sum_logits_t3
+        finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits
     saved for the backward: nothing; recomputed there: t3

@@ -2,16 +2,17 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate --backend triton
 # inputs-hash: 20104d5622a7b8dab7ac0b2f77b6f877a5ac329e63226b0f283a0f917f3a3329
-# content-hash: 96bd5e970185b6ace4ed822c5b38b0c947b6db6ae3b0209150a9d01f91a17d9d
+# content-hash: 72fa749365b6c6f6bdd1ef66a07d1a89550928bb90438e5ed555d867e73a98f3
 """``bce_with_logits``: Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 The fused kernel of ``bce_with_logits.py`` as Triton kernels, printed from its kernel plan (the same
 plan as the C++ kernel): the forward and the backward are each a few passes over memory:
 
     forward:
-        sweep 1, pass 1 over each row: accumulates per chunk sum_logits_t3 = sum over rows
-          of logits*(1 - target) + Softplus(t3)
-        finally: sum_sum_logits_t3, loss
+        sweep 1, pass 1 over each row: accumulates sum_logits_t3 = sum over columns of
+          logits*(1 - target) + Softplus(t3); then adds up per chunk sum_sum_logits_t3 =
+          sum over rows of sum_logits_t3
+        finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits
     saved for the backward: nothing; recomputed there: t3
@@ -104,16 +105,21 @@ if triton is not None:
 
 
     @triton.jit
-    def _bce_with_logits_forward_sweep0(p_logits, p_target, part_sum_logits_t3, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _bce_with_logits_forward_sweep0(p_logits, p_target, part_sum_sum_logits_t3, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
+        pacc_sum_sum_logits_t3 = tl.full([1], 0.0, tl.float64)
         for row in range(row_begin, row_end):
             # pass 1 over the row
+            acc_sum_logits_t3 = tl.zeros([BLOCK], dtype=tl.float64)
             for col0 in range(0, sz_d, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_d
-                tl.store(part_sum_logits_t3 + chunk*sz_d + cols, tl.load(part_sum_logits_t3 + chunk*sz_d + cols, mask=mask, other=0.0) + (((-tl.load(p_target + row*sz_d + cols, mask=mask, other=0.0)) + 1.0)*tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0) + tl.where((-tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0)) > 20.0, -tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0), _log1p(_exp(-tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0), DEVICE_MATH), DEVICE_MATH))).to(tl.float64), mask=mask)
+                acc_sum_logits_t3 += tl.where(mask, (((-tl.load(p_target + row*sz_d + cols, mask=mask, other=0.0)) + 1.0)*tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0) + tl.where((-tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0)) > 20.0, -tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0), _log1p(_exp(-tl.load(p_logits + row*sz_d + cols, mask=mask, other=0.0), DEVICE_MATH), DEVICE_MATH))).to(tl.float64), 0.0)
+            r_sum_logits_t3 = tl.sum(acc_sum_logits_t3, axis=0)
+            pacc_sum_sum_logits_t3 += r_sum_logits_t3
+        tl.store(part_sum_sum_logits_t3 + chunk + tl.arange(0, 1), pacc_sum_sum_logits_t3)
 
 
     @triton.jit
@@ -130,7 +136,7 @@ if triton is not None:
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
-    "_bce_with_logits_forward_sweep0": {'p_logits': '*fp32', 'p_target': '*fp32', 'part_sum_logits_t3': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
+    "_bce_with_logits_forward_sweep0": {'p_logits': '*fp32', 'p_target': '*fp32', 'part_sum_sum_logits_t3': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
     "_bce_with_logits_backward_sweep0": {'o_dlogits': '*fp32', 'p_logits': '*fp32', 'p_target': '*fp32', 'ps_bs1': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
@@ -145,11 +151,10 @@ def _bce_with_logits_forward(p_logits, p_target, sz_n, sz_d):
     # sweep 1
     chunks = min(sz_n, 256)
     rows_per_chunk = -(-sz_n // chunks)
-    part_sum_logits_t3 = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
-    _bce_with_logits_forward_sweep0[(chunks,)](p_logits, p_target, part_sum_logits_t3, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    part_sum_sum_logits_t3 = torch.empty(chunks, dtype=torch.float64, device=device)
+    _bce_with_logits_forward_sweep0[(chunks,)](p_logits, p_target, part_sum_sum_logits_t3, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
-    cv_sum_logits_t3 = part_sum_logits_t3.sum(0)
-    ps_sum_sum_logits_t3 = torch.as_tensor(cv_sum_logits_t3, dtype=torch.float64, device=device).expand(sz_d).sum()
+    ps_sum_sum_logits_t3 = part_sum_sum_logits_t3.sum(0).reshape(())
     ps_loss = torch.as_tensor(ps_sum_sum_logits_t3/(float(sz_d)*float(sz_n)), dtype=torch.float64, device=device).reshape(())
     o_loss.copy_(ps_loss.reshape(-1).expand_as(o_loss))
     return [o_loss]

@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate --backend cpp
 # inputs-hash: 2bf8bea41cac497794216bea3286e515f371ba65c8f70f259d260fcb496f09e6
-# content-hash: 9bb5ad1db833507fea6471b07b26e31857cb34e23987ee9d8f86bb4970500117
+# content-hash: 5db1d1e8a6340cffee363886b6e03adc5b0eda4754d70a67c43fb73fa313db65
 """``cross_entropy``: Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 The fused kernel of ``cross_entropy.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -11,7 +11,9 @@ kernel plan: the forward and the backward are each a few passes over memory:
     forward:
         sweep 1, pass 1 over each row: accumulates logit_maxes = max over columns of
           logits
-        sweep 1, pass 2 over each row: accumulates counts_sum = sum over columns of counts
+        sweep 1, pass 2 over each row: accumulates counts_sum = sum over columns of
+          counts; then adds up per chunk sum_counts_sum_logit_maxes = sum over rows of
+          -logit_maxes + logits - log(counts_sum)
         finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate --backend cpp
 # inputs-hash: af6d25493d1474dc5b73dde78f43baa94b0b1d871c6592a242534d3411f62fb0
-# content-hash: 6ad6c58836a8c0cf84c754557c58a3d61764d3c7824bc851f620aceb55b218f6
+# content-hash: 547539ca848761512b1da400dfb3b516419eaa4438cf3d5e26c11273ec93d551
 """``cross_entropy_ignore``: Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 The fused kernel of ``cross_entropy_ignore.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -10,7 +10,9 @@ kernel plan: the forward and the backward are each a few passes over memory:
 
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
-        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1
+        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
+          adds up per chunk sum__t0f_logits = sum over rows of (_t0f + 1)*(logits - m -
+          log(sum_t1))
         finally: loss
     backward:
         after sweep 1: the partial sums of each chunk of rows added up: sum_y

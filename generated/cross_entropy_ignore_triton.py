@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate --backend triton
 # inputs-hash: aae473a3a64a418d107f66a1a87eee06b53a3304a120ea4b3094a10723cbef81
-# content-hash: 8416c3405288fd2efbadd01d12d9a4532b11e98b5b198901097caef576f30bf7
+# content-hash: 8f84fb3fe18ae1865523f3aaaeade341f25e8e6e4fe6a0c18da6de45ce15b7ca
 """``cross_entropy_ignore``: Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 The fused kernel of ``cross_entropy_ignore.py`` as Triton kernels, printed from its kernel plan (the same
@@ -10,7 +10,9 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
 
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
-        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1
+        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
+          adds up per chunk sum__t0f_logits = sum over rows of (_t0f + 1)*(logits - m -
+          log(sum_t1))
         finally: loss
     backward:
         after sweep 1: the partial sums of each chunk of rows added up: sum_y
@@ -192,8 +194,8 @@ def _cross_entropy_ignore_forward(p_logits, p_y, k_ignore_index, sz_n, sz_k):
     part_sum__t0f_logits = torch.empty(chunks, dtype=torch.float64, device=device)
     _cross_entropy_ignore_forward_sweep0[(chunks,)](k_ignore_index, o_m, o_sum_t1, p_logits, p_y, part_sum__t0f, part_sum__t0f_logits, sz_k, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
-    ps_sum__t0f = part_sum__t0f.sum(0)
-    ps_sum__t0f_logits = part_sum__t0f_logits.sum(0)
+    ps_sum__t0f = part_sum__t0f.sum(0).reshape(())
+    ps_sum__t0f_logits = part_sum__t0f_logits.sum(0).reshape(())
     ps_loss = torch.as_tensor(-ps_sum__t0f_logits/ps_sum__t0f, dtype=torch.float64, device=device).reshape(())
     o_loss.copy_(ps_loss.reshape(-1).expand_as(o_loss))
     return [o_loss, o_m, o_sum_t1]
@@ -216,7 +218,7 @@ def _cross_entropy_ignore_backward(p_dloss, p_logits, p_y, p_m, p_sum_t1, k_igno
     _cross_entropy_ignore_backward_sweep0[(chunks,)](k_ignore_index, kr_br1, kr_br3, kr_br5, p_m, p_sum_t1, p_y, part_sum_y, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     # sweep 2
-    ps_sum_y = part_sum_y.sum(0)
+    ps_sum_y = part_sum_y.sum(0).reshape(())
     ps_bs2 = torch.as_tensor((1.0/(float(sz_n) - ps_sum_y)), dtype=torch.float64, device=device).reshape(())
     ps_bs4 = torch.as_tensor(-1.0/(float(sz_n) - ps_sum_y), dtype=torch.float64, device=device).reshape(())
     chunks = max(1, sz_n)

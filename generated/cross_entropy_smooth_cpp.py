@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate --backend cpp
 # inputs-hash: 6ed25fdf38fcd9c1f5c47cfdfe1adda8a0904ac51a8ad06c7321f0edaa117868
-# content-hash: a568fac394f7e407b3cfeee3d5cf621547a843764661c19a41e5df1e24670604
+# content-hash: aec3b68bbed9e8f1542ed0e0d815782dd94484c824f518aa6fda730ad26c3939
 """``cross_entropy_smooth``: Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 The fused kernel of ``cross_entropy_smooth.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -10,10 +10,12 @@ kernel plan: the forward and the backward are each a few passes over memory:
 
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
-        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1
-        sweep 1, pass 3 over each row: accumulates per chunk sum__t1f_logits2 = sum over
-          rows of -_t1f + logits - m
-        finally: sum_sum__t1f_logits2, loss
+        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
+          adds up per chunk sum__t1f_logits = sum over rows of -_t1f + logits - m
+        sweep 1, pass 3 over each row: accumulates sum__t1f_logits2 = sum over columns of
+          -_t1f + logits - m; then adds up per chunk sum_sum__t1f_logits2 = sum over rows
+          of sum__t1f_logits2
+        finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of
           dlogits

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate --backend triton
 # inputs-hash: 5f9ab1a8acf7120c29dc6d07fa4b1f773b674477bc18dcef538112bbcfd57c59
-# content-hash: ec55b917f0458a6c41d0915637710ef1f9ac697a7ba0d02652095ee19c48c636
+# content-hash: da5fed14a92d2000e017c3a8bf8ff3fcbb0b230b92036f0294113ddd609578f4
 """``cross_entropy_smooth``: Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 The fused kernel of ``cross_entropy_smooth.py`` as Triton kernels, printed from its kernel plan (the same
@@ -10,10 +10,12 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
 
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
-        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1
-        sweep 1, pass 3 over each row: accumulates per chunk sum__t1f_logits2 = sum over
-          rows of -_t1f + logits - m
-        finally: sum_sum__t1f_logits2, loss
+        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
+          adds up per chunk sum__t1f_logits = sum over rows of -_t1f + logits - m
+        sweep 1, pass 3 over each row: accumulates sum__t1f_logits2 = sum over columns of
+          -_t1f + logits - m; then adds up per chunk sum_sum__t1f_logits2 = sum over rows
+          of sum__t1f_logits2
+        finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of
           dlogits
@@ -107,11 +109,12 @@ if triton is not None:
 
 
     @triton.jit
-    def _cross_entropy_smooth_forward_sweep0(o_m, o_sum_t1, p_logits, p_y, part_sum__t1f_logits, part_sum__t1f_logits2, sz_k, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _cross_entropy_smooth_forward_sweep0(o_m, o_sum_t1, p_logits, p_y, part_sum__t1f_logits, part_sum_sum__t1f_logits2, sz_k, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
         pacc_sum__t1f_logits = tl.full([1], 0.0, tl.float64)
+        pacc_sum_sum__t1f_logits2 = tl.full([1], 0.0, tl.float64)
         for row in range(row_begin, row_end):
             # pass 1 over the row
             acc_m = tl.full([BLOCK], float('-inf'), dtype=DT)
@@ -132,11 +135,15 @@ if triton is not None:
             r__t1f = _log(r_sum_t1, DEVICE_MATH)
             pacc_sum__t1f_logits += (-r_m) + tl.load(p_logits + row*sz_k + tl.load(p_y + row)).to(tl.float64) - r__t1f
             # pass 3 over the row
+            acc_sum__t1f_logits2 = tl.zeros([BLOCK], dtype=tl.float64)
             for col0 in range(0, sz_k, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_k
-                tl.store(part_sum__t1f_logits2 + chunk*sz_k + cols, tl.load(part_sum__t1f_logits2 + chunk*sz_k + cols, mask=mask, other=0.0) + ((-(r_m).to(DT)) + tl.load(p_logits + row*sz_k + cols, mask=mask, other=0.0) - (r__t1f).to(DT)).to(tl.float64), mask=mask)
+                acc_sum__t1f_logits2 += tl.where(mask, ((-(r_m).to(DT)) + tl.load(p_logits + row*sz_k + cols, mask=mask, other=0.0) - (r__t1f).to(DT)).to(tl.float64), 0.0)
+            r_sum__t1f_logits2 = tl.sum(acc_sum__t1f_logits2, axis=0)
+            pacc_sum_sum__t1f_logits2 += r_sum__t1f_logits2
         tl.store(part_sum__t1f_logits + chunk + tl.arange(0, 1), pacc_sum__t1f_logits)
+        tl.store(part_sum_sum__t1f_logits2 + chunk + tl.arange(0, 1), pacc_sum_sum__t1f_logits2)
 
 
     @triton.jit
@@ -157,7 +164,7 @@ if triton is not None:
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
-    "_cross_entropy_smooth_forward_sweep0": {'o_m': '*fp64', 'o_sum_t1': '*fp64', 'p_logits': '*fp32', 'p_y': '*i64', 'part_sum__t1f_logits': '*fp64', 'part_sum__t1f_logits2': '*fp64', 'sz_k': 'i32', 'sz_n': 'i32'},
+    "_cross_entropy_smooth_forward_sweep0": {'o_m': '*fp64', 'o_sum_t1': '*fp64', 'p_logits': '*fp32', 'p_y': '*i64', 'part_sum__t1f_logits': '*fp64', 'part_sum_sum__t1f_logits2': '*fp64', 'sz_k': 'i32', 'sz_n': 'i32'},
     "_cross_entropy_smooth_backward_sweep0": {'o_dlogits': '*fp32', 'p_logits': '*fp32', 'p_m': '*fp64', 'p_sum_t1': '*fp64', 'p_y': '*i64', 'ps_bs2': '*fp64', 'ps_bs4': '*fp64', 'ps_bs5': '*fp64', 'sz_k': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
@@ -175,13 +182,12 @@ def _cross_entropy_smooth_forward(p_logits, p_y, k_smoothing, sz_n, sz_k):
     # sweep 1
     chunks = min(sz_n, 256)
     rows_per_chunk = -(-sz_n // chunks)
-    part_sum__t1f_logits2 = torch.full((chunks, sz_k), 0.0, dtype=torch.float64, device=device)
     part_sum__t1f_logits = torch.empty(chunks, dtype=torch.float64, device=device)
-    _cross_entropy_smooth_forward_sweep0[(chunks,)](o_m, o_sum_t1, p_logits, p_y, part_sum__t1f_logits, part_sum__t1f_logits2, sz_k, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    part_sum_sum__t1f_logits2 = torch.empty(chunks, dtype=torch.float64, device=device)
+    _cross_entropy_smooth_forward_sweep0[(chunks,)](o_m, o_sum_t1, p_logits, p_y, part_sum__t1f_logits, part_sum_sum__t1f_logits2, sz_k, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
-    ps_sum__t1f_logits = part_sum__t1f_logits.sum(0)
-    cv_sum__t1f_logits2 = part_sum__t1f_logits2.sum(0)
-    ps_sum_sum__t1f_logits2 = torch.as_tensor(cv_sum__t1f_logits2, dtype=torch.float64, device=device).expand(sz_k).sum()
+    ps_sum__t1f_logits = part_sum__t1f_logits.sum(0).reshape(())
+    ps_sum_sum__t1f_logits2 = part_sum_sum__t1f_logits2.sum(0).reshape(())
     ps_loss = torch.as_tensor((-ps_sum__t1f_logits*((-k_smoothing) + 1.0)/float(sz_n)) - k_smoothing*ps_sum_sum__t1f_logits2/(float(sz_k)*float(sz_n)), dtype=torch.float64, device=device).reshape(())
     o_loss.copy_(ps_loss.reshape(-1).expand_as(o_loss))
     return [o_loss, o_m, o_sum_t1]

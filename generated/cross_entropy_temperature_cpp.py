@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate --backend cpp
 # inputs-hash: 1bbfec49c1d7096a50ca3c942ad8cac3aa7b8074c29066dc75911781426e05bb
-# content-hash: aff9a31d315d8cb144a08b1c01d8c9adc077d417dcdcbb920d70e64dae2b77e5
+# content-hash: f3444e9d13f8ffc6fe07738558af0001e045c045a841bbe86816507d862d2d21
 """``cross_entropy_temperature``: Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 The fused kernel of ``cross_entropy_temperature.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -10,7 +10,8 @@ kernel plan: the forward and the backward are each a few passes over memory:
 
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of fs1*logits
-        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1
+        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
+          adds up per chunk sum_logits_m = sum over rows of -m - log(sum_t1) + logits/T
         finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of

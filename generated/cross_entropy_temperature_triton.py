@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate --backend triton
 # inputs-hash: 9e793685550a7ac5324674cafaa2279c38bdcca088297517829de132faefd3e7
-# content-hash: 3797907a25ef5908aa921ef1026d9d762e0c85dcbd9a376e7686715ffe0ae4b6
+# content-hash: 04b046614ccbf120f56af9126acd2acd561f0daba2c48cc00dbaabf4d8796aef
 """``cross_entropy_temperature``: Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 The fused kernel of ``cross_entropy_temperature.py`` as Triton kernels, printed from its kernel plan (the same
@@ -10,7 +10,8 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
 
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of fs1*logits
-        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1
+        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
+          adds up per chunk sum_logits_m = sum over rows of -m - log(sum_t1) + logits/T
         finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of
@@ -171,7 +172,7 @@ def _cross_entropy_temperature_forward(p_logits, p_y, k_T, sz_n, sz_k):
     part_sum_logits_m = torch.empty(chunks, dtype=torch.float64, device=device)
     _cross_entropy_temperature_forward_sweep0[(chunks,)](k_T, o_m, o_sum_t1, p_logits, p_y, part_sum_logits_m, ps_fs1, sz_k, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
-    ps_sum_logits_m = part_sum_logits_m.sum(0)
+    ps_sum_logits_m = part_sum_logits_m.sum(0).reshape(())
     ps_loss = torch.as_tensor(-ps_sum_logits_m/float(sz_n), dtype=torch.float64, device=device).reshape(())
     o_loss.copy_(ps_loss.reshape(-1).expand_as(o_loss))
     return [o_loss, o_m, o_sum_t1]

@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate --backend triton
 # inputs-hash: 949dd2fe533ed8d82553bf155462f15c9b3538dd7cd60d8b7e76852f3efdf824
-# content-hash: 619a4ba8083e2bb0f9e03901bc1663252bbc8ecc310b2accacf9553136a44134
+# content-hash: be8d1b80492b76f9bcd46ece1b0dc97c73ec4853a2af5faa0ca7817e508a2853
 """``cross_entropy``: Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 The fused kernel of ``cross_entropy.py`` as Triton kernels, printed from its kernel plan (the same
@@ -11,7 +11,9 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
     forward:
         sweep 1, pass 1 over each row: accumulates logit_maxes = max over columns of
           logits
-        sweep 1, pass 2 over each row: accumulates counts_sum = sum over columns of counts
+        sweep 1, pass 2 over each row: accumulates counts_sum = sum over columns of
+          counts; then adds up per chunk sum_counts_sum_logit_maxes = sum over rows of
+          -logit_maxes + logits - log(counts_sum)
         finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of
@@ -170,7 +172,7 @@ def _cross_entropy_forward(p_logits, p_y, sz_n, sz_k):
     part_sum_counts_sum_logit_maxes = torch.empty(chunks, dtype=torch.float64, device=device)
     _cross_entropy_forward_sweep0[(chunks,)](o_counts_sum, o_logit_maxes, p_logits, p_y, part_sum_counts_sum_logit_maxes, sz_k, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
-    ps_sum_counts_sum_logit_maxes = part_sum_counts_sum_logit_maxes.sum(0)
+    ps_sum_counts_sum_logit_maxes = part_sum_counts_sum_logit_maxes.sum(0).reshape(())
     ps_loss = torch.as_tensor(-ps_sum_counts_sum_logit_maxes/float(sz_n), dtype=torch.float64, device=device).reshape(())
     o_loss.copy_(ps_loss.reshape(-1).expand_as(o_loss))
     return [o_loss, o_logit_maxes, o_counts_sum]

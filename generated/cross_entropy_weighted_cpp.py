@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate --backend cpp
 # inputs-hash: 7e8b2ea8d636fff146c6170afcee6993b51d94cf05edb962cd0254bb995102b9
-# content-hash: 4ac6be2d18770d68a4c167dfe488ff1fc641c10577b979d4896c59a90b4b8888
+# content-hash: 54a47240f3416a8584567bc3276a38aa63d4b319325693c8da7e5d1581ada325
 """``cross_entropy_weighted``: Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 The fused kernel of ``cross_entropy_weighted.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -10,7 +10,8 @@ kernel plan: the forward and the backward are each a few passes over memory:
 
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
-        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1
+        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
+          adds up per chunk sum_logits_m = sum over rows of w*(logits - m - log(sum_t1))
         finally: sum_w_y, loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate --backend triton
 # inputs-hash: 51d91e12579cacceb8d0ca3a59c40f9d1db99f0a2ad8e1c3c79036c92b06a0a7
-# content-hash: 9f7ae951a158f9248f7613d1134ae2eb02fa76455e9f29d2190dbae51cb893c1
+# content-hash: c9364f1a59e44fd39dcd39deedb9bc962c9eeee32cb68d317e295b08a2cfabfa
 """``cross_entropy_weighted``: Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 The fused kernel of ``cross_entropy_weighted.py`` as Triton kernels, printed from its kernel plan (the same
@@ -10,7 +10,8 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
 
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
-        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1
+        sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
+          adds up per chunk sum_logits_m = sum over rows of w*(logits - m - log(sum_t1))
         finally: sum_w_y, loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of
@@ -174,8 +175,8 @@ def _cross_entropy_weighted_forward(p_logits, p_y, p_w, sz_n, sz_k):
     part_sum_logits_m = torch.empty(chunks, dtype=torch.float64, device=device)
     _cross_entropy_weighted_forward_sweep0[(chunks,)](o_m, o_sum_t1, p_logits, p_w, p_y, part_sum_logits_m, part_sum_w_y, sz_k, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
-    ps_sum_logits_m = part_sum_logits_m.sum(0)
-    ps_sum_w_y = part_sum_w_y.sum(0)
+    ps_sum_logits_m = part_sum_logits_m.sum(0).reshape(())
+    ps_sum_w_y = part_sum_w_y.sum(0).reshape(())
     o_sum_w_y.copy_(ps_sum_w_y.reshape(-1).expand_as(o_sum_w_y))
     ps_loss = torch.as_tensor(-ps_sum_logits_m/ps_sum_w_y, dtype=torch.float64, device=device).reshape(())
     o_loss.copy_(ps_loss.reshape(-1).expand_as(o_loss))

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer layernorm)
 # regenerate: derive generate --backend triton
 # inputs-hash: 78d379f7aaebdcf252f9bf7958bb15086709c836d1b800de27942a6e82bc37f7
-# content-hash: 895c2a7bcbf547e8bc7d0eb222f041b33f1824e8a98bbdf7836105fe1c896b34
+# content-hash: 6a8ea270eee0e865626afc6fc0a37e717f27819e1aff665e81cb85240ad72573
 """``layernorm``: Layer normalization over the last dimension (biased variance), as ``F.layer_norm``.
 
 The fused kernel of ``layernorm.py`` as Triton kernels, printed from its kernel plan (the same
@@ -210,10 +210,10 @@ def _layernorm_backward(p_dout, p_x, p_gamma, p_beta, p_inv, p_sum_x, k_eps, sz_
     _layernorm_backward_sweep0[(chunks,)](o_dx, p_dout, p_gamma, p_inv, p_sum_x, p_x, part_sum_dout, part_sum_dout_xhat, ps_bs3, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     cv_sum_dout_xhat = part_sum_dout_xhat.sum(0)
-    cv_dgamma = torch.as_tensor(cv_sum_dout_xhat, dtype=torch.float64, device=device).expand(sz_d).contiguous()
+    cv_dgamma = torch.as_tensor(cv_sum_dout_xhat, dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     o_dgamma.copy_(cv_dgamma.reshape(-1).expand_as(o_dgamma))
     cv_sum_dout = part_sum_dout.sum(0)
-    cv_dbeta = torch.as_tensor(cv_sum_dout, dtype=torch.float64, device=device).expand(sz_d).contiguous()
+    cv_dbeta = torch.as_tensor(cv_sum_dout, dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     o_dbeta.copy_(cv_dbeta.reshape(-1).expand_as(o_dbeta))
     return [o_dx, o_dgamma, o_dbeta]
 

@@ -2,16 +2,16 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate --backend cpp
 # inputs-hash: 31543b00d1cd67aef309796b41c32afc102114679a22d9b72da749d919d8af33
-# content-hash: 09b1c95c313506a2764dddb901f5ab09a3d9a49aa761716b265b4a48a21aa5cb
+# content-hash: a9173c911aac9962a457a841d8e9257aeebb2a55a93bb6f11156dd676f629004
 """``mse``: Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 The fused kernel of ``mse.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
 kernel plan: the forward and the backward are each a few passes over memory:
 
     forward:
-        sweep 1, pass 1 over each row: accumulates per chunk sum_diff = sum over rows of
-          diff**2; writes diff
-        finally: sum_sum_diff, loss
+        sweep 1, pass 1 over each row: accumulates sum_diff = sum over columns of diff**2;
+          writes diff; then adds up per chunk sum_sum_diff = sum over rows of sum_diff
+        finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dpred
     saved for the backward: diff

@@ -2,16 +2,16 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate --backend triton
 # inputs-hash: e14f28c249a42036f96658dd51a2e6f241be5cb2dab4bfe1f1e82cab52d8eb1c
-# content-hash: 813bd463351dc2957ec8cbe9a5e0a58db0b79d3aedf9611983d2a90ddbf2fcae
+# content-hash: c2519f090bec1490983a706d44bf46aaae6f01bd51101b704d70921af2f779c3
 """``mse``: Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 The fused kernel of ``mse.py`` as Triton kernels, printed from its kernel plan (the same
 plan as the C++ kernel): the forward and the backward are each a few passes over memory:
 
     forward:
-        sweep 1, pass 1 over each row: accumulates per chunk sum_diff = sum over rows of
-          diff**2; writes diff
-        finally: sum_sum_diff, loss
+        sweep 1, pass 1 over each row: accumulates sum_diff = sum over columns of diff**2;
+          writes diff; then adds up per chunk sum_sum_diff = sum over rows of sum_diff
+        finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dpred
     saved for the backward: diff
@@ -104,18 +104,23 @@ if triton is not None:
 
 
     @triton.jit
-    def _mse_forward_sweep0(o_diff, p_pred, p_target, part_sum_diff, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _mse_forward_sweep0(o_diff, p_pred, p_target, part_sum_sum_diff, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
+        pacc_sum_sum_diff = tl.full([1], 0.0, tl.float64)
         for row in range(row_begin, row_end):
             # pass 1 over the row
+            acc_sum_diff = tl.zeros([BLOCK], dtype=tl.float64)
             for col0 in range(0, sz_d, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_d
                 v_e0_t0 = tl.load(p_pred + row*sz_d + cols, mask=mask, other=0.0) - tl.load(p_target + row*sz_d + cols, mask=mask, other=0.0)
-                tl.store(part_sum_diff + chunk*sz_d + cols, tl.load(part_sum_diff + chunk*sz_d + cols, mask=mask, other=0.0) + (((v_e0_t0)*(v_e0_t0))).to(tl.float64), mask=mask)
+                acc_sum_diff += tl.where(mask, (((v_e0_t0)*(v_e0_t0))).to(tl.float64), 0.0)
                 tl.store(o_diff + row*sz_d + cols, (v_e0_t0).to(DT), mask=mask)
+            r_sum_diff = tl.sum(acc_sum_diff, axis=0)
+            pacc_sum_sum_diff += r_sum_diff
+        tl.store(part_sum_sum_diff + chunk + tl.arange(0, 1), pacc_sum_sum_diff)
 
 
     @triton.jit
@@ -132,7 +137,7 @@ if triton is not None:
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
-    "_mse_forward_sweep0": {'o_diff': '*fp32', 'p_pred': '*fp32', 'p_target': '*fp32', 'part_sum_diff': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
+    "_mse_forward_sweep0": {'o_diff': '*fp32', 'p_pred': '*fp32', 'p_target': '*fp32', 'part_sum_sum_diff': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
     "_mse_backward_sweep0": {'o_dpred': '*fp32', 'p_diff': '*fp32', 'ps_bs1': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
@@ -148,11 +153,10 @@ def _mse_forward(p_pred, p_target, sz_n, sz_d):
     # sweep 1
     chunks = min(sz_n, 256)
     rows_per_chunk = -(-sz_n // chunks)
-    part_sum_diff = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
-    _mse_forward_sweep0[(chunks,)](o_diff, p_pred, p_target, part_sum_diff, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    part_sum_sum_diff = torch.empty(chunks, dtype=torch.float64, device=device)
+    _mse_forward_sweep0[(chunks,)](o_diff, p_pred, p_target, part_sum_sum_diff, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
-    cv_sum_diff = part_sum_diff.sum(0)
-    ps_sum_sum_diff = torch.as_tensor(cv_sum_diff, dtype=torch.float64, device=device).expand(sz_d).sum()
+    ps_sum_sum_diff = part_sum_sum_diff.sum(0).reshape(())
     ps_loss = torch.as_tensor(ps_sum_sum_diff/(float(sz_d)*float(sz_n)), dtype=torch.float64, device=device).reshape(())
     o_loss.copy_(ps_loss.reshape(-1).expand_as(o_loss))
     return [o_loss, o_diff]

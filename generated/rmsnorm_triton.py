@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer rmsnorm)
 # regenerate: derive generate --backend triton
 # inputs-hash: 68642aea1f23256bc26c9fd75bbcde43a6448c897c5223e06e14cf9b31cdeed9
-# content-hash: 3b36971693c76c188f669fe96f9d9793729cf988779df67394c8cf572ba20dee
+# content-hash: b830470aac675764102c9150d2b01510dfd1c4713174f903a85932059107f2f3
 """``rmsnorm``: RMS normalization over the last dimension: ``g * x / sqrt(mean(x**2) + eps)``.
 
 The fused kernel of ``rmsnorm.py`` as Triton kernels, printed from its kernel plan (the same
@@ -191,7 +191,7 @@ def _rmsnorm_backward(p_dout, p_x, p_g, p_inv, k_eps, sz_n, sz_d):
     _rmsnorm_backward_sweep0[(chunks,)](o_dx, p_dout, p_g, p_inv, p_x, part_sum_dout_inv, ps_bs1, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     cv_sum_dout_inv = part_sum_dout_inv.sum(0)
-    cv_dg = torch.as_tensor(cv_sum_dout_inv, dtype=torch.float64, device=device).expand(sz_d).contiguous()
+    cv_dg = torch.as_tensor(cv_sum_dout_inv, dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     o_dg.copy_(cv_dg.reshape(-1).expand_as(o_dg))
     return [o_dx, o_dg]
 

@@ -4,7 +4,8 @@
                                              [--device cpu|cuda] [--no-compile] [--no-build]
                                              [--json PATH] [--markdown PATH]
 
-Columns, for each layer and size (float32; a size ``AxB`` is the layer's ``(n, d)``, ``(n, k)``):
+Columns, for each layer and size (float32; a size ``AxB`` is the layer's ``(n, d)``, ``(n, k)``; a size
+``AxBxC`` is a layer of three axes', ``(n, c, l)``: each layer is measured at the sizes of its number of axes):
 
   native         the native torch op the layer matches (``tests/test_native.py``'s table), with autograd
   spec           autograd through the layer's own spec (``derive.layers``)
@@ -56,7 +57,7 @@ from derive.verify import random_inputs  # noqa: E402
 from test_native import NATIVE  # noqa: E402  (the native op each built-in matches)
 
 DTYPE = torch.float32
-DEFAULT_SIZES = "4096x1024,65536x512"
+DEFAULT_SIZES = "4096x1024,65536x512,32x128x1024,256x256x512"
 
 
 def native_name(device: str) -> str:
@@ -69,8 +70,8 @@ def layers_with_native(device: str, names: list[str] | None) -> list:
     return [layer for layer in out if not names or layer.name in names]
 
 
-def inputs_for(layer, a: int, b: int, device: str, seed: int = 0) -> dict:
-    sizes = dict(zip(layer.dims, (a, b)))
+def inputs_for(layer, shape: tuple, device: str, seed: int = 0) -> dict:
+    sizes = dict(zip(layer.dims, shape))
     values = random_inputs(layer, sizes, DTYPE, seed)
     return {k: (v.to(device).requires_grad_(k in layer.differentiable) if torch.is_tensor(v) and v.is_floating_point()
                 else v.to(device) if torch.is_tensor(v) else v) for k, v in values.items()}
@@ -120,9 +121,10 @@ def error(layer, fn, inputs: dict, grad) -> float:
 
 
 def floor_bytes(layer, inputs: dict, out: torch.Tensor) -> int:
-    full = [v for k, v in inputs.items() if torch.is_tensor(v) and v.dim() == 2]
-    grads = [v for k, v in inputs.items() if k in layer.differentiable and torch.is_tensor(v) and v.dim() == 2]
-    outs = 2 if out.dim() == 2 else 0  # written, and its gradient read
+    ndim = len(layer.dims)
+    full = [v for k, v in inputs.items() if torch.is_tensor(v) and v.dim() == ndim]
+    grads = [v for k, v in inputs.items() if k in layer.differentiable and torch.is_tensor(v) and v.dim() == ndim]
+    outs = 2 if out.dim() == ndim else 0  # written, and its gradient read
     return sum(v.numel() * v.element_size() for v in full + grads) + outs * out.numel() * out.element_size()
 
 
@@ -131,8 +133,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(layer, a: int, b: int, args) -> dict:
-    inputs = inputs_for(layer, a, b, args.device)
+def measure(layer, shape: tuple, args) -> dict:
+    inputs = inputs_for(layer, shape, args.device)
     wanted = layer.differentiable
     with torch.no_grad():
         out = layer.fn(**{k: v.detach() if torch.is_tensor(v) else v for k, v in inputs.items()})
@@ -180,7 +182,7 @@ def measure(layer, a: int, b: int, args) -> dict:
             return None
         return statistics.median(x / y for x, y in zip(samples[num], samples[den]))
 
-    return dict(layer=layer.name, size=f"{a}x{b}", ms=ms, compile_s=compile_s, errors=errors,
+    return dict(layer=layer.name, size="x".join(map(str, shape)), ms=ms, compile_s=compile_s, errors=errors,
                 ratios={f"{mine}/native": ratio(mine, "native"), f"{mine}/spec": ratio(mine, "spec"),
                         f"{mine}/generated": ratio(mine, "generated"), f"{mine}/floor": ratio(mine, "floor"),
                         f"{mine}/spec_compiled": ratio(mine, "spec_compiled")},
@@ -254,8 +256,8 @@ def main(argv=None) -> int:
              f"median of {args.repeat} interleaved repetitions, forward + backward.")
     report = {"title": title, "native_column": native_name(args.device), "rows": []}
     for layer in layers:
-        for a, b in sizes:
-            row = measure(layer, a, b, args)
+        for shape in [s for s in sizes if len(s) == len(layer.dims)]:
+            row = measure(layer, shape, args)
             report["rows"].append(row)
             r = row["ratios"]
             print(f"{row['layer']:26s} {row['size']:>10s}  " + "  ".join(f"{k} {v:.3f}" for k, v in r.items() if v)

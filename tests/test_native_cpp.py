@@ -58,6 +58,22 @@ def test_the_plan_of_batchnorm_and_cross_entropy():
     assert [step.kind for step in loop.after] == ["fixup"] and FULL not in {layout for _, layout in ce.saved}
 
 
+def test_the_plan_of_a_frame_of_three_axes():
+    """batchnorm3d, x (n, c, l): the rows are (n, c) flattened and the columns l. Each statistic per
+    channel is a sum over l in a pass over each row, then those per-row sums added per chunk of rows
+    into a per-channel partial: one sweep each (the mean, then the squared deviations), and the
+    values saved for the backward vary on c alone."""
+    by_name = {layer.name: layer for layer in FUSED}
+    plan = lower(build_cached(by_name["batchnorm3d"]))
+    assert plan.forward.ndim == 3 and len(plan.forward.sweeps) == 3 and len(plan.backward.sweeps) == 2
+    channel = frozenset({1})
+    assert plan.saved and all(layout == channel for _, layout in plan.saved), plan.saved
+    first = plan.forward.sweeps[0]
+    [loop] = first.loops
+    assert [v.layout for v in loop.row_reductions] == [frozenset({0, 1})]
+    assert [(s.kind, s.value.layout) for s in loop.after if s.kind == "accumulate"] == [("accumulate", channel)]
+
+
 def test_an_output_the_backward_reads_is_saved_not_recomputed():
     """The forward writes its output anyway: tanh's and sigmoid's backward read it (as autograd's do)
     rather than evaluating the function again; softplus's reads x, so nothing is saved."""
@@ -68,7 +84,7 @@ def test_an_output_the_backward_reads_is_saved_not_recomputed():
     assert lower(build_cached(by_name["softplus"])).saved == []
 
 
-@pytest.mark.parametrize("name", ["batchnorm_biased", "cross_entropy"])
+@pytest.mark.parametrize("name", ["batchnorm_biased", "cross_entropy", "batchnorm3d"])
 def test_the_result_does_not_depend_on_the_thread_count(name):
     layer = next(x for x in FUSED if x.name == name)
     from derive.verify import random_inputs
@@ -158,6 +174,12 @@ def col_center(x, g):
 def channel_scale(x, g):
     out = x * g
     return out
+
+
+@layer(x=Tensor("n", "i"), W=Tensor("i", "o"))
+def project(x, W):
+    out = x @ W
+    return out
 '''
 
 
@@ -172,11 +194,11 @@ def test_generate_backend_cpp_for_a_users_layers(tmp_path):
     run = subprocess.run(derive + ["generate", "--layer", str(spec), "--out", str(out), "--backend", "cpp", "--no-prove"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
-    for name in ("swish_scaled", "col_center"):
+    for name in ("swish_scaled", "col_center", "channel_scale"):
         assert f"note: {name}: cpp kernel: battery passed" in run.stdout, run.stdout
         assert (out / f"{name}_cpp.py").exists() and (out / "native" / f"{name}.cpp").exists()
-    assert "channel_scale: cpp kernel: the kernel plan cannot lower it" in run.stdout, run.stdout
-    assert not (out / "channel_scale_cpp.py").exists()
+    assert "project: cpp kernel: the kernel plan cannot lower it" in run.stdout, run.stdout
+    assert "contraction" in run.stdout and not (out / "project_cpp.py").exists()
     check = subprocess.run(derive + ["check", "--layer", str(spec), "--out", str(out), "--backend", "cpp"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert check.returncode == 0, check.stderr

@@ -2,7 +2,7 @@
 // source: derive.layers.batchnorm (layer batchnorm_biased)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 9b8ea15d6f05713c9298e5b94f756131495715b3f855b3a71c7d31f9c17f65a5
-// content-hash: 6675a3ab828773413ffd2de78eceb6aa4f60043719d2ea12702560e978a2b136
+// content-hash: 16bf3074aed0d4a897cb763d53c4ff2c3d6a04171eb5567f928d84f46bff469f
 // batchnorm_biased: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_batchnorm_biased {
 
@@ -123,9 +123,9 @@ std::vector<at::Tensor> batchnorm_biased_forward(const at::Tensor& t_x, const at
     // sweep 2
     std::vector<double> c_sum_x(sz_d);
     for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_x[chunk*sz_d + col]; a += q; } c_sum_x[col] = a; }
-    for (int64_t col = 0; col < sz_d; ++col) o_sum_x[col] = static_cast<double>(c_sum_x[col]);
+    for (int64_t col = 0; col < sz_d; ++col) { o_sum_x[col] = static_cast<double>(c_sum_x[col]); }
     std::vector<double> c_fc1(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) c_fc1[col] = -c_sum_x[col]/static_cast<double>(sz_n);
+    for (int64_t col = 0; col < sz_d; ++col) { c_fc1[col] = -c_sum_x[col]/static_cast<double>(sz_n); }
     std::vector<scalar_t> cv_fc1(c_fc1.begin(), c_fc1.end());
     std::vector<double> part_sum_bndiff(chunks*sz_d, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -150,9 +150,9 @@ std::vector<at::Tensor> batchnorm_biased_forward(const at::Tensor& t_x, const at
     std::vector<double> c_sum_bndiff(sz_d);
     for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_bndiff[chunk*sz_d + col]; a += q; } c_sum_bndiff[col] = a; }
     std::vector<double> c_bnvar_inv(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) c_bnvar_inv[col] = (1.0/std::sqrt(k_eps + c_sum_bndiff[col]/static_cast<double>(sz_n)));
+    for (int64_t col = 0; col < sz_d; ++col) { c_bnvar_inv[col] = (1.0/std::sqrt(k_eps + c_sum_bndiff[col]/static_cast<double>(sz_n))); }
     std::vector<scalar_t> cv_bnvar_inv(c_bnvar_inv.begin(), c_bnvar_inv.end());
-    for (int64_t col = 0; col < sz_d; ++col) o_bnvar_inv[col] = static_cast<double>(c_bnvar_inv[col]);
+    for (int64_t col = 0; col < sz_d; ++col) { o_bnvar_inv[col] = static_cast<double>(c_bnvar_inv[col]); }
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       alignas(64) scalar_t buf[Vec::size()];
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -196,13 +196,13 @@ std::vector<at::Tensor> batchnorm_biased_backward(const at::Tensor& t_dout, cons
 
     // sweep 1
     std::vector<double> c_bc1(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) c_bc1[col] = -static_cast<double>(p_sum_x[col])/static_cast<double>(sz_n);
+    for (int64_t col = 0; col < sz_d; ++col) { c_bc1[col] = -static_cast<double>(p_sum_x[col])/static_cast<double>(sz_n); }
     std::vector<scalar_t> cv_bc1(c_bc1.begin(), c_bc1.end());
     std::vector<double> c_bc2(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) c_bc2[col] = static_cast<double>(p_bnvar_inv[col]);
+    for (int64_t col = 0; col < sz_d; ++col) { c_bc2[col] = static_cast<double>(p_bnvar_inv[col]); }
     std::vector<scalar_t> cv_bc2(c_bc2.begin(), c_bc2.end());
     std::vector<double> c_bc4(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) c_bc4[col] = static_cast<double>(p_bnvar_inv[col])*static_cast<double>(p_gamma[col]);
+    for (int64_t col = 0; col < sz_d; ++col) { c_bc4[col] = static_cast<double>(p_bnvar_inv[col])*static_cast<double>(p_gamma[col]); }
     std::vector<scalar_t> cv_bc4(c_bc4.begin(), c_bc4.end());
     const double s_bs3 = (1.0/(static_cast<double>(sz_n)));
     std::vector<double> part_sum_bnraw_dout(chunks*sz_d, 0.0);
@@ -234,11 +234,11 @@ std::vector<at::Tensor> batchnorm_biased_backward(const at::Tensor& t_dout, cons
     for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_dout[chunk*sz_d + col]; a += q; } c_sum_dout[col] = a; }
     std::vector<scalar_t> cv_sum_dout(c_sum_dout.begin(), c_sum_dout.end());
     std::vector<double> c_dgamma(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) c_dgamma[col] = c_sum_bnraw_dout[col];
-    for (int64_t col = 0; col < sz_d; ++col) o_dgamma[col] = static_cast<scalar_t>(c_dgamma[col]);
+    for (int64_t col = 0; col < sz_d; ++col) { c_dgamma[col] = c_sum_bnraw_dout[col]; }
+    for (int64_t col = 0; col < sz_d; ++col) { o_dgamma[col] = static_cast<scalar_t>(c_dgamma[col]); }
     std::vector<double> c_dbeta(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) c_dbeta[col] = c_sum_dout[col];
-    for (int64_t col = 0; col < sz_d; ++col) o_dbeta[col] = static_cast<scalar_t>(c_dbeta[col]);
+    for (int64_t col = 0; col < sz_d; ++col) { c_dbeta[col] = c_sum_dout[col]; }
+    for (int64_t col = 0; col < sz_d; ++col) { o_dbeta[col] = static_cast<scalar_t>(c_dbeta[col]); }
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       alignas(64) scalar_t buf[Vec::size()];
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {

@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer bce_with_logits)
 // regenerate: derive generate --backend cpp
 // inputs-hash: f1fcb5e51ab0888400245ee8ce1202e5b006893ce4cf2559692a5f86a2695ee0
-// content-hash: 991dd5a3906b0049a77c63f496d4bad9b845a24d42345c3c69b9521bdf5130cd
+// content-hash: 90656d20cef74a4b82198e2a4b886001412b4e9c832d5dcf58ffceb86040b549
 // bce_with_logits: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_bce_with_logits {
 
@@ -96,28 +96,29 @@ std::vector<at::Tensor> bce_with_logits_forward(const at::Tensor& t_logits, cons
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
 
     // sweep 1
-    std::vector<double> part_sum_logits_t3(chunks*sz_d, 0.0);
+    std::vector<double> part_sum_sum_logits_t3(chunks, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       alignas(64) scalar_t buf[Vec::size()];
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         const int64_t row_end = std::min(sz_n, (chunk + 1) * rows_per_chunk);
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           // pass 1 over the row
+          DoubleLanes<scalar_t> acc_sum_logits_t3;
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            derive_add_to(part_sum_logits_t3.data() + chunk*sz_d + col, ((-Vec::loadu(p_target + row*sz_d + col, cnt)) + Vec(scalar_t(1.0)))*Vec::loadu(p_logits + row*sz_d + col, cnt) + derive_softplus_vec(-Vec::loadu(p_logits + row*sz_d + col, cnt)), cnt);
+            acc_sum_logits_t3.add(Vec::set(Vec(scalar_t(0)), ((-Vec::loadu(p_target + row*sz_d + col, cnt)) + Vec(scalar_t(1.0)))*Vec::loadu(p_logits + row*sz_d + col, cnt) + derive_softplus_vec(-Vec::loadu(p_logits + row*sz_d + col, cnt)), cnt));
           };
           {
             int64_t col = 0;
             for (; col + Vec::size() <= sz_d; col += Vec::size()) pass0(col, Vec::size());
             if (col < sz_d) pass0(col, sz_d - col);
           }
+          const double r_sum_logits_t3 = acc_sum_logits_t3.total();
+          part_sum_sum_logits_t3[chunk] += r_sum_logits_t3;
         }
       }
     });
-    std::vector<double> c_sum_logits_t3(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_logits_t3[chunk*sz_d + col]; a += q; } c_sum_logits_t3[col] = a; }
     double s_sum_sum_logits_t3 = 0.0;
-    for (int64_t col = 0; col < sz_d; ++col) { s_sum_sum_logits_t3 += c_sum_logits_t3[col]; }
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_sum_logits_t3[chunk]; s_sum_sum_logits_t3 += q; }
     const double s_loss = s_sum_sum_logits_t3/(static_cast<double>(sz_d)*static_cast<double>(sz_n));
     o_loss[0] = static_cast<scalar_t>(s_loss);
   });

@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer cross_entropy_smooth)
 // regenerate: derive generate --backend cpp
 // inputs-hash: b3d465d0d611f33c02309d8aa306f7b508d8fbd6c172ba2ec0399c4f391972f9
-// content-hash: f8c408455f850f68208d6567b23c233c23a3cc23ef997beaa6f4d05976c07842
+// content-hash: 72b0fcc8ba381ddaf032714dffe7755562c30b45158011b333a01417c86dc24a
 // cross_entropy_smooth: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_cross_entropy_smooth {
 
@@ -100,8 +100,8 @@ std::vector<at::Tensor> cross_entropy_smooth_forward(const at::Tensor& t_logits,
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
 
     // sweep 1
-    std::vector<double> part_sum__t1f_logits2(chunks*sz_k, 0.0);
     std::vector<double> part_sum__t1f_logits(chunks, 0.0);
+    std::vector<double> part_sum_sum__t1f_logits2(chunks, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       alignas(64) scalar_t buf[Vec::size()];
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -134,23 +134,24 @@ std::vector<at::Tensor> cross_entropy_smooth_forward(const at::Tensor& t_logits,
           const double r__t1f = std::log(r_sum_t1);
           part_sum__t1f_logits[chunk] += (-r_m) + static_cast<double>(p_logits[row*sz_k + static_cast<int64_t>((p_y[row]))]) - r__t1f;
           // pass 3 over the row
+          DoubleLanes<scalar_t> acc_sum__t1f_logits2;
           auto pass2 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            derive_add_to(part_sum__t1f_logits2.data() + chunk*sz_k + col, (-Vec(static_cast<scalar_t>(r_m))) + Vec::loadu(p_logits + row*sz_k + col, cnt) - Vec(static_cast<scalar_t>(r__t1f)), cnt);
+            acc_sum__t1f_logits2.add(Vec::set(Vec(scalar_t(0)), (-Vec(static_cast<scalar_t>(r_m))) + Vec::loadu(p_logits + row*sz_k + col, cnt) - Vec(static_cast<scalar_t>(r__t1f)), cnt));
           };
           {
             int64_t col = 0;
             for (; col + Vec::size() <= sz_k; col += Vec::size()) pass2(col, Vec::size());
             if (col < sz_k) pass2(col, sz_k - col);
           }
+          const double r_sum__t1f_logits2 = acc_sum__t1f_logits2.total();
+          part_sum_sum__t1f_logits2[chunk] += r_sum__t1f_logits2;
         }
       }
     });
     double s_sum__t1f_logits = 0.0;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum__t1f_logits[chunk]; s_sum__t1f_logits += q; }
-    std::vector<double> c_sum__t1f_logits2(sz_k);
-    for (int64_t col = 0; col < sz_k; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum__t1f_logits2[chunk*sz_k + col]; a += q; } c_sum__t1f_logits2[col] = a; }
     double s_sum_sum__t1f_logits2 = 0.0;
-    for (int64_t col = 0; col < sz_k; ++col) { s_sum_sum__t1f_logits2 += c_sum__t1f_logits2[col]; }
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_sum__t1f_logits2[chunk]; s_sum_sum__t1f_logits2 += q; }
     const double s_loss = (-s_sum__t1f_logits*((-k_smoothing) + 1.0)/static_cast<double>(sz_n)) - k_smoothing*s_sum_sum__t1f_logits2/(static_cast<double>(sz_k)*static_cast<double>(sz_n));
     o_loss[0] = static_cast<scalar_t>(s_loss);
   });

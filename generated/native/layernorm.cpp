@@ -2,7 +2,7 @@
 // source: derive.layers.normalization (layer layernorm)
 // regenerate: derive generate --backend cpp
 // inputs-hash: ab889aacbf30610894dad6fca6933c7327796115fe9282c261cec5eca1525b3c
-// content-hash: d1a69ff9eabe34ba83d62396a88fa4f7816b58275a49c69b6c01544cfa0e2c66
+// content-hash: 658183dcbe5707d40f1acfc89c0176527197488f20ea13a3cf532f9e8ff0da9f
 // layernorm: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_layernorm {
 
@@ -212,13 +212,13 @@ std::vector<at::Tensor> layernorm_backward(const at::Tensor& t_dout, const at::T
     std::vector<double> c_sum_dout_xhat(sz_d);
     for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_dout_xhat[chunk*sz_d + col]; a += q; } c_sum_dout_xhat[col] = a; }
     std::vector<double> c_dgamma(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) c_dgamma[col] = c_sum_dout_xhat[col];
-    for (int64_t col = 0; col < sz_d; ++col) o_dgamma[col] = static_cast<scalar_t>(c_dgamma[col]);
+    for (int64_t col = 0; col < sz_d; ++col) { c_dgamma[col] = c_sum_dout_xhat[col]; }
+    for (int64_t col = 0; col < sz_d; ++col) { o_dgamma[col] = static_cast<scalar_t>(c_dgamma[col]); }
     std::vector<double> c_sum_dout(sz_d);
     for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_dout[chunk*sz_d + col]; a += q; } c_sum_dout[col] = a; }
     std::vector<double> c_dbeta(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) c_dbeta[col] = c_sum_dout[col];
-    for (int64_t col = 0; col < sz_d; ++col) o_dbeta[col] = static_cast<scalar_t>(c_dbeta[col]);
+    for (int64_t col = 0; col < sz_d; ++col) { c_dbeta[col] = c_sum_dout[col]; }
+    for (int64_t col = 0; col < sz_d; ++col) { o_dbeta[col] = static_cast<scalar_t>(c_dbeta[col]); }
   });
   return { r_dx, r_dgamma, r_dbeta };
 }

@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer mse)
 // regenerate: derive generate --backend cpp
 // inputs-hash: f5b0bd14885b8ed4717eddf98d2a29ca0500483f985f87696f78a7530656870b
-// content-hash: 9cc41c557d5451d3f1c13515bda831b90c72b2fbd6fd338dca2c39ff130badce
+// content-hash: 5428682dcc75a35c6715746f028354274b77752cfbd0ec3bdcd4aa7267d828c9
 // mse: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_mse {
 
@@ -98,16 +98,17 @@ std::vector<at::Tensor> mse_forward(const at::Tensor& t_pred, const at::Tensor& 
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
 
     // sweep 1
-    std::vector<double> part_sum_diff(chunks*sz_d, 0.0);
+    std::vector<double> part_sum_sum_diff(chunks, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       alignas(64) scalar_t buf[Vec::size()];
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         const int64_t row_end = std::min(sz_n, (chunk + 1) * rows_per_chunk);
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           // pass 1 over the row
+          DoubleLanes<scalar_t> acc_sum_diff;
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
             const Vec v_e0_t0 = Vec::loadu(p_pred + row*sz_d + col, cnt) - Vec::loadu(p_target + row*sz_d + col, cnt);
-            derive_add_to(part_sum_diff.data() + chunk*sz_d + col, ((v_e0_t0)*(v_e0_t0)), cnt);
+            acc_sum_diff.add(Vec::set(Vec(scalar_t(0)), ((v_e0_t0)*(v_e0_t0)), cnt));
             (v_e0_t0).store(o_diff + row*sz_d + col, cnt);
           };
           {
@@ -115,13 +116,13 @@ std::vector<at::Tensor> mse_forward(const at::Tensor& t_pred, const at::Tensor& 
             for (; col + Vec::size() <= sz_d; col += Vec::size()) pass0(col, Vec::size());
             if (col < sz_d) pass0(col, sz_d - col);
           }
+          const double r_sum_diff = acc_sum_diff.total();
+          part_sum_sum_diff[chunk] += r_sum_diff;
         }
       }
     });
-    std::vector<double> c_sum_diff(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_diff[chunk*sz_d + col]; a += q; } c_sum_diff[col] = a; }
     double s_sum_sum_diff = 0.0;
-    for (int64_t col = 0; col < sz_d; ++col) { s_sum_sum_diff += c_sum_diff[col]; }
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_sum_diff[chunk]; s_sum_sum_diff += q; }
     const double s_loss = s_sum_sum_diff/(static_cast<double>(sz_d)*static_cast<double>(sz_n));
     o_loss[0] = static_cast<scalar_t>(s_loss);
   });

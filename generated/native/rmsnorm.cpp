@@ -2,7 +2,7 @@
 // source: derive.layers.normalization (layer rmsnorm)
 // regenerate: derive generate --backend cpp
 // inputs-hash: b746374965cca2bb5587abe97a2d3b30de8de718bd38b48c6e9d18f76b95fedc
-// content-hash: 5937a79cc0c045f73b90ee9b6e581f5192ba55a754bf11b6a9680a134ae4fe0f
+// content-hash: f332f71a3a197128cfe3c03a16710f1d28986d38ff188c62a7b0cd3457cd73ef
 // rmsnorm: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_rmsnorm {
 
@@ -187,8 +187,8 @@ std::vector<at::Tensor> rmsnorm_backward(const at::Tensor& t_dout, const at::Ten
     std::vector<double> c_sum_dout_inv(sz_d);
     for (int64_t col = 0; col < sz_d; ++col) { double a = 0.0; for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_dout_inv[chunk*sz_d + col]; a += q; } c_sum_dout_inv[col] = a; }
     std::vector<double> c_dg(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) c_dg[col] = c_sum_dout_inv[col];
-    for (int64_t col = 0; col < sz_d; ++col) o_dg[col] = static_cast<scalar_t>(c_dg[col]);
+    for (int64_t col = 0; col < sz_d; ++col) { c_dg[col] = c_sum_dout_inv[col]; }
+    for (int64_t col = 0; col < sz_d; ++col) { o_dg[col] = static_cast<scalar_t>(c_dg[col]); }
   });
   return { r_dx, r_dg };
 }
