@@ -23,6 +23,7 @@ from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
 from .symbolic import Red, extent, hide_argmax, reductions
 from .trace import Graph, trace
+from .trace.tracer import reachable
 
 
 @dataclass
@@ -276,9 +277,10 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_writte
                                        size_text=size_text, adjoints=adjoints, as_written=as_written)
     except DerivationError as e:
         raise located(e, graph) from None
+    read_by_output = reachable(graph.output)
     for f, (code, needs, fast, chain) in zip(formulas, codes):
         f.code, f.needs, f.fast, f.chain = code, needs, fast or [], chain or []
-        if f.element == 0 and not _reaches(graph, graph.inputs[f.input], graph.output):
+        if f.element == 0 and graph.inputs[f.input] not in read_by_output:
             # the output does not read this input: no gradient, as autograd gives none (None, and no
             # n x k zeros written for it)
             f.code, f.needs, f.fast, f.chain = "None", [], [], []
@@ -303,20 +305,6 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_writte
     return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
                   [dim_text[d] for d in layer.dims], sources, checks, constants,
                   time.perf_counter() - start, frame, adjoints, dict(forbidden or {}), frozenset(as_written))
-
-
-def _reaches(graph: Graph, node, target) -> bool:
-    """Whether ``target`` is computed from ``node``."""
-    seen, stack = {id(node)}, [node]
-    while stack:
-        m = stack.pop()
-        if m is target:
-            return True
-        for c in graph.consumers(m):
-            if id(c) not in seen:
-                seen.add(id(c))
-                stack.append(c)
-    return False
 
 
 def located(error: DerivationError, graph) -> DerivationError:
