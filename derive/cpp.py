@@ -14,6 +14,8 @@ and partial sums are combined in chunk order: the result does not depend on the 
 """
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 from sympy.printing.c import C99CodePrinter
 
@@ -327,6 +329,46 @@ def _cse_lines(exprs: list, printer, prefix: str) -> tuple[list[str], list[str]]
     return lines, [printer._print(r) for r in reduced]
 
 
+# What the loops of a sweep read from the enclosing function: pointers (``p_``, ``o_``), sizes,
+# constants, scalars, the arrays of per-row and per-column values and of partial sums.
+_OUTER = re.compile(r"\b(?:(?:p|o|sz|k|s)_\w+|rows_per_chunk)\b")
+_OUTER_ARRAY = re.compile(r"\b((?:cv|part|c|kr)_\w+)(?:\.data\(\)|(?=\[))")
+
+
+def _localized(blocks: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """The lines of a sweep's loops reading local copies of what they use from the enclosing
+    function, and the declarations of those copies (placed at the top of the parallel region).
+
+    The parallel region captures the function's variables by reference and escapes into the thread
+    pool, and a vector store (``Vectorized::store``, a may-alias type) may write any memory that
+    escaped: read through the captures, every pointer, size and ``std::vector``'s data pointer is
+    loaded again at each vector of each row. A local copy whose address is never taken stays in a
+    register."""
+    text = "\n".join(line for block in blocks for line in block)
+    arrays = sorted(set(_OUTER_ARRAY.findall(text)))
+    scalars = sorted(set(_OUTER.findall(text)))
+    local = [f"auto* const l_{a} = {a}.data();" for a in arrays] + [f"const auto l_{n} = {n};" for n in scalars]
+
+    def rename(line: str) -> str:
+        line = _OUTER_ARRAY.sub(lambda m: f"l_{m.group(1)}", line)
+        return _OUTER.sub(lambda m: f"l_{m.group(0)}", line)
+
+    return local, [[rename(line) for line in block] for block in blocks]
+
+
+_ROW_LOAD = re.compile(r"Vec::loadu\((l_p_\w+) \+ (row\*[\w*]+) \+ col, cnt\)")
+
+
+def _prefetching(first: list[str]) -> list[str]:
+    """Prefetches of the next row's entries that a sweep's first pass over a row reads, placed in
+    its last pass. The first pass streams the row from memory and later passes read it from cache:
+    without the prefetch the first pass waits on memory while the later ones (an ``exp`` at every
+    entry) leave the memory idle. A prefetch never faults: past the last row it reads nothing."""
+    loads = sorted(set(_ROW_LOAD.findall("\n".join(first))))
+    return [f"__builtin_prefetch({pointer} + {offset.replace('row*', '(row + 1)*', 1)} + col);"
+            for pointer, offset in loads]
+
+
 def program_context(program: Program, plan: Plan, kernel) -> dict:
     """Everything ``native_kernel.cpp.j2`` places for one program (the forward or the backward)."""
     vals = program.values
@@ -351,12 +393,15 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                 init = "0.0" if v.reduce == "sum" else "-INFINITY"
                 add = "a += q;" if v.reduce == "sum" else "a = derive_max(a, q);"
                 if v.layout:
+                    # chunk by chunk, each a contiguous row of partial sums (a vector loop; a loop down
+                    # the chunks of one column would stride a page per load): each column still adds its
+                    # chunks in chunk order
                     size = numel(v.layout, frame)
-                    at = "col" if v.layout == program.col else "at"
-                    lines += [f"std::vector<double> c_{v.name}({size});",
-                              f"for (int64_t {at} = 0; {at} < {size}; ++{at}) {{ double a = {init}; "
-                              f"for (int64_t chunk = 0; chunk < chunks; ++chunk) {{ const double q = "
-                              f"part_{v.name}[chunk*{size} + {at}]; {add} }} c_{v.name}[{at}] = a; }}"]
+                    add = "a[at] += q[at];" if v.reduce == "sum" else "a[at] = derive_max(a[at], q[at]);"
+                    lines += [f"std::vector<double> c_{v.name}({size}, {init});",
+                              f"for (int64_t chunk = 0; chunk < chunks; ++chunk) {{ double* const a = c_{v.name}.data(); "
+                              f"const double* const q = part_{v.name}.data() + chunk*{size}; "
+                              f"for (int64_t at = 0; at < {size}; ++at) {add} }}"]
                 else:
                     lines += [f"double s_{v.name} = {init};",
                               f"for (int64_t chunk = 0; chunk < chunks; ++chunk) {{ const double q = part_{v.name}[chunk]; "
@@ -463,7 +508,14 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                 partials.append(f"std::vector<double> part_{step.value.name}({'chunks' if size == '1' else f'chunks*{size}'}, "
                                 f"{'0.0' if step.value.reduce == 'sum' else '-INFINITY'});")
         start = split_row(frame) + [line for step in sweep.start for line in row_step(step, names, sp_)]
-        sweeps.append(dict(before=finalize(sweep.before, k), partials=partials, start=start, loops=loops, index=k))
+        local, (start, *parts) = _localized([start] + [lp[key] for lp in loops for key in ("setup", "body", "after")])
+        for lp in loops:
+            lp["setup"], lp["body"], lp["after"] = parts[:3]
+            parts = parts[3:]
+        if len(loops) > 1:
+            loops[-1]["body"] = _prefetching(loops[0]["body"]) + loops[-1]["body"]
+        sweeps.append(dict(before=finalize(sweep.before, k), partials=partials, start=start, loops=loops, index=k,
+                           local=local))
     tail = finalize(program.tail, len(program.sweeps))
     allocations = []
     for t, v in program.outputs:
