@@ -463,6 +463,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                     f"o_{step.tensor}[row*{cols_size} + label_col] = static_cast<scalar_t>({label_sp._print(step.expr)}); }}"]
         raise ValueError(step.kind)
 
+    slots = []  # the partial sums' buffers (``derive_scratch``), one slot each
     for k, sweep in enumerate(program.sweeps):
         names = Names(program, plan, kernel, k)
         sp_, vp = ScalarPrinter(names), VectorPrinter(names)
@@ -499,14 +500,17 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             after = [line for step in lp.after for line in row_step(step, names, sp_)]
             loops.append(dict(setup=setup, body=body, after=after, index=p))
         for v in [x for lp in sweep.loops for x in lp.col_reductions]:
-            partials.append(f"std::vector<double> part_{v.name}(chunks*{numel(v.layout, frame)}, "
-                            f"{'0.0' if v.reduce == 'sum' else '-INFINITY'});")
+            partials.append(f"std::vector<double>& part_{v.name} = derive_scratch({len(slots)}, "
+                            f"chunks*{numel(v.layout, frame)}, {'0.0' if v.reduce == 'sum' else '-INFINITY'});")
+            slots.append(v.name)
         steps = sweep.start + [s for lp in sweep.loops for s in lp.after]
         for step in steps:
             if step.kind == "accumulate":
                 size = numel(step.value.layout, frame)
-                partials.append(f"std::vector<double> part_{step.value.name}({'chunks' if size == '1' else f'chunks*{size}'}, "
+                partials.append(f"std::vector<double>& part_{step.value.name} = derive_scratch({len(slots)}, "
+                                f"{'chunks' if size == '1' else f'chunks*{size}'}, "
                                 f"{'0.0' if step.value.reduce == 'sum' else '-INFINITY'});")
+                slots.append(step.value.name)
         start = split_row(frame) + [line for step in sweep.start for line in row_step(step, names, sp_)]
         local, (start, *parts) = _localized([start] + [lp[key] for lp in loops for key in ("setup", "body", "after")])
         for lp in loops:
@@ -529,7 +533,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
     return dict(name=program.name, args=args, constants=[f"k_{c}" for c in program.scalars],
                 sizes=[f"sz_{s}" for s in plan.frame], rows=rows_size, cols=cols_size,
                 kept=[f"std::vector<double> kr_{n}({rows_size});" for n in kept],
-                allocations=allocations, sweeps=sweeps, tail=tail, dispatch=first_float.name,
+                allocations=allocations, sweeps=sweeps, tail=tail, dispatch=first_float.name, slots=len(slots),
                 outputs=[t.name for t, _ in program.outputs])
 
 
@@ -540,8 +544,9 @@ def _symbols(expr: sp.Expr) -> set:
 def render_source(plan: Plan, kernel) -> str:
     """The C++ of one layer's forward and backward (a namespace of its own, no includes: the
     module's loader compiles every layer of its folder as one translation unit)."""
-    context = dict(layer=kernel.name, programs=[program_context(p, plan, kernel) for p in (plan.forward, plan.backward)],
-                   chunks=CHUNKS)
+    programs = [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)]
+    context = dict(layer=kernel.name, programs=programs, chunks=CHUNKS,
+                   slots=max([1] + [p["slots"] for p in programs]))
     return environment().get_template("native_kernel.cpp.j2").render(**context)
 
 
