@@ -396,16 +396,19 @@ def _grouped(inner: sp.Expr, factor_whole: bool = True) -> sp.Expr:
     is: factoring its cofactors takes tens of seconds per candidate refold weighs."""
     if not inner.is_Add or sp.count_ops(inner) > GROUP_MAX_OPS:
         return inner
-    if factor_whole and not inner.atoms(Red):
+    if factor_whole:
         # a product the chain rule made and the normal form expanded (``(1 - a**2)*(1 - b**2)`` of two
-        # nested tanh): factored whole, it is that product again, each factor accurate on its own.
-        # Constants are factored as symbols: the spec's 0.044715 stays itself, not an integer
-        # spread over every coefficient.
+        # nested tanh, ``(1 - t**2)*(sum(dout) + b*dout)``): factored whole, it is that product
+        # again, each factor accurate on its own. Constants are factored as symbols: the spec's
+        # 0.044715 stays itself, not an integer spread over every coefficient; a sum is a symbol too
+        # (an atom of the product, never taken apart).
         constants = sorted({abs(r) for r in inner.atoms(sp.Rational, sp.Float) if not r.is_integer},
                            key=sp.default_sort_key)
         names = {r: sp.Dummy(f"c{k}") for k, r in enumerate(constants)}
         signed = {**names, **{-r: -d for r, d in names.items()}}  # a term's coefficient carries its sign
-        whole = _factor(inner.xreplace(signed)).xreplace({v: k for k, v in names.items()})
+        sums = {r: sp.Dummy(f"s{k}") for k, r in enumerate(sorted(inner.atoms(Red), key=sp.default_sort_key))}
+        back = {**{v: k for k, v in names.items()}, **{v: k for k, v in sums.items()}}
+        whole = _factor(inner.xreplace(sums).xreplace(signed)).xreplace(back)
         tensor_factors = [f for f in sp.Mul.make_args(whole) if f.atoms(sp.Indexed) and f.is_Add]
         if len({frozenset(f.atoms(sp.Indexed)) for f in tensor_factors}) >= 2:
             return sp.Mul(*[_grouped(f, factor_whole) if f.is_Add else f for f in sp.Mul.make_args(whole)])
@@ -443,7 +446,8 @@ def group_sums(inner: sp.Expr) -> sp.Expr:
         cofactor, _ = key
         j = members[0][1].index
         body = sp.Add(*[c * r.body.xreplace({r.index: j}) for c, r in members])
-        out.append(cofactor * GroupedRed(_grouped(sp.factor_terms(body)), j))
+        # the body may be such a difference of sums itself (a sum over b of sums over c)
+        out.append(cofactor * GroupedRed(_grouped(sp.factor_terms(group_sums(body))), j))
     return sp.Add(*out)
 
 

@@ -52,6 +52,19 @@ def _rename(body: sp.Expr, old: sp.Idx, new: sp.Idx) -> sp.Expr:
     return body.xreplace({old: new})
 
 
+def _replace_free(expr: sp.Expr, old: sp.Idx, new: sp.Expr) -> sp.Expr:
+    """``expr`` with the index ``old`` replaced by ``new`` where it is free: a reduction inside that
+    binds an index of the same name (canonical names repeat at equal depths) keeps its own."""
+    if isinstance(expr, _Bound) and expr.args[1] == old:
+        return expr
+    if expr == old:
+        return new
+    if not expr.args:
+        return expr
+    args = [_replace_free(a, old, new) for a in expr.args]
+    return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+
+
 class _Bound(sp.Function):
     """Shared behaviour of an atom that binds index ``args[1]`` inside body ``args[0]``."""
 
@@ -97,7 +110,7 @@ class Red(_Bound):
                 other = f.args[1] if f.args[0] == j else f.args[0] if f.args[1] == j else None
                 if other is not None and j not in other.free_symbols:
                     rest = sp.Mul(*[g for g in factors if g is not f])
-                    return rest.xreplace({j: other})
+                    return _replace_free(rest, j, other)
         if outside:
             return sp.Mul(*outside) * cls(sp.Mul(*inside), j)
         if expanded != body:

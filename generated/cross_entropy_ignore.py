@@ -2,13 +2,13 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: 0a22b5059da6fcb46980d76ebd034fc0d48b6a377547b15123aa6f1f4f1f74d6
-# content-hash: 0293aef317ccdfadbf2103c55bf15a8f156149104a96586979ab600f163bbc4f
+# content-hash: 00157af33261e8ddd907050236835bef3c62ae27797d49f56ab87841871ae33b
 """Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
 
-    shared0 = torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, ((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(n - ((y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True)), 0)
-    dlogits = dloss*(shared0*(y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype) - shared0*t1/t1.sum(1, keepdim=True))
+    sum_t1 = t1.sum(1, keepdim=True)
+    dlogits = torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, dloss*(sum_t1*(y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype) - t1)*((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(sum_t1*(n - ((y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True))), 0)
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -43,9 +43,9 @@ def _backward(needs, dloss, y, t1, n, k, ignore_index):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dlogits = None
     if needs[0]:
-        shared0 = torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, ((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(n - ((y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True)), 0)
-        dlogits = t1 * (-dloss*shared0/t1.sum(1, keepdim=True))
-        dlogits.scatter_add_(1, y.view(n, 1), (dloss*shared0).expand(n, 1))
+        sum_t1 = t1.sum(1, keepdim=True)
+        dlogits = t1 * (torch.where(1 - (y.view(n, 1) == ignore_index).to(dloss.dtype) != 0, dloss*(1 - (y.view(n, 1) == ignore_index).to(dloss.dtype))/(sum_t1*(n - ((y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True))), 0))
+        dlogits.scatter_add_(1, y.view(n, 1), (torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, dloss*((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(n - ((y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True)), 0)).expand(n, 1))
     return dlogits, None, None
 
 

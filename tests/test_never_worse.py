@@ -70,6 +70,19 @@ def test_a_sum_of_differences_stays_one_sum(tmp_path):
     assert verdict.passed, verdict.findings
 
 
+def test_a_chain_factor_shared_by_two_terms_stays_a_factor():
+    """``h = tanh(x*a)`` read twice (``h*b + h.sum(1)``): ``(1 - h**2)`` multiplies the sum of both
+    upstream terms, and the sum over the row inside ``da``'s sum over the batch. Expanded, ``dx`` is a
+    difference of products and ``da`` a difference of two large contractions, which cancel where the
+    tanh saturates (25x autograd's float32 error at inputs scaled by 10): the fused form must keep
+    the factor whole and pass the battery without undoing a rewrite."""
+    choice = chosen(LAYERS["tanh_gate_with_row_sum"])
+    assert choice.fused and not choice.undone, choice.reason
+    formulas = {f.input: f.code for f in choice.kernel.formulas}
+    assert "x.T @ dout" not in formulas["a"] and formulas["a"].count("h**2") <= 1, formulas["a"]
+    assert formulas["x"].count("(h.view(n, d, 1)") <= 2, formulas["x"]
+
+
 def test_nested_tanh_is_a_product_of_factors():
     """``tanh(tanh(x))``: the derivative is printed as the product of the two chain-rule factors,
     each read from a saved value, not their expanded product."""

@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer cross_entropy_ignore)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 2821a30bd1e753f07e9201180e7d0da19452a3fd8250e84ce21eb9439e47d3f4
-// content-hash: 786701ad97fbff8761ee912bfcdbf65d11ae11d6f057b3a16afa4f558ef52a5a
+// content-hash: 6bd947b3fddd8819aee1a5f1a7c214e2b921dd993754f698a249c4258b7e8f67
 // cross_entropy_ignore: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_cross_entropy_ignore {
 
@@ -181,8 +181,8 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
     const int64_t chunks = derive_chunks(sz_n);
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
     std::vector<double> kr_br1(sz_n);
-    std::vector<double> kr_br5(sz_n);
     std::vector<double> kr_br3(sz_n);
+    std::vector<double> kr_br4(sz_n);
 
     // sweep 1
     std::vector<double>& part_sum_y = derive_scratch(0, chunks, 0.0);
@@ -190,7 +190,7 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
       // local copies of what the loops read: a vector store may alias anything the region captured
       auto* const l_kr_br1 = kr_br1.data();
       auto* const l_kr_br3 = kr_br3.data();
-      auto* const l_kr_br5 = kr_br5.data();
+      auto* const l_kr_br4 = kr_br4.data();
       auto* const l_part_sum_y = part_sum_y.data();
       const auto l_k_ignore_index = k_ignore_index;
       const auto l_p_m = p_m;
@@ -204,10 +204,10 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
           const double r_br1 = -static_cast<double>(l_p_m[row]);
           l_kr_br1[row] = r_br1;
           l_part_sum_y[chunk] += ((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0);
-          const double r_br3 = ((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0) - 1.0;
+          const double r_br3 = (((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0) - 1.0)/static_cast<double>(l_p_sum_t1[row]);
           l_kr_br3[row] = r_br3;
-          const double r_br5 = (((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0) - 1.0)/static_cast<double>(l_p_sum_t1[row]);
-          l_kr_br5[row] = r_br5;
+          const double r_br4 = static_cast<double>(l_p_sum_t1[row]);
+          l_kr_br4[row] = r_br4;
         }
       }
     });
@@ -215,19 +215,16 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
     // sweep 2
     double s_sum_y = 0.0;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_y[chunk]; s_sum_y += q; }
-    const double s_bs2 = (1.0/(static_cast<double>(sz_n) - s_sum_y));
-    const double s_bs4 = -1.0/(static_cast<double>(sz_n) - s_sum_y);
+    const double s_bs2 = static_cast<double>(p_dloss[0])/(static_cast<double>(sz_n) - s_sum_y);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       // local copies of what the loops read: a vector store may alias anything the region captured
       auto* const l_kr_br1 = kr_br1.data();
       auto* const l_kr_br3 = kr_br3.data();
-      auto* const l_kr_br5 = kr_br5.data();
+      auto* const l_kr_br4 = kr_br4.data();
       const auto l_o_dlogits = o_dlogits;
-      const auto l_p_dloss = p_dloss;
       const auto l_p_logits = p_logits;
       const auto l_p_y = p_y;
       const auto l_s_bs2 = s_bs2;
-      const auto l_s_bs4 = s_bs4;
       const auto l_sz_k = sz_k;
       const int64_t cols = sz_k;
       alignas(64) scalar_t buf[Vec::size()];
@@ -236,14 +233,14 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            (Vec(static_cast<scalar_t>(l_kr_br5[row]))*Vec(static_cast<scalar_t>(l_s_bs4))*(Vec(static_cast<scalar_t>(l_kr_br1[row])) + Vec::loadu(l_p_logits + row*l_sz_k + col, cnt)).exp()*Vec(l_p_dloss[0])).store(l_o_dlogits + row*l_sz_k + col, cnt);
+            (-Vec(static_cast<scalar_t>(l_kr_br3[row]))*Vec(static_cast<scalar_t>(l_s_bs2))*(Vec(static_cast<scalar_t>(l_kr_br1[row])) + Vec::loadu(l_p_logits + row*l_sz_k + col, cnt)).exp()).store(l_o_dlogits + row*l_sz_k + col, cnt);
           };
           {
             int64_t col = 0;
             for (; col + Vec::size() <= cols; col += Vec::size()) pass0(col, Vec::size());
             if (col < cols) pass0(col, cols - col);
           }
-          { const int64_t label_col = l_p_y[row]; l_o_dlogits[row*l_sz_k + label_col] = static_cast<scalar_t>((l_kr_br3[row]*l_s_bs2 + l_kr_br5[row]*l_s_bs4*std::exp(l_kr_br1[row] + static_cast<double>(l_p_logits[row*l_sz_k + static_cast<int64_t>((l_p_y[row]))])))*static_cast<double>(l_p_dloss[0])); }
+          { const int64_t label_col = l_p_y[row]; l_o_dlogits[row*l_sz_k + label_col] = static_cast<scalar_t>(l_kr_br3[row]*l_s_bs2*(l_kr_br4[row] - std::exp(l_kr_br1[row] + static_cast<double>(l_p_logits[row*l_sz_k + static_cast<int64_t>((l_p_y[row]))])))); }
         }
       }
     });

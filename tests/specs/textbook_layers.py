@@ -173,3 +173,10 @@ def standardize_columns(x, eps=1e-5):
 def weighted_sum_of_squares(x, w):
     out = (w * x * x).sum(1) / (x * x).sum(1)
     return out
+
+
+@layer(x=Tensor("n", "d"), a=Tensor("d"), b=Tensor("d"))
+def tanh_gate_with_row_sum(x, a, b):
+    """A per-feature tanh whose output is used twice: scaled per feature, and summed over the row."""
+    h = torch.tanh(x * a)
+    return h * b + h.sum(1, keepdim=True)
