@@ -471,11 +471,14 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
                  if n.op == "softmax" and len(n.attrs["axes"]) == 1}
 
     tanhs = {rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "tanh"}
+    ops = {n.op for n in el.graph.nodes}
+    softplus_grads = "softplus" in ops and "sigmoid" not in ops
 
     def printer():
         p = KernelPrinter(Frame(frame), shapes, names, dtype_of, views)
         p.softmaxes = softmaxes
         p.tanhs = tanhs
+        p.softplus_grads = softplus_grads
         return p
 
     shared = []

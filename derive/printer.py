@@ -14,6 +14,7 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .backends import number_text
 from .errors import DerivationError
+from .functions import Sigmoid
 from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, extent
 
 
@@ -97,6 +98,9 @@ class KernelPrinter(TorchPrinter):
         self.softmaxes: dict[str, int] = {}
         # saved tanh values: ``g*(1 - y**2)`` prints as torch's own kernel for it (``_tanh_backward``)
         self.tanhs: set[str] = set()
+        # every sigmoid of the formulas is a softplus's derivative (the spec has softplus, no sigmoid):
+        # ``g*sigmoid(z)`` prints as torch's own kernel for it (``_softplus_backward``)
+        self.softplus_grads = False
 
     # -- scalars ----------------------------------------------------------------------------
     def _print(self, expr, **kwargs):
@@ -140,6 +144,7 @@ class KernelPrinter(TorchPrinter):
         inner.full_rank = self.full_rank
         inner.softmaxes = self.softmaxes
         inner.tanhs = self.tanhs
+        inner.softplus_grads = self.softplus_grads
         return inner
 
     def _print_Indexed(self, expr):
@@ -506,6 +511,31 @@ class KernelPrinter(TorchPrinter):
             return code if coefficient == 1 else self._scaled(code, [coefficient])
         return None
 
+    def _softplus_backward(self, expr) -> str | None:
+        """``g*sigmoid(z)``, the chain rule through ``F.softplus(z)``, with ``g`` a tensor: printed as
+        torch's own kernel for it (``torch.ops.aten.softplus_backward(g, z, 1, 20)``, F.softplus's
+        beta and threshold), which rounds as autograd through the spec does: ``exp(z)/(exp(z) + 1)``
+        keeps the subnormal digits of a very negative ``z`` that ``sigmoid(z) = 1/(1 + exp(-z))``
+        loses to an overflow (0 from z = -89 in float32). None for anything else."""
+        if not self.softplus_grads:
+            return None
+        factors = list(sp.Mul.make_args(expr))
+        sigmoids = [f for f in factors if isinstance(f, Sigmoid)]
+        if not sigmoids:
+            return None
+        rest = [f for f in factors if not isinstance(f, Sigmoid)]
+        numbers = [r for r in rest if r.is_number]
+        g = sp.Mul(*[r for r in rest if not r.is_number])
+        if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
+            return None  # no tensor to pass it
+        code = self._print(g)
+        for sigmoid in sigmoids:  # softplus of softplus: one kernel per link of the chain
+            code = f"torch.ops.aten.softplus_backward({code}, {self._print(sigmoid.args[0])}, 1, 20)"
+        coefficient = sp.Mul(*numbers)
+        if coefficient == -1:
+            return f"-{code}"
+        return code if coefficient == 1 else self._scaled(code, [coefficient])
+
     def _print_Mul(self, expr):
         softmax = self._softmax_backward(expr)
         if softmax is not None:
@@ -513,6 +543,9 @@ class KernelPrinter(TorchPrinter):
         tanh = self._tanh_backward(expr)
         if tanh is not None:
             return tanh
+        softplus = self._softplus_backward(expr)
+        if softplus is not None:
+            return softplus
         indicator = _masked_count_factor(expr)
         if indicator is not None:
             # a row a mask leaves out gets exactly 0, also when the mask leaves out every row and its

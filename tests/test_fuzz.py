@@ -151,8 +151,20 @@ SATURATED_SCALAR_TANH = _regression('fuzz_found_saturated_scalar_tanh',
 FOUND = [UNREAD_INPUT, CONSTANT_GRADIENT, SCALAR_READ, DIVIDES_BY_INPUT, ZERO_GRADIENT, THROUGH_MAX, LOWER_RANK_GRADIENT,
          CONSTANT_ALONG_AXIS, FUNCTION_OF_A_NUMBER, REPEATED_MAX, SCALAR_SHARED_GRADIENT, WHOLE_MEAN]
 # found by scripts/soak.py (each failed the numerical battery, or crashed, before its fix)
+# The fused gradient of F.softplus printed sigmoid(z) = 1/(1 + exp(-z)): 0 from z = -89 in float32,
+# where autograd's softplus_backward keeps exp(z)'s subnormal digits. Now that kernel, once per
+# softplus of the chain.
+SOFTPLUS_SUBNORMAL = _regression('fuzz_found_softplus_subnormal',
+    '    v1 = F.softplus(w)\n    v2 = v1 * w\n    out = v2',
+    'x=Tensor("n", "k"), w=Tensor("k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, w, eps=0.001, scale=0.75', True, {'n': 3, 'k': 4})
+SOFTPLUS_OF_SOFTPLUS = _regression('fuzz_found_softplus_of_softplus',
+    '    v1 = F.softplus(w)\n    v2 = F.softplus(v1) * x\n    out = v2',
+    'x=Tensor("n", "k"), w=Tensor("k")',
+    'x, w', True, {'n': 3, 'k': 4})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
-          INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH]
+          INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
+          SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS]
 
 
 class Tally:
