@@ -397,11 +397,11 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                     # the chunks of one column would stride a page per load): each column still adds its
                     # chunks in chunk order
                     size = numel(v.layout, frame)
-                    add = "a[at] += q[at];" if v.reduce == "sum" else "a[at] = derive_max(a[at], q[at]);"
+                    add_row = "a[at] += q[at];" if v.reduce == "sum" else "a[at] = derive_max(a[at], q[at]);"
                     lines += [f"std::vector<double> c_{v.name}({size}, {init});",
                               f"for (int64_t chunk = 0; chunk < chunks; ++chunk) {{ double* const a = c_{v.name}.data(); "
                               f"const double* const q = part_{v.name}.data() + chunk*{size}; "
-                              f"for (int64_t at = 0; at < {size}; ++at) {add} }}"]
+                              f"for (int64_t at = 0; at < {size}; ++at) {add_row} }}"]
                 else:
                     lines += [f"double s_{v.name} = {init};",
                               f"for (int64_t chunk = 0; chunk < chunks; ++chunk) {{ const double q = part_{v.name}[chunk]; "
@@ -499,18 +499,14 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                 body.append(f"({next(it)}).store(o_{tensor} + row*{cols_size} + col, cnt);")
             after = [line for step in lp.after for line in row_step(step, names, sp_)]
             loops.append(dict(setup=setup, body=body, after=after, index=p))
-        for v in [x for lp in sweep.loops for x in lp.col_reductions]:
-            partials.append(f"std::vector<double>& part_{v.name} = derive_scratch({len(slots)}, "
-                            f"chunks*{numel(v.layout, frame)}, {'0.0' if v.reduce == 'sum' else '-INFINITY'});")
-            slots.append(v.name)
         steps = sweep.start + [s for lp in sweep.loops for s in lp.after]
-        for step in steps:
-            if step.kind == "accumulate":
-                size = numel(step.value.layout, frame)
-                partials.append(f"std::vector<double>& part_{step.value.name} = derive_scratch({len(slots)}, "
-                                f"{'chunks' if size == '1' else f'chunks*{size}'}, "
-                                f"{'0.0' if step.value.reduce == 'sum' else '-INFINITY'});")
-                slots.append(step.value.name)
+        accumulated = [x for lp in sweep.loops for x in lp.col_reductions] + \
+                      [step.value for step in steps if step.kind == "accumulate"]
+        for v in accumulated:
+            size = numel(v.layout, frame)
+            partials.append(f"std::vector<double>& part_{v.name} = derive_scratch({len(slots)}, "
+                            f"{'chunks' if size == '1' else f'chunks*{size}'}, {'0.0' if v.reduce == 'sum' else '-INFINITY'});")
+            slots.append(v.name)
         start = split_row(frame) + [line for step in sweep.start for line in row_step(step, names, sp_)]
         local, (start, *parts) = _localized([start] + [lp[key] for lp in loops for key in ("setup", "body", "after")])
         for lp in loops:

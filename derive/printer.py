@@ -500,16 +500,23 @@ class KernelPrinter(TorchPrinter):
                 continue
             rest = list(factors)
             rest.remove(f)
-            numbers = [r for r in rest if r.is_number]
-            g = sp.Mul(*[r for r in rest if not r.is_number])
-            if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
-                continue  # no tensor to pass it: a number times 1 - y**2
-            code = f"torch.ops.aten.tanh_backward({self._print(g)}, {self._print(y)})"
-            coefficient = sign * sp.Mul(*numbers)
-            if coefficient == -1:
-                return f"-{code}"
-            return code if coefficient == 1 else self._scaled(code, [coefficient])
+            code = self._kernel_of_gradient(rest, lambda g: f"torch.ops.aten.tanh_backward({g}, {self._print(y)})", sign)
+            if code is not None:  # else no tensor to pass it: a number times 1 - y**2
+                return code
         return None
+
+    def _kernel_of_gradient(self, factors: list, call, sign=1) -> str | None:
+        """``call(g)`` for the product ``g`` of the tensor ``factors``, times the number ones (and
+        ``sign``): a one-pass kernel of torch's applied to the upstream gradient. None when no factor
+        is a tensor (the kernel needs one to pass)."""
+        g = sp.Mul(*[r for r in factors if not r.is_number])
+        if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
+            return None
+        code = call(self._print(g))
+        coefficient = sign * sp.Mul(*[r for r in factors if r.is_number])
+        if coefficient == -1:
+            return f"-{code}"
+        return code if coefficient == 1 else self._scaled(code, [coefficient])
 
     def _softplus_backward(self, expr) -> str | None:
         """``g*sigmoid(z)``, the chain rule through ``F.softplus(z)``, with ``g`` a tensor: printed as
@@ -523,18 +530,13 @@ class KernelPrinter(TorchPrinter):
         sigmoids = [f for f in factors if isinstance(f, Sigmoid)]
         if not sigmoids:
             return None
-        rest = [f for f in factors if not isinstance(f, Sigmoid)]
-        numbers = [r for r in rest if r.is_number]
-        g = sp.Mul(*[r for r in rest if not r.is_number])
-        if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
-            return None  # no tensor to pass it
-        code = self._print(g)
-        for sigmoid in sigmoids:  # softplus of softplus: one kernel per link of the chain
-            code = f"torch.ops.aten.softplus_backward({code}, {self._print(sigmoid.args[0])}, 1, 20)"
-        coefficient = sp.Mul(*numbers)
-        if coefficient == -1:
-            return f"-{code}"
-        return code if coefficient == 1 else self._scaled(code, [coefficient])
+
+        def call(code):
+            for sigmoid in sigmoids:  # softplus of softplus: one kernel per link of the chain
+                code = f"torch.ops.aten.softplus_backward({code}, {self._print(sigmoid.args[0])}, 1, 20)"
+            return code
+
+        return self._kernel_of_gradient([f for f in factors if not isinstance(f, Sigmoid)], call)
 
     def _print_Mul(self, expr):
         softmax = self._softmax_backward(expr)
