@@ -12,7 +12,7 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.pytorch import TorchPrinter
 
-from .backends import number_text
+from .backends import CodeOps, number_text
 from .errors import DerivationError
 from .functions import Sigmoid
 from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, extent
@@ -500,7 +500,7 @@ class KernelPrinter(TorchPrinter):
                 continue
             rest = list(factors)
             rest.remove(f)
-            code = self._kernel_of_gradient(rest, lambda g: f"torch.ops.aten.tanh_backward({g}, {self._print(y)})", sign)
+            code = self._kernel_of_gradient(rest, lambda g: CodeOps.KERNELS["tanh"].format(grad=g, saved=self._print(y)), sign)
             if code is not None:  # else no tensor to pass it: a number times 1 - y**2
                 return code
         return None
@@ -533,7 +533,7 @@ class KernelPrinter(TorchPrinter):
 
         def call(code):
             for sigmoid in sigmoids:  # softplus of softplus: one kernel per link of the chain
-                code = f"torch.ops.aten.softplus_backward({code}, {self._print(sigmoid.args[0])}, 1, 20)"
+                code = CodeOps.KERNELS["softplus"].format(grad=code, saved=self._print(sigmoid.args[0]))
             return code
 
         return self._kernel_of_gradient([f for f in factors if not isinstance(f, Sigmoid)], call)
