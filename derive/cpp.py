@@ -129,6 +129,8 @@ class ScalarPrinter(C99CodePrinter):
 class VectorPrinter(ScalarPrinter):
     """An element map on ``Vec`` (``at::vec::Vectorized<scalar_t>``), at columns ``col .. col + cnt``."""
 
+    ZERO, ONE = "Vec(scalar_t(0))", "Vec(scalar_t(1))"
+
     def _vec(self, text: str) -> str:
         return f"Vec(static_cast<scalar_t>({text}))"
 
@@ -173,22 +175,54 @@ class VectorPrinter(ScalarPrinter):
 
     def _print_sign(self, e):
         a = self._print(e.args[0])
-        return f"(({a}).gt(Vec(scalar_t(0))) - ({a}).lt(Vec(scalar_t(0))))"
+        return f"(({a}).gt({self.ZERO}) - ({a}).lt({self.ZERO}))"
 
     def _print_Step(self, e):
-        return f"({self._print(e.args[0])}).gt(Vec(scalar_t(0)))"
+        return f"({self._print(e.args[0])}).gt({self.ZERO})"
 
     def _print_Relu(self, e):
-        return f"at::vec::clamp_min({self._print(e.args[0])}, Vec(scalar_t(0)))"
+        return f"at::vec::clamp_min({self._print(e.args[0])}, {self.ZERO})"
 
     def _print_Sigmoid(self, e):
-        return f"(Vec(scalar_t(1)) / (Vec(scalar_t(1)) + ({self._print(e.args[0])}).neg().exp()))"
+        return f"({self.ONE} / ({self.ONE} + ({self._print(e.args[0])}).neg().exp()))"
 
     def _print_Softplus(self, e):
         return f"derive_softplus_vec({self._print(e.args[0])})"
 
     def _print_KroneckerDelta(self, e):
         raise ValueError("a Kronecker delta in an element map")  # the plan hoists or fixes them up
+
+class WidePrinter(VectorPrinter):
+    """The body of a sum kept in double precision (``Value.wide``, a shifted sum): half ``h`` of a
+    vector of ``scalar_t`` as ``DVec`` lanes, ``m`` of them in the row; per-column values read from
+    their double arrays, not rounded to the kernel's dtype."""
+
+    ZERO, ONE = "DVec(0.0)", "DVec(1.0)"
+
+    def _vec(self, text: str) -> str:
+        return f"DVec({text})"
+
+    def _print_Symbol(self, s):
+        names, program = self.names, self.names.program
+        if s.name in names.sizes or s.name in names.constants:
+            return self._vec(names.scalar(s.name, "col"))
+        v = names.values[s.name]
+        if v.layout == program.full:
+            raise ValueError(f"{s.name}: a full-size value in a body kept in double (inlined by the plan)")
+        if program.col <= v.layout:
+            return f"DVec::loadu(c_{s.name}.data() + {names.flat(v.layout, 'col')} + h*DVec::size(), m)"
+        return self._vec(names.scalar(s.name, "col"))
+
+    def _print_Indexed(self, e):
+        offset, moves = self.names.offset(e, ScalarPrinter(self.names), "col")
+        if moves:
+            return f"derive_half(Vec::loadu(p_{e.base} + {offset}, cnt), h)"
+        return self._vec(f"static_cast<double>(p_{e.base}[{offset}])")
+
+    def _print_Integer(self, e):
+        return self._vec(_literal(e))
+
+    _print_Rational = _print_Float = _print_Integer
 
 
 class Names:
@@ -475,7 +509,8 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                 setup.append(f"DoubleLanes<scalar_t> acc_{v.name};" if v.reduce == "sum"
                              else f"Vec acc_{v.name}(-std::numeric_limits<scalar_t>::infinity());")
             # full-size values are inlined, and cse shares what they have in common
-            exprs = [_inline_full(v.expr, vals, program.full) for v in lp.row_reductions + lp.col_reductions] + \
+            narrow = [v for v in lp.col_reductions if not v.wide]
+            exprs = [_inline_full(v.expr, vals, program.full) for v in lp.row_reductions + narrow] + \
                     [_inline_full(vals[x].expr, vals, program.full) for _, x in lp.stores]
             temps, printed = _cse_lines(exprs, vp, f"e{p}")
             body += temps
@@ -488,8 +523,13 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                     body.append(f"acc_{v.name} = at::vec::maximum(acc_{v.name}, Vec::set("
                                 f"Vec(-std::numeric_limits<scalar_t>::infinity()), {text}, cnt));")
             for v in lp.col_reductions:
-                text = next(it)
                 q = f"part_{v.name}.data() + chunk*{numel(v.layout, frame)} + {names.flat(v.layout, 'col')}"
+                if v.wide:
+                    wide = WidePrinter(names)._print(_inline_full(v.expr, vals, program.full))
+                    body.append(f"derive_add_wide<scalar_t>({q}, cnt, [&](int64_t h, int64_t m) "
+                                f"__attribute__((always_inline)) {{ return {wide}; }});")
+                    continue
+                text = next(it)
                 if v.reduce == "sum":
                     body.append(f"derive_add_to({q}, {text}, cnt);")
                 else:

@@ -30,16 +30,19 @@ reduction is a value too, with the axis it sums (or maximises) and its body. The
 * **saved values, by cost**: the forward saves every per-row and per-column value the backward
   reads (a few bytes); a full-size value is recomputed in the backward from the inputs and those
   when that costs less than writing and reading it again (``recompute``).
-* **statistics in double**: every sum is accumulated in double precision, whatever the dtype; the
-  variance is the spec's own two passes (the mean, then the squared deviations), never
-  ``E[x^2] - E[x]^2``: the plan computes exactly the closed form, so the proof covers it.
+* **statistics in double**: every sum is accumulated in double precision, whatever the dtype, and
+  never as ``E[x^2] - E[x]^2``. A sum over the rows of a polynomial in per-column values of the
+  sweep before (the squared deviations from the mean) is taken in that sweep as sums shifted by
+  each column's first row, their bodies evaluated in double (``_shifted``): batchnorm's forward is
+  two sweeps over ``x``, not three. The rewrite is a Taylor expansion, exact for a polynomial and
+  checked by ``expand`` before it is used; everything else computes the closed form as it is.
 
 ``lower(kernel)`` returns a ``Plan`` or raises ``NotLowered`` with the reason (a layer the plan
 cannot lower keeps its eager kernel, and the generate report says why).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
@@ -85,6 +88,8 @@ class Value:
     reduce: str = ""  # "sum" or "max" for a reduction over ``axis``
     axis: int = -1
     time: tuple = (0, 0)  # (sweep, loop) from which it is known
+    wide: bool = False  # a sum whose body is evaluated in double precision (a shifted sum)
+    shifted: sp.Expr | None = None  # for a value taken from shifted sums: the body of the sum it replaces
 
     @property
     def symbol(self) -> sp.Symbol:
@@ -169,6 +174,11 @@ class Program:
             combined = [step[1].name for step in sweep.before if step[0] == "combine"]
             if combined:
                 lines.append(f"after sweep {k}: the partial sums of each chunk of rows added up: {', '.join(combined)}")
+            for step in sweep.before:
+                v = step[-1]
+                if step[0] == "value" and v.shifted is not None:
+                    lines.append(f"then {v.name} = sum over rows of {_text(v.shifted)}, from those sums "
+                                 f"(shifted by each column's first row: no sweep of its own)")
             for p, loop in enumerate(sweep.loops):
                 parts = []
                 if loop.row_reductions:
@@ -195,7 +205,15 @@ def _describe(v: Value, program: "Program") -> str:
         over = "columns" if v.axis == 1 else "rows"
     else:
         over = f"{program.frame[v.axis]}" + (" (the columns)" if v.axis == program.ndim - 1 else "")
-    return f"{v.name} = {'max' if v.reduce == 'max' else 'sum'} over {over} of {_text(v.expr)}"
+    expr = v.expr
+    if v.wide:  # a shifted sum: its per-column shift spelled out down to the inputs (``x[0]``)
+        for _ in range(10):
+            inner = {sp.Symbol(n): program.values[n].expr for n in _reads(expr, set(program.values))
+                     if not program.values[n].reduce and 0 not in program.values[n].layout}
+            if not inner:
+                break
+            expr = expr.xreplace(inner)
+    return f"{v.name} = {'max' if v.reduce == 'max' else 'sum'} over {over} of {_text(expr)}"
 
 
 def _text(expr: sp.Expr) -> str:
@@ -203,7 +221,8 @@ def _text(expr: sp.Expr) -> str:
     for a label's pick."""
     def plain(e):
         picks = [i for i in e.indices if isinstance(i, sp.Indexed)]
-        return sp.Symbol(f"{e.base}[{picks[0].base}]" if picks else str(e.base))
+        first = any(i == 0 for i in e.indices) and len(e.indices) > 1
+        return sp.Symbol(f"{e.base}[{picks[0].base}]" if picks else f"{e.base}[0]" if first else str(e.base))
 
     return sp.sstr(expr.replace(lambda e: isinstance(e, sp.Indexed), plain))
 
@@ -551,10 +570,11 @@ def _program(name: str, b: _Builder, inputs: list, scalars: list, outputs: list)
             stack.extend(_reads(b.values[n].expr, set(b.values)))
     vals = {k: b.values[k] for k in _topological({k: v for k, v in b.values.items() if k in needed})}
     # split full-size expressions by layout: per-column and per-row parts computed once
+    vals = _shifted(vals, b)
     hoister = _Hoister(b, vals, {t.name for t in inputs if t.double})
     for k, v in list(vals.items()):
         if v.layout == FULL or (v.reduce and b.layout(v.expr) == FULL):
-            vals[k] = Value(v.name, v.layout, hoister.hoist(v.expr), v.reduce, v.axis)
+            vals[k] = replace(v, expr=hoister.hoist(v.expr))
     merged = {**vals, **hoister.new}
     vals = {k: merged[k] for k in _topological(merged)}
     # label fix-ups: a full-size output with a delta of its column and a label
@@ -566,12 +586,154 @@ def _program(name: str, b: _Builder, inputs: list, scalars: list, outputs: list)
             label = next(a for a in deltas[0].args if isinstance(a, sp.Indexed))
             at_label = _inline_full(v.expr, vals, FULL).xreplace({d: 1 for d in deltas})
             fixups[vname] = (at_label.xreplace({col_i: label}), label)
-            vals[vname] = Value(v.name, v.layout, v.expr.xreplace({d: 0 for d in deltas}), v.reduce, v.axis)
+            vals[vname] = replace(v, expr=v.expr.xreplace({d: 0 for d in deltas}))
     for v in vals.values():
         if _label_deltas(v.expr, col_i) and v.name not in fixups:
             raise NotLowered("a one-hot of the labels inside a value that is not written out")
     _times(vals, b)
     return _schedule(name, b, inputs, scalars, outputs, vals, fixups)
+
+
+def _shifted(vals: dict, b: _Builder) -> dict:
+    """Sums over the rows of a polynomial in per-column values of the sweep before, taken in that
+    sweep as shifted sums (the forward's variance: one sweep over ``x`` instead of two).
+
+    ``sum_n (x - m)**2`` with ``m = sum_n x / n`` needs ``m`` first, so a sweep of its own. Written
+    around a shift ``m0`` known before the sweep (each sum in ``m`` estimated from the first row
+    alone: ``m0 = x[0]``), the body is a polynomial in ``d = m - m0`` whose coefficients are its
+    derivatives at ``m0`` (Taylor, exact for a polynomial): ``sum_n (x - m0)**2 - 2*d*sum_n (x - m0)
+    + n*d**2``. Each coefficient is summed in the earlier sweep (in double precision, ``wide``), or
+    read off a sum that sweep takes already (``sum_n 2*(x - m0) = 2*sum_x - 2*n*m0``), or is ``n``
+    times a value that does not vary down the rows. Nothing cancels more than the deviation of the
+    first row from the mean (in double precision), never ``E[x**2] - E[x]**2``. The identity is
+    checked symbolically (``expand``) before it is used; a body that is not a polynomial in those
+    values, or a frame of more than two axes, keeps its sweep."""
+    if len(b.frame_index) != 2:
+        return vals
+    _times(vals, b)
+    axis = 0
+    row_index = b.frame_index[axis]
+    count = extent(row_index)
+    out = dict(vals)
+    for name, v in vals.items():
+        if v.reduce != "sum" or v.axis != axis or b.layout(v.expr) != b.full:
+            continue
+        sweep = _body_time(v, vals)[0]
+        if sweep < 1:
+            continue
+        body = _inline_full(v.expr, vals, b.full)
+        reads = _reads(body, set(vals))
+        late = sorted(n for n in reads if vals[n].time[0] >= sweep)
+        if not late or any(axis in vals[n].layout for n in late):
+            continue
+        try:
+            degree = sp.Poly(body, *[sp.Symbol(n) for n in late]).total_degree()
+        except sp.PolynomialError:
+            continue
+        if degree > 2:
+            continue
+        shifts = {}
+        for n in late:
+            estimate = _first_row(sp.Symbol(n), vals, b, sweep, row_index, count)
+            if estimate is None:
+                break
+            shifts[n] = estimate
+        else:
+            rewritten = _shifted_sum(name, body, shifts, vals, b, sweep, count, out)
+            if rewritten is not None:
+                out[name] = Value(name, v.layout, rewritten, shifted=v.expr)
+    return {k: out[k] for k in _topological(out)}
+
+
+def _first_row(expr: sp.Expr, vals: dict, b: _Builder, sweep: int, row_index, count) -> sp.Expr | None:
+    """``expr`` estimated from the first row alone: each sum over the rows as ``count`` times its
+    body at row 0, each maximum as its body there. None when it reads a value it cannot place
+    before the sweep (a per-row one, or one of the sweep itself)."""
+    def at_first(e):
+        for n in sorted(_reads(e, set(vals))):
+            w = vals[n]
+            if w.reduce:  # a sum over the rows: count times its body at row 0; a maximum: its body there
+                if w.axis != 0:
+                    return None
+                inner = at_first(_inline_full(w.expr, vals, b.full).xreplace({row_index: 0}))
+                estimate = None if inner is None else count*inner if w.reduce == "sum" else inner
+            elif w.layout == b.full:
+                estimate = at_first(w.expr.xreplace({row_index: 0}))
+            elif 0 in w.layout:  # a per-row value: not known before the sweep
+                return None
+            elif w.time[0] >= sweep:  # a per-column value of the sums: estimated from its definition
+                estimate = at_first(w.expr)
+            else:
+                continue
+            if estimate is None:
+                return None
+            e = e.xreplace({sp.Symbol(n): estimate})
+        return e.xreplace({row_index: 0})
+
+    return at_first(expr)
+
+
+def _shifted_sum(name: str, body: sp.Expr, shifts: dict, vals: dict, b: _Builder, sweep: int, count,
+                 out: dict) -> sp.Expr | None:
+    """The finalize expression of ``sum_rows body`` from shifted sums (``_shifted``); the new values
+    (the shifts, the sums) go into ``out``. None when the identity does not check."""
+    import itertools
+    import math
+
+    late = [sp.Symbol(n) for n in shifts]
+    shift_symbols = {}
+    for n, estimate in shifts.items():
+        first = f"first_{n}"
+        while first in b.values or first in b.tensors:
+            first += "_"
+        value = Value(first, b.layout(estimate), estimate)
+        b.values[first] = value
+        out[first] = value
+        shift_symbols[n] = sp.Symbol(first)
+    at_shift = {s: shift_symbols[s.name] for s in late}
+    same_sweep = [w for w in vals.values() if w.reduce == "sum" and w.axis == 0 and not w.wide
+                  and _body_time(w, vals)[0] == sweep - 1 and b.layout(w.expr) == b.full]
+    total, check = sp.S.Zero, sp.S.Zero
+    degree = sp.Poly(body, *late).total_degree()
+    for powers in itertools.product(range(degree + 1), repeat=len(late)):
+        if sum(powers) > degree:
+            continue
+        coefficient = body
+        for s, k in zip(late, powers):
+            coefficient = sp.diff(coefficient, s, k)
+        coefficient = coefficient.xreplace(at_shift) / math.prod(math.factorial(k) for k in powers)
+        if coefficient == 0:
+            continue
+        monomial = sp.Mul(*[(s - at_shift[s])**k for s, k in zip(late, powers)])
+        check += coefficient*monomial
+        total += _summed(name, coefficient, same_sweep, vals, b, count, out)*monomial
+    if sp.expand(check - body) != 0:
+        return None
+    return total
+
+
+def _summed(name: str, body: sp.Expr, same_sweep: list, vals: dict, b: _Builder, count, out: dict) -> sp.Expr:
+    """``sum_rows body``: ``count*body`` when it does not vary down the rows, else read off a sum the
+    sweep takes already when affine in its body, else a new sum in double precision."""
+    if 0 not in b.layout(body):
+        return count*body
+    t = sp.Dummy("t")
+    for w in same_sweep:
+        inner = _inline_full(w.expr, vals, b.full)
+        affine = body.xreplace({inner: t})
+        if t not in affine.free_symbols:
+            continue
+        slope, offset = sp.diff(affine, t), affine.xreplace({t: 0})
+        if t not in slope.free_symbols and 0 not in b.layout(slope) | b.layout(offset):
+            return slope*sp.Symbol(w.name) + count*offset
+    stem = f"shifted_{name}"
+    new = stem
+    while new in b.values or new in b.tensors:
+        new += "_"
+    value = Value(new, b.layout(body) - {0}, body, "sum", 0, wide=True)
+    b.values[new] = value
+    out[new] = value
+    return sp.Symbol(new)
 
 
 def _topological(values: dict) -> list:

@@ -131,6 +131,17 @@ class VectorPrinter(_Base):
         return f"tl.where(({a}) > 20.0, {a}, _log1p(_exp({a}, DEVICE_MATH), DEVICE_MATH))"
 
 
+class WidePrinter(VectorPrinter):
+    """The body of a sum kept in float64 (``Value.wide``, a shifted sum): loads widened before any
+    arithmetic, per-column values read as the float64 they are stored in."""
+
+    def _print_Symbol(self, s):
+        return self.names.vector(s.name, "tl.float64")
+
+    def _print_Indexed(self, e):
+        return f"{self.names.vector_load(e)}.to(tl.float64)"
+
+
 class RowPrinter(VectorPrinter):
     """Per-row values: float64 scalars in the kernel."""
 
@@ -234,17 +245,17 @@ class Names:
             return f"tl.load(cv_{name} + {self.flat(v.layout, col)})"
         raise ValueError(f"{name} is a full-size value read outside a loop")
 
-    def vector(self, name: str) -> str:
+    def vector(self, name: str, dtype: str = "DT") -> str:
         if name in self.sizes:
-            return f"tl.cast({self.sizes[name]}, DT)"
+            return f"tl.cast({self.sizes[name]}, {dtype})"
         if name in self.constants:
             return self.constants[name]
         v = self.values[name]
         if v.layout == self.program.full:
             return f"v_{name}"
         if self.program.col <= v.layout:
-            return f"tl.load(cv_{name} + {self.flat(v.layout, 'cols')}, mask=mask, other=0.0).to(DT)"
-        return f"({self.scalar(name, 'cols')}).to(DT)"
+            return f"tl.load(cv_{name} + {self.flat(v.layout, 'cols')}, mask=mask, other=0.0).to({dtype})"
+        return f"({self.scalar(name, 'cols')}).to({dtype})"
 
     def offset(self, e: sp.Indexed, printer, col: str) -> tuple[str, bool]:
         tensor = self.tensors[str(e.base)]
@@ -291,9 +302,15 @@ class Names:
         layout = frozenset(k for k, i in enumerate(self.frame) if i in e.free_symbols)
         if any(isinstance(i, sp.Indexed) for i in e.indices) or self.program.row <= layout:
             raise ValueError(f"{e} read in a finalize step")
+        base = f"p_{e.base}"
+        dims = list(self.tensors[str(e.base)].shape)
+        if any(i == 0 and d != "1" for d, i in zip(dims, e.indices)):  # its first entry along an axis
+            sizes = ", ".join("1" if d == "1" else f"sz_{self.kernel.graph.sizes[d]}" for d in dims)
+            picks = ", ".join("0:1" if i == 0 and d != "1" else ":" for d, i in zip(dims, e.indices))
+            base = f"{base}.reshape({sizes})[{picks}]"
         if layout == self.program.col:
-            return f"p_{e.base}.reshape(-1)"
-        return f"p_{e.base}.reshape({self.shape(layout)})"
+            return f"{base}.reshape(-1)"
+        return f"{base}.reshape({self.shape(layout)})"
 
 
 def _cse(exprs: list, printer: VectorPrinter, prefix: str) -> tuple[list[str], list[str]]:
@@ -377,7 +394,8 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             for v in lp.row_reductions:
                 setup.append(f"acc_{v.name} = tl.zeros([BLOCK], dtype=tl.float64)" if v.reduce == "sum"
                              else f"acc_{v.name} = tl.full([BLOCK], float('-inf'), dtype=DT)")
-            exprs = [_inline_full(v.expr, vals, program.full) for v in lp.row_reductions + lp.col_reductions] + \
+            narrow = [v for v in lp.col_reductions if not v.wide]
+            exprs = [_inline_full(v.expr, vals, program.full) for v in lp.row_reductions + narrow] + \
                     [_inline_full(vals[x].expr, vals, program.full) for _, x in lp.stores]
             temps, printed = _cse(exprs, vp, f"e{p}")
             body += temps
@@ -390,7 +408,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                     body.append(f"acc_{v.name} = tl.maximum(acc_{v.name}, tl.where(mask, {text}, float('-inf')), "
                                 f"propagate_nan=tl.PropagateNan.ALL)")
             for v in lp.col_reductions:
-                text = next(it)
+                text = WidePrinter(names)._print(_inline_full(v.expr, vals, program.full)) if v.wide else next(it)
                 q = f"part_{v.name} + chunk*{numel(v.layout, plan.frame)} + {names.flat(v.layout, 'cols')}"
                 if v.reduce == "sum":
                     body.append(f"tl.store({q}, tl.load({q}, mask=mask, other=0.0) + ({text}).to(tl.float64), mask=mask)")

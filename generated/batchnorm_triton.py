@@ -2,19 +2,20 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate --backend triton
 # inputs-hash: 5320df06bb09ad62585f3a31cd459bab1bd3d300ba41b9ff58cbcb46e150bd53
-# content-hash: 6d9a27f78e4935a9de1373424d744fcebdb8fe1fddafef9eb4d563e866fe4799
+# content-hash: 343908797d0faa26c4ed1aeb0ac0967aed97a6e3f96eb40ad7a51307cfc1ce80
 """``batchnorm``: Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 The fused kernel of ``batchnorm.py`` as Triton kernels, printed from its kernel plan (the same
 plan as the C++ kernel): the forward and the backward are each a few passes over memory:
 
     forward:
-        sweep 1, pass 1 over each row: accumulates per chunk sum_x = sum over rows of x
-        after sweep 1: the partial sums of each chunk of rows added up: sum_x
-        sweep 2, pass 1 over each row: accumulates per chunk sum_bndiff = sum over rows of
-          bndiff**2
-        after sweep 2: the partial sums of each chunk of rows added up: sum_bndiff
-        sweep 3, pass 1 over each row: writes out
+        sweep 1, pass 1 over each row: accumulates per chunk sum_x = sum over rows of x,
+          shifted_sum_bndiff = sum over rows of (x - x[0])**2
+        after sweep 1: the partial sums of each chunk of rows added up: sum_x,
+          shifted_sum_bndiff
+        then sum_bndiff = sum over rows of bndiff**2, from those sums (shifted by each
+          column's first row: no sweep of its own)
+        sweep 2, pass 1 over each row: writes out
     backward:
         sweep 1, pass 1 over each row: accumulates per chunk sum_bnraw_dout = sum over
           rows of bnraw*dout, sum_dout = sum over rows of dout
@@ -111,7 +112,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _batchnorm_forward_sweep0(p_x, part_sum_x, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _batchnorm_forward_sweep0(cv_fc2, p_x, part_shifted_sum_bndiff, part_sum_x, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
@@ -121,23 +122,11 @@ if triton is not None:
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_d
                 tl.store(part_sum_x + chunk*sz_d + cols, tl.load(part_sum_x + chunk*sz_d + cols, mask=mask, other=0.0) + (tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)).to(tl.float64), mask=mask)
+                tl.store(part_shifted_sum_bndiff + chunk*sz_d + cols, tl.load(part_shifted_sum_bndiff + chunk*sz_d + cols, mask=mask, other=0.0) + (((tl.load(cv_fc2 + cols, mask=mask, other=0.0).to(tl.float64) + tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0).to(tl.float64))*(tl.load(cv_fc2 + cols, mask=mask, other=0.0).to(tl.float64) + tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0).to(tl.float64)))).to(tl.float64), mask=mask)
 
 
     @triton.jit
-    def _batchnorm_forward_sweep1(cv_fc1, p_x, part_sum_bndiff, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
-        chunk = tl.program_id(0)
-        row_begin = chunk * rows_per_chunk
-        row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
-        for row in range(row_begin, row_end):
-            # pass 1 over the row
-            for col0 in range(0, sz_d, BLOCK):
-                cols = col0 + tl.arange(0, BLOCK)
-                mask = cols < sz_d
-                tl.store(part_sum_bndiff + chunk*sz_d + cols, tl.load(part_sum_bndiff + chunk*sz_d + cols, mask=mask, other=0.0) + (((tl.load(cv_fc1 + cols, mask=mask, other=0.0).to(DT) + tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0))*(tl.load(cv_fc1 + cols, mask=mask, other=0.0).to(DT) + tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)))).to(tl.float64), mask=mask)
-
-
-    @triton.jit
-    def _batchnorm_forward_sweep2(cv_bnvar_inv, cv_fc1, o_out, p_beta, p_gamma, p_x, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _batchnorm_forward_sweep1(cv_bnvar_inv, cv_fc1, o_out, p_beta, p_gamma, p_x, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
@@ -177,9 +166,8 @@ if triton is not None:
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
-    "_batchnorm_forward_sweep0": {'p_x': '*fp32', 'part_sum_x': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
-    "_batchnorm_forward_sweep1": {'cv_fc1': '*fp64', 'p_x': '*fp32', 'part_sum_bndiff': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
-    "_batchnorm_forward_sweep2": {'cv_bnvar_inv': '*fp64', 'cv_fc1': '*fp64', 'o_out': '*fp32', 'p_beta': '*fp32', 'p_gamma': '*fp32', 'p_x': '*fp32', 'sz_d': 'i32', 'sz_n': 'i32'},
+    "_batchnorm_forward_sweep0": {'cv_fc2': '*fp64', 'p_x': '*fp32', 'part_shifted_sum_bndiff': '*fp64', 'part_sum_x': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
+    "_batchnorm_forward_sweep1": {'cv_bnvar_inv': '*fp64', 'cv_fc1': '*fp64', 'o_out': '*fp32', 'p_beta': '*fp32', 'p_gamma': '*fp32', 'p_x': '*fp32', 'sz_d': 'i32', 'sz_n': 'i32'},
     "_batchnorm_backward_sweep0": {'cv_bc1': '*fp64', 'cv_bc2': '*fp64', 'p_dout': '*fp32', 'p_x': '*fp32', 'part_sum_bnraw_dout': '*fp64', 'part_sum_dout': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
     "_batchnorm_backward_sweep1": {'cv_bc1': '*fp64', 'cv_bc2': '*fp64', 'cv_bc5': '*fp64', 'cv_sum_bnraw_dout': '*fp64', 'cv_sum_dout': '*fp64', 'o_dx': '*fp32', 'p_dout': '*fp32', 'p_x': '*fp32', 'ps_bs3': '*fp64', 'ps_bs4': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
 }
@@ -196,27 +184,25 @@ def _batchnorm_forward(p_x, p_gamma, p_beta, k_eps, sz_n, sz_d):
     o_bnvar_inv = torch.empty(sz_d, dtype=torch.float64, device=device)
     o_sum_x = torch.empty(sz_d, dtype=torch.float64, device=device)
     # sweep 1
+    cv_first_sum_x = torch.as_tensor(float(sz_n)*p_x.reshape(sz_n, sz_d)[0:1, :].reshape(-1).double(), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
+    cv_fc2 = torch.as_tensor(-cv_first_sum_x/float(sz_n), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     chunks = min(sz_n, 256)
     rows_per_chunk = -(-sz_n // chunks)
     part_sum_x = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
-    _batchnorm_forward_sweep0[(chunks,)](p_x, part_sum_x, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    part_shifted_sum_bndiff = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
+    _batchnorm_forward_sweep0[(chunks,)](cv_fc2, p_x, part_shifted_sum_bndiff, part_sum_x, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     # sweep 2
     cv_sum_x = part_sum_x.sum(0)
     o_sum_x.copy_(cv_sum_x.reshape(-1).expand_as(o_sum_x))
     cv_fc1 = torch.as_tensor(-cv_sum_x/float(sz_n), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
-    chunks = min(sz_n, 256)
-    rows_per_chunk = -(-sz_n // chunks)
-    part_sum_bndiff = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
-    _batchnorm_forward_sweep1[(chunks,)](cv_fc1, p_x, part_sum_bndiff, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
-                                                      num_warps=8 if BLOCK >= 1024 else 4)
-    # sweep 3
-    cv_sum_bndiff = part_sum_bndiff.sum(0)
+    cv_shifted_sum_bndiff = part_shifted_sum_bndiff.sum(0)
+    cv_sum_bndiff = torch.as_tensor(cv_shifted_sum_bndiff + (((-cv_first_sum_x) + cv_sum_x)*((-cv_first_sum_x) + cv_sum_x))/float(sz_n) + ((-cv_first_sum_x) + cv_sum_x)*(2.0*cv_first_sum_x/float(sz_n) - 2.0*cv_sum_x/float(sz_n)), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     cv_bnvar_inv = torch.as_tensor((1.0/torch.sqrt(torch.as_tensor(k_eps + cv_sum_bndiff/(float(sz_n) - 1.0), dtype=torch.float64))), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     o_bnvar_inv.copy_(cv_bnvar_inv.reshape(-1).expand_as(o_bnvar_inv))
     chunks = max(1, sz_n)
     rows_per_chunk = -(-sz_n // chunks)
-    _batchnorm_forward_sweep2[(chunks,)](cv_bnvar_inv, cv_fc1, o_out, p_beta, p_gamma, p_x, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _batchnorm_forward_sweep1[(chunks,)](cv_bnvar_inv, cv_fc1, o_out, p_beta, p_gamma, p_x, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     return [o_out, o_bnvar_inv, o_sum_x]
 

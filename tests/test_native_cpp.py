@@ -43,13 +43,18 @@ def test_cpp_kernel_passes_the_battery(layer):
 
 
 def test_the_plan_of_batchnorm_and_cross_entropy():
-    """Batchnorm: the column statistics take a sweep each (the mean, then the squared deviations,
-    never E[x^2] - E[x]^2), per-column values are saved and the normalized values recomputed.
+    """Batchnorm: the column statistics take one sweep (the mean, and the squared deviations as a
+    sum shifted by each column's first row, in double: never E[x^2] - E[x]^2), per-column values
+    are saved and the normalized values recomputed.
     Cross-entropy: one sweep, two passes over each row, nothing full-size saved, and the label's
     column written by a per-row fix-up."""
     by_name = {layer.name: layer for layer in FUSED}
     bn = lower(build_cached(by_name["batchnorm_biased"]))
-    assert len(bn.forward.sweeps) == 3 and len(bn.backward.sweeps) == 2
+    assert len(bn.forward.sweeps) == 2 and len(bn.backward.sweeps) == 2
+    [shifted] = [v for v in bn.forward.sweeps[0].loops[0].col_reductions if v.wide]
+    assert bn.forward.values["sum_bndiff"].shifted is not None and not bn.forward.values["sum_bndiff"].reduce
+    assert "then sum_bndiff = sum over rows of bndiff**2, from those sums" in " ".join(bn.forward.summary())
+    assert "(x - x[0])**2" in " ".join(bn.forward.summary()), shifted
     assert all(layout == COL for _, layout in bn.saved) and "bnraw" in bn.recomputed
     ce = lower(build_cached(by_name["cross_entropy"]))
     assert len(ce.forward.sweeps) == 1 and len(ce.forward.sweeps[0].loops) == 2
@@ -130,6 +135,27 @@ def test_partial_sums_kept_between_calls_start_afresh(name):
     again = run(fn, small)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(again, run(eager, small)))
+
+
+@pytest.mark.parametrize("name", ["batchnorm_biased", "batchnorm"])
+def test_the_shifted_variance_keeps_a_first_row_far_from_the_mean(name):
+    """The variance is summed around each column's first row in one sweep: with the first row 50
+    deviations off a mean of 1e4, float32 inputs, its deviations squared in float32 would lose four
+    digits to the shift (a sum of about n*2500 of which 1 is the variance); in double the inverse
+    deviation the forward saves is exact to double rounding. An outlier elsewhere is no different."""
+    generator = torch.Generator().manual_seed(0)
+    n, d = 257, 9
+    x = (1e4 + torch.randn(n, d, generator=generator, dtype=torch.float64)).float()
+    x[0] += 50.0
+    x[100, 3] -= 80.0
+    gamma, beta = torch.ones(d), torch.zeros(d)
+    module = cpp_module(name).native_module()
+    _, inv_std, _ = getattr(module, f"{name}_forward")(x, gamma, beta, 1e-5, n, d)
+    exact = x.double()
+    var = exact.var(0, unbiased=name == "batchnorm")
+    wanted = 1 / torch.sqrt(var + 1e-5)
+    assert inv_std.dtype == torch.float64
+    assert torch.allclose(inv_std, wanted, rtol=1e-10, atol=0)
 
 
 def test_the_loops_run_on_torchs_threads():
