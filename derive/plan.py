@@ -574,6 +574,7 @@ def _program(name: str, b: _Builder, inputs: list, scalars: list, outputs: list)
     hoister = _Hoister(b, vals, {t.name for t in inputs if t.double})
     for k, v in list(vals.items()):
         if v.layout == FULL or (v.reduce and b.layout(v.expr) == FULL):
+            hoister.flatten = not v.reduce  # a sum's body keeps the values it is described by
             vals[k] = replace(v, expr=hoister.hoist(v.expr))
     merged = {**vals, **hoister.new}
     vals = {k: merged[k] for k in _topological(merged)}
@@ -781,6 +782,7 @@ class _Hoister:
     def __init__(self, b: _Builder, vals: dict, doubles: set = frozenset()):
         self.b, self.vals, self.new = b, vals, {}
         self.doubles = doubles  # tensors of doubles: read into values of their own, never into a vector
+        self.flatten = True  # products read through full-size values they name (``factors``)
 
     def atomic(self, e) -> bool:
         return _atomic(e) and not any(str(i.base) in self.doubles for i in e.atoms(sp.Indexed))
@@ -808,6 +810,16 @@ class _Hoister:
         self.b.values[name] = self.new[name]
         return sp.Symbol(name)
 
+    def factors(self, e) -> list:
+        """The factors of ``e``, a full-size value that is a product read through its own (``bnraw``
+        of ``bnraw*gamma``): its per-column factors then join the others (``bnvar_inv*gamma``, one
+        value per column) rather than costing a multiply per element each."""
+        if self.flatten and isinstance(e, sp.Symbol) and e.name in self.vals:
+            v = self.vals[e.name]
+            if v.layout == self.b.full and not v.reduce and isinstance(v.expr, sp.Mul):
+                return [f for a in v.expr.args for f in self.factors(a)]
+        return [e]
+
     def hoist(self, e):
         if self.atomic(e) or not e.args:
             return e
@@ -816,9 +828,14 @@ class _Hoister:
         if isinstance(e, (sp.Add, sp.Mul)):
             groups: dict = {}
             names = {**self.vals, **self.new}
-            for a in e.args:  # functions of values are not summed with the values they would round away
+            args = [f for a in e.args for f in self.factors(a)] if isinstance(e, sp.Mul) else e.args
+            for a in args:  # functions of values are not summed with the values they would round away
                 key = (self.layout(a), isinstance(e, sp.Add) and computed(a, names))
                 groups.setdefault(key, []).append(a)
+            if isinstance(e, sp.Mul) and (SCALAR, False) in groups:  # a scalar factor joins a per-column
+                partner = next((k for k in ((self.b.col, False), (self.b.row, False)) if k in groups), None)
+                if partner is not None:  # or per-row one: one value, computed once
+                    groups[partner] += groups.pop((SCALAR, False))
             parts = []
             for (layout, _), args in groups.items():
                 if layout == self.b.full:

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate --backend triton
 # inputs-hash: f64f7520f1c385e72e9e6fa2971ace39051ab7fdd5d476be6cbb5484ddc4de97
-# content-hash: 1461cf9f7cbba43badcbe6077ef847823fd3ffa48155a1017865f9587c5bdd0d
+# content-hash: f3647765b347bf0e4561ab90f782d4958d5aab180c781ff6323dfb75ae58b4d2
 """``batchnorm3d``: Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 The fused kernel of ``batchnorm3d.py`` as Triton kernels, printed from its kernel plan (the same
@@ -150,7 +150,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _batchnorm3d_forward_sweep2(cv_fs1, cv_t7, o_out, p_beta, p_gamma, p_x, sz_c, sz_l, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _batchnorm3d_forward_sweep2(cv_fs1, cv_fs2, o_out, p_beta, p_x, sz_c, sz_l, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum((sz_n*sz_c), row_begin + rows_per_chunk)
@@ -161,7 +161,7 @@ if triton is not None:
             for col0 in range(0, sz_l, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_l
-                tl.store(o_out + row*sz_l + cols, ((tl.load(cv_t7 + a_c)).to(DT)*((tl.load(cv_fs1 + a_c)).to(DT) + tl.load(p_x + a_n*sz_c*sz_l + a_c*sz_l + cols, mask=mask, other=0.0))*tl.load(p_gamma + a_c).to(DT) + tl.load(p_beta + a_c).to(DT)).to(DT), mask=mask)
+                tl.store(o_out + row*sz_l + cols, ((tl.load(cv_fs2 + a_c)).to(DT)*((tl.load(cv_fs1 + a_c)).to(DT) + tl.load(p_x + a_n*sz_c*sz_l + a_c*sz_l + cols, mask=mask, other=0.0)) + tl.load(p_beta + a_c).to(DT)).to(DT), mask=mask)
 
 
     @triton.jit
@@ -187,7 +187,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _batchnorm3d_backward_sweep1(cv_bs1, cv_bs2, cv_bs5, cv_sum_sum_dout, cv_sum_sum_dout_xhat, o_dx, p_dout, p_x, ps_bs3, ps_bs4, sz_c, sz_l, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _batchnorm3d_backward_sweep1(cv_bs1, cv_bs4, cv_bs6, cv_sum_sum_dout, o_dx, p_dout, p_x, ps_bs3, ps_bs5, sz_c, sz_l, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum((sz_n*sz_c), row_begin + rows_per_chunk)
@@ -198,15 +198,15 @@ if triton is not None:
             for col0 in range(0, sz_l, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_l
-                tl.store(o_dx + row*sz_l + cols, ((tl.load(ps_bs3)).to(DT)*(tl.load(cv_bs5 + a_c)).to(DT)*((-(tl.load(cv_sum_sum_dout + a_c)).to(DT)) + (tl.load(ps_bs4)).to(DT)*tl.load(p_dout + a_n*sz_c*sz_l + a_c*sz_l + cols, mask=mask, other=0.0) - (tl.load(cv_bs2 + a_c)).to(DT)*(tl.load(cv_sum_sum_dout_xhat + a_c)).to(DT)*((tl.load(cv_bs1 + a_c)).to(DT) + tl.load(p_x + a_n*sz_c*sz_l + a_c*sz_l + cols, mask=mask, other=0.0)))).to(DT), mask=mask)
+                tl.store(o_dx + row*sz_l + cols, ((tl.load(ps_bs3)).to(DT)*(tl.load(cv_bs6 + a_c)).to(DT)*((-(tl.load(cv_sum_sum_dout + a_c)).to(DT)) - (tl.load(cv_bs4 + a_c)).to(DT)*((tl.load(cv_bs1 + a_c)).to(DT) + tl.load(p_x + a_n*sz_c*sz_l + a_c*sz_l + cols, mask=mask, other=0.0)) + (tl.load(ps_bs5)).to(DT)*tl.load(p_dout + a_n*sz_c*sz_l + a_c*sz_l + cols, mask=mask, other=0.0))).to(DT), mask=mask)
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
     "_batchnorm3d_forward_sweep0": {'p_x': '*fp32', 'part_sum_sum_x': '*fp64', 'sz_c': 'i32', 'sz_l': 'i32', 'sz_n': 'i32'},
     "_batchnorm3d_forward_sweep1": {'cv_fs1': '*fp64', 'p_x': '*fp32', 'part_sum_sum_xc': '*fp64', 'sz_c': 'i32', 'sz_l': 'i32', 'sz_n': 'i32'},
-    "_batchnorm3d_forward_sweep2": {'cv_fs1': '*fp64', 'cv_t7': '*fp64', 'o_out': '*fp32', 'p_beta': '*fp32', 'p_gamma': '*fp32', 'p_x': '*fp32', 'sz_c': 'i32', 'sz_l': 'i32', 'sz_n': 'i32'},
+    "_batchnorm3d_forward_sweep2": {'cv_fs1': '*fp64', 'cv_fs2': '*fp64', 'o_out': '*fp32', 'p_beta': '*fp32', 'p_x': '*fp32', 'sz_c': 'i32', 'sz_l': 'i32', 'sz_n': 'i32'},
     "_batchnorm3d_backward_sweep0": {'cv_bs1': '*fp64', 'cv_bs2': '*fp64', 'p_dout': '*fp32', 'p_x': '*fp32', 'part_sum_sum_dout': '*fp64', 'part_sum_sum_dout_xhat': '*fp64', 'sz_c': 'i32', 'sz_l': 'i32', 'sz_n': 'i32'},
-    "_batchnorm3d_backward_sweep1": {'cv_bs1': '*fp64', 'cv_bs2': '*fp64', 'cv_bs5': '*fp64', 'cv_sum_sum_dout': '*fp64', 'cv_sum_sum_dout_xhat': '*fp64', 'o_dx': '*fp32', 'p_dout': '*fp32', 'p_x': '*fp32', 'ps_bs3': '*fp64', 'ps_bs4': '*fp64', 'sz_c': 'i32', 'sz_l': 'i32', 'sz_n': 'i32'},
+    "_batchnorm3d_backward_sweep1": {'cv_bs1': '*fp64', 'cv_bs4': '*fp64', 'cv_bs6': '*fp64', 'cv_sum_sum_dout': '*fp64', 'o_dx': '*fp32', 'p_dout': '*fp32', 'p_x': '*fp32', 'ps_bs3': '*fp64', 'ps_bs5': '*fp64', 'sz_c': 'i32', 'sz_l': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -239,9 +239,10 @@ def _batchnorm3d_forward(p_x, p_gamma, p_beta, k_eps, sz_n, sz_c, sz_l):
     cv_sum_sum_xc = part_sum_sum_xc.sum(0)
     cv_t7 = torch.as_tensor((1.0/torch.sqrt(torch.as_tensor(k_eps + cv_sum_sum_xc.view(sz_c, 1)/(float(sz_l)*float(sz_n)), dtype=torch.float64))), dtype=torch.float64, device=device).expand(sz_c, 1).contiguous().reshape(-1)
     o_t7.copy_(cv_t7.view(sz_c, 1).reshape(-1).expand_as(o_t7))
+    cv_fs2 = torch.as_tensor(cv_t7.view(sz_c, 1)*p_gamma.reshape((sz_c, 1)).double(), dtype=torch.float64, device=device).expand(sz_c, 1).contiguous().reshape(-1)
     chunks = max(1, (sz_n*sz_c))
     rows_per_chunk = -(-(sz_n*sz_c) // chunks)
-    _batchnorm3d_forward_sweep2[(chunks,)](cv_fs1, cv_t7, o_out, p_beta, p_gamma, p_x, sz_c, sz_l, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _batchnorm3d_forward_sweep2[(chunks,)](cv_fs1, cv_fs2, o_out, p_beta, p_x, sz_c, sz_l, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     return [o_out, o_t7, o_sum_sum_x]
 
@@ -259,8 +260,8 @@ def _batchnorm3d_backward(p_dout, p_x, p_gamma, p_beta, p_t7, p_sum_sum_x, k_eps
     cv_bs1 = torch.as_tensor(-p_sum_sum_x.reshape((sz_c, 1)).double()/(float(sz_l)*float(sz_n)), dtype=torch.float64, device=device).expand(sz_c, 1).contiguous().reshape(-1)
     cv_bs2 = torch.as_tensor(p_t7.reshape((sz_c, 1)).double(), dtype=torch.float64, device=device).expand(sz_c, 1).contiguous().reshape(-1)
     ps_bs3 = torch.as_tensor(1.0/(float(sz_l)*float(sz_n)), dtype=torch.float64, device=device).reshape(())
-    ps_bs4 = torch.as_tensor(float(sz_l)*float(sz_n), dtype=torch.float64, device=device).reshape(())
-    cv_bs5 = torch.as_tensor(p_gamma.reshape((sz_c, 1)).double()*p_t7.reshape((sz_c, 1)).double(), dtype=torch.float64, device=device).expand(sz_c, 1).contiguous().reshape(-1)
+    ps_bs5 = torch.as_tensor(float(sz_l)*float(sz_n), dtype=torch.float64, device=device).reshape(())
+    cv_bs6 = torch.as_tensor(p_gamma.reshape((sz_c, 1)).double()*p_t7.reshape((sz_c, 1)).double(), dtype=torch.float64, device=device).expand(sz_c, 1).contiguous().reshape(-1)
     chunks = min((sz_n*sz_c), 256)
     rows_per_chunk = -(-(sz_n*sz_c) // chunks)
     part_sum_sum_dout = torch.full((chunks, sz_c), 0.0, dtype=torch.float64, device=device)
@@ -270,13 +271,14 @@ def _batchnorm3d_backward(p_dout, p_x, p_gamma, p_beta, p_t7, p_sum_sum_x, k_eps
     # sweep 2
     cv_sum_sum_dout = part_sum_sum_dout.sum(0)
     cv_sum_sum_dout_xhat = part_sum_sum_dout_xhat.sum(0)
+    cv_bs4 = torch.as_tensor(cv_bs2.view(sz_c, 1)*cv_sum_sum_dout_xhat.view(sz_c, 1), dtype=torch.float64, device=device).expand(sz_c, 1).contiguous().reshape(-1)
     cv_dgamma = torch.as_tensor(cv_sum_sum_dout_xhat.view(sz_c, 1), dtype=torch.float64, device=device).expand(sz_c, 1).contiguous().reshape(-1)
     o_dgamma.copy_(cv_dgamma.view(sz_c, 1).reshape(-1).expand_as(o_dgamma))
     cv_dbeta = torch.as_tensor(cv_sum_sum_dout.view(sz_c, 1), dtype=torch.float64, device=device).expand(sz_c, 1).contiguous().reshape(-1)
     o_dbeta.copy_(cv_dbeta.view(sz_c, 1).reshape(-1).expand_as(o_dbeta))
     chunks = max(1, (sz_n*sz_c))
     rows_per_chunk = -(-(sz_n*sz_c) // chunks)
-    _batchnorm3d_backward_sweep1[(chunks,)](cv_bs1, cv_bs2, cv_bs5, cv_sum_sum_dout, cv_sum_sum_dout_xhat, o_dx, p_dout, p_x, ps_bs3, ps_bs4, sz_c, sz_l, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _batchnorm3d_backward_sweep1[(chunks,)](cv_bs1, cv_bs4, cv_bs6, cv_sum_sum_dout, o_dx, p_dout, p_x, ps_bs3, ps_bs5, sz_c, sz_l, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     return [o_dx, o_dgamma, o_dbeta]
 

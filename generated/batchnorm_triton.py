@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate --backend triton
 # inputs-hash: 5320df06bb09ad62585f3a31cd459bab1bd3d300ba41b9ff58cbcb46e150bd53
-# content-hash: 343908797d0faa26c4ed1aeb0ac0967aed97a6e3f96eb40ad7a51307cfc1ce80
+# content-hash: 852997ff695239e20e04ba66150b0b7014ef0ce862ac1ba6b849ef876e52a51b
 """``batchnorm``: Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 The fused kernel of ``batchnorm.py`` as Triton kernels, printed from its kernel plan (the same
@@ -126,7 +126,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _batchnorm_forward_sweep1(cv_bnvar_inv, cv_fc1, o_out, p_beta, p_gamma, p_x, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _batchnorm_forward_sweep1(cv_fc1, cv_fc3, o_out, p_beta, p_x, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
@@ -135,7 +135,7 @@ if triton is not None:
             for col0 in range(0, sz_d, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_d
-                tl.store(o_out + row*sz_d + cols, (tl.load(cv_bnvar_inv + cols, mask=mask, other=0.0).to(DT)*(tl.load(cv_fc1 + cols, mask=mask, other=0.0).to(DT) + tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0))*tl.load(p_gamma + cols, mask=mask, other=0.0) + tl.load(p_beta + cols, mask=mask, other=0.0)).to(DT), mask=mask)
+                tl.store(o_out + row*sz_d + cols, (tl.load(cv_fc3 + cols, mask=mask, other=0.0).to(DT)*(tl.load(cv_fc1 + cols, mask=mask, other=0.0).to(DT) + tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)) + tl.load(p_beta + cols, mask=mask, other=0.0)).to(DT), mask=mask)
 
 
     @triton.jit
@@ -153,7 +153,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _batchnorm_backward_sweep1(cv_bc1, cv_bc2, cv_bc5, cv_sum_bnraw_dout, cv_sum_dout, o_dx, p_dout, p_x, ps_bs3, ps_bs4, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _batchnorm_backward_sweep1(cv_bc1, cv_bc3, cv_bc4, cv_sum_dout, o_dx, p_dout, p_x, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
@@ -162,14 +162,14 @@ if triton is not None:
             for col0 in range(0, sz_d, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_d
-                tl.store(o_dx + row*sz_d + cols, (tl.load(cv_bc5 + cols, mask=mask, other=0.0).to(DT)*(tl.load(ps_bs3)).to(DT)*((-tl.load(cv_sum_dout + cols, mask=mask, other=0.0).to(DT)) + tl.cast(sz_n, DT)*tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0) + tl.load(cv_bc2 + cols, mask=mask, other=0.0).to(DT)*(tl.load(ps_bs4)).to(DT)*tl.load(cv_sum_bnraw_dout + cols, mask=mask, other=0.0).to(DT)*(tl.load(cv_bc1 + cols, mask=mask, other=0.0).to(DT) + tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)))).to(DT), mask=mask)
+                tl.store(o_dx + row*sz_d + cols, (tl.load(cv_bc4 + cols, mask=mask, other=0.0).to(DT)*((-tl.load(cv_sum_dout + cols, mask=mask, other=0.0).to(DT)) + tl.load(cv_bc3 + cols, mask=mask, other=0.0).to(DT)*(tl.load(cv_bc1 + cols, mask=mask, other=0.0).to(DT) + tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)) + tl.cast(sz_n, DT)*tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0))).to(DT), mask=mask)
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
     "_batchnorm_forward_sweep0": {'cv_fc2': '*fp64', 'p_x': '*fp32', 'part_shifted_sum_bndiff': '*fp64', 'part_sum_x': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
-    "_batchnorm_forward_sweep1": {'cv_bnvar_inv': '*fp64', 'cv_fc1': '*fp64', 'o_out': '*fp32', 'p_beta': '*fp32', 'p_gamma': '*fp32', 'p_x': '*fp32', 'sz_d': 'i32', 'sz_n': 'i32'},
+    "_batchnorm_forward_sweep1": {'cv_fc1': '*fp64', 'cv_fc3': '*fp64', 'o_out': '*fp32', 'p_beta': '*fp32', 'p_x': '*fp32', 'sz_d': 'i32', 'sz_n': 'i32'},
     "_batchnorm_backward_sweep0": {'cv_bc1': '*fp64', 'cv_bc2': '*fp64', 'p_dout': '*fp32', 'p_x': '*fp32', 'part_sum_bnraw_dout': '*fp64', 'part_sum_dout': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
-    "_batchnorm_backward_sweep1": {'cv_bc1': '*fp64', 'cv_bc2': '*fp64', 'cv_bc5': '*fp64', 'cv_sum_bnraw_dout': '*fp64', 'cv_sum_dout': '*fp64', 'o_dx': '*fp32', 'p_dout': '*fp32', 'p_x': '*fp32', 'ps_bs3': '*fp64', 'ps_bs4': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
+    "_batchnorm_backward_sweep1": {'cv_bc1': '*fp64', 'cv_bc3': '*fp64', 'cv_bc4': '*fp64', 'cv_sum_dout': '*fp64', 'o_dx': '*fp32', 'p_dout': '*fp32', 'p_x': '*fp32', 'sz_d': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -200,9 +200,10 @@ def _batchnorm_forward(p_x, p_gamma, p_beta, k_eps, sz_n, sz_d):
     cv_sum_bndiff = torch.as_tensor(cv_shifted_sum_bndiff + (((-cv_first_sum_x) + cv_sum_x)*((-cv_first_sum_x) + cv_sum_x))/float(sz_n) + ((-cv_first_sum_x) + cv_sum_x)*(2.0*cv_first_sum_x/float(sz_n) - 2.0*cv_sum_x/float(sz_n)), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     cv_bnvar_inv = torch.as_tensor((1.0/torch.sqrt(torch.as_tensor(k_eps + cv_sum_bndiff/(float(sz_n) - 1.0), dtype=torch.float64))), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     o_bnvar_inv.copy_(cv_bnvar_inv.reshape(-1).expand_as(o_bnvar_inv))
+    cv_fc3 = torch.as_tensor(cv_bnvar_inv*p_gamma.reshape(-1).double(), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     chunks = max(1, sz_n)
     rows_per_chunk = -(-sz_n // chunks)
-    _batchnorm_forward_sweep1[(chunks,)](cv_bnvar_inv, cv_fc1, o_out, p_beta, p_gamma, p_x, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _batchnorm_forward_sweep1[(chunks,)](cv_fc1, cv_fc3, o_out, p_beta, p_x, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     return [o_out, o_bnvar_inv, o_sum_x]
 
@@ -219,9 +220,7 @@ def _batchnorm_backward(p_dout, p_x, p_gamma, p_beta, p_bnvar_inv, p_sum_x, k_ep
     # sweep 1
     cv_bc1 = torch.as_tensor(-p_sum_x.reshape(-1).double()/float(sz_n), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     cv_bc2 = torch.as_tensor(p_bnvar_inv.reshape(-1).double(), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
-    cv_bc5 = torch.as_tensor(p_bnvar_inv.reshape(-1).double()*p_gamma.reshape(-1).double(), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
-    ps_bs3 = torch.as_tensor((1.0/(float(sz_n))), dtype=torch.float64, device=device).reshape(())
-    ps_bs4 = torch.as_tensor(-float(sz_n)/(float(sz_n) - 1.0), dtype=torch.float64, device=device).reshape(())
+    cv_bc4 = torch.as_tensor(p_bnvar_inv.reshape(-1).double()*p_gamma.reshape(-1).double()/float(sz_n), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     chunks = min(sz_n, 256)
     rows_per_chunk = -(-sz_n // chunks)
     part_sum_bnraw_dout = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
@@ -231,13 +230,14 @@ def _batchnorm_backward(p_dout, p_x, p_gamma, p_beta, p_bnvar_inv, p_sum_x, k_ep
     # sweep 2
     cv_sum_bnraw_dout = part_sum_bnraw_dout.sum(0)
     cv_sum_dout = part_sum_dout.sum(0)
+    cv_bc3 = torch.as_tensor(-cv_bc2*float(sz_n)*cv_sum_bnraw_dout/(float(sz_n) - 1.0), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     cv_dgamma = torch.as_tensor(cv_sum_bnraw_dout, dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     o_dgamma.copy_(cv_dgamma.reshape(-1).expand_as(o_dgamma))
     cv_dbeta = torch.as_tensor(cv_sum_dout, dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     o_dbeta.copy_(cv_dbeta.reshape(-1).expand_as(o_dbeta))
     chunks = max(1, sz_n)
     rows_per_chunk = -(-sz_n // chunks)
-    _batchnorm_backward_sweep1[(chunks,)](cv_bc1, cv_bc2, cv_bc5, cv_sum_bnraw_dout, cv_sum_dout, o_dx, p_dout, p_x, ps_bs3, ps_bs4, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _batchnorm_backward_sweep1[(chunks,)](cv_bc1, cv_bc3, cv_bc4, cv_sum_dout, o_dx, p_dout, p_x, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     return [o_dx, o_dgamma, o_dbeta]
 

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate --backend triton
 # inputs-hash: aae473a3a64a418d107f66a1a87eee06b53a3304a120ea4b3094a10723cbef81
-# content-hash: 2c6608778461c94c65c860167cbf9543772f6f4fb3b87513278685fe4a91d142
+# content-hash: 28231957b60a3d4936083930262defb236c377509ca52dad7574471b5e61c532
 """``cross_entropy_ignore``: Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 The fused kernel of ``cross_entropy_ignore.py`` as Triton kernels, printed from its kernel plan (the same
@@ -139,7 +139,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _cross_entropy_ignore_backward_sweep0(k_ignore_index, kr_br1, kr_br3, kr_br4, p_m, p_sum_t1, p_y, part_sum_y, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _cross_entropy_ignore_backward_sweep0(k_ignore_index, kr_br1, kr_br3, p_m, p_sum_t1, p_y, part_sum_y, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
@@ -148,32 +148,31 @@ if triton is not None:
             r_br1 = -tl.load(p_m + row).to(tl.float64)
             tl.store(kr_br1 + row, r_br1)
             pacc_sum_y += tl.where((k_ignore_index) == (tl.load(p_y + row).to(tl.float64)), 1.0, 0.0)
-            r_br3 = (tl.where((k_ignore_index) == (tl.load(p_y + row).to(tl.float64)), 1.0, 0.0) - 1.0)/tl.load(p_sum_t1 + row).to(tl.float64)
+            r_br3 = tl.load(p_sum_t1 + row).to(tl.float64)
             tl.store(kr_br3 + row, r_br3)
-            r_br4 = tl.load(p_sum_t1 + row).to(tl.float64)
-            tl.store(kr_br4 + row, r_br4)
         tl.store(part_sum_y + chunk + tl.arange(0, 1), pacc_sum_y)
 
 
     @triton.jit
-    def _cross_entropy_ignore_backward_sweep1(kr_br1, kr_br3, kr_br4, o_dlogits, p_logits, p_y, ps_bs2, sz_k, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _cross_entropy_ignore_backward_sweep1(k_ignore_index, kr_br1, kr_br3, o_dlogits, p_dloss, p_logits, p_sum_t1, p_y, ps_sum_y, sz_k, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
         for row in range(row_begin, row_end):
+            r_br2 = (tl.where((k_ignore_index) == (tl.load(p_y + row).to(tl.float64)), 1.0, 0.0) - 1.0)*tl.load(p_dloss + 0).to(tl.float64)/((tl.cast(sz_n, tl.float64) - tl.load(ps_sum_y))*tl.load(p_sum_t1 + row).to(tl.float64))
             # pass 1 over the row
             for col0 in range(0, sz_k, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_k
-                tl.store(o_dlogits + row*sz_k + cols, (-(tl.load(kr_br3 + row)).to(DT)*(tl.load(ps_bs2)).to(DT)*_exp((tl.load(kr_br1 + row)).to(DT) + tl.load(p_logits + row*sz_k + cols, mask=mask, other=0.0), DEVICE_MATH)).to(DT), mask=mask)
+                tl.store(o_dlogits + row*sz_k + cols, (-(r_br2).to(DT)*_exp((tl.load(kr_br1 + row)).to(DT) + tl.load(p_logits + row*sz_k + cols, mask=mask, other=0.0), DEVICE_MATH)).to(DT), mask=mask)
             label_col = tl.load(p_y + row)
-            tl.store(o_dlogits + row*sz_k + label_col, (tl.load(kr_br3 + row)*tl.load(ps_bs2)*(tl.load(kr_br4 + row) - _exp(tl.load(kr_br1 + row) + tl.load(p_logits + row*sz_k + tl.load(p_y + row)).to(tl.float64), DEVICE_MATH))).to(DT))
+            tl.store(o_dlogits + row*sz_k + label_col, (r_br2*(tl.load(kr_br3 + row) - _exp(tl.load(kr_br1 + row) + tl.load(p_logits + row*sz_k + tl.load(p_y + row)).to(tl.float64), DEVICE_MATH))).to(DT))
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
     "_cross_entropy_ignore_forward_sweep0": {'k_ignore_index': 'fp32', 'o_m': '*fp64', 'o_sum_t1': '*fp64', 'p_logits': '*fp32', 'p_y': '*i64', 'part_sum__t0f': '*fp64', 'part_sum__t0f_logits': '*fp64', 'sz_k': 'i32', 'sz_n': 'i32'},
-    "_cross_entropy_ignore_backward_sweep0": {'k_ignore_index': 'fp32', 'kr_br1': '*fp64', 'kr_br3': '*fp64', 'kr_br4': '*fp64', 'p_m': '*fp64', 'p_sum_t1': '*fp64', 'p_y': '*i64', 'part_sum_y': '*fp64', 'sz_n': 'i32'},
-    "_cross_entropy_ignore_backward_sweep1": {'kr_br1': '*fp64', 'kr_br3': '*fp64', 'kr_br4': '*fp64', 'o_dlogits': '*fp32', 'p_logits': '*fp32', 'p_y': '*i64', 'ps_bs2': '*fp64', 'sz_k': 'i32', 'sz_n': 'i32'},
+    "_cross_entropy_ignore_backward_sweep0": {'k_ignore_index': 'fp32', 'kr_br1': '*fp64', 'kr_br3': '*fp64', 'p_m': '*fp64', 'p_sum_t1': '*fp64', 'p_y': '*i64', 'part_sum_y': '*fp64', 'sz_n': 'i32'},
+    "_cross_entropy_ignore_backward_sweep1": {'k_ignore_index': 'fp32', 'kr_br1': '*fp64', 'kr_br3': '*fp64', 'o_dlogits': '*fp32', 'p_dloss': '*fp32', 'p_logits': '*fp32', 'p_sum_t1': '*fp64', 'p_y': '*i64', 'ps_sum_y': '*fp64', 'sz_k': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -210,19 +209,17 @@ def _cross_entropy_ignore_backward(p_dloss, p_logits, p_y, p_m, p_sum_t1, k_igno
     o_dlogits = torch.empty(sz_n*sz_k, dtype=p_dloss.dtype, device=device)
     kr_br1 = torch.empty(sz_n, dtype=torch.float64, device=device)
     kr_br3 = torch.empty(sz_n, dtype=torch.float64, device=device)
-    kr_br4 = torch.empty(sz_n, dtype=torch.float64, device=device)
     # sweep 1
     chunks = min(sz_n, 256)
     rows_per_chunk = -(-sz_n // chunks)
     part_sum_y = torch.empty(chunks, dtype=torch.float64, device=device)
-    _cross_entropy_ignore_backward_sweep0[(chunks,)](k_ignore_index, kr_br1, kr_br3, kr_br4, p_m, p_sum_t1, p_y, part_sum_y, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _cross_entropy_ignore_backward_sweep0[(chunks,)](k_ignore_index, kr_br1, kr_br3, p_m, p_sum_t1, p_y, part_sum_y, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     # sweep 2
     ps_sum_y = part_sum_y.sum(0).reshape(())
-    ps_bs2 = torch.as_tensor(p_dloss.reshape(()).double()/(float(sz_n) - ps_sum_y), dtype=torch.float64, device=device).reshape(())
     chunks = max(1, sz_n)
     rows_per_chunk = -(-sz_n // chunks)
-    _cross_entropy_ignore_backward_sweep1[(chunks,)](kr_br1, kr_br3, kr_br4, o_dlogits, p_logits, p_y, ps_bs2, sz_k, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _cross_entropy_ignore_backward_sweep1[(chunks,)](k_ignore_index, kr_br1, kr_br3, o_dlogits, p_dloss, p_logits, p_sum_t1, p_y, ps_sum_y, sz_k, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     return [o_dlogits]
 

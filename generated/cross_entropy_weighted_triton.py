@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate --backend triton
 # inputs-hash: 51d91e12579cacceb8d0ca3a59c40f9d1db99f0a2ad8e1c3c79036c92b06a0a7
-# content-hash: c9364f1a59e44fd39dcd39deedb9bc962c9eeee32cb68d317e295b08a2cfabfa
+# content-hash: 643a88a1802478fa65ae227b5a849d4e6b457a9b18bfa20ec2ffec9378fe6783
 """``cross_entropy_weighted``: Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 The fused kernel of ``cross_entropy_weighted.py`` as Triton kernels, printed from its kernel plan (the same
@@ -136,25 +136,26 @@ if triton is not None:
 
 
     @triton.jit
-    def _cross_entropy_weighted_backward_sweep0(o_dlogits, p_logits, p_m, p_sum_t1, p_w, p_y, ps_bs2, sz_k, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _cross_entropy_weighted_backward_sweep0(o_dlogits, p_dloss, p_logits, p_m, p_sum_t1, p_sum_w_y, p_w, p_y, sz_k, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
         for row in range(row_begin, row_end):
             r_br1 = -tl.load(p_m + row).to(tl.float64)
-            r_br3 = (1.0/(tl.load(p_sum_t1 + row).to(tl.float64)))
+            r_br2 = (1.0/(tl.load(p_sum_t1 + row).to(tl.float64)))
+            r_br3 = tl.load(p_dloss + 0).to(tl.float64)*tl.load(p_w + tl.load(p_y + row)).to(tl.float64)/tl.load(p_sum_w_y + 0).to(tl.float64)
             # pass 1 over the row
             for col0 in range(0, sz_k, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_k
-                tl.store(o_dlogits + row*sz_k + cols, ((r_br3).to(DT)*(tl.load(ps_bs2)).to(DT)*_exp((r_br1).to(DT) + tl.load(p_logits + row*sz_k + cols, mask=mask, other=0.0), DEVICE_MATH)*tl.load(p_w + tl.load(p_y + row)).to(DT)).to(DT), mask=mask)
+                tl.store(o_dlogits + row*sz_k + cols, ((r_br2).to(DT)*(r_br3).to(DT)*_exp((r_br1).to(DT) + tl.load(p_logits + row*sz_k + cols, mask=mask, other=0.0), DEVICE_MATH)).to(DT), mask=mask)
             label_col = tl.load(p_y + row)
-            tl.store(o_dlogits + row*sz_k + label_col, (tl.load(ps_bs2)*((-1.0) + r_br3*_exp(r_br1 + tl.load(p_logits + row*sz_k + tl.load(p_y + row)).to(tl.float64), DEVICE_MATH))*tl.load(p_w + tl.load(p_y + row)).to(tl.float64)).to(DT))
+            tl.store(o_dlogits + row*sz_k + label_col, (r_br3*((-1.0) + r_br2*_exp(r_br1 + tl.load(p_logits + row*sz_k + tl.load(p_y + row)).to(tl.float64), DEVICE_MATH))).to(DT))
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
     "_cross_entropy_weighted_forward_sweep0": {'o_m': '*fp64', 'o_sum_t1': '*fp64', 'p_logits': '*fp32', 'p_w': '*fp32', 'p_y': '*i64', 'part_sum_logits_m': '*fp64', 'part_sum_w_y': '*fp64', 'sz_k': 'i32', 'sz_n': 'i32'},
-    "_cross_entropy_weighted_backward_sweep0": {'o_dlogits': '*fp32', 'p_logits': '*fp32', 'p_m': '*fp64', 'p_sum_t1': '*fp64', 'p_w': '*fp32', 'p_y': '*i64', 'ps_bs2': '*fp64', 'sz_k': 'i32', 'sz_n': 'i32'},
+    "_cross_entropy_weighted_backward_sweep0": {'o_dlogits': '*fp32', 'p_dloss': '*fp32', 'p_logits': '*fp32', 'p_m': '*fp64', 'p_sum_t1': '*fp64', 'p_sum_w_y': '*fp64', 'p_w': '*fp32', 'p_y': '*i64', 'sz_k': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -190,10 +191,9 @@ def _cross_entropy_weighted_backward(p_dloss, p_logits, p_y, p_w, p_m, p_sum_w_y
     BLOCK = min(triton.next_power_of_2(max(1, sz_k)), 1024)
     o_dlogits = torch.empty(sz_n*sz_k, dtype=p_dloss.dtype, device=device)
     # sweep 1
-    ps_bs2 = torch.as_tensor(p_dloss.reshape(()).double()/p_sum_w_y.reshape(()).double(), dtype=torch.float64, device=device).reshape(())
     chunks = max(1, sz_n)
     rows_per_chunk = -(-sz_n // chunks)
-    _cross_entropy_weighted_backward_sweep0[(chunks,)](o_dlogits, p_logits, p_m, p_sum_t1, p_w, p_y, ps_bs2, sz_k, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _cross_entropy_weighted_backward_sweep0[(chunks,)](o_dlogits, p_dloss, p_logits, p_m, p_sum_t1, p_sum_w_y, p_w, p_y, sz_k, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     return [o_dlogits]
 

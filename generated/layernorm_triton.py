@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer layernorm)
 # regenerate: derive generate --backend triton
 # inputs-hash: 78d379f7aaebdcf252f9bf7958bb15086709c836d1b800de27942a6e82bc37f7
-# content-hash: 6a8ea270eee0e865626afc6fc0a37e717f27819e1aff665e81cb85240ad72573
+# content-hash: 3293535ee30a6b979e6d0a41018288125086138bdfb0e1ea037e6514adb47af9
 """``layernorm``: Layer normalization over the last dimension (biased variance), as ``F.layer_norm``.
 
 The fused kernel of ``layernorm.py`` as Triton kernels, printed from its kernel plan (the same
@@ -140,13 +140,14 @@ if triton is not None:
 
 
     @triton.jit
-    def _layernorm_backward_sweep0(o_dx, p_dout, p_gamma, p_inv, p_sum_x, p_x, part_sum_dout, part_sum_dout_xhat, ps_bs3, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _layernorm_backward_sweep0(cv_bc4, o_dx, p_dout, p_gamma, p_inv, p_sum_x, p_x, part_sum_dout, part_sum_dout_xhat, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
         for row in range(row_begin, row_end):
             r_br1 = -tl.load(p_sum_x + row).to(tl.float64)/tl.cast(sz_d, tl.float64)
             r_br2 = tl.load(p_inv + row).to(tl.float64)
+            r_br5 = tl.load(p_inv + row).to(tl.float64)/tl.cast(sz_d, tl.float64)
             # pass 1 over the row
             acc_sum_dout_gamma = tl.zeros([BLOCK], dtype=tl.float64)
             acc_sum_dout_gamma2 = tl.zeros([BLOCK], dtype=tl.float64)
@@ -161,16 +162,17 @@ if triton is not None:
                 tl.store(part_sum_dout + chunk*sz_d + cols, tl.load(part_sum_dout + chunk*sz_d + cols, mask=mask, other=0.0) + (tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0)).to(tl.float64), mask=mask)
             r_sum_dout_gamma = tl.sum(acc_sum_dout_gamma, axis=0)
             r_sum_dout_gamma2 = tl.sum(acc_sum_dout_gamma2, axis=0)
+            r_br3 = -r_br2*r_sum_dout_gamma2
             # pass 2 over the row
             for col0 in range(0, sz_d, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_d
-                tl.store(o_dx + row*sz_d + cols, ((r_br2).to(DT)*(tl.load(ps_bs3)).to(DT)*((-(r_sum_dout_gamma).to(DT)) - (r_br2).to(DT)*(r_sum_dout_gamma2).to(DT)*((r_br1).to(DT) + tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)) + tl.cast(sz_d, DT)*tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0)*tl.load(p_gamma + cols, mask=mask, other=0.0))).to(DT), mask=mask)
+                tl.store(o_dx + row*sz_d + cols, ((r_br5).to(DT)*((-(r_sum_dout_gamma).to(DT)) + tl.load(cv_bc4 + cols, mask=mask, other=0.0).to(DT)*tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0) + (r_br3).to(DT)*((r_br1).to(DT) + tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)))).to(DT), mask=mask)
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
     "_layernorm_forward_sweep0": {'k_eps': 'fp32', 'o_inv': '*fp64', 'o_out': '*fp32', 'o_sum_x': '*fp64', 'p_beta': '*fp32', 'p_gamma': '*fp32', 'p_x': '*fp32', 'sz_d': 'i32', 'sz_n': 'i32'},
-    "_layernorm_backward_sweep0": {'o_dx': '*fp32', 'p_dout': '*fp32', 'p_gamma': '*fp32', 'p_inv': '*fp64', 'p_sum_x': '*fp64', 'p_x': '*fp32', 'part_sum_dout': '*fp64', 'part_sum_dout_xhat': '*fp64', 'ps_bs3': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
+    "_layernorm_backward_sweep0": {'cv_bc4': '*fp64', 'o_dx': '*fp32', 'p_dout': '*fp32', 'p_gamma': '*fp32', 'p_inv': '*fp64', 'p_sum_x': '*fp64', 'p_x': '*fp32', 'part_sum_dout': '*fp64', 'part_sum_dout_xhat': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -202,12 +204,12 @@ def _layernorm_backward(p_dout, p_x, p_gamma, p_beta, p_inv, p_sum_x, k_eps, sz_
     o_dgamma = torch.empty(sz_d, dtype=p_dout.dtype, device=device)
     o_dbeta = torch.empty(sz_d, dtype=p_dout.dtype, device=device)
     # sweep 1
-    ps_bs3 = torch.as_tensor((1.0/(float(sz_d))), dtype=torch.float64, device=device).reshape(())
+    cv_bc4 = torch.as_tensor(float(sz_d)*p_gamma.reshape(-1).double(), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     chunks = min(sz_n, 256)
     rows_per_chunk = -(-sz_n // chunks)
     part_sum_dout_xhat = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
     part_sum_dout = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
-    _layernorm_backward_sweep0[(chunks,)](o_dx, p_dout, p_gamma, p_inv, p_sum_x, p_x, part_sum_dout, part_sum_dout_xhat, ps_bs3, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _layernorm_backward_sweep0[(chunks,)](cv_bc4, o_dx, p_dout, p_gamma, p_inv, p_sum_x, p_x, part_sum_dout, part_sum_dout_xhat, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     cv_sum_dout_xhat = part_sum_dout_xhat.sum(0)
     cv_dgamma = torch.as_tensor(cv_sum_dout_xhat, dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer rmsnorm)
 # regenerate: derive generate --backend cpp
 # inputs-hash: c60eb65cdb71c032fd4381bc08406c49c5c11b0e980c424084b942cd8de07463
-# content-hash: d92489554338b5e595a2386d32060dc86bd50a8b7c6be54daeeeb17c161b5474
+# content-hash: 0c5ecd9e7ca48d866f657a233126bd11d0f3d907135b0aa90322d76598a812f8
 """``rmsnorm``: RMS normalization over the last dimension: ``g * x / sqrt(mean(x**2) + eps)``.
 
 The fused kernel of ``rmsnorm.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -13,7 +13,7 @@ kernel plan: the forward and the backward are each a few passes over memory:
         sweep 1, pass 2 over each row: writes out
     backward:
         sweep 1, pass 1 over each row: accumulates sum_dout_g = sum over columns of
-          dout*g*x; accumulates per chunk sum_dout_inv = sum over rows of br3*dout*x
+          dout*g*x; accumulates per chunk sum_dout_inv = sum over rows of br4*dout*x
         sweep 1, pass 2 over each row: writes dx
         finally: dg
     saved for the backward: inv

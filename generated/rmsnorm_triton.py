@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer rmsnorm)
 # regenerate: derive generate --backend triton
 # inputs-hash: 68642aea1f23256bc26c9fd75bbcde43a6448c897c5223e06e14cf9b31cdeed9
-# content-hash: b830470aac675764102c9150d2b01510dfd1c4713174f903a85932059107f2f3
+# content-hash: da292bc70a5ecb439e70b41aee02da4f9440f3b47393e038ae26be5d41655f1c
 """``rmsnorm``: RMS normalization over the last dimension: ``g * x / sqrt(mean(x**2) + eps)``.
 
 The fused kernel of ``rmsnorm.py`` as Triton kernels, printed from its kernel plan (the same
@@ -13,7 +13,7 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
         sweep 1, pass 2 over each row: writes out
     backward:
         sweep 1, pass 1 over each row: accumulates sum_dout_g = sum over columns of
-          dout*g*x; accumulates per chunk sum_dout_inv = sum over rows of br3*dout*x
+          dout*g*x; accumulates per chunk sum_dout_inv = sum over rows of br4*dout*x
         sweep 1, pass 2 over each row: writes dx
         finally: dg
     saved for the backward: inv
@@ -129,12 +129,13 @@ if triton is not None:
 
 
     @triton.jit
-    def _rmsnorm_backward_sweep0(o_dx, p_dout, p_g, p_inv, p_x, part_sum_dout_inv, ps_bs1, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _rmsnorm_backward_sweep0(cv_bc1, o_dx, p_dout, p_g, p_inv, p_x, part_sum_dout_inv, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
         for row in range(row_begin, row_end):
-            r_br3 = tl.load(p_inv + row).to(tl.float64)
+            r_br3 = tl.load(p_inv + row).to(tl.float64)/tl.cast(sz_d, tl.float64)
+            r_br4 = tl.load(p_inv + row).to(tl.float64)
             # pass 1 over the row
             acc_sum_dout_g = tl.zeros([BLOCK], dtype=tl.float64)
             for col0 in range(0, sz_d, BLOCK):
@@ -142,19 +143,19 @@ if triton is not None:
                 mask = cols < sz_d
                 v_e0_t0 = tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0)*tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)
                 acc_sum_dout_g += tl.where(mask, (v_e0_t0*tl.load(p_g + cols, mask=mask, other=0.0)).to(tl.float64), 0.0)
-                tl.store(part_sum_dout_inv + chunk*sz_d + cols, tl.load(part_sum_dout_inv + chunk*sz_d + cols, mask=mask, other=0.0) + ((r_br3).to(DT)*v_e0_t0).to(tl.float64), mask=mask)
+                tl.store(part_sum_dout_inv + chunk*sz_d + cols, tl.load(part_sum_dout_inv + chunk*sz_d + cols, mask=mask, other=0.0) + ((r_br4).to(DT)*v_e0_t0).to(tl.float64), mask=mask)
             r_sum_dout_g = tl.sum(acc_sum_dout_g, axis=0)
-            r_br2 = r_sum_dout_g*((tl.load(p_inv + row).to(tl.float64))*(tl.load(p_inv + row).to(tl.float64)))
+            r_br2 = -r_sum_dout_g*((tl.load(p_inv + row).to(tl.float64))*(tl.load(p_inv + row).to(tl.float64)))
             # pass 2 over the row
             for col0 in range(0, sz_d, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_d
-                tl.store(o_dx + row*sz_d + cols, ((r_br3).to(DT)*(tl.load(ps_bs1)).to(DT)*((-(r_br2).to(DT)*tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)) + tl.cast(sz_d, DT)*tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0)*tl.load(p_g + cols, mask=mask, other=0.0))).to(DT), mask=mask)
+                tl.store(o_dx + row*sz_d + cols, ((r_br3).to(DT)*(tl.load(cv_bc1 + cols, mask=mask, other=0.0).to(DT)*tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0) + (r_br2).to(DT)*tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0))).to(DT), mask=mask)
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
     "_rmsnorm_forward_sweep0": {'k_eps': 'fp32', 'o_inv': '*fp64', 'o_out': '*fp32', 'p_g': '*fp32', 'p_x': '*fp32', 'sz_d': 'i32', 'sz_n': 'i32'},
-    "_rmsnorm_backward_sweep0": {'o_dx': '*fp32', 'p_dout': '*fp32', 'p_g': '*fp32', 'p_inv': '*fp64', 'p_x': '*fp32', 'part_sum_dout_inv': '*fp64', 'ps_bs1': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
+    "_rmsnorm_backward_sweep0": {'cv_bc1': '*fp64', 'o_dx': '*fp32', 'p_dout': '*fp32', 'p_g': '*fp32', 'p_inv': '*fp64', 'p_x': '*fp32', 'part_sum_dout_inv': '*fp64', 'sz_d': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -184,11 +185,11 @@ def _rmsnorm_backward(p_dout, p_x, p_g, p_inv, k_eps, sz_n, sz_d):
     o_dx = torch.empty(sz_n*sz_d, dtype=p_dout.dtype, device=device)
     o_dg = torch.empty(sz_d, dtype=p_dout.dtype, device=device)
     # sweep 1
-    ps_bs1 = torch.as_tensor((1.0/(float(sz_d))), dtype=torch.float64, device=device).reshape(())
+    cv_bc1 = torch.as_tensor(float(sz_d)*p_g.reshape(-1).double(), dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)
     chunks = min(sz_n, 256)
     rows_per_chunk = -(-sz_n // chunks)
     part_sum_dout_inv = torch.full((chunks, sz_d), 0.0, dtype=torch.float64, device=device)
-    _rmsnorm_backward_sweep0[(chunks,)](o_dx, p_dout, p_g, p_inv, p_x, part_sum_dout_inv, ps_bs1, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _rmsnorm_backward_sweep0[(chunks,)](cv_bc1, o_dx, p_dout, p_g, p_inv, p_x, part_sum_dout_inv, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     cv_sum_dout_inv = part_sum_dout_inv.sum(0)
     cv_dg = torch.as_tensor(cv_sum_dout_inv, dtype=torch.float64, device=device).expand(sz_d,).contiguous().reshape(-1)

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_native.py [--sizes 4096x1024,65536x512] [--layers a,b] [--repeat N]
                                              [--device cpu|cuda] [--no-compile] [--no-build]
-                                             [--json PATH] [--markdown PATH]
+                                             [--steady-memory] [--json PATH] [--markdown PATH]
 
 Columns, for each layer and size (float32; a size ``AxB`` is the layer's ``(n, d)``, ``(n, k)``; a size
 ``AxBxC`` is a layer of three axes', ``(n, c, l)``: each layer is measured at the sizes of its number of axes):
@@ -24,7 +24,9 @@ kernel's error over native's); every column is warmed up, then the columns are s
 in a new random order each repetition (every column follows every other as often: what ran before a
 sample, and the memory it freed, changes its time), ``--repeat`` times, one forward + backward per sample, gradients dropped
 outside the timed region, the garbage collector off. Times are medians; ratios are medians of the
-per-repetition ratios (the columns of one repetition ran back to back).
+per-repetition ratios (the columns of one repetition ran back to back). ``--steady-memory`` keeps freed
+memory in the process, as a caching allocator would (``steady_memory``): by default a large freed
+tensor goes back to the system, and whichever sample allocates next pays a page fault per page.
 
 Build: ``cold build s`` is the first use of the extension in a fresh process with an empty cache folder
 (the C++ compiler included), ``cached load s`` the first use in a fresh process with that folder built.
@@ -234,6 +236,24 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def steady_memory() -> bool:
+    """Keep every freed block in the process, as a caching allocator does (glibc: no ``mmap`` for
+    large blocks, no trimming of the heap's top). By default a freed 16 MiB tensor goes back to the
+    system and the next allocation of its size is fresh pages, a fault per page: which sample pays
+    that depends on what ran before it, and at 4096x1024 it is tens of percent of a forward +
+    backward, on either side. Both sides run under the same allocator either way."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default=DEFAULT_SIZES)
@@ -242,9 +262,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-build", action="store_true", help="leave out the cold-build and cached-load timings")
+    p.add_argument("--steady-memory", action="store_true",
+                   help="keep freed memory in the process (glibc's mallopt): no sample pays page faults")
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args(argv)
+    if args.steady_memory and not steady_memory():
+        print("bench_native: --steady-memory needs glibc's mallopt; not found here", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_native: --device cuda needs a CUDA device; none is visible here", file=sys.stderr)
         return 2
@@ -253,7 +278,8 @@ def main(argv=None) -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     title = (f"float32, {args.device} ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"median of {args.repeat} interleaved repetitions, forward + backward.")
+             f"median of {args.repeat} interleaved repetitions, forward + backward"
+             + (", freed memory kept in the process (--steady-memory)." if args.steady_memory else "."))
     report = {"title": title, "native_column": native_name(args.device), "rows": []}
     for layer in layers:
         for shape in [s for s in sizes if len(s) == len(layer.dims)]:

@@ -296,8 +296,10 @@ def test_the_native_benchmark_runs(tmp_path):
 
     out = tmp_path / "bench.json"
     assert bench_native.main(["--sizes", "64x48", "--layers", "cross_entropy,batchnorm_biased", "--repeat", "2",
-                              "--no-compile", "--no-build", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+                              "--no-compile", "--no-build", "--steady-memory", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert "freed memory kept in the process" in report["title"]
     assert {row["layer"] for row in rows} == {"cross_entropy", "batchnorm_biased"}
     for row in rows:
         assert all(ms > 0 for ms in row["ms"].values()) and set(row["ms"]) >= {"native", "spec", "generated", "cpp", "floor"}

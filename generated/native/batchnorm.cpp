@@ -2,7 +2,7 @@
 // source: derive.layers.batchnorm (layer batchnorm)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 13d1d26d312ffbade83246a39336806b8b5bc2ee4351d7fdbcb13cd6cdc20592
-// content-hash: f68050538464da6c869b5ab37ccc9b845d9b5c15c77e7eb228453955ced56e1f
+// content-hash: a38d545bb18d558ee1274805b737534ad83c49a32335d50fd2eea91224b705f0
 // batchnorm: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_batchnorm {
 
@@ -172,15 +172,16 @@ std::vector<at::Tensor> batchnorm_forward(const at::Tensor& t_x, const at::Tenso
     for (int64_t col = 0; col < sz_d; ++col) { c_sum_bndiff[col] = c_shifted_sum_bndiff[col] + (((-c_first_sum_x[col]) + c_sum_x[col])*((-c_first_sum_x[col]) + c_sum_x[col]))/static_cast<double>(sz_n) + ((-c_first_sum_x[col]) + c_sum_x[col])*(2.0*c_first_sum_x[col]/static_cast<double>(sz_n) - 2.0*c_sum_x[col]/static_cast<double>(sz_n)); }
     std::vector<double> c_bnvar_inv(sz_d);
     for (int64_t col = 0; col < sz_d; ++col) { c_bnvar_inv[col] = (1.0/std::sqrt(k_eps + c_sum_bndiff[col]/(static_cast<double>(sz_n) - 1.0))); }
-    std::vector<scalar_t> cv_bnvar_inv(c_bnvar_inv.begin(), c_bnvar_inv.end());
     for (int64_t col = 0; col < sz_d; ++col) { o_bnvar_inv[col] = static_cast<double>(c_bnvar_inv[col]); }
+    std::vector<double> c_fc3(sz_d);
+    for (int64_t col = 0; col < sz_d; ++col) { c_fc3[col] = c_bnvar_inv[col]*static_cast<double>(p_gamma[col]); }
+    std::vector<scalar_t> cv_fc3(c_fc3.begin(), c_fc3.end());
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       // local copies of what the loops read: a vector store may alias anything the region captured
-      auto* const l_cv_bnvar_inv = cv_bnvar_inv.data();
       auto* const l_cv_fc1 = cv_fc1.data();
+      auto* const l_cv_fc3 = cv_fc3.data();
       const auto l_o_out = o_out;
       const auto l_p_beta = p_beta;
-      const auto l_p_gamma = p_gamma;
       const auto l_p_x = p_x;
       const auto l_sz_d = sz_d;
       const int64_t cols = sz_d;
@@ -190,7 +191,7 @@ std::vector<at::Tensor> batchnorm_forward(const at::Tensor& t_x, const at::Tenso
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            (Vec::loadu(l_cv_bnvar_inv + col, cnt)*(Vec::loadu(l_cv_fc1 + col, cnt) + Vec::loadu(l_p_x + row*l_sz_d + col, cnt))*Vec::loadu(l_p_gamma + col, cnt) + Vec::loadu(l_p_beta + col, cnt)).store(l_o_out + row*l_sz_d + col, cnt);
+            (Vec::loadu(l_cv_fc3 + col, cnt)*(Vec::loadu(l_cv_fc1 + col, cnt) + Vec::loadu(l_p_x + row*l_sz_d + col, cnt)) + Vec::loadu(l_p_beta + col, cnt)).store(l_o_out + row*l_sz_d + col, cnt);
           };
           {
             int64_t col = 0;
@@ -231,11 +232,9 @@ std::vector<at::Tensor> batchnorm_backward(const at::Tensor& t_dout, const at::T
     std::vector<double> c_bc2(sz_d);
     for (int64_t col = 0; col < sz_d; ++col) { c_bc2[col] = static_cast<double>(p_bnvar_inv[col]); }
     std::vector<scalar_t> cv_bc2(c_bc2.begin(), c_bc2.end());
-    std::vector<double> c_bc5(sz_d);
-    for (int64_t col = 0; col < sz_d; ++col) { c_bc5[col] = static_cast<double>(p_bnvar_inv[col])*static_cast<double>(p_gamma[col]); }
-    std::vector<scalar_t> cv_bc5(c_bc5.begin(), c_bc5.end());
-    const double s_bs3 = (1.0/(static_cast<double>(sz_n)));
-    const double s_bs4 = -static_cast<double>(sz_n)/(static_cast<double>(sz_n) - 1.0);
+    std::vector<double> c_bc4(sz_d);
+    for (int64_t col = 0; col < sz_d; ++col) { c_bc4[col] = static_cast<double>(p_bnvar_inv[col])*static_cast<double>(p_gamma[col])/static_cast<double>(sz_n); }
+    std::vector<scalar_t> cv_bc4(c_bc4.begin(), c_bc4.end());
     std::vector<double>& part_sum_bnraw_dout = derive_scratch(0, chunks*sz_d, 0.0);
     std::vector<double>& part_sum_dout = derive_scratch(1, chunks*sz_d, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -269,10 +268,12 @@ std::vector<at::Tensor> batchnorm_backward(const at::Tensor& t_dout, const at::T
     // sweep 2
     std::vector<double> c_sum_bnraw_dout(sz_d, 0.0);
     for (int64_t chunk = 0; chunk < chunks; ++chunk) { double* const a = c_sum_bnraw_dout.data(); const double* const q = part_sum_bnraw_dout.data() + chunk*sz_d; for (int64_t at = 0; at < sz_d; ++at) a[at] += q[at]; }
-    std::vector<scalar_t> cv_sum_bnraw_dout(c_sum_bnraw_dout.begin(), c_sum_bnraw_dout.end());
     std::vector<double> c_sum_dout(sz_d, 0.0);
     for (int64_t chunk = 0; chunk < chunks; ++chunk) { double* const a = c_sum_dout.data(); const double* const q = part_sum_dout.data() + chunk*sz_d; for (int64_t at = 0; at < sz_d; ++at) a[at] += q[at]; }
     std::vector<scalar_t> cv_sum_dout(c_sum_dout.begin(), c_sum_dout.end());
+    std::vector<double> c_bc3(sz_d);
+    for (int64_t col = 0; col < sz_d; ++col) { c_bc3[col] = -c_bc2[col]*static_cast<double>(sz_n)*c_sum_bnraw_dout[col]/(static_cast<double>(sz_n) - 1.0); }
+    std::vector<scalar_t> cv_bc3(c_bc3.begin(), c_bc3.end());
     std::vector<double> c_dgamma(sz_d);
     for (int64_t col = 0; col < sz_d; ++col) { c_dgamma[col] = c_sum_bnraw_dout[col]; }
     for (int64_t col = 0; col < sz_d; ++col) { o_dgamma[col] = static_cast<scalar_t>(c_dgamma[col]); }
@@ -282,15 +283,12 @@ std::vector<at::Tensor> batchnorm_backward(const at::Tensor& t_dout, const at::T
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       // local copies of what the loops read: a vector store may alias anything the region captured
       auto* const l_cv_bc1 = cv_bc1.data();
-      auto* const l_cv_bc2 = cv_bc2.data();
-      auto* const l_cv_bc5 = cv_bc5.data();
-      auto* const l_cv_sum_bnraw_dout = cv_sum_bnraw_dout.data();
+      auto* const l_cv_bc3 = cv_bc3.data();
+      auto* const l_cv_bc4 = cv_bc4.data();
       auto* const l_cv_sum_dout = cv_sum_dout.data();
       const auto l_o_dx = o_dx;
       const auto l_p_dout = p_dout;
       const auto l_p_x = p_x;
-      const auto l_s_bs3 = s_bs3;
-      const auto l_s_bs4 = s_bs4;
       const auto l_sz_d = sz_d;
       const auto l_sz_n = sz_n;
       const int64_t cols = sz_d;
@@ -300,7 +298,7 @@ std::vector<at::Tensor> batchnorm_backward(const at::Tensor& t_dout, const at::T
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            (Vec::loadu(l_cv_bc5 + col, cnt)*Vec(static_cast<scalar_t>(l_s_bs3))*((-Vec::loadu(l_cv_sum_dout + col, cnt)) + Vec(static_cast<scalar_t>(static_cast<double>(l_sz_n)))*Vec::loadu(l_p_dout + row*l_sz_d + col, cnt) + Vec::loadu(l_cv_bc2 + col, cnt)*Vec(static_cast<scalar_t>(l_s_bs4))*Vec::loadu(l_cv_sum_bnraw_dout + col, cnt)*(Vec::loadu(l_cv_bc1 + col, cnt) + Vec::loadu(l_p_x + row*l_sz_d + col, cnt)))).store(l_o_dx + row*l_sz_d + col, cnt);
+            (Vec::loadu(l_cv_bc4 + col, cnt)*((-Vec::loadu(l_cv_sum_dout + col, cnt)) + Vec::loadu(l_cv_bc3 + col, cnt)*(Vec::loadu(l_cv_bc1 + col, cnt) + Vec::loadu(l_p_x + row*l_sz_d + col, cnt)) + Vec(static_cast<scalar_t>(static_cast<double>(l_sz_n)))*Vec::loadu(l_p_dout + row*l_sz_d + col, cnt))).store(l_o_dx + row*l_sz_d + col, cnt);
           };
           {
             int64_t col = 0;

@@ -2,7 +2,7 @@
 // source: derive.layers.normalization (layer batchnorm3d)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 41ca368f36151c0cffec2e2e20d904b49adc589d4627ff7ea0bf6522022301b4
-// content-hash: 2c8131faaa19481090191b7821cb31b65bba2c15d4ab82855237390267fe4ff2
+// content-hash: 766d6063956d5af0d310350fd64890427352ec6bec64c6f8ce9ae0df203780fb
 // batchnorm3d: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_batchnorm3d {
 
@@ -199,13 +199,14 @@ std::vector<at::Tensor> batchnorm3d_forward(const at::Tensor& t_x, const at::Ten
     std::vector<double> c_t7(sz_c);
     for (int64_t a_c = 0; a_c < sz_c; ++a_c) { c_t7[a_c] = (1.0/std::sqrt(k_eps + c_sum_sum_xc[a_c]/(static_cast<double>(sz_l)*static_cast<double>(sz_n)))); }
     for (int64_t a_c = 0; a_c < sz_c; ++a_c) { o_t7[a_c] = static_cast<double>(c_t7[a_c]); }
+    std::vector<double> c_fs2(sz_c);
+    for (int64_t a_c = 0; a_c < sz_c; ++a_c) { c_fs2[a_c] = c_t7[a_c]*static_cast<double>(p_gamma[a_c]); }
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       // local copies of what the loops read: a vector store may alias anything the region captured
       auto* const l_c_fs1 = c_fs1.data();
-      auto* const l_c_t7 = c_t7.data();
+      auto* const l_c_fs2 = c_fs2.data();
       const auto l_o_out = o_out;
       const auto l_p_beta = p_beta;
-      const auto l_p_gamma = p_gamma;
       const auto l_p_x = p_x;
       const auto l_sz_c = sz_c;
       const auto l_sz_l = sz_l;
@@ -218,7 +219,7 @@ std::vector<at::Tensor> batchnorm3d_forward(const at::Tensor& t_x, const at::Ten
           const int64_t a_n = (row) / l_sz_c; (void)a_n;
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            (Vec(static_cast<scalar_t>(l_c_t7[a_c]))*(Vec(static_cast<scalar_t>(l_c_fs1[a_c])) + Vec::loadu(l_p_x + a_n*l_sz_c*l_sz_l + a_c*l_sz_l + col, cnt))*Vec(l_p_gamma[a_c]) + Vec(l_p_beta[a_c])).store(l_o_out + row*l_sz_l + col, cnt);
+            (Vec(static_cast<scalar_t>(l_c_fs2[a_c]))*(Vec(static_cast<scalar_t>(l_c_fs1[a_c])) + Vec::loadu(l_p_x + a_n*l_sz_c*l_sz_l + a_c*l_sz_l + col, cnt)) + Vec(l_p_beta[a_c])).store(l_o_out + row*l_sz_l + col, cnt);
           };
           {
             int64_t col = 0;
@@ -258,9 +259,9 @@ std::vector<at::Tensor> batchnorm3d_backward(const at::Tensor& t_dout, const at:
     std::vector<double> c_bs2(sz_c);
     for (int64_t a_c = 0; a_c < sz_c; ++a_c) { c_bs2[a_c] = static_cast<double>(p_t7[a_c]); }
     const double s_bs3 = 1.0/(static_cast<double>(sz_l)*static_cast<double>(sz_n));
-    const double s_bs4 = static_cast<double>(sz_l)*static_cast<double>(sz_n);
-    std::vector<double> c_bs5(sz_c);
-    for (int64_t a_c = 0; a_c < sz_c; ++a_c) { c_bs5[a_c] = static_cast<double>(p_gamma[a_c])*static_cast<double>(p_t7[a_c]); }
+    const double s_bs5 = static_cast<double>(sz_l)*static_cast<double>(sz_n);
+    std::vector<double> c_bs6(sz_c);
+    for (int64_t a_c = 0; a_c < sz_c; ++a_c) { c_bs6[a_c] = static_cast<double>(p_gamma[a_c])*static_cast<double>(p_t7[a_c]); }
     std::vector<double>& part_sum_sum_dout = derive_scratch(0, chunks*sz_c, 0.0);
     std::vector<double>& part_sum_sum_dout_xhat = derive_scratch(1, chunks*sz_c, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -305,6 +306,8 @@ std::vector<at::Tensor> batchnorm3d_backward(const at::Tensor& t_dout, const at:
     for (int64_t chunk = 0; chunk < chunks; ++chunk) { double* const a = c_sum_sum_dout.data(); const double* const q = part_sum_sum_dout.data() + chunk*sz_c; for (int64_t at = 0; at < sz_c; ++at) a[at] += q[at]; }
     std::vector<double> c_sum_sum_dout_xhat(sz_c, 0.0);
     for (int64_t chunk = 0; chunk < chunks; ++chunk) { double* const a = c_sum_sum_dout_xhat.data(); const double* const q = part_sum_sum_dout_xhat.data() + chunk*sz_c; for (int64_t at = 0; at < sz_c; ++at) a[at] += q[at]; }
+    std::vector<double> c_bs4(sz_c);
+    for (int64_t a_c = 0; a_c < sz_c; ++a_c) { c_bs4[a_c] = c_bs2[a_c]*c_sum_sum_dout_xhat[a_c]; }
     std::vector<double> c_dgamma(sz_c);
     for (int64_t a_c = 0; a_c < sz_c; ++a_c) { c_dgamma[a_c] = c_sum_sum_dout_xhat[a_c]; }
     for (int64_t a_c = 0; a_c < sz_c; ++a_c) { o_dgamma[a_c] = static_cast<scalar_t>(c_dgamma[a_c]); }
@@ -314,15 +317,14 @@ std::vector<at::Tensor> batchnorm3d_backward(const at::Tensor& t_dout, const at:
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       // local copies of what the loops read: a vector store may alias anything the region captured
       auto* const l_c_bs1 = c_bs1.data();
-      auto* const l_c_bs2 = c_bs2.data();
-      auto* const l_c_bs5 = c_bs5.data();
+      auto* const l_c_bs4 = c_bs4.data();
+      auto* const l_c_bs6 = c_bs6.data();
       auto* const l_c_sum_sum_dout = c_sum_sum_dout.data();
-      auto* const l_c_sum_sum_dout_xhat = c_sum_sum_dout_xhat.data();
       const auto l_o_dx = o_dx;
       const auto l_p_dout = p_dout;
       const auto l_p_x = p_x;
       const auto l_s_bs3 = s_bs3;
-      const auto l_s_bs4 = s_bs4;
+      const auto l_s_bs5 = s_bs5;
       const auto l_sz_c = sz_c;
       const auto l_sz_l = sz_l;
       const int64_t cols = sz_l;
@@ -334,7 +336,7 @@ std::vector<at::Tensor> batchnorm3d_backward(const at::Tensor& t_dout, const at:
           const int64_t a_n = (row) / l_sz_c; (void)a_n;
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            (Vec(static_cast<scalar_t>(l_s_bs3))*Vec(static_cast<scalar_t>(l_c_bs5[a_c]))*((-Vec(static_cast<scalar_t>(l_c_sum_sum_dout[a_c]))) + Vec(static_cast<scalar_t>(l_s_bs4))*Vec::loadu(l_p_dout + a_n*l_sz_c*l_sz_l + a_c*l_sz_l + col, cnt) - Vec(static_cast<scalar_t>(l_c_bs2[a_c]))*Vec(static_cast<scalar_t>(l_c_sum_sum_dout_xhat[a_c]))*(Vec(static_cast<scalar_t>(l_c_bs1[a_c])) + Vec::loadu(l_p_x + a_n*l_sz_c*l_sz_l + a_c*l_sz_l + col, cnt)))).store(l_o_dx + row*l_sz_l + col, cnt);
+            (Vec(static_cast<scalar_t>(l_s_bs3))*Vec(static_cast<scalar_t>(l_c_bs6[a_c]))*((-Vec(static_cast<scalar_t>(l_c_sum_sum_dout[a_c]))) - Vec(static_cast<scalar_t>(l_c_bs4[a_c]))*(Vec(static_cast<scalar_t>(l_c_bs1[a_c])) + Vec::loadu(l_p_x + a_n*l_sz_c*l_sz_l + a_c*l_sz_l + col, cnt)) + Vec(static_cast<scalar_t>(l_s_bs5))*Vec::loadu(l_p_dout + a_n*l_sz_c*l_sz_l + a_c*l_sz_l + col, cnt))).store(l_o_dx + row*l_sz_l + col, cnt);
           };
           {
             int64_t col = 0;

@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer cross_entropy_ignore)
 // regenerate: derive generate --backend cpp
 // inputs-hash: fd183d0d22fccd1bba61120ed01f896db8c9ecc2bee50432de5439ee2f8fc006
-// content-hash: e2e58578617abb1ca74fa765dc451410b255403e7f420e49734a467e450eaa98
+// content-hash: 20df2ae73ec21d221e3defce89441d115e65daa04ede40ca538dec781e770403
 // cross_entropy_ignore: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_cross_entropy_ignore {
 
@@ -199,7 +199,6 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
     std::vector<double> kr_br1(sz_n);
     std::vector<double> kr_br3(sz_n);
-    std::vector<double> kr_br4(sz_n);
 
     // sweep 1
     std::vector<double>& part_sum_y = derive_scratch(0, chunks, 0.0);
@@ -207,7 +206,6 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
       // local copies of what the loops read: a vector store may alias anything the region captured
       auto* const l_kr_br1 = kr_br1.data();
       auto* const l_kr_br3 = kr_br3.data();
-      auto* const l_kr_br4 = kr_br4.data();
       auto* const l_part_sum_y = part_sum_y.data();
       const auto l_k_ignore_index = k_ignore_index;
       const auto l_p_m = p_m;
@@ -221,10 +219,8 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
           const double r_br1 = -static_cast<double>(l_p_m[row]);
           l_kr_br1[row] = r_br1;
           l_part_sum_y[chunk] += ((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0);
-          const double r_br3 = (((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0) - 1.0)/static_cast<double>(l_p_sum_t1[row]);
+          const double r_br3 = static_cast<double>(l_p_sum_t1[row]);
           l_kr_br3[row] = r_br3;
-          const double r_br4 = static_cast<double>(l_p_sum_t1[row]);
-          l_kr_br4[row] = r_br4;
         }
       }
     });
@@ -232,32 +228,35 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
     // sweep 2
     double s_sum_y = 0.0;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) { const double q = part_sum_y[chunk]; s_sum_y += q; }
-    const double s_bs2 = static_cast<double>(p_dloss[0])/(static_cast<double>(sz_n) - s_sum_y);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       // local copies of what the loops read: a vector store may alias anything the region captured
       auto* const l_kr_br1 = kr_br1.data();
       auto* const l_kr_br3 = kr_br3.data();
-      auto* const l_kr_br4 = kr_br4.data();
+      const auto l_k_ignore_index = k_ignore_index;
       const auto l_o_dlogits = o_dlogits;
+      const auto l_p_dloss = p_dloss;
       const auto l_p_logits = p_logits;
+      const auto l_p_sum_t1 = p_sum_t1;
       const auto l_p_y = p_y;
-      const auto l_s_bs2 = s_bs2;
+      const auto l_s_sum_y = s_sum_y;
       const auto l_sz_k = sz_k;
+      const auto l_sz_n = sz_n;
       const int64_t cols = sz_k;
       alignas(64) scalar_t buf[Vec::size()];
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         const int64_t row_end = std::min(sz_n, (chunk + 1) * rows_per_chunk);
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
+          const double r_br2 = (((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0) - 1.0)*static_cast<double>(l_p_dloss[0])/((static_cast<double>(l_sz_n) - l_s_sum_y)*static_cast<double>(l_p_sum_t1[row]));
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            (-Vec(static_cast<scalar_t>(l_kr_br3[row]))*Vec(static_cast<scalar_t>(l_s_bs2))*(Vec(static_cast<scalar_t>(l_kr_br1[row])) + Vec::loadu(l_p_logits + row*l_sz_k + col, cnt)).exp()).store(l_o_dlogits + row*l_sz_k + col, cnt);
+            (-Vec(static_cast<scalar_t>(r_br2))*(Vec(static_cast<scalar_t>(l_kr_br1[row])) + Vec::loadu(l_p_logits + row*l_sz_k + col, cnt)).exp()).store(l_o_dlogits + row*l_sz_k + col, cnt);
           };
           {
             int64_t col = 0;
             for (; col + Vec::size() <= cols; col += Vec::size()) pass0(col, Vec::size());
             if (col < cols) pass0(col, cols - col);
           }
-          { const int64_t label_col = l_p_y[row]; l_o_dlogits[row*l_sz_k + label_col] = static_cast<scalar_t>(l_kr_br3[row]*l_s_bs2*(l_kr_br4[row] - std::exp(l_kr_br1[row] + static_cast<double>(l_p_logits[row*l_sz_k + static_cast<int64_t>((l_p_y[row]))])))); }
+          { const int64_t label_col = l_p_y[row]; l_o_dlogits[row*l_sz_k + label_col] = static_cast<scalar_t>(r_br2*(l_kr_br3[row] - std::exp(l_kr_br1[row] + static_cast<double>(l_p_logits[row*l_sz_k + static_cast<int64_t>((l_p_y[row]))])))); }
         }
       }
     });

@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer cross_entropy_weighted)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 94238389aa5dbfd3b703ece04742a356a7360d859ca5d2ef366e61d7c9aac6ce
-// content-hash: 1e00828c26d5f1b75c18bb7c930a6a904893035bd4d446452011bcb06cc8dbbb
+// content-hash: c5f29c0c4625f9e339cbef0ffe9a77ff663d7b55d567e91619d16b3a8c9e33de
 // cross_entropy_weighted: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_cross_entropy_weighted {
 
@@ -204,16 +204,16 @@ std::vector<at::Tensor> cross_entropy_weighted_backward(const at::Tensor& t_dlos
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
 
     // sweep 1
-    const double s_bs2 = static_cast<double>(p_dloss[0])/static_cast<double>(p_sum_w_y[0]);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       // local copies of what the loops read: a vector store may alias anything the region captured
       const auto l_o_dlogits = o_dlogits;
+      const auto l_p_dloss = p_dloss;
       const auto l_p_logits = p_logits;
       const auto l_p_m = p_m;
       const auto l_p_sum_t1 = p_sum_t1;
+      const auto l_p_sum_w_y = p_sum_w_y;
       const auto l_p_w = p_w;
       const auto l_p_y = p_y;
-      const auto l_s_bs2 = s_bs2;
       const auto l_sz_k = sz_k;
       const int64_t cols = sz_k;
       alignas(64) scalar_t buf[Vec::size()];
@@ -221,17 +221,18 @@ std::vector<at::Tensor> cross_entropy_weighted_backward(const at::Tensor& t_dlos
         const int64_t row_end = std::min(sz_n, (chunk + 1) * rows_per_chunk);
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           const double r_br1 = -static_cast<double>(l_p_m[row]);
-          const double r_br3 = (1.0/(static_cast<double>(l_p_sum_t1[row])));
+          const double r_br2 = (1.0/(static_cast<double>(l_p_sum_t1[row])));
+          const double r_br3 = static_cast<double>(l_p_dloss[0])*static_cast<double>(l_p_w[static_cast<int64_t>((l_p_y[row]))])/static_cast<double>(l_p_sum_w_y[0]);
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
-            (Vec(static_cast<scalar_t>(r_br3))*Vec(static_cast<scalar_t>(l_s_bs2))*(Vec(static_cast<scalar_t>(r_br1)) + Vec::loadu(l_p_logits + row*l_sz_k + col, cnt)).exp()*Vec(l_p_w[static_cast<int64_t>((l_p_y[row]))])).store(l_o_dlogits + row*l_sz_k + col, cnt);
+            (Vec(static_cast<scalar_t>(r_br2))*Vec(static_cast<scalar_t>(r_br3))*(Vec(static_cast<scalar_t>(r_br1)) + Vec::loadu(l_p_logits + row*l_sz_k + col, cnt)).exp()).store(l_o_dlogits + row*l_sz_k + col, cnt);
           };
           {
             int64_t col = 0;
             for (; col + Vec::size() <= cols; col += Vec::size()) pass0(col, Vec::size());
             if (col < cols) pass0(col, cols - col);
           }
-          { const int64_t label_col = l_p_y[row]; l_o_dlogits[row*l_sz_k + label_col] = static_cast<scalar_t>(l_s_bs2*((-1.0) + r_br3*std::exp(r_br1 + static_cast<double>(l_p_logits[row*l_sz_k + static_cast<int64_t>((l_p_y[row]))])))*static_cast<double>(l_p_w[static_cast<int64_t>((l_p_y[row]))])); }
+          { const int64_t label_col = l_p_y[row]; l_o_dlogits[row*l_sz_k + label_col] = static_cast<scalar_t>(r_br3*((-1.0) + r_br2*std::exp(r_br1 + static_cast<double>(l_p_logits[row*l_sz_k + static_cast<int64_t>((l_p_y[row]))])))); }
         }
       }
     });

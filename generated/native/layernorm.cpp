@@ -2,7 +2,7 @@
 // source: derive.layers.normalization (layer layernorm)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 13916fbb9268fb4d5cddadfed3800428e48ed41703a732341fa30c61a18a683b
-// content-hash: d84834f6d06dff918655f1b8b5ad337a7b1db896995cc38d788a9749eb19dd33
+// content-hash: 308eef1a56a40562daaea620b676803943a32e099cc5c428fd4ab00727c89b44
 // layernorm: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_layernorm {
 
@@ -205,11 +205,14 @@ std::vector<at::Tensor> layernorm_backward(const at::Tensor& t_dout, const at::T
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
 
     // sweep 1
-    const double s_bs3 = (1.0/(static_cast<double>(sz_d)));
+    std::vector<double> c_bc4(sz_d);
+    for (int64_t col = 0; col < sz_d; ++col) { c_bc4[col] = static_cast<double>(sz_d)*static_cast<double>(p_gamma[col]); }
+    std::vector<scalar_t> cv_bc4(c_bc4.begin(), c_bc4.end());
     std::vector<double>& part_sum_dout_xhat = derive_scratch(0, chunks*sz_d, 0.0);
     std::vector<double>& part_sum_dout = derive_scratch(1, chunks*sz_d, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       // local copies of what the loops read: a vector store may alias anything the region captured
+      auto* const l_cv_bc4 = cv_bc4.data();
       auto* const l_part_sum_dout = part_sum_dout.data();
       auto* const l_part_sum_dout_xhat = part_sum_dout_xhat.data();
       const auto l_o_dx = o_dx;
@@ -218,7 +221,6 @@ std::vector<at::Tensor> layernorm_backward(const at::Tensor& t_dout, const at::T
       const auto l_p_inv = p_inv;
       const auto l_p_sum_x = p_sum_x;
       const auto l_p_x = p_x;
-      const auto l_s_bs3 = s_bs3;
       const auto l_sz_d = sz_d;
       const int64_t cols = sz_d;
       alignas(64) scalar_t buf[Vec::size()];
@@ -227,6 +229,7 @@ std::vector<at::Tensor> layernorm_backward(const at::Tensor& t_dout, const at::T
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           const double r_br1 = -static_cast<double>(l_p_sum_x[row])/static_cast<double>(l_sz_d);
           const double r_br2 = static_cast<double>(l_p_inv[row]);
+          const double r_br5 = static_cast<double>(l_p_inv[row])/static_cast<double>(l_sz_d);
           // pass 1 over the row
           DoubleLanes<scalar_t> acc_sum_dout_gamma;
           DoubleLanes<scalar_t> acc_sum_dout_gamma2;
@@ -245,11 +248,12 @@ std::vector<at::Tensor> layernorm_backward(const at::Tensor& t_dout, const at::T
           }
           const double r_sum_dout_gamma = acc_sum_dout_gamma.total();
           const double r_sum_dout_gamma2 = acc_sum_dout_gamma2.total();
+          const double r_br3 = -r_br2*r_sum_dout_gamma2;
           // pass 2 over the row
           auto pass1 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
             __builtin_prefetch(l_p_dout + (row + 1)*l_sz_d + col);
             __builtin_prefetch(l_p_x + (row + 1)*l_sz_d + col);
-            (Vec(static_cast<scalar_t>(r_br2))*Vec(static_cast<scalar_t>(l_s_bs3))*((-Vec(static_cast<scalar_t>(r_sum_dout_gamma))) - Vec(static_cast<scalar_t>(r_br2))*Vec(static_cast<scalar_t>(r_sum_dout_gamma2))*(Vec(static_cast<scalar_t>(r_br1)) + Vec::loadu(l_p_x + row*l_sz_d + col, cnt)) + Vec(static_cast<scalar_t>(static_cast<double>(l_sz_d)))*Vec::loadu(l_p_dout + row*l_sz_d + col, cnt)*Vec::loadu(l_p_gamma + col, cnt))).store(l_o_dx + row*l_sz_d + col, cnt);
+            (Vec(static_cast<scalar_t>(r_br5))*((-Vec(static_cast<scalar_t>(r_sum_dout_gamma))) + Vec::loadu(l_cv_bc4 + col, cnt)*Vec::loadu(l_p_dout + row*l_sz_d + col, cnt) + Vec(static_cast<scalar_t>(r_br3))*(Vec(static_cast<scalar_t>(r_br1)) + Vec::loadu(l_p_x + row*l_sz_d + col, cnt)))).store(l_o_dx + row*l_sz_d + col, cnt);
           };
           {
             int64_t col = 0;

@@ -2,7 +2,7 @@
 // source: derive.layers.normalization (layer rmsnorm)
 // regenerate: derive generate --backend cpp
 // inputs-hash: e1fa8a869144693586e129509afef767494a2477c4ebadab6c3adbf2e218cc5f
-// content-hash: 37f71a27029ae3cad0183d3809b63ac9ecb2c9cfd2f4ab43ac095dbfa1e62438
+// content-hash: 8850dc599cd57088ef4684ab3f63f632efb774b5ecafbe39732b7893eaf5cf95
 // rmsnorm: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_rmsnorm {
 
@@ -184,30 +184,33 @@ std::vector<at::Tensor> rmsnorm_backward(const at::Tensor& t_dout, const at::Ten
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
 
     // sweep 1
-    const double s_bs1 = (1.0/(static_cast<double>(sz_d)));
+    std::vector<double> c_bc1(sz_d);
+    for (int64_t col = 0; col < sz_d; ++col) { c_bc1[col] = static_cast<double>(sz_d)*static_cast<double>(p_g[col]); }
+    std::vector<scalar_t> cv_bc1(c_bc1.begin(), c_bc1.end());
     std::vector<double>& part_sum_dout_inv = derive_scratch(0, chunks*sz_d, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       // local copies of what the loops read: a vector store may alias anything the region captured
+      auto* const l_cv_bc1 = cv_bc1.data();
       auto* const l_part_sum_dout_inv = part_sum_dout_inv.data();
       const auto l_o_dx = o_dx;
       const auto l_p_dout = p_dout;
       const auto l_p_g = p_g;
       const auto l_p_inv = p_inv;
       const auto l_p_x = p_x;
-      const auto l_s_bs1 = s_bs1;
       const auto l_sz_d = sz_d;
       const int64_t cols = sz_d;
       alignas(64) scalar_t buf[Vec::size()];
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         const int64_t row_end = std::min(sz_n, (chunk + 1) * rows_per_chunk);
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
-          const double r_br3 = static_cast<double>(l_p_inv[row]);
+          const double r_br3 = static_cast<double>(l_p_inv[row])/static_cast<double>(l_sz_d);
+          const double r_br4 = static_cast<double>(l_p_inv[row]);
           // pass 1 over the row
           DoubleLanes<scalar_t> acc_sum_dout_g;
           auto pass0 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
             const Vec v_e0_t0 = Vec::loadu(l_p_dout + row*l_sz_d + col, cnt)*Vec::loadu(l_p_x + row*l_sz_d + col, cnt);
             acc_sum_dout_g.add(Vec::set(Vec(scalar_t(0)), v_e0_t0*Vec::loadu(l_p_g + col, cnt), cnt));
-            derive_add_to(l_part_sum_dout_inv + chunk*l_sz_d + col, Vec(static_cast<scalar_t>(r_br3))*v_e0_t0, cnt);
+            derive_add_to(l_part_sum_dout_inv + chunk*l_sz_d + col, Vec(static_cast<scalar_t>(r_br4))*v_e0_t0, cnt);
           };
           {
             int64_t col = 0;
@@ -215,12 +218,12 @@ std::vector<at::Tensor> rmsnorm_backward(const at::Tensor& t_dout, const at::Ten
             if (col < cols) pass0(col, cols - col);
           }
           const double r_sum_dout_g = acc_sum_dout_g.total();
-          const double r_br2 = r_sum_dout_g*((static_cast<double>(l_p_inv[row]))*(static_cast<double>(l_p_inv[row])));
+          const double r_br2 = -r_sum_dout_g*((static_cast<double>(l_p_inv[row]))*(static_cast<double>(l_p_inv[row])));
           // pass 2 over the row
           auto pass1 = [&](int64_t col, int64_t cnt) __attribute__((always_inline)) {
             __builtin_prefetch(l_p_dout + (row + 1)*l_sz_d + col);
             __builtin_prefetch(l_p_x + (row + 1)*l_sz_d + col);
-            (Vec(static_cast<scalar_t>(r_br3))*Vec(static_cast<scalar_t>(l_s_bs1))*((-Vec(static_cast<scalar_t>(r_br2))*Vec::loadu(l_p_x + row*l_sz_d + col, cnt)) + Vec(static_cast<scalar_t>(static_cast<double>(l_sz_d)))*Vec::loadu(l_p_dout + row*l_sz_d + col, cnt)*Vec::loadu(l_p_g + col, cnt))).store(l_o_dx + row*l_sz_d + col, cnt);
+            (Vec(static_cast<scalar_t>(r_br3))*(Vec::loadu(l_cv_bc1 + col, cnt)*Vec::loadu(l_p_dout + row*l_sz_d + col, cnt) + Vec(static_cast<scalar_t>(r_br2))*Vec::loadu(l_p_x + row*l_sz_d + col, cnt))).store(l_o_dx + row*l_sz_d + col, cnt);
           };
           {
             int64_t col = 0;
