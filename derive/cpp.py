@@ -542,20 +542,24 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
         steps = sweep.start + [s for lp in sweep.loops for s in lp.after]
         accumulated = [x for lp in sweep.loops for x in lp.col_reductions] + \
                       [step.value for step in steps if step.kind == "accumulate"]
+        chunk_start = []
         for v in accumulated:
             size = numel(v.layout, frame)
             partials.append(f"std::vector<double>& part_{v.name} = derive_scratch({len(slots)}, "
-                            f"{'chunks' if size == '1' else f'chunks*{size}'}, {'0.0' if v.reduce == 'sum' else '-INFINITY'});")
+                            f"{'chunks' if size == '1' else f'chunks*{size}'});")
+            chunk_start.append(f"std::fill(part_{v.name}.data() + chunk*{size}, part_{v.name}.data() + (chunk + 1)*{size}, "
+                               f"{'0.0' if v.reduce == 'sum' else '-INFINITY'});")
             slots.append(v.name)
         start = split_row(frame) + [line for step in sweep.start for line in row_step(step, names, sp_)]
-        local, (start, *parts) = _localized([start] + [lp[key] for lp in loops for key in ("setup", "body", "after")])
+        local, (chunk_start, start, *parts) = _localized(
+            [chunk_start, start] + [lp[key] for lp in loops for key in ("setup", "body", "after")])
         for lp in loops:
             lp["setup"], lp["body"], lp["after"] = parts[:3]
             parts = parts[3:]
         if len(loops) > 1:
             loops[-1]["body"] = _prefetching(loops[0]["body"]) + loops[-1]["body"]
         sweeps.append(dict(before=finalize(sweep.before, k), partials=partials, start=start, loops=loops, index=k,
-                           local=local))
+                           local=local, chunk_start=chunk_start))
     tail = finalize(program.tail, len(program.sweeps))
     allocations = []
     for t, v in program.outputs:
