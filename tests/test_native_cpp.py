@@ -137,6 +137,49 @@ def test_partial_sums_kept_between_calls_start_afresh(name):
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(again, run(eager, small)))
 
 
+SPREAD_LAYERS = '''
+import torch
+from derive import Constant, Tensor, layer
+
+
+@layer(x=Tensor("n", "d"), w=Tensor("d"), eps=Constant(1e-5, positive=True))
+def weighted_standardize(x, w, eps=1e-5):
+    mu = x.mean(0, keepdim=True)
+    xc = x - mu
+    var = (w * xc**2).mean(0, keepdim=True)
+    out = xc / torch.sqrt(var + eps)
+    return out
+
+
+@layer(x=Tensor("n", "d"), eps=Constant(1e-5, positive=True))
+def mean_abs_scale(x, eps=1e-5):
+    mu = x.mean(0, keepdim=True)
+    xc = x - mu
+    mad = xc.abs().mean(0, keepdim=True)
+    out = xc / (mad + eps)
+    return out
+'''
+
+
+def test_shifted_sums_take_polynomials_of_the_mean_and_nothing_else(tmp_path):
+    """A user's spread written their own way: a weighted sum of squared deviations is a polynomial
+    in the mean, taken in the mean's sweep as one shifted sum (its first-order term read off the sum
+    of ``x``: ``2*w*(x - x[0])`` is affine in ``x``); a mean absolute deviation is not a polynomial
+    in the mean and keeps a sweep of its own."""
+    from derive.layers import from_file
+
+    spec = tmp_path / "spreads.py"
+    spec.write_text(SPREAD_LAYERS)
+    plans = {layer.name: lower(build_cached(layer)) for layer in from_file(str(spec))}
+    weighted = plans["weighted_standardize"].forward
+    assert len(weighted.sweeps) == 2
+    assert [v.name for v in weighted.values.values() if v.wide] == ["shifted_sum_w_xc"]
+    assert "w*(x - x[0])**2" in " ".join(weighted.summary())
+    spread = plans["mean_abs_scale"].forward
+    assert len(spread.sweeps) == 3
+    assert not any(v.wide or v.shifted is not None for v in spread.values.values())
+
+
 @pytest.mark.parametrize("name", ["batchnorm_biased", "batchnorm"])
 def test_the_shifted_variance_keeps_a_first_row_far_from_the_mean(name):
     """The variance is summed around each column's first row in one sweep: with the first row 50

@@ -178,3 +178,20 @@ def test_float32_names_the_wrong_gradient(kernels, capsys):
 def test_bad_arguments_say_what_to_pass(kernels, capsys, argument, names, message):
     assert main(["verify", *names, "--kernel", argument.format(k=kernels)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_nan_where_autograd_of_the_spec_has_one_is_a_match():
+    """A spec undefined at a draw (``sqrt`` of a weighted variance with a negative weight) is NaN
+    there under autograd too: the generated code matching it is right, and ``derive generate`` must
+    not call that a bug of its printer. A NaN on one side only is an infinite difference."""
+    import torch
+
+    from derive.verify import compare
+
+    nan = float("nan")
+    same = compare("dw", torch.tensor([nan, 1.0, 2.0]), torch.tensor([nan, 1.0, 2.0]))
+    assert same.exact and same.approximate and same.maxdiff == 0.0
+    one_sided = compare("dw", torch.tensor([nan, 1.0]), torch.tensor([0.5, 1.0]))
+    assert not one_sided.approximate and one_sided.maxdiff == float("inf")
+    off = compare("dw", torch.tensor([nan, 1.0]), torch.tensor([nan, 1.5]))
+    assert not off.exact and not off.approximate and off.maxdiff == 0.5
