@@ -23,14 +23,43 @@ from .elements import Elements
 from .errors import DerivationError
 from .functions import NOT_INVERTIBLE
 from .risk import Path, risky_atoms
-from .symbolic import GroupedRed, Red, bases, expand, extent, hide_argmax, reductions, substitute_family
+from .symbolic import GroupedRed, Red, _replace_free, bases, expand, extent, hide_argmax, reductions, substitute_family
 from .trace import Node
 
 
 def tidy(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
-    """Canonical sum of terms: combine exponentials, expand, recognize known reductions (into ``log``)."""
+    """Canonical sum of terms: combine exponentials, expand, recognize known reductions (into ``log``),
+    drop sums that are 0 by definition (``_zero_sums``)."""
     expr = sp.powsimp(expand(expr), combine="exp")
-    return el.recognize(expand(expr), log)
+    return _zero_sums(el, el.recognize(expand(expr), log))
+
+
+def _zero_sums(el: Elements, expr: sp.Expr) -> sp.Expr:
+    """``expr`` with every sum of a forward value that is 0 by that value's definition replaced by 0
+    (``sum_n xc`` with ``xc = x - x.mean(0)``). A refold into such values (``x`` as ``xc + mu``) keeps
+    ``2*mu*sum_n(xc)`` otherwise: 0 in exact arithmetic, rounding noise times the mean in floating
+    point (at an offset of 1000, most of float32's digits). Only sums whose body is the value itself
+    are looked at, each once per ``Elements``."""
+    known = el.__dict__.setdefault("_zero_sums", {})
+    nodes = {n.name: n for n in el.graph.nodes}
+    zero = {}
+    for atom in reductions(expr):
+        if not isinstance(atom, Red) or not isinstance(atom.body, sp.Indexed):
+            continue
+        if atom not in known:
+            node = nodes.get(str(atom.body.base))
+            known[atom] = False
+            if node is not None and node.op not in ("input", "labels") and node in el.nf:
+                ref = el.ref(node)
+                if isinstance(ref, sp.Indexed) and len(ref.indices) == len(atom.body.indices):
+                    value = el.definition.get(node, el.nf[node])
+                    for own, read in zip(ref.indices, atom.body.indices):
+                        if own != read and isinstance(own, sp.Idx):
+                            value = _replace_free(value, own, read)
+                    known[atom] = el.recognize(expand(Red(value, atom.index))) == 0
+        if known[atom]:
+            zero[atom] = sp.S.Zero
+    return expand(expr.xreplace(zero)) if zero else expr
 
 
 def scalars(el: Elements) -> set:

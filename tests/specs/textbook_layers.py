@@ -180,3 +180,14 @@ def tanh_gate_with_row_sum(x, a, b):
     """A per-feature tanh whose output is used twice: scaled per feature, and summed over the row."""
     h = torch.tanh(x * a)
     return h * b + h.sum(1, keepdim=True)
+
+
+@layer(x=Tensor("n", "d"), w=Tensor("d"), eps=Constant(1e-5, positive=True))
+def weighted_standardize(x, w, eps=1e-5):
+    """Deviations from the column mean over a weighted spread: ``dw`` rewritten in the centred
+    values (``x`` as ``xc + mu``) must not keep ``mu*sum(xc)``, zero only in exact arithmetic."""
+    mu = x.mean(0, keepdim=True)
+    xc = x - mu
+    var = (w * xc**2).mean(0, keepdim=True)
+    out = xc / torch.sqrt(var + eps)
+    return out
