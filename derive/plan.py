@@ -42,6 +42,8 @@ cannot lower keeps its eager kernel, and the generate report says why).
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field, replace
 
 import sympy as sp
@@ -569,8 +571,8 @@ def _program(name: str, b: _Builder, inputs: list, scalars: list, outputs: list)
             needed.add(n)
             stack.extend(_reads(b.values[n].expr, set(b.values)))
     vals = {k: b.values[k] for k in _topological({k: v for k, v in b.values.items() if k in needed})}
-    # split full-size expressions by layout: per-column and per-row parts computed once
     vals = _shifted(vals, b)
+    # split full-size expressions by layout: per-column and per-row parts computed once
     hoister = _Hoister(b, vals, {t.name for t in inputs if t.double})
     for k, v in list(vals.items()):
         if v.layout == FULL or (v.reduce and b.layout(v.expr) == FULL):
@@ -640,7 +642,7 @@ def _shifted(vals: dict, b: _Builder) -> dict:
                 break
             shifts[n] = estimate
         else:
-            rewritten = _shifted_sum(name, body, shifts, vals, b, sweep, count, out)
+            rewritten = _shifted_sum(name, body, degree, shifts, vals, b, sweep, count, out)
             if rewritten is not None:
                 out[name] = Value(name, v.layout, rewritten, shifted=v.expr)
     return {k: out[k] for k in _topological(out)}
@@ -674,28 +676,20 @@ def _first_row(expr: sp.Expr, vals: dict, b: _Builder, sweep: int, row_index, co
     return at_first(expr)
 
 
-def _shifted_sum(name: str, body: sp.Expr, shifts: dict, vals: dict, b: _Builder, sweep: int, count,
-                 out: dict) -> sp.Expr | None:
-    """The finalize expression of ``sum_rows body`` from shifted sums (``_shifted``); the new values
-    (the shifts, the sums) go into ``out``. None when the identity does not check."""
-    import itertools
-    import math
-
+def _shifted_sum(name: str, body: sp.Expr, degree: int, shifts: dict, vals: dict, b: _Builder, sweep: int,
+                 count, out: dict) -> sp.Expr | None:
+    """The finalize expression of ``sum_rows body`` (a polynomial of ``degree`` in the values of
+    ``shifts``) from shifted sums (``_shifted``); the new values (the shifts, the sums) go into
+    ``out``. None when the identity does not check."""
     late = [sp.Symbol(n) for n in shifts]
-    shift_symbols = {}
-    for n, estimate in shifts.items():
-        first = f"first_{n}"
-        while first in b.values or first in b.tensors:
-            first += "_"
-        value = Value(first, b.layout(estimate), estimate)
-        b.values[first] = value
-        out[first] = value
-        shift_symbols[n] = sp.Symbol(first)
-    at_shift = {s: shift_symbols[s.name] for s in late}
+    at_shift = {}
+    for s, estimate in zip(late, shifts.values()):
+        value = b.add(b.named(f"first_{s.name}"), estimate)
+        out[value.name] = value
+        at_shift[s] = value.symbol
     same_sweep = [w for w in vals.values() if w.reduce == "sum" and w.axis == 0 and not w.wide
                   and _body_time(w, vals)[0] == sweep - 1 and b.layout(w.expr) == b.full]
     total, check = sp.S.Zero, sp.S.Zero
-    degree = sp.Poly(body, *late).total_degree()
     for powers in itertools.product(range(degree + 1), repeat=len(late)):
         if sum(powers) > degree:
             continue
@@ -727,14 +721,10 @@ def _summed(name: str, body: sp.Expr, same_sweep: list, vals: dict, b: _Builder,
         slope, offset = sp.diff(affine, t), affine.xreplace({t: 0})
         if t not in slope.free_symbols and 0 not in b.layout(slope) | b.layout(offset):
             return slope*sp.Symbol(w.name) + count*offset
-    stem = f"shifted_{name}"
-    new = stem
-    while new in b.values or new in b.tensors:
-        new += "_"
-    value = Value(new, b.layout(body) - {0}, body, "sum", 0, wide=True)
-    b.values[new] = value
-    out[new] = value
-    return sp.Symbol(new)
+    value = b.add(b.named(f"shifted_{name}"), body, "sum", 0)
+    value.wide = True
+    out[value.name] = value
+    return value.symbol
 
 
 def _topological(values: dict) -> list:
