@@ -26,6 +26,8 @@ from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, co
 from .templating import environment
 
 CHUNKS = 64  # the most chunks of rows a sweep is split into (partial sums: chunks x columns doubles)
+BLOCK_ROWS = 8  # rows of a chunk summed in registers before one update of its partial sums
+LANES = 4  # independent accumulators of a row's reduction (vector k of the row into k % LANES)
 
 
 def _exponent(exp: sp.Expr) -> sp.Expr:
@@ -393,13 +395,17 @@ def _localized(blocks: list[list[str]]) -> tuple[list[str], list[list[str]]]:
 _ROW_LOAD = re.compile(r"Vec::loadu\((l_p_\w+) \+ (row\*[\w*]+) \+ col, cnt\)")
 
 
-def _prefetching(first: list[str]) -> list[str]:
-    """Prefetches of the next row's entries that a sweep's first pass over a row reads, placed in
-    its last pass. The first pass streams the row from memory and later passes read it from cache:
-    without the prefetch the first pass waits on memory while the later ones (an ``exp`` at every
-    entry) leave the memory idle. A prefetch never faults: past the last row it reads nothing."""
+def _prefetching(first: list[str], ahead: str = "1") -> list[str]:
+    """Prefetches of the entries ``ahead`` rows on that a sweep's first pass over a row reads.
+
+    Placed in the last pass over a row (``ahead`` 1): the first pass streams the row from memory and
+    later passes read it from cache; without the prefetch the first pass waits on memory while the
+    later ones (an ``exp`` at every entry) leave the memory idle. In a pass over a block of rows
+    (``ahead`` a block): it reads a vector of columns from each row of the block in turn, a pattern
+    of short strides the hardware's prefetchers follow badly when rows are shorter than a page. A
+    prefetch never faults: past the last row it reads nothing."""
     loads = sorted(set(_ROW_LOAD.findall("\n".join(first))))
-    return [f"__builtin_prefetch({pointer} + {offset.replace('row*', '(row + 1)*', 1)} + col);"
+    return [f"__builtin_prefetch({pointer} + {offset.replace('row*', f'(row + {ahead})*', 1)} + col);"
             for pointer, offset in loads]
 
 
@@ -472,12 +478,8 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
     def row_step(step, names: Names, sp_: ScalarPrinter) -> list[str]:
         v = step.value
         if step.kind == "reduced":
-            if v.reduce == "sum":
-                line = f"const double r_{v.name} = acc_{v.name}.total();"
-            else:
-                line = (f"acc_{v.name}.store(buf); double r_{v.name} = -INFINITY; "
-                        f"for (int64_t l = 0; l < Vec::size(); ++l) r_{v.name} = derive_max(r_{v.name}, "
-                        f"static_cast<double>(buf[l]));")
+            total = "derive_total" if v.reduce == "sum" else "derive_max_total"
+            line = f"const double r_{v.name} = {total}(acc_{v.name});"
             return [line] + ([f"kr_{v.name}[row] = r_{v.name};"] if v.name in kept else [])
         if step.kind == "value":
             return [f"const double r_{v.name} = {sp_._print(v.expr)};"] + (
@@ -503,11 +505,23 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
         sp_, vp = ScalarPrinter(names), VectorPrinter(names)
         partials = []
         loops = []
+        # a sweep that only adds up columns over rows (batchnorm's statistics) sums a block of rows
+        # per vector of columns in registers before adding to the chunk's partial sums
+        blocked = not sweep.start and not split_row(frame) and all(
+            not lp.row_reductions and not lp.stores and not lp.after
+            and all(v.reduce == "sum" and v.layout == program.col for v in lp.col_reductions)
+            for lp in sweep.loops)
         for p, lp in enumerate(sweep.loops):
-            setup, body = [], []
+            setup, body, flush = [], [], []
+            # independent accumulators for a row's reductions where the pass does little else per
+            # vector (a pass adding up columns too spends its time on the partial sums' memory); a
+            # pass over a block of rows is unrolled as much (its vectors of columns are independent)
+            lanes = LANES if (lp.row_reductions and not lp.col_reductions) or blocked else 1
             for v in lp.row_reductions:
-                setup.append(f"DoubleLanes<scalar_t> acc_{v.name};" if v.reduce == "sum"
-                             else f"Vec acc_{v.name}(-std::numeric_limits<scalar_t>::infinity());")
+                setup.append(f"DoubleLanes<scalar_t> acc_{v.name}[{lanes}];" if v.reduce == "sum"
+                             else f"Vec acc_{v.name}[{lanes}]; "
+                                  f"std::fill(acc_{v.name}, acc_{v.name} + {lanes}, "
+                                  f"Vec(-std::numeric_limits<scalar_t>::infinity()));")
             # full-size values are inlined, and cse shares what they have in common
             narrow = [v for v in lp.col_reductions if not v.wide]
             exprs = [_inline_full(v.expr, vals, program.full) for v in lp.row_reductions + narrow] + \
@@ -518,19 +532,24 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             for v in lp.row_reductions:
                 text = next(it)
                 if v.reduce == "sum":  # the lanes past the row's end add nothing
-                    body.append(f"acc_{v.name}.add(Vec::set(Vec(scalar_t(0)), {text}, cnt));")
+                    body.append(f"acc_{v.name}[lane].add(Vec::set(Vec(scalar_t(0)), {text}, cnt));")
                 else:
-                    body.append(f"acc_{v.name} = at::vec::maximum(acc_{v.name}, Vec::set("
+                    body.append(f"acc_{v.name}[lane] = at::vec::maximum(acc_{v.name}[lane], Vec::set("
                                 f"Vec(-std::numeric_limits<scalar_t>::infinity()), {text}, cnt));")
             for v in lp.col_reductions:
                 q = f"part_{v.name}.data() + chunk*{numel(v.layout, frame)} + {names.flat(v.layout, 'col')}"
+                if blocked:
+                    setup.append(f"DeriveColumnSums<scalar_t> block_{v.name};")
+                    flush.append(f"block_{v.name}.add_to({q}, cnt);")
                 if v.wide:
                     wide = WidePrinter(names)._print(_inline_full(v.expr, vals, program.full))
-                    body.append(f"derive_add_wide<scalar_t>({q}, cnt, [&](int64_t h, int64_t m) "
-                                f"__attribute__((always_inline)) {{ return {wide}; }});")
+                    adding = f"block_{v.name}.add_wide(cnt, " if blocked else f"derive_add_wide<scalar_t>({q}, cnt, "
+                    body.append(f"{adding}[&](int64_t h, int64_t m) __attribute__((always_inline)) {{ return {wide}; }});")
                     continue
                 text = next(it)
-                if v.reduce == "sum":
+                if blocked:
+                    body.append(f"block_{v.name}.add({text}, cnt);")
+                elif v.reduce == "sum":
                     body.append(f"derive_add_to({q}, {text}, cnt);")
                 else:
                     body.append(f"{{ ({text}).store(buf); double* q = {q}; for (int64_t l = 0; l < cnt; ++l) "
@@ -538,7 +557,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             for tensor, x in lp.stores:
                 body.append(f"({next(it)}).store(o_{tensor} + row*{cols_size} + col, cnt);")
             after = [line for step in lp.after for line in row_step(step, names, sp_)]
-            loops.append(dict(setup=setup, body=body, after=after, index=p))
+            loops.append(dict(setup=setup, body=body, after=after, flush=flush, index=p, lanes=lanes))
         steps = sweep.start + [s for lp in sweep.loops for s in lp.after]
         accumulated = [x for lp in sweep.loops for x in lp.col_reductions] + \
                       [step.value for step in steps if step.kind == "accumulate"]
@@ -552,14 +571,16 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             slots.append(v.name)
         start = split_row(frame) + [line for step in sweep.start for line in row_step(step, names, sp_)]
         local, (chunk_start, start, *parts) = _localized(
-            [chunk_start, start] + [lp[key] for lp in loops for key in ("setup", "body", "after")])
+            [chunk_start, start] + [lp[key] for lp in loops for key in ("setup", "body", "after", "flush")])
         for lp in loops:
-            lp["setup"], lp["body"], lp["after"] = parts[:3]
-            parts = parts[3:]
-        if len(loops) > 1:
+            lp["setup"], lp["body"], lp["after"], lp["flush"] = parts[:4]
+            parts = parts[4:]
+        if blocked:
+            loops[0]["body"] = _prefetching(loops[0]["body"], "derive_block_rows") + loops[0]["body"]
+        elif len(loops) > 1:
             loops[-1]["body"] = _prefetching(loops[0]["body"]) + loops[-1]["body"]
         sweeps.append(dict(before=finalize(sweep.before, k), partials=partials, start=start, loops=loops, index=k,
-                           local=local, chunk_start=chunk_start))
+                           local=local, chunk_start=chunk_start, blocked=blocked))
     tail = finalize(program.tail, len(program.sweeps))
     allocations = []
     for t, v in program.outputs:
@@ -585,7 +606,7 @@ def render_source(plan: Plan, kernel) -> str:
     """The C++ of one layer's forward and backward (a namespace of its own, no includes: the
     module's loader compiles every layer of its folder as one translation unit)."""
     programs = [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)]
-    context = dict(layer=kernel.name, programs=programs, chunks=CHUNKS,
+    context = dict(layer=kernel.name, programs=programs, chunks=CHUNKS, block_rows=BLOCK_ROWS,
                    slots=max([1] + [p["slots"] for p in programs]))
     return environment().get_template("native_kernel.cpp.j2").render(**context)
 

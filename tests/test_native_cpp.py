@@ -110,6 +110,76 @@ def test_the_result_does_not_depend_on_the_thread_count(name):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_sweeps_that_only_add_up_columns_sum_blocks_of_rows_in_registers():
+    """A sweep whose passes only add up columns over the rows (batchnorm's statistics, forward and
+    backward) takes a block of rows per vector of columns before one update of the partial sums; a
+    sweep writing a full-size output, reducing rows, or of a frame of three axes does not, and a
+    row's reductions get independent accumulators only in a pass that does little else."""
+    from derive.cpp import LANES, program_context
+
+    by_name = {layer.name: layer for layer in FUSED}
+
+    def contexts(name):
+        kernel = build_cached(by_name[name])
+        plan = lower(kernel)
+        return [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)]
+
+    forward, backward = contexts("batchnorm_biased")
+    assert [s["blocked"] for s in forward["sweeps"]] == [True, False]
+    assert [s["blocked"] for s in backward["sweeps"]] == [True, False]
+    body = " ".join(forward["sweeps"][0]["loops"][0]["body"])
+    assert "block_sum_x.add(" in body and "__builtin_prefetch(l_p_x + (row + derive_block_rows)*" in body
+    assert "block_sum_x.add_to(l_part_sum_x" in " ".join(forward["sweeps"][0]["loops"][0]["flush"])
+    ce_forward, ce_backward = contexts("cross_entropy")
+    assert not any(s["blocked"] for p in (ce_forward, ce_backward) for s in p["sweeps"])
+    assert [lp["lanes"] for lp in ce_forward["sweeps"][0]["loops"]] == [LANES, LANES]
+    assert [lp["lanes"] for lp in ce_backward["sweeps"][0]["loops"]] == [1]
+    ln_backward = contexts("layernorm")[1]
+    assert not ln_backward["sweeps"][0]["blocked"] and ln_backward["sweeps"][0]["loops"][0]["lanes"] == 1
+    assert not any(s["blocked"] for p in contexts("batchnorm3d") for s in p["sweeps"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", ["batchnorm_biased", "cross_entropy", "layernorm", "rmsnorm"])
+def test_long_rows_and_chunks_take_every_path_of_the_loops(name, dtype):
+    """The battery's rows are short (13 columns) and its chunks of rows shorter than a block: here
+    150 columns (groups of LANES vectors, then single vectors, then a tail) and 773 rows (chunks of
+    13 rows: a full block of rows and a partial one), against the eager kernel in float64 (a lane,
+    row or block left out or counted twice is an error of the order of the values)."""
+    layer = next(x for x in FUSED if x.name == name)
+    from derive.verify import random_inputs
+
+    inputs = random_inputs(layer, {d: 773 if k == 0 else 150 for k, d in enumerate(layer.dims)}, torch.float64, seed=8)
+    inputs = {k: v * 3 + 2 if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+    def run(f, dtype):
+        leaves = {k: v.to(dtype).requires_grad_(k in layer.differentiable) if v.is_floating_point() else v
+                  for k, v in inputs.items() if torch.is_tensor(v)}
+        out = f(**leaves)
+        upstream = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).reshape(out.shape)
+        return [x.detach().double() for x in
+                [out, *torch.autograd.grad(out, [leaves[k] for k in layer.differentiable], upstream)]]
+
+    eager = getattr(importlib.import_module(f"generated.{name}"), name)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    for got, want in zip(run(getattr(cpp_module(name), name), dtype), run(eager, torch.float64)):
+        assert torch.allclose(got, want, rtol=tolerance, atol=tolerance * float(want.abs().max())), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_rows_maximum_sees_every_lane(dtype):
+    """The row's maximum is taken in independent accumulators and combined: a largest value, or a
+    NaN (which wins, as in torch's max), in any vector of a row of 150 columns (each accumulator of
+    the groups, the single vectors after them, the tail) is the row's saved maximum."""
+    module = cpp_module("cross_entropy").native_module()
+    for column in range(150):
+        logits = torch.randn(3, 150, dtype=dtype)
+        logits[1, column] = 50.0
+        logits[2, column] = float("nan")
+        _, maxes, _ = module.cross_entropy_forward(logits, torch.zeros(3, dtype=torch.long), 3, 150)
+        assert maxes[1] == 50.0 and torch.isnan(maxes[2]) and maxes[0] == logits[0].max(), column
+
+
 @pytest.mark.parametrize("name", ["batchnorm_biased", "layernorm", "batchnorm3d"])
 def test_partial_sums_kept_between_calls_start_afresh(name):
     """The partial sums' buffers (``derive_scratch``) outlive a call and hold the largest size seen:
