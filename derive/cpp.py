@@ -11,6 +11,10 @@ chunks of rows with ``at::parallel_for``, loops over the columns of a row, final
 
 Rows are split into a fixed number of chunks (``CHUNKS`` at most) whatever the number of threads,
 and partial sums are combined in chunk order: the result does not depend on the thread count.
+Within a chunk, a sweep that only adds up columns over the rows takes ``BLOCK_ROWS`` rows per
+vector of columns, summed in double in registers, before one update of the chunk's partial sums;
+a row's reduction in a pass that does little else is taken in ``LANES`` independent accumulators.
+Both orders are fixed by the sizes alone.
 """
 from __future__ import annotations
 
