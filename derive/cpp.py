@@ -595,10 +595,14 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                             "double" if t.double else "scalar_t"))
     args = [(t.name, "const int64_t" if t.labels else "const double" if t.double else "const scalar_t")
             for t in program.inputs]
+    # a label is a column read and written at its row: one outside the columns is memory out of
+    # bounds, whatever the wrapper's input checks (``check_inputs(False)``) did
+    labels = [(t.name, cols_size) for t in program.inputs if t.labels]
     return dict(name=program.name, args=args, constants=[f"k_{c}" for c in program.scalars],
                 sizes=[f"sz_{s}" for s in plan.frame], rows=rows_size, cols=cols_size,
                 kept=[f"std::vector<double> kr_{n}({rows_size});" for n in kept],
                 allocations=allocations, sweeps=sweeps, tail=tail, dispatch=first_float.name, slots=len(slots),
+                labels=labels, layer=kernel.name,
                 outputs=[t.name for t, _ in program.outputs])
 
 

@@ -180,6 +180,27 @@ def test_a_rows_maximum_sees_every_lane(dtype):
         assert maxes[1] == 50.0 and torch.isnan(maxes[2]) and maxes[0] == logits[0].max(), column
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "cross_entropy_ignore"])
+def test_a_label_outside_the_classes_is_refused_by_the_loops_themselves(name):
+    """With the wrapper's checks switched off (``check_inputs(False)``, a trusted training loop) a
+    label outside [0, k) would be a read and a write out of bounds in the loops: the kernel refuses
+    it, naming the range and the values found; with the checks on, the eager kernel's one-line
+    InputError comes first, as before."""
+    module = cpp_module(name)
+    logits = torch.randn(6, 5, requires_grad=True)
+    fn = getattr(module, name)
+    try:
+        module.check_inputs(False)
+        for labels, found in (([0, 1, 4, 2, 5, 3], r"\[0, 5\]"), ([0, -1, 4, 2, 1, 3], r"\[-1, 4\]")):
+            with pytest.raises(IndexError, match=rf"{name}: labels y must lie in \[0, k\) = \[0, 5\), got values in {found}"):
+                fn(logits, torch.tensor(labels))
+        assert torch.isfinite(fn(logits, torch.tensor([0, 1, 4, 2, 4, 3])))
+    finally:
+        module.check_inputs(True)
+    with pytest.raises(module._eager().InputError, match="labels y must lie in"):
+        fn(logits, torch.tensor([0, 1, 4, 2, 5, 3]))
+
+
 @pytest.mark.parametrize("name", ["batchnorm_biased", "layernorm", "batchnorm3d"])
 def test_partial_sums_kept_between_calls_start_afresh(name):
     """The partial sums' buffers (``derive_scratch``) outlive a call and hold the largest size seen:
