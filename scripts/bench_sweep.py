@@ -12,6 +12,8 @@ Columns, for each built-in fused layer at each size:
   spec_compiled  ``torch.compile(spec, dynamic=False)``, forward and backward through AOTAutograd
   generated      the generated ``torch.autograd.Function`` (``generated/<layer>.py``)
   gen_compiled   the same module after ``compile_kernels(dynamic=False)``
+  cpp            the generated C++ kernel (``generated/<layer>_cpp.py``, ``derive generate --backend cpp``);
+                 ``n/a`` for a layer the kernel plan does not lower (a matrix product)
 
 Sizes: a size ``AxB`` is the element count of the layer's largest input. A 2-d layer takes it as
 ``(n, d)`` (``(n, k)`` for a loss); ``linear`` as ``x (n, i) = (A, B)`` and ``W (i, o) = (B, B)``;
@@ -57,7 +59,7 @@ from derive.verify import random_inputs  # noqa: E402
 from test_native import NATIVE, NO_NATIVE  # noqa: E402  (which native op each built-in matches)
 
 DTYPE = torch.float32
-COLUMNS = ("native", "spec", "spec_compiled", "generated", "gen_compiled")
+COLUMNS = ("native", "spec", "spec_compiled", "generated", "gen_compiled", "cpp")
 DEFAULT_SIZES = "1024x512,4096x1024"
 CHANNELS = 32  # batchnorm3d's c
 HEAD = 64  # attention's d and e
@@ -91,7 +93,9 @@ def columns_for(layer, compile_: bool) -> dict:
     """name -> function of the spec's keyword arguments (None where the column does not exist)."""
     generated = getattr(importlib.import_module(f"generated.{layer.name}"), layer.name)
     out = {"native": NATIVE.get(layer.name), "spec": layer.fn, "generated": generated,
-           "spec_compiled": None, "gen_compiled": None}
+           "spec_compiled": None, "gen_compiled": None, "cpp": None}
+    if (ROOT / "generated" / f"{layer.name}_cpp.py").exists():
+        out["cpp"] = getattr(importlib.import_module(f"generated.{layer.name}_cpp"), layer.name)
     if compile_:
         torch._dynamo.reset()
         out["spec_compiled"] = torch.compile(layer.fn, dynamic=False)
@@ -210,6 +214,8 @@ def measure(layer, label: str, sizes: dict, args) -> dict:
         "generated_over_spec_compiled": ratio("generated", "spec_compiled"),
         "gen_compiled_over_spec_compiled": ratio("gen_compiled", "spec_compiled"),
         "gen_compiled_over_spec": ratio("gen_compiled", "spec"),
+        "cpp_over_spec": ratio("cpp", "spec"),
+        "cpp_over_native": ratio("cpp", "native"),
     }
     del inputs, steps, forwards, functions
     gc.collect()
@@ -237,9 +243,9 @@ def markdown(report) -> str:
         + ("elapsed time." if report["settings"]["clock"] == "wall" else "CPU time of the process."),
         "",
         "| layer | size | native ms | spec ms | spec compiled ms (compile s) | generated ms | "
-        "generated compiled ms (compile s) | gen/spec (q1-q3) | gen/native | gen/spec compiled "
-        "| gen compiled/spec compiled |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "generated compiled ms (compile s) | cpp ms | gen/spec (q1-q3) | gen/native | gen/spec compiled "
+        "| gen compiled/spec compiled | cpp/spec | cpp/native |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         c, q, s = r["columns"], r["ratios"], r["compile_s"]
@@ -251,8 +257,10 @@ def markdown(report) -> str:
         lines.append(
             f"| {r['layer']} | {r['size']}{mark} | {fmt_ms(c['native'])} | {fmt_ms(c['spec'])} | "
             f"{compiled('spec_compiled')} | {fmt_ms(c['generated'])} | {compiled('gen_compiled')} | "
-            f"{fmt_ratio(q['generated_over_spec'], True)} | {fmt_ratio(q['generated_over_native'])} | "
-            f"{fmt_ratio(q['generated_over_spec_compiled'])} | {fmt_ratio(q['gen_compiled_over_spec_compiled'])} |")
+            f"{fmt_ms(c.get('cpp'))} | {fmt_ratio(q['generated_over_spec'], True)} | "
+            f"{fmt_ratio(q['generated_over_native'])} | {fmt_ratio(q['generated_over_spec_compiled'])} | "
+            f"{fmt_ratio(q['gen_compiled_over_spec_compiled'])} | {fmt_ratio(q.get('cpp_over_spec'))} | "
+            f"{fmt_ratio(q.get('cpp_over_native'))} |")
     slower = [r for r in report["results"] if r["ratios"]["generated_over_spec"]["median"] > 1.0]
     lines += [
         "",
@@ -265,6 +273,11 @@ def markdown(report) -> str:
         + (", ".join(f"{r['layer']} {r['size']} ({fmt_ratio(r['ratios']['generated_over_spec'])})" for r in slower)
            or "none") + ".",
     ]
+    cpp_slower = [r for r in report["results"] if (r["ratios"].get("cpp_over_spec") or {}).get("median", 0) > 1.0]
+    if any(r["ratios"].get("cpp_over_spec") for r in report["results"]):
+        lines.append("- C++ kernel slower than autograd through the spec (median cpp/spec > 1): "
+                     + (", ".join(f"{r['layer']} {r['size']} ({fmt_ratio(r['ratios']['cpp_over_spec'])})"
+                                  for r in cpp_slower) or "none") + ".")
     contended = [r for r in report["results"] if r["contended"]]
     if contended:
         used = ", ".join(f"{r['layer']} {r['size']}: {r['other_cpu']['other_cores']:.2f}" for r in contended)

@@ -94,7 +94,8 @@ def test_the_result_does_not_depend_on_the_thread_count(name):
     layer = next(x for x in FUSED if x.name == name)
     from derive.verify import random_inputs
 
-    inputs = random_inputs(layer, {d: 301 if k == 0 else 37 for k, d in enumerate(layer.dims)}, torch.float32, seed=3)
+    # chunks of 33 rows, 1,221 entries: a thread takes 26 chunks (GRAIN_SIZE entries), so two threads share them
+    inputs = random_inputs(layer, {d: 2051 if k == 0 else 37 for k, d in enumerate(layer.dims)}, torch.float32, seed=3)
     fn = getattr(cpp_module(name), name)
     threads, results = torch.get_num_threads(), []
     try:
@@ -418,6 +419,23 @@ def test_the_c_printers():
         "(Vec(scalar_t(0.5)))*(Vec::loadu(p_x + row*sz_d + col, cnt)).exp()"
     assert VectorPrinter(names).doprint(x ** -0.5) == "(Vec::loadu(p_x + row*sz_d + col, cnt)).rsqrt()"
     assert ScalarPrinter(names).doprint(sp.KroneckerDelta(i_d, 3)) == "((3.0) == (col) ? 1.0 : 0.0)"
+
+
+def test_the_all_layers_sweep_has_the_cpp_column(tmp_path):
+    """scripts/bench_sweep.py: the C++ kernel timed beside the others where the plan lowers the
+    layer, ``n/a`` where it does not (``linear``, a matrix product)."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_sweep
+
+    out, table = tmp_path / "sweep.json", tmp_path / "sweep.md"
+    assert bench_sweep.main(["--sizes", "32x16", "--layers", "sigmoid,linear", "--repeat", "2", "--no-compile",
+                             "--min-sample-ms", "1", "--json", str(out), "--markdown", str(table)]) == 0
+    rows = {row["layer"]: row for row in json.loads(out.read_text())["results"]}
+    assert rows["sigmoid"]["columns"]["cpp"]["median_ms"] > 0 and rows["sigmoid"]["ratios"]["cpp_over_spec"]["median"] > 0
+    assert rows["linear"]["columns"]["cpp"] is None and rows["linear"]["ratios"]["cpp_over_spec"] is None
+    assert "| cpp ms |" in table.read_text() and "cpp/spec" in table.read_text()
 
 
 def test_the_native_benchmark_runs(tmp_path):
