@@ -543,7 +543,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             for v in lp.col_reductions:
                 q = f"part_{v.name}.data() + chunk*{numel(v.layout, frame)} + {names.flat(v.layout, 'col')}"
                 if blocked:
-                    setup.append(f"DeriveColumnSums<scalar_t> block_{v.name};")
+                    setup.append(f"DoubleLanes<scalar_t> block_{v.name};")
                     flush.append(f"block_{v.name}.add_to({q}, cnt);")
                 if v.wide:
                     wide = WidePrinter(names)._print(_inline_full(v.expr, vals, program.full))
@@ -552,7 +552,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                     continue
                 text = next(it)
                 if blocked:
-                    body.append(f"block_{v.name}.add({text}, cnt);")
+                    body.append(f"block_{v.name}.add({text});")
                 elif v.reduce == "sum":
                     body.append(f"derive_add_to({q}, {text}, cnt);")
                 else:
@@ -597,7 +597,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             for t in program.inputs]
     # a label is a column read and written at its row: one outside the columns is memory out of
     # bounds, whatever the wrapper's input checks (``check_inputs(False)``) did
-    labels = [(t.name, cols_size) for t in program.inputs if t.labels]
+    labels = [(t.name, cols_size, frame[-1]) for t in program.inputs if t.labels]
     return dict(name=program.name, args=args, constants=[f"k_{c}" for c in program.scalars],
                 sizes=[f"sz_{s}" for s in plan.frame], rows=rows_size, cols=cols_size,
                 kept=[f"std::vector<double> kr_{n}({rows_size});" for n in kept],
