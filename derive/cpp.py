@@ -27,6 +27,7 @@ from .functions import Relu, Sigmoid, Softplus, Step
 from sympy.printing.precedence import PRECEDENCE
 
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
+from .stages import Product, Staged
 from .templating import environment
 
 CHUNKS = 64  # the most chunks of rows a sweep is split into (partial sums: chunks x columns doubles)
@@ -241,8 +242,8 @@ class Names:
         self.tensors = {t.name: t for t in program.inputs}
         self.sizes = {str(s): f"sz_{s}" for s in kernel.graph.sizes.values()}
         self.constants = {c: f"k_{c}" for c in kernel.layer.constants}
-        self.frame = [kernel.elements.index[kernel.graph.sizes[d]] for d in kernel.layer.dims]
-        self.axes = axis_names(plan.frame)
+        self.frame = program.index
+        self.axes = axis_names(program.frame)
 
     def index(self, i, col: str) -> str:
         if i == self.frame[-1]:
@@ -253,7 +254,7 @@ class Names:
 
     def flat(self, layout, col: str) -> str:
         """The offset of the current element in an array of ``layout`` (its axes, outermost first)."""
-        return flat_index(layout, self.axes[:-1] + [col], self.plan.frame)
+        return flat_index(layout, self.axes[:-1] + [col], self.program.frame)
 
     def scalar(self, name: str, col: str) -> str:
         if name in self.sizes:
@@ -413,10 +414,11 @@ def _prefetching(first: list[str], ahead: str = "1") -> list[str]:
             for pointer, offset in loads]
 
 
-def program_context(program: Program, plan: Plan, kernel) -> dict:
-    """Everything ``native_kernel.cpp.j2`` places for one program (the forward or the backward)."""
+def program_context(program: Program, plan: Plan, kernel, sizes: list | None = None) -> dict:
+    """Everything ``native_kernel.cpp.j2`` places for one program (the forward or the backward, or
+    a loop stage of either: ``sizes`` are then every size of the layer, its frame's and others)."""
     vals = program.values
-    frame = plan.frame
+    frame = program.frame
     rows_size = "*".join(f"sz_{s}" for s in frame[:-1])
     rows_size = rows_size if len(frame) == 2 else f"({rows_size})"
     cols_size = f"sz_{frame[-1]}"
@@ -599,7 +601,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
     # bounds, whatever the wrapper's input checks (``check_inputs(False)``) did
     labels = [(t.name, cols_size, frame[-1]) for t in program.inputs if t.labels]
     return dict(name=program.name, args=args, constants=[f"k_{c}" for c in program.scalars],
-                sizes=[f"sz_{s}" for s in plan.frame], rows=rows_size, cols=cols_size,
+                sizes=[f"sz_{s}" for s in sizes or frame], rows=rows_size, cols=cols_size,
                 kept=[f"std::vector<double> kr_{n}({rows_size});" for n in kept],
                 allocations=allocations, sweeps=sweeps, tail=tail, dispatch=first_float.name, slots=len(slots),
                 labels=labels, layer=kernel.name,
@@ -610,11 +612,56 @@ def _symbols(expr: sp.Expr) -> set:
     return {s.name for s in expr.free_symbols if isinstance(s, sp.Symbol)}
 
 
+class _DriverNames:
+    """Sizes and constants, the only symbols a product's scale reads (``stages.define``)."""
+
+    def __init__(self, kernel):
+        self.constants = {c: f"k_{c}" for c in kernel.layer.constants}
+
+    def scalar(self, name: str, col: str) -> str:
+        return self.constants.get(name, f"static_cast<double>(sz_{name})")
+
+
+def staged_context(staged: Staged, plan: Plan, kernel) -> dict:
+    """The function that runs a staged forward or backward (``stages.py``) step by step: each
+    product an ``at::mm`` of two views (torch's BLAS), each loop program a call of its function."""
+    sizes = [f"sz_{s}" for s in plan.frame]
+    constants = [f"k_{c}" for c in staged.scalars]
+    printer = ScalarPrinter(_DriverNames(kernel))
+
+    def view(name: str, dims: tuple, transposed: bool) -> str:
+        shape = ", ".join(f"sz_{kernel.graph.sizes[d]}" for d in dims if d != "1")
+        return f"t_{name}.view({{{shape}}})" + (".t()" if transposed else "")
+
+    body = []
+    for step in staged.steps:
+        if isinstance(step, Product):
+            body.append(f"// {step.text()}")
+            body.append(f"at::Tensor t_{step.name} = at::mm({view(step.left, step.left_dims, step.left_t)}, "
+                        f"{view(step.right, step.right_dims, step.right_t)});")
+            if step.scale != 1:
+                body.append(f"t_{step.name}.mul_({printer.doprint(step.scale)});")
+        else:
+            args = [f"t_{t.name}" for t in step.inputs] + constants + sizes
+            body.append(f"at::Tensor t_{step.outputs[0][0].name} = {step.name}({', '.join(args)})[0];")
+    args = [(t.name, "") for t in staged.inputs]
+    return dict(name=staged.name, args=args, constants=constants, sizes=sizes, body=body,
+                outputs=[name for _, name in staged.outputs])
+
+
 def render_source(plan: Plan, kernel) -> str:
     """The C++ of one layer's forward and backward (a namespace of its own, no includes: the
-    module's loader compiles every layer of its folder as one translation unit)."""
-    programs = [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)]
-    context = dict(layer=kernel.name, programs=programs, chunks=CHUNKS, block_rows=BLOCK_ROWS,
+    module's loader compiles every layer of its folder as one translation unit). A staged plan
+    (``stages.py``) prints each loop program as a function and a driver of its steps."""
+    if isinstance(plan.forward, Staged):
+        stage_programs = [step for staged in (plan.forward, plan.backward) for step in staged.steps
+                          if isinstance(step, Program)]
+        programs = [program_context(p, plan, kernel, sizes=plan.frame) for p in stage_programs]
+        drivers = [staged_context(staged, plan, kernel) for staged in (plan.forward, plan.backward)]
+    else:
+        programs = [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)]
+        drivers = []
+    context = dict(layer=kernel.name, programs=programs, drivers=drivers, chunks=CHUNKS, block_rows=BLOCK_ROWS,
                    slots=max([1] + [p["slots"] for p in programs]))
     return environment().get_template("native_kernel.cpp.j2").render(**context)
 

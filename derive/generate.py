@@ -108,7 +108,7 @@ def render(layer: Layer, choice: Choice | None = None, backends: tuple = (), rea
         if not choice.fused:
             reasons[backend] = "its kernel is the step-by-step backward"
             continue
-        lowered = native.lowered(choice.kernel)
+        lowered = native.lowered(choice.kernel, backend)
         if lowered.plan is None:
             reasons[backend] = f"the kernel plan cannot lower it: {lowered.reason}"
         elif backend == "cpp":

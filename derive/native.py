@@ -3,8 +3,9 @@
 For each layer whose fused kernel the plan lowers (``plan.lower``), ``--backend cpp`` writes two
 files beside the eager ones: ``native/<name>.cpp`` (the loops, ``cpp.render_source``) and
 ``<name>_cpp.py``, a module with the same function as ``<name>.py`` whose forward and backward
-call the extension built from every ``native/*.cpp`` of the folder (one build, cached). A layer the
-plan cannot lower keeps its eager kernel only, and the report says why.
+call the extension built from every ``native/*.cpp`` of the folder (one build, cached). A kernel with
+matrix products is lowered for C++ as stages (``stages.lower``: ``at::mm`` and loop programs); Triton
+has no product step. A layer the plan cannot lower keeps its eager kernel only, and the report says why.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from . import codegen
 from .kernel import Kernel
 from .plan import NotLowered, Plan, lower
+from .stages import Staged, has_products
+from .stages import lower as lower_staged
 from .spec import Labels, Tensor
 from .templating import environment
 
@@ -31,9 +34,16 @@ class Lowered:
     reason: str = ""
 
 
-def lowered(kernel: Kernel) -> Lowered:
+def lowered(kernel: Kernel, backend: str = "cpp") -> Lowered:
+    """The plan of ``kernel`` for ``backend``: loops over one frame (``plan.lower``); for C++, a
+    kernel with matrix products as stages of ``at::mm`` and loops (``stages.lower``)."""
     try:
         return Lowered(lower(kernel))
+    except NotLowered as e:
+        if backend != "cpp" or not has_products(kernel):
+            return Lowered(None, str(e))
+    try:
+        return Lowered(lower_staged(kernel))
     except NotLowered as e:
         return Lowered(None, str(e))
 
@@ -109,6 +119,7 @@ def module_context(kernel: Kernel, plan: Plan, backend: str) -> dict:
         backend_note={"cpp": "C++ with ATen's vectors and at::parallel_for",
                       "triton": "Triton"}[backend],
         plan_lines=plan_lines(plan),
+        staged=isinstance(plan.forward, Staged),  # matrix products and loop programs (stages.py)
         class_name=codegen.class_name(layer.name).replace("Function", f"{backend.capitalize()}Function"),
         name=layer.name,
         signature=codegen._signature(layer),

@@ -24,7 +24,8 @@ reduction is a value too, with the axis it sums (or maximises) and its body. The
   channel ``c``) is an array computed between sweeps. A sum over several axes takes the innermost
   first (``sum_n sum_l``: a sum over each row, then the rows' sums added per chunk into a partial per
   ``c``). A sum over an axis of a product of factors on different axes (a contraction, ``x @ W``)
-  is refused: a matrix product, not a loop over rows.
+  is refused here: a matrix product, not a loop over rows (``stages.py`` lowers such a kernel as
+  ``at::mm`` steps with loop programs of this plan between them, for the C++ backend).
 * **labels**: a Kronecker delta of a column and a label (``probs - onehot(y)``) is 0 in the loop
   and a per-row fix-up writes the label's column afterwards: a scatter of ``n`` values.
 * **saved values, by cost**: the forward saves every per-row and per-column value the backward
@@ -152,6 +153,7 @@ class Program:
     kept_rows: list  # row values read in a later sweep than their own (kept in an array)
     frame: list = field(default_factory=list)  # size names of the frame's axes
     ndim: int = 2  # axes of the frame; the innermost is the columns, the others flattened are the rows
+    index: list = field(default_factory=list)  # the frame's indices (``sp.Idx``), as the values read them
 
     @property
     def full(self) -> frozenset:
@@ -499,6 +501,23 @@ def lower(kernel) -> Plan:
     b_inputs = [b_tensors[grad_out]] + [tensors[k] for k in kernel.layer.tensors] + [b_tensors[n] for n in saved_names]
     backward = _program(f"{kernel.name}_backward", bwd, b_inputs, constants, b_outputs)
     return Plan(forward, backward, saved, recomputed, [str(s) for s in sizes])
+
+
+def loop_program(kernel, name: str, frame_index: list, tensors: dict, definitions: list, outputs: list) -> Program:
+    """One program of loops over ``frame_index`` (a stage of a kernel with matrix products,
+    ``stages.py``): ``definitions`` are ``(name, element expression)`` in order, each reading the
+    ``tensors`` (name -> TensorArg, laid out on this frame) and the definitions before it by name;
+    ``outputs`` are ``(TensorArg, name)`` written. Reductions, hoisting, labels and scheduling as
+    for a whole kernel."""
+    b = _Builder(kernel, frame_index, tensors, "s")
+    for value_name, expr in definitions:
+        b.values[value_name] = Value(value_name, frozenset(), sp.S.Zero)  # read by name as a Symbol
+        b.add(value_name, b.convert(expr))
+    reads = {str(e.base) for v in b.values.values() for e in v.expr.atoms(sp.Indexed)}
+    inputs = [t for t in tensors.values() if t.name in reads]
+    if not any(not t.labels for t in inputs):
+        raise NotLowered(f"{name} reads no tensor of floating values")
+    return _program(name, b, inputs, list(kernel.layer.constants), outputs)
 
 
 def _layout_of_shape(shape: tuple, sizes: list) -> frozenset:
@@ -929,7 +948,7 @@ def _schedule(name, b, inputs, scalars, outputs, vals, fixups) -> Program:
                 if vals[n].layout == ROW and vals[n].time[0] < k and n not in kept:
                     kept.append(n)
     frame = [str(extent(i)) for i in b.frame_index]
-    return Program(name, inputs, scalars, outputs, vals, sweeps, tail, kept, frame, len(frame))
+    return Program(name, inputs, scalars, outputs, vals, sweeps, tail, kept, frame, len(frame), list(b.frame_index))
 
 
 def _full_closure(roots: list, vals: dict, FULL: frozenset) -> list:
@@ -944,4 +963,4 @@ def _full_closure(roots: list, vals: dict, FULL: frozenset) -> list:
     return [v for k, v in vals.items() if k in names]
 
 
-__all__ = ["lower", "Plan", "Program", "Value", "NotLowered", "FULL", "ROW", "COL", "SCALAR"]
+__all__ = ["lower", "loop_program", "Plan", "Program", "Value", "NotLowered", "FULL", "ROW", "COL", "SCALAR"]

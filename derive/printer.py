@@ -294,7 +294,8 @@ class KernelPrinter(TorchPrinter):
         top, bottom = sp.fraction(sp.Mul(*scalars))
         mul = sp.printing.precedence.PRECEDENCE["Mul"]
         text = _wrap(code) if top == 1 else f"{self.parenthesize(top, mul)}*{_wrap(code)}"
-        return text if bottom == 1 else f"{text}/{self.parenthesize(bottom, mul, strict=True)}"
+        # a product of sizes below parenthesized: ``/(n*o)``, never ``/n*o`` (Python reads ``(../n)*o``)
+        return text if bottom == 1 else f"{text}/{self.parenthesize(bottom, mul)}"
 
     def _index_letters(self, indices: set) -> dict:
         """einsum subscripts: each index by its dimension's initial where those differ, else a, b, c, ..."""

@@ -60,3 +60,26 @@ def gram_row_sums(x, b):
     gradient = code(first, "A")
     assert gradient.count(" @ ") == 2 and "view(1, k, 1, k)" not in gradient, gradient
     assert code(second, "x").startswith("x @ "), code(second, "x")
+
+
+def test_a_product_divided_by_a_product_of_sizes(tmp_path):
+    """The mean over every entry of a matrix product: ``dx = (dt1 @ W.T)/(n*o)``. Printed
+    ``(dt1 @ W.T)/n*o``, which Python reads as ``((dt1 @ W.T)/n)*o``, the fused kernel was o**2
+    times too large, the battery refused it and the layer fell back to the step-by-step backward."""
+    from derive.layers import from_file
+    from derive.select import chosen
+
+    spec = tmp_path / "regression.py"
+    spec.write_text('''import torch
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "i"), W=Tensor("i", "o"), y=Tensor("n", "o"))
+def regression(x, W, y):
+    pred = x @ W
+    loss = ((pred - y) ** 2).mean()
+    return loss
+''')
+    (layer,) = from_file(str(spec))
+    assert code(layer, "x").endswith("@ W.T)/(n*o)") and code(layer, "W").endswith("/(n*o)")
+    assert chosen(layer).fused, chosen(layer).reason
