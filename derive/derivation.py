@@ -86,7 +86,7 @@ class _Analysis:
 
 def scalars(graph: Graph, ex: Example) -> dict:
     """Sizes and constants of the worked example, by their symbols."""
-    values = {graph.sizes[d]: v for d, v in ex.sizes.items()}
+    values = dict(graph.size_values(ex.sizes))  # with the sizes the spec computed (``c // groups``)
     values.update({graph.constants[c]: float(ex.inputs[c]) for c in graph.constants})
     return values
 

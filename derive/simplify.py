@@ -472,8 +472,10 @@ def group_sums(inner: sp.Expr) -> sp.Expr:
         if key[0] == "alone" or len(members) < 2:
             out += members if key[0] == "alone" else [c * r * key[0] for c, r in members]
             continue
-        cofactor, _ = key
-        j = members[0][1].index
+        cofactor, size = key
+        # one fresh index for every member's own: a canonical one (``_r1_h``) may be bound by a sum
+        # inside another member's body, which would capture it; the sum below names it canonically
+        j = sp.Idx(sp.Dummy("grouped", integer=True), size)
         body = sp.Add(*[c * r.body.xreplace({r.index: j}) for c, r in members])
         # the body may be such a difference of sums itself (a sum over b of sums over c)
         out.append(cofactor * GroupedRed(_grouped(sp.factor_terms(group_sums(body))), j))

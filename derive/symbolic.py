@@ -344,4 +344,23 @@ def substitute_family(expr: sp.Expr, base: sp.IndexedBase, indices: tuple, value
     def element_value(e):
         return value.xreplace(dict(zip(indices, e.indices)))
 
-    return expr.replace(is_element, element_value)
+    if not (value.atoms(Red, Max) and expr.atoms(Red, Max)):
+        return expr.replace(is_element, element_value)
+    # canonical names repeat (``_r1_d`` in every innermost sum over d): an element read at an
+    # enclosing sum's index, replaced by a value holding a sum of its own over the same size, would
+    # have that sum capture it (``sum_d (sum_i x*A[i, d])*x[d]`` read as ``A[_r1_d, _r1_d]``). The
+    # enclosing sums are renamed apart first, then every reduction is rebuilt canonical.
+    apart = _bound_apart(expr).replace(is_element, element_value)
+    return apart.replace(lambda e: isinstance(e, (Red, Max)), lambda e: type(e)(*e.args))
+
+
+def _bound_apart(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with the index of each sum and maximum renamed to a fresh one (not canonical)."""
+    if isinstance(expr, (Red, Max)):
+        j = expr.index
+        fresh = sp.Idx(sp.Dummy(f"b_{j.name}", integer=True), extent(j))
+        return type(expr)(_bound_apart(_rename(expr.body, j, fresh)), fresh, evaluate=False)
+    if not expr.args or isinstance(expr, sp.Indexed) and not expr.atoms(Red, Max):
+        return expr
+    args = [_bound_apart(a) for a in expr.args]
+    return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr

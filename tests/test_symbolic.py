@@ -65,3 +65,38 @@ def test_hidden_one_hots_come_back_with_their_indices_renamed():
     assert restore(hidden) == expr
     renamed = restore(hidden.xreplace({i: j}))
     assert renamed == expr.xreplace({i: j}) and not renamed.atoms(AppliedUndef)
+
+
+def _captured(expr) -> list:
+    """Elements read at one index twice (``w[_r1_h, _r1_h]``): a sum that took another's index."""
+    return [e for e in expr.atoms(sp.Indexed) if len(set(e.indices)) < len(e.indices)]
+
+
+def test_grouping_sums_keeps_an_inner_sum_apart():
+    """``sum_h a[n, h]*w[h] - sum_h (sum_k u[k, h]*v[n, k])*w[h]``: grouped into one sum, the second
+    member's own index (``_r2_h``, above its inner sum's ``_r1_h``) renamed to the first member's
+    ``_r1_h`` would make the inner sum read ``u[_r1_h, _r1_h]`` (a GRU cell's document once did)."""
+    from derive.simplify import group_sums
+
+    h = sp.Symbol("h", integer=True, positive=True)
+    a, u, v, w, z = (sp.IndexedBase(name, real=True) for name in "auvwz")
+    k1, k2, k3, k4 = (index_for(f"k{q}_h", h) for q in (1, 2, 3, 4))
+    first = Red(a[i, k1] * w[k1], k1)
+    second = Red(Red(u[k2, k3] * v[i, k2], k2) * w[k3], k3)
+    third = Red(Red(Red(u[k2, k3] * v[i, k2], k2) * z[k3, k4], k3) * w[k4], k4)
+    assert len({first.index, second.index, third.index}) == 3  # canonical: depth 1, 2 and 3
+    grouped = group_sums(first - second + third)  # whichever member names the group, another nests it
+    assert not _captured(grouped) and len(grouped.atoms(Red)) == 3, grouped
+
+
+def test_substituting_a_value_with_a_sum_into_a_sum_over_the_same_size():
+    """``((x @ A) * x).sum(-1)`` written out: the element ``t[n, _r1_d]`` of the outer sum replaced by
+    ``sum_d x[n, d]*A[d, e]`` keeps both sums: ``sum_e (sum_d x*A[d, e])*x[n, e]``, not ``A[_r1_d, _r1_d]``."""
+    from derive.symbolic import substitute_family
+
+    A, t = sp.IndexedBase("A", real=True), sp.IndexedBase("t", real=True)
+    e1, e2 = index_for("e1_d", d), index_for("e2_d", d)
+    value = Red(x[i, e2] * A[e2, c], e2)  # t[i, c] = sum over the second d of x[i, .]*A[., c]
+    line = Red(t[i, e1] * x[i, e1], e1)
+    written = substitute_family(line, t, (i, c), value)
+    assert not _captured(written) and len(written.atoms(Red)) == 2, written

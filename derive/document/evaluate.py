@@ -13,14 +13,18 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
-from ..functions import NonNeg, Relu, Sigmoid, Softplus, Step
+from ..functions import Clamp, Equal, NonNeg, Relu, Sigmoid, Softplus, Step, Where
 from ..symbolic import IsArgmax, Max, Red, extent
 from .notation import Sigma
 
 _FUNCTIONS = {sp.exp: np.exp, sp.log: np.log, sp.tanh: np.tanh, sp.Abs: np.abs, sp.sign: np.sign,
               Sigmoid: lambda v: 1 / (1 + np.exp(-v)), Relu: lambda v: np.maximum(v, 0.0),
               Step: lambda v: (v > 0).astype(float), NonNeg: lambda v: (v >= 0).astype(float), Softplus: lambda v: np.logaddexp(0.0, v),
-              sp.atanh: np.arctanh, sp.sqrt: np.sqrt, sp.cosh: np.cosh, sp.sinh: np.sinh}
+              sp.atanh: np.arctanh, sp.sqrt: np.sqrt, sp.cosh: np.cosh, sp.sinh: np.sinh,
+              Equal: lambda v: (v == 0).astype(float), Where: lambda m, a, b: np.where(m != 0, a, b),
+              Clamp: lambda v, lo, hi: np.minimum(np.maximum(v, lo), hi),
+              sp.Min: lambda *v: np.minimum.reduce(np.broadcast_arrays(*v)),
+              sp.Max: lambda *v: np.maximum.reduce(np.broadcast_arrays(*v))}
 
 
 class Unsupported(ValueError):
@@ -62,7 +66,7 @@ class _Evaluator:
     def run(self, e, axes: list):
         if isinstance(e, sp.Idx):
             return self.axis(e, axes)
-        if e.is_Number:
+        if e.is_number:  # a number, or a constant such as pi or sqrt(2) (the exact GELU's erf(x/sqrt(2)))
             return np.asarray(float(e)).reshape((1,) * len(axes))
         if isinstance(e, sp.Symbol):
             if e in self.scalars:
@@ -72,6 +76,11 @@ class _Evaluator:
             raise Unsupported(f"no value for {e}")
         if isinstance(e, sp.Indexed):
             table = np.asarray(self.arrays[str(e.base)])
+            if table.ndim != len(e.indices) and all(isinstance(i, sp.Idx) or i == 0 for i in e.indices):
+                # read in a frame where a view splits an axis (``gamma[i_2, i_c_2]`` of a (c,) array)
+                split = tuple(1 if i == 0 else self.size(i) for i in e.indices)
+                if int(np.prod(split)) == table.size:
+                    table = table.reshape(split)
             where = []
             for i in e.indices:
                 v = self.run(i, axes) if not (isinstance(i, sp.Integer) or i == 0) else np.zeros((1,) * len(axes))
@@ -109,14 +118,25 @@ class _Evaluator:
         if function is None and isinstance(e, sp.Function) and len(e.args) == 1:
             function = _lambdified(e.func)
         if function is not None:
-            return function(self.run(e.args[0], axes))
+            return function(*[self.run(a, axes) for a in e.args])
         raise Unsupported(f"no numbers for {type(e).__name__}")
 
 
 @lru_cache(maxsize=64)
 def _lambdified(func):
+    """``func`` on arrays: NumPy's where it has the function, else Python's ``math`` one entry at a
+    time (``erf`` of the exact GELU: NumPy has none, and ``math.erf`` of an array is a TypeError)."""
     s = sp.Symbol("s")
-    return sp.lambdify(s, func(s), "numpy")
+    vector = sp.lambdify(s, func(s), "numpy")
+    entries = np.vectorize(sp.lambdify(s, func(s), "math"), otypes=[float])
+
+    def apply(a):
+        try:
+            return vector(a)
+        except TypeError:
+            return entries(a)
+
+    return apply
 
 
 

@@ -30,7 +30,7 @@ import sympy as sp
 from ..elements import Elements
 from ..kernel import Kernel
 from ..simplify import closed_form, scalars
-from ..symbolic import IsArgmax, Red, expand, hide_argmax, index_for, reductions, substitute_family
+from ..symbolic import IsArgmax, Red, expand, extent, hide_argmax, index_for, reductions, substitute_family
 from ..trace import Node
 from .notation import ADJOINT, Sigma
 
@@ -49,8 +49,15 @@ class Collapse:
 
 
 def unevaluated(expr: sp.Expr) -> sp.Expr:
-    """``expr`` with its sums unevaluated, so differentiating it shows the Kronecker deltas."""
-    return expr.replace(lambda e: isinstance(e, Red), lambda e: Sigma(e.body, e.index))
+    """``expr`` with its sums unevaluated, so differentiating it shows the Kronecker deltas. Outer
+    sums first: rebuilt around an inner ``Sigma``, an outer ``Red`` would take the canonical name of
+    an innermost sum (``_r1_d``, its body holding no ``Red`` any more) and capture the inner one's index."""
+    if isinstance(expr, Red):
+        return Sigma(unevaluated(expr.body), expr.index)
+    if not expr.args or not expr.atoms(Red):
+        return expr
+    args = [unevaluated(a) for a in expr.args]
+    return expr.func(*args)
 
 
 def collapses(expr: sp.Expr) -> list[Collapse]:
@@ -250,15 +257,24 @@ class Written:
     # -- reverse mode ------------------------------------------------------------------------------
     def _use(self, consumer: Node, target: Node) -> Use:
         el = self.el
-        p = tuple(0 if s == 1 else index_for(f"p_{s}", s) for s in target.shape)
         definition = self.definition[consumer]
-        local = sp.diff(unevaluated(definition), el.ref(target, p))
+        sizes, element = target.shape, el.free(target)
+        base = el.base(target)
+        read = next((e for e in definition.atoms(sp.Indexed) if e.base == base), None)
+        if read is not None and len(read.indices) != len(sizes):
+            # the lines are written in a frame where a view splits an axis (``x.view(n, g, c // g)``):
+            # the target is read there through as many indices as the split has axes
+            sizes, element = tuple(1 if i == 0 else extent(i) for i in read.indices), tuple(read.indices)
+        # one placeholder per axis, two axes of one size apart (``scores (t, t)``: p_t, p_t_1)
+        p = tuple(0 if s == 1 else index_for(f"p_{s}" + (f"_{k}" if s in sizes[:k] else ""), s)
+                  for k, s in enumerate(sizes))
+        local = sp.diff(unevaluated(definition), base[p] if sizes else el.ref(target))
         bar = placeholder(el, consumer)
         chain = bar * local
         own = [i for i in el.free(consumer) if i != 0]
         for i in reversed(own):
             chain = Sigma(chain, i)
-        back = {pi: el.index[s] for pi, s in zip(p, target.shape) if pi != 0}
+        back = {pi: i for pi, i in zip(p, element) if pi != 0}
         summed = {i: index_for(f"_o_{i.name}", i.upper + 1) for i in own}
         shown = chain.xreplace({**summed, **back})
         # the sums evaluated before anything is expanded: a power such as (var + eps)^{-3/2} must stay
