@@ -513,7 +513,7 @@ def program_context(program: Program, plan: Plan, kernel, sizes: list | None = N
         loops = []
         # a sweep that only adds up columns over rows (batchnorm's statistics) sums a block of rows
         # per vector of columns in registers before adding to the chunk's partial sums
-        blocked = not sweep.start and not split_row(frame) and all(
+        blocked = bool(sweep.loops) and not sweep.start and not split_row(frame) and all(
             not lp.row_reductions and not lp.stores and not lp.after
             and all(v.reduce == "sum" and v.layout == program.col for v in lp.col_reductions)
             for lp in sweep.loops)

@@ -52,7 +52,7 @@ import sympy as sp
 from .functions import Relu, Sigmoid, Softplus, Step
 from .forward_plan import plan as forward_statements
 from .spec import Labels, dim_names
-from .symbolic import AxisMax, AxisSum, GroupedRed, IsArgmax, Max, Red, extent
+from .symbolic import AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, GroupedRed, IsArgmax, Max, Red, extent
 
 FULL, ROW, COL, SCALAR = frozenset({0, 1}), frozenset({0}), frozenset({1}), frozenset()
 
@@ -224,9 +224,10 @@ def _text(expr: sp.Expr) -> str:
     """An element expression as one reads it: ``x*dout`` for ``x[i_n, i_d]*dout[i_n, i_d]``, ``logits[y]``
     for a label's pick."""
     def plain(e):
-        picks = [i for i in e.indices if isinstance(i, sp.Indexed)]
+        # a label's element is read as a name already (``replace`` works from the inside out)
+        picks = [i for i in e.indices if isinstance(i, sp.Symbol) and not isinstance(i, sp.Idx)]
         first = any(i == 0 for i in e.indices) and len(e.indices) > 1
-        return sp.Symbol(f"{e.base}[{picks[0].base}]" if picks else f"{e.base}[0]" if first else str(e.base))
+        return sp.Symbol(f"{e.base}[{picks[0]}]" if picks else f"{e.base}[0]" if first else str(e.base))
 
     return sp.sstr(expr.replace(lambda e: isinstance(e, sp.Indexed), plain))
 
@@ -364,6 +365,11 @@ class _Builder:
                 reads = [i for i in expr.indices if i != 0]
                 if reads != [i for i in natural if i is not None] and len(expr.indices) >= 1:
                     picked = [i for i in expr.indices if not isinstance(i, sp.Idx) and i != 0]
+                    if picked and value.layout == self.full and not value.reduce:
+                        # a value read at the labels (``log_softmax(z)[range(n), y]``): its element
+                        # there, the loads it makes at the label's column (its per-row values as they are)
+                        at = dict(zip([self.frame_index[a] for a in sorted(value.layout)], reads))
+                        return self.convert(_inline_full(value.expr, self.values, self.full).xreplace(at))
                     if picked:
                         raise NotLowered(f"{name} is read at a label's position; only inputs are picked")
                 return sp.Symbol(name)
@@ -434,7 +440,7 @@ def lower(kernel) -> Plan:
     for st in statements:
         fwd.add(st.name, sp.S.Zero)  # placeholders: later statements read them as Symbols
     for st in statements:
-        value = st.value
+        value = written_out(st.value)  # a softmax as one torch op: its maximum, sum and element
         if isinstance(value, (AxisSum, AxisMax)):
             kind = "sum" if isinstance(value, AxisSum) else "max"
             del fwd.values[st.name]
@@ -449,8 +455,9 @@ def lower(kernel) -> Plan:
     b_tensors[grad_out] = TensorArg(grad_out, _layout_of_shape(output.shape, sizes), tuple(map(str, output.shape)))
     bwd = _Builder(kernel, frame_index, b_tensors, "b")
     forward_names = set(fwd.values)
-    for name in forward_names:  # read as Symbols; resolved below
-        bwd.values[name] = Value(name, fwd.values[name].layout, sp.S.Zero)
+    for name in forward_names:  # read as Symbols (a pick at the labels: its element there); resolved below
+        bwd.values[name] = Value(name, fwd.values[name].layout, fwd.values[name].expr, fwd.values[name].reduce,
+                                 fwd.values[name].axis)
     grads = []
     for f in kernel.formulas:
         name = f"d{f.input}"
@@ -518,6 +525,22 @@ def loop_program(kernel, name: str, frame_index: list, tensors: dict, definition
     if not any(not t.labels for t in inputs):
         raise NotLowered(f"{name} reads no tensor of floating values")
     return _program(name, b, inputs, list(kernel.layer.constants), outputs)
+
+
+def written_out(expr: sp.Expr) -> sp.Expr:
+    """A softmax, log-softmax or logsumexp along an axis written out as the loops compute it: the
+    maximum, the sum of exponentials shifted by it, then the element."""
+    def softmax(e):
+        shifted = e.body - AxisMax(e.body, e.index)
+        total = AxisSum(sp.exp(shifted), e.index)
+        return shifted - sp.log(total) if isinstance(e, AxisLogSoftmax) else sp.exp(shifted)/total
+
+    def logsumexp(e):
+        top = AxisMax(e.body, e.index)
+        return top + sp.log(AxisSum(sp.exp(e.body - top), e.index))
+
+    expr = expr.replace(lambda e: isinstance(e, AxisSoftmax), softmax)
+    return expr.replace(lambda e: isinstance(e, AxisLogSumExp), logsumexp)
 
 
 def _layout_of_shape(shape: tuple, sizes: list) -> frozenset:
@@ -963,4 +986,4 @@ def _full_closure(roots: list, vals: dict, FULL: frozenset) -> list:
     return [v for k, v in vals.items() if k in names]
 
 
-__all__ = ["lower", "loop_program", "Plan", "Program", "Value", "NotLowered", "FULL", "ROW", "COL", "SCALAR"]
+__all__ = ["lower", "loop_program", "written_out", "Plan", "Program", "Value", "NotLowered", "FULL", "ROW", "COL", "SCALAR"]

@@ -29,9 +29,9 @@ from dataclasses import dataclass, replace
 import sympy as sp
 
 from .forward_plan import plan as forward_statements
-from .plan import NotLowered, Plan, Program, TensorArg, loop_program
+from .plan import NotLowered, Plan, Program, TensorArg, loop_program, written_out
 from .spec import Labels
-from .symbolic import AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, Max, Red, extent, reindex
+from .symbolic import AxisMax, AxisSum, Max, Red, extent, reindex
 
 
 @dataclass
@@ -264,7 +264,7 @@ class _Stager:
             if split is not None:
                 left, right, outside, i, j = split
                 dims = (self.dim(i), self.dim(j))
-                return outside * sp.Indexed(sp.IndexedBase(self.product(left, right, dims)), i, j)
+                return outside * sp.Indexed(sp.IndexedBase(self.product(left, right, dims, at=(i, j))), i, j)
         return expr
 
     def stored(self, expr: sp.Expr, r, c):
@@ -291,8 +291,11 @@ class _Stager:
         self.define(name, expr, dims)
         return name, dims[0] != self.dim(r)
 
-    def product(self, left: sp.Expr, right: sp.Expr, dims: tuple, name: str = "", scale: sp.Expr = sp.S.One) -> str:
-        i, j = self.index[dims[0]], self.index[dims[1]]
+    def product(self, left: sp.Expr, right: sp.Expr, dims: tuple, name: str = "", scale: sp.Expr = sp.S.One,
+                at: tuple = ()) -> str:
+        """The product of ``left`` (on ``i``, ``a``) and ``right`` (on ``a``, ``j``), stored ``dims``. ``at``:
+        the indices ``i``, ``j`` as the factors read them (a sum's own index inside an enclosing sum)."""
+        i, j = at or (self.index[dims[0]], self.index[dims[1]])
         a = next(iter(_indices(left) & _indices(right)), None)
         if a is None:
             raise NotLowered("a product of factors that share no summed axis")
@@ -309,7 +312,7 @@ class _Stager:
 
     def stage(self, name: str, expr: sp.Expr, dims: tuple) -> None:
         """A loop program over the axes ``expr`` varies on and sums over, writing ``name``."""
-        expr = _expanded(expr)
+        expr = written_out(expr)
         summed = {self.dim(r.index) for r in expr.atoms(Red, AxisSum, AxisMax, Max)}
         frame = sorted(set(dims) | summed, key=self.dims.index)
         if [d for d in frame if d in dims] != list(dims):
@@ -334,22 +337,6 @@ class _Stager:
 
 def _indices(expr: sp.Expr) -> set:
     return {s for s in expr.free_symbols if isinstance(s, sp.Idx)}
-
-
-def _expanded(expr: sp.Expr) -> sp.Expr:
-    """A softmax, log-softmax or logsumexp along an axis written out as the loops compute it: the
-    maximum, the sum of exponentials shifted by it, then the element."""
-    def softmax(e):
-        shifted = e.body - AxisMax(e.body, e.index)
-        total = AxisSum(sp.exp(shifted), e.index)
-        return shifted - sp.log(total) if isinstance(e, AxisLogSoftmax) else sp.exp(shifted)/total
-
-    def logsumexp(e):
-        top = AxisMax(e.body, e.index)
-        return top + sp.log(AxisSum(sp.exp(e.body - top), e.index))
-
-    expr = expr.replace(lambda e: isinstance(e, AxisSoftmax), softmax)
-    return expr.replace(lambda e: isinstance(e, AxisLogSumExp), logsumexp)
 
 
 __all__ = ["lower", "has_products", "Staged", "Product"]

@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate --backend cpp
 # inputs-hash: 7cbde569501f02c59b0857ce15fbaa6eb887c693f690336fbd16d1f96cbf2998
-# content-hash: adcca33e4849b2cd23c5c2b6c28d42ae65afc63ea559d6d114d7c53f91b6fc42
+# content-hash: 9cbe1053a9947b43b4cb0852cc36ab72f8df7ad0b48acd35b9db97e594c76ef1
 """``cross_entropy``: Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 The fused kernel of ``cross_entropy.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -13,7 +13,7 @@ kernel plan: the forward and the backward are each a few passes over memory:
           logits
         sweep 1, pass 2 over each row: accumulates counts_sum = sum over columns of
           counts; then adds up per chunk sum_counts_sum_logit_maxes = sum over rows of
-          -logit_maxes + logits - log(counts_sum)
+          -logit_maxes + logits[y] - log(counts_sum)
         finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate --backend cpp
 # inputs-hash: f5d0cfa9f680bce939d0ff95a91743203be8069ccabbb4b1421e55b0ae97f69e
-# content-hash: 3f0e3ba02481304b0b3f8b1545e3b19bff378ceba21bdd3a3fda5ff97bb8708f
+# content-hash: 2f7aa10fd639ef59ba245156b8062097a684e1e9c89172d72f265372abdd136c
 """``cross_entropy_ignore``: Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 The fused kernel of ``cross_entropy_ignore.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -11,7 +11,7 @@ kernel plan: the forward and the backward are each a few passes over memory:
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
         sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
-          adds up per chunk sum__t0f_logits = sum over rows of (_t0f + 1)*(logits - m -
+          adds up per chunk sum__t0f_logits = sum over rows of (_t0f + 1)*(logits[y] - m -
           log(sum_t1))
         finally: loss
     backward:

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate --backend triton
 # inputs-hash: aae473a3a64a418d107f66a1a87eee06b53a3304a120ea4b3094a10723cbef81
-# content-hash: 28231957b60a3d4936083930262defb236c377509ca52dad7574471b5e61c532
+# content-hash: 5e9ef3fb871d749faaed82b17573c51cdc590ac719fe414adc7cfd42920b13ed
 """``cross_entropy_ignore``: Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 The fused kernel of ``cross_entropy_ignore.py`` as Triton kernels, printed from its kernel plan (the same
@@ -11,7 +11,7 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
         sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
-          adds up per chunk sum__t0f_logits = sum over rows of (_t0f + 1)*(logits - m -
+          adds up per chunk sum__t0f_logits = sum over rows of (_t0f + 1)*(logits[y] - m -
           log(sum_t1))
         finally: loss
     backward:

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate --backend cpp
 # inputs-hash: a7e8845b90022eef577a96a8f352bfad656e20e08003602c6dc624b8ceed8e8a
-# content-hash: 6f806234db125fdf75c598599c32c256489b5a14e64ed05939d2f38a26f9304d
+# content-hash: 2adececbf2efc0bfe95fd650566e84576fbbea0e7be673fefc8820e60292b23e
 """``cross_entropy_smooth``: Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 The fused kernel of ``cross_entropy_smooth.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -11,7 +11,7 @@ kernel plan: the forward and the backward are each a few passes over memory:
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
         sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
-          adds up per chunk sum__t1f_logits = sum over rows of -_t1f + logits - m
+          adds up per chunk sum__t1f_logits = sum over rows of -_t1f + logits[y] - m
         sweep 1, pass 3 over each row: accumulates sum__t1f_logits2 = sum over columns of
           -_t1f + logits - m; then adds up per chunk sum_sum__t1f_logits2 = sum over rows
           of sum__t1f_logits2

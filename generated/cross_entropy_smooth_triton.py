@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate --backend triton
 # inputs-hash: 5f9ab1a8acf7120c29dc6d07fa4b1f773b674477bc18dcef538112bbcfd57c59
-# content-hash: da5fed14a92d2000e017c3a8bf8ff3fcbb0b230b92036f0294113ddd609578f4
+# content-hash: 636df1353e74d098dab5b053edd68a255dfb9b720ebf8166d70765d6c2de851c
 """``cross_entropy_smooth``: Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 The fused kernel of ``cross_entropy_smooth.py`` as Triton kernels, printed from its kernel plan (the same
@@ -11,7 +11,7 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
         sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
-          adds up per chunk sum__t1f_logits = sum over rows of -_t1f + logits - m
+          adds up per chunk sum__t1f_logits = sum over rows of -_t1f + logits[y] - m
         sweep 1, pass 3 over each row: accumulates sum__t1f_logits2 = sum over columns of
           -_t1f + logits - m; then adds up per chunk sum_sum__t1f_logits2 = sum over rows
           of sum__t1f_logits2

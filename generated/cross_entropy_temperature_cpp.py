@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate --backend cpp
 # inputs-hash: 961f51362e5c5e908cc162720c333044ca02d2076c6a0754ae95dc01fce05f86
-# content-hash: 6f600cbf52204a2e826bed7673b179ade247efed47449b2a497763f2ac7cf290
+# content-hash: 0856ad92f7cc784260239fa7d84b4ae406cd340646ff12144f1b8376a45ade2c
 """``cross_entropy_temperature``: Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 The fused kernel of ``cross_entropy_temperature.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -11,7 +11,7 @@ kernel plan: the forward and the backward are each a few passes over memory:
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of fs1*logits
         sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
-          adds up per chunk sum_logits_m = sum over rows of -m - log(sum_t1) + logits/T
+          adds up per chunk sum_logits_m = sum over rows of -m - log(sum_t1) + logits[y]/T
         finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of

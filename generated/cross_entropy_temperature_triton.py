@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate --backend triton
 # inputs-hash: 9e793685550a7ac5324674cafaa2279c38bdcca088297517829de132faefd3e7
-# content-hash: 04b046614ccbf120f56af9126acd2acd561f0daba2c48cc00dbaabf4d8796aef
+# content-hash: 2caedde9ba75d39faa2f5da7f52b96918abb3b0b01a2e6919e76e28f96550022
 """``cross_entropy_temperature``: Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 The fused kernel of ``cross_entropy_temperature.py`` as Triton kernels, printed from its kernel plan (the same
@@ -11,7 +11,7 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of fs1*logits
         sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
-          adds up per chunk sum_logits_m = sum over rows of -m - log(sum_t1) + logits/T
+          adds up per chunk sum_logits_m = sum over rows of -m - log(sum_t1) + logits[y]/T
         finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of

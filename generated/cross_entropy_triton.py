@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate --backend triton
 # inputs-hash: 949dd2fe533ed8d82553bf155462f15c9b3538dd7cd60d8b7e76852f3efdf824
-# content-hash: be8d1b80492b76f9bcd46ece1b0dc97c73ec4853a2af5faa0ca7817e508a2853
+# content-hash: a8d398f73db95b5b0ed29ac3aec1ce7e05894019457d05312f205de092f61ed7
 """``cross_entropy``: Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 The fused kernel of ``cross_entropy.py`` as Triton kernels, printed from its kernel plan (the same
@@ -13,7 +13,7 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
           logits
         sweep 1, pass 2 over each row: accumulates counts_sum = sum over columns of
           counts; then adds up per chunk sum_counts_sum_logit_maxes = sum over rows of
-          -logit_maxes + logits - log(counts_sum)
+          -logit_maxes + logits[y] - log(counts_sum)
         finally: loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate --backend cpp
 # inputs-hash: 38fa8d141a892333f6f9ee0eb2a564c0adfe5baab0d956e3105c24bd95d9709f
-# content-hash: 3d490b79f3172d55ddaa4db9003aac954ae3eb83b491c4f8307c7c61c5ceab73
+# content-hash: 2eed857f4c1c0b918cb1ef5efac4f54370041ec727a80c4702922027d50d1452
 """``cross_entropy_weighted``: Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 The fused kernel of ``cross_entropy_weighted.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -11,7 +11,8 @@ kernel plan: the forward and the backward are each a few passes over memory:
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
         sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
-          adds up per chunk sum_logits_m = sum over rows of w*(logits - m - log(sum_t1))
+          adds up per chunk sum_logits_m = sum over rows of w[y]*(logits[y] - m -
+          log(sum_t1))
         finally: sum_w_y, loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of

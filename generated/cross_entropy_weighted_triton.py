@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate --backend triton
 # inputs-hash: 51d91e12579cacceb8d0ca3a59c40f9d1db99f0a2ad8e1c3c79036c92b06a0a7
-# content-hash: 643a88a1802478fa65ae227b5a849d4e6b457a9b18bfa20ec2ffec9378fe6783
+# content-hash: 7fe68febabb1e73ec5798fd4e76cb04d3cdc20f7e86befb9481b5f4311d5a461
 """``cross_entropy_weighted``: Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 The fused kernel of ``cross_entropy_weighted.py`` as Triton kernels, printed from its kernel plan (the same
@@ -11,7 +11,8 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
     forward:
         sweep 1, pass 1 over each row: accumulates m = max over columns of logits
         sweep 1, pass 2 over each row: accumulates sum_t1 = sum over columns of t1; then
-          adds up per chunk sum_logits_m = sum over rows of w*(logits - m - log(sum_t1))
+          adds up per chunk sum_logits_m = sum over rows of w[y]*(logits[y] - m -
+          log(sum_t1))
         finally: sum_w_y, loss
     backward:
         sweep 1, pass 1 over each row: writes dlogits; then writes the label's column of

@@ -395,7 +395,7 @@ def test_without_a_compiler_the_eager_kernel_is_used_with_a_warning(tmp_path):
 
 USER_LAYERS = '''
 import torch
-from derive import Tensor, layer
+from derive import Labels, Tensor, layer
 
 
 @layer(x=Tensor("n", "d"), b=Tensor("d"))
@@ -427,12 +427,31 @@ def project(x, W):
 def batched(x, w):
     out = x @ w
     return out
+
+
+@layer(x=Tensor("n", "d"), s=Tensor("d"), W=Tensor("d", "o"))
+def scaled_project(x, s, W):
+    out = (x * s) @ W
+    return out
+
+
+@layer(logits=Tensor("n", "k"), y=Labels("n", classes="k"))
+def functional_ce(logits, y):
+    return torch.nn.functional.cross_entropy(logits, y)
+
+
+@layer(logits=Tensor("n", "k"), y=Labels("n", classes="k"))
+def focal(logits, y):
+    logp = torch.nn.functional.log_softmax(logits, dim=-1)[torch.arange(logits.shape[0]), y]
+    p = logp.exp()
+    return (-(1 - p) ** 2 * logp).mean()
 '''
 
 
 def test_generate_backend_cpp_for_a_users_layers(tmp_path):
     """``derive generate --backend cpp`` on a user's spec file: a native kernel for each layer the plan
-    lowers (checked and built once), the reason for the one it does not, ``derive check`` passing,
+    lowers (checked and built once: a matrix product of a computed factor, ``F.cross_entropy``, a
+    log-softmax read at the labels), the reason for the one it does not, ``derive check`` passing,
     and the kernels matching the spec."""
     spec = tmp_path / "mylayers.py"
     spec.write_text(USER_LAYERS)
@@ -441,7 +460,7 @@ def test_generate_backend_cpp_for_a_users_layers(tmp_path):
     run = subprocess.run(derive + ["generate", "--layer", str(spec), "--out", str(out), "--backend", "cpp", "--no-prove"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
-    for name in ("swish_scaled", "col_center", "channel_scale", "project"):
+    for name in ("swish_scaled", "col_center", "channel_scale", "project", "scaled_project", "functional_ce", "focal"):
         assert f"note: {name}: cpp kernel: battery passed" in run.stdout, run.stdout
         assert (out / f"{name}_cpp.py").exists() and (out / "native" / f"{name}.cpp").exists()
     assert "batched: cpp kernel: the kernel plan cannot lower it: a sum over c of factors on (b, s, t): " \
