@@ -14,6 +14,7 @@ import textwrap
 from dataclasses import dataclass
 
 from . import codegen
+from .forward import size_names
 from .kernel import Kernel
 from .plan import NotLowered, Plan, lower
 from .stages import Staged, has_products
@@ -131,7 +132,8 @@ def module_context(kernel: Kernel, plan: Plan, backend: str) -> dict:
         sizes_tuple=_tuple(sizes),
         sizes_unpack=_tuple(sizes),
         constants_all=constants,
-        output_shape=_shape_text(kernel.graph.output.shape),
+        # sizes as the module names them (``h_size`` where an input is ``h``: forward.size_names)
+        output_shape=_shape_text(tuple(size_names(kernel.graph).get(s, s) for s in kernel.graph.output.shape)),
         grad_output=f"d{kernel.output}",
         all_unpack=_tuple(tensors + saved),
         saved_results=", ".join(_saved_results(saved, kernel.graph.output.name)),

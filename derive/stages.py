@@ -114,7 +114,7 @@ def lower(kernel) -> Plan:
         if st.node is None:  # a shared temporary: read inline by the statements after it
             temps[sp.Symbol(st.name)] = value
             continue
-        forward.pending[st.name] = (value, forward.dims_of_shape(st.node.shape))
+        forward.pending[st.name] = (value, forward.dims_of_shape(st.node.shape), _own(kernel.elements.free(st.node)))
     computed = [s for s in kernel.saved if s not in layer.tensors]
     wanted = [output.name] + [s for s in computed if s != output.name]
     for name in wanted:
@@ -128,13 +128,14 @@ def lower(kernel) -> Plan:
         backward.tensors[name] = replace(forward.tensors[name], double=False)
     upstream = {sp.Symbol(grad_out): sp.Indexed(sp.IndexedBase(grad_out), 0)} if not output.shape else {}
     for s in kernel.shared:
-        backward.pending[s.name] = (s.element.xreplace(upstream), backward.dims_of(s.element))
+        backward.pending[s.name] = (s.element.xreplace(upstream), backward.dims_of(s.element), None)
     for f in kernel.adjoints:
-        backward.pending[f"d{f.input}"] = (f.element.xreplace(upstream), backward.dims_of(f.element))
+        backward.pending[f"d{f.input}"] = (f.element.xreplace(upstream), backward.dims_of(f.element), None)
     grads = []
     for f in kernel.formulas:
         name = f"d{f.input}"
-        backward.pending[name] = (f.element.xreplace(upstream), tuple(layer.tensors[f.input].dims))
+        dims = tuple(d for d in layer.tensors[f.input].dims if d != "1")
+        backward.pending[name] = (f.element.xreplace(upstream), dims, _own(kernel.elements.free(kernel.graph.inputs[f.input])))
         grads.append(name)
     for name in grads:
         backward.write(name)
@@ -170,7 +171,8 @@ class _Stager:
             if any(d != "1" and d not in self.dims for d in dims):
                 raise NotLowered(f"{name} has a dimension made of several sizes ({', '.join(dims)})")
             self.tensors[name] = TensorArg(name, frozenset(), dims, isinstance(decl, Labels))
-        self.pending: dict[str, tuple] = {}  # name -> (expression, stored dims): written when first read
+        # name -> (expression, stored dims, its element's own indices or None): written when first read
+        self.pending: dict[str, tuple] = {}
         self.steps: list = []
         self.products: dict = {}  # (left, left_t, right, right_t) -> name
         self.count = 0
@@ -201,29 +203,39 @@ class _Stager:
         """The steps that write the pending value ``name`` (and, first, those it reads)."""
         if name in self.tensors:
             return
-        expr, dims = self.pending.pop(name)
+        expr, dims, own = self.pending.pop(name)
         for base in sorted({str(e.base) for e in expr.atoms(sp.Indexed)}):
             if base in self.pending:
                 self.write(base)
-        self.define(name, expr, dims)
+        self.define(name, expr, dims, own)
 
-    def define(self, name: str, expr: sp.Expr, dims: tuple) -> None:
-        """Steps writing tensor ``name`` (stored ``dims``) = ``expr`` at the indices of those dims."""
+    def define(self, name: str, expr: sp.Expr, dims: tuple, own: tuple | None = None) -> None:
+        """Steps writing tensor ``name`` (stored ``dims``) = ``expr`` at the indices of those dims
+        (``own``: the indices its element is written at, where two axes share a size: ``(i_h, i_h_2)``
+        of a weight ``(h, h)``)."""
         if set(self.dims_of(expr)) != set(dims):
             raise NotLowered(f"{name} varies on ({', '.join(self.dims_of(expr))}), stored on ({', '.join(dims)})")
-        indices = {i: self.index[self.dim(i)] for i in _indices(expr)}
-        expr = reindex(expr, indices)
-        scale, core = expr.as_independent(*self.frame_index, as_Add=False)
+        free = _indices(expr)
+        square = len(set(dims)) < len(dims)
+        if square and (own is None or set(own) != free):
+            raise NotLowered(f"{name} has two axes of one size ({', '.join(dims)}) read as it is not stored")
+        if not square:
+            expr = reindex(expr, {i: self.index[self.dim(i)] for i in free})
+            own = tuple(self.index[d] for d in dims)
+        scale, core = expr.as_independent(*self.frame_index, *own, as_Add=False)
         if isinstance(core, (Red, AxisSum)) and not scale.atoms(sp.Indexed):  # a number, sizes, constants
-            split = self.split(core, order=dims)
-            if split is not None and split[2] == sp.S.One and split[3:] == tuple(self.index[d] for d in dims):
-                self.product(*split[:2], dims, name, scale)
+            split = self.split(core, order=own)
+            if split is not None and split[2] == sp.S.One and split[3:] == tuple(own):
+                self.product(*split[:2], dims, name, scale, at=tuple(own))
                 return
+        if square:  # the loops name their axes by size
+            raise NotLowered(f"{name} has two axes of one size ({', '.join(dims)}) and is not a matrix product")
         self.stage(name, self.products_of(expr), dims)
 
     def split(self, red, order: tuple = ()):
         """A contraction ``red`` as ``(left factors, right factors, factors outside the sum, i, j)``, or
-        None for a sum whose factors vary on nested sets of axes (a reduction the loops take)."""
+        None for a sum whose factors vary on nested sets of axes (a reduction the loops take). ``i``
+        is the first of ``order`` (indices), else of the layer's axes."""
         a = red.index
         inner, outside = [], []
         for f in sp.Mul.make_args(red.body):
@@ -236,8 +248,8 @@ class _Stager:
         if len(union) != 2 or any(len(x) != 1 for x in distinct):
             names = ", ".join(sorted({self.dim(i) for i in union}))
             raise NotLowered(f"a sum over {self.dim(a)} of factors on ({names}): not a matrix product")
-        rank = (lambda i: order.index(self.dim(i))) if order and {self.dim(i) for i in union} == set(order) \
-            else (lambda i: self.dims.index(self.dim(i)))
+        rank = (lambda i: order.index(i)) if order and union == set(order) \
+            else (lambda i: (self.dims.index(self.dim(i)), str(i)))
         i, j = sorted(union, key=rank)
         left = [f for f, x in zip(inner, axes) if x == {i}]
         right = [f for f, x in zip(inner, axes) if x == {j}]
@@ -333,6 +345,11 @@ class _Stager:
                                [self.index[d] for d in frame], tensors, [(name, expr)], [(out, name)])
         self.steps.append(program)
         self.tensors[name] = TensorArg(name, frozenset(), tuple(dims))
+
+
+def _own(indices: tuple) -> tuple:
+    """An element's own indices but those of kept axes (0)."""
+    return tuple(i for i in indices if i != 0)
 
 
 def _indices(expr: sp.Expr) -> set:
