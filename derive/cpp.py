@@ -132,11 +132,32 @@ class ScalarPrinter(C99CodePrinter):
         a, b = (self._print(x) for x in e.args)
         return f"(({a}) == ({b}) ? 1.0 : 0.0)"
 
+    def _print_NonNeg(self, e):
+        return f"(({self._print(e.args[0])}) >= 0.0 ? 1.0 : 0.0)"
+
+    def _print_Equal(self, e):
+        return f"(({self._print(e.args[0])}) == 0.0 ? 1.0 : 0.0)"
+
+    def _print_Where(self, e):
+        m, a, b = (self._print(x) for x in e.args)
+        return f"(({m}) != 0.0 ? ({a}) : ({b}))"
+
+    def _print_Clamp(self, e):
+        # NaN stays NaN (std::max(NaN, lo) is its first argument), as torch.clamp; an infinite bound is no bound
+        x, lo, hi = e.args
+        text = self._print(x)
+        if lo != -sp.oo:
+            text = f"std::max<double>({text}, {self._print(lo)})"
+        if hi != sp.oo:
+            text = f"std::min<double>({text}, {self._print(hi)})"
+        return text
+
 
 class VectorPrinter(ScalarPrinter):
     """An element map on ``Vec`` (``at::vec::Vectorized<scalar_t>``), at columns ``col .. col + cnt``."""
 
     ZERO, ONE = "Vec(scalar_t(0))", "Vec(scalar_t(1))"
+    VEC = "Vec"
 
     def _vec(self, text: str) -> str:
         return f"Vec(static_cast<scalar_t>({text}))"
@@ -199,12 +220,33 @@ class VectorPrinter(ScalarPrinter):
     def _print_KroneckerDelta(self, e):
         raise ValueError("a Kronecker delta in an element map")  # the plan hoists or fixes them up
 
+    def _print_NonNeg(self, e):
+        return f"({self._print(e.args[0])}).ge({self.ZERO})"
+
+    def _print_Equal(self, e):
+        return f"({self._print(e.args[0])}).eq({self.ZERO})"
+
+    def _print_Where(self, e):
+        m, a, b = (self._print(x) for x in e.args)
+        return f"{self.VEC}::blendv({b}, {a}, ({m}) != {self.ZERO})"
+
+    def _print_Clamp(self, e):
+        # ATen's clamp_min / clamp_max, as torch.clamp: NaN stays NaN; an infinite bound is no bound
+        x, lo, hi = e.args
+        text = self._print(x)
+        if lo != -sp.oo:
+            text = f"at::vec::clamp_min({text}, {self._print(lo)})"
+        if hi != sp.oo:
+            text = f"at::vec::clamp_max({text}, {self._print(hi)})"
+        return text
+
 class WidePrinter(VectorPrinter):
     """The body of a sum kept in double precision (``Value.wide``, a shifted sum): half ``h`` of a
     vector of ``scalar_t`` as ``DVec`` lanes, ``m`` of them in the row; per-column values read from
     their double arrays, not rounded to the kernel's dtype."""
 
     ZERO, ONE = "DVec(0.0)", "DVec(1.0)"
+    VEC = "DVec"
 
     def _vec(self, text: str) -> str:
         return f"DVec({text})"

@@ -88,6 +88,26 @@ class _Base(PythonCodePrinter):
         a = self._print(e.args[0])
         return f"({self._where(f'({a}) > 0.0', '1.0', '0.0')} - {self._where(f'({a}) < 0.0', '1.0', '0.0')})"
 
+    def _print_NonNeg(self, e):
+        return self._where(f"({self._print(e.args[0])}) >= 0.0", "1.0", "0.0")
+
+    def _print_Equal(self, e):
+        return self._where(f"({self._print(e.args[0])}) == 0.0", "1.0", "0.0")
+
+    def _print_Where(self, e):
+        m, a, b = (self._print(x) for x in e.args)
+        return self._where(f"({m}) != 0.0", a, b)
+
+    def _print_Clamp(self, e):
+        # comparisons are false for NaN: it stays NaN, as torch.clamp; an infinite bound is no bound
+        x, lo, hi = e.args
+        text = self._print(x)
+        if lo != -sp.oo:
+            text = self._where(f"({text}) < ({self._print(lo)})", self._print(lo), text)
+        if hi != sp.oo:
+            text = self._where(f"({text}) > ({self._print(hi)})", self._print(hi), text)
+        return text
+
 
 class VectorPrinter(_Base):
     """Element maps on a block of columns ``cols`` of row ``row`` (masked by ``mask``), in dtype ``DT``."""

@@ -440,6 +440,12 @@ def rnn_cell(x, h, wx, wh, b):
     return torch.tanh(x @ wx + h @ wh + b)
 
 
+@layer(x=Tensor("n", "d"), w=Tensor("d"))
+def clipped(x, w):
+    c = x.clamp(min=-1.0, max=2.0)
+    return torch.where(c > 0, c * w, 0.1 * c)
+
+
 @layer(logits=Tensor("n", "k"), y=Labels("n", classes="k"))
 def functional_ce(logits, y):
     return torch.nn.functional.cross_entropy(logits, y)
@@ -456,7 +462,7 @@ def focal(logits, y):
 def test_generate_backend_cpp_for_a_users_layers(tmp_path):
     """``derive generate --backend cpp`` on a user's spec file: a native kernel for each layer the plan
     lowers (checked and built once: a matrix product of a computed factor, a square weight ``(h, h)``
-    beside an input named ``h``, ``F.cross_entropy``, a log-softmax read at the labels), the reason for the one it does not, ``derive check`` passing,
+    beside an input named ``h``, ``clamp`` and ``torch.where``, ``F.cross_entropy``, a log-softmax read at the labels), the reason for the one it does not, ``derive check`` passing,
     and the kernels matching the spec."""
     spec = tmp_path / "mylayers.py"
     spec.write_text(USER_LAYERS)
@@ -466,7 +472,7 @@ def test_generate_backend_cpp_for_a_users_layers(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     for name in ("swish_scaled", "col_center", "channel_scale", "project", "scaled_project", "rnn_cell",
-                 "functional_ce", "focal"):
+                 "clipped", "functional_ce", "focal"):
         assert f"note: {name}: cpp kernel: battery passed" in run.stdout, run.stdout
         assert (out / f"{name}_cpp.py").exists() and (out / "native" / f"{name}.cpp").exists()
     assert "batched: cpp kernel: the kernel plan cannot lower it: a sum over c of factors on (b, s, t): " \

@@ -74,3 +74,26 @@ def test_every_kernel_compiles_ahead_of_time_without_spills():
     for kernel, usage in usages.items():
         assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (kernel, usage)
         assert 0 < usage["registers"] <= 255, (kernel, usage)
+
+
+def test_clamp_and_where_under_the_interpreter(tmp_path):
+    """A user's layer with ``clamp`` and ``torch.where``: ``derive generate --backend triton`` writes
+    its Triton kernel after the battery passes under the interpreter (NaN stays NaN through both)."""
+    import subprocess
+    import sys
+
+    spec = tmp_path / "masks.py"
+    spec.write_text('''import torch
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "d"), w=Tensor("d"))
+def clipped(x, w):
+    c = x.clamp(min=-1.0, max=2.0)
+    return torch.where(c > 0, c * w, 0.1 * c)
+''')
+    run = subprocess.run([sys.executable, "-m", "derive", "generate", "--layer", str(spec), "--out", str(tmp_path / "gen"),
+                          "--backend", "triton", "--no-prove"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "note: clipped: triton kernel: battery passed" in run.stdout, run.stdout
+    assert (tmp_path / "gen" / "clipped_triton.py").exists()
