@@ -142,14 +142,17 @@ class ScalarPrinter(C99CodePrinter):
         m, a, b = (self._print(x) for x in e.args)
         return f"(({m}) != 0.0 ? ({a}) : ({b}))"
 
+    # a bound from below and one from above; NaN stays NaN, as torch.clamp (std::max(NaN, lo) is its
+    # first argument; ATen's clamp_min and clamp_max, in VectorPrinter, keep it too)
+    CLAMP = ("std::max<double>", "std::min<double>")
+
     def _print_Clamp(self, e):
-        # NaN stays NaN (std::max(NaN, lo) is its first argument), as torch.clamp; an infinite bound is no bound
         x, lo, hi = e.args
         text = self._print(x)
-        if lo != -sp.oo:
-            text = f"std::max<double>({text}, {self._print(lo)})"
+        if lo != -sp.oo:  # an infinite bound is no bound
+            text = f"{self.CLAMP[0]}({text}, {self._print(lo)})"
         if hi != sp.oo:
-            text = f"std::min<double>({text}, {self._print(hi)})"
+            text = f"{self.CLAMP[1]}({text}, {self._print(hi)})"
         return text
 
 
@@ -158,6 +161,7 @@ class VectorPrinter(ScalarPrinter):
 
     ZERO, ONE = "Vec(scalar_t(0))", "Vec(scalar_t(1))"
     VEC = "Vec"
+    CLAMP = ("at::vec::clamp_min", "at::vec::clamp_max")
 
     def _vec(self, text: str) -> str:
         return f"Vec(static_cast<scalar_t>({text}))"
@@ -230,15 +234,7 @@ class VectorPrinter(ScalarPrinter):
         m, a, b = (self._print(x) for x in e.args)
         return f"{self.VEC}::blendv({b}, {a}, ({m}) != {self.ZERO})"
 
-    def _print_Clamp(self, e):
-        # ATen's clamp_min / clamp_max, as torch.clamp: NaN stays NaN; an infinite bound is no bound
-        x, lo, hi = e.args
-        text = self._print(x)
-        if lo != -sp.oo:
-            text = f"at::vec::clamp_min({text}, {self._print(lo)})"
-        if hi != sp.oo:
-            text = f"at::vec::clamp_max({text}, {self._print(hi)})"
-        return text
+
 
 class WidePrinter(VectorPrinter):
     """The body of a sum kept in double precision (``Value.wide``, a shifted sum): half ``h`` of a
