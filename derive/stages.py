@@ -203,6 +203,8 @@ class _Stager:
         """The steps that write the pending value ``name`` (and, first, those it reads)."""
         if name in self.tensors:
             return
+        if name not in self.pending:
+            raise NotLowered(f"{name} is computed by no statement the stages know")
         expr, dims, own = self.pending.pop(name)
         for base in sorted({str(e.base) for e in expr.atoms(sp.Indexed)}):
             if base in self.pending:
