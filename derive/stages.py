@@ -89,13 +89,22 @@ def has_products(kernel) -> bool:
     exprs += [s.element for s in kernel.shared] + [f.element for f in kernel.adjoints + kernel.formulas]
     for expr in exprs:
         for red in expr.atoms(Red, AxisSum):
-            terms = sp.Add.make_args(red.body)
             try:
-                if any(stager.split(type(red)(t, red.index)) is not None for t in terms):
+                if any(stager.split(s) is not None for s in _term_sums(red)):
                     return True
             except NotLowered:
                 return True
     return False
+
+
+def _term_sums(red) -> list:
+    """The sums of ``red`` taken term by term (a sum of a constant term is that term times the
+    extent; one of a term with factors outside the sum, those factors times a sum)."""
+    out = []
+    for term in sp.Add.make_args(red.body):
+        summed = type(red)(term, red.index)
+        out += [f for f in sp.Mul.make_args(summed) if isinstance(f, (Red, AxisSum))]
+    return out
 
 
 def lower(kernel) -> Plan:
@@ -271,7 +280,7 @@ class _Stager:
         if args != list(expr.args):
             expr = expr.func(*args)
         if isinstance(expr, (Red, AxisSum)) and isinstance(expr.body, sp.Add) \
-                and any(self.split(type(expr)(t, expr.index)) is not None for t in expr.body.args):
+                and any(self.split(s) is not None for s in _term_sums(expr)):
             return sp.Add(*[self.products_of(type(expr)(t, expr.index)) for t in expr.body.args])  # term by term
         if isinstance(expr, (Red, AxisSum)):
             split = self.split(expr)

@@ -66,6 +66,35 @@ def test_the_stages_of_linear_and_attention():
     assert "product dk = dt2.T @ q times 1/sqrt(d) (at::mm: the sum over n)" in text, text
 
 
+def test_a_sum_of_terms_one_of_them_constant_is_no_product(tmp_path):
+    """A random layer of the soak: a sum over ``k`` whose body has a term without ``k`` (the sum is
+    that term times ``k``, no sum at all) stopped the search for matrix products with an
+    AttributeError, and ``derive generate`` with it. Now the plan gives its reason in one line."""
+    from derive.layers import from_file
+    from derive.select import chosen
+
+    spec = tmp_path / "soaked.py"
+    spec.write_text('''import torch
+from derive import Constant, Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), b=Tensor("n", "1"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"),
+       p=Tensor("n", "k", differentiable=False, domain="probability"), eps=Constant(1e-3), scale=Constant(0.75))
+def soaked(x, b, u, A, p, eps=0.001, scale=0.75):
+    v1 = x.sum(dim=(0, 1), keepdim=True)
+    v2 = torch.minimum(v1, x)
+    v3 = A.max(1, keepdim=True).values
+    v4 = A - v3
+    v7 = v4 - v4.exp().sum(1, keepdim=True).log()
+    return torch.tanh(torch.minimum(v2, x))
+''')
+    (layer,) = from_file(str(spec))
+    choice = chosen(layer)
+    assert choice.fused, choice.reason
+    result = native.lowered(choice.kernel)
+    assert result.plan is not None or result.reason, result
+
+
 def test_a_saturated_softmax_in_cpp_is_one_hot_as_in_autograd():
     """At scores hundreds apart the softmax of attention is one-hot and its gradient 0 in float32
     autograd. The loops compute ``s*x`` in the pass that finds the maximum and ``s*x - max`` in the
