@@ -235,7 +235,6 @@ class VectorPrinter(ScalarPrinter):
         return f"{self.VEC}::blendv({b}, {a}, ({m}) != {self.ZERO})"
 
 
-
 class WidePrinter(VectorPrinter):
     """The body of a sum kept in double precision (``Value.wide``, a shifted sum): half ``h`` of a
     vector of ``scalar_t`` as ``DVec`` lanes, ``m`` of them in the row; per-column values read from
