@@ -2,7 +2,7 @@
 
 Element expressions are printed by two SymPy C printers: ``ScalarPrinter`` (per-row, per-column and
 scalar values, in double precision) and ``VectorPrinter`` (the element maps, on
-``at::vec::Vectorized<scalar_t>``: its ``exp``, ``log``, ``tanh`` are torch's own, so NaN and
+``at::vec::Vectorized<scalar_t>``: its ``exp`` (as ``derive_exp``: the same values), ``log``, ``tanh`` are torch's own, so NaN and
 infinity behave as in autograd; no ``-ffast-math``). Sizes print as floating values
 (``static_cast<double>(n)``: ``n/(n - 1)`` is never an integer division), literals in the kernel's
 dtype (``scalar_t(0.5)``), a Kronecker delta as a comparison. The loop skeleton (sweeps over
@@ -194,7 +194,7 @@ class VectorPrinter(ScalarPrinter):
         return f"({b}).pow({self._print(exp)})"
 
     def _print_exp(self, e):
-        return f"({self._print(e.args[0])}).exp()"
+        return f"derive_exp({self._print(e.args[0])})"
 
     def _print_log(self, e):
         return f"({self._print(e.args[0])}).log()"
@@ -216,7 +216,7 @@ class VectorPrinter(ScalarPrinter):
         return f"at::vec::clamp_min({self._print(e.args[0])}, {self.ZERO})"
 
     def _print_Sigmoid(self, e):
-        return f"({self.ONE} / ({self.ONE} + ({self._print(e.args[0])}).neg().exp()))"
+        return f"({self.ONE} / ({self.ONE} + derive_exp(({self._print(e.args[0])}).neg())))"
 
     def _print_Softplus(self, e):
         return f"derive_softplus_vec({self._print(e.args[0])})"
@@ -413,6 +413,10 @@ _OUTER = re.compile(r"\b(?:(?:p|o|sz|k|s)_\w+|rows_per_chunk)\b")
 _OUTER_ARRAY = re.compile(r"\b((?:cv|part|c|kr)_\w+)(?:\.data\(\)|(?=\[))")
 
 
+# the lines of one pass over a row (``_localized`` renames what they read from the function)
+LOOP_LINES = ("setup", "body", "after", "flush", "exact", "check")
+
+
 def _localized(blocks: list[list[str]]) -> tuple[list[str], list[list[str]]]:
     """The lines of a sweep's loops reading local copies of what they use from the enclosing
     function, and the declarations of those copies (placed at the top of the parallel region).
@@ -561,10 +565,7 @@ def program_context(program: Program, plan: Plan, kernel, sizes: list | None = N
             # pass over a block of rows is unrolled as much (its vectors of columns are independent)
             lanes = LANES if (lp.row_reductions and not lp.col_reductions) or blocked else 1
             for v in lp.row_reductions:
-                setup.append(f"DoubleLanes<scalar_t> acc_{v.name}[{lanes}];" if v.reduce == "sum"
-                             else f"Vec acc_{v.name}[{lanes}]; "
-                                  f"std::fill(acc_{v.name}, acc_{v.name} + {lanes}, "
-                                  f"Vec(-std::numeric_limits<scalar_t>::infinity()));")
+                setup.append(f"{'DoubleLanes' if v.reduce == 'sum' else 'DeriveRowMax'}<scalar_t> acc_{v.name}[{lanes}];")
             # full-size values are inlined, and cse shares what they have in common
             narrow = [v for v in lp.col_reductions if not v.wide]
             exprs = [_inline_full(v.expr, vals, program.full) for v in lp.row_reductions + narrow] + \
@@ -576,9 +577,19 @@ def program_context(program: Program, plan: Plan, kernel, sizes: list | None = N
                 text = next(it)
                 if v.reduce == "sum":  # the lanes past the row's end add nothing
                     body.append(f"acc_{v.name}[lane].add(Vec::set(Vec(scalar_t(0)), {text}, cnt));")
-                else:
-                    body.append(f"acc_{v.name}[lane] = at::vec::maximum(acc_{v.name}[lane], Vec::set("
-                                f"Vec(-std::numeric_limits<scalar_t>::infinity()), {text}, cnt));")
+                else:  # the lanes past the row's end are -inf
+                    body.append(f"acc_{v.name}[lane].add(Vec::set(Vec(-std::numeric_limits<scalar_t>::infinity()), "
+                                f"{text}, cnt));")
+            # a row's maximum leaves NaN aside and adds its values into a probe (``DeriveRowMax``):
+            # where a probe is NaN the maximum runs again (``exact``), its maps alone, NaN winning
+            maxes = [v for v in lp.row_reductions if v.reduce != "sum"]
+            exact, check = [], []
+            if maxes:
+                temps, printed = _cse_lines([_inline_full(v.expr, vals, program.full) for v in maxes], vp, f"x{p}")
+                exact = temps + [f"acc_{v.name}[lane].add_exact(Vec::set(Vec(-std::numeric_limits<scalar_t>::infinity()), "
+                                 f"{text}, cnt));" for v, text in zip(maxes, printed)]
+                check = [" || ".join(f"derive_probe_nan(acc_{v.name})" for v in maxes)] + \
+                        [f"for (auto& a : acc_{v.name}) a = DeriveRowMax<scalar_t>();" for v in maxes]
             for v in lp.col_reductions:
                 q = f"part_{v.name}.data() + chunk*{numel(v.layout, frame)} + {names.flat(v.layout, 'col')}"
                 if blocked:
@@ -600,7 +611,8 @@ def program_context(program: Program, plan: Plan, kernel, sizes: list | None = N
             for tensor, x in lp.stores:
                 body.append(f"({next(it)}).store(o_{tensor} + row*{cols_size} + col, cnt);")
             after = [line for step in lp.after for line in row_step(step, names, sp_)]
-            loops.append(dict(setup=setup, body=body, after=after, flush=flush, index=p, lanes=lanes))
+            loops.append(dict(setup=setup, body=body, after=after, flush=flush, index=p, lanes=lanes, exact=exact,
+                              check=check))
         steps = sweep.start + [s for lp in sweep.loops for s in lp.after]
         accumulated = [x for lp in sweep.loops for x in lp.col_reductions] + \
                       [step.value for step in steps if step.kind == "accumulate"]
@@ -614,10 +626,10 @@ def program_context(program: Program, plan: Plan, kernel, sizes: list | None = N
             slots.append(v.name)
         start = split_row(frame) + [line for step in sweep.start for line in row_step(step, names, sp_)]
         local, (chunk_start, start, *parts) = _localized(
-            [chunk_start, start] + [lp[key] for lp in loops for key in ("setup", "body", "after", "flush")])
+            [chunk_start, start] + [lp[key] for lp in loops for key in LOOP_LINES])
         for lp in loops:
-            lp["setup"], lp["body"], lp["after"], lp["flush"] = parts[:4]
-            parts = parts[4:]
+            lp.update(zip(LOOP_LINES, parts[:len(LOOP_LINES)]))
+            parts = parts[len(LOOP_LINES):]
         if blocked:
             loops[0]["body"] = _prefetching(loops[0]["body"], "derive_block_rows") + loops[0]["body"]
         elif len(loops) > 1:

@@ -253,14 +253,27 @@ def test_long_rows_and_chunks_take_every_path_of_the_loops(name, dtype):
 def test_a_rows_maximum_sees_every_lane(dtype):
     """The row's maximum is taken in independent accumulators and combined: a largest value, or a
     NaN (which wins, as in torch's max), in any vector of a row of 150 columns (each accumulator of
-    the groups, the single vectors after them, the tail) is the row's saved maximum."""
+    the groups, the single vectors after them, the tail) is the row's saved maximum. The fast
+    maximum leaves NaN aside and a probe sum finds it (``DeriveRowMax``): a NaN beside infinities, and
+    infinities of both signs without a NaN (the probe NaN, the row's maximum run again) give what
+    torch's max gives."""
     module = cpp_module("cross_entropy").native_module()
+    big = torch.finfo(dtype).max
     for column in range(150):
-        logits = torch.randn(3, 150, dtype=dtype)
+        logits = torch.randn(8, 150, dtype=dtype)
         logits[1, column] = 50.0
         logits[2, column] = float("nan")
-        _, maxes, _ = module.cross_entropy_forward(logits, torch.zeros(3, dtype=torch.long), 3, 150)
-        assert maxes[1] == 50.0 and torch.isnan(maxes[2]) and maxes[0] == logits[0].max(), column
+        logits[3, column], logits[3, (column + 17) % 150] = float("inf"), float("-inf")
+        logits[4, column], logits[4, (column + 16) % 150] = float("nan"), float("inf")
+        logits[5, column] = float("-inf")
+        logits[6] = -big  # the probe's sums overflow to -inf, no NaN
+        logits[6, column] = big
+        logits[7] = float("-inf")
+        _, maxes, _ = module.cross_entropy_forward(logits, torch.zeros(8, dtype=torch.long), 8, 150)
+        expected = logits.max(1).values.to(maxes.dtype)
+        assert torch.equal(maxes.isnan(), expected.isnan()), column
+        assert torch.equal(maxes[~expected.isnan()], expected[~expected.isnan()]), column
+        assert maxes[1] == 50.0 and torch.isnan(maxes[2]) and maxes[3] == float("inf") and torch.isnan(maxes[4]), column
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "cross_entropy_ignore"])
@@ -536,9 +549,52 @@ def test_the_c_printers():
     assert ScalarPrinter(names).doprint(n / (n - 1)) == \
         "static_cast<double>(sz_n)/(static_cast<double>(sz_n) - 1.0)"
     assert VectorPrinter(names).doprint(sp.exp(x) / 2) == \
-        "(Vec(scalar_t(0.5)))*(Vec::loadu(p_x + row*sz_d + col, cnt)).exp()"
+        "(Vec(scalar_t(0.5)))*derive_exp(Vec::loadu(p_x + row*sz_d + col, cnt))"
     assert VectorPrinter(names).doprint(x ** -0.5) == "(Vec::loadu(p_x + row*sz_d + col, cnt)).rsqrt()"
     assert ScalarPrinter(names).doprint(sp.KroneckerDelta(i_d, 3)) == "((3.0) == (col) ? 1.0 : 0.0)"
+
+
+EXP_CHECK = r"""
+#include <ATen/cpu/vec/vec.h>
+#include <cstdint>
+#include <cstdio>
+using at::vec::Vectorized;
+DERIVE_EXP
+// every float's bit pattern, 16 at a time: derive_exp against torch's Vectorized<float>::exp
+int main() {
+  uint64_t differ = 0;
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i bits = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (uint64_t start = 0; start < (uint64_t(1) << 32); start += 16, bits = _mm512_add_epi32(bits, step)) {
+    const Vectorized<float> x(_mm512_castsi512_ps(bits));
+    const __m512 a = x.exp(), b = derive_exp(x);
+    const __mmask16 same = _mm512_cmpeq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b));
+    const __mmask16 nans = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+    differ += __builtin_popcount(0xffffu & ~(same | nans));
+  }
+  std::printf("%llu\n", static_cast<unsigned long long>(differ));
+}
+"""
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="derive_exp is exp itself here")
+def test_the_kernels_exp_is_torchs_exp_for_every_float(tmp_path):
+    """``derive_exp`` (SLEEF's algorithm with one scalef, float on AVX-512) as printed into the
+    generated kernels gives the same bits as ``Vectorized<float>::exp`` for all 2^32 floats (NaN for
+    NaN): the kernels' values do not depend on which of the two they call. Built with the flags of
+    the extension itself (-ffp-contract=off included) against torch's headers and library."""
+    text = (ROOT / "generated" / "native" / "cross_entropy.cpp").read_text()
+    start = text.index("template <typename Vec>\nstatic inline Vec derive_exp")
+    source = EXP_CHECK.replace("DERIVE_EXP", text[start:text.index("#endif", start) + len("#endif")])
+    (tmp_path / "check.cpp").write_text(source)
+    torch_dir = Path(torch.__file__).parent
+    flags = [f for f in cpp_module("cross_entropy")._flags() if f != "-fopenmp"]
+    built = subprocess.run(["g++", "-std=c++17", *flags, "-I", str(torch_dir / "include"), str(tmp_path / "check.cpp"),
+                            "-L", str(torch_dir / "lib"), "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}",
+                            "-o", str(tmp_path / "check")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    ran = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0 and ran.stdout.split() == ["0"], (ran.stdout, ran.stderr[-2000:])
 
 
 def test_the_all_layers_sweep_has_the_cpp_column(tmp_path):
