@@ -36,12 +36,12 @@ class Lowered:
 
 
 def lowered(kernel: Kernel, backend: str = "cpp") -> Lowered:
-    """The plan of ``kernel`` for ``backend``: loops over one frame (``plan.lower``); for C++, a
-    kernel with matrix products as stages of ``at::mm`` and loops (``stages.lower``)."""
+    """The plan of ``kernel`` (either backend): loops over one frame (``plan.lower``), or for a
+    kernel with matrix products, stages of products (torch's BLAS) and loops (``stages.lower``)."""
     try:
         return Lowered(lower(kernel))
     except NotLowered as e:
-        if backend != "cpp" or not has_products(kernel):
+        if not has_products(kernel):
             return Lowered(None, str(e))
     try:
         return Lowered(lower_staged(kernel))
@@ -203,9 +203,10 @@ def check_module(layer, module, backend: str) -> str:
                 if not row.approximate:
                     return f"its {row.name} differs from autograd of the spec by {row.maxdiff:.3e} (float64)"
             sizes = battery.battery_sizes(layer)
-            if backend == "triton" and len(layer.dims) > 2:
+            if backend == "triton" and len(layer.dims) > 2 and not getattr(module, "_STAGED", False):
                 # the interpreter runs a row at a time: as many rows (the outer axes flattened) as a
-                # layer of two axes has, the first axis made shorter
+                # layer of two axes has, the first axis made shorter (a staged plan's loops run over
+                # the rows of one axis: its sizes are the C++ kernel's)
                 middle = math.prod(sizes[d] for d in layer.dims[1:-1])
                 sizes[layer.dims[0]] = max(8, sizes[layer.dims[0]] // middle)
             verdict = battery.run(layer, fn, sizes, draws=battery.settings(layer, sizes))

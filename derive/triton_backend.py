@@ -23,6 +23,7 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from .cpp import axis_names, flat_index, numel, split_row
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
+from .stages import Product, Staged
 from .templating import environment
 
 CHUNKS = 256  # the most chunks of rows a sweep with sums over the rows is split into
@@ -229,8 +230,8 @@ class Names:
         self.tensors = {t.name: t for t in program.inputs}
         self.sizes = {str(s): f"sz_{s}" for s in kernel.graph.sizes.values()}
         self.constants = {c: f"k_{c}" for c in kernel.layer.constants}
-        self.frame = [kernel.elements.index[kernel.graph.sizes[d]] for d in kernel.layer.dims]
-        self.axes = axis_names(plan.frame)
+        self.frame = program.index  # the indices of the program's own frame (a loop stage's: not the layer's)
+        self.axes = axis_names(program.frame)
 
     def index(self, i, col: str) -> str:
         if i == self.frame[-1]:
@@ -240,14 +241,14 @@ class Names:
         raise ValueError(f"index {i}")
 
     def flat(self, layout, col: str) -> str:
-        return flat_index(layout, self.axes[:-1] + [col], self.plan.frame)
+        return flat_index(layout, self.axes[:-1] + [col], self.program.frame)
 
     def shape(self, layout) -> str:
         """The shape a finalize step's tensor of ``layout`` has in the driver: the frame's trailing
         axes from its outermost one, 1 where it does not vary (so tensors broadcast)."""
         if not layout:
             return "()"
-        frame = self.plan.frame
+        frame = self.program.frame
         dims = [f"sz_{frame[a]}" if a in layout else "1" for a in range(min(layout), len(frame))]
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
@@ -342,11 +343,14 @@ def _cse(exprs: list, printer: VectorPrinter, prefix: str) -> tuple[list[str], l
     return lines, [printer._print(r) for r in reduced]
 
 
-def program_context(program: Program, plan: Plan, kernel) -> dict:
+def program_context(program: Program, plan: Plan, kernel, sizes: list | None = None) -> dict:
+    """Everything ``triton_module.py.j2`` places for one program (the forward or the backward, or a
+    loop stage of either: ``sizes`` are then every size of the layer, its frame's and others)."""
     vals = program.values
     kept = program.kept_rows
-    rows = "*".join(f"sz_{s}" for s in plan.frame[:-1])
-    rows = rows if len(plan.frame) == 2 else f"({rows})"
+    frame = program.frame
+    rows = "*".join(f"sz_{s}" for s in frame[:-1])
+    rows = rows if len(frame) == 2 else f"({rows})"
     doubles = {t.name: t.double for t, _ in program.outputs}
 
     def finalize(steps: list, sweep: int) -> list[str]:
@@ -362,7 +366,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             elif kind == "value" and v.reduce:  # an array summed over one of its axes
                 how = "sum" if v.reduce == "sum" else "amax"
                 body = v.layout | {v.axis}
-                dim = v.axis - len(plan.frame)  # counted from the end: every shape ends at the innermost axis
+                dim = v.axis - len(frame)  # counted from the end: every shape ends at the innermost axis
                 flat = ".reshape(-1)" if v.layout else ".reshape(())"
                 lines.append(f"{target} = torch.as_tensor({tp._print(v.expr)}, dtype=torch.float64, "
                              f"device=device).expand{names.shape(body)}.{how}({dim}, keepdim=True){flat}")
@@ -388,7 +392,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
             return [f"tl.store(o_{step.tensor} + row, ({names.scalar(v.name, 'cols')}).to({cast}))"]
         if step.kind == "accumulate" and v.layout:  # into the chunk's partial of this row's entry
             body = rp._print(v.expr)
-            q = f"part_{v.name} + chunk*{numel(v.layout, plan.frame)} + {names.flat(v.layout, 'cols')}"
+            q = f"part_{v.name} + chunk*{numel(v.layout, frame)} + {names.flat(v.layout, 'cols')}"
             if v.reduce == "sum":
                 return [f"tl.store({q}, tl.load({q}) + {body})"]
             return [f"tl.store({q}, tl.maximum(tl.load({q}), {body}, propagate_nan=tl.PropagateNan.ALL))"]
@@ -400,7 +404,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
         if step.kind == "fixup":
             label_rp = RowPrinter(names, col="label_col")
             return [f"label_col = tl.load({names.pointer(step.label, rp)})",
-                    f"tl.store(o_{step.tensor} + row*sz_{plan.frame[-1]} + label_col, "
+                    f"tl.store(o_{step.tensor} + row*sz_{frame[-1]} + label_col, "
                     f"({label_rp._print(step.expr)}).to(DT))"]
         raise ValueError(step.kind)
 
@@ -429,21 +433,21 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
                                 f"propagate_nan=tl.PropagateNan.ALL)")
             for v in lp.col_reductions:
                 text = WidePrinter(names)._print(_inline_full(v.expr, vals, program.full)) if v.wide else next(it)
-                q = f"part_{v.name} + chunk*{numel(v.layout, plan.frame)} + {names.flat(v.layout, 'cols')}"
+                q = f"part_{v.name} + chunk*{numel(v.layout, frame)} + {names.flat(v.layout, 'cols')}"
                 if v.reduce == "sum":
                     body.append(f"tl.store({q}, tl.load({q}, mask=mask, other=0.0) + ({text}).to(tl.float64), mask=mask)")
                 else:
                     body.append(f"tl.store({q}, tl.maximum(tl.load({q}, mask=mask, other=0.0), ({text}).to(tl.float64), "
                                 f"propagate_nan=tl.PropagateNan.ALL), mask=mask)")
             for tensor, _ in lp.stores:
-                body.append(f"tl.store(o_{tensor} + row*sz_{plan.frame[-1]} + cols, ({next(it)}).to(DT), mask=mask)")
+                body.append(f"tl.store(o_{tensor} + row*sz_{frame[-1]} + cols, ({next(it)}).to(DT), mask=mask)")
             after = [line for step in lp.after for line in row_step(step, names, rp)]
             loops.append(dict(setup=setup, body=body, after=after, index=p))
         accumulated = [s.value for s in sweep.start + [x for lp in sweep.loops for x in lp.after] if s.kind == "accumulate"]
-        start = split_row(plan.frame, style="triton") + [line for step in sweep.start for line in row_step(step, names, rp)]
+        start = split_row(frame, style="triton") + [line for step in sweep.start for line in row_step(step, names, rp)]
         col_parts = [v for lp in sweep.loops for v in lp.col_reductions] + [v for v in accumulated if v.layout]
         accumulated = [v for v in accumulated if not v.layout]  # one sum per chunk, kept in a register
-        partials = [f"part_{v.name} = torch.full((chunks, {numel(v.layout, plan.frame)}), {_start(v)}, "
+        partials = [f"part_{v.name} = torch.full((chunks, {numel(v.layout, frame)}), {_start(v)}, "
                     f"dtype=torch.float64, device=device)" for v in col_parts]
         partials += [f"part_{v.name} = torch.empty(chunks, dtype=torch.float64, device=device)" for v in accumulated]
         chunk_start = [f"pacc_{v.name} = tl.full([1], {_start(v)}, tl.float64)" for v in accumulated]
@@ -459,7 +463,7 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
     first = next(t for t in program.inputs if not t.labels)
     allocations = []
     for t, v in program.outputs:
-        size = numel(t.layout, plan.frame)
+        size = numel(t.layout, frame)
         dtype = "torch.float64" if t.double else f"p_{first.name}.dtype"
         fill = "torch.zeros" if vals[v].expr == 0 and not vals[v].reduce else "torch.empty"
         allocations.append(f"o_{t.name} = {fill}({size}, dtype={dtype}, device=device)")
@@ -468,9 +472,9 @@ def program_context(program: Program, plan: Plan, kernel) -> dict:
     for s in sweeps:
         signatures[f"_{program.name}_sweep{s['index']}"] = {p: _type(p, program, doubles) for p in s["params"]}
     return dict(name=program.name, args=[t.name for t in program.inputs], constants=[f"k_{c}" for c in program.scalars],
-                sizes=[f"sz_{s}" for s in plan.frame], allocations=allocations, kept=kept_lines, sweeps=sweeps,
+                sizes=[f"sz_{s}" for s in sizes or frame], allocations=allocations, kept=kept_lines, sweeps=sweeps,
                 tail=tail, first=first.name, outputs=[t.name for t, _ in program.outputs], signatures=signatures,
-                rows=rows, cols=f"sz_{plan.frame[-1]}")
+                rows=rows, cols=f"sz_{frame[-1]}")
 
 
 def _start(v: Value) -> str:
@@ -501,9 +505,58 @@ def _type(param: str, program: Program, doubles: dict) -> str:
     return "i32"
 
 
+class _DriverNames:
+    """Sizes and constants, the only symbols a product's scale reads (``stages.define``)."""
+
+    values: dict = {}
+
+    def __init__(self, kernel):
+        self.constants = {c: f"k_{c}" for c in kernel.layer.constants}
+
+    def finalize(self, name: str) -> str:
+        return self.constants.get(name, f"float(sz_{name})")
+
+
+def staged_context(staged: Staged, plan: Plan, kernel) -> dict:
+    """The Python function that runs a staged forward or backward (``stages.py``) step by step: each
+    product a ``torch.mm`` of two views (cuBLAS on a GPU, as the C++ stages call ``at::mm``), each
+    loop program a call of its driver (Triton kernels)."""
+    sizes = [f"sz_{s}" for s in plan.frame]
+    constants = [f"k_{c}" for c in staged.scalars]
+    printer = TorchPrinter(_DriverNames(kernel))
+
+    def view(name: str, dims: tuple, transposed: bool) -> str:
+        shape = ", ".join(f"sz_{kernel.graph.sizes[d]}" for d in dims if d != "1")
+        return f"p_{name}.view({shape})" + (".t()" if transposed else "")
+
+    body = []
+    for step in staged.steps:
+        if isinstance(step, Product):
+            body.append(f"# {step.text().replace('at::mm', 'torch.mm')}")
+            body.append(f"p_{step.name} = torch.mm({view(step.left, step.left_dims, step.left_t)}, "
+                        f"{view(step.right, step.right_dims, step.right_t)})")
+            if step.scale != 1:
+                body.append(f"p_{step.name}.mul_(float({printer.doprint(step.scale)}))")
+        else:
+            args = [f"p_{t.name}" for t in step.inputs] + constants + sizes
+            body.append(f"p_{step.outputs[0][0].name} = _{step.name}({', '.join(args)})[0]")
+    return dict(name=staged.name, args=[t.name for t in staged.inputs], constants=constants, sizes=sizes,
+                body=body, outputs=[name for _, name in staged.outputs])
+
+
 def render_module(kernel, plan: Plan, module_context: dict) -> str:
-    programs = [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)]
-    return environment().get_template("triton_module.py.j2").render(header="", programs=programs, **module_context)
+    """``<name>_triton.py``: a driver and Triton kernels for each program; a staged plan
+    (``stages.py``) prints each loop program so, and a driver of its steps for each direction."""
+    if isinstance(plan.forward, Staged):
+        stage_programs = [step for staged in (plan.forward, plan.backward) for step in staged.steps
+                          if isinstance(step, Program)]
+        programs = [program_context(p, plan, kernel, sizes=plan.frame) for p in stage_programs]
+        drivers = [staged_context(staged, plan, kernel) for staged in (plan.forward, plan.backward)]
+    else:
+        programs = [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)]
+        drivers = []
+    return environment().get_template("triton_module.py.j2").render(header="", programs=programs, drivers=drivers,
+                                                                     **module_context)
 
 
 __all__ = ["render_module", "program_context"]
