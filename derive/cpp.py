@@ -27,7 +27,7 @@ from .functions import Relu, Sigmoid, Softplus, Step
 from sympy.printing.precedence import PRECEDENCE
 
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
-from .stages import Product, Staged
+from .stages import Spelling, Staged, driver_context
 from .templating import environment
 
 CHUNKS = 64  # the most chunks of rows a sweep is split into (partial sums: chunks x columns doubles)
@@ -671,31 +671,18 @@ class _DriverNames:
         return self.constants.get(name, f"static_cast<double>(sz_{name})")
 
 
+# a staged driver in C++: tensors ``t_<name>``, ``at::mm`` of ``view({sizes})``s
+CPP_SPELLING = Spelling(tensor="t_{}", view="{tensor}.view({{{shape}}})", product="at::Tensor {out} = at::mm({left}, {right});",
+                        scaled="{out}.mul_({scale});", call="at::Tensor {out} = {function}({args})[0];",
+                        comment="// {text}", mm="at::mm")
+
+
 def staged_context(staged: Staged, plan: Plan, kernel) -> dict:
     """The function that runs a staged forward or backward (``stages.py``) step by step: each
     product an ``at::mm`` of two views (torch's BLAS), each loop program a call of its function."""
-    sizes = [f"sz_{s}" for s in plan.frame]
-    constants = [f"k_{c}" for c in staged.scalars]
-    printer = ScalarPrinter(_DriverNames(kernel))
-
-    def view(name: str, dims: tuple, transposed: bool) -> str:
-        shape = ", ".join(f"sz_{kernel.graph.sizes[d]}" for d in dims if d != "1")
-        return f"t_{name}.view({{{shape}}})" + (".t()" if transposed else "")
-
-    body = []
-    for step in staged.steps:
-        if isinstance(step, Product):
-            body.append(f"// {step.text()}")
-            body.append(f"at::Tensor t_{step.name} = at::mm({view(step.left, step.left_dims, step.left_t)}, "
-                        f"{view(step.right, step.right_dims, step.right_t)});")
-            if step.scale != 1:
-                body.append(f"t_{step.name}.mul_({printer.doprint(step.scale)});")
-        else:
-            args = [f"t_{t.name}" for t in step.inputs] + constants + sizes
-            body.append(f"at::Tensor t_{step.outputs[0][0].name} = {step.name}({', '.join(args)})[0];")
-    args = [(t.name, "") for t in staged.inputs]
-    return dict(name=staged.name, args=args, constants=constants, sizes=sizes, body=body,
-                outputs=[name for _, name in staged.outputs])
+    context = driver_context(staged, plan, kernel, CPP_SPELLING, ScalarPrinter(_DriverNames(kernel)))
+    context["args"] = [(name, "") for name in context["args"]]
+    return context
 
 
 def render_source(plan: Plan, kernel) -> str:

@@ -358,6 +358,51 @@ class _Stager:
         self.tensors[name] = TensorArg(name, frozenset(), tuple(dims))
 
 
+@dataclass(frozen=True)
+class Spelling:
+    """How a backend writes the statements of a staged driver (``driver_context``): each a format
+    string. ``tensor`` names a tensor; ``view`` takes ``tensor`` and ``shape`` (its sizes, joined by
+    ", "); ``product`` ``out``, ``left``, ``right``; ``scaled`` ``out`` and ``scale``; ``call`` ``out``,
+    ``function`` and ``args``; ``comment`` ``text``. ``mm`` names the product in the comments."""
+
+    tensor: str
+    view: str
+    product: str
+    scaled: str
+    call: str
+    comment: str
+    mm: str
+
+
+def driver_context(staged: Staged, plan: Plan, kernel, spelling: Spelling, scale_printer) -> dict:
+    """The function that runs a staged forward or backward step by step, as ``spelling`` writes it:
+    each product one matrix product of two views of stored tensors (torch's BLAS: ``at::mm``,
+    ``torch.mm``), scaled in place where it is a product times a number (printed by
+    ``scale_printer``), each loop program a call of its function."""
+    sizes = [f"sz_{s}" for s in plan.frame]
+    constants = [f"k_{c}" for c in staged.scalars]
+
+    def view(name: str, dims: tuple, transposed: bool) -> str:
+        shape = ", ".join(f"sz_{kernel.graph.sizes[d]}" for d in dims if d != "1")
+        return spelling.view.format(tensor=spelling.tensor.format(name), shape=shape) + (".t()" if transposed else "")
+
+    body = []
+    for step in staged.steps:
+        if isinstance(step, Product):
+            out = spelling.tensor.format(step.name)
+            body.append(spelling.comment.format(text=step.text().replace("at::mm", spelling.mm)))
+            body.append(spelling.product.format(out=out, left=view(step.left, step.left_dims, step.left_t),
+                                                right=view(step.right, step.right_dims, step.right_t)))
+            if step.scale != 1:
+                body.append(spelling.scaled.format(out=out, scale=scale_printer.doprint(step.scale)))
+        else:
+            args = [spelling.tensor.format(t.name) for t in step.inputs] + constants + sizes
+            body.append(spelling.call.format(out=spelling.tensor.format(step.outputs[0][0].name), function=step.name,
+                                             args=", ".join(args)))
+    return dict(name=staged.name, args=[t.name for t in staged.inputs], constants=constants, sizes=sizes,
+                body=body, outputs=[name for _, name in staged.outputs])
+
+
 def _own(indices: tuple) -> tuple:
     """An element's own indices but those of kept axes (0)."""
     return tuple(i for i in indices if i != 0)
@@ -367,4 +412,4 @@ def _indices(expr: sp.Expr) -> set:
     return {s for s in expr.free_symbols if isinstance(s, sp.Idx)}
 
 
-__all__ = ["lower", "has_products", "Staged", "Product"]
+__all__ = ["lower", "has_products", "Staged", "Product", "Spelling", "driver_context"]

@@ -23,7 +23,7 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from .cpp import axis_names, flat_index, numel, split_row
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
-from .stages import Product, Staged
+from .stages import Spelling, Staged, driver_context
 from .templating import environment
 
 CHUNKS = 256  # the most chunks of rows a sweep with sums over the rows is split into
@@ -517,31 +517,17 @@ class _DriverNames:
         return self.constants.get(name, f"float(sz_{name})")
 
 
+# a staged driver in Python: tensors ``p_<name>``, ``torch.mm`` (cuBLAS on a GPU) of ``view(sizes)``s
+TRITON_SPELLING = Spelling(tensor="p_{}", view="{tensor}.view({shape})", product="{out} = torch.mm({left}, {right})",
+                           scaled="{out}.mul_(float({scale}))", call="{out} = _{function}({args})[0]",
+                           comment="# {text}", mm="torch.mm")
+
+
 def staged_context(staged: Staged, plan: Plan, kernel) -> dict:
     """The Python function that runs a staged forward or backward (``stages.py``) step by step: each
     product a ``torch.mm`` of two views (cuBLAS on a GPU, as the C++ stages call ``at::mm``), each
     loop program a call of its driver (Triton kernels)."""
-    sizes = [f"sz_{s}" for s in plan.frame]
-    constants = [f"k_{c}" for c in staged.scalars]
-    printer = TorchPrinter(_DriverNames(kernel))
-
-    def view(name: str, dims: tuple, transposed: bool) -> str:
-        shape = ", ".join(f"sz_{kernel.graph.sizes[d]}" for d in dims if d != "1")
-        return f"p_{name}.view({shape})" + (".t()" if transposed else "")
-
-    body = []
-    for step in staged.steps:
-        if isinstance(step, Product):
-            body.append(f"# {step.text().replace('at::mm', 'torch.mm')}")
-            body.append(f"p_{step.name} = torch.mm({view(step.left, step.left_dims, step.left_t)}, "
-                        f"{view(step.right, step.right_dims, step.right_t)})")
-            if step.scale != 1:
-                body.append(f"p_{step.name}.mul_(float({printer.doprint(step.scale)}))")
-        else:
-            args = [f"p_{t.name}" for t in step.inputs] + constants + sizes
-            body.append(f"p_{step.outputs[0][0].name} = _{step.name}({', '.join(args)})[0]")
-    return dict(name=staged.name, args=[t.name for t in staged.inputs], constants=constants, sizes=sizes,
-                body=body, outputs=[name for _, name in staged.outputs])
+    return driver_context(staged, plan, kernel, TRITON_SPELLING, TorchPrinter(_DriverNames(kernel)))
 
 
 def render_module(kernel, plan: Plan, module_context: dict) -> str:
