@@ -2,12 +2,12 @@
 
 Element expressions are printed by two SymPy C printers: ``ScalarPrinter`` (per-row, per-column and
 scalar values, in double precision) and ``VectorPrinter`` (the element maps, on
-``at::vec::Vectorized<scalar_t>``: its ``exp`` (as ``derive_exp``: the same values), ``log``, ``tanh`` are torch's own, so NaN and
-infinity behave as in autograd; no ``-ffast-math``). Sizes print as floating values
-(``static_cast<double>(n)``: ``n/(n - 1)`` is never an integer division), literals in the kernel's
-dtype (``scalar_t(0.5)``), a Kronecker delta as a comparison. The loop skeleton (sweeps over
-chunks of rows with ``at::parallel_for``, loops over the columns of a row, finalize steps) is in
-``templates/native_kernel.cpp.j2``; this module decides every line placed in it.
+``at::vec::Vectorized<scalar_t>``: its ``exp`` (printed ``derive_exp``: the same values), ``log``,
+``tanh`` are torch's own, so NaN and infinity behave as in autograd; no ``-ffast-math``). Sizes
+print as floating values (``static_cast<double>(n)``: ``n/(n - 1)`` is never an integer division),
+literals in the kernel's dtype (``scalar_t(0.5)``), a Kronecker delta as a comparison. The loop
+skeleton (sweeps over chunks of rows with ``at::parallel_for``, loops over the columns of a row,
+finalize steps) is in ``templates/native_kernel.cpp.j2``; this module decides every line placed in it.
 
 Rows are split into a fixed number of chunks (``CHUNKS`` at most) whatever the number of threads,
 and partial sums are combined in chunk order: the result does not depend on the thread count.
@@ -672,9 +672,9 @@ class _DriverNames:
 
 
 # a staged driver in C++: tensors ``t_<name>``, ``at::mm`` of ``view({sizes})``s
-CPP_SPELLING = Spelling(tensor="t_{}", view="{tensor}.view({{{shape}}})", product="at::Tensor {out} = at::mm({left}, {right});",
-                        scaled="{out}.mul_({scale});", call="at::Tensor {out} = {function}({args})[0];",
-                        comment="// {text}", mm="at::mm")
+CPP_SPELLING = Spelling(tensor="t_{}", view="{tensor}.view({{{shape}}})",
+                        product="at::Tensor {out} = at::mm({left}, {right});", scaled="{out}.mul_({scale});",
+                        call="at::Tensor {out} = {function}({args})[0];", comment="// {text}", mm="at::mm")
 
 
 def staged_context(staged: Staged, plan: Plan, kernel) -> dict:
