@@ -4,8 +4,9 @@ For each layer whose fused kernel the plan lowers (``plan.lower``), ``--backend 
 files beside the eager ones: ``native/<name>.cpp`` (the loops, ``cpp.render_source``) and
 ``<name>_cpp.py``, a module with the same function as ``<name>.py`` whose forward and backward
 call the extension built from every ``native/*.cpp`` of the folder (one build, cached). A kernel with
-matrix products is lowered for C++ as stages (``stages.lower``: ``at::mm`` and loop programs); Triton
-has no product step. A layer the plan cannot lower keeps its eager kernel only, and the report says why.
+matrix products is lowered as stages (``stages.lower``: products, ``at::mm`` in C++ and ``torch.mm`` in
+the Triton module's driver, and loop programs). A layer the plan cannot lower keeps its eager kernel
+only, and the report says why.
 """
 from __future__ import annotations
 
