@@ -27,7 +27,7 @@ from .functions import Relu, Sigmoid, Softplus, Step
 from sympy.printing.precedence import PRECEDENCE
 
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
-from .stages import Spelling, Staged, driver_context
+from .stages import Spelling, Staged, contexts, driver_context
 from .templating import environment
 
 CHUNKS = 64  # the most chunks of rows a sweep is split into (partial sums: chunks x columns doubles)
@@ -414,7 +414,7 @@ _OUTER_ARRAY = re.compile(r"\b((?:cv|part|c|kr)_\w+)(?:\.data\(\)|(?=\[))")
 
 
 # the lines of one pass over a row (``_localized`` renames what they read from the function)
-LOOP_LINES = ("setup", "body", "after", "flush", "exact", "check")
+LOOP_LINES = ("setup", "body", "after", "flush", "exact")
 
 
 def _localized(blocks: list[list[str]]) -> tuple[list[str], list[list[str]]]:
@@ -583,13 +583,11 @@ def program_context(program: Program, plan: Plan, kernel, sizes: list | None = N
             # a row's maximum leaves NaN aside and adds its values into a probe (``DeriveRowMax``):
             # where a probe is NaN the maximum runs again (``exact``), its maps alone, NaN winning
             maxes = [v for v in lp.row_reductions if v.reduce != "sum"]
-            exact, check = [], []
+            exact = []
             if maxes:
                 temps, printed = _cse_lines([_inline_full(v.expr, vals, program.full) for v in maxes], vp, f"x{p}")
                 exact = temps + [f"acc_{v.name}[lane].add_exact(Vec::set(Vec(-std::numeric_limits<scalar_t>::infinity()), "
                                  f"{text}, cnt));" for v, text in zip(maxes, printed)]
-                check = [" || ".join(f"derive_probe_nan(acc_{v.name})" for v in maxes)] + \
-                        [f"for (auto& a : acc_{v.name}) a = DeriveRowMax<scalar_t>();" for v in maxes]
             for v in lp.col_reductions:
                 q = f"part_{v.name}.data() + chunk*{numel(v.layout, frame)} + {names.flat(v.layout, 'col')}"
                 if blocked:
@@ -612,7 +610,7 @@ def program_context(program: Program, plan: Plan, kernel, sizes: list | None = N
                 body.append(f"({next(it)}).store(o_{tensor} + row*{cols_size} + col, cnt);")
             after = [line for step in lp.after for line in row_step(step, names, sp_)]
             loops.append(dict(setup=setup, body=body, after=after, flush=flush, index=p, lanes=lanes, exact=exact,
-                              check=check))
+                              maxes=[v.name for v in maxes]))
         steps = sweep.start + [s for lp in sweep.loops for s in lp.after]
         accumulated = [x for lp in sweep.loops for x in lp.col_reductions] + \
                       [step.value for step in steps if step.kind == "accumulate"]
@@ -689,14 +687,7 @@ def render_source(plan: Plan, kernel) -> str:
     """The C++ of one layer's forward and backward (a namespace of its own, no includes: the
     module's loader compiles every layer of its folder as one translation unit). A staged plan
     (``stages.py``) prints each loop program as a function and a driver of its steps."""
-    if isinstance(plan.forward, Staged):
-        stage_programs = [step for staged in (plan.forward, plan.backward) for step in staged.steps
-                          if isinstance(step, Program)]
-        programs = [program_context(p, plan, kernel, sizes=plan.frame) for p in stage_programs]
-        drivers = [staged_context(staged, plan, kernel) for staged in (plan.forward, plan.backward)]
-    else:
-        programs = [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)]
-        drivers = []
+    programs, drivers = contexts(plan, kernel, program_context, staged_context)
     context = dict(layer=kernel.name, programs=programs, drivers=drivers, chunks=CHUNKS, block_rows=BLOCK_ROWS,
                    slots=max([1] + [p["slots"] for p in programs]))
     return environment().get_template("native_kernel.cpp.j2").render(**context)

@@ -104,11 +104,11 @@ def render(layer: Layer, choice: Choice | None = None, backends: tuple = (), rea
     else:
         files[f"{layer.name}.py"] = render_steps(graph, choice.reason)
     reasons = {} if reasons is None else reasons
+    lowered = native.lowered(choice.kernel) if backends and choice.fused else None  # one plan, both backends
     for backend in backends:
         if not choice.fused:
             reasons[backend] = "its kernel is the step-by-step backward"
             continue
-        lowered = native.lowered(choice.kernel, backend)
         if lowered.plan is None:
             reasons[backend] = f"the kernel plan cannot lower it: {lowered.reason}"
         elif backend == "cpp":

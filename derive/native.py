@@ -36,9 +36,9 @@ class Lowered:
     reason: str = ""
 
 
-def lowered(kernel: Kernel, backend: str = "cpp") -> Lowered:
-    """The plan of ``kernel`` (either backend): loops over one frame (``plan.lower``), or for a
-    kernel with matrix products, stages of products (torch's BLAS) and loops (``stages.lower``)."""
+def lowered(kernel: Kernel) -> Lowered:
+    """The plan of ``kernel``, the same for both backends: loops over one frame (``plan.lower``), or
+    for a kernel with matrix products, stages of products (torch's BLAS) and loops (``stages.lower``)."""
     try:
         return Lowered(lower(kernel))
     except NotLowered as e:

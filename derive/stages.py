@@ -403,6 +403,18 @@ def driver_context(staged: Staged, plan: Plan, kernel, spelling: Spelling, scale
                 body=body, outputs=[name for _, name in staged.outputs])
 
 
+def contexts(plan: Plan, kernel, program_context, staged_context) -> tuple[list[dict], list[dict]]:
+    """What a backend's template places for ``plan``: the context of each program (``program_context``;
+    of a staged plan, each loop stage's, its function taking every size of the layer) and of each
+    staged direction's driver (``staged_context``; none for a plan over one frame)."""
+    if not isinstance(plan.forward, Staged):
+        return [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)], []
+    directions = (plan.forward, plan.backward)
+    programs = [program_context(step, plan, kernel, sizes=plan.frame) for staged in directions for step in staged.steps
+                if isinstance(step, Program)]
+    return programs, [staged_context(staged, plan, kernel) for staged in directions]
+
+
 def _own(indices: tuple) -> tuple:
     """An element's own indices but those of kept axes (0)."""
     return tuple(i for i in indices if i != 0)
@@ -412,4 +424,4 @@ def _indices(expr: sp.Expr) -> set:
     return {s for s in expr.free_symbols if isinstance(s, sp.Idx)}
 
 
-__all__ = ["lower", "has_products", "Staged", "Product", "Spelling", "driver_context"]
+__all__ = ["lower", "has_products", "Staged", "Product", "Spelling", "contexts", "driver_context"]

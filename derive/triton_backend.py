@@ -23,7 +23,7 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from .cpp import axis_names, flat_index, numel, split_row
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
-from .stages import Spelling, Staged, driver_context
+from .stages import Spelling, Staged, contexts, driver_context
 from .templating import environment
 
 CHUNKS = 256  # the most chunks of rows a sweep with sums over the rows is split into
@@ -533,14 +533,7 @@ def staged_context(staged: Staged, plan: Plan, kernel) -> dict:
 def render_module(kernel, plan: Plan, module_context: dict) -> str:
     """``<name>_triton.py``: a driver and Triton kernels for each program; a staged plan
     (``stages.py``) prints each loop program so, and a driver of its steps for each direction."""
-    if isinstance(plan.forward, Staged):
-        stage_programs = [step for staged in (plan.forward, plan.backward) for step in staged.steps
-                          if isinstance(step, Program)]
-        programs = [program_context(p, plan, kernel, sizes=plan.frame) for p in stage_programs]
-        drivers = [staged_context(staged, plan, kernel) for staged in (plan.forward, plan.backward)]
-    else:
-        programs = [program_context(p, plan, kernel) for p in (plan.forward, plan.backward)]
-        drivers = []
+    programs, drivers = contexts(plan, kernel, program_context, staged_context)
     return environment().get_template("triton_module.py.j2").render(header="", programs=programs, drivers=drivers,
                                                                      **module_context)
 
