@@ -455,6 +455,21 @@ def _prefetching(first: list[str], ahead: str = "1") -> list[str]:
             for pointer, offset in loads]
 
 
+def _accumulator(v: Value, vals: dict, program: Program) -> str:
+    """The accumulator a reduction is printed with: ``DeriveRowMax`` for a maximum; for a sum
+    ``DoubleLanes`` (in double), or ``PairedLanes`` where no term can be negative (a sum of
+    exponentials, of squares), whose float vectors are added in pairs before being widened. Decided on
+    the term with every value it reads real: the kernel's values are floats (a NaN is carried
+    either way), which says nothing about the user's symbols and enters no proof."""
+    if v.reduce != "sum":
+        return "DeriveRowMax"
+    if v.wide:  # its body is evaluated in double already
+        return "DoubleLanes"
+    term = _inline_full(v.expr, vals, program.full)
+    real = {a: sp.Dummy(real=True) for a in term.atoms(sp.Indexed) | term.free_symbols}
+    return "PairedLanes" if term.xreplace(real).is_nonnegative else "DoubleLanes"
+
+
 def program_context(program: Program, plan: Plan, kernel, sizes: list | None = None) -> dict:
     """Everything ``native_kernel.cpp.j2`` places for one program (the forward or the backward, or
     a loop stage of either: ``sizes`` are then every size of the layer, its frame's and others)."""
@@ -565,7 +580,7 @@ def program_context(program: Program, plan: Plan, kernel, sizes: list | None = N
             # pass over a block of rows is unrolled as much (its vectors of columns are independent)
             lanes = LANES if (lp.row_reductions and not lp.col_reductions) or blocked else 1
             for v in lp.row_reductions:
-                setup.append(f"{'DoubleLanes' if v.reduce == 'sum' else 'DeriveRowMax'}<scalar_t> acc_{v.name}[{lanes}];")
+                setup.append(f"{_accumulator(v, vals, program)}<scalar_t> acc_{v.name}[{lanes}];")
             # full-size values are inlined, and cse shares what they have in common
             narrow = [v for v in lp.col_reductions if not v.wide]
             exprs = [_inline_full(v.expr, vals, program.full) for v in lp.row_reductions + narrow] + \
@@ -591,7 +606,7 @@ def program_context(program: Program, plan: Plan, kernel, sizes: list | None = N
             for v in lp.col_reductions:
                 q = f"part_{v.name}.data() + chunk*{numel(v.layout, frame)} + {names.flat(v.layout, 'col')}"
                 if blocked:
-                    setup.append(f"DoubleLanes<scalar_t> block_{v.name};")
+                    setup.append(f"{_accumulator(v, vals, program)}<scalar_t> block_{v.name};")
                     flush.append(f"block_{v.name}.add_to({q}, cnt);")
                 if v.wide:
                     wide = WidePrinter(names)._print(_inline_full(v.expr, vals, program.full))
