@@ -400,7 +400,9 @@ def closed_form(expr: sp.Expr, scalars: set, factor_whole: bool = True) -> sp.Ex
     if not terms:
         return sp.S.Zero
     common = _common_factor([t for _, t in terms])
-    terms = [(c, _cancel(t / common)) for c, t in terms]
+    # guarded as the terms were: ``cancel`` would split ``exp(v1 - v2)`` left over by the common
+    # factor into ``exp(v1)*exp(-v2)`` (three roundings for one, an exponential the spec never took)
+    terms = [(c, _cancelled(t / common)) for c, t in terms]
 
     def spread(scale):
         return sp.count_ops(sp.Add(*[_factor(c / scale) for c, _ in terms])), sp.default_sort_key(scale)
