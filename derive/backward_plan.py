@@ -359,11 +359,18 @@ class _Planner:
                 rest.remove(u)
             if not rest:
                 continue
-            grad = self.text(rest[0]) if len(rest) == 1 and self.leaf(rest[0]) else self.buffer(sp.Mul(*rest))
+            # the upstream gradient alone through the kernel, the other factors after it, as the
+            # printed formula reads (``KernelPrinter._kernel_of_gradient``): the kernel's 0 of a
+            # saturated tanh meets one factor at a time, never their overflowed product
+            inside = [r for r in rest if self.printer._is_upstream(r)] or rest
+            grad = self.text(inside[0]) if len(inside) == 1 and self.leaf(inside[0]) else self.buffer(sp.Mul(*inside))
             y = self.operand(argument)
             self.notes.append(f"{name.rsplit('.', 1)[1]}({grad}, {y}{extra}) = "
                               + _KERNEL_VALUES[name].format(g=grad, y=y))
             chain = _Chain(f"{name}({grad}, {y}{extra})")
+            for r in rest:
+                if r not in inside:
+                    chain.then("mul", self.text(r))
             factor = numbers * sign
             return chain if factor == 1 else self.scaled(chain, factor)
         return None

@@ -507,17 +507,35 @@ class KernelPrinter(TorchPrinter):
         return None
 
     def _kernel_of_gradient(self, factors: list, call, sign=1) -> str | None:
-        """``call(g)`` for the product ``g`` of the tensor ``factors``, times the number ones (and
-        ``sign``): a one-pass kernel of torch's applied to the upstream gradient. None when no factor
-        is a tensor (the kernel needs one to pass)."""
-        g = sp.Mul(*[r for r in factors if not r.is_number])
+        """``call(g)`` for the upstream gradient ``g`` among the tensor ``factors`` (all of them where
+        none is it), times the other factors and the number ones (and ``sign``): a one-pass kernel
+        of torch's applied to the upstream gradient. The kernel's factor can be exactly 0 (``1 -
+        y**2`` of a saturated tanh): it meets the upstream gradient alone, then each other factor,
+        never their product first (``tanh_backward(dout*exp(b), y)`` made ``inf*0`` where
+        ``dout*exp(b)`` overflowed and autograd's ``tanh_backward(dout, y)*exp(b)`` is 0). Each
+        partial product is then at most the upstream gradient times the factors met so far.
+        None when no factor is a tensor (the kernel needs one to pass)."""
+        tensors = [r for r in factors if not r.is_number]
+        upstream = [r for r in tensors if self._is_upstream(r)]
+        inside = upstream or tensors
+        g = sp.Mul(*inside)
         if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
             return None
         code = call(self._print(g))
+        outside = [r for r in tensors if r not in inside]
+        if outside:
+            mul = sp.printing.precedence.PRECEDENCE["Mul"]
+            code = "*".join([code] + [self.parenthesize(r, mul) for r in outside])
         coefficient = sign * sp.Mul(*[r for r in factors if r.is_number])
         if coefficient == -1:
             return f"-{code}"
         return code if coefficient == 1 else self._scaled(code, [coefficient])
+
+    def _is_upstream(self, factor) -> bool:
+        """Whether ``factor`` is the upstream gradient (the output's, ``dtype_of``), read as it is."""
+        if isinstance(factor, sp.Indexed):
+            return str(factor.base) == self.dtype_of
+        return isinstance(factor, sp.Symbol) and factor.name == self.dtype_of
 
     def _softplus_backward(self, expr) -> str | None:
         """``g*sigmoid(z)``, the chain rule through ``F.softplus(z)``, with ``g`` a tensor: printed as

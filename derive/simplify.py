@@ -23,7 +23,8 @@ from .elements import Elements
 from .errors import DerivationError
 from .functions import NOT_INVERTIBLE
 from .risk import Path, risky_atoms
-from .symbolic import GroupedRed, Red, _replace_free, bases, expand, extent, hide_argmax, reductions, substitute_family
+from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, hide_argmax,
+                       reductions, substitute_family)
 from .trace import Node
 
 
@@ -420,9 +421,10 @@ GROUP_MAX_OPS = 1000  # the largest built-in sum has about 360 (GELU's dx)
 
 
 def _grouped(inner: sp.Expr, factor_whole: bool = True) -> sp.Expr:
-    """Terms that share a tensor factor are grouped and their cofactor factored: GELU's
-    ``a - a*t**2 + b - b*t**2`` becomes ``-a*(t - 1)*(t + 1) - b*(t - 1)*(t + 1)``, which float32
-    rounds like autograd's chain (``1 - t**2`` next to 1 loses nothing as ``(1 - t)*(1 + t)``).
+    """Terms that share a tensor factor (an entry, or a function of entries: ``exp(x - lse)``) are
+    grouped and their cofactor factored: GELU's ``a - a*t**2 + b - b*t**2`` becomes
+    ``-a*(t - 1)*(t + 1) - b*(t - 1)*(t + 1)``, which float32 rounds like autograd's chain
+    (``1 - t**2`` next to 1 loses nothing as ``(1 - t)*(1 + t)``).
     A sum too large for that to pay (thousands of operations, from nested softmaxes) is left as it
     is: factoring its cofactors takes tens of seconds per candidate refold weighs."""
     if not inner.is_Add or sp.count_ops(inner) > GROUP_MAX_OPS:
@@ -444,7 +446,8 @@ def _grouped(inner: sp.Expr, factor_whole: bool = True) -> sp.Expr:
         if len({frozenset(f.atoms(sp.Indexed)) for f in tensor_factors}) >= 2:
             return sp.Mul(*[_grouped(f, factor_whole) if f.is_Add else f for f in sp.Mul.make_args(whole)])
     count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
-                    if isinstance(f.as_base_exp()[0], sp.Indexed))
+                    if isinstance(f.as_base_exp()[0], sp.Indexed)
+                    or (isinstance(f, sp.Function) and not isinstance(f, (_Bound, IsArgmax)) and f.atoms(sp.Indexed)))
     shared = [f for f, c in sorted(count.items(), key=lambda fc: (-fc[1], sp.default_sort_key(fc[0]))) if c >= 2]
     return sp.collect(inner, shared, func=_factor) if shared else inner
 

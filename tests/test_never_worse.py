@@ -100,6 +100,19 @@ def test_a_chain_factor_shared_by_two_terms_stays_a_factor():
     assert formulas["x"].count("(h.view(n, d, 1)") <= 2, formulas["x"]
 
 
+def test_an_exponential_shared_by_two_terms_is_a_factor_and_stays_whole():
+    """``tanh(logsumexp(x, 1).sum())``: ``dx = dout*(1 - t**2)*exp(x - lse)``. The normal form
+    expands it into ``s - s*t**2`` (``s`` the exponential), a difference that cancels where the tanh
+    saturates (2.5x the battery's bar on a soak's draw): the exponential is collected like a tensor
+    and the tanh's factor stays whole. Before that, the common factor's ``cancel`` split ``exp(x -
+    lse)`` into ``exp(x)*exp(-lse)``, which overflows at inputs of 100 (the layer fell back to its
+    step-by-step kernel)."""
+    choice = chosen(LAYERS["tanh_of_total_logsumexp"])
+    assert choice.fused and choice.verdict.passed, choice.reason
+    (dx,) = choice.kernel.formulas
+    assert dx.code.count("torch.exp(") == 1 and "**2" not in dx.code, dx.code
+
+
 def test_nested_tanh_is_a_product_of_factors():
     """``tanh(tanh(x))``: the derivative is printed as the product of the two chain-rule factors,
     each read from a saved value, not their expanded product."""
@@ -325,3 +338,36 @@ def test_an_input_the_output_does_not_read_gets_no_gradient_as_with_autograd(tmp
     assert ours[0] is None and theirs[0] is None and ours[2] is None and theirs[2] is None
     torch.testing.assert_close(ours[1], theirs[1])
     torch.testing.assert_close(ours[3], theirs[3])
+
+
+EXP_THEN_TANH = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"))
+def tanh_of_exp(x):
+    return torch.tanh(torch.exp(x))
+'''
+
+
+def test_a_saturated_tanh_meets_the_upstream_gradient_before_any_other_factor(tmp_path):
+    """``tanh(exp(x))``: ``dx = tanh_backward(dout, y)*exp(x)``, autograd's order. At x = 88,
+    ``exp(x)`` is 1.65e38, still a float32; times an upstream gradient of 4 it overflows, and the
+    kernel that passed ``dout*exp(x)`` to ``tanh_backward`` gave inf*0 = NaN where the tanh saturates
+    and autograd's gradient is 0."""
+    spec = tmp_path / "tanh_of_exp.py"
+    spec.write_text(EXP_THEN_TANH)
+    (layer,) = from_file(str(spec))
+    assert chosen(layer).fused
+    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "gen")]) == 0
+    fn = load_module(tmp_path / "gen" / "tanh_of_exp.py").tanh_of_exp
+    x = torch.tensor([[88.0, 20.0, 1.0, -3.0, -100.0]])
+    grads = []
+    for f in (fn, layer.fn):
+        xl = x.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(f(xl), [xl], torch.full_like(x, 4.0))
+        grads.append(dx)
+    ours, theirs = grads
+    assert torch.isfinite(theirs).all() and theirs[0, 0] == 0
+    assert torch.equal(ours, theirs), (ours, theirs)

@@ -386,8 +386,9 @@ def test_verify_exits_1_on_a_hand_edit_and_keeps_its_table_aligned(tmp_path, cap
     assert len({line.index(" | exact: ") for line in rows[3:]}) == 1
     kernel = out / "a_layer_with_a_rather_long_name.py"
     text = kernel.read_text()
-    line = "        da_rather_long_input_name = torch.ops.aten.tanh_backward(dout*w, squashed_intermediate_value)\n"
-    in_place = "        da_rather_long_input_name_t1 = torch.mul(dout, w)\n"  # the eager backward's first step
+    line = "        da_rather_long_input_name = torch.ops.aten.tanh_backward(dout, squashed_intermediate_value)*w\n"
+    # the eager backward, in place (the upstream gradient alone through tanh_backward, then w)
+    in_place = "        da_rather_long_input_name = torch.ops.aten.tanh_backward(dout, squashed_intermediate_value).mul_(w)\n"
     assert line in text and in_place in text
     kernel.write_text(text.replace(in_place, in_place.replace("w)\n", "w*1.01)\n")))  # a 1% edit
     status, stdout, err = run("verify", "--layer", mine, "--out", out, capsys=capsys)

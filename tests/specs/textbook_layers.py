@@ -191,3 +191,10 @@ def weighted_standardize(x, w, eps=1e-5):
     var = (w * xc**2).mean(0, keepdim=True)
     out = xc / torch.sqrt(var + eps)
     return out
+
+
+@layer(x=Tensor("n", "k"))
+def tanh_of_total_logsumexp(x):
+    """A squashed total of the rows' logsumexp: its gradient is a tanh's derivative times each
+    row's softmax, ``exp(x - lse)``."""
+    return torch.tanh(torch.logsumexp(x, dim=1).sum())
