@@ -516,7 +516,7 @@ class KernelPrinter(TorchPrinter):
         partial product is then at most the upstream gradient times the factors met so far.
         None when no factor is a tensor (the kernel needs one to pass)."""
         tensors = [r for r in factors if not r.is_number]
-        upstream = [r for r in tensors if self._is_upstream(r)]
+        upstream = [r for r in tensors if self.is_upstream(r)]
         inside = upstream or tensors
         g = sp.Mul(*inside)
         if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
@@ -531,7 +531,7 @@ class KernelPrinter(TorchPrinter):
             return f"-{code}"
         return code if coefficient == 1 else self._scaled(code, [coefficient])
 
-    def _is_upstream(self, factor) -> bool:
+    def is_upstream(self, factor) -> bool:
         """Whether ``factor`` is the upstream gradient (the output's, ``dtype_of``), read as it is."""
         if isinstance(factor, sp.Indexed):
             return str(factor.base) == self.dtype_of
