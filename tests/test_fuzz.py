@@ -162,9 +162,33 @@ SOFTPLUS_OF_SOFTPLUS = _regression('fuzz_found_softplus_of_softplus',
     '    v1 = F.softplus(w)\n    v2 = F.softplus(v1) * x\n    out = v2',
     'x=Tensor("n", "k"), w=Tensor("k")',
     'x, w', True, {'n': 3, 'k': 4})
+# tanh_backward(dv3*exp(b), v3): the product overflowed before meeting the saturated tanh's 0 (inf*0,
+# where autograd gives 0). Now the upstream gradient alone through the kernel, then exp(b).
+TANH_OF_EXP_OVERFLOW = _regression('fuzz_found_tanh_of_exp_overflow',
+    '    v1 = b.T\n    v2 = v1.exp()\n    v3 = torch.tanh(v2)\n    out = v3',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), w=Tensor("k"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, w, u, A, p, eps=0.001, scale=0.75', True, {'n': 3, 'k': 4})
+# The same order at a picked label's mean: 1.2x the bar.
+TANH_OF_PICKED_MEAN = _regression('fuzz_found_tanh_of_picked_mean',
+    '    v1 = torch.maximum(x, x)\n    v2 = v1[range(n), y]\n    v3 = v2.mean()\n    v4 = torch.tanh(v3)\n    out = v4',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), A=Tensor("k", "k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, A, y, eps=0.001, scale=0.75', True, {'n': 3, 'k': 4})
+# closed_form's cancel split exp(v1 - v2) into exp(v1)*exp(-v2), exp(-v2) out of the row's sum: 1.3x
+# the bar at a saturated softmax. Now guarded as the terms are (simplify._cancelled).
+LOGSUMEXP_OF_SOFTMAX = _regression('fuzz_found_logsumexp_of_softmax',
+    '    v1 = F.softmax(x, dim=1)\n    v2 = torch.logsumexp(v1, dim=1, keepdim=True)\n    out = v2',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), A=Tensor("k", "k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, A, y, eps=0.001, scale=0.75', True, {'n': 3, 'k': 4})
+# exp(A - lse)*(1 - t**2) expanded to s - s*t**2 (2.5x the bar where the tanh saturates): a function
+# of entries shared by terms is now collected like an entry (simplify._grouped).
+TANH_OF_ROW_LOGSUMEXP = _regression('fuzz_found_tanh_of_row_logsumexp',
+    '    v1 = torch.logsumexp(A, dim=1, keepdim=True)\n    v2 = v1.sum(0)\n    v3 = torch.tanh(v2)\n    out = v3',
+    'x=Tensor("n", "k"), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, A, p, y, eps=0.001, scale=0.75', True, {'n': 3, 'k': 4})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
-          SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS]
+          SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
+          LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP]
 
 
 class Tally:
