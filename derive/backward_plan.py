@@ -362,15 +362,14 @@ class _Planner:
             # the upstream gradient alone through the kernel, the other factors after it, as the
             # printed formula reads (``KernelPrinter._kernel_of_gradient``): the kernel's 0 of a
             # saturated tanh meets one factor at a time, never their overflowed product
-            inside = [r for r in rest if self.printer.is_upstream(r)] or rest
+            inside, outside = self.printer.upstream_first(rest)
             grad = self.text(inside[0]) if len(inside) == 1 and self.leaf(inside[0]) else self.buffer(sp.Mul(*inside))
             y = self.operand(argument)
             self.notes.append(f"{name.rsplit('.', 1)[1]}({grad}, {y}{extra}) = "
                               + _KERNEL_VALUES[name].format(g=grad, y=y))
             chain = _Chain(f"{name}({grad}, {y}{extra})")
-            for r in rest:
-                if r not in inside:
-                    chain.then("mul", self.text(r))
+            for r in outside:
+                chain.then("mul", self.text(r))
             factor = numbers * sign
             return chain if factor == 1 else self.scaled(chain, factor)
         return None

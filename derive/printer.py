@@ -515,14 +515,11 @@ class KernelPrinter(TorchPrinter):
         ``dout*exp(b)`` overflowed and autograd's ``tanh_backward(dout, y)*exp(b)`` is 0). Each
         partial product is then at most the upstream gradient times the factors met so far.
         None when no factor is a tensor (the kernel needs one to pass)."""
-        tensors = [r for r in factors if not r.is_number]
-        upstream = [r for r in tensors if self.is_upstream(r)]
-        inside = upstream or tensors
+        inside, outside = self.upstream_first([r for r in factors if not r.is_number])
         g = sp.Mul(*inside)
         if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
             return None
         code = call(self._print(g))
-        outside = [r for r in tensors if r not in inside]
         if outside:
             mul = sp.printing.precedence.PRECEDENCE["Mul"]
             code = "*".join([code] + [self.parenthesize(r, mul) for r in outside])
@@ -531,11 +528,17 @@ class KernelPrinter(TorchPrinter):
             return f"-{code}"
         return code if coefficient == 1 else self._scaled(code, [coefficient])
 
-    def is_upstream(self, factor) -> bool:
-        """Whether ``factor`` is the upstream gradient (the output's, ``dtype_of``), read as it is."""
-        if isinstance(factor, sp.Indexed):
-            return str(factor.base) == self.dtype_of
-        return isinstance(factor, sp.Symbol) and factor.name == self.dtype_of
+    def upstream_first(self, tensors: list) -> tuple[list, list]:
+        """(what a one-pass kernel is given, what multiplies its result) of the tensor factors of
+        its gradient: the upstream gradient (the output's, ``dtype_of``, read as it is) and the
+        rest; all of them and none where no factor is the upstream gradient itself."""
+        def upstream(factor) -> bool:
+            if isinstance(factor, sp.Indexed):
+                return str(factor.base) == self.dtype_of
+            return isinstance(factor, sp.Symbol) and factor.name == self.dtype_of
+
+        inside = [r for r in tensors if upstream(r)] or list(tensors)
+        return inside, [r for r in tensors if r not in inside]
 
     def _softplus_backward(self, expr) -> str | None:
         """``g*sigmoid(z)``, the chain rule through ``F.softplus(z)``, with ``g`` a tensor: printed as
