@@ -351,9 +351,11 @@ class ArrayOps:
         return mask * x + (1 - mask) * y  # finite values only: the arithmetic is exact
 
     def split_at_ties(self, grad, a, b, op: str):
-        """A tie has measure zero in the exact check: ``grad`` to the one that wins."""
-        wins = self.compare(op, a, b)
-        return self.select(wins, grad, 0), self.select(wins, 0, grad)
+        """``grad`` times the mask that wins (``Wins``: a half at a tie), the fused derivative's atom."""
+        from .functions import Wins
+        sign = {"gt": 1, "lt": -1}[op]
+        wins = np.vectorize(lambda x, y: Wins(sign * (x - y)), otypes=[object])
+        return grad * wins(a, b), grad * wins(b, a)
 
     def one_hot(self, labels, table):
         out = np.full(table.shape, sp.S.Zero, dtype=object)

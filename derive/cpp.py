@@ -142,6 +142,11 @@ class ScalarPrinter(C99CodePrinter):
         m, a, b = (self._print(x) for x in e.args)
         return f"(({m}) != 0.0 ? ({a}) : ({b}))"
 
+    _print_Maximum = _print_Minimum = _print_Where  # the value of a Where
+
+    def _print_Wins(self, e):
+        return f"({self._print(e.halves())})"
+
     # a bound from below and one from above; NaN stays NaN, as torch.clamp (std::max(NaN, lo) is its
     # first argument; ATen's clamp_min and clamp_max, in VectorPrinter, keep it too)
     CLAMP = ("std::max<double>", "std::min<double>")
@@ -233,6 +238,8 @@ class VectorPrinter(ScalarPrinter):
     def _print_Where(self, e):
         m, a, b = (self._print(x) for x in e.args)
         return f"{self.VEC}::blendv({b}, {a}, ({m}) != {self.ZERO})"
+
+    _print_Maximum = _print_Minimum = _print_Where  # the value of a Where
 
 
 class WidePrinter(VectorPrinter):

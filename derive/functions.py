@@ -220,6 +220,58 @@ class Where(sp.Function):
         return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
 
 
+class Wins(sp.Function):
+    """1 where ``x > 0``, 1/2 at ``x = 0``, 0 where ``x < 0``: the derivative of ``maximum(a, b)`` in
+    ``a`` is ``Wins(a - b)``, half the gradient to each operand at a tie, as autograd splits it."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_positive:
+            return sp.S.One
+        if x.is_negative:
+            return sp.S.Zero
+        if x.is_zero:
+            return sp.S.Half
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+    def _eval_is_nonnegative(self):
+        return True
+
+    def halves(self) -> sp.Expr:
+        """The same value as two masks, ``(Step(x) + NonNeg(x))/2``: how the printers compute it."""
+        return (Step(self.args[0]) + NonNeg(self.args[0])) / 2
+
+    def _latex(self, printer, exp=None):
+        # the two masks it is (a reader knows them): 1/2 at a tie
+        text = r"\left(%s\right)" % printer._print(self.halves())
+        return text if exp is None else r"%s^{%s}" % (text, exp)
+
+
+class Extremum(Where):
+    """``torch.maximum(a, b)`` as ``Maximum(Step(a - b), a, b)``, ``torch.minimum`` as
+    ``Minimum(Step(b - a), a, b)``: the value of ``Where``, the derivative split at a tie (``Wins``)."""
+
+    sign = 1  # a wins where sign*(a - b) > 0
+
+    def fdiff(self, argindex=1):
+        if argindex == 1:
+            return sp.S.Zero
+        _, a, b = self.args
+        return Wins(self.sign * (a - b if argindex == 2 else b - a))
+
+
+class Maximum(Extremum):
+    sign = 1
+
+
+class Minimum(Extremum):
+    sign = -1
+
+
 class Clamp(sp.Function):
     """``x`` clamped to ``[lo, hi]`` (either bound may be infinite)."""
 
@@ -255,7 +307,7 @@ def _log1p(x):
 
 # A definition reading its variable through one of these is never solved for that variable:
 # ``out = Relu(x)`` says nothing about a negative ``x``; softplus's inverse would only cost more.
-NOT_INVERTIBLE = (Relu, Step, sp.Abs, sp.sign, Softplus, NonNeg, Equal, Where, Clamp, sp.sin, sp.cos, sp.erf)
+NOT_INVERTIBLE = (Relu, Step, Wins, sp.Abs, sp.sign, Softplus, NonNeg, Equal, Where, Clamp, sp.sin, sp.cos, sp.erf)
 
 # traced op -> the SymPy function of its element (the forward prints as ``torch.<op>``)
 ELEMENTWISE = {"exp": sp.exp, "log": sp.log, "tanh": sp.tanh, "sigmoid": Sigmoid, "relu": Relu, "abs": sp.Abs,
@@ -276,6 +328,6 @@ def mask(op: str, a, b, labels: bool = False):
     """The 0/1 value of the comparison ``op`` of ``a`` and ``b`` (``labels``: integer labels)."""
     return LABEL_COMPARISONS[op](a, b) if labels else COMPARISONS[op][0](a, b)
 # the larger (smaller) of two tensors: a where a > b (a < b), else b
-EXTREMA = {"maximum": lambda a, b: Where(Step(a - b), a, b), "minimum": lambda a, b: Where(Step(b - a), a, b)}
+EXTREMA = {"maximum": lambda a, b: Maximum(Step(a - b), a, b), "minimum": lambda a, b: Minimum(Step(b - a), a, b)}
 # ops whose values are 0/1 masks: nothing flows back through them
 MASK_OPS = set(COMPARISONS) | {"not", "and"}

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
-from .functions import Clamp, Equal, NonNeg, Relu, Sigmoid, Softplus, Step, Where
+from .functions import Clamp, Equal, NonNeg, Relu, Sigmoid, Softplus, Step, Where, Wins
 from .forward_plan import plan as forward_statements
 from .spec import Labels, dim_names
 from .symbolic import AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, GroupedRed, IsArgmax, Max, Red, extent
@@ -72,7 +72,7 @@ def col_of(ndim: int) -> frozenset:
     """The innermost axis alone (``COL`` for two)."""
     return frozenset({ndim - 1})
 # element functions every printer of the plan knows
-FUNCTIONS = (sp.exp, sp.log, sp.tanh, Sigmoid, Softplus, Relu, Step, sp.Abs, sp.sign, sp.KroneckerDelta, NonNeg, Equal,
+FUNCTIONS = (sp.exp, sp.log, sp.tanh, Sigmoid, Softplus, Relu, Step, Wins, sp.Abs, sp.sign, sp.KroneckerDelta, NonNeg, Equal,
              Where, Clamp)
 # a full-size value is recomputed in the backward rather than saved when its cost, in passes over
 # memory, is below saving it (a write in the forward and a read in the backward); a transcendental

@@ -677,12 +677,22 @@ class KernelPrinter(TorchPrinter):
     def _print_NonNeg(self, expr):
         return self._mask(self.condition(expr))
 
+    def _print_Wins(self, expr):
+        return f"({self._print(expr.halves())})"
+
     def _print_Equal(self, expr):
         return self._mask(self.condition(expr))
 
     def _print_Where(self, expr):
         m, a, b = expr.args
         return f"torch.where({self.condition(m)}, {self._print(a)}, {self._print(b)})"
+
+    # torch.maximum (minimum) itself: one op, and NaN propagates as in the spec
+    def _print_Maximum(self, expr):
+        return f"torch.maximum({self._print(expr.args[1])}, {self._print(expr.args[2])})"
+
+    def _print_Minimum(self, expr):
+        return f"torch.minimum({self._print(expr.args[1])}, {self._print(expr.args[2])})"
 
     def _print_Clamp(self, expr):
         x, lo, hi = expr.args

@@ -99,6 +99,11 @@ class _Base(PythonCodePrinter):
         m, a, b = (self._print(x) for x in e.args)
         return self._where(f"({m}) != 0.0", a, b)
 
+    _print_Maximum = _print_Minimum = _print_Where  # the value of a Where
+
+    def _print_Wins(self, e):
+        return f"({self._print(e.halves())})"
+
     def _print_Clamp(self, e):
         # comparisons are false for NaN: it stays NaN, as torch.clamp; an infinite bound is no bound
         x, lo, hi = e.args

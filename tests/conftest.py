@@ -24,6 +24,8 @@ def assert_math_blocks_balanced(text: str) -> None:
 
 
 # -- compiling the derivation documents, once per test session -------------------------------------
+import fcntl  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -48,8 +50,24 @@ def compiled_derivations(tmp_path_factory) -> dict[str, tuple[subprocess.Complet
     switched off: stem -> (run, pdf); the log is ``pdf.with_suffix(".log")``.
 
     The committed files equal what the generator renders (``test_generated_folder_is_fresh``), so
-    compiling them once checks every document without compiling each one twice."""
-    folder = tmp_path_factory.mktemp("derivations")
+    compiling them once checks every document without compiling each one twice. Once for the whole
+    run: under pytest-xdist the first worker to ask compiles, in the folder the workers share, and
+    the others wait on its lock and read its results."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "derivations"
+    results = shared / "derivations.json"
+    with open(shared / "derivations.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not results.exists():
+            results.write_text(json.dumps(_compile_all(folder)))
+    runs = json.loads(results.read_text())
+    return {s: (subprocess.CompletedProcess(r["args"], r["returncode"], r["stdout"], r["stderr"]), folder / f"{s}.pdf")
+            for s, r in runs.items()}
+
+
+def _compile_all(folder: Path) -> dict[str, dict]:
+    folder.mkdir()
     stems = sorted(p.stem for p in DERIVATIONS.glob("*.tex"))
     for stem in stems:
         # resizing switched off (the preamble's \derivenoresize): a display that would need
@@ -58,7 +76,8 @@ def compiled_derivations(tmp_path_factory) -> dict[str, tuple[subprocess.Complet
         (folder / f"{stem}.tex").write_text("\\def\\derivenoresize{}\\input{%s-document.tex}\n" % stem)
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = dict(zip(stems, pool.map(lambda s: latexmk(folder, s), stems)))
-    return {s: (runs[s], folder / f"{s}.pdf") for s in stems}
+    return {s: {"args": r.args, "returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+            for s, r in runs.items()}
 
 
 def ink(pdf: Path, page: int = 1, dpi: int = 30) -> float:

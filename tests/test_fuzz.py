@@ -185,10 +185,16 @@ TANH_OF_ROW_LOGSUMEXP = _regression('fuzz_found_tanh_of_row_logsumexp',
     '    v1 = torch.logsumexp(A, dim=1, keepdim=True)\n    v2 = v1.sum(0)\n    v3 = torch.tanh(v2)\n    out = v3',
     'x=Tensor("n", "k"), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, A, p, y, eps=0.001, scale=0.75', True, {'n': 3, 'k': 4})
+# torch.maximum of values that tie in float32 (N(0, 1) at an offset of 1e6): autograd gives each half
+# the gradient, the fused form gave all of it to one
+TIES_OF_A_PICKED_MAXIMUM = _regression('fuzz_found_ties_of_a_picked_maximum',
+    '    v1 = torch.maximum(b, c)\n    v2 = v1[range(n), y]\n    v3 = v2.mean()\n    out = v3',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, c, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
-          LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP]
+          LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM]
 
 
 class Tally:

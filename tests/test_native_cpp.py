@@ -508,6 +508,11 @@ def clipped(x, w):
     return torch.where(c > 0, c * w, 0.1 * c)
 
 
+@layer(x=Tensor("n", "d"), c=Tensor("d"))
+def tied(x, c):
+    return torch.maximum(x, c) * torch.minimum(x, 2 * c)
+
+
 @layer(logits=Tensor("n", "k"), y=Labels("n", classes="k"))
 def functional_ce(logits, y):
     return torch.nn.functional.cross_entropy(logits, y)
@@ -524,7 +529,7 @@ def focal(logits, y):
 def test_generate_backend_cpp_for_a_users_layers(tmp_path):
     """``derive generate --backend cpp`` on a user's spec file: a native kernel for each layer the plan
     lowers (checked and built once: a matrix product of a computed factor, a square weight ``(h, h)``
-    beside an input named ``h``, ``clamp`` and ``torch.where``, ``F.cross_entropy``, a log-softmax read at the labels), the reason for the one it does not, ``derive check`` passing,
+    beside an input named ``h``, ``clamp`` and ``torch.where``, ties of ``torch.maximum`` and ``minimum``, ``F.cross_entropy``, a log-softmax read at the labels), the reason for the one it does not, ``derive check`` passing,
     and the kernels matching the spec."""
     spec = tmp_path / "mylayers.py"
     spec.write_text(USER_LAYERS)
@@ -534,7 +539,7 @@ def test_generate_backend_cpp_for_a_users_layers(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     for name in ("swish_scaled", "col_center", "channel_scale", "project", "scaled_project", "rnn_cell",
-                 "clipped", "functional_ce", "focal"):
+                 "clipped", "tied", "functional_ce", "focal"):
         assert f"note: {name}: cpp kernel: battery passed" in run.stdout, run.stdout
         assert (out / f"{name}_cpp.py").exists() and (out / "native" / f"{name}.cpp").exists()
     assert "batched: cpp kernel: the kernel plan cannot lower it: a sum over c of factors on (b, s, t): " \
@@ -547,7 +552,13 @@ def test_generate_backend_cpp_for_a_users_layers(tmp_path):
             "x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True); g = torch.randn(4, dtype=torch.float64)\n"
             "a = col_center(x, g); (da,) = torch.autograd.grad(a.sum(), x)\n"
             "b = mylayers.col_center.fn(x, g); (db,) = torch.autograd.grad(b.sum(), x)\n"
-            "assert torch.allclose(a, b, atol=1e-12) and torch.allclose(da, db, atol=1e-12)\n")
+            "assert torch.allclose(a, b, atol=1e-12) and torch.allclose(da, db, atol=1e-12)\n"
+            # ties of maximum and minimum: half the gradient to each operand, as autograd splits it
+            "from gen.tied_cpp import tied\n"
+            "c = torch.tensor([1.0, -2.0, 0.5, 3.0]); x = torch.tensor([[1.0, -4.0, 0.25, 6.0], [2.0, -2.0, 1.0, -1.0]])\n"
+            "ours = torch.autograd.grad(tied(x.requires_grad_(), c.requires_grad_()).sum(), [x, c])\n"
+            "spec = torch.autograd.grad(mylayers.tied.fn(x, c).sum(), [x, c])\n"
+            "assert all(torch.equal(a, b) for a, b in zip(ours, spec)), (ours, spec)\n")
     used = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
     assert used.returncode == 0 and "cannot be built" not in used.stderr, used.stderr

@@ -371,3 +371,39 @@ def test_a_saturated_tanh_meets_the_upstream_gradient_before_any_other_factor(tm
     ours, theirs = grads
     assert torch.isfinite(theirs).all() and theirs[0, 0] == 0
     assert torch.equal(ours, theirs), (ours, theirs)
+
+
+TIED = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), c=Tensor("k"))
+def tied(x, c):
+    return torch.tanh(torch.maximum(x, c)) + torch.minimum(x, 2 * c) ** 2
+'''
+
+
+def test_maximum_and_minimum_split_the_gradient_at_a_tie_as_autograd(tmp_path):
+    """Values that tie (float32 values of N(0, 1) at an offset of 1e6 often do): autograd gives each
+    operand of ``torch.maximum`` half the gradient, and so does the fused kernel (it gave all of it to
+    one, ``b > c``)."""
+    spec = tmp_path / "tied.py"
+    spec.write_text(TIED)
+    (layer,) = from_file(str(spec))
+    assert chosen(layer).fused
+    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "gen")]) == 0
+    fn = load_module(tmp_path / "gen" / "tied.py").tied
+    c = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    x = torch.tensor([[1.0, -4.0, 0.25, 6.0], [2.0, -2.0, 1.0, -1.0], [0.0, -4.0, 1.0, 3.0]])
+    upstream = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+
+    def grads(f):
+        xs, cs = x.clone().requires_grad_(), c.clone().requires_grad_()
+        return torch.autograd.grad(f(xs, cs), [xs, cs], upstream)
+
+    ours, theirs = grads(fn), grads(layer.fn)
+    no_split = grads(lambda a, b: torch.tanh(torch.where(a > b, a, b)) + torch.where(a < 2 * b, a, 2 * b) ** 2)
+    assert not torch.allclose(no_split[1], theirs[1])  # the ties matter here
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

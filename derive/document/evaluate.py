@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
-from ..functions import Clamp, Equal, NonNeg, Relu, Sigmoid, Softplus, Step, Where
+from ..functions import Clamp, Equal, Maximum, Minimum, NonNeg, Relu, Sigmoid, Softplus, Step, Where, Wins
 from ..symbolic import IsArgmax, Max, Red, extent
 from .notation import Sigma
 
@@ -22,6 +22,8 @@ _FUNCTIONS = {sp.exp: np.exp, sp.log: np.log, sp.tanh: np.tanh, sp.Abs: np.abs, 
               Step: lambda v: (v > 0).astype(float), NonNeg: lambda v: (v >= 0).astype(float), Softplus: lambda v: np.logaddexp(0.0, v),
               sp.atanh: np.arctanh, sp.sqrt: np.sqrt, sp.cosh: np.cosh, sp.sinh: np.sinh,
               Equal: lambda v: (v == 0).astype(float), Where: lambda m, a, b: np.where(m != 0, a, b),
+              Maximum: lambda m, a, b: np.maximum(a, b), Minimum: lambda m, a, b: np.minimum(a, b),
+              Wins: lambda v: (v > 0) + 0.5 * (v == 0),
               Clamp: lambda v, lo, hi: np.minimum(np.maximum(v, lo), hi),
               sp.Min: lambda *v: np.minimum.reduce(np.broadcast_arrays(*v)),
               sp.Max: lambda *v: np.maximum.reduce(np.broadcast_arrays(*v))}
