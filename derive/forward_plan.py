@@ -17,6 +17,7 @@ The result is a list of ``(code, comment)`` lines; the comment names the spec li
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -97,7 +98,7 @@ def plan(el: Elements, saved: list[str], frame: list) -> list[Statement]:
     for node in emitted:
         expr = stabilise(values[node])
         for earlier, value in reuse:
-            expr = expr.subs(value, el.ref(earlier))
+            expr = _reuse(expr, value, el, earlier)
         exprs.append(expr)
         if node not in kept:
             reuse.append((node, values[node]))
@@ -111,6 +112,23 @@ def plan(el: Elements, saved: list[str], frame: list) -> list[Statement]:
     layouts = {st.name: layout(st.value, temps_of(statements), frame)
                for st in statements if st.node is None}
     return _name_results(statements, el, layouts)
+
+
+def _reuse(expr: sp.Expr, value: sp.Expr, el: Elements, earlier: Node) -> sp.Expr:
+    """``expr`` reading the computed tensor ``earlier`` wherever it has its ``value``: at the value's
+    own indices, and at other indices of the same sizes, such as a sum's (``v2 = (x - c) @ A`` reads
+    ``v1 = x - c`` as ``v1[i, j]`` inside the sum over ``j``: a matrix product of ``v1``, instead of
+    ``x - c`` computed again and multiplied entry by entry)."""
+    own = el.free(earlier)
+    indices = [i for i in own if isinstance(i, sp.Idx)]
+    present = expr.atoms(sp.Idx)
+    options = [[i] + sorted((j for j in present if j != i and extent(j) == extent(i)), key=str) for i in indices]
+    for chosen in itertools.product(*options):
+        if len(set(chosen)) < len(chosen):
+            continue  # two axes read at one index: a diagonal, not this value
+        at = dict(zip(indices, chosen))
+        expr = expr.subs(value.xreplace(at), el.ref(earlier, tuple(at.get(i, i) for i in own)))
+    return expr
 
 
 def temps_of(statements: list["Statement"]) -> dict:

@@ -191,10 +191,17 @@ TIES_OF_A_PICKED_MAXIMUM = _regression('fuzz_found_ties_of_a_picked_maximum',
     '    v1 = torch.maximum(b, c)\n    v2 = v1[range(n), y]\n    v3 = v2.mean()\n    out = v3',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, c, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# (x - c) @ A with x - c saved: the forward computed x - c again inside a broadcast sum of products,
+# 36x less accurate than autograd's matrix product at inputs of 1e6
+PRODUCT_OF_A_SAVED_DIFFERENCE = _regression('fuzz_found_product_of_a_saved_difference',
+    '    v1 = x - c\n    v2 = v1 @ A\n    v3 = torch.maximum(v2, u)\n    v4 = v3.clamp(min=-1.0, max=0.5)\n    v5 = v4.T @ v4\n    out = v5',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), w=Tensor("k"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, c, w, u, A, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
-          LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM]
+          LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM,
+          PRODUCT_OF_A_SAVED_DIFFERENCE]
 
 
 class Tally:

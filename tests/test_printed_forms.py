@@ -114,3 +114,25 @@ def logsumexp_of_softmax(x):
     assert any(str(a).startswith("exp(") for a in risky_atoms(refolded))
     assert set(risky_atoms(closed)) <= set(risky_atoms(refolded)), closed
     assert "exp(-" not in code(layer, "x"), code(layer, "x")
+
+
+def test_a_product_reads_a_factor_the_forward_saves(tmp_path):
+    """``v1 = x - c`` is saved (``dA`` reads it); ``v1 @ A`` is a matrix product of the saved tensor,
+    not ``x - c`` computed again and multiplied entry by entry with ``A``: the broadcast sum rounded
+    each product (no fused multiply-add) and, at inputs of 1e6, was 36x less accurate than autograd."""
+    from derive.layers import from_file
+
+    spec = tmp_path / "centred.py"
+    spec.write_text('''import torch
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), c=Tensor("1", "k"), A=Tensor("k", "k"))
+def centred_product(x, c, A):
+    v1 = x - c
+    v2 = v1 @ A
+    return torch.tanh(v2)
+''')
+    (layer,) = from_file(str(spec))
+    forward = [line for line, _ in build(layer).forward]
+    assert any(line.endswith(" = v1 @ A") for line in forward), forward
