@@ -376,7 +376,20 @@ def _cancelled(term: sp.Expr) -> sp.Expr:
     ``exp(2*a)``, which overflows where the term did not."""
     cancelled = _cancel(term)
     functions = set(risky_atoms(term))
-    return term if any(a not in functions for a in risky_atoms(cancelled) if not isinstance(a, sp.Pow)) else cancelled
+    if any(a not in functions for a in risky_atoms(cancelled) if not isinstance(a, sp.Pow)):
+        return term
+    # ``cancel`` expands what it divides by: ``v/(s*(v**2 + 1))`` with ``s = sqrt(v**2 + 1)`` comes back
+    # as ``v/(s*v**2 + s)``, whose terms overflow where the product of its factors (``(v**2 + 1)**(3/2)``,
+    # as the spec computes it) does not, and where a size in the coefficient is multiplied into every
+    # term. Each denominator, the term's and those inside its sums, is factored again.
+    return cancelled.replace(_expanded_denominator, lambda p: _factor(p.base) ** p.exp)
+
+
+def _expanded_denominator(e: sp.Expr) -> bool:
+    return e.is_Pow and e.exp.is_negative and e.base.is_Add and sp.count_ops(e.base) <= FACTOR_MAX_OPS
+
+
+FACTOR_MAX_OPS = 200  # a denominator larger than this is left expanded (factoring it takes seconds)
 
 
 def _split(term: sp.Expr, scalars: set) -> tuple[sp.Expr, sp.Expr]:

@@ -21,21 +21,12 @@ from pathlib import Path
 import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
-from .cpp import axis_names, flat_index, numel, split_row
+from .cpp import _exponent, axis_names, flat_index, numel, split_row
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
 from .stages import Spelling, Staged, contexts, driver_context
 from .templating import environment
 
 CHUNKS = 256  # the most chunks of rows a sweep with sums over the rows is split into
-
-
-def _exponent(exp: sp.Expr) -> sp.Expr:
-    """A float exponent that is a simple fraction as that fraction (``x**-0.5`` is a reciprocal root)."""
-    if exp.is_Float:
-        fraction = sp.Rational(float(exp))
-        if fraction.q <= 4:
-            return fraction
-    return exp
 
 
 def _literal(value) -> str:

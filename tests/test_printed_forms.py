@@ -1,5 +1,7 @@
 """Exact printed forms of what the engine learned for the new built-ins: a contraction prints as
 a matrix product, a table read at labels as ``w[y]``, a label mask as ``y == c``, nested sums as one sum."""
+import sympy as sp
+
 from derive.kernel import build
 from derive.layers import batchnorm3d, cross_entropy_ignore, cross_entropy_weighted, linear, tanh
 
@@ -136,3 +138,34 @@ def centred_product(x, c, A):
     (layer,) = from_file(str(spec))
     forward = [line for line, _ in build(layer).forward]
     assert any(line.endswith(" = v1 @ A") for line in forward), forward
+
+
+def test_a_fractional_power_of_a_sum_stays_whole(tmp_path):
+    """The derivative of ``rsqrt(q)`` reads ``q**(-3/2)``. Expanded, as SymPy writes it, it was
+    ``1/(k*n*sqrt(q)*v**2 + k*n*sqrt(q))``: terms of size ``k*n*v**3`` that overflow float32 at
+    |v| = 2e12 where ``q**1.5`` is still finite, and the mean's size inside every term."""
+    from derive.layers import from_file
+    from derive.symbolic import expand
+
+    v, w = sp.symbols("v w", real=True)
+    power = (v**2 + 1) ** sp.Rational(-3, 2)
+    assert expand(power * (v + w) * w) == v * w * power + w**2 * power
+    assert expand((v + w) ** 2) == v**2 + 2 * v * w + w**2  # integer powers are expanded as before
+
+    spec = tmp_path / "inverse_root.py"
+    spec.write_text('''import torch
+import torch.nn.functional as F
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"))
+def inverse_root(x):
+    v = F.log_softmax(x, dim=-1)
+    return torch.rsqrt(v * v + 1).mean()
+''')
+    (layer,) = from_file(str(spec))
+    element = next(f.element for f in build(layer).formulas if f.input == "x")
+    powers = [p for p in element.atoms(sp.Pow) if p.exp.is_negative]
+    roots_in_sums = [q for p in powers if p.base.is_Add for q in p.base.atoms(sp.Pow) if not q.exp.is_Integer]
+    assert not roots_in_sums, element  # no 1/(sqrt(q)*v**2 + sqrt(q))
+    assert any(p.exp == sp.Rational(-3, 2) for p in powers), element
