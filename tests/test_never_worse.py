@@ -239,6 +239,8 @@ def test_a_layer_with_no_passing_fused_form_gets_the_step_by_step_kernel(tmp_pat
     assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "step-by-step" in text and "fails the numerical battery" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("tanh_formula ")]
+    assert " step-by-step fused fail " in row, row  # the battery's verdict is the fused form's, not the kernel's
     module = (out / "tanh_formula.py").read_text()
     assert "Its kernel is the step-by-step backward" in module and "class TanhFormulaFunction" in module
     assert not (out / "derivations" / "tanh_formula.md").exists()
