@@ -15,7 +15,7 @@ from sympy.printing.pytorch import TorchPrinter
 from .backends import CodeOps, number_text
 from .errors import DerivationError
 from .functions import Sigmoid
-from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, extent
+from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, extent
 
 
 def _is_indicator(expr: sp.Expr) -> bool:
@@ -217,7 +217,7 @@ class KernelPrinter(TorchPrinter):
                 if tensor is None:
                     return None
                 tensors.append(tensor)
-            elif f.atoms(Red, AxisSum, AxisMax, Max, IsArgmax) or any(  # a sum, or a temporary tensor
+            elif f.atoms(Red, AxisSum, AxisMax, AxisSoftmax, AxisLogSumExp, Max, IsArgmax) or any(  # a sum, or a temporary tensor
                     isinstance(s, sp.Symbol) and s.name in self.shapes for s in _outside_elements(f)):
                 return None
             elif f.atoms(sp.Indexed) or any(isinstance(s, sp.Idx) for s in f.free_symbols):

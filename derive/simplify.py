@@ -30,26 +30,28 @@ from .trace import Node
 
 def tidy(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
     """Canonical sum of terms: combine exponentials, expand, recognize known reductions (into ``log``),
-    drop sums that are 0 by definition (``_zero_sums``)."""
+    replace sums that are constants by definition (``_zero_sums``: 0, or a softmax row's 1)."""
     expr = sp.powsimp(expand(expr), combine="exp")
     return _zero_sums(el, el.recognize(expand(expr), log))
 
 
 def _zero_sums(el: Elements, expr: sp.Expr) -> sp.Expr:
-    """``expr`` with every sum of a forward value that is 0 by that value's definition replaced by 0
-    (``sum_n xc`` with ``xc = x - x.mean(0)``). A refold into such values (``x`` as ``xc + mu``) keeps
-    ``2*mu*sum_n(xc)`` otherwise: 0 in exact arithmetic, rounding noise times the mean in floating
-    point (at an offset of 1000, most of float32's digits). Only sums whose body is the value itself
-    are looked at, each once per ``Elements``."""
-    known = el.__dict__.setdefault("_zero_sums", {})
+    """``expr`` with every sum of a forward value that its definition makes a constant replaced by
+    that constant: ``sum_n xc`` is 0 with ``xc = x - x.mean(0)``, a softmax row sums to 1. A refold
+    into such values (``x`` as ``xc + mu``) keeps ``2*mu*sum_n(xc)`` otherwise: 0 in exact
+    arithmetic, rounding noise times the mean in floating point (at an offset of 1000, most of
+    float32's digits); ``1 - sum_j(p)`` is noise where the gradient is 0. Only sums whose body is
+    the value itself are looked at, each once per ``Elements``."""
+    known = el.__dict__.setdefault("_constant_sums", {})
     nodes = {n.name: n for n in el.graph.nodes}
-    zero = {}
+    plain = scalars(el)
+    constant = {}
     for atom in reductions(expr):
         if not isinstance(atom, Red) or not isinstance(atom.body, sp.Indexed):
             continue
         if atom not in known:
             node = nodes.get(str(atom.body.base))
-            known[atom] = False
+            known[atom] = None
             if node is not None and node.op not in ("input", "labels") and node in el.nf:
                 ref = el.ref(node)
                 if isinstance(ref, sp.Indexed) and len(ref.indices) == len(atom.body.indices):
@@ -57,10 +59,12 @@ def _zero_sums(el: Elements, expr: sp.Expr) -> sp.Expr:
                     for own, read in zip(ref.indices, atom.body.indices):
                         if own != read and isinstance(own, sp.Idx):
                             value = _replace_free(value, own, read)
-                    known[atom] = el.recognize(expand(Red(value, atom.index))) == 0
-        if known[atom]:
-            zero[atom] = sp.S.Zero
-    return expand(expr.xreplace(zero)) if zero else expr
+                    total = el.recognize(expand(Red(value, atom.index)))
+                    if not total.atoms(sp.Indexed) and not reductions(total) and total.free_symbols <= plain:
+                        known[atom] = total
+        if known[atom] is not None:
+            constant[atom] = known[atom]
+    return expand(expr.xreplace(constant)) if constant else expr
 
 
 def scalars(el: Elements) -> set:

@@ -409,3 +409,37 @@ def test_maximum_and_minimum_split_the_gradient_at_a_tie_as_autograd(tmp_path):
     assert not torch.allclose(no_split[1], theirs[1])  # the ties matter here
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+SOFTMAX_TOTAL = '''import torch
+import torch.nn.functional as F
+
+from derive import Tensor, layer
+
+
+@layer(A=Tensor("k", "k"))
+def log_of_softmax_total(A):
+    total = F.softmax(A, dim=1).sum()
+    return torch.log(total ** 2 + 1)
+
+
+@layer(x=Tensor("n", "k"), w=Tensor("k"))
+def softmax_row_total_times_x(x, w):
+    p = F.softmax(x * w, dim=1)
+    return p.sum(1, keepdim=True) * x
+'''
+
+
+def test_a_softmax_row_sums_to_one_in_the_gradient(tmp_path):
+    """Every row of a softmax sums to 1, so ``log(sum(softmax(A))**2 + 1)`` does not depend on ``A``:
+    ``dA`` is 0. Read through the saved softmax, the gradient was ``(1 - v1.sum(1))*...``, rounding
+    noise (1.7e-8 relative in float32) where autograd's happened to round to 0. The same for a row
+    total multiplied by another value: ``dx`` is the upstream gradient itself, ``dw`` is 0."""
+    spec = tmp_path / "softmax_totals.py"
+    spec.write_text(SOFTMAX_TOTAL)
+    first, second = from_file(str(spec))
+    assert next(f.element for f in build_cached(first).formulas if f.input == "A") == 0
+    kernel = build_cached(second)
+    assert next(f.element for f in kernel.formulas if f.input == "w") == 0
+    dx = next(f.element for f in kernel.formulas if f.input == "x")
+    assert not dx.atoms(sp.Function), dx  # no softmax, no sum: the upstream gradient
