@@ -197,11 +197,17 @@ PRODUCT_OF_A_SAVED_DIFFERENCE = _regression('fuzz_found_product_of_a_saved_diffe
     '    v1 = x - c\n    v2 = v1 @ A\n    v3 = torch.maximum(v2, u)\n    v4 = v3.clamp(min=-1.0, max=0.5)\n    v5 = v4.T @ v4\n    out = v5',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), w=Tensor("k"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, c, w, u, A, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# the total of a softmax is n whatever its input: dx is 0, where the fused form read the saved
+# softmax's row sums and kept 1 - sum(p), rounding noise 100x autograd's
+TOTAL_OF_A_SOFTMAX = _regression('fuzz_found_total_of_a_softmax',
+    '    v1 = torch.minimum(x, x)\n    v2 = torch.minimum(x, u)\n    v3 = torch.tanh(v2)\n    v4 = torch.minimum(v3, v2)\n    v5 = F.softmax(v3, dim=1)\n    v6 = v5.sum()\n    out = v6',
+    'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), u=Tensor("n", "k", differentiable=False), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, c, w, u, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
           LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM,
-          PRODUCT_OF_A_SAVED_DIFFERENCE]
+          PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX]
 
 
 class Tally:
