@@ -157,7 +157,15 @@ def _materialize(el: Elements, node: Node, adjoint: sp.Expr) -> bool:
     An adjoint that is already one tensor (``dout``, ``2*dout``) is read as it is.
     """
     contraction = node.op in CONTRACTIONS or node in el.affine or any(is_contraction(r) for r in adjoint.atoms(Red))
-    if not contraction:
+    # a softmax whose adjoint sums over a row itself (a softmax of a softmax): autograd's
+    # ``s*(a - sum(a*s))`` reads the adjoint ``a`` once, as one tensor, and where ``s`` is one-hot the
+    # difference is exactly 0; written out, ``a``'s own sum splits into a difference of two sums of
+    # products that cancel only to rounding (1e-9 where autograd's is 1e-20)
+    # (an adjoint constant along the row, a row total broadcast, stays written out: its structure
+    # makes ``a - sum(a*s)`` exactly 0)
+    nested = node.op in ("softmax", "log_softmax") and bool(adjoint.atoms(Red)) and any(
+        i in adjoint.free_symbols for a in node.attrs["axes"] for i in el.free_axes(node)[a] if i != 0)
+    if not (contraction or nested):
         return False
     scalars = set(el.graph.sizes.values()) | set(el.graph.constants.values())
     tensors = [f for f in sp.Mul.make_args(adjoint) if not (f.free_symbols <= scalars)]
