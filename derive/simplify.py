@@ -24,7 +24,7 @@ from .errors import DerivationError
 from .functions import NOT_INVERTIBLE
 from .risk import Path, risky_atoms
 from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, hide_argmax,
-                       reductions, substitute_family)
+                       outside_sums, reductions, substitute_family)
 from .trace import Node
 
 
@@ -370,7 +370,28 @@ def _read_kept(el: Elements, expr: sp.Expr, candidates: list, log: list | None, 
 # The refold weighs every candidate by its closed form, and the candidates share most of their terms
 # and size coefficients: each is cancelled or factored once per process (SymPy caches neither).
 _cancel = lru_cache(maxsize=8192)(sp.cancel)
-_factor = lru_cache(maxsize=8192)(sp.factor)
+
+
+@lru_cache(maxsize=8192)
+def _factor(expr: sp.Expr) -> sp.Expr:
+    """``factor(expr)`` with each exponential kept whole: SymPy factors ``exp(x - v1)`` into
+    ``exp(x)*exp(-v1)``, two exponentials the spec never took, whose product is ``inf*0`` where
+    ``x`` and ``v1`` are both very negative (a softmax written as ``exp(x - lse)``)."""
+    # each exponential and each sum an atom (``factor`` would take a sum's body apart too)
+    hidden = {e: sp.Dummy() for e in outside_sums(expr, sp.exp)}
+    covered = expr.xreplace(hidden)
+    hidden.update({r: sp.Dummy() for r in _outermost(covered, _Bound)})
+    if not hidden:
+        return sp.factor(expr)
+    back = {d: e for e, d in hidden.items()}
+    return sp.factor(covered.xreplace(hidden)).xreplace(back)
+
+
+def _outermost(expr: sp.Expr, kind) -> set:
+    """The subexpressions of type ``kind`` that no other of that type contains."""
+    if isinstance(expr, kind):
+        return {expr}
+    return set().union(*[_outermost(a, kind) for a in expr.args]) if expr.args else set()
 
 
 @lru_cache(maxsize=8192)

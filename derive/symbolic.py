@@ -29,7 +29,7 @@ def expand(expr: sp.Expr) -> sp.Expr:
     A fractional power of a sum stays whole (its base expanded): SymPy writes ``(v**2 + 1)**(-3/2)``
     as ``1/(sqrt(v**2 + 1)*v**2 + sqrt(v**2 + 1))``, a sum of terms that overflow where the power
     does not, with a size coefficient multiplied into each."""
-    fractional = {p: sp.Dummy() for p in _outside_sums(expr, sp.Pow)
+    fractional = {p: sp.Dummy() for p in outside_sums(expr, sp.Pow)
                   if p.base.is_Add and p.exp.is_Rational and not p.exp.is_Integer and abs(p.exp) > 1}
     if not fractional:
         return sp.expand(expr, **_EXPAND)
@@ -37,14 +37,14 @@ def expand(expr: sp.Expr) -> sp.Expr:
     return sp.expand(expr.xreplace(fractional), **_EXPAND).xreplace(back)
 
 
-def _outside_sums(expr: sp.Expr, kind) -> set:
+def outside_sums(expr: sp.Expr, kind) -> set:
     """The subexpressions of type ``kind`` that no reduction binds an index of (a sum's body is
     expanded when the sum is built, where its index is bound)."""
     if isinstance(expr, _Bound):
         return set()
     found = {expr} if isinstance(expr, kind) else set()
     for a in expr.args:
-        found |= _outside_sums(a, kind)
+        found |= outside_sums(a, kind)
     return found
 
 

@@ -203,11 +203,16 @@ TOTAL_OF_A_SOFTMAX = _regression('fuzz_found_total_of_a_softmax',
     '    v1 = torch.minimum(x, x)\n    v2 = torch.minimum(x, u)\n    v3 = torch.tanh(v2)\n    v4 = torch.minimum(v3, v2)\n    v5 = F.softmax(v3, dim=1)\n    v6 = v5.sum()\n    out = v6',
     'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), u=Tensor("n", "k", differentiable=False), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, c, w, u, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# exp(x - lse) factored into exp(x)*exp(-lse): inf*0 at negative inputs of 6000, where autograd is finite
+EXPONENTIAL_OF_A_SHIFT_FACTORED = _regression('fuzz_found_exponential_of_a_shift_factored',
+    '    v1 = torch.logsumexp(x, dim=1, keepdim=True)\n    v2 = torch.maximum(v1, x)\n    v3 = v2.exp()\n    v4 = torch.tanh(v3)\n    out = v4',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), w=Tensor("k"), p=Tensor("n", "k", differentiable=False, domain="probability"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, c, w, p, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
           LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM,
-          PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX]
+          PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED]
 
 
 class Tally:

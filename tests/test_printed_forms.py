@@ -169,3 +169,19 @@ def inverse_root(x):
     roots_in_sums = [q for p in powers if p.base.is_Add for q in p.base.atoms(sp.Pow) if not q.exp.is_Integer]
     assert not roots_in_sums, element  # no 1/(sqrt(q)*v**2 + sqrt(q))
     assert any(p.exp == sp.Rational(-3, 2) for p in powers), element
+
+
+def test_factoring_keeps_each_exponential_whole():
+    """SymPy's ``factor`` writes ``exp(x - m)`` as ``exp(x)*exp(-m)``: at x and m near -6000 that is
+    ``0*inf``, NaN, where the spec's ``exp(x - m)`` is finite. A sum's body is factored with the sum."""
+    from derive.simplify import _factor
+    from derive.symbolic import Red
+
+    x, m, a, b = (sp.IndexedBase(s) for s in "xmab")
+    i, j = sp.Idx("i", 4), sp.Idx("j", 5)
+    shifted = sp.exp(x[i, j] - m[i])
+    factored = _factor(shifted * a[i, j] + shifted * b[i, j])
+    assert factored.atoms(sp.exp) == {shifted}, factored
+    assert sp.expand(factored - shifted * (a[i, j] + b[i, j])) == 0
+    summed = _factor(Red(shifted * a[i, j], j) * b[i, j] + Red(shifted * a[i, j], j))
+    assert summed.atoms(Red) == {Red(shifted * a[i, j], j)}, summed  # the index stays bound
