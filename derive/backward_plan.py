@@ -19,7 +19,7 @@ import sympy as sp
 from .errors import DerivationError
 from .functions import Step
 from .printer import KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, temporaries
-from .symbolic import Red, expand, reindex
+from .symbolic import Red, expand, reciprocal_root_power, reindex
 
 
 def _axes(expr: sp.Expr, slots: dict, shapes: dict, frame: list) -> set:
@@ -296,8 +296,10 @@ class _Planner:
         factors = e.as_ordered_factors()
         numbers = sp.Mul(*[f for f in factors if self.number(f)])
         tensors = [f for f in factors if not self.number(f)]
-        denominators = [1 / f for f in tensors if f.is_Pow and f.exp.is_negative]
-        numerators = [f for f in tensors if not (f.is_Pow and f.exp.is_negative)]
+        # ``q**(-3/2)`` multiplies as ``rsqrt(q)**3`` (symbolic.reciprocal_root_power), a numerator
+        divides = [f for f in tensors if f.is_Pow and f.exp.is_negative and not reciprocal_root_power(f)]
+        denominators = [1 / f for f in divides]
+        numerators = [f for f in tensors if f not in divides]
         small_den = [d for d in denominators if not self.full(d)]
         if small_den:  # small tensors it divides by go last, as printed, with the numbers it divides by
             numbers = sp.Mul(*[f for f in factors if self.number(f) and not (f.is_Pow and f.exp.is_negative)])

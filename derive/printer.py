@@ -15,7 +15,7 @@ from sympy.printing.pytorch import TorchPrinter
 from .backends import CodeOps, number_text
 from .errors import DerivationError
 from .functions import Sigmoid
-from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, extent
+from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, extent, reciprocal_root_power
 
 
 def _is_indicator(expr: sp.Expr) -> bool:
@@ -128,6 +128,8 @@ class KernelPrinter(TorchPrinter):
             return f"torch.sqrt({self._print(base)})" if self._is_tensor(base) else f"math.sqrt({self._print(base)})"
         if e == sp.Rational(-1, 2) and self._is_tensor(base):
             return f"torch.rsqrt({self._print(base)})"
+        if reciprocal_root_power(expr) and self._is_tensor(base):
+            return f"torch.rsqrt({self._print(base)})**{reciprocal_root_power(expr)}"
         if e.is_negative:
             return f"1/{self.parenthesize(base ** -e, sp.printing.precedence.PRECEDENCE['Mul'])}"
         return f"{b}**{self.parenthesize(e, sp.printing.precedence.PRECEDENCE['Pow'])}"
@@ -601,6 +603,13 @@ class KernelPrinter(TorchPrinter):
             if rest == 1:
                 return f"{sign}{mean}"
             return f"{sign}{self.parenthesize(rest, sp.printing.precedence.PRECEDENCE['Mul'], strict=True)}*{mean}"
+        roots = [f for f in expr.args if reciprocal_root_power(f) and self._is_tensor(f.base)]
+        if roots:  # multiplied as ``rsqrt(q)**3``, not divided by ``q**1.5`` (reciprocal_root_power)
+            rest = sp.Mul(*[f for f in expr.args if f not in roots])
+            powers = "*".join(self._print_Pow(f) for f in roots)
+            if rest == 1:
+                return powers
+            return f"{self.parenthesize(rest, sp.printing.precedence.PRECEDENCE['Mul'])}*{powers}"
         return super()._print_Mul(expr)
 
     def _print_Add(self, expr, order=None):

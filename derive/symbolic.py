@@ -37,6 +37,15 @@ def expand(expr: sp.Expr) -> sp.Expr:
     return sp.expand(expr.xreplace(fractional), **_EXPAND).xreplace(back)
 
 
+def reciprocal_root_power(e: sp.Expr) -> int | None:
+    """``k`` for ``e = q**(-k/2)`` with ``k`` odd and above 1, else None. The printers write it
+    ``rsqrt(q)**k``, as autograd's rsqrt backward does (``rsqrt(q)**3``): ``q**1.5`` overflows float32
+    from q = 5e25, where ``rsqrt(q)**3`` is a subnormal, not 0."""
+    if e.is_Pow and e.exp.is_Rational and e.exp.q == 2 and e.exp.p < -1:
+        return int(-e.exp.p)
+    return None
+
+
 def outside_sums(expr: sp.Expr, kind) -> set:
     """The subexpressions of type ``kind`` that no reduction binds an index of (a sum's body is
     expanded when the sum is built, where its index is bound)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
-from .cpp import _exponent, axis_names, flat_index, numel, split_row
+from .cpp import _exponent, _multiplied_roots, _root_power, axis_names, flat_index, numel, split_row
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
 from .stages import Spelling, Staged, contexts, driver_context
 from .templating import environment
@@ -55,6 +55,9 @@ class _Base(PythonCodePrinter):
                 text += (" + " if k else "") + self.parenthesize(term, 40)
         return text
 
+    def _print_Mul(self, e):
+        return _multiplied_roots(self, e) or super()._print_Mul(e)
+
     def _print_Pow(self, e, rational=False):
         base, exp = e.as_base_exp()
         exp = _exponent(exp)
@@ -67,6 +70,8 @@ class _Base(PythonCodePrinter):
             return self._sqrt(b)
         if exp == -sp.S.Half:
             return f"(1.0/{self._sqrt(b)})"
+        if _root_power(e):
+            return "(" + "*".join([f"(1.0/{self._sqrt(b)})"] * _root_power(e)) + ")"
         return self._pow(b, self._print(exp))
 
     def _print_KroneckerDelta(self, e):

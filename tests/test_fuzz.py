@@ -208,11 +208,18 @@ EXPONENTIAL_OF_A_SHIFT_FACTORED = _regression('fuzz_found_exponential_of_a_shift
     '    v1 = torch.logsumexp(x, dim=1, keepdim=True)\n    v2 = torch.maximum(v1, x)\n    v3 = v2.exp()\n    v4 = torch.tanh(v3)\n    out = v4',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), w=Tensor("k"), p=Tensor("n", "k", differentiable=False, domain="probability"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, c, w, p, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# rsqrt(q) of a log-softmax squared at q = 1e26: the gradient divided by q**1.5 (inf in float32, so 0)
+# where autograd's rsqrt(q)**3 is a subnormal
+RSQRT_OF_A_LARGE_SQUARE = _regression('fuzz_found_rsqrt_of_a_large_square',
+    '    v1 = x[range(n), y]\n    v2 = A.max(1, keepdim=True).values\n    v3 = A - v2\n    v4 = v3.exp()\n    v5 = v4.sum(1, keepdim=True)\n    v6 = v3 - v5.log()\n    v7 = torch.rsqrt(v6 * v6 + 1)\n    out = v7',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), w=Tensor("k"), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, c, w, A, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
           LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM,
-          PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED]
+          PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED,
+          RSQRT_OF_A_LARGE_SQUARE]
 
 
 class Tally:

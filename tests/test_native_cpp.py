@@ -583,6 +583,11 @@ def test_the_c_printers():
         "(Vec(scalar_t(0.5)))*derive_exp(Vec::loadu(p_x + row*sz_d + col, cnt))"
     assert VectorPrinter(names).doprint(x ** -0.5) == "(Vec::loadu(p_x + row*sz_d + col, cnt)).rsqrt()"
     assert ScalarPrinter(names).doprint(sp.KroneckerDelta(i_d, 3)) == "((3.0) == (col) ? 1.0 : 0.0)"
+    # q**(-3/2) multiplied as rsqrt(q)**3 (q**1.5 overflows float32 from q = 5e25), never divided by q**1.5
+    load, y = "Vec::loadu(p_x + row*sz_d + col, cnt)", sp.IndexedBase("dout")[i_n, i_d]
+    assert VectorPrinter(names).doprint(y * x ** sp.Rational(-3, 2)) == \
+        f"(Vec::loadu(p_dout + row*sz_d + col, cnt))*(({load}).rsqrt()*({load}).rsqrt()*({load}).rsqrt())"
+    assert "pow" not in ScalarPrinter(names).doprint(x ** -1.5) and "sqrt" in ScalarPrinter(names).doprint(x ** -1.5)
 
 
 EXP_CHECK = r"""

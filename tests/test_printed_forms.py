@@ -143,7 +143,8 @@ def centred_product(x, c, A):
 def test_a_fractional_power_of_a_sum_stays_whole(tmp_path):
     """The derivative of ``rsqrt(q)`` reads ``q**(-3/2)``. Expanded, as SymPy writes it, it was
     ``1/(k*n*sqrt(q)*v**2 + k*n*sqrt(q))``: terms of size ``k*n*v**3`` that overflow float32 at
-    |v| = 2e12 where ``q**1.5`` is still finite, and the mean's size inside every term."""
+    |v| = 2e12, and the mean's size inside every term; ``q**1.5`` itself overflows at q = 5e25, where
+    autograd's ``rsqrt(q)**3`` is a subnormal."""
     from derive.layers import from_file
     from derive.symbolic import expand
 
@@ -169,6 +170,9 @@ def inverse_root(x):
     roots_in_sums = [q for p in powers if p.base.is_Add for q in p.base.atoms(sp.Pow) if not q.exp.is_Integer]
     assert not roots_in_sums, element  # no 1/(sqrt(q)*v**2 + sqrt(q))
     assert any(p.exp == sp.Rational(-3, 2) for p in powers), element
+    # multiplied as rsqrt(q)**3, as autograd's rsqrt backward: q**1.5 overflows float32 from q = 5e25
+    code = next(f.code for f in build(layer).formulas if f.input == "x")
+    assert "*torch.rsqrt(v**2 + 1)**3" in code and "**(1.5)" not in code, code
 
 
 def test_factoring_keeps_each_exponential_whole():
