@@ -67,7 +67,7 @@ def compiled_derivations(tmp_path_factory) -> dict[str, tuple[subprocess.Complet
 
 
 def _compile_all(folder: Path) -> dict[str, dict]:
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)  # a worker that failed before writing the results may have made it
     stems = sorted(p.stem for p in DERIVATIONS.glob("*.tex"))
     for stem in stems:
         # resizing switched off (the preamble's \derivenoresize): a display that would need
