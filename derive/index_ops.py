@@ -225,7 +225,10 @@ class IndexOps:
     def split_at_ties(self, grad, a, b, op: str):
         """``grad`` times the mask that wins (``Wins``: a half at a tie), the fused derivative's atom."""
         sign = {"gt": 1, "lt": -1}[op]
-        return grad * a._binary(b, lambda x, y: Wins(sign * (x - y))), grad * b._binary(a, lambda x, y: Wins(sign * (x - y)))
+
+        def wins(x, y):
+            return Wins(sign * (x - y))
+        return grad * a._binary(b, wins), grad * b._binary(a, wins)
 
     def one_hot(self, labels, table):
         return Elt(table.shape, lambda idx: sp.KroneckerDelta(idx[1], labels.fn(idx[:1])))

@@ -72,8 +72,8 @@ def col_of(ndim: int) -> frozenset:
     """The innermost axis alone (``COL`` for two)."""
     return frozenset({ndim - 1})
 # element functions every printer of the plan knows
-FUNCTIONS = (sp.exp, sp.log, sp.tanh, Sigmoid, Softplus, Relu, Step, Wins, sp.Abs, sp.sign, sp.KroneckerDelta, NonNeg, Equal,
-             Where, Clamp)
+FUNCTIONS = (sp.exp, sp.log, sp.tanh, Sigmoid, Softplus, Relu, Step, Wins, sp.Abs, sp.sign, sp.KroneckerDelta,
+             NonNeg, Equal, Where, Clamp)
 # a full-size value is recomputed in the backward rather than saved when its cost, in passes over
 # memory, is below saving it (a write in the forward and a read in the backward); a transcendental
 # function per element costs about a third of a pass on a machine with vectorized math

@@ -219,7 +219,7 @@ class KernelPrinter(TorchPrinter):
                 if tensor is None:
                     return None
                 tensors.append(tensor)
-            elif f.atoms(Red, AxisSum, AxisMax, AxisSoftmax, AxisLogSumExp, Max, IsArgmax) or any(  # a sum, or a temporary tensor
+            elif f.atoms(Red, AxisSum, AxisMax, AxisSoftmax, AxisLogSumExp, Max, IsArgmax) or any(  # a sum, or a temporary
                     isinstance(s, sp.Symbol) and s.name in self.shapes for s in _outside_elements(f)):
                 return None
             elif f.atoms(sp.Indexed) or any(isinstance(s, sp.Idx) for s in f.free_symbols):

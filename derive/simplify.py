@@ -30,12 +30,12 @@ from .trace import Node
 
 def tidy(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
     """Canonical sum of terms: combine exponentials, expand, recognize known reductions (into ``log``),
-    replace sums that are constants by definition (``_zero_sums``: 0, or a softmax row's 1)."""
+    replace sums that are constants by definition (``_constant_sums``: 0, or a softmax row's 1)."""
     expr = sp.powsimp(expand(expr), combine="exp")
-    return _zero_sums(el, el.recognize(expand(expr), log))
+    return _constant_sums(el, el.recognize(expand(expr), log))
 
 
-def _zero_sums(el: Elements, expr: sp.Expr) -> sp.Expr:
+def _constant_sums(el: Elements, expr: sp.Expr) -> sp.Expr:
     """``expr`` with every sum of a forward value that its definition makes a constant replaced by
     that constant: ``sum_n xc`` is 0 with ``xc = x - x.mean(0)``, a softmax row sums to 1. A refold
     into such values (``x`` as ``xc + mu``) keeps ``2*mu*sum_n(xc)`` otherwise: 0 in exact
