@@ -411,7 +411,10 @@ def _cancelled(term: sp.Expr) -> sp.Expr:
 
 
 def _expanded_denominator(e: sp.Expr) -> bool:
-    return e.is_Pow and e.exp.is_negative and e.base.is_Add and sp.count_ops(e.base) <= FACTOR_MAX_OPS
+    """A sum divided by, with a root among its terms' factors (what ``cancel`` made of a power): other
+    denominators stay as ``cancel`` writes them, which the refold's costs were tuned on."""
+    return (e.is_Pow and e.exp.is_negative and e.base.is_Add and sp.count_ops(e.base) <= FACTOR_MAX_OPS
+            and any(not p.exp.is_Integer for p in e.base.atoms(sp.Pow)))
 
 
 FACTOR_MAX_OPS = 200  # a denominator larger than this is left expanded (factoring it takes seconds)

@@ -214,12 +214,18 @@ RSQRT_OF_A_LARGE_SQUARE = _regression('fuzz_found_rsqrt_of_a_large_square',
     '    v1 = x[range(n), y]\n    v2 = A.max(1, keepdim=True).values\n    v3 = A - v2\n    v4 = v3.exp()\n    v5 = v4.sum(1, keepdim=True)\n    v6 = v3 - v5.log()\n    v7 = torch.rsqrt(v6 * v6 + 1)\n    out = v7',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), w=Tensor("k"), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, c, w, A, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# a denominator 2*t1 + 2 factored as 2*(t1 + 1) changed the refold's costs: the gradient of
+# log(exp(tanh(c.sum()))**2 + 1) then read log(t1) of the saved square, past the bar
+LOG_OF_A_SQUARED_EXPONENTIAL = _regression('fuzz_found_log_of_a_squared_exponential',
+    '    v1 = c.sum()\n    v2 = torch.tanh(v1)\n    v3 = v2 - w\n    v4 = F.log_softmax(p, dim=-1)\n    v5 = v2.exp()\n    v6 = (v5 * v5 + 1).log()\n    out = v6',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), w=Tensor("k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, c, w, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
           LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM,
           PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED,
-          RSQRT_OF_A_LARGE_SQUARE]
+          RSQRT_OF_A_LARGE_SQUARE, LOG_OF_A_SQUARED_EXPONENTIAL]
 
 
 class Tally:
