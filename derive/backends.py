@@ -351,11 +351,10 @@ class ArrayOps:
         return mask * x + (1 - mask) * y  # finite values only: the arithmetic is exact
 
     def split_at_ties(self, grad, a, b, op: str):
-        """``grad`` times the mask that wins (``Wins``: a half at a tie), the fused derivative's atom."""
-        from .functions import Wins
-        sign = {"gt": 1, "lt": -1}[op]
-        wins = np.vectorize(lambda x, y: Wins(sign * (x - y)), otypes=[object])
-        return grad * wins(a, b), grad * wins(b, a)
+        """``grad`` times each operand's share (``functions.winning``: a half at a tie)."""
+        from .functions import winning
+        share = np.vectorize(lambda x, y: winning(op, x, y), otypes=[object])
+        return grad * share(a, b), grad * share(b, a)
 
     def one_hot(self, labels, table):
         out = np.full(table.shape, sp.S.Zero, dtype=object)

@@ -28,7 +28,7 @@ from sympy.printing.precedence import PRECEDENCE
 
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
 from .stages import Spelling, Staged, contexts, driver_context
-from .symbolic import reciprocal_root_power
+from .symbolic import reciprocal_root_power, reciprocal_roots
 from .templating import environment
 
 CHUNKS = 64  # the most chunks of rows a sweep is split into (partial sums: chunks x columns doubles)
@@ -36,19 +36,12 @@ BLOCK_ROWS = 8  # rows of a chunk summed in registers before one update of its p
 LANES = 4  # independent accumulators of a row's reduction (vector k of the row into k % LANES)
 
 
-def _root_power(e: sp.Expr) -> int | None:
-    """``k`` where ``e`` is ``q**(-k/2)`` (a float exponent read as its fraction): printed as
-    ``rsqrt(q)`` to the ``k``, multiplied (``symbolic.reciprocal_root_power``)."""
-    return reciprocal_root_power(sp.Pow(e.base, _exponent(e.exp), evaluate=False)) if e.is_Pow else None
-
-
 def _multiplied_roots(printer, e: sp.Expr) -> str | None:
     """A product with factors ``q**(-k/2)`` as the rest times ``rsqrt(q)**k``, or None without them
-    (SymPy's printers divide by ``q**(k/2)``, which overflows first)."""
-    roots = [f for f in e.args if _root_power(f)]
+    (``symbolic.reciprocal_roots``)."""
+    rest, roots = reciprocal_roots(e)
     if not roots:
         return None
-    rest = sp.Mul(*[f for f in e.args if f not in roots])
     powers = "*".join(printer._print(f) for f in roots)
     return powers if rest == 1 else f"({printer._print(rest)})*{powers}"
 
@@ -119,8 +112,8 @@ class ScalarPrinter(C99CodePrinter):
             return f"std::sqrt({b})"
         if exp == -sp.S.Half:
             return f"(1.0/std::sqrt({b}))"
-        if _root_power(e):
-            return "(" + "*".join([f"(1.0/std::sqrt({b}))"] * _root_power(e)) + ")"
+        if reciprocal_root_power(e):
+            return "(" + "*".join([f"(1.0/std::sqrt({b}))"] * reciprocal_root_power(e)) + ")"
         return f"std::pow({b}, {self._print(exp)})"
 
     def _print_exp(self, e):
@@ -219,8 +212,8 @@ class VectorPrinter(ScalarPrinter):
             return f"({b}).sqrt()"
         if exp == -sp.S.Half:
             return f"({b}).rsqrt()"
-        if _root_power(e):
-            return "(" + "*".join([f"({b}).rsqrt()"] * _root_power(e)) + ")"
+        if reciprocal_root_power(e):
+            return "(" + "*".join([f"({b}).rsqrt()"] * reciprocal_root_power(e)) + ")"
         return f"({b}).pow({self._print(exp)})"
 
     def _print_exp(self, e):

@@ -251,25 +251,32 @@ class Wins(sp.Function):
         return text if exp is None else r"%s^{%s}" % (text, exp)
 
 
+def winning(op: str, a, b) -> sp.Expr:
+    """The share of the gradient ``a`` gets from ``maximum(a, b)`` (``op`` ``"gt"``) or ``minimum``
+    (``"lt"``): 1 where it wins, 1/2 at a tie, 0 where it loses. The fused derivative and the exact
+    checks of the step-by-step rule read this one atom."""
+    return Wins({"gt": 1, "lt": -1}[op] * (a - b))
+
+
 class Extremum(Where):
     """``torch.maximum(a, b)`` as ``Maximum(Step(a - b), a, b)``, ``torch.minimum`` as
-    ``Minimum(Step(b - a), a, b)``: the value of ``Where``, the derivative split at a tie (``Wins``)."""
+    ``Minimum(Step(b - a), a, b)``: the value of ``Where``, the derivative split at a tie (``winning``)."""
 
-    sign = 1  # a wins where sign*(a - b) > 0
+    op = "gt"  # the comparison ``a`` wins by
 
     def fdiff(self, argindex=1):
         if argindex == 1:
             return sp.S.Zero
         _, a, b = self.args
-        return Wins(self.sign * (a - b if argindex == 2 else b - a))
+        return winning(self.op, a, b) if argindex == 2 else winning(self.op, b, a)
 
 
 class Maximum(Extremum):
-    sign = 1
+    op = "gt"
 
 
 class Minimum(Extremum):
-    sign = -1
+    op = "lt"
 
 
 class Clamp(sp.Function):

@@ -11,7 +11,7 @@ from typing import Callable
 
 import sympy as sp
 
-from .functions import COMPARISONS, ELEMENTWISE, mask, EXTREMA, Clamp, NonNeg, Sigmoid, Step, Where, Wins
+from .functions import COMPARISONS, ELEMENTWISE, mask, EXTREMA, Clamp, NonNeg, Sigmoid, Step, Where, winning
 from .symbolic import IsArgmax, Max, Red
 from .trace import Node
 
@@ -223,12 +223,10 @@ class IndexOps:
         return mask * x + (1 - mask) * y
 
     def split_at_ties(self, grad, a, b, op: str):
-        """``grad`` times the mask that wins (``Wins``: a half at a tie), the fused derivative's atom."""
-        sign = {"gt": 1, "lt": -1}[op]
-
-        def wins(x, y):
-            return Wins(sign * (x - y))
-        return grad * a._binary(b, wins), grad * b._binary(a, wins)
+        """``grad`` times each operand's share (``functions.winning``: a half at a tie)."""
+        def share(x, y):
+            return winning(op, x, y)
+        return grad * a._binary(b, share), grad * b._binary(a, share)
 
     def one_hot(self, labels, table):
         return Elt(table.shape, lambda idx: sp.KroneckerDelta(idx[1], labels.fn(idx[:1])))

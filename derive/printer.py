@@ -15,7 +15,8 @@ from sympy.printing.pytorch import TorchPrinter
 from .backends import CodeOps, number_text
 from .errors import DerivationError
 from .functions import Sigmoid
-from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, extent, reciprocal_root_power
+from .symbolic import (AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, extent, reciprocal_root_power,
+                       reciprocal_roots)
 
 
 def _is_indicator(expr: sp.Expr) -> bool:
@@ -603,9 +604,8 @@ class KernelPrinter(TorchPrinter):
             if rest == 1:
                 return f"{sign}{mean}"
             return f"{sign}{self.parenthesize(rest, sp.printing.precedence.PRECEDENCE['Mul'], strict=True)}*{mean}"
-        roots = [f for f in expr.args if reciprocal_root_power(f) and self._is_tensor(f.base)]
-        if roots:  # multiplied as ``rsqrt(q)**3``, not divided by ``q**1.5`` (reciprocal_root_power)
-            rest = sp.Mul(*[f for f in expr.args if f not in roots])
+        rest, roots = reciprocal_roots(expr, self._is_tensor)
+        if roots:  # multiplied as ``rsqrt(q)**3``, not divided by ``q**1.5``
             powers = "*".join(self._print_Pow(f) for f in roots)
             if rest == 1:
                 return powers

@@ -38,12 +38,24 @@ def expand(expr: sp.Expr) -> sp.Expr:
 
 
 def reciprocal_root_power(e: sp.Expr) -> int | None:
-    """``k`` for ``e = q**(-k/2)`` with ``k`` odd and above 1, else None. The printers write it
-    ``rsqrt(q)**k``, as autograd's rsqrt backward does (``rsqrt(q)**3``): ``q**1.5`` overflows float32
-    from q = 5e25, where ``rsqrt(q)**3`` is a subnormal, not 0."""
-    if e.is_Pow and e.exp.is_Rational and e.exp.q == 2 and e.exp.p < -1:
-        return int(-e.exp.p)
+    """``k`` for ``e = q**(-k/2)`` with ``k`` odd and above 1 (a float exponent read as its fraction),
+    else None. The printers write it ``rsqrt(q)**k``, as autograd's rsqrt backward does
+    (``rsqrt(q)**3``): ``q**1.5`` overflows float32 from q = 5e25, where ``rsqrt(q)**3`` is a
+    subnormal, not 0."""
+    if not e.is_Pow:
+        return None
+    exponent = sp.Rational(float(e.exp)) if e.exp.is_Float else e.exp
+    if exponent.is_Rational and exponent.q == 2 and exponent.p < -1:
+        return int(-exponent.p)
     return None
+
+
+def reciprocal_roots(product: sp.Expr, keep=lambda base: True) -> tuple[sp.Expr, list]:
+    """``(rest, roots)`` of a product: its factors ``q**(-k/2)`` (``reciprocal_root_power``) whose
+    base ``keep`` takes, and the product of the others. Printed as the rest times ``rsqrt(q)**k``:
+    SymPy's printers would divide by ``q**(k/2)``."""
+    roots = [f for f in product.args if reciprocal_root_power(f) and keep(f.base)]
+    return sp.Mul(*[f for f in product.args if f not in roots]), roots
 
 
 def outside_sums(expr: sp.Expr, kind) -> set:

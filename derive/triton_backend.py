@@ -21,9 +21,10 @@ from pathlib import Path
 import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
-from .cpp import _exponent, _multiplied_roots, _root_power, axis_names, flat_index, numel, split_row
+from .cpp import _exponent, _multiplied_roots, axis_names, flat_index, numel, split_row
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
 from .stages import Spelling, Staged, contexts, driver_context
+from .symbolic import reciprocal_root_power
 from .templating import environment
 
 CHUNKS = 256  # the most chunks of rows a sweep with sums over the rows is split into
@@ -70,8 +71,8 @@ class _Base(PythonCodePrinter):
             return self._sqrt(b)
         if exp == -sp.S.Half:
             return f"(1.0/{self._sqrt(b)})"
-        if _root_power(e):
-            return "(" + "*".join([f"(1.0/{self._sqrt(b)})"] * _root_power(e)) + ")"
+        if reciprocal_root_power(e):
+            return "(" + "*".join([f"(1.0/{self._sqrt(b)})"] * reciprocal_root_power(e)) + ")"
         return self._pow(b, self._print(exp))
 
     def _print_KroneckerDelta(self, e):

@@ -21,6 +21,15 @@ SPECS = Path(__file__).resolve().parent / "specs" / "textbook_layers.py"
 LAYERS = {layer.name: layer for layer in from_file(str(SPECS))}
 
 
+def generated(tmp_path: Path, source: str, name: str):
+    """The spec ``source`` as a user's file, its layer, and the kernel ``derive generate`` writes for it."""
+    spec = tmp_path / f"{name}_spec.py"
+    spec.write_text(source)
+    (layer,) = from_file(str(spec))
+    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "gen")]) == 0
+    return layer, getattr(load_module(tmp_path / "gen" / f"{name}.py"), name)
+
+
 def kernel_module(layer, folder: Path):
     """The kernel ``derive generate`` writes for ``layer`` (fused or step-by-step), imported."""
     path = folder / f"{layer.name}.py"
@@ -323,11 +332,7 @@ def bias_only(x, w):
 def test_an_input_the_output_does_not_read_gets_no_gradient_as_with_autograd(tmp_path):
     """Autograd through the spec gives such an input no gradient (None; ``.grad`` stays unset); the
     kernel does the same rather than writing n x k zeros, and forward mode still works."""
-    spec = tmp_path / "unread.py"
-    spec.write_text(UNREAD)
-    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "gen")]) == 0
-    fn = load_module(tmp_path / "gen" / "bias_only.py").bias_only
-    (layer,) = from_file(str(spec))
+    layer, fn = generated(tmp_path, UNREAD, "bias_only")
     x, w = torch.randn(64, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     results = []
     for f in (fn, layer.fn):
@@ -358,12 +363,8 @@ def test_a_saturated_tanh_meets_the_upstream_gradient_before_any_other_factor(tm
     ``exp(x)`` is 1.65e38, still a float32; times an upstream gradient of 4 it overflows, and the
     kernel that passed ``dout*exp(x)`` to ``tanh_backward`` gave inf*0 = NaN where the tanh saturates
     and autograd's gradient is 0."""
-    spec = tmp_path / "tanh_of_exp.py"
-    spec.write_text(EXP_THEN_TANH)
-    (layer,) = from_file(str(spec))
+    layer, fn = generated(tmp_path, EXP_THEN_TANH, "tanh_of_exp")
     assert chosen(layer).fused
-    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "gen")]) == 0
-    fn = load_module(tmp_path / "gen" / "tanh_of_exp.py").tanh_of_exp
     x = torch.tensor([[88.0, 20.0, 1.0, -3.0, -100.0]])
     grads = []
     for f in (fn, layer.fn):
@@ -390,12 +391,8 @@ def test_maximum_and_minimum_split_the_gradient_at_a_tie_as_autograd(tmp_path):
     """Values that tie (float32 values of N(0, 1) at an offset of 1e6 often do): autograd gives each
     operand of ``torch.maximum`` half the gradient, and so does the fused kernel (it gave all of it to
     one, ``b > c``)."""
-    spec = tmp_path / "tied.py"
-    spec.write_text(TIED)
-    (layer,) = from_file(str(spec))
+    layer, fn = generated(tmp_path, TIED, "tied")
     assert chosen(layer).fused
-    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "gen")]) == 0
-    fn = load_module(tmp_path / "gen" / "tied.py").tied
     c = torch.tensor([1.0, -2.0, 0.5, 3.0])
     x = torch.tensor([[1.0, -4.0, 0.25, 6.0], [2.0, -2.0, 1.0, -1.0], [0.0, -4.0, 1.0, 3.0]])
     upstream = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
