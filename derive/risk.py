@@ -48,6 +48,17 @@ def risky_atoms(expr: sp.Expr, full: frozenset | None = None) -> list[sp.Expr]:
     return out
 
 
+def _undoes(value: sp.Expr) -> bool:
+    """Whether ``value`` applies the inverse of the function it is applied to: ``atanh(tanh(u))``,
+    which SymPy leaves as written unless it knows ``u`` is real."""
+    if not isinstance(value, sp.Function) or len(value.args) != 1 or not isinstance(value.args[0], sp.Function):
+        return False
+    try:
+        return value.args[0].inverse() is value.func
+    except (AttributeError, TypeError, NotImplementedError):
+        return False
+
+
 class Path:
     """The risky atoms of the spec's own path, as (function, value of its argument) pairs."""
 
@@ -84,15 +95,21 @@ class Path:
         forward value through an inverse, which is never what the spec's path computed."""
         value = self.value(atom)
         inlined = risky_atoms(value)
-        if not inlined or inlined[0] != value:
+        if not inlined or inlined[0] != value or _undoes(value):
             return ("rebuilt", atom)
         if isinstance(value, sp.Pow):
             return ("pow", value.exp, value.base)
         return (value.func, value.args)
 
     def new(self, expr: sp.Expr) -> list[sp.Expr]:
-        """The risky atoms of ``expr`` that the spec's path does not have."""
-        return [a for a in risky_atoms(expr, self.full) if self.signature(a) not in self.allowed]
+        """The risky atoms of ``expr`` that the spec's path does not have: at full size, any; at any
+        size, a function that undoes one of the forward's (``atanh`` of a saved ``tanh``, ``log`` of a
+        saved ``exp``), whose condition is bad where the forward saturates, however small the value
+        (``tanh(tanh(1 - tanh(A.sum())))`` rebuilt its inner scalars as ``atanh`` of the outer)."""
+        full = [a for a in risky_atoms(expr, self.full) if self.signature(a) not in self.allowed]
+        inverses = [a for a in expr.atoms(sp.Function) if not isinstance(a, SAFE + (AppliedUndef,))
+                    and a not in full and a.free_symbols and self.signature(a)[0] == "rebuilt"]
+        return full + inverses
 
 
 __all__ = ["Path", "risky_atoms"]

@@ -45,7 +45,7 @@ def _constant_sums(el: Elements, expr: sp.Expr) -> sp.Expr:
     known = el.__dict__.setdefault("_constant_sums", {})
     nodes = {n.name: n for n in el.graph.nodes}
     plain = scalars(el)
-    constant = {}
+    constant = _constant_nodes(el, expr, plain)
     for atom in reductions(expr):
         if not isinstance(atom, Red) or not isinstance(atom.body, sp.Indexed):
             continue
@@ -65,6 +65,30 @@ def _constant_sums(el: Elements, expr: sp.Expr) -> sp.Expr:
         if known[atom] is not None:
             constant[atom] = known[atom]
     return expand(expr.xreplace(constant)) if constant else expr
+
+
+def _constant_nodes(el: Elements, expr: sp.Expr, plain: set) -> dict:
+    """The saved reductions in ``expr`` whose definition is a constant sum, each with that constant:
+    ``v4 = softmax(v2, 1).sum(1)`` is 1, and the gradient through ``tanh(v4)`` reads ``1 - v4``, noise
+    where it is 0, unless the node itself is known to be the constant (not only a sum written out)."""
+    known = el.__dict__.setdefault("_constant_nodes", {})
+    constant = {}
+    for node in el.opaque:
+        base = el.base(node)
+        atoms = [e for e in expr.atoms(sp.Indexed) if e.base == base] if isinstance(base, sp.IndexedBase) \
+            else [base] if base in expr.free_symbols else []
+        if not atoms:
+            continue
+        if node not in known:
+            known[node] = None
+            value = el.definition[node]
+            if reductions(value):
+                total = _constant_sums(el, value)
+                if not total.atoms(sp.Indexed) and not reductions(total) and total.free_symbols <= plain:
+                    known[node] = total
+        if known[node] is not None:
+            constant.update({atom: known[node] for atom in atoms})
+    return constant
 
 
 def scalars(el: Elements) -> set:
@@ -452,7 +476,7 @@ def closed_form(expr: sp.Expr, scalars: set, factor_whole: bool = True) -> sp.Ex
     # each coefficient without its sign (not ``abs``: a constant of either sign has no absolute value
     # worth printing, ``1/(n*T)`` is the scale of ``-1/(n*T)``)
     scale = min({_factor(-c if c.could_extract_minus_sign() else c) for c, _ in terms}, key=spread)
-    inner = _grouped(group_sums(sp.Add(*[_factor(c / scale) * t for c, t in terms])), factor_whole)
+    inner = _grouped(group_sums(sp.Add(*[_factor(c / scale) * t for c, t in terms])), factor_whole, scalars)
     if inner.is_Add:
         return sp.Mul(scale, common, inner, evaluate=False) if scale != 1 or common != 1 else inner
     return scale * common * inner
@@ -461,13 +485,15 @@ def closed_form(expr: sp.Expr, scalars: set, factor_whole: bool = True) -> sp.Ex
 GROUP_MAX_OPS = 1000  # the largest built-in sum has about 360 (GELU's dx)
 
 
-def _grouped(inner: sp.Expr, factor_whole: bool = True) -> sp.Expr:
+def _grouped(inner: sp.Expr, factor_whole: bool = True, scalars: set | None = None) -> sp.Expr:
     """Terms that share a tensor factor (an entry, or a function of entries: ``exp(x - lse)``) are
     grouped and their cofactor factored: GELU's ``a - a*t**2 + b - b*t**2`` becomes
     ``-a*(t - 1)*(t + 1) - b*(t - 1)*(t + 1)``, which float32 rounds like autograd's chain
     (``1 - t**2`` next to 1 loses nothing as ``(1 - t)*(1 + t)``).
     A sum too large for that to pay (thousands of operations, from nested softmaxes) is left as it
-    is: factoring its cofactors takes tens of seconds per candidate refold weighs."""
+    is: factoring its cofactors takes tens of seconds per candidate refold weighs.
+    With ``scalars`` (sizes and constants), a scalar forward value (``tanh(v1)`` of a total ``v1``)
+    is a tensor quantity too; without, only entries are."""
     if not inner.is_Add or sp.count_ops(inner) > GROUP_MAX_OPS:
         return inner
     if factor_whole:
@@ -483,9 +509,15 @@ def _grouped(inner: sp.Expr, factor_whole: bool = True) -> sp.Expr:
         sums = {r: sp.Dummy(f"s{k}") for k, r in enumerate(sorted(inner.atoms(Red), key=sp.default_sort_key))}
         back = {**{v: k for k, v in names.items()}, **{v: k for k, v in sums.items()}}
         whole = _factor(inner.xreplace(sums).xreplace(signed)).xreplace(back)
-        tensor_factors = [f for f in sp.Mul.make_args(whole) if f.atoms(sp.Indexed) and f.is_Add]
-        if len({frozenset(f.atoms(sp.Indexed)) for f in tensor_factors}) >= 2:
-            return sp.Mul(*[_grouped(f, factor_whole) if f.is_Add else f for f in sp.Mul.make_args(whole)])
+        def values(f):
+            scalar = set() if scalars is None else f.free_symbols - set(scalars) - f.atoms(sp.Idx, sp.Indexed)
+            # and the functions of them: ``tanh(v1) - 1`` and ``tanh(tanh(v1) - 1) - 1`` are two
+            return frozenset(f.atoms(sp.Indexed) | {s for s in scalar if not s.is_Dummy}), \
+                frozenset(a for a in f.atoms(sp.Function) if a.free_symbols)
+
+        tensor_factors = [f for f in sp.Mul.make_args(whole) if f.is_Add and values(f)[0]]
+        if len({values(f) for f in tensor_factors}) >= 2:
+            return sp.Mul(*[_grouped(f, factor_whole, scalars) if f.is_Add else f for f in sp.Mul.make_args(whole)])
     count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
                     if isinstance(f.as_base_exp()[0], sp.Indexed)
                     or (isinstance(f, sp.Function) and not isinstance(f, (_Bound, IsArgmax)) and f.atoms(sp.Indexed)))

@@ -220,12 +220,23 @@ LOG_OF_A_SQUARED_EXPONENTIAL = _regression('fuzz_found_log_of_a_squared_exponent
     '    v1 = c.sum()\n    v2 = torch.tanh(v1)\n    v3 = v2 - w\n    v4 = F.log_softmax(p, dim=-1)\n    v5 = v2.exp()\n    v6 = (v5 * v5 + 1).log()\n    out = v6',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), w=Tensor("k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, c, w, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# a saved softmax row total read as (v4 - 1) in the gradient: noise where the gradient is 0
+SAVED_TOTAL_OF_A_SOFTMAX = _regression('fuzz_found_saved_total_of_a_softmax',
+    '    v1 = torch.tanh(c)\n    v2 = torch.where(v1 > 0, v1, 0.1 * v1)\n    v3 = F.softmax(v2, dim=1)\n    v4 = v3.sum(1)\n    v5 = torch.tanh(v4)\n    v6 = torch.tanh(v5)\n    out = v6',
+    'x=Tensor("n", "k"), c=Tensor("1", "k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, c, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# a chain of scalar tanh rebuilt through atanh of the saved outer one, then expanded
+SCALAR_CHAIN_THROUGH_ATANH = _regression('fuzz_found_scalar_chain_through_atanh',
+    '    v1 = A.sum()\n    v2 = torch.tanh(v1)\n    v3 = 1 - v2\n    v4 = torch.tanh(v3)\n    v5 = torch.tanh(v4)\n    out = v5',
+    'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), A=Tensor("k", "k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, c, w, A, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
           LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM,
           PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED,
-          RSQRT_OF_A_LARGE_SQUARE, LOG_OF_A_SQUARED_EXPONENTIAL]
+          RSQRT_OF_A_LARGE_SQUARE, LOG_OF_A_SQUARED_EXPONENTIAL, SAVED_TOTAL_OF_A_SOFTMAX,
+          SCALAR_CHAIN_THROUGH_ATANH]
 
 
 class Tally:
