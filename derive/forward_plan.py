@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .elements import REDUCING_OPS, Elements
+from .elements import CONTRACTIONS, REDUCING_OPS, Elements
 from .errors import DerivationError
 from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, extent
 from .printer import ForwardPrinter, Frame, _wrap, fit_shape, temporaries
@@ -53,9 +53,13 @@ def stabilise(expr: sp.Expr) -> sp.Expr:
 def _kept(el: Elements) -> set:
     """Nodes computed as their own tensors: named reductions, and a tensor picked from (``z[range(n), y]``)
     whose value sums or maximises over another axis than the one picked (``z = x - x.sum(0)``): the
-    pick is then a ``gather`` of it. Every other value is inlined."""
+    pick is then a ``gather`` of it; and a matrix product of a vector (``c @ A``, ``v @ w``), which
+    inlined would be the elementwise product summed (a rounding per product, where the spec's ``@``
+    fuses them), while as a statement of its own it prints as ``@``. Every other value is inlined."""
     graph = el.graph
     kept = {n for n in graph.nodes if n.named and n.op in REDUCING_OPS and n is not graph.output}
+    kept |= {n for n in graph.nodes if n.op in CONTRACTIONS and n is not graph.output
+             and any(sum(1 for s in a.shape if s != 1) <= 1 for a in n.args)}
     picks = [(n.args[0], 1 if n.op == "pick" else 0) for n in graph.nodes if n.op in ("pick", "embed")]
     while picks:
         try:
@@ -293,6 +297,9 @@ def _hoist_sums(statements: list[Statement], frame: list, values: dict, lines: d
     out = []
     for st in statements:
         temps = temps_of(out)
+        if st.node is not None and st.node.op in CONTRACTIONS:
+            out.append(st)  # the spec's ``@``, printed as one (a dot product too): no body to hoist
+            continue
         for atom in sorted(st.value.atoms(AxisSum, AxisMax), key=sp.default_sort_key):
             body = atom.body
             if isinstance(body, (sp.Symbol, sp.Indexed)) or layout(body, temps, frame) != full:
@@ -383,6 +390,7 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
                                  dtype_of=dtype_of, views=views, computed=computed)
         # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output)
         printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(frame) and printer._lower_rank(st.value)
+        printer.products = st.node is not None and st.node.op in CONTRACTIONS
         direct = printer.print_in_order(st.value, [i for i in el.free(st.node) if i != 0]) \
             if st.node is not None and st.node.shape else None
         if direct is None and st.node is not None and isinstance(st.value, AxisSoftmax) \

@@ -102,6 +102,13 @@ class KernelPrinter(TorchPrinter):
         # every sigmoid of the formulas is a softplus's derivative (the spec has softplus, no sigmoid):
         # ``g*sigmoid(z)`` prints as torch's own kernel for it (``_softplus_backward``)
         self.softplus_grads = False
+        # the value printed is a matrix product in the spec (``c @ A``, ``v @ w``): a contraction
+        # where one operand holds every index (a matrix times a vector, a dot product) is printed as
+        # one too, rounding as the spec's ``@`` does (fused multiply-adds, blocked sums), not as a
+        # broadcast product summed (a rounding per product: 10x autograd's error on a dot product
+        # of values of 10). Elsewhere that shape of sum stays elementwise, as the spec wrote it
+        # (layernorm's ``(dout*gamma).sum(1)``).
+        self.products = False
 
     # -- scalars ----------------------------------------------------------------------------
     def _print(self, expr, **kwargs):
@@ -241,7 +248,8 @@ class KernelPrinter(TorchPrinter):
         if len(tensors) < 2:
             return None
         every = set().union(*[set(t.indices) for t in tensors])
-        if any(set(t.indices) == every for t in tensors) or not set(summed) <= every:
+        holds_every = any(set(t.indices) == every for t in tensors)
+        if (holds_every and not (self.products and len(tensors) == 2)) or not set(summed) <= every:
             return None  # an elementwise product of same-shaped tensors: print the plain sum
         out = [i for i in every if i not in summed]
         if any(i not in self.frame.slots for i in out):
@@ -950,6 +958,21 @@ class _Operand:
 def _product(tensors: list, out: list, letters: dict) -> str:
     """The contraction of ``tensors`` (elements) onto the indices ``out``, in that order: a matrix
     product with transposes where it is one (``dout @ W.T``, a batch with ``.mT``), else einsum."""
+    if len(tensors) == 2 and len(out) < 2:
+        # a matrix times a vector, a vector times a matrix, a dot product: ``@`` of a vector
+        summed = (set(tensors[0].indices) & set(tensors[1].indices)) - set(out)
+        for left, right in (tensors, tensors[::-1]):
+            li, ri = list(left.indices), list(right.indices)
+            if len(summed) != 1 or len(li) + len(ri) - 2 != len(out) or len(li) > 2 or len(ri) > 2:
+                continue
+            (r,) = summed
+            if (len(ri) == 2 and len(li) == 2) or (out and out[0] not in li + ri) or (len(ri) == 2 and li != [r]):
+                continue
+            if len(li) == 2 and ri != [r]:
+                continue
+            lhs = _wrap(left.base) + (".T" if li == [r, out[0]] else "") if len(li) == 2 else _wrap(left.base)
+            rhs = _wrap(right.base) + (".T" if ri == [out[0], r] else "") if len(ri) == 2 else _wrap(right.base)
+            return f"{lhs} @ {rhs}"
     if len(tensors) == 2 and len(out) >= 2:
         summed = (set(tensors[0].indices) & set(tensors[1].indices)) - set(out)
         batch, (a, b) = out[:-2], out[-2:]

@@ -158,7 +158,10 @@ def _solve_definition(el: Elements, node: Node, definition: sp.Expr, reads: tupl
     read_bases, read_symbols = reads
     result = []
     for variable in el.graph.nodes:
-        if variable is node or variable.op == "labels":
+        if variable is node or variable.op in ("labels", "max"):
+            # a maximum is never rebuilt: ``x - max`` is exact in the spec (the shift that keeps an
+            # ``exp`` at most 1), while ``max`` rebuilt as ``v4*v7`` from ``v7 = max/v4`` is rounded,
+            # and the shift cancels to that rounding times the maximum (inputs of 5e3: 1e-3)
             continue
         base = el.base(variable)
         mine = [e for e in elements if e.base == base]

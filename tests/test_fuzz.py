@@ -230,13 +230,18 @@ SCALAR_CHAIN_THROUGH_ATANH = _regression('fuzz_found_scalar_chain_through_atanh'
     '    v1 = A.sum()\n    v2 = torch.tanh(v1)\n    v3 = 1 - v2\n    v4 = torch.tanh(v3)\n    v5 = torch.tanh(v4)\n    out = v5',
     'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), A=Tensor("k", "k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, c, w, A, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# a vector times a matrix summed as a broadcast product: every product rounded, where the spec's @ fuses them
+TANH_OF_A_VECTOR_PRODUCT = _regression('fuzz_found_tanh_of_a_vector_product',
+    '    v1 = F.log_softmax(u, dim=-1)\n    v2 = c @ A\n    v3 = torch.tanh(v2)\n    out = v3',
+    'x=Tensor("n", "k"), c=Tensor("1", "k"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, c, u, A, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
           LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM,
           PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED,
           RSQRT_OF_A_LARGE_SQUARE, LOG_OF_A_SQUARED_EXPONENTIAL, SAVED_TOTAL_OF_A_SOFTMAX,
-          SCALAR_CHAIN_THROUGH_ATANH]
+          SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT]
 
 
 class Tally:

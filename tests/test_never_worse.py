@@ -489,6 +489,38 @@ def test_a_chain_of_scalars_is_not_rebuilt_through_inverses(tmp_path):
     assert (got.double() - want).abs().max() <= 4 * (theirs.double() - want).abs().max() + ulps
 
 
+MAXIMUM_OF_A_SCALED_MAX = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"))
+def maximum_of_a_scaled_max(x):
+    top = x.max(1, keepdim=True).values
+    total = (x - top).exp().sum(1, keepdim=True)
+    ratio = top / total
+    return torch.maximum(ratio, x).sum()
+'''
+
+
+def test_a_maximum_is_never_rebuilt(tmp_path):
+    """``ratio = top/total`` solved for the row maximum gave ``top = total*ratio``, and the gradient
+    read ``exp(x - total*ratio)``: the shift the spec computes exactly (``x - top``, an entry minus an
+    entry) then cancels to the product's rounding times the maximum (1e-3 at inputs of 5e3). The
+    numerical battery undid that rewrite; the refold no longer proposes it."""
+    from derive.kernel import derived
+    from derive.simplify import refold
+    spec = tmp_path / "maximum_of_a_scaled_max.py"
+    spec.write_text(MAXIMUM_OF_A_SCALED_MAX)
+    (found,) = from_file(str(spec))
+    graph, el, grads = derived(found)
+    log = []
+    for node, expr in grads.grads.items():
+        refold(el, expr, log)
+    assert log and all(step.variable.op != "max" for step in log), [(s.node.name, s.variable.name) for s in log]
+    assert chosen(found).undone == []
+
+
 NESTED_SOFTMAX = '''import torch
 import torch.nn.functional as F
 

@@ -64,6 +64,35 @@ def gram_row_sums(x, b):
     assert code(second, "x").startswith("x @ "), code(second, "x")
 
 
+def test_a_matrix_times_a_vector_in_the_spec_is_a_product_in_the_forward(tmp_path):
+    """``c @ A`` with ``c`` of shape (1, k), and a dot product ``v @ c.T``: one operand holds every
+    index, which elsewhere prints as the elementwise product summed (layernorm's ``(dout*gamma)``
+    summed over a row, as its spec writes it). Where the spec wrote ``@``, the forward computes
+    ``@``: summed as a broadcast product, ``tanh(c @ A)`` rounded each product and was 2x the
+    battery's bar at inputs of 10."""
+    from derive.layers import from_file
+
+    spec = tmp_path / "vectors.py"
+    spec.write_text('''import torch
+from derive import Tensor, layer
+
+
+@layer(c=Tensor("1", "k"), A=Tensor("k", "k"))
+def tanh_of_vector_product(c, A):
+    return torch.tanh(c @ A)
+
+
+@layer(c=Tensor("1", "k"))
+def dot_of_log(c):
+    v = torch.log(c * c + 1)
+    return v @ c.T
+''')
+    first, second = from_file(str(spec))
+    for found in (first, second):
+        forward = "\n".join(line for line, _ in build(found).forward)
+        assert " @ " in forward and ".sum(" not in forward, forward
+
+
 def test_a_product_divided_by_a_product_of_sizes(tmp_path):
     """The mean over every entry of a matrix product: ``dx = (dt1 @ W.T)/(n*o)``. Printed
     ``(dt1 @ W.T)/n*o``, which Python reads as ``((dt1 @ W.T)/n)*o``, the fused kernel was o**2
