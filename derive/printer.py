@@ -275,7 +275,7 @@ class KernelPrinter(TorchPrinter):
         terms = [self._contraction(t, summed) for t in body.args]
         if any(t is None for t in terms):
             return None
-        return " + ".join(terms)
+        return f"({' + '.join(terms)})"  # one operand of whatever multiplies the sum
 
     def _operand(self, f: sp.Indexed):
         """A factor of a contraction as ``_Operand`` (its code and one index per axis), or None: a
@@ -747,6 +747,11 @@ class ForwardPrinter(KernelPrinter):
         self.reusable = set(reusable)  # temporaries that may be overwritten by this statement
         self.inplace = inplace
         self.computed = set(computed)  # temporaries holding a function of values (added last in a sum)
+        # the one sum that may be a fused multiply-add (``addcmul``): a statement's whole value, a
+        # tensor of its own that the backward reads as it is. Inside an expression (``(v4 - b*x)**2``)
+        # it would round otherwise than the backward that computes ``v4 - b*x`` again, and the
+        # gradient would mix two values of it (7x autograd's error where ``b*x`` nearly cancels ``v4``)
+        self.fusable = None
 
     def _inner(self, frame: Frame) -> "ForwardPrinter":
         inner = ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of,
@@ -758,6 +763,7 @@ class ForwardPrinter(KernelPrinter):
         """The right-hand side of one statement, updating a dying temporary in place if one fits
         (``self.updated`` then names it)."""
         self.updated = None
+        self.fusable = expr
         for target in sorted(self.reusable):
             self.updated = target
             symbol = sp.Symbol(target)
@@ -781,6 +787,7 @@ class ForwardPrinter(KernelPrinter):
         """``expr`` computed into the existing tensor ``buffer`` (``torch.mul(a, b, out=buffer)``),
         or None when its outermost operation has no such form."""
         out = f"out={buffer}"
+        self.fusable = expr
         if isinstance(expr, sp.Add):
             text = self._print_Add(expr)
             if text.startswith("torch.addcmul("):
@@ -812,8 +819,8 @@ class ForwardPrinter(KernelPrinter):
         return super()._print_Function(expr)
 
     def _print_Add(self, expr, order=None):
-        # c + a*b in one pass over memory instead of two
-        for term in expr.as_ordered_terms():
+        # c + a*b in one pass over memory instead of two (a statement's whole value only: ``fusable``)
+        for term in (expr.as_ordered_terms() if expr == self.fusable else []):
             coeff, factors = term.as_coeff_mul()
             tensors = [f for f in factors if self._is_tensor(f)]
             if len(tensors) == 2 and len(factors) == 2 and term != expr and self._is_tensor(expr - term):

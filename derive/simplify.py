@@ -305,7 +305,9 @@ def _kept_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
     wild = {i: sp.Wild(f"w_{i}") for i in own}
     target = el.ref(node).xreplace(wild)
     found = {}
-    for value in dict.fromkeys([el.direct(node), el.nf[node]]):
+    # as the spec writes it, in normal form, and expanded as the gradient has it (``(v4 - b*x)**2 + 1``
+    # is ``b**2*x**2 - 2*b*v4*x + v4**2 + 1`` there: a square of a difference that cancels)
+    for value in dict.fromkeys([el.direct(node), el.nf[node], expand(el.nf[node])]):
         if not isinstance(value, (sp.Add, sp.Mul)) or not value.atoms(sp.Indexed) or reductions(value):
             continue
         pattern = value.xreplace(wild)
@@ -479,7 +481,8 @@ def closed_form(expr: sp.Expr, scalars: set, factor_whole: bool = True) -> sp.Ex
     # each coefficient without its sign (not ``abs``: a constant of either sign has no absolute value
     # worth printing, ``1/(n*T)`` is the scale of ``-1/(n*T)``)
     scale = min({_factor(-c if c.could_extract_minus_sign() else c) for c, _ in terms}, key=spread)
-    inner = _grouped(group_sums(sp.Add(*[_factor(c / scale) * t for c, t in terms])), factor_whole, scalars)
+    inner = _grouped(group_sums(sp.Add(*[_factor(c / scale) * t for c, t in terms]), into=factor_whole),
+                     factor_whole, scalars)
     if inner.is_Add:
         return sp.Mul(scale, common, inner, evaluate=False) if scale != 1 or common != 1 else inner
     return scale * common * inner
@@ -528,13 +531,17 @@ def _grouped(inner: sp.Expr, factor_whole: bool = True, scalars: set | None = No
     return sp.collect(inner, shared, func=_factor) if shared else inner
 
 
-def group_sums(inner: sp.Expr) -> sp.Expr:
+def group_sums(inner: sp.Expr, into: bool = False) -> sp.Expr:
     """Terms that differ only in which sum over one index they read become one sum of their
     bodies: ``a*(Red(dout*x) - Red(t**2*dout*x))`` is ``a*GroupedRed(dout*x*(1 - t**2))``.
 
     The normal form splits every sum by linearity (that is how cancellations are found); summed
     that way in floating point, a difference of two large sums loses the digits that the sum of
-    the differences keeps (the spec's own path sums the difference), and costs a second pass."""
+    the differences keeps (the spec's own path sums the difference), and costs a second pass.
+
+    With ``into`` (the closed form written, not a candidate weighed by the refold: moving factors
+    would change the costs its choices were tuned on), a factor that varies along no index the sum
+    does not is moved into the body first, so that sums differing in such a factor group too."""
     if not inner.is_Add:
         return inner
     groups: dict = {}
@@ -545,12 +552,18 @@ def group_sums(inner: sp.Expr) -> sp.Expr:
             continue
         red = sums[0]
         rest = [f for f in sp.Mul.make_args(term) if f is not red]
+        # a factor that varies along no index the sum does not (``v4[0]``, ``b[i_n, 0]`` of a sum
+        # ``sum_k (...)[i_n, k]``) may go into its body at no cost: ``v4*sum(a) - sum(b)`` is then
+        # ``sum(v4*a - b)``, as autograd sums it (its ``dv5`` is the difference, summed once)
+        free = {i for i in red.free_symbols if isinstance(i, sp.Idx)}
+        moved = [f for f in rest if into and not f.is_number and _movable(f, free)]
+        movable = sp.Mul(*moved)
         coefficient = sp.Mul(*[f for f in rest if f.is_number])
-        cofactor = sp.Mul(*[f for f in rest if not f.is_number])
-        groups.setdefault((cofactor, extent(red.index)), []).append((coefficient, red))
+        cofactor = sp.Mul(*[f for f in rest if not f.is_number and f not in moved])
+        groups.setdefault((cofactor, extent(red.index)), []).append((coefficient * movable, red))
     out = []
     for key, members in groups.items():
-        if key[0] == "alone" or len(members) < 2:
+        if key[0] == "alone" or len({r for _, r in members}) < 2:  # one sum: its factors are factored
             out += members if key[0] == "alone" else [c * r * key[0] for c, r in members]
             continue
         cofactor, size = key
@@ -559,8 +572,18 @@ def group_sums(inner: sp.Expr) -> sp.Expr:
         j = sp.Idx(sp.Dummy("grouped", integer=True), size)
         body = sp.Add(*[c * r.body.xreplace({r.index: j}) for c, r in members])
         # the body may be such a difference of sums itself (a sum over b of sums over c)
-        out.append(cofactor * GroupedRed(_grouped(sp.factor_terms(group_sums(body))), j))
+        out.append(cofactor * GroupedRed(_grouped(sp.factor_terms(group_sums(body, into))), j))
     return sp.Add(*out)
+
+
+def _movable(factor: sp.Expr, free: set) -> bool:
+    """Whether ``factor`` can be multiplied into the body of a sum whose result varies along ``free``
+    without making the sum cost more: an entry (or a power of one) that varies along none of the
+    other indices. Not a size or a constant: multiplying by one rounds nothing a difference needs."""
+    base = factor.as_base_exp()[0]
+    if not isinstance(base, sp.Indexed):
+        return False
+    return {i for i in factor.free_symbols if isinstance(i, sp.Idx)} <= free
 
 
 def _common_factor(tensors: list[sp.Expr]) -> sp.Expr:

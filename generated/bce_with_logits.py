@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 8d3debb197346ef8fd137551ae75bb86952c7a9506f9d18babf32b86e0ae65b0
-# content-hash: fde3a3630525cdc6906a6ab2579194eeff15fb171bae7aa6946bd4c680ab7d12
+# content-hash: c7e8807e6a47f107bdd1e3e9097711b22237e80c8e6b318a4eef7e5228422540
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -31,7 +31,7 @@ def _forward_with_graph(logits, target, n, d):
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
     t3 = -logits
-    loss = ((torch.addcmul(F.softplus(t3), 1 - target, logits)).sum((0, 1), keepdim=True)/(d*n)).reshape(())
+    loss = (((1 - target)*logits + F.softplus(t3)).sum((0, 1), keepdim=True)/(d*n)).reshape(())
     return loss, (t3,)
 
 

@@ -521,6 +521,47 @@ def test_a_maximum_is_never_rebuilt(tmp_path):
     assert chosen(found).undone == []
 
 
+SQUARED_DIFFERENCE = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), b=Tensor("n", "1"), w=Tensor("k"))
+def log_of_squared_difference(x, b, w):
+    centre = w.mean(0, keepdim=True)
+    gap = centre - b * x
+    return (gap * gap + 1).log()
+'''
+
+
+def test_a_squared_difference_is_read_summed_and_computed_as_the_spec_does(tmp_path):
+    """``log((m - b*x)**2 + 1)``: the gradient divided by the expanded ``b**2*x**2 - 2*b*m*x + m**2 + 1``
+    (the saved ``t3`` read only in the form the spec wrote), ``dw`` and ``db`` were differences of two
+    sums (``m*sum(g/t3) - sum(b*x*g/t3)``, the factor ``m`` outside one of them), and the forward
+    computed ``m - b*x`` inside the square as a fused multiply-add (``addcmul``), which rounds otherwise
+    than the backward's ``m - b*x``: the fused form failed its battery (7x autograd's error where
+    ``b*x`` nearly cancels ``m``) and the layer fell back to its step-by-step kernel. Now the gradient
+    reads ``t3``, each gradient is one sum of the difference, the forward rounds as the spec, and the
+    fused form is chosen."""
+    spec = tmp_path / "squared_difference.py"
+    spec.write_text(SQUARED_DIFFERENCE)
+    (found,) = from_file(str(spec))
+    kernel = build_cached(found)
+    elements = {f.input: f.element for f in kernel.formulas}
+    saved = {s for line, _ in kernel.forward for s in [line.split(" = ")[0]]}
+    for name in ("x", "b", "w"):
+        denominators = [p.base for p in elements[name].atoms(sp.Pow) if p.exp.is_negative and p.base.atoms(sp.Indexed)]
+        assert denominators, elements[name]
+        assert all(isinstance(d, sp.Indexed) and str(d.base) in saved for d in denominators), elements[name]
+    from derive.symbolic import Red
+    for name in ("b", "w"):
+        outermost = [a for a in sp.preorder_traversal(elements[name]) if isinstance(a, Red)]
+        assert len({r for r in outermost if not any(r in o.args[0].atoms(Red) for o in outermost if o != r)}) == 1, \
+            elements[name]
+    assert not any("addcmul" in line for line, _ in kernel.forward), kernel.forward
+    assert chosen(found).fused, chosen(found).reason
+
+
 NESTED_SOFTMAX = '''import torch
 import torch.nn.functional as F
 
