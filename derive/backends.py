@@ -217,9 +217,15 @@ class CodeOps:
         return Code(f"{grad.wrap(ATOM)}.{'view' if self.contiguous else 'reshape'}({a}.shape)")
 
     def unbroadcast(self, g, shape, result_shape):
-        """Sum ``g`` (shaped like the result) down to ``shape``: the de-broadcasting step."""
+        """Sum ``g`` (shaped like the result) down to ``shape``: the de-broadcasting step. Both kinds
+        of axes at once are one sum, then the leading axes dropped, as autograd's ``sum_to`` does:
+        summed axis after axis (``g.sum(0).sum(0, keepdim=True)``) rounds in another order, up to 8x
+        autograd's error on a total of terms that cancel."""
         extra = len(result_shape) - len(shape)
         kept = [k for k in range(len(shape)) if shape[k] == 1 and result_shape[extra + k] != 1]
+        if extra and kept:
+            summed = Code(f"{g.wrap(ATOM)}.sum({_axes([*range(extra), *(extra + k for k in kept)])}, keepdim=True)")
+            return Code(f"{summed.wrap(ATOM)}.squeeze({_axes(range(extra))})")
         if extra:
             g = Code(f"{g.wrap(ATOM)}.sum({_axes(range(extra))})")
         if kept:

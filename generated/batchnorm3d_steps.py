@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: 659b4a54fb260da8c0fcecc079979b058856296efb34bc92c7897889b3c282bb
-# content-hash: d5f35d7599a3e1623e21ea047832383454204a19d83463c8a39504bf4e27d29b
+# content-hash: c2ce4fe11e964a77059a7ae7acfde9559c7e0b785deb6c1008051b026795ba83
 """Step-by-step backward of ``batchnorm3d``: Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -54,8 +54,8 @@ def backward(cache, dout=None):
     if dout is None:
         dout = torch.ones_like(out)
     dt8 = dout  # grad of: out = gamma * xhat + beta
-    dbeta = dout.sum(0).sum(1, keepdim=True)  # grad of: out = gamma * xhat + beta
-    dgamma = (dt8 * xhat).sum(0).sum(1, keepdim=True)  # grad of: out = gamma * xhat + beta
+    dbeta = dout.sum((0, 2), keepdim=True).squeeze(0)  # grad of: out = gamma * xhat + beta
+    dgamma = (dt8 * xhat).sum((0, 2), keepdim=True).squeeze(0)  # grad of: out = gamma * xhat + beta
     dxhat = dt8 * gamma  # grad of: out = gamma * xhat + beta
     dxc = dxhat * t7  # grad of: xhat = xc * (var + eps) ** -0.5
     dt7 = (dxhat * xc).sum((0, 2), keepdim=True)  # grad of: xhat = xc * (var + eps) ** -0.5

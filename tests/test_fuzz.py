@@ -235,13 +235,19 @@ TANH_OF_A_VECTOR_PRODUCT = _regression('fuzz_found_tanh_of_a_vector_product',
     '    v1 = F.log_softmax(u, dim=-1)\n    v2 = c @ A\n    v3 = torch.tanh(v2)\n    out = v3',
     'x=Tensor("n", "k"), c=Tensor("1", "k"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, c, u, A, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# log((w.mean() + b*x)**2 + 1): the denominator expanded, dw a difference of sums, the forward's
+# b*x + m an addcmul; then the step-by-step fallback summed the mean's gradient axis by axis
+CENTRED_SQUARE_OF_A_PRODUCT = _regression('fuzz_found_centred_square_of_a_product',
+    '    v1 = x + x\n    v2 = x.T @ x\n    v3 = b * x\n    v4 = w.mean(0, keepdim=True)\n    v5 = v4 + v3\n    v6 = (v5 * v5 + 1).log()\n    out = v6',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), w=Tensor("k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, w, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
           LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM,
           PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED,
           RSQRT_OF_A_LARGE_SQUARE, LOG_OF_A_SQUARED_EXPONENTIAL, SAVED_TOTAL_OF_A_SOFTMAX,
-          SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT]
+          SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT, CENTRED_SQUARE_OF_A_PRODUCT]
 
 
 class Tally:

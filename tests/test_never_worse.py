@@ -187,6 +187,20 @@ def test_the_battery_fails_a_kernel_that_loses_digits_and_passes_a_correct_one()
     assert good.passed, good.findings[:2]
 
 
+def test_the_battery_judges_a_total_over_its_draws_together():
+    """A total whose terms cancel has one error per draw, rounding noise as large as its terms:
+    autograd's lands near 0 on some draws by chance. The same noise from the kernel then looks 8x
+    autograd's on that draw, not over the setting's three; a kernel 8x worse on every draw fails."""
+    setting = battery.Setting("N(0, 1) x 1", 1.0, False, torch.float32)
+    lucky = {"dw": [(5e-9, 1e-10, 1e-12), (1e-9, 2e-9, 1e-12), (2e-9, 1.5e-9, 1e-12)]}
+    verdict = battery.Verdict([setting])
+    battery._judge_pooled(setting, lucky, verdict, battery.SLACK)
+    assert verdict.passed and 0 < verdict.worst_ratio < 1
+    worse = {"dw": [(8 * a, a, 1e-12) for _, a, _ in lucky["dw"]]}
+    battery._judge_pooled(setting, worse, verdict, battery.SLACK)
+    assert [f.value for f in verdict.findings] == ["dw"] and "summed over 3 draws" in verdict.findings[0].problem
+
+
 def test_the_battery_fails_a_kernel_that_is_not_finite_where_autograd_is():
     layer = LAYERS["softmax_no_shift"]
 

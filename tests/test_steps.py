@@ -93,3 +93,34 @@ def test_a_full_maximum_of_a_vector_prints_as_a_tensor(tmp_path):
     module = load_module(steps)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(module.vmax, (x,))
+
+
+def test_a_value_broadcast_over_new_and_kept_axes_sums_as_autograd(tmp_path):
+    """``w.mean(0, keepdim=True)`` of shape (1,) added to an (n, k) value: its gradient sums over a
+    new axis and a kept one. Summed axis after axis (``g.sum(0).sum(0, keepdim=True)``) it rounded
+    in another order than autograd's one reduction over both (``sum_to``), up to 8x autograd's error
+    where the terms cancel; as one sum the step-by-step gradient is autograd's, bit for bit."""
+    from derive.generate import render
+    from derive.layers import from_file
+    from derive.verify import load_module
+
+    spec = tmp_path / "centred.py"
+    spec.write_text("import torch\nfrom derive import Tensor, layer\n\n\n"
+                    "@layer(x=Tensor('n', 'k'), b=Tensor('n', '1'), w=Tensor('k'))\n"
+                    "def centred(x, b, w):\n"
+                    "    gap = w.mean(0, keepdim=True) + b * x\n"
+                    "    return (gap * gap + 1).log()\n\n\n"
+                    "centred.fused = False\n")
+    (layer,) = from_file(str(spec))
+    steps = tmp_path / "centred_steps.py"
+    steps.write_text(render(layer)["centred_steps.py"])
+    module = load_module(steps)
+    g = torch.Generator().manual_seed(0)
+    x, b, w = (4 * torch.randn(shape, generator=g) for shape in ((64, 7), (64, 1), (7,)))
+    upstream = torch.randn(64, 7, generator=g) / 64
+    grads = []
+    for fn in (layer.fn, module.centred):
+        leaf = w.clone().requires_grad_()
+        fn(x, b, leaf).backward(upstream)
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1]), (grads[0] - grads[1]).abs().max()
