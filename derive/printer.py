@@ -618,7 +618,29 @@ class KernelPrinter(TorchPrinter):
             if rest == 1:
                 return powers
             return f"{self.parenthesize(rest, sp.printing.precedence.PRECEDENCE['Mul'])}*{powers}"
+        divided = self._divided(expr)
+        if divided is not None:
+            return divided
         return super()._print_Mul(expr)
+
+    def _divided(self, expr: sp.Mul) -> str | None:
+        """A product divided by two tensors or more, divided by each in turn (``g*v/s/(w**2 + 1)``),
+        as autograd's chain rule divides: the product of the divisors overflows float32 where each
+        does not (``sqrt(v**2 + 1)*(w**2 + 1)`` at ``w`` of 1e19, where the gradient is 1e-19)."""
+        numerator, divisors = [], []
+        for f in sp.Mul.make_args(expr):
+            base, e = f.as_base_exp()
+            if e.is_negative and e.is_number and self._is_tensor(base):
+                divisors.append(base ** -e)
+            else:
+                numerator.append(f)
+        if len(divisors) < 2:
+            return None
+        mul = sp.printing.precedence.PRECEDENCE["Mul"]
+        text = self._print(sp.Mul(*numerator))
+        if sp.Mul(*numerator).is_Add:
+            text = f"({text})"
+        return text + "".join(f"/{self.parenthesize(d, mul, strict=True)}" for d in divisors)
 
     def _print_Add(self, expr, order=None):
         """Positive terms first, so a difference reads ``probs - onehot``."""

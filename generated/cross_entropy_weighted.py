@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate
 # inputs-hash: 6757c3d2c184981d2004319f57ada9f271eb3b917caa4f23bfe4557cc7172284
-# content-hash: 9571068ee8c9312483bbf0717f7c6a46e1136adaacd8722393be0fb80ae914c4
+# content-hash: 953441733b3745872dcf4bd0b9ccd8f0fa8ee4f24fd10d72e6d281747b63235a
 """Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -40,7 +40,7 @@ def _backward(needs, dloss, y, w, t1, n, k):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dlogits = None
     if needs[0]:
-        dlogits = t1 * (dloss*w[y].view(n, 1)/(t1.sum(1, keepdim=True)*(w[y].view(n, 1)).sum(0, keepdim=True)))
+        dlogits = t1 * (dloss*w[y].view(n, 1)/(w[y].view(n, 1)).sum(0, keepdim=True)/t1.sum(1, keepdim=True))
         dlogits.scatter_add_(1, y.view(n, 1), (-dloss*w[y].view(n, 1)/(w[y].view(n, 1)).sum(0, keepdim=True)).expand(n, 1))
     return dlogits, None, None
 

@@ -241,13 +241,20 @@ CENTRED_SQUARE_OF_A_PRODUCT = _regression('fuzz_found_centred_square_of_a_produc
     '    v1 = x + x\n    v2 = x.T @ x\n    v3 = b * x\n    v4 = w.mean(0, keepdim=True)\n    v5 = v4 + v3\n    v6 = (v5 * v5 + 1).log()\n    out = v6',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), w=Tensor("k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, w, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# sqrt(v**2 + 1) of a total of log(w*w + 1): dw divided by the product (w**2 + 1)*sqrt(...), which
+# overflows float32 at w of 1e19 where each divisor does not (the gradient there is 1e-19, not 0)
+PRODUCT_OF_DIVISORS_OVERFLOWS = _regression('fuzz_found_product_of_divisors_overflows',
+    '    v1 = x[range(n), y]\n    v2 = (w * w + 1).log()\n    v3 = torch.tanh(v2)\n    v4 = v2.sum(0)\n    v5 = v4 + v4\n    v6 = torch.sqrt(v5 * v5 + 1)\n    out = v6',
+    'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, c, w, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
           LOGSUMEXP_OF_SOFTMAX, TANH_OF_ROW_LOGSUMEXP, TIES_OF_A_PICKED_MAXIMUM,
           PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED,
           RSQRT_OF_A_LARGE_SQUARE, LOG_OF_A_SQUARED_EXPONENTIAL, SAVED_TOTAL_OF_A_SOFTMAX,
-          SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT, CENTRED_SQUARE_OF_A_PRODUCT]
+          SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT, CENTRED_SQUARE_OF_A_PRODUCT,
+          PRODUCT_OF_DIVISORS_OVERFLOWS]
 
 
 class Tally:

@@ -93,6 +93,27 @@ def dot_of_log(c):
         assert " @ " in forward and ".sum(" not in forward, forward
 
 
+def test_a_gradient_divides_by_each_tensor_in_turn(tmp_path):
+    """``sqrt((2*sum(log(w*w + 1)))**2 + 1)``: ``dw`` divides by ``w**2 + 1`` and by the square root.
+    Printed as one division by their product, that product overflows float32 at ``w`` of 1e19 and
+    the gradient (1e-19 there) came out 0; autograd divides by each in turn, and so does the kernel."""
+    from derive.layers import from_file
+
+    spec = tmp_path / "divisors.py"
+    spec.write_text('''import torch
+from derive import Tensor, layer
+
+
+@layer(w=Tensor("k"))
+def root_of_log_total(w):
+    total = (w * w + 1).log().sum(0)
+    return torch.sqrt((total + total) ** 2 + 1)
+''')
+    (found,) = from_file(str(spec))
+    printed = code(found, "w")
+    assert "/(w" in printed and "/torch.sqrt(" in printed and "*(w" not in printed, printed
+
+
 def test_a_product_divided_by_a_product_of_sizes(tmp_path):
     """The mean over every entry of a matrix product: ``dx = (dt1 @ W.T)/(n*o)``. Printed
     ``(dt1 @ W.T)/n*o``, which Python reads as ``((dt1 @ W.T)/n)*o``, the fused kernel was o**2
