@@ -512,7 +512,18 @@ class KernelPrinter(TorchPrinter):
                 continue
             rest = list(factors)
             rest.remove(f)
-            code = self._kernel_of_gradient(rest, lambda g: CodeOps.KERNELS["tanh"].format(grad=g, saved=self._print(y)), sign)
+            # a softplus inside the tanh: its kernel takes the tanh's result (``sigmoid(z)`` as a
+            # factor of its own is 0 from z = -89 in float32, where the gradient is subnormal)
+            sigmoids = [r for r in rest if isinstance(r, Sigmoid)] if self.softplus_grads else []
+            rest = [r for r in rest if r not in sigmoids]
+
+            def call(g, y=y, sigmoids=sigmoids):
+                code = CodeOps.KERNELS["tanh"].format(grad=g, saved=self._print(y))
+                for sigmoid in sigmoids:
+                    code = CodeOps.KERNELS["softplus"].format(grad=code, saved=self._print(sigmoid.args[0]))
+                return code
+
+            code = self._kernel_of_gradient(rest, call, sign)
             if code is not None:  # else no tensor to pass it: a number times 1 - y**2
                 return code
         return None

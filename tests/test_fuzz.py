@@ -247,6 +247,12 @@ PRODUCT_OF_DIVISORS_OVERFLOWS = _regression('fuzz_found_product_of_divisors_over
     '    v1 = x[range(n), y]\n    v2 = (w * w + 1).log()\n    v3 = torch.tanh(v2)\n    v4 = v2.sum(0)\n    v5 = v4 + v4\n    v6 = torch.sqrt(v5 * v5 + 1)\n    out = v6',
     'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, c, w, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# tanh of a total of softplus(c): sigmoid(c) printed as a factor beside tanh_backward is 0 from
+# c = -89 in float32, where autograd's softplus_backward keeps the subnormal gradient
+SOFTPLUS_INSIDE_A_TANH = _regression('fuzz_found_softplus_inside_a_tanh',
+    '    v1 = x.mean()\n    v2 = F.softplus(c)\n    v3 = p.exp()\n    v4 = v2.sum(1)\n    v5 = torch.tanh(v4)\n    out = v5',
+    'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), p=Tensor("n", "k", differentiable=False, domain="probability"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, c, w, p, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -254,7 +260,7 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED,
           RSQRT_OF_A_LARGE_SQUARE, LOG_OF_A_SQUARED_EXPONENTIAL, SAVED_TOTAL_OF_A_SOFTMAX,
           SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT, CENTRED_SQUARE_OF_A_PRODUCT,
-          PRODUCT_OF_DIVISORS_OVERFLOWS]
+          PRODUCT_OF_DIVISORS_OVERFLOWS, SOFTPLUS_INSIDE_A_TANH]
 
 
 class Tally:

@@ -30,6 +30,30 @@ def test_sums_over_two_axes_are_one_reduction():
     assert shared["sum_dout"] == "dout.sum((0, 2), keepdim=True)"
 
 
+def test_a_softplus_inside_a_tanh_is_two_kernels(tmp_path):
+    """``tanh(softplus(c).sum(1))``: the softplus's ``sigmoid(c)`` beside ``tanh_backward`` was printed
+    ``torch.sigmoid(c)``, 0 from ``c`` = -89 in float32 where the gradient is subnormal; autograd's
+    ``softplus_backward`` (``exp(c)/(exp(c) + 1)``) keeps it. Each link is its own kernel."""
+    from derive.layers import from_file
+
+    spec = tmp_path / "softplus_tanh.py"
+    spec.write_text('''import torch
+import torch.nn.functional as F
+from derive import Tensor, layer
+
+
+@layer(c=Tensor("n", "k"))
+def tanh_of_softplus_total(c):
+    total = F.softplus(c).sum(1)
+    out = torch.tanh(total)
+    return out
+''')
+    (found,) = from_file(str(spec))
+    printed = code(found, "c")
+    assert printed.startswith("torch.ops.aten.softplus_backward(torch.ops.aten.tanh_backward(") and \
+        "torch.sigmoid" not in printed, printed
+
+
 def test_tanh_gradient_reads_the_saved_output():
     # (1 - out**2)*dout, as autograd computes it: 1 - out*out in one rounding
     assert code(tanh, "x") == "torch.ops.aten.tanh_backward(dout, out)"
