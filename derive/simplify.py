@@ -341,7 +341,10 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: froz
     best = cost(el, expr)
     # an elementwise output is a saved quantity too (``tanh``: ``dout*(1 - out**2)``)
     output = el.graph.output
-    elementwise_output = output in el.opaque and not reductions(el.definition[output])
+    # (also a function of a reduction, ``tanh(x.sum(1))``: it is read where the gradient evaluates
+    # that function again, as it would be had the spec named the sum)
+    elementwise_output = output in el.opaque and (not reductions(el.definition[output])
+                                                  or risky_atoms(el.definition[output])[:1] == [el.definition[output]])
     candidates = [n for n in el.graph.nodes if n.op not in ("input", "labels")
                   and (n not in el.opaque or (n is output and elementwise_output))]
     while True:

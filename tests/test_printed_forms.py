@@ -33,7 +33,9 @@ def test_sums_over_two_axes_are_one_reduction():
 def test_a_softplus_inside_a_tanh_is_two_kernels(tmp_path):
     """``tanh(softplus(c).sum(1))``: the softplus's ``sigmoid(c)`` beside ``tanh_backward`` was printed
     ``torch.sigmoid(c)``, 0 from ``c`` = -89 in float32 where the gradient is subnormal; autograd's
-    ``softplus_backward`` (``exp(c)/(exp(c) + 1)``) keeps it. Each link is its own kernel."""
+    ``softplus_backward`` (``exp(c)/(exp(c) + 1)``) keeps it. Each link is its own kernel. Written
+    as one expression, the output (a tanh of a sum) is read as the saved tanh too: it recomputed
+    ``tanh`` of the row total and printed ``1 - tanh(..)**2``."""
     from derive.layers import from_file
 
     spec = tmp_path / "softplus_tanh.py"
@@ -47,11 +49,16 @@ def tanh_of_softplus_total(c):
     total = F.softplus(c).sum(1)
     out = torch.tanh(total)
     return out
+
+
+@layer(c=Tensor("n", "k"))
+def tanh_of_softplus_total_inline(c):
+    return torch.tanh(F.softplus(c).sum(1))
 ''')
-    (found,) = from_file(str(spec))
-    printed = code(found, "c")
-    assert printed.startswith("torch.ops.aten.softplus_backward(torch.ops.aten.tanh_backward(") and \
-        "torch.sigmoid" not in printed, printed
+    for found in from_file(str(spec)):
+        printed = code(found, "c")
+        assert printed.startswith("torch.ops.aten.softplus_backward(torch.ops.aten.tanh_backward(") and \
+            "torch.sigmoid" not in printed and "torch.tanh" not in printed, printed
 
 
 def test_tanh_gradient_reads_the_saved_output():
