@@ -999,20 +999,9 @@ def _product(tensors: list, out: list, letters: dict) -> str:
     """The contraction of ``tensors`` (elements) onto the indices ``out``, in that order: a matrix
     product with transposes where it is one (``dout @ W.T``, a batch with ``.mT``), else einsum."""
     if len(tensors) == 2 and len(out) < 2:
-        # a matrix times a vector, a vector times a matrix, a dot product: ``@`` of a vector
-        summed = (set(tensors[0].indices) & set(tensors[1].indices)) - set(out)
-        for left, right in (tensors, tensors[::-1]):
-            li, ri = list(left.indices), list(right.indices)
-            if len(summed) != 1 or len(li) + len(ri) - 2 != len(out) or len(li) > 2 or len(ri) > 2:
-                continue
-            (r,) = summed
-            if (len(ri) == 2 and len(li) == 2) or (out and out[0] not in li + ri) or (len(ri) == 2 and li != [r]):
-                continue
-            if len(li) == 2 and ri != [r]:
-                continue
-            lhs = _wrap(left.base) + (".T" if li == [r, out[0]] else "") if len(li) == 2 else _wrap(left.base)
-            rhs = _wrap(right.base) + (".T" if ri == [out[0], r] else "") if len(ri) == 2 else _wrap(right.base)
-            return f"{lhs} @ {rhs}"
+        product = _vector_product(tensors, out)
+        if product is not None:
+            return product
     if len(tensors) == 2 and len(out) >= 2:
         summed = (set(tensors[0].indices) & set(tensors[1].indices)) - set(out)
         batch, (a, b) = out[:-2], out[-2:]
@@ -1029,6 +1018,24 @@ def _product(tensors: list, out: list, letters: dict) -> str:
             return f"{lhs} @ {rhs}"
     spec = ",".join("".join(letters[i] for i in t.indices) for t in tensors) + "->" + "".join(letters[i] for i in out)
     return f"torch.einsum('{spec}', {', '.join(t.base for t in tensors)})"
+
+
+def _vector_product(tensors: list, out: list) -> str | None:
+    """``v @ M`` (a vector times a matrix, the matrix oriented (summed, kept): ``c @ A``) or ``v @ w``
+    (a dot product), or None for anything else."""
+    summed = (set(tensors[0].indices) & set(tensors[1].indices)) - set(out)
+    if len(summed) != 1:
+        return None
+    (r,) = summed
+    for vector, other in (tensors, tensors[::-1]):
+        if list(vector.indices) != [r]:
+            continue
+        indices = list(other.indices)
+        if indices == [r] and not out:
+            return f"{_wrap(vector.base)} @ {_wrap(other.base)}"
+        if out and len(indices) == 2 and set(indices) == {r, out[0]}:
+            return f"{_wrap(vector.base)} @ {_wrap(other.base)}{'.T' if indices == [out[0], r] else ''}"
+    return None
 
 
 def _wrap(code: str) -> str:
