@@ -334,7 +334,7 @@ def _judge_pooled(setting: Setting, pooled: dict, verdict: Verdict, slack: float
 
 
 def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Setting] | None = None,
-        slack: float = SLACK) -> Verdict:
+        slack: float = SLACK, pooled: bool = True) -> Verdict:
     """``fn`` (called with the spec's arguments by name) through every setting of the battery.
 
     Each setting is drawn three times: at ``sizes``, then with the next seeds at 24 and 48 rows.
@@ -342,7 +342,9 @@ def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Sett
     count too): a form whose errors have a heavier tail than autograd's passes a large draw and
     fails a small one; and a form that breaks on rare entries (a probability that underflows at
     the label) needs more than one draw to be seen. Finiteness is judged draw by draw; float32
-    errors over the three draws together (``_judge_pooled``)."""
+    errors over the three draws together (``_judge_pooled``), or with ``pooled=False`` draw by draw:
+    the stricter test a form is chosen by (``select``), so that the form written passes the pooled
+    one at other inputs (chosen over the draws together, a form at the edge of the bar failed it)."""
     draws = settings(layer, sizes, seed) if draws is None else draws
     verdict = Verdict(draws)
     wanted = layer.differentiable
@@ -351,7 +353,7 @@ def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Sett
                                   for k, rows in enumerate((24, 48), start=1) if first]
     bars: dict[tuple, dict] = {}
     for setting in sorted(draws, key=lambda s: s.dtype != torch.float32):
-        pooled: dict | None = {} if setting.dtype == torch.float32 else None
+        pooled_errors: dict | None = {} if setting.dtype == torch.float32 and pooled else None
         for at, draw_seed in variants:
             key = (setting.scale, setting.banded, setting.sign, setting.offset, draw_seed)
             inputs = setting.inputs(layer, at, draw_seed)
@@ -367,11 +369,11 @@ def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Sett
                 continue
             bar32 = bars.get(key) if setting.dtype == torch.float64 else None
             upstream = float(upstream_for(exact[0][1].double(), draw_seed).abs().max())
-            errors = _judge(setting, ours, theirs, exact, bar32, verdict, upstream, slack, pooled)
+            errors = _judge(setting, ours, theirs, exact, bar32, verdict, upstream, slack, pooled_errors)
             if setting.dtype == torch.float32:
                 bars[key] = errors
-        if pooled:
-            _judge_pooled(setting, pooled, verdict, slack)
+        if pooled_errors:
+            _judge_pooled(setting, pooled_errors, verdict, slack)
     return verdict
 
 

@@ -72,7 +72,7 @@ def check(kernel: Kernel, draws: list | None = None) -> battery.Verdict:
         with tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
             fn = _module_function(kernel, Path(folder))
             sizes = battery.battery_sizes(layer)
-            return battery.run(layer, fn, sizes, draws=draws, slack=battery.CHOOSE_SLACK)
+            return battery.run(layer, fn, sizes, draws=draws, slack=battery.CHOOSE_SLACK, pooled=False)
     finally:
         torch.set_num_threads(threads)
 
