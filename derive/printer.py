@@ -518,10 +518,7 @@ class KernelPrinter(TorchPrinter):
             rest = [r for r in rest if r not in sigmoids]
 
             def call(g, y=y, sigmoids=sigmoids):
-                code = CodeOps.KERNELS["tanh"].format(grad=g, saved=self._print(y))
-                for sigmoid in sigmoids:
-                    code = CodeOps.KERNELS["softplus"].format(grad=code, saved=self._print(sigmoid.args[0]))
-                return code
+                return self._through_softplus(CodeOps.KERNELS["tanh"].format(grad=g, saved=self._print(y)), sigmoids)
 
             code = self._kernel_of_gradient(rest, call, sign)
             if code is not None:  # else no tensor to pass it: a number times 1 - y**2
@@ -575,12 +572,15 @@ class KernelPrinter(TorchPrinter):
         if not sigmoids:
             return None
 
-        def call(code):
-            for sigmoid in sigmoids:  # softplus of softplus: one kernel per link of the chain
-                code = CodeOps.KERNELS["softplus"].format(grad=code, saved=self._print(sigmoid.args[0]))
-            return code
+        return self._kernel_of_gradient([f for f in factors if not isinstance(f, Sigmoid)],
+                                        lambda code: self._through_softplus(code, sigmoids))
 
-        return self._kernel_of_gradient([f for f in factors if not isinstance(f, Sigmoid)], call)
+    def _through_softplus(self, code: str, sigmoids: list) -> str:
+        """``code`` (a gradient) through the softplus kernel of each of ``sigmoids`` in turn: softplus
+        of softplus is one kernel per link of the chain."""
+        for sigmoid in sigmoids:
+            code = CodeOps.KERNELS["softplus"].format(grad=code, saved=self._print(sigmoid.args[0]))
+        return code
 
     def _print_Mul(self, expr):
         softmax = self._softmax_backward(expr)
@@ -648,9 +648,8 @@ class KernelPrinter(TorchPrinter):
         if len(divisors) < 2:
             return None
         mul = sp.printing.precedence.PRECEDENCE["Mul"]
-        text = self._print(sp.Mul(*numerator))
-        if sp.Mul(*numerator).is_Add:
-            text = f"({text})"
+        numerator = sp.Mul(*numerator)
+        text = f"({self._print(numerator)})" if numerator.is_Add else self._print(numerator)
         return text + "".join(f"/{self.parenthesize(d, mul, strict=True)}" for d in divisors)
 
     def _print_Add(self, expr, order=None):

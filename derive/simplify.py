@@ -72,11 +72,13 @@ def _constant_nodes(el: Elements, expr: sp.Expr, plain: set) -> dict:
     ``v4 = softmax(v2, 1).sum(1)`` is 1, and the gradient through ``tanh(v4)`` reads ``1 - v4``, noise
     where it is 0, unless the node itself is known to be the constant (not only a sum written out)."""
     known = el.__dict__.setdefault("_constant_nodes", {})
+    entries, symbols = {}, expr.free_symbols
+    for e in expr.atoms(sp.Indexed):
+        entries.setdefault(e.base, []).append(e)
     constant = {}
     for node in el.opaque:
         base = el.base(node)
-        atoms = [e for e in expr.atoms(sp.Indexed) if e.base == base] if isinstance(base, sp.IndexedBase) \
-            else [base] if base in expr.free_symbols else []
+        atoms = entries.get(base, []) if isinstance(base, sp.IndexedBase) else [base] if base in symbols else []
         if not atoms:
             continue
         if node not in known:
@@ -524,8 +526,8 @@ def _grouped(inner: sp.Expr, factor_whole: bool = True, scalars: set | None = No
             return frozenset(f.atoms(sp.Indexed) | {s for s in scalar if not s.is_Dummy}), \
                 frozenset(a for a in f.atoms(sp.Function) if a.free_symbols)
 
-        tensor_factors = [f for f in sp.Mul.make_args(whole) if f.is_Add and values(f)[0]]
-        if len({values(f) for f in tensor_factors}) >= 2:
+        kinds = {values(f) for f in sp.Mul.make_args(whole) if f.is_Add}
+        if len({kind for kind in kinds if kind[0]}) >= 2:
             return sp.Mul(*[_grouped(f, factor_whole, scalars) if f.is_Add else f for f in sp.Mul.make_args(whole)])
     count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
                     if isinstance(f.as_base_exp()[0], sp.Indexed)

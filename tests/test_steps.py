@@ -69,28 +69,31 @@ def test_step_by_step_equals_fused_numerically(layer):
     assert against_autograd(layer, fused, sizes)[0].maxdiff < 1e-12
 
 
-def test_a_full_maximum_of_a_vector_prints_as_a_tensor(tmp_path):
-    """``v.max(0).values`` of a 1-d value reduces everything: the forward prints ``v.max()``
-    (``v.max().values`` would be a method, not the maximum) and the steps pass gradcheck."""
-    import torch
-
+def steps_module(tmp_path, name: str, source: str):
+    """The spec ``source`` as a user's file, its layer, and the step-by-step module generated for it."""
     from derive.generate import render
     from derive.layers import from_file
     from derive.verify import load_module
 
-    spec = tmp_path / "vmax.py"
-    spec.write_text("from derive import Tensor, layer\n\n\n"
-                    "@layer(x=Tensor('n', 'd'))\n"
-                    "def vmax(x):\n"
-                    "    v = x.sum(1)\n"
-                    "    m = v.max(0).values\n"
-                    "    out = x * m\n"
-                    "    return out\n\n\n"
-                    "vmax.fused = False\n")
+    spec = tmp_path / f"{name}.py"
+    spec.write_text(source)
     (layer,) = from_file(str(spec))
-    steps = tmp_path / "vmax_steps.py"
-    steps.write_text(render(layer)["vmax_steps.py"])
-    module = load_module(steps)
+    steps = tmp_path / f"{name}_steps.py"
+    steps.write_text(render(layer)[f"{name}_steps.py"])
+    return layer, load_module(steps)
+
+
+def test_a_full_maximum_of_a_vector_prints_as_a_tensor(tmp_path):
+    """``v.max(0).values`` of a 1-d value reduces everything: the forward prints ``v.max()``
+    (``v.max().values`` would be a method, not the maximum) and the steps pass gradcheck."""
+    _, module = steps_module(tmp_path, "vmax", "from derive import Tensor, layer\n\n\n"
+                                               "@layer(x=Tensor('n', 'd'))\n"
+                                               "def vmax(x):\n"
+                                               "    v = x.sum(1)\n"
+                                               "    m = v.max(0).values\n"
+                                               "    out = x * m\n"
+                                               "    return out\n\n\n"
+                                               "vmax.fused = False\n")
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(module.vmax, (x,))
 
@@ -100,21 +103,12 @@ def test_a_value_broadcast_over_new_and_kept_axes_sums_as_autograd(tmp_path):
     new axis and a kept one. Summed axis after axis (``g.sum(0).sum(0, keepdim=True)``) it rounded
     in another order than autograd's one reduction over both (``sum_to``), up to 8x autograd's error
     where the terms cancel; as one sum the step-by-step gradient is autograd's, bit for bit."""
-    from derive.generate import render
-    from derive.layers import from_file
-    from derive.verify import load_module
-
-    spec = tmp_path / "centred.py"
-    spec.write_text("import torch\nfrom derive import Tensor, layer\n\n\n"
-                    "@layer(x=Tensor('n', 'k'), b=Tensor('n', '1'), w=Tensor('k'))\n"
-                    "def centred(x, b, w):\n"
-                    "    gap = w.mean(0, keepdim=True) + b * x\n"
-                    "    return (gap * gap + 1).log()\n\n\n"
-                    "centred.fused = False\n")
-    (layer,) = from_file(str(spec))
-    steps = tmp_path / "centred_steps.py"
-    steps.write_text(render(layer)["centred_steps.py"])
-    module = load_module(steps)
+    layer, module = steps_module(tmp_path, "centred", "import torch\nfrom derive import Tensor, layer\n\n\n"
+                                 "@layer(x=Tensor('n', 'k'), b=Tensor('n', '1'), w=Tensor('k'))\n"
+                                 "def centred(x, b, w):\n"
+                                 "    gap = w.mean(0, keepdim=True) + b * x\n"
+                                 "    return (gap * gap + 1).log()\n\n\n"
+                                 "centred.fused = False\n")
     g = torch.Generator().manual_seed(0)
     x, b, w = (4 * torch.randn(shape, generator=g) for shape in ((64, 7), (64, 1), (7,)))
     upstream = torch.randn(64, 7, generator=g) / 64
