@@ -30,6 +30,11 @@ from .memo import ByObject
 from .spec import Layer
 
 MAX_ATTEMPTS = 4  # fused forms tried by undoing rewrites, before the unfolded form and the step-by-step backward
+# A gradient that is one scalar broadcast (``dc`` of ``log((1 - tanh(c.sum()))**8 + 1)``) has one error
+# per draw: at most a handful of a setting's draws land where its form rounds worse than autograd's
+# (``tanh`` near -1, not saturated), so a form that fails one draw in three passed the battery's own
+# seed and was written. Such a layer's form is chosen over these seeds too (the same settings).
+FEW_ENTRY_SEEDS = (10, 20)
 
 
 @dataclass
@@ -72,7 +77,17 @@ def check(kernel: Kernel, draws: list | None = None) -> battery.Verdict:
         with tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
             fn = _module_function(kernel, Path(folder))
             sizes = battery.battery_sizes(layer)
-            return battery.run(layer, fn, sizes, draws=draws, slack=battery.CHOOSE_SLACK, pooled=False)
+            verdict = battery.run(layer, fn, sizes, draws=draws, slack=battery.CHOOSE_SLACK, pooled=False)
+            for seed in FEW_ENTRY_SEEDS if verdict.passed and verdict.few else ():
+                # judged over each setting's draws together, as the form written is: one draw's error
+                # of a total whose terms cancel is chance (``battery._judge_pooled``); and only the
+                # few-entry gradients are in question, the others were judged on many entries
+                again = battery.run(layer, fn, sizes, seed=seed, draws=verdict.settings,
+                                    slack=battery.CHOOSE_SLACK)
+                verdict.findings += [f for f in again.findings if f.value in verdict.few]
+                if not verdict.passed:
+                    break
+            return verdict
     finally:
         torch.set_num_threads(threads)
 
