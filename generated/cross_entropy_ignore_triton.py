@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate --backend triton
 # inputs-hash: 14fb972bce87388365e6c90a2aa4d74713bf4aa44c8b391ba7dc166acd8d2493
-# content-hash: 72d220e22d447b381d57c37bde4538ec4e85e869cf9e30238b8beace3cfeee79
+# content-hash: 98ba2bde4c97fd494cc6a65ff897f47e719e2e79bc9254e14ab5b0599e665c6c
 """``cross_entropy_ignore``: Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 The fused kernel of ``cross_entropy_ignore.py`` as Triton kernels, printed from its kernel plan (the same
@@ -150,7 +150,7 @@ if triton is not None:
         for row in range(row_begin, row_end):
             r_br1 = -tl.load(p_m + row).to(tl.float64)
             tl.store(kr_br1 + row, r_br1)
-            pacc_sum_y += tl.where((k_ignore_index) == (tl.load(p_y + row).to(tl.float64)), 1.0, 0.0)
+            pacc_sum_y += (-tl.where((k_ignore_index) == (tl.load(p_y + row).to(tl.float64)), 1.0, 0.0)) + 1.0
             r_br3 = tl.load(p_sum_t1 + row).to(tl.float64)
             tl.store(kr_br3 + row, r_br3)
         tl.store(part_sum_y + chunk + tl.arange(0, 1), pacc_sum_y)
@@ -162,7 +162,7 @@ if triton is not None:
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
         for row in range(row_begin, row_end):
-            r_br2 = (tl.where((k_ignore_index) == (tl.load(p_y + row).to(tl.float64)), 1.0, 0.0) - 1.0)*tl.load(p_dloss + 0).to(tl.float64)/((tl.cast(sz_n, tl.float64) - tl.load(ps_sum_y))*tl.load(p_sum_t1 + row).to(tl.float64))
+            r_br2 = (tl.where((k_ignore_index) == (tl.load(p_y + row).to(tl.float64)), 1.0, 0.0) - 1.0)*tl.load(p_dloss + 0).to(tl.float64)/(tl.load(ps_sum_y)*tl.load(p_sum_t1 + row).to(tl.float64))
             # pass 1 over the row
             for col0 in range(0, sz_k, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)

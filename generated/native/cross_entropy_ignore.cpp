@@ -2,7 +2,7 @@
 // source: derive.layers.losses (layer cross_entropy_ignore)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 8f9075f4a6f9823506649f5a527bfaa6ad663ff053a22634bed3064e5acd6b3c
-// content-hash: 194a60d0b8fd0b2b685805dab0d5701e369a02cc02dcc88cda2cd905040def7c
+// content-hash: a36ede17e58a4bc2fdb33996564a3757521294e1a7f78c6561ac065798298d53
 // cross_entropy_ignore: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_cross_entropy_ignore {
 
@@ -353,7 +353,7 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           const double r_br1 = -static_cast<double>(l_p_m[row]);
           l_kr_br1[row] = r_br1;
-          l_part_sum_y[chunk] += ((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0);
+          l_part_sum_y[chunk] += (-((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0)) + 1.0;
           const double r_br3 = static_cast<double>(l_p_sum_t1[row]);
           l_kr_br3[row] = r_br3;
         }
@@ -376,13 +376,12 @@ std::vector<at::Tensor> cross_entropy_ignore_backward(const at::Tensor& t_dloss,
       const auto l_p_y = p_y;
       const auto l_s_sum_y = s_sum_y;
       const auto l_sz_k = sz_k;
-      const auto l_sz_n = sz_n;
       const int64_t cols = sz_k;
       alignas(64) scalar_t buf[Vec::size()];
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         const int64_t row_end = std::min(sz_n, (chunk + 1) * rows_per_chunk);
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
-          const double r_br2 = (((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0) - 1.0)*static_cast<double>(l_p_dloss[0])/((static_cast<double>(l_sz_n) - l_s_sum_y)*static_cast<double>(l_p_sum_t1[row]));
+          const double r_br2 = (((l_k_ignore_index) == (static_cast<double>(l_p_y[row])) ? 1.0 : 0.0) - 1.0)*static_cast<double>(l_p_dloss[0])/(l_s_sum_y*static_cast<double>(l_p_sum_t1[row]));
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt, int lane) __attribute__((always_inline)) {
             (-Vec(static_cast<scalar_t>(r_br2))*derive_exp(Vec(static_cast<scalar_t>(l_kr_br1[row])) + Vec::loadu(l_p_logits + row*l_sz_k + col, cnt))).store(l_o_dlogits + row*l_sz_k + col, cnt);
