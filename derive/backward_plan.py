@@ -213,6 +213,7 @@ class _Planner:
         self.frame, self.slots = printer.frame.dims, printer.frame.slots
         self.shapes = dict(shapes)  # the buffers too, so the printer knows them as full-size tensors
         self.printer = KernelPrinter(printer.frame, self.shapes, printer.names, printer.dtype_of)
+        self.places = printer.tanhs  # the saved tanhs' places in the forward (the order of a chain)
         self.taken = set(taken)
         self.lines: list[str] = []
         self.notes: list[str] = []  # what each one-pass kernel used computes, for a comment
@@ -351,10 +352,7 @@ class _Planner:
     def kernel(self, numerators, numbers) -> _Chain | None:
         """The product through one of autograd's one-pass kernels, if one fits it: the kernel
         applied to the rest of the product (a tensor, or the rest in a buffer), then the numbers."""
-        for f in numerators:
-            found = self.kernel_of(f, numerators)
-            if found is None:
-                continue
+        for f, found in self.kernels_of(numerators):
             name, argument, used, sign, extra = found
             rest = list(numerators)
             for u in used:
@@ -369,12 +367,34 @@ class _Planner:
             y = self.operand(argument)
             self.notes.append(f"{name.rsplit('.', 1)[1]}({grad}, {y}{extra}) = "
                               + _KERNEL_VALUES[name].format(g=grad, y=y))
-            chain = _Chain(f"{name}({grad}, {y}{extra})")
+            call = f"{name}({grad}, {y}{extra})"
+            # a chain of them (``tanh(tanh(x))``): each link's kernel takes the last one's result, as
+            # autograd's backward does, where a factor multiplied in would be passes of their own
+            while True:
+                link = next(iter(self.kernels_of(outside)), None)
+                if link is None:
+                    break
+                name, argument, used, link_sign, extra = link[1]
+                for u in used:
+                    outside.remove(u)
+                sign *= link_sign
+                call = f"{name}({call}, {self.operand(argument)}{extra})"
+            chain = _Chain(call)
             for r in outside:
                 chain.then("mul", self.text(r))
             factor = numbers * sign
             return chain if factor == 1 else self.scaled(chain, factor)
         return None
+
+    def kernels_of(self, factors: list) -> list:
+        """``[(factor, kernel_of(factor))]`` for the factors that are a one-pass kernel's, the one
+        nearest the output first (for tanh: their place in the forward, ``KernelPrinter.tanhs``)."""
+        found = [(f, k) for f in factors for k in [self.kernel_of(f, factors)] if k is not None]
+        def place(found_kernel):
+            y = found_kernel[1][1]
+            return -self.places.get(str(y.base) if isinstance(y, sp.Indexed) else str(y), -1)
+
+        return sorted(found, key=place)
 
     def kernel_of(self, f, factors):
         """``(kernel, argument, factors it replaces, sign, extra arguments)`` when ``f`` is the
@@ -520,6 +540,8 @@ def chain_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict, t
     planner = _Planner(grad, printer, shapes, taken, set(numbers))
     if not planner.full(expr) or planner.leaf(expr):
         return None
+    if any(m.is_Mul and printer.bounded_ratios(m)[2] for m in sp.preorder_traversal(expr)):
+        return None  # a factor divided before it is multiplied in (``KernelPrinter.bounded_ratios``): as printed
     try:
         chain = planner.chain(expr)
     except DerivationError:

@@ -470,7 +470,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
                  if n.op == "softmax" and len(n.attrs["axes"]) == 1}
 
-    tanhs = {rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "tanh"}
+    tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}  # in forward order
     ops = {n.op for n in el.graph.nodes}
     softplus_grads = "softplus" in ops and "sigmoid" not in ops
 

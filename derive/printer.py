@@ -97,8 +97,9 @@ class KernelPrinter(TorchPrinter):
         # saved softmax values -> the stored axis they normalize: the chain rule through one
         # prints as torch's own softmax backward (``_softmax_backward``)
         self.softmaxes: dict[str, int] = {}
-        # saved tanh values: ``g*(1 - y**2)`` prints as torch's own kernel for it (``_tanh_backward``)
-        self.tanhs: set[str] = set()
+        # saved tanh values, each with its place in the forward: ``g*(1 - y**2)`` prints as torch's
+        # own kernel for it (``_tanh_backward``)
+        self.tanhs: dict[str, int] = {}
         # every sigmoid of the formulas is a softplus's derivative (the spec has softplus, no sigmoid):
         # ``g*sigmoid(z)`` prints as torch's own kernel for it (``_softplus_backward``)
         self.softplus_grads = False
@@ -498,32 +499,58 @@ class KernelPrinter(TorchPrinter):
         """``g*(1 - y**2)`` with ``y`` a saved tanh and ``g`` a tensor: the chain rule through the
         tanh, printed as torch's own kernel for it (``torch.ops.aten.tanh_backward(g, y)``), which
         rounds as autograd through the spec does: ``1 - y*y`` in one rounding, where ``1 - y**2``
-        rounds ``y**2`` first and loses the digits of a saturated ``y``. None for anything else."""
+        rounds ``y**2`` first and loses the digits of a saturated ``y``. A chain of tanhs (each
+        factor ``1 - y**2``, or ``(y - 1)*(y + 1)`` as the closed form factors it) is one kernel per
+        link, as autograd's: printed as the product, each factor was a pass over memory of its own
+        (13 for ``tanh(tanh(tanh(x)))``, 3x autograd's time). None for anything else."""
         if not self.tanhs:
             return None
-        factors = list(sp.Mul.make_args(expr))
+        links, rest, sign = self._tanh_links(list(sp.Mul.make_args(expr)))
+        if not links:
+            return None
+        # a softplus inside the tanh: its kernel takes the tanh's result (``sigmoid(z)`` as a
+        # factor of its own is 0 from z = -89 in float32, where the gradient is subnormal)
+        sigmoids = [r for r in rest if isinstance(r, Sigmoid)] if self.softplus_grads else []
+        rest = [r for r in rest if r not in sigmoids]
+
+        def call(g):
+            for y in links:  # the outermost tanh first, as the chain rule meets them
+                g = CodeOps.KERNELS["tanh"].format(grad=g, saved=self._print(y))
+            return self._through_softplus(g, sigmoids)
+
+        return self._kernel_of_gradient(rest, call, sign)  # None: no tensor to pass it (a number times 1 - y**2)
+
+    def _tanh_links(self, factors: list) -> tuple[list, list, int]:
+        """(the saved tanhs ``y`` whose ``1 - y**2`` is among ``factors``, outermost first; the other
+        factors; the sign they leave). ``1 - y**2`` is one factor, or two: ``(y - 1)*(y + 1)``
+        (``-(1 - y**2)``) or ``(1 - y)*(1 + y)``."""
+        def saved(y) -> bool:
+            return (isinstance(y, sp.Indexed) and str(y.base) in self.tanhs) or \
+                (isinstance(y, sp.Symbol) and y.name in self.tanhs)
+
+        links, rest, sign = [], list(factors), 1
         for f in factors:
             found = one_minus_square(f)
-            if found is None:
+            if found is not None and saved(found[0]):
+                links.append(found[0])
+                sign *= found[1]
+                rest.remove(f)
+        for f in list(rest):
+            if not (f.is_Add and len(f.args) == 2 and f in rest):
                 continue
-            y, sign = found
-            if not ((isinstance(y, sp.Indexed) and str(y.base) in self.tanhs)
-                    or (isinstance(y, sp.Symbol) and y.name in self.tanhs)):
+            y = next((a for a in f.args if saved(a)), None)
+            if y is None:
                 continue
-            rest = list(factors)
-            rest.remove(f)
-            # a softplus inside the tanh: its kernel takes the tanh's result (``sigmoid(z)`` as a
-            # factor of its own is 0 from z = -89 in float32, where the gradient is subnormal)
-            sigmoids = [r for r in rest if isinstance(r, Sigmoid)] if self.softplus_grads else []
-            rest = [r for r in rest if r not in sigmoids]
-
-            def call(g, y=y, sigmoids=sigmoids):
-                return self._through_softplus(CodeOps.KERNELS["tanh"].format(grad=g, saved=self._print(y)), sigmoids)
-
-            code = self._kernel_of_gradient(rest, call, sign)
-            if code is not None:  # else no tensor to pass it: a number times 1 - y**2
-                return code
-        return None
+            for minus, plus, s in ((y - 1, y + 1, -1), (1 - y, 1 + y, 1)):
+                if f in (minus, plus) and minus in rest and plus in rest:
+                    rest.remove(minus)
+                    rest.remove(plus)
+                    links.append(y)
+                    sign *= s
+                    break
+        # the chain rule meets the tanh nearest the output first
+        links.sort(key=lambda y: -self.tanhs[str(y.base) if isinstance(y, sp.Indexed) else y.name])
+        return links, rest, sign
 
     def _kernel_of_gradient(self, factors: list, call, sign=1) -> str | None:
         """``call(g)`` for the upstream gradient ``g`` among the tensor ``factors`` (all of them where
@@ -637,7 +664,25 @@ class KernelPrinter(TorchPrinter):
     def _divided(self, expr: sp.Mul) -> str | None:
         """A product divided by two tensors or more, divided by each in turn (``g*v/s/(w**2 + 1)``),
         as autograd's chain rule divides: the product of the divisors overflows float32 where each
-        does not (``sqrt(v**2 + 1)*(w**2 + 1)`` at ``w`` of 1e19, where the gradient is 1e-19)."""
+        does not (``sqrt(v**2 + 1)*(w**2 + 1)`` at ``w`` of 1e19, where the gradient is 1e-19); and
+        a numerator factor read from no other tensors than a divisor divided by it first
+        (``bounded_ratios``). None for anything else (one divisor that bounds no factor)."""
+        numerator, divisors, ratios = self.bounded_ratios(expr)
+        numerator = sp.Mul(*numerator)
+        if len(divisors) < 2 and (not ratios or (numerator == 1 and len(ratios) == 1 and not divisors)):
+            return None  # (a ratio alone: as SymPy prints it)
+        mul = sp.printing.precedence.PRECEDENCE["Mul"]
+        text = f"({self._print(numerator)})" if numerator.is_Add else self._print(numerator)
+        text = "*".join(([] if numerator == 1 else [text])
+                        + [f"({self._print(f)}/{self.parenthesize(d, mul, strict=True)})" for f, d in ratios])
+        return text + "".join(f"/{self.parenthesize(d, mul, strict=True)}" for d in divisors)
+
+    def bounded_ratios(self, expr: sp.Mul) -> tuple[list, list, list]:
+        """(numerator factors, tensor divisors, ``[(factor, divisor)]``) of a product: each pair a
+        numerator factor that its divisor bounds (``c/sqrt(c**2 + 1)``, read from no other tensors).
+        Divided first: multiplied out, ``dout*exp(v)*c`` overflows float32 where the gradient does
+        not (``c`` of 88, ``exp(v)`` of 1e38), while autograd's chain divides by the root before it
+        meets ``c``. The upstream gradient is never such a factor."""
         numerator, divisors = [], []
         for f in sp.Mul.make_args(expr):
             base, e = f.as_base_exp()
@@ -645,12 +690,20 @@ class KernelPrinter(TorchPrinter):
                 divisors.append(base ** -e)
             else:
                 numerator.append(f)
-        if len(divisors) < 2:
-            return None
-        mul = sp.printing.precedence.PRECEDENCE["Mul"]
-        numerator = sp.Mul(*numerator)
-        text = f"({self._print(numerator)})" if numerator.is_Add else self._print(numerator)
-        return text + "".join(f"/{self.parenthesize(d, mul, strict=True)}" for d in divisors)
+        ratios = []
+        for d in list(divisors):
+            mine = self._tensors(d)
+            f = next((f for f in numerator if not f.is_number and self._tensors(f) and self._tensors(f) <= mine
+                      and str(f.as_base_exp()[0]).split("[")[0] != self.dtype_of), None)
+            if f is not None:
+                numerator.remove(f)
+                divisors.remove(d)
+                ratios.append((f, d))
+        return numerator, divisors, ratios
+
+    def _tensors(self, expr) -> set:
+        """The tensors ``expr`` reads (the bases of its entries, and 0-d tensors by name)."""
+        return {str(e.base) for e in expr.atoms(sp.Indexed)} | {str(s) for s in expr.free_symbols if str(s) in self.shapes}
 
     def _print_Add(self, expr, order=None):
         """Positive terms first, so a difference reads ``probs - onehot``."""

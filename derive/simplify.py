@@ -252,12 +252,14 @@ class Rewrite:
     kind: str = "solve"
 
 
-def _saved_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
+def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Expr | None:
     """``expr`` reading ``node`` wherever it evaluates ``node``'s function again (``tanh(s*x)``
     at any indices becomes ``t[...]``), or None. Only for a transcendental function or a root: the
     forward computes it anyway, and saving it is cheaper than computing it again (autograd saves
     it too); the refold weighs the read against the recomputation. The function is looked for as
-    the spec writes it (``tanh(t1)``) and inlined (``tanh(tanh(x))``)."""
+    the spec writes it (``tanh(t1)``) and inlined (``tanh(tanh(x))``); with ``inline`` (forward
+    nodes to their definitions, ``risk.Path.value``), also where the gradient reads it through
+    other saved values (``tanh(v3 - 1)`` is ``tanh(tanh(tanh(x)) - 1)``, once ``v3`` is read)."""
     if not node.shape:
         return None
     own = [i for i in el.free(node) if i != 0]
@@ -265,15 +267,20 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
     target = el.ref(node).xreplace(wild)
     found = {}
     for value in dict.fromkeys([el.definition.get(node, el.nf[node]), el.direct(node)]):
+        # an odd function of a negated argument is the negated function (SymPy writes ``tanh(1 - v)``
+        # as ``-tanh(v - 1)``): the node is the negative of what the gradient evaluates
+        sign, value = (-1, -value) if value.could_extract_minus_sign() and value.is_Mul else (1, value)
         if not risky_atoms(value) or risky_atoms(value)[0] != value:
             continue
         pattern = value.xreplace(wild)
         for atom in risky_atoms(expr):
             if atom.func is not value.func or atom in found:
                 continue
-            match = atom.match(pattern)
-            if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
-                found[atom] = target.xreplace(match)
+            for seen in dict.fromkeys([atom] + ([inline(atom)] if inline is not None else [])):
+                match = seen.match(pattern)
+                if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
+                    found[atom] = sign * target.xreplace(match)
+                    break
     return expr.xreplace(found) if found else None
 
 
@@ -359,7 +366,7 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: froz
                 if path.new(rewritten):
                     continue
                 options.append((cost(el, rewritten), not node.named, rewritten, node, variable, target, solution))
-            read = _saved_reads(el, node, expr) if (node.name, node.name) not in forbidden else None
+            read = _saved_reads(el, node, expr, path.value) if (node.name, node.name) not in forbidden else None
             if read is not None:
                 rewritten = tidy(el, read)
                 options.append((cost(el, rewritten), not node.named, rewritten, node, node,
@@ -372,7 +379,7 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: froz
         if log is not None:  # replayed to learn which reductions the substitution recognised
             recognized = []
             if variable is node:
-                tidy(el, _saved_reads(el, node, expr), recognized)
+                tidy(el, _saved_reads(el, node, expr, path.value), recognized)
             else:
                 _rewrite(el, expr, variable, target, solution, recognized)
             log.append(Rewrite(node, variable, target, solution, restore(expr), restore(rewritten),
@@ -563,7 +570,12 @@ def _grouped(inner: sp.Expr, factor_whole: bool = True, scalars: set | None = No
                 frozenset(a for a in f.atoms(sp.Function) if a.free_symbols)
 
         kinds = {values(f) for f in sp.Mul.make_args(whole) if f.is_Add}
-        if len({kind for kind in kinds if kind[0]}) >= 2:
+        valued = {kind for kind in kinds if kind[0]}
+        # (or, with ``scalars``, factors of scalar forward values alone: ``e - e*t**2`` of ``t = tanh(e)``
+        # is ``-e*(t - 1)*(t + 1)``, where the difference cancels near ``t = 1``)
+        scalar = scalars is not None and bool(valued) and whole != inner and not any(
+            isinstance(v, sp.Indexed) for kind in valued for v in kind[0])
+        if len(valued) >= 2 or scalar:
             return sp.Mul(*[_grouped(f, factor_whole, scalars) if f.is_Add else f for f in sp.Mul.make_args(whole)])
     count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
                     if isinstance(f.as_base_exp()[0], sp.Indexed)

@@ -2,12 +2,12 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate
 # inputs-hash: 6757c3d2c184981d2004319f57ada9f271eb3b917caa4f23bfe4557cc7172284
-# content-hash: 953441733b3745872dcf4bd0b9ccd8f0fa8ee4f24fd10d72e6d281747b63235a
+# content-hash: 0062c1beea17af803677af7bbbc05cc7960d282056ef8eb24123ab282f681b93
 """Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
 
-    dlogits = dloss*(t1/t1.sum(1, keepdim=True) - (y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype))*w[y].view(n, 1)/(w[y].view(n, 1)).sum(0, keepdim=True)
+    dlogits = dloss*(t1/t1.sum(1, keepdim=True) - (y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype))*(w[y].view(n, 1)/(w[y].view(n, 1)).sum(0, keepdim=True))
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -40,8 +40,8 @@ def _backward(needs, dloss, y, w, t1, n, k):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dlogits = None
     if needs[0]:
-        dlogits = t1 * (dloss*w[y].view(n, 1)/(w[y].view(n, 1)).sum(0, keepdim=True)/t1.sum(1, keepdim=True))
-        dlogits.scatter_add_(1, y.view(n, 1), (-dloss*w[y].view(n, 1)/(w[y].view(n, 1)).sum(0, keepdim=True)).expand(n, 1))
+        dlogits = t1 * (dloss*(w[y].view(n, 1)/(w[y].view(n, 1)).sum(0, keepdim=True))/t1.sum(1, keepdim=True))
+        dlogits.scatter_add_(1, y.view(n, 1), (-dloss*(w[y].view(n, 1)/(w[y].view(n, 1)).sum(0, keepdim=True))).expand(n, 1))
     return dlogits, None, None
 
 

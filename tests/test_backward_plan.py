@@ -29,7 +29,7 @@ FORMULAS = {
     "nested tanh'": (a - 1) * (a + 1) * (c - 1) * (c + 1) * b,
     "scaled tanh'": (1 - a**2) * g * b * r,
     "mean square": 2 * s * a / (N * D),
-    "quotient": s * b * a / (a + 2),
+    "quotient": s * b * a / (c + 2),
     "sum of products": (a + r) * (b - g) * c,
     "sigmoid of a sum": s * (1 - Sigmoid(a + b) - c) / N,
     "polynomial": -sp.Rational(1, 2) * (a + 1) * (sp.Float(0.0356) * a**3 * b + sp.Float(0.7978) * a * b - 1) * c,

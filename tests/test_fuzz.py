@@ -259,6 +259,12 @@ CHOSEN_AT_THE_EDGE = _regression('fuzz_found_chosen_at_the_edge',
     '    v1 = x[range(n), y]\n    v2 = 1 - v1\n    v3 = v2 ** 3\n    v4 = torch.minimum(v3, v3)\n    v5 = torch.tanh(v4)\n    out = v5',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), w=Tensor("k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, c, w, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# tanh(exp(x.mean()))**4: dx read e - e*t**2 of the scalars e = exp(v1), t = tanh(e), cancelling near
+# t = 1; a polynomial in scalar forward values is factored whole, e*(t - 1)*(t + 1)
+SCALAR_POLYNOMIAL_OF_A_TANH = _regression('fuzz_found_scalar_polynomial_of_a_tanh',
+    '    v1 = x.mean()\n    v2 = v1.exp()\n    v3 = torch.tanh(v2)\n    v4 = v3**2\n    v5 = v4**2\n    v6 = torch.minimum(v5, v5)\n    out = v6',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, c, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -266,7 +272,7 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED,
           RSQRT_OF_A_LARGE_SQUARE, LOG_OF_A_SQUARED_EXPONENTIAL, SAVED_TOTAL_OF_A_SOFTMAX,
           SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT, CENTRED_SQUARE_OF_A_PRODUCT,
-          PRODUCT_OF_DIVISORS_OVERFLOWS, SOFTPLUS_INSIDE_A_TANH, CHOSEN_AT_THE_EDGE]
+          PRODUCT_OF_DIVISORS_OVERFLOWS, SOFTPLUS_INSIDE_A_TANH, CHOSEN_AT_THE_EDGE, SCALAR_POLYNOMIAL_OF_A_TANH]
 
 
 class Tally:

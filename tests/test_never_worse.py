@@ -123,13 +123,24 @@ def test_an_exponential_shared_by_two_terms_is_a_factor_and_stays_whole():
     assert dx.code.count("torch.exp(") == 1 and "**2" not in dx.code, dx.code
 
 
-def test_nested_tanh_is_a_product_of_factors():
-    """``tanh(tanh(x))``: the derivative is printed as the product of the two chain-rule factors,
-    each read from a saved value, not their expanded product."""
-    choice = chosen(LAYERS["tanh_of_tanh"])
+def test_nested_tanh_is_a_chain_of_tanh_kernels(tmp_path):
+    """``tanh(tanh(x))``: the derivative is the two chain-rule factors, each read from a saved value,
+    not their expanded product; printed as one ``tanh_backward`` per link, as autograd computes it
+    (the product of the factored ``(t - 1)*(t + 1)`` was a pass over memory per factor: 3x
+    autograd's time for three nested tanh). Bit for bit autograd's gradient."""
+    layer = LAYERS["tanh_of_tanh"]
+    choice = chosen(layer)
     assert choice.fused
     (dx,) = choice.kernel.formulas
-    assert "torch.tanh" not in dx.code and dx.code.count("*") >= 4 and "+ 1" in dx.code
+    assert dx.code == "torch.ops.aten.tanh_backward(torch.ops.aten.tanh_backward(dout, out), t1)", dx.code
+    fn = kernel_module(layer, tmp_path)
+    x = 3 * torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for f in (fn, layer.fn):
+        v = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(f(v), v, g)[0])
+    assert torch.equal(*grads)
 
 
 def test_cross_entropy_loss_at_large_offsets_is_as_accurate_as_native():
@@ -670,3 +681,64 @@ def test_a_number_summed_to_its_count_stays_inside_the_sum(tmp_path):
     sizes = {d: 32 if k == 0 else 5 + 2 * k for k, d in enumerate(layer.dims)}
     verdicts = [battery.run(layer, fn, sizes, seed=seed) for seed in (7, 8)]
     assert all(v.passed for v in verdicts), [str(v.findings[0]) for v in verdicts if not v.passed]
+
+
+EXP_OF_A_ROOT = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(c=Tensor("n", "k"))
+def exp_of_a_root(c):
+    return torch.sqrt(c * c + 1).exp()
+'''
+
+
+def test_a_factor_its_divisor_bounds_is_divided_first(tmp_path):
+    """``dc`` of ``exp(sqrt(c*c + 1))`` is ``dout*exp(v)*c/sqrt(c**2 + 1)``. At ``c`` of 88 the product
+    ``dout*exp(v)*c`` overflows float32 while the gradient (about ``exp(v)``) does not, and autograd
+    divides by the root before it meets ``c``. ``c/sqrt(c**2 + 1)`` is at most 1: it is computed first."""
+    spec = tmp_path / "root.py"
+    spec.write_text(EXP_OF_A_ROOT)
+    (layer,) = from_file(str(spec))
+    fn = kernel_module(layer, tmp_path)
+    c = torch.tensor([[88.0, -88.0, 87.5, 3.0]])
+    grads = []
+    for f in (fn, layer.fn):
+        v = c.clone().requires_grad_()
+        grads.append(torch.autograd.grad(f(v), v, torch.full_like(c, 0.9))[0])
+    assert torch.isfinite(grads[1]).all()
+    assert torch.isfinite(grads[0]).all(), grads[0]
+    torch.testing.assert_close(grads[0], grads[1], rtol=4e-6, atol=0)
+
+
+TANH_OF_ONE_MINUS = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"))
+def tanh_of_one_minus(x):
+    t = torch.tanh(torch.tanh(x))
+    return torch.tanh(1 - t)
+'''
+
+
+def test_an_output_sympy_writes_negated_is_read_by_the_gradient(tmp_path):
+    """``tanh(1 - t)`` is ``-tanh(t - 1)`` to SymPy: the gradient evaluating ``tanh(t - 1)`` did not
+    match the output's definition and computed it again, and the inner ``tanh(x)`` too (3x autograd's
+    time at 1024 x 512). The output is read, negated, and the gradient is autograd's chain of
+    ``tanh_backward`` kernels, bit for bit."""
+    spec = tmp_path / "one_minus.py"
+    spec.write_text(TANH_OF_ONE_MINUS)
+    (layer,) = from_file(str(spec))
+    (dx,) = build_cached(layer).formulas
+    assert "torch.tanh" not in dx.code and dx.code.count("tanh_backward") == 3, dx.code
+    fn = kernel_module(layer, tmp_path)
+    x = 2 * torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for f in (fn, layer.fn):
+        v = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(f(v), v, g)[0])
+    assert torch.equal(*grads)

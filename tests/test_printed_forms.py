@@ -143,7 +143,10 @@ def root_of_log_total(w):
 ''')
     (found,) = from_file(str(spec))
     printed = code(found, "w")
-    assert "/(w" in printed and "/torch.sqrt(" in printed and "*(w" not in printed, printed
+    # each divisor divides alone, never their product: here each the factor it bounds, first
+    # (``w/(w**2 + 1)``, ``total/sqrt(4*total**2 + 1)``: ``KernelPrinter.bounded_ratios``)
+    assert "(w/(w**2 + 1))" in printed and "(total/torch.sqrt(" in printed and ")*torch.sqrt" not in printed \
+        and "+ 1)*(w" not in printed, printed
 
 
 def test_a_product_divided_by_a_product_of_sizes(tmp_path):
