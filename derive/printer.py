@@ -674,7 +674,7 @@ class KernelPrinter(TorchPrinter):
         mul = sp.printing.precedence.PRECEDENCE["Mul"]
         text = f"({self._print(numerator)})" if numerator.is_Add else self._print(numerator)
         text = "*".join(([] if numerator == 1 else [text])
-                        + [f"({self._print(f)}/{self.parenthesize(d, mul, strict=True)})" for f, d in ratios])
+                        + [f"({self.parenthesize(f, mul)}/{self.parenthesize(d, mul, strict=True)})" for f, d in ratios])
         return text + "".join(f"/{self.parenthesize(d, mul, strict=True)}" for d in divisors)
 
     def bounded_ratios(self, expr: sp.Mul) -> tuple[list, list, list]:
@@ -714,7 +714,10 @@ class KernelPrinter(TorchPrinter):
         text = self._print(terms[0])
         for t in terms[1:]:
             if t.could_extract_minus_sign():
-                text += " - " + self.parenthesize(-t, sp.printing.precedence.PRECEDENCE["Add"])
+                term = self.parenthesize(-t, sp.printing.precedence.PRECEDENCE["Add"])
+                # (a kernel's factor may carry the sign back: ``-(y - 1)*(y + 1)*g`` negated prints
+                # as ``-tanh_backward(g, y)``, which reads as a sum, not ``x - -tanh_backward``)
+                text += " + " + term[1:] if term.startswith("-") else " - " + term
             else:
                 text += " + " + self.parenthesize(t, sp.printing.precedence.PRECEDENCE["Add"])
         return text

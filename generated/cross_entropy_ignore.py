@@ -2,13 +2,13 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: 0a22b5059da6fcb46980d76ebd034fc0d48b6a377547b15123aa6f1f4f1f74d6
-# content-hash: ae15bc20c7a4012e339dfb59a750a8f789a50a56de0641b42221b1277efe24ef
+# content-hash: 7715fd6158117178018bb2455a3e75000a8c377af569479ec59c2b395ce725c8
 """Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
 
     sum_t1 = t1.sum(1, keepdim=True)
-    dlogits = torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, dloss*(sum_t1*(y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype) - t1)*((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1/(1 - (y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True))/sum_t1, 0)
+    dlogits = torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, dloss*(sum_t1*(y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype) - t1)*(((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(1 - (y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True))/sum_t1, 0)
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -44,7 +44,8 @@ def _backward(needs, dloss, y, t1, n, k, ignore_index):
     dlogits = None
     if needs[0]:
         sum_t1 = t1.sum(1, keepdim=True)
-        dlogits = torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, dloss*(sum_t1*(y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype) - t1)*((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1/(1 - (y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True))/sum_t1, 0)
+        dlogits = t1 * (torch.where(1 - (y.view(n, 1) == ignore_index).to(dloss.dtype) != 0, dloss*((1 - (y.view(n, 1) == ignore_index).to(dloss.dtype))/(1 - (y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True))/sum_t1, 0))
+        dlogits.scatter_add_(1, y.view(n, 1), (torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, dloss*(((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(1 - (y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True)), 0)).expand(n, 1))
     return dlogits, None, None
 
 

@@ -149,3 +149,33 @@ def test_softplus_reads_the_sum_the_forward_computed():
     kernel = chosen(by_name("softplus")).kernel
     (formula,) = kernel.formulas
     assert "t2" in kernel.saved and "t1 + 1" not in formula.code
+
+
+RATIOS = {
+    "bounded ratio": s * b * (1 - a) / (a + 2),
+    "bounded ratio and a divisor": s * b * (1 - a**2) / ((a**2 + 1) * (c + 3)),
+    "bounded ratio of a column": s * b * (r - 1) / (r**2 + 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted({**FORMULAS, **RATIOS}))
+def test_the_printed_formula_is_the_formula(name):
+    """The printed code computes the formula, whatever order it divides in (a factor its divisor
+    bounds is divided first, ``b*((1 - a)/(a + 2))``: its numerator parenthesized)."""
+    expr = {**FORMULAS, **RATIOS}[name]
+    values, n, d = tensors()
+    printed = run([f"dx = {printer().doprint(expr)}"], values, n, d)
+    # the formula evaluated entry by entry by SymPy's own printer, each tensor broadcast as read
+    plain = {e: sp.Symbol(str(e.base)) for e in expr.atoms(sp.Indexed)}
+    names = [sp.Symbol(k) for k in "abcgrs"] + [N, D]
+    arguments = [values[k] for k in "abcgrs"] + [n, d]
+
+    def evaluate(e):
+        return sp.lambdify(names, e, modules=torch)(*arguments)
+
+    # a step is a mask of its argument's sign; a sigmoid its definition
+    steps = {f: sp.Symbol(f"step{k}") for k, f in enumerate(expr.xreplace(plain).atoms(Step))}
+    masks = [torch.as_tensor(evaluate(f.args[0])) > 0 for f in steps]
+    formula = expr.xreplace(plain).xreplace(steps).replace(Sigmoid, lambda z: 1 / (1 + sp.exp(-z)))
+    want = sp.lambdify(names + list(steps.values()), formula, modules=torch)(*arguments, *[m.double() for m in masks])
+    torch.testing.assert_close(printed.expand(n, d), torch.as_tensor(want).expand(n, d), rtol=1e-12, atol=1e-12)
