@@ -379,6 +379,24 @@ def _numbers_inline(replacements: list, reduced: list, scalars: set) -> tuple[li
     return kept, [r.xreplace(numbers) for r in reduced]
 
 
+def _squares_inline(replacements: list, reduced: list, tanhs: set) -> tuple[list, list]:
+    """cse's temporaries that are the square of a saved tanh (``v5**2``) put back where they are
+    used: ``1 - v5**2`` then stays a factor the printer writes as ``tanh_backward``, autograd's own
+    kernel (``1 - y*y`` in one rounding), where ``1 - shared0`` rounds the square first and loses
+    the digits of a saturated tanh (4x autograd's error on ``rsqrt(tanh(c.mean())**2 + 1)``)."""
+    def square(value) -> bool:
+        if not (value.is_Pow and value.exp == 2):
+            return False
+        base = value.base
+        return str(base.base if isinstance(base, sp.Indexed) else base) in tanhs
+
+    squares = {symbol: value for symbol, value in replacements if square(value)}
+    if not squares:
+        return replacements, reduced
+    kept = [(symbol, value.xreplace(squares)) for symbol, value in replacements if symbol not in squares]
+    return kept, [r.xreplace(squares) for r in reduced]
+
+
 def _whole_indices(replacements: list, reduced: list) -> tuple[list, list]:
     """cse's result with every index's range written out again: a range ``d - 1`` that cse shared
     with a coefficient ``1/(d - 1)`` must not leave a temporary inside the index."""
@@ -459,6 +477,8 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     replacements, reduced = _whole_indices(replacements, reduced)
     numbers = set(el.graph.sizes.values()) | set(el.graph.constants.values()) | set(sizes.values())
     replacements, reduced = _numbers_inline(replacements, reduced, numbers)
+    replacements, reduced = _squares_inline(replacements, reduced,
+                                            {rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "tanh"})
     replacements = [(symbol, restore(value)) for symbol, value in replacements]
     reduced = [restore(r) for r in reduced]
     taken = set(taken) | set(names.values())

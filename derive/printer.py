@@ -561,7 +561,9 @@ class KernelPrinter(TorchPrinter):
         ``dout*exp(b)`` overflowed and autograd's ``tanh_backward(dout, y)*exp(b)`` is 0). Each
         partial product is then at most the upstream gradient times the factors met so far.
         None when no factor is a tensor (the kernel needs one to pass)."""
-        inside, outside = self.upstream_first([r for r in factors if not r.is_number])
+        # numbers, sizes and constants scale the result (``/k``), never ``*1/k*`` between tensors
+        plain = [r for r in factors if r.is_number or not self._is_tensor(r)]
+        inside, outside = self.upstream_first([r for r in factors if r not in plain])
         g = sp.Mul(*inside)
         if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
             return None
@@ -569,9 +571,9 @@ class KernelPrinter(TorchPrinter):
         if outside:
             mul = sp.printing.precedence.PRECEDENCE["Mul"]
             code = "*".join([code] + [self.parenthesize(r, mul) for r in outside])
-        coefficient = sign * sp.Mul(*[r for r in factors if r.is_number])
-        if coefficient == -1:
-            return f"-{code}"
+        coefficient = sign * sp.Mul(*plain)
+        if coefficient.could_extract_minus_sign():
+            return f"-{self._scaled(code, [-coefficient]) if coefficient != -1 else code}"
         return code if coefficient == 1 else self._scaled(code, [coefficient])
 
     def upstream_first(self, tensors: list) -> tuple[list, list]:

@@ -265,6 +265,12 @@ SCALAR_POLYNOMIAL_OF_A_TANH = _regression('fuzz_found_scalar_polynomial_of_a_tan
     '    v1 = x.mean()\n    v2 = v1.exp()\n    v3 = torch.tanh(v2)\n    v4 = v3**2\n    v5 = v4**2\n    v6 = torch.minimum(v5, v5)\n    out = v6',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, c, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# rsqrt(tanh(c.mean())**2 + 1): cse shared the tanh's square, and 1 - shared0 rounded it first (4x
+# autograd's error near a saturated tanh); a saved tanh's square stays in place for tanh_backward
+SHARED_SQUARE_OF_A_TANH = _regression('fuzz_found_shared_square_of_a_tanh',
+    '    v1 = c.mean(1)\n    v2 = b.sum(0)\n    v3 = w.sum(0)\n    v4 = v3**2\n    v5 = torch.tanh(v1)\n    v6 = torch.rsqrt(v5 * v5 + 1)\n    out = v6',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), w=Tensor("k"), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, c, w, A, p, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -272,7 +278,8 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           PRODUCT_OF_A_SAVED_DIFFERENCE, TOTAL_OF_A_SOFTMAX, EXPONENTIAL_OF_A_SHIFT_FACTORED,
           RSQRT_OF_A_LARGE_SQUARE, LOG_OF_A_SQUARED_EXPONENTIAL, SAVED_TOTAL_OF_A_SOFTMAX,
           SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT, CENTRED_SQUARE_OF_A_PRODUCT,
-          PRODUCT_OF_DIVISORS_OVERFLOWS, SOFTPLUS_INSIDE_A_TANH, CHOSEN_AT_THE_EDGE, SCALAR_POLYNOMIAL_OF_A_TANH]
+          PRODUCT_OF_DIVISORS_OVERFLOWS, SOFTPLUS_INSIDE_A_TANH, CHOSEN_AT_THE_EDGE, SCALAR_POLYNOMIAL_OF_A_TANH,
+          SHARED_SQUARE_OF_A_TANH]
 
 
 class Tally:
