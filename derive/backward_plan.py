@@ -18,7 +18,7 @@ import sympy as sp
 
 from .errors import DerivationError
 from .functions import Step
-from .printer import KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, temporaries
+from .printer import KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, temporaries, tensor_name
 from .symbolic import Red, expand, reciprocal_root_power, reindex
 
 
@@ -390,11 +390,7 @@ class _Planner:
         """``[(factor, kernel_of(factor))]`` for the factors that are a one-pass kernel's, the one
         nearest the output first (for tanh: their place in the forward, ``KernelPrinter.tanhs``)."""
         found = [(f, k) for f in factors for k in [self.kernel_of(f, factors)] if k is not None]
-        def place(found_kernel):
-            y = found_kernel[1][1]
-            return -self.places.get(str(y.base) if isinstance(y, sp.Indexed) else str(y), -1)
-
-        return sorted(found, key=place)
+        return sorted(found, key=lambda fk: -self.places.get(tensor_name(fk[1][1]), -1))
 
     def kernel_of(self, f, factors):
         """``(kernel, argument, factors it replaces, sign, extra arguments)`` when ``f`` is the

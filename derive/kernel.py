@@ -18,7 +18,7 @@ from .forward import size_names, size_scalars
 from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
 from .memo import ByObject
-from .printer import Frame, KernelPrinter, _wrap, fit_shape, temporaries
+from .printer import Frame, KernelPrinter, _wrap, fit_shape, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
 from .symbolic import Red, extent, hide_argmax, reductions
@@ -379,18 +379,13 @@ def _numbers_inline(replacements: list, reduced: list, scalars: set) -> tuple[li
     return kept, [r.xreplace(numbers) for r in reduced]
 
 
-def _squares_inline(replacements: list, reduced: list, tanhs: set) -> tuple[list, list]:
+def _squares_inline(replacements: list, reduced: list, tanhs) -> tuple[list, list]:
     """cse's temporaries that are the square of a saved tanh (``v5**2``) put back where they are
     used: ``1 - v5**2`` then stays a factor the printer writes as ``tanh_backward``, autograd's own
     kernel (``1 - y*y`` in one rounding), where ``1 - shared0`` rounds the square first and loses
     the digits of a saturated tanh (4x autograd's error on ``rsqrt(tanh(c.mean())**2 + 1)``)."""
-    def square(value) -> bool:
-        if not (value.is_Pow and value.exp == 2):
-            return False
-        base = value.base
-        return str(base.base if isinstance(base, sp.Indexed) else base) in tanhs
-
-    squares = {symbol: value for symbol, value in replacements if square(value)}
+    squares = {symbol: value for symbol, value in replacements
+               if value.is_Pow and value.exp == 2 and tensor_name(value.base) in tanhs}
     if not squares:
         return replacements, reduced
     kept = [(symbol, value.xreplace(squares)) for symbol, value in replacements if symbol not in squares]
@@ -477,8 +472,9 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     replacements, reduced = _whole_indices(replacements, reduced)
     numbers = set(el.graph.sizes.values()) | set(el.graph.constants.values()) | set(sizes.values())
     replacements, reduced = _numbers_inline(replacements, reduced, numbers)
-    replacements, reduced = _squares_inline(replacements, reduced,
-                                            {rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "tanh"})
+    # the saved tanhs (by the names printed), each with its place in the forward
+    tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}
+    replacements, reduced = _squares_inline(replacements, reduced, tanhs)
     replacements = [(symbol, restore(value)) for symbol, value in replacements]
     reduced = [restore(r) for r in reduced]
     taken = set(taken) | set(names.values())
@@ -490,7 +486,6 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
                  if n.op == "softmax" and len(n.attrs["axes"]) == 1}
 
-    tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}  # in forward order
     ops = {n.op for n in el.graph.nodes}
     softplus_grads = "softplus" in ops and "sigmoid" not in ops
 

@@ -144,8 +144,7 @@ class KernelPrinter(TorchPrinter):
         return f"{b}**{self.parenthesize(e, sp.printing.precedence.PRECEDENCE['Pow'])}"
 
     def _is_tensor(self, expr) -> bool:
-        return bool(expr.atoms(sp.Indexed)) or any(
-            str(s) in self.shapes for s in expr.free_symbols)
+        return bool(self._tensors(expr))
 
     # -- tensors ----------------------------------------------------------------------------
     def _inner(self, frame: Frame) -> "KernelPrinter":
@@ -525,8 +524,7 @@ class KernelPrinter(TorchPrinter):
         factors; the sign they leave). ``1 - y**2`` is one factor, or two: ``(y - 1)*(y + 1)``
         (``-(1 - y**2)``) or ``(1 - y)*(1 + y)``."""
         def saved(y) -> bool:
-            return (isinstance(y, sp.Indexed) and str(y.base) in self.tanhs) or \
-                (isinstance(y, sp.Symbol) and y.name in self.tanhs)
+            return tensor_name(y) in self.tanhs
 
         links, rest, sign = [], list(factors), 1
         for f in factors:
@@ -549,7 +547,7 @@ class KernelPrinter(TorchPrinter):
                     sign *= s
                     break
         # the chain rule meets the tanh nearest the output first
-        links.sort(key=lambda y: -self.tanhs[str(y.base) if isinstance(y, sp.Indexed) else y.name])
+        links.sort(key=lambda y: -self.tanhs[tensor_name(y)])
         return links, rest, sign
 
     def _kernel_of_gradient(self, factors: list, call, sign=1) -> str | None:
@@ -580,12 +578,7 @@ class KernelPrinter(TorchPrinter):
         """(what a one-pass kernel is given, what multiplies its result) of the tensor factors of
         its gradient: the upstream gradient (the output's, ``dtype_of``, read as it is) and the
         rest; all of them and none where no factor is the upstream gradient itself."""
-        def upstream(factor) -> bool:
-            if isinstance(factor, sp.Indexed):
-                return str(factor.base) == self.dtype_of
-            return isinstance(factor, sp.Symbol) and factor.name == self.dtype_of
-
-        inside = [r for r in tensors if upstream(r)] or list(tensors)
+        inside = [r for r in tensors if tensor_name(r) == self.dtype_of] or list(tensors)
         return inside, [r for r in tensors if r not in inside]
 
     def _softplus_backward(self, expr) -> str | None:
@@ -696,7 +689,7 @@ class KernelPrinter(TorchPrinter):
         for d in list(divisors):
             mine = self._tensors(d)
             f = next((f for f in numerator if not f.is_number and self._tensors(f) and self._tensors(f) <= mine
-                      and str(f.as_base_exp()[0]).split("[")[0] != self.dtype_of), None)
+                      and tensor_name(f.as_base_exp()[0]) != self.dtype_of), None)
             if f is not None:
                 numerator.remove(f)
                 divisors.remove(d)
@@ -1169,6 +1162,13 @@ def one_minus(f):
             if not y.could_extract_minus_sign():
                 return y, one
     return None
+
+
+def tensor_name(e) -> str | None:
+    """The tensor ``e`` is an entry of (``t[i_n, i_k]``: ``t``), or the 0-d tensor it is; else None."""
+    if isinstance(e, sp.Indexed):
+        return str(e.base)
+    return e.name if isinstance(e, sp.Symbol) else None
 
 
 def one_minus_square(f):
