@@ -493,8 +493,7 @@ def closed_form(expr: sp.Expr, scalars: set, factor_whole: bool = True) -> sp.Ex
     # each coefficient without its sign (not ``abs``: a constant of either sign has no absolute value
     # worth printing, ``1/(n*T)`` is the scale of ``-1/(n*T)``)
     scale = min({_factor(-c if c.could_extract_minus_sign() else c) for c, _ in terms}, key=spread)
-    inner = _grouped(group_sums(sp.Add(*[_factor(c / scale) * t for c, t in terms]), into=factor_whole),
-                     factor_whole, scalars)
+    inner = _grouped_sums(sp.Add(*[_factor(c / scale) * t for c, t in terms]), factor_whole, scalars)
     if factor_whole:  # the closed form written (not a candidate the refold weighs: its costs stay)
         inner = inner.replace(_number_beside_a_sum, _summed_with_its_number)
     if inner.is_Add:
@@ -539,6 +538,57 @@ def _summed_with_its_number(e: sp.Expr) -> sp.Expr:
 GROUP_MAX_OPS = 1000  # the largest built-in sum has about 360 (GELU's dx)
 
 
+def _grouped_sums(inner: sp.Expr, factor_whole: bool, scalars: set) -> sp.Expr:
+    """``inner``'s sums grouped (``group_sums``) and its terms grouped (``_grouped``). Written whole
+    (``factor_whole``), a product the chain rule made is factored out first, its sums as symbols:
+    ``(1 - t**2)*(g - sum_j(g*p))`` of ``t = tanh(sum(...))`` expands to terms of which some read
+    ``t**2`` beside a sum; grouped first, ``t**2`` moves into the sum's body and the product is
+    lost, and the kernel subtracts ``t**2*g`` from ``g`` where ``t`` rounds to 1 (thousands of
+    times autograd's error near saturation)."""
+    whole = _whole_factors(inner, scalars) if factor_whole else None
+    if whole is not None:
+        return sp.Mul(*[_grouped_sums(f, factor_whole, scalars) if f.is_Add else f for f in sp.Mul.make_args(whole)])
+    return _grouped(group_sums(inner, into=factor_whole), factor_whole, scalars)
+
+
+def _whole_factors(inner: sp.Expr, scalars: set | None) -> sp.Expr | None:
+    """``inner`` factored whole, if that is a product of sums of different quantities; else None.
+
+    A product the chain rule made and the normal form expanded (``(1 - a**2)*(1 - b**2)`` of two
+    nested tanh, ``(1 - t**2)*(sum(dout) + b*dout)``): factored whole, it is that product again,
+    each factor accurate on its own. Constants are factored as symbols: the spec's 0.044715 stays
+    itself, not an integer spread over every coefficient; a sum is a symbol too (an atom of the
+    product, never taken apart).
+    With ``scalars`` (sizes and constants), a scalar forward value (``tanh(v1)`` of a total ``v1``)
+    is a tensor quantity too; without, only entries are."""
+    if not inner.is_Add or sp.count_ops(inner) > GROUP_MAX_OPS:
+        return None
+    constants = sorted({abs(r) for r in inner.atoms(sp.Rational, sp.Float) if not r.is_integer},
+                       key=sp.default_sort_key)
+    names = {r: sp.Dummy(f"c{k}") for k, r in enumerate(constants)}
+    signed = {**names, **{-r: -d for r, d in names.items()}}  # a term's coefficient carries its sign
+    sums = {r: sp.Dummy(f"s{k}") for k, r in enumerate(sorted(inner.atoms(Red), key=sp.default_sort_key))}
+    back = {**{v: k for k, v in names.items()}, **{v: k for k, v in sums.items()}}
+    whole = _factor(inner.xreplace(sums).xreplace(signed)).xreplace(back)
+
+    def values(f):
+        scalar = set() if scalars is None else f.free_symbols - set(scalars) - f.atoms(sp.Idx, sp.Indexed)
+        # and the functions of them: ``tanh(v1) - 1`` and ``tanh(tanh(v1) - 1) - 1`` are two
+        return frozenset(f.atoms(sp.Indexed) | {s for s in scalar if not s.is_Dummy}), \
+            frozenset(a for a in f.atoms(sp.Function) if a.free_symbols)
+
+    kinds = {values(f) for f in sp.Mul.make_args(whole) if f.is_Add}
+    valued = {kind for kind in kinds if kind[0]}
+    # (or, with ``scalars``, factors of scalar forward values alone: ``e - e*t**2`` of ``t = tanh(e)``
+    # is ``-e*(t - 1)*(t + 1)``, where the difference cancels near ``t = 1``)
+    scalar = scalars is not None and bool(valued) and whole != inner and not any(
+        isinstance(v, sp.Indexed) for kind in valued for v in kind[0])
+    return whole if len(valued) >= 2 or scalar else None
+
+
+GROUP_MAX_OPS = 1000  # the largest built-in sum has about 360 (GELU's dx)
+
+
 def _grouped(inner: sp.Expr, factor_whole: bool = True, scalars: set | None = None) -> sp.Expr:
     """Terms that share a tensor factor (an entry, or a function of entries: ``exp(x - lse)``) are
     grouped and their cofactor factored: GELU's ``a - a*t**2 + b - b*t**2`` becomes
@@ -546,37 +596,12 @@ def _grouped(inner: sp.Expr, factor_whole: bool = True, scalars: set | None = No
     (``1 - t**2`` next to 1 loses nothing as ``(1 - t)*(1 + t)``).
     A sum too large for that to pay (thousands of operations, from nested softmaxes) is left as it
     is: factoring its cofactors takes tens of seconds per candidate refold weighs.
-    With ``scalars`` (sizes and constants), a scalar forward value (``tanh(v1)`` of a total ``v1``)
-    is a tensor quantity too; without, only entries are."""
+    With ``factor_whole``, a product is factored out first (``_whole_factors``)."""
     if not inner.is_Add or sp.count_ops(inner) > GROUP_MAX_OPS:
         return inner
-    if factor_whole:
-        # a product the chain rule made and the normal form expanded (``(1 - a**2)*(1 - b**2)`` of two
-        # nested tanh, ``(1 - t**2)*(sum(dout) + b*dout)``): factored whole, it is that product
-        # again, each factor accurate on its own. Constants are factored as symbols: the spec's
-        # 0.044715 stays itself, not an integer spread over every coefficient; a sum is a symbol too
-        # (an atom of the product, never taken apart).
-        constants = sorted({abs(r) for r in inner.atoms(sp.Rational, sp.Float) if not r.is_integer},
-                           key=sp.default_sort_key)
-        names = {r: sp.Dummy(f"c{k}") for k, r in enumerate(constants)}
-        signed = {**names, **{-r: -d for r, d in names.items()}}  # a term's coefficient carries its sign
-        sums = {r: sp.Dummy(f"s{k}") for k, r in enumerate(sorted(inner.atoms(Red), key=sp.default_sort_key))}
-        back = {**{v: k for k, v in names.items()}, **{v: k for k, v in sums.items()}}
-        whole = _factor(inner.xreplace(sums).xreplace(signed)).xreplace(back)
-        def values(f):
-            scalar = set() if scalars is None else f.free_symbols - set(scalars) - f.atoms(sp.Idx, sp.Indexed)
-            # and the functions of them: ``tanh(v1) - 1`` and ``tanh(tanh(v1) - 1) - 1`` are two
-            return frozenset(f.atoms(sp.Indexed) | {s for s in scalar if not s.is_Dummy}), \
-                frozenset(a for a in f.atoms(sp.Function) if a.free_symbols)
-
-        kinds = {values(f) for f in sp.Mul.make_args(whole) if f.is_Add}
-        valued = {kind for kind in kinds if kind[0]}
-        # (or, with ``scalars``, factors of scalar forward values alone: ``e - e*t**2`` of ``t = tanh(e)``
-        # is ``-e*(t - 1)*(t + 1)``, where the difference cancels near ``t = 1``)
-        scalar = scalars is not None and bool(valued) and whole != inner and not any(
-            isinstance(v, sp.Indexed) for kind in valued for v in kind[0])
-        if len(valued) >= 2 or scalar:
-            return sp.Mul(*[_grouped(f, factor_whole, scalars) if f.is_Add else f for f in sp.Mul.make_args(whole)])
+    whole = _whole_factors(inner, scalars) if factor_whole else None
+    if whole is not None:
+        return sp.Mul(*[_grouped(f, factor_whole, scalars) if f.is_Add else f for f in sp.Mul.make_args(whole)])
     count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
                     if isinstance(f.as_base_exp()[0], sp.Indexed)
                     or (isinstance(f, sp.Function) and not isinstance(f, (_Bound, IsArgmax)) and f.atoms(sp.Indexed)))
