@@ -17,7 +17,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .errors import DerivationError
-from .functions import Step
+from .functions import Sigmoid, Step
 from .printer import KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, temporaries, tensor_name
 from .symbolic import Red, expand, reciprocal_root_power, reindex
 
@@ -43,14 +43,17 @@ def _label_delta(factor: sp.Expr, slots: dict):
 
 
 def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
-                scratch: str = "") -> list[str] | None:
+                scratch: str = "", partial: bool = False) -> list[str] | None:
     """Statements computing ``grad = expr`` as a linear combination plus label scatters, or None.
 
     ``scratch`` names a full-size buffer no longer needed, which the first statement writes into.
+    With ``partial``, ``expr`` may be constant along some axes of the frame (a pick's frame
+    ``(n, k, k)`` has its gathered axis, which the gradient does not vary on): ``grad`` then has
+    size 1 there.
     """
     frame, slots = printer.frame.dims, printer.frame.slots
-    full = set(range(len(frame)))
-    if _axes(expr, slots, shapes, frame) != full:
+    full = _axes(expr, slots, shapes, frame)
+    if not full or (full != set(range(len(frame))) and not partial):
         return None
     groups: dict = {}  # full-size tensor (or None for the constant term) -> coefficient
     scatters: dict = {}  # (class index, labels) -> coefficient
@@ -84,8 +87,9 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
         return printer.doprint(sp.factor_terms(e))
 
     if not tensors and scatters and not groups:  # a one-hot only (a pick's gradient): zeros, then scatters
-        return [f"{grad} = {printer.dtype_of}.new_zeros(({', '.join(printer.doprint(s) for s in frame)},))"] + \
-            _scatters(grad, scatters, printer, slots, frame, text)
+        sizes = [printer.doprint(s) if k in full else "1" for k, s in enumerate(frame)]
+        return [f"{grad} = {printer.dtype_of}.new_zeros(({', '.join(sizes)}{',' if len(sizes) == 1 else ''}))"] + \
+            _scatters(grad, scatters, printer, slots, frame, text, full)
     if not tensors or len(groups) + len(scatters) < 2:
         return None
 
@@ -117,20 +121,21 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
     lines += [f"{grad}{plus(t, '.addcmul_')}" for t in others]
     if constant is not None and not tensor_constant:
         lines.append(f"{grad}.add_({text(constant)})")
-    return lines + _scatters(grad, scatters, printer, slots, frame, text)
+    return lines + _scatters(grad, scatters, printer, slots, frame, text, full)
 
 
-def _scatters(grad: str, scatters: dict, printer, slots: dict, frame: list, text) -> list[str]:
-    """``grad.scatter_add_`` of each one-hot term: n values, never a dense (n, k) one-hot."""
+def _scatters(grad: str, scatters: dict, printer, slots: dict, frame: list, text, full: set) -> list[str]:
+    """``grad.scatter_add_`` of each one-hot term: n values, never a dense (n, k) one-hot. ``full``:
+    the frame axes ``grad`` has (size 1 on the others)."""
     lines = []
     rank = len(frame)
     for (index, labels), coefficient in sorted(scatters.items(), key=lambda kv: sp.default_sort_key(kv[0][1])):
         axis = slots[index]
         label_axes = [slots[i] for i in labels.indices if isinstance(i, sp.Idx)]
         target = [printer.doprint(frame[k]) if k in label_axes else "1" for k in range(rank)]
-        full_sizes = [printer.doprint(frame[k]) if k != axis else "1" for k in range(rank)]
+        full_sizes = [printer.doprint(frame[k]) if k != axis and k in full else "1" for k in range(rank)]
         index_code = f"{labels.base}.view({', '.join(target)})"
-        if set(range(rank)) - set(label_axes) - {axis}:
+        if full - set(label_axes) - {axis}:
             index_code += f".expand({', '.join(full_sizes)})"
         if printer._is_tensor(coefficient):
             source = f"({text(coefficient)}).expand({', '.join(full_sizes)})"
@@ -167,8 +172,9 @@ def _scatters(grad: str, scatters: dict, printer, slots: dict, frame: list, text
 _TANH_BACKWARD = "torch.ops.aten.tanh_backward"  # (g, y) -> g*(1 - y**2)
 _SIGMOID_BACKWARD = "torch.ops.aten.sigmoid_backward"  # (g, y) -> g*(1 - y)*y
 _THRESHOLD_BACKWARD = "torch.ops.aten.threshold_backward"  # (g, u, 0) -> g where u > 0, else 0
+_SOFTPLUS_BACKWARD = "torch.ops.aten.softplus_backward"  # (g, z, 1, 20) -> g*sigmoid(z), F.softplus's beta, threshold
 _KERNEL_VALUES = {_TANH_BACKWARD: "{g}*(1 - {y}**2)", _SIGMOID_BACKWARD: "{g}*(1 - {y})*{y}",
-                  _THRESHOLD_BACKWARD: "{g} where {y} > 0, else 0"}
+                  _THRESHOLD_BACKWARD: "{g} where {y} > 0, else 0", _SOFTPLUS_BACKWARD: "{g}*sigmoid({y})"}
 
 
 class _Chain:
@@ -213,6 +219,8 @@ class _Planner:
         self.frame, self.slots = printer.frame.dims, printer.frame.slots
         self.shapes = dict(shapes)  # the buffers too, so the printer knows them as full-size tensors
         self.printer = KernelPrinter(printer.frame, self.shapes, printer.names, printer.dtype_of)
+        # a sigmoid is a softplus's derivative there too: through softplus's kernel (``kernel_of``)
+        self.printer.softplus_grads = printer.softplus_grads
         self.places = printer.tanhs  # the saved tanhs' places in the forward (the order of a chain)
         self.taken = set(taken)
         self.lines: list[str] = []
@@ -397,6 +405,10 @@ class _Planner:
         polynomial factor of one of autograd's one-pass kernels, else None."""
         if isinstance(f, Step) and self.full(f.args[0]):
             return _THRESHOLD_BACKWARD, f.args[0], [f], 1, ", 0"
+        if isinstance(f, Sigmoid) and self.printer.softplus_grads and self.full(f.args[0]):
+            # a softplus's derivative, as the printer writes it (``KernelPrinter._softplus_backward``):
+            # ``exp(z)/(exp(z) + 1)`` keeps the subnormal digits ``torch.sigmoid`` loses
+            return _SOFTPLUS_BACKWARD, f.args[0], [f], 1, ", 1, 20"
         y = _one_minus_square(f)
         if y is not None and self.full(y[0]):
             return _TANH_BACKWARD, y[0], [f], y[1], ""
@@ -548,7 +560,7 @@ def chain_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict, t
     return notes + planner.lines + [f"{grad} = {chain.text()}"]
 
 
-_KERNELS = (_TANH_BACKWARD, _SIGMOID_BACKWARD, _THRESHOLD_BACKWARD)
+_KERNELS = (_TANH_BACKWARD, _SIGMOID_BACKWARD, _THRESHOLD_BACKWARD, _SOFTPLUS_BACKWARD)
 
 
 def one_kernel_of(chain: list[str], upstream: str) -> str | None:
@@ -562,7 +574,7 @@ def one_kernel_of(chain: list[str], upstream: str) -> str | None:
     for name in _KERNELS:
         head = f"{name}({upstream}, "
         if call.startswith(head) and call.endswith(")"):
-            argument = call[len(head):-1].removesuffix(", 0" if name == _THRESHOLD_BACKWARD else "")
+            argument = call[len(head):-1].removesuffix({_THRESHOLD_BACKWARD: ", 0", _SOFTPLUS_BACKWARD: ", 1, 20"}.get(name, ""))
             return argument if argument.isidentifier() else None
     return None
 

@@ -6,6 +6,7 @@ saved tensors (read off the formulas' free symbols), the sizes, and the input ch
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -458,8 +459,10 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     elements = [f.element.xreplace(mapping) for f in formulas]
     dtype_of = rename.get(f"d{el.graph.output.name}", f"d{el.graph.output.name}")
     nodes = {n.name: n for n in el.graph.nodes}
-    # only the axes these formulas need: a gradient of two axes prints as a matrix
-    frame = el.frame([f.element for f in formulas] + [el.ref(nodes[f.input]) for f in formulas], within=frame)
+    # only the axes these formulas need: a gradient of two axes prints as a matrix (and an input
+    # without one, ``dA = 0`` of an input the output does not read, needs none)
+    frame = el.frame([f.element for f in formulas] + [el.ref(nodes[f.input]) for f in formulas if f.element != 0],
+                     within=frame)
     frame = [i.xreplace(sizes) for i in frame]
     dims = [extent(i) for i in frame]
     shapes = dict(shapes)
@@ -555,7 +558,12 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         # a gradient already in its input's layout may be built in place, term by term
         # a scratch buffer from a sum this gradient's guard always computes
         scratch = next((s.scratch for s in shared if s.scratch and s.scratch not in claimed and f.position in s.users), "")
-        fast = linear_form(f"d{f.input}", r, printer(), shapes, scratch) if fitted == code and f.input not in as_written else None
+        # (or in the frame's layout, then reshaped: a pick's ``(n, k, 1)`` frame is the input's ``(n, k)``)
+        reshape = _plain_reshape(code, fitted)
+        fast = linear_form(f"d{f.input}", r, printer(), shapes, scratch, partial=bool(reshape)) \
+            if reshape is not None and f.input not in as_written else None
+        if fast and reshape:
+            fast.append(f"d{f.input} = d{f.input}{reshape}")
         if fast and scratch and f"{scratch}.copy_(" in fast[0]:
             claimed.add(scratch)
         chain = None
@@ -563,6 +571,16 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
             chain = chain_form(f"d{f.input}", r, printer(), shapes, taken, number_temps)
         codes.append((fitted, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols], fast, chain))
     return shared, codes
+
+
+def _plain_reshape(code: str, fitted: str) -> str | None:
+    """``fitted``'s ``.reshape(...)`` where it is ``code`` reshaped and nothing else; "" where it is
+    ``code``; else None."""
+    if fitted == code:
+        return ""
+    wrapped = code if code.isidentifier() else f"({code})"
+    tail = fitted[len(wrapped):]
+    return tail if fitted.startswith(wrapped) and re.fullmatch(r"\.reshape\([^()]*\)", tail) else None
 
 
 def varies(expr: sp.Expr, index: sp.Idx, shapes: dict, frame: list) -> bool:

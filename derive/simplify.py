@@ -99,6 +99,7 @@ def scalars(el: Elements) -> set:
 
 
 COST_EXACT_MAX_OPS = 2000  # the built-in layers' largest candidate has about 420 (GELU's dx)
+COST_WHOLE_MAX_OPS = 150
 
 # What an operation costs the machine, in passes over a full-size tensor: a transcendental function
 # is many multiplies (and each is a pass in eager torch), a reduction is a pass of its own, a
@@ -124,7 +125,7 @@ def cost(el: Elements, expr: sp.Expr) -> int:
     (thousands of operations, from nested softmaxes: seconds each) is counted as it stands."""
     size = sp.count_ops(expr)
     # (weighed without factoring the whole sum: that changes few counts and is most of the time)
-    printed = expr if size > COST_EXACT_MAX_OPS else closed_form(expr, scalars(el), factor_whole=False)
+    printed = expr if size > COST_EXACT_MAX_OPS else closed_form(expr, scalars(el), factor_whole=size <= COST_WHOLE_MAX_OPS)
     # an input is saved for the backward anyway (a second derivative recomputes from it), and a
     # value autograd keeps costs no memory autograd does not spend; any other tensor read must be
     # computed by the forward and kept alive until the backward
@@ -266,7 +267,9 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Exp
     wild = {i: sp.Wild(f"w_{i}") for i in own}
     target = el.ref(node).xreplace(wild)
     found = {}
-    for value in dict.fromkeys([el.definition.get(node, el.nf[node]), el.direct(node)]):
+    # (and expanded, as the gradient has it: ``tanh((p + x)**3)`` is ``tanh(p**3 + 3*p**2*x + ...)`` there)
+    defined = el.definition.get(node, el.nf[node])
+    for value in dict.fromkeys([defined, expand(defined), el.direct(node)]):
         # an odd function of a negated argument is the negated function (SymPy writes ``tanh(1 - v)``
         # as ``-tanh(v - 1)``): the node is the negative of what the gradient evaluates
         sign, value = (-1, -value) if value.could_extract_minus_sign() and value.is_Mul else (1, value)
@@ -276,7 +279,7 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Exp
         for atom in risky_atoms(expr):
             if atom.func is not value.func or atom in found:
                 continue
-            for seen in dict.fromkeys([atom] + ([inline(atom)] if inline is not None else [])):
+            for seen in dict.fromkeys([atom] + ([inline(atom), expand(inline(atom))] if inline is not None else [])):
                 match = seen.match(pattern)
                 if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
                     found[atom] = sign * target.xreplace(match)
@@ -577,7 +580,10 @@ def _whole_factors(inner: sp.Expr, scalars: set | None) -> sp.Expr | None:
         return frozenset(f.atoms(sp.Indexed) | {s for s in scalar if not s.is_Dummy}), \
             frozenset(a for a in f.atoms(sp.Function) if a.free_symbols)
 
-    kinds = {values(f) for f in sp.Mul.make_args(whole) if f.is_Add}
+    # (a power of one too, ``(p + x)**2``; not a divisor: ``(v**2 + 1)**(-3/2)`` made common to the
+    # terms is a denominator that overflows where each term's ``rsqrt(v**2 + 1)**3`` did not)
+    kinds = {values(f) for f in sp.Mul.make_args(whole)
+             if f.is_Add or (f.is_Pow and f.base.is_Add and f.exp.is_Integer and f.exp > 0)}
     valued = {kind for kind in kinds if kind[0]}
     # (or, with ``scalars``, factors of scalar forward values alone: ``e - e*t**2`` of ``t = tanh(e)``
     # is ``-e*(t - 1)*(t + 1)``, where the difference cancels near ``t = 1``)
