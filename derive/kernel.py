@@ -250,6 +250,18 @@ def derived(layer: Layer) -> tuple[Graph, Elements, Gradients]:
     return _DERIVED.get(layer, derive)
 
 
+def _refolded(el, expr: sp.Expr, forbidden: frozenset) -> tuple:
+    """``(refold(expr), its rewrites, its closed form)``, once per gradient and forbidden set of a
+    layer's derivation: ``select`` builds the kernel again for each form it tries, and the gradients
+    it does not change (and the adjoints) are the same (seconds each for a nested softmax)."""
+    known = el.__dict__.setdefault("_refolded", {})
+    if (expr, forbidden) not in known:
+        rewrites: list = []
+        refolded = refold(el, expr, rewrites, forbidden)
+        known[(expr, forbidden)] = (refolded, tuple(rewrites), closed_form(refolded, scalars(el)))
+    return known[(expr, forbidden)]
+
+
 def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_written: frozenset = frozenset()) -> Kernel:
     """The fused kernel of ``layer``. ``forbidden`` maps an input to the refold rewrites its
     gradient may not take (``(node, variable)`` names, see ``select``): a less folded form.
@@ -260,13 +272,11 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_writte
     order = list(layer.inputs)
     formulas, adjoints = [], []
     for node, expr in grads.materialized:
-        refolded = refold(el, expr)
-        adjoints.append(Formula(node.name, None, closed_form(refolded, scalars(el)), refolded))
+        refolded, _, closed = _refolded(el, expr, frozenset())
+        adjoints.append(Formula(node.name, None, closed, refolded))
     for node, expr in grads.grads.items():
-        rewrites: list = []
-        refolded = refold(el, expr, rewrites, (forbidden or {}).get(node.name, frozenset()))
-        formulas.append(Formula(node.name, order.index(node.name), closed_form(refolded, scalars(el)), refolded,
-                                rewrites))
+        refolded, rewrites, closed = _refolded(el, expr, (forbidden or {}).get(node.name, frozenset()))
+        formulas.append(Formula(node.name, order.index(node.name), closed, refolded, list(rewrites)))
 
     renamed = size_names(graph)
     size_text = {s: t.name for s, t in renamed.items() if t != s}

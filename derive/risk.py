@@ -18,6 +18,8 @@ pass and the unsimplified gradient (the derivative of ``log(u)`` divides by ``u`
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import sympy as sp
 from sympy.core.function import AppliedUndef
 
@@ -33,19 +35,28 @@ def risky_atoms(expr: sp.Expr, full: frozenset | None = None) -> list[sp.Expr]:
     """Function applications and negative or fractional powers of tensor values in ``expr``; with
     ``full`` (the indices of a full-size element), only those of full-size values: a per-row or
     per-column statistic is left to the cost and the battery (``(bnvar + eps)**-1/2`` is cheap)."""
-    def counts(arg):
-        return bool(arg.atoms(sp.Indexed)) and (full is None or full <= arg.free_symbols)
+    return list(_risky_atoms(expr, full))
 
+
+@lru_cache(maxsize=65536)
+def _risky_atoms(expr: sp.Expr, full: frozenset | None) -> tuple:
+    # (once per expression and process: the refold asks again for every candidate of every step)
     out = []
     for a in sp.preorder_traversal(expr):
         if isinstance(a, sp.Pow):
             e = a.exp
-            if counts(a.base) and (not e.is_integer or e.is_negative):
+            if _counts(a.base, full) and (not e.is_integer or e.is_negative):
                 out.append(a)
         elif isinstance(a, sp.Function) and not isinstance(a, SAFE + (AppliedUndef,)):
-            if any(counts(arg) for arg in a.args):
+            if any(_counts(arg, full) for arg in a.args):
                 out.append(a)
-    return out
+    return tuple(out)
+
+
+@lru_cache(maxsize=65536)
+def _counts(arg: sp.Expr, full: frozenset | None) -> bool:
+    """Whether ``arg`` is a tensor value (at full size, with ``full``)."""
+    return bool(arg.atoms(sp.Indexed)) and (full is None or full <= arg.free_symbols)
 
 
 def _undoes(value: sp.Expr) -> bool:

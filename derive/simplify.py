@@ -122,7 +122,16 @@ def cost(el: Elements, expr: sp.Expr) -> int:
     less than a value the forward must save).
 
     Counted on the closed form the printer would write; a candidate too large for that to be cheap
-    (thousands of operations, from nested softmaxes: seconds each) is counted as it stands."""
+    (thousands of operations, from nested softmaxes: seconds each) is counted as it stands. Once
+    per candidate and derivation: ``select`` refolds again with a rewrite forbidden, and the steps
+    before it weigh the same candidates."""
+    known = el.__dict__.setdefault("_costs", {})
+    if expr not in known:
+        known[expr] = _cost(el, expr)
+    return known[expr]
+
+
+def _cost(el: Elements, expr: sp.Expr) -> int:
     size = sp.count_ops(expr)
     # (weighed without factoring the whole sum: that changes few counts and is most of the time)
     printed = expr if size > COST_EXACT_MAX_OPS else closed_form(expr, scalars(el), factor_whole=size <= COST_WHOLE_MAX_OPS)
@@ -229,6 +238,15 @@ def _divides_by_maybe_zero(el: Elements, expr: sp.Expr) -> bool:
 
 def _rewrite(el: Elements, expr: sp.Expr, variable: Node, target, solution: sp.Expr,
              log: list | None = None) -> sp.Expr:
+    if log is not None:  # (replayed to learn which reductions were recognised: not from memory)
+        return _substituted(el, expr, target, solution, log)
+    known = el.__dict__.setdefault("_rewrites", {})
+    if (expr, target, solution) not in known:
+        known[(expr, target, solution)] = _substituted(el, expr, target, solution)
+    return known[(expr, target, solution)]
+
+
+def _substituted(el: Elements, expr: sp.Expr, target, solution: sp.Expr, log: list | None = None) -> sp.Expr:
     if isinstance(target, sp.Symbol):
         return tidy(el, expr.xreplace({target: solution}), log)
     indices = tuple(i for i in target.indices)
@@ -285,6 +303,16 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Exp
                     found[atom] = sign * target.xreplace(match)
                     break
     return expr.xreplace(found) if found else None
+
+
+def _saved_read(el: Elements, node: Node, expr: sp.Expr, inline) -> sp.Expr | None:
+    """``_saved_reads`` tidied, once per node and candidate of a derivation (``inline`` is its
+    ``risk.Path.value``, the same for every gradient of it)."""
+    known = el.__dict__.setdefault("_saved_read", {})
+    if (node, expr) not in known:
+        read = _saved_reads(el, node, expr, inline)
+        known[(node, expr)] = None if read is None else tidy(el, read)
+    return known[(node, expr)]
 
 
 def kept_by_autograd(el: Elements) -> frozenset:
@@ -369,9 +397,8 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: froz
                 if path.new(rewritten):
                     continue
                 options.append((cost(el, rewritten), not node.named, rewritten, node, variable, target, solution))
-            read = _saved_reads(el, node, expr, path.value) if (node.name, node.name) not in forbidden else None
-            if read is not None:
-                rewritten = tidy(el, read)
+            rewritten = _saved_read(el, node, expr, path.value) if (node.name, node.name) not in forbidden else None
+            if rewritten is not None:
                 options.append((cost(el, rewritten), not node.named, rewritten, node, node,
                                 el.definition.get(node, el.nf[node]), el.ref(node)))
         if not options:
@@ -663,7 +690,11 @@ def group_sums(inner: sp.Expr, into: bool = False) -> sp.Expr:
         j = sp.Idx(sp.Dummy("grouped", integer=True), size)
         body = sp.Add(*[c * r.body.xreplace({r.index: j}) for c, r in members])
         # the body may be such a difference of sums itself (a sum over b of sums over c)
-        out.append(cofactor * GroupedRed(_grouped(sp.factor_terms(group_sums(body, into))), j))
+        # (``factor_terms`` takes the common factor out, ``dout*(a - a*t**2 + b - b*t**2)``: the sum
+        # beside it is what is grouped)
+        body = sp.factor_terms(group_sums(body, into))
+        body = sp.Mul(*[_grouped(f) if f.is_Add else f for f in sp.Mul.make_args(body)])
+        out.append(cofactor * GroupedRed(body, j))
     return sp.Add(*out)
 
 

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+from functools import lru_cache
+
 import sympy as sp
 from sympy.core.function import AppliedUndef
 
 _EXPAND = dict(power_exp=False, power_base=False, log=False, mul=True, multinomial=True, deep=True)
 
 
+@lru_cache(maxsize=16384)  # (pure; the refold expands the same candidates' parts again and again)
 def expand(expr: sp.Expr) -> sp.Expr:
     """Expand products and integer powers of sums, never ``exp``/``log``/power bases.
 
