@@ -4,6 +4,7 @@
     python scripts/soak.py --family fused --examples 2000 --lines 6
     python scripts/soak.py --family fused --examples 300 --time --threads 1 --clock cpu
     python scripts/soak.py --examples 1000 --minutes 30 --time   # as many as fit in 30 minutes a family
+    python scripts/soak.py --spec build/soak/timing/*.py --time --threads 1 --clock cpu  # saved layers again
 
 The layers are the ones ``tests/test_fuzz.py`` writes (``tests/fuzz``), checked the same way
 (``fuzz.harness.run``: derive, generate, import, compare with autograd in float64, gradcheck, and
@@ -19,6 +20,9 @@ autograd through its spec, at ``--time-size`` (default 1024x512: ``n`` x ``k``),
 ratios). It prints the distribution of the ratios (median, 90th percentile, largest, how many
 above 1.1) and the slowest layers, whose specs it saves to ``--save``/timing. Timing is no
 verdict: the exit status does not depend on it.
+
+``--spec`` runs (and with ``--time`` times) the given spec files instead of random layers: the
+failing, slow or slowest layers a soak saved, checked and timed again after a change.
 """
 from __future__ import annotations
 
@@ -101,9 +105,47 @@ def timing_report(times: dict, sources: dict, save: Path, size: str, worst: int 
         print(f"  {ratio:.2f}  {kind:12s}  autograd {ms:.3f} ms  {folder / name}.py")
 
 
+def again(paths: list[Path], save: Path, timing: dict | None = None) -> Counter:
+    """The saved specs ``paths`` through the same checks (and timing) as a random layer."""
+    from fuzz.specs import FuzzSpec
+
+    tally = Counter()
+    folder = Path(tempfile.mkdtemp(prefix="derive-soak-"))
+    for path in paths:
+        source = path.read_text()
+        spec = FuzzSpec(path.stem, source, f"{path.stem}.fused = False" not in source, {"n": 5, "k": 6})
+        _one(spec, folder, save, tally, Counter(), timing)
+    print(f"soak of {len(paths)} saved layers: " + ", ".join(f"{tally[s]} {s}" for s in STATUSES))
+    return tally
+
+
+def _one(spec, folder: Path, save: Path, tally: Counter, reasons: Counter, timing: dict | None) -> None:
+    """Check ``spec`` (and time it, with ``timing``), counted in ``tally``; a failing or slow one's
+    spec saved to ``save``."""
+    from fuzz.harness import run
+
+    try:
+        outcome = run(spec, folder)
+        tally[outcome.status] += 1
+        if timing is not None and outcome.status == "passed":
+            timing["times"][spec.name] = time_layer(spec, folder, timing["sizes"], timing["repeat"],
+                                                    timing["min_ms"], timing["clock"])
+            timing["sources"][spec.name] = spec.source
+            ratio, kind, ms = timing["times"][spec.name]
+            print(f"  time {ratio:.3f} {kind} autograd {ms:.3f} ms {spec.name}", flush=True)
+        if outcome.status == "refused":
+            reasons[outcome.message.split(": ", 1)[1]] += 1
+        elif outcome.status == "slow":
+            (save / f"{spec.name}.py").write_text(spec.source)
+            print(f"slow: {save / spec.name}.py", flush=True)
+    except Exception as e:  # a wrong result or a crash: keep the spec, go on
+        tally["failed"] += 1
+        (save / f"{spec.name}.py").write_text(spec.source)
+        print(f"FAILED: {save / spec.name}.py\n{traceback.format_exception_only(e)[-1][:2000]}", flush=True)
+
+
 def soak(fused: bool, examples: int, lines: int, save: Path, every: int = 100, timing: dict | None = None,
          minutes: float | None = None) -> Counter:
-    from fuzz.harness import run
     from fuzz.specs import layer_specs
 
     family = "fused" if fused else "step-by-step"
@@ -119,24 +161,7 @@ def soak(fused: bool, examples: int, lines: int, save: Path, every: int = 100, t
         if minutes is not None and time.perf_counter() - start > 60 * minutes:
             return  # out of time: the rest of the examples are drawn but not run
         names.add(spec.name)
-        try:
-            outcome = run(spec, folder)
-            tally[outcome.status] += 1
-            if timing is not None and outcome.status == "passed":
-                timing["times"][spec.name] = time_layer(spec, folder, timing["sizes"], timing["repeat"],
-                                                        timing["min_ms"], timing["clock"])
-                timing["sources"][spec.name] = spec.source
-                ratio, kind, ms = timing["times"][spec.name]
-                print(f"  time {ratio:.3f} {kind} autograd {ms:.3f} ms {spec.name}", flush=True)
-            if outcome.status == "refused":
-                reasons[outcome.message.split(": ", 1)[1]] += 1
-            elif outcome.status == "slow":
-                (save / f"{spec.name}.py").write_text(spec.source)
-                print(f"slow: {save / spec.name}.py", flush=True)
-        except Exception as e:  # a wrong result or a crash: keep the spec, go on
-            tally["failed"] += 1
-            (save / f"{spec.name}.py").write_text(spec.source)
-            print(f"FAILED: {save / spec.name}.py\n{traceback.format_exception_only(e)[-1][:2000]}", flush=True)
+        _one(spec, folder, save, tally, reasons, timing)
         done = sum(tally.values())
         if done % every == 0:
             print(f"  {family}: {done} layers, {dict(tally)}, {time.perf_counter() - start:.0f} s", flush=True)
@@ -167,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed time; cpu: this process's CPU time (a loaded machine; with --threads 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
+    p.add_argument("--spec", type=Path, nargs="+", default=None,
+                   help="run (and with --time, time) these saved spec files instead of random layers")
     args = p.parse_args(argv)
     os.environ["DERIVE_FUZZ_SECONDS"] = str(args.seconds)  # read by the harness when it is imported
     args.save.mkdir(parents=True, exist_ok=True)
@@ -185,8 +212,13 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         timing = {"times": {}, "sources": {}, "sizes": {"n": n, "k": k, "m": k}, "repeat": args.time_repeat,
                   "min_ms": args.time_min_ms, "clock": bench_sweep.CLOCKS[args.clock]}
+    missing = [str(path) for path in args.spec or [] if not path.is_file()]
+    if missing:
+        p.error(f"--spec: no such file: {', '.join(missing)}")
     failed = 0
-    for fused in families:
+    if args.spec:
+        failed = again(args.spec, args.save, timing)["failed"]
+    for fused in families if not args.spec else []:
         failed += soak(fused, args.examples, args.lines, args.save, timing=timing, minutes=args.minutes)["failed"]
     if timing is not None:
         timing_report(timing["times"], timing["sources"], args.save, args.time_size)

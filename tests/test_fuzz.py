@@ -385,3 +385,39 @@ def test_the_soak_script_goes_on_past_a_failure_and_keeps_its_spec(tmp_path, mon
     saved = sorted(p.stem for p in tmp_path.glob("*.py"))
     assert saved == sorted({calls[2], calls[5], calls[8]})
     assert out.count("a planted failure") == 3
+
+
+def test_the_soak_script_runs_saved_specs_again(tmp_path, monkeypatch, capsys):
+    """``scripts/soak.py --spec FILE...`` checks the given spec files (a step-by-step one as such)
+    instead of random layers, and refuses a file that is not there in one line."""
+    import importlib.util
+    from pathlib import Path
+
+    import fuzz.harness
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
+    spec = importlib.util.spec_from_file_location("derive_soak_again", script)
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    real_run, seen = fuzz.harness.run, []
+
+    def second_fails(layer_spec, folder, *args, **kwargs):
+        seen.append((layer_spec.name, layer_spec.fused))
+        if len(seen) == 2:
+            raise AssertionError("a planted failure")
+        return real_run(layer_spec, folder, *args, **kwargs)
+
+    monkeypatch.setattr(fuzz.harness, "run", second_fails)
+    monkeypatch.setenv("DERIVE_FUZZ_SECONDS", "20")
+    files = [tmp_path / f"{s.name}.py" for s in (UNREAD_INPUT, TANH_OF_A_SOFTMAX_TOTAL)]
+    for path, s in zip(files, (UNREAD_INPUT, TANH_OF_A_SOFTMAX_TOTAL)):
+        path.write_text(s.source)
+    save = tmp_path / "saved"
+    status = soak.main(["--spec", *map(str, files), "--save", str(save)])
+    out = capsys.readouterr().out
+    assert status == 1 and "soak of 2 saved layers: 1 passed, 0 refused, 0 slow, 1 failed" in out, out
+    assert seen == [(UNREAD_INPUT.name, False), (TANH_OF_A_SOFTMAX_TOTAL.name, True)]
+    assert [p.stem for p in save.glob("*.py")] == [TANH_OF_A_SOFTMAX_TOTAL.name]
+    with pytest.raises(SystemExit):
+        soak.main(["--spec", str(tmp_path / "missing.py")])
+    assert "--spec: no such file" in capsys.readouterr().err
