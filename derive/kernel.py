@@ -18,7 +18,7 @@ from .errors import DerivationError
 from .forward import size_names, size_scalars
 from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
-from .memo import ByObject
+from .memo import ByObject, kept_on
 from .printer import Frame, KernelPrinter, _wrap, fit_shape, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
@@ -254,12 +254,12 @@ def _refolded(el, expr: sp.Expr, forbidden: frozenset) -> tuple:
     """``(refold(expr), its rewrites, its closed form)``, once per gradient and forbidden set of a
     layer's derivation: ``select`` builds the kernel again for each form it tries, and the gradients
     it does not change (and the adjoints) are the same (seconds each for a nested softmax)."""
-    known = el.__dict__.setdefault("_refolded", {})
-    if (expr, forbidden) not in known:
+    def compute():
         rewrites: list = []
         refolded = refold(el, expr, rewrites, forbidden)
-        known[(expr, forbidden)] = (refolded, tuple(rewrites), closed_form(refolded, scalars(el)))
-    return known[(expr, forbidden)]
+        return refolded, tuple(rewrites), closed_form(refolded, scalars(el))
+
+    return kept_on(el, "_refolded", (expr, forbidden), compute)
 
 
 def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_written: frozenset = frozenset()) -> Kernel:

@@ -30,4 +30,14 @@ class ByObject:
         return len(self._entries)
 
 
-__all__ = ["ByObject"]
+def kept_on(owner, table: str, key, compute: Callable[[], object]):
+    """``compute()`` once per ``key`` in the table ``table`` of ``owner``'s attributes: results that
+    live as long as the object they are derived from (the refold's costs and substitutions on a
+    derivation's ``Elements``, asked again for each form ``select`` tries)."""
+    known = owner.__dict__.setdefault(table, {})
+    if key not in known:
+        known[key] = compute()
+    return known[key]
+
+
+__all__ = ["ByObject", "kept_on"]

@@ -22,6 +22,7 @@ from sympy.solvers.solvers import _invert
 from .elements import Elements
 from .errors import DerivationError
 from .functions import NOT_INVERTIBLE
+from .memo import kept_on
 from .risk import Path, risky_atoms
 from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, hide_argmax,
                        outside_sums, reductions, substitute_family)
@@ -99,6 +100,9 @@ def scalars(el: Elements) -> set:
 
 
 COST_EXACT_MAX_OPS = 2000  # the built-in layers' largest candidate has about 420 (GELU's dx)
+# a candidate this small is weighed on the closed form written, its product factored out whole
+# (``(p + x)**2`` read as the saved ``v1**2`` is cheaper only so); a larger one without (factoring
+# the whole sum changes few counts there and is most of the time)
 COST_WHOLE_MAX_OPS = 150
 
 # What an operation costs the machine, in passes over a full-size tensor: a transcendental function
@@ -125,15 +129,11 @@ def cost(el: Elements, expr: sp.Expr) -> int:
     (thousands of operations, from nested softmaxes: seconds each) is counted as it stands. Once
     per candidate and derivation: ``select`` refolds again with a rewrite forbidden, and the steps
     before it weigh the same candidates."""
-    known = el.__dict__.setdefault("_costs", {})
-    if expr not in known:
-        known[expr] = _cost(el, expr)
-    return known[expr]
+    return kept_on(el, "_costs", expr, lambda: _cost(el, expr))
 
 
 def _cost(el: Elements, expr: sp.Expr) -> int:
     size = sp.count_ops(expr)
-    # (weighed without factoring the whole sum: that changes few counts and is most of the time)
     printed = expr if size > COST_EXACT_MAX_OPS else closed_form(expr, scalars(el), factor_whole=size <= COST_WHOLE_MAX_OPS)
     # an input is saved for the backward anyway (a second derivative recomputes from it), and a
     # value autograd keeps costs no memory autograd does not spend; any other tensor read must be
@@ -240,10 +240,7 @@ def _rewrite(el: Elements, expr: sp.Expr, variable: Node, target, solution: sp.E
              log: list | None = None) -> sp.Expr:
     if log is not None:  # (replayed to learn which reductions were recognised: not from memory)
         return _substituted(el, expr, target, solution, log)
-    known = el.__dict__.setdefault("_rewrites", {})
-    if (expr, target, solution) not in known:
-        known[(expr, target, solution)] = _substituted(el, expr, target, solution)
-    return known[(expr, target, solution)]
+    return kept_on(el, "_rewrites", (expr, target, solution), lambda: _substituted(el, expr, target, solution))
 
 
 def _substituted(el: Elements, expr: sp.Expr, target, solution: sp.Expr, log: list | None = None) -> sp.Expr:
@@ -308,11 +305,11 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Exp
 def _saved_read(el: Elements, node: Node, expr: sp.Expr, inline) -> sp.Expr | None:
     """``_saved_reads`` tidied, once per node and candidate of a derivation (``inline`` is its
     ``risk.Path.value``, the same for every gradient of it)."""
-    known = el.__dict__.setdefault("_saved_read", {})
-    if (node, expr) not in known:
+    def compute():
         read = _saved_reads(el, node, expr, inline)
-        known[(node, expr)] = None if read is None else tidy(el, read)
-    return known[(node, expr)]
+        return None if read is None else tidy(el, read)
+
+    return kept_on(el, "_saved_read", (node, expr), compute)
 
 
 def kept_by_autograd(el: Elements) -> frozenset:
@@ -578,7 +575,9 @@ def _grouped_sums(inner: sp.Expr, factor_whole: bool, scalars: set) -> sp.Expr:
     whole = _whole_factors(inner, scalars) if factor_whole else None
     if whole is not None:
         return sp.Mul(*[_grouped_sums(f, factor_whole, scalars) if f.is_Add else f for f in sp.Mul.make_args(whole)])
-    return _grouped(group_sums(inner, into=factor_whole), factor_whole, scalars)
+    grouped = group_sums(inner, into=factor_whole)
+    # (a product is looked for again only where grouping changed the sum: factoring it is the time)
+    return _grouped(grouped, factor_whole and grouped != inner, scalars)
 
 
 def _whole_factors(inner: sp.Expr, scalars: set | None) -> sp.Expr | None:
@@ -617,9 +616,6 @@ def _whole_factors(inner: sp.Expr, scalars: set | None) -> sp.Expr | None:
     scalar = scalars is not None and bool(valued) and whole != inner and not any(
         isinstance(v, sp.Indexed) for kind in valued for v in kind[0])
     return whole if len(valued) >= 2 or scalar else None
-
-
-GROUP_MAX_OPS = 1000  # the largest built-in sum has about 360 (GELU's dx)
 
 
 def _grouped(inner: sp.Expr, factor_whole: bool = True, scalars: set | None = None) -> sp.Expr:

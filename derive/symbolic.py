@@ -15,9 +15,8 @@ body's derivative against ``IsArgmax(j, max)``, the one-hot of the position of t
 """
 from __future__ import annotations
 
-from typing import Callable
-
 from functools import lru_cache
+from typing import Callable
 
 import sympy as sp
 from sympy.core.function import AppliedUndef

@@ -109,13 +109,15 @@ def again(paths: list[Path], save: Path, timing: dict | None = None) -> Counter:
     """The saved specs ``paths`` through the same checks (and timing) as a random layer."""
     from fuzz.specs import FuzzSpec
 
-    tally = Counter()
+    tally, reasons = Counter(), Counter()
     folder = Path(tempfile.mkdtemp(prefix="derive-soak-"))
     for path in paths:
         source = path.read_text()
         spec = FuzzSpec(path.stem, source, f"{path.stem}.fused = False" not in source, {"n": 5, "k": 6})
-        _one(spec, folder, save, tally, Counter(), timing)
+        _one(spec, folder, save, tally, reasons, timing)
     print(f"soak of {len(paths)} saved layers: " + ", ".join(f"{tally[s]} {s}" for s in STATUSES))
+    for reason, count in reasons.most_common():
+        print(f"  {count} refused: {reason}")
     return tally
 
 

@@ -357,17 +357,23 @@ def test_a_zero_input_gives_finite_gradients(tmp_path):
     assert torch.isfinite(ours).all() and torch.allclose(ours, reference)
 
 
-def test_the_soak_script_goes_on_past_a_failure_and_keeps_its_spec(tmp_path, monkeypatch, capsys):
-    """``scripts/soak.py`` tallies every layer, saves each failing spec, and exits 1 when one failed."""
+def _soak_script(name: str):
+    """``scripts/soak.py`` imported as the module ``name`` (a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
-    import fuzz.harness
-
     script = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
-    spec = importlib.util.spec_from_file_location("derive_soak", script)
+    spec = importlib.util.spec_from_file_location(name, script)
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
+    return soak
+
+
+def test_the_soak_script_goes_on_past_a_failure_and_keeps_its_spec(tmp_path, monkeypatch, capsys):
+    """``scripts/soak.py`` tallies every layer, saves each failing spec, and exits 1 when one failed."""
+    import fuzz.harness
+
+    soak = _soak_script("derive_soak")
     real_run, calls = fuzz.harness.run, []
 
     def every_third_fails(layer_spec, folder, *args, **kwargs):
@@ -390,15 +396,9 @@ def test_the_soak_script_goes_on_past_a_failure_and_keeps_its_spec(tmp_path, mon
 def test_the_soak_script_runs_saved_specs_again(tmp_path, monkeypatch, capsys):
     """``scripts/soak.py --spec FILE...`` checks the given spec files (a step-by-step one as such)
     instead of random layers, and refuses a file that is not there in one line."""
-    import importlib.util
-    from pathlib import Path
-
     import fuzz.harness
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
-    spec = importlib.util.spec_from_file_location("derive_soak_again", script)
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
+    soak = _soak_script("derive_soak_again")
     real_run, seen = fuzz.harness.run, []
 
     def second_fails(layer_spec, folder, *args, **kwargs):
