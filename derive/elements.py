@@ -246,7 +246,9 @@ class Elements:
         affine = node.op in ("add", "sub") and any(a.op in CONTRACTIONS for a in node.inputs)
         if affine:
             self.affine.add(node)
-        if node is self.graph.output or node.op in NORMALIZERS or affine or (
+        # (a maximum too, named or not: the backward reads the forward's value, it has no pass
+        # that takes a maximum again)
+        if node is self.graph.output or node.op in NORMALIZERS or affine or node.op == "max" or (
                 reductions(value) and (node.named or node.op in CONTRACTIONS or contracted)):
             self.known[node] = len(self.rules)
             value = self.recognize(value)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .differentiate import Gradients, differentiate
-from .elements import Elements
+from .elements import CONTRACTIONS, Elements
 from .errors import DerivationError
 from .forward import size_names, size_scalars
 from .backward_plan import chain_form, linear_form
@@ -501,12 +501,17 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
 
     ops = {n.op for n in el.graph.nodes}
     softplus_grads = "softplus" in ops and "sigmoid" not in ops
+    # a spec with a matrix product: its gradient's matrix-vector sums are matrix products, as
+    # autograd's through ``@`` are (a spec without one, layernorm's ``(dout*gamma).mean(1)``, keeps
+    # its sums as written, as its autograd does)
+    products = bool(ops & set(CONTRACTIONS))
 
     def printer():
         p = KernelPrinter(Frame(frame), shapes, names, dtype_of, views)
         p.softmaxes = softmaxes
         p.tanhs = tanhs
         p.softplus_grads = softplus_grads
+        p.products = products
         return p
 
     shared = []

@@ -24,7 +24,7 @@ from .errors import DerivationError
 from .functions import NOT_INVERTIBLE
 from .memo import kept_on
 from .risk import Path, risky_atoms
-from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, hide_argmax,
+from .symbolic import (GroupedRed, IsArgmax, Max, Red, _Bound, _replace_free, bases, expand, extent, hide_argmax,
                        outside_sums, reductions, substitute_family)
 from .trace import Node
 
@@ -412,7 +412,29 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: froz
             log.append(Rewrite(node, variable, target, solution, restore(expr), restore(rewritten),
                                recognized, (best, score), "read" if variable is node else "solve"))
         expr, best = rewritten, score
-    return restore(_read_kept(el, expr, candidates, log, forbidden, restore))
+    return _argmax_reads(el, restore(_read_kept(el, expr, candidates, log, forbidden, restore)), forbidden)
+
+
+def _argmax_reads(el: Elements, expr: sp.Expr, forbidden: frozenset) -> sp.Expr:
+    """``expr`` with each one-hot's maximised value read from a forward value the formula reads
+    anyway: ``argmax(exp(A - v1))`` is ``argmax(v3)`` where the forward saved ``v3 = exp(A - v1)``.
+    The spec took its maximum of exactly that tensor; computing the function again costs the
+    backward a full-size transcendental pass (and could round to a different position)."""
+    marks = expr.atoms(IsArgmax)
+    if not marks:
+        return expr
+    read = {str(e.base) for e in expr.atoms(sp.Indexed)}
+    nodes = [n for n in el.graph.nodes if n.name in read and n.op not in ("input", "labels")
+             and (n.name, n.name) not in forbidden]
+    found = {}
+    for mark in marks:
+        j, maximum = mark.args
+        for node in nodes:
+            body = _saved_reads(el, node, maximum.body)
+            if body is not None and isinstance(body, sp.Indexed):
+                found[mark] = IsArgmax(j, Max(body, maximum.index))
+                break
+    return expr.xreplace(found) if found else expr
 
 
 def _read_kept(el: Elements, expr: sp.Expr, candidates: list, log: list | None, forbidden: frozenset,

@@ -848,3 +848,32 @@ def test_an_input_the_output_does_not_read_widens_no_tensor(tmp_path):
     (layer,) = from_file(str(spec))
     dx, dA = build_cached(layer).formulas
     assert dA.code == "None" and ".view(n, k, 1)" not in dx.code and "reshape" not in dx.code, dx.code
+
+
+PEAK_OF_EXP = '''import torch
+from derive import Tensor, layer
+
+
+@layer(A=Tensor("k", "k"))
+def peak_of_exp(A):
+    e = (A - A.max(1, keepdim=True).values).exp()
+    return ((e - e.max(1, keepdim=True).values) ** 2).sum()
+'''
+
+
+def test_a_maximum_the_spec_does_not_name_is_read_as_saved(tmp_path):
+    """``e.max(1, keepdim=True).values`` written inline: the gradient needs its value, and the
+    backward has no pass that takes a maximum again. It left the fused engine with a maximum it
+    could not print ("report this as a bug") and the layer fell back to the step-by-step backward;
+    it is a forward value the backward reads, as a named one is. The one-hot of its position is
+    taken of the saved ``e``, not of ``exp(A - max)`` computed again (a full-size exponential)."""
+    spec = tmp_path / "peak.py"
+    spec.write_text(PEAK_OF_EXP)
+    (layer,) = from_file(str(spec))
+    kernel = build_cached(layer)
+    backward = "\n".join([s.code for s in kernel.shared] + [f.code for f in kernel.formulas])
+    assert "e.argmax(1" in backward and "exp" not in backward, backward
+    A = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fn = kernel_module(layer, tmp_path)
+    mine, theirs = (torch.autograd.grad(f(a := A.clone().requires_grad_()), a)[0] for f in (fn, layer.fn))
+    torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
