@@ -123,6 +123,12 @@ class CodeOps:
                         f"device={a}.device)", prec=0)
         return Code(f"torch.zeros_like({a}, dtype=torch.bool).scatter_({axis}, {a}.argmax({axis}, keepdim=True), True)")
 
+    def shared_at_ties(self, grad, a, axis, result):
+        """``grad`` shared evenly among the positions equal to the maximum ``result`` (read at
+        ``a``'s rank), as autograd's ``amax`` computes it: ``grad / mask.sum(axis) * mask``."""
+        mask = f"({a} == {result.wrap(ATOM)})"
+        return Code(f"{grad.wrap(MUL)} / {mask}.sum({axis}, keepdim=True) * {mask}", prec=MUL)
+
     # autograd's own one-pass kernels for a rule's formula (``rules.py``), by operation
     # (``saved``: what autograd saves for it, the result or, for softplus, the input)
     KERNELS = {
@@ -310,6 +316,10 @@ class ArrayOps:
     def one_pass(self, op, formula, grad, saved, axes=None):
         """The formula itself: a kernel of autograd's computes it (``CodeOps.one_pass``)."""
         return formula
+
+    def shared_at_ties(self, grad, a, axis, result):
+        """``grad`` at the maximum's position: entries of symbols do not tie."""
+        return grad * self.argmax_mask(a, axis, result)
 
     def argmax_mask(self, a, axis, result):
         """The derivative of the maximum with respect to each entry (its subgradient one-hot)."""

@@ -24,7 +24,7 @@ import sympy as sp
 from .errors import DerivationError
 from .atoms import atomic_shape, axis_atoms
 from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
-from .symbolic import (AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, expand,
+from .symbolic import (AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, TiedMax, expand,
                        extent, hide_argmax, index_for, reductions, reindex)
 from .trace import Graph, Node
 
@@ -305,7 +305,7 @@ class Elements:
             return tuple(out)
 
         total = (AxisSum if literal else Red)
-        largest = (AxisMax if literal else Max)
+        largest = AxisMax if literal else TiedMax if node.attrs.get("ties") == "shared" else Max
 
         def over(value, indices, combine):
             for j in indices:

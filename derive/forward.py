@@ -95,6 +95,8 @@ def line(node: Node, printer, view: str = "view") -> str:
     if op == "max":
         # a full reduction is a plain tensor (``x.max()``); along an axis it is (values, indices)
         args = _reduce_args(node, node.args[0])
+        if node.attrs.get("ties") == "shared":  # amax, as the spec wrote it (its gradient shares ties)
+            return f"{a[0]}.amax({args})"
         return f"{a[0]}.max({args}).values" if args else f"{a[0]}.max()"
     if op == "matmul":
         return f"{a[0]} @ {a[1]}"

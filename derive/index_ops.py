@@ -12,7 +12,7 @@ from typing import Callable
 import sympy as sp
 
 from .functions import COMPARISONS, ELEMENTWISE, mask, EXTREMA, Clamp, NonNeg, Sigmoid, Step, Where, winning
-from .symbolic import IsArgmax, Max, Red
+from .symbolic import IsArgmax, IsTiedMax, Max, Red, TiedMax
 from .trace import Node
 
 # -- tensors at generic indices: a shape and a function from an index tuple to an element ----------
@@ -185,6 +185,15 @@ class IndexOps:
             return IsArgmax(idx[axis], m)
         return Elt(a.shape, fn)
 
+    def shared_at_ties(self, grad, a, axis, result):
+        return grad * self._tied_mask(a, axis)
+
+    def _tied_mask(self, a, axis):
+        def fn(idx):
+            m = _sum(lambda j: a.fn(idx[:axis] + (j,) + idx[axis + 1:]), [a.shape[axis]], TiedMax)
+            return IsTiedMax(idx[axis], m)
+        return Elt(a.shape, fn)
+
     def transpose(self, b):
         perm = tuple(range(len(b.shape) - 2)) + (len(b.shape) - 1, len(b.shape) - 2)
         return self.permute(b, perm)
@@ -325,7 +334,8 @@ def _forward(node: Node, a: list[Elt]) -> Elt:
         return _normalized(node, a[0])
     if op in ("sum", "mean", "max"):
         axes, keepdim = node.attrs["axes"], node.attrs["keepdim"]
-        value = _reduce(a[0], node.shape, axes, keepdim, Max if op == "max" else Red)
+        largest = TiedMax if node.attrs.get("ties") == "shared" else Max
+        value = _reduce(a[0], node.shape, axes, keepdim, largest if op == "max" else Red)
         return value / sp.Mul(*[a[0].shape[k] for k in axes]) if op == "mean" else value
     if op == "matmul":
         return a[0] @ a[1]

@@ -9,8 +9,10 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
+import traceback
 from typing import Callable
 
 _WORK: list = []  # (function, item) for the worker processes, inherited through fork
@@ -23,7 +25,14 @@ def _run(k: int):
         # it); its torch work (the numerical battery) is small, and one thread is deterministic too
         torch.set_num_threads(1)
     fn, item = _WORK[k]
-    return fn(item)
+    try:
+        return fn(item)
+    except Exception as e:
+        try:
+            pickle.dumps(e)
+        except Exception:  # (SymPy's carry local functions) sent back as its type, message and trace
+            raise RuntimeError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}") from None
+        raise
 
 
 def _quiet_worker() -> None:

@@ -15,7 +15,7 @@ from sympy.printing.pytorch import TorchPrinter
 from .backends import CodeOps, number_text
 from .errors import DerivationError
 from .functions import Sigmoid
-from .symbolic import (AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, extent, reciprocal_root_power,
+from .symbolic import (AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, IsTiedMax, Max, Red, extent, reciprocal_root_power,
                        reciprocal_roots)
 
 
@@ -856,7 +856,13 @@ class KernelPrinter(TorchPrinter):
         body = inner._print(m.body)
         if not body.isidentifier():
             body = f"({body})"
+        if isinstance(expr, IsTiedMax):  # amax: an equal share to each position that ties
+            ties = f"({body} == {body}.amax({axis}, keepdim=True))"
+            return f"{ties}.to({body}.dtype)/{ties}.sum({axis}, keepdim=True)"
         return f"torch.zeros_like({body}).scatter_({axis}, {body}.argmax({axis}, keepdim=True), 1.0)"
+
+    # SymPy's dispatch does not pass a renamed subclass to its parent's method
+    _print_TiedMax, _print_IsTiedMax = _print_Max, _print_IsArgmax
 
 
 class ForwardPrinter(KernelPrinter):

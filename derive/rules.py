@@ -201,7 +201,10 @@ def _mean(ops, grad, result, a, axes, keepdim):
 
 
 @rule("max")
-def _max(ops, grad, result, a, axes, keepdim):
+def _max(ops, grad, result, a, axes, keepdim, ties="first"):
+    if ties == "shared":  # amax: an equal share to each position that ties, as autograd's amax
+        return ops.shared_at_ties(ops.unreduce(grad, axes, keepdim, a), a, axes[0],
+                                  ops.unreduce(result, axes, keepdim, a)),
     # selected, not multiplied: an infinite gradient of the maximum reaches its position only (0*inf is nan)
     return ops.select(ops.argmax_mask(a, axes[0], result), ops.unreduce(grad, axes, keepdim, a), 0),
 

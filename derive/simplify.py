@@ -432,7 +432,7 @@ def _argmax_reads(el: Elements, expr: sp.Expr, forbidden: frozenset) -> sp.Expr:
         for node in nodes:
             body = _saved_reads(el, node, maximum.body)
             if body is not None and isinstance(body, sp.Indexed):
-                found[mark] = IsArgmax(j, Max(body, maximum.index))
+                found[mark] = mark.func(j, maximum.func(body, maximum.index))
                 break
     return expr.xreplace(found) if found else expr
 
@@ -602,6 +602,19 @@ def _grouped_sums(inner: sp.Expr, factor_whole: bool, scalars: set) -> sp.Expr:
     return _grouped(grouped, factor_whole and grouped != inner, scalars)
 
 
+def _outside_exponents(expr: sp.Expr, mapping: dict) -> sp.Expr:
+    """``expr.xreplace(mapping)`` except in exponents: ``sqrt(n - 1)`` stays a root. A power to a
+    symbol (``(n - 1)**c0``) is no polynomial generator to ``factor``, which then took minutes
+    over a standardization's ``x.std(0)``."""
+    if expr in mapping:
+        return mapping[expr]
+    if expr.is_Atom:
+        return expr
+    if expr.is_Pow:
+        return sp.Pow(_outside_exponents(expr.base, mapping), expr.exp)
+    return expr.func(*[_outside_exponents(a, mapping) for a in expr.args])
+
+
 def _whole_factors(inner: sp.Expr, scalars: set | None) -> sp.Expr | None:
     """``inner`` factored whole, if that is a product of sums of different quantities; else None.
 
@@ -620,7 +633,7 @@ def _whole_factors(inner: sp.Expr, scalars: set | None) -> sp.Expr | None:
     signed = {**names, **{-r: -d for r, d in names.items()}}  # a term's coefficient carries its sign
     sums = {r: sp.Dummy(f"s{k}") for k, r in enumerate(sorted(inner.atoms(Red), key=sp.default_sort_key))}
     back = {**{v: k for k, v in names.items()}, **{v: k for k, v in sums.items()}}
-    whole = _factor(inner.xreplace(sums).xreplace(signed)).xreplace(back)
+    whole = _factor(_outside_exponents(inner.xreplace(sums), signed)).xreplace(back)
 
     def values(f):
         scalar = set() if scalars is None else f.free_symbols - set(scalars) - f.atoms(sp.Idx, sp.Indexed)

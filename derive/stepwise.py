@@ -25,6 +25,8 @@ from .trace import Graph, Node
 
 
 def _attrs(node: Node) -> dict:
+    if node.op == "max" and "ties" in node.attrs:
+        return {"axes": node.attrs["axes"], "keepdim": node.attrs["keepdim"], "ties": node.attrs["ties"]}
     if node.op in ("sum", "mean", "max", "logsumexp"):
         return {"axes": node.attrs["axes"], "keepdim": node.attrs["keepdim"]}
     if node.op in ("softmax", "log_softmax"):

@@ -237,6 +237,27 @@ class IsArgmax(sp.Function):
         return r"\mathbb{1}[%s = \operatorname{argmax}]" % printer._print(self.args[0])
 
 
+class TiedMax(Max):
+    """``TiedMax(body, j)``: the maximum as ``amax`` takes it. Its gradient is shared evenly among
+    the positions that tie for it, as autograd's ``amax`` shares it (``max(dim)`` gives all of it
+    to the one index it returns): ties are common in float32 (saturated, quantized, large inputs)."""
+
+    def _eval_derivative(self, s):
+        j = self.index
+        return Red(IsTiedMax(j, self) * sp.diff(self.body, s), j)
+
+    def _latex(self, printer):
+        return r"\operatorname{amax}_{%s} %s" % (printer._print(self.index), printer.parenthesize(self.body, 40))
+
+
+class IsTiedMax(IsArgmax):
+    """``IsTiedMax(j, m)``: ``1/c`` where ``j`` is one of the ``c`` positions equal to the maximum
+    ``m``, else 0 (without ties, ``IsArgmax``)."""
+
+    def _latex(self, printer):
+        return r"\frac{\mathbb{1}[%s \in \operatorname{argmax}]}{|\operatorname{argmax}|}" % printer._print(self.args[0])
+
+
 def hide_argmax(expr: sp.Expr) -> tuple[sp.Expr, Callable[[sp.Expr], sp.Expr]]:
     """``expr`` with each ``IsArgmax(j, Max(body, r))`` replaced by an opaque function of its free
     indices, and the function that puts them back.

@@ -877,3 +877,35 @@ def test_a_maximum_the_spec_does_not_name_is_read_as_saved(tmp_path):
     fn = kernel_module(layer, tmp_path)
     mine, theirs = (torch.autograd.grad(f(a := A.clone().requires_grad_()), a)[0] for f in (fn, layer.fn))
     torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+SHIFTED_BY_AMAX = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"))
+def shifted_by_amax(x):
+    return torch.exp(x - x.amax(1, keepdim=True)).sum() + (x * x.amin(0)).sum()
+'''
+
+
+def test_amax_shares_its_gradient_among_ties_as_autograd(tmp_path):
+    """``amax`` and ``amin`` give each position that ties for the extreme an equal share of its
+    gradient (``max(dim)`` gives all of it to the index it returns). Both kernels took ``amax`` as
+    ``max(dim)``: in float32 at an offset of 1e6 rows tie, and the fused form was 3.2 from the
+    reference (it then fell back to the step-by-step one, wrong at ties too)."""
+    layer, fn = generated(tmp_path, SHIFTED_BY_AMAX, "shifted_by_amax")
+    assert chosen(layer).fused
+    steps = load_module(tmp_path / "gen" / "shifted_by_amax_steps.py")
+    x = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.5, 0.5, 0.5, 0.5], [-1.0, 2.0, -1.0, 0.0]], dtype=torch.float64)
+    xs = x.clone().requires_grad_()
+    theirs, = torch.autograd.grad(layer.fn(xs), xs)
+    first = x.clone().requires_grad_()  # the gradient as max(dim) routes it: one index per row
+    no_share, = torch.autograd.grad(torch.exp(first - first.max(1, keepdim=True).values).sum()
+                                    + (first * -(-first).max(0).values).sum(), first)
+    assert not torch.allclose(no_share, theirs)  # the ties matter here
+    ours, = torch.autograd.grad(fn(xs), xs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    _, cache = steps.forward(x)
+    torch.testing.assert_close(steps.backward(cache)["dx"], theirs, rtol=1e-12, atol=1e-12)

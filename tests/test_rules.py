@@ -59,7 +59,7 @@ def means(a):
 
 @layer(a=Tensor("n", "d"))
 def maxima(a):
-    return a.max(1, keepdim=True).values * a.max(0).values
+    return a.max(1, keepdim=True).values * a.max(0).values + a.amax(1, keepdim=True) * a.amin(0)
 
 
 @layer(a=Tensor("n", "d"), w=Tensor("d", "k"))

@@ -15,7 +15,7 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE
 
-from ..symbolic import Max, Red, extent
+from ..symbolic import IsTiedMax, Max, Red, extent
 
 FREE_LETTERS = "ijklmabc"
 BOUND_LETTERS = "rstuvwpqgh"
@@ -138,7 +138,14 @@ class Printer(LatexPrinter):
             where = r"\operatorname*{arg\,max}_{%s} %s" % (self._print(m.index), self.parenthesize(m.body, PRECEDENCE["Add"]))
         else:  # the maximum's value, a saved forward tensor: the position where it is reached
             where = r"\operatorname{argmax}(%s)" % self._print(m)
+        if isinstance(expr, IsTiedMax):  # amax's: an equal share to each position that ties
+            return r"\frac{\mathbf{1}\left[%s \in %s\right]}{\left|%s\right|}" % (self._print(j), where, where)
         return r"\mathbf{1}\left[%s = %s\right]" % (self._print(j), where)
+
+    def _print_TiedMax(self, expr, exp=None):
+        return self._bound(r"\operatorname{amax}", expr.index, expr.body, exp)
+
+    _print_IsTiedMax = _print_IsArgmax
 
 
 class Sigma(sp.Function):

@@ -25,14 +25,14 @@ class Reductions:
             self._tracer.fail(f"{op}(dim={dim!r}) names an axis twice", "name each axis once")
         return tuple(sorted(axes))
 
-    def _reduce(self, op, dim, keepdim, several=True):
+    def _reduce(self, op, dim, keepdim, several=True, **attrs):
         t = self._tracer
         if self.node.op == "labels":
             t.fail(f"{op} of integer labels", "use labels only to pick: t[range(n), y]")
         shape = self.node.shape
         axes = self._axes(dim, op, several)
         new = tuple(1 if k in axes else s for k, s in enumerate(shape) if keepdim or k not in axes)
-        return t.record(op, (self.node,), new, axes=axes, keepdim=bool(keepdim))
+        return t.record(op, (self.node,), new, axes=axes, keepdim=bool(keepdim), **attrs)
 
     @staticmethod
     def _keep(keepdim, keepdims):
@@ -61,10 +61,13 @@ class Reductions:
         return _MaxResult(-(-self).max(dim, keepdim, keepdims).values)
 
     def amax(self, dim=None, keepdim=False):
-        return self.max(dim, keepdim).values
+        # autograd shares amax's gradient among tied positions; max(dim) routes it to one index
+        if dim is None:
+            self._tracer.fail("amax() over all elements", "use amax(dim, keepdim=True)")
+        return self._reduce("max", dim, keepdim, several=False, ties="shared")
 
     def amin(self, dim=None, keepdim=False):
-        return self.min(dim, keepdim).values
+        return -(-self).amax(dim, keepdim)
 
     def _along(self, op, dim, **attrs):
         if dim is None:
