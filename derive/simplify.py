@@ -668,7 +668,7 @@ def _grouped(inner: sp.Expr, factor_whole: bool = True, scalars: set | None = No
         return sp.Mul(*[_grouped(f, factor_whole, scalars) if f.is_Add else f for f in sp.Mul.make_args(whole)])
     count = Counter(f for term in inner.args for f in sp.Mul.make_args(term)
                     if isinstance(f.as_base_exp()[0], sp.Indexed)
-                    or (isinstance(f, sp.Function) and not isinstance(f, (_Bound, IsArgmax)) and f.atoms(sp.Indexed)))
+                    or (isinstance(f, sp.Function) and not isinstance(f, _Bound) and f.atoms(sp.Indexed)))
     shared = [f for f, c in sorted(count.items(), key=lambda fc: (-fc[1], sp.default_sort_key(fc[0]))) if c >= 2]
     return sp.collect(inner, shared, func=_factor) if shared else inner
 

@@ -110,7 +110,8 @@ def again(paths: list[Path], save: Path, timing: dict | None = None) -> Counter:
     from fuzz.specs import FuzzSpec
 
     tally, reasons = Counter(), Counter()
-    folder = Path(tempfile.mkdtemp(prefix="derive-soak-"))
+    scratch = tempfile.TemporaryDirectory(prefix="derive-soak-")  # removed once the soak is done with it
+    folder = Path(scratch.name)
     for path in paths:
         source = path.read_text()
         spec = FuzzSpec(path.stem, source, f"{path.stem}.fused = False" not in source, {"n": 5, "k": 6})
@@ -152,7 +153,8 @@ def soak(fused: bool, examples: int, lines: int, save: Path, every: int = 100, t
 
     family = "fused" if fused else "step-by-step"
     tally, reasons, names = Counter(), Counter(), set()
-    folder = Path(tempfile.mkdtemp(prefix="derive-soak-"))
+    scratch = tempfile.TemporaryDirectory(prefix="derive-soak-")  # removed once the soak is done with it
+    folder = Path(scratch.name)
     start = time.perf_counter()
 
     # generation only: a failure is saved and counted, not shrunk (shrinking one takes minutes)

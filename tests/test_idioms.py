@@ -23,7 +23,9 @@ from derive.trace import trace
 
 from kernels import fused, fused_maxdiff, odd_sizes, steps, steps_maxdiff
 
-SPECS = Path(tempfile.mkdtemp(prefix="derive-idioms-"))
+# spec files are written as the lists below are built: a folder that goes when the run ends
+_FOLDER = tempfile.TemporaryDirectory(prefix="derive-idioms-")
+SPECS = Path(_FOLDER.name)
 
 
 def spec(body: str, declared: str = 'x=Tensor("n", "d")', name: str = "idiom"):

@@ -334,13 +334,14 @@ def test_torch_functions_called_with_keywords_trace():
 
 
 _SPEC_FILES = []
+_FOLDER = tempfile.TemporaryDirectory(prefix="derive_spec_")  # goes when the run ends
 
 
 def _one_line_spec(body: str, ret: bool = True):
     """``one_line(x: (n, d))`` with ``body`` (its lines indented), returning ``out``, loaded from a file
     of its own (so errors can quote its lines and generated headers can hash its source)."""
     from derive.layers import from_file
-    folder = Path(tempfile.mkdtemp(prefix="derive_spec_"))
+    folder = Path(tempfile.mkdtemp(dir=_FOLDER.name))
     _SPEC_FILES.append(folder)
     path = folder / f"one_line_{len(_SPEC_FILES)}.py"
     path.write_text("import torch\nfrom derive import Constant, Labels, Tensor, layer\n\n\n"

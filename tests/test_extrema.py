@@ -1,0 +1,64 @@
+"""Maxima and minima written the way users write them (tests/specs/extrema_layers.py): each layer
+gets a kernel that passes the numerical battery, fused wherever a fused form passes, and matches
+autograd through its spec in float64 at inputs where entries tie (small integers), where
+``max(dim)`` routes the gradient to one index and ``amax`` shares it."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from derive import Labels, battery
+from derive.generate import render
+from derive.layers import from_file
+from derive.select import chosen
+from derive.verify import load_module
+
+LAYERS = {layer.name: layer for layer in from_file(str(Path(__file__).parent / "specs" / "extrema_layers.py"))}
+# fused forms that fail the battery, so the kernel is the step-by-step backward: a softmax written
+# out differs from autograd's ordering, whose own-term cancellation is exact where a row is one-hot
+STEPS = {"softmax_inline_shift"}
+
+
+def kernel(layer, folder: Path):
+    path = folder / f"{layer.name}.py"
+    path.write_text(render(layer)[f"{layer.name}.py"])
+    return getattr(load_module(path), layer.name)
+
+
+def inputs(layer, sizes: dict, draw) -> dict:
+    """Small integers (entries tie often) for tensors, labels in range."""
+    out = {}
+    for name, decl in layer.tensors.items():
+        shape = tuple(sizes[d] for d in decl.dims)
+        if isinstance(decl, Labels):
+            out[name] = torch.randint(0, sizes[decl.classes], shape, generator=draw)
+        else:
+            out[name] = torch.randint(-2, 3, shape, generator=draw).double()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_the_kernel_is_fused_where_a_form_passes_and_passes_the_battery(name, tmp_path):
+    layer = LAYERS[name]
+    choice = chosen(layer)
+    assert choice.fused == (name not in STEPS), choice.summary()
+    torch.set_num_threads(1)
+    verdict = battery.run(layer, kernel(layer, tmp_path), {d: 24 if k == 0 else 7 + 2 * k for k, d in enumerate(layer.dims)}, seed=3)
+    assert verdict.passed, "\n".join(map(str, verdict.findings[:3]))
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_the_kernel_matches_autograd_where_entries_tie(name, tmp_path):
+    layer = LAYERS[name]
+    fn = kernel(layer, tmp_path)
+    draw = torch.Generator().manual_seed(0)
+    values = inputs(layer, {d: 5 + k for k, d in enumerate(layer.dims)}, draw)
+    differentiable = layer.differentiable
+    results = []
+    for f in (fn, layer.fn):
+        args = {k: v.clone().requires_grad_() if k in differentiable else v for k, v in values.items()}
+        out = f(**args)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        results.append(torch.autograd.grad(out, [args[k] for k in differentiable], upstream))
+    for k, mine, theirs in zip(differentiable, *results):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10, msg=lambda m: f"d{k}: {m}")
