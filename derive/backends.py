@@ -84,6 +84,10 @@ class Code:
         return Code(text, ATOM if simple else ADD - 1, value=value)
 
 
+# F.softplus's beta and threshold: the last arguments of autograd's one-pass softplus kernel
+SOFTPLUS_ARGUMENTS = "1, 20"
+
+
 class CodeOps:
     """Rule operations that print torch code.
 
@@ -134,7 +138,7 @@ class CodeOps:
     KERNELS = {
         "tanh": "torch.ops.aten.tanh_backward({grad}, {saved})",
         "sigmoid": "torch.ops.aten.sigmoid_backward({grad}, {saved})",
-        "softplus": "torch.ops.aten.softplus_backward({grad}, {saved}, 1, 20)",  # F.softplus's beta, threshold
+        "softplus": "torch.ops.aten.softplus_backward({grad}, {saved}, " + SOFTPLUS_ARGUMENTS + ")",
         "softmax": "torch._softmax_backward_data({grad}, {saved}, {axis}, {saved}.dtype)",
         "log_softmax": "torch._log_softmax_backward_data({grad}, {saved}, {axis}, {saved}.dtype)",
     }

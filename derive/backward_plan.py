@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from .backends import SOFTPLUS_ARGUMENTS
 from .errors import DerivationError
 from .functions import Sigmoid, Step
 from .printer import KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, temporaries, tensor_name
@@ -172,7 +173,9 @@ def _scatters(grad: str, scatters: dict, printer, slots: dict, frame: list, text
 _TANH_BACKWARD = "torch.ops.aten.tanh_backward"  # (g, y) -> g*(1 - y**2)
 _SIGMOID_BACKWARD = "torch.ops.aten.sigmoid_backward"  # (g, y) -> g*(1 - y)*y
 _THRESHOLD_BACKWARD = "torch.ops.aten.threshold_backward"  # (g, u, 0) -> g where u > 0, else 0
-_SOFTPLUS_BACKWARD = "torch.ops.aten.softplus_backward"  # (g, z, 1, 20) -> g*sigmoid(z), F.softplus's beta, threshold
+_SOFTPLUS_BACKWARD = "torch.ops.aten.softplus_backward"  # (g, z, beta, threshold) -> g*sigmoid(z)
+# the arguments each takes after the upstream gradient and the saved value
+_EXTRA_ARGUMENTS = {_THRESHOLD_BACKWARD: ", 0", _SOFTPLUS_BACKWARD: f", {SOFTPLUS_ARGUMENTS}"}
 _KERNEL_VALUES = {_TANH_BACKWARD: "{g}*(1 - {y}**2)", _SIGMOID_BACKWARD: "{g}*(1 - {y})*{y}",
                   _THRESHOLD_BACKWARD: "{g} where {y} > 0, else 0", _SOFTPLUS_BACKWARD: "{g}*sigmoid({y})"}
 
@@ -404,11 +407,11 @@ class _Planner:
         """``(kernel, argument, factors it replaces, sign, extra arguments)`` when ``f`` is the
         polynomial factor of one of autograd's one-pass kernels, else None."""
         if isinstance(f, Step) and self.full(f.args[0]):
-            return _THRESHOLD_BACKWARD, f.args[0], [f], 1, ", 0"
+            return _THRESHOLD_BACKWARD, f.args[0], [f], 1, _EXTRA_ARGUMENTS[_THRESHOLD_BACKWARD]
         if isinstance(f, Sigmoid) and self.printer.softplus_grads and self.full(f.args[0]):
             # a softplus's derivative, as the printer writes it (``KernelPrinter._softplus_backward``):
             # ``exp(z)/(exp(z) + 1)`` keeps the subnormal digits ``torch.sigmoid`` loses
-            return _SOFTPLUS_BACKWARD, f.args[0], [f], 1, ", 1, 20"
+            return _SOFTPLUS_BACKWARD, f.args[0], [f], 1, _EXTRA_ARGUMENTS[_SOFTPLUS_BACKWARD]
         y = _one_minus_square(f)
         if y is not None and self.full(y[0]):
             return _TANH_BACKWARD, y[0], [f], y[1], ""
@@ -574,7 +577,7 @@ def one_kernel_of(chain: list[str], upstream: str) -> str | None:
     for name in _KERNELS:
         head = f"{name}({upstream}, "
         if call.startswith(head) and call.endswith(")"):
-            argument = call[len(head):-1].removesuffix({_THRESHOLD_BACKWARD: ", 0", _SOFTPLUS_BACKWARD: ", 1, 20"}.get(name, ""))
+            argument = call[len(head):-1].removesuffix(_EXTRA_ARGUMENTS.get(name, ""))
             return argument if argument.isidentifier() else None
     return None
 

@@ -30,7 +30,7 @@ from .files import comparable, content_hash, ownership, plan, remove_temporaries
 from .kernel import Kernel, build_cached
 from .parallel import cores, fork_map
 from .prove import Proof, default_sizes, prove
-from .select import Choice, chosen
+from .select import STEPS_FAIL, Choice, chosen
 from .spec import Layer, sizes_text
 from .trace import Graph, trace
 from .verify import against_autograd, load_module, steps_table
@@ -156,8 +156,10 @@ class Report:
         kind = "fused" if self.fused else "step-by-step"
         passed = re.search(r"battery passed \((\d+) draws\)", self.form)
         # a step-by-step kernel replays autograd's own operations: the battery judged the fused form
-        # it replaces (the note says what failed), not the kernel written
-        battery = f"passed {passed.group(1)}" if passed else "fused fail" if "numerical battery" in self.form else "-"
+        # it replaces (the note says what failed), and the kernel written, which fails only where
+        # the trace writes a torch function in other steps than torch computes it
+        battery = f"passed {passed.group(1)}" if passed else "steps fail" if STEPS_FAIL in self.form \
+            else "fused fail" if "numerical battery" in self.form else "-"
         return (f"{self.layer:18s} {grads:24s} {proven:32s} {kind:12s} {battery:10s} float64 maxdiff "
                 f"{self.maxdiff:.1e}   {self.seconds:5.1f} s")
 

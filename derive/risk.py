@@ -120,7 +120,12 @@ class Path:
         full = [a for a in risky_atoms(expr, self.full) if self.signature(a) not in self.allowed]
         inverses = [a for a in expr.atoms(sp.Function) if not isinstance(a, SAFE + (AppliedUndef,))
                     and a not in full and a.free_symbols and self.signature(a)[0] == "rebuilt"]
-        return full + inverses
+        # at any size, a division by an exponential the spec never divides by: ``exp(x - v1)`` as
+        # ``exp(x)/v2`` with ``v2 = exp(v1)`` of a logsumexp ``v1`` is 0/0 where ``v2`` underflows
+        # (other quotients of per-row values, ``1/(std + eps)``, are left to the cost and the battery)
+        divisions = [a for a in risky_atoms(expr) if isinstance(a, sp.Pow) and a.exp.is_negative and a not in full
+                     and self.value(a.base).atoms(sp.exp) and self.signature(a) not in self.allowed]
+        return full + inverses + divisions
 
 
 __all__ = ["Path", "risky_atoms"]

@@ -11,8 +11,10 @@
    has no rewrite left to undo, or when the fused engine cannot derive the layer at all, the
    kernel is the step-by-step backward, which replays autograd's own operations.
 
-So a kernel worse than autograd through its spec is never written; the choice and the reason for
-it are reported per layer.
+So no fused kernel worse than autograd through its spec is written; the choice and the reason for
+it are reported per layer. The step-by-step kernel written in place of a fused one goes through the
+battery too: it replays the operations the trace records, and where the spec calls a torch function
+the trace writes in other steps (``x.var(0)``), torch's own may round better; the report says so.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class Choice:
     verdict: battery.Verdict | None = None
     reason: str = ""  # why the step-by-step backward, or which rewrites were undone
     undone: list[str] = field(default_factory=list)  # "dx: bnraw for x", one per rewrite undone
+    steps_verdict: battery.Verdict | None = None  # the step-by-step kernel's, where it is the kernel
 
     @property
     def fused(self) -> bool:
@@ -52,11 +55,54 @@ class Choice:
     def summary(self) -> str:
         """The report's words for the form chosen."""
         if not self.fused:
+            if self.steps_verdict is not None and not self.steps_verdict.passed:
+                return f"step-by-step kernel: {self.reason}; {STEPS_FAIL} too: {self.steps_verdict.findings[0]}"
             return f"step-by-step kernel: {self.reason}"
         checked = f"battery passed ({len(self.verdict.settings)} draws)" if self.verdict else "battery not run"
         if self.undone:
             return f"fused, {checked} after undoing {len(self.undone)} rewrite(s) ({'; '.join(self.undone)})"
         return f"fused, {checked}"
+
+
+# the report's words where the step-by-step kernel fails the battery as well (``generate`` reads them)
+STEPS_FAIL = "the step-by-step kernel fails the battery"
+
+
+def _steps_verdict(layer: Layer, draws: list | None, reason: str) -> battery.Verdict:
+    """The numerical battery of the step-by-step kernel written in place of a fused one. It replays
+    autograd's operations as the trace records them; where the spec calls a torch function that
+    the trace writes in primitives (``x.var(0)``: a mean, a difference, squares, a sum), torch's own
+    may round better (its variance accumulates in double on the CPU), and the report says so."""
+    from .codegen import render_steps
+    from .trace import trace
+    from .verify import load_module
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
+            path = Path(folder) / f"{layer.name}.py"
+            path.write_text(render_steps(trace(layer), reason))
+            fn = getattr(load_module(path), layer.name)
+            return battery.run(layer, fn, battery.battery_sizes(layer), draws=draws, slack=battery.CHOOSE_SLACK,
+                               pooled=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _steps_choice(layer: Layer, reason: str) -> Choice:
+    """The step-by-step kernel for a layer the fused engine cannot derive, through the battery
+    where the battery can read its settings off the layer (it reads the graph as the engine does:
+    the cause of the refusal may stop it too, and the kernel is written all the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        draws = battery.settings(layer, battery.battery_sizes(layer))
+    except Exception:  # (a refusal or a fault, already in ``reason``)
+        return Choice(layer, None, reason=reason)
+    finally:
+        torch.set_num_threads(threads)
+    return Choice(layer, None, reason=reason, steps_verdict=_steps_verdict(layer, draws, reason))
 
 
 def _module_function(kernel: Kernel, folder: Path):
@@ -105,14 +151,14 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
     except DerivationError as e:
         if fused_only:
             raise
-        return Choice(layer, None, reason=f"the fused engine cannot derive it: {_one_line(e)}")
+        return _steps_choice(layer, f"the fused engine cannot derive it: {_one_line(e)}")
     except DeriveError:  # the spec's own mistake (it cannot be traced): one line for the user, no fallback
         raise
     except Exception as e:  # a fault of the fused engine: the layer still gets a kernel, and the report says why
         if fused_only:
             raise
-        return Choice(layer, None, reason=f"the fused engine failed ({type(e).__name__}: {_one_line(e)}); "
-                                          f"report this as a bug")
+        return _steps_choice(layer, f"the fused engine failed ({type(e).__name__}: {_one_line(e)}); "
+                                    f"report this as a bug")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -158,7 +204,8 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
     if fused_only:
         raise DerivationError(layer.name, f"every fused form fails the numerical battery ({finding})",
                               "drop --fused-only to get the step-by-step backward as the kernel")
-    return Choice(layer, None, verdict, reason=f"the fused form fails the numerical battery: {finding}")
+    reason = f"the fused form fails the numerical battery: {finding}"
+    return Choice(layer, None, verdict, reason=reason, steps_verdict=_steps_verdict(layer, draws, reason))
 
 
 _CHOSEN = {False: ByObject(maxsize=32), True: ByObject(maxsize=32)}

@@ -24,7 +24,7 @@ from .errors import DerivationError
 from .functions import NOT_INVERTIBLE
 from .memo import kept_on
 from .risk import Path, risky_atoms
-from .symbolic import (GroupedRed, IsArgmax, Max, Red, _Bound, _replace_free, bases, expand, extent, hide_argmax,
+from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, hide_argmax,
                        outside_sums, reductions, substitute_family)
 from .trace import Node
 
@@ -654,8 +654,8 @@ def _whole_factors(inner: sp.Expr, scalars: set | None) -> sp.Expr | None:
 
 
 def _grouped(inner: sp.Expr, factor_whole: bool = True, scalars: set | None = None) -> sp.Expr:
-    """Terms that share a tensor factor (an entry, or a function of entries: ``exp(x - lse)``) are
-    grouped and their cofactor factored: GELU's ``a - a*t**2 + b - b*t**2`` becomes
+    """Terms that share a tensor factor (an entry, or a function of entries: ``exp(x - lse)``, a
+    maximum's one-hot) are grouped and their cofactor factored: GELU's ``a - a*t**2 + b - b*t**2`` becomes
     ``-a*(t - 1)*(t + 1) - b*(t - 1)*(t + 1)``, which float32 rounds like autograd's chain
     (``1 - t**2`` next to 1 loses nothing as ``(1 - t)*(1 + t)``).
     A sum too large for that to pay (thousands of operations, from nested softmaxes) is left as it

@@ -281,6 +281,13 @@ SUMMED_TANH_OF_A_CLAMPED_SOFTPLUS = _regression('fuzz_found_summed_tanh_of_a_cla
     '    v1 = torch.maximum(x, w)\n    v2 = F.softplus(v1)\n    v3 = torch.minimum(v2, w)\n    v5 = torch.tanh(v3)\n    out = v5',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), w=Tensor("k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, w, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# the exponential of a logsumexp: refolding the softmax exp(x - v1) as exp(x)/v2 divided by v2 = exp(v1),
+# which underflows to 0 at rows of inputs near -100 (0/0, NaN where autograd is finite)
+DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP = _regression('fuzz_found_divided_by_an_exponentiated_logsumexp',
+    '    v1 = torch.logsumexp(x, dim=1, keepdim=True)\n    v2 = v1.exp()\n    v3 = v2 + v2\n    v4 = v1 + v3\n    out = v4',
+    'x=Tensor("n", "k"), w=Tensor("k"), p=Tensor("n", "k", differentiable=False, domain="probability"), '
+    'eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, w, p, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -289,7 +296,8 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           RSQRT_OF_A_LARGE_SQUARE, LOG_OF_A_SQUARED_EXPONENTIAL, SAVED_TOTAL_OF_A_SOFTMAX,
           SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT, CENTRED_SQUARE_OF_A_PRODUCT,
           PRODUCT_OF_DIVISORS_OVERFLOWS, SOFTPLUS_INSIDE_A_TANH, CHOSEN_AT_THE_EDGE, SCALAR_POLYNOMIAL_OF_A_TANH,
-          SHARED_SQUARE_OF_A_TANH, TANH_OF_A_SOFTMAX_TOTAL, SUMMED_TANH_OF_A_CLAMPED_SOFTPLUS]
+          SHARED_SQUARE_OF_A_TANH, TANH_OF_A_SOFTMAX_TOTAL, SUMMED_TANH_OF_A_CLAMPED_SOFTPLUS,
+          DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP]
 
 
 class Tally:

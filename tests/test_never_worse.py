@@ -943,3 +943,45 @@ def test_the_adjoint_of_a_shift_that_cancels_is_not_computed(tmp_path):
     fn = kernel_module(layer, tmp_path)
     mine, theirs = (torch.autograd.grad(f(a := x.clone().requires_grad_()), a, g)[0] for f in (fn, layer.fn))
     torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+TORCH_VARIANCE = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "d"))
+def variance_penalty(x):
+    return x.var(0).mean() + x.var(1, unbiased=False).sum()
+'''
+
+
+def test_a_step_by_step_kernel_worse_than_autograd_is_reported(tmp_path, capsys):
+    """``x.var(0)`` is traced as a mean, a difference, squares and a sum; torch's own variance
+    accumulates in double on the CPU. At inputs offset by 1e6 the fused forward is 0.45 from the
+    reference (autograd's: 8e-6), and so is the step-by-step kernel written in its place, which
+    replays the traced steps. That kernel is put through the battery too, and the report says it
+    fails (it said "fused fail", as if the kernel written were sound)."""
+    spec = tmp_path / "variance.py"
+    spec.write_text(TORCH_VARIANCE)
+    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    (row,) = [line for line in text.splitlines() if line.startswith("variance_penalty ")]
+    assert " step-by-step steps fail " in row, row
+    assert "the step-by-step kernel fails the battery too: output at N(0, 1) + 1e+06" in text, text
+
+
+def test_a_layer_the_fused_engine_fails_on_gets_a_checked_step_by_step_kernel(tmp_path, monkeypatch):
+    """An engine fault while deriving: the layer still gets its step-by-step kernel, the report says
+    to report the bug, and that kernel went through the battery (it passes: tanh as written)."""
+    import derive.select as select
+
+    (layer,) = from_file(str(spec_with(tmp_path, "tanh_formula")))
+
+    def fault(_layer):
+        raise RuntimeError("no element")
+
+    monkeypatch.setattr(select, "build_cached", fault)
+    choice = select.choose(layer)
+    assert not choice.fused and "RuntimeError: no element" in choice.reason and "report this as a bug" in choice.reason
+    assert choice.steps_verdict is not None and choice.steps_verdict.passed, choice.summary()
