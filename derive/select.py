@@ -19,6 +19,7 @@ the trace writes in other steps (``x.var(0)``), torch's own may round better; th
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,67 +76,68 @@ def _steps_verdict(layer: Layer, draws: list | None, reason: str) -> battery.Ver
     may round better (its variance accumulates in double on the CPU), and the report says so."""
     from .codegen import render_steps
     from .trace import trace
-    from .verify import load_module
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
-            path = Path(folder) / f"{layer.name}.py"
-            path.write_text(render_steps(trace(layer), reason))
-            fn = getattr(load_module(path), layer.name)
-            return battery.run(layer, fn, battery.battery_sizes(layer), draws=draws, slack=battery.CHOOSE_SLACK,
-                               pooled=False)
-    finally:
-        torch.set_num_threads(threads)
+    with _one_thread(), tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
+        fn = _loaded(layer.name, render_steps(trace(layer), reason), Path(folder))
+        return battery.run(layer, fn, battery.battery_sizes(layer), draws=draws, slack=battery.CHOOSE_SLACK,
+                           pooled=False)
 
 
 def _steps_choice(layer: Layer, reason: str) -> Choice:
     """The step-by-step kernel for a layer the fused engine cannot derive, through the battery
     where the battery can read its settings off the layer (it reads the graph as the engine does:
     the cause of the refusal may stop it too, and the kernel is written all the same)."""
+    try:
+        with _one_thread():
+            draws = battery.settings(layer, battery.battery_sizes(layer))
+    except Exception:  # (a refusal or a fault, already in ``reason``)
+        return Choice(layer, None, reason=reason)
+    return Choice(layer, None, reason=reason, steps_verdict=_steps_verdict(layer, draws, reason))
+
+
+@contextmanager
+def _one_thread():
+    """torch on one thread inside (the battery's results are then deterministic), as before after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        draws = battery.settings(layer, battery.battery_sizes(layer))
-    except Exception:  # (a refusal or a fault, already in ``reason``)
-        return Choice(layer, None, reason=reason)
+        yield
     finally:
         torch.set_num_threads(threads)
-    return Choice(layer, None, reason=reason, steps_verdict=_steps_verdict(layer, draws, reason))
+
+
+def _loaded(name: str, source: str, folder: Path):
+    """The function ``name`` of the module ``source``, written to ``folder`` and imported."""
+    from .verify import load_module
+
+    path = folder / f"{name}.py"
+    path.write_text(source)
+    return getattr(load_module(path), name)
 
 
 def _module_function(kernel: Kernel, folder: Path):
     from .codegen import render_function
-    from .verify import load_module
 
-    path = folder / f"{kernel.name}.py"
-    path.write_text(render_function(kernel))
-    return getattr(load_module(path), kernel.name)
+    return _loaded(kernel.name, render_function(kernel), folder)
 
 
 def check(kernel: Kernel, draws: list | None = None) -> battery.Verdict:
     """The numerical battery of ``kernel``'s generated module, single-threaded (deterministic)."""
     layer = kernel.layer
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
-            fn = _module_function(kernel, Path(folder))
-            sizes = battery.battery_sizes(layer)
-            verdict = battery.run(layer, fn, sizes, draws=draws, slack=battery.CHOOSE_SLACK, pooled=False)
-            for seed in FEW_ENTRY_SEEDS if verdict.passed and verdict.few else ():
-                # judged over each setting's draws together, as the form written is: one draw's error
-                # of a total whose terms cancel is chance (``battery._judge_pooled``); and only the
-                # few-entry gradients are in question, the others were judged on many entries
-                again = battery.run(layer, fn, sizes, seed=seed, draws=verdict.settings,
-                                    slack=battery.CHOOSE_SLACK)
-                verdict.findings += [f for f in again.findings if f.value in verdict.few]
-                if not verdict.passed:
-                    break
-            return verdict
-    finally:
-        torch.set_num_threads(threads)
+    with _one_thread(), tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
+        fn = _module_function(kernel, Path(folder))
+        sizes = battery.battery_sizes(layer)
+        verdict = battery.run(layer, fn, sizes, draws=draws, slack=battery.CHOOSE_SLACK, pooled=False)
+        for seed in FEW_ENTRY_SEEDS if verdict.passed and verdict.few else ():
+            # judged over each setting's draws together, as the form written is: one draw's error
+            # of a total whose terms cancel is chance (``battery._judge_pooled``); and only the
+            # few-entry gradients are in question, the others were judged on many entries
+            again = battery.run(layer, fn, sizes, seed=seed, draws=verdict.settings,
+                                slack=battery.CHOOSE_SLACK)
+            verdict.findings += [f for f in again.findings if f.value in verdict.few]
+            if not verdict.passed:
+                break
+        return verdict
 
 
 def choose(layer: Layer, fused_only: bool = False) -> Choice:
@@ -159,12 +161,8 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
             raise
         return _steps_choice(layer, f"the fused engine failed ({type(e).__name__}: {_one_line(e)}); "
                                     f"report this as a bug")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         draws = battery.settings(layer, battery.battery_sizes(layer))
-    finally:
-        torch.set_num_threads(threads)
     forbidden: dict[str, frozenset] = {}
     as_written: frozenset = frozenset()
     undone: list[str] = []
