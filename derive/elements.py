@@ -24,8 +24,8 @@ import sympy as sp
 from .errors import DerivationError
 from .atoms import atomic_shape, axis_atoms
 from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
-from .symbolic import (AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, Max, Red, TiedMax, expand,
-                       extent, hide_argmax, index_for, reductions, reindex)
+from .symbolic import (AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, Max, Red, TiedMax,
+                       expand, extent, hide_argmax, index_for, reductions, reindex)
 from .trace import Graph, Node
 
 REDUCING_OPS = ("sum", "mean", "max", "matmul", "softmax", "log_softmax", "logsumexp")
@@ -315,6 +315,13 @@ class Elements:
 
         a = [aligned(x) for x in node.args] if op not in ("sum", "mean", "max", "matmul", "pick", "embed", "permute",
                                                          "view", "logsumexp") else []
+        if literal and "variance_of" in node.attrs and self._one_bound(node.attrs["variance_of"], node.args[0]):
+            # x.var(dim): one torch.var, as the spec computes it (the sums it is derived from, written
+            # out, round in the tensor's dtype)
+            variance = self._reduction(node.args[0], read, axes, bind, over, total, largest,
+                                       node.attrs["variance_of"])
+            if isinstance(variance, AxisSum):
+                return AxisVar(variance.body, variance.index, node.attrs["correction"])
         if op in ("add", "sub", "mul", "div"):
             return {"add": a[0] + a[1], "sub": a[0] - a[1], "mul": a[0] * a[1], "div": a[0] / a[1]}[op]
         if op == "pow":
@@ -384,10 +391,16 @@ class Elements:
         raise DerivationError(self.layer, f"operation {op!r} has no element-wise form",
                               "use the supported primitives", node.line, node.source)
 
-    def _reduction(self, node: Node, read, axes: list, bind, over, total, largest) -> sp.Expr:
+    def _one_bound(self, source: Node, reduction: Node) -> bool:
+        """Whether ``reduction`` of ``source`` binds one index (one axis, not split by a view)."""
+        own = self.free_axes(source)
+        return len([j for k in reduction.attrs["axes"] for j in own[k] if j != 0]) == 1
+
+    def _reduction(self, node: Node, read, axes: list, bind, over, total, largest, source: Node | None = None) -> sp.Expr:
         """A sum, mean, max or logsumexp over ``axes``: the kept axes at the result's indices, each
-        reduced axis at indices of its own (the axis's own ones where no kept axis takes them)."""
-        source = node.args[0]
+        reduced axis at indices of its own (the axis's own ones where no kept axis takes them).
+        ``source`` in place of the node's operand: another value of its shape reduced the same way."""
+        source = source or node.args[0]
         reduced, keepdim = node.attrs["axes"], node.attrs["keepdim"]
         kept = iter(axes if not keepdim else [a for k, a in enumerate(axes) if k not in reduced])
         own = self.free_axes(source)

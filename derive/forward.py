@@ -84,6 +84,10 @@ def line(node: Node, printer, view: str = "view") -> str:
         return f"{a[0]}.expand({', '.join(printer.doprint(s) for s in node.shape)})"
     if op == "mul" and not isinstance(node.args[1], Node) and node.args[1] == -1:
         return f"-{a[0]}"
+    if "variance_of" in node.attrs:  # x.var(dim), as the spec wrote it: one torch.var
+        summed = node.args[0]
+        return (f"{node.attrs['variance_of'].name}.var({_axes(summed.attrs['axes'])}, "
+                f"correction={node.attrs['correction']}, keepdim={summed.attrs['keepdim']})")
     if op in ("add", "sub", "mul", "div"):
         return f"{a[0]} {dict(add='+', sub='-', mul='*', div='/')[op]} {a[1]}"
     if op == "pow":

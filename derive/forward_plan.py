@@ -24,7 +24,7 @@ import sympy as sp
 
 from .elements import CONTRACTIONS, REDUCING_OPS, Elements
 from .errors import DerivationError
-from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, extent
+from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, extent
 from .printer import ForwardPrinter, Frame, _wrap, fit_shape, temporaries
 from .spec import Tensor
 from .trace import Node
@@ -74,7 +74,7 @@ def _kept(el: Elements) -> set:
         for table, axis in picks:
             if table in values:
                 picked = el.free_axes(table)[axis][0]
-                if any(b.index != picked for b in values[table].atoms(AxisSum, AxisMax, AxisLogSumExp)) \
+                if any(b.index != picked for b in values[table].atoms(AxisSum, AxisMax, AxisLogSumExp, AxisVar)) \
                         or values[table].atoms(AxisSoftmax):
                     kept.add(table)
         break

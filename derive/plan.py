@@ -52,7 +52,7 @@ import sympy as sp
 from .functions import Clamp, Equal, NonNeg, Relu, Sigmoid, Softplus, Step, Where, Wins
 from .forward_plan import plan as forward_statements
 from .spec import Labels, dim_names
-from .symbolic import AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, GroupedRed, IsArgmax, Max, Red, extent
+from .symbolic import AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, GroupedRed, IsArgmax, Max, Red, extent
 
 FULL, ROW, COL, SCALAR = frozenset({0, 1}), frozenset({0}), frozenset({1}), frozenset()
 
@@ -530,7 +530,8 @@ def loop_program(kernel, name: str, frame_index: list, tensors: dict, definition
 
 def written_out(expr: sp.Expr) -> sp.Expr:
     """A softmax, log-softmax or logsumexp along an axis written out as the loops compute it: the
-    maximum, the sum of exponentials shifted by it, then the element."""
+    maximum, the sum of exponentials shifted by it, then the element; a variance as the mean, then
+    the sum of squared deviations from it (the loops accumulate in double)."""
     def softmax(e):
         shifted = e.body - AxisMax(e.body, e.index)
         total = AxisSum(sp.exp(shifted), e.index)
@@ -540,7 +541,12 @@ def written_out(expr: sp.Expr) -> sp.Expr:
         top = AxisMax(e.body, e.index)
         return top + sp.log(AxisSum(sp.exp(e.body - top), e.index))
 
+    def variance(e):
+        centred = e.body - AxisSum(e.body, e.index) / extent(e.index)
+        return AxisSum(centred**2, e.index) / (extent(e.index) - e.correction)
+
     expr = expr.replace(lambda e: isinstance(e, AxisSoftmax), softmax)
+    expr = expr.replace(lambda e: isinstance(e, AxisVar), variance)
     return expr.replace(lambda e: isinstance(e, AxisLogSumExp), logsumexp)
 
 

@@ -15,7 +15,7 @@ from sympy.printing.pytorch import TorchPrinter
 from .backends import CodeOps, number_text
 from .errors import DerivationError
 from .functions import Sigmoid
-from .symbolic import (AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, IsArgmax, IsTiedMax, Max, Red, extent, reciprocal_root_power,
+from .symbolic import (AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent, reciprocal_root_power,
                        reciprocal_roots)
 
 
@@ -227,7 +227,7 @@ class KernelPrinter(TorchPrinter):
                 if tensor is None:
                     return None
                 tensors.append(tensor)
-            elif f.atoms(Red, AxisSum, AxisMax, AxisSoftmax, AxisLogSumExp, Max, IsArgmax) or any(  # a sum, or a temporary
+            elif f.atoms(Red, AxisSum, AxisMax, AxisSoftmax, AxisLogSumExp, AxisVar, Max, IsArgmax) or any(  # a sum, or a temporary
                     isinstance(s, sp.Symbol) and s.name in self.shapes for s in _outside_elements(f)):
                 return None
             elif f.atoms(sp.Indexed) or any(isinstance(s, sp.Idx) for s in f.free_symbols):
@@ -490,8 +490,10 @@ class KernelPrinter(TorchPrinter):
 
     _print_GroupedRed = _print_Red  # SymPy's dispatch does not pass a renamed subclass to its parent's method
 
-    def _reduce_body(self, inner: "KernelPrinter", body: sp.Expr, axes: list[int], method: str = "sum") -> str:
-        """``body``, printed by ``inner`` (whose frame holds the bound axes), reduced over ``axes``."""
+    def _reduce_body(self, inner: "KernelPrinter", body: sp.Expr, axes: list[int], method: str = "sum",
+                     options: str = "") -> str:
+        """``body``, printed by ``inner`` (whose frame holds the bound axes), reduced over ``axes``
+        (``options``: more keyword arguments of the reduction, after the axes)."""
         if method == "sum":
             contraction = inner._contraction(body, {i for i, a in inner.frame.slots.items() if a in axes})
             if contraction is not None:
@@ -503,7 +505,7 @@ class KernelPrinter(TorchPrinter):
         where = str(axes[0]) if len(axes) == 1 else str(tuple(sorted(axes)))
         if method == "logsumexp":
             return f"torch.logsumexp({text}, {where}, keepdim=True)"
-        return f"{text}.{method}({where}, keepdim=True)"
+        return f"{text}.{method}({where}{options}, keepdim=True)"
 
     def _softmax_backward(self, expr) -> str | None:
         """``s*(a - sum_j a*s)`` with ``s`` a saved softmax along ``j``'s axis and ``a`` a tensor of
@@ -1022,6 +1024,9 @@ class ForwardPrinter(KernelPrinter):
     def _print_AxisLogSumExp(self, expr):
         return self._reduce(expr, "logsumexp")
 
+    def _print_AxisVar(self, expr):
+        return self._reduce(expr, "var")
+
     def _print_AxisSoftmax(self, expr):
         """``torch.softmax`` (``log_softmax``) along the axis of the element's own index."""
         method = "log_softmax" if type(expr).__name__ == "AxisLogSoftmax" else "softmax"
@@ -1050,7 +1055,11 @@ class ForwardPrinter(KernelPrinter):
         if not self._varies_along(expr.body, expr.index, axis):
             # a body that simplified to a value constant along the axis (``(v - v).exp().sum(1)``
             # reads a (n, 1) temporary): summing its one entry would miss the other k - 1
+            if method == "var":
+                return self._print(sp.S.Zero)
             return self._print(expr.body * extent(expr.index) if method == "sum" else expr.body)
+        if method == "var":
+            return self._reduce_body(self._inner(frame), expr.body, [axis], method, f", correction={expr.correction}")
         return self._reduce_body(self._inner(frame), expr.body, [axis], method)
 
     def _varies_along(self, body: sp.Expr, j: sp.Idx, axis: int) -> bool:

@@ -14,7 +14,7 @@
 So no fused kernel worse than autograd through its spec is written; the choice and the reason for
 it are reported per layer. The step-by-step kernel written in place of a fused one goes through the
 battery too: it replays the operations the trace records, and where the spec calls a torch function
-the trace writes in other steps (``x.var(0)``), torch's own may round better; the report says so.
+the trace writes in other steps, torch's own may round better; the report says so.
 """
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ STEPS_FAIL = "the step-by-step kernel fails the battery"
 def _steps_verdict(layer: Layer, draws: list | None, reason: str) -> battery.Verdict:
     """The numerical battery of the step-by-step kernel written in place of a fused one. It replays
     autograd's operations as the trace records them; where the spec calls a torch function that
-    the trace writes in primitives (``x.var(0)``: a mean, a difference, squares, a sum), torch's own
-    may round better (its variance accumulates in double on the CPU), and the report says so."""
+    the trace writes in primitives, torch's own may round better, and the report says so (a
+    variance did, until it was computed with ``torch.var``: see ``trace.reductions``)."""
     from .codegen import render_steps
     from .trace import trace
 

@@ -334,6 +334,18 @@ class AxisLogSumExp(_Bound):
     nargs = 2
 
 
+class AxisVar(_Bound):
+    """``var(body)`` over the axis of ``j`` with ``correction`` (a reduction, as written: one
+    ``torch.var``, which accumulates in double where the sums written out would round in the
+    tensor's dtype)."""
+
+    nargs = 3
+
+    @property
+    def correction(self) -> sp.Expr:
+        return self.args[2]
+
+
 def reindex(expr: sp.Expr, mapping: dict) -> sp.Expr:
     """``expr`` with its free indices replaced at once by ``mapping`` (``{i_n: j_n, j_n: i_n}`` swaps them).
 
@@ -345,7 +357,7 @@ def reindex(expr: sp.Expr, mapping: dict) -> sp.Expr:
     mapping = {k: v for k, v in mapping.items() if k != v}
     if not mapping:
         return expr
-    if not expr.has(AxisSum, AxisMax, AxisLogSumExp, AxisSoftmax):
+    if not expr.has(AxisSum, AxisMax, AxisLogSumExp, AxisVar, AxisSoftmax):
         return expr.xreplace(mapping)
     return _reindex(expr, mapping)
 
@@ -356,7 +368,7 @@ def _reindex(expr: sp.Expr, mapping: dict) -> sp.Expr:
         if not isinstance(j, sp.Idx):
             raise ValueError(f"{expr} read at {j}")  # a pick of a softmax: kept as a tensor first (forward_plan)
         return expr.func(_reindex(expr.body, {**mapping, expr.index: j}), j)
-    if isinstance(expr, (AxisSum, AxisMax, AxisLogSumExp)):
+    if isinstance(expr, (AxisSum, AxisMax, AxisLogSumExp, AxisVar)):
         j, body = expr.index, expr.body
         inner = {k: v for k, v in mapping.items() if k != j}
         if not inner:
@@ -366,7 +378,7 @@ def _reindex(expr: sp.Expr, mapping: dict) -> sp.Expr:
             taken = body.free_symbols | reached
             fresh = next(i for i in (sp.Idx(f"{j.name}{'_b' * k}", j.upper + 1) for k in range(1, 99)) if i not in taken)
             body, j = _reindex(body, {j: fresh}), fresh
-        return expr.func(_reindex(body, inner), j)
+        return expr.func(_reindex(body, inner), j, *expr.args[2:])
     if expr in mapping:
         return mapping[expr]
     if not expr.args or isinstance(expr, (sp.IndexedBase, sp.Idx)):

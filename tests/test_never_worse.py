@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from derive import battery
 from derive.cli import main
+from derive.errors import DerivationError
 from derive.generate import render
 from derive.kernel import build_cached
 from derive.layers import by_name, from_file
@@ -956,19 +957,50 @@ def variance_penalty(x):
 '''
 
 
-def test_a_step_by_step_kernel_worse_than_autograd_is_reported(tmp_path, capsys):
-    """``x.var(0)`` is traced as a mean, a difference, squares and a sum; torch's own variance
-    accumulates in double on the CPU. At inputs offset by 1e6 the fused forward is 0.45 from the
-    reference (autograd's: 8e-6), and so is the step-by-step kernel written in its place, which
-    replays the traced steps. That kernel is put through the battery too, and the report says it
-    fails (it said "fused fail", as if the kernel written were sound)."""
+def test_a_variance_is_computed_as_torch_computes_it(tmp_path, capsys):
+    """``x.var(0)`` is derived from the mean, squares and a sum the trace records, and computed as
+    the spec computes it: one ``torch.var``, which accumulates in double on the CPU. Written out in
+    float32 the two passes were 0.45 from the reference at inputs offset by 1e6 (autograd's: 8e-6),
+    in both kernels, and the fused form fell back to a step-by-step kernel that failed too."""
     spec = tmp_path / "variance.py"
     spec.write_text(TORCH_VARIANCE)
     assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "out")]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("variance_penalty ")]
+    assert " fused " in row and " passed " in row, row
+    for module in ("variance_penalty.py", "variance_penalty_steps.py"):
+        source = (tmp_path / "out" / module).read_text()
+        assert "x.var(0, correction=1, keepdim=" in source and "x.var(1, correction=0, keepdim=" in source, module
+    (layer,) = from_file(str(spec))
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1e6
+    exact = layer.fn(x)
+    fused = load_module(tmp_path / "out" / "variance_penalty.py").variance_penalty(x.float())
+    assert abs(fused.double() - exact) <= 4 * abs(layer.fn(x.float()).double() - exact) + 1e-3, (fused, exact)
+
+
+def test_a_step_by_step_kernel_worse_than_autograd_is_reported(tmp_path, monkeypatch, capsys):
+    """The step-by-step kernel written in place of a fused one goes through the battery too, and
+    the report says where it fails (it said "fused fail", as if the kernel written were sound).
+    Here the fused engine refuses the layer and the step-by-step kernel is made to scale its
+    output by 1 + 1e-3."""
+    import derive.select as select
+
+    def refuse(layer):
+        raise DerivationError(layer.name, "refused for this test", "nothing to do")
+
+    loaded = select._loaded
+
+    def off(name, source, folder):
+        fn = loaded(name, source, folder)
+        return lambda *args, **kwargs: fn(*args, **kwargs) * (1 + 1e-3)
+
+    monkeypatch.setattr(select, "build_cached", refuse)
+    monkeypatch.setattr(select, "_loaded", off)
+    spec = spec_with(tmp_path, "tanh_formula")
+    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
-    (row,) = [line for line in text.splitlines() if line.startswith("variance_penalty ")]
+    (row,) = [line for line in text.splitlines() if line.startswith("tanh_formula ")]
     assert " step-by-step steps fail " in row, row
-    assert "the step-by-step kernel fails the battery too: output at N(0, 1) + 1e+06" in text, text
+    assert "the step-by-step kernel fails the battery too: output at N(0, 1)" in text, text
 
 
 def test_a_layer_the_fused_engine_fails_on_gets_a_checked_step_by_step_kernel(tmp_path, monkeypatch):

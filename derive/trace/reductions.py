@@ -97,7 +97,12 @@ class Reductions:
         axes = self._axes(dim, "var")
         count = sp.Mul(*[self.node.shape[k] for k in axes])
         centred = self - self.mean(axes, keepdim=True)
-        return (centred ** 2).sum(axes, keepdim=keepdim) / (count - correction)
+        variance = (centred ** 2).sum(axes, keepdim=keepdim) / (count - correction)
+        # derived from the primitives above; its value is computed as torch computes it (one
+        # ``torch.var``, accumulated in double on the CPU: the two passes in float32 are 0.01 off at
+        # an offset of 1e6), so the node remembers what it is the variance of
+        variance.node.attrs.update(variance_of=self.node, correction=correction)
+        return variance
 
     def std(self, dim=None, unbiased=None, keepdim=False, correction=None, **kwargs):
         return self.var(dim, unbiased, keepdim, correction).sqrt()
