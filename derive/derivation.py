@@ -31,7 +31,7 @@ from .document.display import Display, equation
 from .document.evaluate import complete, evaluate
 from .document.executed import executed
 from .document.formats import MARKDOWN, PREAMBLE, TEX, Format
-from .document.notation import ADJOINT, Printer, RESERVED_LETTERS, index_letters, md_code, tex_name, tex_text
+from .document.notation import ADJOINT, Printer, RESERVED_LETTERS, index_letters, md_code, tex_code, tex_name, tex_text
 from .document.numbers import Example, example, matrix, number, one_thread
 from .document.written import LEAVES, Route, Written, placeholder
 from .kernel import Kernel
@@ -371,6 +371,21 @@ def _render(kernel: Kernel, fmt: Format) -> str:
     return header(kernel, fmt.comment[0], body, fmt.comment[1], templates=[fmt.template, *fmt.includes]) + body
 
 
+def render_unwritten(layer, markdown: bool, fault: str, steps: bool = False) -> str:
+    """In place of a derivation document that ``derive`` failed to write (a fault of its own, not of
+    the spec): a page that says so and asks for a report. The kernel does not depend on it, so a run
+    writes this and goes on rather than stopping with a traceback."""
+    fmt = MARKDOWN if markdown else TEX
+    template = f"derivation_unwritten.{'md' if markdown else 'tex'}.j2"
+    stem = f"{layer.name}_steps" if steps else layer.name
+    kernel = fmt.code(f"{layer.name}{'_steps' if steps else ''}.py")
+    body = environment().get_template(template).render(
+        what="step-by-step backward pass" if steps else "fused backward pass", name=layer.name,
+        name_tex=tex_code(layer.name), module=fmt.code(layer.module), label=stem, kernel=kernel,
+        fault=fmt.code(fault)).lstrip("\n")
+    return header(layer, fmt.comment[0], body, fmt.comment[1], templates=[template, *fmt.includes]) + body
+
+
 def render_tex(kernel: Kernel) -> str:
     """The derivation as a standalone LaTeX document."""
     return _render(kernel, TEX)
@@ -381,4 +396,4 @@ def render_markdown(kernel: Kernel) -> str:
     return _render(kernel, MARKDOWN)
 
 
-__all__ = ["render_tex", "render_markdown", "graph_context", "tex_name", "tex_text", "md_code", "PREAMBLE"]
+__all__ = ["render_tex", "render_markdown", "render_unwritten", "graph_context", "tex_name", "tex_text", "md_code", "PREAMBLE"]

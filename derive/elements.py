@@ -24,8 +24,8 @@ import sympy as sp
 from .errors import DerivationError
 from .atoms import atomic_shape, axis_atoms
 from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
-from .symbolic import (AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, Max, Red, TiedMax,
-                       expand, extent, hide_argmax, index_for, reductions, reindex)
+from .symbolic import (AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, Max, Red, expand,
+                       extent, hide_argmax, index_for, maximum_of, reductions, reindex)
 from .trace import Graph, Node
 
 REDUCING_OPS = ("sum", "mean", "max", "matmul", "softmax", "log_softmax", "logsumexp")
@@ -305,7 +305,7 @@ class Elements:
             return tuple(out)
 
         total = (AxisSum if literal else Red)
-        largest = AxisMax if literal else TiedMax if node.attrs.get("ties") == "shared" else Max
+        largest = AxisMax if literal else maximum_of(node.attrs.get("ties"))
 
         def over(value, indices, combine):
             for j in indices:

@@ -23,7 +23,7 @@ from . import native
 from .book import index_markdown, index_specs
 from .codegen import render_function, render_steps, render_synced
 from .synced import has_batch_sums, synced_cached
-from .derivation import render_markdown, render_tex
+from .derivation import render_markdown, render_tex, render_unwritten
 from .derivation_steps import render_steps_markdown, render_steps_tex
 from .errors import DerivationError, DeriveError, ProofFailure
 from .files import comparable, content_hash, ownership, plan, remove_temporaries, write_atomic
@@ -80,6 +80,24 @@ def collisions(layers: list[Layer], index: bool = True, backends: tuple = ()) ->
             f"them into separate folders with --out)" for who, rels in sorted(shared.items())]
 
 
+DOCUMENTS = "derivation documents"  # the key of ``reasons`` that says which documents derive failed to write
+
+
+def _document(write, subject, markdown: bool, steps: bool, reasons: dict) -> str:
+    """``write(subject)``, a derivation document; where derive fails to write it (its own fault: the
+    spec traced, and its kernel is derived), the page ``render_unwritten`` says so, and ``reasons``
+    gets a line for the report. A kernel does not depend on its document, so the run goes on."""
+    try:
+        return write(subject)
+    except Exception as e:  # (a refusal too: the spec traced and its kernel is derived, the document is derive's)
+        layer = getattr(subject, "layer", subject)
+        fault = f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+        which = f"{layer.name}{'_steps' if steps else ''}.{'md' if markdown else 'tex'}"
+        reasons[DOCUMENTS] = (f"{reasons[DOCUMENTS]}; " if DOCUMENTS in reasons else "") + \
+            f"{which} could not be written ({fault}); report this as a bug"
+        return render_unwritten(layer, markdown, fault, steps)
+
+
 def render(layer: Layer, choice: Choice | None = None, backends: tuple = (), reasons: dict | None = None) -> dict[str, str]:
     """Relative path -> text of every file generated for ``layer``: its step-by-step backward and that
     backward's derivation, and its kernel ``<name>.py``: the fused one with its derivation, or,
@@ -88,22 +106,22 @@ def render(layer: Layer, choice: Choice | None = None, backends: tuple = (), rea
     per backend, why there is none)."""
     graph = trace(layer)
     choice = choice or chosen(layer)
+    reasons = {} if reasons is None else reasons
     files = {
         f"{layer.name}_steps.py": render_steps(graph),
-        f"derivations/{layer.name}_steps.tex": render_steps_tex(graph),
-        f"derivations/{layer.name}_steps.md": render_steps_markdown(graph),
+        f"derivations/{layer.name}_steps.tex": _document(render_steps_tex, graph, False, True, reasons),
+        f"derivations/{layer.name}_steps.md": _document(render_steps_markdown, graph, True, True, reasons),
     }
     if choice.fused:
         files |= {
             f"{layer.name}.py": render_function(choice.kernel),
-            f"derivations/{layer.name}.tex": render_tex(choice.kernel),
-            f"derivations/{layer.name}.md": render_markdown(choice.kernel),
+            f"derivations/{layer.name}.tex": _document(render_tex, choice.kernel, False, False, reasons),
+            f"derivations/{layer.name}.md": _document(render_markdown, choice.kernel, True, False, reasons),
         }
         if has_batch_sums(choice.kernel):  # a declared batch axis the layer sums over: a variant across ranks
             files[f"{layer.name}_synced.py"] = render_synced(synced_cached(choice.kernel))
     else:
         files[f"{layer.name}.py"] = render_steps(graph, choice.reason)
-    reasons = {} if reasons is None else reasons
     lowered = native.lowered(choice.kernel) if backends and choice.fused else None  # one plan, both backends
     for backend in backends:
         if not choice.fused:
@@ -173,7 +191,8 @@ class Report:
         if not self.unchanged and (not self.fused or "undoing" in self.form) and self.form:
             notes.append(f"{self.layer}: {self.form}")
         for backend, verdict in self.native.items():
-            notes.append(f"{self.layer}: {backend} kernel: {verdict}")
+            notes.append(f"{self.layer}: {backend}: {verdict}" if backend == DOCUMENTS
+                         else f"{self.layer}: {backend} kernel: {verdict}")
         return "\n".join(notes)
 
 

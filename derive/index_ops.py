@@ -12,7 +12,7 @@ from typing import Callable
 import sympy as sp
 
 from .functions import COMPARISONS, ELEMENTWISE, mask, EXTREMA, Clamp, NonNeg, Sigmoid, Step, Where, winning
-from .symbolic import IsArgmax, IsTiedMax, Max, Red, TiedMax
+from .symbolic import IsArgmax, IsTiedMax, Max, Red, TiedMax, maximum_of
 from .trace import Node
 
 # -- tensors at generic indices: a shape and a function from an index tuple to an element ----------
@@ -179,20 +179,16 @@ class IndexOps:
         """The formula itself: a kernel of autograd's computes it (``CodeOps.one_pass``)."""
         return formula
 
-    def argmax_mask(self, a, axis, result):
+    def argmax_mask(self, a, axis, result, largest=Max, mark=IsArgmax):
+        """1 at the position of the maximum along ``axis`` (``max(dim)``'s index), else 0; with
+        ``TiedMax`` and ``IsTiedMax``, ``1/c`` at each of the ``c`` positions that tie (``amax``)."""
         def fn(idx):
-            m = _sum(lambda j: a.fn(idx[:axis] + (j,) + idx[axis + 1:]), [a.shape[axis]], Max)
-            return IsArgmax(idx[axis], m)
+            m = _sum(lambda j: a.fn(idx[:axis] + (j,) + idx[axis + 1:]), [a.shape[axis]], largest)
+            return mark(idx[axis], m)
         return Elt(a.shape, fn)
 
     def shared_at_ties(self, grad, a, axis, result):
-        return grad * self._tied_mask(a, axis)
-
-    def _tied_mask(self, a, axis):
-        def fn(idx):
-            m = _sum(lambda j: a.fn(idx[:axis] + (j,) + idx[axis + 1:]), [a.shape[axis]], TiedMax)
-            return IsTiedMax(idx[axis], m)
-        return Elt(a.shape, fn)
+        return grad * self.argmax_mask(a, axis, result, TiedMax, IsTiedMax)
 
     def transpose(self, b):
         perm = tuple(range(len(b.shape) - 2)) + (len(b.shape) - 1, len(b.shape) - 2)
@@ -334,7 +330,7 @@ def _forward(node: Node, a: list[Elt]) -> Elt:
         return _normalized(node, a[0])
     if op in ("sum", "mean", "max"):
         axes, keepdim = node.attrs["axes"], node.attrs["keepdim"]
-        largest = TiedMax if node.attrs.get("ties") == "shared" else Max
+        largest = maximum_of(node.attrs.get("ties"))
         value = _reduce(a[0], node.shape, axes, keepdim, largest if op == "max" else Red)
         return value / sp.Mul(*[a[0].shape[k] for k in axes]) if op == "mean" else value
     if op == "matmul":

@@ -258,6 +258,11 @@ class IsTiedMax(IsArgmax):
         return r"\frac{\mathbb{1}[%s \in \operatorname{argmax}]}{|\operatorname{argmax}|}" % printer._print(self.args[0])
 
 
+def maximum_of(ties: str | None) -> type[Max]:
+    """The maximum a traced ``max`` node takes: ``amax``'s (``ties="shared"``) or ``max(dim)``'s."""
+    return TiedMax if ties == "shared" else Max
+
+
 def hide_argmax(expr: sp.Expr) -> tuple[sp.Expr, Callable[[sp.Expr], sp.Expr]]:
     """``expr`` with each ``IsArgmax(j, Max(body, r))`` replaced by an opaque function of its free
     indices, and the function that puts them back.

@@ -106,3 +106,31 @@ def test_latex_book_has_every_document_in_its_table_of_contents(tmp_path):
         title = re.search(r"^\\title\{(.*)\}$", (DERIVATIONS / f"{stem}.tex").read_text(), re.M).group(1)
         assert title.replace(" ", "") in toc
     assert ink(pdf) > MIN_INK and ink(pdf, 2) > MIN_INK  # the title page and the contents
+
+
+def test_a_document_derive_fails_to_write_is_a_page_that_says_so(tmp_path, monkeypatch, capsys):
+    """A fault while writing a derivation document (not the kernel's) ended the whole run with a
+    traceback. The kernel does not depend on its document: the run writes every file, the document
+    is a page that names the fault and asks for a report, the report's note says the same, and the
+    page compiles."""
+    import derive.generate as generate
+    from derive.cli import main
+
+    def fault(kernel):
+        raise RuntimeError("no printer for this atom")
+
+    monkeypatch.setattr(generate, "render_tex", fault)
+    spec = tmp_path / "spec.py"
+    spec.write_text("import torch\nfrom derive import Tensor, layer\n\n\n@layer(x=Tensor(\"n\", \"d\"))\n"
+                    "def tanh_of_x(x):\n    return torch.tanh(x)\n")
+    out = tmp_path / "out"
+    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert ("note: tanh_of_x: derivation documents: tanh_of_x.tex could not be written (RuntimeError: no "
+            "printer for this atom); report this as a bug") in text, text
+    page = (out / "derivations" / "tanh_of_x.tex").read_text()
+    assert "could not be written" in page and "no printer for this atom" in page
+    assert "Deriving the backward pass" in (out / "derivations" / "tanh_of_x.md").read_text()
+    assert (out / "tanh_of_x.py").exists() and (out / "derivations" / "tanh_of_x_steps.tex").exists()
+    run = latexmk(out / "derivations", "tanh_of_x")
+    assert run.returncode == 0, run.stdout[-2000:]
