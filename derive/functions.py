@@ -56,6 +56,9 @@ class Sigmoid(sp.Function):
         if isinstance(x, Logit):
             return x.args[0]
 
+    def _eval_evalf(self, prec):  # a number at a number, so it compares (``Clamp`` of it)
+        return (1 / (1 + sp.exp(-self.args[0])))._eval_evalf(prec)
+
     def _latex(self, printer, exp=None):
         text = r"\sigma\left(%s\right)" % printer._print(self.args[0])
         return text if exp is None else r"%s^{%s}" % (text, exp)
@@ -74,6 +77,9 @@ class Logit(sp.Function):
     def fdiff(self, argindex=1):
         p = self.args[0]
         return 1 / (p * (1 - p))
+
+    def _eval_evalf(self, prec):
+        return sp.log(self.args[0] / (1 - self.args[0]))._eval_evalf(prec)
 
 
 class Step(sp.Function):
@@ -112,6 +118,9 @@ class Softplus(sp.Function):
 
     def _eval_is_real(self):
         return self.args[0].is_real
+
+    def _eval_evalf(self, prec):  # a number at a number, so it compares: Clamp(Softplus(13/5), -1, 1/2)
+        return sp.log(1 + sp.exp(self.args[0]))._eval_evalf(prec)
 
     def _latex(self, printer, exp=None):
         text = r"\operatorname{softplus}\left(%s\right)" % printer._print(self.args[0])
@@ -286,7 +295,7 @@ class Clamp(sp.Function):
 
     @classmethod
     def eval(cls, x, lo, hi):
-        if x.is_number and lo.is_comparable and hi.is_comparable:
+        if x.is_comparable and lo.is_comparable and hi.is_comparable:
             return sp.Min(sp.Max(x, lo), hi)
 
     def fdiff(self, argindex=1):

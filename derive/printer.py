@@ -77,6 +77,11 @@ class Frame:
         return Frame(self.indices, slots), axis
 
 
+# the most matrix products one sum is multiplied out into (each of a (n x k) by (k x k) pair costs
+# about what autograd's own products cost; the broadcast body they replace costs n*k*k elements)
+MOST_CONTRACTIONS = 12
+
+
 class KernelPrinter(TorchPrinter):
     """SymPy's torch printer, plus tensors laid out in a frame, reductions and one-hots."""
 
@@ -221,8 +226,19 @@ class KernelPrinter(TorchPrinter):
         as exactly those axes. Returns None for anything else (a sum of one tensor, of an elementwise
         product of same-shaped tensors, or with a factor that is not a plain tensor or a scalar)."""
         tensors, scalars, composite = [], [], {}
-        for f in sp.Mul.make_args(body):
-            if isinstance(f, sp.Indexed):
+        factors = sp.Mul.make_args(body)
+        # tensors read at the same indices are one operand, their elementwise product: einsum over
+        # ``cb,ac,ac->ab`` contracts the first two into an (k x k x n) tensor first
+        def indices_of(f):
+            return frozenset(i for i in f.free_symbols if isinstance(i, sp.Idx))
+
+        read_at = [indices_of(f) for f in factors if not isinstance(f, sp.Indexed) or
+                   all(isinstance(i, sp.Idx) for i in f.indices)]
+        for f in factors:
+            if isinstance(f, sp.Indexed) and all(isinstance(i, sp.Idx) for i in f.indices) \
+                    and read_at.count(indices_of(f)) > 1:
+                composite.setdefault(indices_of(f), []).append(f)
+            elif isinstance(f, sp.Indexed):
                 tensor = self._operand(f)
                 if tensor is None:
                     return None
@@ -285,29 +301,56 @@ class KernelPrinter(TorchPrinter):
         return f"({' + '.join(terms)})"  # one operand of whatever multiplies the sum
 
     def _distributed_contractions(self, body, summed: set):
-        """A product summed that holds contractions once its factors free of the summed indices are
-        taken out and a sum among the others is multiplied out: ``sum_j (b[j]**2*g[j, i] +
-        3*b[i]**2*g[i, j])*b[j]``, the gradient of the outer product ``b**3 @ b.T``, is
-        ``3*b**2*(g @ b) + g.T @ b**3``, two matrix-vector products, never the (n x n) broadcast
-        body (15x autograd's time at n = 1024). None where a term is not a contraction."""
+        """A sum that holds contractions once its sums are multiplied out and the factors free of the
+        summed indices are taken out of each term: ``sum_j (b[j]**2*g[j, i] + 3*b[i]**2*g[i, j])*b[j]``,
+        the gradient of the outer product ``b**3 @ b.T``, is ``3*b**2*(g @ b) + g.T @ b**3``, two
+        matrix-vector products, never the (n x n) broadcast body (15x autograd's time at n = 1024);
+        the gradient of ``(v3 + v4 - log(s))*v3).T @ v4`` has nine such terms in three groups
+        (three products, where the (n x k x k) broadcast took 350x autograd's time at 1024 x 512).
+        Terms with the same contraction share it. None where a term is not a contraction."""
         def split(product):
             factors = sp.Mul.make_args(product)
             free = [f for f in factors if not (f.free_symbols & summed)]
             return sp.Mul(*free), sp.Mul(*[f for f in factors if f.free_symbols & summed])
 
+        def terms(expr) -> list:
+            """``expr`` as ``[(scale, core)]``, ``scale`` free of the summed indices, ``core`` a
+            contraction where a sum it holds need not be multiplied out for one."""
+            if isinstance(expr, sp.Add):
+                return [t for a in expr.args for t in terms(a)]
+            scale, core = split(expr)
+            sums = [f for f in sp.Mul.make_args(core) if isinstance(f, sp.Add)]
+            if not sums or self._contraction(core, summed) is not None:
+                return [(scale, core)]
+            rest = sp.Mul(*[f for f in sp.Mul.make_args(core) if f is not sums[0]])
+            return [(scale * s, c) for a in sums[0].args for s, c in terms(sp.Mul(rest, a))]
+
         outside, inner = split(body)
-        sums = [f for f in sp.Mul.make_args(inner) if isinstance(f, sp.Add)]
-        if len(sums) > 1 or (not sums and outside == 1):
+        if not isinstance(inner, sp.Add) and not any(isinstance(f, sp.Add) for f in sp.Mul.make_args(inner)) \
+                and outside == 1:
             return None  # nothing taken out, nothing multiplied out: the plain contraction failed
-        others = sp.Mul(*[f for f in sp.Mul.make_args(inner) if f is not (sums[0] if sums else None)])
+        by_scale: dict = {}
+        for scale, core in terms(inner):
+            by_scale.setdefault(scale, []).append(core)
+        grouped: dict = {}  # contraction -> its scales
+        for scale, cores in by_scale.items():
+            # the terms of one scale as one contraction where they share their tensors (as the spec
+            # grouped them: ``((v3 + v4 - t1)*v3) @ dv10``, not three products added)
+            shared = sp.gcd_terms(sp.Add(*cores)) if len(cores) > 1 else cores[0]
+            for core in [shared] if self._contraction(shared, summed) is not None else cores:
+                grouped.setdefault(core, []).append(scale)
+        if len(grouped) > MOST_CONTRACTIONS:
+            return None
         codes = []
-        for term in (sums[0].args if sums else (1,)):
-            scale, core = split(sp.Mul(others, term))
+        for core, scales in grouped.items():
             code = self._contraction(core, summed)
             if code is None:
                 return None
+            scale = sp.Add(*scales)
             codes.append(code if scale == 1 else self._times(scale, code))
-        total = f"({' + '.join(codes)})" if len(codes) > 1 else codes[0]
+        # (each code is one product: ``a + -b*c`` is ``a - b*c``)
+        total = "".join(c if not k else f" - {c[1:]}" if c.startswith("-") else f" + {c}" for k, c in enumerate(codes))
+        total = f"({total})" if len(codes) > 1 else codes[0]
         return total if outside == 1 else self._times(outside, total)
 
     def _times(self, factor, code: str) -> str:
@@ -713,7 +756,7 @@ class KernelPrinter(TorchPrinter):
         text = f"({self._print(numerator)})" if numerator.is_Add else self._print(numerator)
         text = "*".join(([] if numerator == 1 else [text])
                         + [f"({self.parenthesize(f, mul)}/{self.parenthesize(d, mul, strict=True)})" for f, d in ratios])
-        return text + "".join(f"/{self.parenthesize(d, mul, strict=True)}" for d in divisors)
+        return (text or "1") + "".join(f"/{self.parenthesize(d, mul, strict=True)}" for d in divisors)
 
     def bounded_ratios(self, expr: sp.Mul) -> tuple[list, list, list]:
         """(numerator factors, tensor divisors, ``[(factor, divisor)]``) of a product: each pair a

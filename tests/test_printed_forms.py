@@ -326,3 +326,18 @@ def test_a_nonzero_difference_is_found_at_a_point_before_cancel():
     zero = x[i] / sp.sqrt(var + eps) - x[i] * sp.sqrt(var + eps) / (var + eps)
     assert not _nonzero_somewhere(zero) and is_zero(zero)
     assert _nonzero_somewhere(zero + total / n) and not is_zero(zero + total / n)
+
+
+def test_one_divided_by_two_tensors_in_turn_is_valid_python():
+    """``1/((c**2 + 1)*v**2)`` is divided by each tensor in turn. With no numerator factor left the
+    kernel printed ``shared1 = /(c**2 + 1)/v**2``, a SyntaxError in the generated module (a random
+    layer's battery run; it depended on the order SymPy gave the factors, so on the hash seed)."""
+    from derive.printer import Frame, KernelPrinter
+
+    n, k = sp.Symbol("n", integer=True, positive=True), sp.Symbol("k", integer=True, positive=True)
+    i, j = sp.Idx("i_n", n), sp.Idx("i_k", k)
+    c, v = sp.IndexedBase("c", real=True)[i, j], sp.IndexedBase("v", real=True)[i, 0]
+    printed = KernelPrinter(Frame([i, j]), {"c": (n, k), "v": (n, 1)}, {n: "n", k: "k"}, "c")._divided(
+        1 / ((c**2 + 1) * v**2))
+    assert printed in ("1/(c**2 + 1)/v**2", "1/v**2/(c**2 + 1)"), printed
+    assert eval(printed, {"c": 3.0, "v": 2.0}) == 1 / 40

@@ -1,4 +1,6 @@
 """The index-calculus core: reductions stay canonical, so identities fall out of linearity."""
+import math
+
 import sympy as sp
 
 from derive.symbolic import Red, expand, index_for
@@ -100,3 +102,18 @@ def test_substituting_a_value_with_a_sum_into_a_sum_over_the_same_size():
     line = Red(t[i, e1] * x[i, e1], e1)
     written = substitute_family(line, t, (i, c), value)
     assert not _captured(written) and len(written.atoms(Red)) == 2, written
+
+
+def test_a_function_of_torch_at_a_number_is_a_number_that_compares():
+    """``Clamp(Softplus(13/5), -1, 1/2)`` (a clamped softplus at an example's number) raised
+    "Softplus(13/5) is not comparable" in a random layer's run: the functions the engine defines
+    evaluate at numbers, so a clamp, a maximum or a sign of them is decided."""
+    from derive.functions import Clamp, Logit, Sigmoid, Softplus
+
+    x = sp.Rational(13, 5)
+    assert Clamp(Softplus(x), -1, sp.Rational(1, 2)) == sp.Rational(1, 2)
+    assert Clamp(Softplus(-x), -1, sp.Rational(1, 2)) == Softplus(-x)
+    assert abs(float(Softplus(x)) - math.log1p(math.exp(2.6))) < 1e-12
+    assert abs(float(Sigmoid(x)) - 1 / (1 + math.exp(-2.6))) < 1e-12
+    assert abs(float(Logit(sp.Rational(1, 3))) - math.log(0.5)) < 1e-12
+    assert sp.Max(Sigmoid(x), sp.Rational(1, 2)) == Sigmoid(x)

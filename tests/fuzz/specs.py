@@ -10,7 +10,7 @@ with autograd is the toolkit's fault.
 
 Two families: ``fused`` specs use what the fused engine derives (elementwise functions, roots,
 clamps and masks with ``torch.where``, broadcasting arithmetic, sums and means over one or two
-axes, ``F.softmax``/``log_softmax``/``logsumexp``, picking by label, ``max`` as the shift of a
+axes, variances over one, ``F.softmax``/``log_softmax``/``logsumexp``, picking by label, ``max`` as the shift of a
 softmax, ``@`` with a square matrix and transposes); ``steps`` specs (``fused = False``,
 step-by-step backward only) also use a free ``max`` and matrices of another size.
 
@@ -180,6 +180,15 @@ class Builder:
         axes = [k for k, d in enumerate(a.shape) if d != "1"]
         if not axes:
             return None
+        if kind == 5:  # a variance over one axis, biased or not (at most twice the square of the bound)
+            axis = self.draw(st.sampled_from(axes))
+            keepdim, unbiased = self.draw(st.booleans()), self.draw(st.booleans())
+            if not _bounded(2 * a.hi**2):
+                return None
+            shape = tuple("1" if k == axis else d for k, d in enumerate(a.shape)) if keepdim else \
+                tuple(d for k, d in enumerate(a.shape) if k != axis)
+            options = ("" if unbiased else ", unbiased=False") + (", keepdim=True" if keepdim else "")
+            return self.emit(f"{a.name}.var({axis}{options})", shape, 2 * a.hi**2)
         op = "sum" if kind in (0, 2) else "mean"
         hi = a.hi * (SIZE_BOUND if op == "sum" else 1)
         if not _bounded(hi):
@@ -290,7 +299,7 @@ class Builder:
             self.emit(f"{last.name} + {term}", last.shape, last.hi + (INPUT_BOUND if term == v.name else 1), None)
 
     OPERATIONS = ["unary", "binary", "reduce", "softmax", "pick", "maximum", "matmul"]
-    KINDS = {"unary": 18, "binary": 6, "reduce": 5, "softmax": 5, "pick": 1, "maximum": 1, "matmul": 3}
+    KINDS = {"unary": 18, "binary": 6, "reduce": 6, "softmax": 5, "pick": 1, "maximum": 1, "matmul": 3}
 
     def line(self) -> None:
         """One more line (or a few, for a softmax): an operation on a value already computed."""
