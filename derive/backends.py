@@ -63,9 +63,10 @@ class Code:
     _op_priority = 100.0  # SymPy numbers defer to our reflected operators
 
     def __init__(self, text: str, prec: int = ATOM, shape: tuple | None = None, value: sp.Expr | None = None,
-                 formula: "Code | None" = None):
+                 formula: "Code | None" = None, transposed: bool = False):
         self.text, self.prec, self.shape, self.value = text, prec, shape, value
         self.formula = formula  # what a call of one of autograd's kernels computes, for the reader
+        self.transposed = transposed  # a matrix laid out by columns (the spec's ``x.T``, a view)
 
     def __str__(self):
         return self.text
@@ -149,9 +150,16 @@ class CodeOps:
         (axis,) = axes
         return Code(self.KERNELS[op].format(grad=grad, saved=saved, axis=axis), formula=formula)
 
-    def transpose(self, b):
-        """The last two axes swapped (``.T`` of a matrix, ``.mT`` of a batch of them)."""
-        return Code(f"{b.wrap(ATOM)}.{'T' if b.shape is not None and len(b.shape) == 2 else 'mT'}")
+    @staticmethod
+    def column_major(a) -> bool:
+        """Whether the matrix ``a`` is laid out by columns (a transposed view): autograd then gives
+        its gradient that layout too, so the operations after it read memory in order."""
+        return a.transposed and a.shape is not None and len(a.shape) == 2
+
+    def transpose(self, b, matrix: bool = False):
+        """The last two axes swapped (``.T`` of a matrix, also where ``matrix`` says ``b`` is one,
+        ``.mT`` of a batch of them)."""
+        return Code(f"{b.wrap(ATOM)}.{'T' if matrix or (b.shape is not None and len(b.shape) == 2) else 'mT'}")
 
     def sum_batch(self, g, like, source):
         """``g``, with ``source``'s rank, summed over the leading axes ``like`` does not have."""
@@ -307,6 +315,10 @@ class ArrayOps:
     def ones_like(self, a):
         return np.full(a.shape, sp.S.One, dtype=object)
 
+    @staticmethod
+    def column_major(a) -> bool:  # values, not memory
+        return False
+
     def unreduce(self, grad, axes, keepdim, a):
         if keepdim:
             return grad
@@ -336,7 +348,7 @@ class ArrayOps:
             mask[idx] = r[at].fdiff(idx[axis] + 1)
         return mask
 
-    def transpose(self, b):
+    def transpose(self, b, matrix: bool = False):
         return np.swapaxes(b, -1, -2)
 
     def permute(self, g, perm):

@@ -162,6 +162,10 @@ class IndexOps:
     def scalar(self, value) -> Elt:
         return Elt.const(value)
 
+    @staticmethod
+    def column_major(a) -> bool:  # values, not memory
+        return False
+
     def ones_like(self, a):
         return Elt(a.shape, lambda idx: sp.S.One)
 
@@ -190,7 +194,7 @@ class IndexOps:
     def shared_at_ties(self, grad, a, axis, result):
         return grad * self.argmax_mask(a, axis, result, TiedMax, IsTiedMax)
 
-    def transpose(self, b):
+    def transpose(self, b, matrix: bool = False):
         perm = tuple(range(len(b.shape) - 2)) + (len(b.shape) - 1, len(b.shape) - 2)
         return self.permute(b, perm)
 

@@ -103,7 +103,7 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
         return _fused_region(graph, region, grad, needed, lines)
 
     def value(node):
-        return Code(node.name, shape=node.shape)
+        return Code(node.name, shape=node.shape, transposed=node.op == "permute" and node.attrs["perm"] == (1, 0))
 
     called = {r.output: r for r in graph.regions if has_fused_kernel(r.layer)}
 

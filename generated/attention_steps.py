@@ -2,7 +2,7 @@
 # source: derive.layers.attention (layer attention)
 # regenerate: derive generate
 # inputs-hash: c4020229d24eef0aaaab713175a33b8aa16a649a584a47f88d2a56441bddf9a6
-# content-hash: 6ed8802149771077d907429c2814a6fb5c6732573b5236002b3e282339f18bc9
+# content-hash: 9faced0e2ba9d0d544c7619803914d58878141f5543d3d56403cb953c0e9687c
 """Step-by-step backward of ``attention``: Scaled dot-product attention of one head, ``softmax(q @ k.T / sqrt(d)) @ v``, as
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -51,7 +51,7 @@ def backward(cache, dout=None):
     dscores = torch._softmax_backward_data(dprobs, probs, 1, probs.dtype)  # grad of: probs = torch.softmax(scores, dim=1)
     dt2 = dscores / (d**(0.5))  # grad of: scores = q @ k.T / math.sqrt(q.shape[1])
     dq = dt2 @ t1.T  # grad of: scores = q @ k.T / math.sqrt(q.shape[1])
-    dt1 = q.T @ dt2  # grad of: scores = q @ k.T / math.sqrt(q.shape[1])
+    dt1 = (dt2.T @ q).T  # grad of: scores = q @ k.T / math.sqrt(q.shape[1])
     dk = dt1.T  # grad of: scores = q @ k.T / math.sqrt(q.shape[1])
     return dict(dprobs=dprobs, dscores=dscores, dt2=dt2, dt1=dt1, dv=dv, dk=dk, dq=dq)
 
