@@ -21,7 +21,7 @@ from sympy.solvers.solvers import _invert
 
 from .elements import Elements
 from .errors import DerivationError
-from .functions import NOT_INVERTIBLE
+from .functions import NOT_INVERTIBLE, Logit
 from .memo import kept_on
 from .risk import Path, risky_atoms
 from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, hide_argmax,
@@ -170,10 +170,13 @@ def _solve_definition(el: Elements, node: Node, definition: sp.Expr, reads: tupl
     read_bases, read_symbols = reads
     result = []
     for variable in el.graph.nodes:
-        if variable is node or variable.op in ("labels", "max"):
+        if variable is node or variable.op in ("labels", "max") + SATURATING:
             # a maximum is never rebuilt: ``x - max`` is exact in the spec (the shift that keeps an
             # ``exp`` at most 1), while ``max`` rebuilt as ``v4*v7`` from ``v7 = max/v4`` is rounded,
-            # and the shift cancels to that rounding times the maximum (inputs of 5e3: 1e-3)
+            # and the shift cancels to that rounding times the maximum (inputs of 5e3: 1e-3); nor is
+            # the value of a function that saturates: ``1 - tanh(v)**2`` is exactly 0 at a saturated
+            # ``tanh`` on the value itself (autograd's), not on ``t2 + t3`` from ``t3 = tanh(v) - t2``
+            # (a deviation from a mean: 1e-6 where the gradient is 1e-44)
             continue
         base = el.base(variable)
         mine = [e for e in elements if e.base == base]
@@ -205,6 +208,8 @@ def _solve_definition(el: Elements, node: Node, definition: sp.Expr, reads: tupl
         solution = solution.xreplace(back)
         if _divides_by_maybe_zero(el, solution):
             continue  # x = v2/v1 from v2 = x*v1 is wrong (0/0) wherever v1 is 0, e.g. a zero-initialized bias
+        if _rebuilds_a_saturated_value(solution):
+            continue
         result.append((variable, target, solution))
     return result
 
@@ -225,6 +230,20 @@ def _unique_inverse(definition: sp.Expr, symbol: sp.Symbol, value: sp.Expr) -> s
             return None
         rhs, lhs = _invert(lhs.base - rhs ** (1 / lhs.exp), symbol)
     return rhs
+
+
+SATURATING = ("tanh", "sigmoid")  # traced operations whose derivative is read off their value
+
+
+def _rebuilds_a_saturated_value(solution: sp.Expr) -> bool:
+    """Whether ``solution`` inverts a function that saturates (``atanh``, ``logit``) at a value other
+    than one saved tensor entry: ``v = atanh(t3 + t2)`` from ``t3 = tanh(v) - t2`` (a deviation from
+    a mean) makes the gradient evaluate ``tanh(v)`` as ``t3 + t2``, rounded, where the derivative's
+    ``1 - tanh(v)**2`` needs the value itself: autograd's is exactly 0 at a saturated ``tanh``, the
+    rebuilt one is not (a random layer: 1e-6 where the gradient is 1e-44). ``atanh(out)`` of a saved
+    output is the output read back, as autograd reads it."""
+    return any(isinstance(f, (sp.atanh, Logit, sp.erfinv)) and not isinstance(f.args[0], (sp.Indexed, sp.Symbol))
+               for f in solution.atoms(sp.Function))
 
 
 def _divides_by_maybe_zero(el: Elements, expr: sp.Expr) -> bool:

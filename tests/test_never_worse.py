@@ -1017,3 +1017,38 @@ def test_a_layer_the_fused_engine_fails_on_gets_a_checked_step_by_step_kernel(tm
     choice = select.choose(layer)
     assert not choice.fused and "RuntimeError: no element" in choice.reason and "report this as a bug" in choice.reason
     assert choice.steps_verdict is not None and choice.steps_verdict.passed, choice.summary()
+
+
+SATURATED_DEVIATIONS = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"))
+def tanh_deviations(x):
+    v1 = x.T @ x
+    v2 = v1.sum(0)
+    v3 = torch.tanh(v2)
+    v4 = v3.var(0)
+    return v4**2
+'''
+
+
+def test_a_saturating_function_is_not_rebuilt_from_a_mean_and_a_deviation(tmp_path):
+    """``t.var(0)`` of ``t = tanh(v)`` saves the mean ``t2`` and the deviations ``t3 = t - t2``. The
+    refold solved ``t3``'s definition for ``t`` and wrote ``1 - t**2`` as ``1 - (t2 + t3)**2``,
+    expanded: where every ``tanh`` saturates autograd's gradient is exactly 0, the rebuilt one 1e-6
+    (a soak layer; the battery at the fuzzer's sizes failed at every seed). A function's value that
+    its derivative is read off is read (``tanh_backward`` of the saved ``t``), never rebuilt."""
+    from derive.codegen import render_function
+
+    spec = tmp_path / "deviations.py"
+    spec.write_text(SATURATED_DEVIATIONS)
+    (layer,) = from_file(str(spec))
+    path = tmp_path / "tanh_deviations.py"
+    path.write_text(render_function(build_cached(layer)))  # the most folded fused form, not a fallback
+    fn = load_module(path).tanh_deviations
+    torch.set_num_threads(1)
+    for seed in (0, 5):
+        verdict = battery.run(layer, fn, {"n": 32, "k": 7}, seed=seed)
+        assert verdict.passed, verdict.summary()
