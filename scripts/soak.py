@@ -18,8 +18,8 @@ generated ``<name>.py``: fused, or the step-by-step backward where that was chos
 autograd through its spec, at ``--time-size`` (default 1024x512: ``n`` x ``k``), float32, with
 ``scripts/bench_sweep.py``'s method (interleaved samples, the median of the per-repetition
 ratios). It prints the distribution of the ratios (median, 90th percentile, largest, how many
-above 1.1) and the slowest layers, whose specs it saves to ``--save``/timing. Timing is no
-verdict: the exit status does not depend on it.
+above 1.1) and the slowest layers; it saves the spec of every layer above 1.1 (and of those
+listed) to ``--save``/timing. Timing is no verdict: the exit status does not depend on it.
 
 ``--spec`` runs (and with ``--time`` times) the given spec files instead of random layers: the
 failing, slow or slowest layers a soak saved, checked and timed again after a change.
@@ -86,7 +86,8 @@ def distribution(ratios: list[float]) -> str:
 def timing_report(times: dict, sources: dict, save: Path, size: str, worst: int = 10) -> None:
     """The distribution of the ratios (all layers, by kernel, and by how much work autograd does:
     below ``SMALL_MS`` a generated Function's fixed cost per call is most of the ratio), and the
-    slowest layers (their specs saved)."""
+    slowest layers, of all and of those with work enough; the spec of every layer above
+    ``TOO_SLOW`` is saved (to time again after a change, or to read)."""
     if not times:
         print("timing: no layer timed")
         return
@@ -100,9 +101,18 @@ def timing_report(times: dict, sources: dict, save: Path, size: str, worst: int 
             print(f"  {label}: " + distribution(ratios))
     folder = save / "timing"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, (ratio, kind, ms) in sorted(times.items(), key=lambda kv: -kv[1][0])[:worst]:
-        (folder / f"{name}.py").write_text(sources[name])
-        print(f"  {ratio:.2f}  {kind:12s}  autograd {ms:.3f} ms  {folder / name}.py")
+    ranked = sorted(times.items(), key=lambda kv: -kv[1][0])
+    for name, (ratio, _, _) in ranked:
+        if ratio > TOO_SLOW:
+            (folder / f"{name}.py").write_text(sources[name])
+    for label, rows in (("slowest", ranked), (f"slowest with autograd at {SMALL_MS} ms or more",
+                                              [row for row in ranked if row[1][2] >= SMALL_MS])):
+        print(f"  {label}:")
+        for name, (ratio, kind, ms) in rows[:worst]:
+            path = folder / f"{name}.py"
+            if not path.exists():
+                path.write_text(sources[name])
+            print(f"  {ratio:.2f}  {kind:12s}  autograd {ms:.3f} ms  {path}")
 
 
 def again(paths: list[Path], save: Path, timing: dict | None = None) -> Counter:

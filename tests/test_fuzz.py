@@ -429,3 +429,20 @@ def test_the_soak_script_runs_saved_specs_again(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         soak.main(["--spec", str(tmp_path / "missing.py")])
     assert "--spec: no such file" in capsys.readouterr().err
+
+
+def test_the_timing_report_keeps_every_layer_above_the_bar(tmp_path, capsys):
+    """The timing report lists the slowest layers, of all and of those where autograd does work
+    enough, and saves the spec of every layer above 1.1 (it kept the ten slowest only, so the
+    slow layers of some size were lost behind ten tiny ones), and none of those at or below it
+    that it does not list."""
+    soak = _soak_script("derive_soak_report")
+    times = {f"layer{k}": (ratio, "fused", ms) for k, (ratio, ms) in
+             enumerate([(3.0, 0.02), (2.5, 0.03), (1.5, 4.0), (1.2, 2.0), (1.05, 3.0), (0.8, 5.0)])}
+    sources = {name: f"# {name}\n" for name in times}
+    soak.timing_report(times, sources, tmp_path, "1024x512", worst=1)
+    out = capsys.readouterr().out
+    saved = sorted(p.stem for p in (tmp_path / "timing").glob("*.py"))
+    assert saved == ["layer0", "layer1", "layer2", "layer3"], saved
+    assert "slowest with autograd at 0.5 ms or more:\n  1.50" in out, out
+    assert "6 layers" in out and "4 above 1.1" in out, out
