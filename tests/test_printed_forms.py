@@ -341,3 +341,34 @@ def test_one_divided_by_two_tensors_in_turn_is_valid_python():
         1 / ((c**2 + 1) * v**2))
     assert printed in ("1/(c**2 + 1)/v**2", "1/v**2/(c**2 + 1)"), printed
     assert eval(printed, {"c": 3.0, "v": 2.0}) == 1 / 40
+
+
+def test_a_one_hot_times_a_product_scatters_the_product_as_written(tmp_path):
+    """The gradient of ``minimum(tanh(x[range(n), y]).var(0), x[range(n), y].var(0))`` is a one-hot
+    of the labels times a product of sums (which variance is the smaller, its deviations, the
+    tanh's derivative). It was multiplied out into a dozen terms before the scatter, each with its
+    own copy of the tie-splitting mask: 60 operations on n values, 2.9x autograd's time at
+    1024 x 512. The coefficient is scattered as the product it is."""
+    from derive.layers import from_file
+
+    spec = tmp_path / "smaller_variance.py"
+    spec.write_text('''import torch
+from derive import Labels, Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), y=Labels("n", classes="k"))
+def smaller_variance(x, y):
+    n, k = x.shape
+    v1 = x[range(n), y]
+    v2 = v1.var(0, unbiased=False, keepdim=True)
+    v4 = torch.tanh(v1).var(0, unbiased=False)
+    return torch.minimum(v4, v2)
+''')
+    from derive.codegen import render_function
+
+    (found,) = from_file(str(spec))
+    source = render_function(build(found))
+    printed = source[source.index("def _backward("):source.index("# The math above")]
+    (scatter,) = [line for line in printed.splitlines() if "scatter_add_" in line]
+    assert "tanh_backward" in scatter, scatter
+    assert scatter.count(".to(") == 4, scatter  # the two tie-splitting masks, each printed once
