@@ -390,6 +390,19 @@ def _numbers_inline(replacements: list, reduced: list, scalars: set) -> tuple[li
     return kept, [r.xreplace(numbers) for r in reduced]
 
 
+def _scaled_entries_inline(replacements: list, reduced: list) -> tuple[list, list]:
+    """cse's temporaries that are one tensor times a number (``-w``) put back where they are used:
+    computing them again is one operation, and a formula reading a temporary is no matrix product
+    (the printer refuses a temporary in an operand): ``sum_j sum_n (g[i, j] + g[j, i])*f(w[i] -
+    p[n, i])*h(p[n, j])`` with ``-w`` shared was an (n x k x k) broadcast body, 60x autograd's time."""
+    scaled = {symbol: value for symbol, value in replacements
+              if value.is_Mul and len(value.args) == 2 and value.args[0].is_Number and isinstance(value.args[1], sp.Indexed)}
+    if not scaled:
+        return replacements, reduced
+    kept = [(symbol, value.xreplace(scaled)) for symbol, value in replacements if symbol not in scaled]
+    return kept, [r.xreplace(scaled) for r in reduced]
+
+
 def _squares_inline(replacements: list, reduced: list, tanhs) -> tuple[list, list]:
     """cse's temporaries that are the square of a saved tanh (``v5**2``) put back where they are
     used: ``1 - v5**2`` then stays a factor the printer writes as ``tanh_backward``, autograd's own
@@ -485,6 +498,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     replacements, reduced = _whole_indices(replacements, reduced)
     numbers = set(el.graph.sizes.values()) | set(el.graph.constants.values()) | set(sizes.values())
     replacements, reduced = _numbers_inline(replacements, reduced, numbers)
+    replacements, reduced = _scaled_entries_inline(replacements, reduced)
     # the saved tanhs (by the names printed), each with its place in the forward
     tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}
     replacements, reduced = _squares_inline(replacements, reduced, tanhs)

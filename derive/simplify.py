@@ -516,14 +516,22 @@ def _cancelled(term: sp.Expr) -> sp.Expr:
     # as ``v/(s*v**2 + s)``, whose terms overflow where the product of its factors (``(v**2 + 1)**(3/2)``,
     # as the spec computes it) does not, and where a size in the coefficient is multiplied into every
     # term. Each denominator, the term's and those inside its sums, is factored again.
+    # So is a product of sums multiplied out: ``(v2**2 + 1)*(v3**2 + 1)`` as ``v2**2*v3**2 + v2**2 +
+    # v3**2 + 1`` is infinite where ``v2**2*v3**2`` passes float32's range, though each factor does
+    # not (autograd divides by each in turn: a gradient of 1e-20 came out 0).
     return cancelled.replace(_expanded_denominator, lambda p: _factor(p.base) ** p.exp)
 
 
 def _expanded_denominator(e: sp.Expr) -> bool:
-    """A sum divided by, with a root among its terms' factors (what ``cancel`` made of a power): other
-    denominators stay as ``cancel`` writes them, which the refold's costs were tuned on."""
-    return (e.is_Pow and e.exp.is_negative and e.base.is_Add and sp.count_ops(e.base) <= FACTOR_MAX_OPS
-            and any(not p.exp.is_Integer for p in e.base.atoms(sp.Pow)))
+    """A sum divided by, with a root among its terms' factors (what ``cancel`` made of a power), or
+    a product of tensor sums multiplied out: other denominators stay as ``cancel`` writes them,
+    which the refold's costs were tuned on."""
+    if not (e.is_Pow and e.exp.is_negative and e.base.is_Add and sp.count_ops(e.base) <= FACTOR_MAX_OPS):
+        return False
+    if any(not p.exp.is_Integer for p in e.base.atoms(sp.Pow)):
+        return True
+    sums = [f for f in sp.Mul.make_args(_factor(e.base)) if (f.is_Add or (f.is_Pow and f.base.is_Add)) and f.free_symbols]
+    return len(sums) >= 2
 
 
 FACTOR_MAX_OPS = 200  # a denominator larger than this is left expanded (factoring it takes seconds)

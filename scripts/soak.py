@@ -134,7 +134,7 @@ def again(paths: list[Path], save: Path, timing: dict | None = None) -> Counter:
 
 def _one(spec, folder: Path, save: Path, tally: Counter, reasons: Counter, timing: dict | None) -> None:
     """Check ``spec`` (and time it, with ``timing``), counted in ``tally``; a failing or slow one's
-    spec saved to ``save``."""
+    spec saved to ``save``, a refused one's to ``save``/refused."""
     from fuzz.harness import run
 
     try:
@@ -146,8 +146,10 @@ def _one(spec, folder: Path, save: Path, tally: Counter, reasons: Counter, timin
             timing["sources"][spec.name] = spec.source
             ratio, kind, ms = timing["times"][spec.name]
             print(f"  time {ratio:.3f} {kind} autograd {ms:.3f} ms {spec.name}", flush=True)
-        if outcome.status == "refused":
+        if outcome.status == "refused":  # a clear refusal: counted by reason, its spec kept to read
             reasons[outcome.message.split(": ", 1)[1]] += 1
+            (save / "refused").mkdir(parents=True, exist_ok=True)
+            (save / "refused" / f"{spec.name}.py").write_text(spec.source)
         elif outcome.status == "slow":
             (save / f"{spec.name}.py").write_text(spec.source)
             print(f"slow: {save / spec.name}.py", flush=True)

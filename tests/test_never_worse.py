@@ -1052,3 +1052,36 @@ def test_a_saturating_function_is_not_rebuilt_from_a_mean_and_a_deviation(tmp_pa
     for seed in (0, 5):
         verdict = battery.run(layer, fn, {"n": 32, "k": 7}, seed=seed)
         assert verdict.passed, verdict.summary()
+
+
+NESTED_LOGS = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(c=Tensor("k"))
+def nested_logs(c):
+    s = c.sum(0)
+    t = (s * s + 1).log()
+    return (t * t + 1).log()
+'''
+
+
+def test_a_product_of_sums_divided_by_is_not_multiplied_out(tmp_path):
+    """``dc`` divides by ``(s**2 + 1)*(t**2 + 1)``; ``cancel`` multiplied it out to
+    ``s**2*t**2 + s**2 + t**2 + 1``, infinite in float32 where ``s**2*t**2`` passes 3e38 though each
+    factor does not: at ``c`` of 1e18 the gradient (about 1e-18, autograd's) came out 0 (a soak
+    layer). Such a denominator is factored again, and each factor divides its own ratio."""
+    spec = tmp_path / "nested_logs.py"
+    spec.write_text(NESTED_LOGS)
+    (layer,) = from_file(str(spec))
+    fn = kernel_module(layer, tmp_path)
+    c = torch.tensor([1.5e18, 2.0e18, 1.25e18, 1.75e18, 1.0e18])
+    grads = []
+    for f in (fn, layer.fn):
+        leaf = c.clone().requires_grad_()
+        f(leaf).backward()
+        grads.append(leaf.grad)
+    ours, theirs = grads
+    assert torch.isfinite(theirs).all() and (theirs != 0).all(), theirs
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
