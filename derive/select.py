@@ -8,8 +8,9 @@
    A gradient printed as an in-place chain (``backward_plan.chain_form``) that fails is first
    printed as its formula reads; that is not counted as a step.
 3. When the output fails (the fused forward rounds worse than the spec's), when a failing gradient
-   has no rewrite left to undo, or when the fused engine cannot derive the layer at all, the
-   kernel is the step-by-step backward, which replays autograd's own operations.
+   has no rewrite left to undo, when a less folded form cannot be built, or when the fused engine
+   cannot derive the layer at all, the kernel is the step-by-step backward, which replays
+   autograd's own operations.
 
 So no fused kernel worse than autograd through its spec is written; the choice and the reason for
 it are reported per layer. The step-by-step kernel written in place of a fused one goes through the
@@ -165,6 +166,7 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
         draws = battery.settings(layer, battery.battery_sizes(layer))
     forbidden: dict[str, frozenset] = {}
     as_written: frozenset = frozenset()
+    fault = ""
     undone: list[str] = []
     attempt = 0  # rewrites undone so far (trying a gradient as its formula reads is not counted)
     while True:
@@ -179,7 +181,9 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
         if fast:
             as_written |= {formulas[v].input for v in fast}
             undone += [f"{v}: in-place form" for v in fast]
-            kernel = build(layer, forbidden, as_written)
+            kernel, fault = _rebuilt(layer, forbidden, as_written)
+            if fault:
+                break
             continue
         if attempt == MAX_ATTEMPTS or any(v not in formulas or not formulas[v].rewrites for v in failing):
             break
@@ -197,13 +201,29 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
                                                                                       last.variable.name)}
             undone.append(f"{value}: {last.node.name} for {last.variable.name}")
         attempt += 1
-        kernel = build(layer, forbidden, as_written)
+        kernel, fault = _rebuilt(layer, forbidden, as_written)
+        if fault:
+            break
     finding = verdict.findings[0]
     if fused_only:
         raise DerivationError(layer.name, f"every fused form fails the numerical battery ({finding})",
                               "drop --fused-only to get the step-by-step backward as the kernel")
     reason = f"the fused form fails the numerical battery: {finding}"
+    if fault:
+        reason += f"; a less folded form cannot be built ({fault})"
     return Choice(layer, None, verdict, reason=reason, steps_verdict=_steps_verdict(layer, draws, reason))
+
+
+def _rebuilt(layer: Layer, forbidden: dict, as_written: frozenset) -> tuple[Kernel | None, str]:
+    """The kernel built again with fewer rewrites, or why it cannot be: a less folded form may hold
+    what the printer refuses (an entry read at a computed position) or trip a fault of the engine's;
+    the layer then gets its step-by-step kernel, as when no form passes, and the report says why."""
+    try:
+        return build(layer, forbidden, as_written), ""
+    except DeriveError as e:
+        return None, _one_line(e)
+    except Exception as e:
+        return None, f"{type(e).__name__}: {_one_line(e)}; report this as a bug"
 
 
 _CHOSEN = {False: ByObject(maxsize=32), True: ByObject(maxsize=32)}

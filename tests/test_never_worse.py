@@ -1085,3 +1085,23 @@ def test_a_product_of_sums_divided_by_is_not_multiplied_out(tmp_path):
     ours, theirs = grads
     assert torch.isfinite(theirs).all() and (theirs != 0).all(), theirs
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+
+
+def test_a_less_folded_form_that_cannot_be_built_gives_the_step_by_step_kernel(tmp_path, monkeypatch):
+    """The battery undoes a rewrite and builds the kernel again; a less folded form may hold what the
+    printer refuses ("read at a computed position"), and that refusal ended the layer (a soak
+    counted it refused). The layer gets its step-by-step kernel, through the battery, and the
+    report says why."""
+    import derive.select as select
+    from derive.errors import DerivationError as Refusal
+
+    (layer,) = from_file(str(spec_with(tmp_path, "softplus_formula")))  # its first form fails the battery
+
+    def refuse(layer, *args, **kwargs):
+        raise Refusal(layer.name, "x[_r1_n, i_k] is read at a computed position", "nothing to do")
+
+    monkeypatch.setattr(select, "build", refuse)
+    choice = select.choose(layer)
+    assert not choice.fused and "a less folded form cannot be built" in choice.reason, choice.summary()
+    assert "read at a computed position" in choice.reason
+    assert choice.steps_verdict is not None and choice.steps_verdict.passed, choice.summary()
