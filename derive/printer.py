@@ -77,6 +77,13 @@ class Frame:
         return Frame(self.indices, slots), axis
 
 
+def _summed(body: sp.Expr, indices: set) -> sp.Expr:
+    """``body`` summed over ``indices`` (those it reads), innermost first in a fixed order."""
+    for j in sorted(indices & body.free_symbols, key=lambda i: i.name):
+        body = Red(body, j)
+    return body
+
+
 # the most matrix products one sum is multiplied out into (each of a (n x k) by (k x k) pair costs
 # about what autograd's own products cost; the broadcast body they replace costs n*k*k elements)
 MOST_CONTRACTIONS = 12
@@ -341,13 +348,19 @@ class KernelPrinter(TorchPrinter):
                 grouped.setdefault(core, []).append(scale)
         if len(grouped) > MOST_CONTRACTIONS:
             return None
-        codes = []
+        every = {i for i in body.free_symbols if isinstance(i, sp.Idx)}
+        codes, products = [], 0
         for core, scales in grouped.items():
             code = self._contraction(core, summed)
-            if code is None:
+            products += code is not None
+            if code is None and {i for i in core.free_symbols if isinstance(i, sp.Idx)} >= every:
                 return None
+            if code is None:  # a sum along fewer axes than the body's (a row's dot product): as written
+                code = _wrap(self._print(_summed(core, summed)))
             scale = sp.Add(*scales)
             codes.append(code if scale == 1 else self._times(scale, code))
+        if not products:
+            return None
         # (each code is one product: ``a + -b*c`` is ``a - b*c``)
         total = "".join(c if not k else f" - {c[1:]}" if c.startswith("-") else f" + {c}" for k, c in enumerate(codes))
         total = f"({total})" if len(codes) > 1 else codes[0]
