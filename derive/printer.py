@@ -314,7 +314,16 @@ class KernelPrinter(TorchPrinter):
         matrix-vector products, never the (n x n) broadcast body (15x autograd's time at n = 1024);
         the gradient of ``(v3 + v4 - log(s))*v3).T @ v4`` has nine such terms in three groups
         (three products, where the (n x k x k) broadcast took 350x autograd's time at 1024 x 512).
-        Terms with the same contraction share it. None where a term is not a contraction."""
+        Terms with the same contraction share it; a term summed along fewer axes than the body (a
+        row's dot product) is summed as written beside the products. None where a term that reads
+        every axis is not a contraction, or where no term is one."""
+        printed: dict = {}  # core -> its contraction's code, or None (each printed once)
+
+        def contraction(core):
+            if core not in printed:
+                printed[core] = self._contraction(core, summed)
+            return printed[core]
+
         def split(product):
             factors = sp.Mul.make_args(product)
             free = [f for f in factors if not (f.free_symbols & summed)]
@@ -327,7 +336,7 @@ class KernelPrinter(TorchPrinter):
                 return [t for a in expr.args for t in terms(a)]
             scale, core = split(expr)
             sums = [f for f in sp.Mul.make_args(core) if isinstance(f, sp.Add)]
-            if not sums or self._contraction(core, summed) is not None:
+            if not sums or contraction(core) is not None:
                 return [(scale, core)]
             rest = sp.Mul(*[f for f in sp.Mul.make_args(core) if f is not sums[0]])
             return [(scale * s, c) for a in sums[0].args for s, c in terms(sp.Mul(rest, a))]
@@ -344,14 +353,14 @@ class KernelPrinter(TorchPrinter):
             # the terms of one scale as one contraction where they share their tensors (as the spec
             # grouped them: ``((v3 + v4 - t1)*v3) @ dv10``, not three products added)
             shared = sp.gcd_terms(sp.Add(*cores)) if len(cores) > 1 else cores[0]
-            for core in [shared] if self._contraction(shared, summed) is not None else cores:
+            for core in [shared] if contraction(shared) is not None else cores:
                 grouped.setdefault(core, []).append(scale)
         if len(grouped) > MOST_CONTRACTIONS:
             return None
         every = {i for i in body.free_symbols if isinstance(i, sp.Idx)}
         codes, products = [], 0
         for core, scales in grouped.items():
-            code = self._contraction(core, summed)
+            code = contraction(core)
             products += code is not None
             if code is None and {i for i in core.free_symbols if isinstance(i, sp.Idx)} >= every:
                 return None
