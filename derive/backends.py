@@ -61,12 +61,18 @@ class Code:
     """
 
     _op_priority = 100.0  # SymPy numbers defer to our reflected operators
+    argmax = None  # a maximum's one-hot mask: ``(tensor, axis, indices)``, which ``CodeOps.select`` scatters
 
     def __init__(self, text: str, prec: int = ATOM, shape: tuple | None = None, value: sp.Expr | None = None,
-                 formula: "Code | None" = None, transposed: bool = False):
+                 formula: "Code | None" = None, transposed: bool = False, scattered: tuple | None = None,
+                 expanded: bool = False):
         self.text, self.prec, self.shape, self.value = text, prec, shape, value
         self.formula = formula  # what a call of one of autograd's kernels computes, for the reader
         self.transposed = transposed  # a matrix laid out by columns (the spec's ``x.T``, a view)
+        # zeros but for ``values`` at ``indices`` along ``axis``: ``(axis, indices, values)``, so that
+        # adding it to a gradient is one ``scatter_add`` rather than a full-size select and sum
+        self.scattered = scattered
+        self.expanded = expanded  # a view that repeats entries (``expand``), which ``view`` refuses
 
     def __str__(self):
         return self.text
@@ -111,6 +117,15 @@ class CodeOps:
     def ones_like(self, a):
         return Code(f"torch.ones_like({a})")
 
+    def expand(self, grad, a):
+        """``grad``, which broadcasts to ``a``, as a view of ``a``'s shape: what autograd's own sum and
+        mean backward return, with no full-size pass (``torch.ones_like(a) * grad`` writes one)."""
+        if grad.value is not None or a.shape is None:  # a number, or a shape unknown here
+            return self.ones_like(a) * grad
+        if not a.shape or grad.shape == a.shape:
+            return grad
+        return Code(f"{grad.wrap(ATOM)}.expand({', '.join(self.lift(size).text for size in a.shape)})", expanded=True)
+
     def unreduce(self, grad, axes, keepdim, a):
         if keepdim or len(axes) == len(a.shape):
             return grad
@@ -122,11 +137,12 @@ class CodeOps:
         return self.lift(sp.Mul(*[a.shape[k] for k in axes]))
 
     def argmax_mask(self, a, axis, result):
-        """A bool mask of each maximum's position along ``axis`` (the first one at a tie, as autograd)."""
-        if axis == len(a.shape) - 1:
-            return Code(f"{a}.max({axis}, keepdim=True).indices == torch.arange({a}.shape[{axis}], "
-                        f"device={a}.device)", prec=0)
-        return Code(f"torch.zeros_like({a}, dtype=torch.bool).scatter_({axis}, {a}.argmax({axis}, keepdim=True), True)")
+        """A bool mask of each maximum's position along ``axis`` (the first one at a tie, as autograd);
+        ``select`` of it prints a scatter at the indices ``max`` returns, as autograd's backward does."""
+        indices = f"{a.wrap(ATOM)}.max({axis}, keepdim=True).indices"
+        mask = Code(f"torch.zeros_like({a}, dtype=torch.bool).scatter_({axis}, {indices}, True)")
+        mask.argmax = (a, axis, indices)
+        return mask
 
     def shared_at_ties(self, grad, a, axis, result):
         """``grad`` shared evenly among the positions equal to the maximum ``result`` (read at
@@ -196,6 +212,11 @@ class CodeOps:
     def select(self, mask, x, y):
         """``torch.where(mask, x, y)``; a mask is a bool tensor, so this never computes ``1 - mask``."""
         x, y = Code.lift(x), Code.lift(y)
+        if getattr(mask, "argmax", None) and y.value == 0:
+            a, axis, indices = mask.argmax
+            if a.shape is not None and len(a.shape) == 1:  # the maximum of a vector: a 0-d gradient
+                x = Code(f"{x.wrap(ATOM)}.reshape(1)")
+            return Code(f"torch.zeros_like({a}).scatter({axis}, {indices}, {x})", scattered=(axis, indices, x))
         return Code(f"torch.where({mask}, {x}, {y})")
 
     def split_at_ties(self, grad, a, b, op: str):
@@ -229,10 +250,15 @@ class CodeOps:
     def index_add(self, table, index, grad):
         # out of place: under torch.func.vmap the zeros are not batched while the gradient is
         return Code(f"torch.zeros_like({table}).index_add(0, {index}.view(-1), "
-                    f"{grad.wrap(ATOM)}.view(-1, *{table}.shape[1:]))")
+                    f"{self._reshaped(grad, f'-1, *{table}.shape[1:]')})")
 
     def view_as(self, grad, a):
-        return Code(f"{grad.wrap(ATOM)}.{'view' if self.contiguous else 'reshape'}({a}.shape)")
+        return Code(self._reshaped(grad, f"{a}.shape"))
+
+    def _reshaped(self, grad, shape: str) -> str:
+        """``grad.view(shape)``, as the spec writes it, or ``reshape`` where the gradient may be a
+        view ``view`` refuses (of a graph that permutes axes, or an ``expand``)."""
+        return f"{grad.wrap(ATOM)}.{'view' if self.contiguous and not grad.expanded else 'reshape'}({shape})"
 
     def unbroadcast(self, g, shape, result_shape):
         """Sum ``g`` (shaped like the result) down to ``shape``: the de-broadcasting step. Both kinds
@@ -314,6 +340,9 @@ class ArrayOps:
 
     def ones_like(self, a):
         return np.full(a.shape, sp.S.One, dtype=object)
+
+    def expand(self, grad, a):
+        return self.ones_like(a) * grad
 
     @staticmethod
     def column_major(a) -> bool:  # values, not memory

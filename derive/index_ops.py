@@ -169,6 +169,9 @@ class IndexOps:
     def ones_like(self, a):
         return Elt(a.shape, lambda idx: sp.S.One)
 
+    def expand(self, grad, a):
+        return self.ones_like(a) * grad
+
     def unreduce(self, grad, axes, keepdim, a):
         def fn(idx):
             kept = tuple(0 if k in axes else i for k, i in enumerate(idx)) if keepdim else \

@@ -192,12 +192,12 @@ def _expand(ops, grad, result, a):
 
 @rule("sum")
 def _sum(ops, grad, result, a, axes, keepdim):
-    return ops.ones_like(a) * ops.unreduce(grad, axes, keepdim, a),
+    return ops.expand(ops.unreduce(grad, axes, keepdim, a), a),
 
 
 @rule("mean")
 def _mean(ops, grad, result, a, axes, keepdim):
-    return ops.ones_like(a) * ops.unreduce(grad, axes, keepdim, a) / ops.count(a, axes),
+    return ops.expand(ops.unreduce(grad, axes, keepdim, a) / ops.count(a, axes), a),
 
 
 @rule("max")

@@ -117,12 +117,16 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
         if current is None:
             note = f"{name} = {formula}" if formula is not None else ""
             lines.append(Line(f"{name} = {part}", comment))
+        elif getattr(part, "scattered", None):
+            note = ""
+            axis, indices, values = part.scattered
+            lines.append(Line(f"{name} = {name}.scatter_add({axis}, {indices}, {values})", comment))
         else:
             note = f"{name} = {name} + {formula.wrap(51)}" if formula is not None else ""
             lines.append(Line(f"{name} = {name} + {part.wrap(51)}", comment))
         if note:
             lines[-1].note = f"{note}, in one pass, as autograd computes it:"
-        return Code(name, shape=node.shape)
+        return Code(name, shape=node.shape, expanded=current is None and part.expanded)
 
     seed = Code(f"d{graph.output.name}", shape=graph.output.shape)
     grads = walk(graph, ops, value, lambda n: n.shape, seed, accumulate, fused)

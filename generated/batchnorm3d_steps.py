@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: 659b4a54fb260da8c0fcecc079979b058856296efb34bc92c7897889b3c282bb
-# content-hash: c2ce4fe11e964a77059a7ae7acfde9559c7e0b785deb6c1008051b026795ba83
+# content-hash: 57d75ba941f3730bae843dbd7031e0ec4d18bc2e0c6a3557164c1d9173d02245
 """Step-by-step backward of ``batchnorm3d``: Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -42,10 +42,7 @@ def backward(cache, dout=None):
     """
     x = cache["x"]
     gamma = cache["gamma"]
-    t1 = cache["t1"]
     xc = cache["xc"]
-    t3 = cache["t3"]
-    t4 = cache["t4"]
     t6 = cache["t6"]
     t7 = cache["t7"]
     xhat = cache["xhat"]
@@ -62,14 +59,14 @@ def backward(cache, dout=None):
     dt6 = (-0.5) * t6**(-1.5) * dt7  # grad of: xhat = xc * (var + eps) ** -0.5
     dvar = dt6  # grad of: xhat = xc * (var + eps) ** -0.5
     dt5 = dvar / (l*n)  # grad of: var = (xc**2).sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
-    dt4 = torch.ones_like(t4) * dt5  # grad of: var = (xc**2).sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
-    dt3 = torch.ones_like(t3) * dt4  # grad of: var = (xc**2).sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
+    dt4 = dt5.expand(1, c, l)  # grad of: var = (xc**2).sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
+    dt3 = dt4.expand(n, c, l)  # grad of: var = (xc**2).sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
     dxc = dxc + 2 * xc * dt3  # grad of: var = (xc**2).sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
     dx = dxc  # grad of: xc = x - mean
     dmean = (-dxc).sum((0, 2), keepdim=True)  # grad of: xc = x - mean
     dt2 = dmean / (l*n)  # grad of: mean = x.sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
-    dt1 = torch.ones_like(t1) * dt2  # grad of: mean = x.sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
-    dx = dx + torch.ones_like(x) * dt1  # grad of: mean = x.sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
+    dt1 = dt2.expand(1, c, l)  # grad of: mean = x.sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
+    dx = dx + dt1.expand(n, c, l)  # grad of: mean = x.sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
     return dict(dt8=dt8, dxhat=dxhat, dt7=dt7, dt6=dt6, dvar=dvar, dt5=dt5, dt4=dt4, dt3=dt3, dxc=dxc, dmean=dmean, dt2=dt2, dt1=dt1, dbeta=dbeta, dgamma=dgamma, dx=dx)
 
 
@@ -276,7 +273,7 @@ def _function_backward(ctx, dout):
         x, gamma, beta = _kept_inputs(ctx, "batchnorm3d")
         _, cache = forward(x, gamma, beta, eps)
     else:
-        cache = dict(zip(('x', 'gamma', 't1', 'xc', 't3', 't4', 't6', 't7', 'xhat', 'out'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('x', 'gamma', 'xc', 't6', 't7', 'xhat', 'out'), ctx.saved_tensors[:ctx.read_count]))
         cache["eps"] = eps
     return _input_grads(backward(cache, dout))
 
@@ -303,7 +300,7 @@ class _Batchnorm3dStepsFunctionEager(torch.autograd.Function):
         out, cache = forward(x, gamma, beta, eps)
         ctx.set_materialize_grads(False)
         ctx.eps = eps
-        _keep_in_eager_mode(ctx, (x, gamma, cache["t1"], cache["xc"], cache["t3"], cache["t4"], cache["t6"], cache["t7"], cache["xhat"], out), (x, gamma, beta))
+        _keep_in_eager_mode(ctx, (x, gamma, cache["xc"], cache["t6"], cache["t7"], cache["xhat"], out), (x, gamma, beta))
         return out
 
     @staticmethod
@@ -329,16 +326,16 @@ class _Batchnorm3dStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(x, gamma, beta, eps)
         out, cache = forward(x, gamma, beta, eps)
-        return (out, cache["t1"], cache["xc"], cache["t3"], cache["t4"], cache["t6"], cache["t7"], cache["xhat"],)
+        return (out, cache["xc"], cache["t6"], cache["t7"], cache["xhat"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         x, gamma, beta, eps = _inputs
-        out, t1, xc, t3, t4, t6, t7, xhat = _output
-        ctx.mark_non_differentiable(t1, xc, t3, t4, t6, t7, xhat)
+        out, xc, t6, t7, xhat = _output
+        ctx.mark_non_differentiable(xc, t6, t7, xhat)
         ctx.set_materialize_grads(False)
         ctx.eps = eps
-        _keep(ctx, (x, gamma, t1, xc, t3, t4, t6, t7, xhat, out), (x, gamma, beta))
+        _keep(ctx, (x, gamma, xc, t6, t7, xhat, out), (x, gamma, beta))
 
     @staticmethod
     def backward(ctx, dout, *_):
@@ -354,13 +351,13 @@ class Batchnorm3dStepsFunction(_Batchnorm3dStepsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _Batchnorm3dStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         x, gamma, beta, eps = _inputs
-        out, t1, xc, t3, t4, t6, t7, xhat = _output
+        out, xc, t6, t7, xhat = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(x, gamma, t1, xc, t3, t4, t6, t7, xhat, out), *(x, gamma, beta))
+        ctx.save_for_forward(*(x, gamma, xc, t6, t7, xhat, out), *(x, gamma, beta))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None, None, None, None, None
+        return _function_jvp(ctx, _tangents), None, None, None, None
 
 
 def batchnorm3d(x, gamma, beta, eps=1e-05):

@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: a981c98bca06ba535b5e3a39dee35e16465132b5d797e5ab1f8eaa097737ed5b
-# content-hash: 4baab9fc8d240bbe2b5e288267ad2a906ee7ea8105d1bff13d152c1ac1ad1324
+# content-hash: 6bf5ed8c78d4d06ca7886f565a33498d3aae8c12975eb1c32e44ac826ac9a822
 """Step-by-step backward of ``batchnorm``: Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -41,7 +41,6 @@ def backward(cache, dout=None):
     x = cache["x"]
     gamma = cache["gamma"]
     bndiff = cache["bndiff"]
-    bndiff2 = cache["bndiff2"]
     t3 = cache["t3"]
     bnvar_inv = cache["bnvar_inv"]
     bnraw = cache["bnraw"]
@@ -58,12 +57,12 @@ def backward(cache, dout=None):
     dt3 = (-0.5) * t3**(-1.5) * dbnvar_inv  # grad of: bnvar_inv = (bnvar + eps) ** -0.5
     dbnvar = dt3  # grad of: bnvar_inv = (bnvar + eps) ** -0.5
     dt2 = dbnvar * (1/(n - 1))  # grad of: bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
-    dbndiff2 = torch.ones_like(bndiff2) * dt2  # grad of: bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
+    dbndiff2 = dt2.expand(n, d)  # grad of: bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
     dbndiff = dbndiff + 2 * bndiff * dbndiff2  # grad of: bndiff2 = bndiff**2
     dx = dbndiff  # grad of: bndiff = x - bnmeani
     dbnmeani = (-dbndiff).sum(0, keepdim=True)  # grad of: bndiff = x - bnmeani
     dt1 = dbnmeani * (1/n)  # grad of: bnmeani = 1 / n * x.sum(0, keepdim=True)
-    dx = dx + torch.ones_like(x) * dt1  # grad of: bnmeani = 1 / n * x.sum(0, keepdim=True)
+    dx = dx + dt1.expand(n, d)  # grad of: bnmeani = 1 / n * x.sum(0, keepdim=True)
     return dict(dt4=dt4, dbnraw=dbnraw, dbnvar_inv=dbnvar_inv, dt3=dt3, dbnvar=dbnvar, dt2=dt2, dbndiff2=dbndiff2, dbndiff=dbndiff, dbnmeani=dbnmeani, dt1=dt1, dbeta=dbeta, dgamma=dgamma, dx=dx)
 
 
@@ -272,7 +271,7 @@ def _function_backward(ctx, dout):
         x, gamma, beta = _kept_inputs(ctx, "batchnorm")
         _, cache = forward(x, gamma, beta, eps)
     else:
-        cache = dict(zip(('x', 'gamma', 'bndiff', 'bndiff2', 't3', 'bnvar_inv', 'bnraw', 'out'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('x', 'gamma', 'bndiff', 't3', 'bnvar_inv', 'bnraw', 'out'), ctx.saved_tensors[:ctx.read_count]))
         cache["eps"] = eps
     return _input_grads(backward(cache, dout))
 
@@ -299,7 +298,7 @@ class _BatchnormStepsFunctionEager(torch.autograd.Function):
         out, cache = forward(x, gamma, beta, eps)
         ctx.set_materialize_grads(False)
         ctx.eps = eps
-        _keep_in_eager_mode(ctx, (x, gamma, cache["bndiff"], cache["bndiff2"], cache["t3"], cache["bnvar_inv"], cache["bnraw"], out), (x, gamma, beta))
+        _keep_in_eager_mode(ctx, (x, gamma, cache["bndiff"], cache["t3"], cache["bnvar_inv"], cache["bnraw"], out), (x, gamma, beta))
         return out
 
     @staticmethod
@@ -325,16 +324,16 @@ class _BatchnormStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(x, gamma, beta, eps)
         out, cache = forward(x, gamma, beta, eps)
-        return (out, cache["bndiff"], cache["bndiff2"], cache["t3"], cache["bnvar_inv"], cache["bnraw"],)
+        return (out, cache["bndiff"], cache["t3"], cache["bnvar_inv"], cache["bnraw"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         x, gamma, beta, eps = _inputs
-        out, bndiff, bndiff2, t3, bnvar_inv, bnraw = _output
-        ctx.mark_non_differentiable(bndiff, bndiff2, t3, bnvar_inv, bnraw)
+        out, bndiff, t3, bnvar_inv, bnraw = _output
+        ctx.mark_non_differentiable(bndiff, t3, bnvar_inv, bnraw)
         ctx.set_materialize_grads(False)
         ctx.eps = eps
-        _keep(ctx, (x, gamma, bndiff, bndiff2, t3, bnvar_inv, bnraw, out), (x, gamma, beta))
+        _keep(ctx, (x, gamma, bndiff, t3, bnvar_inv, bnraw, out), (x, gamma, beta))
 
     @staticmethod
     def backward(ctx, dout, *_):
@@ -350,13 +349,13 @@ class BatchnormStepsFunction(_BatchnormStepsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _BatchnormStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         x, gamma, beta, eps = _inputs
-        out, bndiff, bndiff2, t3, bnvar_inv, bnraw = _output
+        out, bndiff, t3, bnvar_inv, bnraw = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(x, gamma, bndiff, bndiff2, t3, bnvar_inv, bnraw, out), *(x, gamma, beta))
+        ctx.save_for_forward(*(x, gamma, bndiff, t3, bnvar_inv, bnraw, out), *(x, gamma, beta))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None, None, None
+        return _function_jvp(ctx, _tangents), None, None, None, None
 
 
 def batchnorm(x, gamma, beta, eps=1e-05):

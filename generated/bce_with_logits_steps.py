@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: a2671f1995271c186f161539621895025474d2311f4375b2c5cf046080a3aa0b
-# content-hash: 4897ca897e8be9c401c3c2fc4c914e245550e70a5454077db83e08a3168015ce
+# content-hash: 4e26e04242d6cb7b2ef3b8e8e5bc045af87167eb43e742b31e0c4263a1ae4148
 """Step-by-step backward of ``bce_with_logits``: Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -36,12 +36,11 @@ def backward(cache, dloss=None):
     logits = cache["logits"]
     t1 = cache["t1"]
     t3 = cache["t3"]
-    per_element = cache["per_element"]
     loss = cache["loss"]
     n, d = logits.shape
     if dloss is None:
         dloss = torch.ones_like(loss)
-    dper_element = torch.ones_like(per_element) * dloss / (d*n)  # grad of: loss = per_element.mean()
+    dper_element = (dloss / (d*n)).expand(n, d)  # grad of: loss = per_element.mean()
     dt2 = dper_element  # grad of: per_element = (1 - target) * logits + F.softplus(-logits)
     dt4 = dper_element  # grad of: per_element = (1 - target) * logits + F.softplus(-logits)
     # dt3 = torch.sigmoid(t3) * dt4, in one pass, as autograd computes it:
@@ -244,7 +243,7 @@ def _function_backward(ctx, dloss):
         logits, target = _kept_inputs(ctx, "bce_with_logits")
         _, cache = forward(logits, target)
     else:
-        cache = dict(zip(('logits', 't1', 't3', 'per_element', 'loss'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('logits', 't1', 't3', 'loss'), ctx.saved_tensors[:ctx.read_count]))
     return _input_grads(backward(cache, dloss))
 
 
@@ -269,7 +268,7 @@ class _BceWithLogitsStepsFunctionEager(torch.autograd.Function):
             _check_inputs(logits, target)
         loss, cache = forward(logits, target)
         ctx.set_materialize_grads(False)
-        _keep_in_eager_mode(ctx, (logits, cache["t1"], cache["t3"], cache["per_element"], loss), (logits, target))
+        _keep_in_eager_mode(ctx, (logits, cache["t1"], cache["t3"], loss), (logits, target))
         return loss
 
     @staticmethod
@@ -295,15 +294,15 @@ class _BceWithLogitsStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(logits, target)
         loss, cache = forward(logits, target)
-        return (loss, cache["t1"], cache["t3"], cache["per_element"],)
+        return (loss, cache["t1"], cache["t3"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         logits, target = _inputs
-        loss, t1, t3, per_element = _output
-        ctx.mark_non_differentiable(t1, t3, per_element)
+        loss, t1, t3 = _output
+        ctx.mark_non_differentiable(t1, t3)
         ctx.set_materialize_grads(False)
-        _keep(ctx, (logits, t1, t3, per_element, loss), (logits, target))
+        _keep(ctx, (logits, t1, t3, loss), (logits, target))
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -319,13 +318,13 @@ class BceWithLogitsStepsFunction(_BceWithLogitsStepsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _BceWithLogitsStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         logits, target = _inputs
-        loss, t1, t3, per_element = _output
+        loss, t1, t3 = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(logits, t1, t3, per_element, loss), *(logits, target))
+        ctx.save_for_forward(*(logits, t1, t3, loss), *(logits, target))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None
+        return _function_jvp(ctx, _tangents), None, None
 
 
 def bce_with_logits(logits, target):

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: 232c6f27a96d7a6716e66f77c217816dab8b4b393fc7bb1b33ebc69f6d903a62
-# content-hash: c1a0f8826055f79fbf60560ffbc72cba997ee5863edacf1689cf0771825aee04
+# content-hash: 3639e79dba7890fc9c55f07147d7026b11c778b93cd92bd56021401864a6fdf0
 """Step-by-step backward of ``cross_entropy_ignore``: Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -46,7 +46,6 @@ def backward(cache, dloss=None):
     t2 = cache["t2"]
     logprobs = cache["logprobs"]
     keep = cache["keep"]
-    t5 = cache["t5"]
     t8 = cache["t8"]
     loss = cache["loss"]
     n, k = logits.shape
@@ -54,17 +53,17 @@ def backward(cache, dloss=None):
         dloss = torch.ones_like(loss)
     dt7 = dloss / t8  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
     dt6 = -dt7  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
-    dt5 = torch.ones_like(t5) * dt6  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
+    dt5 = dt6.expand(n)  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
     dt4 = dt5 * keep  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
     dlogprobs = torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt4.unsqueeze(1), 0)  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
     dz = dlogprobs  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt3 = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt2 = dt3 / t2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
-    dt1 = torch.ones_like(t1) * dt2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
+    dt1 = dt2.expand(n, k)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dz = dz + t1 * dt1  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dlogits = dz  # grad of: z = logits - m
     dm = (-dz).sum(1, keepdim=True)  # grad of: z = logits - m
-    dlogits = dlogits + torch.where(logits.max(1, keepdim=True).indices == torch.arange(logits.shape[1], device=logits.device), dm, 0)  # grad of: m = logits.max(1, keepdim=True).values
+    dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dm)  # grad of: m = logits.max(1, keepdim=True).values
     return dict(dt7=dt7, dt6=dt6, dt5=dt5, dt4=dt4, dlogprobs=dlogprobs, dt3=dt3, dt2=dt2, dt1=dt1, dz=dz, dm=dm, dlogits=dlogits)
 
 
@@ -260,7 +259,7 @@ def _function_backward(ctx, dloss):
         logits, y = _kept_inputs(ctx, "cross_entropy_ignore")
         _, cache = forward(logits, y, ignore_index)
     else:
-        cache = dict(zip(('logits', 'y', 't1', 't2', 'logprobs', 'keep', 't5', 't8', 'loss'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('logits', 'y', 't1', 't2', 'logprobs', 'keep', 't8', 'loss'), ctx.saved_tensors[:ctx.read_count]))
         cache["ignore_index"] = ignore_index
     return _input_grads(backward(cache, dloss))
 
@@ -287,7 +286,7 @@ class _CrossEntropyIgnoreStepsFunctionEager(torch.autograd.Function):
         loss, cache = forward(logits, y, ignore_index)
         ctx.set_materialize_grads(False)
         ctx.ignore_index = ignore_index
-        _keep_in_eager_mode(ctx, (logits, y, cache["t1"], cache["t2"], cache["logprobs"], cache["keep"], cache["t5"], cache["t8"], loss), (logits, y))
+        _keep_in_eager_mode(ctx, (logits, y, cache["t1"], cache["t2"], cache["logprobs"], cache["keep"], cache["t8"], loss), (logits, y))
         return loss
 
     @staticmethod
@@ -313,16 +312,16 @@ class _CrossEntropyIgnoreStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(logits, y, ignore_index)
         loss, cache = forward(logits, y, ignore_index)
-        return (loss, cache["t1"], cache["t2"], cache["logprobs"], cache["keep"], cache["t5"], cache["t8"],)
+        return (loss, cache["t1"], cache["t2"], cache["logprobs"], cache["keep"], cache["t8"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         logits, y, ignore_index = _inputs
-        loss, t1, t2, logprobs, keep, t5, t8 = _output
-        ctx.mark_non_differentiable(t1, t2, logprobs, keep, t5, t8)
+        loss, t1, t2, logprobs, keep, t8 = _output
+        ctx.mark_non_differentiable(t1, t2, logprobs, keep, t8)
         ctx.set_materialize_grads(False)
         ctx.ignore_index = ignore_index
-        _keep(ctx, (logits, y, t1, t2, logprobs, keep, t5, t8, loss), (logits, y))
+        _keep(ctx, (logits, y, t1, t2, logprobs, keep, t8, loss), (logits, y))
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -338,13 +337,13 @@ class CrossEntropyIgnoreStepsFunction(_CrossEntropyIgnoreStepsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _CrossEntropyIgnoreStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         logits, y, ignore_index = _inputs
-        loss, t1, t2, logprobs, keep, t5, t8 = _output
+        loss, t1, t2, logprobs, keep, t8 = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(logits, y, t1, t2, logprobs, keep, t5, t8, loss), *(logits, y))
+        ctx.save_for_forward(*(logits, y, t1, t2, logprobs, keep, t8, loss), *(logits, y))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None, None, None, None
+        return _function_jvp(ctx, _tangents), None, None, None, None, None
 
 
 def cross_entropy_ignore(logits, y, ignore_index=0):

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: c155bc0de1743f781d215a24c7647fcefe96bc04e4568d005c60e869d990409c
-# content-hash: f4b72498f4270681af3c9b3f8c0b72ee82e4899975312bfe43fcb03c183b250b
+# content-hash: 91b6b9595e5538cffbdc440d6c436baa15b0e8984c4a6b2fdaae599dfe6fe939
 """Step-by-step backward of ``cross_entropy_smooth``: Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -46,7 +46,6 @@ def backward(cache, dloss=None):
     t1 = cache["t1"]
     t2 = cache["t2"]
     logprobs = cache["logprobs"]
-    t3 = cache["t3"]
     loss = cache["loss"]
     smoothing = cache["smoothing"]
     n, k = logits.shape
@@ -57,18 +56,18 @@ def backward(cache, dloss=None):
     duniform = dt7 * smoothing  # grad of: loss = (1 - smoothing) * nll + smoothing * uniform
     dnll = dt6 * (1 - smoothing)  # grad of: loss = (1 - smoothing) * nll + smoothing * uniform
     dt5 = -duniform  # grad of: uniform = -logprobs.mean()
-    dlogprobs = torch.ones_like(logprobs) * dt5 / (k*n)  # grad of: uniform = -logprobs.mean()
+    dlogprobs = (dt5 / (k*n)).expand(n, k)  # grad of: uniform = -logprobs.mean()
     dt4 = -dnll  # grad of: nll = -logprobs[range(n), y].mean()
-    dt3 = torch.ones_like(t3) * dt4 / n  # grad of: nll = -logprobs[range(n), y].mean()
+    dt3 = (dt4 / n).expand(n)  # grad of: nll = -logprobs[range(n), y].mean()
     dlogprobs = dlogprobs + torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt3.unsqueeze(1), 0)  # grad of: nll = -logprobs[range(n), y].mean()
     dz = dlogprobs  # grad of: logprobs = z - lse
     dlse = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - lse
     dt2 = dlse / t2  # grad of: lse = z.exp().sum(1, keepdim=True).log()
-    dt1 = torch.ones_like(t1) * dt2  # grad of: lse = z.exp().sum(1, keepdim=True).log()
+    dt1 = dt2.expand(n, k)  # grad of: lse = z.exp().sum(1, keepdim=True).log()
     dz = dz + t1 * dt1  # grad of: lse = z.exp().sum(1, keepdim=True).log()
     dlogits = dz  # grad of: z = logits - m
     dm = (-dz).sum(1, keepdim=True)  # grad of: z = logits - m
-    dlogits = dlogits + torch.where(logits.max(1, keepdim=True).indices == torch.arange(logits.shape[1], device=logits.device), dm, 0)  # grad of: m = logits.max(1, keepdim=True).values
+    dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dm)  # grad of: m = logits.max(1, keepdim=True).values
     return dict(dt7=dt7, dt6=dt6, duniform=duniform, dt5=dt5, dnll=dnll, dt4=dt4, dt3=dt3, dlogprobs=dlogprobs, dlse=dlse, dt2=dt2, dt1=dt1, dz=dz, dm=dm, dlogits=dlogits)
 
 
@@ -266,7 +265,7 @@ def _function_backward(ctx, dloss):
         logits, y = _kept_inputs(ctx, "cross_entropy_smooth")
         _, cache = forward(logits, y, smoothing)
     else:
-        cache = dict(zip(('logits', 'y', 't1', 't2', 'logprobs', 't3', 'loss'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('logits', 'y', 't1', 't2', 'logprobs', 'loss'), ctx.saved_tensors[:ctx.read_count]))
         cache["smoothing"] = smoothing
     return _input_grads(backward(cache, dloss))
 
@@ -293,7 +292,7 @@ class _CrossEntropySmoothStepsFunctionEager(torch.autograd.Function):
         loss, cache = forward(logits, y, smoothing)
         ctx.set_materialize_grads(False)
         ctx.smoothing = smoothing
-        _keep_in_eager_mode(ctx, (logits, y, cache["t1"], cache["t2"], cache["logprobs"], cache["t3"], loss), (logits, y))
+        _keep_in_eager_mode(ctx, (logits, y, cache["t1"], cache["t2"], cache["logprobs"], loss), (logits, y))
         return loss
 
     @staticmethod
@@ -319,16 +318,16 @@ class _CrossEntropySmoothStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(logits, y, smoothing)
         loss, cache = forward(logits, y, smoothing)
-        return (loss, cache["t1"], cache["t2"], cache["logprobs"], cache["t3"],)
+        return (loss, cache["t1"], cache["t2"], cache["logprobs"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         logits, y, smoothing = _inputs
-        loss, t1, t2, logprobs, t3 = _output
-        ctx.mark_non_differentiable(t1, t2, logprobs, t3)
+        loss, t1, t2, logprobs = _output
+        ctx.mark_non_differentiable(t1, t2, logprobs)
         ctx.set_materialize_grads(False)
         ctx.smoothing = smoothing
-        _keep(ctx, (logits, y, t1, t2, logprobs, t3, loss), (logits, y))
+        _keep(ctx, (logits, y, t1, t2, logprobs, loss), (logits, y))
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -344,13 +343,13 @@ class CrossEntropySmoothStepsFunction(_CrossEntropySmoothStepsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _CrossEntropySmoothStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         logits, y, smoothing = _inputs
-        loss, t1, t2, logprobs, t3 = _output
+        loss, t1, t2, logprobs = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(logits, y, t1, t2, logprobs, t3, loss), *(logits, y))
+        ctx.save_for_forward(*(logits, y, t1, t2, logprobs, loss), *(logits, y))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None, None
+        return _function_jvp(ctx, _tangents), None, None, None
 
 
 def cross_entropy_smooth(logits, y, smoothing=0.1):

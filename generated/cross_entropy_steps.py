@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate
 # inputs-hash: 6c5cdf2ee0c48f651df1e0c0f2ef1d8f53c274c04df3b3fb7159031f16f01606
-# content-hash: d0367beb4c9b9fe6f36155b918a7238788dcbcb4183250d1f7da9d0e9c704f37
+# content-hash: de5b8b1bf151e31c08f6f12e957a7db9d03a9d6285916b432fd48593e677df38
 """Step-by-step backward of ``cross_entropy``: Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -44,23 +44,22 @@ def backward(cache, dloss=None):
     counts_sum_inv = cache["counts_sum_inv"]
     probs = cache["probs"]
     logprobs = cache["logprobs"]
-    t1 = cache["t1"]
     loss = cache["loss"]
     n, k = logits.shape
     if dloss is None:
         dloss = torch.ones_like(loss)
     dt2 = -dloss  # grad of: loss = -logprobs[range(n), y].mean()
-    dt1 = torch.ones_like(t1) * dt2 / n  # grad of: loss = -logprobs[range(n), y].mean()
+    dt1 = (dt2 / n).expand(n)  # grad of: loss = -logprobs[range(n), y].mean()
     dlogprobs = torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt1.unsqueeze(1), 0)  # grad of: loss = -logprobs[range(n), y].mean()
     dprobs = dlogprobs / probs  # grad of: logprobs = probs.log()
     dcounts = dprobs * counts_sum_inv  # grad of: probs = counts * counts_sum_inv
     dcounts_sum_inv = (dprobs * counts).sum(1, keepdim=True)  # grad of: probs = counts * counts_sum_inv
     dcounts_sum = -counts_sum**(-2) * dcounts_sum_inv  # grad of: counts_sum_inv = counts_sum**-1
-    dcounts = dcounts + torch.ones_like(counts) * dcounts_sum  # grad of: counts_sum = counts.sum(1, keepdim=True)
+    dcounts = dcounts + dcounts_sum.expand(n, k)  # grad of: counts_sum = counts.sum(1, keepdim=True)
     dnorm_logits = counts * dcounts  # grad of: counts = norm_logits.exp()
     dlogits = dnorm_logits  # grad of: norm_logits = logits - logit_maxes
     dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)  # grad of: norm_logits = logits - logit_maxes
-    dlogits = dlogits + torch.where(logits.max(1, keepdim=True).indices == torch.arange(logits.shape[1], device=logits.device), dlogit_maxes, 0)  # grad of: logit_maxes = logits.max(1, keepdim=True).values
+    dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dlogit_maxes)  # grad of: logit_maxes = logits.max(1, keepdim=True).values
     return dict(dt2=dt2, dt1=dt1, dlogprobs=dlogprobs, dprobs=dprobs, dcounts_sum_inv=dcounts_sum_inv, dcounts_sum=dcounts_sum, dcounts=dcounts, dnorm_logits=dnorm_logits, dlogit_maxes=dlogit_maxes, dlogits=dlogits)
 
 
@@ -255,7 +254,7 @@ def _function_backward(ctx, dloss):
         logits, y = _kept_inputs(ctx, "cross_entropy")
         _, cache = forward(logits, y)
     else:
-        cache = dict(zip(('logits', 'y', 'counts', 'counts_sum', 'counts_sum_inv', 'probs', 'logprobs', 't1', 'loss'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('logits', 'y', 'counts', 'counts_sum', 'counts_sum_inv', 'probs', 'logprobs', 'loss'), ctx.saved_tensors[:ctx.read_count]))
     return _input_grads(backward(cache, dloss))
 
 
@@ -279,7 +278,7 @@ class _CrossEntropyStepsFunctionEager(torch.autograd.Function):
             _check_inputs(logits, y)
         loss, cache = forward(logits, y)
         ctx.set_materialize_grads(False)
-        _keep_in_eager_mode(ctx, (logits, y, cache["counts"], cache["counts_sum"], cache["counts_sum_inv"], cache["probs"], cache["logprobs"], cache["t1"], loss), (logits, y))
+        _keep_in_eager_mode(ctx, (logits, y, cache["counts"], cache["counts_sum"], cache["counts_sum_inv"], cache["probs"], cache["logprobs"], loss), (logits, y))
         return loss
 
     @staticmethod
@@ -305,15 +304,15 @@ class _CrossEntropyStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(logits, y)
         loss, cache = forward(logits, y)
-        return (loss, cache["counts"], cache["counts_sum"], cache["counts_sum_inv"], cache["probs"], cache["logprobs"], cache["t1"],)
+        return (loss, cache["counts"], cache["counts_sum"], cache["counts_sum_inv"], cache["probs"], cache["logprobs"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         logits, y = _inputs
-        loss, counts, counts_sum, counts_sum_inv, probs, logprobs, t1 = _output
-        ctx.mark_non_differentiable(counts, counts_sum, counts_sum_inv, probs, logprobs, t1)
+        loss, counts, counts_sum, counts_sum_inv, probs, logprobs = _output
+        ctx.mark_non_differentiable(counts, counts_sum, counts_sum_inv, probs, logprobs)
         ctx.set_materialize_grads(False)
-        _keep(ctx, (logits, y, counts, counts_sum, counts_sum_inv, probs, logprobs, t1, loss), (logits, y))
+        _keep(ctx, (logits, y, counts, counts_sum, counts_sum_inv, probs, logprobs, loss), (logits, y))
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -329,13 +328,13 @@ class CrossEntropyStepsFunction(_CrossEntropyStepsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _CrossEntropyStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         logits, y = _inputs
-        loss, counts, counts_sum, counts_sum_inv, probs, logprobs, t1 = _output
+        loss, counts, counts_sum, counts_sum_inv, probs, logprobs = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(logits, y, counts, counts_sum, counts_sum_inv, probs, logprobs, t1, loss), *(logits, y))
+        ctx.save_for_forward(*(logits, y, counts, counts_sum, counts_sum_inv, probs, logprobs, loss), *(logits, y))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None, None, None, None
+        return _function_jvp(ctx, _tangents), None, None, None, None, None
 
 
 def cross_entropy(logits, y):

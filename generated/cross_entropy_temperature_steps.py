@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: fa0657db79e5ea8d88001f7d4ac9309dec35d4cbc087e64a7f8db2c76a336363
-# content-hash: fe015e789715bef4fdd4a790dc8d0188db11c194f1810be62971c0460bf32057
+# content-hash: 2fed1d9b85cef3e3cd85929a4af5bba195d5fea21339b723ecf8fc108bfb27b8
 """Step-by-step backward of ``cross_entropy_temperature``: Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -43,23 +43,22 @@ def backward(cache, dloss=None):
     t1 = cache["t1"]
     t2 = cache["t2"]
     logprobs = cache["logprobs"]
-    t4 = cache["t4"]
     loss = cache["loss"]
     T = cache["T"]
     n, k = logits.shape
     if dloss is None:
         dloss = torch.ones_like(loss)
     dt5 = -dloss  # grad of: loss = -logprobs[range(n), y].mean()
-    dt4 = torch.ones_like(t4) * dt5 / n  # grad of: loss = -logprobs[range(n), y].mean()
+    dt4 = (dt5 / n).expand(n)  # grad of: loss = -logprobs[range(n), y].mean()
     dlogprobs = torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt4.unsqueeze(1), 0)  # grad of: loss = -logprobs[range(n), y].mean()
     dz = dlogprobs  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt3 = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt2 = dt3 / t2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
-    dt1 = torch.ones_like(t1) * dt2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
+    dt1 = dt2.expand(n, k)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dz = dz + t1 * dt1  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     ds = dz  # grad of: z = s - m
     dm = (-dz).sum(1, keepdim=True)  # grad of: z = s - m
-    ds = ds + torch.where(s.max(1, keepdim=True).indices == torch.arange(s.shape[1], device=s.device), dm, 0)  # grad of: m = s.max(1, keepdim=True).values
+    ds = ds.scatter_add(1, s.max(1, keepdim=True).indices, dm)  # grad of: m = s.max(1, keepdim=True).values
     dlogits = ds / T  # grad of: s = logits / T
     return dict(dt5=dt5, dt4=dt4, dlogprobs=dlogprobs, dt3=dt3, dt2=dt2, dt1=dt1, dz=dz, dm=dm, ds=ds, dlogits=dlogits)
 
@@ -256,7 +255,7 @@ def _function_backward(ctx, dloss):
         logits, y = _kept_inputs(ctx, "cross_entropy_temperature")
         _, cache = forward(logits, y, T)
     else:
-        cache = dict(zip(('logits', 'y', 's', 't1', 't2', 'logprobs', 't4', 'loss'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('logits', 'y', 's', 't1', 't2', 'logprobs', 'loss'), ctx.saved_tensors[:ctx.read_count]))
         cache["T"] = T
     return _input_grads(backward(cache, dloss))
 
@@ -283,7 +282,7 @@ class _CrossEntropyTemperatureStepsFunctionEager(torch.autograd.Function):
         loss, cache = forward(logits, y, T)
         ctx.set_materialize_grads(False)
         ctx.T = T
-        _keep_in_eager_mode(ctx, (logits, y, cache["s"], cache["t1"], cache["t2"], cache["logprobs"], cache["t4"], loss), (logits, y))
+        _keep_in_eager_mode(ctx, (logits, y, cache["s"], cache["t1"], cache["t2"], cache["logprobs"], loss), (logits, y))
         return loss
 
     @staticmethod
@@ -309,16 +308,16 @@ class _CrossEntropyTemperatureStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(logits, y, T)
         loss, cache = forward(logits, y, T)
-        return (loss, cache["s"], cache["t1"], cache["t2"], cache["logprobs"], cache["t4"],)
+        return (loss, cache["s"], cache["t1"], cache["t2"], cache["logprobs"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         logits, y, T = _inputs
-        loss, s, t1, t2, logprobs, t4 = _output
-        ctx.mark_non_differentiable(s, t1, t2, logprobs, t4)
+        loss, s, t1, t2, logprobs = _output
+        ctx.mark_non_differentiable(s, t1, t2, logprobs)
         ctx.set_materialize_grads(False)
         ctx.T = T
-        _keep(ctx, (logits, y, s, t1, t2, logprobs, t4, loss), (logits, y))
+        _keep(ctx, (logits, y, s, t1, t2, logprobs, loss), (logits, y))
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -334,13 +333,13 @@ class CrossEntropyTemperatureStepsFunction(_CrossEntropyTemperatureStepsFunction
     def setup_context(ctx, _inputs, _output):
         _CrossEntropyTemperatureStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         logits, y, T = _inputs
-        loss, s, t1, t2, logprobs, t4 = _output
+        loss, s, t1, t2, logprobs = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(logits, y, s, t1, t2, logprobs, t4, loss), *(logits, y))
+        ctx.save_for_forward(*(logits, y, s, t1, t2, logprobs, loss), *(logits, y))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None, None, None
+        return _function_jvp(ctx, _tangents), None, None, None, None
 
 
 def cross_entropy_temperature(logits, y, T=2.0):

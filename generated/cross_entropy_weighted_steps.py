@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate
 # inputs-hash: 013b4386bfaeeeb2c9678715cad3d49394c332bed85fef9a8515d0d46c33b3ed
-# content-hash: 969a38197c66cf7725d0f0aeb44c056e25ed2bc5ac395d32b6fac548d5b0ce08
+# content-hash: 88e75c8699826540135e27bb52d4d8e232ea0e2c5ad1ab7dc572dcd420433f07
 """Step-by-step backward of ``cross_entropy_weighted``: Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -46,7 +46,6 @@ def backward(cache, dloss=None):
     t2 = cache["t2"]
     logprobs = cache["logprobs"]
     picked_w = cache["picked_w"]
-    t5 = cache["t5"]
     t8 = cache["t8"]
     loss = cache["loss"]
     n, k = logits.shape
@@ -54,17 +53,17 @@ def backward(cache, dloss=None):
         dloss = torch.ones_like(loss)
     dt7 = dloss / t8  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
     dt6 = -dt7  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
-    dt5 = torch.ones_like(t5) * dt6  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
+    dt5 = dt6.expand(n)  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
     dt4 = dt5 * picked_w  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
     dlogprobs = torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt4.unsqueeze(1), 0)  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
     dz = dlogprobs  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt3 = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt2 = dt3 / t2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
-    dt1 = torch.ones_like(t1) * dt2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
+    dt1 = dt2.expand(n, k)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dz = dz + t1 * dt1  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dlogits = dz  # grad of: z = logits - m
     dm = (-dz).sum(1, keepdim=True)  # grad of: z = logits - m
-    dlogits = dlogits + torch.where(logits.max(1, keepdim=True).indices == torch.arange(logits.shape[1], device=logits.device), dm, 0)  # grad of: m = logits.max(1, keepdim=True).values
+    dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dm)  # grad of: m = logits.max(1, keepdim=True).values
     return dict(dt7=dt7, dt6=dt6, dt5=dt5, dt4=dt4, dlogprobs=dlogprobs, dt3=dt3, dt2=dt2, dt1=dt1, dz=dz, dm=dm, dlogits=dlogits)
 
 
@@ -268,7 +267,7 @@ def _function_backward(ctx, dloss):
         logits, y, w = _kept_inputs(ctx, "cross_entropy_weighted")
         _, cache = forward(logits, y, w)
     else:
-        cache = dict(zip(('logits', 'y', 't1', 't2', 'logprobs', 'picked_w', 't5', 't8', 'loss'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('logits', 'y', 't1', 't2', 'logprobs', 'picked_w', 't8', 'loss'), ctx.saved_tensors[:ctx.read_count]))
     return _input_grads(backward(cache, dloss))
 
 
@@ -293,7 +292,7 @@ class _CrossEntropyWeightedStepsFunctionEager(torch.autograd.Function):
             _check_inputs(logits, y, w)
         loss, cache = forward(logits, y, w)
         ctx.set_materialize_grads(False)
-        _keep_in_eager_mode(ctx, (logits, y, cache["t1"], cache["t2"], cache["logprobs"], cache["picked_w"], cache["t5"], cache["t8"], loss), (logits, y, w))
+        _keep_in_eager_mode(ctx, (logits, y, cache["t1"], cache["t2"], cache["logprobs"], cache["picked_w"], cache["t8"], loss), (logits, y, w))
         return loss
 
     @staticmethod
@@ -319,15 +318,15 @@ class _CrossEntropyWeightedStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(logits, y, w)
         loss, cache = forward(logits, y, w)
-        return (loss, cache["t1"], cache["t2"], cache["logprobs"], cache["picked_w"], cache["t5"], cache["t8"],)
+        return (loss, cache["t1"], cache["t2"], cache["logprobs"], cache["picked_w"], cache["t8"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         logits, y, w = _inputs
-        loss, t1, t2, logprobs, picked_w, t5, t8 = _output
-        ctx.mark_non_differentiable(t1, t2, logprobs, picked_w, t5, t8)
+        loss, t1, t2, logprobs, picked_w, t8 = _output
+        ctx.mark_non_differentiable(t1, t2, logprobs, picked_w, t8)
         ctx.set_materialize_grads(False)
-        _keep(ctx, (logits, y, t1, t2, logprobs, picked_w, t5, t8, loss), (logits, y, w))
+        _keep(ctx, (logits, y, t1, t2, logprobs, picked_w, t8, loss), (logits, y, w))
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -343,13 +342,13 @@ class CrossEntropyWeightedStepsFunction(_CrossEntropyWeightedStepsFunctionNoJvp)
     def setup_context(ctx, _inputs, _output):
         _CrossEntropyWeightedStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         logits, y, w = _inputs
-        loss, t1, t2, logprobs, picked_w, t5, t8 = _output
+        loss, t1, t2, logprobs, picked_w, t8 = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(logits, y, t1, t2, logprobs, picked_w, t5, t8, loss), *(logits, y, w))
+        ctx.save_for_forward(*(logits, y, t1, t2, logprobs, picked_w, t8, loss), *(logits, y, w))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None, None, None, None
+        return _function_jvp(ctx, _tangents), None, None, None, None, None
 
 
 def cross_entropy_weighted(logits, y, w):

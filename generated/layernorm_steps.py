@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer layernorm)
 # regenerate: derive generate
 # inputs-hash: e4aa57e15b2306905ea6f5b3c1fafe7e3187eb5bc43637b6d0c8aacf5ef68835
-# content-hash: e2592a332c95b917a451b1bda326237c9a6409af8e0c3eafe3c260519e0bfc88
+# content-hash: dba47cbc24c36db47979352fb3ad92491135d8cef05c3ccec5cd66a02e4f8d23
 """Step-by-step backward of ``layernorm``: Layer normalization over the last dimension (biased variance), as ``F.layer_norm``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -41,7 +41,6 @@ def backward(cache, dout=None):
     x = cache["x"]
     gamma = cache["gamma"]
     xc = cache["xc"]
-    t2 = cache["t2"]
     t4 = cache["t4"]
     inv = cache["inv"]
     xhat = cache["xhat"]
@@ -58,12 +57,12 @@ def backward(cache, dout=None):
     dt4 = (-0.5) * t4**(-1.5) * dinv  # grad of: inv = (var + eps) ** -0.5
     dvar = dt4  # grad of: inv = (var + eps) ** -0.5
     dt3 = dvar / d  # grad of: var = (xc**2).sum(1, keepdim=True) / d
-    dt2 = torch.ones_like(t2) * dt3  # grad of: var = (xc**2).sum(1, keepdim=True) / d
+    dt2 = dt3.expand(n, d)  # grad of: var = (xc**2).sum(1, keepdim=True) / d
     dxc = dxc + 2 * xc * dt2  # grad of: var = (xc**2).sum(1, keepdim=True) / d
     dx = dxc  # grad of: xc = x - mu
     dmu = (-dxc).sum(1, keepdim=True)  # grad of: xc = x - mu
     dt1 = dmu / d  # grad of: mu = x.sum(1, keepdim=True) / d
-    dx = dx + torch.ones_like(x) * dt1  # grad of: mu = x.sum(1, keepdim=True) / d
+    dx = dx + dt1.expand(n, d)  # grad of: mu = x.sum(1, keepdim=True) / d
     return dict(dt5=dt5, dxhat=dxhat, dinv=dinv, dt4=dt4, dvar=dvar, dt3=dt3, dt2=dt2, dxc=dxc, dmu=dmu, dt1=dt1, dbeta=dbeta, dgamma=dgamma, dx=dx)
 
 
@@ -270,7 +269,7 @@ def _function_backward(ctx, dout):
         x, gamma, beta = _kept_inputs(ctx, "layernorm")
         _, cache = forward(x, gamma, beta, eps)
     else:
-        cache = dict(zip(('x', 'gamma', 'xc', 't2', 't4', 'inv', 'xhat', 'out'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('x', 'gamma', 'xc', 't4', 'inv', 'xhat', 'out'), ctx.saved_tensors[:ctx.read_count]))
         cache["eps"] = eps
     return _input_grads(backward(cache, dout))
 
@@ -297,7 +296,7 @@ class _LayernormStepsFunctionEager(torch.autograd.Function):
         out, cache = forward(x, gamma, beta, eps)
         ctx.set_materialize_grads(False)
         ctx.eps = eps
-        _keep_in_eager_mode(ctx, (x, gamma, cache["xc"], cache["t2"], cache["t4"], cache["inv"], cache["xhat"], out), (x, gamma, beta))
+        _keep_in_eager_mode(ctx, (x, gamma, cache["xc"], cache["t4"], cache["inv"], cache["xhat"], out), (x, gamma, beta))
         return out
 
     @staticmethod
@@ -323,16 +322,16 @@ class _LayernormStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(x, gamma, beta, eps)
         out, cache = forward(x, gamma, beta, eps)
-        return (out, cache["xc"], cache["t2"], cache["t4"], cache["inv"], cache["xhat"],)
+        return (out, cache["xc"], cache["t4"], cache["inv"], cache["xhat"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         x, gamma, beta, eps = _inputs
-        out, xc, t2, t4, inv, xhat = _output
-        ctx.mark_non_differentiable(xc, t2, t4, inv, xhat)
+        out, xc, t4, inv, xhat = _output
+        ctx.mark_non_differentiable(xc, t4, inv, xhat)
         ctx.set_materialize_grads(False)
         ctx.eps = eps
-        _keep(ctx, (x, gamma, xc, t2, t4, inv, xhat, out), (x, gamma, beta))
+        _keep(ctx, (x, gamma, xc, t4, inv, xhat, out), (x, gamma, beta))
 
     @staticmethod
     def backward(ctx, dout, *_):
@@ -348,13 +347,13 @@ class LayernormStepsFunction(_LayernormStepsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _LayernormStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         x, gamma, beta, eps = _inputs
-        out, xc, t2, t4, inv, xhat = _output
+        out, xc, t4, inv, xhat = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(x, gamma, xc, t2, t4, inv, xhat, out), *(x, gamma, beta))
+        ctx.save_for_forward(*(x, gamma, xc, t4, inv, xhat, out), *(x, gamma, beta))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None, None, None
+        return _function_jvp(ctx, _tangents), None, None, None, None
 
 
 def layernorm(x, gamma, beta, eps=1e-05):

@@ -2,7 +2,7 @@
 # source: derive.layers.makemore_mlp (layer makemore_mlp)
 # regenerate: derive generate
 # inputs-hash: 181a6bd9b491ee8e676749bbe6024c037251d634d32618bc76b86874f8bde30f
-# content-hash: 232ec227a0a3c7e16cb0ee81fad093166489a4fe8e190b1331c130f6d4b1a868
+# content-hash: 02ece7aaf62d2158d2c007e2326b66a96238b68600fe2bbc4e1db69bee853206
 """Step-by-step backward of ``makemore_mlp``: Character-level MLP language model, forward pass chunked as in the exercise.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -65,9 +65,7 @@ def backward(cache, dloss=None):
     Yb = cache["Yb"]
     emb = cache["emb"]
     embcat = cache["embcat"]
-    hprebn = cache["hprebn"]
     bndiff = cache["bndiff"]
-    bndiff2 = cache["bndiff2"]
     t4 = cache["t4"]
     bnvar_inv = cache["bnvar_inv"]
     bnraw = cache["bnraw"]
@@ -78,7 +76,6 @@ def backward(cache, dloss=None):
     counts_sum_inv = cache["counts_sum_inv"]
     probs = cache["probs"]
     logprobs = cache["logprobs"]
-    t7 = cache["t7"]
     loss = cache["loss"]
     v, e = C.shape
     n, t = Xb.shape
@@ -86,17 +83,17 @@ def backward(cache, dloss=None):
     if dloss is None:
         dloss = torch.ones_like(loss)
     dt8 = -dloss  # grad of: loss = -logprobs[range(n), Yb].mean()
-    dt7 = torch.ones_like(t7) * dt8 / n  # grad of: loss = -logprobs[range(n), Yb].mean()
+    dt7 = (dt8 / n).expand(n)  # grad of: loss = -logprobs[range(n), Yb].mean()
     dlogprobs = torch.where(Yb.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=Yb.device), dt7.unsqueeze(1), 0)  # grad of: loss = -logprobs[range(n), Yb].mean()
     dprobs = dlogprobs / probs  # grad of: logprobs = probs.log()
     dcounts = dprobs * counts_sum_inv  # grad of: probs = counts * counts_sum_inv
     dcounts_sum_inv = (dprobs * counts).sum(1, keepdim=True)  # grad of: probs = counts * counts_sum_inv
     dcounts_sum = -counts_sum**(-2) * dcounts_sum_inv  # grad of: counts_sum_inv = counts_sum**-1
-    dcounts = dcounts + torch.ones_like(counts) * dcounts_sum  # grad of: counts_sum = counts.sum(1, keepdim=True)
+    dcounts = dcounts + dcounts_sum.expand(n, v)  # grad of: counts_sum = counts.sum(1, keepdim=True)
     dnorm_logits = counts * dcounts  # grad of: counts = norm_logits.exp()
     dlogits = dnorm_logits  # grad of: norm_logits = logits - logit_maxes
     dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)  # grad of: norm_logits = logits - logit_maxes
-    dlogits = dlogits + torch.where(logits.max(1, keepdim=True).indices == torch.arange(logits.shape[1], device=logits.device), dlogit_maxes, 0)  # grad of: logit_maxes = logits.max(1, keepdim=True).values
+    dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dlogit_maxes)  # grad of: logit_maxes = logits.max(1, keepdim=True).values
     dt6 = dlogits  # grad of: logits = h @ W2 + b2
     db2 = dlogits.sum(0)  # grad of: logits = h @ W2 + b2
     dh = dt6 @ W2.T  # grad of: logits = h @ W2 + b2
@@ -112,12 +109,12 @@ def backward(cache, dloss=None):
     dt4 = (-0.5) * t4**(-1.5) * dbnvar_inv  # grad of: bnvar_inv = (bnvar + 1e-5) ** -0.5
     dbnvar = dt4  # grad of: bnvar_inv = (bnvar + 1e-5) ** -0.5
     dt3 = dbnvar * (1/(n - 1))  # grad of: bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
-    dbndiff2 = torch.ones_like(bndiff2) * dt3  # grad of: bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
+    dbndiff2 = dt3.expand(n, hidden)  # grad of: bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
     dbndiff = dbndiff + 2 * bndiff * dbndiff2  # grad of: bndiff2 = bndiff**2
     dhprebn = dbndiff  # grad of: bndiff = hprebn - bnmeani
     dbnmeani = (-dbndiff).sum(0, keepdim=True)  # grad of: bndiff = hprebn - bnmeani
     dt2 = dbnmeani * (1/n)  # grad of: bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
-    dhprebn = dhprebn + torch.ones_like(hprebn) * dt2  # grad of: bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
+    dhprebn = dhprebn + dt2.expand(n, hidden)  # grad of: bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
     dt1 = dhprebn  # grad of: hprebn = embcat @ W1 + b1
     db1 = dhprebn.sum(0)  # grad of: hprebn = embcat @ W1 + b1
     dembcat = dt1 @ W1.T  # grad of: hprebn = embcat @ W1 + b1
@@ -377,7 +374,7 @@ def _function_backward(ctx, dloss):
         C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb = _kept_inputs(ctx, "makemore_mlp")
         _, cache = forward(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb)
     else:
-        cache = dict(zip(('C', 'Xb', 'W1', 'bngain', 'W2', 'Yb', 'emb', 'embcat', 'hprebn', 'bndiff', 'bndiff2', 't4', 'bnvar_inv', 'bnraw', 'h', 'logits', 'counts', 'counts_sum', 'counts_sum_inv', 'probs', 'logprobs', 't7', 'loss'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('C', 'Xb', 'W1', 'bngain', 'W2', 'Yb', 'emb', 'embcat', 'bndiff', 't4', 'bnvar_inv', 'bnraw', 'h', 'logits', 'counts', 'counts_sum', 'counts_sum_inv', 'probs', 'logprobs', 'loss'), ctx.saved_tensors[:ctx.read_count]))
     return _input_grads(backward(cache, dloss))
 
 
@@ -401,7 +398,7 @@ class _MakemoreMlpStepsFunctionEager(torch.autograd.Function):
             _check_inputs(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb)
         loss, cache = forward(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb)
         ctx.set_materialize_grads(False)
-        _keep_in_eager_mode(ctx, (C, Xb, W1, bngain, W2, Yb, cache["emb"], cache["embcat"], cache["hprebn"], cache["bndiff"], cache["bndiff2"], cache["t4"], cache["bnvar_inv"], cache["bnraw"], cache["h"], cache["logits"], cache["counts"], cache["counts_sum"], cache["counts_sum_inv"], cache["probs"], cache["logprobs"], cache["t7"], loss), (C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb))
+        _keep_in_eager_mode(ctx, (C, Xb, W1, bngain, W2, Yb, cache["emb"], cache["embcat"], cache["bndiff"], cache["t4"], cache["bnvar_inv"], cache["bnraw"], cache["h"], cache["logits"], cache["counts"], cache["counts_sum"], cache["counts_sum_inv"], cache["probs"], cache["logprobs"], loss), (C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb))
         return loss
 
     @staticmethod
@@ -427,15 +424,15 @@ class _MakemoreMlpStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb)
         loss, cache = forward(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb)
-        return (loss, cache["emb"], cache["embcat"], cache["hprebn"], cache["bndiff"], cache["bndiff2"], cache["t4"], cache["bnvar_inv"], cache["bnraw"], cache["h"], cache["logits"], cache["counts"], cache["counts_sum"], cache["counts_sum_inv"], cache["probs"], cache["logprobs"], cache["t7"],)
+        return (loss, cache["emb"], cache["embcat"], cache["bndiff"], cache["t4"], cache["bnvar_inv"], cache["bnraw"], cache["h"], cache["logits"], cache["counts"], cache["counts_sum"], cache["counts_sum_inv"], cache["probs"], cache["logprobs"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb = _inputs
-        loss, emb, embcat, hprebn, bndiff, bndiff2, t4, bnvar_inv, bnraw, h, logits, counts, counts_sum, counts_sum_inv, probs, logprobs, t7 = _output
-        ctx.mark_non_differentiable(emb, embcat, hprebn, bndiff, bndiff2, t4, bnvar_inv, bnraw, h, logits, counts, counts_sum, counts_sum_inv, probs, logprobs, t7)
+        loss, emb, embcat, bndiff, t4, bnvar_inv, bnraw, h, logits, counts, counts_sum, counts_sum_inv, probs, logprobs = _output
+        ctx.mark_non_differentiable(emb, embcat, bndiff, t4, bnvar_inv, bnraw, h, logits, counts, counts_sum, counts_sum_inv, probs, logprobs)
         ctx.set_materialize_grads(False)
-        _keep(ctx, (C, Xb, W1, bngain, W2, Yb, emb, embcat, hprebn, bndiff, bndiff2, t4, bnvar_inv, bnraw, h, logits, counts, counts_sum, counts_sum_inv, probs, logprobs, t7, loss), (C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb))
+        _keep(ctx, (C, Xb, W1, bngain, W2, Yb, emb, embcat, bndiff, t4, bnvar_inv, bnraw, h, logits, counts, counts_sum, counts_sum_inv, probs, logprobs, loss), (C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb))
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -451,13 +448,13 @@ class MakemoreMlpStepsFunction(_MakemoreMlpStepsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _MakemoreMlpStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb = _inputs
-        loss, emb, embcat, hprebn, bndiff, bndiff2, t4, bnvar_inv, bnraw, h, logits, counts, counts_sum, counts_sum_inv, probs, logprobs, t7 = _output
+        loss, emb, embcat, bndiff, t4, bnvar_inv, bnraw, h, logits, counts, counts_sum, counts_sum_inv, probs, logprobs = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(C, Xb, W1, bngain, W2, Yb, emb, embcat, hprebn, bndiff, bndiff2, t4, bnvar_inv, bnraw, h, logits, counts, counts_sum, counts_sum_inv, probs, logprobs, t7, loss), *(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb))
+        ctx.save_for_forward(*(C, Xb, W1, bngain, W2, Yb, emb, embcat, bndiff, t4, bnvar_inv, bnraw, h, logits, counts, counts_sum, counts_sum_inv, probs, logprobs, loss), *(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+        return _function_jvp(ctx, _tangents), None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def makemore_mlp(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb):

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: 5bac4968be6372f5ea43f6e7fba69fa938e0e4701713df55546a96fd0ed5cb4e
-# content-hash: 2cba2f4e4e615403e8ab2f95d04a280de567d7ef45029e4cd0e6e274cacf144d
+# content-hash: 979a9b9600246074cd91f13a72c3e5372f0ffe87330a295e8d87c3e0a6df2488
 """Step-by-step backward of ``mse``: Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -32,12 +32,11 @@ def backward(cache, dloss=None):
     """
     pred = cache["pred"]
     diff = cache["diff"]
-    t1 = cache["t1"]
     loss = cache["loss"]
     n, d = pred.shape
     if dloss is None:
         dloss = torch.ones_like(loss)
-    dt1 = torch.ones_like(t1) * dloss / (d*n)  # grad of: loss = (diff**2).mean()
+    dt1 = (dloss / (d*n)).expand(n, d)  # grad of: loss = (diff**2).mean()
     ddiff = 2 * diff * dt1  # grad of: loss = (diff**2).mean()
     dpred = ddiff  # grad of: diff = pred - target
     return dict(dt1=dt1, ddiff=ddiff, dpred=dpred)
@@ -236,7 +235,7 @@ def _function_backward(ctx, dloss):
         pred, target = _kept_inputs(ctx, "mse")
         _, cache = forward(pred, target)
     else:
-        cache = dict(zip(('pred', 'diff', 't1', 'loss'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('pred', 'diff', 'loss'), ctx.saved_tensors[:ctx.read_count]))
     return _input_grads(backward(cache, dloss))
 
 
@@ -261,7 +260,7 @@ class _MseStepsFunctionEager(torch.autograd.Function):
             _check_inputs(pred, target)
         loss, cache = forward(pred, target)
         ctx.set_materialize_grads(False)
-        _keep_in_eager_mode(ctx, (pred, cache["diff"], cache["t1"], loss), (pred, target))
+        _keep_in_eager_mode(ctx, (pred, cache["diff"], loss), (pred, target))
         return loss
 
     @staticmethod
@@ -287,15 +286,15 @@ class _MseStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(pred, target)
         loss, cache = forward(pred, target)
-        return (loss, cache["diff"], cache["t1"],)
+        return (loss, cache["diff"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         pred, target = _inputs
-        loss, diff, t1 = _output
-        ctx.mark_non_differentiable(diff, t1)
+        loss, diff = _output
+        ctx.mark_non_differentiable(diff)
         ctx.set_materialize_grads(False)
-        _keep(ctx, (pred, diff, t1, loss), (pred, target))
+        _keep(ctx, (pred, diff, loss), (pred, target))
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -311,13 +310,13 @@ class MseStepsFunction(_MseStepsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _MseStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         pred, target = _inputs
-        loss, diff, t1 = _output
+        loss, diff = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(pred, diff, t1, loss), *(pred, target))
+        ctx.save_for_forward(*(pred, diff, loss), *(pred, target))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None
+        return _function_jvp(ctx, _tangents), None
 
 
 def mse(pred, target):

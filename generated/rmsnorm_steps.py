@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer rmsnorm)
 # regenerate: derive generate
 # inputs-hash: bf5e31f2c0de6b18ba05983f4dcd29116ee9963dcefca9150c16f5b89958737c
-# content-hash: ac4e195c1ca23f33884bcc56e02842568ce356d9dfa0ab802af3b7ef38599dae
+# content-hash: bc1dddd08cd646abb685ef6ff7e82f26dd0262fdc3825fe5fbe9d8bd61849956
 """Step-by-step backward of ``rmsnorm``: RMS normalization over the last dimension: ``g * x / sqrt(mean(x**2) + eps)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -35,7 +35,6 @@ def backward(cache, dout=None):
     """
     x = cache["x"]
     g = cache["g"]
-    t1 = cache["t1"]
     t2 = cache["t2"]
     inv = cache["inv"]
     t3 = cache["t3"]
@@ -49,7 +48,7 @@ def backward(cache, dout=None):
     dx = dt3 * g  # grad of: out = g * x * inv
     dt2 = (-0.5) * t2**(-1.5) * dinv  # grad of: inv = (ms + eps) ** -0.5
     dms = dt2  # grad of: inv = (ms + eps) ** -0.5
-    dt1 = torch.ones_like(t1) * dms / d  # grad of: ms = (x**2).mean(1, keepdim=True)
+    dt1 = (dms / d).expand(n, d)  # grad of: ms = (x**2).mean(1, keepdim=True)
     dx = dx + 2 * x * dt1  # grad of: ms = (x**2).mean(1, keepdim=True)
     return dict(dt3=dt3, dinv=dinv, dt2=dt2, dms=dms, dt1=dt1, dg=dg, dx=dx)
 
@@ -249,7 +248,7 @@ def _function_backward(ctx, dout):
         x, g = _kept_inputs(ctx, "rmsnorm")
         _, cache = forward(x, g, eps)
     else:
-        cache = dict(zip(('x', 'g', 't1', 't2', 'inv', 't3', 'out'), ctx.saved_tensors[:ctx.read_count]))
+        cache = dict(zip(('x', 'g', 't2', 'inv', 't3', 'out'), ctx.saved_tensors[:ctx.read_count]))
         cache["eps"] = eps
     return _input_grads(backward(cache, dout))
 
@@ -276,7 +275,7 @@ class _RmsnormStepsFunctionEager(torch.autograd.Function):
         out, cache = forward(x, g, eps)
         ctx.set_materialize_grads(False)
         ctx.eps = eps
-        _keep_in_eager_mode(ctx, (x, g, cache["t1"], cache["t2"], cache["inv"], cache["t3"], out), (x, g))
+        _keep_in_eager_mode(ctx, (x, g, cache["t2"], cache["inv"], cache["t3"], out), (x, g))
         return out
 
     @staticmethod
@@ -302,16 +301,16 @@ class _RmsnormStepsFunctionNoJvp(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(x, g, eps)
         out, cache = forward(x, g, eps)
-        return (out, cache["t1"], cache["t2"], cache["inv"], cache["t3"],)
+        return (out, cache["t2"], cache["inv"], cache["t3"],)
 
     @staticmethod
     def setup_context(ctx, _inputs, _output):
         x, g, eps = _inputs
-        out, t1, t2, inv, t3 = _output
-        ctx.mark_non_differentiable(t1, t2, inv, t3)
+        out, t2, inv, t3 = _output
+        ctx.mark_non_differentiable(t2, inv, t3)
         ctx.set_materialize_grads(False)
         ctx.eps = eps
-        _keep(ctx, (x, g, t1, t2, inv, t3, out), (x, g))
+        _keep(ctx, (x, g, t2, inv, t3, out), (x, g))
 
     @staticmethod
     def backward(ctx, dout, *_):
@@ -327,13 +326,13 @@ class RmsnormStepsFunction(_RmsnormStepsFunctionNoJvp):
     def setup_context(ctx, _inputs, _output):
         _RmsnormStepsFunctionNoJvp.setup_context(ctx, _inputs, _output)
         x, g, eps = _inputs
-        out, t1, t2, inv, t3 = _output
+        out, t2, inv, t3 = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(x, g, t1, t2, inv, t3, out), *(x, g))
+        ctx.save_for_forward(*(x, g, t2, inv, t3, out), *(x, g))
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return _function_jvp(ctx, _tangents), None, None, None, None
+        return _function_jvp(ctx, _tangents), None, None, None
 
 
 def rmsnorm(x, g, eps=1e-06):
