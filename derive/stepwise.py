@@ -130,12 +130,12 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
 
     seed = Code(f"d{graph.output.name}", shape=graph.output.shape)
     grads = walk(graph, ops, value, lambda n: n.shape, seed, accumulate, fused)
-    # A declared differentiable input the output does not read still has a gradient: zero. The
-    # backward promises one per differentiable input, and the Function returns them all.
+    # A declared differentiable input the output does not read gets no gradient (None), as autograd
+    # through the spec gives it none and as the fused kernels return: no n x k zeros written.
     for name in graph.layer.differentiable:
         node = graph.inputs[name]
         if node not in grads:
-            lines.append(Line(f"d{name} = torch.zeros_like({name})", f"{name} does not reach the output", True))
+            lines.append(Line(f"d{name} = None", f"{name} does not reach the output: no gradient, as autograd", True))
             grads[node] = Code(f"d{name}", shape=node.shape)
     return lines, {node: str(g) for node, g in grads.items()}
 

@@ -36,7 +36,11 @@ class Row:
 def compare(name: str, ours: torch.Tensor, reference: torch.Tensor) -> Row:
     """One row of the table (the exercise's ``cmp``). A NaN where autograd of the spec has one is a
     match (a spec undefined there, ``sqrt`` of a negative draw: the kernel is as the spec); a NaN on
-    one side only is an infinite difference."""
+    one side only is an infinite difference. No gradient (None: an input the output does not read)
+    matches no gradient only."""
+    if ours is None or reference is None:
+        same = ours is None and reference is None
+        return Row(name, same, same, 0.0 if same else float("inf"))
     ours, reference = ours.detach(), reference.detach()
     both = torch.isnan(ours) & torch.isnan(reference)
     exact = bool(torch.equal(ours[~both], reference[~both]) and ours.shape == reference.shape)
@@ -129,8 +133,8 @@ def autograd_everything(layer: Layer, inputs: dict, seed: int = 0) -> dict[str, 
         t.retain_grad()
     if out.requires_grad:
         out.backward(upstream_for(out, seed))
-    # an input the output does not read has gradient zero (autograd leaves it None)
-    inputs = {k: leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in wanted}
+    # an input the output does not read has no gradient: None, as autograd leaves it
+    inputs = {k: leaves[k].grad for k in wanted}
     return {**inputs, **{k: t.grad for k, t in tensors.items() if t.grad is not None}}
 
 

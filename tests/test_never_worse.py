@@ -363,9 +363,16 @@ def bias_only(x, w):
 
 def test_an_input_the_output_does_not_read_gets_no_gradient_as_with_autograd(tmp_path):
     """Autograd through the spec gives such an input no gradient (None; ``.grad`` stays unset); the
-    kernel does the same rather than writing n x k zeros, and forward mode still works."""
+    kernel does the same rather than writing n x k zeros, fused or step-by-step, and forward mode
+    still works."""
     layer, fn = generated(tmp_path, UNREAD, "bias_only")
+    steps = load_module(tmp_path / "gen" / "bias_only_steps.py").bias_only
     x, w = torch.randn(64, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    for kernel in (fn, steps):
+        _no_gradient_as_autograd(layer, kernel, x, w)
+
+
+def _no_gradient_as_autograd(layer, fn, x, w):
     results = []
     for f in (fn, layer.fn):
         xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
