@@ -276,8 +276,9 @@ def _compared(a: _Analysis) -> list[tuple[str, bool, float]]:
     fused[layer.name](**leaves).backward(upstream)
     rows = []
     for name in layer.differentiable:
-        ours, theirs = leaves[name].grad, stepwise[f"d{name}"]
-        ours = torch.zeros_like(leaves[name]) if ours is None else ours  # an input the output does not read
+        # an input the output does not read has no gradient (None) on either side: zero
+        ours, theirs = (torch.zeros_like(leaves[name]) if g is None else g
+                        for g in (leaves[name].grad, stepwise[f"d{name}"]))
         rows.append((name, bool(torch.allclose(ours, theirs)), float((ours - theirs).abs().max())))
     return rows
 
