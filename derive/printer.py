@@ -602,6 +602,11 @@ class KernelPrinter(TorchPrinter):
         code = self._layout(code, tuple(extent(i) for i in s.indices), [self.frame.slots[i] for i in s.indices])
         return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
 
+    def is_softmax_backward(self, expr) -> bool:
+        """Whether ``expr`` prints as one call of torch's softmax backward kernel (a pass over memory
+        that no chain of in-place updates beats)."""
+        return self._softmax_backward(expr) is not None
+
     def _tanh_backward(self, expr) -> str | None:
         """``g*(1 - y**2)`` with ``y`` a saved tanh and ``g`` a tensor: the chain rule through the
         tanh, printed as torch's own kernel for it (``torch.ops.aten.tanh_backward(g, y)``), which
