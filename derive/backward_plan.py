@@ -98,10 +98,20 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
     def text(e):
         return printer.doprint(sp.factor_terms(e))
 
-    if not tensors and scatters and not groups:  # a one-hot only (a pick's gradient): zeros, then scatters
+    if not tensors and scatters and (not groups or list(groups) == [None]):
+        # one-hots alone (a pick's gradient): zeros, then the scatters; or one-hots beside a value
+        # constant along the frame's last axes (``g*x[y]`` everywhere, ``g*s`` at the label): that
+        # value written once, broadcast, then the scatters (not a dense one-hot times a row)
         sizes = [printer.doprint(s) if k in full else "1" for k, s in enumerate(frame)]
-        return [f"{grad} = {printer.dtype_of}.new_zeros(({', '.join(sizes)}{',' if len(sizes) == 1 else ''}))"] + \
-            _scatters(grad, scatters, printer, slots, frame, text, full)
+        shape = f"({', '.join(sizes)}{',' if len(sizes) == 1 else ''})"
+        constant = groups.get(None)
+        if constant is None:
+            first = f"{printer.dtype_of}.new_zeros({shape})"
+        elif printer._is_tensor(constant):
+            first = f"{printer.dtype_of}.new_empty({shape}).copy_({text(constant)})"
+        else:
+            first = f"{printer.dtype_of}.new_full({shape}, {text(constant)})"
+        return [f"{grad} = {first}"] + _scatters(grad, scatters, printer, slots, frame, text, full)
     if not tensors or len(groups) + len(scatters) < 2:
         return None
 

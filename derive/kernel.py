@@ -18,6 +18,7 @@ from .errors import DerivationError
 from .forward import size_names, size_scalars
 from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
+from .functions import Equal, NonNeg, Step, Wins
 from .memo import ByObject, kept_on
 from .printer import Frame, KernelPrinter, _wrap, fit_shape, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
@@ -492,6 +493,9 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     views = _atomic_layouts(el, shapes, rename, sizes)
     names = {s: sp.pycode(s) for s in dims} | dict(size_text or {})
     bound = set().union(*[{r.index for r in reductions(e)} for e in elements]) if elements else set()
+    elements, masks = _masks_computed_once(elements, frame, taken | set(shapes))
+    for name, value in masks:
+        shapes[name] = tuple(dims)
     # a maximum inside a one-hot is not a value to share: cse sees each one-hot as one opaque call
     hidden, restore = hide_argmax(sp.Tuple(*elements))
     replacements, reduced = sp.cse(list(hidden), symbols=sp.numbered_symbols("_cse"), ignore=tuple(bound), order="none")
@@ -529,6 +533,11 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         return p
 
     shared = []
+    for name, value in masks:
+        p = printer()
+        p.full_rank = p._lower_rank(value)
+        users = [f.position for f, r in zip(formulas, reduced) if sp.Symbol(name) in r.free_symbols]
+        shared.append(Shared(name, p.doprint(value), value, users))
     for symbol, value in replacements:
         reads = [shapes[t.name] for t in temporaries(value, shapes)]
         # a value of 0-d tensors only (``dout*(1 - v4**2)`` for a scalar output) prints as 0-d
@@ -663,6 +672,89 @@ def spread_means(expr: sp.Expr) -> sp.Expr:
                     others = [f for f in expr.args if f is not inverse and f is not add]
                     return sp.Mul(*others) * sp.Add(*[t / size for t in add.args])
     return expr
+
+
+_INDICATORS = (Step, NonNeg, Equal, Wins)
+
+
+def _compound_mask(expr: sp.Expr) -> bool:
+    """A mask that prints as several passes over memory: a tie-splitting ``Wins`` (two comparisons),
+    or a product or sum of indicators (``NonNeg(0.5 - v)*NonNeg(v + 1)``, a clamp's)."""
+    if isinstance(expr, Wins):
+        return True
+    if isinstance(expr, (sp.Mul, sp.Add)):
+        parts = [a for a in expr.args if not a.is_number]
+        return len(parts) >= 2 and all(isinstance(a, _INDICATORS) or _compound_mask(a) for a in parts)
+    return False
+
+
+def _mask_of(expr: sp.Expr) -> tuple[sp.Expr | None, list]:
+    """(the compound mask ``expr`` is or has as factors, the other factors); ``(None, [])`` if none."""
+    if _compound_mask(expr):
+        return expr, []
+    if isinstance(expr, sp.Mul):
+        inside = [a for a in expr.args if isinstance(a, _INDICATORS) or _compound_mask(a)]
+        mask = sp.Mul(*inside)
+        if len(inside) > 1 or inside and _compound_mask(mask):
+            return mask, [a for a in expr.args if a not in inside]
+    return None, []
+
+
+def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list, list]:
+    """``elements`` with each full-size compound mask they compute more than once, inside a sum (at
+    its bound index) or outside (at the frame's), read from one tensor ``mask<k>``; and
+    ``[(name, value over the frame)]``. A clamp's mask in ``dx = (s - sum_j m*s)*m`` and in ``dw``
+    was printed, and computed, three times (six passes each; 2.7x autograd's time at 1024 x 512).
+    A sum's index is matched with the frame's index of its size only where that size is the
+    frame's only axis of it (so the mask's axes are the sum's without doubt)."""
+    alone = {extent(f): f for f in frame if sum(extent(g) == extent(f) for g in frame) == 1}
+    full = set(frame)
+    counts: dict = {}
+
+    def inside(red, at):
+        f = alone.get(extent(red.index))
+        return {**at, red.index: f} if f is not None and f not in red.body.free_symbols and f not in at.values() else at
+
+    def count(expr, at):
+        if isinstance(expr, Red):
+            count(expr.body, inside(expr, at))
+            return
+        mask, rest = _mask_of(expr)
+        if mask is not None:
+            value = mask.xreplace(at)
+            if {i for i in value.free_symbols if isinstance(i, sp.Idx)} == full:
+                counts[value] = counts.get(value, 0) + 1
+            for r in rest:
+                count(r, at)
+            return
+        for a in expr.args:
+            count(a, at)
+
+    for e in elements:
+        count(e, {})
+    names = {}
+    for value in [v for v, c in counts.items() if c > 1]:
+        k = 0
+        while f"mask{k}" in taken or f"mask{k}" in names.values():
+            k += 1
+        names[value] = f"mask{k}"
+    if not names:
+        return elements, []
+
+    def replaced(expr, at):
+        if isinstance(expr, Red):  # its own class: a GroupedRed stays whole
+            return type(expr)(replaced(expr.body, inside(expr, at)), expr.index)
+        mask, rest = _mask_of(expr)
+        name = names.get(mask.xreplace(at)) if mask is not None else None
+        if name is not None:
+            back = {f: j for j, f in at.items()}
+            return sp.Mul(sp.IndexedBase(name)[tuple(back.get(f, f) for f in frame)], *[replaced(r, at) for r in rest])
+        if not expr.args:
+            return expr
+        args = [replaced(a, at) for a in expr.args]
+        return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+
+    return [replaced(e, {}) for e in elements], [(name, value) for value, name in names.items()]
 
 
 def _shared_names(values: list[sp.Expr], taken: set) -> list[str]:

@@ -718,6 +718,9 @@ class KernelPrinter(TorchPrinter):
         return code
 
     def _print_Mul(self, expr):
+        from .functions import Equal, NonNeg, Step
+        if all(isinstance(f, (Step, NonNeg, Equal)) for f in expr.args):
+            return self._mask(self.condition(expr))  # masks multiplied: one ``&`` of bool tensors, one cast
         softmax = self._softmax_backward(expr)
         if softmax is not None:
             return softmax
@@ -879,7 +882,8 @@ class KernelPrinter(TorchPrinter):
             (inner,) = [a for a in m.args if a != 1]
             if inner.could_extract_minus_sign():
                 return f"~({self.condition(-inner)})"
-        if isinstance(m, sp.Mul) and not m.atoms(sp.Number) - {sp.S.One}:
+        if isinstance(m, sp.Mul) and (not m.atoms(sp.Number) - {sp.S.One}
+                                      or all(isinstance(f, (Step, NonNeg, Equal)) for f in m.args)):
             return " & ".join(f"({self.condition(f)})" for f in m.args)
         return f"{self._print(m)} != 0"
 
@@ -1145,10 +1149,18 @@ class ForwardPrinter(KernelPrinter):
 
 
 def _sides(e: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
-    """``a - b`` as ``(a, b)`` for printing ``a > b``: the negative terms go to the right (else 0)."""
+    """``a - b`` as ``(a, b)`` for printing ``a > b``: the negative terms go to the right (else 0),
+    and a number beside a tensor crosses over (``v >= -1``, not ``v + 1 >= 0``: one comparison, no
+    addition, and the comparison autograd's clamp makes)."""
     terms = sp.Add.make_args(e)
-    right = [-t for t in terms if t.could_extract_minus_sign()]
-    left = [t for t in terms if not t.could_extract_minus_sign()]
+    numbers = [t for t in terms if t.is_number]
+    others = [t for t in terms if not t.is_number]
+    right = [-t for t in others if t.could_extract_minus_sign()]
+    left = [t for t in others if not t.could_extract_minus_sign()]
+    if left:
+        right += [-t for t in numbers]
+    else:
+        left += numbers
     if not left or not right:
         return e, sp.S.Zero
     return sp.Add(*left), sp.Add(*right)
