@@ -2,14 +2,14 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: 273f81450206717d306a31051eaaff211ef6491aaac3a5c4d89d3c25acde459b
-# content-hash: 49320993d1d72f5fa6b40358935b5ea8069f8ee093250ba673c12dced9e348ed
+# content-hash: ec88f218c4dadf77c8b985eb2cf0271d72fdfe7f9d079731789e24c030acf855
 """Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
     sum_bnraw_dout = (bnraw*dout).sum(0, keepdim=True)
     sum_dout = dout.sum(0, keepdim=True)
-    dx = (n*dout - n*sum_bnraw_dout*bnraw/(n - 1) - sum_dout)*bnvar_inv*gamma/n
+    dx = (bnvar_inv*gamma/n)*(n*dout - (n*sum_bnraw_dout/(n - 1))*bnraw - sum_dout)
     dgamma = sum_bnraw_dout.reshape(d,)
     dbeta = sum_dout.reshape(d,)
 """

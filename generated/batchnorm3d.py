@@ -2,14 +2,14 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: f7406241a8ee9f90057343c02b7395c8a135994b804d20b01818fc3d7a3c6563
-# content-hash: b3572122933d904e9e2089f224c1510db4ac03cfe80eeae3f7f174676634e9d9
+# content-hash: 1ff091ade20df396a80d69eae41b7bd9c7cf38472a0c846c72ee4f851385eb05
 """Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Fused backward, derived from the spec (element-wise, sizes n, c, l):
 
     sum_dout_xhat = (dout*xhat).sum((0, 2), keepdim=True)
     sum_dout = dout.sum((0, 2), keepdim=True)
-    dx = (l*n*dout - sum_dout - sum_dout_xhat*xhat)*gamma*t7/(l*n)
+    dx = (gamma*t7/(l*n))*(l*n*dout - sum_dout - sum_dout_xhat*xhat)
     dgamma = sum_dout_xhat.reshape(c, 1)
     dbeta = sum_dout.reshape(c, 1)
 """

@@ -2,14 +2,14 @@
 # source: derive.layers.batchnorm (layer batchnorm_biased)
 # regenerate: derive generate
 # inputs-hash: d18511d2fa51b8ccb4851a47ec48dc2df0c6afd76bc4aa57309764c7dc75a3ce
-# content-hash: dce94c5896d7fbc112d839d4cc8e63a0bfd3cfd6a9c8238ce945202e039a026d
+# content-hash: 95de4f82084f3d064406955568fdb8f03b14500487fa7ce6737cadbb4ba789b4
 """Batch normalization with the biased variance (divides by n), as BatchNorm1d in training.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
     sum_bnraw_dout = (bnraw*dout).sum(0, keepdim=True)
     sum_dout = dout.sum(0, keepdim=True)
-    dx = (n*dout - sum_bnraw_dout*bnraw - sum_dout)*bnvar_inv*gamma/n
+    dx = (bnvar_inv*gamma/n)*(n*dout - sum_bnraw_dout*bnraw - sum_dout)
     dgamma = sum_bnraw_dout.reshape(d,)
     dbeta = sum_dout.reshape(d,)
 """

@@ -2,12 +2,12 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 8d3debb197346ef8fd137551ae75bb86952c7a9506f9d18babf32b86e0ae65b0
-# content-hash: c7e8807e6a47f107bdd1e3e9097711b22237e80c8e6b318a4eef7e5228422540
+# content-hash: 101a36c341094f4fc26f997e8cb6e53351ab21524dcb9ba25b6b8c7eddc0868b
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dlogits = dloss*(1 - torch.sigmoid(t3) - target)/(d*n)
+    dlogits = (dloss/(d*n))*(1 - torch.sigmoid(t3) - target)
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -39,7 +39,7 @@ def _backward(needs, dloss, target, t3, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dlogits = None
     if needs[0]:
-        dlogits = dloss*(1 - torch.sigmoid(t3) - target)/(d*n)
+        dlogits = (dloss/(d*n))*(1 - torch.sigmoid(t3) - target)
     return dlogits, None
 
 

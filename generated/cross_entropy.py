@@ -2,12 +2,12 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate
 # inputs-hash: 1f33e2c270a9acf9d6b99aeb783a71fc7dc8828a5124f1153d58ec6164d67670
-# content-hash: 472db0857b9fb9e888545e8840864ed7585310bb93871f4047616b4ff9bd74c2
+# content-hash: 59bb479b76573fcf55624807f8e2a68067d93b477af4e69f25339d1a1213ec3e
 """Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
 
-    dlogits = dloss*(probs - (y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype))/n
+    dlogits = (dloss/n)*(probs - (y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype))
 """
 import math  # noqa: F401  (used by some formulas)
 

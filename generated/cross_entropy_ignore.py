@@ -2,13 +2,13 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: 0a22b5059da6fcb46980d76ebd034fc0d48b6a377547b15123aa6f1f4f1f74d6
-# content-hash: 7715fd6158117178018bb2455a3e75000a8c377af569479ec59c2b395ce725c8
+# content-hash: ab717e0ee751e44ec086d845c9c13f5ae4b444b4166baacfafb8feaf9cc7de70
 """Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
 
     sum_t1 = t1.sum(1, keepdim=True)
-    dlogits = torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, dloss*(sum_t1*(y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype) - t1)*(((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(1 - (y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True))/sum_t1, 0)
+    dlogits = torch.where((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1 != 0, (dloss*(((y.view(n, 1) == ignore_index).to(dloss.dtype) - 1)/(1 - (y.view(n, 1) == ignore_index).to(dloss.dtype)).sum(0, keepdim=True))/sum_t1)*(sum_t1*(y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype) - t1), 0)
 """
 import math  # noqa: F401  (used by some formulas)
 

@@ -2,12 +2,12 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: 6b562620c72146bf7d9cfc4fa056a9fb27cbb4b7304084e70c1beef529f32c06
-# content-hash: 982faee643a9aa32cb46f3030c9fd1250aacc1d5b256934011b5d4fb1920113a
+# content-hash: 9a692ba8f07cc1340b95bffc86239a23c33c23cbf413d6a1c98793c23725530d
 """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
 
-    dlogits = dloss*((smoothing - 1)*(y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype) + t1/t1.sum(1, keepdim=True) - smoothing/k)/n
+    dlogits = (dloss/n)*((smoothing - 1)*(y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype) + t1/t1.sum(1, keepdim=True) - smoothing/k)
 """
 import math  # noqa: F401  (used by some formulas)
 

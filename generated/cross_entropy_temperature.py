@@ -2,12 +2,12 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: 8a1252b82bd9145393034393cac35e66179c2e69638cebf72754c39d06ace877
-# content-hash: 475b6ca44e91db30a7eb135a21553b2a86a3effe8158eefe07b4cf2abb14b1bd
+# content-hash: 0e69bee004646bb88bbf3a9c51628a8aed312cecff151b07bdc61f0feff7100f
 """Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
 
-    dlogits = dloss*(t1/t1.sum(1, keepdim=True) - (y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype))/(T*n)
+    dlogits = (dloss/(T*n))*(t1/t1.sum(1, keepdim=True) - (y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype))
 """
 import math  # noqa: F401  (used by some formulas)
 

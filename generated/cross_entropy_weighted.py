@@ -2,12 +2,12 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate
 # inputs-hash: 6757c3d2c184981d2004319f57ada9f271eb3b917caa4f23bfe4557cc7172284
-# content-hash: 0062c1beea17af803677af7bbbc05cc7960d282056ef8eb24123ab282f681b93
+# content-hash: 729d1b98cf3e4fd81f1fefacba7746dc113f152be4858ac9e2a9ed4af4fddd72
 """Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
 
-    dlogits = dloss*(t1/t1.sum(1, keepdim=True) - (y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype))*(w[y].view(n, 1)/(w[y].view(n, 1)).sum(0, keepdim=True))
+    dlogits = (dloss*(w[y].view(n, 1)/(w[y].view(n, 1)).sum(0, keepdim=True)))*(t1/t1.sum(1, keepdim=True) - (y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype))
 """
 import math  # noqa: F401  (used by some formulas)
 

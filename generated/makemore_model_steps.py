@@ -2,7 +2,7 @@
 # source: derive.layers.makemore_model (layer makemore_model)
 # regenerate: derive generate
 # inputs-hash: e2bf3d822b688f0be85a6f6ecec8bfde7b936e30808b72a39b1c25b8e0a1ea6d
-# content-hash: 474e25c13febe4921ee89f9eb147c9f216c1093816d2ec9268e60ef8ec0bb434
+# content-hash: 0ad0fab4a5c1dc7e9d4a6c6e1f79fdc7b3afc12e755929a4de43459dea8ae74e
 """Step-by-step backward of ``makemore_model``: Character-level MLP language model: embedding, linear, batchnorm, tanh, linear, cross-entropy.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -75,7 +75,7 @@ def backward(cache, dloss=None):
     _, hidden = W1.shape
     if dloss is None:
         dloss = torch.ones_like(loss)
-    dlogits = dloss*(probs - (Yb.unsqueeze(-1) == torch.arange(v, device=Yb.device)).to(dloss.dtype))/n  # fused cross_entropy kernel, grad of: loss = cross_entropy(logits, Yb)
+    dlogits = (dloss/n)*(probs - (Yb.unsqueeze(-1) == torch.arange(v, device=Yb.device)).to(dloss.dtype))  # fused cross_entropy kernel, grad of: loss = cross_entropy(logits, Yb)
     dt6 = dlogits  # grad of: logits = h @ W2 + b2
     db2 = dlogits.sum(0)  # grad of: logits = h @ W2 + b2
     dh = dt6 @ W2.T  # grad of: logits = h @ W2 + b2
@@ -84,7 +84,7 @@ def backward(cache, dloss=None):
     dhpreact = torch.ops.aten.tanh_backward(dh, h)  # grad of: h = torch.tanh(hpreact)
     sum_bnraw_dhpreact = (bnraw*dhpreact).sum(0, keepdim=True)  # fused batchnorm kernel, grad of: hpreact = batchnorm(hprebn, bngain, bnbias)
     sum_dhpreact = dhpreact.sum(0, keepdim=True)  # fused batchnorm kernel, grad of: hpreact = batchnorm(hprebn, bngain, bnbias)
-    dhprebn = (n*dhpreact - n*sum_bnraw_dhpreact*bnraw/(n - 1) - sum_dhpreact)*bngain*bnvar_inv/n  # fused batchnorm kernel, grad of: hpreact = batchnorm(hprebn, bngain, bnbias)
+    dhprebn = (bngain*bnvar_inv/n)*(n*dhpreact - (n*sum_bnraw_dhpreact/(n - 1))*bnraw - sum_dhpreact)  # fused batchnorm kernel, grad of: hpreact = batchnorm(hprebn, bngain, bnbias)
     dbngain = sum_bnraw_dhpreact.reshape(hidden,)  # fused batchnorm kernel, grad of: hpreact = batchnorm(hprebn, bngain, bnbias)
     dbnbias = sum_dhpreact.reshape(hidden,)  # fused batchnorm kernel, grad of: hpreact = batchnorm(hprebn, bngain, bnbias)
     dt1 = dhprebn  # grad of: hprebn = embcat @ W1 + b1

@@ -2,12 +2,12 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: ca692bc7416a40eabd1382463ca117cce576b92fd268e25b67130799fc55a2fd
-# content-hash: 971e33cf0271e23270ca554a9d30f02a6617544cce0197cee65b3402803ada8c
+# content-hash: 81ce6896413c36f326e78dfb72969b1da75b0c865bc84e63b6369afa7df8f111
 """Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dpred = 2*dloss*diff/(d*n)
+    dpred = (2*dloss/(d*n))*diff
 """
 import math  # noqa: F401  (used by some formulas)
 
@@ -39,7 +39,7 @@ def _backward(needs, dloss, diff, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dpred = None
     if needs[0]:
-        dpred = 2*dloss*diff/(d*n)
+        dpred = (2*dloss/(d*n))*diff
     return dpred, None
 
 

@@ -17,7 +17,8 @@ def test_cross_entropy_is_softmax_minus_onehot_over_n():
     # Written in the saved probabilities only: the max-subtraction's contribution cancelled.
     assert {str(e.base) for e in f.element.atoms(sp.Indexed)} == {"probs", "y"}
     assert not f.element.atoms(Red)
-    assert f.code == "dloss*(probs - (y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype))/n"
+    # the upstream gradient over n first, a number times a scalar, then one pass over (n, k)
+    assert f.code == "(dloss/n)*(probs - (y.unsqueeze(-1) == torch.arange(k, device=y.device)).to(dloss.dtype))"
     assert k.saved == ["y", "probs"]
 
 

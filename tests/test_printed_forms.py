@@ -430,3 +430,27 @@ def gram_of_softmax(x):
     (found,) = from_file(str(spec))
     printed = code(found, "x")
     assert " @ " in printed and "view(1, k, k)" not in printed, printed
+
+
+def test_small_factors_are_multiplied_together_before_a_full_size_one(tmp_path):
+    """``d/dx log(m**2 + 1)`` with ``m = logsumexp(x)`` per row is ``2*g*m/(m**2 + 1)*exp(x - m)``:
+    SymPy's order of factors put the number first, ``2*torch.exp(x - m)*g*m/(m**2 + 1)``, each
+    product a pass over (n, k) (five where one does; 2.6x autograd's time in a random layer).
+    The per-row factors are multiplied first, as autograd's chain rule carries the upstream
+    gradient through them, and meet the full-size factor once."""
+    from derive.layers import from_file
+
+    spec = tmp_path / "log_of_logsumexp.py"
+    spec.write_text('''import torch
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"))
+def log_of_logsumexp(x):
+    m = torch.logsumexp(x, dim=1, keepdim=True)
+    return (m * m + 1).log().sum()
+''')
+    (layer,) = from_file(str(spec))
+    printed = code(layer, "x")
+    head, _, last = printed.rpartition(")*")
+    assert head.startswith("(") and last.startswith("torch.exp(") and "torch.exp" not in head, printed
