@@ -313,10 +313,16 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Exp
         for atom in risky_atoms(expr):
             if atom.func is not value.func or atom in found:
                 continue
+            # a whole power of a saved root (``(x**2 + 1)**(-3/2)`` is ``v**3`` for ``v = rsqrt(x**2 + 1)``)
+            power = atom.exp / value.exp if value.is_Pow and atom.exp.is_Rational and value.exp.is_Rational \
+                and atom.exp != value.exp else sp.S.One
+            if not (power.is_Integer and power > 0):
+                continue
+            wanted = pattern if power == 1 else pattern.base ** atom.exp
             for seen in dict.fromkeys([atom] + ([inline(atom), expand(inline(atom))] if inline is not None else [])):
-                match = seen.match(pattern)
+                match = seen.match(wanted)
                 if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
-                    found[atom] = sign * target.xreplace(match)
+                    found[atom] = sign * target.xreplace(match) ** power
                     break
     return expr.xreplace(found) if found else None
 
