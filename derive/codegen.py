@@ -276,7 +276,8 @@ def render_steps(graph, kernel_reason: str = "") -> str:
     forward = forward_lines(graph, printer)
     text = " ".join(line.code for line in lines)
     sources, checks, _ = size_checks(graph)
-    names = [n.name for n in graph.nodes] + list(layer.constants)
+    forward, dropped = _without_unread_temporaries(graph, forward, text, sources)
+    names = [n.name for n in graph.nodes if n.name not in dropped] + list(layer.constants)
     reads = [n for n in names if re.search(rf"\b{re.escape(n)}\b", text) or n == graph.output.name
              or any(n == tensor for _, tensor in sources)]
     have = {node.name for node in grads}
@@ -316,6 +317,24 @@ def render_steps(graph, kernel_reason: str = "") -> str:
     body = environment().get_template("steps.py.j2").render(**context)
     return header(layer, "#", body, templates=TEMPLATES_OF["steps"]) + body
 
+
+
+def _without_unread_temporaries(graph, forward: list, backward: str, sources) -> tuple[list, set]:
+    """The step-by-step forward's lines but those of automatic temporaries (not a variable of the
+    spec) that neither the output, a later line nor the backward reads, and their names: the
+    squares and sum of ``x.var()``'s steps, which ``torch.var`` computes itself (two passes over
+    memory the spec does not make)."""
+    computed = [n for n in graph.nodes if n.op not in ("input", "labels")]
+    words = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+    needed = set(words.findall(backward)) | {graph.output.name} | {tensor for _, tensor in sources}
+    kept, dropped = [], set()
+    for node, (code, comment) in reversed(list(zip(computed, forward))):
+        if not node.named and node.name not in needed:
+            dropped.add(node.name)
+            continue
+        kept.append((code, comment))
+        needed |= set(words.findall(code.partition(" = ")[2]))
+    return kept[::-1], dropped
 
 
 def render_synced(synced) -> str:

@@ -180,3 +180,27 @@ def test_a_sum_spreads_its_gradient_as_a_view_and_a_row_maximum_scatters_it(tmp_
     layer.fn(leaf).backward()
     torch.testing.assert_close(grads["dx"], leaf.grad, rtol=1e-13, atol=1e-13)
     assert torch.equal(module.shifted(x.clone().requires_grad_()).detach(), layer.fn(x))
+
+
+def test_a_variances_steps_are_not_computed_where_nothing_reads_them(tmp_path):
+    """``x.var(0)`` is traced as its steps (mean, centred values, squares, their sum) and computed
+    with ``torch.var``. The backward reads the centred values only: the squares and their sum were
+    two passes over memory the spec does not make; they are left out, the gradient unchanged."""
+    layer, module = steps_module(tmp_path, "spread", "import torch\nfrom derive import Tensor, layer\n\n\n"
+                                 "@layer(x=Tensor('n', 'k'))\n"
+                                 "def spread(x):\n"
+                                 "    v = torch.tanh(x).var(0, unbiased=False)\n"
+                                 "    return (v * v).sum()\n\n\n"
+                                 "spread.fused = False\n")
+    source = open(module.__file__).read()
+    forward = source[source.index("def forward("):source.index("def backward(")]
+    # the line's steps: the tanh, the mean, the centred values and torch.var itself
+    steps = [line for line in forward.splitlines() if "# spec line 7:" in line]
+    assert len(steps) == 4 and not any("**2" in line or ".sum(" in line for line in steps), forward
+    x = torch.randn(32, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out, cache = module.forward(x)
+    assert torch.equal(out, layer.fn(x))
+    leaf = x.clone().requires_grad_()
+    layer.fn(leaf).backward()
+    torch.testing.assert_close(module.backward(cache)["dx"], leaf.grad, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(module.spread, (x.clone().requires_grad_(),))
