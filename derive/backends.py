@@ -61,11 +61,10 @@ class Code:
     """
 
     _op_priority = 100.0  # SymPy numbers defer to our reflected operators
-    argmax = None  # a maximum's one-hot mask: ``(tensor, axis, indices)``, which ``CodeOps.select`` scatters
 
     def __init__(self, text: str, prec: int = ATOM, shape: tuple | None = None, value: sp.Expr | None = None,
                  formula: "Code | None" = None, transposed: bool = False, scattered: tuple | None = None,
-                 expanded: bool = False):
+                 expanded: bool = False, argmax: tuple | None = None):
         self.text, self.prec, self.shape, self.value = text, prec, shape, value
         self.formula = formula  # what a call of one of autograd's kernels computes, for the reader
         self.transposed = transposed  # a matrix laid out by columns (the spec's ``x.T``, a view)
@@ -73,6 +72,7 @@ class Code:
         # adding it to a gradient is one ``scatter_add`` rather than a full-size select and sum
         self.scattered = scattered
         self.expanded = expanded  # a view that repeats entries (``expand``), which ``view`` refuses
+        self.argmax = argmax  # a maximum's one-hot mask: ``(tensor, axis, indices)``, which ``select`` scatters
 
     def __str__(self):
         return self.text
@@ -140,9 +140,8 @@ class CodeOps:
         """A bool mask of each maximum's position along ``axis`` (the first one at a tie, as autograd);
         ``select`` of it prints a scatter at the indices ``max`` returns, as autograd's backward does."""
         indices = f"{a.wrap(ATOM)}.max({axis}, keepdim=True).indices"
-        mask = Code(f"torch.zeros_like({a}, dtype=torch.bool).scatter_({axis}, {indices}, True)")
-        mask.argmax = (a, axis, indices)
-        return mask
+        return Code(f"torch.zeros_like({a}, dtype=torch.bool).scatter_({axis}, {indices}, True)",
+                    argmax=(a, axis, indices))
 
     def shared_at_ties(self, grad, a, axis, result):
         """``grad`` shared evenly among the positions equal to the maximum ``result`` (read at
@@ -212,7 +211,7 @@ class CodeOps:
     def select(self, mask, x, y):
         """``torch.where(mask, x, y)``; a mask is a bool tensor, so this never computes ``1 - mask``."""
         x, y = Code.lift(x), Code.lift(y)
-        if getattr(mask, "argmax", None) and y.value == 0:
+        if mask.argmax and y.value == 0:
             a, axis, indices = mask.argmax
             if a.shape is not None and len(a.shape) == 1:  # the maximum of a vector: a 0-d gradient
                 x = Code(f"{x.wrap(ATOM)}.reshape(1)")

@@ -19,16 +19,9 @@ import sympy as sp
 from .backends import SOFTPLUS_ARGUMENTS
 from .errors import DerivationError
 from .functions import Sigmoid, Step
-from .printer import KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, temporaries, tensor_name
+from .printer import (KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, tensor_name,
+                      varying_axes)
 from .symbolic import Red, expand, reciprocal_root_power, reindex
-
-
-def _axes(expr: sp.Expr, slots: dict, shapes: dict, frame: list) -> set:
-    """The frame axes ``expr`` varies on."""
-    axes = {slots[s] for s in expr.free_symbols if s in slots}
-    for s in temporaries(expr, shapes):
-        axes |= {k for k, size in enumerate(shapes[s.name]) if size != 1}
-    return axes
 
 
 def _label_delta(factor: sp.Expr, slots: dict):
@@ -53,7 +46,7 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
     size 1 there.
     """
     frame, slots = printer.frame.dims, printer.frame.slots
-    full = _axes(expr, slots, shapes, frame)
+    full = varying_axes(expr, slots, shapes)
     if not full or (full != set(range(len(frame))) and not partial):
         return None
     groups: dict = {}  # full-size tensor (or None for the constant term) -> coefficient
@@ -67,7 +60,7 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
         (index, labels), = deltas
         rest = sp.Mul(*[reindex(f, {index: labels}) for f in factors if not _label_delta(f, slots)])
         product = sp.KroneckerDelta(index, labels) * rest
-        if slots[index] not in _axes(rest, slots, shapes, frame) and isinstance(product, sp.Mul):
+        if slots[index] not in varying_axes(rest, slots, shapes) and isinstance(product, sp.Mul):
             terms = (product,)
     for term in terms:
         factors = sp.Mul.make_args(term)
@@ -77,13 +70,13 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
             # (``counts*onehot(y)`` is ``counts[y]*onehot(y)``, a gather, not a full-size tensor)
             (index, labels), = deltas
             factors = [f if _label_delta(f, slots) else reindex(f, {index: labels}) for f in factors]
-        big = [f for f in factors if not _label_delta(f, slots) and _axes(f, slots, shapes, frame) == full]
+        big = [f for f in factors if not _label_delta(f, slots) and varying_axes(f, slots, shapes) == full]
         rest = sp.Mul(*[f for f in factors if f not in big and not _label_delta(f, slots)])
         if deltas:
             if len(deltas) > 1 or big:
                 return None
             (index, labels), = deltas
-            if slots[index] in _axes(rest, slots, shapes, frame):
+            if slots[index] in varying_axes(rest, slots, shapes):
                 return None
             scatters[(index, labels)] = scatters.get((index, labels), 0) + rest
             continue
@@ -252,7 +245,7 @@ class _Planner:
 
     # -- what a value is --------------------------------------------------------------------
     def full(self, e) -> bool:
-        return _axes(e, self.slots, self.shapes, self.frame) == set(range(len(self.frame)))
+        return varying_axes(e, self.slots, self.shapes) == set(range(len(self.frame)))
 
     @staticmethod
     def leaf(e) -> bool:

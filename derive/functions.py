@@ -347,3 +347,5 @@ def mask(op: str, a, b, labels: bool = False):
 EXTREMA = {"maximum": lambda a, b: Maximum(Step(a - b), a, b), "minimum": lambda a, b: Minimum(Step(b - a), a, b)}
 # ops whose values are 0/1 masks: nothing flows back through them
 MASK_OPS = set(COMPARISONS) | {"not", "and"}
+# the 0/1 masks of one comparison each (``Wins``, a comparison split at ties, is two)
+COMPARISON_MASKS = (Step, NonNeg, Equal)

@@ -18,7 +18,7 @@ from .errors import DerivationError
 from .forward import size_names, size_scalars
 from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
-from .functions import Equal, NonNeg, Step, Wins
+from .functions import COMPARISON_MASKS, Wins
 from .memo import ByObject, kept_on
 from .printer import Frame, KernelPrinter, _wrap, fit_shape, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
@@ -674,7 +674,7 @@ def spread_means(expr: sp.Expr) -> sp.Expr:
     return expr
 
 
-_INDICATORS = (Step, NonNeg, Equal, Wins)
+_INDICATORS = (*COMPARISON_MASKS, Wins)
 
 
 def _compound_mask(expr: sp.Expr) -> bool:

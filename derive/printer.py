@@ -14,7 +14,7 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .backends import CodeOps, number_text
 from .errors import DerivationError
-from .functions import Sigmoid
+from .functions import COMPARISON_MASKS, Sigmoid
 from .symbolic import (_Bound, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent, reciprocal_root_power,
                        reciprocal_roots)
 
@@ -718,8 +718,7 @@ class KernelPrinter(TorchPrinter):
         return code
 
     def _print_Mul(self, expr):
-        from .functions import Equal, NonNeg, Step
-        if all(isinstance(f, (Step, NonNeg, Equal)) for f in expr.args):
+        if all(isinstance(f, COMPARISON_MASKS) for f in expr.args):
             return self._mask(self.condition(expr))  # masks multiplied: one ``&`` of bool tensors, one cast
         softmax = self._softmax_backward(expr)
         if softmax is not None:
@@ -775,13 +774,6 @@ class KernelPrinter(TorchPrinter):
             return divided
         return super()._print_Mul(expr)
 
-    def _axes_of(self, expr) -> set:
-        """The frame axes ``expr`` varies on."""
-        axes = {self.frame.slots[s] for s in expr.free_symbols if s in self.frame.slots}
-        for s in temporaries(expr, self.shapes):
-            axes |= {k for k, size in enumerate(self.shapes[s.name]) if size != 1}
-        return axes
-
     def _small_factors_first(self, expr) -> str | None:
         """A full-size product of full-size factors and of two or more that vary on fewer axes
         (numbers, per-row values): those multiplied together first, then the full-size ones
@@ -791,18 +783,20 @@ class KernelPrinter(TorchPrinter):
         gradient through the small values before it meets a full-size one. None for anything else,
         and where a ratio divided first (``bounded_ratios``) has a full-size side."""
         full = set(range(len(self.frame.dims)))
-        if not full or self._axes_of(expr) != full:
+        axes = {f: varying_axes(f, self.frame.slots, self.shapes) for f in expr.args}
+        if not full or set().union(*axes.values()) != full:
             return None
         if any(temporaries(r.body, self.shapes) for r in expr.atoms(_Bound)):
             return None  # a named tensor summed: the axes it keeps are not read off its name
-        small = [f for f in expr.args if self._axes_of(f) != full]
-        large = [f for f in expr.args if self._axes_of(f) == full]
+        small = [f for f in expr.args if axes[f] != full]
+        large = [f for f in expr.args if axes[f] == full]
         if len(small) < 2 or not large or not any(self._is_tensor(f) for f in small) \
-                or self._axes_of(sp.Mul(*small)) == full:
+                or set().union(*[axes[f] for f in small]) == full:
             # (numbers and sizes alone stay where SymPy puts them: a sum divided by n, not times 1/n
             # rounded; per-row times per-column values are a full-size product anyway)
             return None
-        if any(self._axes_of(f) == full or self._axes_of(d) == full for f, d in self.bounded_ratios(expr)[2]):
+        if any(varying_axes(f, self.frame.slots, self.shapes) == full
+               or varying_axes(d, self.frame.slots, self.shapes) == full for f, d in self.bounded_ratios(expr)[2]):
             return None
         mul = sp.printing.precedence.PRECEDENCE["Mul"]
         small = sp.Mul(*small)
@@ -927,7 +921,7 @@ class KernelPrinter(TorchPrinter):
             if inner.could_extract_minus_sign():
                 return f"~({self.condition(-inner)})"
         if isinstance(m, sp.Mul) and (not m.atoms(sp.Number) - {sp.S.One}
-                                      or all(isinstance(f, (Step, NonNeg, Equal)) for f in m.args)):
+                                      or all(isinstance(f, COMPARISON_MASKS) for f in m.args)):
             return " & ".join(f"({self.condition(f)})" for f in m.args)
         return f"{self._print(m)} != 0"
 
@@ -1324,6 +1318,15 @@ def _last_in_a_sum(term: sp.Expr, computed: set = frozenset()) -> tuple:
     function = any((isinstance(f, sp.Function) and not isinstance(f, (AxisSum, AxisMax)))
                    or (isinstance(f, sp.Symbol) and f.name in computed) for f in sp.preorder_traversal(term))
     return function, term.could_extract_minus_sign()
+
+
+def varying_axes(expr: sp.Expr, slots: dict, shapes: dict) -> set:
+    """The frame axes ``expr`` varies on: those of its indices (``slots``: index -> axis), and those
+    of the named tensors it reads whole (by their recorded ``shapes``)."""
+    axes = {slots[s] for s in expr.free_symbols if s in slots}
+    for s in temporaries(expr, shapes):
+        axes |= {k for k, size in enumerate(shapes[s.name]) if size != 1}
+    return axes
 
 
 def temporaries(expr: sp.Expr, shapes: dict) -> list[sp.Symbol]:

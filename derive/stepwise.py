@@ -117,7 +117,7 @@ def emit(graph: Graph) -> tuple[list[Line], dict[Node, str]]:
         if current is None:
             note = f"{name} = {formula}" if formula is not None else ""
             lines.append(Line(f"{name} = {part}", comment))
-        elif getattr(part, "scattered", None):
+        elif part.scattered:
             note = ""
             axis, indices, values = part.scattered
             lines.append(Line(f"{name} = {name}.scatter_add({axis}, {indices}, {values})", comment))
