@@ -23,7 +23,7 @@ from .memo import ByObject, kept_on
 from .printer import Frame, KernelPrinter, _wrap, fit_shape, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
-from .symbolic import Red, extent, hide_argmax, reductions
+from .symbolic import Red, expand, extent, hide_argmax, reductions
 from .trace import Graph, trace
 from .trace.tracer import reachable
 
@@ -139,12 +139,14 @@ LABEL_DTYPES = "(torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)
 
 
 def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]], names: dict[str, str] | None = None,
-                 derived: dict | None = None) -> list[Check | LabelCheck]:
+                 derived: dict | None = None, unread: frozenset = frozenset()) -> list[Check | LabelCheck]:
     """What the generated Function checks before it computes, cheapest first: ranks (the size
     unpacking needs them), shapes, dtypes and devices, the declared range of each Constant, the size
     conditions the formulas divide by (and the exact divisions of sizes the spec computed as
     ``numerator // divisor``: ``derived``), then the labels' range (the only check that reads data).
-    ``names``: the variables of renamed sizes."""
+    ``names``: the variables of renamed sizes. Labels named in ``unread``, which no operation
+    reads, are checked for dtype but not for range: no value of them changes what is computed, and
+    the range check is a reduction over them on every call."""
     names = names or {}
     name, checks = layer.name, []
     # a tensor all of whose sizes are read from its own shape needs no shape check
@@ -203,7 +205,7 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]], na
                             f"({', '.join(f'{s}={{{names.get(s, s)}}}' for s in sorted(map(str, divisor.free_symbols)))}); "
                             f"use larger sizes (for example a batch of at least 2 rows)\"", holds=f"{code} != 0"))
     for k, decl in layer.tensors.items():
-        if isinstance(decl, Labels):
+        if isinstance(decl, Labels) and k not in unread:
             c = names.get(decl.classes, decl.classes)
             checks.append(LabelCheck(k, c, f"f\"{name}: labels {k} must lie in [0, {decl.classes}) = [0, {{{c}}})\""))
     return checks
@@ -230,7 +232,8 @@ def size_checks(graph: Graph, formulas: list = ()) -> tuple[list[tuple[str, str]
     dim_text = {d: renamed[graph.sizes[d]].name for d in layer.dims}
     divisors = size_divisors(size_scalars(graph) + list(formulas), set(graph.sizes.values()))
     sources = size_sources(layer, dim_text)
-    return sources, input_checks(layer, divisors, sources, dim_text, graph.derived), dim_text
+    unread = frozenset(k for k, node in graph.inputs.items() if not graph.consumers(node))
+    return sources, input_checks(layer, divisors, sources, dim_text, graph.derived, unread), dim_text
 
 
 _BUILT = ByObject(maxsize=32)  # layer -> its kernel (every rewrite allowed)
@@ -700,12 +703,23 @@ def _mask_of(expr: sp.Expr) -> tuple[sp.Expr | None, list]:
     return None, []
 
 
+def _one_sign(mask: sp.Expr) -> tuple[sp.Expr, bool]:
+    """``(Wins(u), True)`` for ``Wins(-u)``, which is ``1 - Wins(u)`` exactly (0, 1/2 and 1): the two
+    operands' gradients of a maximum (``Wins(c - v)`` and ``Wins(v - c)``) read one mask; any other
+    mask ``(mask, False)``."""
+    if isinstance(mask, Wins):
+        # expanded, so that ``(1 - b)*c`` and ``(b - 1)*c`` are seen to be each other's negative
+        u = expand(mask.args[0])
+        return (Wins(-u), True) if u.could_extract_minus_sign() else (Wins(u), False)
+    return mask, False
+
+
 def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list, list]:
     """``elements`` with each full-size compound mask they compute more than once, inside a sum (at
     its bound index) or outside (at the frame's), read from one tensor ``mask<k>``; and
     ``[(name, value over the frame)]``. A clamp's mask in ``dx = (s - sum_j m*s)*m`` and in ``dw``
     was printed, and computed, three times (six passes each; 2.7x autograd's time at 1024 x 512).
-    A sum's index is matched with the frame's index of its size only where that size is the
+    A tie-splitting mask and its complement (``_one_sign``) are one mask. A sum's index is matched with the frame's index of its size only where that size is the
     frame's only axis of it (so the mask's axes are the sum's without doubt)."""
     alone = {extent(f): f for f in frame if sum(extent(g) == extent(f) for g in frame) == 1}
     full = set(frame)
@@ -721,7 +735,7 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
             return
         mask, rest = _mask_of(expr)
         if mask is not None:
-            value = mask.xreplace(at)
+            value, _ = _one_sign(mask.xreplace(at))
             if {i for i in value.free_symbols if isinstance(i, sp.Idx)} == full:
                 counts[value] = counts.get(value, 0) + 1
             for r in rest:
@@ -745,10 +759,12 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
         if isinstance(expr, Red):  # its own class: a GroupedRed stays whole
             return type(expr)(replaced(expr.body, inside(expr, at)), expr.index)
         mask, rest = _mask_of(expr)
-        name = names.get(mask.xreplace(at)) if mask is not None else None
+        value, negated = _one_sign(mask.xreplace(at)) if mask is not None else (None, False)
+        name = names.get(value)
         if name is not None:
             back = {f: j for j, f in at.items()}
-            return sp.Mul(sp.IndexedBase(name)[tuple(back.get(f, f) for f in frame)], *[replaced(r, at) for r in rest])
+            read = sp.IndexedBase(name)[tuple(back.get(f, f) for f in frame)]
+            return sp.Mul(1 - read if negated else read, *[replaced(r, at) for r in rest])
         if not expr.args:
             return expr
         args = [replaced(a, at) for a in expr.args]

@@ -9,6 +9,8 @@ axis with ``keepdim=True``; ``KroneckerDelta(i_k, y[i_n])`` prints as a one-hot 
 """
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 from sympy.printing.pytorch import TorchPrinter
 
@@ -1387,6 +1389,10 @@ def fit_shape(code: str, varying: list[int], frame: list, target: list, shape: l
     def sizes(dims):
         return ", ".join(dims) + ("," if len(dims) == 1 else "")
 
+    if not shape and not varying:  # a whole tensor summed to a number: one reduction, no reshapes
+        whole = _whole_reduction(code)
+        if whole is not None:
+            return whole
     wrapped = code if code.isidentifier() else f"({code})"
     if layout != axes:
         wrapped += f".expand({sizes(axes)})"
@@ -1400,6 +1406,37 @@ def fit_shape(code: str, varying: list[int], frame: list, target: list, shape: l
     if current != tuple(shape):
         wrapped += f".reshape({sizes(tuple(shape)) or '()'})"
     return code if wrapped == f"({code})" else wrapped
+
+
+_KEPT_REDUCTION = re.compile(r"^(?P<value>.+)\.(?P<how>sum|mean)\([\d, ]+, keepdim=True\)$")
+_VIEW_OF_A_NAME = re.compile(r"^\(?(?P<name>[A-Za-z_]\w*)\.view\([^()]*\)\)?$")
+
+
+def _whole_reduction(code: str) -> str | None:
+    """``w.sum()`` for ``(w.view(1, k)).sum(1, keepdim=True)`` printed as a number (every axis it
+    keeps has size 1, so it sums the whole tensor): one call where the frame's form is three (a view,
+    the sum, a reshape to a number), which counts in a layer that small. None for any other code."""
+    match = _KEPT_REDUCTION.match(code)
+    if match is None or not _one_value(match["value"]):
+        return None
+    value = match["value"]
+    view = _VIEW_OF_A_NAME.match(value)
+    if view is not None and _one_value(value):
+        value = view["name"]  # a view that only adds axes of size 1 to the tensor summed whole
+    return f"{value if _one_value(value) and not value.startswith('-') else f'({value})'}.{match['how']}()"
+
+
+def _one_value(text: str) -> bool:
+    """Whether ``text`` is a name, a parenthesized expression or a chain of calls on one (a method
+    call after it applies to all of it)."""
+    depth = 0
+    for k, ch in enumerate(text):
+        depth += (ch in "([") - (ch in ")]")
+        if depth == 0 and ch in " +-*/@<>=&|~" and k > 0:
+            return False
+        if depth < 0:
+            return False
+    return depth == 0 and not text.startswith(("-", "~"))
 
 
 __all__ = ["Frame", "KernelPrinter", "ForwardPrinter", "Red", "Max", "IsArgmax", "fit_shape", "temporaries"]

@@ -102,8 +102,11 @@ def scalars(el: Elements) -> set:
 COST_EXACT_MAX_OPS = 2000  # the built-in layers' largest candidate has about 420 (GELU's dx)
 # a candidate this small is weighed on the closed form written, its product factored out whole
 # (``(p + x)**2`` read as the saved ``v1**2`` is cheaper only so); a larger one without (factoring
-# the whole sum changes few counts there and is most of the time)
-COST_WHOLE_MAX_OPS = 150
+# the whole sum changes few counts there and is most of the time). Nested functions expand to
+# hundreds of operations that factor back into a few: ``tanh(tanh(tanh(tanh(tanh(x)))))``'s
+# gradient is 511 expanded, ten binomials factored (9 ms); unfactored, each saved value read
+# looked dearer than computing tanh again, and the backward recomputed four (2x autograd's time)
+COST_WHOLE_MAX_OPS = 600
 
 # What an operation costs the machine, in passes over a full-size tensor: a transcendental function
 # is many multiplies (and each is a pass in eager torch), a reduction is a pass of its own, a
@@ -374,11 +377,16 @@ def _kept_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
             continue
         pattern = value.xreplace(wild)
         for a in sp.preorder_traversal(expr):
-            if a.func is not value.func or len(a.args) != len(value.args) or a in found:
+            if a.func is not value.func or a in found:
                 continue
-            match = a.match(pattern)
+            # a product with a number of its own is that number times the value (``c - b*c`` holds
+            # ``-b*c``, which is ``-v2`` for ``v2 = b*c``)
+            number, rest = a.as_coeff_Mul() if a.is_Mul and not value.as_coeff_Mul()[0] != 1 else (1, a)
+            if rest.func is not value.func or len(rest.args) != len(value.args):
+                continue
+            match = rest.match(pattern)
             if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
-                found[a] = target.xreplace(match)
+                found[a] = number * target.xreplace(match)
     return expr.xreplace(found) if found else None
 
 
