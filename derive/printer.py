@@ -1408,7 +1408,8 @@ def fit_shape(code: str, varying: list[int], frame: list, target: list, shape: l
     return code if wrapped == f"({code})" else wrapped
 
 
-_KEPT_REDUCTION = re.compile(r"^(?P<value>.+)\.(?P<how>sum|mean)\([\d, ]+, keepdim=True\)$")
+# (divided by a size after it, as a mean prints: ``(w.view(1, k)).sum(1, keepdim=True)/k``)
+_KEPT_REDUCTION = re.compile(r"^(?P<value>.+)\.(?P<how>sum|mean)\([\d, ]+, keepdim=True\)(?P<after>(/[A-Za-z_]\w*)?)$")
 _VIEW_OF_A_NAME = re.compile(r"^\(?(?P<name>[A-Za-z_]\w*)\.view\([^()]*\)\)?$")
 
 
@@ -1423,7 +1424,7 @@ def _whole_reduction(code: str) -> str | None:
     view = _VIEW_OF_A_NAME.match(value)
     if view is not None and _one_value(value):
         value = view["name"]  # a view that only adds axes of size 1 to the tensor summed whole
-    return f"{value if _one_value(value) and not value.startswith('-') else f'({value})'}.{match['how']}()"
+    return f"{value if _one_value(value) else f'({value})'}.{match['how']}(){match['after']}"
 
 
 def _one_value(text: str) -> bool:

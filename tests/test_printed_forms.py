@@ -477,3 +477,114 @@ def inverse_hypot(x):
     printed = code(layer, "x")
     assert "rsqrt" not in printed and "out**3" in printed, printed
     assert "out" in kernel.saved
+
+
+def _layer(tmp_path, name, body, declared='x=Tensor("n", "k")', signature="x"):
+    from derive.layers import from_file
+
+    spec = tmp_path / f"{name}.py"
+    spec.write_text(f'''import torch
+from derive import Labels, Tensor, layer
+
+
+@layer({declared})
+def {name}({signature}):
+{"    n, k = x.shape" if "x" in signature.split(", ") else ""}
+{body}
+''')
+    (found,) = from_file(str(spec))
+    return found
+
+
+def _backward_source(kernel):
+    from derive.codegen import render_function
+
+    source = render_function(kernel)
+    end = source.find("def _backward_in_place(")
+    return source[source.index("def _backward("):end if end > 0 else source.index("# The math above")]
+
+
+def test_nested_tanhs_read_the_values_the_forward_computed(tmp_path):
+    """``tanh`` five times over: the gradient expands to hundreds of operations, which factor into
+    ten binomials. Weighed unfactored, reading a saved tanh looked dearer than computing it again:
+    the forward saved one value and the backward computed ``tanh`` four more times (twice
+    autograd's time). Weighed factored, it reads each value, as autograd's backward does."""
+    layer = _layer(tmp_path, "tanh5", "    v1 = torch.tanh(x)\n    v2 = torch.tanh(v1)\n    v3 = torch.tanh(v2)\n"
+                                      "    v4 = torch.tanh(v3)\n    return torch.tanh(v4)")
+    kernel = build(layer)
+    printed = _backward_source(kernel)
+    assert "torch.tanh(" not in printed, printed
+    assert printed.count("tanh_backward(") >= 5, printed
+
+
+def test_the_two_gradients_of_a_maximum_read_one_mask(tmp_path):
+    """``maximum(tanh(a), b)``: ``da`` has the tie-splitting mask of ``t - b`` and ``db`` of
+    ``b - t``, one the complement of the other (0, 1/2 and 1 exactly). Two comparisons each were
+    computed twice; now the mask once, and ``1 - mask`` where the other operand needs it."""
+    layer = _layer(tmp_path, "maximum_of_two", "    return torch.maximum(torch.tanh(a), b)",
+                   declared='a=Tensor("n", "k"), b=Tensor("n", "k")', signature="a, b")
+    printed = _backward_source(build(layer))
+    assert printed.count(".to(") == 2, printed  # one mask: its two comparisons, each once
+    assert "1 - mask0" in printed, printed
+
+
+def test_a_kept_value_is_read_where_the_gradient_has_its_negative():
+    """``c - b*c`` holds ``-b*c``, which is ``-v2`` for the kept ``v2 = b*c``: matched with its number."""
+    from derive.kernel import derived
+    from derive.simplify import _kept_reads
+
+    layer = _layer_from_text("kept_negative", '''import torch
+from derive import Tensor, layer
+
+
+@layer(b=Tensor("n", "1"), c=Tensor("1", "k"))
+def kept_negative(b, c):
+    v2 = b @ c
+    return torch.maximum(c, v2)
+''')
+    graph, el, grads = derived(layer)
+    (v2,) = [n for n in graph.nodes if n.name == "v2"]
+    (dc,) = [e for node, e in grads.grads.items() if node.name == "c"]
+    read = _kept_reads(el, v2, dc)
+    assert read is not None and "v2" in str(read), (dc, read)
+    assert "b[" not in str(read.xreplace({})).split("Wins")[1].split(")")[0], read  # -b*c became -v2
+
+
+def _layer_from_text(name, text):
+    import tempfile
+    from pathlib import Path
+
+    from derive.layers import from_file
+
+    folder = Path(tempfile.mkdtemp())
+    (folder / f"{name}.py").write_text(text)
+    (found,) = from_file(str(folder / f"{name}.py"))
+    return found
+
+
+def test_labels_nothing_reads_are_not_range_checked(tmp_path):
+    """The labels' range check is a reduction over them on every call; labels no operation reads
+    change nothing computed, so only their dtype is checked. Labels that are read keep it."""
+    from derive.codegen import render_function
+
+    unread = _layer(tmp_path, "unread_labels", "    return w.sum()",
+                    declared='x=Tensor("n", "k"), w=Tensor("k"), y=Labels("n", classes="k")', signature="x, w, y")
+    read = _layer(tmp_path, "read_labels", "    return x[range(n), y].sum()",
+                  declared='x=Tensor("n", "k"), y=Labels("n", classes="k")', signature="x, y")
+    assert "_labels_in_range(y," not in render_function(build(unread))
+    assert "y.dtype in (" in render_function(build(unread))
+    assert "_labels_in_range(y," in render_function(build(read))
+
+
+def test_a_whole_tensor_summed_to_a_number_is_one_call(tmp_path):
+    """``w.sum()`` of a vector printed as ``((w.view(1, k)).sum(1, keepdim=True)).reshape(())``:
+    three calls, which count in a layer that small; now the one call the spec makes."""
+    from derive.codegen import render_function
+
+    for how in ("sum", "mean"):
+        layer = _layer(tmp_path, f"vector_{how}", f"    return w.{how}()",
+                       declared='x=Tensor("n", "k"), w=Tensor("k")', signature="x, w")
+        source = render_function(build(layer))
+        forward = source[source.index("def _forward("):source.index("def _forward_with_graph(")]
+        (line,) = [t.split("#")[0].strip() for t in forward.splitlines() if t.strip().startswith("out =")]
+        assert line in ("out = w.sum()", "out = w.sum()/k"), forward
