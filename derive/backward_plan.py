@@ -235,9 +235,8 @@ class _Planner:
         self.numbers = numbers  # temporaries that hold a Python number (a size expression), not a tensor
         self.frame, self.slots = printer.frame.dims, printer.frame.slots
         self.shapes = dict(shapes)  # the buffers too, so the printer knows them as full-size tensors
-        self.printer = KernelPrinter(printer.frame, self.shapes, printer.names, printer.dtype_of)
-        # a sigmoid is a softplus's derivative there too: through softplus's kernel (``kernel_of``)
-        self.printer.softplus_grads = printer.softplus_grads
+        # (a sigmoid is a softplus's derivative there too, through softplus's kernel: ``kernel_of``)
+        self.printer = KernelPrinter(printer.frame, self.shapes, printer.names, printer.dtype_of).knowing(printer)
         self.places = printer.tanhs  # the saved tanhs' places in the forward (the order of a chain)
         self.taken = set(taken)
         self.lines: list[str] = []

@@ -222,20 +222,21 @@ def render_function(kernel: Kernel) -> str:
         # unbatched buffer) and torch.compile take those formulas as written
         blocks=plain_blocks,
         in_place_blocks=blocks if blocks != plain_blocks else None,
+        # the backward eager autograd runs: the in-place one where it differs
+        eager_backward="_backward_in_place" if blocks != plain_blocks else "_backward",
         returns=", ".join(returns),
         doc=kernel.layer.doc or kernel.name,
     )
     context["autograd_kernel"] = _autograd_runs_it(kernel)
     body = environment().get_template("function.py.j2").render(header="", autograd_digest="", **context)
-    if context["autograd_kernel"]:  # the digest of the two functions as written, to tell a hand edit
-        body = body.replace('"digest": ""', f'"digest": "{_functions_digest(body, AUTOGRAD_KERNEL_FUNCTIONS)}"', 1)
+    # the digest of the two functions whose text, as generated, makes the kernel autograd's own: a
+    # hand edit of either one sends the calls through the Function again, which runs the edit
+    if context["autograd_kernel"]:
+        functions = ("_forward_with_graph", context["eager_backward"])
+        body = body.replace('"digest": ""', f'"digest": "{_functions_digest(body, functions)}"', 1)
     body = body.lstrip("\n")
     return header(kernel, "#", body, templates=TEMPLATES_OF["function"]) + body
 
-
-# the functions whose text, as generated, makes a kernel autograd's own (a hand edit of either one
-# sends the calls through the Function again, which runs the edit)
-AUTOGRAD_KERNEL_FUNCTIONS = ("_forward_with_graph", "_backward_in_place")
 
 
 def _autograd_runs_it(kernel: Kernel) -> bool:
@@ -249,7 +250,12 @@ def _autograd_runs_it(kernel: Kernel) -> bool:
         return False
     allowed = {kernel.output, *kernel.layer.tensors}
     upstream = f"d{kernel.output}"
-    return all(one_kernel_of(f.chain, upstream) in allowed for f in kernel.formulas)
+    # (an input the operation does not read has no gradient either way: None, as autograd gives)
+    read = [f for f in kernel.formulas if f.code != "None"]
+    # a sum's gradient is the upstream one expanded, a view, as autograd's ``SumBackward`` makes it
+    expanded = re.compile(rf"{re.escape(upstream)}\.expand\([^()]*\)")
+    return bool(read) and all(one_kernel_of(f.chain, upstream) in allowed
+                              or operations[0].op == "sum" and expanded.fullmatch(f.code) for f in read)
 
 
 def _functions_digest(module_text: str, names: tuple) -> str:

@@ -20,7 +20,7 @@ from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
 from .functions import COMPARISON_MASKS, Wins
 from .memo import ByObject, kept_on
-from .printer import Frame, KernelPrinter, _wrap, fit_shape, temporaries, tensor_name
+from .printer import Frame, KernelPrinter, _wrap, fit_shape, one_minus, one_minus_square, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
 from .symbolic import Red, expand, extent, hide_argmax, reductions
@@ -407,6 +407,72 @@ def _scaled_entries_inline(replacements: list, reduced: list) -> tuple[list, lis
     return kept, [r.xreplace(scaled) for r in reduced]
 
 
+COLLECTED_MAX_TERMS = 12  # a longer sum is not searched (each pair of terms is one expansion)
+
+
+def _tanh_derivatives_collected(expr: sp.Expr, tanhs: dict) -> sp.Expr:
+    """``expr`` with the terms of each sum that carry the derivative ``1 - y**2`` of one saved tanh
+    ``y`` (as ``1 - y**2``, ``y**2 - 1``, ``(y - 1)*(y + 1)``, or a pair ``g`` and ``-g*y**2``)
+    collected into one ``(1 - y**2)*(g1 + g2 ...)``, which the printer computes as autograd's
+    ``tanh_backward(g1 + g2, y)``: the upstream gradient first, then the derivative, as the chain
+    rule goes. Spread over the terms (``v5 - y**2*v5`` beside ``tanh_backward(g, y)``), the
+    difference rounded apart from the same quantity under a sum (a softmax's ``g - sum(g*p)`` at
+    a one-hot ``p``): 3.6e-7 where autograd's gradient is exactly 0."""
+    if not tanhs or not expr.args:
+        return expr
+    args = [_tanh_derivatives_collected(a, tanhs) for a in expr.args]
+    expr = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+    if not expr.is_Add or len(expr.args) > COLLECTED_MAX_TERMS:
+        return expr
+    terms = list(expr.args)
+    found = {k: _tanh_derivative(t, tanhs) for k, t in enumerate(terms)}
+    # ``g`` beside ``-g*y**2``: together ``(1 - y**2)*g``
+    for k, g in enumerate(terms):
+        for m, other in enumerate(terms):
+            if k == m or found[k] is not None or found[m] is not None:
+                continue
+            y = next((y for y in _tanh_squares(other, tanhs) if expand(other + g * y**2) == 0), None)
+            if y is not None:
+                found[k], found[m] = (y, g), (y, sp.S.Zero)
+    groups: dict = {}
+    for k, hit in found.items():
+        if hit is not None:
+            groups.setdefault(hit[0], []).append(k)
+    collected, used = [], set()
+    for y, members in groups.items():
+        if len(members) < 2:
+            continue
+        used.update(members)
+        collected.append((1 - y**2) * sp.Add(*[found[k][1] for k in members]))
+    if not collected:
+        return expr
+    return sp.Add(*collected, *[t for k, t in enumerate(terms) if k not in used])
+
+
+def _tanh_squares(term: sp.Expr, tanhs: dict) -> list:
+    return [f.base for f in sp.Mul.make_args(term) if f.is_Pow and f.exp == 2
+            and isinstance(f.base, sp.Indexed) and tensor_name(f.base) in tanhs]
+
+
+def _tanh_derivative(term: sp.Expr, tanhs: dict) -> tuple | None:
+    """``(y, g)`` for a term ``(1 - y**2)*g`` of a saved tanh ``y`` (the factor as ``1 - y**2``,
+    ``y**2 - 1`` or ``(y - 1)*(y + 1)``), else None."""
+    factors = list(sp.Mul.make_args(term))
+    for f in factors:
+        found = one_minus_square(f)
+        if found is not None and tensor_name(found[0]) in tanhs:
+            y, sign = found
+            return y, sign * sp.Mul(*[g for g in factors if g is not f])
+        found = one_minus(f)  # ``y - 1`` (sign -1), with ``y + 1`` beside it
+        if found is not None and found[1] == -1 and tensor_name(found[0]) in tanhs and found[0] + 1 in factors:
+            y = found[0]
+            rest = list(factors)
+            rest.remove(f)
+            rest.remove(y + 1)
+            return y, -sp.Mul(*rest)
+    return None
+
+
 def _squares_inline(replacements: list, reduced: list, tanhs) -> tuple[list, list]:
     """cse's temporaries that are the square of a saved tanh (``v5**2``) put back where they are
     used: ``1 - v5**2`` then stays a factor the printer writes as ``tanh_backward``, autograd's own
@@ -496,6 +562,9 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     views = _atomic_layouts(el, shapes, rename, sizes)
     names = {s: sp.pycode(s) for s in dims} | dict(size_text or {})
     bound = set().union(*[{r.index for r in reductions(e)} for e in elements]) if elements else set()
+    # the saved tanhs (by the names printed), each with its place in the forward
+    tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}
+    elements = [_tanh_derivatives_collected(e, tanhs) for e in elements]
     elements, masks = _masks_computed_once(elements, frame, taken | set(shapes))
     for name, value in masks:
         shapes[name] = tuple(dims)
@@ -506,8 +575,6 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     numbers = set(el.graph.sizes.values()) | set(el.graph.constants.values()) | set(sizes.values())
     replacements, reduced = _numbers_inline(replacements, reduced, numbers)
     replacements, reduced = _scaled_entries_inline(replacements, reduced)
-    # the saved tanhs (by the names printed), each with its place in the forward
-    tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}
     replacements, reduced = _squares_inline(replacements, reduced, tanhs)
     replacements = [(symbol, restore(value)) for symbol, value in replacements]
     reduced = [restore(r) for r in reduced]
@@ -555,7 +622,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         for earlier in shared:
             if sp.Symbol(earlier.name) in later.element.free_symbols:
                 earlier.users = sorted(set(earlier.users) | set(later.users))
-    _name_scratch_buffers(shared, frame, shapes, names, dtype_of, taken, views)
+    _name_scratch_buffers(shared, frame, shapes, printer(), taken)
     # temporaries of sizes and constants only are Python numbers at run time, not tensors
     number_temps: set = set()
     for s in shared:
@@ -633,8 +700,8 @@ def varies(expr: sp.Expr, index: sp.Idx, shapes: dict, frame: list) -> bool:
     return any(len(shapes[t.name]) == len(frame) and shapes[t.name][axis] != 1 for t in temporaries(expr, shapes))
 
 
-def _name_scratch_buffers(shared: list[Shared], frame: list, shapes: dict, names: dict,
-                          dtype_of: str, taken: set, views: dict) -> None:
+def _name_scratch_buffers(shared: list[Shared], frame: list, shapes: dict, printer: KernelPrinter,
+                          taken: set) -> None:
     """``sum_bnraw_dout = (bnraw*dout).sum(0)`` becomes ``bnraw_dout = bnraw*dout`` then
     ``bnraw_dout.sum(0)``: the product's buffer, dead after the sum, can hold a gradient."""
     for s in shared:
@@ -656,8 +723,8 @@ def _name_scratch_buffers(shared: list[Shared], frame: list, shapes: dict, names
             k += 1
             name = f"{base}{k}"
         taken.add(name)
-        printer = KernelPrinter(frame_with_bound, shapes, names, dtype_of, views)
-        s.scratch, s.scratch_code = name, printer.doprint(body)
+        body_printer = KernelPrinter(frame_with_bound, shapes, printer.names, printer.dtype_of, printer.views)
+        s.scratch, s.scratch_code = name, body_printer.knowing(printer).doprint(body)
         s.sum_code = f"{name}.sum({axis}, keepdim=True)"
 
 

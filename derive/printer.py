@@ -161,14 +161,22 @@ class KernelPrinter(TorchPrinter):
         return bool(self._tensors(expr))
 
     # -- tensors ----------------------------------------------------------------------------
+    # what a printer knows of the derivation beyond its frame, which every printer made for the same
+    # formulas carries: a sum's body printed without ``tanhs`` wrote ``(y - 1)*(y + 1)`` where the
+    # same value outside it was ``tanh_backward(g, y)``, two roundings that no longer cancel
+    KNOWN = ("softmaxes", "tanhs", "softplus_grads")
+
+    def knowing(self, other: "KernelPrinter") -> "KernelPrinter":
+        """This printer, told what ``other`` knows of the derivation (``KNOWN``)."""
+        for attribute in self.KNOWN:
+            setattr(self, attribute, getattr(other, attribute))
+        return self
+
     def _inner(self, frame: Frame) -> "KernelPrinter":
         """A printer for a sub-expression laid out in ``frame`` (inside a reduction: its tensors
         keep the frame's rank where this one's do)."""
-        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of, self.views)
+        inner = KernelPrinter(frame, self.shapes, self.names, self.dtype_of, self.views).knowing(self)
         inner.full_rank = self.full_rank
-        inner.softmaxes = self.softmaxes
-        inner.tanhs = self.tanhs
-        inner.softplus_grads = self.softplus_grads
         return inner
 
     def _print_Indexed(self, expr):
@@ -268,7 +276,7 @@ class KernelPrinter(TorchPrinter):
             # the axes in the order the factor reads them (``1 - A[j, l]`` is ``1 - A``, not ``(1 - A.T).T``)
             reads = [i for e in sorted(sp.Mul(*factors).atoms(sp.Indexed), key=sp.default_sort_key) for i in e.indices]
             axes = sorted(indices, key=lambda i: (reads.index(i) if i in reads else len(reads), i.name))
-            inner = KernelPrinter(Frame(axes), self.shapes, self.names, self.dtype_of, self.views)
+            inner = KernelPrinter(Frame(axes), self.shapes, self.names, self.dtype_of, self.views).knowing(self)
             inner.full_rank = True
             tensors.append(_Operand(inner._print(sp.Mul(*factors)), tuple(axes)))
         if len(tensors) < 2:
@@ -542,7 +550,7 @@ class KernelPrinter(TorchPrinter):
                              and i not in bound), key=self.frame.slots.__getitem__)
             spare = [sp.Idx(f"_spare{k}", extent(j)) for k, j in enumerate(bound) if j not in labels.indices]
             inner = KernelPrinter(Frame(list(labels.indices) + others + spare), self.shapes, self.names, self.dtype_of,
-                                  self.views)
+                                  self.views).knowing(self)
             inner.full_rank = True
             sizes = [self._print(extent(i)) for i in list(labels.indices) + others] + ["1"] * len(spare)
             kept = sizes[len(labels.indices):len(labels.indices) + len(others)]

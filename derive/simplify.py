@@ -357,7 +357,17 @@ def kept_by_autograd(el: Elements) -> frozenset:
     return kept
 
 
-def _kept_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
+def _kept_read(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
+    """``_kept_reads`` of a kept sum tidied, once per node and candidate of a derivation (each
+    refold step weighs it; a product is read once the steps are done, ``_read_kept``)."""
+    def compute():
+        read = _kept_reads(el, node, expr, sums_only=True)
+        return None if read is None else tidy(el, read)
+
+    return kept_on(el, "_kept_read", (node, expr), compute)
+
+
+def _kept_reads(el: Elements, node: Node, expr: sp.Expr, sums_only: bool = False) -> sp.Expr | None:
     """``expr`` reading ``node`` wherever it computes ``node``'s value again as one sum or product
     of tensors (``t1 + 1`` becomes ``t2`` when the forward computed ``t2 = 1 + t1``), or None.
 
@@ -366,6 +376,7 @@ def _kept_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
     beyond autograd's. (A transcendental value is read by ``_saved_reads``, weighed by the cost.)"""
     if not node.shape or node.name not in kept_by_autograd(el) or node.op in ("input", "labels"):
         return None
+    bases_read = {e.base for e in expr.atoms(sp.Indexed)}
     own = [i for i in el.free(node) if i != 0]
     wild = {i: sp.Wild(f"w_{i}") for i in own}
     target = el.ref(node).xreplace(wild)
@@ -375,19 +386,65 @@ def _kept_reads(el: Elements, node: Node, expr: sp.Expr) -> sp.Expr | None:
     for value in dict.fromkeys([el.direct(node), el.nf[node], expand(el.nf[node])]):
         if not isinstance(value, (sp.Add, sp.Mul)) or not value.atoms(sp.Indexed) or reductions(value):
             continue
+        if sums_only and not value.is_Add or not {e.base for e in value.atoms(sp.Indexed)} <= bases_read:
+            continue  # (the formula computes the value only where it reads every tensor of it)
         pattern = value.xreplace(wild)
+        first = next(iter(sorted(value.atoms(sp.Indexed), key=sp.default_sort_key))).base
         for a in sp.preorder_traversal(expr):
-            if a.func is not value.func or a in found:
+            if a.func is not value.func or a in found or not a.has(first):
                 continue
             # a product with a number of its own is that number times the value (``c - b*c`` holds
             # ``-b*c``, which is ``-v2`` for ``v2 = b*c``)
             number, rest = a.as_coeff_Mul() if a.is_Mul and not value.as_coeff_Mul()[0] != 1 else (1, a)
-            if rest.func is not value.func or len(rest.args) != len(value.args):
+            if rest.func is not value.func:
                 continue
-            match = rest.match(pattern)
-            if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
-                found[a] = number * target.xreplace(match)
+            if len(rest.args) == len(value.args):
+                match = rest.match(pattern)
+                if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
+                    found[a] = number * target.xreplace(match)
+            elif value.is_Add and len(value.args) < len(rest.args) <= _MAX_SUM_TERMS:
+                read = _read_in_a_sum(rest, pattern, target, wild)
+                if read is not None:
+                    found[a] = read
     return expr.xreplace(found) if found else None
+
+
+_MAX_SUM_TERMS = 8  # a longer sum is not searched for the kept one in part of it (matching is combinatorial)
+
+
+def _read_in_a_sum(total: sp.Add, pattern: sp.Expr, target: sp.Expr, wild: dict) -> sp.Expr | None:
+    """``total`` with the kept sum ``pattern`` among its terms, or their negatives, read as ``target``
+    (``v1 + v8 + 1`` is ``v9 + 1``, ``1/2 - v1 - v8`` is ``1/2 - v9``, for ``v9 = v1 + v8``: a clamp's
+    mask of the sum it saved), or None. The indices are read off an entry of the pattern's first
+    tensor in the sum, then every term of the pattern looked up: SymPy's matcher of a sum with a
+    wild rest took a tenth of a second per sum, seconds per refold."""
+    terms = sp.Add.make_args(pattern)
+    entries = sorted(pattern.atoms(sp.Indexed), key=sp.default_sort_key)
+    if not entries:
+        return None
+    first = entries[0]  # its indices, wild where the node's are
+    present = set(total.args)
+    tried = set()
+    for entry in total.atoms(sp.Indexed):
+        if entry.base != first.base or len(entry.indices) != len(first.indices):
+            continue
+        binding = {}
+        for mine, theirs in zip(first.indices, entry.indices):
+            if mine in wild.values():
+                if binding.setdefault(mine, theirs) != theirs:
+                    break
+            elif mine != theirs:
+                break
+        else:
+            key = tuple(sorted(binding.items(), key=sp.default_sort_key))
+            if key in tried or not all(isinstance(binding.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
+                continue
+            tried.add(key)
+            for sign in (1, -1):
+                concrete = [sign * t.xreplace(binding) for t in terms]
+                if len(set(concrete)) == len(concrete) and all(c in present for c in concrete):
+                    return sign * target.xreplace(binding) + sp.Add(*[t for t in total.args if t not in concrete])
+    return None
 
 
 # A rewrite must make the formula this much cheaper to be taken: a marginal gain (reading ``t4``
@@ -427,10 +484,18 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: froz
                 if path.new(rewritten):
                     continue
                 options.append((cost(el, rewritten), not node.named, rewritten, node, variable, target, solution))
-            rewritten = _saved_read(el, node, expr, path.value) if (node.name, node.name) not in forbidden else None
+            if (node.name, node.name) in forbidden:
+                continue
+            rewritten = _saved_read(el, node, expr, path.value)
             if rewritten is not None:
                 options.append((cost(el, rewritten), not node.named, rewritten, node, node,
                                 el.definition.get(node, el.nf[node]), el.ref(node)))
+            # a kept sum read where the gradient has it among other terms competes with solving for
+            # one of its terms: ``v1 = v9 - v8`` from ``v9 = v1 + v8`` also makes a clamp's mask read
+            # ``v9``, but leaves a difference where the softmax ``v1`` itself was read
+            rewritten = _kept_read(el, node, expr)
+            if rewritten is not None:
+                options.append((cost(el, rewritten), not node.named, rewritten, node, node, el.direct(node), None))
         if not options:
             break
         score, _, rewritten, node, variable, target, solution = min(options, key=lambda o: (o[0], o[1]))
@@ -438,7 +503,9 @@ def refold(el: Elements, expr: sp.Expr, log: list | None = None, forbidden: froz
             break
         if log is not None:  # replayed to learn which reductions the substitution recognised
             recognized = []
-            if variable is node:
+            if variable is node and solution is None:  # a kept value read (``_kept_read``)
+                target, solution = el.direct(node), el.ref(node)
+            elif variable is node:
                 tidy(el, _saved_reads(el, node, expr, path.value), recognized)
             else:
                 _rewrite(el, expr, variable, target, solution, recognized)

@@ -1208,3 +1208,32 @@ def test_a_clamps_mask_is_computed_once_for_every_gradient(tmp_path):
         grads.append([t.grad for t in leaves])
     for ours, theirs in zip(*grads):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
+def test_a_softmax_of_a_tanh_cancels_exactly_where_autograd_does(tmp_path):
+    """A softmax shifted by the maximum of ``tanh(softmax(x))``, summed: at inputs of 1e30 the inner
+    softmax is one-hot, and autograd's ``dx = p*(g - sum(g*p))`` is exactly 0, the same ``g``
+    subtracted from itself. The fused form had ``g``'s tanh derivative spread over terms
+    (``v5 - y**2*v5`` beside ``tanh_backward(g', y)``), and the in-place form printed the sum's
+    body as ``(y - 1)*(y + 1)``: two roundings of ``g`` that differ, 6e-8 where the gradient is 0.
+    Collected into one ``tanh_backward`` and printed alike in both places, it is 0 too."""
+    layer, kernel = generated(tmp_path, '''import torch
+import torch.nn.functional as F
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"))
+def shifted_after_tanh(x):
+    v1 = F.softmax(x, dim=1)
+    v2 = torch.tanh(v1)
+    v3 = v2.max(1, keepdim=True).values
+    v5 = (v2 - v3).exp()
+    v6 = v5.sum(1, keepdim=True)
+    return v6.T.sum()
+''', "shifted_after_tanh")
+    for seed in range(3):
+        x = 1e30 * torch.randn(5, 6, generator=torch.Generator().manual_seed(seed))
+        ours, theirs = (torch.autograd.grad(f(v), v)[0] for f in (kernel, layer.fn)
+                        for v in [x.clone().requires_grad_()])
+        assert torch.equal(theirs, torch.zeros_like(x)), theirs
+        assert torch.equal(ours, theirs), ours

@@ -588,3 +588,19 @@ def test_a_whole_tensor_summed_to_a_number_is_one_call(tmp_path):
         forward = source[source.index("def _forward("):source.index("def _forward_with_graph(")]
         (line,) = [t.split("#")[0].strip() for t in forward.splitlines() if t.strip().startswith("out =")]
         assert line in ("out = w.sum()", "out = w.sum()/k"), forward
+
+
+def test_a_softmax_is_read_not_rebuilt_from_a_sum_it_is_part_of(tmp_path):
+    """``clamp(softmax(x) + tanh(w))``: the refold solved ``v9 = v1 + v8`` for the softmax,
+    ``v1 = v9 - v8``, a difference that rounds each probability to the sum's ulp and costs a pass
+    (computed twice). The softmax is read, as autograd reads it, and the clamp's mask reads the
+    kept sum ``v9`` where the gradient has it among other terms (``v1 + v8 + 1``)."""
+    layer = _layer(tmp_path, "clamped_shift", "    v1 = torch.softmax(x, dim=1)\n    v9 = v1 + torch.tanh(w)\n"
+                                              "    return v9.clamp(min=-1.0, max=0.5).mean()",
+                   declared='x=Tensor("n", "k"), w=Tensor("k")', signature="x, w")
+    kernel = build(layer)
+    printed = _backward_source(kernel)
+    dx = code(layer, "x")
+    assert " - v9" not in dx and "v9 - " not in dx and "v1" in dx, dx
+    assert "v9 >= -1" in printed and "v1 + v8" not in printed, printed
+    assert {"v1", "v9"} <= set(kernel.saved), kernel.saved
