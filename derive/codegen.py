@@ -242,8 +242,10 @@ def render_function(kernel: Kernel) -> str:
 def _autograd_runs_it(kernel: Kernel) -> bool:
     """Whether the eager kernel is, kernel for kernel, what autograd runs through the spec: one
     operation, and each gradient one call of autograd's own one-pass kernel on the upstream gradient
-    and that operation's output or input. Then ``<name>(...)`` runs the operation under autograd in
-    eager mode: a Python ``autograd.Function`` would only add its fixed cost per call."""
+    and that operation's output or input (or, for a sum, the upstream gradient expanded); inputs
+    the operation does not read have no gradient in either. Then ``<name>(...)`` runs the operation
+    under autograd in eager mode: a Python ``autograd.Function`` would only add its fixed cost per
+    call."""
     graph = kernel.graph
     operations = [node for node in graph.nodes if node not in graph.inputs.values()]
     if len(operations) != 1 or kernel.shared or not kernel.formulas:
