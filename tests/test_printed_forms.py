@@ -528,38 +528,20 @@ def test_the_two_gradients_of_a_maximum_read_one_mask(tmp_path):
     assert "1 - mask0" in printed, printed
 
 
-def test_a_kept_value_is_read_where_the_gradient_has_its_negative():
+def test_a_kept_value_is_read_where_the_gradient_has_its_negative(tmp_path):
     """``c - b*c`` holds ``-b*c``, which is ``-v2`` for the kept ``v2 = b*c``: matched with its number."""
+    from derive.functions import Wins
     from derive.kernel import derived
     from derive.simplify import _kept_reads
 
-    layer = _layer_from_text("kept_negative", '''import torch
-from derive import Tensor, layer
-
-
-@layer(b=Tensor("n", "1"), c=Tensor("1", "k"))
-def kept_negative(b, c):
-    v2 = b @ c
-    return torch.maximum(c, v2)
-''')
+    layer = _layer(tmp_path, "kept_negative", "    v2 = b @ c\n    return torch.maximum(c, v2)",
+                   declared='b=Tensor("n", "1"), c=Tensor("1", "k")', signature="b, c")
     graph, el, grads = derived(layer)
     (v2,) = [n for n in graph.nodes if n.name == "v2"]
     (dc,) = [e for node, e in grads.grads.items() if node.name == "c"]
     read = _kept_reads(el, v2, dc)
-    assert read is not None and "v2" in str(read), (dc, read)
-    assert "b[" not in str(read.xreplace({})).split("Wins")[1].split(")")[0], read  # -b*c became -v2
-
-
-def _layer_from_text(name, text):
-    import tempfile
-    from pathlib import Path
-
-    from derive.layers import from_file
-
-    folder = Path(tempfile.mkdtemp())
-    (folder / f"{name}.py").write_text(text)
-    (found,) = from_file(str(folder / f"{name}.py"))
-    return found
+    masks = read.atoms(Wins) if read is not None else set()
+    assert len(masks) == 2 and all("v2[" in str(m) and "b[" not in str(m) for m in masks), (dc, read)
 
 
 def test_labels_nothing_reads_are_not_range_checked(tmp_path):
