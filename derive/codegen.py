@@ -238,7 +238,6 @@ def render_function(kernel: Kernel) -> str:
     return header(kernel, "#", body, templates=TEMPLATES_OF["function"]) + body
 
 
-
 def _autograd_runs_it(kernel: Kernel) -> bool:
     """Whether the eager kernel is, kernel for kernel, what autograd runs through the spec: one
     operation, and each gradient one call of autograd's own one-pass kernel on the upstream gradient

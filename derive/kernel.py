@@ -20,7 +20,7 @@ from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
 from .functions import COMPARISON_MASKS, Wins
 from .memo import ByObject, kept_on
-from .printer import Frame, KernelPrinter, _wrap, fit_shape, one_minus, one_minus_square, temporaries, tensor_name
+from .printer import Frame, KernelPrinter, _wrap, fit_shape, tanh_links, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
 from .symbolic import Red, expand, extent, hide_argmax, reductions
@@ -455,22 +455,13 @@ def _tanh_squares(term: sp.Expr, tanhs: dict) -> list:
 
 
 def _tanh_derivative(term: sp.Expr, tanhs: dict) -> tuple | None:
-    """``(y, g)`` for a term ``(1 - y**2)*g`` of a saved tanh ``y`` (the factor as ``1 - y**2``,
-    ``y**2 - 1`` or ``(y - 1)*(y + 1)``), else None."""
-    factors = list(sp.Mul.make_args(term))
-    for f in factors:
-        found = one_minus_square(f)
-        if found is not None and tensor_name(found[0]) in tanhs:
-            y, sign = found
-            return y, sign * sp.Mul(*[g for g in factors if g is not f])
-        found = one_minus(f)  # ``y - 1`` (sign -1), with ``y + 1`` beside it
-        if found is not None and found[1] == -1 and tensor_name(found[0]) in tanhs and found[0] + 1 in factors:
-            y = found[0]
-            rest = list(factors)
-            rest.remove(f)
-            rest.remove(y + 1)
-            return y, -sp.Mul(*rest)
-    return None
+    """``(y, g)`` for a term ``(1 - y**2)*g`` of a saved tanh ``y`` (the factor written any way
+    ``printer.tanh_links`` reads it), the one nearest the output where it has several; else None."""
+    links, rest, sign = tanh_links(list(sp.Mul.make_args(term)), tanhs)
+    if not links:
+        return None
+    y, *others = links
+    return y, sign * sp.Mul(*rest, *[1 - z**2 for z in others])
 
 
 def _squares_inline(replacements: list, reduced: list, tanhs) -> tuple[list, list]:
@@ -723,8 +714,7 @@ def _name_scratch_buffers(shared: list[Shared], frame: list, shapes: dict, print
             k += 1
             name = f"{base}{k}"
         taken.add(name)
-        body_printer = KernelPrinter(frame_with_bound, shapes, printer.names, printer.dtype_of, printer.views)
-        s.scratch, s.scratch_code = name, body_printer.knowing(printer).doprint(body)
+        s.scratch, s.scratch_code = name, printer._inner(frame_with_bound).doprint(body)
         s.sum_code = f"{name}.sum({axis}, keepdim=True)"
 
 
@@ -786,8 +776,9 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
     its bound index) or outside (at the frame's), read from one tensor ``mask<k>``; and
     ``[(name, value over the frame)]``. A clamp's mask in ``dx = (s - sum_j m*s)*m`` and in ``dw``
     was printed, and computed, three times (six passes each; 2.7x autograd's time at 1024 x 512).
-    A tie-splitting mask and its complement (``_one_sign``) are one mask. A sum's index is matched with the frame's index of its size only where that size is the
-    frame's only axis of it (so the mask's axes are the sum's without doubt)."""
+    A tie-splitting mask and its complement (``_one_sign``) are one mask. A sum's index is matched
+    with the frame's index of its size only where that size is the frame's only axis of it (so the
+    mask's axes are the sum's without doubt)."""
     alone = {extent(f): f for f in frame if sum(extent(g) == extent(f) for g in frame) == 1}
     full = set(frame)
     counts: dict = {}

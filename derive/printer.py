@@ -276,7 +276,7 @@ class KernelPrinter(TorchPrinter):
             # the axes in the order the factor reads them (``1 - A[j, l]`` is ``1 - A``, not ``(1 - A.T).T``)
             reads = [i for e in sorted(sp.Mul(*factors).atoms(sp.Indexed), key=sp.default_sort_key) for i in e.indices]
             axes = sorted(indices, key=lambda i: (reads.index(i) if i in reads else len(reads), i.name))
-            inner = KernelPrinter(Frame(axes), self.shapes, self.names, self.dtype_of, self.views).knowing(self)
+            inner = self._inner(Frame(axes))
             inner.full_rank = True
             tensors.append(_Operand(inner._print(sp.Mul(*factors)), tuple(axes)))
         if len(tensors) < 2:
@@ -549,8 +549,7 @@ class KernelPrinter(TorchPrinter):
             others = sorted((i for i in rest.free_symbols if isinstance(i, sp.Idx) and i in self.frame.slots
                              and i not in bound), key=self.frame.slots.__getitem__)
             spare = [sp.Idx(f"_spare{k}", extent(j)) for k, j in enumerate(bound) if j not in labels.indices]
-            inner = KernelPrinter(Frame(list(labels.indices) + others + spare), self.shapes, self.names, self.dtype_of,
-                                  self.views).knowing(self)
+            inner = self._inner(Frame(list(labels.indices) + others + spare))
             inner.full_rank = True
             sizes = [self._print(extent(i)) for i in list(labels.indices) + others] + ["1"] * len(spare)
             kept = sizes[len(labels.indices):len(labels.indices) + len(others)]
@@ -627,7 +626,7 @@ class KernelPrinter(TorchPrinter):
         (13 for ``tanh(tanh(tanh(x)))``, 3x autograd's time). None for anything else."""
         if not self.tanhs:
             return None
-        links, rest, sign = self._tanh_links(list(sp.Mul.make_args(expr)))
+        links, rest, sign = tanh_links(list(sp.Mul.make_args(expr)), self.tanhs)
         if not links:
             return None
         # a softplus inside the tanh: its kernel takes the tanh's result (``sigmoid(z)`` as a
@@ -641,37 +640,6 @@ class KernelPrinter(TorchPrinter):
             return self._through_softplus(g, sigmoids)
 
         return self._kernel_of_gradient(rest, call, sign)  # None: no tensor to pass it (a number times 1 - y**2)
-
-    def _tanh_links(self, factors: list) -> tuple[list, list, int]:
-        """(the saved tanhs ``y`` whose ``1 - y**2`` is among ``factors``, outermost first; the other
-        factors; the sign they leave). ``1 - y**2`` is one factor, or two: ``(y - 1)*(y + 1)``
-        (``-(1 - y**2)``) or ``(1 - y)*(1 + y)``."""
-        def saved(y) -> bool:
-            return tensor_name(y) in self.tanhs
-
-        links, rest, sign = [], list(factors), 1
-        for f in factors:
-            found = one_minus_square(f)
-            if found is not None and saved(found[0]):
-                links.append(found[0])
-                sign *= found[1]
-                rest.remove(f)
-        for f in list(rest):
-            if not (f.is_Add and len(f.args) == 2 and f in rest):
-                continue
-            y = next((a for a in f.args if saved(a)), None)
-            if y is None:
-                continue
-            for minus, plus, s in ((y - 1, y + 1, -1), (1 - y, 1 + y, 1)):
-                if f in (minus, plus) and minus in rest and plus in rest:
-                    rest.remove(minus)
-                    rest.remove(plus)
-                    links.append(y)
-                    sign *= s
-                    break
-        # the chain rule meets the tanh nearest the output first
-        links.sort(key=lambda y: -self.tanhs[tensor_name(y)])
-        return links, rest, sign
 
     def _kernel_of_gradient(self, factors: list, call, sign=1) -> str | None:
         """``call(g)`` for the upstream gradient ``g`` among the tensor ``factors`` (all of them where
@@ -1357,6 +1325,38 @@ def one_minus(f):
             if not y.could_extract_minus_sign():
                 return y, one
     return None
+
+
+def tanh_links(factors: list, tanhs: dict) -> tuple[list, list, int]:
+    """(the saved tanhs ``y`` (``tanhs``: name -> place in the forward) whose ``1 - y**2`` is among
+    ``factors``, outermost first; the other factors; the sign they leave). ``1 - y**2`` is one
+    factor, or two: ``(y - 1)*(y + 1)`` (``-(1 - y**2)``) or ``(1 - y)*(1 + y)``."""
+    def saved(y) -> bool:
+        return tensor_name(y) in tanhs
+
+    links, rest, sign = [], list(factors), 1
+    for f in factors:
+        found = one_minus_square(f)
+        if found is not None and saved(found[0]):
+            links.append(found[0])
+            sign *= found[1]
+            rest.remove(f)
+    for f in list(rest):
+        if not (f.is_Add and len(f.args) == 2 and f in rest):
+            continue
+        y = next((a for a in f.args if saved(a)), None)
+        if y is None:
+            continue
+        for minus, plus, s in ((y - 1, y + 1, -1), (1 - y, 1 + y, 1)):
+            if f in (minus, plus) and minus in rest and plus in rest:
+                rest.remove(minus)
+                rest.remove(plus)
+                links.append(y)
+                sign *= s
+                break
+    # the chain rule meets the tanh nearest the output first
+    links.sort(key=lambda y: -tanhs[tensor_name(y)])
+    return links, rest, sign
 
 
 def tensor_name(e) -> str | None:

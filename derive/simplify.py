@@ -395,7 +395,7 @@ def _kept_reads(el: Elements, node: Node, expr: sp.Expr, sums_only: bool = False
                 continue
             # a product with a number of its own is that number times the value (``c - b*c`` holds
             # ``-b*c``, which is ``-v2`` for ``v2 = b*c``)
-            number, rest = a.as_coeff_Mul() if a.is_Mul and not value.as_coeff_Mul()[0] != 1 else (1, a)
+            number, rest = a.as_coeff_Mul() if a.is_Mul and value.as_coeff_Mul()[0] == 1 else (1, a)
             if rest.func is not value.func:
                 continue
             if len(rest.args) == len(value.args):
