@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -557,6 +558,8 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}
     elements = [_tanh_derivatives_collected(e, tanhs) for e in elements]
     elements, masks = _masks_computed_once(elements, frame, taken | set(shapes))
+    elements, products = _products_computed_once(elements, frame, taken | set(shapes) | {m for m, _ in masks})
+    masks += products
     for name, value in masks:
         shapes[name] = tuple(dims)
     # a maximum inside a one-hot is not a value to share: cse sees each one-hot as one opaque call
@@ -829,6 +832,98 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
         return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
 
     return [replaced(e, {}) for e in elements], [(name, value) for value, name in names.items()]
+
+
+def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[list, list]:
+    """``elements`` with each product of full-size factors that they compute in two places, one of
+    them inside a sum, read from one tensor ``common<k>``; and ``[(name, value over the frame)]``.
+    cse shares what is written alike, and a sum's body is written at its bound index: the
+    derivative of ``tanh(v1 @ c)`` was computed once for ``dx`` (summed over ``k``) and again for
+    ``dc`` (summed over ``n``), and a softmax's upstream gradient ``g`` once in ``g*p`` and again
+    in ``sum(g*p)``. Sums' indices are matched with the frame's as ``_masks_computed_once`` does."""
+    alone = {extent(f): f for f in frame if sum(extent(g) == extent(f) for g in frame) == 1}
+    full = set(frame)
+
+    def inside(red, at):
+        f = alone.get(extent(red.index))
+        return {**at, red.index: f} if f is not None and f not in red.body.free_symbols and f not in at.values() else at
+
+    def factors(product, at) -> Counter:
+        """The full-size factors of ``product``, at the frame's indices."""
+        return Counter(v for f in product.args if not f.is_number and not isinstance(f, Red)
+                       for v in [f.xreplace(at)] if {i for i in v.free_symbols if isinstance(i, sp.Idx)} == full)
+
+    found = []  # (full-size factors, the frame axes summed over where it stands: its context)
+
+    def collect(expr, at, summed):
+        if isinstance(expr, Red):
+            mapped = inside(expr, at)
+            collect(expr.body, mapped, summed | {mapped.get(expr.index)})
+            return
+        if expr.is_Mul:
+            mine = factors(expr, at)
+            if sum(mine.values()) >= 2:
+                found.append((mine, summed))
+        for a in expr.args:
+            collect(a, at, summed)
+
+    for e in elements:
+        collect(e, {}, frozenset())
+    common: dict = {}
+    for k, (a, a_context) in enumerate(found):
+        for b, b_context in found[k + 1:]:
+            both = a & b
+            # (in two sums over the same axes the whole sums are alike, and cse shares them)
+            # a product of plain tensors is left as written: it costs one pass, and named once it
+            # would be multiplied in another order than autograd's (``(dout*x)*inv`` for ``dout*(x*inv)``)
+            if sum(both.values()) >= 2 and a_context != b_context and any(
+                    not isinstance(f, sp.Indexed) for f in both):
+                key = tuple(sorted(both.elements(), key=sp.default_sort_key))
+                common[key] = sp.Mul(*key)
+    if not common:
+        return elements, []
+    # the largest first; a product reads one of them, and one read in two contexts is kept
+    chosen = sorted(common, key=lambda key: (-len(key), sp.default_sort_key(common[key])))
+    contexts: dict = {}
+    for mine, context in found:
+        key = next((key for key in chosen if not Counter(key) - mine), None)
+        contexts.setdefault(key, set()).add(context)
+    chosen = [key for key in chosen if len(contexts.get(key, ())) >= 2]
+    if not chosen:
+        return elements, []
+    names, index = {}, 0
+    for key in chosen:
+        while f"common{index}" in taken:
+            index += 1
+        names[key] = f"common{index}"
+        index += 1
+
+    used = {}
+
+    def replaced(expr, at):
+        if isinstance(expr, Red):
+            return type(expr)(replaced(expr.body, inside(expr, at)), expr.index)
+        if expr.is_Mul:
+            mine = factors(expr, at)
+            key = next((key for key in chosen if not Counter(key) - mine), None)
+            if key is not None:
+                rest, wanted = [], Counter(key)
+                for f in expr.args:
+                    v = f.xreplace(at)
+                    if wanted[v] > 0:
+                        wanted[v] -= 1
+                    else:
+                        rest.append(replaced(f, at))
+                back = {f: j for j, f in at.items()}
+                used[key] = names[key]
+                return sp.Mul(sp.IndexedBase(names[key])[tuple(back.get(f, f) for f in frame)], *rest)
+        if not expr.args:
+            return expr
+        args = [replaced(a, at) for a in expr.args]
+        return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+
+    elements = [replaced(e, {}) for e in elements]
+    return elements, [(name, common[key]) for key, name in used.items()]
 
 
 def _shared_names(values: list[sp.Expr], taken: set) -> list[str]:
