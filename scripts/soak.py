@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--examples", type=int, default=1000, help="random layers per family (default 1000)")
     p.add_argument("--lines", type=int, default=6, help="most operations per layer (default 6)")
     p.add_argument("--seconds", type=int, default=60,
-                   help="a derivation running longer is stopped and counted as slow (default 60)")
+                   help="a derivation taking more CPU seconds is stopped and counted as slow (default 60)")
     p.add_argument("--minutes", type=float, default=None,
                    help="stop running new layers of a family after this many minutes (the tally says how many ran)")
     p.add_argument("--save", type=Path, default=Path("build/soak"), help="where failing specs go (default build/soak)")

@@ -446,3 +446,19 @@ def test_the_timing_report_keeps_every_layer_above_the_bar(tmp_path, capsys):
     assert saved == ["layer0", "layer1", "layer2", "layer3"], saved
     assert "slowest with autograd at 0.5 ms or more:\n  1.50" in out, out
     assert "6 layers" in out and "4 above 1.1" in out, out
+
+
+def test_the_derivation_limit_counts_cpu_time_not_waiting():
+    """A derivation is stopped by the CPU time it takes, not by the wall time that passes while
+    other tests share the machine: a busy loop is stopped soon after the limit, a wait of twice
+    the limit is not stopped at all."""
+    from fuzz.harness import TooSlow, time_limit
+
+    start = time.process_time()
+    with pytest.raises(TooSlow):
+        with time_limit(0.2):
+            while time.process_time() - start < 5:
+                pass
+    assert time.process_time() - start < 2
+    with time_limit(0.2):
+        time.sleep(0.4)  # no CPU time: never stopped
