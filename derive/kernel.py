@@ -774,21 +774,30 @@ def _one_sign(mask: sp.Expr) -> tuple[sp.Expr, bool]:
     return mask, False
 
 
+def _bound_to_frame(red: Red, at: dict, frame: list) -> dict:
+    """``at`` (bound indices of the enclosing sums -> frame indices) with ``red``'s bound index
+    mapped to the frame index it stands for: the one of its size that its body does not read and
+    no enclosing sum took (a softmax's row sum over ``k`` in a ``k x k`` frame: the column index,
+    since its body reads the row's). None such, or several: ``at`` as it is, and the body's values
+    stay apart from the frame's."""
+    free = red.body.free_symbols
+    taken = set(at.values())
+    candidates = [f for f in frame if extent(f) == extent(red.index) and f not in free and f not in taken]
+    return {**at, red.index: candidates[0]} if len(candidates) == 1 else at
+
+
 def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list, list]:
     """``elements`` with each full-size compound mask they compute more than once, inside a sum (at
     its bound index) or outside (at the frame's), read from one tensor ``mask<k>``; and
     ``[(name, value over the frame)]``. A clamp's mask in ``dx = (s - sum_j m*s)*m`` and in ``dw``
     was printed, and computed, three times (six passes each; 2.7x autograd's time at 1024 x 512).
     A tie-splitting mask and its complement (``_one_sign``) are one mask. A sum's index is matched
-    with the frame's index of its size only where that size is the frame's only axis of it (so the
-    mask's axes are the sum's without doubt)."""
-    alone = {extent(f): f for f in frame if sum(extent(g) == extent(f) for g in frame) == 1}
+    with the frame's index it stands for (``_bound_to_frame``)."""
     full = set(frame)
     counts: dict = {}
 
     def inside(red, at):
-        f = alone.get(extent(red.index))
-        return {**at, red.index: f} if f is not None and f not in red.body.free_symbols and f not in at.values() else at
+        return _bound_to_frame(red, at, frame)
 
     def count(expr, at):
         if isinstance(expr, Red):
@@ -840,18 +849,35 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
     cse shares what is written alike, and a sum's body is written at its bound index: the
     derivative of ``tanh(v1 @ c)`` was computed once for ``dx`` (summed over ``k``) and again for
     ``dc`` (summed over ``n``), and a softmax's upstream gradient ``g`` once in ``g*p`` and again
-    in ``sum(g*p)``. Sums' indices are matched with the frame's as ``_masks_computed_once`` does."""
-    alone = {extent(f): f for f in frame if sum(extent(g) == extent(f) for g in frame) == 1}
+    in ``sum(g*p)``. Sums' indices are matched with the frame's (``_bound_to_frame``)."""
     full = set(frame)
 
     def inside(red, at):
-        f = alone.get(extent(red.index))
-        return {**at, red.index: f} if f is not None and f not in red.body.free_symbols and f not in at.values() else at
+        return _bound_to_frame(red, at, frame)
+
+    def parts(product, at) -> list:
+        """``[(value at the frame's indices, the factors of ``product`` it stands for)]`` of its
+        full-size factors; ``(y - 1)*(y + 1)`` is one, ``y**2 - 1``, as the closed form writes a
+        tanh's derivative outside a sum (a sum's grouped body has it factored)."""
+        out = [(f.xreplace(at), [f]) for f in product.args if not f.is_number and not isinstance(f, Red)]
+        out = [(v, fs) for v, fs in out if {i for i in v.free_symbols if isinstance(i, sp.Idx)} == full]
+        merging = True
+        while merging:
+            merging = False
+            for k, (v, fs) in enumerate(out):
+                if not (v.is_Add and len(v.args) == 2 and sp.S.NegativeOne in v.args):
+                    continue
+                y = v + 1
+                m = next((m for m, (w, _) in enumerate(out) if m != k and w == y + 1), None)
+                if m is not None:
+                    out = [p for j, p in enumerate(out) if j not in (k, m)] + [(y**2 - 1, fs + out[m][1])]
+                    merging = True
+                    break
+        return out
 
     def factors(product, at) -> Counter:
         """The full-size factors of ``product``, at the frame's indices."""
-        return Counter(v for f in product.args if not f.is_number and not isinstance(f, Red)
-                       for v in [f.xreplace(at)] if {i for i in v.free_symbols if isinstance(i, sp.Idx)} == full)
+        return Counter(v for v, _ in parts(product, at))
 
     found = []  # (full-size factors, the frame axes summed over where it stands: its context)
 
@@ -875,9 +901,12 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
             both = a & b
             # (in two sums over the same axes the whole sums are alike, and cse shares them)
             # a product of plain tensors is left as written: it costs one pass, and named once it
-            # would be multiplied in another order than autograd's (``(dout*x)*inv`` for ``dout*(x*inv)``)
-            if sum(both.values()) >= 2 and a_context != b_context and any(
-                    not isinstance(f, sp.Indexed) for f in both):
+            # would be multiplied in another order than autograd's (``(dout*x)*inv`` for ``dout*(x*inv)``);
+            # one factor alone is named where it calls a function (``exp``, ``tanh``): a pass of those
+            # costs more than the buffer
+            computed = [f for f in both if not isinstance(f, sp.Indexed)]
+            if a_context != b_context and computed and (
+                    sum(both.values()) >= 2 or any(f.atoms(sp.Function) for f in computed)):
                 key = tuple(sorted(both.elements(), key=sp.default_sort_key))
                 common[key] = sp.Mul(*key)
     if not common:
@@ -907,13 +936,13 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
             mine = factors(expr, at)
             key = next((key for key in chosen if not Counter(key) - mine), None)
             if key is not None:
-                rest, wanted = [], Counter(key)
-                for f in expr.args:
-                    v = f.xreplace(at)
+                rest, wanted = list(expr.args), Counter(key)
+                for v, fs in parts(expr, at):
                     if wanted[v] > 0:
                         wanted[v] -= 1
-                    else:
-                        rest.append(replaced(f, at))
+                        for f in fs:
+                            rest.remove(f)
+                rest = [replaced(f, at) for f in rest]
                 back = {f: j for j, f in at.items()}
                 used[key] = names[key]
                 return sp.Mul(sp.IndexedBase(names[key])[tuple(back.get(f, f) for f in frame)], *rest)

@@ -612,3 +612,16 @@ def test_a_product_of_plain_tensors_is_left_as_written(tmp_path):
 
     printed = _backward_source(build(rmsnorm))
     assert "common" not in printed and "dg = " in printed, printed
+
+
+def test_a_square_matrix_s_row_sum_shares_its_body_with_the_gradient(tmp_path):
+    """In a ``k x k`` frame a row sum's bound index stands for the column index (its body reads
+    the row's), and the sum's body writes a tanh's derivative factored, ``(y - 1)*(y + 1)``, where
+    the term beside it has ``y**2 - 1``: the chain of two tanh derivatives is computed once, not
+    once outside the sum and again inside it."""
+    body = ("    v5 = (A - A.max(1, keepdim=True).values).exp()\n    v7 = v5 / v5.sum(1, keepdim=True)\n"
+            "    return torch.tanh(torch.tanh(v7))")
+    layer = _layer(tmp_path, "tanh_of_tanh_of_softmax", body, declared='A=Tensor("k", "k")', signature="A")
+    printed = _backward_source(build(layer))
+    assert printed.count("tanh_backward(") == 2 and "common0 = " in printed, printed
+    assert "(common0*" in printed, printed
