@@ -249,6 +249,16 @@ class KernelPrinter(TorchPrinter):
         def indices_of(f):
             return frozenset(i for i in f.free_symbols if isinstance(i, sp.Idx))
 
+        # a factor read along none of the summed indices multiplies the contraction's result:
+        # ``sum_c v1[a, c]*(v1[a, b]**2 - 1)*g[c, b]`` is ``(v1**2 - 1)*(v1 @ g)``; an operand of the
+        # einsum, it made torch contract ``ac,ab`` into an (n x k x k) tensor first (23x autograd's time)
+        outside = [f for f in factors if indices_of(f) and not indices_of(f) & set(summed)
+                   and not f.atoms(Red, AxisSum, AxisMax, AxisSoftmax, AxisLogSumExp, AxisVar, Max, IsArgmax)]
+        if outside and order is None:
+            inner = self._contraction(sp.Mul(*[f for f in factors if f not in outside]), summed)
+            if inner is not None:
+                return f"{_wrap(self._print(sp.Mul(*outside)))}*{_wrap(inner)}"
+
         read_at = [indices_of(f) for f in factors if not isinstance(f, sp.Indexed) or
                    all(isinstance(i, sp.Idx) for i in f.indices)]
         for f in factors:
