@@ -580,6 +580,8 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     # saved softmax values (in the names printed) and the stored axis each normalizes
     softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
                  if n.op == "softmax" and len(n.attrs["axes"]) == 1}
+    log_softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
+                     if n.op == "log_softmax" and len(n.attrs["axes"]) == 1}
 
     ops = {n.op for n in el.graph.nodes}
     softplus_grads = "softplus" in ops and "sigmoid" not in ops
@@ -591,6 +593,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     def printer():
         p = KernelPrinter(Frame(frame), shapes, names, dtype_of, views)
         p.softmaxes = softmaxes
+        p.log_softmaxes = log_softmaxes
         p.tanhs = tanhs
         p.softplus_grads = softplus_grads
         p.products = products

@@ -111,6 +111,9 @@ class KernelPrinter(TorchPrinter):
         # saved softmax values -> the stored axis they normalize: the chain rule through one
         # prints as torch's own softmax backward (``_softmax_backward``)
         self.softmaxes: dict[str, int] = {}
+        # saved log-softmax values -> the stored axis: ``a - exp(l)*sum_j a`` prints as torch's own
+        # log-softmax backward (``_log_softmax_backward``)
+        self.log_softmaxes: dict[str, int] = {}
         # saved tanh values, each with its place in the forward: ``g*(1 - y**2)`` prints as torch's
         # own kernel for it (``_tanh_backward``)
         self.tanhs: dict[str, int] = {}
@@ -164,7 +167,7 @@ class KernelPrinter(TorchPrinter):
     # what a printer knows of the derivation beyond its frame, which every printer made for the same
     # formulas carries: a sum's body printed without ``tanhs`` wrote ``(y - 1)*(y + 1)`` where the
     # same value outside it was ``tanh_backward(g, y)``, two roundings that no longer cancel
-    KNOWN = ("softmaxes", "tanhs", "softplus_grads")
+    KNOWN = ("softmaxes", "log_softmaxes", "tanhs", "softplus_grads")
 
     def knowing(self, other: "KernelPrinter") -> "KernelPrinter":
         """This printer, told what ``other`` knows of the derivation (``KNOWN``)."""
@@ -621,10 +624,40 @@ class KernelPrinter(TorchPrinter):
         code = self._layout(code, tuple(extent(i) for i in s.indices), [self.frame.slots[i] for i in s.indices])
         return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
 
+    def _log_softmax_backward(self, expr) -> str | None:
+        """``a - exp(l)*sum_j a`` with ``l`` a saved log-softmax along ``j``'s axis and ``a`` of its
+        shape: the chain rule through the log-softmax, printed as torch's own kernel for it
+        (``torch._log_softmax_backward_data``), one pass where the difference, the exponential and
+        the product are three (2x autograd's backward at 1024 x 512). None for anything else."""
+        if not self.log_softmaxes or not isinstance(expr, sp.Add) or len(expr.args) != 2:
+            return None
+        for shifted, a in (expr.args, expr.args[::-1]):
+            factors = sp.Mul.make_args(-shifted)
+            e = next((f for f in factors if isinstance(f, sp.exp)), None)
+            total = next((f for f in factors if f.func is Red), None)
+            if len(factors) != 2 or e is None or total is None:
+                continue
+            l = e.args[0]
+            if not isinstance(l, sp.Indexed) or str(l.base) not in self.log_softmaxes or str(l.base) in self.views \
+                    or len(set(l.indices)) != len(l.indices) \
+                    or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in l.indices) \
+                    or {i for i in a.free_symbols if isinstance(i, sp.Idx)} != set(l.indices) or a.atoms(Red):
+                continue
+            axis = self.log_softmaxes[str(l.base)]
+            j, own = total.index, l.indices[axis]
+            if extent(j) != extent(own) or total.body != a.xreplace({own: j}):
+                continue
+            inner = self._inner(Frame(list(l.indices)))
+            inner.full_rank = True
+            grad = inner._print(a)
+            code = f"torch._log_softmax_backward_data({grad}, {l.base}, {axis}, {l.base}.dtype)"
+            return self._layout(code, tuple(extent(i) for i in l.indices), [self.frame.slots[i] for i in l.indices])
+        return None
+
     def is_softmax_backward(self, expr) -> bool:
-        """Whether ``expr`` prints as one call of torch's softmax backward kernel (a pass over memory
-        that no chain of in-place updates beats)."""
-        return self._softmax_backward(expr) is not None
+        """Whether ``expr`` prints as one call of torch's softmax or log-softmax backward kernel (a
+        pass over memory that no chain of in-place updates beats)."""
+        return self._softmax_backward(expr) is not None or self._log_softmax_backward(expr) is not None
 
     def _tanh_backward(self, expr) -> str | None:
         """``g*(1 - y**2)`` with ``y`` a saved tanh and ``g`` a tensor: the chain rule through the
@@ -844,6 +877,9 @@ class KernelPrinter(TorchPrinter):
 
     def _print_Add(self, expr, order=None):
         """Positive terms first, so a difference reads ``probs - onehot``."""
+        log_softmax = self._log_softmax_backward(expr)
+        if log_softmax is not None:
+            return log_softmax
         return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign()))
 
     def _add_terms(self, terms: list) -> str:
