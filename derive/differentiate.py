@@ -53,11 +53,13 @@ def _target_indices(el: Elements, node: Node) -> tuple:
     return tuple(0 if i == 0 else index_for(f"p{i.name[1:]}", i.upper + 1) for i in el.free(node))
 
 
-def _contribution(el: Elements, node: Node, adjoint: sp.Expr, target: Node) -> sp.Expr:
-    if node.op in NORMALIZERS:
+def _contribution(el: Elements, node: Node, adjoint: sp.Expr, target: Node, definition: sp.Expr | None = None) -> sp.Expr:
+    """What ``node``'s ``adjoint`` sends to ``target``, at the target's free indices (``definition``:
+    the node's value to differentiate, where it is not an opaque node's own)."""
+    if node.op in NORMALIZERS and definition is None:
         indices, definition, adjoint = _through_normalizer(el, node, adjoint)
     else:
-        indices, definition = el.free(node), el.definition[node]
+        indices, definition = el.free(node), el.definition[node] if definition is None else definition
     p = _target_indices(el, target)
     local = sp.diff(definition, el.ref(target, p))
     total = expand(adjoint * local)
@@ -134,7 +136,34 @@ def differentiate(el: Elements) -> Gradients:
             steps.append(Step(node, adjoint, target, part))
             adjoints[target] = el.recognize(expand(adjoints.get(target, sp.S.Zero) + part))
     grads = {x: adjoints.get(x, sp.S.Zero) for x in wanted}
+    _sum_read_once(el, grads, materialized)
     return Gradients(el, grads, adjoints, steps, materialized)
+
+
+def _sum_read_once(el: Elements, grads: dict, materialized: list) -> None:
+    """Two inputs added (``v1 = w + x``, ``w`` broadcast along rows) and read nowhere else have
+    one adjoint, ``dv1``: ``dx = dv1`` and ``dw = dv1.sum(0)``, as autograd computes them. Written
+    out in the inputs, ``dw`` repeated ``dx``'s whole formula inside a sum over the rows (the
+    gradient of ``tanh(softmax(tanh(w + x)))`` was 3.4x autograd's time). ``dv1`` is then computed
+    once, as a tensor (``materialized``), where the sum of ``dx``'s formula is ``dw``'s exactly."""
+    graph = el.graph
+    for node in graph.nodes:
+        if node.op != "add" or len(node.inputs) != 2 or node is graph.output:
+            continue
+        operands = [n for n in node.inputs if n in grads]
+        if len(operands) != 2 or any(graph.consumers(n) != [node] for n in operands):
+            continue
+        full = next((n for n in operands if el.free(n) == el.free(node)), None)
+        adjoint = grads[full] if full is not None else None
+        if adjoint is None or not _worth_a_tensor(el, adjoint):
+            continue
+        reads = {n: _contribution(el, node, el.grad_ref(node), n, el.nf[node]) for n in operands}
+        written = {n: substitute_family(reads[n], el.grad_ref(node).base, el.free(node), adjoint)
+                   if isinstance(el.grad_ref(node), sp.Indexed) else reads[n] for n in operands}
+        if any(expand(written[n] - grads[n]) != 0 for n in operands):
+            continue
+        materialized.append((node, adjoint))
+        grads.update(reads)
 
 
 def _vanishes(el: Elements, adjoint: sp.Expr, materialized: list) -> bool:
@@ -182,6 +211,12 @@ def _materialize(el: Elements, node: Node, adjoint: sp.Expr) -> bool:
         i in adjoint.free_symbols for a in node.attrs["axes"] for i in el.free_axes(node)[a] if i != 0)
     if not (contraction or nested):
         return False
+    return _worth_a_tensor(el, adjoint)
+
+
+def _worth_a_tensor(el: Elements, adjoint: sp.Expr) -> bool:
+    """Whether ``adjoint`` is more than one tensor times sizes and constants (``dout``, ``2*dout``
+    are read as they are)."""
     scalars = set(el.graph.sizes.values()) | set(el.graph.constants.values())
     tensors = [f for f in sp.Mul.make_args(adjoint) if not (f.free_symbols <= scalars)]
     return not (len(tensors) == 1 and isinstance(tensors[0], (sp.Indexed, sp.Symbol)))

@@ -859,28 +859,37 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
         return _bound_to_frame(red, at, frame)
 
     def parts(product, at) -> list:
-        """``[(value at the frame's indices, the factors of ``product`` it stands for)]`` of its
-        full-size factors; ``(y - 1)*(y + 1)`` is one, ``y**2 - 1``, as the closed form writes a
-        tanh's derivative outside a sum (a sum's grouped body has it factored)."""
-        out = [(f.xreplace(at), [f]) for f in product.args if not f.is_number and not isinstance(f, Red)]
-        out = [(v, fs) for v, fs in out if {i for i in v.free_symbols if isinstance(i, sp.Idx)} == full]
+        """``[(value at the frame's indices, the factors of ``product`` it stands for, their sign
+        against it)]`` of its full-size factors. A sum of either sign is one value (``1 - y**2`` and
+        ``y**2 - 1``), and ``(y - 1)*(y + 1)`` is ``y**2 - 1``, as the closed form writes a tanh's
+        derivative outside a sum (a sum's grouped body has it factored)."""
+        def signed(v):  # (a sum's sign: with its number positive, ``1 - y**2``, as tanh_backward computes it)
+            if not v.is_Add:
+                return v, 1
+            number = sum(a for a in v.args if a.is_number)
+            negative = number < 0 if number != 0 else v.could_extract_minus_sign()
+            return (-v, -1) if negative else (v, 1)
+
+        out = [(*signed(f.xreplace(at)), [f]) for f in product.args if not f.is_number and not isinstance(f, Red)]
+        out = [(v, s, fs) for v, s, fs in out if {i for i in v.free_symbols if isinstance(i, sp.Idx)} == full]
         merging = True
         while merging:
             merging = False
-            for k, (v, fs) in enumerate(out):
-                if not (v.is_Add and len(v.args) == 2 and sp.S.NegativeOne in v.args):
+            for k, (v, s, fs) in enumerate(out):
+                written = s * v
+                if not (written.is_Add and len(written.args) == 2 and sp.S.NegativeOne in written.args):
                     continue
-                y = v + 1
-                m = next((m for m, (w, _) in enumerate(out) if m != k and w == y + 1), None)
+                y = written + 1  # ``written`` is ``y - 1``
+                m = next((m for m, (w, t, _) in enumerate(out) if m != k and t * w == y + 1), None)
                 if m is not None:
-                    out = [p for j, p in enumerate(out) if j not in (k, m)] + [(y**2 - 1, fs + out[m][1])]
+                    out = [p for j, p in enumerate(out) if j not in (k, m)] + [(*signed(y**2 - 1), fs + out[m][2])]
                     merging = True
                     break
         return out
 
     def factors(product, at) -> Counter:
         """The full-size factors of ``product``, at the frame's indices."""
-        return Counter(v for v, _ in parts(product, at))
+        return Counter(v for v, _, _ in parts(product, at))
 
     found = []  # (full-size factors, the frame axes summed over where it stands: its context)
 
@@ -890,9 +899,9 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
             collect(expr.body, mapped, summed | {mapped.get(expr.index)})
             return
         if expr.is_Mul:
-            mine = factors(expr, at)
-            if sum(mine.values()) >= 2:
-                found.append((mine, summed))
+            mine = parts(expr, at)
+            if len(mine) >= 2:
+                found.append((Counter(v for v, _, _ in mine), summed))
         for a in expr.args:
             collect(a, at, summed)
 
@@ -939,13 +948,14 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
             mine = factors(expr, at)
             key = next((key for key in chosen if not Counter(key) - mine), None)
             if key is not None:
-                rest, wanted = list(expr.args), Counter(key)
-                for v, fs in parts(expr, at):
+                rest, wanted, sign = list(expr.args), Counter(key), 1
+                for v, s, fs in parts(expr, at):
                     if wanted[v] > 0:
                         wanted[v] -= 1
+                        sign *= s  # the factors as written, against the common product's
                         for f in fs:
                             rest.remove(f)
-                rest = [replaced(f, at) for f in rest]
+                rest = [sign] + [replaced(f, at) for f in rest]
                 back = {f: j for j, f in at.items()}
                 used[key] = names[key]
                 return sp.Mul(sp.IndexedBase(names[key])[tuple(back.get(f, f) for f in frame)], *rest)

@@ -611,16 +611,28 @@ class KernelPrinter(TorchPrinter):
                 or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in s.indices):
             return None
         axis = self.softmaxes[str(s.base)]
-        a = next((t for t in add.args if isinstance(t, sp.Indexed)), None)
-        total = next((-t for t in add.args if (-t).func is Red), None)
-        if a is None or total is None or a.indices != s.indices or str(a.base) not in self.shapes \
-                or str(a.base) in self.views or str(s.base) in self.views \
-                or tuple(self.shapes[str(a.base)]) != tuple(self.shapes[str(s.base)]):
+        # (or its negative, ``s*(sum_j a*s - a)``: minus the kernel's result)
+        for sign, terms in ((1, add), (-1, -add)):
+            total = next((-t for t in sp.Add.make_args(terms) if isinstance(-t, Red)), None)
+            if total is not None:
+                coeff *= sign
+                break
+        else:
+            return None
+        a = next((t for t in sp.Add.make_args(terms) if t != -total), None)
+        if a is None or str(s.base) in self.views or a.atoms(Red) \
+                or {i for i in a.free_symbols if isinstance(i, sp.Idx)} != set(s.indices):
             return None
         j, own = total.index, s.indices[axis]
         if extent(j) != extent(own) or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
             return None
-        code = f"torch._softmax_backward_data({a.base}, {s.base}, {axis}, {a.base}.dtype)"
+        if isinstance(a, sp.Indexed) and a.indices == s.indices and str(a.base) not in self.views:
+            grad = str(a.base)
+        else:  # the upstream gradient computed (``tanh_backward(dv4, v4)``), laid out as the softmax
+            inner = self._inner(Frame(list(s.indices)))
+            inner.full_rank = True
+            grad = inner._print(a)
+        code = f"torch._softmax_backward_data({grad}, {s.base}, {axis}, {grad if grad.isidentifier() else s.base}.dtype)"
         code = self._layout(code, tuple(extent(i) for i in s.indices), [self.frame.slots[i] for i in s.indices])
         return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
 
@@ -634,7 +646,7 @@ class KernelPrinter(TorchPrinter):
         for shifted, a in (expr.args, expr.args[::-1]):
             factors = sp.Mul.make_args(-shifted)
             e = next((f for f in factors if isinstance(f, sp.exp)), None)
-            total = next((f for f in factors if f.func is Red), None)
+            total = next((f for f in factors if isinstance(f, Red)), None)
             if len(factors) != 2 or e is None or total is None:
                 continue
             l = e.args[0]
@@ -650,7 +662,7 @@ class KernelPrinter(TorchPrinter):
             inner = self._inner(Frame(list(l.indices)))
             inner.full_rank = True
             grad = inner._print(a)
-            code = f"torch._log_softmax_backward_data({grad}, {l.base}, {axis}, {l.base}.dtype)"
+            code = f"torch._log_softmax_backward_data({grad}, {l.base}, {axis}, {grad if grad.isidentifier() else l.base}.dtype)"
             return self._layout(code, tuple(extent(i) for i in l.indices), [self.frame.slots[i] for i in l.indices])
         return None
 
@@ -699,7 +711,14 @@ class KernelPrinter(TorchPrinter):
         g = sp.Mul(*inside)
         if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
             return None
-        code = call(self._print(g))
+        gradient = self._print(g)
+        if gradient.startswith(("-", "(-1)*")):
+            # the kernel is linear in the gradient: its sign goes outside (``-tanh_backward(a, y)``,
+            # never ``-tanh_backward((-1)*a, y)``, two passes that negate)
+            negated = self._print(-g)
+            if not negated.startswith(("-", "(-1)*")):
+                gradient, sign = negated, -sign
+        code = call(gradient)
         if outside:
             mul = sp.printing.precedence.PRECEDENCE["Mul"]
             code = "*".join([code] + [self.parenthesize(r, mul) for r in outside])
