@@ -976,7 +976,11 @@ class KernelPrinter(TorchPrinter):
         return self._mask(self.condition(expr))
 
     def _print_Wins(self, expr):
-        return f"({self._print(expr.halves())})"
+        # 1/2 at a tie, else the strict comparison's mask: four passes over memory, where the two
+        # masks of ``halves()`` scaled and added are seven
+        from .functions import Equal, Step
+        u = expr.args[0]
+        return f"torch.where({self.condition(Equal(u))}, 0.5, {self._print(Step(u))})"
 
     def _print_Equal(self, expr):
         return self._mask(self.condition(expr))
