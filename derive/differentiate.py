@@ -148,7 +148,7 @@ def _sum_read_once(el: Elements, grads: dict, materialized: list) -> None:
     once, as a tensor (``materialized``), where the sum of ``dx``'s formula is ``dw``'s exactly."""
     graph = el.graph
     for node in graph.nodes:
-        if node.op != "add" or len(node.inputs) != 2 or node is graph.output:
+        if node.op != "add" or len(node.inputs) != 2 or node is graph.output or not node.shape:
             continue
         operands = [n for n in node.inputs if n in grads]
         if len(operands) != 2 or any(graph.consumers(n) != [node] for n in operands):
@@ -157,10 +157,10 @@ def _sum_read_once(el: Elements, grads: dict, materialized: list) -> None:
         adjoint = grads[full] if full is not None else None
         if adjoint is None or not _worth_a_tensor(el, adjoint):
             continue
-        reads = {n: _contribution(el, node, el.grad_ref(node), n, el.nf[node]) for n in operands}
-        written = {n: substitute_family(reads[n], el.grad_ref(node).base, el.free(node), adjoint)
-                   if isinstance(el.grad_ref(node), sp.Indexed) else reads[n] for n in operands}
-        if any(expand(written[n] - grads[n]) != 0 for n in operands):
+        ref = el.grad_ref(node)
+        reads = {n: _contribution(el, node, ref, n, el.nf[node]) for n in operands}
+        # (each gradient read from ``dv1``, with ``dv1`` written out, is the gradient derived)
+        if any(expand(substitute_family(reads[n], ref.base, el.free(node), adjoint) - grads[n]) != 0 for n in operands):
             continue
         materialized.append((node, adjoint))
         grads.update(reads)
