@@ -24,7 +24,7 @@ from .memo import ByObject, kept_on
 from .printer import Frame, KernelPrinter, _wrap, fit_shape, tanh_links, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
-from .symbolic import Red, expand, extent, hide_argmax, reductions
+from .symbolic import GroupedRed, Red, expand, extent, hide_argmax, reductions
 from .trace import Graph, trace
 from .trace.tracer import reachable
 
@@ -777,6 +777,16 @@ def _one_sign(mask: sp.Expr) -> tuple[sp.Expr, bool]:
     return mask, False
 
 
+def _kept_whole(red: Red, body: sp.Expr) -> sp.Expr:
+    """``red`` with ``body``: a sum whose body a shared tensor now reads is kept whole
+    (``GroupedRed``). A ``Red`` expands its body: ``sum(g*(1 - mask0))``, the complement of a shared
+    mask, became ``sum(g) - sum(g*mask0)``, a difference of sums (two passes, and the digits the
+    sum of differences keeps)."""
+    if body is red.body:
+        return red
+    return GroupedRed(body, red.index) if type(red) is Red else type(red)(body, red.index)
+
+
 def _bound_to_frame(red: Red, at: dict, frame: list) -> dict:
     """``at`` (bound indices of the enclosing sums -> frame indices) with ``red``'s bound index
     mapped to the frame index it stands for: the one of its size that its body does not read and
@@ -829,8 +839,8 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
         return elements, []
 
     def replaced(expr, at):
-        if isinstance(expr, Red):  # its own class: a GroupedRed stays whole
-            return type(expr)(replaced(expr.body, inside(expr, at)), expr.index)
+        if isinstance(expr, Red):
+            return _kept_whole(expr, replaced(expr.body, inside(expr, at)))
         mask, rest = _mask_of(expr)
         value, negated = _one_sign(mask.xreplace(at)) if mask is not None else (None, False)
         name = names.get(value)
@@ -943,7 +953,7 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
 
     def replaced(expr, at):
         if isinstance(expr, Red):
-            return type(expr)(replaced(expr.body, inside(expr, at)), expr.index)
+            return _kept_whole(expr, replaced(expr.body, inside(expr, at)))
         if expr.is_Mul:
             mine = factors(expr, at)
             key = next((key for key in chosen if not Counter(key) - mine), None)
