@@ -809,12 +809,9 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
     full = set(frame)
     counts: dict = {}
 
-    def inside(red, at):
-        return _bound_to_frame(red, at, frame)
-
     def count(expr, at):
         if isinstance(expr, Red):
-            count(expr.body, inside(expr, at))
+            count(expr.body, _bound_to_frame(expr, at, frame))
             return
         mask, rest = _mask_of(expr)
         if mask is not None:
@@ -840,7 +837,7 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
 
     def replaced(expr, at):
         if isinstance(expr, Red):
-            return _kept_whole(expr, replaced(expr.body, inside(expr, at)))
+            return _kept_whole(expr, replaced(expr.body, _bound_to_frame(expr, at, frame)))
         mask, rest = _mask_of(expr)
         value, negated = _one_sign(mask.xreplace(at)) if mask is not None else (None, False)
         name = names.get(value)
@@ -864,9 +861,6 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
     ``dc`` (summed over ``n``), and a softmax's upstream gradient ``g`` once in ``g*p`` and again
     in ``sum(g*p)``. Sums' indices are matched with the frame's (``_bound_to_frame``)."""
     full = set(frame)
-
-    def inside(red, at):
-        return _bound_to_frame(red, at, frame)
 
     def parts(product, at) -> list:
         """``[(value at the frame's indices, the factors of ``product`` it stands for, their sign
@@ -897,21 +891,21 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
                     break
         return out
 
-    def factors(product, at) -> Counter:
-        """The full-size factors of ``product``, at the frame's indices."""
-        return Counter(v for v, _, _ in parts(product, at))
+    def factors(read: list) -> Counter:
+        """The full-size factors of a product, from its ``parts``."""
+        return Counter(v for v, _, _ in read)
 
     found = []  # (full-size factors, the frame axes summed over where it stands: its context)
 
     def collect(expr, at, summed):
         if isinstance(expr, Red):
-            mapped = inside(expr, at)
+            mapped = _bound_to_frame(expr, at, frame)
             collect(expr.body, mapped, summed | {mapped.get(expr.index)})
             return
         if expr.is_Mul:
-            mine = parts(expr, at)
-            if len(mine) >= 2:
-                found.append((Counter(v for v, _, _ in mine), summed))
+            mine = factors(parts(expr, at))
+            if sum(mine.values()) >= 2:
+                found.append((mine, summed))
         for a in expr.args:
             collect(a, at, summed)
 
@@ -953,13 +947,14 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
 
     def replaced(expr, at):
         if isinstance(expr, Red):
-            return _kept_whole(expr, replaced(expr.body, inside(expr, at)))
+            return _kept_whole(expr, replaced(expr.body, _bound_to_frame(expr, at, frame)))
         if expr.is_Mul:
-            mine = factors(expr, at)
+            read = parts(expr, at)
+            mine = factors(read)
             key = next((key for key in chosen if not Counter(key) - mine), None)
             if key is not None:
                 rest, wanted, sign = list(expr.args), Counter(key), 1
-                for v, s, fs in parts(expr, at):
+                for v, s, fs in read:
                     if wanted[v] > 0:
                         wanted[v] -= 1
                         sign *= s  # the factors as written, against the common product's

@@ -16,7 +16,7 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .backends import CodeOps, number_text
 from .errors import DerivationError
-from .functions import COMPARISON_MASKS, Sigmoid
+from .functions import COMPARISON_MASKS, Equal, NonNeg, Sigmoid, Step
 from .symbolic import (_Bound, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent, reciprocal_root_power,
                        reciprocal_roots)
 
@@ -256,7 +256,7 @@ class KernelPrinter(TorchPrinter):
         # ``sum_c v1[a, c]*(v1[a, b]**2 - 1)*g[c, b]`` is ``(v1**2 - 1)*(v1 @ g)``; an operand of the
         # einsum, it made torch contract ``ac,ab`` into an (n x k x k) tensor first (23x autograd's time)
         outside = [f for f in factors if indices_of(f) and not indices_of(f) & set(summed)
-                   and not f.atoms(Red, AxisSum, AxisMax, AxisSoftmax, AxisLogSumExp, AxisVar, Max, IsArgmax)]
+                   and not f.atoms(*_NOT_ELEMENTWISE)]
         if outside and order is None:
             inner = self._contraction(sp.Mul(*[f for f in factors if f not in outside]), summed)
             if inner is not None:
@@ -273,7 +273,7 @@ class KernelPrinter(TorchPrinter):
                 if tensor is None:
                     return None
                 tensors.append(tensor)
-            elif f.atoms(Red, AxisSum, AxisMax, AxisSoftmax, AxisLogSumExp, AxisVar, Max, IsArgmax) or any(  # a sum, or a temporary
+            elif f.atoms(*_NOT_ELEMENTWISE) or any(  # a sum, or a temporary
                     isinstance(s, sp.Symbol) and s.name in self.shapes for s in _outside_elements(f)):
                 return None
             elif f.atoms(sp.Indexed) or any(isinstance(s, sp.Idx) for s in f.free_symbols):
@@ -626,12 +626,7 @@ class KernelPrinter(TorchPrinter):
         j, own = total.index, s.indices[axis]
         if extent(j) != extent(own) or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
             return None
-        if isinstance(a, sp.Indexed) and a.indices == s.indices and str(a.base) not in self.views:
-            grad = str(a.base)
-        else:  # the upstream gradient computed (``tanh_backward(dv4, v4)``), laid out as the softmax
-            inner = self._inner(Frame(list(s.indices)))
-            inner.full_rank = True
-            grad = inner._print(a)
+        grad = self._laid_out_as(a, s)
         code = f"torch._softmax_backward_data({grad}, {s.base}, {axis}, {grad if grad.isidentifier() else s.base}.dtype)"
         code = self._layout(code, tuple(extent(i) for i in s.indices), [self.frame.slots[i] for i in s.indices])
         return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
@@ -659,12 +654,20 @@ class KernelPrinter(TorchPrinter):
             j, own = total.index, l.indices[axis]
             if extent(j) != extent(own) or total.body != a.xreplace({own: j}):
                 continue
-            inner = self._inner(Frame(list(l.indices)))
-            inner.full_rank = True
-            grad = inner._print(a)
+            grad = self._laid_out_as(a, l)
             code = f"torch._log_softmax_backward_data({grad}, {l.base}, {axis}, {grad if grad.isidentifier() else l.base}.dtype)"
             return self._layout(code, tuple(extent(i) for i in l.indices), [self.frame.slots[i] for i in l.indices])
         return None
+
+    def _laid_out_as(self, a, saved) -> str:
+        """The upstream gradient ``a`` of a one-pass kernel, in the layout of the saved value
+        ``saved`` the kernel reads: its name where it is a tensor read as stored, else computed
+        (``tanh_backward(dv4, v4)``)."""
+        if isinstance(a, sp.Indexed) and a.indices == saved.indices and str(a.base) not in self.views:
+            return str(a.base)
+        inner = self._inner(Frame(list(saved.indices)))
+        inner.full_rank = True
+        return inner._print(a)
 
     def is_softmax_backward(self, expr) -> bool:
         """Whether ``expr`` prints as one call of torch's softmax or log-softmax backward kernel (a
@@ -951,7 +954,6 @@ class KernelPrinter(TorchPrinter):
 
     def condition(self, m: sp.Expr) -> str:
         """A 0/1 mask as the bool condition of ``torch.where`` (``x > 0``, ``y != c``)."""
-        from .functions import Equal, NonNeg, Step
         rel = sp.printing.precedence.PRECEDENCE["Relational"]
         if isinstance(m, (Step, NonNeg, Equal)):
             a, b = _sides(m.args[0])
@@ -978,7 +980,6 @@ class KernelPrinter(TorchPrinter):
     def _print_Wins(self, expr):
         # 1/2 at a tie, else the strict comparison's mask: four passes over memory, where the two
         # masks of ``halves()`` scaled and added are seven
-        from .functions import Equal, Step
         u = expr.args[0]
         return f"torch.where({self.condition(Equal(u))}, 0.5, {self._print(Step(u))})"
 
@@ -1259,6 +1260,10 @@ def _outside_elements(expr: sp.Expr) -> set:
 def _is_scalar_factor(f: sp.Expr, shapes: dict) -> bool:
     """Whether ``f`` is a number, size or constant (no tensor element, index or named tensor)."""
     return not f.atoms(sp.Indexed) and not any(isinstance(s, sp.Idx) or s.name in shapes for s in f.free_symbols)
+
+
+# a sum, a reduction or an argmax inside a factor: never an operand of a contraction
+_NOT_ELEMENTWISE = (Red, AxisSum, AxisMax, AxisSoftmax, AxisLogSumExp, AxisVar, Max, IsArgmax)
 
 
 class _Operand:
