@@ -266,9 +266,12 @@ def _judge(setting: Setting, ours, theirs, exact, bar32: dict | None, verdict: V
     Where the spec's own output is not finite (a loss of ``inf``: a probability that underflowed
     at its label), its gradients are not a reference and only the output is judged."""
     eps = torch.finfo(setting.dtype).eps
-    # a unit in the last place of a value of size ``scale``: never less than the spacing of the
-    # subnormals (2**-149 in float32), where a value too small to hold its digits is rounded
-    spacing = torch.finfo(setting.dtype).smallest_normal * eps
+    # a unit in the last place of a value of size ``scale``: never less than the smallest normal
+    # number (1.2e-38 in float32). Below it a value holds fewer digits the smaller it is, and one
+    # that went through such a value on its way (``exp(-101)*c``) keeps that loss at any scale: an
+    # error there is the format's underflow, whichever order rounds it (the spacing of the
+    # subnormals, 2**-149, failed a kernel 3e-44 off where autograd's happened to land exactly)
+    spacing = torch.finfo(setting.dtype).smallest_normal
 
     def ulps(scale: float) -> float:
         return ULPS * max(eps * scale, spacing)

@@ -107,8 +107,11 @@ def _contracted(binder) -> bool:
 
 
 class Elements:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, kept: frozenset = frozenset()):
         self.graph = graph
+        # nodes kept opaque besides the rule's (``differentiate.replayed_maxima``: what a maximum's
+        # shift sends back is computed as a tensor, as autograd does)
+        self.kept = kept
         self.layer = graph.layer.name
         self.index = {s: index_for(f"i_{s}", s) for s in graph.sizes.values()}  # each dimension's first index
         self.signs: dict[Node, str] = {}
@@ -248,7 +251,7 @@ class Elements:
             self.affine.add(node)
         # (a maximum too, named or not: the backward reads the forward's value, it has no pass
         # that takes a maximum again)
-        if node is self.graph.output or node.op in NORMALIZERS or affine or node.op == "max" or (
+        if node is self.graph.output or node.op in NORMALIZERS or affine or node.op == "max" or node in self.kept or (
                 reductions(value) and (node.named or node.op in CONTRACTIONS or contracted)):
             self.known[node] = len(self.rules)
             value = self.recognize(value)

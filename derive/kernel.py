@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .differentiate import Gradients, differentiate
+from .differentiate import Gradients, differentiate, replayed_maxima
 from .elements import CONTRACTIONS, Elements
 from .errors import DerivationError
 from .forward import size_names, size_scalars
@@ -100,6 +100,7 @@ class Kernel:
     adjoints: list = field(default_factory=list)  # Formula per materialized adjoint, in the order computed
     forbidden: dict = field(default_factory=dict)  # input -> refold rewrites its gradient may not take
     as_written: frozenset = frozenset()  # inputs whose gradient is printed as its formula reads
+    replayed: frozenset = frozenset()  # maxima whose adjoints are kept (``differentiate.replayed_maxima``)
 
     @property
     def name(self) -> str:
@@ -246,13 +247,22 @@ def build_cached(layer: Layer) -> Kernel:
     return _BUILT.get(layer, lambda layer: build(layer))
 
 
-def derived(layer: Layer) -> tuple[Graph, Elements, Gradients]:
-    """The traced graph, its normal form and the normal-form gradients, once per layer object."""
+def derived(layer: Layer, replayed: frozenset = frozenset()) -> tuple[Graph, Elements, Gradients]:
+    """The traced graph, its normal form and the normal-form gradients, once per layer object
+    (and set of ``replayed`` maxima: ``differentiate.replayed_maxima``)."""
     def derive(layer):
         graph = trace(layer)
         el = Elements(graph)
         return graph, el, differentiate(el)
-    return _DERIVED.get(layer, derive)
+    graph, el, grads = _DERIVED.get(layer, derive)
+    if not replayed:
+        return graph, el, grads
+
+    def again():
+        maxima = [n for n in graph.nodes if n.name in replayed]
+        kept = Elements(graph, replayed_maxima(graph, maxima))
+        return graph, kept, differentiate(kept, frozenset(maxima))
+    return kept_on(el, "_replayed", replayed, again)
 
 
 def _refolded(el, expr: sp.Expr, forbidden: frozenset) -> tuple:
@@ -267,13 +277,15 @@ def _refolded(el, expr: sp.Expr, forbidden: frozenset) -> tuple:
     return kept_on(el, "_refolded", (expr, forbidden), compute)
 
 
-def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_written: frozenset = frozenset()) -> Kernel:
+def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_written: frozenset = frozenset(),
+          replayed: frozenset = frozenset()) -> Kernel:
     """The fused kernel of ``layer``. ``forbidden`` maps an input to the refold rewrites its
     gradient may not take (``(node, variable)`` names, see ``select``): a less folded form.
     The gradients of the inputs in ``as_written`` are printed as their formulas read, without
-    the in-place forms of ``backward_plan`` (which order some operations differently)."""
+    the in-place forms of ``backward_plan`` (which order some operations differently). The maxima
+    named in ``replayed`` keep their adjoints (``differentiate.replayed_maxima``)."""
     start = time.perf_counter()
-    graph, el, grads = derived(layer)
+    graph, el, grads = derived(layer, replayed)
     order = list(layer.inputs)
     formulas, adjoints = [], []
     for node, expr in grads.materialized:
@@ -320,7 +332,8 @@ def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_writte
         raise located(e, graph) from None
     return Kernel(layer, graph, el, grads, formulas, shared, forward, with_graph, saved,
                   [dim_text[d] for d in layer.dims], sources, checks, constants,
-                  time.perf_counter() - start, frame, adjoints, dict(forbidden or {}), frozenset(as_written))
+                  time.perf_counter() - start, frame, adjoints, dict(forbidden or {}), frozenset(as_written),
+                  frozenset(replayed))
 
 
 def located(error: DerivationError, graph) -> DerivationError:

@@ -374,6 +374,27 @@ def _rational_zero(expr: sp.Expr) -> bool:
         return sp.cancel(sp.together(expr)) == 0
 
 
+def _groups_zero(expr: sp.Expr) -> bool:
+    """Whether ``expr`` is zero because each group of its terms that shares no symbols with the
+    others (but those every term reads: the upstream gradient) is: a sufficient test, one row at a
+    time. A gradient summed over the rows (``dw`` of a per-feature parameter) is a sum of one
+    term per row, each with its own row's sums in its denominators; as one rational function it
+    has their product in its common denominator (minutes at 4 rows)."""
+    terms = [t for a in sp.Add.make_args(expr) for t in sp.Add.make_args(sp.expand(a, deep=False))]
+    if len(terms) < 2:
+        return False
+    symbols = [t.free_symbols for t in terms]
+    shared = set.intersection(*symbols)
+    groups: list[tuple[set, list]] = []
+    for term, own in zip(terms, symbols):
+        own = own - shared
+        # (the terms that read only the shared symbols are one group: they belong to no row)
+        joined = [g for g in groups if g[0] & own or not (g[0] or own)]
+        merged = (own.union(*[g[0] for g in joined]), [t for g in joined for t in g[1]] + [term])
+        groups = [g for g in groups if not any(g is j for j in joined)] + [merged]
+    return len(groups) > 1 and all(_rational_zero(sp.Add(*terms)) for _, terms in groups)
+
+
 def _inverses(expr: sp.Expr) -> sp.Expr:
     """``expr`` with each function applied to its inverse replaced by the argument: ``atanh(tanh(u)) = u``,
     ``log(exp(u)) = u``, true for the real ``u`` every value of a layer is (SymPy cannot tell that
@@ -416,8 +437,20 @@ def _same(difference: sp.Expr) -> bool:
         return True
     # Sufficient and cheap: zero as a rational function of the inputs and of independent symbols
     # standing for the roots and transcendental functions (a zero there is zero for any value of them).
-    rational = difference.xreplace(_generators(difference))
-    if _rational_zero(rational):
+    generators = _generators(difference)
+    rational = difference.xreplace(generators)
+    # a maximum's derivatives (the one-hots of the argmax) are symbols of their own: the difference
+    # is zero when it is at 0 and so is its derivative in each. Each of those reads the rows of one
+    # maximum, where the whole would bring every row's sum into one common denominator (a softmax
+    # written with its shift whose zero adjoint is replayed: ``differentiate.replayed_maxima``)
+    # (a Subs holds a Derivative: only the outer one is replaced)
+    onehots = [u for a, u in generators.items()
+               if isinstance(a, (sp.Derivative, sp.Subs)) and u in rational.free_symbols]
+    if len(onehots) > 1:
+        split = [rational.xreplace({u: 0 for u in onehots})] + [sp.diff(rational, u) for u in onehots]
+        if all(_groups_zero(part) or _rational_zero(part) for part in split):
+            return True
+    elif _rational_zero(rational):
         return True
     quick = sp.cancel(sp.together(difference))
     if quick == 0:

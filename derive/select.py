@@ -166,6 +166,7 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
         draws = battery.settings(layer, battery.battery_sizes(layer))
     forbidden: dict[str, frozenset] = {}
     as_written: frozenset = frozenset()
+    replayed: frozenset = frozenset()  # maxima whose zero adjoints are kept
     fault = ""
     undone: list[str] = []
     attempt = 0  # rewrites undone so far (trying a gradient as its formula reads is not counted)
@@ -175,13 +176,22 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
             return Choice(layer, kernel, verdict, undone=undone)
         formulas = {f"d{f.input}": f for f in kernel.formulas}
         failing = list(dict.fromkeys(f.value for f in verdict.findings))
+        # a maximum's adjoint dropped as zero is computed as autograd does (``replayed_maxima``)
+        vanished = frozenset(n.name for n in kernel.gradients.vanished)
+        if vanished and not replayed:
+            replayed = vanished
+            undone += [f"{name}: its zero adjoint replayed" for name in sorted(vanished)]
+            kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
+            if fault:
+                break
+            continue
         # a gradient printed in place (``backward_plan``) is first printed as its formula reads
         fast = [v for v in failing if v in formulas and (formulas[v].fast or formulas[v].chain)
                 and formulas[v].input not in as_written]
         if fast:
             as_written |= {formulas[v].input for v in fast}
             undone += [f"{v}: in-place form" for v in fast]
-            kernel, fault = _rebuilt(layer, forbidden, as_written)
+            kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
             if fault:
                 break
             continue
@@ -201,7 +211,7 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
                                                                                       last.variable.name)}
             undone.append(f"{value}: {last.node.name} for {last.variable.name}")
         attempt += 1
-        kernel, fault = _rebuilt(layer, forbidden, as_written)
+        kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
         if fault:
             break
     finding = verdict.findings[0]
@@ -214,12 +224,12 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
     return Choice(layer, None, verdict, reason=reason, steps_verdict=_steps_verdict(layer, draws, reason))
 
 
-def _rebuilt(layer: Layer, forbidden: dict, as_written: frozenset) -> tuple[Kernel | None, str]:
+def _rebuilt(layer: Layer, forbidden: dict, as_written: frozenset, replayed: frozenset) -> tuple[Kernel | None, str]:
     """The kernel built again with fewer rewrites, or why it cannot be: a less folded form may hold
     what the printer refuses (an entry read at a computed position) or trip a fault of the engine's;
     the layer then gets its step-by-step kernel, as when no form passes, and the report says why."""
     try:
-        return build(layer, forbidden, as_written), ""
+        return build(layer, forbidden, as_written, replayed), ""
     except DeriveError as e:
         return None, _one_line(e)
     except Exception as e:

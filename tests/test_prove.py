@@ -173,3 +173,19 @@ def test_the_size_limit_counts_operations_only_past_the_limit(products):
         assert proving._operations_past_limit(expr) == 0
     finally:
         proving.PROOF_MAX_OPS = limit
+
+
+def test_a_sum_of_rows_is_zero_when_each_row_is():
+    """``_groups_zero`` splits a difference into groups of terms that share no symbol but the ones
+    every term reads, and holds each to zero: sufficient, never a proof of a nonzero sum."""
+    import sympy as sp
+
+    from derive.prove import _groups_zero
+
+    g = sp.Symbol("g")
+    (a0, b0), (a1, b1), (a2, b2) = (sp.symbols(f"a{k} b{k}", positive=True) for k in range(3))
+    assert _groups_zero(sum(g * (a * b / (a + b) + b ** 2 / (a + b) - b) for a, b in ((a0, b0), (a1, b1), (a2, b2))))
+    assert not _groups_zero(g * a0 / (a0 + b0) - g * a1 / (a1 + b1))  # not zero
+    # zero as a whole, though neither row is (each is g): the test is only sufficient
+    whole = g * (a0 / (a0 + b0) + b0 / (a0 + b0)) - g * (a1 / (a1 + b1) + b1 / (a1 + b1))
+    assert sp.cancel(sp.together(whole)) == 0 and not _groups_zero(whole)
