@@ -164,6 +164,9 @@ def replayed_maxima(graph, maxima: list[Node]) -> frozenset:
     the same sum (``select`` tries this form when the closed one fails the numerical battery)."""
     readers = set()
     for m in maxima:
+        # and a computed argument: its adjoint, with the row total at the argmax, is one tensor
+        # that every gradient reads (``x*w``'s for ``dx`` and ``dw``), not a formula in each
+        readers |= {a for a in m.inputs if a.op not in ("input", "labels")}
         todo = list(graph.consumers(m))
         while todo:
             node = todo.pop()
