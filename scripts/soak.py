@@ -61,6 +61,10 @@ def time_layer(spec, folder: Path, sizes: dict, repeat: int, min_ms: float, cloc
     module = load_module(folder / spec.name / f"{layer.name}.py")
     kind = "fused" if hasattr(module, "_backward") else "step-by-step"
     kernel = getattr(module, layer.name)
+    # a spec's own dimension names (``d`` of a user's layer) take the size at their position
+    # (``n``, ``k``, ``m``), as the fuzzer's do by name
+    named = list(sizes.values())
+    sizes = {**{d: named[min(k, len(named) - 1)] for k, d in enumerate(layer.dims)}, **sizes}
     inputs = bench_sweep.inputs_for(layer, sizes)
     steps = [bench_sweep.bench.training_step(bench_sweep.forward_of(f, layer), inputs) for f in (kernel, layer.fn)]
     number = []
@@ -124,12 +128,25 @@ def again(paths: list[Path], save: Path, timing: dict | None = None) -> Counter:
     folder = Path(scratch.name)
     for path in paths:
         source = path.read_text()
-        spec = FuzzSpec(path.stem, source, f"{path.stem}.fused = False" not in source, {"n": 5, "k": 6})
+        spec = FuzzSpec(path.stem, source, f"{path.stem}.fused = False" not in source, _check_sizes(path))
         _one(spec, folder, save, tally, reasons, timing)
     print(f"soak of {len(paths)} saved layers: " + ", ".join(f"{tally[s]} {s}" for s in STATUSES))
     for reason, count in reasons.most_common():
         print(f"  {count} refused: {reason}")
     return tally
+
+
+def _check_sizes(path: Path) -> dict:
+    """The sizes a saved spec is checked at: the fuzzer's (``n`` 5, ``k`` 6), and a spec's own
+    dimension names (``d`` of a user's layer) the size at their position. A spec that does not
+    load gets the fuzzer's, and the check says what is wrong with it."""
+    from derive.layers import from_file
+
+    try:
+        (layer,) = from_file(str(path))
+    except Exception:
+        return {"n": 5, "k": 6}
+    return {d: (5, 6, 7)[min(k, 2)] for k, d in enumerate(layer.dims)}
 
 
 def _one(spec, folder: Path, save: Path, tally: Counter, reasons: Counter, timing: dict | None) -> None:

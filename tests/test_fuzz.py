@@ -431,6 +431,27 @@ def test_the_soak_script_runs_saved_specs_again(tmp_path, monkeypatch, capsys):
     assert "--spec: no such file" in capsys.readouterr().err
 
 
+def test_a_saved_spec_with_its_own_dimension_names_is_checked_and_timed(tmp_path, capsys):
+    """A user's spec saved for ``--spec`` names its dimensions as it likes (``d``, not the fuzzer's
+    ``k``): each takes the size at its position, for the check and for the timing (both raised
+    ``KeyError: 'd'``)."""
+    soak = _soak_script("derive_soak_dims")
+    path = tmp_path / "own_dims.py"
+    path.write_text('''import torch
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "d"), w=Tensor("d"))
+def own_dims(x, w):
+    return torch.tanh(x * w).sum()
+''')
+    assert soak._check_sizes(path) == {"n": 5, "d": 6}
+    status = soak.main(["--spec", str(path), "--save", str(tmp_path / "saved"), "--time", "--time-size", "64x16",
+                        "--time-repeat", "1", "--time-min-ms", "1"])
+    out = capsys.readouterr().out
+    assert status == 0 and "1 passed" in out and "1 layers: median" in out, out
+
+
 def test_the_timing_report_keeps_every_layer_above_the_bar(tmp_path, capsys):
     """The timing report lists the slowest layers, of all and of those where autograd does work
     enough, and saves the spec of every layer above 1.1 (it kept the ten slowest only, so the
