@@ -385,14 +385,17 @@ def _groups_zero(expr: sp.Expr) -> bool:
         return False
     symbols = [t.free_symbols for t in terms]
     shared = set.intersection(*symbols)
-    groups: list[tuple[set, list]] = []
+    groups: list[tuple[set, list]] = []  # (the symbols of its own the group reads, its terms)
     for term, own in zip(terms, symbols):
-        own = own - shared
-        # (the terms that read only the shared symbols are one group: they belong to no row)
-        joined = [g for g in groups if g[0] & own or not (g[0] or own)]
-        merged = (own.union(*[g[0] for g in joined]), [t for g in joined for t in g[1]] + [term])
-        groups = [g for g in groups if not any(g is j for j in joined)] + [merged]
-    return len(groups) > 1 and all(_rational_zero(sp.Add(*terms)) for _, terms in groups)
+        own, members, apart = own - shared, [term], []
+        for read, grouped in groups:
+            # (the terms that read only the shared symbols are one group: they belong to no row)
+            if read & own or not (read or own):
+                own, members = own | read, grouped + members
+            else:
+                apart.append((read, grouped))
+        groups = apart + [(own, members)]
+    return len(groups) > 1 and all(_rational_zero(sp.Add(*members)) for _, members in groups)
 
 
 def _inverses(expr: sp.Expr) -> sp.Expr:

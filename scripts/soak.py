@@ -61,11 +61,7 @@ def time_layer(spec, folder: Path, sizes: dict, repeat: int, min_ms: float, cloc
     module = load_module(folder / spec.name / f"{layer.name}.py")
     kind = "fused" if hasattr(module, "_backward") else "step-by-step"
     kernel = getattr(module, layer.name)
-    # a spec's own dimension names (``d`` of a user's layer) take the size at their position
-    # (``n``, ``k``, ``m``), as the fuzzer's do by name
-    named = list(sizes.values())
-    sizes = {**{d: named[min(k, len(named) - 1)] for k, d in enumerate(layer.dims)}, **sizes}
-    inputs = bench_sweep.inputs_for(layer, sizes)
+    inputs = bench_sweep.inputs_for(layer, at_positions(layer, sizes))
     steps = [bench_sweep.bench.training_step(bench_sweep.forward_of(f, layer), inputs) for f in (kernel, layer.fn)]
     number = []
     for step in steps:  # warm up, and calls per sample
@@ -136,17 +132,25 @@ def again(paths: list[Path], save: Path, timing: dict | None = None) -> Counter:
     return tally
 
 
+def at_positions(layer, sizes: dict) -> dict:
+    """``sizes`` (the fuzzer's names: ``n``, ``k``, ``m``), and each of the layer's own dimension
+    names (``d`` of a user's layer) the size at its position."""
+    named = list(sizes.values())
+    return {**{d: named[min(k, len(named) - 1)] for k, d in enumerate(layer.dims)}, **sizes}
+
+
 def _check_sizes(path: Path) -> dict:
-    """The sizes a saved spec is checked at: the fuzzer's (``n`` 5, ``k`` 6), and a spec's own
-    dimension names (``d`` of a user's layer) the size at their position. A spec that does not
-    load gets the fuzzer's, and the check says what is wrong with it."""
+    """The sizes a saved spec is checked at: the fuzzer's (``n`` 5, ``k`` 6, ``m`` 7), by name or
+    by position (``at_positions``). A spec that does not load gets the fuzzer's, and the check
+    says what is wrong with it."""
     from derive.layers import from_file
 
+    sizes = {"n": 5, "k": 6, "m": 7}
     try:
         (layer,) = from_file(str(path))
     except Exception:
-        return {"n": 5, "k": 6}
-    return {d: (5, 6, 7)[min(k, 2)] for k, d in enumerate(layer.dims)}
+        return sizes
+    return {d: size for d, size in at_positions(layer, sizes).items() if d in layer.dims}
 
 
 def _one(spec, folder: Path, save: Path, tally: Counter, reasons: Counter, timing: dict | None) -> None:
