@@ -562,7 +562,7 @@ def chain_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict, t
     above), or None when ``expr`` is not full-size or is one product of two tensors anyway.
     ``numbers``: the temporaries in ``shapes`` that hold a Python number, not a tensor."""
     planner = _Planner(grad, printer, shapes, taken, set(numbers))
-    if not planner.full(expr) or planner.leaf(expr) or printer.is_softmax_backward(expr):
+    if not planner.full(expr) or planner.leaf(expr) or printer.is_one_call(expr):
         return None
     if any(m.is_Mul and printer.bounded_ratios(m)[2] for m in sp.preorder_traversal(expr)):
         return None  # a factor divided before it is multiplied in (``KernelPrinter.bounded_ratios``): as printed

@@ -17,8 +17,8 @@ from sympy.printing.pytorch import TorchPrinter
 from .backends import CodeOps, number_text
 from .errors import DerivationError
 from .functions import COMPARISON_MASKS, Equal, NonNeg, Sigmoid, Step
-from .symbolic import (_Bound, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent, reciprocal_root_power,
-                       reciprocal_roots)
+from .symbolic import (_Bound, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent,
+                       free_indices, reciprocal_root_power, reciprocal_roots)
 
 
 def _is_indicator(expr: sp.Expr) -> bool:
@@ -669,10 +669,11 @@ class KernelPrinter(TorchPrinter):
         inner.full_rank = True
         return inner._print(a)
 
-    def is_softmax_backward(self, expr) -> bool:
-        """Whether ``expr`` prints as one call of torch's softmax or log-softmax backward kernel (a
-        pass over memory that no chain of in-place updates beats)."""
-        return self._softmax_backward(expr) is not None or self._log_softmax_backward(expr) is not None
+    def is_one_call(self, expr) -> bool:
+        """Whether ``expr`` prints as one call over memory that no chain of in-place updates beats:
+        torch's softmax or log-softmax backward kernel, or a ``scatter_add`` at an argmax."""
+        return any(special(expr) is not None
+                   for special in (self._softmax_backward, self._log_softmax_backward, self._added_at_argmax))
 
     def _tanh_backward(self, expr) -> str | None:
         """``g*(1 - y**2)`` with ``y`` a saved tanh and ``g`` a tensor: the chain rule through the
@@ -899,10 +900,37 @@ class KernelPrinter(TorchPrinter):
 
     def _print_Add(self, expr, order=None):
         """Positive terms first, so a difference reads ``probs - onehot``."""
-        log_softmax = self._log_softmax_backward(expr)
-        if log_softmax is not None:
-            return log_softmax
+        for special in (self._log_softmax_backward, self._added_at_argmax):
+            code = special(expr)
+            if code is not None:
+                return code
         return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign()))
+
+    def _added_at_argmax(self, expr) -> str | None:
+        """``a + onehot(argmax)*b`` with ``b`` one value per row of the maximum (nothing along its
+        axis) and ``a`` full-size: ``b`` added into ``a`` at the argmax (``scatter_add``), one pass
+        where the one-hot built, scaled and added is four (the replayed maximum's row total,
+        ``differentiate.replayed_maxima``). None for anything else."""
+        if not isinstance(expr, sp.Add):
+            return None
+        for term in expr.args:
+            marks = [f for f in sp.Mul.make_args(term) if isinstance(f, IsArgmax)]
+            if len(marks) != 1 or type(marks[0]) is not IsArgmax or not isinstance(marks[0].args[1], Max):
+                continue
+            (mark,), rest = marks, expr - term
+            j, m = mark.args
+            b = term / mark
+            row = free_indices(m.body) - {m.index}
+            if j not in self.frame.slots or b.atoms(IsArgmax) or free_indices(b) != row \
+                    or not row | {j} <= free_indices(rest) or not self._is_tensor(rest):
+                continue
+            body, axis = self._argmax_of(m)
+            if axis != self.frame.slots[j]:
+                continue
+            into = self._print(rest)
+            into = into if into.isidentifier() else f"({into})"
+            return f"{into}.scatter_add({axis}, {body}.argmax({axis}, keepdim=True), {self._print(b)})"
+        return None
 
     def _add_terms(self, terms: list) -> str:
         """``terms`` added left to right, in this order (Python's, and so torch's, order)."""
@@ -1012,12 +1040,7 @@ class KernelPrinter(TorchPrinter):
         if not isinstance(m, Max) or j not in self.frame.slots:
             raise DerivationError("", "the gradient flows through max() at a position the fused printer "
                                   "cannot lay out", "mark the layer fused = False for the step-by-step backward")
-        frame, axis = self.frame.with_bound(m.index, m.body)
-        inner = self._inner(frame)
-        inner.full_rank = self._lower_rank(m.body)
-        body = inner._print(m.body)
-        if not body.isidentifier():
-            body = f"({body})"
+        body, axis = self._argmax_of(m)
         if isinstance(expr, IsTiedMax):  # amax: an equal share to each position that ties
             ties = f"({body} == {body}.amax({axis}, keepdim=True))"
             return f"{ties}.to({body}.dtype)/{ties}.sum({axis}, keepdim=True)"
@@ -1025,6 +1048,14 @@ class KernelPrinter(TorchPrinter):
 
     # SymPy's dispatch does not pass a renamed subclass to its parent's method
     _print_TiedMax, _print_IsTiedMax = _print_Max, _print_IsArgmax
+
+    def _argmax_of(self, m: Max) -> tuple[str, int]:
+        """What the maximum ``m`` maximises, printed (an operand), and the axis it is taken along."""
+        frame, axis = self.frame.with_bound(m.index, m.body)
+        inner = self._inner(frame)
+        inner.full_rank = self._lower_rank(m.body)
+        body = inner._print(m.body)
+        return (body if body.isidentifier() else f"({body})"), axis
 
 
 class ForwardPrinter(KernelPrinter):

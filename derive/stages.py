@@ -31,7 +31,7 @@ import sympy as sp
 from .forward_plan import plan as forward_statements
 from .plan import NotLowered, Plan, Program, TensorArg, loop_program, written_out
 from .spec import Labels
-from .symbolic import AxisMax, AxisSum, Max, Red, extent, reindex
+from .symbolic import AxisMax, AxisSum, Max, Red, extent, free_indices, reindex
 
 
 @dataclass
@@ -195,7 +195,7 @@ class _Stager:
 
     def dims_of(self, expr: sp.Expr) -> tuple:
         """The dims ``expr`` varies on, in the layer's order."""
-        return tuple(sorted({self.dim(i) for i in _indices(expr)}, key=self.dims.index))
+        return tuple(sorted({self.dim(i) for i in free_indices(expr)}, key=self.dims.index))
 
     def dims_of_shape(self, shape: tuple) -> tuple:
         return tuple(self.dim_of[s] for s in shape if s != 1 and s in self.dim_of)
@@ -226,7 +226,7 @@ class _Stager:
         of a weight ``(h, h)``)."""
         if set(self.dims_of(expr)) != set(dims):
             raise NotLowered(f"{name} varies on ({', '.join(self.dims_of(expr))}), stored on ({', '.join(dims)})")
-        free = _indices(expr)
+        free = free_indices(expr)
         square = len(set(dims)) < len(dims)
         if square and (own is None or set(own) != free):
             raise NotLowered(f"{name} has two axes of one size ({', '.join(dims)}) read as it is not stored")
@@ -250,8 +250,8 @@ class _Stager:
         a = red.index
         inner, outside = [], []
         for f in sp.Mul.make_args(red.body):
-            (inner if a in _indices(f) else outside).append(f)
-        axes = [frozenset(_indices(f) - {a}) for f in inner]
+            (inner if a in free_indices(f) else outside).append(f)
+        axes = [frozenset(free_indices(f) - {a}) for f in inner]
         distinct = set(axes) - {frozenset()}
         if all(x <= y or y <= x for x in distinct for y in distinct):
             return None
@@ -319,7 +319,7 @@ class _Stager:
         """The product of ``left`` (on ``i``, ``a``) and ``right`` (on ``a``, ``j``), stored ``dims``. ``at``:
         the indices ``i``, ``j`` as the factors read them (a sum's own index inside an enclosing sum)."""
         i, j = at or (self.index[dims[0]], self.index[dims[1]])
-        a = next(iter(_indices(left) & _indices(right)), None)
+        a = next(iter(free_indices(left) & free_indices(right)), None)
         if a is None:
             raise NotLowered("a product of factors that share no summed axis")
         (lname, lt), (rname, rt) = self.operand(left, i, a), self.operand(right, a, j)
@@ -418,10 +418,6 @@ def contexts(plan: Plan, kernel, program_context, staged_context) -> tuple[list[
 def _own(indices: tuple) -> tuple:
     """An element's own indices but those of kept axes (0)."""
     return tuple(i for i in indices if i != 0)
-
-
-def _indices(expr: sp.Expr) -> set:
-    return {s for s in expr.free_symbols if isinstance(s, sp.Idx)}
 
 
 __all__ = ["lower", "has_products", "Staged", "Product", "Spelling", "contexts", "driver_context"]

@@ -76,6 +76,11 @@ def extent(index: sp.Idx) -> sp.Expr:
     return index.upper + 1
 
 
+def free_indices(expr: sp.Expr) -> set:
+    """The indices ``expr`` is a function of (those its sums bind are not free)."""
+    return {s for s in expr.free_symbols if isinstance(s, sp.Idx)}
+
+
 def index_for(name: str, size: sp.Expr) -> sp.Idx:
     """An index called ``name`` running over ``0..size-1``."""
     return sp.Idx(name, size)
