@@ -30,7 +30,7 @@ from .files import comparable, content_hash, ownership, plan, remove_temporaries
 from .kernel import Kernel, build_cached
 from .parallel import cores, fork_map
 from .prove import Proof, default_sizes, prove
-from .select import STEPS_FAIL, Choice, chosen
+from .select import CHANGED, STEPS_FAIL, Choice, chosen
 from .spec import Layer, sizes_text
 from .trace import Graph, trace
 from .verify import against_autograd, load_module, steps_table
@@ -188,7 +188,7 @@ class Report:
         if skipped is not None:
             notes.append(f"{self.layer}: not proven at {_size_text(skipped)}: the element-wise derivative "
                          f"{skipped.skipped}; the generated code matches autograd (float64 maxdiff {self.maxdiff:.1e})")
-        if not self.unchanged and (not self.fused or "undoing" in self.form) and self.form:
+        if not self.unchanged and (not self.fused or CHANGED in self.form) and self.form:
             notes.append(f"{self.layer}: {self.form}")
         for backend, verdict in self.native.items():
             notes.append(f"{self.layer}: {backend}: {verdict}" if backend == DOCUMENTS

@@ -46,8 +46,10 @@ class Choice:
     layer: Layer
     kernel: Kernel | None  # the fused kernel chosen; None: the step-by-step backward is the kernel
     verdict: battery.Verdict | None = None
-    reason: str = ""  # why the step-by-step backward, or which rewrites were undone
-    undone: list[str] = field(default_factory=list)  # "dx: bnraw for x", one per rewrite undone
+    reason: str = ""  # why the step-by-step backward
+    # how the form written differs from the most folded one, in the order tried: "dx: bnraw for x
+    # undone", "dx: in-place form undone", "m: its zero adjoint replayed"
+    changes: list[str] = field(default_factory=list)
     steps_verdict: battery.Verdict | None = None  # the step-by-step kernel's, where it is the kernel
 
     @property
@@ -61,13 +63,15 @@ class Choice:
                 return f"step-by-step kernel: {self.reason}; {STEPS_FAIL} too: {self.steps_verdict.findings[0]}"
             return f"step-by-step kernel: {self.reason}"
         checked = f"battery passed ({len(self.verdict.settings)} draws)" if self.verdict else "battery not run"
-        if self.undone:
-            return f"fused, {checked} after undoing {len(self.undone)} rewrite(s) ({'; '.join(self.undone)})"
+        if self.changes:
+            return f"fused, {checked} after {len(self.changes)} {CHANGED} ({'; '.join(self.changes)})"
         return f"fused, {checked}"
 
 
-# the report's words where the step-by-step kernel fails the battery as well (``generate`` reads them)
+# the report's words where the step-by-step kernel fails the battery as well, and where the fused form
+# is not the most folded one (``generate`` reads them)
 STEPS_FAIL = "the step-by-step kernel fails the battery"
+CHANGED = "change(s) of form"
 
 
 def _steps_verdict(layer: Layer, draws: list | None, reason: str) -> battery.Verdict:
@@ -168,19 +172,19 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
     as_written: frozenset = frozenset()
     replayed: frozenset = frozenset()  # maxima whose zero adjoints are kept
     fault = ""
-    undone: list[str] = []
+    changes: list[str] = []
     attempt = 0  # rewrites undone so far (trying a gradient as its formula reads is not counted)
     while True:
         verdict = check(kernel, draws)
         if verdict.passed:
-            return Choice(layer, kernel, verdict, undone=undone)
+            return Choice(layer, kernel, verdict, changes=changes)
         formulas = {f"d{f.input}": f for f in kernel.formulas}
         failing = list(dict.fromkeys(f.value for f in verdict.findings))
         # a maximum's adjoint dropped as zero is computed as autograd does (``replayed_maxima``)
         vanished = frozenset(n.name for n in kernel.gradients.vanished)
         if vanished and not replayed:
             replayed = vanished
-            undone += [f"{name}: its zero adjoint replayed" for name in sorted(vanished)]
+            changes += [f"{name}: its zero adjoint replayed" for name in sorted(vanished)]
             kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
             if fault:
                 break
@@ -190,7 +194,7 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
                 and formulas[v].input not in as_written]
         if fast:
             as_written |= {formulas[v].input for v in fast}
-            undone += [f"{v}: in-place form" for v in fast]
+            changes += [f"{v}: in-place form undone" for v in fast]
             kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
             if fault:
                 break
@@ -200,16 +204,16 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
         for value in failing:
             formula = formulas[value]
             if formula.input in as_written:  # it failed as written too: its in-place form was not the cause
-                undone.remove(f"{value}: in-place form")
+                changes.remove(f"{value}: in-place form undone")
             as_written -= {formula.input}  # the less folded formula is tried in place first again
             if attempt == MAX_ATTEMPTS - 1:  # the last try: the gradient as differentiated, no rewrite at all
                 forbidden[formula.input] = frozenset({EVERY_REWRITE})
-                undone.append(f"{value}: every rewrite")
+                changes.append(f"{value}: every rewrite undone")
                 continue
             last = formula.rewrites[-1]
             forbidden[formula.input] = forbidden.get(formula.input, frozenset()) | {(last.node.name,
                                                                                       last.variable.name)}
-            undone.append(f"{value}: {last.node.name} for {last.variable.name}")
+            changes.append(f"{value}: {last.node.name} for {last.variable.name} undone")
         attempt += 1
         kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
         if fault:

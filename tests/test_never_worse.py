@@ -82,7 +82,7 @@ def test_a_sum_of_differences_stays_one_sum(tmp_path):
     sums the normal form splits it into), and tanh is saved by the forward, not computed again."""
     layer = LAYERS["scaled_tanh"]
     choice = chosen(layer)
-    assert choice.fused and not choice.undone
+    assert choice.fused and not choice.changes
     ds = next(f for f in choice.kernel.formulas if f.input == "s")
     assert ds.code.count(".sum(") == 1, ds.code
     source = render(layer)["scaled_tanh.py"]
@@ -117,7 +117,7 @@ def test_a_chain_factor_shared_by_two_terms_stays_a_factor():
     tanh saturates (25x autograd's float32 error at inputs scaled by 10): the fused form must keep
     the factor whole and pass the battery without undoing a rewrite."""
     choice = chosen(LAYERS["tanh_gate_with_row_sum"])
-    assert choice.fused and not choice.undone, choice.reason
+    assert choice.fused and not choice.changes, choice.reason
     formulas = {f.input: f.code for f in choice.kernel.formulas}
     assert "x.T @ dout" not in formulas["a"] and formulas["a"].count("h**2") <= 1, formulas["a"]
     assert formulas["x"].count("(h.view(n, d, 1)") <= 2, formulas["x"]
@@ -271,7 +271,7 @@ def test_generate_reports_the_form_and_the_battery(tmp_path, capsys):
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line and not line.startswith(("note", "done"))}
     assert set(rows) == {"softplus_formula", "scaled_tanh"}
     assert " fused " in rows["scaled_tanh"] and "passed" in rows["scaled_tanh"]
-    assert "note: softplus_formula: fused, battery passed" in out and "after undoing" in out
+    assert "note: softplus_formula: fused, battery passed" in out and "after 1 change(s) of form" in out
 
 
 def test_a_layer_with_no_passing_fused_form_gets_the_step_by_step_kernel(tmp_path, capsys):
@@ -560,7 +560,7 @@ def test_a_maximum_is_never_rebuilt(tmp_path):
     for node, expr in grads.grads.items():
         refold(el, expr, log)
     assert log and all(step.variable.op != "max" for step in log), [(s.node.name, s.variable.name) for s in log]
-    assert chosen(found).undone == []
+    assert chosen(found).changes == []
 
 
 SQUARED_DIFFERENCE = '''import torch
