@@ -207,6 +207,10 @@ class _Chain:
         self.frozen = False
         return self
 
+    def operations(self) -> int:
+        """The calls it makes: the allocating one, then one per update."""
+        return 1 + len(self.updates)
+
     def text(self) -> str:
         head = self.head if not self.updates or _atomic(self.head) else f"({self.head})"
         return head + "".join(self.updates)
@@ -283,6 +287,13 @@ class _Planner:
         self.shapes[name] = tuple(self.frame)
         self.lines.append(f"{name} = {chain.text()}")
         return name
+
+    def _calls(self, e) -> int:
+        """The calls ``chain(e)`` makes, its operand buffers counted one each (tried, then taken back)."""
+        before = list(self.lines), set(self.taken), dict(self.shapes), list(self.notes)
+        calls = self.chain(e).operations() + len(self.lines) - len(before[0])
+        self.lines, self.taken, self.shapes, self.notes = before
+        return calls
 
     def passes(self, e) -> int:
         """The full-size operations ``e`` makes printed as written (Python evaluating it left to right)."""
@@ -482,6 +493,10 @@ class _Planner:
             method, _, arguments = chain.updates[0][1:].partition("_(")
             return _Chain(f"torch.{method}({self.text(t)}, {arguments}")
         if u.could_extract_minus_sign():
+            # ``t - v``, unless ``u`` as it is takes fewer calls: a tanh kernel's sign cancels the
+            # minus (``tanh_backward(g, y).add_(t)``, where ``t - v`` negates a full-size buffer first)
+            if self._calls(u) < self._calls(-u):
+                return self.chain(u).then("add", self.text(t))
             return _Chain(f"torch.sub({self.text(t)}, {self.buffer(-u)})")
         return self.chain(u).then("add", self.text(t))  # t + u is u + t, exactly
 

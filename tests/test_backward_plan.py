@@ -37,6 +37,7 @@ FORMULAS = {
     "difference then product": (b - (b * a) * g) * a,
     "nested sums": (1 - (a - 1) * g * c) * b * a,
     "outer product term": a * r + 2 * r * g,
+    "tensor minus a tanh' with its sign": c - b * (a**2 - 1),
 }
 
 
@@ -91,6 +92,14 @@ def test_the_in_place_form_computes_the_formula(name):
             run(code, values, n, d)
         counted.append(mode.count)
     assert counted[0] <= counted[1], (name, counted, lines)
+
+
+def test_a_difference_whose_kernel_carries_the_sign_is_added_without_a_negation():
+    """``c - b*(a**2 - 1)`` is ``c + tanh_backward(b, a)``: the kernel's result added to, two calls,
+    where ``c - (-tanh_backward(b, a))`` negates a full-size buffer first."""
+    lines = chain_form("dx", FORMULAS["tensor minus a tanh' with its sign"], printer(), dict(SHAPES), {"a", "b", "c"})
+    code = [line for line in lines if not line.startswith("#")]
+    assert code == ["dx = torch.ops.aten.tanh_backward(b, a).add_(c)"], lines
 
 
 @pytest.mark.parametrize("name", sorted(FORMULAS))
