@@ -1,5 +1,5 @@
 # `make generate`: install, regenerate every kernel (eager and C++) and derivation, print the verification table.
-# `make test`:     install (TeX included), check generated/ is fresh, run the test suite.
+# `make test`:     install (TeX included), run the test suite (generated/ checked fresh among its tests).
 # `make latex`:    build/derivations/all.pdf, every derivation in one book.
 # `make dist`:     dist/derive-*.tar.gz and dist/derive-*.whl, to install derive in another repository.
 PYTHON ?= python3
@@ -65,8 +65,8 @@ native:
 
 # the tests run on every core (pytest-xdist), each file on one worker: a file's module fixtures
 # (two ranks, compiled documents, the native kernels' extension) are built once
+# (the suite checks generated/ is fresh, as `make check` does: tests/test_files.py)
 test: install tex native doc-tools
-	$(BIN)/derive check $(BACKENDS)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # the sdist and a wheel (setup.py copies templates/ into the package); `pip install dist/derive-*.whl`

@@ -23,7 +23,9 @@ def derive(*args, cwd=ROOT):
 
 
 def test_generated_folder_is_fresh():
-    assert stale_files(BUILTIN, ROOT / "generated") == []
+    """Every file of ``generated/`` is what the specs and templates render, the native kernels of the
+    backends ``make generate`` writes (the Makefile's ``BACKENDS``) included: ``derive check`` of them."""
+    assert stale_files(BUILTIN, ROOT / "generated", backends=("cpp", "triton")) == []
 
 
 def test_rendering_is_the_same_in_another_process():

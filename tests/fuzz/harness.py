@@ -6,7 +6,9 @@ Function always, and their derivations), the generated modules are written and i
 Functions are run. Each one's forward and input gradients must match autograd through the spec
 itself in float64, the step-by-step backward's every intermediate gradient too, gradients must
 follow ``needs_input_grad``, and ``gradcheck`` must pass. The layer's kernel must then pass the
-numerical battery in float32 and float64 at scaled and saturating inputs (``never_worse``).
+numerical battery in float32 and float64 at scaled and saturating inputs (``never_worse``), and
+every derivation document must be written (``render`` writes a page that asks for a report in place
+of one it failed to write, and says so in ``reasons``).
 
 The engine may refuse a fused spec it cannot derive, but only with a ``DeriveError`` that names
 the layer; a step-by-step spec uses only primitives with rules and must never be refused.
@@ -25,7 +27,7 @@ import torch
 from derive import battery
 from derive.errors import DeriveError, DerivationError
 from derive.files import write_atomic
-from derive.generate import render
+from derive.generate import DOCUMENTS, render
 from derive.layers import from_file
 from derive.verify import load_module, random_inputs, steps_table, upstream_for
 
@@ -121,9 +123,10 @@ def run(spec: FuzzSpec, folder: Path, seed: int = 0, gradcheck: bool = True) -> 
     source.write_text(spec.source)
     (layer,) = from_file(str(source))
     assert layer.fused == spec.fused
+    reasons: dict = {}  # a derivation document derive failed to write (its own fault) is said here
     try:
         with time_limit(DERIVATION_SECONDS):
-            files = render(layer)
+            files = render(layer, reasons=reasons)
     except TooSlow:
         return Outcome("slow", time.perf_counter() - start, f"layer {layer.name!r}: no result in "
                        f"{DERIVATION_SECONDS} s\n{spec.source}")
@@ -135,6 +138,7 @@ def run(spec: FuzzSpec, folder: Path, seed: int = 0, gradcheck: bool = True) -> 
         return Outcome("refused", time.perf_counter() - start, message)
     except DeriveError as e:
         raise AssertionError(f"{spec.name}: a supported spec was refused: {e}") from e
+    assert DOCUMENTS not in reasons, f"{layer.name}: {reasons[DOCUMENTS]}"
     out = Path(folder) / spec.name
     for rel, text in files.items():
         write_atomic(out / rel, text)
