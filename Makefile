@@ -67,7 +67,7 @@ native:
 # (two ranks, compiled documents, the native kernels' extension) are built once
 # (the suite checks generated/ is fresh, as `make check` does: tests/test_files.py)
 test: install tex native doc-tools
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 # the sdist and a wheel (setup.py copies templates/ into the package); `pip install dist/derive-*.whl`
 dist: install

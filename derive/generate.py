@@ -98,6 +98,15 @@ def _document(write, subject, markdown: bool, steps: bool, reasons: dict) -> str
         return render_unwritten(layer, markdown, fault, steps)
 
 
+def render_kernel(layer: Layer, choice: Choice | None = None, graph=None) -> str:
+    """The text of ``<name>.py``, the kernel ``render`` writes: the fused Function where a fused form
+    is chosen, else the step-by-step backward, saying why (without the documents)."""
+    choice = choice or chosen(layer)
+    if choice.fused:
+        return render_function(choice.kernel)
+    return render_steps(graph or trace(layer), choice.reason)
+
+
 def render(layer: Layer, choice: Choice | None = None, backends: tuple = (), reasons: dict | None = None) -> dict[str, str]:
     """Relative path -> text of every file generated for ``layer``: its step-by-step backward and that
     backward's derivation, and its kernel ``<name>.py``: the fused one with its derivation, or,
@@ -114,14 +123,14 @@ def render(layer: Layer, choice: Choice | None = None, backends: tuple = (), rea
     }
     if choice.fused:
         files |= {
-            f"{layer.name}.py": render_function(choice.kernel),
+            f"{layer.name}.py": render_kernel(layer, choice, graph),
             f"derivations/{layer.name}.tex": _document(render_tex, choice.kernel, False, False, reasons),
             f"derivations/{layer.name}.md": _document(render_markdown, choice.kernel, True, False, reasons),
         }
         if has_batch_sums(choice.kernel):  # a declared batch axis the layer sums over: a variant across ranks
             files[f"{layer.name}_synced.py"] = render_synced(synced_cached(choice.kernel))
     else:
-        files[f"{layer.name}.py"] = render_steps(graph, choice.reason)
+        files[f"{layer.name}.py"] = render_kernel(layer, choice, graph)
     lowered = native.lowered(choice.kernel) if backends and choice.fused else None  # one plan, both backends
     for backend in backends:
         if not choice.fused:

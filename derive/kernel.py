@@ -20,7 +20,7 @@ from .forward import size_names, size_scalars
 from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
 from .functions import COMPARISON_MASKS, Wins
-from .memo import ByObject, kept_on
+from .memo import LAYERS_KEPT, ByObject, kept_on
 from .printer import Frame, KernelPrinter, _wrap, fit_shape, tanh_links, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
@@ -238,12 +238,12 @@ def size_checks(graph: Graph, formulas: list = ()) -> tuple[list[tuple[str, str]
     return sources, input_checks(layer, divisors, sources, dim_text, graph.derived, unread), dim_text
 
 
-_BUILT = ByObject(maxsize=32)  # layer -> its kernel (every rewrite allowed)
-_DERIVED = ByObject(maxsize=32)  # layer -> (graph, elements, gradients): what every variant shares
+_BUILT = ByObject(maxsize=LAYERS_KEPT)  # layer -> its kernel (every rewrite allowed)
+_DERIVED = ByObject(maxsize=LAYERS_KEPT)  # layer -> (graph, elements, gradients): what every variant shares
 
 
 def build_cached(layer: Layer) -> Kernel:
-    """``build(layer)``, once per layer object in this process (of the latest 32)."""
+    """``build(layer)``, once per layer object in this process (of the latest ``LAYERS_KEPT``)."""
     return _BUILT.get(layer, lambda layer: build(layer))
 
 

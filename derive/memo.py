@@ -6,6 +6,12 @@ from collections import OrderedDict
 from typing import Callable
 
 
+# layers whose derivations a process keeps (``kernel``, ``select``): every layer of the largest test
+# module (48 written as users write them) fits, so that its second test over them derives nothing
+# again; least recently used first out, a run over hundreds of layers stays bounded
+LAYERS_KEPT = 64
+
+
 class ByObject:
     """``compute(obj)`` once per object, for the latest ``maxsize`` objects.
 
@@ -40,4 +46,4 @@ def kept_on(owner, table: str, key, compute: Callable[[], object]):
     return known[key]
 
 
-__all__ = ["ByObject", "kept_on"]
+__all__ = ["ByObject", "kept_on", "LAYERS_KEPT"]

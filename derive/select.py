@@ -30,7 +30,7 @@ from . import battery
 from .errors import DerivationError, DeriveError
 from .kernel import Kernel, build, build_cached
 from .simplify import EVERY_REWRITE
-from .memo import ByObject
+from .memo import LAYERS_KEPT, ByObject
 from .spec import Layer
 
 MAX_ATTEMPTS = 4  # fused forms tried by undoing rewrites, before the unfolded form and the step-by-step backward
@@ -240,11 +240,11 @@ def _rebuilt(layer: Layer, forbidden: dict, as_written: frozenset, replayed: fro
         return None, f"{type(e).__name__}: {_one_line(e)}; report this as a bug"
 
 
-_CHOSEN = {False: ByObject(maxsize=32), True: ByObject(maxsize=32)}
+_CHOSEN = {False: ByObject(maxsize=LAYERS_KEPT), True: ByObject(maxsize=LAYERS_KEPT)}
 
 
 def chosen(layer: Layer, fused_only: bool = False) -> Choice:
-    """``choose(layer)``, once per layer object in this process (of the latest 32)."""
+    """``choose(layer)``, once per layer object in this process (of the latest ``LAYERS_KEPT``)."""
     return _CHOSEN[fused_only].get(layer, lambda layer: choose(layer, fused_only))
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from derive import battery
 from derive.cli import main
 from derive.errors import DerivationError
-from derive.generate import render
+from derive.generate import render_kernel
 from derive.kernel import build_cached
 from derive.layers import by_name, from_file
 from derive.select import check, chosen
@@ -35,7 +35,7 @@ def generated(tmp_path: Path, source: str, name: str):
 def kernel_module(layer, folder: Path):
     """The kernel ``derive generate`` writes for ``layer`` (fused or step-by-step), imported."""
     path = folder / f"{layer.name}.py"
-    path.write_text(render(layer)[f"{layer.name}.py"])
+    path.write_text(render_kernel(layer))
     return getattr(load_module(path), layer.name)
 
 
@@ -85,7 +85,7 @@ def test_a_sum_of_differences_stays_one_sum(tmp_path):
     assert choice.fused and not choice.changes
     ds = next(f for f in choice.kernel.formulas if f.input == "s")
     assert ds.code.count(".sum(") == 1, ds.code
-    source = render(layer)["scaled_tanh.py"]
+    source = render_kernel(layer)
     backward = source[source.index("def _backward"):source.index("_kernels = ")]
     assert "torch.tanh" not in backward
     torch.set_num_threads(1)
@@ -314,7 +314,7 @@ def test_a_sum_over_every_axis_is_one_reduction(name, tmp_path):
     path = tmp_path / "whole.py"
     path.write_text(WHOLE_REDUCTIONS)
     layer = {lay.name: lay for lay in from_file(str(path))}[name]
-    source = render(layer)[f"{name}.py"]
+    source = render_kernel(layer)
     assert ".sum((0, 1), keepdim=True)" in source and ".sum(0, keepdim=True)" not in source
     fn = kernel_module(layer, tmp_path)
     torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from derive import Labels, battery
-from derive.generate import render
+from derive.generate import render_kernel
 from derive.layers import from_file
 from derive.select import chosen
 from derive.verify import load_module
@@ -29,7 +29,7 @@ STEPS_FAIL: set = set()
 
 def kernel(layer, folder: Path):
     path = folder / f"{layer.name}.py"
-    path.write_text(render(layer)[f"{layer.name}.py"])
+    path.write_text(render_kernel(layer))
     return getattr(load_module(path), layer.name)
 
 
