@@ -448,6 +448,19 @@ def test_second_derivative_runs_through_the_eager_backward():
     assert torch.allclose(*penalties, atol=1e-10)
 
 
+def test_the_build_is_keyed_by_its_whole_source():
+    """The cached extension is found by a digest of everything compiled: a header or a binding of the
+    loader changed is another build, not the old library loaded under the kernels' unchanged name."""
+    module = cpp_module("cross_entropy")
+    unity = module._extension_source()
+    assert unity[0].startswith("#include") and unity[-1] == "}"
+    assert any("cross_entropy_forward" in line for line in unity)
+    name = module._extension_name(unity)
+    assert name == module._extension_name(list(unity))
+    assert name != module._extension_name(["#include <torch/extension.h>"] + unity[1:])
+    assert name != module._extension_name(unity[:-2] + unity[-1:])  # one binding fewer
+
+
 def test_without_a_compiler_the_eager_kernel_is_used_with_a_warning(tmp_path):
     """A machine without a working C++ compiler: one warning, and the eager kernel's values."""
     code = ("import torch, warnings\n"
