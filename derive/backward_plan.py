@@ -290,9 +290,12 @@ class _Planner:
 
     def _calls(self, e) -> int:
         """The calls ``chain(e)`` makes, its operand buffers counted one each (tried, then taken back)."""
-        before = list(self.lines), set(self.taken), dict(self.shapes), list(self.notes)
-        calls = self.chain(e).operations() + len(self.lines) - len(before[0])
-        self.lines, self.taken, self.shapes, self.notes = before
+        lines, taken, shapes, notes = list(self.lines), set(self.taken), dict(self.shapes), list(self.notes)
+        calls = self.chain(e).operations() + len(self.lines) - len(lines)
+        # put back in place: the planner's printer reads the same ``shapes``
+        self.lines[:], self.notes[:] = lines, notes
+        self.taken.clear(), self.taken.update(taken)
+        self.shapes.clear(), self.shapes.update(shapes)
         return calls
 
     def passes(self, e) -> int:

@@ -922,7 +922,7 @@ class KernelPrinter(TorchPrinter):
             b = term / mark
             row = free_indices(m.body) - {m.index}
             if j not in self.frame.slots or b.atoms(IsArgmax) or free_indices(b) != row \
-                    or not row | {j} <= free_indices(rest) or not self._is_tensor(rest):
+                    or not row | {j} <= free_indices(rest) or not self._is_tensor(rest) or not self._is_tensor(b):
                 continue
             body, axis = self._argmax_of(m)
             if axis != self.frame.slots[j]:
