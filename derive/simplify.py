@@ -323,9 +323,12 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Exp
                 continue
             wanted = pattern if power == 1 else pattern.base ** atom.exp
             for seen in dict.fromkeys([atom] + ([inline(atom), expand(inline(atom))] if inline is not None else [])):
+                # inlined, an odd function's argument may turn negative, and SymPy takes the sign out
+                # (``tanh(2*v3)`` of ``v3 = -tanh(u)`` is ``-tanh(2*tanh(u))``): the node negated
+                flip, seen = (-1, -seen) if power == 1 and seen.is_Mul and seen.could_extract_minus_sign() else (1, seen)
                 match = seen.match(wanted)
                 if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
-                    found[atom] = sign * target.xreplace(match) ** power
+                    found[atom] = flip * sign * target.xreplace(match) ** power
                     break
     return expr.xreplace(found) if found else None
 

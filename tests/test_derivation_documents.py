@@ -44,6 +44,18 @@ def test_no_line_runs_over_the_margin(compiled_derivations, stem):
     assert not overfull, f"{len(overfull)} lines over the margin, e.g. {overfull[:3]}"
 
 
+@pytest.mark.parametrize("stem", STEMS)
+def test_every_reference_has_its_label(compiled_derivations, stem):
+    """Each ``\\ref`` of a document names a label the document defines (its compiled ``.aux``),
+    so the second pass prints a number, never ``??``."""
+    run, pdf = compiled_derivations[stem]
+    assert run.returncode == 0, run.stdout[-3000:]
+    text = (DERIVATIONS / f"{stem}.tex").read_text()
+    wanted = set(re.findall(r"\\(?:eq|auto|page)?ref\{([^}]*)\}", text))
+    defined = set(re.findall(r"^\\newlabel\{([^}]*)\}", pdf.with_suffix(".aux").read_text(), re.M))
+    assert wanted <= defined, f"references without a label: {sorted(wanted - defined)}"
+
+
 def test_every_compute_graph_is_drawn(tmp_path):
     """Each layer's TikZ graph alone on a page: the picture compiles and puts ink on the page."""
     pictures = "\n\\clearpage\n".join(r"\fitbox{%s}" % tikz(trace(layer)) for layer in BUILTIN)
