@@ -25,6 +25,10 @@ a value below it cannot be held to more digits than it has), each summed over a 
 draws (one draw's error of a total whose terms cancel is chance, autograd's as much as the
 kernel's). In float64 the bar is autograd's float32 error scaled
 to float64's precision, and finiteness wherever float64 autograd is finite.
+
+Memory too: once per battery, no tensor the kernel's forward and backward make may be more than
+``MEMORY_SLACK`` times the largest that autograd through the spec makes. A product of tensors on
+different axes written out before its sum is exact and, at real sizes, a dimension too large.
 """
 from __future__ import annotations
 
@@ -33,11 +37,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .spec import Constant, Labels, Layer, Tensor, concrete_shape
 from .verify import random_inputs, sample, upstream_for
 
 SLACK, ULPS = 4.0, 4.0
+# no tensor a kernel makes may hold more than this many times the bytes of the largest that autograd
+# through the spec makes (or of the largest input): a product of tensors on different axes written out
+# before it is summed (n x d x h where the matrix product is n x d) is larger by a whole dimension (13
+# or more at the battery's sizes); an index of int64 beside a float32 tensor of its shape takes twice
+MEMORY_SLACK = 2.0
 FEW_ENTRIES = 3  # a gradient with at most this many distinct entries is one value broadcast (``Verdict.few``)
 # A form is chosen with half the slack it is held to: the largest error over a draw varies from draw
 # to draw, and a form chosen at the edge of the bar fails it at other inputs.
@@ -142,6 +153,56 @@ class _Recorder(TorchFunctionMode):
                     a = a.clamp_min(1e-300).log().abs()
                 self.sizes.append((name, float(a.median())))
         return func(*args, **kwargs)
+
+
+class _Largest(TorchDispatchMode):
+    """The most bytes one storage made by an operation run under it holds (autograd's backward
+    included; the inputs' own storage, which a view or an in-place operation returns, not counted)."""
+
+    def __init__(self, given: set):
+        super().__init__()
+        self.given = given
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.given:
+                self.most = max(self.most, t.untyped_storage().nbytes())
+        return out
+
+
+# torch wraps a mode's ``__torch_dispatch__`` so that dynamo never traces it, and that wrapper imports
+# torch._dynamo (a second, and Triton) on its first call; this mode is never compiled: marked as the
+# wrapper would mark it, it runs as it is
+_raw = getattr(_Largest.__torch_dispatch__, "__wrapped__", None)
+if _raw is not None:
+    _raw.__dynamo_disable = _raw
+
+
+def largest_allocation(fn, inputs: dict, wanted: list[str], seed: int) -> int | None:
+    """Bytes of the largest tensor ``fn``'s forward and backward make, or of the largest input if that
+    is larger; None if ``fn`` raises."""
+    tensors = [v for v in inputs.values() if torch.is_tensor(v)]
+    mode = _Largest({t.untyped_storage().data_ptr() for t in tensors})
+    try:
+        with mode:
+            _gradients(fn, inputs, wanted, seed)
+    except Exception:
+        return None
+    return max([mode.most] + [t.untyped_storage().nbytes() for t in tensors])
+
+
+def _judge_memory(layer: Layer, fn, setting: Setting, sizes: dict, seed: int, verdict: Verdict) -> None:
+    """A finding where ``fn`` makes a tensor more than ``MEMORY_SLACK`` times the bytes of the largest
+    that autograd through the spec makes: at real sizes it runs out of memory, or takes many times
+    autograd's time (exact values cannot show it)."""
+    inputs = setting.inputs(layer, sizes, seed)
+    theirs = largest_allocation(layer.fn, inputs, layer.differentiable, seed)
+    ours = largest_allocation(fn, inputs, layer.differentiable, seed)
+    if theirs and ours and ours > MEMORY_SLACK * theirs:
+        verdict.findings.append(Finding(setting, "the kernel", f"makes a tensor of {ours} bytes where the largest "
+                                                              f"of autograd through the spec holds {theirs}"))
 
 
 def _call_sizes(layer: Layer, inputs: dict) -> list[tuple[str, float]]:
@@ -377,6 +438,9 @@ def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Sett
                                   for k, rows in enumerate((24, 48), start=1) if first]
     bars: dict[tuple, dict] = {}
     entries: dict[str, bool] = {}  # value -> few distinct entries at every N(0, 1) draw so far
+    first32 = next((s for s in draws if s.dtype == torch.float32), None)
+    if first32 is not None:
+        _judge_memory(layer, fn, first32, sizes, seed, verdict)
     for setting in sorted(draws, key=lambda s: s.dtype != torch.float32):
         pooled_errors: dict | None = {} if setting.dtype == torch.float32 and pooled else None
         for at, draw_seed in variants:
@@ -414,4 +478,4 @@ def battery_sizes(layer: Layer) -> dict[str, int]:
     return {d: 128 if k == 0 else 10 + 3 * k for k, d in enumerate(layer.dims)}
 
 
-__all__ = ["Setting", "Verdict", "Finding", "run", "settings", "battery_sizes", "draw"]
+__all__ = ["Setting", "Verdict", "Finding", "run", "settings", "battery_sizes", "draw", "largest_allocation"]

@@ -727,6 +727,11 @@ def _name_scratch_buffers(shared: list[Shared], frame: list, shapes: dict, print
         axes = {slots.get(i) for i in body.free_symbols if i in slots}
         if len(axes - {None}) != len(frame):
             continue
+        # a body no tensor it reads spans (``W[i_d, j]*dout[i_n, j]``, a matrix product) is never
+        # written out: its buffer would be n x d x h where the product's result is n x d
+        spans = [set(e.indices) - {0} for e in body.atoms(sp.Indexed)]
+        if not any(t >= set().union(*spans) for t in spans):
+            continue
         base = s.name[4:] if s.name.startswith("sum_") else f"{s.name}_terms"
         name, k = base, 1
         while name in taken:

@@ -205,6 +205,50 @@ def test_the_battery_fails_a_kernel_that_loses_digits_and_passes_a_correct_one()
     assert good.passed, good.findings[:2]
 
 
+class _Projection(torch.autograd.Function):
+    """``x @ W`` whose backward writes ``dout @ W.T`` out as a product broadcast over three axes
+    before summing it: exact, and an n x d x h tensor where autograd's largest is n x h."""
+
+    @staticmethod
+    def forward(ctx, x, W):
+        ctx.save_for_backward(x, W)
+        return x @ W
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, W = ctx.saved_tensors
+        return (dout.unsqueeze(1) * W).sum(2), x.T @ dout
+
+
+class _ProjectionByProducts(_Projection):
+    @staticmethod
+    def backward(ctx, dout):
+        x, W = ctx.saved_tensors
+        return dout @ W.T, x.T @ dout
+
+
+PROJECTION = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "d"), W=Tensor("d", "h"))
+def projection(x, W):
+    return x @ W
+'''
+
+
+def test_the_battery_fails_a_kernel_that_makes_a_tensor_a_dimension_larger_than_autograds(tmp_path):
+    spec = tmp_path / "projection.py"
+    spec.write_text(PROJECTION)
+    (layer,) = from_file(str(spec))
+    sizes = battery.battery_sizes(layer)
+    bad = battery.run(layer, lambda x, W: _Projection.apply(x, W), sizes)
+    assert [f.value for f in bad.findings] == ["the kernel"] and "bytes" in bad.findings[0].problem, bad.findings[:2]
+    good = battery.run(layer, lambda x, W: _ProjectionByProducts.apply(x, W), sizes)
+    assert good.passed, good.findings[:2]
+
+
 def test_the_battery_judges_a_total_over_its_draws_together():
     """A total whose terms cancel has one error per draw, rounding noise as large as its terms:
     autograd's lands near 0 on some draws by chance. The same noise from the kernel then looks 8x

@@ -229,6 +229,16 @@ def glu(x, wa, wb):
     return (x @ wa) * torch.sigmoid(x @ wb)
 
 
+@layer(a=Tensor("n", "d"), b=Tensor("n", "d"), W=Tensor("d", "h"))
+def gated_projection(a, b, W):
+    return (a * torch.sigmoid(b)) @ W
+
+
+@layer(x=Tensor("n", "d"), s=Tensor("d"), W=Tensor("d", "h"))
+def scaled_projection(x, s, W):
+    return (x * s) @ W
+
+
 @layer(x=Tensor("n", "d"), w=Tensor("d", "h"), v=Tensor("h"))
 def swiglu_score(x, w, v):
     return F.silu(x @ w) @ v
