@@ -311,8 +311,11 @@ def _hoist_sums(statements: list[Statement], frame: list, values: dict, lines: d
         if st.node is not None and st.node.op in CONTRACTIONS:
             out.append(st)  # the spec's ``@``, printed as one (a dot product too): no body to hoist
             continue
-        for atom in sorted(st.value.atoms(AxisSum, AxisMax), key=sp.default_sort_key):
-            body = atom.body
+        hoisted: dict = {}  # bodies already named, read by the sums around them
+        # an inner sum first: the body of one around it then reads its name, as the statement does
+        # (named the other way, that body no longer matched, and its statement was never read)
+        for atom in sorted(st.value.atoms(AxisSum, AxisMax), key=lambda a: (sp.count_ops(a), sp.default_sort_key(a))):
+            body = atom.body.xreplace(hoisted)
             if isinstance(body, (sp.Symbol, sp.Indexed)) or layout(body, temps, frame) != full:
                 continue
             factors = [layout(f, temps, frame) for f in sp.Mul.make_args(body) if not f.is_number]
@@ -324,6 +327,7 @@ def _hoist_sums(statements: list[Statement], frame: list, values: dict, lines: d
             taken.add(name)
             out.append(Statement(name, body, lines=lines.get(name, set())))
             st = Statement(st.name, st.value.xreplace({body: sp.Symbol(name)}), st.node, st.lines)
+            hoisted[atom.body] = sp.Symbol(name)
             temps = temps_of(out)
         out.append(st)
     return out

@@ -4,6 +4,7 @@ standard deviations (tests/specs/statistics_layers.py). Each layer gets a kernel
 numerical battery, fused wherever a fused form passes, and matches autograd through its spec in
 float64 at inputs where entries tie (small integers), where ``max(dim)`` routes the gradient to one
 index, ``amax`` shares it, and masks and clamps sit on their bounds."""
+import ast
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,16 @@ def test_the_kernel_matches_autograd_where_entries_tie(name, tmp_path):
         results.append(torch.autograd.grad(out, [args[k] for k in differentiable], upstream))
     for k, mine, theirs in zip(differentiable, *results):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10, msg=lambda m: f"d{k}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_the_forward_computes_nothing_it_does_not_read(name):
+    """Every name the generated forward assigns is read by a later line or returned: a sum's body
+    named for reuse inside another sum (``x - x.min(1).values`` summed) was computed, then the
+    statement around it computed it again and never read the name."""
+    tree = ast.parse(render_kernel(LAYERS[name]))
+    for function in [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name in ("_forward", "forward")]:
+        assigned = [t.id for node in ast.walk(function) if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)]
+        read = {node.id for node in ast.walk(function) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+        assert not [a for a in assigned if a not in read], f"{function.name} computes names it never reads"
