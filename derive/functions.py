@@ -64,6 +64,18 @@ class Sigmoid(sp.Function):
         return text if exp is None else r"%s^{%s}" % (text, exp)
 
 
+class SplitExp(sp.Function):
+    """``exp`` of one part of an exponent, kept apart from the others' (SymPy multiplies ``exp(a)*exp(b)``
+    back into ``exp(a + b)``): a full-size ``exp(logp)`` that every term of a gradient shares, times
+    ``exp`` of a value per row, in place of one full-size ``exp(logp + c*logp[y])`` per term. Only
+    ever printed (``kernel._exponentials_split``)."""
+
+    nargs = 1
+
+    def _eval_evalf(self, prec):
+        return sp.exp(self.args[0])._eval_evalf(prec)
+
+
 class Logit(sp.Function):
     """``log(p/(1 - p))``, the inverse of ``Sigmoid``; only ever an intermediate of the refold."""
 

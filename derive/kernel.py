@@ -19,7 +19,7 @@ from .errors import DerivationError
 from .forward import size_names, size_scalars
 from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
-from .functions import COMPARISON_MASKS, Wins
+from .functions import COMPARISON_MASKS, SplitExp, Wins
 from .memo import LAYERS_KEPT, ByObject, kept_on
 from .printer import Frame, KernelPrinter, _wrap, fit_shape, tanh_links, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
@@ -570,6 +570,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     # the saved tanhs (by the names printed), each with its place in the forward
     tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}
     elements = [_tanh_derivatives_collected(e, tanhs) for e in elements]
+    elements = _exponentials_split(elements, {rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "log_softmax"})
     elements, masks = _masks_computed_once(elements, frame, taken | set(shapes))
     elements, products = _products_computed_once(elements, frame, taken | set(shapes) | {m for m, _ in masks})
     masks += products
@@ -869,6 +870,52 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
         return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
 
     return [replaced(e, {}) for e in elements], [(name, value) for value, name in names.items()]
+
+
+def _exponentials_split(elements: list, log_probabilities: set) -> list:
+    """``exp(logp[i, j] + 2*logp[i, y[i]])`` as ``exp(logp[i, j])*exp(2*logp[i, y[i]])`` (``SplitExp``):
+    the normal form adds the exponents of a product, so each term of a loss on a log-softmax
+    (``-(1 - p)**2*logp`` at the label) evaluated its own full-size ``exp``; split by the axes each
+    part varies along, the terms share one full-size ``exp(logp)`` and each has an ``exp`` per row.
+    Only where every part is a log-probability (times a positive number): each factor is then at
+    most 1, so no product overflows where the sum's ``exp`` did not, and where one factor underflows
+    the whole does too. An ``exp`` of one such part alone is written the same way, so it is shared."""
+    def indices(term):
+        return frozenset(i for i in term.free_symbols if isinstance(i, sp.Idx))
+
+    def nonpositive(term):
+        number, rest = term.as_coeff_Mul()
+        return number > 0 and isinstance(rest, sp.Indexed) and str(rest.base) in log_probabilities
+
+    parts: dict = {}
+    for e in elements:
+        for atom in e.atoms(sp.exp):
+            terms = sp.Add.make_args(atom.args[0])
+            if len(terms) < 2 or not all(nonpositive(t) for t in terms):
+                continue
+            groups: dict = {}
+            for t in terms:
+                groups.setdefault(indices(t), []).append(t)
+            if len(groups) > 1:
+                parts[atom] = [sp.Add(*g) for g in groups.values()]
+    if not parts:
+        return elements
+    split = {a: sp.Mul(*[SplitExp(p) for p in ps], evaluate=False) for a, ps in parts.items()}
+    alone = {p for ps in parts.values() for p in ps}
+    for e in elements:
+        split.update({a: SplitExp(a.args[0]) for a in e.atoms(sp.exp) if a.args[0] in alone})
+    # and the full-size one a factor of the terms that read it: one product with a value per row
+    # (as a label's one-hot is, one scatter of a value per row)
+    widest = max(len(indices(p)) for p in alone)
+    full = sorted({SplitExp(p) for p in alone if len(indices(p)) == widest}, key=sp.default_sort_key)
+    out = []
+    for e in elements:
+        e = e.xreplace(split)
+        if e.has(*full):
+            deltas = sorted(e.atoms(sp.KroneckerDelta), key=sp.default_sort_key)
+            e = sp.collect(expand(e), full + deltas)
+        out.append(e)
+    return out
 
 
 def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[list, list]:

@@ -16,7 +16,7 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .backends import CodeOps, number_text
 from .errors import DerivationError
-from .functions import COMPARISON_MASKS, Equal, NonNeg, Sigmoid, Step
+from .functions import COMPARISON_MASKS, Equal, NonNeg, Sigmoid, SplitExp, Step
 from .symbolic import (_Bound, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent,
                        free_indices, reciprocal_root_power, reciprocal_roots)
 
@@ -965,6 +965,9 @@ class KernelPrinter(TorchPrinter):
             code += f".to({self.dtype_of}.dtype)"
         shape = tuple(s for s, i in zip(self.shapes[name], b.indices)) + (extent(a),)
         return self._layout(code, shape, labels_axes + [axis])
+
+    def _print_SplitExp(self, expr):
+        return f"torch.exp({self._print(expr.args[0])})"
 
     def _print_Sigmoid(self, expr):
         return f"torch.sigmoid({self._print(expr.args[0])})"
