@@ -24,7 +24,7 @@ from .memo import LAYERS_KEPT, ByObject, kept_on
 from .printer import Frame, KernelPrinter, _wrap, fit_shape, tanh_links, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
-from .symbolic import GroupedRed, Red, expand, extent, hide_argmax, reductions
+from .symbolic import GroupedRed, Red, expand, extent, hide_argmax, is_contraction, reductions
 from .trace import Graph, trace
 from .trace.tracer import reachable
 
@@ -576,6 +576,10 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     masks += products
     for name, value in masks:
         shapes[name] = tuple(dims)
+    elements, contractions = _contractions_computed_once(elements, frame, taken | set(shapes))
+    for name, value in contractions:
+        shapes[name] = tuple(extent(f) if f in value.free_symbols else 1 for f in frame)
+    masks += contractions
     # a maximum inside a one-hot is not a value to share: cse sees each one-hot as one opaque call
     hidden, restore = hide_argmax(sp.Tuple(*elements))
     replacements, reduced = sp.cse(list(hidden), symbols=sp.numbered_symbols("_cse"), ignore=tuple(bound), order="none")
@@ -916,6 +920,67 @@ def _exponentials_split(elements: list, log_probabilities: set) -> list:
             e = sp.collect(expand(e), full + deltas)
         out.append(e)
     return out
+
+
+def _contractions_computed_once(elements: list, frame: list, taken: set) -> tuple[list, list]:
+    """``elements`` with each matrix product they compute in two places, one of them inside another
+    sum (at its bound index), read from one tensor ``product<k>``; and ``[(name, value)]``, each
+    value at the frame's indices. ``ds = sum_h W*sum_n(dt*x)`` and ``dW = s*sum_n(dt*x)`` of
+    ``tanh((x*s) @ W)`` read the same ``x.T @ dt``: cse shares what is written alike, and a sum's
+    body is written at its bound index, so the product was computed twice (three matrix products
+    where autograd's backward has two)."""
+    found: dict = {}  # the product at the frame's indices -> how many places compute it
+
+    def collect(expr, at):
+        if isinstance(expr, Red):
+            if is_contraction(expr) and at:
+                found[expr.xreplace(at)] = found.get(expr.xreplace(at), 0) + 1
+            elif is_contraction(expr):
+                found[expr] = found.get(expr, 0) + 1
+            collect(expr.body, _bound_to_frame(expr, at, frame))
+            return
+        for a in expr.args:
+            collect(a, at)
+
+    inner: set = set()  # those computed inside another sum somewhere (elsewhere cse shares them)
+
+    def inside(expr, at):
+        if isinstance(expr, Red):
+            if is_contraction(expr) and at:
+                inner.add(expr.xreplace(at))
+            inside(expr.body, _bound_to_frame(expr, at, frame))
+            return
+        for a in expr.args:
+            inside(a, at)
+
+    for e in elements:
+        collect(e, {})
+        inside(e, {})
+    shared = [r for r, k in found.items() if k >= 2 and r in inner
+              and {i for i in r.free_symbols if isinstance(i, sp.Idx)} <= set(frame)]
+    if not shared:
+        return elements, []
+    names, index = {}, 0
+    for r in sorted(shared, key=sp.default_sort_key):
+        while f"product{index}" in taken:
+            index += 1
+        names[r] = f"product{index}"
+        index += 1
+
+    def replaced(expr, at):
+        if isinstance(expr, Red):
+            key = expr.xreplace(at) if at else expr
+            if key in names:
+                back = {f: j for j, f in at.items()}
+                free = key.free_symbols
+                return sp.IndexedBase(names[key])[tuple(back.get(f, f) if f in free else 0 for f in frame)]
+            return _kept_whole(expr, replaced(expr.body, _bound_to_frame(expr, at, frame)))
+        if not expr.args:
+            return expr
+        args = [replaced(a, at) for a in expr.args]
+        return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+
+    return [replaced(e, {}) for e in elements], [(names[r], r) for r in sorted(shared, key=sp.default_sort_key)]
 
 
 def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[list, list]:

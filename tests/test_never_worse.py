@@ -1429,3 +1429,20 @@ def test_exponentials_of_log_probabilities_share_one_full_size_exp(tmp_path):
     ours, theirs = [torch.autograd.grad(f(v := x.clone().requires_grad_(), y), v)[0]
                     for f in (kernel_module(layer, tmp_path), layer.fn)]
     assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-14)
+
+
+def test_a_matrix_product_two_gradients_read_is_computed_once(tmp_path):
+    """``tanh((x*s) @ W)``: ``ds`` sums ``x.T @ dt`` against ``W`` and ``dW`` scales it by ``s``. Inside
+    ``ds``'s sum the product is written at the sum's index, so cse did not share it and the backward
+    had three matrix products where autograd's has two."""
+    (layer,) = [v for v in from_file(str(SPECS.parent / "natural_layers.py")) if v.name == "scaled_tanh_projection"]
+    source = render_kernel(layer)
+    backward = source[source.index("def _backward("):]
+    backward = backward[:backward.index("\ndef ")]
+    assert backward.count(" @ ") == 2, backward
+    kernel = kernel_module(layer, tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, s, W = (torch.randn(*shape, dtype=torch.float64, generator=g) for shape in ((9, 5), (5,), (5, 7)))
+    ours, theirs = [torch.autograd.grad(f(*(v := [t.clone().requires_grad_() for t in (x, s, W)])).sum(), v)
+                    for f in (kernel, layer.fn)]
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(ours, theirs))

@@ -239,6 +239,11 @@ def scaled_projection(x, s, W):
     return (x * s) @ W
 
 
+@layer(x=Tensor("n", "d"), s=Tensor("d"), W=Tensor("d", "h"))
+def scaled_tanh_projection(x, s, W):
+    return torch.tanh((x * s) @ W)
+
+
 @layer(x=Tensor("n", "d"), w=Tensor("d", "h"), v=Tensor("h"))
 def swiglu_score(x, w, v):
     return F.silu(x @ w) @ v
