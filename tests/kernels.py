@@ -4,15 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from derive.codegen import render_function, render_steps
-from derive.kernel import build
+from derive.kernel import build_cached
 from derive.trace import trace
 from derive.verify import against_autograd, load_module, steps_table
 
 
 def fused(layer, folder: Path):
-    """The generated fused function of ``layer`` (written to ``folder`` and imported)."""
+    """The generated fused function of ``layer`` (written to ``folder`` and imported), derived once
+    per layer object in a process (``build_cached``): several tests of a file read the same one."""
     path = Path(folder) / f"{layer.name}.py"
-    path.write_text(render_function(build(layer)))
+    path.write_text(render_function(build_cached(layer)))
     return getattr(load_module(path), layer.name)
 
 
