@@ -83,3 +83,26 @@ def test_keep_pages_is_recorded_and_said_in_the_table(tmp_path):
     assert report["settings"]["keep_pages"] is True
     assert all(r["status"] == "ok" and r["check"]["ok"] for r in report["results"])
     assert "freed memory kept mapped (`--keep-pages`" in table.read_text().splitlines()[0]
+
+
+SPEC_TIMING_LAYER = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "d"), W=Tensor("d", "h"))
+def projection(x, W):
+    return torch.tanh(x @ W)
+'''
+
+
+def test_spec_timing_times_each_layer_of_a_spec_file(tmp_path):
+    """``scripts/spec_timing.py`` on a user's spec file: one line per layer, kernel / autograd through
+    the spec, which kernel, and autograd's time (tiny sizes: this checks the script, it times nothing)."""
+    spec = tmp_path / "mine.py"
+    spec.write_text(SPEC_TIMING_LAYER)
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "spec_timing.py"), str(spec), "--rows", "8",
+                          "--size", "4", "--repeat", "2"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    line = re.search(r"^\s*(\d+\.\d\d)\s+fused\s+autograd\s+(\d+\.\d+) ms\s+projection$", run.stdout, re.M)
+    assert line and float(line.group(1)) > 0 and float(line.group(2)) > 0, run.stdout
