@@ -930,32 +930,22 @@ def _contractions_computed_once(elements: list, frame: list, taken: set) -> tupl
     body is written at its bound index, so the product was computed twice (three matrix products
     where autograd's backward has two)."""
     found: dict = {}  # the product at the frame's indices -> how many places compute it
+    inner: set = set()  # those computed inside another sum somewhere (elsewhere cse shares them)
 
     def collect(expr, at):
         if isinstance(expr, Red):
-            if is_contraction(expr) and at:
-                found[expr.xreplace(at)] = found.get(expr.xreplace(at), 0) + 1
-            elif is_contraction(expr):
-                found[expr] = found.get(expr, 0) + 1
+            if is_contraction(expr):
+                key = expr.xreplace(at)
+                found[key] = found.get(key, 0) + 1
+                if at:
+                    inner.add(key)
             collect(expr.body, _bound_to_frame(expr, at, frame))
             return
         for a in expr.args:
             collect(a, at)
 
-    inner: set = set()  # those computed inside another sum somewhere (elsewhere cse shares them)
-
-    def inside(expr, at):
-        if isinstance(expr, Red):
-            if is_contraction(expr) and at:
-                inner.add(expr.xreplace(at))
-            inside(expr.body, _bound_to_frame(expr, at, frame))
-            return
-        for a in expr.args:
-            inside(a, at)
-
     for e in elements:
         collect(e, {})
-        inside(e, {})
     shared = [r for r, k in found.items() if k >= 2 and r in inner
               and {i for i in r.free_symbols if isinstance(i, sp.Idx)} <= set(frame)]
     if not shared:
@@ -969,7 +959,7 @@ def _contractions_computed_once(elements: list, frame: list, taken: set) -> tupl
 
     def replaced(expr, at):
         if isinstance(expr, Red):
-            key = expr.xreplace(at) if at else expr
+            key = expr.xreplace(at)
             if key in names:
                 back = {f: j for j, f in at.items()}
                 free = key.free_symbols
