@@ -876,6 +876,16 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
     return [replaced(e, {}) for e in elements], [(name, value) for value, name in names.items()]
 
 
+def _numbered(prefix: str, count: int, taken: set) -> list[str]:
+    """``count`` names ``<prefix><k>``, the lowest numbers not in ``taken``."""
+    names, k = [], 0
+    while len(names) < count:
+        if f"{prefix}{k}" not in taken:
+            names.append(f"{prefix}{k}")
+        k += 1
+    return names
+
+
 def _exponentials_split(elements: list, log_probabilities: set) -> list:
     """``exp(logp[i, j] + 2*logp[i, y[i]])`` as ``exp(logp[i, j])*exp(2*logp[i, y[i]])`` (``SplitExp``):
     the normal form adds the exponents of a product, so each term of a loss on a log-softmax
@@ -950,12 +960,8 @@ def _contractions_computed_once(elements: list, frame: list, taken: set) -> tupl
               and {i for i in r.free_symbols if isinstance(i, sp.Idx)} <= set(frame)]
     if not shared:
         return elements, []
-    names, index = {}, 0
-    for r in sorted(shared, key=sp.default_sort_key):
-        while f"product{index}" in taken:
-            index += 1
-        names[r] = f"product{index}"
-        index += 1
+    shared = sorted(shared, key=sp.default_sort_key)
+    names = dict(zip(shared, _numbered("product", len(shared), taken)))
 
     def replaced(expr, at):
         if isinstance(expr, Red):
@@ -970,7 +976,7 @@ def _contractions_computed_once(elements: list, frame: list, taken: set) -> tupl
         args = [replaced(a, at) for a in expr.args]
         return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
 
-    return [replaced(e, {}) for e in elements], [(names[r], r) for r in sorted(shared, key=sp.default_sort_key)]
+    return [replaced(e, {}) for e in elements], [(names[r], r) for r in shared]
 
 
 def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[list, list]:
@@ -1056,12 +1062,7 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
     chosen = [key for key in chosen if len(contexts.get(key, ())) >= 2]
     if not chosen:
         return elements, []
-    names, index = {}, 0
-    for key in chosen:
-        while f"common{index}" in taken:
-            index += 1
-        names[key] = f"common{index}"
-        index += 1
+    names = dict(zip(chosen, _numbered("common", len(chosen), taken)))
 
     used = {}
 

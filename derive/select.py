@@ -93,8 +93,7 @@ def _steps_verdict(layer: Layer, draws: list | None, reason: str) -> battery.Ver
     from .codegen import render_steps
     from .trace import trace
 
-    with _one_thread(), tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
-        fn = _loaded(layer.name, render_steps(trace(layer), reason), Path(folder))
+    with _imported(layer.name, render_steps(trace(layer), reason)) as fn:
         return battery.run(layer, fn, battery.battery_sizes(layer), draws=draws, slack=battery.CHOOSE_SLACK,
                            pooled=False)
 
@@ -131,17 +130,24 @@ def _loaded(name: str, source: str, folder: Path):
     return getattr(load_module(path), name)
 
 
-def _module_function(kernel: Kernel, folder: Path):
+@contextmanager
+def _imported(name: str, source: str):
+    """``_loaded`` in a temporary folder, with torch on one thread (``_one_thread``) while it is in use."""
+    with _one_thread(), tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
+        yield _loaded(name, source, Path(folder))
+
+
+def _imported_kernel(kernel: Kernel):
+    """``_imported`` of ``kernel``'s generated module."""
     from .codegen import render_function
 
-    return _loaded(kernel.name, render_function(kernel), folder)
+    return _imported(kernel.name, render_function(kernel))
 
 
 def check(kernel: Kernel, draws: list | None = None) -> battery.Verdict:
     """The numerical battery of ``kernel``'s generated module, single-threaded (deterministic)."""
     layer = kernel.layer
-    with _one_thread(), tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
-        fn = _module_function(kernel, Path(folder))
+    with _imported_kernel(kernel) as fn:
         sizes = battery.battery_sizes(layer)
         verdict = battery.run(layer, fn, sizes, draws=draws, slack=battery.CHOOSE_SLACK, pooled=False)
         for seed in FEW_ENTRY_SEEDS if verdict.passed and verdict.few else ():
@@ -159,8 +165,7 @@ def check(kernel: Kernel, draws: list | None = None) -> battery.Verdict:
 def _check_written(kernel: Kernel, draws: list) -> battery.Verdict:
     """The battery at the bar every written kernel is held to (``SLACK``, each setting's draws
     together), not the margin forms are chosen by."""
-    with _one_thread(), tempfile.TemporaryDirectory(prefix="derive-battery-") as folder:
-        fn = _module_function(kernel, Path(folder))
+    with _imported_kernel(kernel) as fn:
         return battery.run(kernel.layer, fn, battery.battery_sizes(kernel.layer), draws=draws)
 
 

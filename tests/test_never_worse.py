@@ -40,6 +40,18 @@ def kernel_module(layer, folder: Path):
     return getattr(load_module(path), layer.name)
 
 
+def natural_layer(name: str):
+    """The layer ``name`` of ``tests/specs/natural_layers.py``."""
+    (layer,) = [v for v in from_file(str(SPECS.parent / "natural_layers.py")) if v.name == name]
+    return layer
+
+
+def backward_text(source: str) -> str:
+    """A generated module's ``_backward`` function alone."""
+    start = source.index("def _backward(")
+    return source[start:source.index("\ndef ", start)]
+
+
 def gradients_of_x(layer, kernel, scale: float) -> list:
     """``dx`` of ``kernel`` and of autograd through ``layer``'s spec, float32, on one 64 x 32 draw
     times ``scale`` and one upstream gradient."""
@@ -1380,7 +1392,7 @@ def test_where_the_step_by_step_kernel_fails_too_the_most_folded_form_is_written
     form passes with the 2x margin forms are chosen by, and the step-by-step kernel fails too, at
     8x ``F.layer_norm``'s time. The most folded form passes the bar a written kernel is held to (4x,
     here at other inputs too): it is written, and the report says why."""
-    (layer,) = [v for v in from_file(str(SPECS.parent / "natural_layers.py")) if v.name == "layer_norm_functional"]
+    layer = natural_layer("layer_norm_functional")
     choice = chosen(layer)
     assert choice.fused and choice.note == WRITTEN_BAR and WRITTEN_BAR in choice.summary(), choice.summary()
     torch.set_num_threads(1)
@@ -1412,9 +1424,7 @@ def test_exponentials_of_log_probabilities_share_one_full_size_exp(tmp_path):
     (layer,) = from_file(str(spec))
     choice = chosen(layer)
     assert choice.fused, choice.summary()
-    source = render_kernel(layer)
-    backward = source[source.index("def _backward("):source.index("def _backward_in_place(")] \
-        if "def _backward_in_place(" in source else source[source.index("def _backward("):]
+    backward = backward_text(render_kernel(layer))
     exps = []
     for start in [m.end() for m in re.finditer(r"torch\.exp\(", backward)]:
         depth, end = 1, start
@@ -1435,10 +1445,8 @@ def test_a_matrix_product_two_gradients_read_is_computed_once(tmp_path):
     """``tanh((x*s) @ W)``: ``ds`` sums ``x.T @ dt`` against ``W`` and ``dW`` scales it by ``s``. Inside
     ``ds``'s sum the product is written at the sum's index, so cse did not share it and the backward
     had three matrix products where autograd's has two."""
-    (layer,) = [v for v in from_file(str(SPECS.parent / "natural_layers.py")) if v.name == "scaled_tanh_projection"]
-    source = render_kernel(layer)
-    backward = source[source.index("def _backward("):]
-    backward = backward[:backward.index("\ndef ")]
+    layer = natural_layer("scaled_tanh_projection")
+    backward = backward_text(render_kernel(layer))
     assert backward.count(" @ ") == 2, backward
     kernel = kernel_module(layer, tmp_path)
     g = torch.Generator().manual_seed(0)
