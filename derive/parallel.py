@@ -16,6 +16,8 @@ import traceback
 from typing import Callable
 
 _WORK: list = []  # (function, item) for the worker processes, inherited through fork
+WAKE_SECONDS = 0.1  # how often the parent wakes while it waits for the workers
+STOPS = {signal.SIGINT, signal.SIGTERM}  # the signals that end a run
 
 
 def _run(k: int):
@@ -40,6 +42,7 @@ def _quiet_worker() -> None:
     SIGTERM: no worker prints a traceback when a run is interrupted."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # held by the parent while it forked this worker
 
 
 def cores() -> int:
@@ -55,10 +58,23 @@ def fork_map(fn: Callable, items: list, cost: Callable | None = None) -> list:
     _WORK = [(fn, item) for item in items]
     order = sorted(range(len(items)), key=lambda k: cost(items[k]), reverse=True) if cost else list(range(len(items)))
     gc.freeze()  # the parent's objects (torch, SymPy) are never garbage: no worker's collection walks them
+    # Ctrl-C and SIGTERM are held while the pool forks its workers and starts its threads. A signal
+    # handled during a fork would raise in the at-fork hooks (logging's), where Python reports the
+    # exception as ignored and goes on: the run went on to its end. Held, it raises once released,
+    # inside the pool's ``with``, which ends the workers. The pool's threads keep the mask, so the
+    # kernel hands these signals to the main thread.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
     try:
         with multiprocessing.get_context("fork").Pool(workers, initializer=_quiet_worker) as pool:
-            done = dict(zip(order, pool.map(_run, order, chunksize=1)))
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            result = pool.map_async(_run, order, chunksize=1)
+            while not result.ready():
+                # in short steps: a signal another thread took (one of torch's, or while this one
+                # starts a thread and blocks every signal) is handled once the main thread wakes
+                result.wait(WAKE_SECONDS)
+            done = dict(zip(order, result.get()))
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         _WORK = []
         gc.unfreeze()
     return [done[k] for k in range(len(items))]

@@ -239,6 +239,61 @@ def test_sigint_and_sigterm_end_with_one_line(tmp_path, sent, status, word):
     assert not [p for p in out.rglob("*.tmp")] if out.exists() else True
 
 
+def _sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_signal_another_thread_takes_still_stops_the_workers_at_once(monkeypatch):
+    """The kernel hands a process's Ctrl-C to any thread not blocking it (the main thread blocks
+    every signal for a moment whenever it starts a thread). Taken by another thread, the signal is
+    handled only when the main thread wakes: waiting for the pool without a bound, derive went on
+    until every derivation had ended (past a minute under load)."""
+    import threading
+
+    from derive import parallel
+    if threading.current_thread() is not threading.main_thread() or "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the main thread and fork")
+    monkeypatch.setattr(parallel, "cores", lambda: 2)  # a pool, even on one core
+    other = threading.Thread(target=lambda: (time.sleep(1.0), signal.pthread_kill(threading.get_ident(), signal.SIGINT)))
+    start = time.perf_counter()
+    other.start()
+    with pytest.raises(KeyboardInterrupt):
+        parallel.fork_map(_sleep, [30.0, 30.0])
+    other.join()
+    assert time.perf_counter() - start < 10
+
+
+FORKED_INTERRUPT = """
+import os, signal, sys, time
+from derive import parallel
+parallel.cores = lambda: 2
+armed = [True]
+def interrupt():  # Ctrl-C, handled while the pool forks a worker
+    if armed:
+        armed.clear()
+        signal.raise_signal(signal.SIGINT)
+os.register_at_fork(after_in_parent=interrupt)
+def nap(seconds):
+    time.sleep(seconds)
+start = time.perf_counter()
+try:
+    parallel.fork_map(nap, [30.0, 30.0])
+except KeyboardInterrupt:
+    print(f"interrupted after {time.perf_counter() - start:.1f} s")
+"""
+
+
+def test_a_signal_that_comes_while_the_pool_forks_stops_the_run():
+    """A Ctrl-C handled in an at-fork hook raises there, and Python reports it as ignored: derive
+    went on until every derivation had ended. The parent holds the signal while it forks."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork")
+    run = subprocess.run([sys.executable, "-c", FORKED_INTERRUPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.stdout.startswith("interrupted after"), run.stdout + run.stderr
+    assert float(run.stdout.split()[2]) < 10 and "ignored" not in run.stderr, run.stdout + run.stderr
+
+
 # -- the fast path is never stale ------------------------------------------------------------------
 def test_a_helper_the_spec_calls_is_part_of_the_runs_key(tmp_path, capsys):
     helper = tmp_path / "helpers" / "acts.py"
