@@ -35,11 +35,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .memo import ByObject
 from .spec import Constant, Labels, Layer, Tensor, concrete_shape
 from .verify import random_inputs, sample, upstream_for
 
@@ -198,7 +200,8 @@ def _judge_memory(layer: Layer, fn, setting: Setting, sizes: dict, seed: int, ve
     that autograd through the spec makes: at real sizes it runs out of memory, or takes many times
     autograd's time (exact values cannot show it)."""
     inputs = setting.inputs(layer, sizes, seed)
-    theirs = largest_allocation(layer.fn, inputs, layer.differentiable, seed)
+    theirs = _kept(layer, ("memory", setting, tuple(sizes.items()), seed),
+                   lambda: largest_allocation(layer.fn, inputs, layer.differentiable, seed))
     ours = largest_allocation(fn, inputs, layer.differentiable, seed)
     if theirs and ours and ours > MEMORY_SLACK * theirs:
         verdict.findings.append(Finding(setting, "the kernel", f"makes a tensor of {ours} bytes where the largest "
@@ -317,6 +320,31 @@ def _values(fn, inputs, wanted, seed, dtype=None):
         return e
 
 
+# What the spec itself gives on a draw, for the latest few layers: ``select`` runs the battery on each
+# form it tries, with the same draws, and only the kernel's values differ (two thirds of the calls)
+_SPEC_VALUES = ByObject(maxsize=4)
+
+
+def _kept(layer: Layer, key, compute):
+    table = _SPEC_VALUES.get(layer, lambda layer: {})
+    if key not in table:
+        table[key] = compute()
+    return table[key]
+
+
+def _reference(layer: Layer, setting: Setting, sizes: dict, seed: int) -> tuple:
+    """``(inputs, reference, autograd's values)`` of a draw: autograd through the spec in float64 (the
+    reference) and in the draw's dtype (the bar; in float64 the reference itself), each the values or
+    the exception the spec raised. Read only: the kernels run on copies of the inputs."""
+    def compute():
+        inputs = setting.inputs(layer, sizes, seed)
+        exact = _values(layer.fn, inputs, layer.differentiable, seed, torch.float64)
+        if isinstance(exact, Exception) or setting.dtype == torch.float64:
+            return inputs, exact, exact
+        return inputs, exact, _values(layer.fn, inputs, layer.differentiable, seed)
+    return _kept(layer, (setting, tuple(sizes.items()), seed), compute)
+
+
 def _judge(setting: Setting, ours, theirs, exact, bar32: dict | None, verdict: Verdict, upstream: float = 0.0,
            slack: float = SLACK, pooled: dict | None = None) -> dict:
     """Compare ``ours`` with ``theirs`` (autograd in the setting's dtype) against ``exact``.
@@ -381,20 +409,17 @@ def _judge(setting: Setting, ours, theirs, exact, bar32: dict | None, verdict: V
 def _compared(values: list) -> list[list[float]]:
     """For each ``(name, ours, autograd's, reference)`` of one shape: ``[entries where ours is not
     finite though autograd's and the reference are, entries where both of those are finite, the
-    largest error of ours there, of autograd's there, the largest reference value there]``. Every
-    value of a draw in one pass of a few operations (small tensors: the calls are the time)."""
-    if not values:
-        return []
-    flat = [torch.cat([v[k].detach().reshape(-1).double() for v in values]) for k in (1, 2, 3)]
-    mine, aut, ref = flat
-    counts = torch.tensor([v[3].numel() for v in values])
-    segment = torch.repeat_interleave(torch.arange(len(values)), counts)
-    mask = torch.isfinite(aut) & torch.isfinite(ref)
-    parts = [mask & ~torch.isfinite(mine), mask]
-    parts = [p.double() for p in parts] + [torch.where(mask, t, 0.0).abs() for t in (mine - ref, aut - ref, ref)]
-    totals = [torch.zeros(len(values), dtype=torch.float64).index_add_(0, segment, p) for p in parts[:2]]
-    largest = [torch.zeros(len(values), dtype=torch.float64).scatter_reduce_(0, segment, p, "amax") for p in parts[2:]]
-    return torch.stack(totals + largest, 1).tolist()
+    largest error of ours there, of autograd's there, the largest reference value there]``. In NumPy:
+    the tensors are small (a few thousand entries) and a call of torch costs more than its work."""
+    out = []
+    with np.errstate(invalid="ignore", over="ignore"):
+        for _, *tensors in values:
+            # float32 against float64 subtracts in float64 (NumPy promotes): the same as widening first
+            mine, aut, ref = (t.detach().reshape(-1).numpy() for t in tensors)
+            mask = np.isfinite(aut) & np.isfinite(ref)
+            largest = [float(np.max(np.abs(t), where=mask, initial=0.0)) for t in (mine - ref, aut - ref, ref)]
+            out.append([float(np.count_nonzero(mask & ~np.isfinite(mine))), float(np.count_nonzero(mask)), *largest])
+    return out
 
 
 def _judge_pooled(setting: Setting, pooled: dict, verdict: Verdict, slack: float) -> None:
@@ -445,12 +470,9 @@ def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Sett
         pooled_errors: dict | None = {} if setting.dtype == torch.float32 and pooled else None
         for at, draw_seed in variants:
             key = (setting.scale, setting.banded, setting.sign, setting.offset, draw_seed)
-            inputs = setting.inputs(layer, at, draw_seed)
-            exact = _values(layer.fn, inputs, wanted, draw_seed, torch.float64)
+            inputs, exact, theirs = _reference(layer, setting, at, draw_seed)
             if isinstance(exact, Exception):
                 continue  # the spec itself cannot run here: nothing to compare with
-            # (in float64, autograd through the spec is the reference itself: the same call on the same inputs)
-            theirs = exact if setting.dtype == torch.float64 else _values(layer.fn, inputs, wanted, draw_seed)
             ours = _values(fn, inputs, wanted, draw_seed)
             if isinstance(theirs, Exception):
                 continue

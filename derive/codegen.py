@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import os
@@ -26,6 +27,7 @@ TEMPLATES_OF = {"function": ["function.py.j2", "function_support.py.j2", "input_
                 "synced": ["function_synced.py.j2", "function_support.py.j2", "input_checks.py.j2"]}
 
 
+@functools.cache  # the installed package's metadata, read once (a parse of its METADATA file each time)
 def version() -> str:
     try:
         return metadata.version("derive")

@@ -9,6 +9,7 @@ words from the torch operations it calls.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass
 
@@ -40,12 +41,24 @@ class Executed:
     same_as_formula: bool  # the module runs the formula's own one-liner
 
 
-def _blocks(source: str) -> list[tuple[str, list[str]]]:
+@functools.lru_cache(maxsize=8)  # asked once per gradient of the same module
+def _blocks(source: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """``(guard, statements)`` of every ``if`` directly in ``_backward``."""
     tree = ast.parse(source)
     function = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_backward")
-    return [(ast.unparse(s.test), [ast.get_source_segment(source, b) for b in s.body])
-            for s in function.body if isinstance(s, ast.If)]
+    lines = source.splitlines(keepends=True)
+    return tuple((ast.unparse(s.test), tuple(_segment(lines, b) for b in s.body))
+                 for s in function.body if isinstance(s, ast.If))
+
+
+def _segment(lines: list[str], node: ast.AST) -> str:
+    """The source of ``node``, as ``ast.get_source_segment`` gives it, from lines split once (that
+    function splits the whole module again at every call). Columns count UTF-8 bytes."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first].encode()[node.col_offset:node.end_col_offset].decode()
+    return (lines[first].encode()[node.col_offset:].decode() + "".join(lines[first + 1:last])
+            + lines[last].encode()[:node.end_col_offset].decode())
 
 
 def executed(source: str, position: int, name: str, formula_code: str) -> Executed:
