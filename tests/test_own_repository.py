@@ -205,6 +205,11 @@ def test_a_read_only_output_folder_gets_one_line():
         shutil.rmtree(home)
 
 
+# Ctrl-C heard as a terminal's process hears it: one started from a process that ignores SIGINT (a
+# shell's background job, ``cmd &``) inherits it ignored, and then no Ctrl-C reaches it
+HEARD = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+
+
 def _started_workers(proc: subprocess.Popen, timeout: float = 120) -> None:
     """Wait until ``proc`` has forked its derivation workers."""
     deadline = time.time() + timeout
@@ -223,7 +228,8 @@ def test_sigint_and_sigterm_end_with_one_line(tmp_path, sent, status, word):
     if not Path("/proc/self/task").is_dir():
         pytest.skip("needs /proc to see the workers")
     out = tmp_path / "gen"
-    proc = subprocess.Popen([sys.executable, "-m", "derive", "generate", "--out", str(out)], cwd=ROOT,
+    derive = HEARD + "import runpy; runpy.run_module('derive', run_name='__main__', alter_sys=True)"
+    proc = subprocess.Popen([sys.executable, "-c", derive, "generate", "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _started_workers(proc)
@@ -255,11 +261,15 @@ def test_a_signal_another_thread_takes_still_stops_the_workers_at_once(monkeypat
     if threading.current_thread() is not threading.main_thread() or "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("needs the main thread and fork")
     monkeypatch.setattr(parallel, "cores", lambda: 2)  # a pool, even on one core
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (see HEARD)
     other = threading.Thread(target=lambda: (time.sleep(1.0), signal.pthread_kill(threading.get_ident(), signal.SIGINT)))
     start = time.perf_counter()
     other.start()
-    with pytest.raises(KeyboardInterrupt):
-        parallel.fork_map(_sleep, [30.0, 30.0])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            parallel.fork_map(_sleep, [30.0, 30.0])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     other.join()
     assert time.perf_counter() - start < 10
 
@@ -289,7 +299,8 @@ def test_a_signal_that_comes_while_the_pool_forks_stops_the_run():
     went on until every derivation had ended. The parent holds the signal while it forks."""
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("needs fork")
-    run = subprocess.run([sys.executable, "-c", FORKED_INTERRUPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", HEARD + FORKED_INTERRUPT], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert run.stdout.startswith("interrupted after"), run.stdout + run.stderr
     assert float(run.stdout.split()[2]) < 10 and "ignored" not in run.stderr, run.stdout + run.stderr
 
