@@ -321,7 +321,8 @@ def _values(fn, inputs, wanted, seed, dtype=None):
 
 
 # What the spec itself gives on a draw, for the latest few layers: ``select`` runs the battery on each
-# form it tries, with the same draws, and only the kernel's values differ (two thirds of the calls)
+# form it tries, with the same draws, and only the kernel's values differ (the spec's are two of the
+# three calls of a float32 draw)
 _SPEC_VALUES = ByObject(maxsize=4)
 
 
