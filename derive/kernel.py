@@ -715,6 +715,26 @@ def varies(expr: sp.Expr, index: sp.Idx, shapes: dict, frame: list) -> bool:
     return any(len(shapes[t.name]) == len(frame) and shapes[t.name][axis] != 1 for t in temporaries(expr, shapes))
 
 
+def _unused(base: str, taken: set) -> str:
+    """``base``, else ``base2``, ``base3``, ...: the first not in ``taken``, which it joins."""
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}{k}"
+    taken.add(name)
+    return name
+
+
+def _numbered(prefix: str, count: int, taken: set) -> list[str]:
+    """``count`` names ``<prefix><k>``, the lowest numbers not in ``taken``."""
+    names, k = [], 0
+    while len(names) < count:
+        if f"{prefix}{k}" not in taken:
+            names.append(f"{prefix}{k}")
+        k += 1
+    return names
+
+
 def _name_scratch_buffers(shared: list[Shared], frame: list, shapes: dict, printer: KernelPrinter,
                           taken: set) -> None:
     """``sum_bnraw_dout = (bnraw*dout).sum(0)`` becomes ``bnraw_dout = bnraw*dout`` then
@@ -738,11 +758,7 @@ def _name_scratch_buffers(shared: list[Shared], frame: list, shapes: dict, print
         if not any(t >= set().union(*spans) for t in spans):
             continue
         base = s.name[4:] if s.name.startswith("sum_") else f"{s.name}_terms"
-        name, k = base, 1
-        while name in taken:
-            k += 1
-            name = f"{base}{k}"
-        taken.add(name)
+        name = _unused(base, taken)
         s.scratch, s.scratch_code = name, printer._inner(frame_with_bound).doprint(body)
         s.sum_code = f"{name}.sum({axis}, keepdim=True)"
 
@@ -849,12 +865,8 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
 
     for e in elements:
         count(e, {})
-    names = {}
-    for value in [v for v, c in counts.items() if c > 1]:
-        k = 0
-        while f"mask{k}" in taken or f"mask{k}" in names.values():
-            k += 1
-        names[value] = f"mask{k}"
+    repeated = [v for v, c in counts.items() if c > 1]
+    names = dict(zip(repeated, _numbered("mask", len(repeated), taken)))
     if not names:
         return elements, []
 
@@ -874,16 +886,6 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
         return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
 
     return [replaced(e, {}) for e in elements], [(name, value) for value, name in names.items()]
-
-
-def _numbered(prefix: str, count: int, taken: set) -> list[str]:
-    """``count`` names ``<prefix><k>``, the lowest numbers not in ``taken``."""
-    names, k = [], 0
-    while len(names) < count:
-        if f"{prefix}{k}" not in taken:
-            names.append(f"{prefix}{k}")
-        k += 1
-    return names
 
 
 def _exponentials_split(elements: list, log_probabilities: set) -> list:
@@ -1101,12 +1103,7 @@ def _shared_names(values: list[sp.Expr], taken: set) -> list[str]:
         base = f"shared{k}"
         if isinstance(value, Red):
             base = "sum_" + "_".join(sorted(str(e.base) for e in value.body.atoms(sp.Indexed)))
-        name, suffix = base, 1
-        while name in taken:
-            suffix += 1
-            name = f"{base}{suffix}"
-        taken.add(name)
-        names.append(name)
+        names.append(_unused(base, taken))
     return names
 
 
