@@ -616,9 +616,11 @@ EXP_CHECK = r"""
 #include <cstdio>
 using at::vec::Vectorized;
 DERIVE_EXP
-// every float's bit pattern, 16 at a time: derive_exp against torch's Vectorized<float>::exp
+// every float's bit pattern, a vector at a time: derive_exp against torch's Vectorized<float>::exp
+// (lanes equal as bits, or NaN in both)
 int main() {
   uint64_t differ = 0;
+#if defined(CPU_CAPABILITY_AVX512)
   const __m512i step = _mm512_set1_epi32(16);
   __m512i bits = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (uint64_t start = 0; start < (uint64_t(1) << 32); start += 16, bits = _mm512_add_epi32(bits, step)) {
@@ -628,29 +630,45 @@ int main() {
     const __mmask16 nans = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
     differ += __builtin_popcount(0xffffu & ~(same | nans));
   }
+#else
+  const __m256i step = _mm256_set1_epi32(8);
+  __m256i bits = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (uint64_t start = 0; start < (uint64_t(1) << 32); start += 8, bits = _mm256_add_epi32(bits, step)) {
+    const Vectorized<float> x(_mm256_castsi256_ps(bits));
+    const __m256 a = x.exp(), b = derive_exp(x);
+    const int same = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b))));
+    const int nans = _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) & _mm256_movemask_ps(_mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+    differ += __builtin_popcount(0xff & ~(same | nans));
+  }
+#endif
   std::printf("%llu\n", static_cast<unsigned long long>(differ));
 }
 """
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="derive_exp is exp itself here")
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2"), reason="derive_exp is exp itself here")
 def test_the_kernels_exp_is_torchs_exp_for_every_float(tmp_path):
-    """``derive_exp`` (SLEEF's algorithm with one scalef, float on AVX-512) as printed into the
+    """``derive_exp`` (SLEEF's algorithm inlined, float on AVX-512 and AVX2) as printed into the
     generated kernels gives the same bits as ``Vectorized<float>::exp`` for all 2^32 floats (NaN for
     NaN): the kernels' values do not depend on which of the two they call. Built with the flags of
     the extension itself (-ffp-contract=off included) against torch's headers and library."""
-    text = (ROOT / "generated" / "native" / "cross_entropy.cpp").read_text()
-    start = text.index("template <typename Vec>\nstatic inline Vec derive_exp")
-    source = EXP_CHECK.replace("DERIVE_EXP", text[start:text.index("#endif", start) + len("#endif")])
-    (tmp_path / "check.cpp").write_text(source)
-    torch_dir = Path(torch.__file__).parent
-    flags = [f for f in cpp_module("cross_entropy")._flags() if f != "-fopenmp"]
-    built = subprocess.run(["g++", "-std=c++17", *flags, "-I", str(torch_dir / "include"), str(tmp_path / "check.cpp"),
-                            "-L", str(torch_dir / "lib"), "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}",
-                            "-o", str(tmp_path / "check")], capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr[-3000:]
-    ran = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True, timeout=300)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_exp
+
+    check = bench_exp.build(EXP_CHECK.replace("DERIVE_EXP", bench_exp.exp_source()), tmp_path)
+    ran = subprocess.run([str(check)], capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0 and ran.stdout.split() == ["0"], (ran.stdout, ran.stderr[-2000:])
+
+
+def test_the_exp_benchmark_runs():
+    """scripts/bench_exp.py: both exponentials timed, one line with their ratio."""
+    import re
+
+    ran = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_exp.py"), "--repeat", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    found = re.search(r"torch ([0-9.]+) ns/float, derive_exp ([0-9.]+) ns/float, derive_exp/torch ([0-9.]+)", ran.stdout)
+    assert found and all(float(v) > 0 for v in found.groups()), ran.stdout
 
 
 def test_the_all_layers_sweep_has_the_cpp_column(tmp_path):
