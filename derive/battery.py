@@ -23,7 +23,7 @@ reference are, and its largest error is at most ``SLACK`` times autograd's plus 
 the last place of the value's largest entry (a unit never less than the spacing of the subnormals:
 a value below it cannot be held to more digits than it has), each summed over a setting's three
 draws (one draw's error of a total whose terms cancel is chance, autograd's as much as the
-kernel's). In float64 the bar is autograd's float32 error scaled
+kernel's), and where that sum fails, over six more draws of the setting too. In float64 the bar is autograd's float32 error scaled
 to float64's precision, and finiteness wherever float64 autograd is finite.
 
 Memory too: once per battery, no tensor the kernel's forward and backward make may be more than
@@ -55,6 +55,13 @@ FEW_ENTRIES = 3  # a gradient with at most this many distinct entries is one val
 # A form is chosen with half the slack it is held to: the largest error over a draw varies from draw
 # to draw, and a form chosen at the edge of the bar fails it at other inputs.
 CHOOSE_SLACK = 2.0
+# A value whose float32 errors over a setting's three draws fail the bar is judged over this many more
+# draws of the setting too: one draw can make the whole sum (rows of a softmax one-hot on the other two
+# draws, errors near 0), and on it autograd's error at the entry whose terms cancel is, by chance, a
+# tenth of its typical size (at inputs 1e-5 away from that draw, the kernel's and autograd's errors
+# had the same median, 1.9e-10 and 1.8e-10). A kernel worse on every draw, or by orders of magnitude
+# on one, is still worse in the larger sum.
+CONFIRM_DRAWS = 6
 F64_RELATIVE = 1e-7
 F64_SLACK = 64.0
 NORMAL_SCALES = (1.0, 10.0, 100.0)
@@ -423,6 +430,23 @@ def _compared(values: list) -> list[list[float]]:
     return out
 
 
+def _pooled_failures(pooled: dict, slack: float) -> tuple[dict[str, str], float]:
+    """The values whose float32 errors, summed over a setting's draws, are above the bar summed
+    likewise, each with what failed; and the largest ratio of error to bar among the others."""
+    failures, worst = {}, 0.0
+    for name, records in pooled.items():
+        error = sum(e for e, _, _ in records)
+        autograd_error = sum(a for _, a, _ in records)
+        bound = slack * autograd_error + sum(u for _, _, u in records)
+        draws = f" (summed over {len(records)} draws)" if len(records) > 1 else ""
+        if error > bound:
+            failures[name] = (f"error {error:.3g} against the float64 reference{draws}, "
+                              f"bar {bound:.3g} (autograd's own: {autograd_error:.3g})")
+        elif bound > 0:
+            worst = max(worst, error / bound)
+    return failures, worst
+
+
 def _judge_pooled(setting: Setting, pooled: dict, verdict: Verdict, slack: float) -> None:
     """Each value's float32 errors over a setting's draws, summed, against the bar summed likewise.
 
@@ -431,17 +455,12 @@ def _judge_pooled(setting: Setting, pooled: dict, verdict: Verdict, slack: float
     large as the terms: autograd's lands near 0 on some draws by chance, and an equally accurate
     kernel's is then many times it. Held draw by draw, an equally good form failed one setting in
     ten; over three draws the chance is small, while a form that is worse (on every draw, or by
-    orders of magnitude on one: an entry that breaks) still is worse in the sum."""
-    for name, records in pooled.items():
-        error = sum(e for e, _, _ in records)
-        autograd_error = sum(a for _, a, _ in records)
-        bound = slack * autograd_error + sum(u for _, _, u in records)
-        draws = f" (summed over {len(records)} draws)" if len(records) > 1 else ""
-        if error > bound:
-            verdict.findings.append(Finding(setting, name, f"error {error:.3g} against the float64 reference{draws}, "
-                                                           f"bar {bound:.3g} (autograd's own: {autograd_error:.3g})"))
-        elif bound > 0:
-            verdict.worst_ratio = max(verdict.worst_ratio, error / bound)
+    orders of magnitude on one: an entry that breaks) still is worse in the sum. One draw can still
+    make the whole sum, where the others give errors near 0 (a softmax one-hot on their rows): a
+    value that fails over three draws is drawn ``CONFIRM_DRAWS`` times more (``run``)."""
+    failures, worst = _pooled_failures(pooled, slack)
+    verdict.findings += [Finding(setting, name, problem) for name, problem in failures.items()]
+    verdict.worst_ratio = max(verdict.worst_ratio, worst)
 
 
 def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Setting] | None = None,
@@ -467,29 +486,36 @@ def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Sett
     first32 = next((s for s in draws if s.dtype == torch.float32), None)
     if first32 is not None:
         _judge_memory(layer, fn, first32, sizes, seed, verdict)
+    def judge_draw(setting: Setting, at: dict, draw_seed: int, pooled_errors: dict | None) -> None:
+        key = (setting.scale, setting.banded, setting.sign, setting.offset, draw_seed)
+        inputs, exact, theirs = _reference(layer, setting, at, draw_seed)
+        if isinstance(exact, Exception):
+            return  # the spec itself cannot run here: nothing to compare with
+        ours = _values(fn, inputs, wanted, draw_seed)
+        if isinstance(theirs, Exception):
+            return
+        if isinstance(ours, Exception):
+            verdict.findings.append(Finding(setting, "the kernel", f"raised {type(ours).__name__}: {ours}"))
+            return
+        if setting.dtype == torch.float64 and setting.scale == 1.0 and not setting.banded and not setting.offset:
+            # few at every N(0, 1) draw (a gradient can vanish on one, where a tanh saturates)
+            for name, ref in exact[1:]:
+                few = ref.numel() > 1 and torch.unique(ref.detach()).numel() <= FEW_ENTRIES
+                entries[name] = entries.get(name, True) and few
+        bar32 = bars.get(key) if setting.dtype == torch.float64 else None
+        upstream = float(upstream_for(exact[0][1].double(), draw_seed).abs().max())
+        errors = _judge(setting, ours, theirs, exact, bar32, verdict, upstream, slack, pooled_errors)
+        if setting.dtype == torch.float32:
+            bars[key] = errors
+
     for setting in sorted(draws, key=lambda s: s.dtype != torch.float32):
         pooled_errors: dict | None = {} if setting.dtype == torch.float32 and pooled else None
         for at, draw_seed in variants:
-            key = (setting.scale, setting.banded, setting.sign, setting.offset, draw_seed)
-            inputs, exact, theirs = _reference(layer, setting, at, draw_seed)
-            if isinstance(exact, Exception):
-                continue  # the spec itself cannot run here: nothing to compare with
-            ours = _values(fn, inputs, wanted, draw_seed)
-            if isinstance(theirs, Exception):
-                continue
-            if isinstance(ours, Exception):
-                verdict.findings.append(Finding(setting, "the kernel", f"raised {type(ours).__name__}: {ours}"))
-                continue
-            if setting.dtype == torch.float64 and setting.scale == 1.0 and not setting.banded and not setting.offset:
-                # few at every N(0, 1) draw (a gradient can vanish on one, where a tanh saturates)
-                for name, ref in exact[1:]:
-                    few = ref.numel() > 1 and torch.unique(ref.detach()).numel() <= FEW_ENTRIES
-                    entries[name] = entries.get(name, True) and few
-            bar32 = bars.get(key) if setting.dtype == torch.float64 else None
-            upstream = float(upstream_for(exact[0][1].double(), draw_seed).abs().max())
-            errors = _judge(setting, ours, theirs, exact, bar32, verdict, upstream, slack, pooled_errors)
-            if setting.dtype == torch.float32:
-                bars[key] = errors
+            judge_draw(setting, at, draw_seed, pooled_errors)
+        if pooled_errors and _pooled_failures(pooled_errors, slack)[0]:
+            # failed over three draws: drawn again before it is judged (``CONFIRM_DRAWS``)
+            for k in range(CONFIRM_DRAWS):
+                judge_draw(setting, variants[k % len(variants)][0], seed + len(variants) + k, pooled_errors)
         if pooled_errors:
             _judge_pooled(setting, pooled_errors, verdict, slack)
     verdict.few = {name for name, few in entries.items() if few}

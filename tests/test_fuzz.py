@@ -288,6 +288,14 @@ DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP = _regression('fuzz_found_divided_by_an_ex
     'x=Tensor("n", "k"), w=Tensor("k"), p=Tensor("n", "k", differentiable=False, domain="probability"), '
     'eps=Constant(1e-3), scale=Constant(0.75)',
     'x, w, p, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# a softmax written with its shift: one draw at inputs times 100 made the whole of the three draws'
+# error (the other two one-hot on their rows), and on it autograd's error at an entry whose terms
+# cancel was a tenth of its typical size: 38x the kernel's there, as accurate at nearby inputs.
+# Failing sums are now judged over six more draws (``battery.CONFIRM_DRAWS``)
+SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW = _regression('fuzz_found_shifted_softmax_of_a_lucky_draw',
+    '    v1 = F.softmax(A, dim=1)\n    v2 = A.max(1, keepdim=True).values\n    v3 = A - v2\n    v4 = v3.exp()\n    v5 = v4.sum(1, keepdim=True)\n    v6 = v4 / v5\n    out = v6',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, u, A, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -297,7 +305,7 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT, CENTRED_SQUARE_OF_A_PRODUCT,
           PRODUCT_OF_DIVISORS_OVERFLOWS, SOFTPLUS_INSIDE_A_TANH, CHOSEN_AT_THE_EDGE, SCALAR_POLYNOMIAL_OF_A_TANH,
           SHARED_SQUARE_OF_A_TANH, TANH_OF_A_SOFTMAX_TOTAL, SUMMED_TANH_OF_A_CLAMPED_SOFTPLUS,
-          DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP]
+          DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP, SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW]
 
 
 class Tally:

@@ -276,6 +276,50 @@ def test_the_battery_judges_a_total_over_its_draws_together():
     assert [f.value for f in verdict.findings] == ["dw"] and "summed over 3 draws" in verdict.findings[0].problem
 
 
+def test_a_sum_that_fails_over_three_draws_is_judged_over_six_more():
+    """A setting whose float32 errors fail the bar over its three draws is drawn again
+    (``CONFIRM_DRAWS``) before it is judged failed: autograd through the spec itself is drawn three
+    times a setting (and called once more, for the memory it takes); a kernel 3e-6 off on every
+    entry of its gradient (25 ulps) is drawn six more times at every float32 setting it fails, and
+    still fails there."""
+    layer = LAYERS["softmax_no_shift"]
+    calls = []
+
+    def counted(kernel):
+        def fn(x):
+            calls.append(1)
+            return kernel(x)
+        return fn
+
+    def off(x):
+        class F_(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                with torch.enable_grad():
+                    x_ = x.detach().requires_grad_()
+                    out = layer.fn(x_)
+                ctx.graph = (x_, out)
+                return out.detach()
+
+            @staticmethod
+            def backward(ctx, dout):
+                x_, out = ctx.graph
+                (dx,) = torch.autograd.grad(out, x_, dout)
+                return dx * (1 + 3e-6)
+        return F_.apply(x)
+
+    torch.set_num_threads(1)
+    sizes = battery.battery_sizes(layer)
+    verdict = battery.run(layer, counted(layer.fn), sizes)
+    assert verdict.passed and len(calls) == 1 + 3 * len(verdict.settings)
+    calls.clear()
+    verdict = battery.run(layer, counted(off), sizes)
+    failed32 = {f.setting for f in verdict.findings if f.setting.dtype == torch.float32}
+    assert failed32 and all(f.value == "dx" for f in verdict.findings)
+    assert len(calls) == 1 + 3 * len(verdict.settings) + battery.CONFIRM_DRAWS * len(failed32)
+    assert all("summed over 9 draws" in f.problem for f in verdict.findings if f.setting in failed32)
+
+
 def test_the_battery_fails_a_kernel_that_is_not_finite_where_autograd_is():
     layer = LAYERS["softmax_no_shift"]
 
