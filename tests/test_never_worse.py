@@ -281,7 +281,7 @@ def test_a_sum_that_fails_over_three_draws_is_judged_over_six_more():
     (``CONFIRM_DRAWS``) before it is judged failed: autograd through the spec itself is drawn three
     times a setting (and called once more, for the memory it takes); a kernel 3e-6 off on every
     entry of its gradient (25 ulps) is drawn six more times at every float32 setting it fails, and
-    still fails there."""
+    still fails there; one 1e-3 off, far above the bar, fails without more draws."""
     layer = LAYERS["softmax_no_shift"]
     calls = []
 
@@ -291,7 +291,7 @@ def test_a_sum_that_fails_over_three_draws_is_judged_over_six_more():
             return kernel(x)
         return fn
 
-    def off(x):
+    def off(x, by=3e-6):
         class F_(torch.autograd.Function):
             @staticmethod
             def forward(ctx, x):
@@ -305,7 +305,7 @@ def test_a_sum_that_fails_over_three_draws_is_judged_over_six_more():
             def backward(ctx, dout):
                 x_, out = ctx.graph
                 (dx,) = torch.autograd.grad(out, x_, dout)
-                return dx * (1 + 3e-6)
+                return dx * (1 + by)
         return F_.apply(x)
 
     torch.set_num_threads(1)
@@ -318,6 +318,9 @@ def test_a_sum_that_fails_over_three_draws_is_judged_over_six_more():
     assert failed32 and all(f.value == "dx" for f in verdict.findings)
     assert len(calls) == 1 + 3 * len(verdict.settings) + battery.CONFIRM_DRAWS * len(failed32)
     assert all("summed over 9 draws" in f.problem for f in verdict.findings if f.setting in failed32)
+    calls.clear()  # 1e-3 off: far above the bar (``CONFIRM_WITHIN``), failed without more draws
+    verdict = battery.run(layer, counted(lambda x: off(x, 1e-3)), sizes)
+    assert not verdict.passed and len(calls) == 1 + 3 * len(verdict.settings)
 
 
 def test_the_battery_fails_a_kernel_that_is_not_finite_where_autograd_is():
