@@ -490,6 +490,7 @@ def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Sett
     first32 = next((s for s in draws if s.dtype == torch.float32), None)
     if first32 is not None:
         _judge_memory(layer, fn, first32, sizes, seed, verdict)
+
     def judge_draw(setting: Setting, at: dict, draw_seed: int, pooled_errors: dict | None) -> None:
         key = (setting.scale, setting.banded, setting.sign, setting.offset, draw_seed)
         inputs, exact, theirs = _reference(layer, setting, at, draw_seed)
@@ -516,13 +517,13 @@ def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Sett
         pooled_errors: dict | None = {} if setting.dtype == torch.float32 and pooled else None
         for at, draw_seed in variants:
             judge_draw(setting, at, draw_seed, pooled_errors)
-        failures = _pooled_failures(pooled_errors, slack)[0] if pooled_errors else {}
-        if failures and max(over for _, over in failures.values()) <= CONFIRM_WITHIN:
-            # failed over three draws, each value within a few times its bar: drawn again before
-            # it is judged (``CONFIRM_DRAWS``)
-            for k in range(CONFIRM_DRAWS):
-                judge_draw(setting, variants[k % len(variants)][0], seed + len(variants) + k, pooled_errors)
         if pooled_errors:
+            failures, _ = _pooled_failures(pooled_errors, slack)
+            if failures and max(over for _, over in failures.values()) <= CONFIRM_WITHIN:
+                # failed over three draws, each value within a few times its bar: drawn again
+                # before it is judged (``CONFIRM_DRAWS``)
+                for k in range(CONFIRM_DRAWS):
+                    judge_draw(setting, variants[k % len(variants)][0], seed + len(variants) + k, pooled_errors)
             _judge_pooled(setting, pooled_errors, verdict, slack)
     verdict.few = {name for name, few in entries.items() if few}
     return verdict
