@@ -734,8 +734,14 @@ class KernelPrinter(TorchPrinter):
     def upstream_first(self, tensors: list) -> tuple[list, list]:
         """(what a one-pass kernel is given, what multiplies its result) of the tensor factors of
         its gradient: the upstream gradient (the output's, ``dtype_of``, read as it is) and the
-        rest; all of them and none where no factor is the upstream gradient itself."""
-        inside = [r for r in tensors if tensor_name(r) == self.dtype_of] or list(tensors)
+        rest. Where no factor is the upstream gradient itself, every factor but the exponentials:
+        an ``exp`` is what overflows, and autograd multiplies it in after the kernel (the chain
+        rule meets ``exp(A)`` below ``tanh(exp(A))``), so the kernel's 0 meets it last
+        (``tanh_backward(g, y)*exp(A + v)``, never ``tanh_backward(g*exp(A + v), y)``, ``inf*0``
+        once ``exp(A + v)`` overflows where ``exp(A)`` did not)."""
+        inside = [r for r in tensors if tensor_name(r) == self.dtype_of]
+        if not inside:
+            inside = [r for r in tensors if not isinstance(r.base if r.is_Pow else r, sp.exp)] or list(tensors)
         return inside, [r for r in tensors if r not in inside]
 
     def _softplus_backward(self, expr) -> str | None:

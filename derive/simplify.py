@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import sympy as sp
+from sympy.core.function import AppliedUndef
 from sympy.solvers.solvers import _invert
 
 from .elements import Elements
@@ -799,11 +800,10 @@ def group_sums(inner: sp.Expr, into: bool = False) -> sp.Expr:
         return inner
     groups: dict = {}
     for term in inner.args:
-        sums = [f for f in sp.Mul.make_args(term) if isinstance(f, Red)]
-        if len(sums) != 1:
+        red = _the_sum(term, inner, into)
+        if red is None:
             groups.setdefault(("alone", term), []).append(term)
             continue
-        red = sums[0]
         rest = [f for f in sp.Mul.make_args(term) if f is not red]
         # a factor that varies along no index the sum does not (``v4[0]``, ``b[i_n, 0]`` of a sum
         # ``sum_k (...)[i_n, k]``) may go into its body at no cost: ``v4*sum(a) - sum(b)`` is then
@@ -840,12 +840,46 @@ def group_sums(inner: sp.Expr, into: bool = False) -> sp.Expr:
     return sp.Add(*out)
 
 
+def _the_sum(term: sp.Expr, inner: sp.Expr, into: bool):
+    """The sum of ``term`` that ``group_sums`` may group with other terms' sums, or None.
+
+    A term with one sum has that one. A product of sums (``S1*sum(v5*v6)``, where ``S1`` is itself
+    a sum over the same index) has, with ``into``, the one the others can move into: autograd's
+    ``sum((dv6 - S1)*v6*v5)`` is expanded as ``-sum(dv6*v6*v5) + S1*sum(v6*v5)``, whose difference
+    of sums loses every digit where the two agree. Of several, the one the fewest terms read: a sum
+    read elsewhere is computed anyway, so merging the other saves a pass. Not where a sum picks
+    entries (a one-hot of an argmax, a label's delta): that is a read of one entry per row, which
+    the printer gathers, never a pass to merge another into."""
+    sums = [f for f in sp.Mul.make_args(term) if isinstance(f, Red)]
+    if len(sums) == 1:
+        return sums[0]
+    if not into or not sums or any(_picks(red.body) for red in sums):
+        return None
+
+    def idx(red):
+        return {i for i in red.free_symbols if isinstance(i, sp.Idx)}
+
+    fits = [red for red in sums if all(_movable(other, idx(red)) for other in sums if other is not red)]
+    if not fits:
+        return None
+    return min(fits, key=lambda red: (sum(t.has(red) for t in inner.args), sp.default_sort_key(red)))
+
+
+def _picks(body: sp.Expr) -> bool:
+    """Whether a sum's ``body`` selects entries: a one-hot of an argmax (or the opaque function
+    ``hide_argmax`` stands in for it) or a Kronecker delta of labels."""
+    return bool(body.atoms(IsArgmax, sp.KroneckerDelta)) or any(isinstance(f, AppliedUndef) for f in body.atoms(sp.Function))
+
+
 def _movable(factor: sp.Expr, free: set) -> bool:
     """Whether ``factor`` can be multiplied into the body of a sum whose result varies along ``free``
-    without making the sum cost more: an entry (or a power of one) that varies along none of the
-    other indices. Not a size or a constant: multiplying by one rounds nothing a difference needs."""
+    without making the sum cost more: an entry (or a power of one), or a sum, that varies along none
+    of the other indices. Not a size or a constant: multiplying by one rounds nothing a difference
+    needs."""
     base = factor.as_base_exp()[0]
-    if not isinstance(base, sp.Indexed):
+    if isinstance(factor, Red):
+        base = factor
+    elif not isinstance(base, sp.Indexed):
         return False
     return {i for i in factor.free_symbols if isinstance(i, sp.Idx)} <= free
 

@@ -296,6 +296,25 @@ SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW = _regression('fuzz_found_shifted_softmax_of_a_l
     '    v1 = F.softmax(A, dim=1)\n    v2 = A.max(1, keepdim=True).values\n    v3 = A - v2\n    v4 = v3.exp()\n    v5 = v4.sum(1, keepdim=True)\n    v6 = v4 / v5\n    out = v6',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, u, A, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# dx of a softmax of a softmax: the closed form summed ``S1*sum(v5*v6) - sum(dv6*v5*v6)``, a
+# difference of two sums (S1 itself a sum), 1.2e-10 where autograd's ``sum((dv6 - S1)*v6*v5)`` is
+# exactly 0 (inputs times 1e30). A term's sum may now take another sum of it into its body
+# (``simplify._the_sum``): here it is torch's softmax backward
+SUM_TIMES_A_SUM = _regression('fuzz_found_sum_times_a_sum',
+    '    v1 = x.max(1, keepdim=True).values\n    v2 = x - v1\n    v3 = v2.exp()\n    v4 = v3.sum(1, keepdim=True)\n'
+    '    v5 = v3 / v4\n    v6 = F.softmax(v5, dim=1)\n    v7 = F.softmax(v6, dim=1)\n    v8 = v7.max(1, keepdim=True).values\n'
+    '    v9 = v7 - v8\n    v10 = v9.exp()\n    v11 = v10.sum(1, keepdim=True)\n    v12 = v9 - v11.log()\n'
+    '    v13 = v12.sum(dim=(0, 1))\n    out = v13',
+    'x=Tensor("n", "k"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, u, A, p, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# softmax(tanh(exp(A))): ``tanh_backward(g*exp(A + v2 - v3), v2)``, the exponential (``exp(A)``
+# times the softmax's) overflowed before meeting the saturated tanh's 0 where ``exp(A)`` alone did
+# not. Now a factor that is an exponential is multiplied in after the kernel (``upstream_first``)
+EXPONENTIAL_MERGED_INTO_A_TANH = _regression('fuzz_found_exponential_merged_into_a_tanh',
+    '    v1 = A.exp()\n    v2 = torch.tanh(v1)\n    v3 = v2.max(1, keepdim=True).values\n    v4 = v2 - v3\n'
+    '    v5 = v4.exp()\n    v6 = v5.sum(1, keepdim=True)\n    v7 = v5 / v6\n    v8 = torch.tanh(v7)\n    out = v8',
+    'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), A=Tensor("k", "k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, c, w, A, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -305,7 +324,8 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           SCALAR_CHAIN_THROUGH_ATANH, TANH_OF_A_VECTOR_PRODUCT, CENTRED_SQUARE_OF_A_PRODUCT,
           PRODUCT_OF_DIVISORS_OVERFLOWS, SOFTPLUS_INSIDE_A_TANH, CHOSEN_AT_THE_EDGE, SCALAR_POLYNOMIAL_OF_A_TANH,
           SHARED_SQUARE_OF_A_TANH, TANH_OF_A_SOFTMAX_TOTAL, SUMMED_TANH_OF_A_CLAMPED_SOFTPLUS,
-          DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP, SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW]
+          DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP, SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW, SUM_TIMES_A_SUM,
+          EXPONENTIAL_MERGED_INTO_A_TANH]
 
 
 class Tally:
