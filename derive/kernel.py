@@ -637,6 +637,9 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         for earlier in shared:
             if sp.Symbol(earlier.name) in later.element.free_symbols:
                 earlier.users = sorted(set(earlier.users) | set(later.users))
+    # one that no gradient reads is not computed: the tie mask of ``minimum(x, x - u)``, whose two
+    # sides both pass ``dx`` on, cancels from every formula (its ``if`` had no condition to test)
+    shared = [s for s in shared if s.users]
     _name_scratch_buffers(shared, frame, shapes, printer(), taken)
     # temporaries of sizes and constants only are Python numbers at run time, not tensors
     number_temps: set = set()

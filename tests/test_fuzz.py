@@ -315,6 +315,14 @@ EXPONENTIAL_MERGED_INTO_A_TANH = _regression('fuzz_found_exponential_merged_into
     '    v5 = v4.exp()\n    v6 = v5.sum(1, keepdim=True)\n    v7 = v5 / v6\n    v8 = torch.tanh(v7)\n    out = v8',
     'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), A=Tensor("k", "k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, c, w, A, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# minimum(x, x - u): both sides pass dx on, so the tie mask of x against x - u cancels from every
+# gradient, but stayed a shared temporary with no gradient to need it: ``if :`` (a SyntaxError in
+# the generated module). A temporary no gradient reads is now dropped (``kernel``)
+UNREAD_TIE_MASK = _regression('fuzz_found_unread_tie_mask',
+    '    v1 = x - u\n    v2 = torch.minimum(x, v1)\n    v3 = torch.minimum(w, v2)\n    v4 = torch.maximum(v3, v3)\n'
+    '    v5 = 1 - v3\n    v6 = v5.mean()\n    out = v6',
+    'x=Tensor("n", "k"), w=Tensor("k"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, w, u, A, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -325,7 +333,7 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           PRODUCT_OF_DIVISORS_OVERFLOWS, SOFTPLUS_INSIDE_A_TANH, CHOSEN_AT_THE_EDGE, SCALAR_POLYNOMIAL_OF_A_TANH,
           SHARED_SQUARE_OF_A_TANH, TANH_OF_A_SOFTMAX_TOTAL, SUMMED_TANH_OF_A_CLAMPED_SOFTPLUS,
           DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP, SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW, SUM_TIMES_A_SUM,
-          EXPONENTIAL_MERGED_INTO_A_TANH]
+          EXPONENTIAL_MERGED_INTO_A_TANH, UNREAD_TIE_MASK]
 
 
 class Tally:
