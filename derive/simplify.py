@@ -25,8 +25,8 @@ from .errors import DerivationError
 from .functions import NOT_INVERTIBLE, Logit
 from .memo import kept_on
 from .risk import Path, risky_atoms
-from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, hide_argmax,
-                       outside_sums, reductions, substitute_family)
+from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, free_indices,
+                       hide_argmax, outside_sums, reductions, substitute_family)
 from .trace import Node
 
 
@@ -808,7 +808,7 @@ def group_sums(inner: sp.Expr, into: bool = False) -> sp.Expr:
         # a factor that varies along no index the sum does not (``v4[0]``, ``b[i_n, 0]`` of a sum
         # ``sum_k (...)[i_n, k]``) may go into its body at no cost: ``v4*sum(a) - sum(b)`` is then
         # ``sum(v4*a - b)``, as autograd sums it (its ``dv5`` is the difference, summed once)
-        free = {i for i in red.free_symbols if isinstance(i, sp.Idx)}
+        free = free_indices(red)
         moved = [f for f in rest if into and not f.is_number and _movable(f, free)]
         movable = sp.Mul(*moved)
         coefficient = sp.Mul(*[f for f in rest if f.is_number])
@@ -820,7 +820,7 @@ def group_sums(inner: sp.Expr, into: bool = False) -> sp.Expr:
             out += members if key[0] == "alone" else [c * r * key[0] for c, r in members]
             continue
         cofactor, size = key
-        free = [frozenset(i for i in r.free_symbols if isinstance(i, sp.Idx)) for _, r in members]
+        free = [frozenset(free_indices(r)) for _, r in members]
         if frozenset().union(*free) not in free:
             # one body would vary along more indices than any member's does: ``sum_m(A[j, m]) +
             # sum_m(A[m, i])`` grouped is a k x k x k broadcast where each sum is k x k (slower by
@@ -855,11 +855,7 @@ def _the_sum(term: sp.Expr, inner: sp.Expr, into: bool):
         return sums[0]
     if not into or not sums or any(_picks(red.body) for red in sums):
         return None
-
-    def idx(red):
-        return {i for i in red.free_symbols if isinstance(i, sp.Idx)}
-
-    fits = [red for red in sums if all(_movable(other, idx(red)) for other in sums if other is not red)]
+    fits = [red for red in sums if all(_movable(other, free_indices(red)) for other in sums if other is not red)]
     if not fits:
         return None
     return min(fits, key=lambda red: (sum(t.has(red) for t in inner.args), sp.default_sort_key(red)))
@@ -876,12 +872,9 @@ def _movable(factor: sp.Expr, free: set) -> bool:
     without making the sum cost more: an entry (or a power of one), or a sum, that varies along none
     of the other indices. Not a size or a constant: multiplying by one rounds nothing a difference
     needs."""
-    base = factor.as_base_exp()[0]
-    if isinstance(factor, Red):
-        base = factor
-    elif not isinstance(base, sp.Indexed):
+    if not isinstance(factor, Red) and not isinstance(factor.as_base_exp()[0], sp.Indexed):
         return False
-    return {i for i in factor.free_symbols if isinstance(i, sp.Idx)} <= free
+    return free_indices(factor) <= free
 
 
 def _common_factor(tensors: list[sp.Expr]) -> sp.Expr:
