@@ -21,7 +21,7 @@ from .errors import DerivationError
 from .functions import Sigmoid, Step
 from .printer import (KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, tensor_name,
                       varying_axes)
-from .symbolic import Red, expand, reciprocal_root_power, reindex
+from .symbolic import Red, expand, multiplied_reciprocal, reindex
 
 
 def _label_delta(factor: sp.Expr, slots: dict):
@@ -335,8 +335,9 @@ class _Planner:
         factors = e.as_ordered_factors()
         numbers = sp.Mul(*[f for f in factors if self.number(f)])
         tensors = [f for f in factors if not self.number(f)]
-        # ``q**(-3/2)`` multiplies as ``rsqrt(q)**3`` (symbolic.reciprocal_root_power), a numerator
-        divides = [f for f in tensors if f.is_Pow and f.exp.is_negative and not reciprocal_root_power(f)]
+        # ``q**(-3/2)`` multiplies as ``rsqrt(q)**3``, ``q**-2`` as ``(1/q)**2``
+        # (symbolic.multiplied_reciprocal): numerators
+        divides = [f for f in tensors if f.is_Pow and f.exp.is_negative and not multiplied_reciprocal(f)]
         denominators = [1 / f for f in divides]
         numerators = [f for f in tensors if f not in divides]
         small_den = [d for d in denominators if not self.full(d)]

@@ -206,8 +206,8 @@ class VectorPrinter(ScalarPrinter):
             return "(" + "*".join([f"({b})"] * int(exp)) + ")"
         if exp == -1:
             return f"({b}).reciprocal()"
-        if exp.is_Integer and -4 <= exp < -1:
-            return "(" + "*".join([f"({b})"] * int(-exp)) + ").reciprocal()"
+        if exp.is_Integer and -4 <= exp < -1:  # (a power of the reciprocal: symbolic.reciprocal_integer_power)
+            return "(" + "*".join([f"({b}).reciprocal()"] * int(-exp)) + ")"
         if exp == sp.S.Half:
             return f"({b}).sqrt()"
         if exp == -sp.S.Half:

@@ -601,6 +601,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     log_softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
                      if n.op == "log_softmax" and len(n.attrs["axes"]) == 1}
 
+    exponentials = frozenset(rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "exp")
     ops = {n.op for n in el.graph.nodes}
     softplus_grads = "softplus" in ops and "sigmoid" not in ops
     # a spec with a matrix product: its gradient's matrix-vector sums are matrix products, as
@@ -613,6 +614,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         p.softmaxes = softmaxes
         p.log_softmaxes = log_softmaxes
         p.tanhs = tanhs
+        p.exponentials = exponentials
         p.softplus_grads = softplus_grads
         p.products = products
         return p

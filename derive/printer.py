@@ -18,7 +18,7 @@ from .backends import CodeOps, number_text
 from .errors import DerivationError
 from .functions import COMPARISON_MASKS, Equal, NonNeg, Sigmoid, SplitExp, Step
 from .symbolic import (_Bound, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent,
-                       free_indices, reciprocal_root_power, reciprocal_roots)
+                       free_indices, reciprocal_integer_power, reciprocal_root_power, reciprocal_roots)
 
 
 def _is_indicator(expr: sp.Expr) -> bool:
@@ -117,6 +117,9 @@ class KernelPrinter(TorchPrinter):
         # saved tanh values, each with its place in the forward: ``g*(1 - y**2)`` prints as torch's
         # own kernel for it (``_tanh_backward``)
         self.tanhs: dict[str, int] = {}
+        # saved exponentials (``v1 = A.exp()``, by the names printed): what overflows, as an ``exp``
+        # the formula computes does (``upstream_first``)
+        self.exponentials: frozenset = frozenset()
         # every sigmoid of the formulas is a softplus's derivative (the spec has softplus, no sigmoid):
         # ``g*sigmoid(z)`` prints as torch's own kernel for it (``_softplus_backward``)
         self.softplus_grads = False
@@ -156,6 +159,8 @@ class KernelPrinter(TorchPrinter):
             return f"torch.rsqrt({self._print(base)})"
         if reciprocal_root_power(expr) and self._is_tensor(base):
             return f"torch.rsqrt({self._print(base)})**{reciprocal_root_power(expr)}"
+        if reciprocal_integer_power(expr) and self._is_tensor(base):
+            return f"(1/{b})**{reciprocal_integer_power(expr)}"
         if e.is_negative:
             return f"1/{self.parenthesize(base ** -e, sp.printing.precedence.PRECEDENCE['Mul'])}"
         return f"{b}**{self.parenthesize(e, sp.printing.precedence.PRECEDENCE['Pow'])}"
@@ -167,7 +172,7 @@ class KernelPrinter(TorchPrinter):
     # what a printer knows of the derivation beyond its frame, which every printer made for the same
     # formulas carries: a sum's body printed without ``tanhs`` wrote ``(y - 1)*(y + 1)`` where the
     # same value outside it was ``tanh_backward(g, y)``, two roundings that no longer cancel
-    KNOWN = ("softmaxes", "log_softmaxes", "tanhs", "softplus_grads")
+    KNOWN = ("softmaxes", "log_softmaxes", "tanhs", "exponentials", "softplus_grads")
 
     def knowing(self, other: "KernelPrinter") -> "KernelPrinter":
         """This printer, told what ``other`` knows of the derivation (``KNOWN``)."""
@@ -734,15 +739,20 @@ class KernelPrinter(TorchPrinter):
     def upstream_first(self, tensors: list) -> tuple[list, list]:
         """(what a one-pass kernel is given, what multiplies its result) of the tensor factors of
         its gradient: the upstream gradient (the output's, ``dtype_of``, read as it is) and the
-        rest. Where no factor is the upstream gradient itself, every factor but the exponentials:
-        an ``exp`` is what overflows, and autograd multiplies it in after the kernel (the chain
-        rule meets ``exp(A)`` below ``tanh(exp(A))``), so the kernel's 0 meets it last
-        (``tanh_backward(g, y)*exp(A + v)``, never ``tanh_backward(g*exp(A + v), y)``, ``inf*0``
-        once ``exp(A + v)`` overflows where ``exp(A)`` did not)."""
+        rest. Where no factor is the upstream gradient itself, every factor but the exponentials
+        (an ``exp``, or a saved one, ``exponentials``): an ``exp`` is what overflows, and autograd
+        multiplies it in after the kernel (the chain rule meets ``exp(A)`` below ``tanh(exp(A))``),
+        so the kernel's 0 meets it last (``tanh_backward(g, y)*exp(A + v)``, never
+        ``tanh_backward(g*exp(A + v), y)``, ``inf*0`` once ``exp(A + v)`` overflows where ``exp(A)``
+        did not; ``tanh_backward(g, v4)*v1`` for ``v4 = tanh(v1)``, ``v1 = exp(A)``, never
+        ``tanh_backward(g*v1, v4)``, infinite where ``g*v1`` passes float32's range and ``v1`` does not)."""
         inside = [r for r in tensors if tensor_name(r) == self.dtype_of]
         if not inside:
-            inside = [r for r in tensors if not isinstance(r.base if r.is_Pow else r, sp.exp)] or list(tensors)
+            inside = [r for r in tensors if not self._exponential(r.base if r.is_Pow else r)] or list(tensors)
         return inside, [r for r in tensors if r not in inside]
+
+    def _exponential(self, factor) -> bool:
+        return isinstance(factor, sp.exp) or tensor_name(factor) in self.exponentials
 
     def _softplus_backward(self, expr) -> str | None:
         """``g*sigmoid(z)``, the chain rule through ``F.softplus(z)``, with ``g`` a tensor: printed as
@@ -811,7 +821,7 @@ class KernelPrinter(TorchPrinter):
                 return f"{sign}{mean}"
             return f"{sign}{self.parenthesize(rest, sp.printing.precedence.PRECEDENCE['Mul'], strict=True)}*{mean}"
         rest, roots = reciprocal_roots(expr, self._is_tensor)
-        if roots:  # multiplied as ``rsqrt(q)**3``, not divided by ``q**1.5``
+        if roots:  # multiplied as ``rsqrt(q)**3`` and ``(1/q)**2``, not divided by ``q**1.5`` or ``q**2``
             powers = "*".join(self._print_Pow(f) for f in roots)
             if rest == 1:
                 return powers

@@ -327,11 +327,19 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Exp
                 # inlined, an odd function's argument may turn negative, and SymPy takes the sign out
                 # (``tanh(2*v3)`` of ``v3 = -tanh(u)`` is ``-tanh(2*tanh(u))``): the node negated
                 flip, seen = (-1, -seen) if power == 1 and seen.is_Mul and seen.could_extract_minus_sign() else (1, seen)
-                match = seen.match(wanted)
+                match = _matched(el, seen, wanted)
                 if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
                     found[atom] = flip * sign * target.xreplace(match) ** power
                     break
     return expr.xreplace(found) if found else None
+
+
+def _matched(el: Elements, expr: sp.Expr, pattern: sp.Expr) -> dict | None:
+    """``expr.match(pattern)``, once per pair on a derivation: the refold asks again at every step
+    and for every form ``select`` tries, of the same atoms (those its last rewrite left alone), and
+    SymPy's matcher is slow on the large expanded ones (a log of a square of a log-softmax, inlined:
+    nine tenths of a derivation's matching time was the same pairs again)."""
+    return kept_on(el, "_matches", (expr, pattern), lambda: expr.match(pattern))
 
 
 def _saved_read(el: Elements, node: Node, expr: sp.Expr, inline) -> sp.Expr | None:
@@ -403,7 +411,7 @@ def _kept_reads(el: Elements, node: Node, expr: sp.Expr, sums_only: bool = False
             if rest.func is not value.func:
                 continue
             if len(rest.args) == len(value.args):
-                match = rest.match(pattern)
+                match = _matched(el, rest, pattern)
                 if match is not None and all(isinstance(match.get(w), (sp.Idx, sp.Integer)) for w in wild.values()):
                     found[a] = number * target.xreplace(match)
             elif value.is_Add and len(value.args) < len(rest.args) <= _MAX_SUM_TERMS:
@@ -609,14 +617,19 @@ def _cancelled(term: sp.Expr) -> sp.Expr:
 
 def _expanded_denominator(e: sp.Expr) -> bool:
     """A sum divided by, with a root among its terms' factors (what ``cancel`` made of a power), or
-    a product of tensor sums multiplied out: other denominators stay as ``cancel`` writes them,
+    a product or a power of tensor sums multiplied out: other denominators stay as ``cancel`` writes them,
     which the refold's costs were tuned on."""
     if not (e.is_Pow and e.exp.is_negative and e.base.is_Add and sp.count_ops(e.base) <= FACTOR_MAX_OPS):
         return False
     if any(not p.exp.is_Integer for p in e.base.atoms(sp.Pow)):
         return True
     sums = [f for f in sp.Mul.make_args(_factor(e.base)) if (f.is_Add or (f.is_Pow and f.base.is_Add)) and f.free_symbols]
-    return len(sums) >= 2
+    # (a power of one elementwise sum multiplied out too: ``k*c**4 + 2*k*c**2 + k`` is infinite from
+    # c = 1e10, its factored ``k*(c**2 + 1)**2`` is printed as a power of the reciprocal,
+    # ``(1/(c**2 + 1))**2/k``. Not a sum with a reduction in it: factored, ``d + 1e5*sum(t**2)``
+    # became one sum of ``1e5*t**2 + 1``, rounded apart from the same value the formula's other
+    # term reads, and their difference lost the digits the two shared before)
+    return len(sums) >= 2 or any(f.is_Pow and f.exp.is_Integer and f.exp > 1 and not reductions(f.base) for f in sums)
 
 
 FACTOR_MAX_OPS = 200  # a denominator larger than this is left expanded (factoring it takes seconds)

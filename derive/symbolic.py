@@ -52,11 +52,30 @@ def reciprocal_root_power(e: sp.Expr) -> int | None:
     return None
 
 
+def reciprocal_integer_power(e: sp.Expr) -> int | None:
+    """``m`` for ``e = q**(-m)`` with ``m`` a whole number above 1, else None. The printers write it
+    ``(1/q)**m``: ``1/q**m`` overflows float32 where ``q**m`` passes 3.4e38 (``1/(c**2 + 1)**2`` from
+    c = 1e10, a gradient autograd gets as ``rsqrt(c**2 + 1)**4``), and comes out 0 where the value is
+    a subnormal, as ``(1/q)**m`` is."""
+    if not e.is_Pow:
+        return None
+    exponent = sp.Rational(float(e.exp)) if e.exp.is_Float else e.exp
+    if exponent.is_Integer and exponent < -1:
+        return int(-exponent)
+    return None
+
+
+def multiplied_reciprocal(e: sp.Expr) -> bool:
+    """Whether the power ``e`` is multiplied as a power of a reciprocal (``rsqrt(q)**3``,
+    ``(1/q)**2``) rather than divided by (``reciprocal_root_power``, ``reciprocal_integer_power``)."""
+    return bool(reciprocal_root_power(e) or reciprocal_integer_power(e))
+
+
 def reciprocal_roots(product: sp.Expr, keep=lambda base: True) -> tuple[sp.Expr, list]:
-    """``(rest, roots)`` of a product: its factors ``q**(-k/2)`` (``reciprocal_root_power``) whose
-    base ``keep`` takes, and the product of the others. Printed as the rest times ``rsqrt(q)**k``:
-    SymPy's printers would divide by ``q**(k/2)``."""
-    roots = [f for f in product.args if reciprocal_root_power(f) and keep(f.base)]
+    """``(rest, roots)`` of a product: its factors ``q**(-k/2)`` and ``q**(-m)``
+    (``multiplied_reciprocal``) whose base ``keep`` takes, and the product of the others. Printed as
+    the rest times ``rsqrt(q)**k`` or ``(1/q)**m``: SymPy's printers would divide by ``q**(k/2)``."""
+    roots = [f for f in product.args if multiplied_reciprocal(f) and keep(f.base)]
     return sp.Mul(*[f for f in product.args if f not in roots]), roots
 
 

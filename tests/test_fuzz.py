@@ -323,6 +323,22 @@ UNREAD_TIE_MASK = _regression('fuzz_found_unread_tie_mask',
     '    v5 = 1 - v3\n    v6 = v5.mean()\n    out = v6',
     'x=Tensor("n", "k"), w=Tensor("k"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, w, u, A, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# the mean of rsqrt(c*c + 1)**2: the gradient's denominator (c**2 + 1)**2 was multiplied out,
+# k*c**4 + 2*k*c**2 + k, infinite in float32 from c = 1e10 (so the gradient 0) where autograd's
+# rsqrt(q)**4 is a subnormal; now factored and printed as the reciprocal squared, (1/(c**2 + 1))**2
+SQUARED_DENOMINATOR_MULTIPLIED_OUT = _regression('fuzz_found_squared_denominator_multiplied_out',
+    '    v1 = torch.rsqrt(c * c + 1)\n    v2 = v1 * v1\n    v3 = v2.mean()\n    out = v3',
+    'x=Tensor("n", "k"), c=Tensor("1", "k"), u=Tensor("n", "k", differentiable=False), A=Tensor("k", "k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, c, u, A, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# log(softmax(tanh(exp(A)))): the saved v1 = exp(A) went into the tanh's one-pass kernel,
+# tanh_backward(g*v1, v4), infinite where g*v1 passes float32's range (A near 87) and v1 does not:
+# inf*0 where autograd multiplies the tanh's 0 by v1. A saved exponential now multiplies the result
+# (``KernelPrinter.upstream_first``), as an exp the formula computes did
+SAVED_EXPONENTIAL_INTO_A_TANH = _regression('fuzz_found_saved_exponential_into_a_tanh',
+    '    v1 = A.exp()\n    v4 = torch.tanh(v1)\n    v5 = v4.max(1, keepdim=True).values\n    v6 = v4 - v5\n    v7 = v6.exp()\n'
+    '    v8 = v7.sum(1, keepdim=True)\n    v9 = v7 / v8\n    v10 = v9.log()\n    out = v10',
+    'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, c, w, A, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 7})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -333,7 +349,8 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           PRODUCT_OF_DIVISORS_OVERFLOWS, SOFTPLUS_INSIDE_A_TANH, CHOSEN_AT_THE_EDGE, SCALAR_POLYNOMIAL_OF_A_TANH,
           SHARED_SQUARE_OF_A_TANH, TANH_OF_A_SOFTMAX_TOTAL, SUMMED_TANH_OF_A_CLAMPED_SOFTPLUS,
           DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP, SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW, SUM_TIMES_A_SUM,
-          EXPONENTIAL_MERGED_INTO_A_TANH, UNREAD_TIE_MASK]
+          EXPONENTIAL_MERGED_INTO_A_TANH, UNREAD_TIE_MASK, SQUARED_DENOMINATOR_MULTIPLIED_OUT,
+          SAVED_EXPONENTIAL_INTO_A_TANH]
 
 
 class Tally:

@@ -608,6 +608,10 @@ def test_the_c_printers():
     assert VectorPrinter(names).doprint(y * x ** sp.Rational(-3, 2)) == \
         f"(Vec::loadu(p_dout + row*sz_d + col, cnt))*(({load}).rsqrt()*({load}).rsqrt()*({load}).rsqrt())"
     assert "pow" not in ScalarPrinter(names).doprint(x ** -1.5) and "sqrt" in ScalarPrinter(names).doprint(x ** -1.5)
+    # q**-2 multiplied as the reciprocal squared (q*q overflows float32 from q = 2e19, its reciprocal's
+    # square is a subnormal there), never one reciprocal of the product
+    assert VectorPrinter(names).doprint(y * x ** -2) == \
+        f"(Vec::loadu(p_dout + row*sz_d + col, cnt))*(({load}).reciprocal()*({load}).reciprocal())"
 
 
 EXP_CHECK = r"""

@@ -287,6 +287,32 @@ def inverse_root(x):
     assert "*torch.rsqrt(v**2 + 1)**3" in code and "**(1.5)" not in code, code
 
 
+def test_a_squared_denominator_is_the_reciprocal_squared(tmp_path):
+    """The mean of ``rsqrt(c*c + 1)**2`` has the gradient ``-2*c/(k*(c**2 + 1)**2)``. ``cancel``
+    multiplied the square out, ``k*c**4 + 2*k*c**2 + k``, infinite in float32 from c = 1e10, where
+    the gradient (autograd's ``rsqrt(q)**4``) is a subnormal: it came out 0. The square is factored
+    again and multiplied as a power of the reciprocal, whose range is the gradient's own."""
+    from derive.layers import from_file
+    from derive.simplify import _cancelled
+
+    c, k = sp.symbols("c k", positive=True)
+    assert _cancelled(-2 * c / (k * (c**2 + 1) ** 2)) == -2 * c / (k * (c**2 + 1) ** 2)
+    spec = tmp_path / "squared_reciprocal.py"
+    spec.write_text('''import torch
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), c=Tensor("1", "k"))
+def squared_reciprocal(x, c):
+    v = torch.rsqrt(c * c + 1)
+    return (v * v).mean() + x.sum()
+''')
+    (layer,) = from_file(str(spec))
+    kernel = build(layer)
+    code = " ".join([next(f.code for f in kernel.formulas if f.input == "c")] + [s.code for s in kernel.shared])
+    assert "**2 + 1))**2" in code and "**4" not in code, code
+
+
 def test_factoring_keeps_each_exponential_whole():
     """SymPy's ``factor`` writes ``exp(x - m)`` as ``exp(x)*exp(-m)``: at x and m near -6000 that is
     ``0*inf``, NaN, where the spec's ``exp(x - m)`` is finite. A sum's body is factored with the sum."""
