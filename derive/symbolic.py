@@ -455,17 +455,27 @@ def substitute_family(expr: sp.Expr, base: sp.IndexedBase, indices: tuple, value
     # enclosing sum's index, replaced by a value holding a sum of its own over the same size, would
     # have that sum capture it (``sum_d (sum_i x*A[i, d])*x[d]`` read as ``A[_r1_d, _r1_d]``). The
     # enclosing sums are renamed apart first, then every reduction is rebuilt canonical.
-    apart = _bound_apart(expr).replace(is_element, element_value)
-    return apart.replace(lambda e: isinstance(e, (Red, Max)), lambda e: type(e)(*e.args))
+    # (only the reductions around an element of ``base`` are renamed and rebuilt: the others come
+    # back as they were, canonical already, and rebuilding one expands its body again)
+    apart = _bound_apart(expr, base).replace(is_element, element_value)
+    return apart.replace(lambda e: isinstance(e, (Red, Max)) and isinstance(e.index.label, _Apart),
+                         lambda e: type(e)(*e.args))
 
 
-def _bound_apart(expr: sp.Expr) -> sp.Expr:
-    """``expr`` with the index of each sum and maximum renamed to a fresh one (not canonical)."""
+class _Apart(sp.Dummy):
+    """The index of a reduction renamed apart (``_bound_apart``), to be made canonical again."""
+
+
+def _bound_apart(expr: sp.Expr, base: sp.IndexedBase) -> sp.Expr:
+    """``expr`` with the index of each sum and maximum around an element of ``base`` renamed to a
+    fresh one (not canonical)."""
+    if not expr.has(base):
+        return expr
     if isinstance(expr, (Red, Max)):
         j = expr.index
-        fresh = sp.Idx(sp.Dummy(f"b_{j.name}", integer=True), extent(j))
-        return type(expr)(_bound_apart(_rename(expr.body, j, fresh)), fresh, evaluate=False)
+        fresh = sp.Idx(_Apart(f"b_{j.name}", integer=True), extent(j))
+        return type(expr)(_bound_apart(_rename(expr.body, j, fresh), base), fresh, evaluate=False)
     if not expr.args or isinstance(expr, sp.Indexed) and not expr.atoms(Red, Max):
         return expr
-    args = [_bound_apart(a) for a in expr.args]
+    args = [_bound_apart(a, base) for a in expr.args]
     return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr

@@ -399,6 +399,15 @@ class Written:
                 break
         return expr
 
+    def _carries_nothing(self, expr: sp.Expr) -> bool:
+        """Whether ``expr``, its adjoints substituted and the lines inlined, is 0: once per
+        expression (a use's value is asked again for every adjoint reached through its line, and
+        the normal form of a long chain takes seconds)."""
+        known = self.__dict__.setdefault("_nothing", {})
+        if expr not in known:
+            known[expr] = is_zero(self.normal(self.with_values(expr)))
+        return known[expr]
+
     def _vanished(self, adjoint: Adjoint) -> list[Vanished]:
         out = []
         for use in adjoint.uses:
@@ -408,9 +417,9 @@ class Written:
                 path = use.in_values.xreplace({bar: source.in_values}) if isinstance(bar, sp.Symbol) \
                     else substitute_family(use.in_values, bar.base, self.el.free(use.consumer), source.in_values)
                 path = expand(path)
-                if path == 0 or is_zero(self.normal(self.with_values(source.in_values))):
+                if path == 0 or self._carries_nothing(source.in_values):
                     continue
-                if not is_zero(self.normal(self.with_values(path))):
+                if not self._carries_nothing(path):
                     continue
                 shown = self._pulled(path)
                 out.append(Vanished(source.consumer, use.consumer, shown, self.vanishing_sums(shown)))
