@@ -606,8 +606,11 @@ class KernelPrinter(TorchPrinter):
         (its row sum accumulates as the softmax's own backward does, not as ``.sum``). None for
         anything else."""
         factors = sp.Mul.make_args(expr)
-        coeff = sp.Mul(*[f for f in factors if f.is_number])
-        rest = [f for f in factors if not f.is_number]
+        # (numbers, and values the same at every entry, such as the upstream gradient of a whole
+        # sum, multiply the kernel's result: ``dv*(m - sum_j m*s)*s`` is ``dv*softmax_backward(m, s)``)
+        one_value = [f for f in factors if _same_everywhere(f)]
+        coeff = sp.Mul(*one_value)
+        rest = [f for f in factors if f not in one_value]
         if len(rest) != 2 or not self.softmaxes:
             return None
         s = next((f for f in rest if isinstance(f, sp.Indexed) and str(f.base) in self.softmaxes), None)
@@ -1305,6 +1308,12 @@ def _sides(e: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
 def _outside_elements(expr: sp.Expr) -> set:
     """The free symbols of ``expr`` but those of its tensor elements (their bases and indices)."""
     return expr.xreplace({e: sp.Dummy() for e in expr.atoms(sp.Indexed)}).free_symbols
+
+
+def _same_everywhere(f: sp.Expr) -> bool:
+    """Whether the factor ``f`` is one value at every entry of the frame: a number, a size, a
+    constant or a 0-d tensor (the upstream gradient of a whole sum), nothing read at an index."""
+    return not f.atoms(sp.Indexed, Red) and not any(isinstance(i, sp.Idx) for i in f.free_symbols)
 
 
 def _is_scalar_factor(f: sp.Expr, shapes: dict) -> bool:

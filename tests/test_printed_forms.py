@@ -2,6 +2,7 @@
 a matrix product, a table read at labels as ``w[y]``, a label mask as ``y == c``, nested sums as one sum."""
 import re
 
+import pytest
 import sympy as sp
 
 from derive.kernel import build
@@ -686,6 +687,20 @@ def test_the_chain_rule_through_a_saved_log_softmax_is_torch_s_own_kernel(tmp_pa
     printed = _backward_source(build(layer))
     assert "dx = torch._log_softmax_backward_data(dout*w, v, 1, v.dtype)" in printed, printed
     assert "exp(" not in printed, printed
+
+
+@pytest.mark.parametrize("function, kernel", [("softmax", "_softmax_backward_data"),
+                                              ("log_softmax", "_log_softmax_backward_data")])
+def test_a_softmax_under_a_whole_sum_is_torch_s_own_kernel_times_the_upstream_value(tmp_path, function, kernel):
+    """``F.softmax(x).clamp(max=0.5).sum()``: the upstream gradient ``dv`` is one value, a factor
+    outside the chain rule through the softmax, ``dv*(m - sum_j m*s)*s``. It printed as the product,
+    the clamp's mask twice and a row sum of its own (2.2x autograd's time at 1024 x 512); now
+    torch's own kernel on the mask, times ``dv``, as the log-softmax's was already."""
+    body = f"    v = torch.{function}(x, dim=1)\n    return v.clamp(min=-1.0, max=0.5).sum()"
+    layer = _layer(tmp_path, f"clamped_{function}_total", body, declared='x=Tensor("n", "k")', signature="x")
+    printed = _backward_source(build(layer))
+    assert re.search(rf"dx = dout\*\(?torch\.{kernel}\(", printed), printed
+    assert ".sum(" not in printed, printed
 
 
 def test_two_inputs_added_have_one_adjoint(tmp_path):
