@@ -613,4 +613,36 @@ def one_kernel_of(chain: list[str], upstream: str) -> str | None:
             return argument if argument.isidentifier() else None
     return None
 
-__all__ = ["linear_form", "chain_form", "one_kernel_of"]
+# the one-pass kernel autograd's backward of each operation runs (``derivatives.yaml``), and the
+# value it reads: the operation's output (``TanhBackward0``: ``tanh_backward(grad, result)``) or,
+# for ``relu``, the output or the input (``u > 0`` is ``relu(u) > 0``)
+AUTOGRAD_KERNEL_OF = {"tanh": (_TANH_BACKWARD, ("output",)), "sigmoid": (_SIGMOID_BACKWARD, ("output",)),
+                      "relu": (_THRESHOLD_BACKWARD, ("output", "input"))}
+
+
+def kernel_chain_of(chain: list[str], upstream: str) -> list[tuple[str, str]] | None:
+    """``[(kernel, tensor)]``, outermost call first, when ``chain`` (``chain_form``'s statements) is
+    the upstream gradient passed through one-pass kernels and nothing else
+    (``dx = tanh_backward(tanh_backward(dv2, v2), v1)``: ``[(tanh_backward, v1), (tanh_backward, v2)]``);
+    else None."""
+    code = [line for line in chain if not line.lstrip().startswith("#")]
+    if len(code) != 1:
+        return None
+    _, _, call = code[0].partition(" = ")
+    found = []
+    while call != upstream:
+        for name in _KERNELS:
+            tail = _EXTRA_ARGUMENTS.get(name, "") + ")"
+            if call.startswith(f"{name}(") and call.endswith(tail):
+                inner, _, tensor = call[len(name) + 1:-len(tail)].rpartition(", ")
+                if not tensor.isidentifier() or not inner:
+                    return None
+                found.append((name, tensor))
+                call = inner
+                break
+        else:
+            return None
+    return found or None
+
+
+__all__ = ["linear_form", "chain_form", "one_kernel_of", "kernel_chain_of", "AUTOGRAD_KERNEL_OF"]

@@ -13,7 +13,7 @@ from typing import Iterator
 from importlib import metadata
 
 from .files import content_hash
-from .backward_plan import one_kernel_of
+from .backward_plan import AUTOGRAD_KERNEL_OF, kernel_chain_of, one_kernel_of
 from .forward import forward_lines
 from .kernel import Kernel, size_checks
 from .spec import Constant, Labels, Layer, Tensor
@@ -240,15 +240,19 @@ def render_function(kernel: Kernel) -> str:
     return header(kernel, "#", body, templates=TEMPLATES_OF["function"]) + body
 
 
-def _autograd_runs_it(kernel: Kernel) -> bool:
+def _autograd_runs_it(kernel: Kernel) -> bool | str:
     """Whether the eager kernel is, kernel for kernel, what autograd runs through the spec: one
     operation, and each gradient one call of autograd's own one-pass kernel on the upstream gradient
     and that operation's output or input (or, for a sum, the upstream gradient expanded); inputs
-    the operation does not read have no gradient in either. Then ``<name>(...)`` runs the operation
-    under autograd in eager mode: a Python ``autograd.Function`` would only add its fixed cost per
-    call."""
+    the operation does not read have no gradient in either; or (``"chain"``) a chain of such
+    operations (``_autograd_runs_the_chain``). Then ``<name>(...)`` runs the operations under
+    autograd in eager mode: a Python ``autograd.Function`` would only add its fixed cost per call
+    (and, for ``tanh(tanh(x))`` at 1024 x 512, buffers freed in another order: 1.2x to 1.3x
+    autograd's time with the same kernels)."""
     graph = kernel.graph
     operations = [node for node in graph.nodes if node not in graph.inputs.values()]
+    if len(operations) > 1:
+        return "chain" if _autograd_runs_the_chain(kernel, operations) else False
     if len(operations) != 1 or kernel.shared or not kernel.formulas:
         return False
     allowed = {kernel.output, *kernel.layer.tensors}
@@ -259,6 +263,34 @@ def _autograd_runs_it(kernel: Kernel) -> bool:
     expanded = re.compile(rf"{re.escape(upstream)}\.expand\([^()]*\)")
     return bool(read) and all(one_kernel_of(f.chain, upstream) in allowed
                               or operations[0].op == "sum" and expanded.fullmatch(f.code) for f in read)
+
+
+def _autograd_runs_the_chain(kernel: Kernel, operations: list) -> bool:
+    """``_autograd_runs_it`` for a chain of operations (``tanh(tanh(x))``, ``sigmoid(relu(x))``):
+    each reads the one before it, the first one input, and each has a one-pass kernel in
+    autograd's backward; the one gradient is the upstream gradient through those kernels, one per
+    operation, the output's first, each on the value autograd's reads. Then autograd through the
+    spec runs the same kernels in the same order on the same values."""
+    graph = kernel.graph
+    if kernel.shared or any(n.op not in AUTOGRAD_KERNEL_OF for n in operations):
+        return False
+    first = operations[0].inputs
+    if len(first) != 1 or first[0] not in graph.inputs.values() or operations[-1] is not graph.output \
+            or any(node.inputs != [before] for before, node in zip(operations, operations[1:])):
+        return False
+    read = [f for f in kernel.formulas if f.code != "None"]
+    if len(read) != 1 or read[0].input != first[0].name:
+        return False
+    names = {node: kernel.output if node is graph.output else node.name for node in operations}
+    names[first[0]] = first[0].name
+    found = kernel_chain_of(read[0].chain, f"d{kernel.output}")
+    if found is None or len(found) != len(operations):
+        return False
+    for (name, tensor), node in zip(found, operations):
+        expected, reads = AUTOGRAD_KERNEL_OF[node.op]
+        if name != expected or tensor not in {names[node] if r == "output" else names[node.inputs[0]] for r in reads}:
+            return False
+    return True
 
 
 def _functions_digest(module_text: str, names: tuple) -> str:

@@ -1,7 +1,8 @@
 """A layer whose derived backward is autograd's own kernel for its one operation (``tanh``,
-``sigmoid``, ``relu``, written by a user or built in) runs that operation under autograd in eager
-mode: the same kernels, without a Python ``autograd.Function``'s fixed cost per call. Anything else,
-and a hand edit of the kernel, goes through the Function."""
+``sigmoid``, ``relu``, written by a user or built in), or its own kernels for a chain of such
+operations, runs those operations under autograd in eager mode: the same kernels, without a Python
+``autograd.Function``'s fixed cost per call. Anything else, and a hand edit of the kernel, goes
+through the Function."""
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,25 @@ def total(x, w):
 
 
 @layer(x=Tensor("n", "d"))
+def squash_squash(x):
+    """A chain: autograd's two ``tanh_backward`` calls, in the same order, are the derived backward."""
+    return torch.tanh(torch.tanh(x))
+
+
+@layer(x=Tensor("n", "d"))
+def gate_of_rectified(x):
+    """A rectifier, then a logistic gate."""
+    h = torch.relu(x)
+    return torch.sigmoid(h)
+
+
+@layer(x=Tensor("n", "d"), w=Tensor("d"))
+def squash_of_a_sum(x, w):
+    """Not a chain of one input: the sum's two operands."""
+    return torch.tanh(torch.tanh(x + w))
+
+
+@layer(x=Tensor("n", "d"))
 def squash_twice(x):
     """Two operations: autograd runs two backward kernels, the derived backward one pass."""
     return torch.tanh(x) * 2.0
@@ -83,6 +103,33 @@ def test_one_operation_with_its_own_kernel_runs_under_autograd(folder, name, op)
     ref = x.detach().clone().requires_grad_()
     (dref,) = torch.autograd.grad(op(ref), ref, dout)
     assert torch.equal(out, out2) and torch.equal(dx, dx2) and torch.equal(dx, dref)
+
+
+@pytest.mark.parametrize("name, ops, node", [("squash_squash", (torch.tanh, torch.tanh), "TanhBackward0"),
+                                             ("gate_of_rectified", (torch.relu, torch.sigmoid), "SigmoidBackward0")])
+def test_a_chain_of_operations_with_their_own_kernels_runs_under_autograd(folder, name, ops, node):
+    """``tanh(tanh(x))``: the derived backward is ``tanh_backward(tanh_backward(dout, out), t)``,
+    autograd's two kernels in its order, so the chain runs under autograd (through the Function it
+    took 1.2x to 1.3x autograd's time at 1024 x 512 with the same kernels); values equal the Function's."""
+    m = module(folder, name)
+    assert m._autograd_is_the_kernel()
+    x = (torch.randn(64, 33, dtype=torch.float32) * 3).requires_grad_()
+    out = getattr(m, name)(x)
+    assert type(out.grad_fn).__name__ == node
+    dout = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, dout)
+    x2 = x.detach().requires_grad_()
+    function = getattr(m, "".join(part.capitalize() for part in name.split("_")) + "Function")
+    out2 = function.apply(x2)[0]
+    (dx2,) = torch.autograd.grad(out2, x2, dout)
+    ref = x.detach().clone().requires_grad_()
+    (dref,) = torch.autograd.grad(ops[1](ops[0](ref)), ref, dout)
+    assert torch.equal(out, out2) and torch.equal(dx, dx2) and torch.equal(dx, dref)
+
+
+def test_a_chain_that_reads_two_inputs_keeps_the_function(folder):
+    m = module(folder, "squash_of_a_sum")
+    assert not hasattr(m, "_autograd_is_the_kernel")
 
 
 def test_inputs_the_operation_does_not_read_keep_it_under_autograd(folder):
