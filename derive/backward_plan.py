@@ -602,16 +602,8 @@ def one_kernel_of(chain: list[str], upstream: str) -> str | None:
     """The tensor that ``chain`` (``chain_form``'s statements) passes, with the upstream gradient
     alone, to one of autograd's one-pass kernels, when that one call is the whole gradient
     (``dx = tanh_backward(dout, out)``); else None."""
-    code = [line for line in chain if not line.lstrip().startswith("#")]
-    if len(code) != 1:
-        return None
-    _, _, call = code[0].partition(" = ")
-    for name in _KERNELS:
-        head = f"{name}({upstream}, "
-        if call.startswith(head) and call.endswith(")"):
-            argument = call[len(head):-1].removesuffix(_EXTRA_ARGUMENTS.get(name, ""))
-            return argument if argument.isidentifier() else None
-    return None
+    found = kernel_chain_of(chain, upstream)
+    return found[0][1] if found is not None and len(found) == 1 else None
 
 # the one-pass kernel autograd's backward of each operation runs (``derivatives.yaml``), and the
 # value it reads: the operation's output (``TanhBackward0``: ``tanh_backward(grad, result)``) or,

@@ -44,12 +44,17 @@ def reciprocal_root_power(e: sp.Expr) -> int | None:
     else None. The printers write it ``rsqrt(q)**k``, as autograd's rsqrt backward does
     (``rsqrt(q)**3``): ``q**1.5`` overflows float32 from q = 5e25, where ``rsqrt(q)**3`` is a
     subnormal, not 0."""
-    if not e.is_Pow:
-        return None
-    exponent = sp.Rational(float(e.exp)) if e.exp.is_Float else e.exp
-    if exponent.is_Rational and exponent.q == 2 and exponent.p < -1:
+    exponent = _exponent_of(e)
+    if exponent is not None and exponent.is_Rational and exponent.q == 2 and exponent.p < -1:
         return int(-exponent.p)
     return None
+
+
+def _exponent_of(e: sp.Expr) -> sp.Expr | None:
+    """The exponent of the power ``e`` (a float one read as its fraction), or None for anything else."""
+    if not e.is_Pow:
+        return None
+    return sp.Rational(float(e.exp)) if e.exp.is_Float else e.exp
 
 
 def reciprocal_integer_power(e: sp.Expr) -> int | None:
@@ -57,10 +62,8 @@ def reciprocal_integer_power(e: sp.Expr) -> int | None:
     ``(1/q)**m``: ``1/q**m`` overflows float32 where ``q**m`` passes 3.4e38 (``1/(c**2 + 1)**2`` from
     c = 1e10, a gradient autograd gets as ``rsqrt(c**2 + 1)**4``), and comes out 0 where the value is
     a subnormal, as ``(1/q)**m`` is."""
-    if not e.is_Pow:
-        return None
-    exponent = sp.Rational(float(e.exp)) if e.exp.is_Float else e.exp
-    if exponent.is_Integer and exponent < -1:
+    exponent = _exponent_of(e)
+    if exponent is not None and exponent.is_Integer and exponent < -1:
         return int(-exponent)
     return None
 

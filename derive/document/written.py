@@ -32,6 +32,7 @@ import sympy as sp
 
 from ..elements import Elements
 from ..kernel import Kernel
+from ..memo import kept_on
 from ..simplify import closed_form, scalars
 from ..symbolic import IsArgmax, Red, _Bound, expand, extent, hide_argmax, index_for, reductions, substitute_family
 from ..trace import Node
@@ -403,10 +404,7 @@ class Written:
         """Whether ``expr``, its adjoints substituted and the lines inlined, is 0: once per
         expression (a use's value is asked again for every adjoint reached through its line, and
         the normal form of a long chain takes seconds)."""
-        known = self.__dict__.setdefault("_nothing", {})
-        if expr not in known:
-            known[expr] = is_zero(self.normal(self.with_values(expr)))
-        return known[expr]
+        return kept_on(self, "_nothing", expr, lambda: is_zero(self.normal(self.with_values(expr))))
 
     def _vanished(self, adjoint: Adjoint) -> list[Vanished]:
         out = []
