@@ -266,6 +266,13 @@ def _literal_values(el: Elements, kept: set | None = None) -> tuple[dict, dict]:
     return values, lines
 
 
+def spec_sums(values: dict) -> tuple:
+    """The spec's sums (its ``+`` and ``-`` lines), each as the set of its terms as the forward
+    prints them (stabilised), for ``ForwardPrinter`` to keep together inside larger sums."""
+    sums = (stabilise(v) for n, v in values.items() if n.op in ("add", "sub"))
+    return tuple(dict.fromkeys(frozenset(v.args) for v in sums if isinstance(v, sp.Add)))
+
+
 def _reads(expr: sp.Expr, kept: set) -> list[Node]:
     names = {str(b) for b in expr.atoms(sp.IndexedBase)} | {s.name for s in expr.free_symbols if isinstance(s, sp.Symbol)}
     return [n for n in kept if n.name in names]
@@ -346,8 +353,9 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
     statements = plan(el, saved, frame)
     if schedule is not None:
         statements = schedule(statements)
+    values, lines = _literal_values(el)
+    sums = spec_sums(values)
     if inplace:
-        values, lines = _literal_values(el)
         literal = {stabilise(v): n.name for n, v in values.items() if n.named}
         statements = _hoist_sums(statements, frame, literal, {n.name: lines[n] for n in values})
     shapes = {n.name: el.shape(n) for n in el.graph.nodes}  # read at their atoms (atoms.py)
@@ -402,7 +410,7 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
                     if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape
                     and not aliases_live(t.name, position)} if inplace else set()
         printer = ForwardPrinter(Frame(frame), shapes, names, reusable=reusable, inplace=inplace,
-                                 dtype_of=dtype_of, views=views, computed=computed)
+                                 dtype_of=dtype_of, views=views, computed=computed, sums=sums)
         # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output)
         printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(frame) and printer._lower_rank(st.value)
         printer.products = st.node is not None and st.node.op in CONTRACTIONS
@@ -412,7 +420,7 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
                 and not temporaries(st.value, shapes) and 0 not in el.free(st.node):
             # a softmax of tensors read as stored: printed on the node's own axes (q @ k.T).softmax(1)
             own = ForwardPrinter(Frame(list(el.free(st.node))), shapes, names, dtype_of=dtype_of, views=views,
-                                 computed=computed)
+                                 computed=computed, sums=sums)
             try:
                 direct = own.doprint(st.value)
             except DerivationError:  # a sum inside needs an axis of its own: printed in the whole frame

@@ -955,7 +955,11 @@ class KernelPrinter(TorchPrinter):
         """``terms`` added left to right, in this order (Python's, and so torch's, order)."""
         text = self._print(terms[0])
         for t in terms[1:]:
-            if t.could_extract_minus_sign():
+            # a sum kept whole (``_spec_grouping``) is subtracted only when all its terms are negative:
+            # ``b + (1 - x)``, not ``b - (x - 1)`` (the same value: negation is exact)
+            negative = all(a.could_extract_minus_sign() for a in t.args) if isinstance(t, sp.Add) \
+                else t.could_extract_minus_sign()
+            if negative:
                 term = self.parenthesize(-t, sp.printing.precedence.PRECEDENCE["Add"])
                 # (a kernel's factor may carry the sign back: ``-(y - 1)*(y + 1)*g`` negated prints
                 # as ``-tanh_backward(g, y)``, which reads as a sum, not ``x - -tanh_backward``)
@@ -1087,11 +1091,16 @@ class ForwardPrinter(KernelPrinter):
     _UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh"}
 
     def __init__(self, frame: Frame, shapes: dict, names: dict, reusable: set = frozenset(), inplace: bool = True,
-                 dtype_of: str = "", views: dict | None = None, computed: set = frozenset()):
+                 dtype_of: str = "", views: dict | None = None, computed: set = frozenset(),
+                 sums: tuple = ()):
         super().__init__(frame, shapes, names, dtype_of, views)
         self.reusable = set(reusable)  # temporaries that may be overwritten by this statement
         self.inplace = inplace
         self.computed = set(computed)  # temporaries holding a function of values (added last in a sum)
+        # the spec's own sums (each a frozenset of its terms), kept together where a printed sum has
+        # all of one's terms: SymPy's ``Add`` flattens ``b + (1 - x)`` to ``b + 1 - x``, and where
+        # the terms cancel the two groupings round apart (``spec_sums``)
+        self.sums = sums
         # the one sum that may be a fused multiply-add (``addcmul``): a statement's whole value, a
         # tensor of its own that the backward reads as it is. Inside an expression (``(v4 - b*x)**2``)
         # it would round otherwise than the backward that computes ``v4 - b*x`` again, and the
@@ -1100,7 +1109,7 @@ class ForwardPrinter(KernelPrinter):
 
     def _inner(self, frame: Frame) -> "ForwardPrinter":
         inner = ForwardPrinter(frame, self.shapes, self.names, inplace=self.inplace, dtype_of=self.dtype_of,
-                               views=self.views, computed=self.computed)
+                               views=self.views, computed=self.computed, sums=self.sums)
         inner.full_rank = self.full_rank
         return inner
 
@@ -1164,6 +1173,9 @@ class ForwardPrinter(KernelPrinter):
         return super()._print_Function(expr)
 
     def _print_Add(self, expr, order=None):
+        grouped = self._spec_grouping(expr)
+        if grouped is not None:
+            return self._add_terms(sorted(grouped, key=lambda t: _last_in_a_sum(t, self.computed)))
         # c + a*b in one pass over memory instead of two (a statement's whole value only: ``fusable``)
         for term in (expr.as_ordered_terms() if expr == self.fusable else []):
             coeff, factors = term.as_coeff_mul()
@@ -1174,6 +1186,20 @@ class ForwardPrinter(KernelPrinter):
                 value = "" if coeff == 1 else f", value={self._print(coeff)}"
                 return f"torch.addcmul({rest}, {a}, {b}{value})"
         return self._add_terms(sorted(expr.as_ordered_terms(), key=lambda t: _last_in_a_sum(t, self.computed)))
+
+    def _spec_grouping(self, expr: sp.Add) -> list | None:
+        """The terms of ``expr`` with each largest spec sum among them (``self.sums``) as one term,
+        an ``Add`` printed in parentheses; None where no spec sum is a proper part of ``expr``."""
+        terms = set(expr.args)
+        parts = sorted((s for s in self.sums if 1 < len(s) < len(terms) and s <= terms), key=len, reverse=True)
+        groups = []
+        for part in parts:
+            if not any(part & g for g in groups):
+                groups.append(part)
+        if not groups:
+            return None
+        alone = terms.difference(*groups)
+        return [t for t in expr.as_ordered_terms() if t in alone] + [sp.Add(*g) for g in groups]
 
     def _print_AxisSum(self, expr):
         # a product summed over several axes is one contraction (C[X] reshaped @ W1: einsum over t, e);

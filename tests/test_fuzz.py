@@ -339,6 +339,14 @@ SAVED_EXPONENTIAL_INTO_A_TANH = _regression('fuzz_found_saved_exponential_into_a
     '    v8 = v7.sum(1, keepdim=True)\n    v9 = v7 / v8\n    v10 = v9.log()\n    out = v10',
     'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), A=Tensor("k", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), y=Labels("n", classes="k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, c, w, A, p, y, eps=0.001, scale=0.75', True, {'n': 5, 'k': 7})
+# tanh(b + (1 - x)): the fused forward printed (b + 1 - x).tanh_(), SymPy's sum having forgotten the
+# spec's grouping, and where b nearly cancels 1 - x the two orders round apart (8.2e-6 against a bar
+# of 5.4e-6 at tanh arguments near 20). The forward now keeps each of the spec's sums together
+# (``ForwardPrinter._spec_grouping``)
+SUM_REGROUPED_IN_THE_FORWARD = _regression('fuzz_found_sum_regrouped_in_the_forward',
+    '    v1 = c.mean()\n    v2 = 1 - x\n    v3 = b + v2\n    v4 = torch.tanh(v3)\n    out = v4',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), c=Tensor("1", "k"), p=Tensor("n", "k", differentiable=False, domain="probability"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, c, p, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -350,7 +358,7 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           SHARED_SQUARE_OF_A_TANH, TANH_OF_A_SOFTMAX_TOTAL, SUMMED_TANH_OF_A_CLAMPED_SOFTPLUS,
           DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP, SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW, SUM_TIMES_A_SUM,
           EXPONENTIAL_MERGED_INTO_A_TANH, UNREAD_TIE_MASK, SQUARED_DENOMINATOR_MULTIPLIED_OUT,
-          SAVED_EXPONENTIAL_INTO_A_TANH]
+          SAVED_EXPONENTIAL_INTO_A_TANH, SUM_REGROUPED_IN_THE_FORWARD]
 
 
 class Tally:
