@@ -14,7 +14,10 @@ of two full-size tensors, as in GELU's derivative): it is then printed as writte
 """
 from __future__ import annotations
 
+import re
+
 import sympy as sp
+import torch
 
 from .backends import SOFTPLUS_ARGUMENTS
 from .errors import DerivationError
@@ -176,12 +179,14 @@ def _scatters(grad: str, scatters: dict, printer, slots: dict, frame: list, text
 # numbers (literals, sizes, constants) of a product are multiplied together first. Reordering more
 # is not safe: ``(x*counts)*s`` loses ``x*counts`` to denormals where ``(s*x)*counts`` does not.
 #
-# The same lines run when a second derivative is taken (``create_graph=True`` differentiates this
-# backward), so every in-place update is one autograd can differentiate: a buffer is never an
-# argument of its own update, a buffer read by another operation is not updated afterwards (every
-# buffer is fresh; only the one being built is updated), and the output of a function (``tanh``,
-# ``exp``, ``sigmoid``: autograd may save it for their derivative) is not updated in place: the
-# next operation on it allocates (``torch.sigmoid(b).mul(c)``).
+# These lines run only in eager autograd's backward without a graph: a second derivative
+# (``create_graph=True``), torch.func transforms and torch.compile take the formulas as written
+# (``codegen``). Still, a buffer is never an argument of its own update, and a buffer read by
+# another operation is not updated afterwards (every buffer is fresh; only the one being built is
+# updated). A function's result is updated in place only where the function is torch's own call
+# of a buffer built here (``torch.sub(x, out).exp_()``); any other printed function may be a
+# tensor the kernel did not make (a saved ``exp``, a mask), so the next operation on it allocates
+# (``torch.sigmoid(b).mul(c)``).
 
 # one-pass kernels of autograd's own backward
 _TANH_BACKWARD = "torch.ops.aten.tanh_backward"  # (g, y) -> g*(1 - y**2)
@@ -325,9 +330,30 @@ class _Planner:
                 if self.leaf(base):
                     return _Chain(f"torch.{method}({self.text(base)}{', ' * bool(argument)}{argument})")
                 return self.chain(base).then(method, argument)
+        method = self._in_place_function(e)
+        if method is not None:
+            return self.chain(e.args[0]).then(method)
         # anything else as the printer writes it, its full-size arguments computed first
         arguments = {a: sp.Symbol(self.buffer(a)) for a in e.args if self.full(a) and not self.leaf(a)}
         return _Chain(self.text(e.xreplace(arguments)), function=isinstance(e, sp.Function))
+
+    def _in_place_function(self, e) -> str | None:
+        """The method name of a function of one computed full-size value that the printer writes as
+        torch's own call of it (``torch.exp(t)``) and that tensors have in place (``exp_``): applied
+        to that value's chain it needs no buffer of its own (``torch.sub(x, out).exp_().mul_(g)``,
+        one allocation where ``torch.exp(t).mul(g)`` made three). None for anything else: its
+        output, another call's (a saved tensor, a mask), is not a fresh buffer to update."""
+        if not isinstance(e, sp.Function) or len(e.args) != 1 or self.leaf(e.args[0]) or not self.full(e.args[0]):
+            return None
+        probe = "_in_place_probe"
+        self.shapes[probe] = tuple(self.frame)  # a full-size tensor to the printer
+        try:
+            call = re.fullmatch(rf"torch\.(\w+)\({probe}\)", self.text(e.func(sp.Symbol(probe))))
+        finally:
+            del self.shapes[probe]
+        if call is None or not hasattr(torch.Tensor, call.group(1) + "_"):
+            return None
+        return call.group(1)
 
     def product(self, e) -> _Chain:
         """A product as the printer writes it: its factors left to right, then divided by its
