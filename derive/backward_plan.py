@@ -14,6 +14,7 @@ of two full-size tensors, as in GELU's derivative): it is then printed as writte
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import sympy as sp
@@ -183,10 +184,11 @@ def _scatters(grad: str, scatters: dict, printer, slots: dict, frame: list, text
 # (``create_graph=True``), torch.func transforms and torch.compile take the formulas as written
 # (``codegen``). Still, a buffer is never an argument of its own update, and a buffer read by
 # another operation is not updated afterwards (every buffer is fresh; only the one being built is
-# updated). A function's result is updated in place only where the function is torch's own call
-# of a buffer built here (``torch.sub(x, out).exp_()``); any other printed function may be a
-# tensor the kernel did not make (a saved ``exp``, a mask), so the next operation on it allocates
-# (``torch.sigmoid(b).mul(c)``).
+# updated). A function's result is updated in place only where the printer writes it as torch's
+# own call of an elementwise operation, a fresh tensor (``torch.exp(v1).mul_(k)``), applied in
+# place where its argument is a buffer built here (``torch.sub(x, out).exp_()``); any other
+# printed function may be a tensor the kernel did not make (a saved ``exp`` read by its name, a
+# mask), so the next operation on it allocates (``v1.mul(c)``).
 
 # one-pass kernels of autograd's own backward
 _TANH_BACKWARD = "torch.ops.aten.tanh_backward"  # (g, y) -> g*(1 - y**2)
@@ -219,6 +221,15 @@ class _Chain:
     def text(self) -> str:
         head = self.head if not self.updates or _atomic(self.head) else f"({self.head})"
         return head + "".join(self.updates)
+
+
+@functools.cache
+def _elementwise_in_place(name: str) -> bool:
+    """Whether ``torch.<name>`` is an elementwise operation (torch's ``pointwise`` tag) with an
+    in-place form (``exp_``): its result is a fresh tensor of its input's dtype, to update in place."""
+    op = getattr(torch.ops.aten, name, None)
+    return op is not None and hasattr(op, "default") and torch.Tag.pointwise in op.default.tags \
+        and hasattr(torch.Tensor, f"{name}_")
 
 
 def _atomic(text: str) -> bool:
@@ -315,6 +326,8 @@ class _Planner:
     # -- chains ------------------------------------------------------------------------------
     def chain(self, e) -> _Chain:
         """A chain computing ``e`` (full-size, not a leaf)."""
+        if self.printer.is_one_call(e):  # torch's kernel, one pass into a fresh tensor (``scatter_add``)
+            return _Chain(self.text(e))
         if isinstance(e, sp.Mul):
             return self.product(e)
         if isinstance(e, sp.Add):
@@ -335,7 +348,11 @@ class _Planner:
             return self.chain(e.args[0]).then(method)
         # anything else as the printer writes it, its full-size arguments computed first
         arguments = {a: sp.Symbol(self.buffer(a)) for a in e.args if self.full(a) and not self.leaf(a)}
-        return _Chain(self.text(e.xreplace(arguments)), function=isinstance(e, sp.Function))
+        text = self.text(e.xreplace(arguments))
+        # (a function's result is another's tensor, unless the printer calls torch for it: ``torch.exp(v1)``)
+        call = re.fullmatch(r"torch\.(\w+)\(.*\)", text)
+        fresh = call is not None and _atomic(text) and _elementwise_in_place(call.group(1))
+        return _Chain(text, function=isinstance(e, sp.Function) and not fresh)
 
     def _in_place_function(self, e) -> str | None:
         """The method name of a function of one computed full-size value that the printer writes as
@@ -351,7 +368,7 @@ class _Planner:
             call = re.fullmatch(rf"torch\.(\w+)\({probe}\)", self.text(e.func(sp.Symbol(probe))))
         finally:
             del self.shapes[probe]
-        if call is None or not hasattr(torch.Tensor, call.group(1) + "_"):
+        if call is None or not _elementwise_in_place(call.group(1)):
             return None
         return call.group(1)
 

@@ -109,6 +109,20 @@ def test_a_difference_whose_kernel_carries_the_sign_is_added_without_a_negation(
     assert code == ["dx = torch.ops.aten.tanh_backward(b, a).add_(c)"], lines
 
 
+@pytest.mark.parametrize("expr", [sp.exp(a) * b * g, sp.tanh(a) * r * 3, Sigmoid(a) * (b + c)],
+                         ids=["exp", "tanh", "sigmoid"])
+def test_torch_s_call_of_a_function_is_a_buffer_to_update(expr):
+    """``torch.exp(a)`` is a fresh tensor (an elementwise operation of torch's): the product
+    updates it in place, one full-size buffer in all (two where ``b + c`` needs its own)."""
+    lines = chain_form("dx", expr, printer(), dict(SHAPES), {"a", "b", "c", "g", "r", "s"})
+    values, n, d = tensors()
+    with FullSizeOps(n * d, fresh=True) as mode:
+        ours = run(lines, values, n, d)
+    sums = [f for f in sp.Mul.make_args(expr) if isinstance(f, sp.Add)]
+    assert mode.count == 1 + len(sums), lines
+    torch.testing.assert_close(ours, run([f"dx = {printer().doprint(expr)}"], values, n, d), rtol=1e-13, atol=1e-13)
+
+
 LOGSUMEXP = """import torch
 
 from derive import Tensor, layer
