@@ -643,28 +643,44 @@ class KernelPrinter(TorchPrinter):
         """``a - exp(l)*sum_j a`` with ``l`` a saved log-softmax along ``j``'s axis and ``a`` of its
         shape: the chain rule through the log-softmax, printed as torch's own kernel for it
         (``torch._log_softmax_backward_data``), one pass where the difference, the exponential and
-        the product are three (2x autograd's backward at 1024 x 512). None for anything else."""
-        if not self.log_softmaxes or not isinstance(expr, sp.Add) or len(expr.args) != 2:
+        the product are three (2x autograd's backward at 1024 x 512). Values the same at every entry
+        multiply it (the upstream gradient of a whole sum: ``dv*(m - exp(l)*sum_j m)``), and an
+        ``a`` that is one itself (``dv*(1 - k*exp(l))``, ``log_softmax(x).sum()``) is the kernel of
+        it spread over ``l``'s shape, as autograd's expanded gradient. None for anything else."""
+        if not self.log_softmaxes:
             return None
-        for shifted, a in (expr.args, expr.args[::-1]):
-            factors = sp.Mul.make_args(-shifted)
-            e = next((f for f in factors if isinstance(f, sp.exp)), None)
-            total = next((f for f in factors if isinstance(f, Red)), None)
-            if len(factors) != 2 or e is None or total is None:
+        factors = sp.Mul.make_args(expr)
+        one_value = [f for f in factors if _same_everywhere(f)]
+        coeff, rest = sp.Mul(*one_value), sp.Mul(*[f for f in factors if f not in one_value])
+        if not isinstance(rest, sp.Add) or len(rest.args) != 2:
+            return None
+        for shifted, a in (rest.args, rest.args[::-1]):
+            parts = sp.Mul.make_args(-shifted)
+            e = next((f for f in parts if isinstance(f, sp.exp)), None)
+            if e is None:
                 continue
+            total = sp.Mul(*[f for f in parts if f is not e])
             l = e.args[0]
             if not isinstance(l, sp.Indexed) or str(l.base) not in self.log_softmaxes or str(l.base) in self.views \
                     or len(set(l.indices)) != len(l.indices) \
-                    or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in l.indices) \
-                    or {i for i in a.free_symbols if isinstance(i, sp.Idx)} != set(l.indices) or a.atoms(Red):
+                    or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in l.indices) or a.atoms(Red):
                 continue
             axis = self.log_softmaxes[str(l.base)]
-            j, own = total.index, l.indices[axis]
-            if extent(j) != extent(own) or total.body != a.xreplace({own: j}):
+            own = l.indices[axis]
+            if _same_everywhere(a):
+                upstream = coeff * a
+                if total != extent(own) * a or not self._tensors(upstream):
+                    continue
+                grad, coeff = f"{_wrap(self._print(upstream))}.expand_as({l.base})", sp.S.One
+            elif isinstance(total, Red) and {i for i in a.free_symbols if isinstance(i, sp.Idx)} == set(l.indices):
+                if extent(total.index) != extent(own) or total.body != a.xreplace({own: total.index}):
+                    continue
+                grad = self._laid_out_as(a, l)
+            else:
                 continue
-            grad = self._laid_out_as(a, l)
             code = f"torch._log_softmax_backward_data({grad}, {l.base}, {axis}, {grad if grad.isidentifier() else l.base}.dtype)"
-            return self._layout(code, tuple(extent(i) for i in l.indices), [self.frame.slots[i] for i in l.indices])
+            code = self._layout(code, tuple(extent(i) for i in l.indices), [self.frame.slots[i] for i in l.indices])
+            return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
         return None
 
     def _laid_out_as(self, a, saved) -> str:
@@ -786,6 +802,9 @@ class KernelPrinter(TorchPrinter):
         softmax = self._softmax_backward(expr)
         if softmax is not None:
             return softmax
+        log_softmax = self._log_softmax_backward(expr)
+        if log_softmax is not None:
+            return log_softmax
         tanh = self._tanh_backward(expr)
         if tanh is not None:
             return tanh

@@ -5,6 +5,7 @@ import re
 import pytest
 import sympy as sp
 
+from derive.codegen import render_function
 from derive.kernel import build
 from derive.layers import batchnorm3d, cross_entropy_ignore, cross_entropy_weighted, linear, tanh
 
@@ -701,6 +702,41 @@ def test_a_softmax_under_a_whole_sum_is_torch_s_own_kernel_times_the_upstream_va
     printed = _backward_source(build(layer))
     assert re.search(rf"dx = dout\*\(?torch\.{kernel}\(", printed), printed
     assert ".sum(" not in printed, printed
+
+
+@pytest.mark.parametrize("total", ["sum()", "mean()", "clamp(min=-1.0, max=0.5).sum()"])
+def test_a_log_softmax_under_a_whole_sum_is_torch_s_own_kernel_in_both_backwards(tmp_path, total):
+    """``F.log_softmax(x).sum()``: ``dx = dv*(1 - k*exp(v))``, printed as the product, was the
+    exponential, a scaling, a subtraction and a product (1.65x autograd's time at 1024 x 512); its
+    ``a`` is one value, so it is torch's kernel of the upstream gradient spread over the rows (a
+    view), as autograd computes it. With a clamp the in-place backward wrote the mask's row sum and
+    the difference (1.63x); now both backwards call the kernel."""
+    body = f"    v = torch.log_softmax(x, dim=1)\n    return v.{total}"
+    layer = _layer(tmp_path, "total_of_a_log_softmax", body, declared='x=Tensor("n", "k")', signature="x")
+    source = render_function(build(layer))
+    for name in ("_backward", "_backward_in_place"):  # (the second only where its lines differ)
+        start = source.find(f"def {name}(")
+        if start < 0:
+            continue
+        body = source[start:source.index("\n\n\n", start)]
+        assert "torch._log_softmax_backward_data(" in body and "exp(" not in body and ".sum(" not in body, body
+
+
+def test_a_shift_by_a_maximum_cancels_from_a_later_maximum_s_gradient(tmp_path):
+    """``exp(v - max(v))`` with ``v = a - max(a)``: the gradient through ``max(a)`` is the row sum
+    of ``v``'s gradient, which holds ``sum_j 1[j = argmax v] = 1``. Left as a one-hot summed, it
+    printed a second one-hot (``a.argmax``) times ``(one-hot row sum - 1)``, which is 0: two
+    full-size one-hots and their product for nothing."""
+    body = ("    a = torch.tanh(x)\n    v = a - a.max(1, keepdim=True).values\n"
+            "    return torch.exp(v - v.max(1, keepdim=True).values)")
+    kernel = build(_layer(tmp_path, "shifted_twice", body))
+    printed = _backward_source(kernel)
+    assert printed.count("argmax(") == 1 and "keepdim=True) - 1" not in printed, printed
+    # the in-place backward too adds at the argmax in one call (``scatter_add``) inside its chain,
+    # where it built the one-hot (``zeros_like(...).scatter_``) and scaled it
+    source = render_function(kernel)
+    in_place = source[source.index("def _backward_in_place("):source.index("# The math above")]
+    assert "scatter_add(" in in_place and "zeros_like(" not in in_place, in_place
 
 
 def test_two_inputs_added_have_one_adjoint(tmp_path):

@@ -69,6 +69,21 @@ def test_hidden_one_hots_come_back_with_their_indices_renamed():
     assert renamed == expr.xreplace({i: j}) and not renamed.atoms(AppliedUndef)
 
 
+def test_the_one_hot_of_a_maximum_sums_to_one_along_its_axis():
+    """``sum_c 1[c = argmax_k x[i, k]] = 1`` (one position holds all of it; tied ones share it),
+    so a shift by a maximum cancels from a gradient; the one-hot of another axis of the same
+    size, or summed at a position it does not vary with, is not one."""
+    from derive.symbolic import IsArgmax, IsTiedMax, Max, TiedMax
+
+    k = index_for("k_d", d)
+    for mark, largest in ((IsArgmax, Max), (IsTiedMax, TiedMax)):
+        assert Red(mark(c, largest(x[i, k], k)) * dy[i, 0], c) == dy[i, 0]
+    assert Red(IsArgmax(c, Max(x[i, k], k)) * dy[i, c], c) != dy[i, 0]  # a weighted pick, not a sum of ones
+    q = index_for("q_n", n)
+    across = Red(IsArgmax(q, Max(x[i, k], k)), q)  # n positions against a maximum over d
+    assert isinstance(across, Red)
+
+
 def _captured(expr) -> list:
     """Elements read at one index twice (``w[_r1_h, _r1_h]``): a sum that took another's index."""
     return [e for e in expr.atoms(sp.Indexed) if len(set(e.indices)) < len(e.indices)]
