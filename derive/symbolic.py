@@ -181,8 +181,9 @@ class Red(_Bound):
                 if other is not None and j not in other.free_symbols:
                     rest = sp.Mul(*[g for g in factors if g is not f])
                     return _replace_free(rest, j, other)
-        if len(inside) == 1 and isinstance(inside[0], IsArgmax) and inside[0].args[0] == j \
-                and isinstance(inside[0].args[1], Max) and j not in inside[0].args[1].free_symbols and extent(inside[0].args[1].index) == extent(j):
+        mark = inside[0] if len(inside) == 1 and isinstance(inside[0], IsArgmax) else None
+        if mark is not None and mark.args[0] == j and isinstance(mark.args[1], Max) \
+                and j not in mark.args[1].free_symbols and extent(mark.args[1].index) == extent(j):
             # the one-hot of the maximum's position summed along its own axis: one position holds
             # all of it (``max(dim)``), or the tied ones share it (``amax``)
             return sp.Mul(*outside)
