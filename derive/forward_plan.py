@@ -119,6 +119,7 @@ def plan(el: Elements, saved: list[str], frame: list) -> list[Statement]:
             reuse.append((node, values[node]))
 
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"), order="none")
+    replacements, reduced = _stored_as_read(replacements, reduced)
     replacements, reduced = _inline_mixed_sums(replacements, reduced)
     replacements, reduced = _spec_names(replacements, reduced, values, {n.name for n in emitted})
     replacements, reduced = _inline_scalars(replacements, reduced, {n.name for n in graph.nodes})
@@ -144,6 +145,28 @@ def _reuse(expr: sp.Expr, value: sp.Expr, el: Elements, earlier: Node) -> sp.Exp
         at = dict(zip(indices, chosen))
         expr = expr.subs(value.xreplace(at), el.ref(earlier, tuple(at.get(i, i) for i in own)))
     return expr
+
+
+def _stored_as_read(replacements: list, reduced: list) -> tuple[list, list]:
+    """Each temporary difference that every read negates, stored negated. SymPy's ``cse`` takes the
+    sign out of a difference (``x - max`` of a log-softmax written out becomes ``_t0 = max - x``,
+    read as ``-_t0``), and each negated read was a full-size pass of its own; the difference the
+    other way round is one subtraction all the same. (Any other value, ``log(s) + m``, stays as
+    it is: negated, its terms would cost negations of their own.)"""
+    def negatives(e) -> int:
+        return sum(t.could_extract_minus_sign() for t in sp.Add.make_args(e))
+
+    replacements, reduced = list(replacements), list(reduced)
+    for k, (symbol, value) in enumerate(replacements):
+        readers = [v for _, v in replacements[k + 1:]] + reduced
+        if not isinstance(value, sp.Add) or negatives(-value) > negatives(value) \
+                or not any(r.has(symbol) for r in readers) or any(r.count(-symbol) != r.count(symbol) for r in readers):
+            continue
+        flipped = {symbol: -symbol}
+        replacements[k] = (symbol, -value)
+        replacements[k + 1:] = [(s, v.xreplace(flipped)) for s, v in replacements[k + 1:]]
+        reduced = [r.xreplace(flipped) for r in reduced]
+    return replacements, reduced
 
 
 def temps_of(statements: list["Statement"]) -> dict:

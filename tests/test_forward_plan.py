@@ -207,3 +207,60 @@ def test_the_forward_keeps_the_spec_s_grouping_of_sums(name, tmp_path):
     shapes = {"x": (64, 32), "b": (64, 1), "c": (1, 32), "w": (32,)}
     inputs = [100 * torch.randn(shapes[a], generator=gen) for a in inspect.signature(layer.fn).parameters]
     assert torch.equal(kernel(*inputs), layer.fn(*inputs))
+
+
+class FullSizeWrites(torch.utils._python_dispatch.TorchDispatchMode):
+    """The operations that write a tensor of ``numel`` elements: passes over full-size memory."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.numel() == self.numel and torch.Tag.pointwise in func.tags:
+            self.count += 1
+        return out
+
+
+WRITTEN_OUT = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"))
+def written_log_softmax(x):
+    v = x - x.max(1, keepdim=True).values
+    return v - v.exp().sum(1, keepdim=True).log()
+
+
+@layer(x=Tensor("n", "k"))
+def shifted_twice(x):
+    a = torch.tanh(x)
+    v = a - a.max(1, keepdim=True).values
+    return torch.exp(v - v.max(1, keepdim=True).values)
+'''
+
+
+@pytest.mark.parametrize("name", ["written_log_softmax", "shifted_twice"])
+def test_a_difference_read_negated_is_stored_as_the_spec_writes_it(name, tmp_path):
+    """SymPy's ``cse`` takes the sign out of ``x - max``: the forward stored ``_t0 = max - x`` and
+    read it as ``-_t0``, a negation per read (five elementwise passes for three in the spec). A
+    temporary every read negates is stored negated: no more elementwise passes than the spec."""
+    from derive.cli import main
+    from derive.layers import from_file
+    from derive.verify import load_module
+
+    spec = tmp_path / "written.py"
+    spec.write_text(WRITTEN_OUT)
+    assert main(["generate", "--no-prove", "--layer", f"{spec}:{name}", "--out", str(tmp_path / "gen")]) == 0
+    layer = next(layer for layer in from_file(str(spec)) if layer.name == name)
+    kernel = getattr(load_module(tmp_path / "gen" / f"{name}.py"), name)
+    x = torch.randn(64, 32)
+    counts = []
+    for fn in (kernel, layer.fn):
+        with FullSizeWrites(x.numel()) as mode:
+            out = fn(x)
+        counts.append(mode.count)
+    assert counts[0] <= counts[1], counts
+    torch.testing.assert_close(out, kernel(x))
