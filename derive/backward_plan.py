@@ -22,7 +22,7 @@ import torch
 
 from .backends import SOFTPLUS_ARGUMENTS
 from .errors import DerivationError
-from .functions import Sigmoid, Step
+from .functions import COMPARISON_MASKS, Sigmoid, Step
 from .printer import (KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, tensor_name,
                       varying_axes)
 from .symbolic import Red, expand, multiplied_reciprocal, reindex
@@ -223,6 +223,12 @@ class _Chain:
         return head + "".join(self.updates)
 
 
+def _mask_chain(text: str) -> _Chain:
+    """A mask as the printer writes it: cast from bool (``(a >= b).to(g.dtype)``), a fresh tensor
+    to update in place; by its name (a shared temporary), one the next operation must not write."""
+    return _Chain(text, function=re.search(r"\)\.to\(\w+\.dtype\)$", text) is None)
+
+
 @functools.cache
 def _elementwise_in_place(name: str) -> bool:
     """Whether ``torch.<name>`` is an elementwise operation (torch's ``pointwise`` tag) with an
@@ -328,6 +334,8 @@ class _Planner:
         """A chain computing ``e`` (full-size, not a leaf)."""
         if self.printer.is_one_call(e):  # torch's kernel, one pass into a fresh tensor (``scatter_add``)
             return _Chain(self.text(e))
+        if isinstance(e, sp.Mul) and all(isinstance(f, COMPARISON_MASKS) for f in e.args):
+            return _mask_chain(self.text(e))  # one mask, as the printer writes it
         if isinstance(e, sp.Mul):
             return self.product(e)
         if isinstance(e, sp.Add):
@@ -336,6 +344,10 @@ class _Planner:
 
     def single(self, e) -> _Chain:
         """A power or a function of full-size values."""
+        if isinstance(e, COMPARISON_MASKS):
+            # a mask compares its sides as the printer writes it (``(0.5 >= v1)``): its argument
+            # computed into a buffer first (``0.5 - v1``, then ``>= 0``) is a pass for nothing
+            return _mask_chain(self.text(e))
         if isinstance(e, sp.Pow):
             base, exponent = e.as_base_exp()
             if exponent.is_Integer and exponent > 1:
@@ -392,6 +404,11 @@ class _Planner:
         chain = self.kernel(numerators, numbers)
         if chain is None:
             chain, prefix, rest = None, numbers, list(numerators)
+            masks = [f for f in rest if isinstance(f, COMPARISON_MASKS)]
+            if len(masks) > 1:
+                # masks multiplied are one mask (``&`` of bool tensors, one cast, as the printer
+                # writes them), not a full-size product per mask
+                rest = [sp.Mul(*masks, evaluate=False)] + [f for f in rest if f not in masks]
             while rest:
                 f = rest.pop(0)
                 if chain is None and not self.full(f):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from derive.backward_plan import chain_form
-from derive.functions import Sigmoid, Step
+from derive.functions import NonNeg, Sigmoid, Step
 from derive.kernel import build
 from derive.layers import by_name
 from derive.printer import Frame, KernelPrinter
@@ -42,6 +42,8 @@ FORMULAS = {
     "exp of a difference": sp.exp(a - r) * b,
     "log of a square plus one": sp.log(a**2 + 1) * b * g,
     "tanh of a product, then a sum": sp.tanh(a * b) * c + r,
+    "clamp of a clamp": NonNeg(sp.Rational(1, 2) - a) * NonNeg(a + 1) * NonNeg(sp.Rational(1, 2) - c) * NonNeg(c + 1) * b,
+    "a mask times a quotient": NonNeg(a - c) * b / (c**2 + 1),
 }
 
 
@@ -121,6 +123,15 @@ def test_torch_s_call_of_a_function_is_a_buffer_to_update(expr):
     sums = [f for f in sp.Mul.make_args(expr) if isinstance(f, sp.Add)]
     assert mode.count == 1 + len(sums), lines
     torch.testing.assert_close(ours, run([f"dx = {printer().doprint(expr)}"], values, n, d), rtol=1e-13, atol=1e-13)
+
+
+def test_masks_multiplied_are_one_mask():
+    """The masks of a clamp of a clamp compare their sides as printed, ``(0.5 >= a)``, joined by
+    ``&`` and cast once, then scale the gradient in place: the chain computed each side's
+    difference into a buffer, compared it, cast it and multiplied (13 full-size passes)."""
+    lines = chain_form("dx", FORMULAS["clamp of a clamp"], printer(), dict(SHAPES), {"a", "b", "c"})
+    code = [line for line in lines if not line.startswith("#")]
+    assert len(code) == 1 and code[0].count(".to(") == 1 and code[0].endswith(".mul_(b)"), lines
 
 
 LOGSUMEXP = """import torch
@@ -220,9 +231,10 @@ def test_the_printed_formula_is_the_formula(name):
     def evaluate(e):
         return sp.lambdify(names, e, modules=torch)(*arguments)
 
-    # a step is a mask of its argument's sign; a sigmoid its definition
-    steps = {f: sp.Symbol(f"step{k}") for k, f in enumerate(expr.xreplace(plain).atoms(Step))}
-    masks = [torch.as_tensor(evaluate(f.args[0])) > 0 for f in steps]
+    # a step is a mask of its argument's sign (NonNeg with 0 included); a sigmoid its definition
+    steps = {f: sp.Symbol(f"step{k}") for k, f in enumerate(expr.xreplace(plain).atoms(Step, NonNeg))}
+    masks = [torch.as_tensor(evaluate(f.args[0])) >= 0 if isinstance(f, NonNeg) else torch.as_tensor(evaluate(f.args[0])) > 0
+             for f in steps]
     formula = expr.xreplace(plain).xreplace(steps).replace(Sigmoid, lambda z: 1 / (1 + sp.exp(-z)))
     want = sp.lambdify(names + list(steps.values()), formula, modules=torch)(*arguments, *[m.double() for m in masks])
     torch.testing.assert_close(printed.expand(n, d), torch.as_tensor(want).expand(n, d), rtol=1e-12, atol=1e-12)
