@@ -9,6 +9,19 @@ from derive.trace import trace
 from derive.verify import against_autograd, load_module, steps_table
 
 
+def user_layer(folder: Path, source: str, name: str):
+    """The spec ``source`` as a user's file, its layer ``name``, and the kernel ``derive generate``
+    writes for it (the file may hold other layers)."""
+    from derive.cli import main
+    from derive.layers import from_file
+
+    spec = Path(folder) / f"{name}_spec.py"
+    spec.write_text(source)
+    assert main(["generate", "--no-prove", "--layer", f"{spec}:{name}", "--out", str(Path(folder) / "gen")]) == 0
+    layer = next(layer for layer in from_file(str(spec)) if layer.name == name)
+    return layer, getattr(load_module(Path(folder) / "gen" / f"{name}.py"), name)
+
+
 def fused(layer, folder: Path):
     """The generated fused function of ``layer`` (written to ``folder`` and imported), derived once
     per layer object in a process (``build_cached``): several tests of a file read the same one."""

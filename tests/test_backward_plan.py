@@ -15,6 +15,7 @@ from derive.functions import NonNeg, Sigmoid, Step
 from derive.kernel import build
 from derive.layers import by_name
 from derive.printer import Frame, KernelPrinter
+from kernels import user_layer
 
 N, D = sp.Symbol("n", integer=True, positive=True), sp.Symbol("d", integer=True, positive=True)
 I, J = sp.Idx("i_n", N), sp.Idx("i_d", D)
@@ -150,13 +151,7 @@ def test_a_function_of_a_computed_buffer_is_applied_in_place(tmp_path):
     in place, one full-size buffer where ``torch.exp(t).mul(dout)`` (and autograd) make three. A
     second derivative cannot differentiate an update of ``exp``'s result, and does not run these
     lines: it is still right (gradgradcheck)."""
-    from derive.cli import main
-    from derive.verify import load_module
-
-    spec = tmp_path / "lse.py"
-    spec.write_text(LOGSUMEXP)
-    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "gen")]) == 0
-    kernel = load_module(tmp_path / "gen" / "row_logsumexp.py").row_logsumexp
+    _, kernel = user_layer(tmp_path, LOGSUMEXP, "row_logsumexp")
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     out = kernel(x)
     g = torch.randn_like(out)

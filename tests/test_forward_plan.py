@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from derive.kernel import build
 from derive.layers import by_name
 from derive.forward_plan import stabilise
+from kernels import user_layer
 from generated import batchnorm_biased, cross_entropy
 
 
@@ -150,15 +151,7 @@ def test_a_product_of_computed_matrices_is_a_matrix_product(name, tmp_path):
     tensor larger than autograd through the spec does. Inlined into the product, a computed operand
     was printed as a broadcast product summed, n x k x k elements (40 to 400 times the spec's time
     at 1024 x 512); ``sum_m(A[j, m] + A[m, i])`` grouped into one sum was k x k x k."""
-    from derive.layers import from_file
-    from derive.verify import load_module
-
-    spec = tmp_path / "products.py"
-    spec.write_text(PRODUCTS_OF_COMPUTED_MATRICES)
-    from derive.cli import main
-    assert main(["generate", "--no-prove", "--layer", f"{spec}:{name}", "--out", str(tmp_path / "gen")]) == 0
-    layer = next(layer for layer in from_file(str(spec)) if layer.name == name)
-    kernel = getattr(load_module(tmp_path / "gen" / f"{name}.py"), name)
+    layer, kernel = user_layer(tmp_path, PRODUCTS_OF_COMPUTED_MATRICES, name)
     gen = torch.Generator().manual_seed(0)
     sizes = []
     for fn in (kernel, layer.fn):
@@ -194,15 +187,7 @@ def test_the_forward_keeps_the_spec_s_grouping_of_sums(name, tmp_path):
     """A sum of sums is added as the spec groups it: ``b + (1 - x)`` rounds apart from
     ``b + 1 - x`` where the terms cancel (float32 at 100 times N(0, 1)), and SymPy's flattened
     ``Add`` forgot the grouping. The fused forward is then bit-equal to the spec's."""
-    from derive.cli import main
-    from derive.layers import from_file
-    from derive.verify import load_module
-
-    spec = tmp_path / "nested.py"
-    spec.write_text(NESTED_SUMS)
-    assert main(["generate", "--no-prove", "--layer", f"{spec}:{name}", "--out", str(tmp_path / "gen")]) == 0
-    layer = next(layer for layer in from_file(str(spec)) if layer.name == name)
-    kernel = getattr(load_module(tmp_path / "gen" / f"{name}.py"), name)
+    layer, kernel = user_layer(tmp_path, NESTED_SUMS, name)
     gen = torch.Generator().manual_seed(0)
     shapes = {"x": (64, 32), "b": (64, 1), "c": (1, 32), "w": (32,)}
     inputs = [100 * torch.randn(shapes[a], generator=gen) for a in inspect.signature(layer.fn).parameters]
@@ -247,15 +232,7 @@ def test_a_difference_read_negated_is_stored_as_the_spec_writes_it(name, tmp_pat
     """SymPy's ``cse`` takes the sign out of ``x - max``: the forward stored ``_t0 = max - x`` and
     read it as ``-_t0``, a negation per read (five elementwise passes for three in the spec). A
     temporary every read negates is stored negated: no more elementwise passes than the spec."""
-    from derive.cli import main
-    from derive.layers import from_file
-    from derive.verify import load_module
-
-    spec = tmp_path / "written.py"
-    spec.write_text(WRITTEN_OUT)
-    assert main(["generate", "--no-prove", "--layer", f"{spec}:{name}", "--out", str(tmp_path / "gen")]) == 0
-    layer = next(layer for layer in from_file(str(spec)) if layer.name == name)
-    kernel = getattr(load_module(tmp_path / "gen" / f"{name}.py"), name)
+    layer, kernel = user_layer(tmp_path, WRITTEN_OUT, name)
     x = torch.randn(64, 32)
     counts = []
     for fn in (kernel, layer.fn):

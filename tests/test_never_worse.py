@@ -19,18 +19,10 @@ from derive.layers import by_name, from_file
 from derive.select import WRITTEN_BAR, check, chosen
 from derive.symbolic import GroupedRed
 from derive.verify import against_autograd, load_module, table
+from kernels import user_layer
 
 SPECS = Path(__file__).resolve().parent / "specs" / "textbook_layers.py"
 LAYERS = {layer.name: layer for layer in from_file(str(SPECS))}
-
-
-def generated(tmp_path: Path, source: str, name: str):
-    """The spec ``source`` as a user's file, its layer, and the kernel ``derive generate`` writes for it."""
-    spec = tmp_path / f"{name}_spec.py"
-    spec.write_text(source)
-    (layer,) = from_file(str(spec))
-    assert main(["generate", "--no-prove", "--layer", str(spec), "--out", str(tmp_path / "gen")]) == 0
-    return layer, getattr(load_module(tmp_path / "gen" / f"{name}.py"), name)
 
 
 def kernel_module(layer, folder: Path):
@@ -483,7 +475,7 @@ def test_an_input_the_output_does_not_read_gets_no_gradient_as_with_autograd(tmp
     """Autograd through the spec gives such an input no gradient (None; ``.grad`` stays unset); the
     kernel does the same rather than writing n x k zeros, fused or step-by-step, and forward mode
     still works."""
-    layer, fn = generated(tmp_path, UNREAD, "bias_only")
+    layer, fn = user_layer(tmp_path, UNREAD, "bias_only")
     steps = load_module(tmp_path / "gen" / "bias_only_steps.py").bias_only
     x, w = torch.randn(64, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     for kernel in (fn, steps):
@@ -523,7 +515,7 @@ def test_a_saturated_tanh_meets_the_upstream_gradient_before_any_other_factor(tm
     ``exp(x)`` is 1.65e38, still a float32; times an upstream gradient of 4 it overflows, and the
     kernel that passed ``dout*exp(x)`` to ``tanh_backward`` gave inf*0 = NaN where the tanh saturates
     and autograd's gradient is 0."""
-    layer, fn = generated(tmp_path, EXP_THEN_TANH, "tanh_of_exp")
+    layer, fn = user_layer(tmp_path, EXP_THEN_TANH, "tanh_of_exp")
     assert chosen(layer).fused
     x = torch.tensor([[88.0, 20.0, 1.0, -3.0, -100.0]])
     grads = []
@@ -551,7 +543,7 @@ def test_maximum_and_minimum_split_the_gradient_at_a_tie_as_autograd(tmp_path):
     """Values that tie (float32 values of N(0, 1) at an offset of 1e6 often do): autograd gives each
     operand of ``torch.maximum`` half the gradient, and so does the fused kernel (it gave all of it to
     one, ``b > c``)."""
-    layer, fn = generated(tmp_path, TIED, "tied")
+    layer, fn = user_layer(tmp_path, TIED, "tied")
     assert chosen(layer).fused
     c = torch.tensor([1.0, -2.0, 0.5, 3.0])
     x = torch.tensor([[1.0, -4.0, 0.25, 6.0], [2.0, -2.0, 1.0, -1.0], [0.0, -4.0, 1.0, 3.0]])
@@ -1055,7 +1047,7 @@ def test_amax_shares_its_gradient_among_ties_as_autograd(tmp_path):
     gradient (``max(dim)`` gives all of it to the index it returns). Both kernels took ``amax`` as
     ``max(dim)``: in float32 at an offset of 1e6 rows tie, and the fused form was 3.2 from the
     reference (it then fell back to the step-by-step one, wrong at ties too)."""
-    layer, fn = generated(tmp_path, SHIFTED_BY_AMAX, "shifted_by_amax")
+    layer, fn = user_layer(tmp_path, SHIFTED_BY_AMAX, "shifted_by_amax")
     assert chosen(layer).fused
     steps = load_module(tmp_path / "gen" / "shifted_by_amax_steps.py")
     x = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.5, 0.5, 0.5, 0.5], [-1.0, 2.0, -1.0, 0.0]], dtype=torch.float64)
@@ -1283,7 +1275,7 @@ def test_the_eager_backward_of_a_softmax_is_autograds_one_kernel(tmp_path):
     computed it instead as a chain of in-place updates, ``(g - (g*y).sum(1)) * y``: three passes over
     memory where autograd makes one (1.95x autograd's time at 1024 x 512), rounded differently.
     It is the kernel itself: autograd's gradient, bit for bit."""
-    layer, fn = generated(tmp_path, SOFTMAX, "probabilities")
+    layer, fn = user_layer(tmp_path, SOFTMAX, "probabilities")
     gen = torch.Generator().manual_seed(0)
     x, g = 3 * torch.randn(256, 33, generator=gen), torch.randn(256, 33, generator=gen)
     grads = []
@@ -1310,7 +1302,7 @@ def test_a_row_value_beside_a_one_hot_is_written_once_then_scattered(tmp_path):
     """``d(x.sum(1) * x[y])/dx`` is ``g*x[y]`` along each row plus ``g*x.sum(1)`` at the label. The
     eager backward built a dense (n, k) one-hot and multiplied it in (3.4x autograd's time at
     1024 x 512); it writes the row value once and adds the label's term with ``scatter_add_``."""
-    layer, fn = generated(tmp_path, ROW_TIMES_PICK, "row_times_pick")
+    layer, fn = user_layer(tmp_path, ROW_TIMES_PICK, "row_times_pick")
     source = (tmp_path / "gen" / "row_times_pick.py").read_text()
     eager = source[source.index("def _backward_in_place"):source.index("# The math above")] \
         if "def _backward_in_place" in source else source[source.index("def _backward("):source.index("# The math above")]
@@ -1343,7 +1335,7 @@ def test_a_clamps_mask_is_computed_once_for_every_gradient(tmp_path):
     by ``dw`` inside a column sum. Printed in each place it was computed three times, each as
     ``(0.5 >= v).to(dtype)*(v + 1 >= 0).to(dtype)`` (six passes over memory; 2.7x autograd's time
     at 1024 x 512). It is one tensor, of one ``&`` of two comparisons, computed once."""
-    layer, fn = generated(tmp_path, CLAMPED_SHIFT, "clamped_shift")
+    layer, fn = user_layer(tmp_path, CLAMPED_SHIFT, "clamped_shift")
     source = (tmp_path / "gen" / "clamped_shift.py").read_text()
     backward = source[source.index("def _backward("):source.index("# The math above")]
     for body in backward.split("\n\n\ndef "):
@@ -1366,7 +1358,7 @@ def test_a_softmax_of_a_tanh_cancels_exactly_where_autograd_does(tmp_path):
     (``v5 - y**2*v5`` beside ``tanh_backward(g', y)``), and the in-place form printed the sum's
     body as ``(y - 1)*(y + 1)``: two roundings of ``g`` that differ, 6e-8 where the gradient is 0.
     Collected into one ``tanh_backward`` and printed alike in both places, it is 0 too."""
-    layer, kernel = generated(tmp_path, '''import torch
+    layer, kernel = user_layer(tmp_path, '''import torch
 import torch.nn.functional as F
 from derive import Tensor, layer
 
