@@ -282,6 +282,27 @@ def test_the_battery_judges_a_total_over_its_draws_together():
     assert [f.value for f in verdict.findings] == ["dw"] and "summed over 3 draws" in verdict.findings[0].problem
 
 
+def test_a_gradient_that_cancels_to_zero_is_held_to_the_upstream_s_unit():
+    """A gradient that is 0 up to float64's rounding of the upstream gradient, where autograd's
+    float32 has no digit of it (``battery._judge``): a kernel's rounding of 1e-12 of the upstream
+    passes where autograd landed on exactly 0; 1e-5 of it fails. A gradient that is small but
+    held by autograd to its digits (1e-14, autograd 1e-21 off) is still held to autograd's error."""
+    setting = battery.Setting("N(0, 1) x 1", 1.0, False, torch.float32)
+    ones = torch.ones(2, 3, dtype=torch.float64)
+
+    def judged(reference, autograd, ours):
+        verdict = battery.Verdict([setting])
+        exact = [("output", torch.zeros(())), ("dx", reference * ones)]
+        theirs = [("output", torch.zeros((), dtype=torch.float32)), ("dx", (autograd * ones).float())]
+        mine = [("output", torch.zeros((), dtype=torch.float32)), ("dx", (ours * ones).float())]
+        battery._judge(setting, mine, theirs, exact, None, verdict, upstream=1.0)
+        return verdict.passed
+
+    assert judged(1.4e-18, 0.0, 1e-12)  # cancels to 0: both orders are rounding of the upstream
+    assert not judged(1.4e-18, 0.0, 1e-5)  # far above the upstream's unit (4 ulps: 4.8e-7)
+    assert not judged(1e-14, 1e-14 + 1e-21, 1e-12)  # a small value autograd holds: its own bar
+
+
 def test_a_sum_that_fails_over_three_draws_is_judged_over_six_more():
     """A setting whose float32 errors fail the bar over its three draws is drawn again
     (``CONFIRM_DRAWS``) before it is judged failed: autograd through the spec itself is drawn three
@@ -323,7 +344,11 @@ def test_a_sum_that_fails_over_three_draws_is_judged_over_six_more():
     failed32 = {f.setting for f in verdict.findings if f.setting.dtype == torch.float32}
     assert failed32 and all(f.value == "dx" for f in verdict.findings)
     assert len(calls) == 1 + 3 * len(verdict.settings) + battery.CONFIRM_DRAWS * len(failed32)
-    assert all("summed over 9 draws" in f.problem for f in verdict.findings if f.setting in failed32)
+    # nine draws, less any where autograd through the spec is not finite (a row of 7 whose every
+    # exp underflowed at negative inputs)
+    drawn = [int(re.search(r"summed over (\d+) draws", f.problem).group(1)) for f in verdict.findings
+             if f.setting in failed32]
+    assert drawn and all(3 < d <= 9 for d in drawn) and drawn.count(9) >= len(drawn) // 2
     calls.clear()  # 1e-3 off: far above the bar (``CONFIRM_WITHIN``), failed without more draws
     verdict = battery.run(layer, counted(lambda x: off(x, 1e-3)), sizes)
     assert not verdict.passed and len(calls) == 1 + 3 * len(verdict.settings)
