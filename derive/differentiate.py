@@ -64,12 +64,24 @@ def _contribution(el: Elements, node: Node, adjoint: sp.Expr, target: Node, defi
         indices, definition = el.free(node), el.definition[node] if definition is None else definition
     p = _target_indices(el, target)
     local = sp.diff(definition, el.ref(target, p))
+    if definition is el.definition.get(node) and _reads_its_result(definition):
+        # a function whose derivative is written in its own value (``1 - tanh(u)**2``, ``exp(u)``)
+        # reads the node's saved result, as autograd's rule does, never the function of its
+        # argument again (a sum of x**3 and its tanh computed once more in the backward)
+        local = local.xreplace({definition: el.ref(node)})
     total = expand(adjoint * local)
     for i in indices:
         if i != 0:
             total = Red(total, i)
     back = {pi: i for pi, i in zip(p, el.free(target)) if pi != 0}
     return el.recognize(expand(total.xreplace(back)))
+
+
+def _reads_its_result(definition: sp.Expr) -> bool:
+    """Whether ``definition`` is an elementwise function of a value (not a reduction, a maximum or
+    an indicator, whose derivatives are read through ``IsArgmax``)."""
+    return (isinstance(definition, sp.Function) and not isinstance(definition, (Red, IsArgmax, sp.Max, sp.Min))
+            and len(definition.args) == 1)
 
 
 def _through_normalizer(el: Elements, node: Node, adjoint: sp.Expr) -> tuple[tuple, sp.Expr, sp.Expr]:

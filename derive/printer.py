@@ -739,6 +739,16 @@ class KernelPrinter(TorchPrinter):
         g = sp.Mul(*inside)
         if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
             return None
+        full = set(range(len(self.frame.dims)))
+        small = {r for r in outside if self._axes(r) != full}
+        # the factors that vary on fewer axes than the frame met first (stable), then the full-size
+        # ones: one pass over memory for each full-size factor, not one more for a small one after it
+        outside = [r for r in outside if r in small] + [r for r in outside if r not in small]
+        coefficient, sign = sign * sp.Mul(*plain), 1
+        if coefficient != 1 and self._axes(g) != full:
+            # a number scales the gradient the kernel is given while it is small (``dv/k``, a 0-d
+            # upstream gradient), not the full-size result (one more pass): the kernel is linear in it
+            g, coefficient = coefficient * g, sp.S.One
         gradient = self._print(g)
         if gradient.startswith(("-", "(-1)*")):
             # the kernel is linear in the gradient: its sign goes outside (``-tanh_backward(a, y)``,
@@ -747,13 +757,20 @@ class KernelPrinter(TorchPrinter):
             if not negated.startswith(("-", "(-1)*")):
                 gradient, sign = negated, -sign
         code = call(gradient)
-        if outside:
-            mul = sp.printing.precedence.PRECEDENCE["Mul"]
-            code = "*".join([code] + [self.parenthesize(r, mul) for r in outside])
-        coefficient = sign * sp.Mul(*plain)
+        mul = sp.printing.precedence.PRECEDENCE["Mul"]
+        for r in outside:
+            base, e = r.as_base_exp()
+            if e.is_number and e.is_negative:  # divided by, never ``*1/(..)``
+                code += f"/{self.parenthesize(base ** -e, mul, strict=True)}"
+            else:
+                code += f"*{self.parenthesize(r, mul)}"
+        coefficient = sign * coefficient
         if coefficient.could_extract_minus_sign():
             return f"-{self._scaled(code, [-coefficient]) if coefficient != -1 else code}"
         return code if coefficient == 1 else self._scaled(code, [coefficient])
+
+    def _axes(self, expr) -> set:
+        return varying_axes(expr, self.frame.slots, self.shapes)
 
     def upstream_first(self, tensors: list) -> tuple[list, list]:
         """(what a one-pass kernel is given, what multiplies its result) of the tensor factors of
