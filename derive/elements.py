@@ -252,7 +252,7 @@ class Elements:
         # (a maximum too, named or not: the backward reads the forward's value, it has no pass
         # that takes a maximum again)
         if node is self.graph.output or node.op in NORMALIZERS or affine or node.op == "max" or node in self.kept or (
-                reductions(value) and (node.named or node.op in CONTRACTIONS or contracted)):
+                node.op in CONTRACTIONS and node.shape) or (reductions(value) and (node.named or contracted)):
             self.known[node] = len(self.rules)
             value = self.recognize(value)
             self.definition[node] = value
