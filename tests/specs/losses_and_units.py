@@ -133,3 +133,13 @@ def scaled_abs_power(x, c=-2.0):
 def entropy_of_softmax(x):
     p = x.softmax(1)
     return -(p * p.log()).sum(1).mean()
+
+
+@layer(x=Tensor("n", "d"))
+def cauchy_of_log_probabilities(x):
+    """A robust (Cauchy) penalty on log-probabilities written out with the row maximum's shift:
+    the derivative divides by ``logp**2 + 1``, which must stay a square of the saved difference."""
+    z = x - x.max(1, keepdim=True).values
+    total = z.exp().sum(1, keepdim=True)
+    logp = z - total.log()
+    return (logp * logp + 1).log().mean()
