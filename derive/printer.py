@@ -756,14 +756,7 @@ class KernelPrinter(TorchPrinter):
             negated = self._print(-g)
             if not negated.startswith(("-", "(-1)*")):
                 gradient, sign = negated, -sign
-        code = call(gradient)
-        mul = sp.printing.precedence.PRECEDENCE["Mul"]
-        for r in outside:
-            base, e = r.as_base_exp()
-            if e.is_number and e.is_negative:  # divided by, never ``*1/(..)``
-                code += f"/{self.parenthesize(base ** -e, mul, strict=True)}"
-            else:
-                code += f"*{self.parenthesize(r, mul)}"
+        code = self._times_each(call(gradient), outside)
         coefficient = sign * coefficient
         if coefficient.could_extract_minus_sign():
             return f"-{self._scaled(code, [-coefficient]) if coefficient != -1 else code}"
@@ -897,17 +890,22 @@ class KernelPrinter(TorchPrinter):
         if any(varying_axes(f, self.frame.slots, self.shapes) == full
                or varying_axes(d, self.frame.slots, self.shapes) == full for f, d in self.bounded_ratios(expr)[2]):
             return None
-        mul = sp.printing.precedence.PRECEDENCE["Mul"]
         small = sp.Mul(*small)
         # (inside the ``torch.where`` of a masked count, which ``_print_Mul`` puts around the whole)
         text = f"({self._print_product(small) if _masked_count_factor(small) is not None else self._print(small)})"
-        for f in large:
+        return self._times_each(text, large)
+
+    def _times_each(self, code: str, factors: list) -> str:
+        """``code`` multiplied by each of ``factors`` in turn, left to right, divided by a factor's
+        base where its exponent is negative (``/(v**2 + 1)``, never ``*1/(v**2 + 1)``)."""
+        mul = sp.printing.precedence.PRECEDENCE["Mul"]
+        for f in factors:
             base, e = f.as_base_exp()
             if e.is_number and e.is_negative:
-                text += f"/{self.parenthesize(base ** -e, mul, strict=True)}"
+                code += f"/{self.parenthesize(base ** -e, mul, strict=True)}"
             else:
-                text += f"*{self.parenthesize(f, mul)}"
-        return text
+                code += f"*{self.parenthesize(f, mul)}"
+        return code
 
     def _divided(self, expr: sp.Mul) -> str | None:
         """A product divided by two tensors or more, divided by each in turn (``g*v/s/(w**2 + 1)``),
