@@ -427,13 +427,18 @@ def _judge(setting: Setting, ours, theirs, exact, bar32: dict | None, verdict: V
     return errors
 
 
+def _few_distinct(value: torch.Tensor) -> bool:
+    """Whether ``value`` has at most ``FEW_ENTRIES`` distinct entries: one value broadcast."""
+    return torch.unique(value.detach()).numel() <= FEW_ENTRIES
+
+
 def _few(reference: torch.Tensor, autograd: torch.Tensor) -> bool:
     """Whether a value's float32 error is one sample a draw: the value has at most ``FEW_ENTRIES``
     distinct entries, or autograd's error is one error shared by every entry (within half its size):
     a gradient through a mean of inputs far from 0 (``x - x.mean()`` at an offset of 1000) is off
     by the mean's rounding everywhere, and an equally accurate order's rounding of the mean is
     another sample of it, twice autograd's on one draw in three."""
-    if reference.numel() <= FEW_ENTRIES or torch.unique(reference.detach()).numel() <= FEW_ENTRIES:
+    if reference.numel() <= FEW_ENTRIES or _few_distinct(reference):
         return True
     error = (autograd.detach().double() - reference.detach())
     error = error[torch.isfinite(error)]
@@ -536,7 +541,7 @@ def run(layer: Layer, fn, sizes: dict[str, int], seed: int = 0, draws: list[Sett
         if setting.dtype == torch.float64 and setting.scale == 1.0 and not setting.banded and not setting.offset:
             # few at every N(0, 1) draw (a gradient can vanish on one, where a tanh saturates)
             for name, ref in exact[1:]:
-                few = ref.numel() > 1 and torch.unique(ref.detach()).numel() <= FEW_ENTRIES
+                few = ref.numel() > 1 and _few_distinct(ref)
                 entries[name] = entries.get(name, True) and few
         bar32 = bars.get(key) if setting.dtype == torch.float64 else None
         upstream = float(upstream_for(exact[0][1].double(), draw_seed).abs().max())

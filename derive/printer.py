@@ -763,6 +763,7 @@ class KernelPrinter(TorchPrinter):
         return code if coefficient == 1 else self._scaled(code, [coefficient])
 
     def _axes(self, expr) -> set:
+        """The frame axes ``expr`` varies on (``varying_axes``)."""
         return varying_axes(expr, self.frame.slots, self.shapes)
 
     def upstream_first(self, tensors: list) -> tuple[list, list]:
@@ -875,7 +876,7 @@ class KernelPrinter(TorchPrinter):
         gradient through the small values before it meets a full-size one. None for anything else,
         and where a ratio divided first (``bounded_ratios``) has a full-size side."""
         full = set(range(len(self.frame.dims)))
-        axes = {f: varying_axes(f, self.frame.slots, self.shapes) for f in expr.args}
+        axes = {f: self._axes(f) for f in expr.args}
         if not full or set().union(*axes.values()) != full:
             return None
         if any(temporaries(r.body, self.shapes) for r in expr.atoms(_Bound)):
@@ -887,8 +888,7 @@ class KernelPrinter(TorchPrinter):
             # (numbers and sizes alone stay where SymPy puts them: a sum divided by n, not times 1/n
             # rounded; per-row times per-column values are a full-size product anyway)
             return None
-        if any(varying_axes(f, self.frame.slots, self.shapes) == full
-               or varying_axes(d, self.frame.slots, self.shapes) == full for f, d in self.bounded_ratios(expr)[2]):
+        if any(self._axes(f) == full or self._axes(d) == full for f, d in self.bounded_ratios(expr)[2]):
             return None
         small = sp.Mul(*small)
         # (inside the ``torch.where`` of a masked count, which ``_print_Mul`` puts around the whole)
