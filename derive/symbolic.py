@@ -26,17 +26,24 @@ _EXPAND = dict(power_exp=False, power_base=False, log=False, mul=True, multinomi
 
 @lru_cache(maxsize=16384)  # (pure; the refold expands the same candidates' parts again and again)
 def expand(expr: sp.Expr) -> sp.Expr:
-    """Expand products and integer powers of sums, never ``exp``/``log``/power bases.
+    """Expand products and positive integer powers of sums in numerators, never ``exp``/``log``/power
+    bases, nor denominators.
 
     A fractional power of a sum stays whole (its base expanded): SymPy writes ``(v**2 + 1)**(-3/2)``
     as ``1/(sqrt(v**2 + 1)*v**2 + sqrt(v**2 + 1))``, a sum of terms that overflow where the power
-    does not, with a size coefficient multiplied into each."""
-    fractional = {p: sp.Dummy() for p in outside_sums(expr, sp.Pow)
-                  if p.base.is_Add and p.exp.is_Rational and not p.exp.is_Integer and abs(p.exp) > 1}
-    if not fractional:
+    does not, with a size coefficient multiplied into each. So does a reciprocal of a sum: SymPy
+    multiplies a product of denominators out, ``1/((v**2 + 1)*(h**2 + 1))`` as
+    ``1/(h**2*v**2 + h**2 + v**2 + 1)``, where each factor is a tensor the forward saved or the
+    backward computes once (the derivative of ``log(tanh(log(v**2 + 1))**2 + 1)``), and a named
+    sum then matches only some of its terms (``t3 + h**2*v**2 + h**2`` with ``t3 = v**2 + 1``), so
+    that terms which cancel are no longer seen to (a maximum's zero adjoint: its one-hot computed).
+    Each factor is kept, its base expanded, and terms over one denominator stay alike."""
+    whole = {p: sp.Dummy() for p in outside_sums(expr, sp.Pow)
+             if p.base.is_Add and p.exp.is_Rational and (p.exp.is_negative or not p.exp.is_Integer and abs(p.exp) > 1)}
+    if not whole:
         return sp.expand(expr, **_EXPAND)
-    back = {d: sp.Pow(expand(p.base), p.exp) for p, d in fractional.items()}
-    return sp.expand(expr.xreplace(fractional), **_EXPAND).xreplace(back)
+    back = {d: sp.Pow(expand(p.base), p.exp) for p, d in whole.items()}
+    return sp.expand(expr.xreplace(whole), **_EXPAND).xreplace(back)
 
 
 def reciprocal_root_power(e: sp.Expr) -> int | None:

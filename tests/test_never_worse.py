@@ -86,11 +86,13 @@ def test_a_square_in_a_denominator_is_the_reciprocal_squared():
     """``1/(1 + exp(-x))`` refolds to ``dout*t2/(t2 + 1)**2`` (``t2 = exp(-x)``). Divided by the
     square, it was 0 from x = -45 in float32, where ``(t2 + 1)**2`` overflows and the gradient is
     1e-20 (autograd multiplies by the output squared), so a less folded form was written, one more
-    ``exp``. Multiplied by the reciprocal squared, the most folded form passes and is written."""
+    ``exp``. Multiplied by the reciprocal squared, the most folded form passes and is written (the
+    reciprocal of ``t3 = t2 + 1``, which the forward computes for the output and saves)."""
     layer = LAYERS["sigmoid_formula"]
     folded = build_cached(layer)
     (dx,) = [f.code for f in folded.formulas]
-    assert "(1/(t2 + 1))**2" in dx, dx
+    forward = " ".join(line for line, _ in folded.forward)
+    assert "(1/t3)**2" in dx and "/t3**2" not in dx and "t3 = t2 + 1" in forward.replace("1 + t2", "t2 + 1"), (dx, forward)
     assert check(folded).passed
     choice = chosen(layer)
     assert choice.fused and choice.kernel is folded and not choice.changes, choice.changes

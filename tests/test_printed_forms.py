@@ -170,10 +170,11 @@ def root_of_log_total(w):
 ''')
     (found,) = from_file(str(spec))
     printed = code(found, "w")
-    # each divisor divides alone, never their product: here each the factor it bounds, first
-    # (``w/(w**2 + 1)``, ``total/sqrt(4*total**2 + 1)``: ``KernelPrinter.bounded_ratios``)
-    assert "(w/(w**2 + 1))" in printed and "(total/torch.sqrt(" in printed and ")*torch.sqrt" not in printed \
-        and "+ 1)*(w" not in printed, printed
+    # each divisor divides alone, never their product: the root the factor it bounds, first
+    # (``total/sqrt(4*total**2 + 1)``: ``KernelPrinter.bounded_ratios``), then the saved ``t2 = w**2 + 1``
+    # before ``w`` multiplies, as autograd's log backward divides before its product's backward multiplies
+    assert "/t2*w" in printed and "(total/torch.sqrt(" in printed and ")*torch.sqrt" not in printed \
+        and "+ 1)*(w" not in printed and "*t2" not in printed, printed
 
 
 def test_a_product_divided_by_a_product_of_sizes(tmp_path):
@@ -264,6 +265,12 @@ def test_a_fractional_power_of_a_sum_stays_whole(tmp_path):
     power = (v**2 + 1) ** sp.Rational(-3, 2)
     assert expand(power * (v + w) * w) == v * w * power + w**2 * power
     assert expand((v + w) ** 2) == v**2 + 2 * v * w + w**2  # integer powers are expanded as before
+    # a product of reciprocals of sums stays a product: never 1/(v**2*w**2 + v**2 + w**2 + 1)
+    h = sp.Symbol("h", real=True)
+    both = expand((v + h) * w / ((v**2 + 1) * (w**2 + 1)))
+    assert both == v * w / (v**2 + 1) / (w**2 + 1) + h * w / (v**2 + 1) / (w**2 + 1), both
+    assert expand((v + w) ** -2) == (v + w) ** -2  # a reciprocal square kept (its base expanded)
+    assert expand(1 / ((v + 1) * w + 1)) == 1 / (v * w + w + 1)
 
     spec = tmp_path / "inverse_root.py"
     spec.write_text('''import torch
