@@ -271,6 +271,53 @@ def test_a_product_of_denominators_is_not_multiplied_out(tmp_path):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+class MatrixProducts(TorchDispatchMode):
+    """Counts the matrix products computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func._schema.name in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+        return func(*args, **(kwargs or {}))
+
+
+LOG_PROBABILITY_WEIGHTED_PRODUCT = """import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), A=Tensor("k", "k"))
+def log_probability_weighted_product(x, A):
+    m = x.max(1, keepdim=True).values
+    z = x - m
+    logp = z - z.exp().sum(1, keepdim=True).log()
+    return torch.tanh((z * logp) @ A)
+"""
+
+
+def test_a_matrix_products_operand_that_reads_a_row_statistic_has_its_adjoint_computed_once(tmp_path):
+    """``(z * logp) @ A`` with ``logp`` a log-softmax written out: the operand reads the row's
+    ``m`` and ``log(sum)``, whose adjoints sum the operand's adjoint along the row. With the operand
+    inlined into the product, those sums became products of their own (``(logp @ A)*dt5`` summed,
+    and ``dt5 @ A.T`` twice): four matrix products where autograd's backward has two. The operand
+    is now a node, its adjoint ``dt4 = dt5 @ A.T`` one tensor, and ``dA`` reads the saved operand."""
+    layer, kernel = user_layer(tmp_path, LOG_PROBABILITY_WEIGHTED_PRODUCT, "log_probability_weighted_product")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    A = torch.randn(7, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(30, 7, dtype=torch.float64, generator=gen)
+    counts, grads = [], []
+    for fn in (kernel, layer.fn):
+        out = fn(x, A)
+        with MatrixProducts() as mode:
+            grads.append(torch.autograd.grad(out, (x, A), g))
+        counts.append(mode.count)
+    assert counts[0] <= counts[1] == 2, counts
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("name", sorted(FORMULAS))
 def test_float32_rounds_as_the_formula_does(name):
     """The operations are the printed formula's, in its order: float32 results agree with it to a
