@@ -363,6 +363,13 @@ GRADIENT_THAT_CANCELS_TO_ZERO = _regression('fuzz_found_gradient_that_cancels_to
     '    v1 = A.max(1, keepdim=True).values\n    v2 = A - v1\n    v3 = v2.exp()\n    v4 = v3.sum(1, keepdim=True)\n    v5 = v3 / v4\n    v6 = v5.max(1, keepdim=True).values\n    v7 = v5 - v6\n    v8 = v7.exp()\n    v9 = v8.sum(1, keepdim=True)\n    v10 = v8 / v9\n    v11 = v10.clamp(min=-1.0, max=0.5)\n    v12 = v11.T @ v11\n    v13 = v12.mean()\n    out = v13',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), w=Tensor("k"), A=Tensor("k", "k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, w, A, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# x*b/p minus itself: every adjoint is 0, and the derivation document's route dropped a sum that is
+# 0 as written (``expand`` now keeps the terms' denominators alike) by replacing the whole
+# expression with Python's int 0, which ``expand`` then failed on: the documents were not written
+SUM_THAT_IS_ZERO_AS_WRITTEN = _regression('fuzz_found_sum_that_is_zero_as_written',
+    '    v1 = x * b\n    v2 = -v1\n    v3 = v1 / p\n    v4 = v3 - v3\n    out = v4',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), p=Tensor("n", "k", differentiable=False, domain="probability"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, b, p, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -375,7 +382,7 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP, SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW, SUM_TIMES_A_SUM,
           EXPONENTIAL_MERGED_INTO_A_TANH, UNREAD_TIE_MASK, SQUARED_DENOMINATOR_MULTIPLIED_OUT,
           SAVED_EXPONENTIAL_INTO_A_TANH, SUM_REGROUPED_IN_THE_FORWARD, SATURATED_SOFTMAX_OF_A_SQUARE,
-          GRADIENT_THAT_CANCELS_TO_ZERO]
+          GRADIENT_THAT_CANCELS_TO_ZERO, SUM_THAT_IS_ZERO_AS_WRITTEN]
 
 
 class Tally:

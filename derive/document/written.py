@@ -459,7 +459,7 @@ class Written:
     def _drop_vanishing(self, expr: sp.Expr) -> tuple[sp.Expr, list[Dropped]]:
         gone = self.vanishing_sums(expr)
         if gone:
-            expr = expand(expr.xreplace({v.total: 0 for v in gone}))
+            expr = expand(expr.xreplace({v.total: sp.S.Zero for v in gone}))  # (an int 0 where expr is the sum)
         dropped = []
         for v in gone:
             pulled = self._pulled(v.total)
