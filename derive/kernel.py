@@ -247,22 +247,24 @@ def build_cached(layer: Layer) -> Kernel:
     return _BUILT.get(layer, lambda layer: build(layer))
 
 
-def derived(layer: Layer, replayed: frozenset = frozenset()) -> tuple[Graph, Elements, Gradients]:
+def derived(layer: Layer, replayed: frozenset = frozenset(), spelled: frozenset = frozenset()) -> tuple[Graph, Elements, Gradients]:
     """The traced graph, its normal form and the normal-form gradients, once per layer object
-    (and set of ``replayed`` maxima: ``differentiate.replayed_maxima``)."""
+    (and set of ``replayed`` maxima: ``differentiate.replayed_maxima``; and of ``spelled`` lines,
+    the named values kept as nodes of their own, read where autograd reads them)."""
     def derive(layer):
         graph = trace(layer)
         el = Elements(graph)
         return graph, el, differentiate(el)
     graph, el, grads = _DERIVED.get(layer, derive)
-    if not replayed:
+    if not replayed and not spelled:
         return graph, el, grads
 
     def again():
         maxima = [n for n in graph.nodes if n.name in replayed]
-        kept = Elements(graph, replayed_maxima(graph, maxima))
+        nodes = replayed_maxima(graph, maxima) | {n for n in graph.nodes if n.name in spelled}
+        kept = Elements(graph, frozenset(nodes))
         return graph, kept, differentiate(kept, frozenset(maxima))
-    return kept_on(el, "_replayed", replayed, again)
+    return kept_on(el, "_replayed", (replayed, spelled), again)
 
 
 def _refolded(el, expr: sp.Expr, forbidden: frozenset) -> tuple:
@@ -278,14 +280,15 @@ def _refolded(el, expr: sp.Expr, forbidden: frozenset) -> tuple:
 
 
 def build(layer: Layer, forbidden: dict[str, frozenset] | None = None, as_written: frozenset = frozenset(),
-          replayed: frozenset = frozenset()) -> Kernel:
+          replayed: frozenset = frozenset(), spelled: frozenset = frozenset()) -> Kernel:
     """The fused kernel of ``layer``. ``forbidden`` maps an input to the refold rewrites its
     gradient may not take (``(node, variable)`` names, see ``select``): a less folded form.
     The gradients of the inputs in ``as_written`` are printed as their formulas read, without
     the in-place forms of ``backward_plan`` (which order some operations differently). The maxima
-    named in ``replayed`` keep their adjoints (``differentiate.replayed_maxima``)."""
+    named in ``replayed`` keep their adjoints (``differentiate.replayed_maxima``); the lines
+    named in ``spelled`` are nodes of their own (``select``'s last fused form)."""
     start = time.perf_counter()
-    graph, el, grads = derived(layer, replayed)
+    graph, el, grads = derived(layer, replayed, spelled)
     order = list(layer.inputs)
     formulas, adjoints = [], []
     for node, expr in grads.materialized:

@@ -7,10 +7,12 @@
    ``MAX_ATTEMPTS - 1`` such steps a gradient that still fails is tried unfolded (no rewrite).
    A gradient printed as an in-place chain (``backward_plan.chain_form``) that fails is first
    printed as its formula reads; that is not counted as a step.
-3. When the output fails (the fused forward rounds worse than the spec's), when a failing gradient
-   has no rewrite left to undo, when a less folded form cannot be built, or when the fused engine
-   cannot derive the layer at all, the kernel is the step-by-step backward, which replays
-   autograd's own operations.
+3. When a failing gradient has no rewrite left to undo, one more fused form is tried: every line
+   the spec names a node of its own (``_spelled_form``), so that the backward reads the values the
+   forward computed where autograd reads them, with the derived formulas between them.
+4. When that fails too, when the output fails (the fused forward rounds worse than the spec's),
+   when a less folded form cannot be built, or when the fused engine cannot derive the layer at
+   all, the kernel is the step-by-step backward, which replays autograd's own operations.
 
    Where that step-by-step kernel fails the battery too (the spec calls one torch function the
    trace writes in steps, ``F.layer_norm``, whose own statistics round better), the most folded
@@ -33,6 +35,7 @@ import torch
 
 from . import battery
 from .errors import DerivationError, DeriveError
+from .functions import COMPARISONS, LABEL_COMPARISONS
 from .kernel import Kernel, build, build_cached
 from .simplify import EVERY_REWRITE
 from .memo import LAYERS_KEPT, ByObject
@@ -243,6 +246,11 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
         kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
         if fault:
             break
+    if not fault:
+        spelled = _spelled_form(layer, kernel, draws, replayed)
+        if spelled is not None:
+            kernel, verdict, changes = spelled  # (the rewrites undone above are not undone in it)
+            return Choice(layer, kernel, verdict, changes=changes)
     finding = verdict.findings[0]
     if fused_only:
         raise DerivationError(layer.name, f"every fused form fails the numerical battery ({finding})",
@@ -262,12 +270,47 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
     return Choice(layer, None, verdict, reason=reason, steps_verdict=steps_verdict)
 
 
-def _rebuilt(layer: Layer, forbidden: dict, as_written: frozenset, replayed: frozenset) -> tuple[Kernel | None, str]:
+# values that are no tensor of the layer's own arithmetic to keep: views, and masks
+_NOT_SPELLED = frozenset({"input", "labels", "view", "permute", "expand", "not", "and", "or"}) | \
+    frozenset(COMPARISONS) | frozenset(LABEL_COMPARISONS)
+
+
+def _spelled_form(layer: Layer, kernel: Kernel, draws: list, replayed: frozenset) -> tuple | None:
+    """The last fused form, tried before the step-by-step backward: every line the spec names is a
+    node of its own, read where autograd reads it (its saved value, its adjoint), so the backward's
+    arithmetic meets the spec's lines where autograd's does, with the derived formulas between
+    them (a softmax written out keeps ``exp(x - m)`` as the forward computed it, where the normal
+    form merged it into a larger ``exp``, rounding both arguments into one). ``(kernel, verdict,
+    changes)`` where it passes the battery, else None."""
+    graph = kernel.graph
+    spelled = frozenset(n.name for n in graph.nodes if n.named and n.shape and n is not graph.output
+                        and n.op not in _NOT_SPELLED)
+    if not spelled:
+        return None
+    changes = [f"{name}: its zero adjoint replayed" for name in sorted(replayed)]
+    changes.append(f"the named lines kept as nodes ({', '.join(sorted(spelled))})")
+    for _ in range(2):
+        kernel, fault = _rebuilt(layer, {}, frozenset(), replayed, spelled)
+        if fault:
+            return None
+        verdict = check(kernel, draws)
+        if verdict.passed:
+            return kernel, verdict, changes
+        vanished = frozenset(n.name for n in kernel.gradients.vanished) - replayed
+        if not vanished:
+            return None
+        replayed |= vanished  # and its maxima's zero adjoints replayed
+        changes += [f"{name}: its zero adjoint replayed" for name in sorted(vanished)]
+    return None
+
+
+def _rebuilt(layer: Layer, forbidden: dict, as_written: frozenset, replayed: frozenset,
+             spelled: frozenset = frozenset()) -> tuple[Kernel | None, str]:
     """The kernel built again with fewer rewrites, or why it cannot be: a less folded form may hold
     what the printer refuses (an entry read at a computed position) or trip a fault of the engine's;
     the layer then gets its step-by-step kernel, as when no form passes, and the report says why."""
     try:
-        return build(layer, forbidden, as_written, replayed), ""
+        return build(layer, forbidden, as_written, replayed, spelled), ""
     except DeriveError as e:
         return None, _one_line(e)
     except Exception as e:
