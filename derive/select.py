@@ -7,12 +7,13 @@
    ``MAX_ATTEMPTS - 1`` such steps a gradient that still fails is tried unfolded (no rewrite).
    A gradient printed as an in-place chain (``backward_plan.chain_form``) that fails is first
    printed as its formula reads; that is not counted as a step.
-3. When a failing gradient has no rewrite left to undo, one more fused form is tried: every line
-   the spec names a node of its own (``_spelled_form``), so that the backward reads the values the
-   forward computed where autograd reads them, with the derived formulas between them.
-4. When that fails too, when the output fails (the fused forward rounds worse than the spec's),
-   when a less folded form cannot be built, or when the fused engine cannot derive the layer at
-   all, the kernel is the step-by-step backward, which replays autograd's own operations.
+3. When a failing value has no rewrite left to undo (a gradient, or the output: the fused forward
+   rounds worse than the spec's), one more fused form is tried: every line the spec names a node
+   of its own (``_spelled_form``), so that the forward computes them and the backward reads them
+   where autograd reads them, with the derived formulas between them.
+4. When that fails too, when a less folded form cannot be built, or when the fused engine cannot
+   derive the layer at all, the kernel is the step-by-step backward, which replays autograd's own
+   operations.
 
    Where that step-by-step kernel fails the battery too (the spec calls one torch function the
    trace writes in steps, ``F.layer_norm``, whose own statistics round better), the most folded
