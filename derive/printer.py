@@ -649,9 +649,11 @@ class KernelPrinter(TorchPrinter):
         it spread over ``l``'s shape, as autograd's expanded gradient. None for anything else."""
         if not self.log_softmaxes:
             return None
+        # a number both terms carry (``2*a - 2*exp(l)*sum_j a``, the spec's ``v + v``) multiplies it
+        content, expr = expr.as_content_primitive() if expr.is_Add else (sp.S.One, expr)
         factors = sp.Mul.make_args(expr)
         one_value = [f for f in factors if _same_everywhere(f)]
-        coeff, rest = sp.Mul(*one_value), sp.Mul(*[f for f in factors if f not in one_value])
+        coeff, rest = content * sp.Mul(*one_value), sp.Mul(*[f for f in factors if f not in one_value])
         if not isinstance(rest, sp.Add) or len(rest.args) != 2:
             return None
         for shifted, a in (rest.args, rest.args[::-1]):
