@@ -85,6 +85,31 @@ class FullSizeOps(TorchDispatchMode):
         return out
 
 
+class MatrixProducts(TorchDispatchMode):
+    """Counts the matrix products computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func._schema.name in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+        return func(*args, **(kwargs or {}))
+
+
+def backward_counts(functions, inputs: tuple, g, counter) -> tuple[list, list]:
+    """For each of ``functions`` (a kernel, autograd through its spec), what ``counter()`` counts
+    while the gradients of its output at ``g`` with respect to ``inputs`` are computed, and those
+    gradients."""
+    counts, grads = [], []
+    for fn in functions:
+        out = fn(*inputs)
+        with counter() as mode:
+            grads.append(torch.autograd.grad(out, inputs, g))
+        counts.append(mode.count)
+    return counts, grads
+
+
 @pytest.mark.parametrize("name", sorted(FORMULAS))
 def test_the_in_place_form_computes_the_formula(name):
     expr = FORMULAS[name]
@@ -224,12 +249,7 @@ def test_a_matrix_product_over_an_axis_of_one_has_its_adjoint_computed_once(tmp_
     x, b, c = (torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
                for shape in ((30, 7), (30, 1), (1, 7)))
     g = torch.randn(30, 7, dtype=torch.float64, generator=gen)
-    counts, grads = [], []
-    for fn in (kernel, layer.fn):
-        out = fn(x, b, c)
-        with FullSizeOps(x.numel()) as mode:
-            grads.append(torch.autograd.grad(out, (x, b, c), g))
-        counts.append(mode.count)
+    counts, grads = backward_counts((kernel, layer.fn), (x, b, c), g, lambda: FullSizeOps(x.numel()))
     assert counts[0] <= counts[1] == 2, counts
     torch.testing.assert_close(grads[0], grads[1])
     assert torch.autograd.gradcheck(kernel, (x, b, c))
@@ -261,12 +281,7 @@ def test_a_product_of_denominators_is_not_multiplied_out(tmp_path):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(30, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     g = torch.randn(30, 7, dtype=torch.float64, generator=gen)
-    counts, grads = [], []
-    for fn in (kernel, layer.fn):
-        out = fn(x)
-        with FullSizeOps(x.numel()) as mode:
-            grads.append(torch.autograd.grad(out, (x,), g))
-        counts.append(mode.count)
+    counts, grads = backward_counts((kernel, layer.fn), (x,), g, lambda: FullSizeOps(x.numel()))
     assert counts[0] < counts[1], counts
     torch.testing.assert_close(grads[0], grads[1])
 
@@ -295,26 +310,9 @@ def test_a_log_softmax_backward_times_a_number_is_torch_s_kernel(tmp_path):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(30, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     g = torch.randn(30, 7, dtype=torch.float64, generator=gen)
-    counts, grads = [], []
-    for fn in (kernel, layer.fn):
-        out = fn(x)
-        with FullSizeOps(x.numel()) as mode:
-            grads.append(torch.autograd.grad(out, (x,), g))
-        counts.append(mode.count)
+    counts, grads = backward_counts((kernel, layer.fn), (x,), g, lambda: FullSizeOps(x.numel()))
     assert counts[0] <= counts[1], counts
     torch.testing.assert_close(grads[0], grads[1])
-
-
-class MatrixProducts(TorchDispatchMode):
-    """Counts the matrix products computed."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func._schema.name in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
-        return func(*args, **(kwargs or {}))
 
 
 LOG_PROBABILITY_WEIGHTED_PRODUCT = """import torch
@@ -342,12 +340,7 @@ def test_a_matrix_products_operand_that_reads_a_row_statistic_has_its_adjoint_co
     x = torch.randn(30, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     A = torch.randn(7, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     g = torch.randn(30, 7, dtype=torch.float64, generator=gen)
-    counts, grads = [], []
-    for fn in (kernel, layer.fn):
-        out = fn(x, A)
-        with MatrixProducts() as mode:
-            grads.append(torch.autograd.grad(out, (x, A), g))
-        counts.append(mode.count)
+    counts, grads = backward_counts((kernel, layer.fn), (x, A), g, MatrixProducts)
     assert counts[0] <= counts[1] == 2, counts
     torch.testing.assert_close(grads[0], grads[1])
 
