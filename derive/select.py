@@ -213,7 +213,7 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
         vanished = frozenset(n.name for n in kernel.gradients.vanished)
         if vanished and not replayed:
             replayed = vanished
-            changes += [f"{name}: its zero adjoint replayed" for name in sorted(vanished)]
+            changes += _replayed_changes(vanished)
             kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
             if fault:
                 break
@@ -288,21 +288,25 @@ def _spelled_form(layer: Layer, kernel: Kernel, draws: list, replayed: frozenset
                         and n.op not in _NOT_SPELLED)
     if not spelled:
         return None
-    changes = [f"{name}: its zero adjoint replayed" for name in sorted(replayed)]
-    changes.append(f"the named lines kept as nodes ({', '.join(sorted(spelled))})")
+    before = replayed
     for _ in range(2):
         kernel, fault = _rebuilt(layer, {}, frozenset(), replayed, spelled)
         if fault:
             return None
         verdict = check(kernel, draws)
         if verdict.passed:
-            return kernel, verdict, changes
+            named = f"the named lines kept as nodes ({', '.join(sorted(spelled))})"
+            return kernel, verdict, _replayed_changes(before) + [named] + _replayed_changes(replayed - before)
         vanished = frozenset(n.name for n in kernel.gradients.vanished) - replayed
         if not vanished:
             return None
         replayed |= vanished  # and its maxima's zero adjoints replayed
-        changes += [f"{name}: its zero adjoint replayed" for name in sorted(vanished)]
     return None
+
+
+def _replayed_changes(names: frozenset) -> list[str]:
+    """The report's line for each maximum whose zero adjoint is replayed."""
+    return [f"{name}: its zero adjoint replayed" for name in sorted(names)]
 
 
 def _rebuilt(layer: Layer, forbidden: dict, as_written: frozenset, replayed: frozenset,
