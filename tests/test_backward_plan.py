@@ -345,6 +345,35 @@ def test_a_matrix_products_operand_that_reads_a_row_statistic_has_its_adjoint_co
     torch.testing.assert_close(grads[0], grads[1])
 
 
+CLIPPED_LOG_PROBABILITIES_PRODUCT = """import torch
+import torch.nn.functional as F
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), A=Tensor("k", "k"))
+def clipped_log_probabilities_product(x, A):
+    logp = F.log_softmax(x, dim=1)
+    clipped = torch.maximum(2 * logp, x)
+    return torch.tanh(clipped @ A)
+"""
+
+
+def test_a_matrix_products_operand_that_reads_two_variables_has_its_adjoint_computed_once(tmp_path):
+    """``maximum(2*logp, x) @ A`` reads ``x`` directly and through the log-softmax, so both their
+    gradients take the product's adjoint. Inlined into the product, each carried ``dv @ A.T`` in its
+    own formula: three matrix products where autograd's backward has two (1.3x its time at
+    1024 x 512). The operand is now a node, its adjoint one tensor that both read."""
+    layer, kernel = user_layer(tmp_path, CLIPPED_LOG_PROBABILITIES_PRODUCT, "clipped_log_probabilities_product")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    A = torch.randn(7, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(30, 7, dtype=torch.float64, generator=gen)
+    counts, grads = backward_counts((kernel, layer.fn), (x, A), g, MatrixProducts)
+    assert counts[0] <= counts[1] == 2, counts
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("name", sorted(FORMULAS))
 def test_float32_rounds_as_the_formula_does(name):
     """The operations are the printed formula's, in its order: float32 results agree with it to a
