@@ -243,7 +243,8 @@ def render_function(kernel: Kernel) -> str:
 def _autograd_runs_it(kernel: Kernel) -> bool | str:
     """Whether the eager kernel is, kernel for kernel, what autograd runs through the spec: one
     operation, and each gradient one call of autograd's own one-pass kernel on the upstream gradient
-    and that operation's output or input (or, for a sum, the upstream gradient expanded); inputs
+    and that operation's output or input (or, for a sum, the upstream gradient expanded; for a softmax
+    or log-softmax, its backward kernel on the upstream gradient and the output); inputs
     the operation does not read have no gradient in either; or (``"chain"``) a chain of such
     operations (``_autograd_runs_the_chain``). Then ``<name>(...)`` runs the operations under
     autograd in eager mode: a Python ``autograd.Function`` would only add its fixed cost per call
@@ -261,8 +262,14 @@ def _autograd_runs_it(kernel: Kernel) -> bool | str:
     read = [f for f in kernel.formulas if f.code != "None"]
     # a sum's gradient is the upstream one expanded, a view, as autograd's ``SumBackward`` makes it
     expanded = re.compile(rf"{re.escape(upstream)}\.expand\([^()]*\)")
+    # a softmax's (log-softmax's) gradient is its backward kernel on the upstream gradient and the
+    # output, as ``SoftmaxBackward0`` (``LogSoftmaxBackward0``) computes it
+    op = operations[0].op
+    normalizer = re.compile(rf"torch\._{op}_backward_data\({re.escape(upstream)}, {re.escape(kernel.output)}, "
+                            rf"-?\d+, {re.escape(upstream)}\.dtype\)")
     return bool(read) and all(one_kernel_of(f.chain, upstream) in allowed
-                              or operations[0].op == "sum" and expanded.fullmatch(f.code) for f in read)
+                              or op == "sum" and expanded.fullmatch(f.code)
+                              or op in ("softmax", "log_softmax") and normalizer.fullmatch(f.code) for f in read)
 
 
 def _autograd_runs_the_chain(kernel: Kernel, operations: list) -> bool:

@@ -1,5 +1,5 @@
 """A layer whose derived backward is autograd's own kernel for its one operation (``tanh``,
-``sigmoid``, ``relu``, written by a user or built in), or its own kernels for a chain of such
+``sigmoid``, ``relu``, ``softmax``, ``log_softmax``, written by a user or built in), or its own kernels for a chain of such
 operations, runs those operations under autograd in eager mode: the same kernels, without a Python
 ``autograd.Function``'s fixed cost per call. Anything else, and a hand edit of the kernel, goes
 through the Function."""
@@ -14,6 +14,7 @@ from derive.verify import load_module
 ROOT = Path(__file__).resolve().parent.parent
 
 SPEC = '''import torch
+import torch.nn.functional as F
 
 from derive import Labels, Tensor, layer
 
@@ -35,6 +36,18 @@ def gate(x):
 def clipped(x):
     """A rectifier."""
     return x.relu()
+
+
+@layer(x=Tensor("n", "d"))
+def probabilities(x):
+    """A softmax over each row."""
+    return F.softmax(x, dim=1)
+
+
+@layer(x=Tensor("n", "d"))
+def log_probabilities(x):
+    """A log-softmax over each row."""
+    return x.log_softmax(-1)
 
 
 @layer(x=Tensor("n", "d"), b=Tensor("n", "1"), y=Labels("n", classes="d"))
@@ -87,18 +100,31 @@ def module(folder: Path, name: str):
     return load_module(folder / f"{name}.py")
 
 
-@pytest.mark.parametrize("name, op", [("squash", torch.tanh), ("gate", torch.sigmoid), ("clipped", torch.relu)])
-def test_one_operation_with_its_own_kernel_runs_under_autograd(folder, name, op):
+def _row_softmax(x):
+    return torch.softmax(x, 1)
+
+
+def _row_log_softmax(x):
+    return torch.log_softmax(x, 1)
+
+
+@pytest.mark.parametrize("name, op, node", [("squash", torch.tanh, "TanhBackward0"), ("gate", torch.sigmoid, "SigmoidBackward0"),
+                                            ("clipped", torch.relu, "ReluBackward0"),
+                                            ("probabilities", _row_softmax, "SoftmaxBackward0"),
+                                            ("log_probabilities", _row_log_softmax, "LogSoftmaxBackward0")])
+def test_one_operation_with_its_own_kernel_runs_under_autograd(folder, name, op, node):
+    """A softmax's derived backward is ``torch._softmax_backward_data(dout, out, 1, dout.dtype)``,
+    autograd's own for it (through the Function: 1.08x to 1.18x autograd's time at 1024 x 512)."""
     m = module(folder, name)
     assert m._autograd_is_the_kernel()
     x = (torch.randn(64, 33, dtype=torch.float32) * 30).requires_grad_()
     out = getattr(m, name)(x)
-    assert type(out.grad_fn).__name__ == f"{op.__name__.capitalize()}Backward0"  # autograd's own node
+    assert type(out.grad_fn).__name__ == node  # autograd's own node
     dout = torch.randn_like(out)
     (dx,) = torch.autograd.grad(out, x, dout)
     # the Function computes the same values: the derived backward is that kernel
     x2 = x.detach().requires_grad_()
-    out2 = getattr(m, f"{name[0].upper()}{name[1:]}Function").apply(x2)[0]
+    out2 = getattr(m, "".join(part.capitalize() for part in name.split("_")) + "Function").apply(x2)[0]
     (dx2,) = torch.autograd.grad(out2, x2, dout)
     ref = x.detach().clone().requires_grad_()
     (dref,) = torch.autograd.grad(op(ref), ref, dout)
