@@ -152,6 +152,7 @@ def _function_context(layer: Layer, name: str, output: str, reads: list[str], ex
         outputs_unpack=_tuple(outputs),
         mark_lines=[f"ctx.mark_non_differentiable({', '.join(extras)})"] if extras else [],
         labels=[k for k, v in layer.tensors.items() if isinstance(v, Labels)],
+        frozen=[k for k, _ in nondiff],  # declared differentiable=False: a gradient asked of one is an error
         constants_all=list(layer.constants),
         tensor_inputs_tuple=_tuple(list(layer.tensors)) if layer.tensors else "()",
         reads_tuple=_tuple(reads) if reads else "()",
@@ -184,7 +185,11 @@ def _blocks(steps: list) -> list[dict]:
     return blocks
 
 
-def render_function(kernel: Kernel) -> str:
+def render_function(kernel: Kernel, same_as_autograd: bool = False) -> str:
+    """The fused Function's module. ``same_as_autograd``: in eager mode ``<name>(...)`` runs the
+    forward under autograd, whose backward computes the derived one kernel for kernel
+    (``same_kernels.runs_the_same`` has checked it), where ``_autograd_runs_it`` does not already
+    see that in the formulas."""
     # shared temporaries, then the gradients, each under the ``if`` of the gradients that need it;
     # consecutive statements with the same condition share one ``if``
     steps = [(" or ".join(f"needs[{u}]" for u in s.users),
@@ -229,7 +234,7 @@ def render_function(kernel: Kernel) -> str:
         returns=", ".join(returns),
         doc=kernel.layer.doc or kernel.name,
     )
-    context["autograd_kernel"] = _autograd_runs_it(kernel)
+    context["autograd_kernel"] = _autograd_runs_it(kernel) or ("same" if same_as_autograd else False)
     body = environment().get_template("function.py.j2").render(header="", autograd_digest="", **context)
     # the digest of the two functions whose text, as generated, makes the kernel autograd's own: a
     # hand edit of either one sends the calls through the Function again, which runs the edit

@@ -30,6 +30,7 @@ from .files import comparable, content_hash, ownership, plan, remove_temporaries
 from .kernel import Kernel, build_cached
 from .parallel import cores, fork_map
 from .prove import Proof, default_sizes, prove
+from .same_kernels import runs_the_same
 from .select import CHANGED, STEPS_FAIL, Choice, chosen
 from .spec import Layer, sizes_text
 from .trace import Graph, trace
@@ -102,9 +103,14 @@ def render_kernel(layer: Layer, choice: Choice | None = None, graph=None) -> str
     """The text of ``<name>.py``, the kernel ``render`` writes: the fused Function where a fused form
     is chosen, else the step-by-step backward, saying why (without the documents)."""
     choice = choice or chosen(layer)
-    if choice.fused:
-        return render_function(choice.kernel)
-    return render_steps(graph or trace(layer), choice.reason)
+    if not choice.fused:
+        return render_steps(graph or trace(layer), choice.reason)
+    text = render_function(choice.kernel)
+    if "def _autograd_is_the_kernel" not in text:  # (codegen did not see autograd's own kernels in the formulas)
+        routed = render_function(choice.kernel, same_as_autograd=True)
+        if runs_the_same(layer, text, routed):
+            return routed
+    return text
 
 
 def render(layer: Layer, choice: Choice | None = None, backends: tuple = (), reasons: dict | None = None) -> dict[str, str]:
