@@ -10,8 +10,9 @@ through the Function) and the module with the route (the forward under autograd,
 backward). Every operation that computes a tensor is recorded (a view computes nothing). When the
 two ran the same operations, as many times each, and gave the same output and gradients bit for
 bit, autograd there is the derived kernel: ``c + x`` (``dc = dout.sum(0)``), ``x @ W + b``,
-``w + softmax(x)``. Where they differ in one operation (``2*x`` against autograd's ``x + x``,
-``x*x`` against ``x**2``, an in-place update), the Function runs what was derived.
+``w + softmax(x)``. Where they differ in one operation (``c.square()``, whose derived ``2*c*dout``
+is not autograd's backward of a power; an in-place update; a one-pass kernel where autograd runs
+two), the Function runs what was derived.
 """
 from __future__ import annotations
 
@@ -73,12 +74,12 @@ def runs_the_same(layer: Layer, function_source: str, routed_source: str, seed: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # (the same reduction order in both)
     try:
-        for source in (function_source, routed_source):
+        for routed, source in ((False, function_source), (True, routed_source)):
             with tempfile.TemporaryDirectory(prefix="derive-same-") as folder:
                 path = Path(folder) / f"{layer.name}.py"
                 path.write_text(source)
                 module = load_module(path)
-                if source is routed_source and not module._autograd_is_the_kernel():
+                if routed and not module._autograd_is_the_kernel():
                     return False  # (the route not taken: nothing to compare)
                 runs.append(_run(module, layer, inputs, seed))
     finally:
