@@ -16,16 +16,15 @@ two), the Function runs what was derived.
 """
 from __future__ import annotations
 
-import tempfile
+import inspect
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .battery import battery_sizes, draw
+from .battery import _gradients, battery_sizes, draw
 from .layers import Layer
-from .verify import load_module, upstream_for
+from .select import _imported
 
 
 class _Computed(TorchDispatchMode):
@@ -44,50 +43,44 @@ class _Computed(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _run(module, layer: Layer, inputs: dict, seed: int) -> tuple[Counter, list] | None:
-    """The operations one forward and backward of ``module``'s ``<name>`` computes (the input checks
-    left out: the route runs them too), and its output and gradients; None where the output has no
-    gradient to take (a forward that cancels to a constant: autograd records nothing, where the
-    Function's output, like the spec's, has a backward that gives zeros)."""
-    wanted = list(layer.differentiable)
-    leaves = {k: v.detach().clone().requires_grad_(k in wanted) if torch.is_tensor(v) and v.is_floating_point() else v
-              for k, v in inputs.items()}
-    module.check_inputs(False)
-    with _Computed() as computed:
-        out = getattr(module, layer.name)(**leaves)
+class _NoGraph(Exception):
+    """The output has no gradient to take: a forward that cancels to a constant, which autograd
+    does not record, where the Function's output, like the spec's, has a backward giving zeros."""
+
+
+def _run(fn, layer: Layer, inputs: dict, seed: int) -> tuple[Counter, list]:
+    """The operations one forward and backward of ``fn`` computes, as the battery takes its
+    gradients (``battery._gradients``), and its output and gradients."""
+    def forward(**leaves):
+        out = fn(**leaves)
         if not out.requires_grad:
-            return None
-        grads = torch.autograd.grad(out, [leaves[k] for k in wanted], upstream_for(out.detach(), seed), allow_unused=True)
-    return computed.counts, [out.detach(), *grads]
+            raise _NoGraph
+        return out
 
-
-def _same(a, b) -> bool:
-    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
+    with _Computed() as computed:
+        values = _gradients(forward, inputs, list(layer.differentiable), seed)
+    return computed.counts, [value for _, value in values]
 
 
 def runs_the_same(layer: Layer, function_source: str, routed_source: str, seed: int = 0) -> bool:
     """Whether ``routed_source`` (the module with the route under autograd) computes what
     ``function_source`` (the module as generated) computes through its Function, operation for
-    operation and bit for bit, on one draw of the battery's inputs."""
+    operation and bit for bit, on one draw of the battery's inputs (the input checks left out:
+    the route runs them too)."""
     inputs = draw(layer, battery_sizes(layer), torch.float64, seed)
     runs = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # (the same reduction order in both)
     try:
         for routed, source in ((False, function_source), (True, routed_source)):
-            with tempfile.TemporaryDirectory(prefix="derive-same-") as folder:
-                path = Path(folder) / f"{layer.name}.py"
-                path.write_text(source)
-                module = load_module(path)
+            with _imported(layer.name, source) as fn:  # (torch on one thread: the same reduction order)
+                module = inspect.getmodule(fn)
                 if routed and not module._autograd_is_the_kernel():
                     return False  # (the route not taken: nothing to compare)
-                runs.append(_run(module, layer, inputs, seed))
-    finally:
-        torch.set_num_threads(threads)
-    if None in runs:
+                module.check_inputs(False)
+                runs.append(_run(fn, layer, inputs, seed))
+    except _NoGraph:
         return False
     (ours, our_values), (theirs, their_values) = runs
-    return ours == theirs and all(_same(a, b) for a, b in zip(our_values, their_values))
+    return ours == theirs and all(torch.equal(a, b) for a, b in zip(our_values, their_values))
 
 
 __all__ = ["runs_the_same"]

@@ -315,6 +315,19 @@ def test_a_log_softmax_backward_times_a_number_is_torch_s_kernel(tmp_path):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def _assert_two_matrix_products_as_autograd(folder, source, name):
+    """The layer ``name`` of ``source``, ``f(x) @ A`` of an ``(n, k)`` input and a ``(k, k)`` one:
+    its backward computes no more matrix products than autograd's two, and the same gradients."""
+    layer, kernel = user_layer(folder, source, name)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    A = torch.randn(7, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(30, 7, dtype=torch.float64, generator=gen)
+    counts, grads = backward_counts((kernel, layer.fn), (x, A), g, MatrixProducts)
+    assert counts[0] <= counts[1] == 2, counts
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 LOG_PROBABILITY_WEIGHTED_PRODUCT = """import torch
 
 from derive import Tensor, layer
@@ -335,14 +348,7 @@ def test_a_matrix_products_operand_that_reads_a_row_statistic_has_its_adjoint_co
     inlined into the product, those sums became products of their own (``(logp @ A)*dt5`` summed,
     and ``dt5 @ A.T`` twice): four matrix products where autograd's backward has two. The operand
     is now a node, its adjoint ``dt4 = dt5 @ A.T`` one tensor, and ``dA`` reads the saved operand."""
-    layer, kernel = user_layer(tmp_path, LOG_PROBABILITY_WEIGHTED_PRODUCT, "log_probability_weighted_product")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(30, 7, dtype=torch.float64, generator=gen, requires_grad=True)
-    A = torch.randn(7, 7, dtype=torch.float64, generator=gen, requires_grad=True)
-    g = torch.randn(30, 7, dtype=torch.float64, generator=gen)
-    counts, grads = backward_counts((kernel, layer.fn), (x, A), g, MatrixProducts)
-    assert counts[0] <= counts[1] == 2, counts
-    torch.testing.assert_close(grads[0], grads[1])
+    _assert_two_matrix_products_as_autograd(tmp_path, LOG_PROBABILITY_WEIGHTED_PRODUCT, "log_probability_weighted_product")
 
 
 CLIPPED_LOG_PROBABILITIES_PRODUCT = """import torch
@@ -364,14 +370,7 @@ def test_a_matrix_products_operand_that_reads_two_variables_has_its_adjoint_comp
     gradients take the product's adjoint. Inlined into the product, each carried ``dv @ A.T`` in its
     own formula: three matrix products where autograd's backward has two (1.3x its time at
     1024 x 512). The operand is now a node, its adjoint one tensor that both read."""
-    layer, kernel = user_layer(tmp_path, CLIPPED_LOG_PROBABILITIES_PRODUCT, "clipped_log_probabilities_product")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(30, 7, dtype=torch.float64, generator=gen, requires_grad=True)
-    A = torch.randn(7, 7, dtype=torch.float64, generator=gen, requires_grad=True)
-    g = torch.randn(30, 7, dtype=torch.float64, generator=gen)
-    counts, grads = backward_counts((kernel, layer.fn), (x, A), g, MatrixProducts)
-    assert counts[0] <= counts[1] == 2, counts
-    torch.testing.assert_close(grads[0], grads[1])
+    _assert_two_matrix_products_as_autograd(tmp_path, CLIPPED_LOG_PROBABILITIES_PRODUCT, "clipped_log_probabilities_product")
 
 
 @pytest.mark.parametrize("name", sorted(FORMULAS))
