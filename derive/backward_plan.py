@@ -25,7 +25,7 @@ from .errors import DerivationError
 from .functions import COMPARISON_MASKS, Sigmoid, Step
 from .printer import (KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, tensor_name,
                       varying_axes)
-from .symbolic import Red, expand, multiplied_reciprocal, reindex
+from .symbolic import Red, expand, multiplied_reciprocal, power_steps, reindex
 
 
 def _label_delta(factor: sp.Expr, slots: dict):
@@ -351,10 +351,18 @@ class _Planner:
         if isinstance(e, sp.Pow):
             base, exponent = e.as_base_exp()
             if exponent.is_Integer and exponent > 1:
-                method, argument = ("square", "") if exponent == 2 else ("pow", self.text(exponent))
+                steps = power_steps(int(exponent))
+                if steps is None:  # as printed (``symbolic.power_steps``)
+                    return _Chain(self.text(e))
+                calls = [("square", "") if step == 2 else ("pow", "3") for step in steps]
                 if self.leaf(base):
-                    return _Chain(f"torch.{method}({self.text(base)}{', ' * bool(argument)}{argument})")
-                return self.chain(base).then(method, argument)
+                    method, argument = calls.pop(0)
+                    chain = _Chain(f"torch.{method}({self.text(base)}{', ' * bool(argument)}{argument})")
+                else:
+                    chain = self.chain(base)
+                for method, argument in calls:
+                    chain.then(method, argument)
+                return chain
         method = self._in_place_function(e)
         if method is not None:
             return self.chain(e.args[0]).then(method)
@@ -403,6 +411,9 @@ class _Planner:
         full_den = [d for d in denominators if self.full(d)]
         chain = self.kernel(numerators, numbers)
         if chain is None:
+            chain = self.small_factors_first(e)
+            if chain is not None:
+                return chain
             chain, prefix, rest = None, numbers, list(numerators)
             masks = [f for f in rest if isinstance(f, COMPARISON_MASKS)]
             if len(masks) > 1:
@@ -414,6 +425,10 @@ class _Planner:
                 if chain is None and not self.full(f):
                     prefix *= f
                 elif chain is None:
+                    if prefix != 1 and small_den:
+                        # the small values it divides by meet the small ones before the full-size
+                        # factor, as printed (``tanh_backward(g, v)/s*v*x**2``): not a pass of their own
+                        prefix, small_den = prefix / small_den[0], []
                     chain = self.first_factor(f, prefix, rest, full_den)
                 else:
                     chain.then("mul", self.operand(f))
@@ -424,6 +439,31 @@ class _Planner:
             chain.then("div", self.operand(d))
         for d in small_den:
             chain.then("div", self.text(d))
+        return chain
+
+    def small_factors_first(self, e) -> _Chain | None:
+        """A product the printer writes as its small factors' product times each full-size factor
+        in turn (``KernelPrinter._small_factors_first``, ``(6*g*v/(k*s))*x**2``): the first
+        full-size factor's buffer times (or divided into) that product, then the others multiplied
+        or divided in place, the printer's operations in its order. None where it prints the
+        product another way (a mean, reciprocal roots, a masked count's ``where``)."""
+        grouped = self.printer.small_factors_grouped(e)
+        if grouped is None or self.text(e) != self.printer._small_factors_first(e):
+            return None
+        small, large = grouped
+        masks = [f for f in large if isinstance(f, COMPARISON_MASKS)]
+        if len(masks) > 1:  # one mask, as in ``product``
+            large = [sp.Mul(*masks, evaluate=False)] + [f for f in large if f not in masks]
+        chain = None
+        for f in large:
+            base, exponent = f.as_base_exp()
+            divides = exponent.is_number and exponent.is_negative
+            if chain is None and divides:
+                chain = _Chain(f"torch.div({self.text(small)}, {self.operand(base ** -exponent)})")
+            elif chain is None:
+                chain = self.first_factor(f, small, [], [])
+            else:
+                chain.then("div", self.operand(base ** -exponent)) if divides else chain.then("mul", self.operand(f))
         return chain
 
     def first_factor(self, f, prefix, rest: list, denominators: list) -> _Chain:
@@ -480,7 +520,7 @@ class _Planner:
                 call = f"{name}({call}, {self.operand(argument)}{extra})"
             chain = _Chain(call)
             for r in outside:
-                chain.then("mul", self.text(r))
+                chain.then("mul", self.operand(r))
             factor = numbers * sign
             return chain if factor == 1 else self.scaled(chain, factor)
         return None

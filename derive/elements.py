@@ -204,12 +204,17 @@ class Elements:
             return out + [self.nth(s, k) for s, c in counts.items() for k in range(taken.get(s, 0), c)]
         # the dimensions in the order the inputs declare them, a dimension a view splits as its atoms;
         # first the batch: the one most values have as their first axis (n of emb, h, logits), so
-        # that they print as they are stored
+        # that they print as they are stored. Only a value of two dimensions or more has a say: a
+        # vector, or a square matrix, reads as it is stored wherever the batch goes. (A softmax's
+        # column total ``s.sum(0)`` with per-feature vectors around it, ``w`` and ``tanh`` of the
+        # total, and an unread (k, k) input took ``k`` for the batch; the (n, k) values were printed
+        # transposed and reduced along strides, 3x autograd's time.)
         order = []
         for name in self.graph.layer.tensors:
             for axis in self.axes[self.graph.inputs[name]]:
                 order += [a for a in axis if a not in order]
-        leading = [self.axes[n][0][0] for n in self.graph.nodes if self.axes[n] and self.axes[n][0]]
+        leading = [self.axes[n][0][0] for n in self.graph.nodes
+                   if self.axes[n] and self.axes[n][0] and len({a for axis in self.axes[n] for a in axis}) >= 2]
         if leading:
             batch = max(order, key=lambda a: (leading.count(a), -order.index(a)))
             order = [batch] + [a for a in order if a != batch]

@@ -18,7 +18,7 @@ from .backends import CodeOps, number_text
 from .errors import DerivationError
 from .functions import COMPARISON_MASKS, Equal, NonNeg, Sigmoid, SplitExp, Step
 from .symbolic import (_Bound, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent,
-                       free_indices, reciprocal_integer_power, reciprocal_root_power, reciprocal_roots)
+                       free_indices, power_steps, reciprocal_integer_power, reciprocal_root_power, reciprocal_roots)
 
 
 def _is_indicator(expr: sp.Expr) -> bool:
@@ -158,12 +158,28 @@ class KernelPrinter(TorchPrinter):
         if e == sp.Rational(-1, 2) and self._is_tensor(base):
             return f"torch.rsqrt({self._print(base)})"
         if reciprocal_root_power(expr) and self._is_tensor(base):
-            return f"torch.rsqrt({self._print(base)})**{reciprocal_root_power(expr)}"
+            return self._whole_power(f"torch.rsqrt({self._print(base)})", reciprocal_root_power(expr))
         if reciprocal_integer_power(expr) and self._is_tensor(base):
-            return f"(1/{b})**{reciprocal_integer_power(expr)}"
+            return self._whole_power(f"(1/{b})", reciprocal_integer_power(expr))
         if e.is_negative:
             return f"1/{self.parenthesize(base ** -e, sp.printing.precedence.PRECEDENCE['Mul'])}"
+        if e.is_Integer and e > 3 and self._is_tensor(base) and (power_steps(int(e)) or isinstance(base, sp.Indexed)):
+            return self._whole_power(b, int(e))  # (a base printed twice only where it is read, not computed)
         return f"{b}**{self.parenthesize(e, sp.printing.precedence.PRECEDENCE['Pow'])}"
+
+    @staticmethod
+    def _whole_power(b: str, m: int) -> str:
+        """The tensor ``b`` (printed as a power's base) to the whole power ``m`` as squares and cubes
+        (``(x**2)**2``, ``(x*((x**3)**2))``), torch's multiplications, never its per-element ``pow``
+        (``symbolic.power_steps``). Exact as often as ``pow`` is not: a few roundings more, each of
+        half an ulp, on values that overflow only where the power itself does."""
+        steps = power_steps(m)
+        if steps is None:  # 5, 7, 10: the base times the power one less
+            return f"({b}*{KernelPrinter._whole_power(b, m - 1)})"
+        power = f"{b}**{steps[0]}"
+        for step in steps[1:]:
+            power = f"({power})**{step}"  # (``x**3**2`` is x**9)
+        return power
 
     def _is_tensor(self, expr) -> bool:
         return bool(self._tensors(expr))
@@ -629,12 +645,20 @@ class KernelPrinter(TorchPrinter):
             return None
         a = next((t for t in sp.Add.make_args(terms) if t != -total), None)
         if a is None or str(s.base) in self.views or a.atoms(Red) \
-                or {i for i in a.free_symbols if isinstance(i, sp.Idx)} != set(s.indices):
+                or not {i for i in a.free_symbols if isinstance(i, sp.Idx)} <= set(s.indices):
             return None
         j, own = total.index, s.indices[axis]
         if extent(j) != extent(own) or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
             return None
         grad = self._laid_out_as(a, s)
+        if grad.startswith("-") and not self._laid_out_as(-a, s).startswith("-"):
+            # the kernel is linear in its gradient: ``-kernel(g)``, not ``kernel(-g)`` (a pass more)
+            a, coeff = -a, -coeff
+            grad = self._laid_out_as(a, s)
+        if {i for i in a.free_symbols if isinstance(i, sp.Idx)} != set(s.indices):
+            # a gradient the same along some of the softmax's axes (a column total's, ``s.sum(0)``):
+            # spread over its shape without a copy, as autograd's sum backward hands it on
+            grad = f"{_wrap(grad)}.expand_as({s.base})"
         code = f"torch._softmax_backward_data({grad}, {s.base}, {axis}, {grad if grad.isidentifier() else s.base}.dtype)"
         code = self._layout(code, tuple(extent(i) for i in s.indices), [self.frame.slots[i] for i in s.indices])
         return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
@@ -877,6 +901,17 @@ class KernelPrinter(TorchPrinter):
         autograd's time). It is also the order of autograd's chain rule, which carries the upstream
         gradient through the small values before it meets a full-size one. None for anything else,
         and where a ratio divided first (``bounded_ratios``) has a full-size side."""
+        grouped = self.small_factors_grouped(expr)
+        if grouped is None:
+            return None
+        small, large = grouped
+        # (inside the ``torch.where`` of a masked count, which ``_print_Mul`` puts around the whole)
+        text = f"({self._print_product(small) if _masked_count_factor(small) is not None else self._print(small)})"
+        return self._times_each(text, large)
+
+    def small_factors_grouped(self, expr) -> tuple | None:
+        """``(the small factors' product, [the full-size factors])`` where ``_small_factors_first``
+        prints the product so (the in-place form, ``backward_plan``, computes it in that order)."""
         full = set(range(len(self.frame.dims)))
         axes = {f: self._axes(f) for f in expr.args}
         if not full or set().union(*axes.values()) != full:
@@ -892,10 +927,7 @@ class KernelPrinter(TorchPrinter):
             return None
         if any(self._axes(f) == full or self._axes(d) == full for f, d in self.bounded_ratios(expr)[2]):
             return None
-        small = sp.Mul(*small)
-        # (inside the ``torch.where`` of a masked count, which ``_print_Mul`` puts around the whole)
-        text = f"({self._print_product(small) if _masked_count_factor(small) is not None else self._print(small)})"
-        return self._times_each(text, large)
+        return sp.Mul(*small), large
 
     def _times_each(self, code: str, factors: list) -> str:
         """``code`` multiplied by each of ``factors`` in turn, left to right, divided by a factor's
@@ -1612,7 +1644,8 @@ def fit_shape(code: str, varying: list[int], frame: list, target: list, shape: l
 
 
 # (divided by a size after it, as a mean prints: ``(w.view(1, k)).sum(1, keepdim=True)/k``)
-_KEPT_REDUCTION = re.compile(r"^(?P<value>.+)\.(?P<how>sum|mean)\([\d, ]+, keepdim=True\)(?P<after>(/[A-Za-z_]\w*)?)$")
+# or over several axes at once (``x.sum((0, 1), keepdim=True)``, 1.2x the time of ``x.sum()``)
+_KEPT_REDUCTION = re.compile(r"^(?P<value>.+)\.(?P<how>sum|mean)\((\d+|\([\d, ]+\)), keepdim=True\)(?P<after>(/([A-Za-z_]\w*|\([A-Za-z_]\w*(\*[A-Za-z_]\w*)+\)))?)$")
 _VIEW_OF_A_NAME = re.compile(r"^\(?(?P<name>[A-Za-z_]\w*)\.view\([^()]*\)\)?$")
 
 

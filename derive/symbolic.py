@@ -75,6 +75,19 @@ def reciprocal_integer_power(e: sp.Expr) -> int | None:
     return None
 
 
+def power_steps(m: int) -> list[int] | None:
+    """The squarings and cubings, innermost first, that raise a value to the whole power ``m``
+    (``[3, 2]`` for 6: ``(x**3)**2``), or None where ``m`` has another prime factor. torch computes a
+    tensor squared or cubed as multiplications and any other whole power through the C library's
+    ``pow``, element by element: ``x**8`` takes ten times ``x*x`` (512 x 512, float32)."""
+    steps = []
+    for p in (3, 2):
+        while m % p == 0 and m > 1:
+            steps.append(p)
+            m //= p
+    return steps if m == 1 else None
+
+
 def multiplied_reciprocal(e: sp.Expr) -> bool:
     """Whether the power ``e`` is multiplied as a power of a reciprocal (``rsqrt(q)**3``,
     ``(1/q)**2``) rather than divided by (``reciprocal_root_power``, ``reciprocal_integer_power``)."""

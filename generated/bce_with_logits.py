@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 02a628f74d003409a1494dbbd30e8f586ff052f431be0a15b534aa59f8af4aaf
-# content-hash: 101a36c341094f4fc26f997e8cb6e53351ab21524dcb9ba25b6b8c7eddc0868b
+# content-hash: 31f4b405d2d412b6ff8bfef8c135ef45de8a12db4af158a38f2e13debe52f2f0
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -21,7 +21,7 @@ def _forward(logits, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     t3 = -logits  # spec line 48: per_element = (1 - target) * logits + F.softplus(-logits)
     _t0 = torch.addcmul(F.softplus(t3), 1 - target, logits)
-    loss = (_t0.sum((0, 1), keepdim=True)/(d*n)).reshape(())  # spec lines 48-49
+    loss = _t0.sum()/(d*n)  # spec lines 48-49
     return loss, (t3,)
 
 
@@ -31,7 +31,7 @@ def _forward_with_graph(logits, target, n, d):
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
     t3 = -logits
-    loss = (((1 - target)*logits + F.softplus(t3)).sum((0, 1), keepdim=True)/(d*n)).reshape(())
+    loss = ((1 - target)*logits + F.softplus(t3)).sum()/(d*n)
     return loss, (t3,)
 
 

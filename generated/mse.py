@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: 5d1615b049c2cbcfd66185a71e6d502b25f8e17758b59bd03819d5eb750cf887
-# content-hash: 81ce6896413c36f326e78dfb72969b1da75b0c865bc84e63b6369afa7df8f111
+# content-hash: ef05d0161a25a9a15bb90e72733564eee72d7d3634ddb481e5848e941ee773a9
 """Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -21,7 +21,7 @@ def _forward(pred, target, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     diff = pred - target  # spec line 38: diff = pred - target
     _t0 = diff**2
-    loss = (_t0.sum((0, 1), keepdim=True)/(d*n)).reshape(())  # spec lines 38-39
+    loss = _t0.sum()/(d*n)  # spec lines 38-39
     return loss, (diff,)
 
 
@@ -31,7 +31,7 @@ def _forward_with_graph(pred, target, n, d):
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
     diff = pred - target
-    loss = ((diff**2).sum((0, 1), keepdim=True)/(d*n)).reshape(())
+    loss = (diff**2).sum()/(d*n)
     return loss, (diff,)
 
 
