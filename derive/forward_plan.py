@@ -406,6 +406,9 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
                    for n, b in buffer_of.items())
 
     computed = {st.name for st in statements if st.node is None and _computed(st.value)}
+    # names printed as 0-d tensors: a 0-d value, and a temporary of numbers and those alone (a
+    # statement of them is 0-d as printed, not of the frame's rank: no reshape to ``()``)
+    zero_d: set[str] = set()
     buffer_of: dict[str, str] = {}  # name -> the temporary whose memory it lives in
     free: list[str] = []  # buffers of full-size temporaries no longer read
     out = []
@@ -425,6 +428,8 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
                         f"{printer.doprint(st.value)})", ""))
             continue
         shape = layout(st.value, temps, frame)
+        of_zero_d = not st.value.atoms(sp.Indexed) and all(
+            s in plain_numbers or s.name in zero_d for s in st.value.free_symbols)
         if st.node is None:
             shapes[st.name] = shape
         # a temporary that dies here and already has the result's shape can hold the result
@@ -465,12 +470,16 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
         if st.node is not None and direct:
             if [s for s in st.node.shape if s != 1] != list(st.node.shape) or st.node.name in views:
                 code = f"({code}).reshape({_sizes(st.node.shape, names)})"
+        elif st.node is not None and not el.shape(st.node) and of_zero_d:
+            pass  # a 0-d value of 0-d values: as printed
         elif st.node is not None:  # give the value its node's own shape: its atoms, then as stored
             varying = [k for k, i in enumerate(frame) if shape[k] != 1]
             code = fit_shape(code, varying, frame, list(el.free(st.node)), _size_texts(el.shape(st.node), names))
             if st.node.name in views:
                 atoms = f".reshape({_sizes(el.shape(st.node), names)})"
                 code = f"{_wrap(code[:-len(atoms)] if code.endswith(atoms) else code)}.reshape({_sizes(st.node.shape, names)})"
+        if (st.node is not None and not el.shape(st.node)) or (st.node is None and of_zero_d):
+            zero_d.add(st.name)
         comment = ""
         if st.lines:
             node = st.node or by_name[st.name]

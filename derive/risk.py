@@ -31,24 +31,25 @@ from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, substitute_family
 SAFE = (Relu, Step, Wins, sp.Abs, sp.sign, sp.KroneckerDelta, IsArgmax, Red, Max, AxisSum, AxisMax, sp.Piecewise)
 
 
-def risky_atoms(expr: sp.Expr, full: frozenset | None = None) -> list[sp.Expr]:
+def risky_atoms(expr: sp.Expr, full: frozenset | None = None, scalars: frozenset = frozenset()) -> list[sp.Expr]:
     """Function applications and negative or fractional powers of tensor values in ``expr``; with
     ``full`` (the indices of a full-size element), only those of full-size values: a per-row or
-    per-column statistic is left to the cost and the battery (``(bnvar + eps)**-1/2`` is cheap)."""
-    return list(_risky_atoms(expr, full))
+    per-column statistic is left to the cost and the battery (``(bnvar + eps)**-1/2`` is cheap).
+    With ``scalars`` (the symbols of 0-d tensors), of those too."""
+    return list(_risky_atoms(expr, full, scalars))
 
 
 @lru_cache(maxsize=65536)
-def _risky_atoms(expr: sp.Expr, full: frozenset | None) -> tuple:
+def _risky_atoms(expr: sp.Expr, full: frozenset | None, scalars: frozenset = frozenset()) -> tuple:
     # (once per expression and process: the refold asks again for every candidate of every step)
     out = []
     for a in sp.preorder_traversal(expr):
         if isinstance(a, sp.Pow):
             e = a.exp
-            if _counts(a.base, full) and (not e.is_integer or e.is_negative):
+            if (_counts(a.base, full) or a.base.free_symbols & scalars) and (not e.is_integer or e.is_negative):
                 out.append(a)
         elif isinstance(a, sp.Function) and not isinstance(a, SAFE + (AppliedUndef,)):
-            if any(_counts(arg, full) for arg in a.args):
+            if any(_counts(arg, full) or arg.free_symbols & scalars for arg in a.args):
                 out.append(a)
     return tuple(out)
 

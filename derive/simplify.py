@@ -298,9 +298,10 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Exp
     it too); the refold weighs the read against the recomputation. The function is looked for as
     the spec writes it (``tanh(t1)``) and inlined (``tanh(tanh(x))``); with ``inline`` (forward
     nodes to their definitions, ``risk.Path.value``), also where the gradient reads it through
-    other saved values (``tanh(v3 - 1)`` is ``tanh(tanh(tanh(x)) - 1)``, once ``v3`` is read)."""
-    if not node.shape:
-        return None
+    other saved values (``tanh(v3 - 1)`` is ``tanh(tanh(tanh(x)) - 1)``, once ``v3`` is read).
+    A 0-d value too (``tanh(x.sum())``): computed again, each of its operations is a call of its
+    own in the backward (a few microseconds each, which is all such a layer costs)."""
+    scalars = frozenset() if node.shape else frozenset(el.base(m) for m in el.nf if not m.shape)
     own = [i for i in el.free(node) if i != 0]
     wild = {i: sp.Wild(f"w_{i}") for i in own}
     target = el.ref(node).xreplace(wild)
@@ -311,10 +312,10 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Exp
         # an odd function of a negated argument is the negated function (SymPy writes ``tanh(1 - v)``
         # as ``-tanh(v - 1)``): the node is the negative of what the gradient evaluates
         sign, value = (-1, -value) if value.could_extract_minus_sign() and value.is_Mul else (1, value)
-        if not risky_atoms(value) or risky_atoms(value)[0] != value:
+        if not risky_atoms(value, scalars=scalars) or risky_atoms(value, scalars=scalars)[0] != value:
             continue
         pattern = value.xreplace(wild)
-        for atom in risky_atoms(expr):
+        for atom in risky_atoms(expr, scalars=scalars):
             if atom.func is not value.func or atom in found:
                 continue
             # a whole power of a saved root (``(x**2 + 1)**(-3/2)`` is ``v**3`` for ``v = rsqrt(x**2 + 1)``)
