@@ -152,7 +152,8 @@ class KernelPrinter(TorchPrinter):
         base, e = expr.as_base_exp()
         b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Pow"])
         if e == -1:
-            return f"1/{b}"
+            # (Python's ``1/t`` is ``reciprocal(t)*1``: the same values, and a pass more over memory)
+            return f"torch.reciprocal({self._print(base)})" if self._is_tensor(base) else f"1/{b}"
         if e == sp.Rational(1, 2):
             return f"torch.sqrt({self._print(base)})" if self._is_tensor(base) else f"math.sqrt({self._print(base)})"
         if e == sp.Rational(-1, 2) and self._is_tensor(base):
@@ -160,7 +161,7 @@ class KernelPrinter(TorchPrinter):
         if reciprocal_root_power(expr) and self._is_tensor(base):
             return self._whole_power(f"torch.rsqrt({self._print(base)})", reciprocal_root_power(expr))
         if reciprocal_integer_power(expr) and self._is_tensor(base):
-            return self._whole_power(f"(1/{b})", reciprocal_integer_power(expr))
+            return self._whole_power(f"torch.reciprocal({self._print(base)})", reciprocal_integer_power(expr))
         if e.is_negative:
             return f"1/{self.parenthesize(base ** -e, sp.printing.precedence.PRECEDENCE['Mul'])}"
         if e.is_Integer and e > 3 and self._is_tensor(base) and (power_steps(int(e)) or isinstance(base, sp.Indexed)):
