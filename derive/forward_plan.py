@@ -427,7 +427,23 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
             out.append((f"{st.name} = {dtype_of}.new_full(({_sizes(st.node.shape, names)}), "
                         f"{printer.doprint(st.value)})", ""))
             continue
-        shape = layout(st.value, temps, frame)
+        # a value of the layer's own tensors alone (no temporary, which is laid out in the whole
+        # frame) is printed in the frame of the axes it reads: ``2*x`` of an (n, k) input beside a
+        # (k, k) matrix was ``(2*x.view(n, k, 1)).reshape(n, k)``, two views, and under autograd
+        # two backward nodes more (a call's time over again at small sizes)
+        own = frame
+        # (a read at labels, or a one-hot, needs the labelled axis in the frame too; a tensor
+        # stored with an axis of 1, ``ms`` of (n, 1), or read through a view, lines up with the
+        # whole frame as it is: ``rsqrt(eps + ms)``, not ``rsqrt(eps + ms.view(n)).reshape(n, 1)``)
+        reads = {str(e.base) for e in st.value.atoms(sp.Indexed)} | {s.name for s in st.value.free_symbols}
+        if st.node is not None and not any(s in temps for s in st.value.free_symbols) \
+                and not st.value.atoms(sp.KroneckerDelta) \
+                and not any(isinstance(i, sp.Indexed) for e in st.value.atoms(sp.Indexed) for i in e.indices) \
+                and not any(1 in shapes.get(r, ()) or r in views for r in reads | {st.node.name}):
+            used = st.value.atoms(sp.Idx)
+            own = [i for i in frame if i in used] or frame
+        narrowed = len(own) < len(frame)
+        shape = layout(st.value, temps, own)
         of_zero_d = not st.value.atoms(sp.Indexed) and all(
             s in plain_numbers or s.name in zero_d for s in st.value.free_symbols)
         if st.node is None:
@@ -436,11 +452,11 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
         # (and no other live name is a view of it: ``v1 = _t0.reshape(())``)
         reusable = {t.name for t in statements[:position]
                     if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape
-                    and not aliases_live(t.name, position)} if inplace else set()
-        printer = ForwardPrinter(Frame(frame), shapes, names, reusable=reusable, inplace=inplace,
+                    and not aliases_live(t.name, position)} if inplace and not narrowed else set()
+        printer = ForwardPrinter(Frame(own), shapes, names, reusable=reusable, inplace=inplace,
                                  dtype_of=dtype_of, views=views, computed=computed, sums=sums)
         # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output)
-        printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(frame) and printer._lower_rank(st.value)
+        printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(own) and printer._lower_rank(st.value)
         printer.products = st.node is not None and st.node.op in CONTRACTIONS
         direct = printer.print_in_order(st.value, [i for i in el.free(st.node) if i != 0]) \
             if st.node is not None and st.node.shape else None
@@ -461,7 +477,7 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
             buffer_of[st.name] = buffer_of.get(st.value.name, st.value.name)
         elif printer.updated:
             buffer_of[st.name] = buffer_of.get(printer.updated, printer.updated)
-        elif inplace and shape == full and not isinstance(st.value, (sp.Symbol, sp.Indexed)):
+        elif inplace and not narrowed and shape == full and not isinstance(st.value, (sp.Symbol, sp.Indexed)):
             into = printer.into(st.value, free[0]) if free else None
             if into is not None:
                 code, buffer_of[st.name] = into, free.pop(0)
@@ -473,8 +489,8 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
         elif st.node is not None and not el.shape(st.node) and of_zero_d:
             pass  # a 0-d value of 0-d values: as printed
         elif st.node is not None:  # give the value its node's own shape: its atoms, then as stored
-            varying = [k for k, i in enumerate(frame) if shape[k] != 1]
-            code = fit_shape(code, varying, frame, list(el.free(st.node)), _size_texts(el.shape(st.node), names))
+            varying = [k for k, i in enumerate(own) if shape[k] != 1]
+            code = fit_shape(code, varying, own, list(el.free(st.node)), _size_texts(el.shape(st.node), names))
             if st.node.name in views:
                 atoms = f".reshape({_sizes(el.shape(st.node), names)})"
                 code = f"{_wrap(code[:-len(atoms)] if code.endswith(atoms) else code)}.reshape({_sizes(st.node.shape, names)})"
