@@ -426,8 +426,9 @@ class _Planner:
                     prefix *= f
                 elif chain is None:
                     if prefix != 1 and small_den:
-                        # the small values it divides by meet the small ones before the full-size
-                        # factor, as printed (``tanh_backward(g, v)/s*v*x**2``): not a pass of their own
+                        # the small values it divides by (one product) meet the small ones before the
+                        # full-size factor, as printed (``tanh_backward(g, v)/s*v*x**2``): not a pass
+                        # of their own after it
                         prefix, small_den = prefix / small_den[0], []
                     chain = self.first_factor(f, prefix, rest, full_den)
                 else:
@@ -462,8 +463,10 @@ class _Planner:
                 chain = _Chain(f"torch.div({self.text(small)}, {self.operand(base ** -exponent)})")
             elif chain is None:
                 chain = self.first_factor(f, small, [], [])
+            elif divides:
+                chain.then("div", self.operand(base ** -exponent))
             else:
-                chain.then("div", self.operand(base ** -exponent)) if divides else chain.then("mul", self.operand(f))
+                chain.then("mul", self.operand(f))
         return chain
 
     def first_factor(self, f, prefix, rest: list, denominators: list) -> _Chain:

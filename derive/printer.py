@@ -172,8 +172,8 @@ class KernelPrinter(TorchPrinter):
     def _whole_power(b: str, m: int) -> str:
         """The tensor ``b`` (printed as a power's base) to the whole power ``m`` as squares and cubes
         (``(x**2)**2``, ``(x*((x**3)**2))``), torch's multiplications, never its per-element ``pow``
-        (``symbolic.power_steps``). Exact as often as ``pow`` is not: a few roundings more, each of
-        half an ulp, on values that overflow only where the power itself does."""
+        (``symbolic.power_steps``): a rounding of half an ulp per step where ``pow`` has one, and an
+        overflow only where the power itself overflows (each step is at most the whole power)."""
         steps = power_steps(m)
         if steps is None:  # 5, 7, 10: the base times the power one less
             return f"({b}*{KernelPrinter._whole_power(b, m - 1)})"
