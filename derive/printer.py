@@ -120,6 +120,9 @@ class KernelPrinter(TorchPrinter):
         # saved exponentials (``v1 = A.exp()``, by the names printed): what overflows, as an ``exp``
         # the formula computes does (``upstream_first``)
         self.exponentials: frozenset = frozenset()
+        # saved square roots (by the names printed) -> the tensors their argument reads: a root
+        # bounds what its argument bounds (``c/v`` for ``v = sqrt(c**2 + 1)``, ``bounded_ratios``)
+        self.roots: dict[str, frozenset] = {}
         # every sigmoid of the formulas is a softplus's derivative (the spec has softplus, no sigmoid):
         # ``g*sigmoid(z)`` prints as torch's own kernel for it (``_softplus_backward``)
         self.softplus_grads = False
@@ -189,7 +192,7 @@ class KernelPrinter(TorchPrinter):
     # what a printer knows of the derivation beyond its frame, which every printer made for the same
     # formulas carries: a sum's body printed without ``tanhs`` wrote ``(y - 1)*(y + 1)`` where the
     # same value outside it was ``tanh_backward(g, y)``, two roundings that no longer cancel
-    KNOWN = ("softmaxes", "log_softmaxes", "tanhs", "exponentials", "softplus_grads")
+    KNOWN = ("softmaxes", "log_softmaxes", "tanhs", "exponentials", "roots", "softplus_grads")
 
     def knowing(self, other: "KernelPrinter") -> "KernelPrinter":
         """This printer, told what ``other`` knows of the derivation (``KNOWN``)."""
@@ -974,6 +977,7 @@ class KernelPrinter(TorchPrinter):
         ratios = []
         for d in list(divisors):
             mine = self._tensors(d)
+            mine = mine.union(*[self.roots.get(t, ()) for t in mine])
             f = next((f for f in numerator if not f.is_number and self._tensors(f) and self._tensors(f) <= mine
                       and tensor_name(f.as_base_exp()[0]) != self.dtype_of), None)
             if f is not None:

@@ -321,7 +321,10 @@ def _saved_reads(el: Elements, node: Node, expr: sp.Expr, inline=None) -> sp.Exp
             # a whole power of a saved root (``(x**2 + 1)**(-3/2)`` is ``v**3`` for ``v = rsqrt(x**2 + 1)``)
             power = atom.exp / value.exp if value.is_Pow and atom.exp.is_Rational and value.exp.is_Rational \
                 and atom.exp != value.exp else sp.S.One
-            if not (power.is_Integer and power > 0):
+            # (and divided by a saved root, as autograd's backward of ``sqrt`` divides by its result:
+            # ``q**(-1/2)`` is ``1/v`` for ``v = sqrt(q)``; never by a saved reciprocal root, which
+            # is 0 where the root is not)
+            if not (power.is_Integer and (power > 0 or value.exp.is_positive)):
                 continue
             wanted = pattern if power == 1 else pattern.base ** atom.exp
             for seen in dict.fromkeys([atom] + ([inline(atom), expand(inline(atom))] if inline is not None else [])):

@@ -179,9 +179,10 @@ def root_of_log_total(w):
     (found,) = from_file(str(spec))
     printed = code(found, "w")
     # each divisor divides alone, never their product: the root the factor it bounds, first
-    # (``total/sqrt(4*total**2 + 1)``: ``KernelPrinter.bounded_ratios``), then the saved ``t2 = w**2 + 1``
-    # before ``w`` multiplies, as autograd's log backward divides before its product's backward multiplies
-    assert "/t2*w" in printed and "(total/torch.sqrt(" in printed and ")*torch.sqrt" not in printed \
+    # (``total/out``, the saved root ``out = sqrt(4*total**2 + 1)``: ``KernelPrinter.bounded_ratios``),
+    # then the saved ``t2 = w**2 + 1`` before ``w`` multiplies, as autograd's log backward divides
+    # before its product's backward multiplies
+    assert "/t2*w" in printed and "(total/out)" in printed and ")*torch.sqrt" not in printed \
         and "+ 1)*(w" not in printed and "*t2" not in printed, printed
 
 
