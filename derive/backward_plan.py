@@ -238,6 +238,15 @@ def _elementwise_in_place(name: str) -> bool:
         and hasattr(torch.Tensor, f"{name}_")
 
 
+def _one_mask(factors: list) -> list:
+    """``factors`` with their masks multiplied into one, first: masks multiplied are one mask (``&``
+    of bool tensors, one cast, as the printer writes them), not a full-size product per mask."""
+    masks = [f for f in factors if isinstance(f, COMPARISON_MASKS)]
+    if len(masks) < 2:
+        return list(factors)
+    return [sp.Mul(*masks, evaluate=False)] + [f for f in factors if f not in masks]
+
+
 def _atomic(text: str) -> bool:
     """Whether ``text`` is a name or one call (``torch.mul(a, b)``): a method call then applies to all of it."""
     if text.isidentifier():
@@ -415,11 +424,7 @@ class _Planner:
             if chain is not None:
                 return chain
             chain, prefix, rest = None, numbers, list(numerators)
-            masks = [f for f in rest if isinstance(f, COMPARISON_MASKS)]
-            if len(masks) > 1:
-                # masks multiplied are one mask (``&`` of bool tensors, one cast, as the printer
-                # writes them), not a full-size product per mask
-                rest = [sp.Mul(*masks, evaluate=False)] + [f for f in rest if f not in masks]
+            rest = _one_mask(rest)
             while rest:
                 f = rest.pop(0)
                 if chain is None and not self.full(f):
@@ -452,9 +457,7 @@ class _Planner:
         if grouped is None or self.text(e) != self.printer._small_factors_first(e):
             return None
         small, large = grouped
-        masks = [f for f in large if isinstance(f, COMPARISON_MASKS)]
-        if len(masks) > 1:  # one mask, as in ``product``
-            large = [sp.Mul(*masks, evaluate=False)] + [f for f in large if f not in masks]
+        large = _one_mask(large)
         chain = None
         for f in large:
             base, exponent = f.as_base_exp()

@@ -607,10 +607,9 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     exponentials = frozenset(rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "exp")
     # (the tensors a saved root's argument reads: entries of tensors, and 0-d values by name)
     node_names = {m.name for m in el.graph.nodes}
-    arguments = {n: el.definition.get(n, el.nf.get(n, sp.S.Zero)) for n in el.graph.nodes if n.op == "sqrt"}
+    arguments = {n: el.definition.get(n, el.nf[n]) for n in el.graph.nodes if n.op == "sqrt"}
     roots = {rename.get(n.name, n.name): frozenset(
-        rename.get(t, t) for t in {str(e.base) for e in value.atoms(sp.Indexed)}
-        | {s.name for s in value.free_symbols if isinstance(s, sp.Symbol) and s.name in node_names})
+        rename.get(t, t) for t in _bases(value) | {s.name for s in value.free_symbols if s.name in node_names})
         for n, value in arguments.items()}
     ops = {n.op for n in el.graph.nodes}
     softplus_grads = "softplus" in ops and "sigmoid" not in ops

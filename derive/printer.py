@@ -648,8 +648,8 @@ class KernelPrinter(TorchPrinter):
         else:
             return None
         a = next((t for t in sp.Add.make_args(terms) if t != -total), None)
-        if a is None or str(s.base) in self.views or a.atoms(Red) \
-                or not {i for i in a.free_symbols if isinstance(i, sp.Idx)} <= set(s.indices):
+        read = set() if a is None else {i for i in a.free_symbols if isinstance(i, sp.Idx)}
+        if a is None or str(s.base) in self.views or a.atoms(Red) or not read <= set(s.indices):
             return None
         j, own = total.index, s.indices[axis]
         if extent(j) != extent(own) or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
@@ -659,7 +659,7 @@ class KernelPrinter(TorchPrinter):
             # the kernel is linear in its gradient: ``-kernel(g)``, not ``kernel(-g)`` (a pass more)
             a, coeff = -a, -coeff
             grad = self._laid_out_as(a, s)
-        if {i for i in a.free_symbols if isinstance(i, sp.Idx)} != set(s.indices):
+        if read != set(s.indices):
             # a gradient the same along some of the softmax's axes (a column total's, ``s.sum(0)``):
             # spread over its shape without a copy, as autograd's sum backward hands it on
             grad = f"{_wrap(grad)}.expand_as({s.base})"

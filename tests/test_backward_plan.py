@@ -15,6 +15,7 @@ from derive.functions import NonNeg, Sigmoid, Step
 from derive.kernel import build
 from derive.layers import by_name
 from derive.printer import Frame, KernelPrinter
+from derive.same_kernels import _Computed
 from kernels import user_layer
 
 N, D = sp.Symbol("n", integer=True, positive=True), sp.Symbol("d", integer=True, positive=True)
@@ -98,6 +99,11 @@ class MatrixProducts(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func._schema.name in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
         return func(*args, **(kwargs or {}))
+
+
+class Calls(_Computed):
+    """The operations computed, by name (``same_kernels._Computed``), as ``count``."""
+    count = property(lambda self: self.counts)
 
 
 def backward_counts(functions, inputs: tuple, g, counter) -> tuple[list, list]:
@@ -539,10 +545,6 @@ def test_a_function_of_a_number_the_forward_computed_is_read_not_computed_again(
     kernel, ``tanh_backward``, as autograd's backward does. The forward's 0-d values are 0-d as
     printed: no ``.reshape(())`` of each (a call too)."""
     from derive.codegen import render_function
-    from derive.same_kernels import _Computed
-
-    class Calls(_Computed):  # (what ``backward_counts`` reads: the operations by name)
-        count = property(lambda self: self.counts)
 
     layer, kernel = user_layer(tmp_path, SQUASHED_TOTAL, "squashed_total")
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
@@ -573,10 +575,6 @@ def test_a_gradient_divided_by_a_root_reads_the_root_the_forward_computed(tmp_pa
     square and the root again (a square root and three more passes over the full size each, 1.5x
     autograd's time at 1024 x 512); divided by the saved root, as autograd's ``SqrtBackward``
     divides by its result, the backward takes no root."""
-    from derive.same_kernels import _Computed
-
-    class Calls(_Computed):  # (what ``backward_counts`` reads: the operations by name)
-        count = property(lambda self: self.counts)
 
     layer, kernel = user_layer(tmp_path, ROOT_OF_A_SCALED_SQUARE, "root_of_a_scaled_square")
     gen = torch.Generator().manual_seed(0)
