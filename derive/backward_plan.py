@@ -51,7 +51,7 @@ def linear_form(grad: str, expr: sp.Expr, printer: KernelPrinter, shapes: dict,
     """
     frame, slots = printer.frame.dims, printer.frame.slots
     full = varying_axes(expr, slots, shapes)
-    if not full or (full != set(range(len(frame))) and not partial):
+    if not full or (full != printer.frame.sized and not partial):
         return None
     groups: dict = {}  # full-size tensor (or None for the constant term) -> coefficient
     scatters: dict = {}  # (class index, labels) -> coefficient
@@ -279,7 +279,7 @@ class _Planner:
 
     # -- what a value is --------------------------------------------------------------------
     def full(self, e) -> bool:
-        return varying_axes(e, self.slots, self.shapes) == set(range(len(self.frame)))
+        return varying_axes(e, self.slots, self.shapes) == self.printer.frame.sized
 
     @staticmethod
     def leaf(e) -> bool:

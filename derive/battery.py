@@ -268,10 +268,49 @@ def settings(layer: Layer, sizes: dict[str, int], seed: int = 0) -> list[Setting
                     continue
                 seen.append((dtype, scale))
                 what = f"log-size {target:g}" if name in LOGARITHMIC else f"size {target:g}"
-                for sign, signs in ((0, "random signs"), (1, "positive inputs"), (-1, "negative inputs")):
+                for sign, signs in SIGNS:
                     out.append(Setting(f"{name} call {k + 1} at argument {what} ({signs} x {scale:.3g})", scale,
                                        True, dtype, sign))
+    return out + _edges(layer, sizes, seed, out)
+
+
+SIGNS = ((0, "random signs"), (1, "positive inputs"), (-1, "negative inputs"))
+EDGE_STEPS = 12  # halvings of the log-scale gap between a finite and an overflowing draw
+
+
+def _edges(layer: Layer, sizes: dict, seed: int, drawn: list[Setting]) -> list[Setting]:
+    """For each sign, where the spec's float32 output is finite at one saturating draw and not at a
+    larger one: the largest scale at which it is still finite (bisected), so that the largest
+    arguments sit just short of overflow. A kernel that overflows sooner than the spec (``c*exp(v)``
+    multiplied before it is divided by a root near ``c``, at ``v`` of 88) is finite nowhere else the
+    battery looks: a target below the edge does not reach it, and one past it makes the output
+    infinite, where only the output is judged."""
+    out = []
+    for sign, signs in SIGNS:
+        scales = sorted({s.scale for s in drawn if s.banded and s.dtype == torch.float32 and s.sign == sign})
+        finite = {s: _finite_at(layer, sizes, seed, s, sign) for s in scales}
+        low = max((s for s in scales if finite[s]), default=None)
+        high = min((s for s in scales if finite[s] is False and low is not None and s > low), default=None)
+        if low is None or high is None:
+            continue
+        for _ in range(EDGE_STEPS):
+            middle = math.sqrt(low * high)
+            if _finite_at(layer, sizes, seed, middle, sign):
+                low = middle
+            else:
+                high = middle
+        out.append(Setting(f"the edge of the spec's finite range ({signs} x {low:.4g})", low, True, torch.float32, sign))
     return out
+
+
+def _finite_at(layer: Layer, sizes: dict, seed: int, scale: float, sign: int) -> bool | None:
+    """Whether the spec's float32 output is finite at a banded draw (None where the spec raises)."""
+    with torch.no_grad():
+        try:
+            value = layer.fn(**draw(layer, sizes, torch.float32, seed, scale, banded=True, sign=sign))
+        except Exception:  # a scale the spec cannot run at: nothing to learn
+            return None
+    return bool(torch.isfinite(value).all())
 
 
 @dataclass

@@ -171,7 +171,8 @@ def _check_context(checks: list) -> dict:
     rest = [c for c in checks if c.kind not in ("rank", "labels")]
     return dict(rank_checks=ranks, checks=rest, label_checks=[c for c in checks if c.kind == "labels"],
                 ranks_hold=" and ".join(c.holds for c in ranks) or "True",
-                checks_hold=" and ".join(f"({c.holds})" if " or " in c.holds else c.holds for c in rest) or "True")
+                checks_hold=" and ".join(f"({c.holds})" if " or " in c.holds else c.holds for c in rest if c.holds)
+                or "True")
 
 
 def _blocks(steps: list) -> list[dict]:
@@ -234,6 +235,13 @@ def render_function(kernel: Kernel, same_as_autograd: bool = False) -> str:
         returns=", ".join(returns),
         doc=kernel.layer.doc or kernel.name,
     )
+    # an input the output does not read goes to the Function detached: autograd then has no edge to
+    # it to follow and no gradient to wait for (a call's time over again at small sizes); it gets no
+    # gradient either way, as autograd through the spec gives it none
+    unread = [f.input for f in kernel.formulas if f.code == "None"]
+    context["unread_note"] = (f"({', '.join(unread)}: the output does not read {'it' if len(unread) == 1 else 'them'}; "
+                              f"detached, autograd has no edge to follow there)") if unread else ""
+    context["apply_args"] = ", ".join(f"{k}.detach()" if k in unread else k for k in kernel.layer.inputs)
     context["autograd_kernel"] = _autograd_runs_it(kernel) or ("same" if same_as_autograd else False)
     body = environment().get_template("function.py.j2").render(header="", autograd_digest="", **context)
     # the digest of the two functions whose text, as generated, makes the kernel autograd's own: a

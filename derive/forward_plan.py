@@ -18,6 +18,7 @@ The result is a list of ``(code, comment)`` lines; the comment names the spec li
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -25,7 +26,7 @@ import sympy as sp
 from .elements import CONTRACTIONS, REDUCING_OPS, Elements
 from .errors import DerivationError
 from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, extent
-from .printer import ForwardPrinter, Frame, _wrap, fit_shape, temporaries
+from .printer import LAYOUT_CALLS, ForwardPrinter, Frame, _wrap, fit_shape, temporaries
 from .spec import Tensor
 from .trace import Node
 
@@ -125,9 +126,11 @@ def plan(el: Elements, saved: list[str], frame: list) -> list[Statement]:
     replacements, reduced = _inline_scalars(replacements, reduced, {n.name for n in graph.nodes})
     by_name = {n.name: lines[n] for n in values}
     statements = _schedule(emitted, reduced, replacements, lines, by_name)
-    layouts = {st.name: layout(st.value, temps_of(statements), frame)
-               for st in statements if st.node is None}
-    return _name_results(statements, el, layouts)
+    temps = temps_of(statements)
+    layouts = {st.name: layout(st.value, temps, frame) for st in statements if st.node is None}
+    axes = {st.name: [i for i in frame if i in st.value.xreplace(temps).free_symbols]
+            for st in statements if st.node is None}
+    return _name_results(statements, el, layouts, axes)
 
 
 def _reuse(expr: sp.Expr, value: sp.Expr, el: Elements, earlier: Node) -> sp.Expr:
@@ -243,12 +246,19 @@ def _inline_mixed_sums(replacements: list, reduced: list):
     return kept, [r.xreplace(mixed) for r in reduced]
 
 
-def _name_results(statements: list["Statement"], el: Elements, layouts: dict) -> list["Statement"]:
-    """``bnraw = _t2`` with ``_t2`` a temporary of bnraw's shape: call the temporary ``bnraw``."""
+def _name_results(statements: list["Statement"], el: Elements, layouts: dict, axes: dict) -> list["Statement"]:
+    """``bnraw = _t2`` with ``_t2`` a temporary of bnraw's shape: call the temporary ``bnraw``.
+
+    Also where the two differ in axes of 1 alone (``_t0 = torch.exp(t2.view(n, 1, 1))`` then
+    ``v = _t0.reshape(n, 1)``, in a frame of three axes; ``axes``: the frame indices each
+    temporary varies along): the node's line is then printed in its own layout (``forward_code``),
+    one line and no views. Never where the order of its axes differs (a transpose each way)."""
     aliases = {}
     for st in statements:
         if st.node is not None and isinstance(st.value, sp.Symbol) and st.value.name in layouts \
-                and layouts[st.value.name] == el.shape(st.node) == tuple(st.node.shape):
+                and el.shape(st.node) == tuple(st.node.shape) \
+                and (layouts[st.value.name] == el.shape(st.node)
+                     or axes[st.value.name] == [i for i in el.free(st.node) if i != 0]):
             # two spec values equal to one temporary (``c.max(1)`` written twice): the first takes
             # its name, the other reads the first
             aliases.setdefault(st.value.name, st)
@@ -427,50 +437,65 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
             out.append((f"{st.name} = {dtype_of}.new_full(({_sizes(st.node.shape, names)}), "
                         f"{printer.doprint(st.value)})", ""))
             continue
-        # a value of the layer's own tensors alone (no temporary, which is laid out in the whole
-        # frame) is printed in the frame of the axes it reads: ``2*x`` of an (n, k) input beside a
-        # (k, k) matrix was ``(2*x.view(n, k, 1)).reshape(n, k)``, two views, and under autograd
-        # two backward nodes more (a call's time over again at small sizes)
-        own = frame
-        # (a read at labels, or a one-hot, needs the labelled axis in the frame too; a tensor
-        # stored with an axis of 1, ``ms`` of (n, 1), or read through a view, lines up with the
-        # whole frame as it is: ``rsqrt(eps + ms)``, not ``rsqrt(eps + ms.view(n)).reshape(n, 1)``)
-        reads = {str(e.base) for e in st.value.atoms(sp.Indexed)} | {s.name for s in st.value.free_symbols}
-        if st.node is not None and not any(s in temps for s in st.value.free_symbols) \
-                and not st.value.atoms(sp.KroneckerDelta) \
-                and not any(isinstance(i, sp.Indexed) for e in st.value.atoms(sp.Indexed) for i in e.indices) \
-                and not any(1 in shapes.get(r, ()) or r in views for r in reads | {st.node.name}):
-            used = st.value.atoms(sp.Idx)
-            own = [i for i in frame if i in used] or frame
-        narrowed = len(own) < len(frame)
-        shape = layout(st.value, temps, own)
         of_zero_d = not st.value.atoms(sp.Indexed) and all(
             s in plain_numbers or s.name in zero_d for s in st.value.free_symbols)
+
+        def render(own):
+            """``(code, shape, printer, direct)``: the statement printed in the frame ``own``, before
+            it is given its node's shape (``shaped``)."""
+            shape = layout(st.value, temps, own)
+            # a temporary that dies here and already has the result's shape can hold the result
+            # (and no other live name is a view of it: ``v1 = _t0.reshape(())``)
+            reusable = {t.name for t in statements[:position]
+                        if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape
+                        and not aliases_live(t.name, position)} if inplace and own == frame else set()
+            printer = ForwardPrinter(Frame(own), shapes, names, reusable=reusable, inplace=inplace,
+                                     dtype_of=dtype_of, views=views, computed=computed, sums=sums)
+            # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output)
+            printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(own) and printer._lower_rank(st.value)
+            printer.products = st.node is not None and st.node.op in CONTRACTIONS
+            direct = printer.print_in_order(st.value, [i for i in el.free(st.node) if i != 0]) \
+                if st.node is not None and st.node.shape else None
+            if direct is None and st.node is not None and isinstance(st.value, AxisSoftmax) \
+                    and not temporaries(st.value, shapes) and 0 not in el.free(st.node):
+                # a softmax of tensors read as stored: printed on the node's own axes (q @ k.T).softmax(1)
+                on_own_axes = ForwardPrinter(Frame(list(el.free(st.node))), shapes, names, dtype_of=dtype_of,
+                                             views=views, computed=computed, sums=sums)
+                try:
+                    direct = on_own_axes.doprint(st.value)
+                except DerivationError:  # a sum inside needs an axis of its own: printed in the whole frame
+                    direct = None
+            printer.updated = None
+            return direct or printer.statement(st.value), shape, printer, direct
+
+        def shaped(code, shape, own, direct):
+            """The printed ``code`` given its node's own shape: its atoms, then as stored."""
+            if st.node is not None and direct:
+                if [s for s in st.node.shape if s != 1] != list(st.node.shape) or st.node.name in views:
+                    code = f"({code}).reshape({_sizes(st.node.shape, names)})"
+            elif st.node is not None and not el.shape(st.node) and of_zero_d:
+                pass  # a 0-d value of 0-d values: as printed
+            elif st.node is not None:
+                varying = [k for k, i in enumerate(own) if shape[k] != 1]
+                code = fit_shape(code, varying, own, list(el.free(st.node)), _size_texts(el.shape(st.node), names))
+                if st.node.name in views:
+                    atoms = f".reshape({_sizes(el.shape(st.node), names)})"
+                    code = f"{_wrap(code[:-len(atoms)] if code.endswith(atoms) else code)}.reshape({_sizes(st.node.shape, names)})"
+            return code
+
+        own = frame
+        if st.node is not None and _own_tensors_alone(st.value, temps, views, st.node.name):
+            # a value of the layer's own tensors alone (no temporary, which is laid out in the whole
+            # frame) is printed in the frame that needs the fewest views and reshapes: ``2*x`` of an
+            # (n, k) input beside a (k, k) matrix was ``(2*x.view(n, k, 1)).reshape(n, k)``, and
+            # ``log(b**2 + 1)`` of an (n, 1) input ``(log(b.view(n, 1, 1)**2 + 1)).reshape(n, 1)``:
+            # each view is a call, and under autograd a backward node, a call's time at small sizes
+            candidates = _frames_of_a_line(st.value, frame, st.node.name, el.free(st.node), shapes)
+            own = min(candidates, key=lambda c: _reshapes(render, shaped, c))
+        code, shape, printer, direct = render(own)
+        narrowed = own != frame
         if st.node is None:
             shapes[st.name] = shape
-        # a temporary that dies here and already has the result's shape can hold the result
-        # (and no other live name is a view of it: ``v1 = _t0.reshape(())``)
-        reusable = {t.name for t in statements[:position]
-                    if t.node is None and last_use.get(t.name) == position and shapes[t.name] == shape
-                    and not aliases_live(t.name, position)} if inplace and not narrowed else set()
-        printer = ForwardPrinter(Frame(own), shapes, names, reusable=reusable, inplace=inplace,
-                                 dtype_of=dtype_of, views=views, computed=computed, sums=sums)
-        # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output)
-        printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(own) and printer._lower_rank(st.value)
-        printer.products = st.node is not None and st.node.op in CONTRACTIONS
-        direct = printer.print_in_order(st.value, [i for i in el.free(st.node) if i != 0]) \
-            if st.node is not None and st.node.shape else None
-        if direct is None and st.node is not None and isinstance(st.value, AxisSoftmax) \
-                and not temporaries(st.value, shapes) and 0 not in el.free(st.node):
-            # a softmax of tensors read as stored: printed on the node's own axes (q @ k.T).softmax(1)
-            own = ForwardPrinter(Frame(list(el.free(st.node))), shapes, names, dtype_of=dtype_of, views=views,
-                                 computed=computed, sums=sums)
-            try:
-                direct = own.doprint(st.value)
-            except DerivationError:  # a sum inside needs an axis of its own: printed in the whole frame
-                direct = None
-        printer.updated = None
-        code = direct or printer.statement(st.value)
         if direct:  # a matrix product, already in the node's layout: a buffer of its own
             buffer_of[st.name] = st.name
         elif isinstance(st.value, sp.Symbol) and st.value.name in shapes:  # a view of another value
@@ -483,17 +508,7 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
                 code, buffer_of[st.name] = into, free.pop(0)
             else:
                 buffer_of[st.name] = st.name
-        if st.node is not None and direct:
-            if [s for s in st.node.shape if s != 1] != list(st.node.shape) or st.node.name in views:
-                code = f"({code}).reshape({_sizes(st.node.shape, names)})"
-        elif st.node is not None and not el.shape(st.node) and of_zero_d:
-            pass  # a 0-d value of 0-d values: as printed
-        elif st.node is not None:  # give the value its node's own shape: its atoms, then as stored
-            varying = [k for k, i in enumerate(own) if shape[k] != 1]
-            code = fit_shape(code, varying, own, list(el.free(st.node)), _size_texts(el.shape(st.node), names))
-            if st.node.name in views:
-                atoms = f".reshape({_sizes(el.shape(st.node), names)})"
-                code = f"{_wrap(code[:-len(atoms)] if code.endswith(atoms) else code)}.reshape({_sizes(st.node.shape, names)})"
+        code = shaped(code, shape, own, direct)
         if (st.node is not None and not el.shape(st.node)) or (st.node is None and of_zero_d):
             zero_d.add(st.name)
         comment = ""
@@ -511,6 +526,48 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
         free += [b for b in dict.fromkeys(buffer_of.values())
                  if b not in live and b not in free and shapes.get(b, full) == full]
     return out
+
+
+def _own_tensors_alone(value: sp.Expr, temps: dict, views: dict, node: str) -> bool:
+    """``value`` reads the layer's own tensors as stored and nothing else: no temporary (laid out
+    in the whole frame), no read at labels and no one-hot (which need the labelled axis in the
+    frame too), no tensor read through a view of its atoms."""
+    reads = {str(e.base) for e in value.atoms(sp.Indexed)} | {s.name for s in value.free_symbols}
+    return (not any(s in temps for s in value.free_symbols) and not value.atoms(sp.KroneckerDelta)
+            and not any(isinstance(i, sp.Indexed) for e in value.atoms(sp.Indexed) for i in e.indices)
+            and not any(r in views for r in reads | {node}))
+
+
+def _frames_of_a_line(value: sp.Expr, frame: list, node: str, free: tuple, shapes: dict) -> list[list]:
+    """The frames a line of the layer's own tensors can be printed in, the usual one first: the
+    axes it reads (the whole frame where a tensor it reads is stored with an axis of 1: ``ms`` of
+    (n, 1) lines up with it as it is), then its node's own axes as stored, each axis of 1 a unit
+    axis of its own or the axis of an index it sums over (``b.sum(0, keepdim=True)`` of an (n, 1)
+    ``b`` in the frame ``(i_n, 1)``: ``b`` read as it is)."""
+    used = value.atoms(sp.Idx)
+    reads = {str(e.base) for e in value.atoms(sp.Indexed)}
+    first = frame if any(1 in shapes.get(r, ()) for r in reads | {node}) else [i for i in frame if i in used] or frame
+    bound = sorted(used - set(free), key=lambda i: i.name)
+    units = [k for k, i in enumerate(free) if i == 0]
+    layouts = [dict(zip(places, bound)) for places in itertools.permutations(units, len(bound))]
+    layouts.append({})  # every axis of 1 a unit axis, the sums' indices after them
+    candidates = [first]
+    for placed in layouts:
+        axes = [placed.get(k, sp.Idx(f"_unit{k}", 1)) if i == 0 else i for k, i in enumerate(free)]
+        axes += [i for i in bound if i not in axes]
+        if axes not in candidates:
+            candidates.append(axes)
+    return candidates
+
+
+def _reshapes(render, shaped, own: list) -> float:
+    """How many layout calls a line printed in the frame ``own`` makes (infinitely many where it
+    cannot be printed there: a sum with no axis of its size left)."""
+    try:
+        code, shape, _, direct = render(own)
+    except DerivationError:
+        return math.inf
+    return len(LAYOUT_CALLS.findall(shaped(code, shape, own, direct)))
 
 
 def _size_texts(dims: tuple, names: dict) -> list[str]:

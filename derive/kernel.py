@@ -21,7 +21,7 @@ from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
 from .functions import COMPARISON_MASKS, SplitExp, Wins
 from .memo import LAYERS_KEPT, ByObject, kept_on
-from .printer import Frame, KernelPrinter, _wrap, fit_shape, tanh_links, temporaries, tensor_name
+from .printer import LAYOUT_CALLS, Frame, KernelPrinter, _wrap, fit_shape, tanh_links, temporaries, tensor_name
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
 from .symbolic import GroupedRed, Red, expand, extent, hide_argmax, is_contraction, reductions
@@ -178,9 +178,10 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]], na
                             f"{{{first}.device}}; move them to one dtype and device\"",
                             holds=f"{k}.dtype == {first}.dtype and {k}.device == {first}.device"))
     for k in floats:
+        # (on the path where all is well, the first tensor's alone: the others have its dtype)
         checks.append(Check(f"not {k}.is_floating_point()",
                             f"f\"{name}: {k} must be a floating-point tensor, got {{{k}.dtype}}\"",
-                            holds=f"{k}.is_floating_point()"))
+                            holds=f"{k}.is_floating_point()" if k == first else ""))
     for k, decl in layer.tensors.items():
         if isinstance(decl, Labels):
             checks.append(Check(f"{k}.dtype not in {LABEL_DTYPES}",
@@ -549,7 +550,12 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     maps tensor names and ``sizes`` maps size symbols, so the same derived formulas can be printed
     in a caller's names (a batchnorm inside a model reads ``bngain``, ``dhpreact``, ``hidden``);
     ``size_text`` gives the code of a size whose variable is not its dimension's name. Returns
-    ``(shared temporaries, [(code, temporaries read)] per formula)``.
+    ``(shared temporaries, [(code, temporaries read, in-place form, chain form)] per formula)``.
+
+    A gradient of an input stored with an axis of 1 (``b`` of (n, 1)) that reads no shared
+    temporary of more than one value is printed in that layout where it makes fewer layout calls
+    (``2*b*dout/t2``, where the frame of its axes reads
+    ``(2*b.view(n)*dout.view(n)/t2.view(n)).reshape(n, 1)``).
     """
     rename, sizes = rename or {}, sizes or {}
     bases = {b: sp.IndexedBase(rename.get(str(b), str(b)), **b.assumptions0)
@@ -564,6 +570,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     # without one, ``dA = 0`` of an input the output does not read, needs none)
     frame = el.frame([f.element for f in formulas] + [el.ref(nodes[f.input]) for f in formulas if f.element != 0],
                      within=frame)
+    group_frame = frame
     frame = [i.xreplace(sizes) for i in frame]
     dims = [extent(i) for i in frame]
     shapes = dict(shapes)
@@ -618,7 +625,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     # its sums as written, as its autograd does)
     products = bool(ops & set(CONTRACTIONS))
 
-    def printer():
+    def printer(frame=frame):
         p = KernelPrinter(Frame(frame), shapes, names, dtype_of, views)
         p.softmaxes = softmaxes
         p.log_softmaxes = log_softmaxes
@@ -673,42 +680,82 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         if element == 0:  # the output does not read this input, or its terms cancel (softmax(x).sum())
             codes.append((f"{dtype_of}.new_zeros(({', '.join(stored)}{',' if len(stored) == 1 else ''}))", [], None, None))
             continue
-        p = printer()
-        # a gradient of the frame's rank read from lower-rank tensors alone (``dc = dout*w`` for a
-        # (1, k) c and a (k,) w): view them into the frame, or the result lacks an axis
-        p.full_rank = len(shape) == len(frame) and p._lower_rank(r)
-        try:
+
+        def printed_in(frame):
+            """``(code, in-place form, chain form, scratch buffer claimed)`` of the gradient in ``frame``."""
+            p = printer(frame)
+            # a gradient of the frame's rank read from lower-rank tensors alone (``dc = dout*w`` for a
+            # (1, k) c and a (k,) w): view them into the frame, or the result lacks an axis
+            p.full_rank = len(shape) == len(frame) and p._lower_rank(r)
             direct = p.print_in_order(r, [i for i in target if i != 0])
             code = direct or p.doprint(r)
+            if direct:  # already the target's axes, in its order
+                varying = [t for s, t in zip(shape, shape_text) if s != 1]
+                fitted = code if varying == shape_text else f"({code}).reshape({', '.join(shape_text)}{',' if len(shape) == 1 else ''})"
+            else:
+                fitted = fit_shape(code, [k for k, i in enumerate(frame) if varies(r, i, shapes, frame)], frame, target,
+                                   shape_text)
+            if stored != shape_text:  # back from its atoms to the shape it is stored in
+                atoms = f".reshape({', '.join(shape_text)}{',' if len(shape_text) == 1 else ''})"
+                if fitted.endswith(atoms):
+                    fitted = fitted[:-len(atoms)]
+                fitted = f"{_wrap(fitted)}.reshape({', '.join(stored)}{',' if len(stored) == 1 else ''})"
+            # a gradient already in its input's layout may be built in place, term by term
+            # a scratch buffer from a sum this gradient's guard always computes
+            scratch = next((s.scratch for s in shared if s.scratch and s.scratch not in claimed and f.position in s.users), "")
+            # (or in the frame's layout, then reshaped: a pick's ``(n, k, 1)`` frame is the input's ``(n, k)``)
+            reshape = _plain_reshape(code, fitted)
+            fast = linear_form(f"d{f.input}", r, printer(frame), shapes, scratch, partial=bool(reshape)) \
+                if reshape is not None and f.input not in as_written else None
+            if fast and reshape:
+                fast.append(f"d{f.input} = d{f.input}{reshape}")
+            chain = None
+            if fast is None and chains and fitted == code and f.input not in as_written:
+                chain = chain_form(f"d{f.input}", r, printer(frame), shapes, taken, number_temps)
+            return fitted, fast, chain, scratch if fast and scratch and f"{scratch}.copy_(" in fast[0] else ""
+
+        try:
+            options = [printed_in(frame)]
         except DerivationError as e:
             raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix, tensor=e.tensor or f.input) from None
-        if direct:  # already the target's axes, in its order
-            varying = [t for s, t in zip(shape, shape_text) if s != 1]
-            fitted = code if varying == shape_text else f"({code}).reshape({', '.join(shape_text)}{',' if len(shape) == 1 else ''})"
-        else:
-            fitted = fit_shape(code, [k for k, i in enumerate(frame) if varies(r, i, shapes, frame)], frame, target,
-                               shape_text)
-        if stored != shape_text:  # back from its atoms to the shape it is stored in
-            atoms = f".reshape({', '.join(shape_text)}{',' if len(shape_text) == 1 else ''})"
-            if fitted.endswith(atoms):
-                fitted = fitted[:-len(atoms)]
-            fitted = f"{_wrap(fitted)}.reshape({', '.join(stored)}{',' if len(stored) == 1 else ''})"
-        # a gradient already in its input's layout may be built in place, term by term
-        # a scratch buffer from a sum this gradient's guard always computes
-        scratch = next((s.scratch for s in shared if s.scratch and s.scratch not in claimed and f.position in s.users), "")
-        # (or in the frame's layout, then reshaped: a pick's ``(n, k, 1)`` frame is the input's ``(n, k)``)
-        reshape = _plain_reshape(code, fitted)
-        fast = linear_form(f"d{f.input}", r, printer(), shapes, scratch, partial=bool(reshape)) \
-            if reshape is not None and f.input not in as_written else None
-        if fast and reshape:
-            fast.append(f"d{f.input} = d{f.input}{reshape}")
-        if fast and scratch and f"{scratch}.copy_(" in fast[0]:
+        # (a shared temporary is laid out in the group's frame: only one of a single value reads alike in any)
+        if all(set(shapes[t.name]) <= {1} for t in temporaries(r, shapes)):
+            for layout in _stored_layouts(el, f, group_frame):
+                try:
+                    options.append(printed_in([i.xreplace(sizes) for i in layout]))
+                except DerivationError:  # a sum with no axis of its size left
+                    pass
+        fitted, fast, chain, scratch = min(options, key=_layout_calls)
+        if scratch:
             claimed.add(scratch)
-        chain = None
-        if fast is None and chains and fitted == code and f.input not in as_written:
-            chain = chain_form(f"d{f.input}", r, printer(), shapes, taken, number_temps)
         codes.append((fitted, [s.name for s in shared if sp.Symbol(s.name) in r.free_symbols], fast, chain))
     return shared, codes
+
+
+def _stored_layouts(el: Elements, formula: Formula, frame: list) -> list[list]:
+    """The frames that lay out the gradient ``formula`` as its input is stored, where that has an
+    axis of 1 (``b`` of (n, 1)): each axis of 1 the axis of an index of ``frame`` the input does not
+    vary along (the one a sum runs over: ``(dout*x).sum(1, keepdim=True)``), or a unit axis of its
+    own; the rest of ``frame`` after them."""
+    node = next(n for n in el.graph.nodes if n.name == formula.input)
+    free = el.free(node)
+    frame = el.frame([formula.element, el.ref(node)], within=frame)
+    if formula.element == 0 or 0 not in free or not set(free) - {0} <= set(frame):
+        return []
+    out = []
+    for fill in (True, False):
+        spare = [i for i in frame if i not in free]
+        axes = [i if i != 0 else spare.pop(0) if spare and fill else sp.Idx(f"_unit{k}", 1) for k, i in enumerate(free)]
+        axes += spare
+        if axes != frame and axes not in out:
+            out.append(axes)
+    return out
+
+
+def _layout_calls(printed: tuple) -> int:
+    """How many layout calls a printed gradient makes, in every form it may run."""
+    fitted, fast, chain, _ = printed
+    return sum(len(LAYOUT_CALLS.findall(t)) for t in [fitted, *(fast or []), *(chain or [])])
 
 
 def _plain_reshape(code: str, fitted: str) -> str | None:

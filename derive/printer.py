@@ -55,6 +55,9 @@ class Frame:
         self.indices = list(indices)
         self.dims = [extent(i) for i in self.indices]
         self.slots = dict(slots) if slots is not None else {i: k for k, i in enumerate(self.indices)}
+        # the axes a full-size value varies along: all but a unit axis (a frame laid out as an
+        # (n, 1) tensor is stored, ``kernel._stored_layout``)
+        self.sized = {k for k, d in enumerate(self.dims) if d != 1}
 
     def free_axis(self, size: sp.Expr, busy: set, prefer: sp.Idx | None = None) -> int | None:
         """An axis of ``size`` that no index in ``busy`` occupies (``prefer``'s own axis first)."""
@@ -769,7 +772,7 @@ class KernelPrinter(TorchPrinter):
         g = sp.Mul(*inside)
         if not g.atoms(sp.Indexed) and not temporaries(g, self.shapes):
             return None
-        full = set(range(len(self.frame.dims)))
+        full = self.frame.sized
         small = {r for r in outside if self._axes(r) != full}
         # the factors that vary on fewer axes than the frame met first (stable), then the full-size
         # ones: one pass over memory for each full-size factor, not one more for a small one after it
@@ -916,7 +919,7 @@ class KernelPrinter(TorchPrinter):
     def small_factors_grouped(self, expr) -> tuple | None:
         """``(the small factors' product, [the full-size factors])`` where ``_small_factors_first``
         prints the product so (the in-place form, ``backward_plan``, computes it in that order)."""
-        full = set(range(len(self.frame.dims)))
+        full = self.frame.sized
         axes = {f: self._axes(f) for f in expr.args}
         if not full or set().union(*axes.values()) != full:
             return None
@@ -1613,6 +1616,11 @@ def _padded(shape, rank: int) -> tuple:
 
 def _broadcasts_as(shape: list, target: list) -> bool:
     return all(s == t for s, t in zip(shape, target))
+
+
+# the calls that only lay out memory: each is a call's time (and under autograd a backward node),
+# which counts at small sizes; a line or gradient is printed in the frame that needs the fewest
+LAYOUT_CALLS = re.compile(r"\.(?:view|reshape|expand|expand_as|permute|unsqueeze|squeeze|contiguous)\(|\.T\b")
 
 
 def fit_shape(code: str, varying: list[int], frame: list, target: list, shape: list[str]) -> str:

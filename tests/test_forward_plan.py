@@ -5,6 +5,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
 from derive.kernel import build
 from derive.layers import by_name
@@ -131,7 +132,8 @@ def chain_of_products(x, A):
 
 
 class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    """The largest number of elements any operation writes."""
+    """The largest number of elements any operation writes (a view of an argument, ``x.detach()``
+    of an input the output does not read, writes none)."""
 
     def __init__(self):
         super().__init__()
@@ -139,8 +141,9 @@ class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
                 self.largest = max(self.largest, t.numel())
         return out
 

@@ -925,6 +925,51 @@ def test_a_factor_its_divisor_bounds_is_divided_first(tmp_path):
     torch.testing.assert_close(grads[0], grads[1], rtol=4e-6, atol=0)
 
 
+
+class _RootTimesFirst(torch.autograd.Function):
+    """``exp(sqrt(c*c + 1))`` with ``dc = dout*exp(v)*c/v`` multiplied left to right: ``c*exp(v)``
+    overflows float32 at ``c`` of 88, where the gradient (about ``exp(v)``) does not."""
+
+    @staticmethod
+    def forward(ctx, c):
+        v = torch.sqrt(c * c + 1)
+        out = torch.exp(v)
+        ctx.save_for_backward(c, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        c, v, out = ctx.saved_tensors
+        return dout * out * c / v
+
+
+class _RatioFirst(_RootTimesFirst):
+    @staticmethod
+    def backward(ctx, dout):
+        c, v, out = ctx.saved_tensors
+        return dout * out * (c / v)
+
+
+def test_the_battery_draws_at_the_edge_of_the_specs_finite_range(tmp_path):
+    """Between the battery's targets for an ``exp`` (arguments of 60, finite, and 100, where the
+    output is infinite and only it is judged) lies the window where a kernel that overflows sooner
+    than the spec is infinite and the spec is not. The battery bisects for the largest scale at which
+    the spec's output is finite: there the product taken first fails and the ratio taken first passes."""
+    spec = tmp_path / "root.py"
+    spec.write_text(EXP_OF_A_ROOT)
+    (layer,) = from_file(str(spec))
+    sizes = battery.battery_sizes(layer)
+    edges = [s for s in battery.settings(layer, sizes) if "edge" in s.label]
+    assert edges and all(s.dtype == torch.float32 for s in edges), edges
+    bad = battery.run(layer, _RootTimesFirst.apply, sizes)
+    assert not bad.passed and all("edge" in f.setting.label for f in bad.findings), [str(f) for f in bad.findings]
+    assert "not finite" in bad.findings[0].problem, str(bad.findings[0])
+    good = battery.run(layer, _RatioFirst.apply, sizes)
+    assert good.passed, [str(f) for f in good.findings]
+    tanh = by_name("tanh")  # an output that never overflows has no edge
+    assert not [s for s in battery.settings(tanh, battery.battery_sizes(tanh)) if "edge" in s.label]
+
+
 TANH_OF_ONE_MINUS = '''import torch
 
 from derive import Tensor, layer

@@ -843,3 +843,79 @@ def test_a_line_is_printed_in_the_frame_of_the_axes_it_reads(tmp_path):
     assert line == "v1 = 2*x", forward
     x, A = torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
     torch.testing.assert_close(kernel(x, A), layer.fn(x, A))
+
+
+PER_ROW_BESIDE_A_SQUARE = """import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), b=Tensor("n", "1"), A=Tensor("k", "k"))
+def per_row_beside_a_square(x, b, A):
+    total = b.sum(0, keepdim=True)
+    v = torch.tanh(b * b).exp()
+    return torch.tanh(x @ A).sum(1, keepdim=True) * v + total
+"""
+
+
+def _lines(source: str, start: str, end: str) -> list[str]:
+    text = source[source.index(start):source.index(end)]
+    return [t.split("#")[0].strip() for t in text.splitlines()[1:] if "=" in t and not t.strip().startswith(("#", '"'))]
+
+
+_LAYOUT = re.compile(r"\.(view|reshape|expand)\(")
+
+
+def test_a_line_of_a_per_row_input_is_printed_as_the_input_is_stored(tmp_path):
+    """``b`` of (n, 1) beside a (k, k) matrix: the frame has three axes, and a line of ``b`` alone
+    was printed in it or in the axes it reads, ``(torch.tanh(b.view(n, 1, 1)**2)).reshape(n, 1)``
+    and ``((b.view(n, 1, 1)).sum(0, keepdim=True)).reshape(1, 1)``, its gradient
+    ``(... b.view(n) ...).reshape(n, 1)``: views that cost a call each, and under autograd a
+    backward node each. In the input's own layout they need none."""
+    from kernels import user_layer
+
+    layer, kernel = user_layer(tmp_path, PER_ROW_BESIDE_A_SQUARE, "per_row_beside_a_square")
+    source = render_function(build(layer))
+    forward = _lines(source, "def _forward(", "def _forward_with_graph(")
+    of_b = [line for line in forward if " x" not in line and "A" not in line]
+    assert any(line.startswith("total = ") for line in of_b) and len(of_b) >= 2, forward
+    assert not any(_LAYOUT.search(line) for line in of_b), forward
+    gradient = backward_code(build(layer), "b")
+    assert not _LAYOUT.search(gradient), gradient
+    x, b, A = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64),
+               torch.randn(3, 3, dtype=torch.float64))
+    torch.testing.assert_close(kernel(x, b, A), layer.fn(x, b, A))
+    b.requires_grad_(True)
+    kernel(x, b, A).sum().backward()
+    expected, = torch.autograd.grad(layer.fn(x, b, A).sum(), b)
+    torch.testing.assert_close(b.grad, expected)
+
+
+UNREAD_INPUT = """import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), b=Tensor("n", "1"), w=Tensor("k"))
+def reads_b_alone(x, b, w):
+    return torch.log(b * b + 1)
+"""
+
+
+def test_an_input_the_output_does_not_read_is_no_edge_of_the_graph(tmp_path):
+    """``x`` and ``w`` are declared but not read: the Function gets them detached, so autograd has
+    no edge to them (each such edge cost about as much as a small layer's own operation), and
+    their gradient stays None, as autograd through the spec leaves it; ``b``'s is the spec's."""
+    from kernels import user_layer
+
+    layer, kernel = user_layer(tmp_path, UNREAD_INPUT, "reads_b_alone")
+    x, b, w = (torch.randn(4, 3, dtype=torch.float64, requires_grad=True),
+               torch.randn(4, 1, dtype=torch.float64, requires_grad=True),
+               torch.randn(3, dtype=torch.float64, requires_grad=True))
+    out = kernel(x, b, w)
+    edges = [f for f, _ in out.grad_fn.next_functions if f is not None]
+    assert [f.variable for f in edges if hasattr(f, "variable")] == [b], edges
+    out.sum().backward()
+    expected, = torch.autograd.grad(layer.fn(x, b, w).sum(), b)
+    assert x.grad is None and w.grad is None
+    torch.testing.assert_close(b.grad, expected)
