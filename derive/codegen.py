@@ -159,7 +159,9 @@ def _function_context(layer: Layer, name: str, output: str, reads: list[str], ex
         nones=_tuple(["None"] * len(inputs)),
         tangents_out=_tuple(["_function_jvp(ctx, _tangents)"] + ["None"] * len(extras)),
         needs_all="(" + _tuple([str(k in layer.differentiable) for k in inputs]) + ")",
-        refuse_backward=[f"_refuse_derivatives(\"{name}\", ({_tuple([repr(k) for k, _ in nondiff])}), "
+        # (asked only where one is wanted: a call per backward costs as much as a small layer's operation)
+        refuse_backward=[f"if {' or '.join(f'ctx.needs_input_grad[{position[k]}]' for k, _ in nondiff)}:",
+                         f"    _refuse_derivatives(\"{name}\", ({_tuple([repr(k) for k, _ in nondiff])}), "
                          f"({_tuple([f'ctx.needs_input_grad[{position[k]}]' for k, _ in nondiff])}))"] if nondiff else [],
         refuse_jvp=[f"_refuse_derivatives(\"{name}\", ({_tuple([repr(k) for k, _ in nondiff])}), "
                     f"({_tuple([f'_tangents[{position[k]}] is not None' for k, _ in nondiff])}))"] if nondiff else [],
@@ -170,7 +172,7 @@ def _check_context(checks: list) -> dict:
     ranks = [c for c in checks if c.kind == "rank"]
     rest = [c for c in checks if c.kind not in ("rank", "labels")]
     return dict(rank_checks=ranks, checks=rest, label_checks=[c for c in checks if c.kind == "labels"],
-                ranks_hold=" and ".join(c.holds for c in ranks) or "True",
+                ranks_hold=" and ".join(c.holds for c in ranks if c.holds) or "True",
                 checks_hold=" and ".join(f"({c.holds})" if " or " in c.holds else c.holds for c in rest if c.holds)
                 or "True")
 

@@ -155,11 +155,14 @@ def input_checks(layer: Layer, divisors: set, sources: list[tuple[str, str]], na
     self_defined = {tensor for unpack, tensor in sources if "_" not in unpack.replace(" ", "").split(",")}
     floats = [k for k, v in layer.tensors.items() if isinstance(v, Tensor)]
     first = floats[0]
+    # (on the path where all is well, the ranks of the tensors sizes are read from alone: the shape
+    # check of any other implies its rank)
+    sourced = {tensor for _, tensor in sources}
     for k, decl in layer.tensors.items():
         dims = ", ".join(decl.dims)
         checks.append(Check(f"{k}.dim() != {len(decl.dims)}",
                             f"f\"{name}: {k} must have {len(decl.dims)} dimension(s) ({dims}), got shape {{tuple({k}.shape)}}\"",
-                            kind="rank", holds=f"{k}.dim() == {len(decl.dims)}"))
+                            kind="rank", holds=f"{k}.dim() == {len(decl.dims)}" if k in sourced else ""))
 
     def size(d):  # a dimension's size in code: its variable, a product of them, or 1
         return "*".join(names.get(part, part) for part in dim_names(d)) or "1"

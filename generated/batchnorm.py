@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: 1edba546fe1b499ecc459da5d9d1b6841f8eeef15edd8e18a96e13c379b7d5c4
-# content-hash: 0e2376bdd24c575236d223a6edef5f30a57fa7337554b62673b72166836d80d1
+# content-hash: bffb39119c9a08d466ae38fbc12f916ebddcdb2cd27e797bcc54653d9235c029
 """Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -238,7 +238,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and gamma.dim() == 1 and beta.dim() == 1:
+    if x.dim() == 2:
         n, d = x.shape
         if gamma.shape == (d,) and beta.shape == (d,) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0 and n - 1 != 0:
             return

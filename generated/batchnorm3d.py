@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: 093ce1ff4d464cb128ba97c232b298d3ecbbac3f5364669ae492d886a6a1e8df
-# content-hash: c16a05a4589f27db3993719478e2185340921dfafd0c3d93f191e3db1ad0b151
+# content-hash: 45d2d3a598f40c219af3035cb65b3da719fd71d5d05d6ded1faefe43efcaf5d7
 """Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Fused backward, derived from the spec (element-wise, sizes n, c, l):
@@ -237,7 +237,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 3 and gamma.dim() == 2 and beta.dim() == 2:
+    if x.dim() == 3:
         n, c, l = x.shape
         if gamma.shape == (c, 1) and beta.shape == (c, 1) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0:
             return

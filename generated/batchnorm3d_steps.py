@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: 0f6e718d5efcaf6d379186987299362b99ab4d17950ff7518ae9a7d3e1172abd
-# content-hash: 59519370428e6dc12171b3d48067a687012172ce2de16755358d697f6fd2de1e
+# content-hash: bf42ff62c5d7c6610066dfc7ffcc5381788d6e4c0e5d8ad92c26469c1eed1533
 """Step-by-step backward of ``batchnorm3d``: Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -238,7 +238,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 3 and gamma.dim() == 2 and beta.dim() == 2:
+    if x.dim() == 3:
         n, c, l = x.shape
         if gamma.shape == (c, 1) and beta.shape == (c, 1) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0:
             return

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: 9c37ed56b859ed2e14467c87ca532b30604f910c193a37df9670ed54cca1078a
-# content-hash: d3ca179877c9dbb927855987f92cbd9759ee7e1ca0d29069e3bfe6954efe9435
+# content-hash: 62f526ec308e3e0368809a7df425c184ab2c1d3028eef98cba9599227867f743
 """Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Across the ranks of a torch.distributed process group (data-parallel training): each rank passes
@@ -250,7 +250,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 3 and gamma.dim() == 2 and beta.dim() == 2:
+    if x.dim() == 3:
         n, c, l = x.shape
         if gamma.shape == (c, 1) and beta.shape == (c, 1) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0:
             return

@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm_biased)
 # regenerate: derive generate
 # inputs-hash: 06c3804612acd2667071cee9151a243b12e445db23b08d30b5af74783477b948
-# content-hash: cb7bc521bfceaa1b21701192ce64135a1e2d0182d7137cd13cd805768f726a5e
+# content-hash: fbffdc6e8acb04ebab77de41e35b58f94f37d7d3794e256b9a5f30f3b917c76e
 """Batch normalization with the biased variance (divides by n), as BatchNorm1d in training.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -238,7 +238,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and gamma.dim() == 1 and beta.dim() == 1:
+    if x.dim() == 2:
         n, d = x.shape
         if gamma.shape == (d,) and beta.shape == (d,) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0:
             return

@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm_biased)
 # regenerate: derive generate
 # inputs-hash: 88f8690079ea20ccb1d7fd666820786ca19de11b2c548ea1785bed51ca3a4474
-# content-hash: af227ae7264abfaf29388ebaf53f293d176fbe86a8ce2994cc493349569318df
+# content-hash: ea11e0a611ee8a3f3c264237c408984a58ab92e64e8eac60cb823c4ce5a3f768
 """Step-by-step backward of ``batchnorm_biased``: Batch normalization with the biased variance (divides by n), as BatchNorm1d in training.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -234,7 +234,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and gamma.dim() == 1 and beta.dim() == 1:
+    if x.dim() == 2:
         n, d = x.shape
         if gamma.shape == (d,) and beta.shape == (d,) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0:
             return

@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm_biased)
 # regenerate: derive generate
 # inputs-hash: 40693de30aedf08711e3eb74a63a7e82f17a837b0caa4c3b9c34a91d370834e0
-# content-hash: 360945c53d897294a1eb6b6dfa8fa346b73b7f146c746907458cfed3dfd86cba
+# content-hash: 331c947e83d437911eadab9a2e5deb445ebbc82203d14aacd8592d6a7da25e4a
 """Batch normalization with the biased variance (divides by n), as BatchNorm1d in training.
 
 Across the ranks of a torch.distributed process group (data-parallel training): each rank passes
@@ -250,7 +250,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and gamma.dim() == 1 and beta.dim() == 1:
+    if x.dim() == 2:
         n, d = x.shape
         if gamma.shape == (d,) and beta.shape == (d,) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0:
             return

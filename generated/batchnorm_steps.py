@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: 095671102f448a173dda526061734f49c60c044c08e03dc1399323b3d1497773
-# content-hash: 779250b4ae694ae8cf7f6c6a182024de5199642387d9e8df2846973adf3b143f
+# content-hash: d6580acefadf9c627e8130f4ae16f37c7e6e81c765b9d029ca9c6e0a5d7e3331
 """Step-by-step backward of ``batchnorm``: Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -234,7 +234,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and gamma.dim() == 1 and beta.dim() == 1:
+    if x.dim() == 2:
         n, d = x.shape
         if gamma.shape == (d,) and beta.shape == (d,) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0 and n - 1 != 0:
             return

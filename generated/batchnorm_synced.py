@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: 4989a8ed96c14f9330428d3727048df788f459554abeddccc7d112c79d4fc3a8
-# content-hash: 56ac0da1945433f8029ba4dc69e08d65913515ea15a41b7380b8d01134665bfd
+# content-hash: 032e306b5c82533f12355ce1cc8a5daf84e8774f38722ff4559dedb5e6ce3027
 """Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Across the ranks of a torch.distributed process group (data-parallel training): each rank passes
@@ -250,7 +250,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and gamma.dim() == 1 and beta.dim() == 1:
+    if x.dim() == 2:
         n, d = x.shape
         if gamma.shape == (d,) and beta.shape == (d,) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0:
             return

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: c16e99abfb6743a6937483ade1e48e9bce29b765f572ca36ac2fba255d65c4af
-# content-hash: da7d509fc26ddd3614414268cf480d44d2c6db86197405a0e2bc26b24c0b56f4
+# content-hash: 71ef67e0c581f25ab1c9ed8e38a0bd27337a6837ac79a69f3e195d7db8bb2b95
 """Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -227,7 +227,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, target):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and target.dim() == 2:
+    if logits.dim() == 2:
         n, d = logits.shape
         if target.shape == (n, d) and target.dtype == logits.dtype and target.device == logits.device and logits.is_floating_point():
             return
@@ -252,7 +252,8 @@ def _function_backward(ctx, dloss):
     that the backward is itself differentiable (double backward, gradient penalties)."""
     if dloss is None:  # no gradient reached the output
         return None, None
-    _refuse_derivatives("bce_with_logits", ('target',), (ctx.needs_input_grad[1],))
+    if ctx.needs_input_grad[1]:
+        _refuse_derivatives("bce_with_logits", ('target',), (ctx.needs_input_grad[1],))
     n, d = ctx.sizes
     if torch.is_grad_enabled():
         logits, target = _kept_inputs(ctx, "bce_with_logits")

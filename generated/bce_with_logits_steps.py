@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer bce_with_logits)
 # regenerate: derive generate
 # inputs-hash: 720864b2b84a1bccd3568b0229d3cc932a21e779824bdc76998d4fda2930ac55
-# content-hash: a81735e09839b0a950551c022b9437650b5e46b3f5bdadfd32270469c9347006
+# content-hash: d5c26f173548c63bbbb631ed8620e791b28b4341e274b19c58bedf77c6000798
 """Step-by-step backward of ``bce_with_logits``: Binary cross-entropy of ``sigmoid(logits)`` against targets in [0, 1], averaged, as
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -218,7 +218,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, target):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and target.dim() == 2:
+    if logits.dim() == 2:
         n, d = logits.shape
         if target.shape == (n, d) and target.dtype == logits.dtype and target.device == logits.device and logits.is_floating_point():
             return
@@ -243,7 +243,8 @@ def _function_backward(ctx, dloss):
     inputs, so that the step-by-step backward is itself differentiable (double backward)."""
     if dloss is None:  # no gradient reached the output
         return None, None
-    _refuse_derivatives("bce_with_logits", ('target',), (ctx.needs_input_grad[1],))
+    if ctx.needs_input_grad[1]:
+        _refuse_derivatives("bce_with_logits", ('target',), (ctx.needs_input_grad[1],))
     if torch.is_grad_enabled():
         logits, target = _kept_inputs(ctx, "bce_with_logits")
         _, cache = forward(logits, target)

@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate
 # inputs-hash: a785f53d3b93cecd972d4e0786a12efda4edcb721b09376359a6f348e1caa472
-# content-hash: 3fe095ed8ddee48e1f0a699f5da8b4861bcf7c0788ad2e6fce01badd73680594
+# content-hash: 78df2f6678fa52a541a8f43887455a8dace387f171c9d38048981b49f95f5658
 """Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -224,7 +224,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, y):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and y.dim() == 1:
+    if logits.dim() == 2:
         n, k = logits.shape
         if y.shape == (n,) and logits.is_floating_point() and y.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
             _labels_in_range(y, k, f"cross_entropy: labels y must lie in [0, k) = [0, {k})")

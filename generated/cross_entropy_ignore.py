@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: def195575d777dff1508e7a1e5b60a96ddea4ff8615168213671a505f0b31d4f
-# content-hash: 622900287b51db7e415a17510a017793ff146e978de6c41445f67a15a0792006
+# content-hash: 41b59507cc6a763ff70bfadd7f65d98256b6301105f48d8315e539a4e33cc3b3
 """Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -224,7 +224,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, y, ignore_index):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and y.dim() == 1:
+    if logits.dim() == 2:
         n, k = logits.shape
         if y.shape == (n,) and logits.is_floating_point() and y.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
             _labels_in_range(y, k, f"cross_entropy_ignore: labels y must lie in [0, k) = [0, {k})")

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: 00c6298d3cc917f9e1667fdbeeaf28376dee4c07a1e485b9109da33f93270252
-# content-hash: 0bf8a920cdc58487a4b1e95f5ad71106757084b9a248e5454a49dca2f4d58b65
+# content-hash: dbb30de73c91a9aeed41527dfa99f8ad73a87ba5ed766f29e556ae3e1e2c3bb8
 """Step-by-step backward of ``cross_entropy_ignore``: Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -235,7 +235,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, y, ignore_index):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and y.dim() == 1:
+    if logits.dim() == 2:
         n, k = logits.shape
         if y.shape == (n,) and logits.is_floating_point() and y.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
             _labels_in_range(y, k, f"cross_entropy_ignore: labels y must lie in [0, k) = [0, {k})")

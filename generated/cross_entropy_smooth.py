@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: b261b7521c4c393114f0b98c314c0e4e9beb0acdbd84090f182c906117e15a02
-# content-hash: c75ad81f807f87729c72d28b33d5214cfc8ed03da2ff6d4961a344df4ee2d64c
+# content-hash: 6c1d4f7e4e61690078bec9857244f83f85bcd752f8f7b9d108d0b486174ea68b
 """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -223,7 +223,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, y, smoothing):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and y.dim() == 1:
+    if logits.dim() == 2:
         n, k = logits.shape
         if y.shape == (n,) and logits.is_floating_point() and y.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8) and smoothing >= 0.0 and smoothing <= 1.0:
             _labels_in_range(y, k, f"cross_entropy_smooth: labels y must lie in [0, k) = [0, {k})")

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: d025a83e358109af97f033dd9a50fa8d39bc7cc9e04033e91ef236473ea2a312
-# content-hash: b7f9ae8d4cce76450cd652268732f472782bff7682d4334bd53f1f89ea6d9b63
+# content-hash: 002b276dc2e6502cd95a8fd455dff3d24b0de05b8c88fed44e8a2f8108d5577c
 """Step-by-step backward of ``cross_entropy_smooth``: Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -239,7 +239,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, y, smoothing):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and y.dim() == 1:
+    if logits.dim() == 2:
         n, k = logits.shape
         if y.shape == (n,) and logits.is_floating_point() and y.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8) and smoothing >= 0.0 and smoothing <= 1.0:
             _labels_in_range(y, k, f"cross_entropy_smooth: labels y must lie in [0, k) = [0, {k})")

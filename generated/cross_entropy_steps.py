@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate
 # inputs-hash: a270657137d1bf82a5c23e88c6bcf0f21bd7f78e0f4f944994b6a702cb694308
-# content-hash: 1d6295032d06f532d8f18f9527e3f4a9ad38cf0081f564976855e975f5de5a9e
+# content-hash: ac63738bc214280aef8d23fb3b04b97e2adf3fd4f78e608b306eb2d9c50726b9
 """Step-by-step backward of ``cross_entropy``: Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -231,7 +231,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, y):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and y.dim() == 1:
+    if logits.dim() == 2:
         n, k = logits.shape
         if y.shape == (n,) and logits.is_floating_point() and y.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
             _labels_in_range(y, k, f"cross_entropy: labels y must lie in [0, k) = [0, {k})")

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: 064b5f967732e85ca452007dbff2f046b64754ab4fba76160b830f44f51aa185
-# content-hash: d86759a3f06b29d88dbc956304b9fcda87a784aa7fb03c4158ef6c21383250b2
+# content-hash: e584372d7ede9fb6ed245efbb06fd1518a9def89f079b3ca153f358d818bf80e
 """Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -220,7 +220,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, y, T):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and y.dim() == 1:
+    if logits.dim() == 2:
         n, k = logits.shape
         if y.shape == (n,) and logits.is_floating_point() and y.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
             _labels_in_range(y, k, f"cross_entropy_temperature: labels y must lie in [0, k) = [0, {k})")

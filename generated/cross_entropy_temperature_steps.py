@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: 6329e9bf8514e788152b8c29ce84b49b883d448cf847fad2741cc7e8b6251aab
-# content-hash: 9769a867eba5214731e7d402e3d2bd6a563d9a7bb4c01625dc33d6e9f1f04c62
+# content-hash: 07e072c43f5e68dc4a26539b90d0a2d018c631842a25dc06b882b63e43c4598b
 """Step-by-step backward of ``cross_entropy_temperature``: Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -231,7 +231,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, y, T):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and y.dim() == 1:
+    if logits.dim() == 2:
         n, k = logits.shape
         if y.shape == (n,) and logits.is_floating_point() and y.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
             _labels_in_range(y, k, f"cross_entropy_temperature: labels y must lie in [0, k) = [0, {k})")

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate
 # inputs-hash: 63b68621a74687e2181b8e3446b55ee0e478d4afe71e38bbe3f21d3fa808f02c
-# content-hash: 6095eda1bc3ce514a27d111a08fa731c96a35d7385afefcd650d3f1905fec73f
+# content-hash: 30120677d57b3394b20559e8666f333cc3f9bd9e08c6825a768fd49a7876aed6
 """Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -220,7 +220,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, y, w):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and y.dim() == 1 and w.dim() == 1:
+    if logits.dim() == 2:
         n, k = logits.shape
         if y.shape == (n,) and w.shape == (k,) and w.dtype == logits.dtype and w.device == logits.device and logits.is_floating_point() and y.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
             _labels_in_range(y, k, f"cross_entropy_weighted: labels y must lie in [0, k) = [0, {k})")
@@ -252,7 +252,8 @@ def _function_backward(ctx, dloss):
     that the backward is itself differentiable (double backward, gradient penalties)."""
     if dloss is None:  # no gradient reached the output
         return None, None, None
-    _refuse_derivatives("cross_entropy_weighted", ('w',), (ctx.needs_input_grad[2],))
+    if ctx.needs_input_grad[2]:
+        _refuse_derivatives("cross_entropy_weighted", ('w',), (ctx.needs_input_grad[2],))
     n, k = ctx.sizes
     if torch.is_grad_enabled():
         logits, y, w = _kept_inputs(ctx, "cross_entropy_weighted")

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate
 # inputs-hash: b235a79bc9db92379ea0cfbea093adef3d729ad3fadc0804222b4eac516bfe1a
-# content-hash: c513b7a889ad658752707d0bc32feebd9d7654600bb11f0dca229266c2a8db08
+# content-hash: 6e1d3d1bf683df5b15406ba293bdf199c4a0fe80c6f19994b6df123f1f65c8a4
 """Step-by-step backward of ``cross_entropy_weighted``: Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -235,7 +235,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(logits, y, w):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if logits.dim() == 2 and y.dim() == 1 and w.dim() == 1:
+    if logits.dim() == 2:
         n, k = logits.shape
         if y.shape == (n,) and w.shape == (k,) and w.dtype == logits.dtype and w.device == logits.device and logits.is_floating_point() and y.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
             _labels_in_range(y, k, f"cross_entropy_weighted: labels y must lie in [0, k) = [0, {k})")
@@ -267,7 +267,8 @@ def _function_backward(ctx, dloss):
     inputs, so that the step-by-step backward is itself differentiable (double backward)."""
     if dloss is None:  # no gradient reached the output
         return None, None, None
-    _refuse_derivatives("cross_entropy_weighted", ('w',), (ctx.needs_input_grad[2],))
+    if ctx.needs_input_grad[2]:
+        _refuse_derivatives("cross_entropy_weighted", ('w',), (ctx.needs_input_grad[2],))
     if torch.is_grad_enabled():
         logits, y, w = _kept_inputs(ctx, "cross_entropy_weighted")
         _, cache = forward(logits, y, w)

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer layernorm)
 # regenerate: derive generate
 # inputs-hash: b3dd81e94a64421f7c9393298cf1dc472bfccd08d9573eda39f6681d5fb11a0d
-# content-hash: 378cb17df6d72a6d285d0cb96594e8d146b8d88c0907000b7b2dfe0d7c338d3f
+# content-hash: aa306ebca43296ee2db6b02f6e03e962d931e4a1bf36c2afcd704eea7086dcb7
 """Layer normalization over the last dimension (biased variance), as ``F.layer_norm``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -231,7 +231,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and gamma.dim() == 1 and beta.dim() == 1:
+    if x.dim() == 2:
         n, d = x.shape
         if gamma.shape == (d,) and beta.shape == (d,) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0:
             return

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer layernorm)
 # regenerate: derive generate
 # inputs-hash: 6c0174aa581ff3b844317705d0949a141e552b72d405c7cceaec0e17c569a0e3
-# content-hash: 7d54375087c1249a43cf9d3d991516394ddd896fb1e5fde7305aef01c3d872b3
+# content-hash: 93a99447581ffe72d5b7c1c5829953d788f06efc1d3d602c6202d5330ea15a48
 """Step-by-step backward of ``layernorm``: Layer normalization over the last dimension (biased variance), as ``F.layer_norm``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -234,7 +234,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, gamma, beta, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and gamma.dim() == 1 and beta.dim() == 1:
+    if x.dim() == 2:
         n, d = x.shape
         if gamma.shape == (d,) and beta.shape == (d,) and gamma.dtype == x.dtype and gamma.device == x.device and beta.dtype == x.dtype and beta.device == x.device and x.is_floating_point() and eps > 0:
             return

@@ -2,7 +2,7 @@
 # source: derive.layers.mlp_parts (layer linear)
 # regenerate: derive generate
 # inputs-hash: ae0603e70ff3a114834593ffbe5f7ef55fa6e19769dcf6dd48c08ef46cbaf9a0
-# content-hash: 4bd6c8e7d7468b5f58bf563ee20d28e518c3a16eca86d0591e20217e37de01be
+# content-hash: 3a64b50859592b38ada0d49862c5f190f348b791737302d9fc8939c5ffc54e76
 """Affine map ``x @ W + b``.
 
 Fused backward, derived from the spec (element-wise, sizes n, i, o):
@@ -253,7 +253,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, W, b):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and W.dim() == 2 and b.dim() == 1:
+    if x.dim() == 2 and W.dim() == 2:
         n, i = x.shape
         _, o = W.shape
         if W.shape == (i, o) and b.shape == (o,) and W.dtype == x.dtype and W.device == x.device and b.dtype == x.dtype and b.device == x.device and x.is_floating_point():

@@ -2,7 +2,7 @@
 # source: derive.layers.mlp_parts (layer linear)
 # regenerate: derive generate
 # inputs-hash: 5d72696747bd2df52844899df3212faff78534a01d409698ac52c8c1c45533a1
-# content-hash: 95d23a2f7b0ba2be82c4407d5dbd2c1a7c5d4e2230c4833997f6945d0d4131fc
+# content-hash: 75ab74d80b8ca2db81db66e0a4ca678334083e9360e0760273b7e9914f3d0a72
 """Step-by-step backward of ``linear``: Affine map ``x @ W + b``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -212,7 +212,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, W, b):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and W.dim() == 2 and b.dim() == 1:
+    if x.dim() == 2 and W.dim() == 2:
         n, i = x.shape
         _, o = W.shape
         if W.shape == (i, o) and b.shape == (o,) and W.dtype == x.dtype and W.device == x.device and b.dtype == x.dtype and b.device == x.device and x.is_floating_point():

@@ -2,7 +2,7 @@
 # source: derive.layers.makemore_mlp (layer makemore_mlp)
 # regenerate: derive generate
 # inputs-hash: c7a7c051cb6b34ed43e4e33b8da807a853f2aad08b75d8ade582f43876a29199
-# content-hash: f8e60cce7ed8152e8d8d8d8b9c05832271ec8f4c32b4c8370df2c2237b264737
+# content-hash: 212421d501a3fe03de51ea3462ce8738655c39a29fbc5af683b992acf4d65042
 """Step-by-step backward of ``makemore_mlp``: Character-level MLP language model, forward pass chunked as in the exercise.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -292,7 +292,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if C.dim() == 2 and Xb.dim() == 2 and W1.dim() == 2 and b1.dim() == 1 and bngain.dim() == 1 and bnbias.dim() == 1 and W2.dim() == 2 and b2.dim() == 1 and Yb.dim() == 1:
+    if C.dim() == 2 and Xb.dim() == 2 and W1.dim() == 2:
         v, e = C.shape
         n, t = Xb.shape
         _, hidden = W1.shape

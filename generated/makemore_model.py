@@ -2,7 +2,7 @@
 # source: derive.layers.makemore_model (layer makemore_model)
 # regenerate: derive generate
 # inputs-hash: c8ba0f30d105fae6a2bf501c63d922b813783c6c7f861c1757d005b8c0003789
-# content-hash: 5890be22a93407c7e708fb32536ed41b00f1eea38c2ef5a488ce80fc44df30e8
+# content-hash: c35714b7806c3635bff1b357c7adb697edca98da22786a9851c763c023b5face
 """``makemore_model``: Character-level MLP language model: embedding, linear, batchnorm, tanh, linear, cross-entropy.
 
 Its kernel is the step-by-step backward: declared step-by-step only (fused = False).
@@ -266,7 +266,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if C.dim() == 2 and Xb.dim() == 2 and W1.dim() == 2 and b1.dim() == 1 and bngain.dim() == 1 and bnbias.dim() == 1 and W2.dim() == 2 and b2.dim() == 1 and Yb.dim() == 1:
+    if C.dim() == 2 and Xb.dim() == 2 and W1.dim() == 2:
         v, e = C.shape
         n, t = Xb.shape
         _, hidden = W1.shape

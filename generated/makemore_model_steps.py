@@ -2,7 +2,7 @@
 # source: derive.layers.makemore_model (layer makemore_model)
 # regenerate: derive generate
 # inputs-hash: c8ba0f30d105fae6a2bf501c63d922b813783c6c7f861c1757d005b8c0003789
-# content-hash: 25641fcae2ba9bbe4688a9ac8ac2ee041cf4e1dcb911582e91b2704f3c779c8e
+# content-hash: 14f17934e5a904529e0915537a69b1415ccb65ea0a244fddb71e4c025a709289
 """Step-by-step backward of ``makemore_model``: Character-level MLP language model: embedding, linear, batchnorm, tanh, linear, cross-entropy.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -264,7 +264,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(C, Xb, W1, b1, bngain, bnbias, W2, b2, Yb):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if C.dim() == 2 and Xb.dim() == 2 and W1.dim() == 2 and b1.dim() == 1 and bngain.dim() == 1 and bnbias.dim() == 1 and W2.dim() == 2 and b2.dim() == 1 and Yb.dim() == 1:
+    if C.dim() == 2 and Xb.dim() == 2 and W1.dim() == 2:
         v, e = C.shape
         n, t = Xb.shape
         _, hidden = W1.shape

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: a4e07d753d386fa84585cb94413825605feff5439134fe29a1378dbb6bed9cd7
-# content-hash: 915ed6eee5f9f6d53ec6e78a097fbd044c23c3f025e761aaacf677784e9db862
+# content-hash: f79458a43df428179e3a959d731320acae36dc550d960594805e82b18277e2ec
 """Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -227,7 +227,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(pred, target):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if pred.dim() == 2 and target.dim() == 2:
+    if pred.dim() == 2:
         n, d = pred.shape
         if target.shape == (n, d) and target.dtype == pred.dtype and target.device == pred.device and pred.is_floating_point():
             return
@@ -252,7 +252,8 @@ def _function_backward(ctx, dloss):
     that the backward is itself differentiable (double backward, gradient penalties)."""
     if dloss is None:  # no gradient reached the output
         return None, None
-    _refuse_derivatives("mse", ('target',), (ctx.needs_input_grad[1],))
+    if ctx.needs_input_grad[1]:
+        _refuse_derivatives("mse", ('target',), (ctx.needs_input_grad[1],))
     n, d = ctx.sizes
     if torch.is_grad_enabled():
         pred, target = _kept_inputs(ctx, "mse")

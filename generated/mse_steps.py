@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer mse)
 # regenerate: derive generate
 # inputs-hash: 2f399bae0013a10b43360536131be023bfa1cf043160e9ff092d2f9c65192bb2
-# content-hash: b6d49bf02e31cd7c41caf3ca337b3a6d1bee64b33311b136fab34b98480e7019
+# content-hash: 09bf31050f4aad525f33f88db2569fb3af224a5e1df335d56bba81c36a47575d
 """Step-by-step backward of ``mse``: Mean squared error, as ``F.mse_loss(pred, target)``; the target gets no gradient.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -210,7 +210,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(pred, target):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if pred.dim() == 2 and target.dim() == 2:
+    if pred.dim() == 2:
         n, d = pred.shape
         if target.shape == (n, d) and target.dtype == pred.dtype and target.device == pred.device and pred.is_floating_point():
             return
@@ -235,7 +235,8 @@ def _function_backward(ctx, dloss):
     inputs, so that the step-by-step backward is itself differentiable (double backward)."""
     if dloss is None:  # no gradient reached the output
         return None, None
-    _refuse_derivatives("mse", ('target',), (ctx.needs_input_grad[1],))
+    if ctx.needs_input_grad[1]:
+        _refuse_derivatives("mse", ('target',), (ctx.needs_input_grad[1],))
     if torch.is_grad_enabled():
         pred, target = _kept_inputs(ctx, "mse")
         _, cache = forward(pred, target)

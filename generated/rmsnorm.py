@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer rmsnorm)
 # regenerate: derive generate
 # inputs-hash: 3479a7d4e19e508c61da870a56021ca0f94c54d06b874f3dcca41dbffc058f81
-# content-hash: 2414685b8bda88ad3b154cc475e341b3b3f2c80506e03de8fa282edfe77d2769
+# content-hash: cb26832ae419c5f782173b837eee1e24c1dd4b1a4947d2f8cdbe18152812413f
 """RMS normalization over the last dimension: ``g * x / sqrt(mean(x**2) + eps)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -225,7 +225,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, g, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and g.dim() == 1:
+    if x.dim() == 2:
         n, d = x.shape
         if g.shape == (d,) and g.dtype == x.dtype and g.device == x.device and x.is_floating_point() and eps > 0:
             return

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer rmsnorm)
 # regenerate: derive generate
 # inputs-hash: bafe9958bd9184483d813880acd2ec3358a9302c4306bf5cbe9d42192e95a6fc
-# content-hash: fdcc0c54fec297aa32567eb2178eddaecc5214fbec94f7f3383c3abeb7f02473
+# content-hash: 67aed71f3261be27b557f74d353e67e516f11a6b0b3449879e3b4f326c5430e2
 """Step-by-step backward of ``rmsnorm``: RMS normalization over the last dimension: ``g * x / sqrt(mean(x**2) + eps)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -221,7 +221,7 @@ def _apply(function, without_jvp, eager, *args):
 def _check_inputs(x, g, eps):
     """Refuse, in one line, an input this kernel was not derived for (``check_inputs(False)`` skips
     this). One condition when all is well; the checks one by one only to say what is wrong."""
-    if x.dim() == 2 and g.dim() == 1:
+    if x.dim() == 2:
         n, d = x.shape
         if g.shape == (d,) and g.dtype == x.dtype and g.device == x.device and x.is_floating_point() and eps > 0:
             return
