@@ -255,8 +255,11 @@ class Elements:
         if affine:
             self.affine.add(node)
         # (a maximum too, named or not: the backward reads the forward's value, it has no pass
-        # that takes a maximum again)
-        if node is self.graph.output or node.op in NORMALIZERS or affine or node.op == "max" or node in self.kept or (
+        # that takes a maximum again; and a value compared in an elementwise maximum or minimum,
+        # whose mask the backward reads it for, as autograd saves it: inlined, ``b + x**3/n`` was
+        # computed again in the backward, twice, for ``maximum(u, b + x**3/n)``'s mask)
+        compared = any(m.op in ("maximum", "minimum") for m in self.graph.consumers(node))
+        if node is self.graph.output or node.op in NORMALIZERS or affine or node.op == "max" or node in self.kept or compared or (
                 node.op in CONTRACTIONS and node.shape) or (reductions(value) and (node.named or contracted)) or (
                 self._squared_difference(node, value)) or (contracted and (self._broadcast_read(node, value)
                                                                            or self._reads_several(value))):

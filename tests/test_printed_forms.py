@@ -590,9 +590,16 @@ def test_a_kept_value_is_read_where_the_gradient_has_its_negative(tmp_path):
     graph, el, grads = derived(layer)
     (v2,) = [n for n in graph.nodes if n.name == "v2"]
     (dc,) = [e for node, e in grads.grads.items() if node.name == "c"]
-    read = _kept_reads(el, v2, dc)
+    # (a value a maximum compares is read in its masks from the start, as autograd saves it:
+    # ``Elements``; the same gradient with ``v2`` written out, as a formula of other values has it)
+    assert all("v2[" in str(m) for m in dc.atoms(Wins)) and dc.atoms(Wins), dc
+    bases = {str(e.base): e.base for e in dc.atoms(sp.Indexed)}  # (with their assumptions)
+    b, c = bases["b"], bases["c"]
+    written_out = dc.replace(lambda e: isinstance(e, sp.Indexed) and str(e.base) == "v2",
+                             lambda e: b[e.indices[0], 0] * c[0, e.indices[1]])
+    read = _kept_reads(el, v2, written_out)
     masks = read.atoms(Wins) if read is not None else set()
-    assert len(masks) == 2 and all("v2[" in str(m) and "b[" not in str(m) for m in masks), (dc, read)
+    assert len(masks) == 2 and all("v2[" in str(m) and "b[" not in str(m) for m in masks), (written_out, read)
 
 
 def test_labels_nothing_reads_are_not_range_checked(tmp_path):
@@ -919,3 +926,51 @@ def test_an_input_the_output_does_not_read_is_no_edge_of_the_graph(tmp_path):
     expected, = torch.autograd.grad(layer.fn(x, b, w).sum(), b)
     assert x.grad is None and w.grad is None
     torch.testing.assert_close(b.grad, expected)
+
+
+COMPARED_VALUES = """import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), b=Tensor("n", "1"), u=Tensor("n", "k", differentiable=False))
+def maximum_of_a_cube(x, b, u):
+    v = b + x ** 3 / 4
+    return torch.maximum(u, v)
+
+
+@layer(x=Tensor("n", "k"), c=Tensor("1", "k"))
+def minimum_of_two_values(x, c):
+    s = torch.tanh(x) * c
+    t = x * x - c
+    return torch.minimum(s, t).sum(1)
+"""
+
+
+@pytest.mark.parametrize("name, values", [("maximum_of_a_cube", ["v"]), ("minimum_of_two_values", ["s", "t"])])
+def test_a_value_an_elementwise_extremum_compares_is_read_not_computed_again(name, values, tmp_path):
+    """``maximum(u, b + x**3/4)``: the backward's mask compares the same two values as the forward,
+    and autograd saves both. Written out, ``b + x**3/4`` was computed again in the backward, twice
+    (``torch.where(v == u, 0.5, (v > u))``): 1.2x autograd's time at 1024 x 512. The compared
+    values are read as the forward computed them."""
+    from kernels import user_layer
+
+    layer, kernel = user_layer(tmp_path, COMPARED_VALUES, name)
+    built = build(layer)
+    assert set(values) <= set(built.saved), built.saved
+    codes = [s.code for s in built.shared] + [f.code for f in built.formulas]
+    masks = [c for c in codes if "torch.where(" in c]
+    # each mask compares the saved values, and reads no input to compute them again
+    assert masks and not any(re.search(r"\b(x|b|c)\b", m) for m in masks), codes
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    others = {"b": torch.randn(6, 1, dtype=torch.float64, requires_grad=True),
+              "u": torch.randn(6, 5, dtype=torch.float64),
+              "c": torch.randn(1, 5, dtype=torch.float64, requires_grad=True)}
+    args = [x] + [others[k] for k in list(layer.inputs)[1:]]
+    grads = []
+    for fn in (kernel, layer.fn):
+        out = fn(*args)
+        wanted = [a for a in args if a.requires_grad]
+        grads.append(torch.autograd.grad(out, wanted, torch.ones_like(out)))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs)
