@@ -1,6 +1,7 @@
 """Render kernels into files through Jinja2 templates; every decision is made here, not there."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import hashlib
@@ -373,13 +374,32 @@ def render_steps(graph, kernel_reason: str = "") -> str:
         class_name=function,
         base_class=f"_{function}NoJvp",
         eager_class=f"_{function}Eager",
-        input_grads=", ".join(f'grads["d{n}"]' if n in layer.differentiable else "None" for n in layer.inputs)
+        freeing_lines=_freeing([line.code for line in lines], {f"d{n}" for n in layer.differentiable}),
+        input_grads=", ".join(f"d{n}" if n in layer.differentiable else "None" for n in layer.inputs)
         + ("," if len(layer.inputs) == 1 else ""),
         doc=layer.doc or layer.name,
     )
     body = environment().get_template("steps.py.j2").render(**context)
     return header(layer, "#", body, templates=TEMPLATES_OF["steps"]) + body
 
+
+
+def _freeing(codes: list[str], kept: set[str]) -> list[str]:
+    """The step-by-step backward's ``codes`` with ``del`` of each gradient they compute, other than
+    those in ``kept``, after the line that reads it for the last time (not one that rebinds it:
+    ``dh = dh + ...`` reads the old and names the new)."""
+    def names(code: str, context) -> set[str]:
+        return {n.id for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name) and isinstance(n.ctx, context)}
+
+    computed = set().union(*[names(c, ast.Store) for c in codes]) - kept if codes else set()
+    last = {name: k for k, code in enumerate(codes) for name in names(code, ast.Load) & computed}
+    out = []
+    for k, code in enumerate(codes):
+        out.append(code)
+        done = sorted(n for n, at in last.items() if at == k and n not in names(code, ast.Store))
+        if done:
+            out.append(f"del {', '.join(done)}")
+    return out
 
 
 def _without_unread_temporaries(graph, forward: list, backward: str, sources) -> tuple[list, set]:
