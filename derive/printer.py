@@ -864,14 +864,16 @@ class KernelPrinter(TorchPrinter):
 
     def _print_product(self, expr):
         # a sum divided by the number of its terms reads as the mean it is
+        # (the forward's one-axis sums too: ``b.mean(0)``, one call where ``.sum(0)/n`` is two, and
+        # on the CPU the same rounding, torch's mean being the sum divided)
         factors = list(expr.args)
         for r in factors:
-            if not isinstance(r, Red) or isinstance(r.body, Red):
+            if not isinstance(r, (Red, AxisSum)) or isinstance(r.body, (Red, AxisSum)):
                 continue
             inverse = 1 / extent(r.index)
             if inverse not in factors:
                 continue
-            total = self._print_Red(r)
+            total = self._print(r)
             head, dot, tail = total.rpartition(".sum(")
             if not dot or not tail.endswith(", keepdim=True)"):
                 continue  # a contraction (einsum): left as a sum
@@ -1642,6 +1644,10 @@ def fit_shape(code: str, varying: list[int], frame: list, target: list, shape: l
         if whole is not None:
             return whole
     wrapped = code if code.isidentifier() else f"({code})"
+    if not varying and layout != axes and len(shape) >= rank:
+        # one value spread over the target, a view of it in one call (``(dv/n).expand(n, 1)``, not
+        # ``.expand(n,).reshape(n, 1)``): it broadcasts to any shape of its rank or more
+        return f"{wrapped}.expand({sizes(tuple(shape))})"
     if layout != axes:
         wrapped += f".expand({sizes(axes)})"
     order = [a for a, _ in wanted]

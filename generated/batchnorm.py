@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: 1edba546fe1b499ecc459da5d9d1b6841f8eeef15edd8e18a96e13c379b7d5c4
-# content-hash: bffb39119c9a08d466ae38fbc12f916ebddcdb2cd27e797bcc54653d9235c029
+# content-hash: 80c31c89cee42612700dd2a9f3d17e44d8d73c1228f88643a9942cc6516ab032
 """Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -23,7 +23,7 @@ __all__ = ["BatchnormFunction", "batchnorm", "compile_kernels", "check_inputs", 
 
 def _forward(x, gamma, beta, eps, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    bndiff = x - x.sum(0, keepdim=True)/n  # spec lines 9-10
+    bndiff = x - x.mean(0, keepdim=True)  # spec lines 9-10
     bndiff2 = bndiff**2  # spec lines 9-11
     bnvar_inv = torch.rsqrt(eps + bndiff2.sum(0, keepdim=True)/(n - 1))  # spec lines 9-13
     bnraw = bndiff.mul_(bnvar_inv)  # spec lines 9-14
@@ -36,7 +36,7 @@ def _forward_with_graph(x, gamma, beta, eps, n, d):
     backward recomputes what it reads this way when a second derivative is wanted. Under torch.func
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
-    bndiff = x - x.sum(0, keepdim=True)/n
+    bndiff = x - x.mean(0, keepdim=True)
     bnvar_inv = torch.rsqrt(eps + (bndiff**2).sum(0, keepdim=True)/(n - 1))
     bnraw = bndiff*bnvar_inv
     out = torch.addcmul(beta, gamma, bnraw)

@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm_biased)
 # regenerate: derive generate
 # inputs-hash: 06c3804612acd2667071cee9151a243b12e445db23b08d30b5af74783477b948
-# content-hash: fbffdc6e8acb04ebab77de41e35b58f94f37d7d3794e256b9a5f30f3b917c76e
+# content-hash: ca9b3ba00b7a75acdf57fb1b89b9d379a8a2e8b6eb71f664c6c260f5f9e1131e
 """Batch normalization with the biased variance (divides by n), as BatchNorm1d in training.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -23,9 +23,9 @@ __all__ = ["BatchnormBiasedFunction", "batchnorm_biased", "compile_kernels", "ch
 
 def _forward(x, gamma, beta, eps, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    bndiff = x - x.sum(0, keepdim=True)/n  # spec lines 23-24
+    bndiff = x - x.mean(0, keepdim=True)  # spec lines 23-24
     bndiff2 = bndiff**2  # spec lines 23-25
-    bnvar_inv = torch.rsqrt(eps + bndiff2.sum(0, keepdim=True)/n)  # spec lines 23-27
+    bnvar_inv = torch.rsqrt(eps + bndiff2.mean(0, keepdim=True))  # spec lines 23-27
     bnraw = bndiff.mul_(bnvar_inv)  # spec lines 23-28
     out = torch.addcmul(beta, gamma, bnraw, out=bndiff2)  # spec lines 23-29
     return out, (bnvar_inv, bnraw)
@@ -36,8 +36,8 @@ def _forward_with_graph(x, gamma, beta, eps, n, d):
     backward recomputes what it reads this way when a second derivative is wanted. Under torch.func
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
-    bndiff = x - x.sum(0, keepdim=True)/n
-    bnvar_inv = torch.rsqrt(eps + (bndiff**2).sum(0, keepdim=True)/n)
+    bndiff = x - x.mean(0, keepdim=True)
+    bnvar_inv = torch.rsqrt(eps + (bndiff**2).mean(0, keepdim=True))
     bnraw = bndiff*bnvar_inv
     out = torch.addcmul(beta, gamma, bnraw)
     return out, (bnvar_inv, bnraw)

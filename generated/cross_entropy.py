@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate
 # inputs-hash: a785f53d3b93cecd972d4e0786a12efda4edcb721b09376359a6f348e1caa472
-# content-hash: 78df2f6678fa52a541a8f43887455a8dace387f171c9d38048981b49f95f5658
+# content-hash: d60cfa19359b528192de82fcfea8fb1338d046babb41e447a71ad59d4625fd76
 """Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -23,7 +23,7 @@ def _forward(logits, y, n, k):
     counts = (logits - logit_maxes).exp_()  # spec lines 10-11
     counts_sum = counts.sum(1, keepdim=True)  # spec lines 10-12
     probs = counts.div_(counts_sum)  # spec lines 10-11, 13-14
-    loss = (-(logits.gather(1, y.view(n, 1)) - logit_maxes - torch.log(counts_sum)).sum(0, keepdim=True)/n).reshape(())  # spec lines 10-11, 13-16
+    loss = (-(logits.gather(1, y.view(n, 1)) - logit_maxes - torch.log(counts_sum)).mean(0, keepdim=True)).reshape(())  # spec lines 10-11, 13-16
     return loss, (probs,)
 
 
@@ -36,7 +36,7 @@ def _forward_with_graph(logits, y, n, k):
     counts = torch.exp(logits - logit_maxes)
     counts_sum = counts.sum(1, keepdim=True)
     probs = counts/counts_sum
-    loss = (-(logits.gather(1, y.view(n, 1)) - logit_maxes - torch.log(counts_sum)).sum(0, keepdim=True)/n).reshape(())
+    loss = (-(logits.gather(1, y.view(n, 1)) - logit_maxes - torch.log(counts_sum)).mean(0, keepdim=True)).reshape(())
     return loss, (probs,)
 
 

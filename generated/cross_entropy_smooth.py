@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: b261b7521c4c393114f0b98c314c0e4e9beb0acdbd84090f182c906117e15a02
-# content-hash: 6c1d4f7e4e61690078bec9857244f83f85bcd752f8f7b9d108d0b486174ea68b
+# content-hash: cab2adf5a9e88089b9fd03bb61d05d9678c3484dc088c29e1023019da13b53e8
 """Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -23,7 +23,7 @@ def _forward(logits, y, smoothing, n, k):
     t1 = (logits - m).exp_()  # spec lines 14-15
     _t1f = torch.log(t1.sum(1, keepdim=True))
     _t0 = logits - m - _t1f
-    loss = (-smoothing*_t0.sum((0, 1), keepdim=True)/(k*n) - (1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n).reshape(())  # spec lines 14-19
+    loss = (-smoothing*_t0.sum((0, 1), keepdim=True)/(k*n) + (smoothing - 1)*(logits.gather(1, y.view(n, 1)) - m - _t1f).mean(0, keepdim=True)).reshape(())  # spec lines 14-19
     return loss, (t1,)
 
 
@@ -35,7 +35,7 @@ def _forward_with_graph(logits, y, smoothing, n, k):
     m = logits.amax(1, keepdim=True)
     t1 = torch.exp(logits - m)
     _t1f = torch.log(t1.sum(1, keepdim=True))
-    loss = (-(1 - smoothing)*(logits.gather(1, y.view(n, 1)) - m - _t1f).sum(0, keepdim=True)/n - smoothing*(logits - m - _t1f).sum((0, 1), keepdim=True)/(k*n)).reshape(())
+    loss = ((smoothing - 1)*(logits.gather(1, y.view(n, 1)) - m - _t1f).mean(0, keepdim=True) - smoothing*(logits - m - _t1f).sum((0, 1), keepdim=True)/(k*n)).reshape(())
     return loss, (t1,)
 
 

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: 064b5f967732e85ca452007dbff2f046b64754ab4fba76160b830f44f51aa185
-# content-hash: e584372d7ede9fb6ed245efbb06fd1518a9def89f079b3ca153f358d818bf80e
+# content-hash: aa1fa80188eab82ba799b468defc0d8df3cb854da56bc41cab2a82c6800d29a6
 """Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, k):
@@ -21,7 +21,7 @@ def _forward(logits, y, T, n, k):
     """The fused forward: the output and what it computes that the backward reads."""
     m = (logits/T).amax(1, keepdim=True)  # spec lines 27-28
     t1 = (logits/T - m).exp_()  # spec lines 27, 29-30
-    loss = (-(logits.gather(1, y.view(n, 1))/T - m - torch.log(t1.sum(1, keepdim=True))).sum(0, keepdim=True)/n).reshape(())  # spec lines 27, 29-31
+    loss = (-(logits.gather(1, y.view(n, 1))/T - m - torch.log(t1.sum(1, keepdim=True))).mean(0, keepdim=True)).reshape(())  # spec lines 27, 29-31
     return loss, (t1,)
 
 
@@ -32,7 +32,7 @@ def _forward_with_graph(logits, y, T, n, k):
     into a given buffer; the compiler plans its own)."""
     m = (logits/T).amax(1, keepdim=True)
     t1 = torch.exp(logits/T - m)
-    loss = (-(logits.gather(1, y.view(n, 1))/T - m - torch.log(t1.sum(1, keepdim=True))).sum(0, keepdim=True)/n).reshape(())
+    loss = (-(logits.gather(1, y.view(n, 1))/T - m - torch.log(t1.sum(1, keepdim=True))).mean(0, keepdim=True)).reshape(())
     return loss, (t1,)
 
 

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer layernorm)
 # regenerate: derive generate
 # inputs-hash: b3dd81e94a64421f7c9393298cf1dc472bfccd08d9573eda39f6681d5fb11a0d
-# content-hash: aa306ebca43296ee2db6b02f6e03e962d931e4a1bf36c2afcd704eea7086dcb7
+# content-hash: c47bdde778958c643dd52674ed25506fa838fced0b40768cec506c248fcc0130
 """Layer normalization over the last dimension (biased variance), as ``F.layer_norm``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -21,9 +21,9 @@ __all__ = ["LayernormFunction", "layernorm", "compile_kernels", "check_inputs", 
 
 def _forward(x, gamma, beta, eps, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
-    xc = x - x.sum(1, keepdim=True)/d  # spec lines 10-11
+    xc = x - x.mean(1, keepdim=True)  # spec lines 10-11
     _t0 = xc**2
-    inv = torch.rsqrt(eps + _t0.sum(1, keepdim=True)/d)  # spec lines 10-13
+    inv = torch.rsqrt(eps + _t0.mean(1, keepdim=True))  # spec lines 10-13
     xhat = xc.mul_(inv)  # spec lines 10-14
     out = torch.addcmul(beta, gamma, xhat, out=_t0)  # spec lines 10-15
     return out, (inv, xhat)
@@ -34,8 +34,8 @@ def _forward_with_graph(x, gamma, beta, eps, n, d):
     backward recomputes what it reads this way when a second derivative is wanted. Under torch.func
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
-    xc = x - x.sum(1, keepdim=True)/d
-    inv = torch.rsqrt(eps + (xc**2).sum(1, keepdim=True)/d)
+    xc = x - x.mean(1, keepdim=True)
+    inv = torch.rsqrt(eps + (xc**2).mean(1, keepdim=True))
     xhat = xc*inv
     out = torch.addcmul(beta, gamma, xhat)
     return out, (inv, xhat)

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer rmsnorm)
 # regenerate: derive generate
 # inputs-hash: 3479a7d4e19e508c61da870a56021ca0f94c54d06b874f3dcca41dbffc058f81
-# content-hash: cb26832ae419c5f782173b837eee1e24c1dd4b1a4947d2f8cdbe18152812413f
+# content-hash: 482a35c98e4bf8a0dff8c354364bcd5edf7e464533c666ff08813f9391141288
 """RMS normalization over the last dimension: ``g * x / sqrt(mean(x**2) + eps)``.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
@@ -21,7 +21,7 @@ __all__ = ["RmsnormFunction", "rmsnorm", "compile_kernels", "check_inputs", "Inp
 def _forward(x, g, eps, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     _t0 = x**2
-    ms = _t0.sum(1, keepdim=True)/d  # spec line 22: ms = (x**2).mean(1, keepdim=True)
+    ms = _t0.mean(1, keepdim=True)  # spec line 22: ms = (x**2).mean(1, keepdim=True)
     inv = torch.rsqrt(eps + ms)  # spec line 23: inv = (ms + eps) ** -0.5
     out = torch.mul(g, inv*x, out=_t0)  # spec lines 23-24
     return out, (inv,)
@@ -32,7 +32,7 @@ def _forward_with_graph(x, g, eps, n, d):
     backward recomputes what it reads this way when a second derivative is wanted. Under torch.func
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
-    ms = (x**2).sum(1, keepdim=True)/d
+    ms = (x**2).mean(1, keepdim=True)
     inv = torch.rsqrt(eps + ms)
     out = g*inv*x
     return out, (inv,)

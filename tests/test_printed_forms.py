@@ -974,3 +974,38 @@ def test_a_value_an_elementwise_extremum_compares_is_read_not_computed_again(nam
         grads.append(torch.autograd.grad(out, wanted, torch.ones_like(out)))
     for ours, theirs in zip(*grads):
         torch.testing.assert_close(ours, theirs)
+
+
+MEANS = """import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), b=Tensor("n", "1"))
+def centred_by_a_mean(x, b):
+    return torch.tanh(x - x.mean(0, keepdim=True)) + b.mean(0, keepdim=True)
+"""
+
+
+def test_a_sum_divided_by_its_count_is_a_mean_and_one_value_spreads_in_one_call(tmp_path):
+    """``x.mean(0)`` was printed ``x.sum(0, keepdim=True)/n``, and the gradient of ``b.mean(0)`` of
+    an (n, 1) ``b`` ``(dout.sum()/n).expand(n,).reshape(n, 1)``: two calls where one does (torch's
+    mean on the CPU is its sum divided, the same rounding; a value the same everywhere broadcasts
+    to any shape of its rank or more). Each call counts at small sizes, and under autograd each is
+    a backward node."""
+    from kernels import user_layer
+
+    layer, kernel = user_layer(tmp_path, MEANS, "centred_by_a_mean")
+    built = build(layer)
+    forward = " ".join(code for code, _ in built.forward)
+    assert ".mean(0, keepdim=True)" in forward and "/n" not in forward, forward
+    db = backward_code(built, "b")
+    assert db.endswith(".expand(n, 1)") and ".reshape(" not in db, db
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 1, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(kernel(x, b), layer.fn(x, b), rtol=0, atol=0)
+    d = torch.randn(7, 3, dtype=torch.float64)
+    ours = torch.autograd.grad(kernel(x, b), (x, b), d)
+    theirs = torch.autograd.grad(layer.fn(x, b), (x, b), d)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e)
