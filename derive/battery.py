@@ -290,8 +290,10 @@ def _edges(layer: Layer, sizes: dict, seed: int, drawn: list[Setting]) -> list[S
         scales = sorted({s.scale for s in drawn if s.banded and s.dtype == torch.float32 and s.sign == sign})
         finite = {s: _finite_at(layer, sizes, seed, s, sign) for s in scales}
         low = max((s for s in scales if finite[s]), default=None)
-        high = min((s for s in scales if finite[s] is False and low is not None and s > low), default=None)
-        if low is None or high is None:
+        if low is None:
+            continue
+        high = min((s for s in scales if finite[s] is False and s > low), default=None)
+        if high is None:
             continue
         for _ in range(EDGE_STEPS):
             middle = math.sqrt(low * high)

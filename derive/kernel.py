@@ -721,8 +721,10 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
             options = [printed_in(frame)]
         except DerivationError as e:
             raise DerivationError(layer.name, f"d{f.input}: {e.problem}", e.fix, tensor=e.tensor or f.input) from None
-        # (a shared temporary is laid out in the group's frame: only one of a single value reads alike in any)
-        if all(set(shapes[t.name]) <= {1} for t in temporaries(r, shapes)):
+        # (a shared temporary, read whole or at indices like a mask, is laid out in the group's frame;
+        # in another it reads alike only if it holds one value)
+        read = {str(e.base) for e in r.atoms(sp.Indexed)} | {t.name for t in temporaries(r, shapes)}
+        if all(set(shapes[s.name]) <= {1} for s in shared if s.name in read):
             for layout in _stored_layouts(el, f, group_frame):
                 try:
                     options.append(printed_in([i.xreplace(sizes) for i in layout]))

@@ -1009,3 +1009,34 @@ def test_a_sum_divided_by_its_count_is_a_mean_and_one_value_spreads_in_one_call(
     theirs = torch.autograd.grad(layer.fn(x, b), (x, b), d)
     for a, e in zip(ours, theirs):
         torch.testing.assert_close(a, e)
+
+
+MINIMUM_OF_A_ROW_AND_A_VECTOR = """import torch
+
+from derive import Tensor, layer
+
+
+@layer(c=Tensor("1", "k"), w=Tensor("k"))
+def minimum_of_a_row_and_a_vector(c, w):
+    return torch.minimum(w, c).sum()
+"""
+
+
+def test_a_gradient_reading_a_shared_mask_keeps_the_frame_the_mask_is_laid_out_in(tmp_path):
+    """``dc`` of a ``(1, k)`` input reads the mask ``dw`` reads too, laid out as ``(k,)`` in their
+    common frame. Printed in ``c``'s own layout, its in-place form wrote ``addcmul(dv, -dv, mask0)``,
+    of shape ``(k,)``, and the Function failed (a gradient of the wrong shape; the battery fell back to
+    the step-by-step kernel). A gradient reading a shared tensor of more than one value stays in
+    the group's frame."""
+    from kernels import fused, user_layer
+
+    layer, _ = user_layer(tmp_path, MINIMUM_OF_A_ROW_AND_A_VECTOR, "minimum_of_a_row_and_a_vector")
+    kernel = fused(layer, tmp_path)
+    c = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    w.data[2] = c.data[0, 2]  # a tie: half the gradient each
+    ours = torch.autograd.grad(kernel(c, w), (c, w))
+    theirs = torch.autograd.grad(layer.fn(c, w), (c, w))
+    for a, e in zip(ours, theirs):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e)
