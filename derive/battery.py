@@ -76,6 +76,9 @@ OFFSETS = (1e3, 1e6)
 # logarithms and roots stop at 60, where their argument, and its square, are still finite)
 TARGETS = {torch.float32: (6.0, 20.0, 60.0, 100.0), torch.float64: (20.0, 100.0, 800.0)}
 LOG_TARGETS = {torch.float32: (6.0, 20.0, 40.0, 60.0), torch.float64: (20.0, 100.0, 600.0)}
+# a saturating draw's signs: random, all positive, all negative (a function saturating on one side)
+SIGNS = ((0, "random signs"), (1, "positive inputs"), (-1, "negative inputs"))
+EDGE_STEPS = 12  # halvings of the log-scale gap between a finite and an overflowing draw (``_edges``)
 # functions whose float behaviour changes with the size of their argument; a log or a root
 # saturates towards 0 (its argument's logarithm is what grows)
 SATURATING = {"exp", "exp_", "tanh", "tanh_", "sigmoid", "sigmoid_", "softplus", "logsigmoid", "expm1",
@@ -272,10 +275,6 @@ def settings(layer: Layer, sizes: dict[str, int], seed: int = 0) -> list[Setting
                     out.append(Setting(f"{name} call {k + 1} at argument {what} ({signs} x {scale:.3g})", scale,
                                        True, dtype, sign))
     return out + _edges(layer, sizes, seed, out)
-
-
-SIGNS = ((0, "random signs"), (1, "positive inputs"), (-1, "negative inputs"))
-EDGE_STEPS = 12  # halvings of the log-scale gap between a finite and an overflowing draw
 
 
 def _edges(layer: Layer, sizes: dict, seed: int, drawn: list[Setting]) -> list[Setting]:

@@ -388,15 +388,17 @@ def _freeing(codes: list[str], kept: set[str]) -> list[str]:
     """The step-by-step backward's ``codes`` with ``del`` of each gradient they compute, other than
     those in ``kept``, after the line that reads it for the last time (not one that rebinds it:
     ``dh = dh + ...`` reads the old and names the new)."""
-    def names(code: str, context) -> set[str]:
-        return {n.id for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name) and isinstance(n.ctx, context)}
+    def names(tree, context) -> set[str]:
+        return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, context)}
 
-    computed = set().union(*[names(c, ast.Store) for c in codes]) - kept if codes else set()
-    last = {name: k for k, code in enumerate(codes) for name in names(code, ast.Load) & computed}
+    trees = [ast.parse(code) for code in codes]
+    reads, writes = [names(t, ast.Load) for t in trees], [names(t, ast.Store) for t in trees]
+    computed = set().union(*writes) - kept
+    last = {name: k for k, read in enumerate(reads) for name in read & computed}
     out = []
     for k, code in enumerate(codes):
         out.append(code)
-        done = sorted(n for n, at in last.items() if at == k and n not in names(code, ast.Store))
+        done = sorted(n for n, at in last.items() if at == k and n not in writes[k])
         if done:
             out.append(f"del {', '.join(done)}")
     return out

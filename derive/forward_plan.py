@@ -26,7 +26,7 @@ import sympy as sp
 from .elements import CONTRACTIONS, REDUCING_OPS, Elements
 from .errors import DerivationError
 from .symbolic import AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, extent
-from .printer import LAYOUT_CALLS, ForwardPrinter, Frame, _wrap, fit_shape, temporaries
+from .printer import LAYOUT_CALLS, ForwardPrinter, Frame, _wrap, fit_shape, stored_layouts, temporaries
 from .spec import Tensor
 from .trace import Node
 
@@ -440,9 +440,16 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
         of_zero_d = not st.value.atoms(sp.Indexed) and all(
             s in plain_numbers or s.name in zero_d for s in st.value.free_symbols)
 
+        rendered: dict = {}  # frame -> what ``render`` printed in it (the frame chosen is printed once)
+
         def render(own):
             """``(code, shape, printer, direct)``: the statement printed in the frame ``own``, before
             it is given its node's shape (``shaped``)."""
+            if tuple(own) not in rendered:
+                rendered[tuple(own)] = _render(own)
+            return rendered[tuple(own)]
+
+        def _render(own):
             shape = layout(st.value, temps, own)
             # a temporary that dies here and already has the result's shape can hold the result
             # (and no other live name is a view of it: ``v1 = _t0.reshape(())``)
@@ -541,23 +548,13 @@ def _own_tensors_alone(value: sp.Expr, temps: dict, views: dict, node: str) -> b
 def _frames_of_a_line(value: sp.Expr, frame: list, node: str, free: tuple, shapes: dict) -> list[list]:
     """The frames a line of the layer's own tensors can be printed in, the usual one first: the
     axes it reads (the whole frame where a tensor it reads is stored with an axis of 1: ``ms`` of
-    (n, 1) lines up with it as it is), then its node's own axes as stored, each axis of 1 a unit
-    axis of its own or the axis of an index it sums over (``b.sum(0, keepdim=True)`` of an (n, 1)
-    ``b`` in the frame ``(i_n, 1)``: ``b`` read as it is)."""
+    (n, 1) lines up with it as it is), then its node's own axes as stored, its sums' indices on its
+    axes of 1 or after them (``stored_layouts``)."""
     used = value.atoms(sp.Idx)
     reads = {str(e.base) for e in value.atoms(sp.Indexed)}
     first = frame if any(1 in shapes.get(r, ()) for r in reads | {node}) else [i for i in frame if i in used] or frame
     bound = sorted(used - set(free), key=lambda i: i.name)
-    units = [k for k, i in enumerate(free) if i == 0]
-    layouts = [dict(zip(places, bound)) for places in itertools.permutations(units, len(bound))]
-    layouts.append({})  # every axis of 1 a unit axis, the sums' indices after them
-    candidates = [first]
-    for placed in layouts:
-        axes = [placed.get(k, sp.Idx(f"_unit{k}", 1)) if i == 0 else i for k, i in enumerate(free)]
-        axes += [i for i in bound if i not in axes]
-        if axes not in candidates:
-            candidates.append(axes)
-    return candidates
+    return [first] + [axes for axes in stored_layouts(free, bound) if axes != first]
 
 
 def _reshapes(render, shaped, own: list) -> float:

@@ -21,7 +21,8 @@ from .backward_plan import chain_form, linear_form
 from .forward_plan import forward_code
 from .functions import COMPARISON_MASKS, SplitExp, Wins
 from .memo import LAYERS_KEPT, ByObject, kept_on
-from .printer import LAYOUT_CALLS, Frame, KernelPrinter, _wrap, fit_shape, tanh_links, temporaries, tensor_name
+from .printer import (LAYOUT_CALLS, Frame, KernelPrinter, _wrap, fit_shape, stored_layouts, tanh_links,
+                      temporaries, tensor_name)
 from .simplify import closed_form, refold, scalars
 from .spec import Labels, Layer, Tensor, constant_bounds, constant_range, dim_names
 from .symbolic import GroupedRed, Red, expand, extent, hide_argmax, is_contraction, reductions
@@ -725,7 +726,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         # in another it reads alike only if it holds one value)
         read = {str(e.base) for e in r.atoms(sp.Indexed)} | {t.name for t in temporaries(r, shapes)}
         if all(set(shapes[s.name]) <= {1} for s in shared if s.name in read):
-            for layout in _stored_layouts(el, f, group_frame):
+            for layout in _stored_layouts(el, node, f, group_frame):
                 try:
                     options.append(printed_in([i.xreplace(sizes) for i in layout]))
                 except DerivationError:  # a sum with no axis of its size left
@@ -737,24 +738,18 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     return shared, codes
 
 
-def _stored_layouts(el: Elements, formula: Formula, frame: list) -> list[list]:
-    """The frames that lay out the gradient ``formula`` as its input is stored, where that has an
-    axis of 1 (``b`` of (n, 1)): each axis of 1 the axis of an index of ``frame`` the input does not
-    vary along (the one a sum runs over: ``(dout*x).sum(1, keepdim=True)``), or a unit axis of its
-    own; the rest of ``frame`` after them."""
-    node = next(n for n in el.graph.nodes if n.name == formula.input)
+def _stored_layouts(el: Elements, node, formula: Formula, frame: list) -> list[list]:
+    """The frames that lay out the gradient ``formula`` of ``node`` as that input is stored, where it
+    has an axis of 1 (``b`` of (n, 1)): the indices of ``frame`` it does not vary along (the one a sum
+    runs over: ``(dout*x).sum(1, keepdim=True)``) on its axes of 1 or after them (``stored_layouts``)."""
     free = el.free(node)
     frame = el.frame([formula.element, el.ref(node)], within=frame)
     if formula.element == 0 or 0 not in free or not set(free) - {0} <= set(frame):
         return []
-    out = []
-    for fill in (True, False):
-        spare = [i for i in frame if i not in free]
-        axes = [i if i != 0 else spare.pop(0) if spare and fill else sp.Idx(f"_unit{k}", 1) for k, i in enumerate(free)]
-        axes += spare
-        if axes != frame and axes not in out:
-            out.append(axes)
-    return out
+    # (the frame's other indices in the frame's order only, as gradients have been printed: every
+    # order reprints a few, ``(c*dv).sum(1, keepdim=True)`` for a (1, k) ``c``, not weighed yet)
+    spare = [i for i in frame if i not in free]
+    return [axes for axes in stored_layouts(free, spare, every_order=False) if axes != frame]
 
 
 def _layout_calls(printed: tuple) -> int:

@@ -9,6 +9,7 @@ axis with ``keepdim=True``; ``KroneckerDelta(i_k, y[i_n])`` prints as a one-hot 
 """
 from __future__ import annotations
 
+import itertools
 import re
 
 import sympy as sp
@@ -56,7 +57,7 @@ class Frame:
         self.dims = [extent(i) for i in self.indices]
         self.slots = dict(slots) if slots is not None else {i: k for k, i in enumerate(self.indices)}
         # the axes a full-size value varies along: all but a unit axis (a frame laid out as an
-        # (n, 1) tensor is stored, ``kernel._stored_layout``)
+        # (n, 1) tensor is stored, ``stored_layouts``)
         self.sized = {k for k, d in enumerate(self.dims) if d != 1}
 
     def free_axis(self, size: sp.Expr, busy: set, prefer: sp.Idx | None = None) -> int | None:
@@ -80,6 +81,26 @@ class Frame:
         slots = {i: a for i, a in self.slots.items() if a != axis}
         slots[j] = axis
         return Frame(self.indices, slots), axis
+
+
+def stored_layouts(free: tuple, spare: list, every_order: bool = True) -> list[list]:
+    """The frames that lay a value out as its node is stored (``free``: a frame index per stored
+    axis, 0 for an axis of 1): the ``spare`` indices (a sum's, or the frame's others) placed on the
+    axes of 1, in their own order first (and with ``every_order`` in every other), each axis of 1
+    left a unit axis of its own (``_unit<k>``, of size 1), the spare indices not placed after them;
+    last, every axis of 1 a unit axis. ``b.sum(0, keepdim=True)`` of an (n, 1) ``b`` in ``(i_n, 1)``
+    reads ``b`` as it is, and ``2*b*dout`` in ``(i_n, _unit1)`` needs no view."""
+    units = [k for k, i in enumerate(free) if i == 0]
+    count = min(len(units), len(spare))
+    orders = itertools.permutations(units, count) if every_order else [units[:count]]
+    placements = [dict(zip(places, spare)) for places in orders]
+    out = []
+    for placed in placements + [{}]:
+        axes = [placed.get(k, sp.Idx(f"_unit{k}", 1)) if i == 0 else i for k, i in enumerate(free)]
+        axes += [i for i in spare if i not in axes]
+        if axes not in out:
+            out.append(axes)
+    return out
 
 
 def _summed(body: sp.Expr, indices: set) -> sp.Expr:
