@@ -18,7 +18,7 @@ from sympy.printing.pytorch import TorchPrinter
 from .backends import CodeOps, number_text
 from .errors import DerivationError
 from .functions import COMPARISON_MASKS, Equal, NonNeg, Sigmoid, SplitExp, Step
-from .symbolic import (_Bound, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent,
+from .symbolic import (_Bound, _replace_free, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent,
                        free_indices, power_steps, reciprocal_integer_power, reciprocal_root_power, reciprocal_roots)
 
 
@@ -1046,9 +1046,25 @@ class KernelPrinter(TorchPrinter):
             if axis != self.frame.slots[j]:
                 continue
             into = self._print(rest)
+            at = f"{body}.argmax({axis}, keepdim=True)"
+            if into.isidentifier() and self._minus_row_total(b, rest, j):
+                # ``a`` less its row total at the argmax is minus the total of the row's other
+                # entries: summed with the argmax's entry zeroed, so that a rounding residue there
+                # (where ``a`` is a difference that is 0 in exact arithmetic) cannot swallow them
+                # as ``a - a.sum()`` does (the row's others of 1e-20 beside a residue of 1e-8). The
+                # argmax, a pass over its input as costly as the rest, is named where it is first
+                # read (``:=``: the first argument is evaluated before the second) and read again
+                return (f"{into}.scatter({axis}, (_argmax := {at}), "
+                        f"-{into}.scatter({axis}, _argmax, 0).sum({axis}, keepdim=True))")
             into = into if into.isidentifier() else f"({into})"
-            return f"{into}.scatter_add({axis}, {body}.argmax({axis}, keepdim=True), {self._print(b)})"
+            return f"{into}.scatter_add({axis}, {at}, {self._print(b)})"
         return None
+
+    @staticmethod
+    def _minus_row_total(b, rest, j) -> bool:
+        """Whether ``b`` is minus the total of ``rest`` along ``j`` (a replayed maximum's adjoint)."""
+        total = -b
+        return isinstance(total, Red) and _replace_free(total.args[0], total.args[1], j) == rest
 
     def _add_terms(self, terms: list) -> str:
         """``terms`` added left to right, in this order (Python's, and so torch's, order)."""

@@ -370,6 +370,16 @@ SUM_THAT_IS_ZERO_AS_WRITTEN = _regression('fuzz_found_sum_that_is_zero_as_writte
     '    v1 = x * b\n    v2 = -v1\n    v3 = v1 / p\n    v4 = v3 - v3\n    out = v4',
     'x=Tensor("n", "k"), b=Tensor("n", "1"), p=Tensor("n", "k", differentiable=False, domain="probability"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, b, p, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# a softmax of a softmax of a (1, k) input, its shift's zero adjoint replayed: at inputs times 100
+# the first softmax is one-hot and dc is of order 1e-20, but the fused dz at the argmax is a
+# difference that is 0 only in exact arithmetic; dz - dz.sum() there kept its residue and lost the
+# row's other entries (2.4e-19 off where autograd's chain is off by 6.3e-24). The argmax's entry is
+# now minus the total of the others, summed with it zeroed (``printer._added_at_argmax``)
+RESIDUE_AT_A_REPLAYED_ARGMAX = _regression('fuzz_found_residue_at_a_replayed_argmax',
+    '    v1 = c.max(1, keepdim=True).values\n    v2 = c - v1\n    v3 = v2.exp()\n    v4 = v3.sum(1, keepdim=True)\n'
+    '    v5 = v3 / v4\n    v6 = F.softmax(v5, dim=1)\n    v7 = (v6 * v6 + 1).log()\n    v8 = v7 ** 3\n    out = v8',
+    'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), eps=Constant(1e-3), scale=Constant(0.75)',
+    'x, c, w, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -382,7 +392,7 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP, SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW, SUM_TIMES_A_SUM,
           EXPONENTIAL_MERGED_INTO_A_TANH, UNREAD_TIE_MASK, SQUARED_DENOMINATOR_MULTIPLIED_OUT,
           SAVED_EXPONENTIAL_INTO_A_TANH, SUM_REGROUPED_IN_THE_FORWARD, SATURATED_SOFTMAX_OF_A_SQUARE,
-          GRADIENT_THAT_CANCELS_TO_ZERO, SUM_THAT_IS_ZERO_AS_WRITTEN]
+          GRADIENT_THAT_CANCELS_TO_ZERO, SUM_THAT_IS_ZERO_AS_WRITTEN, RESIDUE_AT_A_REPLAYED_ARGMAX]
 
 
 class Tally:
