@@ -419,6 +419,16 @@ class _Planner:
                                               and f.exp.is_negative])]
         full_den = [d for d in denominators if self.full(d)]
         chain = self.kernel(numerators, numbers)
+        within = self.printer.one_call_within(e) if chain is None else None
+        if within is not None:
+            # torch's softmax or log-softmax backward, then each other factor in place, as printed
+            part, others = within
+            chain = _Chain(self.text(part))
+            for f in others:
+                base, exponent = f.as_base_exp()
+                divides = exponent.is_number and exponent.is_negative
+                chain.then("div" if divides else "mul", self.operand(base ** -exponent if divides else f))
+            return chain
         if chain is None:
             chain = self.small_factors_first(e)
             if chain is not None:

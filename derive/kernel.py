@@ -585,8 +585,14 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}
     elements = [_tanh_derivatives_collected(e, tanhs) for e in elements]
     elements = _exponentials_split(elements, {rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "log_softmax"})
+    # saved softmax values (in the names printed) and the stored axis each normalizes
+    softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
+                 if n.op == "softmax" and len(n.attrs["axes"]) == 1}
+    log_softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
+                     if n.op == "log_softmax" and len(n.attrs["axes"]) == 1}
     elements, masks = _masks_computed_once(elements, frame, taken | set(shapes))
-    elements, products = _products_computed_once(elements, frame, taken | set(shapes) | {m for m, _ in masks})
+    elements, products = _products_computed_once(elements, frame, taken | set(shapes) | {m for m, _ in masks},
+                                                  set(softmaxes), set(log_softmaxes))
     masks += products
     for name, value in masks:
         shapes[name] = tuple(dims)
@@ -608,12 +614,6 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     fresh = dict(zip([s for s, _ in replacements], map(sp.Symbol, _shared_names([v for _, v in replacements], taken))))
     replacements = [(fresh[s], v.xreplace(fresh)) for s, v in replacements]
     reduced = [spread_means(r.xreplace(fresh)) for r in reduced]
-
-    # saved softmax values (in the names printed) and the stored axis each normalizes
-    softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
-                 if n.op == "softmax" and len(n.attrs["axes"]) == 1}
-    log_softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
-                     if n.op == "log_softmax" and len(n.attrs["axes"]) == 1}
 
     exponentials = frozenset(rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "exp")
     # (the tensors a saved root's argument reads: entries of tensors, and 0-d values by name)
@@ -1043,14 +1043,37 @@ def _contractions_computed_once(elements: list, frame: list, taken: set) -> tupl
     return [replaced(e, {}) for e in elements], [(names[r], r) for r in shared]
 
 
-def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[list, list]:
+def kernel_sums(expr: sp.Expr, softmaxes: set, log_softmaxes: set) -> set:
+    """The row sums in ``expr`` that torch's softmax or log-softmax backward computes itself: the
+    ``sum_j a*s`` of ``s*(a - sum_j a*s)`` and the ``sum_j a`` of ``a - exp(l)*sum_j a``, for a
+    saved softmax ``s`` or log-softmax ``l`` (``KernelPrinter._softmax_backward``,
+    ``_log_softmax_backward``)."""
+    found = set()
+    for product in expr.atoms(sp.Mul):
+        factors = sp.Mul.make_args(product)
+        if any(isinstance(f, sp.exp) and isinstance(f.args[0], sp.Indexed) and str(f.args[0].base) in log_softmaxes
+               for f in factors):
+            found |= {f for f in factors if isinstance(f, Red)}
+        saved = {str(f.base) for f in factors if isinstance(f, sp.Indexed) and str(f.base) in softmaxes}
+        for total in (f for f in factors if isinstance(f, sp.Add)) if saved else ():
+            for term in total.args:
+                found |= {r for r in sp.Mul.make_args(term) if isinstance(r, Red)
+                          and saved & {str(e.base) for e in r.body.atoms(sp.Indexed)}}
+    return found
+
+
+def _products_computed_once(elements: list, frame: list, taken: set, softmaxes: set = frozenset(),
+                            log_softmaxes: set = frozenset()) -> tuple[list, list]:
     """``elements`` with each product of full-size factors that they compute in two places, one of
     them inside a sum, read from one tensor ``common<k>``; and ``[(name, value over the frame)]``.
     cse shares what is written alike, and a sum's body is written at its bound index: the
     derivative of ``tanh(v1 @ c)`` was computed once for ``dx`` (summed over ``k``) and again for
     ``dc`` (summed over ``n``), and a softmax's upstream gradient ``g`` once in ``g*p`` and again
-    in ``sum(g*p)``. Sums' indices are matched with the frame's (``_bound_to_frame``)."""
+    in ``sum(g*p)``. Sums' indices are matched with the frame's (``_bound_to_frame``). The row sum
+    of a saved softmax's or log-softmax's backward (``kernel_sums``) is not a place: torch's
+    kernel computes it from the gradient it is given, which is then computed once as it is."""
     full = set(frame)
+    own_sums = set().union(*[kernel_sums(e, softmaxes, log_softmaxes) for e in elements]) if elements else set()
 
     def parts(product, at) -> list:
         """``[(value at the frame's indices, the factors of ``product`` it stands for, their sign
@@ -1088,6 +1111,8 @@ def _products_computed_once(elements: list, frame: list, taken: set) -> tuple[li
     found = []  # (full-size factors, the frame axes summed over where it stands: its context)
 
     def collect(expr, at, summed):
+        if expr in own_sums:
+            return
         if isinstance(expr, Red):
             mapped = _bound_to_frame(expr, at, frame)
             collect(expr.body, mapped, summed | {mapped.get(expr.index)})

@@ -678,6 +678,8 @@ class KernelPrinter(TorchPrinter):
         j, own = total.index, s.indices[axis]
         if extent(j) != extent(own) or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
             return None
+        inside, coeff = self._tensor_coefficient(coeff)
+        a = inside * a
         grad = self._laid_out_as(a, s)
         if grad.startswith("-") and not self._laid_out_as(-a, s).startswith("-"):
             # the kernel is linear in its gradient: ``-kernel(g)``, not ``kernel(-g)`` (a pass more)
@@ -726,16 +728,32 @@ class KernelPrinter(TorchPrinter):
                 if total != extent(own) * a or not self._tensors(upstream):
                     continue
                 grad, coeff = f"{_wrap(self._print(upstream))}.expand_as({l.base})", sp.S.One
-            elif isinstance(total, Red) and {i for i in a.free_symbols if isinstance(i, sp.Idx)} == set(l.indices):
-                if extent(total.index) != extent(own) or total.body != a.xreplace({own: total.index}):
+            elif isinstance(total.as_coeff_Mul()[1], Red) \
+                    and {i for i in a.free_symbols if isinstance(i, sp.Idx)} == set(l.indices):
+                # (the total as the closed form writes it: ``-sum_j (1 - y**2)`` of an ``a`` factored
+                # as ``(y - 1)*(y + 1)``)
+                number, red = total.as_coeff_Mul()
+                if extent(red.index) != extent(own) or (
+                        number * red.body != a.xreplace({own: red.index})
+                        and sp.expand(number * red.body - a.xreplace({own: red.index})) != 0):
                     continue
-                grad = self._laid_out_as(a, l)
+                inside, coeff = self._tensor_coefficient(coeff)
+                grad = self._laid_out_as(inside * a, l)
             else:
                 continue
             code = f"torch._log_softmax_backward_data({grad}, {l.base}, {axis}, {grad if grad.isidentifier() else l.base}.dtype)"
             code = self._layout(code, tuple(extent(i) for i in l.indices), [self.frame.slots[i] for i in l.indices])
             return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
         return None
+
+    def _tensor_coefficient(self, coeff) -> tuple:
+        """``(tensors, rest)`` of a one-pass kernel's coefficient: its 0-d tensors (the upstream
+        gradient of a whole sum) go into the gradient the kernel is given, as autograd's chain rule
+        meets them first (``log_softmax_backward(tanh_backward(dv, y), l)``, where ``dv`` outside
+        the kernel was a pass of its own after it, and the tanh's factor two more); numbers stay
+        outside."""
+        tensors = sp.Mul(*[f for f in sp.Mul.make_args(coeff) if self._tensors(f)])
+        return tensors, coeff / tensors
 
     def _laid_out_as(self, a, saved) -> str:
         """The upstream gradient ``a`` of a one-pass kernel, in the layout of the saved value
@@ -746,6 +764,27 @@ class KernelPrinter(TorchPrinter):
         inner = self._inner(Frame(list(saved.indices)))
         inner.full_rank = True
         return inner._print(a)
+
+    def one_call_within(self, expr) -> tuple | None:
+        """``(part, others)`` of a product part of which is torch's softmax or log-softmax backward
+        kernel (``is_one_call``: with the factors that are one value at every entry) and the rest
+        full-size or smaller factors that multiply its result: ``softmax(p*x)``'s gradient is
+        ``softmax_backward(dv, s)*p``, one pass and a product, as autograd's chain rule meets ``p``
+        after the kernel, where the product written out is five passes. None where the kernel is
+        the whole product (printed as it is) or no part of it."""
+        if not isinstance(expr, sp.Mul) or not (self.softmaxes or self.log_softmaxes):
+            return None
+        factors = sp.Mul.make_args(expr)
+        one_value = [f for f in factors if _same_everywhere(f)]
+        tensors = [f for f in factors if f not in one_value]
+        for add in (f for f in tensors if isinstance(f, sp.Add)):
+            for saved in [None] + [f for f in tensors if isinstance(f, sp.Indexed)]:
+                used = [add] if saved is None else [add, saved]
+                others = [f for f in tensors if f not in used]
+                part = sp.Mul(*one_value, *used)
+                if others and (self._softmax_backward(part) or self._log_softmax_backward(part)):
+                    return part, others
+        return None
 
     def is_one_call(self, expr) -> bool:
         """Whether ``expr`` prints as one call over memory that no chain of in-place updates beats:
@@ -876,6 +915,10 @@ class KernelPrinter(TorchPrinter):
         softplus = self._softplus_backward(expr)
         if softplus is not None:
             return softplus
+        within = self.one_call_within(expr)
+        if within is not None:
+            part, others = within
+            return self._times_each(self._print(part), others)
         indicator = _masked_count_factor(expr)
         if indicator is not None:
             # a row a mask leaves out gets exactly 0, also when the mask leaves out every row and its
