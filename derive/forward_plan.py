@@ -110,9 +110,6 @@ def plan(el: Elements, saved: list[str], frame: list) -> list[Statement]:
                 stack.append(m)
     emitted = [n for n in graph.nodes if n in needed]
 
-    # each value as it reads the values before it, so that a later one is found in what reads it
-    # once those are read there too (``t = tanh(v6)`` in ``sum(tanh(v6))`` where ``v6 = e/s`` was
-    # read first: found as its literal ``tanh(e/s)``, it was computed again)
     exprs, reuse = [], []
     for node in emitted:
         expr = stabilise(values[node])
@@ -120,7 +117,7 @@ def plan(el: Elements, saved: list[str], frame: list) -> list[Statement]:
             expr = _reuse(expr, value, el, earlier)
         exprs.append(expr)
         if node not in kept:
-            reuse.append((node, expr))
+            reuse.append((node, values[node]))
 
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"), order="none")
     replacements, reduced = _stored_as_read(replacements, reduced)

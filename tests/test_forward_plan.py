@@ -244,34 +244,3 @@ def test_a_difference_read_negated_is_stored_as_the_spec_writes_it(name, tmp_pat
         counts.append(mode.count)
     assert counts[0] <= counts[1], counts
     torch.testing.assert_close(out, kernel(x))
-
-
-SOFTMAX_TANH_TOTAL = '''import torch
-import torch.nn.functional as F
-from derive import Tensor, layer
-
-
-@layer(A=Tensor("k", "k"))
-def log_softmax_of_tanh_totals(A):
-    v2 = A.max(1, keepdim=True).values
-    v3 = A - v2
-    v4 = v3.exp()
-    v5 = v4.sum(1, keepdim=True)
-    v6 = v4 / v5
-    v7 = torch.tanh(v6)
-    v8 = v7.sum(0, keepdim=True)
-    return F.log_softmax(v8, dim=-1)
-'''
-
-
-def test_a_value_read_by_a_later_sum_is_read_there_once_it_reads_the_values_before_it(tmp_path):
-    """``v8 = sum(v7)``, ``v7 = tanh(v6)``, ``v6 = v4/v5`` (its named lines kept as nodes, the form
-    the battery chooses here): ``v8`` read ``v6`` first, and then no longer held ``v7`` as written
-    (``tanh(v4/v5)``), so the forward computed the division and the tanh twice (1.1x to 1.2x
-    autograd's time at 512 x 512). Each value is now matched as it reads the values before it."""
-    layer, fn = user_layer(tmp_path, SOFTMAX_TANH_TOTAL, "log_softmax_of_tanh_totals")
-    source = (tmp_path / "gen" / "log_softmax_of_tanh_totals.py").read_text()
-    forward = source[source.index("def _forward("):source.index("def _forward_with_graph(")]
-    assert forward.count("tanh") == 1 and forward.count("/") + forward.count(".div_(") == 1, forward
-    A = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(fn(A), layer.fn(A))
