@@ -659,8 +659,7 @@ class KernelPrinter(TorchPrinter):
             return None
         s = next((f for f in rest if isinstance(f, sp.Indexed) and str(f.base) in self.softmaxes), None)
         add = next((f for f in rest if isinstance(f, sp.Add)), None)
-        if s is None or add is None or len(add.args) != 2 or len(set(s.indices)) != len(s.indices) \
-                or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in s.indices):
+        if s is None or add is None or len(add.args) != 2 or not self._stored_entry(s):
             return None
         axis = self.softmaxes[str(s.base)]
         # (or its negative, ``s*(sum_j a*s - a)``: minus the kernel's result)
@@ -673,7 +672,7 @@ class KernelPrinter(TorchPrinter):
             return None
         a = next((t for t in sp.Add.make_args(terms) if t != -total), None)
         read = set() if a is None else {i for i in a.free_symbols if isinstance(i, sp.Idx)}
-        if a is None or str(s.base) in self.views or a.atoms(Red) or not read <= set(s.indices):
+        if a is None or str(s.base) in self.views or a.atoms(Red) or not read <= set(_indices_of(s)):
             return None
         j, own = total.index, s.indices[axis]
         if extent(j) != extent(own) or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
@@ -681,16 +680,18 @@ class KernelPrinter(TorchPrinter):
         inside, coeff = self._tensor_coefficient(coeff)
         a = inside * a
         grad = self._laid_out_as(a, s)
-        if grad.startswith("-") and not self._laid_out_as(-a, s).startswith("-"):
+        if grad is None:
+            return None
+        if grad.startswith("-") and not (self._laid_out_as(-a, s) or "-").startswith("-"):
             # the kernel is linear in its gradient: ``-kernel(g)``, not ``kernel(-g)`` (a pass more)
             a, coeff = -a, -coeff
             grad = self._laid_out_as(a, s)
-        if read != set(s.indices):
+        if read != set(_indices_of(s)):
             # a gradient the same along some of the softmax's axes (a column total's, ``s.sum(0)``):
             # spread over its shape without a copy, as autograd's sum backward hands it on
             grad = f"{_wrap(grad)}.expand_as({s.base})"
         code = f"torch._softmax_backward_data({grad}, {s.base}, {axis}, {grad if grad.isidentifier() else s.base}.dtype)"
-        code = self._layout(code, tuple(extent(i) for i in s.indices), [self.frame.slots[i] for i in s.indices])
+        code = self._stored_layout(code, s)
         return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
 
     def _log_softmax_backward(self, expr) -> str | None:
@@ -718,8 +719,7 @@ class KernelPrinter(TorchPrinter):
             total = sp.Mul(*[f for f in parts if f is not e])
             l = e.args[0]
             if not isinstance(l, sp.Indexed) or str(l.base) not in self.log_softmaxes or str(l.base) in self.views \
-                    or len(set(l.indices)) != len(l.indices) \
-                    or not all(isinstance(i, sp.Idx) and i in self.frame.slots for i in l.indices) or a.atoms(Red):
+                    or not self._stored_entry(l) or a.atoms(Red):
                 continue
             axis = self.log_softmaxes[str(l.base)]
             own = l.indices[axis]
@@ -729,7 +729,7 @@ class KernelPrinter(TorchPrinter):
                     continue
                 grad, coeff = f"{_wrap(self._print(upstream))}.expand_as({l.base})", sp.S.One
             elif isinstance(total.as_coeff_Mul()[1], Red) \
-                    and {i for i in a.free_symbols if isinstance(i, sp.Idx)} == set(l.indices):
+                    and {i for i in a.free_symbols if isinstance(i, sp.Idx)} == set(_indices_of(l)):
                 # (the total as the closed form writes it: ``-sum_j (1 - y**2)`` of an ``a`` factored
                 # as ``(y - 1)*(y + 1)``)
                 number, red = total.as_coeff_Mul()
@@ -737,12 +737,15 @@ class KernelPrinter(TorchPrinter):
                         number * red.body != a.xreplace({own: red.index})
                         and sp.expand(number * red.body - a.xreplace({own: red.index})) != 0):
                     continue
-                inside, coeff = self._tensor_coefficient(coeff)
+                inside, rest_coeff = self._tensor_coefficient(coeff)
                 grad = self._laid_out_as(inside * a, l)
+                if grad is None:
+                    continue
+                coeff = rest_coeff
             else:
                 continue
             code = f"torch._log_softmax_backward_data({grad}, {l.base}, {axis}, {grad if grad.isidentifier() else l.base}.dtype)"
-            code = self._layout(code, tuple(extent(i) for i in l.indices), [self.frame.slots[i] for i in l.indices])
+            code = self._stored_layout(code, l)
             return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
         return None
 
@@ -755,12 +758,27 @@ class KernelPrinter(TorchPrinter):
         tensors = sp.Mul(*[f for f in sp.Mul.make_args(coeff) if self._tensors(f)])
         return tensors, coeff / tensors
 
-    def _laid_out_as(self, a, saved) -> str:
+    def _stored_entry(self, saved) -> bool:
+        """Whether ``saved``'s entry reads each stored axis once, at an index of the frame or at 0
+        (an axis of 1: the log-softmax of a ``(1, k)`` input is read as ``v[0, i_k]``)."""
+        indices = _indices_of(saved)
+        return len(set(indices)) == len(indices) and all(
+            i in self.frame.slots if isinstance(i, sp.Idx) else i == 0 for i in saved.indices)
+
+    def _stored_layout(self, code: str, saved) -> str:
+        """A kernel's result, of ``saved``'s stored shape, laid out in the frame."""
+        shape = tuple(extent(i) if isinstance(i, sp.Idx) else 1 for i in saved.indices)
+        return self._layout(code, shape, [self.frame.slots[i] for i in _indices_of(saved)])
+
+    def _laid_out_as(self, a, saved) -> str | None:
         """The upstream gradient ``a`` of a one-pass kernel, in the layout of the saved value
         ``saved`` the kernel reads: its name where it is a tensor read as stored, else computed
-        (``tanh_backward(dv4, v4)``)."""
+        (``tanh_backward(dv4, v4)``); None where ``saved`` has an axis of 1 and ``a`` is not
+        a tensor read as stored."""
         if isinstance(a, sp.Indexed) and a.indices == saved.indices and str(a.base) not in self.views:
             return str(a.base)
+        if not all(isinstance(i, sp.Idx) for i in saved.indices):
+            return None
         inner = self._inner(Frame(list(saved.indices)))
         inner.full_rank = True
         return inner._print(a)
@@ -1492,6 +1510,11 @@ def _sides(e: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
 def _outside_elements(expr: sp.Expr) -> set:
     """The free symbols of ``expr`` but those of its tensor elements (their bases and indices)."""
     return expr.xreplace({e: sp.Dummy() for e in expr.atoms(sp.Indexed)}).free_symbols
+
+
+def _indices_of(entry: sp.Indexed) -> list:
+    """The frame indices an entry reads (not the 0 of an axis of 1)."""
+    return [i for i in entry.indices if isinstance(i, sp.Idx)]
 
 
 def _same_everywhere(f: sp.Expr) -> bool:

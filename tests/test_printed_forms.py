@@ -1084,3 +1084,19 @@ def test_a_whole_sum_s_upstream_value_enters_the_chain_through_a_log_softmax_fir
     for printed in _both_backwards(build(layer)):
         assert f"dx = {chain}" in printed, printed
         assert "common" not in printed and ".sum(" not in printed, printed
+
+
+@pytest.mark.parametrize("body, printed", [
+    ("    return torch.log_softmax(c, dim=1) * x",
+     "dc = torch._log_softmax_backward_data(dt1, t1, 1, dt1.dtype)"),
+    ("    return torch.tanh(torch.softmax(c, dim=1)) * x", "dc = torch._softmax_backward_data(dt1, t1, 1, dt1.dtype)"),
+], ids=["log_softmax", "softmax"])
+def test_a_softmax_of_an_input_stored_with_an_axis_of_1_is_torch_s_kernel(body, printed, tmp_path):
+    """The (log-)softmax of a ``(1, k)`` input is read as ``v[0, i_k]``, an entry at 0 on its axis of
+    1, which the kernels' printers did not take: ``dc = dv - exp(v)*dv.sum(1)``, four calls where
+    autograd makes one (3x autograd's time for ``F.log_softmax(c, dim=-1)`` alone, whose fixed
+    cost is most of it)."""
+    layer = _layer(tmp_path, "softmax_of_a_row", body, declared='x=Tensor("n", "k"), c=Tensor("1", "k")',
+                   signature="x, c")
+    for code in _both_backwards(build(layer)):
+        assert printed in code and "exp(" not in code, code
