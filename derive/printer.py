@@ -675,8 +675,9 @@ class KernelPrinter(TorchPrinter):
         if a is None or str(s.base) in self.views or a.atoms(Red) or not read <= set(_indices_of(s)):
             return None
         j, own = total.index, s.indices[axis]
-        if extent(j) != extent(own) or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
-            return None
+        if not isinstance(own, sp.Idx) or extent(j) != extent(own) \
+                or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
+            return None  # (a softmax along an axis of 1 is 1: no kernel for it)
         inside, coeff = self._tensor_coefficient(coeff)
         a = inside * a
         grad = self._laid_out_as(a, s)
@@ -723,6 +724,8 @@ class KernelPrinter(TorchPrinter):
                 continue
             axis = self.log_softmaxes[str(l.base)]
             own = l.indices[axis]
+            if not isinstance(own, sp.Idx):
+                continue  # (along an axis of 1: 0 everywhere)
             if _same_everywhere(a):
                 upstream = coeff * a
                 if total != extent(own) * a or not self._tensors(upstream):
