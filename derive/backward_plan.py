@@ -422,12 +422,10 @@ class _Planner:
         within = self.printer.one_call_within(e) if chain is None else None
         if within is not None:
             # torch's softmax or log-softmax backward, then each other factor in place, as printed
-            part, others = within
-            chain = _Chain(self.text(part))
+            code, others = within
+            chain = _Chain(code)
             for f in others:
-                base, exponent = f.as_base_exp()
-                divides = exponent.is_number and exponent.is_negative
-                chain.then("div" if divides else "mul", self.operand(base ** -exponent if divides else f))
+                self.times(chain, f)
             return chain
         if chain is None:
             chain = self.small_factors_first(e)
@@ -471,16 +469,21 @@ class _Planner:
         chain = None
         for f in large:
             base, exponent = f.as_base_exp()
-            divides = exponent.is_number and exponent.is_negative
-            if chain is None and divides:
+            if chain is None and exponent.is_number and exponent.is_negative:
                 chain = _Chain(f"torch.div({self.text(small)}, {self.operand(base ** -exponent)})")
             elif chain is None:
                 chain = self.first_factor(f, small, [], [])
-            elif divides:
-                chain.then("div", self.operand(base ** -exponent))
             else:
-                chain.then("mul", self.operand(f))
+                self.times(chain, f)
         return chain
+
+    def times(self, chain: _Chain, f) -> _Chain:
+        """``chain`` multiplied in place by the factor ``f``, or divided by its base where its exponent
+        is negative (``/(v**2 + 1)``, as ``KernelPrinter._times_each`` prints it)."""
+        base, exponent = f.as_base_exp()
+        if exponent.is_number and exponent.is_negative:
+            return chain.then("div", self.operand(base ** -exponent))
+        return chain.then("mul", self.operand(f))
 
     def first_factor(self, f, prefix, rest: list, denominators: list) -> _Chain:
         """The buffer of a product's first full-size factor times what came before it, or (a tensor

@@ -683,10 +683,11 @@ class KernelPrinter(TorchPrinter):
         grad = self._laid_out_as(a, s)
         if grad is None:
             return None
-        if grad.startswith("-") and not (self._laid_out_as(-a, s) or "-").startswith("-"):
-            # the kernel is linear in its gradient: ``-kernel(g)``, not ``kernel(-g)`` (a pass more)
-            a, coeff = -a, -coeff
-            grad = self._laid_out_as(a, s)
+        if grad.startswith("-"):
+            negated = self._laid_out_as(-a, s)
+            if negated is not None and not negated.startswith("-"):
+                # the kernel is linear in its gradient: ``-kernel(g)``, not ``kernel(-g)`` (a pass more)
+                grad, coeff = negated, -coeff
         if read != set(_indices_of(s)):
             # a gradient the same along some of the softmax's axes (a column total's, ``s.sum(0)``):
             # spread over its shape without a copy, as autograd's sum backward hands it on
@@ -787,9 +788,9 @@ class KernelPrinter(TorchPrinter):
         return inner._print(a)
 
     def one_call_within(self, expr) -> tuple | None:
-        """``(part, others)`` of a product part of which is torch's softmax or log-softmax backward
-        kernel (``is_one_call``: with the factors that are one value at every entry) and the rest
-        full-size or smaller factors that multiply its result: ``softmax(p*x)``'s gradient is
+        """``(code, others)`` of a product part of which is torch's softmax or log-softmax backward
+        kernel (``is_one_call``: with the factors that are one value at every entry), printed, and
+        the rest full-size or smaller factors that multiply its result: ``softmax(p*x)``'s gradient is
         ``softmax_backward(dv, s)*p``, one pass and a product, as autograd's chain rule meets ``p``
         after the kernel, where the product written out is five passes. None where the kernel is
         the whole product (printed as it is) or no part of it."""
@@ -803,8 +804,9 @@ class KernelPrinter(TorchPrinter):
                 used = [add] if saved is None else [add, saved]
                 others = [f for f in tensors if f not in used]
                 part = sp.Mul(*one_value, *used)
-                if others and (self._softmax_backward(part) or self._log_softmax_backward(part)):
-                    return part, others
+                code = (self._softmax_backward(part) or self._log_softmax_backward(part)) if others else None
+                if code is not None:
+                    return code, others
         return None
 
     def is_one_call(self, expr) -> bool:
@@ -938,8 +940,8 @@ class KernelPrinter(TorchPrinter):
             return softplus
         within = self.one_call_within(expr)
         if within is not None:
-            part, others = within
-            return self._times_each(self._print(part), others)
+            code, others = within
+            return self._times_each(code, others)
         indicator = _masked_count_factor(expr)
         if indicator is not None:
             # a row a mask leaves out gets exactly 0, also when the mask leaves out every row and its
@@ -1128,7 +1130,7 @@ class KernelPrinter(TorchPrinter):
     def _minus_row_total(b, rest, j) -> bool:
         """Whether ``b`` is minus the total of ``rest`` along ``j`` (a replayed maximum's adjoint)."""
         total = -b
-        return isinstance(total, Red) and _replace_free(total.args[0], total.args[1], j) == rest
+        return isinstance(total, Red) and _replace_free(total.body, total.index, j) == rest
 
     def _add_terms(self, terms: list) -> str:
         """``terms`` added left to right, in this order (Python's, and so torch's, order)."""
