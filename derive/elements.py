@@ -366,6 +366,9 @@ class Elements:
             """Indices for summing the atoms of an axis: its own ones where no other takes them."""
             out = []
             for k, i in enumerate(group):
+                if i == 0:  # an axis of 1 binds nothing (``over`` skips it)
+                    out.append(0)
+                    continue
                 j = own[k] if own is not None and own[k] not in taken else self.bound(extent(i), taken)
                 taken.add(j)
                 out.append(j)
@@ -410,7 +413,8 @@ class Elements:
             return Where(*a)
         if op == "expand":
             return a[0]
-        if op in ("softmax", "log_softmax") and literal and len(axes[axis := node.attrs["axes"][0]]) == 1:
+        if op in ("softmax", "log_softmax") and literal and len(axes[axis := node.attrs["axes"][0]]) == 1 \
+                and axes[axis][0] != 0:
             return (AxisSoftmax if op == "softmax" else AxisLogSoftmax)(a[0], axes[axis][0])  # one torch op
         if op in ("softmax", "log_softmax"):
             (axis,) = node.attrs["axes"]

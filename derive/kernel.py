@@ -580,7 +580,6 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     shapes = dict(shapes)
     views = _atomic_layouts(el, shapes, rename, sizes)
     names = {s: sp.pycode(s) for s in dims} | dict(size_text or {})
-    bound = set().union(*[{r.index for r in reductions(e)} for e in elements]) if elements else set()
     # the saved tanhs (by the names printed), each with its place in the forward
     tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}
     elements = [_tanh_derivatives_collected(e, tanhs) for e in elements]
@@ -602,6 +601,9 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     masks += contractions
     # a maximum inside a one-hot is not a value to share: cse sees each one-hot as one opaque call
     hidden, restore = hide_argmax(sp.Tuple(*elements))
+    # (read after the rewrites above, which rename sums' indices: a value that reads an enclosing
+    # sum's index is no temporary of the frame)
+    bound = set().union(*[{r.index for r in reductions(e)} for e in elements]) if elements else set()
     replacements, reduced = sp.cse(list(hidden), symbols=sp.numbered_symbols("_cse"), ignore=tuple(bound), order="none")
     replacements, reduced = _whole_indices(replacements, reduced)
     numbers = set(el.graph.sizes.values()) | set(el.graph.constants.values()) | set(sizes.values())

@@ -1100,3 +1100,20 @@ def test_a_softmax_of_an_input_stored_with_an_axis_of_1_is_torch_s_kernel(body, 
                    signature="x, c")
     for code in _both_backwards(build(layer)):
         assert printed in code and "exp(" not in code, code
+
+
+def test_a_product_shared_inside_nested_sums_is_read_at_their_indices(tmp_path):
+    """``dw`` sums over ``n`` a sum over ``k`` of a product that ``dx`` computes too, so it is one
+    tensor (``common0``) read inside both sums. Naming it renames the sums' indices, and ``cse``,
+    told to leave alone only the indices it had before, took the inner sum, which reads the outer
+    one's index, for a value of the frame: "common0[_r2_n, _r1_k] is read at a computed position",
+    and the layer fell to the step-by-step backward with "report this as a bug"."""
+    body = ("    ff = (torch.tanh(x * w) * x).sum(1, keepdim=True)\n"
+            "    ee = ff / (x * x).sum(1, keepdim=True)\n"
+            "    return torch.softmax(ee * x, dim=1) * x")
+    layer = _layer(tmp_path, "softmax_of_a_tanh_weighted_share", body, declared='x=Tensor("n", "k"), w=Tensor("k")',
+                   signature="x, w")
+    kernel = build(layer)
+    assert "common0" in {s.name for s in kernel.shared}, [s.name for s in kernel.shared]
+    from kernels import fused_maxdiff
+    assert fused_maxdiff(layer, tmp_path, {"n": 5, "k": 3}, seed=1) < 1e-10

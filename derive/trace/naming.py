@@ -18,15 +18,14 @@ def name_nodes(nodes: list[Node], local_names: dict, output: Node, regions: list
     for region in regions:
         for var, value in region.local_names.items():
             if isinstance(value, SymTensor) and not value.node.name and value.node in region.nodes:
-                name, k = var, 1
-                while name in taken:
-                    k += 1
-                    name = f"{var}_{k}"
+                name = _free(var, taken)
                 value.node.name, value.node.named = name, True
                 taken.add(name)
-    if not output.name:
-        output.name = "out"
     taken = {n.name for n in nodes if n.name}
+    if not output.name:
+        # a spec variable may itself be called ``out`` (``out = torch.tanh(x); return (out*x).sum()``)
+        output.name = _free("out", taken | set(sizes))
+        taken.add(output.name)
     counter = 0
     for node in nodes:
         if not node.name:
@@ -34,6 +33,15 @@ def name_nodes(nodes: list[Node], local_names: dict, output: Node, regions: list
             while f"t{counter}" in taken:
                 counter += 1
             node.name = f"t{counter}"
+
+
+def _free(name: str, taken: set) -> str:
+    """``name``, or ``name_2``, ``name_3``, ... where it is taken."""
+    free, k = name, 1
+    while free in taken:
+        k += 1
+        free = f"{name}_{k}"
+    return free
 
 
 def check_names(layer: Layer, nodes: list[Node], sizes: dict) -> None:

@@ -95,6 +95,11 @@ FACTORS = [("0.5", 0.5, 0.5), ("2.0", 2.0, 2.0), ("-1.5", 1.5, None), ("(1 / n)"
            ("(1 / k)", 0.5, 1 / SIZE_BOUND), ("scale", 0.75, 0.75)]
 
 
+# Names a user may give a line that the generated code gives its own values too: the output
+# (``out``), the trace's ``t<k>``, the printers' temporaries (``common0``, ``mask0``, ``sum_x``...).
+USER_NAMES = ["out", "h", "t1", "t2", "common0", "mask0", "product0", "shared0", "sum_x", "shared0_terms", "out_2"]
+
+
 def _bounded(hi: float) -> bool:
     return hi <= LARGEST
 
@@ -111,7 +116,13 @@ class Builder:
         self.count = 0
 
     def fresh(self) -> str:
+        """``v<k>``, or now and then a name users write that the generated code also makes for itself."""
         self.count += 1
+        taken = {v.name for v in self.values}
+        if self.draw(st.integers(0, 3)) == 3:
+            name = self.draw(st.sampled_from(USER_NAMES))
+            if name not in taken:
+                return name
         return f"v{self.count}"
 
     def emit(self, code: str, shape: tuple, hi: float, lo: float | None = None) -> Value:
@@ -234,20 +245,22 @@ class Builder:
         return self.emit(f"{a.name} {op} {b.name}", shape, hi, lo)
 
     def softmax(self, a: Value, kind: int) -> Value | None:
-        """The numerically stable (log-)softmax over the last axis: max, shift, exp, normalize."""
-        if len(a.shape) != 2 or a.shape[1] == "1" or a.hi > 6:
+        """The numerically stable (log-)softmax over an axis (the last one first; along an axis of
+        1 it is a constant): max, shift, exp, normalize."""
+        if len(a.shape) != 2 or a.hi > 6:
             return None
+        dim = self.draw(st.sampled_from([1, 0]))
+        kept = (a.shape[0], "1") if dim == 1 else ("1", a.shape[1])
         if kind == 2:
-            return self.emit(f"F.softmax({a.name}, dim=1)", a.shape, 1.0, math.exp(-2 * a.hi) / SIZE_BOUND)
+            return self.emit(f"F.softmax({a.name}, dim={dim})", a.shape, 1.0, math.exp(-2 * a.hi) / SIZE_BOUND)
         if kind == 3:
-            return self.emit(f"F.log_softmax({a.name}, dim=-1)", a.shape, 2 * a.hi + math.log(SIZE_BOUND))
+            return self.emit(f"F.log_softmax({a.name}, dim={dim - 2})", a.shape, 2 * a.hi + math.log(SIZE_BOUND))
         if kind == 4:
-            return self.emit(f"torch.logsumexp({a.name}, dim=1, keepdim=True)", (a.shape[0], "1"),
-                             a.hi + math.log(SIZE_BOUND))
-        m = self.emit(f"{a.name}.max(1, keepdim=True).values", (a.shape[0], "1"), a.hi)
+            return self.emit(f"torch.logsumexp({a.name}, dim={dim}, keepdim=True)", kept, a.hi + math.log(SIZE_BOUND))
+        m = self.emit(f"{a.name}.max({dim}, keepdim=True).values", kept, a.hi)
         z = self.emit(f"{a.name} - {m.name}", a.shape, 2 * a.hi)
         e = self.emit(f"{z.name}.exp()", a.shape, 1.0, math.exp(-2 * a.hi))
-        s = self.emit(f"{e.name}.sum(1, keepdim=True)", m.shape, SIZE_BOUND, 1.0)
+        s = self.emit(f"{e.name}.sum({dim}, keepdim=True)", m.shape, SIZE_BOUND, 1.0)
         if kind == 0:
             return self.emit(f"{e.name} / {s.name}", a.shape, 1.0, math.exp(-2 * a.hi) / SIZE_BOUND)
         return self.emit(f"{z.name} - {s.name}.log()", a.shape, 2 * a.hi + math.log(SIZE_BOUND))
@@ -334,7 +347,10 @@ def layer_specs(draw, fused: bool, max_lines: int = 4) -> FuzzSpec:
     out = builder.values[-1]
     if not out.reads & {"x", "b", "c", "w", "W", "V", "A"}:  # something to differentiate
         out = builder.emit(f"{out.name} + torch.tanh(x).mean()", out.shape, out.hi + 1)
-    builder.lines.append(f"    out = {out.name}")
+    # the output named ``out`` as the spec's last line, or returned as it is (the generated code names it)
+    returned = out.name if draw(st.booleans()) else "out"
+    if returned == "out" and out.name != "out":
+        builder.lines.append(f"    out = {out.name}")
     params = list(decls) + (["y"] if labels else []) + ["eps", "scale"]
     declared = [f"{k}={decl}" for k, (decl, _) in decls.items()]
     declared += ['y=Labels("n", classes="k")'] if labels else []
@@ -353,7 +369,7 @@ def layer_specs(draw, fused: bool, max_lines: int = 4) -> FuzzSpec:
         f"def {name}({signature}):",
         "    n, k = x.shape",
         body,
-        "    return out",
+        f"    return {returned}",
         "",
         *([] if fused else ["", f"{name}.fused = False", ""]),
     ])

@@ -252,3 +252,16 @@ def swiglu_score(x, w, v):
 @layer(x=Tensor("n", "d"), w=Tensor("d", "k"), temperature=Tensor("1"))
 def softmax_with_temperature(x, w, temperature):
     return torch.softmax((x @ w) / temperature, dim=-1)
+
+
+@layer(x=Tensor("n", "d"), W=Tensor("d", "h"), b=Tensor("h"))
+def relu_of_a_variable_named_out(x, W, b):
+    out = x @ W + b  # the name the generated code gives an output of its own
+    return F.relu(out)
+
+
+@layer(x=Tensor("n", "k"))
+def softmax_over_an_axis_of_one(x):
+    totals = x.sum(0, keepdim=True)
+    weights = torch.softmax(totals, dim=0)  # over the axis of 1: ones, as torch computes them
+    return x * weights + F.log_softmax(totals, dim=0)
