@@ -521,26 +521,35 @@ class _Planner:
             # printed formula reads (``KernelPrinter._kernel_of_gradient``): the kernel's 0 of a
             # saturated tanh meets one factor at a time, never their overflowed product
             inside, outside = self.printer.upstream_first(rest)
-            grad = self.text(inside[0]) if len(inside) == 1 and self.leaf(inside[0]) else self.buffer(sp.Mul(*inside))
-            y = self.operand(argument)
-            self.notes.append(f"{name.rsplit('.', 1)[1]}({grad}, {y}{extra}) = "
-                              + _KERNEL_VALUES[name].format(g=grad, y=y))
-            call = f"{name}({grad}, {y}{extra})"
             # a chain of them (``tanh(tanh(x))``): each link's kernel takes the last one's result, as
             # autograd's backward does, where a factor multiplied in would be passes of their own
+            links = []
             while True:
                 link = next(iter(self.kernels_of(outside)), None)
                 if link is None:
                     break
-                name, argument, used, link_sign, extra = link[1]
+                link_name, link_argument, used, link_sign, link_extra = link[1]
                 for u in used:
                     outside.remove(u)
                 sign *= link_sign
-                call = f"{name}({call}, {self.operand(argument)}{extra})"
+                links.append((link_name, link_argument, link_extra))
+            factor = numbers * sign
+            given = sp.Mul(*inside)
+            if factor != 1 and not self.full(given):
+                # the numbers scale the small gradient the kernel is given (``dv.sum()/(k*n)``), as
+                # the printed formula does (``KernelPrinter._kernel_of_gradient``), not its full-size
+                # result (a pass of their own)
+                given, inside, factor = factor * given, [factor * given], sp.S.One
+            grad = self.text(inside[0]) if len(inside) == 1 and self.leaf(inside[0]) else self.buffer(given)
+            y = self.operand(argument)
+            self.notes.append(f"{name.rsplit('.', 1)[1]}({grad}, {y}{extra}) = "
+                              + _KERNEL_VALUES[name].format(g=grad, y=y))
+            call = f"{name}({grad}, {y}{extra})"
+            for link_name, link_argument, link_extra in links:
+                call = f"{link_name}({call}, {self.operand(link_argument)}{link_extra})"
             chain = _Chain(call)
             for r in outside:
                 chain.then("mul", self.operand(r))
-            factor = numbers * sign
             return chain if factor == 1 else self.scaled(chain, factor)
         return None
 

@@ -147,6 +147,19 @@ def test_a_difference_whose_kernel_carries_the_sign_is_added_without_a_negation(
     assert code == ["dx = torch.ops.aten.tanh_backward(b, a).add_(c)"], lines
 
 
+@pytest.mark.parametrize("expr", [s * (1 - a**2) / (N * D), -2 * r * (a**2 - 1)],
+                         ids=["a mean's 0-d gradient", "a column's, negated"])
+def test_numbers_scale_the_small_gradient_a_kernel_is_given(expr):
+    """``tanh(x).mean()``: ``dx = tanh_backward(s/(n*d), a)``, one full-size pass, as autograd's;
+    the number was applied to the kernel's full-size result (``.mul_(1/(n*d))``), a pass of its own."""
+    lines = chain_form("dx", expr, printer(), dict(SHAPES), {"a", "r", "s"})
+    values, n, d = tensors()
+    with FullSizeOps(n * d) as mode:
+        ours = run(lines, values, n, d)
+    assert mode.count == 1, lines
+    torch.testing.assert_close(ours, run([f"dx = {printer().doprint(expr)}"], values, n, d), rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("expr", [sp.exp(a) * b * g, sp.tanh(a) * r * 3, Sigmoid(a) * (b + c)],
                          ids=["exp", "tanh", "sigmoid"])
 def test_torch_s_call_of_a_function_is_a_buffer_to_update(expr):
