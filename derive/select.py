@@ -42,6 +42,7 @@ from .simplify import EVERY_REWRITE
 from .memo import LAYERS_KEPT, ByObject
 from .spec import Layer
 
+MAX_SAME_FORMS = 6  # rewrites undone in a row that give a form already judged (not counted as attempts)
 MAX_ATTEMPTS = 4  # fused forms tried by undoing rewrites, before the unfolded form and the step-by-step backward
 # A gradient that is one scalar broadcast (``dc`` of ``log((1 - tanh(c.sum()))**8 + 1)``) has one error
 # per draw: at most a handful of a setting's draws land where its form rounds worse than autograd's
@@ -203,6 +204,7 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
     fault = ""
     changes: list[str] = []
     attempt = 0  # rewrites undone so far (trying a gradient as its formula reads is not counted)
+    judged: set = set()  # (input, code) of the gradients' forms that failed
     while True:
         verdict = check(kernel, draws)
         if verdict.passed:
@@ -239,12 +241,20 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
                 forbidden[formula.input] = frozenset({EVERY_REWRITE})
                 changes.append(f"{value}: every rewrite undone")
                 continue
-            last = formula.rewrites[-1]
-            forbidden[formula.input] = forbidden.get(formula.input, frozenset()) | {(last.node.name,
-                                                                                      last.variable.name)}
-            changes.append(f"{value}: {last.node.name} for {last.variable.name} undone")
+            _undo_last(formula, forbidden, changes)
         attempt += 1
+        judged |= {(f.input, f.code) for v in failing for f in [formulas[v]]}
         kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
+        # undoing a rewrite may give a form judged already (solving ``pred - target`` for ``pred``
+        # or for ``target`` is one rewrite): its next rewrite is undone too, neither judged again
+        # nor counted as an attempt
+        for _ in range(MAX_SAME_FORMS):
+            repeated = [f for f in (kernel.formulas if kernel else []) if (f.input, f.code) in judged and f.rewrites]
+            if fault or not repeated:
+                break
+            for f in repeated:
+                _undo_last(f, forbidden, changes)
+            kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
         if fault:
             break
     if not fault:
@@ -307,6 +317,13 @@ def _spelled_form(layer: Layer, kernel: Kernel, draws: list, replayed: frozenset
 def _replayed_changes(names: frozenset) -> list[str]:
     """The report's line for each maximum whose zero adjoint is replayed."""
     return [f"{name}: its zero adjoint replayed" for name in sorted(names)]
+
+
+def _undo_last(formula, forbidden: dict, changes: list) -> None:
+    """Forbid the last rewrite ``formula``'s refold took, for its gradient's next form."""
+    last = formula.rewrites[-1]
+    forbidden[formula.input] = forbidden.get(formula.input, frozenset()) | {(last.node.name, last.variable.name)}
+    changes.append(f"d{formula.input}: {last.node.name} for {last.variable.name} undone")
 
 
 def _rebuilt(layer: Layer, forbidden: dict, as_written: frozenset, replayed: frozenset,

@@ -98,6 +98,22 @@ def test_a_square_in_a_denominator_is_the_reciprocal_squared():
     assert choice.fused and choice.kernel is folded and not choice.changes, choice.changes
 
 
+def test_a_rewrite_undone_that_gives_a_form_judged_already_is_no_attempt():
+    """``log((exp(e) + exp(-e))/2)``, ``e = pred - target``: solved for ``pred`` or for ``target``
+    through either exponential, the refold gives two forms, each twice, that square a saved
+    exponential (infinite from ``|e|`` = 44 in float32). Judging each twice spent the four
+    attempts, and the gradient was written with every rewrite undone: both exponentials computed
+    again in the backward (1.6x autograd's time). A repeated form is not judged again: the next
+    one reads both exponentials the forward computed, as autograd does, and passes."""
+    layer = LAYERS["log_cosh"]
+    choice = chosen(layer)
+    assert choice.fused and choice.verdict.passed
+    assert not any("every rewrite undone" in c for c in choice.changes), choice.changes
+    backward = backward_text(render_kernel(layer))
+    assert "exp" not in backward, backward
+    assert {"t1", "t3"} <= set(choice.kernel.saved), choice.kernel.saved
+
+
 def test_a_sum_of_differences_stays_one_sum(tmp_path):
     """``a * tanh(x * s)``: ds is one sum of ``(1 - t**2)*dout*x`` (not the difference of two large
     sums the normal form splits it into), and tanh is saved by the forward, not computed again."""
