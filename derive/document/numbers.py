@@ -70,13 +70,15 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def run(layer: Layer, inputs: dict, output: str, upstream: torch.Tensor | None = None, seed: int = 0):
-    """The spec's output, every local tensor of its frame (named lines) and their gradients."""
+def run(layer: Layer, inputs: dict, output: str, upstream: torch.Tensor | None = None, seed: int = 0,
+        renamed: dict | None = None):
+    """The spec's output, every local tensor of its frame (named lines) and their gradients, by the
+    names of their nodes (``renamed``: a spec variable -> its node's name, where they differ)."""
     with one_thread():
-        return _run(layer, inputs, output, upstream, seed)
+        return _run(layer, inputs, output, upstream, seed, renamed or {})
 
 
-def _run(layer: Layer, inputs: dict, output: str, upstream: torch.Tensor | None, seed: int):
+def _run(layer: Layer, inputs: dict, output: str, upstream: torch.Tensor | None, seed: int, renamed: dict):
     wanted = layer.differentiable
     leaves = {k: (v.clone().requires_grad_(k in wanted) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     frame: dict = {}
@@ -91,7 +93,9 @@ def _run(layer: Layer, inputs: dict, output: str, upstream: torch.Tensor | None,
         out = layer.fn(**leaves)
     finally:
         sys.setprofile(old)
-    tensors = {k: v for k, v in frame.items() if isinstance(v, torch.Tensor) and k not in leaves}
+    # (an input's name bound again, ``x = torch.tanh(x)``, holds the new value: its node's own name)
+    tensors = {renamed.get(k, k): v for k, v in frame.items() if isinstance(v, torch.Tensor)
+               and (k not in leaves or (k in renamed and v is not leaves[k]))}
     for t in tensors.values():
         if t.requires_grad:
             t.retain_grad()
@@ -112,7 +116,8 @@ def example(graph: Graph) -> Example:
     sizes = example_sizes(graph)
     for seed in range(SEEDS):
         inputs = _rounded(random_inputs(layer, sizes, torch.float64, seed))
-        _, values, grads, upstream = run(layer, inputs, graph.output.name, seed=seed)
+        _, values, grads, upstream = run(layer, inputs, graph.output.name, seed=seed,
+                                         renamed={n.var: n.name for n in graph.nodes if n.var})
         if all(np.isfinite(v).all() for v in [*values.values(), *grads.values()]):
             break
     return Example(sizes, inputs, values, grads, upstream.detach().numpy())

@@ -19,6 +19,7 @@ class Node:
     name: str = ""
     named: bool = False  # the spec assigned it to a variable (not an automatic t<k> temporary)
     within: str = ""  # the called layer whose line this is ("" for the spec itself)
+    var: str = ""  # the spec's variable where its name differs (``x = torch.tanh(x)``: ``x_2``, var ``x``)
 
     def __repr__(self):
         return f"Node({self.name or '?'} = {self.op})"

@@ -11,10 +11,14 @@ def name_nodes(nodes: list[Node], local_names: dict, output: Node, regions: list
     """Variable names: the spec's own first, then those inside called layers (never clashing)."""
     from .tensor import SymTensor
 
+    # (a spec may bind an input's name again, ``x = torch.tanh(x)``: the new value is ``x_2``)
+    taken = {n.name for n in nodes if n.name}
     for var, value in local_names.items():
         if isinstance(value, SymTensor) and not value.node.name:
-            value.node.name, value.node.named = var, True
-    taken = {n.name for n in nodes if n.name} | set(sizes)
+            value.node.name, value.node.named = _free(var, taken), True
+            value.node.var = var if value.node.name != var else ""
+            taken.add(value.node.name)
+    taken |= set(sizes)
     for region in regions:
         for var, value in region.local_names.items():
             if isinstance(value, SymTensor) and not value.node.name and value.node in region.nodes:

@@ -265,3 +265,9 @@ def softmax_over_an_axis_of_one(x):
     totals = x.sum(0, keepdim=True)
     weights = torch.softmax(totals, dim=0)  # over the axis of 1: ones, as torch computes them
     return x * weights + F.log_softmax(totals, dim=0)
+
+
+@layer(x=Tensor("n", "d"), W=Tensor("d", "d"), b=Tensor("d"))
+def input_name_bound_again(x, W, b):
+    x = torch.tanh(x @ W + b)  # the input's name bound to a new value, as module code often does
+    return x * x
