@@ -8,7 +8,7 @@ import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
-from .functions import Sigmoid, Step
+from .functions import ACTIVATIONS, Sigmoid, Step
 
 ATOM, POW, UNARY, MUL, ADD = 100, 80, 70, 60, 50
 
@@ -246,6 +246,13 @@ class CodeOps:
     def sigmoid(self, a):
         return Code(f"torch.sigmoid({a})")
 
+    def activation_backward(self, op, grad, a, parameters):
+        """``grad`` through one of torch's activations (``functions.Activation``): its own backward
+        kernel, one pass, as autograd computes it; the formula beside it for the reader."""
+        f = ACTIVATIONS[op]
+        numbers = dict(zip(f.parameters, map(str, parameters)))
+        return Code(f.backward.format(g=grad, x=a, **numbers), formula=Code(f"{op}'({a})") * grad)
+
     def index_add(self, table, index, grad):
         # out of place: under torch.func.vmap the zeros are not batched while the gradient is
         return Code(f"torch.zeros_like({table}).index_add(0, {index}.view(-1), "
@@ -433,6 +440,10 @@ class ArrayOps:
 
     def sigmoid(self, a):
         return np.vectorize(Sigmoid, otypes=[object])(a)
+
+    def activation_backward(self, op, grad, a, parameters):
+        numbers = [sp.sympify(np.asarray(p).item()) for p in parameters]
+        return grad * np.vectorize(lambda e: ACTIVATIONS[op].derivative(e, *numbers), otypes=[object])(a)
 
     def index_add(self, table, index, grad):
         out = np.full(table.shape, sp.S.Zero, dtype=object)

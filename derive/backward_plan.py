@@ -22,7 +22,7 @@ import torch
 
 from .backends import SOFTPLUS_ARGUMENTS
 from .errors import DerivationError
-from .functions import COMPARISON_MASKS, Sigmoid, Step
+from .functions import ACTIVATIONS, COMPARISON_MASKS, ActivationDerivative, Sigmoid, Step
 from .printer import (KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, tensor_name,
                       varying_axes)
 from .symbolic import Red, expand, multiplied_reciprocal, power_steps, reindex
@@ -199,6 +199,16 @@ _SOFTPLUS_BACKWARD = "torch.ops.aten.softplus_backward"  # (g, z, beta, threshol
 _EXTRA_ARGUMENTS = {_THRESHOLD_BACKWARD: ", 0", _SOFTPLUS_BACKWARD: f", {SOFTPLUS_ARGUMENTS}"}
 _KERNEL_VALUES = {_TANH_BACKWARD: "{g}*(1 - {y}**2)", _SIGMOID_BACKWARD: "{g}*(1 - {y})*{y}",
                   _THRESHOLD_BACKWARD: "{g} where {y} > 0, else 0", _SOFTPLUS_BACKWARD: "{g}*sigmoid({y})"}
+
+
+for _op, _activation in reversed(ACTIVATIONS.items()):  # (gelu's own name for the kernel both gelus call)
+    _KERNEL_VALUES[_activation.backward.split("(")[0]] = f"{{g}}*{_op}'({{y}})"
+
+
+def _called(name: str, g: str, y: str, extra) -> str:
+    """A one-pass kernel's call: ``name(g, y<extra>)``, or ``extra(g, y)`` for a kernel that takes
+    its arguments in an order of its own (an activation's: ``elu_backward(g, alpha, 1, 1, False, y)``)."""
+    return extra(g, y) if callable(extra) else f"{name}({g}, {y}{extra})"
 
 
 class _Chain:
@@ -542,11 +552,10 @@ class _Planner:
                 given, inside, factor = factor * given, [factor * given], sp.S.One
             grad = self.text(inside[0]) if len(inside) == 1 and self.leaf(inside[0]) else self.buffer(given)
             y = self.operand(argument)
-            self.notes.append(f"{name.rsplit('.', 1)[1]}({grad}, {y}{extra}) = "
-                              + _KERNEL_VALUES[name].format(g=grad, y=y))
-            call = f"{name}({grad}, {y}{extra})"
+            call = _called(name, grad, y, extra)
+            self.notes.append(f"{call.removeprefix('torch.ops.aten.')} = " + _KERNEL_VALUES[name].format(g=grad, y=y))
             for link_name, link_argument, link_extra in links:
-                call = f"{link_name}({call}, {self.operand(link_argument)}{link_extra})"
+                call = _called(link_name, call, self.operand(link_argument), link_extra)
             chain = _Chain(call)
             for r in outside:
                 chain.then("mul", self.operand(r))
@@ -564,6 +573,11 @@ class _Planner:
         polynomial factor of one of autograd's one-pass kernels, else None."""
         if isinstance(f, Step) and self.full(f.args[0]):
             return _THRESHOLD_BACKWARD, f.args[0], [f], 1, _EXTRA_ARGUMENTS[_THRESHOLD_BACKWARD]
+        if isinstance(f, ActivationDerivative) and self.full(f.args[0]):
+            activation = f.activation
+            numbers = dict(zip(activation.parameters, map(self.text, f.args[1:])))
+            return (activation.backward.split("(")[0], f.args[0], [f], 1,
+                    lambda g, y: activation.backward.format(g=g, x=y, **numbers))
         if isinstance(f, Sigmoid) and self.printer.softplus_grads and self.full(f.args[0]):
             # a softplus's derivative, as the printer writes it (``KernelPrinter._softplus_backward``):
             # ``exp(z)/(exp(z) + 1)`` keeps the subnormal digits ``torch.sigmoid`` loses

@@ -397,7 +397,7 @@ class Elements:
         if op == "pow":
             return a[0] ** a[1]
         if op in ELEMENTWISE:
-            return ELEMENTWISE[op](a[0])
+            return ELEMENTWISE[op](*a)  # (an activation's parameters are numbers after the tensor)
         if op in COMPARISONS:
             # a label compared with a number is a Kronecker delta (0/1), exact for any value
             return mask(op, a[0], a[1], labels=node.args[0].op == "labels")

@@ -5,7 +5,7 @@ import builtins
 
 import sympy as sp
 
-from .functions import COMPARISONS, ELEMENTWISE, TORCH_NAME
+from .functions import COMPARISONS, ELEMENTWISE, torch_call
 from .spec import RESERVED
 from .trace import Graph, Node
 
@@ -93,7 +93,7 @@ def line(node: Node, printer, view: str = "view") -> str:
     if op == "pow":
         return f"{a[0]}**{a[1]}"
     if op in ELEMENTWISE:
-        return f"{TORCH_NAME.get(op, 'torch.' + op)}({a[0]})"
+        return torch_call(op, a[0], a[1:])
     if op in ("sum", "mean"):
         return f"{a[0]}.{op}({_reduce_args(node, node.args[0])})"
     if op == "max":

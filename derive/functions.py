@@ -13,6 +13,9 @@ rectifier, so they are defined here, each with the derivative torch uses:
   ``Softplus' = Sigmoid``: a loss written with it has a gradient that never exponentiates a large
   number (binary cross-entropy: ``1 - t - sigmoid(-x)``).
 * ``abs`` differentiates to SymPy's ``sign``, which is 0 at 0, as ``torch.sign``.
+* ``Activation``: torch's activations with kernels of their own each way (``F.gelu``, exact and
+  ``approximate="tanh"``, ``F.silu``, ``F.elu``, ``F.leaky_relu``), one atom each whose derivative
+  (an ``ActivationDerivative``) meets the upstream gradient as torch's backward kernel.
 
 * ``NonNeg(x)``, 1 where ``x >= 0``: with ``Step`` the masks of comparisons (``a > b`` is
   ``Step(a - b)``, ``a >= b`` is ``NonNeg(a - b)``), piecewise constant, so their derivative is 0.
@@ -137,6 +140,154 @@ class Softplus(sp.Function):
     def _latex(self, printer, exp=None):
         text = r"\operatorname{softplus}\left(%s\right)" % printer._print(self.args[0])
         return text if exp is None else r"%s^{%s}" % (text, exp)
+
+
+class Activation(sp.Function):
+    """One of torch's activations that its own kernel computes each way (``F.gelu``, ``F.silu``):
+    one atom, printed as the torch call (``forward``), whose derivative ``Derivative`` meets the
+    upstream gradient as torch's backward kernel (``backward``, one pass, as autograd through the
+    spec computes it). Written out (``formula``) the forward takes several passes and the
+    backward more (5x autograd's time for ``F.gelu``). ``formula`` gives its value at a number
+    and its second derivative."""
+
+    nargs = 1
+    forward = ""  # the torch call, ``{x}`` its argument
+    backward = ""  # torch's kernel of the chain rule: ``{g}`` the gradient it is given, ``{x}`` the input
+    parameters: tuple = ()  # the names of its numbers after the argument (``F.elu``'s ``alpha``)
+    symbol = ""  # its name in a derivation document
+    derivative: type  # set below each subclass
+
+    @staticmethod
+    def formula(x, *parameters):
+        raise NotImplementedError
+
+    def fdiff(self, argindex=1):
+        # (its parameters are numbers of the spec, never differentiated)
+        return self.derivative(*self.args) if argindex == 1 else sp.S.Zero
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_evalf(self, prec):  # a number at a number, so it compares
+        return self.formula(*self.args)._eval_evalf(prec)
+
+    def _latex(self, printer, exp=None):
+        text = r"\operatorname{%s}\left(%s\right)" % (self.symbol, printer._print(self.args[0]))
+        return text if exp is None else r"%s^{%s}" % (text, exp)
+
+
+class ActivationDerivative(sp.Function):
+    """The derivative of an ``Activation`` (``activation``), one atom: ``g*derivative(x)`` prints as
+    torch's backward kernel given ``g``."""
+
+    nargs = 1
+    activation: type
+
+    def _written(self):
+        x = sp.Dummy("x", real=True)
+        return sp.diff(self.activation.formula(x, *self.args[1:]), x), x
+
+    def fdiff(self, argindex=1):
+        if argindex != 1:
+            return sp.S.Zero
+        written, x = self._written()
+        return sp.diff(written, x).xreplace({x: self.args[0]})
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_evalf(self, prec):
+        written, x = self._written()
+        return written.xreplace({x: self.args[0]})._eval_evalf(prec)
+
+    def _latex(self, printer, exp=None):
+        text = r"\operatorname{%s}'\left(%s\right)" % (self.activation.symbol, printer._print(self.args[0]))
+        return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
+
+
+class Gelu(Activation):
+    """``F.gelu``: ``x*Phi(x)``, ``Phi`` the normal distribution function."""
+
+    forward, backward, symbol = "F.gelu({x})", "torch.ops.aten.gelu_backward({g}, {x})", "gelu"
+
+    @staticmethod
+    def formula(x):
+        return x / 2 * (1 + sp.erf(x / sp.sqrt(2)))
+
+
+class GeluTanh(Activation):
+    """``F.gelu(approximate="tanh")``: ``x/2*(1 + tanh(sqrt(2/pi)*(x + 0.044715*x**3)))``."""
+
+    forward = 'F.gelu({x}, approximate="tanh")'
+    backward = 'torch.ops.aten.gelu_backward({g}, {x}, approximate="tanh")'
+    symbol = "gelu_{tanh}"
+
+    @staticmethod
+    def formula(x):
+        return x / 2 * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (x + sp.Rational(44715, 10**6) * x**3)))
+
+
+class Silu(Activation):
+    """``F.silu``: ``x*sigmoid(x)``."""
+
+    forward, backward, symbol = "F.silu({x})", "torch.ops.aten.silu_backward({g}, {x})", "silu"
+
+    @staticmethod
+    def formula(x):
+        return x / (1 + sp.exp(-x))
+
+
+class Elu(Activation):
+    """``F.elu``: ``x`` where ``x > 0``, else ``alpha*(exp(x) - 1)``. Written out with ``where``, the
+    branch it discards overflowed in the backward (``0*inf``) where torch's kernel is finite."""
+
+    nargs = 2
+    forward = "F.elu({x}, {alpha})"
+    backward = "torch.ops.aten.elu_backward({g}, {alpha}, 1, 1, False, {x})"
+    parameters, symbol = ("alpha",), "elu"
+
+    @staticmethod
+    def formula(x, alpha=1):
+        return sp.Piecewise((x, x > 0), (alpha * (sp.exp(x) - 1), True))
+
+
+class LeakyRelu(Activation):
+    """``F.leaky_relu``: ``x`` where ``x > 0``, else ``slope*x`` (the slope at 0, as torch's kernel)."""
+
+    nargs = 2
+    forward = "F.leaky_relu({x}, {slope})"
+    backward = "torch.ops.aten.leaky_relu_backward({g}, {x}, {slope}, False)"
+    parameters, symbol = ("slope",), "leaky\\_relu"
+
+    @staticmethod
+    def formula(x, slope=sp.Rational(1, 100)):
+        return sp.Piecewise((x, x > 0), (slope * x, True))
+
+
+class GeluDerivative(ActivationDerivative):
+    activation = Gelu
+
+
+class GeluTanhDerivative(ActivationDerivative):
+    activation = GeluTanh
+
+
+class SiluDerivative(ActivationDerivative):
+    activation = Silu
+
+
+class EluDerivative(ActivationDerivative):
+    nargs, activation = 2, Elu
+
+
+class LeakyReluDerivative(ActivationDerivative):
+    nargs, activation = 2, LeakyRelu
+
+
+Gelu.derivative, GeluTanh.derivative, Silu.derivative = GeluDerivative, GeluTanhDerivative, SiluDerivative
+Elu.derivative, LeakyRelu.derivative = EluDerivative, LeakyReluDerivative
+# traced op -> the activation its element is (its parameters are the node's arguments after the tensor)
+ACTIVATIONS = {"gelu": Gelu, "gelu_tanh": GeluTanh, "silu": Silu, "elu": Elu, "leaky_relu": LeakyRelu}
 
 
 class Relu(sp.Function):
@@ -335,14 +486,21 @@ def _log1p(x):
 
 # A definition reading its variable through one of these is never solved for that variable:
 # ``out = Relu(x)`` says nothing about a negative ``x``; softplus's inverse would only cost more.
-NOT_INVERTIBLE = (Relu, Step, Wins, sp.Abs, sp.sign, Softplus, NonNeg, Equal, Where, Clamp, sp.sin, sp.cos, sp.erf)
+NOT_INVERTIBLE = (Relu, Step, Wins, sp.Abs, sp.sign, Softplus, NonNeg, Equal, Where, Clamp, sp.sin, sp.cos, sp.erf,
+                  Activation, ActivationDerivative)
 
 # traced op -> the SymPy function of its element (the forward prints as ``torch.<op>``)
 ELEMENTWISE = {"exp": sp.exp, "log": sp.log, "tanh": sp.tanh, "sigmoid": Sigmoid, "relu": Relu, "abs": sp.Abs,
                "softplus": Softplus, "sqrt": sp.sqrt, "rsqrt": _rsqrt, "erf": sp.erf, "sin": sp.sin, "cos": sp.cos,
-               "log1p": _log1p}
-# the torch function a traced op prints as, where it is not ``torch.<op>``
-TORCH_NAME = {"softplus": "F.softplus"}
+               "log1p": _log1p, **ACTIVATIONS}
+# the torch call a traced op prints as, where it is not ``torch.<op>({x})``
+TORCH_CALL = {"softplus": "F.softplus({x})", **{op: f.forward for op, f in ACTIVATIONS.items()}}
+
+
+def torch_call(op: str, x: str, parameters: list) -> str:
+    """The torch call of the traced element-wise ``op`` on ``x`` (printed) and its parameters (printed)."""
+    names = ACTIVATIONS[op].parameters if op in ACTIVATIONS else ()
+    return TORCH_CALL.get(op, f"torch.{op}({{x}})").format(x=x, **dict(zip(names, parameters)))
 
 # comparisons: traced op -> (mask of a and b, the Python operator); 0/1 values, never differentiated
 COMPARISONS = {"gt": (lambda a, b: Step(a - b), ">"), "ge": (lambda a, b: NonNeg(a - b), ">="),

@@ -11,7 +11,7 @@ from typing import Callable
 
 import sympy as sp
 
-from .functions import COMPARISONS, ELEMENTWISE, mask, EXTREMA, Clamp, NonNeg, Sigmoid, Step, Where, winning
+from .functions import ACTIVATIONS, COMPARISONS, ELEMENTWISE, mask, EXTREMA, Clamp, NonNeg, Sigmoid, Step, Where, winning
 from .symbolic import IsArgmax, IsTiedMax, Max, Red, TiedMax, maximum_of
 from .trace import Node
 
@@ -252,6 +252,10 @@ class IndexOps:
     def sigmoid(self, a):
         return a.apply(Sigmoid)
 
+    def activation_backward(self, op, grad, a, parameters):
+        numbers = [p.fn(()) for p in parameters]
+        return grad * a.apply(lambda e: ACTIVATIONS[op].derivative(e, *numbers))
+
     def unsqueeze(self, grad, axis):
         shape = grad.shape[:axis] + (1,) + grad.shape[axis:]
         return Elt(shape, lambda idx: grad.fn(idx[:axis] + idx[axis + 1:]))
@@ -311,7 +315,8 @@ def _forward(node: Node, a: list[Elt]) -> Elt:
         return {"add": lambda: a[0] + a[1], "sub": lambda: a[0] - a[1], "mul": lambda: a[0] * a[1],
                 "div": lambda: a[0] / a[1], "pow": lambda: a[0] ** a[1]}[op]()
     if op in ELEMENTWISE:
-        return a[0].apply(ELEMENTWISE[op])
+        parameters = [p.fn(()) for p in a[1:]]  # (an activation's numbers)
+        return a[0].apply(lambda e: ELEMENTWISE[op](e, *parameters))
     if op in COMPARISONS:
         labels = node.args[0].op == "labels"
         return a[0]._binary(a[1], lambda x, y: mask(op, x, y, labels))

@@ -17,7 +17,7 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .backends import CodeOps, number_text
 from .errors import DerivationError
-from .functions import COMPARISON_MASKS, Equal, NonNeg, Sigmoid, SplitExp, Step
+from .functions import ACTIVATIONS, COMPARISON_MASKS, ActivationDerivative, Equal, NonNeg, Sigmoid, SplitExp, Step
 from .symbolic import (_Bound, _replace_free, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent,
                        free_indices, power_steps, reciprocal_integer_power, reciprocal_root_power, reciprocal_roots)
 
@@ -923,6 +923,34 @@ class KernelPrinter(TorchPrinter):
             code = CodeOps.KERNELS["softplus"].format(grad=code, saved=self._print(sigmoid.args[0]))
         return code
 
+    def _activation_backward(self, expr) -> str | None:
+        """``g*gelu'(z)`` (any ``ActivationDerivative``) with ``g`` a tensor: torch's own backward
+        kernel of the activation given ``g`` (``torch.ops.aten.gelu_backward(g, z)``), one pass, as
+        autograd through the spec computes it; a chain of them is one kernel per link. None for
+        anything else."""
+        factors = list(sp.Mul.make_args(expr))
+        derivatives = [f for f in factors if isinstance(f, ActivationDerivative)]
+        if not derivatives:
+            return None
+
+        def through(code):
+            for d in derivatives:
+                code = self._activation_call(d.activation.backward, d, g=code)
+            return code
+        return self._kernel_of_gradient([f for f in factors if f not in derivatives], through)
+
+    def _activation_call(self, template: str, expr, **more) -> str:
+        """``template`` (an activation's forward or backward call) of ``expr``'s argument and numbers."""
+        numbers = dict(zip(getattr(expr, "activation", expr).parameters, map(self._print, expr.args[1:])))
+        return template.format(x=self._print(expr.args[0]), **numbers, **more)
+
+    def _print_Activation(self, expr):
+        return self._activation_call(expr.forward, expr)
+
+    def _print_ActivationDerivative(self, expr):
+        # alone (not meeting a gradient): the kernel given ones
+        return self._activation_call(expr.activation.backward, expr, g=f"torch.ones_like({self._print(expr.args[0])})")
+
     def _print_Mul(self, expr):
         if all(isinstance(f, COMPARISON_MASKS) for f in expr.args):
             return self._mask(self.condition(expr))  # masks multiplied: one ``&`` of bool tensors, one cast
@@ -938,6 +966,9 @@ class KernelPrinter(TorchPrinter):
         softplus = self._softplus_backward(expr)
         if softplus is not None:
             return softplus
+        activation = self._activation_backward(expr)
+        if activation is not None:
+            return activation
         within = self.one_call_within(expr)
         if within is not None:
             code, others = within
@@ -1263,6 +1294,12 @@ class KernelPrinter(TorchPrinter):
         inner.full_rank = self._lower_rank(m.body)
         body = inner._print(m.body)
         return (body if body.isidentifier() else f"({body})"), axis
+
+
+# SymPy dispatches a subclass of Function to a method of its own name only: each activation's
+for _activation in ACTIVATIONS.values():
+    setattr(KernelPrinter, f"_print_{_activation.__name__}", KernelPrinter._print_Activation)
+    setattr(KernelPrinter, f"_print_{_activation.derivative.__name__}", KernelPrinter._print_ActivationDerivative)
 
 
 class ForwardPrinter(KernelPrinter):

@@ -112,7 +112,7 @@ def evaluate(graph: Graph, sizes: dict[sp.Symbol, int], inputs: dict[str, np.nda
         elif op == "pow":
             v = np.vectorize(lambda e: e ** a[1], otypes=[object])(a[0])
         elif op in elementwise:
-            v = np.vectorize(elementwise[op], otypes=[object])(a[0])
+            v = np.vectorize(lambda e: elementwise[op](e, *a[1:]), otypes=[object])(a[0])
         elif op == "sum":
             v = _reduce(a[0], node.attrs["axes"], node.attrs["keepdim"], lambda xs: sp.Add(*xs))
         elif op == "mean":

@@ -95,6 +95,19 @@ def _softplus(ops, grad, result, a):
     return ops.one_pass("softplus", ops.sigmoid(a) * grad, grad, a),
 
 
+def _activation_rule(op: str):
+    @rule(op)
+    def _activation(ops, grad, result, a, *parameters):
+        # torch's own backward kernel, given the upstream gradient and the input (what autograd
+        # saves), and the activation's numbers (``F.elu``'s alpha); none for the numbers
+        return (ops.activation_backward(op, grad, a, parameters),) + (None,) * len(parameters)
+    return _activation
+
+
+for _op in ("gelu", "gelu_tanh", "silu", "elu", "leaky_relu"):
+    _activation_rule(_op)
+
+
 @rule("relu")
 def _relu(ops, grad, result, a):
     return ops.select(ops.positive(a), grad, 0),  # 0 at a = 0, and where grad is not finite, as torch

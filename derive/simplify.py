@@ -22,7 +22,7 @@ from sympy.solvers.solvers import _invert
 
 from .elements import Elements
 from .errors import DerivationError
-from .functions import NOT_INVERTIBLE, Logit
+from .functions import ACTIVATIONS, NOT_INVERTIBLE, Logit
 from .memo import kept_on
 from .risk import Path, risky_atoms
 from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, free_indices,
@@ -113,7 +113,9 @@ COST_WHOLE_MAX_OPS = 600
 # is many multiplies (and each is a pass in eager torch), a reduction is a pass of its own, a
 # division costs a little more than a product. Operations sp.count_ops names otherwise cost 1.
 WEIGHTS = {"EXP": 6, "LOG": 6, "TANH": 6, "SIGMOID": 6, "SOFTPLUS": 6, "ATANH": 8, "LOGIT": 8, "SQRT": 6,
-           "DIV": 2, "RED": 2}
+           "DIV": 2, "RED": 2,
+           # torch's activations (``F.gelu``) and their derivatives: a transcendental function each
+           **{f.__name__.upper(): 6 for a in ACTIVATIONS.values() for f in (a, a.derivative)}}
 
 
 def weighted_ops(expr: sp.Expr) -> int:

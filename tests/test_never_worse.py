@@ -1659,3 +1659,19 @@ def test_a_matrix_product_two_gradients_read_is_computed_once(tmp_path):
     ours, theirs = [torch.autograd.grad(f(*(v := [t.clone().requires_grad_() for t in (x, s, W)])).sum(), v)
                     for f in (kernel, layer.fn)]
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(ours, theirs))
+
+
+def test_an_elu_is_finite_where_its_discarded_branch_overflows(tmp_path):
+    """``F.elu`` was traced as ``where(x > 0, x, exp(x) - 1)``: at ``x`` of 100 in float32 the
+    discarded ``exp`` is infinite and its gradient ``0*inf``, so every kernel, the step-by-step one
+    too, was NaN where autograd through ``F.elu`` is finite, and the step-by-step one was written
+    anyway. Now ``F.elu`` is torch's own kernel each way, and its kernel passes the battery."""
+    source = ("import torch\nimport torch.nn.functional as F\n\nfrom derive import Tensor, layer\n\n\n"
+              '@layer(x=Tensor("n", "d"), w=Tensor("d"))\ndef elu_unit(x, w):\n    return F.elu(x * w)\n')
+    layer, kernel = user_layer(tmp_path, source, "elu_unit")
+    choice = chosen(layer)
+    assert choice.fused and choice.verdict.passed, choice.reason
+    x = torch.full((4, 3), 100.0, requires_grad=True)
+    w = torch.tensor([1.0, -1.0, 0.5], requires_grad=True)
+    grads = torch.autograd.grad(kernel(x, w).sum(), (x, w))
+    assert all(torch.isfinite(g).all() for g in grads), grads

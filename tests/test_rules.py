@@ -17,6 +17,11 @@ def add_column(a, b):
     return a + b
 
 
+@layer(a=Tensor("n", "d"))
+def torch_activations(a):
+    return F.gelu(a) * F.silu(a) + F.gelu(a, approximate="tanh") - F.elu(a, 0.5) * F.leaky_relu(a, 0.2)
+
+
 @layer(a=Tensor("n", "d"), b=Tensor("d"))
 def sub_row(a, b):
     return a - b
@@ -117,7 +122,7 @@ def batched_matmul(a, w):
 
 CASES = [
     (add_column, N3_D2), (sub_row, N3_D2), (mul_3x2_by_3x1, N3_D2), (div_3x1_by_3x2, N3_D2),
-    (cube_and_inverse, N3_D2), (exp_log_tanh, N3_D2), (sigmoid_relu_abs_softplus, N3_D2), (sums, N3_D2), (means, N3_D2), (maxima, N3_D2),
+    (cube_and_inverse, N3_D2), (exp_log_tanh, N3_D2), (sigmoid_relu_abs_softplus, N3_D2), (torch_activations, N3_D2), (sums, N3_D2), (means, N3_D2), (maxima, N3_D2),
     (matmul, {"n": 3, "d": 2, "k": 2}), (pick, {"n": 3, "k": 3}),
     (embed_and_view, {"n": 2, "t": 2, "v": 3, "e": 2}),
     (roots_and_friends, N3_D2), (clamps, N3_D2), (where_masks, N3_D2), (extrema, N3_D2), (softmaxes, N3_D2),

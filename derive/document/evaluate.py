@@ -8,12 +8,13 @@ document prints, against autograd) read formulas this way, so what is checked is
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
 import sympy as sp
 
-from ..functions import Clamp, Equal, Maximum, Minimum, NonNeg, Relu, Sigmoid, Softplus, Step, Where, Wins
+from ..functions import ACTIVATIONS, Clamp, Equal, Maximum, Minimum, NonNeg, Relu, Sigmoid, Softplus, Step, Where, Wins
 from ..symbolic import IsArgmax, Max, Red, extent
 from .notation import Sigma
 
@@ -27,6 +28,23 @@ _FUNCTIONS = {sp.exp: np.exp, sp.log: np.log, sp.tanh: np.tanh, sp.Abs: np.abs, 
               Clamp: lambda v, lo, hi: np.minimum(np.maximum(v, lo), hi),
               sp.Min: lambda *v: np.minimum.reduce(np.broadcast_arrays(*v)),
               sp.Max: lambda *v: np.maximum.reduce(np.broadcast_arrays(*v))}
+
+
+_ERF = np.vectorize(math.erf, otypes=[float])
+_FUNCTIONS[sp.erf] = _ERF
+
+
+def _numeric(activation, derivative: bool = False) -> callable:
+    """A NumPy function of an activation's formula, or of its derivative, of the argument and the
+    activation's numbers."""
+    x = sp.Dummy("x", real=True)
+    numbers = [sp.Dummy(name, real=True) for name in activation.parameters]
+    written = activation.formula(x, *numbers)
+    return sp.lambdify([x, *numbers], sp.diff(written, x) if derivative else written, modules=[{"erf": _ERF}, "numpy"])
+
+
+for _f in ACTIVATIONS.values():
+    _FUNCTIONS[_f], _FUNCTIONS[_f.derivative] = _numeric(_f), _numeric(_f, derivative=True)
 
 
 class Unsupported(ValueError):

@@ -3,8 +3,6 @@ masks), the element-wise functions of ``derive/functions.py``, ``clamp``, ``wher
 activations torch writes as one call (``F.silu``, ``F.leaky_relu``, ...) as the primitives they are."""
 from __future__ import annotations
 
-import math
-
 import sympy as sp
 
 MASKS = ("gt", "ge", "lt", "le", "eq", "ne", "not", "and")  # 0/1 masks, never differentiated
@@ -133,19 +131,26 @@ class Elementwise:
             return (self * beta).softplus() / beta
         return self._unary("softplus")
 
+    # torch's activations with kernels of their own each way: one primitive each (``functions.Activation``)
     def silu(self):
-        return self * self.sigmoid()
+        return self._unary("silu")
 
     def gelu(self, approximate="none"):
-        if approximate == "tanh":
-            return 0.5 * self * (1 + (math.sqrt(2 / math.pi) * (self + 0.044715 * self ** 3)).tanh())
-        return 0.5 * self * (1 + (self * (1 / math.sqrt(2))).erf())
+        if approximate not in ("none", "tanh"):
+            self._tracer.fail(f"F.gelu(approximate={approximate!r})", "use approximate='none' or 'tanh'")
+        return self._unary("gelu_tanh" if approximate == "tanh" else "gelu")
 
     def leaky_relu(self, negative_slope=0.01):
-        return self.where(self > 0, self * negative_slope)
+        return self._activation("leaky_relu", negative_slope)
 
     def elu(self, alpha=1.0):
-        return self.where(self > 0, alpha * (self.exp() - 1))
+        return self._activation("elu", alpha)
+
+    def _activation(self, op, parameter):
+        """An activation with a number (``F.elu``'s ``alpha``): the number is an argument of its node."""
+        if self.node.op == "labels":
+            self._tracer.fail(f"{op} of integer labels", "use labels only to pick: t[range(n), y]")
+        return self._tracer.record(op, (self.node, self._tracer.scalar(parameter, op)), self.node.shape)
 
     def clamp(self, min=None, max=None):
         """``clamp``/``clip`` to numbers: one primitive, whose gradient passes where min <= x <= max (as torch's)."""
