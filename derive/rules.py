@@ -30,6 +30,8 @@ from typing import Callable
 
 import sympy as sp  # exact constants only (erf's 2/sqrt(pi))
 
+from .functions import ACTIVATIONS
+
 RULES: dict[str, Callable] = {}
 BROADCASTING: set[str] = set()
 
@@ -104,7 +106,7 @@ def _activation_rule(op: str):
     return _activation
 
 
-for _op in ("gelu", "gelu_tanh", "silu", "elu", "leaky_relu"):
+for _op in ACTIVATIONS:
     _activation_rule(_op)
 
 
