@@ -380,6 +380,16 @@ RESIDUE_AT_A_REPLAYED_ARGMAX = _regression('fuzz_found_residue_at_a_replayed_arg
     '    v5 = v3 / v4\n    v6 = F.softmax(v5, dim=1)\n    v7 = (v6 * v6 + 1).log()\n    v8 = v7 ** 3\n    out = v8',
     'x=Tensor("n", "k"), c=Tensor("1", "k"), w=Tensor("k"), eps=Constant(1e-3), scale=Constant(0.75)',
     'x, c, w, eps=0.001, scale=0.75', True, {'n': 5, 'k': 6})
+# A spec variable ``t1`` bound to the output (``t1 = torch.maximum(v5, v2); out = t1``): the output's
+# node is ``out``, and the transpose, unnamed, took ``t1``; the step-by-step check read the spec's
+# ``t1`` as that node (a (k, k) gradient against the output's (1, k)). Generated names now skip the
+# spec's variables.
+GENERATED_NAME_OF_A_SPEC_VARIABLE = _regression(
+    'fuzz_found_generated_name_of_a_spec_variable',
+    '    out = A.T\n    v2 = out.sum(0, keepdim=True)\n    v3 = (v2 * v2 + 1).log()\n    v4 = v3 + v3\n'
+    '    v5 = torch.tanh(v4)\n    t1 = torch.maximum(v5, v2)\n    out = t1',
+    'x=Tensor("n", "k"), b=Tensor("n", "1"), A=Tensor("k", "k"), y=Labels("n", classes="k"), '
+    'eps=Constant(1e-3), scale=Constant(0.75)', 'x, b, A, y, eps=0.001, scale=0.75', True, {'n': 3, 'k': 7})
 SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLOW, INFINITE_THROUGH_MAX,
           INFINITE_THROUGH_PICK, CLAMP_DOCUMENT, WHOLE_SUM_OF_A_SQUARE, SATURATED_SCALAR_TANH,
           SOFTPLUS_SUBNORMAL, SOFTPLUS_OF_SOFTPLUS, TANH_OF_EXP_OVERFLOW, TANH_OF_PICKED_MEAN,
@@ -392,7 +402,8 @@ SOAKED = [SOFTMAX_CANCELS, SOFTMAX_ROWS, SATURATED_TANH_STEPS, SOFTPLUS_UNDERFLO
           DIVIDED_BY_AN_EXPONENTIATED_LOGSUMEXP, SHIFTED_SOFTMAX_OF_A_LUCKY_DRAW, SUM_TIMES_A_SUM,
           EXPONENTIAL_MERGED_INTO_A_TANH, UNREAD_TIE_MASK, SQUARED_DENOMINATOR_MULTIPLIED_OUT,
           SAVED_EXPONENTIAL_INTO_A_TANH, SUM_REGROUPED_IN_THE_FORWARD, SATURATED_SOFTMAX_OF_A_SQUARE,
-          GRADIENT_THAT_CANCELS_TO_ZERO, SUM_THAT_IS_ZERO_AS_WRITTEN, RESIDUE_AT_A_REPLAYED_ARGMAX]
+          GRADIENT_THAT_CANCELS_TO_ZERO, SUM_THAT_IS_ZERO_AS_WRITTEN, RESIDUE_AT_A_REPLAYED_ARGMAX,
+          GENERATED_NAME_OF_A_SPEC_VARIABLE]
 
 
 class Tally:

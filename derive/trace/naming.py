@@ -25,7 +25,9 @@ def name_nodes(nodes: list[Node], local_names: dict, output: Node, regions: list
                 name = _free(var, taken)
                 value.node.name, value.node.named = name, True
                 taken.add(name)
-    taken = {n.name for n in nodes if n.name}
+    # (nor does a generated name take a spec variable's that holds another node: ``t1 = ...; out =
+    # t1`` names that node ``out``, and a ``t1`` of another would be read as the spec's ``t1``)
+    taken = {n.name for n in nodes if n.name} | {var for var, v in local_names.items() if isinstance(v, SymTensor)}
     if not output.name:
         # a spec variable may itself be called ``out`` (``out = torch.tanh(x); return (out*x).sum()``)
         output.name = _free("out", taken | set(sizes))
