@@ -1121,7 +1121,8 @@ def _products_computed_once(elements: list, frame: list, taken: set, softmaxes: 
             return
         if expr.is_Mul:
             mine = factors(parts(expr, at))
-            if sum(mine.values()) >= 2:
+            # (one factor alone too where it calls a function: ``exp(t1 - out)`` in ``dx`` and in ``dw``'s sum)
+            if sum(mine.values()) >= 2 or any(f.atoms(sp.Function) for f in mine):
                 found.append((mine, summed))
         for a in expr.args:
             collect(a, at, summed)

@@ -631,3 +631,28 @@ def test_torch_s_activations_are_its_own_kernels_each_way(call, kernels, tmp_pat
     assert sum(counts[0].values()) <= sum(counts[1].values()), counts
     for ours, theirs in zip(*grads):
         torch.testing.assert_close(ours, theirs)
+
+
+WEIGHTED_LOGSUMEXP = """import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "d"), w=Tensor("d"))
+def weighted_logsumexp(x, w):
+    return torch.logsumexp(x * w, dim=1)
+"""
+
+
+def test_a_function_two_gradients_read_in_different_sums_is_computed_once(tmp_path):
+    """``dx = exp(t1 - out)*dout*w`` and ``dw = sum_n exp(t1 - out)*dout*x``: the exponential was
+    computed in each (two ``exp`` and two subtractions over the full size, 1.3x autograd's time at
+    1024 x 256), since a product was shared only where two full-size factors repeat. A function
+    alone is a factor to share too: one ``exp``, as autograd's backward of ``logsumexp``."""
+    layer, kernel = user_layer(tmp_path, WEIGHTED_LOGSUMEXP, "weighted_logsumexp")
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    counts, grads = backward_counts((kernel, layer.fn), (x, w), torch.randn(6, dtype=torch.float64), Calls)
+    assert counts[0]["aten::exp"] + counts[0]["aten::exp_"] == 1, counts[0]
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs)
