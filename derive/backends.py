@@ -249,9 +249,7 @@ class CodeOps:
     def activation_backward(self, op, grad, a, parameters):
         """``grad`` through one of torch's activations (``functions.Activation``): its own backward
         kernel, one pass, as autograd computes it; the formula beside it for the reader."""
-        f = ACTIVATIONS[op]
-        numbers = dict(zip(f.parameters, map(str, parameters)))
-        return Code(f.backward.format(g=grad, x=a, **numbers), formula=Code(f"{op}'({a})") * grad)
+        return Code(ACTIVATIONS[op].backward_call(grad, a, map(str, parameters)), formula=Code(f"{op}'({a})") * grad)
 
     def index_add(self, table, index, grad):
         # out of place: under torch.func.vmap the zeros are not batched while the gradient is

@@ -202,7 +202,7 @@ _KERNEL_VALUES = {_TANH_BACKWARD: "{g}*(1 - {y}**2)", _SIGMOID_BACKWARD: "{g}*(1
 
 
 for _op, _activation in reversed(ACTIVATIONS.items()):  # (gelu's own name for the kernel both gelus call)
-    _KERNEL_VALUES[_activation.backward.split("(")[0]] = f"{{g}}*{_op}'({{y}})"
+    _KERNEL_VALUES[_activation.kernel()] = f"{{g}}*{_op}'({{y}})"
 
 
 def _called(name: str, g: str, y: str, extra) -> str:
@@ -574,10 +574,8 @@ class _Planner:
         if isinstance(f, Step) and self.full(f.args[0]):
             return _THRESHOLD_BACKWARD, f.args[0], [f], 1, _EXTRA_ARGUMENTS[_THRESHOLD_BACKWARD]
         if isinstance(f, ActivationDerivative) and self.full(f.args[0]):
-            activation = f.activation
-            numbers = dict(zip(activation.parameters, map(self.text, f.args[1:])))
-            return (activation.backward.split("(")[0], f.args[0], [f], 1,
-                    lambda g, y: activation.backward.format(g=g, x=y, **numbers))
+            activation, numbers = f.activation, [self.text(a) for a in f.args[1:]]
+            return activation.kernel(), f.args[0], [f], 1, lambda g, y: activation.backward_call(g, y, numbers)
         if isinstance(f, Sigmoid) and self.printer.softplus_grads and self.full(f.args[0]):
             # a softplus's derivative, as the printer writes it (``KernelPrinter._softplus_backward``):
             # ``exp(z)/(exp(z) + 1)`` keeps the subnormal digits ``torch.sigmoid`` loses

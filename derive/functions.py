@@ -161,6 +161,21 @@ class Activation(sp.Function):
     def formula(x, *parameters):
         raise NotImplementedError
 
+    @classmethod
+    def forward_call(cls, x: str, numbers) -> str:
+        """The torch call of it on ``x`` with its ``numbers`` (all printed)."""
+        return cls.forward.format(x=x, **dict(zip(cls.parameters, numbers)))
+
+    @classmethod
+    def backward_call(cls, g: str, x: str, numbers) -> str:
+        """Its backward kernel's call given the gradient ``g``, on ``x`` with its ``numbers`` (printed)."""
+        return cls.backward.format(g=g, x=x, **dict(zip(cls.parameters, numbers)))
+
+    @classmethod
+    def kernel(cls) -> str:
+        """The name of its backward kernel (``torch.ops.aten.gelu_backward``)."""
+        return cls.backward.split("(")[0]
+
     def fdiff(self, argindex=1):
         # (its parameters are numbers of the spec, never differentiated)
         return self.derivative(*self.args) if argindex == 1 else sp.S.Zero
@@ -493,14 +508,15 @@ NOT_INVERTIBLE = (Relu, Step, Wins, sp.Abs, sp.sign, Softplus, NonNeg, Equal, Wh
 ELEMENTWISE = {"exp": sp.exp, "log": sp.log, "tanh": sp.tanh, "sigmoid": Sigmoid, "relu": Relu, "abs": sp.Abs,
                "softplus": Softplus, "sqrt": sp.sqrt, "rsqrt": _rsqrt, "erf": sp.erf, "sin": sp.sin, "cos": sp.cos,
                "log1p": _log1p, **ACTIVATIONS}
-# the torch call a traced op prints as, where it is not ``torch.<op>({x})``
-TORCH_CALL = {"softplus": "F.softplus({x})", **{op: f.forward for op, f in ACTIVATIONS.items()}}
+# the torch call a traced op prints as, where it is not ``torch.<op>({x})`` (nor an activation's own)
+TORCH_CALL = {"softplus": "F.softplus({x})"}
 
 
 def torch_call(op: str, x: str, parameters: list) -> str:
     """The torch call of the traced element-wise ``op`` on ``x`` (printed) and its parameters (printed)."""
-    names = ACTIVATIONS[op].parameters if op in ACTIVATIONS else ()
-    return TORCH_CALL.get(op, f"torch.{op}({{x}})").format(x=x, **dict(zip(names, parameters)))
+    if op in ACTIVATIONS:
+        return ACTIVATIONS[op].forward_call(x, parameters)
+    return TORCH_CALL.get(op, f"torch.{op}({{x}})").format(x=x)
 
 # comparisons: traced op -> (mask of a and b, the Python operator); 0/1 values, never differentiated
 COMPARISONS = {"gt": (lambda a, b: Step(a - b), ">"), "ge": (lambda a, b: NonNeg(a - b), ">="),

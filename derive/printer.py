@@ -935,21 +935,21 @@ class KernelPrinter(TorchPrinter):
 
         def through(code):
             for d in derivatives:
-                code = self._activation_call(d.activation.backward, d, g=code)
+                code = d.activation.backward_call(code, *self._printed_arguments(d))
             return code
         return self._kernel_of_gradient([f for f in factors if f not in derivatives], through)
 
-    def _activation_call(self, template: str, expr, **more) -> str:
-        """``template`` (an activation's forward or backward call) of ``expr``'s argument and numbers."""
-        numbers = dict(zip(getattr(expr, "activation", expr).parameters, map(self._print, expr.args[1:])))
-        return template.format(x=self._print(expr.args[0]), **numbers, **more)
+    def _printed_arguments(self, expr) -> tuple[str, list]:
+        """An activation's (or its derivative's) argument and numbers, printed."""
+        return self._print(expr.args[0]), [self._print(a) for a in expr.args[1:]]
 
     def _print_Activation(self, expr):
-        return self._activation_call(expr.forward, expr)
+        return expr.forward_call(*self._printed_arguments(expr))
 
     def _print_ActivationDerivative(self, expr):
         # alone (not meeting a gradient): the kernel given ones
-        return self._activation_call(expr.activation.backward, expr, g=f"torch.ones_like({self._print(expr.args[0])})")
+        x, numbers = self._printed_arguments(expr)
+        return expr.activation.backward_call(f"torch.ones_like({x})", x, numbers)
 
     def _print_Mul(self, expr):
         if all(isinstance(f, COMPARISON_MASKS) for f in expr.args):

@@ -243,7 +243,7 @@ def choose(layer: Layer, fused_only: bool = False) -> Choice:
                 continue
             _undo_last(formula, forbidden, changes)
         attempt += 1
-        judged |= {(f.input, f.code) for v in failing for f in [formulas[v]]}
+        judged |= {(formulas[v].input, formulas[v].code) for v in failing}
         kernel, fault = _rebuilt(layer, forbidden, as_written, replayed)
         # undoing a rewrite may give a form judged already (solving ``pred - target`` for ``pred``
         # or for ``target`` is one rewrite): its next rewrite is undone too, neither judged again

@@ -104,10 +104,12 @@ class Elementwise:
         return self
 
     # -- element-wise functions --------------------------------------------------------------
-    def _unary(self, op):
+    def _unary(self, op, *parameters):
+        """``op`` of this tensor; an activation's numbers (``F.elu``'s ``alpha``) are arguments of its node."""
         if self.node.op == "labels":
             self._tracer.fail(f"{op} of integer labels", "use labels only to pick: t[range(n), y]")
-        return self._tracer.record(op, (self.node,), self.node.shape)
+        numbers = tuple(self._tracer.scalar(p, op) for p in parameters)
+        return self._tracer.record(op, (self.node, *numbers), self.node.shape)
 
     def exp(self): return self._unary("exp")
     def log(self): return self._unary("log")
@@ -141,16 +143,10 @@ class Elementwise:
         return self._unary("gelu_tanh" if approximate == "tanh" else "gelu")
 
     def leaky_relu(self, negative_slope=0.01):
-        return self._activation("leaky_relu", negative_slope)
+        return self._unary("leaky_relu", negative_slope)
 
     def elu(self, alpha=1.0):
-        return self._activation("elu", alpha)
-
-    def _activation(self, op, parameter):
-        """An activation with a number (``F.elu``'s ``alpha``): the number is an argument of its node."""
-        if self.node.op == "labels":
-            self._tracer.fail(f"{op} of integer labels", "use labels only to pick: t[range(n), y]")
-        return self._tracer.record(op, (self.node, self._tracer.scalar(parameter, op)), self.node.shape)
+        return self._unary("elu", alpha)
 
     def clamp(self, min=None, max=None):
         """``clamp``/``clip`` to numbers: one primitive, whose gradient passes where min <= x <= max (as torch's)."""
