@@ -189,11 +189,13 @@ def _blocks(steps: list) -> list[dict]:
     return blocks
 
 
-def render_function(kernel: Kernel, same_as_autograd: bool = False) -> str:
-    """The fused Function's module. ``same_as_autograd``: in eager mode ``<name>(...)`` runs the
-    forward under autograd, whose backward computes the derived one kernel for kernel
-    (``same_kernels.runs_the_same`` has checked it), where ``_autograd_runs_it`` does not already
-    see that in the formulas."""
+def render_function(kernel: Kernel, route: str = "") -> str:
+    """The fused Function's module. ``route``: in eager mode ``<name>(...)`` runs the forward under
+    autograd, where ``_autograd_runs_it`` does not already see in the formulas that its backward is
+    the derived one: ``"same"``, autograd's backward computes the derived one kernel for kernel
+    (``same_kernels.runs_the_same`` has checked it); ``"vectors"``, the layer computes vectors only
+    (``computes_vectors_only``) and autograd through the forward passes the numerical battery
+    (``select.passes``)."""
     # shared temporaries, then the gradients, each under the ``if`` of the gradients that need it;
     # consecutive statements with the same condition share one ``if``
     steps = [(" or ".join(f"needs[{u}]" for u in s.users),
@@ -226,6 +228,7 @@ def render_function(kernel: Kernel, same_as_autograd: bool = False) -> str:
         forward_args=", ".join(list(kernel.layer.inputs) + kernel.sizes),
         backward_args=", ".join([f"d{kernel.output}"] + kernel.saved + kernel.sizes + kernel.constants_used),
         output=kernel.output,
+        written_output=kernel.graph.output.name,
         grad_output=f"d{kernel.output}",
         grad_names=[f"d{n}" for n in kernel.layer.differentiable],
         # eager autograd's backward computes the in-place chains (backward_plan.chain_form); a graph
@@ -245,12 +248,15 @@ def render_function(kernel: Kernel, same_as_autograd: bool = False) -> str:
     context["unread_note"] = (f"({', '.join(unread)}: the output does not read {'it' if len(unread) == 1 else 'them'}; "
                               f"detached, autograd has no edge to follow there)") if unread else ""
     context["apply_args"] = ", ".join(f"{k}.detach()" if k in unread else k for k in kernel.layer.inputs)
-    context["autograd_kernel"] = _autograd_runs_it(kernel) or ("same" if same_as_autograd else False)
+    context["autograd_kernel"] = route if route == "vectors" else _autograd_runs_it(kernel) or route or False
+    # the vectors' route runs the spec's own operations, one per line, under autograd
+    context["forward_as_written"] = _forward_as_written(kernel) if context["autograd_kernel"] == "vectors" else None
     body = environment().get_template("function.py.j2").render(header="", autograd_digest="", **context)
     # the digest of the two functions whose text, as generated, makes the kernel autograd's own: a
     # hand edit of either one sends the calls through the Function again, which runs the edit
     if context["autograd_kernel"]:
-        functions = ("_forward_with_graph", context["eager_backward"])
+        functions = ("_forward_with_graph", context["eager_backward"]) + \
+            (("_forward_as_written",) if context["forward_as_written"] else ())
         body = body.replace('"digest": ""', f'"digest": "{_functions_digest(body, functions)}"', 1)
     body = body.lstrip("\n")
     return header(kernel, "#", body, templates=TEMPLATES_OF["function"]) + body
@@ -286,6 +292,27 @@ def _autograd_runs_it(kernel: Kernel) -> bool | str:
     return bool(read) and all(one_kernel_of(f.chain, upstream) in allowed
                               or op == "sum" and expanded.fullmatch(f.code)
                               or op in ("softmax", "log_softmax") and normalizer.fullmatch(f.code) for f in read)
+
+
+def _forward_as_written(kernel: Kernel) -> list[tuple[str, str]]:
+    """The lines of the spec's operations the output reads, one per line as the step-by-step
+    forward writes them: autograd through them is autograd through the spec, where the fused
+    forward's algebra (``2*c + 2*w`` for ``v1 = w + c; v1 + v1``) can make autograd record more."""
+    from .backends import Code
+    from .trace.tracer import reachable
+
+    printer = type("ScalarPrinter", (), {"doprint": staticmethod(lambda v: Code.lift(v).text)})()
+    return forward_lines(kernel.graph, printer, only=reachable(kernel.graph.output))
+
+
+def computes_vectors_only(kernel: Kernel) -> bool:
+    """Whether every value the output reads, inputs and intermediates, has at most one axis of a
+    size ((n, 1), (1, k), (k,), a scalar): a call then computes O(n + k) numbers, and a Python
+    ``autograd.Function``'s fixed cost per call (tens of microseconds: ``scripts/function_floor.py``)
+    is more than a derived backward can save over autograd's at any size such a layer is run at."""
+    from .trace.tracer import reachable
+
+    return all(sum(1 for size in node.shape if size != 1) <= 1 for node in reachable(kernel.graph.output))
 
 
 def _autograd_runs_the_chain(kernel: Kernel, operations: list) -> bool:

@@ -116,8 +116,9 @@ def line(node: Node, printer, view: str = "view") -> str:
     raise ValueError(f"no forward printer for {op!r}")
 
 
-def forward_lines(graph: Graph, printer) -> list[tuple[str, str]]:
-    """``[(code, comment)]`` for every computed node, in order (sizes by their ``size_names``)."""
+def forward_lines(graph: Graph, printer, only: set | None = None) -> list[tuple[str, str]]:
+    """``[(code, comment)]`` for every computed node (of ``only``, where given), in order (sizes by
+    their ``size_names``)."""
     names = size_names(graph)
 
     class Renamed:
@@ -128,7 +129,7 @@ def forward_lines(graph: Graph, printer) -> list[tuple[str, str]]:
     view = "view" if contiguous(graph) else "reshape"
     out = []
     for node in graph.nodes:
-        if node.op in ("input", "labels"):
+        if node.op in ("input", "labels") or only is not None and node not in only:
             continue
         source = node.source.split("#")[0].strip()
         comment = f"{node.within or 'spec'} line {node.line}: {source}" if source else ""

@@ -21,7 +21,7 @@ from . import cache
 from . import codegen
 from . import native
 from .book import index_markdown, index_specs
-from .codegen import render_function, render_steps, render_synced
+from .codegen import computes_vectors_only, render_function, render_steps, render_synced
 from .synced import has_batch_sums, synced_cached
 from .derivation import render_markdown, render_tex, render_unwritten
 from .derivation_steps import render_steps_markdown, render_steps_tex
@@ -31,7 +31,7 @@ from .kernel import Kernel, build_cached
 from .parallel import cores, fork_map
 from .prove import Proof, default_sizes, prove
 from .same_kernels import runs_the_same
-from .select import CHANGED, STEPS_FAIL, Choice, chosen
+from .select import CHANGED, STEPS_FAIL, Choice, chosen, passes
 from .spec import Layer, sizes_text
 from .trace import Graph, trace
 from .verify import against_autograd, load_module, steps_table
@@ -105,9 +105,16 @@ def render_kernel(layer: Layer, choice: Choice | None = None, graph=None) -> str
     choice = choice or chosen(layer)
     if not choice.fused:
         return render_steps(graph or trace(layer), choice.reason)
+    # a layer of vectors runs the spec's own operations under autograd, where they pass the battery:
+    # autograd records no more than through the spec (through the fused forward, views such as
+    # ``c.view(k).log_softmax(0).view(1, k)`` are nodes too, a call's time each at these sizes)
+    if computes_vectors_only(choice.kernel):
+        routed = render_function(choice.kernel, route="vectors")
+        if passes(layer, routed, choice.verdict.settings if choice.verdict else None):
+            return routed
     text = render_function(choice.kernel)
     if "def _autograd_is_the_kernel" not in text:  # (codegen did not see autograd's own kernels in the formulas)
-        routed = render_function(choice.kernel, same_as_autograd=True)
+        routed = render_function(choice.kernel, route="same")
         if runs_the_same(layer, text, routed):
             return routed
     return text

@@ -174,6 +174,14 @@ def _check_written(kernel: Kernel, draws: list) -> battery.Verdict:
         return battery.run(kernel.layer, fn, battery.battery_sizes(kernel.layer), draws=draws)
 
 
+def passes(layer: Layer, source: str, draws: list | None = None) -> bool:
+    """Whether the module ``source`` passes the battery at the bar every written kernel is held to
+    (``_check_written``): a form of the module other than the one chosen (its forward run under
+    autograd, ``codegen.render_function``'s route)."""
+    with _imported(layer.name, source) as fn:
+        return battery.run(layer, fn, battery.battery_sizes(layer), draws=draws).passed
+
+
 def choose(layer: Layer, fused_only: bool = False) -> Choice:
     """The kernel ``layer`` gets (see the module docstring); ``fused_only`` raises instead of
     falling back to the step-by-step backward."""
@@ -363,4 +371,4 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-__all__ = ["Choice", "choose", "chosen", "check", "fused_kernel", "has_fused_kernel"]
+__all__ = ["Choice", "choose", "chosen", "check", "passes", "fused_kernel", "has_fused_kernel"]

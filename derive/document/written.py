@@ -528,7 +528,10 @@ class Written:
                 target = mine[0]
             symbol = sp.Dummy("v")
             replaced = definition.xreplace({target: symbol})
-            if replaced.count(symbol) != 1 or any(isinstance(f, IsArgmax) for f in replaced.atoms(sp.Function)):
+            if replaced.count(symbol) != 1 or any(isinstance(f, IsArgmax) or symbol in f.free_symbols
+                                                  for f in replaced.atoms(sp.Function)):
+                # (an argmax's, or an inverse of a function: sympy's solve took 14 s for
+                # ``out = tanh(tanh(2*v))``, and ran for more than ten minutes for ``tanh(v)**3``)
                 continue
             try:
                 found = sp.solve(sp.Eq(el.ref(line), replaced), symbol, dict=False)
