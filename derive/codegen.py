@@ -309,7 +309,9 @@ def computes_vectors_only(kernel: Kernel) -> bool:
     """Whether every value the output reads, inputs and intermediates, has at most one axis of a
     size ((n, 1), (1, k), (k,), a scalar): a call then computes O(n + k) numbers, and a Python
     ``autograd.Function``'s fixed cost per call (tens of microseconds: ``scripts/function_floor.py``)
-    is more than a derived backward can save over autograd's at any size such a layer is run at."""
+    is more than a derived backward can save over autograd's. (A full-size input reduced to vectors
+    is not such a layer: ``logsumexp(x, 1)``'s derived ``dx`` makes one full-size buffer where
+    autograd's backward makes three.)"""
     from .trace.tracer import reachable
 
     return all(sum(1 for size in node.shape if size != 1) <= 1 for node in reachable(kernel.graph.output))
