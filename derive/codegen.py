@@ -297,12 +297,19 @@ def _autograd_runs_it(kernel: Kernel) -> bool | str:
 def _forward_as_written(kernel: Kernel) -> list[tuple[str, str]]:
     """The lines of the spec's operations the output reads, one per line as the step-by-step
     forward writes them: autograd through them is autograd through the spec, where the fused
-    forward's algebra (``2*c + 2*w`` for ``v1 = w + c; v1 + v1``) can make autograd record more."""
+    forward's algebra (``2*c + 2*w`` for ``v1 = w + c; v1 + v1``) can make autograd record more.
+    A line nothing after it reads is left out: the trace records what a step-by-step rule reads
+    (``b.var(0)``'s centred values and their squares), which ``b.var(0)`` does not."""
     from .backends import Code
-    from .trace.tracer import reachable
 
     printer = type("ScalarPrinter", (), {"doprint": staticmethod(lambda v: Code.lift(v).text)})()
-    return forward_lines(kernel.graph, printer, only=reachable(kernel.graph.output))
+    needed, kept = {kernel.graph.output.name}, []
+    for code, comment in reversed(forward_lines(kernel.graph, printer)):
+        name, _, value = code.partition(" = ")
+        if name in needed:
+            kept.append((code, comment))
+            needed |= set(re.findall(r"[A-Za-z_]\w*", value))
+    return kept[::-1]
 
 
 def computes_vectors_only(kernel: Kernel) -> bool:

@@ -116,9 +116,8 @@ def line(node: Node, printer, view: str = "view") -> str:
     raise ValueError(f"no forward printer for {op!r}")
 
 
-def forward_lines(graph: Graph, printer, only: set | None = None) -> list[tuple[str, str]]:
-    """``[(code, comment)]`` for every computed node (of ``only``, where given), in order (sizes by
-    their ``size_names``)."""
+def forward_lines(graph: Graph, printer) -> list[tuple[str, str]]:
+    """``[(code, comment)]`` for every computed node, in order (sizes by their ``size_names``)."""
     names = size_names(graph)
 
     class Renamed:
@@ -129,7 +128,7 @@ def forward_lines(graph: Graph, printer, only: set | None = None) -> list[tuple[
     view = "view" if contiguous(graph) else "reshape"
     out = []
     for node in graph.nodes:
-        if node.op in ("input", "labels") or only is not None and node not in only:
+        if node.op in ("input", "labels"):
             continue
         source = node.source.split("#")[0].strip()
         comment = f"{node.within or 'spec'} line {node.line}: {source}" if source else ""

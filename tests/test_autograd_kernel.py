@@ -10,6 +10,7 @@ import torch
 
 from derive.cli import main
 from derive.layers import from_file
+from derive.same_kernels import _Computed
 from derive.verify import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,6 +124,13 @@ def doubled_bias(x, b, c, w, p):
 def row_log_probabilities(c):
     """A log-softmax of one row: the fused forward reads it as ``c.view(d)`` (two views more)."""
     return F.log_softmax(c, dim=-1)
+
+
+@layer(b=Tensor("n", "1"))
+def spread(b):
+    """A variance of a column: the trace records the centred values and their squares for the
+    step-by-step rule, which ``b.var(0)`` does not compute."""
+    return b.var(0, unbiased=False)
 
 
 @layer(b=Tensor("n", "1"), c=Tensor("1", "d"))
@@ -339,14 +347,17 @@ def _recorded(out) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("name, names", [("doubled_bias", ("x", "b", "c", "w", "p")), ("row_log_probabilities", ("c",)),
-                                         ("total", ("x", "w"))])
-def test_a_layer_of_vectors_runs_the_spec_s_operations_under_autograd(folder, name, names):
+@pytest.mark.parametrize("name, names, read", [("doubled_bias", ("x", "b", "c", "w", "p"), ("c", "w")),
+                                               ("row_log_probabilities", ("c",), ("c",)), ("total", ("x", "w"), ("w",)),
+                                               ("spread", ("b",), ("b",))])
+def test_a_layer_of_vectors_runs_the_spec_s_operations_under_autograd(folder, name, names, read):
     """Every value at most one axis of a size: a call computes a few vectors, and through the Function
     (``tanh(tanh(2*(w + c)))`` beside three unread inputs) it took 1.8x autograd's time through the
     spec at 1024 x 512, a log-softmax of one row 3.2x. ``<name>(...)`` runs the spec's operations
     under autograd: the nodes autograd records, the output and the gradients are those of autograd
-    through the spec, bit for bit; the Function's derived gradients agree with them."""
+    through the spec, bit for bit, and the operations run forward and backward are the spec's (a
+    variance of a column computed the trace's centred values and squares beside it: 1.55x); the
+    Function's derived gradients agree with them."""
     m = module(folder, name)
     assert m._autograd_is_the_kernel() and hasattr(m, "_forward_as_written")
     assert "runs the spec's operations under autograd" in m.__doc__
@@ -360,12 +371,14 @@ def test_a_layer_of_vectors_runs_the_spec_s_operations_under_autograd(folder, na
     results = []
     for run in (lambda args: getattr(m, name)(*args), spec.fn, lambda args: function.apply(*args)[0]):
         args = [inputs[k].clone().requires_grad_(k != "p") for k in names]
-        out = run(*args) if run is spec.fn else run(args)
-        read = [a for k, a in zip(names, args) if a.requires_grad and k in ("c", "w")]
-        grads = torch.autograd.grad(out, read, torch.randn(out.shape, generator=gen.manual_seed(2), dtype=out.dtype))
-        results.append((_recorded(out), out.detach(), grads))
-    (routed_nodes, out, grads), (spec_nodes, spec_out, spec_grads), (function_nodes, out3, grads3) = results
+        with _Computed() as computed:
+            out = run(*args) if run is spec.fn else run(args)
+            grads = torch.autograd.grad(out, [a for k, a in zip(names, args) if k in read], torch.randn(out.shape, generator=gen.manual_seed(2), dtype=out.dtype))
+        results.append((_recorded(out), out.detach(), grads, computed.counts))
+    (routed_nodes, out, grads, routed_ops), (spec_nodes, spec_out, spec_grads, spec_ops), (function_nodes, out3, grads3, _) \
+        = results
     assert routed_nodes == spec_nodes and not any("Function" in node for node in routed_nodes)
+    assert routed_ops == spec_ops
     assert function_nodes[0].endswith("FunctionBackward")
     assert torch.equal(out, spec_out) and all(torch.equal(a, b) for a, b in zip(grads, spec_grads))
     torch.testing.assert_close(out3, out)
