@@ -294,14 +294,18 @@ def test_other_operations_in_autograd_keep_the_function(folder):
     assert not hasattr(m, "_autograd_is_the_kernel")
 
 
+def _edited(folder: Path, tmp_path: Path, name: str, line: str):
+    """The module ``name`` with the backward's ``line`` scaled by 1.01, as a hand edit would."""
+    text = (folder / f"{name}.py").read_text()
+    assert line in text
+    edited = tmp_path / f"{name}.py"
+    edited.write_text(text.replace(line, line[:-1] + " * 1.01\n"))
+    return load_module(edited)
+
+
 def test_a_hand_edit_of_the_kernel_runs_the_edit(folder, tmp_path):
     """The edited backward is what runs (and what ``derive verify`` then holds against autograd)."""
-    text = (folder / "squash.py").read_text()
-    line = "        dx = torch.ops.aten.tanh_backward(dout, out)\n"
-    assert line in text
-    edited = tmp_path / "squash.py"
-    edited.write_text(text.replace(line, line.replace("out)\n", "out) * 1.01\n")))
-    m = load_module(edited)
+    m = _edited(folder, tmp_path, "squash", "        dx = torch.ops.aten.tanh_backward(dout, out)\n")
     assert not m._autograd_is_the_kernel()
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     out = m.squash(x)
@@ -389,12 +393,8 @@ def test_a_layer_of_vectors_runs_the_spec_s_operations_under_autograd(folder, na
 def test_a_hand_edit_of_a_vector_layer_s_backward_runs_the_edit(folder, tmp_path):
     """The route runs the spec's operations; an edit of the derived backward sends the calls through
     the Function again, which runs the edit."""
-    text = (folder / "doubled_bias.py").read_text()
-    line = "        dv = 2*torch.ops.aten.tanh_backward(torch.ops.aten.tanh_backward(dout, out), t2)\n"
-    assert line in text
-    edited = tmp_path / "doubled_bias.py"
-    edited.write_text(text.replace(line, line.replace(")\n", ") * 1.01\n")))
-    m = load_module(edited)
+    m = _edited(folder, tmp_path, "doubled_bias",
+                "        dv = 2*torch.ops.aten.tanh_backward(torch.ops.aten.tanh_backward(dout, out), t2)\n")
     assert not m._autograd_is_the_kernel()
     c = torch.randn(1, 5, dtype=torch.float64, requires_grad=True)
     x, b, p = (torch.randn(*shape, dtype=torch.float64) for shape in ((3, 5), (3, 1), (3, 5)))
