@@ -300,16 +300,20 @@ def _forward_as_written(kernel: Kernel) -> list[tuple[str, str]]:
     forward's algebra (``2*c + 2*w`` for ``v1 = w + c; v1 + v1``) can make autograd record more.
     A line nothing after it reads is left out: the trace records what a step-by-step rule reads
     (``b.var(0)``'s centred values and their squares), which ``b.var(0)`` does not."""
-    from .backends import Code
-
-    printer = type("ScalarPrinter", (), {"doprint": staticmethod(lambda v: Code.lift(v).text)})()
     needed, kept = {kernel.graph.output.name}, []
-    for code, comment in reversed(forward_lines(kernel.graph, printer)):
+    for code, comment in reversed(forward_lines(kernel.graph, _scalar_printer())):
         name, _, value = code.partition(" = ")
         if name in needed:
             kept.append((code, comment))
             needed |= set(re.findall(r"[A-Za-z_]\w*", value))
     return kept[::-1]
+
+
+def _scalar_printer():
+    """The printer of the step-by-step forward's lines: each value as ``backends.Code`` writes it."""
+    from .backends import Code
+
+    return type("ScalarPrinter", (), {"doprint": staticmethod(lambda v: Code.lift(v).text)})()
 
 
 def computes_vectors_only(kernel: Kernel) -> bool:
@@ -367,13 +371,11 @@ def render_steps(graph, kernel_reason: str = "") -> str:
     """The step-by-step backward module of a traced layer (``<name>_steps.py``). With
     ``kernel_reason`` it is the layer's kernel (``<name>.py``, the Function named as a fused one
     would be) where no fused form is used, and its docstring says why."""
-    from .backends import Code
     from .stepwise import emit
 
     layer = graph.layer
     lines, grads = emit(graph)
-    printer = type("ScalarPrinter", (), {"doprint": staticmethod(lambda v: Code.lift(v).text)})()
-    forward = forward_lines(graph, printer)
+    forward = forward_lines(graph, _scalar_printer())
     text = " ".join(line.code for line in lines)
     sources, checks, _ = size_checks(graph)
     forward, dropped = _without_unread_temporaries(graph, forward, text, sources)
