@@ -195,7 +195,7 @@ def render_function(kernel: Kernel, route: str = "") -> str:
     the derived one: ``"same"``, autograd's backward computes the derived one kernel for kernel
     (``same_kernels.runs_the_same`` has checked it); ``"vectors"``, the layer computes vectors only
     (``computes_vectors_only``) and autograd through the forward passes the numerical battery
-    (``select.passes``)."""
+    (``select.check_written``)."""
     # shared temporaries, then the gradients, each under the ``if`` of the gradients that need it;
     # consecutive statements with the same condition share one ``if``
     steps = [(" or ".join(f"needs[{u}]" for u in s.users),
@@ -248,7 +248,7 @@ def render_function(kernel: Kernel, route: str = "") -> str:
     context["unread_note"] = (f"({', '.join(unread)}: the output does not read {'it' if len(unread) == 1 else 'them'}; "
                               f"detached, autograd has no edge to follow there)") if unread else ""
     context["apply_args"] = ", ".join(f"{k}.detach()" if k in unread else k for k in kernel.layer.inputs)
-    context["autograd_kernel"] = route if route == "vectors" else _autograd_runs_it(kernel) or route or False
+    context["autograd_kernel"] = route or _autograd_runs_it(kernel) or False
     # the vectors' route runs the spec's own operations, one per line, under autograd
     context["forward_as_written"] = _forward_as_written(kernel) if context["autograd_kernel"] == "vectors" else None
     body = environment().get_template("function.py.j2").render(header="", autograd_digest="", **context)
@@ -300,13 +300,8 @@ def _forward_as_written(kernel: Kernel) -> list[tuple[str, str]]:
     forward's algebra (``2*c + 2*w`` for ``v1 = w + c; v1 + v1``) can make autograd record more.
     A line nothing after it reads is left out: the trace records what a step-by-step rule reads
     (``b.var(0)``'s centred values and their squares), which ``b.var(0)`` does not."""
-    needed, kept = {kernel.graph.output.name}, []
-    for code, comment in reversed(forward_lines(kernel.graph, _scalar_printer())):
-        name, _, value = code.partition(" = ")
-        if name in needed:
-            kept.append((code, comment))
-            needed |= set(re.findall(r"[A-Za-z_]\w*", value))
-    return kept[::-1]
+    forward = forward_lines(kernel.graph, _scalar_printer())
+    return _without_unread_temporaries(kernel.graph, forward, "", [], keep_named=False)[0]
 
 
 def _scalar_printer():
@@ -442,17 +437,18 @@ def _freeing(codes: list[str], kept: set[str]) -> list[str]:
     return out
 
 
-def _without_unread_temporaries(graph, forward: list, backward: str, sources) -> tuple[list, set]:
+def _without_unread_temporaries(graph, forward: list, backward: str, sources,
+                                keep_named: bool = True) -> tuple[list, set]:
     """The step-by-step forward's lines but those of automatic temporaries (not a variable of the
-    spec) that neither the output, a later line nor the backward reads, and their names: the
-    squares and sum of ``x.var()``'s steps, which ``torch.var`` computes itself (two passes over
-    memory the spec does not make)."""
+    spec; with ``keep_named=False`` any line) that neither the output, a later line nor the
+    backward reads, and their names: the squares and sum of ``x.var()``'s steps, which
+    ``torch.var`` computes itself (two passes over memory the spec does not make)."""
     computed = [n for n in graph.nodes if n.op not in ("input", "labels")]
     words = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
     needed = set(words.findall(backward)) | {graph.output.name} | {tensor for _, tensor in sources}
     kept, dropped = [], set()
     for node, (code, comment) in reversed(list(zip(computed, forward))):
-        if not node.named and node.name not in needed:
+        if not (keep_named and node.named) and node.name not in needed:
             dropped.add(node.name)
             continue
         kept.append((code, comment))

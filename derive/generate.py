@@ -31,7 +31,7 @@ from .kernel import Kernel, build_cached
 from .parallel import cores, fork_map
 from .prove import Proof, default_sizes, prove
 from .same_kernels import runs_the_same
-from .select import CHANGED, STEPS_FAIL, Choice, chosen, passes
+from .select import CHANGED, STEPS_FAIL, Choice, check_written, chosen
 from .spec import Layer, sizes_text
 from .trace import Graph, trace
 from .verify import against_autograd, load_module, steps_table
@@ -110,7 +110,7 @@ def render_kernel(layer: Layer, choice: Choice | None = None, graph=None) -> str
     # ``c.view(k).log_softmax(0).view(1, k)`` are nodes too, a call's time each at these sizes)
     if computes_vectors_only(choice.kernel):
         routed = render_function(choice.kernel, route="vectors")
-        if passes(layer, routed, choice.verdict.settings if choice.verdict else None):
+        if check_written(layer, routed, choice.verdict.settings if choice.verdict else None).passed:
             return routed
     text = render_function(choice.kernel)
     if "def _autograd_is_the_kernel" not in text:  # (codegen did not see autograd's own kernels in the formulas)

@@ -170,16 +170,16 @@ def check(kernel: Kernel, draws: list | None = None) -> battery.Verdict:
 def _check_written(kernel: Kernel, draws: list) -> battery.Verdict:
     """The battery at the bar every written kernel is held to (``SLACK``, each setting's draws
     together), not the margin forms are chosen by."""
-    with _imported_kernel(kernel) as fn:
-        return battery.run(kernel.layer, fn, battery.battery_sizes(kernel.layer), draws=draws)
+    from .codegen import render_function
+
+    return check_written(kernel.layer, render_function(kernel), draws)
 
 
-def passes(layer: Layer, source: str, draws: list | None = None) -> bool:
-    """Whether the module ``source`` passes the battery at the bar every written kernel is held to
-    (``_check_written``): a form of the module other than the one chosen (its forward run under
-    autograd, ``codegen.render_function``'s route)."""
+def check_written(layer: Layer, source: str, draws: list | None = None) -> battery.Verdict:
+    """``_check_written`` of the module ``source``: also a form of the module other than the one
+    chosen (its forward run under autograd, ``codegen.render_function``'s route)."""
     with _imported(layer.name, source) as fn:
-        return battery.run(layer, fn, battery.battery_sizes(layer), draws=draws).passed
+        return battery.run(layer, fn, battery.battery_sizes(layer), draws=draws)
 
 
 def choose(layer: Layer, fused_only: bool = False) -> Choice:
@@ -371,4 +371,4 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-__all__ = ["Choice", "choose", "chosen", "check", "passes", "fused_kernel", "has_fused_kernel"]
+__all__ = ["Choice", "choose", "chosen", "check", "check_written", "fused_kernel", "has_fused_kernel"]
