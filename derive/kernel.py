@@ -583,7 +583,8 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     # the saved tanhs (by the names printed), each with its place in the forward
     tanhs = {rename.get(n.name, n.name): k for k, n in enumerate(el.graph.nodes) if n.op == "tanh"}
     elements = [_tanh_derivatives_collected(e, tanhs) for e in elements]
-    elements = _exponentials_split(elements, {rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "log_softmax"})
+    elements = _exponentials_split(elements, {rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "log_softmax"},
+                                   _shifted_values(el, bases))
     # saved softmax values (in the names printed) and the stored axis each normalizes
     softmaxes = {rename.get(n.name, n.name): n.attrs["axes"][0] for n in el.graph.nodes
                  if n.op == "softmax" and len(n.attrs["axes"]) == 1}
@@ -952,12 +953,28 @@ def _masks_computed_once(elements: list, frame: list, taken: set) -> tuple[list,
     return [replaced(e, {}) for e in elements], [(name, value) for value, name in names.items()]
 
 
-def _exponentials_split(elements: list, log_probabilities: set) -> list:
+def _shifted_values(el: Elements, bases: dict) -> list[tuple[sp.Indexed, sp.Indexed]]:
+    """``(a, r)`` for each forward value ``r`` that is a maximum or a logsumexp of ``a`` over some
+    axes, as the formulas read them (``bases``: the names printed), so that ``a - r`` is at most 0:
+    ``x - logsumexp(x, 1)`` is a log-softmax written out, ``x - x.amax(1)`` the shift before an
+    ``exp``."""
+    out = []
+    for node in el.graph.nodes:
+        if node.op in ("logsumexp", "max") and len(node.inputs) == 1 and node.inputs[0].op != "labels":
+            a, r = el.ref(node.inputs[0]), el.ref(node)
+            if isinstance(a, sp.Indexed) and isinstance(r, sp.Indexed):
+                out.append((a.xreplace(bases), r.xreplace(bases)))
+    return out
+
+
+def _exponentials_split(elements: list, log_probabilities: set, shifted: list | None = None) -> list:
     """``exp(logp[i, j] + 2*logp[i, y[i]])`` as ``exp(logp[i, j])*exp(2*logp[i, y[i]])`` (``SplitExp``):
     the normal form adds the exponents of a product, so each term of a loss on a log-softmax
     (``-(1 - p)**2*logp`` at the label) evaluated its own full-size ``exp``; split by the axes each
     part varies along, the terms share one full-size ``exp(logp)`` and each has an ``exp`` per row.
-    Only where every part is a log-probability (times a positive number): each factor is then at
+    Only where every part is at most 0: a log-probability (times a positive number), or a value less
+    its maximum or logsumexp (``shifted``, ``_shifted_values``: ``x - v1`` with ``v1 =
+    logsumexp(x, 1)``, whose ``exp`` is autograd's backward of ``logsumexp``). Each factor is then at
     most 1, so no product overflows where the sum's ``exp`` did not, and where one factor underflows
     the whole does too. An ``exp`` of one such part alone is written the same way, so it is shared."""
     def indices(term):
@@ -967,14 +984,35 @@ def _exponentials_split(elements: list, log_probabilities: set) -> list:
         number, rest = term.as_coeff_Mul()
         return number > 0 and isinstance(rest, sp.Indexed) and str(rest.base) in log_probabilities
 
+    def pieces(exponent):
+        """The exponent's terms with each shifted difference one piece (``x - v1`` stays whole), or
+        None where a piece is not known to be at most 0."""
+        terms = list(sp.Add.make_args(exponent))
+        out = []
+        for a, r in shifted or ():
+            for t in list(terms):
+                number, read = t.as_coeff_Mul()
+                if number <= 0 or not isinstance(read, sp.Indexed) or read.base != a.base:
+                    continue
+                at = dict(zip(a.indices, read.indices))
+                other = -number * r.xreplace(at)
+                if other in terms:
+                    terms.remove(t)
+                    terms.remove(other)
+                    out.append(t + other)
+                    break
+        if not all(nonpositive(t) for t in terms):
+            return None
+        return out + terms
+
     parts: dict = {}
     for e in elements:
         for atom in e.atoms(sp.exp):
-            terms = sp.Add.make_args(atom.args[0])
-            if len(terms) < 2 or not all(nonpositive(t) for t in terms):
+            found = pieces(atom.args[0])
+            if found is None or len(found) < 2:
                 continue
             groups: dict = {}
-            for t in terms:
+            for t in found:
                 groups.setdefault(indices(t), []).append(t)
             if len(groups) > 1:
                 parts[atom] = [sp.Add(*g) for g in groups.values()]
@@ -991,11 +1029,28 @@ def _exponentials_split(elements: list, log_probabilities: set) -> list:
     out = []
     for e in elements:
         e = e.xreplace(split)
-        if e.has(*full):
-            deltas = sorted(e.atoms(sp.KroneckerDelta), key=sp.default_sort_key)
+        deltas = sorted(e.atoms(sp.KroneckerDelta), key=sp.default_sort_key)
+        if e.has(*full) and deltas:
             e = sp.collect(expand(e), full + deltas)
+        elif e.has(*full):
+            # without a one-hot, only the sums whose every term reads it: multiplying the rest out
+            # would undo the closed form's products (``(t - 1)*(t + 1)`` of a tanh, exact where
+            # ``t**2 - 1`` cancels)
+            e = e.replace(lambda a: a.is_Add and _shared_by_every_term(a, full),
+                          lambda a: _taken_out(a, _shared_by_every_term(a, full)))
         out.append(e)
     return out
+
+
+def _shared_by_every_term(total: sp.Add, factors: list) -> list:
+    """The ``factors`` that every term of ``total`` has (as a factor of its product)."""
+    return [f for f in factors if all(f in sp.Mul.make_args(t) for t in total.args)]
+
+
+def _taken_out(total: sp.Add, factors: list) -> sp.Expr:
+    """``total`` as the product of ``factors`` and the sum of what is left of its terms."""
+    product = sp.Mul(*factors)
+    return sp.Mul(product, sp.Add(*[t / product for t in total.args]), evaluate=False)
 
 
 def _contractions_computed_once(elements: list, frame: list, taken: set) -> tuple[list, list]:

@@ -898,7 +898,7 @@ class KernelPrinter(TorchPrinter):
         return inside, [r for r in tensors if r not in inside]
 
     def _exponential(self, factor) -> bool:
-        return isinstance(factor, sp.exp) or tensor_name(factor) in self.exponentials
+        return isinstance(factor, (sp.exp, SplitExp)) or tensor_name(factor) in self.exponentials
 
     def _softplus_backward(self, expr) -> str | None:
         """``g*sigmoid(z)``, the chain rule through ``F.softplus(z)``, with ``g`` a tensor: printed as
