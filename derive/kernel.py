@@ -617,6 +617,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
     fresh = dict(zip([s for s, _ in replacements], map(sp.Symbol, _shared_names([v for _, v in replacements], taken))))
     replacements = [(fresh[s], v.xreplace(fresh)) for s, v in replacements]
     reduced = [spread_means(r.xreplace(fresh)) for r in reduced]
+    written = dict(replacements)
 
     exponentials = frozenset(rename.get(n.name, n.name) for n in el.graph.nodes if n.op == "exp")
     # (the tensors a saved root's argument reads: entries of tensors, and 0-d values by name)
@@ -641,6 +642,7 @@ def _print_group(layer: Layer, el: Elements, formulas: list[Formula], frame: lis
         p.roots = roots
         p.softplus_grads = softplus_grads
         p.products = products
+        p.written = written
         return p
 
     shared = []

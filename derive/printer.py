@@ -157,6 +157,8 @@ class KernelPrinter(TorchPrinter):
         # of values of 10). Elsewhere that shape of sum stays elementwise, as the spec wrote it
         # (layernorm's ``(dout*gamma).sum(1)``).
         self.products = False
+        # cse's shared temporaries by name, with their values (``_written_out``)
+        self.written: dict = {}
 
     # -- scalars ----------------------------------------------------------------------------
     def _print(self, expr, **kwargs):
@@ -216,7 +218,7 @@ class KernelPrinter(TorchPrinter):
     # what a printer knows of the derivation beyond its frame, which every printer made for the same
     # formulas carries: a sum's body printed without ``tanhs`` wrote ``(y - 1)*(y + 1)`` where the
     # same value outside it was ``tanh_backward(g, y)``, two roundings that no longer cancel
-    KNOWN = ("softmaxes", "log_softmaxes", "tanhs", "exponentials", "roots", "softplus_grads")
+    KNOWN = ("softmaxes", "log_softmaxes", "tanhs", "exponentials", "roots", "softplus_grads", "written")
 
     def knowing(self, other: "KernelPrinter") -> "KernelPrinter":
         """This printer, told what ``other`` knows of the derivation (``KNOWN``)."""
@@ -676,7 +678,7 @@ class KernelPrinter(TorchPrinter):
             return None
         j, own = total.index, s.indices[axis]
         if not isinstance(own, sp.Idx) or extent(j) != extent(own) \
-                or sp.expand(total.body - (a * s).xreplace({own: j})) != 0:
+                or sp.expand(total.body - (self._written_out(a) * s).xreplace({own: j})) != 0:
             return None  # (a softmax along an axis of 1 is 1: no kernel for it)
         inside, coeff = self._tensor_coefficient(coeff)
         a = inside * a
@@ -737,9 +739,10 @@ class KernelPrinter(TorchPrinter):
                 # (the total as the closed form writes it: ``-sum_j (1 - y**2)`` of an ``a`` factored
                 # as ``(y - 1)*(y + 1)``)
                 number, red = total.as_coeff_Mul()
+                whole = self._written_out(a)
                 if extent(red.index) != extent(own) or (
-                        number * red.body != a.xreplace({own: red.index})
-                        and sp.expand(number * red.body - a.xreplace({own: red.index})) != 0):
+                        number * red.body != whole.xreplace({own: red.index})
+                        and sp.expand(number * red.body - whole.xreplace({own: red.index})) != 0):
                     continue
                 inside, rest_coeff = self._tensor_coefficient(coeff)
                 grad = self._laid_out_as(inside * a, l)
@@ -752,6 +755,14 @@ class KernelPrinter(TorchPrinter):
             code = self._stored_layout(code, l)
             return code if coeff == 1 else self._scaled(_wrap(code), [coeff])
         return None
+
+    def _written_out(self, expr) -> sp.Expr:
+        """``expr`` with the shared temporaries it reads (``written``: cse's, by name) replaced by
+        their values: a one-pass kernel's gradient ``a`` is compared with the sum's body, which cse
+        leaves as written (its index is bound), while ``a`` outside it reads ``shared0 = v1**2``."""
+        while expr.free_symbols & self.written.keys():
+            expr = expr.xreplace(self.written)
+        return expr
 
     def _tensor_coefficient(self, coeff) -> tuple:
         """``(tensors, rest)`` of a one-pass kernel's coefficient: its 0-d tensors (the upstream

@@ -22,7 +22,7 @@ from sympy.solvers.solvers import _invert
 
 from .elements import Elements
 from .errors import DerivationError
-from .functions import ACTIVATIONS, NOT_INVERTIBLE, Logit
+from .functions import ACTIVATIONS, NOT_INVERTIBLE, Logit, Wins
 from .memo import kept_on
 from .risk import Path, risky_atoms
 from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, free_indices,
@@ -33,8 +33,39 @@ from .trace import Node
 def tidy(el: Elements, expr: sp.Expr, log: list | None = None) -> sp.Expr:
     """Canonical sum of terms: combine exponentials, expand, recognize known reductions (into ``log``),
     replace sums that are constants by definition (``_constant_sums``: 0, or a softmax row's 1)."""
-    expr = sp.powsimp(expand(expr), combine="exp")
+    expr = sp.powsimp(_complementary_masks(expand(expr)), combine="exp")
     return _constant_sums(el, el.recognize(expand(expr), log))
+
+
+def _complementary_masks(expr: sp.Expr) -> sp.Expr:
+    """``expr`` (expanded) with each pair of terms ``R*Wins(u) + R*Wins(-u)`` added up to ``R``: the
+    two shares of a maximum's operands are exactly 1 together (0 + 1, 1/2 + 1/2, 1 + 0).
+    ``tanh(maximum(log_softmax(x), x))``'s gradient in ``x`` reads both (the diagonal of both
+    operands' paths), computed as two masks and their sum: three more full-size passes. Terms with
+    different cofactors stay as they are: ``A*Wins(u) + B*Wins(-u)`` written ``B + (A - B)*Wins(u)``
+    would subtract ``B`` from ``A`` where only ``A`` is the value."""
+    if len(expr.atoms(Wins)) < 2:
+        return expr
+    return expr.replace(lambda a: a.is_Add and a.has(Wins), _shares_added)
+
+
+def _shares_added(total: sp.Add) -> sp.Expr:
+    terms = list(total.args)
+    place = {t: k for k, t in enumerate(terms)}
+    out, used = [], set()
+    for k, term in enumerate(terms):
+        if k in used:
+            continue
+        for share in (f for f in sp.Mul.make_args(term) if isinstance(f, Wins)):
+            rest = term / share
+            m = place.get(rest * Wins(-share.args[0]))
+            if m is not None and m not in used and m != k:
+                used.update((k, m))
+                out.append(rest)
+                break
+        else:
+            out.append(term)
+    return sp.Add(*out) if used else total
 
 
 def _constant_sums(el: Elements, expr: sp.Expr) -> sp.Expr:
