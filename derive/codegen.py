@@ -312,15 +312,20 @@ def _scalar_printer():
 
 
 def computes_vectors_only(kernel: Kernel) -> bool:
-    """Whether every value the output reads, inputs and intermediates, has at most one axis of a
-    size ((n, 1), (1, k), (k,), a scalar): a call then computes O(n + k) numbers, and a Python
+    """Whether every value the output reads has at most one axis of a size ((n, 1), (1, k), (k,), a
+    scalar), or is a full-size input that only sums read (``A.sum(0)``, ``x.sum(dim=(0, 1))``): a
+    call then computes O(n + k) numbers beside one pass over each input, and a Python
     ``autograd.Function``'s fixed cost per call (tens of microseconds: ``scripts/function_floor.py``)
-    is more than a derived backward can save over autograd's. (A full-size input reduced to vectors
-    is not such a layer: ``logsumexp(x, 1)``'s derived ``dx`` makes one full-size buffer where
-    autograd's backward makes three.)"""
+    is more than a derived backward can save over autograd's, whose backward of a sum spreads the
+    gradient as a view, as the derived one does. (A full-size input read otherwise is not such a
+    layer: ``logsumexp(x, 1)``'s derived ``dx`` makes one full-size buffer where autograd's backward
+    makes three; ``x.mean(0)``'s backward divides the spread gradient, a full-size buffer.)"""
     from .trace.tracer import reachable
 
-    return all(sum(1 for size in node.shape if size != 1) <= 1 for node in reachable(kernel.graph.output))
+    nodes = reachable(kernel.graph.output)
+    large = {node for node in nodes if sum(1 for size in node.shape if size != 1) > 1}
+    return all(node.op in ("input", "labels") for node in large) and all(
+        node.op == "sum" for node in nodes if set(node.inputs) & large)
 
 
 def _autograd_runs_the_chain(kernel: Kernel, operations: list) -> bool:

@@ -133,6 +133,21 @@ def spread(b):
     return b.var(0, unbiased=False)
 
 
+@layer(x=Tensor("n", "d"), w=Tensor("d"))
+def column_totals(x, w):
+    """A full-size input that a sum alone reads: autograd's backward of the sum spreads the
+    gradient as a view, as the derived one does."""
+    v = x.sum(0)
+    return (v * v + 1).log() + w
+
+
+@layer(x=Tensor("n", "d"))
+def column_means(x):
+    """A full-size input a mean reads: autograd's backward divides the spread gradient (a full-size
+    buffer), the derived one divides the row before it spreads it."""
+    return torch.tanh(x.mean(0))
+
+
 @layer(b=Tensor("n", "1"), c=Tensor("1", "d"))
 def outer_total(b, c):
     """Vectors in, a full-size value inside (the outer product): the Function."""
@@ -353,11 +368,12 @@ def _recorded(out) -> list[str]:
 
 @pytest.mark.parametrize("name, names, read", [("doubled_bias", ("x", "b", "c", "w", "p"), ("c", "w")),
                                                ("row_log_probabilities", ("c",), ("c",)), ("total", ("x", "w"), ("w",)),
-                                               ("spread", ("b",), ("b",))])
+                                               ("spread", ("b",), ("b",)), ("column_totals", ("x", "w"), ("x", "w"))])
 def test_a_layer_of_vectors_runs_the_spec_s_operations_under_autograd(folder, name, names, read):
-    """Every value at most one axis of a size: a call computes a few vectors, and through the Function
-    (``tanh(tanh(2*(w + c)))`` beside three unread inputs) it took 1.8x autograd's time through the
-    spec at 1024 x 512, a log-softmax of one row 3.2x. ``<name>(...)`` runs the spec's operations
+    """Every value at most one axis of a size, or a full-size input that only a sum reads: a call
+    computes a few vectors, and through the Function (``tanh(tanh(2*(w + c)))`` beside three unread
+    inputs) it took 1.8x autograd's time through the spec at 1024 x 512, a log-softmax of one row
+    3.2x, ``log(A.sum(0)**2 + 1)`` 1.3x. ``<name>(...)`` runs the spec's operations
     under autograd: the nodes autograd records, the output and the gradients are those of autograd
     through the spec, bit for bit, and the operations run forward and backward are the spec's (a
     variance of a column computed the trace's centred values and squares beside it: 1.55x); the
@@ -402,10 +418,12 @@ def test_a_hand_edit_of_a_vector_layer_s_backward_runs_the_edit(folder, tmp_path
     assert type(out.grad_fn).__name__.endswith("FunctionEagerBackward")
 
 
-def test_a_full_size_value_inside_keeps_the_function(folder):
-    """``tanh(b @ c).sum()`` reads vectors only, but computes an (n, d) value: the derived backward can
-    save passes over it, and the Function runs it."""
-    m = module(folder, "outer_total")
+@pytest.mark.parametrize("name, shapes", [("outer_total", ((4, 1), (1, 3))), ("column_means", ((4, 3),))])
+def test_a_full_size_value_inside_keeps_the_function(folder, name, shapes):
+    """``tanh(b @ c).sum()`` reads vectors only, but computes an (n, d) value; ``tanh(x.mean(0))``
+    reads a full-size input through a mean, whose backward in autograd is a full-size buffer: the
+    derived backward can save passes over them, and the Function runs it."""
+    m = module(folder, name)
     assert not hasattr(m, "_forward_as_written")
-    out = m.outer_total(torch.randn(4, 1, requires_grad=True), torch.randn(1, 3, requires_grad=True))
+    out = getattr(m, name)(*[torch.randn(*shape, requires_grad=True) for shape in shapes])
     assert type(out.grad_fn).__name__.endswith("FunctionEagerBackward")
