@@ -116,7 +116,9 @@ def plan(el: Elements, saved: list[str], frame: list) -> list[Statement]:
         for earlier, value in reuse:
             expr = _reuse(expr, value, el, earlier)
         exprs.append(expr)
-        if node not in kept:
+        # (not a value without a tensor in it, ``v1 - v1`` = 0: every 0 of the later values, their
+        # indices included, would read the node: ``v5[0, k]`` became ``v5[v2[0, k], k]``)
+        if node not in kept and values[node].atoms(sp.Indexed):
             reuse.append((node, values[node]))
 
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"), order="none")
@@ -458,8 +460,11 @@ def forward_code(el: Elements, saved: list[str], frame: list, names: dict,
                         and not aliases_live(t.name, position)} if inplace and own == frame else set()
             printer = ForwardPrinter(Frame(own), shapes, names, reusable=reusable, inplace=inplace,
                                      dtype_of=dtype_of, views=views, computed=computed, sums=sums)
-            # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output)
-            printer.full_rank = st.node is not None and len(el.shape(st.node)) == len(own) and printer._lower_rank(st.value)
+            # a full-rank value computed from lower-rank tensors alone (``out = w`` for a (1, k) output),
+            # and a temporary of them, which later lines read in the frame (``shapes``): ``exp(A)`` of a
+            # (k, k) input in a frame (n, k, k) was a (k, k) tensor, and its row sum ``v3.sum(2)``
+            # named an axis it does not have
+            printer.full_rank = (st.node is None or len(el.shape(st.node)) == len(own)) and printer._lower_rank(st.value)
             printer.products = st.node is not None and st.node.op in CONTRACTIONS
             direct = printer.print_in_order(st.value, [i for i in el.free(st.node) if i != 0]) \
                 if st.node is not None and st.node.shape else None

@@ -50,6 +50,7 @@ def _complementary_masks(expr: sp.Expr) -> sp.Expr:
 
 
 def _shares_added(total: sp.Add) -> sp.Expr:
+    """``total`` with each pair of its terms ``R*Wins(u)`` and ``R*Wins(-u)`` replaced by ``R``."""
     terms = list(total.args)
     place = {t: k for k, t in enumerate(terms)}
     out, used = [], set()

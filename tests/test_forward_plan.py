@@ -244,3 +244,54 @@ def test_a_difference_read_negated_is_stored_as_the_spec_writes_it(name, tmp_pat
         counts.append(mode.count)
     assert counts[0] <= counts[1], counts
     torch.testing.assert_close(out, kernel(x))
+
+
+DEGENERATE_LINES = '''import torch
+
+from derive import Tensor, layer
+
+
+@layer(x=Tensor("n", "k"), A=Tensor("k", "k"))
+def row_shares_beside_a_total(x, A):
+    v3 = A.exp()
+    return (v3 / v3.sum(1, keepdim=True)).sum() + x.sum()
+
+
+@layer(x=Tensor("n", "k"), c=Tensor("1", "k"), A=Tensor("k", "k"))
+def tanh_of_a_difference_with_itself(x, c, A):
+    v1 = c @ A
+    v2 = v1 - v1
+    v3 = v2 + v2
+    v4 = torch.tanh(v3)
+    v5 = torch.tanh(v4)
+    return v5.sum(1)
+'''
+
+
+@pytest.mark.parametrize("name", ["row_shares_beside_a_total", "tanh_of_a_difference_with_itself"])
+def test_a_line_of_lower_rank_tensors_or_of_none_is_computed_as_the_spec_does(name, tmp_path):
+    """Two forward lines the fused kernel could not compute (the step-by-step kernel was written
+    instead, saying so): ``A.exp()`` of a (k, k) matrix in a frame (n, k, k) was a temporary of two
+    axes where later lines read three (``v3.sum(2)``: IndexError); and ``v1 - v1``, which is 0,
+    was read for every 0 of the later values, the indices of their entries included (``v5[0, k]``
+    as ``v5[v2[0, k], k]``: KeyError, "report this as a bug"). The fused kernel's output and
+    gradients are autograd's through the spec."""
+    from derive.layers import from_file
+    from kernels import fused
+
+    spec = tmp_path / "degenerate.py"
+    spec.write_text(DEGENERATE_LINES)
+    (layer,) = [found for found in from_file(str(spec)) if found.name == name]
+    function = fused(layer, tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"x": (5, 3), "c": (1, 3), "A": (3, 3)}
+    inputs = [torch.randn(*shapes[k], generator=gen, dtype=torch.float64) for k in layer.inputs]
+    results = []
+    for fn in (function, layer.fn):
+        args = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*args)
+        results.append((out.detach(), torch.autograd.grad(out, args, torch.ones_like(out), materialize_grads=True)))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
