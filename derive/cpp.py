@@ -135,6 +135,9 @@ class ScalarPrinter(C99CodePrinter):
     def _print_Step(self, e):
         return f"(({self._print(e.args[0])}) > 0.0 ? 1.0 : 0.0)"
 
+    def _print_Root(self, e):  # the value of a root whose derivative is masked at 0: a root
+        return self._print(sp.sqrt(e.args[0]))
+
     def _print_Relu(self, e):
         return f"derive_relu({self._print(e.args[0])})"
 
@@ -158,7 +161,7 @@ class ScalarPrinter(C99CodePrinter):
         m, a, b = (self._print(x) for x in e.args)
         return f"(({m}) != 0.0 ? ({a}) : ({b}))"
 
-    _print_Maximum = _print_Minimum = _print_Where  # the value of a Where
+    _print_Maximum = _print_Minimum = _print_Guarded = _print_Where  # the value of a Where
 
     def _print_Wins(self, e):
         return f"({self._print(e.halves())})"
@@ -257,7 +260,7 @@ class VectorPrinter(ScalarPrinter):
         m, a, b = (self._print(x) for x in e.args)
         return f"{self.VEC}::blendv({b}, {a}, ({m}) != {self.ZERO})"
 
-    _print_Maximum = _print_Minimum = _print_Where  # the value of a Where
+    _print_Maximum = _print_Minimum = _print_Guarded = _print_Where  # the value of a Where
 
 
 class WidePrinter(VectorPrinter):

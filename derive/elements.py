@@ -23,7 +23,7 @@ import sympy as sp
 
 from .errors import DerivationError
 from .atoms import atomic_shape, axis_atoms
-from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Where, mask
+from .functions import COMPARISONS, ELEMENTWISE, EXTREMA, Clamp, Root, Where, mask
 from .symbolic import (AxisLogSoftmax, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, Max, Red, expand,
                        extent, hide_argmax, index_for, maximum_of, reductions, reindex)
 from .trace import Graph, Node
@@ -396,6 +396,8 @@ class Elements:
             return {"add": a[0] + a[1], "sub": a[0] - a[1], "mul": a[0] * a[1], "div": a[0] / a[1]}[op]
         if op == "pow":
             return a[0] ** a[1]
+        if op == "sqrt" and node.attrs.get("flat_at_zero"):
+            return Root(a[0])  # the root of ``std``, ``norm``: its derivative is 0 where it is 0, as torch's
         if op in ELEMENTWISE:
             return ELEMENTWISE[op](*a)  # (an activation's parameters are numbers after the tensor)
         if op in COMPARISONS:

@@ -13,6 +13,8 @@ rectifier, so they are defined here, each with the derivative torch uses:
   ``Softplus' = Sigmoid``: a loss written with it has a gradient that never exponentiates a large
   number (binary cross-entropy: ``1 - t - sigmoid(-x)``).
 * ``abs`` differentiates to SymPy's ``sign``, which is 0 at 0, as ``torch.sign``.
+* ``Root(x)``, the root of ``x.std(dim)`` and ``x.norm(dim)``, is ``sqrt(x)`` with the derivative
+  torch's ``std`` and ``norm`` backward take: 0 where the root is 0, not infinite.
 * ``Activation``: torch's activations with kernels of their own each way (``F.gelu``, exact and
   ``approximate="tanh"``, ``F.silu``, ``F.elu``, ``F.leaky_relu``), one atom each whose derivative
   (an ``ActivationDerivative``) meets the upstream gradient as torch's backward kernel.
@@ -489,6 +491,39 @@ class Clamp(sp.Function):
         x, lo, hi = (printer._print(a) for a in self.args)
         text = r"\operatorname{clamp}\left(%s, %s, %s\right)" % (x, lo, hi)
         return text if exp is None else r"%s^{%s}" % (text, exp)
+
+
+class Guarded(Where):
+    """A ``Where`` that only replaces a value where it is 0/0 by the limit torch takes (``Root``'s
+    derivative at 0): a selection, exact, no new function of the values for the refold to weigh."""
+
+
+class Root(sp.Function):
+    """``sqrt(x)`` of a value that may be 0 (a variance, a sum of squares), differentiated as torch's
+    ``std`` and ``norm`` backward are: ``1/(2*sqrt(x))`` where ``x > 0``, and 0 where it is 0
+    (they mask the quotient where the result is 0). ``sqrt``'s own derivative is infinite there: the
+    gradient of ``x.std(0)`` of a column whose entries are all equal (a saturated ``tanh``, a ReLU unit
+    that never fires) came out NaN where autograd's is 0. Of a positive argument it is ``sqrt``."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_positive or x.is_Number:
+            return sp.sqrt(x)
+
+    def fdiff(self, argindex=1):
+        return Guarded(Step(self), 1 / (2 * self), sp.S.Zero)
+
+    def _eval_is_nonnegative(self):
+        return True
+
+    def _eval_is_real(self):
+        return self.args[0].is_nonnegative or None
+
+    def _latex(self, printer, exp=None):
+        text = r"\sqrt{%s}" % printer._print(self.args[0])
+        return text if exp is None else r"\left(%s\right)^{%s}" % (text, exp)
 
 
 def _rsqrt(x):

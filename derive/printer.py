@@ -1224,6 +1224,9 @@ class KernelPrinter(TorchPrinter):
     def _print_Relu(self, expr):
         return f"torch.relu({self._print(expr.args[0])})"
 
+    def _print_Root(self, e):  # the value of a root whose derivative is masked at 0: a root
+        return self._print(sp.sqrt(e.args[0]))
+
     def _mask(self, code: str) -> str:
         """A comparison's bool tensor, cast to the gradient's dtype when it is multiplied."""
         mask = f"({code})"
@@ -1266,6 +1269,8 @@ class KernelPrinter(TorchPrinter):
     def _print_Where(self, expr):
         m, a, b = expr.args
         return f"torch.where({self.condition(m)}, {self._print(a)}, {self._print(b)})"
+
+    _print_Guarded = _print_Where  # (SymPy looks a subclass of a function up by its own name)
 
     # torch.maximum (minimum) itself: one op, and NaN propagates as in the spec
     def _print_Maximum(self, expr):

@@ -24,11 +24,11 @@ import sympy as sp
 from sympy.core.function import AppliedUndef
 
 from .elements import Elements
-from .functions import Relu, Step, Wins
+from .functions import Guarded, Relu, Step, Wins
 from .symbolic import AxisMax, AxisSum, IsArgmax, Max, Red, substitute_family
 
 # functions that are exact on every float (a sign, a mask, a maximum): never a risk
-SAFE = (Relu, Step, Wins, sp.Abs, sp.sign, sp.KroneckerDelta, IsArgmax, Red, Max, AxisSum, AxisMax, sp.Piecewise)
+SAFE = (Relu, Step, Wins, Guarded, sp.Abs, sp.sign, sp.KroneckerDelta, IsArgmax, Red, Max, AxisSum, AxisMax, sp.Piecewise)
 
 
 def risky_atoms(expr: sp.Expr, full: frozenset | None = None, scalars: frozenset = frozenset()) -> list[sp.Expr]:

@@ -121,7 +121,9 @@ def _abs(ops, grad, result, a):
 
 
 @rule("sqrt")
-def _sqrt(ops, grad, result, a):
+def _sqrt(ops, grad, result, a, flat_at_zero=False):
+    if flat_at_zero:  # the root of ``std``, ``norm``: 0 where the result is 0, as torch's backward of those
+        return ops.select(ops.positive(result), grad / (2 * result), 0),
     return grad / (2 * result),
 
 

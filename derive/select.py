@@ -302,8 +302,10 @@ def _spelled_form(layer: Layer, kernel: Kernel, draws: list, replayed: frozenset
     form merged it into a larger ``exp``, rounding both arguments into one). ``(kernel, verdict,
     changes)`` where it passes the battery, else None."""
     graph = kernel.graph
-    spelled = frozenset(n.name for n in graph.nodes if n.named and n.shape and n is not graph.output
-                        and n.op not in _NOT_SPELLED)
+    # (and every variance, named or not: inlined, ``x.std(0)``'s derivative recomputed it as
+    # ``sum(x**2)/(n - 1) - sum(x)**2/(n**2 - n)``, the difference of sums that cancels at an offset)
+    spelled = frozenset(n.name for n in graph.nodes if n is not graph.output and (
+        n.named and n.shape and n.op not in _NOT_SPELLED or "variance_of" in n.attrs))
     if not spelled:
         return None
     before = replayed
@@ -313,7 +315,8 @@ def _spelled_form(layer: Layer, kernel: Kernel, draws: list, replayed: frozenset
             return None
         verdict = check(kernel, draws)
         if verdict.passed:
-            named = f"the named lines kept as nodes ({', '.join(sorted(spelled))})"
+            what = "named lines" if all(n.named for n in graph.nodes if n.name in spelled) else "named lines and variances"
+            named = f"the {what} kept as nodes ({', '.join(sorted(spelled))})"
             return kernel, verdict, _replayed_changes(before) + [named] + _replayed_changes(replayed - before)
         vanished = frozenset(n.name for n in kernel.gradients.vanished) - replayed
         if not vanished:

@@ -22,7 +22,7 @@ from sympy.solvers.solvers import _invert
 
 from .elements import Elements
 from .errors import DerivationError
-from .functions import ACTIVATIONS, NOT_INVERTIBLE, Logit, Wins
+from .functions import ACTIVATIONS, NOT_INVERTIBLE, Guarded, Logit, Root, Wins
 from .memo import kept_on
 from .risk import Path, risky_atoms
 from .symbolic import (GroupedRed, IsArgmax, Red, _Bound, _replace_free, bases, expand, extent, free_indices,
@@ -171,6 +171,9 @@ def cost(el: Elements, expr: sp.Expr) -> int:
 
 
 def _cost(el: Elements, expr: sp.Expr) -> int:
+    # a guard (``Root``'s derivative, 0 where its argument is 0) is weighed as the value it guards:
+    # its mask reads the argument again, which would make every rewrite inside the argument look twice as dear
+    expr = expr.replace(lambda e: isinstance(e, Guarded), lambda e: e.args[1])
     size = sp.count_ops(expr)
     printed = expr if size > COST_EXACT_MAX_OPS else closed_form(expr, scalars(el), factor_whole=size <= COST_WHOLE_MAX_OPS)
     # an input is saved for the backward anyway (a second derivative recomputes from it), and a
@@ -641,7 +644,8 @@ def _cancelled(term: sp.Expr) -> sp.Expr:
     ``exp(2*a)``, which overflows where the term did not."""
     cancelled = _cancel(term)
     functions = set(risky_atoms(term))
-    if any(a not in functions for a in risky_atoms(cancelled) if not isinstance(a, sp.Pow)):
+    # (a power, and a ``Root``, which is one, may come out with its base cancelled: the same value)
+    if any(a not in functions for a in risky_atoms(cancelled) if not isinstance(a, (sp.Pow, Root))):
         return term
     # ``cancel`` expands what it divides by: ``v/(s*(v**2 + 1))`` with ``s = sqrt(v**2 + 1)`` comes back
     # as ``v/(s*v**2 + s)``, whose terms overflow where the product of its factors (``(v**2 + 1)**(3/2)``,

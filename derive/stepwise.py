@@ -35,6 +35,8 @@ def _attrs(node: Node) -> dict:
         return {"perm": node.attrs["perm"]}
     if node.op == "view":
         return {"shape": node.shape}
+    if node.op == "sqrt" and node.attrs.get("flat_at_zero"):
+        return {"flat_at_zero": True}
     return {}
 
 

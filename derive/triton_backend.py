@@ -79,6 +79,9 @@ class _Base(PythonCodePrinter):
         a, b = (self._print(x) for x in e.args)
         return self._where(f"({a}) == ({b})", "1.0", "0.0")
 
+    def _print_Root(self, e):  # the value of a root whose derivative is masked at 0: a root
+        return self._print(sp.sqrt(e.args[0]))
+
     def _print_Step(self, e):
         return self._where(f"({self._print(e.args[0])}) > 0.0", "1.0", "0.0")
 
@@ -96,7 +99,7 @@ class _Base(PythonCodePrinter):
         m, a, b = (self._print(x) for x in e.args)
         return self._where(f"({m}) != 0.0", a, b)
 
-    _print_Maximum = _print_Minimum = _print_Where  # the value of a Where
+    _print_Maximum = _print_Minimum = _print_Guarded = _print_Where  # the value of a Where
 
     def _print_Wins(self, e):
         return f"({self._print(e.halves())})"

@@ -14,15 +14,15 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
-from ..functions import ACTIVATIONS, Clamp, Equal, Maximum, Minimum, NonNeg, Relu, Sigmoid, Softplus, Step, Where, Wins
+from ..functions import ACTIVATIONS, Clamp, Equal, Guarded, Maximum, Minimum, NonNeg, Relu, Root, Sigmoid, Softplus, Step, Where, Wins
 from ..symbolic import IsArgmax, Max, Red, extent
 from .notation import Sigma
 
 _FUNCTIONS = {sp.exp: np.exp, sp.log: np.log, sp.tanh: np.tanh, sp.Abs: np.abs, sp.sign: np.sign,
               Sigmoid: lambda v: 1 / (1 + np.exp(-v)), Relu: lambda v: np.maximum(v, 0.0),
               Step: lambda v: (v > 0).astype(float), NonNeg: lambda v: (v >= 0).astype(float), Softplus: lambda v: np.logaddexp(0.0, v),
-              sp.atanh: np.arctanh, sp.sqrt: np.sqrt, sp.cosh: np.cosh, sp.sinh: np.sinh,
-              Equal: lambda v: (v == 0).astype(float), Where: lambda m, a, b: np.where(m != 0, a, b),
+              sp.atanh: np.arctanh, sp.sqrt: np.sqrt, Root: np.sqrt, sp.cosh: np.cosh, sp.sinh: np.sinh,
+              Equal: lambda v: (v == 0).astype(float), Where: lambda m, a, b: np.where(m != 0, a, b), Guarded: lambda m, a, b: np.where(m != 0, a, b),
               Maximum: lambda m, a, b: np.maximum(a, b), Minimum: lambda m, a, b: np.minimum(a, b),
               Wins: lambda v: (v > 0) + 0.5 * (v == 0),
               Clamp: lambda v, lo, hi: np.minimum(np.maximum(v, lo), hi),

@@ -105,12 +105,19 @@ class Reductions:
         return variance
 
     def std(self, dim=None, unbiased=None, keepdim=False, correction=None, **kwargs):
-        return self.var(dim, unbiased, keepdim, correction).sqrt()
+        return self.var(dim, unbiased, keepdim, correction)._root()
 
     def norm(self, p="fro", dim=None, keepdim=False, dtype=None):
         if p not in ("fro", 2, 2.0):
             self._tracer.fail(f"norm(p={p!r})", "the 2-norm is supported: (x**2).sum(dim).sqrt()")
-        return (self ** 2).sum(dim, keepdim=keepdim).sqrt()
+        return (self ** 2).sum(dim, keepdim=keepdim)._root()
+
+    def _root(self):
+        """The root of a variance or of a sum of squares, as ``std`` and ``norm`` take it: torch's
+        backward of those is 0 where the result is 0 (``sqrt``'s is infinite there)."""
+        root = self.sqrt()
+        root.node.attrs.update(flat_at_zero=True)
+        return root
 
     # -- products ------------------------------------------------------------------------------
     def __matmul__(self, other):
