@@ -191,15 +191,21 @@ class Builder:
         axes = [k for k, d in enumerate(a.shape) if d != "1"]
         if not axes:
             return None
-        if kind == 5:  # a variance over one axis, biased or not (at most twice the square of the bound)
+        if kind == 5:  # a spread over one axis: a variance, biased or not (at most twice the square
+            # of the bound), its root (std), or a 2-norm (whose gradient torch takes as 0 where it is 0)
             axis = self.draw(st.sampled_from(axes))
             keepdim, unbiased = self.draw(st.booleans()), self.draw(st.booleans())
+            statistic = self.draw(st.sampled_from(["var", "std", "norm"]))
             if not _bounded(2 * a.hi**2):
                 return None
             shape = tuple("1" if k == axis else d for k, d in enumerate(a.shape)) if keepdim else \
                 tuple(d for k, d in enumerate(a.shape) if k != axis)
+            if statistic == "norm":
+                return self.emit(f"{a.name}.norm(dim={axis}{', keepdim=True' if keepdim else ''})", shape,
+                                 math.sqrt(SIZE_BOUND) * a.hi)
             options = ("" if unbiased else ", unbiased=False") + (", keepdim=True" if keepdim else "")
-            return self.emit(f"{a.name}.var({axis}{options})", shape, 2 * a.hi**2)
+            bound = 2 * a.hi**2 if statistic == "var" else math.sqrt(2) * a.hi
+            return self.emit(f"{a.name}.{statistic}({axis}{options})", shape, bound)
         op = "sum" if kind in (0, 2) else "mean"
         hi = a.hi * (SIZE_BOUND if op == "sum" else 1)
         if not _bounded(hi):
