@@ -64,7 +64,7 @@ class Code:
 
     def __init__(self, text: str, prec: int = ATOM, shape: tuple | None = None, value: sp.Expr | None = None,
                  formula: "Code | None" = None, transposed: bool = False, scattered: tuple | None = None,
-                 expanded: bool = False, argmax: tuple | None = None):
+                 expanded: bool = False, argmax: tuple | None = None, positive: "Code | None" = None):
         self.text, self.prec, self.shape, self.value = text, prec, shape, value
         self.formula = formula  # what a call of one of autograd's kernels computes, for the reader
         self.transposed = transposed  # a matrix laid out by columns (the spec's ``x.T``, a view)
@@ -73,6 +73,10 @@ class Code:
         self.scattered = scattered
         self.expanded = expanded  # a view that repeats entries (``expand``), which ``view`` refuses
         self.argmax = argmax  # a maximum's one-hot mask: ``(tensor, axis, indices)``, which ``select`` scatters
+        # the value without its sign, where this one is a negation (``-g``, ``-g * r``): a sum of it is
+        # the sum of that, negated (``-g.sum(0)``), exactly the same numbers without a full-size pass
+        # that negates every entry (autograd's sub backward negates the summed gradient too)
+        self.positive = positive
 
     def __str__(self):
         return self.text
@@ -153,6 +157,7 @@ class CodeOps:
     # (``saved``: what autograd saves for it, the result or, for softplus, the input)
     KERNELS = {
         "tanh": "torch.ops.aten.tanh_backward({grad}, {saved})",
+        "relu": "torch.ops.aten.threshold_backward({grad}, {saved}, 0)",
         "sigmoid": "torch.ops.aten.sigmoid_backward({grad}, {saved})",
         "softplus": "torch.ops.aten.softplus_backward({grad}, {saved}, " + SOFTPLUS_ARGUMENTS + ")",
         "softmax": "torch._softmax_backward_data({grad}, {saved}, {axis}, {saved}.dtype)",
@@ -179,7 +184,7 @@ class CodeOps:
     def sum_batch(self, g, like, source):
         """``g``, with ``source``'s rank, summed over the leading axes ``like`` does not have."""
         extra = len(source.shape) - len(like.shape)
-        return g if extra <= 0 else Code(f"{g.wrap(ATOM)}.sum({_axes(range(extra))})")
+        return g if extra <= 0 else _summed(g, lambda g: Code(f"{g.wrap(ATOM)}.sum({_axes(range(extra))})"))
 
     def permute(self, g, perm):
         if len(perm) == 2:
@@ -187,7 +192,7 @@ class CodeOps:
         return Code(f"{g.wrap(ATOM)}.permute({', '.join(map(str, perm))})")
 
     def sum(self, x, axes):
-        return Code(f"{x.wrap(ATOM)}.sum({_axes(axes)}, keepdim=True)")
+        return _summed(x, lambda x: Code(f"{x.wrap(ATOM)}.sum({_axes(axes)}, keepdim=True)"))
 
     def exp(self, x):
         return Code(f"torch.exp({x})")
@@ -271,6 +276,8 @@ class CodeOps:
         autograd's error on a total of terms that cancel."""
         extra = len(result_shape) - len(shape)
         kept = [k for k in range(len(shape)) if shape[k] == 1 and result_shape[extra + k] != 1]
+        if (extra or kept) and g.positive is not None:
+            return -self.unbroadcast(g.positive, shape, result_shape)
         if extra and kept:
             summed = Code(f"{g.wrap(ATOM)}.sum({_axes([*range(extra), *(extra + k for k in kept)])}, keepdim=True)")
             return Code(f"{summed.wrap(ATOM)}.squeeze({_axes(range(extra))})")
@@ -299,8 +306,17 @@ def _binary(symbol: str, prec: int, fold):
         # ``g * r / b`` in floating point (the rule is printed as it rounds, as autograd's does)
         right = b.wrap(prec + 1) if symbol in ("-", "/", "**", "@", "*") else b.wrap(prec)
         left = a.wrap(prec + 1) if symbol == "**" else a.wrap(prec)
-        return Code(f"{left}{symbol}{right}" if symbol == "**" else f"{left} {symbol} {right}", prec)
+        positive = None
+        if symbol in ("*", "/") and (a.positive is None) != (b.positive is None):  # -a * b is -(a * b)
+            positive = op(a.positive or a, b.positive or b)
+        return Code(f"{left}{symbol}{right}" if symbol == "**" else f"{left} {symbol} {right}", prec,
+                    positive=positive)
     return op
+
+
+def _summed(g: Code, total) -> Code:
+    """``total(g)``, a sum of ``g``; of a negation, the negated sum of what it negates."""
+    return -total(g.positive) if g.positive is not None else total(g)
 
 
 def _identity(symbol, a, b):
@@ -324,8 +340,8 @@ for _name, _symbol, _prec, _fold in [
     _op = _binary(_symbol, _prec, _fold)
     setattr(Code, f"__{_name}__", _op)
     setattr(Code, f"__r{_name}__", (lambda f: lambda self, other: f(self, other, reverse=True))(_op))
-Code.__neg__ = lambda self: (Code.lift(-self.value) if self.value is not None
-                             else Code(f"-{self.wrap(UNARY)}", UNARY))
+Code.__neg__ = lambda self: (Code.lift(-self.value) if self.value is not None else self.positive
+                             if self.positive is not None else Code(f"-{self.wrap(UNARY)}", UNARY, positive=self))
 
 
 # -- arrays of SymPy expressions -----------------------------------------------------------------

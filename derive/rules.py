@@ -112,7 +112,9 @@ for _op in ACTIVATIONS:
 
 @rule("relu")
 def _relu(ops, grad, result, a):
-    return ops.select(ops.positive(a), grad, 0),  # 0 at a = 0, and where grad is not finite, as torch
+    # 0 at a = 0, and where grad is not finite, as torch; autograd's kernel reads the result it saved
+    # (one pass: ``torch.where`` of a bool mask is twenty times slower on the CPU)
+    return ops.one_pass("relu", ops.select(ops.positive(a), grad, 0), grad, result),
 
 
 @rule("abs")

@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer batchnorm3d)
 # regenerate: derive generate
 # inputs-hash: a806d644dba453d02bd7d6b69b798b21dbe64d5b9c6967fda19307b8d95265d4
-# content-hash: 8d68a0ae3507efd5e9d78cb07941d99142c59f0e99aa6223aabeaebe7fa10636
+# content-hash: 0ff7decaaba806890e8fbe630c9216e840c105db098453c86ee80b435f9be9d3
 """Step-by-step backward of ``batchnorm3d``: Batch normalization of an (n, c, l) input over n and l (biased variance), as BatchNorm1d in
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -63,7 +63,7 @@ def backward(cache, dout=None):
     dt3 = dt4.expand(n, c, l)  # grad of: var = (xc**2).sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
     dxc = dxc + 2 * xc * dt3  # grad of: var = (xc**2).sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
     dx = dxc  # grad of: xc = x - mean
-    dmean = (-dxc).sum((0, 2), keepdim=True)  # grad of: xc = x - mean
+    dmean = -dxc.sum((0, 2), keepdim=True)  # grad of: xc = x - mean
     dt2 = dmean / (l*n)  # grad of: mean = x.sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
     dt1 = dt2.expand(1, c, l)  # grad of: mean = x.sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
     dx = dx + dt1.expand(n, c, l)  # grad of: mean = x.sum(0, keepdim=True).sum(2, keepdim=True) / (n * l)
@@ -104,7 +104,7 @@ def _input_grads(cache, dout):
     dxc = dxc + 2 * xc * dt3
     del dt3
     dx = dxc
-    dmean = (-dxc).sum((0, 2), keepdim=True)
+    dmean = -dxc.sum((0, 2), keepdim=True)
     del dxc
     dt2 = dmean / (l*n)
     del dmean

@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm_biased)
 # regenerate: derive generate
 # inputs-hash: 9dc985ca4fd00d9b7fbe5a3b3979594d0e66e48c303642c1fb799bf7794ea9b9
-# content-hash: 5b85b8a4b9e9e60252617eb94f67666b7b11bef578fe2c57eb6223a9af4e6bb7
+# content-hash: f481829130cc3a9dfecf02fd65f6c039b55184b77ef31e331522b470d8a59e79
 """Step-by-step backward of ``batchnorm_biased``: Batch normalization with the biased variance (divides by n), as BatchNorm1d in training.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -60,7 +60,7 @@ def backward(cache, dout=None):
     dbndiff2 = dt2.expand(n, d)  # grad of: bnvar = 1 / n * bndiff2.sum(0, keepdim=True)
     dbndiff = dbndiff + 2 * bndiff * dbndiff2  # grad of: bndiff2 = bndiff**2
     dx = dbndiff  # grad of: bndiff = x - bnmeani
-    dbnmeani = (-dbndiff).sum(0, keepdim=True)  # grad of: bndiff = x - bnmeani
+    dbnmeani = -dbndiff.sum(0, keepdim=True)  # grad of: bndiff = x - bnmeani
     dt1 = dbnmeani * (1/n)  # grad of: bnmeani = 1 / n * x.sum(0, keepdim=True)
     dx = dx + dt1.expand(n, d)  # grad of: bnmeani = 1 / n * x.sum(0, keepdim=True)
     return dict(dt4=dt4, dbnraw=dbnraw, dbnvar_inv=dbnvar_inv, dt3=dt3, dbnvar=dbnvar, dt2=dt2, dbndiff2=dbndiff2, dbndiff=dbndiff, dbnmeani=dbnmeani, dt1=dt1, dbeta=dbeta, dgamma=dgamma, dx=dx)
@@ -98,7 +98,7 @@ def _input_grads(cache, dout):
     dbndiff = dbndiff + 2 * bndiff * dbndiff2
     del dbndiff2
     dx = dbndiff
-    dbnmeani = (-dbndiff).sum(0, keepdim=True)
+    dbnmeani = -dbndiff.sum(0, keepdim=True)
     del dbndiff
     dt1 = dbnmeani * (1/n)
     del dbnmeani

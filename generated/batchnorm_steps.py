@@ -2,7 +2,7 @@
 # source: derive.layers.batchnorm (layer batchnorm)
 # regenerate: derive generate
 # inputs-hash: cca7a0dcb53d80792b102ff5293d448f8a40200fa684860291ee3ece6fae0f66
-# content-hash: d534c8f2096feeba737015e40b0e64d04058200c14fa2f86f8c4077294fdc5d1
+# content-hash: 5d1796f8bfba2f7539e6283b55bc9800def9847acb7f1fd025c89795e32194e1
 """Step-by-step backward of ``batchnorm``: Batch normalization with Bessel's correction (the variance divides by n - 1).
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -60,7 +60,7 @@ def backward(cache, dout=None):
     dbndiff2 = dt2.expand(n, d)  # grad of: bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
     dbndiff = dbndiff + 2 * bndiff * dbndiff2  # grad of: bndiff2 = bndiff**2
     dx = dbndiff  # grad of: bndiff = x - bnmeani
-    dbnmeani = (-dbndiff).sum(0, keepdim=True)  # grad of: bndiff = x - bnmeani
+    dbnmeani = -dbndiff.sum(0, keepdim=True)  # grad of: bndiff = x - bnmeani
     dt1 = dbnmeani * (1/n)  # grad of: bnmeani = 1 / n * x.sum(0, keepdim=True)
     dx = dx + dt1.expand(n, d)  # grad of: bnmeani = 1 / n * x.sum(0, keepdim=True)
     return dict(dt4=dt4, dbnraw=dbnraw, dbnvar_inv=dbnvar_inv, dt3=dt3, dbnvar=dbnvar, dt2=dt2, dbndiff2=dbndiff2, dbndiff=dbndiff, dbnmeani=dbnmeani, dt1=dt1, dbeta=dbeta, dgamma=dgamma, dx=dx)
@@ -98,7 +98,7 @@ def _input_grads(cache, dout):
     dbndiff = dbndiff + 2 * bndiff * dbndiff2
     del dbndiff2
     dx = dbndiff
-    dbnmeani = (-dbndiff).sum(0, keepdim=True)
+    dbnmeani = -dbndiff.sum(0, keepdim=True)
     del dbndiff
     dt1 = dbnmeani * (1/n)
     del dbnmeani

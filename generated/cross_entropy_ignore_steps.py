@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_ignore)
 # regenerate: derive generate
 # inputs-hash: 5f33b5bdeeec2fa703c86618fa2f21c0da171cbd404e0087cf125277125223a5
-# content-hash: 3ab77558322b8867473a2492b09697c754c308f0a18c7c445cce73e58c69cd2b
+# content-hash: 73d8b0e88948df58c434862920c250e71bebb6bb07c5ef25b234fdc893aac163
 """Step-by-step backward of ``cross_entropy_ignore``: Cross-entropy averaged over the rows whose label is not ``ignore_index`` (a padding class),
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -57,12 +57,12 @@ def backward(cache, dloss=None):
     dt4 = dt5 * keep  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
     dlogprobs = torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt4.unsqueeze(1), 0)  # grad of: loss = -(keep * logprobs[range(n), y]).sum() / keep.sum()
     dz = dlogprobs  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
-    dt3 = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
+    dt3 = -dlogprobs.sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt2 = dt3 / t2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt1 = dt2.expand(n, k)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dz = dz + t1 * dt1  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dlogits = dz  # grad of: z = logits - m
-    dm = (-dz).sum(1, keepdim=True)  # grad of: z = logits - m
+    dm = -dz.sum(1, keepdim=True)  # grad of: z = logits - m
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dm)  # grad of: m = logits.max(1, keepdim=True).values
     return dict(dt7=dt7, dt6=dt6, dt5=dt5, dt4=dt4, dlogprobs=dlogprobs, dt3=dt3, dt2=dt2, dt1=dt1, dz=dz, dm=dm, dlogits=dlogits)
 
@@ -91,7 +91,7 @@ def _input_grads(cache, dloss):
     dlogprobs = torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt4.unsqueeze(1), 0)
     del dt4
     dz = dlogprobs
-    dt3 = (-dlogprobs).sum(1, keepdim=True)
+    dt3 = -dlogprobs.sum(1, keepdim=True)
     del dlogprobs
     dt2 = dt3 / t2
     del dt3
@@ -100,7 +100,7 @@ def _input_grads(cache, dloss):
     dz = dz + t1 * dt1
     del dt1
     dlogits = dz
-    dm = (-dz).sum(1, keepdim=True)
+    dm = -dz.sum(1, keepdim=True)
     del dz
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dm)
     del dm

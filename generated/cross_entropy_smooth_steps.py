@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_smooth)
 # regenerate: derive generate
 # inputs-hash: f2452db78941c23b11c80d3ccc29dea9b4fb6b1652e9f6be237dc7a826f206f0
-# content-hash: f088441db202924ab9292a120df38e154d14d99ba741daac759da0b308c57017
+# content-hash: 12626beea7513c1e297dbeffc91bb37e2e1baeb1d31e501d570c383cea6b8bef
 """Step-by-step backward of ``cross_entropy_smooth``: Cross-entropy with label smoothing, as ``F.cross_entropy(logits, y, label_smoothing=smoothing)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -61,12 +61,12 @@ def backward(cache, dloss=None):
     dt3 = (dt4 / n).expand(n)  # grad of: nll = -logprobs[range(n), y].mean()
     dlogprobs = dlogprobs + torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt3.unsqueeze(1), 0)  # grad of: nll = -logprobs[range(n), y].mean()
     dz = dlogprobs  # grad of: logprobs = z - lse
-    dlse = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - lse
+    dlse = -dlogprobs.sum(1, keepdim=True)  # grad of: logprobs = z - lse
     dt2 = dlse / t2  # grad of: lse = z.exp().sum(1, keepdim=True).log()
     dt1 = dt2.expand(n, k)  # grad of: lse = z.exp().sum(1, keepdim=True).log()
     dz = dz + t1 * dt1  # grad of: lse = z.exp().sum(1, keepdim=True).log()
     dlogits = dz  # grad of: z = logits - m
-    dm = (-dz).sum(1, keepdim=True)  # grad of: z = logits - m
+    dm = -dz.sum(1, keepdim=True)  # grad of: z = logits - m
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dm)  # grad of: m = logits.max(1, keepdim=True).values
     return dict(dt7=dt7, dt6=dt6, duniform=duniform, dt5=dt5, dnll=dnll, dt4=dt4, dt3=dt3, dlogprobs=dlogprobs, dlse=dlse, dt2=dt2, dt1=dt1, dz=dz, dm=dm, dlogits=dlogits)
 
@@ -101,7 +101,7 @@ def _input_grads(cache, dloss):
     dlogprobs = dlogprobs + torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt3.unsqueeze(1), 0)
     del dt3
     dz = dlogprobs
-    dlse = (-dlogprobs).sum(1, keepdim=True)
+    dlse = -dlogprobs.sum(1, keepdim=True)
     del dlogprobs
     dt2 = dlse / t2
     del dlse
@@ -110,7 +110,7 @@ def _input_grads(cache, dloss):
     dz = dz + t1 * dt1
     del dt1
     dlogits = dz
-    dm = (-dz).sum(1, keepdim=True)
+    dm = -dz.sum(1, keepdim=True)
     del dz
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dm)
     del dm

@@ -2,7 +2,7 @@
 # source: derive.layers.cross_entropy (layer cross_entropy)
 # regenerate: derive generate
 # inputs-hash: 7d418e1f9372f2f1f29b10d887a7eaf5dd4f5cbc3880cbe83ed4899555443a70
-# content-hash: a6e60438a15e62a328edb272a9a67259a92ff97a2d6dc051321c6ecad3071c39
+# content-hash: 6a68cad7cd9638d6ab1ff2f612c931dc665655f31b18a093bdd7f76933bf03e0
 """Step-by-step backward of ``cross_entropy``: Mean negative log-likelihood of the labels ``y`` under ``softmax(logits)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -58,7 +58,7 @@ def backward(cache, dloss=None):
     dcounts = dcounts + dcounts_sum.expand(n, k)  # grad of: counts_sum = counts.sum(1, keepdim=True)
     dnorm_logits = counts * dcounts  # grad of: counts = norm_logits.exp()
     dlogits = dnorm_logits  # grad of: norm_logits = logits - logit_maxes
-    dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)  # grad of: norm_logits = logits - logit_maxes
+    dlogit_maxes = -dnorm_logits.sum(1, keepdim=True)  # grad of: norm_logits = logits - logit_maxes
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dlogit_maxes)  # grad of: logit_maxes = logits.max(1, keepdim=True).values
     return dict(dt2=dt2, dt1=dt1, dlogprobs=dlogprobs, dprobs=dprobs, dcounts_sum_inv=dcounts_sum_inv, dcounts_sum=dcounts_sum, dcounts=dcounts, dnorm_logits=dnorm_logits, dlogit_maxes=dlogit_maxes, dlogits=dlogits)
 
@@ -94,7 +94,7 @@ def _input_grads(cache, dloss):
     dnorm_logits = counts * dcounts
     del dcounts
     dlogits = dnorm_logits
-    dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)
+    dlogit_maxes = -dnorm_logits.sum(1, keepdim=True)
     del dnorm_logits
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dlogit_maxes)
     del dlogit_maxes

@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_temperature)
 # regenerate: derive generate
 # inputs-hash: 5bb565cecb24dfba6a3fe755b3e5f9bc9c9e7b568b186705fb15628963c254dc
-# content-hash: 3092ae4701e9c5b2c17801c8582bd91566c4ffb88987f3a333de1fb4ac1ec8f7
+# content-hash: 0482332b478867ce34b2a444b9795b038b638b583ff73682d6f733cba8b4e50d
 """Step-by-step backward of ``cross_entropy_temperature``: Cross-entropy of ``softmax(logits / T)``, as ``F.cross_entropy(logits / T, y)``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -52,12 +52,12 @@ def backward(cache, dloss=None):
     dt4 = (dt5 / n).expand(n)  # grad of: loss = -logprobs[range(n), y].mean()
     dlogprobs = torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt4.unsqueeze(1), 0)  # grad of: loss = -logprobs[range(n), y].mean()
     dz = dlogprobs  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
-    dt3 = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
+    dt3 = -dlogprobs.sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt2 = dt3 / t2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt1 = dt2.expand(n, k)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dz = dz + t1 * dt1  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     ds = dz  # grad of: z = s - m
-    dm = (-dz).sum(1, keepdim=True)  # grad of: z = s - m
+    dm = -dz.sum(1, keepdim=True)  # grad of: z = s - m
     ds = ds.scatter_add(1, s.max(1, keepdim=True).indices, dm)  # grad of: m = s.max(1, keepdim=True).values
     dlogits = ds / T  # grad of: s = logits / T
     return dict(dt5=dt5, dt4=dt4, dlogprobs=dlogprobs, dt3=dt3, dt2=dt2, dt1=dt1, dz=dz, dm=dm, ds=ds, dlogits=dlogits)
@@ -83,7 +83,7 @@ def _input_grads(cache, dloss):
     dlogprobs = torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt4.unsqueeze(1), 0)
     del dt4
     dz = dlogprobs
-    dt3 = (-dlogprobs).sum(1, keepdim=True)
+    dt3 = -dlogprobs.sum(1, keepdim=True)
     del dlogprobs
     dt2 = dt3 / t2
     del dt3
@@ -92,7 +92,7 @@ def _input_grads(cache, dloss):
     dz = dz + t1 * dt1
     del dt1
     ds = dz
-    dm = (-dz).sum(1, keepdim=True)
+    dm = -dz.sum(1, keepdim=True)
     del dz
     ds = ds.scatter_add(1, s.max(1, keepdim=True).indices, dm)
     del dm

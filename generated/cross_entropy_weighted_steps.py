@@ -2,7 +2,7 @@
 # source: derive.layers.losses (layer cross_entropy_weighted)
 # regenerate: derive generate
 # inputs-hash: f1badb7225e9810437034c0776858ed00453236d4b5cf427249bacdecbb5093d
-# content-hash: 13c0d710edcddff6804e07f0446340793702ac32e365f62789747599d039c5b3
+# content-hash: e99a203de4cce1714a95b9893f0e0c4998c2d3a5ccae3023520b32bf326cea17
 """Step-by-step backward of ``cross_entropy_weighted``: Cross-entropy with a weight per class, normalized by the sum of the picked weights, as
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -57,12 +57,12 @@ def backward(cache, dloss=None):
     dt4 = dt5 * picked_w  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
     dlogprobs = torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt4.unsqueeze(1), 0)  # grad of: loss = -(picked_w * logprobs[range(n), y]).sum() / picked_w.sum()
     dz = dlogprobs  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
-    dt3 = (-dlogprobs).sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
+    dt3 = -dlogprobs.sum(1, keepdim=True)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt2 = dt3 / t2  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dt1 = dt2.expand(n, k)  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dz = dz + t1 * dt1  # grad of: logprobs = z - z.exp().sum(1, keepdim=True).log()
     dlogits = dz  # grad of: z = logits - m
-    dm = (-dz).sum(1, keepdim=True)  # grad of: z = logits - m
+    dm = -dz.sum(1, keepdim=True)  # grad of: z = logits - m
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dm)  # grad of: m = logits.max(1, keepdim=True).values
     return dict(dt7=dt7, dt6=dt6, dt5=dt5, dt4=dt4, dlogprobs=dlogprobs, dt3=dt3, dt2=dt2, dt1=dt1, dz=dz, dm=dm, dlogits=dlogits)
 
@@ -91,7 +91,7 @@ def _input_grads(cache, dloss):
     dlogprobs = torch.where(y.unsqueeze(-1) == torch.arange(logprobs.shape[1], device=y.device), dt4.unsqueeze(1), 0)
     del dt4
     dz = dlogprobs
-    dt3 = (-dlogprobs).sum(1, keepdim=True)
+    dt3 = -dlogprobs.sum(1, keepdim=True)
     del dlogprobs
     dt2 = dt3 / t2
     del dt3
@@ -100,7 +100,7 @@ def _input_grads(cache, dloss):
     dz = dz + t1 * dt1
     del dt1
     dlogits = dz
-    dm = (-dz).sum(1, keepdim=True)
+    dm = -dz.sum(1, keepdim=True)
     del dz
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dm)
     del dm

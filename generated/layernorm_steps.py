@@ -2,7 +2,7 @@
 # source: derive.layers.normalization (layer layernorm)
 # regenerate: derive generate
 # inputs-hash: 23105d261ea84b52e23c69d980de5b9dc968e04a916d9bee594bb0d6d594b701
-# content-hash: 3d1ceb2f844c8f3ba3f64f5416bdc66c0c10d831c1789b02ba674d97a8106cf4
+# content-hash: 4abd2324d19f74739a763441a484efecddab8092838693b6cdeb6f554d6baec8
 """Step-by-step backward of ``layernorm``: Layer normalization over the last dimension (biased variance), as ``F.layer_norm``.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -60,7 +60,7 @@ def backward(cache, dout=None):
     dt2 = dt3.expand(n, d)  # grad of: var = (xc**2).sum(1, keepdim=True) / d
     dxc = dxc + 2 * xc * dt2  # grad of: var = (xc**2).sum(1, keepdim=True) / d
     dx = dxc  # grad of: xc = x - mu
-    dmu = (-dxc).sum(1, keepdim=True)  # grad of: xc = x - mu
+    dmu = -dxc.sum(1, keepdim=True)  # grad of: xc = x - mu
     dt1 = dmu / d  # grad of: mu = x.sum(1, keepdim=True) / d
     dx = dx + dt1.expand(n, d)  # grad of: mu = x.sum(1, keepdim=True) / d
     return dict(dt5=dt5, dxhat=dxhat, dinv=dinv, dt4=dt4, dvar=dvar, dt3=dt3, dt2=dt2, dxc=dxc, dmu=dmu, dt1=dt1, dbeta=dbeta, dgamma=dgamma, dx=dx)
@@ -98,7 +98,7 @@ def _input_grads(cache, dout):
     dxc = dxc + 2 * xc * dt2
     del dt2
     dx = dxc
-    dmu = (-dxc).sum(1, keepdim=True)
+    dmu = -dxc.sum(1, keepdim=True)
     del dxc
     dt1 = dmu / d
     del dmu

@@ -2,7 +2,7 @@
 # source: derive.layers.makemore_mlp (layer makemore_mlp)
 # regenerate: derive generate
 # inputs-hash: 7c5763bb0d4d2129bd4d6d506e5e6f4a3ae55cfd89b4bb0a885634d8ef25563f
-# content-hash: 9a06732d7545117431584284583d3b6c10994ea2a7e04e824944fbdad860c44b
+# content-hash: a5943cad9fcc8f7ffb39ff825c2f366c57226710cb9779f6e72028b7a7a10ad7
 """``makemore_mlp``: Character-level MLP language model, forward pass chunked as in the exercise.
 
 Its kernel is the step-by-step backward: declared step-by-step only (fused = False).
@@ -94,7 +94,7 @@ def backward(cache, dloss=None):
     dcounts = dcounts + dcounts_sum.expand(n, v)  # grad of: counts_sum = counts.sum(1, keepdim=True)
     dnorm_logits = counts * dcounts  # grad of: counts = norm_logits.exp()
     dlogits = dnorm_logits  # grad of: norm_logits = logits - logit_maxes
-    dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)  # grad of: norm_logits = logits - logit_maxes
+    dlogit_maxes = -dnorm_logits.sum(1, keepdim=True)  # grad of: norm_logits = logits - logit_maxes
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dlogit_maxes)  # grad of: logit_maxes = logits.max(1, keepdim=True).values
     dt6 = dlogits  # grad of: logits = h @ W2 + b2
     db2 = dlogits.sum(0)  # grad of: logits = h @ W2 + b2
@@ -114,7 +114,7 @@ def backward(cache, dloss=None):
     dbndiff2 = dt3.expand(n, hidden)  # grad of: bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
     dbndiff = dbndiff + 2 * bndiff * dbndiff2  # grad of: bndiff2 = bndiff**2
     dhprebn = dbndiff  # grad of: bndiff = hprebn - bnmeani
-    dbnmeani = (-dbndiff).sum(0, keepdim=True)  # grad of: bndiff = hprebn - bnmeani
+    dbnmeani = -dbndiff.sum(0, keepdim=True)  # grad of: bndiff = hprebn - bnmeani
     dt2 = dbnmeani * (1/n)  # grad of: bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
     dhprebn = dhprebn + dt2.expand(n, hidden)  # grad of: bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
     dt1 = dhprebn  # grad of: hprebn = embcat @ W1 + b1
@@ -171,7 +171,7 @@ def _input_grads(cache, dloss):
     dnorm_logits = counts * dcounts
     del dcounts
     dlogits = dnorm_logits
-    dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)
+    dlogit_maxes = -dnorm_logits.sum(1, keepdim=True)
     del dnorm_logits
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dlogit_maxes)
     del dlogit_maxes
@@ -203,7 +203,7 @@ def _input_grads(cache, dloss):
     dbndiff = dbndiff + 2 * bndiff * dbndiff2
     del dbndiff2
     dhprebn = dbndiff
-    dbnmeani = (-dbndiff).sum(0, keepdim=True)
+    dbnmeani = -dbndiff.sum(0, keepdim=True)
     del dbndiff
     dt2 = dbnmeani * (1/n)
     del dbnmeani

@@ -2,7 +2,7 @@
 # source: derive.layers.makemore_mlp (layer makemore_mlp)
 # regenerate: derive generate
 # inputs-hash: 7c5763bb0d4d2129bd4d6d506e5e6f4a3ae55cfd89b4bb0a885634d8ef25563f
-# content-hash: 054dcd310fb0ef329d90f17683e597e242e7e7367695479ed7c49537a12a8f31
+# content-hash: 98ca5356de0a059ab45f719ca308bae2e4503e2fe58d510926386003780a495c
 """Step-by-step backward of ``makemore_mlp``: Character-level MLP language model, forward pass chunked as in the exercise.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -92,7 +92,7 @@ def backward(cache, dloss=None):
     dcounts = dcounts + dcounts_sum.expand(n, v)  # grad of: counts_sum = counts.sum(1, keepdim=True)
     dnorm_logits = counts * dcounts  # grad of: counts = norm_logits.exp()
     dlogits = dnorm_logits  # grad of: norm_logits = logits - logit_maxes
-    dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)  # grad of: norm_logits = logits - logit_maxes
+    dlogit_maxes = -dnorm_logits.sum(1, keepdim=True)  # grad of: norm_logits = logits - logit_maxes
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dlogit_maxes)  # grad of: logit_maxes = logits.max(1, keepdim=True).values
     dt6 = dlogits  # grad of: logits = h @ W2 + b2
     db2 = dlogits.sum(0)  # grad of: logits = h @ W2 + b2
@@ -112,7 +112,7 @@ def backward(cache, dloss=None):
     dbndiff2 = dt3.expand(n, hidden)  # grad of: bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
     dbndiff = dbndiff + 2 * bndiff * dbndiff2  # grad of: bndiff2 = bndiff**2
     dhprebn = dbndiff  # grad of: bndiff = hprebn - bnmeani
-    dbnmeani = (-dbndiff).sum(0, keepdim=True)  # grad of: bndiff = hprebn - bnmeani
+    dbnmeani = -dbndiff.sum(0, keepdim=True)  # grad of: bndiff = hprebn - bnmeani
     dt2 = dbnmeani * (1/n)  # grad of: bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
     dhprebn = dhprebn + dt2.expand(n, hidden)  # grad of: bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
     dt1 = dhprebn  # grad of: hprebn = embcat @ W1 + b1
@@ -169,7 +169,7 @@ def _input_grads(cache, dloss):
     dnorm_logits = counts * dcounts
     del dcounts
     dlogits = dnorm_logits
-    dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)
+    dlogit_maxes = -dnorm_logits.sum(1, keepdim=True)
     del dnorm_logits
     dlogits = dlogits.scatter_add(1, logits.max(1, keepdim=True).indices, dlogit_maxes)
     del dlogit_maxes
@@ -201,7 +201,7 @@ def _input_grads(cache, dloss):
     dbndiff = dbndiff + 2 * bndiff * dbndiff2
     del dbndiff2
     dhprebn = dbndiff
-    dbnmeani = (-dbndiff).sum(0, keepdim=True)
+    dbnmeani = -dbndiff.sum(0, keepdim=True)
     del dbndiff
     dt2 = dbnmeani * (1/n)
     del dbnmeani

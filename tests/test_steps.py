@@ -208,6 +208,47 @@ def test_a_variances_steps_are_not_computed_where_nothing_reads_them(tmp_path):
     assert torch.autograd.gradcheck(module.spread, (x.clone().requires_grad_(),))
 
 
+class _FullSizeOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The operations that made a tensor of ``numel`` elements, by name."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.names = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.numel() == self.numel
+               for t in (out if isinstance(out, (tuple, list)) else [out])):
+            self.names.append(func.__name__.split(".")[0])
+        return out
+
+
+def test_a_negated_gradient_is_summed_then_negated_and_a_relu_s_is_autograd_s_kernel(tmp_path):
+    """The gradient ``x - m`` sends ``m`` is ``-g`` summed: printed ``(-g).sum(0)`` it negated every
+    entry first, a full-size pass autograd's backward does not make (it negates the sum), in every
+    step-by-step kernel of a centred value; the sum of the negation is the negation of the sum,
+    exactly. A ReLU's gradient was ``torch.where(x > 0, g, 0)``, twenty times the time of autograd's
+    ``threshold_backward(g, out, 0)`` on this CPU, and 0 where ``x`` is NaN (autograd's: ``g``)."""
+    layer, module = steps_module(tmp_path, "centred_units", "import torch\nfrom derive import Tensor, layer\n\n\n"
+                                 "@layer(x=Tensor('n', 'k'), w=Tensor('k'))\n"
+                                 "def centred_units(x, w):\n"
+                                 "    c = x - x.mean(0, keepdim=True)\n"
+                                 "    return torch.relu(c * w - (x * w).sum(1, keepdim=True))\n\n\n"
+                                 "centred_units.fused = False\n")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    x[3, 2] = float("nan")  # a NaN through the ReLU: its row's outputs are NaN, their gradients autograd's
+    out, cache = module.forward(x, w)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    with _FullSizeOps(x.numel()) as ops:
+        grads = module.backward(cache, upstream)
+    assert "neg" not in ops.names and "where" not in ops.names, ops.names
+    leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    layer.fn(*leaves).backward(upstream)
+    for name, leaf in zip(("dx", "dw"), leaves):
+        torch.testing.assert_close(grads[name], leaf.grad, rtol=1e-13, atol=1e-13, equal_nan=True)
+
+
 class _LiveGradients(torch.utils._python_dispatch.TorchDispatchMode):
     """The most tensors of ``numel`` elements that operations made and that are alive at once."""
 
