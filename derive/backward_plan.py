@@ -22,7 +22,7 @@ import torch
 
 from .backends import SOFTPLUS_ARGUMENTS
 from .errors import DerivationError
-from .functions import ACTIVATIONS, COMPARISON_MASKS, ActivationDerivative, Sigmoid, Step
+from .functions import ACTIVATIONS, COMPARISON_MASKS, ActivationDerivative, Sigmoid, Step, step_argument
 from .printer import (KernelPrinter, one_minus as _one_minus, one_minus_square as _one_minus_square, tensor_name,
                       varying_axes)
 from .symbolic import Red, expand, multiplied_reciprocal, power_steps, reindex
@@ -571,8 +571,8 @@ class _Planner:
     def kernel_of(self, f, factors):
         """``(kernel, argument, factors it replaces, sign, extra arguments)`` when ``f`` is the
         polynomial factor of one of autograd's one-pass kernels, else None."""
-        if isinstance(f, Step) and self.full(f.args[0]):
-            return _THRESHOLD_BACKWARD, f.args[0], [f], 1, _EXTRA_ARGUMENTS[_THRESHOLD_BACKWARD]
+        if isinstance(f, Step) and self.full(step_argument(f.args[0])):
+            return _THRESHOLD_BACKWARD, step_argument(f.args[0]), [f], 1, _EXTRA_ARGUMENTS[_THRESHOLD_BACKWARD]
         if isinstance(f, ActivationDerivative) and self.full(f.args[0]):
             activation, numbers = f.activation, [self.text(a) for a in f.args[1:]]
             return activation.kernel(), f.args[0], [f], 1, lambda g, y: activation.backward_call(g, y, numbers)

@@ -23,7 +23,7 @@ import re
 import sympy as sp
 from sympy.printing.c import C99CodePrinter
 
-from .functions import Relu, Sigmoid, Softplus, Step
+from .functions import Relu, Sigmoid, Softplus, Step, step_argument
 from sympy.printing.precedence import PRECEDENCE
 
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
@@ -133,7 +133,7 @@ class ScalarPrinter(C99CodePrinter):
         return f"derive_sign({a})"
 
     def _print_Step(self, e):
-        return f"(({self._print(e.args[0])}) > 0.0 ? 1.0 : 0.0)"
+        return f"(({self._print(step_argument(e.args[0]))}) > 0.0 ? 1.0 : 0.0)"
 
     def _print_Root(self, e):  # the value of a root whose derivative is masked at 0: a root
         return self._print(sp.sqrt(e.args[0]))
@@ -236,7 +236,7 @@ class VectorPrinter(ScalarPrinter):
         return f"(({a}).gt({self.ZERO}) - ({a}).lt({self.ZERO}))"
 
     def _print_Step(self, e):
-        return f"({self._print(e.args[0])}).gt({self.ZERO})"
+        return f"({self._print(step_argument(e.args[0]))}).gt({self.ZERO})"
 
     def _print_Relu(self, e):
         return f"at::vec::clamp_min({self._print(e.args[0])}, {self.ZERO})"

@@ -320,7 +320,9 @@ class Relu(sp.Function):
             return sp.S.Zero
 
     def fdiff(self, argindex=1):
-        return Step(self.args[0])
+        # ``Step`` of the result, which is positive where the argument is: the gradient then reads the
+        # value the forward computed (autograd's ``threshold_backward(g, out, 0)``), not the argument again
+        return Step(self)
 
     def _eval_is_nonnegative(self):
         return True
@@ -331,6 +333,13 @@ class Relu(sp.Function):
     def _latex(self, printer, exp=None):
         text = r"\operatorname{relu}\left(%s\right)" % printer._print(self.args[0])
         return text if exp is None else r"%s^{%s}" % (text, exp)
+
+
+def step_argument(u: sp.Expr) -> sp.Expr:
+    """What ``Step(u)`` compares with 0, as printed: a ReLU's derivative is ``Step`` of its result
+    (positive where its argument is), which reads the value the forward saved where the kernel
+    keeps it; where it does not, the argument itself, not the ReLU computed again."""
+    return u.args[0] if isinstance(u, Relu) else u
 
 
 class NonNeg(sp.Function):

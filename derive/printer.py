@@ -17,7 +17,8 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .backends import CodeOps, number_text
 from .errors import DerivationError
-from .functions import ACTIVATIONS, COMPARISON_MASKS, ActivationDerivative, Equal, NonNeg, Sigmoid, SplitExp, Step
+from .functions import (ACTIVATIONS, COMPARISON_MASKS, ActivationDerivative, Equal, NonNeg, Sigmoid, SplitExp, Step, Wins,
+                        step_argument)
 from .symbolic import (_Bound, _replace_free, AxisLogSumExp, AxisMax, AxisSoftmax, AxisSum, AxisVar, IsArgmax, IsTiedMax, Max, Red, extent,
                        free_indices, power_steps, reciprocal_integer_power, reciprocal_root_power, reciprocal_roots)
 
@@ -851,6 +852,22 @@ class KernelPrinter(TorchPrinter):
 
         return self._kernel_of_gradient(rest, call, sign)  # None: no tensor to pass it (a number times 1 - y**2)
 
+    def _threshold_backward(self, expr) -> str | None:
+        """``g*Step(u)`` with ``u`` one tensor (a ReLU's output, read where the forward saved it):
+        torch's one-pass kernel, ``threshold_backward(g, u, 0)``, as autograd's ReLU backward. The
+        mask cast from bool and multiplied in, ``(u > 0).to(g.dtype)*g``, is three passes over
+        memory (on this CPU a comparison and a cast from bool each take several times a product's
+        time) and 0*inf where ``g`` is infinite; the kernel gives autograd's 0 there. None otherwise."""
+        factors = list(sp.Mul.make_args(expr))
+        steps = [f for f in factors if isinstance(f, Step)]
+        if len(steps) != 1 or any(isinstance(f, COMPARISON_MASKS + (Wins,)) for f in factors if f is not steps[0]):
+            return None
+        u = step_argument(steps[0].args[0])
+        if not (isinstance(u, sp.Indexed) or u in temporaries(u, self.shapes)) or not self._is_tensor(u):
+            return None
+        rest = [f for f in factors if f is not steps[0]]
+        return self._kernel_of_gradient(rest, lambda g: CodeOps.KERNELS["relu"].format(grad=g, saved=self._print(u)))
+
     def _kernel_of_gradient(self, factors: list, call, sign=1) -> str | None:
         """``call(g)`` for the upstream gradient ``g`` among the tensor ``factors`` (all of them where
         none is it), times the other factors and the number ones (and ``sign``): a one-pass kernel
@@ -980,6 +997,9 @@ class KernelPrinter(TorchPrinter):
         activation = self._activation_backward(expr)
         if activation is not None:
             return activation
+        threshold = self._threshold_backward(expr)
+        if threshold is not None:
+            return threshold
         within = self.one_call_within(expr)
         if within is not None:
             code, others = within
@@ -1236,7 +1256,7 @@ class KernelPrinter(TorchPrinter):
         """A 0/1 mask as the bool condition of ``torch.where`` (``x > 0``, ``y != c``)."""
         rel = sp.printing.precedence.PRECEDENCE["Relational"]
         if isinstance(m, (Step, NonNeg, Equal)):
-            a, b = _sides(m.args[0])
+            a, b = _sides(step_argument(m.args[0]) if isinstance(m, Step) else m.args[0])
             symbol = {Step: ">", NonNeg: ">=", Equal: "=="}[type(m)]
             return f"{self.parenthesize(a, rel)} {symbol} {self.parenthesize(b, rel)}"
         if isinstance(m, sp.KroneckerDelta):

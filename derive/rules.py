@@ -114,7 +114,7 @@ for _op in ACTIVATIONS:
 def _relu(ops, grad, result, a):
     # 0 at a = 0, and where grad is not finite, as torch; autograd's kernel reads the result it saved
     # (one pass: ``torch.where`` of a bool mask is twenty times slower on the CPU)
-    return ops.one_pass("relu", ops.select(ops.positive(a), grad, 0), grad, result),
+    return ops.one_pass("relu", ops.select(ops.positive(result), grad, 0), grad, result),
 
 
 @rule("abs")

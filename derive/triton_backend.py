@@ -22,6 +22,7 @@ import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 from .cpp import _exponent, _multiplied_roots, axis_names, flat_index, numel, split_row
+from .functions import step_argument
 from .plan import COL, FULL, ROW, SCALAR, Plan, Program, Value, _inline_full, computed
 from .stages import Spelling, Staged, contexts, driver_context
 from .symbolic import reciprocal_root_power
@@ -83,7 +84,7 @@ class _Base(PythonCodePrinter):
         return self._print(sp.sqrt(e.args[0]))
 
     def _print_Step(self, e):
-        return self._where(f"({self._print(e.args[0])}) > 0.0", "1.0", "0.0")
+        return self._where(f"({self._print(step_argument(e.args[0]))}) > 0.0", "1.0", "0.0")
 
     def _print_sign(self, e):
         a = self._print(e.args[0])

@@ -2,12 +2,12 @@
 # source: derive.layers.activations (layer relu)
 # regenerate: derive generate
 # inputs-hash: 7f1a8b69556489b460996f85d566cab3d7c04ce921daa14467e614fb1f69ba1f
-# content-hash: 359ad62f8ca0770e1ec80c963a6b392d6fcee7c02c08d61f7d602cf38720b481
+# content-hash: 53fd9a5802eab787961125ece8ac550d73694298e25eba59e4c236b62fb7abe2
 """``max(x, 0)``, as ``torch.relu``; its gradient at 0 is 0, as torch's.
 
 Fused backward, derived from the spec (element-wise, sizes n, d):
 
-    dx = (x > 0).to(dout.dtype)*dout
+    dx = torch.ops.aten.threshold_backward(dout, out, 0)
 
 In eager autograd this backward is autograd's own kernel for the spec's one operation, so
 ``relu(...)`` runs that operation under autograd there, without a Function's cost per call.
@@ -23,7 +23,7 @@ __all__ = ["ReluFunction", "relu", "compile_kernels", "check_inputs", "InputErro
 def _forward(x, n, d):
     """The fused forward: the output and what it computes that the backward reads."""
     out = torch.relu(x)  # spec line 19: out = torch.relu(x)
-    return out, ()
+    return out, (out,)
 
 
 def _forward_with_graph(x, n, d):
@@ -32,24 +32,24 @@ def _forward_with_graph(x, n, d):
     transforms and torch.compile the Function's forward is this one too (vmap cannot batch a write
     into a given buffer; the compiler plans its own)."""
     out = torch.relu(x)
-    return out, ()
+    return out, (out,)
 
 
-def _backward(needs, dout, x, n, d):
+def _backward(needs, dout, out, n, d):
     """The fused backward: one formula per input, computed only where a gradient is needed."""
     dx = None
     if needs[0]:
-        dx = (x > 0).to(dout.dtype)*dout
+        dx = torch.ops.aten.threshold_backward(dout, out, 0)
     return dx
 
 
-def _backward_in_place(needs, dout, x, n, d):
+def _backward_in_place(needs, dout, out, n, d):
     """The same formulas computed in place in fresh buffers, fewer passes over memory: the backward
     of eager autograd (``_backward`` where a graph of it is wanted, under torch.func and compiled)."""
     dx = None
     if needs[0]:
-        # threshold_backward(dout, x, 0) = dout where x > 0, else 0, in one pass (autograd's own kernel)
-        dx = torch.ops.aten.threshold_backward(dout, x, 0)
+        # threshold_backward(dout, out, 0) = dout where out > 0, else 0, in one pass (autograd's own kernel)
+        dx = torch.ops.aten.threshold_backward(dout, out, 0)
     return dx
 
 
@@ -70,7 +70,7 @@ def compile_kernels(**options):
 # kernels without a Python Function's fixed cost per call. A hand edit of ``_forward_with_graph`` or
 # ``_backward_in_place`` (their text differs from what was generated), ``compile_kernels()``, torch.func
 # transforms and torch.compile go through the Function.
-_AUTOGRAD_KERNEL = {"digest": "353347812ad83027592c59a5aba6b67176ab715bc8be81b1be21e21e2fb06129"}
+_AUTOGRAD_KERNEL = {"digest": "97b2a771d155e9f0e34c65d2853fd2ca1506f57b6c327cc2a5a7f082698cf9ac"}
 
 
 def _autograd_is_the_kernel():
@@ -272,11 +272,11 @@ def _function_backward(ctx, dout):
     n, d = ctx.sizes
     if torch.is_grad_enabled():
         x, = _kept_inputs(ctx, "relu")
-        _, () = _forward_with_graph(x, n, d)
-        return _backward(ctx.needs_input_grad, dout, x, n, d)
-    x, = ctx.saved_tensors[:ctx.read_count]
+        _, (out,) = _forward_with_graph(x, n, d)
+        return _backward(ctx.needs_input_grad, dout, out, n, d)
+    out, = ctx.saved_tensors[:ctx.read_count]
     backward = _backward if _transformed() else _kernels["backward"]
-    return backward(ctx.needs_input_grad, dout, x, n, d)
+    return backward(ctx.needs_input_grad, dout, out, n, d)
 
 
 def _function_jvp(ctx, _tangents):
@@ -285,8 +285,8 @@ def _function_jvp(ctx, _tangents):
     _refuse_nested_forward_mode("relu")
     x, = _kept_inputs(ctx, "relu")
     n, d = ctx.sizes
-    out, () = _forward_with_graph(x, n, d)
-    return _tangent(lambda dout: _backward((True,), dout, x, n, d), out, _tangents)
+    out, (out,) = _forward_with_graph(x, n, d)
+    return _tangent(lambda dout: _backward((True,), dout, out, n, d), out, _tangents)
 
 
 class _ReluFunctionEager(torch.autograd.Function):
@@ -299,10 +299,10 @@ class _ReluFunctionEager(torch.autograd.Function):
         if _settings["check_inputs"]:
             _check_inputs(x)
         n, d = x.shape
-        out, () = _kernels["forward"](x, n, d)
+        out, (out,) = _kernels["forward"](x, n, d)
         ctx.set_materialize_grads(False)
         ctx.sizes = (n, d)
-        _keep_in_eager_mode(ctx, (x,), (x,))
+        _keep_in_eager_mode(ctx, (out,), (x,))
         return out
 
     @staticmethod
@@ -329,7 +329,7 @@ class _ReluFunctionNoJvp(torch.autograd.Function):
             _check_inputs(x)
         n, d = x.shape
         forward = _forward_with_graph if _transformed() else _kernels["forward"]
-        out, () = forward(x, n, d)
+        out, (out,) = forward(x, n, d)
         return (out,)
 
     @staticmethod
@@ -339,7 +339,7 @@ class _ReluFunctionNoJvp(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n, d = x.shape
         ctx.sizes = (n, d)
-        _keep(ctx, (x,), (x,))
+        _keep(ctx, (out,), (x,))
 
     @staticmethod
     def backward(ctx, dout, *_):
@@ -357,7 +357,7 @@ class ReluFunction(_ReluFunctionNoJvp):
         x, = _inputs
         out, = _output
         # the same tensors as for the backward (under vmap torch keeps one record of their batch axes)
-        ctx.save_for_forward(*(x,), *(x,))
+        ctx.save_for_forward(*(out,), *(x,))
 
     @staticmethod
     def jvp(ctx, *_tangents):

@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer relu)
 # regenerate: derive generate --backend cpp
 # inputs-hash: 2ca7fdadcac9a6fa3cbc1a4d14cc0d4d3d58973eda80baa2d5d4cbf20cb5ddd1
-# content-hash: d3264a99e7182173436dd3dd81b5e7eacf9be08e3137210155d1278d384efd7e
+# content-hash: 83b67fcce683d7fff39b3a30134f231b8f04af1ea1c6bd06221bf395c32e3ca7
 """``relu``: ``max(x, 0)``, as ``torch.relu``; its gradient at 0 is 0, as torch's.
 
 The fused kernel of ``relu.py`` as native C++ loops (C++ with ATen's vectors and at::parallel_for), printed from its
@@ -12,7 +12,7 @@ kernel plan: the forward and the backward are each a few passes over memory:
         sweep 1, pass 1 over each row: writes out
     backward:
         sweep 1, pass 1 over each row: writes dx
-    saved for the backward: nothing
+    saved for the backward: out
 
 The extension (``native/*.cpp`` beside this file: every layer of this folder, one build) is
 compiled with ``torch.utils.cpp_extension`` on first use and cached (``$DERIVE_NATIVE_CACHE``, else
@@ -149,19 +149,19 @@ class ReluCppFunction(torch.autograd.Function):
         n, d = x.shape
         x = x.contiguous()  # the loops read rows of consecutive entries
         _results = native_module().relu_forward(x, n, d)
-        ctx.save_for_backward(x, )
+        ctx.save_for_backward(x, _results[0])
         ctx.sizes = (n, d)
         return _results[0].view((n, d))
 
     @staticmethod
     def backward(ctx, dout):
-        x, = ctx.saved_tensors
+        x, out = ctx.saved_tensors
         n, d = ctx.sizes
         if torch.is_grad_enabled():  # create_graph=True: the eager kernel's differentiable backward
             _eager_kernel = _eager()
-            _, () = _eager_kernel._forward_with_graph(x, n, d)
-            return _eager_kernel._backward(ctx.needs_input_grad, dout, x, n, d)
-        _grads = native_module().relu_backward(dout.contiguous(), x, n, d)
+            _, (out,) = _eager_kernel._forward_with_graph(x, n, d)
+            return _eager_kernel._backward(ctx.needs_input_grad, dout, out, n, d)
+        _grads = native_module().relu_backward(dout.contiguous(), x, out, n, d)
         dx, = _grads
         return dx.view(x.shape) if ctx.needs_input_grad[0] else None
 

@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer relu)
 # regenerate: derive generate
 # inputs-hash: 3d0cdc4bebdcffde2311311e5b810dcf4d522cd761ff5a995c9877e2d50de72b
-# content-hash: 74c4c9d684efc5cfd0a9c992f0974232f4ef8881d56a2425beb6cbacdeb0d997
+# content-hash: 5ba2a38dc5ef95072d935261fc37a933421e05cc405ad8e3f9256038a8e7bf9b
 """Step-by-step backward of ``relu``: ``max(x, 0)``, as ``torch.relu``; its gradient at 0 is 0, as torch's.
 
 Step-by-step backward (the exercise's first form): one gradient ``d<name>`` per intermediate,
@@ -33,7 +33,7 @@ def backward(cache, dout=None):
     n, d = x.shape
     if dout is None:
         dout = torch.ones_like(out)
-    # dx = torch.where((x > 0), dout, 0), in one pass, as autograd computes it:
+    # dx = torch.where((out > 0), dout, 0), in one pass, as autograd computes it:
     dx = torch.ops.aten.threshold_backward(dout, out, 0)  # grad of: out = torch.relu(x)
     return dict(dx=dx)
 

@@ -2,7 +2,7 @@
 # source: derive.layers.activations (layer relu)
 # regenerate: derive generate --backend triton
 # inputs-hash: 3fb512cfc2c4964dc2daafe42cfaf49d45f979d95e4806b0bbadc061ef9cf8d2
-# content-hash: dd72d3b19c2ed0a27483e6723b8d460afe0a0f0a02328f28289b3c1dc9752a7e
+# content-hash: cc851242e8242c9cf7da4ecb835ff632958a07da8dccaa2f8b98321cf6dc44d0
 """``relu``: ``max(x, 0)``, as ``torch.relu``; its gradient at 0 is 0, as torch's.
 
 The fused kernel of ``relu.py`` as Triton kernels, printed from its kernel plan (the same
@@ -12,7 +12,7 @@ plan as the C++ kernel): the forward and the backward are each a few passes over
         sweep 1, pass 1 over each row: writes out
     backward:
         sweep 1, pass 1 over each row: writes dx
-    saved for the backward: nothing
+    saved for the backward: out
 
 Each sweep is one kernel over chunks of rows; the steps between sweeps (per-column and scalar
 values) run in float64 torch code. Inputs on the CPU run under Triton's interpreter
@@ -118,7 +118,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _relu_backward_sweep0(o_dx, p_dout, p_x, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
+    def _relu_backward_sweep0(o_dx, p_dout, p_out, sz_d, sz_n, rows_per_chunk, BLOCK: tl.constexpr, DT: tl.constexpr, DEVICE_MATH: tl.constexpr):
         chunk = tl.program_id(0)
         row_begin = chunk * rows_per_chunk
         row_end = tl.minimum(sz_n, row_begin + rows_per_chunk)
@@ -127,12 +127,12 @@ if triton is not None:
             for col0 in range(0, sz_d, BLOCK):
                 cols = col0 + tl.arange(0, BLOCK)
                 mask = cols < sz_d
-                tl.store(o_dx + row*sz_d + cols, (tl.where((tl.load(p_x + row*sz_d + cols, mask=mask, other=0.0)) > 0.0, 1.0, 0.0)*tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0)).to(DT), mask=mask)
+                tl.store(o_dx + row*sz_d + cols, (tl.where((tl.load(p_out + row*sz_d + cols, mask=mask, other=0.0)) > 0.0, 1.0, 0.0)*tl.load(p_dout + row*sz_d + cols, mask=mask, other=0.0)).to(DT), mask=mask)
 
 
 _SIGNATURES = {  # each kernel's parameters for a float32 launch (ahead-of-time compilation)
     "_relu_forward_sweep0": {'o_out': '*fp32', 'p_x': '*fp32', 'sz_d': 'i32', 'sz_n': 'i32'},
-    "_relu_backward_sweep0": {'o_dx': '*fp32', 'p_dout': '*fp32', 'p_x': '*fp32', 'sz_d': 'i32', 'sz_n': 'i32'},
+    "_relu_backward_sweep0": {'o_dx': '*fp32', 'p_dout': '*fp32', 'p_out': '*fp32', 'sz_d': 'i32', 'sz_n': 'i32'},
 }
 _DT = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -152,7 +152,7 @@ def _relu_forward(p_x, sz_n, sz_d):
 
 
 
-def _relu_backward(p_dout, p_x, sz_n, sz_d):
+def _relu_backward(p_dout, p_x, p_out, sz_n, sz_d):
     device = p_dout.device
     DT = getattr(tl, _DT[p_dout.dtype])
     BLOCK = min(triton.next_power_of_2(max(1, sz_d)), 1024)
@@ -160,7 +160,7 @@ def _relu_backward(p_dout, p_x, sz_n, sz_d):
     # sweep 1
     chunks = max(1, sz_n)
     rows_per_chunk = -(-sz_n // chunks)
-    _relu_backward_sweep0[(chunks,)](o_dx, p_dout, p_x, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
+    _relu_backward_sweep0[(chunks,)](o_dx, p_dout, p_out, sz_d, sz_n, rows_per_chunk, BLOCK=BLOCK, DT=DT, DEVICE_MATH=_DEVICE_MATH,
                                                       num_warps=8 if BLOCK >= 1024 else 4)
     return [o_dx]
 
@@ -177,19 +177,19 @@ class ReluTritonFunction(torch.autograd.Function):
         n, d = x.shape
         x = x.contiguous()  # the kernels read rows of consecutive entries
         _results = _relu_forward(x, n, d)
-        ctx.save_for_backward(x, )
+        ctx.save_for_backward(x, _results[0])
         ctx.sizes = (n, d)
         return _results[0].view((n, d))
 
     @staticmethod
     def backward(ctx, dout):
-        x, = ctx.saved_tensors
+        x, out = ctx.saved_tensors
         n, d = ctx.sizes
         if torch.is_grad_enabled():  # create_graph=True: the eager kernel's differentiable backward
             _eager_kernel = _eager()
-            _, () = _eager_kernel._forward_with_graph(x, n, d)
-            return _eager_kernel._backward(ctx.needs_input_grad, dout, x, n, d)
-        _grads = _relu_backward(dout.contiguous(), x, n, d)
+            _, (out,) = _eager_kernel._forward_with_graph(x, n, d)
+            return _eager_kernel._backward(ctx.needs_input_grad, dout, out, n, d)
+        _grads = _relu_backward(dout.contiguous(), x, out, n, d)
         dx, = _grads
         return dx.view(x.shape) if ctx.needs_input_grad[0] else None
 

@@ -2,7 +2,7 @@
 // source: derive.layers.activations (layer relu)
 // regenerate: derive generate --backend cpp
 // inputs-hash: 9ccbbcabeab3601efc30ecf87709e19dbe3e98030243351df0715b07b43ee09b
-// content-hash: bbcd2072033497f138f2c456b3d0109c98c53ee706087392727c18159d3e3f52
+// content-hash: 7f4fd5ab04a316e205a75631e397b3ccf74be460433a33ff017c4c032efd8c4d
 // relu: the fused forward and backward as loops over memory (derive/cpp.py, derive/plan.py)
 namespace derive_relu {
 
@@ -311,13 +311,14 @@ std::vector<at::Tensor> relu_forward(const at::Tensor& t_x, int64_t sz_n, int64_
 }
 
 
-std::vector<at::Tensor> relu_backward(const at::Tensor& t_dout, const at::Tensor& t_x, int64_t sz_n, int64_t sz_d) {
+std::vector<at::Tensor> relu_backward(const at::Tensor& t_dout, const at::Tensor& t_x, const at::Tensor& t_out, int64_t sz_n, int64_t sz_d) {
   std::vector<at::Tensor> results;
   at::Tensor r_dx = at::empty({sz_n*sz_d}, t_dout.options());
   AT_DISPATCH_FLOATING_TYPES(t_dout.scalar_type(), "relu_backward", [&] {
     using Vec = Vectorized<scalar_t>;
     const scalar_t* p_dout = t_dout.data_ptr<scalar_t>();
     const scalar_t* p_x = t_x.data_ptr<scalar_t>();
+    const scalar_t* p_out = t_out.data_ptr<scalar_t>();
     scalar_t* o_dx = r_dx.data_ptr<scalar_t>();
     const int64_t chunks = derive_chunks(sz_n);
     const int64_t rows_per_chunk = (sz_n + chunks - 1) / chunks;
@@ -327,7 +328,7 @@ std::vector<at::Tensor> relu_backward(const at::Tensor& t_dout, const at::Tensor
       // local copies of what the loops read: a vector store may alias anything the region captured
       const auto l_o_dx = o_dx;
       const auto l_p_dout = p_dout;
-      const auto l_p_x = p_x;
+      const auto l_p_out = p_out;
       const auto l_sz_d = sz_d;
       const int64_t cols = sz_d;
       alignas(64) scalar_t buf[Vec::size()];
@@ -336,7 +337,7 @@ std::vector<at::Tensor> relu_backward(const at::Tensor& t_dout, const at::Tensor
         for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
           // pass 1 over the row
           auto pass0 = [&](int64_t col, int64_t cnt, int lane) __attribute__((always_inline)) {
-            ((Vec::loadu(l_p_x + row*l_sz_d + col, cnt)).gt(Vec(scalar_t(0)))*Vec::loadu(l_p_dout + row*l_sz_d + col, cnt)).store(l_o_dx + row*l_sz_d + col, cnt);
+            ((Vec::loadu(l_p_out + row*l_sz_d + col, cnt)).gt(Vec(scalar_t(0)))*Vec::loadu(l_p_dout + row*l_sz_d + col, cnt)).store(l_o_dx + row*l_sz_d + col, cnt);
           };
           derive_row<1>(cols, Vec::size(), pass0);
         }
