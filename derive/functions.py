@@ -7,8 +7,10 @@ rectifier, so they are defined here, each with the derivative torch uses:
   rewritten into ``exp``) so that the fused formula reads ``torch.sigmoid`` and saves the forward
   result, and so that the proof compares the same atom on both sides.
 * ``Relu(x) = max(x, 0)`` with ``Relu' = Step(x)``, the step that is 0 at 0: torch's subgradient
-  ``relu'(0) = 0``. ``Step`` is piecewise constant; its derivative is taken as 0 (torch's too), and
-  nothing differentiates it again (generated Functions are once-differentiable).
+  ``relu'(0) = 0``, written ``Step(Relu(x))`` (the same mask) so that it reads the ReLU's result
+  where the forward keeps it, as autograd does. ``Step`` is piecewise constant; its derivative is
+  taken as 0 (torch's too), and nothing differentiates it again (generated Functions are
+  once-differentiable).
 * ``Softplus(x) = log(1 + exp(x))`` (``F.softplus``, computed stably by torch) with
   ``Softplus' = Sigmoid``: a loss written with it has a gradient that never exponentiates a large
   number (binary cross-entropy: ``1 - t - sigmoid(-x)``).
