@@ -1294,10 +1294,20 @@ class KernelPrinter(TorchPrinter):
 
     # torch.maximum (minimum) itself: one op, and NaN propagates as in the spec
     def _print_Maximum(self, expr):
-        return f"torch.maximum({self._print(expr.args[1])}, {self._print(expr.args[2])})"
+        return self._extremum(expr, "maximum", "min")
 
     def _print_Minimum(self, expr):
-        return f"torch.minimum({self._print(expr.args[1])}, {self._print(expr.args[2])})"
+        return self._extremum(expr, "minimum", "max")
+
+    def _extremum(self, expr, function: str, bound: str) -> str:
+        """``torch.<function>(a, b)``; of a tensor and a number, ``torch.clamp`` with the number as
+        its ``bound`` (``torch.minimum(0, v2)`` raised TypeError: it takes tensors only, and the
+        layer fell to the step-by-step kernel). NaN propagates through both."""
+        a, b = expr.args[1], expr.args[2]
+        if a.is_number != b.is_number:
+            number, value = (a, b) if a.is_number else (b, a)
+            return f"torch.clamp({self._print(value)}, {bound}={self._print(number)})"
+        return f"torch.{function}({self._print(a)}, {self._print(b)})"
 
     def _print_Clamp(self, expr):
         x, lo, hi = expr.args
